@@ -1,0 +1,8 @@
+"""KV cache: block manager (paged blocks, prefix sharing) and attention that reads through block tables."""
+from .attention import paged_attention, paged_attention_torch, write_kv
+from .block_manager import BlockManager, BlockTable
+from .metadata import AttentionMetadata
+from .reference import paged_attention_reference
+
+__all__ = ["AttentionMetadata", "BlockManager", "BlockTable", "paged_attention", "paged_attention_torch",
+           "paged_attention_reference", "write_kv"]

@@ -1,0 +1,83 @@
+"""Attention over the paged KV cache: the torch path (CPU fast path) and the dispatch to Triton.
+
+See :mod:`kvcache.reference` for the semantics; this path gives the same results using
+``scaled_dot_product_attention`` per sequence (a loop over sequences, never over tokens).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .metadata import AttentionMetadata
+from .reference import gather_kv
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor | None,
+             slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' K (and V) at their slots. ``v_cache=None`` for a K-only (latent) cache."""
+    if k_cache.is_cuda:
+        from .triton_attention import write_kv_triton
+
+        write_kv_triton(k_cache, v_cache if v_cache is not None else k_cache, k, v if v is not None else k, slot_mapping)
+        return
+    nb, bs = k_cache.shape[:2]
+    k_cache.view(nb * bs, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    if v_cache is not None:
+        v_cache.view(nb * bs, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _attend_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float, sinks_H: torch.Tensor) -> torch.Tensor:
+    # q [H, Q, D], k/v [H, L, D]; the sink is one more logit per head with no value
+    s = torch.matmul(q, k.transpose(1, 2)).float() * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    sink = sinks_H.float().view(-1, 1, 1).expand(s.shape[0], s.shape[1], 1)
+    p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
+    return torch.matmul(p.to(v.dtype), v)
+
+
+def paged_attention_torch(q_THD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
+                          sinks_H: torch.Tensor | None = None) -> torch.Tensor:
+    T, H, _ = q_THD.shape
+    out = torch.empty(T, H, v_cache.shape[-1], dtype=q_THD.dtype, device=q_THD.device)
+    starts = meta.query_start_loc.tolist()
+    for i, (qlen, clen) in enumerate(zip(meta.query_lens_list, meta.context_lens_list)):
+        lo = 0
+        if sliding_window is not None:
+            # keys older than the window of the first query row are never needed
+            lo = max(0, clen - qlen - sliding_window + 1)
+        k = gather_kv(k_cache, meta.block_tables[i], clen)[lo:]  # [L, Hkv, D]
+        v = gather_kv(v_cache, meta.block_tables[i], clen)[lo:]
+        q = q_THD[starts[i]:starts[i] + qlen].transpose(0, 1)  # [H, Q, D]
+        group = H // k.shape[1]
+        mask = None
+        if qlen > 1 or sliding_window is not None:
+            qpos = torch.arange(clen - qlen, clen, device=q.device).unsqueeze(1)
+            kpos = torch.arange(lo, clen, device=q.device).unsqueeze(0)
+            mask = kpos <= qpos
+            if sliding_window is not None:
+                mask &= kpos > qpos - sliding_window
+        if sinks_H is not None:
+            kh = k.transpose(0, 1).repeat_interleave(group, 0)
+            vh = v.transpose(0, 1).repeat_interleave(group, 0)
+            o = _attend_with_sinks(q, kh, vh, mask, scale, sinks_H)
+        else:
+            is_causal = mask is not None and sliding_window is None and qlen == clen - lo
+            o = F.scaled_dot_product_attention(
+                q.unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+                attn_mask=None if (mask is None or is_causal) else mask, is_causal=is_causal,
+                scale=scale, enable_gqa=group > 1).squeeze(0)
+        out[starts[i]:starts[i] + qlen] = o.transpose(0, 1)
+    return out
+
+
+def paged_attention(q_THD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float, sliding_window: int | None = None, sinks_H: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of the step's new rows over everything cached for their sequences."""
+    if q_THD.is_cuda:
+        from .triton_attention import paged_attention_triton
+
+        return paged_attention_triton(q_THD, k_cache, v_cache, meta, scale, sliding_window, sinks_H)
+    return paged_attention_torch(q_THD, k_cache, v_cache, meta, scale, sliding_window, sinks_H)

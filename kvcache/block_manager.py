@@ -1,0 +1,117 @@
+"""Fixed-size KV blocks: free list, reference counts, and prefix sharing by block hash.
+
+A sequence owns a block table (list of block ids). A block that is full of computed tokens
+gets a hash chained over every token before it, so another sequence whose prompt starts with
+the same tokens can reuse it (its ref count goes up; nothing is recomputed). Freed blocks keep
+their hash until they are handed out again, so a finished request's prefix can still be hit.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+
+
+@dataclass
+class BlockTable:
+    """One sequence's view: its blocks and how many of its tokens came from the prefix cache."""
+
+    blocks: list[int] = field(default_factory=list)
+    num_hashed: int = 0  # leading blocks already registered in the prefix cache
+
+
+def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
+    return hash((prev, tokens))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache holds {num_blocks} blocks: give it more memory (kv_cache_memory)")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # free blocks in eviction order (least recently freed first); a dict keeps O(1) removal
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.hash_to_block: dict[int, int] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    def blocks_needed(self, table: BlockTable, num_tokens: int) -> int:
+        return max(0, -(-num_tokens // self.block_size) - len(table.blocks))
+
+    def can_allocate(self, table: BlockTable, num_tokens: int) -> bool:
+        return self.blocks_needed(table, num_tokens) <= self.num_free_blocks
+
+    def _take_free(self) -> int:
+        block_id, _ = self.free.popitem(last=False)
+        blk = self.blocks[block_id]
+        if blk.hash is not None and self.hash_to_block.get(blk.hash) == block_id:
+            del self.hash_to_block[blk.hash]
+        blk.hash = None
+        blk.ref_count = 1
+        return block_id
+
+    def match_prefix(self, table: BlockTable, token_ids: list[int], max_tokens: int) -> int:
+        """Attach cached blocks for the longest hashed prefix of ``token_ids`` (at most
+        ``max_tokens`` tokens, whole blocks only) to an empty table; returns tokens reused."""
+        assert not table.blocks
+        if not self.enable_prefix_caching:
+            return 0
+        h = None
+        bs = self.block_size
+        for i in range(max_tokens // bs):
+            h = chain_hash(h, tuple(token_ids[i * bs:(i + 1) * bs]))
+            block_id = self.hash_to_block.get(h)
+            if block_id is None:
+                break
+            blk = self.blocks[block_id]
+            if blk.ref_count == 0:
+                del self.free[block_id]
+            blk.ref_count += 1
+            table.blocks.append(block_id)
+        table.num_hashed = len(table.blocks)
+        return len(table.blocks) * bs
+
+    def allocate(self, table: BlockTable, num_tokens: int) -> None:
+        """Grow ``table`` to hold ``num_tokens`` tokens; the caller checked :meth:`can_allocate`."""
+        need = self.blocks_needed(table, num_tokens)
+        if need > self.num_free_blocks:
+            raise RuntimeError(f"out of KV blocks: need {need}, {self.num_free_blocks} free")
+        for _ in range(need):
+            table.blocks.append(self._take_free())
+
+    def register_full_blocks(self, table: BlockTable, token_ids: list[int], num_computed: int) -> None:
+        """Hash the blocks that are now completely computed so later prompts can share them."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        full = min(num_computed // bs, len(table.blocks))
+        h = None
+        if table.num_hashed:
+            h = self.blocks[table.blocks[table.num_hashed - 1]].hash
+        for i in range(table.num_hashed, full):
+            h = chain_hash(h, tuple(token_ids[i * bs:(i + 1) * bs]))
+            blk = self.blocks[table.blocks[i]]
+            blk.hash = h
+            self.hash_to_block.setdefault(h, blk.block_id)
+        table.num_hashed = max(table.num_hashed, full)
+
+    def free_table(self, table: BlockTable) -> None:
+        # free in reverse so a sequence's tail blocks are evicted before its shared prefix
+        for block_id in reversed(table.blocks):
+            blk = self.blocks[block_id]
+            blk.ref_count -= 1
+            if blk.ref_count == 0:
+                self.free[block_id] = None
+        table.blocks.clear()
+        table.num_hashed = 0

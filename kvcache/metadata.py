@@ -1,0 +1,73 @@
+"""What attention needs to know about one engine step's flattened batch.
+
+A step runs ``B`` sequences whose new tokens are concatenated into ``T`` query rows:
+sequence ``i`` contributes ``query_lens[i]`` rows (a prefill chunk, or 1 for decode) and after
+the step holds ``context_lens[i]`` tokens in the cache, the new ones last. Its K/V live in the
+blocks ``block_tables[i, :ceil(context_lens[i] / block_size)]``; the new tokens are written to
+``slot_mapping`` (slot = block * block_size + offset) before attention reads them.
+
+Worked example, block_size 4: a sequence with 5 cached tokens gets 2 more (context 7) and owns
+blocks [9, 3]. Its new tokens sit at offsets 5 and 6, i.e. slots 3*4+1 = 13 and 3*4+2 = 14.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    query_start_loc: torch.Tensor  # [B+1] int32, cumulative query rows
+    context_lens: torch.Tensor  # [B] int32, tokens in cache after this step
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    slot_mapping: torch.Tensor  # [T] int64
+    query_lens_list: tuple[int, ...]
+    context_lens_list: tuple[int, ...]
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens_list)
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens_list, default=0)
+
+    @property
+    def max_context_len(self) -> int:
+        return max(self.context_lens_list, default=0)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(q == 1 for q in self.query_lens_list)
+
+    @staticmethod
+    def build(
+        query_lens: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> "AttentionMetadata":
+        """Build tensors from per-sequence python lists (the scheduler's view)."""
+        max_blocks = max((len(b) for b in block_tables), default=0)
+        bt = torch.zeros((len(block_tables), max(max_blocks, 1)), dtype=torch.int32)
+        slots: list[int] = []
+        for i, (q, c, blocks) in enumerate(zip(query_lens, context_lens, block_tables)):
+            if blocks:
+                bt[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            for pos in range(c - q, c):
+                slots.append(blocks[pos // block_size] * block_size + pos % block_size)
+        qsl = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+        if query_lens:
+            qsl[1:] = torch.cumsum(torch.tensor(query_lens, dtype=torch.int32), 0)
+        return AttentionMetadata(
+            query_start_loc=qsl.to(device),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+            block_tables=bt.to(device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            query_lens_list=tuple(query_lens),
+            context_lens_list=tuple(context_lens),
+            block_size=block_size,
+        )

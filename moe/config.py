@@ -1,0 +1,166 @@
+"""Model configuration: one normalized, frozen view of a checkpoint's config.json.
+
+Every supported family's config.json is parsed into :class:`ModelConfig` by its parser in
+``moe/models/<family>.py``; the rest of the engine reads only these fields.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from routing import RouterConfig
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """DeepSeek multi-head latent attention dimensions."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    rope: dict
+    rope_interleaved: bool = False
+    attention_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str | None = None  # "head" (Qwen3), "full" (OLMoE) or None
+    clip_qkv: float | None = None
+    sliding_windows: tuple[int | None, ...] = ()
+    attention_sinks: bool = False
+    # MoE
+    router: RouterConfig | None = None
+    moe_intermediate_size: int = 0
+    dense_intermediate_size: int = 0
+    sparse_layers: tuple[bool, ...] = ()
+    router_bias: bool = False
+    expert_bias: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float | None = None
+    shared_expert_intermediate_size: int = 0
+    shared_expert_gate: bool = False
+    mla: MLAConfig | None = None
+    softmax_scale: float | None = None  # overrides head_dim ** -0.5 (DeepSeek YaRN mscale)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str = "float32"
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads ({self.num_heads}) is not divisible by "
+                             f"num_key_value_heads ({self.num_kv_heads})")
+        if len(self.sparse_layers) != self.num_layers:
+            raise ValueError("sparse_layers must list every layer")
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.num_experts if self.router else 0
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k if self.router else 0
+
+
+def read_config_json(model_dir: str | Path) -> dict:
+    path = Path(model_dir)
+    cfg_path = path / "config.json" if path.is_dir() else path
+    if not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist: pass a directory holding config.json "
+                                "and *.safetensors (a Hugging Face checkpoint)")
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"no config.json in {str(path)!r}: is this a Hugging Face checkpoint directory?")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e}); re-download or re-save the checkpoint") from e
+
+
+def rope_parameters(hf: dict) -> dict:
+    """Merge transformers v5 ``rope_parameters`` with older ``rope_theta``/``rope_scaling``."""
+    params = dict(hf.get("rope_parameters") or {})
+    if "rope_theta" not in params:
+        params["rope_theta"] = hf.get("rope_theta", 10000.0)
+    scaling = hf.get("rope_scaling") or {}
+    for k, v in scaling.items():
+        params.setdefault(k, v)
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params["type"]
+    params.setdefault("rope_type", "default")
+    return params
+
+
+def eos_ids(hf: dict) -> tuple[int, ...]:
+    eos = hf.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4, "tb": 1000**4}
+
+
+def parse_bytes(value: str | int | float) -> int:
+    """``"4GiB"``, ``"512MB"``, ``1e9`` -> bytes."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read {value!r} as a size: use a number of bytes or e.g. '512MiB', '4GiB'")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything ``LLM(...)`` accepts, validated up front (the CLI maps its flags onto this)."""
+
+    model: str
+    dtype: str = "auto"
+    kv_cache_memory: str | int | None = None  # bytes or "4GiB"; None: sized for max_num_seqs
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_model_len: int | None = None
+    max_num_batched_tokens: int = 2048
+    seed: int | None = 0
+    enable_prefix_caching: bool = True
+    experts_backend: str = "auto"
+    device: str = "cpu"
+    load_progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported: choose one of {', '.join(DTYPES)}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size={self.block_size} must be a power of two (e.g. 16)")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs={self.max_num_seqs} must be at least 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len={self.max_model_len} must be at least 2")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be at least 1")
+        if self.kv_cache_memory is not None:
+            parse_bytes(self.kv_cache_memory)
+        if self.experts_backend not in ("auto", "torch", "triton", "megablocks"):
+            raise ValueError(f"experts_backend={self.experts_backend!r}: choose auto, torch, triton or megablocks")

@@ -1,0 +1,248 @@
+"""The engine: requests in, one step at a time, outputs out.
+
+``step()`` reads as four stages: schedule, run, postprocess, collect the finished.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from kvcache import BlockManager
+from parallel import get_parallel_state, init_single_process
+
+from .config import EngineConfig, ModelConfig, parse_bytes, read_config_json
+from .loader import load_weights
+from .model_runner import ModelRunner, StepResult
+from .models import MoECausalLM, parse_config, rules_for
+from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .scheduler import ScheduledBatch, Scheduler
+from .sequence import Sequence, Status
+from .tokenizer import Tokenizer, detokenize_incrementally
+
+log = logging.getLogger("moe")
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(requested: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if requested != "auto":
+        return _DTYPES[requested]
+    dtype = _DTYPES.get(cfg.torch_dtype.replace("torch.", ""), torch.bfloat16)
+    if dtype == torch.float16 and device.type == "cpu":
+        return torch.bfloat16  # float16 matmuls are slow on CPUs; bfloat16 keeps the range
+    return dtype
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        try:
+            get_parallel_state()
+        except RuntimeError:
+            init_single_process()
+        self.device = torch.device(config.device)
+        model_dir = Path(config.model)
+        hf = read_config_json(model_dir)
+        self.model_config = cfg = parse_config(hf)
+        self.dtype = resolve_dtype(config.dtype, cfg, self.device)
+        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings "
+                             f"({cfg.max_position_embeddings}); lower it")
+        with torch.device(self.device):
+            self.model = MoECausalLM(cfg, self.dtype)
+        for moe in self.model.sparse_layers():
+            moe.experts.backend = config.experts_backend
+        load_weights(self.model, model_dir, rules_for(cfg.architecture), cfg.num_layers, cfg.tie_word_embeddings,
+                     progress=config.load_progress)
+        self.model.eval()
+        self.tokenizer: Tokenizer | None = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+        self.eos_ids = self._eos_ids(model_dir, cfg)
+
+        self.kv_caches, num_blocks = self._allocate_kv_cache()
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sampler = Sampler(config.seed)
+        self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.sampler, self.device)
+        self.seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+
+    # ---- set-up -------------------------------------------------------------------------
+    def _eos_ids(self, model_dir: Path, cfg: ModelConfig) -> tuple[int, ...]:
+        import json
+
+        ids = list(cfg.eos_token_ids)
+        gen = model_dir / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return tuple(dict.fromkeys(ids))
+
+    def kv_bytes_per_token(self) -> int:
+        return sum(s.bytes_per_token(self.dtype) for s in self.model.kv_cache_spec())
+
+    def _allocate_kv_cache(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        bs = self.config.block_size
+        per_block = self.kv_bytes_per_token() * bs
+        if self.config.kv_cache_memory is None:
+            budget = per_block * self.config.max_num_seqs * -(-self.max_model_len // bs)
+            budget = min(budget, 2 * 1024**3)
+        else:
+            budget = parse_bytes(self.config.kv_cache_memory)
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory={self.config.kv_cache_memory!r} is smaller than one KV block "
+                             f"({per_block} bytes at block_size {bs}); give the cache more memory")
+        caches = []
+        for spec in self.model.kv_cache_spec():
+            k = torch.zeros(num_blocks, bs, spec.num_kv_heads, spec.k_dim, dtype=self.dtype, device=self.device)
+            v = k[..., : spec.v_dim] if spec.latent else torch.zeros(
+                num_blocks, bs, spec.num_kv_heads, spec.v_dim, dtype=self.dtype, device=self.device)
+            caches.append((k, v))
+        self.kv_cache_tokens = num_blocks * bs
+        return caches, num_blocks
+
+    # ---- requests -----------------------------------------------------------------------
+    def tokenize(self, prompt: str | dict) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if not isinstance(prompt, str):
+            raise ValueError(f"a prompt must be a string or {{'prompt_token_ids': [...]}}, not {type(prompt).__name__}")
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer.json: pass {'prompt_token_ids': [...]} instead of text")
+        return prompt, self.tokenizer.encode(prompt)
+
+    def add_request(self, prompt: str | dict, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Validate and queue one request; raises ValueError (and changes nothing) if it is bad."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, not {type(params).__name__}")
+        text, ids = self.tokenize(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id(s) {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
+                             "shorten the prompt or raise max_model_len (up to the model's context)")
+        need = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        if need > self.kv_cache_tokens:
+            raise ValueError(f"the request may need {need} tokens of KV cache but the cache holds "
+                             f"{self.kv_cache_tokens}: raise kv_cache_memory or lower max_tokens")
+        rid = request_id if request_id is not None else str(next(self._ids))
+        if rid in self.seqs:
+            raise ValueError(f"request id {rid!r} is already in use")
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator()
+            gen.manual_seed(params.seed)
+        seq = Sequence(rid, text, ids, params, RequestMetrics(time.perf_counter()), gen)
+        self.seqs[rid] = seq
+        self.scheduler.add(seq)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        seq = self.seqs.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            seq.finish_reason = "abort"
+            self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        result = self.runner.run(batch, self.eos_ids)
+        updated = self._postprocess(batch, result)
+        return [self._output(seq, delta) for seq, delta in updated]
+
+    def _postprocess(self, batch: ScheduledBatch, result: StepResult) -> list[tuple[Sequence, tuple[str, list[int]]]]:
+        now = time.perf_counter()
+        updated = []
+        for b, s in enumerate(batch.seqs):
+            seq = s.seq
+            if seq.metrics.first_scheduled_time is None:
+                seq.metrics.first_scheduled_time = now
+            seq.num_computed_tokens += s.num_new_tokens
+            self.block_manager.register_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens)
+            if seq.wants_prompt_logprobs:
+                if not seq.prompt_logprobs:
+                    seq.prompt_logprobs.append(None)
+                seq.prompt_logprobs.extend(result.prompt_logprobs.get(b, []))
+            if b not in result.sampled:
+                continue
+            token, lps = result.sampled[b]
+            seq.token_ids.append(token)
+            if lps is not None:
+                seq.output_logprobs.append(lps)
+            seq.metrics.num_generated = seq.num_output_tokens
+            if seq.metrics.first_token_time is None:
+                seq.metrics.first_token_time = now
+            delta = self._detokenize(seq)
+            self._check_stop(seq, token)
+            if seq.is_finished or seq.finish_reason is not None:
+                seq.metrics.finished_time = now
+                self.scheduler.finish(seq)
+            updated.append((seq, (delta, [token])))
+        return updated
+
+    def _detokenize(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
+        new, seq.prefix_offset, seq.read_offset = detokenize_incrementally(
+            self.tokenizer, seq.token_ids, seq.prefix_offset, seq.read_offset, seq.params.skip_special_tokens)
+        seq.text += new
+        return new
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        n_out = seq.num_output_tokens
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_ids:
+                seq.finish_reason = "stop"
+                return
+            if p.stop_token_ids and token in p.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token
+                return
+            for stop in p.stop_strings:
+                # only the tail can hold a new match
+                idx = seq.text.find(stop, max(0, len(seq.text) - len(stop) - 64))
+                if idx != -1:
+                    seq.text = seq.text[: idx + len(stop)] if p.include_stop_str_in_output else seq.text[:idx]
+                    seq.finish_reason, seq.stop_reason = "stop", stop
+                    return
+        if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+
+    def _output(self, seq: Sequence, delta: tuple[str, list[int]] | None = None) -> RequestOutput:
+        finished = seq.finish_reason is not None
+        comp = CompletionOutput(0, seq.text, list(seq.output_token_ids),
+                                list(seq.output_logprobs) if seq.params.logprobs is not None else None,
+                                seq.finish_reason, seq.stop_reason)
+        delta_out = None
+        if delta is not None:
+            delta_out = CompletionOutput(0, delta[0], delta[1], seq.output_logprobs[-1:] if seq.params.logprobs
+                                         is not None else None, seq.finish_reason, seq.stop_reason)
+        if finished:
+            self.seqs.pop(seq.request_id, None)
+        return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids), [comp], finished, seq.metrics,
+                             list(seq.prompt_logprobs) if seq.wants_prompt_logprobs else None, delta=delta_out)

@@ -1,0 +1,95 @@
+"""The public generate API, in vLLM's shape: ``LLM(model).generate(prompts, sampling_params)``."""
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from typing import Iterator, Sequence as Seq
+
+from .config import EngineConfig
+from .engine import LLMEngine
+from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .sampling_params import SamplingParams
+
+log = logging.getLogger("moe")
+
+Prompt = str | dict
+
+
+def default_model_path() -> str:
+    """The small MoE the project trains and ships inside the package."""
+    return str(resources.files("moe") / "default_model")
+
+
+class LLM:
+    """Load a checkpoint once, then generate for batches of prompts.
+
+    >>> llm = LLM("./mixtral-checkpoint", dtype="bfloat16", kv_cache_memory="4GiB")
+    >>> outs = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=32))
+    """
+
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", kv_cache_memory: str | int | None = None,
+                 block_size: int = 16, max_num_seqs: int = 64, max_model_len: int | None = None,
+                 max_num_batched_tokens: int = 2048, seed: int | None = 0, enable_prefix_caching: bool = True,
+                 experts_backend: str = "auto", device: str = "cpu", load_progress: bool = False):
+        self.config = EngineConfig(
+            model=model or default_model_path(), dtype=dtype, kv_cache_memory=kv_cache_memory,
+            block_size=block_size, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+            max_num_batched_tokens=max_num_batched_tokens, seed=seed, enable_prefix_caching=enable_prefix_caching,
+            experts_backend=experts_backend, device=device, load_progress=load_progress)
+        self.engine = LLMEngine(self.config)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def _add_all(self, prompts: Prompt | Seq[Prompt],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None) -> list[str | RequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts: "
+                                 "pass one SamplingParams or one per prompt")
+        slots: list[str | RequestOutput] = []
+        for prompt, p in zip(prompts, params):
+            try:
+                slots.append(self.engine.add_request(prompt, p))
+            except ValueError as e:
+                # a bad request gets an error output; the others still run
+                log.warning("request rejected: %s", e)
+                slots.append(_error_output(prompt, str(e)))
+        return slots
+
+    def generate(self, prompts: Prompt | Seq[Prompt],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+        """One :class:`RequestOutput` per prompt, in order. A rejected prompt's output carries
+        ``error`` (and ``finish_reason == "error"``) while the rest are generated normally."""
+        slots = self._add_all(prompts, sampling_params)
+        done: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[s] if isinstance(s, str) else s for s in slots]
+
+    def generate_stream(self, prompts: Prompt | Seq[Prompt],
+                        sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> Iterator[RequestOutput]:
+        """Yield increments as they are produced: each ``RequestOutput.delta`` holds the new text
+        and token ids of that request since its previous increment."""
+        for s in self._add_all(prompts, sampling_params):
+            if not isinstance(s, str):
+                yield s
+        while self.engine.has_unfinished_requests():
+            yield from self.engine.step()
+
+
+def _error_output(prompt: Prompt, message: str) -> RequestOutput:
+    import time
+
+    text = prompt if isinstance(prompt, str) else (prompt.get("prompt") if isinstance(prompt, dict) else None)
+    ids = list(prompt.get("prompt_token_ids", [])) if isinstance(prompt, dict) else []
+    comp = CompletionOutput(0, "", [], None, "error")
+    return RequestOutput("", text, ids, [comp], True, RequestMetrics(time.perf_counter()), error=message, delta=comp)

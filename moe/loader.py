@@ -1,0 +1,130 @@
+"""Stream a Hugging Face safetensors checkpoint into a model, one tensor at a time.
+
+Peak memory is the model plus one tensor: each tensor is read from its (memory-mapped) file,
+copied into its parameter's slice by the parameter's own ``weight_loader``, and dropped.
+Tensors of experts this process does not own are never read.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from parallel import default_weight_loader
+
+from .models.weights import IGNORED, Rule, map_name
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    d = Path(model_dir)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index ({e}); re-download it") from e
+        files = [d / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"checkpoint {d} is incomplete: shard(s) {', '.join(missing)} listed in "
+                                    f"{index.name} are missing; download them or fix the index")
+        return files
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {d}: the engine loads safetensors checkpoints "
+                                "(convert .bin/.pt weights with transformers' save_pretrained)")
+    return files
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read {path}: {e}. The file is truncated or corrupt; re-download or re-save it") from e
+
+
+def iter_tensor_names(files: list[Path]) -> Iterator[tuple[Path, object, str]]:
+    for path in files:
+        f = _open(path)
+        for name in f.keys():
+            yield path, f, name
+
+
+def load_weights(model: nn.Module, model_dir: str | Path, rules: list[Rule], num_layers: int,
+                 tied_embeddings: bool = False, progress: bool = False) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    files = checkpoint_files(model_dir)
+    loaded: set[str] = set()
+    expert_parts: dict[str, set[tuple[int | None, str]]] = defaultdict(set)
+    unexpected: list[str] = []
+    names = list(iter_tensor_names(files))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(names), desc="Loading weights", unit="tensor", leave=False)
+    for path, f, name in names:
+        if bar is not None:
+            bar.update(1)
+        target = map_name(rules, name)
+        if target is None:
+            if not any(p.fullmatch(name) for p in IGNORED):
+                unexpected.append(name)
+            continue
+        m = re.match(r"layers\.(\d+)\.", target.param)
+        if m and int(m.group(1)) >= num_layers:
+            continue  # e.g. DeepSeek-V3's multi-token-prediction layer
+        if target.param == "lm_head.weight" and tied_embeddings:
+            continue
+        param = params.get(target.param)
+        if param is None:
+            unexpected.append(name)
+            continue
+        owner = getattr(param, "weight_loader", None)
+        experts = getattr(owner, "__self__", None)
+        if target.expert_id is not None and hasattr(experts, "owns") and not experts.owns(target.expert_id):
+            continue
+        try:
+            tensor = f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read tensor {name} from {path}: {e}; the file is truncated or corrupt") from e
+        if target.transform is not None:
+            tensor = target.transform(tensor)
+        try:
+            if owner is None:
+                default_weight_loader(param, tensor)
+            elif target.expert_id is not None or hasattr(experts, "owns"):
+                owner(param, tensor, target.shard_id, target.expert_id)
+            else:
+                owner(param, tensor, target.shard_id)
+        except ValueError as e:
+            raise ValueError(f"{name} in {path.name}: {e}") from e
+        loaded.add(target.param)
+        if hasattr(experts, "owns"):
+            expert_parts[target.param].add((target.expert_id, target.shard_id))
+    if bar is not None:
+        bar.close()
+    missing = [n for n in params if n not in loaded and not (n == "lm_head.weight" and tied_embeddings)]
+    if missing:
+        raise ValueError(f"checkpoint {model_dir} lacks {len(missing)} tensor(s) the model needs, e.g. "
+                         f"{', '.join(missing[:5])}; is config.json from the same model as the weights?")
+    for pname, parts in expert_parts.items():
+        if (None, "gate_up") in parts or (None, "down") in parts:
+            continue
+        experts = params[pname].weight_loader.__self__
+        need = {"gate", "up"} if pname.endswith("w13") or pname.endswith("b13") else {"down"}
+        for e in range(experts.expert_start, experts.expert_start + experts.num_local):
+            have = {s for (x, s) in parts if x == e}
+            if not (need <= have or "gate_up" in have):
+                raise ValueError(f"checkpoint {model_dir} lacks expert {e} of {pname} ({sorted(need - have)})")
+    if unexpected:
+        import logging
+
+        logging.getLogger("moe").warning("ignored %d checkpoint tensor(s) with no place in the model, e.g. %s",
+                                         len(unexpected), ", ".join(unexpected[:3]))

@@ -1,0 +1,156 @@
+"""Building blocks shared by every family: norms, attention, dense MLP and the MoE block.
+
+Shapes: T tokens of the flattened step, D hidden, H heads, E experts, K top-k.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from experts import Activation, GroupedExperts, swiglu
+from kvcache import AttentionMetadata, paged_attention, write_kv
+from parallel import (ColumnParallelLinear, LocalDispatcher, QKVParallelLinear, ReplicatedLinear, RowParallelLinear,
+                      get_ep_rank, get_ep_size, get_tp_size)
+from routing import RouterConfig, expert_counts, route
+
+from ..config import ModelConfig
+from .rope import RotaryEmbedding
+
+
+@dataclass
+class ForwardContext:
+    """What every layer needs from the engine for one step."""
+
+    meta: AttentionMetadata
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    record_expert_counts: bool = False
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # upcast like the reference implementations: statistics in float32
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over the paged KV cache (Mixtral, Qwen, OLMoE, gpt-oss)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = cfg.head_dim
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
+                                          bias=cfg.attention_bias, dtype=dtype)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias, dtype=dtype)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope, cfg.rope_interleaved)
+        self.scale = cfg.softmax_scale or cfg.head_dim ** -0.5
+        self.sliding_window = cfg.sliding_windows[layer_idx] if cfg.sliding_windows else None
+        self.clip_qkv = cfg.clip_qkv
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm == "head":
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
+        elif cfg.qk_norm == "full":
+            if get_tp_size() > 1:
+                raise ValueError(f"{cfg.architecture}: q/k norm over all heads is not supported with "
+                                 "tensor_parallel > 1; use expert_parallel instead")
+            self.q_norm = RMSNorm(cfg.num_heads * cfg.head_dim, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(cfg.num_kv_heads * cfg.head_dim, cfg.rms_norm_eps, dtype)
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads, dtype=torch.float32), requires_grad=False) \
+            if cfg.attention_sinks else None
+        if self.sinks is not None:
+            self.sinks.weight_loader = self._load_sinks
+
+    def _load_sinks(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        from parallel import get_tp_rank
+
+        param.data.copy_(loaded.narrow(0, get_tp_rank() * self.num_heads, self.num_heads))
+
+    def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        T = x_TD.shape[0]
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x_TD).split([q_size, kv_size, kv_size], dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.reshape(T, self.num_heads, self.head_dim)
+        k = k.reshape(T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions_T, q, k)
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+        write_kv(k_cache, v_cache, k, v, ctx.meta.slot_mapping)
+        o = paged_attention(q, k_cache, v_cache, ctx.meta, self.scale, self.sliding_window, self.sinks)
+        return self.o_proj(o.reshape(T, q_size))
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP with merged gate/up projection (dense layers and shared experts)."""
+
+    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype):
+        super().__init__()
+        self.gate_up_proj = ColumnParallelLinear(hidden, [intermediate, intermediate], dtype=dtype)
+        self.down_proj = RowParallelLinear(intermediate, hidden, dtype=dtype)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_up_proj(x_TD)))
+
+
+class SparseMoE(nn.Module):
+    """router -> dispatch -> grouped experts -> combine, plus optional shared expert."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        rc: RouterConfig = cfg.router
+        self.router_cfg = rc
+        self.gate = ReplicatedLinear(cfg.hidden_size, rc.num_experts, bias=cfg.router_bias, dtype=dtype)
+        self.e_score_correction_bias = None
+        if rc.use_correction_bias:
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(rc.num_experts, dtype=torch.float32),
+                                                        requires_grad=False)
+        ep, rank = get_ep_size(), get_ep_rank()
+        if ep > 1:
+            raise NotImplementedError("expert parallelism needs a distributed dispatcher (see parallel/)")
+        self.dispatcher = LocalDispatcher(rc.num_experts)
+        self.experts = GroupedExperts(
+            rc.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, bias=cfg.expert_bias,
+            activation=Activation(cfg.swiglu_limit, cfg.swiglu_alpha), dtype=dtype,
+            expert_start=rank * rc.num_experts // ep, num_local_experts=rc.num_experts // ep)
+        self.shared_expert = None
+        self.shared_expert_gate = None
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, dtype)
+            if cfg.shared_expert_gate:
+                self.shared_expert_gate = ReplicatedLinear(cfg.hidden_size, 1, dtype=dtype)
+        self.last_counts_E: torch.Tensor | None = None
+
+    def forward(self, x_TD: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
+        logits_TE = self.gate(x_TD)
+        weights_TK, ids_TK = route(logits_TE, self.router_cfg, self.e_score_correction_bias)
+        if ctx is not None and ctx.record_expert_counts:
+            self.last_counts_E = expert_counts(ids_TK, self.router_cfg.num_experts)
+        x_RD, counts_e, meta = self.dispatcher.dispatch(x_TD, ids_TK, weights_TK)
+        y_TD = self.dispatcher.combine(self.experts(x_RD, counts_e), meta)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x_TD)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared
+            y_TD = y_TD + shared
+        return y_TD

@@ -1,0 +1,65 @@
+"""DeepSeek multi-head latent attention (MLA) with a compressed KV cache.
+
+The cache holds, per token, the normalized latent ``c`` (kv_lora_rank) and the shared rotary
+key ``k_pe`` (qk_rope_head_dim): one "head" of ``kv_lora_rank + rope`` dims instead of full
+K and V for every head. Attention runs in the absorbed form: the per-head key up-projection
+W_UK is folded into the query and the value up-projection W_UV is applied after attention, so
+keys and values are read straight from the latent cache (V is a view of its first
+kv_lora_rank dims).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvcache import paged_attention, write_kv
+from parallel import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, get_tp_size
+
+from ..config import ModelConfig
+from .layers import ForwardContext, RMSNorm
+from .rope import RotaryEmbedding
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype):
+        super().__init__()
+        m = cfg.mla
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_heads // get_tp_size()
+        self.nope, self.rope_dim, self.v_dim = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+        self.kv_lora_rank = m.kv_lora_rank
+        qk_dim = self.nope + self.rope_dim
+        if m.q_lora_rank is None:
+            self.q_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.num_heads * qk_dim], dtype=dtype)
+        else:
+            self.q_a_proj = ReplicatedLinear(cfg.hidden_size, m.q_lora_rank, bias=cfg.attention_bias, dtype=dtype)
+            self.q_a_layernorm = RMSNorm(m.q_lora_rank, 1e-6, dtype)
+            self.q_b_proj = ColumnParallelLinear(m.q_lora_rank, [cfg.num_heads * qk_dim], dtype=dtype)
+        self.q_lora = m.q_lora_rank is not None
+        self.kv_a_proj_with_mqa = ReplicatedLinear(cfg.hidden_size, m.kv_lora_rank + self.rope_dim,
+                                                   bias=cfg.attention_bias, dtype=dtype)
+        self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, 1e-6, dtype)
+        self.kv_b_proj = ColumnParallelLinear(m.kv_lora_rank, [cfg.num_heads * (self.nope + self.v_dim)], dtype=dtype)
+        self.o_proj = RowParallelLinear(cfg.num_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias, dtype=dtype)
+        self.rotary = RotaryEmbedding(self.rope_dim, cfg.max_position_embeddings, cfg.rope, cfg.rope_interleaved)
+        self.scale = cfg.softmax_scale or qk_dim ** -0.5
+
+    def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        T, H = x_TD.shape[0], self.num_heads
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_TD))) if self.q_lora else self.q_proj(x_TD)
+        q_nope, q_pe = q.view(T, H, self.nope + self.rope_dim).split([self.nope, self.rope_dim], dim=-1)
+        latent = self.kv_a_proj_with_mqa(x_TD)
+        c_TC, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_TC = self.kv_a_layernorm(c_TC)
+        q_pe, k_pe = self.rotary(positions_T, q_pe, k_pe.unsqueeze(1))
+
+        w_kv = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope:]  # [H, nope, C], [H, v, C]
+        q_lat = torch.einsum("thn,hnc->thc", q_nope, w_uk)
+        q_full = torch.cat([q_lat, q_pe], dim=-1)  # [T, H, C + rope]
+
+        cache = ctx.kv_caches[self.layer_idx][0]  # [blocks, block_size, 1, C + rope]
+        write_kv(cache, None, torch.cat([c_TC.unsqueeze(1), k_pe], dim=-1), None, ctx.meta.slot_mapping)
+        o_lat = paged_attention(q_full, cache, cache[..., : self.kv_lora_rank], ctx.meta, self.scale)
+        o = torch.einsum("thc,hvc->thv", o_lat, w_uv)
+        return self.o_proj(o.reshape(T, H * self.v_dim))

@@ -1,0 +1,97 @@
+"""Rotary position embeddings: default, linear and YaRN scaling, neox or interleaved pairs."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _yarn_inv_freq(dim: int, base: float, p: dict, max_pos: int) -> tuple[torch.Tensor, float]:
+    factor = p.get("factor") or max_pos / p["original_max_position_embeddings"]
+    orig_max = p["original_max_position_embeddings"]
+
+    def get_mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = p.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = p.get("mscale"), p.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = get_mscale(factor)
+    beta_fast = p.get("beta_fast") or 32
+    beta_slow = p.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(orig_max / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    extrapolation = 1.0 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+def rope_inv_freq(dim: int, params: dict, max_pos: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the cos/sin multiplier for ``params`` (HF ``rope_parameters``)."""
+    base = float(params.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default")) or "default"
+    if kind == "default":
+        return 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim), 1.0
+    if kind == "linear":
+        inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        return inv / float(params["factor"]), 1.0
+    if kind == "yarn":
+        return _yarn_inv_freq(dim, base, params, max_pos)
+    raise ValueError(f"rope_type {kind!r} is not supported (supported: default, linear, yarn)")
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies rotary embeddings to ``[T, H, dim]`` tensors at integer ``positions_T``.
+
+    ``interleaved`` pairs dims (0,1), (2,3), ... (GPT-J / DeepSeek checkpoints); otherwise
+    (i, i + dim/2) as in GPT-NeoX / Llama.
+    """
+
+    def __init__(self, dim: int, max_pos: int, params: dict, interleaved: bool = False):
+        super().__init__()
+        inv_freq, attention_factor = rope_inv_freq(dim, params, max_pos)
+        self.dim = dim
+        self.interleaved = interleaved
+        self.attention_factor = attention_factor
+        self._inv_freq = inv_freq
+        self.max_pos = 0
+        self._grow(max(2048, min(max_pos, 8192)))
+
+    def _grow(self, n: int) -> None:
+        t = torch.arange(n, dtype=torch.float32)
+        freqs = torch.outer(t, self._inv_freq)
+        self.register_buffer("cos", freqs.cos() * self.attention_factor, persistent=False)
+        self.register_buffer("sin", freqs.sin() * self.attention_factor, persistent=False)
+        self.max_pos = n
+
+    def forward(self, positions_T: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if positions_T.numel() and int(positions_T.max()) >= self.max_pos:
+            self._grow(2 * int(positions_T.max()) + 1)
+        cos = self.cos[positions_T].unsqueeze(1)  # [T, 1, dim/2]
+        sin = self.sin[positions_T].unsqueeze(1)
+        return tuple(self._apply(x, cos, sin) for x in xs)
+
+    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        if self.interleaved:
+            x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        else:
+            x1, x2 = xf.chunk(2, dim=-1)
+        o1 = x1 * cos - x2 * sin
+        o2 = x2 * cos + x1 * sin
+        out = torch.stack((o1, o2), dim=-1).flatten(-2) if self.interleaved else torch.cat((o1, o2), dim=-1)
+        return out.to(x.dtype)

@@ -1,0 +1,85 @@
+"""Turn one step's logits into tokens: greedy, temperature, top-k, top-p, min-p, seeded draws.
+
+Log-probs are those of the model's raw distribution (before temperature and filtering), as
+vLLM reports them by default.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None]  # chosen token + top-n, per row, when requested
+
+
+def apply_filters(logits_BV: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) what top-k / top-p / min-p exclude. ``top_k`` 0 = off, ``top_p`` 1 = off."""
+    V = logits_BV.shape[-1]
+    sorted_logits, order = logits_BV.sort(dim=-1, descending=True)
+    ranks = torch.arange(V, device=logits_BV.device).unsqueeze(0)
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, V)).unsqueeze(1)
+    drop = ranks >= k
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    # top-p: drop a token when the mass before it already reaches top_p (the first token always stays)
+    mass_before = probs.cumsum(-1) - probs
+    drop |= mass_before >= top_p.unsqueeze(1)
+    drop |= probs < (min_p.unsqueeze(1) * probs[:, :1])
+    drop[:, 0] = False
+    mask = torch.zeros_like(drop).scatter_(1, order, drop)
+    return logits_BV.masked_fill(mask, float("-inf"))
+
+
+def top_logprobs(logprobs_V: torch.Tensor, chosen: int, n: int) -> dict[int, float]:
+    out = {chosen: float(logprobs_V[chosen])}
+    if n > 0:
+        values, ids = logprobs_V.topk(n)
+        for v, i in zip(values.tolist(), ids.tolist()):
+            out.setdefault(i, v)
+    return out
+
+
+class Sampler:
+    def __init__(self, seed: int | None = None):
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(seed)
+
+    def __call__(self, logits_BV: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None], banned: list[list[int]]) -> SampleResult:
+        logits_BV = logits_BV.float()
+        for i, ban in enumerate(banned):
+            if ban:
+                logits_BV[i, ban] = float("-inf")
+        want_lp = [p.logprobs is not None for p in params]
+        raw_lp = torch.log_softmax(logits_BV, dim=-1) if any(want_lp) else None
+        tokens = logits_BV.argmax(dim=-1)
+        rand = [i for i, p in enumerate(params) if not p.greedy]
+        if rand:
+            idx = torch.tensor(rand)
+            sub = logits_BV[idx] / torch.tensor([params[i].temperature for i in rand]).unsqueeze(1)
+            if any(params[i].top_k > 0 or params[i].top_p < 1 or params[i].min_p > 0 for i in rand):
+                sub = apply_filters(
+                    sub,
+                    torch.tensor([max(params[i].top_k, 0) for i in rand]),
+                    torch.tensor([params[i].top_p for i in rand], dtype=torch.float32),
+                    torch.tensor([params[i].min_p for i in rand], dtype=torch.float32),
+                )
+            probs = torch.softmax(sub, dim=-1)
+            # Gumbel-style race: argmax(p / Exp(1)) draws from p; each request uses its own generator
+            noise = torch.empty_like(probs)
+            for row, i in enumerate(rand):
+                noise[row].exponential_(generator=generators[i] or self.generator)
+            tokens[idx] = (probs / noise).argmax(dim=-1)
+        token_list = tokens.tolist()
+        lps: list[dict[int, float] | None] = [
+            top_logprobs(raw_lp[i], token_list[i], params[i].logprobs) if want_lp[i] else None
+            for i in range(len(params))
+        ]
+        return SampleResult(token_list, lps)

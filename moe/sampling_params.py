@@ -1,0 +1,60 @@
+"""Sampling parameters, validated on construction (vLLM's names and meanings)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no top-k
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    _stop: tuple[str, ...] = field(default=(), init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        def bad(field_: str, value, need: str) -> ValueError:
+            return ValueError(f"SamplingParams.{field_}={value!r} is invalid: {need}")
+
+        if self.temperature < 0:
+            raise bad("temperature", self.temperature, "must be >= 0 (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", self.top_p, "must be in (0, 1]")
+        if self.top_k < -1:
+            raise bad("top_k", self.top_k, "must be -1 or 0 (disabled) or a positive count")
+        if not 0 <= self.min_p <= 1:
+            raise bad("min_p", self.min_p, "must be in [0, 1]")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise bad("max_tokens", self.max_tokens, "must be at least 1")
+        if self.min_tokens < 0:
+            raise bad("min_tokens", self.min_tokens, "must be >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", self.min_tokens, f"must not exceed max_tokens ({self.max_tokens})")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise bad(name, v, "must be >= 0 (the number of top log-probs to return)")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise bad("stop", self.stop, "must be non-empty strings")
+        self._stop = tuple(stop)
+        if self.stop_token_ids is not None and any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", self.stop_token_ids, "must be non-negative token ids")
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return self._stop
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0

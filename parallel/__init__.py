@@ -1,0 +1,14 @@
+"""Parallelism: process-group state, tensor-parallel layers and token dispatchers."""
+from .dispatch import DispatchMeta, LocalDispatcher
+from .layers import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, ReplicatedLinear, RowParallelLinear,
+                     VocabParallelEmbedding, default_weight_loader)
+from .state import (ParallelState, get_ep_rank, get_ep_size, get_parallel_state, get_tp_rank, get_tp_size,
+                    init_single_process, set_parallel_state)
+
+__all__ = [
+    "ParallelState", "set_parallel_state", "get_parallel_state", "init_single_process",
+    "get_tp_rank", "get_tp_size", "get_ep_rank", "get_ep_size",
+    "ColumnParallelLinear", "QKVParallelLinear", "RowParallelLinear", "ReplicatedLinear",
+    "VocabParallelEmbedding", "ParallelLMHead", "default_weight_loader",
+    "LocalDispatcher", "DispatchMeta",
+]

@@ -1,0 +1,150 @@
+"""Linear layers that know their tensor-parallel shard and load their own weights.
+
+Each parameter carries a ``weight_loader(param, loaded, shard_id=None)`` so the checkpoint
+loader needs no parallel knowledge: it hands over the full tensor from the file and the layer
+keeps its slice. The only collective here is the all-reduce of :class:`RowParallelLinear`
+(and the gather of the vocab-parallel head).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .state import get_tp_rank, get_tp_size, tp_all_gather_last_dim, tp_all_reduce
+
+
+def _divide(n: int, d: int, what: str) -> int:
+    if n % d:
+        raise ValueError(f"{what} ({n}) is not divisible by tensor_parallel ({d})")
+    return n // d
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}")
+    param.data.copy_(loaded)
+
+
+def _param(*shape: int, dtype: torch.dtype, loader) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+    p.weight_loader = loader
+    return p
+
+
+class ReplicatedLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.float32):
+        super().__init__()
+        self.weight = _param(out_features, in_features, dtype=dtype, loader=default_weight_loader)
+        self.bias = _param(out_features, dtype=dtype, loader=default_weight_loader) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Output features split over TP ranks. ``output_sizes`` lists fused sub-matrices
+    (e.g. gate and up) each split separately; ``shard_id`` indexes into it."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False, dtype=torch.float32,
+                 gather_output: bool = False):
+        super().__init__()
+        tp = get_tp_size()
+        self.output_sizes = [_divide(s, tp, "output size") for s in output_sizes]
+        self.gather_output = gather_output
+        out = sum(self.output_sizes)
+        self.weight = _param(out, in_features, dtype=dtype, loader=self.weight_loader)
+        self.bias = _param(out, dtype=dtype, loader=self.weight_loader) if bias else None
+
+    def _shard_range(self, shard_id) -> tuple[int, int]:
+        idx = 0 if shard_id is None else int(shard_id)
+        start = sum(self.output_sizes[:idx])
+        return start, self.output_sizes[idx]
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        start, size = self._shard_range(shard_id)
+        if shard_id is None and len(self.output_sizes) > 1:
+            raise ValueError("a fused column layer needs a shard_id for each sub-matrix")
+        piece = loaded.narrow(0, get_tp_rank() * size, size)
+        param.data.narrow(0, start, size).copy_(piece)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        return tp_all_gather_last_dim(y) if self.gather_output else y
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q/k/v projection; KV heads are replicated when TP exceeds their count."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
+                 dtype=torch.float32, v_head_dim: int | None = None):
+        tp = get_tp_size()
+        self.num_heads = _divide(num_heads, tp, "num_attention_heads")
+        if num_kv_heads >= tp:
+            self.num_kv_heads = _divide(num_kv_heads, tp, "num_key_value_heads")
+            self.kv_replicas = 1
+        else:
+            self.num_kv_heads = 1
+            self.kv_replicas = _divide(tp, num_kv_heads, "tensor_parallel over num_key_value_heads")
+        v_head_dim = v_head_dim or head_dim
+        sizes = [self.num_heads * head_dim * tp, self.num_kv_heads * head_dim * tp, self.num_kv_heads * v_head_dim * tp]
+        super().__init__(hidden, sizes, bias=bias, dtype=dtype)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        idx = {"q": 0, "k": 1, "v": 2}[shard_id]
+        start, size = self._shard_range(idx)
+        rank = get_tp_rank() if idx == 0 else get_tp_rank() // self.kv_replicas
+        param.data.narrow(0, start, size).copy_(loaded.narrow(0, rank * size, size))
+
+
+class RowParallelLinear(nn.Module):
+    """Input features split over TP ranks; partial outputs are summed with one all-reduce."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.float32):
+        super().__init__()
+        self.in_per_rank = _divide(in_features, get_tp_size(), "input size")
+        self.weight = _param(out_features, self.in_per_rank, dtype=dtype, loader=self.weight_loader)
+        self.bias = _param(out_features, dtype=dtype, loader=default_weight_loader) if bias else None
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        param.data.copy_(loaded.narrow(1, get_tp_rank() * self.in_per_rank, self.in_per_rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = tp_all_reduce(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split over TP ranks; each rank embeds its own vocab range."""
+
+    def __init__(self, vocab: int, dim: int, dtype=torch.float32):
+        super().__init__()
+        tp = get_tp_size()
+        self.per_rank = (vocab + tp - 1) // tp
+        self.start = get_tp_rank() * self.per_rank
+        self.vocab = vocab
+        self.weight = _param(self.per_rank, dim, dtype=dtype, loader=self.weight_loader)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        rows = loaded[self.start:self.start + self.per_rank]
+        param.data.zero_()
+        param.data[: rows.shape[0]].copy_(rows)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if get_tp_size() == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        mask = (local < 0) | (local >= self.per_rank)
+        y = F.embedding(local.clamp(0, self.per_rank - 1), self.weight)
+        y = y.masked_fill(mask.unsqueeze(-1), 0)
+        return tp_all_reduce(y)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Vocab-split output projection; logits are gathered to full vocab on every rank."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        logits = F.linear(h, self.weight)
+        if get_tp_size() > 1:
+            logits = tp_all_gather_last_dim(logits)
+        return logits[..., : self.vocab]

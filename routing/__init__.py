@@ -1,0 +1,4 @@
+"""Routing: router logits -> (weights, expert ids) for every gating form we support."""
+from .gating import RouterConfig, RoutingResult, expert_counts, route
+
+__all__ = ["RouterConfig", "RoutingResult", "route", "expert_counts"]

@@ -1,0 +1,67 @@
+"""Tiny random checkpoints of every supported family, written with transformers' save_pretrained."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+COMMON = dict(vocab_size=320, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=256, initializer_range=0.08, tie_word_embeddings=False, bos_token_id=1,
+              eos_token_id=2, pad_token_id=0)
+
+
+def _configs() -> dict:
+    from transformers import (DeepseekV2Config, DeepseekV3Config, GptOssConfig, MixtralConfig, OlmoeConfig,
+                              Qwen2MoeConfig, Qwen3MoeConfig)
+
+    ds = dict(COMMON, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+              moe_intermediate_size=32, intermediate_size=96, n_shared_experts=1, first_k_dense_replace=1,
+              num_experts_per_tok=2, n_group=4, topk_group=2)
+    return {
+        "mixtral": (MixtralConfig, dict(COMMON, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2)),
+        "qwen2_moe": (Qwen2MoeConfig, dict(COMMON, intermediate_size=96, moe_intermediate_size=48,
+                                           shared_expert_intermediate_size=64, num_experts=6, num_experts_per_tok=2,
+                                           decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=False)),
+        "qwen3_moe": (Qwen3MoeConfig, dict(COMMON, head_dim=24, intermediate_size=96, moe_intermediate_size=48,
+                                           num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1,
+                                           mlp_only_layers=[2], norm_topk_prob=True)),
+        "olmoe": (OlmoeConfig, dict(COMMON, intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+                                    clip_qkv=3.0)),
+        "gpt_oss": (GptOssConfig, dict(COMMON, head_dim=16, intermediate_size=48, num_local_experts=4,
+                                       num_experts_per_tok=2, sliding_window=6,
+                                       layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                       rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
+                                                        "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                                        "original_max_position_embeddings": 64})),
+        "deepseek_v2": (DeepseekV2Config, dict(ds, q_lora_rank=None, n_routed_experts=8, topk_method="group_limited_greedy",
+                                               routed_scaling_factor=2.0)),
+        "deepseek_v3": (DeepseekV3Config, dict(ds, q_lora_rank=24, n_routed_experts=8, routed_scaling_factor=2.5,
+                                               norm_topk_prob=True,
+                                               rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                                                "factor": 4.0, "original_max_position_embeddings": 64,
+                                                                "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+                                                                "mscale_all_dim": 1.0})),
+    }
+
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3"]
+
+
+def make_checkpoint(family: str, out: Path, seed: int = 0, **overrides) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    cls, kw = _configs()[family]
+    cfg = cls(**{**kw, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.rand_like(buf) * 0.2)
+        for name, p in model.named_parameters():
+            if name.endswith("sinks") or "bias" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+            if "norm" in name:  # non-trivial norm weights catch a skipped norm
+                p.copy_(1.0 + torch.randn_like(p) * 0.1)
+    model.save_pretrained(out)
+    return out
