@@ -18,9 +18,12 @@ def swiglu(gate_up: torch.Tensor, limit: float | None = None, alpha: float | Non
     """
     gate, up = gate_up.chunk(2, dim=-1)
     if alpha is None:
+        if limit is not None:
+            raise ValueError("swiglu: a clamp limit needs alpha (gpt-oss form); plain SwiGLU takes neither")
         return F.silu(gate) * up
-    gate = gate.clamp(max=limit)
-    up = up.clamp(min=-limit, max=limit)
+    if limit is not None:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
     return (up + 1) * gate * torch.sigmoid(gate * alpha)
 
 
