@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.layers import linear
+
 from .reference import swiglu
 
 Backend = Literal["auto", "torch", "triton", "megablocks"]
@@ -36,9 +38,9 @@ def grouped_swiglu_torch(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.
         if n == 0:
             continue
         rows = slice(start, start + n)
-        h = F.linear(x_RD[rows], w13_e2FD[e], None if b13_e2F is None else b13_e2F[e])
+        h = linear(x_RD[rows], w13_e2FD[e], None if b13_e2F is None else b13_e2F[e])
         h = swiglu(h, act.limit, act.alpha)
-        y_RD[rows] = F.linear(h, w2_eDF[e], None if b2_eD is None else b2_eD[e])
+        y_RD[rows] = linear(h, w2_eDF[e], None if b2_eD is None else b2_eD[e])
         start += n
     return y_RD
 

@@ -14,6 +14,22 @@ from torch import nn
 from .state import get_tp_rank, get_tp_size, tp_all_gather_last_dim, tp_all_reduce
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with CPU shortcuts for the few-row GEMMs of decode steps.
+
+    One row goes through ``mv``; up to ``_SMALL_M`` rows through ``w @ x.T`` (returned as a
+    transposed view). Both stream the weight once and, on the CPUs measured (oneDNN bf16),
+    run 1.3-1.7x faster than ``F.linear`` at these shapes, which are memory-bound.
+    """
+    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= _SMALL_M:
+        y = torch.mv(w, x[0]).unsqueeze(0) if x.shape[0] == 1 else torch.mm(w, x.t()).t()
+        return y + b if b is not None else y
+    return F.linear(x, w, b)
+
+
+_SMALL_M = 128
+
+
 def _divide(n: int, d: int, what: str) -> int:
     if n % d:
         raise ValueError(f"{what} ({n}) is not divisible by tensor_parallel ({d})")
@@ -39,7 +55,7 @@ class ReplicatedLinear(nn.Module):
         self.bias = _param(out_features, dtype=dtype, loader=default_weight_loader) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -69,7 +85,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.narrow(0, start, size).copy_(piece)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         return tp_all_gather_last_dim(y) if self.gather_output else y
 
 
@@ -110,7 +126,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(1, get_tp_rank() * self.in_per_rank, self.in_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = tp_all_reduce(F.linear(x, self.weight))
+        y = tp_all_reduce(linear(x, self.weight))
         return y + self.bias if self.bias is not None else y
 
 
@@ -144,7 +160,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Vocab-split output projection; logits are gathered to full vocab on every rank."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits = F.linear(h, self.weight)
+        logits = linear(h, self.weight)
         if get_tp_size() > 1:
             logits = tp_all_gather_last_dim(logits)
         return logits[..., : self.vocab]
