@@ -12,6 +12,15 @@ from .metadata import AttentionMetadata
 from .reference import gather_kv
 
 
+def _seq_kv(cache: torch.Tensor, meta: AttentionMetadata, i: int, clen: int) -> torch.Tensor:
+    """``[clen, H_kv, D]`` of sequence ``i``: a view when its blocks are contiguous, else a gather."""
+    start = meta.contiguous_starts[i] if meta.contiguous_starts else None
+    if start is None:
+        return gather_kv(cache, meta.block_tables[i], clen)
+    bs = cache.shape[1]
+    return cache[start:start + -(-clen // bs)].flatten(0, 1)[:clen]
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor | None,
              slot_mapping: torch.Tensor) -> None:
     """Store the new tokens' K (and V) at their slots. ``v_cache=None`` for a K-only (latent) cache."""
@@ -48,8 +57,8 @@ def paged_attention_torch(q_THD: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         if sliding_window is not None:
             # keys older than the window of the first query row are never needed
             lo = max(0, clen - qlen - sliding_window + 1)
-        k = gather_kv(k_cache, meta.block_tables[i], clen)[lo:]  # [L, Hkv, D]
-        v = gather_kv(v_cache, meta.block_tables[i], clen)[lo:]
+        k = _seq_kv(k_cache, meta, i, clen)[lo:]  # [L, Hkv, D]
+        v = _seq_kv(v_cache, meta, i, clen)[lo:]
         q = q_THD[starts[i]:starts[i] + qlen].transpose(0, 1)  # [H, Q, D]
         group = H // k.shape[1]
         mask = None

@@ -4,6 +4,11 @@ A sequence owns a block table (list of block ids). A block that is full of compu
 gets a hash chained over every token before it, so another sequence whose prompt starts with
 the same tokens can reuse it (its ref count goes up; nothing is recomputed). Freed blocks keep
 their hash until they are handed out again, so a finished request's prefix can still be hit.
+
+Placement: a new sequence is given a run of free blocks long enough for its expected length
+(a soft reservation others avoid while they can), and grows into the next block when it is
+free. A sequence whose blocks form one contiguous run can have its K/V read as a view of the
+cache, with no gather; any other table still works, through the block table.
 """
 from __future__ import annotations
 
@@ -24,6 +29,13 @@ class BlockTable:
 
     blocks: list[int] = field(default_factory=list)
     num_hashed: int = 0  # leading blocks already registered in the prefix cache
+    reserved: tuple[int, int] | None = None  # soft-reserved block range [start, end)
+
+    @property
+    def contiguous(self) -> bool:
+        """Do the blocks form one run ``b, b+1, ...``? (then K/V are a view of the cache)"""
+        b = self.blocks
+        return bool(b) and b[-1] - b[0] == len(b) - 1 and (len(b) < 3 or b == list(range(b[0], b[0] + len(b))))
 
 
 def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
@@ -41,6 +53,7 @@ class BlockManager:
         # free blocks in eviction order (least recently freed first); a dict keeps O(1) removal
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
+        self.reserved_by: list[int] = [-1] * num_blocks  # id() of the table reserving each block
 
     @property
     def num_free_blocks(self) -> int:
@@ -52,8 +65,11 @@ class BlockManager:
     def can_allocate(self, table: BlockTable, num_tokens: int) -> bool:
         return self.blocks_needed(table, num_tokens) <= self.num_free_blocks
 
-    def _take_free(self) -> int:
-        block_id, _ = self.free.popitem(last=False)
+    def _take_free(self, block_id: int | None = None) -> int:
+        if block_id is None:
+            block_id, _ = self.free.popitem(last=False)
+        else:
+            del self.free[block_id]
         blk = self.blocks[block_id]
         if blk.hash is not None and self.hash_to_block.get(blk.hash) == block_id:
             del self.hash_to_block[blk.hash]
@@ -82,13 +98,58 @@ class BlockManager:
         table.num_hashed = len(table.blocks)
         return len(table.blocks) * bs
 
-    def allocate(self, table: BlockTable, num_tokens: int) -> None:
-        """Grow ``table`` to hold ``num_tokens`` tokens; the caller checked :meth:`can_allocate`."""
+    def allocate(self, table: BlockTable, num_tokens: int, expected_tokens: int = 0) -> None:
+        """Grow ``table`` to hold ``num_tokens`` tokens; the caller checked :meth:`can_allocate`.
+        ``expected_tokens``: how long the sequence will probably grow (sizes its reservation)."""
         need = self.blocks_needed(table, num_tokens)
         if need > self.num_free_blocks:
             raise RuntimeError(f"out of KV blocks: need {need}, {self.num_free_blocks} free")
+        if need and table.reserved is None:
+            want = max(-(-max(expected_tokens, num_tokens) // self.block_size) - len(table.blocks), need)
+            self._reserve(table, want)
         for _ in range(need):
-            table.blocks.append(self._take_free())
+            table.blocks.append(self._take_free(self._next_block(table)))
+
+    def _usable(self, b: int, table: BlockTable) -> bool:
+        owner = self.reserved_by[b]
+        return b in self.free and (owner == -1 or owner == id(table))
+
+    def _next_block(self, table: BlockTable) -> int | None:
+        """The block after the table's last one if it is free and nobody else reserved it;
+        else the first free block of the table's reservation; else any free block."""
+        if table.blocks:
+            nxt = table.blocks[-1] + 1
+            if nxt < self.num_blocks and self._usable(nxt, table):
+                return nxt
+        if table.reserved is not None:
+            for b in range(*table.reserved):
+                if self._usable(b, table):
+                    return b
+        for b in self.free:  # oldest freed first (prefix-cache LRU), skipping others' reservations
+            if self.reserved_by[b] == -1:
+                return b
+        return None
+
+    def _reserve(self, table: BlockTable, want: int) -> None:
+        """First fit: the first run of ``want`` free, unreserved blocks (or the longest run)."""
+        best_start, best_len, start, run = -1, 0, 0, 0
+        for b in range(self.num_blocks):
+            if b in self.free and self.reserved_by[b] == -1:
+                if run == 0:
+                    start = b
+                run += 1
+                if run > best_len:
+                    best_start, best_len = start, run
+                if run >= want:
+                    break
+            else:
+                run = 0
+        if best_len == 0:
+            return
+        end = best_start + min(best_len, want)
+        for b in range(best_start, end):
+            self.reserved_by[b] = id(table)
+        table.reserved = (best_start, end)
 
     def register_full_blocks(self, table: BlockTable, token_ids: list[int], num_computed: int) -> None:
         """Hash the blocks that are now completely computed so later prompts can share them."""
@@ -107,6 +168,11 @@ class BlockManager:
         table.num_hashed = max(table.num_hashed, full)
 
     def free_table(self, table: BlockTable) -> None:
+        if table.reserved is not None:
+            for b in range(*table.reserved):
+                if self.reserved_by[b] == id(table):
+                    self.reserved_by[b] = -1
+            table.reserved = None
         # free in reverse so a sequence's tail blocks are evicted before its shared prefix
         for block_id in reversed(table.blocks):
             blk = self.blocks[block_id]

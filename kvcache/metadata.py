@@ -25,6 +25,8 @@ class AttentionMetadata:
     query_lens_list: tuple[int, ...]
     context_lens_list: tuple[int, ...]
     block_size: int
+    # first block of each sequence whose blocks are one contiguous run (K/V readable as a view), else None
+    contiguous_starts: tuple[int | None, ...] = ()
 
     @property
     def num_seqs(self) -> int:
@@ -54,9 +56,15 @@ class AttentionMetadata:
         max_blocks = max((len(b) for b in block_tables), default=0)
         bt = torch.zeros((len(block_tables), max(max_blocks, 1)), dtype=torch.int32)
         slots: list[int] = []
+        starts: list[int | None] = []
         for i, (q, c, blocks) in enumerate(zip(query_lens, context_lens, block_tables)):
             if blocks:
                 bt[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            used = blocks[: -(-c // block_size)]
+            starts.append(used[0] if used and used == list(range(used[0], used[0] + len(used))) else None)
+            if q == 1:
+                slots.append(blocks[(c - 1) // block_size] * block_size + (c - 1) % block_size)
+                continue
             for pos in range(c - q, c):
                 slots.append(blocks[pos // block_size] * block_size + pos % block_size)
         qsl = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
@@ -70,4 +78,5 @@ class AttentionMetadata:
             query_lens_list=tuple(query_lens),
             context_lens_list=tuple(context_lens),
             block_size=block_size,
+            contiguous_starts=tuple(starts),
         )

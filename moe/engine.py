@@ -152,7 +152,7 @@ class LLMEngine:
         if params.seed is not None:
             gen = torch.Generator()
             gen.manual_seed(params.seed)
-        seq = Sequence(rid, text, ids, params, RequestMetrics(time.perf_counter()), gen)
+        seq = Sequence(rid, text, ids, params, RequestMetrics(time.perf_counter()), gen, expected_len=need)
         self.seqs[rid] = seq
         self.scheduler.add(seq)
         return rid

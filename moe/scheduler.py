@@ -85,7 +85,7 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING:
                 continue
-            self.bm.allocate(seq.block_table, seq.num_computed_tokens + n)
+            self.bm.allocate(seq.block_table, seq.num_computed_tokens + n, seq.expected_len)
             out.append(ScheduledSeq(seq, n))
             budget -= n
         if preempted:
@@ -100,7 +100,7 @@ class Scheduler:
                 self.bm.free_table(seq.block_table)
                 seq.num_computed_tokens = 0
                 break
-            self.bm.allocate(seq.block_table, seq.num_computed_tokens + n)
+            self.bm.allocate(seq.block_table, seq.num_computed_tokens + n, seq.expected_len)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)

@@ -39,6 +39,7 @@ class Sequence:
     prefix_offset: int = 0
     read_offset: int = 0
     num_preemptions: int = 0
+    expected_len: int = 0  # prompt + max_tokens, capped at max_model_len (sizes the KV reservation)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
