@@ -1,0 +1,157 @@
+"""The ``moe`` command line: generate, info (and more as the framework grows).
+
+Flags map onto :class:`moe.config.EngineConfig` and :class:`moe.SamplingParams` fields here,
+in one place.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Fast inference for Mixture-of-Experts language models.")
+
+
+@app.command()
+def generate(
+    prompts: list[str] = typer.Argument(None, help="Prompt text(s); read from stdin when omitted."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint directory (default: embedded model)."),
+    max_tokens: int = typer.Option(64, help="Maximum new tokens per prompt."),
+    temperature: float = typer.Option(0.8, help="0 for greedy."),
+    top_p: float = typer.Option(0.95),
+    top_k: int = typer.Option(0, help="0 disables top-k."),
+    min_p: float = typer.Option(0.0),
+    seed: Optional[int] = typer.Option(None, help="Per-request seed for reproducible sampling."),
+    stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
+    dtype: str = typer.Option("auto", help="auto, bfloat16, float16 or float32."),
+    kv_cache_memory: Optional[str] = typer.Option(None, help="KV cache size, e.g. 2GiB."),
+    max_model_len: Optional[int] = typer.Option(None),
+    chat: bool = typer.Option(False, "--chat", help="Apply the checkpoint's chat template."),
+    stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they are generated."),
+    logprobs: Optional[int] = typer.Option(None, help="Print the top-N log-probs of each token (JSON)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per prompt."),
+    stats: bool = typer.Option(False, "--stats", help="Print TTFT, TPOT and throughput to stderr."),
+) -> None:
+    """Generate text for one or more prompts."""
+    import time
+
+    from . import LLM, SamplingParams
+
+    if not prompts:
+        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    try:
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+                                max_tokens=max_tokens, stop=stop or None, logprobs=logprobs)
+        llm = LLM(model, dtype=dtype, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
+                  load_progress=sys.stderr.isatty())
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if chat:
+        tok = llm.get_tokenizer()
+        try:
+            prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+        except ValueError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+    t0 = time.perf_counter()
+    if stream and not json_out and len(prompts) == 1:
+        outs = []
+        typer.echo(prompts[0], nl=False)
+        for out in llm.generate_stream(prompts, params):
+            if out.error:
+                typer.echo(f"\nerror: {out.error}", err=True)
+                raise typer.Exit(2)
+            typer.echo(out.delta.text if out.delta else "", nl=False)
+            if out.finished:
+                outs.append(out)
+        typer.echo("")
+    else:
+        outs = llm.generate(prompts, params)
+        for out in outs:
+            if out.error:
+                typer.echo(f"error: {out.error}", err=True)
+                continue
+            c = out.outputs[0]
+            if json_out:
+                typer.echo(json.dumps({"prompt": out.prompt, "text": c.text, "token_ids": c.token_ids,
+                                       "finish_reason": c.finish_reason,
+                                       "logprobs": [{str(k): v for k, v in d.items()} for d in c.logprobs]
+                                       if c.logprobs else None}))
+            else:
+                typer.echo(f"{out.prompt}{c.text}")
+                if c.logprobs:
+                    typer.echo(json.dumps([{str(k): round(v, 4) for k, v in d.items()} for d in c.logprobs]))
+    if stats:
+        wall = time.perf_counter() - t0
+        n = sum(len(o.outputs[0].token_ids) for o in outs)
+        for o in outs:
+            m = o.metrics
+            typer.echo(f"ttft={m.ttft or 0:.3f}s tpot={(m.tpot or 0) * 1e3:.1f}ms latency={m.latency or 0:.3f}s "
+                       f"tokens={len(o.outputs[0].token_ids)}", err=True)
+        typer.echo(f"throughput={n / wall:.1f} tok/s over {wall:.2f}s", err=True)
+    if any(o.error for o in outs):
+        raise typer.Exit(1)
+
+
+@app.command()
+def info(model: Optional[str] = typer.Argument(None, help="Checkpoint directory (default: embedded model)."),
+         json_out: bool = typer.Option(False, "--json")) -> None:
+    """Parameters, active parameters per token, experts and memory of a checkpoint (no weights loaded)."""
+    from .config import read_config_json
+    from .llm import default_model_path
+    from .models import parse_config
+    from .params import count_params
+
+    path = model or default_model_path()
+    try:
+        cfg = parse_config(read_config_json(path))
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    counts = count_params(cfg)
+    kv_per_token = _kv_bytes_per_token(cfg)
+    report = {
+        "model": str(path), "architecture": cfg.architecture, "layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+        "experts": cfg.num_experts, "experts_per_token": cfg.top_k,
+        "moe_layers": sum(cfg.sparse_layers), "shared_expert": bool(cfg.shared_expert_intermediate_size),
+        **counts.as_dict(),
+        "weight_bytes": {"bfloat16": 2 * counts.total, "float32": 4 * counts.total},
+        "active_weight_bytes_per_token_bf16": 2 * counts.active,
+        "kv_cache_bytes_per_token_bf16": kv_per_token,
+        "attention": "MLA (latent KV cache)" if cfg.mla else "GQA",
+        "max_position_embeddings": cfg.max_position_embeddings,
+    }
+    if json_out:
+        typer.echo(json.dumps(report))
+        return
+    for k, v in report.items():
+        if isinstance(v, int) and k.endswith("params"):
+            v = f"{v:,} ({v / 1e9:.3f}B)"
+        elif isinstance(v, dict):
+            v = ", ".join(f"{kk}: {_gib(vv)}" for kk, vv in v.items())
+        elif k.endswith("bytes_per_token_bf16"):
+            v = f"{v:,} bytes" if v < 1 << 20 else _gib(v)
+        typer.echo(f"{k:38s} {v}")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _kv_bytes_per_token(cfg) -> int:
+    if cfg.mla:
+        return cfg.num_layers * (cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim) * 2
+    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
