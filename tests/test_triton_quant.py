@@ -1,0 +1,126 @@
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run the kernels on CPU
+
+import pytest
+import torch
+
+from experts.formats import Fp8BlockWeights, Int4Weights, Int8Weights, Mxfp4Weights, WeightFormat
+from experts.grouped import Activation
+from experts.quant_grouped import (DequantWeights, Fp8BitsWeights, Int4TinyGemmWeights, Int8PackWeights,
+                                   grouped_swiglu_quant_torch, prepare_cpu)
+from experts.reference import moe_reference
+from experts.triton_quant import fused_moe_quant_triton
+
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2),
+       torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+# (format, D, F): D and F are not multiples of the 32/64 tiles; int groups and fp8 blocks end
+# short; mxfp4 needs multiples of 32.
+CASES = [
+    (Int8Weights(32), 40, 72),
+    (Int8Weights(64, symmetric=False, scale_dtype=torch.float32), 40, 72),
+    (Int4Weights(32), 40, 72),
+    (Int4Weights(64, symmetric=False), 40, 72),
+    (Fp8BlockWeights(32, 32), 40, 72),
+    (Mxfp4Weights(), 64, 96),
+]
+
+
+def _name(case) -> str:
+    fmt = case[0] if isinstance(case, tuple) else case
+    return "-".join([fmt.name, *map(str, fmt.options().values())])
+
+
+def _make_moe(fmt: WeightFormat, T: int, D: int, F: int, E: int, K: int, dtype: torch.dtype, bias: bool,
+              seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x_TD = torch.randn(T, D, generator=g).to(dtype)
+    w13 = fmt.quantize(torch.randn(E, 2 * F, D, generator=g) * D ** -0.5)
+    w2 = fmt.quantize(torch.randn(E, D, F, generator=g) * F ** -0.5)
+    logits_TE = torch.randn(T, E, generator=g)
+    if E > K + 1:  # ragged routing with guaranteed-empty experts
+        logits_TE[:, 1::3] = float("-inf")
+    topk_weights_TK, topk_ids_TK = logits_TE.softmax(-1).topk(K, dim=-1)
+    b13 = (torch.randn(E, 2 * F, generator=g) * 0.1).to(dtype) if bias else None
+    b2 = (torch.randn(E, D, generator=g) * 0.1).to(dtype) if bias else None
+    return x_TD, w13, w2, topk_weights_TK.to(dtype), topk_ids_TK, b13, b2
+
+
+def _reference(fmt, x, w13, w2, weights, ids, b13=None, b2=None, **act):
+    return moe_reference(x, fmt.dequantize(w13), fmt.dequantize(w2), weights, ids, b13, b2, **act)
+
+
+def _torch_path(fmt, x_TD, w13, w2, weights_TK, ids_TK, E, b13=None, b2=None, act=Activation()):
+    """Dispatch by hand (sort assignments by expert), run the grouped torch path, combine."""
+    T, K = ids_TK.shape
+    order_N = torch.argsort(ids_TK.reshape(-1), stable=True)
+    counts = torch.bincount(ids_TK.reshape(-1), minlength=E).tolist()
+    y_RD = grouped_swiglu_quant_torch(x_TD[order_N // K], counts, w13, w2, fmt, b13, b2, act)
+    y_ND = torch.empty_like(y_RD)
+    y_ND[order_N] = y_RD
+    return (y_ND.float().view(T, K, -1) * weights_TK.float()[..., None]).sum(1).to(x_TD.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("K", [1, 2])
+@pytest.mark.parametrize("case", CASES, ids=_name)
+def test_triton_matches_reference(case, K: int, dtype: torch.dtype):
+    fmt, D, F = case
+    T, E = 9, 5
+    x, w13, w2, weights, ids, _, _ = _make_moe(fmt, T, D, F, E, K, dtype, bias=False)
+    assert ids.unique().numel() < E  # the empty-expert case is really exercised
+    y = fused_moe_quant_triton(x, w13, w2, fmt, weights, ids)
+    assert y.dtype == dtype and y.shape == (T, D)
+    torch.testing.assert_close(y, _reference(fmt, x, w13, w2, weights, ids), **TOL[dtype])
+
+
+@pytest.mark.parametrize("case", [CASES[3], CASES[5]], ids=_name)
+def test_triton_gpt_oss_bias_and_expert_parallel(case):
+    fmt, D, F = case
+    T, E, K = 6, 4, 2
+    x, w13, w2, weights, ids, b13, b2 = _make_moe(fmt, T, D, F, E, K, torch.float32, bias=True, seed=1)
+    act = dict(swiglu_limit=1.0, swiglu_alpha=1.702)  # small limit so clamps bite
+    ids[0] = torch.tensor([0, 3])  # token 0 only uses experts foreign to the middle rank
+    local = lambda p: {k: v[1:3] for k, v in p.items()}  # noqa: E731  (this rank holds experts 1, 2)
+    y = fused_moe_quant_triton(x, local(w13), local(w2), fmt, weights, ids, b13_E2F=b13[1:3], b2_ED=b2[1:3],
+                               expert_start=1, **act)
+    mask = ((ids >= 1) & (ids < 3)).float()
+    ref = _reference(fmt, x, w13, w2, weights * mask, ids, b13, b2, **act)
+    torch.testing.assert_close(y, ref, **TOL[torch.float32])
+    assert torch.equal(y[0], torch.zeros(D))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=_name)
+def test_torch_path_matches_reference(case, dtype: torch.dtype):
+    fmt, D, F = case
+    T, E = 11, 5
+    for K, prepared in ((1, False), (2, True)):
+        x, w13, w2, weights, ids, _, _ = _make_moe(fmt, T, D, F, E, K, dtype, bias=False, seed=K)
+        ref = _reference(fmt, x, w13, w2, weights, ids)
+        if prepared:  # the compute layout built once, as an engine would
+            w13, w2 = prepare_cpu(fmt, w13), prepare_cpu(fmt, w2)
+        y = _torch_path(fmt, x, w13, w2, weights, ids, E)
+        torch.testing.assert_close(y, ref, **TOL[dtype])
+
+
+def test_torch_path_bias_clamp_and_layout_choice():
+    fmt, D, F = Mxfp4Weights(), 64, 96
+    x, w13, w2, weights, ids, b13, b2 = _make_moe(fmt, 7, D, F, 4, 2, torch.float32, bias=True, seed=3)
+    act = Activation(limit=1.0, alpha=1.702)
+    y = _torch_path(fmt, x, w13, w2, weights, ids, 4, b13, b2, act)
+    ref = _reference(fmt, x, w13, w2, weights, ids, b13, b2, swiglu_limit=1.0, swiglu_alpha=1.702)
+    torch.testing.assert_close(y, ref, **TOL[torch.float32])
+    # Which compute layout each format gets; w2 of D=40 rows is no multiple of 16 -> tinygemm can't pack it.
+    shapes = {"w13": (3, 144, 40), "w2": (3, 40, 72)}
+    expected = {
+        Int8Weights(32): (Int8PackWeights, Int8PackWeights),
+        Int4Weights(32): (Int4TinyGemmWeights, DequantWeights),
+        Fp8BlockWeights(): (Fp8BitsWeights, Fp8BitsWeights),
+    }
+    for fmt, classes in expected.items():
+        got = tuple(type(prepare_cpu(fmt, fmt.quantize(torch.randn(s)))) for s in shapes.values())
+        assert got == classes, fmt.name
+    assert isinstance(prepare_cpu(Mxfp4Weights(), Mxfp4Weights().quantize(torch.randn(2, 32, 64))),
+                      Int4TinyGemmWeights)
