@@ -149,6 +149,11 @@ def _kv_bytes_per_token(cfg) -> int:
     return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
 
 
+from .cli_parallel import register  # noqa: E402  (plan and launch live beside the parallel code)
+
+register(app)
+
+
 def main() -> None:
     app()
 

@@ -1,7 +1,8 @@
 """Parallelism: process-group state, tensor-parallel layers and token dispatchers."""
-from .dispatch import DispatchMeta, LocalDispatcher
+from .dispatch import AllGatherDispatcher, AllToAllDispatcher, DispatchMeta, LocalDispatcher, make_ep_dispatcher
 from .layers import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, ReplicatedLinear, RowParallelLinear,
                      VocabParallelEmbedding, default_weight_loader)
+from .sharding import ShardingConfig, expert_placement, load_sharding, placement_from_counts
 from .state import (ParallelState, get_ep_rank, get_ep_size, get_parallel_state, get_tp_rank, get_tp_size,
                     init_single_process, set_parallel_state)
 
@@ -10,5 +11,6 @@ __all__ = [
     "get_tp_rank", "get_tp_size", "get_ep_rank", "get_ep_size",
     "ColumnParallelLinear", "QKVParallelLinear", "RowParallelLinear", "ReplicatedLinear",
     "VocabParallelEmbedding", "ParallelLMHead", "default_weight_loader",
-    "LocalDispatcher", "DispatchMeta",
+    "LocalDispatcher", "DispatchMeta", "AllToAllDispatcher", "AllGatherDispatcher", "make_ep_dispatcher",
+    "ShardingConfig", "load_sharding", "expert_placement", "placement_from_counts",
 ]

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .sharding import PhysicalPlacement
+from .sharding import PhysicalPlacement, ShardingConfig
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class AllToAllDispatcher:
     dispatch: route each assignment to (rank, slot); sort by (rank, slot); exchange the
     per-(rank, slot) row counts (one small all-to-all, so every rank knows its split sizes);
     send the rows; sort the received rows by local slot. combine: undo the local sort, send the
-    rows back, and sum them into their tokens weighted by the router (float32).
+    rows back, and sum them into their tokens weighted by the router.
 
     Worked example (2 ranks, 4 experts, slots [[0, 1], [2, 3]], K=2).
     Rank 0 has ids_TK = [[2, 0], [1, 3]]: assignments a = 0..3 go to (rank, slot)
@@ -174,9 +174,11 @@ class AllToAllDispatcher:
         else:
             y_sent = y_RD.new_empty(sum(meta.send_splits), y_RD.shape[1])
             dist.all_to_all_single(y_sent, y_recv, meta.send_splits, meta.recv_splits, group=self.group)
-        y_TD = torch.zeros(meta.num_tokens, y_RD.shape[1], dtype=torch.float32, device=y_RD.device)
-        y_TD.index_add_(0, meta.token_A, y_sent.float() * meta.weights_A.unsqueeze(1))
-        return y_TD.to(y_RD.dtype)
+        # weighted and summed in the activation dtype, like LocalDispatcher: with one rank the
+        # rows arrive in the same order, so the result is bit-identical to it
+        y_sent = y_sent * meta.weights_A.to(y_sent.dtype).unsqueeze(1)
+        y_TD = torch.zeros(meta.num_tokens, y_RD.shape[1], dtype=y_sent.dtype, device=y_RD.device)
+        return y_TD.index_add_(0, meta.token_A, y_sent)
 
 
 @dataclass(frozen=True)
@@ -246,8 +248,10 @@ class AllGatherDispatcher:
 
     def combine(self, y_RD: torch.Tensor, meta: AllGatherMeta) -> torch.Tensor:
         P, D = self.placement.ep_size, y_RD.shape[1]
+        # weighted in the activation dtype like LocalDispatcher, but summed in float32: the
+        # reduce-scatter adds partial sums of every rank and would round at each step
         y_GD = torch.zeros(P * meta.max_tokens, D, dtype=torch.float32, device=y_RD.device)
-        y_GD.index_add_(0, meta.token_R, y_RD.float() * meta.weights_R.unsqueeze(1))
+        y_GD.index_add_(0, meta.token_R, (y_RD * meta.weights_R.to(y_RD.dtype).unsqueeze(1)).float())
         if P == 1:
             return y_GD[: meta.num_tokens].to(y_RD.dtype)
         y_TD = torch.empty(meta.max_tokens, D, dtype=torch.float32, device=y_RD.device)
@@ -259,3 +263,11 @@ def _reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGro
     # reduce_scatter_tensor was renamed reduce_scatter_single in recent torch releases
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     fn(out, inp, group=group)
+
+
+def make_ep_dispatcher(sharding: ShardingConfig, num_experts: int,
+                       group: dist.ProcessGroup | None = None) -> AllToAllDispatcher | AllGatherDispatcher:
+    """The dispatcher ``sharding.dispatcher`` names, over ``sharding``'s expert placement."""
+    placement = sharding.physical_placement(num_experts)
+    cls = AllGatherDispatcher if sharding.dispatcher == "all_gather" else AllToAllDispatcher
+    return cls(placement, group)
