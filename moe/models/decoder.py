@@ -65,7 +65,8 @@ class MoECausalLM(nn.Module):
         return self.norm(h)
 
     def compute_logits(self, h_ND: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h_ND).float()
+        # contiguous: the few-row GEMM path returns a transposed view, slow for the row-wise ops after
+        return self.lm_head(h_ND).float().contiguous()
 
     def kv_cache_spec(self) -> list[KVCacheSpec]:
         cfg = self.cfg
