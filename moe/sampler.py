@@ -59,7 +59,7 @@ class Sampler:
                 logits_BV[i, ban] = float("-inf")
         want_lp = [p.logprobs is not None for p in params]
         raw_lp = torch.log_softmax(logits_BV, dim=-1) if any(want_lp) else None
-        tokens = logits_BV.argmax(dim=-1)
+        tokens = logits_BV.max(dim=-1).indices  # (faster than argmax on CPU; same first-index ties)
         rand = [i for i, p in enumerate(params) if not p.greedy]
         if rand:
             idx = torch.tensor(rand)
@@ -76,7 +76,7 @@ class Sampler:
             noise = torch.empty_like(probs)
             for row, i in enumerate(rand):
                 noise[row].exponential_(generator=generators[i] or self.generator)
-            tokens[idx] = (probs / noise).argmax(dim=-1)
+            tokens[idx] = (probs / noise).max(dim=-1).indices
         token_list = tokens.tolist()
         lps: list[dict[int, float] | None] = [
             top_logprobs(raw_lp[i], token_list[i], params[i].logprobs) if want_lp[i] else None
