@@ -110,40 +110,36 @@ class BlockManager:
         for _ in range(need):
             table.blocks.append(self._take_free(self._next_block(table)))
 
-    def _usable(self, b: int, table: BlockTable) -> bool:
+    def _usable(self, b: int, table: BlockTable, clean_only: bool) -> bool:
         owner = self.reserved_by[b]
-        return b in self.free and (owner == -1 or owner == id(table))
+        return (b in self.free and (owner == -1 or owner == id(table))
+                and not (clean_only and self.blocks[b].hash is not None))
 
     def _next_block(self, table: BlockTable) -> int | None:
         """The block after the table's last one if it is free and nobody else reserved it;
-        else the first free block of the table's reservation; else any free block."""
-        if table.blocks:
-            nxt = table.blocks[-1] + 1
-            if nxt < self.num_blocks and self._usable(nxt, table):
-                return nxt
-        if table.reserved is not None:
-            for b in range(*table.reserved):
-                if self._usable(b, table):
+        else the first free block of the table's reservation; else any free block. Blocks
+        still holding a cached prefix are taken only when no clean block is left, oldest first."""
+        for clean_only in (True, False):
+            if table.blocks:
+                nxt = table.blocks[-1] + 1
+                if nxt < self.num_blocks and self._usable(nxt, table, clean_only):
+                    return nxt
+            if table.reserved is not None:
+                for b in range(*table.reserved):
+                    if self._usable(b, table, clean_only):
+                        return b
+            for b in self.free:  # oldest freed first (prefix-cache LRU), skipping others' reservations
+                if self.reserved_by[b] == -1 and not (clean_only and self.blocks[b].hash is not None):
                     return b
-        for b in self.free:  # oldest freed first (prefix-cache LRU), skipping others' reservations
-            if self.reserved_by[b] == -1:
-                return b
         return None
 
     def _reserve(self, table: BlockTable, want: int) -> None:
-        """First fit: the first run of ``want`` free, unreserved blocks (or the longest run)."""
-        best_start, best_len, start, run = -1, 0, 0, 0
-        for b in range(self.num_blocks):
-            if b in self.free and self.reserved_by[b] == -1:
-                if run == 0:
-                    start = b
-                run += 1
-                if run > best_len:
-                    best_start, best_len = start, run
-                if run >= want:
-                    break
-            else:
-                run = 0
+        """First fit: the first run of ``want`` free, unreserved blocks holding no cached prefix
+        (else the longest such run; else the longest run that may evict cached blocks)."""
+        for clean_only in (True, False):
+            best_start, best_len = self._longest_run(want, clean_only)
+            if best_len:
+                break
         if best_len == 0:
             return
         end = best_start + min(best_len, want)
@@ -166,6 +162,21 @@ class BlockManager:
             blk.hash = h
             self.hash_to_block.setdefault(h, blk.block_id)
         table.num_hashed = max(table.num_hashed, full)
+
+    def _longest_run(self, want: int, clean_only: bool) -> tuple[int, int]:
+        best_start, best_len, start, run = -1, 0, 0, 0
+        for b in range(self.num_blocks):
+            if b in self.free and self.reserved_by[b] == -1 and not (clean_only and self.blocks[b].hash is not None):
+                if run == 0:
+                    start = b
+                run += 1
+                if run > best_len:
+                    best_start, best_len = start, run
+                if run >= want:
+                    break
+            else:
+                run = 0
+        return best_start, best_len
 
     def free_table(self, table: BlockTable) -> None:
         if table.reserved is not None:

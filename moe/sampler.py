@@ -29,7 +29,7 @@ def apply_filters(logits_BV: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     # top-p: drop a token when the mass before it already reaches top_p (the first token always stays)
     mass_before = probs.cumsum(-1) - probs
-    drop |= mass_before >= top_p.unsqueeze(1)
+    drop |= (mass_before >= top_p.unsqueeze(1)) & (top_p.unsqueeze(1) < 1)  # top_p = 1 is off, even at fp32 rounding
     drop |= probs < (min_p.unsqueeze(1) * probs[:, :1])
     drop[:, 0] = False
     mask = torch.zeros_like(drop).scatter_(1, order, drop)
@@ -54,11 +54,13 @@ class Sampler:
     def __call__(self, logits_BV: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None], banned: list[list[int]]) -> SampleResult:
         logits_BV = logits_BV.float()
-        for i, ban in enumerate(banned):
-            if ban:
-                logits_BV[i, ban] = float("-inf")
         want_lp = [p.logprobs is not None for p in params]
-        raw_lp = torch.log_softmax(logits_BV, dim=-1) if any(want_lp) else None
+        raw_lp = torch.log_softmax(logits_BV, dim=-1) if any(want_lp) else None  # before any ban or filter
+        if any(banned):
+            logits_BV = logits_BV.clone()
+            for i, ban in enumerate(banned):
+                if ban:
+                    logits_BV[i, ban] = float("-inf")
         tokens = logits_BV.max(dim=-1).indices  # (faster than argmax on CPU; same first-index ties)
         rand = [i for i, p in enumerate(params) if not p.greedy]
         if rand:

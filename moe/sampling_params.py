@@ -26,6 +26,14 @@ class SamplingParams:
         def bad(field_: str, value, need: str) -> ValueError:
             return ValueError(f"SamplingParams.{field_}={value!r} is invalid: {need}")
 
+        for name in ("temperature", "top_p", "min_p"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+                raise bad(name, getattr(self, name), "must be a number")
+        for name in ("top_k", "min_tokens"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise bad(name, getattr(self, name), "must be an integer")
+        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)):
+            raise bad("max_tokens", self.max_tokens, "must be an integer or None")
         if self.temperature < 0:
             raise bad("temperature", self.temperature, "must be >= 0 (0 means greedy)")
         if not 0 < self.top_p <= 1:

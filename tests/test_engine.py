@@ -1,0 +1,596 @@
+"""Engine behaviour end to end on tiny checkpoints: continuous batching, preemption, chunked
+prefill, prefix caching, streaming, stop conditions, seeded sampling and metrics. Outputs under
+every scheduling condition must equal the outputs of each request run alone."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe import LLM, SamplingParams
+
+
+FAMILY = "qwen3_moe"
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 320, (n,), generator=g).tolist()
+
+
+def _write_tokenizer(d: Path, overrides: dict[int, str] | None = None) -> None:
+    """A word-level tokenizer over the tiny vocabulary: token i <-> "aNNN" (0-2 are special), so
+    that no token's text is a substring of another's and every decoded text is predictable.
+    ``overrides`` gives some ids another text."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({(overrides or {}).get(i, f"a{i:03d}"): i for i in range(3, 320)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<pad>", "<s>", "</s>")])
+    tok.save(str(d / "tokenizer.json"))
+
+
+def _text(ids: list[int]) -> str:
+    """What the tokenizer decodes ``ids`` to (special tokens 0-2 skipped)."""
+    return " ".join(f"a{i:03d}" for i in ids if i > 2)
+
+
+@pytest.fixture(scope="module")
+def path(checkpoint):
+    return checkpoint(FAMILY)
+
+
+@pytest.fixture(scope="module")
+def tok_path(path, tmp_path_factory):
+    d = tmp_path_factory.mktemp("with_tokenizer")
+    for f in path.iterdir():
+        shutil.copy(f, d / f.name)
+    _write_tokenizer(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def llm(tok_path):
+    return LLM(str(tok_path), dtype="float32", block_size=4)
+
+
+@pytest.fixture(scope="module")
+def ref(path):
+    """Runs each request alone, with no prefix cache: the reference every scheduling must match."""
+    return LLM(str(path), dtype="float32", block_size=4, enable_prefix_caching=False)
+
+
+def _alone(engine: LLM, prompt, params: SamplingParams):
+    return engine.generate(prompt, params)[0]
+
+
+def _ids(p: list[int]) -> dict:
+    return {"prompt_token_ids": p}
+
+
+def _same_output(got, want, where: str = "", text: bool = True) -> None:
+    g, w = got.outputs[0], want.outputs[0]
+    assert got.error is None and want.error is None
+    assert g.token_ids == w.token_ids, f"{where}: tokens differ"
+    assert g.finish_reason == w.finish_reason and g.stop_reason == w.stop_reason, where
+    if text:
+        assert g.text == w.text, where
+    for name, a, b in (("logprobs", g.logprobs, w.logprobs), ("prompt_logprobs", got.prompt_logprobs,
+                                                               want.prompt_logprobs)):
+        assert (a is None) == (b is None), f"{where}: {name}"
+        if a is None:
+            continue
+        assert len(a) == len(b), f"{where}: {name}"
+        for x, y in zip(a, b):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert x.keys() == y.keys(), f"{where}: {name} keys"
+                for t in x:
+                    assert abs(x[t] - y[t]) < 1e-4, f"{where}: {name} of token {t}"
+
+
+def _requests():
+    """Six requests of different lengths and limits: greedy, seeded sampling, log-probs."""
+    lengths = [2, 5, 8, 13, 21, 34]
+    max_tokens = [12, 3, 20, 7, 16, 1]
+    prompts = [_ids(_prompt(n, 100 + n)) for n in lengths]
+    params = []
+    for i, m in enumerate(max_tokens):
+        if i in (1, 4):
+            params.append(SamplingParams(temperature=0.8, top_p=0.95, seed=1000 + i, max_tokens=m, ignore_eos=True))
+        else:
+            params.append(SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, logprobs=2,
+                                         prompt_logprobs=1 if i == 3 else None))
+    return prompts, params
+
+
+def _engine_idle(llm: LLM) -> None:
+    """Nothing left behind: every block free and unreserved, no sequences tracked."""
+    e = llm.engine
+    assert not e.has_unfinished_requests()
+    assert e.seqs == {}
+    bm = e.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    assert all(b.ref_count == 0 for b in bm.blocks)
+    assert all(r == -1 for r in bm.reserved_by)
+
+
+# ---- continuous batching --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"])
+def test_batched_requests_equal_each_request_alone(family, checkpoint):
+    p = checkpoint(family)
+    alone_llm = LLM(str(p), dtype="float32", block_size=4, enable_prefix_caching=False)
+    batch_llm = LLM(str(p), dtype="float32", block_size=4)
+    prompts, params = _requests()
+    want = [_alone(alone_llm, q, sp) for q, sp in zip(prompts, params)]
+    got = batch_llm.generate(prompts, params)
+    assert [o.prompt_token_ids for o in got] == [q["prompt_token_ids"] for q in prompts]
+    for i, (g, w) in enumerate(zip(got, want)):
+        _same_output(g, w, f"{family} request {i}")
+        assert len(g.outputs[0].token_ids) == params[i].max_tokens
+        assert g.finished and g.outputs[0].finish_reason == "length"
+    _engine_idle(batch_llm)
+
+
+@pytest.mark.parametrize("budget", [1, 3, 8])
+def test_chunked_prefill_gives_identical_outputs(path, ref, budget):
+    chunked = LLM(str(path), dtype="float32", block_size=4, max_num_batched_tokens=budget)
+    prompts, params = _requests()
+    want = [_alone(ref, q, sp) for q, sp in zip(prompts, params)]
+    steps = []
+    orig = chunked.engine.scheduler.schedule
+
+    def schedule():
+        b = orig()
+        steps.append(b.num_tokens)
+        return b
+
+    chunked.engine.scheduler.schedule = schedule
+    got = chunked.generate(prompts, params)
+    for i, (g, w) in enumerate(zip(got, want)):
+        _same_output(g, w, f"budget {budget} request {i}")
+    assert max(steps) <= budget
+    _engine_idle(chunked)
+
+
+def test_max_num_seqs_caps_the_running_batch(path, ref):
+    capped = LLM(str(path), dtype="float32", block_size=4, max_num_seqs=2)
+    sizes = []
+    orig = capped.engine.scheduler.schedule
+
+    def schedule():
+        b = orig()
+        sizes.append(len(b.seqs))
+        return b
+
+    capped.engine.scheduler.schedule = schedule
+    prompts, params = _requests()
+    got = capped.generate(prompts, params)
+    for i, (g, q, sp) in enumerate(zip(got, prompts, params)):
+        _same_output(g, _alone(ref, q, sp), f"request {i}")
+    assert max(sizes) == 2
+    _engine_idle(capped)
+
+
+# ---- preemption ---------------------------------------------------------------------------------
+
+
+def _run_engine(llm: LLM, prompts, params):
+    """Drive the engine directly, keeping the Sequence objects to inspect afterwards."""
+    e = llm.engine
+    rids = [e.add_request(q, sp) for q, sp in zip(prompts, params)]
+    seqs = [e.seqs[r] for r in rids]
+    done = {}
+    preempted_steps = 0
+    orig = e.scheduler.schedule
+
+    def schedule():
+        nonlocal preempted_steps
+        b = orig()
+        preempted_steps += b.num_preempted > 0
+        return b
+
+    e.scheduler.schedule = schedule
+    try:
+        for _ in range(10000):
+            if not e.has_unfinished_requests():
+                break
+            for out in e.step():
+                if out.finished:
+                    assert out.request_id not in done
+                    done[out.request_id] = out
+    finally:
+        del e.scheduler.schedule
+    assert not e.has_unfinished_requests(), "the engine did not finish"
+    return [done[r] for r in rids], seqs, preempted_steps
+
+
+@pytest.mark.parametrize("budget", [2048, 8])
+def test_preemption_under_a_tiny_kv_cache_changes_no_output(path, ref, budget):
+    block = 4
+    per_token = ref.engine.kv_bytes_per_token()
+    # 12 blocks = 48 tokens: each request needs up to 32, so about 1.5 sequences fit
+    tight = LLM(str(path), dtype="float32", block_size=block, kv_cache_memory=per_token * block * 12,
+                max_num_batched_tokens=budget)
+    assert tight.engine.block_manager.num_blocks == 12
+    prompts = [_ids(_prompt(n, 300 + n)) for n in (10, 12, 9, 11, 7)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=1),
+        SamplingParams(temperature=1.0, seed=5, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, prompt_logprobs=2),
+        SamplingParams(temperature=0.7, top_k=20, seed=9, max_tokens=20, ignore_eos=True, logprobs=0),
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+    ]
+    want = [_alone(ref, q, sp) for q, sp in zip(prompts, params)]
+    got, seqs, preempted_steps = _run_engine(tight, prompts, params)
+    assert sum(s.num_preemptions for s in seqs) > 0 and preempted_steps > 0, "no preemption happened"
+    for i, (g, w) in enumerate(zip(got, want)):
+        _same_output(g, w, f"request {i}")
+        assert len(g.outputs[0].token_ids) == params[i].max_tokens
+    _engine_idle(tight)
+
+
+# ---- prefix caching -----------------------------------------------------------------------------
+
+
+def _record_starts(llm: LLM, monkeypatch) -> dict[str, int]:
+    """request id -> the first scheduled position (tokens reused from the prefix cache)."""
+    first: dict[str, int] = {}
+    orig = llm.engine.scheduler.schedule
+
+    def schedule():
+        b = orig()
+        for s in b.seqs:
+            first.setdefault(s.seq.request_id, s.start)
+        return b
+
+    monkeypatch.setattr(llm.engine.scheduler, "schedule", schedule)
+    return first
+
+
+SHARED = _prompt(26, 77)
+
+
+def test_prefix_caching_reuses_blocks_and_changes_no_output(path, ref, monkeypatch):
+    cached = LLM(str(path), dtype="float32", block_size=4)
+    starts = _record_starts(cached, monkeypatch)
+    a = _ids(SHARED + _prompt(5, 78))
+    b = _ids(SHARED + _prompt(7, 79))
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
+    out_a = cached.generate(a, sp)[0]
+    assert starts[out_a.request_id] == 0
+    _same_output(out_a, _alone(ref, a, sp), "first")
+    # the identical prompt again: every full block before the last token is reused
+    again = cached.generate(a, sp)[0]
+    assert starts[again.request_id] == 28
+    _same_output(again, out_a, "repeat")
+    out_b = cached.generate(b, sp)[0]
+    assert starts[out_b.request_id] == 24, "the second request did not reuse the 6 shared full blocks"
+    _same_output(out_b, _alone(ref, b, sp), "second")
+    # a request wanting prompt log-probs computes its whole prompt even when it is cached
+    sp_lp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=2)
+    lp = cached.generate(b, sp_lp)[0]
+    assert starts[lp.request_id] == 0
+    _same_output(lp, _alone(ref, b, sp_lp), "prompt logprobs")
+    # several sharers in one call, next to an unrelated request
+    c = _ids(SHARED + _prompt(3, 80))
+    many = cached.generate([c, _ids(_prompt(9, 81)), b], sp)
+    assert starts[many[0].request_id] == 24  # its 7th block differs from every earlier prompt's
+    assert starts[many[2].request_id] >= 24  # b ran before: at least the shared prefix is reused
+    for got, q in zip(many, [c, _ids(_prompt(9, 81)), b]):
+        _same_output(got, _alone(ref, q, sp), "batch")
+    _engine_idle(cached)
+
+
+def test_cached_prefix_survives_an_unrelated_request_in_between(path, monkeypatch):
+    """With hundreds of never-used blocks free, an unrelated request must not evict a finished
+    request's cached prefix (blocks are meant to be evicted oldest-freed first)."""
+    cached = LLM(str(path), dtype="float32", block_size=4)
+    assert cached.engine.block_manager.num_blocks > 100
+    starts = _record_starts(cached, monkeypatch)
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    cached.generate(_ids(SHARED + [5]), sp)
+    cached.generate(_ids(_prompt(30, 91)), sp)
+    out = cached.generate(_ids(SHARED + [6]), sp)[0]
+    assert starts[out.request_id] == 24
+
+
+# ---- streaming ----------------------------------------------------------------------------------
+
+
+def _stream(llm: LLM, prompts, params):
+    pieces: dict[str, list] = {}
+    finals = {}
+    for out in llm.generate_stream(prompts, params):
+        assert out.request_id not in finals, "an increment after the final one"
+        d = out.delta
+        assert d is not None
+        texts, ids = pieces.setdefault(out.request_id, ([], []))
+        texts.append(d.text)
+        ids.extend(d.token_ids)
+        # the running totals agree with the output's cumulative view at every increment
+        assert out.outputs[0].token_ids == ids
+        if out.finished:
+            finals[out.request_id] = out
+    return pieces, finals
+
+
+def test_streaming_deltas_concatenate_to_the_final_output(llm):
+    prompts = ["a005 a017 a033", "a101 a102 a103 a104 a105 a106 a107", _ids(_prompt(12, 5))]
+    params = [SamplingParams(temperature=0, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=3, max_tokens=14, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)]
+    pieces, finals = _stream(llm, prompts, params)
+    want = llm.generate(prompts, params)
+    assert len(finals) == 3
+    for w in want:
+        rid = next(r for r, f in finals.items() if f.prompt_token_ids == w.prompt_token_ids)
+        f = finals[rid]
+        texts, ids = pieces[rid]
+        assert ids == f.outputs[0].token_ids == w.outputs[0].token_ids
+        assert "".join(texts) == f.outputs[0].text == w.outputs[0].text
+        assert f.outputs[0].text == " " + _text(ids)
+        assert len(texts) == len(ids)  # one increment per generated token
+
+
+def test_streaming_deltas_concatenate_to_the_final_text_with_a_stop_string(llm):
+    prompt = "a005 a017 a033 a040"
+    base = _alone(llm, prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)).outputs[0]
+    k, tok = _first_new_token(base.token_ids, start=2)
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=_text([tok]))
+    pieces, finals = _stream(llm, [prompt], [sp])
+    (rid, final), = finals.items()
+    assert final.outputs[0].finish_reason == "stop" and final.outputs[0].token_ids == base.token_ids[:k + 1]
+    assert final.outputs[0].text == base.text[:base.text.index(_text([tok]))]
+    assert "".join(pieces[rid][0]) == final.outputs[0].text, "streamed text includes the stop string"
+
+
+# ---- stop conditions ----------------------------------------------------------------------------
+
+STOP_PROMPT = "a011 a222 a033 a144 a055 a266"
+
+
+def _first_new_token(tokens: list[int], start: int) -> tuple[int, int]:
+    """The first index >= start whose token did not occur before it (and its token); special
+    tokens (0-2, skipped when decoding) are passed over."""
+    for k in range(start, len(tokens)):
+        if tokens[k] > 2 and tokens[k] not in tokens[:k]:
+            return k, tokens[k]
+    raise AssertionError(f"greedy output {tokens} has no new token after index {start}: pick another prompt")
+
+
+@pytest.fixture(scope="module")
+def base(llm):
+    """The unconstrained greedy continuation of STOP_PROMPT."""
+    return _alone(llm, STOP_PROMPT, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)).outputs[0]
+
+
+def test_max_tokens_and_ignore_eos_finish_by_length(llm, base):
+    for m in (1, 7):
+        out = _alone(llm, STOP_PROMPT, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)).outputs[0]
+        assert out.token_ids == base.token_ids[:m] and out.finish_reason == "length" and out.stop_reason is None
+        assert out.text == " " + _text(base.token_ids[:m])
+
+
+def test_max_model_len_caps_generation(tok_path, base):
+    capped = LLM(str(tok_path), dtype="float32", block_size=4, max_model_len=12)
+    out = _alone(capped, STOP_PROMPT, SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)).outputs[0]
+    assert out.token_ids == base.token_ids[:6] and out.finish_reason == "length"
+
+
+def test_stop_token_ids(llm, base):
+    k, tok = _first_new_token(base.token_ids, start=3)
+    out = _alone(llm, STOP_PROMPT, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                                                  stop_token_ids=[999, tok])).outputs[0]
+    assert out.token_ids == base.token_ids[:k + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == tok
+
+
+def test_logprobs_stay_raw_while_min_tokens_bans_stop_tokens(llm):
+    """Sampled log-probs are the model's raw distribution (moe/sampler.py: "before temperature and
+    filtering"): banning stop tokens before min_tokens must change which tokens may be drawn, not
+    the reported log-probs."""
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=3)
+    plain = _alone(llm, STOP_PROMPT, sp).outputs[0]
+    # a likely runner-up at the first step that is never the greedy choice in these 4 steps
+    lp0 = plain.logprobs[0]
+    banned = next(t for t in sorted(lp0, key=lp0.get, reverse=True) if t not in plain.token_ids)
+    # p > 2.5e-3: banning it would shift every log-prob by more than 20x the tolerance below
+    assert lp0[banned] > -6.0, "the banned token must carry real probability mass for this test to bite"
+    sp_min = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=3, min_tokens=4,
+                            stop_token_ids=[banned])
+    out = _alone(llm, STOP_PROMPT, sp_min).outputs[0]
+    assert out.token_ids == plain.token_ids
+    for i, (a, b) in enumerate(zip(out.logprobs, plain.logprobs)):
+        tok = plain.token_ids[i]
+        assert abs(a[tok] - b[tok]) < 1e-4, f"step {i}: chosen token log-prob {a[tok]} vs raw {b[tok]}"
+
+
+def test_stop_token_ids_are_banned_before_min_tokens(llm, base):
+    k, tok = _first_new_token(base.token_ids, start=2)
+    m = k + 3
+    out = _alone(llm, STOP_PROMPT, SamplingParams(temperature=0, max_tokens=30, min_tokens=m, ignore_eos=True,
+                                                  stop_token_ids=[tok])).outputs[0]
+    assert out.token_ids[:k] == base.token_ids[:k]
+    assert tok not in out.token_ids[:m]
+    assert len(out.token_ids) > m
+    if out.finish_reason == "stop":
+        assert out.token_ids[-1] == tok and out.stop_reason == tok
+    else:
+        assert out.finish_reason == "length" and len(out.token_ids) == 30
+
+
+def test_stop_string_spanning_two_tokens(llm, base):
+    k, _ = _first_new_token(base.token_ids, start=3)
+    stop = _text(base.token_ids[k:k + 2])
+    assert " " in stop and base.text.index(stop) == base.text.index(_text([base.token_ids[k]]))
+    out = _alone(llm, STOP_PROMPT, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=stop)).outputs[0]
+    assert out.token_ids == base.token_ids[:k + 2]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == base.text[:base.text.index(stop)]
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_string_truncates_text(llm, base, include):
+    k, tok = _first_new_token(base.token_ids, start=3)
+    stop = _text([tok])
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=["a999", stop],
+                        include_stop_str_in_output=include)
+    out = _alone(llm, STOP_PROMPT, sp).outputs[0]
+    assert out.token_ids == base.token_ids[:k + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    idx = base.text.index(stop)
+    assert out.text == (base.text[:idx + len(stop)] if include else base.text[:idx])
+
+
+def test_stop_string_seen_before_min_tokens_does_not_stop_later(llm, base):
+    """Stop strings count only from min_tokens on (vLLM): an occurrence in text generated before
+    min_tokens must not end the request at min_tokens nor cut the text back to it."""
+    k, tok = _first_new_token(base.token_ids, start=1)
+    m = k + 3  # well within the engine's 64-character look-back
+    stop = _text([tok])
+    sp = SamplingParams(temperature=0, max_tokens=40, min_tokens=m, ignore_eos=True, stop=stop)
+    out = _alone(llm, STOP_PROMPT, sp).outputs[0]
+    later = [j for j in range(m - 1, 40) if base.token_ids[j] == tok]
+    if later:  # the next occurrence at or after min_tokens ends it
+        j = later[0]
+        assert out.token_ids == base.token_ids[:j + 1] and out.finish_reason == "stop"
+        head = _alone(llm, STOP_PROMPT, SamplingParams(temperature=0, max_tokens=j, ignore_eos=True)).outputs[0]
+        assert out.text == base.text[:base.text.index(stop, len(head.text))]
+    else:
+        assert out.token_ids == base.token_ids and out.finish_reason == "length"
+        assert out.text == base.text
+
+
+def test_stop_string_at_the_start_of_a_long_token(path, base, tmp_path):
+    """A token whose text is long (runs of spaces or '=' are common in real vocabularies) must not
+    hide a stop string at its start: the search has to cover all of the newly produced text."""
+    k, tok = _first_new_token(base.token_ids, start=3)
+    long_text = "zz" + "y" * 70
+    for f in path.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    _write_tokenizer(tmp_path, {tok: long_text})
+    llm = LLM(str(tmp_path), dtype="float32", block_size=4)
+    assert llm.get_tokenizer().encode(STOP_PROMPT) == [11, 222, 33, 144, 55, 266]  # the prompt is unchanged
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop="zz")
+    out = _alone(llm, STOP_PROMPT, sp).outputs[0]
+    assert out.token_ids == base.token_ids[:k + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == "zz"
+    assert out.text == base.text[:base.text.index(_text([tok]))]
+
+
+@pytest.fixture(scope="module")
+def eos_setup(path, tmp_path_factory, ref):
+    """A copy of the checkpoint whose EOS id is a token the greedy continuation produces."""
+    prompt = _ids(_prompt(6, 55))
+    tokens = _alone(ref, prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)).outputs[0].token_ids
+    k, eos = _first_new_token(tokens, start=3)
+    d = tmp_path_factory.mktemp("eos")
+    for f in path.iterdir():
+        shutil.copy(f, d / f.name)
+    for name in ("config.json", "generation_config.json"):
+        if (d / name).is_file():
+            cfg = json.loads((d / name).read_text())
+            cfg["eos_token_id"] = eos
+            (d / name).write_text(json.dumps(cfg))
+    llm = LLM(str(d), dtype="float32", block_size=4)
+    assert llm.engine.eos_ids == (eos,)
+    return llm, prompt, tokens, k, eos
+
+
+def test_eos_stops_unless_ignored(eos_setup):
+    llm, prompt, tokens, k, eos = eos_setup
+    out = _alone(llm, prompt, SamplingParams(temperature=0, max_tokens=30)).outputs[0]
+    assert out.token_ids == tokens[:k + 1] and out.finish_reason == "stop" and out.stop_reason is None
+    out = _alone(llm, prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)).outputs[0]
+    assert out.token_ids == tokens and out.finish_reason == "length"
+
+
+def test_eos_is_banned_before_min_tokens(eos_setup):
+    llm, prompt, tokens, k, eos = eos_setup
+    m = k + 2
+    out = _alone(llm, prompt, SamplingParams(temperature=0, max_tokens=30, min_tokens=m)).outputs[0]
+    assert out.token_ids[:k] == tokens[:k] and eos not in out.token_ids[:m] and len(out.token_ids) > m
+    assert out.finish_reason in ("stop", "length")
+    if out.finish_reason == "stop":
+        assert out.token_ids[-1] == eos
+
+
+# ---- seeded sampling ----------------------------------------------------------------------------
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(llm):
+    prompt = _ids(_prompt(9, 400))
+    sp = SamplingParams(temperature=1.0, seed=1234, max_tokens=16, ignore_eos=True)
+    first = _alone(llm, prompt, sp).outputs[0].token_ids
+    assert _alone(llm, prompt, sp).outputs[0].token_ids == first
+    others = [(_ids(_prompt(n, 401 + n)), SamplingParams(temperature=t, seed=s, max_tokens=12, ignore_eos=True,
+                                                         top_k=k))
+              for n, t, s, k in ((4, 1.0, None, 0), (17, 0.0, None, 0), (6, 0.7, 99, 10), (9, 1.3, None, 50))]
+    for pos in (0, 2, 4):
+        batch = [q for q, _ in others]
+        params = [p for _, p in others]
+        batch.insert(pos, prompt)
+        params.insert(pos, sp)
+        outs = llm.generate(batch, params)
+        assert outs[pos].outputs[0].token_ids == first, f"seeded request at position {pos} changed"
+    other_seed = SamplingParams(temperature=1.0, seed=4321, max_tokens=16, ignore_eos=True)
+    assert _alone(llm, prompt, other_seed).outputs[0].token_ids != first
+
+
+def test_unseeded_sampling_is_reproducible_across_engines_with_the_same_engine_seed(path):
+    prompts = [_ids(_prompt(5, 500)), _ids(_prompt(8, 501))]
+    sp = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True)
+    a = [o.outputs[0].token_ids for o in LLM(str(path), dtype="float32", seed=7).generate(prompts, sp)]
+    b = [o.outputs[0].token_ids for o in LLM(str(path), dtype="float32", seed=7).generate(prompts, sp)]
+    assert a == b
+
+
+def test_prompt_logprobs_of_a_one_token_prompt(llm):
+    out = llm.generate({"prompt_token_ids": [42]}, SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3))[0]
+    assert out.prompt_logprobs == [None]
+
+
+# ---- metrics and bookkeeping --------------------------------------------------------------------
+
+
+def test_metrics_are_present_and_consistent(llm):
+    outs = llm.generate([_ids(_prompt(7, 600)), _ids(_prompt(3, 601))],
+                        [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                         SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)])
+    for out, n in zip(outs, (8, 1)):
+        m = out.metrics
+        assert m.num_generated == n == len(out.outputs[0].token_ids)
+        assert m.ttft is not None and m.ttft > 0
+        assert m.latency is not None and m.latency >= m.ttft
+        assert m.first_scheduled_time >= m.arrival_time
+        assert m.first_token_time >= m.first_scheduled_time
+    assert outs[0].metrics.tpot is not None and outs[0].metrics.tpot > 0
+    assert outs[1].metrics.tpot is None  # one token: no time per output token
+
+
+def test_abort_frees_the_request_and_the_rest_finish(llm, ref):
+    e = llm.engine
+    p1, p2 = _ids(_prompt(10, 700)), _ids(_prompt(6, 701))
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    r1 = e.add_request(p1, sp)
+    r2 = e.add_request(p2, sp)
+    e.step()
+    e.step()
+    e.abort(r1)
+    done = {}
+    while e.has_unfinished_requests():
+        for out in e.step():
+            assert out.request_id != r1
+            if out.finished:
+                done[out.request_id] = out
+    assert list(done) == [r2]
+    _same_output(done[r2], _alone(ref, p2, sp), "survivor", text=False)  # ref has no tokenizer
+    _engine_idle(llm)
