@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import itertools
+import operator
 import logging
 import time
 from pathlib import Path
@@ -135,7 +136,11 @@ class LLMEngine:
         if not ids:
             raise ValueError("the prompt is empty: give at least one token")
         vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        not_int = [t for t in ids if not hasattr(t, "__index__")]
+        if not_int:
+            raise ValueError(f"prompt_token_ids must be integers, got {not_int[:5]}")
+        ids = [operator.index(t) for t in ids]  # accepts numpy / torch integers too
+        bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id(s) {bad[:5]} are outside the vocabulary [0, {vocab})")
         if len(ids) >= self.max_model_len:
@@ -197,8 +202,10 @@ class LLMEngine:
             seq.metrics.num_generated = seq.num_output_tokens
             if seq.metrics.first_token_time is None:
                 seq.metrics.first_token_time = now
-            delta = self._detokenize(seq)
-            self._check_stop(seq, token)
+            text_before = len(seq.text)
+            new_text = self._detokenize(seq)
+            self._check_stop(seq, token, new_text)
+            delta = seq.text[text_before:]  # after the stop check, which may cut the text
             if seq.is_finished or seq.finish_reason is not None:
                 seq.metrics.finished_time = now
                 self.scheduler.finish(seq)
@@ -213,7 +220,7 @@ class LLMEngine:
         seq.text += new
         return new
 
-    def _check_stop(self, seq: Sequence, token: int) -> None:
+    def _check_stop(self, seq: Sequence, token: int, new_text: str) -> None:
         p = seq.params
         n_out = seq.num_output_tokens
         if n_out >= p.min_tokens:
@@ -224,8 +231,8 @@ class LLMEngine:
                 seq.finish_reason, seq.stop_reason = "stop", token
                 return
             for stop in p.stop_strings:
-                # only the tail can hold a new match
-                idx = seq.text.find(stop, max(0, len(seq.text) - len(stop) - 64))
+                # only a match that ends in this step's new text is new
+                idx = seq.text.find(stop, max(0, len(seq.text) - len(new_text) - len(stop) + 1))
                 if idx != -1:
                     seq.text = seq.text[: idx + len(stop)] if p.include_stop_str_in_output else seq.text[:idx]
                     seq.finish_reason, seq.stop_reason = "stop", stop
