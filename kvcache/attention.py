@@ -46,6 +46,21 @@ def _attend_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return torch.matmul(p.to(v.dtype), v)
 
 
+def _attend_grouped(q_HQD: torch.Tensor, k_LKD: torch.Tensor, v_LKD: torch.Tensor, mask_QL: torch.Tensor | None,
+                    scale: float, group: int) -> torch.Tensor:
+    """SDPA with the query heads of each KV head stacked as extra query rows, so K/V are read
+    as they are (no per-head expansion, which costs most for MLA's single latent head).
+    Returns ``[Q, H, Dv]``."""
+    H, Q, D = q_HQD.shape
+    Hkv = k_LKD.shape[1]
+    q = q_HQD.reshape(Hkv, group * Q, D)  # rows ordered (group member, query)
+    if mask_QL is not None:
+        mask_QL = mask_QL.repeat(group, 1)
+    o = F.scaled_dot_product_attention(q.unsqueeze(0), k_LKD.transpose(0, 1).unsqueeze(0),
+                                       v_LKD.transpose(0, 1).unsqueeze(0), attn_mask=mask_QL, scale=scale)
+    return o.view(H, Q, -1).transpose(0, 1)
+
+
 def paged_attention_torch(q_THD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
                           sinks_H: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,14 +86,15 @@ def paged_attention_torch(q_THD: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         if sinks_H is not None:
             kh = k.transpose(0, 1).repeat_interleave(group, 0)
             vh = v.transpose(0, 1).repeat_interleave(group, 0)
-            o = _attend_with_sinks(q, kh, vh, mask, scale, sinks_H)
-        else:
-            is_causal = mask is not None and sliding_window is None and qlen == clen - lo
+            o = _attend_with_sinks(q, kh, vh, mask, scale, sinks_H).transpose(0, 1)
+        elif qlen == k.shape[0] and sliding_window is None and group <= 4:
+            # a whole prompt at once: the causal kernel skips the masked half (worth expanding few KV heads)
             o = F.scaled_dot_product_attention(
                 q.unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-                attn_mask=None if (mask is None or is_causal) else mask, is_causal=is_causal,
-                scale=scale, enable_gqa=group > 1).squeeze(0)
-        out[starts[i]:starts[i] + qlen] = o.transpose(0, 1)
+                is_causal=True, scale=scale, enable_gqa=group > 1).squeeze(0).transpose(0, 1)
+        else:
+            o = _attend_grouped(q, k, v, mask, scale, group)
+        out[starts[i]:starts[i] + qlen] = o
     return out
 
 
