@@ -46,14 +46,20 @@ def _write_checkpoint(d: Path) -> int:
 
 
 SCRIPT = """
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {root!r})
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def hwm():  # this process's peak RSS (VmHWM is per address space, so it starts fresh at exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+
 from moe import LLM
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = hwm()
 llm = LLM({path!r}, dtype="float32", kv_cache_memory="1MiB")
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(before, peak)
+print(before, hwm())
 """
 
 
