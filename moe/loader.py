@@ -49,11 +49,38 @@ def _open(path: Path):
         raise ValueError(f"cannot read {path}: {e}. The file is truncated or corrupt; re-download or re-save it") from e
 
 
-def iter_tensor_names(files: list[Path]) -> Iterator[tuple[Path, object, str]]:
+class _ShardReader:
+    """One safetensors file, memory-mapped. Tensors read from the map stay resident while it is
+    open, so the map is dropped and re-opened every ``recycle_bytes``: resident memory stays at
+    the model plus at most that much, not twice the model."""
+
+    def __init__(self, path: Path, recycle_bytes: int = 64 << 20):
+        self.path, self.recycle_bytes, self.read = path, recycle_bytes, 0
+        self.f = _open(path)
+
+    def keys(self) -> list[str]:
+        return list(self.f.keys())
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            t = self.f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read tensor {name} from {self.path}: {e}; the file is truncated or corrupt") from e
+        self.read += t.numel() * t.element_size()
+        return t
+
+    def recycle_if_due(self) -> None:
+        """Call once the last tensor read has been copied out and dropped."""
+        if self.read >= self.recycle_bytes:
+            self.f = _open(self.path)
+            self.read = 0
+
+
+def iter_tensor_names(files: list[Path]) -> Iterator[tuple[_ShardReader, str]]:
     for path in files:
-        f = _open(path)
-        for name in f.keys():
-            yield path, f, name
+        reader = _ShardReader(path)
+        for name in reader.keys():
+            yield reader, name
 
 
 def load_weights(model: nn.Module, model_dir: str | Path, rules: list[Rule], num_layers: int,
@@ -63,13 +90,14 @@ def load_weights(model: nn.Module, model_dir: str | Path, rules: list[Rule], num
     loaded: set[str] = set()
     expert_parts: dict[str, set[tuple[int | None, str]]] = defaultdict(set)
     unexpected: list[str] = []
-    names = list(iter_tensor_names(files))
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(names), desc="Loading weights", unit="tensor", leave=False)
-    for path, f, name in names:
+        bar = tqdm(total=sum(len(_open(p).keys()) for p in files), desc="Loading weights", unit="tensor",
+                   leave=False)
+    for reader, name in iter_tensor_names(files):
+        path = reader.path
         if bar is not None:
             bar.update(1)
         target = map_name(rules, name)
@@ -90,10 +118,7 @@ def load_weights(model: nn.Module, model_dir: str | Path, rules: list[Rule], num
         experts = getattr(owner, "__self__", None)
         if target.expert_id is not None and hasattr(experts, "owns") and not experts.owns(target.expert_id):
             continue
-        try:
-            tensor = f.get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"cannot read tensor {name} from {path}: {e}; the file is truncated or corrupt") from e
+        tensor = reader.get(name)
         if target.transform is not None:
             tensor = target.transform(tensor)
         try:
@@ -105,6 +130,8 @@ def load_weights(model: nn.Module, model_dir: str | Path, rules: list[Rule], num
                 owner(param, tensor, target.shard_id)
         except ValueError as e:
             raise ValueError(f"{name} in {path.name}: {e}") from e
+        del tensor  # may be a view of the file map: drop it before the map is recycled
+        reader.recycle_if_due()
         loaded.add(target.param)
         if hasattr(experts, "owns"):
             expert_parts[target.param].add((target.expert_id, target.shard_id))
