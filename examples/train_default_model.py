@@ -3,17 +3,18 @@
 
 The default model is a tiny Mixture-of-Experts causal LM (Hugging Face
 ``Qwen3MoeForCausalLM``: 8 experts, top-2 routing) trained from scratch on the
-English prose of *The Debian Administrator's Handbook*, as shipped by the
-Debian package ``debian-handbook``. It is what ``moe generate`` runs when no
+English prose of the Python 3.11 documentation, as shipped by the Debian
+package ``python3.11-doc``. It is what ``moe generate`` runs when no
 ``--model`` is given. It is a toy: it produces words and phrases in the style
 of the corpus, not useful answers.
 
 Corpus (this script installs nothing; install the package first, as root)::
 
-    apt-get update && apt-get install -y --no-install-recommends debian-handbook
+    apt-get update && apt-get install -y --no-install-recommends python3.11-doc
 
-Reproduce the shipped model (defaults are the shipped settings; ~30 min on 1
-CPU thread)::
+Reproduce the shipped model (the defaults are the shipped settings). On one
+idle core a step takes ~1.1 s, so the 1600 steps take ~30 min; the shipped run
+took 50 min because the machine's other core was busy with other work::
 
     python examples/train_default_model.py --out /tmp/default_model
     cp /tmp/default_model/{config.json,generation_config.json,model.safetensors,\
@@ -22,10 +23,12 @@ moe/default_model/
 
 What it does:
 
-1. Reads the English HTML of the handbook
-   (``/usr/share/doc/debian-handbook/html/en-US/*.html``), keeps paragraphs,
-   titles, list items and notes, drops navigation, index terms and
-   ``<pre>`` blocks (shell sessions, config files), and collapses whitespace.
+1. Reads the rendered Sphinx HTML (``/usr/share/doc/python3.11/html/**/*.html``,
+   less the indexes, the changelog and the C API reference), keeps the
+   paragraphs, titles and list items of each page's main content, drops
+   code listings and interactive sessions (``<pre>``), tables, object
+   signatures and navigation, normalises typographic punctuation to ASCII,
+   and keeps paragraphs of at least 4 words that are mostly letters.
 2. Splits the paragraphs deterministically: they are grouped in consecutive
    blocks of ~2000 characters and every 20th block is held out (~5%).
 3. Trains a byte-level BPE tokenizer (``tokenizers``) on the training split,
@@ -48,7 +51,6 @@ from __future__ import annotations
 import argparse
 import glob
 import hashlib
-import html
 import json
 import math
 import os
@@ -64,10 +66,16 @@ from pathlib import Path
 os.environ.setdefault("RAYON_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CORPUS_PACKAGE = "debian-handbook"
-CORPUS_DIR = "/usr/share/doc/debian-handbook/html/en-US"
-COPYRIGHT_FILE = "/usr/share/doc/debian-handbook/copyright"
+CORPUS_PACKAGE = "python3.11-doc"
+CORPUS_DIR = "/usr/share/doc/python3.11/html"
+COPYRIGHT_FILE = "/usr/share/doc/python3.11-doc/copyright"
+# Not prose: indexes, tables of contents, download page, the C API reference.
+EXCLUDE_PREFIXES = ("_", "genindex", "c-api/")
+EXCLUDE_FILES = {"index.html", "contents.html", "search.html", "py-modindex.html",
+                 "download.html", "copyright.html", "license.html", "bugs.html",
+                 "about.html", "whatsnew/changelog.html"}
 EOT = "<|endoftext|>"
+SAMPLE_PROMPTS = ["The", "In the", "This function returns", "The Python interpreter"]
 
 
 # --------------------------------------------------------------------------
@@ -75,24 +83,34 @@ EOT = "<|endoftext|>"
 # --------------------------------------------------------------------------
 
 _BLOCK_TAGS = {"p", "div", "li", "dt", "dd", "h1", "h2", "h3", "h4", "h5", "h6",
-               "tr", "td", "th", "br", "table", "ul", "ol", "dl", "blockquote"}
+               "tr", "td", "th", "br", "table", "ul", "ol", "dl", "blockquote",
+               "section", "caption"}
 _VOID_TAGS = {"br", "img", "meta", "link", "hr", "input", "col", "area", "base", "wbr"}
-# Subtrees dropped entirely: markup, navigation, code listings, index entries.
-_SKIP_TAGS = {"head", "script", "style", "pre"}
-_SKIP_CLASSES = {"docnav", "toc", "indexterm", "list-of-tables", "list-of-figures",
-                 "list-of-examples", "legalnotice", "mediaobject"}
-_SKIP_IDS = {"banner", "title"}
+# Subtrees dropped entirely: code listings and interactive sessions (<pre>),
+# tables, object signatures, permalinks, local tables of contents, and the
+# boilerplate "Raises an auditing event" / "Availability" notes.
+_SKIP_TAGS = {"head", "script", "style", "pre", "table", "nav", "form"}
+_SKIP_CLASSES = {"headerlink", "sig", "toctree-wrapper", "contents", "audit-hook",
+                 "availability", "highlight", "doctest", "footer", "related",
+                 "sphinxsidebar", "mobile-nav", "rubric", "seealso"}
 
 
 class _ProseExtractor(HTMLParser):
-    """Collects the text of block elements as paragraphs."""
+    """Collects the text of block elements inside Sphinx's main content
+    (``<div class="body" role="main">``) as paragraphs."""
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.paragraphs: list[str] = []
         self._buf: list[str] = []
-        self._stack: list[tuple[str, bool]] = []  # (tag, starts a skipped subtree)
+        # (tag, starts a skipped subtree, starts the main-content root)
+        self._stack: list[tuple[str, bool, bool]] = []
         self._skip_depth = 0
+        self._in_main = 0
+
+    @property
+    def _collecting(self) -> bool:
+        return self._in_main > 0 and self._skip_depth == 0
 
     def _flush(self) -> None:
         text = re.sub(r"\s+", " ", "".join(self._buf)).strip()
@@ -102,17 +120,19 @@ class _ProseExtractor(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         if tag in _VOID_TAGS:
-            if tag == "br" and not self._skip_depth:
+            if tag == "br" and self._collecting:
                 self._buf.append(" ")
             return
         a = dict(attrs)
         classes = set((a.get("class") or "").split())
-        skip = (tag in _SKIP_TAGS or bool(classes & _SKIP_CLASSES)
-                or a.get("id") in _SKIP_IDS)
-        self._stack.append((tag, skip))
+        is_main = a.get("role") == "main"
+        skip = tag in _SKIP_TAGS or bool(classes & _SKIP_CLASSES)
+        self._stack.append((tag, skip, is_main))
+        if is_main:
+            self._in_main += 1
         if skip:
             self._skip_depth += 1
-        if tag in _BLOCK_TAGS and not self._skip_depth:
+        if tag in _BLOCK_TAGS and self._collecting:
             self._flush()
 
     def handle_endtag(self, tag):
@@ -121,16 +141,16 @@ class _ProseExtractor(HTMLParser):
         # Pop up to and including the matching tag (tolerates sloppy nesting).
         for i in range(len(self._stack) - 1, -1, -1):
             if self._stack[i][0] == tag:
-                for _, skip in self._stack[i:]:
-                    if skip:
-                        self._skip_depth -= 1
+                for _, skip, is_main in self._stack[i:]:
+                    self._skip_depth -= skip
+                    self._in_main -= is_main
                 del self._stack[i:]
                 break
-        if tag in _BLOCK_TAGS and not self._skip_depth:
+        if tag in _BLOCK_TAGS and self._collecting:
             self._flush()
 
     def handle_data(self, data):
-        if not self._skip_depth:
+        if self._collecting:
             self._buf.append(data)
 
     def close(self):
@@ -138,26 +158,37 @@ class _ProseExtractor(HTMLParser):
         self._flush()
 
 
+_TYPO = str.maketrans({"\u00a0": " ", "\u200b": None, "\u2014": "-", "\u2013": "-",
+                       "\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"',
+                       "\u2026": "...", "\u00b6": None, "\u2192": "->"})
+
+
 def _clean_paragraph(p: str) -> str | None:
-    p = html.unescape(p)
-    p = p.replace("\u00a0", " ").replace("\u200b", "")
     # Typographic punctuation -> ASCII, so the small vocabulary is not spent on it.
-    p = (p.replace("\u2014", " - ").replace("\u2013", "-").replace("\u2019", "'")
-         .replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
-         .replace("\u2026", "..."))
-    p = re.sub(r"\s+", " ", p).strip()
-    if len(p) < 3:
+    p = re.sub(r"\s+", " ", p.translate(_TYPO)).strip()
+    # Keep prose: at least a few words, mostly letters (drops stray code/values).
+    if len(p) < 20 or len(p.split()) < 4:
         return None
-    # Drop pure navigation / boilerplate leftovers.
-    if p in {"Prev", "Next", "Up", "Home", "Download the ebook"}:
+    letters = sum(c.isalpha() or c == " " for c in p)
+    if letters < 0.75 * len(p):
         return None
     return p
 
 
+def corpus_files(corpus_dir: str) -> list[str]:
+    files = []
+    for f in sorted(glob.glob(os.path.join(corpus_dir, "**", "*.html"), recursive=True)):
+        rel = os.path.relpath(f, corpus_dir)
+        if rel.startswith(EXCLUDE_PREFIXES) or rel in EXCLUDE_FILES:
+            continue
+        files.append(f)
+    return files
+
+
 def read_corpus(corpus_dir: str) -> list[list[str]]:
-    """Return the handbook as a list of documents (one per HTML page), each a
-    list of plain-prose paragraphs, in sorted file-name order."""
-    files = sorted(glob.glob(os.path.join(corpus_dir, "*.html")))
+    """Return the documentation as a list of documents (one per HTML page),
+    each a list of plain-prose paragraphs, in sorted file-name order."""
+    files = corpus_files(corpus_dir)
     if not files:
         sys.exit(f"no HTML files under {corpus_dir}: install the corpus first:\n"
                  f"  apt-get install -y --no-install-recommends {CORPUS_PACKAGE}")
@@ -217,12 +248,22 @@ def package_version(pkg: str) -> str:
 
 
 def package_license() -> str:
+    """The licence as the package's copyright file states it.
+
+    python3.11-doc's copyright file is not machine-readable (DEP-5); it
+    carries the "Python License", whose terms for Python 3.x are the
+    "PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2"."""
     try:
         text = Path(COPYRIGHT_FILE).read_text(encoding="utf-8")
-        m = re.search(r"^Files: \*\n(?:.+\n)*?License: (.+)$", text, re.M)
-        return m.group(1).strip() if m else "see " + COPYRIGHT_FILE
     except OSError:
-        return "unknown"
+        return "unknown (no " + COPYRIGHT_FILE + ")"
+    m = re.search(r"^Files: \*\n(?:.+\n)*?License: (.+)$", text, re.M)  # DEP-5
+    if m:
+        return m.group(1).strip()
+    if "PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2" in text:
+        return ("Python License: PSF License Agreement (PYTHON SOFTWARE FOUNDATION "
+                "LICENSE VERSION 2), per " + COPYRIGHT_FILE)
+    return "see " + COPYRIGHT_FILE
 
 
 # --------------------------------------------------------------------------
@@ -387,7 +428,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", default="/tmp/default_model", help="output directory")
-    ap.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    ap.add_argument("--steps", type=int, default=1600, help="optimizer steps")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--corpus-dir", default=CORPUS_DIR)
@@ -410,7 +451,7 @@ def parse_args(argv=None):
     ap.add_argument("--bf16-autocast", action=argparse.BooleanOptionalAction, default=True,
                     help="train under CPU bfloat16 autocast (fp32 master weights)")
     ap.add_argument("--log-every", type=int, default=25)
-    ap.add_argument("--eval-every", type=int, default=500,
+    ap.add_argument("--eval-every", type=int, default=400,
                     help="held-out eval every N steps (0: only at the end)")
     ap.add_argument("--max-minutes", type=float, default=0,
                     help="benchmarking aid: stop early after this wall time (0: off)")
@@ -525,7 +566,7 @@ def main(argv=None) -> None:
           f"{eval_nll_bf16 * eval_tokens / math.log(2) / eval_bytes:.3f} bits/byte); "
           f"train probe ppl {math.exp(train_nll):.2f}", flush=True)
 
-    samples = sample_texts(model, tok, ["The", "In the", "The Debian project", "To install a package"])
+    samples = sample_texts(model, tok, SAMPLE_PROMPTS)
     for s in samples:
         print(f"  [{s['prompt']!r}] {s['greedy']!r}", flush=True)
 
@@ -545,7 +586,8 @@ def main(argv=None) -> None:
             "debian_package": CORPUS_PACKAGE,
             "version": package_version(CORPUS_PACKAGE),
             "license": package_license(),
-            "source": args.corpus_dir + "/*.html",
+            "source": args.corpus_dir + "/**/*.html less " + ", ".join(
+                [p + "*" for p in EXCLUDE_PREFIXES] + sorted(EXCLUDE_FILES)),
             "pages": len(docs),
             "paragraphs": sum(len(d) for d in docs),
             "sha256_of_extracted_text": corpus_sha,

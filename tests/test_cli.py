@@ -1,0 +1,91 @@
+"""The moe command line, end to end on the embedded default model."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from moe.cli import app
+from moe.llm import default_model_path
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def test_default_model_is_shipped_inside_the_package():
+    d = Path(default_model_path())
+    assert d.parent == ROOT / "moe"
+    for f in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (d / f).is_file(), f
+    assert (d / "model.safetensors").stat().st_size < 30 * 2**20
+
+
+def test_generate_as_a_module_in_a_subprocess():
+    out = subprocess.run([sys.executable, "-m", "moe", "generate", "The module", "--max-tokens", "12",
+                          "--temperature", "0", "--no-stream"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout.strip()
+    assert text.startswith("The module") and len(text) > len("The module") + 5
+
+
+def test_generate_json_greedy_is_reproducible_and_matches_the_api():
+    args = ["generate", "In the", "--max-tokens", "10", "--temperature", "0", "--json"]
+    a, b = runner.invoke(app, args), runner.invoke(app, args)
+    assert a.exit_code == 0, a.output
+    rec = json.loads(a.stdout.strip().splitlines()[-1])
+    assert rec["prompt"] == "In the" and len(rec["token_ids"]) == 10 and rec["finish_reason"] == "length"
+    assert a.stdout == b.stdout
+    from moe import LLM, SamplingParams
+
+    api = LLM().generate("In the", SamplingParams(temperature=0, max_tokens=10))[0].outputs[0]
+    assert api.token_ids == rec["token_ids"] and api.text == rec["text"]
+
+
+def test_generate_streams_and_reports_stats():
+    res = runner.invoke(app, ["generate", "import", "--max-tokens", "8", "--seed", "1", "--stats"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith("import")
+    assert "ttft=" in res.stderr and "throughput=" in res.stderr
+
+
+def test_generate_chat_without_a_template_is_a_clear_error():
+    res = runner.invoke(app, ["generate", "hi", "--chat", "--max-tokens", "4"])
+    assert res.exit_code == 2
+    assert "no chat template" in res.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "x", "--model", "/nonexistent/ckpt"], "does not exist"),
+    (["generate", "x", "--temperature", "-1"], "temperature"),
+    (["generate", "x", "--max-tokens", "0"], "max_tokens"),
+    (["info", "/nonexistent/ckpt"], "does not exist"),
+])
+def test_bad_arguments_exit_with_a_clear_message(args, message):
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and message in res.stderr, (res.exit_code, res.output)
+
+
+def test_info_reports_params_and_experts():
+    res = runner.invoke(app, ["info", "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["experts"] >= 8 and rep["experts_per_token"] == 2
+    assert 0 < rep["active_params"] < rep["total_params"]
+    assert rep["weight_bytes"]["bfloat16"] == 2 * rep["total_params"]
+
+
+def test_default_model_matches_transformers_greedy():
+    """The shipped checkpoint is a standard HF checkpoint: transformers loads it and agrees."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moe import LLM, SamplingParams
+
+    llm = LLM(dtype="float32")
+    ids = llm.get_tokenizer().encode("The interpreter reads")
+    ours = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    hf = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32)
+    ref = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None)[0, len(ids):]
+    assert ours[0].outputs[0].token_ids == ref.tolist()
