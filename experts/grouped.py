@@ -9,7 +9,7 @@ rows go through one fused gate/up GEMM, SwiGLU, and one down GEMM. Backends:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,27 +52,52 @@ def _resolve_backend(backend: Backend, device: torch.device) -> str:
 
 
 class GroupedExperts(nn.Module):
-    """The local experts of one MoE layer, stacked: ``w13 [e, 2F, D]``, ``w2 [e, D, F]``.
+    """The experts of one MoE layer this process holds, stacked by slot: ``w13 [e, 2F, D]``,
+    ``w2 [e, D, F]``; rows arrive grouped by slot (``counts_e[i]`` rows for slot ``i``).
 
-    Global expert ``expert_start + i`` is local expert ``i``. Checkpoint tensors arrive per
-    expert (``weight_loader(param, tensor, shard_id, expert_id)``); tensors of experts this
-    process does not own are ignored by :meth:`owns`, so the loader can skip reading them.
+    Slot ``i`` holds logical expert ``slot_experts[i]``. By default that is the contiguous range
+    ``expert_start .. expert_start + num_local_experts - 1``; under expert parallelism with
+    replicas a rank's slots may be any list of distinct experts (e.g. ``[3, 0, 1]``).
+    ``intermediate_shard=(r, n)`` keeps slice ``r`` of ``n`` of every expert's intermediate dim
+    (expert tensor parallelism): gate/up rows ``[r*F/n, (r+1)*F/n)`` and the same down columns,
+    so the ``n`` partial outputs sum to the full one; the down bias is kept by slice 0 only.
+
+    Checkpoint tensors arrive per expert (``weight_loader(param, tensor, shard_id, expert_id)``)
+    or stacked over all experts (``expert_id=None``); :meth:`owns` tells the loader which
+    experts' tensors it may skip reading.
     """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, *, bias: bool = False,
                  activation: Activation = Activation(), dtype: torch.dtype = torch.float32,
-                 expert_start: int = 0, num_local_experts: int | None = None, backend: Backend = "auto"):
+                 expert_start: int = 0, num_local_experts: int | None = None, backend: Backend = "auto",
+                 slot_experts: Sequence[int] | None = None, intermediate_shard: tuple[int, int] = (0, 1)):
         super().__init__()
+        if slot_experts is None:
+            n = num_experts - expert_start if num_local_experts is None else num_local_experts
+            slot_experts = range(expert_start, expert_start + n)
+        self.slot_experts = tuple(int(e) for e in slot_experts)
+        if not self.slot_experts or len(set(self.slot_experts)) != len(self.slot_experts) or \
+                not all(0 <= e < num_experts for e in self.slot_experts):
+            raise ValueError(f"slot_experts {list(self.slot_experts)} must be distinct expert ids in "
+                             f"[0, {num_experts})")
+        self._slot_of = {e: i for i, e in enumerate(self.slot_experts)}
+        shard, shards = intermediate_shard
+        if intermediate % shards or not 0 <= shard < shards:
+            raise ValueError(f"the experts' intermediate size ({intermediate}) is not divisible by "
+                             f"expert_tensor_parallel ({shards})")
         self.num_experts = num_experts
-        self.expert_start = expert_start
-        self.num_local = num_experts if num_local_experts is None else num_local_experts
-        self.hidden, self.intermediate = hidden, intermediate
+        self.num_local = len(self.slot_experts)
+        # the lowest expert held: with a contiguous range, slot i holds expert_start + i
+        self.expert_start = min(self.slot_experts)
+        self.hidden, self.full_intermediate = hidden, intermediate
+        self.intermediate = intermediate // shards  # this process's slice of it
+        self.shard, self.shards = shard, shards
         self.activation = activation
         self.backend = backend
         e = self.num_local
-        self.w13 = self._param(e, 2 * intermediate, hidden, dtype=dtype)
-        self.w2 = self._param(e, hidden, intermediate, dtype=dtype)
-        self.b13 = self._param(e, 2 * intermediate, dtype=dtype) if bias else None
+        self.w13 = self._param(e, 2 * self.intermediate, hidden, dtype=dtype)
+        self.w2 = self._param(e, hidden, self.intermediate, dtype=dtype)
+        self.b13 = self._param(e, 2 * self.intermediate, dtype=dtype) if bias else None
         self.b2 = self._param(e, hidden, dtype=dtype) if bias else None
 
     def _param(self, *shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -80,31 +105,56 @@ class GroupedExperts(nn.Module):
         p.weight_loader = self.weight_loader
         return p
 
+    @property
+    def logical_ids(self) -> list[int]:
+        """The distinct experts held, ascending."""
+        return sorted(self.slot_experts)
+
     def owns(self, expert_id: int) -> bool:
-        return self.expert_start <= expert_id < self.expert_start + self.num_local
+        return expert_id in self._slot_of
+
+    def _my_slice(self, loaded: torch.Tensor, shard_id: str, is_down_bias: bool) -> torch.Tensor:
+        """This process's part of one expert's tensor (all of it without expert-TP)."""
+        if self.shards == 1:
+            return loaded
+        F_, f, r = self.full_intermediate, self.intermediate, self.shard
+        if shard_id in ("gate", "up"):
+            return loaded.narrow(0, r * f, f)
+        if shard_id == "gate_up":
+            return torch.cat([loaded.narrow(0, r * f, f), loaded.narrow(0, F_ + r * f, f)])
+        if is_down_bias:  # added once: the partial outputs of the slices are summed
+            return loaded if r == 0 else torch.zeros_like(loaded)
+        return loaded.narrow(-1, r * f, f)  # down weight [D, F]
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str, expert_id: int | None = None) -> None:
         """Place one checkpoint tensor. ``shard_id``: ``gate``/``up`` (rows of w13 or b13),
         ``down`` (w2 or b2), or ``gate_up`` (both halves at once, already ``[gate | up]``).
         With ``expert_id=None`` the tensor holds every expert stacked on dim 0."""
         if expert_id is None:
-            local = loaded[self.expert_start:self.expert_start + self.num_local]
-            for i in range(self.num_local):
-                self.weight_loader(param, local[i], shard_id, self.expert_start + i)
+            if loaded.shape[0] != self.num_experts:
+                raise ValueError(f"stacked experts {shard_id}: {loaded.shape[0]} experts in the checkpoint, "
+                                 f"{self.num_experts} in the model")
+            for e in self.slot_experts:
+                self.weight_loader(param, loaded[e], shard_id, e)
             return
-        if not self.owns(expert_id):
+        slot = self._slot_of.get(expert_id)
+        if slot is None:
             return
-        dst = param.data[expert_id - self.expert_start]
-        F_ = self.intermediate
-        if shard_id == "gate":
-            dst = dst[:F_]
-        elif shard_id == "up":
-            dst = dst[F_:]
-        elif shard_id not in ("down", "gate_up"):
+        if shard_id not in ("gate", "up", "down", "gate_up"):
             raise ValueError(f"unknown expert shard {shard_id!r}")
-        if dst.shape != loaded.shape:
-            raise ValueError(f"expert {expert_id} {shard_id}: parameter {tuple(dst.shape)} vs checkpoint {tuple(loaded.shape)}")
-        dst.copy_(loaded)
+        dst = param.data[slot]
+        f = self.intermediate
+        if shard_id == "gate":
+            dst = dst[:f]
+        elif shard_id == "up":
+            dst = dst[f:]
+        want = list(dst.shape)  # the whole expert's tensor this slot's slice comes from
+        if param is not self.b2:
+            want[-1 if shard_id == "down" else 0] *= self.shards
+        if list(loaded.shape) != want:
+            raise ValueError(f"expert {expert_id} {shard_id}: parameter {tuple(want)} vs checkpoint "
+                             f"{tuple(loaded.shape)}")
+        dst.copy_(self._my_slice(loaded, shard_id, param is self.b2))
 
     def forward(self, x_RD: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
         backend = _resolve_backend(self.backend, x_RD.device)
@@ -123,3 +173,4 @@ class GroupedExperts(nn.Module):
 
             return grouped_swiglu_megablocks(x_RD, counts_e, self.w13, self.w2, self.b13, self.b2, self.activation)
         raise ValueError(f"unknown experts backend {backend!r} (choose auto, torch, triton or megablocks)")
+

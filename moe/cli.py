@@ -34,8 +34,11 @@ def generate(
     logprobs: Optional[int] = typer.Option(None, help="Print the top-N log-probs of each token (JSON)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per prompt."),
     stats: bool = typer.Option(False, "--stats", help="Print TTFT, TPOT and throughput to stderr."),
+    sharding: Optional[str] = typer.Option(None, "--sharding", envvar="MOE_SHARDING",
+                                           help="Sharding YAML for a multi-rank run (moe launch sets MOE_SHARDING)."),
 ) -> None:
-    """Generate text for one or more prompts."""
+    """Generate text for one or more prompts (on every rank under a launcher; rank 0 prints)."""
+    import os
     import time
 
     from . import LLM, SamplingParams
@@ -46,10 +49,12 @@ def generate(
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                                 max_tokens=max_tokens, stop=stop or None, logprobs=logprobs)
         llm = LLM(model, dtype=dtype, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
-                  load_progress=sys.stderr.isatty())
+                  load_progress=sys.stderr.isatty(), sharding=sharding)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+    if llm.engine.parallel.rank != 0:  # every rank generates the same outputs; one prints them
+        sys.stdout = open(os.devnull, "w")
     if chat:
         tok = llm.get_tokenizer()
         try:

@@ -8,8 +8,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from routing import RouterConfig
+
+if TYPE_CHECKING:
+    from parallel import ShardingConfig
 
 
 @dataclass(frozen=True)
@@ -148,8 +152,16 @@ class EngineConfig:
     experts_backend: str = "auto"
     device: str = "cpu"
     load_progress: bool = False
+    # parallel layout: a YAML path, a dict of its keys or a ShardingConfig (read into one here);
+    # None: one process, unless a launcher started several (then its world size must be 1)
+    sharding: str | Path | dict | ShardingConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.sharding is not None:
+            from parallel import ShardingConfig, load_sharding
+
+            if not isinstance(self.sharding, ShardingConfig):
+                object.__setattr__(self, "sharding", load_sharding(self.sharding))
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not supported: choose one of {', '.join(DTYPES)}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -5,6 +5,8 @@ import logging
 from importlib import resources
 from typing import Iterator, Sequence as Seq
 
+from parallel import ShardingConfig
+
 from .config import EngineConfig
 from .engine import LLMEngine
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -25,17 +27,22 @@ class LLM:
 
     >>> llm = LLM("./mixtral-checkpoint", dtype="bfloat16", kv_cache_memory="4GiB")
     >>> outs = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=32))
+
+    ``sharding`` (a YAML path, a dict of its keys, or a ShardingConfig) spreads the model over
+    the ranks a launcher starts: run the same script under ``torchrun --nproc-per-node N``
+    (or mpirun / srun); every rank takes part and returns the same outputs.
     """
 
     def __init__(self, model: str | None = None, *, dtype: str = "auto", kv_cache_memory: str | int | None = None,
                  block_size: int = 16, max_num_seqs: int = 64, max_model_len: int | None = None,
                  max_num_batched_tokens: int = 2048, seed: int | None = 0, enable_prefix_caching: bool = True,
-                 experts_backend: str = "auto", device: str = "cpu", load_progress: bool = False):
+                 experts_backend: str = "auto", device: str = "cpu", load_progress: bool = False,
+                 sharding: str | dict | ShardingConfig | None = None):
         self.config = EngineConfig(
             model=model or default_model_path(), dtype=dtype, kv_cache_memory=kv_cache_memory,
             block_size=block_size, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             max_num_batched_tokens=max_num_batched_tokens, seed=seed, enable_prefix_caching=enable_prefix_caching,
-            experts_backend=experts_backend, device=device, load_progress=load_progress)
+            experts_backend=experts_backend, device=device, load_progress=load_progress, sharding=sharding)
         self.engine = LLMEngine(self.config)
 
     def get_tokenizer(self):

@@ -146,7 +146,7 @@ def load_weights(model: nn.Module, model_dir: str | Path, rules: list[Rule], num
             continue
         experts = params[pname].weight_loader.__self__
         need = {"gate", "up"} if pname.endswith("w13") or pname.endswith("b13") else {"down"}
-        for e in range(experts.expert_start, experts.expert_start + experts.num_local):
+        for e in experts.logical_ids:  # the experts this process holds (not always a contiguous range)
             have = {s for (x, s) in parts if x == e}
             if not (need <= have or "gate_up" in have):
                 raise ValueError(f"checkpoint {model_dir} lacks expert {e} of {pname} ({sorted(need - have)})")

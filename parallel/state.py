@@ -1,14 +1,31 @@
 """Process-group state: set once per process, read through getters that fail when unset.
 
 A single-process engine sets the trivial state (every size 1, no torch.distributed); a
-multi-process launch sets real groups. Layers and dispatchers read this state; model files
-never call torch.distributed themselves.
+multi-process launch sets real groups with :func:`build_parallel_state`. Layers and
+dispatchers read this state; model files never call torch.distributed themselves.
+
+Rank layout (``data_parallel`` is 1, so every rank is in the one tensor-parallel group):
+
+- attention, dense MLPs, shared experts, embeddings, LM head: tensor-parallel over all
+  ``world_size`` ranks (``tp_rank == rank``).
+- MoE layers: ``ep_rank = rank // etp_size``, ``etp_rank = rank % etp_size`` with
+  ``etp_size = world_size / expert_parallel`` (``ShardingConfig.expert_tensor_parallel``).
+  The EP group of a rank is the ranks with its ``etp_rank`` (one per expert set); its ETP group
+  is the ranks with its ``ep_rank`` (the same experts, each holding a slice of their
+  intermediate dim). Example, 4 ranks, expert_parallel 2: EP groups {0, 2} and {1, 3}, ETP
+  groups {0, 1} and {2, 3}.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from .sharding import ShardingConfig
 
 
 @dataclass(frozen=True)
@@ -19,14 +36,20 @@ class ParallelState:
     tp_size: int = 1
     ep_rank: int = 0
     ep_size: int = 1
+    etp_rank: int = 0
+    etp_size: int = 1
     tp_group: dist.ProcessGroup | None = None
     ep_group: dist.ProcessGroup | None = None
+    etp_group: dist.ProcessGroup | None = None
+    sharding: ShardingConfig | None = None  # None: the single-process layout
 
     def __post_init__(self) -> None:
         if not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"tp_rank {self.tp_rank} outside tensor_parallel size {self.tp_size}")
         if not 0 <= self.ep_rank < self.ep_size:
             raise ValueError(f"ep_rank {self.ep_rank} outside expert_parallel size {self.ep_size}")
+        if not 0 <= self.etp_rank < self.etp_size:
+            raise ValueError(f"etp_rank {self.etp_rank} outside expert_tensor_parallel size {self.etp_size}")
 
 
 _STATE: ParallelState | None = None
@@ -68,6 +91,52 @@ def get_ep_rank() -> int:
     return get_parallel_state().ep_rank
 
 
+def get_etp_size() -> int:
+    return get_parallel_state().etp_size
+
+
+def get_etp_rank() -> int:
+    return get_parallel_state().etp_rank
+
+
+def build_parallel_state(sharding: ShardingConfig, rank: int, world_size: int) -> ParallelState:
+    """Create the process groups of ``sharding`` (torch.distributed must be initialised when
+    ``world_size`` > 1) and set the state. Every rank must call this, in the same order as its
+    other group creations: ``new_group`` is collective."""
+    if sharding.resolved_world_size != world_size:
+        raise ValueError(f"the sharding needs world_size {sharding.resolved_world_size} but this job has "
+                         f"{world_size} ranks")
+    if sharding.data_parallel != 1:
+        raise ValueError(f"data_parallel ({sharding.data_parallel}) > 1 is not supported: set data_parallel: 1 "
+                         f"and tensor_parallel: {world_size}")
+    ep, etp = sharding.expert_parallel, sharding.expert_tensor_parallel
+    timeout = timedelta(seconds=sharding.timeout_seconds)
+
+    def group(ranks: list[int]) -> dist.ProcessGroup | None:
+        if len(ranks) == 1:
+            return None
+        if len(ranks) == world_size:
+            return dist.group.WORLD
+        return dist.new_group(ranks, timeout=timeout)
+
+    ep_rank, etp_rank = divmod(rank, etp)
+    ep_group = etp_group = None
+    for j in range(etp):  # every rank creates every group, in the same order
+        g = group([e * etp + j for e in range(ep)])
+        if j == etp_rank:
+            ep_group = g
+    for e in range(ep):
+        g = group([e * etp + j for j in range(etp)])
+        if e == ep_rank:
+            etp_group = g
+    state = ParallelState(rank=rank, world_size=world_size, tp_rank=rank, tp_size=world_size, ep_rank=ep_rank,
+                          ep_size=ep, etp_rank=etp_rank, etp_size=etp,
+                          tp_group=group(list(range(world_size))), ep_group=ep_group, etp_group=etp_group,
+                          sharding=sharding)
+    set_parallel_state(state)
+    return state
+
+
 def tp_all_reduce(x):
     """Sum ``x`` over the tensor-parallel group (identity when tp_size is 1)."""
     st = get_parallel_state()
@@ -79,11 +148,31 @@ def tp_all_reduce(x):
 
 def tp_all_gather_last_dim(x):
     """Concatenate the tensor-parallel shards of ``x`` along its last dim."""
-    import torch
-
     st = get_parallel_state()
     if st.tp_size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(st.tp_size)]
     dist.all_gather(parts, x.contiguous(), group=st.tp_group)
     return torch.cat(parts, dim=-1)
+
+
+# ---- whole-job helpers for the engine's SPMD loop ---------------------------------------------
+
+def world_all_gather_ints(values: list[int]) -> list[list[int]]:
+    """Every rank's ``values`` (the same length on every rank), in rank order."""
+    st = get_parallel_state()
+    if st.world_size == 1:
+        return [list(values)]
+    t = torch.tensor(values, dtype=torch.int64)
+    parts = [torch.empty_like(t) for _ in range(st.world_size)]
+    dist.all_gather(parts, t)
+    return [p.tolist() for p in parts]
+
+
+def world_broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` as rank ``src`` has it (pickled), on every rank."""
+    if get_parallel_state().world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from parallel import ParallelLMHead, VocabParallelEmbedding, get_tp_size
+from parallel import ParallelLMHead, ShardingConfig, VocabParallelEmbedding
 
 from ..config import ModelConfig
 from .layers import Attention, DenseMLP, ForwardContext, RMSNorm, SparseMoE
@@ -81,7 +81,37 @@ class MoECausalLM(nn.Module):
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
 
 
-def tp_check(cfg: ModelConfig) -> None:
-    tp = get_tp_size()
+def check_sharding(cfg: ModelConfig, sharding: ShardingConfig) -> None:
+    """Reject a layout this model cannot take, naming the field and the fix, before any process
+    group is joined or weight loaded."""
+    tp, ep, etp = sharding.tensor_parallel, sharding.expert_parallel, sharding.expert_tensor_parallel
+    world = sharding.resolved_world_size
+
+    def choices(n: int) -> str:
+        return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+    if sharding.data_parallel != 1:
+        raise ValueError(
+            f"data_parallel ({sharding.data_parallel}) > 1 is not supported yet (attention runs tensor-parallel over "
+            f"every rank): set data_parallel: 1 and tensor_parallel: {world}, keeping expert_parallel: {ep}")
     if cfg.num_heads % tp:
-        raise ValueError(f"num_attention_heads ({cfg.num_heads}) is not divisible by tensor_parallel ({tp})")
+        raise ValueError(f"num_attention_heads ({cfg.num_heads}) is not divisible by tensor_parallel ({tp}): "
+                         f"choose tensor_parallel from {choices(cfg.num_heads)}")
+    kv = cfg.num_kv_heads
+    if not cfg.mla and (kv % tp if kv >= tp else tp % kv):
+        raise ValueError(f"num_key_value_heads ({kv}) and tensor_parallel ({tp}): one must divide the other "
+                         f"(KV heads are split, or replicated when fewer than the ranks)")
+    if cfg.qk_norm == "full" and tp > 1:
+        raise ValueError(f"{cfg.architecture}: q/k norm over all heads is not supported with tensor_parallel > 1; "
+                         "set tensor_parallel: 1")
+    sizes = {"intermediate_size (dense MLP layers)": cfg.dense_intermediate_size if not all(cfg.sparse_layers) else 0,
+             "shared_expert_intermediate_size": cfg.shared_expert_intermediate_size}
+    for name, size in sizes.items():
+        if size % tp:
+            raise ValueError(f"{name} ({size}) is not divisible by tensor_parallel ({tp}): choose tensor_parallel "
+                             f"from {choices(size)}")
+    sharding.validate_for_model(cfg.num_experts)
+    if cfg.num_experts and cfg.moe_intermediate_size % etp:
+        raise ValueError(f"moe_intermediate_size ({cfg.moe_intermediate_size}) is not divisible by "
+                         f"expert_tensor_parallel ({etp} = world_size {world} / expert_parallel {ep}): raise "
+                         f"expert_parallel so that world_size / expert_parallel divides it (e.g. {world})")

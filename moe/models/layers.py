@@ -12,8 +12,8 @@ from torch import nn
 
 from experts import Activation, GroupedExperts, swiglu
 from kvcache import AttentionMetadata, paged_attention, write_kv
-from parallel import (ColumnParallelLinear, LocalDispatcher, QKVParallelLinear, ReplicatedLinear, RowParallelLinear,
-                      get_ep_rank, get_ep_size, get_tp_size)
+from parallel import (ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear, get_etp_rank,
+                      get_etp_size, get_tp_size, local_expert_slots, make_moe_dispatcher)
 from routing import RouterConfig, expert_counts, route
 
 from ..config import ModelConfig
@@ -125,14 +125,13 @@ class SparseMoE(nn.Module):
         if rc.use_correction_bias:
             self.e_score_correction_bias = nn.Parameter(torch.zeros(rc.num_experts, dtype=torch.float32),
                                                         requires_grad=False)
-        ep, rank = get_ep_size(), get_ep_rank()
-        if ep > 1:
-            raise NotImplementedError("expert parallelism needs a distributed dispatcher (see parallel/)")
-        self.dispatcher = LocalDispatcher(rc.num_experts)
+        # one rank: LocalDispatcher; several: each rank's slice of the tokens goes through the
+        # expert-parallel dispatcher the sharding names (parallel/moe_parallel.py)
+        self.dispatcher = make_moe_dispatcher(rc.num_experts)
         self.experts = GroupedExperts(
             rc.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, bias=cfg.expert_bias,
             activation=Activation(cfg.swiglu_limit, cfg.swiglu_alpha), dtype=dtype,
-            expert_start=rank * rc.num_experts // ep, num_local_experts=rc.num_experts // ep)
+            slot_experts=local_expert_slots(rc.num_experts), intermediate_shard=(get_etp_rank(), get_etp_size()))
         self.shared_expert = None
         self.shared_expert_gate = None
         if cfg.shared_expert_intermediate_size:

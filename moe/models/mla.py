@@ -25,7 +25,10 @@ class MLAttention(nn.Module):
         super().__init__()
         m = cfg.mla
         self.layer_idx = layer_idx
-        self.num_heads = cfg.num_heads // get_tp_size()
+        tp = get_tp_size()
+        if cfg.num_heads % tp:
+            raise ValueError(f"num_attention_heads ({cfg.num_heads}) is not divisible by tensor_parallel ({tp})")
+        self.num_heads = cfg.num_heads // tp  # heads split over TP ranks; the latent cache is replicated
         self.nope, self.rope_dim, self.v_dim = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
         self.kv_lora_rank = m.kv_lora_rank
         qk_dim = self.nope + self.rope_dim

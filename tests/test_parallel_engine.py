@@ -1,0 +1,334 @@
+"""Expert and tensor parallelism end to end: the same script under torchrun (2 and 4 CPU ranks,
+gloo) gives every rank the outputs of the single-process engine.
+
+Each multi-process job runs tests/parallel_scripts/generate.py, which builds
+``LLM(path, sharding=...)`` for several layouts in turn and writes each rank's outputs as JSON;
+the tests compare them with the single-process engine run here: greedy tokens identical,
+logprobs within 1e-4 (float32), every rank equal, and no step where a rank's own sampling
+differed from rank 0's (so logits really are identical on every rank).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe import LLM, SamplingParams
+
+torch.set_num_threads(1)
+
+SCRIPT = Path(__file__).parent / "parallel_scripts" / "generate.py"
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss")
+
+# mixed lengths, greedy with logprobs, one seeded sampled request
+REQUESTS = [
+    {"prompt_token_ids": [5, 9, 33], "params": dict(temperature=0, max_tokens=8, logprobs=2, ignore_eos=True)},
+    {"prompt_token_ids": [7, 100, 3, 200, 17, 18, 19, 20, 21, 22, 23, 11, 12],
+     "params": dict(temperature=0, max_tokens=5, logprobs=2, ignore_eos=True)},
+    {"prompt_token_ids": [44], "params": dict(temperature=0.8, seed=7, max_tokens=8, logprobs=1, ignore_eos=True)},
+    {"prompt_token_ids": [61, 62, 63, 64, 65, 66, 67], "params": dict(temperature=0, max_tokens=3, logprobs=0,
+                                                                         ignore_eos=True)},
+]
+
+# name -> (family, sharding); world size = tensor_parallel (data_parallel is 1)
+TWO_RANKS = {
+    "mixtral_tp2": ("mixtral", dict(tensor_parallel=2)),  # experts split by intermediate dim (expert-TP 2)
+    "qwen3_ep2_all_to_all": ("qwen3_moe", dict(tensor_parallel=2, expert_parallel=2)),
+    "deepseek_ep2_all_gather": ("deepseek_v3", dict(tensor_parallel=2, expert_parallel=2, dispatcher="all_gather")),
+    # 4 experts + 2 replicas: rank 1 holds [3, 0, 1] (a non-contiguous set)
+    "mixtral_ep2_redundant": ("mixtral", dict(tensor_parallel=2, expert_parallel=2, redundant_experts=2)),
+    "qwen3_ep2_round_robin_all_gather": ("qwen3_moe", dict(tensor_parallel=2, expert_parallel=2,
+                                                          placement="round_robin", dispatcher="all_gather")),
+    "gpt_oss_tp2": ("gpt_oss", dict(tensor_parallel=2)),  # biases, sinks: the down bias is added once
+    # shared expert with its gate, a dense layer, 6 experts split by intermediate dim
+    "qwen2_moe_tp2": ("qwen2_moe", dict(tensor_parallel=2)),
+    "deepseek_v2_ep2": ("deepseek_v2", dict(tensor_parallel=2, expert_parallel=2)),  # MLA without q LoRA
+}
+FOUR_RANKS = {
+    # attention TP 4 (2 KV heads, each on 2 ranks), experts over 2 ranks x intermediate split 2
+    "qwen3_tp4_ep2": ("qwen3_moe", dict(tensor_parallel=4, expert_parallel=2)),
+    "deepseek_tp4_ep4_all_gather": ("deepseek_v3", dict(tensor_parallel=4, expert_parallel=4,
+                                                        dispatcher="all_gather")),
+    "mixtral_tp4_ep2_redundant": ("mixtral", dict(tensor_parallel=4, expert_parallel=2, redundant_experts=2)),
+}
+
+
+def _params() -> list[SamplingParams]:
+    return [SamplingParams(**r["params"]) for r in REQUESTS]
+
+
+@pytest.fixture(scope="module")
+def paths(checkpoint) -> dict[str, Path]:
+    return {f: checkpoint(f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def reference(paths) -> dict[str, list[dict]]:
+    """Single-process outputs per family."""
+    out = {}
+    for fam, path in paths.items():
+        llm = LLM(str(path), dtype="float32", block_size=4)
+        outs = llm.generate([{"prompt_token_ids": r["prompt_token_ids"]} for r in REQUESTS], _params())
+        out[fam] = [{"token_ids": o.outputs[0].token_ids,
+                     "logprobs": [{str(k): v for k, v in d.items()} for d in o.outputs[0].logprobs]} for o in outs]
+    return out
+
+
+def _rank_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MOE_SHARDING")}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+
+
+def _write_spec(tmp: Path, cases: dict, paths: dict[str, Path], die: dict | None = None) -> Path:
+    spec = {"cases": [{"name": n, "model": str(paths[fam]), "sharding": sh} for n, (fam, sh) in cases.items()],
+            "requests": REQUESTS, "die": die}
+    (tmp / "out").mkdir(exist_ok=True)
+    p = tmp / "spec.json"
+    p.write_text(json.dumps(spec))
+    return p
+
+
+def _torchrun(nproc: int, cases: dict, paths: dict[str, Path], tmp: Path) -> dict[str, list[dict]]:
+    spec = _write_spec(tmp, cases, paths)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(SCRIPT),
+           str(spec), str(tmp / "out")]
+    log = tmp / "ranks.log"
+    with log.open("w") as f:
+        code = subprocess.run(cmd, env=_rank_env(), stdout=f, stderr=subprocess.STDOUT, cwd=tmp,
+                              timeout=240).returncode
+    assert code == 0, f"torchrun failed ({code}), see {log}:\n{log.read_text()[-4000:]}"
+    return {name: [json.loads((tmp / "out" / f"{name}.rank{r}.json").read_text()) for r in range(nproc)]
+            for name in cases}
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(paths, tmp_path_factory):
+    return _torchrun(2, TWO_RANKS, paths, tmp_path_factory.mktemp("two_ranks"))
+
+
+@pytest.fixture(scope="module")
+def four_rank_results(paths, tmp_path_factory):
+    return _torchrun(4, FOUR_RANKS, paths, tmp_path_factory.mktemp("four_ranks"))
+
+
+def _check_same_as_single_process(ranks: list[dict], ref: list[dict]) -> None:
+    for r in ranks:
+        assert r["outputs"] == ranks[0]["outputs"], f"rank {r['rank']} returned different outputs than rank 0"
+        assert r["sampling_mismatches"] == 0, f"rank {r['rank']} sampled differently from rank 0"
+    for i, (got, want) in enumerate(zip(ranks[0]["outputs"], ref)):
+        assert got["token_ids"] == want["token_ids"], f"request {i}"
+        for step, (g, w) in enumerate(zip(got["logprobs"], want["logprobs"])):
+            tok = str(want["token_ids"][step])
+            assert abs(g[tok] - w[tok]) < 1e-4, f"request {i} step {step}: {g[tok]} vs {w[tok]}"
+            shared = set(g) & set(w)
+            assert max(abs(g[k] - w[k]) for k in shared) < 1e-4
+
+
+@pytest.mark.parametrize("name", list(TWO_RANKS))
+def test_two_ranks_match_single_process(name, two_rank_results, reference):
+    _check_same_as_single_process(two_rank_results[name], reference[TWO_RANKS[name][0]])
+
+
+@pytest.mark.parametrize("name", list(FOUR_RANKS))
+def test_four_ranks_match_single_process(name, four_rank_results, reference):
+    _check_same_as_single_process(four_rank_results[name], reference[FOUR_RANKS[name][0]])
+
+
+def test_layouts_hold_their_shards(two_rank_results, four_rank_results):
+    """Each rank holds its experts (replicas on every owning rank), its heads and its KV heads."""
+    slots = lambda res: [r["slot_experts"] for r in res]  # noqa: E731
+    assert slots(two_rank_results["mixtral_tp2"]) == [[0, 1, 2, 3]] * 2
+    assert [r["expert_intermediate"] for r in two_rank_results["mixtral_tp2"]] == [48, 48]  # 96 / 2
+    assert slots(two_rank_results["qwen3_ep2_all_to_all"]) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert slots(two_rank_results["mixtral_ep2_redundant"]) == [[0, 1, 2], [3, 0, 1]]
+    assert slots(two_rank_results["qwen3_ep2_round_robin_all_gather"]) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert {r["dispatcher"] for r in two_rank_results["deepseek_ep2_all_gather"]} == {"AllGatherDispatcher"}
+    assert {r["dispatcher"] for r in two_rank_results["qwen3_ep2_all_to_all"]} == {"AllToAllDispatcher"}
+    q = two_rank_results["qwen3_ep2_all_to_all"][0]
+    assert q["heads"] == 2 and q["kv_cache_shape"][2:] == [1, 24]  # 4 heads, 2 KV heads over 2 ranks
+    # 4 ranks, expert_parallel 2: EP rank = rank // 2, each expert's 48 intermediate rows split 2 ways
+    four = four_rank_results["qwen3_tp4_ep2"]
+    assert slots(four) == [[0, 1, 2, 3]] * 2 + [[4, 5, 6, 7]] * 2
+    assert {r["expert_intermediate"] for r in four} == {24} and {r["heads"] for r in four} == {1}
+    assert slots(four_rank_results["mixtral_tp4_ep2_redundant"]) == [[0, 1, 2]] * 2 + [[3, 0, 1]] * 2
+    ds = four_rank_results["deepseek_tp4_ep4_all_gather"]
+    assert slots(ds) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert {tuple(r["kv_cache_shape"][2:]) for r in ds} == {(1, 40)}  # MLA latent cache, replicated
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(env_of_rank: list[dict[str, str]], spec: Path, tmp: Path) -> list[subprocess.Popen]:
+    """Start the ranks by hand (as mpirun or srun would), without torchrun."""
+    return [subprocess.Popen([sys.executable, str(SCRIPT), str(spec), str(tmp / "out")], env={**_rank_env(), **env},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp)
+            for env in env_of_rank]
+
+
+def _kill(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    try:
+        return [p.communicate(timeout=timeout)[1] for p in procs]
+    finally:
+        _kill(procs)
+
+
+LAUNCHER_ENVS = {
+    "mpirun": lambda r, port: {"OMPI_COMM_WORLD_RANK": str(r), "OMPI_COMM_WORLD_SIZE": "2",
+                               "OMPI_COMM_WORLD_LOCAL_RANK": str(r), "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+    "slurm": lambda r, port: {"SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
+                              "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "1", "SLURM_TASKS_PER_NODE": "2",
+                              "SLURM_JOB_NODELIST": "127.0.0.1", "MASTER_PORT": port},
+}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHER_ENVS))
+def test_mpirun_and_srun_environments(launcher, paths, reference, tmp_path):
+    spec = _write_spec(tmp_path, {"case": ("qwen3_moe", dict(tensor_parallel=2, expert_parallel=2))}, paths)
+    port = str(_free_port())
+    procs = _spawn([LAUNCHER_ENVS[launcher](r, port) for r in range(2)], spec, tmp_path)
+    errs = _finish(procs, 120)
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    ranks = [json.loads((tmp_path / "out" / f"case.rank{r}.json").read_text()) for r in range(2)]
+    _check_same_as_single_process(ranks, reference["qwen3_moe"])
+
+
+@pytest.mark.parametrize("stall", [0, 30], ids=["rank_exits", "rank_stalls"])
+def test_lost_rank_ends_the_job_with_an_error(stall, paths, tmp_path):
+    """Rank 1 exits (or hangs) mid-generate; rank 0 (started by hand, so no launcher kills it)
+    must fail fast -- at once for a dead peer, after the sharding's timeout for a hung one --
+    with a clear message instead of hanging."""
+    timeout = 3 if stall else 20
+    spec = _write_spec(tmp_path, {"lost": ("qwen3_moe", dict(tensor_parallel=2, expert_parallel=2,
+                                                             timeout_seconds=timeout))},
+                       paths, die={"rank": 1, "step": 3, "stall": stall})
+    port = str(_free_port())
+    t0 = time.monotonic()
+    procs = _spawn([{"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
+                     "MASTER_PORT": port} for r in range(2)], spec, tmp_path)
+    try:
+        err0 = procs[0].communicate(timeout=60)[1]
+        elapsed = time.monotonic() - t0
+    finally:
+        _kill(procs)
+    assert procs[0].returncode != 0
+    assert "rank 0 of 2: a collective failed mid-step" in err0, err0[-3000:]
+    assert ("Timed out" in err0) == bool(stall), err0[-3000:]
+    assert elapsed < 30, f"rank 0 took {elapsed:.0f}s to notice"
+
+
+# ---- bad layouts are rejected before anything is loaded or joined ---------------------------
+
+def test_tensor_parallel_must_divide_heads(paths):
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) is not divisible by tensor_parallel \(3\)"):
+        LLM(str(paths["mixtral"]), dtype="float32", sharding={"tensor_parallel": 3})
+
+
+def test_world_size_must_match_the_launcher(paths, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match=r"needs world_size 2 .* but env starts 4 processes"):
+        LLM(str(paths["mixtral"]), dtype="float32", sharding={"tensor_parallel": 2})
+    with pytest.raises(ValueError, match=r"needs world_size 1 .* but env starts 4 processes"):
+        LLM(str(paths["mixtral"]), dtype="float32")
+
+
+def test_multi_rank_sharding_needs_a_launcher(paths):
+    with pytest.raises(ValueError, match=r"started alone: run the script under a launcher, e.g. torchrun"):
+        LLM(str(paths["mixtral"]), dtype="float32", sharding={"tensor_parallel": 2, "expert_parallel": 2})
+
+
+def test_data_parallel_is_rejected_with_the_fix(paths):
+    with pytest.raises(ValueError, match=r"data_parallel \(2\) > 1 is not supported yet.*set data_parallel: 1 and "
+                                         r"tensor_parallel: 2"):
+        LLM(str(paths["mixtral"]), dtype="float32", sharding={"data_parallel": 2, "expert_parallel": 2})
+
+
+def test_sharding_file_errors_name_the_key(paths, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tensor_paralel: 2\n")
+    with pytest.raises(ValueError, match=r"unknown key 'tensor_paralel'.*did you mean 'tensor_parallel'"):
+        LLM(str(paths["mixtral"]), dtype="float32", sharding=str(bad))
+    with pytest.raises(ValueError, match=r"= 5 slots do not split evenly over expert_parallel \(2\)"):
+        LLM(str(paths["mixtral"]), dtype="float32", sharding={"tensor_parallel": 2, "expert_parallel": 2,
+                                                              "redundant_experts": 1})
+
+
+# ---- GroupedExperts slots and expert-TP slices, in one process --------------------------------
+
+def _full_experts(E: int, D: int, F: int, bias: bool, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    t = {"w13": torch.randn(E, 2 * F, D, generator=g) / D ** 0.5, "w2": torch.randn(E, D, F, generator=g) / F ** 0.5}
+    if bias:
+        t["b13"], t["b2"] = torch.randn(E, 2 * F, generator=g), torch.randn(E, D, generator=g)
+    return t
+
+
+def _load_per_expert(mod, full: dict[str, torch.Tensor], E: int, F: int) -> None:
+    """Feed per-expert checkpoint tensors (gate/up/down) for every expert, as the loader does."""
+    for e in range(E):
+        if not mod.owns(e):
+            continue
+        mod.weight_loader(mod.w13, full["w13"][e, :F], "gate", e)
+        mod.weight_loader(mod.w13, full["w13"][e, F:], "up", e)
+        mod.weight_loader(mod.w2, full["w2"][e], "down", e)
+        if "b13" in full:
+            mod.weight_loader(mod.b13, full["b13"][e], "gate_up", e)
+            mod.weight_loader(mod.b2, full["b2"][e], "down", e)
+
+
+def test_grouped_experts_hold_a_non_contiguous_slot_list():
+    from experts import GroupedExperts
+
+    E, D, F = 4, 8, 6
+    full = _full_experts(E, D, F, bias=False)
+    per_expert = GroupedExperts(E, D, F, slot_experts=[3, 0, 1])
+    _load_per_expert(per_expert, full, E, F)
+    stacked = GroupedExperts(E, D, F, slot_experts=[3, 0, 1])
+    stacked.weight_loader(stacked.w13, full["w13"], "gate_up")
+    stacked.weight_loader(stacked.w2, full["w2"], "down")
+    for mod in (per_expert, stacked):
+        assert torch.equal(mod.w13, full["w13"][[3, 0, 1]]) and torch.equal(mod.w2, full["w2"][[3, 0, 1]])
+    assert per_expert.owns(0) and not per_expert.owns(2) and per_expert.logical_ids == [0, 1, 3]
+    with pytest.raises(ValueError, match="distinct"):
+        GroupedExperts(E, D, F, slot_experts=[1, 1])
+
+
+def test_expert_tensor_parallel_slices_sum_to_the_whole_expert():
+    """Each of n slices holds 1/n of every expert's intermediate dim; with the gpt-oss clamped
+    SwiGLU and biases, the slices' outputs sum to the unsplit experts' output."""
+    from experts import Activation, GroupedExperts
+
+    E, D, F, n = 3, 8, 12, 3
+    act = Activation(limit=1.0, alpha=1.702)
+    full = _full_experts(E, D, F, bias=True, seed=1)
+    whole = GroupedExperts(E, D, F, bias=True, activation=act, backend="torch")
+    _load_per_expert(whole, full, E, F)
+    x_RD, counts_e = torch.randn(7, D), torch.tensor([3, 0, 4])
+    parts = []
+    for r in range(n):
+        mod = GroupedExperts(E, D, F, bias=True, activation=act, backend="torch", intermediate_shard=(r, n))
+        _load_per_expert(mod, full, E, F)
+        assert mod.w13.shape == (E, 2 * F // n, D) and mod.w2.shape == (E, D, F // n)
+        parts.append(mod(x_RD, counts_e))
+    torch.testing.assert_close(sum(parts), whole(x_RD, counts_e), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"intermediate size \(12\) is not divisible by expert_tensor_parallel \(5\)"):
+        GroupedExperts(E, D, F, intermediate_shard=(0, 5))
