@@ -28,6 +28,8 @@ def generate(
     stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
     dtype: str = typer.Option("auto", help="auto, bfloat16, float16 or float32."),
     kv_cache_memory: Optional[str] = typer.Option(None, help="KV cache size, e.g. 2GiB."),
+    offload_experts: bool = typer.Option(False, "--offload-experts", help="Keep routed experts in the files."),
+    expert_cache: Optional[str] = typer.Option(None, help="With --offload-experts: resident experts, e.g. 4GiB."),
     max_model_len: Optional[int] = typer.Option(None),
     chat: bool = typer.Option(False, "--chat", help="Apply the checkpoint's chat template."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they are generated."),
@@ -49,7 +51,8 @@ def generate(
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                                 max_tokens=max_tokens, stop=stop or None, logprobs=logprobs)
         llm = LLM(model, dtype=dtype, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
-                  load_progress=sys.stderr.isatty(), sharding=sharding)
+                  load_progress=sys.stderr.isatty(), sharding=sharding, offload_experts=offload_experts,
+                  expert_cache=expert_cache)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
@@ -157,6 +160,9 @@ def _kv_bytes_per_token(cfg) -> int:
 from .cli_parallel import register  # noqa: E402  (plan and launch live beside the parallel code)
 
 register(app)
+from .cli_quant import register as register_quant  # noqa: E402
+
+register_quant(app)
 
 
 def main() -> None:

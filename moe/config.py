@@ -15,6 +15,8 @@ from routing import RouterConfig
 if TYPE_CHECKING:
     from parallel import ShardingConfig
 
+    from .models.quant_weights import ExpertsPlan
+
 
 @dataclass(frozen=True)
 class MLAConfig:
@@ -65,6 +67,8 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
     raw: dict = field(default_factory=dict, repr=False, compare=False)
+    # how routed experts are held (packed format, offloading): set by the engine, see moe/models/quant_weights.py
+    experts: ExpertsPlan | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -155,8 +159,14 @@ class EngineConfig:
     # parallel layout: a YAML path, a dict of its keys or a ShardingConfig (read into one here);
     # None: one process, unless a launcher started several (then its world size must be 1)
     sharding: str | Path | dict | ShardingConfig | None = None
+    quantization: str | None = None  # None/"auto": the checkpoint's quantization_config; else it must match
+    offload_experts: bool = False  # routed experts stay in the checkpoint files, behind a cache
+    expert_cache: str | int | None = None  # bytes of that cache, e.g. "4GiB" (default 2GiB)
 
     def __post_init__(self) -> None:
+        from .models.quant_weights import check_expert_options
+
+        check_expert_options(self.quantization, self.offload_experts, self.expert_cache)
         if self.sharding is not None:
             from parallel import ShardingConfig, load_sharding
 

@@ -15,6 +15,7 @@ import operator
 import logging
 import time
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from .loader import load_weights
 from .model_runner import ModelRunner, StepResult
 from .models import MoECausalLM, parse_config, rules_for
 from .models.decoder import check_sharding
+from .models.quant_weights import checkpoint_rules, plan_experts
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampler import Sampler
 from .sampling_params import SamplingParams
@@ -116,7 +118,8 @@ class LLMEngine:
         self.config = config
         model_dir = Path(config.model)
         hf = read_config_json(model_dir)
-        self.model_config = cfg = parse_config(hf)
+        plan = plan_experts(hf, config.quantization, config.offload_experts, config.expert_cache)
+        self.model_config = cfg = replace(parse_config(hf), experts=plan)
         self.parallel, device = init_parallel(config, cfg)
         self.device = torch.device(device)
         self.sampling_mismatches = 0  # steps where this rank sampled differently from rank 0
@@ -129,7 +132,8 @@ class LLMEngine:
             self.model = MoECausalLM(cfg, self.dtype)
         for moe in self.model.sparse_layers():
             moe.experts.backend = config.experts_backend
-        load_weights(self.model, model_dir, rules_for(cfg.architecture), cfg.num_layers, cfg.tie_word_embeddings,
+        rules = checkpoint_rules(plan, rules_for(cfg.architecture), model_dir)  # + packed/fp8 layouts
+        load_weights(self.model, model_dir, rules, cfg.num_layers, cfg.tie_word_embeddings,
                      progress=config.load_progress)
         self.model.eval()
         self.tokenizer: Tokenizer | None = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None

@@ -76,6 +76,11 @@ class _ShardReader:
             self.read = 0
 
 
+def tensor_locations(files: list[Path]) -> dict[str, Path]:
+    """Every tensor name of a checkpoint and the file holding it (headers only)."""
+    return {name: path for path in files for name in _open(path).keys()}
+
+
 def iter_tensor_names(files: list[Path]) -> Iterator[tuple[_ShardReader, str]]:
     for path in files:
         reader = _ShardReader(path)
@@ -118,6 +123,10 @@ def load_weights(model: nn.Module, model_dir: str | Path, rules: list[Rule], num
         experts = getattr(owner, "__self__", None)
         if target.expert_id is not None and hasattr(experts, "owns") and not experts.owns(target.expert_id):
             continue
+        if getattr(experts, "offloaded", False):  # read on demand from the file (experts/offload.py)
+            experts.add_source(param, path, name, target.shard_id, target.expert_id, target.transform)
+            loaded.add(target.param)
+            continue
         tensor = reader.get(name)
         if target.transform is not None:
             tensor = target.transform(tensor)
@@ -150,6 +159,9 @@ def load_weights(model: nn.Module, model_dir: str | Path, rules: list[Rule], num
             have = {s for (x, s) in parts if x == e}
             if not (need <= have or "gate_up" in have):
                 raise ValueError(f"checkpoint {model_dir} lacks expert {e} of {pname} ({sorted(need - have)})")
+    for module in model.modules():  # layers that prepare a compute layout once their weights are in
+        if hasattr(module, "post_load"):
+            module.post_load()
     if unexpected:
         import logging
 

@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experts import Activation, GroupedExperts, swiglu
+from experts import Activation, swiglu
 from kvcache import AttentionMetadata, paged_attention, write_kv
 from parallel import (ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear, get_etp_rank,
                       get_etp_size, get_tp_size, local_expert_slots, make_moe_dispatcher)
 from routing import RouterConfig, expert_counts, route
 
 from ..config import ModelConfig
+from .quant_weights import make_experts
 from .rope import RotaryEmbedding
 
 
@@ -128,8 +129,8 @@ class SparseMoE(nn.Module):
         # one rank: LocalDispatcher; several: each rank's slice of the tokens goes through the
         # expert-parallel dispatcher the sharding names (parallel/moe_parallel.py)
         self.dispatcher = make_moe_dispatcher(rc.num_experts)
-        self.experts = GroupedExperts(
-            rc.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, bias=cfg.expert_bias,
+        self.experts = make_experts(
+            cfg.experts, rc.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, bias=cfg.expert_bias,
             activation=Activation(cfg.swiglu_limit, cfg.swiglu_alpha), dtype=dtype,
             slot_experts=local_expert_slots(rc.num_experts), intermediate_shard=(get_etp_rank(), get_etp_size()))
         self.shared_expert = None

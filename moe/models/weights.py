@@ -104,8 +104,10 @@ GPT_OSS_EXPERTS = [
     rule(L + r"mlp\.experts\.down_proj_bias", "layers.{l}.mlp.experts.b2", "down"),
 ]
 
-# Tensors a checkpoint may carry that inference does not use.
-IGNORED = [re.compile(p) for p in (r".*rotary_emb\.inv_freq", r"model\.layers\.\d+\.self_attn\.rotary_emb\..*")]
+# Tensors a checkpoint may carry that inference does not use; fp8 scales of non-expert linears
+# are read by the rule that dequantizes their weight (moe/models/quant_weights.py).
+IGNORED = [re.compile(p) for p in (r".*rotary_emb\.inv_freq", r"model\.layers\.\d+\.self_attn\.rotary_emb\..*",
+                                   r".*\.weight_scale_inv")]
 
 
 def rules_for(architecture: str) -> list[Rule]:

@@ -1,0 +1,67 @@
+"""``moe quantize``: pack a checkpoint's routed experts (int8, int4, fp8_block, mxfp4).
+
+:func:`register` adds the command to a typer app (moe/cli.py calls it).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def _fail(e: Exception) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(2)
+
+
+def format_from_flags(name: str, group_size: int, asym: bool, scale_dtype: str):
+    """The WeightFormat the flags describe; flags a format does not take are an error, not ignored."""
+    from experts.formats import FORMATS, get_format
+
+    if name not in FORMATS:
+        raise ValueError(f"--format {name!r} is unknown: choose {', '.join(FORMATS)}")
+    if name in ("int8", "int4"):
+        return get_format(name, group_size=group_size, symmetric=not asym, scale_dtype=scale_dtype)
+    if asym:
+        raise ValueError(f"--asym applies to int8/int4 only; {name} is symmetric")
+    return get_format(name)
+
+
+def quantize(
+    model: str = typer.Option(..., "--model", "-m", help="Source checkpoint directory (bf16/fp16/fp32)."),
+    fmt: str = typer.Option(..., "--format", help="int4, int8, fp8_block or mxfp4."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write the quantized checkpoint to."),
+    group_size: int = typer.Option(128, "--group-size", help="int4/int8: columns per scale (32, 64 or 128)."),
+    asym: bool = typer.Option(False, "--asym", help="int4/int8: asymmetric (per-group zero points)."),
+    scale_dtype: str = typer.Option("bfloat16", "--scale-dtype", help="int4/int8 scales: bfloat16 or float32."),
+    max_shard_size: str = typer.Option("2GiB", "--max-shard-size", help="Size of each output safetensors file."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """Write a copy of a checkpoint with its routed experts packed; everything else is copied unchanged.
+    ``moe generate --model OUT`` then reads the format from OUT/config.json."""
+    import sys
+
+    from .config import parse_bytes
+    from .quantize import quantize_checkpoint
+
+    try:
+        weight_format = format_from_flags(fmt, group_size, asym, scale_dtype)
+        report = quantize_checkpoint(model, out, weight_format, max_shard_bytes=parse_bytes(max_shard_size),
+                                     overwrite=force, progress=sys.stderr.isatty())
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        _fail(e)
+    if json_out:
+        typer.echo(json.dumps(report.as_dict()))
+        return
+    ratio = report.expert_bytes_in / max(report.expert_bytes_out, 1)
+    typer.echo(f"wrote {out} ({len(report.files)} file(s), {report.total_bytes_out / 2**20:.1f} MiB): "
+               f"{report.expert_tensors} expert tensors packed as {weight_format.name} "
+               f"({report.expert_bytes_in / 2**20:.1f} -> {report.expert_bytes_out / 2**20:.1f} MiB, {ratio:.1f}x), "
+               f"{report.other_tensors} copied")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``quantize`` to ``app``."""
+    app.command("quantize")(quantize)

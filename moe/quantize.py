@@ -1,0 +1,156 @@
+"""``moe quantize``: write a copy of a checkpoint whose routed experts are packed in a weight format.
+
+The source is streamed: one tensor at a time is read from its memory-mapped file; expert
+weights are brought to our layout by the family's name rules and transforms (``[N, K]`` rows,
+gate then up), packed, and buffered until a shard of ``max_shard_bytes`` is written. Routers,
+norms, embeddings, attention, dense MLPs and shared experts are copied unchanged. config.json
+gains the ``quantization_config`` that :mod:`moe.models.quant_weights` reads back; the
+tokenizer and other small files are copied. Output names (see that module):
+
+- per-expert sources: ``model.layers.{l}.mlp.experts.{e}.{gate_proj|up_proj|down_proj}.{tensor}``
+- stacked sources: ``model.layers.{l}.mlp.experts.{gate_up_proj|down_proj}.{tensor}``
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from experts.formats import WeightFormat, expected_nbytes
+
+from .config import read_config_json
+from .loader import checkpoint_files, iter_tensor_names
+from .models import parse_config, rules_for
+from .models.quant_weights import QUANT_METHOD
+from .models.weights import map_name
+
+_EXPERT_PARAM = re.compile(r"layers\.(?P<l>\d+)\.mlp\.experts\.(?P<w>w13|w2)")
+_PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj", "gate_up": "gate_up_proj"}
+INDEX = "model.safetensors.index.json"
+
+
+@dataclass
+class QuantizeReport:
+    out: Path
+    files: list[str] = field(default_factory=list)
+    expert_tensors: int = 0  # source tensors packed
+    other_tensors: int = 0  # copied unchanged
+    expert_bytes_in: int = 0
+    expert_bytes_out: int = 0
+    total_bytes_out: int = 0
+
+    def as_dict(self) -> dict:
+        return {**{k: v for k, v in self.__dict__.items() if k != "out"}, "out": str(self.out)}
+
+
+def quantization_config(fmt: WeightFormat) -> dict:
+    return {"quant_method": QUANT_METHOD, **fmt.to_config(), "modules": ["experts"]}
+
+
+class _ShardWriter:
+    """Buffers tensors and writes ``model-000NN.safetensors`` files of about ``max_bytes`` each."""
+
+    def __init__(self, out: Path, max_bytes: int):
+        self.out, self.max_bytes = out, max_bytes
+        self.buf: dict[str, torch.Tensor] = {}
+        self.buf_bytes = 0
+        self.weight_map: dict[str, str] = {}
+        self.files: list[str] = []
+        self.total = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if name in self.weight_map or name in self.buf:
+            raise ValueError(f"two source tensors map to the output name {name}")
+        self.buf[name] = t.contiguous()
+        self.buf_bytes += t.nbytes
+        if self.buf_bytes >= self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.buf:
+            return
+        fname = f"model-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.buf, str(self.out / fname), metadata={"format": "pt"})
+        self.files.append(fname)
+        self.weight_map.update(dict.fromkeys(self.buf, fname))
+        self.total += self.buf_bytes
+        self.buf, self.buf_bytes = {}, 0
+
+    def close(self) -> None:
+        self.flush()
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def quantize_checkpoint(src: str | Path, out: str | Path, fmt: WeightFormat, *, max_shard_bytes: int = 2 << 30,
+                        overwrite: bool = False, progress: bool = False) -> QuantizeReport:
+    """Write ``src`` with its routed experts packed in ``fmt`` to ``out`` (module docstring)."""
+    src, out = Path(src), Path(out)
+    hf = read_config_json(src)
+    if hf.get("quantization_config"):
+        raise ValueError(f"{src} is already quantized ({hf['quantization_config'].get('quant_method')}); "
+                         "quantize an unquantized (bf16/fp16/fp32) checkpoint")
+    cfg = parse_config(hf)
+    if not cfg.num_experts:
+        raise ValueError(f"{src} ({cfg.architecture}) has no routed experts to quantize")
+    F, D = cfg.moe_intermediate_size, cfg.hidden_size
+    for what, shape in (("gate/up [2F, D]", (2 * F, D)), ("down [D, F]", (D, F))):
+        try:
+            fmt.packed_specs(shape)
+        except ValueError as e:
+            raise ValueError(f"{fmt.name} cannot hold this model's expert {what} = {list(shape)}: {e}") from e
+    if out.resolve() == src.resolve():
+        raise ValueError("--out must differ from --model")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --force")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    rules = rules_for(cfg.architecture)
+    report = QuantizeReport(out)
+    writer = _ShardWriter(out, max_shard_bytes)
+    names = list(iter_tensor_names(checkpoint_files(src)))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(names), desc="Quantizing", unit="tensor", leave=False)
+    for reader, name in names:
+        target = map_name(rules, name)
+        m = _EXPERT_PARAM.fullmatch(target.param) if target is not None else None
+        tensor = reader.get(name)
+        if m is None:
+            writer.add(name, tensor)
+            report.other_tensors += 1
+        else:
+            w = target.transform(tensor) if target.transform is not None else tensor
+            prefix = f"model.layers.{m['l']}.mlp.experts."
+            prefix += f"{_PROJ[target.shard_id]}." if target.expert_id is None else \
+                f"{target.expert_id}.{_PROJ[target.shard_id]}."
+            packed = fmt.quantize(w)
+            for t, v in packed.items():
+                writer.add(prefix + t, v)
+            report.expert_tensors += 1
+            report.expert_bytes_in += tensor.nbytes
+            report.expert_bytes_out += expected_nbytes(fmt, tuple(w.shape))
+        del tensor
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    writer.close()
+    report.files, report.total_bytes_out = writer.files, writer.total
+
+    hf = dict(hf, quantization_config=quantization_config(fmt))
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    for p in src.iterdir():  # tokenizer, generation config, chat template, ...
+        if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", INDEX):
+            shutil.copy2(p, out / p.name)
+    return report

@@ -1,0 +1,398 @@
+"""Quantized experts end to end.
+
+- :class:`QuantGroupedExperts` against the float grouped path on its dequantized weights (every
+  format, expert slots, per-expert gate/up shards, the Triton kernels in the interpreter).
+- ``moe quantize`` output (int8/int4) loaded by the engine: against its own dequantized weights
+  (tight) and against the float model (top-1 agreement and mean KL over a fixed sequence).
+- DeepSeek-V3 fp8 and gpt-oss MXFP4 checkpoints written in their published layouts against
+  their dequantized reference (MXFP4 dequantized by transformers' own converter).
+- Bad metadata and shapes: clear errors.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on CPU
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from experts.formats import Fp8BlockWeights, Int4Weights, Int8Weights, Mxfp4Weights, WeightFormat, get_format
+from experts.grouped import Activation, grouped_swiglu_torch
+from experts.quant_layer import QuantGroupedExperts
+from moe import LLM, SamplingParams
+from moe.quantize import quantize_checkpoint
+from tiny_models import make_checkpoint
+
+torch.set_num_threads(1)
+
+V = 320
+SEQ = torch.randint(3, V, (48,), generator=torch.Generator().manual_seed(7)).tolist()
+
+
+def prompt_logprobs(path: Path, **kw) -> tuple[torch.Tensor, LLM]:
+    """Log-probs ``[len(SEQ) - 1, V]`` of every next token of SEQ (teacher-forced), and the LLM."""
+    llm = LLM(str(path), dtype="float32", kv_cache_memory=1 << 20, max_num_seqs=2, **kw)
+    out = llm.generate([{"prompt_token_ids": SEQ}], SamplingParams(max_tokens=1, temperature=0.0,
+                                                                    prompt_logprobs=V))[0]
+    lp = torch.full((len(SEQ) - 1, V), float("-inf"))
+    for i, d in enumerate(out.prompt_logprobs[1:]):
+        for t, v in d.items():
+            lp[i, t] = v
+    return lp, llm
+
+
+def agreement_and_kl(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
+    """Top-1 agreement and mean KL(ref || got) over positions."""
+    kl = (ref.exp() * (ref - got)).sum(-1)
+    return float((ref.argmax(-1) == got.argmax(-1)).float().mean()), float(kl.mean())
+
+
+def experts_modules(llm: LLM) -> list:
+    return [m.experts for m in llm.engine.model.sparse_layers()]
+
+
+# ---------------------------------------------------------------------------------------------
+# the layer
+
+
+LAYER_CASES = [  # (format, D, F)
+    (Int8Weights(32), 64, 48),
+    (Int8Weights(64, symmetric=False, scale_dtype=torch.float32), 64, 48),
+    (Int4Weights(32), 64, 48),
+    (Int4Weights(128, symmetric=False), 64, 48),
+    (Fp8BlockWeights(32, 32), 64, 48),  # F % block_n = 16: the layer uses 16-row blocks
+    (Fp8BlockWeights(128, 128), 64, 32),
+    (Mxfp4Weights(), 64, 64),
+]
+
+
+def _case_id(case) -> str:
+    fmt, D, F = case
+    return "-".join([fmt.name, *map(str, fmt.options().values()), f"F{F}"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", LAYER_CASES, ids=_case_id)
+def test_layer_matches_dequantized_reference(case, backend):
+    fmt, D, F = case
+    E, slots = 5, [3, 0, 4]  # this process holds experts 3, 0 and 4, in that slot order
+    g = torch.Generator().manual_seed(1)
+    w1, w3 = (torch.randn(E, F, D, generator=g) * D ** -0.5 for _ in range(2))
+    w2 = torch.randn(E, D, F, generator=g) * F ** -0.5
+    b13, b2 = torch.randn(E, 2 * F, generator=g) * 0.1, torch.randn(E, D, generator=g) * 0.1
+    act = Activation(7.0, 1.702)
+    layer = QuantGroupedExperts(E, D, F, fmt, bias=True, activation=act, slot_experts=slots, backend=backend)
+    params = dict(layer.named_parameters())
+    ref13, ref2 = torch.zeros(len(slots), 2 * F, D), torch.zeros(len(slots), D, F)
+    for e in range(E):  # per-expert checkpoint tensors: gate and up packed separately, as files hold them
+        for shard, w in (("gate", w1[e]), ("up", w3[e]), ("down", w2[e])):
+            packed = fmt.quantize(w)
+            name = "w2" if shard == "down" else "w13"
+            for t, v in packed.items():
+                layer.weight_loader(params[f"{t}_{name}"], v, shard, e)
+            if e in slots:
+                deq = fmt.dequantize(packed)
+                s = slots.index(e)
+                if shard == "down":
+                    ref2[s] = deq
+                else:
+                    ref13[s, slice(0, F) if shard == "gate" else slice(F, 2 * F)] = deq
+    layer.weight_loader(params["b13"], b13, "gate_up", None)  # stacked: every expert at once
+    layer.weight_loader(params["b2"], b2, "down", None)
+    layer.post_load()
+    counts = torch.tensor([3, 0, 5])
+    x = torch.randn(int(counts.sum()), D, generator=g)
+    y = layer(x, counts)
+    y_ref = grouped_swiglu_torch(x, counts.tolist(), ref13, ref2, b13[slots], b2[slots], act)
+    torch.testing.assert_close(y, y_ref, atol=2e-4, rtol=2e-4)
+
+
+def test_layer_rejects_mismatched_scales():
+    layer = QuantGroupedExperts(2, 64, 32, Int8Weights(32))
+    packed = Int8Weights(64).quantize(torch.randn(32, 64))  # group 64: one scale per row, not two
+    params = dict(layer.named_parameters())
+    with pytest.raises(ValueError, match="expected \\[32, 2\\].*group/block size"):
+        layer.weight_loader(params["scales_w13"], packed["scales"], "gate", 0)
+    with pytest.raises(ValueError, match="dtype uint8, expected int8"):
+        layer.weight_loader(params["qweight_w13"], packed["qweight"].view(torch.uint8), "gate", 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# moe quantize -> engine
+
+
+def _write_tokenizer(d: Path) -> None:
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"a{i:03d}": i for i in range(3, V)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<pad>", "<s>", "</s>")])
+    tok.save(str(d / "tokenizer.json"))
+
+
+def dequantized_copy(qdir: Path, out: Path, fmt: WeightFormat) -> Path:
+    """The float checkpoint a ``moe quantize`` output stands for: packed experts dequantized,
+    written per expert (``mlp.experts.{e}.{gate,up,down}_proj.weight``)."""
+    out.mkdir()
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(qdir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for name in h.keys():
+                m = re.fullmatch(r"(.*\.experts\.(?:\d+\.)?\w+_proj)\.(\w+)", name)
+                if m and m[2] in fmt.tensor_names:
+                    groups.setdefault(m[1], {})[m[2]] = h.get_tensor(name)
+                else:
+                    tensors[name] = h.get_tensor(name)
+    for prefix, packed in groups.items():
+        w = fmt.dequantize(packed)
+        stacked = re.fullmatch(r"(.*\.experts)\.(gate_up_proj|down_proj)", prefix)
+        if stacked is None:
+            tensors[prefix + ".weight"] = w
+            continue
+        for e in range(w.shape[0]):
+            base = f"{stacked[1]}.{e}."
+            if stacked[2] == "down_proj":
+                tensors[base + "down_proj.weight"] = w[e]
+            else:
+                F = w.shape[1] // 2
+                tensors[base + "gate_proj.weight"], tensors[base + "up_proj.weight"] = w[e, :F], w[e, F:]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    hf = json.loads((qdir / "config.json").read_text())
+    hf.pop("quantization_config")
+    (out / "config.json").write_text(json.dumps(hf))
+    return out
+
+
+ENGINE_CASES = [  # (family, format, min top-1 agreement, max mean KL) vs the float model
+    ("mixtral", Int4Weights(32), 0.75, 2e-2),
+    ("deepseek_v3", Int8Weights(64, symmetric=False), 0.9, 3e-3),
+    ("gpt_oss", Int4Weights(32, symmetric=False), 0.65, 2e-2),  # stacked experts, biases, clamped SwiGLU
+    ("qwen3_moe", Int8Weights(128), 0.9, 3e-3),
+]
+QUALITY: dict[str, tuple[float, float]] = {}  # printed at the end (docs/quantization.md quotes them)
+
+
+@pytest.mark.parametrize("case", ENGINE_CASES, ids=lambda c: f"{c[0]}-{c[1].name}")
+def test_quantized_checkpoint_runs_and_matches(case, checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from moe.cli import app
+
+    family, fmt, min_agree, max_kl = case
+    src = checkpoint(family)
+    out = tmp_path / "q"
+    args = ["quantize", "--model", str(src), "--format", fmt.name, "--group-size", str(fmt.group_size),
+            "--out", str(out), "--json"] + ([] if fmt.symmetric else ["--asym"])
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["expert_bytes_out"] * (2.5 if fmt.name == "int8" else 5) < report["expert_bytes_in"]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc == {"quant_method": "moe_experts", **fmt.to_config(), "modules": ["experts"]}
+    assert (out / "generation_config.json").is_file() and (out / "model.safetensors.index.json").is_file()
+
+    got, llm = prompt_logprobs(out)
+    mods = experts_modules(llm)
+    assert mods and all(isinstance(m, QuantGroupedExperts) and m.fmt == fmt for m in mods)
+    ref, _ = prompt_logprobs(src)
+    deq, _ = prompt_logprobs(dequantized_copy(out, tmp_path / "deq", fmt))
+    # the packed path computes exactly what its weights stand for ...
+    assert (got - deq).abs().max() < 1e-3
+    assert torch.equal(got.argmax(-1), deq.argmax(-1))
+    # ... and that is close to the float model
+    agree, kl = agreement_and_kl(ref, got)
+    QUALITY[f"{family} {fmt.to_config()}"] = (agree, kl)
+    print(f"\n{family} {fmt.to_config()}: top-1 agreement {agree:.3f}, mean KL {kl:.2e}")
+    assert agree >= min_agree and kl <= max_kl
+
+
+def test_moe_generate_reads_format_from_metadata(checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from moe.cli import app
+
+    src = tmp_path / "src"
+    shutil.copytree(checkpoint("mixtral"), src)
+    _write_tokenizer(src)
+    out = tmp_path / "src-int8"
+    runner = CliRunner()
+    assert runner.invoke(app, ["quantize", "-m", str(src), "--format", "int8", "--group-size", "32",
+                               "--out", str(out)]).exit_code == 0
+    assert (out / "tokenizer.json").is_file()
+    res = runner.invoke(app, ["generate", "--model", str(out), "--max-tokens", "5", "--temperature", "0",
+                              "--json", "a005 a017 a099"])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.output.splitlines()[-1])["token_ids"]) == 5
+    # the same through --offload-experts
+    res = runner.invoke(app, ["generate", "--model", str(out), "--max-tokens", "5", "--temperature", "0",
+                              "--json", "--offload-experts", "--expert-cache", "1MiB", "a005 a017 a099"])
+    assert res.exit_code == 0, res.output
+
+
+# ---------------------------------------------------------------------------------------------
+# published layouts
+
+FP8_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\..*proj(_with_mqa)?\.weight")
+
+
+def _rewrite(src: Path, out: Path, convert, quantization_config: dict | None) -> Path:
+    """Copy ``src`` with ``convert(name, tensor) -> {name: tensor}`` applied to every tensor."""
+    out.mkdir()
+    tensors = {}
+    with safe_open(str(src / "model.safetensors"), "pt") as h:
+        for name in h.keys():
+            tensors.update(convert(name, h.get_tensor(name)))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    hf = json.loads((src / "config.json").read_text())
+    if quantization_config is not None:
+        hf["quantization_config"] = quantization_config
+    (out / "config.json").write_text(json.dumps(hf))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp8_pair(checkpoint, tmp_path_factory):
+    """DeepSeek-V3 fp8 (every linear of the layers, 128x128 blocks) and its dequantized float twin."""
+    src, d = checkpoint("deepseek_v3"), tmp_path_factory.mktemp("fp8")
+    fmt = Fp8BlockWeights(128, 128)
+
+    def to_fp8(name, t):
+        if not FP8_LINEAR.fullmatch(name):
+            return {name: t}
+        p = fmt.quantize(t)
+        return {name: p["weight"], name + "_scale_inv": p["weight_scale_inv"]}
+
+    def to_ref(name, t):
+        return {name: fmt.dequantize(fmt.quantize(t)) if FP8_LINEAR.fullmatch(name) else t}
+
+    qc = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+    return _rewrite(src, d / "fp8", to_fp8, qc), _rewrite(src, d / "ref", to_ref, None)
+
+
+def test_fp8_deepseek_v3_matches_dequantized(fp8_pair):
+    fp8, ref = fp8_pair
+    got, llm = prompt_logprobs(fp8)
+    want, _ = prompt_logprobs(ref)
+    assert (got - want).abs().max() < 1e-3
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    mods = experts_modules(llm)
+    # moe_intermediate_size 32 < 128: the layer keeps the checkpoint's scales over 32-row blocks
+    assert all(isinstance(m, QuantGroupedExperts) and m.fmt == Fp8BlockWeights(32, 128) for m in mods)
+    attn = llm.engine.model.layers[1].self_attn
+    assert all(p.dtype == torch.float32 for p in attn.parameters())  # dequantized at load
+
+
+@pytest.fixture(scope="module")
+def mxfp4_pair(tmp_path_factory):
+    """gpt-oss MXFP4 (``*_blocks``/``*_scales``, gate/up rows interleaved) and the float checkpoint
+    transformers' own converter dequantizes it to."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    d = tmp_path_factory.mktemp("mxfp4")
+    src = make_checkpoint("gpt_oss", d / "src", intermediate_size=64)  # MXFP4 needs F % 32 == 0
+    fmt = Mxfp4Weights()
+
+    def to_mxfp4(name, t):
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            return {name: t}
+        p = fmt.quantize(t.transpose(1, 2))  # [E, D, 2F] -> [E, 2F, D]: rows stay interleaved
+        return {name + "_blocks": p["blocks"], name + "_scales": p["scales"]}
+
+    def to_ref(name, t):
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            return {name: t}
+        p = fmt.quantize(t.transpose(1, 2))
+        return {name: convert_moe_packed_tensors(p["blocks"], p["scales"], dtype=torch.float32)}
+
+    qc = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                              "model.embed_tokens", "lm_head"]}
+    return _rewrite(src, d / "mxfp4", to_mxfp4, qc), _rewrite(src, d / "ref", to_ref, None)
+
+
+def test_mxfp4_gpt_oss_matches_dequantized(mxfp4_pair):
+    q, ref = mxfp4_pair
+    got, llm = prompt_logprobs(q)
+    want, _ = prompt_logprobs(ref)
+    assert (got - want).abs().max() < 1e-3
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert all(isinstance(m, QuantGroupedExperts) and m.fmt == Mxfp4Weights() for m in experts_modules(llm))
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+def _with_config(src: Path, dst: Path, **changes) -> Path:
+    shutil.copytree(src, dst)
+    hf = json.loads((dst / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            hf.pop(k, None)
+        else:
+            hf[k] = v
+    (dst / "config.json").write_text(json.dumps(hf))
+    return dst
+
+
+def test_bad_metadata_errors(checkpoint, tmp_path, fp8_pair):
+    src = checkpoint("mixtral")
+    q = tmp_path / "q"
+    quantize_checkpoint(src, q, Int8Weights(32))
+    qc = json.loads((q / "config.json").read_text())["quantization_config"]
+    cases = [
+        (dict(quantization_config={"quant_method": "awq", "bits": 4}), "quant_method 'awq' is not supported"),
+        (dict(quantization_config={**qc, "format": "int3"}), "unknown weight format 'int3'"),
+        (dict(quantization_config={**qc, "group_size": 64}), "group/block size"),  # scales [.., 1] vs [.., 2]
+        (dict(quantization_config={**qc, "symmetric": False}), "dtype int8, expected uint8"),
+        (dict(quantization_config={"quant_method": "fp8"}), "without weight_block_size"),
+    ]
+    for i, (changes, match) in enumerate(cases):
+        with pytest.raises(ValueError, match=match):
+            LLM(str(_with_config(q, tmp_path / f"bad{i}", **changes)), dtype="float32")
+    with pytest.raises(ValueError, match="is not quantized"):
+        LLM(str(src), quantization="int4")
+    with pytest.raises(ValueError, match="says int8"):
+        LLM(str(q), quantization="int4")
+    with pytest.raises(ValueError, match="quantization='int5' is unknown"):
+        LLM(str(q), quantization="int5")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_checkpoint(q, tmp_path / "qq", Int8Weights(32))
+    gpt_oss = checkpoint("gpt_oss")  # intermediate_size 48
+    with pytest.raises(ValueError, match="mxfp4 cannot hold .* multiple of 32"):
+        quantize_checkpoint(gpt_oss, tmp_path / "mx", Mxfp4Weights())
+    # an fp8 linear whose scale does not cover its blocks
+    fp8, _ = fp8_pair
+    bad = tmp_path / "badfp8"
+    shutil.copytree(fp8, bad)
+    with safe_open(str(bad / "model.safetensors"), "pt") as h:
+        tensors = {k: h.get_tensor(k) for k in h.keys()}
+    name = "model.layers.1.self_attn.o_proj.weight_scale_inv"
+    tensors[name] = torch.ones(2, 1)
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError, match="o_proj.weight.*weight_scale_inv"):
+        LLM(str(bad), dtype="float32")
+
+
+def test_cli_flag_errors(checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from moe.cli import app
+
+    src = str(checkpoint("mixtral"))
+    runner = CliRunner()
+    for args, msg in ((["--format", "fp8_block", "--asym"], "--asym applies to int8/int4 only"),
+                      (["--format", "int4", "--group-size", "48"], "group_size=48 is not supported"),
+                      (["--format", "nf4"], "--format 'nf4' is unknown")):
+        res = runner.invoke(app, ["quantize", "--model", src, "--out", str(tmp_path / "o"), *args])
+        assert res.exit_code == 2 and msg in res.output, res.output
+    assert get_format("int4", group_size=64).group_size == 64
