@@ -160,7 +160,9 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Vocab-split output projection; logits are gathered to full vocab on every rank."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits = linear(h, self.weight)
+        # beyond a few rows the wide vocab GEMM is faster as one F.linear, and its output is
+        # row-major, which the sampler's row-wise ops want (measured: 6.9 vs 8.4 ms at 64 rows)
+        logits = linear(h, self.weight) if h.shape[0] <= 8 else F.linear(h, self.weight)
         if get_tp_size() > 1:
             logits = tp_all_gather_last_dim(logits)
         return logits[..., : self.vocab]
