@@ -1,0 +1,47 @@
+"""Quantized experts stay close to the original on the trained default model (bf16 reference)."""
+import pytest
+import torch
+
+from experts.formats import get_format
+from moe import LLM, SamplingParams
+from moe.llm import default_model_path
+from moe.quantize import quantize_checkpoint
+
+TEXT = ("The module defines the following functions. Each function returns a new object of the same type, "
+        "and raises ValueError when the argument is not a valid string. If the optional argument is omitted, "
+        "the default value is used and the result is the same as calling the method on the instance. "
+        "This is useful for code that must run on both versions of the interpreter. "
+        "The following example shows how to read a file and print each line. The file is closed when the "
+        "with statement ends, even if an exception is raised inside the block. A list is a mutable sequence, "
+        "and a tuple is an immutable one; both support indexing, slicing and iteration. When a class defines "
+        "the __eq__ method, instances compare by value rather than by identity. The import statement searches "
+        "the directories listed in sys.path and loads the first module with a matching name.")
+
+
+def teacher_forced_logprobs(llm: LLM, ids: list[int]) -> torch.Tensor:
+    vocab = llm.engine.model_config.vocab_size
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=vocab))
+    lp = torch.full((len(ids) - 1, vocab), float("-inf"))
+    for i, d in enumerate(out[0].prompt_logprobs[1:]):
+        lp[i, list(d)] = torch.tensor(list(d.values()))
+    return lp
+
+
+@pytest.fixture(scope="module")
+def reference():
+    llm = LLM(dtype="bfloat16", kv_cache_memory=1 << 22)
+    ids = llm.get_tokenizer().encode(TEXT)
+    return ids, teacher_forced_logprobs(llm, ids)
+
+
+@pytest.mark.parametrize("fmt, min_agreement", [(get_format("int8", group_size=128), 0.99),
+                                                (get_format("int4", group_size=32, symmetric=False), 0.95)])
+def test_quantized_default_model_agrees_with_bf16(reference, fmt, min_agreement, tmp_path):
+    ids, ref = reference
+    quantize_checkpoint(default_model_path(), tmp_path / "q", fmt)
+    got = teacher_forced_logprobs(LLM(str(tmp_path / "q"), dtype="bfloat16", kv_cache_memory=1 << 22), ids)
+    agreement = float((ref.argmax(-1) == got.argmax(-1)).float().mean())
+    kl = float((ref.exp() * (ref - got)).sum(-1).mean())
+    print(f"{fmt.name}: top-1 agreement {agreement:.3f}, mean KL {kl:.2e} over {len(ids) - 1} positions")
+    assert agreement >= min_agreement, (agreement, kl)
+    assert kl < 0.05
