@@ -354,3 +354,23 @@ def test_real_mpirun_two_ranks_match_single_process(paths, reference, tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     ranks = [json.loads((tmp_path / "out" / f"qwen3_ep2_all_to_all.rank{r}.json").read_text()) for r in range(2)]
     _check_same_as_single_process(ranks, reference["qwen3_moe"])
+
+
+def test_two_torchrun_nodes_on_loopback_match_single_process(paths, reference, tmp_path):
+    """Multi-node as real jobs run it: two torchrun "nodes" (static rendezvous, node ranks 0 and 1)
+    of one rank each, meeting at a master address on loopback."""
+    name = "deepseek_ep2_all_gather"
+    spec = _write_spec(tmp_path, {name: TWO_RANKS[name]}, paths)
+    port = str(_free_port())
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={n}",
+                               "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+                               str(SCRIPT), str(spec), str(tmp_path / "out")],
+                              env=_rank_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+             for n in (0, 1)]
+    try:
+        logs = [p.communicate(timeout=240)[0] for p in nodes]
+    finally:
+        _kill(nodes)
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    ranks = [json.loads((tmp_path / "out" / f"{name}.rank{r}.json").read_text()) for r in range(2)]
+    _check_same_as_single_process(ranks, reference["deepseek_v3"])
