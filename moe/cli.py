@@ -152,9 +152,12 @@ def _gib(n: int) -> str:
 
 
 def _kv_bytes_per_token(cfg) -> int:
-    if cfg.mla:
-        return cfg.num_layers * (cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim) * 2
-    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
+    """bf16 KV cache bytes per token over all layers (one process), from the model's own spec."""
+    import torch
+
+    from .params import build_meta_model
+
+    return sum(spec.bytes_per_token(torch.bfloat16) for spec in build_meta_model(cfg).kv_cache_spec())
 
 
 from .cli_parallel import register  # noqa: E402  (plan and launch live beside the parallel code)
