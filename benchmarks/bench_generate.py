@@ -433,7 +433,14 @@ def kv_bytes_per_token(name: str) -> int:
     return L * 2 * kw["num_key_value_heads"] * head_dim * 2
 
 
-def run_model(name: str, args, probe: dict) -> dict:
+def save_partial(args, report: dict) -> None:
+    if args.json_out:
+        tmp = Path(args.json_out + ".tmp")
+        tmp.write_text(json.dumps(report, default=float))
+        tmp.replace(args.json_out)
+
+
+def run_model(name: str, args, probe: dict, report: dict) -> dict:
     path = ensure_checkpoint(name, Path(args.cache_dir), args.seed)
     cls_name, kw = model_spec(name)
     top_k = kw["num_experts_per_tok"]
@@ -445,7 +452,8 @@ def run_model(name: str, args, probe: dict) -> dict:
     hf = HF(path, args.hf_experts_impl, args.hf_attn_impl)
     params = count_params(hf.model, top_k, n_exp)
     ours = Ours(path, kv_mem, args.max_num_seqs)
-    out: dict = {"checkpoint": str(path), "hf_class": cls_name, "params": params, "kv_cache_memory": kv_mem,
+    out: dict = report["models"].setdefault(name, {})
+    out |= {"checkpoint": str(path), "hf_class": cls_name, "params": params, "kv_cache_memory": kv_mem,
                  "load_s": {"ours": ours.load_s, "transformers": hf.load_s},
                  "transformers_attn_impl": hf.attn_impl, "transformers_experts_impl": hf.experts_impl}
     print(f"\n## {name}: total params {params['total'] / 1e6:.1f}M, active/token {params['active'] / 1e6:.1f}M "
@@ -472,11 +480,13 @@ def run_model(name: str, args, probe: dict) -> dict:
         res["wall_s_total"] = time.perf_counter() - t_sc
         res["contention"] = {"before": before, "after": after}
         out[f"scenario{sc}"] = res
+        save_partial(args, report)
     del hf
     gc.collect()
     if args.profile:
         print("  [profile] ours ...", flush=True)
         out["profile_ours"] = profile_ours(ours, prompts, args, kw["vocab_size"], args.profile_top)
+        save_partial(args, report)
     del ours
     gc.collect()
     return out
@@ -543,6 +553,8 @@ def main(argv=None) -> int:
     ap.add_argument("--s1-runs", type=int, default=2, help="scenario-1 repeats per engine (best reported)")
     ap.add_argument("--ttft-runs", type=int, default=5)
     ap.add_argument("--s2-requests", type=int, default=None, help="default 64 (16 with --quick)")
+    ap.add_argument("--json-out", default=None,
+                    help="also write the report JSON here, updated after every scenario (survives a killed run)")
     ap.add_argument("--profile", action="store_true", help="also profile our engine (torch.profiler + cProfile)")
     ap.add_argument("--profile-top", type=int, default=15)
     ap.add_argument("--profile-decode-tokens", type=int, default=32)
@@ -575,7 +587,7 @@ def main(argv=None) -> int:
     report["models"] = {}
     t0 = time.perf_counter()
     for name in (MODELS if args.model == "all" else (args.model,)):
-        report["models"][name] = run_model(name, args, probe)
+        run_model(name, args, probe, report)
     report["bandwidth_probe_end"] = bandwidth_probe()
     report["machine"]["loadavg_at_end"] = list(os.getloadavg())
     report["total_wall_s"] = time.perf_counter() - t0
@@ -583,6 +595,7 @@ def main(argv=None) -> int:
     for name, r in report["models"].items():
         if "profile_ours" in r:
             print_profile(name, r["profile_ours"])
+    save_partial(args, report)
     print(json.dumps(report, default=float), flush=True)
     return 0
 
