@@ -209,8 +209,10 @@ env = detect_launch_env()
 backend = init_distributed(env, backend="auto", timeout_seconds=60)
 total = torch.tensor([float(env.rank + 1)])
 dist.all_reduce(total)
-print(json.dumps({"launcher": env.launcher, "rank": env.rank, "world": env.world_size,
-                  "local_rank": env.local_rank, "backend": backend, "sum": total.item()}), flush=True)
+# one file per rank: two ranks printing to one pipe can interleave their lines
+with open(f"rank{env.rank}.json", "w") as f:
+    json.dump({"launcher": env.launcher, "rank": env.rank, "world": env.world_size,
+               "local_rank": env.local_rank, "backend": backend, "sum": total.item()}, f)
 dist.destroy_process_group()
 """
 
@@ -221,10 +223,9 @@ def test_real_torchrun_two_ranks(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     argv = torchrun_command(Program(str(script), module=False), nproc_per_node=2, torchrun=str(torchrun))
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    reports = sorted((json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")),
-                     key=lambda r: r["rank"])
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["rank"] for r in reports] == [0, 1]
     assert all(r["launcher"] == "torchrun" and r["world"] == 2 and r["sum"] == 3.0 and r["backend"] == "gloo"
                for r in reports)
