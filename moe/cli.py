@@ -128,7 +128,8 @@ def info(model: Optional[str] = typer.Argument(None, help="Checkpoint directory 
         "experts": cfg.num_experts, "experts_per_token": cfg.top_k,
         "moe_layers": sum(cfg.sparse_layers), "shared_expert": bool(cfg.shared_expert_intermediate_size),
         **counts.as_dict(),
-        "weight_bytes": {"bfloat16": 2 * counts.total, "float32": 4 * counts.total},
+        "weight_bytes": {"bfloat16": 2 * counts.total, "float32": 4 * counts.total,
+                         **_packed_weight_bytes(cfg, counts)},
         "active_weight_bytes_per_token_bf16": 2 * counts.active,
         "kv_cache_bytes_per_token_bf16": kv_per_token,
         "attention": "MLA (latent KV cache)" if cfg.mla else "GQA",
@@ -145,6 +146,23 @@ def info(model: Optional[str] = typer.Argument(None, help="Checkpoint directory 
         elif k.endswith("bytes_per_token_bf16"):
             v = f"{v:,} bytes" if v < 1 << 20 else _gib(v)
         typer.echo(f"{k:38s} {v}")
+
+
+def _packed_weight_bytes(cfg, counts) -> dict[str, int]:
+    """Whole-model bytes with the routed experts packed in each format (the rest in bf16)."""
+    from experts.formats import expected_nbytes, get_format
+
+    E, D, F = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    out = {}
+    for label, fmt in (("int8 experts", get_format("int8", group_size=128)),
+                       ("int4 experts", get_format("int4", group_size=128)),
+                       ("fp8_block experts", get_format("fp8_block")), ("mxfp4 experts", get_format("mxfp4"))):
+        try:
+            per_expert = expected_nbytes(fmt, (2 * F, D)) + expected_nbytes(fmt, (D, F))
+        except ValueError:  # a shape the format cannot pack (e.g. not a multiple of its block)
+            continue
+        out[label] = 2 * (counts.total - counts.routed_experts) + sum(cfg.sparse_layers) * E * per_expert
+    return out
 
 
 def _gib(n: int) -> str:

@@ -74,6 +74,11 @@ def test_info_reports_params_and_experts():
     assert rep["experts"] >= 8 and rep["experts_per_token"] == 2
     assert 0 < rep["active_params"] < rep["total_params"]
     assert rep["weight_bytes"]["bfloat16"] == 2 * rep["total_params"]
+    # packed experts: int4 (scales included) is at most 0.3x the bf16 bytes of the experts
+    dense_bf16 = 2 * (rep["total_params"] - rep["routed_expert_params"])
+    int4_experts = rep["weight_bytes"]["int4 experts"] - dense_bf16
+    assert 0 < int4_experts <= 0.3 * 2 * rep["routed_expert_params"]
+    assert rep["weight_bytes"]["int4 experts"] < rep["weight_bytes"]["int8 experts"] < rep["weight_bytes"]["bfloat16"]
 
 
 def test_default_model_matches_transformers_greedy():
