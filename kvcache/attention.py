@@ -8,26 +8,39 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .fp8 import Fp8Cache, write_fp8
 from .metadata import AttentionMetadata
 from .reference import gather_kv
 
+Cache = torch.Tensor | Fp8Cache
 
-def _seq_kv(cache: torch.Tensor, meta: AttentionMetadata, i: int, clen: int) -> torch.Tensor:
-    """``[clen, H_kv, D]`` of sequence ``i``: a view when its blocks are contiguous, else a gather."""
+
+def _seq_kv(cache: Cache, meta: AttentionMetadata, i: int, clen: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[clen, H_kv, D]`` of sequence ``i`` in ``dtype``: a view when its blocks are contiguous, else a
+    gather; an fp8 cache is dequantized block by block."""
     start = meta.contiguous_starts[i] if meta.contiguous_starts else None
+    bs = cache.shape[1]
+    nblocks = -(-clen // bs)
+    if isinstance(cache, Fp8Cache):
+        blocks = slice(start, start + nblocks) if start is not None else meta.block_tables[i, :nblocks].long()
+        return cache.dequantize(blocks, dtype).flatten(0, 1)[:clen]
     if start is None:
         return gather_kv(cache, meta.block_tables[i], clen)
-    bs = cache.shape[1]
-    return cache[start:start + -(-clen // bs)].flatten(0, 1)[:clen]
+    return cache[start:start + nblocks].flatten(0, 1)[:clen]
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor | None,
+def write_kv(k_cache: Cache, v_cache: Cache | None, k: torch.Tensor, v: torch.Tensor | None,
              slot_mapping: torch.Tensor) -> None:
     """Store the new tokens' K (and V) at their slots. ``v_cache=None`` for a K-only (latent) cache."""
     if k_cache.is_cuda:
         from .triton_attention import write_kv_triton
 
-        write_kv_triton(k_cache, v_cache if v_cache is not None else k_cache, k, v if v is not None else k, slot_mapping)
+        write_kv_triton(k_cache, v_cache, k, v, slot_mapping)
+        return
+    if isinstance(k_cache, Fp8Cache):
+        write_fp8(k_cache, k, slot_mapping)
+        if v_cache is not None:
+            write_fp8(v_cache, v, slot_mapping)
         return
     nb, bs = k_cache.shape[:2]
     k_cache.view(nb * bs, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
@@ -61,19 +74,23 @@ def _attend_grouped(q_HQD: torch.Tensor, k_LKD: torch.Tensor, v_LKD: torch.Tenso
     return o.view(H, Q, -1).transpose(0, 1)
 
 
-def paged_attention_torch(q_THD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def paged_attention_torch(q_THD: torch.Tensor, k_cache: Cache, v_cache: Cache,
                           meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
                           sinks_H: torch.Tensor | None = None) -> torch.Tensor:
     T, H, _ = q_THD.shape
     out = torch.empty(T, H, v_cache.shape[-1], dtype=q_THD.dtype, device=q_THD.device)
     starts = meta.query_start_loc.tolist()
+    v_is_k_prefix = isinstance(k_cache, Fp8Cache) and isinstance(v_cache, Fp8Cache) and v_cache.shares_rows_with(k_cache)
     for i, (qlen, clen) in enumerate(zip(meta.query_lens_list, meta.context_lens_list)):
         lo = 0
         if sliding_window is not None:
             # keys older than the window of the first query row are never needed
             lo = max(0, clen - qlen - sliding_window + 1)
-        k = _seq_kv(k_cache, meta, i, clen)[lo:]  # [L, Hkv, D]
-        v = _seq_kv(v_cache, meta, i, clen)[lo:]
+        k = _seq_kv(k_cache, meta, i, clen, q_THD.dtype)[lo:]  # [L, Hkv, D]
+        if v_is_k_prefix:  # MLA: V is the leading dims of the (already dequantized) latent
+            v = k[..., : v_cache.shape[-1]]
+        else:
+            v = _seq_kv(v_cache, meta, i, clen, q_THD.dtype)[lo:]
         q = q_THD[starts[i]:starts[i] + qlen].transpose(0, 1)  # [H, Q, D]
         group = H // k.shape[1]
         mask = None
@@ -98,7 +115,7 @@ def paged_attention_torch(q_THD: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     return out
 
 
-def paged_attention(q_THD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+def paged_attention(q_THD: torch.Tensor, k_cache: Cache, v_cache: Cache, meta: AttentionMetadata,
                     scale: float, sliding_window: int | None = None, sinks_H: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of the step's new rows over everything cached for their sequences."""
     if q_THD.is_cuda:

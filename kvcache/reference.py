@@ -11,27 +11,35 @@ from __future__ import annotations
 
 import torch
 
+from .fp8 import Fp8Cache, quantize_fp8
 from .metadata import AttentionMetadata
 
 
-def write_kv_reference(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       slot_mapping: torch.Tensor) -> None:
-    nb, bs = k_cache.shape[:2]
-    k_cache.view(nb * bs, *k_cache.shape[2:])[slot_mapping] = k.to(k_cache.dtype)
-    v_cache.view(nb * bs, *v_cache.shape[2:])[slot_mapping] = v.to(v_cache.dtype)
+def write_kv_reference(k_cache: torch.Tensor | Fp8Cache, v_cache: torch.Tensor | Fp8Cache, k: torch.Tensor,
+                       v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    for cache, x in ((k_cache, k), (v_cache, v)):
+        nb, bs = cache.shape[:2]
+        if isinstance(cache, Fp8Cache):  # value = data * scale, one scale per (token, head) row
+            q, scale = quantize_fp8(x)
+            cache.data.view(torch.uint8).view(nb * bs, *cache.shape[2:])[slot_mapping] = q.view(torch.uint8)
+            cache.scale.view(nb * bs, cache.shape[2])[slot_mapping] = scale
+        else:
+            cache.view(nb * bs, *cache.shape[2:])[slot_mapping] = x.to(cache.dtype)
 
 
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
-    """The first ``context_len`` cached tokens of one sequence: ``[L, H_kv, D]``."""
+def gather_kv(cache: torch.Tensor | Fp8Cache, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
+    """The first ``context_len`` cached tokens of one sequence: ``[L, H_kv, D]`` (fp8: dequantized, float32)."""
     bs = cache.shape[1]
     nblocks = (context_len + bs - 1) // bs
+    if isinstance(cache, Fp8Cache):
+        return cache.dequantize(block_table[:nblocks].long(), torch.float32).flatten(0, 1)[:context_len]
     return cache[block_table[:nblocks].long()].flatten(0, 1)[:context_len]
 
 
 def paged_attention_reference(
     q_THD: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    k_cache: torch.Tensor | Fp8Cache,
+    v_cache: torch.Tensor | Fp8Cache,
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,

@@ -13,23 +13,53 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8 import Fp8Cache
 from .metadata import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _round_to_e4m3(x):
+    """Round float32 values (|x| <= 448) to the nearest e4m3 value, ties to even, in float32
+    arithmetic. The cast that follows is then exact, so the stored bytes do not depend on how a
+    backend rounds its fp32->fp8 conversion (Triton's CPU interpreter rounds it wrongly)."""
+    ax = tl.abs(x)
+    exp = (ax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    exp = tl.maximum(exp, 127 - 6)  # below e4m3's smallest normal (2^-6) the step stays 2^-9
+    ulp = ((exp - 3) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits
+    y = ax / ulp  # exact (power of two), < 16
+    r = (y + 8388608.0) - 8388608.0  # 2^23: float32 addition rounds y to an integer, ties to even
+    return tl.where(x < 0, -r * ulp, r * ulp)
+
+
+@triton.jit
+def _store_row(x, dst_ptrs, scale_ptrs, mask, h_ok, FP8: tl.constexpr):
+    if FP8:
+        xf = x.to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(xf), 1) / 448.0, 1.1754943508222875e-38)
+        q = _round_to_e4m3(tl.minimum(tl.maximum(xf / scale[:, None], -448.0), 448.0))
+        tl.store(dst_ptrs, q.to(dst_ptrs.dtype.element_ty), mask=mask)
+        tl.store(scale_ptrs, scale, mask=h_ok)
+    else:
+        tl.store(dst_ptrs, x.to(dst_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _write_kv_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_mapping_ptr,
     block_size, H, Dk, Dv,
     stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd,
     stride_kcb, stride_kcs, stride_kch, stride_kcd,
     stride_vcb, stride_vcs, stride_vch, stride_vcd,
-    H_P: tl.constexpr, DK_P: tl.constexpr, DV_P: tl.constexpr,
+    stride_ksb, stride_kss, stride_ksh,
+    stride_vsb, stride_vss, stride_vsh,
+    H_P: tl.constexpr, DK_P: tl.constexpr, DV_P: tl.constexpr, FP8: tl.constexpr, WRITE_V: tl.constexpr,
 ):
     """One program per new token: copy its ``[H_kv, Dk]`` K and ``[H_kv, Dv]`` V rows into slot
-    ``slot_mapping[t]`` (= block * block_size + offset). Negative slots (padding rows) are skipped."""
+    ``slot_mapping[t]`` (= block * block_size + offset). Negative slots (padding rows) are skipped.
+    ``FP8``: store each (token, head) row as e4m3 with its scale ``amax / 448`` (see :mod:`kvcache.fp8`)."""
     t = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
     if slot < 0:
@@ -44,26 +74,42 @@ def _write_kv_kernel(
     k_mask = h_ok[:, None] & (offs_dk < Dk)[None, :]
     k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_dk[None, :] * stride_kd, mask=k_mask)
     k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kcs + offs_h[:, None] * stride_kch + offs_dk[None, :] * stride_kcd
-    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
+    _store_row(k, k_dst, k_scale_ptr + block * stride_ksb + offset * stride_kss + offs_h * stride_ksh, k_mask, h_ok, FP8)
 
-    v_mask = h_ok[:, None] & (offs_dv < Dv)[None, :]
-    v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_dv[None, :] * stride_vd, mask=v_mask)
-    v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + offs_h[:, None] * stride_vch + offs_dv[None, :] * stride_vcd
-    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
+    if WRITE_V:
+        v_mask = h_ok[:, None] & (offs_dv < Dv)[None, :]
+        v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_dv[None, :] * stride_vd, mask=v_mask)
+        v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + offs_h[:, None] * stride_vch + offs_dv[None, :] * stride_vcd
+        _store_row(v, v_dst, v_scale_ptr + block * stride_vsb + offset * stride_vss + offs_h * stride_vsh, v_mask, h_ok,
+                   FP8)
 
 
-def write_kv_triton(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> None:
-    """Same result as :func:`kvcache.reference.write_kv_reference` (k ``[T, H_kv, Dk]``, v ``[T, H_kv, Dv]``)."""
+def _parts(cache: torch.Tensor | Fp8Cache) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return (cache.data, cache.scale) if isinstance(cache, Fp8Cache) else (cache, None)
+
+
+def write_kv_triton(k_cache: torch.Tensor | Fp8Cache, v_cache: torch.Tensor | Fp8Cache | None, k: torch.Tensor,
+                    v: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
+    """Same result as :func:`kvcache.reference.write_kv_reference` (k ``[T, H_kv, Dk]``, v ``[T, H_kv, Dv]``);
+    ``v_cache=None``: a K-only (latent) cache."""
     T, H, Dk = k.shape
-    Dv = v.shape[-1]
     if T == 0:
         return
+    write_v = v_cache is not None
+    if not write_v:
+        v_cache, v = k_cache, k
+    Dv = v.shape[-1]
+    kc, ks = _parts(k_cache)
+    vc, vs = _parts(v_cache)
+    fp8 = ks is not None
+    if not fp8:
+        ks = vs = torch.empty(1, 1, 1, device=k.device)  # unused
     _write_kv_kernel[(T,)](
-        k, v, k_cache, v_cache, slot_mapping,
-        k_cache.shape[1], H, Dk, Dv,
-        *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
+        k, v, kc, vc, ks, vs, slot_mapping,
+        kc.shape[1], H, Dk, Dv,
+        *k.stride(), *v.stride(), *kc.stride(), *vc.stride(), *ks.stride(), *vs.stride(),
         H_P=triton.next_power_of_2(H), DK_P=triton.next_power_of_2(Dk), DV_P=triton.next_power_of_2(Dv),
+        FP8=fp8, WRITE_V=write_v,
     )
 
 
@@ -87,17 +133,19 @@ def _find_seq(query_start_loc_ptr, num_seqs, q_block, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _paged_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, sinks_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, out_ptr, sinks_ptr,
     block_tables_ptr, query_start_loc_ptr, context_lens_ptr,
     num_seqs, scale_log2, block_size, sliding_window, Dk, Dv,
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ksb, stride_kss, stride_ksh,
+    stride_vsb, stride_vss, stride_vsh,
     stride_ot, stride_oh, stride_od,
     stride_bt,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DK_P: tl.constexpr, DV_P: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):
     """Program (q_block, kv_head): ``BLOCK_Q`` query rows of one sequence x the ``GROUP`` query heads
     sharing ``kv_head`` (GQA), packed as ``BLOCK_M >= BLOCK_Q * GROUP`` rows ``r -> (row r // GROUP,
@@ -105,6 +153,8 @@ def _paged_attention_kernel(
 
     - ``q`` ``[T, H, Dk]``, caches ``[num_blocks, block_size, H_kv, D]``, ``out`` ``[T, H, Dv]``,
       ``block_tables`` ``[B, max_blocks]`` (``stride_bt`` per sequence), ``sinks`` ``[H]``.
+    - ``FP8``: caches hold e4m3 with float32 scales ``[num_blocks, block_size, H_kv]``; each K/V
+      tile is dequantized in registers into the query dtype before its dot.
     - ``DK_P`` / ``DV_P``: head dims rounded up to a power of two (>= 16 for tl.dot), masked.
     - Scores are kept in log2 units (``scale_log2 = scale * log2(e)``) so exp2 can be used.
     """
@@ -156,6 +206,10 @@ def _paged_attention_kernel(
         k_ptrs = (k_cache_ptr + kv_head * stride_kh + phys[None, :] * stride_kb + in_block[None, :] * stride_ks
                   + offs_dk[:, None] * stride_kd)
         k = tl.load(k_ptrs, mask=dk_ok[:, None] & n_ok[None, :], other=0.0)  # [DK_P, BLOCK_N]
+        if FP8:
+            k_scale = tl.load(k_scale_ptr + phys * stride_ksb + in_block * stride_kss + kv_head * stride_ksh,
+                              mask=n_ok, other=0.0)
+            k = (k.to(tl.float32) * k_scale[None, :]).to(q.dtype)
         s = tl.dot(q.to(k.dtype), k, input_precision=DOT_PRECISION) * scale_log2
         allowed = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
         if HAS_WINDOW:
@@ -172,6 +226,10 @@ def _paged_attention_kernel(
         v_ptrs = (v_cache_ptr + kv_head * stride_vh + phys[:, None] * stride_vb + in_block[:, None] * stride_vs
                   + offs_dv[None, :] * stride_vd)
         v = tl.load(v_ptrs, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, DV_P]
+        if FP8:
+            v_scale = tl.load(v_scale_ptr + phys * stride_vsb + in_block * stride_vss + kv_head * stride_vsh,
+                              mask=n_ok, other=0.0)
+            v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -182,8 +240,8 @@ def _paged_attention_kernel(
 
 def paged_attention_triton(
     q_THD: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    k_cache: torch.Tensor | Fp8Cache,
+    v_cache: torch.Tensor | Fp8Cache,
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
@@ -206,17 +264,23 @@ def paged_attention_triton(
     block_m = max(block_m or (16 if meta.is_decode_only else 64), triton.next_power_of_2(group))
     block_q = block_m // group
     sinks = sinks_H if sinks_H is not None else q_THD  # dummy pointer when HAS_SINKS is False
-    precision = "ieee" if k_cache.dtype == torch.float32 else "tf32"
+    kc, ks = _parts(k_cache)
+    vc, vs = _parts(v_cache)
+    fp8 = ks is not None
+    if not fp8:
+        ks = vs = torch.empty(1, 1, 1, device=q_THD.device)  # unused
+    precision = "ieee" if q_THD.dtype == torch.float32 else "tf32"
 
     grid = (T // block_q + meta.num_seqs, H_kv)  # upper bound on query blocks, see _find_seq
     _paged_attention_kernel[grid](
-        q_THD, k_cache, v_cache, out, sinks,
+        q_THD, kc, vc, ks, vs, out, sinks,
         meta.block_tables, meta.query_start_loc, meta.context_lens,
         meta.num_seqs, scale * _LOG2E, meta.block_size, sliding_window or 0, Dk, Dv,
-        *q_THD.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        *q_THD.stride(), *kc.stride(), *vc.stride(), *ks.stride(), *vs.stride(), *out.stride(),
         meta.block_tables.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
         DK_P=max(16, triton.next_power_of_2(Dk)), DV_P=max(16, triton.next_power_of_2(Dv)),
         HAS_WINDOW=sliding_window is not None, HAS_SINKS=sinks_H is not None, DOT_PRECISION=precision,
+        FP8=fp8,
     )
     return out

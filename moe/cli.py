@@ -28,6 +28,7 @@ def generate(
     stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
     dtype: str = typer.Option("auto", help="auto, bfloat16, float16 or float32."),
     kv_cache_memory: Optional[str] = typer.Option(None, help="KV cache size, e.g. 2GiB."),
+    kv_cache_dtype: str = typer.Option("auto", help="auto (the model dtype) or fp8 (e4m3, half the bytes)."),
     offload_experts: bool = typer.Option(False, "--offload-experts", help="Keep routed experts in the files."),
     expert_cache: Optional[str] = typer.Option(None, help="With --offload-experts: resident experts, e.g. 4GiB."),
     max_model_len: Optional[int] = typer.Option(None),
@@ -50,7 +51,8 @@ def generate(
     try:
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                                 max_tokens=max_tokens, stop=stop or None, logprobs=logprobs)
-        llm = LLM(model, dtype=dtype, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
+        llm = LLM(model, dtype=dtype, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
+                  max_model_len=max_model_len,
                   load_progress=sys.stderr.isatty(), sharding=sharding, offload_experts=offload_experts,
                   expert_cache=expert_cache)
     except (ValueError, FileNotFoundError) as e:

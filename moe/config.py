@@ -147,6 +147,7 @@ class EngineConfig:
     model: str
     dtype: str = "auto"
     kv_cache_memory: str | int | None = None  # bytes or "4GiB"; None: sized for max_num_seqs
+    kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8" (= "fp8_e4m3"): e4m3 with per-row scales
     block_size: int = 16
     max_num_seqs: int = 64
     max_model_len: int | None = None
@@ -184,5 +185,8 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be at least 1")
         if self.kv_cache_memory is not None:
             parse_bytes(self.kv_cache_memory)
+        from kvcache import check_kv_cache_dtype
+
+        check_kv_cache_dtype(self.kv_cache_dtype)
         if self.experts_backend not in ("auto", "torch", "triton", "megablocks"):
             raise ValueError(f"experts_backend={self.experts_backend!r}: choose auto, torch, triton or megablocks")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from kvcache import BlockManager
+from kvcache import BlockManager, check_kv_cache_dtype
 from launch import detect_launch_env, init_distributed
 from parallel import (ParallelState, ShardingConfig, build_parallel_state, get_parallel_state, init_single_process,
                       world_all_gather_ints, world_broadcast_object)
@@ -124,6 +124,7 @@ class LLMEngine:
         self.device = torch.device(device)
         self.sampling_mismatches = 0  # steps where this rank sampled differently from rank 0
         self.dtype = resolve_dtype(config.dtype, cfg, self.device)
+        self.kv_fp8 = check_kv_cache_dtype(config.kv_cache_dtype)
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         if self.max_model_len > cfg.max_position_embeddings:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings "
@@ -161,7 +162,7 @@ class LLMEngine:
         return tuple(dict.fromkeys(ids))
 
     def kv_bytes_per_token(self) -> int:
-        return sum(s.bytes_per_token(self.dtype) for s in self.model.kv_cache_spec())
+        return sum(s.bytes_per_token(self.dtype, self.kv_fp8) for s in self.model.kv_cache_spec())
 
     def _allocate_kv_cache(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
         bs = self.config.block_size
@@ -176,12 +177,8 @@ class LLMEngine:
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={self.config.kv_cache_memory!r} is smaller than one KV block "
                              f"({per_block} bytes at block_size {bs}); give the cache more memory")
-        caches = []
-        for spec in self.model.kv_cache_spec():
-            k = torch.zeros(num_blocks, bs, spec.num_kv_heads, spec.k_dim, dtype=self.dtype, device=self.device)
-            v = k[..., : spec.v_dim] if spec.latent else torch.zeros(
-                num_blocks, bs, spec.num_kv_heads, spec.v_dim, dtype=self.dtype, device=self.device)
-            caches.append((k, v))
+        caches = [spec.allocate(num_blocks, bs, self.dtype, self.device, self.kv_fp8)
+                  for spec in self.model.kv_cache_spec()]
         self.kv_cache_tokens = num_blocks * bs
         return caches, num_blocks
 

@@ -34,14 +34,14 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, *, dtype: str = "auto", kv_cache_memory: str | int | None = None,
-                 block_size: int = 16, max_num_seqs: int = 64, max_model_len: int | None = None,
+                 kv_cache_dtype: str = "auto", block_size: int = 16, max_num_seqs: int = 64, max_model_len: int | None = None,
                  max_num_batched_tokens: int = 2048, seed: int | None = 0, enable_prefix_caching: bool = True,
                  experts_backend: str = "auto", device: str = "cpu", load_progress: bool = False,
                  sharding: str | dict | ShardingConfig | None = None, quantization: str | None = None,
                  offload_experts: bool = False, expert_cache: str | int | None = None):
         self.config = EngineConfig(
             model=model or default_model_path(), dtype=dtype, kv_cache_memory=kv_cache_memory,
-            block_size=block_size, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+            kv_cache_dtype=kv_cache_dtype, block_size=block_size, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             max_num_batched_tokens=max_num_batched_tokens, seed=seed, enable_prefix_caching=enable_prefix_caching,
             experts_backend=experts_backend, device=device, load_progress=load_progress, sharding=sharding,
             quantization=quantization, offload_experts=offload_experts, expert_cache=expert_cache)

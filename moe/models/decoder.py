@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kvcache import Fp8Cache
 from parallel import ParallelLMHead, ShardingConfig, VocabParallelEmbedding
 
 from ..config import ModelConfig
@@ -23,10 +24,25 @@ class KVCacheSpec:
     v_dim: int
     latent: bool = False
 
-    def bytes_per_token(self, dtype: torch.dtype) -> int:
-        size = torch.empty((), dtype=dtype).element_size()
-        dims = self.k_dim if self.latent else self.k_dim + self.v_dim
-        return self.num_kv_heads * dims * size
+    def bytes_per_token(self, dtype: torch.dtype, fp8: bool = False) -> int:
+        """Cache bytes per token of this layer; ``fp8``: e4m3 rows plus one float32 scale per row."""
+        rows = [self.k_dim] if self.latent else [self.k_dim, self.v_dim]
+        if fp8:
+            return sum(Fp8Cache.bytes_per_row(self.num_kv_heads, d) for d in rows)
+        return self.num_kv_heads * sum(rows) * torch.empty((), dtype=dtype).element_size()
+
+    def allocate(self, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str,
+                 fp8: bool = False) -> tuple:
+        """``(k, v)`` caches; for a latent cache ``v`` is a view of ``k``'s first ``v_dim`` dims."""
+        if fp8:
+            k = Fp8Cache.zeros(num_blocks, block_size, self.num_kv_heads, self.k_dim, device)
+            v = k.narrow(self.v_dim) if self.latent else Fp8Cache.zeros(num_blocks, block_size, self.num_kv_heads,
+                                                                         self.v_dim, device)
+            return k, v
+        k = torch.zeros(num_blocks, block_size, self.num_kv_heads, self.k_dim, dtype=dtype, device=device)
+        v = k[..., : self.v_dim] if self.latent else torch.zeros(num_blocks, block_size, self.num_kv_heads, self.v_dim,
+                                                                 dtype=dtype, device=device)
+        return k, v
 
 
 class DecoderLayer(nn.Module):

@@ -61,8 +61,9 @@ class MLAttention(nn.Module):
         q_lat = torch.einsum("thn,hnc->thc", q_nope, w_uk)
         q_full = torch.cat([q_lat, q_pe], dim=-1)  # [T, H, C + rope]
 
-        cache = ctx.kv_caches[self.layer_idx][0]  # [blocks, block_size, 1, C + rope]
+        # [blocks, block_size, 1, C + rope] and its first C dims (a view) as V
+        cache, v_cache = ctx.kv_caches[self.layer_idx]
         write_kv(cache, None, torch.cat([c_TC.unsqueeze(1), k_pe], dim=-1), None, ctx.meta.slot_mapping)
-        o_lat = paged_attention(q_full, cache, cache[..., : self.kv_lora_rank], ctx.meta, self.scale)
+        o_lat = paged_attention(q_full, cache, v_cache, ctx.meta, self.scale)
         o = torch.einsum("thc,hvc->thv", o_lat, w_uv)
         return self.o_proj(o.reshape(T, H * self.v_dim))
