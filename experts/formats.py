@@ -408,3 +408,13 @@ def expected_nbytes(fmt: WeightFormat, shape: tuple[int, ...]) -> int:
     """Bytes ``fmt`` needs for a weight of ``shape`` (from the specs, nothing allocated)."""
     return sum(math.prod(s.shape) * torch.empty((), dtype=s.dtype).element_size()
                for s in fmt.packed_specs(shape).values())
+
+
+def expert_nbytes(fmt: WeightFormat, hidden: int, intermediate: int) -> int:
+    """Packed bytes of one SwiGLU expert: gate/up ``[2 * intermediate, hidden]`` and down
+    ``[hidden, intermediate]`` (ValueError when ``fmt`` cannot pack those shapes)."""
+    return expected_nbytes(fmt, (2 * intermediate, hidden)) + expected_nbytes(fmt, (hidden, intermediate))
+
+
+# the packed formats reports list, as ``moe quantize`` writes them by default
+REPORT_FORMATS = ("int8", "int4", "fp8_block", "mxfp4")

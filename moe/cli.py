@@ -134,6 +134,7 @@ def info(model: Optional[str] = typer.Argument(None, help="Checkpoint directory 
                          **_packed_weight_bytes(cfg, counts)},
         "active_weight_bytes_per_token_bf16": 2 * counts.active,
         "kv_cache_bytes_per_token_bf16": kv_per_token,
+        "kv_cache_bytes_per_token_fp8": _kv_bytes_per_token(cfg, fp8=True),
         "attention": "MLA (latent KV cache)" if cfg.mla else "GQA",
         "max_position_embeddings": cfg.max_position_embeddings,
     }
@@ -145,25 +146,23 @@ def info(model: Optional[str] = typer.Argument(None, help="Checkpoint directory 
             v = f"{v:,} ({v / 1e9:.3f}B)"
         elif isinstance(v, dict):
             v = ", ".join(f"{kk}: {_gib(vv)}" for kk, vv in v.items())
-        elif k.endswith("bytes_per_token_bf16"):
+        elif k.endswith(("bytes_per_token_bf16", "bytes_per_token_fp8")):
             v = f"{v:,} bytes" if v < 1 << 20 else _gib(v)
         typer.echo(f"{k:38s} {v}")
 
 
 def _packed_weight_bytes(cfg, counts) -> dict[str, int]:
     """Whole-model bytes with the routed experts packed in each format (the rest in bf16)."""
-    from experts.formats import expected_nbytes, get_format
+    from experts.formats import REPORT_FORMATS, expert_nbytes, get_format
 
-    E, D, F = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
     out = {}
-    for label, fmt in (("int8 experts", get_format("int8", group_size=128)),
-                       ("int4 experts", get_format("int4", group_size=128)),
-                       ("fp8_block experts", get_format("fp8_block")), ("mxfp4 experts", get_format("mxfp4"))):
+    for name in REPORT_FORMATS:
         try:
-            per_expert = expected_nbytes(fmt, (2 * F, D)) + expected_nbytes(fmt, (D, F))
+            per_expert = expert_nbytes(get_format(name), cfg.hidden_size, cfg.moe_intermediate_size)
         except ValueError:  # a shape the format cannot pack (e.g. not a multiple of its block)
             continue
-        out[label] = 2 * (counts.total - counts.routed_experts) + sum(cfg.sparse_layers) * E * per_expert
+        out[f"{name} experts"] = 2 * (counts.total - counts.routed_experts) + \
+            sum(cfg.sparse_layers) * cfg.num_experts * per_expert
     return out
 
 
@@ -171,13 +170,13 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _kv_bytes_per_token(cfg) -> int:
-    """bf16 KV cache bytes per token over all layers (one process), from the model's own spec."""
+def _kv_bytes_per_token(cfg, fp8: bool = False) -> int:
+    """KV cache bytes per token over all layers (one process), bf16 or fp8, from the model's own spec."""
     import torch
 
     from .params import build_meta_model
 
-    return sum(spec.bytes_per_token(torch.bfloat16) for spec in build_meta_model(cfg).kv_cache_spec())
+    return sum(spec.bytes_per_token(torch.bfloat16, fp8) for spec in build_meta_model(cfg).kv_cache_spec())
 
 
 from .cli_parallel import register  # noqa: E402  (plan and launch live beside the parallel code)

@@ -27,6 +27,9 @@ def plan(
     max_model_len: Optional[int] = typer.Option(None, help="Tokens per sequence (default: the model's maximum)."),
     max_num_seqs: int = typer.Option(1, help="Sequences cached at once per data-parallel replica."),
     dtype: str = typer.Option("auto", help="Weights: auto (the checkpoint's), bfloat16, float16, float32, float8."),
+    experts: Optional[str] = typer.Option(None, help="Routed experts packed as int8, int4, fp8_block or mxfp4."),
+    kv_cache_dtype: Optional[str] = typer.Option(None, help="KV cache: bfloat16, float16, float32 or fp8 "
+                                                             "(default: the weights' dtype)."),
     memory_utilization: float = typer.Option(0.9, help="Fraction of device memory the engine may use."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -42,7 +45,7 @@ def plan(
         cfg = load_sharding(sharding)
         length = max_model_len or parse_config(read_config_json(model)).max_position_embeddings
         result = make_plan(model, cfg, parse_bytes(gpu_memory), length, max_num_seqs, dtype,
-                           memory_utilization=memory_utilization)
+                           kv_dtype=kv_cache_dtype, experts=experts, memory_utilization=memory_utilization)
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
     typer.echo(json.dumps(result.as_dict()) if json_out else format_plan(result))

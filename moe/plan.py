@@ -70,6 +70,9 @@ class Plan:
     params_per_rank: int
     expert_slots_per_rank: int
     kv_bytes_per_token: int  # per rank, all layers
+    kv_dtype: str
+    experts_format: str  # the routed experts' format: the weight dtype or a packed format
+    routed_expert_bytes_by_format: dict[str, int]  # per rank: the plan's dtype and each packed format
     max_model_len: int
     max_num_seqs: int
     per_rank: RankMemory
@@ -98,7 +101,9 @@ class Plan:
             "total_params": self.total_params, "active_params": self.active_params,
             "routed_expert_params": self.routed_expert_params, "params_per_rank": self.params_per_rank,
             "expert_slots_per_rank": self.expert_slots_per_rank,
-            "kv_bytes_per_token_per_rank": self.kv_bytes_per_token,
+            "kv_bytes_per_token_per_rank": self.kv_bytes_per_token, "kv_dtype": self.kv_dtype,
+            "experts_format": self.experts_format,
+            "routed_expert_bytes_per_rank_by_format": self.routed_expert_bytes_by_format,
             "max_model_len": self.max_model_len, "max_num_seqs": self.max_num_seqs,
             "per_rank": self.per_rank.as_dict(),
             "device_memory_bytes": self.device_memory_bytes, "usable_bytes": self.usable_bytes,
@@ -156,25 +161,31 @@ def _rank_params(cfg: ModelConfig, tp: int) -> tuple[dict[str, int], int]:
             out["other"] += n
         else:
             out["dense_mlp"] += n
-    spec = model.kv_cache_spec()[0]
-    return out, spec.bytes_per_token(torch.uint8)  # one byte per element: the element count
+    return out, model.kv_cache_spec()[0]
 
 
 def plan(config_json_path: str | Path, sharding: ShardingConfig, device_memory_bytes: int,
          max_model_len: int, max_num_seqs: int, dtype: str = "auto", *, kv_dtype: str | None = None,
-         max_num_batched_tokens: int = 2048, memory_utilization: float = 0.9) -> Plan:
+         experts: str | None = None, max_num_batched_tokens: int = 2048, memory_utilization: float = 0.9) -> Plan:
     """Memory per rank of the model at ``config_json_path`` (a config.json or a checkpoint
     directory) under ``sharding``. ``dtype``: weight dtype ("auto": the checkpoint's; "float8"
     counts one byte per weight, ignoring block scales); ``kv_dtype`` defaults to ``dtype``
-    (bfloat16 for float8 weights)."""
+    (bfloat16 for float8 weights), "fp8" is the engine's e4m3 cache with its per-row scales;
+    ``experts``: a packed format for the routed experts (int8, int4, fp8_block, mxfp4 with their
+    default options, scales counted), default: ``dtype``."""
+    from experts.formats import REPORT_FORMATS, expert_nbytes, get_format
+
     cfg = parse_config(read_config_json(config_json_path))
     if dtype == "auto":
         dtype = cfg.torch_dtype.replace("torch.", "")
     if dtype not in BYTES_PER_PARAM:
         raise ValueError(f"dtype {dtype!r} is not supported for planning: choose auto, {', '.join(BYTES_PER_PARAM)}")
     kv_dtype = kv_dtype or ("bfloat16" if dtype == "float8" else dtype)
-    if kv_dtype not in BYTES_PER_PARAM:
-        raise ValueError(f"kv_dtype {kv_dtype!r} is not supported: choose one of {', '.join(BYTES_PER_PARAM)}")
+    if kv_dtype not in (*BYTES_PER_PARAM, "fp8"):
+        raise ValueError(f"kv_dtype {kv_dtype!r} is not supported: choose one of {', '.join(BYTES_PER_PARAM)}, fp8")
+    if experts is not None and experts not in REPORT_FORMATS:
+        raise ValueError(f"experts format {experts!r} is not supported for planning: choose one of "
+                         f"{', '.join(REPORT_FORMATS)} (or leave it unset for {dtype})")
     if max_model_len < 1 or max_num_seqs < 1:
         raise ValueError("max_model_len and max_num_seqs must be at least 1")
     if not 0 < memory_utilization <= 1:
@@ -191,14 +202,28 @@ def plan(config_json_path: str | Path, sharding: ShardingConfig, device_memory_b
 
     with _parallel_state(ParallelState()):
         counts = count_params(cfg)
-    by_kind, kv_elems_per_layer = _rank_params(cfg, tp)
+    by_kind, kv_spec = _rank_params(cfg, tp)
     slots = sharding.num_slots(cfg.num_experts) // sharding.expert_parallel if cfg.num_experts else 0
     expert_params = counts.routed_experts * slots // (cfg.num_experts * etp) if cfg.num_experts else 0
     params_per_rank = sum(by_kind.values()) + expert_params
 
-    wb, kb = BYTES_PER_PARAM[dtype], BYTES_PER_PARAM[kv_dtype]
+    wb = BYTES_PER_PARAM[dtype]
     act = 2 if dtype == "float8" else wb
-    kv_per_token = cfg.num_layers * kv_elems_per_layer * kb
+    by_format = {dtype: expert_params * wb}
+    if cfg.num_experts:
+        expert_slots = sum(cfg.sparse_layers) * slots  # every MoE layer holds this rank's slots
+        for name in REPORT_FORMATS:
+            try:
+                by_format[name] = expert_slots * expert_nbytes(get_format(name), cfg.hidden_size,
+                                                               cfg.moe_intermediate_size // etp)
+            except ValueError as e:  # e.g. a split intermediate dim that is not a multiple of the group
+                if name == experts:
+                    raise ValueError(f"experts format {experts!r} cannot pack this model's experts at "
+                                     f"expert_tensor_parallel {etp}: {e}") from e
+    if kv_dtype == "fp8":
+        kv_per_token = cfg.num_layers * kv_spec.bytes_per_token(torch.uint8, fp8=True)
+    else:
+        kv_per_token = cfg.num_layers * kv_spec.bytes_per_token(torch.uint8) * BYTES_PER_PARAM[kv_dtype]
     kv_cache = kv_per_token * max_model_len * max_num_seqs
     step_tokens = min(max_num_batched_tokens, max_model_len * max_num_seqs)
     moe_rows = 2 * etp * step_tokens * cfg.top_k  # a rank's fair share of routed rows, twice for skew
@@ -208,11 +233,12 @@ def plan(config_json_path: str | Path, sharding: ShardingConfig, device_memory_b
                  + moe_rows * (2 * cfg.hidden_size + 3 * cfg.moe_intermediate_size // max(etp, 1)) * act
                  + RUNTIME_OVERHEAD_BYTES)
     per_rank = RankMemory(attention=by_kind["attention"] * wb, dense_mlp=by_kind["dense_mlp"] * wb,
-                          routed_experts=expert_params * wb, embeddings=by_kind["embeddings"] * wb,
+                          routed_experts=by_format[experts or dtype], embeddings=by_kind["embeddings"] * wb,
                           other=by_kind["other"] * wb, kv_cache=kv_cache, workspace=workspace)
     return Plan(model=str(config_json_path), architecture=cfg.architecture, dtype=dtype, sharding=sharding,
                 total_params=counts.total, active_params=counts.active, routed_expert_params=counts.routed_experts,
                 params_per_rank=params_per_rank, expert_slots_per_rank=slots, kv_bytes_per_token=kv_per_token,
+                kv_dtype=kv_dtype, experts_format=experts or dtype, routed_expert_bytes_by_format=by_format,
                 max_model_len=max_model_len, max_num_seqs=max_num_seqs, per_rank=per_rank,
                 device_memory_bytes=device_memory_bytes,
                 usable_bytes=int(device_memory_bytes * memory_utilization))
@@ -228,12 +254,16 @@ def format_plan(p: Plan) -> str:
         f"sharding     world {s.resolved_world_size} = tensor_parallel {s.tensor_parallel} x data_parallel "
         f"{s.data_parallel}; expert_parallel {s.expert_parallel} ({p.expert_slots_per_rank} expert slots per rank, "
         f"expert_tensor_parallel {s.expert_tensor_parallel})",
-        f"per rank     {p.params_per_rank / 1e9:.2f}B params in {p.dtype}",
+        f"per rank     {p.params_per_rank / 1e9:.2f}B params in {p.dtype}"
+        + (f", routed experts in {p.experts_format}" if p.experts_format != p.dtype else ""),
     ]
     for k, v in p.per_rank.as_dict().items():
         lines.append(f"  {k:15s} {v / gib:9.2f} GiB")
     lines += [
-        f"kv cache     {p.kv_bytes_per_token:,} bytes/token per rank; {p.max_num_seqs} x {p.max_model_len} tokens",
+        "routed experts per rank by format: " + ", ".join(
+            f"{k} {v / gib:.2f} GiB" for k, v in p.routed_expert_bytes_by_format.items()),
+        f"kv cache     {p.kv_bytes_per_token:,} bytes/token per rank in {p.kv_dtype}; "
+        f"{p.max_num_seqs} x {p.max_model_len} tokens",
         f"device       {p.device_memory_bytes / gib:.1f} GiB, usable {p.usable_bytes / gib:.1f} GiB",
         f"fits         {'yes' if p.fits else 'NO'} (headroom {p.headroom_bytes / gib:.2f} GiB; "
         f"{p.max_num_seqs_that_fit} sequences of {p.max_model_len} tokens would fit)",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -95,6 +96,34 @@ def test_tensor_parallel_split_and_gqa_kv(mixtral):
     assert tp16.kv_bytes_per_token == 32 * 2 * 1 * 128 * 2  # one KV head per rank
     # no expert parallelism: every rank holds every expert, split 16 ways in its intermediate dim
     assert tp16.expert_slots_per_rank == 8 and tp16.per_rank.routed_experts * 16 == one.per_rank.routed_experts
+
+
+def test_packed_expert_formats_and_fp8_kv(mixtral):
+    """Bytes per format: each packed format's routed-expert bytes (scales counted) from its own
+    specs; choosing one changes only the routed experts; fp8 KV is one byte per element + scales."""
+    from experts.formats import get_format
+
+    one = plan(mixtral, ShardingConfig(), 80 * GiB, max_model_len=4096, max_num_seqs=1)
+    by = one.routed_expert_bytes_by_format
+    assert by["bfloat16"] == one.per_rank.routed_experts == 2 * one.routed_expert_params
+    int4 = get_format("int4")  # group 128, bfloat16 scales: 4.125 bits per weight
+    gate_up, down = int4.packed_specs((2 * 14336, 4096)), int4.packed_specs((4096, 14336))
+    per_expert = sum(math.prod(t.shape) * t.dtype.itemsize for specs in (gate_up, down) for t in specs.values())
+    assert per_expert == 3 * 4096 * 14336 // 2 + 3 * 4096 * 14336 // 128 * 2  # nibbles + one bf16 scale per group
+    assert by["int4"] == 32 * 8 * per_expert
+    assert by["int4"] <= 0.3 * by["bfloat16"] and 0.5 * by["bfloat16"] < by["int8"] < 0.53 * by["bfloat16"]
+    assert by["mxfp4"] < by["int8"] and by["fp8_block"] < by["int8"]
+    q = plan(mixtral, ShardingConfig(), 80 * GiB, max_model_len=4096, max_num_seqs=1, experts="int4", kv_dtype="fp8")
+    assert q.per_rank.routed_experts == by["int4"] and q.per_rank.attention == one.per_rank.attention
+    assert q.kv_bytes_per_token == 32 * 2 * 8 * (128 + 4)  # e4m3 + a float32 scale per (token, head) row
+    assert q.as_dict()["experts_format"] == "int4" and q.as_dict()["kv_dtype"] == "fp8"
+    # expert TP 16 splits the intermediate dim to 896 = 7 groups of 128: still packable
+    tp16 = plan(mixtral, ShardingConfig(tensor_parallel=16), 80 * GiB, 4096, 1, experts="int4")
+    assert tp16.per_rank.routed_experts * 16 == by["int4"]
+    with pytest.raises(ValueError, match="experts format 'int5'.*choose one of int8, int4, fp8_block, mxfp4"):
+        plan(mixtral, ShardingConfig(), GiB, 16, 1, experts="int5")
+    with pytest.raises(ValueError, match="kv_dtype 'int8'"):
+        plan(mixtral, ShardingConfig(), GiB, 16, 1, kv_dtype="int8")
 
 
 def test_invalid_shardings_are_named(mixtral):
