@@ -103,6 +103,15 @@ def generate(
             typer.echo(f"ttft={m.ttft or 0:.3f}s tpot={(m.tpot or 0) * 1e3:.1f}ms latency={m.latency or 0:.3f}s "
                        f"tokens={len(o.outputs[0].token_ids)}", err=True)
         typer.echo(f"throughput={n / wall:.1f} tok/s over {wall:.2f}s", err=True)
+        from .models.quant_weights import expert_cache
+
+        cache = expert_cache(llm.engine.model)
+        if cache is not None:
+            s = cache.stats
+            typer.echo(f"expert cache: {cache.capacity / 2**20:.1f} MiB, hits={s.hits} misses={s.misses} "
+                       f"hit_rate={s.hits / max(s.lookups, 1):.3f} prefetch_loads={s.prefetch_loads} "
+                       f"prefetch_hits={s.prefetch_hits} evictions={s.evictions} "
+                       f"bytes_loaded={s.bytes_loaded} stall={s.stall_seconds:.3f}s", err=True)
     if any(o.error for o in outs):
         raise typer.Exit(1)
 

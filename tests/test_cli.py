@@ -1,5 +1,6 @@
 """The moe command line, end to end on the embedded default model."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,17 @@ def test_generate_streams_and_reports_stats():
     assert res.exit_code == 0, res.output
     assert res.stdout.startswith("import")
     assert "ttft=" in res.stderr and "throughput=" in res.stderr
+    assert "expert cache" not in res.stderr
+
+
+def test_generate_stats_report_the_expert_cache_when_offloading():
+    res = runner.invoke(app, ["generate", "import", "--max-tokens", "8", "--temperature", "0", "--stats",
+                              "--offload-experts", "--expert-cache", "1MiB", "--kv-cache-dtype", "fp8"])
+    assert res.exit_code == 0, res.output
+    m = re.search(r"expert cache: 1.0 MiB, hits=(\d+) misses=(\d+) hit_rate=([\d.]+)", res.stderr)
+    assert m, res.stderr
+    hits, misses = int(m.group(1)), int(m.group(2))
+    assert misses > 0 and abs(float(m.group(3)) - hits / (hits + misses)) < 1e-3
 
 
 def test_generate_chat_without_a_template_is_a_clear_error():
