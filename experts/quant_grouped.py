@@ -45,6 +45,20 @@ class CpuExpertWeights(ABC):
     def matmul(self, x_MK: torch.Tensor, e: int) -> torch.Tensor:
         """``[M, N]`` in ``x_MK.dtype``."""
 
+    def nbytes(self) -> int:
+        """Bytes of the tensors this layout holds (what packing saves is measured here)."""
+        seen: dict[int, int] = {}
+        stack = list(vars(self).values())
+        while stack:
+            v = stack.pop()
+            if isinstance(v, torch.Tensor):
+                seen[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+            elif isinstance(v, (list, tuple)):
+                stack.extend(v)
+            elif isinstance(v, dict):
+                stack.extend(v.values())
+        return sum(seen.values())
+
 
 def _pad_k(x_MK: torch.Tensor, K_padded: int) -> torch.Tensor:
     return x_MK if x_MK.shape[1] == K_padded else F.pad(x_MK, (0, K_padded - x_MK.shape[1]))

@@ -216,6 +216,11 @@ class QuantGroupedExperts(nn.Module):
                                "set the experts backend before loading")
         return self.layout.packed(dict(self.named_parameters(recurse=False)), weight)
 
+    def weight_nbytes(self) -> int:
+        """Bytes held for this layer's experts: the packed parameters, or the CPU layout built from them."""
+        params = sum(p.numel() * p.element_size() for p in self.parameters(recurse=False))
+        return params + (sum(w.nbytes() for w in self._cpu) if self._cpu is not None else 0)
+
     def post_load(self) -> None:
         """Build the CPU compute layout once; drop the packed tensors it does not share."""
         device = next(self.parameters()).device
