@@ -166,13 +166,15 @@ def run_kv(base: Path, args, prompts: Prompts) -> dict:
     out: dict = {}
     for kv in ("auto", "fp8"):
         llm, _ = load(base, kv_cache_dtype=kv, kv_cache_memory=64 << 20)
+        plen = min(args.kv_prompt_len, llm.engine.max_model_len - args.new_tokens)  # the default model: 512
         decode_rate(llm, prompts, 16, 4, 1)
-        r = decode_rate(llm, prompts, args.kv_prompt_len, args.new_tokens, args.runs)
+        r = decode_rate(llm, prompts, plen, args.new_tokens, args.runs)
+        r["prompt_len"] = plen
         r["kv_bytes_per_token"] = llm.engine.kv_bytes_per_token()
         r["kv_cache_tokens_in_64MiB"] = llm.engine.kv_cache_tokens
         out["bf16" if kv == "auto" else "fp8"] = r
         print(f"  kv {kv:5s} {r['kv_bytes_per_token']:6d} B/token  decode {r['decode_tok_s']:7.2f} tok/s "
-              f"(prompt {args.kv_prompt_len})", flush=True)
+              f"(prompt {plen})", flush=True)
         del llm
         gc.collect()
     return out
@@ -327,7 +329,7 @@ def print_table(report: dict) -> None:
                   f"{f['fraction_of_probe']:9.0%}")
         for kv, k in r.get("kv_cache", {}).items():
             print(f"  KV {kv:<5} {k['kv_bytes_per_token']:7d} B/token, {k['kv_cache_tokens_in_64MiB']:7d} tokens in "
-                  f"64 MiB, decode after {report['args']['kv_prompt_len']} tokens: {k['decode_tok_s']:.2f} tok/s")
+                  f"64 MiB, decode after {k['prompt_len']} tokens: {k['decode_tok_s']:.2f} tok/s")
         for lab, o in r.get("offload", {}).items():
             print(f"  offload, cache {lab:>4} of bf16 experts ({o['cache_bytes'] / 2**20:.1f} MiB): "
                   f"{o['decode_tok_s']:.2f} tok/s, hit rate {o['hit_rate']:.3f}, stall {o['stats']['stall_seconds']:.2f}s")
