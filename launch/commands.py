@@ -82,9 +82,13 @@ def mpirun_command(program: Program, *, nnodes: int = 1, nproc_per_node: int = 1
 
 def deepspeed_command(program: Program, *, nnodes: int = 1, nproc_per_node: int = 1,
                       hostfile: str | None = None, master_addr: str | None = None,
-                      master_port: int = DEFAULT_PORT, deepspeed: str = "deepspeed") -> list[str]:
+                      master_port: int = DEFAULT_PORT, deepspeed: str = "deepspeed",
+                      env: Mapping[str, str] | None = None) -> list[str]:
     """The DeepSpeed launcher (pdsh over a hostfile for several nodes). ``--no_local_rank``
-    keeps ``--local_rank=N`` out of the program's arguments: ranks read LOCAL_RANK instead."""
+    keeps ``--local_rank=N`` out of the program's arguments: ranks read LOCAL_RANK instead.
+    ``env`` must reach every rank: on one node the launcher's own environment carries it, but pdsh
+    forwards only a few prefixes (PYTHON*, NCCL*, ...), so with several nodes the program runs
+    under ``env K=V ...`` (``--no_python``)."""
     cmd = [deepspeed]
     if nnodes > 1:
         if hostfile is None:
@@ -96,6 +100,8 @@ def deepspeed_command(program: Program, *, nnodes: int = 1, nproc_per_node: int 
     if master_addr:
         cmd += ["--master_addr", master_addr]
     cmd += ["--master_port", str(master_port), "--no_local_rank"]
+    if nnodes > 1 and env:
+        return cmd + ["--no_python", "env", *(f"{k}={v}" for k, v in env.items()), *program.argv()]
     if program.module:
         cmd.append("--module")
     return cmd + [program.target, *program.args]

@@ -95,7 +95,8 @@ def launch(
                                     master_addr=master_addr, master_port=master_port, torchrun=_tool("torchrun"))
         elif launcher == "deepspeed":
             argv = deepspeed_command(program, nnodes=nnodes, nproc_per_node=nproc_per_node, hostfile=hostfile,
-                                     master_addr=master_addr, master_port=master_port, deepspeed=_tool("deepspeed"))
+                                     master_addr=master_addr, master_port=master_port, deepspeed=_tool("deepspeed"),
+                                     env=env)
         elif launcher == "mpirun":
             if master_addr is None and nnodes == 1:
                 master_addr = "127.0.0.1"

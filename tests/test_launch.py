@@ -158,6 +158,13 @@ def test_deepspeed_commands():
     assert multi[:7] == ["deepspeed", "--hostfile", "hosts", "--num_nodes", "2", "--num_gpus", "8"]
     with pytest.raises(ValueError, match="hostfile"):
         deepspeed_command(PROGRAM, nnodes=2)
+    # pdsh forwards only a few variable prefixes: over several nodes the sharding rides in `env K=V`
+    env = {"MOE_SHARDING": "/s/ds.yaml"}
+    multi = deepspeed_command(PROGRAM, nnodes=2, nproc_per_node=8, hostfile="hosts", env=env)
+    assert multi[multi.index("--no_local_rank") + 1:] == [
+        "--no_python", "env", "MOE_SHARDING=/s/ds.yaml", *PROGRAM.argv()]
+    single = deepspeed_command(PROGRAM, nproc_per_node=2, env=env)  # one node: the launcher's own env carries it
+    assert "env" not in single and single[single.index("--no_local_rank") + 1:][:2] == ["--module", "moe"]
 
 
 def test_sbatch_torchrun_per_node():
