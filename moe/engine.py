@@ -5,7 +5,9 @@
 Under a launcher (torchrun, mpirun, srun) every rank builds this same engine and is given the
 same requests (SPMD): the schedules are identical, so every rank enters the same collectives.
 Each step checks that (one all-gather of a fingerprint of the batch) and takes rank 0's sampled
-tokens (one broadcast), so every rank returns the same outputs.
+tokens (one broadcast), so every rank returns the same outputs. With ``data_parallel`` > 1 each
+data-parallel group runs only its own sequences of the batch; the step all-gathers every rank's
+results and takes each group's from its first rank (``tp_rank`` 0).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch.distributed as dist
 from kvcache import BlockManager, check_kv_cache_dtype
 from launch import detect_launch_env, init_distributed
 from parallel import (ParallelState, ShardingConfig, build_parallel_state, get_parallel_state, init_single_process,
-                      world_all_gather_ints, world_broadcast_object)
+                      world_all_gather_ints, world_all_gather_object, world_broadcast_object)
 
 from .config import EngineConfig, ModelConfig, parse_bytes, read_config_json
 from .loader import load_weights
@@ -122,7 +124,8 @@ class LLMEngine:
         self.model_config = cfg = replace(parse_config(hf), experts=plan)
         self.parallel, device = init_parallel(config, cfg)
         self.device = torch.device(device)
-        self.sampling_mismatches = 0  # steps where this rank sampled differently from rank 0
+        # steps where this rank sampled differently from rank 0 (with data_parallel > 1: its group's first rank)
+        self.sampling_mismatches = 0
         self.dtype = resolve_dtype(config.dtype, cfg, self.device)
         self.kv_fp8 = check_kv_cache_dtype(config.kv_cache_dtype)
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
@@ -141,8 +144,11 @@ class LLMEngine:
         self.eos_ids = self._eos_ids(model_dir, cfg)
 
         self.kv_caches, num_blocks = self._allocate_kv_cache()
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        # one block manager per data-parallel group: each group's caches hold only its own sequences
+        self.block_managers = [BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+                               for _ in range(self.parallel.dp_size)]
+        self.block_manager = self.block_managers[0]
+        self.scheduler = Scheduler(self.block_managers, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(config.seed)
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.sampler, self.device)
         self.seqs: dict[str, Sequence] = {}
@@ -254,32 +260,51 @@ class LLMEngine:
     def _run(self, batch: ScheduledBatch) -> StepResult:
         if self.parallel.world_size == 1:
             return self.runner.run(batch, self.eos_ids)
+        st = self.parallel
         try:
             self._check_same_batch(batch)
             local = self.runner.run(batch, self.eos_ids)
-            result = world_broadcast_object(local)
+            if st.dp_size == 1:
+                result = world_broadcast_object(local)
+                authority = result
+            else:
+                every = world_all_gather_object(local)
+                result, authority = self._merge_dp_results(every)
         except RuntimeError as e:
             if not _is_comm_error(e):
                 raise
-            st = self.parallel
             cause = (str(e).splitlines() or [""])[0][:300]
             raise RuntimeError(
                 f"rank {st.rank} of {st.world_size}: a collective failed mid-step; another rank has probably died or "
                 f"stalled for longer than timeout_seconds ({st.sharding.timeout_seconds:g}s): check the other ranks' "
                 f"logs. Cause: {type(e).__name__}: {cause}") from e
-        if result != local:
-            # logits are identical on every rank by construction; if they ever are not, rank 0 decides
+        if authority != local:
+            # logits are identical on every rank of a TP group by construction; if they ever are not,
+            # the group's first rank (rank 0 without data parallelism) decides
             self.sampling_mismatches += 1
             if self.sampling_mismatches == 1:
-                log.warning("rank %d sampled differently from rank 0; using rank 0's tokens", self.parallel.rank)
+                log.warning("rank %d sampled differently from rank %d; using rank %d's tokens", st.rank,
+                            st.dp_rank * st.tp_size, st.dp_rank * st.tp_size)
         return result
+
+    def _merge_dp_results(self, every: list[StepResult]) -> tuple[StepResult, StepResult]:
+        """The whole batch's results from every rank's (each DP group's first rank decides for its
+        sequences), and the result this rank's group decided."""
+        st = self.parallel
+        sampled: dict = {}
+        prompt_logprobs: dict = {}
+        for d in range(st.dp_size):
+            leader = every[d * st.tp_size]
+            sampled.update(leader.sampled)
+            prompt_logprobs.update(leader.prompt_logprobs)
+        return StepResult(sampled, prompt_logprobs), every[st.dp_rank * st.tp_size]
 
     def _check_same_batch(self, batch: ScheduledBatch) -> None:
         """Every rank must schedule the same batch, or their collectives would not match."""
         h = 0
         for s in batch.seqs:
             ids = s.seq.token_ids[s.start:s.start + s.num_new_tokens]
-            h = zlib.crc32(repr((s.seq.request_id, s.start, s.num_new_tokens, ids)).encode(), h)
+            h = zlib.crc32(repr((s.seq.request_id, s.start, s.num_new_tokens, ids, s.seq.dp_rank)).encode(), h)
         mine = [len(batch.seqs), h]
         every = world_all_gather_ints(mine)
         bad = [r for r, v in enumerate(every) if v != every[0]]
@@ -296,7 +321,8 @@ class LLMEngine:
             if seq.metrics.first_scheduled_time is None:
                 seq.metrics.first_scheduled_time = now
             seq.num_computed_tokens += s.num_new_tokens
-            self.block_manager.register_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens)
+            self.scheduler.block_manager_of(seq).register_full_blocks(seq.block_table, seq.token_ids,
+                                                                      seq.num_computed_tokens)
             if seq.wants_prompt_logprobs:
                 if not seq.prompt_logprobs:
                     seq.prompt_logprobs.append(None)

@@ -1,5 +1,11 @@
 """Runs one scheduled batch through the model: builds the flattened inputs and attention
-metadata, computes logits only for the rows that need them, samples."""
+metadata, computes logits only for the rows that need them, samples.
+
+With ``data_parallel`` > 1 a rank runs only its DP group's sequences of the batch (their
+K/V live in this group's caches); the MoE layers exchange tokens with the other groups. The
+sampler still draws for every sampling sequence of the batch (other groups' rows with dummy
+logits, their tokens discarded), so every rank's random generators advance exactly as in the
+single-process engine; the engine then gathers each group's results."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,10 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from kvcache import AttentionMetadata
+from parallel import get_parallel_state
 
 from .models import ForwardContext, MoECausalLM
 from .sampler import Sampler, SampleResult, top_logprobs
-from .scheduler import ScheduledBatch
+from .scheduler import ScheduledBatch, partition_batch
 
 
 @dataclass(frozen=True)
@@ -27,16 +34,27 @@ class ModelRunner:
         self.block_size = block_size
         self.sampler = sampler
         self.device = device
+        self.num_tokens_run = 0  # tokens this rank has run through the model (its DP group's)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, eos_ids: tuple[int, ...]) -> StepResult:
+        """Results for the batch's sequences this rank runs (all of them unless data_parallel > 1),
+        keyed by batch index."""
+        st = get_parallel_state()
+        dp_num_tokens = None
+        mine = range(len(batch.seqs))
+        if st.dp_size > 1:
+            groups = partition_batch(batch, st.dp_size)
+            mine = groups[st.dp_rank]
+            dp_num_tokens = [sum(batch.seqs[b].num_new_tokens for b in g) for g in groups]
         ids: list[int] = []
         positions: list[int] = []
         sample_rows: list[int] = []  # flattened row of each sampling sequence's last token
         sample_idx: list[int] = []
         lp_rows: list[int] = []  # rows whose logits score the next prompt token
         lp_owner: list[tuple[int, int]] = []  # (batch index, prompt position predicted)
-        for b, s in enumerate(batch.seqs):
+        for b in mine:
+            s = batch.seqs[b]
             seq, start, n = s.seq, s.start, s.num_new_tokens
             base = len(ids)
             ids.extend(seq.token_ids[start:start + n])
@@ -49,23 +67,37 @@ class ModelRunner:
                 for p in range(first, min(start + n, seq.num_prompt_tokens - 1)):
                     lp_rows.append(base + p - start)
                     lp_owner.append((b, p + 1))
+        run = [batch.seqs[b] for b in mine]
         meta = AttentionMetadata.build(
-            [s.num_new_tokens for s in batch.seqs],
-            [s.start + s.num_new_tokens for s in batch.seqs],
-            [s.seq.block_table.blocks for s in batch.seqs],
+            [s.num_new_tokens for s in run],
+            [s.start + s.num_new_tokens for s in run],
+            [s.seq.block_table.blocks for s in run],
             self.block_size, self.device)
-        ctx = ForwardContext(meta, self.kv_caches)
-        hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), ctx)
+        ctx = ForwardContext(meta, self.kv_caches, dp_num_tokens=dp_num_tokens)
+        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device),
+                            torch.tensor(positions, dtype=torch.long, device=self.device), ctx)
+        self.num_tokens_run += len(ids)
 
         sampled: dict[int, tuple[int, dict[int, float] | None]] = {}
-        if sample_rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-            seqs = [batch.seqs[b].seq for b in sample_idx]
+        # every sampling sequence of the batch: under data parallelism other groups' rows only
+        # advance the random generators (see the module docstring)
+        all_idx = [b for b, s in enumerate(batch.seqs) if s.samples] if st.dp_size > 1 else sample_idx
+        if all_idx:
+            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, dtype=torch.long,
+                                                                   device=self.device)]).cpu()
+            if len(all_idx) != len(sample_idx):
+                full = logits.new_zeros(len(all_idx), self.model.cfg.vocab_size)
+                where = {b: j for j, b in enumerate(all_idx)}
+                if sample_idx:
+                    full[torch.tensor([where[b] for b in sample_idx])] = logits
+                logits = full
+            seqs = [batch.seqs[b].seq for b in all_idx]
             banned = [self._banned(seq, eos_ids) for seq in seqs]
-            res: SampleResult = self.sampler(logits.cpu(), [q.params for q in seqs], [q.generator for q in seqs],
-                                             banned)
-            for j, b in enumerate(sample_idx):
-                sampled[b] = (res.token_ids[j], res.logprobs[j])
+            res: SampleResult = self.sampler(logits, [q.params for q in seqs], [q.generator for q in seqs], banned)
+            mine_set = set(sample_idx)
+            for j, b in enumerate(all_idx):
+                if b in mine_set:
+                    sampled[b] = (res.token_ids[j], res.logprobs[j])
         prompt_lps: dict[int, list[dict[int, float]]] = {}
         if lp_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(lp_rows, device=self.device)]).cpu()

@@ -6,6 +6,15 @@ arrival order while budget, ``max_num_seqs`` and KV blocks allow. When a running
 needs a block and none is free, the most recently admitted sequence is preempted: its blocks
 are freed and it goes back to the front of the queue, to be recomputed later (its tokens so
 far are kept, so its output is unchanged).
+
+Data parallelism (``data_parallel`` > 1, DP attention): every rank runs this same scheduler. A
+sequence is bound to one DP group when it is queued (:func:`least_loaded_group`) and stays
+there, because its K/V live only in that group's caches. Each group has its own
+:class:`BlockManager` over its own caches (block ids and the prefix cache are per group), so a
+group that runs out of blocks preempts its own newest sequence, and a waiting sequence whose
+group is full does not hold back the other groups' ones (arrival order is kept within a group).
+The token budget (``max_num_batched_tokens``) and ``max_num_seqs`` apply to each group, as if
+each were its own engine: a step runs up to ``data_parallel`` times as many tokens.
 """
 from __future__ import annotations
 
@@ -45,22 +54,52 @@ class ScheduledBatch:
         return bool(self.seqs)
 
 
+def least_loaded_group(loads: list[int], counts: list[int]) -> int:
+    """The DP group a new sequence joins: the least outstanding tokens (prompt + expected output
+    of its unfinished sequences), then the fewest sequences, then the lowest index."""
+    return min(range(len(loads)), key=lambda d: (loads[d], counts[d], d))
+
+
+def partition_batch(batch: ScheduledBatch, dp_size: int) -> list[list[int]]:
+    """Batch indices of each DP group's sequences, in batch order (a group may have none)."""
+    groups: list[list[int]] = [[] for _ in range(dp_size)]
+    for b, s in enumerate(batch.seqs):
+        groups[s.seq.dp_rank].append(b)
+    return groups
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
-        self.bm = block_manager
+    def __init__(self, block_manager: BlockManager | list[BlockManager], max_num_seqs: int,
+                 max_num_batched_tokens: int):
+        """``block_manager``: one, or one per data-parallel group."""
+        self.bms = list(block_manager) if isinstance(block_manager, (list, tuple)) else [block_manager]
+        self.bm = self.bms[0]
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
+    @property
+    def dp_size(self) -> int:
+        return len(self.bms)
+
+    def block_manager_of(self, seq: Sequence) -> BlockManager:
+        return self.bms[seq.dp_rank]
+
     def add(self, seq: Sequence) -> None:
+        if self.dp_size > 1:
+            loads, counts = [0] * self.dp_size, [0] * self.dp_size
+            for q in (*self.running, *self.waiting):
+                loads[q.dp_rank] += max(q.expected_len, q.num_tokens)
+                counts[q.dp_rank] += 1
+            seq.dp_rank = least_loaded_group(loads, counts)
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def _preempt(self, seq: Sequence) -> None:
-        self.bm.free_table(seq.block_table)
+        self.block_manager_of(seq).free_table(seq.block_table)
         seq.num_computed_tokens = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
@@ -68,49 +107,64 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def schedule(self) -> ScheduledBatch:
-        budget = self.max_num_batched_tokens
+        budget = [self.max_num_batched_tokens] * self.dp_size  # per data-parallel group
         out: list[ScheduledSeq] = []
         preempted = 0
         for seq in list(self.running):
-            if budget == 0:
-                break
+            if budget[seq.dp_rank] == 0:
+                continue
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.bm.can_allocate(seq.block_table, seq.num_computed_tokens + n):
-                victim = self.running[-1]
+            bm = self.block_manager_of(seq)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget[seq.dp_rank])
+            while not bm.can_allocate(seq.block_table, seq.num_computed_tokens + n):
+                victim = [q for q in self.running if q.dp_rank == seq.dp_rank][-1]  # the newest of its group
                 self._preempt(victim)
                 preempted += 1
                 if victim is seq:
                     break
             if seq.status is not Status.RUNNING:
                 continue
-            self.bm.allocate(seq.block_table, seq.num_computed_tokens + n, seq.expected_len)
+            bm.allocate(seq.block_table, seq.num_computed_tokens + n, seq.expected_len)
             out.append(ScheduledSeq(seq, n))
-            budget -= n
+            budget[seq.dp_rank] -= n
         if preempted:
             return ScheduledBatch(out, preempted)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        num_running = [0] * self.dp_size
+        for seq in self.running:
+            num_running[seq.dp_rank] += 1
+        blocked: set[int] = set()  # groups that admit nothing more this step (arrival order within a group)
+        i = 0
+        while i < len(self.waiting) and len(blocked) < self.dp_size:
+            seq = self.waiting[i]
+            d = seq.dp_rank
+            if d in blocked or budget[d] == 0 or num_running[d] >= self.max_num_seqs:
+                blocked.add(d)
+                i += 1
+                continue
+            bm = self.block_manager_of(seq)
             if not seq.wants_prompt_logprobs and seq.num_computed_tokens == 0:
                 # at least one token must be computed to produce logits
-                seq.num_computed_tokens = self.bm.match_prefix(seq.block_table, seq.token_ids, seq.num_tokens - 1)
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.bm.can_allocate(seq.block_table, seq.num_computed_tokens + n):
-                self.bm.free_table(seq.block_table)
+                seq.num_computed_tokens = bm.match_prefix(seq.block_table, seq.token_ids, seq.num_tokens - 1)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget[d])
+            if not bm.can_allocate(seq.block_table, seq.num_computed_tokens + n):
+                bm.free_table(seq.block_table)
                 seq.num_computed_tokens = 0
-                break
-            self.bm.allocate(seq.block_table, seq.num_computed_tokens + n, seq.expected_len)
-            self.waiting.popleft()
+                blocked.add(d)
+                i += 1
+                continue
+            bm.allocate(seq.block_table, seq.num_computed_tokens + n, seq.expected_len)
+            del self.waiting[i]
             seq.status = Status.RUNNING
             self.running.append(seq)
+            num_running[d] += 1
             out.append(ScheduledSeq(seq, n))
-            budget -= n
+            budget[d] -= n
         return ScheduledBatch(out)
 
     def finish(self, seq: Sequence) -> None:
         seq.status = Status.FINISHED
-        self.bm.free_table(seq.block_table)
+        self.block_manager_of(seq).free_table(seq.block_table)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

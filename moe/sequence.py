@@ -40,6 +40,7 @@ class Sequence:
     read_offset: int = 0
     num_preemptions: int = 0
     expected_len: int = 0  # prompt + max_tokens, capped at max_model_len (sizes the KV reservation)
+    dp_rank: int = 0  # the data-parallel group that runs it (fixed when queued: its K/V live there)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -4,16 +4,25 @@ A single-process engine sets the trivial state (every size 1, no torch.distribut
 multi-process launch sets real groups with :func:`build_parallel_state`. Layers and
 dispatchers read this state; model files never call torch.distributed themselves.
 
-Rank layout (``data_parallel`` is 1, so every rank is in the one tensor-parallel group):
+Rank layout, ``world_size = tensor_parallel * data_parallel``:
 
-- attention, dense MLPs, shared experts, embeddings, LM head: tensor-parallel over all
-  ``world_size`` ranks (``tp_rank == rank``).
+- attention, dense MLPs, shared experts, embeddings, LM head: tensor-parallel inside a group
+  of ``tp_size`` consecutive ranks: ``dp_rank = rank // tp_size``, ``tp_rank = rank % tp_size``;
+  TP group ``d`` is ranks ``d*tp .. d*tp + tp - 1``. Each of the ``dp_size`` TP groups runs its
+  own sequences (DP attention); with ``data_parallel`` 1 the one TP group is the whole world.
+- the DP group of a rank is the ranks with its ``tp_rank``, one per TP group
+  (``{tp_rank, tp + tp_rank, ...}``): MoE layers all-gather the token rows of the TP groups
+  over it, so every rank holds all tokens of the step (parallel/moe_parallel.py).
 - MoE layers: ``ep_rank = rank // etp_size``, ``etp_rank = rank % etp_size`` with
   ``etp_size = world_size / expert_parallel`` (``ShardingConfig.expert_tensor_parallel``).
   The EP group of a rank is the ranks with its ``etp_rank`` (one per expert set); its ETP group
   is the ranks with its ``ep_rank`` (the same experts, each holding a slice of their
   intermediate dim). Example, 4 ranks, expert_parallel 2: EP groups {0, 2} and {1, 3}, ETP
   groups {0, 1} and {2, 3}.
+
+Example, 4 ranks, ``tensor_parallel: 2, data_parallel: 2, expert_parallel: 4``
+(examples/sharding/ep4-tp2.yaml): TP groups {0, 1} and {2, 3}, DP groups {0, 2} and {1, 3},
+one EP group {0, 1, 2, 3} (each rank a quarter of the experts), no expert-TP.
 """
 from __future__ import annotations
 
@@ -38,7 +47,10 @@ class ParallelState:
     ep_size: int = 1
     etp_rank: int = 0
     etp_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
     tp_group: dist.ProcessGroup | None = None
+    dp_group: dist.ProcessGroup | None = None  # the ranks with this tp_rank, one per TP group
     ep_group: dist.ProcessGroup | None = None
     etp_group: dist.ProcessGroup | None = None
     sharding: ShardingConfig | None = None  # None: the single-process layout
@@ -50,6 +62,8 @@ class ParallelState:
             raise ValueError(f"ep_rank {self.ep_rank} outside expert_parallel size {self.ep_size}")
         if not 0 <= self.etp_rank < self.etp_size:
             raise ValueError(f"etp_rank {self.etp_rank} outside expert_tensor_parallel size {self.etp_size}")
+        if not 0 <= self.dp_rank < self.dp_size:
+            raise ValueError(f"dp_rank {self.dp_rank} outside data_parallel size {self.dp_size}")
 
 
 _STATE: ParallelState | None = None
@@ -99,6 +113,14 @@ def get_etp_rank() -> int:
     return get_parallel_state().etp_rank
 
 
+def get_dp_size() -> int:
+    return get_parallel_state().dp_size
+
+
+def get_dp_rank() -> int:
+    return get_parallel_state().dp_rank
+
+
 def build_parallel_state(sharding: ShardingConfig, rank: int, world_size: int) -> ParallelState:
     """Create the process groups of ``sharding`` (torch.distributed must be initialised when
     ``world_size`` > 1) and set the state. Every rank must call this, in the same order as its
@@ -106,9 +128,7 @@ def build_parallel_state(sharding: ShardingConfig, rank: int, world_size: int) -
     if sharding.resolved_world_size != world_size:
         raise ValueError(f"the sharding needs world_size {sharding.resolved_world_size} but this job has "
                          f"{world_size} ranks")
-    if sharding.data_parallel != 1:
-        raise ValueError(f"data_parallel ({sharding.data_parallel}) > 1 is not supported: set data_parallel: 1 "
-                         f"and tensor_parallel: {world_size}")
+    tp, dp = sharding.tensor_parallel, sharding.data_parallel
     ep, etp = sharding.expert_parallel, sharding.expert_tensor_parallel
     timeout = timedelta(seconds=sharding.timeout_seconds)
 
@@ -119,9 +139,20 @@ def build_parallel_state(sharding: ShardingConfig, rank: int, world_size: int) -
             return dist.group.WORLD
         return dist.new_group(ranks, timeout=timeout)
 
+    # every rank creates every group, in the same order
+    dp_rank, tp_rank = divmod(rank, tp)
+    tp_group = dp_group = None
+    for d in range(dp):
+        g = group([d * tp + j for j in range(tp)])
+        if d == dp_rank:
+            tp_group = g
+    for j in range(tp):
+        g = group([d * tp + j for d in range(dp)])
+        if j == tp_rank:
+            dp_group = g
     ep_rank, etp_rank = divmod(rank, etp)
     ep_group = etp_group = None
-    for j in range(etp):  # every rank creates every group, in the same order
+    for j in range(etp):
         g = group([e * etp + j for e in range(ep)])
         if j == etp_rank:
             ep_group = g
@@ -129,18 +160,20 @@ def build_parallel_state(sharding: ShardingConfig, rank: int, world_size: int) -
         g = group([e * etp + j for j in range(etp)])
         if e == ep_rank:
             etp_group = g
-    state = ParallelState(rank=rank, world_size=world_size, tp_rank=rank, tp_size=world_size, ep_rank=ep_rank,
-                          ep_size=ep, etp_rank=etp_rank, etp_size=etp,
-                          tp_group=group(list(range(world_size))), ep_group=ep_group, etp_group=etp_group,
+    state = ParallelState(rank=rank, world_size=world_size, tp_rank=tp_rank, tp_size=tp, ep_rank=ep_rank,
+                          ep_size=ep, etp_rank=etp_rank, etp_size=etp, dp_rank=dp_rank, dp_size=dp,
+                          tp_group=tp_group, dp_group=dp_group, ep_group=ep_group, etp_group=etp_group,
                           sharding=sharding)
     set_parallel_state(state)
     return state
 
 
 def tp_all_reduce(x):
-    """Sum ``x`` over the tensor-parallel group (identity when tp_size is 1)."""
+    """Sum ``x`` over the tensor-parallel group (identity when tp_size is 1). The ranks of a TP
+    group hold the same tokens, so when a data-parallel group runs no token in a step (``x`` is
+    empty) all its ranks skip the collective together."""
     st = get_parallel_state()
-    if st.tp_size == 1:
+    if st.tp_size == 1 or x.numel() == 0:
         return x
     dist.all_reduce(x, group=st.tp_group)
     return x
@@ -151,6 +184,8 @@ def tp_all_gather_last_dim(x):
     st = get_parallel_state()
     if st.tp_size == 1:
         return x
+    if x.numel() == 0:  # as in tp_all_reduce: the whole TP group skips it
+        return x.new_empty(*x.shape[:-1], x.shape[-1] * st.tp_size)
     parts = [torch.empty_like(x) for _ in range(st.tp_size)]
     dist.all_gather(parts, x.contiguous(), group=st.tp_group)
     return torch.cat(parts, dim=-1)
@@ -167,6 +202,16 @@ def world_all_gather_ints(values: list[int]) -> list[list[int]]:
     parts = [torch.empty_like(t) for _ in range(st.world_size)]
     dist.all_gather(parts, t)
     return [p.tolist() for p in parts]
+
+
+def world_all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (pickled), in rank order, on every rank."""
+    st = get_parallel_state()
+    if st.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * st.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def world_broadcast_object(obj: Any, src: int = 0) -> Any:

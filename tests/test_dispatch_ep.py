@@ -194,3 +194,39 @@ def _worker(rank: int, P: int, port: int) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_parallel_matches_local(world):
     mp.spawn(_worker, args=(world, _free_port()), nprocs=world, join=True)
+
+
+# ---- data parallelism: each TP group brings its own tokens -----------------------------------
+
+def _dp_worker(rank: int, world: int, port: int) -> None:
+    """ep4-tp2.yaml's layout: TP groups {0,1} and {2,3} hold different tokens (the same inside a
+    group); every rank must get back its group's rows of the single-process result, also when a
+    group has none, with the token counts given or all-gathered."""
+    from parallel import DataParallelDispatcher, build_parallel_state, make_moe_dispatcher
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        E, K = 8, 2
+        w_EDD = torch.randn(E, D, D, generator=torch.Generator().manual_seed(5)) / D ** 0.5
+        for dispatcher in ("all_to_all", "all_gather"):
+            st = build_parallel_state(ShardingConfig(tensor_parallel=2, data_parallel=2, expert_parallel=4,
+                                                     dispatcher=dispatcher), rank, world)
+            assert (st.dp_rank, st.tp_rank, st.ep_rank, st.etp_size) == (rank // 2, rank % 2, rank, 1)
+            disp = make_moe_dispatcher(E)
+            assert isinstance(disp, DataParallelDispatcher)
+            slots = st.sharding.slots(E)[st.ep_rank]
+            for i, sizes in enumerate([(3, 2), (0, 4), (5, 0), (1, 1)]):
+                x_TD, ids_TK, weights_TK = routing(sizes[st.dp_rank], E, K, seed=100 * i + st.dp_rank)
+                expected = local_reference(x_TD, ids_TK, weights_TK, w_EDD)
+                for given in (list(sizes), None):
+                    x_RD, counts_e, meta = disp.dispatch(x_TD, ids_TK, weights_TK, given)
+                    y_TD = disp.combine(experts_reference(x_RD, counts_e, slots, w_EDD), meta)
+                    torch.testing.assert_close(y_TD, expected, msg=f"{dispatcher} {sizes} {given}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_groups_get_their_own_rows_back():
+    mp.spawn(_dp_worker, args=(4, _free_port()), nprocs=4, join=True)

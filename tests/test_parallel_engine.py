@@ -1,5 +1,5 @@
-"""Expert and tensor parallelism end to end: the same script under torchrun (2 and 4 CPU ranks,
-gloo) gives every rank the outputs of the single-process engine.
+"""Expert, tensor and data parallelism end to end: the same script under torchrun (2 and 4 CPU
+ranks, gloo) gives every rank the outputs of the single-process engine.
 
 Each multi-process job runs tests/parallel_scripts/generate.py, which builds
 ``LLM(path, sharding=...)`` for several layouts in turn and writes each rank's outputs as JSON;
@@ -22,10 +22,16 @@ import pytest
 import torch
 
 from moe import LLM, SamplingParams
+from moe.outputs import RequestMetrics
+from moe.scheduler import ScheduledBatch, ScheduledSeq, Scheduler, least_loaded_group, partition_batch
+from moe.sequence import Sequence, Status
+from kvcache import BlockManager
+from parallel import load_sharding
 
 torch.set_num_threads(1)
 
 SCRIPT = Path(__file__).parent / "parallel_scripts" / "generate.py"
+EP4_TP2 = Path(__file__).resolve().parents[1] / "examples" / "sharding" / "ep4-tp2.yaml"
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss")
 
 # mixed lengths, greedy with logprobs, one seeded sampled request
@@ -38,7 +44,23 @@ REQUESTS = [
                                                                          ignore_eos=True)},
 ]
 
-# name -> (family, sharding); world size = tensor_parallel (data_parallel is 1)
+# data_parallel > 1: an odd number of mixed-length prompts, so the groups get 3 and 2 sequences
+# (by prompt + max_tokens: [0, 2, 3] and [1, 4]); the last one decodes alone for its final 6
+# steps, while the other group runs no token; greedy, seeded and unseeded sampling, prompt
+# log-probs. Requests 3 and 4 (one per group) draw from the engine's one generator in turn: each
+# rank draws for every sampled row of the batch so that generator stays as in one process.
+DP_REQUESTS = [
+    {"prompt_token_ids": [5, 9, 33], "params": dict(temperature=0, max_tokens=6, logprobs=2, ignore_eos=True)},
+    {"prompt_token_ids": [7, 100, 3, 200, 17, 18, 19, 20, 21, 22, 23, 11, 12],
+     "params": dict(temperature=0, max_tokens=4, logprobs=2, prompt_logprobs=1, ignore_eos=True)},
+    {"prompt_token_ids": [44], "params": dict(temperature=0.8, seed=7, max_tokens=6, logprobs=1, ignore_eos=True)},
+    {"prompt_token_ids": [61, 62, 63, 64, 65, 66, 67],
+     "params": dict(temperature=0.7, top_p=0.9, max_tokens=3, logprobs=0, ignore_eos=True)},  # engine's generator
+    {"prompt_token_ids": [90, 91, 92, 93, 94], "params": dict(temperature=0.9, max_tokens=12, logprobs=1,
+                                                               ignore_eos=True)},  # engine's generator
+]
+
+# name -> (family, sharding: a dict or a YAML file); world size = tensor_parallel x data_parallel
 TWO_RANKS = {
     "mixtral_tp2": ("mixtral", dict(tensor_parallel=2)),  # experts split by intermediate dim (expert-TP 2)
     "qwen3_ep2_all_to_all": ("qwen3_moe", dict(tensor_parallel=2, expert_parallel=2)),
@@ -51,6 +73,10 @@ TWO_RANKS = {
     # shared expert with its gate, a dense layer, 6 experts split by intermediate dim
     "qwen2_moe_tp2": ("qwen2_moe", dict(tensor_parallel=2)),
     "deepseek_v2_ep2": ("deepseek_v2", dict(tensor_parallel=2, expert_parallel=2)),  # MLA without q LoRA
+    # DP attention without TP: each rank runs its own sequences (a dense layer and a gated shared
+    # expert each), the MoE layers all-gather them and spread the 6 experts over both ranks
+    "qwen2_moe_tp1_dp2_ep2_all_gather": ("qwen2_moe", dict(data_parallel=2, expert_parallel=2,
+                                                             dispatcher="all_gather")),
 }
 FOUR_RANKS = {
     # attention TP 4 (2 KV heads, each on 2 ranks), experts over 2 ranks x intermediate split 2
@@ -58,11 +84,23 @@ FOUR_RANKS = {
     "deepseek_tp4_ep4_all_gather": ("deepseek_v3", dict(tensor_parallel=4, expert_parallel=4,
                                                         dispatcher="all_gather")),
     "mixtral_tp4_ep2_redundant": ("mixtral", dict(tensor_parallel=4, expert_parallel=2, redundant_experts=2)),
+    # the headline example file: attention TP 2 in {0,1} and {2,3}, each group its own sequences,
+    # experts over all 4 ranks
+    "mixtral_ep4_tp2_dp2": ("mixtral", str(EP4_TP2)),
+    "deepseek_v3_ep4_tp2_dp2": ("deepseek_v3", dict(tensor_parallel=2, data_parallel=2, expert_parallel=4)),  # MLA
 }
 
 
-def _params() -> list[SamplingParams]:
-    return [SamplingParams(**r["params"]) for r in REQUESTS]
+def _is_dp(sharding) -> bool:
+    return load_sharding(sharding).data_parallel > 1
+
+
+def _requests(sharding) -> list[dict]:
+    return DP_REQUESTS if _is_dp(sharding) else REQUESTS
+
+
+def _params(requests: list[dict] = REQUESTS) -> list[SamplingParams]:
+    return [SamplingParams(**r["params"]) for r in requests]
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +108,31 @@ def paths(checkpoint) -> dict[str, Path]:
     return {f: checkpoint(f) for f in FAMILIES}
 
 
+def _single_process(path: Path, requests: list[dict]) -> list[dict]:
+    llm = LLM(str(path), dtype="float32", block_size=4)
+    outs = llm.generate([{"prompt_token_ids": r["prompt_token_ids"]} for r in requests], _params(requests))
+    return [{"token_ids": o.outputs[0].token_ids,
+             "logprobs": [{str(k): v for k, v in d.items()} for d in o.outputs[0].logprobs],
+             "prompt_logprobs": [None if d is None else {str(k): v for k, v in d.items()}
+                                 for d in o.prompt_logprobs or []]} for o in outs]
+
+
 @pytest.fixture(scope="module")
 def reference(paths) -> dict[str, list[dict]]:
-    """Single-process outputs per family."""
-    out = {}
-    for fam, path in paths.items():
-        llm = LLM(str(path), dtype="float32", block_size=4)
-        outs = llm.generate([{"prompt_token_ids": r["prompt_token_ids"]} for r in REQUESTS], _params())
-        out[fam] = [{"token_ids": o.outputs[0].token_ids,
-                     "logprobs": [{str(k): v for k, v in d.items()} for d in o.outputs[0].logprobs]} for o in outs]
-    return out
+    """Single-process outputs per family (of REQUESTS)."""
+    return {fam: _single_process(path, REQUESTS) for fam, path in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def reference_dp(paths) -> dict[str, list[dict]]:
+    """Single-process outputs of DP_REQUESTS, for the families of the data-parallel cases."""
+    fams = {fam for fam, sh in {**TWO_RANKS, **FOUR_RANKS}.values() if _is_dp(sh)}
+    return {fam: _single_process(paths[fam], DP_REQUESTS) for fam in sorted(fams)}
+
+
+def _ref(name: str, cases: dict, reference: dict, reference_dp: dict) -> list[dict]:
+    fam, sharding = cases[name]
+    return (reference_dp if _is_dp(sharding) else reference)[fam]
 
 
 def _rank_env() -> dict[str, str]:
@@ -88,7 +141,8 @@ def _rank_env() -> dict[str, str]:
 
 
 def _write_spec(tmp: Path, cases: dict, paths: dict[str, Path], die: dict | None = None) -> Path:
-    spec = {"cases": [{"name": n, "model": str(paths[fam]), "sharding": sh} for n, (fam, sh) in cases.items()],
+    spec = {"cases": [{"name": n, "model": str(paths[fam]), "sharding": sh, "requests": _requests(sh)}
+                      for n, (fam, sh) in cases.items()],
             "requests": REQUESTS, "die": die}
     (tmp / "out").mkdir(exist_ok=True)
     p = tmp / "spec.json"
@@ -130,16 +184,40 @@ def _check_same_as_single_process(ranks: list[dict], ref: list[dict]) -> None:
             assert abs(g[tok] - w[tok]) < 1e-4, f"request {i} step {step}: {g[tok]} vs {w[tok]}"
             shared = set(g) & set(w)
             assert max(abs(g[k] - w[k]) for k in shared) < 1e-4
+        if "prompt_logprobs" in want:
+            assert len(got["prompt_logprobs"]) == len(want["prompt_logprobs"]), f"request {i}"
+            for g, w in zip(got["prompt_logprobs"], want["prompt_logprobs"]):
+                assert (g is None) == (w is None) and (g is None or g.keys() == w.keys()), f"request {i}"
+                assert g is None or max(abs(g[k] - w[k]) for k in w) < 1e-4, f"request {i}"
 
 
 @pytest.mark.parametrize("name", list(TWO_RANKS))
-def test_two_ranks_match_single_process(name, two_rank_results, reference):
-    _check_same_as_single_process(two_rank_results[name], reference[TWO_RANKS[name][0]])
+def test_two_ranks_match_single_process(name, two_rank_results, reference, reference_dp):
+    _check_same_as_single_process(two_rank_results[name], _ref(name, TWO_RANKS, reference, reference_dp))
 
 
 @pytest.mark.parametrize("name", list(FOUR_RANKS))
-def test_four_ranks_match_single_process(name, four_rank_results, reference):
-    _check_same_as_single_process(four_rank_results[name], reference[FOUR_RANKS[name][0]])
+def test_four_ranks_match_single_process(name, four_rank_results, reference, reference_dp):
+    _check_same_as_single_process(four_rank_results[name], _ref(name, FOUR_RANKS, reference, reference_dp))
+
+
+@pytest.mark.parametrize("name", [n for n, (_, sh) in {**TWO_RANKS, **FOUR_RANKS}.items() if _is_dp(sh)])
+def test_data_parallel_groups_run_their_own_sequences(name, two_rank_results, four_rank_results):
+    """The ranks of a TP group run the same tokens; the two groups run different sequences (3 and 2
+    of DP_REQUESTS), which together are exactly the single process's tokens; experts span all ranks."""
+    ranks = {**two_rank_results, **four_rank_results}[name]
+    sharding = load_sharding({**TWO_RANKS, **FOUR_RANKS}[name][1])
+    tp = sharding.tensor_parallel
+    assert [(r["dp_rank"], r["tp_rank"]) for r in ranks] == [divmod(r, tp) for r in range(len(ranks))]
+    run = [r["num_tokens_run"] for r in ranks]
+    per_group = run[::tp]
+    assert all(run[d * tp:(d + 1) * tp] == [per_group[d]] * tp for d in range(len(per_group)))
+    # prompt + every output token but the last, of the requests each group was given
+    tokens = [len(r["prompt_token_ids"]) + r["params"]["max_tokens"] - 1 for r in DP_REQUESTS]
+    assert per_group == [tokens[0] + tokens[2] + tokens[3], tokens[1] + tokens[4]]
+    assert {tuple(r["dispatcher_wrappers"]) for r in ranks} == {("DataParallelDispatcher", "SplitTokensDispatcher")}
+    slots = [r["slot_experts"] for r in ranks]
+    assert len({tuple(s) for s in slots}) == sharding.expert_parallel == len(ranks)  # a distinct expert set each
 
 
 def test_layouts_hold_their_shards(two_rank_results, four_rank_results):
@@ -257,10 +335,111 @@ def test_multi_rank_sharding_needs_a_launcher(paths):
         LLM(str(paths["mixtral"]), dtype="float32", sharding={"tensor_parallel": 2, "expert_parallel": 2})
 
 
-def test_data_parallel_is_rejected_with_the_fix(paths):
-    with pytest.raises(ValueError, match=r"data_parallel \(2\) > 1 is not supported yet.*set data_parallel: 1 and "
-                                         r"tensor_parallel: 2"):
-        LLM(str(paths["mixtral"]), dtype="float32", sharding={"data_parallel": 2, "expert_parallel": 2})
+def test_data_parallel_layouts_are_checked_before_loading(paths):
+    """data_parallel > 1 runs (see above); what cannot work is still refused, naming the field and the fix."""
+    with pytest.raises(ValueError, match=r"needs 4 ranks \(tensor_parallel 2 x data_parallel 2\) but this process "
+                                         r"was started alone.*torchrun --nproc-per-node 4"):
+        LLM(str(paths["mixtral"]), dtype="float32", sharding=str(EP4_TP2))
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) is not divisible by tensor_parallel \(3\)"):
+        LLM(str(paths["mixtral"]), dtype="float32", sharding={"tensor_parallel": 3, "data_parallel": 2})
+    with pytest.raises(ValueError, match=r"expert_parallel \(8\) exceeds the number of experts \(4\)"):
+        LLM(str(paths["mixtral"]), dtype="float32", sharding={"tensor_parallel": 2, "data_parallel": 4,
+                                                              "expert_parallel": 8})
+
+
+# ---- data-parallel groups in the scheduler (one process) ------------------------------------
+
+def _dp_seq(rid: str, n_prompt: int, max_tokens: int, start: int = 10) -> Sequence:
+    p = SamplingParams(temperature=0, max_tokens=max_tokens)
+    s = Sequence(rid, None, list(range(start, start + n_prompt)), p, RequestMetrics(0.0))
+    s.expected_len = n_prompt + max_tokens
+    return s
+
+
+def _dp_advance(sched: Scheduler, batch: ScheduledBatch, token: int = 5) -> None:
+    for s in batch.seqs:
+        seq, samples = s.seq, s.samples
+        seq.num_computed_tokens += s.num_new_tokens
+        sched.block_manager_of(seq).register_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens)
+        if samples:
+            seq.token_ids.append(token)
+
+
+def test_least_loaded_group_and_partition():
+    assert least_loaded_group([9, 0], [1, 0]) == 1
+    assert least_loaded_group([5, 5, 3], [1, 1, 2]) == 2
+    assert least_loaded_group([4, 4], [2, 1]) == 1  # equal load: fewer sequences
+    assert least_loaded_group([4, 4], [1, 1]) == 0  # then the lower index
+    # DP_REQUESTS' prompt + max_tokens: 9, 17, 7, 10, 17 -> groups 0, 1, 0, 0, 1 (loads 26 and 34)
+    sched = Scheduler([BlockManager(64, 4), BlockManager(64, 4)], max_num_seqs=8, max_num_batched_tokens=100)
+    seqs = [_dp_seq(str(i), len(r["prompt_token_ids"]), r["params"]["max_tokens"], 10 * i)
+            for i, r in enumerate(DP_REQUESTS)]
+    for q in seqs:
+        sched.add(q)
+    assert [q.dp_rank for q in seqs] == [0, 1, 0, 0, 1]
+    batch = sched.schedule()
+    assert [s.seq.request_id for s in batch.seqs] == ["0", "1", "2", "3", "4"]
+    assert partition_batch(batch, 2) == [[0, 2, 3], [1, 4]]
+    # a group without sequences in a step gets an empty list (it still joins every collective)
+    only = ScheduledBatch([ScheduledSeq(seqs[4], 1)])
+    assert partition_batch(only, 2) == [[], [0]] and partition_batch(only, 3) == [[], [0], []]
+    # each group's sequences use its own block manager (its own caches)
+    assert [len(q.block_table.blocks) for q in seqs] == [1, 4, 1, 2, 2]
+    assert sched.bms[0].num_free_blocks == 64 - 4 and sched.bms[1].num_free_blocks == 64 - 6
+    # a finished sequence's load leaves its group: the next request goes to the lighter group
+    for q in seqs[1], seqs[4]:
+        sched.finish(q)
+    late = _dp_seq("late", 3, 3)
+    sched.add(late)
+    assert late.dp_rank == 1 and sched.bms[1].num_free_blocks == 64
+
+
+def test_data_parallel_groups_have_their_own_token_budget_and_max_num_seqs():
+    sched = Scheduler([BlockManager(64, 4), BlockManager(64, 4)], max_num_seqs=1, max_num_batched_tokens=4)
+    seqs = [_dp_seq(str(i), 6, 4, 10 * i) for i in range(3)]
+    for q in seqs:
+        sched.add(q)
+    assert [q.dp_rank for q in seqs] == [0, 1, 0]
+    first = sched.schedule()  # one sequence per group, a 4-token chunk each; "2" waits behind "0"
+    assert [(s.seq.request_id, s.start, s.num_new_tokens) for s in first.seqs] == [("0", 0, 4), ("1", 0, 4)]
+    assert [q.request_id for q in sched.waiting] == ["2"]
+    _dp_advance(sched, first)
+    second = sched.schedule()
+    assert [(s.seq.request_id, s.start, s.num_new_tokens) for s in second.seqs] == [("0", 4, 2), ("1", 4, 2)]
+
+
+def test_data_parallel_groups_keep_their_blocks_prefixes_and_preemptions():
+    """Blocks run out per group: a full group preempts its own newest sequence and holds back only
+    its own waiting ones; a cached prefix is reused only inside the group that computed it."""
+    sched = Scheduler([BlockManager(4, 4), BlockManager(4, 4)], max_num_seqs=8, max_num_batched_tokens=100)
+    a, b, c = _dp_seq("a", 7, 10), _dp_seq("b", 7, 10, 30), _dp_seq("c", 7, 10, 50)
+    for q in (a, b, c):
+        sched.add(q)
+    assert [q.dp_rank for q in (a, b, c)] == [0, 1, 0]
+    first = sched.schedule()
+    assert [s.seq.request_id for s in first.seqs] == ["a", "b", "c"]
+    _dp_advance(sched, first)
+    _dp_advance(sched, sched.schedule())  # 9 tokens each: a and c need a third block, group 0 has 4
+    third = sched.schedule()
+    assert third.num_preempted == 1 and c.status is Status.WAITING and b.status is Status.RUNNING
+    assert [s.seq.request_id for s in third.seqs] == ["a", "b"]
+    assert len(a.block_table.blocks) == 3 and len(b.block_table.blocks) == 3
+    _dp_advance(sched, third)
+    # group 0 is full, so c waits; d joins the lighter group 1 (loads: a + c = 34, b = 17)
+    d = _dp_seq("d", 3, 2, 70)
+    sched.add(d)
+    assert d.dp_rank == 1
+    nxt = sched.schedule()
+    assert [s.seq.request_id for s in nxt.seqs] == ["a", "b", "d"]  # c (group 0) does not hold d back
+    assert list(sched.waiting) == [c]
+    # the same prompt as a, in the other group: no prefix hit there; in a's group: a hit
+    for q in (a, b, c, d):
+        sched.finish(q)
+    twin1, twin0 = _dp_seq("twin1", 7, 2), _dp_seq("twin0", 7, 2)
+    twin1.dp_rank, twin0.dp_rank = 1, 0
+    sched.waiting.extend([twin1, twin0])
+    got = {s.seq.request_id: (s.start, s.num_new_tokens) for s in sched.schedule().seqs}
+    assert got == {"twin1": (0, 7), "twin0": (4, 3)}
 
 
 def test_sharding_file_errors_name_the_key(paths, tmp_path):

@@ -99,17 +99,14 @@ class MoECausalLM(nn.Module):
 
 def check_sharding(cfg: ModelConfig, sharding: ShardingConfig) -> None:
     """Reject a layout this model cannot take, naming the field and the fix, before any process
-    group is joined or weight loaded."""
+    group is joined or weight loaded. ``data_parallel`` only multiplies the world: attention,
+    dense MLPs and the vocabulary are split ``tensor_parallel`` ways inside each DP group."""
     tp, ep, etp = sharding.tensor_parallel, sharding.expert_parallel, sharding.expert_tensor_parallel
     world = sharding.resolved_world_size
 
     def choices(n: int) -> str:
         return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
-    if sharding.data_parallel != 1:
-        raise ValueError(
-            f"data_parallel ({sharding.data_parallel}) > 1 is not supported yet (attention runs tensor-parallel over "
-            f"every rank): set data_parallel: 1 and tensor_parallel: {world}, keeping expert_parallel: {ep}")
     if cfg.num_heads % tp:
         raise ValueError(f"num_attention_heads ({cfg.num_heads}) is not divisible by tensor_parallel ({tp}): "
                          f"choose tensor_parallel from {choices(cfg.num_heads)}")

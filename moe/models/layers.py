@@ -28,6 +28,9 @@ class ForwardContext:
     meta: AttentionMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     record_expert_counts: bool = False
+    # data_parallel > 1: every DP group's token count in this step (this rank runs only its own
+    # group's tokens; MoE layers gather all groups' tokens)
+    dp_num_tokens: list[int] | None = None
 
 
 class RMSNorm(nn.Module):
@@ -127,7 +130,8 @@ class SparseMoE(nn.Module):
             self.e_score_correction_bias = nn.Parameter(torch.zeros(rc.num_experts, dtype=torch.float32),
                                                         requires_grad=False)
         # one rank: LocalDispatcher; several: each rank's slice of the tokens goes through the
-        # expert-parallel dispatcher the sharding names (parallel/moe_parallel.py)
+        # expert-parallel dispatcher the sharding names, after the data-parallel groups' tokens
+        # are gathered when data_parallel > 1 (parallel/moe_parallel.py)
         self.dispatcher = make_moe_dispatcher(rc.num_experts)
         self.experts = make_experts(
             cfg.experts, rc.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, bias=cfg.expert_bias,
@@ -146,7 +150,10 @@ class SparseMoE(nn.Module):
         weights_TK, ids_TK = route(logits_TE, self.router_cfg, self.e_score_correction_bias)
         if ctx is not None and ctx.record_expert_counts:
             self.last_counts_E = expert_counts(ids_TK, self.router_cfg.num_experts)
-        x_RD, counts_e, meta = self.dispatcher.dispatch(x_TD, ids_TK, weights_TK)
+        if ctx is not None and ctx.dp_num_tokens is not None:  # a DataParallelDispatcher
+            x_RD, counts_e, meta = self.dispatcher.dispatch(x_TD, ids_TK, weights_TK, ctx.dp_num_tokens)
+        else:
+            x_RD, counts_e, meta = self.dispatcher.dispatch(x_TD, ids_TK, weights_TK)
         y_TD = self.dispatcher.combine(self.experts(x_RD, counts_e), meta)
         if self.shared_expert is not None:
             shared = self.shared_expert(x_TD)
