@@ -176,6 +176,25 @@ def test_offloaded_outputs_identical(model, checkpoint, int4_deepseek):
             cache.close()
 
 
+def test_a_dropped_engine_leaves_no_prefetch_thread(checkpoint):
+    """The prefetch thread holds its cache weakly: dropping the engine ends it (a live extra
+    thread that ran torch ops slowed every later torch call of the process ~3x)."""
+    import gc
+    import threading
+
+    def prefetchers():
+        return [t for t in threading.enumerate() if t.name == "expert-prefetch"]
+
+    _, llm, cache, _ = _generate(checkpoint("mixtral"), True, offload_experts=True, expert_cache="300KiB")
+    assert cache.stats.prefetch_loads > 0 and prefetchers()
+    del llm, cache
+    gc.collect()
+    deadline = time.time() + 10
+    while prefetchers() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not prefetchers()
+
+
 def test_stacked_experts_read_one_expert_slice(checkpoint):
     """gpt-oss stacks every expert in one tensor: a miss reads that expert's slice, not the tensor."""
     _, llm, cache, _ = _generate(checkpoint("gpt_oss"), offload_experts=True, expert_cache="1GiB")
