@@ -156,6 +156,31 @@ class GroupedExperts(nn.Module):
                              f"{tuple(loaded.shape)}")
         dst.copy_(self._my_slice(loaded, shard_id, param is self.b2))
 
+    def forward_token(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor) -> torch.Tensor | None:
+        """One token on the CPU torch path (decode at batch 1): ``sum_k w_k * expert_k(x)`` with the
+        same arithmetic as dispatch -> :meth:`forward` -> combine (weights rounded to the activation
+        dtype, summed in ascending expert order), minus the permutation ops. None: not applicable
+        (another backend, or an expert this process does not hold)."""
+        if _resolve_backend(self.backend, x_1D.device) != "torch":
+            return None
+        experts = ids_K.tolist()
+        if not all(e in self._slot_of for e in experts):
+            return None
+        outs = []
+        # python floats holding the weights rounded to x's dtype: ``out * w`` rounds like the combine
+        for e, w in sorted(zip(experts, weights_K.to(x_1D.dtype).tolist())):
+            i = self._slot_of[e]
+            h = linear(x_1D, self.w13[i], None if self.b13 is None else self.b13[i])
+            h = swiglu(h, self.activation.limit, self.activation.alpha)
+            outs.append(linear(h, self.w2[i], None if self.b2 is None else self.b2[i]) * w)
+        if len(outs) <= 2:  # one rounding of the sum either way
+            return outs[0] if len(outs) == 1 else outs[0] + outs[1]
+        # the combine's index_add_ sums a token's rows in float32 and rounds once
+        y = outs[0].float()
+        for out in outs[1:]:
+            y += out
+        return y.to(x_1D.dtype)
+
     def forward(self, x_RD: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
         backend = _resolve_backend(self.backend, x_RD.device)
         if backend == "torch":

@@ -821,3 +821,26 @@ def test_sharded_checkpoint_with_index_loads_the_same_as_single_file(checkpoint,
     from moe.loader import checkpoint_files
 
     assert sorted(p.name for p in checkpoint_files(sharded)) == shards
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+def test_single_token_expert_path_equals_dispatch_and_combine(dtype, bias):
+    """Decode at batch 1 skips the permutation: bit-identical to dispatch -> experts -> combine."""
+    from experts import GroupedExperts
+    from parallel.dispatch import LocalDispatcher
+
+    g = torch.Generator().manual_seed(3)
+    E, D, F_ = 6, 32, 48
+    experts = GroupedExperts(E, D, F_, bias=bias, dtype=dtype)
+    for p in experts.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g).to(dtype) * 0.2)
+    x = torch.randn(1, D, generator=g).to(dtype)
+    for ids in ([4, 1], [0, 5, 2]):  # unsorted top-k, as routers return them
+        ids_TK = torch.tensor([ids])
+        weights_TK = torch.softmax(torch.randn(1, len(ids), generator=g), -1)
+        disp = LocalDispatcher(E)
+        x_RD, counts, meta = disp.dispatch(x, ids_TK, weights_TK)
+        want = disp.combine(experts(x_RD, counts), meta)
+        got = experts.forward_token(x, ids_TK[0], weights_TK[0])
+        assert got.dtype == dtype and torch.equal(got, want)

@@ -14,6 +14,7 @@ from experts import Activation, swiglu
 from kvcache import AttentionMetadata, paged_attention, write_kv
 from parallel import (ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear, get_etp_rank,
                       get_etp_size, get_tp_size, local_expert_slots, make_moe_dispatcher)
+from parallel.dispatch import LocalDispatcher
 from routing import RouterConfig, expert_counts, route
 
 from ..config import ModelConfig
@@ -42,10 +43,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # upcast like the reference implementations: statistics in float32
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # upcast like the reference implementations: statistics in float32, scaled in x's dtype
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -98,7 +97,8 @@ class Attention(nn.Module):
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions_T, q, k)
+        # one rotation over q and k together (each op here is a fixed cost per decode step)
+        q, k = self.rotary(positions_T, torch.cat([q, k], dim=1))[0].split([self.num_heads, self.num_kv_heads], dim=1)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         write_kv(k_cache, v_cache, k, v, ctx.meta.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, ctx.meta, self.scale, self.sliding_window, self.sinks)
@@ -150,11 +150,16 @@ class SparseMoE(nn.Module):
         weights_TK, ids_TK = route(logits_TE, self.router_cfg, self.e_score_correction_bias)
         if ctx is not None and ctx.record_expert_counts:
             self.last_counts_E = expert_counts(ids_TK, self.router_cfg.num_experts)
-        if ctx is not None and ctx.dp_num_tokens is not None:  # a DataParallelDispatcher
-            x_RD, counts_e, meta = self.dispatcher.dispatch(x_TD, ids_TK, weights_TK, ctx.dp_num_tokens)
-        else:
-            x_RD, counts_e, meta = self.dispatcher.dispatch(x_TD, ids_TK, weights_TK)
-        y_TD = self.dispatcher.combine(self.experts(x_RD, counts_e), meta)
+        y_TD = None
+        if x_TD.shape[0] == 1 and isinstance(self.dispatcher, LocalDispatcher) and hasattr(self.experts, "forward_token"):
+            # decode at batch 1: no permutation needed
+            y_TD = self.experts.forward_token(x_TD, ids_TK[0], weights_TK[0])
+        if y_TD is None:
+            if ctx is not None and ctx.dp_num_tokens is not None:  # a DataParallelDispatcher
+                x_RD, counts_e, meta = self.dispatcher.dispatch(x_TD, ids_TK, weights_TK, ctx.dp_num_tokens)
+            else:
+                x_RD, counts_e, meta = self.dispatcher.dispatch(x_TD, ids_TK, weights_TK)
+            y_TD = self.dispatcher.combine(self.experts(x_RD, counts_e), meta)
         if self.shared_expert is not None:
             shared = self.shared_expert(x_TD)
             if self.shared_expert_gate is not None:
