@@ -70,6 +70,8 @@ def launch(
     time_limit: Optional[str] = typer.Option(None, "--time", help="Slurm time limit, e.g. 01:00:00."),
     gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="Slurm GPUs per node."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the command (and sbatch script), run nothing."),
+    wait: bool = typer.Option(False, "--wait", help="slurm: wait for the job to end (sbatch --wait) and "
+                                                     "exit with its exit code."),
     args: Optional[list[str]] = typer.Argument(None, help="The moe command every rank runs, after --."),
 ) -> None:
     """Start ``python -m moe <args>`` on every rank, e.g.
@@ -110,7 +112,7 @@ def launch(
             script = sbatch_script(program, nnodes=nnodes, nproc_per_node=nproc_per_node, mode=slurm_mode,
                                    partition=partition, time_limit=time_limit, gpus_per_node=gpus_per_node,
                                    master_addr=master_addr, master_port=master_port, env=env)
-            argv = sbatch_command(str(sbatch_file))
+            argv = sbatch_command(str(sbatch_file), wait=wait, sbatch=_tool("sbatch"))
             if dry_run:
                 typer.echo(f"# {sbatch_file}\n{script}")
             else:

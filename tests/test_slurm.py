@@ -130,3 +130,29 @@ def test_srun_two_nodes_match_single_process(slurm, paths, reference, tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     ranks = [json.loads((tmp_path / "out" / f"qwen3_ep2_all_to_all.rank{r}.json").read_text()) for r in range(2)]
     _check_same_as_single_process(ranks, reference)
+
+
+@pytest.mark.parametrize("mode", ["torchrun", "srun"])
+def test_moe_launch_submits_an_sbatch_job_that_matches_single_process(slurm, tmp_path, mode):
+    """`moe launch --launcher slurm --wait` writes the sbatch script, submits it to the test's
+    two-node Slurm, waits for the job, and rank 0's output equals a one-process `moe generate`."""
+    gen = ["generate", "--dtype", "float32", "--temperature", "0", "--max-tokens", "8", "--json", "--no-stream",
+           "The module defines", "A list is"]
+    root = str(Path(__file__).resolve().parents[1])
+    base = {**_rank_env(), "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    want = subprocess.run([sys.executable, "-m", "moe", *gen], capture_output=True, text=True, timeout=120, env=base)
+    assert want.returncode == 0, want.stderr[-2000:]
+    sharding = tmp_path / "ep2.yaml"
+    sharding.write_text("expert_parallel: 2\ndata_parallel: 2\ndispatcher: all_to_all\ntimeout_seconds: 120\n")
+    # the job inherits this environment (sbatch --export=ALL): torchrun from the venv, SLURM_CONF
+    env = {**base, **slurm, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    cmd = [sys.executable, "-m", "moe", "launch", "--launcher", "slurm", "--nnodes", "2", "--nproc-per-node", "1",
+           "--slurm-mode", mode, "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           "--sharding", str(sharding), "--sbatch-file", str(tmp_path / "job.sbatch"), "--wait", "--", *gen]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    logs = "".join(p.read_text() for p in tmp_path.glob("moe-*.out"))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:] + logs[-4000:]
+    assert "Submitted batch job" in res.stdout and "#SBATCH --nodes=2" in (tmp_path / "job.sbatch").read_text()
+    got = [line for line in logs.splitlines() if line.startswith("{")]
+    expected = [line for line in want.stdout.splitlines() if line.startswith("{")]
+    assert len(expected) == 2 and got == expected, logs[-4000:]
