@@ -32,7 +32,7 @@ torch.set_num_threads(1)
 
 SCRIPT = Path(__file__).parent / "parallel_scripts" / "generate.py"
 EP4_TP2 = Path(__file__).resolve().parents[1] / "examples" / "sharding" / "ep4-tp2.yaml"
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss")
 
 # mixed lengths, greedy with logprobs, one seeded sampled request
 REQUESTS = [
@@ -73,6 +73,8 @@ TWO_RANKS = {
     # shared expert with its gate, a dense layer, 6 experts split by intermediate dim
     "qwen2_moe_tp2": ("qwen2_moe", dict(tensor_parallel=2)),
     "deepseek_v2_ep2": ("deepseek_v2", dict(tensor_parallel=2, expert_parallel=2)),  # MLA without q LoRA
+    # q/k norm over all heads (heads split: the statistics need an all-reduce), clip_qkv
+    "olmoe_tp2_ep2": ("olmoe", dict(tensor_parallel=2, expert_parallel=2)),
     # DP attention without TP: each rank runs its own sequences (a dense layer and a gated shared
     # expert each), the MoE layers all-gather them and spread the 6 experts over both ranks
     "qwen2_moe_tp1_dp2_ep2_all_gather": ("qwen2_moe", dict(data_parallel=2, expert_parallel=2,
@@ -84,6 +86,8 @@ FOUR_RANKS = {
     "deepseek_tp4_ep4_all_gather": ("deepseek_v3", dict(tensor_parallel=4, expert_parallel=4,
                                                         dispatcher="all_gather")),
     "mixtral_tp4_ep2_redundant": ("mixtral", dict(tensor_parallel=4, expert_parallel=2, redundant_experts=2)),
+    # OLMoE's 2 KV heads each on 2 of the 4 ranks: the k norm's sum of squares counts each twice
+    "olmoe_tp4": ("olmoe", dict(tensor_parallel=4)),
     # the headline example file: attention TP 2 in {0,1} and {2,3}, each group its own sequences,
     # experts over all 4 ranks
     "mixtral_ep4_tp2_dp2": ("mixtral", str(EP4_TP2)),

@@ -114,9 +114,6 @@ def check_sharding(cfg: ModelConfig, sharding: ShardingConfig) -> None:
     if not cfg.mla and (kv % tp if kv >= tp else tp % kv):
         raise ValueError(f"num_key_value_heads ({kv}) and tensor_parallel ({tp}): one must divide the other "
                          f"(KV heads are split, or replicated when fewer than the ranks)")
-    if cfg.qk_norm == "full" and tp > 1:
-        raise ValueError(f"{cfg.architecture}: q/k norm over all heads is not supported with tensor_parallel > 1; "
-                         "set tensor_parallel: 1")
     sizes = {"intermediate_size (dense MLP layers)": cfg.dense_intermediate_size if not all(cfg.sparse_layers) else 0,
              "shared_expert_intermediate_size": cfg.shared_expert_intermediate_size}
     for name, size in sizes.items():

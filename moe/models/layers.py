@@ -13,7 +13,7 @@ from torch import nn
 from experts import Activation, swiglu
 from kvcache import AttentionMetadata, paged_attention, write_kv
 from parallel import (ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear, get_etp_rank,
-                      get_etp_size, get_tp_size, local_expert_slots, make_moe_dispatcher)
+                      get_etp_size, get_tp_size, local_expert_slots, make_moe_dispatcher, tp_all_reduce)
 from parallel.dispatch import LocalDispatcher
 from routing import RouterConfig, expert_counts, route
 
@@ -47,6 +47,34 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
 
+class ShardedRMSNorm(nn.Module):
+    """RMSNorm over a vector of ``full`` dims of which this tensor-parallel rank holds slice
+    ``index`` of ``local`` dims (OLMoE's q/k norm spans all heads, and the heads are split over
+    the ranks). ``replicas`` ranks hold each slice (KV heads replicated past their count). The
+    sum of squares is completed by one all-reduce (:meth:`apply_pair` does q and k in one)."""
+
+    def __init__(self, full: int, local: int, index: int, replicas: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.full, self.local, self.index, self.replicas, self.eps = full, local, index, replicas, eps
+        self.weight = nn.Parameter(torch.ones(local, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if loaded.shape != (self.full,):
+            raise ValueError(f"norm weight {tuple(loaded.shape)} in the checkpoint, expected ({self.full},)")
+        param.data.copy_(loaded.narrow(0, self.index * self.local, self.local))
+
+    def _scale(self, x: torch.Tensor, sumsq: torch.Tensor) -> torch.Tensor:
+        xf = x.float() * torch.rsqrt(sumsq / (self.replicas * self.full) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+    @staticmethod
+    def apply_pair(qn: "ShardedRMSNorm", q: torch.Tensor, kn: "ShardedRMSNorm", k: torch.Tensor):
+        sums = torch.stack([q.float().pow(2).sum(-1), k.float().pow(2).sum(-1)], dim=-1)  # [T, 2]
+        sums = tp_all_reduce(sums)  # each slice counted ``replicas`` times: divided out in _scale
+        return qn._scale(q, sums[:, :1]), kn._scale(k, sums[:, 1:])
+
+
 class Attention(nn.Module):
     """Grouped-query attention over the paged KV cache (Mixtral, Qwen, OLMoE, gpt-oss)."""
 
@@ -68,11 +96,17 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype)
         elif cfg.qk_norm == "full":
-            if get_tp_size() > 1:
-                raise ValueError(f"{cfg.architecture}: q/k norm over all heads is not supported with "
-                                 "tensor_parallel > 1; use expert_parallel instead")
-            self.q_norm = RMSNorm(cfg.num_heads * cfg.head_dim, cfg.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(cfg.num_kv_heads * cfg.head_dim, cfg.rms_norm_eps, dtype)
+            if get_tp_size() > 1:  # the heads are split: the norm's statistics span the ranks
+                from parallel import get_tp_rank
+
+                r, reps = get_tp_rank(), self.qkv_proj.kv_replicas
+                self.q_norm = ShardedRMSNorm(cfg.num_heads * cfg.head_dim, self.num_heads * cfg.head_dim, r, 1,
+                                             cfg.rms_norm_eps, dtype)
+                self.k_norm = ShardedRMSNorm(cfg.num_kv_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim,
+                                             r // reps, reps, cfg.rms_norm_eps, dtype)
+            else:
+                self.q_norm = RMSNorm(cfg.num_heads * cfg.head_dim, cfg.rms_norm_eps, dtype)
+                self.k_norm = RMSNorm(cfg.num_kv_heads * cfg.head_dim, cfg.rms_norm_eps, dtype)
         self.sinks = nn.Parameter(torch.zeros(self.num_heads, dtype=torch.float32), requires_grad=False) \
             if cfg.attention_sinks else None
         if self.sinks is not None:
@@ -89,7 +123,10 @@ class Attention(nn.Module):
         kv_size = self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x_TD).split([q_size, kv_size, kv_size], dim=-1)
         if self.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
+            if isinstance(self.q_norm, ShardedRMSNorm):
+                q, k = ShardedRMSNorm.apply_pair(self.q_norm, q, self.k_norm, k)
+            else:
+                q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q = q.reshape(T, self.num_heads, self.head_dim)
