@@ -51,7 +51,41 @@ def _resolve_backend(backend: Backend, device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
-class GroupedExperts(nn.Module):
+def expert_slots(num_experts: int, expert_start: int = 0, num_local_experts: int | None = None,
+                 slot_experts: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The logical expert each slot holds: ``slot_experts`` if given (any distinct ids), else the
+    contiguous range ``expert_start .. expert_start + num_local_experts - 1`` (validated)."""
+    if slot_experts is None:
+        n = num_experts - expert_start if num_local_experts is None else num_local_experts
+        slot_experts = range(expert_start, expert_start + n)
+    slots = tuple(int(e) for e in slot_experts)
+    if not slots or len(set(slots)) != len(slots) or not all(0 <= e < num_experts for e in slots):
+        raise ValueError(f"slot_experts {list(slots)} must be distinct expert ids in [0, {num_experts})")
+    return slots
+
+
+class SlottedExperts(nn.Module):
+    """What every experts module shares (plain, packed, offloaded): slot ``i`` holds logical
+    expert ``slot_experts[i]``, and the loader asks :meth:`owns` which experts' tensors to read."""
+
+    def _set_slots(self, num_experts: int, expert_start: int, num_local_experts: int | None,
+                   slot_experts: Sequence[int] | None) -> None:
+        self.slot_experts = expert_slots(num_experts, expert_start, num_local_experts, slot_experts)
+        self._slot_of = {e: i for i, e in enumerate(self.slot_experts)}
+        self.num_experts, self.num_local = num_experts, len(self.slot_experts)
+        # the lowest expert held: with a contiguous range, slot i holds expert_start + i
+        self.expert_start = min(self.slot_experts)
+
+    @property
+    def logical_ids(self) -> list[int]:
+        """The distinct experts held, ascending."""
+        return sorted(self.slot_experts)
+
+    def owns(self, expert_id: int) -> bool:
+        return expert_id in self._slot_of
+
+
+class GroupedExperts(SlottedExperts):
     """The experts of one MoE layer this process holds, stacked by slot: ``w13 [e, 2F, D]``,
     ``w2 [e, D, F]``; rows arrive grouped by slot (``counts_e[i]`` rows for slot ``i``).
 
@@ -72,23 +106,11 @@ class GroupedExperts(nn.Module):
                  expert_start: int = 0, num_local_experts: int | None = None, backend: Backend = "auto",
                  slot_experts: Sequence[int] | None = None, intermediate_shard: tuple[int, int] = (0, 1)):
         super().__init__()
-        if slot_experts is None:
-            n = num_experts - expert_start if num_local_experts is None else num_local_experts
-            slot_experts = range(expert_start, expert_start + n)
-        self.slot_experts = tuple(int(e) for e in slot_experts)
-        if not self.slot_experts or len(set(self.slot_experts)) != len(self.slot_experts) or \
-                not all(0 <= e < num_experts for e in self.slot_experts):
-            raise ValueError(f"slot_experts {list(self.slot_experts)} must be distinct expert ids in "
-                             f"[0, {num_experts})")
-        self._slot_of = {e: i for i, e in enumerate(self.slot_experts)}
+        self._set_slots(num_experts, expert_start, num_local_experts, slot_experts)
         shard, shards = intermediate_shard
         if intermediate % shards or not 0 <= shard < shards:
             raise ValueError(f"the experts' intermediate size ({intermediate}) is not divisible by "
                              f"expert_tensor_parallel ({shards})")
-        self.num_experts = num_experts
-        self.num_local = len(self.slot_experts)
-        # the lowest expert held: with a contiguous range, slot i holds expert_start + i
-        self.expert_start = min(self.slot_experts)
         self.hidden, self.full_intermediate = hidden, intermediate
         self.intermediate = intermediate // shards  # this process's slice of it
         self.shard, self.shards = shard, shards
@@ -104,14 +126,6 @@ class GroupedExperts(nn.Module):
         p = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
         p.weight_loader = self.weight_loader
         return p
-
-    @property
-    def logical_ids(self) -> list[int]:
-        """The distinct experts held, ascending."""
-        return sorted(self.slot_experts)
-
-    def owns(self, expert_id: int) -> bool:
-        return expert_id in self._slot_of
 
     def _my_slice(self, loaded: torch.Tensor, shard_id: str, is_down_bias: bool) -> torch.Tensor:
         """This process's part of one expert's tensor (all of it without expert-TP)."""

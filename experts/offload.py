@@ -37,9 +37,9 @@ import torch
 from torch import nn
 
 from .formats import WeightFormat
-from .grouped import Activation, Backend, grouped_swiglu_torch
+from .grouped import Activation, Backend, SlottedExperts, grouped_swiglu_torch
 from .quant_grouped import grouped_swiglu_quant_torch, prepare_cpu
-from .quant_layer import WEIGHTS, ExpertTensors, expert_slots, tensor_nbytes
+from .quant_layer import WEIGHTS, ExpertTensors, tensor_nbytes
 
 Key = tuple[int, int]  # (layer slot in the cache, local expert slot)
 
@@ -384,7 +384,7 @@ class _Source:
     transform: Callable[[torch.Tensor], torch.Tensor] | None
 
 
-class OffloadedExperts(nn.Module):
+class OffloadedExperts(SlottedExperts):
     """The experts of one MoE layer, read from the checkpoint into ``cache`` as the router asks (module doc).
 
     ``fmt`` is the checkpoint's packed format (None: float experts in ``dtype``). Slots as in
@@ -403,32 +403,17 @@ class OffloadedExperts(nn.Module):
         super().__init__()
         if tuple(intermediate_shard) != (0, 1):
             raise NotImplementedError("offloaded experts cannot be split by expert_tensor_parallel yet")
-        self.slot_experts = expert_slots(num_experts, expert_start, num_local_experts, slot_experts)
-        self._slot_of = {e: i for i, e in enumerate(self.slot_experts)}
-        self.num_experts, self.num_local = num_experts, len(self.slot_experts)
-        self.expert_start = min(self.slot_experts)
+        self._set_slots(num_experts, expert_start, num_local_experts, slot_experts)
         self.hidden, self.intermediate = hidden, intermediate
         self.activation, self.backend, self.dtype = activation, backend, dtype
         self.layout = ExpertTensors(hidden, intermediate, fmt, dtype, bias)
         self.fmt = self.layout.fmt
-        self._role_of: dict[nn.Parameter, str] = {}
-        for role, spec in self.layout.specs.items():
-            p = nn.Parameter(torch.empty(0, dtype=spec.dtype), requires_grad=False)
-            p.weight_loader = self.weight_loader
-            self.register_parameter(role, p)
-            self._role_of[p] = role
+        self._role_of = self.layout.register_roles(self, None)  # empty: the tensors stay in the files
         self._sources: dict[int, list[_Source]] = {}
         self._stacked: list[_Source] = []
         self.cache = cache
         self.slot = cache.register(self)
         self.expert_nbytes = 0  # resident bytes of one expert, known after post_load
-
-    @property
-    def logical_ids(self) -> list[int]:
-        return sorted(self.slot_experts)
-
-    def owns(self, expert_id: int) -> bool:
-        return expert_id in self._slot_of
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str,
                       expert_id: int | None = None) -> None:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .formats import Fp8BlockWeights, TensorSpec, WeightFormat
-from .grouped import Activation, Backend, _resolve_backend
+from .grouped import Activation, Backend, SlottedExperts, _resolve_backend
 from .quant_grouped import CpuExpertWeights, grouped_swiglu_quant_torch, prepare_cpu
 
 WEIGHTS = ("w13", "w2")
@@ -66,18 +66,6 @@ def tensor_nbytes(obj) -> int:
     return total
 
 
-def expert_slots(num_experts: int, expert_start: int = 0, num_local_experts: int | None = None,
-                 slot_experts: Sequence[int] | None = None) -> tuple[int, ...]:
-    """The expert each slot holds, as :class:`~experts.grouped.GroupedExperts` assigns them (validated)."""
-    if slot_experts is None:
-        n = num_experts - expert_start if num_local_experts is None else num_local_experts
-        slot_experts = range(expert_start, expert_start + n)
-    slots = tuple(int(e) for e in slot_experts)
-    if not slots or len(set(slots)) != len(slots) or not all(0 <= e < num_experts for e in slots):
-        raise ValueError(f"slot_experts {list(slots)} must be distinct expert ids in [0, {num_experts})")
-    return slots
-
-
 class ExpertTensors:
     """One expert's tensors by role, and how a checkpoint tensor lands in them.
 
@@ -105,6 +93,18 @@ class ExpertTensors:
         if bias:
             self.specs["b13"] = TensorSpec((2 * intermediate,), dtype)
             self.specs["b2"] = TensorSpec((hidden,), dtype)
+
+    def register_roles(self, module: nn.Module, leading: tuple[int, ...] | None) -> dict[nn.Parameter, str]:
+        """One parameter of ``module`` per role, ``[*leading, *spec.shape]`` (``leading=None``: empty,
+        for tensors that stay in the checkpoint files), loaded by ``module.weight_loader``."""
+        role_of: dict[nn.Parameter, str] = {}
+        for role, spec in self.specs.items():
+            shape = (0,) if leading is None else (*leading, *spec.shape)
+            p = nn.Parameter(torch.empty(*shape, dtype=spec.dtype), requires_grad=False)
+            p.weight_loader = module.weight_loader
+            module.register_parameter(role, p)
+            role_of[p] = role
+        return role_of
 
     @staticmethod
     def weight_of(role: str) -> str:
@@ -152,7 +152,7 @@ class ExpertTensors:
         dst.copy_(loaded)
 
 
-class QuantGroupedExperts(nn.Module):
+class QuantGroupedExperts(SlottedExperts):
     """The experts of one MoE layer this process holds, packed in ``fmt`` (module docstring).
 
     Slots and the loader interface are those of :class:`~experts.grouped.GroupedExperts`: slot ``i``
@@ -169,31 +169,16 @@ class QuantGroupedExperts(nn.Module):
         if tuple(intermediate_shard) != (0, 1):
             raise NotImplementedError(f"{fmt.name} experts cannot be split by expert_tensor_parallel "
                                       f"({intermediate_shard[1]}) yet; use expert_parallel for quantized checkpoints")
-        self.slot_experts = expert_slots(num_experts, expert_start, num_local_experts, slot_experts)
-        self._slot_of = {e: i for i, e in enumerate(self.slot_experts)}
-        self.num_experts, self.num_local = num_experts, len(self.slot_experts)
-        self.expert_start = min(self.slot_experts)
+        self._set_slots(num_experts, expert_start, num_local_experts, slot_experts)
         self.hidden, self.intermediate = hidden, intermediate
         self.activation, self.backend = activation, backend
         self.layout = ExpertTensors(hidden, intermediate, fmt, dtype, bias)
         self.fmt = self.layout.fmt
-        self._role_of: dict[nn.Parameter, str] = {}
-        for role, spec in self.layout.specs.items():
-            p = nn.Parameter(torch.empty(self.num_local, *spec.shape, dtype=spec.dtype), requires_grad=False)
-            p.weight_loader = self.weight_loader
-            self.register_parameter(role, p)
-            self._role_of[p] = role
+        self._role_of = self.layout.register_roles(self, (self.num_local,))
         self.b13 = getattr(self, "b13", None)
         self.b2 = getattr(self, "b2", None)
         self._cpu: tuple[CpuExpertWeights, CpuExpertWeights] | None = None
         self._released = False
-
-    @property
-    def logical_ids(self) -> list[int]:
-        return sorted(self.slot_experts)
-
-    def owns(self, expert_id: int) -> bool:
-        return expert_id in self._slot_of
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str,
                       expert_id: int | None = None) -> None:
