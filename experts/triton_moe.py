@@ -83,6 +83,35 @@ def moe_align_block_size(
 
 
 @triton.jit
+def _store_swiglu(acc_gate, acc_up, b13_ptr, h_ptr, expert, rows, row_ok, offs_f, f_ok, F, stride_be, stride_bf,
+                  stride_hn, stride_hf, swiglu_limit, swiglu_alpha, HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr):
+    """Gate/up epilogue shared by the float and packed kernels: bias, SwiGLU (or gpt-oss's clamped
+    form), store ``h``."""
+    if HAS_BIAS:
+        b_ptrs = b13_ptr + expert * stride_be + offs_f * stride_bf
+        acc_gate += tl.load(b_ptrs, mask=f_ok, other=0.0).to(tl.float32)[None, :]
+        acc_up += tl.load(b_ptrs + F * stride_bf, mask=f_ok, other=0.0).to(tl.float32)[None, :]
+    if CLAMPED:
+        gate = tl.minimum(acc_gate, swiglu_limit)
+        up = tl.minimum(tl.maximum(acc_up, -swiglu_limit), swiglu_limit)
+        h = (up + 1.0) * gate * tl.sigmoid(swiglu_alpha * gate)
+    else:
+        h = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    h_ptrs = h_ptr + rows[:, None] * stride_hn + offs_f[None, :] * stride_hf
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & f_ok[None, :])
+
+
+@triton.jit
+def _store_down(acc, b2_ptr, topk_weights_ptr, y_ptrs, y_mask, expert, rows, row_ok, offs_d, d_ok, stride_be,
+                stride_bd, HAS_BIAS: tl.constexpr):
+    """Down epilogue shared by the float and packed kernels: bias, router weight, store ``y``."""
+    if HAS_BIAS:
+        acc += tl.load(b2_ptr + expert * stride_be + offs_d * stride_bd, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    acc *= tl.load(topk_weights_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr, w13_ptr, b13_ptr, h_ptr,
     sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
@@ -141,20 +170,8 @@ def _gate_up_kernel(
         wg_ptrs += BLOCK_K * stride_wd
         wu_ptrs += BLOCK_K * stride_wd
 
-    if HAS_BIAS:
-        b_ptrs = b13_ptr + expert * stride_be + offs_f * stride_bf
-        acc_gate += tl.load(b_ptrs, mask=f_ok, other=0.0).to(tl.float32)[None, :]
-        acc_up += tl.load(b_ptrs + F * stride_bf, mask=f_ok, other=0.0).to(tl.float32)[None, :]
-
-    if CLAMPED:
-        gate = tl.minimum(acc_gate, swiglu_limit)
-        up = tl.minimum(tl.maximum(acc_up, -swiglu_limit), swiglu_limit)
-        h = (up + 1.0) * gate * tl.sigmoid(swiglu_alpha * gate)
-    else:
-        h = acc_gate * tl.sigmoid(acc_gate) * acc_up
-
-    h_ptrs = h_ptr + rows[:, None] * stride_hn + offs_f[None, :] * stride_hf
-    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & f_ok[None, :])
+    _store_swiglu(acc_gate, acc_up, b13_ptr, h_ptr, expert, rows, row_ok, offs_f, f_ok, F, stride_be, stride_bf,
+                  stride_hn, stride_hf, swiglu_limit, swiglu_alpha, HAS_BIAS, CLAMPED)
 
 
 @triton.jit
@@ -206,10 +223,8 @@ def _down_kernel(
         h_ptrs += BLOCK_K * stride_hf
         w_ptrs += BLOCK_K * stride_wf
 
-    if HAS_BIAS:
-        acc += tl.load(b2_ptr + expert * stride_be + offs_d * stride_bd, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-    acc *= tl.load(topk_weights_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    _store_down(acc, b2_ptr, topk_weights_ptr, y_ptrs, y_mask, expert, rows, row_ok, offs_d, d_ok, stride_be,
+                stride_bd, HAS_BIAS)
 
 
 def default_block_m(num_assignments: int, num_experts: int) -> int:

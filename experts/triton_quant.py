@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .formats import Fp8BlockWeights, Int4Weights, Int8Weights, Mxfp4Weights, WeightFormat
-from .triton_moe import default_block_m, moe_align_block_size
+from .triton_moe import _store_down, _store_swiglu, default_block_m, moe_align_block_size
 
 FMT_INT8, FMT_INT4, FMT_FP8, FMT_MXFP4 = 0, 1, 2, 3
 
@@ -136,20 +136,8 @@ def _quant_gate_up_kernel(
         acc_gate = tl.dot(xa, wg.to(xa.dtype), acc_gate, input_precision=DOT_PRECISION)
         acc_up = tl.dot(xa, wu.to(xa.dtype), acc_up, input_precision=DOT_PRECISION)
 
-    if HAS_BIAS:
-        b_ptrs = b13_ptr + expert * stride_be + offs_f * stride_bf
-        acc_gate += tl.load(b_ptrs, mask=f_ok, other=0.0).to(tl.float32)[None, :]
-        acc_up += tl.load(b_ptrs + F * stride_bf, mask=f_ok, other=0.0).to(tl.float32)[None, :]
-
-    if CLAMPED:
-        gate = tl.minimum(acc_gate, swiglu_limit)
-        up = tl.minimum(tl.maximum(acc_up, -swiglu_limit), swiglu_limit)
-        h = (up + 1.0) * gate * tl.sigmoid(swiglu_alpha * gate)
-    else:
-        h = acc_gate * tl.sigmoid(acc_gate) * acc_up
-
-    h_ptrs = h_ptr + rows[:, None] * stride_hn + offs_f[None, :] * stride_hf
-    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & f_ok[None, :])
+    _store_swiglu(acc_gate, acc_up, b13_ptr, h_ptr, expert, rows, row_ok, offs_f, f_ok, F, stride_be, stride_bf,
+                  stride_hn, stride_hf, swiglu_limit, swiglu_alpha, HAS_BIAS, CLAMPED)
 
 
 @triton.jit
@@ -200,10 +188,8 @@ def _quant_down_kernel(
                           stride_ze, stride_zn, stride_zk, FMT, ASYM, GROUP_K, GROUP_N)
         acc = tl.dot(ha, w.to(ha.dtype), acc, input_precision=DOT_PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(b2_ptr + expert * stride_be + offs_d * stride_bd, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-    acc *= tl.load(topk_weights_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    _store_down(acc, b2_ptr, topk_weights_ptr, y_ptrs, y_mask, expert, rows, row_ok, offs_d, d_ok, stride_be,
+                stride_bd, HAS_BIAS)
 
 
 @dataclass(frozen=True)
