@@ -31,6 +31,8 @@ def generate(
     kv_cache_dtype: str = typer.Option("auto", help="auto (the model dtype) or fp8 (e4m3, half the bytes)."),
     offload_experts: bool = typer.Option(False, "--offload-experts", help="Keep routed experts in the files."),
     expert_cache: Optional[str] = typer.Option(None, help="With --offload-experts: resident experts, e.g. 4GiB."),
+    speculative_tokens: int = typer.Option(0, help="Speculative decoding by n-gram lookup: draft tokens per step "
+                                                   "for greedy requests (0: off)."),
     max_model_len: Optional[int] = typer.Option(None),
     chat: bool = typer.Option(False, "--chat", help="Apply the checkpoint's chat template."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they are generated."),
@@ -52,7 +54,9 @@ def generate(
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                                 max_tokens=max_tokens, stop=stop or None, logprobs=logprobs)
         llm = LLM(model, dtype=dtype, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
-                  max_model_len=max_model_len,
+                  max_model_len=max_model_len, speculative_config={"method": "ngram",
+                                                                    "num_speculative_tokens": speculative_tokens}
+                  if speculative_tokens else None,
                   load_progress=sys.stderr.isatty(), sharding=sharding, offload_experts=offload_experts,
                   expert_cache=expert_cache)
     except (ValueError, FileNotFoundError) as e:
@@ -103,6 +107,10 @@ def generate(
             typer.echo(f"ttft={m.ttft or 0:.3f}s tpot={(m.tpot or 0) * 1e3:.1f}ms latency={m.latency or 0:.3f}s "
                        f"tokens={len(o.outputs[0].token_ids)}", err=True)
         typer.echo(f"throughput={n / wall:.1f} tok/s over {wall:.2f}s", err=True)
+        e = llm.engine
+        if e.proposer is not None:
+            typer.echo(f"speculative decoding: {e.spec_accepted} of {e.spec_drafted} draft tokens accepted "
+                       f"({e.spec_accepted / max(e.spec_drafted, 1):.2f})", err=True)
         from .models.quant_weights import expert_cache
 
         cache = expert_cache(llm.engine.model)

@@ -163,6 +163,8 @@ class EngineConfig:
     quantization: str | None = None  # None/"auto": the checkpoint's quantization_config; else it must match
     offload_experts: bool = False  # routed experts stay in the checkpoint files, behind a cache
     expert_cache: str | int | None = None  # bytes of that cache, e.g. "4GiB" (default 2GiB)
+    # speculative decoding, vLLM's dict: {"method": "ngram", "num_speculative_tokens": 4, ...}
+    speculative_config: dict | None = None
 
     def __post_init__(self) -> None:
         from .models.quant_weights import check_expert_options
@@ -188,5 +190,8 @@ class EngineConfig:
         from kvcache import check_kv_cache_dtype
 
         check_kv_cache_dtype(self.kv_cache_dtype)
+        from .spec_decode import NgramConfig
+
+        NgramConfig.parse(self.speculative_config)
         if self.experts_backend not in ("auto", "torch", "triton", "megablocks"):
             raise ValueError(f"experts_backend={self.experts_backend!r}: choose auto, torch, triton or megablocks")

@@ -38,6 +38,7 @@ from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
+from .spec_decode import NgramConfig, NgramProposer
 from .sequence import Sequence, Status
 from .tokenizer import Tokenizer, detokenize_incrementally
 
@@ -149,6 +150,13 @@ class LLMEngine:
                                for _ in range(self.parallel.dp_size)]
         self.block_manager = self.block_managers[0]
         self.scheduler = Scheduler(self.block_managers, config.max_num_seqs, config.max_num_batched_tokens)
+        spec = NgramConfig.parse(config.speculative_config)
+        self.proposer: NgramProposer | None = None
+        self.spec_drafted = self.spec_accepted = 0  # draft tokens run, and those the model confirmed
+        if spec is not None:
+            if self.parallel.dp_size > 1:
+                raise ValueError("speculative_config with data_parallel > 1 is not supported yet: drop one of them")
+            self.proposer = self.scheduler.proposer = NgramProposer(spec, self.max_model_len)
         self.sampler = Sampler(config.seed)
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.sampler, self.device)
         self.seqs: dict[str, Sequence] = {}
@@ -304,7 +312,8 @@ class LLMEngine:
         h = 0
         for s in batch.seqs:
             ids = s.seq.token_ids[s.start:s.start + s.num_new_tokens]
-            h = zlib.crc32(repr((s.seq.request_id, s.start, s.num_new_tokens, ids, s.seq.dp_rank)).encode(), h)
+            h = zlib.crc32(repr((s.seq.request_id, s.start, s.num_new_tokens, ids, s.draft, s.seq.dp_rank)).encode(),
+                           h)
         mine = [len(batch.seqs), h]
         every = world_all_gather_ints(mine)
         bad = [r for r, v in enumerate(every) if v != every[0]]
@@ -320,30 +329,38 @@ class LLMEngine:
             seq = s.seq
             if seq.metrics.first_scheduled_time is None:
                 seq.metrics.first_scheduled_time = now
-            seq.num_computed_tokens += s.num_new_tokens
+            samples = result.sampled.get(b, [])
+            # the real tokens' K/V, plus the draft tokens the model confirmed (rejected rows are dead)
+            accepted = max(len(samples) - 1, 0) if s.draft else 0
+            self.spec_drafted += len(s.draft)
+            self.spec_accepted += accepted
+            seq.num_computed_tokens += s.num_new_tokens - len(s.draft) + accepted
             self.scheduler.block_manager_of(seq).register_full_blocks(seq.block_table, seq.token_ids,
                                                                       seq.num_computed_tokens)
             if seq.wants_prompt_logprobs:
                 if not seq.prompt_logprobs:
                     seq.prompt_logprobs.append(None)
                 seq.prompt_logprobs.extend(result.prompt_logprobs.get(b, []))
-            if b not in result.sampled:
+            if not samples:
                 continue
-            token, lps = result.sampled[b]
-            seq.token_ids.append(token)
-            if lps is not None:
-                seq.output_logprobs.append(lps)
-            seq.metrics.num_generated = seq.num_output_tokens
-            if seq.metrics.first_token_time is None:
-                seq.metrics.first_token_time = now
             text_before = len(seq.text)
-            new_text = self._detokenize(seq)
-            self._check_stop(seq, token, new_text)
-            delta = seq.text[text_before:]  # after the stop check, which may cut the text
+            tokens = []
+            for token, lps in samples:
+                seq.token_ids.append(token)
+                tokens.append(token)
+                if lps is not None:
+                    seq.output_logprobs.append(lps)
+                seq.metrics.num_generated = seq.num_output_tokens
+                if seq.metrics.first_token_time is None:
+                    seq.metrics.first_token_time = now
+                self._check_stop(seq, token, self._detokenize(seq))
+                if seq.is_finished or seq.finish_reason is not None:
+                    break  # later accepted tokens are past the stop
+            delta = seq.text[text_before:]  # after the stop checks, which may cut the text
             if seq.is_finished or seq.finish_reason is not None:
                 seq.metrics.finished_time = now
                 self.scheduler.finish(seq)
-            updated.append((seq, (delta, [token])))
+            updated.append((seq, (delta, tokens)))
         return updated
 
     def _detokenize(self, seq: Sequence) -> str:

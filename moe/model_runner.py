@@ -22,8 +22,21 @@ from .scheduler import ScheduledBatch, partition_batch
 
 @dataclass(frozen=True)
 class StepResult:
-    sampled: dict[int, tuple[int, dict[int, float] | None]]  # batch index -> (token, logprobs)
+    # batch index -> [(token, logprobs)]: one token, or with speculation the accepted drafts plus one
+    sampled: dict[int, list[tuple[int, dict[int, float] | None]]]
     prompt_logprobs: dict[int, list[dict[int, float]]]  # batch index -> entries for prompt tokens
+
+
+def accept_greedy(draft: tuple[int, ...], rows: list[tuple[int, dict | None]]) -> list[tuple[int, dict | None]]:
+    """Row ``j`` holds the model's greedy token after draft token ``j`` (row 0: after the last real
+    token). Keep rows while they confirm the next draft token; the first disagreeing row (or the
+    row after the whole draft) is the model's own next token."""
+    out = []
+    for j, row in enumerate(rows):
+        out.append(row)
+        if j >= len(draft) or row[0] != draft[j]:
+            break
+    return out
 
 
 class ModelRunner:
@@ -57,11 +70,13 @@ class ModelRunner:
             s = batch.seqs[b]
             seq, start, n = s.seq, s.start, s.num_new_tokens
             base = len(ids)
-            ids.extend(seq.token_ids[start:start + n])
+            ids.extend(seq.token_ids[start:start + n - len(s.draft)])
+            ids.extend(s.draft)  # speculative tokens: their rows verify them (greedy)
             positions.extend(range(start, start + n))
             if s.samples:
-                sample_rows.append(base + n - 1)
-                sample_idx.append(b)
+                first = n - 1 - len(s.draft)
+                sample_rows.extend(range(base + first, base + n))
+                sample_idx.extend([b] * (len(s.draft) + 1))
             if seq.wants_prompt_logprobs:
                 first = max(start, len(seq.prompt_logprobs) - 1)
                 for p in range(first, min(start + n, seq.num_prompt_tokens - 1)):
@@ -78,7 +93,7 @@ class ModelRunner:
                             torch.tensor(positions, dtype=torch.long, device=self.device), ctx)
         self.num_tokens_run += len(ids)
 
-        sampled: dict[int, tuple[int, dict[int, float] | None]] = {}
+        sampled: dict[int, list[tuple[int, dict[int, float] | None]]] = {}
         # every sampling sequence of the batch: under data parallelism other groups' rows only
         # advance the random generators (see the module docstring)
         all_idx = [b for b, s in enumerate(batch.seqs) if s.samples] if st.dp_size > 1 else sample_idx
@@ -97,7 +112,10 @@ class ModelRunner:
             mine_set = set(sample_idx)
             for j, b in enumerate(all_idx):
                 if b in mine_set:
-                    sampled[b] = (res.token_ids[j], res.logprobs[j])
+                    sampled.setdefault(b, []).append((res.token_ids[j], res.logprobs[j]))
+            for b, rows in sampled.items():
+                if batch.seqs[b].draft:
+                    sampled[b] = accept_greedy(batch.seqs[b].draft, rows)
         prompt_lps: dict[int, list[dict[int, float]]] = {}
         if lp_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(lp_rows, device=self.device)]).cpu()

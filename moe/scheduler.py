@@ -19,6 +19,7 @@ each were its own engine: a step runs up to ``data_parallel`` times as many toke
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvcache import BlockManager
@@ -29,7 +30,8 @@ from .sequence import Sequence, Status
 @dataclass(frozen=True)
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int
+    num_new_tokens: int  # rows this step runs, draft tokens included
+    draft: tuple[int, ...] = ()  # speculative tokens after the sequence's last one (see moe.spec_decode)
 
     @property
     def start(self) -> int:
@@ -38,7 +40,7 @@ class ScheduledSeq:
     @property
     def samples(self) -> bool:
         """Does this chunk reach the sequence's last token, so the step yields a new token?"""
-        return self.start + self.num_new_tokens == self.seq.num_tokens
+        return self.start + self.num_new_tokens - len(self.draft) == self.seq.num_tokens
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
+        # speculative decoding: draft tokens for a decoding sequence (moe.spec_decode), or None
+        self.proposer: Callable[[Sequence], list[int]] | None = None
         self.running: list[Sequence] = []
 
     @property
@@ -125,8 +129,15 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING:
                 continue
+            draft: tuple[int, ...] = ()
+            if (self.proposer is not None and n == 1 and budget[seq.dp_rank] > 1
+                    and seq.num_tokens - seq.num_computed_tokens == 1):
+                draft = tuple(self.proposer(seq)[: budget[seq.dp_rank] - 1])
+                if draft and not bm.can_allocate(seq.block_table, seq.num_computed_tokens + 1 + len(draft)):
+                    draft = ()  # no room for the speculative rows: an ordinary decode step
+            n += len(draft)
             bm.allocate(seq.block_table, seq.num_computed_tokens + n, seq.expected_len)
-            out.append(ScheduledSeq(seq, n))
+            out.append(ScheduledSeq(seq, n, draft))
             budget[seq.dp_rank] -= n
         if preempted:
             return ScheduledBatch(out, preempted)

@@ -52,6 +52,16 @@ def test_generate_streams_and_reports_stats():
     assert "expert cache" not in res.stderr
 
 
+def test_generate_with_speculative_decoding_prints_the_same_text():
+    args = ["generate", "The module defines", "--max-tokens", "48", "--temperature", "0", "--no-stream"]
+    plain = runner.invoke(app, args)
+    spec = runner.invoke(app, args + ["--speculative-tokens", "4", "--stats"])
+    assert plain.exit_code == 0 and spec.exit_code == 0, spec.output
+    assert spec.stdout == plain.stdout
+    m = re.search(r"speculative decoding: (\d+) of (\d+) draft tokens accepted", spec.stderr)
+    assert m and 0 < int(m.group(1)) <= int(m.group(2)), spec.stderr
+
+
 def test_generate_stats_report_the_expert_cache_when_offloading():
     res = runner.invoke(app, ["generate", "import", "--max-tokens", "8", "--temperature", "0", "--stats",
                               "--offload-experts", "--expert-cache", "1MiB", "--kv-cache-dtype", "fp8"])

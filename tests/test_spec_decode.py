@@ -1,0 +1,110 @@
+"""Speculative decoding by n-gram lookup: proposals, greedy verification, and unchanged outputs."""
+import pytest
+import torch
+
+from moe import LLM, SamplingParams
+from moe.model_runner import accept_greedy
+from moe.spec_decode import NgramConfig, propose_ngram
+
+from test_engine import _run_engine
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+
+
+def test_propose_ngram_takes_the_longest_most_recent_match():
+    #         0  1  2  3  4  5  6  7  8  9
+    tokens = [5, 6, 7, 8, 9, 6, 7, 1, 6, 7]
+    # suffix [6, 7] last occurred at 5..6 (followed by 1, 6, 7), before that at 1..2
+    assert propose_ngram(tokens, 3, 1, 2) == [1, 6, 7]
+    assert propose_ngram(tokens, 1, 1, 2) == [1]
+    # a longer suffix [1, 6, 7] never occurred earlier: falls back to the 2-gram
+    assert propose_ngram(tokens, 2, 1, 3) == [1, 6]
+    assert propose_ngram([1, 2, 3], 4, 1, 3) == []  # nothing repeats
+    assert propose_ngram([4, 4], 4, 1, 3) == [4]  # the occurrence may overlap the suffix's start
+    assert propose_ngram([9], 4, 1, 3) == []
+
+
+def test_accept_greedy_keeps_confirmed_drafts_and_one_model_token():
+    rows = [(11, None), (12, None), (99, None), (14, None)]
+    assert accept_greedy((11, 12, 13), rows) == rows[:3]  # 13 rejected: the model's 99 instead
+    assert accept_greedy((11, 12, 14), rows[:3] + [(7, None)]) == rows[:3]
+    assert accept_greedy((5,), [(6, None), (1, None)]) == [(6, None)]  # first draft rejected
+    assert accept_greedy((11, 12), [(11, None), (12, None), (3, None)]) == [(11, None), (12, None), (3, None)]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"method": "eagle"}, "method 'eagle' is not supported: choose one of ngram"),
+    ({"num_speculative_tokens": 0}, "num_speculative_tokens=0 must be a positive integer"),
+    ({"prompt_lookup_min": 5, "prompt_lookup_max": 2}, "prompt_lookup_min .5. exceeds prompt_lookup_max .2."),
+    ({"draft_model": "x"}, r"unknown keys \['draft_model'\]"),
+    ("ngram", "must be a dict"),
+])
+def test_bad_speculative_config_is_named(bad, match):
+    with pytest.raises(ValueError, match=match):
+        NgramConfig.parse(bad)
+    with pytest.raises(ValueError, match=match):
+        LLM(speculative_config=bad)
+
+
+PROMPTS = ["The module defines the following functions", "A list is a mutable sequence, and a tuple is",
+           "import os\nimport sys\n", "Once upon a time"]
+
+
+def _mixed_params():
+    return [
+        SamplingParams(temperature=0, max_tokens=40, logprobs=2),
+        SamplingParams(temperature=0.8, seed=3, max_tokens=30),  # sampled: never speculates
+        SamplingParams(temperature=0, max_tokens=37, stop=["functions"], include_stop_str_in_output=True),
+        SamplingParams(temperature=0, max_tokens=45, min_tokens=10, ignore_eos=True),
+    ]
+
+
+def _summary(outs):
+    return [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in outs]
+
+
+def test_speculation_changes_no_output_and_accepts_drafts():
+    """float32, default model: a mixed batch (greedy with logprobs, sampled, stop string, min_tokens)
+    gives the same tokens, text, finish reasons and log-probs with and without speculation."""
+    params = _mixed_params()
+    want = LLM(dtype="float32").generate(PROMPTS, params)
+    spec = LLM(dtype="float32", speculative_config=NGRAM)
+    got = spec.generate(PROMPTS, params)
+    assert _summary(got) == _summary(want)
+    for a, b in zip(got[0].outputs[0].logprobs, want[0].outputs[0].logprobs):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
+    assert len(got[0].outputs[0].logprobs) == 40
+    assert spec.engine.spec_drafted > 0 and 0 < spec.engine.spec_accepted <= spec.engine.spec_drafted
+    assert got[2].outputs[0].text.endswith("functions") and got[2].outputs[0].finish_reason == "stop"
+
+
+def test_speculation_under_preemption_and_one_row_budget():
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(dtype="float32", block_size=4).generate(PROMPTS, sp)]
+    per_token = LLM(dtype="float32", block_size=4).engine.kv_bytes_per_token()
+    tight = LLM(dtype="float32", block_size=4, kv_cache_memory=12 * 4 * per_token, speculative_config=NGRAM)
+    got, seqs, _ = _run_engine(tight, [{"prompt_token_ids": tight.get_tokenizer().encode(p)} for p in PROMPTS],
+                               [sp] * len(PROMPTS))
+    assert sum(s.num_preemptions for s in seqs) > 0, "no preemption happened"
+    assert [o.outputs[0].token_ids for o in got] == want
+    assert tight.engine.spec_accepted > 0
+    # a token budget of 1 leaves no room for drafts: plain decoding
+    one = LLM(dtype="float32", block_size=4, max_num_batched_tokens=1, speculative_config=NGRAM)
+    assert [o.outputs[0].token_ids for o in one.generate(PROMPTS[:2], sp)] == want[:2]
+    assert one.engine.spec_drafted == 0
+
+
+def test_speculation_matches_transformers_on_a_tiny_checkpoint(checkpoint):
+    """Mixtral-shaped tiny checkpoint, float32: greedy tokens with speculation equal transformers'."""
+    from transformers import AutoModelForCausalLM
+
+    path = checkpoint("mixtral")
+    prompt = [3, 17, 45, 17, 45, 9, 3, 17]
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                          pad_token_id=0)[0, len(prompt):].tolist()
+    llm = LLM(str(path), dtype="float32", speculative_config=NGRAM)
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == ref
+    assert llm.engine.spec_drafted > 0
