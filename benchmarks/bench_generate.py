@@ -190,12 +190,13 @@ def throughput_requests(n: int, seed: int, vocab: int, prompt_range=(16, 512), o
 class Ours:
     name = "ours"
 
-    def __init__(self, path: Path, kv_cache_memory: int, max_num_seqs: int):
+    def __init__(self, path: Path, kv_cache_memory: int, max_num_seqs: int, speculative_config: dict | None = None):
         from moe import LLM, SamplingParams
 
         self.SamplingParams = SamplingParams
         t0 = time.perf_counter()
-        self.llm = LLM(str(path), dtype="bfloat16", kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs)
+        self.llm = LLM(str(path), dtype="bfloat16", kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
+                       speculative_config=speculative_config)
         self.load_s = time.perf_counter() - t0
 
     def params(self, max_tokens: int):
@@ -240,14 +241,14 @@ class HF:
         self.experts_impl = getattr(self.model.config, "_experts_implementation", None)
 
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int, **kw) -> torch.Tensor:
         return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
-                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD_ID)
+                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD_ID, **kw)
 
-    def generate_one(self, prompt: list[int], new_tokens: int):
+    def generate_one(self, prompt: list[int], new_tokens: int, **kw):
         ids = torch.tensor([prompt])
         t0 = time.perf_counter()
-        out = self.generate(ids, torch.ones_like(ids), new_tokens)
+        out = self.generate(ids, torch.ones_like(ids), new_tokens, **kw)
         wall = time.perf_counter() - t0
         return wall, out[0, len(prompt):].tolist()
 
@@ -307,6 +308,31 @@ def scenario1(ours: Ours, hf: HF, prompts: Prompts, args, active_bytes: int, pro
     res["speedup_ttft"] = res["transformers"]["ttft_s"] / res["ours"]["ttft_s"]
     res["bandwidth_probe_read_GBps"] = probe["sum_read_GBps"]
     res["ours_fraction_of_probe"] = res["ours"]["decode_GBps"] / probe["sum_read_GBps"]
+    if args.ngram:  # the same prompts with n-gram speculative decoding (greedy: the same tokens)
+        spec = Ours(args.ours_path, args.ours_kv_mem, args.max_num_seqs,
+                    {"method": "ngram", "num_speculative_tokens": args.ngram})
+        e = spec.llm.engine
+        spec.generate_one(ps[0], 8)
+        d0, a0 = e.spec_drafted, e.spec_accepted
+        rates, same = [], []
+        for p, toks in zip(ps, our_toks):
+            _, ttft, lat, stoks = spec.generate_one(p, new)
+            rates.append((new - 1) / (lat - ttft))
+            same.append(common_prefix(stoks, toks))
+        drafted, accepted = e.spec_drafted - d0, e.spec_accepted - a0
+        res["ours_ngram"] = {"num_speculative_tokens": args.ngram, "decode_tok_s": max(rates), "all_decode_tok_s": rates,
+                             "drafted": drafted, "accepted": accepted, "acceptance": accepted / max(drafted, 1),
+                             "same_tokens_as_plain_prefix": same}
+        res["speedup_decode_ngram"] = max(rates) / res["transformers"]["decode_tok_s"]
+        del spec
+        # transformers' own n-gram speculation ("prompt lookup decoding") on the same prompts
+        hf_rates = []
+        for p in ps:
+            t1 = statistics.median(hf.generate_one(p, 1)[0] for _ in range(3))
+            tn, _ = hf.generate_one(p, new, prompt_lookup_num_tokens=args.ngram)
+            hf_rates.append((new - 1) / (tn - t1))
+        res["transformers_ngram"] = {"decode_tok_s": max(hf_rates), "all_decode_tok_s": hf_rates}
+        res["speedup_decode_ngram_vs_hf_ngram"] = max(rates) / max(hf_rates)
     res["transformers_fraction_of_probe"] = res["transformers"]["decode_GBps"] / probe["sum_read_GBps"]
     # bf16 numerics on random weights: an early divergence is not by itself a bug
     res["greedy_agreement_prefix_tokens"] = [common_prefix(a, b) for a, b in zip(our_toks, hf_toks)]
@@ -452,6 +478,7 @@ def run_model(name: str, args, probe: dict, report: dict) -> dict:
     hf = HF(path, args.hf_experts_impl, args.hf_attn_impl)
     params = count_params(hf.model, top_k, n_exp)
     ours = Ours(path, kv_mem, args.max_num_seqs)
+    args.ours_path, args.ours_kv_mem = path, kv_mem
     out: dict = report["models"].setdefault(name, {})
     out |= {"checkpoint": str(path), "hf_class": cls_name, "params": params, "kv_cache_memory": kv_mem,
                  "load_s": {"ours": ours.load_s, "transformers": hf.load_s},
@@ -519,6 +546,15 @@ def print_table(report: dict) -> None:
                   f"{s['transformers_fraction_of_probe']:14.1%}")
             print(f"  S1 greedy outputs agree on first {s['greedy_agreement_prefix_tokens']} of {s['new_tokens']} "
                   "tokens (per run; bf16, random weights)")
+            if "ours_ngram" in s:
+                g = s["ours_ngram"]
+                hg = s["transformers_ngram"]["decode_tok_s"]
+                print(f"  {'S1 n-gram speculation, both (%d tokens) tok/s' % g['num_speculative_tokens']:<44} "
+                      f"{g['decode_tok_s']:12.2f} {hg:14.2f} {s['speedup_decode_ngram_vs_hf_ngram']:10.2f}x")
+                print(f"  {'S1 ours with speculation vs plain transformers':<44} {g['decode_tok_s']:12.2f} "
+                      f"{h['decode_tok_s']:14.2f} {s['speedup_decode_ngram']:10.2f}x")
+                print(f"  S1 speculation: {g['accepted']} of {g['drafted']} drafts accepted ({g['acceptance']:.2f}); "
+                      f"same tokens as plain decoding for the first {g['same_tokens_as_plain_prefix']}")
         if "scenario2" in r:
             s = r["scenario2"]
             print(f"  {'S2 tok/s (%d reqs, %d useful tok)' % (s['requests'], s['useful_tokens']):<44} "
@@ -558,6 +594,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="also profile our engine (torch.profiler + cProfile)")
     ap.add_argument("--profile-top", type=int, default=15)
     ap.add_argument("--profile-decode-tokens", type=int, default=32)
+    ap.add_argument("--ngram", type=int, default=0,
+                    help="also run scenario 1 with n-gram speculative decoding of this many draft tokens")
     ap.add_argument("--profile-s2-requests", type=int, default=8)
     args = ap.parse_args(argv)
     args.scenarios = () if args.scenario == "none" else (SCENARIOS if args.scenario == "all" else (args.scenario,))
