@@ -73,6 +73,8 @@ TWO_RANKS = {
     # shared expert with its gate, a dense layer, 6 experts split by intermediate dim
     "qwen2_moe_tp2": ("qwen2_moe", dict(tensor_parallel=2)),
     "deepseek_v2_ep2": ("deepseek_v2", dict(tensor_parallel=2, expert_parallel=2)),  # MLA without q LoRA
+    # n-gram speculative decoding (LLM_KWARGS) on TP 2 x EP 2: every rank drafts and verifies alike
+    "qwen3_ep2_ngram": ("qwen3_moe", dict(tensor_parallel=2, expert_parallel=2)),
     # q/k norm over all heads (heads split: the statistics need an all-reduce), clip_qkv
     "olmoe_tp2_ep2": ("olmoe", dict(tensor_parallel=2, expert_parallel=2)),
     # DP attention without TP: each rank runs its own sequences (a dense layer and a gated shared
@@ -93,6 +95,11 @@ FOUR_RANKS = {
     "mixtral_ep4_tp2_dp2": ("mixtral", str(EP4_TP2)),
     "deepseek_v3_ep4_tp2_dp2": ("deepseek_v3", dict(tensor_parallel=2, data_parallel=2, expert_parallel=4)),  # MLA
 }
+
+
+# extra LLM(...) arguments of some cases (their reference is still the plain single process)
+LLM_KWARGS = {"qwen3_ep2_ngram": {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
+                                                         "prompt_lookup_min": 1}}}
 
 
 def _is_dp(sharding) -> bool:
@@ -145,8 +152,8 @@ def _rank_env() -> dict[str, str]:
 
 
 def _write_spec(tmp: Path, cases: dict, paths: dict[str, Path], die: dict | None = None) -> Path:
-    spec = {"cases": [{"name": n, "model": str(paths[fam]), "sharding": sh, "requests": _requests(sh)}
-                      for n, (fam, sh) in cases.items()],
+    spec = {"cases": [{"name": n, "model": str(paths[fam]), "sharding": sh, "requests": _requests(sh),
+                       "llm": LLM_KWARGS.get(n, {})} for n, (fam, sh) in cases.items()],
             "requests": REQUESTS, "die": die}
     (tmp / "out").mkdir(exist_ok=True)
     p = tmp / "spec.json"
@@ -203,6 +210,12 @@ def test_two_ranks_match_single_process(name, two_rank_results, reference, refer
 @pytest.mark.parametrize("name", list(FOUR_RANKS))
 def test_four_ranks_match_single_process(name, four_rank_results, reference, reference_dp):
     _check_same_as_single_process(four_rank_results[name], _ref(name, FOUR_RANKS, reference, reference_dp))
+
+
+def test_speculative_ranks_drafted_and_accepted_alike(two_rank_results):
+    ranks = two_rank_results["qwen3_ep2_ngram"]
+    assert ranks[0]["spec_drafted"] > 0 and ranks[0]["spec_accepted"] > 0
+    assert len({(r["spec_drafted"], r["spec_accepted"]) for r in ranks}) == 1
 
 
 @pytest.mark.parametrize("name", [n for n, (_, sh) in {**TWO_RANKS, **FOUR_RANKS}.items() if _is_dp(sh)])

@@ -36,7 +36,7 @@ def main(spec_path: str, out_dir: str) -> None:
         reqs = case.get("requests") or spec["requests"]
         requests = [{"prompt_token_ids": r["prompt_token_ids"]} for r in reqs]
         params = [SamplingParams(**r["params"]) for r in reqs]
-        llm = LLM(case["model"], dtype="float32", block_size=4, sharding=case["sharding"])
+        llm = LLM(case["model"], dtype="float32", block_size=4, sharding=case["sharding"], **case.get("llm", {}))
         engine = llm.engine
         rank = engine.parallel.rank
         if die is not None and rank == die["rank"]:
@@ -74,6 +74,7 @@ def main(spec_path: str, out_dir: str) -> None:
             "num_tokens_run": engine.runner.num_tokens_run,
             "heads": attn.num_heads,
             "kv_cache_shape": list(engine.kv_caches[0][0].shape),
+            "spec_drafted": engine.spec_drafted, "spec_accepted": engine.spec_accepted,
         }
         (out / f"{case['name']}.rank{rank}.json").write_text(json.dumps(result))
         del llm, engine
