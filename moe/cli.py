@@ -32,7 +32,7 @@ def generate(
     offload_experts: bool = typer.Option(False, "--offload-experts", help="Keep routed experts in the files."),
     expert_cache: Optional[str] = typer.Option(None, help="With --offload-experts: resident experts, e.g. 4GiB."),
     speculative_tokens: int = typer.Option(0, help="Speculative decoding by n-gram lookup: draft tokens per step "
-                                                   "for greedy requests (0: off)."),
+                                                   "(0: off)."),
     max_model_len: Optional[int] = typer.Option(None),
     chat: bool = typer.Option(False, "--chat", help="Apply the checkpoint's chat template."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they are generated."),

@@ -106,16 +106,28 @@ class ModelRunner:
                 if sample_idx:
                     full[torch.tensor([where[b] for b in sample_idx])] = logits
                 logits = full
-            seqs = [batch.seqs[b].seq for b in all_idx]
-            banned = [self._banned(seq, eos_ids) for seq in seqs]
-            res: SampleResult = self.sampler(logits, [q.params for q in seqs], [q.generator for q in seqs], banned)
-            mine_set = set(sample_idx)
+            # a sampled (not greedy) request's draft is verified by speculative sampling, row by row
+            spec_rows: dict[int, list[int]] = {}
             for j, b in enumerate(all_idx):
-                if b in mine_set:
-                    sampled.setdefault(b, []).append((res.token_ids[j], res.logprobs[j]))
+                if batch.seqs[b].draft and not batch.seqs[b].seq.params.greedy:
+                    spec_rows.setdefault(b, []).append(j)
+            plain = [j for j, b in enumerate(all_idx) if b not in spec_rows]
+            if plain:
+                seqs = [batch.seqs[all_idx[j]].seq for j in plain]
+                banned = [self._banned(seq, eos_ids) for seq in seqs]
+                res: SampleResult = self.sampler(logits[plain] if len(plain) < len(all_idx) else logits,
+                                                 [q.params for q in seqs], [q.generator for q in seqs], banned)
+                mine_set = set(sample_idx)
+                for r, j in enumerate(plain):
+                    b = all_idx[j]
+                    if b in mine_set:
+                        sampled.setdefault(b, []).append((res.token_ids[r], res.logprobs[r]))
             for b, rows in sampled.items():
                 if batch.seqs[b].draft:
                     sampled[b] = accept_greedy(batch.seqs[b].draft, rows)
+            for b, js in spec_rows.items():
+                s, seq = batch.seqs[b], batch.seqs[b].seq
+                sampled[b] = self.sampler.verify_draft(logits[js], seq.params, seq.generator, s.draft)
         prompt_lps: dict[int, list[dict[int, float]]] = {}
         if lp_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(lp_rows, device=self.device)]).cpu()

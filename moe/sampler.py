@@ -45,11 +45,54 @@ def top_logprobs(logprobs_V: torch.Tensor, chosen: int, n: int) -> dict[int, flo
     return out
 
 
+def _filtered_probs(logits_BV: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distributions sampling draws from: temperature, then top-k / top-p / min-p."""
+    sub = logits_BV / torch.tensor([p.temperature for p in params]).unsqueeze(1)
+    if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
+        sub = apply_filters(sub, torch.tensor([max(p.top_k, 0) for p in params]),
+                            torch.tensor([p.top_p for p in params], dtype=torch.float32),
+                            torch.tensor([p.min_p for p in params], dtype=torch.float32))
+    return torch.softmax(sub, dim=-1)
+
+
+def _draw(probs_V: torch.Tensor, generator: torch.Generator) -> int:
+    """One draw from ``probs_V``: argmax(p / Exp(1)) (the race the batched path runs)."""
+    noise = torch.empty_like(probs_V).exponential_(generator=generator)
+    return int((probs_V / noise).max(dim=-1).indices)
+
+
 class Sampler:
     def __init__(self, seed: int | None = None):
         self.generator = torch.Generator()
         if seed is not None:
             self.generator.manual_seed(seed)
+
+    def verify_draft(self, logits_RV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                     draft: tuple[int, ...]) -> list[tuple[int, dict[int, float] | None]]:
+        """Speculative sampling for a deterministic (n-gram) draft: row ``j`` is the distribution
+        after draft token ``j``. Draft token ``d`` is kept with probability ``P_j(d)``; on rejection
+        the token is drawn from ``P_j`` with ``d`` removed (the residual ``max(P_j - onehot(d), 0)``,
+        renormalized), and the rest of the draft is dropped; if all are kept one more token is drawn
+        from the last row. Every emitted token is thus distributed exactly as plain sampling."""
+        logits = logits_RV.float()
+        raw_lp = torch.log_softmax(logits, dim=-1) if params.logprobs is not None else None
+        probs = _filtered_probs(logits, [params] * logits.shape[0])
+        g = generator or self.generator
+        out: list[int] = []
+        for j in range(len(draft) + 1):
+            if j == len(draft):
+                out.append(_draw(probs[j], g))
+                break
+            d = draft[j]
+            if float(torch.rand((), generator=g)) < float(probs[j, d]):
+                out.append(d)
+                continue
+            residual = probs[j].clone()
+            residual[d] = 0.0
+            out.append(_draw(residual, g))
+            break
+        return [(t, top_logprobs(raw_lp[j], t, params.logprobs) if raw_lp is not None else None)
+                for j, t in enumerate(out)]
 
     def __call__(self, logits_BV: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None], banned: list[list[int]]) -> SampleResult:
@@ -65,15 +108,7 @@ class Sampler:
         rand = [i for i, p in enumerate(params) if not p.greedy]
         if rand:
             idx = torch.tensor(rand)
-            sub = logits_BV[idx] / torch.tensor([params[i].temperature for i in rand]).unsqueeze(1)
-            if any(params[i].top_k > 0 or params[i].top_p < 1 or params[i].min_p > 0 for i in rand):
-                sub = apply_filters(
-                    sub,
-                    torch.tensor([max(params[i].top_k, 0) for i in rand]),
-                    torch.tensor([params[i].top_p for i in rand], dtype=torch.float32),
-                    torch.tensor([params[i].min_p for i in rand], dtype=torch.float32),
-                )
-            probs = torch.softmax(sub, dim=-1)
+            probs = _filtered_probs(logits_BV[idx], [params[i] for i in rand])
             # Gumbel-style race: argmax(p / Exp(1)) draws from p; each request uses its own generator
             noise = torch.empty_like(probs)
             for row, i in enumerate(rand):

@@ -1,4 +1,4 @@
-"""Speculative decoding by n-gram lookup ("prompt lookup"), for greedy requests.
+"""Speculative decoding by n-gram lookup ("prompt lookup").
 
 A decoding sequence whose last ``n`` tokens (``prompt_lookup_max`` down to ``prompt_lookup_min``)
 occurred earlier in its own prompt or output proposes the up to ``num_speculative_tokens`` tokens
@@ -10,7 +10,9 @@ would have produced, so outputs are unchanged (up to float rounding of a multi-r
 one pass over the weights can yield several tokens. Rejected rows leave K/V past the sequence's
 computed length, overwritten by later steps.
 
-Only greedy requests past their ``min_tokens`` speculate; sampled requests decode as usual.
+Sampled requests verify the draft by speculative sampling (:meth:`moe.sampler.Sampler.verify_draft`):
+each token is distributed exactly as in plain sampling, though a seeded request draws different
+random numbers than without speculation. Requests speculate once past their ``min_tokens``.
 """
 from __future__ import annotations
 
@@ -78,7 +80,7 @@ class NgramProposer:
 
     def __call__(self, seq: Sequence) -> list[int]:
         p = seq.params
-        if not p.greedy or seq.num_output_tokens < p.min_tokens:
+        if seq.num_output_tokens < p.min_tokens:  # (EOS and stop ids are banned until then)
             return []
         # room: the draft and the model's own next token must fit max_tokens and the context
         room = min(self.cfg.num_speculative_tokens, self.max_model_len - seq.num_tokens - 1)

@@ -97,7 +97,7 @@ FOUR_RANKS = {
 }
 
 
-# extra LLM(...) arguments of some cases (their reference is still the plain single process)
+# extra LLM(...) arguments of some cases (their reference: one process with the same arguments)
 LLM_KWARGS = {"qwen3_ep2_ngram": {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
                                                          "prompt_lookup_min": 1}}}
 
@@ -119,8 +119,8 @@ def paths(checkpoint) -> dict[str, Path]:
     return {f: checkpoint(f) for f in FAMILIES}
 
 
-def _single_process(path: Path, requests: list[dict]) -> list[dict]:
-    llm = LLM(str(path), dtype="float32", block_size=4)
+def _single_process(path: Path, requests: list[dict], **llm_kwargs) -> list[dict]:
+    llm = LLM(str(path), dtype="float32", block_size=4, **llm_kwargs)
     outs = llm.generate([{"prompt_token_ids": r["prompt_token_ids"]} for r in requests], _params(requests))
     return [{"token_ids": o.outputs[0].token_ids,
              "logprobs": [{str(k): v for k, v in d.items()} for d in o.outputs[0].logprobs],
@@ -130,8 +130,12 @@ def _single_process(path: Path, requests: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reference(paths) -> dict[str, list[dict]]:
-    """Single-process outputs per family (of REQUESTS)."""
-    return {fam: _single_process(path, REQUESTS) for fam, path in paths.items()}
+    """Single-process outputs per family (of REQUESTS), and per case with extra LLM options."""
+    out = {fam: _single_process(path, REQUESTS) for fam, path in paths.items()}
+    cases = {**TWO_RANKS, **FOUR_RANKS}
+    for name, kwargs in LLM_KWARGS.items():
+        out[name] = _single_process(paths[cases[name][0]], REQUESTS, **kwargs)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +147,8 @@ def reference_dp(paths) -> dict[str, list[dict]]:
 
 def _ref(name: str, cases: dict, reference: dict, reference_dp: dict) -> list[dict]:
     fam, sharding = cases[name]
+    if name in LLM_KWARGS:  # the same options in one process (sampled requests draw differently with them)
+        return reference[name]
     return (reference_dp if _is_dp(sharding) else reference)[fam]
 
 

@@ -64,13 +64,16 @@ def _summary(outs):
 
 
 def test_speculation_changes_no_output_and_accepts_drafts():
-    """float32, default model: a mixed batch (greedy with logprobs, sampled, stop string, min_tokens)
-    gives the same tokens, text, finish reasons and log-probs with and without speculation."""
+    """float32, default model: in a mixed batch (greedy with logprobs, sampled, stop string,
+    min_tokens) the greedy requests give the same tokens, text, finish reasons and log-probs with
+    and without speculation (the sampled one draws other random numbers: its own test below)."""
     params = _mixed_params()
     want = LLM(dtype="float32").generate(PROMPTS, params)
     spec = LLM(dtype="float32", speculative_config=NGRAM)
     got = spec.generate(PROMPTS, params)
-    assert _summary(got) == _summary(want)
+    greedy = [0, 2, 3]
+    assert [_summary(got)[i] for i in greedy] == [_summary(want)[i] for i in greedy]
+    assert len(got[1].outputs[0].token_ids) == 30 and got[1].outputs[0].finish_reason == "length"
     for a, b in zip(got[0].outputs[0].logprobs, want[0].outputs[0].logprobs):
         assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
     assert len(got[0].outputs[0].logprobs) == 40
@@ -108,3 +111,39 @@ def test_speculation_matches_transformers_on_a_tiny_checkpoint(checkpoint):
     out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
     assert out[0].outputs[0].token_ids == ref
     assert llm.engine.spec_drafted > 0
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+    """A one-token draft over a 4-token vocabulary, 20000 seeds: the first emitted token follows
+    row 0's distribution, and after an accepted draft the second follows row 1's."""
+    from moe.sampler import Sampler
+
+    logits = torch.tensor([[1.0, 0.2, 0.7, -1.0], [0.1, 1.5, -0.5, 0.3]])
+    params = SamplingParams(temperature=0.9, top_p=0.95)
+    sampler = Sampler(0)
+    from moe.sampler import _filtered_probs
+    p0, p1 = _filtered_probs(logits, [params, params])
+    first, second = torch.zeros(4), torch.zeros(4)
+    n = 20000
+    for i in range(n):
+        out = sampler.verify_draft(logits, params, torch.Generator().manual_seed(i), (2,))
+        first[out[0][0]] += 1
+        if out[0][0] == 2:
+            assert len(out) == 2
+            second[out[1][0]] += 1
+        else:
+            assert len(out) == 1
+    assert torch.allclose(first / n, p0, atol=0.015), (first / n, p0)
+    assert torch.allclose(second / second.sum(), p1, atol=0.02), (second / second.sum(), p1)
+    assert float(p0[3]) == 0 and first[3] == 0  # top-p's cut stays cut
+
+
+def test_sampled_requests_speculate_and_stay_reproducible():
+    sp = [SamplingParams(temperature=0.7, seed=11, max_tokens=48), SamplingParams(temperature=1.0, seed=5,
+                                                                                  max_tokens=48, top_k=20)]
+    runs = []
+    for _ in range(2):
+        llm = LLM(dtype="float32", speculative_config=NGRAM)
+        runs.append([o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], sp)])
+        assert llm.engine.spec_drafted > 0 and llm.engine.spec_accepted > 0
+    assert runs[0] == runs[1] and all(len(t) == 48 for t in runs[0])
