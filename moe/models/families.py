@@ -98,8 +98,7 @@ def parse_olmoe(hf: dict) -> ModelConfig:
         o_bias=bias,
         qk_norm="full",
         clip_qkv=hf.get("clip_qkv"),
-        router=RouterConfig(_first(hf, "num_experts", "num_local_experts"), hf["num_experts_per_tok"],
-                            renormalize=bool(hf.get("norm_topk_prob", False))),
+        router=_qwen_router(hf),  # the same softmax -> top-k (renormalized if norm_topk_prob)
         moe_intermediate_size=hf["intermediate_size"],
         sparse_layers=(True,) * hf["num_hidden_layers"],
     ))
