@@ -152,7 +152,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        full = min(num_computed // bs, len(table.blocks))
+        full = min(min(num_computed, len(token_ids)) // bs, len(table.blocks))  # only blocks whose tokens are known
         h = None
         if table.num_hashed:
             h = self.blocks[table.blocks[table.num_hashed - 1]].hash

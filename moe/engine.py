@@ -335,13 +335,12 @@ class LLMEngine:
             self.spec_drafted += len(s.draft)
             self.spec_accepted += accepted
             seq.num_computed_tokens += s.num_new_tokens - len(s.draft) + accepted
-            self.scheduler.block_manager_of(seq).register_full_blocks(seq.block_table, seq.token_ids,
-                                                                      seq.num_computed_tokens)
             if seq.wants_prompt_logprobs:
                 if not seq.prompt_logprobs:
                     seq.prompt_logprobs.append(None)
                 seq.prompt_logprobs.extend(result.prompt_logprobs.get(b, []))
             if not samples:
+                self._register_blocks(seq)
                 continue
             text_before = len(seq.text)
             tokens = []
@@ -357,11 +356,17 @@ class LLMEngine:
                 if seq.is_finished or seq.finish_reason is not None:
                     break  # later accepted tokens are past the stop
             delta = seq.text[text_before:]  # after the stop checks, which may cut the text
+            self._register_blocks(seq)  # after the accepted draft tokens joined token_ids
             if seq.is_finished or seq.finish_reason is not None:
                 seq.metrics.finished_time = now
                 self.scheduler.finish(seq)
             updated.append((seq, (delta, tokens)))
         return updated
+
+    def _register_blocks(self, seq: Sequence) -> None:
+        """Offer the sequence's now completely computed blocks to the prefix cache."""
+        self.scheduler.block_manager_of(seq).register_full_blocks(seq.block_table, seq.token_ids,
+                                                                  seq.num_computed_tokens)
 
     def _detokenize(self, seq: Sequence) -> str:
         if self.tokenizer is None:

@@ -147,3 +147,24 @@ def test_sampled_requests_speculate_and_stay_reproducible():
         runs.append([o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], sp)])
         assert llm.engine.spec_drafted > 0 and llm.engine.spec_accepted > 0
     assert runs[0] == runs[1] and all(len(t) == 48 for t in runs[0])
+
+
+def test_speculation_registers_whole_blocks_for_the_prefix_cache():
+    """Accepted draft tokens join the sequence before its full blocks are hashed: a follow-up
+    prompt that extends a speculated output hits the cache for (nearly) all of it and gives the
+    same output as a fresh engine."""
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    llm = LLM(dtype="float32", block_size=4, speculative_config=NGRAM)
+    first = llm.generate(PROMPTS[0], sp)[0]
+    assert llm.engine.spec_accepted > 0
+    ids = first.prompt_token_ids + first.outputs[0].token_ids
+    e = llm.engine
+    rid = e.add_request({"prompt_token_ids": ids}, sp)
+    seq = e.seqs[rid]
+    before = e.runner.num_tokens_run
+    e.step()  # admits it: only what the cache lacks is computed (the last, partial blocks)
+    assert e.runner.num_tokens_run - before <= 8, (e.runner.num_tokens_run - before, len(ids))
+    while e.has_unfinished_requests():
+        e.step()
+    fresh = LLM(dtype="float32", block_size=4).generate({"prompt_token_ids": ids}, sp)[0]
+    assert seq.token_ids[len(ids):] == fresh.outputs[0].token_ids
