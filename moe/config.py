@@ -165,6 +165,7 @@ class EngineConfig:
     expert_cache: str | int | None = None  # bytes of that cache, e.g. "4GiB" (default 2GiB)
     # speculative decoding, vLLM's dict: {"method": "ngram", "num_speculative_tokens": 4, ...}
     speculative_config: dict | None = None
+    record_expert_counts: bool = False  # count tokens per expert and layer (LLM.expert_counts)
 
     def __post_init__(self) -> None:
         from .models.quant_weights import check_expert_options

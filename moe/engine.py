@@ -159,6 +159,7 @@ class LLMEngine:
             self.proposer = self.scheduler.proposer = NgramProposer(spec, self.max_model_len)
         self.sampler = Sampler(config.seed)
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.sampler, self.device)
+        self.runner.record_expert_counts = config.record_expert_counts
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
 
@@ -362,6 +363,20 @@ class LLMEngine:
                 self.scheduler.finish(seq)
             updated.append((seq, (delta, tokens)))
         return updated
+
+    def expert_counts(self) -> torch.Tensor:
+        """``[moe_layers, num_experts]`` int64: tokens routed to each expert since the engine started
+        (``record_expert_counts=True``), over the whole job. Under data parallelism every rank
+        must call it (one all-reduce over the data-parallel groups)."""
+        if not self.config.record_expert_counts:
+            raise ValueError("expert counts are not recorded: build the LLM with record_expert_counts=True")
+        counts = torch.stack([m.counts_E for m in self.model.sparse_layers()])
+        st = self.parallel
+        if st.dp_size > 1:  # each group counted its own tokens; the ranks of a group agree
+            counts = counts.to(self.device)
+            dist.all_reduce(counts, group=st.dp_group)
+            counts = counts.cpu()
+        return counts
 
     def _register_blocks(self, seq: Sequence) -> None:
         """Offer the sequence's now completely computed blocks to the prefix cache."""

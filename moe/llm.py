@@ -5,6 +5,8 @@ import logging
 from importlib import resources
 from typing import Iterator, Sequence as Seq
 
+import torch
+
 from parallel import ShardingConfig
 
 from .config import EngineConfig
@@ -39,15 +41,28 @@ class LLM:
                  experts_backend: str = "auto", device: str = "cpu", load_progress: bool = False,
                  sharding: str | dict | ShardingConfig | None = None, quantization: str | None = None,
                  offload_experts: bool = False, expert_cache: str | int | None = None,
-                 speculative_config: dict | None = None):
+                 speculative_config: dict | None = None, record_expert_counts: bool = False):
         self.config = EngineConfig(
             model=model or default_model_path(), dtype=dtype, kv_cache_memory=kv_cache_memory,
             kv_cache_dtype=kv_cache_dtype, block_size=block_size, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             max_num_batched_tokens=max_num_batched_tokens, seed=seed, enable_prefix_caching=enable_prefix_caching,
             experts_backend=experts_backend, device=device, load_progress=load_progress, sharding=sharding,
             quantization=quantization, offload_experts=offload_experts, expert_cache=expert_cache,
-            speculative_config=speculative_config)
+            speculative_config=speculative_config, record_expert_counts=record_expert_counts)
         self.engine = LLMEngine(self.config)
+
+    def expert_counts(self) -> torch.Tensor:
+        """Tokens routed to each expert, ``[moe_layers, num_experts]`` (needs ``record_expert_counts=True``)."""
+        return self.engine.expert_counts()
+
+    def expert_placement(self, expert_parallel: int, redundant_experts: int = 0) -> list[list[int]]:
+        """A load-balanced expert placement for a sharding file (``placement:``, one list of logical
+        experts per EP rank, with ``redundant_experts`` replicas of the busiest), from the counts
+        recorded so far summed over layers (EPLB-style, :func:`parallel.placement_from_counts`)."""
+        from parallel import placement_from_counts
+
+        counts = self.expert_counts().sum(0)
+        return placement_from_counts(counts.tolist(), expert_parallel, len(counts) + redundant_experts)
 
     def get_tokenizer(self):
         return self.engine.tokenizer

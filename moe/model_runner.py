@@ -48,6 +48,7 @@ class ModelRunner:
         self.sampler = sampler
         self.device = device
         self.num_tokens_run = 0  # tokens this rank has run through the model (its DP group's)
+        self.record_expert_counts = False  # MoE layers add up tokens per expert (LLMEngine.expert_counts)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, eos_ids: tuple[int, ...]) -> StepResult:
@@ -88,7 +89,8 @@ class ModelRunner:
             [s.start + s.num_new_tokens for s in run],
             [s.seq.block_table.blocks for s in run],
             self.block_size, self.device)
-        ctx = ForwardContext(meta, self.kv_caches, dp_num_tokens=dp_num_tokens)
+        ctx = ForwardContext(meta, self.kv_caches, record_expert_counts=self.record_expert_counts,
+                             dp_num_tokens=dp_num_tokens)
         hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device),
                             torch.tensor(positions, dtype=torch.long, device=self.device), ctx)
         self.num_tokens_run += len(ids)

@@ -594,3 +594,17 @@ def test_abort_frees_the_request_and_the_rest_finish(llm, ref):
     assert list(done) == [r2]
     _same_output(done[r2], _alone(ref, p2, sp), "survivor", text=False)  # ref has no tokenizer
     _engine_idle(llm)
+
+
+def test_expert_counts_add_up_to_the_tokens_run():
+    llm = LLM(dtype="float32", record_expert_counts=True)
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = [list(range(10, 30)), list(range(40, 47))]
+    llm.generate([{"prompt_token_ids": p} for p in prompts], sp)
+    counts = llm.expert_counts()
+    cfg = llm.engine.model_config
+    assert counts.shape == (sum(cfg.sparse_layers), cfg.num_experts) and counts.dtype == torch.int64
+    run = sum(len(p) + 6 - 1 for p in prompts)  # every prompt token and each sampled token but the last
+    assert counts.sum(1).tolist() == [run * cfg.top_k] * counts.shape[0]
+    with pytest.raises(ValueError, match="record_expert_counts=True"):
+        LLM().expert_counts()

@@ -218,6 +218,26 @@ def test_four_ranks_match_single_process(name, four_rank_results, reference, ref
     _check_same_as_single_process(four_rank_results[name], _ref(name, FOUR_RANKS, reference, reference_dp))
 
 
+@pytest.mark.parametrize("name", ["qwen3_ep2_all_to_all", "qwen2_moe_tp1_dp2_ep2_all_gather", "mixtral_ep2_redundant"])
+def test_expert_counts_match_single_process(name, paths, two_rank_results):
+    """Tokens per expert and layer, recorded on every rank (summed over data-parallel groups),
+    equal one process's; a placement computed from them covers every expert."""
+    fam, sharding = TWO_RANKS[name]
+    requests = _requests(sharding)
+    llm = LLM(str(paths[fam]), dtype="float32", block_size=4, record_expert_counts=True)
+    llm.generate([{"prompt_token_ids": r["prompt_token_ids"]} for r in requests], _params(requests))
+    want = llm.expert_counts()
+    for r in two_rank_results[name]:
+        assert r["expert_counts"] == want.tolist(), f"rank {r['rank']}"
+    top_k = llm.engine.model_config.top_k
+    run = sum(len(r["prompt_token_ids"]) + r["params"]["max_tokens"] - 1 for r in requests)
+    assert (want.sum(1) <= run * top_k).all() and (want.sum(1) == want.sum(1)[0]).all()
+    placement = llm.expert_placement(2, redundant_experts=2)
+    E = want.shape[1]
+    assert len(placement) == 2 and all(len(p) == (E + 2) // 2 for p in placement)
+    assert sorted({e for p in placement for e in p}) == list(range(E))
+
+
 def test_speculative_ranks_drafted_and_accepted_alike(two_rank_results):
     ranks = two_rank_results["qwen3_ep2_ngram"]
     assert ranks[0]["spec_drafted"] > 0 and ranks[0]["spec_accepted"] > 0

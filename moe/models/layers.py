@@ -181,12 +181,15 @@ class SparseMoE(nn.Module):
             if cfg.shared_expert_gate:
                 self.shared_expert_gate = ReplicatedLinear(cfg.hidden_size, 1, dtype=dtype)
         self.last_counts_E: torch.Tensor | None = None
+        # tokens routed to each expert since the engine began recording (ForwardContext.record_expert_counts)
+        self.counts_E = torch.zeros(rc.num_experts, dtype=torch.int64)
 
     def forward(self, x_TD: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         logits_TE = self.gate(x_TD)
         weights_TK, ids_TK = route(logits_TE, self.router_cfg, self.e_score_correction_bias)
         if ctx is not None and ctx.record_expert_counts:
-            self.last_counts_E = expert_counts(ids_TK, self.router_cfg.num_experts)
+            self.last_counts_E = expert_counts(ids_TK, self.router_cfg.num_experts).cpu()
+            self.counts_E += self.last_counts_E
         y_TD = None
         if x_TD.shape[0] == 1 and isinstance(self.dispatcher, LocalDispatcher) and hasattr(self.experts, "forward_token"):
             # decode at batch 1: no permutation needed

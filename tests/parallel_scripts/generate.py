@@ -36,7 +36,8 @@ def main(spec_path: str, out_dir: str) -> None:
         reqs = case.get("requests") or spec["requests"]
         requests = [{"prompt_token_ids": r["prompt_token_ids"]} for r in reqs]
         params = [SamplingParams(**r["params"]) for r in reqs]
-        llm = LLM(case["model"], dtype="float32", block_size=4, sharding=case["sharding"], **case.get("llm", {}))
+        llm = LLM(case["model"], dtype="float32", block_size=4, sharding=case["sharding"], record_expert_counts=True,
+                  **case.get("llm", {}))
         engine = llm.engine
         rank = engine.parallel.rank
         if die is not None and rank == die["rank"]:
@@ -51,6 +52,7 @@ def main(spec_path: str, out_dir: str) -> None:
 
             engine.step = dying_step
         outs = llm.generate(requests, params)
+        counts = llm.expert_counts().tolist()  # every rank calls it (an all-reduce with data_parallel > 1)
         moe = engine.model.sparse_layers()[0]
         attn = engine.model.layers[0].self_attn
         dispatcher = moe.dispatcher
@@ -75,6 +77,7 @@ def main(spec_path: str, out_dir: str) -> None:
             "heads": attn.num_heads,
             "kv_cache_shape": list(engine.kv_caches[0][0].shape),
             "spec_drafted": engine.spec_drafted, "spec_accepted": engine.spec_accepted,
+            "expert_counts": counts,
         }
         (out / f"{case['name']}.rank{rank}.json").write_text(json.dumps(result))
         del llm, engine
