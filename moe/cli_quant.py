@@ -1,11 +1,13 @@
-"""``moe quantize``: pack a checkpoint's routed experts (int8, int4, fp8_block, mxfp4).
+"""``moe quantize``: pack a checkpoint's routed experts (int8, int4, fp8_block, mxfp4);
+``moe prune``: keep each MoE layer's most-used experts.
 
-:func:`register` adds the command to a typer app (moe/cli.py calls it).
+:func:`register` adds the commands to a typer app (moe/cli.py calls it).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -62,6 +64,46 @@ def quantize(
                f"{report.other_tensors} copied")
 
 
+def prune(
+    model: str = typer.Option(..., "--model", "-m", help="Source checkpoint directory (unquantized)."),
+    keep_experts: int = typer.Option(..., "--keep-experts", help="Routed experts each MoE layer keeps."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write the pruned checkpoint to."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration",
+                                               help="Text file: one calibration prompt per paragraph "
+                                                    "(blank-line separated; default: the whole file as one)."),
+    max_prompt_tokens: int = typer.Option(512, help="Longest calibration prompt, in tokens (longer ones split)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """Run calibration text through the model, count the tokens routed to each expert, and write a
+    copy keeping each MoE layer's ``--keep-experts`` most-used experts (transformers loads it too)."""
+    from .prune import calibration_counts, prune_checkpoint
+    from .tokenizer import Tokenizer
+
+    try:
+        if calibration is None:
+            raise ValueError("--calibration FILE is needed: expert usage is measured on text like your workload's")
+        text = calibration.read_text()
+        tok = Tokenizer(Path(model))
+        prompts = []
+        for para in (p for p in text.split("\n\n") if p.strip()):
+            ids = tok.encode(para)
+            prompts += [{"prompt_token_ids": ids[i:i + max_prompt_tokens]} for i in range(0, len(ids), max_prompt_tokens)]
+        counts = calibration_counts(model, prompts)
+        report = prune_checkpoint(model, out, keep_experts, counts, overwrite=force)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        _fail(e)
+    summary = {"out": str(out), "keep": keep_experts, "calibration_prompts": len(prompts),
+               "routed_per_layer": int(counts[0].sum()), "bytes_in": report.bytes_in, "bytes_out": report.bytes_out,
+               "tensors_dropped": report.tensors_dropped, "kept_experts": {str(k): v for k, v in report.kept.items()}}
+    if json_out:
+        typer.echo(json.dumps(summary))
+        return
+    typer.echo(f"wrote {out}: {keep_experts} experts per MoE layer, {report.bytes_in / 2**20:.1f} -> "
+               f"{report.bytes_out / 2**20:.1f} MiB ({report.tensors_dropped} expert tensors dropped)")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``quantize`` to ``app``."""
+    """Add ``quantize`` and ``prune`` to ``app``."""
     app.command("quantize")(quantize)
+    app.command("prune")(prune)
