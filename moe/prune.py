@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +25,7 @@ import torch
 from .config import read_config_json
 from .loader import checkpoint_files, iter_tensor_names
 from .models import parse_config
-from .quantize import INDEX, _ShardWriter
+from .quantize import _ShardWriter, copy_side_files, prepare_output_dir
 
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -76,13 +75,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, keep: int, counts: torch.
     if tuple(counts.shape) != (len(moe_layers), E):
         raise ValueError(f"expert counts of shape {tuple(counts.shape)}, expected ({len(moe_layers)}, {E}): "
                          "record them on this model")
-    if out.resolve() == src.resolve():
-        raise ValueError("--out must differ from --model")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --force")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(src, out, overwrite)
 
     report = PruneReport(out, kept=dict(zip(moe_layers, choose_experts(counts, keep))))
     new_id = {layer: {e: i for i, e in enumerate(kept)} for layer, kept in report.kept.items()}
@@ -113,9 +106,7 @@ def prune_checkpoint(src: str | Path, out: str | Path, keep: int, counts: torch.
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     (out / "pruned_experts.json").write_text(json.dumps(
         {"source": str(src), "keep": keep, "kept_experts": {str(k): v for k, v in report.kept.items()}}, indent=1))
-    for p in src.iterdir():  # tokenizer, generation config, chat template, ...
-        if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", INDEX):
-            shutil.copy2(p, out / p.name)
+    copy_side_files(src, out)
     return report
 
 

@@ -88,6 +88,24 @@ class _ShardWriter:
         (self.out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def prepare_output_dir(src: Path, out: Path, overwrite: bool) -> None:
+    """An empty ``out`` for a rewritten copy of ``src`` (``overwrite``: clear a non-empty one)."""
+    if out.resolve() == src.resolve():
+        raise ValueError("--out must differ from --model")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --force")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def copy_side_files(src: Path, out: Path) -> None:
+    """The tokenizer, generation config, chat template, ... (all but weights and config.json)."""
+    for p in src.iterdir():
+        if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", INDEX):
+            shutil.copy2(p, out / p.name)
+
+
 def quantize_checkpoint(src: str | Path, out: str | Path, fmt: WeightFormat, *, max_shard_bytes: int = 2 << 30,
                         overwrite: bool = False, progress: bool = False) -> QuantizeReport:
     """Write ``src`` with its routed experts packed in ``fmt`` to ``out`` (module docstring)."""
@@ -105,13 +123,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: WeightFormat, *, 
             fmt.packed_specs(shape)
         except ValueError as e:
             raise ValueError(f"{fmt.name} cannot hold this model's expert {what} = {list(shape)}: {e}") from e
-    if out.resolve() == src.resolve():
-        raise ValueError("--out must differ from --model")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --force")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(src, out, overwrite)
 
     rules = rules_for(cfg.architecture)
     report = QuantizeReport(out)
@@ -150,7 +162,5 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: WeightFormat, *, 
 
     hf = dict(hf, quantization_config=quantization_config(fmt))
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    for p in src.iterdir():  # tokenizer, generation config, chat template, ...
-        if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", INDEX):
-            shutil.copy2(p, out / p.name)
+    copy_side_files(src, out)
     return report
