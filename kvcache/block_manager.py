@@ -54,6 +54,7 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
         self.reserved_by: list[int] = [-1] * num_blocks  # id() of the table reserving each block
+        self.prefix_hit_tokens = 0  # tokens whose K/V a new sequence took from the prefix cache
 
     @property
     def num_free_blocks(self) -> int:
@@ -96,6 +97,7 @@ class BlockManager:
             blk.ref_count += 1
             table.blocks.append(block_id)
         table.num_hashed = len(table.blocks)
+        self.prefix_hit_tokens += len(table.blocks) * bs
         return len(table.blocks) * bs
 
     def allocate(self, table: BlockTable, num_tokens: int, expected_tokens: int = 0) -> None:

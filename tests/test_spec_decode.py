@@ -7,6 +7,7 @@ from moe.model_runner import accept_greedy
 from moe.spec_decode import NgramConfig, propose_ngram
 
 from test_engine import _run_engine
+from test_quant_default_model import TEXT
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 
@@ -168,3 +169,28 @@ def test_speculation_registers_whole_blocks_for_the_prefix_cache():
         e.step()
     fresh = LLM(dtype="float32", block_size=4).generate({"prompt_token_ids": ids}, sp)[0]
     assert seq.token_ids[len(ids):] == fresh.outputs[0].token_ids
+
+
+def test_speculation_with_shared_prefixes_preemption_and_chunked_prefill():
+    """Randomized: greedy requests sharing prefixes (prefix-cache hits), a cache small enough to
+    preempt, a token budget that chunks prefills, speculation on — each output equals the request
+    run alone without any of it (float32, default model)."""
+    g = torch.Generator().manual_seed(7)
+    tok = LLM(dtype="float32").get_tokenizer()
+    base = tok.encode(TEXT)[:40]
+    prompts = []
+    for i in range(10):
+        cut = int(torch.randint(8, 40, (1,), generator=g))
+        tail = torch.randint(3, 4000, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        prompts.append(base[:cut] + tail)
+    lens = [int(torch.randint(8, 30, (1,), generator=g)) for _ in prompts]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lens]
+    alone = LLM(dtype="float32", block_size=4, enable_prefix_caching=False)
+    want = [alone.generate({"prompt_token_ids": p}, sp)[0].outputs[0].token_ids for p, sp in zip(prompts, params)]
+    per_token = alone.engine.kv_bytes_per_token()
+    busy = LLM(dtype="float32", block_size=4, kv_cache_memory=40 * 4 * per_token, max_num_batched_tokens=24,
+               speculative_config=NGRAM)
+    got, seqs, _ = _run_engine(busy, [{"prompt_token_ids": p} for p in prompts], params)
+    assert [o.outputs[0].token_ids for o in got] == want
+    assert sum(s.num_preemptions for s in seqs) > 0 and busy.engine.spec_accepted > 0
+    assert busy.engine.block_manager.prefix_hit_tokens > 0
