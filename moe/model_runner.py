@@ -72,7 +72,7 @@ class ModelRunner:
             seq, start, n = s.seq, s.start, s.num_new_tokens
             base = len(ids)
             ids.extend(seq.token_ids[start:start + n - len(s.draft)])
-            ids.extend(s.draft)  # speculative tokens: their rows verify them (greedy)
+            ids.extend(s.draft)  # speculative tokens: their rows verify them
             positions.extend(range(start, start + n))
             if s.samples:
                 first = n - 1 - len(s.draft)

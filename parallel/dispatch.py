@@ -35,6 +35,7 @@ class DispatchMeta:
 
 class LocalDispatcher:
     """All experts on this process: a permutation, no communication."""
+    is_local = True  # all experts here: a token needs no permutation or exchange
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
@@ -133,6 +134,7 @@ class AllToAllDispatcher:
     by slot gives recv_order_R = [0, 2, 1, 3], x_RD = [r0.t0, r1.t0, r0.t1, r1.t0] and
     counts_e = [2, 2].
     """
+    is_local = False  # tokens travel between ranks
 
     def __init__(self, placement: PhysicalPlacement, group: dist.ProcessGroup | None = None):
         self.placement = placement
@@ -204,6 +206,7 @@ class AllGatherDispatcher:
     (row 2, slot 1), (row 2, slot 0); sorted by slot: token_R = [0, 2, 1, 2], counts_e = [2, 2]
     -- the same rows in the same order as the all-to-all dispatcher.
     """
+    is_local = False  # tokens travel between ranks
 
     def __init__(self, placement: PhysicalPlacement, group: dist.ProcessGroup | None = None):
         self.placement = placement

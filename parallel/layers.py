@@ -166,3 +166,31 @@ class ParallelLMHead(VocabParallelEmbedding):
         if get_tp_size() > 1:
             logits = tp_all_gather_last_dim(logits)
         return logits[..., : self.vocab]
+
+
+class ShardedRMSNorm(nn.Module):
+    """RMSNorm over a vector of ``full`` dims of which this tensor-parallel rank holds slice
+    ``index`` of ``local`` dims (OLMoE's q/k norm spans all heads, and the heads are split over
+    the ranks). ``replicas`` ranks hold each slice (KV heads replicated past their count). The
+    sum of squares is completed by one all-reduce (:meth:`apply_pair` does q and k in one)."""
+
+    def __init__(self, full: int, local: int, index: int, replicas: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.full, self.local, self.index, self.replicas, self.eps = full, local, index, replicas, eps
+        self.weight = nn.Parameter(torch.ones(local, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if loaded.shape != (self.full,):
+            raise ValueError(f"norm weight {tuple(loaded.shape)} in the checkpoint, expected ({self.full},)")
+        param.data.copy_(loaded.narrow(0, self.index * self.local, self.local))
+
+    def _scale(self, x: torch.Tensor, sumsq: torch.Tensor) -> torch.Tensor:
+        xf = x.float() * torch.rsqrt(sumsq / (self.replicas * self.full) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+    @staticmethod
+    def apply_pair(qn: "ShardedRMSNorm", q: torch.Tensor, kn: "ShardedRMSNorm", k: torch.Tensor):
+        sums = torch.stack([q.float().pow(2).sum(-1), k.float().pow(2).sum(-1)], dim=-1)  # [T, 2]
+        sums = tp_all_reduce(sums)  # each slice counted ``replicas`` times: divided out in _scale
+        return qn._scale(q, sums[:, :1]), kn._scale(k, sums[:, 1:])

@@ -75,6 +75,7 @@ def _slice_bounds(T: int, parts: int) -> list[int]:
 
 class SplitTokensDispatcher:
     """Replicated tokens in, replicated outputs out; see the module docstring."""
+    is_local = False  # tokens travel between ranks
 
     def __init__(self, inner, ep_rank: int, ep_size: int, ep_group: dist.ProcessGroup | None,
                  etp_size: int, etp_group: dist.ProcessGroup | None):
@@ -109,6 +110,7 @@ class DataParallelDispatcher:
     ``dispatch(x_TD, ids_TK, weights_TK, dp_num_tokens=None)``: ``dp_num_tokens`` lists every DP
     group's token count in this step (the engine passes it); ``None`` all-gathers the counts.
     """
+    is_local = False  # tokens travel between ranks
 
     def __init__(self, inner: SplitTokensDispatcher, dp_rank: int, dp_size: int, dp_group: dist.ProcessGroup | None):
         self.inner = inner

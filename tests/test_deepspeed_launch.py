@@ -30,6 +30,7 @@ from typer.testing import CliRunner
 
 from launch.commands import Program, deepspeed_command
 from launch.env import free_port
+from test_launch import RANK_SCRIPT  # each rank reports its launcher environment and an all-reduce
 from test_parallel_engine import SCRIPT, _check_same_as_single_process, _rank_env, _write_spec
 from test_parallel_engine import paths, reference  # noqa: F401  (fixtures: tiny checkpoints, single-process outputs)
 
@@ -86,22 +87,6 @@ def test_real_deepspeed_two_ranks_match_single_process(paths, reference, tmp_pat
         ranks = [json.loads((tmp_path / "out" / f"{name}.rank{r}.json").read_text()) for r in range(2)]
         assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]
         _check_same_as_single_process(ranks, reference[family])
-
-
-RANK_SCRIPT = """
-import json, sys
-import torch, torch.distributed as dist
-from launch.env import detect_launch_env, init_distributed
-
-env = detect_launch_env()
-backend = init_distributed(env, backend="auto", timeout_seconds=60)
-total = torch.tensor([float(env.rank + 1)])
-dist.all_reduce(total)
-with open(f"rank{env.rank}.json", "w") as f:
-    json.dump({"launcher": env.launcher, "rank": env.rank, "world": env.world_size, "local_rank": env.local_rank,
-               "local_world": env.local_world_size, "backend": backend, "sum": total.item(), "argv": sys.argv[1:]}, f)
-dist.destroy_process_group()
-"""
 
 
 @needs_deepspeed

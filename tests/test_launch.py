@@ -207,7 +207,7 @@ def test_run_dry_run_prints_and_runs_nothing(capsys):
 # ---- a real torchrun job ---------------------------------------------------------------------
 
 RANK_SCRIPT = """
-import json
+import json, sys
 import torch
 import torch.distributed as dist
 from launch.env import detect_launch_env, init_distributed
@@ -218,8 +218,8 @@ total = torch.tensor([float(env.rank + 1)])
 dist.all_reduce(total)
 # one file per rank: two ranks printing to one pipe can interleave their lines
 with open(f"rank{env.rank}.json", "w") as f:
-    json.dump({"launcher": env.launcher, "rank": env.rank, "world": env.world_size,
-               "local_rank": env.local_rank, "backend": backend, "sum": total.item()}, f)
+    json.dump({"launcher": env.launcher, "rank": env.rank, "world": env.world_size, "local_rank": env.local_rank,
+               "local_world": env.local_world_size, "backend": backend, "sum": total.item(), "argv": sys.argv[1:]}, f)
 dist.destroy_process_group()
 """
 

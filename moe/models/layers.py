@@ -12,9 +12,8 @@ from torch import nn
 
 from experts import Activation, swiglu
 from kvcache import AttentionMetadata, paged_attention, write_kv
-from parallel import (ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear, get_etp_rank,
-                      get_etp_size, get_tp_size, local_expert_slots, make_moe_dispatcher, tp_all_reduce)
-from parallel.dispatch import LocalDispatcher
+from parallel import (ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear, ShardedRMSNorm,
+                      get_etp_rank, get_etp_size, get_tp_size, local_expert_slots, make_moe_dispatcher)
 from routing import RouterConfig, expert_counts, route
 
 from ..config import ModelConfig
@@ -45,34 +44,6 @@ class RMSNorm(nn.Module):
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # upcast like the reference implementations: statistics in float32, scaled in x's dtype
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
-
-
-class ShardedRMSNorm(nn.Module):
-    """RMSNorm over a vector of ``full`` dims of which this tensor-parallel rank holds slice
-    ``index`` of ``local`` dims (OLMoE's q/k norm spans all heads, and the heads are split over
-    the ranks). ``replicas`` ranks hold each slice (KV heads replicated past their count). The
-    sum of squares is completed by one all-reduce (:meth:`apply_pair` does q and k in one)."""
-
-    def __init__(self, full: int, local: int, index: int, replicas: int, eps: float, dtype: torch.dtype):
-        super().__init__()
-        self.full, self.local, self.index, self.replicas, self.eps = full, local, index, replicas, eps
-        self.weight = nn.Parameter(torch.ones(local, dtype=dtype), requires_grad=False)
-        self.weight.weight_loader = self._load
-
-    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        if loaded.shape != (self.full,):
-            raise ValueError(f"norm weight {tuple(loaded.shape)} in the checkpoint, expected ({self.full},)")
-        param.data.copy_(loaded.narrow(0, self.index * self.local, self.local))
-
-    def _scale(self, x: torch.Tensor, sumsq: torch.Tensor) -> torch.Tensor:
-        xf = x.float() * torch.rsqrt(sumsq / (self.replicas * self.full) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-    @staticmethod
-    def apply_pair(qn: "ShardedRMSNorm", q: torch.Tensor, kn: "ShardedRMSNorm", k: torch.Tensor):
-        sums = torch.stack([q.float().pow(2).sum(-1), k.float().pow(2).sum(-1)], dim=-1)  # [T, 2]
-        sums = tp_all_reduce(sums)  # each slice counted ``replicas`` times: divided out in _scale
-        return qn._scale(q, sums[:, :1]), kn._scale(k, sums[:, 1:])
 
 
 class Attention(nn.Module):
@@ -191,7 +162,7 @@ class SparseMoE(nn.Module):
             self.last_counts_E = expert_counts(ids_TK, self.router_cfg.num_experts).cpu()
             self.counts_E += self.last_counts_E
         y_TD = None
-        if x_TD.shape[0] == 1 and isinstance(self.dispatcher, LocalDispatcher) and hasattr(self.experts, "forward_token"):
+        if x_TD.shape[0] == 1 and self.dispatcher.is_local and hasattr(self.experts, "forward_token"):
             # decode at batch 1: no permutation needed
             y_TD = self.experts.forward_token(x_TD, ids_TK[0], weights_TK[0])
         if y_TD is None:
