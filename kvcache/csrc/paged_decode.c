@@ -1,0 +1,228 @@
+/* Paged decode attention for CPUs: one query row per sequence, K/V read in place through the
+ * block table (no gather), GQA query heads of a KV head computed together so every cached row is
+ * read once. Built and loaded by kvcache/cpu_decode.py; semantics are kvcache/reference.py's.
+ *
+ * Work item = (sequence, KV head), spread over OpenMP threads (the process's own runtime: torch
+ * has already loaded libgomp.so.1, so this library binds to the same thread pool).
+ * Per item: scores = q . k for every cached token (float32), softmax with an optional sink
+ * logit, then the weighted sum of V rows. Caches are float32 or bfloat16; so are q and out. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { F32 = 0, BF16 = 1 };
+
+static inline float bf16_to_f32(uint16_t x) {
+    union { uint32_t u; float f; } c;
+    c.u = (uint32_t)x << 16;
+    return c.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
+    union { uint32_t u; float f; } c;
+    c.f = f;
+    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40);  /* quiet NaN */
+    c.u += 0x7fffu + ((c.u >> 16) & 1u);
+    return (uint16_t)(c.u >> 16);
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define VEC 16
+/* 16 elements (float32 or bf16) -> 16 floats */
+static inline __m512 load16(const void *p, int dtype) {
+    if (dtype == BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+    return _mm512_loadu_ps(p);
+}
+
+/* exp(x) for x <= 0 (softmax of max-subtracted logits); 2^(x log2 e) by a degree-6 polynomial of
+ * the fractional part and scalef for the integer part (relative error ~2e-7) */
+static inline __m512 exp16(__m512 x) {
+    const __m512 y = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _mm512_set1_ps(-160.f));
+    const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(y, n);  /* [-0.5, 0.5] */
+    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* x[i] = exp(x[i] - m), returns the sum */
+static inline float exp_sub_sum(float *x, int64_t n, float m) {
+    float sum = 0.f;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    const __m512 mv = _mm512_set1_ps(m);
+    for (; i + VEC <= n; i += VEC) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), mv));
+        _mm512_storeu_ps(x + i, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < n; i++) {
+        x[i] = expf(x[i] - m);
+        sum += x[i];
+    }
+    return sum;
+}
+
+/* row (n elements, float32 or bf16) -> float32 */
+static inline void load_row(const void *src, int dtype, int64_t n, float *dst) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    const size_t esz = dtype == BF16 ? 2 : 4;
+    for (; i + VEC <= n; i += VEC) _mm512_storeu_ps(dst + i, load16((const char *)src + i * esz, dtype));
+#endif
+    for (; i < n; i++) dst[i] = dtype == BF16 ? bf16_to_f32(((const uint16_t *)src)[i]) : ((const float *)src)[i];
+}
+
+/* s[g] = q[g] . row for g < G (q rows of length n, float32; row float32 or bf16) */
+static inline void dots(const float *q, int64_t G, const void *row, int dtype, int64_t n, float *s, float *tmp) {
+#if defined(__AVX512F__)
+    if (n % VEC == 0) {
+        const size_t esz = dtype == BF16 ? 2 : 4;
+        for (int64_t g0 = 0; g0 < G; g0 += 4) {
+            const int64_t m = G - g0 < 4 ? G - g0 : 4;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t i = 0; i < n; i += VEC) {
+                const __m512 r = load16((const char *)row + i * esz, dtype);
+                const float *qi = q + g0 * n + i;
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qi), r, a0);
+                if (m > 1) a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qi + n), r, a1);
+                if (m > 2) a2 = _mm512_fmadd_ps(_mm512_loadu_ps(qi + 2 * n), r, a2);
+                if (m > 3) a3 = _mm512_fmadd_ps(_mm512_loadu_ps(qi + 3 * n), r, a3);
+            }
+            s[g0] = _mm512_reduce_add_ps(a0);
+            if (m > 1) s[g0 + 1] = _mm512_reduce_add_ps(a1);
+            if (m > 2) s[g0 + 2] = _mm512_reduce_add_ps(a2);
+            if (m > 3) s[g0 + 3] = _mm512_reduce_add_ps(a3);
+        }
+        return;
+    }
+#endif
+    load_row(row, dtype, n, tmp);
+    for (int64_t g = 0; g < G; g++) {
+        float acc = 0.f;
+        for (int64_t i = 0; i < n; i++) acc += q[g * n + i] * tmp[i];
+        s[g] = acc;
+    }
+}
+
+/* acc[g] += p[g * stride] * row for g < G (acc rows of length n) */
+static inline void axpys(float *acc, int64_t G, const float *p, int64_t stride, const void *row, int dtype,
+                         int64_t n, float *tmp) {
+#if defined(__AVX512F__)
+    if (n % VEC == 0) {
+        const size_t esz = dtype == BF16 ? 2 : 4;
+        for (int64_t i = 0; i < n; i += VEC) {
+            const __m512 r = load16((const char *)row + i * esz, dtype);
+            for (int64_t g = 0; g < G; g++) {
+                float *a = acc + g * n + i;
+                _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(p[g * stride]), r, _mm512_loadu_ps(a)));
+            }
+        }
+        return;
+    }
+#endif
+    load_row(row, dtype, n, tmp);
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t i = 0; i < n; i++) acc[g * n + i] += p[g * stride] * tmp[i];
+}
+
+/* Strides are in elements. k/v: [blocks, block_size, kv_heads, dim] with unit last stride (V may
+ * be a strided view of K, as MLA's latent cache is). q/out: [B, H, dim] contiguous.
+ * window > 0 keeps the last `window` keys; sinks (float32 [H]) or NULL. Returns 0. */
+int moe_paged_decode(const void *q, void *out, const void *k, const void *v, int dtype,
+                     int64_t B, int64_t H, int64_t Hkv, int64_t Dk, int64_t Dv,
+                     int64_t k_sblock, int64_t k_sslot, int64_t k_shead,
+                     int64_t v_sblock, int64_t v_sslot, int64_t v_shead,
+                     int64_t block_size, const int32_t *block_tables, int64_t max_blocks,
+                     const int32_t *context_lens, int64_t window, const float *sinks,
+                     float scale, int num_threads) {
+    const int64_t G = H / Hkv;
+    const size_t esz = dtype == BF16 ? 2 : 4;
+    int64_t max_len = 0;
+    for (int64_t b = 0; b < B; b++) max_len = context_lens[b] > max_len ? context_lens[b] : max_len;
+    /* work item = (sequence, run of KV heads): whole sequences when there are enough of them (each
+     * cached row read as one contiguous run of all heads), else split heads to feed every thread */
+    int64_t chunks = (4 * (int64_t)num_threads + B - 1) / (B > 0 ? B : 1);
+    chunks = chunks < 1 ? 1 : (chunks > Hkv ? Hkv : chunks);
+    const int64_t hpc = (Hkv + chunks - 1) / chunks;
+    chunks = (Hkv + hpc - 1) / hpc;
+    const int64_t R = hpc * G; /* query heads per item, at most */
+    const int64_t Dmax = Dk > Dv ? Dk : Dv;
+
+#pragma omp parallel num_threads(num_threads)
+    {
+        /* per-thread scratch: q (R x Dk), one K/V row, scores (R x max_len), accumulators (R x Dv), G dots */
+        float *qf = malloc(sizeof(float) * (size_t)(R * Dk + Dmax + R * max_len + R * Dv + G));
+        float *row = qf + R * Dk;
+        float *s = row + Dmax;
+        float *acc = s + R * max_len;
+        float *sc = acc + R * Dv;
+
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < B * chunks; item++) {
+            const int64_t b = item / chunks, h0 = (item % chunks) * hpc;
+            const int64_t h1 = h0 + hpc < Hkv ? h0 + hpc : Hkv;
+            const int64_t r = (h1 - h0) * G; /* query heads h0*G .. h1*G */
+            const int64_t len = context_lens[b];
+            const int64_t lo = (window > 0 && len > window) ? len - window : 0;
+            const int64_t n = len - lo;
+            const int32_t *table = block_tables + b * max_blocks;
+            for (int64_t j = 0; j < r; j++) {
+                load_row((const char *)q + ((b * H + h0 * G + j) * Dk) * esz, dtype, Dk, qf + j * Dk);
+                for (int64_t i = 0; i < Dk; i++) qf[j * Dk + i] *= scale;
+            }
+            /* scores, block by block (no division per token) */
+            for (int64_t t0 = lo - lo % block_size; t0 < len; t0 += block_size) {
+                const char *kb = (const char *)k + (table[t0 / block_size] * k_sblock + h0 * k_shead) * esz;
+                const int64_t a = t0 > lo ? t0 : lo, e = t0 + block_size < len ? t0 + block_size : len;
+                for (int64_t t = a; t < e; t++) {
+                    for (int64_t hk = 0; hk < h1 - h0; hk++) {
+                        dots(qf + hk * G * Dk, G, kb + ((t - t0) * k_sslot + hk * k_shead) * esz, dtype, Dk, sc, row);
+                        for (int64_t g = 0; g < G; g++) s[(hk * G + g) * n + (t - lo)] = sc[g];
+                    }
+                }
+            }
+            /* softmax per query head (the sink is one more logit with no value) */
+            for (int64_t j = 0; j < r; j++) {
+                float *sj = s + j * n;
+                float m = -INFINITY;
+                for (int64_t i = 0; i < n; i++) m = sj[i] > m ? sj[i] : m;
+                const float sink = sinks ? sinks[h0 * G + j] : -INFINITY;
+                if (sink > m) m = sink;
+                const float sum = (sinks ? expf(sink - m) : 0.f) + exp_sub_sum(sj, n, m);
+                const float inv = 1.f / sum;
+                for (int64_t i = 0; i < n; i++) sj[i] *= inv;
+            }
+            memset(acc, 0, sizeof(float) * (size_t)(r * Dv));
+            /* weighted sum of V */
+            for (int64_t t0 = lo - lo % block_size; t0 < len; t0 += block_size) {
+                const char *vb = (const char *)v + (table[t0 / block_size] * v_sblock + h0 * v_shead) * esz;
+                const int64_t a = t0 > lo ? t0 : lo, e = t0 + block_size < len ? t0 + block_size : len;
+                for (int64_t t = a; t < e; t++)
+                    for (int64_t hk = 0; hk < h1 - h0; hk++)
+                        axpys(acc + hk * G * Dv, G, s + hk * G * n + (t - lo), n,
+                              vb + ((t - t0) * v_sslot + hk * v_shead) * esz, dtype, Dv, row);
+            }
+            char *o = (char *)out + ((b * H + h0 * G) * Dv) * esz;
+            if (dtype == BF16) {
+                for (int64_t i = 0; i < r * Dv; i++) ((uint16_t *)o)[i] = f32_to_bf16(acc[i]);
+            } else {
+                memcpy(o, acc, sizeof(float) * (size_t)(r * Dv));
+            }
+        }
+        free(qf);
+    }
+    return 0;
+}

@@ -1,0 +1,130 @@
+"""The C decode-attention kernel (kvcache/cpu_decode.py) against the float32 reference."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from kvcache import AttentionMetadata, cpu_decode, paged_attention_reference, paged_attention_torch, write_kv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_kernel_builds_here():
+    # CI has gcc: the kernel must really be in use there, not silently replaced by the fallback
+    assert cpu_decode.load() is not None
+
+
+def _decode_batch(lens, H, Hkv, Dk, Dv, block_size, dtype, latent=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    nblocks = [-(-n // block_size) for n in lens]
+    total = sum(nblocks) + 2
+    perm = torch.randperm(total, generator=g).tolist()
+    tables, at = [], 0
+    for n in nblocks:
+        tables.append(perm[at:at + n])
+        at += n
+    k_cache = torch.randn(total, block_size, Hkv, Dk, generator=g).to(dtype)
+    v_cache = k_cache[..., :Dv] if latent else torch.randn(total, block_size, Hkv, Dv, generator=g).to(dtype)
+    meta = AttentionMetadata.build([1] * len(lens), lens, tables, block_size)
+    q = torch.randn(len(lens), H, Dk, generator=g).to(dtype)
+    return meta, k_cache, v_cache, q
+
+
+SHAPES = {
+    "gqa_2": dict(H=16, Hkv=8, Dk=64, Dv=64),
+    "gqa_8": dict(H=8, Hkv=1, Dk=64, Dv=64),
+    "mha_odd_heads": dict(H=7, Hkv=7, Dk=32, Dv=32),
+    "group_7": dict(H=7, Hkv=1, Dk=48, Dv=48),  # query-head tiles of 4 + 3
+    "dim_not_16": dict(H=6, Hkv=2, Dk=20, Dv=20),  # scalar path
+    "mla_latent": dict(H=16, Hkv=1, Dk=288, Dv=256, latent=True),  # V is a strided view of K
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3, 24])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_decode_kernel_matches_reference(shape, batch, dtype):
+    spec = dict(SHAPES[shape])
+    latent = spec.pop("latent", False)
+    lens = torch.randint(1, 150, (batch,), generator=torch.Generator().manual_seed(batch)).tolist()
+    meta, k_cache, v_cache, q = _decode_batch(lens, block_size=16, dtype=dtype, latent=latent, **spec)
+    scale = spec["Dk"] ** -0.5
+    out = cpu_decode.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+    ref = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), meta, scale)
+    assert out.dtype == dtype and out.shape == (batch, spec["H"], spec["Dv"])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("window,sinks", [(5, False), (40, True), (None, True), (1, False)])
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_decode_kernel_window_and_sinks(window, sinks, block_size):
+    lens = [1, 4, 5, 6, 39, 40, 41, 97]
+    meta, k_cache, v_cache, q = _decode_batch(lens, 8, 4, 32, 32, block_size, torch.float32, seed=3)
+    sinks_H = torch.randn(8, generator=torch.Generator().manual_seed(1)) * 3 if sinks else None
+    out = cpu_decode.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, 0.2,
+                                            window, sinks_H)
+    ref = paged_attention_reference(q, k_cache, v_cache, meta, 0.2, window, sinks_H)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_step_sends_decode_rows_to_kernel_and_prefill_to_sdpa(monkeypatch):
+    # prefill chunks and decode rows in one step, realistic head shapes; the decode rows' results are
+    # the kernel's (counted), the rest SDPA's, all equal to the reference
+    g = torch.Generator().manual_seed(5)
+    q_lens, c_lens, bs, H, Hkv, D = [7, 1, 1, 30, 1], [7, 50, 17, 64, 200], 16, 16, 8, 64
+    n = [-(-c // bs) for c in c_lens]
+    perm = torch.randperm(sum(n) + 1, generator=g).tolist()
+    tables = [perm[sum(n[:i]):sum(n[:i + 1])] for i in range(len(n))]
+    meta = AttentionMetadata.build(q_lens, c_lens, tables, bs)
+    k_cache = torch.randn(sum(n) + 1, bs, Hkv, D, generator=g)
+    v_cache = torch.randn(sum(n) + 1, bs, Hkv, D, generator=g)
+    T = sum(q_lens)
+    write_kv(k_cache, v_cache, torch.randn(T, Hkv, D, generator=g), torch.randn(T, Hkv, D, generator=g),
+             meta.slot_mapping)
+    q = torch.randn(T, H, D, generator=g)
+    calls = []
+    real = cpu_decode.paged_decode_attention
+    monkeypatch.setattr(cpu_decode, "paged_decode_attention", lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))
+    out = paged_attention_torch(q, k_cache, v_cache, meta, D ** -0.5)
+    assert calls == [3]
+    torch.testing.assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, D ** -0.5), atol=1e-5, rtol=1e-5)
+
+
+def _run(code: str, env: dict) -> str:
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": ROOT, **env})
+    assert r.returncode == 0, r.stderr
+    return r.stdout + r.stderr
+
+
+def test_fresh_build_shares_torchs_openmp_runtime(tmp_path):
+    # built from nothing into a new cache dir; afterwards exactly one OpenMP runtime is mapped
+    out = _run("""
+        import torch
+        from kvcache import cpu_decode
+        assert cpu_decode.load() is not None
+        libs = {l.split()[-1] for l in open('/proc/self/maps') if 'gomp' in l or 'iomp' in l or 'libomp' in l}
+        print('RUNTIMES', len(libs))
+    """, {"MOE_KERNEL_CACHE": str(tmp_path)})
+    assert "RUNTIMES 1" in out
+    assert len(list(tmp_path.glob("paged_decode-*.so"))) == 1
+
+
+def test_without_compiler_falls_back_with_a_warning(tmp_path):
+    out = _run("""
+        import torch
+        from kvcache import cpu_decode, paged_attention_torch, paged_attention_reference, AttentionMetadata
+        assert cpu_decode.load() is None
+        meta = AttentionMetadata.build([1, 1], [3, 9], [[0], [1, 2]], 8)
+        k, v, q = torch.randn(3, 8, 2, 16), torch.randn(3, 8, 2, 16), torch.randn(2, 4, 16)
+        torch.testing.assert_close(paged_attention_torch(q, k, v, meta, 0.25), paged_attention_reference(q, k, v, meta, 0.25))
+        print('FALLBACK OK')
+    """, {"MOE_KERNEL_CACHE": str(tmp_path), "PATH": str(tmp_path), "CC": ""})
+    assert "FALLBACK OK" in out
+    assert "no C compiler found" in out and "Install a C compiler" in out
