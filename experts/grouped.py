@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.layers import linear
+from parallel.layers import ROW_BUCKET, linear, padded_rows
 
 from .reference import swiglu
 
@@ -33,14 +33,19 @@ class Activation:
 def grouped_swiglu_torch(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor, w2_eDF: torch.Tensor,
                          b13_e2F: torch.Tensor | None, b2_eD: torch.Tensor | None, act: Activation) -> torch.Tensor:
     y_RD = torch.empty(x_RD.shape[0], w2_eDF.shape[1], dtype=x_RD.dtype, device=x_RD.device)
+    # an expert's rows run padded to padded_rows(n) (few distinct GEMM shapes on CPU), the padding
+    # being the next expert's rows, or zeros past the end; padded rows' results are dropped
+    x_pad = x_RD
+    if x_RD.device.type == "cpu" and any(padded_rows(n) != n for n in counts):
+        x_pad = torch.cat([x_RD, x_RD.new_zeros(ROW_BUCKET, x_RD.shape[1])])
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        rows = slice(start, start + n)
-        h = linear(x_RD[rows], w13_e2FD[e], None if b13_e2F is None else b13_e2F[e])
+        x = x_pad[start:start + padded_rows(n)] if x_pad is not x_RD else x_RD[start:start + n]
+        h = linear(x, w13_e2FD[e], None if b13_e2F is None else b13_e2F[e])
         h = swiglu(h, act.limit, act.alpha)
-        y_RD[rows] = linear(h, w2_eDF[e], None if b2_eD is None else b2_eD[e])
+        y_RD[start:start + n] = linear(h, w2_eDF[e], None if b2_eD is None else b2_eD[e])[:n]
         start += n
     return y_RD
 

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from experts import Activation, GroupedExperts, grouped_swiglu_torch, moe_reference
 from kvcache import (AttentionMetadata, BlockManager, BlockTable, cpu_decode, paged_attention_reference,
@@ -634,6 +635,40 @@ def test_grouped_experts_gpt_oss_clamped_swiglu_with_biases(dtype):
     x_RD, counts, meta = d.dispatch(x, ids, w)
     y = grouped_swiglu_torch(x_RD, counts.tolist(), w13, w2, b13, b2, act)
     torch.testing.assert_close(d.combine(y, meta).float(), ref.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_experts_with_padded_row_groups(dtype):
+    # experts with more than 128 rows run padded to a multiple of 64 (the next expert's rows, zeros
+    # past the end, dropped afterwards): the last expert's padding runs past the end of the rows
+    from experts.grouped import grouped_swiglu_torch
+    from parallel.layers import padded_rows
+
+    counts = [130, 0, 200, 64, 129, 3, 150]
+    assert [padded_rows(n) for n in counts] == [192, 0, 256, 64, 192, 3, 192]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(sum(counts), 32, generator=g).to(dtype)
+    w13 = (torch.randn(len(counts), 48, 32, generator=g) / 6).to(dtype)
+    w2 = (torch.randn(len(counts), 32, 24, generator=g) / 5).to(dtype)
+    b13, b2 = torch.randn(len(counts), 48, generator=g).to(dtype), torch.randn(len(counts), 32, generator=g).to(dtype)
+    y = grouped_swiglu_torch(x, counts, w13, w2, b13, b2, Activation())
+    ends = torch.tensor(counts).cumsum(0).tolist()
+    for e, (n, end) in enumerate(zip(counts, ends)):
+        xe = x[end - n:end].float()
+        he = xe @ w13[e].float().T + b13[e].float()
+        ref = (F.silu(he[:, :24]) * he[:, 24:]) @ w2[e].float().T + b2[e].float()
+        torch.testing.assert_close(y[end - n:end].float(), ref, **_MOE_TOL[dtype])
+
+
+@pytest.mark.parametrize("m", [1, 5, 128, 129, 192, 250])
+def test_linear_cpu_shortcuts_equal_f_linear(m):
+    from parallel.layers import linear
+
+    g = torch.Generator().manual_seed(m)
+    x, w, b = torch.randn(m, 40, generator=g), torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
+    y = linear(x, w, b)
+    assert y.shape == (m, 24)
+    torch.testing.assert_close(y, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
 
 
 def test_grouped_experts_weight_loader_places_gate_up_down():
