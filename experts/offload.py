@@ -45,26 +45,19 @@ Key = tuple[int, int]  # (layer slot in the cache, local expert slot)
 
 
 def _return_freed_blocks_to_os() -> None:
-    """Fix glibc's mmap threshold at 256 KiB (process-wide, once).
+    """Fix glibc's mmap threshold at 256 KiB (process-wide; set again by every offloaded cache).
 
     glibc raises the threshold after large blocks are freed and then serves expert-sized blocks
     from its heaps, which keep the memory after an eviction: RSS would grow with every load
     (measured: +40 MiB over a 24 MiB cache in tests/test_offload.py). With a fixed threshold
     every large block is its own mapping, returned to the OS when freed.
     """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED:
-        return
-    _MALLOC_TUNED = True
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6").mallopt(-3, 256 << 10)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
-
-
-_MALLOC_TUNED = False
 
 
 class CheckpointReader:

@@ -116,6 +116,26 @@ def _is_comm_error(e: RuntimeError) -> bool:
         k in text for k in ("gloo", "NCCL", "Connection closed", "Connection reset", "imed out", "Broken pipe"))
 
 
+def _reuse_freed_memory() -> None:
+    """Keep freed blocks below 32 MiB in glibc's heap for reuse (process-wide; set by every CPU engine).
+
+    A CPU step allocates and frees activations of a few MiB per op (a 2048-token prefill chunk:
+    4-23 MiB each). Above glibc's mmap threshold each is a fresh mapping, so every op first
+    page-faults its output in (measured: ``pow`` over 2048 x 1024 floats 9.7 ms instead of 1.3 ms;
+    prefill of the throughput benchmark 7.8 -> 5.8 s, peak RSS +1%). An engine with offloaded
+    experts wants the opposite (freed expert blocks back to the OS, see experts/offload.py) and
+    does not call this; whichever ran last decides.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's maximum
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB free at the heap top
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -128,6 +148,8 @@ class LLMEngine:
         # steps where this rank sampled differently from rank 0 (with data_parallel > 1: its group's first rank)
         self.sampling_mismatches = 0
         self.dtype = resolve_dtype(config.dtype, cfg, self.device)
+        if self.device.type == "cpu" and not config.offload_experts:
+            _reuse_freed_memory()
         self.kv_fp8 = check_kv_cache_dtype(config.kv_cache_dtype)
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         if self.max_model_len > cfg.max_position_embeddings:
