@@ -33,6 +33,9 @@ class Activation:
 def grouped_swiglu_torch(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor, w2_eDF: torch.Tensor,
                          b13_e2F: torch.Tensor | None, b2_eD: torch.Tensor | None, act: Activation) -> torch.Tensor:
     y_RD = torch.empty(x_RD.shape[0], w2_eDF.shape[1], dtype=x_RD.dtype, device=x_RD.device)
+    if x_RD.device.type == "cpu" and 0 < max(counts, default=0) <= BATCHED_MAX_ROWS:
+        _batched_runs(x_RD, counts, w13_e2FD, w2_eDF, b13_e2F, b2_eD, act, y_RD)
+        return y_RD
     # an expert's rows run padded to padded_rows(n) (few distinct GEMM shapes on CPU), the padding
     # being the next expert's rows, or zeros past the end; padded rows' results are dropped
     x_pad = x_RD
@@ -48,6 +51,50 @@ def grouped_swiglu_torch(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.
         y_RD[start:start + n] = linear(h, w2_eDF[e], None if b2_eD is None else b2_eD[e])[:n]
         start += n
     return y_RD
+
+
+# Decode-sized groups (every expert's rows fit in this many) run as batched GEMMs over runs of
+# consecutive non-empty experts, rows padded to the run's largest group: two bmm per run instead
+# of two GEMMs (and their small ops) per expert, and the batched form streams the weights faster
+# on CPU (measured with 8 experts of 1024 x 2816: 44-49 vs 52-61 ms per 8 layers at 8-32 rows).
+BATCHED_MAX_ROWS = 64
+
+
+def _batched_runs(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor, w2_eDF: torch.Tensor,
+                  b13_e2F: torch.Tensor | None, b2_eD: torch.Tensor | None, act: Activation,
+                  y_RD: torch.Tensor) -> None:
+    starts = [0]
+    for n in counts:
+        starts.append(starts[-1] + n)
+    e = 0
+    while e < len(counts):
+        if counts[e] == 0:
+            e += 1
+            continue
+        end = e
+        while end < len(counts) and counts[end] > 0:
+            end += 1
+        r0, r1 = starts[e], starts[end]
+        if end - e == 1:  # a lone expert: plain GEMMs
+            h = swiglu(linear(x_RD[r0:r1], w13_e2FD[e], None if b13_e2F is None else b13_e2F[e]), act.limit, act.alpha)
+            y_RD[r0:r1] = linear(h, w2_eDF[e], None if b2_eD is None else b2_eD[e])
+            e = end
+            continue
+        m = max(counts[e:end])
+        # row j of expert i sits at padded position i*m + j; padding points at a zero row
+        pos = torch.cat([torch.arange(counts[i]) + (i - e) * m for i in range(e, end)])
+        src = torch.full(((end - e) * m,), r1 - r0, dtype=torch.long)
+        src[pos] = torch.arange(r1 - r0)
+        x = torch.cat([x_RD[r0:r1], x_RD.new_zeros(1, x_RD.shape[1])])[src].view(end - e, m, -1)
+        h = torch.bmm(w13_e2FD[e:end], x.transpose(1, 2))  # [n, 2F, m]: weights stream once per run
+        if b13_e2F is not None:
+            h = h + b13_e2F[e:end].unsqueeze(-1)
+        a = swiglu(h.transpose(1, 2), act.limit, act.alpha).transpose(1, 2)  # [n, F, m]
+        y = torch.bmm(w2_eDF[e:end], a)  # [n, D, m]
+        if b2_eD is not None:
+            y = y + b2_eD[e:end].unsqueeze(-1)
+        y_RD[r0:r1] = y.transpose(1, 2).reshape(-1, y.shape[1])[pos]
+        e = end
 
 
 def _resolve_backend(backend: Backend, device: torch.device) -> str:

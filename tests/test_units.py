@@ -637,15 +637,20 @@ def test_grouped_experts_gpt_oss_clamped_swiglu_with_biases(dtype):
     torch.testing.assert_close(d.combine(y, meta).float(), ref.float(), **tol)
 
 
+@pytest.mark.parametrize("counts", [
+    [130, 0, 200, 64, 129, 3, 150],  # > 128 rows: padded to multiples of 64, the last one past the end
+    [3, 0, 5, 5, 0, 0, 1, 7],  # decode-sized: batched runs [0], [2, 3], [6, 7] around empty experts
+    [0, 0, 4],  # one lone expert at the end
+    [40, 70, 2],  # one group above BATCHED_MAX_ROWS: per-expert GEMMs
+])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_experts_with_padded_row_groups(dtype):
-    # experts with more than 128 rows run padded to a multiple of 64 (the next expert's rows, zeros
-    # past the end, dropped afterwards): the last expert's padding runs past the end of the rows
+def test_grouped_experts_row_group_paths(dtype, counts):
+    # every CPU path of grouped_swiglu_torch against per-expert float32 math, biases included
     from experts.grouped import grouped_swiglu_torch
     from parallel.layers import padded_rows
 
-    counts = [130, 0, 200, 64, 129, 3, 150]
-    assert [padded_rows(n) for n in counts] == [192, 0, 256, 64, 192, 3, 192]
+    if counts[0] == 130:
+        assert [padded_rows(n) for n in counts] == [192, 0, 256, 64, 192, 3, 192]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(sum(counts), 32, generator=g).to(dtype)
     w13 = (torch.randn(len(counts), 48, 32, generator=g) / 6).to(dtype)
