@@ -61,16 +61,19 @@ def test_decode_kernel_matches_reference(shape, batch, dtype):
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window,sinks", [(5, False), (40, True), (None, True), (1, False)])
-@pytest.mark.parametrize("block_size", [16, 5])
-def test_decode_kernel_window_and_sinks(window, sinks, block_size):
+@pytest.mark.parametrize("block_size", [16, 5, 37])
+def test_decode_kernel_window_and_sinks(window, sinks, block_size, dtype):
+    # block sizes under, at and over the kernel's 16-row score tiles
     lens = [1, 4, 5, 6, 39, 40, 41, 97]
-    meta, k_cache, v_cache, q = _decode_batch(lens, 8, 4, 32, 32, block_size, torch.float32, seed=3)
+    meta, k_cache, v_cache, q = _decode_batch(lens, 8, 4, 32, 32, block_size, dtype, seed=3)
     sinks_H = torch.randn(8, generator=torch.Generator().manual_seed(1)) * 3 if sinks else None
     out = cpu_decode.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, 0.2,
                                             window, sinks_H)
-    ref = paged_attention_reference(q, k_cache, v_cache, meta, 0.2, window, sinks_H)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    ref = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), meta, 0.2, window, sinks_H)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
 def test_mixed_step_sends_decode_rows_to_kernel_and_prefill_to_sdpa(monkeypatch):

@@ -2,10 +2,15 @@
  * block table (no gather), GQA query heads of a KV head computed together so every cached row is
  * read once. Built and loaded by kvcache/cpu_decode.py; semantics are kvcache/reference.py's.
  *
- * Work item = (sequence, KV head), spread over OpenMP threads (the process's own runtime: torch
- * has already loaded libgomp.so.1, so this library binds to the same thread pool).
- * Per item: scores = q . k for every cached token (float32), softmax with an optional sink
- * logit, then the weighted sum of V rows. Caches are float32 or bfloat16; so are q and out. */
+ * Work item = (sequence, run of KV heads), spread over OpenMP threads (the process's own runtime:
+ * torch has already loaded libgomp.so.1, so this library binds to the same thread pool).
+ * Per item: scores = (q . k) * scale for every cached token (float32), softmax with an optional
+ * sink logit, then the weighted sum of V rows. Caches are float32 or bfloat16; so are q and out.
+ *
+ * AVX-512 paths (head dims a multiple of 16): scores of 16 tokens are accumulated as 16 vectors
+ * and reduced together (hsum16: 45 shuffles/adds instead of 16 horizontal reductions); bf16 K
+ * rows are multiplied by the bf16 query with vdpbf16ps where the CPU has AVX512-BF16 (products
+ * exact, float32 sums); the V sum keeps its accumulators in registers, 64 dims at a time. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -52,7 +57,78 @@ static inline __m512 exp16(__m512 x) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
     return _mm512_scalef_ps(p, n);
 }
+
+/* lane t of the result = sum of the 16 lanes of v[t] */
+static inline __m512 hsum16(const __m512 *v) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++)  /* per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3] */
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)  /* per 128-bit lane: tokens 4i .. 4i+3, that lane's partial sums */
+        b[i] = _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]))),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]))));
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* scores of cnt <= 16 consecutive cached rows (row t at k + t * stride bytes) against one query
+ * row: qf (float32, length D) or, on the vdpbf16ps path, qb (bf16). D % 16 == 0. */
+static inline __m512 score16(const float *qf, const uint16_t *qb, const char *k, int64_t stride, int cnt,
+                             int64_t D, int dtype) {
+    __m512 acc[16];
+    for (int t = 0; t < 16; t++) acc[t] = _mm512_setzero_ps();
+#if defined(__AVX512BF16__)
+    if (dtype == BF16 && D % 32 == 0) {
+        for (int64_t i = 0; i < D; i += 32) {
+            const __m512bh qv = (__m512bh)_mm512_loadu_si512(qb + i);
+            for (int t = 0; t < cnt; t++)
+                acc[t] = _mm512_dpbf16_ps(acc[t], qv, (__m512bh)_mm512_loadu_si512(k + t * stride + i * 2));
+        }
+        return hsum16(acc);
+    }
 #endif
+    const size_t esz = dtype == BF16 ? 2 : 4;
+    for (int64_t i = 0; i < D; i += VEC) {
+        const __m512 qv = _mm512_loadu_ps(qf + i);
+        for (int t = 0; t < cnt; t++) acc[t] = _mm512_fmadd_ps(qv, load16(k + t * stride + i * esz, dtype), acc[t]);
+    }
+    return hsum16(acc);
+}
+
+/* acc[0 .. 16*nc) += p[t] * v_row(t)[0 .. 16*nc) over cnt rows (row t at v + t * stride bytes) */
+static inline void vsum(float *acc, int nc, const float *p, const char *v, int64_t stride, int64_t cnt, int dtype) {
+    const size_t esz = dtype == BF16 ? 2 : 4;
+    __m512 a0 = _mm512_loadu_ps(acc), a1 = a0, a2 = a0, a3 = a0;
+    if (nc > 1) a1 = _mm512_loadu_ps(acc + 16);
+    if (nc > 2) a2 = _mm512_loadu_ps(acc + 32);
+    if (nc > 3) a3 = _mm512_loadu_ps(acc + 48);
+    for (int64_t t = 0; t < cnt; t++) {
+        const __m512 pb = _mm512_set1_ps(p[t]);
+        const char *r = v + t * stride;
+        a0 = _mm512_fmadd_ps(pb, load16(r, dtype), a0);
+        if (nc > 1) a1 = _mm512_fmadd_ps(pb, load16(r + 16 * esz, dtype), a1);
+        if (nc > 2) a2 = _mm512_fmadd_ps(pb, load16(r + 32 * esz, dtype), a2);
+        if (nc > 3) a3 = _mm512_fmadd_ps(pb, load16(r + 48 * esz, dtype), a3);
+    }
+    _mm512_storeu_ps(acc, a0);
+    if (nc > 1) _mm512_storeu_ps(acc + 16, a1);
+    if (nc > 2) _mm512_storeu_ps(acc + 32, a2);
+    if (nc > 3) _mm512_storeu_ps(acc + 48, a3);
+}
+#endif
+
+/* ask for the next block's rows of this item's heads (rows bytes each, stride apart) while the
+ * current block computes: one sequence streams from memory on one core, and the hardware
+ * prefetcher alone leaves it latency-bound */
+static inline void prefetch_rows(const char *p, int64_t n, int64_t stride, int64_t bytes) {
+#if defined(__GNUC__)
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + t * stride + o, 0, 3);
+#endif
+}
 
 /* x[i] = exp(x[i] - m), returns the sum */
 static inline float exp_sub_sum(float *x, int64_t n, float m) {
@@ -179,18 +255,37 @@ int moe_paged_decode(const void *q, void *out, const void *k, const void *v, int
             const int64_t lo = (window > 0 && len > window) ? len - window : 0;
             const int64_t n = len - lo;
             const int32_t *table = block_tables + b * max_blocks;
-            for (int64_t j = 0; j < r; j++) {
+            for (int64_t j = 0; j < r; j++)
                 load_row((const char *)q + ((b * H + h0 * G + j) * Dk) * esz, dtype, Dk, qf + j * Dk);
-                for (int64_t i = 0; i < Dk; i++) qf[j * Dk + i] *= scale;
-            }
             /* scores, block by block (no division per token) */
             for (int64_t t0 = lo - lo % block_size; t0 < len; t0 += block_size) {
                 const char *kb = (const char *)k + (table[t0 / block_size] * k_sblock + h0 * k_shead) * esz;
                 const int64_t a = t0 > lo ? t0 : lo, e = t0 + block_size < len ? t0 + block_size : len;
+                if (t0 + block_size < len)
+                    prefetch_rows((const char *)k + (table[t0 / block_size + 1] * k_sblock + h0 * k_shead) * esz,
+                                  (len - t0 - block_size) < block_size ? len - t0 - block_size : block_size,
+                                  k_sslot * (int64_t)esz, ((h1 - h0 - 1) * k_shead + Dk) * (int64_t)esz);
+#if defined(__AVX512F__)
+                if (Dk % VEC == 0) {
+                    for (int64_t ts = a; ts < e; ts += 16) {
+                        const int cnt = e - ts < 16 ? (int)(e - ts) : 16;
+                        for (int64_t j = 0; j < r; j++) {
+                            const int64_t hk = j / G;
+                            const uint16_t *qb = (const uint16_t *)q + (b * H + h0 * G + j) * Dk;
+                            const __m512 sv = _mm512_mul_ps(
+                                score16(qf + j * Dk, qb, kb + ((ts - t0) * k_sslot + hk * k_shead) * esz,
+                                        k_sslot * (int64_t)esz, cnt, Dk, dtype),
+                                _mm512_set1_ps(scale));
+                            _mm512_mask_storeu_ps(s + j * n + (ts - lo), (__mmask16)((1u << cnt) - 1), sv);
+                        }
+                    }
+                    continue;
+                }
+#endif
                 for (int64_t t = a; t < e; t++) {
                     for (int64_t hk = 0; hk < h1 - h0; hk++) {
                         dots(qf + hk * G * Dk, G, kb + ((t - t0) * k_sslot + hk * k_shead) * esz, dtype, Dk, sc, row);
-                        for (int64_t g = 0; g < G; g++) s[(hk * G + g) * n + (t - lo)] = sc[g];
+                        for (int64_t g = 0; g < G; g++) s[(hk * G + g) * n + (t - lo)] = sc[g] * scale;
                     }
                 }
             }
@@ -207,6 +302,27 @@ int moe_paged_decode(const void *q, void *out, const void *k, const void *v, int
             }
             memset(acc, 0, sizeof(float) * (size_t)(r * Dv));
             /* weighted sum of V */
+#if defined(__AVX512F__)
+            if (Dv % VEC == 0) {
+                /* block by block (in memory order); per query head and 64 dims the accumulators stay in
+                 * registers over the block's rows */
+                for (int64_t t0 = lo - lo % block_size; t0 < len; t0 += block_size) {
+                    const char *vb = (const char *)v + (table[t0 / block_size] * v_sblock + h0 * v_shead) * esz;
+                    const int64_t a = t0 > lo ? t0 : lo, e = t0 + block_size < len ? t0 + block_size : len;
+                    if (t0 + block_size < len)
+                        prefetch_rows((const char *)v + (table[t0 / block_size + 1] * v_sblock + h0 * v_shead) * esz,
+                                      (len - t0 - block_size) < block_size ? len - t0 - block_size : block_size,
+                                      v_sslot * (int64_t)esz, ((h1 - h0 - 1) * v_shead + Dv) * (int64_t)esz);
+                    for (int64_t j = 0; j < r; j++) {
+                        const char *vh = vb + ((a - t0) * v_sslot + (j / G) * v_shead) * esz;
+                        for (int64_t c0 = 0; c0 < Dv; c0 += 64)
+                            vsum(acc + j * Dv + c0, Dv - c0 >= 64 ? 4 : (int)((Dv - c0) / VEC), s + j * n + (a - lo),
+                                 vh + c0 * esz, v_sslot * (int64_t)esz, e - a, dtype);
+                    }
+                }
+                goto store;
+            }
+#endif
             for (int64_t t0 = lo - lo % block_size; t0 < len; t0 += block_size) {
                 const char *vb = (const char *)v + (table[t0 / block_size] * v_sblock + h0 * v_shead) * esz;
                 const int64_t a = t0 > lo ? t0 : lo, e = t0 + block_size < len ? t0 + block_size : len;
@@ -215,6 +331,9 @@ int moe_paged_decode(const void *q, void *out, const void *k, const void *v, int
                         axpys(acc + hk * G * Dv, G, s + hk * G * n + (t - lo), n,
                               vb + ((t - t0) * v_sslot + hk * v_shead) * esz, dtype, Dv, row);
             }
+#if defined(__AVX512F__)
+        store:;
+#endif
             char *o = (char *)out + ((b * H + h0 * G) * Dv) * esz;
             if (dtype == BF16) {
                 for (int64_t i = 0; i < r * Dv; i++) ((uint16_t *)o)[i] = f32_to_bf16(acc[i]);
