@@ -1,7 +1,7 @@
 """Attention over the paged KV cache: the torch path (CPU fast path) and the dispatch to Triton.
 
 See :mod:`kvcache.reference` for the semantics. Decode rows (one new token per sequence) go to
-the C kernel of :mod:`kvcache.cpu_decode`, all of them in one call; prefill chunks (and decode rows
+the C kernel of :mod:`cpu_kernels`, all of them in one call; prefill chunks (and decode rows
 the kernel does not take: fp8 caches, float16) use ``scaled_dot_product_attention`` per sequence
 (a loop over sequences, never over tokens).
 """
@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import cpu_decode
+import cpu_kernels
+
 from .fp8 import Fp8Cache, write_fp8
 from .metadata import AttentionMetadata
 from .reference import gather_kv
@@ -83,15 +84,15 @@ def paged_attention_torch(q_THD: torch.Tensor, k_cache: Cache, v_cache: Cache,
     T, H, _ = q_THD.shape
     out = torch.empty(T, H, v_cache.shape[-1], dtype=q_THD.dtype, device=q_THD.device)
     seqs = range(meta.num_seqs)
-    if cpu_decode.supports(q_THD, k_cache, v_cache):
+    if cpu_kernels.supports_decode(q_THD, k_cache, v_cache):
         decode = [i for i, q in enumerate(meta.query_lens_list) if q == 1]
         if len(decode) == meta.num_seqs:  # a decode step: row i is sequence i
-            return cpu_decode.paged_decode_attention(q_THD, k_cache, v_cache, meta.block_tables, meta.context_lens,
+            return cpu_kernels.paged_decode_attention(q_THD, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                                      scale, sliding_window, sinks_H)
         if decode:
             idx = torch.tensor(decode)
             rows = meta.query_start_loc[idx].long()
-            out[rows] = cpu_decode.paged_decode_attention(q_THD[rows], k_cache, v_cache, meta.block_tables[idx],
+            out[rows] = cpu_kernels.paged_decode_attention(q_THD[rows], k_cache, v_cache, meta.block_tables[idx],
                                                           meta.context_lens[idx], scale, sliding_window, sinks_H)
             seqs = [i for i, q in enumerate(meta.query_lens_list) if q != 1]
     starts = meta.query_start_loc.tolist()

@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cpu_kernels
 from experts import Activation, GroupedExperts, grouped_swiglu_torch, moe_reference
-from kvcache import (AttentionMetadata, BlockManager, BlockTable, cpu_decode, paged_attention_reference,
+from kvcache import (AttentionMetadata, BlockManager, BlockTable, paged_attention_reference,
                      paged_attention_torch, write_kv)
 from moe.outputs import RequestMetrics
 from moe.sampler import Sampler, apply_filters, top_logprobs
@@ -738,7 +739,7 @@ _ATTN_CASES = {
 @pytest.mark.parametrize("case", list(_ATTN_CASES))
 def test_paged_attention_torch_matches_reference(case, block_size, layout, decode_kernel, monkeypatch):
     if not decode_kernel:  # decode rows through SDPA too (the path without a C compiler)
-        monkeypatch.setattr(cpu_decode, "supports", lambda *a: False)
+        monkeypatch.setattr(cpu_kernels, "supports_decode", lambda *a: False)
     spec = _ATTN_CASES[case]
     n = len(spec["q"])
     contiguous = {"shuffled": (), "contiguous": tuple(range(n)), "mixed": tuple(range(0, n, 2))}[layout]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experts import Activation, swiglu
+from experts import Activation, fused_swiglu
 from kvcache import AttentionMetadata, paged_attention, write_kv
 from parallel import (ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear, ShardedRMSNorm,
                       get_etp_rank, get_etp_size, get_tp_size, local_expert_slots, make_moe_dispatcher)
@@ -106,7 +106,8 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         # one rotation over q and k together (each op here is a fixed cost per decode step)
-        q, k = self.rotary(positions_T, torch.cat([q, k], dim=1))[0].split([self.num_heads, self.num_kv_heads], dim=1)
+        qk = self.rotary.rotate_(positions_T, torch.cat([q, k], dim=1))
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         write_kv(k_cache, v_cache, k, v, ctx.meta.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, ctx.meta, self.scale, self.sliding_window, self.sinks)
@@ -122,7 +123,7 @@ class DenseMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate, hidden, dtype=dtype)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_up_proj(x_TD)))
+        return self.down_proj(fused_swiglu(self.gate_up_proj(x_TD)))
 
 
 class SparseMoE(nn.Module):

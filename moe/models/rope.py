@@ -6,6 +6,8 @@ import math
 import torch
 from torch import nn
 
+import cpu_kernels
+
 
 def _yarn_inv_freq(dim: int, base: float, p: dict, max_pos: int) -> tuple[torch.Tensor, float]:
     factor = p.get("factor") or max_pos / p["original_max_position_embeddings"]
@@ -79,11 +81,21 @@ class RotaryEmbedding(nn.Module):
         self.max_pos = n
 
     def forward(self, positions_T: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if positions_T.numel() and int(positions_T.max()) >= self.max_pos:
-            self._grow(2 * int(positions_T.max()) + 1)
+        """Rotated copies of each ``x [T, H, dim]``."""
+        return tuple(self.rotate_(positions_T, x.clone(memory_format=torch.contiguous_format)) for x in xs)
+
+    def rotate_(self, positions_T: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x [T, H, dim]`` in place (one pass in C on CPU, see :mod:`cpu_kernels`) and return it."""
+        self._check_len(positions_T)
+        if cpu_kernels.rope_(x, positions_T, self.cos, self.sin, self.interleaved):
+            return x
         cos = self.cos[positions_T].unsqueeze(1)  # [T, 1, dim/2]
         sin = self.sin[positions_T].unsqueeze(1)
-        return tuple(self._apply(x, cos, sin) for x in xs)
+        return x.copy_(self._apply(x, cos, sin))
+
+    def _check_len(self, positions_T: torch.Tensor) -> None:
+        if positions_T.numel() and int(positions_T.max()) >= self.max_pos:
+            self._grow(2 * int(positions_T.max()) + 1)
 
     def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         xf = x.float()

@@ -11,53 +11,9 @@
  * and reduced together (hsum16: 45 shuffles/adds instead of 16 horizontal reductions); bf16 K
  * rows are multiplied by the bf16 query with vdpbf16ps where the CPU has AVX512-BF16 (products
  * exact, float32 sums); the V sum keeps its accumulators in registers, 64 dims at a time. */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-enum { F32 = 0, BF16 = 1 };
-
-static inline float bf16_to_f32(uint16_t x) {
-    union { uint32_t u; float f; } c;
-    c.u = (uint32_t)x << 16;
-    return c.f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
-    union { uint32_t u; float f; } c;
-    c.f = f;
-    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40);  /* quiet NaN */
-    c.u += 0x7fffu + ((c.u >> 16) & 1u);
-    return (uint16_t)(c.u >> 16);
-}
+#include "simd.h"
 
 #if defined(__AVX512F__)
-#include <immintrin.h>
-#define VEC 16
-/* 16 elements (float32 or bf16) -> 16 floats */
-static inline __m512 load16(const void *p, int dtype) {
-    if (dtype == BF16)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-    return _mm512_loadu_ps(p);
-}
-
-/* exp(x) for x <= 0 (softmax of max-subtracted logits); 2^(x log2 e) by a degree-6 polynomial of
- * the fractional part and scalef for the integer part (relative error ~2e-7) */
-static inline __m512 exp16(__m512 x) {
-    const __m512 y = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _mm512_set1_ps(-160.f));
-    const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(y, n);  /* [-0.5, 0.5] */
-    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* lane t of the result = sum of the 16 lanes of v[t] */
 static inline __m512 hsum16(const __m512 *v) {
     __m512 a[8], b[4], c[2];

@@ -1,4 +1,5 @@
-"""The C decode-attention kernel (kvcache/cpu_decode.py) against the float32 reference."""
+"""The C CPU kernels (cpu_kernels/) against their references: paged decode attention against the
+float32 reference, rotary embedding and SwiGLU against the torch ops they replace."""
 from __future__ import annotations
 
 import os
@@ -9,14 +10,15 @@ import textwrap
 import pytest
 import torch
 
-from kvcache import AttentionMetadata, cpu_decode, paged_attention_reference, paged_attention_torch, write_kv
+import cpu_kernels
+from kvcache import AttentionMetadata, paged_attention_reference, paged_attention_torch, write_kv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_kernel_builds_here():
     # CI has gcc: the kernel must really be in use there, not silently replaced by the fallback
-    assert cpu_decode.load() is not None
+    assert cpu_kernels.load() is not None
 
 
 def _decode_batch(lens, H, Hkv, Dk, Dv, block_size, dtype, latent=False, seed=0):
@@ -54,7 +56,7 @@ def test_decode_kernel_matches_reference(shape, batch, dtype):
     lens = torch.randint(1, 150, (batch,), generator=torch.Generator().manual_seed(batch)).tolist()
     meta, k_cache, v_cache, q = _decode_batch(lens, block_size=16, dtype=dtype, latent=latent, **spec)
     scale = spec["Dk"] ** -0.5
-    out = cpu_decode.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+    out = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
     ref = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), meta, scale)
     assert out.dtype == dtype and out.shape == (batch, spec["H"], spec["Dv"])
     tol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -69,7 +71,7 @@ def test_decode_kernel_window_and_sinks(window, sinks, block_size, dtype):
     lens = [1, 4, 5, 6, 39, 40, 41, 97]
     meta, k_cache, v_cache, q = _decode_batch(lens, 8, 4, 32, 32, block_size, dtype, seed=3)
     sinks_H = torch.randn(8, generator=torch.Generator().manual_seed(1)) * 3 if sinks else None
-    out = cpu_decode.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, 0.2,
+    out = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, 0.2,
                                             window, sinks_H)
     ref = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), meta, 0.2, window, sinks_H)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -92,8 +94,8 @@ def test_mixed_step_sends_decode_rows_to_kernel_and_prefill_to_sdpa(monkeypatch)
              meta.slot_mapping)
     q = torch.randn(T, H, D, generator=g)
     calls = []
-    real = cpu_decode.paged_decode_attention
-    monkeypatch.setattr(cpu_decode, "paged_decode_attention", lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))
+    real = cpu_kernels.paged_decode_attention
+    monkeypatch.setattr(cpu_kernels, "paged_decode_attention", lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))
     out = paged_attention_torch(q, k_cache, v_cache, meta, D ** -0.5)
     assert calls == [3]
     torch.testing.assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, D ** -0.5), atol=1e-5, rtol=1e-5)
@@ -110,20 +112,21 @@ def test_fresh_build_shares_torchs_openmp_runtime(tmp_path):
     # built from nothing into a new cache dir; afterwards exactly one OpenMP runtime is mapped
     out = _run("""
         import torch
-        from kvcache import cpu_decode
-        assert cpu_decode.load() is not None
+        import cpu_kernels
+        assert cpu_kernels.load() is not None
         libs = {l.split()[-1] for l in open('/proc/self/maps') if 'gomp' in l or 'iomp' in l or 'libomp' in l}
         print('RUNTIMES', len(libs))
     """, {"MOE_KERNEL_CACHE": str(tmp_path)})
     assert "RUNTIMES 1" in out
-    assert len(list(tmp_path.glob("paged_decode-*.so"))) == 1
+    assert len(list(tmp_path.glob("moe_cpu-*.so"))) == 1
 
 
 def test_without_compiler_falls_back_with_a_warning(tmp_path):
     out = _run("""
         import torch
-        from kvcache import cpu_decode, paged_attention_torch, paged_attention_reference, AttentionMetadata
-        assert cpu_decode.load() is None
+        import cpu_kernels
+        from kvcache import paged_attention_torch, paged_attention_reference, AttentionMetadata
+        assert cpu_kernels.load() is None
         meta = AttentionMetadata.build([1, 1], [3, 9], [[0], [1, 2]], 8)
         k, v, q = torch.randn(3, 8, 2, 16), torch.randn(3, 8, 2, 16), torch.randn(2, 4, 16)
         torch.testing.assert_close(paged_attention_torch(q, k, v, meta, 0.25), paged_attention_reference(q, k, v, meta, 0.25))
@@ -131,3 +134,55 @@ def test_without_compiler_falls_back_with_a_warning(tmp_path):
     """, {"MOE_KERNEL_CACHE": str(tmp_path), "PATH": str(tmp_path), "CC": ""})
     assert "FALLBACK OK" in out
     assert "no C compiler found" in out and "Install a C compiler" in out
+
+
+# ---- elementwise kernels vs the torch ops they replace -------------------------------------------
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [64, 40, 6])  # AVX-512 halves, a 16-wide part + scalar rest, scalar only
+def test_rope_kernel_equals_torch_rotation(dim, dtype, interleaved, monkeypatch):
+    from moe.models.rope import RotaryEmbedding
+
+    rope = RotaryEmbedding(dim, 4096, {"rope_theta": 10000.0}, interleaved)
+    g = torch.Generator().manual_seed(dim)
+    qkv = torch.randn(300, 7 * dim + 5, generator=g).to(dtype)  # heads as strided views of a wider row
+    x = qkv[:, 5:5 + 6 * dim].view(300, 6, dim)
+    pos = torch.randint(0, 3000, (300,), generator=g)
+    got = rope(pos, x)[0]
+    monkeypatch.setattr(cpu_kernels, "rope_", lambda *a: False)  # the torch path
+    want = rope(pos, x)[0]
+    assert torch.equal(got, want) if dtype == torch.bfloat16 else torch.allclose(got, want, atol=1e-6, rtol=1e-6)
+    # in place on a strided view: the rest of the row is untouched
+    before = qkv.clone()
+    monkeypatch.undo()
+    rope.rotate_(pos, x)
+    torch.testing.assert_close(x, want, atol=1e-6, rtol=0)
+    assert torch.equal(qkv[:, :5], before[:, :5]) and torch.equal(qkv[:, 5 + 6 * dim:], before[:, 5 + 6 * dim:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["rows", "transposed", "batched"])
+def test_fused_swiglu_equals_silu_times_up(layout, dtype):
+    from experts import fused_swiglu, swiglu
+
+    g = torch.Generator().manual_seed(1)
+    if layout == "batched":  # [n, 2F, m], gate/up along dim 1 (the batched decode experts)
+        h = (torch.randn(3, 2 * 40, 9, generator=g) * 4).to(dtype)
+        got = fused_swiglu(h, dim=1)
+        want = swiglu(h.transpose(1, 2)).transpose(1, 2)
+    else:
+        h = (torch.randn(37, 2 * 40, generator=g) * 4).to(dtype)  # 40 = 16-wide parts + a scalar rest
+        if layout == "transposed":  # what w @ x.T returns for few rows
+            h = h.t().contiguous().t()
+        got = fused_swiglu(h)
+        want = swiglu(h)
+    assert got.shape == want.shape
+    if dtype == torch.bfloat16:  # the same two roundings as F.silu(gate) * up, within one bf16 step
+        torch.testing.assert_close(got.float(), want.float(), atol=0, rtol=8e-3)
+        assert (got != want).float().mean() < 0.02
+    else:
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    big = torch.tensor([[-200.0, 90.0, -0.0, 1e-30, 200.0, -90.0]], dtype=dtype)  # exp(-|g|) never overflows
+    torch.testing.assert_close(fused_swiglu(big).float(), swiglu(big).float(), atol=1e-6, rtol=1e-2)

@@ -1,0 +1,201 @@
+"""CPU kernels in C, built on first use: where torch's op-by-op path leaves most of the time on the table.
+
+- :func:`paged_decode_attention` (``paged_decode.c``): ``scaled_dot_product_attention`` called
+  once per sequence costs ~90 µs for a decode row over a few hundred cached tokens — mostly
+  per-call and tiny-GEMM overhead — and a 64-sequence decode step makes 64 such calls per layer.
+  This kernel runs every decode row of the step in one call: each cached K/V row is read once, in
+  place through the block table, with the GQA query heads of its KV head (and, when there are
+  enough sequences, all heads of one token as one contiguous read). Results equal
+  :mod:`kvcache.reference`.
+- :func:`rope_` and :func:`silu_mul` (``elementwise.c``): rotary embedding in place and SwiGLU's
+  ``silu(gate) * up``, one pass each instead of a chain of torch ops (the rotary chain alone was
+  ~10 ops and most of a prefill step's non-GEMM time), with torch's roundings.
+
+Every kernel has the torch path it replaces as its reference (tests/test_cpu_kernels.py) and the
+callers fall back to that path when :func:`load` returns None.
+
+The library is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``) for this CPU
+(``-march=native``, AVX-512 paths where present) into ``$MOE_KERNEL_CACHE`` (default
+``~/.cache/moe/kernels``), keyed by the sources, flags and OpenMP runtime, and linked against the
+OpenMP runtime torch has loaded so both share one thread pool (two runtimes would fight over the
+cores). Without a compiler the torch paths are used (one warning says so); ``MOE_CPU_KERNELS=0``
+turns the kernels off.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_DIR = Path(__file__).parent
+_SOURCES = [_DIR / "paged_decode.c", _DIR / "elementwise.c"]
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared"]
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _openmp_runtime() -> str | None:
+    """Path of the OpenMP runtime loaded into this process (torch's), if any."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = line.split()[-1] if len(line.split()) >= 6 else ""
+        name = os.path.basename(path)
+        if name.startswith(("libgomp", "libiomp5", "libomp")) and ".so" in name:
+            return path
+    return None
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _build() -> ctypes.CDLL:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set $CC, or install gcc)")
+    omp = _openmp_runtime()
+    flags = _FLAGS + (["-fopenmp"] if omp else [])
+    blob = b"".join(p.read_bytes() for p in [*_SOURCES, _DIR / "simd.h"])
+    key = hashlib.sha256(blob + " ".join([cc, *flags, omp or ""]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("MOE_KERNEL_CACHE", Path.home() / ".cache" / "moe" / "kernels"))
+    lib_path = cache / f"moe_cpu-{key}.so"
+    if not lib_path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            objs = [Path(tmp) / f"{src.stem}.o" for src in _SOURCES]
+            out = Path(tmp) / "k.so"
+            # compile with -fopenmp, but link the runtime torch uses (not the compiler's own copy)
+            cmds = [[cc, *[f for f in flags if f != "-shared"], "-c", str(src), "-o", str(obj)]
+                    for src, obj in zip(_SOURCES, objs)]
+            cmds.append([cc, "-shared", *map(str, objs), "-o", str(out)]
+                        + ([omp, f"-Wl,-rpath,{os.path.dirname(omp)}"] if omp else []))
+            for cmd in cmds:
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr.strip()}")
+            os.replace(out, lib_path)  # atomic: ranks building at once each publish a whole file
+    lib = ctypes.CDLL(str(lib_path))
+    f = lib.moe_paged_decode
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    f.argtypes = [ptr, ptr, ptr, ptr, ctypes.c_int, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64,
+                  i64, ptr, i64, ptr, i64, ptr, ctypes.c_float, ctypes.c_int]
+    f.restype = ctypes.c_int
+    lib.moe_rope.argtypes = [ptr, ctypes.c_int, i64, i64, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
+    lib.moe_rope.restype = ctypes.c_int
+    lib.moe_silu_mul.argtypes = [ptr, ptr, ptr, ctypes.c_int, i64, i64, i64, i64, i64, i64, i64, i64, i64, ctypes.c_int]
+    lib.moe_silu_mul.restype = ctypes.c_int
+    return lib
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None when it is turned off or cannot be built (warned once)."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            if os.environ.get("MOE_CPU_KERNELS", "1") != "0":
+                try:
+                    _lib = _build()
+                except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
+                    log.warning("CPU kernels unavailable, using torch's ops instead (decode attention as one SDPA "
+                                "call per sequence: slower at large batches): %s. Install a C compiler (gcc) to "
+                                "enable them, or set MOE_CPU_KERNELS=0 to silence this.", e)
+            _tried = True
+    return _lib
+
+
+def supports_decode(q: torch.Tensor, k_cache: object, v_cache: object) -> bool:
+    """Whether the kernel handles these tensors: CPU, float32 or bfloat16 throughout (not fp8),
+    rows with unit stride."""
+    return (isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor) and not q.is_cuda
+            and q.dtype in _DTYPES and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
+            and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and load() is not None)
+
+
+def paged_decode_attention(q_BHD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           sliding_window: int | None = None, sinks_H: torch.Tensor | None = None) -> torch.Tensor:
+    """One query row per sequence: ``q_BHD[b]`` attends to the ``context_lens[b]`` tokens cached in
+    ``block_tables[b]`` (its own included). Returns ``[B, H, Dv]`` in q's dtype. Check
+    :func:`supports_decode` first."""
+    lib = load()
+    assert lib is not None, "check cpu_kernels.supports_decode() first"
+    B, H, Dk = q_BHD.shape
+    Hkv, Dv = k_cache.shape[2], v_cache.shape[-1]
+    if H % Hkv:
+        raise ValueError(f"{H} query heads are not a multiple of {Hkv} KV heads")
+    q = q_BHD.contiguous()
+    bt = block_tables.to(torch.int32).contiguous()
+    cl = context_lens.to(torch.int32).contiguous()
+    sinks = sinks_H.float().contiguous() if sinks_H is not None else None
+    out = torch.empty(B, H, Dv, dtype=q.dtype)
+    if B == 0:
+        return out
+    lib.moe_paged_decode(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _DTYPES[q.dtype],
+                         B, H, Hkv, Dk, Dv, *k_cache.stride()[:3], *v_cache.stride()[:3], k_cache.shape[1],
+                         bt.data_ptr(), bt.shape[1], cl.data_ptr(), sliding_window or 0,
+                         sinks.data_ptr() if sinks is not None else None, scale, torch.get_num_threads())
+    return out
+
+
+def _kernel_dtype(*ts: torch.Tensor) -> int | None:
+    """The kernels' dtype code when every tensor is a CPU float32/bfloat16 tensor of one dtype and
+    the library is built, else None (the caller takes its torch path)."""
+    d = ts[0].dtype
+    if d not in _DTYPES or any(t.is_cuda or t.dtype != d or t.stride(-1) != 1 for t in ts) or load() is None:
+        return None
+    return _DTYPES[d]
+
+
+def rope_(x_THD: torch.Tensor, positions_T: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor,
+          interleaved: bool) -> bool:
+    """Rotate ``x_THD`` in place (any strides over T and H, unit stride within a head) by the
+    float32 tables ``cos/sin [max_pos, D/2]`` at ``positions_T``. Returns False, leaving ``x``
+    untouched, when the kernel does not apply (then use the torch path)."""
+    dtype = _kernel_dtype(x_THD)
+    if dtype is None or x_THD.dim() != 3 or x_THD.shape[-1] % 2 or cos_PH.dtype != torch.float32:
+        return False
+    T, H, D = x_THD.shape
+    pos = positions_T.to(torch.int64).contiguous()
+    cos_PH, sin_PH = cos_PH.contiguous(), sin_PH.contiguous()
+    _lib.moe_rope(x_THD.data_ptr(), dtype, T, H, D, x_THD.stride(0), x_THD.stride(1), pos.data_ptr(),
+                  cos_PH.data_ptr(), sin_PH.data_ptr(), int(interleaved), torch.get_num_threads())
+    return True
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """``F.silu(gate) * up`` for 2-D or 3-D tensors of one shape (unit stride over the last dim),
+    as a new contiguous tensor; None when the kernel does not apply (then use the torch path)."""
+    dtype = _kernel_dtype(gate, up)
+    if dtype is None or gate.shape != up.shape or gate.dim() not in (2, 3):
+        return None
+    g, u = (gate, up) if gate.dim() == 3 else (gate.unsqueeze(0), up.unsqueeze(0))
+    out = torch.empty(g.shape, dtype=gate.dtype)
+    A, B, C = g.shape
+    if g.stride(1) == u.stride(1) == C:  # [B, C] slabs contiguous: one long row each (C may be tiny)
+        g, u, out_v = g.view(A, 1, B * C), u.view(A, 1, B * C), out.view(A, 1, B * C)
+        _lib.moe_silu_mul(g.data_ptr(), u.data_ptr(), out_v.data_ptr(), dtype, A, 1, B * C, g.stride(0), 0,
+                          u.stride(0), 0, out_v.stride(0), 0, torch.get_num_threads())
+        return out.view(gate.shape)
+    _lib.moe_silu_mul(g.data_ptr(), u.data_ptr(), out.data_ptr(), dtype, A, B, C, g.stride(0), g.stride(1),
+                      u.stride(0), u.stride(1), out.stride(0), out.stride(1), torch.get_num_threads())
+    return out.view(gate.shape)

@@ -1,0 +1,92 @@
+/* Fused elementwise CPU kernels: rotary embedding in place, and SwiGLU's silu(gate) * up.
+ * Each replaces a chain of torch ops (float conversion, halves, four products, concatenation,
+ * conversion back) with one pass over the data, rounding as torch does: float32 math, one
+ * rounding to the output dtype per torch op it stands for. Built with -ffp-contract=off so the
+ * scalar paths round each product as torch's kernels do. */
+#include "simd.h"
+
+static inline float loadf(const void *p, int64_t i, int dtype) {
+    return dtype == BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void storef(void *p, int64_t i, float x, int dtype) {
+    if (dtype == BF16) ((uint16_t *)p)[i] = f32_to_bf16(x);
+    else ((float *)p)[i] = x;
+}
+
+/* x [T, H, D] (element strides st, sh; unit stride within a head) rotated in place by the angles
+ * of positions pos[T]: cos/sin are float32 [max_pos, D/2]. Pairs (i, i + D/2), or (2i, 2i+1) when
+ * interleaved. Returns 0. */
+int moe_rope(void *x, int dtype, int64_t T, int64_t H, int64_t D, int64_t st, int64_t sh, const int64_t *pos,
+             const float *cos_tab, const float *sin_tab, int interleaved, int num_threads) {
+    const int64_t half = D / 2;
+    const size_t esz = dtype == BF16 ? 2 : 4;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (T * H * D >= 16384)
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos_tab + pos[t] * half, *s = sin_tab + pos[t] * half;
+        for (int64_t h = 0; h < H; h++) {
+            char *row = (char *)x + (t * st + h * sh) * esz;
+            int64_t i = 0;
+#if defined(__AVX512F__)
+            if (!interleaved)
+                for (; i + VEC <= half; i += VEC) {
+                    const __m512 x1 = load16(row + i * esz, dtype), x2 = load16(row + (i + half) * esz, dtype);
+                    const __m512 cv = _mm512_loadu_ps(c + i), sv = _mm512_loadu_ps(s + i);
+                    /* products rounded before the sum, as x1 * cos - x2 * sin in torch */
+                    store16(row + i * esz, _mm512_sub_ps(_mm512_mul_ps(x1, cv), _mm512_mul_ps(x2, sv)), dtype);
+                    store16(row + (i + half) * esz, _mm512_add_ps(_mm512_mul_ps(x2, cv), _mm512_mul_ps(x1, sv)), dtype);
+                }
+#endif
+            for (; i < half; i++) {
+                const int64_t i1 = interleaved ? 2 * i : i, i2 = interleaved ? 2 * i + 1 : i + half;
+                const float x1 = loadf(row, i1, dtype), x2 = loadf(row, i2, dtype);
+                storef(row, i1, x1 * c[i] - x2 * s[i], dtype);
+                storef(row, i2, x2 * c[i] + x1 * s[i], dtype);
+            }
+        }
+    }
+    return 0;
+}
+
+/* out[a, b, :] = silu(gate[a, b, :]) * up[a, b, :] over [A, B, C] (element strides per tensor for
+ * a and b, unit stride over c). In bf16 the silu result is rounded before the product, as
+ * F.silu(gate) * up does. Returns 0. */
+int moe_silu_mul(const void *gate, const void *up, void *out, int dtype, int64_t A, int64_t B, int64_t C,
+                 int64_t g_sa, int64_t g_sb, int64_t u_sa, int64_t u_sb, int64_t o_sa, int64_t o_sb,
+                 int num_threads) {
+    const size_t esz = dtype == BF16 ? 2 : 4;
+#pragma omp parallel for collapse(2) num_threads(num_threads) schedule(static) if (A * B * C >= 16384)
+    for (int64_t a = 0; a < A; a++) {
+        for (int64_t b = 0; b < B; b++) {
+            const char *g = (const char *)gate + (a * g_sa + b * g_sb) * esz;
+            const char *u = (const char *)up + (a * u_sa + b * u_sb) * esz;
+            char *o = (char *)out + (a * o_sa + b * o_sb) * esz;
+            int64_t i = 0;
+#if defined(__AVX512F__)
+            const __m512 one = _mm512_set1_ps(1.f);
+            for (; i + VEC <= C; i += VEC) {
+                const __m512 gv = load16(g + i * esz, dtype);
+                /* sigmoid from exp(-|g|) (never overflows): g >= 0: 1 / (1 + e), else e / (1 + e) */
+                const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gv)));
+                const __m512 r = _mm512_div_ps(one, _mm512_add_ps(one, e));
+                const __m512 sig = _mm512_mask_mul_ps(r, _mm512_cmp_ps_mask(gv, _mm512_setzero_ps(), _CMP_LT_OQ), r, e);
+                __m512 si = _mm512_mul_ps(gv, sig);
+                if (dtype == BF16) {  /* F.silu's own rounding to bf16 */
+                    uint16_t tmp[VEC];
+                    store16(tmp, si, BF16);
+                    si = load16(tmp, BF16);
+                }
+                store16(o + i * esz, _mm512_mul_ps(si, load16(u + i * esz, dtype)), dtype);
+            }
+#endif
+            for (; i < C; i++) {
+                const float gv = loadf(g, i, dtype);
+                const float e = expf(-fabsf(gv));
+                float si = gv * (gv >= 0.f ? 1.f / (1.f + e) : e / (1.f + e));
+                if (dtype == BF16) si = bf16_to_f32(f32_to_bf16(si));
+                storef(o, i, si * loadf(u, i, dtype), dtype);
+            }
+        }
+    }
+    return 0;
+}
