@@ -177,9 +177,18 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Vocab-split output projection; logits are gathered to full vocab on every rank."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        # beyond a few rows the wide vocab GEMM is faster as one F.linear, and its output is
-        # row-major, which the sampler's row-wise ops want (measured: 6.9 vs 8.4 ms at 64 rows)
-        logits = linear(h, self.weight) if h.shape[0] <= 8 else F.linear(h, self.weight)
+        # 9-64 rows on CPU: a batched GEMM over 8 slices of the vocab, which oneDNN blocks better,
+        # then float32 and row-major (what the sampler's row-wise ops want). Measured with cold
+        # weights, 32000 x 1024: 3.5 vs 5.4 ms at 64 rows, 2.5 vs 4.0 at 16-32 (F.linear + float)
+        M = h.shape[0]
+        if M <= 8:
+            logits = linear(h, self.weight)
+        elif h.device.type == "cpu" and h.dim() == 2 and M <= 64 and self.per_rank % 8 == 0:
+            w = self.weight.view(8, self.per_rank // 8, -1)
+            part = torch.bmm(w, h.t().unsqueeze(0).expand(8, -1, -1)).float()  # [8, V/8, M]
+            logits = part.permute(2, 0, 1).reshape(M, self.per_rank)
+        else:
+            logits = F.linear(h, self.weight)
         if get_tp_size() > 1:
             logits = tp_all_gather_last_dim(logits)
         return logits[..., : self.vocab]

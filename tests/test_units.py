@@ -677,6 +677,22 @@ def test_linear_cpu_shortcuts_equal_f_linear(m):
     torch.testing.assert_close(y, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("m", [1, 5, 9, 16, 64, 65, 200])
+@pytest.mark.parametrize("vocab", [96, 100])  # split in 8 vocab slices, and not divisible by 8
+def test_lm_head_paths_equal_f_linear(m, vocab):
+    from parallel import init_single_process
+    from parallel.layers import ParallelLMHead
+
+    init_single_process()
+    head = ParallelLMHead(vocab, 24, dtype=torch.float32)
+    g = torch.Generator().manual_seed(m)
+    head.weight.data.copy_(torch.randn(vocab, 24, generator=g))
+    h = torch.randn(m, 24, generator=g)
+    out = head(h)
+    assert out.shape == (m, vocab)
+    torch.testing.assert_close(out.float(), F.linear(h, head.weight), atol=1e-5, rtol=1e-5)
+
+
 def test_grouped_experts_weight_loader_places_gate_up_down():
     mod = GroupedExperts(3, 4, 2, dtype=torch.float32)
     gate, up, down = torch.randn(2, 4), torch.randn(2, 4), torch.randn(4, 2)
