@@ -7,9 +7,10 @@
   place through the block table, with the GQA query heads of its KV head (and, when there are
   enough sequences, all heads of one token as one contiguous read). Results equal
   :mod:`kvcache.reference`.
-- :func:`rope_` and :func:`silu_mul` (``elementwise.c``): rotary embedding in place and SwiGLU's
-  ``silu(gate) * up``, one pass each instead of a chain of torch ops (the rotary chain alone was
-  ~10 ops and most of a prefill step's non-GEMM time), with torch's roundings.
+- :func:`rope_`, :func:`silu_mul` and :func:`rms_norm` (``elementwise.c``): rotary embedding in
+  place, SwiGLU's ``silu(gate) * up`` and RMSNorm of bf16 activations, one pass each instead of a
+  chain of torch ops (the rotary chain alone was ~10 ops), with the roundings of the torch code
+  they replace.
 
 Every kernel has the torch path it replaces as its reference (tests/test_cpu_kernels.py) and the
 callers fall back to that path when :func:`load` returns None.
@@ -102,6 +103,8 @@ def _build() -> ctypes.CDLL:
     lib.moe_rope.restype = ctypes.c_int
     lib.moe_silu_mul.argtypes = [ptr, ptr, ptr, ctypes.c_int, i64, i64, i64, i64, i64, i64, i64, i64, i64, ctypes.c_int]
     lib.moe_silu_mul.restype = ctypes.c_int
+    lib.moe_rms_norm.argtypes = [ptr, ptr, ptr, ctypes.c_int, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
+    lib.moe_rms_norm.restype = ctypes.c_int
     return lib
 
 
@@ -199,3 +202,23 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     _lib.moe_silu_mul(g.data_ptr(), u.data_ptr(), out.data_ptr(), dtype, A, B, C, g.stride(0), g.stride(1),
                       u.stride(0), u.stride(1), out.stride(0), out.stride(1), torch.get_num_threads())
     return out.view(gate.shape)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor | None:
+    """RMSNorm over the last dim of a bfloat16 ``x`` (rows of any stride, unit stride within a
+    row) the way the reference implementations treat low-precision activations:
+    ``weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)``. None when the kernel does not
+    apply (float32 keeps torch's fused ``rms_norm``)."""
+    if x.dtype != torch.bfloat16 or (weight is not None and weight.dtype != x.dtype):
+        return None
+    dtype = _kernel_dtype(x) if weight is None else _kernel_dtype(x, weight)
+    if dtype is None or x.dim() < 2:
+        return None
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() > 2 else x  # a view when rows are evenly strided
+    if x2.dim() != 2 or x2.stride(-1) != 1:
+        return None
+    out = torch.empty(x2.shape, dtype=x.dtype)
+    w = weight.contiguous() if weight is not None else None
+    _lib.moe_rms_norm(x2.data_ptr(), w.data_ptr() if w is not None else None, out.data_ptr(), dtype, x2.shape[0],
+                      x2.shape[1], x2.stride(0), out.stride(0), eps, torch.get_num_threads())
+    return out.view(x.shape)

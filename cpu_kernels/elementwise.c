@@ -90,3 +90,56 @@ int moe_silu_mul(const void *gate, const void *up, void *out, int dtype, int64_t
     }
     return 0;
 }
+
+/* RMSNorm of rows x [R, D] (row stride sx, unit stride within a row) into out [R, D] (row stride
+ * so), as the reference implementations do for low-precision activations: statistics in float32,
+ * y = x * rsqrt(mean(x^2) + eps) rounded to the input dtype, then weight * y rounded again.
+ * w (dtype, [D]) may be NULL (no scale). Returns 0. */
+int moe_rms_norm(const void *x, const void *w, void *out, int dtype, int64_t R, int64_t D, int64_t sx, int64_t so,
+                 float eps, int num_threads) {
+    const size_t esz = dtype == BF16 ? 2 : 4;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (R * D >= 32768)
+    for (int64_t r = 0; r < R; r++) {
+        const char *xr = (const char *)x + r * sx * esz;
+        char *orow = (char *)out + r * so * esz;
+        int64_t i = 0;
+        float ss = 0.f;
+#if defined(__AVX512F__)
+        __m512 acc = _mm512_setzero_ps();
+        for (; i + VEC <= D; i += VEC) {
+            const __m512 v = load16(xr + i * esz, dtype);
+            acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
+        }
+        ss = _mm512_reduce_add_ps(acc);
+#endif
+        for (; i < D; i++) {
+            const float v = loadf(xr, i, dtype);
+            ss += v * v;
+        }
+        const float inv = 1.f / sqrtf(ss / (float)D + eps);
+        i = 0;
+#if defined(__AVX512F__)
+        for (; i + VEC <= D; i += VEC) {
+            __m512 y = _mm512_mul_ps(load16(xr + i * esz, dtype), _mm512_set1_ps(inv));
+            if (w) {
+                if (dtype == BF16) {  /* y rounded to bf16 before the weight, as .to(x.dtype) does */
+                    uint16_t tmp[VEC];
+                    store16(tmp, y, BF16);
+                    y = load16(tmp, BF16);
+                }
+                y = _mm512_mul_ps(y, load16((const char *)w + i * esz, dtype));
+            }
+            store16(orow + i * esz, y, dtype);
+        }
+#endif
+        for (; i < D; i++) {
+            float y = loadf(xr, i, dtype) * inv;
+            if (w) {
+                if (dtype == BF16) y = bf16_to_f32(f32_to_bf16(y));
+                y *= loadf(w, i, dtype);
+            }
+            storef(orow, i, y, dtype);
+        }
+    }
+    return 0;
+}

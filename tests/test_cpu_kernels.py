@@ -186,3 +186,21 @@ def test_fused_swiglu_equals_silu_times_up(layout, dtype):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     big = torch.tensor([[-200.0, 90.0, -0.0, 1e-30, 200.0, -90.0]], dtype=dtype)  # exp(-|g|) never overflows
     torch.testing.assert_close(fused_swiglu(big).float(), swiglu(big).float(), atol=1e-6, rtol=1e-2)
+
+
+@pytest.mark.parametrize("shape,strided", [((300, 1024), False), ((37, 40), True), ((5, 3, 24), False), ((2, 7), False)])
+def test_rms_norm_kernel_equals_the_torch_formula(shape, strided):
+    from moe.models.layers import RMSNorm
+
+    g = torch.Generator().manual_seed(shape[-1])
+    base = (torch.randn(*shape[:-1], shape[-1] + 8, generator=g) * 3).to(torch.bfloat16)
+    x = base[..., 4:4 + shape[-1]] if strided else base[..., :shape[-1]].contiguous()
+    norm = RMSNorm(shape[-1], 1e-5, torch.bfloat16)
+    norm.weight.data.copy_(torch.randn(shape[-1], generator=g))
+    want = norm.weight * torch.nn.functional.rms_norm(x.float(), (shape[-1],), None, 1e-5).to(x.dtype)
+    got = cpu_kernels.rms_norm(x, norm.weight, 1e-5)
+    assert got is not None and got.shape == x.shape and got.dtype == torch.bfloat16
+    # the statistics are summed in another order: at most one bf16 step apart, nearly always equal
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=8e-3)
+    assert (got != want).float().mean() < 0.01
+    torch.testing.assert_close(norm(x), got, atol=0, rtol=0)  # the module takes the kernel

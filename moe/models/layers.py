@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import cpu_kernels
 from experts import Activation, fused_swiglu
 from kvcache import AttentionMetadata, paged_attention, write_kv
 from parallel import (ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear, ShardedRMSNorm,
@@ -43,6 +44,9 @@ class RMSNorm(nn.Module):
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # upcast like the reference implementations: statistics in float32, scaled in x's dtype
+        y = cpu_kernels.rms_norm(x, self.weight, self.eps) if x.device.type == "cpu" else None
+        if y is not None:  # the same in one pass (bf16 on CPU)
+            return y
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
 
