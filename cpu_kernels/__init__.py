@@ -105,6 +105,8 @@ def _build() -> ctypes.CDLL:
     lib.moe_silu_mul.restype = ctypes.c_int
     lib.moe_rms_norm.argtypes = [ptr, ptr, ptr, ctypes.c_int, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
     lib.moe_rms_norm.restype = ctypes.c_int
+    lib.moe_write_rows.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, i64, i64, i64, i64, ptr, i64, i64, ctypes.c_int]
+    lib.moe_write_rows.restype = ctypes.c_int
     return lib
 
 
@@ -222,3 +224,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     _lib.moe_rms_norm(x2.data_ptr(), w.data_ptr() if w is not None else None, out.data_ptr(), dtype, x2.shape[0],
                       x2.shape[1], x2.stride(0), out.stride(0), eps, torch.get_num_threads())
     return out.view(x.shape)
+
+
+def write_rows(cache: torch.Tensor, x_THD: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+    """``cache.view(slots, H, D)[slot_mapping] = x_THD`` for a plain CPU cache ``[blocks,
+    block_size, H, D]`` (unit stride within a head) and ``x`` of the cache's dtype with any
+    strides. False, writing nothing, when the kernel does not apply (then use ``index_copy_``)."""
+    if x_THD.dim() != 3 or x_THD.shape[1:] != cache.shape[2:] or cache.stride(0) != cache.shape[1] * cache.stride(1):
+        return False
+    dtype = _kernel_dtype(cache, x_THD) if x_THD.stride(-1) == 1 else _kernel_dtype(cache)
+    if dtype is None or x_THD.dtype != cache.dtype:
+        return False
+    slots = slot_mapping.to(torch.int64).contiguous()
+    T, H, D = x_THD.shape
+    _lib.moe_write_rows(x_THD.data_ptr(), cache.data_ptr(), dtype, T, H, D, *x_THD.stride(), slots.data_ptr(),
+                        cache.stride(1), cache.stride(2), torch.get_num_threads())
+    return True

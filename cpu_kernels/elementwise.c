@@ -143,3 +143,26 @@ int moe_rms_norm(const void *x, const void *w, void *out, int dtype, int64_t R, 
     }
     return 0;
 }
+
+/* dst[slots[t], h, :] = src[t, h, :] for t < T: new K/V rows into a paged cache [slots, H, D]
+ * (element strides d_slot, d_head, unit within a head) from src [T, H, D] with any element
+ * strides (s_t, s_h, s_d), same dtype. Returns 0. */
+int moe_write_rows(const void *src, void *dst, int dtype, int64_t T, int64_t H, int64_t D, int64_t s_t, int64_t s_h,
+                   int64_t s_d, const int64_t *slots, int64_t d_slot, int64_t d_head, int num_threads) {
+    const size_t esz = dtype == BF16 ? 2 : 4;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (T * H * D >= 65536)
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t h = 0; h < H; h++) {
+            const char *s = (const char *)src + (t * s_t + h * s_h) * esz;
+            char *d = (char *)dst + (slots[t] * d_slot + h * d_head) * esz;
+            if (s_d == 1) {
+                memcpy(d, s, D * esz);
+            } else if (esz == 2) {
+                for (int64_t i = 0; i < D; i++) ((uint16_t *)d)[i] = *(const uint16_t *)(s + i * s_d * 2);
+            } else {
+                for (int64_t i = 0; i < D; i++) ((float *)d)[i] = *(const float *)(s + i * s_d * 4);
+            }
+        }
+    }
+    return 0;
+}

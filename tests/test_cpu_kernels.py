@@ -204,3 +204,22 @@ def test_rms_norm_kernel_equals_the_torch_formula(shape, strided):
     torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=8e-3)
     assert (got != want).float().mean() < 0.01
     torch.testing.assert_close(norm(x), got, atol=0, rtol=0)  # the module takes the kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("src", ["contiguous", "head_view", "transposed"])
+def test_write_rows_equals_index_copy(src, dtype):
+    g = torch.Generator().manual_seed(2)
+    cache = torch.randn(6, 4, 3, 8, generator=g).to(dtype)
+    want = cache.clone()
+    if src == "contiguous":
+        x = torch.randn(5, 3, 8, generator=g).to(dtype)
+    elif src == "head_view":  # heads of a wider row, as k after the joint rope
+        x = torch.randn(5, 7, 8, generator=g).to(dtype)[:, 2:5]
+    else:  # what w @ x.T returns for few rows: element stride T
+        x = torch.randn(24, 5, generator=g).to(dtype).t().reshape(5, 3, 8)
+    slots = torch.tensor([22, 0, 7, 13, 3])
+    want.view(24, 3, 8).index_copy_(0, slots, x)
+    assert cpu_kernels.write_rows(cache, x, slots)
+    assert torch.equal(cache, want)
+    assert not cpu_kernels.write_rows(cache, x.to(torch.float16), slots)  # another dtype: the caller's path
