@@ -170,16 +170,32 @@ static inline void axpys(float *acc, int64_t G, const float *p, int64_t stride, 
         for (int64_t i = 0; i < n; i++) acc[g * n + i] += p[g * stride] * tmp[i];
 }
 
+/* one block of an item's walk over its cached rows [lo, len): the block holding rows
+ * [t0, t0 + block_size) (its rows of heads h0.. start at the returned pointer), the item's rows
+ * [*a, *e) in it; the next block's rows (row_bytes each) are prefetched meanwhile */
+static inline const char *walk_block(const char *cache, const int32_t *table, int64_t t0, int64_t lo, int64_t len,
+                                     int64_t block_size, int64_t sblock, int64_t sslot, int64_t shead, int64_t h0,
+                                     int64_t row_bytes, size_t esz, int64_t *a, int64_t *e) {
+    *a = t0 > lo ? t0 : lo;
+    *e = t0 + block_size < len ? t0 + block_size : len;
+    if (t0 + block_size < len)
+        prefetch_rows(cache + (table[t0 / block_size + 1] * sblock + h0 * shead) * esz,
+                      len - t0 - block_size < block_size ? len - t0 - block_size : block_size, sslot * (int64_t)esz,
+                      row_bytes);
+    return cache + (table[t0 / block_size] * sblock + h0 * shead) * esz;
+}
+
 /* Strides are in elements. k/v: [blocks, block_size, kv_heads, dim] with unit last stride (V may
  * be a strided view of K, as MLA's latent cache is). q/out: [B, H, dim] contiguous.
  * window > 0 keeps the last `window` keys; sinks (float32 [H]) or NULL. Returns 0. */
-int moe_paged_decode(const void *q, void *out, const void *k, const void *v, int dtype,
+int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, int dtype,
                      int64_t B, int64_t H, int64_t Hkv, int64_t Dk, int64_t Dv,
                      int64_t k_sblock, int64_t k_sslot, int64_t k_shead,
                      int64_t v_sblock, int64_t v_sslot, int64_t v_shead,
                      int64_t block_size, const int32_t *block_tables, int64_t max_blocks,
                      const int32_t *context_lens, int64_t window, const float *sinks,
                      float scale, int num_threads) {
+    const char *k = k_, *v = v_;
     const int64_t G = H / Hkv;
     const size_t esz = dtype == BF16 ? 2 : 4;
     int64_t max_len = 0;
@@ -215,12 +231,9 @@ int moe_paged_decode(const void *q, void *out, const void *k, const void *v, int
                 load_row((const char *)q + ((b * H + h0 * G + j) * Dk) * esz, dtype, Dk, qf + j * Dk);
             /* scores, block by block (no division per token) */
             for (int64_t t0 = lo - lo % block_size; t0 < len; t0 += block_size) {
-                const char *kb = (const char *)k + (table[t0 / block_size] * k_sblock + h0 * k_shead) * esz;
-                const int64_t a = t0 > lo ? t0 : lo, e = t0 + block_size < len ? t0 + block_size : len;
-                if (t0 + block_size < len)
-                    prefetch_rows((const char *)k + (table[t0 / block_size + 1] * k_sblock + h0 * k_shead) * esz,
-                                  (len - t0 - block_size) < block_size ? len - t0 - block_size : block_size,
-                                  k_sslot * (int64_t)esz, ((h1 - h0 - 1) * k_shead + Dk) * (int64_t)esz);
+                int64_t a, e;
+                const char *kb = walk_block(k, table, t0, lo, len, block_size, k_sblock, k_sslot, k_shead, h0,
+                                            ((h1 - h0 - 1) * k_shead + Dk) * (int64_t)esz, esz, &a, &e);
 #if defined(__AVX512F__)
                 if (Dk % VEC == 0) {
                     for (int64_t ts = a; ts < e; ts += 16) {
@@ -263,12 +276,9 @@ int moe_paged_decode(const void *q, void *out, const void *k, const void *v, int
                 /* block by block (in memory order); per query head and 64 dims the accumulators stay in
                  * registers over the block's rows */
                 for (int64_t t0 = lo - lo % block_size; t0 < len; t0 += block_size) {
-                    const char *vb = (const char *)v + (table[t0 / block_size] * v_sblock + h0 * v_shead) * esz;
-                    const int64_t a = t0 > lo ? t0 : lo, e = t0 + block_size < len ? t0 + block_size : len;
-                    if (t0 + block_size < len)
-                        prefetch_rows((const char *)v + (table[t0 / block_size + 1] * v_sblock + h0 * v_shead) * esz,
-                                      (len - t0 - block_size) < block_size ? len - t0 - block_size : block_size,
-                                      v_sslot * (int64_t)esz, ((h1 - h0 - 1) * v_shead + Dv) * (int64_t)esz);
+                    int64_t a, e;
+                    const char *vb = walk_block(v, table, t0, lo, len, block_size, v_sblock, v_sslot, v_shead, h0,
+                                                ((h1 - h0 - 1) * v_shead + Dv) * (int64_t)esz, esz, &a, &e);
                     for (int64_t j = 0; j < r; j++) {
                         const char *vh = vb + ((a - t0) * v_sslot + (j / G) * v_shead) * esz;
                         for (int64_t c0 = 0; c0 < Dv; c0 += 64)
@@ -280,8 +290,9 @@ int moe_paged_decode(const void *q, void *out, const void *k, const void *v, int
             }
 #endif
             for (int64_t t0 = lo - lo % block_size; t0 < len; t0 += block_size) {
-                const char *vb = (const char *)v + (table[t0 / block_size] * v_sblock + h0 * v_shead) * esz;
-                const int64_t a = t0 > lo ? t0 : lo, e = t0 + block_size < len ? t0 + block_size : len;
+                int64_t a, e;
+                const char *vb = walk_block(v, table, t0, lo, len, block_size, v_sblock, v_sslot, v_shead, h0,
+                                            ((h1 - h0 - 1) * v_shead + Dv) * (int64_t)esz, esz, &a, &e);
                 for (int64_t t = a; t < e; t++)
                     for (int64_t hk = 0; hk < h1 - h0; hk++)
                         axpys(acc + hk * G * Dv, G, s + hk * G * n + (t - lo), n,

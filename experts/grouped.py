@@ -80,9 +80,11 @@ def grouped_swiglu_torch(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.
 
 
 # Decode-sized groups (every expert's rows fit in this many) run as batched GEMMs over runs of
-# consecutive non-empty experts, rows padded to the run's largest group: two bmm per run instead
-# of two GEMMs (and their small ops) per expert, and the batched form streams the weights faster
-# on CPU (measured with 8 experts of 1024 x 2816: 44-49 vs 52-61 ms per 8 layers at 8-32 rows).
+# consecutive non-empty experts, rows padded to the run's largest group rounded up to a multiple
+# of 8 (few distinct shapes, so oneDNN's kernels for them stay cached; a new shape costs ~5 ms):
+# two bmm per run instead of two GEMMs (and their small ops) per expert, and the batched form
+# streams the weights faster on CPU (measured with 8 experts of 1024 x 2816: 44-49 vs 52-61 ms
+# per 8 layers at 8-32 rows).
 BATCHED_MAX_ROWS = 64
 
 
@@ -106,7 +108,7 @@ def _batched_runs(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor,
             y_RD[r0:r1] = linear(h, w2_eDF[e], None if b2_eD is None else b2_eD[e])
             e = end
             continue
-        m = max(counts[e:end])
+        m = -(-max(counts[e:end]) // 8) * 8  # few distinct shapes: oneDNN builds a kernel per new one
         # row j of expert i sits at padded position i*m + j; padding points at a zero row
         pos = torch.cat([torch.arange(counts[i]) + (i - e) * m for i in range(e, end)])
         src = torch.full(((end - e) * m,), r1 - r0, dtype=torch.long)
