@@ -79,12 +79,12 @@ def grouped_swiglu_torch(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.
     return y_RD
 
 
-# Decode-sized groups (every expert's rows fit in this many) run as batched GEMMs over runs of
-# consecutive non-empty experts, rows padded to the run's largest group rounded up to a multiple
-# of 8 (few distinct shapes, so oneDNN's kernels for them stay cached; a new shape costs ~5 ms):
-# two bmm per run instead of two GEMMs (and their small ops) per expert, and the batched form
-# streams the weights faster on CPU (measured with 8 experts of 1024 x 2816: 44-49 vs 52-61 ms
-# per 8 layers at 8-32 rows).
+# Decode-sized groups (every expert's rows fit in this many) run as batched GEMMs over pieces of
+# up to 8 consecutive non-empty experts, rows padded to the piece's largest group rounded up to a
+# multiple of 8 (few distinct shapes, so oneDNN's kernels for them stay cached; a new shape costs
+# ~5 ms): two bmm per piece instead of two GEMMs (and their small ops) per expert, and the
+# batched form streams the weights faster on CPU (measured with 8 experts of 1024 x 2816: 44-49
+# vs 52-61 ms per 8 layers at 8-32 rows).
 BATCHED_MAX_ROWS = 64
 
 
@@ -94,27 +94,19 @@ def _batched_runs(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor,
     starts = [0]
     for n in counts:
         starts.append(starts[-1] + n)
-    e = 0
-    while e < len(counts):
-        if counts[e] == 0:
-            e += 1
-            continue
-        end = e
-        while end < len(counts) and counts[end] > 0:
-            end += 1
+    for e, end in _pieces(counts):
         r0, r1 = starts[e], starts[end]
         if end - e == 1:  # a lone expert: plain GEMMs
             h = fused_swiglu(linear(x_RD[r0:r1], w13_e2FD[e], None if b13_e2F is None else b13_e2F[e]), act)
             y_RD[r0:r1] = linear(h, w2_eDF[e], None if b2_eD is None else b2_eD[e])
-            e = end
             continue
-        m = -(-max(counts[e:end]) // 8) * 8  # few distinct shapes: oneDNN builds a kernel per new one
+        m = padded_rows(max(max(counts[e:end]), 2))
         # row j of expert i sits at padded position i*m + j; padding points at a zero row
         pos = torch.cat([torch.arange(counts[i]) + (i - e) * m for i in range(e, end)])
         src = torch.full(((end - e) * m,), r1 - r0, dtype=torch.long)
         src[pos] = torch.arange(r1 - r0)
         x = torch.cat([x_RD[r0:r1], x_RD.new_zeros(1, x_RD.shape[1])])[src].view(end - e, m, -1)
-        h = torch.bmm(w13_e2FD[e:end], x.transpose(1, 2))  # [n, 2F, m]: weights stream once per run
+        h = torch.bmm(w13_e2FD[e:end], x.transpose(1, 2))  # [n, 2F, m]: weights stream once per piece
         if b13_e2F is not None:
             h = h + b13_e2F[e:end].unsqueeze(-1)
         a = fused_swiglu(h, act, dim=1)  # [n, F, m]
@@ -122,7 +114,24 @@ def _batched_runs(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor,
         if b2_eD is not None:
             y = y + b2_eD[e:end].unsqueeze(-1)
         y_RD[r0:r1] = y.transpose(1, 2).reshape(-1, y.shape[1])[pos]
-        e = end
+
+
+def _pieces(counts: list[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive non-empty experts, cut into pieces of 8, 4, 2 or 1 experts (few
+    distinct batch sizes, so few GEMM shapes): ``[(first, end), ...]``."""
+    out, e = [], 0
+    while e < len(counts):
+        if counts[e] == 0:
+            e += 1
+            continue
+        end = e
+        while end < len(counts) and counts[end] > 0:
+            end += 1
+        while e < end:
+            size = next(p for p in (8, 4, 2, 1) if p <= end - e)
+            out.append((e, e + size))
+            e += size
+    return out
 
 
 def _resolve_backend(backend: Backend, device: torch.device) -> str:

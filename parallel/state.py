@@ -175,6 +175,8 @@ def tp_all_reduce(x):
     st = get_parallel_state()
     if st.tp_size == 1 or x.numel() == 0:
         return x
+    if not x.is_contiguous():  # e.g. the rows of a padded few-row GEMM: reduce what the view shows
+        x = x.contiguous()
     dist.all_reduce(x, group=st.tp_group)
     return x
 

@@ -639,8 +639,9 @@ def test_grouped_experts_gpt_oss_clamped_swiglu_with_biases(dtype):
 
 
 @pytest.mark.parametrize("counts", [
-    [130, 0, 200, 64, 129, 3, 150],  # > 128 rows: padded to multiples of 64, the last one past the end
+    [130, 0, 200, 64, 129, 3, 150],  # > 128 rows: padded to multiples of 64 (else 8), the last past the end
     [3, 0, 5, 5, 0, 0, 1, 7],  # decode-sized: batched runs [0], [2, 3], [6, 7] around empty experts
+    [2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5, 6, 0, 1],  # a run of 14: pieces of 8, 4 and 2
     [0, 0, 4],  # one lone expert at the end
     [40, 70, 2],  # one group above BATCHED_MAX_ROWS: per-expert GEMMs
 ])
@@ -651,7 +652,7 @@ def test_grouped_experts_row_group_paths(dtype, counts):
     from parallel.layers import padded_rows
 
     if counts[0] == 130:
-        assert [padded_rows(n) for n in counts] == [192, 0, 256, 64, 192, 3, 192]
+        assert [padded_rows(n) for n in counts] == [192, 0, 256, 64, 192, 8, 192]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(sum(counts), 32, generator=g).to(dtype)
     w13 = (torch.randn(len(counts), 48, 32, generator=g) / 6).to(dtype)
