@@ -131,9 +131,8 @@ def load() -> ctypes.CDLL | None:
 def supports_decode(q: torch.Tensor, k_cache: object, v_cache: object) -> bool:
     """Whether the kernel handles these tensors: CPU, float32 or bfloat16 throughout (not fp8),
     rows with unit stride."""
-    return (isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor) and not q.is_cuda
-            and q.dtype in _DTYPES and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
-            and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and load() is not None)
+    return (isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)
+            and _kernel_dtype(q, k_cache, v_cache) is not None)
 
 
 def paged_decode_attention(q_BHD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -195,14 +194,12 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
         return None
     g, u = (gate, up) if gate.dim() == 3 else (gate.unsqueeze(0), up.unsqueeze(0))
     out = torch.empty(g.shape, dtype=gate.dtype)
+    o = out
     A, B, C = g.shape
     if g.stride(1) == u.stride(1) == C:  # [B, C] slabs contiguous: one long row each (C may be tiny)
-        g, u, out_v = g.view(A, 1, B * C), u.view(A, 1, B * C), out.view(A, 1, B * C)
-        _lib.moe_silu_mul(g.data_ptr(), u.data_ptr(), out_v.data_ptr(), dtype, A, 1, B * C, g.stride(0), 0,
-                          u.stride(0), 0, out_v.stride(0), 0, torch.get_num_threads())
-        return out.view(gate.shape)
-    _lib.moe_silu_mul(g.data_ptr(), u.data_ptr(), out.data_ptr(), dtype, A, B, C, g.stride(0), g.stride(1),
-                      u.stride(0), u.stride(1), out.stride(0), out.stride(1), torch.get_num_threads())
+        g, u, o = g.view(A, 1, B * C), u.view(A, 1, B * C), out.view(A, 1, B * C)
+    _lib.moe_silu_mul(g.data_ptr(), u.data_ptr(), o.data_ptr(), dtype, *o.shape, g.stride(0), g.stride(1),
+                      u.stride(0), u.stride(1), o.stride(0), o.stride(1), torch.get_num_threads())
     return out.view(gate.shape)
 
 
@@ -211,9 +208,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     row) the way the reference implementations treat low-precision activations:
     ``weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)``. None when the kernel does not
     apply (float32 keeps torch's fused ``rms_norm``)."""
-    if x.dtype != torch.bfloat16 or (weight is not None and weight.dtype != x.dtype):
+    if x.dtype != torch.bfloat16:
         return None
-    dtype = _kernel_dtype(x) if weight is None else _kernel_dtype(x, weight)
+    dtype = _kernel_dtype(x, *([] if weight is None else [weight]))
     if dtype is None or x.dim() < 2:
         return None
     x2 = x.reshape(-1, x.shape[-1]) if x.dim() > 2 else x  # a view when rows are evenly strided

@@ -29,11 +29,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
             xp = x.new_zeros(mp, x.shape[1])
             xp[:m] = x
             x = xp
-        if m <= _SMALL_M:
-            y = torch.mv(w, x[0]).unsqueeze(0) if m == 1 else torch.mm(w, x.t()).t()
-        else:
-            y = F.linear(x, w)
-        y = y[:m] if mp != m else y
+        if m > _SMALL_M:
+            y = F.linear(x, w, b)
+            return y[:m] if mp != m else y
+        y = torch.mv(w, x[0]).unsqueeze(0) if m == 1 else torch.mm(w, x.t()).t()[:m]
         return y + b if b is not None else y
     return F.linear(x, w, b)
 

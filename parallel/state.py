@@ -139,27 +139,23 @@ def build_parallel_state(sharding: ShardingConfig, rank: int, world_size: int) -
             return dist.group.WORLD
         return dist.new_group(ranks, timeout=timeout)
 
-    # every rank creates every group, in the same order
-    dp_rank, tp_rank = divmod(rank, tp)
-    tp_group = dp_group = None
-    for d in range(dp):
-        g = group([d * tp + j for j in range(tp)])
-        if d == dp_rank:
-            tp_group = g
-    for j in range(tp):
-        g = group([d * tp + j for d in range(dp)])
-        if j == tp_rank:
-            dp_group = g
-    ep_rank, etp_rank = divmod(rank, etp)
-    ep_group = etp_group = None
-    for j in range(etp):
-        g = group([e * etp + j for e in range(ep)])
-        if j == etp_rank:
-            ep_group = g
-    for e in range(ep):
-        g = group([e * etp + j for j in range(etp)])
-        if e == ep_rank:
-            etp_group = g
+    def grid(rows: int, cols: int) -> tuple[int, int, object, object]:
+        """Ranks laid out row-major in a rows x cols grid: this rank's (row, col), and the groups
+        of its row and of its column. Every rank creates every group, in the same order."""
+        my_row, my_col = divmod(rank, cols)
+        row_group = col_group = None
+        for r in range(rows):
+            g = group([r * cols + c for c in range(cols)])
+            if r == my_row:
+                row_group = g
+        for c in range(cols):
+            g = group([r * cols + c for r in range(rows)])
+            if c == my_col:
+                col_group = g
+        return my_row, my_col, row_group, col_group
+
+    dp_rank, tp_rank, tp_group, dp_group = grid(dp, tp)  # a TP group is a row; DP groups are columns
+    ep_rank, etp_rank, etp_group, ep_group = grid(ep, etp)  # an expert group's ranks split experts' F
     state = ParallelState(rank=rank, world_size=world_size, tp_rank=tp_rank, tp_size=tp, ep_rank=ep_rank,
                           ep_size=ep, etp_rank=etp_rank, etp_size=etp, dp_rank=dp_rank, dp_size=dp,
                           tp_group=tp_group, dp_group=dp_group, ep_group=ep_group, etp_group=etp_group,
