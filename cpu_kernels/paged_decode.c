@@ -186,27 +186,33 @@ static inline const char *walk_block(const char *cache, const int32_t *table, in
 }
 
 /* Strides are in elements. k/v: [blocks, block_size, kv_heads, dim] with unit last stride (V may
- * be a strided view of K, as MLA's latent cache is). q/out: [B, H, dim] contiguous.
- * window > 0 keeps the last `window` keys; sinks (float32 [H]) or NULL. Returns 0. */
+ * be a strided view of K, as MLA's latent cache is). q/out: [T, H, dim] contiguous. Sequence b owns
+ * query rows query_start[b] .. query_start[b+1]-1 (query_start NULL: row b alone), the newest last:
+ * with Q rows and context_lens[b] = L cached tokens (its own rows' included), row i attends to the
+ * first L - (Q - 1 - i) tokens (causal). Each cached row is read once for all of a sequence's query
+ * rows. window > 0 keeps the last `window` keys of each row; sinks (float32 [H]) or NULL. Returns 0. */
 int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, int dtype,
                      int64_t B, int64_t H, int64_t Hkv, int64_t Dk, int64_t Dv,
                      int64_t k_sblock, int64_t k_sslot, int64_t k_shead,
                      int64_t v_sblock, int64_t v_sslot, int64_t v_shead,
                      int64_t block_size, const int32_t *block_tables, int64_t max_blocks,
-                     const int32_t *context_lens, int64_t window, const float *sinks,
+                     const int32_t *context_lens, const int32_t *query_start, int64_t window, const float *sinks,
                      float scale, int num_threads) {
     const char *k = k_, *v = v_;
     const int64_t G = H / Hkv;
     const size_t esz = dtype == BF16 ? 2 : 4;
-    int64_t max_len = 0;
-    for (int64_t b = 0; b < B; b++) max_len = context_lens[b] > max_len ? context_lens[b] : max_len;
+    int64_t max_len = 0, max_q = 1;
+    for (int64_t b = 0; b < B; b++) {
+        max_len = context_lens[b] > max_len ? context_lens[b] : max_len;
+        if (query_start && query_start[b + 1] - query_start[b] > max_q) max_q = query_start[b + 1] - query_start[b];
+    }
     /* work item = (sequence, run of KV heads): whole sequences when there are enough of them (each
      * cached row read as one contiguous run of all heads), else split heads to feed every thread */
     int64_t chunks = (4 * (int64_t)num_threads + B - 1) / (B > 0 ? B : 1);
     chunks = chunks < 1 ? 1 : (chunks > Hkv ? Hkv : chunks);
     const int64_t hpc = (Hkv + chunks - 1) / chunks;
     chunks = (Hkv + hpc - 1) / hpc;
-    const int64_t R = hpc * G; /* query heads per item, at most */
+    const int64_t R = hpc * G * max_q; /* score rows per item, at most: (query row, query head) */
     const int64_t Dmax = Dk > Dv ? Dk : Dv;
 
 #pragma omp parallel num_threads(num_threads)
@@ -222,13 +228,17 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
         for (int64_t item = 0; item < B * chunks; item++) {
             const int64_t b = item / chunks, h0 = (item % chunks) * hpc;
             const int64_t h1 = h0 + hpc < Hkv ? h0 + hpc : Hkv;
-            const int64_t r = (h1 - h0) * G; /* query heads h0*G .. h1*G */
+            const int64_t rh = (h1 - h0) * G; /* query heads h0*G .. h1*G */
+            const int64_t q0 = query_start ? query_start[b] : b;
+            const int64_t nq = query_start ? query_start[b + 1] - q0 : 1;
+            const int64_t r = nq * rh; /* score row j: query row j / rh, head h0*G + j % rh */
             const int64_t len = context_lens[b];
-            const int64_t lo = (window > 0 && len > window) ? len - window : 0;
+            const int64_t first = len - nq + 1; /* the first query row's context */
+            const int64_t lo = (window > 0 && first > window) ? first - window : 0;
             const int64_t n = len - lo;
             const int32_t *table = block_tables + b * max_blocks;
             for (int64_t j = 0; j < r; j++)
-                load_row((const char *)q + ((b * H + h0 * G + j) * Dk) * esz, dtype, Dk, qf + j * Dk);
+                load_row((const char *)q + (((q0 + j / rh) * H + h0 * G + j % rh) * Dk) * esz, dtype, Dk, qf + j * Dk);
             /* scores, block by block (no division per token) */
             for (int64_t t0 = lo - lo % block_size; t0 < len; t0 += block_size) {
                 int64_t a, e;
@@ -239,8 +249,8 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                     for (int64_t ts = a; ts < e; ts += 16) {
                         const int cnt = e - ts < 16 ? (int)(e - ts) : 16;
                         for (int64_t j = 0; j < r; j++) {
-                            const int64_t hk = j / G;
-                            const uint16_t *qb = (const uint16_t *)q + (b * H + h0 * G + j) * Dk;
+                            const int64_t hk = (j % rh) / G;
+                            const uint16_t *qb = (const uint16_t *)q + ((q0 + j / rh) * H + h0 * G + j % rh) * Dk;
                             const __m512 sv = _mm512_mul_ps(
                                 score16(qf + j * Dk, qb, kb + ((ts - t0) * k_sslot + hk * k_shead) * esz,
                                         k_sslot * (int64_t)esz, cnt, Dk, dtype),
@@ -252,35 +262,45 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                 }
 #endif
                 for (int64_t t = a; t < e; t++) {
-                    for (int64_t hk = 0; hk < h1 - h0; hk++) {
-                        dots(qf + hk * G * Dk, G, kb + ((t - t0) * k_sslot + hk * k_shead) * esz, dtype, Dk, sc, row);
-                        for (int64_t g = 0; g < G; g++) s[(hk * G + g) * n + (t - lo)] = sc[g] * scale;
+                    for (int64_t qi = 0; qi < nq; qi++) {
+                        for (int64_t hk = 0; hk < h1 - h0; hk++) {
+                            const int64_t j0 = qi * rh + hk * G;
+                            dots(qf + j0 * Dk, G, kb + ((t - t0) * k_sslot + hk * k_shead) * esz, dtype, Dk, sc, row);
+                            for (int64_t g = 0; g < G; g++) s[(j0 + g) * n + (t - lo)] = sc[g] * scale;
+                        }
                     }
                 }
             }
-            /* softmax per query head (the sink is one more logit with no value) */
+            /* softmax per score row over its own keys [rlo, rlen) (the sink is one more logit with no
+             * value); keys outside get weight 0 */
             for (int64_t j = 0; j < r; j++) {
                 float *sj = s + j * n;
+                const int64_t rlen = len - (nq - 1 - j / rh);
+                const int64_t rlo = (window > 0 && rlen > window) ? rlen - window : 0;
+                float *sr = sj + (rlo - lo);
+                const int64_t m_n = rlen - rlo;
                 float m = -INFINITY;
-                for (int64_t i = 0; i < n; i++) m = sj[i] > m ? sj[i] : m;
-                const float sink = sinks ? sinks[h0 * G + j] : -INFINITY;
+                for (int64_t i = 0; i < m_n; i++) m = sr[i] > m ? sr[i] : m;
+                const float sink = sinks ? sinks[h0 * G + j % rh] : -INFINITY;
                 if (sink > m) m = sink;
-                const float sum = (sinks ? expf(sink - m) : 0.f) + exp_sub_sum(sj, n, m);
+                const float sum = (sinks ? expf(sink - m) : 0.f) + exp_sub_sum(sr, m_n, m);
                 const float inv = 1.f / sum;
-                for (int64_t i = 0; i < n; i++) sj[i] *= inv;
+                for (int64_t i = 0; i < m_n; i++) sr[i] *= inv;
+                for (int64_t i = 0; i < rlo - lo; i++) sj[i] = 0.f;
+                for (int64_t i = rlen - lo; i < n; i++) sj[i] = 0.f;
             }
             memset(acc, 0, sizeof(float) * (size_t)(r * Dv));
             /* weighted sum of V */
 #if defined(__AVX512F__)
             if (Dv % VEC == 0) {
-                /* block by block (in memory order); per query head and 64 dims the accumulators stay in
+                /* block by block (in memory order); per score row and 64 dims the accumulators stay in
                  * registers over the block's rows */
                 for (int64_t t0 = lo - lo % block_size; t0 < len; t0 += block_size) {
                     int64_t a, e;
                     const char *vb = walk_block(v, table, t0, lo, len, block_size, v_sblock, v_sslot, v_shead, h0,
                                                 ((h1 - h0 - 1) * v_shead + Dv) * (int64_t)esz, esz, &a, &e);
                     for (int64_t j = 0; j < r; j++) {
-                        const char *vh = vb + ((a - t0) * v_sslot + (j / G) * v_shead) * esz;
+                        const char *vh = vb + ((a - t0) * v_sslot + ((j % rh) / G) * v_shead) * esz;
                         for (int64_t c0 = 0; c0 < Dv; c0 += 64)
                             vsum(acc + j * Dv + c0, Dv - c0 >= 64 ? 4 : (int)((Dv - c0) / VEC), s + j * n + (a - lo),
                                  vh + c0 * esz, v_sslot * (int64_t)esz, e - a, dtype);
@@ -294,18 +314,24 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                 const char *vb = walk_block(v, table, t0, lo, len, block_size, v_sblock, v_sslot, v_shead, h0,
                                             ((h1 - h0 - 1) * v_shead + Dv) * (int64_t)esz, esz, &a, &e);
                 for (int64_t t = a; t < e; t++)
-                    for (int64_t hk = 0; hk < h1 - h0; hk++)
-                        axpys(acc + hk * G * Dv, G, s + hk * G * n + (t - lo), n,
-                              vb + ((t - t0) * v_sslot + hk * v_shead) * esz, dtype, Dv, row);
+                    for (int64_t qi = 0; qi < nq; qi++)
+                        for (int64_t hk = 0; hk < h1 - h0; hk++) {
+                            const int64_t j0 = qi * rh + hk * G;
+                            axpys(acc + j0 * Dv, G, s + j0 * n + (t - lo), n,
+                                  vb + ((t - t0) * v_sslot + hk * v_shead) * esz, dtype, Dv, row);
+                        }
             }
 #if defined(__AVX512F__)
         store:;
 #endif
-            char *o = (char *)out + ((b * H + h0 * G) * Dv) * esz;
-            if (dtype == BF16) {
-                for (int64_t i = 0; i < r * Dv; i++) ((uint16_t *)o)[i] = f32_to_bf16(acc[i]);
-            } else {
-                memcpy(o, acc, sizeof(float) * (size_t)(r * Dv));
+            for (int64_t qi = 0; qi < nq; qi++) {
+                char *o = (char *)out + (((q0 + qi) * H + h0 * G) * Dv) * esz;
+                const float *src = acc + qi * rh * Dv;
+                if (dtype == BF16) {
+                    for (int64_t i = 0; i < rh * Dv; i++) ((uint16_t *)o)[i] = f32_to_bf16(src[i]);
+                } else {
+                    memcpy(o, src, sizeof(float) * (size_t)(rh * Dv));
+                }
             }
         }
         free(qf);

@@ -1,11 +1,14 @@
 """Attention over the paged KV cache: the torch path (CPU fast path) and the dispatch to Triton.
 
-See :mod:`kvcache.reference` for the semantics. Decode rows (one new token per sequence) go to
-the C kernel of :mod:`cpu_kernels`, all of them in one call; prefill chunks (and decode rows
-the kernel does not take: fp8 caches, float16) use ``scaled_dot_product_attention`` per sequence
-(a loop over sequences, never over tokens).
+See :mod:`kvcache.reference` for the semantics. Sequences with few new rows (decode rows,
+speculative decoding's verify rows, prompts of up to ``KERNEL_MAX_QUERY`` tokens) go to the C
+kernel of :mod:`cpu_kernels`, all of them in one call; longer prefill chunks (and what the kernel
+does not take: fp8 caches, float16) use ``scaled_dot_product_attention`` per sequence (a loop over
+sequences, never over tokens).
 """
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +85,23 @@ def _attend_grouped(q_HQD: torch.Tensor, k_LKD: torch.Tensor, v_LKD: torch.Tenso
     return o.view(H, Q, -1).transpose(0, 1)
 
 
+# Sequences with at most this many new rows (decode rows, speculative decoding's verify rows, short
+# prompts) go through the C kernel, which reads each cached row once for all of a sequence's rows;
+# longer queries through SDPA, which tiles them. The kernel keeps a row of scores per (query row,
+# head) over the longest context: past _KERNEL_MAX_SCORES floats per thread, SDPA instead.
+KERNEL_MAX_QUERY = 16
+_KERNEL_MAX_SCORES = 1 << 24
+
+
+def _kernel_seqs(meta: AttentionMetadata, num_heads: int) -> list[int]:
+    few = [i for i, q in enumerate(meta.query_lens_list) if q <= KERNEL_MAX_QUERY]
+    if few and max(meta.query_lens_list[i] for i in few) > 1:
+        longest = max(meta.context_lens_list[i] for i in few)
+        if max(meta.query_lens_list[i] for i in few) * num_heads * longest > _KERNEL_MAX_SCORES:
+            few = [i for i in few if meta.query_lens_list[i] == 1]
+    return few
+
+
 def paged_attention_torch(q_THD: torch.Tensor, k_cache: Cache, v_cache: Cache,
                           meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
                           sinks_H: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,16 +109,22 @@ def paged_attention_torch(q_THD: torch.Tensor, k_cache: Cache, v_cache: Cache,
     out = torch.empty(T, H, v_cache.shape[-1], dtype=q_THD.dtype, device=q_THD.device)
     seqs = range(meta.num_seqs)
     if cpu_kernels.supports_decode(q_THD, k_cache, v_cache):
-        decode = [i for i, q in enumerate(meta.query_lens_list) if q == 1]
-        if len(decode) == meta.num_seqs:  # a decode step: row i is sequence i
+        few = _kernel_seqs(meta, H)
+        if len(few) == meta.num_seqs:  # every sequence's rows in one call (a decode step: row i is sequence i)
+            qs = None if T == meta.num_seqs else meta.query_start_loc
             return cpu_kernels.paged_decode_attention(q_THD, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                                     scale, sliding_window, sinks_H)
-        if decode:
-            idx = torch.tensor(decode)
-            rows = meta.query_start_loc[idx].long()
+                                                     scale, sliding_window, sinks_H, qs)
+        if few:
+            idx = torch.tensor(few)
+            lens = [meta.query_lens_list[i] for i in few]
+            rows = torch.cat([torch.arange(int(meta.query_start_loc[i]), int(meta.query_start_loc[i]) + n)
+                              for i, n in zip(few, lens)])
+            qs = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
             out[rows] = cpu_kernels.paged_decode_attention(q_THD[rows], k_cache, v_cache, meta.block_tables[idx],
-                                                          meta.context_lens[idx], scale, sliding_window, sinks_H)
-            seqs = [i for i, q in enumerate(meta.query_lens_list) if q != 1]
+                                                          meta.context_lens[idx], scale, sliding_window, sinks_H,
+                                                          None if len(rows) == len(few) else qs)
+            taken = set(few)
+            seqs = [i for i in seqs if i not in taken]
     starts = meta.query_start_loc.tolist()
     v_is_k_prefix = isinstance(k_cache, Fp8Cache) and isinstance(v_cache, Fp8Cache) and v_cache.shares_rows_with(k_cache)
     for i in seqs:

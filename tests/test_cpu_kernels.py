@@ -21,7 +21,7 @@ def test_kernel_builds_here():
     assert cpu_kernels.load() is not None
 
 
-def _decode_batch(lens, H, Hkv, Dk, Dv, block_size, dtype, latent=False, seed=0):
+def _decode_batch(lens, H, Hkv, Dk, Dv, block_size, dtype, latent=False, seed=0, qlens=None):
     g = torch.Generator().manual_seed(seed)
     nblocks = [-(-n // block_size) for n in lens]
     total = sum(nblocks) + 2
@@ -32,8 +32,9 @@ def _decode_batch(lens, H, Hkv, Dk, Dv, block_size, dtype, latent=False, seed=0)
         at += n
     k_cache = torch.randn(total, block_size, Hkv, Dk, generator=g).to(dtype)
     v_cache = k_cache[..., :Dv] if latent else torch.randn(total, block_size, Hkv, Dv, generator=g).to(dtype)
-    meta = AttentionMetadata.build([1] * len(lens), lens, tables, block_size)
-    q = torch.randn(len(lens), H, Dk, generator=g).to(dtype)
+    qlens = qlens or [1] * len(lens)
+    meta = AttentionMetadata.build(qlens, lens, tables, block_size)
+    q = torch.randn(sum(qlens), H, Dk, generator=g).to(dtype)
     return meta, k_cache, v_cache, q
 
 
@@ -78,9 +79,46 @@ def test_decode_kernel_window_and_sinks(window, sinks, block_size, dtype):
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
-def test_mixed_step_sends_decode_rows_to_kernel_and_prefill_to_sdpa(monkeypatch):
-    # prefill chunks and decode rows in one step, realistic head shapes; the decode rows' results are
-    # the kernel's (counted), the rest SDPA's, all equal to the reference
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", ["gqa_2", "group_7", "dim_not_16", "mla_latent"])
+def test_decode_kernel_several_rows_per_sequence(shape, dtype):
+    # speculative decoding's verify rows and short prompts: each of a sequence's Q rows sees its own
+    # causal prefix of the cache (a whole prompt when Q equals the context)
+    spec = dict(SHAPES[shape])
+    latent = spec.pop("latent", False)
+    lens, qlens = [9, 1, 40, 16, 3, 77], [5, 1, 16, 16, 2, 1]
+    meta, k_cache, v_cache, q = _decode_batch(lens, block_size=16, dtype=dtype, latent=latent, seed=7,
+                                              qlens=qlens, **spec)
+    scale = spec["Dk"] ** -0.5
+    out = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
+                                            query_start=meta.query_start_loc)
+    ref = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), meta, scale)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("window,sinks", [(5, False), (40, True), (None, True), (1, False), (3, True)])
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_decode_kernel_several_rows_window_and_sinks(window, sinks, block_size):
+    # rows of one sequence see different windows: the first row's oldest keys are out of the last row's
+    lens, qlens = [4, 6, 39, 41, 97, 12], [4, 3, 8, 2, 16, 12]
+    meta, k_cache, v_cache, q = _decode_batch(lens, 8, 4, 32, 32, block_size, torch.float32, seed=4, qlens=qlens)
+    sinks_H = torch.randn(8, generator=torch.Generator().manual_seed(2)) * 3 if sinks else None
+    out = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, 0.2,
+                                            window, sinks_H, meta.query_start_loc)
+    ref = paged_attention_reference(q, k_cache, v_cache, meta, 0.2, window, sinks_H)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_kernel_rejects_rows_without_offsets():
+    meta, k_cache, v_cache, q = _decode_batch([9, 4], 4, 2, 16, 16, 16, torch.float32, qlens=[3, 1])
+    with pytest.raises(ValueError, match="query_start"):
+        cpu_kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, 0.25)
+
+
+def test_mixed_step_sends_short_queries_to_kernel_and_prefill_to_sdpa(monkeypatch):
+    # prefill chunks, verify-sized rows and decode rows in one step, realistic head shapes; the
+    # short queries' results are the kernel's (counted), the long ones SDPA's, all equal to the reference
     g = torch.Generator().manual_seed(5)
     q_lens, c_lens, bs, H, Hkv, D = [7, 1, 1, 30, 1], [7, 50, 17, 64, 200], 16, 16, 8, 64
     n = [-(-c // bs) for c in c_lens]
@@ -97,7 +135,7 @@ def test_mixed_step_sends_decode_rows_to_kernel_and_prefill_to_sdpa(monkeypatch)
     real = cpu_kernels.paged_decode_attention
     monkeypatch.setattr(cpu_kernels, "paged_decode_attention", lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))
     out = paged_attention_torch(q, k_cache, v_cache, meta, D ** -0.5)
-    assert calls == [3]
+    assert calls == [10]  # 7 + 1 + 1 + 1 rows; the 30-row chunk went to SDPA
     torch.testing.assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, D ** -0.5), atol=1e-5, rtol=1e-5)
 
 
