@@ -10,7 +10,7 @@
 - :func:`rope_`, :func:`silu_mul` and :func:`rms_norm` (``elementwise.c``): rotary embedding in
   place, SwiGLU's ``silu(gate) * up`` and RMSNorm of bf16 activations, one pass each instead of a
   chain of torch ops (the rotary chain alone was ~10 ops), with the roundings of the torch code
-  they replace.
+  they replace; :func:`transpose_to_float`: a GEMM's transposed logits to row-major float32.
 
 Every kernel has the torch path it replaces as its reference (tests/test_cpu_kernels.py) and the
 callers fall back to that path when :func:`load` returns None.
@@ -107,6 +107,8 @@ def _build() -> ctypes.CDLL:
     lib.moe_rms_norm.restype = ctypes.c_int
     lib.moe_write_rows.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, i64, i64, i64, i64, ptr, i64, i64, ctypes.c_int]
     lib.moe_write_rows.restype = ctypes.c_int
+    lib.moe_transpose_to_f32.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ctypes.c_int]
+    lib.moe_transpose_to_f32.restype = ctypes.c_int
     return lib
 
 
@@ -249,3 +251,15 @@ def write_rows(cache: torch.Tensor, x_THD: torch.Tensor, slot_mapping: torch.Ten
     _lib.moe_write_rows(x_THD.data_ptr(), cache.data_ptr(), dtype, T, H, D, *x_THD.stride(), slots.data_ptr(),
                         cache.stride(1), cache.stride(2), torch.get_num_threads())
     return True
+
+
+def transpose_to_float(x_NM: torch.Tensor) -> torch.Tensor | None:
+    """``x_NM.t().float().contiguous()`` in one pass for a 2-D CPU float32/bfloat16 tensor with unit
+    stride over its columns (a GEMM's ``W @ h.T`` output); None when the kernel does not apply."""
+    if x_NM.dim() != 2 or _kernel_dtype(x_NM) is None:
+        return None
+    N, M = x_NM.shape
+    out = torch.empty(M, N, dtype=torch.float32)
+    _lib.moe_transpose_to_f32(x_NM.data_ptr(), _DTYPES[x_NM.dtype], N, M, x_NM.stride(0), out.data_ptr(),
+                              torch.get_num_threads())
+    return out

@@ -166,3 +166,27 @@ int moe_write_rows(const void *src, void *dst, int dtype, int64_t T, int64_t H, 
     }
     return 0;
 }
+
+/* dst[m, n] = float(src[n, m]) for src [N, M] (row stride s_n elements, unit stride over m) and
+ * dst [M, N] float32 contiguous: a GEMM's transposed output (weights times activations) turned
+ * into row-major float32 rows in one pass. Tiles of 64 source rows stay in L1 while their M
+ * columns are written out as runs of 64 floats. Returns 0. */
+int moe_transpose_to_f32(const void *src, int dtype, int64_t N, int64_t M, int64_t s_n, float *dst,
+                         int num_threads) {
+    const int64_t tiles = (N + 63) / 64;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (N * M >= 65536)
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        const int64_t n0 = tile * 64, n1 = n0 + 64 < N ? n0 + 64 : N;
+        for (int64_t m = 0; m < M; m++) {
+            float *d = dst + m * N;
+            if (dtype == BF16) {
+                const uint16_t *s = (const uint16_t *)src + m;
+                for (int64_t n = n0; n < n1; n++) d[n] = bf16_to_f32(s[n * s_n]);
+            } else {
+                const float *s = (const float *)src + m;
+                for (int64_t n = n0; n < n1; n++) d[n] = s[n * s_n];
+            }
+        }
+    }
+    return 0;
+}

@@ -261,3 +261,13 @@ def test_write_rows_equals_index_copy(src, dtype):
     assert cpu_kernels.write_rows(cache, x, slots)
     assert torch.equal(cache, want)
     assert not cpu_kernels.write_rows(cache, x.to(torch.float16), slots)  # another dtype: the caller's path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,m,padded", [(32000, 64, 64), (1000, 9, 16), (63, 3, 3), (130, 1, 8)])
+def test_transpose_to_float(n, m, padded, dtype):
+    # a GEMM's [vocab, rows] output (a column slice of the padded rows' result) to row-major float32
+    x = torch.randn(n, padded, generator=torch.Generator().manual_seed(n)).to(dtype)[:, :m]
+    out = cpu_kernels.transpose_to_float(x)
+    assert out.is_contiguous() and out.dtype == torch.float32
+    assert torch.equal(out, x.t().float())
