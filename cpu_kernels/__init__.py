@@ -210,8 +210,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty(g.shape, dtype=gate.dtype)
     o = out
     A, B, C = g.shape
-    if g.stride(1) == u.stride(1) == C:  # [B, C] slabs contiguous: one long row each (C may be tiny)
-        g, u, o = g.view(A, 1, B * C), u.view(A, 1, B * C), out.view(A, 1, B * C)
+    if g.stride(1) == u.stride(1) == C:  # [B, C] slabs contiguous: long rows (C may be tiny), 64 per slab
+        rows = 64 if (B * C) % 64 == 0 and B * C >= 64 * 256 else 1  # (work for every thread)
+        g, u, o = (t.view(A, rows, B * C // rows) for t in (g, u, out))
     _lib.moe_silu_mul(g.data_ptr(), u.data_ptr(), o.data_ptr(), dtype, *o.shape, g.stride(0), g.stride(1),
                       u.stride(0), u.stride(1), o.stride(0), o.stride(1), torch.get_num_threads())
     return out.view(gate.shape)

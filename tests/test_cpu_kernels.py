@@ -201,18 +201,20 @@ def test_rope_kernel_equals_torch_rotation(dim, dtype, interleaved, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layout", ["rows", "transposed", "batched"])
+@pytest.mark.parametrize("layout", ["rows", "transposed", "batched", "transposed_large", "batched_large"])
 def test_fused_swiglu_equals_silu_times_up(layout, dtype):
+    # the large layouts' contiguous gate/up slabs are split into 64 rows each (work for every thread)
     from experts import fused_swiglu, swiglu
 
     g = torch.Generator().manual_seed(1)
-    if layout == "batched":  # [n, 2F, m], gate/up along dim 1 (the batched decode experts)
-        h = (torch.randn(3, 2 * 40, 9, generator=g) * 4).to(dtype)
+    if layout.startswith("batched"):  # [n, 2F, m], gate/up along dim 1 (the batched decode experts)
+        h = (torch.randn(*((3, 2 * 40, 9) if layout == "batched" else (2, 2 * 256, 64)), generator=g) * 4).to(dtype)
         got = fused_swiglu(h, dim=1)
         want = swiglu(h.transpose(1, 2)).transpose(1, 2)
     else:
-        h = (torch.randn(37, 2 * 40, generator=g) * 4).to(dtype)  # 40 = 16-wide parts + a scalar rest
-        if layout == "transposed":  # what w @ x.T returns for few rows
+        # 40 = 16-wide parts + a scalar rest
+        h = (torch.randn(*((37, 2 * 40) if layout != "transposed_large" else (64, 2 * 512)), generator=g) * 4).to(dtype)
+        if layout.startswith("transposed"):  # what w @ x.T returns for few rows
             h = h.t().contiguous().t()
         got = fused_swiglu(h)
         want = swiglu(h)
