@@ -102,6 +102,14 @@ def _kernel_seqs(meta: AttentionMetadata, num_heads: int) -> list[int]:
     return few
 
 
+def _v_is_prefix_of_k(k_cache: Cache, v_cache: Cache) -> bool:
+    """Whether V is a view of K's leading dims (MLA's latent cache), plain or fp8."""
+    if isinstance(k_cache, Fp8Cache) or isinstance(v_cache, Fp8Cache):
+        return isinstance(k_cache, Fp8Cache) and isinstance(v_cache, Fp8Cache) and v_cache.shares_rows_with(k_cache)
+    return (v_cache.data_ptr() == k_cache.data_ptr() and v_cache.stride() == k_cache.stride()
+            and v_cache.shape[:-1] == k_cache.shape[:-1] and v_cache.shape[-1] <= k_cache.shape[-1])
+
+
 def paged_attention_torch(q_THD: torch.Tensor, k_cache: Cache, v_cache: Cache,
                           meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
                           sinks_H: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,7 +134,10 @@ def paged_attention_torch(q_THD: torch.Tensor, k_cache: Cache, v_cache: Cache,
             taken = set(few)
             seqs = [i for i in seqs if i not in taken]
     starts = meta.query_start_loc.tolist()
-    v_is_k_prefix = isinstance(k_cache, Fp8Cache) and isinstance(v_cache, Fp8Cache) and v_cache.shares_rows_with(k_cache)
+    # MLA: V is the leading dims of the latent K. SDPA then runs with K as V (and keeps the leading
+    # output dims): equal dims let it take its flash kernel (10x the math path at prompt lengths)
+    v_is_k_prefix = _v_is_prefix_of_k(k_cache, v_cache)
+    Dv = v_cache.shape[-1]
     for i in seqs:
         qlen, clen = meta.query_lens_list[i], meta.context_lens_list[i]
         lo = 0
@@ -134,14 +145,11 @@ def paged_attention_torch(q_THD: torch.Tensor, k_cache: Cache, v_cache: Cache,
             # keys older than the window of the first query row are never needed
             lo = max(0, clen - qlen - sliding_window + 1)
         k = _seq_kv(k_cache, meta, i, clen, q_THD.dtype)[lo:]  # [L, Hkv, D]
-        if v_is_k_prefix:  # MLA: V is the leading dims of the (already dequantized) latent
-            v = k[..., : v_cache.shape[-1]]
-        else:
-            v = _seq_kv(v_cache, meta, i, clen, q_THD.dtype)[lo:]
+        v = k if v_is_k_prefix else _seq_kv(v_cache, meta, i, clen, q_THD.dtype)[lo:]
         q = q_THD[starts[i]:starts[i] + qlen].transpose(0, 1)  # [H, Q, D]
         group = H // k.shape[1]
         mask = None
-        if qlen > 1 or sliding_window is not None:
+        if (qlen > 1 and (qlen != k.shape[0] or sinks_H is not None)) or sliding_window is not None:
             qpos = torch.arange(clen - qlen, clen, device=q.device).unsqueeze(1)
             kpos = torch.arange(lo, clen, device=q.device).unsqueeze(0)
             mask = kpos <= qpos
@@ -151,13 +159,16 @@ def paged_attention_torch(q_THD: torch.Tensor, k_cache: Cache, v_cache: Cache,
             kh = k.transpose(0, 1).repeat_interleave(group, 0)
             vh = v.transpose(0, 1).repeat_interleave(group, 0)
             o = _attend_with_sinks(q, kh, vh, mask, scale, sinks_H).transpose(0, 1)
-        elif qlen == k.shape[0] and sliding_window is None and group <= 4:
-            # a whole prompt at once: the causal kernel skips the masked half (worth expanding few KV heads)
+        elif qlen > KERNEL_MAX_QUERY or (qlen > 1 and mask is None):
+            # long queries (a whole prompt: causal, the kernel skipping the masked half): the query
+            # heads of a KV head found by SDPA itself (enable_gqa), no copies
             o = F.scaled_dot_product_attention(
-                q.unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-                is_causal=True, scale=scale, enable_gqa=group > 1).squeeze(0).transpose(0, 1)
+                q.unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), attn_mask=mask,
+                is_causal=mask is None, scale=scale, enable_gqa=group > 1).squeeze(0).transpose(0, 1)
         else:
             o = _attend_grouped(q, k, v, mask, scale, group)
+        if v_is_k_prefix:
+            o = o[..., :Dv]
         out[starts[i]:starts[i] + qlen] = o
     return out
 

@@ -747,6 +747,11 @@ _ATTN_CASES = {
     "window_longer_than_context": dict(q=[3, 1], c=[3, 4], H=2, H_kv=2, Dk=8, Dv=8, window=64),
     "sinks": dict(q=[1, 1, 4], c=[10, 5, 4], H=4, H_kv=1, Dk=16, Dv=16, sinks=True),
     "sinks_window": dict(q=[7, 1, 2, 9], c=[7, 26, 19, 9], H=6, H_kv=2, Dk=20, Dv=20, window=8, sinks=True),
+    # queries longer than the C kernel takes: a chunk after cached tokens, a whole prompt
+    "long_chunks": dict(q=[20, 18, 1], c=[45, 18, 30], H=4, H_kv=2, Dk=16, Dv=16),
+    "latent_long": dict(q=[20, 17, 1], c=[33, 17, 5], H=4, H_kv=1, Dk=24, Dv=16, latent=True),
+    "sinks_long": dict(q=[18, 20], c=[18, 50], H=4, H_kv=2, Dk=16, Dv=16, sinks=True),
+    "window_long": dict(q=[24, 19], c=[24, 40], H=4, H_kv=4, Dk=16, Dv=16, window=7),
 }
 
 
