@@ -71,11 +71,7 @@ int moe_silu_mul(const void *gate, const void *up, void *out, int dtype, int64_t
                 const __m512 r = _mm512_div_ps(one, _mm512_add_ps(one, e));
                 const __m512 sig = _mm512_mask_mul_ps(r, _mm512_cmp_ps_mask(gv, _mm512_setzero_ps(), _CMP_LT_OQ), r, e);
                 __m512 si = _mm512_mul_ps(gv, sig);
-                if (dtype == BF16) {  /* F.silu's own rounding to bf16 */
-                    uint16_t tmp[VEC];
-                    store16(tmp, si, BF16);
-                    si = load16(tmp, BF16);
-                }
+                if (dtype == BF16) si = round_bf16(si); /* F.silu's own rounding to bf16 */
                 store16(o + i * esz, _mm512_mul_ps(si, load16(u + i * esz, dtype)), dtype);
             }
 #endif

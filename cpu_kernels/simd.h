@@ -48,6 +48,15 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* 16 floats rounded to bf16 precision (nearest even, as torch does), kept as floats; NaN stays NaN */
+static inline __m512 round_bf16(__m512 x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                           _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    return _mm512_mask_mov_ps(_mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u))), nan, x);
+}
+
 /* 16 floats -> 16 elements (float32, or bf16 rounded to nearest even as torch does) */
 static inline void store16(void *p, __m512 x, int dtype) {
     if (dtype == BF16) {
