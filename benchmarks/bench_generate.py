@@ -190,14 +190,17 @@ def throughput_requests(n: int, seed: int, vocab: int, prompt_range=(16, 512), o
 class Ours:
     name = "ours"
 
-    def __init__(self, path: Path, kv_cache_memory: int, max_num_seqs: int, speculative_config: dict | None = None):
+    def __init__(self, path: Path, kv_cache_memory: int, max_num_seqs: int, speculative_config: dict | None = None,
+                 warmup: bool = True):
         from moe import LLM, SamplingParams
 
         self.SamplingParams = SamplingParams
         t0 = time.perf_counter()
+        # warmup: every GEMM shape built at load (moe.warmup; its seconds are in load_s), as a server starts
         self.llm = LLM(str(path), dtype="bfloat16", kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
-                       speculative_config=speculative_config)
+                       speculative_config=speculative_config, warmup=warmup)
         self.load_s = time.perf_counter() - t0
+        self.warmup_s = self.llm.engine.warmup_s
 
     def params(self, max_tokens: int):
         return self.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -310,7 +313,7 @@ def scenario1(ours: Ours, hf: HF, prompts: Prompts, args, active_bytes: int, pro
     res["ours_fraction_of_probe"] = res["ours"]["decode_GBps"] / probe["sum_read_GBps"]
     if args.ngram:  # the same prompts with n-gram speculative decoding (greedy: the same tokens)
         spec = Ours(args.ours_path, args.ours_kv_mem, args.max_num_seqs,
-                    {"method": "ngram", "num_speculative_tokens": args.ngram})
+                    {"method": "ngram", "num_speculative_tokens": args.ngram}, warmup=not args.no_warmup)
         e = spec.llm.engine
         spec.generate_one(ps[0], 8)
         d0, a0 = e.spec_drafted, e.spec_accepted
@@ -477,11 +480,11 @@ def run_model(name: str, args, probe: dict, report: dict) -> dict:
 
     hf = HF(path, args.hf_experts_impl, args.hf_attn_impl)
     params = count_params(hf.model, top_k, n_exp)
-    ours = Ours(path, kv_mem, args.max_num_seqs)
+    ours = Ours(path, kv_mem, args.max_num_seqs, warmup=not args.no_warmup)
     args.ours_path, args.ours_kv_mem = path, kv_mem
     out: dict = report["models"].setdefault(name, {})
     out |= {"checkpoint": str(path), "hf_class": cls_name, "params": params, "kv_cache_memory": kv_mem,
-                 "load_s": {"ours": ours.load_s, "transformers": hf.load_s},
+                 "load_s": {"ours": ours.load_s, "transformers": hf.load_s}, "ours_warmup_s": ours.warmup_s,
                  "transformers_attn_impl": hf.attn_impl, "transformers_experts_impl": hf.experts_impl}
     print(f"\n## {name}: total params {params['total'] / 1e6:.1f}M, active/token {params['active'] / 1e6:.1f}M "
           f"({params['active_bytes_per_token_bf16'] / 1e6:.0f} MB bf16; embedding excluded, LM head included); "
@@ -586,6 +589,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hf-experts-impl", default=None, help="transformers experts_implementation (default: its own)")
     ap.add_argument("--hf-attn-impl", default=None, help="transformers attn_implementation (default: its own)")
     ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="build our engine without its start-up GEMM warm-up (first requests then pay kernel builds)")
     ap.add_argument("--s1-runs", type=int, default=2, help="scenario-1 repeats per engine (best reported)")
     ap.add_argument("--ttft-runs", type=int, default=5)
     ap.add_argument("--s2-requests", type=int, default=None, help="default 64 (16 with --quick)")

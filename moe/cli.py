@@ -34,6 +34,8 @@ def generate(
     speculative_tokens: int = typer.Option(0, help="Speculative decoding by n-gram lookup: draft tokens per step "
                                                    "(0: off)."),
     max_model_len: Optional[int] = typer.Option(None),
+    warmup: bool = typer.Option(False, "--warmup", help="Build every GEMM kernel shape at load (CPU; seconds on "
+                                                        "large models), so no request pays for it."),
     chat: bool = typer.Option(False, "--chat", help="Apply the checkpoint's chat template."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they are generated."),
     logprobs: Optional[int] = typer.Option(None, help="Print the top-N log-probs of each token (JSON)."),
@@ -58,7 +60,7 @@ def generate(
                                                                     "num_speculative_tokens": speculative_tokens}
                   if speculative_tokens else None,
                   load_progress=sys.stderr.isatty(), sharding=sharding, offload_experts=offload_experts,
-                  expert_cache=expert_cache)
+                  expert_cache=expert_cache, warmup=warmup)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

@@ -166,6 +166,9 @@ class EngineConfig:
     # speculative decoding, vLLM's dict: {"method": "ngram", "num_speculative_tokens": 4, ...}
     speculative_config: dict | None = None
     record_expert_counts: bool = False  # count tokens per expert and layer (LLM.expert_counts)
+    # CPU: run every GEMM shape a step can make once at load (moe.warmup), so that no request pays
+    # oneDNN's kernel builds
+    warmup: bool = False
 
     def __post_init__(self) -> None:
         from .models.quant_weights import check_expert_options

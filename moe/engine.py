@@ -184,6 +184,12 @@ class LLMEngine:
         self.runner.record_expert_counts = config.record_expert_counts
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
+        self.warmup_s = 0.0
+        if config.warmup and self.device.type == "cpu":
+            from .warmup import warm_up
+
+            shapes, self.warmup_s = warm_up(self.model, config.max_num_batched_tokens, config.max_num_seqs)
+            log.info("warm-up: %d GEMM shapes in %.1f s", shapes, self.warmup_s)
 
     # ---- set-up -------------------------------------------------------------------------
     def _eos_ids(self, model_dir: Path, cfg: ModelConfig) -> tuple[int, ...]:

@@ -41,14 +41,14 @@ class LLM:
                  experts_backend: str = "auto", device: str = "cpu", load_progress: bool = False,
                  sharding: str | dict | ShardingConfig | None = None, quantization: str | None = None,
                  offload_experts: bool = False, expert_cache: str | int | None = None,
-                 speculative_config: dict | None = None, record_expert_counts: bool = False):
+                 speculative_config: dict | None = None, record_expert_counts: bool = False, warmup: bool = False):
         self.config = EngineConfig(
             model=model or default_model_path(), dtype=dtype, kv_cache_memory=kv_cache_memory,
             kv_cache_dtype=kv_cache_dtype, block_size=block_size, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             max_num_batched_tokens=max_num_batched_tokens, seed=seed, enable_prefix_caching=enable_prefix_caching,
             experts_backend=experts_backend, device=device, load_progress=load_progress, sharding=sharding,
             quantization=quantization, offload_experts=offload_experts, expert_cache=expert_cache,
-            speculative_config=speculative_config, record_expert_counts=record_expert_counts)
+            speculative_config=speculative_config, record_expert_counts=record_expert_counts, warmup=warmup)
         self.engine = LLMEngine(self.config)
 
     def expert_counts(self) -> torch.Tensor:

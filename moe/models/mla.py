@@ -14,6 +14,7 @@ from torch import nn
 
 from kvcache import paged_attention, write_kv
 from parallel import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, get_tp_size
+from parallel.layers import padded_rows
 
 from ..config import ModelConfig
 from .layers import ForwardContext, RMSNorm
@@ -56,14 +57,38 @@ class MLAttention(nn.Module):
         c_TC = self.kv_a_layernorm(c_TC)
         q_pe, k_pe = self.rotary(positions_T, q_pe, k_pe.unsqueeze(1))
 
-        w_kv = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
-        w_uk, w_uv = w_kv[:, : self.nope], w_kv[:, self.nope:]  # [H, nope, C], [H, v, C]
-        q_lat = torch.einsum("thn,hnc->thc", q_nope, w_uk)
+        w_uk, w_uv = self._absorbed()
+        q_lat = _per_head(q_nope, w_uk, "thn,hnc->thc")
         q_full = torch.cat([q_lat, q_pe], dim=-1)  # [T, H, C + rope]
 
         # [blocks, block_size, 1, C + rope] and its first C dims (a view) as V
         cache, v_cache = ctx.kv_caches[self.layer_idx]
         write_kv(cache, None, torch.cat([c_TC.unsqueeze(1), k_pe], dim=-1), None, ctx.meta.slot_mapping)
         o_lat = paged_attention(q_full, cache, v_cache, ctx.meta, self.scale)
-        o = torch.einsum("thc,hvc->thv", o_lat, w_uv)
+        o = _per_head(o_lat, w_uv, "thc,hvc->thv")
         return self.o_proj(o.reshape(T, H * self.v_dim))
+
+    def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK ``[H, nope, C]`` and W_UV ``[H, v, C]``: views of kv_b_proj's weight."""
+        w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        return w_kv[:, : self.nope], w_kv[:, self.nope:]
+
+    def warm_up(self, rows: list[int]) -> int:
+        """Run the two per-head GEMMs at every row count in ``rows`` once (see moe.warmup)."""
+        w_uk, w_uv = self._absorbed()
+        H = self.num_heads
+        for t in rows:
+            _per_head(w_uk.new_zeros(t, H, self.nope), w_uk, "thn,hnc->thc")
+            _per_head(w_uv.new_zeros(t, H, self.kv_lora_rank), w_uv, "thc,hvc->thv")
+        return 2 * len(rows)
+
+
+def _per_head(x_THa: torch.Tensor, w_Hba: torch.Tensor, eq: str) -> torch.Tensor:
+    """``einsum(eq, x, w)``: one GEMM per head. On CPU the rows run padded to
+    :func:`parallel.layers.padded_rows` and always from a contiguous copy, so the batched GEMM
+    comes in few shapes and one layout (oneDNN builds a kernel for each new one)."""
+    if x_THa.device.type != "cpu":
+        return torch.einsum(eq, x_THa, w_Hba)
+    T = x_THa.shape[0]
+    x = torch.cat([x_THa, x_THa.new_zeros(padded_rows(T) - T, *x_THa.shape[1:])])
+    return torch.einsum(eq, x, w_Hba)[:T]
