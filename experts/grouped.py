@@ -101,11 +101,13 @@ def _batched_runs(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor,
             y_RD[r0:r1] = linear(h, w2_eDF[e], None if b2_eD is None else b2_eD[e])
             continue
         m = padded_rows(max(max(counts[e:end]), 2))
-        # row j of expert i sits at padded position i*m + j; padding points at a zero row
-        pos = torch.cat([torch.arange(counts[i]) + (i - e) * m for i in range(e, end)])
-        src = torch.full(((end - e) * m,), r1 - r0, dtype=torch.long)
-        src[pos] = torch.arange(r1 - r0)
-        x = torch.cat([x_RD[r0:r1], x_RD.new_zeros(1, x_RD.shape[1])])[src].view(end - e, m, -1)
+        # row j of expert e + i sits at padded position i*m + j (built in Python: a few index ops
+        # per piece instead of two per expert); the padding rows are zeros
+        expert_of = [i - e for i in range(e, end) for _ in range(counts[i])]
+        row_of = [j for i in range(e, end) for j in range(counts[i])]
+        ei, ji = torch.tensor(expert_of), torch.tensor(row_of)
+        x = x_RD.new_zeros(end - e, m, x_RD.shape[1])
+        x[ei, ji] = x_RD[r0:r1]
         h = torch.bmm(w13_e2FD[e:end], x.transpose(1, 2))  # [n, 2F, m]: weights stream once per piece
         if b13_e2F is not None:
             h = h + b13_e2F[e:end].unsqueeze(-1)
@@ -113,7 +115,7 @@ def _batched_runs(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor,
         y = torch.bmm(w2_eDF[e:end], a)  # [n, D, m]
         if b2_eD is not None:
             y = y + b2_eD[e:end].unsqueeze(-1)
-        y_RD[r0:r1] = y.transpose(1, 2).reshape(-1, y.shape[1])[pos]
+        y_RD[r0:r1] = y.transpose(1, 2)[ei, ji]
 
 
 def _pieces(counts: list[int]) -> list[tuple[int, int]]:

@@ -667,19 +667,22 @@ def test_grouped_experts_row_group_paths(dtype, counts):
         torch.testing.assert_close(y[end - n:end].float(), ref, **_MOE_TOL[dtype])
 
 
+@pytest.mark.parametrize("transposed", [False, True])  # a row-major input, or a transposed view (padded as such)
 @pytest.mark.parametrize("m", [1, 5, 128, 129, 192, 250])
-def test_linear_cpu_shortcuts_equal_f_linear(m):
+def test_linear_cpu_shortcuts_equal_f_linear(m, transposed):
     from parallel.layers import linear
 
     g = torch.Generator().manual_seed(m)
     x, w, b = torch.randn(m, 40, generator=g), torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
+    if transposed:
+        x = x.t().contiguous().t()
     y = linear(x, w, b)
     assert y.shape == (m, 24)
     torch.testing.assert_close(y, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("m", [1, 5, 9, 16, 64, 65, 200])
-@pytest.mark.parametrize("vocab", [96, 100])  # split in 8 vocab slices, and not divisible by 8
+@pytest.mark.parametrize("vocab", [96, 100])
 def test_lm_head_paths_equal_f_linear(m, vocab):
     from parallel import init_single_process
     from parallel.layers import ParallelLMHead
