@@ -11,6 +11,8 @@
   place, SwiGLU's ``silu(gate) * up`` and RMSNorm of bf16 activations, one pass each instead of a
   chain of torch ops (the rotary chain alone was ~10 ops), with the roundings of the torch code
   they replace; :func:`transpose_to_float`: a GEMM's transposed logits to row-major float32.
+- :func:`gemv` (``gemv.c``): bf16 matrix-vector product for one-row decode, the weight streamed by
+  both threads in contiguous halves with AVX512-BF16 dot products.
 
 Every kernel has the torch path it replaces as its reference (tests/test_cpu_kernels.py) and the
 callers fall back to that path when :func:`load` returns None.
@@ -39,7 +41,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / "paged_decode.c", _DIR / "elementwise.c"]
+_SOURCES = [_DIR / "paged_decode.c", _DIR / "elementwise.c", _DIR / "gemv.c"]
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
@@ -109,6 +111,8 @@ def _build() -> ctypes.CDLL:
     lib.moe_write_rows.restype = ctypes.c_int
     lib.moe_transpose_to_f32.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ctypes.c_int]
     lib.moe_transpose_to_f32.restype = ctypes.c_int
+    lib.moe_gemv_bf16.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int]
+    lib.moe_gemv_bf16.restype = ctypes.c_int
     return lib
 
 
@@ -264,3 +268,26 @@ def transpose_to_float(x_NM: torch.Tensor) -> torch.Tensor | None:
     _lib.moe_transpose_to_f32(x_NM.data_ptr(), _DTYPES[x_NM.dtype], N, M, x_NM.stride(0), out.data_ptr(),
                               torch.get_num_threads())
     return out
+
+
+_gemv_built = True  # False once the library says it was built without AVX512-BF16
+
+
+def gemv(w_NK: torch.Tensor, x_K: torch.Tensor, b_N: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``torch.mv(w, x) (+ b)`` for bfloat16 CPU tensors (rows of ``w`` with unit stride), summed
+    in float32 and rounded once, as torch's mv; None when the kernel does not apply (other dtypes,
+    no AVX512-BF16): then use ``torch.mv``."""
+    global _gemv_built
+    if not _gemv_built or w_NK.dtype != torch.bfloat16 or w_NK.dim() != 2 or x_K.dim() != 1:
+        return None
+    if _kernel_dtype(w_NK, x_K, *([] if b_N is None else [b_N])) is None or x_K.shape[0] != w_NK.shape[1]:
+        return None
+    x = x_K.contiguous()
+    b = b_N.contiguous() if b_N is not None else None
+    N, K = w_NK.shape
+    y = torch.empty(N, dtype=torch.bfloat16)
+    if _lib.moe_gemv_bf16(w_NK.data_ptr(), N, K, w_NK.stride(0), x.data_ptr(), b.data_ptr() if b is not None else None,
+                          y.data_ptr(), torch.get_num_threads()) != 0:
+        _gemv_built = False
+        return None
+    return y

@@ -273,3 +273,30 @@ def test_transpose_to_float(n, m, padded, dtype):
     out = cpu_kernels.transpose_to_float(x)
     assert out.is_contiguous() and out.dtype == torch.float32
     assert torch.equal(out, x.t().float())
+
+
+@pytest.mark.parametrize("n,k,ldw", [(5632, 1024, 1024), (1024, 2816, 2816), (7, 100, 100), (3, 37, 64), (130, 64, 96),
+                                     (1, 1, 1)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_matches_mv(n, k, ldw, bias):
+    # rows not a multiple of 4, K with tails of 32/64, rows strided past K (a column slice)
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, ldw, generator=g).to(torch.bfloat16)[:, :k]
+    x = torch.randn(k, generator=g).to(torch.bfloat16)
+    b = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
+    got = cpu_kernels.gemv(w, x, b)
+    assert got is not None and got.dtype == torch.bfloat16 and got.shape == (n,)
+    want = torch.mv(w, x) if b is None else torch.mv(w, x) + b  # linear's one-row path
+    exact = w.double() @ x.double() + (b.double() if b is not None else 0)
+    # float32 sums in another order than torch's: within a bf16 rounding step of torch's result
+    # and as close to the exact product as torch's
+    err, err_torch = (got.double() - exact).abs(), (want.double() - exact).abs()
+    step = exact.abs().clamp_min(1e-3) * 2 ** -7
+    assert (err <= err_torch + step + 1e-3).all()
+    assert (got != want).float().mean() < 0.05
+
+
+def test_gemv_declines_what_it_does_not_take():
+    w, x = torch.randn(8, 16), torch.randn(16)
+    assert cpu_kernels.gemv(w, x) is None  # float32: torch's mv
+    assert cpu_kernels.gemv(w.bfloat16(), x.bfloat16()[:8]) is None  # shapes that do not fit

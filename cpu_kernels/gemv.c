@@ -1,0 +1,65 @@
+/* bf16 matrix-vector product for one-row decode: y[N] = W[N, K] @ x[K] (+ bias), float32 sums
+ * rounded once to bf16, as torch's bf16 mv does (up to the order of the sums).
+ *
+ * At one row a projection is a pure stream of its weight. Rows are split over the threads in
+ * contiguous ranges (each thread reads one long run of memory); four rows share each load of x;
+ * vdpbf16ps multiplies bf16 pairs and sums them in float32. Built only where the compiler
+ * targets AVX512-BF16 (moe_gemv_bf16 returns -1 elsewhere: the caller keeps torch's mv). */
+#include "simd.h"
+
+#if defined(__AVX512BF16__)
+#ifndef PF
+#define PF 4  /* rows ahead: the next block's */
+#endif
+static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+/* rows r .. r+R-1 (R <= 4) of W dotted with x */
+static inline void dot_rows(const uint16_t *w, int64_t ldw, const uint16_t *x, int64_t K, int R, float *out) {
+    __m512 acc[4][2];
+    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + k), x1 = (__m512bh)_mm512_loadu_si512(x + k + 32);
+        for (int r = 0; r < R; r++) {
+            const uint16_t *row = w + r * ldw + k;
+            _mm_prefetch((const char *)(row + PF * ldw), _MM_HINT_T0);
+            _mm_prefetch((const char *)(row + PF * ldw + 32), _MM_HINT_T0);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)_mm512_loadu_si512(row), x0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], (__m512bh)_mm512_loadu_si512(row + 32), x1);
+        }
+    }
+    for (; k < K; k += 32) { /* the tail: up to 32 elements at a time, masked */
+        const int64_t left = K - k;
+        const __mmask32 m = left >= 32 ? 0xffffffffu : (__mmask32)((1u << left) - 1);
+        const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + k);
+        for (int r = 0; r < R; r++)
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)_mm512_maskz_loadu_epi16(m, w + r * ldw + k), xv);
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+#endif
+
+/* W: N rows of K bf16 (row stride ldw elements, unit within a row); x: K bf16; bias: N bf16 or NULL;
+ * y: N bf16. Returns 0, or -1 when built without AVX512-BF16. */
+int moe_gemv_bf16(const uint16_t *w, int64_t N, int64_t K, int64_t ldw, const uint16_t *x, const uint16_t *bias,
+                  uint16_t *y, int num_threads) {
+#if defined(__AVX512BF16__)
+    const int64_t blocks = (N + 3) / 4;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (N * K >= 65536)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t r0 = b * 4;
+        const int R = N - r0 < 4 ? (int)(N - r0) : 4;
+        float out[4];
+        dot_rows(w + r0 * ldw, ldw, x, K, R, out);
+        for (int r = 0; r < R; r++) {
+            float v = out[r];
+            if (bias) v = bf16_to_f32(f32_to_bf16(v)) + bf16_to_f32(bias[r0 + r]); /* mv, then + b, as linear */
+            y[r0 + r] = f32_to_bf16(v);
+        }
+    }
+    return 0;
+#else
+    (void)w; (void)N; (void)K; (void)ldw; (void)x; (void)bias; (void)y; (void)num_threads;
+    return -1;
+#endif
+}
