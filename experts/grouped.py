@@ -136,7 +136,7 @@ def _pieces(counts: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _resolve_backend(backend: Backend, device: torch.device) -> str:
+def resolve_backend(backend: Backend, device: torch.device) -> str:
     if backend != "auto":
         return backend
     return "triton" if device.type == "cuda" else "torch"
@@ -266,7 +266,7 @@ class GroupedExperts(SlottedExperts):
         same arithmetic as dispatch -> :meth:`forward` -> combine (weights rounded to the activation
         dtype, summed in ascending expert order), minus the permutation ops. None: not applicable
         (another backend, or an expert this process does not hold)."""
-        if _resolve_backend(self.backend, x_1D.device) != "torch":
+        if resolve_backend(self.backend, x_1D.device) != "torch":
             return None
         experts = ids_K.tolist()
         if not all(e in self._slot_of for e in experts):
@@ -287,7 +287,7 @@ class GroupedExperts(SlottedExperts):
         return y.to(x_1D.dtype)
 
     def forward(self, x_RD: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
-        backend = _resolve_backend(self.backend, x_RD.device)
+        backend = resolve_backend(self.backend, x_RD.device)
         if backend == "torch":
             return grouped_swiglu_torch(x_RD, counts_e.tolist(), self.w13, self.w2, self.b13, self.b2, self.activation)
         ids_R = torch.repeat_interleave(torch.arange(self.num_local, device=x_RD.device), counts_e)

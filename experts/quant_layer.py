@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .formats import Fp8BlockWeights, TensorSpec, WeightFormat
-from .grouped import Activation, Backend, SlottedExperts, _resolve_backend
+from .grouped import Activation, Backend, SlottedExperts, resolve_backend
 from .quant_grouped import CpuExpertWeights, grouped_swiglu_quant_torch, prepare_cpu
 
 WEIGHTS = ("w13", "w2")
@@ -209,7 +209,7 @@ class QuantGroupedExperts(SlottedExperts):
     def post_load(self) -> None:
         """Build the CPU compute layout once; drop the packed tensors it does not share."""
         device = next(self.parameters()).device
-        if _resolve_backend(self.backend, device) != "torch" or self._cpu is not None:
+        if resolve_backend(self.backend, device) != "torch" or self._cpu is not None:
             return
         self._cpu = tuple(prepare_cpu(self.fmt, {k: v.detach() for k, v in self.packed(w).items()}) for w in WEIGHTS)
         for role, p in self.named_parameters(recurse=False):
@@ -218,7 +218,7 @@ class QuantGroupedExperts(SlottedExperts):
         self._released = True
 
     def forward(self, x_RD: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
-        backend = _resolve_backend(self.backend, x_RD.device)
+        backend = resolve_backend(self.backend, x_RD.device)
         if backend == "torch":
             if self._cpu is None:
                 self.post_load()

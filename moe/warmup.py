@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from experts.grouped import BATCHED_MAX_ROWS, GroupedExperts, _resolve_backend, grouped_swiglu_torch
-from parallel.layers import (_SMALL_M, ColumnParallelLinear, ParallelLMHead, ReplicatedLinear, RowParallelLinear,
+from experts.grouped import BATCHED_MAX_ROWS, GroupedExperts, grouped_swiglu_torch, resolve_backend
+from parallel.layers import (SMALL_M, ColumnParallelLinear, ParallelLMHead, ReplicatedLinear, RowParallelLinear,
                              linear, padded_rows)
 
 log = logging.getLogger("moe")
@@ -55,7 +55,7 @@ def warm_up(model: torch.nn.Module, max_tokens: int, max_seqs: int) -> tuple[int
                 for m in buckets:
                     linear(w.new_zeros(m, w.shape[1]), w, b)
                     n += 1
-                    if 1 < m <= _SMALL_M:  # also as the transposed view a few-row GEMM returns (SwiGLU's output)
+                    if 1 < m <= SMALL_M:  # also as the transposed view a few-row GEMM returns (SwiGLU's output)
                         linear(w.new_zeros(w.shape[1], m).t(), w, b)
                         n += 1
             elif isinstance(mod, ParallelLMHead):
@@ -76,7 +76,7 @@ def warm_up(model: torch.nn.Module, max_tokens: int, max_seqs: int) -> tuple[int
 
 def _warm_experts(mod: GroupedExperts, buckets: list[int], once) -> int:
     w13, w2 = mod.w13, mod.w2
-    if w13.device.type != "cpu" or _resolve_backend(mod.backend, w13.device) != "torch":
+    if w13.device.type != "cpu" or resolve_backend(mod.backend, w13.device) != "torch":
         return 0
     if not once(("experts", tuple(w13.shape), tuple(w2.shape), w13.dtype, mod.b13 is not None, mod.activation)):
         return 0

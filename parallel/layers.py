@@ -19,7 +19,7 @@ from .state import get_tp_rank, get_tp_size, tp_all_gather_last_dim, tp_all_redu
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with CPU shortcuts.
 
-    One row goes through ``mv`` (bf16: :func:`cpu_kernels.gemv`); up to ``_SMALL_M`` rows through
+    One row goes through ``mv`` (bf16: :func:`cpu_kernels.gemv`); up to ``SMALL_M`` rows through
     ``w @ x.T`` (returned as a transposed view). Both stream the weight once and, on the CPUs measured (oneDNN bf16),
     run 1.3-1.7x faster than ``F.linear`` at these shapes, which are memory-bound.
     Rows run padded to :func:`padded_rows` (few distinct shapes).
@@ -36,7 +36,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
                 xp = x.new_zeros(mp, x.shape[1])
                 xp[:m] = x
                 x = xp
-        if m > _SMALL_M:
+        if m > SMALL_M:
             y = F.linear(x, w, b)
             return y[:m] if mp != m else y
         if m == 1:
@@ -50,7 +50,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return F.linear(x, w, b)
 
 
-_SMALL_M = 128
+SMALL_M = 128
 ROW_BUCKET = 64
 
 
@@ -62,7 +62,7 @@ def padded_rows(m: int) -> int:
     rows, at most 63 extra) keeps the shapes few and their kernels cached."""
     if m <= 1:
         return m
-    return -(-m // 8) * 8 if m <= _SMALL_M else -(-m // ROW_BUCKET) * ROW_BUCKET
+    return -(-m // 8) * 8 if m <= SMALL_M else -(-m // ROW_BUCKET) * ROW_BUCKET
 
 
 def _divide(n: int, d: int, what: str) -> int:
