@@ -113,6 +113,8 @@ def _build() -> ctypes.CDLL:
     lib.moe_transpose_to_f32.restype = ctypes.c_int
     lib.moe_gemv_bf16.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int]
     lib.moe_gemv_bf16.restype = ctypes.c_int
+    lib.moe_expert_token.argtypes = [ptr, i64, i64, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.moe_expert_token.restype = ctypes.c_int
     return lib
 
 
@@ -291,3 +293,27 @@ def gemv(w_NK: torch.Tensor, x_K: torch.Tensor, b_N: torch.Tensor | None = None)
         _gemv_built = False
         return None
     return y
+
+
+def expert_token(x_D: torch.Tensor, w13s: list[torch.Tensor], w2s: list[torch.Tensor],
+                 weights: list[float]) -> torch.Tensor | None:
+    """``sum_i weights[i] * (w2s[i] @ (silu(g) * u))`` with ``[g | u] = w13s[i] @ x`` for one bf16
+    token, rounded step by step as :meth:`experts.GroupedExperts.forward_token` does op by op
+    (bit-identical to it with :func:`gemv`); None when the kernel does not apply."""
+    global _gemv_built
+    if not _gemv_built or x_D.dtype != torch.bfloat16 or _kernel_dtype(x_D, *w13s, *w2s) is None:
+        return None
+    if any(not w.is_contiguous() for w in (*w13s, *w2s)):
+        return None
+    n, D, F = len(w13s), x_D.shape[0], w2s[0].shape[1]
+    x = x_D.contiguous()
+    out = torch.empty(D, dtype=torch.bfloat16)
+    h = torch.empty(3 * F, dtype=torch.bfloat16)
+    acc = torch.empty(D, dtype=torch.float32)
+    ptrs = ctypes.c_void_p * n
+    if _lib.moe_expert_token(x.data_ptr(), D, F, n, ptrs(*[w.data_ptr() for w in w13s]),
+                             ptrs(*[w.data_ptr() for w in w2s]), (ctypes.c_float * n)(*weights), out.data_ptr(),
+                             h.data_ptr(), acc.data_ptr(), torch.get_num_threads()) != 0:
+        _gemv_built = False
+        return None
+    return out

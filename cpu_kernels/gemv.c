@@ -63,3 +63,57 @@ int moe_gemv_bf16(const uint16_t *w, int64_t N, int64_t K, int64_t ldw, const ui
     return -1;
 #endif
 }
+
+int moe_silu_mul(const void *gate, const void *up, void *out, int dtype, int64_t A, int64_t B, int64_t C,
+                 int64_t g_sa, int64_t g_sb, int64_t u_sa, int64_t u_sb, int64_t o_sa, int64_t o_sb,
+                 int num_threads);
+
+/* One token through n routed experts (decode at batch 1), with the roundings of the op-by-op path
+ * (experts.grouped.GroupedExperts.forward_token): per expert h = W13 @ x (bf16), a = silu(gate) * up
+ * (moe_silu_mul), y = W2 @ a (bf16), y * weight (bf16); the n results summed as the combine does:
+ * one bf16 addition for two, a float32 sum rounded once for more. w13s[i]: [2F, D] rows, w2s[i]:
+ * [D, F] rows (unit strides), weights: the routing weights already rounded to bf16, in the order
+ * given. scratch: 2F + F bf16 + D float32. One parallel region: the threads split each GEMV's rows
+ * (a row is always the same thread's, so the per-row sums need no locks). Returns 0, or -1 without
+ * AVX512-BF16. */
+int moe_expert_token(const uint16_t *x, int64_t D, int64_t F, int n, const uint16_t *const *w13s,
+                     const uint16_t *const *w2s, const float *weights, uint16_t *out, uint16_t *h, float *acc,
+                     int num_threads) {
+#if defined(__AVX512BF16__)
+    uint16_t *a = h + 2 * F;
+    const int64_t blocks13 = (2 * F + 3) / 4, blocks2 = (D + 3) / 4;
+#pragma omp parallel num_threads(num_threads)
+    for (int e = 0; e < n; e++) {
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks13; b++) {
+            const int64_t r0 = b * 4;
+            const int R = 2 * F - r0 < 4 ? (int)(2 * F - r0) : 4;
+            float s[4];
+            dot_rows(w13s[e] + r0 * D, D, x, D, R, s);
+            for (int r = 0; r < R; r++) h[r0 + r] = f32_to_bf16(s[r]);
+        }
+#pragma omp single
+        moe_silu_mul(h, h + F, a, BF16, 1, 1, F, 0, 0, 0, 0, 0, 0, 1);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks2; b++) {
+            const int64_t r0 = b * 4;
+            const int R = D - r0 < 4 ? (int)(D - r0) : 4;
+            float s[4];
+            dot_rows(w2s[e] + r0 * F, F, a, F, R, s);
+            for (int r = 0; r < R; r++) {
+                const float y = bf16_to_f32(f32_to_bf16(bf16_to_f32(f32_to_bf16(s[r])) * weights[e]));
+                const int64_t i = r0 + r;
+                if (e == 0) acc[i] = y;
+                else if (n == 2) acc[i] = bf16_to_f32(f32_to_bf16(acc[i] + y));
+                else acc[i] += y;
+                if (e == n - 1) out[i] = f32_to_bf16(acc[i]);
+            }
+        }
+    }
+    return 0;
+#else
+    (void)x; (void)D; (void)F; (void)n; (void)w13s; (void)w2s; (void)weights; (void)out; (void)h; (void)acc;
+    (void)num_threads;
+    return -1;
+#endif
+}

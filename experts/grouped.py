@@ -271,9 +271,16 @@ class GroupedExperts(SlottedExperts):
         experts = ids_K.tolist()
         if not all(e in self._slot_of for e in experts):
             return None
-        outs = []
         # python floats holding the weights rounded to x's dtype: ``out * w`` rounds like the combine
-        for e, w in sorted(zip(experts, weights_K.to(x_1D.dtype).tolist())):
+        pairs = sorted(zip(experts, weights_K.to(x_1D.dtype).tolist()))
+        if self.b13 is None and self.b2 is None and self.activation == Activation() and x_1D.device.type == "cpu":
+            # the same arithmetic in one C call (bf16): per layer ~150 us of op-by-op overhead less
+            y = cpu_kernels.expert_token(x_1D[0], [self.w13[self._slot_of[e]] for e, _ in pairs],
+                                         [self.w2[self._slot_of[e]] for e, _ in pairs], [w for _, w in pairs])
+            if y is not None:
+                return y.unsqueeze(0)
+        outs = []
+        for e, w in pairs:
             i = self._slot_of[e]
             h = linear(x_1D, self.w13[i], None if self.b13 is None else self.b13[i])
             h = fused_swiglu(h, self.activation)

@@ -300,3 +300,25 @@ def test_gemv_declines_what_it_does_not_take():
     w, x = torch.randn(8, 16), torch.randn(16)
     assert cpu_kernels.gemv(w, x) is None  # float32: torch's mv
     assert cpu_kernels.gemv(w.bfloat16(), x.bfloat16()[:8]) is None  # shapes that do not fit
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("D,F", [(64, 96), (70, 37)])  # GEMV row blocks and K with and without tails
+def test_expert_token_kernel_equals_the_op_by_op_path(n, D, F, monkeypatch):
+    # one token through n experts in one C call: bit-identical to forward_token's ops (one GEMV per
+    # projection, SwiGLU, weighting, the combine's sum: one bf16 addition for two, float32 for more)
+    from experts.grouped import GroupedExperts
+
+    g = torch.Generator().manual_seed(n * 100 + D)
+    mod = GroupedExperts(6, D, F, dtype=torch.bfloat16)
+    mod.w13.data.copy_(torch.randn(6, 2 * F, D, generator=g) / 4)
+    mod.w2.data.copy_(torch.randn(6, D, F, generator=g) / 4)
+    x = torch.randn(1, D, generator=g).to(torch.bfloat16)
+    ids = torch.randperm(6, generator=g)[:n]
+    w = torch.softmax(torch.randn(n, generator=g), 0)
+    calls = []
+    real = cpu_kernels.expert_token
+    monkeypatch.setattr(cpu_kernels, "expert_token", lambda *a: calls.append(1) or real(*a))
+    fused = mod.forward_token(x, ids, w)
+    monkeypatch.setattr(cpu_kernels, "expert_token", lambda *a: None)  # the op-by-op path
+    assert calls and torch.equal(fused, mod.forward_token(x, ids, w))
