@@ -1,5 +1,6 @@
-/* bf16 matrix-vector product for one-row decode: y[N] = W[N, K] @ x[K] (+ bias), float32 sums
- * rounded once to bf16, as torch's bf16 mv does (up to the order of the sums).
+/* One-row decode in bf16: the matrix-vector product y[N] = W[N, K] @ x[K] (+ bias), float32 sums
+ * rounded once to bf16, as torch's bf16 mv does (up to the order of the sums); and one token
+ * through its routed experts in one call (moe_expert_token, below).
  *
  * At one row a projection is a pure stream of its weight. Rows are split over the threads in
  * contiguous ranges (each thread reads one long run of memory); four rows share each load of x;
