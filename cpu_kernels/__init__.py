@@ -181,6 +181,18 @@ def paged_decode_attention(q_THD: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return out
 
 
+def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int | None = None) -> None:
+    """Set glibc's mmap threshold (and heap-top trim threshold) for this process: which freed
+    blocks go back to the OS and which stay for reuse. Nothing happens off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
+        if trim_threshold is not None:
+            libc.mallopt(-1, trim_threshold)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def _kernel_dtype(*ts: torch.Tensor) -> int | None:
     """The kernels' dtype code when every tensor is a CPU float32/bfloat16 tensor of one dtype and
     the library is built, else None (the caller takes its torch path)."""
@@ -284,11 +296,9 @@ def gemv(w_NK: torch.Tensor, x_K: torch.Tensor, b_N: torch.Tensor | None = None)
         return None
     if _kernel_dtype(w_NK, x_K, *([] if b_N is None else [b_N])) is None or x_K.shape[0] != w_NK.shape[1]:
         return None
-    x = x_K.contiguous()
-    b = b_N.contiguous() if b_N is not None else None
-    N, K = w_NK.shape
+    N, K = w_NK.shape  # x and b have unit stride (checked): no copies
     y = torch.empty(N, dtype=torch.bfloat16)
-    if _lib.moe_gemv_bf16(w_NK.data_ptr(), N, K, w_NK.stride(0), x.data_ptr(), b.data_ptr() if b is not None else None,
+    if _lib.moe_gemv_bf16(w_NK.data_ptr(), N, K, w_NK.stride(0), x_K.data_ptr(), b_N.data_ptr() if b_N is not None else None,
                           y.data_ptr(), torch.get_num_threads()) != 0:
         _gemv_built = False
         return None
@@ -306,12 +316,11 @@ def expert_token(x_D: torch.Tensor, w13s: list[torch.Tensor], w2s: list[torch.Te
     if any(not w.is_contiguous() for w in (*w13s, *w2s)):
         return None
     n, D, F = len(w13s), x_D.shape[0], w2s[0].shape[1]
-    x = x_D.contiguous()
     out = torch.empty(D, dtype=torch.bfloat16)
     h = torch.empty(3 * F, dtype=torch.bfloat16)
     acc = torch.empty(D, dtype=torch.float32)
     ptrs = ctypes.c_void_p * n
-    if _lib.moe_expert_token(x.data_ptr(), D, F, n, ptrs(*[w.data_ptr() for w in w13s]),
+    if _lib.moe_expert_token(x_D.data_ptr(), D, F, n, ptrs(*[w.data_ptr() for w in w13s]),
                              ptrs(*[w.data_ptr() for w in w2s]), (ctypes.c_float * n)(*weights), out.data_ptr(),
                              h.data_ptr(), acc.data_ptr(), torch.get_num_threads()) != 0:
         _gemv_built = False

@@ -36,6 +36,8 @@ from itertools import accumulate
 import torch
 from torch import nn
 
+import cpu_kernels
+
 from .formats import WeightFormat
 from .grouped import Activation, Backend, SlottedExperts, grouped_swiglu_torch
 from .quant_grouped import grouped_swiglu_quant_torch, prepare_cpu
@@ -52,12 +54,7 @@ def _return_freed_blocks_to_os() -> None:
     (measured: +40 MiB over a 24 MiB cache in tests/test_offload.py). With a fixed threshold
     every large block is its own mapping, returned to the OS when freed.
     """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 256 << 10)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
+    cpu_kernels.set_malloc_thresholds(256 << 10)
 
 
 class CheckpointReader:

@@ -95,10 +95,9 @@ _KERNEL_MAX_SCORES = 1 << 24
 
 def _kernel_seqs(meta: AttentionMetadata, num_heads: int) -> list[int]:
     few = [i for i, q in enumerate(meta.query_lens_list) if q <= KERNEL_MAX_QUERY]
-    if few and max(meta.query_lens_list[i] for i in few) > 1:
-        longest = max(meta.context_lens_list[i] for i in few)
-        if max(meta.query_lens_list[i] for i in few) * num_heads * longest > _KERNEL_MAX_SCORES:
-            few = [i for i in few if meta.query_lens_list[i] == 1]
+    rows = max((meta.query_lens_list[i] for i in few), default=1)
+    if rows > 1 and rows * num_heads * max(meta.context_lens_list[i] for i in few) > _KERNEL_MAX_SCORES:
+        few = [i for i in few if meta.query_lens_list[i] == 1]
     return few
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import cpu_kernels
 from kvcache import BlockManager, check_kv_cache_dtype
 from launch import detect_launch_env, init_distributed
 from parallel import (ParallelState, ShardingConfig, build_parallel_state, get_parallel_state, init_single_process,
@@ -126,14 +127,7 @@ def _reuse_freed_memory() -> None:
     experts wants the opposite (freed expert blocks back to the OS, see experts/offload.py) and
     does not call this; whichever ran last decides.
     """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's maximum
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB free at the heap top
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
+    cpu_kernels.set_malloc_thresholds(32 << 20, 1 << 30)  # glibc's largest mmap threshold; keep 1 GiB at the top
 
 
 class LLMEngine:

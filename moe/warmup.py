@@ -21,6 +21,8 @@ from experts.grouped import BATCHED_MAX_ROWS, GroupedExperts, grouped_swiglu_tor
 from parallel.layers import (SMALL_M, ColumnParallelLinear, ParallelLMHead, ReplicatedLinear, RowParallelLinear,
                              linear, padded_rows)
 
+from .models.mla import MLAttention
+
 log = logging.getLogger("moe")
 
 
@@ -67,7 +69,7 @@ def warm_up(model: torch.nn.Module, max_tokens: int, max_seqs: int) -> tuple[int
                     n += 1
             elif isinstance(mod, GroupedExperts):
                 n += _warm_experts(mod, buckets, once)
-            elif hasattr(mod, "warm_up") and mod.kv_b_proj.weight.device.type == "cpu":  # MLA's per-head GEMMs
+            elif isinstance(mod, MLAttention) and mod.kv_b_proj.weight.device.type == "cpu":  # per-head GEMMs
                 w = mod.kv_b_proj.weight
                 if once(("mla", tuple(w.shape), w.dtype, mod.num_heads)):
                     n += mod.warm_up(buckets)
