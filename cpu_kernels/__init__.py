@@ -41,7 +41,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / "paged_decode.c", _DIR / "elementwise.c", _DIR / "gemv.c"]
+_SOURCES = [_DIR / "paged_decode.c", _DIR / "elementwise.c", _DIR / "gemv.c", _DIR / "amx.c"]
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
@@ -115,6 +115,12 @@ def _build() -> ctypes.CDLL:
     lib.moe_gemv_bf16.restype = ctypes.c_int
     lib.moe_expert_token.argtypes = [ptr, i64, i64, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.moe_expert_token.restype = ctypes.c_int
+    lib.moe_amx_init.argtypes = []
+    lib.moe_amx_init.restype = ctypes.c_int
+    lib.moe_amx_experts.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ctypes.c_int]
+    lib.moe_amx_experts.restype = ctypes.c_int
+    lib.moe_amx_linear.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64, ctypes.c_int, ptr, ctypes.c_int]
+    lib.moe_amx_linear.restype = ctypes.c_int
     return lib
 
 
@@ -326,3 +332,68 @@ def expert_token(x_D: torch.Tensor, w13s: list[torch.Tensor], w2s: list[torch.Te
         _gemv_built = False
         return None
     return out
+
+
+_amx: bool | None = None  # whether the AMX kernels run here (built for AMX, tile state granted)
+AMX_MAX_ROWS = 64  # rows per expert moe_amx_experts takes (four blocks of 16 tokens)
+
+
+def amx_available() -> bool:
+    """Whether :func:`amx_experts` runs on this machine: the library built for AMX-BF16 and Linux
+    granting this process the tile state."""
+    global _amx
+    if _amx is None:
+        _amx = load() is not None and _lib.moe_amx_init() == 0
+    return _amx
+
+
+def amx_experts(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor, w2_eDF: torch.Tensor) -> torch.Tensor | None:
+    """SwiGLU experts over rows grouped by expert (``counts[e]`` rows for expert ``e``, in order):
+    ``W2_e @ (silu(g) * u)`` with ``[g | u] = W13_e @ x``, bf16, rounded as the op-by-op path
+    (``bmm``, :func:`silu_mul`, ``bmm``) rounds, on AMX tiles. None when the kernel does not apply
+    (no AMX, other dtypes, a dim not a multiple of 32, an expert with more than
+    :data:`AMX_MAX_ROWS` rows): then use the torch path."""
+    if x_RD.dtype != torch.bfloat16 or not amx_available() or len(counts) != w13_e2FD.shape[0]:
+        return None
+    if _kernel_dtype(x_RD, w13_e2FD, w2_eDF) is None or max(counts, default=0) > AMX_MAX_ROWS:
+        return None
+    E, F2, D = w13_e2FD.shape
+    F = F2 // 2
+    if D % 32 or F % 32 or w2_eDF.shape[1:] != (D, F) or x_RD.shape[1] != D:
+        return None
+    if w13_e2FD.stride(1) != D or w2_eDF.stride(1) != F:
+        return None
+    R = x_RD.shape[0]
+    y = torch.empty(R, D, dtype=torch.bfloat16)
+    xp = torch.empty(sum((n + 15) // 16 for n in counts) * D * 16, dtype=torch.bfloat16)
+    ap = torch.empty(2 * 4 * F * 16, dtype=torch.bfloat16)
+    n = torch.tensor(counts, dtype=torch.int64)
+    if _lib.moe_amx_experts(x_RD.data_ptr(), x_RD.stride(0), n.data_ptr(), E, D, F, w13_e2FD.data_ptr(),
+                            w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0), y.data_ptr(), D, xp.data_ptr(),
+                            ap.data_ptr(), torch.get_num_threads()) != 0:
+        return None
+    return y
+
+
+def amx_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None,
+               out_float: bool = False) -> torch.Tensor | None:
+    """``x @ w.T (+ b)`` for 2-64 bf16 rows on AMX tiles, row-major ``[M, N]``: bf16 summed in
+    float32 and rounded once (the bias added after, as ``mm`` then ``+ b``), or with
+    ``out_float`` the rounded values as float32 (logits). None when the kernel does not apply (no
+    AMX, other dtypes, ``K % 32`` or ``N % 16`` nonzero, more rows): then use torch's GEMM."""
+    if x_MK.dtype != torch.bfloat16 or x_MK.dim() != 2 or w_NK.dim() != 2 or not amx_available():
+        return None
+    M, K = x_MK.shape
+    N = w_NK.shape[0]
+    if not 0 < M <= AMX_MAX_ROWS or K % 32 or N % 16 or w_NK.shape[1] != K:
+        return None
+    if _kernel_dtype(x_MK, w_NK, *([] if b_N is None else [b_N])) is None:
+        return None
+    y = torch.empty(M, N, dtype=torch.float32 if out_float else torch.bfloat16)
+    xp = torch.empty((M + 15) // 16 * K * 16, dtype=torch.bfloat16)
+    if _lib.moe_amx_linear(x_MK.data_ptr(), x_MK.stride(0), M, w_NK.data_ptr(), w_NK.stride(0), N, K,
+                           b_N.data_ptr() if b_N is not None else None, y.data_ptr(), N,
+                           _DTYPES[torch.float32 if out_float else torch.bfloat16], xp.data_ptr(),
+                           torch.get_num_threads()) != 0:
+        return None
+    return y

@@ -63,14 +63,8 @@ int moe_silu_mul(const void *gate, const void *up, void *out, int dtype, int64_t
             char *o = (char *)out + (a * o_sa + b * o_sb) * esz;
             int64_t i = 0;
 #if defined(__AVX512F__)
-            const __m512 one = _mm512_set1_ps(1.f);
             for (; i + VEC <= C; i += VEC) {
-                const __m512 gv = load16(g + i * esz, dtype);
-                /* sigmoid from exp(-|g|) (never overflows): g >= 0: 1 / (1 + e), else e / (1 + e) */
-                const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(gv)));
-                const __m512 r = _mm512_div_ps(one, _mm512_add_ps(one, e));
-                const __m512 sig = _mm512_mask_mul_ps(r, _mm512_cmp_ps_mask(gv, _mm512_setzero_ps(), _CMP_LT_OQ), r, e);
-                __m512 si = _mm512_mul_ps(gv, sig);
+                __m512 si = silu16(load16(g + i * esz, dtype));
                 if (dtype == BF16) si = round_bf16(si); /* F.silu's own rounding to bf16 */
                 store16(o + i * esz, _mm512_mul_ps(si, load16(u + i * esz, dtype)), dtype);
             }

@@ -48,6 +48,15 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* silu(g) = g * sigmoid(g), the sigmoid from exp(-|g|) (never overflows): g >= 0: 1 / (1 + e),
+ * else e / (1 + e) */
+static inline __m512 silu16(__m512 g) {
+    const __m512 one = _mm512_set1_ps(1.f);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+    const __m512 r = _mm512_div_ps(one, _mm512_add_ps(one, e));
+    return _mm512_mul_ps(g, _mm512_mask_mul_ps(r, _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ), r, e));
+}
+
 /* 16 floats rounded to bf16 precision (nearest even, as torch does), kept as floats; NaN stays NaN */
 static inline __m512 round_bf16(__m512 x) {
     const __m512i u = _mm512_castps_si512(x);

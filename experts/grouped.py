@@ -58,6 +58,11 @@ def fused_swiglu(h: torch.Tensor, act: Activation = Activation(), dim: int = -1)
 
 def grouped_swiglu_torch(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor, w2_eDF: torch.Tensor,
                          b13_e2F: torch.Tensor | None, b2_eD: torch.Tensor | None, act: Activation) -> torch.Tensor:
+    if (x_RD.device.type == "cpu" and b13_e2F is None and b2_eD is None and act.alpha is None and act.limit is None
+            and 0 < max(counts, default=0)):
+        y_RD = cpu_kernels.amx_experts(x_RD, counts, w13_e2FD, w2_eDF)  # decode-sized groups on AMX tiles
+        if y_RD is not None:
+            return y_RD
     y_RD = torch.empty(x_RD.shape[0], w2_eDF.shape[1], dtype=x_RD.dtype, device=x_RD.device)
     if x_RD.device.type == "cpu" and 0 < max(counts, default=0) <= BATCHED_MAX_ROWS:
         _batched_runs(x_RD, counts, w13_e2FD, w2_eDF, b13_e2F, b2_eD, act, y_RD)

@@ -322,3 +322,105 @@ def test_expert_token_kernel_equals_the_op_by_op_path(n, D, F, monkeypatch):
     fused = mod.forward_token(x, ids, w)
     monkeypatch.setattr(cpu_kernels, "expert_token", lambda *a: None)  # the op-by-op path
     assert calls and torch.equal(fused, mod.forward_token(x, ids, w))
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def test_amx_kernels_in_use_where_the_cpu_has_amx():
+    # CI's Xeon has AMX-BF16: the expert kernel must really run there, not fall back unnoticed
+    if {"amx_bf16", "amx_tile"} <= _cpu_flags():
+        assert cpu_kernels.amx_available()
+
+
+def _swiglu_exact(x, counts, w13, w2):
+    """float32 products with the op-by-op path's bf16 roundings (h, silu, a), output unrounded"""
+    F_, out, s = w2.shape[2], [], 0
+    for e, n in enumerate(counts):
+        h = (x[s:s + n].float() @ w13[e].float().T).bfloat16().float()
+        a = (torch.nn.functional.silu(h[:, :F_]).bfloat16().float() * h[:, F_:]).bfloat16().float()
+        out.append(a @ w2[e].float().T)
+        s += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("D,F,counts", [
+    (64, 96, [3, 0, 17, 1, 64, 16, 33, 2]),  # ragged, empty, 1-4 token blocks, partial blocks
+    (32, 32, [1, 1]),
+    (256, 512, [8] * 32),  # DeepSeek-like: many experts, few rows each
+])
+def test_amx_experts_match_the_op_by_op_path(D, F, counts, monkeypatch):
+    from experts.grouped import Activation, grouped_swiglu_torch
+
+    g = torch.Generator().manual_seed(D + F)
+    E = len(counts)
+    w13 = (torch.randn(E, 2 * F, D, generator=g) / D ** 0.5).bfloat16()
+    w2 = (torch.randn(E, D, F, generator=g) / F ** 0.5).bfloat16()
+    x = torch.randn(sum(counts), D, generator=g).bfloat16()
+    y = cpu_kernels.amx_experts(x, counts, w13, w2)
+    if not cpu_kernels.amx_available():  # (not on CI's CPU: see the test above)
+        assert y is None
+        return
+    calls = []
+    real = cpu_kernels.amx_experts
+    monkeypatch.setattr(cpu_kernels, "amx_experts", lambda *a: calls.append(1) or real(*a))
+    assert torch.equal(grouped_swiglu_torch(x, counts, w13, w2, None, None, Activation()), y) and calls
+    monkeypatch.setattr(cpu_kernels, "amx_experts", lambda *a: None)
+    ops = grouped_swiglu_torch(x, counts, w13, w2, None, None, Activation())  # bmm, silu_mul, bmm
+    exact = _swiglu_exact(x, counts, w13, w2)
+    tol = exact.abs().max() * 2 ** -7  # about one bf16 ulp of the largest output
+    assert (y.float() - exact).abs().max() <= tol and (ops.float() - exact).abs().max() <= tol
+    # the op-by-op path's result, up to the order of float32 sums (bit-identical in practice)
+    assert (y == ops).float().mean() > 0.99 and (y.float() - ops.float()).abs().max() <= tol
+
+
+def test_amx_experts_decline_what_they_do_not_take(monkeypatch):
+    from experts.grouped import Activation, grouped_swiglu_torch
+
+    E, D, F = 2, 64, 96
+    w13, w2 = torch.randn(E, 2 * F, D).bfloat16(), torch.randn(E, D, F).bfloat16()
+    x = torch.randn(70, D).bfloat16()
+    assert cpu_kernels.amx_experts(x, [65, 5], w13, w2) is None  # more rows than four token blocks
+    assert cpu_kernels.amx_experts(x.float(), [35, 35], w13.float(), w2.float()) is None  # float32
+    w13_odd, w2_odd = torch.randn(E, 2 * 40, D).bfloat16(), torch.randn(E, D, 40).bfloat16()
+    assert cpu_kernels.amx_experts(x, [35, 35], w13_odd, w2_odd) is None  # F not a multiple of 32
+    # biases or a clamped SwiGLU (gpt-oss) keep the torch path: the kernel is not even asked
+    monkeypatch.setattr(cpu_kernels, "amx_experts", lambda *a: pytest.fail("the AMX kernel takes no biases"))
+    b13, b2 = torch.randn(E, 2 * F).bfloat16(), torch.randn(E, D).bfloat16()
+    assert torch.isfinite(grouped_swiglu_torch(x, [35, 35], w13, w2, b13, b2, Activation())).all()
+    assert torch.isfinite(grouped_swiglu_torch(x, [35, 35], w13, w2, None, None, Activation(limit=7.0, alpha=1.702))).all()
+
+
+@pytest.mark.parametrize("m", [2, 7, 16, 17, 64])
+@pytest.mark.parametrize("bias,out_float", [(False, False), (True, False), (False, True)])
+def test_amx_linear_matches_mm(m, bias, out_float):
+    g = torch.Generator().manual_seed(m)
+    N, K = 96, 160
+    w = torch.randn(N + 16, K + 32, generator=g).bfloat16()[:N, :K]  # rows strided as a weight slice
+    x = torch.randn(m, K, generator=g).bfloat16()
+    b = torch.randn(N, generator=g).bfloat16() if bias else None
+    y = cpu_kernels.amx_linear(x, w, b, out_float=out_float)
+    if not cpu_kernels.amx_available():
+        assert y is None
+        return
+    want = torch.mm(w, x.t()).t()  # what linear returned before: float32 sums rounded once
+    want = want + b if bias else want
+    exact = x.float() @ w.float().T + (b.float() if bias else 0)
+    assert y.shape == (m, N) and y.dtype == (torch.float32 if out_float else torch.bfloat16)
+    assert (y.float() - exact).abs().max() <= exact.abs().max() * 2 ** -7
+    assert (y.float() == want.float()).float().mean() > 0.99
+    if out_float:
+        assert torch.equal(y, y.bfloat16().float())  # the bf16 values, as float32
+
+
+def test_amx_linear_declines_what_it_does_not_take():
+    w, x = torch.randn(96, 64).bfloat16(), torch.randn(8, 64).bfloat16()
+    assert cpu_kernels.amx_linear(x.float(), w.float()) is None  # float32
+    assert cpu_kernels.amx_linear(x[:, :40], w[:, :40]) is None  # K not a multiple of 32
+    assert cpu_kernels.amx_linear(x, w[:90]) is None  # N not a multiple of 16
+    assert cpu_kernels.amx_linear(torch.randn(65, 64).bfloat16(), w) is None  # more than 64 rows

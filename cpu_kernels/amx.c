@@ -1,0 +1,235 @@
+/* Decode-sized batches through the routed experts on AMX: every expert's few rows (<= 64) through
+ * gate/up, SwiGLU and down in one call, each weight streamed once from memory.
+ *
+ * A weight block of 16 rows is an AMX A tile read in place (16 rows x 32 bf16, row stride = the
+ * weight's); the tokens are packed once per call as B tiles (pairs of k interleaved, VNNI order:
+ * tile row p holds (x[t][2p], x[t][2p+1]) for 16 tokens t), so no weight is ever repacked or
+ * copied. Tile dot products sum in float32; gate and up are rounded to bf16, SwiGLU is taken as
+ * moe_silu_mul takes it, and the activation is written straight in the B-tile order the down
+ * GEMM reads. Results equal the op-by-op path (bmm, silu_mul, bmm) up to the order of float32
+ * sums. Built where the compiler targets AMX-BF16 (-march=native on such a CPU); moe_amx_init
+ * asks Linux for the tile state and returns -1 where it is refused or not built. */
+#include "simd.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define HAVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define KC 32            /* k elements per A-tile row: 64 bytes of bf16 */
+#define TILE (16 * KC)   /* bf16 elements of one B tile: 16 k-pairs x 16 tokens x 2 */
+#define MAX_TB 4         /* token blocks of 16 per call: <= 64 rows per expert */
+
+
+
+
+
+
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* tiles 0-3: float32 sums for up to four token blocks; 4: weights; 5-7: tokens */
+static void configure_tiles(void) {
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette_id = 1;
+    for (int i = 0; i < 8; i++) {
+        c.colsb[i] = 64;
+        c.rows[i] = 16;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* Token rows x[t, 0:K] (t < m, row stride ldx) -> B tiles out[tb][K/32][16][16][2], zeros past m;
+ * chunk `c` of token block `tb` only (the caller splits the chunks over threads). */
+static void pack_chunk(const uint16_t *x, int64_t ldx, int64_t m, int64_t K, int64_t tb, int64_t c, uint16_t *out) {
+    uint32_t *o = (uint32_t *)(out + (tb * (K / KC) + c) * TILE);
+    for (int t = 0; t < 16; t++) {
+        const int64_t row = tb * 16 + t;
+        if (row < m) {
+            const uint32_t *src = (const uint32_t *)(x + row * ldx + c * KC);
+            for (int p = 0; p < 16; p++) o[p * 16 + t] = src[p];
+        } else {
+            for (int p = 0; p < 16; p++) o[p * 16 + t] = 0;
+        }
+    }
+}
+
+/* c[tb][16 rows][16 tokens] = W[16 rows, 0:K] . B tiles (ntb token blocks of tile chunks,
+ * `bstride` elements apart), float32. */
+static void dot_block(const uint16_t *w, int64_t ldw, int64_t K, const uint16_t *b, int64_t bstride, int ntb,
+                      float *c) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < K; k += KC, b += TILE) {
+        _tile_loadd(4, w + k, ldw * 2);
+        _tile_loadd(5, b, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        if (ntb > 1) {
+            _tile_loadd(6, b + bstride, 64);
+            _tile_dpbf16ps(1, 4, 6);
+        }
+        if (ntb > 2) {
+            _tile_loadd(7, b + 2 * bstride, 64);
+            _tile_dpbf16ps(2, 4, 7);
+        }
+        if (ntb > 3) {
+            _tile_loadd(5, b + 3 * bstride, 64);
+            _tile_dpbf16ps(3, 4, 5);
+        }
+    }
+    _tile_stored(0, c, 64);
+    if (ntb > 1) _tile_stored(1, c + 256, 64);
+    if (ntb > 2) _tile_stored(2, c + 512, 64);
+    if (ntb > 3) _tile_stored(3, c + 768, 64);
+}
+
+/* bf16 bits of 16 floats already rounded to bf16 (low halves zero) */
+static inline __m512i bits(__m512 v) { return _mm512_castps_si512(v); }
+
+/* Gate/up rows [16i, 16i+16) and [F+16i, F+16i+16) of one expert: a = silu(g) * u, written as the
+ * down GEMM's B tiles a_p[tb][F/32][16][16][2] (two activation rows make one row of pairs). */
+static void gate_up_block(const uint16_t *w13, int64_t D, int64_t F, int64_t i, const uint16_t *xp, int ntb,
+                          uint16_t *ap, float *cg, float *cu) {
+    dot_block(w13 + 16 * i * D, D, D, xp, (D / KC) * TILE, ntb, cg);
+    dot_block(w13 + (F + 16 * i) * D, D, D, xp, (D / KC) * TILE, ntb, cu);
+    for (int tb = 0; tb < ntb; tb++) {
+        for (int r = 0; r < 16; r += 2) {
+            __m512 a[2];
+            for (int j = 0; j < 2; j++) {
+                const __m512 g = round_bf16(_mm512_loadu_ps(cg + tb * 256 + (r + j) * 16));
+                const __m512 u = round_bf16(_mm512_loadu_ps(cu + tb * 256 + (r + j) * 16));
+                a[j] = round_bf16(_mm512_mul_ps(round_bf16(silu16(g)), u));
+            }
+            const int64_t f = 16 * i + r;  /* even: the pair (f, f + 1) */
+            uint16_t *row = ap + (tb * (F / KC) + f / KC) * TILE + ((f % KC) / 2) * 32;
+            _mm512_storeu_si512(row, _mm512_or_si512(_mm512_srli_epi32(bits(a[0]), 16),
+                                                     _mm512_and_si512(bits(a[1]), _mm512_set1_epi32((int)0xffff0000u))));
+        }
+    }
+}
+
+/* y[t, 16j:16j+16] for t < m from the float32 block c[tb][16 rows][16 tokens]: bf16 (dtype BF16),
+ * or the bf16-rounded value as float32 (dtype F32: logits); + bias (bf16, after the rounding, as
+ * a separate addition does). */
+static void store_block(const float *c, int64_t m, int64_t j, const uint16_t *bias, void *y, int64_t ldy, int dtype) {
+    const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(16));
+    const __m512 b = bias ? load16(bias + 16 * j, BF16) : _mm512_setzero_ps();
+    for (int64_t t = 0; t < m; t++) {
+        __m512 v = _mm512_i32gather_ps(col, c + (t / 16) * 256 + t % 16, 4);
+        if (bias) v = _mm512_add_ps(round_bf16(v), b);
+        if (dtype == BF16) store16((uint16_t *)y + t * ldy + 16 * j, v, BF16);
+        else _mm512_storeu_ps((float *)y + t * ldy + 16 * j, round_bf16(v));
+    }
+}
+
+/* Down rows [16j, 16j+16): y[t, 16j:16j+16] for the expert's m tokens, bf16. */
+static void down_block(const uint16_t *w2, int64_t F, int64_t j, const uint16_t *ap, int ntb, int64_t m,
+                       uint16_t *y, int64_t ldy, float *c) {
+    dot_block(w2 + 16 * j * F, F, F, ap, (F / KC) * TILE, ntb, c);
+    store_block(c, m, j, NULL, y, ldy, BF16);
+}
+#endif
+
+/* Asks Linux for the AMX tile state (once per process; torch's oneDNN asks for it too). 0, or -1
+ * when refused or built without AMX. */
+int moe_amx_init(void) {
+#if defined(HAVE_AMX)
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 0 : -1;
+#else
+    return -1;
+#endif
+}
+
+/* SwiGLU experts over rows grouped by expert: rows [s_e, s_e + counts[e]) of x [R, D] (row stride
+ * ldx; s_e the sum of the counts before e) go through expert e: h = W13_e @ x (W13_e = w13 +
+ * e * s13, [2F, D], gate rows first), a = silu(h[:F]) * h[F:], y = W2_e @ a (W2_e = w2 + e * s2,
+ * [D, F]) into the same rows of y (row stride ldy). Weights: unit stride within rows. Needs
+ * D % 32 == F % 32 == 0 and every count <= 64. Scratch: xp of sum_e ceil(counts[e]/16) * D * 16
+ * bf16 and ap of 2 * 4 * F * 16 bf16. Returns 0, or -1 when built without AMX. */
+int moe_amx_experts(const uint16_t *x, int64_t ldx, const int64_t *counts, int64_t E, int64_t D, int64_t F,
+                    const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2, uint16_t *y, int64_t ldy,
+                    uint16_t *xp, uint16_t *ap, int num_threads) {
+#if defined(HAVE_AMX)
+    int64_t starts[E + 1], xoff[E + 1], packs = 0;
+    starts[0] = xoff[0] = 0;
+    for (int64_t e = 0; e < E; e++) {
+        starts[e + 1] = starts[e] + counts[e];
+        xoff[e + 1] = xoff[e] + (counts[e] + 15) / 16 * D * 16;
+    }
+    const int64_t tok_chunks = xoff[E] / TILE;  /* every expert's token blocks x D/32 chunks */
+    (void)packs;
+#pragma omp parallel num_threads(num_threads)
+    {
+        configure_tiles();
+        float c0[MAX_TB * 256], c1[MAX_TB * 256];
+        /* pack every expert's tokens: the flat chunk index q runs over (expert, token block, chunk) */
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < tok_chunks; q++) {
+            int64_t e = 0;
+            while (xoff[e + 1] <= q * TILE) e++;
+            const int64_t local = q - xoff[e] / TILE, nc = D / KC;
+            pack_chunk(x + starts[e] * ldx, ldx, counts[e], D, local / nc, local % nc, xp + xoff[e]);
+        }
+        int buf = 0;
+        for (int64_t e = 0; e < E; e++) {
+            const int64_t m = counts[e];
+            if (m == 0) continue;
+            const int ntb = (int)((m + 15) / 16);
+            uint16_t *a = ap + buf * MAX_TB * F * 16;
+            /* the barrier ending this loop also ends everyone's down GEMM of the expert before
+             * last, the one that read this activation buffer */
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < F / 16; i++)
+                gate_up_block(w13 + e * s13, D, F, i, xp + xoff[e], ntb, a, c0, c1);
+#pragma omp for schedule(static) nowait
+            for (int64_t j = 0; j < D / 16; j++)
+                down_block(w2 + e * s2, F, j, a, ntb, m, y + starts[e] * ldy, ldy, c0);
+            buf ^= 1;
+        }
+        _tile_release();
+    }
+    return 0;
+#else
+    (void)x; (void)ldx; (void)counts; (void)E; (void)D; (void)F; (void)w13; (void)s13; (void)w2; (void)s2;
+    (void)y; (void)ldy; (void)xp; (void)ap; (void)num_threads;
+    return -1;
+#endif
+}
+
+/* y[t, :] = W @ x[t, :] (+ bias) for m <= 64 rows: x [m, K] (row stride ldx), W [N, K] (row
+ * stride ldw), bias [N] bf16 or NULL, y [m, N] (row stride ldy) bf16, or float32 holding the
+ * bf16-rounded values (dtype F32: logits). Needs K % 32 == N % 16 == 0. Scratch xp: 4 * K * 16
+ * bf16. Returns 0, or -1 when built without AMX. */
+int moe_amx_linear(const uint16_t *x, int64_t ldx, int64_t m, const uint16_t *w, int64_t ldw, int64_t N, int64_t K,
+                   const uint16_t *bias, void *y, int64_t ldy, int dtype, uint16_t *xp, int num_threads) {
+#if defined(HAVE_AMX)
+    const int ntb = (int)((m + 15) / 16);
+    const int64_t nc = K / KC;
+#pragma omp parallel num_threads(num_threads)
+    {
+        configure_tiles();
+        float c[MAX_TB * 256];
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < ntb * nc; q++) pack_chunk(x, ldx, m, K, q / nc, q % nc, xp);
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < N / 16; j++) {
+            dot_block(w + 16 * j * ldw, ldw, K, xp, nc * TILE, ntb, c);
+            store_block(c, m, j, bias, y, ldy, dtype);
+        }
+        _tile_release();
+    }
+    return 0;
+#else
+    (void)x; (void)ldx; (void)m; (void)w; (void)ldw; (void)N; (void)K; (void)bias; (void)y; (void)ldy; (void)dtype;
+    (void)xp; (void)num_threads;
+    return -1;
+#endif
+}
