@@ -119,6 +119,9 @@ def _build() -> ctypes.CDLL:
     lib.moe_amx_init.restype = ctypes.c_int
     lib.moe_amx_experts.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ctypes.c_int]
     lib.moe_amx_experts.restype = ctypes.c_int
+    lib.moe_amx_moe.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr,
+                                ctypes.c_int]
+    lib.moe_amx_moe.restype = ctypes.c_int
     lib.moe_amx_linear.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64, ctypes.c_int, ptr, ctypes.c_int]
     lib.moe_amx_linear.restype = ctypes.c_int
     return lib
@@ -373,6 +376,37 @@ def amx_experts(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor, w
                             ap.data_ptr(), torch.get_num_threads()) != 0:
         return None
     return y
+
+
+def amx_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, w13_e2FD: torch.Tensor,
+            w2_eDF: torch.Tensor) -> torch.Tensor | None:
+    """Dispatch, SwiGLU experts and combine of a local MoE layer in one call (bf16, AMX): token t
+    through experts ``ids_TK[t]`` (ids index the stacked weights), summed with ``weights_TK[t]``
+    as :class:`parallel.dispatch.LocalDispatcher` does (weights rounded to bf16, products rounded,
+    float32 sum in ascending expert order rounded once). None when the kernel does not apply (as
+    :func:`amx_experts`, or an expert given more than :data:`AMX_MAX_ROWS` rows): then dispatch."""
+    if x_TD.dtype != torch.bfloat16 or x_TD.dim() != 2 or not amx_available():
+        return None
+    if _kernel_dtype(x_TD, w13_e2FD, w2_eDF) is None:
+        return None
+    E, F2, D = w13_e2FD.shape
+    F = F2 // 2
+    T, K = ids_TK.shape
+    if D % 32 or F % 32 or w2_eDF.shape[1:] != (D, F) or x_TD.shape[1] != D or weights_TK.shape != (T, K):
+        return None
+    if w13_e2FD.stride(1) != D or w2_eDF.stride(1) != F:
+        return None
+    ids = ids_TK.to(torch.int64).contiguous()
+    wts = weights_TK.to(torch.float32).contiguous()
+    out = torch.empty(T, D, dtype=torch.bfloat16)
+    xp = torch.empty((T * K + 16 * E) * D, dtype=torch.bfloat16)
+    ap = torch.empty(2 * 4 * F * 16, dtype=torch.bfloat16)
+    acc = torch.empty(T * D, dtype=torch.float32)
+    rows = torch.empty(2 * T * K, dtype=torch.int64)
+    rc = _lib.moe_amx_moe(x_TD.data_ptr(), x_TD.stride(0), T, ids.data_ptr(), wts.data_ptr(), K, E, D, F,
+                          w13_e2FD.data_ptr(), w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0), out.data_ptr(),
+                          xp.data_ptr(), ap.data_ptr(), acc.data_ptr(), rows.data_ptr(), torch.get_num_threads())
+    return out if rc == 0 else None
 
 
 def amx_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None,

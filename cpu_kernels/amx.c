@@ -44,14 +44,16 @@ static void configure_tiles(void) {
     _tile_loadconfig(&c);
 }
 
-/* Token rows x[t, 0:K] (t < m, row stride ldx) -> B tiles out[tb][K/32][16][16][2], zeros past m;
- * chunk `c` of token block `tb` only (the caller splits the chunks over threads). */
-static void pack_chunk(const uint16_t *x, int64_t ldx, int64_t m, int64_t K, int64_t tb, int64_t c, uint16_t *out) {
+/* Token rows x[t, 0:K] (t < m, row stride ldx; row idx[t] when idx is given) -> B tiles
+ * out[tb][K/32][16][16][2], zeros past m; chunk `c` of token block `tb` only (the caller splits
+ * the chunks over threads). */
+static void pack_chunk(const uint16_t *x, int64_t ldx, const int64_t *idx, int64_t m, int64_t K, int64_t tb,
+                       int64_t c, uint16_t *out) {
     uint32_t *o = (uint32_t *)(out + (tb * (K / KC) + c) * TILE);
     for (int t = 0; t < 16; t++) {
         const int64_t row = tb * 16 + t;
         if (row < m) {
-            const uint32_t *src = (const uint32_t *)(x + row * ldx + c * KC);
+            const uint32_t *src = (const uint32_t *)(x + (idx ? idx[row] : row) * ldx + c * KC);
             for (int p = 0; p < 16; p++) o[p * 16 + t] = src[p];
         } else {
             for (int p = 0; p < 16; p++) o[p * 16 + t] = 0;
@@ -130,11 +132,23 @@ static void store_block(const float *c, int64_t m, int64_t j, const uint16_t *bi
     }
 }
 
-/* Down rows [16j, 16j+16): y[t, 16j:16j+16] for the expert's m tokens, bf16. */
+/* Down rows [16j, 16j+16) for the expert's m tokens: y[t, 16j:16j+16] (bf16), or, combining
+ * (tok given), acc[tok[t], 16j:16j+16] += bf16(bf16(y) * bf16 weight w[t]) in float32 -- the
+ * combine's weighting and index_add_. */
 static void down_block(const uint16_t *w2, int64_t F, int64_t j, const uint16_t *ap, int ntb, int64_t m,
-                       uint16_t *y, int64_t ldy, float *c) {
+                       uint16_t *y, int64_t ldy, const int64_t *tok, const float *w, float *acc, float *c) {
     dot_block(w2 + 16 * j * F, F, F, ap, (F / KC) * TILE, ntb, c);
-    store_block(c, m, j, NULL, y, ldy, BF16);
+    if (!tok) {
+        store_block(c, m, j, NULL, y, ldy, BF16);
+        return;
+    }
+    const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(16));
+    for (int64_t t = 0; t < m; t++) {
+        const __m512 v = round_bf16(_mm512_i32gather_ps(col, c + (t / 16) * 256 + t % 16, 4));
+        float *a = acc + tok[t] * ldy + 16 * j;
+        _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), round_bf16(_mm512_mul_ps(v, _mm512_set1_ps(w[t])))));
+    }
 }
 #endif
 
@@ -148,35 +162,38 @@ int moe_amx_init(void) {
 #endif
 }
 
-/* SwiGLU experts over rows grouped by expert: rows [s_e, s_e + counts[e]) of x [R, D] (row stride
- * ldx; s_e the sum of the counts before e) go through expert e: h = W13_e @ x (W13_e = w13 +
- * e * s13, [2F, D], gate rows first), a = silu(h[:F]) * h[F:], y = W2_e @ a (W2_e = w2 + e * s2,
- * [D, F]) into the same rows of y (row stride ldy). Weights: unit stride within rows. Needs
- * D % 32 == F % 32 == 0 and every count <= 64. Scratch: xp of sum_e ceil(counts[e]/16) * D * 16
- * bf16 and ap of 2 * 4 * F * 16 bf16. Returns 0, or -1 when built without AMX. */
-int moe_amx_experts(const uint16_t *x, int64_t ldx, const int64_t *counts, int64_t E, int64_t D, int64_t F,
-                    const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2, uint16_t *y, int64_t ldy,
-                    uint16_t *xp, uint16_t *ap, int num_threads) {
 #if defined(HAVE_AMX)
-    int64_t starts[E + 1], xoff[E + 1], packs = 0;
+/* The experts over rows grouped by expert (counts[e] rows each, in order; row r is x row idx[r]
+ * when idx is given): y rows (plain) or, with tok/w/acc/out, the weighted sum per token into
+ * out [T, D] bf16 (acc: float32 scratch [T, D]). */
+static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, const int64_t *counts, int64_t E,
+                        int64_t D, int64_t F, const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2,
+                        uint16_t *y, int64_t ldy, const int64_t *tok, const float *w, float *acc, uint16_t *out,
+                        int64_t T, uint16_t *xp, uint16_t *ap, int num_threads) {
+    int64_t starts[E + 1], xoff[E + 1];
     starts[0] = xoff[0] = 0;
     for (int64_t e = 0; e < E; e++) {
         starts[e + 1] = starts[e] + counts[e];
         xoff[e + 1] = xoff[e] + (counts[e] + 15) / 16 * D * 16;
     }
-    const int64_t tok_chunks = xoff[E] / TILE;  /* every expert's token blocks x D/32 chunks */
-    (void)packs;
+    const int64_t tok_chunks = xoff[E] / TILE, nc = D / KC;  /* every expert's token blocks x D/32 chunks */
 #pragma omp parallel num_threads(num_threads)
     {
         configure_tiles();
         float c0[MAX_TB * 256], c1[MAX_TB * 256];
+        if (tok) {  /* each thread zeroes the columns its down blocks add to (the same static split) */
+#pragma omp for schedule(static) nowait
+            for (int64_t j = 0; j < D / 16; j++)
+                for (int64_t t = 0; t < T; t++) memset(acc + t * D + 16 * j, 0, 16 * sizeof(float));
+        }
         /* pack every expert's tokens: the flat chunk index q runs over (expert, token block, chunk) */
 #pragma omp for schedule(static)
         for (int64_t q = 0; q < tok_chunks; q++) {
             int64_t e = 0;
             while (xoff[e + 1] <= q * TILE) e++;
-            const int64_t local = q - xoff[e] / TILE, nc = D / KC;
-            pack_chunk(x + starts[e] * ldx, ldx, counts[e], D, local / nc, local % nc, xp + xoff[e]);
+            const int64_t local = q - xoff[e] / TILE;
+            if (idx) pack_chunk(x, ldx, idx + starts[e], counts[e], D, local / nc, local % nc, xp + xoff[e]);
+            else pack_chunk(x + starts[e] * ldx, ldx, NULL, counts[e], D, local / nc, local % nc, xp + xoff[e]);
         }
         int buf = 0;
         for (int64_t e = 0; e < E; e++) {
@@ -191,15 +208,75 @@ int moe_amx_experts(const uint16_t *x, int64_t ldx, const int64_t *counts, int64
                 gate_up_block(w13 + e * s13, D, F, i, xp + xoff[e], ntb, a, c0, c1);
 #pragma omp for schedule(static) nowait
             for (int64_t j = 0; j < D / 16; j++)
-                down_block(w2 + e * s2, F, j, a, ntb, m, y + starts[e] * ldy, ldy, c0);
+                down_block(w2 + e * s2, F, j, a, ntb, m, y ? y + starts[e] * ldy : NULL, tok ? D : ldy,
+                           tok ? tok + starts[e] : NULL, w ? w + starts[e] : NULL, acc, c0);
             buf ^= 1;
+        }
+        if (tok) {  /* a token's sum rounded once, by the thread that summed those columns */
+#pragma omp for schedule(static)
+            for (int64_t j = 0; j < D / 16; j++)
+                for (int64_t t = 0; t < T; t++) store16(out + t * D + 16 * j, _mm512_loadu_ps(acc + t * D + 16 * j), BF16);
         }
         _tile_release();
     }
+}
+#endif
+
+/* SwiGLU experts over rows grouped by expert: rows [s_e, s_e + counts[e]) of x [R, D] (row stride
+ * ldx; s_e the sum of the counts before e) go through expert e: h = W13_e @ x (W13_e = w13 +
+ * e * s13, [2F, D], gate rows first), a = silu(h[:F]) * h[F:], y = W2_e @ a (W2_e = w2 + e * s2,
+ * [D, F]) into the same rows of y (row stride ldy). Weights: unit stride within rows. Needs
+ * D % 32 == F % 32 == 0 and every count <= 64. Scratch: xp of sum_e ceil(counts[e]/16) * D * 16
+ * bf16 and ap of 2 * 4 * F * 16 bf16. Returns 0, or -1 when built without AMX. */
+int moe_amx_experts(const uint16_t *x, int64_t ldx, const int64_t *counts, int64_t E, int64_t D, int64_t F,
+                    const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2, uint16_t *y, int64_t ldy,
+                    uint16_t *xp, uint16_t *ap, int num_threads) {
+#if defined(HAVE_AMX)
+    run_experts(x, ldx, NULL, counts, E, D, F, w13, s13, w2, s2, y, ldy, NULL, NULL, NULL, NULL, 0, xp, ap,
+                num_threads);
     return 0;
 #else
     (void)x; (void)ldx; (void)counts; (void)E; (void)D; (void)F; (void)w13; (void)s13; (void)w2; (void)s2;
     (void)y; (void)ldy; (void)xp; (void)ap; (void)num_threads;
+    return -1;
+#endif
+}
+
+/* The whole local MoE step after the router: token t of x [T, D] (row stride ldx) goes to experts
+ * ids[t, 0:K] (0 <= id < E) with weights wts[t, 0:K] (float32, rounded to bf16 here, as the
+ * combine does); out [T, D] = sum over k, in ascending expert order, of bf16(expert(x_t) * w) in
+ * float32, rounded once -- dispatch, experts and combine (LocalDispatcher) in one call. Scratch:
+ * xp of (T*K + 16*E) * D bf16, ap as moe_amx_experts, acc of T*D float32, rows of 2*T*K int64.
+ * Returns 0; -1 without AMX; -2 when an expert gets more than 64 rows, -3 for an id out of range
+ * (nothing written: use the dispatcher). */
+int moe_amx_moe(const uint16_t *x, int64_t ldx, int64_t T, const int64_t *ids, const float *wts, int64_t K,
+                int64_t E, int64_t D, int64_t F, const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2,
+                uint16_t *out, uint16_t *xp, uint16_t *ap, float *acc, int64_t *rows, int num_threads) {
+#if defined(HAVE_AMX)
+    int64_t counts[E], at[E];
+    memset(counts, 0, sizeof counts);
+    for (int64_t i = 0; i < T * K; i++) {
+        if (ids[i] < 0 || ids[i] >= E) return -3;
+        counts[ids[i]]++;
+    }
+    for (int64_t e = 0; e < E; e++)
+        if (counts[e] > MAX_TB * 16) return -2;
+    for (int64_t e = 0, s = 0; e < E; e++) {
+        at[e] = s;
+        s += counts[e];
+    }
+    int64_t *tok = rows;
+    float *w = (float *)(rows + T * K);
+    for (int64_t i = 0; i < T * K; i++) {  /* a stable counting sort: tokens ascending per expert */
+        const int64_t r = at[ids[i]]++;
+        tok[r] = i / K;
+        w[r] = bf16_to_f32(f32_to_bf16(wts[i]));
+    }
+    run_experts(x, ldx, tok, counts, E, D, F, w13, s13, w2, s2, NULL, 0, tok, w, acc, out, T, xp, ap, num_threads);
+    return 0;
+#else
+    (void)x; (void)ldx; (void)T; (void)ids; (void)wts; (void)K; (void)E; (void)D; (void)F; (void)w13; (void)s13;
+    (void)w2; (void)s2; (void)out; (void)xp; (void)ap; (void)acc; (void)rows; (void)num_threads;
     return -1;
 #endif
 }
@@ -218,7 +295,7 @@ int moe_amx_linear(const uint16_t *x, int64_t ldx, int64_t m, const uint16_t *w,
         configure_tiles();
         float c[MAX_TB * 256];
 #pragma omp for schedule(static)
-        for (int64_t q = 0; q < ntb * nc; q++) pack_chunk(x, ldx, m, K, q / nc, q % nc, xp);
+        for (int64_t q = 0; q < ntb * nc; q++) pack_chunk(x, ldx, NULL, m, K, q / nc, q % nc, xp);
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < N / 16; j++) {
             dot_block(w + 16 * j * ldw, ldw, K, xp, nc * TILE, ntb, c);

@@ -298,6 +298,17 @@ class GroupedExperts(SlottedExperts):
             y += out
         return y.to(x_1D.dtype)
 
+    def forward_local(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor | None:
+        """Dispatch, :meth:`forward` and combine of a layer whose experts are all here
+        (:class:`parallel.dispatch.LocalDispatcher`), as one C call on CPUs with AMX when every
+        expert gets <= 64 rows (decode-sized steps), with the same arithmetic; None when that does
+        not apply (then dispatch)."""
+        if (x_TD.device.type != "cpu" or resolve_backend(self.backend, x_TD.device) != "torch" or self.b13 is not None
+                or self.b2 is not None or self.activation != Activation()
+                or self.slot_experts != tuple(range(self.num_experts))):
+            return None
+        return cpu_kernels.amx_moe(x_TD, ids_TK, weights_TK, self.w13, self.w2)
+
     def forward(self, x_RD: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
         backend = resolve_backend(self.backend, x_RD.device)
         if backend == "torch":

@@ -424,3 +424,38 @@ def test_amx_linear_declines_what_it_does_not_take():
     assert cpu_kernels.amx_linear(x[:, :40], w[:, :40]) is None  # K not a multiple of 32
     assert cpu_kernels.amx_linear(x, w[:90]) is None  # N not a multiple of 16
     assert cpu_kernels.amx_linear(torch.randn(65, 64).bfloat16(), w) is None  # more than 64 rows
+
+
+@pytest.mark.parametrize("T,K,E,D,F", [(64, 2, 8, 64, 96), (5, 4, 16, 32, 64), (33, 8, 8, 64, 32)])
+def test_amx_moe_equals_dispatch_experts_combine(T, K, E, D, F):
+    # the local MoE step in one call: bit-identical to LocalDispatcher -> experts -> combine
+    from experts.grouped import GroupedExperts
+    from parallel.dispatch import LocalDispatcher
+
+    g = torch.Generator().manual_seed(T * K)
+    mod = GroupedExperts(E, D, F, dtype=torch.bfloat16)
+    mod.w13.data.copy_(torch.randn(E, 2 * F, D, generator=g) / D ** 0.5)
+    mod.w2.data.copy_(torch.randn(E, D, F, generator=g) / F ** 0.5)
+    x = torch.randn(T, D, generator=g).bfloat16()
+    w, ids = torch.softmax(torch.randn(T, E, generator=g), -1).topk(K, dim=-1)
+    y = mod.forward_local(x, ids, w)
+    if not cpu_kernels.amx_available():
+        assert y is None
+        return
+    disp = LocalDispatcher(E)
+    x_RD, counts, meta = disp.dispatch(x, ids, w)
+    assert torch.equal(y, disp.combine(mod(x_RD, counts), meta))
+
+
+def test_amx_moe_declines_what_it_does_not_take():
+    from experts.grouped import GroupedExperts
+
+    E, D, F = 4, 64, 96
+    mod = GroupedExperts(E, D, F, dtype=torch.bfloat16)
+    x = torch.randn(70, D).bfloat16()
+    ids = torch.tensor([[0, 1]] * 65 + [[2, 3]] * 5)
+    w = torch.full((70, 2), 0.5)
+    assert mod.forward_local(x, ids, w) is None  # experts 0 and 1 get 65 rows: the dispatcher's path
+    assert cpu_kernels.amx_moe(x, torch.full((70, 2), E), w, mod.w13, mod.w2) is None  # ids out of range
+    sub = GroupedExperts(E, D, F, dtype=torch.bfloat16, num_local_experts=2)  # a rank's slice: not local
+    assert sub.forward_local(x[:5], ids[-5:] - 2, w[:5]) is None

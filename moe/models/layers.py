@@ -170,6 +170,9 @@ class SparseMoE(nn.Module):
         if x_TD.shape[0] == 1 and self.dispatcher.is_local and hasattr(self.experts, "forward_token"):
             # decode at batch 1: no permutation needed
             y_TD = self.experts.forward_token(x_TD, ids_TK[0], weights_TK[0])
+        elif self.dispatcher.is_local and hasattr(self.experts, "forward_local"):
+            # decode-sized steps on CPU: dispatch, experts and combine in one call (None: not applicable)
+            y_TD = self.experts.forward_local(x_TD, ids_TK, weights_TK)
         if y_TD is None:
             if ctx is not None and ctx.dp_num_tokens is not None:  # a DataParallelDispatcher
                 x_RD, counts_e, meta = self.dispatcher.dispatch(x_TD, ids_TK, weights_TK, ctx.dp_num_tokens)
