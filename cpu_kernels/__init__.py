@@ -122,6 +122,9 @@ def _build() -> ctypes.CDLL:
     lib.moe_amx_moe.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr,
                                 ctypes.c_int]
     lib.moe_amx_moe.restype = ctypes.c_int
+    lib.moe_amx_heads.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_int, ptr, i64, i64, ptr,
+                                  ctypes.c_int]
+    lib.moe_amx_heads.restype = ctypes.c_int
     lib.moe_amx_linear.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64, ctypes.c_int, ptr, ctypes.c_int]
     lib.moe_amx_linear.restype = ctypes.c_int
     return lib
@@ -429,5 +432,28 @@ def amx_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None 
                            b_N.data_ptr() if b_N is not None else None, y.data_ptr(), N,
                            _DTYPES[torch.float32 if out_float else torch.bfloat16], xp.data_ptr(),
                            torch.get_num_threads()) != 0:
+        return None
+    return y
+
+
+def amx_heads(x_THK: torch.Tensor, w_H: torch.Tensor, w_rows_n: bool) -> torch.Tensor | None:
+    """One GEMM per head for 1-64 bf16 rows (MLA's absorbed attention) on AMX tiles:
+    ``y[t, h] = x[t, h] @ w_H[h].T`` for ``w_H [H, N, K]`` (``w_rows_n``) or ``x[t, h] @ w_H[h]``
+    for ``w_H [H, K, N]``; ``[T, H, N]`` bf16, float32 sums rounded once as ``bmm``. Any strides
+    over T, H and the weight's heads and rows (unit within a row). None when the kernel does not
+    apply (then ``einsum``)."""
+    if x_THK.dtype != torch.bfloat16 or x_THK.dim() != 3 or w_H.dim() != 3 or not amx_available():
+        return None
+    T, H, K = x_THK.shape
+    N = w_H.shape[1] if w_rows_n else w_H.shape[2]
+    if not 0 < T <= AMX_MAX_ROWS or K % 32 or N % 16 or w_H.shape[0] != H:
+        return None
+    if w_H.shape[2 if w_rows_n else 1] != K or _kernel_dtype(x_THK, w_H) is None:
+        return None
+    y = torch.empty(T, H, N, dtype=torch.bfloat16)
+    scratch = torch.empty(H * ((T + 15) // 16) * 16 * K, dtype=torch.bfloat16)
+    if _lib.moe_amx_heads(x_THK.data_ptr(), x_THK.stride(0), x_THK.stride(1), T, w_H.data_ptr(), w_H.stride(1),
+                          w_H.stride(0), N, K, H, int(w_rows_n), y.data_ptr(), y.stride(0), y.stride(1),
+                          scratch.data_ptr(), torch.get_num_threads()) != 0:
         return None
     return y

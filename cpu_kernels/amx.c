@@ -310,3 +310,99 @@ int moe_amx_linear(const uint16_t *x, int64_t ldx, int64_t m, const uint16_t *w,
     return -1;
 #endif
 }
+
+#if defined(HAVE_AMX)
+/* B tile from W rows k0..k0+31 (row stride ldw), columns n0..n0+15: tile row p holds the pairs
+ * (W[k0+2p][n], W[k0+2p+1][n]) for 16 n -- two rows interleaved, done as the tile is needed. */
+static inline void pair_rows(const uint16_t *w, int64_t ldw, uint16_t *tile) {
+    for (int p = 0; p < 16; p++) {
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + 2 * p * ldw)));
+        const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + (2 * p + 1) * ldw)));
+        _mm512_storeu_si512(tile + p * 32, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+}
+
+/* c[tb][16 tokens][16 n] = X[tb] (A tiles: 16 token rows of K, row stride K) . W[0:K, n0:n0+16] */
+static void dot_block_xw(const uint16_t *xa, int64_t K, const uint16_t *w, int64_t ldw, int ntb, float *c) {
+    uint16_t tile[TILE] __attribute__((aligned(64)));
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < K; k += KC) {
+        pair_rows(w + k * ldw, ldw, tile);
+        _tile_loadd(5, tile, 64);
+        _tile_loadd(4, xa + k, K * 2);
+        _tile_dpbf16ps(0, 4, 5);
+        if (ntb > 1) {
+            _tile_loadd(6, xa + 16 * K + k, K * 2);
+            _tile_dpbf16ps(1, 6, 5);
+        }
+        if (ntb > 2) {
+            _tile_loadd(7, xa + 32 * K + k, K * 2);
+            _tile_dpbf16ps(2, 7, 5);
+        }
+        if (ntb > 3) {
+            _tile_loadd(4, xa + 48 * K + k, K * 2);
+            _tile_dpbf16ps(3, 4, 5);
+        }
+    }
+    _tile_stored(0, c, 64);
+    if (ntb > 1) _tile_stored(1, c + 256, 64);
+    if (ntb > 2) _tile_stored(2, c + 512, 64);
+    if (ntb > 3) _tile_stored(3, c + 768, 64);
+}
+#endif
+
+/* One GEMM per head for m <= 64 rows (MLA's absorbed attention): for each head h,
+ * y[t, h, :] = x[t, h, :] @ W_h^T when W_h is [N, K] (w_rows_n: rows of K), or x[t, h, :] @ W_h
+ * when W_h is [K, N] (rows of N). x[t, h, k] at x + t*ldx + h*hx + k; W_h at w + h*hw with row
+ * stride ldw; y[t, h, n] (bf16) at y + t*ldy + h*hy + n. Float32 sums rounded once, as bmm.
+ * Needs K % 32 == N % 16 == 0. Scratch: H * ceil(m/16) * 16 * K bf16. Returns 0, or -1 when built
+ * without AMX. */
+int moe_amx_heads(const uint16_t *x, int64_t ldx, int64_t hx, int64_t m, const uint16_t *w, int64_t ldw, int64_t hw,
+                  int64_t N, int64_t K, int64_t H, int w_rows_n, uint16_t *y, int64_t ldy, int64_t hy,
+                  uint16_t *scratch, int num_threads) {
+#if defined(HAVE_AMX)
+    const int ntb = (int)((m + 15) / 16);
+    const int64_t nc = K / KC, per_head = (int64_t)ntb * 16 * K;
+#pragma omp parallel num_threads(num_threads)
+    {
+        configure_tiles();
+        float c[MAX_TB * 256];
+        if (w_rows_n) {  /* tokens as B tiles: pack each head's rows */
+#pragma omp for schedule(static)
+            for (int64_t q = 0; q < H * ntb * nc; q++) {
+                const int64_t h = q / (ntb * nc), local = q % (ntb * nc);
+                pack_chunk(x + h * hx, ldx, NULL, m, K, local / nc, local % nc, scratch + h * per_head);
+            }
+        } else {  /* tokens as A tiles: each head's rows copied contiguous, zero rows to a multiple of 16 */
+#pragma omp for schedule(static)
+            for (int64_t q = 0; q < H * ntb * 16; q++) {
+                const int64_t h = q / (ntb * 16), t = q % (ntb * 16);
+                uint16_t *dst = scratch + h * per_head + t * K;
+                if (t < m) memcpy(dst, x + t * ldx + h * hx, K * 2);
+                else memset(dst, 0, K * 2);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < H * (N / 16); q++) {
+            const int64_t h = q / (N / 16), j = q % (N / 16);
+            if (w_rows_n) {
+                dot_block(w + h * hw + 16 * j * ldw, ldw, K, scratch + h * per_head, nc * TILE, ntb, c);
+                store_block(c, m, j, NULL, y + h * hy, ldy, BF16);
+            } else {
+                dot_block_xw(scratch + h * per_head, K, w + h * hw + 16 * j, ldw, ntb, c);
+                for (int64_t t = 0; t < m; t++)
+                    store16(y + t * ldy + h * hy + 16 * j, _mm512_loadu_ps(c + (t / 16) * 256 + (t % 16) * 16), BF16);
+            }
+        }
+        _tile_release();
+    }
+    return 0;
+#else
+    (void)x; (void)ldx; (void)hx; (void)m; (void)w; (void)ldw; (void)hw; (void)N; (void)K; (void)H; (void)w_rows_n;
+    (void)y; (void)ldy; (void)hy; (void)scratch; (void)num_threads;
+    return -1;
+#endif
+}

@@ -459,3 +459,36 @@ def test_amx_moe_declines_what_it_does_not_take():
     assert cpu_kernels.amx_moe(x, torch.full((70, 2), E), w, mod.w13, mod.w2) is None  # ids out of range
     sub = GroupedExperts(E, D, F, dtype=torch.bfloat16, num_local_experts=2)  # a rank's slice: not local
     assert sub.forward_local(x[:5], ids[-5:] - 2, w[:5]) is None
+
+
+@pytest.mark.parametrize("T", [1, 5, 16, 17, 64])
+def test_amx_heads_match_the_per_head_einsums(T):
+    # MLA's absorbed attention: q_nope [T, H, nope] (a strided view of q) times W_UK [H, nope, C],
+    # and o_lat [T, H, C] times W_UV [H, v, C] transposed, both views of kv_b_proj's weight
+    from moe.models.mla import _per_head
+
+    g = torch.Generator().manual_seed(T)
+    H, nope, rope, v, C = 4, 64, 32, 32, 96
+    w_kv = (torch.randn(H * (nope + v), C, generator=g) / 8).bfloat16().view(H, nope + v, C)
+    w_uk, w_uv = w_kv[:, :nope], w_kv[:, nope:]
+    q_nope = torch.randn(T, H * (nope + rope), generator=g).bfloat16().view(T, H, nope + rope)[..., :nope]
+    o_lat = torch.randn(T, H, C, generator=g).bfloat16()
+    a = cpu_kernels.amx_heads(q_nope, w_uk, w_rows_n=False)
+    b = cpu_kernels.amx_heads(o_lat, w_uv, w_rows_n=True)
+    if not cpu_kernels.amx_available():
+        assert a is None and b is None
+        return
+    for got, want, exact in ((a, _per_head(q_nope, w_uk, "thn,hnc->thc"), torch.einsum("thn,hnc->thc", q_nope.float(), w_uk.float())),
+                             (b, _per_head(o_lat, w_uv, "thc,hvc->thv"), torch.einsum("thc,hvc->thv", o_lat.float(), w_uv.float()))):
+        assert got.shape == want.shape
+        tol = exact.abs().max() * 2 ** -7
+        assert (got.float() - exact).abs().max() <= tol  # float32 sums rounded once
+        assert (got == want).float().mean() > 0.99 and (got.float() - want.float()).abs().max() <= tol
+
+
+def test_amx_heads_decline_what_they_do_not_take():
+    w = torch.randn(4, 64, 96).bfloat16()
+    assert cpu_kernels.amx_heads(torch.randn(65, 4, 64).bfloat16(), w, w_rows_n=False) is None  # > 64 rows
+    assert cpu_kernels.amx_heads(torch.randn(8, 4, 48).bfloat16(), w[:, :48], w_rows_n=False) is None  # K % 32
+    assert cpu_kernels.amx_heads(torch.randn(8, 4, 64).float(), w.float(), w_rows_n=False) is None  # float32
+    assert cpu_kernels.amx_heads(torch.randn(8, 3, 64).bfloat16(), w, w_rows_n=False) is None  # heads differ
