@@ -12,13 +12,21 @@
   chain of torch ops (the rotary chain alone was ~10 ops), with the roundings of the torch code
   they replace; :func:`transpose_to_float`: a GEMM's transposed logits to row-major float32.
 - :func:`gemv` (``gemv.c``): bf16 matrix-vector product for one-row decode, the weight streamed by
-  both threads in contiguous halves with AVX512-BF16 dot products.
+  both threads in contiguous halves with AVX512-BF16 dot products; :func:`expert_token`: one token
+  through its routed experts in one call.
+- :func:`amx_moe`, :func:`amx_experts`, :func:`amx_linear`, :func:`amx_heads` (``amx.c``): the
+  GEMMs of decode-sized steps (2-64 rows: batched decode, verify rows, short prompts) on AMX
+  tiles, each weight read once and in place (16 weight rows are a tile; the few tokens are packed
+  as the other operand): a local MoE layer's dispatch, experts and combine in one call; plain
+  projections and the LM head; MLA's per-head GEMMs. oneDNN's ``bmm``/``mm`` at these shapes
+  read the weights at 85-90% of the rate and need the permutation, SwiGLU and combine as separate
+  ops. Where the CPU lacks AMX (or Linux refuses its tile state) they return None.
 
 Every kernel has the torch path it replaces as its reference (tests/test_cpu_kernels.py) and the
 callers fall back to that path when :func:`load` returns None.
 
 The library is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``) for this CPU
-(``-march=native``, AVX-512 paths where present) into ``$MOE_KERNEL_CACHE`` (default
+(``-march=native``, AVX-512 and AMX paths where present) into ``$MOE_KERNEL_CACHE`` (default
 ``~/.cache/moe/kernels``), keyed by the sources, flags and OpenMP runtime, and linked against the
 OpenMP runtime torch has loaded so both share one thread pool (two runtimes would fight over the
 cores). Without a compiler the torch paths are used (one warning says so); ``MOE_CPU_KERNELS=0``

@@ -1,14 +1,19 @@
-/* Decode-sized batches through the routed experts on AMX: every expert's few rows (<= 64) through
- * gate/up, SwiGLU and down in one call, each weight streamed once from memory.
+/* The GEMMs of decode-sized steps (1-64 rows) on AMX tiles, each weight read once and in place:
+ *   moe_amx_moe      a local MoE layer after the router: dispatch, SwiGLU experts, combine;
+ *   moe_amx_experts  SwiGLU experts over rows already grouped by expert;
+ *   moe_amx_linear   a projection (or the LM head, float32 out);
+ *   moe_amx_heads    one GEMM per head (MLA's absorbed W_UK and W_UV).
  *
  * A weight block of 16 rows is an AMX A tile read in place (16 rows x 32 bf16, row stride = the
  * weight's); the tokens are packed once per call as B tiles (pairs of k interleaved, VNNI order:
  * tile row p holds (x[t][2p], x[t][2p+1]) for 16 tokens t), so no weight is ever repacked or
- * copied. Tile dot products sum in float32; gate and up are rounded to bf16, SwiGLU is taken as
- * moe_silu_mul takes it, and the activation is written straight in the B-tile order the down
- * GEMM reads. Results equal the op-by-op path (bmm, silu_mul, bmm) up to the order of float32
- * sums. Built where the compiler targets AMX-BF16 (-march=native on such a CPU); moe_amx_init
- * asks Linux for the tile state and returns -1 where it is refused or not built. */
+ * copied (W_UK, whose rows run along the output, is the B operand instead: two rows interleaved
+ * as each tile is needed). Tile dot products sum in float32; every result is rounded where the
+ * op-by-op torch path rounds (gate and up to bf16, SwiGLU as moe_silu_mul, the weighting and the
+ * float32 sum per token of the combine), so results equal that path up to the order of float32
+ * sums (bit-identical in the tests). Built where the compiler targets AMX-BF16 (-march=native on
+ * such a CPU); moe_amx_init asks Linux for the tile state and returns -1 where it is refused or
+ * not built, and every entry returns -1 when built without AMX. */
 #include "simd.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
@@ -19,12 +24,6 @@
 #define KC 32            /* k elements per A-tile row: 64 bytes of bf16 */
 #define TILE (16 * KC)   /* bf16 elements of one B tile: 16 k-pairs x 16 tokens x 2 */
 #define MAX_TB 4         /* token blocks of 16 per call: <= 64 rows per expert */
-
-
-
-
-
-
 
 typedef struct {
     uint8_t palette_id, start_row, reserved[14];
