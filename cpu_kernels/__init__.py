@@ -123,6 +123,9 @@ def _build() -> ctypes.CDLL:
     lib.moe_gemv_bf16.restype = ctypes.c_int
     lib.moe_expert_token.argtypes = [ptr, i64, i64, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.moe_expert_token.restype = ctypes.c_int
+    lib.moe_route_select.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, ctypes.c_float,
+                                     ctypes.c_float, ptr, ptr, ptr]
+    lib.moe_route_select.restype = ctypes.c_int
     lib.moe_amx_init.argtypes = []
     lib.moe_amx_init.restype = ctypes.c_int
     lib.moe_amx_experts.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ctypes.c_int]
@@ -302,6 +305,31 @@ def transpose_to_float(x_NM: torch.Tensor) -> torch.Tensor | None:
     _lib.moe_transpose_to_f32(x_NM.data_ptr(), _DTYPES[x_NM.dtype], N, M, x_NM.stride(0), out.data_ptr(),
                               torch.get_num_threads())
     return out
+
+
+def route_select(scores_TE: torch.Tensor, top_k: int, bias_E: torch.Tensor | None = None, num_groups: int = 1,
+                 topk_groups: int = 1, group_top2: bool = True, renormalize: bool = False, eps: float = 0.0,
+                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """:func:`routing.route` after the scoring, in one pass over float32 ``scores [T, E]``:
+    selection = scores (+ bias), group-limited when ``num_groups`` > 1, the ``top_k`` best in
+    descending order, their unbiased scores renormalized (``w / (sum + eps)``) and scaled.
+    Returns ``(weights [T, K] float32, ids [T, K] int64, tied)``: ``tied`` is None, or the indices
+    of the tokens whose choice hangs on equal values (or NaN), left for the caller to route with
+    torch (whose sort decides ties its own way); None when the kernel does not apply."""
+    if scores_TE.dtype != torch.float32 or scores_TE.dim() != 2 or scores_TE.is_cuda or load() is None:
+        return None
+    T, E = scores_TE.shape
+    if E % num_groups or not 1 <= top_k <= E or not 1 <= topk_groups <= num_groups:
+        return None
+    s = scores_TE.contiguous()
+    b = bias_E.float().contiguous() if bias_E is not None else None
+    w = torch.empty(T, top_k, dtype=torch.float32)
+    ids = torch.empty(T, top_k, dtype=torch.int64)
+    ties = torch.empty(T, dtype=torch.uint8)
+    n = _lib.moe_route_select(s.data_ptr(), b.data_ptr() if b is not None else None, T, E, top_k, num_groups,
+                              topk_groups, int(group_top2), int(renormalize), eps, scale, w.data_ptr(), ids.data_ptr(),
+                              ties.data_ptr())
+    return w, ids, (ties.nonzero().flatten() if n else None)
 
 
 _gemv_built = True  # False once the library says it was built without AVX512-BF16

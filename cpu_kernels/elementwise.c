@@ -180,3 +180,78 @@ int moe_transpose_to_f32(const void *src, int dtype, int64_t N, int64_t M, int64
     }
     return 0;
 }
+
+/* index of the largest of v[0:n] not yet taken (ties: the lower index, as a stable descending sort) */
+static inline int64_t argmax_free(const float *v, const unsigned char *taken, int64_t n) {
+    int64_t best = -1;
+    for (int64_t i = 0; i < n; i++)
+        if (!taken[i] && (best < 0 || v[i] > v[best])) best = i;
+    return best;
+}
+
+/* Expert choice after the router's scoring, per token t of scores [T, E] (softmax or sigmoid,
+ * float32): selection = scores (+ bias[E] when given); with G > 1 groups only the experts of the
+ * topk_groups best groups stay (group score: sum of its two best selections, or its best); the K
+ * best remaining experts, in descending order, go to ids [T, K]; their unbiased scores, divided
+ * by their sum (+ eps) when renormalize, times scale, to weights [T, K] -- the order of operations
+ * of routing.route. Which of two equal values torch.topk takes first is its sort's business:
+ * a token whose choice depends on a tie (the K-th and (K+1)-th selections, or the last kept and
+ * first dropped group, equal) or has a NaN selection gets ties[t] = 1 and is left for the caller
+ * to route with torch (ties among the chosen only order them: nothing downstream depends on the
+ * order). Returns the number of such tokens. */
+int moe_route_select(const float *scores, const float *bias, int64_t T, int64_t E, int64_t K, int64_t G,
+                     int64_t topk_groups, int group_top2, int renormalize, float eps, float scale, float *weights,
+                     int64_t *ids, unsigned char *ties) {
+    const int64_t per = E / G;
+    float sel[E], gs[G];
+    unsigned char taken[E > G ? E : G];
+    int64_t flagged = 0;
+    for (int64_t t = 0; t < T; t++) {
+        const float *s = scores + t * E;
+        int tie = 0;
+        for (int64_t e = 0; e < E; e++) {
+            sel[e] = bias ? s[e] + bias[e] : s[e];
+            if (sel[e] != sel[e]) tie = 1;
+        }
+        if (G > 1 && !tie) {
+            for (int64_t g = 0; g < G; g++) {
+                const float *v = sel + g * per;
+                float a = -INFINITY, b = -INFINITY;  /* best, second best */
+                for (int64_t i = 0; i < per; i++) {
+                    if (v[i] > a) { b = a; a = v[i]; }
+                    else if (v[i] > b) b = v[i];
+                }
+                gs[g] = group_top2 ? a + b : a;
+            }
+            memset(taken, 0, G);
+            int64_t last = 0;
+            for (int64_t j = 0; j < topk_groups; j++) taken[last = argmax_free(gs, taken, G)] = 1;
+            if (topk_groups < G && gs[argmax_free(gs, taken, G)] == gs[last]) tie = 1;
+            for (int64_t g = 0; g < G; g++)
+                if (!taken[g])
+                    for (int64_t i = 0; i < per; i++) sel[g * per + i] = -INFINITY;
+        }
+        memset(taken, 0, E);
+        float sum = 0.f;
+        int64_t e = 0;
+        for (int64_t k = 0; k < K && !tie; k++) {
+            e = argmax_free(sel, taken, E);
+            taken[e] = 1;
+            ids[t * K + k] = e;
+            weights[t * K + k] = s[e];
+            sum += s[e];
+        }
+        if (!tie && K < E && sel[argmax_free(sel, taken, E)] == sel[e]) tie = 1;
+        ties[t] = (unsigned char)tie;
+        if (tie) {
+            flagged++;
+            continue;
+        }
+        for (int64_t k = 0; k < K; k++) {
+            float w = weights[t * K + k];
+            if (renormalize) w = w / (sum + eps);
+            weights[t * K + k] = w * scale;
+        }
+    }
+    return (int)flagged;
+}

@@ -11,6 +11,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
+import cpu_kernels
+
 Scoring = Literal["softmax", "sigmoid"]
 
 
@@ -75,10 +77,24 @@ def route(logits_TE: torch.Tensor, cfg: RouterConfig, correction_bias_E: torch.T
         return RoutingResult(weights * cfg.scaling_factor, ids)
 
     scores = torch.softmax(logits, dim=-1) if cfg.scoring == "softmax" else torch.sigmoid(logits)
+    if cfg.use_correction_bias and correction_bias_E is None:
+        raise ValueError("router uses a correction bias but none was loaded (e_score_correction_bias)")
+    if scores.device.type == "cpu":  # the selection below in one C pass (~12 torch ops per layer with groups)
+        out = cpu_kernels.route_select(
+            scores, cfg.top_k, correction_bias_E if cfg.use_correction_bias else None, cfg.num_groups,
+            cfg.topk_groups, cfg.group_score == "top2_sum", cfg.renormalize,
+            1e-20 if cfg.scoring == "sigmoid" else 0.0, cfg.scaling_factor)
+        if out is not None:
+            weights, ids, tied = out
+            if tied is not None:  # choices that hang on equal values: torch's own tie order
+                weights[tied], ids[tied] = _select(scores[tied], cfg, correction_bias_E)
+            return RoutingResult(weights, ids)
+    return RoutingResult(*_select(scores, cfg, correction_bias_E))
+
+
+def _select(scores: torch.Tensor, cfg: RouterConfig, correction_bias_E: torch.Tensor | None):
     selection = scores
     if cfg.use_correction_bias:
-        if correction_bias_E is None:
-            raise ValueError("router uses a correction bias but none was loaded (e_score_correction_bias)")
         selection = scores + correction_bias_E.float()
     if cfg.num_groups > 1:
         selection = _mask_to_top_groups(selection, cfg)
@@ -89,7 +105,7 @@ def route(logits_TE: torch.Tensor, cfg: RouterConfig, correction_bias_E: torch.T
         weights = scores.gather(1, ids)
     if cfg.renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if cfg.scoring == "sigmoid" else 0.0))
-    return RoutingResult(weights * cfg.scaling_factor, ids)
+    return weights * cfg.scaling_factor, ids
 
 
 def expert_counts(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -492,3 +492,50 @@ def test_amx_heads_decline_what_they_do_not_take():
     assert cpu_kernels.amx_heads(torch.randn(8, 4, 48).bfloat16(), w[:, :48], w_rows_n=False) is None  # K % 32
     assert cpu_kernels.amx_heads(torch.randn(8, 4, 64).float(), w.float(), w_rows_n=False) is None  # float32
     assert cpu_kernels.amx_heads(torch.randn(8, 3, 64).bfloat16(), w, w_rows_n=False) is None  # heads differ
+
+
+ROUTERS = {
+    "softmax_top2": dict(num_experts=8, top_k=2),
+    "softmax_top2_renorm": dict(num_experts=8, top_k=2, renormalize=True),
+    "softmax_top1": dict(num_experts=16, top_k=1),
+    "sigmoid_noaux_tc": dict(num_experts=32, top_k=4, scoring="sigmoid", renormalize=True, num_groups=4,
+                             topk_groups=2, use_correction_bias=True, scaling_factor=2.5),
+    "softmax_group_limited_greedy": dict(num_experts=24, top_k=6, num_groups=8, topk_groups=3, group_score="max",
+                                         scaling_factor=16.0),
+    "sigmoid_no_groups": dict(num_experts=10, top_k=3, scoring="sigmoid", renormalize=True),
+}
+
+
+@pytest.mark.parametrize("name", list(ROUTERS))
+def test_route_select_kernel_equals_the_torch_ops(name, monkeypatch):
+    from routing import RouterConfig, route
+
+    cfg = RouterConfig(**ROUTERS[name])
+    g = torch.Generator().manual_seed(len(name))
+    logits = torch.randn(37, cfg.num_experts, generator=g).bfloat16()
+    bias = torch.randn(cfg.num_experts, generator=g) * 0.1 if cfg.use_correction_bias else None
+    calls = []
+    real = cpu_kernels.route_select
+    monkeypatch.setattr(cpu_kernels, "route_select", lambda *a: calls.append(1) or real(*a))
+    w, ids = route(logits, cfg, bias)
+    monkeypatch.setattr(cpu_kernels, "route_select", lambda *a: None)  # the torch ops
+    w_ref, ids_ref = route(logits, cfg, bias)
+    assert calls and ids.dtype == ids_ref.dtype == torch.int64 and w.dtype == torch.float32
+    # bf16 logits tie often (equal logits, equal scores): a choice that hangs on a tie is left to
+    # torch; ties among the chosen experts may come in another order (nothing depends on it)
+    order, order_ref = ids.argsort(1), ids_ref.argsort(1)
+    assert torch.equal(ids.gather(1, order), ids_ref.gather(1, order_ref))
+    torch.testing.assert_close(w.gather(1, order), w_ref.gather(1, order_ref), rtol=1e-6, atol=0)
+    assert (ids == ids_ref).all(1).float().mean() > 0.9  # and in torch's order but for ties
+
+
+def test_route_select_leaves_ties_to_torch():
+    # experts 4 and 5 tie for the second place: the kernel flags the token, not the one without a tie
+    scores = torch.tensor([[0.1, 0.0, 0.0, 0.0, 0.3, 0.3, 0.5, 0.0], [0.1, 0.0, 0.0, 0.0, 0.2, 0.3, 0.5, 0.0]])
+    w, ids, tied = cpu_kernels.route_select(scores, 2)
+    assert tied.tolist() == [0] and ids[1].tolist() == [6, 5]
+    torch.testing.assert_close(w[1], torch.tensor([0.5, 0.3]))
+    # tied groups (group-limited selection): groups 1 and 2 have the same top-2 sum
+    g = torch.tensor([[0.9, 0.1, 0.4, 0.3, 0.3, 0.4]])
+    assert cpu_kernels.route_select(g, 2, num_groups=3, topk_groups=2)[2].tolist() == [0]
+    assert cpu_kernels.route_select(torch.tensor([[0.1, float("nan"), 0.2]]), 1)[2].tolist() == [0]
