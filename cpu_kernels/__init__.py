@@ -433,7 +433,7 @@ def amx_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, 
     T, K = ids_TK.shape
     if D % 32 or F % 32 or w2_eDF.shape[1:] != (D, F) or x_TD.shape[1] != D or weights_TK.shape != (T, K):
         return None
-    if w13_e2FD.stride(1) != D or w2_eDF.stride(1) != F:
+    if w13_e2FD.stride(1) != D or w2_eDF.stride(1) != F or T * K > E * AMX_MAX_ROWS:  # (prefill: surely too many)
         return None
     ids = ids_TK.to(torch.int64).contiguous()
     wts = weights_TK.to(torch.float32).contiguous()

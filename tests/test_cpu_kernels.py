@@ -539,3 +539,25 @@ def test_route_select_leaves_ties_to_torch():
     g = torch.tensor([[0.9, 0.1, 0.4, 0.3, 0.3, 0.4]])
     assert cpu_kernels.route_select(g, 2, num_groups=3, topk_groups=2)[2].tolist() == [0]
     assert cpu_kernels.route_select(torch.tensor([[0.1, float("nan"), 0.2]]), 1)[2].tolist() == [0]
+
+
+@pytest.mark.parametrize("T", [1, 5, 64])
+def test_dense_mlp_fast_paths_equal_the_op_by_op_path(T, monkeypatch):
+    # shared experts and dense MLP layers: one C call (GEMV kernel at one row, AMX at 2-64 rows)
+    from moe.models.layers import DenseMLP
+    from parallel import init_single_process
+
+    init_single_process()
+    g = torch.Generator().manual_seed(T)
+    mlp = DenseMLP(64, 96, torch.bfloat16)
+    mlp.gate_up_proj.weight.data.copy_(torch.randn(192, 64, generator=g) / 8)
+    mlp.down_proj.weight.data.copy_(torch.randn(64, 96, generator=g) / 10)
+    x = torch.randn(T, 64, generator=g).bfloat16()
+    calls = []
+    for name in ("expert_token", "amx_experts"):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, _r=real: calls.append(1) or _r(*a))
+    fast = mlp(x)
+    for name in ("expert_token", "amx_experts"):
+        monkeypatch.setattr(cpu_kernels, name, lambda *a: None)
+    assert calls and torch.equal(fast, mlp(x))
