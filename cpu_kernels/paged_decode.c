@@ -10,7 +10,8 @@
  * AVX-512 paths (head dims a multiple of 16): scores of 16 tokens are accumulated as 16 vectors
  * and reduced together (hsum16: 45 shuffles/adds instead of 16 horizontal reductions); bf16 K
  * rows are multiplied by the bf16 query with vdpbf16ps where the CPU has AVX512-BF16 (products
- * exact, float32 sums); the V sum keeps its accumulators in registers, 64 dims at a time. */
+ * exact, float32 sums); the V sum keeps its accumulators in registers and loads each V row once
+ * for the score rows of its KV head (4 rows x 64 dims or 2 x 128 at a time). */
 #include "simd.h"
 
 #if defined(__AVX512F__)
@@ -74,6 +75,30 @@ static inline void vsum(float *acc, int nc, const float *p, const char *v, int64
     if (nc > 2) _mm512_storeu_ps(acc + 32, a2);
     if (nc > 3) _mm512_storeu_ps(acc + 48, a3);
 }
+
+/* acc rows accs[i] (i < HG), dims c0 .. c0 + 16*DC: += ps[i][t] * v_row(t) over cnt rows (row t at
+ * v + t * stride bytes): each V vector loaded once for HG score rows, HG*DC accumulators in
+ * registers; per row and dim the same sums in the same order as vsum */
+#define VSUM_ROWS(NAME, HG, DC)                                                                              \
+    static inline void NAME(float *const *accs, int64_t c0, const float *const *ps, const char *v,              \
+                            int64_t stride, int64_t cnt, int dtype) {                                           \
+        const size_t esz = dtype == BF16 ? 2 : 4;                                                               \
+        __m512 a[HG][DC];                                                                                       \
+        for (int i = 0; i < HG; i++)                                                                            \
+            for (int c = 0; c < DC; c++) a[i][c] = _mm512_loadu_ps(accs[i] + c0 + 16 * c);                    \
+        for (int64_t t = 0; t < cnt; t++) {                                                                     \
+            __m512 x[DC];                                                                                       \
+            for (int c = 0; c < DC; c++) x[c] = load16(v + t * stride + 16 * c * esz, dtype);                 \
+            for (int i = 0; i < HG; i++) {                                                                      \
+                const __m512 pb = _mm512_set1_ps(ps[i][t]);                                                     \
+                for (int c = 0; c < DC; c++) a[i][c] = _mm512_fmadd_ps(pb, x[c], a[i][c]);                    \
+            }                                                                                                   \
+        }                                                                                                       \
+        for (int i = 0; i < HG; i++)                                                                            \
+            for (int c = 0; c < DC; c++) _mm512_storeu_ps(accs[i] + c0 + 16 * c, a[i][c]);                    \
+    }
+VSUM_ROWS(vsum_rows_4x64, 4, 4)
+VSUM_ROWS(vsum_rows_2x128, 2, 8)
 #endif
 
 /* ask for the next block's rows of this item's heads (rows bytes each, stride apart) while the
@@ -299,11 +324,32 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                     int64_t a, e;
                     const char *vb = walk_block(v, table, t0, lo, len, block_size, v_sblock, v_sslot, v_shead, h0,
                                                 ((h1 - h0 - 1) * v_shead + Dv) * (int64_t)esz, esz, &a, &e);
-                    for (int64_t j = 0; j < r; j++) {
-                        const char *vh = vb + ((a - t0) * v_sslot + ((j % rh) / G) * v_shead) * esz;
-                        for (int64_t c0 = 0; c0 < Dv; c0 += 64)
-                            vsum(acc + j * Dv + c0, Dv - c0 >= 64 ? 4 : (int)((Dv - c0) / VEC), s + j * n + (a - lo),
-                                 vh + c0 * esz, v_sslot * (int64_t)esz, e - a, dtype);
+                    /* the score rows of one KV head (its G query heads, for each query row) share
+                     * each loaded V row: 4 rows x 64 dims or 2 rows x 128 dims of accumulators */
+                    const int64_t m = nq * G;
+                    const int hg = (m % 4 == 0 && Dv % 64 == 0) ? 4 : (m % 2 == 0 && Dv % 128 == 0) ? 2 : 1;
+                    for (int64_t hk = 0; hk < h1 - h0; hk++) {
+                        const char *vh = vb + ((a - t0) * v_sslot + hk * v_shead) * esz;
+                        for (int64_t i0 = 0; i0 < m; i0 += hg) {
+                            float *accs[4];
+                            const float *ps[4];
+                            for (int i = 0; i < hg; i++) {
+                                const int64_t j = ((i0 + i) / G) * rh + hk * G + (i0 + i) % G;
+                                accs[i] = acc + j * Dv;
+                                ps[i] = s + j * n + (a - lo);
+                            }
+                            if (hg == 4) {
+                                for (int64_t c0 = 0; c0 < Dv; c0 += 64)
+                                    vsum_rows_4x64(accs, c0, ps, vh + c0 * esz, v_sslot * (int64_t)esz, e - a, dtype);
+                            } else if (hg == 2) {
+                                for (int64_t c0 = 0; c0 < Dv; c0 += 128)
+                                    vsum_rows_2x128(accs, c0, ps, vh + c0 * esz, v_sslot * (int64_t)esz, e - a, dtype);
+                            } else {
+                                for (int64_t c0 = 0; c0 < Dv; c0 += 64)
+                                    vsum(accs[0] + c0, Dv - c0 >= 64 ? 4 : (int)((Dv - c0) / VEC), ps[0],
+                                         vh + c0 * esz, v_sslot * (int64_t)esz, e - a, dtype);
+                            }
+                        }
                     }
                 }
                 goto store;

@@ -40,6 +40,7 @@ def _decode_batch(lens, H, Hkv, Dk, Dv, block_size, dtype, latent=False, seed=0,
 
 SHAPES = {
     "gqa_2": dict(H=16, Hkv=8, Dk=64, Dv=64),
+    "gqa_2_d128": dict(H=8, Hkv=4, Dk=128, Dv=128),  # V sum: 2 score rows x 128 dims per loaded row
     "gqa_8": dict(H=8, Hkv=1, Dk=64, Dv=64),
     "mha_odd_heads": dict(H=7, Hkv=7, Dk=32, Dv=32),
     "group_7": dict(H=7, Hkv=1, Dk=48, Dv=48),  # query-head tiles of 4 + 3
@@ -80,7 +81,7 @@ def test_decode_kernel_window_and_sinks(window, sinks, block_size, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", ["gqa_2", "group_7", "dim_not_16", "mla_latent"])
+@pytest.mark.parametrize("shape", ["gqa_2", "gqa_2_d128", "group_7", "dim_not_16", "mla_latent"])
 def test_decode_kernel_several_rows_per_sequence(shape, dtype):
     # speculative decoding's verify rows and short prompts: each of a sequence's Q rows sees its own
     # causal prefix of the cache (a whole prompt when Q equals the context)
