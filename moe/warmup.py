@@ -46,9 +46,13 @@ def warm_up(model: torch.nn.Module, max_tokens: int, max_seqs: int) -> tuple[int
         seen.add(key)
         return True
 
+    # MLA reads kv_b_proj's weight only through its per-head GEMMs (warmed below), never as a linear
+    per_head_only = {id(m.kv_b_proj) for m in model.modules() if isinstance(m, MLAttention)}
     with torch.inference_mode():
         for mod in model.modules():
             if isinstance(mod, (ReplicatedLinear, ColumnParallelLinear, RowParallelLinear)):
+                if id(mod) in per_head_only:
+                    continue
                 w = mod.weight
                 # RowParallelLinear adds its bias after the all-reduce, outside the GEMM
                 b = None if isinstance(mod, RowParallelLinear) else mod.bias
