@@ -377,7 +377,7 @@ def expert_token(x_D: torch.Tensor, w13s: list[torch.Tensor], w2s: list[torch.Te
 
 
 _amx: bool | None = None  # whether the AMX kernels run here (built for AMX, tile state granted)
-AMX_MAX_ROWS = 64  # rows per expert moe_amx_experts takes (four blocks of 16 tokens)
+AMX_MAX_ROWS = 64  # rows the AMX kernels take per expert or GEMM (four blocks of 16 tokens)
 
 
 def amx_available() -> bool:
@@ -389,22 +389,32 @@ def amx_available() -> bool:
     return _amx
 
 
+def _amx_swiglu_dims(x: torch.Tensor, w13_e2FD: torch.Tensor, w2_eDF: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(E, D, F)`` when the AMX expert kernels take these bf16 rows and stacked expert weights
+    (dims multiples of 32, rows of unit stride within each expert), else None."""
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or w13_e2FD.dim() != 3 or not amx_available():
+        return None
+    if _kernel_dtype(x, w13_e2FD, w2_eDF) is None:
+        return None
+    E, F2, D = w13_e2FD.shape
+    F = F2 // 2
+    if D % 32 or F % 32 or w2_eDF.shape != (E, D, F) or x.shape[1] != D:
+        return None
+    if w13_e2FD.stride(1) != D or w2_eDF.stride(1) != F:
+        return None
+    return E, D, F
+
+
 def amx_experts(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor, w2_eDF: torch.Tensor) -> torch.Tensor | None:
     """SwiGLU experts over rows grouped by expert (``counts[e]`` rows for expert ``e``, in order):
     ``W2_e @ (silu(g) * u)`` with ``[g | u] = W13_e @ x``, bf16, rounded as the op-by-op path
     (``bmm``, :func:`silu_mul`, ``bmm``) rounds, on AMX tiles. None when the kernel does not apply
     (no AMX, other dtypes, a dim not a multiple of 32, an expert with more than
     :data:`AMX_MAX_ROWS` rows): then use the torch path."""
-    if x_RD.dtype != torch.bfloat16 or not amx_available() or len(counts) != w13_e2FD.shape[0]:
+    dims = _amx_swiglu_dims(x_RD, w13_e2FD, w2_eDF)
+    if dims is None or len(counts) != dims[0] or max(counts, default=0) > AMX_MAX_ROWS:
         return None
-    if _kernel_dtype(x_RD, w13_e2FD, w2_eDF) is None or max(counts, default=0) > AMX_MAX_ROWS:
-        return None
-    E, F2, D = w13_e2FD.shape
-    F = F2 // 2
-    if D % 32 or F % 32 or w2_eDF.shape[1:] != (D, F) or x_RD.shape[1] != D:
-        return None
-    if w13_e2FD.stride(1) != D or w2_eDF.stride(1) != F:
-        return None
+    E, D, F = dims
     R = x_RD.shape[0]
     y = torch.empty(R, D, dtype=torch.bfloat16)
     xp = torch.empty(sum((n + 15) // 16 for n in counts) * D * 16, dtype=torch.bfloat16)
@@ -424,17 +434,11 @@ def amx_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, 
     as :class:`parallel.dispatch.LocalDispatcher` does (weights rounded to bf16, products rounded,
     float32 sum in ascending expert order rounded once). None when the kernel does not apply (as
     :func:`amx_experts`, or an expert given more than :data:`AMX_MAX_ROWS` rows): then dispatch."""
-    if x_TD.dtype != torch.bfloat16 or x_TD.dim() != 2 or not amx_available():
-        return None
-    if _kernel_dtype(x_TD, w13_e2FD, w2_eDF) is None:
-        return None
-    E, F2, D = w13_e2FD.shape
-    F = F2 // 2
+    dims = _amx_swiglu_dims(x_TD, w13_e2FD, w2_eDF)
     T, K = ids_TK.shape
-    if D % 32 or F % 32 or w2_eDF.shape[1:] != (D, F) or x_TD.shape[1] != D or weights_TK.shape != (T, K):
+    if dims is None or weights_TK.shape != (T, K) or T * K > dims[0] * AMX_MAX_ROWS:  # (prefill: surely too many)
         return None
-    if w13_e2FD.stride(1) != D or w2_eDF.stride(1) != F or T * K > E * AMX_MAX_ROWS:  # (prefill: surely too many)
-        return None
+    E, D, F = dims
     ids = ids_TK.to(torch.int64).contiguous()
     wts = weights_TK.to(torch.float32).contiguous()
     out = torch.empty(T, D, dtype=torch.bfloat16)

@@ -116,15 +116,20 @@ static void gate_up_block(const uint16_t *w13, int64_t D, int64_t F, int64_t i, 
     }
 }
 
+/* token t's 16 sums of the float32 block c[tb][16 rows][16 tokens] (one column of its tile) */
+static inline __m512 token_column(const float *c, int64_t t) {
+    const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(16));
+    return _mm512_i32gather_ps(col, c + (t / 16) * 256 + t % 16, 4);
+}
+
 /* y[t, 16j:16j+16] for t < m from the float32 block c[tb][16 rows][16 tokens]: bf16 (dtype BF16),
  * or the bf16-rounded value as float32 (dtype F32: logits); + bias (bf16, after the rounding, as
  * a separate addition does). */
 static void store_block(const float *c, int64_t m, int64_t j, const uint16_t *bias, void *y, int64_t ldy, int dtype) {
-    const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm512_set1_epi32(16));
     const __m512 b = bias ? load16(bias + 16 * j, BF16) : _mm512_setzero_ps();
     for (int64_t t = 0; t < m; t++) {
-        __m512 v = _mm512_i32gather_ps(col, c + (t / 16) * 256 + t % 16, 4);
+        __m512 v = token_column(c, t);
         if (bias) v = _mm512_add_ps(round_bf16(v), b);
         if (dtype == BF16) store16((uint16_t *)y + t * ldy + 16 * j, v, BF16);
         else _mm512_storeu_ps((float *)y + t * ldy + 16 * j, round_bf16(v));
@@ -141,10 +146,8 @@ static void down_block(const uint16_t *w2, int64_t F, int64_t j, const uint16_t 
         store_block(c, m, j, NULL, y, ldy, BF16);
         return;
     }
-    const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm512_set1_epi32(16));
     for (int64_t t = 0; t < m; t++) {
-        const __m512 v = round_bf16(_mm512_i32gather_ps(col, c + (t / 16) * 256 + t % 16, 4));
+        const __m512 v = round_bf16(token_column(c, t));
         float *a = acc + tok[t] * ldy + 16 * j;
         _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), round_bf16(_mm512_mul_ps(v, _mm512_set1_ps(w[t])))));
     }

@@ -84,6 +84,20 @@ def grouped_swiglu_torch(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.
     return y_RD
 
 
+def swiglu_mlp_cpu(x_TD: torch.Tensor, w13_2FD: torch.Tensor, w2_DF: torch.Tensor) -> torch.Tensor | None:
+    """``w2 @ (silu(g) * u)`` with ``[g | u] = w13 @ x`` for a decode-sized CPU batch in one C call
+    (the one-token expert kernel at one row, the AMX experts kernel at 2-64 rows), with the
+    roundings of the three-step path; None when neither applies."""
+    if x_TD.device.type != "cpu" or x_TD.dim() != 2:
+        return None
+    if x_TD.shape[0] == 1:
+        y = cpu_kernels.expert_token(x_TD[0], [w13_2FD], [w2_DF], [1.0])
+        return None if y is None else y.unsqueeze(0)
+    if x_TD.shape[0] <= cpu_kernels.AMX_MAX_ROWS:
+        return cpu_kernels.amx_experts(x_TD, [x_TD.shape[0]], w13_2FD.unsqueeze(0), w2_DF.unsqueeze(0))
+    return None
+
+
 # Decode-sized groups (every expert's rows fit in this many) run as batched GEMMs over pieces of
 # up to 8 consecutive non-empty experts, rows padded to the piece's largest group rounded up to a
 # multiple of 8 (few distinct shapes, so oneDNN's kernels for them stay cached; a new shape costs
@@ -266,6 +280,11 @@ class GroupedExperts(SlottedExperts):
                              f"{tuple(loaded.shape)}")
         dst.copy_(self._my_slice(loaded, shard_id, param is self.b2))
 
+    @property
+    def _plain_swiglu(self) -> bool:
+        """No biases and SwiGLU unclamped: what the one-call C kernels compute."""
+        return self.b13 is None and self.b2 is None and self.activation == Activation()
+
     def forward_token(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor) -> torch.Tensor | None:
         """One token on the CPU torch path (decode at batch 1): ``sum_k w_k * expert_k(x)`` with the
         same arithmetic as dispatch -> :meth:`forward` -> combine (weights rounded to the activation
@@ -278,7 +297,7 @@ class GroupedExperts(SlottedExperts):
             return None
         # python floats holding the weights rounded to x's dtype: ``out * w`` rounds like the combine
         pairs = sorted(zip(experts, weights_K.to(x_1D.dtype).tolist()))
-        if self.b13 is None and self.b2 is None and self.activation == Activation() and x_1D.device.type == "cpu":
+        if self._plain_swiglu and x_1D.device.type == "cpu":
             # the same arithmetic in one C call (bf16): per layer ~150 us of op-by-op overhead less
             y = cpu_kernels.expert_token(x_1D[0], [self.w13[self._slot_of[e]] for e, _ in pairs],
                                          [self.w2[self._slot_of[e]] for e, _ in pairs], [w for _, w in pairs])
@@ -303,8 +322,7 @@ class GroupedExperts(SlottedExperts):
         (:class:`parallel.dispatch.LocalDispatcher`), as one C call on CPUs with AMX when every
         expert gets <= 64 rows (decode-sized steps), with the same arithmetic; None when that does
         not apply (then dispatch)."""
-        if (x_TD.device.type != "cpu" or resolve_backend(self.backend, x_TD.device) != "torch" or self.b13 is not None
-                or self.b2 is not None or self.activation != Activation()
+        if (x_TD.device.type != "cpu" or resolve_backend(self.backend, x_TD.device) != "torch" or not self._plain_swiglu
                 or self.slot_experts != tuple(range(self.num_experts))):
             return None
         return cpu_kernels.amx_moe(x_TD, ids_TK, weights_TK, self.w13, self.w2)

@@ -165,6 +165,11 @@ class RowParallelLinear(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         param.data.copy_(loaded.narrow(1, get_tp_rank() * self.in_per_rank, self.in_per_rank))
 
+    @property
+    def split(self) -> bool:
+        """Whether the input features are split over several ranks (the output is all-reduced)."""
+        return get_tp_size() > 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = tp_all_reduce(linear(x, self.weight))
         return y + self.bias if self.bias is not None else y

@@ -463,7 +463,7 @@ def test_amx_moe_declines_what_it_does_not_take():
 
 
 @pytest.mark.parametrize("T", [1, 5, 16, 17, 64])
-def test_amx_heads_match_the_per_head_einsums(T):
+def test_amx_heads_match_the_per_head_einsums(T, monkeypatch):
     # MLA's absorbed attention: q_nope [T, H, nope] (a strided view of q) times W_UK [H, nope, C],
     # and o_lat [T, H, C] times W_UV [H, v, C] transposed, both views of kv_b_proj's weight
     from moe.models.mla import _per_head
@@ -479,6 +479,7 @@ def test_amx_heads_match_the_per_head_einsums(T):
     if not cpu_kernels.amx_available():
         assert a is None and b is None
         return
+    monkeypatch.setattr(cpu_kernels, "amx_heads", lambda *a, **k: None)  # _per_head's einsum path
     for got, want, exact in ((a, _per_head(q_nope, w_uk, "thn,hnc->thc"), torch.einsum("thn,hnc->thc", q_nope.float(), w_uk.float())),
                              (b, _per_head(o_lat, w_uv, "thc,hvc->thv"), torch.einsum("thc,hvc->thv", o_lat.float(), w_uv.float()))):
         assert got.shape == want.shape

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cpu_kernels
-from experts import Activation, fused_swiglu
+from experts import Activation, fused_swiglu, swiglu_mlp_cpu
 from kvcache import AttentionMetadata, paged_attention, write_kv
 from parallel import (ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear, ShardedRMSNorm,
                       get_etp_rank, get_etp_size, get_tp_size, local_expert_slots, make_moe_dispatcher)
@@ -127,18 +127,10 @@ class DenseMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate, hidden, dtype=dtype)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        if (x_TD.device.type == "cpu" and x_TD.dim() == 2 and get_tp_size() == 1 and self.gate_up_proj.bias is None
-                and self.down_proj.bias is None):
-            # decode-sized on CPU: the three steps in one C call, with the same roundings
-            w13, w2 = self.gate_up_proj.weight, self.down_proj.weight
-            if x_TD.shape[0] == 1:
-                y = cpu_kernels.expert_token(x_TD[0], [w13], [w2], [1.0])
-                if y is not None:
-                    return y.unsqueeze(0)
-            elif x_TD.shape[0] <= cpu_kernels.AMX_MAX_ROWS:
-                y = cpu_kernels.amx_experts(x_TD, [x_TD.shape[0]], w13.unsqueeze(0), w2.unsqueeze(0))
-                if y is not None:
-                    return y
+        if not self.down_proj.split and self.gate_up_proj.bias is None and self.down_proj.bias is None:
+            y = swiglu_mlp_cpu(x_TD, self.gate_up_proj.weight, self.down_proj.weight)  # decode-sized, one C call
+            if y is not None:
+                return y
         return self.down_proj(fused_swiglu(self.gate_up_proj(x_TD)))
 
 

@@ -59,18 +59,14 @@ class MLAttention(nn.Module):
         q_pe, k_pe = self.rotary(positions_T, q_pe, k_pe.unsqueeze(1))
 
         w_uk, w_uv = self._absorbed()
-        q_lat = cpu_kernels.amx_heads(q_nope, w_uk, w_rows_n=False)  # decode-sized steps on AMX, else einsum
-        if q_lat is None:
-            q_lat = _per_head(q_nope, w_uk, "thn,hnc->thc")
+        q_lat = _per_head(q_nope, w_uk, "thn,hnc->thc")
         q_full = torch.cat([q_lat, q_pe], dim=-1)  # [T, H, C + rope]
 
         # [blocks, block_size, 1, C + rope] and its first C dims (a view) as V
         cache, v_cache = ctx.kv_caches[self.layer_idx]
         write_kv(cache, None, torch.cat([c_TC.unsqueeze(1), k_pe], dim=-1), None, ctx.meta.slot_mapping)
         o_lat = paged_attention(q_full, cache, v_cache, ctx.meta, self.scale)
-        o = cpu_kernels.amx_heads(o_lat, w_uv, w_rows_n=True)
-        if o is None:
-            o = _per_head(o_lat, w_uv, "thc,hvc->thv")
+        o = _per_head(o_lat, w_uv, "thc,hvc->thv")
         return self.o_proj(o.reshape(T, H * self.v_dim))
 
     def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,9 +78,6 @@ class MLAttention(nn.Module):
         """Run the two per-head GEMMs at every row count in ``rows`` once (see moe.warmup)."""
         w_uk, w_uv = self._absorbed()
         H = self.num_heads
-        if (cpu_kernels.amx_heads(w_uk.new_zeros(1, H, self.nope), w_uk, w_rows_n=False) is not None
-                and cpu_kernels.amx_heads(w_uv.new_zeros(1, H, self.kv_lora_rank), w_uv, w_rows_n=True) is not None):
-            rows = [t for t in rows if t > cpu_kernels.AMX_MAX_ROWS]  # fewer rows take the AMX kernel, no oneDNN
         for t in rows:
             _per_head(w_uk.new_zeros(t, H, self.nope), w_uk, "thn,hnc->thc")
             _per_head(w_uv.new_zeros(t, H, self.kv_lora_rank), w_uv, "thc,hvc->thv")
@@ -92,11 +85,19 @@ class MLAttention(nn.Module):
 
 
 def _per_head(x_THa: torch.Tensor, w_Hba: torch.Tensor, eq: str) -> torch.Tensor:
-    """``einsum(eq, x, w)``: one GEMM per head. On CPU the rows run padded to
-    :func:`parallel.layers.padded_rows` and always from a contiguous copy, so the batched GEMM
-    comes in few shapes and one layout (oneDNN builds a kernel for each new one)."""
+    """``einsum(eq, x, w)``: one GEMM per head, ``eq`` one of the two forms below. On CPU, 1-64
+    bf16 rows run on AMX tiles where the CPU has them (:func:`cpu_kernels.amx_heads`); otherwise
+    the rows run padded to :func:`parallel.layers.padded_rows` and always from a contiguous copy, so
+    the batched GEMM comes in few shapes and one layout (oneDNN builds a kernel for each new one)."""
     if x_THa.device.type != "cpu":
         return torch.einsum(eq, x_THa, w_Hba)
+    y = cpu_kernels.amx_heads(x_THa, w_Hba, w_rows_n=_W_ROWS_N[eq])
+    if y is not None:
+        return y
     T = x_THa.shape[0]
     x = torch.cat([x_THa, x_THa.new_zeros(padded_rows(T) - T, *x_THa.shape[1:])])
     return torch.einsum(eq, x, w_Hba)[:T]
+
+
+# whether the per-head weight's rows run along the output (W_UV [H, v, C]) or the input (W_UK [H, nope, C])
+_W_ROWS_N = {"thc,hvc->thv": True, "thn,hnc->thc": False}
