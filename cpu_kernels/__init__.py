@@ -49,7 +49,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / "paged_decode.c", _DIR / "elementwise.c", _DIR / "gemv.c", _DIR / "amx.c"]
+_SOURCES = [_DIR / "paged_decode.c", _DIR / "elementwise.c", _DIR / "gemv.c", _DIR / "amx.c", _DIR / "fused.c"]
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
@@ -138,6 +138,13 @@ def _build() -> ctypes.CDLL:
     lib.moe_amx_heads.restype = ctypes.c_int
     lib.moe_amx_linear.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, i64, ctypes.c_int, ptr, ctypes.c_int]
     lib.moe_amx_linear.restype = ctypes.c_int
+    lib.moe_heads_vec.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_int, ptr, i64, ctypes.c_int]
+    lib.moe_heads_vec.restype = ctypes.c_int
+    f32 = ctypes.c_float
+    lib.moe_mla_token.argtypes = [ptr, i64, ptr, ptr, i64, f32, ptr, ptr, ptr, f32, ptr, ptr, i64, i64, i64, i64, i64,
+                                  ptr, ptr, ptr, ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int32, ptr, f32, ptr,
+                                  ptr, ctypes.c_int]
+    lib.moe_mla_token.restype = ctypes.c_int
     return lib
 
 
@@ -497,3 +504,73 @@ def amx_heads(x_THK: torch.Tensor, w_H: torch.Tensor, w_rows_n: bool) -> torch.T
                           scratch.data_ptr(), torch.get_num_threads()) != 0:
         return None
     return y
+
+
+def heads_vec(x_1HK: torch.Tensor, w_H: torch.Tensor, w_rows_n: bool) -> torch.Tensor | None:
+    """:func:`amx_heads` for one row (batch-1 decode) as a GEMV per head with AVX512-BF16: ``[1, H, N]``
+    bf16, float32 sums rounded once (their order is not ``bmm``'s: results may differ by one bf16
+    ulp). ``w_H [H, K, N]`` (not ``w_rows_n``) needs ``N % 16 == 0``. None when the kernel does not
+    apply (then :func:`amx_heads` or ``einsum``)."""
+    global _gemv_built
+    if not _gemv_built or x_1HK.dtype != torch.bfloat16 or x_1HK.dim() != 3 or x_1HK.shape[0] != 1 or w_H.dim() != 3:
+        return None
+    _, H, K = x_1HK.shape
+    N = w_H.shape[1] if w_rows_n else w_H.shape[2]
+    if w_H.shape[0] != H or w_H.shape[2 if w_rows_n else 1] != K or (not w_rows_n and N % 16):
+        return None
+    if _kernel_dtype(x_1HK, w_H) is None:
+        return None
+    y = torch.empty(1, H, N, dtype=torch.bfloat16)
+    if _lib.moe_heads_vec(x_1HK.data_ptr(), x_1HK.stride(1), w_H.data_ptr(), w_H.stride(0), w_H.stride(1),
+                          N, K, H, int(w_rows_n), y.data_ptr(), N, torch.get_num_threads()) != 0:
+        _gemv_built = False
+        return None
+    return y
+
+
+def mla_token(x_1D: torch.Tensor, w_qa: torch.Tensor | None, qa_norm: torch.Tensor | None, q_eps: float,
+              w_qb: torch.Tensor, w_kva: torch.Tensor, kva_norm: torch.Tensor, kv_eps: float, w_kvb: torch.Tensor,
+              w_o: torch.Tensor, heads: int, nope: int, rope: int, v: int, positions_1: torch.Tensor,
+              cos_PH: torch.Tensor, sin_PH: torch.Tensor, interleaved: bool, cache: torch.Tensor,
+              block_table: torch.Tensor, context_len: int, slot_mapping_1: torch.Tensor,
+              scale: float) -> torch.Tensor | None:
+    """DeepSeek's MLA for one decode token in one call (``fused.c``): projections, norms, rotary,
+    the latent row written to ``cache`` ``[blocks, block_size, 1, C + rope]`` at the slot, the
+    absorbed attention over the sequence's ``context_len`` cached tokens (``block_table``: its
+    blocks, int32) and ``o_proj``; bit-identical to :class:`moe.models.mla.MLAttention`'s op-by-op
+    path at one token. ``w_qa=None``: ``w_qb`` is ``q_proj``. Returns ``[1, D]`` bf16, or None when
+    the kernel does not apply (then nothing was written)."""
+    global _gemv_built
+    if not _gemv_built or x_1D.dtype != torch.bfloat16 or x_1D.shape[0] != 1 or not x_1D.is_contiguous():
+        return None
+    ws = [w for w in (w_qa, qa_norm, w_qb, w_kva, kva_norm, w_kvb, w_o) if w is not None]
+    if any(w.dtype != torch.bfloat16 or w.is_cuda or not w.is_contiguous() for w in ws) or load() is None:
+        return None
+    C = kva_norm.shape[0]
+    L = C + rope
+    if (cache.dtype != torch.bfloat16 or cache.dim() != 4 or cache.shape[2:] != (1, L) or cache.stride(-1) != 1
+            or cache.stride(1) != L or cache.stride(0) != cache.shape[1] * L or rope % 2):
+        return None
+    if (block_table.dtype != torch.int32 or not block_table.is_contiguous() or slot_mapping_1.dtype != torch.int64
+            or positions_1.dtype != torch.int64 or cos_PH.dtype != torch.float32 or not cos_PH.is_contiguous()
+            or not sin_PH.is_contiguous()):
+        return None
+    D = x_1D.shape[1]
+    q_lora = w_qa.shape[0] if w_qa is not None else 0
+    if (w_qb.shape != (heads * (nope + rope), q_lora or D) or w_kva.shape != (L, D) or C % 16
+            or w_kvb.shape != (heads * (nope + v), C) or w_o.shape != (D, heads * v)):
+        return None
+    if w_qa is not None and (w_qa.shape[1] != D or qa_norm is None or qa_norm.shape != (q_lora,)):
+        return None
+    out = torch.empty(1, D, dtype=torch.bfloat16)
+    scratch = torch.empty(q_lora + heads * (nope + rope) + L + heads * L + heads * C + heads * v, dtype=torch.bfloat16)
+    if _lib.moe_mla_token(x_1D.data_ptr(), D, w_qa.data_ptr() if w_qa is not None else None,
+                          qa_norm.data_ptr() if qa_norm is not None else None, q_lora, q_eps, w_qb.data_ptr(),
+                          w_kva.data_ptr(), kva_norm.data_ptr(), kv_eps, w_kvb.data_ptr(), w_o.data_ptr(), heads, nope,
+                          rope, C, v, positions_1.data_ptr(), cos_PH.data_ptr(), sin_PH.data_ptr(), int(interleaved),
+                          cache.data_ptr(), cache.stride(0), cache.stride(1), cache.shape[1], block_table.data_ptr(),
+                          context_len, slot_mapping_1.data_ptr(), scale, scratch.data_ptr(), out.data_ptr(),
+                          torch.get_num_threads()) != 0:
+        _gemv_built = False
+        return None
+    return out

@@ -65,6 +65,47 @@ int moe_gemv_bf16(const uint16_t *w, int64_t N, int64_t K, int64_t ldw, const ui
 #endif
 }
 
+/* One row through a GEMM per head (MLA's absorbed attention at batch 1): y[h] = W[h] @ x[h] for
+ * rows_n (W[h] is [N, K]: dot products, as moe_gemv_bf16), else y[h] = x[h] @ W[h] (W[h] is [K, N]:
+ * its rows scaled by x[h] and summed, N a multiple of 16); float32 sums rounded once to bf16.
+ * x: H rows of K (head stride sxh); W: head stride swh, row stride swr (unit within a row); y: H rows
+ * of N (head stride syh). Heads are split over the threads. Returns 0, or -1 without AVX512-BF16. */
+int moe_heads_vec(const uint16_t *x, int64_t sxh, const uint16_t *w, int64_t swh, int64_t swr, int64_t N, int64_t K,
+                  int64_t H, int rows_n, uint16_t *y, int64_t syh, int num_threads) {
+#if defined(__AVX512BF16__)
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (H * N * K >= 65536)
+    for (int64_t h = 0; h < H; h++) {
+        const uint16_t *xh = x + h * sxh, *wh = w + h * swh;
+        uint16_t *yh = y + h * syh;
+        if (rows_n) {
+            for (int64_t r0 = 0; r0 < N; r0 += 4) {
+                const int R = N - r0 < 4 ? (int)(N - r0) : 4;
+                float out[4];
+                dot_rows(wh + r0 * swr, swr, xh, K, R, out);
+                for (int r = 0; r < R; r++) yh[r0 + r] = f32_to_bf16(out[r]);
+            }
+            continue;
+        }
+        for (int64_t n0 = 0; n0 < N; n0 += 256) { /* 16 registers of sums over K rows */
+            const int nv = N - n0 >= 256 ? 16 : (int)((N - n0) / 16);
+            __m512 acc[16];
+            for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K; k++) {
+                const __m512 xk = _mm512_set1_ps(bf16_to_f32(xh[k]));
+                const uint16_t *row = wh + k * swr + n0;
+                for (int i = 0; i < nv; i++) acc[i] = _mm512_fmadd_ps(load16(row + 16 * i, BF16), xk, acc[i]);
+            }
+            for (int i = 0; i < nv; i++) store16(yh + n0 + 16 * i, acc[i], BF16);
+        }
+    }
+    return 0;
+#else
+    (void)x; (void)sxh; (void)w; (void)swh; (void)swr; (void)N; (void)K; (void)H; (void)rows_n; (void)y; (void)syh;
+    (void)num_threads;
+    return -1;
+#endif
+}
+
 int moe_silu_mul(const void *gate, const void *up, void *out, int dtype, int64_t A, int64_t B, int64_t C,
                  int64_t g_sa, int64_t g_sb, int64_t u_sa, int64_t u_sb, int64_t o_sa, int64_t o_sb,
                  int num_threads);

@@ -225,6 +225,16 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                      float scale, int num_threads) {
     const char *k = k_, *v = v_;
     const int64_t G = H / Hkv;
+    if (B == 1 && Hkv == 1 && !query_start && !sinks && num_threads > 1 && num_threads <= 64 && H % num_threads == 0) {
+        /* one sequence, one KV head (MLA's latent cache, MQA at batch 1): its query heads as that many
+         * sequences of H / num_threads heads over the same block table (row stride 0), one per thread;
+         * every head's arithmetic is as before */
+        int32_t lens[64];
+        for (int i = 0; i < num_threads; i++) lens[i] = context_lens[0];
+        return moe_paged_decode(q, out, k_, v_, dtype, num_threads, H / num_threads, 1, Dk, Dv, k_sblock, k_sslot,
+                                k_shead, v_sblock, v_sslot, v_shead, block_size, block_tables, 0, lens, NULL, window,
+                                NULL, scale, num_threads);
+    }
     const size_t esz = dtype == BF16 ? 2 : 4;
     int64_t max_len = 0, max_q = 1;
     for (int64_t b = 0; b < B; b++) {

@@ -563,3 +563,71 @@ def test_dense_mlp_fast_paths_equal_the_op_by_op_path(T, monkeypatch):
     for name in ("expert_token", "amx_experts"):
         monkeypatch.setattr(cpu_kernels, name, lambda *a: None)
     assert calls and torch.equal(fast, mlp(x))
+
+
+@pytest.fixture
+def two_threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("shape", ["gqa_8", "mla_latent", "group_7"])
+def test_one_sequence_one_kv_head_splits_its_heads_over_threads(shape, two_threads):
+    # batch 1 with a single KV head (MLA's latent cache): the query heads are split over the threads;
+    # each head's arithmetic is unchanged (bit-identical to one thread)
+    spec = dict(SHAPES[shape])
+    latent = spec.pop("latent", False)
+    meta, k_cache, v_cache, q = _decode_batch([133], block_size=16, dtype=torch.bfloat16, latent=latent, seed=11,
+                                              **spec)
+    scale = spec["Dk"] ** -0.5
+    two = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+    torch.set_num_threads(1)
+    one = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+    assert torch.equal(one, two)
+    ref = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), meta, scale)
+    torch.testing.assert_close(two.float(), ref, atol=1e-2, rtol=1e-2)
+
+
+def test_heads_vec_matches_the_per_head_einsums():
+    # MLA's per-head GEMMs at one row (batch-1 decode), both weight orientations, strided views
+    g = torch.Generator().manual_seed(3)
+    H, nope, rope, v, C = 4, 64, 32, 32, 272  # C: one full and one partial group of 256 sums
+    w_kv = (torch.randn(H * (nope + v), C, generator=g) / 8).bfloat16().view(H, nope + v, C)
+    w_uk, w_uv = w_kv[:, :nope], w_kv[:, nope:]
+    q_nope = torch.randn(1, H * (nope + rope), generator=g).bfloat16().view(1, H, nope + rope)[..., :nope]
+    o_lat = torch.randn(1, H, C, generator=g).bfloat16()
+    a = cpu_kernels.heads_vec(q_nope, w_uk, w_rows_n=False)
+    b = cpu_kernels.heads_vec(o_lat, w_uv, w_rows_n=True)
+    if a is None:  # built without AVX512-BF16 (or no compiler): the callers keep einsum
+        assert b is None and (cpu_kernels.load() is None or "avx512_bf16" not in _cpu_flags())
+        return
+    for got, exact in ((a, torch.einsum("thn,hnc->thc", q_nope.float(), w_uk.float())),
+                       (b, torch.einsum("thc,hvc->thv", o_lat.float(), w_uv.float()))):
+        assert got.shape == exact.shape
+        assert (got.float() - exact).abs().max() <= exact.abs().max() * 2 ** -7  # float32 sums rounded once
+        assert (got == exact.bfloat16()).float().mean() > 0.95
+    assert cpu_kernels.heads_vec(q_nope, w_uk[..., :40], w_rows_n=False) is None  # N % 16
+    assert cpu_kernels.heads_vec(o_lat.expand(2, H, C), w_uv, w_rows_n=True) is None  # two rows
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_one_call_mla_token_equals_the_op_by_op_path(family, checkpoint, monkeypatch, two_threads):
+    # batch-1 decode runs MLA as one C call; greedy tokens and log-probs (bf16, two threads) equal the
+    # op-by-op path's in a fresh engine, prompts of one token, within a block and across blocks
+    from moe import LLM, SamplingParams
+
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9, 40)]
+    sp = SamplingParams(temperature=0, max_tokens=20, logprobs=3, ignore_eos=True)
+    real, calls = cpu_kernels.mla_token, []
+    monkeypatch.setattr(cpu_kernels, "mla_token", lambda *a: calls.append(1) or real(*a))
+    llm = LLM(str(checkpoint(family)), dtype="bfloat16", block_size=16)
+    fast = [llm.generate([p], sp)[0].outputs[0] for p in prompts]
+    if cpu_kernels.load() is not None and "avx512_bf16" in _cpu_flags():
+        assert len(calls) >= len(prompts) * 19 * 3  # 19 decode steps x 3 layers per prompt
+    monkeypatch.setattr(cpu_kernels, "mla_token", lambda *a: None)
+    llm = LLM(str(checkpoint(family)), dtype="bfloat16", block_size=16)
+    ops = [llm.generate([p], sp)[0].outputs[0] for p in prompts]
+    for a, b in zip(fast, ops):
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs

@@ -51,6 +51,10 @@ class MLAttention(nn.Module):
 
     def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T, H = x_TD.shape[0], self.num_heads
+        if T == 1 and x_TD.device.type == "cpu" and self._one_call:
+            y = self._forward_token(positions_T, x_TD, ctx)
+            if y is not None:
+                return y
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_TD))) if self.q_lora else self.q_proj(x_TD)
         q_nope, q_pe = q.view(T, H, self.nope + self.rope_dim).split([self.nope, self.rope_dim], dim=-1)
         latent = self.kv_a_proj_with_mqa(x_TD)
@@ -68,6 +72,26 @@ class MLAttention(nn.Module):
         o_lat = paged_attention(q_full, cache, v_cache, ctx.meta, self.scale)
         o = _per_head(o_lat, w_uv, "thc,hvc->thv")
         return self.o_proj(o.reshape(T, H * self.v_dim))
+
+    @property
+    def _one_call(self) -> bool:
+        """Whether a token may take :func:`cpu_kernels.mla_token`: no biases, one TP rank."""
+        projs = [self.kv_a_proj_with_mqa, self.o_proj] + ([self.q_a_proj] if self.q_lora else [])
+        return not self.o_proj.split and all(p.bias is None for p in projs)
+
+    def _forward_token(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
+        """:meth:`forward` for one token as one C call (batch-1 decode; the same arithmetic), or None."""
+        cache, _ = ctx.kv_caches[self.layer_idx]
+        if not isinstance(cache, torch.Tensor) or ctx.meta.num_seqs != 1:
+            return None
+        self.rotary.grow_for(positions_T)
+        q_a = (self.q_a_proj.weight, self.q_a_layernorm.weight, self.q_a_layernorm.eps, self.q_b_proj.weight) \
+            if self.q_lora else (None, None, 0.0, self.q_proj.weight)
+        return cpu_kernels.mla_token(
+            x_TD, *q_a, self.kv_a_proj_with_mqa.weight, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
+            self.kv_b_proj.weight, self.o_proj.weight, self.num_heads, self.nope, self.rope_dim, self.v_dim, positions_T,
+            self.rotary.cos, self.rotary.sin, self.rotary.interleaved, cache, ctx.meta.block_tables[0],
+            ctx.meta.context_lens_list[0], ctx.meta.slot_mapping, self.scale)
 
     def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK ``[H, nope, C]`` and W_UV ``[H, v, C]``: views of kv_b_proj's weight."""
@@ -91,7 +115,9 @@ def _per_head(x_THa: torch.Tensor, w_Hba: torch.Tensor, eq: str) -> torch.Tensor
     the batched GEMM comes in few shapes and one layout (oneDNN builds a kernel for each new one)."""
     if x_THa.device.type != "cpu":
         return torch.einsum(eq, x_THa, w_Hba)
-    y = cpu_kernels.amx_heads(x_THa, w_Hba, w_rows_n=_W_ROWS_N[eq])
+    y = cpu_kernels.heads_vec(x_THa, w_Hba, w_rows_n=_W_ROWS_N[eq]) if x_THa.shape[0] == 1 else None
+    if y is None:
+        y = cpu_kernels.amx_heads(x_THa, w_Hba, w_rows_n=_W_ROWS_N[eq])
     if y is not None:
         return y
     T = x_THa.shape[0]

@@ -86,14 +86,15 @@ class RotaryEmbedding(nn.Module):
 
     def rotate_(self, positions_T: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Rotate ``x [T, H, dim]`` in place (one pass in C on CPU, see :mod:`cpu_kernels`) and return it."""
-        self._check_len(positions_T)
+        self.grow_for(positions_T)
         if cpu_kernels.rope_(x, positions_T, self.cos, self.sin, self.interleaved):
             return x
         cos = self.cos[positions_T].unsqueeze(1)  # [T, 1, dim/2]
         sin = self.sin[positions_T].unsqueeze(1)
         return x.copy_(self._apply(x, cos, sin))
 
-    def _check_len(self, positions_T: torch.Tensor) -> None:
+    def grow_for(self, positions_T: torch.Tensor) -> None:
+        """Extend the cos/sin tables past the largest of ``positions_T`` if needed."""
         if positions_T.numel() and int(positions_T.max()) >= self.max_pos:
             self._grow(2 * int(positions_T.max()) + 1)
 

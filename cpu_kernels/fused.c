@@ -1,0 +1,73 @@
+/* Whole sub-layers of a batch-1 decode step in one call: at one token a layer's weights stream in
+ * ~0.1-0.5 ms, and the dozen Python-level ops around them (each a wrapper, a tensor allocation
+ * and a ctypes call) add ~150 us per layer. These functions call the same kernels in the same
+ * order with the same roundings (moe_gemv_bf16, moe_rms_norm, moe_rope, moe_heads_vec,
+ * moe_paged_decode), so their results are bit-identical to the op-by-op path they replace. */
+#include "simd.h"
+
+int moe_gemv_bf16(const uint16_t *w, int64_t N, int64_t K, int64_t ldw, const uint16_t *x, const uint16_t *bias,
+                  uint16_t *y, int num_threads);
+int moe_rms_norm(const void *x, const void *w, void *out, int dtype, int64_t R, int64_t D, int64_t sx, int64_t so,
+                 float eps, int num_threads);
+int moe_rope(void *x, int dtype, int64_t T, int64_t H, int64_t D, int64_t st, int64_t sh, const int64_t *pos,
+             const float *cos_tab, const float *sin_tab, int interleaved, int num_threads);
+int moe_heads_vec(const uint16_t *x, int64_t sxh, const uint16_t *w, int64_t swh, int64_t swr, int64_t N, int64_t K,
+                  int64_t H, int rows_n, uint16_t *y, int64_t syh, int num_threads);
+int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, int dtype,
+                     int64_t B, int64_t H, int64_t Hkv, int64_t Dk, int64_t Dv,
+                     int64_t k_sblock, int64_t k_sslot, int64_t k_shead,
+                     int64_t v_sblock, int64_t v_sslot, int64_t v_shead,
+                     int64_t block_size, const int32_t *block_tables, int64_t max_blocks,
+                     const int32_t *context_lens, const int32_t *query_start, int64_t window, const float *sinks,
+                     float scale, int num_threads);
+
+/* DeepSeek's multi-head latent attention for one decode token (moe.models.mla.MLAttention.forward
+ * at T = 1, bf16, no biases, one tensor-parallel rank):
+ *   q = q_b(rms(q_a(x)))  (w_qa NULL: q = q_proj(x), w_qb being q_proj)     [H, nope + rope]
+ *   [c | k_pe] = kv_a(x); c = rms(c)                                         [C + rope]
+ *   q_pe, k_pe rotated at pos[0]; the latent row [c | k_pe] written at cache slot slots[0]
+ *   q_lat[h] = q_nope[h] @ W_UK[h]; attention of [q_lat | q_pe] over the sequence's cached rows
+ *   (V = the first C dims); o[h] = W_UV[h] @ o_lat[h]; out = o_proj(o)      [D]
+ * w_kvb: [H * (nope + v), C] (W_UK[h] its rows h*(nope+v) .. +nope, W_UV[h] the next v). The cache
+ * is [blocks, block_size, 1, C + rope] with element strides (c_sblock, c_sslot), c_sblock =
+ * block_size * c_sslot; table: the sequence's blocks, len: its tokens after this one is written.
+ * scratch: q_lora + H*(nope+rope) + (C+rope) + H*(C+rope) + H*C + H*v bf16. Returns 0, or -1
+ * without AVX512-BF16 (then nothing was written). */
+int moe_mla_token(const uint16_t *x, int64_t D, const uint16_t *w_qa, const uint16_t *qa_norm, int64_t q_lora,
+                  float q_eps, const uint16_t *w_qb, const uint16_t *w_kva, const uint16_t *kva_norm, float kv_eps,
+                  const uint16_t *w_kvb, const uint16_t *w_o, int64_t H, int64_t nope, int64_t rope, int64_t C,
+                  int64_t v, const int64_t *pos, const float *cos_tab, const float *sin_tab, int interleaved,
+                  uint16_t *cache, int64_t c_sblock, int64_t c_sslot, int64_t block_size, const int32_t *table,
+                  int32_t len, const int64_t *slots, float scale, uint16_t *scratch, uint16_t *out, int nt) {
+#if defined(__AVX512BF16__)
+    const int64_t qk = nope + rope, L = C + rope;
+    uint16_t *qa = scratch, *q = qa + q_lora, *lat = q + H * qk, *qfull = lat + L, *olat = qfull + H * L,
+             *o = olat + H * C;
+    if (w_qa) {
+        moe_gemv_bf16(w_qa, q_lora, D, D, x, NULL, qa, nt);
+        moe_rms_norm(qa, qa_norm, qa, BF16, 1, q_lora, q_lora, q_lora, q_eps, nt);
+        moe_gemv_bf16(w_qb, H * qk, q_lora, q_lora, qa, NULL, q, nt);
+    } else {
+        moe_gemv_bf16(w_qb, H * qk, D, D, x, NULL, q, nt);
+    }
+    moe_gemv_bf16(w_kva, L, D, D, x, NULL, lat, nt);
+    uint16_t *row = cache + slots[0] * c_sslot;
+    moe_rms_norm(lat, kva_norm, row, BF16, 1, C, L, L, kv_eps, nt);
+    memcpy(row + C, lat + C, sizeof(uint16_t) * (size_t)rope);
+    moe_rope(row + C, BF16, 1, 1, rope, L, rope, pos, cos_tab, sin_tab, interleaved, 1);
+    moe_heads_vec(q, qk, w_kvb, (nope + v) * C, C, C, nope, H, 0, qfull, L, nt);
+    for (int64_t h = 0; h < H; h++) memcpy(qfull + h * L + C, q + h * qk + nope, sizeof(uint16_t) * (size_t)rope);
+    moe_rope(qfull + C, BF16, 1, H, rope, H * L, L, pos, cos_tab, sin_tab, interleaved, 1);
+    moe_paged_decode(qfull, olat, cache, cache, BF16, 1, H, 1, L, C, c_sblock, c_sslot, L, c_sblock, c_sslot, L,
+                     block_size, table, 0, &len, NULL, 0, NULL, scale, nt);
+    moe_heads_vec(olat, C, w_kvb + nope * C, (nope + v) * C, C, v, C, H, 1, o, v, nt);
+    moe_gemv_bf16(w_o, D, H * v, H * v, o, NULL, out, nt);
+    return 0;
+#else
+    (void)x; (void)D; (void)w_qa; (void)qa_norm; (void)q_lora; (void)q_eps; (void)w_qb; (void)w_kva; (void)kva_norm;
+    (void)kv_eps; (void)w_kvb; (void)w_o; (void)H; (void)nope; (void)rope; (void)C; (void)v; (void)pos;
+    (void)cos_tab; (void)sin_tab; (void)interleaved; (void)cache; (void)c_sblock; (void)c_sslot; (void)block_size;
+    (void)table; (void)len; (void)slots; (void)scale; (void)scratch; (void)out; (void)nt;
+    return -1;
+#endif
+}
