@@ -145,6 +145,10 @@ def _build() -> ctypes.CDLL:
                                   ptr, ptr, ptr, ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int32, ptr, f32, ptr,
                                   ptr, ctypes.c_int]
     lib.moe_mla_token.restype = ctypes.c_int
+    lib.moe_gqa_token.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ptr, f32, ptr, ptr, ptr,
+                                  ctypes.c_int, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, ptr, ctypes.c_int32, ptr,
+                                  i64, ptr, f32, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.moe_gqa_token.restype = ctypes.c_int
     return lib
 
 
@@ -570,6 +574,54 @@ def mla_token(x_1D: torch.Tensor, w_qa: torch.Tensor | None, qa_norm: torch.Tens
                           rope, C, v, positions_1.data_ptr(), cos_PH.data_ptr(), sin_PH.data_ptr(), int(interleaved),
                           cache.data_ptr(), cache.stride(0), cache.stride(1), cache.shape[1], block_table.data_ptr(),
                           context_len, slot_mapping_1.data_ptr(), scale, scratch.data_ptr(), out.data_ptr(),
+                          torch.get_num_threads()) != 0:
+        _gemv_built = False
+        return None
+    return out
+
+
+_QK_NORMS = {None: 0, "head": 1, "full": 2}
+
+
+def gqa_token(x_1D: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None, heads: int, kv_heads: int,
+              qk_norm: str | None, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+              positions_1: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor, interleaved: bool,
+              k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, context_len: int,
+              slot_mapping_1: torch.Tensor, sliding_window: int | None, sinks_H: torch.Tensor | None, scale: float,
+              w_o: torch.Tensor, b_o: torch.Tensor | None) -> torch.Tensor | None:
+    """Grouped-query attention for one decode token in one call (``fused.c``): qkv projection, q/k
+    norms (``qk_norm`` None, "head" or "full"), rotary over whole heads, K/V written at the slot,
+    attention over the sequence's ``context_len`` cached tokens (window, sinks) and ``o_proj``;
+    bit-identical to :class:`moe.models.layers.Attention`'s op-by-op path at one token. Returns
+    ``[1, D]`` bf16, or None when the kernel does not apply (then nothing was written)."""
+    global _gemv_built
+    if not _gemv_built or x_1D.dtype != torch.bfloat16 or x_1D.shape[0] != 1 or not x_1D.is_contiguous():
+        return None
+    ws = [w for w in (w_qkv, b_qkv, q_norm, k_norm, w_o, b_o) if w is not None]
+    if any(w.dtype != torch.bfloat16 or w.is_cuda or not w.is_contiguous() for w in ws) or load() is None:
+        return None
+    D, hd = x_1D.shape[1], k_cache.shape[-1]
+    if w_qkv.shape != ((heads + 2 * kv_heads) * hd, D) or w_o.shape != (D, heads * hd) or hd % 2:
+        return None
+    for c in (k_cache, v_cache):
+        if (c.dtype != torch.bfloat16 or c.dim() != 4 or c.shape[2:] != (kv_heads, hd) or c.stride(-1) != 1
+                or c.stride(0) != c.shape[1] * c.stride(1)):
+            return None
+    if (block_table.dtype != torch.int32 or not block_table.is_contiguous() or slot_mapping_1.dtype != torch.int64
+            or positions_1.dtype != torch.int64 or cos_PH.dtype != torch.float32 or not cos_PH.is_contiguous()
+            or not sin_PH.is_contiguous() or cos_PH.shape[-1] * 2 != hd or qk_norm not in _QK_NORMS):
+        return None
+    sinks = sinks_H.float().contiguous() if sinks_H is not None else None
+    out = torch.empty(1, D, dtype=torch.bfloat16)
+    scratch = torch.empty((2 * heads + 2 * kv_heads) * hd, dtype=torch.bfloat16)
+    if _lib.moe_gqa_token(x_1D.data_ptr(), D, w_qkv.data_ptr(), b_qkv.data_ptr() if b_qkv is not None else None, heads,
+                          kv_heads, hd, _QK_NORMS[qk_norm], q_norm.data_ptr() if q_norm is not None else None,
+                          k_norm.data_ptr() if k_norm is not None else None, eps, positions_1.data_ptr(),
+                          cos_PH.data_ptr(), sin_PH.data_ptr(), int(interleaved), k_cache.data_ptr(),
+                          *k_cache.stride()[:3], v_cache.data_ptr(), *v_cache.stride()[:3], k_cache.shape[1],
+                          block_table.data_ptr(), context_len, slot_mapping_1.data_ptr(), sliding_window or 0,
+                          sinks.data_ptr() if sinks is not None else None, scale, w_o.data_ptr(),
+                          b_o.data_ptr() if b_o is not None else None, scratch.data_ptr(), out.data_ptr(),
                           torch.get_num_threads()) != 0:
         _gemv_built = False
         return None

@@ -71,3 +71,48 @@ int moe_mla_token(const uint16_t *x, int64_t D, const uint16_t *w_qa, const uint
     return -1;
 #endif
 }
+
+/* Grouped-query attention for one decode token (moe.models.layers.Attention.forward at T = 1,
+ * bf16, one tensor-parallel rank, no q/k/v clipping):
+ *   [q | k | v] = qkv_proj(x) (+ bias)                       [(H + 2 Hkv) hd]
+ *   qk_norm 1: RMSNorm per head (weights [hd]); 2: over all q dims and all k dims
+ *   q, k rotated at pos[0] (the whole head); k, v written at cache slot slots[0]
+ *   attention over the sequence's cached rows (window > 0: the last `window`; sinks: float32 [H]
+ *   or NULL); out = o_proj(o) (+ bias)                         [D]
+ * Caches [blocks, block_size, Hkv, hd] with element strides (sblock, sslot, shead), sblock =
+ * block_size * sslot. scratch: (H + 2 Hkv) hd + H hd bf16. Returns 0, or -1 without AVX512-BF16. */
+int moe_gqa_token(const uint16_t *x, int64_t D, const uint16_t *w_qkv, const uint16_t *b_qkv, int64_t H, int64_t Hkv,
+                  int64_t hd, int qk_norm, const uint16_t *q_norm, const uint16_t *k_norm, float eps,
+                  const int64_t *pos, const float *cos_tab, const float *sin_tab, int interleaved, uint16_t *k_cache,
+                  int64_t k_sblock, int64_t k_sslot, int64_t k_shead, uint16_t *v_cache, int64_t v_sblock,
+                  int64_t v_sslot, int64_t v_shead, int64_t block_size, const int32_t *table, int32_t len,
+                  const int64_t *slots, int64_t window, const float *sinks, float scale, const uint16_t *w_o,
+                  const uint16_t *b_o, uint16_t *scratch, uint16_t *out, int nt) {
+#if defined(__AVX512BF16__)
+    uint16_t *q = scratch, *k = q + H * hd, *v = k + Hkv * hd, *o = v + Hkv * hd;
+    moe_gemv_bf16(w_qkv, (H + 2 * Hkv) * hd, D, D, x, b_qkv, q, nt);
+    if (qk_norm == 1) {
+        moe_rms_norm(q, q_norm, q, BF16, H, hd, hd, hd, eps, 1);
+        moe_rms_norm(k, k_norm, k, BF16, Hkv, hd, hd, hd, eps, 1);
+    } else if (qk_norm == 2) {
+        moe_rms_norm(q, q_norm, q, BF16, 1, H * hd, H * hd, H * hd, eps, 1);
+        moe_rms_norm(k, k_norm, k, BF16, 1, Hkv * hd, Hkv * hd, Hkv * hd, eps, 1);
+    }
+    moe_rope(q, BF16, 1, H + Hkv, hd, (H + Hkv) * hd, hd, pos, cos_tab, sin_tab, interleaved, 1);
+    for (int64_t h = 0; h < Hkv; h++) {
+        memcpy(k_cache + slots[0] * k_sslot + h * k_shead, k + h * hd, sizeof(uint16_t) * (size_t)hd);
+        memcpy(v_cache + slots[0] * v_sslot + h * v_shead, v + h * hd, sizeof(uint16_t) * (size_t)hd);
+    }
+    moe_paged_decode(q, o, k_cache, v_cache, BF16, 1, H, Hkv, hd, hd, k_sblock, k_sslot, k_shead, v_sblock, v_sslot,
+                     v_shead, block_size, table, 0, &len, NULL, window, sinks, scale, nt);
+    moe_gemv_bf16(w_o, D, H * hd, H * hd, o, b_o, out, nt);
+    return 0;
+#else
+    (void)x; (void)D; (void)w_qkv; (void)b_qkv; (void)H; (void)Hkv; (void)hd; (void)qk_norm; (void)q_norm;
+    (void)k_norm; (void)eps; (void)pos; (void)cos_tab; (void)sin_tab; (void)interleaved; (void)k_cache;
+    (void)k_sblock; (void)k_sslot; (void)k_shead; (void)v_cache; (void)v_sblock; (void)v_sslot; (void)v_shead;
+    (void)block_size; (void)table; (void)len; (void)slots; (void)window; (void)sinks; (void)scale; (void)w_o;
+    (void)b_o; (void)scratch; (void)out; (void)nt;
+    return -1;
+#endif
+}

@@ -612,22 +612,29 @@ def test_heads_vec_matches_the_per_head_einsums():
     assert cpu_kernels.heads_vec(o_lat.expand(2, H, C), w_uv, w_rows_n=True) is None  # two rows
 
 
-@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
-def test_one_call_mla_token_equals_the_op_by_op_path(family, checkpoint, monkeypatch, two_threads):
-    # batch-1 decode runs MLA as one C call; greedy tokens and log-probs (bf16, two threads) equal the
-    # op-by-op path's in a fresh engine, prompts of one token, within a block and across blocks
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss",
+                                    "olmoe_unclipped"])
+def test_one_call_attention_equals_the_op_by_op_path(family, checkpoint, monkeypatch, two_threads, tmp_path):
+    # batch-1 decode runs a layer's attention as one C call (MLA; GQA with qkv biases, per-head and
+    # full q/k norms, sinks and sliding windows, o_proj bias); greedy tokens and log-probs (bf16, two
+    # threads) equal the op-by-op path's in a fresh engine, for prompts of one token, within a block
+    # and across blocks
     from moe import LLM, SamplingParams
+    from tiny_models import make_checkpoint
 
+    path = make_checkpoint("olmoe", tmp_path / "olmoe", clip_qkv=None) if family == "olmoe_unclipped" \
+        else checkpoint(family)
+    kernel = "mla_token" if family.startswith("deepseek") else "gqa_token"
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9, 40)]
     sp = SamplingParams(temperature=0, max_tokens=20, logprobs=3, ignore_eos=True)
-    real, calls = cpu_kernels.mla_token, []
-    monkeypatch.setattr(cpu_kernels, "mla_token", lambda *a: calls.append(1) or real(*a))
-    llm = LLM(str(checkpoint(family)), dtype="bfloat16", block_size=16)
+    real, calls = getattr(cpu_kernels, kernel), []
+    monkeypatch.setattr(cpu_kernels, kernel, lambda *a: calls.append(1) or real(*a))
+    llm = LLM(str(path), dtype="bfloat16", block_size=16)
     fast = [llm.generate([p], sp)[0].outputs[0] for p in prompts]
     if cpu_kernels.load() is not None and "avx512_bf16" in _cpu_flags():
         assert len(calls) >= len(prompts) * 19 * 3  # 19 decode steps x 3 layers per prompt
-    monkeypatch.setattr(cpu_kernels, "mla_token", lambda *a: None)
-    llm = LLM(str(checkpoint(family)), dtype="bfloat16", block_size=16)
+    monkeypatch.setattr(cpu_kernels, kernel, lambda *a: None)
+    llm = LLM(str(path), dtype="bfloat16", block_size=16)
     ops = [llm.generate([p], sp)[0].outputs[0] for p in prompts]
     for a, b in zip(fast, ops):
         assert a.token_ids == b.token_ids and a.logprobs == b.logprobs

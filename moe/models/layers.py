@@ -94,6 +94,10 @@ class Attention(nn.Module):
 
     def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = x_TD.shape[0]
+        if T == 1 and x_TD.device.type == "cpu" and not self.o_proj.split and self.clip_qkv is None:
+            y = self._forward_token(positions_T, x_TD, ctx)  # batch-1 decode: one C call
+            if y is not None:
+                return y
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x_TD).split([q_size, kv_size, kv_size], dim=-1)
@@ -116,6 +120,20 @@ class Attention(nn.Module):
         write_kv(k_cache, v_cache, k, v, ctx.meta.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, ctx.meta, self.scale, self.sliding_window, self.sinks)
         return self.o_proj(o.reshape(T, q_size))
+
+
+    def _forward_token(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
+        """:meth:`forward` for one token as :func:`cpu_kernels.gqa_token` (the same arithmetic), or None."""
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+        if not isinstance(k_cache, torch.Tensor) or not isinstance(v_cache, torch.Tensor) or ctx.meta.num_seqs != 1:
+            return None
+        self.rotary.grow_for(positions_T)
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None, 0.0)
+        return cpu_kernels.gqa_token(
+            x_TD, self.qkv_proj.weight, self.qkv_proj.bias, self.num_heads, self.num_kv_heads, self.qk_norm, *norms,
+            positions_T, self.rotary.cos, self.rotary.sin, self.rotary.interleaved, k_cache, v_cache,
+            ctx.meta.block_tables[0], ctx.meta.context_lens_list[0], ctx.meta.slot_mapping, self.sliding_window,
+            self.sinks, self.scale, self.o_proj.weight, self.o_proj.bias)
 
 
 class DenseMLP(nn.Module):
