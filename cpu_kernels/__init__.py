@@ -149,6 +149,9 @@ def _build() -> ctypes.CDLL:
                                   ctypes.c_int, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, ptr, ctypes.c_int32, ptr,
                                   i64, ptr, f32, ptr, ptr, ptr, ptr, ctypes.c_int]
     lib.moe_gqa_token.restype = ctypes.c_int
+    lib.moe_moe_token.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr,
+                                  ctypes.c_int]
+    lib.moe_moe_token.restype = ctypes.c_int
     return lib
 
 
@@ -385,6 +388,38 @@ def expert_token(x_D: torch.Tensor, w13s: list[torch.Tensor], w2s: list[torch.Te
         _gemv_built = False
         return None
     return out
+
+
+def moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor, w13_e2FD: torch.Tensor,
+              w2_eDF: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+    """One bf16 token through experts ``ids_K`` of the stacked weights, summed with ``weights_K`` as
+    :meth:`experts.GroupedExperts.forward_token` does (ascending ids, weights rounded to bf16), plus
+    the output of a ``shared`` SwiGLU expert ``(w13 [2Fs, D], w2 [D, Fs])`` added in bf16; one call
+    (:func:`expert_token`'s kernel). ``[1, D]``, or None when the kernel does not apply."""
+    global _gemv_built
+    if not _gemv_built or x_1D.dtype != torch.bfloat16 or x_1D.dim() != 2 or x_1D.shape[0] != 1:
+        return None
+    ws = [x_1D, w13_e2FD, w2_eDF, *(shared or ())]
+    if _kernel_dtype(*ws) is None or any(not w.is_contiguous() for w in ws) or w13_e2FD.dim() != 3:
+        return None
+    E, F2, D = w13_e2FD.shape
+    F, Fs = F2 // 2, shared[1].shape[1] if shared else 0
+    if w2_eDF.shape != (E, D, F) or x_1D.shape[1] != D or ids_K.dim() != 1 or not 0 < ids_K.shape[0] <= 64:
+        return None
+    if shared and (shared[0].shape != (2 * Fs, D) or shared[1].shape != (D, Fs)):
+        return None
+    ids = ids_K.to(torch.int64).contiguous()
+    wts = weights_K.to(torch.float32).contiguous()
+    out = torch.empty(1, D, dtype=torch.bfloat16)
+    h = torch.empty(3 * max(F, Fs) + D, dtype=torch.bfloat16)
+    acc = torch.empty(D, dtype=torch.float32)
+    rc = _lib.moe_moe_token(x_1D.data_ptr(), D, F, ids.shape[0], ids.data_ptr(), wts.data_ptr(), E, w13_e2FD.data_ptr(),
+                            w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0),
+                            shared[0].data_ptr() if shared else None, shared[1].data_ptr() if shared else None, Fs,
+                            out.data_ptr(), h.data_ptr(), acc.data_ptr(), torch.get_num_threads())
+    if rc == -1:
+        _gemv_built = False
+    return out if rc == 0 else None
 
 
 _amx: bool | None = None  # whether the AMX kernels run here (built for AMX, tile state granted)

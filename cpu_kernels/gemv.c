@@ -159,3 +159,47 @@ int moe_expert_token(const uint16_t *x, int64_t D, int64_t F, int n, const uint1
     return -1;
 #endif
 }
+
+/* A token's MoE layer at batch 1 (experts.grouped.GroupedExperts.forward_token): experts ids[0..K)
+ * of the stacked weights w13 [E, 2F, D] and w2 [E, D, F] (expert strides s13, s2 elements), in
+ * ascending id order, each routing weight rounded to bf16 (the combine's arithmetic), through
+ * moe_expert_token; then, with sh13 [2Fs, D] / sh2 [D, Fs] given, a shared expert's output (the
+ * same kernel, weight 1) added in bf16, as SparseMoE adds it. K <= 64. scratch: 3 max(F, Fs) + D
+ * bf16 and D float32. Returns 0, -1 without AVX512-BF16, -2 for an id outside [0, E). */
+int moe_moe_token(const uint16_t *x, int64_t D, int64_t F, int64_t K, const int64_t *ids, const float *wts, int64_t E,
+                  const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2, const uint16_t *sh13,
+                  const uint16_t *sh2, int64_t Fs, uint16_t *out, uint16_t *h, float *acc, int num_threads) {
+#if defined(__AVX512BF16__)
+    if (K < 1 || K > 64) return -2;
+    int64_t id[64];
+    float w[64];
+    for (int64_t i = 0; i < K; i++) {
+        if (ids[i] < 0 || ids[i] >= E) return -2;
+        int64_t j = i; /* insertion sort by expert id */
+        for (; j > 0 && id[j - 1] > ids[i]; j--) {
+            id[j] = id[j - 1];
+            w[j] = w[j - 1];
+        }
+        id[j] = ids[i];
+        w[j] = bf16_to_f32(f32_to_bf16(wts[i]));
+    }
+    const uint16_t *p13[64], *p2[64];
+    for (int64_t i = 0; i < K; i++) {
+        p13[i] = w13 + id[i] * s13;
+        p2[i] = w2 + id[i] * s2;
+    }
+    const int64_t Fm = sh13 && Fs > F ? Fs : F;
+    uint16_t *routed = h + 3 * Fm;
+    moe_expert_token(x, D, F, (int)K, p13, p2, w, sh13 ? routed : out, h, acc, num_threads);
+    if (sh13) {
+        const float one = 1.f;
+        moe_expert_token(x, D, Fs, 1, &sh13, &sh2, &one, out, h, acc, num_threads);
+        for (int64_t i = 0; i < D; i++) out[i] = f32_to_bf16(bf16_to_f32(routed[i]) + bf16_to_f32(out[i]));
+    }
+    return 0;
+#else
+    (void)x; (void)D; (void)F; (void)K; (void)ids; (void)wts; (void)E; (void)w13; (void)s13; (void)w2; (void)s2;
+    (void)sh13; (void)sh2; (void)Fs; (void)out; (void)h; (void)acc; (void)num_threads;
+    return -1;
+#endif
+}

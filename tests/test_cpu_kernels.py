@@ -305,24 +305,34 @@ def test_gemv_declines_what_it_does_not_take():
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 @pytest.mark.parametrize("D,F", [(64, 96), (70, 37)])  # GEMV row blocks and K with and without tails
-def test_expert_token_kernel_equals_the_op_by_op_path(n, D, F, monkeypatch):
+def test_moe_token_kernel_equals_the_op_by_op_path(n, D, F, monkeypatch):
     # one token through n experts in one C call: bit-identical to forward_token's ops (one GEMV per
-    # projection, SwiGLU, weighting, the combine's sum: one bf16 addition for two, float32 for more)
+    # projection, SwiGLU, weighting, the combine's sum: one bf16 addition for two, float32 for more),
+    # and with a shared expert (another width) added in bf16 as SparseMoE adds it
     from experts.grouped import GroupedExperts
 
     g = torch.Generator().manual_seed(n * 100 + D)
     mod = GroupedExperts(6, D, F, dtype=torch.bfloat16)
     mod.w13.data.copy_(torch.randn(6, 2 * F, D, generator=g) / 4)
     mod.w2.data.copy_(torch.randn(6, D, F, generator=g) / 4)
+    shared = GroupedExperts(1, D, 2 * F + 3, dtype=torch.bfloat16)
+    shared.w13.data.copy_(torch.randn(1, 4 * F + 6, D, generator=g) / 4)
+    shared.w2.data.copy_(torch.randn(1, D, 2 * F + 3, generator=g) / 4)
     x = torch.randn(1, D, generator=g).to(torch.bfloat16)
     ids = torch.randperm(6, generator=g)[:n]
     w = torch.softmax(torch.randn(n, generator=g), 0)
     calls = []
-    real = cpu_kernels.expert_token
-    monkeypatch.setattr(cpu_kernels, "expert_token", lambda *a: calls.append(1) or real(*a))
+    real = cpu_kernels.moe_token
+    monkeypatch.setattr(cpu_kernels, "moe_token", lambda *a: calls.append(1) or real(*a))
     fused = mod.forward_token(x, ids, w)
-    monkeypatch.setattr(cpu_kernels, "expert_token", lambda *a: None)  # the op-by-op path
-    assert calls and torch.equal(fused, mod.forward_token(x, ids, w))
+    fused_shared = mod.forward_token(x, ids, w, (shared.w13[0], shared.w2[0]))
+    monkeypatch.setattr(cpu_kernels, "moe_token", lambda *a: None)  # the op-by-op path
+    ops = mod.forward_token(x, ids, w)
+    assert len(calls) == 2 and torch.equal(fused, ops)
+    assert torch.equal(fused_shared, ops + shared.forward_token(x, torch.tensor([0]), torch.ones(1)))
+    assert mod.forward_token(x, ids, w, (shared.w13[0], shared.w2[0])) is None  # the shared expert: one call only
+    monkeypatch.setattr(cpu_kernels, "moe_token", real)
+    assert cpu_kernels.moe_token(x, torch.tensor([0, 6]), torch.ones(2), mod.w13, mod.w2) is None  # id out of range
 
 
 def _cpu_flags() -> set[str]:
@@ -612,19 +622,22 @@ def test_heads_vec_matches_the_per_head_einsums():
     assert cpu_kernels.heads_vec(o_lat.expand(2, H, C), w_uv, w_rows_n=True) is None  # two rows
 
 
-@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3", "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss",
-                                    "olmoe_unclipped"])
-def test_one_call_attention_equals_the_op_by_op_path(family, checkpoint, monkeypatch, two_threads, tmp_path):
+@pytest.mark.parametrize("family,kernel,layers", [
+    ("deepseek_v2", "mla_token", 3), ("deepseek_v3", "mla_token", 3), ("mixtral", "gqa_token", 3),
+    ("qwen2_moe", "gqa_token", 3), ("qwen3_moe", "gqa_token", 3), ("gpt_oss", "gqa_token", 3),
+    ("olmoe_unclipped", "gqa_token", 3),
+    ("deepseek_v3", "moe_token", 2), ("mixtral", "moe_token", 3), ("qwen3_moe", "moe_token", 2)])
+def test_one_call_layers_equal_the_op_by_op_path(family, kernel, layers, checkpoint, monkeypatch, two_threads,
+                                                 tmp_path):
     # batch-1 decode runs a layer's attention as one C call (MLA; GQA with qkv biases, per-head and
-    # full q/k norms, sinks and sliding windows, o_proj bias); greedy tokens and log-probs (bf16, two
-    # threads) equal the op-by-op path's in a fresh engine, for prompts of one token, within a block
-    # and across blocks
+    # full q/k norms, sinks and sliding windows, o_proj bias) and its MoE block as another (routed
+    # experts with the shared expert); greedy tokens and log-probs (bf16, two threads) equal the
+    # op-by-op path's in a fresh engine, for prompts of one token, within a block and across blocks
     from moe import LLM, SamplingParams
     from tiny_models import make_checkpoint
 
     path = make_checkpoint("olmoe", tmp_path / "olmoe", clip_qkv=None) if family == "olmoe_unclipped" \
         else checkpoint(family)
-    kernel = "mla_token" if family.startswith("deepseek") else "gqa_token"
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9, 40)]
     sp = SamplingParams(temperature=0, max_tokens=20, logprobs=3, ignore_eos=True)
     real, calls = getattr(cpu_kernels, kernel), []
@@ -632,7 +645,7 @@ def test_one_call_attention_equals_the_op_by_op_path(family, checkpoint, monkeyp
     llm = LLM(str(path), dtype="bfloat16", block_size=16)
     fast = [llm.generate([p], sp)[0].outputs[0] for p in prompts]
     if cpu_kernels.load() is not None and "avx512_bf16" in _cpu_flags():
-        assert len(calls) >= len(prompts) * 19 * 3  # 19 decode steps x 3 layers per prompt
+        assert len(calls) >= len(prompts) * 19 * layers  # 19 decode steps per prompt, every layer it serves
     monkeypatch.setattr(cpu_kernels, kernel, lambda *a: None)
     llm = LLM(str(path), dtype="bfloat16", block_size=16)
     ops = [llm.generate([p], sp)[0].outputs[0] for p in prompts]

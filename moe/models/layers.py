@@ -144,8 +144,13 @@ class DenseMLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(hidden, [intermediate, intermediate], dtype=dtype)
         self.down_proj = RowParallelLinear(intermediate, hidden, dtype=dtype)
 
+    @property
+    def plain(self) -> bool:
+        """No biases, one TP rank: what the one-call C kernels compute."""
+        return not self.down_proj.split and self.gate_up_proj.bias is None and self.down_proj.bias is None
+
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        if not self.down_proj.split and self.gate_up_proj.bias is None and self.down_proj.bias is None:
+        if self.plain:
             y = swiglu_mlp_cpu(x_TD, self.gate_up_proj.weight, self.down_proj.weight)  # decode-sized, one C call
             if y is not None:
                 return y
@@ -190,7 +195,13 @@ class SparseMoE(nn.Module):
             self.counts_E += self.last_counts_E
         y_TD = None
         if x_TD.shape[0] == 1 and self.dispatcher.is_local and hasattr(self.experts, "forward_token"):
-            # decode at batch 1: no permutation needed
+            # decode at batch 1: no permutation needed; a plain shared expert joins the same C call
+            se = self.shared_expert
+            if se is not None and se.plain and self.shared_expert_gate is None:
+                y_TD = self.experts.forward_token(x_TD, ids_TK[0], weights_TK[0],
+                                                  (se.gate_up_proj.weight, se.down_proj.weight))
+                if y_TD is not None:
+                    return y_TD
             y_TD = self.experts.forward_token(x_TD, ids_TK[0], weights_TK[0])
         elif self.dispatcher.is_local and hasattr(self.experts, "forward_local"):
             # decode-sized steps on CPU: dispatch, experts and combine in one call (None: not applicable)
