@@ -115,6 +115,8 @@ def _build() -> ctypes.CDLL:
     lib.moe_silu_mul.restype = ctypes.c_int
     lib.moe_rms_norm.argtypes = [ptr, ptr, ptr, ctypes.c_int, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
     lib.moe_rms_norm.restype = ctypes.c_int
+    lib.moe_add_rms_norm.argtypes = [ptr, ptr, ptr, ptr, ptr, ctypes.c_int, i64, i64, ctypes.c_float, ctypes.c_int]
+    lib.moe_add_rms_norm.restype = ctypes.c_int
     lib.moe_write_rows.argtypes = [ptr, ptr, ctypes.c_int, i64, i64, i64, i64, i64, i64, ptr, i64, i64, ctypes.c_int]
     lib.moe_write_rows.restype = ctypes.c_int
     lib.moe_transpose_to_f32.argtypes = [ptr, ctypes.c_int, i64, i64, i64, ptr, ctypes.c_int]
@@ -291,6 +293,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     _lib.moe_rms_norm(x2.data_ptr(), w.data_ptr() if w is not None else None, out.data_ptr(), dtype, x2.shape[0],
                       x2.shape[1], x2.stride(0), out.stride(0), eps, torch.get_num_threads())
     return out.view(x.shape)
+
+
+def add_rms_norm(h: torch.Tensor, d: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``h + d`` (a residual add, rounded as torch's add) and :func:`rms_norm` of the sum, in one
+    pass: ``(sum, normed)`` for contiguous bfloat16 ``[R, D]`` tensors, or None when the kernel does
+    not apply (then add and norm with torch)."""
+    if h.dtype != torch.bfloat16 or h.dim() != 2 or d.shape != h.shape or not (h.is_contiguous() and d.is_contiguous()):
+        return None
+    if _kernel_dtype(h, d, weight) is None or not weight.is_contiguous() or weight.shape != (h.shape[1],):
+        return None
+    s, out = torch.empty_like(h), torch.empty_like(h)
+    _lib.moe_add_rms_norm(h.data_ptr(), d.data_ptr(), weight.data_ptr(), s.data_ptr(), out.data_ptr(), _DTYPES[h.dtype],
+                          h.shape[0], h.shape[1], eps, torch.get_num_threads())
+    return s, out
 
 
 def write_rows(cache: torch.Tensor, x_THD: torch.Tensor, slot_mapping: torch.Tensor) -> bool:

@@ -134,6 +134,27 @@ int moe_rms_norm(const void *x, const void *w, void *out, int dtype, int64_t R, 
     return 0;
 }
 
+/* A residual add and the next RMSNorm in one call: h_out = h + d rounded to the dtype (torch's add),
+ * then out = moe_rms_norm(h_out). R contiguous rows of D. Returns 0. */
+int moe_add_rms_norm(const void *h, const void *d, const void *w, void *h_out, void *out, int dtype, int64_t R,
+                     int64_t D, float eps, int num_threads) {
+    const int64_t n = R * D;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (n >= 65536)
+    for (int64_t i0 = 0; i0 < n; i0 += 1024) {
+        const int64_t i1 = i0 + 1024 < n ? i0 + 1024 : n;
+        int64_t i = i0;
+#if defined(__AVX512F__)
+        for (; i + VEC <= i1; i += VEC) {
+            const size_t off = (size_t)i * (dtype == BF16 ? 2 : 4);
+            store16((char *)h_out + off, _mm512_add_ps(load16((const char *)h + off, dtype), load16((const char *)d + off, dtype)),
+                    dtype);
+        }
+#endif
+        for (; i < i1; i++) storef(h_out, i, loadf(h, i, dtype) + loadf(d, i, dtype), dtype);
+    }
+    return moe_rms_norm(h_out, w, out, dtype, R, D, D, D, eps, num_threads);
+}
+
 /* dst[slots[t], h, :] = src[t, h, :] for t < T: new K/V rows into a paged cache [slots, H, D]
  * (element strides d_slot, d_head, unit within a head) from src [T, H, D] with any element
  * strides (s_t, s_h, s_d), same dtype. Returns 0. */

@@ -247,6 +247,19 @@ def test_rms_norm_kernel_equals_the_torch_formula(shape, strided):
     torch.testing.assert_close(norm(x), got, atol=0, rtol=0)  # the module takes the kernel
 
 
+@pytest.mark.parametrize("shape", [(1, 1024), (300, 1024), (3, 40)])
+def test_add_rms_norm_kernel_equals_add_then_norm(shape):
+    # the residual add and the next norm in one pass: the sum as torch's bf16 add, the norm as the kernel's
+    g = torch.Generator().manual_seed(shape[0])
+    h, d = ((torch.randn(*shape, generator=g) * 3).bfloat16() for _ in range(2))
+    w = torch.randn(shape[1], generator=g).bfloat16()
+    s, x = cpu_kernels.add_rms_norm(h, d, w, 1e-6)
+    assert torch.equal(s, h + d) and torch.equal(x, cpu_kernels.rms_norm(h + d, w, 1e-6))
+    if shape[0] > 1:
+        assert cpu_kernels.add_rms_norm(h, d.t().contiguous().t(), w, 1e-6) is None  # strided: torch
+    assert cpu_kernels.add_rms_norm(h.float(), d.float(), w.float(), 1e-6) is None  # float32: torch's rms_norm
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("src", ["contiguous", "head_view", "transposed"])
 def test_write_rows_equals_index_copy(src, dtype):
@@ -626,13 +639,15 @@ def test_heads_vec_matches_the_per_head_einsums():
     ("deepseek_v2", "mla_token", 3), ("deepseek_v3", "mla_token", 3), ("mixtral", "gqa_token", 3),
     ("qwen2_moe", "gqa_token", 3), ("qwen3_moe", "gqa_token", 3), ("gpt_oss", "gqa_token", 3),
     ("olmoe_unclipped", "gqa_token", 3),
-    ("deepseek_v3", "moe_token", 2), ("mixtral", "moe_token", 3), ("qwen3_moe", "moe_token", 2)])
+    ("deepseek_v3", "moe_token", 2), ("mixtral", "moe_token", 3), ("qwen3_moe", "moe_token", 2),
+    ("deepseek_v3", "add_rms_norm", 6), ("gpt_oss", "add_rms_norm", 6)])
 def test_one_call_layers_equal_the_op_by_op_path(family, kernel, layers, checkpoint, monkeypatch, two_threads,
                                                  tmp_path):
     # batch-1 decode runs a layer's attention as one C call (MLA; GQA with qkv biases, per-head and
     # full q/k norms, sinks and sliding windows, o_proj bias) and its MoE block as another (routed
-    # experts with the shared expert); greedy tokens and log-probs (bf16, two threads) equal the
-    # op-by-op path's in a fresh engine, for prompts of one token, within a block and across blocks
+    # experts with the shared expert), and each residual add with the next norm; greedy tokens and
+    # log-probs (bf16, two threads) equal the op-by-op path's in a fresh engine, for prompts of one
+    # token, within a block and across blocks
     from moe import LLM, SamplingParams
     from tiny_models import make_checkpoint
 

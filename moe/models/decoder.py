@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import cpu_kernels
 from kvcache import Fp8Cache
 from parallel import ParallelLMHead, ShardingConfig, VocabParallelEmbedding
 
@@ -56,11 +57,23 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.dense_intermediate_size, dtype)
 
-    def forward(self, positions_T: torch.Tensor, h_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        h_TD = h_TD + self.self_attn(positions_T, self.input_layernorm(h_TD), ctx)
-        x = self.post_attention_layernorm(h_TD)
+    def forward(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext,
+                next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x_TD`` is ``input_layernorm(h_TD)``; returns the residual stream after the layer and
+        ``next_norm`` of it (the next layer's input norm, or the final norm)."""
+        h_TD, x = _add_norm(h_TD, self.self_attn(positions_T, x_TD, ctx), self.post_attention_layernorm)
         mlp_out = self.mlp(x, ctx) if isinstance(self.mlp, SparseMoE) else self.mlp(x)
-        return h_TD + mlp_out
+        return _add_norm(h_TD, mlp_out, next_norm)
+
+
+def _add_norm(h_TD: torch.Tensor, d_TD: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual ``h + d`` and ``norm`` of it (one C pass for bf16 on CPU)."""
+    if h_TD.device.type == "cpu":
+        out = cpu_kernels.add_rms_norm(h_TD, d_TD, norm.weight, norm.eps)
+        if out is not None:
+            return out
+    h_TD = h_TD + d_TD
+    return h_TD, norm(h_TD)
 
 
 class MoECausalLM(nn.Module):
@@ -76,9 +89,13 @@ class MoECausalLM(nn.Module):
 
     def forward(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         h = self.embed_tokens(input_ids_T)
-        for layer in self.layers:
-            h = layer(positions_T, h, ctx)
-        return self.norm(h)
+        if not self.layers:
+            return self.norm(h)
+        x = self.layers[0].input_layernorm(h)
+        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for layer, next_norm in zip(self.layers, next_norms):
+            h, x = layer(positions_T, h, x, ctx, next_norm)
+        return x
 
     def compute_logits(self, h_ND: torch.Tensor) -> torch.Tensor:
         # contiguous: the few-row GEMM path returns a transposed view, slow for the row-wise ops after
