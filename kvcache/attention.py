@@ -22,7 +22,7 @@ from .reference import gather_kv
 Cache = torch.Tensor | Fp8Cache
 
 
-def _seq_kv(cache: Cache, meta: AttentionMetadata, i: int, clen: int, dtype: torch.dtype) -> torch.Tensor:
+def seq_kv(cache: Cache, meta: AttentionMetadata, i: int, clen: int, dtype: torch.dtype) -> torch.Tensor:
     """``[clen, H_kv, D]`` of sequence ``i`` in ``dtype``: a view when its blocks are contiguous, else a
     gather; an fp8 cache is dequantized block by block."""
     start = meta.contiguous_starts[i] if meta.contiguous_starts else None
@@ -143,8 +143,8 @@ def paged_attention_torch(q_THD: torch.Tensor, k_cache: Cache, v_cache: Cache,
         if sliding_window is not None:
             # keys older than the window of the first query row are never needed
             lo = max(0, clen - qlen - sliding_window + 1)
-        k = _seq_kv(k_cache, meta, i, clen, q_THD.dtype)[lo:]  # [L, Hkv, D]
-        v = k if v_is_k_prefix else _seq_kv(v_cache, meta, i, clen, q_THD.dtype)[lo:]
+        k = seq_kv(k_cache, meta, i, clen, q_THD.dtype)[lo:]  # [L, Hkv, D]
+        v = k if v_is_k_prefix else seq_kv(v_cache, meta, i, clen, q_THD.dtype)[lo:]
         q = q_THD[starts[i]:starts[i] + qlen].transpose(0, 1)  # [H, Q, D]
         group = H // k.shape[1]
         mask = None

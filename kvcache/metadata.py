@@ -80,3 +80,23 @@ class AttentionMetadata:
             block_size=block_size,
             contiguous_starts=tuple(starts),
         )
+
+    def select(self, seqs: list[int]) -> tuple["AttentionMetadata", torch.Tensor]:
+        """The metadata of sequences ``seqs`` alone (in that order) and the indices of their rows
+        among this step's rows."""
+        starts = self.query_start_loc.tolist()
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in seqs]).to(self.slot_mapping.device)
+        qlens = [self.query_lens_list[i] for i in seqs]
+        qsl = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+        qsl[1:] = torch.cumsum(torch.tensor(qlens, dtype=torch.int32), 0)
+        idx = torch.tensor(seqs, device=self.context_lens.device)
+        return AttentionMetadata(
+            query_start_loc=qsl.to(self.query_start_loc.device),
+            context_lens=self.context_lens[idx],
+            block_tables=self.block_tables[idx],
+            slot_mapping=self.slot_mapping[rows],
+            query_lens_list=tuple(qlens),
+            context_lens_list=tuple(self.context_lens_list[i] for i in seqs),
+            block_size=self.block_size,
+            contiguous_starts=tuple(self.contiguous_starts[i] for i in seqs) if self.contiguous_starts else (),
+        ), rows

@@ -46,19 +46,20 @@ def warm_up(model: torch.nn.Module, max_tokens: int, max_seqs: int) -> tuple[int
         seen.add(key)
         return True
 
-    # MLA reads kv_b_proj's weight only through its per-head GEMMs (warmed below), never as a linear
-    per_head_only = {id(m.kv_b_proj) for m in model.modules() if isinstance(m, MLAttention)}
+    # MLA reads kv_b_proj's weight through its per-head GEMMs (warmed below), and as a linear only
+    # to decompress the latents of long prompt chunks (mha_min_query rows or more)
+    decompress_from = {id(m.kv_b_proj): m.mha_min_query for m in model.modules() if isinstance(m, MLAttention)}
     with torch.inference_mode():
         for mod in model.modules():
             if isinstance(mod, (ReplicatedLinear, ColumnParallelLinear, RowParallelLinear)):
-                if id(mod) in per_head_only:
-                    continue
                 w = mod.weight
                 # RowParallelLinear adds its bias after the all-reduce, outside the GEMM
                 b = None if isinstance(mod, RowParallelLinear) else mod.bias
                 if w.device.type != "cpu" or not once(("linear", tuple(w.shape), w.dtype, b is not None)):
                     continue
                 for m in buckets:
+                    if m < decompress_from.get(id(mod), 0):
+                        continue
                     linear(w.new_zeros(m, w.shape[1]), w, b)
                     n += 1
                     if 1 < m <= SMALL_M:  # also as the transposed view a few-row GEMM returns (SwiGLU's output)

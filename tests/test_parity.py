@@ -45,6 +45,10 @@ def hf(path):
 @pytest.fixture(scope="module")
 def hf_greedy(hf):
     """``hf_greedy(prompt, n) -> (tokens, logprobs [n, V])``: transformers' greedy generate, cached."""
+    return _greedy_runner(hf)
+
+
+def _greedy_runner(hf):
     cache: dict = {}
 
     def run(prompt: list[int], n: int):
@@ -149,3 +153,37 @@ def test_prompt_logprobs_of_a_batch_with_chunked_prefill(family, llm_chunked, hf
         assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
         for j in range(1, len(prompt)):
             _check_top_logprobs(out.prompt_logprobs[j], prompt[j], ref[j - 1], 2, f"{family} len {len(prompt)} pos {j}")
+
+
+@pytest.mark.parametrize("mla_family", ["deepseek_v2", "deepseek_v3"])
+def test_mla_long_prompts_in_the_decompressed_form_match_transformers(mla_family, checkpoint, monkeypatch):
+    # prompt chunks of mha_min_query tokens or more attend with per-head K/V decompressed from the
+    # latent cache: lowered here so that the tiny prompts take that path — whole prompts, chunks after
+    # earlier chunks (budget 8: causal with an offset) and the rest of a prompt after a prefix-cache
+    # hit, next to absorbed decode rows
+    import moe.models.mla as mla
+    from transformers import AutoModelForCausalLM
+
+    path = checkpoint(mla_family)
+    monkeypatch.setattr(mla.MLAttention, "mha_min_query", 2)
+    calls = []
+    real = mla.MLAttention._attend_mha
+    monkeypatch.setattr(mla.MLAttention, "_attend_mha", lambda *a: calls.append(1) or real(*a))
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    hit = BATCH_PROMPTS[-1][:16] + BATCH_PROMPTS[1]  # shares 4 blocks with the 30-token prompt
+    greedy = _greedy_runner(hf)
+    for budget in (2048, 8):
+        llm = LLM(str(path), dtype="float32", block_size=4, max_num_batched_tokens=budget)
+        sp = SamplingParams(temperature=0, max_tokens=N_BATCH, logprobs=3, prompt_logprobs=2, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in BATCH_PROMPTS[1:]], sp)
+        for prompt, out in zip(BATCH_PROMPTS[1:], outs):
+            with torch.no_grad():
+                ref = hf(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+            for j in range(1, len(prompt)):
+                _check_top_logprobs(out.prompt_logprobs[j], prompt[j], ref[j - 1], 2, f"{mla_family} {budget} pos {j}")
+        sp = SamplingParams(temperature=0, max_tokens=N_BATCH, logprobs=3, ignore_eos=True)
+        outs.append(llm.generate({"prompt_token_ids": hit}, sp)[0])  # (prompt log-probs would skip the cache)
+        assert llm.engine.block_manager.prefix_hit_tokens == 16
+        for prompt, out in zip(BATCH_PROMPTS[1:] + [hit], outs):
+            _check_against_hf(out, prompt, N_BATCH, greedy, 3, f"{mla_family} budget {budget}")
+    assert calls

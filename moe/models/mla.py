@@ -2,18 +2,22 @@
 
 The cache holds, per token, the normalized latent ``c`` (kv_lora_rank) and the shared rotary
 key ``k_pe`` (qk_rope_head_dim): one "head" of ``kv_lora_rank + rope`` dims instead of full
-K and V for every head. Attention runs in the absorbed form: the per-head key up-projection
-W_UK is folded into the query and the value up-projection W_UV is applied after attention, so
-keys and values are read straight from the latent cache (V is a view of its first
-kv_lora_rank dims).
+K and V for every head. Decode rows and short prompts attend in the absorbed form: the per-head
+key up-projection W_UK is folded into the query and the value up-projection W_UV is applied
+after attention, so keys and values are read straight from the latent cache (V is a view of its
+first kv_lora_rank dims). Long prompt chunks attend in the decompressed form instead (per-head K
+and V from the latents, as the reference implementation computes them): fewer FLOPs per
+query-key pair once the chunk is long enough to pay for decompressing its context.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import cpu_kernels
-from kvcache import paged_attention, write_kv
+from kvcache import AttentionMetadata, paged_attention, seq_kv, write_kv
+from kvcache.attention import KERNEL_MAX_QUERY
 from parallel import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, get_tp_size
 from parallel.layers import padded_rows
 
@@ -62,16 +66,69 @@ class MLAttention(nn.Module):
         c_TC = self.kv_a_layernorm(c_TC)
         q_pe, k_pe = self.rotary(positions_T, q_pe, k_pe.unsqueeze(1))
 
+        # [blocks, block_size, 1, C + rope] and its first C dims (a view) as V
+        cache, v_cache = ctx.kv_caches[self.layer_idx]
+        meta = ctx.meta
+        write_kv(cache, None, torch.cat([c_TC.unsqueeze(1), k_pe], dim=-1), None, meta.slot_mapping)
+        long = [i for i, n in enumerate(meta.query_lens_list) if n >= self.mha_min_query]
+        if not long:
+            o = self._attend_absorbed(q_nope, q_pe, cache, v_cache, meta)
+        else:  # long prompt chunks in the decompressed form, the other sequences absorbed
+            o = q.new_empty(T, H, self.v_dim)
+            starts = meta.query_start_loc.tolist()
+            for i in long:
+                o[starts[i]:starts[i + 1]] = self._attend_mha(q_nope[starts[i]:starts[i + 1]],
+                                                              q_pe[starts[i]:starts[i + 1]], cache, meta, i)
+            short = sorted(set(range(meta.num_seqs)) - set(long))
+            if short:
+                sub, rows = meta.select(short)
+                o[rows] = self._attend_absorbed(q_nope[rows], q_pe[rows], cache, v_cache, sub)
+        return self.o_proj(o.reshape(T, H * self.v_dim))
+
+    @property
+    def mha_min_query(self) -> int:
+        """Prompt chunks of at least this many rows attend in the decompressed form: from there its
+        FLOPs (decompressing the context's latents, C x H(nope + v) per key, then nope + rope dims
+        per head for scores and values) fall below the absorbed form's (C + rope dims for scores
+        and C for values per head, for every query-key pair). 93 rows on the DeepSeek-V3-shaped
+        benchmark model, 186 for DeepSeek-V3's own dims; rows the decode kernel takes stay absorbed."""
+        d = max(self.nope + self.rope_dim, self.v_dim)  # head dims padded to one size (SDPA's flash kernel)
+        saving = 2 * self.kv_lora_rank + self.rope_dim - 2 * d  # per query-key pair and head
+        if saving <= 0:
+            return 1 << 62
+        return max(KERNEL_MAX_QUERY + 1, -(-self.kv_lora_rank * (self.nope + self.v_dim) // saving))
+
+    def _attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache, v_cache,
+                         meta: AttentionMetadata) -> torch.Tensor:
+        """Attention over the latent cache with W_UK folded into the query and W_UV applied after:
+        one KV "head" of C + rope dims read once for all heads (decode rows, short prompts)."""
         w_uk, w_uv = self._absorbed()
         q_lat = _per_head(q_nope, w_uk, "thn,hnc->thc")
         q_full = torch.cat([q_lat, q_pe], dim=-1)  # [T, H, C + rope]
+        o_lat = paged_attention(q_full, cache, v_cache, meta, self.scale)
+        return _per_head(o_lat, w_uv, "thc,hvc->thv")
 
-        # [blocks, block_size, 1, C + rope] and its first C dims (a view) as V
-        cache, v_cache = ctx.kv_caches[self.layer_idx]
-        write_kv(cache, None, torch.cat([c_TC.unsqueeze(1), k_pe], dim=-1), None, ctx.meta.slot_mapping)
-        o_lat = paged_attention(q_full, cache, v_cache, ctx.meta, self.scale)
-        o = _per_head(o_lat, w_uv, "thc,hvc->thv")
-        return self.o_proj(o.reshape(T, H * self.v_dim))
+    def _attend_mha(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache, meta: AttentionMetadata,
+                    i: int) -> torch.Tensor:
+        """Sequence ``i``'s rows (a long prompt chunk) in the decompressed form, as the reference
+        implementation computes it: per-head K and V from its cached latents through kv_b_proj,
+        then causal SDPA with nope + rope dims per head. For a long chunk this costs ~3x fewer
+        FLOPs than the absorbed form's C + rope dims per head (and no per-head GEMMs)."""
+        qlen, L = q_nope.shape[0], meta.context_lens_list[i]
+        H, nope, vd = self.num_heads, self.nope, self.v_dim
+        kv = seq_kv(cache, meta, i, L, q_nope.dtype)[:, 0]  # [L, C + rope]
+        kv_h = self.kv_b_proj(kv[:, : self.kv_lora_rank].contiguous()).view(L, H, nope + vd)
+        k = torch.cat([kv_h[..., :nope], kv[:, None, self.kv_lora_rank:].expand(L, H, self.rope_dim)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        v = kv_h[..., nope:]
+        d = max(q.shape[-1], vd)  # equal head dims take SDPA's flash kernel (zeros change no dot product)
+        q, k, v = (F.pad(t, (0, d - t.shape[-1])) if t.shape[-1] < d else t for t in (q, k, v))
+        mask = None
+        if qlen != L:  # a later chunk (or after a prefix-cache hit): row j sees the first L - qlen + j + 1 keys
+            mask = torch.arange(L, device=q.device)[None] <= torch.arange(L - qlen, L, device=q.device)[:, None]
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                           attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        return o[0].transpose(0, 1)[..., :vd]
 
     @property
     def _one_call(self) -> bool:
