@@ -34,7 +34,8 @@ SCRIPT = Path(__file__).parent / "parallel_scripts" / "generate.py"
 EP4_TP2 = Path(__file__).resolve().parents[1] / "examples" / "sharding" / "ep4-tp2.yaml"
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss")
 
-# mixed lengths, greedy with logprobs, one seeded sampled request
+# mixed lengths, greedy with logprobs, one seeded sampled request; the 50-token prompt is long
+# enough for MLA's decompressed form (the tiny models' mha_min_query is 43)
 REQUESTS = [
     {"prompt_token_ids": [5, 9, 33], "params": dict(temperature=0, max_tokens=8, logprobs=2, ignore_eos=True)},
     {"prompt_token_ids": [7, 100, 3, 200, 17, 18, 19, 20, 21, 22, 23, 11, 12],
@@ -42,6 +43,8 @@ REQUESTS = [
     {"prompt_token_ids": [44], "params": dict(temperature=0.8, seed=7, max_tokens=8, logprobs=1, ignore_eos=True)},
     {"prompt_token_ids": [61, 62, 63, 64, 65, 66, 67], "params": dict(temperature=0, max_tokens=3, logprobs=0,
                                                                          ignore_eos=True)},
+    {"prompt_token_ids": list(range(100, 150)), "params": dict(temperature=0, max_tokens=4, logprobs=2,
+                                                               ignore_eos=True)},
 ]
 
 # data_parallel > 1: an odd number of mixed-length prompts, so the groups get 3 and 2 sequences
