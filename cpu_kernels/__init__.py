@@ -49,7 +49,8 @@ import torch
 log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / "paged_decode.c", _DIR / "elementwise.c", _DIR / "gemv.c", _DIR / "amx.c", _DIR / "fused.c"]
+_SOURCES = [_DIR / "paged_decode.c", _DIR / "elementwise.c", _DIR / "gemv.c", _DIR / "amx.c", _DIR / "fused.c",
+            _DIR / "quant.c"]
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _lock = threading.Lock()
@@ -154,6 +155,12 @@ def _build() -> ctypes.CDLL:
     lib.moe_moe_token.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr,
                                   ctypes.c_int]
     lib.moe_moe_token.restype = ctypes.c_int
+    lib.moe_q8_gemm.argtypes = [ptr, i64, i64, ptr, i64, ctypes.c_int, ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_int,
+                                ctypes.c_int]
+    lib.moe_q8_gemm.restype = ctypes.c_int
+    lib.moe_q8_dequant.argtypes = [ptr, i64, ctypes.c_int, ptr, ptr, i64, i64, i64, i64, i64, ptr, ctypes.c_int,
+                                   ctypes.c_int]
+    lib.moe_q8_dequant.restype = ctypes.c_int
     return lib
 
 
@@ -678,3 +685,51 @@ def gqa_token(x_1D: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | Non
         _gemv_built = False
         return None
     return out
+
+
+Q_INT8, Q_FP8 = 0, 1  # 8-bit weight codes: int8, or fp8 e4m3 bits (value * 2^-8; see quant.c)
+Q8_GEMM_MAX_ROWS = 8
+
+
+def q8_available() -> bool:
+    """Whether :func:`q8_gemm` and :func:`q8_dequant` run here (the library is built)."""
+    return load() is not None
+
+
+def _q8_args(q_NK: torch.Tensor, s_BG: torch.Tensor, b_BG: torch.Tensor | None, gs: int, bn: int) -> tuple:
+    N, K = q_NK.shape
+    G = s_BG.shape[-1]
+    if (q_NK.dtype != torch.int8 or q_NK.stride(-1) != 1 or s_BG.dtype != torch.float32 or not s_BG.is_contiguous()
+            or s_BG.shape != (-(-N // bn), G) or G != -(-K // gs) or (b_BG is not None and (
+                b_BG.shape != s_BG.shape or b_BG.dtype != torch.float32 or not b_BG.is_contiguous()))):
+        raise ValueError(f"8-bit weight layout: codes {tuple(q_NK.shape)} {q_NK.dtype}, scales {tuple(s_BG.shape)} "
+                         f"{s_BG.dtype}, group {gs}, row block {bn}")
+    return (q_NK.data_ptr(), q_NK.stride(0), s_BG.data_ptr(), b_BG.data_ptr() if b_BG is not None else None, G, gs, bn)
+
+
+def q8_gemm(x_MK: torch.Tensor, q_NK: torch.Tensor, fmt: int, s_BG: torch.Tensor, b_BG: torch.Tensor | None,
+            gs: int, bn: int) -> torch.Tensor:
+    """``x @ w.T`` for up to :data:`Q8_GEMM_MAX_ROWS` rows and 8-bit codes ``q`` (``fmt``:
+    :data:`Q_INT8` / :data:`Q_FP8`) with ``w[n, k] = s[n // bn, k // gs] * q[n, k] (+ b[...])``,
+    float32 sums, ``[M, N]`` in x's dtype (float32 or bfloat16). Check :func:`q8_available` first."""
+    M, K = x_MK.shape
+    if not 0 < M <= Q8_GEMM_MAX_ROWS or q_NK.shape[1] != K or x_MK.dtype not in _DTYPES:
+        raise ValueError(f"q8_gemm takes 1-{Q8_GEMM_MAX_ROWS} float32/bfloat16 rows of {q_NK.shape[1]}, "
+                         f"got {tuple(x_MK.shape)} {x_MK.dtype}")
+    args = _q8_args(q_NK, s_BG, b_BG, gs, bn)
+    x = x_MK.float().contiguous()
+    N = q_NK.shape[0]
+    y = torch.empty(M, N, dtype=x_MK.dtype)
+    load().moe_q8_gemm(x.data_ptr(), M, K, args[0], args[1], fmt, *args[2:], N, y.data_ptr(), _DTYPES[x_MK.dtype],
+                       torch.get_num_threads())
+    return y
+
+
+def q8_dequant(q_NK: torch.Tensor, fmt: int, s_BG: torch.Tensor, b_BG: torch.Tensor | None, gs: int, bn: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The weight ``w [N, K]`` of :func:`q8_gemm` in ``dtype`` (float32 or bfloat16), rounded once."""
+    args = _q8_args(q_NK, s_BG, b_BG, gs, bn)
+    N, K = q_NK.shape
+    w = torch.empty(N, K, dtype=dtype)
+    load().moe_q8_dequant(args[0], args[1], fmt, *args[2:], N, K, w.data_ptr(), _DTYPES[dtype], torch.get_num_threads())
+    return w

@@ -5,14 +5,16 @@ built once from the checkpoint layout by :func:`prepare_cpu` (exact repacks, no 
 of the weights). Eager elementwise dequantization costs ~10x a bf16 GEMV on CPU, so every
 format is mapped onto a fused kernel where one exists:
 
-- ``int8``: ``torch._weight_int8pack_mm`` (int8 x per-channel scale) once per K group;
+- ``int8`` and ``fp8_block`` with the C kernels built: :class:`Q8RowWeights` (the codes
+  converted in registers as they stream for a few rows; dequantized once per GEMM for more).
+- ``int8`` otherwise: ``torch._weight_int8pack_mm`` (int8 x per-channel scale) once per K group;
   asymmetric zero points become one small ``[M, G] @ [G, N]`` correction.
 - ``int4``: ``torch._weight_int4pack_mm_for_cpu`` (tinygemm: ``w = (c - 8) * scale + zero`` per
   group), our codes/scales/zero points map onto it directly.
 - ``mxfp4``: FP4 values times 2 are {0, 1, 2, 3, 4, 6, 8, 12} = ``a + 4b`` with ``a, b`` in
   [-3, 3], so the weight is the sum of two int4 tinygemm weights with power-of-two group-32
   scales ``2^(e-1)`` and ``2^(e+1)`` -- exact, at 1 byte per weight (the checkpoint's 0.5).
-- ``fp8_block``: no fast fp8 path on CPU (``.to()`` from fp8 is scalar); the e4m3 bits are moved
+- ``fp8_block`` otherwise: no fast fp8 op in torch on CPU (``.to()`` from fp8 is scalar); the e4m3 bits are moved
   into fp16 bits (exact, = value * 2^-8) a few 128-row blocks at a time and the block scales
   are folded into the activations, then an fp32 batched matmul.
 - anything else (odd shapes): :meth:`WeightFormat.dequantize` per expert, then ``F.linear``.
@@ -28,6 +30,9 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
+
+import cpu_kernels
+from parallel.layers import linear
 
 from .formats import (E8M0_BIAS, MX_BLOCK, Fp8BlockWeights, Int4Weights, Int8Weights, Mxfp4Weights, Packed,
                       WeightFormat, unpack_int4)
@@ -213,9 +218,50 @@ class Fp8BitsWeights(CpuExpertWeights):
         return y.to(x_MK.dtype)
 
 
+class Q8RowWeights(CpuExpertWeights):
+    """8-bit codes in their row-major checkpoint layout for the C kernels of ``cpu_kernels/quant.c``:
+    ``w[n, k] = s[n // bn, k // gs] * q[n, k] (+ b[n // bn, k // gs])``. Up to
+    :data:`cpu_kernels.Q8_GEMM_MAX_ROWS` rows stream the codes once, converted in registers
+    (:func:`cpu_kernels.q8_gemm`: decode reads half the bytes of bf16); more rows dequantize the
+    expert to x's dtype once for a GEMM (:func:`cpu_kernels.q8_dequant`).
+
+    int8: ``q`` the codes (asymmetric uint8 codes stored as ``q - 128``, their offset
+    ``(128 - z) * s`` as ``b``), one scale row per weight row. fp8_block: ``q`` the e4m3 bits, read
+    as value * 2^-8, so ``s`` is ``weight_scale_inv * 2^8`` per (row block, K block).
+    """
+
+    def __init__(self, fmt: WeightFormat, packed: Mapping[str, torch.Tensor]):
+        e, N, K = fmt.logical_shape(packed)
+        super().__init__(e, N, K)
+        if isinstance(fmt, Int8Weights):
+            q = packed["qweight"]
+            if not fmt.symmetric:
+                q = (q.to(torch.int16) - 128).to(torch.int8)
+            self.code, self.gs, self.bn = cpu_kernels.Q_INT8, fmt.group_size, 1
+            self.q_eNK = q.contiguous()
+            self.s_eBG = packed["scales"].float().contiguous()
+            self.b_eBG = None if fmt.symmetric else ((128 - packed["zeros"].float()) * self.s_eBG).contiguous()
+        else:
+            assert isinstance(fmt, Fp8BlockWeights)
+            self.code, self.gs, self.bn = cpu_kernels.Q_FP8, fmt.block_k, fmt.block_n
+            self.q_eNK = packed["weight"].view(torch.int8)
+            self.s_eBG = (packed["weight_scale_inv"].float() * 256.0).contiguous()
+            self.b_eBG = None
+
+    def matmul(self, x_MK: torch.Tensor, e: int) -> torch.Tensor:
+        b = None if self.b_eBG is None else self.b_eBG[e]
+        if x_MK.shape[0] <= cpu_kernels.Q8_GEMM_MAX_ROWS and x_MK.dtype in (torch.float32, torch.bfloat16):
+            return cpu_kernels.q8_gemm(x_MK, self.q_eNK[e], self.code, self.s_eBG[e], b, self.gs, self.bn)
+        dtype = x_MK.dtype if x_MK.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        w = cpu_kernels.q8_dequant(self.q_eNK[e], self.code, self.s_eBG[e], b, self.gs, self.bn, dtype)
+        return linear(x_MK, w.to(x_MK.dtype))
+
+
 def prepare_cpu(fmt: WeightFormat, packed: Mapping[str, torch.Tensor]) -> CpuExpertWeights:
     """The fastest exact CPU compute layout for stacked ``[e, N, K]`` packed weights (see module doc)."""
     N = fmt.logical_shape(packed)[-2]
+    if isinstance(fmt, (Int8Weights, Fp8BlockWeights)) and cpu_kernels.q8_available():
+        return Q8RowWeights(fmt, packed)
     # Private torch ops: fall back to dequantization if a torch build lacks them.
     has_int8mm = hasattr(torch, "_weight_int8pack_mm")
     has_tinygemm = hasattr(torch, "_weight_int4pack_mm_for_cpu") and Int4TinyGemmWeights.supports(N)

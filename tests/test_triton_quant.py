@@ -7,7 +7,7 @@ import torch
 
 from experts.formats import Fp8BlockWeights, Int4Weights, Int8Weights, Mxfp4Weights, WeightFormat
 from experts.grouped import Activation
-from experts.quant_grouped import (DequantWeights, Fp8BitsWeights, Int4TinyGemmWeights, Int8PackWeights,
+from experts.quant_grouped import (DequantWeights, Fp8BitsWeights, Int4TinyGemmWeights, Int8PackWeights, Q8RowWeights,
                                    grouped_swiglu_quant_torch, prepare_cpu)
 from experts.reference import moe_reference
 from experts.triton_quant import fused_moe_quant_triton
@@ -91,12 +91,19 @@ def test_triton_gpt_oss_bias_and_expert_parallel(case):
     assert torch.equal(y[0], torch.zeros(D))
 
 
+@pytest.mark.parametrize("q8_kernels", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=_name)
-def test_torch_path_matches_reference(case, dtype: torch.dtype):
+def test_torch_path_matches_reference(case, dtype: torch.dtype, q8_kernels, monkeypatch):
+    # int8 and fp8 take the C kernels' layout where they are built (up to 8 rows per expert streamed,
+    # more dequantized once: 40 tokens give experts more than 8), torch's ops otherwise
+    import cpu_kernels
+
+    if not q8_kernels:
+        monkeypatch.setattr(cpu_kernels, "q8_available", lambda: False)
     fmt, D, F = case
-    T, E = 11, 5
-    for K, prepared in ((1, False), (2, True)):
+    E = 5
+    for T, K, prepared in ((11, 1, False), (11, 2, True), (40, 2, True)):
         x, w13, w2, weights, ids, _, _ = _make_moe(fmt, T, D, F, E, K, dtype, bias=False, seed=K)
         ref = _reference(fmt, x, w13, w2, weights, ids)
         if prepared:  # the compute layout built once, as an engine would
@@ -105,7 +112,9 @@ def test_torch_path_matches_reference(case, dtype: torch.dtype):
         torch.testing.assert_close(y, ref, **TOL[dtype])
 
 
-def test_torch_path_bias_clamp_and_layout_choice():
+def test_torch_path_bias_clamp_and_layout_choice(monkeypatch):
+    import cpu_kernels
+
     fmt, D, F = Mxfp4Weights(), 64, 96
     x, w13, w2, weights, ids, b13, b2 = _make_moe(fmt, 7, D, F, 4, 2, torch.float32, bias=True, seed=3)
     act = Activation(limit=1.0, alpha=1.702)
@@ -114,13 +123,17 @@ def test_torch_path_bias_clamp_and_layout_choice():
     torch.testing.assert_close(y, ref, **TOL[torch.float32])
     # Which compute layout each format gets; w2 of D=40 rows is no multiple of 16 -> tinygemm can't pack it.
     shapes = {"w13": (3, 144, 40), "w2": (3, 40, 72)}
+    q8 = cpu_kernels.q8_available()  # int8 and fp8 take the C kernels' layout where the library builds
     expected = {
-        Int8Weights(32): (Int8PackWeights, Int8PackWeights),
+        Int8Weights(32): (Q8RowWeights, Q8RowWeights) if q8 else (Int8PackWeights, Int8PackWeights),
         Int4Weights(32): (Int4TinyGemmWeights, DequantWeights),
-        Fp8BlockWeights(): (Fp8BitsWeights, Fp8BitsWeights),
+        Fp8BlockWeights(): (Q8RowWeights, Q8RowWeights) if q8 else (Fp8BitsWeights, Fp8BitsWeights),
     }
     for fmt, classes in expected.items():
         got = tuple(type(prepare_cpu(fmt, fmt.quantize(torch.randn(s)))) for s in shapes.values())
         assert got == classes, fmt.name
+    monkeypatch.setattr(cpu_kernels, "q8_available", lambda: False)
+    assert type(prepare_cpu(Int8Weights(32), Int8Weights(32).quantize(torch.randn(2, 64, 64)))) is Int8PackWeights
+    assert type(prepare_cpu(Fp8BlockWeights(), Fp8BlockWeights().quantize(torch.randn(2, 64, 64)))) is Fp8BitsWeights
     assert isinstance(prepare_cpu(Mxfp4Weights(), Mxfp4Weights().quantize(torch.randn(2, 32, 64))),
                       Int4TinyGemmWeights)

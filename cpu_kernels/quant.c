@@ -1,0 +1,156 @@
+/* Packed 8-bit expert weights on the CPU: int8 with a scale (and optional offset) per group of K,
+ * and fp8 e4m3 with a scale per (row block, K block), as experts.quant_grouped lays them out.
+ *
+ * Decode reads every weight once, so the bytes it saves are the time it saves, but only if the
+ * codes become floats in registers as they stream: moe_q8_gemm multiplies a few rows of x
+ * (decode, verify rows) with the codes converted 16 at a time (int8: sign-extend and convert;
+ * e4m3: its bits moved into fp16 bits, exact, = value * 2^-8, the 2^8 folded into the scales)
+ * and summed in float32 per group, each group's sum scaled once. Longer inputs are
+ * compute-bound: moe_q8_dequant writes the bf16/float32 weight once for a GEMM.
+ *
+ * Weight: codes q [N, K] (row stride ldq bytes), w[n, k] = s[n / bn, g] * q[n, k] + b[n / bn, g]
+ * with g = k / gs (G = ceil(K / gs) groups, scale rows of stride G); b (offsets: asymmetric int8)
+ * may be NULL. fp8: bn = row block, gs = K block, b NULL. */
+#include "simd.h"
+
+enum { Q_INT8 = 0, Q_FP8 = 1 };
+
+#if defined(__AVX512F__)
+/* 16 codes -> 16 floats (the fp8 value times 2^-8): e4m3 sign-extended to 16 bits and shifted
+ * left by 7 has its sign, exponent and mantissa where fp16 keeps them, once bit 14 is cleared */
+static inline __m512 codes16(const int8_t *q, int fmt) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)q);
+    if (fmt == Q_INT8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+    const __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(b), 7), _mm256_set1_epi16((short)0xbfff));
+    return _mm512_cvtph_ps(h);
+}
+
+/* one row of W against M rows of x: per group, U independent sums per x row over K (U chains
+ * of fused multiply-adds keep the FMA units busy at one or two rows), scaled once per group */
+static inline __attribute__((always_inline)) void q8_row(const float *x, int64_t K, const int8_t *qn, int fmt,
+                                                         const float *sn, int64_t G, int64_t gs, const int M,
+                                                         const int U, int64_t ldq, float *out) {
+    __m512 tot[8];
+    for (int m = 0; m < M; m++) tot[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m512 acc[4][8];
+        for (int u = 0; u < U; u++)
+            for (int m = 0; m < M; m++) acc[u][m] = _mm512_setzero_ps();
+        const int64_t k1 = (g + 1) * gs < K ? (g + 1) * gs : K;
+        int64_t k = g * gs;
+        for (; k + 16 * U <= k1; k += 16 * U) {
+            _mm_prefetch((const char *)(qn + k + 4 * ldq), _MM_HINT_T0);
+            for (int u = 0; u < U; u++) {
+                const __m512 w = codes16(qn + k + 16 * u, fmt);
+                for (int m = 0; m < M; m++)
+                    acc[u][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K + k + 16 * u), acc[u][m]);
+            }
+        }
+        for (; k < k1; k += 16) {
+            const __m512 w = codes16(qn + k, fmt);
+            for (int m = 0; m < M; m++) acc[0][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K + k), acc[0][m]);
+        }
+        const __m512 sg = _mm512_set1_ps(sn[g]);
+        for (int m = 0; m < M; m++) {
+            __m512 a = acc[0][m];
+            for (int u = 1; u < U; u++) a = _mm512_add_ps(a, acc[u][m]);
+            tot[m] = _mm512_fmadd_ps(a, sg, tot[m]);
+        }
+    }
+    for (int m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(tot[m]);
+}
+#endif
+
+static inline float code1(int8_t c, int fmt) {
+    if (fmt == Q_INT8) return (float)c;
+    const uint8_t u = (uint8_t)c;
+    const uint32_t e = (u >> 3) & 0xf, m = u & 7;
+    const float mag = e ? ldexpf(1.f + m / 8.f, (int)e - 7) : ldexpf(m / 8.f, -6);
+    return ((u & 0x80) ? -mag : mag) / 256.f;
+}
+
+/* y[m, n] = sum_k x[m, k] w[n, k] for M <= 8 rows of float32 x (row stride K); y in ydtype (row
+ * stride N), float32 sums rounded once. K % 16 == 0 and gs % 16 == 0 for the vector path. Rows of
+ * W are split over the threads in contiguous ranges. Returns 0, -1 for M > 8. */
+int moe_q8_gemm(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t ldq, int fmt, const float *s,
+                const float *b, int64_t G, int64_t gs, int64_t bn, int64_t N, void *y, int ydtype, int num_threads) {
+    if (M < 1 || M > 8) return -1;
+    float xs[8 * 64]; /* per row and group: sum of x over the group (offsets); G <= 64 */
+    if (b) {
+        if (G > 64) return -1;
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t g = 0; g < G; g++) {
+                float t = 0.f;
+                for (int64_t k = g * gs; k < K && k < (g + 1) * gs; k++) t += x[m * K + k];
+                xs[m * G + g] = t;
+            }
+    }
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (N * K >= 65536)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *qn = q + n * ldq;
+        const float *sn = s + (n / bn) * G;
+        float out[8];
+#if defined(__AVX512F__)
+        if (K % 16 == 0 && gs % 16 == 0) {
+            switch (M) {
+            case 1: q8_row(x, K, qn, fmt, sn, G, gs, 1, 4, ldq, out); break;
+            case 2: q8_row(x, K, qn, fmt, sn, G, gs, 2, 2, ldq, out); break;
+            case 3: q8_row(x, K, qn, fmt, sn, G, gs, 3, 2, ldq, out); break;
+            case 4: q8_row(x, K, qn, fmt, sn, G, gs, 4, 1, ldq, out); break;
+            case 5: q8_row(x, K, qn, fmt, sn, G, gs, 5, 1, ldq, out); break;
+            case 6: q8_row(x, K, qn, fmt, sn, G, gs, 6, 1, ldq, out); break;
+            case 7: q8_row(x, K, qn, fmt, sn, G, gs, 7, 1, ldq, out); break;
+            default: q8_row(x, K, qn, fmt, sn, G, gs, 8, 1, ldq, out); break;
+            }
+        } else
+#endif
+        {
+            for (int64_t m = 0; m < M; m++) out[m] = 0.f;
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t k1 = (g + 1) * gs < K ? (g + 1) * gs : K;
+                for (int64_t m = 0; m < M; m++) {
+                    float acc = 0.f;
+                    for (int64_t k = g * gs; k < k1; k++) acc += code1(qn[k], fmt) * x[m * K + k];
+                    out[m] += acc * sn[g];
+                }
+            }
+        }
+        for (int64_t m = 0; m < M; m++) {
+            float v = out[m];
+            if (b)
+                for (int64_t g = 0; g < G; g++) v += b[(n / bn) * G + g] * xs[m * G + g];
+            if (ydtype == BF16) ((uint16_t *)y)[m * N + n] = f32_to_bf16(v);
+            else ((float *)y)[m * N + n] = v;
+        }
+    }
+    return 0;
+}
+
+/* The weight itself: out[n, k] = w[n, k] in odtype (row stride K), rounded once. Returns 0. */
+int moe_q8_dequant(const int8_t *q, int64_t ldq, int fmt, const float *s, const float *b, int64_t G, int64_t gs,
+                   int64_t bn, int64_t N, int64_t K, void *out, int odtype, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (N * K >= 65536)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *qn = q + n * ldq;
+        const float *sn = s + (n / bn) * G, *bnr = b ? b + (n / bn) * G : NULL;
+        char *o = (char *)out + (size_t)(n * K) * (odtype == BF16 ? 2 : 4);
+        int64_t k = 0;
+#if defined(__AVX512F__)
+        if (gs % 16 == 0)
+            for (; k + 16 <= K; k += 16) {
+                const int64_t g = k / gs;
+                __m512 w = _mm512_mul_ps(codes16(qn + k, fmt), _mm512_set1_ps(sn[g]));
+                if (bnr) w = _mm512_add_ps(w, _mm512_set1_ps(bnr[g]));
+                store16(o + k * (odtype == BF16 ? 2 : 4), w, odtype);
+            }
+#endif
+        for (; k < K; k++) {
+            const int64_t g = k / gs;
+            float w = code1(qn[k], fmt) * sn[g];
+            if (bnr) w += bnr[g];
+            if (odtype == BF16) ((uint16_t *)o)[k] = f32_to_bf16(w);
+            else ((float *)o)[k] = w;
+        }
+    }
+    return 0;
+}
