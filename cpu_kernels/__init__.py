@@ -161,6 +161,9 @@ def _build() -> ctypes.CDLL:
     lib.moe_q8_dequant.argtypes = [ptr, i64, ctypes.c_int, ptr, ptr, i64, i64, i64, i64, i64, ptr, ctypes.c_int,
                                    ctypes.c_int]
     lib.moe_q8_dequant.restype = ctypes.c_int
+    lib.moe_q8_moe_token.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ctypes.c_int, i64, i64, ptr, i64, ptr, ptr, i64,
+                                     i64, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_int]
+    lib.moe_q8_moe_token.restype = ctypes.c_int
     return lib
 
 
@@ -733,3 +736,43 @@ def q8_dequant(q_NK: torch.Tensor, fmt: int, s_BG: torch.Tensor, b_BG: torch.Ten
     w = torch.empty(N, K, dtype=dtype)
     load().moe_q8_dequant(args[0], args[1], fmt, *args[2:], N, K, w.data_ptr(), _DTYPES[dtype], torch.get_num_threads())
     return w
+
+
+def q8_moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor, fmt: int, gs: int, bn: int,
+                 w13: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+                 w2: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+                 shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+    """:func:`moe_token` on 8-bit experts: ``w13``/``w2`` are ``(codes [E, N, K] int8, scales
+    [E, N // bn, G] float32, offsets or None)`` as :func:`q8_gemm` takes them per expert. One C
+    call with the roundings of dispatch -> experts (``q8_gemm``, ``silu_mul``) -> combine. ``[1, D]``
+    bf16, or None when the kernel does not apply."""
+    if x_1D.dtype != torch.bfloat16 or x_1D.dim() != 2 or x_1D.shape[0] != 1 or not x_1D.is_contiguous():
+        return None
+    if load() is None or ids_K.dim() != 1 or not 0 < ids_K.shape[0] <= 64:
+        return None
+    (q13, s13, b13), (q2, s2, b2) = w13, w2
+    E, F2, D = q13.shape
+    F = F2 // 2
+    if q2.shape != (E, D, F) or x_1D.shape[1] != D:
+        return None
+    for q, sc, off in (w13, w2):
+        if not q.is_contiguous() or not sc.is_contiguous() or (off is not None and not off.is_contiguous()):
+            return None
+        _q8_args(q[0], sc[0], None if off is None else off[0], gs, bn)  # the per-expert layout (raises)
+    if shared is not None and (_kernel_dtype(*shared) is None or any(not t.is_contiguous() for t in shared)):
+        return None
+    Fs = shared[1].shape[1] if shared is not None else 0
+    if shared is not None and (shared[0].shape != (2 * Fs, D) or shared[1].shape != (D, Fs)):
+        return None
+    ids = ids_K.to(torch.int64).contiguous()
+    wts = weights_K.to(torch.float32).contiguous()
+    out = torch.empty(1, D, dtype=torch.bfloat16)
+    fs = torch.empty(2 * max(D, F) + D, dtype=torch.float32)
+    hs = torch.empty(3 * max(F, Fs) + 2 * D, dtype=torch.bfloat16)
+    rc = _lib.moe_q8_moe_token(
+        x_1D.data_ptr(), D, F, ids.shape[0], ids.data_ptr(), wts.data_ptr(), E, fmt, gs, bn,
+        q13.data_ptr(), q13.stride(0), s13.data_ptr(), b13.data_ptr() if b13 is not None else None, s13.stride(0),
+        s13.shape[-1], q2.data_ptr(), q2.stride(0), s2.data_ptr(), b2.data_ptr() if b2 is not None else None,
+        s2.stride(0), s2.shape[-1], shared[0].data_ptr() if shared else None, shared[1].data_ptr() if shared else None,
+        Fs, out.data_ptr(), fs.data_ptr(), hs.data_ptr(), torch.get_num_threads())
+    return out if rc == 0 else None

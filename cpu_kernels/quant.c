@@ -154,3 +154,64 @@ int moe_q8_dequant(const int8_t *q, int64_t ldq, int fmt, const float *s, const 
     }
     return 0;
 }
+
+int moe_silu_mul(const void *gate, const void *up, void *out, int dtype, int64_t A, int64_t B, int64_t C,
+                 int64_t g_sa, int64_t g_sb, int64_t u_sa, int64_t u_sb, int64_t o_sa, int64_t o_sb,
+                 int num_threads);
+int moe_expert_token(const uint16_t *x, int64_t D, int64_t F, int n, const uint16_t *const *w13s,
+                     const uint16_t *const *w2s, const float *weights, uint16_t *out, uint16_t *h, float *acc,
+                     int num_threads);
+
+/* A token's MoE layer at batch 1 on 8-bit experts (experts.quant_layer.QuantGroupedExperts): as
+ * moe_moe_token in gemv.c, each expert through moe_q8_gemm (h = W13 x rounded to bf16, silu(gate) *
+ * up as moe_silu_mul, y = W2 a rounded to bf16), with the roundings of dispatch -> experts ->
+ * combine: routing weights rounded to bf16, products rounded, one bf16 addition for two experts
+ * and a float32 sum rounded once for more, ascending expert ids. Codes of expert e at q13 + e * eq13
+ * ([2F, D] rows) and q2 + e * eq2 ([D, F]); scales (offsets) at s13 + e * es13 ([2F / bn, G13]) and
+ * s2 + e * es2. A bf16 shared expert (sh13, sh2; NULL: none) is added in bf16 after. K <= 64.
+ * scratch: 2 max(D, F) + D float32, 3 max(F, Fs) + 2 D bf16. Returns 0, -2 for an id outside [0, E). */
+int moe_q8_moe_token(const uint16_t *x, int64_t D, int64_t F, int64_t K, const int64_t *ids, const float *wts,
+                     int64_t E, int fmt, int64_t gs, int64_t bn, const int8_t *q13, int64_t eq13, const float *s13,
+                     const float *b13, int64_t es13, int64_t G13, const int8_t *q2, int64_t eq2, const float *s2,
+                     const float *b2, int64_t es2, int64_t G2, const uint16_t *sh13, const uint16_t *sh2, int64_t Fs,
+                     uint16_t *out, float *fscratch, uint16_t *hscratch, int nt) {
+    if (K < 1 || K > 64) return -2;
+    int64_t id[64];
+    float w[64];
+    for (int64_t i = 0; i < K; i++) {
+        if (ids[i] < 0 || ids[i] >= E) return -2;
+        int64_t j = i; /* insertion sort by expert id */
+        for (; j > 0 && id[j - 1] > ids[i]; j--) {
+            id[j] = id[j - 1];
+            w[j] = w[j - 1];
+        }
+        id[j] = ids[i];
+        w[j] = bf16_to_f32(f32_to_bf16(wts[i]));
+    }
+    const int64_t DF = D > F ? D : F, Fm = Fs > F ? Fs : F;
+    float *xf = fscratch, *af = xf + DF, *acc = af + DF;
+    uint16_t *h = hscratch, *a = h + 2 * F, *y = h + 3 * Fm, *sh = y + D;
+    for (int64_t i = 0; i < D; i++) xf[i] = bf16_to_f32(x[i]);
+    for (int64_t i = 0; i < K; i++) {
+        const int64_t e = id[i];
+        moe_q8_gemm(xf, 1, D, q13 + e * eq13, D, fmt, s13 + e * es13, b13 ? b13 + e * es13 : NULL, G13, gs, bn, 2 * F,
+                    h, BF16, nt);
+        moe_silu_mul(h, h + F, a, BF16, 1, 1, F, 0, 0, 0, 0, 0, 0, 1);
+        for (int64_t k = 0; k < F; k++) af[k] = bf16_to_f32(a[k]);
+        moe_q8_gemm(af, 1, F, q2 + e * eq2, F, fmt, s2 + e * es2, b2 ? b2 + e * es2 : NULL, G2, gs, bn, D, y, BF16,
+                    nt);
+        for (int64_t d = 0; d < D; d++) {
+            const float v = bf16_to_f32(f32_to_bf16(bf16_to_f32(y[d]) * w[i]));
+            if (i == 0) acc[d] = v;
+            else if (K == 2) acc[d] = bf16_to_f32(f32_to_bf16(acc[d] + v));
+            else acc[d] += v;
+        }
+    }
+    for (int64_t d = 0; d < D; d++) out[d] = f32_to_bf16(acc[d]);
+    if (sh13) {
+        const float one = 1.f;
+        if (moe_expert_token(x, D, Fs, 1, &sh13, &sh2, &one, sh, h, acc, nt) != 0) return -1;
+        for (int64_t d = 0; d < D; d++) out[d] = f32_to_bf16(bf16_to_f32(out[d]) + bf16_to_f32(sh[d]));
+    }
+    return 0;
+}

@@ -36,8 +36,7 @@ from parallel.layers import linear
 
 from .formats import (E8M0_BIAS, MX_BLOCK, Fp8BlockWeights, Int4Weights, Int8Weights, Mxfp4Weights, Packed,
                       WeightFormat, unpack_int4)
-from .grouped import Activation
-from .reference import swiglu
+from .grouped import Activation, fused_swiglu
 
 
 class CpuExpertWeights(ABC):
@@ -248,6 +247,10 @@ class Q8RowWeights(CpuExpertWeights):
             self.s_eBG = (packed["weight_scale_inv"].float() * 256.0).contiguous()
             self.b_eBG = None
 
+    def token_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(codes, scales, offsets)`` stacked over experts, as :func:`cpu_kernels.q8_moe_token` takes them."""
+        return self.q_eNK, self.s_eBG, self.b_eBG
+
     def matmul(self, x_MK: torch.Tensor, e: int) -> torch.Tensor:
         b = None if self.b_eBG is None else self.b_eBG[e]
         if x_MK.shape[0] <= cpu_kernels.Q8_GEMM_MAX_ROWS and x_MK.dtype in (torch.float32, torch.bfloat16):
@@ -304,7 +307,7 @@ def grouped_swiglu_quant_torch(
         h = w13.matmul(x_RD[rows], e)
         if b13_e2F is not None:
             h = h + b13_e2F[e].to(h.dtype)
-        h = swiglu(h, act.limit, act.alpha)
+        h = fused_swiglu(h, act)
         y = w2.matmul(h, e)
         y_RD[rows] = y if b2_eD is None else y + b2_eD[e].to(y.dtype)
         start += n

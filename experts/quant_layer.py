@@ -26,9 +26,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+import cpu_kernels
+
 from .formats import Fp8BlockWeights, TensorSpec, WeightFormat
 from .grouped import Activation, Backend, SlottedExperts, resolve_backend
-from .quant_grouped import CpuExpertWeights, grouped_swiglu_quant_torch, prepare_cpu
+from .quant_grouped import CpuExpertWeights, Q8RowWeights, grouped_swiglu_quant_torch, prepare_cpu
 
 WEIGHTS = ("w13", "w2")
 
@@ -216,6 +218,23 @@ class QuantGroupedExperts(SlottedExperts):
             if role not in ("b13", "b2"):
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)  # the layout holds what it needs
         self._released = True
+
+    def forward_token(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor,
+                      shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One token (decode at batch 1) through its experts in one C call on 8-bit experts (int8,
+        fp8_block) with the arithmetic of dispatch -> :meth:`forward` -> combine, plus a bf16
+        ``shared`` expert's ``(w13, w2)`` added (as :meth:`GroupedExperts.forward_token`). None: not
+        applicable (other formats, biases, clamped SwiGLU, experts elsewhere): dispatch instead."""
+        if (resolve_backend(self.backend, x_1D.device) != "torch" or self.b13 is not None or self.b2 is not None
+                or self.activation != Activation() or self.slot_experts != tuple(range(self.num_experts))):
+            return None
+        if self._cpu is None:
+            self.post_load()
+        w13, w2 = self._cpu
+        if not (isinstance(w13, Q8RowWeights) and isinstance(w2, Q8RowWeights)):
+            return None
+        return cpu_kernels.q8_moe_token(x_1D, ids_K, weights_K, w13.code, w13.gs, w13.bn, w13.token_args(),
+                                        w2.token_args(), shared)
 
     def forward(self, x_RD: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
         backend = resolve_backend(self.backend, x_RD.device)

@@ -396,3 +396,36 @@ def test_cli_flag_errors(checkpoint, tmp_path):
         res = runner.invoke(app, ["quantize", "--model", src, "--out", str(tmp_path / "o"), *args])
         assert res.exit_code == 2 and msg in res.output, res.output
     assert get_format("int4", group_size=64).group_size == 64
+
+
+@pytest.mark.parametrize("fmt", [Int8Weights(32), Int8Weights(64, symmetric=False), Fp8BlockWeights()],
+                         ids=lambda f: f"{f.name}-{getattr(f, 'group_size', 128)}-{getattr(f, 'symmetric', True)}")
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_one_token_in_one_call_equals_dispatch_experts_combine(fmt, k, monkeypatch):
+    # batch-1 decode on 8-bit experts: one C call, bit-identical (bf16) to the dispatcher's path, also
+    # with a bf16 shared expert added as SparseMoE adds it
+    import cpu_kernels
+    from parallel import init_single_process, make_moe_dispatcher
+
+    init_single_process()
+    E, D, F = 6, 128, 256
+    g = torch.Generator().manual_seed(k)
+    layer = QuantGroupedExperts(E, D, F, fmt, dtype=torch.bfloat16)
+    params = dict(layer.named_parameters())
+    for shard, shape in (("gate", (E, F, D)), ("up", (E, F, D)), ("down", (E, D, F))):
+        for t, v in fmt.quantize(torch.randn(*shape, generator=g) / 8).items():
+            layer.weight_loader(params[f"{t}_{'w2' if shard == 'down' else 'w13'}"], v, shard, None)
+    layer.post_load()
+    x = torch.randn(1, D, generator=g).bfloat16()
+    ids = torch.randperm(E, generator=g)[:k].view(1, k)
+    w = torch.softmax(torch.randn(1, k, generator=g), -1)
+    sh13, sh2 = (torch.randn(2 * 96, D, generator=g) / 8).bfloat16(), (torch.randn(D, 96, generator=g) / 8).bfloat16()
+    fast, fast_shared = layer.forward_token(x, ids[0], w[0]), layer.forward_token(x, ids[0], w[0], (sh13, sh2))
+    if not cpu_kernels.q8_available():
+        assert fast is None and fast_shared is None
+        return
+    d = make_moe_dispatcher(E)
+    x_RD, counts, meta = d.dispatch(x, ids, w)
+    ops = d.combine(layer(x_RD, counts), meta)
+    shared = cpu_kernels.expert_token(x[0], [sh13], [sh2], [1.0])  # the shared expert's one-call path
+    assert torch.equal(fast, ops) and torch.equal(fast_shared, ops + shared)
