@@ -161,9 +161,13 @@ def _build() -> ctypes.CDLL:
     lib.moe_q8_dequant.argtypes = [ptr, i64, ctypes.c_int, ptr, ptr, i64, i64, i64, i64, i64, ptr, ctypes.c_int,
                                    ctypes.c_int]
     lib.moe_q8_dequant.restype = ctypes.c_int
-    lib.moe_q8_moe_token.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ctypes.c_int, i64, i64, ptr, i64, ptr, ptr, i64,
-                                     i64, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_int]
-    lib.moe_q8_moe_token.restype = ctypes.c_int
+    lib.moe_q4_gemm.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
+    lib.moe_q4_gemm.restype = ctypes.c_int
+    lib.moe_q4_dequant.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
+    lib.moe_q4_dequant.restype = ctypes.c_int
+    lib.moe_qx_moe_token.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ptr,
+                                     i64, i64, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_int]
+    lib.moe_qx_moe_token.restype = ctypes.c_int
     return lib
 
 
@@ -723,8 +727,9 @@ def q8_gemm(x_MK: torch.Tensor, q_NK: torch.Tensor, fmt: int, s_BG: torch.Tensor
     x = x_MK.float().contiguous()
     N = q_NK.shape[0]
     y = torch.empty(M, N, dtype=x_MK.dtype)
-    load().moe_q8_gemm(x.data_ptr(), M, K, args[0], args[1], fmt, *args[2:], N, y.data_ptr(), _DTYPES[x_MK.dtype],
-                       torch.get_num_threads())
+    if load().moe_q8_gemm(x.data_ptr(), M, K, args[0], args[1], fmt, *args[2:], N, y.data_ptr(), _DTYPES[x_MK.dtype],
+                          torch.get_num_threads()) != 0:
+        raise MemoryError("q8_gemm: no memory for its scratch")
     return y
 
 
@@ -738,27 +743,75 @@ def q8_dequant(q_NK: torch.Tensor, fmt: int, s_BG: torch.Tensor, b_BG: torch.Ten
     return w
 
 
-def q8_moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor, fmt: int, gs: int, bn: int,
-                 w13: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-                 w2: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-                 shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
-    """:func:`moe_token` on 8-bit experts: ``w13``/``w2`` are ``(codes [E, N, K] int8, scales
-    [E, N // bn, G] float32, offsets or None)`` as :func:`q8_gemm` takes them per expert. One C
-    call with the roundings of dispatch -> experts (``q8_gemm``, ``silu_mul``) -> combine. ``[1, D]``
-    bf16, or None when the kernel does not apply."""
+def _q4_args(q_NK2: torch.Tensor, lut: torch.Tensor, s_NG: torch.Tensor, b_NG: torch.Tensor | None, gs: int) -> tuple:
+    N, K2 = q_NK2.shape
+    G = s_NG.shape[-1]
+    if (q_NK2.dtype != torch.uint8 or q_NK2.stride(-1) != 1 or lut.shape != (16,) or lut.dtype != torch.float32
+            or not lut.is_contiguous() or s_NG.dtype != torch.float32 or not s_NG.is_contiguous()
+            or s_NG.shape != (N, G) or G != -(-2 * K2 // gs) or (b_NG is not None and (
+                b_NG.shape != s_NG.shape or b_NG.dtype != torch.float32 or not b_NG.is_contiguous()))):
+        raise ValueError(f"4-bit weight layout: codes {tuple(q_NK2.shape)} {q_NK2.dtype}, scales {tuple(s_NG.shape)} "
+                         f"{s_NG.dtype}, group {gs}")
+    return q_NK2.data_ptr(), q_NK2.stride(0), lut.data_ptr(), s_NG.data_ptr(), \
+        b_NG.data_ptr() if b_NG is not None else None, G, gs
+
+
+def q4_gemm(x_MK: torch.Tensor, q_NK2: torch.Tensor, lut: torch.Tensor, s_NG: torch.Tensor, b_NG: torch.Tensor | None,
+            gs: int) -> torch.Tensor:
+    """:func:`q8_gemm` for 4-bit codes, two per byte (``q [N, K/2]`` uint8, the low nibble the even
+    column): ``w[n, k] = s[n, k // gs] * lut[code] (+ b[n, k // gs])``, ``lut`` the 16 code values
+    (int4: 0..15 with offsets ``-zero * scale``; MXFP4: the FP4 e2m1 values)."""
+    M, K = x_MK.shape
+    if not 0 < M <= Q8_GEMM_MAX_ROWS or q_NK2.shape[1] * 2 != K or x_MK.dtype not in _DTYPES:
+        raise ValueError(f"q4_gemm takes 1-{Q8_GEMM_MAX_ROWS} float32/bfloat16 rows of {q_NK2.shape[1] * 2}, "
+                         f"got {tuple(x_MK.shape)} {x_MK.dtype}")
+    args = _q4_args(q_NK2, lut, s_NG, b_NG, gs)
+    x = x_MK.float().contiguous()
+    N = q_NK2.shape[0]
+    y = torch.empty(M, N, dtype=x_MK.dtype)
+    if load().moe_q4_gemm(x.data_ptr(), M, K, *args, N, y.data_ptr(), _DTYPES[x_MK.dtype],
+                          torch.get_num_threads()) != 0:
+        raise MemoryError("q4_gemm: no memory for its scratch")
+    return y
+
+
+def q4_dequant(q_NK2: torch.Tensor, lut: torch.Tensor, s_NG: torch.Tensor, b_NG: torch.Tensor | None, gs: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The weight ``w [N, K]`` of :func:`q4_gemm` in ``dtype`` (float32 or bfloat16)."""
+    args = _q4_args(q_NK2, lut, s_NG, b_NG, gs)
+    N, K = q_NK2.shape[0], q_NK2.shape[1] * 2
+    w = torch.empty(N, K, dtype=dtype)
+    load().moe_q4_dequant(*args, N, K, w.data_ptr(), _DTYPES[dtype], torch.get_num_threads())
+    return w
+
+
+def quant_moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor, fmt: int,
+                    lut: torch.Tensor | None, gs: int, bn: int,
+                    w13: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+                    w2: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+                    shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+    """:func:`moe_token` on packed experts: ``w13``/``w2`` are ``(codes, scales, offsets or None)``
+    stacked over experts, as :func:`q8_gemm` (``lut`` None; codes ``[E, N, K]`` int8) or
+    :func:`q4_gemm` (codes ``[E, N, K/2]`` uint8) take them per expert. One C call with the
+    roundings of dispatch -> experts (the GEMV, ``silu_mul``) -> combine. ``[1, D]`` bf16, or None
+    when the kernel does not apply."""
     if x_1D.dtype != torch.bfloat16 or x_1D.dim() != 2 or x_1D.shape[0] != 1 or not x_1D.is_contiguous():
         return None
     if load() is None or ids_K.dim() != 1 or not 0 < ids_K.shape[0] <= 64:
         return None
     (q13, s13, b13), (q2, s2, b2) = w13, w2
-    E, F2, D = q13.shape
+    pack = 2 if lut is not None else 1
+    E, F2, D = q13.shape[0], q13.shape[1], q13.shape[2] * pack
     F = F2 // 2
-    if q2.shape != (E, D, F) or x_1D.shape[1] != D:
+    if q2.shape != (E, D, F // pack) or x_1D.shape[1] != D:
         return None
     for q, sc, off in (w13, w2):
         if not q.is_contiguous() or not sc.is_contiguous() or (off is not None and not off.is_contiguous()):
             return None
-        _q8_args(q[0], sc[0], None if off is None else off[0], gs, bn)  # the per-expert layout (raises)
+        if lut is None:  # the per-expert layout (raises when it does not fit)
+            _q8_args(q[0], sc[0], None if off is None else off[0], gs, bn)
+        else:
+            _q4_args(q[0], lut, sc[0], None if off is None else off[0], gs)
     if shared is not None and (_kernel_dtype(*shared) is None or any(not t.is_contiguous() for t in shared)):
         return None
     Fs = shared[1].shape[1] if shared is not None else 0
@@ -769,8 +822,9 @@ def q8_moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tenso
     out = torch.empty(1, D, dtype=torch.bfloat16)
     fs = torch.empty(2 * max(D, F) + D, dtype=torch.float32)
     hs = torch.empty(3 * max(F, Fs) + 2 * D, dtype=torch.bfloat16)
-    rc = _lib.moe_q8_moe_token(
-        x_1D.data_ptr(), D, F, ids.shape[0], ids.data_ptr(), wts.data_ptr(), E, fmt, gs, bn,
+    rc = _lib.moe_qx_moe_token(
+        x_1D.data_ptr(), D, F, ids.shape[0], ids.data_ptr(), wts.data_ptr(), E, fmt,
+        lut.data_ptr() if lut is not None else None, gs, bn,
         q13.data_ptr(), q13.stride(0), s13.data_ptr(), b13.data_ptr() if b13 is not None else None, s13.stride(0),
         s13.shape[-1], q2.data_ptr(), q2.stride(0), s2.data_ptr(), b2.data_ptr() if b2 is not None else None,
         s2.stride(0), s2.shape[-1], shared[0].data_ptr() if shared else None, shared[1].data_ptr() if shared else None,

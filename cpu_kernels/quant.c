@@ -25,41 +25,61 @@ static inline __m512 codes16(const int8_t *q, int fmt) {
     return _mm512_cvtph_ps(h);
 }
 
-/* one row of W against M rows of x: per group, U independent sums per x row over K (U chains
- * of fused multiply-adds keep the FMA units busy at one or two rows), scaled once per group */
+/* one row of W against M rows of x: each code times its group's scale, then U chains of fused
+ * multiply-adds per x row (enough independent sums to keep the FMA units busy at one or two rows);
+ * no per-group reduction, so small groups cost no more than large ones */
 static inline __attribute__((always_inline)) void q8_row(const float *x, int64_t K, const int8_t *qn, int fmt,
                                                          const float *sn, int64_t G, int64_t gs, const int M,
                                                          const int U, int64_t ldq, float *out) {
-    __m512 tot[8];
-    for (int m = 0; m < M; m++) tot[m] = _mm512_setzero_ps();
+    __m512 acc[4][8];
+    for (int u = 0; u < U; u++)
+        for (int m = 0; m < M; m++) acc[u][m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
-        __m512 acc[4][8];
-        for (int u = 0; u < U; u++)
-            for (int m = 0; m < M; m++) acc[u][m] = _mm512_setzero_ps();
+        const __m512 sg = _mm512_set1_ps(sn[g]);
         const int64_t k1 = (g + 1) * gs < K ? (g + 1) * gs : K;
         int64_t k = g * gs;
         for (; k + 16 * U <= k1; k += 16 * U) {
             _mm_prefetch((const char *)(qn + k + 4 * ldq), _MM_HINT_T0);
             for (int u = 0; u < U; u++) {
-                const __m512 w = codes16(qn + k + 16 * u, fmt);
+                const __m512 w = _mm512_mul_ps(codes16(qn + k + 16 * u, fmt), sg);
                 for (int m = 0; m < M; m++)
                     acc[u][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K + k + 16 * u), acc[u][m]);
             }
         }
         for (; k < k1; k += 16) {
-            const __m512 w = codes16(qn + k, fmt);
+            const __m512 w = _mm512_mul_ps(codes16(qn + k, fmt), sg);
             for (int m = 0; m < M; m++) acc[0][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K + k), acc[0][m]);
         }
-        const __m512 sg = _mm512_set1_ps(sn[g]);
-        for (int m = 0; m < M; m++) {
-            __m512 a = acc[0][m];
-            for (int u = 1; u < U; u++) a = _mm512_add_ps(a, acc[u][m]);
-            tot[m] = _mm512_fmadd_ps(a, sg, tot[m]);
-        }
     }
-    for (int m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(tot[m]);
+    for (int m = 0; m < M; m++) {
+        __m512 a = acc[0][m];
+        for (int u = 1; u < U; u++) a = _mm512_add_ps(a, acc[u][m]);
+        out[m] = _mm512_reduce_add_ps(a);
+    }
+}
+
+/* sum_g b[g] * xs[g] (a row's offsets against one x row's group sums) */
+static inline float dot_groups(const float *b, const float *xs, int64_t G) {
+    __m512 a = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 16 <= G; g += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(b + g), _mm512_loadu_ps(xs + g), a);
+    if (g < G) {
+        const __mmask16 m = (__mmask16)((1u << (G - g)) - 1);
+        a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, b + g), _mm512_maskz_loadu_ps(m, xs + g), a);
+    }
+    return _mm512_reduce_add_ps(a);
 }
 #endif
+
+static inline float offsets(const float *b, const float *xs, int64_t G) {
+#if defined(__AVX512F__)
+    return dot_groups(b, xs, G);
+#else
+    float v = 0.f;
+    for (int64_t g = 0; g < G; g++) v += b[g] * xs[g];
+    return v;
+#endif
+}
 
 static inline float code1(int8_t c, int fmt) {
     if (fmt == Q_INT8) return (float)c;
@@ -75,9 +95,10 @@ static inline float code1(int8_t c, int fmt) {
 int moe_q8_gemm(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t ldq, int fmt, const float *s,
                 const float *b, int64_t G, int64_t gs, int64_t bn, int64_t N, void *y, int ydtype, int num_threads) {
     if (M < 1 || M > 8) return -1;
-    float xs[8 * 64]; /* per row and group: sum of x over the group (offsets); G <= 64 */
+    float *xs = NULL; /* per row and group: sum of x over the group (offsets) */
     if (b) {
-        if (G > 64) return -1;
+        xs = malloc(sizeof(float) * (size_t)(M * G));
+        if (!xs) return -1;
         for (int64_t m = 0; m < M; m++)
             for (int64_t g = 0; g < G; g++) {
                 float t = 0.f;
@@ -117,12 +138,12 @@ int moe_q8_gemm(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t l
         }
         for (int64_t m = 0; m < M; m++) {
             float v = out[m];
-            if (b)
-                for (int64_t g = 0; g < G; g++) v += b[(n / bn) * G + g] * xs[m * G + g];
+            if (b) v += offsets(b + (n / bn) * G, xs + m * G, G);
             if (ydtype == BF16) ((uint16_t *)y)[m * N + n] = f32_to_bf16(v);
             else ((float *)y)[m * N + n] = v;
         }
     }
+    free(xs);
     return 0;
 }
 
@@ -155,6 +176,151 @@ int moe_q8_dequant(const int8_t *q, int64_t ldq, int fmt, const float *s, const 
     return 0;
 }
 
+/* 4-bit codes, two per byte (the low nibble the even column), their values from a 16-entry table:
+ * int4 (value = code, offsets b = -zero * scale) and MXFP4 (value = FP4 e2m1, scale 2^e per 32).
+ * q [N, K/2] bytes (row stride ldq), w[n, k] = s[n, g] * lut[code] (+ b[n, g]), g = k / gs. */
+#if defined(__AVX512F__)
+/* U steps of 32 weights in flight per x row; the even and odd columns of x (xe, xo: K/2 each per
+ * row) meet the low and high nibbles, so no shuffle of the codes is needed */
+static inline __attribute__((always_inline)) void q4_row(const float *xe, const float *xo, int64_t K2,
+                                                         const uint8_t *qn, __m512 lut, const float *sn, int64_t G,
+                                                         int64_t gs2, const int M, const int U, int64_t ldq,
+                                                         float *out) {
+    const __m128i low = _mm_set1_epi8(0x0f);
+    __m512 acc[4][8];
+    for (int u = 0; u < 2 * U; u++)
+        for (int m = 0; m < M; m++) acc[u][m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        const __m512 sg = _mm512_set1_ps(sn[g]);
+        const int64_t k1 = (g + 1) * gs2 < K2 ? (g + 1) * gs2 : K2;
+        for (int64_t k = g * gs2; k < k1; k += 16 * U) {
+            _mm_prefetch((const char *)(qn + k + 4 * ldq), _MM_HINT_T0);
+            for (int u = 0; u < U && k + 16 * u < k1; u++) {
+                const __m128i b = _mm_loadu_si128((const __m128i *)(qn + k + 16 * u));
+                const __m512 wl = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low)), lut), sg);
+                const __m512 wh = _mm512_mul_ps(
+                    _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)), lut), sg);
+                for (int m = 0; m < M; m++) {
+                    acc[2 * u][m] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(xe + m * K2 + k + 16 * u), acc[2 * u][m]);
+                    acc[2 * u + 1][m] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xo + m * K2 + k + 16 * u), acc[2 * u + 1][m]);
+                }
+            }
+        }
+    }
+    for (int m = 0; m < M; m++) {
+        __m512 a = acc[0][m];
+        for (int u = 1; u < 2 * U; u++) a = _mm512_add_ps(a, acc[u][m]);
+        out[m] = _mm512_reduce_add_ps(a);
+    }
+}
+#endif
+
+/* y[m, n] = sum_k x[m, k] w[n, k] for M <= 8 float32 rows of x (row stride K), 4-bit w; y in ydtype
+ * (row stride N), float32 sums rounded once. Vector path: K % 32 == 0 and gs % 32 == 0. Returns 0,
+ * -1 for M > 8 (or no memory). */
+int moe_q4_gemm(const float *x, int64_t M, int64_t K, const uint8_t *q, int64_t ldq, const float *lut,
+                const float *s, const float *b, int64_t G, int64_t gs, int64_t N, void *y, int ydtype,
+                int num_threads) {
+    if (M < 1 || M > 8) return -1;
+    const int64_t K2 = K / 2;
+    float *xeo = malloc(sizeof(float) * (size_t)(M * (K + G))); /* even columns, odd columns, group sums */
+    if (!xeo) return -1;
+    float *xe = xeo, *xo = xeo + M * K2, *xs = xeo + M * K;
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t i = 0; i < K2; i++) {
+            xe[m * K2 + i] = x[m * K + 2 * i];
+            xo[m * K2 + i] = x[m * K + 2 * i + 1];
+        }
+        for (int64_t g = 0; b && g < G; g++) {
+            float t = 0.f;
+            for (int64_t k = g * gs; k < K && k < (g + 1) * gs; k++) t += x[m * K + k];
+            xs[m * G + g] = t;
+        }
+    }
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (N * K >= 131072)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *qn = q + n * ldq;
+        const float *sn = s + n * G;
+        float out[8];
+#if defined(__AVX512F__)
+        if (K % 32 == 0 && gs % 32 == 0) {
+            const __m512 lv = _mm512_loadu_ps(lut);
+            switch (M) {
+            case 1: q4_row(xe, xo, K2, qn, lv, sn, G, gs / 2, 1, 2, ldq, out); break;
+            case 2: q4_row(xe, xo, K2, qn, lv, sn, G, gs / 2, 2, 1, ldq, out); break;
+            case 3: q4_row(xe, xo, K2, qn, lv, sn, G, gs / 2, 3, 1, ldq, out); break;
+            case 4: q4_row(xe, xo, K2, qn, lv, sn, G, gs / 2, 4, 1, ldq, out); break;
+            case 5: q4_row(xe, xo, K2, qn, lv, sn, G, gs / 2, 5, 1, ldq, out); break;
+            case 6: q4_row(xe, xo, K2, qn, lv, sn, G, gs / 2, 6, 1, ldq, out); break;
+            case 7: q4_row(xe, xo, K2, qn, lv, sn, G, gs / 2, 7, 1, ldq, out); break;
+            default: q4_row(xe, xo, K2, qn, lv, sn, G, gs / 2, 8, 1, ldq, out); break;
+            }
+        } else
+#endif
+        {
+            for (int64_t m = 0; m < M; m++) out[m] = 0.f;
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t k1 = (g + 1) * gs < K ? (g + 1) * gs : K;
+                for (int64_t m = 0; m < M; m++) {
+                    float acc = 0.f;
+                    for (int64_t k = g * gs; k < k1; k++)
+                        acc += lut[(qn[k / 2] >> (4 * (k & 1))) & 15] * x[m * K + k];
+                    out[m] += acc * sn[g];
+                }
+            }
+        }
+        for (int64_t m = 0; m < M; m++) {
+            float v = out[m];
+            if (b) v += offsets(b + n * G, xs + m * G, G);
+            if (ydtype == BF16) ((uint16_t *)y)[m * N + n] = f32_to_bf16(v);
+            else ((float *)y)[m * N + n] = v;
+        }
+    }
+    free(xeo);
+    return 0;
+}
+
+/* The 4-bit weight itself: out[n, k] = w[n, k] in odtype (row stride K), rounded once. Returns 0. */
+int moe_q4_dequant(const uint8_t *q, int64_t ldq, const float *lut, const float *s, const float *b, int64_t G,
+                   int64_t gs, int64_t N, int64_t K, void *out, int odtype, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (N * K >= 65536)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *qn = q + n * ldq;
+        const float *sn = s + n * G, *bnr = b ? b + n * G : NULL;
+        char *o = (char *)out + (size_t)(n * K) * (odtype == BF16 ? 2 : 4);
+        const size_t esz = odtype == BF16 ? 2 : 4;
+        int64_t k = 0;
+#if defined(__AVX512F__)
+        if (gs % 32 == 0) {
+            const __m512 lv = _mm512_loadu_ps(lut);
+            const __m128i low = _mm_set1_epi8(0x0f);
+            /* low nibbles are the even columns: interleave them with the high ones */
+            const __m512i i0 = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+            const __m512i i1 = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+            for (; k + 32 <= K; k += 32) {
+                const int64_t g = k / gs;
+                const __m128i bb = _mm_loadu_si128((const __m128i *)(qn + k / 2));
+                const __m512 sg = _mm512_set1_ps(sn[g]), bg = _mm512_set1_ps(bnr ? bnr[g] : 0.f);
+                const __m512 wl = _mm512_add_ps(
+                    _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bb, low)), lv), sg), bg);
+                const __m512 wh = _mm512_add_ps(_mm512_mul_ps(
+                    _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bb, 4), low)), lv), sg), bg);
+                store16(o + k * esz, _mm512_permutex2var_ps(wl, i0, wh), odtype);
+                store16(o + (k + 16) * esz, _mm512_permutex2var_ps(wl, i1, wh), odtype);
+            }
+        }
+#endif
+        for (; k < K; k++) {
+            const int64_t g = k / gs;
+            float w = lut[(qn[k / 2] >> (4 * (k & 1))) & 15] * sn[g];
+            if (bnr) w += bnr[g];
+            if (odtype == BF16) ((uint16_t *)o)[k] = f32_to_bf16(w);
+            else ((float *)o)[k] = w;
+        }
+    }
+    return 0;
+}
+
 int moe_silu_mul(const void *gate, const void *up, void *out, int dtype, int64_t A, int64_t B, int64_t C,
                  int64_t g_sa, int64_t g_sb, int64_t u_sa, int64_t u_sb, int64_t o_sa, int64_t o_sb,
                  int num_threads);
@@ -162,19 +328,27 @@ int moe_expert_token(const uint16_t *x, int64_t D, int64_t F, int n, const uint1
                      const uint16_t *const *w2s, const float *weights, uint16_t *out, uint16_t *h, float *acc,
                      int num_threads);
 
-/* A token's MoE layer at batch 1 on 8-bit experts (experts.quant_layer.QuantGroupedExperts): as
- * moe_moe_token in gemv.c, each expert through moe_q8_gemm (h = W13 x rounded to bf16, silu(gate) *
- * up as moe_silu_mul, y = W2 a rounded to bf16), with the roundings of dispatch -> experts ->
- * combine: routing weights rounded to bf16, products rounded, one bf16 addition for two experts
- * and a float32 sum rounded once for more, ascending expert ids. Codes of expert e at q13 + e * eq13
- * ([2F, D] rows) and q2 + e * eq2 ([D, F]); scales (offsets) at s13 + e * es13 ([2F / bn, G13]) and
- * s2 + e * es2. A bf16 shared expert (sh13, sh2; NULL: none) is added in bf16 after. K <= 64.
- * scratch: 2 max(D, F) + D float32, 3 max(F, Fs) + 2 D bf16. Returns 0, -2 for an id outside [0, E). */
-int moe_q8_moe_token(const uint16_t *x, int64_t D, int64_t F, int64_t K, const int64_t *ids, const float *wts,
-                     int64_t E, int fmt, int64_t gs, int64_t bn, const int8_t *q13, int64_t eq13, const float *s13,
-                     const float *b13, int64_t es13, int64_t G13, const int8_t *q2, int64_t eq2, const float *s2,
-                     const float *b2, int64_t es2, int64_t G2, const uint16_t *sh13, const uint16_t *sh2, int64_t Fs,
-                     uint16_t *out, float *fscratch, uint16_t *hscratch, int nt) {
+/* one x row through an 8-bit (lut NULL) or 4-bit expert weight [N, K] */
+static int qgemv(const float *x, int64_t K, const void *q, int fmt, const float *lut, const float *s, const float *b,
+                 int64_t G, int64_t gs, int64_t bn, int64_t N, uint16_t *y, int nt) {
+    if (lut) return moe_q4_gemm(x, 1, K, q, K / 2, lut, s, b, G, gs, N, y, BF16, nt);
+    return moe_q8_gemm(x, 1, K, q, K, fmt, s, b, G, gs, bn, N, y, BF16, nt);
+}
+
+/* A token's MoE layer at batch 1 on packed experts (experts.quant_layer.QuantGroupedExperts): as
+ * moe_moe_token in gemv.c, each expert through moe_q8_gemm (lut NULL) or moe_q4_gemm (h = W13 x
+ * rounded to bf16, silu(gate) * up as moe_silu_mul, y = W2 a rounded to bf16), with the roundings
+ * of dispatch -> experts -> combine: routing weights rounded to bf16, products rounded, one bf16
+ * addition for two experts and a float32 sum rounded once for more, ascending expert ids. Codes of
+ * expert e at q13 + e * eq13 bytes ([2F, D] rows) and q2 + e * eq2 ([D, F]); scales (offsets) at
+ * s13 + e * es13 ([2F / bn, G13]) and s2 + e * es2. A bf16 shared expert (sh13, sh2; NULL: none)
+ * is added in bf16 after. K <= 64. scratch: 2 max(D, F) + D float32, 3 max(F, Fs) + 2 D bf16.
+ * Returns 0, -2 for an id outside [0, E), -1 when a kernel fails (no memory). */
+int moe_qx_moe_token(const uint16_t *x, int64_t D, int64_t F, int64_t K, const int64_t *ids, const float *wts,
+                     int64_t E, int fmt, const float *lut, int64_t gs, int64_t bn, const char *q13, int64_t eq13,
+                     const float *s13, const float *b13, int64_t es13, int64_t G13, const char *q2, int64_t eq2,
+                     const float *s2, const float *b2, int64_t es2, int64_t G2, const uint16_t *sh13,
+                     const uint16_t *sh2, int64_t Fs, uint16_t *out, float *fscratch, uint16_t *hscratch, int nt) {
     if (K < 1 || K > 64) return -2;
     int64_t id[64];
     float w[64];
@@ -194,12 +368,13 @@ int moe_q8_moe_token(const uint16_t *x, int64_t D, int64_t F, int64_t K, const i
     for (int64_t i = 0; i < D; i++) xf[i] = bf16_to_f32(x[i]);
     for (int64_t i = 0; i < K; i++) {
         const int64_t e = id[i];
-        moe_q8_gemm(xf, 1, D, q13 + e * eq13, D, fmt, s13 + e * es13, b13 ? b13 + e * es13 : NULL, G13, gs, bn, 2 * F,
-                    h, BF16, nt);
+        if (qgemv(xf, D, q13 + e * eq13, fmt, lut, s13 + e * es13, b13 ? b13 + e * es13 : NULL, G13, gs, bn, 2 * F,
+                  h, nt) != 0)
+            return -1;
         moe_silu_mul(h, h + F, a, BF16, 1, 1, F, 0, 0, 0, 0, 0, 0, 1);
         for (int64_t k = 0; k < F; k++) af[k] = bf16_to_f32(a[k]);
-        moe_q8_gemm(af, 1, F, q2 + e * eq2, F, fmt, s2 + e * es2, b2 ? b2 + e * es2 : NULL, G2, gs, bn, D, y, BF16,
-                    nt);
+        if (qgemv(af, F, q2 + e * eq2, fmt, lut, s2 + e * es2, b2 ? b2 + e * es2 : NULL, G2, gs, bn, D, y, nt) != 0)
+            return -1;
         for (int64_t d = 0; d < D; d++) {
             const float v = bf16_to_f32(f32_to_bf16(bf16_to_f32(y[d]) * w[i]));
             if (i == 0) acc[d] = v;

@@ -6,7 +6,9 @@ of the weights). Eager elementwise dequantization costs ~10x a bf16 GEMV on CPU,
 format is mapped onto a fused kernel where one exists:
 
 - ``int8`` and ``fp8_block`` with the C kernels built: :class:`Q8RowWeights` (the codes
-  converted in registers as they stream for a few rows; dequantized once per GEMM for more).
+  converted in registers as they stream for a few rows; dequantized once per GEMM for more);
+  ``int4`` and ``mxfp4`` likewise: :class:`Q4RowWeights` (values from a 16-entry table).
+  The items below are the layouts where the library is not built.
 - ``int8`` otherwise: ``torch._weight_int8pack_mm`` (int8 x per-channel scale) once per K group;
   asymmetric zero points become one small ``[M, G] @ [G, N]`` correction.
 - ``int4``: ``torch._weight_int4pack_mm_for_cpu`` (tinygemm: ``w = (c - 8) * scale + zero`` per
@@ -35,7 +37,7 @@ import cpu_kernels
 from parallel.layers import linear
 
 from .formats import (E8M0_BIAS, MX_BLOCK, Fp8BlockWeights, Int4Weights, Int8Weights, Mxfp4Weights, Packed,
-                      WeightFormat, unpack_int4)
+                      WeightFormat, fp4_lut, unpack_int4)
 from .grouped import Activation, fused_swiglu
 
 
@@ -247,8 +249,13 @@ class Q8RowWeights(CpuExpertWeights):
             self.s_eBG = (packed["weight_scale_inv"].float() * 256.0).contiguous()
             self.b_eBG = None
 
+    @property
+    def kernel(self) -> tuple[int, torch.Tensor | None, int, int]:
+        """``(fmt, lut, gs, bn)`` and :meth:`token_args` (the codes, scales and offsets stacked over
+        experts): what :func:`cpu_kernels.quant_moe_token` takes."""
+        return self.code, None, self.gs, self.bn
+
     def token_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(codes, scales, offsets)`` stacked over experts, as :func:`cpu_kernels.q8_moe_token` takes them."""
         return self.q_eNK, self.s_eBG, self.b_eBG
 
     def matmul(self, x_MK: torch.Tensor, e: int) -> torch.Tensor:
@@ -260,11 +267,65 @@ class Q8RowWeights(CpuExpertWeights):
         return linear(x_MK, w.to(x_MK.dtype))
 
 
+class Q4RowWeights(CpuExpertWeights):
+    """4-bit codes in their row-major checkpoint layout (two per byte, the low nibble the even
+    column) for the C kernels: ``w[n, k] = s[n, g] * lut[code] (+ b[n, g])``, ``g = k // gs``. As
+    :class:`Q8RowWeights`, a few rows stream the codes (:func:`cpu_kernels.q4_gemm`: each byte's
+    nibbles meet the even and odd columns of x, values from a 16-entry table in a register); more
+    rows dequantize the expert once for a GEMM.
+
+    int4: the table is the codes 0..15, the zero point (8 when symmetric) an offset ``-z * s``.
+    mxfp4: the FP4 e2m1 values, ``s = 2^(e - 127)`` per 32 (E8M0), no offset; the blocks
+    ``[N, K/32, 16]`` are the same bytes as ``[N, K/2]``.
+    """
+
+    lut_int4 = torch.arange(16, dtype=torch.float32)
+
+    def __init__(self, fmt: WeightFormat, packed: Mapping[str, torch.Tensor]):
+        e, N, K = fmt.logical_shape(packed)
+        super().__init__(e, N, K)
+        if isinstance(fmt, Int4Weights):
+            self.gs, self.lut = fmt.group_size, self.lut_int4
+            self.q_eNK2 = packed["qweight"].contiguous()
+            self.s_eBG = packed["scales"].float().contiguous()
+            zero = packed["zeros"].float() if not fmt.symmetric else torch.full_like(self.s_eBG, 8.0)
+            self.b_eBG = (-zero * self.s_eBG).contiguous()
+        else:
+            assert isinstance(fmt, Mxfp4Weights)
+            self.gs, self.lut = MX_BLOCK, fp4_lut(dtype=torch.float32)
+            self.q_eNK2 = packed["blocks"].reshape(e, N, K // 2)
+            self.s_eBG = torch.ldexp(torch.ones(packed["scales"].shape), packed["scales"].to(torch.int32) - E8M0_BIAS)
+            self.b_eBG = None
+
+    @staticmethod
+    def supports(K: int) -> bool:
+        return K % 32 == 0  # whole 16-byte loads per row (the kernels' vector path)
+
+    @property
+    def kernel(self) -> tuple[int, torch.Tensor | None, int, int]:
+        """``(fmt, lut, gs, bn)`` and :meth:`token_args`: what :func:`cpu_kernels.quant_moe_token` takes."""
+        return cpu_kernels.Q_INT8, self.lut, self.gs, 1
+
+    def token_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return self.q_eNK2, self.s_eBG, self.b_eBG
+
+    def matmul(self, x_MK: torch.Tensor, e: int) -> torch.Tensor:
+        b = None if self.b_eBG is None else self.b_eBG[e]
+        if x_MK.shape[0] <= cpu_kernels.Q8_GEMM_MAX_ROWS and x_MK.dtype in (torch.float32, torch.bfloat16):
+            return cpu_kernels.q4_gemm(x_MK, self.q_eNK2[e], self.lut, self.s_eBG[e], b, self.gs)
+        dtype = x_MK.dtype if x_MK.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        w = cpu_kernels.q4_dequant(self.q_eNK2[e], self.lut, self.s_eBG[e], b, self.gs, dtype)
+        return linear(x_MK, w.to(x_MK.dtype))
+
+
 def prepare_cpu(fmt: WeightFormat, packed: Mapping[str, torch.Tensor]) -> CpuExpertWeights:
     """The fastest exact CPU compute layout for stacked ``[e, N, K]`` packed weights (see module doc)."""
     N = fmt.logical_shape(packed)[-2]
     if isinstance(fmt, (Int8Weights, Fp8BlockWeights)) and cpu_kernels.q8_available():
         return Q8RowWeights(fmt, packed)
+    if (isinstance(fmt, (Int4Weights, Mxfp4Weights)) and cpu_kernels.q8_available()
+            and Q4RowWeights.supports(fmt.logical_shape(packed)[-1])):
+        return Q4RowWeights(fmt, packed)
     # Private torch ops: fall back to dequantization if a torch build lacks them.
     has_int8mm = hasattr(torch, "_weight_int8pack_mm")
     has_tinygemm = hasattr(torch, "_weight_int4pack_mm_for_cpu") and Int4TinyGemmWeights.supports(N)

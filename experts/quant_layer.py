@@ -30,7 +30,7 @@ import cpu_kernels
 
 from .formats import Fp8BlockWeights, TensorSpec, WeightFormat
 from .grouped import Activation, Backend, SlottedExperts, resolve_backend
-from .quant_grouped import CpuExpertWeights, Q8RowWeights, grouped_swiglu_quant_torch, prepare_cpu
+from .quant_grouped import CpuExpertWeights, Q4RowWeights, Q8RowWeights, grouped_swiglu_quant_torch, prepare_cpu
 
 WEIGHTS = ("w13", "w2")
 
@@ -221,8 +221,8 @@ class QuantGroupedExperts(SlottedExperts):
 
     def forward_token(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor,
                       shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
-        """One token (decode at batch 1) through its experts in one C call on 8-bit experts (int8,
-        fp8_block) with the arithmetic of dispatch -> :meth:`forward` -> combine, plus a bf16
+        """One token (decode at batch 1) through its experts in one C call on the C kernels' layouts
+        (int8, fp8_block, int4, mxfp4) with the arithmetic of dispatch -> :meth:`forward` -> combine, plus a bf16
         ``shared`` expert's ``(w13, w2)`` added (as :meth:`GroupedExperts.forward_token`). None: not
         applicable (other formats, biases, clamped SwiGLU, experts elsewhere): dispatch instead."""
         if (resolve_backend(self.backend, x_1D.device) != "torch" or self.b13 is not None or self.b2 is not None
@@ -231,10 +231,10 @@ class QuantGroupedExperts(SlottedExperts):
         if self._cpu is None:
             self.post_load()
         w13, w2 = self._cpu
-        if not (isinstance(w13, Q8RowWeights) and isinstance(w2, Q8RowWeights)):
+        if type(w13) is not type(w2) or not isinstance(w13, (Q8RowWeights, Q4RowWeights)):
             return None
-        return cpu_kernels.q8_moe_token(x_1D, ids_K, weights_K, w13.code, w13.gs, w13.bn, w13.token_args(),
-                                        w2.token_args(), shared)
+        return cpu_kernels.quant_moe_token(x_1D, ids_K, weights_K, *w13.kernel, w13.token_args(), w2.token_args(),
+                                           shared)
 
     def forward(self, x_RD: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
         backend = resolve_backend(self.backend, x_RD.device)

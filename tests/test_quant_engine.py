@@ -398,11 +398,12 @@ def test_cli_flag_errors(checkpoint, tmp_path):
     assert get_format("int4", group_size=64).group_size == 64
 
 
-@pytest.mark.parametrize("fmt", [Int8Weights(32), Int8Weights(64, symmetric=False), Fp8BlockWeights()],
+@pytest.mark.parametrize("fmt", [Int8Weights(32), Int8Weights(64, symmetric=False), Fp8BlockWeights(), Int4Weights(32),
+                                 Int4Weights(128, symmetric=False), Mxfp4Weights()],
                          ids=lambda f: f"{f.name}-{getattr(f, 'group_size', 128)}-{getattr(f, 'symmetric', True)}")
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_one_token_in_one_call_equals_dispatch_experts_combine(fmt, k, monkeypatch):
-    # batch-1 decode on 8-bit experts: one C call, bit-identical (bf16) to the dispatcher's path, also
+    # batch-1 decode on packed experts: one C call, bit-identical (bf16) to the dispatcher's path, also
     # with a bf16 shared expert added as SparseMoE adds it
     import cpu_kernels
     from parallel import init_single_process, make_moe_dispatcher

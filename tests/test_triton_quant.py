@@ -7,8 +7,8 @@ import torch
 
 from experts.formats import Fp8BlockWeights, Int4Weights, Int8Weights, Mxfp4Weights, WeightFormat
 from experts.grouped import Activation
-from experts.quant_grouped import (DequantWeights, Fp8BitsWeights, Int4TinyGemmWeights, Int8PackWeights, Q8RowWeights,
-                                   grouped_swiglu_quant_torch, prepare_cpu)
+from experts.quant_grouped import (DequantWeights, Fp8BitsWeights, Int4TinyGemmWeights, Int8PackWeights, Q4RowWeights,
+                                   Q8RowWeights, grouped_swiglu_quant_torch, prepare_cpu)
 from experts.reference import moe_reference
 from experts.triton_quant import fused_moe_quant_triton
 
@@ -22,6 +22,8 @@ CASES = [
     (Int8Weights(64, symmetric=False, scale_dtype=torch.float32), 40, 72),
     (Int4Weights(32), 40, 72),
     (Int4Weights(64, symmetric=False), 40, 72),
+    (Int4Weights(32), 64, 96),  # K a multiple of 32: the C kernels' 4-bit layout
+    (Int4Weights(128, symmetric=False), 64, 96),
     (Fp8BlockWeights(32, 32), 40, 72),
     (Mxfp4Weights(), 64, 96),
 ]
@@ -132,6 +134,9 @@ def test_torch_path_bias_clamp_and_layout_choice(monkeypatch):
     for fmt, classes in expected.items():
         got = tuple(type(prepare_cpu(fmt, fmt.quantize(torch.randn(s)))) for s in shapes.values())
         assert got == classes, fmt.name
+    for fmt in (Int4Weights(32), Mxfp4Weights()):  # 4-bit with K a multiple of 32
+        assert type(prepare_cpu(fmt, fmt.quantize(torch.randn(2, 32, 64)))) is (Q4RowWeights if q8 else
+                                                                                 Int4TinyGemmWeights), fmt.name
     monkeypatch.setattr(cpu_kernels, "q8_available", lambda: False)
     assert type(prepare_cpu(Int8Weights(32), Int8Weights(32).quantize(torch.randn(2, 64, 64)))) is Int8PackWeights
     assert type(prepare_cpu(Fp8BlockWeights(), Fp8BlockWeights().quantize(torch.randn(2, 64, 64)))) is Fp8BitsWeights
