@@ -85,7 +85,7 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("no C compiler found (set $CC, or install gcc)")
     omp = _openmp_runtime()
     flags = _FLAGS + (["-fopenmp"] if omp else [])
-    blob = b"".join(p.read_bytes() for p in [*_SOURCES, _DIR / "simd.h"])
+    blob = b"".join(p.read_bytes() for p in [*_SOURCES, _DIR / "simd.h", _DIR / "kernels.h"])
     key = hashlib.sha256(blob + " ".join([cc, *flags, omp or ""]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MOE_KERNEL_CACHE", Path.home() / ".cache" / "moe" / "kernels"))
     lib_path = cache / f"moe_cpu-{key}.so"

@@ -3,23 +3,7 @@
  * and a ctypes call) add ~150 us per layer. These functions call the same kernels in the same
  * order with the same roundings (moe_gemv_bf16, moe_rms_norm, moe_rope, moe_heads_vec,
  * moe_paged_decode), so their results are bit-identical to the op-by-op path they replace. */
-#include "simd.h"
-
-int moe_gemv_bf16(const uint16_t *w, int64_t N, int64_t K, int64_t ldw, const uint16_t *x, const uint16_t *bias,
-                  uint16_t *y, int num_threads);
-int moe_rms_norm(const void *x, const void *w, void *out, int dtype, int64_t R, int64_t D, int64_t sx, int64_t so,
-                 float eps, int num_threads);
-int moe_rope(void *x, int dtype, int64_t T, int64_t H, int64_t D, int64_t st, int64_t sh, const int64_t *pos,
-             const float *cos_tab, const float *sin_tab, int interleaved, int num_threads);
-int moe_heads_vec(const uint16_t *x, int64_t sxh, const uint16_t *w, int64_t swh, int64_t swr, int64_t N, int64_t K,
-                  int64_t H, int rows_n, uint16_t *y, int64_t syh, int num_threads);
-int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, int dtype,
-                     int64_t B, int64_t H, int64_t Hkv, int64_t Dk, int64_t Dv,
-                     int64_t k_sblock, int64_t k_sslot, int64_t k_shead,
-                     int64_t v_sblock, int64_t v_sslot, int64_t v_shead,
-                     int64_t block_size, const int32_t *block_tables, int64_t max_blocks,
-                     const int32_t *context_lens, const int32_t *query_start, int64_t window, const float *sinks,
-                     float scale, int num_threads);
+#include "kernels.h"
 
 /* DeepSeek's multi-head latent attention for one decode token (moe.models.mla.MLAttention.forward
  * at T = 1, bf16, no biases, one tensor-parallel rank):

@@ -6,7 +6,7 @@
  * contiguous ranges (each thread reads one long run of memory); four rows share each load of x;
  * vdpbf16ps multiplies bf16 pairs and sums them in float32. Built only where the compiler
  * targets AVX512-BF16 (moe_gemv_bf16 returns -1 elsewhere: the caller keeps torch's mv). */
-#include "simd.h"
+#include "kernels.h"
 
 #if defined(__AVX512BF16__)
 #ifndef PF
@@ -106,10 +106,6 @@ int moe_heads_vec(const uint16_t *x, int64_t sxh, const uint16_t *w, int64_t swh
 #endif
 }
 
-int moe_silu_mul(const void *gate, const void *up, void *out, int dtype, int64_t A, int64_t B, int64_t C,
-                 int64_t g_sa, int64_t g_sb, int64_t u_sa, int64_t u_sb, int64_t o_sa, int64_t o_sb,
-                 int num_threads);
-
 /* One token through n routed experts (decode at batch 1), with the roundings of the op-by-op path
  * (experts.grouped.GroupedExperts.forward_token): per expert h = W13 @ x (bf16), a = silu(gate) * up
  * (moe_silu_mul), y = W2 @ a (bf16), y * weight (bf16); the n results summed as the combine does:
@@ -170,32 +166,17 @@ int moe_moe_token(const uint16_t *x, int64_t D, int64_t F, int64_t K, const int6
                   const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2, const uint16_t *sh13,
                   const uint16_t *sh2, int64_t Fs, uint16_t *out, uint16_t *h, float *acc, int num_threads) {
 #if defined(__AVX512BF16__)
-    if (K < 1 || K > 64) return -2;
     int64_t id[64];
     float w[64];
-    for (int64_t i = 0; i < K; i++) {
-        if (ids[i] < 0 || ids[i] >= E) return -2;
-        int64_t j = i; /* insertion sort by expert id */
-        for (; j > 0 && id[j - 1] > ids[i]; j--) {
-            id[j] = id[j - 1];
-            w[j] = w[j - 1];
-        }
-        id[j] = ids[i];
-        w[j] = bf16_to_f32(f32_to_bf16(wts[i]));
-    }
+    if (sort_experts(ids, wts, K, E, id, w) != 0) return -2;
     const uint16_t *p13[64], *p2[64];
     for (int64_t i = 0; i < K; i++) {
         p13[i] = w13 + id[i] * s13;
         p2[i] = w2 + id[i] * s2;
     }
     const int64_t Fm = sh13 && Fs > F ? Fs : F;
-    uint16_t *routed = h + 3 * Fm;
-    moe_expert_token(x, D, F, (int)K, p13, p2, w, sh13 ? routed : out, h, acc, num_threads);
-    if (sh13) {
-        const float one = 1.f;
-        moe_expert_token(x, D, Fs, 1, &sh13, &sh2, &one, out, h, acc, num_threads);
-        for (int64_t i = 0; i < D; i++) out[i] = f32_to_bf16(bf16_to_f32(routed[i]) + bf16_to_f32(out[i]));
-    }
+    moe_expert_token(x, D, F, (int)K, p13, p2, w, out, h, acc, num_threads);
+    if (sh13) add_shared_expert(x, D, sh13, sh2, Fs, out, h + 3 * Fm, h, acc, num_threads);
     return 0;
 #else
     (void)x; (void)D; (void)F; (void)K; (void)ids; (void)wts; (void)E; (void)w13; (void)s13; (void)w2; (void)s2;

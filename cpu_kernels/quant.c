@@ -11,7 +11,7 @@
  * Weight: codes q [N, K] (row stride ldq bytes), w[n, k] = s[n / bn, g] * q[n, k] + b[n / bn, g]
  * with g = k / gs (G = ceil(K / gs) groups, scale rows of stride G); b (offsets: asymmetric int8)
  * may be NULL. fp8: bn = row block, gs = K block, b NULL. */
-#include "simd.h"
+#include "kernels.h"
 
 enum { Q_INT8 = 0, Q_FP8 = 1 };
 
@@ -321,13 +321,6 @@ int moe_q4_dequant(const uint8_t *q, int64_t ldq, const float *lut, const float 
     return 0;
 }
 
-int moe_silu_mul(const void *gate, const void *up, void *out, int dtype, int64_t A, int64_t B, int64_t C,
-                 int64_t g_sa, int64_t g_sb, int64_t u_sa, int64_t u_sb, int64_t o_sa, int64_t o_sb,
-                 int num_threads);
-int moe_expert_token(const uint16_t *x, int64_t D, int64_t F, int n, const uint16_t *const *w13s,
-                     const uint16_t *const *w2s, const float *weights, uint16_t *out, uint16_t *h, float *acc,
-                     int num_threads);
-
 /* one x row through an 8-bit (lut NULL) or 4-bit expert weight [N, K] */
 static int qgemv(const float *x, int64_t K, const void *q, int fmt, const float *lut, const float *s, const float *b,
                  int64_t G, int64_t gs, int64_t bn, int64_t N, uint16_t *y, int nt) {
@@ -349,19 +342,9 @@ int moe_qx_moe_token(const uint16_t *x, int64_t D, int64_t F, int64_t K, const i
                      const float *s13, const float *b13, int64_t es13, int64_t G13, const char *q2, int64_t eq2,
                      const float *s2, const float *b2, int64_t es2, int64_t G2, const uint16_t *sh13,
                      const uint16_t *sh2, int64_t Fs, uint16_t *out, float *fscratch, uint16_t *hscratch, int nt) {
-    if (K < 1 || K > 64) return -2;
     int64_t id[64];
     float w[64];
-    for (int64_t i = 0; i < K; i++) {
-        if (ids[i] < 0 || ids[i] >= E) return -2;
-        int64_t j = i; /* insertion sort by expert id */
-        for (; j > 0 && id[j - 1] > ids[i]; j--) {
-            id[j] = id[j - 1];
-            w[j] = w[j - 1];
-        }
-        id[j] = ids[i];
-        w[j] = bf16_to_f32(f32_to_bf16(wts[i]));
-    }
+    if (sort_experts(ids, wts, K, E, id, w) != 0) return -2;
     const int64_t DF = D > F ? D : F, Fm = Fs > F ? Fs : F;
     float *xf = fscratch, *af = xf + DF, *acc = af + DF;
     uint16_t *h = hscratch, *a = h + 2 * F, *y = h + 3 * Fm, *sh = y + D;
@@ -383,10 +366,6 @@ int moe_qx_moe_token(const uint16_t *x, int64_t D, int64_t F, int64_t K, const i
         }
     }
     for (int64_t d = 0; d < D; d++) out[d] = f32_to_bf16(acc[d]);
-    if (sh13) {
-        const float one = 1.f;
-        if (moe_expert_token(x, D, Fs, 1, &sh13, &sh2, &one, sh, h, acc, nt) != 0) return -1;
-        for (int64_t d = 0; d < D; d++) out[d] = f32_to_bf16(bf16_to_f32(out[d]) + bf16_to_f32(sh[d]));
-    }
+    if (sh13 && add_shared_expert(x, D, sh13, sh2, Fs, out, sh, h, acc, nt) != 0) return -1;
     return 0;
 }

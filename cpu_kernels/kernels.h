@@ -1,0 +1,55 @@
+/* The kernels one C file calls from another, and what the one-token MoE calls share. */
+#ifndef MOE_CPU_KERNELS_H
+#define MOE_CPU_KERNELS_H
+#include "simd.h"
+
+int moe_gemv_bf16(const uint16_t *w, int64_t N, int64_t K, int64_t ldw, const uint16_t *x, const uint16_t *bias,
+                  uint16_t *y, int num_threads);
+int moe_heads_vec(const uint16_t *x, int64_t sxh, const uint16_t *w, int64_t swh, int64_t swr, int64_t N, int64_t K,
+                  int64_t H, int rows_n, uint16_t *y, int64_t syh, int num_threads);
+int moe_expert_token(const uint16_t *x, int64_t D, int64_t F, int n, const uint16_t *const *w13s,
+                     const uint16_t *const *w2s, const float *weights, uint16_t *out, uint16_t *h, float *acc,
+                     int num_threads);
+int moe_rms_norm(const void *x, const void *w, void *out, int dtype, int64_t R, int64_t D, int64_t sx, int64_t so,
+                 float eps, int num_threads);
+int moe_rope(void *x, int dtype, int64_t T, int64_t H, int64_t D, int64_t st, int64_t sh, const int64_t *pos,
+             const float *cos_tab, const float *sin_tab, int interleaved, int num_threads);
+int moe_silu_mul(const void *gate, const void *up, void *out, int dtype, int64_t A, int64_t B, int64_t C,
+                 int64_t g_sa, int64_t g_sb, int64_t u_sa, int64_t u_sb, int64_t o_sa, int64_t o_sb,
+                 int num_threads);
+int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, int dtype,
+                     int64_t B, int64_t H, int64_t Hkv, int64_t Dk, int64_t Dv,
+                     int64_t k_sblock, int64_t k_sslot, int64_t k_shead,
+                     int64_t v_sblock, int64_t v_sslot, int64_t v_shead,
+                     int64_t block_size, const int32_t *block_tables, int64_t max_blocks,
+                     const int32_t *context_lens, const int32_t *query_start, int64_t window, const float *sinks,
+                     float scale, int num_threads);
+
+/* A token's K <= 64 routed experts in ascending id order with their routing weights rounded to
+ * bf16 (the combine's order and arithmetic). Returns 0, or -2 for an id outside [0, E). */
+static inline int sort_experts(const int64_t *ids, const float *wts, int64_t K, int64_t E, int64_t *id, float *w) {
+    if (K < 1 || K > 64) return -2;
+    for (int64_t i = 0; i < K; i++) {
+        if (ids[i] < 0 || ids[i] >= E) return -2;
+        int64_t j = i; /* insertion sort */
+        for (; j > 0 && id[j - 1] > ids[i]; j--) {
+            id[j] = id[j - 1];
+            w[j] = w[j - 1];
+        }
+        id[j] = ids[i];
+        w[j] = bf16_to_f32(f32_to_bf16(wts[i]));
+    }
+    return 0;
+}
+
+/* out += a bf16 shared expert's output (sh13 [2 Fs, D], sh2 [D, Fs]), one bf16 addition, as the MoE
+ * block adds it; tmp: D bf16, h: 3 Fs bf16, acc: D float32. Returns 0 or the kernel's error. */
+static inline int add_shared_expert(const uint16_t *x, int64_t D, const uint16_t *sh13, const uint16_t *sh2,
+                                    int64_t Fs, uint16_t *out, uint16_t *tmp, uint16_t *h, float *acc, int nt) {
+    const float one = 1.f;
+    const int rc = moe_expert_token(x, D, Fs, 1, &sh13, &sh2, &one, tmp, h, acc, nt);
+    if (rc != 0) return rc;
+    for (int64_t d = 0; d < D; d++) out[d] = f32_to_bf16(bf16_to_f32(out[d]) + bf16_to_f32(tmp[d]));
+    return 0;
+}
+#endif
