@@ -146,14 +146,14 @@ def _build() -> ctypes.CDLL:
     f32 = ctypes.c_float
     lib.moe_mla_token.argtypes = [ptr, i64, ptr, ptr, i64, f32, ptr, ptr, ptr, f32, ptr, ptr, i64, i64, i64, i64, i64,
                                   ptr, ptr, ptr, ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int32, ptr, f32, ptr,
-                                  ptr, ctypes.c_int]
+                                  ptr, ptr, ptr, f32, ptr, ctypes.c_int]
     lib.moe_mla_token.restype = ctypes.c_int
     lib.moe_gqa_token.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_int, ptr, ptr, f32, ptr, ptr, ptr,
                                   ctypes.c_int, ptr, i64, i64, i64, ptr, i64, i64, i64, i64, ptr, ctypes.c_int32, ptr,
-                                  i64, ptr, f32, ptr, ptr, ptr, ptr, ctypes.c_int]
+                                  i64, ptr, f32, ptr, ptr, ptr, ptr, ptr, ptr, f32, ptr, ctypes.c_int]
     lib.moe_gqa_token.restype = ctypes.c_int
     lib.moe_moe_token.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr,
-                                  ctypes.c_int]
+                                  ptr, ptr, f32, ptr, ctypes.c_int]
     lib.moe_moe_token.restype = ctypes.c_int
     lib.moe_q8_gemm.argtypes = [ptr, i64, i64, ptr, i64, ctypes.c_int, ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_int,
                                 ctypes.c_int]
@@ -166,7 +166,8 @@ def _build() -> ctypes.CDLL:
     lib.moe_q4_dequant.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
     lib.moe_q4_dequant.restype = ctypes.c_int
     lib.moe_qx_moe_token.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ptr,
-                                     i64, i64, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_int]
+                                     i64, i64, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, f32,
+                                     ptr, ctypes.c_int]
     lib.moe_qx_moe_token.restype = ctypes.c_int
     return lib
 
@@ -422,11 +423,13 @@ def expert_token(x_D: torch.Tensor, w13s: list[torch.Tensor], w2s: list[torch.Te
 
 
 def moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor, w13_e2FD: torch.Tensor,
-              w2_eDF: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+              w2_eDF: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+              residual: Residual | None = None):
     """One bf16 token through experts ``ids_K`` of the stacked weights, summed with ``weights_K`` as
     :meth:`experts.GroupedExperts.forward_token` does (ascending ids, weights rounded to bf16), plus
     the output of a ``shared`` SwiGLU expert ``(w13 [2Fs, D], w2 [D, Fs])`` added in bf16; one call
-    (:func:`expert_token`'s kernel). ``[1, D]``, or None when the kernel does not apply."""
+    (:func:`expert_token`'s kernel). ``[1, D]`` (with ``residual``: ``(h + y, norm(h + y))``, see
+    :func:`_residual_args`), or None when the kernel does not apply."""
     global _gemv_built
     if not _gemv_built or x_1D.dtype != torch.bfloat16 or x_1D.dim() != 2 or x_1D.shape[0] != 1:
         return None
@@ -439,6 +442,9 @@ def moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor, 
         return None
     if shared and (shared[0].shape != (2 * Fs, D) or shared[1].shape != (D, Fs)):
         return None
+    tail = _residual_args(residual, D)
+    if tail is None:
+        return None
     ids = ids_K.to(torch.int64).contiguous()
     wts = weights_K.to(torch.float32).contiguous()
     out = torch.empty(1, D, dtype=torch.bfloat16)
@@ -447,10 +453,30 @@ def moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor, 
     rc = _lib.moe_moe_token(x_1D.data_ptr(), D, F, ids.shape[0], ids.data_ptr(), wts.data_ptr(), E, w13_e2FD.data_ptr(),
                             w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0),
                             shared[0].data_ptr() if shared else None, shared[1].data_ptr() if shared else None, Fs,
-                            out.data_ptr(), h.data_ptr(), acc.data_ptr(), torch.get_num_threads())
+                            out.data_ptr(), h.data_ptr(), acc.data_ptr(), *tail[0], torch.get_num_threads())
     if rc == -1:
         _gemv_built = False
-    return out if rc == 0 else None
+    if rc != 0:
+        return None
+    return (tail[1], out) if residual is not None else out
+
+
+Residual = tuple[torch.Tensor, torch.Tensor, float]  # (h [1, D], norm weight [D], eps): see _residual_args
+
+
+def _residual_args(residual: Residual | None, D: int) -> tuple[list, torch.Tensor | None] | None:
+    """The C calls' residual tail: with ``(h, w, eps)`` they also return ``h + out`` and write
+    ``rms_norm(h + out, w, eps)`` over ``out`` (the decoder's add and next norm, bit-identical).
+    ``([resid, nw, eps, h_out], h_out)``, ``([None] * 4, None)`` without one, or None when it does
+    not fit (then the caller takes its op-by-op path)."""
+    if residual is None:
+        return [None, None, 0.0, None], None
+    h, w, eps = residual
+    if (h.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or h.shape != (1, D) or w.shape != (D,)
+            or not h.is_contiguous() or not w.is_contiguous() or h.is_cuda or w.is_cuda):
+        return None
+    h_out = torch.empty(1, D, dtype=torch.bfloat16)
+    return [h.data_ptr(), w.data_ptr(), eps, h_out.data_ptr()], h_out
 
 
 _amx: bool | None = None  # whether the AMX kernels run here (built for AMX, tile state granted)
@@ -603,13 +629,14 @@ def mla_token(x_1D: torch.Tensor, w_qa: torch.Tensor | None, qa_norm: torch.Tens
               w_o: torch.Tensor, heads: int, nope: int, rope: int, v: int, positions_1: torch.Tensor,
               cos_PH: torch.Tensor, sin_PH: torch.Tensor, interleaved: bool, cache: torch.Tensor,
               block_table: torch.Tensor, context_len: int, slot_mapping_1: torch.Tensor,
-              scale: float) -> torch.Tensor | None:
+              scale: float, residual: Residual | None = None):
     """DeepSeek's MLA for one decode token in one call (``fused.c``): projections, norms, rotary,
     the latent row written to ``cache`` ``[blocks, block_size, 1, C + rope]`` at the slot, the
     absorbed attention over the sequence's ``context_len`` cached tokens (``block_table``: its
     blocks, int32) and ``o_proj``; bit-identical to :class:`moe.models.mla.MLAttention`'s op-by-op
-    path at one token. ``w_qa=None``: ``w_qb`` is ``q_proj``. Returns ``[1, D]`` bf16, or None when
-    the kernel does not apply (then nothing was written)."""
+    path at one token. ``w_qa=None``: ``w_qb`` is ``q_proj``. Returns ``[1, D]`` bf16 (with
+    ``residual``: ``(h + y, norm(h + y))``, see :func:`_residual_args`), or None when the kernel
+    does not apply (then nothing was written)."""
     global _gemv_built
     if not _gemv_built or x_1D.dtype != torch.bfloat16 or x_1D.shape[0] != 1 or not x_1D.is_contiguous():
         return None
@@ -632,6 +659,9 @@ def mla_token(x_1D: torch.Tensor, w_qa: torch.Tensor | None, qa_norm: torch.Tens
         return None
     if w_qa is not None and (w_qa.shape[1] != D or qa_norm is None or qa_norm.shape != (q_lora,)):
         return None
+    tail = _residual_args(residual, D)
+    if tail is None:
+        return None
     out = torch.empty(1, D, dtype=torch.bfloat16)
     scratch = torch.empty(q_lora + heads * (nope + rope) + L + heads * L + heads * C + heads * v, dtype=torch.bfloat16)
     if _lib.moe_mla_token(x_1D.data_ptr(), D, w_qa.data_ptr() if w_qa is not None else None,
@@ -640,10 +670,10 @@ def mla_token(x_1D: torch.Tensor, w_qa: torch.Tensor | None, qa_norm: torch.Tens
                           rope, C, v, positions_1.data_ptr(), cos_PH.data_ptr(), sin_PH.data_ptr(), int(interleaved),
                           cache.data_ptr(), cache.stride(0), cache.stride(1), cache.shape[1], block_table.data_ptr(),
                           context_len, slot_mapping_1.data_ptr(), scale, scratch.data_ptr(), out.data_ptr(),
-                          torch.get_num_threads()) != 0:
+                          *tail[0], torch.get_num_threads()) != 0:
         _gemv_built = False
         return None
-    return out
+    return (tail[1], out) if residual is not None else out
 
 
 _QK_NORMS = {None: 0, "head": 1, "full": 2}
@@ -654,12 +684,13 @@ def gqa_token(x_1D: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | Non
               positions_1: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor, interleaved: bool,
               k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, context_len: int,
               slot_mapping_1: torch.Tensor, sliding_window: int | None, sinks_H: torch.Tensor | None, scale: float,
-              w_o: torch.Tensor, b_o: torch.Tensor | None) -> torch.Tensor | None:
+              w_o: torch.Tensor, b_o: torch.Tensor | None, residual: Residual | None = None):
     """Grouped-query attention for one decode token in one call (``fused.c``): qkv projection, q/k
     norms (``qk_norm`` None, "head" or "full"), rotary over whole heads, K/V written at the slot,
     attention over the sequence's ``context_len`` cached tokens (window, sinks) and ``o_proj``;
     bit-identical to :class:`moe.models.layers.Attention`'s op-by-op path at one token. Returns
-    ``[1, D]`` bf16, or None when the kernel does not apply (then nothing was written)."""
+    ``[1, D]`` bf16 (with ``residual``: ``(h + y, norm(h + y))``, see :func:`_residual_args`), or
+    None when the kernel does not apply (then nothing was written)."""
     global _gemv_built
     if not _gemv_built or x_1D.dtype != torch.bfloat16 or x_1D.shape[0] != 1 or not x_1D.is_contiguous():
         return None
@@ -677,6 +708,9 @@ def gqa_token(x_1D: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | Non
             or positions_1.dtype != torch.int64 or cos_PH.dtype != torch.float32 or not cos_PH.is_contiguous()
             or not sin_PH.is_contiguous() or cos_PH.shape[-1] * 2 != hd or qk_norm not in _QK_NORMS):
         return None
+    tail = _residual_args(residual, D)
+    if tail is None:
+        return None
     sinks = sinks_H.float().contiguous() if sinks_H is not None else None
     out = torch.empty(1, D, dtype=torch.bfloat16)
     scratch = torch.empty((2 * heads + 2 * kv_heads) * hd, dtype=torch.bfloat16)
@@ -688,10 +722,10 @@ def gqa_token(x_1D: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | Non
                           block_table.data_ptr(), context_len, slot_mapping_1.data_ptr(), sliding_window or 0,
                           sinks.data_ptr() if sinks is not None else None, scale, w_o.data_ptr(),
                           b_o.data_ptr() if b_o is not None else None, scratch.data_ptr(), out.data_ptr(),
-                          torch.get_num_threads()) != 0:
+                          *tail[0], torch.get_num_threads()) != 0:
         _gemv_built = False
         return None
-    return out
+    return (tail[1], out) if residual is not None else out
 
 
 Q_INT8, Q_FP8 = 0, 1  # 8-bit weight codes: int8, or fp8 e4m3 bits (value * 2^-8; see quant.c)
@@ -789,12 +823,12 @@ def quant_moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Te
                     lut: torch.Tensor | None, gs: int, bn: int,
                     w13: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
                     w2: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-                    shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+                    shared: tuple[torch.Tensor, torch.Tensor] | None = None, residual: Residual | None = None):
     """:func:`moe_token` on packed experts: ``w13``/``w2`` are ``(codes, scales, offsets or None)``
     stacked over experts, as :func:`q8_gemm` (``lut`` None; codes ``[E, N, K]`` int8) or
     :func:`q4_gemm` (codes ``[E, N, K/2]`` uint8) take them per expert. One C call with the
-    roundings of dispatch -> experts (the GEMV, ``silu_mul``) -> combine. ``[1, D]`` bf16, or None
-    when the kernel does not apply."""
+    roundings of dispatch -> experts (the GEMV, ``silu_mul``) -> combine. ``[1, D]`` bf16 (with
+    ``residual``: ``(h + y, norm(h + y))``), or None when the kernel does not apply."""
     if x_1D.dtype != torch.bfloat16 or x_1D.dim() != 2 or x_1D.shape[0] != 1 or not x_1D.is_contiguous():
         return None
     if load() is None or ids_K.dim() != 1 or not 0 < ids_K.shape[0] <= 64:
@@ -817,6 +851,9 @@ def quant_moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Te
     Fs = shared[1].shape[1] if shared is not None else 0
     if shared is not None and (shared[0].shape != (2 * Fs, D) or shared[1].shape != (D, Fs)):
         return None
+    tail = _residual_args(residual, D)
+    if tail is None:
+        return None
     ids = ids_K.to(torch.int64).contiguous()
     wts = weights_K.to(torch.float32).contiguous()
     out = torch.empty(1, D, dtype=torch.bfloat16)
@@ -828,5 +865,7 @@ def quant_moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Te
         q13.data_ptr(), q13.stride(0), s13.data_ptr(), b13.data_ptr() if b13 is not None else None, s13.stride(0),
         s13.shape[-1], q2.data_ptr(), q2.stride(0), s2.data_ptr(), b2.data_ptr() if b2 is not None else None,
         s2.stride(0), s2.shape[-1], shared[0].data_ptr() if shared else None, shared[1].data_ptr() if shared else None,
-        Fs, out.data_ptr(), fs.data_ptr(), hs.data_ptr(), torch.get_num_threads())
-    return out if rc == 0 else None
+        Fs, out.data_ptr(), fs.data_ptr(), hs.data_ptr(), *tail[0], torch.get_num_threads())
+    if rc != 0:
+        return None
+    return (tail[1], out) if residual is not None else out

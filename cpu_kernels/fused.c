@@ -22,7 +22,8 @@ int moe_mla_token(const uint16_t *x, int64_t D, const uint16_t *w_qa, const uint
                   const uint16_t *w_kvb, const uint16_t *w_o, int64_t H, int64_t nope, int64_t rope, int64_t C,
                   int64_t v, const int64_t *pos, const float *cos_tab, const float *sin_tab, int interleaved,
                   uint16_t *cache, int64_t c_sblock, int64_t c_sslot, int64_t block_size, const int32_t *table,
-                  int32_t len, const int64_t *slots, float scale, uint16_t *scratch, uint16_t *out, int nt) {
+                  int32_t len, const int64_t *slots, float scale, uint16_t *scratch, uint16_t *out,
+                  const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
 #if defined(__AVX512BF16__)
     const int64_t qk = nope + rope, L = C + rope;
     uint16_t *qa = scratch, *q = qa + q_lora, *lat = q + H * qk, *qfull = lat + L, *olat = qfull + H * L,
@@ -46,12 +47,14 @@ int moe_mla_token(const uint16_t *x, int64_t D, const uint16_t *w_qa, const uint
                      block_size, table, 0, &len, NULL, 0, NULL, scale, nt);
     moe_heads_vec(olat, C, w_kvb + nope * C, (nope + v) * C, C, v, C, H, 1, o, v, nt);
     moe_gemv_bf16(w_o, D, H * v, H * v, o, NULL, out, nt);
+    then_norm(out, D, resid, nw, neps, h_out);
     return 0;
 #else
     (void)x; (void)D; (void)w_qa; (void)qa_norm; (void)q_lora; (void)q_eps; (void)w_qb; (void)w_kva; (void)kva_norm;
     (void)kv_eps; (void)w_kvb; (void)w_o; (void)H; (void)nope; (void)rope; (void)C; (void)v; (void)pos;
     (void)cos_tab; (void)sin_tab; (void)interleaved; (void)cache; (void)c_sblock; (void)c_sslot; (void)block_size;
-    (void)table; (void)len; (void)slots; (void)scale; (void)scratch; (void)out; (void)nt;
+    (void)table; (void)len; (void)slots; (void)scale; (void)scratch; (void)out; (void)resid; (void)nw; (void)neps;
+    (void)h_out; (void)nt;
     return -1;
 #endif
 }
@@ -71,7 +74,8 @@ int moe_gqa_token(const uint16_t *x, int64_t D, const uint16_t *w_qkv, const uin
                   int64_t k_sblock, int64_t k_sslot, int64_t k_shead, uint16_t *v_cache, int64_t v_sblock,
                   int64_t v_sslot, int64_t v_shead, int64_t block_size, const int32_t *table, int32_t len,
                   const int64_t *slots, int64_t window, const float *sinks, float scale, const uint16_t *w_o,
-                  const uint16_t *b_o, uint16_t *scratch, uint16_t *out, int nt) {
+                  const uint16_t *b_o, uint16_t *scratch, uint16_t *out, const uint16_t *resid,
+                  const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
 #if defined(__AVX512BF16__)
     uint16_t *q = scratch, *k = q + H * hd, *v = k + Hkv * hd, *o = v + Hkv * hd;
     moe_gemv_bf16(w_qkv, (H + 2 * Hkv) * hd, D, D, x, b_qkv, q, nt);
@@ -90,13 +94,14 @@ int moe_gqa_token(const uint16_t *x, int64_t D, const uint16_t *w_qkv, const uin
     moe_paged_decode(q, o, k_cache, v_cache, BF16, 1, H, Hkv, hd, hd, k_sblock, k_sslot, k_shead, v_sblock, v_sslot,
                      v_shead, block_size, table, 0, &len, NULL, window, sinks, scale, nt);
     moe_gemv_bf16(w_o, D, H * hd, H * hd, o, b_o, out, nt);
+    then_norm(out, D, resid, nw, neps, h_out);
     return 0;
 #else
     (void)x; (void)D; (void)w_qkv; (void)b_qkv; (void)H; (void)Hkv; (void)hd; (void)qk_norm; (void)q_norm;
     (void)k_norm; (void)eps; (void)pos; (void)cos_tab; (void)sin_tab; (void)interleaved; (void)k_cache;
     (void)k_sblock; (void)k_sslot; (void)k_shead; (void)v_cache; (void)v_sblock; (void)v_sslot; (void)v_shead;
     (void)block_size; (void)table; (void)len; (void)slots; (void)window; (void)sinks; (void)scale; (void)w_o;
-    (void)b_o; (void)scratch; (void)out; (void)nt;
+    (void)b_o; (void)scratch; (void)out; (void)resid; (void)nw; (void)neps; (void)h_out; (void)nt;
     return -1;
 #endif
 }

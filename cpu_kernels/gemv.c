@@ -164,7 +164,8 @@ int moe_expert_token(const uint16_t *x, int64_t D, int64_t F, int n, const uint1
  * bf16 and D float32. Returns 0, -1 without AVX512-BF16, -2 for an id outside [0, E). */
 int moe_moe_token(const uint16_t *x, int64_t D, int64_t F, int64_t K, const int64_t *ids, const float *wts, int64_t E,
                   const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2, const uint16_t *sh13,
-                  const uint16_t *sh2, int64_t Fs, uint16_t *out, uint16_t *h, float *acc, int num_threads) {
+                  const uint16_t *sh2, int64_t Fs, uint16_t *out, uint16_t *h, float *acc, const uint16_t *resid,
+                  const uint16_t *nw, float neps, uint16_t *h_out, int num_threads) {
 #if defined(__AVX512BF16__)
     int64_t id[64];
     float w[64];
@@ -177,10 +178,12 @@ int moe_moe_token(const uint16_t *x, int64_t D, int64_t F, int64_t K, const int6
     const int64_t Fm = sh13 && Fs > F ? Fs : F;
     moe_expert_token(x, D, F, (int)K, p13, p2, w, out, h, acc, num_threads);
     if (sh13) add_shared_expert(x, D, sh13, sh2, Fs, out, h + 3 * Fm, h, acc, num_threads);
+    then_norm(out, D, resid, nw, neps, h_out);
     return 0;
 #else
     (void)x; (void)D; (void)F; (void)K; (void)ids; (void)wts; (void)E; (void)w13; (void)s13; (void)w2; (void)s2;
-    (void)sh13; (void)sh2; (void)Fs; (void)out; (void)h; (void)acc; (void)num_threads;
+    (void)sh13; (void)sh2; (void)Fs; (void)out; (void)h; (void)acc; (void)resid; (void)nw; (void)neps; (void)h_out;
+    (void)num_threads;
     return -1;
 #endif
 }

@@ -14,6 +14,8 @@ int moe_rms_norm(const void *x, const void *w, void *out, int dtype, int64_t R, 
                  float eps, int num_threads);
 int moe_rope(void *x, int dtype, int64_t T, int64_t H, int64_t D, int64_t st, int64_t sh, const int64_t *pos,
              const float *cos_tab, const float *sin_tab, int interleaved, int num_threads);
+int moe_add_rms_norm(const void *h, const void *d, const void *w, void *h_out, void *out, int dtype, int64_t R,
+                     int64_t D, float eps, int num_threads);
 int moe_silu_mul(const void *gate, const void *up, void *out, int dtype, int64_t A, int64_t B, int64_t C,
                  int64_t g_sa, int64_t g_sb, int64_t u_sa, int64_t u_sb, int64_t o_sa, int64_t o_sb,
                  int num_threads);
@@ -51,5 +53,11 @@ static inline int add_shared_expert(const uint16_t *x, int64_t D, const uint16_t
     if (rc != 0) return rc;
     for (int64_t d = 0; d < D; d++) out[d] = f32_to_bf16(bf16_to_f32(out[d]) + bf16_to_f32(tmp[d]));
     return 0;
+}
+/* The residual tail of a batch-1 sub-layer: with resid given, h_out = resid + out (bf16) and out
+ * becomes norm(h_out) (weights nw, eps), as the decoder's add and next norm compute them. */
+static inline void then_norm(uint16_t *out, int64_t D, const uint16_t *resid, const uint16_t *nw, float eps,
+                             uint16_t *h_out) {
+    if (resid) moe_add_rms_norm(resid, out, nw, h_out, out, BF16, 1, D, eps, 1);
 }
 #endif

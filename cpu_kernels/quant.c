@@ -341,7 +341,8 @@ int moe_qx_moe_token(const uint16_t *x, int64_t D, int64_t F, int64_t K, const i
                      int64_t E, int fmt, const float *lut, int64_t gs, int64_t bn, const char *q13, int64_t eq13,
                      const float *s13, const float *b13, int64_t es13, int64_t G13, const char *q2, int64_t eq2,
                      const float *s2, const float *b2, int64_t es2, int64_t G2, const uint16_t *sh13,
-                     const uint16_t *sh2, int64_t Fs, uint16_t *out, float *fscratch, uint16_t *hscratch, int nt) {
+                     const uint16_t *sh2, int64_t Fs, uint16_t *out, float *fscratch, uint16_t *hscratch,
+                     const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
     int64_t id[64];
     float w[64];
     if (sort_experts(ids, wts, K, E, id, w) != 0) return -2;
@@ -367,5 +368,6 @@ int moe_qx_moe_token(const uint16_t *x, int64_t D, int64_t F, int64_t K, const i
     }
     for (int64_t d = 0; d < D; d++) out[d] = f32_to_bf16(acc[d]);
     if (sh13 && add_shared_expert(x, D, sh13, sh2, Fs, out, sh, h, acc, nt) != 0) return -1;
+    then_norm(out, D, resid, nw, neps, h_out);
     return 0;
 }

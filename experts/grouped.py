@@ -286,21 +286,23 @@ class GroupedExperts(SlottedExperts):
         return self.b13 is None and self.b2 is None and self.activation == Activation()
 
     def forward_token(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor,
-                      shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+                      shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      residual: cpu_kernels.Residual | None = None):
         """One token on the CPU torch path (decode at batch 1): ``sum_k w_k * expert_k(x)`` with the
         same arithmetic as dispatch -> :meth:`forward` -> combine (weights rounded to the activation
         dtype, summed in ascending expert order), minus the permutation ops. ``shared``: a shared
-        SwiGLU expert's ``(w13, w2)`` whose output is added (bf16) in the same C call; given, the
-        result is None unless that call runs. None: not applicable (another backend, or an expert
-        this process does not hold)."""
+        SwiGLU expert's ``(w13, w2)`` whose output is added (bf16) in the same C call;
+        ``residual``: ``(h, norm weight, eps)``, the result then ``(h + y, norm(h + y))`` (see
+        :func:`cpu_kernels.moe_token`); given either, the result is None unless that call runs.
+        None: not applicable (another backend, or an expert this process does not hold)."""
         if resolve_backend(self.backend, x_1D.device) != "torch":
             return None
         if self._plain_swiglu and x_1D.device.type == "cpu" and self.slot_experts == tuple(range(self.num_experts)):
             # the same arithmetic in one C call (bf16): per layer ~150 us of op-by-op overhead less
-            y = cpu_kernels.moe_token(x_1D, ids_K, weights_K, self.w13, self.w2, shared)
+            y = cpu_kernels.moe_token(x_1D, ids_K, weights_K, self.w13, self.w2, shared, residual)
             if y is not None:
                 return y
-        if shared is not None:  # only the one-call path adds it
+        if shared is not None or residual is not None:  # only the one-call path adds them
             return None
         experts = ids_K.tolist()
         if not all(e in self._slot_of for e in experts):

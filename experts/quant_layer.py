@@ -220,10 +220,12 @@ class QuantGroupedExperts(SlottedExperts):
         self._released = True
 
     def forward_token(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor,
-                      shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+                      shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      residual: cpu_kernels.Residual | None = None):
         """One token (decode at batch 1) through its experts in one C call on the C kernels' layouts
         (int8, fp8_block, int4, mxfp4) with the arithmetic of dispatch -> :meth:`forward` -> combine, plus a bf16
-        ``shared`` expert's ``(w13, w2)`` added (as :meth:`GroupedExperts.forward_token`). None: not
+        ``shared`` expert's ``(w13, w2)`` added and the ``residual`` tail (as
+        :meth:`GroupedExperts.forward_token`). None: not
         applicable (other formats, biases, clamped SwiGLU, experts elsewhere): dispatch instead."""
         if (resolve_backend(self.backend, x_1D.device) != "torch" or self.b13 is not None or self.b2 is not None
                 or self.activation != Activation() or self.slot_experts != tuple(range(self.num_experts))):
@@ -234,7 +236,7 @@ class QuantGroupedExperts(SlottedExperts):
         if type(w13) is not type(w2) or not isinstance(w13, (Q8RowWeights, Q4RowWeights)):
             return None
         return cpu_kernels.quant_moe_token(x_1D, ids_K, weights_K, *w13.kernel, w13.token_args(), w2.token_args(),
-                                           shared)
+                                           shared, residual)
 
     def forward(self, x_RD: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
         backend = resolve_backend(self.backend, x_RD.device)

@@ -6,12 +6,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import cpu_kernels
 from kvcache import Fp8Cache
 from parallel import ParallelLMHead, ShardingConfig, VocabParallelEmbedding
 
 from ..config import ModelConfig
-from .layers import Attention, DenseMLP, ForwardContext, RMSNorm, SparseMoE
+from .layers import Attention, DenseMLP, ForwardContext, RMSNorm, SparseMoE, add_norm
 from .mla import MLAttention
 
 
@@ -60,20 +59,16 @@ class DecoderLayer(nn.Module):
     def forward(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext,
                 next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """``x_TD`` is ``input_layernorm(h_TD)``; returns the residual stream after the layer and
-        ``next_norm`` of it (the next layer's input norm, or the final norm)."""
-        h_TD, x = _add_norm(h_TD, self.self_attn(positions_T, x_TD, ctx), self.post_attention_layernorm)
-        mlp_out = self.mlp(x, ctx) if isinstance(self.mlp, SparseMoE) else self.mlp(x)
-        return _add_norm(h_TD, mlp_out, next_norm)
-
-
-def _add_norm(h_TD: torch.Tensor, d_TD: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residual ``h + d`` and ``norm`` of it (one C pass for bf16 on CPU)."""
-    if h_TD.device.type == "cpu":
-        out = cpu_kernels.add_rms_norm(h_TD, d_TD, norm.weight, norm.eps)
-        if out is not None:
-            return out
-    h_TD = h_TD + d_TD
-    return h_TD, norm(h_TD)
+        ``next_norm`` of it (the next layer's input norm, or the final norm). At batch 1 on CPU
+        each half and its residual add and norm are one C call."""
+        hx = self.self_attn.forward_then_norm(positions_T, x_TD, ctx, h_TD, self.post_attention_layernorm)
+        if hx is None:
+            hx = add_norm(h_TD, self.self_attn(positions_T, x_TD, ctx), self.post_attention_layernorm)
+        h_TD, x = hx
+        hx = self.mlp.forward_then_norm(x, ctx, h_TD, next_norm)
+        if hx is None:
+            hx = add_norm(h_TD, self.mlp(x, ctx) if isinstance(self.mlp, SparseMoE) else self.mlp(x), next_norm)
+        return hx
 
 
 class MoECausalLM(nn.Module):

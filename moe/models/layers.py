@@ -50,6 +50,16 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
 
 
+def add_norm(h_TD: torch.Tensor, d_TD: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual ``h + d`` and ``norm`` of it (one C pass for bf16 on CPU)."""
+    if h_TD.device.type == "cpu":
+        out = cpu_kernels.add_rms_norm(h_TD, d_TD, norm.weight, norm.eps)
+        if out is not None:
+            return out
+    h_TD = h_TD + d_TD
+    return h_TD, norm(h_TD)
+
+
 class Attention(nn.Module):
     """Grouped-query attention over the paged KV cache (Mixtral, Qwen, OLMoE, gpt-oss)."""
 
@@ -122,7 +132,16 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(T, q_size))
 
 
-    def _forward_token(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
+    def forward_then_norm(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext, h_TD: torch.Tensor,
+                          norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Batch-1 decode on CPU: the attention, the residual add and ``norm`` in one C call,
+        ``(h + attn, norm(h + attn))``; None (nothing computed) where that does not apply."""
+        if x_TD.shape[0] != 1 or x_TD.device.type != "cpu" or self.o_proj.split or self.clip_qkv is not None:
+            return None
+        return self._forward_token(positions_T, x_TD, ctx, (h_TD, norm.weight, norm.eps))
+
+    def _forward_token(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext,
+                       residual: cpu_kernels.Residual | None = None):
         """:meth:`forward` for one token as :func:`cpu_kernels.gqa_token` (the same arithmetic), or None."""
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         if not isinstance(k_cache, torch.Tensor) or not isinstance(v_cache, torch.Tensor) or ctx.meta.num_seqs != 1:
@@ -133,7 +152,10 @@ class Attention(nn.Module):
             x_TD, self.qkv_proj.weight, self.qkv_proj.bias, self.num_heads, self.num_kv_heads, self.qk_norm, *norms,
             positions_T, self.rotary.cos, self.rotary.sin, self.rotary.interleaved, k_cache, v_cache,
             ctx.meta.block_tables[0], ctx.meta.context_lens_list[0], ctx.meta.slot_mapping, self.sliding_window,
-            self.sinks, self.scale, self.o_proj.weight, self.o_proj.bias)
+            self.sinks, self.scale, self.o_proj.weight, self.o_proj.bias, residual)
+
+
+_ID_0, _WEIGHT_1 = torch.zeros(1, dtype=torch.int64), torch.ones(1)  # one expert, weight 1
 
 
 class DenseMLP(nn.Module):
@@ -148,6 +170,16 @@ class DenseMLP(nn.Module):
     def plain(self) -> bool:
         """No biases, one TP rank: what the one-call C kernels compute."""
         return not self.down_proj.split and self.gate_up_proj.bias is None and self.down_proj.bias is None
+
+    def forward_then_norm(self, x_TD: torch.Tensor, ctx: ForwardContext | None, h_TD: torch.Tensor,
+                          norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Batch-1 decode on CPU: the MLP, the residual add and ``norm`` in one C call (the MoE
+        block's, with this MLP as the one expert of weight 1: the one-call path's arithmetic);
+        None (nothing computed) where that does not apply."""
+        if not self.plain or x_TD.shape[0] != 1 or x_TD.device.type != "cpu":
+            return None
+        return cpu_kernels.moe_token(x_TD, _ID_0, _WEIGHT_1, self.gate_up_proj.weight.unsqueeze(0),
+                                     self.down_proj.weight.unsqueeze(0), residual=(h_TD, norm.weight, norm.eps))
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         if self.plain:
@@ -188,11 +220,34 @@ class SparseMoE(nn.Module):
         self.counts_E = torch.zeros(rc.num_experts, dtype=torch.int64)
 
     def forward(self, x_TD: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
+        return self._experts(x_TD, *self._route(x_TD, ctx), ctx)
+
+    def forward_then_norm(self, x_TD: torch.Tensor, ctx: ForwardContext | None, h_TD: torch.Tensor,
+                          norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Batch-1 decode on CPU: after the router, the experts, the shared expert, the residual
+        add and ``norm`` in one C call, ``(h + y, norm(h + y))``; None (nothing computed) where
+        that does not apply."""
+        se = self.shared_expert
+        if (x_TD.shape[0] != 1 or not self.dispatcher.is_local or not hasattr(self.experts, "forward_token")
+                or (se is not None and (not se.plain or self.shared_expert_gate is not None))):
+            return None
+        weights_TK, ids_TK = self._route(x_TD, ctx)
+        shared = (se.gate_up_proj.weight, se.down_proj.weight) if se is not None else None
+        out = self.experts.forward_token(x_TD, ids_TK[0], weights_TK[0], shared, residual=(h_TD, norm.weight, norm.eps))
+        if out is None:  # routed (and counted) already: the rest op by op
+            out = add_norm(h_TD, self._experts(x_TD, weights_TK, ids_TK, ctx), norm)
+        return out
+
+    def _route(self, x_TD: torch.Tensor, ctx: ForwardContext | None) -> tuple[torch.Tensor, torch.Tensor]:
         logits_TE = self.gate(x_TD)
         weights_TK, ids_TK = route(logits_TE, self.router_cfg, self.e_score_correction_bias)
         if ctx is not None and ctx.record_expert_counts:
             self.last_counts_E = expert_counts(ids_TK, self.router_cfg.num_experts).cpu()
             self.counts_E += self.last_counts_E
+        return weights_TK, ids_TK
+
+    def _experts(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor,
+                 ctx: ForwardContext | None) -> torch.Tensor:
         y_TD = None
         if x_TD.shape[0] == 1 and self.dispatcher.is_local and hasattr(self.experts, "forward_token"):
             # decode at batch 1: no permutation needed; a plain shared expert joins the same C call
