@@ -433,26 +433,20 @@ def moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor, 
     global _gemv_built
     if not _gemv_built or x_1D.dtype != torch.bfloat16 or x_1D.dim() != 2 or x_1D.shape[0] != 1:
         return None
-    ws = [x_1D, w13_e2FD, w2_eDF, *(shared or ())]
+    ws = [x_1D, w13_e2FD, w2_eDF]
     if _kernel_dtype(*ws) is None or any(not w.is_contiguous() for w in ws) or w13_e2FD.dim() != 3:
         return None
     E, F2, D = w13_e2FD.shape
-    F, Fs = F2 // 2, shared[1].shape[1] if shared else 0
-    if w2_eDF.shape != (E, D, F) or x_1D.shape[1] != D or ids_K.dim() != 1 or not 0 < ids_K.shape[0] <= 64:
+    F = F2 // 2
+    args = _moe_token_args(ids_K, weights_K, D, shared, residual)
+    if w2_eDF.shape != (E, D, F) or x_1D.shape[1] != D or args is None:
         return None
-    if shared and (shared[0].shape != (2 * Fs, D) or shared[1].shape != (D, Fs)):
-        return None
-    tail = _residual_args(residual, D)
-    if tail is None:
-        return None
-    ids = ids_K.to(torch.int64).contiguous()
-    wts = weights_K.to(torch.float32).contiguous()
+    ids, wts, Fs, sh, tail = args
     out = torch.empty(1, D, dtype=torch.bfloat16)
     h = torch.empty(3 * max(F, Fs) + D, dtype=torch.bfloat16)
     acc = torch.empty(D, dtype=torch.float32)
     rc = _lib.moe_moe_token(x_1D.data_ptr(), D, F, ids.shape[0], ids.data_ptr(), wts.data_ptr(), E, w13_e2FD.data_ptr(),
-                            w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0),
-                            shared[0].data_ptr() if shared else None, shared[1].data_ptr() if shared else None, Fs,
+                            w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0), *sh, Fs,
                             out.data_ptr(), h.data_ptr(), acc.data_ptr(), *tail[0], torch.get_num_threads())
     if rc == -1:
         _gemv_built = False
@@ -477,6 +471,25 @@ def _residual_args(residual: Residual | None, D: int) -> tuple[list, torch.Tenso
         return None
     h_out = torch.empty(1, D, dtype=torch.bfloat16)
     return [h.data_ptr(), w.data_ptr(), eps, h_out.data_ptr()], h_out
+
+
+def _moe_token_args(ids_K: torch.Tensor, weights_K: torch.Tensor, D: int,
+                    shared: tuple[torch.Tensor, torch.Tensor] | None, residual: Residual | None) -> tuple | None:
+    """What both one-token MoE calls take besides the experts: ``(ids int64, weights float32, the
+    shared expert's width, its two pointers, the residual tail)``, or None when one does not fit."""
+    if ids_K.dim() != 1 or not 0 < ids_K.shape[0] <= 64:
+        return None
+    Fs, sh = 0, [None, None]
+    if shared is not None:
+        Fs = shared[1].shape[1]
+        if (_kernel_dtype(*shared) is None or any(not t.is_contiguous() for t in shared)
+                or shared[0].shape != (2 * Fs, D) or shared[1].shape != (D, Fs)):
+            return None
+        sh = [shared[0].data_ptr(), shared[1].data_ptr()]
+    tail = _residual_args(residual, D)
+    if tail is None:
+        return None
+    return ids_K.to(torch.int64).contiguous(), weights_K.to(torch.float32).contiguous(), Fs, sh, tail
 
 
 _amx: bool | None = None  # whether the AMX kernels run here (built for AMX, tile state granted)
@@ -831,7 +844,7 @@ def quant_moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Te
     ``residual``: ``(h + y, norm(h + y))``), or None when the kernel does not apply."""
     if x_1D.dtype != torch.bfloat16 or x_1D.dim() != 2 or x_1D.shape[0] != 1 or not x_1D.is_contiguous():
         return None
-    if load() is None or ids_K.dim() != 1 or not 0 < ids_K.shape[0] <= 64:
+    if load() is None:
         return None
     (q13, s13, b13), (q2, s2, b2) = w13, w2
     pack = 2 if lut is not None else 1
@@ -846,16 +859,10 @@ def quant_moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Te
             _q8_args(q[0], sc[0], None if off is None else off[0], gs, bn)
         else:
             _q4_args(q[0], lut, sc[0], None if off is None else off[0], gs)
-    if shared is not None and (_kernel_dtype(*shared) is None or any(not t.is_contiguous() for t in shared)):
+    args = _moe_token_args(ids_K, weights_K, D, shared, residual)
+    if args is None:
         return None
-    Fs = shared[1].shape[1] if shared is not None else 0
-    if shared is not None and (shared[0].shape != (2 * Fs, D) or shared[1].shape != (D, Fs)):
-        return None
-    tail = _residual_args(residual, D)
-    if tail is None:
-        return None
-    ids = ids_K.to(torch.int64).contiguous()
-    wts = weights_K.to(torch.float32).contiguous()
+    ids, wts, Fs, sh, tail = args
     out = torch.empty(1, D, dtype=torch.bfloat16)
     fs = torch.empty(2 * max(D, F) + D, dtype=torch.float32)
     hs = torch.empty(3 * max(F, Fs) + 2 * D, dtype=torch.bfloat16)
@@ -864,8 +871,8 @@ def quant_moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Te
         lut.data_ptr() if lut is not None else None, gs, bn,
         q13.data_ptr(), q13.stride(0), s13.data_ptr(), b13.data_ptr() if b13 is not None else None, s13.stride(0),
         s13.shape[-1], q2.data_ptr(), q2.stride(0), s2.data_ptr(), b2.data_ptr() if b2 is not None else None,
-        s2.stride(0), s2.shape[-1], shared[0].data_ptr() if shared else None, shared[1].data_ptr() if shared else None,
-        Fs, out.data_ptr(), fs.data_ptr(), hs.data_ptr(), *tail[0], torch.get_num_threads())
+        s2.stride(0), s2.shape[-1], *sh, Fs, out.data_ptr(), fs.data_ptr(), hs.data_ptr(), *tail[0],
+        torch.get_num_threads())
     if rc != 0:
         return None
     return (tail[1], out) if residual is not None else out
