@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import cpu_kernels

@@ -40,7 +40,7 @@ from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .spec_decode import NgramConfig, NgramProposer
-from .sequence import Sequence, Status
+from .sequence import Sequence
 from .tokenizer import Tokenizer, detokenize_incrementally
 
 log = logging.getLogger("moe")

@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from moe import LLM, SamplingParams
 from moe.models import SUPPORTED_ARCHITECTURES

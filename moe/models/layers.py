@@ -131,7 +131,6 @@ class Attention(nn.Module):
         o = paged_attention(q, k_cache, v_cache, ctx.meta, self.scale, self.sliding_window, self.sinks)
         return self.o_proj(o.reshape(T, q_size))
 
-
     def forward_then_norm(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext, h_TD: torch.Tensor,
                           norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Batch-1 decode on CPU: the attention, the residual add and ``norm`` in one C call,
