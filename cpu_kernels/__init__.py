@@ -742,7 +742,7 @@ def gqa_token(x_1D: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | Non
 
 
 Q_INT8, Q_FP8 = 0, 1  # 8-bit weight codes: int8, or fp8 e4m3 bits (value * 2^-8; see quant.c)
-Q8_GEMM_MAX_ROWS = 8
+Q8_GEMM_MAX_ROWS = 64  # rows q8_gemm / q4_gemm take (eight at a time against each weight row)
 
 
 def q8_available() -> bool:

@@ -25,6 +25,21 @@ static inline __m512 codes16(const int8_t *q, int fmt) {
     return _mm512_cvtph_ps(h);
 }
 
+/* up to 8 rows of x (mb of them) at a time through a row function specialized for that count:
+ * CALL(rows, unroll), unroll u1 for one row and u23 for two or three (more rows give the FMA units
+ * enough independent sums at unroll 1) */
+#define ROW_BLOCK(mb, CALL, u1, u23)                                                                                  \
+    switch ((mb) < 8 ? (mb) : 8) {                                                                                 \
+    case 1: CALL(1, u1); break;                                                                                    \
+    case 2: CALL(2, u23); break;                                                                                   \
+    case 3: CALL(3, u23); break;                                                                                   \
+    case 4: CALL(4, 1); break;                                                                                     \
+    case 5: CALL(5, 1); break;                                                                                     \
+    case 6: CALL(6, 1); break;                                                                                     \
+    case 7: CALL(7, 1); break;                                                                                     \
+    default: CALL(8, 1); break;                                                                                    \
+    }
+
 /* one row of W against M rows of x: each code times its group's scale, then U chains of fused
  * multiply-adds per x row (enough independent sums to keep the FMA units busy at one or two rows);
  * no per-group reduction, so small groups cost no more than large ones */
@@ -89,12 +104,14 @@ static inline float code1(int8_t c, int fmt) {
     return ((u & 0x80) ? -mag : mag) / 256.f;
 }
 
-/* y[m, n] = sum_k x[m, k] w[n, k] for M <= 8 rows of float32 x (row stride K); y in ydtype (row
- * stride N), float32 sums rounded once. K % 16 == 0 and gs % 16 == 0 for the vector path. Rows of
- * W are split over the threads in contiguous ranges. Returns 0, -1 for M > 8. */
+/* y[m, n] = sum_k x[m, k] w[n, k] for M <= 64 rows of float32 x (row stride K), eight at a time
+ * against each weight row (its codes read once from memory, converted once per eight rows); y in
+ * ydtype (row stride N), float32 sums rounded once. K % 16 == 0 and gs % 16 == 0 for the vector
+ * path. Rows of W are split over the threads in contiguous ranges. Returns 0, -1 for M > 64 (or
+ * no memory). */
 int moe_q8_gemm(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t ldq, int fmt, const float *s,
                 const float *b, int64_t G, int64_t gs, int64_t bn, int64_t N, void *y, int ydtype, int num_threads) {
-    if (M < 1 || M > 8) return -1;
+    if (M < 1 || M > 64) return -1;
     float *xs = NULL; /* per row and group: sum of x over the group (offsets) */
     if (b) {
         xs = malloc(sizeof(float) * (size_t)(M * G));
@@ -110,19 +127,12 @@ int moe_q8_gemm(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t l
     for (int64_t n = 0; n < N; n++) {
         const int8_t *qn = q + n * ldq;
         const float *sn = s + (n / bn) * G;
-        float out[8];
+        float out[64];
 #if defined(__AVX512F__)
         if (K % 16 == 0 && gs % 16 == 0) {
-            switch (M) {
-            case 1: q8_row(x, K, qn, fmt, sn, G, gs, 1, 4, ldq, out); break;
-            case 2: q8_row(x, K, qn, fmt, sn, G, gs, 2, 2, ldq, out); break;
-            case 3: q8_row(x, K, qn, fmt, sn, G, gs, 3, 2, ldq, out); break;
-            case 4: q8_row(x, K, qn, fmt, sn, G, gs, 4, 1, ldq, out); break;
-            case 5: q8_row(x, K, qn, fmt, sn, G, gs, 5, 1, ldq, out); break;
-            case 6: q8_row(x, K, qn, fmt, sn, G, gs, 6, 1, ldq, out); break;
-            case 7: q8_row(x, K, qn, fmt, sn, G, gs, 7, 1, ldq, out); break;
-            default: q8_row(x, K, qn, fmt, sn, G, gs, 8, 1, ldq, out); break;
-            }
+#define Q8_ROWS(MM, UU) q8_row(x + m0 * K, K, qn, fmt, sn, G, gs, MM, UU, ldq, out + m0)
+            for (int64_t m0 = 0; m0 < M; m0 += 8) ROW_BLOCK(M - m0, Q8_ROWS, 4, 2);
+#undef Q8_ROWS
         } else
 #endif
         {
@@ -215,13 +225,13 @@ static inline __attribute__((always_inline)) void q4_row(const float *xe, const 
 }
 #endif
 
-/* y[m, n] = sum_k x[m, k] w[n, k] for M <= 8 float32 rows of x (row stride K), 4-bit w; y in ydtype
- * (row stride N), float32 sums rounded once. Vector path: K % 32 == 0 and gs % 32 == 0. Returns 0,
- * -1 for M > 8 (or no memory). */
+/* y[m, n] = sum_k x[m, k] w[n, k] for M <= 64 float32 rows of x (row stride K), 4-bit w, eight rows
+ * at a time as moe_q8_gemm; y in ydtype (row stride N), float32 sums rounded once. Vector path:
+ * K % 32 == 0 and gs % 32 == 0. Returns 0, -1 for M > 64 (or no memory). */
 int moe_q4_gemm(const float *x, int64_t M, int64_t K, const uint8_t *q, int64_t ldq, const float *lut,
                 const float *s, const float *b, int64_t G, int64_t gs, int64_t N, void *y, int ydtype,
                 int num_threads) {
-    if (M < 1 || M > 8) return -1;
+    if (M < 1 || M > 64) return -1;
     const int64_t K2 = K / 2;
     float *xeo = malloc(sizeof(float) * (size_t)(M * (K + G))); /* even columns, odd columns, group sums */
     if (!xeo) return -1;
@@ -241,20 +251,13 @@ int moe_q4_gemm(const float *x, int64_t M, int64_t K, const uint8_t *q, int64_t 
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *qn = q + n * ldq;
         const float *sn = s + n * G;
-        float out[8];
+        float out[64];
 #if defined(__AVX512F__)
         if (K % 32 == 0 && gs % 32 == 0) {
             const __m512 lv = _mm512_loadu_ps(lut);
-            switch (M) {
-            case 1: q4_row(xe, xo, K2, qn, lv, sn, G, gs / 2, 1, 2, ldq, out); break;
-            case 2: q4_row(xe, xo, K2, qn, lv, sn, G, gs / 2, 2, 1, ldq, out); break;
-            case 3: q4_row(xe, xo, K2, qn, lv, sn, G, gs / 2, 3, 1, ldq, out); break;
-            case 4: q4_row(xe, xo, K2, qn, lv, sn, G, gs / 2, 4, 1, ldq, out); break;
-            case 5: q4_row(xe, xo, K2, qn, lv, sn, G, gs / 2, 5, 1, ldq, out); break;
-            case 6: q4_row(xe, xo, K2, qn, lv, sn, G, gs / 2, 6, 1, ldq, out); break;
-            case 7: q4_row(xe, xo, K2, qn, lv, sn, G, gs / 2, 7, 1, ldq, out); break;
-            default: q4_row(xe, xo, K2, qn, lv, sn, G, gs / 2, 8, 1, ldq, out); break;
-            }
+#define Q4_ROWS(MM, UU) q4_row(xe + m0 * K2, xo + m0 * K2, K2, qn, lv, sn, G, gs / 2, MM, UU, ldq, out + m0)
+            for (int64_t m0 = 0; m0 < M; m0 += 8) ROW_BLOCK(M - m0, Q4_ROWS, 2, 1);
+#undef Q4_ROWS
         } else
 #endif
         {

@@ -6,7 +6,7 @@ of the weights). Eager elementwise dequantization costs ~10x a bf16 GEMV on CPU,
 format is mapped onto a fused kernel where one exists:
 
 - ``int8`` and ``fp8_block`` with the C kernels built: :class:`Q8RowWeights` (the codes
-  converted in registers as they stream for a few rows; dequantized once per GEMM for more);
+  converted in registers as they stream for up to 64 rows; dequantized once per GEMM for more);
   ``int4`` and ``mxfp4`` likewise: :class:`Q4RowWeights` (values from a 16-entry table).
   The items below are the layouts where the library is not built.
 - ``int8`` otherwise: ``torch._weight_int8pack_mm`` (int8 x per-channel scale) once per K group;
@@ -222,7 +222,7 @@ class Fp8BitsWeights(CpuExpertWeights):
 class Q8RowWeights(CpuExpertWeights):
     """8-bit codes in their row-major checkpoint layout for the C kernels of ``cpu_kernels/quant.c``:
     ``w[n, k] = s[n // bn, k // gs] * q[n, k] (+ b[n // bn, k // gs])``. Up to
-    :data:`cpu_kernels.Q8_GEMM_MAX_ROWS` rows stream the codes once, converted in registers
+    :attr:`stream_rows` rows stream the codes once, converted in registers
     (:func:`cpu_kernels.q8_gemm`: decode reads half the bytes of bf16); more rows dequantize the
     expert to x's dtype once for a GEMM (:func:`cpu_kernels.q8_dequant`).
 
@@ -230,6 +230,11 @@ class Q8RowWeights(CpuExpertWeights):
     ``(128 - z) * s`` as ``b``), one scale row per weight row. fp8_block: ``q`` the e4m3 bits, read
     as value * 2^-8, so ``s`` is ``weight_scale_inv * 2^8`` per (row block, K block).
     """
+
+    # streamed up to this many rows (converted once per 8 rows, FMAs per row), dequantized for a
+    # GEMM beyond: on 48 concurrent Mixtral-shaped requests int8 took 7.8 s streaming up to 8 rows,
+    # 6.6 s up to 16-64; fp8 the same either way (7.1 s)
+    stream_rows = 64
 
     def __init__(self, fmt: WeightFormat, packed: Mapping[str, torch.Tensor]):
         e, N, K = fmt.logical_shape(packed)
@@ -260,7 +265,7 @@ class Q8RowWeights(CpuExpertWeights):
 
     def matmul(self, x_MK: torch.Tensor, e: int) -> torch.Tensor:
         b = None if self.b_eBG is None else self.b_eBG[e]
-        if x_MK.shape[0] <= cpu_kernels.Q8_GEMM_MAX_ROWS and x_MK.dtype in (torch.float32, torch.bfloat16):
+        if x_MK.shape[0] <= self.stream_rows and x_MK.dtype in (torch.float32, torch.bfloat16):
             return cpu_kernels.q8_gemm(x_MK, self.q_eNK[e], self.code, self.s_eBG[e], b, self.gs, self.bn)
         dtype = x_MK.dtype if x_MK.dtype in (torch.float32, torch.bfloat16) else torch.float32
         w = cpu_kernels.q8_dequant(self.q_eNK[e], self.code, self.s_eBG[e], b, self.gs, self.bn, dtype)
@@ -280,6 +285,9 @@ class Q4RowWeights(CpuExpertWeights):
     """
 
     lut_int4 = torch.arange(16, dtype=torch.float32)
+    # the 4-bit conversion costs more per row block: on 48 concurrent Mixtral-shaped requests int4
+    # took 6.4 s streaming up to 8 rows, 7.4 s up to 16 or 64
+    stream_rows = 8
 
     def __init__(self, fmt: WeightFormat, packed: Mapping[str, torch.Tensor]):
         e, N, K = fmt.logical_shape(packed)
@@ -311,7 +319,7 @@ class Q4RowWeights(CpuExpertWeights):
 
     def matmul(self, x_MK: torch.Tensor, e: int) -> torch.Tensor:
         b = None if self.b_eBG is None else self.b_eBG[e]
-        if x_MK.shape[0] <= cpu_kernels.Q8_GEMM_MAX_ROWS and x_MK.dtype in (torch.float32, torch.bfloat16):
+        if x_MK.shape[0] <= self.stream_rows and x_MK.dtype in (torch.float32, torch.bfloat16):
             return cpu_kernels.q4_gemm(x_MK, self.q_eNK2[e], self.lut, self.s_eBG[e], b, self.gs)
         dtype = x_MK.dtype if x_MK.dtype in (torch.float32, torch.bfloat16) else torch.float32
         w = cpu_kernels.q4_dequant(self.q_eNK2[e], self.lut, self.s_eBG[e], b, self.gs, dtype)

@@ -97,15 +97,15 @@ def test_triton_gpt_oss_bias_and_expert_parallel(case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=_name)
 def test_torch_path_matches_reference(case, dtype: torch.dtype, q8_kernels, monkeypatch):
-    # int8 and fp8 take the C kernels' layout where they are built (up to 8 rows per expert streamed,
-    # more dequantized once: 40 tokens give experts more than 8), torch's ops otherwise
+    # int8/fp8 and int4/mxfp4 take the C kernels' layouts where they are built (up to 64 or 8 rows per
+    # expert streamed, more dequantized once: 40 and 200 tokens give experts more), torch's ops otherwise
     import cpu_kernels
 
     if not q8_kernels:
         monkeypatch.setattr(cpu_kernels, "q8_available", lambda: False)
     fmt, D, F = case
     E = 5
-    for T, K, prepared in ((11, 1, False), (11, 2, True), (40, 2, True)):
+    for T, K, prepared in ((11, 1, False), (11, 2, True), (40, 2, True), (200, 2, True)):
         x, w13, w2, weights, ids, _, _ = _make_moe(fmt, T, D, F, E, K, dtype, bias=False, seed=K)
         ref = _reference(fmt, x, w13, w2, weights, ids)
         if prepared:  # the compute layout built once, as an engine would
@@ -142,3 +142,29 @@ def test_torch_path_bias_clamp_and_layout_choice(monkeypatch):
     assert type(prepare_cpu(Fp8BlockWeights(), Fp8BlockWeights().quantize(torch.randn(2, 64, 64)))) is Fp8BitsWeights
     assert isinstance(prepare_cpu(Mxfp4Weights(), Mxfp4Weights().quantize(torch.randn(2, 32, 64))),
                       Int4TinyGemmWeights)
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 8, 9, 20, 64])
+def test_packed_gemm_kernels_match_their_dequantized_weights(M):
+    # the C kernels' row blocks (eight x rows at a time against each weight row, unrolled per count)
+    # against x @ w.T with the weight they dequantize; int8 with offsets, fp8 blocks, int4 and mxfp4
+    import cpu_kernels
+
+    if not cpu_kernels.q8_available():
+        pytest.skip("the C kernels are not built here (no compiler)")
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, 256, generator=g)
+    for fmt in (Int8Weights(64, symmetric=False), Fp8BlockWeights(), Int4Weights(32), Mxfp4Weights()):
+        packed = fmt.quantize(torch.randn(1, 128, 256, generator=g))
+        w = prepare_cpu(fmt, packed)
+        assert isinstance(w, (Q8RowWeights, Q4RowWeights)), fmt.name
+        if isinstance(w, Q8RowWeights):
+            b = None if w.b_eBG is None else w.b_eBG[0]
+            y = cpu_kernels.q8_gemm(x, w.q_eNK[0], w.code, w.s_eBG[0], b, w.gs, w.bn)
+            dense = cpu_kernels.q8_dequant(w.q_eNK[0], w.code, w.s_eBG[0], b, w.gs, w.bn, torch.float32)
+        else:
+            b = None if w.b_eBG is None else w.b_eBG[0]
+            y = cpu_kernels.q4_gemm(x, w.q_eNK2[0], w.lut, w.s_eBG[0], b, w.gs)
+            dense = cpu_kernels.q4_dequant(w.q_eNK2[0], w.lut, w.s_eBG[0], b, w.gs, torch.float32)
+        torch.testing.assert_close(dense, fmt.dequantize({k: v[0] for k, v in packed.items()}), msg=fmt.name)
+        torch.testing.assert_close(y, x @ dense.T, atol=1e-4, rtol=1e-4, msg=fmt.name)
