@@ -6,7 +6,7 @@ of the weights). Eager elementwise dequantization costs ~10x a bf16 GEMV on CPU,
 format is mapped onto a fused kernel where one exists:
 
 - ``int8`` and ``fp8_block`` with the C kernels built: :class:`Q8RowWeights` (the codes
-  converted in registers as they stream for up to 64 rows; dequantized once per GEMM for more);
+  converted in registers as they stream for up to 12 rows; dequantized once per GEMM for more);
   ``int4`` and ``mxfp4`` likewise: :class:`Q4RowWeights` (values from a 16-entry table).
   The items below are the layouts where the library is not built.
 - ``int8`` otherwise: ``torch._weight_int8pack_mm`` (int8 x per-channel scale) once per K group;
@@ -231,10 +231,10 @@ class Q8RowWeights(CpuExpertWeights):
     as value * 2^-8, so ``s`` is ``weight_scale_inv * 2^8`` per (row block, K block).
     """
 
-    # streamed up to this many rows (converted once per 8 rows, FMAs per row), dequantized for a
-    # GEMM beyond: on 48 concurrent Mixtral-shaped requests int8 took 7.8 s streaming up to 8 rows,
-    # 6.6 s up to 16-64; fp8 the same either way (7.1 s)
-    stream_rows = 64
+    # streamed up to this many rows (codes converted once per 8 rows, FMAs per row), dequantized
+    # for a GEMM beyond. One Mixtral-shaped w13 (5632 x 1024, int8 g128), ms: 8 rows 0.54 streamed
+    # vs 0.96 dequantized, 12 rows 0.83 vs 0.95, 16 rows 1.19 vs 0.94, 32 rows 2.81 vs 1.08
+    stream_rows = 12
 
     def __init__(self, fmt: WeightFormat, packed: Mapping[str, torch.Tensor]):
         e, N, K = fmt.logical_shape(packed)
@@ -285,8 +285,8 @@ class Q4RowWeights(CpuExpertWeights):
     """
 
     lut_int4 = torch.arange(16, dtype=torch.float32)
-    # the 4-bit conversion costs more per row block: on 48 concurrent Mixtral-shaped requests int4
-    # took 6.4 s streaming up to 8 rows, 7.4 s up to 16 or 64
+    # as Q8RowWeights.stream_rows; the 4-bit conversion costs more per row block (int4 g128, ms:
+    # 8 rows 0.77 streamed vs 0.81 dequantized, 16 rows 2.15 vs 0.81)
     stream_rows = 8
 
     def __init__(self, fmt: WeightFormat, packed: Mapping[str, torch.Tensor]):
