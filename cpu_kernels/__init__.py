@@ -136,6 +136,10 @@ def _build() -> ctypes.CDLL:
     lib.moe_amx_moe.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr,
                                 ctypes.c_int]
     lib.moe_amx_moe.restype = ctypes.c_int
+    lib.moe_amx_moe_packed.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ptr, i64, i64,
+                                       ptr, i64, i64, ptr, ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64,
+                                       ptr, ptr, ptr, ptr, ptr, ctypes.c_int]
+    lib.moe_amx_moe_packed.restype = ctypes.c_int
     lib.moe_amx_heads.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_int, ptr, i64, i64, ptr,
                                   ctypes.c_int]
     lib.moe_amx_heads.restype = ctypes.c_int
@@ -876,3 +880,46 @@ def quant_moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Te
     if rc != 0:
         return None
     return (tail[1], out) if residual is not None else out
+
+
+def amx_moe_packed(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, fmt: int,
+                   lut: torch.Tensor | None, gs: int, bn: int,
+                   w13: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+                   w2: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> torch.Tensor | None:
+    """:func:`amx_moe` on packed experts (``(codes, scales, offsets)`` stacked over experts as
+    :func:`quant_moe_token` takes them): every 16-row weight block dequantized to bf16 into a
+    buffer the AMX tiles read, so the packed bytes are what streams. Results equal dequantize ->
+    GEMM -> combine up to the order of float32 sums. None when the kernel does not apply (no AMX,
+    a dim not a multiple of 32, an expert given more than :data:`AMX_MAX_ROWS` rows)."""
+    if x_TD.dtype != torch.bfloat16 or x_TD.dim() != 2 or not amx_available() or x_TD.stride(-1) != 1:
+        return None
+    (q13, s13, b13), (q2, s2, b2) = w13, w2
+    pack = 2 if lut is not None else 1
+    E, F2, D = q13.shape[0], q13.shape[1], q13.shape[2] * pack
+    F = F2 // 2
+    T, K = ids_TK.shape
+    if (D % 32 or F % 32 or x_TD.shape[1] != D or q2.shape != (E, D, F // pack) or weights_TK.shape != (T, K)
+            or T * K > E * AMX_MAX_ROWS):
+        return None
+    for q, sc, off in (w13, w2):
+        if not q.is_contiguous() or not sc.is_contiguous() or (off is not None and not off.is_contiguous()):
+            return None
+        if lut is None:  # the per-expert layout (raises when it does not fit)
+            _q8_args(q[0], sc[0], None if off is None else off[0], gs, bn)
+        else:
+            _q4_args(q[0], lut, sc[0], None if off is None else off[0], gs)
+    ids = ids_TK.to(torch.int64).contiguous()
+    wts = weights_TK.to(torch.float32).contiguous()
+    out = torch.empty(T, D, dtype=torch.bfloat16)
+    xp = torch.empty((T * K + 16 * E) * D, dtype=torch.bfloat16)
+    ap = torch.empty(2 * 4 * F * 16, dtype=torch.bfloat16)
+    acc = torch.empty(T * D, dtype=torch.float32)
+    rows = torch.empty(2 * T * K, dtype=torch.int64)
+    rc = _lib.moe_amx_moe_packed(
+        x_TD.data_ptr(), x_TD.stride(0), T, ids.data_ptr(), wts.data_ptr(), K, E, D, F, fmt,
+        lut.data_ptr() if lut is not None else None, gs, bn,
+        q13.data_ptr(), q13.stride(0), q13.stride(1), s13.data_ptr(), b13.data_ptr() if b13 is not None else None,
+        s13.stride(0), s13.shape[-1], q2.data_ptr(), q2.stride(0), q2.stride(1), s2.data_ptr(),
+        b2.data_ptr() if b2 is not None else None, s2.stride(0), s2.shape[-1],
+        out.data_ptr(), xp.data_ptr(), ap.data_ptr(), acc.data_ptr(), rows.data_ptr(), torch.get_num_threads())
+    return out if rc == 0 else None

@@ -14,7 +14,7 @@
  * sums (bit-identical in the tests). Built where the compiler targets AMX-BF16 (-march=native on
  * such a CPU); moe_amx_init asks Linux for the tile state and returns -1 where it is refused or
  * not built, and every entry returns -1 when built without AMX. */
-#include "simd.h"
+#include "kernels.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define HAVE_AMX 1
@@ -91,15 +91,40 @@ static void dot_block(const uint16_t *w, int64_t ldw, int64_t K, const uint16_t 
     if (ntb > 3) _tile_stored(3, c + 768, 64);
 }
 
+/* Where an expert's weight rows come from: bf16 in place (w != NULL: expert e at w + e * s, rows of
+ * K), or packed codes (quant.c's layouts: int8/fp8 codes, or 4-bit ones with a value table)
+ * dequantized to bf16 sixteen rows at a time into the thread's buffer, an A tile's worth of rows,
+ * so the packed bytes are what streams from memory. */
+typedef struct {
+    const uint16_t *w;
+    int64_t s;
+    const char *q;       /* codes: expert e at q + e * eq bytes, rows ldq bytes apart */
+    int64_t eq, ldq;
+    int fmt;             /* Q_INT8 / Q_FP8 codes (lut NULL), or 4-bit through lut */
+    const float *lut, *sc, *off;  /* scales (offsets or NULL): expert e at + e * es, rows of G */
+    int64_t es, G, gs, bn;
+} wsrc;
+
+/* rows r0 .. r0+15 of expert e's [N, K] weight, bf16 with row stride K */
+static const uint16_t *rows16(const wsrc *src, int64_t e, int64_t r0, int64_t K, uint16_t *buf) {
+    if (src->w) return src->w + e * src->s + r0 * K;
+    const char *q = src->q + e * src->eq + r0 * src->ldq;
+    const float *sc = src->sc + e * src->es + (r0 / src->bn) * src->G;
+    const float *off = src->off ? src->off + e * src->es + (r0 / src->bn) * src->G : NULL;
+    if (src->lut) moe_q4_dequant((const uint8_t *)q, src->ldq, src->lut, sc, off, src->G, src->gs, 16, K, buf, BF16, 1);
+    else moe_q8_dequant((const int8_t *)q, src->ldq, src->fmt, sc, off, src->G, src->gs, src->bn, 16, K, buf, BF16, 1);
+    return buf;
+}
+
 /* bf16 bits of 16 floats already rounded to bf16 (low halves zero) */
 static inline __m512i bits(__m512 v) { return _mm512_castps_si512(v); }
 
 /* Gate/up rows [16i, 16i+16) and [F+16i, F+16i+16) of one expert: a = silu(g) * u, written as the
  * down GEMM's B tiles a_p[tb][F/32][16][16][2] (two activation rows make one row of pairs). */
-static void gate_up_block(const uint16_t *w13, int64_t D, int64_t F, int64_t i, const uint16_t *xp, int ntb,
-                          uint16_t *ap, float *cg, float *cu) {
-    dot_block(w13 + 16 * i * D, D, D, xp, (D / KC) * TILE, ntb, cg);
-    dot_block(w13 + (F + 16 * i) * D, D, D, xp, (D / KC) * TILE, ntb, cu);
+static void gate_up_block(const wsrc *w13, int64_t e, int64_t D, int64_t F, int64_t i, const uint16_t *xp, int ntb,
+                          uint16_t *ap, float *cg, float *cu, uint16_t *wbuf) {
+    dot_block(rows16(w13, e, 16 * i, D, wbuf), D, D, xp, (D / KC) * TILE, ntb, cg);
+    dot_block(rows16(w13, e, F + 16 * i, D, wbuf), D, D, xp, (D / KC) * TILE, ntb, cu);
     for (int tb = 0; tb < ntb; tb++) {
         for (int r = 0; r < 16; r += 2) {
             __m512 a[2];
@@ -139,9 +164,10 @@ static void store_block(const float *c, int64_t m, int64_t j, const uint16_t *bi
 /* Down rows [16j, 16j+16) for the expert's m tokens: y[t, 16j:16j+16] (bf16), or, combining
  * (tok given), acc[tok[t], 16j:16j+16] += bf16(bf16(y) * bf16 weight w[t]) in float32 -- the
  * combine's weighting and index_add_. */
-static void down_block(const uint16_t *w2, int64_t F, int64_t j, const uint16_t *ap, int ntb, int64_t m,
-                       uint16_t *y, int64_t ldy, const int64_t *tok, const float *w, float *acc, float *c) {
-    dot_block(w2 + 16 * j * F, F, F, ap, (F / KC) * TILE, ntb, c);
+static void down_block(const wsrc *w2, int64_t e, int64_t F, int64_t j, const uint16_t *ap, int ntb, int64_t m,
+                       uint16_t *y, int64_t ldy, const int64_t *tok, const float *w, float *acc, float *c,
+                       uint16_t *wbuf) {
+    dot_block(rows16(w2, e, 16 * j, F, wbuf), F, F, ap, (F / KC) * TILE, ntb, c);
     if (!tok) {
         store_block(c, m, j, NULL, y, ldy, BF16);
         return;
@@ -169,7 +195,7 @@ int moe_amx_init(void) {
  * when idx is given): y rows (plain) or, with tok/w/acc/out, the weighted sum per token into
  * out [T, D] bf16 (acc: float32 scratch [T, D]). */
 static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, const int64_t *counts, int64_t E,
-                        int64_t D, int64_t F, const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2,
+                        int64_t D, int64_t F, const wsrc *w13, const wsrc *w2,
                         uint16_t *y, int64_t ldy, const int64_t *tok, const float *w, float *acc, uint16_t *out,
                         int64_t T, uint16_t *xp, uint16_t *ap, int num_threads) {
     int64_t starts[E + 1], xoff[E + 1];
@@ -183,6 +209,8 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
     {
         configure_tiles();
         float c0[MAX_TB * 256], c1[MAX_TB * 256];
+        /* a packed weight's 16 dequantized rows (of D for gate/up, of F for down) */
+        uint16_t *wbuf = (w13->w && w2->w) ? NULL : malloc(sizeof(uint16_t) * 16 * (size_t)(D > F ? D : F));
         if (tok) {  /* each thread zeroes the columns its down blocks add to (the same static split) */
 #pragma omp for schedule(static) nowait
             for (int64_t j = 0; j < D / 16; j++)
@@ -207,11 +235,11 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
              * last, the one that read this activation buffer */
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < F / 16; i++)
-                gate_up_block(w13 + e * s13, D, F, i, xp + xoff[e], ntb, a, c0, c1);
+                gate_up_block(w13, e, D, F, i, xp + xoff[e], ntb, a, c0, c1, wbuf);
 #pragma omp for schedule(static) nowait
             for (int64_t j = 0; j < D / 16; j++)
-                down_block(w2 + e * s2, F, j, a, ntb, m, y ? y + starts[e] * ldy : NULL, tok ? D : ldy,
-                           tok ? tok + starts[e] : NULL, w ? w + starts[e] : NULL, acc, c0);
+                down_block(w2, e, F, j, a, ntb, m, y ? y + starts[e] * ldy : NULL, tok ? D : ldy,
+                           tok ? tok + starts[e] : NULL, w ? w + starts[e] : NULL, acc, c0, wbuf);
             buf ^= 1;
         }
         if (tok) {  /* a token's sum rounded once, by the thread that summed those columns */
@@ -219,6 +247,7 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
             for (int64_t j = 0; j < D / 16; j++)
                 for (int64_t t = 0; t < T; t++) store16(out + t * D + 16 * j, _mm512_loadu_ps(acc + t * D + 16 * j), BF16);
         }
+        free(wbuf);
         _tile_release();
     }
 }
@@ -234,8 +263,8 @@ int moe_amx_experts(const uint16_t *x, int64_t ldx, const int64_t *counts, int64
                     const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2, uint16_t *y, int64_t ldy,
                     uint16_t *xp, uint16_t *ap, int num_threads) {
 #if defined(HAVE_AMX)
-    run_experts(x, ldx, NULL, counts, E, D, F, w13, s13, w2, s2, y, ldy, NULL, NULL, NULL, NULL, 0, xp, ap,
-                num_threads);
+    const wsrc a13 = {.w = w13, .s = s13}, a2 = {.w = w2, .s = s2};
+    run_experts(x, ldx, NULL, counts, E, D, F, &a13, &a2, y, ldy, NULL, NULL, NULL, NULL, 0, xp, ap, num_threads);
     return 0;
 #else
     (void)x; (void)ldx; (void)counts; (void)E; (void)D; (void)F; (void)w13; (void)s13; (void)w2; (void)s2;
@@ -251,10 +280,11 @@ int moe_amx_experts(const uint16_t *x, int64_t ldx, const int64_t *counts, int64
  * xp of (T*K + 16*E) * D bf16, ap as moe_amx_experts, acc of T*D float32, rows of 2*T*K int64.
  * Returns 0; -1 without AMX; -2 when an expert gets more than 64 rows, -3 for an id out of range
  * (nothing written: use the dispatcher). */
-int moe_amx_moe(const uint16_t *x, int64_t ldx, int64_t T, const int64_t *ids, const float *wts, int64_t K,
-                int64_t E, int64_t D, int64_t F, const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2,
-                uint16_t *out, uint16_t *xp, uint16_t *ap, float *acc, int64_t *rows, int num_threads) {
 #if defined(HAVE_AMX)
+/* dispatch, experts and combine of moe_amx_moe with weights from w13 and w2 */
+static int run_moe(const uint16_t *x, int64_t ldx, int64_t T, const int64_t *ids, const float *wts, int64_t K,
+                   int64_t E, int64_t D, int64_t F, const wsrc *w13, const wsrc *w2, uint16_t *out, uint16_t *xp,
+                   uint16_t *ap, float *acc, int64_t *rows, int num_threads) {
     int64_t counts[E], at[E];
     memset(counts, 0, sizeof counts);
     for (int64_t i = 0; i < T * K; i++) {
@@ -274,11 +304,47 @@ int moe_amx_moe(const uint16_t *x, int64_t ldx, int64_t T, const int64_t *ids, c
         tok[r] = i / K;
         w[r] = bf16_to_f32(f32_to_bf16(wts[i]));
     }
-    run_experts(x, ldx, tok, counts, E, D, F, w13, s13, w2, s2, NULL, 0, tok, w, acc, out, T, xp, ap, num_threads);
+    run_experts(x, ldx, tok, counts, E, D, F, w13, w2, NULL, 0, tok, w, acc, out, T, xp, ap, num_threads);
     return 0;
+}
+#endif
+
+int moe_amx_moe(const uint16_t *x, int64_t ldx, int64_t T, const int64_t *ids, const float *wts, int64_t K,
+                int64_t E, int64_t D, int64_t F, const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2,
+                uint16_t *out, uint16_t *xp, uint16_t *ap, float *acc, int64_t *rows, int num_threads) {
+#if defined(HAVE_AMX)
+    const wsrc a13 = {.w = w13, .s = s13}, a2 = {.w = w2, .s = s2};
+    return run_moe(x, ldx, T, ids, wts, K, E, D, F, &a13, &a2, out, xp, ap, acc, rows, num_threads);
 #else
     (void)x; (void)ldx; (void)T; (void)ids; (void)wts; (void)K; (void)E; (void)D; (void)F; (void)w13; (void)s13;
     (void)w2; (void)s2; (void)out; (void)xp; (void)ap; (void)acc; (void)rows; (void)num_threads;
+    return -1;
+#endif
+}
+
+/* moe_amx_moe on packed experts (quant.c's layouts): codes of expert e at q13 + e * eq13 bytes
+ * ([2F, D] rows of ldq13 bytes) and q2 + e * eq2 ([D, F]); scales (offsets or NULL) at
+ * s13 + e * es13 ([2F / bn, G13]) and s2 + e * es2; fmt Q_INT8 / Q_FP8, or 4-bit codes through
+ * lut. Each 16-row weight block is dequantized to bf16 (rounded once, as moe_q8_dequant /
+ * moe_q4_dequant) into a buffer the tiles read, so results equal dequantize-then-GEMM up to the
+ * order of float32 sums. Returns as moe_amx_moe. */
+int moe_amx_moe_packed(const uint16_t *x, int64_t ldx, int64_t T, const int64_t *ids, const float *wts, int64_t K,
+                       int64_t E, int64_t D, int64_t F, int fmt, const float *lut, int64_t gs, int64_t bn,
+                       const char *q13, int64_t eq13, int64_t ldq13, const float *s13, const float *b13, int64_t es13,
+                       int64_t G13, const char *q2, int64_t eq2, int64_t ldq2, const float *s2, const float *b2,
+                       int64_t es2, int64_t G2, uint16_t *out, uint16_t *xp, uint16_t *ap, float *acc, int64_t *rows,
+                       int num_threads) {
+#if defined(HAVE_AMX)
+    const wsrc a13 = {.q = q13, .eq = eq13, .ldq = ldq13, .fmt = fmt, .lut = lut, .sc = s13, .off = b13, .es = es13,
+                      .G = G13, .gs = gs, .bn = bn};
+    const wsrc a2 = {.q = q2, .eq = eq2, .ldq = ldq2, .fmt = fmt, .lut = lut, .sc = s2, .off = b2, .es = es2,
+                     .G = G2, .gs = gs, .bn = bn};
+    return run_moe(x, ldx, T, ids, wts, K, E, D, F, &a13, &a2, out, xp, ap, acc, rows, num_threads);
+#else
+    (void)x; (void)ldx; (void)T; (void)ids; (void)wts; (void)K; (void)E; (void)D; (void)F; (void)fmt; (void)lut;
+    (void)gs; (void)bn; (void)q13; (void)eq13; (void)ldq13; (void)s13; (void)b13; (void)es13; (void)G13; (void)q2;
+    (void)eq2; (void)ldq2; (void)s2; (void)b2; (void)es2; (void)G2; (void)out; (void)xp; (void)ap; (void)acc;
+    (void)rows; (void)num_threads;
     return -1;
 #endif
 }

@@ -19,6 +19,10 @@ int moe_add_rms_norm(const void *h, const void *d, const void *w, void *h_out, v
 int moe_silu_mul(const void *gate, const void *up, void *out, int dtype, int64_t A, int64_t B, int64_t C,
                  int64_t g_sa, int64_t g_sb, int64_t u_sa, int64_t u_sb, int64_t o_sa, int64_t o_sb,
                  int num_threads);
+int moe_q8_dequant(const int8_t *q, int64_t ldq, int fmt, const float *s, const float *b, int64_t G, int64_t gs,
+                   int64_t bn, int64_t N, int64_t K, void *out, int odtype, int num_threads);
+int moe_q4_dequant(const uint8_t *q, int64_t ldq, const float *lut, const float *s, const float *b, int64_t G,
+                   int64_t gs, int64_t N, int64_t K, void *out, int odtype, int num_threads);
 int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, int dtype,
                      int64_t B, int64_t H, int64_t Hkv, int64_t Dk, int64_t Dv,
                      int64_t k_sblock, int64_t k_sslot, int64_t k_shead,

@@ -157,15 +157,27 @@ int moe_q8_gemm(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t l
     return 0;
 }
 
-/* The weight itself: out[n, k] = w[n, k] in odtype (row stride K), rounded once. Returns 0. */
-int moe_q8_dequant(const int8_t *q, int64_t ldq, int fmt, const float *s, const float *b, int64_t G, int64_t gs,
-                   int64_t bn, int64_t N, int64_t K, void *out, int odtype, int num_threads) {
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (N * K >= 65536)
-    for (int64_t n = 0; n < N; n++) {
+/* The weight itself: out[n, k] = w[n, k] in odtype (row stride K), rounded once (to bf16 with
+ * AVX512-BF16's conversion: nearest even, denormals flushed to zero). Returns 0. */
+static inline void q8_dequant_row(const int8_t *q, int64_t ldq, int fmt, const float *s, const float *b, int64_t G,
+                                  int64_t gs, int64_t bn, int64_t n, int64_t K, void *out, int odtype) {
         const int8_t *qn = q + n * ldq;
         const float *sn = s + (n / bn) * G, *bnr = b ? b + (n / bn) * G : NULL;
         char *o = (char *)out + (size_t)(n * K) * (odtype == BF16 ? 2 : 4);
         int64_t k = 0;
+#if defined(__AVX512BF16__)
+        if (odtype == BF16 && gs % 32 == 0) /* 32 at a time, one rounding instruction for both halves */
+            for (; k + 32 <= K; k += 32) {
+                const int64_t g = k / gs;
+                __m512 w0 = _mm512_mul_ps(codes16(qn + k, fmt), _mm512_set1_ps(sn[g]));
+                __m512 w1 = _mm512_mul_ps(codes16(qn + k + 16, fmt), _mm512_set1_ps(sn[g]));
+                if (bnr) {
+                    w0 = _mm512_add_ps(w0, _mm512_set1_ps(bnr[g]));
+                    w1 = _mm512_add_ps(w1, _mm512_set1_ps(bnr[g]));
+                }
+                _mm512_storeu_si512(o + k * 2, (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
+            }
+#endif
 #if defined(__AVX512F__)
         if (gs % 16 == 0)
             for (; k + 16 <= K; k += 16) {
@@ -182,7 +194,16 @@ int moe_q8_dequant(const int8_t *q, int64_t ldq, int fmt, const float *s, const 
             if (odtype == BF16) ((uint16_t *)o)[k] = f32_to_bf16(w);
             else ((float *)o)[k] = w;
         }
+}
+
+int moe_q8_dequant(const int8_t *q, int64_t ldq, int fmt, const float *s, const float *b, int64_t G, int64_t gs,
+                   int64_t bn, int64_t N, int64_t K, void *out, int odtype, int num_threads) {
+    if (num_threads <= 1 || N * K < 65536) { /* no parallel region (called per tile block by amx.c) */
+        for (int64_t n = 0; n < N; n++) q8_dequant_row(q, ldq, fmt, s, b, G, gs, bn, n, K, out, odtype);
+        return 0;
     }
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) q8_dequant_row(q, ldq, fmt, s, b, G, gs, bn, n, K, out, odtype);
     return 0;
 }
 
@@ -283,11 +304,10 @@ int moe_q4_gemm(const float *x, int64_t M, int64_t K, const uint8_t *q, int64_t 
     return 0;
 }
 
-/* The 4-bit weight itself: out[n, k] = w[n, k] in odtype (row stride K), rounded once. Returns 0. */
-int moe_q4_dequant(const uint8_t *q, int64_t ldq, const float *lut, const float *s, const float *b, int64_t G,
-                   int64_t gs, int64_t N, int64_t K, void *out, int odtype, int num_threads) {
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (N * K >= 65536)
-    for (int64_t n = 0; n < N; n++) {
+/* The 4-bit weight itself: out[n, k] = w[n, k] in odtype (row stride K), rounded once (as
+ * moe_q8_dequant). Returns 0. */
+static inline void q4_dequant_row(const uint8_t *q, int64_t ldq, const float *lut, const float *s, const float *b,
+                                  int64_t G, int64_t gs, int64_t n, int64_t K, void *out, int odtype) {
         const uint8_t *qn = q + n * ldq;
         const float *sn = s + n * G, *bnr = b ? b + n * G : NULL;
         char *o = (char *)out + (size_t)(n * K) * (odtype == BF16 ? 2 : 4);
@@ -308,6 +328,13 @@ int moe_q4_dequant(const uint8_t *q, int64_t ldq, const float *lut, const float 
                     _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bb, low)), lv), sg), bg);
                 const __m512 wh = _mm512_add_ps(_mm512_mul_ps(
                     _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bb, 4), low)), lv), sg), bg);
+#if defined(__AVX512BF16__)
+                if (odtype == BF16) { /* both halves rounded by one instruction */
+                    _mm512_storeu_si512(o + k * esz, (__m512i)_mm512_cvtne2ps_pbh(_mm512_permutex2var_ps(wl, i1, wh),
+                                                                                  _mm512_permutex2var_ps(wl, i0, wh)));
+                    continue;
+                }
+#endif
                 store16(o + k * esz, _mm512_permutex2var_ps(wl, i0, wh), odtype);
                 store16(o + (k + 16) * esz, _mm512_permutex2var_ps(wl, i1, wh), odtype);
             }
@@ -320,7 +347,16 @@ int moe_q4_dequant(const uint8_t *q, int64_t ldq, const float *lut, const float 
             if (odtype == BF16) ((uint16_t *)o)[k] = f32_to_bf16(w);
             else ((float *)o)[k] = w;
         }
+}
+
+int moe_q4_dequant(const uint8_t *q, int64_t ldq, const float *lut, const float *s, const float *b, int64_t G,
+                   int64_t gs, int64_t N, int64_t K, void *out, int odtype, int num_threads) {
+    if (num_threads <= 1 || N * K < 65536) {
+        for (int64_t n = 0; n < N; n++) q4_dequant_row(q, ldq, lut, s, b, G, gs, n, K, out, odtype);
+        return 0;
     }
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) q4_dequant_row(q, ldq, lut, s, b, G, gs, n, K, out, odtype);
     return 0;
 }
 

@@ -223,11 +223,32 @@ class QuantGroupedExperts(SlottedExperts):
                       shared: tuple[torch.Tensor, torch.Tensor] | None = None,
                       residual: cpu_kernels.Residual | None = None):
         """One token (decode at batch 1) through its experts in one C call on the C kernels' layouts
-        (int8, fp8_block, int4, mxfp4) with the arithmetic of dispatch -> :meth:`forward` -> combine, plus a bf16
-        ``shared`` expert's ``(w13, w2)`` added and the ``residual`` tail (as
-        :meth:`GroupedExperts.forward_token`). None: not
-        applicable (other formats, biases, clamped SwiGLU, experts elsewhere): dispatch instead."""
-        if (resolve_backend(self.backend, x_1D.device) != "torch" or self.b13 is not None or self.b2 is not None
+        (int8, fp8_block, int4, mxfp4) with the arithmetic of dispatch -> :meth:`forward` ->
+        combine, plus a bf16 ``shared`` expert's ``(w13, w2)`` added and the ``residual`` tail (as
+        :meth:`GroupedExperts.forward_token`). None: not applicable (other formats, biases,
+        clamped SwiGLU, experts elsewhere): dispatch instead."""
+        w = self._one_call_layouts(x_1D)
+        if w is None:
+            return None
+        w13, w2 = w
+        return cpu_kernels.quant_moe_token(x_1D, ids_K, weights_K, *w13.kernel, w13.token_args(), w2.token_args(),
+                                           shared, residual)
+
+    def forward_local(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor | None:
+        """Dispatch, experts and combine of a decode-sized step (every expert <= 64 rows) in one C
+        call on CPUs with AMX (:func:`cpu_kernels.amx_moe_packed`: 16 weight rows dequantized at a
+        time for the tiles); None where that does not apply (then dispatch)."""
+        w = self._one_call_layouts(x_TD)
+        if w is None:
+            return None
+        fmt, lut, gs, bn = w[0].kernel
+        return cpu_kernels.amx_moe_packed(x_TD, ids_TK, weights_TK, fmt, lut, gs, bn, w[0].token_args(),
+                                          w[1].token_args())
+
+    def _one_call_layouts(self, x: torch.Tensor) -> tuple | None:
+        """The CPU layouts when the one-call C paths apply (C kernels' layouts, no biases, plain
+        SwiGLU, every expert here), else None."""
+        if (resolve_backend(self.backend, x.device) != "torch" or self.b13 is not None or self.b2 is not None
                 or self.activation != Activation() or self.slot_experts != tuple(range(self.num_experts))):
             return None
         if self._cpu is None:
@@ -235,8 +256,7 @@ class QuantGroupedExperts(SlottedExperts):
         w13, w2 = self._cpu
         if type(w13) is not type(w2) or not isinstance(w13, (Q8RowWeights, Q4RowWeights)):
             return None
-        return cpu_kernels.quant_moe_token(x_1D, ids_K, weights_K, *w13.kernel, w13.token_args(), w2.token_args(),
-                                           shared, residual)
+        return w13, w2
 
     def forward(self, x_RD: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
         backend = resolve_backend(self.backend, x_RD.device)

@@ -430,3 +430,45 @@ def test_one_token_in_one_call_equals_dispatch_experts_combine(fmt, k, monkeypat
     ops = d.combine(layer(x_RD, counts), meta)
     shared = cpu_kernels.expert_token(x[0], [sh13], [sh2], [1.0])  # the shared expert's one-call path
     assert torch.equal(fast, ops) and torch.equal(fast_shared, ops + shared)
+
+
+@pytest.mark.parametrize("fmt", [Int8Weights(32), Int8Weights(64, symmetric=False), Fp8BlockWeights(), Int4Weights(32),
+                                 Int4Weights(128, symmetric=False), Mxfp4Weights()],
+                         ids=lambda f: f"{f.name}-{getattr(f, 'group_size', 128)}-{getattr(f, 'symmetric', True)}")
+def test_decode_sized_step_in_one_amx_call_equals_dequantize_then_dispatch(fmt):
+    # 2-64 rows per expert on packed experts: one AMX call, each 16-row weight block dequantized to
+    # bf16 for the tiles; against the dispatcher over the dequantized bf16 weights (the same rounded
+    # weights, float32 sums in another order)
+    import cpu_kernels
+    from experts import GroupedExperts
+    from parallel import init_single_process, make_moe_dispatcher
+
+    init_single_process()
+    E, D, F, T, k = 6, 128, 256, 37, 2
+    g = torch.Generator().manual_seed(7)
+    layer = QuantGroupedExperts(E, D, F, fmt, dtype=torch.bfloat16)
+    params = dict(layer.named_parameters())
+    dense = GroupedExperts(E, D, F, dtype=torch.bfloat16)
+    for shard, shape in (("gate", (E, F, D)), ("up", (E, F, D)), ("down", (E, D, F))):
+        packed = fmt.quantize(torch.randn(*shape, generator=g) / 8)
+        for t, v in packed.items():
+            layer.weight_loader(params[f"{t}_{'w2' if shard == 'down' else 'w13'}"], v, shard, None)
+        w = fmt.dequantize(packed).bfloat16()
+        if shard == "down":
+            dense.w2.data.copy_(w)
+        else:
+            dense.w13.data[:, slice(0, F) if shard == "gate" else slice(F, 2 * F)].copy_(w)
+    layer.post_load()
+    x = torch.randn(T, D, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    w = torch.softmax(torch.randn(T, k, generator=g), -1)
+    got = layer.forward_local(x, ids, w)
+    if not cpu_kernels.amx_available():
+        assert got is None
+        return
+    d = make_moe_dispatcher(E)
+    x_RD, counts, meta = d.dispatch(x, ids, w)
+    want = d.combine(dense(x_RD, counts), meta)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    assert (got == want).float().mean() > 0.9  # the same bf16 weights and roundings but for the sums' order
