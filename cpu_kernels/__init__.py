@@ -547,6 +547,16 @@ def amx_experts(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor, w
     return y
 
 
+def _amx_moe_buffers(ids_TK: torch.Tensor, weights_TK: torch.Tensor, E: int, D: int, F: int) -> tuple:
+    """ids int64 and weights float32 (contiguous), then the output and the scratch the AMX MoE
+    calls take: packed tokens, activations, float32 sums, the sort's rows."""
+    T, K = ids_TK.shape
+    return (ids_TK.to(torch.int64).contiguous(), weights_TK.to(torch.float32).contiguous(),
+            torch.empty(T, D, dtype=torch.bfloat16), torch.empty((T * K + 16 * E) * D, dtype=torch.bfloat16),
+            torch.empty(2 * 4 * F * 16, dtype=torch.bfloat16), torch.empty(T * D, dtype=torch.float32),
+            torch.empty(2 * T * K, dtype=torch.int64))
+
+
 def amx_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, w13_e2FD: torch.Tensor,
             w2_eDF: torch.Tensor) -> torch.Tensor | None:
     """Dispatch, SwiGLU experts and combine of a local MoE layer in one call (bf16, AMX): token t
@@ -559,13 +569,7 @@ def amx_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, 
     if dims is None or weights_TK.shape != (T, K) or T * K > dims[0] * AMX_MAX_ROWS:  # (prefill: surely too many)
         return None
     E, D, F = dims
-    ids = ids_TK.to(torch.int64).contiguous()
-    wts = weights_TK.to(torch.float32).contiguous()
-    out = torch.empty(T, D, dtype=torch.bfloat16)
-    xp = torch.empty((T * K + 16 * E) * D, dtype=torch.bfloat16)
-    ap = torch.empty(2 * 4 * F * 16, dtype=torch.bfloat16)
-    acc = torch.empty(T * D, dtype=torch.float32)
-    rows = torch.empty(2 * T * K, dtype=torch.int64)
+    ids, wts, out, xp, ap, acc, rows = _amx_moe_buffers(ids_TK, weights_TK, E, D, F)
     rc = _lib.moe_amx_moe(x_TD.data_ptr(), x_TD.stride(0), T, ids.data_ptr(), wts.data_ptr(), K, E, D, F,
                           w13_e2FD.data_ptr(), w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0), out.data_ptr(),
                           xp.data_ptr(), ap.data_ptr(), acc.data_ptr(), rows.data_ptr(), torch.get_num_threads())
@@ -836,6 +840,25 @@ def q4_dequant(q_NK2: torch.Tensor, lut: torch.Tensor, s_NG: torch.Tensor, b_NG:
     return w
 
 
+def _packed_dims(w13: tuple, w2: tuple, lut: torch.Tensor | None, gs: int, bn: int) -> tuple[int, int, int] | None:
+    """``(E, D, F)`` of packed experts ``w13``/``w2`` (``(codes, scales, offsets)`` each, stacked
+    over experts) when both are contiguous and each expert's slice is the 8-bit (``lut`` None) or
+    4-bit kernels' layout (that check raises on a malformed layout), else None."""
+    pack = 2 if lut is not None else 1
+    E, F2, D = w13[0].shape[0], w13[0].shape[1], w13[0].shape[2] * pack
+    F = F2 // 2
+    if w2[0].shape != (E, D, F // pack):
+        return None
+    for q, sc, off in (w13, w2):
+        if not q.is_contiguous() or not sc.is_contiguous() or (off is not None and not off.is_contiguous()):
+            return None
+        if lut is None:
+            _q8_args(q[0], sc[0], None if off is None else off[0], gs, bn)
+        else:
+            _q4_args(q[0], lut, sc[0], None if off is None else off[0], gs)
+    return E, D, F
+
+
 def quant_moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor, fmt: int,
                     lut: torch.Tensor | None, gs: int, bn: int,
                     w13: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
@@ -851,18 +874,10 @@ def quant_moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Te
     if load() is None:
         return None
     (q13, s13, b13), (q2, s2, b2) = w13, w2
-    pack = 2 if lut is not None else 1
-    E, F2, D = q13.shape[0], q13.shape[1], q13.shape[2] * pack
-    F = F2 // 2
-    if q2.shape != (E, D, F // pack) or x_1D.shape[1] != D:
+    dims = _packed_dims(w13, w2, lut, gs, bn)
+    if dims is None or x_1D.shape[1] != dims[1]:
         return None
-    for q, sc, off in (w13, w2):
-        if not q.is_contiguous() or not sc.is_contiguous() or (off is not None and not off.is_contiguous()):
-            return None
-        if lut is None:  # the per-expert layout (raises when it does not fit)
-            _q8_args(q[0], sc[0], None if off is None else off[0], gs, bn)
-        else:
-            _q4_args(q[0], lut, sc[0], None if off is None else off[0], gs)
+    E, D, F = dims
     args = _moe_token_args(ids_K, weights_K, D, shared, residual)
     if args is None:
         return None
@@ -894,27 +909,14 @@ def amx_moe_packed(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.T
     if x_TD.dtype != torch.bfloat16 or x_TD.dim() != 2 or not amx_available() or x_TD.stride(-1) != 1:
         return None
     (q13, s13, b13), (q2, s2, b2) = w13, w2
-    pack = 2 if lut is not None else 1
-    E, F2, D = q13.shape[0], q13.shape[1], q13.shape[2] * pack
-    F = F2 // 2
+    dims = _packed_dims(w13, w2, lut, gs, bn)
     T, K = ids_TK.shape
-    if (D % 32 or F % 32 or x_TD.shape[1] != D or q2.shape != (E, D, F // pack) or weights_TK.shape != (T, K)
-            or T * K > E * AMX_MAX_ROWS):
+    if dims is None:
         return None
-    for q, sc, off in (w13, w2):
-        if not q.is_contiguous() or not sc.is_contiguous() or (off is not None and not off.is_contiguous()):
-            return None
-        if lut is None:  # the per-expert layout (raises when it does not fit)
-            _q8_args(q[0], sc[0], None if off is None else off[0], gs, bn)
-        else:
-            _q4_args(q[0], lut, sc[0], None if off is None else off[0], gs)
-    ids = ids_TK.to(torch.int64).contiguous()
-    wts = weights_TK.to(torch.float32).contiguous()
-    out = torch.empty(T, D, dtype=torch.bfloat16)
-    xp = torch.empty((T * K + 16 * E) * D, dtype=torch.bfloat16)
-    ap = torch.empty(2 * 4 * F * 16, dtype=torch.bfloat16)
-    acc = torch.empty(T * D, dtype=torch.float32)
-    rows = torch.empty(2 * T * K, dtype=torch.int64)
+    E, D, F = dims
+    if D % 32 or F % 32 or x_TD.shape[1] != D or weights_TK.shape != (T, K) or T * K > E * AMX_MAX_ROWS:
+        return None
+    ids, wts, out, xp, ap, acc, rows = _amx_moe_buffers(ids_TK, weights_TK, E, D, F)
     rc = _lib.moe_amx_moe_packed(
         x_TD.data_ptr(), x_TD.stride(0), T, ids.data_ptr(), wts.data_ptr(), K, E, D, F, fmt,
         lut.data_ptr() if lut is not None else None, gs, bn,
