@@ -104,10 +104,6 @@ class Attention(nn.Module):
 
     def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = x_TD.shape[0]
-        if T == 1 and x_TD.device.type == "cpu" and not self.o_proj.split and self.clip_qkv is None:
-            y = self._forward_token(positions_T, x_TD, ctx)  # batch-1 decode: one C call
-            if y is not None:
-                return y
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x_TD).split([q_size, kv_size, kv_size], dim=-1)
@@ -137,11 +133,6 @@ class Attention(nn.Module):
         ``(h + attn, norm(h + attn))``; None (nothing computed) where that does not apply."""
         if x_TD.shape[0] != 1 or x_TD.device.type != "cpu" or self.o_proj.split or self.clip_qkv is not None:
             return None
-        return self._forward_token(positions_T, x_TD, ctx, (h_TD, norm.weight, norm.eps))
-
-    def _forward_token(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext,
-                       residual: cpu_kernels.Residual | None = None):
-        """:meth:`forward` for one token as :func:`cpu_kernels.gqa_token` (the same arithmetic), or None."""
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         if not isinstance(k_cache, torch.Tensor) or not isinstance(v_cache, torch.Tensor) or ctx.meta.num_seqs != 1:
             return None
@@ -151,7 +142,7 @@ class Attention(nn.Module):
             x_TD, self.qkv_proj.weight, self.qkv_proj.bias, self.num_heads, self.num_kv_heads, self.qk_norm, *norms,
             positions_T, self.rotary.cos, self.rotary.sin, self.rotary.interleaved, k_cache, v_cache,
             ctx.meta.block_tables[0], ctx.meta.context_lens_list[0], ctx.meta.slot_mapping, self.sliding_window,
-            self.sinks, self.scale, self.o_proj.weight, self.o_proj.bias, residual)
+            self.sinks, self.scale, self.o_proj.weight, self.o_proj.bias, (h_TD, norm.weight, norm.eps))
 
 
 _ID_0, _WEIGHT_1 = torch.zeros(1, dtype=torch.int64), torch.ones(1)  # one expert, weight 1
@@ -249,13 +240,8 @@ class SparseMoE(nn.Module):
                  ctx: ForwardContext | None) -> torch.Tensor:
         y_TD = None
         if x_TD.shape[0] == 1 and self.dispatcher.is_local and hasattr(self.experts, "forward_token"):
-            # decode at batch 1: no permutation needed; a plain shared expert joins the same C call
-            se = self.shared_expert
-            if se is not None and se.plain and self.shared_expert_gate is None:
-                y_TD = self.experts.forward_token(x_TD, ids_TK[0], weights_TK[0],
-                                                  (se.gate_up_proj.weight, se.down_proj.weight))
-                if y_TD is not None:
-                    return y_TD
+            # decode at batch 1: no permutation needed (with a plain shared expert and the residual
+            # tail the block is one call: forward_then_norm)
             y_TD = self.experts.forward_token(x_TD, ids_TK[0], weights_TK[0])
         elif self.dispatcher.is_local and hasattr(self.experts, "forward_local"):
             # decode-sized steps on CPU: dispatch, experts and combine in one call (None: not applicable)

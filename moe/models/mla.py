@@ -55,10 +55,6 @@ class MLAttention(nn.Module):
 
     def forward(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T, H = x_TD.shape[0], self.num_heads
-        if T == 1 and x_TD.device.type == "cpu" and self._one_call:
-            y = self._forward_token(positions_T, x_TD, ctx)
-            if y is not None:
-                return y
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_TD))) if self.q_lora else self.q_proj(x_TD)
         q_nope, q_pe = q.view(T, H, self.nope + self.rope_dim).split([self.nope, self.rope_dim], dim=-1)
         latent = self.kv_a_proj_with_mqa(x_TD)
@@ -142,11 +138,6 @@ class MLAttention(nn.Module):
         ``(h + attn, norm(h + attn))``; None (nothing computed) where that does not apply."""
         if x_TD.shape[0] != 1 or x_TD.device.type != "cpu" or not self._one_call:
             return None
-        return self._forward_token(positions_T, x_TD, ctx, (h_TD, norm.weight, norm.eps))
-
-    def _forward_token(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext,
-                       residual: cpu_kernels.Residual | None = None):
-        """:meth:`forward` for one token as one C call (batch-1 decode; the same arithmetic), or None."""
         cache, _ = ctx.kv_caches[self.layer_idx]
         if not isinstance(cache, torch.Tensor) or ctx.meta.num_seqs != 1:
             return None
@@ -157,7 +148,7 @@ class MLAttention(nn.Module):
             x_TD, *q_a, self.kv_a_proj_with_mqa.weight, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
             self.kv_b_proj.weight, self.o_proj.weight, self.num_heads, self.nope, self.rope_dim, self.v_dim, positions_T,
             self.rotary.cos, self.rotary.sin, self.rotary.interleaved, cache, ctx.meta.block_tables[0],
-            ctx.meta.context_lens_list[0], ctx.meta.slot_mapping, self.scale, residual)
+            ctx.meta.context_lens_list[0], ctx.meta.slot_mapping, self.scale, (h_TD, norm.weight, norm.eps))
 
     def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK ``[H, nope, C]`` and W_UV ``[H, v, C]``: views of kv_b_proj's weight."""
