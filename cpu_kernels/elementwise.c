@@ -101,6 +101,17 @@ int moe_rms_norm(const void *x, const void *w, void *out, int dtype, int64_t R, 
             acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
         }
         ss = _mm512_reduce_add_ps(acc);
+#else
+        {  /* the AVX-512 build's sums in its order (16 lanes, then its reduction tree): the same
+            * statistics, so the same results, on every CPU */
+            float lane[16] = {0};
+            for (; i + 16 <= D; i += 16)
+                for (int j = 0; j < 16; j++) {
+                    const float v = loadf(xr, i + j, dtype);
+                    lane[j] += v * v;
+                }
+            ss = reduce16(lane);
+        }
 #endif
         for (; i < D; i++) {
             const float v = loadf(xr, i, dtype);

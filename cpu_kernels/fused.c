@@ -15,8 +15,7 @@
  * w_kvb: [H * (nope + v), C] (W_UK[h] its rows h*(nope+v) .. +nope, W_UV[h] the next v). The cache
  * is [blocks, block_size, 1, C + rope] with element strides (c_sblock, c_sslot), c_sblock =
  * block_size * c_sslot; table: the sequence's blocks, len: its tokens after this one is written.
- * scratch: q_lora + H*(nope+rope) + (C+rope) + H*(C+rope) + H*C + H*v bf16. Returns 0, or -1
- * without AVX512-BF16 (then nothing was written). */
+ * scratch: q_lora + H*(nope+rope) + (C+rope) + H*(C+rope) + H*C + H*v bf16. Returns 0. */
 int moe_mla_token(const uint16_t *x, int64_t D, const uint16_t *w_qa, const uint16_t *qa_norm, int64_t q_lora,
                   float q_eps, const uint16_t *w_qb, const uint16_t *w_kva, const uint16_t *kva_norm, float kv_eps,
                   const uint16_t *w_kvb, const uint16_t *w_o, int64_t H, int64_t nope, int64_t rope, int64_t C,
@@ -24,7 +23,6 @@ int moe_mla_token(const uint16_t *x, int64_t D, const uint16_t *w_qa, const uint
                   uint16_t *cache, int64_t c_sblock, int64_t c_sslot, int64_t block_size, const int32_t *table,
                   int32_t len, const int64_t *slots, float scale, uint16_t *scratch, uint16_t *out,
                   const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
-#if defined(__AVX512BF16__)
     const int64_t qk = nope + rope, L = C + rope;
     uint16_t *qa = scratch, *q = qa + q_lora, *lat = q + H * qk, *qfull = lat + L, *olat = qfull + H * L,
              *o = olat + H * C;
@@ -49,14 +47,6 @@ int moe_mla_token(const uint16_t *x, int64_t D, const uint16_t *w_qa, const uint
     moe_gemv_bf16(w_o, D, H * v, H * v, o, NULL, out, nt);
     then_norm(out, D, resid, nw, neps, h_out);
     return 0;
-#else
-    (void)x; (void)D; (void)w_qa; (void)qa_norm; (void)q_lora; (void)q_eps; (void)w_qb; (void)w_kva; (void)kva_norm;
-    (void)kv_eps; (void)w_kvb; (void)w_o; (void)H; (void)nope; (void)rope; (void)C; (void)v; (void)pos;
-    (void)cos_tab; (void)sin_tab; (void)interleaved; (void)cache; (void)c_sblock; (void)c_sslot; (void)block_size;
-    (void)table; (void)len; (void)slots; (void)scale; (void)scratch; (void)out; (void)resid; (void)nw; (void)neps;
-    (void)h_out; (void)nt;
-    return -1;
-#endif
 }
 
 /* Grouped-query attention for one decode token (moe.models.layers.Attention.forward at T = 1,
@@ -67,7 +57,7 @@ int moe_mla_token(const uint16_t *x, int64_t D, const uint16_t *w_qa, const uint
  *   attention over the sequence's cached rows (window > 0: the last `window`; sinks: float32 [H]
  *   or NULL); out = o_proj(o) (+ bias)                         [D]
  * Caches [blocks, block_size, Hkv, hd] with element strides (sblock, sslot, shead), sblock =
- * block_size * sslot. scratch: (H + 2 Hkv) hd + H hd bf16. Returns 0, or -1 without AVX512-BF16. */
+ * block_size * sslot. scratch: (H + 2 Hkv) hd + H hd bf16. Returns 0. */
 int moe_gqa_token(const uint16_t *x, int64_t D, const uint16_t *w_qkv, const uint16_t *b_qkv, int64_t H, int64_t Hkv,
                   int64_t hd, int qk_norm, const uint16_t *q_norm, const uint16_t *k_norm, float eps,
                   const int64_t *pos, const float *cos_tab, const float *sin_tab, int interleaved, uint16_t *k_cache,
@@ -76,7 +66,6 @@ int moe_gqa_token(const uint16_t *x, int64_t D, const uint16_t *w_qkv, const uin
                   const int64_t *slots, int64_t window, const float *sinks, float scale, const uint16_t *w_o,
                   const uint16_t *b_o, uint16_t *scratch, uint16_t *out, const uint16_t *resid,
                   const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
-#if defined(__AVX512BF16__)
     uint16_t *q = scratch, *k = q + H * hd, *v = k + Hkv * hd, *o = v + Hkv * hd;
     moe_gemv_bf16(w_qkv, (H + 2 * Hkv) * hd, D, D, x, b_qkv, q, nt);
     if (qk_norm == 1) {
@@ -96,12 +85,4 @@ int moe_gqa_token(const uint16_t *x, int64_t D, const uint16_t *w_qkv, const uin
     moe_gemv_bf16(w_o, D, H * hd, H * hd, o, b_o, out, nt);
     then_norm(out, D, resid, nw, neps, h_out);
     return 0;
-#else
-    (void)x; (void)D; (void)w_qkv; (void)b_qkv; (void)H; (void)Hkv; (void)hd; (void)qk_norm; (void)q_norm;
-    (void)k_norm; (void)eps; (void)pos; (void)cos_tab; (void)sin_tab; (void)interleaved; (void)k_cache;
-    (void)k_sblock; (void)k_sslot; (void)k_shead; (void)v_cache; (void)v_sblock; (void)v_sslot; (void)v_shead;
-    (void)block_size; (void)table; (void)len; (void)slots; (void)window; (void)sinks; (void)scale; (void)w_o;
-    (void)b_o; (void)scratch; (void)out; (void)resid; (void)nw; (void)neps; (void)h_out; (void)nt;
-    return -1;
-#endif
 }

@@ -3,15 +3,17 @@
  * through its routed experts in one call (moe_expert_token, below).
  *
  * At one row a projection is a pure stream of its weight. Rows are split over the threads in
- * contiguous ranges (each thread reads one long run of memory); four rows share each load of x;
- * vdpbf16ps multiplies bf16 pairs and sums them in float32. Built only where the compiler
- * targets AVX512-BF16 (moe_gemv_bf16 returns -1 elsewhere: the caller keeps torch's mv). */
+ * contiguous ranges (each thread reads one long run of memory); four rows share each load of x.
+ * dot_rows has three builds: AVX512-BF16 (vdpbf16ps multiplies bf16 pairs and sums them in
+ * float32), AVX2 + FMA (bf16 widened to float32 by a shift), and plain C; they differ only in the
+ * order of the float32 sums. */
 #include "kernels.h"
 
-#if defined(__AVX512BF16__)
 #ifndef PF
 #define PF 4  /* rows ahead: the next block's */
 #endif
+
+#if defined(__AVX512BF16__)
 static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 /* rows r .. r+R-1 (R <= 4) of W dotted with x */
@@ -38,13 +40,60 @@ static inline void dot_rows(const uint16_t *w, int64_t ldw, const uint16_t *x, i
     }
     for (int r = 0; r < R; r++) out[r] = hsum(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+/* 8 bf16 -> 8 floats */
+static inline __m256 load8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* rows r .. r+R-1 (R <= 4) of W dotted with x: 16 columns a step, two accumulators per row */
+static inline void dot_rows(const uint16_t *w, int64_t ldw, const uint16_t *x, int64_t K, int R, float *out) {
+    __m256 acc[4][2];
+    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        const __m256 x0 = load8_bf16(x + k), x1 = load8_bf16(x + k + 8);
+        for (int r = 0; r < R; r++) {
+            const uint16_t *row = w + r * ldw + k;
+            _mm_prefetch((const char *)(row + PF * ldw), _MM_HINT_T0);
+            acc[r][0] = _mm256_fmadd_ps(load8_bf16(row), x0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(load8_bf16(row + 8), x1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float s = hsum8(_mm256_add_ps(acc[r][0], acc[r][1]));
+        for (int64_t j = k; j < K; j++) s += bf16_to_f32(w[r * ldw + j]) * bf16_to_f32(x[j]);
+        out[r] = s;
+    }
+}
+#else
+/* rows r .. r+R-1 (R <= 4) of W dotted with x: eight partial sums per row */
+static inline void dot_rows(const uint16_t *w, int64_t ldw, const uint16_t *x, int64_t K, int R, float *out) {
+    for (int r = 0; r < R; r++) {
+        const uint16_t *row = w + r * ldw;
+        float acc[8] = {0};
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8)
+            for (int j = 0; j < 8; j++) acc[j] += bf16_to_f32(row[k + j]) * bf16_to_f32(x[k + j]);
+        float s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+        for (; k < K; k++) s += bf16_to_f32(row[k]) * bf16_to_f32(x[k]);
+        out[r] = s;
+    }
+}
 #endif
 
 /* W: N rows of K bf16 (row stride ldw elements, unit within a row); x: K bf16; bias: N bf16 or NULL;
- * y: N bf16. Returns 0, or -1 when built without AVX512-BF16. */
+ * y: N bf16. Returns 0. */
 int moe_gemv_bf16(const uint16_t *w, int64_t N, int64_t K, int64_t ldw, const uint16_t *x, const uint16_t *bias,
                   uint16_t *y, int num_threads) {
-#if defined(__AVX512BF16__)
     const int64_t blocks = (N + 3) / 4;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (N * K >= 65536)
     for (int64_t b = 0; b < blocks; b++) {
@@ -59,20 +108,15 @@ int moe_gemv_bf16(const uint16_t *w, int64_t N, int64_t K, int64_t ldw, const ui
         }
     }
     return 0;
-#else
-    (void)w; (void)N; (void)K; (void)ldw; (void)x; (void)bias; (void)y; (void)num_threads;
-    return -1;
-#endif
 }
 
 /* One row through a GEMM per head (MLA's absorbed attention at batch 1): y[h] = W[h] @ x[h] for
  * rows_n (W[h] is [N, K]: dot products, as moe_gemv_bf16), else y[h] = x[h] @ W[h] (W[h] is [K, N]:
  * its rows scaled by x[h] and summed, N a multiple of 16); float32 sums rounded once to bf16.
  * x: H rows of K (head stride sxh); W: head stride swh, row stride swr (unit within a row); y: H rows
- * of N (head stride syh). Heads are split over the threads. Returns 0, or -1 without AVX512-BF16. */
+ * of N (head stride syh). Heads are split over the threads. Returns 0. */
 int moe_heads_vec(const uint16_t *x, int64_t sxh, const uint16_t *w, int64_t swh, int64_t swr, int64_t N, int64_t K,
                   int64_t H, int rows_n, uint16_t *y, int64_t syh, int num_threads) {
-#if defined(__AVX512BF16__)
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (H * N * K >= 65536)
     for (int64_t h = 0; h < H; h++) {
         const uint16_t *xh = x + h * sxh, *wh = w + h * swh;
@@ -88,6 +132,7 @@ int moe_heads_vec(const uint16_t *x, int64_t sxh, const uint16_t *w, int64_t swh
         }
         for (int64_t n0 = 0; n0 < N; n0 += 256) { /* 16 registers of sums over K rows */
             const int nv = N - n0 >= 256 ? 16 : (int)((N - n0) / 16);
+#if defined(__AVX512F__)
             __m512 acc[16];
             for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
             for (int64_t k = 0; k < K; k++) {
@@ -96,14 +141,18 @@ int moe_heads_vec(const uint16_t *x, int64_t sxh, const uint16_t *w, int64_t swh
                 for (int i = 0; i < nv; i++) acc[i] = _mm512_fmadd_ps(load16(row + 16 * i, BF16), xk, acc[i]);
             }
             for (int i = 0; i < nv; i++) store16(yh + n0 + 16 * i, acc[i], BF16);
+#else
+            float acc[256] = {0};
+            for (int64_t k = 0; k < K; k++) {
+                const float xk = bf16_to_f32(xh[k]);
+                const uint16_t *row = wh + k * swr + n0;
+                for (int i = 0; i < 16 * nv; i++) acc[i] = fmaf(bf16_to_f32(row[i]), xk, acc[i]);
+            }
+            for (int i = 0; i < 16 * nv; i++) yh[n0 + i] = f32_to_bf16(acc[i]);
+#endif
         }
     }
     return 0;
-#else
-    (void)x; (void)sxh; (void)w; (void)swh; (void)swr; (void)N; (void)K; (void)H; (void)rows_n; (void)y; (void)syh;
-    (void)num_threads;
-    return -1;
-#endif
 }
 
 /* One token through n routed experts (decode at batch 1), with the roundings of the op-by-op path
@@ -112,12 +161,10 @@ int moe_heads_vec(const uint16_t *x, int64_t sxh, const uint16_t *w, int64_t swh
  * one bf16 addition for two, a float32 sum rounded once for more. w13s[i]: [2F, D] rows, w2s[i]:
  * [D, F] rows (unit strides), weights: the routing weights already rounded to bf16, in the order
  * given. scratch: 2F + F bf16 + D float32. One parallel region: the threads split each GEMV's rows
- * (a row is always the same thread's, so the per-row sums need no locks). Returns 0, or -1 without
- * AVX512-BF16. */
+ * (a row is always the same thread's, so the per-row sums need no locks). Returns 0. */
 int moe_expert_token(const uint16_t *x, int64_t D, int64_t F, int n, const uint16_t *const *w13s,
                      const uint16_t *const *w2s, const float *weights, uint16_t *out, uint16_t *h, float *acc,
                      int num_threads) {
-#if defined(__AVX512BF16__)
     uint16_t *a = h + 2 * F;
     const int64_t blocks13 = (2 * F + 3) / 4, blocks2 = (D + 3) / 4;
 #pragma omp parallel num_threads(num_threads)
@@ -149,11 +196,6 @@ int moe_expert_token(const uint16_t *x, int64_t D, int64_t F, int n, const uint1
         }
     }
     return 0;
-#else
-    (void)x; (void)D; (void)F; (void)n; (void)w13s; (void)w2s; (void)weights; (void)out; (void)h; (void)acc;
-    (void)num_threads;
-    return -1;
-#endif
 }
 
 /* A token's MoE layer at batch 1 (experts.grouped.GroupedExperts.forward_token): experts ids[0..K)
@@ -161,12 +203,11 @@ int moe_expert_token(const uint16_t *x, int64_t D, int64_t F, int n, const uint1
  * ascending id order, each routing weight rounded to bf16 (the combine's arithmetic), through
  * moe_expert_token; then, with sh13 [2Fs, D] / sh2 [D, Fs] given, a shared expert's output (the
  * same kernel, weight 1) added in bf16, as SparseMoE adds it. K <= 64. scratch: 3 max(F, Fs) + D
- * bf16 and D float32. Returns 0, -1 without AVX512-BF16, -2 for an id outside [0, E). */
+ * bf16 and D float32. Returns 0, or -2 for an id outside [0, E). */
 int moe_moe_token(const uint16_t *x, int64_t D, int64_t F, int64_t K, const int64_t *ids, const float *wts, int64_t E,
                   const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2, const uint16_t *sh13,
                   const uint16_t *sh2, int64_t Fs, uint16_t *out, uint16_t *h, float *acc, const uint16_t *resid,
                   const uint16_t *nw, float neps, uint16_t *h_out, int num_threads) {
-#if defined(__AVX512BF16__)
     int64_t id[64];
     float w[64];
     if (sort_experts(ids, wts, K, E, id, w) != 0) return -2;
@@ -180,10 +221,4 @@ int moe_moe_token(const uint16_t *x, int64_t D, int64_t F, int64_t K, const int6
     if (sh13) add_shared_expert(x, D, sh13, sh2, Fs, out, h + 3 * Fm, h, acc, num_threads);
     then_norm(out, D, resid, nw, neps, h_out);
     return 0;
-#else
-    (void)x; (void)D; (void)F; (void)K; (void)ids; (void)wts; (void)E; (void)w13; (void)s13; (void)w2; (void)s2;
-    (void)sh13; (void)sh2; (void)Fs; (void)out; (void)h; (void)acc; (void)resid; (void)nw; (void)neps; (void)h_out;
-    (void)num_threads;
-    return -1;
-#endif
 }

@@ -22,6 +22,15 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
     return (uint16_t)(c.u >> 16);
 }
 
+/* The sum of 16 lanes in the order of GCC's _mm512_reduce_add_ps (halves, quarters, then pairs),
+ * for builds without AVX-512 that must sum as that build does. */
+static inline float reduce16(const float *a) {
+    float s8[8], s4[4];
+    for (int j = 0; j < 8; j++) s8[j] = a[j + 8] + a[j];
+    for (int j = 0; j < 4; j++) s4[j] = s8[j + 4] + s8[j];
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define VEC 16
