@@ -172,6 +172,16 @@ def test_bad_engine_options(path, kw, match):
         LLM(str(path), **kw)
 
 
+def test_unknown_engine_option_is_named_with_the_valid_ones(path):
+    # LLM passes its keyword arguments to EngineConfig: a typo fails before anything loads
+    with pytest.raises(TypeError, match=r"'max_num_seq' is not an engine option \(did you mean 'max_num_seqs'\?\)") \
+            as e:
+        LLM(str(path), max_num_seq=4)
+    assert "block_size" in str(e.value) and "warmup" in str(e.value)
+    with pytest.raises(TypeError, match="'colour' is not an engine option: the options are dtype, "):
+        LLM(str(path), colour="blue")
+
+
 # ---- sampling parameters ------------------------------------------------------------------------
 
 
