@@ -16,10 +16,12 @@
 """
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping, Sequence
@@ -197,7 +199,7 @@ def resolve_backend(backend: str = "auto") -> str:
 
 
 def init_distributed(env: LaunchEnv, backend: str = "auto", timeout_seconds: float = 600.0) -> str:
-    """Join the job's default process group; returns the backend used.
+    """Join the job's default process group (left again at exit); returns the backend used.
 
     ``timeout_seconds`` bounds the rendezvous and every collective: a rank that never comes up
     or dies mid-run makes the others fail with an error naming the rank and address instead of
@@ -229,4 +231,18 @@ def init_distributed(env: LaunchEnv, backend: str = "auto", timeout_seconds: flo
             f"{init_method} within {timeout_seconds:g}s: check that every rank started, that {addr} is reachable "
             f"from this node and port {port} is open (set MASTER_ADDR/MASTER_PORT), and the logs of the "
             f"other ranks. Cause: {type(e).__name__}: {cause}") from e
+    atexit.register(leave_process_group)  # exiting with live gloo/NCCL groups can abort the process
     return backend
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group, if any (registered at exit by :func:`init_distributed`)."""
+    import torch.distributed as dist
+
+    # A gloo worker thread drops its reference to a finished collective's tensors just after the
+    # caller's wait returns, and that needs the GIL; if the interpreter is already finalizing, the
+    # thread is killed and the process aborts ("terminate called without an active exception").
+    # Releasing the GIL for a moment lets those drops finish first.
+    time.sleep(0.05)
+    if dist.is_initialized():
+        dist.destroy_process_group()

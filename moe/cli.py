@@ -1,24 +1,86 @@
 """The ``moe`` command line: generate, info (and more as the framework grows).
 
-Flags map onto :class:`moe.config.EngineConfig` and :class:`moe.SamplingParams` fields here,
-in one place.
+The engine flags are listed once, in ``ENGINE_FLAGS``, and mapped onto
+:class:`moe.config.EngineConfig` fields by :func:`engine_options`; a command takes them all with
+``@with_engine_flags``. Sampling flags map onto :class:`moe.SamplingParams` in ``generate``.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import sys
-from typing import Optional
+from dataclasses import fields
+from typing import Any, Callable, Optional
 
 import typer
+
+from .config import EngineConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fast inference for Mixture-of-Experts language models.")
 
 
+def _default(name: str) -> Any:
+    """EngineConfig's default for a field: the flag's default is the API's."""
+    return next(f.default for f in fields(EngineConfig) if f.name == name)
+
+
+# flag parameter -> (type, typer option); a parameter named after an EngineConfig field sets that
+# field (its meaning is documented there); the others are translated by engine_options.
+ENGINE_FLAGS: dict[str, tuple[Any, Any]] = {
+    "model": (Optional[str], typer.Option(None, "--model", "-m", help="Checkpoint directory (default: embedded "
+                                                                      "model).")),
+    "dtype": (str, typer.Option(_default("dtype"), help="auto, bfloat16, float16 or float32.")),
+    "kv_cache_memory": (Optional[str], typer.Option(_default("kv_cache_memory"), help="KV cache size, e.g. 2GiB.")),
+    "kv_cache_dtype": (str, typer.Option(_default("kv_cache_dtype"),
+                                         help="auto (the model dtype) or fp8 (e4m3, half the bytes).")),
+    "offload_experts": (bool, typer.Option(_default("offload_experts"), "--offload-experts",
+                                           help="Keep routed experts in the files.")),
+    "expert_cache": (Optional[str], typer.Option(_default("expert_cache"),
+                                                 help="With --offload-experts: resident experts, e.g. 4GiB.")),
+    "speculative_tokens": (int, typer.Option(0, help="Speculative decoding by n-gram lookup: draft tokens per step "
+                                                     "(0: off).")),
+    "max_model_len": (Optional[int], typer.Option(_default("max_model_len"))),
+    "warmup": (bool, typer.Option(_default("warmup"), "--warmup", help="Build every GEMM kernel shape at load (CPU; "
+                                                                       "seconds on large models), so no request pays "
+                                                                       "for it.")),
+    "sharding": (Optional[str], typer.Option(_default("sharding"), "--sharding", envvar="MOE_SHARDING",
+                                             help="Sharding YAML for a multi-rank run (moe launch sets "
+                                                  "MOE_SHARDING).")),
+}
+
+
+def engine_options(flags: dict[str, Any]) -> dict[str, Any]:
+    """``LLM(**engine_options(flags))``: the engine flags' values as EngineConfig's keyword arguments."""
+    options = dict(flags)
+    draft_tokens = options.pop("speculative_tokens")
+    options["speculative_config"] = {"method": "ngram", "num_speculative_tokens": draft_tokens} if draft_tokens \
+        else None
+    options["load_progress"] = sys.stderr.isatty()
+    return options
+
+
+def with_engine_flags(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a typer command every engine flag; it receives them as ``engine``, ready for ``LLM(**engine)``."""
+    sig = inspect.signature(command, eval_str=True)
+    own = [p for p in sig.parameters.values() if p.name != "engine"]
+    flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+             for name, (annotation, option) in ENGINE_FLAGS.items()]
+
+    def run(**kwargs: Any) -> Any:
+        engine = engine_options({name: kwargs.pop(name) for name in ENGINE_FLAGS})
+        return command(engine=engine, **kwargs)
+
+    run.__name__, run.__doc__ = command.__name__, command.__doc__
+    run.__signature__ = sig.replace(parameters=own + flags)  # what typer reads the options from
+    run.__annotations__ = {p.name: p.annotation for p in own + flags}
+    return run
+
+
 @app.command()
+@with_engine_flags
 def generate(
     prompts: list[str] = typer.Argument(None, help="Prompt text(s); read from stdin when omitted."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint directory (default: embedded model)."),
     max_tokens: int = typer.Option(64, help="Maximum new tokens per prompt."),
     temperature: float = typer.Option(0.8, help="0 for greedy."),
     top_p: float = typer.Option(0.95),
@@ -26,23 +88,13 @@ def generate(
     min_p: float = typer.Option(0.0),
     seed: Optional[int] = typer.Option(None, help="Per-request seed for reproducible sampling."),
     stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
-    dtype: str = typer.Option("auto", help="auto, bfloat16, float16 or float32."),
-    kv_cache_memory: Optional[str] = typer.Option(None, help="KV cache size, e.g. 2GiB."),
-    kv_cache_dtype: str = typer.Option("auto", help="auto (the model dtype) or fp8 (e4m3, half the bytes)."),
-    offload_experts: bool = typer.Option(False, "--offload-experts", help="Keep routed experts in the files."),
-    expert_cache: Optional[str] = typer.Option(None, help="With --offload-experts: resident experts, e.g. 4GiB."),
-    speculative_tokens: int = typer.Option(0, help="Speculative decoding by n-gram lookup: draft tokens per step "
-                                                   "(0: off)."),
-    max_model_len: Optional[int] = typer.Option(None),
-    warmup: bool = typer.Option(False, "--warmup", help="Build every GEMM kernel shape at load (CPU; seconds on "
-                                                        "large models), so no request pays for it."),
     chat: bool = typer.Option(False, "--chat", help="Apply the checkpoint's chat template."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they are generated."),
     logprobs: Optional[int] = typer.Option(None, help="Print the top-N log-probs of each token (JSON)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per prompt."),
     stats: bool = typer.Option(False, "--stats", help="Print TTFT, TPOT and throughput to stderr."),
-    sharding: Optional[str] = typer.Option(None, "--sharding", envvar="MOE_SHARDING",
-                                           help="Sharding YAML for a multi-rank run (moe launch sets MOE_SHARDING)."),
+    *,
+    engine: dict[str, Any],
 ) -> None:
     """Generate text for one or more prompts (on every rank under a launcher; rank 0 prints)."""
     import os
@@ -55,12 +107,7 @@ def generate(
     try:
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                                 max_tokens=max_tokens, stop=stop or None, logprobs=logprobs)
-        llm = LLM(model, dtype=dtype, kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
-                  max_model_len=max_model_len, speculative_config={"method": "ngram",
-                                                                    "num_speculative_tokens": speculative_tokens}
-                  if speculative_tokens else None,
-                  load_progress=sys.stderr.isatty(), sharding=sharding, offload_experts=offload_experts,
-                  expert_cache=expert_cache, warmup=warmup)
+        llm = LLM(**engine)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

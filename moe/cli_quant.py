@@ -88,7 +88,8 @@ def prune(
         prompts = []
         for para in (p for p in text.split("\n\n") if p.strip()):
             ids = tok.encode(para)
-            prompts += [{"prompt_token_ids": ids[i:i + max_prompt_tokens]} for i in range(0, len(ids), max_prompt_tokens)]
+            prompts += [{"prompt_token_ids": ids[i:i + max_prompt_tokens]}
+                        for i in range(0, len(ids), max_prompt_tokens)]
         counts = calibration_counts(model, prompts)
         report = prune_checkpoint(model, out, keep_experts, counts, overwrite=force)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -5,10 +5,11 @@ Every supported family's config.json is parsed into :class:`ModelConfig` by its 
 """
 from __future__ import annotations
 
+import difflib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from routing import RouterConfig
 
@@ -142,21 +143,25 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Everything ``LLM(...)`` accepts, validated up front (the CLI maps its flags onto this)."""
+    """Every engine option, validated up front: the one place that lists them.
 
-    model: str
-    dtype: str = "auto"
-    kv_cache_memory: str | int | None = None  # bytes or "4GiB"; None: sized for max_num_seqs
+    ``LLM(model, **options)`` passes its keyword arguments here (:meth:`from_options`) and the
+    CLI maps its engine flags onto these fields (moe/cli.py, ``ENGINE_FLAGS``).
+    """
+
+    model: str  # checkpoint directory (config.json, *.safetensors, tokenizer.json)
+    dtype: str = "auto"  # weights and activations: auto (the checkpoint's; bf16 for fp16 on CPU) or one of DTYPES
+    kv_cache_memory: str | int | None = None  # bytes or "4GiB"; None: sized for max_num_seqs (at most 2 GiB)
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8" (= "fp8_e4m3"): e4m3 with per-row scales
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_model_len: int | None = None
-    max_num_batched_tokens: int = 2048
-    seed: int | None = 0
-    enable_prefix_caching: bool = True
-    experts_backend: str = "auto"
-    device: str = "cpu"
-    load_progress: bool = False
+    block_size: int = 16  # tokens per KV cache block (a power of two)
+    max_num_seqs: int = 64  # sequences running at once
+    max_model_len: int | None = None  # prompt + output tokens per sequence; None: the model's context
+    max_num_batched_tokens: int = 2048  # tokens per step (longer prompts are prefilled in chunks)
+    seed: int | None = 0  # the sampler's generator (draws of requests without a SamplingParams.seed); None: unseeded
+    enable_prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix seen before
+    experts_backend: str = "auto"  # grouped expert GEMMs: auto, torch, triton or megablocks
+    device: str = "cpu"  # "cpu" or "cuda" (under a launcher: each rank's GPU, see the sharding)
+    load_progress: bool = False  # a progress bar while the weights load
     # parallel layout: a YAML path, a dict of its keys or a ShardingConfig (read into one here);
     # None: one process, unless a launcher started several (then its world size must be 1)
     sharding: str | Path | dict | ShardingConfig | None = None
@@ -169,6 +174,18 @@ class EngineConfig:
     # CPU: run every GEMM shape a step can make once at load (moe.warmup), so that no request pays
     # oneDNN's kernel builds
     warmup: bool = False
+
+    @classmethod
+    def from_options(cls, model: str, **options: Any) -> EngineConfig:
+        """``EngineConfig(model, **options)``; an unknown option is named with the valid ones."""
+        valid = [f.name for f in fields(cls) if f.name != "model"]
+        for name in options:
+            if name not in valid:
+                near = difflib.get_close_matches(name, valid, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise TypeError(f"{name!r} is not an engine option{hint}: the options are {', '.join(valid)} "
+                                "(each documented in moe.config.EngineConfig)")
+        return cls(model=model, **options)
 
     def __post_init__(self) -> None:
         from .models.quant_weights import check_expert_options

@@ -1,39 +1,26 @@
 """The engine: requests in, one step at a time, outputs out.
 
-``step()`` reads as four stages: schedule, run, postprocess, collect the finished.
-
-Under a launcher (torchrun, mpirun, srun) every rank builds this same engine and is given the
-same requests (SPMD): the schedules are identical, so every rank enters the same collectives.
-Each step checks that (one all-gather of a fingerprint of the batch) and takes rank 0's sampled
-tokens (one broadcast), so every rank returns the same outputs. With ``data_parallel`` > 1 each
-data-parallel group runs only its own sequences of the batch; the step all-gathers every rank's
-results and takes each group's from its first rank (``tp_rank`` 0).
+``step()`` reads as four stages: schedule, run, postprocess, collect the finished. Under a
+launcher every rank runs this same engine in lock-step; that plumbing lives in moe/spmd.py.
 """
 from __future__ import annotations
 
-import atexit
 import itertools
 import operator
 import logging
 import time
-import zlib
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 import cpu_kernels
 from kvcache import BlockManager, check_kv_cache_dtype
-from launch import detect_launch_env, init_distributed
-from parallel import (ParallelState, ShardingConfig, build_parallel_state, get_parallel_state, init_single_process,
-                      world_all_gather_ints, world_all_gather_object, world_broadcast_object)
 
 from .config import EngineConfig, ModelConfig, parse_bytes, read_config_json
 from .loader import load_weights
 from .model_runner import ModelRunner, StepResult
 from .models import MoECausalLM, parse_config, rules_for
-from .models.decoder import check_sharding
 from .models.quant_weights import checkpoint_rules, plan_experts
 from .outputs import CompletionOutput, RequestMetrics, RequestOutput
 from .sampler import Sampler
@@ -41,6 +28,7 @@ from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .spec_decode import NgramConfig, NgramProposer
 from .sequence import Sequence
+from .spmd import LockStep, init_parallel
 from .tokenizer import Tokenizer, detokenize_incrementally
 
 log = logging.getLogger("moe")
@@ -55,66 +43,6 @@ def resolve_dtype(requested: str, cfg: ModelConfig, device: torch.device) -> tor
     if dtype == torch.float16 and device.type == "cpu":
         return torch.bfloat16  # float16 matmuls are slow on CPUs; bfloat16 keeps the range
     return dtype
-
-
-def init_parallel(config: EngineConfig, cfg: ModelConfig) -> tuple[ParallelState, str]:
-    """The parallel state and device of this process.
-
-    One process, no sharding: the trivial state. Otherwise the sharding (default: one rank) is
-    checked against the model and against the launcher's world size before anything is loaded;
-    then this rank joins the job's process group (timeout from the sharding) and the groups of
-    the layout are built.
-    """
-    env = detect_launch_env()
-    sharding = config.sharding
-    if sharding is None and env.world_size == 1:
-        try:
-            return get_parallel_state(), config.device
-        except RuntimeError:
-            return init_single_process(), config.device
-    sharding = sharding or ShardingConfig()
-    check_sharding(cfg, sharding)
-    world = sharding.resolved_world_size
-    if env.world_size == 1 and world > 1:
-        raise ValueError(
-            f"the sharding needs {world} ranks (tensor_parallel {sharding.tensor_parallel} x data_parallel "
-            f"{sharding.data_parallel}) but this process was started alone: run the script under a launcher, e.g. "
-            f"torchrun --nproc-per-node {world} script.py, or `moe launch --launcher torchrun --nproc-per-node "
-            f"{world} --sharding FILE -- generate ...`")
-    sharding.validate_for_world(env.world_size, launcher=env.launcher)
-    if sharding.device == "auto":  # the engine's device; one GPU per rank
-        device = f"cuda:{env.local_rank}" if config.device == "cuda" else config.device
-    else:
-        device = sharding.device_for(env.local_rank, env.rank)
-    backend = sharding.backend if sharding.backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
-    if backend == "nccl" and not device.startswith("cuda"):
-        raise ValueError(f"backend nccl needs a CUDA device but the engine runs on {device!r}: set backend: gloo in "
-                         "the sharding, or device: 'cuda:{local_rank}'")
-    if world == 1:
-        return build_parallel_state(sharding, 0, 1), device
-    if not dist.is_initialized():
-        init_distributed(env, backend, sharding.timeout_seconds)
-        atexit.register(_leave_process_group)  # exiting with live gloo/NCCL groups can abort the process
-    else:
-        init_distributed(env, backend, sharding.timeout_seconds)  # checks rank and world size
-    return build_parallel_state(sharding, env.rank, env.world_size), device
-
-
-def _leave_process_group() -> None:
-    # A gloo worker thread drops its reference to a finished collective's tensors just after the
-    # caller's wait returns, and that needs the GIL; if the interpreter is already finalizing, the
-    # thread is killed and the process aborts ("terminate called without an active exception").
-    # Releasing the GIL for a moment lets those drops finish first.
-    time.sleep(0.05)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _is_comm_error(e: RuntimeError) -> bool:
-    """A failure of a collective (a dead or stalled peer), as gloo and NCCL report it."""
-    text = str(e)
-    return isinstance(e, getattr(dist, "DistError", ())) or any(
-        k in text for k in ("gloo", "NCCL", "Connection closed", "Connection reset", "imed out", "Broken pipe"))
 
 
 def _reuse_freed_memory() -> None:
@@ -139,8 +67,7 @@ class LLMEngine:
         self.model_config = cfg = replace(parse_config(hf), experts=plan)
         self.parallel, device = init_parallel(config, cfg)
         self.device = torch.device(device)
-        # steps where this rank sampled differently from rank 0 (with data_parallel > 1: its group's first rank)
-        self.sampling_mismatches = 0
+        self.lockstep = LockStep(self.parallel, self.device)
         self.dtype = resolve_dtype(config.dtype, cfg, self.device)
         if self.device.type == "cpu" and not config.offload_experts:
             _reuse_freed_memory()
@@ -210,7 +137,7 @@ class LLMEngine:
         else:
             budget = parse_bytes(self.config.kv_cache_memory)
         num_blocks = budget // per_block
-        num_blocks = min(min(n) for n in world_all_gather_ints([num_blocks]))  # one block manager on every rank
+        num_blocks = self.lockstep.agree_min(num_blocks)  # one block manager on every rank
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={self.config.kv_cache_memory!r} is smaller than one KV block "
                              f"({per_block} bytes at block_size {bs}); give the cache more memory")
@@ -289,61 +216,12 @@ class LLMEngine:
         return [self._output(seq, delta) for seq, delta in updated]
 
     def _run(self, batch: ScheduledBatch) -> StepResult:
-        if self.parallel.world_size == 1:
-            return self.runner.run(batch, self.eos_ids)
-        st = self.parallel
-        try:
-            self._check_same_batch(batch)
-            local = self.runner.run(batch, self.eos_ids)
-            if st.dp_size == 1:
-                result = world_broadcast_object(local)
-                authority = result
-            else:
-                every = world_all_gather_object(local)
-                result, authority = self._merge_dp_results(every)
-        except RuntimeError as e:
-            if not _is_comm_error(e):
-                raise
-            cause = (str(e).splitlines() or [""])[0][:300]
-            raise RuntimeError(
-                f"rank {st.rank} of {st.world_size}: a collective failed mid-step; another rank has probably died or "
-                f"stalled for longer than timeout_seconds ({st.sharding.timeout_seconds:g}s): check the other ranks' "
-                f"logs. Cause: {type(e).__name__}: {cause}") from e
-        if authority != local:
-            # logits are identical on every rank of a TP group by construction; if they ever are not,
-            # the group's first rank (rank 0 without data parallelism) decides
-            self.sampling_mismatches += 1
-            if self.sampling_mismatches == 1:
-                log.warning("rank %d sampled differently from rank %d; using rank %d's tokens", st.rank,
-                            st.dp_rank * st.tp_size, st.dp_rank * st.tp_size)
-        return result
+        return self.lockstep.run(batch, lambda: self.runner.run(batch, self.eos_ids))
 
-    def _merge_dp_results(self, every: list[StepResult]) -> tuple[StepResult, StepResult]:
-        """The whole batch's results from every rank's (each DP group's first rank decides for its
-        sequences), and the result this rank's group decided."""
-        st = self.parallel
-        sampled: dict = {}
-        prompt_logprobs: dict = {}
-        for d in range(st.dp_size):
-            leader = every[d * st.tp_size]
-            sampled.update(leader.sampled)
-            prompt_logprobs.update(leader.prompt_logprobs)
-        return StepResult(sampled, prompt_logprobs), every[st.dp_rank * st.tp_size]
-
-    def _check_same_batch(self, batch: ScheduledBatch) -> None:
-        """Every rank must schedule the same batch, or their collectives would not match."""
-        h = 0
-        for s in batch.seqs:
-            ids = s.seq.token_ids[s.start:s.start + s.num_new_tokens]
-            h = zlib.crc32(repr((s.seq.request_id, s.start, s.num_new_tokens, ids, s.draft, s.seq.dp_rank)).encode(),
-                           h)
-        mine = [len(batch.seqs), h]
-        every = world_all_gather_ints(mine)
-        bad = [r for r, v in enumerate(every) if v != every[0]]
-        if bad:
-            raise RuntimeError(
-                f"rank(s) {bad} scheduled a different batch than rank 0 (fingerprints {every}): every rank must make "
-                "the same engine calls (the same prompts, sampling params and order) -- the engine runs SPMD")
+    @property
+    def sampling_mismatches(self) -> int:
+        """Steps where this rank sampled differently from its data-parallel group's first rank."""
+        return self.lockstep.sampling_mismatches
 
     def _postprocess(self, batch: ScheduledBatch, result: StepResult) -> list[tuple[Sequence, tuple[str, list[int]]]]:
         now = time.perf_counter()
@@ -393,12 +271,7 @@ class LLMEngine:
         if not self.config.record_expert_counts:
             raise ValueError("expert counts are not recorded: build the LLM with record_expert_counts=True")
         counts = torch.stack([m.counts_E for m in self.model.sparse_layers()])
-        st = self.parallel
-        if st.dp_size > 1:  # each group counted its own tokens; the ranks of a group agree
-            counts = counts.to(self.device)
-            dist.all_reduce(counts, group=st.dp_group)
-            counts = counts.cpu()
-        return counts
+        return self.lockstep.sum_over_data_parallel(counts)  # each data-parallel group counted its own tokens
 
     def _register_blocks(self, seq: Sequence) -> None:
         """Offer the sequence's now completely computed blocks to the prefix cache."""

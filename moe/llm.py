@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import logging
 from importlib import resources
-from typing import Iterator, Sequence as Seq
+from typing import Any, Iterator, Sequence as Seq
 
 import torch
-
-from parallel import ShardingConfig
 
 from .config import EngineConfig
 from .engine import LLMEngine
@@ -30,25 +28,14 @@ class LLM:
     >>> llm = LLM("./mixtral-checkpoint", dtype="bfloat16", kv_cache_memory="4GiB")
     >>> outs = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=32))
 
+    The keyword arguments are :class:`~moe.config.EngineConfig`'s fields, each documented there.
     ``sharding`` (a YAML path, a dict of its keys, or a ShardingConfig) spreads the model over
     the ranks a launcher starts: run the same script under ``torchrun --nproc-per-node N``
     (or mpirun / srun); every rank takes part and returns the same outputs.
     """
 
-    def __init__(self, model: str | None = None, *, dtype: str = "auto", kv_cache_memory: str | int | None = None,
-                 kv_cache_dtype: str = "auto", block_size: int = 16, max_num_seqs: int = 64, max_model_len: int | None = None,
-                 max_num_batched_tokens: int = 2048, seed: int | None = 0, enable_prefix_caching: bool = True,
-                 experts_backend: str = "auto", device: str = "cpu", load_progress: bool = False,
-                 sharding: str | dict | ShardingConfig | None = None, quantization: str | None = None,
-                 offload_experts: bool = False, expert_cache: str | int | None = None,
-                 speculative_config: dict | None = None, record_expert_counts: bool = False, warmup: bool = False):
-        self.config = EngineConfig(
-            model=model or default_model_path(), dtype=dtype, kv_cache_memory=kv_cache_memory,
-            kv_cache_dtype=kv_cache_dtype, block_size=block_size, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-            max_num_batched_tokens=max_num_batched_tokens, seed=seed, enable_prefix_caching=enable_prefix_caching,
-            experts_backend=experts_backend, device=device, load_progress=load_progress, sharding=sharding,
-            quantization=quantization, offload_experts=offload_experts, expert_cache=expert_cache,
-            speculative_config=speculative_config, record_expert_counts=record_expert_counts, warmup=warmup)
+    def __init__(self, model: str | None = None, **options: Any):
+        self.config = EngineConfig.from_options(model or default_model_path(), **options)
         self.engine = LLMEngine(self.config)
 
     def expert_counts(self) -> torch.Tensor:

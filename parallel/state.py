@@ -177,6 +177,16 @@ def tp_all_reduce(x):
     return x
 
 
+def dp_all_reduce(x):
+    """Sum ``x`` in place over the data-parallel group (identity when dp_size is 1): each DP group
+    ran its own sequences, so per-group tallies add up to the job's."""
+    st = get_parallel_state()
+    if st.dp_size == 1:
+        return x
+    dist.all_reduce(x, group=st.dp_group)
+    return x
+
+
 def tp_all_gather_last_dim(x):
     """Concatenate the tensor-parallel shards of ``x`` along its last dim."""
     st = get_parallel_state()
@@ -219,3 +229,10 @@ def world_broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """A failure of a collective (a dead or stalled peer), as gloo and NCCL report it."""
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        k in text for k in ("gloo", "NCCL", "Connection closed", "Connection reset", "imed out", "Broken pipe"))

@@ -23,6 +23,18 @@ def checkpoint(tmp_path_factory):
 
     return get
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` (pyproject.toml's markers) skip on a machine without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(no_cuda)
+
+
 # Tiny models: one intra-op thread is fastest, and far faster on a busy machine.
 import torch  # noqa: E402
 

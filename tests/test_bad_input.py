@@ -172,6 +172,16 @@ def test_bad_engine_options(path, kw, match):
         LLM(str(path), **kw)
 
 
+def test_unknown_engine_option_is_named_with_the_valid_ones(path):
+    # LLM passes its keyword arguments to EngineConfig: a typo fails before anything loads
+    with pytest.raises(TypeError, match=r"'max_num_seq' is not an engine option \(did you mean 'max_num_seqs'\?\)") \
+            as e:
+        LLM(str(path), max_num_seq=4)
+    assert "block_size" in str(e.value) and "warmup" in str(e.value)
+    with pytest.raises(TypeError, match="'colour' is not an engine option: the options are dtype, "):
+        LLM(str(path), colour="blue")
+
+
 # ---- sampling parameters ------------------------------------------------------------------------
 
 
@@ -208,7 +218,8 @@ BAD_PROMPTS = {
     "empty": ({"prompt_token_ids": []}, "the prompt is empty"),
     "too_long": ({"prompt_token_ids": [5] * 300}, "the prompt has 300 tokens but max_model_len is 256"),
     "exactly_max_model_len": ({"prompt_token_ids": [5] * 256}, "the prompt has 256 tokens but max_model_len is 256"),
-    "id_equal_to_vocab": ({"prompt_token_ids": [5, 320, 7]}, r"token id\(s\) \[320\] are outside the vocabulary \[0, 320\)"),
+    "id_equal_to_vocab": ({"prompt_token_ids": [5, 320, 7]},
+                          r"token id\(s\) \[320\] are outside the vocabulary \[0, 320\)"),
     "negative_id": ({"prompt_token_ids": [-1, 4]}, r"\[-1\] are outside the vocabulary"),
     "non_integer_id": ({"prompt_token_ids": [4, 2.5]}, r"must be integers, got \[2.5\]"),
     "text_without_tokenizer": ("hello there", "no tokenizer.json"),

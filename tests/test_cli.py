@@ -89,6 +89,21 @@ def test_bad_arguments_exit_with_a_clear_message(args, message):
     assert res.exit_code == 2 and message in res.stderr, (res.exit_code, res.output)
 
 
+def test_engine_flags_map_onto_engine_config_fields():
+    # one list of engine flags: at their defaults they build the API's default EngineConfig
+    from dataclasses import replace
+
+    from moe.cli import ENGINE_FLAGS, engine_options
+    from moe.config import EngineConfig
+
+    defaults = {name: option.default for name, (_, option) in ENGINE_FLAGS.items()}
+    options = engine_options(defaults)
+    cfg = EngineConfig.from_options("ckpt", **{k: v for k, v in options.items() if k != "model"})
+    assert cfg == replace(EngineConfig("ckpt"), load_progress=cfg.load_progress)
+    spec = engine_options({**defaults, "speculative_tokens": 3})["speculative_config"]
+    assert spec == {"method": "ngram", "num_speculative_tokens": 3}
+
+
 def test_info_reports_params_and_experts():
     res = runner.invoke(app, ["info", "--json"])
     assert res.exit_code == 0, res.output

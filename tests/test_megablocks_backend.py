@@ -6,7 +6,8 @@ from experts import Activation, GroupedExperts, moe_reference
 from experts.megablocks_backend import megablocks_available
 from parallel import LocalDispatcher, init_single_process
 
-pytestmark = pytest.mark.skipif(not megablocks_available(), reason="needs CUDA and the megablocks package")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not megablocks_available(), reason="needs CUDA and the megablocks package")]
 
 
 def test_megablocks_matches_reference():
