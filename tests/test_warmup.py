@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,6 +42,13 @@ def _run(path, warm: bool) -> tuple[list[str], list]:
     return misses, tokens
 
 
+# Where oneDNN has no bf16 GEMMs (CPUs without AVX512-BF16/AMX, e.g. AVX2-only ones) torch runs its
+# own kernels, which build nothing: there is nothing to warm up and no cache miss to count.
+needs_onednn_bf16 = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                                       reason="oneDNN runs no bf16 GEMM on this CPU: no kernels are built to warm up")
+
+
+@needs_onednn_bf16
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen2_moe"])
 def test_requests_after_warm_up_build_no_gemm_kernel(family, checkpoint):
     # experts (per-expert and batched), attention and dense/shared MLP projections, router, LM head,
@@ -49,10 +57,15 @@ def test_requests_after_warm_up_build_no_gemm_kernel(family, checkpoint):
     assert misses == [], f"GEMM shapes built after the warm-up: {misses}"
 
 
-def test_without_warm_up_requests_build_kernels_and_outputs_are_the_same(checkpoint):
-    # the check above can fail: the same requests without the warm-up build kernels; outputs agree
+def test_outputs_are_the_same_with_and_without_warm_up(checkpoint):
     path = checkpoint("mixtral")
-    cold_misses, cold = _run(path, warm=False)
+    _, cold = _run(path, warm=False)
     _, warm = _run(path, warm=True)
-    assert len(cold_misses) > 10
     assert cold == warm
+
+
+@needs_onednn_bf16
+def test_without_warm_up_requests_build_kernels(checkpoint):
+    # the check above can fail: the same requests without the warm-up build kernels
+    cold_misses, _ = _run(checkpoint("mixtral"), warm=False)
+    assert len(cold_misses) > 10
