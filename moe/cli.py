@@ -15,6 +15,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fast inference for Mixture-of-Experts language models.")
 
 
+def _read_chat_template(path: str) -> str:
+    try:
+        return open(path, encoding="utf-8").read()
+    except OSError as e:
+        raise ValueError(f"--chat-template {path}: cannot read it ({e.strerror})") from None
+
+
 @app.command()
 def generate(
     prompts: list[str] = typer.Argument(None, help="Prompt text(s); read from stdin when omitted."),
@@ -37,6 +44,8 @@ def generate(
     warmup: bool = typer.Option(False, "--warmup", help="Build every GEMM kernel shape at load (CPU; seconds on "
                                                         "large models), so no request pays for it."),
     chat: bool = typer.Option(False, "--chat", help="Apply the checkpoint's chat template."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="With --chat: a Jinja chat "
+                                                "template file to use instead of the checkpoint's."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they are generated."),
     logprobs: Optional[int] = typer.Option(None, help="Print the top-N log-probs of each token (JSON)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per prompt."),
@@ -69,7 +78,11 @@ def generate(
     if chat:
         tok = llm.get_tokenizer()
         try:
-            prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+            if tok is None:
+                raise ValueError("this checkpoint has no tokenizer.json: --chat needs it")
+            template = _read_chat_template(chat_template) if chat_template else None
+            prompts = [tok.apply_chat_template([{"role": "user", "content": p}], chat_template=template)
+                       for p in prompts]
         except ValueError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
