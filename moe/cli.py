@@ -16,8 +16,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 def _read_chat_template(path: str) -> str:
+    from pathlib import Path
+
     try:
-        return open(path, encoding="utf-8").read()
+        return Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ValueError(f"--chat-template {path}: cannot read it ({e.strerror})") from None
 

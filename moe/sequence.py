@@ -44,7 +44,7 @@ class Sequence:
     dp_rank: int = 0  # the data-parallel group that runs it (fixed when queued: its K/V live there)
     sample_index: int = 0  # which of its request's n samples this is
     # sample 0 of the same request, for samples 1..n-1: they wait until its prompt is in the prefix cache
-    leader: "Sequence | None" = field(default=None, repr=False, compare=False)
+    leader: Sequence | None = field(default=None, repr=False, compare=False)
     grammar: GrammarState | None = field(default=None, repr=False, compare=False)  # structured output
 
     def __post_init__(self) -> None:

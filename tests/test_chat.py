@@ -22,11 +22,12 @@ def llm():
 def no_template(tmp_path_factory):
     """The default model with its chat template removed."""
     import json
+    from pathlib import Path
 
     d = tmp_path_factory.mktemp("no_template")
     for f in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
         shutil.copy(f"{default_model_path()}/{f}", d / f)
-    cfg = json.loads(open(f"{default_model_path()}/tokenizer_config.json").read())
+    cfg = json.loads((Path(default_model_path()) / "tokenizer_config.json").read_text())
     del cfg["chat_template"]
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     return d

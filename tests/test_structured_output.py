@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from moe import LLM, SamplingParams
-from moe.structured_output import StructuredOutputManager, StructuredOutputsParams, apply_grammar_masks
+from moe.structured_output import (
+    StructuredOutputsParams,
+    apply_grammar_masks,
+)
 
 SCHEMA = {
     "type": "object",
