@@ -5,6 +5,11 @@ gets a hash chained over every token before it, so another sequence whose prompt
 the same tokens can reuse it (its ref count goes up; nothing is recomputed). Freed blocks keep
 their hash until they are handed out again, so a finished request's prefix can still be hit.
 
+Block keys are SHA-256 of the parent block's key and the block's token ids (int64 bytes), so a
+client cannot craft tokens whose key collides with another prompt's block (Python's ``hash`` of
+ints is unseeded and not collision-resistant). A sequence's ``cache_salt`` (one per tenant) is
+hashed into its first block's parent key: sequences with different salts never share a block.
+
 Placement: a new sequence is given a run of free blocks long enough for its expected length
 (a soft reservation others avoid while they can), and grows into the next block when it is
 free. A sequence whose blocks form one contiguous run can have its K/V read as a view of the
@@ -12,7 +17,10 @@ cache, with no gather; any other table still works, through the block table.
 """
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -20,7 +28,7 @@ from dataclasses import dataclass, field
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None
+    hash: bytes | None = None
 
 
 @dataclass
@@ -30,6 +38,7 @@ class BlockTable:
     blocks: list[int] = field(default_factory=list)
     num_hashed: int = 0  # leading blocks already registered in the prefix cache
     reserved: tuple[int, int] | None = None  # soft-reserved block range [start, end)
+    cache_salt: str | None = None  # the tenant's salt: only tables with the same salt share blocks
 
     @property
     def contiguous(self) -> bool:
@@ -38,8 +47,20 @@ class BlockTable:
         return bool(b) and b[-1] - b[0] == len(b) - 1 and (len(b) < 3 or b == list(range(b[0], b[0] + len(b))))
 
 
-def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
-    return hash((prev, tokens))
+_UNSALTED_ROOT = bytes(32)
+
+
+def root_key(cache_salt: str | None) -> bytes:
+    """The parent key of a sequence's first block: 32 zero bytes, or the SHA-256 of its salt."""
+    if cache_salt is None:
+        return _UNSALTED_ROOT
+    return hashlib.sha256(b"moe-cache-salt\0" + cache_salt.encode()).digest()
+
+
+def chain_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """A block's key: SHA-256 over the parent's 32-byte key and the tokens as int64 (fixed-width
+    fields, so no two different (parent, tokens) pairs feed the hash the same bytes)."""
+    return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
 
 
 class BlockManager:
@@ -52,8 +73,10 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         # free blocks in eviction order (least recently freed first); a dict keeps O(1) removal
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.hash_to_block: dict[int, int] = {}
+        self.hash_to_block: dict[bytes, int] = {}
         self.reserved_by: list[int] = [-1] * num_blocks  # id() of the table reserving each block
+        # counted by the scheduler per admitted sequence (record_prefix_lookup), in tokens
+        self.prefix_query_tokens = 0  # tokens of the sequences looked up in the prefix cache
         self.prefix_hit_tokens = 0  # tokens whose K/V a new sequence took from the prefix cache
 
     @property
@@ -84,10 +107,10 @@ class BlockManager:
         assert not table.blocks
         if not self.enable_prefix_caching:
             return 0
-        h = None
+        h = root_key(table.cache_salt)
         bs = self.block_size
         for i in range(max_tokens // bs):
-            h = chain_hash(h, tuple(token_ids[i * bs:(i + 1) * bs]))
+            h = chain_hash(h, token_ids[i * bs:(i + 1) * bs])
             block_id = self.hash_to_block.get(h)
             if block_id is None:
                 break
@@ -97,8 +120,13 @@ class BlockManager:
             blk.ref_count += 1
             table.blocks.append(block_id)
         table.num_hashed = len(table.blocks)
-        self.prefix_hit_tokens += len(table.blocks) * bs
         return len(table.blocks) * bs
+
+    def record_prefix_lookup(self, num_query_tokens: int, num_hit_tokens: int) -> None:
+        """Count one admitted sequence's prefix-cache lookup (a lookup whose admission failed and
+        is retried later is not counted twice)."""
+        self.prefix_query_tokens += num_query_tokens
+        self.prefix_hit_tokens += num_hit_tokens
 
     def allocate(self, table: BlockTable, num_tokens: int, expected_tokens: int = 0) -> None:
         """Grow ``table`` to hold ``num_tokens`` tokens; the caller checked :meth:`can_allocate`.
@@ -155,11 +183,12 @@ class BlockManager:
             return
         bs = self.block_size
         full = min(min(num_computed, len(token_ids)) // bs, len(table.blocks))  # only blocks whose tokens are known
-        h = None
         if table.num_hashed:
             h = self.blocks[table.blocks[table.num_hashed - 1]].hash
+        else:
+            h = root_key(table.cache_salt)
         for i in range(table.num_hashed, full):
-            h = chain_hash(h, tuple(token_ids[i * bs:(i + 1) * bs]))
+            h = chain_hash(h, token_ids[i * bs:(i + 1) * bs])
             blk = self.blocks[table.blocks[i]]
             blk.hash = h
             self.hash_to_block.setdefault(h, blk.block_id)

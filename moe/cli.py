@@ -77,6 +77,15 @@ def with_engine_flags(command: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+def _read_chat_template(path: str) -> str:
+    from pathlib import Path
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"--chat-template {path}: cannot read it ({e.strerror})") from None
+
+
 @app.command()
 @with_engine_flags
 def generate(
@@ -89,6 +98,8 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="Per-request seed for reproducible sampling."),
     stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
     chat: bool = typer.Option(False, "--chat", help="Apply the checkpoint's chat template."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="With --chat: a Jinja chat "
+                                                "template file to use instead of the checkpoint's."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they are generated."),
     logprobs: Optional[int] = typer.Option(None, help="Print the top-N log-probs of each token (JSON)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per prompt."),
@@ -116,7 +127,11 @@ def generate(
     if chat:
         tok = llm.get_tokenizer()
         try:
-            prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+            if tok is None:
+                raise ValueError("this checkpoint has no tokenizer.json: --chat needs it")
+            template = _read_chat_template(chat_template) if chat_template else None
+            prompts = [tok.apply_chat_template([{"role": "user", "content": p}], chat_template=template)
+                       for p in prompts]
         except ValueError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)

@@ -22,13 +22,14 @@ from .loader import load_weights
 from .model_runner import ModelRunner, StepResult
 from .models import MoECausalLM, parse_config, rules_for
 from .models.quant_weights import checkpoint_rules, plan_experts
-from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+from .outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .spec_decode import NgramConfig, NgramProposer
 from .sequence import Sequence
 from .spmd import LockStep, init_parallel
+from .structured_output import StructuredOutputManager
 from .tokenizer import Tokenizer, detokenize_incrementally
 
 log = logging.getLogger("moe")
@@ -103,7 +104,9 @@ class LLMEngine:
         self.sampler = Sampler(config.seed)
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.sampler, self.device)
         self.runner.record_expert_counts = config.record_expert_counts
-        self.seqs: dict[str, Sequence] = {}
+        self.seqs: dict[str, Sequence] = {}  # request id -> its sequence (sample 0 when n > 1)
+        self.samples: dict[str, list[Sequence]] = {}  # request id -> its n sequences
+        self._structured: StructuredOutputManager | None = None  # built by the first structured request
         self._ids = itertools.count()
         self.warmup_s = 0.0
         if config.warmup and self.device.type == "cpu":
@@ -188,20 +191,54 @@ class LLMEngine:
         rid = request_id if request_id is not None else str(next(self._ids))
         if rid in self.seqs:
             raise ValueError(f"request id {rid!r} is already in use")
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator()
-            gen.manual_seed(params.seed)
-        seq = Sequence(rid, text, ids, params, RequestMetrics(time.perf_counter()), gen, expected_len=need)
-        self.seqs[rid] = seq
-        self.scheduler.add(seq)
+        salt = self._cache_salt(prompt)
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"SamplingParams.logit_bias={params.logit_bias!r} is invalid: token id "
+                             f"{max(params.logit_bias)} is outside the vocabulary [0, {vocab})")
+        if params.structured_outputs is not None:
+            self._structured_outputs().compile(params.structured_outputs)  # a bad grammar fails here
+        seqs: list[Sequence] = []
+        for i in range(params.n):
+            # vLLM's fan-out: sample i is a request of its own with n=1 and seed + i
+            p = params if params.n == 1 else replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+            gen = None
+            if p.seed is not None:
+                gen = torch.Generator()
+                gen.manual_seed(p.seed)
+            seq = Sequence(rid, text, ids, p, RequestMetrics(time.perf_counter(), num_prompt_tokens=len(ids)), gen,
+                           expected_len=need, sample_index=i, leader=seqs[0] if seqs else None)
+            seq.block_table.cache_salt = salt
+            if p.structured_outputs is not None:
+                seq.grammar = self._structured_outputs().new_state(p.structured_outputs)
+            seqs.append(seq)
+        self.seqs[rid] = seqs[0]
+        self.samples[rid] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
         return rid
 
+    @staticmethod
+    def _cache_salt(prompt: str | dict) -> str | None:
+        """vLLM's per-request ``cache_salt``: prompts with different salts never share KV blocks."""
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if salt is not None and (not isinstance(salt, str) or not salt):
+            raise ValueError(f"cache_salt={salt!r} is invalid: give a non-empty string (or leave it out)")
+        return salt
+
+    def _structured_outputs(self) -> StructuredOutputManager:
+        if self._structured is None:
+            if self.tokenizer is None:
+                raise ValueError("SamplingParams.structured_outputs needs the checkpoint's tokenizer.json "
+                                 "(grammars are matched against token strings): add it or drop structured_outputs")
+            self._structured = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size, self.eos_ids)
+        return self._structured
+
     def abort(self, request_id: str) -> None:
-        seq = self.seqs.pop(request_id, None)
-        if seq is not None and not seq.is_finished:
-            seq.finish_reason = "abort"
-            self.scheduler.finish(seq)
+        self.seqs.pop(request_id, None)
+        for seq in self.samples.pop(request_id, []):
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -213,7 +250,9 @@ class LLMEngine:
             return []
         result = self._run(batch)
         updated = self._postprocess(batch, result)
-        return [self._output(seq, delta) for seq, delta in updated]
+        # with n > 1, only a request's last update of the step may say it finished
+        last = {seq.request_id: j for j, (seq, _) in enumerate(updated)}
+        return [self._output(seq, delta, last[seq.request_id] == j) for j, (seq, delta) in enumerate(updated)]
 
     def _run(self, batch: ScheduledBatch) -> StepResult:
         return self.lockstep.run(batch, lambda: self.runner.run(batch, self.eos_ids))
@@ -254,6 +293,8 @@ class LLMEngine:
                 if seq.metrics.first_token_time is None:
                     seq.metrics.first_token_time = now
                 self._check_stop(seq, token, self._detokenize(seq))
+                if seq.grammar is not None:
+                    self._advance_grammar(seq, token)
                 if seq.is_finished or seq.finish_reason is not None:
                     break  # later accepted tokens are past the stop
             delta = seq.text[text_before:]  # after the stop checks, which may cut the text
@@ -306,16 +347,65 @@ class LLMEngine:
         if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
 
-    def _output(self, seq: Sequence, delta: tuple[str, list[int]] | None = None) -> RequestOutput:
-        finished = seq.finish_reason is not None
-        comp = CompletionOutput(0, seq.text, list(seq.output_token_ids),
-                                list(seq.output_logprobs) if seq.params.logprobs is not None else None,
-                                seq.finish_reason, seq.stop_reason)
+    def _advance_grammar(self, seq: Sequence, token: int) -> None:
+        """Move the sample's grammar past ``token``; once the grammar has ended, so has the sample."""
+        if seq.finish_reason is not None and token in self.eos_ids:
+            return  # the EOS that ended it (the grammar allowed it, or min_tokens was past)
+        if not seq.grammar.accept(token):
+            # only when min_tokens forced a token the grammar did not allow (it allowed only EOS)
+            log.warning("request %s: token %d does not fit its grammar; finishing it", seq.request_id, token)
+            seq.finish_reason = seq.finish_reason or "stop"
+        elif seq.grammar.is_terminated and seq.finish_reason is None:
+            seq.finish_reason = "stop"
+
+    def _output(self, seq: Sequence, delta: tuple[str, list[int]] | None = None,
+                last_update: bool = True) -> RequestOutput:
+        """The request's output after ``seq`` advanced by ``delta``. ``last_update``: no other sample
+        of the request is reported later in this step (only then may the request be finished)."""
+        samples = self.samples.get(seq.request_id, [seq])
+        finished = last_update and all(s.finish_reason is not None for s in samples)
+        comps = [self._completion(s) for s in samples]
         delta_out = None
         if delta is not None:
-            delta_out = CompletionOutput(0, delta[0], delta[1], seq.output_logprobs[-1:] if seq.params.logprobs
-                                         is not None else None, seq.finish_reason, seq.stop_reason)
+            delta_out = CompletionOutput(seq.sample_index, delta[0], delta[1], seq.output_logprobs[-1:]
+                                         if seq.params.logprobs is not None else None,
+                                         seq.finish_reason, seq.stop_reason)
         if finished:
             self.seqs.pop(seq.request_id, None)
-        return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids), [comp], finished, seq.metrics,
+            self.samples.pop(seq.request_id, None)
+        metrics = seq.metrics if len(samples) == 1 else _request_metrics(samples)
+        return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids), comps, finished, metrics,
                              list(seq.prompt_logprobs) if seq.wants_prompt_logprobs else None, delta=delta_out)
+
+    @staticmethod
+    def _completion(seq: Sequence) -> CompletionOutput:
+        return CompletionOutput(seq.sample_index, seq.text, list(seq.output_token_ids),
+                                list(seq.output_logprobs) if seq.params.logprobs is not None else None,
+                                seq.finish_reason, seq.stop_reason)
+
+    def stats(self) -> EngineStats:
+        """Load and counters for monitoring (summed over data-parallel groups' block managers)."""
+        bms = self.block_managers
+        total = sum(bm.num_blocks for bm in bms)
+        free = sum(bm.num_free_blocks for bm in bms)
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=(total - free) / total, num_free_blocks=free, num_total_blocks=total,
+            prefix_cache_queries=sum(bm.prefix_query_tokens for bm in bms),
+            prefix_cache_hits=sum(bm.prefix_hit_tokens for bm in bms),
+            spec_num_draft_tokens=self.spec_drafted, spec_num_accepted_tokens=self.spec_accepted)
+
+
+def _request_metrics(samples: list[Sequence]) -> RequestMetrics:
+    """One request's metrics from its samples': first scheduled / first token of any, finished
+    when the last one finished, tokens of all."""
+    ms = [s.metrics for s in samples]
+
+    def first(values):
+        known = [v for v in values if v is not None]
+        return min(known) if known else None
+
+    done = all(m.finished_time is not None for m in ms)
+    return RequestMetrics(ms[0].arrival_time, first(m.first_scheduled_time for m in ms),
+                          first(m.first_token_time for m in ms), max(m.finished_time for m in ms) if done else None,
+                          sum(m.num_generated for m in ms), ms[0].num_prompt_tokens)

@@ -88,6 +88,25 @@ class LLM:
                     done[out.request_id] = out
         return [done[s] if isinstance(s, str) else s for s in slots]
 
+    def chat(self, messages: list[dict] | Seq[list[dict]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None, *,
+             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of ``{"role", "content"}`` dicts) or to a
+        list of them, rendered with ``chat_template`` (Jinja text) or the checkpoint's template.
+        One :class:`RequestOutput` per conversation; the rendered text is tokenized as is (the
+        template writes any special tokens itself)."""
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise ValueError("this checkpoint has no tokenizer.json: chat needs it to render and tokenize messages")
+        single = isinstance(messages, list) and (not messages or isinstance(messages[0], dict))
+        conversations = [messages] if single else list(messages)
+        prompts = []
+        for conv in conversations:
+            text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
+                                           chat_template=chat_template)
+            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params)
+
     def generate_stream(self, prompts: Prompt | Seq[Prompt],
                         sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> Iterator[RequestOutput]:
         """Yield increments as they are produced: each ``RequestOutput.delta`` holds the new text

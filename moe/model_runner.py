@@ -118,7 +118,8 @@ class ModelRunner:
                 seqs = [batch.seqs[all_idx[j]].seq for j in plain]
                 banned = [self._banned(seq, eos_ids) for seq in seqs]
                 res: SampleResult = self.sampler(logits[plain] if len(plain) < len(all_idx) else logits,
-                                                 [q.params for q in seqs], [q.generator for q in seqs], banned)
+                                                 [q.params for q in seqs], [q.generator for q in seqs], banned,
+                                                 seqs)
                 mine_set = set(sample_idx)
                 for r, j in enumerate(plain):
                     b = all_idx[j]

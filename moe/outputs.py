@@ -11,6 +11,7 @@ class RequestMetrics:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_generated: int = 0
+    num_prompt_tokens: int = 0
 
     @property
     def ttft(self) -> float | None:
@@ -53,3 +54,18 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     error: str | None = None
     delta: CompletionOutput | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load and counters (LLMEngine.stats()); counters count since start."""
+
+    num_running: int  # sequences (an n > 1 request counts n)
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks in use, 0..1
+    num_free_blocks: int
+    num_total_blocks: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens whose K/V were found there
+    spec_num_draft_tokens: int  # speculative decoding: draft tokens run
+    spec_num_accepted_tokens: int  # and those the model confirmed

@@ -1,15 +1,33 @@
 """Turn one step's logits into tokens: greedy, temperature, top-k, top-p, min-p, seeded draws.
 
-Log-probs are those of the model's raw distribution (before temperature and filtering), as
-vLLM reports them by default.
+Requests with logit processing (``SamplingParams.processes_logits``) have their rows changed
+first, in this order: logit bias, repetition / frequency / presence penalties, the grammar's
+token mask; greedy requests take the argmax of the processed row. Rows of other requests are
+not touched (their arithmetic is unchanged).
+
+Log-probs are those of the model's raw distribution (before processing, temperature and
+filtering), as vLLM reports them by default.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from .sampling_params import SamplingParams
+from .structured_output import GrammarState, apply_grammar_masks
+
+
+class TokenHistory(Protocol):
+    """What logit processing reads of a sequence (moe.sequence.Sequence is one)."""
+
+    prompt_token_ids: list[int]
+    grammar: GrammarState | None
+
+    @property
+    def output_token_ids(self) -> list[int]: ...
 
 
 @dataclass(frozen=True)
@@ -34,6 +52,60 @@ def apply_filters(logits_BV: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     drop[:, 0] = False
     mask = torch.zeros_like(drop).scatter_(1, order, drop)
     return logits_BV.masked_fill(mask, float("-inf"))
+
+
+def token_counts(rows: Seq[Seq[int]], vocab_size: int) -> torch.Tensor:
+    """``[R, V]`` int64: how often each token occurs in each row's list (one scatter-add)."""
+    lists = [torch.tensor(r, dtype=torch.long) for r in rows]
+    padded = torch.nn.utils.rnn.pad_sequence(lists, batch_first=True, padding_value=vocab_size)  # pad: a spare column
+    counts = torch.zeros(len(rows), vocab_size + 1, dtype=torch.long)
+    counts.scatter_add_(1, padded, torch.ones_like(padded))
+    return counts[:, :vocab_size]
+
+
+def apply_logit_bias(logits_RV: torch.Tensor, biases: Seq[dict[int, float] | None]) -> None:
+    """Add each row's ``{token: bias}`` to its logits, in place."""
+    rows = [r for r, b in enumerate(biases) if b for _ in b]
+    cols = [t for b in biases if b for t in b]
+    if rows:
+        vals = torch.tensor([v for b in biases if b for v in b.values()], dtype=logits_RV.dtype)
+        logits_RV.index_put_((torch.tensor(rows), torch.tensor(cols)), vals, accumulate=True)
+
+
+def apply_penalties(logits_RV: torch.Tensor, prompt_ids: Seq[Seq[int]], output_ids: Seq[Seq[int]],
+                    presence: Seq[float], frequency: Seq[float], repetition: Seq[float]) -> torch.Tensor:
+    """Repetition penalty (HF/vLLM: over prompt and output tokens, a positive logit divided by it, a
+    negative one multiplied), then OpenAI's frequency and presence penalties over output tokens:
+    ``logit - count * frequency - (count > 0) * presence``."""
+    V = logits_RV.shape[1]
+    out_counts = token_counts(output_ids, V)
+    if any(r != 1 for r in repetition):
+        seen = (token_counts(prompt_ids, V) > 0) | (out_counts > 0)
+        rp = torch.tensor(repetition, dtype=logits_RV.dtype).unsqueeze(1)
+        logits_RV = torch.where(seen, torch.where(logits_RV > 0, logits_RV / rp, logits_RV * rp), logits_RV)
+    if any(f != 0 for f in frequency) or any(p != 0 for p in presence):
+        freq = torch.tensor(frequency, dtype=logits_RV.dtype).unsqueeze(1)
+        pres = torch.tensor(presence, dtype=logits_RV.dtype).unsqueeze(1)
+        logits_RV = logits_RV - out_counts * freq - (out_counts > 0) * pres
+    return logits_RV
+
+
+def process_logits(logits_BV: torch.Tensor, params: list[SamplingParams], seqs: Seq[TokenHistory]) -> torch.Tensor:
+    """The batch's logits with the rows of requests that process logits changed (a new tensor)."""
+    rows = [i for i, p in enumerate(params) if p.processes_logits]
+    logits_BV = logits_BV.clone()
+    sub = logits_BV[rows]
+    ps = [params[i] for i in rows]
+    apply_logit_bias(sub, [p.logit_bias for p in ps])
+    if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1 for p in ps):
+        sub = apply_penalties(sub, [seqs[i].prompt_token_ids for i in rows], [seqs[i].output_token_ids for i in rows],
+                              [p.presence_penalty for p in ps], [p.frequency_penalty for p in ps],
+                              [p.repetition_penalty for p in ps])
+    logits_BV[rows] = sub
+    grammar_rows = [i for i in rows if seqs[i].grammar is not None]
+    if grammar_rows:
+        apply_grammar_masks(logits_BV, grammar_rows, [seqs[i].grammar for i in grammar_rows])
+    return logits_BV
 
 
 def top_logprobs(logprobs_V: torch.Tensor, chosen: int, n: int) -> dict[int, float]:
@@ -95,15 +167,24 @@ class Sampler:
                 for j, t in enumerate(out)]
 
     def __call__(self, logits_BV: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None], banned: list[list[int]]) -> SampleResult:
+                 generators: list[torch.Generator | None], banned: list[list[int]],
+                 seqs: Seq[TokenHistory] | None = None) -> SampleResult:
+        """``seqs``: each row's sequence (its tokens and grammar), needed when a request processes logits."""
         logits_BV = logits_BV.float()
         want_lp = [p.logprobs is not None for p in params]
         raw_lp = torch.log_softmax(logits_BV, dim=-1) if any(want_lp) else None  # before any ban or filter
+        if any(p.processes_logits for p in params):
+            if seqs is None:
+                raise ValueError("penalties, logit_bias and structured output need each row's sequence: pass seqs")
+            logits_BV = process_logits(logits_BV, params, seqs)
         if any(banned):
             logits_BV = logits_BV.clone()
             for i, ban in enumerate(banned):
                 if ban:
+                    kept = logits_BV[i].clone() if seqs is not None and seqs[i].grammar is not None else None
                     logits_BV[i, ban] = float("-inf")
+                    if kept is not None and bool(torch.isneginf(logits_BV[i]).all()):
+                        logits_BV[i] = kept  # the grammar allows only banned (stop) tokens: it wins over min_tokens
         tokens = logits_BV.max(dim=-1).indices  # (faster than argmax on CPU; same first-index ties)
         rand = [i for i, p in enumerate(params) if not p.greedy]
         if rand:

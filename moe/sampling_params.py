@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .structured_output import StructuredOutputsParams
+
 
 @dataclass
 class SamplingParams:
@@ -20,6 +22,12 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    n: int = 1  # samples per prompt; they share the prompt's KV blocks (through the prefix cache)
+    presence_penalty: float = 0.0  # OpenAI: minus this once for every token already in the output
+    frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count in the output
+    repetition_penalty: float = 1.0  # HF/vLLM: prompt and output tokens' logits / (if > 0) or * (if < 0) this
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    structured_outputs: StructuredOutputsParams | None = None
     _stop: tuple[str, ...] = field(default=(), init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -29,7 +37,10 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
                 raise bad(name, getattr(self, name), "must be a number")
-        for name in ("top_k", "min_tokens"):
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+                raise bad(name, getattr(self, name), "must be a number")
+        for name in ("top_k", "min_tokens", "n"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
                 raise bad(name, getattr(self, name), "must be an integer")
         if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)):
@@ -48,6 +59,17 @@ class SamplingParams:
             raise bad("min_tokens", self.min_tokens, "must be >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", self.min_tokens, f"must not exceed max_tokens ({self.max_tokens})")
+        if self.n < 1:
+            raise bad("n", self.n, "must be at least 1 (the number of samples per prompt)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise bad(name, getattr(self, name), "must be in [-2, 2]")
+        if not self.repetition_penalty > 0 or self.repetition_penalty == float("inf"):
+            raise bad("repetition_penalty", self.repetition_penalty, "must be a finite number > 0 (1 is off)")
+        if self.logit_bias is not None:
+            self.logit_bias = _checked_logit_bias(self.logit_bias, bad)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise bad("structured_outputs", self.structured_outputs, "must be a StructuredOutputsParams")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and v < 0:
@@ -66,3 +88,26 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def processes_logits(self) -> bool:
+        """Does sampling change the logits beyond temperature and filters (penalties, bias, a
+        grammar)? Such requests are sampled from processed logits and never speculate."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+                or bool(self.logit_bias) or self.structured_outputs is not None)
+
+
+def _checked_logit_bias(bias, bad) -> dict[int, float]:
+    """Token ids (ints, or digit strings as JSON objects carry them) -> biases in [-100, 100]."""
+    if not isinstance(bias, dict):
+        raise bad("logit_bias", bias, "must be a dict of token id -> bias")
+    out: dict[int, float] = {}
+    for k, v in bias.items():
+        if isinstance(k, str) and k.strip().lstrip("-").isdigit():
+            k = int(k)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise bad("logit_bias", bias, f"key {k!r} is not a token id (a non-negative integer)")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+            raise bad("logit_bias", bias, f"the bias of token {k} ({v!r}) must be a number in [-100, 100]")
+        out[k] = float(v)
+    return out

@@ -7,6 +7,10 @@ needs a block and none is free, the most recently admitted sequence is preempted
 are freed and it goes back to the front of the queue, to be recomputed later (its tokens so
 far are kept, so its output is unchanged).
 
+A request with ``n`` > 1 samples is ``n`` sequences; samples 1..n-1 are admitted once sample 0
+has computed its prompt, so that they take its full prompt blocks from the prefix cache (shared,
+ref-counted) and compute only the prompt's last partial block.
+
 Data parallelism (``data_parallel`` > 1, DP attention): every rank runs this same scheduler. A
 sequence is bound to one DP group when it is queued (:func:`least_loaded_group`) and stays
 there, because its K/V live only in that group's caches. Each group has its own
@@ -91,7 +95,9 @@ class Scheduler:
         return self.bms[seq.dp_rank]
 
     def add(self, seq: Sequence) -> None:
-        if self.dp_size > 1:
+        if seq.leader is not None:
+            seq.dp_rank = seq.leader.dp_rank  # samples of one request share its prompt's blocks: same group
+        elif self.dp_size > 1:
             loads, counts = [0] * self.dp_size, [0] * self.dp_size
             for q in (*self.running, *self.waiting):
                 loads[q.dp_rank] += max(q.expected_len, q.num_tokens)
@@ -130,8 +136,10 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue
             draft: tuple[int, ...] = ()
+            # (a request that processes logits is not drafted: its draft rows would be verified
+            # against unprocessed logits)
             if (self.proposer is not None and n == 1 and budget[seq.dp_rank] > 1
-                    and seq.num_tokens - seq.num_computed_tokens == 1):
+                    and seq.num_tokens - seq.num_computed_tokens == 1 and not seq.params.processes_logits):
                 draft = tuple(self.proposer(seq)[: budget[seq.dp_rank] - 1])
                 if draft and not bm.can_allocate(seq.block_table, seq.num_computed_tokens + 1 + len(draft)):
                     draft = ()  # no room for the speculative rows: an ordinary decode step
@@ -153,8 +161,12 @@ class Scheduler:
                 blocked.add(d)
                 i += 1
                 continue
+            if seq.waits_for_leader and self.block_manager_of(seq).enable_prefix_caching:
+                i += 1  # not blocking: its leader, ahead of it, is admitted or running
+                continue
             bm = self.block_manager_of(seq)
-            if not seq.wants_prompt_logprobs and seq.num_computed_tokens == 0:
+            looked_up = not seq.wants_prompt_logprobs and seq.num_computed_tokens == 0 and bm.enable_prefix_caching
+            if looked_up:
                 # at least one token must be computed to produce logits
                 seq.num_computed_tokens = bm.match_prefix(seq.block_table, seq.token_ids, seq.num_tokens - 1)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget[d])
@@ -165,6 +177,8 @@ class Scheduler:
                 i += 1
                 continue
             bm.allocate(seq.block_table, seq.num_computed_tokens + n, seq.expected_len)
+            if looked_up:
+                bm.record_prefix_lookup(seq.num_tokens, seq.num_computed_tokens)
             del self.waiting[i]
             seq.status = Status.RUNNING
             self.running.append(seq)

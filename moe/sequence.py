@@ -10,6 +10,7 @@ from kvcache import BlockTable
 
 from .outputs import RequestMetrics
 from .sampling_params import SamplingParams
+from .structured_output import GrammarState
 
 
 class Status(enum.Enum):
@@ -41,6 +42,10 @@ class Sequence:
     num_preemptions: int = 0
     expected_len: int = 0  # prompt + max_tokens, capped at max_model_len (sizes the KV reservation)
     dp_rank: int = 0  # the data-parallel group that runs it (fixed when queued: its K/V live there)
+    sample_index: int = 0  # which of its request's n samples this is
+    # sample 0 of the same request, for samples 1..n-1: they wait until its prompt is in the prefix cache
+    leader: Sequence | None = field(default=None, repr=False, compare=False)
+    grammar: GrammarState | None = field(default=None, repr=False, compare=False)  # structured output
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -67,6 +72,13 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def waits_for_leader(self) -> bool:
+        """A later sample of an n > 1 request is admitted once sample 0 has computed its prompt
+        (and so cached its full blocks), so that it shares them instead of recomputing them."""
+        lead = self.leader
+        return lead is not None and not lead.is_finished and lead.num_output_tokens == 0
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -17,6 +17,7 @@ def _token_str(v) -> str | None:
 class Tokenizer:
     def __init__(self, model_dir: str | Path):
         d = Path(model_dir)
+        self.model_dir = d
         path = d / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer.json in {d}: pass prompts as token ids "
@@ -42,10 +43,16 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        if not self.chat_template:
-            raise ValueError("this checkpoint has no chat template (tokenizer_config.json 'chat_template'); "
-                             "generate without --chat")
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            chat_template: str | None = None) -> str:
+        """Render a conversation with ``chat_template`` (Jinja text), else the checkpoint's own."""
+        template = chat_template if chat_template is not None else self.chat_template
+        if not template:
+            raise ValueError(f"the checkpoint {self.model_dir} has no chat template (no 'chat_template' in "
+                             "tokenizer_config.json, no chat_template.jinja); pass --chat-template FILE "
+                             "(LLM.chat(..., chat_template=TEXT)) or generate without --chat")
+        if not isinstance(messages, list) or any(not isinstance(m, dict) or "role" not in m for m in messages):
+            raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
         import jinja2
 
         env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
@@ -54,9 +61,12 @@ class Tokenizer:
             raise ValueError(f"chat template: {msg}")
 
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        try:
+            compiled = env.from_string(template)
+        except jinja2.TemplateSyntaxError as e:
+            raise ValueError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
 
 def detokenize_incrementally(tok: Tokenizer, ids: list[int], prefix_offset: int, read_offset: int,

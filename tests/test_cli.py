@@ -72,12 +72,6 @@ def test_generate_stats_report_the_expert_cache_when_offloading():
     assert misses > 0 and abs(float(m.group(3)) - hits / (hits + misses)) < 1e-3
 
 
-def test_generate_chat_without_a_template_is_a_clear_error():
-    res = runner.invoke(app, ["generate", "hi", "--chat", "--max-tokens", "4"])
-    assert res.exit_code == 2
-    assert "no chat template" in res.stderr
-
-
 @pytest.mark.parametrize("args, message", [
     (["generate", "x", "--model", "/nonexistent/ckpt"], "does not exist"),
     (["generate", "x", "--temperature", "-1"], "temperature"),
