@@ -139,6 +139,8 @@ class AsyncLLM:
         with self._lock:
             if rid in self._streams:
                 raise RequestError(f"request id {rid!r} is already in use")
+            if self.dead is not None:  # died since the check above: nobody would answer this stream
+                raise EngineDeadError(f"the engine is dead: {self.dead}")
             self._streams[rid] = stream
         self._commands.put(_Add(rid, prompt, params))
         return self._outputs(rid, stream)
@@ -179,13 +181,14 @@ class AsyncLLM:
         except BaseException as e:  # noqa: BLE001 -- every failure must reach the waiting requests
             log.exception("engine loop failed on rank %d", self.rank)
             self.dead = e
+            if self.on_dead is not None:
+                self.on_dead(e)
             with self._lock:
                 streams = list(self._streams.values())
+                self._streams.clear()
             err = EngineDeadError(f"the engine failed: {type(e).__name__}: {e}")
             for s in streams:
                 s.loop.call_soon_threadsafe(s.queue.put_nowait, err)
-            if self.on_dead is not None:
-                self.on_dead(e)
 
     def _take_commands(self, block: bool) -> list:
         cmds = []

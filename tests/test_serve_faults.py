@@ -1,0 +1,238 @@
+"""Misbehaving clients and overload: every failure is answered in OpenAI's error shape with the
+right status, and the server keeps serving. Also SIGTERM under load, and engine failures inside
+AsyncLLM (one bad request never hurts the others; a failed step ends every request with an error)."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+from test_serve import start_server
+
+KEY = "s3cret"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = start_server(tmp_path_factory.mktemp("faults"), "--api-key", KEY, "--max-num-seqs", "1",
+                     "--max-queued-requests", "2")
+    yield s
+    assert s.stop() == 0, s.tail()
+
+
+def post(server, path: str, body, headers=AUTH, **kw) -> httpx.Response:
+    if isinstance(body, (bytes, str)):
+        return httpx.post(f"{server.url}{path}", content=body, headers={**headers, "content-type": "application/json"},
+                          timeout=60, **kw)
+    return httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=60, **kw)
+
+
+def error_of(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == status
+    return err
+
+
+def test_api_key(server):
+    body = {"model": "default", "prompt": "hi", "max_tokens": 2}
+    assert "API key" in error_of(post(server, "/v1/completions", body, headers={}), 401)["message"]
+    error_of(post(server, "/v1/completions", body, headers={"Authorization": "Bearer wrong"}), 401)
+    error_of(httpx.get(f"{server.url}/v1/models"), 401)
+    assert post(server, "/v1/completions", body).status_code == 200
+    assert httpx.get(f"{server.url}/health").status_code == 200  # health needs no key
+
+    from openai import AuthenticationError, OpenAI
+
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_unknown_model_404(server):
+    err = error_of(post(server, "/v1/completions", {"model": "gpt-9", "prompt": "hi"}), 404)
+    assert err["param"] == "model" and "gpt-9" in err["message"]
+    error_of(post(server, "/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
+             404)
+
+
+def test_malformed_json_400(server):
+    err = error_of(post(server, "/v1/completions", b'{"model": "default", "prompt": '), 400)
+    assert "JSON" in err["message"]
+    error_of(post(server, "/v1/chat/completions", b"not json"), 400)
+
+
+INVALID = [  # (endpoint, field, value)
+    ("completions", "temperature", -1.0), ("completions", "top_p", 1.5), ("completions", "top_p", 0.0),
+    ("completions", "max_tokens", 0), ("completions", "max_tokens", "many"), ("completions", "n", 0),
+    ("completions", "logprobs", -1), ("completions", "top_k", -5), ("completions", "min_p", 2.0),
+    ("completions", "stop", [""]), ("completions", "stop_token_ids", [-3]), ("completions", "min_tokens", 99),
+    ("completions", "prompt_logprobs", -2), ("completions", "seed", "x"), ("completions", "stream", "perhaps"),
+    ("completions", "prompt", None), ("completions", "prompt", [5000000]), ("completions", "logit_bias", {"a": 1}),
+    ("completions", "echo", [1]), ("chat/completions", "messages", []), ("chat/completions", "top_logprobs", 50),
+    ("chat/completions", "max_completion_tokens", -1), ("chat/completions", "messages", [{"content": "no role"}]),
+]
+
+
+@pytest.mark.parametrize("endpoint,field,value", INVALID, ids=[f"{e}-{f}-{v}" for e, f, v in INVALID])
+def test_invalid_field_400_names_it(server, endpoint, field, value):
+    body = {"model": "default", "max_tokens": 4, "min_tokens": 0}
+    body.update({"prompt": "hi"} if endpoint == "completions" else {"messages": [{"role": "user", "content": "hi"}]})
+    body[field] = value
+    err = error_of(post(server, f"/v1/{endpoint}", body), 400)
+    assert err["param"] == field, err
+    assert err["type"] == "BadRequestError"
+
+
+def test_over_long_prompt_and_too_many_tokens(server):
+    long = " ".join(["word"] * 700)
+    err = error_of(post(server, "/v1/completions", {"model": "default", "prompt": long, "max_tokens": 4}), 400)
+    assert "max_model_len" in err["message"] and err["param"] == "prompt"
+    err = error_of(post(server, "/v1/completions", {"model": "default", "prompt": "hi", "max_tokens": 600}), 400)
+    assert "max_model_len" in err["message"] and err["param"] == "max_tokens"
+    assert post(server, "/v1/completions", {"model": "default", "prompt": "hi", "max_tokens": 3}).status_code == 200
+
+
+def test_queue_at_bound_answers_429_then_keeps_serving(server):
+    """max_num_seqs 1, max_queued_requests 2: one runs, two wait, the next is refused."""
+    body = {"model": "default", "prompt": "Count:", "max_tokens": 300, "ignore_eos": True, "temperature": 0.0,
+            "stream": True}
+    with httpx.Client(timeout=120, headers=AUTH) as c:
+        with c.stream("POST", f"{server.url}/v1/completions", json=body) as running:
+            lines = running.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))  # it has started
+            waiting = [c.stream("POST", f"{server.url}/v1/completions", json={**body, "max_tokens": 2})
+                       for _ in range(2)]
+            responses = [w.__enter__() for w in waiting]  # headers back: both are queued
+            err = error_of(c.post(f"{server.url}/v1/completions", json={**body, "stream": False}), 429)
+            assert "max-queued-requests" in err["message"]
+        for w in waiting:  # the refused request did not disturb the queued ones
+            r = responses.pop(0)
+            text = "".join(line for line in r.iter_lines())
+            assert '"finish_reason":"length"' in text and text.endswith("[DONE]")
+            w.__exit__(None, None, None)
+    r = post(server, "/v1/completions", {"model": "default", "prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_disconnect_then_next_request_is_not_stuck_behind_it(server):
+    """max_num_seqs 1: a stream the client dropped must be aborted, or a new request would wait for
+    all its 480 tokens."""
+    body = {"model": "default", "prompt": "Count:", "max_tokens": 480, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60, headers=AUTH) as c:
+        with c.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            for _ in range(3):
+                next(line for line in lines if line.startswith("data:"))
+    t0 = time.monotonic()
+    r = post(server, "/v1/completions", {"model": "default", "prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 200
+    alone = time.monotonic()
+    post(server, "/v1/completions", {"model": "default", "prompt": "hi", "max_tokens": 2})
+    alone = time.monotonic() - alone
+    # the aborted request's remaining 477 steps would take far longer than a handful of requests
+    assert time.monotonic() - t0 - alone < 2.0 + 5 * alone
+
+
+def test_sigterm_lets_running_requests_finish_and_exits_0(tmp_path):
+    s = start_server(tmp_path, "--max-num-seqs", "4", "--shutdown-timeout", "60")
+    results: list = [None] * 4
+
+    def run(i: int) -> None:
+        text = ""
+        with httpx.stream("POST", f"{s.url}/v1/completions", timeout=120,
+                          json={"model": "default", "prompt": f"Story {i}", "max_tokens": 40, "ignore_eos": True,
+                                "stream": True}) as r:
+            for line in r.iter_lines():
+                text += line
+        results[i] = text
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # they are admitted and running
+        s.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        try:  # while draining: new requests are refused with 503 (or the socket is closed already)
+            r = httpx.post(f"{s.url}/v1/completions", json={"model": "default", "prompt": "x"}, timeout=10)
+            assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+        except httpx.ConnectError:
+            pass
+        for t in threads:
+            t.join(120)
+        assert s.proc.wait(60) == 0, s.tail()
+    finally:
+        s.stop()
+    for text in results:
+        assert text is not None and text.count('"finish_reason":"length"') == 1 and text.endswith("[DONE]"), text
+
+
+# ---- AsyncLLM directly: engine-side failures -------------------------------------------------
+@pytest.fixture(scope="module")
+def engine():
+    from moe import LLM
+
+    return LLM(dtype="float32", max_model_len=512, kv_cache_memory="16MiB").engine
+
+
+def test_a_rejected_request_does_not_hurt_the_others(engine):
+    from moe import SamplingParams
+    from moe.serving.async_llm import AsyncLLM, RequestError
+
+    llm = AsyncLLM(engine)
+    llm.start()
+
+    async def good():
+        last = None
+        async for out in llm.generate("Hello there", SamplingParams(max_tokens=6, temperature=0.0)):
+            last = out
+        return last
+
+    async def bad():
+        async for _ in llm.generate({"prompt_token_ids": [10**7]}, SamplingParams(max_tokens=6)):
+            pass
+
+    async def both():
+        return await asyncio.gather(good(), bad(), good(), return_exceptions=True)
+
+    try:
+        a, b, c = asyncio.run(both())
+        assert isinstance(b, RequestError) and "outside the vocabulary" in str(b)
+        assert a.finished and c.finished and a.outputs[0].text == c.outputs[0].text
+        assert len(a.outputs[0].token_ids) == 6 and llm.dead is None
+    finally:
+        llm.shutdown()
+
+
+def test_a_failed_step_ends_every_request_and_marks_the_engine_dead(engine, monkeypatch):
+    from moe import SamplingParams
+    from moe.serving.async_llm import AsyncLLM, EngineDeadError
+
+    def broken_step():
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(engine, "step", broken_step)
+    llm = AsyncLLM(engine)
+    dead: list = []
+    llm.on_dead = dead.append
+    llm.start()
+
+    async def one():
+        async for _ in llm.generate("Hello", SamplingParams(max_tokens=4)):
+            pass
+
+    async def both():
+        return await asyncio.gather(one(), one(), return_exceptions=True)
+
+    try:
+        for r in asyncio.run(both()):
+            assert isinstance(r, EngineDeadError) and "simulated kernel failure" in str(r)
+        assert isinstance(llm.dead, RuntimeError) and dead == [llm.dead]
+        with pytest.raises(EngineDeadError):
+            llm.generate("again", SamplingParams())
+    finally:
+        llm.shutdown(1)
