@@ -77,10 +77,11 @@ class Server:
         return self.proc.returncode
 
 
-def start_server(tmp: Path, *args: str, **kw) -> Server:
+def start_server(tmp: Path, *args: str, chat_template: bool = True, **kw) -> Server:
+    """The embedded model as "default"; with ``chat_template`` the test's template overrides the checkpoint's."""
     (tmp / "chat.jinja").write_text(CHAT_TEMPLATE)
-    return Server([*ENGINE_ARGS, "--served-model-name", "default", "--chat-template", str(tmp / "chat.jinja"),
-                   *args], tmp / "server.log", **kw)
+    template = ["--chat-template", str(tmp / "chat.jinja")] if chat_template else []
+    return Server([*ENGINE_ARGS, "--served-model-name", "default", *template, *args], tmp / "server.log", **kw)
 
 
 @pytest.fixture(scope="module")
