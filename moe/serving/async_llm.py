@@ -200,7 +200,14 @@ class AsyncLLM:
             except queue.Empty:
                 pass
         if self.world_size > 1:  # every rank applies rank 0's commands at the same step boundary
-            cmds = world_broadcast_object(cmds)
+            try:
+                cmds = world_broadcast_object(cmds)
+            except RuntimeError as e:
+                cause = (str(e).splitlines() or [""])[0][:300]
+                raise RuntimeError(
+                    f"rank {self.rank} of {self.world_size}: the request broadcast failed; another rank has "
+                    "probably died or stalled for longer than the sharding's timeout_seconds: check the other "
+                    f"ranks' logs. Cause: {cause}") from e
         return cmds
 
     def _loop(self) -> None:
