@@ -268,16 +268,52 @@ def test_64_concurrent_streaming_clients(server, client):
         assert (text == ref) if n == ref_n else (ref.startswith(text) and text), (i, text, ref)
 
 
-def test_chat_without_template_names_the_fix(tmp_path):
-    """A checkpoint without a chat template answers chat with a 400 that says how to fix it."""
-    s = Server([*ENGINE_ARGS, "--max-num-seqs", "2"], tmp_path / "server.log")
+def test_chat_without_template_names_the_fix(llm):
+    """A checkpoint without a chat template answers chat with a 400 that says how to fix it (the app
+    in-process over the test's engine; the refusal comes before the engine is involved)."""
+    from moe.serving.api_server import ServerConfig, build_app
+    from moe.serving.async_llm import AsyncLLM
+
+    tok = llm.get_tokenizer()
+    saved, tok.chat_template = tok.chat_template, None
+    app = build_app(AsyncLLM(llm.engine), ServerConfig(model_path="m", served_model_names=["default"]))
+
+    async def ask():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+
     try:
-        r = httpx.post(f"{s.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                              "max_tokens": 2}, timeout=60)
-        if r.status_code == 200:  # the checkpoint ships a template (after the chat-template change)
-            assert r.json()["choices"][0]["message"]["role"] == "assistant"
-        else:
-            assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
-            assert "--chat-template" in r.json()["error"]["message"]
+        r = asyncio.run(ask())
     finally:
-        assert s.stop() == 0
+        tok.chat_template = saved
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert "chat template" in r.json()["error"]["message"] and "--chat-template" in r.json()["error"]["message"]
+
+
+def test_bench_client_measures_the_server(server, tmp_path):
+    """``moe bench serve`` against the shared server: every request counted once, with the exact
+    requested output lengths (ignore_eos), vLLM's result keys, and the latency plot."""
+    import json as json_
+
+    from typer.testing import CliRunner
+
+    from moe.cli import app
+
+    out, png = tmp_path / "result.json", tmp_path / "plot.png"
+    r = CliRunner().invoke(app, ["bench", "serve", "--base-url", server.url, "--num-prompts", "4",
+                                 "--random-input-len", "24", "--random-output-len", "6", "--random-range-ratio", "0.5",
+                                 "--ignore-eos", "--sweep-rates", "4,inf", "--max-concurrency", "4",
+                                 "--num-warmups", "1", "--slo", "ttft=60000,tpot=60000", "--quiet",
+                                 "-o", str(out), "--plot", str(png)])
+    assert r.exit_code == 0, r.output
+    runs = json_.loads(out.read_text())
+    assert [run["request_rate"] for run in runs] == [4.0, float("inf")]
+    for run in runs:
+        assert run["completed"] == 4 and run["failed"] == 0 and run["errors"] == [""] * 4
+        assert all(3 <= n <= 9 for n in run["output_lens"]) and run["total_output_tokens"] == sum(run["output_lens"])
+        assert run["request_goodput"] == pytest.approx(run["request_throughput"])
+        for key in ("mean_ttft_ms", "median_tpot_ms", "p99_itl_ms", "p90_e2el_ms", "output_throughput",
+                    "total_token_throughput"):
+            assert run[key] > 0, key
+        assert run["median_ttft_ms"] <= run["p99_ttft_ms"]
+    assert png.stat().st_size > 10_000 and "Output token throughput" in r.output
