@@ -118,15 +118,20 @@ def test_queue_at_bound_answers_429_then_keeps_serving(server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
-def test_disconnect_then_next_request_is_not_stuck_behind_it(server):
-    """max_num_seqs 1: a stream the client dropped must be aborted, or a new request would wait for
-    all its 480 tokens."""
-    body = {"model": "default", "prompt": "Count:", "max_tokens": 480, "ignore_eos": True, "stream": True}
-    with httpx.Client(timeout=60, headers=AUTH) as c:
-        with c.stream("POST", f"{server.url}/v1/completions", json=body) as r:
-            lines = r.iter_lines()
-            for _ in range(3):
-                next(line for line in lines if line.startswith("data:"))
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_then_next_request_is_not_stuck_behind_it(server, stream):
+    """max_num_seqs 1: a request whose client left must be aborted, or a new request would wait
+    for all its 480 tokens."""
+    body = {"model": "default", "prompt": "Count:", "max_tokens": 480, "ignore_eos": True, "stream": stream}
+    if stream:
+        with httpx.Client(timeout=60, headers=AUTH) as c:
+            with c.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+                lines = r.iter_lines()
+                for _ in range(3):
+                    next(line for line in lines if line.startswith("data:"))
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=httpx.Timeout(60, read=0.5))
     t0 = time.monotonic()
     r = post(server, "/v1/completions", {"model": "default", "prompt": "hi", "max_tokens": 2})
     assert r.status_code == 200

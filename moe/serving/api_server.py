@@ -67,6 +67,24 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     return ApiError(f"invalid field {where!r}: {first.get('msg')} (got {first.get('input')!r})", param=param)
 
 
+class _ApiKeyMiddleware:
+    """``Authorization: Bearer KEY`` on /v1/*. A plain ASGI middleware: Starlette's
+    BaseHTTPMiddleware would hide client disconnects from ``request.is_disconnected()``."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            if auth != self.expected:
+                response = error_response(ApiError("invalid API key: send 'Authorization: Bearer <key>'", 401))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 # ---- the app ---------------------------------------------------------------------------------
 def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="moe OpenAI-compatible server", version=__version__)
@@ -81,12 +99,8 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     async def _invalid(_: Request, e: RequestValidationError):
         return error_response(_validation_error(e))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if config.api_key is not None and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
-                return error_response(ApiError("invalid API key: send 'Authorization: Bearer <key>'", 401))
-        return await call_next(request)
+    if config.api_key is not None:
+        app.add_middleware(_ApiKeyMiddleware, api_key=config.api_key)
 
     @app.get("/health")
     async def health():

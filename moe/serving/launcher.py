@@ -84,6 +84,10 @@ def serve(engine_kwargs: dict[str, Any], opts: ServeOptions) -> int:
     engine = llm.engine
     async_llm = AsyncLLM(engine)
     if engine.parallel.rank != 0:
+        # a launcher forwards SIGTERM / SIGINT to every rank; the followers stay until rank 0 has
+        # drained and broadcasts its stop (or its death breaks the next broadcast)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             async_llm.run_worker()
         except BaseException as e:  # noqa: BLE001
@@ -96,15 +100,15 @@ def serve(engine_kwargs: dict[str, Any], opts: ServeOptions) -> int:
         if engine.tokenizer is None:
             raise ValueError("--chat-template needs a checkpoint with tokenizer.json")
         engine.tokenizer.chat_template = Path(opts.chat_template).read_text()
-    return _serve_http(async_llm, engine_kwargs.get("model") or llm.config.model, opts)
+    return _serve_http(async_llm, llm.config.model, opts, default_name=engine_kwargs.get("model") or "default")
 
 
-def _serve_http(async_llm, model_path: str, opts: ServeOptions) -> int:
+def _serve_http(async_llm, model_path: str, opts: ServeOptions, default_name: str) -> int:
     import uvicorn
 
     from .api_server import ServerConfig, build_app
 
-    names = opts.served_model_name or [model_path]
+    names = opts.served_model_name or [default_name]  # the path as given (vLLM); "default" for the embedded model
     app = build_app(async_llm, ServerConfig(model_path=model_path, served_model_names=names, api_key=opts.api_key,
                                             max_queued_requests=opts.max_queued_requests,
                                             health_step_timeout=opts.health_step_timeout))
