@@ -145,21 +145,26 @@ def test_disconnect_then_next_request_is_not_stuck_behind_it(server, stream):
 def test_sigterm_lets_running_requests_finish_and_exits_0(tmp_path):
     s = start_server(tmp_path, "--max-num-seqs", "4", "--shutdown-timeout", "60")
     results: list = [None] * 4
+    started = [threading.Event() for _ in range(4)]
 
     def run(i: int) -> None:
         text = ""
         with httpx.stream("POST", f"{s.url}/v1/completions", timeout=120,
-                          json={"model": "default", "prompt": f"Story {i}", "max_tokens": 40, "ignore_eos": True,
+                          json={"model": "default", "prompt": f"Story {i}", "max_tokens": 60, "ignore_eos": True,
                                 "stream": True}) as r:
             for line in r.iter_lines():
                 text += line
+                started[i].set()
         results[i] = text
+        started[i].set()
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     try:
         for t in threads:
             t.start()
-        time.sleep(1.0)  # they are admitted and running
+        for e in started:  # every request is running
+            assert e.wait(120)
+        assert all(r is None for r in results), "a request finished before the signal: make them longer"
         s.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         try:  # while draining: new requests are refused with 503 (or the socket is closed already)
