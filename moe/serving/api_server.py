@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,9 +22,22 @@ from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .async_llm import AsyncLLM, EngineDeadError, RequestAborted, RequestError
 from .metrics import ServerMetrics
-from .protocol import (ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                       to_sampling_params)
-from .streaming import SSE_DONE, ChoiceStream, chat_logprobs, completion_logprobs, merge, sse
+from .protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    to_sampling_params,
+)
+from .streaming import (
+    SSE_DONE,
+    ChoiceStream,
+    chat_logprobs,
+    completion_logprobs,
+    merge,
+    sse,
+)
 
 
 @dataclass
@@ -353,7 +367,7 @@ class _Answer:
             async for i, out in outputs:
                 if out.finished:
                     finals[i] = out
-        except Exception as e:  # noqa: BLE001 -- answered in OpenAI's shape
+        except Exception as e:  # answered in OpenAI's shape
             return error_response(_exception_to_api(e))
         choices = []
         prompt_tokens = completion_tokens = 0
@@ -433,7 +447,7 @@ class _Answer:
                 yield self._chunk([], self._usage(sum(prompt_tokens.values()), sum(completion_tokens.values())))
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001 -- after the headers went out, errors travel in the stream
+        except Exception as e:  # after the headers went out, errors travel in the stream
             yield sse(_exception_to_api(e).body())
         yield SSE_DONE
 

@@ -19,8 +19,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from parallel import world_broadcast_object
 
@@ -178,7 +179,7 @@ class AsyncLLM:
     def _run_guarded(self) -> None:
         try:
             self._loop()
-        except BaseException as e:  # noqa: BLE001 -- every failure must reach the waiting requests
+        except BaseException as e:  # every failure must reach the waiting requests
             log.exception("engine loop failed on rank %d", self.rank)
             self.dead = e
             if self.on_dead is not None:

@@ -81,7 +81,7 @@ class ServerMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def tracker(self) -> "RequestTracker":
+    def tracker(self) -> RequestTracker:
         return RequestTracker(self)
 
 

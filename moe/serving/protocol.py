@@ -67,7 +67,7 @@ class _SamplingFields(_Body):
     prompt_logprobs: int | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: dict | None = None
-    guided_json: Union[dict, str, None] = None
+    guided_json: dict | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     cache_salt: str | None = None
@@ -75,7 +75,7 @@ class _SamplingFields(_Body):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
