@@ -220,7 +220,7 @@ def test_prompt_forms_and_echo(client, llm):
     assert by_ids.choices[0].text == want[1]
     echo = client.completions.create(model="default", prompt=PROMPT, max_tokens=6, temperature=0.0, echo=True)
     assert echo.choices[0].text == PROMPT + want[0]
-    text, chunks = _stream_text(client, model="default", prompt=prompts, max_tokens=6, temperature=0.0)
+    _, chunks = _stream_text(client, model="default", prompt=prompts, max_tokens=6, temperature=0.0)
     per_index = {0: "", 1: ""}
     for c in chunks:
         for ch in c.choices:

@@ -165,7 +165,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         _admit(state)
         _check_model(state, req.model)
         prompts = _completion_prompts(state, req.prompt)
-        params, plist = _prepare(state, req, prompts, req.max_tokens, req.logprobs)
+        plist = _prepare(state, req, prompts, req.max_tokens, req.logprobs)
         return await _respond(state, request, req, prompts, plist, chat=False, logprobs_n=req.logprobs)
 
     @app.post("/v1/chat/completions")
@@ -176,7 +176,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         prompts = [(text, _tokenizer(state).encode(text))]
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         n_lp = (req.top_logprobs or 0) if req.logprobs else None
-        _, plist = _prepare(state, req, prompts, max_tokens, n_lp)
+        plist = _prepare(state, req, prompts, max_tokens, n_lp)
         return await _respond(state, request, req, prompts, plist, chat=True, logprobs_n=n_lp)
 
     return app
@@ -255,7 +255,7 @@ def _chat_prompt(state: ServerState, messages: list[dict], add_generation_prompt
 
 
 def _prepare(state: ServerState, req, prompts: list[tuple[str | None, list[int]]], max_tokens: int | None,
-             logprobs: int | None) -> tuple[SamplingParams, list[SamplingParams]]:
+             logprobs: int | None) -> list[SamplingParams]:
     """One SamplingParams per prompt (max_tokens defaults to what fits), after the length checks."""
     limit = state.max_model_len
     plist = []
@@ -274,7 +274,7 @@ def _prepare(state: ServerState, req, prompts: list[tuple[str | None, list[int]]
             raise ApiError(f"the request needs {len(ids) + want} tokens of KV cache but the cache holds "
                            f"{state.engine.kv_cache_tokens}: lower max_tokens", param="max_tokens")
         plist.append(to_sampling_params(req, want, logprobs))
-    return plist[0], plist
+    return plist
 
 
 # ---- answering -------------------------------------------------------------------------------
@@ -367,7 +367,7 @@ class _Answer:
             async for i, out in outputs:
                 if out.finished:
                     finals[i] = out
-        except Exception as e:  # answered in OpenAI's shape
+        except Exception as e:  # noqa: BLE001 -- answered in OpenAI's shape
             return error_response(_exception_to_api(e))
         choices = []
         prompt_tokens = completion_tokens = 0
@@ -447,7 +447,7 @@ class _Answer:
                 yield self._chunk([], self._usage(sum(prompt_tokens.values()), sum(completion_tokens.values())))
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # after the headers went out, errors travel in the stream
+        except Exception as e:  # noqa: BLE001 -- after the headers went out, errors travel in the stream
             yield sse(_exception_to_api(e).body())
         yield SSE_DONE
 

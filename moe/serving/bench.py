@@ -67,7 +67,7 @@ class _Tokenizer:
             r = await self.client.post(f"{self.base_url}/detokenize", json={"model": self.model, "tokens": ids})
             r.raise_for_status()
             return r.json()["prompt"]
-        except Exception:  # a server without /detokenize takes the token ids themselves
+        except Exception:  # noqa: BLE001 -- a server without /detokenize takes the token ids themselves
             return ids
 
     @property
@@ -157,7 +157,7 @@ async def send_request(client, url: str, model: str, req: BenchRequest, ignore_e
         res.success = chunks > 0
         if not res.success:
             res.error = "no tokens streamed"
-    except Exception as e:  # a failed request is counted, not fatal
+    except Exception as e:  # noqa: BLE001 -- a failed request is counted, not fatal
         res.error = f"{type(e).__name__}: {e}"
     finally:
         if pbar is not None:

@@ -90,7 +90,7 @@ def serve(engine_kwargs: dict[str, Any], opts: ServeOptions) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             async_llm.run_worker()
-        except BaseException as e:  # any end of a follower is reported
+        except BaseException as e:  # noqa: BLE001 -- any end of a follower is reported
             print(f"error: rank {engine.parallel.rank}: the server ended: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
         return 0

@@ -7,7 +7,7 @@ rejected with the field's name; the server turns both into a 400 in OpenAI's err
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 

@@ -95,7 +95,7 @@ async def merge(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple
         try:
             async for out in gen:
                 q.put_nowait((i, out))
-        except Exception as e:  # handed to the consumer
+        except Exception as e:  # noqa: BLE001 -- handed to the consumer
             q.put_nowait((i, e))
         finally:
             q.put_nowait((i, _DONE))
