@@ -4,6 +4,7 @@ AsyncLLM (one bad request never hurts the others; a failed step ends every reque
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import threading
 import time
@@ -246,3 +247,80 @@ def test_a_failed_step_ends_every_request_and_marks_the_engine_dead(engine, monk
             llm.generate("again", SamplingParams())
     finally:
         llm.shutdown(1)
+
+
+def test_health_is_503_while_a_step_is_stuck_and_when_dead(engine, monkeypatch):
+    """/health: 200 when idle, 503 while the engine holds requests but no step has completed for
+    health_step_timeout, 200 again once steps resume, 503 for good after a failed step."""
+    from moe.serving.api_server import ServerConfig, build_app
+    from moe.serving.async_llm import AsyncLLM
+
+    gate = threading.Event()
+    real_step = engine.step
+    fail = threading.Event()
+
+    def gated_step():
+        gate.wait(30)
+        if fail.is_set():
+            raise RuntimeError("simulated failure")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", gated_step)
+    llm = AsyncLLM(engine)
+    app = build_app(llm, ServerConfig(model_path="m", served_model_names=["default"], health_step_timeout=0.3))
+    llm.start()
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=30) as c:
+            assert (await c.get("/health")).status_code == 200
+            job = asyncio.ensure_future(c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3}))
+            await asyncio.sleep(0.8)  # the first step is held at the gate
+            stuck = await c.get("/health")
+            gate.set()
+            done = await job
+            healthy = await c.get("/health")
+            gate.clear()
+            fail.set()
+            failed = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3})
+            gate.set()
+            failed = await failed
+            return stuck, done, healthy, failed, await c.get("/health")
+
+    try:
+        stuck, done, healthy, failed, dead = asyncio.run(scenario())
+    finally:
+        gate.set()
+        llm.shutdown(2)
+    assert stuck.status_code == 503 and stuck.json()["status"] == "stalled"
+    assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 3
+    assert healthy.status_code == 200
+    assert failed.status_code == 503 and "simulated failure" in failed.json()["error"]["message"]
+    assert dead.status_code == 503 and dead.json()["status"] == "dead"
+
+
+def test_an_error_after_the_stream_started_is_an_sse_error_event(engine, monkeypatch):
+    from moe.serving.api_server import ServerConfig, build_app
+    from moe.serving.async_llm import AsyncLLM
+
+    def reject(prompt, params, request_id):
+        raise ValueError("the engine refused this request")
+
+    monkeypatch.setattr(engine, "add_request", reject)
+    llm = AsyncLLM(engine)
+    app = build_app(llm, ServerConfig(model_path="m", served_model_names=["default"]))
+    llm.start()
+
+    async def ask(path: str, body: dict):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=30) as c:
+            return await c.post(path, json=body)
+
+    try:
+        streamed = asyncio.run(ask("/v1/completions", {"prompt": "hi", "max_tokens": 3, "stream": True}))
+        whole = asyncio.run(ask("/v1/completions", {"prompt": "hi", "max_tokens": 3}))
+    finally:
+        llm.shutdown(2)
+    events = [e for e in streamed.text.split("\n\n") if e]
+    assert streamed.status_code == 200 and events[-1] == "data: [DONE]"
+    err = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert err["code"] == 400 and "refused" in err["message"]
+    assert whole.status_code == 400 and "refused" in whole.json()["error"]["message"]

@@ -265,7 +265,11 @@ def _prepare(state: ServerState, req, prompts: list[tuple[str | None, list[int]]
         if len(ids) >= limit:
             raise ApiError(f"the prompt has {len(ids)} tokens but this model's maximum context length "
                            f"(max_model_len) is {limit}: shorten the prompt", param="prompt")
-        want = max_tokens if max_tokens is not None else limit - len(ids)
+        # unset: what fits in the context and in the whole KV cache
+        want = max_tokens if max_tokens is not None else min(limit, state.engine.kv_cache_tokens) - len(ids)
+        if want < 1:
+            raise ApiError(f"the prompt has {len(ids)} tokens and the KV cache holds {state.engine.kv_cache_tokens}: "
+                           "no room for an output token; shorten the prompt", param="prompt")
         if len(ids) + want > limit:
             raise ApiError(f"this model's maximum context length (max_model_len) is {limit} tokens, but {len(ids)} "
                            f"prompt tokens + max_tokens {want} = {len(ids) + want}: lower max_tokens or shorten "
