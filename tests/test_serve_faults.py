@@ -143,41 +143,43 @@ def test_disconnect_then_next_request_is_not_stuck_behind_it(server, stream):
     assert time.monotonic() - t0 - alone < 2.0 + 5 * alone
 
 
-def test_sigterm_lets_running_requests_finish_and_exits_0(tmp_path):
-    s = start_server(tmp_path, "--max-num-seqs", "4", "--shutdown-timeout", "60")
-    results: list = [None] * 4
-    started = [threading.Event() for _ in range(4)]
+def test_sigterm_lets_admitted_requests_finish_and_exits_0(server):
+    """Last test on the module's server (max_num_seqs 1, max_queued_requests 2): one request runs
+    and two wait when SIGTERM arrives; new requests get 503 while it drains; all three complete;
+    the exit code is 0."""
+    results: list = [None] * 3
+    started = [threading.Event() for _ in range(3)]
+    admitted = [threading.Event() for _ in range(3)]
 
     def run(i: int) -> None:
         text = ""
-        with httpx.stream("POST", f"{s.url}/v1/completions", timeout=120,
-                          json={"model": "default", "prompt": f"Story {i}", "max_tokens": 60, "ignore_eos": True,
-                                "stream": True}) as r:
+        with httpx.stream("POST", f"{server.url}/v1/completions", timeout=120, headers=AUTH,
+                          json={"model": "default", "prompt": f"Story {i}", "max_tokens": 120 if i == 0 else 30,
+                                "ignore_eos": True, "stream": True}) as r:
+            admitted[i].set()  # the headers came: the request is queued in the engine
             for line in r.iter_lines():
                 text += line
-                started[i].set()
+                started[i].set()  # the first event came: running
         results[i] = text
-        started[i].set()
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-    try:
-        for t in threads:
-            t.start()
-        for e in started:  # every request is running
-            assert e.wait(120)
-        assert all(r is None for r in results), "a request finished before the signal: make them longer"
-        s.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        try:  # while draining: new requests are refused with 503 (or the socket is closed already)
-            r = httpx.post(f"{s.url}/v1/completions", json={"model": "default", "prompt": "x"}, timeout=10)
-            assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
-        except httpx.ConnectError:
-            pass
-        for t in threads:
-            t.join(120)
-        assert s.proc.wait(60) == 0, s.tail()
-    finally:
-        s.stop()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    threads[0].start()
+    assert started[0].wait(120)  # running, so the next two are the only ones waiting
+    for t in threads[1:]:
+        t.start()
+    assert admitted[1].wait(120) and admitted[2].wait(120)
+    assert all(r is None for r in results), "a request finished before the signal: make them longer"
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    try:  # while draining: new requests are refused with 503 (or the socket is closed already)
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": "default", "prompt": "x"}, headers=AUTH,
+                       timeout=10)
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+    except httpx.ConnectError:
+        pass
+    for t in threads:
+        t.join(120)
+    assert server.proc.wait(60) == 0, server.tail()
     for text in results:
         assert text is not None and text.count('"finish_reason":"length"') == 1 and text.endswith("[DONE]"), text
 
