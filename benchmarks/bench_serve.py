@@ -85,15 +85,15 @@ def stop(proc: subprocess.Popen) -> None:
 
 def ours_cmd(ckpt: Path, port: int, args) -> tuple[list[str], dict]:
     cmd = [sys.executable, "-m", "moe", "serve", "--model", str(ckpt), "--port", str(port), "--served-model-name",
-           "mixtral", "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", "2048", "--kv-cache-memory",
-           "4GiB", "--warmup", "--log-level", "warning"]
+           "mixtral", "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.max_model_len),
+           "--kv-cache-memory", "4GiB", "--warmup", "--log-level", "warning"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
     return cmd, env
 
 
 def vllm_cmd(ckpt: Path, port: int, args) -> tuple[list[str], dict]:
     cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--port", str(port),
-           "--served-model-name", "mixtral", "--dtype", "bfloat16", "--max-model-len", "2048",
+           "--served-model-name", "mixtral", "--dtype", "bfloat16", "--max-model-len", str(args.max_model_len),
            "--max-num-seqs", str(args.max_num_seqs), "--disable-log-requests"]
     venv = Path(args.vllm_python).resolve().parent.parent
     preload = [p for pat in ("libtcmalloc_minimal.so.4", "libiomp5.so") for p in
@@ -118,17 +118,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--quick", action="store_true", help="ours only, 8 prompts at rate inf")
+    ap.add_argument("--checkpoint", help="serve this checkpoint instead of building the Mixtral-shaped one "
+                                         "(e.g. moe/default_model, to check the set-up quickly)")
     args = ap.parse_args()
     if args.quick:
         args.vllm_python, args.rates, args.num_prompts, args.input_len, args.output_len = None, "inf", 8, 64, 16
+        args.max_model_len = min(args.max_model_len, 512)
 
     from bench_generate import ensure_checkpoint
 
     from moe.serving.bench import _main, _print_table, plot
 
-    ckpt = ensure_checkpoint("mixtral", Path(args.cache_dir), args.seed)
-    add_word_tokenizer(ckpt, 32000)
+    if args.checkpoint:
+        ckpt = Path(args.checkpoint).resolve()
+    else:
+        ckpt = ensure_checkpoint("mixtral", Path(args.cache_dir), args.seed)
+        add_word_tokenizer(ckpt, 32000)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     servers = [("moe", ours_cmd)] + ([("vllm", vllm_cmd)] if args.vllm_python else [])
