@@ -143,6 +143,16 @@ def test_disconnect_then_next_request_is_not_stuck_behind_it(server, stream):
     assert time.monotonic() - t0 - alone < 2.0 + 5 * alone
 
 
+def test_a_reused_client_request_id_does_not_collide(server):
+    async def both():
+        async with httpx.AsyncClient(headers={**AUTH, "x-request-id": "same"}, timeout=60) as c:
+            body = {"model": "default", "prompt": "hi", "max_tokens": 3}
+            return await asyncio.gather(*(c.post(f"{server.url}/v1/completions", json=body) for _ in range(2)))
+
+    for r in asyncio.run(both()):
+        assert r.status_code == 200 and r.json()["id"] == "cmpl-same", r.text
+
+
 def test_sigterm_lets_admitted_requests_finish_and_exits_0(server):
     """Last test on the module's server (max_num_seqs 1, max_queued_requests 2): one request runs
     and two wait when SIGTERM arrives; new requests get 503 while it drains; all three complete;

@@ -285,12 +285,19 @@ def _prepare(state: ServerState, req, prompts: list[tuple[str | None, list[int]]
 async def _respond(state: ServerState, request: Request, req, prompts, plist, chat: bool, logprobs_n):
     base = request.headers.get("x-request-id") or req.request_id or uuid.uuid4().hex
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{base}"
+    unique = uuid.uuid4().hex[:8]  # a client may reuse its request id; the engine's must be unique
     gens = []
     for i, ((text, ids), params) in enumerate(zip(prompts, plist)):
         prompt: dict[str, Any] = {"prompt_token_ids": ids, "prompt": text}
         if req.cache_salt is not None:
             prompt["cache_salt"] = req.cache_salt
-        gens.append(_tracked(state, state.llm.generate(prompt, params, f"{rid}-{i}")))
+        try:
+            gen = state.llm.generate(prompt, params, f"{rid}-{i}-{unique}")
+        except Exception as e:
+            for j in range(i):  # the prompts queued before this one: nobody will read them
+                state.llm.abort(f"{rid}-{j}-{unique}")
+            raise _exception_to_api(e) from e
+        gens.append(_tracked(state, gen))
     answer = _Answer(state, req, prompts, plist, rid, chat, logprobs_n)
     if req.stream:
         return StreamingResponse(answer.stream(merge(gens)), media_type="text/event-stream")
