@@ -336,3 +336,23 @@ def test_an_error_after_the_stream_started_is_an_sse_error_event(engine, monkeyp
     err = json.loads(events[-2].removeprefix("data: "))["error"]
     assert err["code"] == 400 and "refused" in err["message"]
     assert whole.status_code == 400 and "refused" in whole.json()["error"]["message"]
+
+
+def test_shutdown_ends_waiting_iterators(engine):
+    from moe import SamplingParams
+    from moe.serving.async_llm import AsyncLLM, RequestAborted
+
+    llm = AsyncLLM(engine)
+    llm.start()
+
+    async def run():
+        gen = llm.generate("Hello", SamplingParams(max_tokens=400, ignore_eos=True))
+        first = await gen.__anext__()
+        await asyncio.to_thread(llm.shutdown)
+        with pytest.raises(RequestAborted):
+            async for _ in gen:
+                pass
+        return first
+
+    assert not asyncio.run(asyncio.wait_for(run(), 60)).finished
+    assert not engine.has_unfinished_requests()  # its blocks went back with the abort

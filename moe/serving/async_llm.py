@@ -92,8 +92,6 @@ class AsyncLLM:
         self.dead: BaseException | None = None
         self.last_step_time = time.monotonic()  # when the engine last completed a step (or went idle)
         self.busy = False  # the engine holds unfinished requests
-        self.num_steps = 0
-        self.on_step: Callable[[list[RequestOutput], float], None] | None = None  # metrics hook (engine thread)
         self.on_dead: Callable[[BaseException], None] | None = None
 
     # ---- public API ------------------------------------------------------------------------
@@ -224,6 +222,11 @@ class AsyncLLM:
                 if isinstance(c, _Stop):
                     for rid in list(engine.seqs):
                         engine.abort(rid)
+                    if self.rank == 0:  # iterators still waiting end instead of hanging
+                        with self._lock:
+                            left = [(rid, RequestAborted(f"request {rid} was aborted: the engine stopped"))
+                                    for rid in self._streams]
+                        self._deliver([], left)
                     return
                 if isinstance(c, _Abort):
                     if c.request_id in engine.seqs:  # still running: a consumer that still waits is told
@@ -238,12 +241,10 @@ class AsyncLLM:
                 self._deliver([], rejected)
             if not engine.has_unfinished_requests():
                 continue
+            self.busy = True
             outs = engine.step()
-            self.num_steps += 1
             self.last_step_time = time.monotonic()
             if self.rank == 0:
-                if self.on_step is not None:
-                    self.on_step(outs, time.perf_counter())
                 self._deliver(outs, [])
 
     def _deliver(self, outs: list[RequestOutput], errors: list[tuple[str, Exception]]) -> None:
