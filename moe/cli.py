@@ -266,6 +266,9 @@ register(app)
 from .cli_quant import register as register_quant  # noqa: E402
 
 register_quant(app)
+from .cli_serve import register as register_serve  # noqa: E402  (serve, bench serve)
+
+register_serve(app)
 
 
 def main() -> None:

@@ -1,0 +1,117 @@
+"""Pieces of the streamed answer: SSE framing, stop-string hold-back, logprobs in OpenAI's shapes,
+and the fan-in of several requests' outputs (a completion with a list of prompts)."""
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ..outputs import CompletionOutput, RequestOutput
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def stop_holdback(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters of ``text`` could still be the start of a stop string: they
+    must not be sent yet, or a stop string completed by the next token would already have leaked."""
+    keep = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), keep, -1):
+            if text.endswith(stop[:k]):
+                keep = k
+                break
+    return keep
+
+
+class ChoiceStream:
+    """What one choice has sent so far; ``advance`` returns the next piece that is safe to send."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.text_sent = 0
+        self.tokens_sent = 0
+        self.finished = False
+
+    def advance(self, comp: CompletionOutput) -> tuple[str, list[int], list[dict[int, float]] | None]:
+        text = comp.text
+        upto = len(text) if comp.finish_reason is not None else len(text) - stop_holdback(text, self.stops)
+        piece = text[self.text_sent:upto] if upto > self.text_sent else ""
+        self.text_sent = max(self.text_sent, upto)
+        tokens = comp.token_ids[self.tokens_sent:]
+        lps = comp.logprobs[self.tokens_sent:len(comp.token_ids)] if comp.logprobs is not None else None
+        self.tokens_sent = len(comp.token_ids)
+        self.finished = comp.finish_reason is not None
+        return piece, tokens, lps
+
+
+def _top(entry: dict[int, float], n: int) -> list[tuple[int, float]]:
+    return sorted(entry.items(), key=lambda kv: -kv[1])[:n]
+
+
+def completion_logprobs(tok, token_ids: list[int], lps: list[dict[int, float]], n: int, offset: int) -> dict:
+    """OpenAI's legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for t, entry in zip(token_ids, lps):
+        s = tok.decode([t], skip_special_tokens=False)
+        tokens.append(s)
+        token_lps.append(entry.get(t))
+        tops.append({tok.decode([k], skip_special_tokens=False): v for k, v in _top(entry, n)} if n else None)
+        offsets.append(offset)
+        offset += len(s)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(tok, token_ids: list[int], lps: list[dict[int, float]], n: int) -> dict:
+    """OpenAI's chat shape: ``{"content": [{token, logprob, bytes, top_logprobs: [...]}]}``."""
+    def item(t: int, lp: float | None) -> dict:
+        s = tok.decode([t], skip_special_tokens=False)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+    content = []
+    for t, entry in zip(token_ids, lps):
+        content.append({**item(t, entry.get(t)), "top_logprobs": [item(k, v) for k, v in _top(entry, n)]})
+    return {"content": content}
+
+
+_DONE = object()
+
+
+async def merge(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several requests as they come, tagged with the request's position. Leaving early
+    (or an error in one) cancels them all, which aborts their requests."""
+    if len(gens) == 1:
+        async for out in gens[0]:
+            yield 0, out
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, gen: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in gen:
+                q.put_nowait((i, out))
+        except Exception as e:  # noqa: BLE001 -- handed to the consumer
+            q.put_nowait((i, e))
+        finally:
+            q.put_nowait((i, _DONE))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await q.get()
+            if item is _DONE:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,183 @@
+"""Server features that stand on the engine side of issue 13: ``n``, the penalties, ``logit_bias``,
+structured output, ``cache_salt``, the embedded chat template and ``LLM.chat``, and the
+``/metrics`` that read ``engine.stats()`` (KV blocks back in the free pool after a client leaves
+mid-stream or mid-prefill)."""
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import httpx
+import pytest
+from test_serve import PROMPT, start_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    # no --chat-template: the embedded model's own; small steps so a long prompt's prefill takes many
+    s = start_server(tmp_path_factory.mktemp("features"), "--max-num-batched-tokens", "32", chat_template=False)
+    yield s
+    assert s.stop() == 0, s.tail()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from moe import LLM
+
+    return LLM(dtype="float32", max_model_len=512, kv_cache_memory="64MiB", max_num_batched_tokens=32)
+
+
+def metrics(server) -> dict[str, float]:
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def metric(values: dict[str, float], name: str) -> float:
+    return sum(v for k, v in values.items() if k == name or k.startswith(name + "{"))
+
+
+def wait_all_blocks_free(server, timeout: float = 10.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(server)
+        if metric(m, "moe:kv_cache_free_blocks") == metric(m, "moe:kv_cache_total_blocks") or \
+                time.monotonic() > deadline:
+            return m
+        time.sleep(0.1)
+
+
+def test_metrics_names(server, client):
+    client.completions.create(model="default", prompt=PROMPT, max_tokens=5, temperature=0.0)
+    m = metrics(server)
+    for name in ("moe:num_requests_running", "moe:num_requests_waiting", "moe:kv_cache_usage_perc",
+                 "moe:prefix_cache_queries_total", "moe:prefix_cache_hits_total", "moe:prompt_tokens_total",
+                 "moe:generation_tokens_total", "moe:request_success_total"):
+        assert any(k == name or k.startswith(name + "{") for k in m), name
+    for h in ("time_to_first_token_seconds", "inter_token_latency_seconds", "request_time_per_output_token_seconds",
+              "e2e_request_latency_seconds", "request_queue_time_seconds", "request_prefill_time_seconds",
+              "request_decode_time_seconds"):
+        assert metric(m, f"moe:{h}_count") >= 1, h
+    assert metric(m, "moe:generation_tokens_total") >= 5
+    assert m['moe:request_success_total{finished_reason="length",model_name="default"}'] >= 1
+
+
+def test_disconnect_mid_stream_frees_blocks(server):
+    body = {"model": "default", "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            for _ in range(3):
+                next(line for line in lines if line.startswith("data:"))
+            busy = metrics(server)
+            assert metric(busy, "moe:kv_cache_free_blocks") < metric(busy, "moe:kv_cache_total_blocks")
+    m = wait_all_blocks_free(server)
+    assert metric(m, "moe:kv_cache_free_blocks") == metric(m, "moe:kv_cache_total_blocks")
+    assert metric(m, "moe:num_requests_running") == 0
+    assert m['moe:request_success_total{finished_reason="abort",model_name="default"}'] >= 1
+
+
+def test_disconnect_mid_prefill_frees_blocks(server):
+    """A 480-token prompt prefills 32 tokens a step; the client gives up before its first token."""
+    prompt = list(range(200, 680))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json={"model": "default", "prompt": prompt, "max_tokens": 8},
+                   timeout=httpx.Timeout(60, read=0.3))
+    m = wait_all_blocks_free(server)
+    assert metric(m, "moe:kv_cache_free_blocks") == metric(m, "moe:kv_cache_total_blocks")
+    assert metric(m, "moe:num_requests_running") + metric(m, "moe:num_requests_waiting") == 0
+
+
+def test_n3_streamed_equals_unstreamed(client):
+    kw = dict(model="default", prompt=PROMPT, max_tokens=12, temperature=1.0, seed=3, n=3)
+    full = client.completions.create(**kw)
+    assert sorted(c.index for c in full.choices) == [0, 1, 2]
+    assert 3 <= full.usage.completion_tokens <= 36
+    streamed = {0: "", 1: "", 2: ""}
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == {c.index: c.text for c in full.choices}
+    chat = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "hi"}], n=3,
+                                          max_tokens=6, temperature=1.0, seed=1)
+    assert sorted(c.index for c in chat.choices) == [0, 1, 2]
+
+
+def test_penalties_and_logit_bias_equal_generate(client, llm):
+    from moe import SamplingParams
+
+    kw = dict(presence_penalty=0.8, frequency_penalty=0.5, repetition_penalty=1.3)
+    want = llm.generate([PROMPT], SamplingParams(max_tokens=16, temperature=0.0, **kw))[0].outputs[0].text
+    got = client.completions.create(model="default", prompt=PROMPT, max_tokens=16, temperature=0.0,
+                                    presence_penalty=0.8, frequency_penalty=0.5,
+                                    extra_body={"repetition_penalty": 1.3})
+    assert got.choices[0].text == want
+    forced = client.completions.create(model="default", prompt=PROMPT, max_tokens=4, temperature=0.0,
+                                       logit_bias={"777": 100}, logprobs=0)
+    tok = llm.get_tokenizer()
+    assert forced.choices[0].text == tok.decode([777] * 4)
+
+
+@pytest.mark.parametrize("field,value", [("presence_penalty", 3.0), ("frequency_penalty", -2.5),
+                                         ("repetition_penalty", 0.0), ("logit_bias", {"5": 500})])
+def test_invalid_new_fields_400(server, field, value):
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": "default", "prompt": "hi", field: value},
+                   timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def test_structured_outputs(client):
+    import jsonschema
+
+    # bounded fields: a random model must not be able to run past max_tokens inside one of them
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                               "member": {"type": "boolean"}},
+              "required": ["name", "age", "member"], "additionalProperties": False}
+    out = client.completions.create(
+        model="default", prompt="Once upon a time", max_tokens=200, temperature=0.0,
+        extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}})
+    assert out.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(out.choices[0].text), schema)
+    chat = client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "A person as JSON."}], max_tokens=200,
+        temperature=0.0, response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}})
+    jsonschema.validate(json.loads(chat.choices[0].message.content), schema)
+    kw = dict(model="default", prompt="Once upon a time", max_tokens=200, temperature=0.9, seed=1,
+              extra_body={"response_format": {"type": "json_object"}})
+    obj = client.completions.create(**kw)
+    assert isinstance(json.loads(obj.choices[0].text), dict)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices)
+    assert streamed == obj.choices[0].text
+    choice = client.completions.create(model="default", prompt="Pick:", max_tokens=10, temperature=0.7, seed=2,
+                                       extra_body={"structured_outputs": {"choice": ["red", "green", "blue"]}})
+    assert choice.choices[0].text in ("red", "green", "blue")
+    rx = client.completions.create(model="default", prompt="Code:", max_tokens=10, temperature=0.7, seed=2,
+                                   extra_body={"guided_regex": "[A-Z]{3}-[0-9]{2}"})
+    assert re.fullmatch("[A-Z]{3}-[0-9]{2}", rx.choices[0].text)
+
+
+def test_cache_salt_and_embedded_chat_template(client, llm):
+    a = client.completions.create(model="default", prompt=PROMPT, max_tokens=6, temperature=0.0,
+                                  extra_body={"cache_salt": "tenant-a"})
+    b = client.completions.create(model="default", prompt=PROMPT, max_tokens=6, temperature=0.0,
+                                  extra_body={"cache_salt": "tenant-b"})
+    assert a.choices[0].text == b.choices[0].text
+    from moe import SamplingParams
+
+    messages = [{"role": "user", "content": "What is a mixture of experts?"}]
+    want = llm.chat(messages, SamplingParams(max_tokens=10, temperature=0.0))[0].outputs[0].text
+    got = client.chat.completions.create(model="default", messages=messages, max_tokens=10, temperature=0.0)
+    assert got.choices[0].message.content == want
