@@ -41,6 +41,14 @@ ENGINE_FLAGS: dict[str, tuple[Any, Any]] = {
     "speculative_tokens": (int, typer.Option(0, help="Speculative decoding by n-gram lookup: draft tokens per step "
                                                      "(0: off).")),
     "max_model_len": (Optional[int], typer.Option(_default("max_model_len"))),
+    "max_num_seqs": (int, typer.Option(_default("max_num_seqs"), help="Sequences in the running batch at most.")),
+    "max_num_batched_tokens": (int, typer.Option(_default("max_num_batched_tokens"),
+                                                 help="Tokens per step at most (chunked prefill).")),
+    "block_size": (int, typer.Option(_default("block_size"), help="KV cache block size in tokens.")),
+    "enable_prefix_caching": (bool, typer.Option(_default("enable_prefix_caching"),
+                                                 "--enable-prefix-caching/--no-enable-prefix-caching")),
+    "quantization": (Optional[str], typer.Option(_default("quantization"),
+                                                 help="Pack routed experts on load (int8, fp8, int4, ...).")),
     "warmup": (bool, typer.Option(_default("warmup"), "--warmup", help="Build every GEMM kernel shape at load (CPU; "
                                                                        "seconds on large models), so no request pays "
                                                                        "for it.")),
