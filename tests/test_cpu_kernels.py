@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import cpu_kernels
+from cpu_kernels.amx import swiglu_experts_reference
 from kvcache import AttentionMetadata, paged_attention_reference, paged_attention_torch, write_kv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -367,17 +368,6 @@ def test_amx_kernels_in_use_where_the_cpu_has_amx():
         assert cpu_kernels.amx_available()
 
 
-def _swiglu_exact(x, counts, w13, w2):
-    """float32 products with the op-by-op path's bf16 roundings (h, silu, a), output unrounded"""
-    F_, out, s = w2.shape[2], [], 0
-    for e, n in enumerate(counts):
-        h = (x[s:s + n].float() @ w13[e].float().T).bfloat16().float()
-        a = (torch.nn.functional.silu(h[:, :F_]).bfloat16().float() * h[:, F_:]).bfloat16().float()
-        out.append(a @ w2[e].float().T)
-        s += n
-    return torch.cat(out)
-
-
 @pytest.mark.parametrize("D,F,counts", [
     (64, 96, [3, 0, 17, 1, 64, 16, 33, 2]),  # ragged, empty, 1-4 token blocks, partial blocks
     (32, 32, [1, 1]),
@@ -401,7 +391,7 @@ def test_amx_experts_match_the_op_by_op_path(D, F, counts, monkeypatch):
     assert torch.equal(grouped_swiglu_torch(x, counts, w13, w2, None, None, Activation()), y) and calls
     monkeypatch.setattr(cpu_kernels, "amx_experts", lambda *a: None)
     ops = grouped_swiglu_torch(x, counts, w13, w2, None, None, Activation())  # bmm, silu_mul, bmm
-    exact = _swiglu_exact(x, counts, w13, w2)
+    exact = swiglu_experts_reference(x, counts, w13, w2)
     tol = exact.abs().max() * 2 ** -7  # about one bf16 ulp of the largest output
     assert (y.float() - exact).abs().max() <= tol and (ops.float() - exact).abs().max() <= tol
     # the op-by-op path's result, up to the order of float32 sums (bit-identical in practice)
