@@ -50,18 +50,9 @@ def q8_gemm(x_MK: torch.Tensor, q_NK: torch.Tensor, fmt: int, s_BG: torch.Tensor
     """``x @ w.T`` for up to :data:`Q8_GEMM_MAX_ROWS` rows and 8-bit codes ``q`` (``fmt``:
     :data:`Q_INT8` / :data:`Q_FP8`) with ``w[n, k] = s[n // bn, k // gs] * q[n, k] (+ b[...])``,
     float32 sums, ``[M, N]`` in x's dtype (float32 or bfloat16). Check :func:`q8_available` first."""
-    M, K = x_MK.shape
-    if not 0 < M <= Q8_GEMM_MAX_ROWS or q_NK.shape[1] != K or x_MK.dtype not in DTYPES:
-        raise ValueError(f"q8_gemm takes 1-{Q8_GEMM_MAX_ROWS} float32/bfloat16 rows of {q_NK.shape[1]}, "
-                         f"got {tuple(x_MK.shape)} {x_MK.dtype}")
+    _check_rows("q8_gemm", x_MK, q_NK.shape[1])
     args = _q8_args(q_NK, s_BG, b_BG, gs, bn)
-    x = x_MK.float().contiguous()
-    N = q_NK.shape[0]
-    y = torch.empty(M, N, dtype=x_MK.dtype)
-    if load().moe_q8_gemm(x.data_ptr(), M, K, args[0], args[1], fmt, *args[2:], N, y.data_ptr(), DTYPES[x_MK.dtype],
-                            torch.get_num_threads()) != 0:
-        raise MemoryError("q8_gemm: no memory for its scratch")
-    return y
+    return _gemm("moe_q8_gemm", x_MK, q_NK.shape[0], (*args[:2], fmt, *args[2:]))
 
 
 def q8_dequant(q_NK: torch.Tensor, fmt: int, s_BG: torch.Tensor, b_BG: torch.Tensor | None, gs: int, bn: int,
@@ -92,17 +83,24 @@ def q4_gemm(x_MK: torch.Tensor, q_NK2: torch.Tensor, lut: torch.Tensor, s_NG: to
     """:func:`q8_gemm` for 4-bit codes, two per byte (``q [N, K/2]`` uint8, the low nibble the even
     column): ``w[n, k] = s[n, k // gs] * lut[code] (+ b[n, k // gs])``, ``lut`` the 16 code values
     (int4: 0..15 with offsets ``-zero * scale``; MXFP4: the FP4 e2m1 values)."""
-    M, K = x_MK.shape
-    if not 0 < M <= Q8_GEMM_MAX_ROWS or q_NK2.shape[1] * 2 != K or x_MK.dtype not in DTYPES:
-        raise ValueError(f"q4_gemm takes 1-{Q8_GEMM_MAX_ROWS} float32/bfloat16 rows of {q_NK2.shape[1] * 2}, "
+    _check_rows("q4_gemm", x_MK, q_NK2.shape[1] * 2)
+    return _gemm("moe_q4_gemm", x_MK, q_NK2.shape[0], _q4_args(q_NK2, lut, s_NG, b_NG, gs))
+
+
+def _check_rows(kernel: str, x_MK: torch.Tensor, K: int) -> None:
+    M, K_x = x_MK.shape
+    if not 0 < M <= Q8_GEMM_MAX_ROWS or K_x != K or x_MK.dtype not in DTYPES:
+        raise ValueError(f"{kernel} takes 1-{Q8_GEMM_MAX_ROWS} float32/bfloat16 rows of {K}, "
                          f"got {tuple(x_MK.shape)} {x_MK.dtype}")
-    args = _q4_args(q_NK2, lut, s_NG, b_NG, gs)
+
+
+def _gemm(fn: str, x_MK: torch.Tensor, N: int, weight_args: tuple) -> torch.Tensor:
+    """Run the packed GEMM ``fn`` on x (as float32) into ``[M, N]`` of x's dtype."""
     x = x_MK.float().contiguous()
-    N = q_NK2.shape[0]
-    y = torch.empty(M, N, dtype=x_MK.dtype)
-    if load().moe_q4_gemm(x.data_ptr(), M, K, *args, N, y.data_ptr(), DTYPES[x_MK.dtype],
-                            torch.get_num_threads()) != 0:
-        raise MemoryError("q4_gemm: no memory for its scratch")
+    y = torch.empty(x.shape[0], N, dtype=x_MK.dtype)
+    if getattr(load(), fn)(x.data_ptr(), *x.shape, *weight_args, N, y.data_ptr(), DTYPES[x_MK.dtype],
+                           torch.get_num_threads()) != 0:
+        raise MemoryError(f"{fn[4:]}: no memory for its scratch")
     return y
 
 

@@ -12,6 +12,7 @@ import torch
 
 import cpu_kernels
 from cpu_kernels.amx import swiglu_experts_reference
+from cpu_kernels.gemv import gemv_reference
 from kvcache import AttentionMetadata, paged_attention_reference, paged_attention_torch, write_kv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -301,7 +302,7 @@ def test_gemv_matches_mv(n, k, ldw, bias):
     b = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
     got = cpu_kernels.gemv(w, x, b)
     assert got is not None and got.dtype == torch.bfloat16 and got.shape == (n,)
-    want = torch.mv(w, x) if b is None else torch.mv(w, x) + b  # linear's one-row path
+    want = gemv_reference(w, x, b)  # linear's one-row path
     exact = w.double() @ x.double() + (b.double() if b is not None else 0)
     # float32 sums in another order than torch's: within a bf16 rounding step of torch's result
     # and as close to the exact product as torch's
@@ -484,7 +485,7 @@ def test_amx_moe_declines_what_it_does_not_take():
 def test_amx_heads_match_the_per_head_einsums(T, monkeypatch):
     # MLA's absorbed attention: q_nope [T, H, nope] (a strided view of q) times W_UK [H, nope, C],
     # and o_lat [T, H, C] times W_UV [H, v, C] transposed, both views of kv_b_proj's weight
-    from moe.models.mla import _per_head
+    from ops import per_head
 
     g = torch.Generator().manual_seed(T)
     H, nope, rope, v, C = 4, 64, 32, 32, 96
@@ -497,9 +498,9 @@ def test_amx_heads_match_the_per_head_einsums(T, monkeypatch):
     if not cpu_kernels.amx_available():
         assert a is None and b is None
         return
-    monkeypatch.setattr(cpu_kernels, "amx_heads", lambda *a, **k: None)  # _per_head's einsum path
-    for got, want, exact in ((a, _per_head(q_nope, w_uk, "thn,hnc->thc"), torch.einsum("thn,hnc->thc", q_nope.float(), w_uk.float())),
-                             (b, _per_head(o_lat, w_uv, "thc,hvc->thv"), torch.einsum("thc,hvc->thv", o_lat.float(), w_uv.float()))):
+    monkeypatch.setattr(cpu_kernels, "amx_heads", lambda *a, **k: None)  # per_head's einsum path
+    for got, want, exact in ((a, per_head(q_nope, w_uk, "thn,hnc->thc"), torch.einsum("thn,hnc->thc", q_nope.float(), w_uk.float())),
+                             (b, per_head(o_lat, w_uv, "thc,hvc->thv"), torch.einsum("thc,hvc->thv", o_lat.float(), w_uv.float()))):
         assert got.shape == want.shape
         tol = exact.abs().max() * 2 ** -7
         assert (got.float() - exact).abs().max() <= tol  # float32 sums rounded once

@@ -649,7 +649,7 @@ def test_grouped_experts_gpt_oss_clamped_swiglu_with_biases(dtype):
 def test_grouped_experts_row_group_paths(dtype, counts):
     # every CPU path of grouped_swiglu_torch against per-expert float32 math, biases included
     from experts.grouped import grouped_swiglu_torch
-    from parallel.layers import padded_rows
+    from ops import padded_rows
 
     if counts[0] == 130:
         assert [padded_rows(n) for n in counts] == [192, 0, 256, 64, 192, 8, 192]
@@ -670,7 +670,7 @@ def test_grouped_experts_row_group_paths(dtype, counts):
 @pytest.mark.parametrize("transposed", [False, True])  # a row-major input, or a transposed view (padded as such)
 @pytest.mark.parametrize("m", [1, 5, 128, 129, 192, 250])
 def test_linear_cpu_shortcuts_equal_f_linear(m, transposed):
-    from parallel.layers import linear
+    from ops import linear
 
     g = torch.Generator().manual_seed(m)
     x, w, b = torch.randn(m, 40, generator=g), torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
