@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import cpu_kernels
-from parallel.layers import ROW_BUCKET, linear, padded_rows
+from ops import ROW_BUCKET, linear, pad_rows, padded_rows, silu_mul
 
 from .reference import swiglu
 
@@ -32,24 +32,10 @@ class Activation:
 
 def fused_swiglu(h: torch.Tensor, act: Activation = Activation(), dim: int = -1) -> torch.Tensor:
     """:func:`experts.reference.swiglu` of ``h`` laid out ``[gate | up]`` along ``dim`` (-1, or 1
-    of a 3-D ``[n, 2F, m]``). Plain SwiGLU on CPU runs as one C pass (:func:`cpu_kernels.silu_mul`),
-    also on the transposed views the few-row GEMMs return; otherwise the torch ops."""
-    if act.alpha is None and act.limit is None and h.device.type == "cpu":
-        if h.dim() == 3 and dim == 1:
-            F_ = h.shape[1] // 2
-            out = cpu_kernels.silu_mul(h[:, :F_], h[:, F_:])
-            if out is not None:
-                return out
-        elif h.dim() == 2 and dim in (-1, 1):
-            F_ = h.shape[1] // 2
-            if h.stride(1) == 1:
-                out = cpu_kernels.silu_mul(h[:, :F_], h[:, F_:])
-            else:  # a transposed view: gate and up are row blocks of its row-major transpose
-                hT = h.t()
-                out = cpu_kernels.silu_mul(hT[:F_], hT[F_:])
-                out = out.t() if out is not None else None
-            if out is not None:
-                return out
+    of a 3-D ``[n, 2F, m]``). Plain SwiGLU is :func:`ops.silu_mul` (one C pass on CPU, also on the
+    transposed views the few-row GEMMs return); gpt-oss's clamped form the torch ops."""
+    if act.alpha is None and act.limit is None:
+        return silu_mul(h, dim)
     if dim == 1 and h.dim() == 3:
         return swiglu(h.transpose(1, 2), act.limit, act.alpha).transpose(1, 2)
     return swiglu(h, act.limit, act.alpha)
@@ -70,7 +56,7 @@ def grouped_swiglu_torch(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.
     # being the next expert's rows, or zeros past the end; padded rows' results are dropped
     x_pad = x_RD
     if x_RD.device.type == "cpu" and any(padded_rows(n) != n for n in counts):
-        x_pad = torch.cat([x_RD, x_RD.new_zeros(ROW_BUCKET, x_RD.shape[1])])
+        x_pad = pad_rows(x_RD, x_RD.shape[0] + ROW_BUCKET)
     start = 0
     for e, n in enumerate(counts):
         if n == 0:

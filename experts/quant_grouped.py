@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import cpu_kernels
-from parallel.layers import linear
+from ops import linear
 
 from .formats import (E8M0_BIAS, MX_BLOCK, Fp8BlockWeights, Int4Weights, Int8Weights, Mxfp4Weights, Packed,
                       WeightFormat, fp4_lut, unpack_int4)

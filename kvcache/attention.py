@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import cpu_kernels
+from ops import write_rows
 
 from .fp8 import Fp8Cache, write_fp8
 from .metadata import AttentionMetadata
@@ -49,14 +50,9 @@ def write_kv(k_cache: Cache, v_cache: Cache | None, k: torch.Tensor, v: torch.Te
         if v_cache is not None:
             write_fp8(v_cache, v, slot_mapping)
         return
-    if cpu_kernels.write_rows(k_cache, k, slot_mapping):  # one C pass (CPU, same dtype), else index_copy_
-        if v_cache is not None and not cpu_kernels.write_rows(v_cache, v, slot_mapping):
-            v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
-        return
-    nb, bs = k_cache.shape[:2]
-    k_cache.view(nb * bs, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    write_rows(k_cache, k, slot_mapping)  # one C pass on CPU (same dtype), else index_copy_
     if v_cache is not None:
-        v_cache.view(nb * bs, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+        write_rows(v_cache, v, slot_mapping)
 
 
 def _attend_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -3,7 +3,7 @@
 Each parameter carries a ``weight_loader(param, loaded, shard_id=None)`` so the checkpoint
 loader needs no parallel knowledge: it hands over the full tensor from the file and the layer
 keeps its slice. The only collective here is the all-reduce of :class:`RowParallelLinear`
-(and the gather of the vocab-parallel head).
+(and the gather of the vocab-parallel head). The GEMMs themselves are :func:`ops.linear`.
 """
 from __future__ import annotations
 
@@ -11,63 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import cpu_kernels
+# SMALL_M and padded_rows: moe/warmup.py still imports them from here
+from ops import SMALL_M, linear, lm_head_logits, padded_rows  # noqa: F401
 
 from .state import get_tp_rank, get_tp_size, tp_all_gather_last_dim, tp_all_reduce
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` with CPU shortcuts.
-
-    One row goes through ``mv`` (bf16: :func:`cpu_kernels.gemv`); 2-64 bf16 rows through
-    :func:`cpu_kernels.amx_linear` where the CPU has AMX; otherwise up to ``SMALL_M`` rows through
-    ``w @ x.T`` (returned as a transposed view). All stream the weight once and, on the CPUs measured (oneDNN bf16),
-    run 1.3-1.7x faster than ``F.linear`` at these shapes, which are memory-bound.
-    Rows run padded to :func:`padded_rows` (few distinct shapes).
-    """
-    if x.device.type == "cpu" and x.dim() == 2:
-        m = x.shape[0]
-        if 1 < m <= cpu_kernels.AMX_MAX_ROWS and x.dtype == torch.bfloat16:
-            y = cpu_kernels.amx_linear(x if x.stride(-1) == 1 else x.contiguous(), w, b)  # AMX tiles, row-major
-            if y is not None:
-                return y
-        mp = padded_rows(m)
-        if mp != m:  # padded in x's own layout (oneDNN builds a kernel per shape *and* layout)
-            if x.stride(0) == 1 and m > 1:  # a transposed view (what the few-row GEMMs return)
-                xp = x.new_zeros(x.shape[1], mp)
-                xp[:, :m] = x.t()
-                x = xp.t()
-            else:
-                xp = x.new_zeros(mp, x.shape[1])
-                xp[:m] = x
-                x = xp
-        if m > SMALL_M:
-            y = F.linear(x, w, b)
-            return y[:m] if mp != m else y
-        if m == 1:
-            y = cpu_kernels.gemv(w, x[0], b)  # bf16: the weight streamed with prefetch, ~10% over mv
-            if y is not None:
-                return y.unsqueeze(0)
-            y = torch.mv(w, x[0]).unsqueeze(0)
-        else:
-            y = torch.mm(w, x.t()).t()[:m]
-        return y + b if b is not None else y
-    return F.linear(x, w, b)
-
-
-SMALL_M = 128
-ROW_BUCKET = 64
-
-
-def padded_rows(m: int) -> int:
-    """The row count a CPU GEMM of ``m`` rows runs with. oneDNN builds (JIT-compiles) a kernel for
-    every new shape, ~5-14 ms each at these sizes, and its cache holds 1024 of them; prefill chunks
-    and expert groups bring a new row count nearly every call. Rounding up to a multiple of 8
-    (2-128 rows, memory-bound: the extra rows cost next to nothing) or of ``ROW_BUCKET`` (more
-    rows, at most 63 extra) keeps the shapes few and their kernels cached."""
-    if m <= 1:
-        return m
-    return -(-m // 8) * 8 if m <= SMALL_M else -(-m // ROW_BUCKET) * ROW_BUCKET
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -211,22 +158,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         return logits[..., : self.vocab]
 
     def local_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits over this rank's vocab slice (no collective)."""
-        # several rows on CPU: ``W @ h.T`` (the weight streamed once, as in `linear`), then one C pass to
-        # row-major float32, what the sampler's row-wise ops want. Measured, 32000 x 1024 bf16, cold
-        # weights: 4.0 vs 11.2 ms at 64 rows (a batched GEMM over vocab slices, then a transposing
-        # copy), 2.8 vs 4.5 at 16; 21 vs 22 ms at 320 rows (F.linear)
-        M = h.shape[0]
-        logits = None
-        if h.device.type == "cpu" and h.dim() == 2 and 1 < M <= cpu_kernels.AMX_MAX_ROWS:
-            logits = cpu_kernels.amx_linear(h, self.weight, out_float=True)
-        if logits is None and h.device.type == "cpu" and h.dim() == 2 and M > 1:
-            mp = padded_rows(M)
-            hp = torch.cat([h, h.new_zeros(mp - M, h.shape[1])]) if mp != M else h
-            logits = cpu_kernels.transpose_to_float(torch.mm(self.weight, hp.t())[:, :M])
-        if logits is None:
-            logits = linear(h, self.weight)
-        return logits
+        """Logits over this rank's vocab slice (no collective): :func:`ops.lm_head_logits`."""
+        return lm_head_logits(h, self.weight)
 
 
 class ShardedRMSNorm(nn.Module):

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import cpu_kernels
+from cpu_kernels.amx import swiglu_experts_reference
+from cpu_kernels.gemv import gemv_reference
 from kvcache import AttentionMetadata, paged_attention_reference, paged_attention_torch, write_kv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -300,7 +302,7 @@ def test_gemv_matches_mv(n, k, ldw, bias):
     b = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
     got = cpu_kernels.gemv(w, x, b)
     assert got is not None and got.dtype == torch.bfloat16 and got.shape == (n,)
-    want = torch.mv(w, x) if b is None else torch.mv(w, x) + b  # linear's one-row path
+    want = gemv_reference(w, x, b)  # linear's one-row path
     exact = w.double() @ x.double() + (b.double() if b is not None else 0)
     # float32 sums in another order than torch's: within a bf16 rounding step of torch's result
     # and as close to the exact product as torch's
@@ -368,17 +370,6 @@ def test_amx_kernels_in_use_where_the_cpu_has_amx():
     assert cpu_kernels.amx_available()
 
 
-def _swiglu_exact(x, counts, w13, w2):
-    """float32 products with the op-by-op path's bf16 roundings (h, silu, a), output unrounded"""
-    F_, out, s = w2.shape[2], [], 0
-    for e, n in enumerate(counts):
-        h = (x[s:s + n].float() @ w13[e].float().T).bfloat16().float()
-        a = (torch.nn.functional.silu(h[:, :F_]).bfloat16().float() * h[:, F_:]).bfloat16().float()
-        out.append(a @ w2[e].float().T)
-        s += n
-    return torch.cat(out)
-
-
 @pytest.mark.parametrize("D,F,counts", [
     (64, 96, [3, 0, 17, 1, 64, 16, 33, 2]),  # ragged, empty, 1-4 token blocks, partial blocks
     (32, 32, [1, 1]),
@@ -402,7 +393,7 @@ def test_amx_experts_match_the_op_by_op_path(D, F, counts, monkeypatch):
     assert torch.equal(grouped_swiglu_torch(x, counts, w13, w2, None, None, Activation()), y) and calls
     monkeypatch.setattr(cpu_kernels, "amx_experts", lambda *a: None)
     ops = grouped_swiglu_torch(x, counts, w13, w2, None, None, Activation())  # bmm, silu_mul, bmm
-    exact = _swiglu_exact(x, counts, w13, w2)
+    exact = swiglu_experts_reference(x, counts, w13, w2)
     tol = exact.abs().max() * 2 ** -7  # about one bf16 ulp of the largest output
     assert (y.float() - exact).abs().max() <= tol and (ops.float() - exact).abs().max() <= tol
     # the op-by-op path's result, up to the order of float32 sums (bit-identical in practice)
@@ -495,7 +486,7 @@ def test_amx_moe_declines_what_it_does_not_take():
 def test_amx_heads_match_the_per_head_einsums(T, monkeypatch):
     # MLA's absorbed attention: q_nope [T, H, nope] (a strided view of q) times W_UK [H, nope, C],
     # and o_lat [T, H, C] times W_UV [H, v, C] transposed, both views of kv_b_proj's weight
-    from moe.models.mla import _per_head
+    from ops import per_head
 
     g = torch.Generator().manual_seed(T)
     H, nope, rope, v, C = 4, 64, 32, 32, 96
@@ -508,9 +499,9 @@ def test_amx_heads_match_the_per_head_einsums(T, monkeypatch):
     if not cpu_kernels.amx_available():
         assert a is None and b is None
         return
-    monkeypatch.setattr(cpu_kernels, "amx_heads", lambda *a, **k: None)  # _per_head's einsum path
-    for got, want, exact in ((a, _per_head(q_nope, w_uk, "thn,hnc->thc"), torch.einsum("thn,hnc->thc", q_nope.float(), w_uk.float())),
-                             (b, _per_head(o_lat, w_uv, "thc,hvc->thv"), torch.einsum("thc,hvc->thv", o_lat.float(), w_uv.float()))):
+    monkeypatch.setattr(cpu_kernels, "amx_heads", lambda *a, **k: None)  # per_head's einsum path
+    for got, want, exact in ((a, per_head(q_nope, w_uk, "thn,hnc->thc"), torch.einsum("thn,hnc->thc", q_nope.float(), w_uk.float())),
+                             (b, per_head(o_lat, w_uv, "thc,hvc->thv"), torch.einsum("thc,hvc->thv", o_lat.float(), w_uv.float()))):
         assert got.shape == want.shape
         tol = exact.abs().max() * 2 ** -7
         assert (got.float() - exact).abs().max() <= tol  # float32 sums rounded once

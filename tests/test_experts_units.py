@@ -104,7 +104,7 @@ def test_grouped_experts_gpt_oss_clamped_swiglu_with_biases(dtype):
 def test_grouped_experts_row_group_paths(dtype, counts):
     # every CPU path of grouped_swiglu_torch against per-expert float32 math, biases included
     from experts.grouped import grouped_swiglu_torch
-    from parallel.layers import padded_rows
+    from ops import padded_rows
 
     if counts[0] == 130:
         assert [padded_rows(n) for n in counts] == [192, 0, 256, 64, 192, 8, 192]

@@ -58,7 +58,7 @@ def test_local_dispatcher_keeps_dtype_and_accumulates_in_float32():
 @pytest.mark.parametrize("transposed", [False, True])  # a row-major input, or a transposed view (padded as such)
 @pytest.mark.parametrize("m", [1, 5, 128, 129, 192, 250])
 def test_linear_cpu_shortcuts_equal_f_linear(m, transposed):
-    from parallel.layers import linear
+    from ops import linear
 
     g = torch.Generator().manual_seed(m)
     x, w, b = torch.randn(m, 40, generator=g), torch.randn(24, 40, generator=g), torch.randn(24, generator=g)

@@ -7,12 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import cpu_kernels
 from experts import Activation, fused_swiglu, swiglu_mlp_cpu
 from kvcache import AttentionMetadata, paged_attention, write_kv
+from ops import add_rms_norm, rms_norm
 from parallel import (ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear, ShardedRMSNorm,
                       get_etp_rank, get_etp_size, get_tp_size, local_expert_slots, make_moe_dispatcher)
 from routing import RouterConfig, expert_counts, route
@@ -41,23 +41,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # upcast like the reference implementations: statistics in float32, scaled in x's dtype
-        y = cpu_kernels.rms_norm(x, self.weight, self.eps) if x.device.type == "cpu" else None
-        if y is not None:  # the same in one pass (bf16 on CPU)
-            return y
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def add_norm(h_TD: torch.Tensor, d_TD: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual ``h + d`` and ``norm`` of it (one C pass for bf16 on CPU)."""
-    if h_TD.device.type == "cpu":
-        out = cpu_kernels.add_rms_norm(h_TD, d_TD, norm.weight, norm.eps)
-        if out is not None:
-            return out
-    h_TD = h_TD + d_TD
-    return h_TD, norm(h_TD)
+    return add_rms_norm(h_TD, d_TD, norm.weight, norm.eps)
 
 
 class Attention(nn.Module):

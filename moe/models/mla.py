@@ -18,8 +18,8 @@ from torch import nn
 import cpu_kernels
 from kvcache import AttentionMetadata, paged_attention, seq_kv, write_kv
 from kvcache.attention import KERNEL_MAX_QUERY
+from ops import per_head as _per_head
 from parallel import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, get_tp_size
-from parallel.layers import padded_rows
 
 from ..config import ModelConfig
 from .layers import ForwardContext, RMSNorm
@@ -163,24 +163,3 @@ class MLAttention(nn.Module):
             _per_head(w_uk.new_zeros(t, H, self.nope), w_uk, "thn,hnc->thc")
             _per_head(w_uv.new_zeros(t, H, self.kv_lora_rank), w_uv, "thc,hvc->thv")
         return 2 * len(rows)
-
-
-def _per_head(x_THa: torch.Tensor, w_Hba: torch.Tensor, eq: str) -> torch.Tensor:
-    """``einsum(eq, x, w)``: one GEMM per head, ``eq`` one of the two forms below. On CPU, 1-64
-    bf16 rows run on AMX tiles where the CPU has them (:func:`cpu_kernels.amx_heads`); otherwise
-    the rows run padded to :func:`parallel.layers.padded_rows` and always from a contiguous copy, so
-    the batched GEMM comes in few shapes and one layout (oneDNN builds a kernel for each new one)."""
-    if x_THa.device.type != "cpu":
-        return torch.einsum(eq, x_THa, w_Hba)
-    y = cpu_kernels.heads_vec(x_THa, w_Hba, w_rows_n=_W_ROWS_N[eq]) if x_THa.shape[0] == 1 else None
-    if y is None:
-        y = cpu_kernels.amx_heads(x_THa, w_Hba, w_rows_n=_W_ROWS_N[eq])
-    if y is not None:
-        return y
-    T = x_THa.shape[0]
-    x = torch.cat([x_THa, x_THa.new_zeros(padded_rows(T) - T, *x_THa.shape[1:])])
-    return torch.einsum(eq, x, w_Hba)[:T]
-
-
-# whether the per-head weight's rows run along the output (W_UV [H, v, C]) or the input (W_UK [H, nope, C])
-_W_ROWS_N = {"thc,hvc->thv": True, "thn,hnc->thc": False}

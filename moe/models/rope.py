@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-import cpu_kernels
+from ops import rope_
 
 
 def _yarn_inv_freq(dim: int, base: float, p: dict, max_pos: int) -> tuple[torch.Tensor, float]:
@@ -85,26 +85,11 @@ class RotaryEmbedding(nn.Module):
         return tuple(self.rotate_(positions_T, x.clone(memory_format=torch.contiguous_format)) for x in xs)
 
     def rotate_(self, positions_T: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x [T, H, dim]`` in place (one pass in C on CPU, see :mod:`cpu_kernels`) and return it."""
+        """Rotate ``x [T, H, dim]`` in place (:func:`ops.rope_`) and return it."""
         self.grow_for(positions_T)
-        if cpu_kernels.rope_(x, positions_T, self.cos, self.sin, self.interleaved):
-            return x
-        cos = self.cos[positions_T].unsqueeze(1)  # [T, 1, dim/2]
-        sin = self.sin[positions_T].unsqueeze(1)
-        return x.copy_(self._apply(x, cos, sin))
+        return rope_(x, positions_T, self.cos, self.sin, self.interleaved)
 
     def grow_for(self, positions_T: torch.Tensor) -> None:
         """Extend the cos/sin tables past the largest of ``positions_T`` if needed."""
         if positions_T.numel() and int(positions_T.max()) >= self.max_pos:
             self._grow(2 * int(positions_T.max()) + 1)
-
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        if self.interleaved:
-            x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        else:
-            x1, x2 = xf.chunk(2, dim=-1)
-        o1 = x1 * cos - x2 * sin
-        o2 = x2 * cos + x1 * sin
-        out = torch.stack((o1, o2), dim=-1).flatten(-2) if self.interleaved else torch.cat((o1, o2), dim=-1)
-        return out.to(x.dtype)

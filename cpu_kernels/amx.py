@@ -1,0 +1,204 @@
+"""Binding of ``amx.c``: the GEMMs of decode-sized steps (2-64 rows) on AMX tiles.
+
+Batched decode, verify rows and short prompts: each weight read once and in place (16 weight rows
+are a tile; the few tokens are packed as the other operand). :func:`amx_moe` and
+:func:`amx_moe_packed` run a local MoE layer's dispatch, experts and combine in one call (bf16 or
+packed experts), :func:`amx_experts` the experts over rows grouped by expert, :func:`amx_linear`
+plain projections and the LM head, :func:`amx_heads` MLA's per-head GEMMs. oneDNN's
+``bmm``/``mm`` at these shapes read the weights at 85-90% of the rate and need the permutation,
+SwiGLU and combine as separate ops. Where the CPU lacks AMX (or Linux refuses its tile state)
+they return None. :func:`swiglu_experts_reference` is the experts kernels' float32 reference.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+
+from .build import DTYPES, declare, kernel_dtype, load
+from .quant import packed_dims
+
+_i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+declare({
+    "moe_amx_init": [],
+    "moe_amx_experts": [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _int],
+    "moe_amx_moe": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr,
+                    _ptr, _ptr, _int],
+    "moe_amx_moe_packed": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _ptr, _i64, _i64,
+                           _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64,
+                           _ptr, _ptr, _ptr, _ptr, _ptr, _int],
+    "moe_amx_heads": [_ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _int, _ptr, _i64, _i64, _ptr, _int],
+    "moe_amx_linear": [_ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _int, _ptr, _int],
+})
+
+_amx: bool | None = None  # whether the AMX kernels run here (built for AMX, tile state granted)
+AMX_MAX_ROWS = 64  # rows the AMX kernels take per expert or GEMM (four blocks of 16 tokens)
+
+
+def amx_available() -> bool:
+    """Whether :func:`amx_experts` runs on this machine: the library built for AMX-BF16 and Linux
+    granting this process the tile state."""
+    global _amx
+    if _amx is None:
+        _amx = load() is not None and load().moe_amx_init() == 0
+    return _amx
+
+
+def _amx_swiglu_dims(x: torch.Tensor, w13_e2FD: torch.Tensor, w2_eDF: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(E, D, F)`` when the AMX expert kernels take these bf16 rows and stacked expert weights
+    (dims multiples of 32, rows of unit stride within each expert), else None."""
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or w13_e2FD.dim() != 3 or not amx_available():
+        return None
+    if kernel_dtype(x, w13_e2FD, w2_eDF) is None:
+        return None
+    E, F2, D = w13_e2FD.shape
+    F = F2 // 2
+    if D % 32 or F % 32 or w2_eDF.shape != (E, D, F) or x.shape[1] != D:
+        return None
+    if w13_e2FD.stride(1) != D or w2_eDF.stride(1) != F:
+        return None
+    return E, D, F
+
+
+def amx_experts(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor,
+                w2_eDF: torch.Tensor) -> torch.Tensor | None:
+    """SwiGLU experts over rows grouped by expert (``counts[e]`` rows for expert ``e``, in order):
+    ``W2_e @ (silu(g) * u)`` with ``[g | u] = W13_e @ x``, bf16, rounded as the op-by-op path
+    (``bmm``, :func:`silu_mul`, ``bmm``) rounds, on AMX tiles. None when the kernel does not apply
+    (no AMX, other dtypes, a dim not a multiple of 32, an expert with more than
+    :data:`AMX_MAX_ROWS` rows): then use the torch path."""
+    dims = _amx_swiglu_dims(x_RD, w13_e2FD, w2_eDF)
+    if dims is None or len(counts) != dims[0] or max(counts, default=0) > AMX_MAX_ROWS:
+        return None
+    E, D, F = dims
+    R = x_RD.shape[0]
+    y = torch.empty(R, D, dtype=torch.bfloat16)
+    xp = torch.empty(sum((n + 15) // 16 for n in counts) * D * 16, dtype=torch.bfloat16)
+    ap = torch.empty(2 * 4 * F * 16, dtype=torch.bfloat16)
+    n = torch.tensor(counts, dtype=torch.int64)
+    if load().moe_amx_experts(x_RD.data_ptr(), x_RD.stride(0), n.data_ptr(), E, D, F, w13_e2FD.data_ptr(),
+                              w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0), y.data_ptr(), D, xp.data_ptr(),
+                              ap.data_ptr(), torch.get_num_threads()) != 0:
+        return None
+    return y
+
+
+def _amx_moe_buffers(ids_TK: torch.Tensor, weights_TK: torch.Tensor, E: int, D: int, F: int) -> tuple:
+    """ids int64 and weights float32 (contiguous), then the output and the scratch the AMX MoE
+    calls take: packed tokens, activations, float32 sums, the sort's rows."""
+    T, K = ids_TK.shape
+    return (ids_TK.to(torch.int64).contiguous(), weights_TK.to(torch.float32).contiguous(),
+            torch.empty(T, D, dtype=torch.bfloat16), torch.empty((T * K + 16 * E) * D, dtype=torch.bfloat16),
+            torch.empty(2 * 4 * F * 16, dtype=torch.bfloat16), torch.empty(T * D, dtype=torch.float32),
+            torch.empty(2 * T * K, dtype=torch.int64))
+
+
+def amx_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, w13_e2FD: torch.Tensor,
+            w2_eDF: torch.Tensor) -> torch.Tensor | None:
+    """Dispatch, SwiGLU experts and combine of a local MoE layer in one call (bf16, AMX): token t
+    through experts ``ids_TK[t]`` (ids index the stacked weights), summed with ``weights_TK[t]``
+    as :class:`parallel.dispatch.LocalDispatcher` does (weights rounded to bf16, products rounded,
+    float32 sum in ascending expert order rounded once). None when the kernel does not apply (as
+    :func:`amx_experts`, or an expert given more than :data:`AMX_MAX_ROWS` rows): then dispatch."""
+    dims = _amx_swiglu_dims(x_TD, w13_e2FD, w2_eDF)
+    T, K = ids_TK.shape
+    if dims is None or weights_TK.shape != (T, K) or T * K > dims[0] * AMX_MAX_ROWS:  # (prefill: surely too many)
+        return None
+    E, D, F = dims
+    ids, wts, out, xp, ap, acc, rows = _amx_moe_buffers(ids_TK, weights_TK, E, D, F)
+    rc = load().moe_amx_moe(x_TD.data_ptr(), x_TD.stride(0), T, ids.data_ptr(), wts.data_ptr(), K, E, D, F,
+                            w13_e2FD.data_ptr(), w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0),
+                            out.data_ptr(), xp.data_ptr(), ap.data_ptr(), acc.data_ptr(), rows.data_ptr(),
+                            torch.get_num_threads())
+    return out if rc == 0 else None
+
+
+def amx_linear(x_MK: torch.Tensor, w_NK: torch.Tensor, b_N: torch.Tensor | None = None,
+               out_float: bool = False) -> torch.Tensor | None:
+    """``x @ w.T (+ b)`` for 2-64 bf16 rows on AMX tiles, row-major ``[M, N]``: bf16 summed in
+    float32 and rounded once (the bias added after, as ``mm`` then ``+ b``), or with
+    ``out_float`` the rounded values as float32 (logits). None when the kernel does not apply (no
+    AMX, other dtypes, ``K % 32`` or ``N % 16`` nonzero, more rows): then use torch's GEMM."""
+    if x_MK.dtype != torch.bfloat16 or x_MK.dim() != 2 or w_NK.dim() != 2 or not amx_available():
+        return None
+    M, K = x_MK.shape
+    N = w_NK.shape[0]
+    if not 0 < M <= AMX_MAX_ROWS or K % 32 or N % 16 or w_NK.shape[1] != K:
+        return None
+    if kernel_dtype(x_MK, w_NK, *([] if b_N is None else [b_N])) is None:
+        return None
+    y = torch.empty(M, N, dtype=torch.float32 if out_float else torch.bfloat16)
+    xp = torch.empty((M + 15) // 16 * K * 16, dtype=torch.bfloat16)
+    if load().moe_amx_linear(x_MK.data_ptr(), x_MK.stride(0), M, w_NK.data_ptr(), w_NK.stride(0), N, K,
+                             b_N.data_ptr() if b_N is not None else None, y.data_ptr(), N,
+                             DTYPES[torch.float32 if out_float else torch.bfloat16], xp.data_ptr(),
+                             torch.get_num_threads()) != 0:
+        return None
+    return y
+
+
+def amx_heads(x_THK: torch.Tensor, w_H: torch.Tensor, w_rows_n: bool) -> torch.Tensor | None:
+    """One GEMM per head for 1-64 bf16 rows (MLA's absorbed attention) on AMX tiles:
+    ``y[t, h] = x[t, h] @ w_H[h].T`` for ``w_H [H, N, K]`` (``w_rows_n``) or ``x[t, h] @ w_H[h]``
+    for ``w_H [H, K, N]``; ``[T, H, N]`` bf16, float32 sums rounded once as ``bmm``. Any strides
+    over T, H and the weight's heads and rows (unit within a row). None when the kernel does not
+    apply (then ``einsum``)."""
+    if x_THK.dtype != torch.bfloat16 or x_THK.dim() != 3 or w_H.dim() != 3 or not amx_available():
+        return None
+    T, H, K = x_THK.shape
+    N = w_H.shape[1] if w_rows_n else w_H.shape[2]
+    if not 0 < T <= AMX_MAX_ROWS or K % 32 or N % 16 or w_H.shape[0] != H:
+        return None
+    if w_H.shape[2 if w_rows_n else 1] != K or kernel_dtype(x_THK, w_H) is None:
+        return None
+    y = torch.empty(T, H, N, dtype=torch.bfloat16)
+    scratch = torch.empty(H * ((T + 15) // 16) * 16 * K, dtype=torch.bfloat16)
+    if load().moe_amx_heads(x_THK.data_ptr(), x_THK.stride(0), x_THK.stride(1), T, w_H.data_ptr(), w_H.stride(1),
+                            w_H.stride(0), N, K, H, int(w_rows_n), y.data_ptr(), y.stride(0), y.stride(1),
+                            scratch.data_ptr(), torch.get_num_threads()) != 0:
+        return None
+    return y
+
+
+def amx_moe_packed(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, fmt: int,
+                   lut: torch.Tensor | None, gs: int, bn: int,
+                   w13: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+                   w2: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> torch.Tensor | None:
+    """:func:`amx_moe` on packed experts (``(codes, scales, offsets)`` stacked over experts as
+    :func:`quant_moe_token` takes them): every 16-row weight block dequantized to bf16 into a
+    buffer the AMX tiles read, so the packed bytes are what streams. Results equal dequantize ->
+    GEMM -> combine up to the order of float32 sums. None when the kernel does not apply (no AMX,
+    a dim not a multiple of 32, an expert given more than :data:`AMX_MAX_ROWS` rows)."""
+    if x_TD.dtype != torch.bfloat16 or x_TD.dim() != 2 or not amx_available() or x_TD.stride(-1) != 1:
+        return None
+    (q13, s13, b13), (q2, s2, b2) = w13, w2
+    dims = packed_dims(w13, w2, lut, gs, bn)
+    T, K = ids_TK.shape
+    if dims is None:
+        return None
+    E, D, F = dims
+    if D % 32 or F % 32 or x_TD.shape[1] != D or weights_TK.shape != (T, K) or T * K > E * AMX_MAX_ROWS:
+        return None
+    ids, wts, out, xp, ap, acc, rows = _amx_moe_buffers(ids_TK, weights_TK, E, D, F)
+    rc = load().moe_amx_moe_packed(
+          x_TD.data_ptr(), x_TD.stride(0), T, ids.data_ptr(), wts.data_ptr(), K, E, D, F, fmt,
+          lut.data_ptr() if lut is not None else None, gs, bn,
+          q13.data_ptr(), q13.stride(0), q13.stride(1), s13.data_ptr(), b13.data_ptr() if b13 is not None else None,
+          s13.stride(0), s13.shape[-1], q2.data_ptr(), q2.stride(0), q2.stride(1), s2.data_ptr(),
+          b2.data_ptr() if b2 is not None else None, s2.stride(0), s2.shape[-1],
+          out.data_ptr(), xp.data_ptr(), ap.data_ptr(), acc.data_ptr(), rows.data_ptr(), torch.get_num_threads())
+    return out if rc == 0 else None
+
+
+def swiglu_experts_reference(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor,
+                             w2_eDF: torch.Tensor) -> torch.Tensor:
+    """What :func:`amx_experts` computes, in float32 with the op-by-op path's bf16 roundings (``h``,
+    ``silu``, the product), the output unrounded: the bound both the kernel and ``bmm`` meet."""
+    F_, out, s = w2_eDF.shape[2], [], 0
+    for e, n in enumerate(counts):
+        h = (x_RD[s:s + n].float() @ w13_e2FD[e].float().T).bfloat16().float()
+        a = (F.silu(h[:, :F_]).bfloat16().float() * h[:, F_:]).bfloat16().float()
+        out.append(a @ w2_eDF[e].float().T)
+        s += n
+    return torch.cat(out)

@@ -1,0 +1,142 @@
+"""Building and loading the kernel library: compiler detection, compilation, the ctypes handle.
+
+The library is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) for
+this CPU (``-march=native``, AVX-512 and AMX paths where present) into ``$MOE_KERNEL_CACHE``
+(default ``~/.cache/moe/kernels``), keyed by the sources, flags and OpenMP runtime, and linked
+against the OpenMP runtime torch has loaded so both share one thread pool (two runtimes would
+fight over the cores). Without a compiler the torch paths are used (one warning says so);
+``MOE_CPU_KERNELS=0`` turns the kernels off.
+
+Each binding module declares the C signatures of its own file with :func:`declare`; they are set
+on the library when it loads (or at once, when it is loaded already).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("cpu_kernels")
+
+_DIR = Path(__file__).parent
+_SOURCES = [_DIR / "paged_decode.c", _DIR / "elementwise.c", _DIR / "gemv.c", _DIR / "amx.c", _DIR / "fused.c",
+            _DIR / "quant.c"]
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared"]
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' dtype codes
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_signatures: dict[str, list] = {}  # C function -> argtypes (every kernel returns int)
+
+
+def declare(signatures: dict[str, list]) -> None:
+    """Record the argument types of C functions (each returns ``int``): set on the library when it
+    loads, or at once when it is loaded already."""
+    _signatures.update(signatures)
+    if _lib is not None:
+        _apply(_lib, signatures)
+
+
+def _apply(lib: ctypes.CDLL, signatures: dict[str, list]) -> None:
+    for name, argtypes in signatures.items():
+        f = getattr(lib, name)
+        f.argtypes = argtypes
+        f.restype = ctypes.c_int
+
+
+def _openmp_runtime() -> str | None:
+    """Path of the OpenMP runtime loaded into this process (torch's), if any."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = line.split()[-1] if len(line.split()) >= 6 else ""
+        name = os.path.basename(path)
+        if name.startswith(("libgomp", "libiomp5", "libomp")) and ".so" in name:
+            return path
+    return None
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _build() -> ctypes.CDLL:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set $CC, or install gcc)")
+    omp = _openmp_runtime()
+    flags = _FLAGS + (["-fopenmp"] if omp else [])
+    blob = b"".join(p.read_bytes() for p in [*_SOURCES, _DIR / "simd.h", _DIR / "kernels.h"])
+    key = hashlib.sha256(blob + " ".join([cc, *flags, omp or ""]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("MOE_KERNEL_CACHE", Path.home() / ".cache" / "moe" / "kernels"))
+    lib_path = cache / f"moe_cpu-{key}.so"
+    if not lib_path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            objs = [Path(tmp) / f"{src.stem}.o" for src in _SOURCES]
+            out = Path(tmp) / "k.so"
+            # compile with -fopenmp, but link the runtime torch uses (not the compiler's own copy)
+            cmds = [[cc, *[f for f in flags if f != "-shared"], "-c", str(src), "-o", str(obj)]
+                    for src, obj in zip(_SOURCES, objs)]
+            cmds.append([cc, "-shared", *map(str, objs), "-o", str(out)]
+                        + ([omp, f"-Wl,-rpath,{os.path.dirname(omp)}"] if omp else []))
+            for cmd in cmds:
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr.strip()}")
+            os.replace(out, lib_path)  # atomic: ranks building at once each publish a whole file
+    lib = ctypes.CDLL(str(lib_path))
+    _apply(lib, _signatures)
+    return lib
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None when it is turned off or cannot be built (warned once)."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            if os.environ.get("MOE_CPU_KERNELS", "1") != "0":
+                try:
+                    _lib = _build()
+                except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
+                    log.warning("CPU kernels unavailable, using torch's ops instead (decode attention as one SDPA "
+                                "call per sequence: slower at large batches): %s. Install a C compiler (gcc) to "
+                                "enable them, or set MOE_CPU_KERNELS=0 to silence this.", e)
+            _tried = True
+    return _lib
+
+
+def kernel_dtype(*ts: torch.Tensor) -> int | None:
+    """The kernels' dtype code when every tensor is a CPU float32/bfloat16 tensor of one dtype and
+    the library is built, else None (the caller takes its torch path)."""
+    d = ts[0].dtype
+    if d not in DTYPES or any(t.is_cuda or t.dtype != d or t.stride(-1) != 1 for t in ts) or load() is None:
+        return None
+    return DTYPES[d]
+
+
+def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int | None = None) -> None:
+    """Set glibc's mmap threshold (and heap-top trim threshold) for this process: which freed
+    blocks go back to the OS and which stay for reuse. Nothing happens off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
+        if trim_threshold is not None:
+            libc.mallopt(-1, trim_threshold)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass

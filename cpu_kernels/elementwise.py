@@ -1,0 +1,184 @@
+"""Binding of ``elementwise.c``: one pass each where torch runs a chain of ops.
+
+:func:`rope_` (rotary embedding in place), :func:`silu_mul` (SwiGLU's ``silu(gate) * up``),
+:func:`rms_norm` and :func:`add_rms_norm` (the residual add and the next norm) on bf16
+activations, with the roundings of the torch code they replace (the ``*_reference`` functions
+below, which are also the callers' torch path); :func:`write_rows` (new K/V rows into a paged
+cache), :func:`transpose_to_float` (a GEMM's transposed logits to row-major float32) and
+:func:`route_select` (the router's selection after the scoring).
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+
+from .build import DTYPES, declare, kernel_dtype, load
+
+_i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+declare({
+    "moe_rope": [_ptr, _int, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int, _int],
+    "moe_silu_mul": [_ptr, _ptr, _ptr, _int, *[_i64] * 9, _int],
+    "moe_rms_norm": [_ptr, _ptr, _ptr, _int, _i64, _i64, _i64, _i64, _f32, _int],
+    "moe_add_rms_norm": [_ptr, _ptr, _ptr, _ptr, _ptr, _int, _i64, _i64, _f32, _int],
+    "moe_write_rows": [_ptr, _ptr, _int, *[_i64] * 6, _ptr, _i64, _i64, _int],
+    "moe_transpose_to_f32": [_ptr, _int, _i64, _i64, _i64, _ptr, _int],
+    "moe_route_select": [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _int, _int, _f32, _f32, _ptr, _ptr, _ptr],
+})
+
+
+def rope_(x_THD: torch.Tensor, positions_T: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor,
+          interleaved: bool) -> bool:
+    """Rotate ``x_THD`` in place (any strides over T and H, unit stride within a head) by the
+    float32 tables ``cos/sin [max_pos, D/2]`` at ``positions_T``. Returns False, leaving ``x``
+    untouched, when the kernel does not apply (then use the torch path)."""
+    dtype = kernel_dtype(x_THD)
+    if dtype is None or x_THD.dim() != 3 or x_THD.shape[-1] % 2 or cos_PH.dtype != torch.float32:
+        return False
+    T, H, D = x_THD.shape
+    pos = positions_T.to(torch.int64).contiguous()
+    cos_PH, sin_PH = cos_PH.contiguous(), sin_PH.contiguous()
+    load().moe_rope(x_THD.data_ptr(), dtype, T, H, D, x_THD.stride(0), x_THD.stride(1), pos.data_ptr(),
+                    cos_PH.data_ptr(), sin_PH.data_ptr(), int(interleaved), torch.get_num_threads())
+    return True
+
+
+def rope_reference(x_THD: torch.Tensor, positions_T: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor,
+                   interleaved: bool) -> torch.Tensor:
+    """What :func:`rope_` computes, as a new tensor: the rotation in float32, rounded once to x's
+    dtype; pairs ``(i, i + D/2)`` (GPT-NeoX) or, ``interleaved``, ``(2i, 2i + 1)`` (GPT-J)."""
+    cos = cos_PH[positions_T].unsqueeze(1)  # [T, 1, D/2]
+    sin = sin_PH[positions_T].unsqueeze(1)
+    xf = x_THD.float()
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    else:
+        x1, x2 = xf.chunk(2, dim=-1)
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
+    out = torch.stack((o1, o2), dim=-1).flatten(-2) if interleaved else torch.cat((o1, o2), dim=-1)
+    return out.to(x_THD.dtype)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """``F.silu(gate) * up`` for 2-D or 3-D tensors of one shape (unit stride over the last dim),
+    as a new contiguous tensor; None when the kernel does not apply (then use the torch path)."""
+    dtype = kernel_dtype(gate, up)
+    if dtype is None or gate.shape != up.shape or gate.dim() not in (2, 3):
+        return None
+    g, u = (gate, up) if gate.dim() == 3 else (gate.unsqueeze(0), up.unsqueeze(0))
+    out = torch.empty(g.shape, dtype=gate.dtype)
+    o = out
+    A, B, C = g.shape
+    if g.stride(1) == u.stride(1) == C:  # [B, C] slabs contiguous: long rows (C may be tiny), 64 per slab
+        rows = 64 if (B * C) % 64 == 0 and B * C >= 64 * 256 else 1  # (work for every thread)
+        g, u, o = (t.view(A, rows, B * C // rows) for t in (g, u, out))
+    load().moe_silu_mul(g.data_ptr(), u.data_ptr(), o.data_ptr(), dtype, *o.shape, g.stride(0), g.stride(1),
+                        u.stride(0), u.stride(1), o.stride(0), o.stride(1), torch.get_num_threads())
+    return out.view(gate.shape)
+
+
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """What :func:`silu_mul` computes: torch's two roundings (silu, then the product)."""
+    return F.silu(gate) * up
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor | None:
+    """RMSNorm over the last dim of a bfloat16 ``x`` (rows of any stride, unit stride within a
+    row) the way the reference implementations treat low-precision activations:
+    ``weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)``. None when the kernel does not
+    apply (float32 keeps torch's fused ``rms_norm``)."""
+    if x.dtype != torch.bfloat16:
+        return None
+    dtype = kernel_dtype(x, *([] if weight is None else [weight]))
+    if dtype is None or x.dim() < 2:
+        return None
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() > 2 else x  # a view when rows are evenly strided
+    if x2.dim() != 2 or x2.stride(-1) != 1:
+        return None
+    out = torch.empty(x2.shape, dtype=x.dtype)
+    w = weight.contiguous() if weight is not None else None
+    load().moe_rms_norm(x2.data_ptr(), w.data_ptr() if w is not None else None, out.data_ptr(), dtype, x2.shape[0],
+                        x2.shape[1], x2.stride(0), out.stride(0), eps, torch.get_num_threads())
+    return out.view(x.shape)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """What :func:`rms_norm` computes (up to the order of the float32 sum of squares): statistics in
+    float32, the normalized row rounded to x's dtype, then scaled in x's dtype."""
+    y = F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+    return y if weight is None else weight * y
+
+
+def add_rms_norm(h: torch.Tensor, d: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``h + d`` (a residual add, rounded as torch's add) and :func:`rms_norm` of the sum, in one
+    pass: ``(sum, normed)`` for contiguous bfloat16 ``[R, D]`` tensors, or None when the kernel does
+    not apply (then add and norm with torch)."""
+    if h.dtype != torch.bfloat16 or h.dim() != 2 or d.shape != h.shape or not (h.is_contiguous() and d.is_contiguous()):
+        return None
+    if kernel_dtype(h, d, weight) is None or not weight.is_contiguous() or weight.shape != (h.shape[1],):
+        return None
+    s, out = torch.empty_like(h), torch.empty_like(h)
+    load().moe_add_rms_norm(h.data_ptr(), d.data_ptr(), weight.data_ptr(), s.data_ptr(), out.data_ptr(),
+                            DTYPES[h.dtype], h.shape[0], h.shape[1], eps, torch.get_num_threads())
+    return s, out
+
+
+def write_rows(cache: torch.Tensor, x_THD: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+    """``cache.view(slots, H, D)[slot_mapping] = x_THD`` for a plain CPU cache ``[blocks,
+    block_size, H, D]`` (unit stride within a head) and ``x`` of the cache's dtype with any
+    strides. False, writing nothing, when the kernel does not apply (then use ``index_copy_``)."""
+    if x_THD.dim() != 3 or x_THD.shape[1:] != cache.shape[2:] or cache.stride(0) != cache.shape[1] * cache.stride(1):
+        return False
+    dtype = kernel_dtype(cache, x_THD) if x_THD.stride(-1) == 1 else kernel_dtype(cache)
+    if dtype is None or x_THD.dtype != cache.dtype:
+        return False
+    slots = slot_mapping.to(torch.int64).contiguous()
+    T, H, D = x_THD.shape
+    load().moe_write_rows(x_THD.data_ptr(), cache.data_ptr(), dtype, T, H, D, *x_THD.stride(), slots.data_ptr(),
+                          cache.stride(1), cache.stride(2), torch.get_num_threads())
+    return True
+
+
+def write_rows_reference(cache: torch.Tensor, x_THD: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """What :func:`write_rows` does, for any cache dtype: ``index_copy_`` over the cache's slots."""
+    cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, x_THD.to(cache.dtype))
+
+
+def transpose_to_float(x_NM: torch.Tensor) -> torch.Tensor | None:
+    """``x_NM.t().float().contiguous()`` in one pass for a 2-D CPU float32/bfloat16 tensor with unit
+    stride over its columns (a GEMM's ``W @ h.T`` output); None when the kernel does not apply."""
+    if x_NM.dim() != 2 or kernel_dtype(x_NM) is None:
+        return None
+    N, M = x_NM.shape
+    out = torch.empty(M, N, dtype=torch.float32)
+    load().moe_transpose_to_f32(x_NM.data_ptr(), DTYPES[x_NM.dtype], N, M, x_NM.stride(0), out.data_ptr(),
+                                torch.get_num_threads())
+    return out
+
+
+def route_select(scores_TE: torch.Tensor, top_k: int, bias_E: torch.Tensor | None = None, num_groups: int = 1,
+                 topk_groups: int = 1, group_top2: bool = True, renormalize: bool = False, eps: float = 0.0,
+                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """:func:`routing.route` after the scoring, in one pass over float32 ``scores [T, E]``:
+    selection = scores (+ bias), group-limited when ``num_groups`` > 1, the ``top_k`` best in
+    descending order, their unbiased scores renormalized (``w / (sum + eps)``) and scaled.
+    Returns ``(weights [T, K] float32, ids [T, K] int64, tied)``: ``tied`` is None, or the indices
+    of the tokens whose choice hangs on equal values (or NaN), left for the caller to route with
+    torch (whose sort decides ties its own way); None when the kernel does not apply."""
+    if scores_TE.dtype != torch.float32 or scores_TE.dim() != 2 or scores_TE.is_cuda or load() is None:
+        return None
+    T, E = scores_TE.shape
+    if E % num_groups or not 1 <= top_k <= E or not 1 <= topk_groups <= num_groups:
+        return None
+    s = scores_TE.contiguous()
+    b = bias_E.float().contiguous() if bias_E is not None else None
+    w = torch.empty(T, top_k, dtype=torch.float32)
+    ids = torch.empty(T, top_k, dtype=torch.int64)
+    ties = torch.empty(T, dtype=torch.uint8)
+    n = load().moe_route_select(s.data_ptr(), b.data_ptr() if b is not None else None, T, E, top_k, num_groups,
+                                topk_groups, int(group_top2), int(renormalize), eps, scale, w.data_ptr(),
+                                ids.data_ptr(), ties.data_ptr())
+    return w, ids, (ties.nonzero().flatten() if n else None)

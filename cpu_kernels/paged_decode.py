@@ -1,0 +1,66 @@
+"""Binding of ``paged_decode.c``: attention of a few newest rows per sequence over its paged cache.
+
+``scaled_dot_product_attention`` called once per sequence costs ~90 µs for a decode row over a few
+hundred cached tokens — mostly per-call and tiny-GEMM overhead — and a 64-sequence decode step
+makes 64 such calls per layer. This kernel runs every decode row of the step in one call: each
+cached K/V row is read once, in place through the block table, with the GQA query heads of its KV
+head (and, when there are enough sequences, all heads of one token as one contiguous read).
+Its reference is :func:`kvcache.reference.paged_attention_reference` (float32, the semantics every
+attention backend is tested against), which stays with the cache it reads.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from .build import DTYPES, declare, kernel_dtype, load
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+declare({"moe_paged_decode": [_ptr, _ptr, _ptr, _ptr, ctypes.c_int, *[_i64] * 12, _ptr, _i64, _ptr, _ptr, _i64, _ptr,
+                              ctypes.c_float, ctypes.c_int]})
+
+
+def supports_decode(q: torch.Tensor, k_cache: object, v_cache: object) -> bool:
+    """Whether the kernel handles these tensors: CPU, float32 or bfloat16 throughout (not fp8),
+    rows with unit stride."""
+    return (isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)
+            and kernel_dtype(q, k_cache, v_cache) is not None)
+
+
+def paged_decode_attention(q_THD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           sliding_window: int | None = None, sinks_H: torch.Tensor | None = None,
+                           query_start: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of a few newest rows per sequence over its cache. Sequence ``b`` attends with
+    query rows ``query_start[b] .. query_start[b+1]-1`` (default: row ``b`` alone) to the
+    ``context_lens[b]`` tokens cached in ``block_tables[b]`` (its rows' own included), causally:
+    of ``Q`` rows, row ``i`` sees the first ``context_lens[b] - (Q - 1 - i)`` tokens. Returns
+    ``[T, H, Dv]`` in q's dtype. Check :func:`supports_decode` first."""
+    lib = load()
+    assert lib is not None, "check cpu_kernels.supports_decode() first"
+    T, H, Dk = q_THD.shape
+    B = block_tables.shape[0]
+    Hkv, Dv = k_cache.shape[2], v_cache.shape[-1]
+    if H % Hkv:
+        raise ValueError(f"{H} query heads are not a multiple of {Hkv} KV heads")
+    qs = None
+    if query_start is not None:
+        qs = query_start.to(torch.int32).contiguous()
+        if qs.shape[0] != B + 1 or int(qs[-1]) != T:
+            raise ValueError(f"query_start must hold {B + 1} offsets ending at {T} rows, got {qs.tolist()}")
+    elif T != B:
+        raise ValueError(f"{T} query rows for {B} sequences: pass query_start")
+    q = q_THD.contiguous()
+    bt = block_tables.to(torch.int32).contiguous()
+    cl = context_lens.to(torch.int32).contiguous()
+    sinks = sinks_H.float().contiguous() if sinks_H is not None else None
+    out = torch.empty(T, H, Dv, dtype=q.dtype)
+    if B == 0:
+        return out
+    lib.moe_paged_decode(q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), DTYPES[q.dtype],
+                         B, H, Hkv, Dk, Dv, *k_cache.stride()[:3], *v_cache.stride()[:3], k_cache.shape[1],
+                         bt.data_ptr(), bt.shape[1], cl.data_ptr(), qs.data_ptr() if qs is not None else None,
+                         sliding_window or 0, sinks.data_ptr() if sinks is not None else None, scale,
+                         torch.get_num_threads())
+    return out

@@ -1,0 +1,32 @@
+"""RMSNorm, and the residual add followed by RMSNorm, as the reference implementations compute them
+(statistics in float32, the result scaled in the activations' dtype)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import cpu_kernels
+from cpu_kernels.elementwise import rms_norm_reference
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim. float32: torch's fused ``rms_norm``; other dtypes upcast like the
+    reference implementations, in one C pass on CPU (bf16) where the kernel takes ``x``."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    y = cpu_kernels.rms_norm(x, weight, eps) if x.device.type == "cpu" else None
+    if y is not None:
+        return y
+    return rms_norm_reference(x, weight, eps)
+
+
+def add_rms_norm(h_TD: torch.Tensor, d_TD: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual ``h + d`` and :func:`rms_norm` of it: ``(h + d, norm(h + d))``, in one C pass
+    for bf16 on CPU (the same roundings)."""
+    if h_TD.device.type == "cpu":
+        out = cpu_kernels.add_rms_norm(h_TD, d_TD, weight, eps)
+        if out is not None:
+            return out
+    h_TD = h_TD + d_TD
+    return h_TD, rms_norm(h_TD, weight, eps)
