@@ -40,7 +40,10 @@ def test_quantized_default_model_agrees_with_bf16(reference, fmt, min_agreement,
     ids, ref = reference
     quantize_checkpoint(default_model_path(), tmp_path / "q", fmt)
     got = teacher_forced_logprobs(LLM(str(tmp_path / "q"), dtype="bfloat16", kv_cache_memory=1 << 22), ids)
-    agreement = float((ref.argmax(-1) == got.argmax(-1)).float().mean())
+    # the reference's top-1 token is a top-1 token of the quantized model: its bf16 logits tie often
+    # (logits of ~10 have a rounding step of 0.06), and argmax breaks a tie by index, not by quality
+    top = ref.argmax(-1, keepdim=True)
+    agreement = float((got.gather(-1, top) == got.max(-1, keepdim=True).values).float().mean())
     kl = float((ref.exp() * (ref - got)).sum(-1).mean())
     print(f"{fmt.name}: top-1 agreement {agreement:.3f}, mean KL {kl:.2e} over {len(ids) - 1} positions")
     assert agreement >= min_agreement, (agreement, kl)
