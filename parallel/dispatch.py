@@ -8,8 +8,8 @@ expert parallelism); A = T*K assignments, P expert-parallel ranks, S slots per r
 G gathered tokens of all ranks, E logical experts, M copies of an expert.
 ``dispatch(x_TD, ids_TK, weights_TK, step) -> (x_RD, counts_e, meta)`` orders the T*K assignments by
 expert so each expert's rows are contiguous (``step``: a :class:`DispatchStep`, what a dispatcher
-may need to know about the whole step; every dispatcher takes it, most ignore it); ``combine(y_RD, meta) -> y_TD`` scatters the
-expert outputs back, weighted by the router.
+may need to know about the whole step; every dispatcher takes it, most ignore it);
+``combine(y_RD, meta) -> y_TD`` scatters the expert outputs back, weighted by the router.
 
 Worked example (T=3, K=2, 4 experts): ids_TK = [[2, 0], [1, 2], [0, 3]] flattens to
 assignments a = [2, 0, 1, 2, 0, 3]. A stable sort by expert gives order_R = [1, 4, 2, 0, 3, 5]
