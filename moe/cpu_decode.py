@@ -48,7 +48,8 @@ class _OpsAttention:
     def __init__(self, attn: torch.nn.Module, norm: RMSNorm):
         self.attn, self.norm = attn, norm
 
-    def __call__(self, positions_T, h_TD, x_TD, ctx):
+    def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
+                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         return add_norm(h_TD, self.attn(positions_T, x_TD, ctx), self.norm)
 
 
@@ -63,7 +64,8 @@ class _GqaToken(_OpsAttention):
         self.tail = (attn.sliding_window, attn.sinks, attn.scale, attn.o_proj.weight, attn.o_proj.bias)
         self.rotary = attn.rotary
 
-    def __call__(self, positions_T, h_TD, x_TD, ctx):
+    def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
+                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         rot, meta = self.rotary, ctx.meta
         rot.grow_for(positions_T)  # the tables may grow (and move): read after
         out = cpu_kernels.gqa_token(x_TD, *self.head, positions_T, rot.cos, rot.sin, rot.interleaved, *self.caches,
@@ -88,7 +90,8 @@ class _MlaToken(_OpsAttention):
                      attn.kv_b_proj.weight, attn.o_proj.weight, attn.num_heads, attn.nope, attn.rope_dim, attn.v_dim)
         self.cache, self.scale, self.rotary = cache, attn.scale, attn.rotary
 
-    def __call__(self, positions_T, h_TD, x_TD, ctx):
+    def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
+                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         rot, meta = self.rotary, ctx.meta
         rot.grow_for(positions_T)
         out = cpu_kernels.mla_token(x_TD, *self.head, positions_T, rot.cos, rot.sin, rot.interleaved, self.cache,
@@ -109,7 +112,8 @@ class _OpsMlp:
     def __init__(self, mlp: torch.nn.Module, norm: RMSNorm):
         self.mlp, self.norm = mlp, norm
 
-    def __call__(self, positions_T, h_TD, x_TD, ctx):
+    def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
+                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         return add_norm(h_TD, self.mlp(x_TD, ctx), self.norm)
 
 
@@ -121,7 +125,8 @@ class _DenseToken(_OpsMlp):
         super().__init__(mlp, norm)
         self.w13, self.w2 = mlp.gate_up_proj.weight.unsqueeze(0), mlp.down_proj.weight.unsqueeze(0)
 
-    def __call__(self, positions_T, h_TD, x_TD, ctx):
+    def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
+                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         out = cpu_kernels.moe_token(x_TD, _ID_0, _WEIGHT_1, self.w13, self.w2,
                                     residual=(h_TD, self.norm.weight, self.norm.eps))
         return out if out is not None else super().__call__(positions_T, h_TD, x_TD, ctx)
@@ -140,7 +145,8 @@ class _MoEToken(_OpsMlp):
         se = moe.shared_expert
         self.shared = (se.gate_up_proj.weight, se.down_proj.weight) if se is not None else None
 
-    def __call__(self, positions_T, h_TD, x_TD, ctx):
+    def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
+                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         moe = self.mlp
         weights_TK, ids_TK = moe.route(x_TD, ctx)
         out = moe.experts.forward_token(x_TD, ids_TK[0], weights_TK[0], self.shared,
