@@ -160,8 +160,27 @@ def expert_slots(num_experts: int, expert_start: int = 0, num_local_experts: int
 
 
 class SlottedExperts(nn.Module):
-    """What every experts module shares (plain, packed, offloaded): slot ``i`` holds logical
-    expert ``slot_experts[i]``, and the loader asks :meth:`owns` which experts' tensors to read."""
+    """The experts interface every experts module implements (plain, packed, offloaded).
+
+    - ``forward(x_RD, counts_e) -> y_RD``: rows grouped by slot, as a dispatcher hands them over.
+    - ``forward_local(x_TD, ids_TK, weights_TK) -> y_TD | None``: dispatch, experts and combine
+      in one go for a layer whose experts are all on this process (a one-token step through
+      :meth:`forward_token`); None where that does not apply (then dispatch). Only classes with
+      ``has_forward_local`` offer it and :meth:`forward_token`; ``SparseMoE`` reads the flag once.
+    - ``forward_token(x_1D, ids_K, weights_K, shared=None, residual=None)``: one token (the
+      captured batch-1 decode, :mod:`moe.cpu_decode`), optionally with a shared expert and the
+      decoder's residual add and next norm in the same C call; None where that does not apply.
+    - loading: :meth:`owns` (which experts' tensors to read), :meth:`weight_loader` (place one
+      checkpoint tensor), ``offloaded`` (the loader hands tensor locations to ``add_source``
+      instead), :meth:`post_load` (once the weights are in).
+
+    Slot ``i`` holds logical expert ``slot_experts[i]``. ``backend`` (auto/torch/triton/megablocks)
+    is resolved against the weights' device when set, after ``.to()`` and in :meth:`post_load`:
+    ``resolved_backend`` is what the calls read.
+    """
+
+    offloaded: bool = False  # the tensors stay in the checkpoint files (experts/offload.py)
+    has_forward_local: bool = False  # forward_local and forward_token exist
 
     def _set_slots(self, num_experts: int, expert_start: int, num_local_experts: int | None,
                    slot_experts: Sequence[int] | None) -> None:
@@ -170,6 +189,7 @@ class SlottedExperts(nn.Module):
         self.num_experts, self.num_local = num_experts, len(self.slot_experts)
         # the lowest expert held: with a contiguous range, slot i holds expert_start + i
         self.expert_start = min(self.slot_experts)
+        self.holds_all = self.slot_experts == tuple(range(num_experts))  # every expert, in id order
 
     @property
     def logical_ids(self) -> list[int]:
@@ -178,6 +198,48 @@ class SlottedExperts(nn.Module):
 
     def owns(self, expert_id: int) -> bool:
         return expert_id in self._slot_of
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: Backend) -> None:
+        self._backend = backend
+        self._resolve_backend()
+
+    def _resolve_backend(self) -> None:
+        p = next(self.parameters(), None)
+        self.resolved_backend = resolve_backend(self._backend, p.device if p is not None else torch.device("cpu"))
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if hasattr(self, "_backend"):  # moved (.to, .cuda): the backend may resolve differently
+            self._resolve_backend()
+        return out
+
+    def forward(self, x_RD: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_local(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def forward_token(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor,
+                      shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      residual: cpu_kernels.Residual | None = None):
+        return None
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str,
+                      expert_id: int | None = None) -> None:
+        raise NotImplementedError
+
+    def add_source(self, param: nn.Parameter, path, name: str, shard_id: str, expert_id: int | None,
+                   transform=None) -> None:
+        raise NotImplementedError(f"{type(self).__name__} holds its tensors: the loader hands them to weight_loader")
+
+    def post_load(self) -> None:
+        """Called by the loader once every tensor is in: the backend is resolved on the final device."""
+        self._resolve_backend()
 
 
 class GroupedExperts(SlottedExperts):
@@ -196,6 +258,8 @@ class GroupedExperts(SlottedExperts):
     experts' tensors it may skip reading.
     """
 
+    has_forward_local = True
+
     def __init__(self, num_experts: int, hidden: int, intermediate: int, *, bias: bool = False,
                  activation: Activation = Activation(), dtype: torch.dtype = torch.float32,
                  expert_start: int = 0, num_local_experts: int | None = None, backend: Backend = "auto",
@@ -210,12 +274,12 @@ class GroupedExperts(SlottedExperts):
         self.intermediate = intermediate // shards  # this process's slice of it
         self.shard, self.shards = shard, shards
         self.activation = activation
-        self.backend = backend
         e = self.num_local
         self.w13 = self._param(e, 2 * self.intermediate, hidden, dtype=dtype)
         self.w2 = self._param(e, hidden, self.intermediate, dtype=dtype)
         self.b13 = self._param(e, 2 * self.intermediate, dtype=dtype) if bias else None
         self.b2 = self._param(e, hidden, dtype=dtype) if bias else None
+        self.backend = backend  # resolved against the weights' device
 
     def _param(self, *shape: int, dtype: torch.dtype) -> nn.Parameter:
         p = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
@@ -280,9 +344,9 @@ class GroupedExperts(SlottedExperts):
         ``residual``: ``(h, norm weight, eps)``, the result then ``(h + y, norm(h + y))`` (see
         :func:`cpu_kernels.moe_token`); given either, the result is None unless that call runs.
         None: not applicable (another backend, or an expert this process does not hold)."""
-        if resolve_backend(self.backend, x_1D.device) != "torch":
+        if self.resolved_backend != "torch":
             return None
-        if self._plain_swiglu and x_1D.device.type == "cpu" and self.slot_experts == tuple(range(self.num_experts)):
+        if self._plain_swiglu and x_1D.device.type == "cpu" and self.holds_all:
             # the same arithmetic in one C call (bf16): per layer ~150 us of op-by-op overhead less
             y = cpu_kernels.moe_token(x_1D, ids_K, weights_K, self.w13, self.w2, shared, residual)
             if y is not None:
@@ -310,16 +374,19 @@ class GroupedExperts(SlottedExperts):
 
     def forward_local(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor | None:
         """Dispatch, :meth:`forward` and combine of a layer whose experts are all here
-        (:class:`parallel.dispatch.LocalDispatcher`), as one C call on CPUs with AMX when every
-        expert gets <= 64 rows (decode-sized steps), with the same arithmetic; None when that does
-        not apply (then dispatch)."""
-        if (x_TD.device.type != "cpu" or resolve_backend(self.backend, x_TD.device) != "torch" or not self._plain_swiglu
-                or self.slot_experts != tuple(range(self.num_experts))):
+        (:class:`parallel.dispatch.LocalDispatcher`): one token through :meth:`forward_token`
+        (no permutation needed); more as one C call on CPUs with AMX when every expert gets <= 64
+        rows (decode-sized steps), with the same arithmetic; None when that does not apply (then
+        dispatch)."""
+        if x_TD.shape[0] == 1:
+            return self.forward_token(x_TD, ids_TK[0], weights_TK[0])
+        if (x_TD.device.type != "cpu" or self.resolved_backend != "torch" or not self._plain_swiglu
+                or not self.holds_all):
             return None
         return cpu_kernels.amx_moe(x_TD, ids_TK, weights_TK, self.w13, self.w2)
 
     def forward(self, x_RD: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
-        backend = resolve_backend(self.backend, x_RD.device)
+        backend = self.resolved_backend
         if backend == "torch":
             return grouped_swiglu_torch(x_RD, counts_e.tolist(), self.w13, self.w2, self.b13, self.b2, self.activation)
         ids_R = torch.repeat_interleave(torch.arange(self.num_local, device=x_RD.device), counts_e)

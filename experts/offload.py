@@ -395,10 +395,11 @@ class OffloadedExperts(SlottedExperts):
             raise NotImplementedError("offloaded experts cannot be split by expert_tensor_parallel yet")
         self._set_slots(num_experts, expert_start, num_local_experts, slot_experts)
         self.hidden, self.intermediate = hidden, intermediate
-        self.activation, self.backend, self.dtype = activation, backend, dtype
+        self.activation, self.dtype = activation, dtype
         self.layout = ExpertTensors(hidden, intermediate, fmt, dtype, bias)
         self.fmt = self.layout.fmt
         self._role_of = self.layout.register_roles(self, None)  # empty: the tensors stay in the files
+        self.backend = backend  # computed on the CPU whatever it names (forward checks the device)
         self._sources: dict[int, list[_Source]] = {}
         self._stacked: list[_Source] = []
         self.cache = cache
@@ -422,6 +423,7 @@ class OffloadedExperts(SlottedExperts):
 
     def post_load(self) -> None:
         """Check every expert's tensors were found; size one resident expert; check it fits the cache."""
+        super().post_load()
         for e in self.slot_experts:
             for role in self.layout.specs:
                 have = {s.shard_id for s in self._sources.get(e, []) + self._stacked if s.role == role}

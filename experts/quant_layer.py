@@ -29,7 +29,7 @@ from torch import nn
 import cpu_kernels
 
 from .formats import Fp8BlockWeights, TensorSpec, WeightFormat
-from .grouped import Activation, Backend, SlottedExperts, resolve_backend
+from .grouped import Activation, Backend, SlottedExperts
 from .quant_grouped import CpuExpertWeights, Q4RowWeights, Q8RowWeights, grouped_swiglu_quant_torch, prepare_cpu
 
 WEIGHTS = ("w13", "w2")
@@ -163,6 +163,8 @@ class QuantGroupedExperts(SlottedExperts):
     stacked on dim 0.
     """
 
+    has_forward_local = True
+
     def __init__(self, num_experts: int, hidden: int, intermediate: int, fmt: WeightFormat, *, bias: bool = False,
                  activation: Activation = Activation(), dtype: torch.dtype = torch.float32, expert_start: int = 0,
                  num_local_experts: int | None = None, backend: Backend = "auto",
@@ -173,10 +175,11 @@ class QuantGroupedExperts(SlottedExperts):
                                       f"({intermediate_shard[1]}) yet; use expert_parallel for quantized checkpoints")
         self._set_slots(num_experts, expert_start, num_local_experts, slot_experts)
         self.hidden, self.intermediate = hidden, intermediate
-        self.activation, self.backend = activation, backend
+        self.activation = activation
         self.layout = ExpertTensors(hidden, intermediate, fmt, dtype, bias)
         self.fmt = self.layout.fmt
         self._role_of = self.layout.register_roles(self, (self.num_local,))
+        self.backend = backend  # resolved against the weights' device
         self.b13 = getattr(self, "b13", None)
         self.b2 = getattr(self, "b2", None)
         self._cpu: tuple[CpuExpertWeights, CpuExpertWeights] | None = None
@@ -210,8 +213,8 @@ class QuantGroupedExperts(SlottedExperts):
 
     def post_load(self) -> None:
         """Build the CPU compute layout once; drop the packed tensors it does not share."""
-        device = next(self.parameters()).device
-        if resolve_backend(self.backend, device) != "torch" or self._cpu is not None:
+        super().post_load()
+        if self.resolved_backend != "torch" or self._cpu is not None:
             return
         self._cpu = tuple(prepare_cpu(self.fmt, {k: v.detach() for k, v in self.packed(w).items()}) for w in WEIGHTS)
         for role, p in self.named_parameters(recurse=False):
@@ -237,7 +240,10 @@ class QuantGroupedExperts(SlottedExperts):
     def forward_local(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor | None:
         """Dispatch, experts and combine of a decode-sized step (every expert <= 64 rows) in one C
         call on CPUs with AMX (:func:`cpu_kernels.amx_moe_packed`: 16 weight rows dequantized at a
-        time for the tiles); None where that does not apply (then dispatch)."""
+        time for the tiles); one token through :meth:`forward_token`; None where that does not apply
+        (then dispatch)."""
+        if x_TD.shape[0] == 1:
+            return self.forward_token(x_TD, ids_TK[0], weights_TK[0])
         w = self._one_call_layouts(x_TD)
         if w is None:
             return None
@@ -248,8 +254,8 @@ class QuantGroupedExperts(SlottedExperts):
     def _one_call_layouts(self, x: torch.Tensor) -> tuple | None:
         """The CPU layouts when the one-call C paths apply (C kernels' layouts, no biases, plain
         SwiGLU, every expert here), else None."""
-        if (resolve_backend(self.backend, x.device) != "torch" or self.b13 is not None or self.b2 is not None
-                or self.activation != Activation() or self.slot_experts != tuple(range(self.num_experts))):
+        if (self.resolved_backend != "torch" or self.b13 is not None or self.b2 is not None
+                or self.activation != Activation() or not self.holds_all):
             return None
         if self._cpu is None:
             self.post_load()
@@ -259,7 +265,7 @@ class QuantGroupedExperts(SlottedExperts):
         return w13, w2
 
     def forward(self, x_RD: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
-        backend = resolve_backend(self.backend, x_RD.device)
+        backend = self.resolved_backend
         if backend == "torch":
             if self._cpu is None:
                 self.post_load()

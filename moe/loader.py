@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from experts.grouped import SlottedExperts
 from parallel import default_weight_loader
 
 from .models.weights import IGNORED, Rule, map_name
@@ -91,6 +92,9 @@ def iter_tensor_names(files: list[Path]) -> Iterator[tuple[_ShardReader, str]]:
 def load_weights(model: nn.Module, model_dir: str | Path, rules: list[Rule], num_layers: int,
                  tied_embeddings: bool = False, progress: bool = False) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
+    # routed experts load through their modules' interface (owns, weight_loader, add_source, post_load)
+    all_experts = [m for m in model.modules() if isinstance(m, SlottedExperts)]
+    experts_of = {id(p): m for m in all_experts for p in m.parameters(recurse=False)}
     files = checkpoint_files(model_dir)
     loaded: set[str] = set()
     expert_parts: dict[str, set[tuple[int | None, str]]] = defaultdict(set)
@@ -119,30 +123,30 @@ def load_weights(model: nn.Module, model_dir: str | Path, rules: list[Rule], num
         if param is None:
             unexpected.append(name)
             continue
-        owner = getattr(param, "weight_loader", None)
-        experts = getattr(owner, "__self__", None)
-        if target.expert_id is not None and hasattr(experts, "owns") and not experts.owns(target.expert_id):
-            continue
-        if getattr(experts, "offloaded", False):  # read on demand from the file (experts/offload.py)
-            experts.add_source(param, path, name, target.shard_id, target.expert_id, target.transform)
-            loaded.add(target.param)
-            continue
+        experts = experts_of.get(id(param))
+        if experts is not None:
+            if target.expert_id is not None and not experts.owns(target.expert_id):
+                continue
+            if experts.offloaded:  # read on demand from the file (experts/offload.py)
+                experts.add_source(param, path, name, target.shard_id, target.expert_id, target.transform)
+                loaded.add(target.param)
+                continue
         tensor = reader.get(name)
         if target.transform is not None:
             tensor = target.transform(tensor)
         try:
-            if owner is None:
-                default_weight_loader(param, tensor)
-            elif target.expert_id is not None or hasattr(experts, "owns"):
-                owner(param, tensor, target.shard_id, target.expert_id)
+            if experts is not None:
+                experts.weight_loader(param, tensor, target.shard_id, target.expert_id)
+            elif getattr(param, "weight_loader", None) is not None:  # a sharded layer's (parallel/)
+                param.weight_loader(param, tensor, target.shard_id)
             else:
-                owner(param, tensor, target.shard_id)
+                default_weight_loader(param, tensor)
         except ValueError as e:
             raise ValueError(f"{name} in {path.name}: {e}") from e
         del tensor  # may be a view of the file map: drop it before the map is recycled
         reader.recycle_if_due()
         loaded.add(target.param)
-        if hasattr(experts, "owns"):
+        if experts is not None:
             expert_parts[target.param].add((target.expert_id, target.shard_id))
     if bar is not None:
         bar.close()
@@ -153,15 +157,14 @@ def load_weights(model: nn.Module, model_dir: str | Path, rules: list[Rule], num
     for pname, parts in expert_parts.items():
         if (None, "gate_up") in parts or (None, "down") in parts:
             continue
-        experts = params[pname].weight_loader.__self__
+        experts = experts_of[id(params[pname])]
         need = {"gate", "up"} if pname.endswith("w13") or pname.endswith("b13") else {"down"}
         for e in experts.logical_ids:  # the experts this process holds (not always a contiguous range)
             have = {s for (x, s) in parts if x == e}
             if not (need <= have or "gate_up" in have):
                 raise ValueError(f"checkpoint {model_dir} lacks expert {e} of {pname} ({sorted(need - have)})")
-    for module in model.modules():  # layers that prepare a compute layout once their weights are in
-        if hasattr(module, "post_load"):
-            module.post_load()
+    for experts in all_experts:  # e.g. packed experts build their compute layout once their weights are in
+        experts.post_load()
     if unexpected:
         import logging
 

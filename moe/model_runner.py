@@ -14,7 +14,9 @@ import torch
 
 from kvcache import AttentionMetadata
 from parallel import get_parallel_state
+from parallel.dispatch import NO_STEP, DispatchStep
 
+from .cpu_decode import CapturedDecode
 from .models import ForwardContext, MoECausalLM
 from .sampler import Sampler, SampleResult, top_logprobs
 from .scheduler import ScheduledBatch, partition_batch
@@ -39,6 +41,25 @@ def accept_greedy(draft: tuple[int, ...], rows: list[tuple[int, dict | None]]) -
     return out
 
 
+@dataclass(frozen=True)
+class StepInputs:
+    """One step's flattened inputs for this rank and where its results come from."""
+
+    input_ids: torch.Tensor  # [T] this rank's tokens of the step
+    positions: torch.Tensor  # [T]
+    ctx: ForwardContext
+    sample_rows: list[int]  # flattened row of each sampled row (a sequence's last token, and its drafts')
+    sample_idx: list[int]  # batch index of each sampled row
+    # every sampling sequence of the batch, one entry per sampled row: under data parallelism
+    # other groups' rows too (dummy logits; they only advance the random generators)
+    all_idx: list[int]
+    lp_rows: list[int]  # rows whose logits score the next prompt token
+    lp_owner: list[tuple[int, int]]  # (batch index, prompt position predicted) of each lp row
+
+
+Sampled = dict[int, list[tuple[int, dict[int, float] | None]]]  # batch index -> [(token, logprobs)]
+
+
 class ModelRunner:
     def __init__(self, model: MoECausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
                  sampler: Sampler, device: torch.device):
@@ -49,24 +70,36 @@ class ModelRunner:
         self.device = device
         self.num_tokens_run = 0  # tokens this rank has run through the model (its DP group's)
         self.record_expert_counts = False  # MoE layers add up tokens per expert (LLMEngine.expert_counts)
+        # a batch-1 step planned once (CPU, bf16); None where it would not help
+        self.captured = CapturedDecode.capture(model, kv_caches)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, eos_ids: tuple[int, ...]) -> StepResult:
         """Results for the batch's sequences this rank runs (all of them unless data_parallel > 1),
         keyed by batch index."""
+        inputs = self._prepare(batch)
+        hidden = self._run_model(inputs)
+        sampled: Sampled = {}
+        if inputs.all_idx:
+            logits = self._sampling_logits(inputs, hidden)
+            sampled = self._sample(batch, inputs, logits, eos_ids)
+            sampled.update(self._verify_drafts(batch, inputs, logits))
+        return StepResult(sampled, self._prompt_logprobs(batch, inputs, hidden))
+
+    def _prepare(self, batch: ScheduledBatch) -> StepInputs:
         st = get_parallel_state()
-        dp_num_tokens = None
+        step = NO_STEP
         mine = range(len(batch.seqs))
         if st.dp_size > 1:
             groups = partition_batch(batch, st.dp_size)
             mine = groups[st.dp_rank]
-            dp_num_tokens = [sum(batch.seqs[b].num_new_tokens for b in g) for g in groups]
+            step = DispatchStep(dp_num_tokens=tuple(sum(batch.seqs[b].num_new_tokens for b in g) for g in groups))
         ids: list[int] = []
         positions: list[int] = []
-        sample_rows: list[int] = []  # flattened row of each sampling sequence's last token
+        sample_rows: list[int] = []
         sample_idx: list[int] = []
-        lp_rows: list[int] = []  # rows whose logits score the next prompt token
-        lp_owner: list[tuple[int, int]] = []  # (batch index, prompt position predicted)
+        lp_rows: list[int] = []
+        lp_owner: list[tuple[int, int]] = []
         for b in mine:
             s = batch.seqs[b]
             seq, start, n = s.seq, s.start, s.num_new_tokens
@@ -89,57 +122,83 @@ class ModelRunner:
             [s.start + s.num_new_tokens for s in run],
             [s.seq.block_table.blocks for s in run],
             self.block_size, self.device)
-        ctx = ForwardContext(meta, self.kv_caches, record_expert_counts=self.record_expert_counts,
-                             dp_num_tokens=dp_num_tokens)
-        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device),
-                            torch.tensor(positions, dtype=torch.long, device=self.device), ctx)
-        self.num_tokens_run += len(ids)
-
-        sampled: dict[int, list[tuple[int, dict[int, float] | None]]] = {}
-        # every sampling sequence of the batch: under data parallelism other groups' rows only
-        # advance the random generators (see the module docstring)
+        ctx = ForwardContext(meta, self.kv_caches, record_expert_counts=self.record_expert_counts, dispatch_step=step)
         all_idx = [b for b, s in enumerate(batch.seqs) if s.samples] if st.dp_size > 1 else sample_idx
-        if all_idx:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, dtype=torch.long,
-                                                                   device=self.device)]).cpu()
-            if len(all_idx) != len(sample_idx):
-                full = logits.new_zeros(len(all_idx), self.model.cfg.vocab_size)
-                where = {b: j for j, b in enumerate(all_idx)}
-                if sample_idx:
-                    full[torch.tensor([where[b] for b in sample_idx])] = logits
-                logits = full
-            # a sampled (not greedy) request's draft is verified by speculative sampling, row by row
-            spec_rows: dict[int, list[int]] = {}
-            for j, b in enumerate(all_idx):
-                if batch.seqs[b].draft and not batch.seqs[b].seq.params.greedy:
-                    spec_rows.setdefault(b, []).append(j)
-            plain = [j for j, b in enumerate(all_idx) if b not in spec_rows]
-            if plain:
-                seqs = [batch.seqs[all_idx[j]].seq for j in plain]
-                banned = [self._banned(seq, eos_ids) for seq in seqs]
-                res: SampleResult = self.sampler(logits[plain] if len(plain) < len(all_idx) else logits,
-                                                 [q.params for q in seqs], [q.generator for q in seqs], banned,
-                                                 seqs)
-                mine_set = set(sample_idx)
-                for r, j in enumerate(plain):
-                    b = all_idx[j]
-                    if b in mine_set:
-                        sampled.setdefault(b, []).append((res.token_ids[r], res.logprobs[r]))
-            for b, rows in sampled.items():
-                if batch.seqs[b].draft:
-                    sampled[b] = accept_greedy(batch.seqs[b].draft, rows)
-            for b, js in spec_rows.items():
-                s, seq = batch.seqs[b], batch.seqs[b].seq
-                sampled[b] = self.sampler.verify_draft(logits[js], seq.params, seq.generator, s.draft)
+        return StepInputs(torch.tensor(ids, dtype=torch.long, device=self.device),
+                          torch.tensor(positions, dtype=torch.long, device=self.device), ctx,
+                          sample_rows, sample_idx, all_idx, lp_rows, lp_owner)
+
+    def _run_model(self, inputs: StepInputs) -> torch.Tensor:
+        """The step's hidden states: the captured batch-1 step for one sequence and one token, else the model."""
+        self.num_tokens_run += inputs.input_ids.shape[0]
+        if self.captured is not None and inputs.ctx.meta.num_seqs == 1 and inputs.input_ids.shape[0] == 1:
+            return self.captured(inputs.input_ids, inputs.positions, inputs.ctx)
+        return self.model(inputs.input_ids, inputs.positions, inputs.ctx)
+
+    def _sampling_logits(self, inputs: StepInputs, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of every row in ``inputs.all_idx`` (zeros for other data-parallel groups' rows), on the CPU."""
+        logits = self.model.compute_logits(hidden[torch.tensor(inputs.sample_rows, dtype=torch.long,
+                                                               device=self.device)]).cpu()
+        if len(inputs.all_idx) == len(inputs.sample_idx):
+            return logits
+        full = logits.new_zeros(len(inputs.all_idx), self.model.cfg.vocab_size)
+        where = {b: j for j, b in enumerate(inputs.all_idx)}
+        if inputs.sample_idx:
+            full[torch.tensor([where[b] for b in inputs.sample_idx])] = logits
+        return full
+
+    @staticmethod
+    def _verified_by_sampling(batch: ScheduledBatch, b: int) -> bool:
+        """A sampled (not greedy) request's draft is verified by speculative sampling, row by row."""
+        return bool(batch.seqs[b].draft) and not batch.seqs[b].seq.params.greedy
+
+    def _sample(self, batch: ScheduledBatch, inputs: StepInputs, logits: torch.Tensor,
+                eos_ids: tuple[int, ...]) -> Sampled:
+        """One draw per row of every sequence not verified by sampling (all rows of the batch, so
+        every rank's generators advance alike); greedy drafts kept while the model confirms them."""
+        all_idx = inputs.all_idx
+        plain = [j for j, b in enumerate(all_idx) if not self._verified_by_sampling(batch, b)]
+        sampled: Sampled = {}
+        if not plain:
+            return sampled
+        seqs = [batch.seqs[all_idx[j]].seq for j in plain]
+        banned = [self._banned(seq, eos_ids) for seq in seqs]
+        res: SampleResult = self.sampler(logits[plain] if len(plain) < len(all_idx) else logits,
+                                         [q.params for q in seqs], [q.generator for q in seqs], banned, seqs)
+        mine = set(inputs.sample_idx)
+        for r, j in enumerate(plain):
+            b = all_idx[j]
+            if b in mine:
+                sampled.setdefault(b, []).append((res.token_ids[r], res.logprobs[r]))
+        for b, rows in sampled.items():
+            if batch.seqs[b].draft:
+                sampled[b] = accept_greedy(batch.seqs[b].draft, rows)
+        return sampled
+
+    def _verify_drafts(self, batch: ScheduledBatch, inputs: StepInputs, logits: torch.Tensor) -> Sampled:
+        """Sampled requests' drafts, verified by speculative sampling over their rows."""
+        rows: dict[int, list[int]] = {}
+        for j, b in enumerate(inputs.all_idx):
+            if self._verified_by_sampling(batch, b):
+                rows.setdefault(b, []).append(j)
+        out: Sampled = {}
+        for b, js in rows.items():
+            s, seq = batch.seqs[b], batch.seqs[b].seq
+            out[b] = self.sampler.verify_draft(logits[js], seq.params, seq.generator, s.draft)
+        return out
+
+    def _prompt_logprobs(self, batch: ScheduledBatch, inputs: StepInputs,
+                         hidden: torch.Tensor) -> dict[int, list[dict[int, float]]]:
         prompt_lps: dict[int, list[dict[int, float]]] = {}
-        if lp_rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(lp_rows, device=self.device)]).cpu()
-            lps = torch.log_softmax(logits, dim=-1)
-            for j, (b, pos) in enumerate(lp_owner):
-                seq = batch.seqs[b].seq
-                entry = top_logprobs(lps[j], seq.token_ids[pos], seq.params.prompt_logprobs)
-                prompt_lps.setdefault(b, []).append(entry)
-        return StepResult(sampled, prompt_lps)
+        if not inputs.lp_rows:
+            return prompt_lps
+        logits = self.model.compute_logits(hidden[torch.tensor(inputs.lp_rows, device=self.device)]).cpu()
+        lps = torch.log_softmax(logits, dim=-1)
+        for j, (b, pos) in enumerate(inputs.lp_owner):
+            seq = batch.seqs[b].seq
+            entry = top_logprobs(lps[j], seq.token_ids[pos], seq.params.prompt_logprobs)
+            prompt_lps.setdefault(b, []).append(entry)
+        return prompt_lps
 
     @staticmethod
     def _banned(seq, eos_ids: tuple[int, ...]) -> list[int]:

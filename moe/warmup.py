@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from experts.grouped import BATCHED_MAX_ROWS, GroupedExperts, grouped_swiglu_torch, resolve_backend
+from experts.grouped import BATCHED_MAX_ROWS, GroupedExperts, grouped_swiglu_torch
 from parallel.layers import (SMALL_M, ColumnParallelLinear, ParallelLMHead, ReplicatedLinear, RowParallelLinear,
                              linear, padded_rows)
 
@@ -83,7 +83,7 @@ def warm_up(model: torch.nn.Module, max_tokens: int, max_seqs: int) -> tuple[int
 
 def _warm_experts(mod: GroupedExperts, buckets: list[int], once) -> int:
     w13, w2 = mod.w13, mod.w2
-    if w13.device.type != "cpu" or resolve_backend(mod.backend, w13.device) != "torch":
+    if w13.device.type != "cpu" or mod.resolved_backend != "torch":
         return 0
     if not once(("experts", tuple(w13.shape), tuple(w2.shape), w13.dtype, mod.b13 is not None, mod.activation)):
         return 0

@@ -6,9 +6,10 @@
 Shapes: T tokens, D model dim, K top-k, R routed rows, e local experts (local slots under
 expert parallelism); A = T*K assignments, P expert-parallel ranks, S slots per rank,
 G gathered tokens of all ranks, E logical experts, M copies of an expert.
-``dispatch(x_TD, ids_TK, weights_TK) -> (x_RD, counts_e, meta)`` orders the T*K assignments by
-expert so each expert's rows are contiguous; ``combine(y_RD, meta) -> y_TD`` scatters the
-expert outputs back, weighted by the router.
+``dispatch(x_TD, ids_TK, weights_TK, step) -> (x_RD, counts_e, meta)`` orders the T*K assignments by
+expert so each expert's rows are contiguous (``step``: a :class:`DispatchStep`, what a dispatcher
+may need to know about the whole step; every dispatcher takes it, most ignore it);
+``combine(y_RD, meta) -> y_TD`` scatters the expert outputs back, weighted by the router.
 
 Worked example (T=3, K=2, 4 experts): ids_TK = [[2, 0], [1, 2], [0, 3]] flattens to
 assignments a = [2, 0, 1, 2, 0, 3]. A stable sort by expert gives order_R = [1, 4, 2, 0, 3, 5]
@@ -27,6 +28,18 @@ from .sharding import PhysicalPlacement, ShardingConfig
 
 
 @dataclass(frozen=True)
+class DispatchStep:
+    """Per-step facts a dispatcher may use besides its own tokens (filled by the engine once per step)."""
+
+    # data_parallel > 1: every DP group's token count in this step (saves exchanging them per
+    # layer); None: a dispatcher that needs them all-gathers them
+    dp_num_tokens: tuple[int, ...] | None = None
+
+
+NO_STEP = DispatchStep()
+
+
+@dataclass(frozen=True)
 class DispatchMeta:
     token_R: torch.Tensor  # source token of each routed row
     weights_R: torch.Tensor  # router weight of each row (float32)
@@ -40,8 +53,8 @@ class LocalDispatcher:
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
 
-    def dispatch(self, x_TD: torch.Tensor, ids_TK: torch.Tensor,
-                 weights_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, DispatchMeta]:
+    def dispatch(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                 step: DispatchStep = NO_STEP) -> tuple[torch.Tensor, torch.Tensor, DispatchMeta]:
         K = ids_TK.shape[1]
         flat = ids_TK.flatten()
         order_R = torch.argsort(flat, stable=True)
@@ -142,8 +155,8 @@ class AllToAllDispatcher:
         self.rank = _group_rank(placement, group)
         self.table = _ReplicaTable(placement)
 
-    def dispatch(self, x_TD: torch.Tensor, ids_TK: torch.Tensor,
-                 weights_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, AllToAllMeta]:
+    def dispatch(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                 step: DispatchStep = NO_STEP) -> tuple[torch.Tensor, torch.Tensor, AllToAllMeta]:
         P, S, K = self.placement.ep_size, self.placement.slots_per_rank, ids_TK.shape[1]
         rank_A, slot_A = self.table.route(ids_TK, self.rank)
         key_A = rank_A * S + slot_A
@@ -219,8 +232,8 @@ class AllGatherDispatcher:
         dist.all_gather(parts, t.contiguous(), group=self.group)
         return torch.cat(parts)
 
-    def dispatch(self, x_TD: torch.Tensor, ids_TK: torch.Tensor,
-                 weights_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, AllGatherMeta]:
+    def dispatch(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                 step: DispatchStep = NO_STEP) -> tuple[torch.Tensor, torch.Tensor, AllGatherMeta]:
         P, S = self.placement.ep_size, self.placement.slots_per_rank
         T, K = ids_TK.shape
         sizes = [T]

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .dispatch import LocalDispatcher, make_ep_dispatcher
+from .dispatch import NO_STEP, DispatchStep, LocalDispatcher, make_ep_dispatcher
 from .state import get_parallel_state
 
 
@@ -83,12 +83,12 @@ class SplitTokensDispatcher:
         self.ep_rank, self.ep_size, self.ep_group = ep_rank, ep_size, ep_group
         self.etp_size, self.etp_group = etp_size, etp_group
 
-    def dispatch(self, x_TD: torch.Tensor, ids_TK: torch.Tensor,
-                 weights_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, SplitMeta]:
+    def dispatch(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                 step: DispatchStep = NO_STEP) -> tuple[torch.Tensor, torch.Tensor, SplitMeta]:
         T = x_TD.shape[0]
         bounds = _slice_bounds(T, self.ep_size)
         a, b = bounds[self.ep_rank], bounds[self.ep_rank + 1]
-        x_RD, counts_e, inner = self.inner.dispatch(x_TD[a:b], ids_TK[a:b], weights_TK[a:b])
+        x_RD, counts_e, inner = self.inner.dispatch(x_TD[a:b], ids_TK[a:b], weights_TK[a:b], step)
         return x_RD, counts_e, SplitMeta(inner, T, a)
 
     def combine(self, y_RD: torch.Tensor, meta: SplitMeta) -> torch.Tensor:
@@ -107,8 +107,8 @@ class SplitTokensDispatcher:
 class DataParallelDispatcher:
     """Each DP group's tokens in, the same group's outputs out; see the module docstring.
 
-    ``dispatch(x_TD, ids_TK, weights_TK, dp_num_tokens=None)``: ``dp_num_tokens`` lists every DP
-    group's token count in this step (the engine passes it); ``None`` all-gathers the counts.
+    ``dispatch(x_TD, ids_TK, weights_TK, step)``: ``step.dp_num_tokens`` lists every DP group's
+    token count in this step (the engine passes it); ``None`` all-gathers the counts.
     """
     is_local = False  # tokens travel between ranks
 
@@ -124,8 +124,9 @@ class DataParallelDispatcher:
         return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
     def dispatch(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
-                 dp_num_tokens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, DataParallelMeta]:
+                 step: DispatchStep = NO_STEP) -> tuple[torch.Tensor, torch.Tensor, DataParallelMeta]:
         T = x_TD.shape[0]
+        dp_num_tokens = step.dp_num_tokens
         if dp_num_tokens is None:
             sizes_t = torch.tensor([T], device=x_TD.device)
             parts = [torch.empty_like(sizes_t) for _ in range(self.dp_size)]
@@ -137,7 +138,7 @@ class DataParallelDispatcher:
                                f"{self.dp_size} holds {T} tokens)")
         start = sum(sizes[: self.dp_rank])
         if max(sizes) == 0:  # no group has a token: nothing to exchange (every rank sees this alike)
-            x_RD, counts_e, inner = self.inner.dispatch(x_TD, ids_TK, weights_TK)
+            x_RD, counts_e, inner = self.inner.dispatch(x_TD, ids_TK, weights_TK, step)
             return x_RD, counts_e, DataParallelMeta(inner, start, T)
         # expert ids and router weights travel together as float64 (exact for both)
         K = ids_TK.shape[1]
@@ -146,7 +147,7 @@ class DataParallelDispatcher:
         route_GK2 = self._gather(route_TK2, sizes)
         ids_GK = route_GK2[:, :K].to(ids_TK.dtype)
         weights_GK = route_GK2[:, K:].to(weights_TK.dtype)
-        x_RD, counts_e, inner = self.inner.dispatch(x_GD, ids_GK, weights_GK)
+        x_RD, counts_e, inner = self.inner.dispatch(x_GD, ids_GK, weights_GK, step)
         return x_RD, counts_e, DataParallelMeta(inner, start, T)
 
     def combine(self, y_RD: torch.Tensor, meta: DataParallelMeta) -> torch.Tensor:

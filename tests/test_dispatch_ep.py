@@ -203,6 +203,7 @@ def _dp_worker(rank: int, world: int, port: int) -> None:
     group); every rank must get back its group's rows of the single-process result, also when a
     group has none, with the token counts given or all-gathered."""
     from parallel import DataParallelDispatcher, build_parallel_state, make_moe_dispatcher
+    from parallel.dispatch import DispatchStep
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -221,7 +222,7 @@ def _dp_worker(rank: int, world: int, port: int) -> None:
                 x_TD, ids_TK, weights_TK = routing(sizes[st.dp_rank], E, K, seed=100 * i + st.dp_rank)
                 expected = local_reference(x_TD, ids_TK, weights_TK, w_EDD)
                 for given in (list(sizes), None):
-                    x_RD, counts_e, meta = disp.dispatch(x_TD, ids_TK, weights_TK, given)
+                    x_RD, counts_e, meta = disp.dispatch(x_TD, ids_TK, weights_TK, DispatchStep(given))
                     y_TD = disp.combine(experts_reference(x_RD, counts_e, slots, w_EDD), meta)
                     torch.testing.assert_close(y_TD, expected, msg=f"{dispatcher} {sizes} {given}")
     finally:

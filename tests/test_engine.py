@@ -139,6 +139,33 @@ def test_batched_requests_equal_each_request_alone(family, checkpoint):
     _engine_idle(batch_llm)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2",
+                                    "deepseek_v3"])
+def test_captured_batch1_step_equals_the_model_forward(family, checkpoint):
+    # a step of one sequence and one token runs as the captured decode (moe/cpu_decode.py) on a
+    # bf16 CPU engine: greedy tokens and log-probs equal the model's own forward's (capture off),
+    # for a one-token prompt, within a block and across blocks. olmoe's clipped qkv keeps its
+    # attention op by op inside the captured step
+    import cpu_kernels
+
+    llm = LLM(str(checkpoint(family)), dtype="bfloat16", block_size=16, enable_prefix_caching=False)
+    runner = llm.engine.runner
+    if cpu_kernels.load() is None:
+        assert runner.captured is None
+        return
+    assert runner.captured is not None
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9, 40)]
+    sp = SamplingParams(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True)
+    real, calls = runner.captured, []
+    runner.captured = lambda *a: calls.append(1) or real(*a)
+    captured = [llm.generate([p], sp)[0].outputs[0] for p in prompts]
+    assert len(calls) == 3 * 11 + 1  # every decode step, and the one-token prompt's prefill
+    runner.captured = None
+    plain = [llm.generate([p], sp)[0].outputs[0] for p in prompts]
+    for a, b in zip(captured, plain):
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
+
+
 @pytest.mark.parametrize("budget", [1, 3, 8])
 def test_chunked_prefill_gives_identical_outputs(path, ref, budget):
     chunked = LLM(str(path), dtype="float32", block_size=4, max_num_batched_tokens=budget)

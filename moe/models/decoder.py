@@ -59,16 +59,10 @@ class DecoderLayer(nn.Module):
     def forward(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext,
                 next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """``x_TD`` is ``input_layernorm(h_TD)``; returns the residual stream after the layer and
-        ``next_norm`` of it (the next layer's input norm, or the final norm). At batch 1 on CPU
-        each half and its residual add and norm are one C call."""
-        hx = self.self_attn.forward_then_norm(positions_T, x_TD, ctx, h_TD, self.post_attention_layernorm)
-        if hx is None:
-            hx = add_norm(h_TD, self.self_attn(positions_T, x_TD, ctx), self.post_attention_layernorm)
-        h_TD, x = hx
-        hx = self.mlp.forward_then_norm(x, ctx, h_TD, next_norm)
-        if hx is None:
-            hx = add_norm(h_TD, self.mlp(x, ctx) if isinstance(self.mlp, SparseMoE) else self.mlp(x), next_norm)
-        return hx
+        ``next_norm`` of it (the next layer's input norm, or the final norm). (A batch-1 step on
+        CPU may run instead as :class:`moe.cpu_decode.CapturedDecode`, equal to this.)"""
+        h_TD, x = add_norm(h_TD, self.self_attn(positions_T, x_TD, ctx), self.post_attention_layernorm)
+        return add_norm(h_TD, self.mlp(x, ctx), next_norm)
 
 
 class MoECausalLM(nn.Module):

@@ -15,6 +15,7 @@ from kvcache import AttentionMetadata, paged_attention, write_kv
 from ops import add_rms_norm, rms_norm
 from parallel import (ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear, ShardedRMSNorm,
                       get_etp_rank, get_etp_size, get_tp_size, local_expert_slots, make_moe_dispatcher)
+from parallel.dispatch import NO_STEP, DispatchStep
 from routing import RouterConfig, expert_counts, route
 
 from ..config import ModelConfig
@@ -29,9 +30,9 @@ class ForwardContext:
     meta: AttentionMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     record_expert_counts: bool = False
-    # data_parallel > 1: every DP group's token count in this step (this rank runs only its own
-    # group's tokens; MoE layers gather all groups' tokens)
-    dp_num_tokens: list[int] | None = None
+    # what the MoE layers' dispatchers may need to know about the step (data_parallel > 1: every
+    # DP group's token count; this rank runs only its own group's tokens)
+    dispatch_step: DispatchStep = NO_STEP
 
 
 class RMSNorm(nn.Module):
@@ -116,26 +117,6 @@ class Attention(nn.Module):
         o = paged_attention(q, k_cache, v_cache, ctx.meta, self.scale, self.sliding_window, self.sinks)
         return self.o_proj(o.reshape(T, q_size))
 
-    def forward_then_norm(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext, h_TD: torch.Tensor,
-                          norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Batch-1 decode on CPU: the attention, the residual add and ``norm`` in one C call,
-        ``(h + attn, norm(h + attn))``; None (nothing computed) where that does not apply."""
-        if x_TD.shape[0] != 1 or x_TD.device.type != "cpu" or self.o_proj.split or self.clip_qkv is not None:
-            return None
-        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        if not isinstance(k_cache, torch.Tensor) or not isinstance(v_cache, torch.Tensor) or ctx.meta.num_seqs != 1:
-            return None
-        self.rotary.grow_for(positions_T)
-        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None, 0.0)
-        return cpu_kernels.gqa_token(
-            x_TD, self.qkv_proj.weight, self.qkv_proj.bias, self.num_heads, self.num_kv_heads, self.qk_norm, *norms,
-            positions_T, self.rotary.cos, self.rotary.sin, self.rotary.interleaved, k_cache, v_cache,
-            ctx.meta.block_tables[0], ctx.meta.context_lens_list[0], ctx.meta.slot_mapping, self.sliding_window,
-            self.sinks, self.scale, self.o_proj.weight, self.o_proj.bias, (h_TD, norm.weight, norm.eps))
-
-
-_ID_0, _WEIGHT_1 = torch.zeros(1, dtype=torch.int64), torch.ones(1)  # one expert, weight 1
-
 
 class DenseMLP(nn.Module):
     """SwiGLU MLP with merged gate/up projection (dense layers and shared experts)."""
@@ -150,17 +131,8 @@ class DenseMLP(nn.Module):
         """No biases, one TP rank: what the one-call C kernels compute."""
         return not self.down_proj.split and self.gate_up_proj.bias is None and self.down_proj.bias is None
 
-    def forward_then_norm(self, x_TD: torch.Tensor, ctx: ForwardContext | None, h_TD: torch.Tensor,
-                          norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Batch-1 decode on CPU: the MLP, the residual add and ``norm`` in one C call (the MoE
-        block's, with this MLP as the one expert of weight 1: the one-call path's arithmetic);
-        None (nothing computed) where that does not apply."""
-        if not self.plain or x_TD.shape[0] != 1 or x_TD.device.type != "cpu":
-            return None
-        return cpu_kernels.moe_token(x_TD, _ID_0, _WEIGHT_1, self.gate_up_proj.weight.unsqueeze(0),
-                                     self.down_proj.weight.unsqueeze(0), residual=(h_TD, norm.weight, norm.eps))
-
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
+        """``ctx`` unused (an MLP keeps no per-step state): the signature of every MLP block."""
         if self.plain:
             y = swiglu_mlp_cpu(x_TD, self.gate_up_proj.weight, self.down_proj.weight)  # decode-sized, one C call
             if y is not None:
@@ -197,49 +169,30 @@ class SparseMoE(nn.Module):
         self.last_counts_E: torch.Tensor | None = None
         # tokens routed to each expert since the engine began recording (ForwardContext.record_expert_counts)
         self.counts_E = torch.zeros(rc.num_experts, dtype=torch.int64)
+        # composed once: with every expert on this process and an experts module that has the
+        # one-call local form, try it first (it declines steps it does not take); else always
+        # dispatch -> experts -> combine
+        self.fused_local = self.dispatcher.is_local and self.experts.has_forward_local
 
-    def forward(self, x_TD: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
-        return self._experts(x_TD, *self._route(x_TD, ctx), ctx)
+    def forward(self, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        weights_TK, ids_TK = self.route(x_TD, ctx)
+        return self.experts_and_shared(x_TD, weights_TK, ids_TK, ctx)
 
-    def forward_then_norm(self, x_TD: torch.Tensor, ctx: ForwardContext | None, h_TD: torch.Tensor,
-                          norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Batch-1 decode on CPU: after the router, the experts, the shared expert, the residual
-        add and ``norm`` in one C call, ``(h + y, norm(h + y))``; None (nothing computed) where
-        that does not apply."""
-        se = self.shared_expert
-        if (x_TD.shape[0] != 1 or not self.dispatcher.is_local or not hasattr(self.experts, "forward_token")
-                or (se is not None and (not se.plain or self.shared_expert_gate is not None))):
-            return None
-        weights_TK, ids_TK = self._route(x_TD, ctx)
-        shared = (se.gate_up_proj.weight, se.down_proj.weight) if se is not None else None
-        out = self.experts.forward_token(x_TD, ids_TK[0], weights_TK[0], shared, residual=(h_TD, norm.weight, norm.eps))
-        if out is None:  # routed (and counted) already: the rest op by op
-            out = add_norm(h_TD, self._experts(x_TD, weights_TK, ids_TK, ctx), norm)
-        return out
-
-    def _route(self, x_TD: torch.Tensor, ctx: ForwardContext | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, x_TD: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weights_TK, ids_TK)``, counted per expert when the engine records them."""
         logits_TE = self.gate(x_TD)
         weights_TK, ids_TK = route(logits_TE, self.router_cfg, self.e_score_correction_bias)
-        if ctx is not None and ctx.record_expert_counts:
+        if ctx.record_expert_counts:
             self.last_counts_E = expert_counts(ids_TK, self.router_cfg.num_experts).cpu()
             self.counts_E += self.last_counts_E
         return weights_TK, ids_TK
 
-    def _experts(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor,
-                 ctx: ForwardContext | None) -> torch.Tensor:
-        y_TD = None
-        if x_TD.shape[0] == 1 and self.dispatcher.is_local and hasattr(self.experts, "forward_token"):
-            # decode at batch 1: no permutation needed (with a plain shared expert and the residual
-            # tail the block is one call: forward_then_norm)
-            y_TD = self.experts.forward_token(x_TD, ids_TK[0], weights_TK[0])
-        elif self.dispatcher.is_local and hasattr(self.experts, "forward_local"):
-            # decode-sized steps on CPU: dispatch, experts and combine in one call (None: not applicable)
-            y_TD = self.experts.forward_local(x_TD, ids_TK, weights_TK)
+    def experts_and_shared(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor,
+                           ctx: ForwardContext) -> torch.Tensor:
+        """The routed experts' weighted sum for tokens already routed, plus the shared expert."""
+        y_TD = self.experts.forward_local(x_TD, ids_TK, weights_TK) if self.fused_local else None
         if y_TD is None:
-            if ctx is not None and ctx.dp_num_tokens is not None:  # a DataParallelDispatcher
-                x_RD, counts_e, meta = self.dispatcher.dispatch(x_TD, ids_TK, weights_TK, ctx.dp_num_tokens)
-            else:
-                x_RD, counts_e, meta = self.dispatcher.dispatch(x_TD, ids_TK, weights_TK)
+            x_RD, counts_e, meta = self.dispatcher.dispatch(x_TD, ids_TK, weights_TK, ctx.dispatch_step)
             y_TD = self.dispatcher.combine(self.experts(x_RD, counts_e), meta)
         if self.shared_expert is not None:
             shared = self.shared_expert(x_TD)

@@ -126,30 +126,6 @@ class MLAttention(nn.Module):
                                            attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return o[0].transpose(0, 1)[..., :vd]
 
-    @property
-    def _one_call(self) -> bool:
-        """Whether a token may take :func:`cpu_kernels.mla_token`: no biases, one TP rank."""
-        projs = [self.kv_a_proj_with_mqa, self.o_proj] + ([self.q_a_proj] if self.q_lora else [])
-        return not self.o_proj.split and all(p.bias is None for p in projs)
-
-    def forward_then_norm(self, positions_T: torch.Tensor, x_TD: torch.Tensor, ctx: ForwardContext, h_TD: torch.Tensor,
-                          norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Batch-1 decode on CPU: the attention, the residual add and ``norm`` in one C call,
-        ``(h + attn, norm(h + attn))``; None (nothing computed) where that does not apply."""
-        if x_TD.shape[0] != 1 or x_TD.device.type != "cpu" or not self._one_call:
-            return None
-        cache, _ = ctx.kv_caches[self.layer_idx]
-        if not isinstance(cache, torch.Tensor) or ctx.meta.num_seqs != 1:
-            return None
-        self.rotary.grow_for(positions_T)
-        q_a = (self.q_a_proj.weight, self.q_a_layernorm.weight, self.q_a_layernorm.eps, self.q_b_proj.weight) \
-            if self.q_lora else (None, None, 0.0, self.q_proj.weight)
-        return cpu_kernels.mla_token(
-            x_TD, *q_a, self.kv_a_proj_with_mqa.weight, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
-            self.kv_b_proj.weight, self.o_proj.weight, self.num_heads, self.nope, self.rope_dim, self.v_dim, positions_T,
-            self.rotary.cos, self.rotary.sin, self.rotary.interleaved, cache, ctx.meta.block_tables[0],
-            ctx.meta.context_lens_list[0], ctx.meta.slot_mapping, self.scale, (h_TD, norm.weight, norm.eps))
-
     def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK ``[H, nope, C]`` and W_UV ``[H, v, C]``: views of kv_b_proj's weight."""
         w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)

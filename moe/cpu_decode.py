@@ -1,0 +1,208 @@
+"""The batch-1 step on CPU, captured once: the way a GPU engine replays a captured CUDA graph.
+
+A step of one sequence and one new token (decode at batch 1, or a one-token prompt) is mostly
+fixed costs: a few hundred small torch ops per layer. :meth:`CapturedDecode.capture` looks at the
+model once, at load, and plans each half-layer:
+
+- attention + residual add + post-attention norm as one C call (:func:`cpu_kernels.gqa_token`,
+  :func:`cpu_kernels.mla_token`) where the half is plain: CPU, bf16, one TP rank, bf16 tensor
+  KV caches (not fp8), no qkv clipping, no MLA biases;
+- router in torch, then the routed experts + shared expert + residual add + next norm as one C
+  call (the experts' ``forward_token``: :func:`cpu_kernels.moe_token` / ``quant_moe_token``)
+  where every expert is local and the shared expert is plain and ungated; a dense MLP as that
+  call with the MLP as its one expert of weight 1;
+- any other half runs the layer's own ``forward`` with :func:`add_norm`, as the model does.
+
+Each C call computes exactly what the op path computes (the kernels' tests and
+``tests/test_cpu_kernels.py::test_one_call_layers_equal_the_op_by_op_path`` hold them to it), so
+a call that declines at run time (returns None, nothing written) is followed by the op path for
+that half alone. :class:`moe.model_runner.ModelRunner` runs the captured step for a step of one
+sequence and one token; every other step runs ``MoECausalLM.forward``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+import cpu_kernels
+
+from .models import MoECausalLM
+from .models.decoder import DecoderLayer
+from .models.layers import Attention, DenseMLP, ForwardContext, RMSNorm, SparseMoE, add_norm
+from .models.mla import MLAttention
+
+# (positions_T, h_TD, x_TD, ctx) -> (h + half(x), norm(h + half(x)))
+Half = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ForwardContext], tuple[torch.Tensor, torch.Tensor]]
+
+_ID_0, _WEIGHT_1 = torch.zeros(1, dtype=torch.int64), torch.ones(1)  # one expert, weight 1
+
+
+def _bf16_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+
+
+class _OpsAttention:
+    """The layer's own attention, then the residual add and norm (op by op)."""
+
+    def __init__(self, attn: torch.nn.Module, norm: RMSNorm):
+        self.attn, self.norm = attn, norm
+
+    def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
+                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        return add_norm(h_TD, self.attn(positions_T, x_TD, ctx), self.norm)
+
+
+class _GqaToken(_OpsAttention):
+    """:class:`Attention` + residual add + norm in one :func:`cpu_kernels.gqa_token` call."""
+
+    def __init__(self, attn: Attention, norm: RMSNorm, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        super().__init__(attn, norm)
+        norms = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if attn.qk_norm else (None, None, 0.0)
+        self.head = (attn.qkv_proj.weight, attn.qkv_proj.bias, attn.num_heads, attn.num_kv_heads, attn.qk_norm, *norms)
+        self.caches = (k_cache, v_cache)
+        self.tail = (attn.sliding_window, attn.sinks, attn.scale, attn.o_proj.weight, attn.o_proj.bias)
+        self.rotary = attn.rotary
+
+    def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
+                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        rot, meta = self.rotary, ctx.meta
+        rot.grow_for(positions_T)  # the tables may grow (and move): read after
+        out = cpu_kernels.gqa_token(x_TD, *self.head, positions_T, rot.cos, rot.sin, rot.interleaved, *self.caches,
+                                    meta.block_tables[0], meta.context_lens_list[0], meta.slot_mapping, *self.tail,
+                                    (h_TD, self.norm.weight, self.norm.eps))
+        return out if out is not None else super().__call__(positions_T, h_TD, x_TD, ctx)
+
+    @staticmethod
+    def fits(attn: Attention, k_cache, v_cache) -> bool:
+        return (isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor) and not attn.o_proj.split
+                and attn.clip_qkv is None and _bf16_cpu(attn.qkv_proj.weight, k_cache, v_cache))
+
+
+class _MlaToken(_OpsAttention):
+    """:class:`MLAttention` + residual add + norm in one :func:`cpu_kernels.mla_token` call."""
+
+    def __init__(self, attn: MLAttention, norm: RMSNorm, cache: torch.Tensor):
+        super().__init__(attn, norm)
+        q_a = (attn.q_a_proj.weight, attn.q_a_layernorm.weight, attn.q_a_layernorm.eps, attn.q_b_proj.weight) \
+            if attn.q_lora else (None, None, 0.0, attn.q_proj.weight)
+        self.head = (*q_a, attn.kv_a_proj_with_mqa.weight, attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps,
+                     attn.kv_b_proj.weight, attn.o_proj.weight, attn.num_heads, attn.nope, attn.rope_dim, attn.v_dim)
+        self.cache, self.scale, self.rotary = cache, attn.scale, attn.rotary
+
+    def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
+                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        rot, meta = self.rotary, ctx.meta
+        rot.grow_for(positions_T)
+        out = cpu_kernels.mla_token(x_TD, *self.head, positions_T, rot.cos, rot.sin, rot.interleaved, self.cache,
+                                    meta.block_tables[0], meta.context_lens_list[0], meta.slot_mapping, self.scale,
+                                    (h_TD, self.norm.weight, self.norm.eps))
+        return out if out is not None else super().__call__(positions_T, h_TD, x_TD, ctx)
+
+    @staticmethod
+    def fits(attn: MLAttention, cache) -> bool:
+        projs = [attn.kv_a_proj_with_mqa, attn.o_proj] + ([attn.q_a_proj] if attn.q_lora else [])
+        return (isinstance(cache, torch.Tensor) and not attn.o_proj.split and all(p.bias is None for p in projs)
+                and _bf16_cpu(attn.kv_a_proj_with_mqa.weight, cache))
+
+
+class _OpsMlp:
+    """The layer's own MLP or MoE block, then the residual add and norm (op by op)."""
+
+    def __init__(self, mlp: torch.nn.Module, norm: RMSNorm):
+        self.mlp, self.norm = mlp, norm
+
+    def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
+                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        return add_norm(h_TD, self.mlp(x_TD, ctx), self.norm)
+
+
+class _DenseToken(_OpsMlp):
+    """A dense MLP + residual add + norm in one :func:`cpu_kernels.moe_token` call: the MLP as the
+    one expert of weight 1 (the one-call path's arithmetic)."""
+
+    def __init__(self, mlp: DenseMLP, norm: RMSNorm):
+        super().__init__(mlp, norm)
+        self.w13, self.w2 = mlp.gate_up_proj.weight.unsqueeze(0), mlp.down_proj.weight.unsqueeze(0)
+
+    def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
+                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        out = cpu_kernels.moe_token(x_TD, _ID_0, _WEIGHT_1, self.w13, self.w2,
+                                    residual=(h_TD, self.norm.weight, self.norm.eps))
+        return out if out is not None else super().__call__(positions_T, h_TD, x_TD, ctx)
+
+    @staticmethod
+    def fits(mlp: DenseMLP) -> bool:
+        return mlp.plain and _bf16_cpu(mlp.gate_up_proj.weight)
+
+
+class _MoEToken(_OpsMlp):
+    """Router in torch, then routed experts + shared expert + residual add + norm in one call
+    (the experts' ``forward_token``); when that declines, the block's ops for the routed token."""
+
+    def __init__(self, moe: SparseMoE, norm: RMSNorm):
+        super().__init__(moe, norm)
+        se = moe.shared_expert
+        self.shared = (se.gate_up_proj.weight, se.down_proj.weight) if se is not None else None
+
+    def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
+                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        moe = self.mlp
+        weights_TK, ids_TK = moe.route(x_TD, ctx)
+        out = moe.experts.forward_token(x_TD, ids_TK[0], weights_TK[0], self.shared,
+                                        residual=(h_TD, self.norm.weight, self.norm.eps))
+        if out is None:  # routed (and counted) already: the rest op by op
+            out = add_norm(h_TD, moe.experts_and_shared(x_TD, weights_TK, ids_TK, ctx), self.norm)
+        return out
+
+    @staticmethod
+    def fits(moe: SparseMoE) -> bool:
+        se = moe.shared_expert
+        return (moe.fused_local and moe.gate.weight.device.type == "cpu"
+                and (se is None or (se.plain and moe.shared_expert_gate is None)))
+
+
+class CapturedDecode:
+    """A whole batch-1 step planned once for a model (module docstring): ``captured(ids_T, positions_T, ctx)``
+    returns what ``model(ids_T, positions_T, ctx)`` returns, for one sequence and one token."""
+
+    def __init__(self, model: MoECausalLM, halves: list[tuple[Half, Half]]):
+        self.model = model
+        self.halves = halves
+
+    @classmethod
+    def capture(cls, model: MoECausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> CapturedDecode | None:
+        """The plan for ``model`` with its caches, or None where no half-layer would run as one call
+        (not on CPU, not bf16, the C kernels not built, every half split or special)."""
+        emb = model.embed_tokens.weight
+        if not model.layers or not _bf16_cpu(emb) or cpu_kernels.load() is None:
+            return None
+        layers: list[DecoderLayer] = list(model.layers)
+        next_norms = [layer.input_layernorm for layer in layers[1:]] + [model.norm]
+        halves, fused = [], 0
+        for layer, next_norm, (k_cache, v_cache) in zip(layers, next_norms, kv_caches):
+            attn, norm, mlp = layer.self_attn, layer.post_attention_layernorm, layer.mlp
+            if isinstance(attn, MLAttention) and _MlaToken.fits(attn, k_cache):
+                first: Half = _MlaToken(attn, norm, k_cache)
+            elif isinstance(attn, Attention) and _GqaToken.fits(attn, k_cache, v_cache):
+                first = _GqaToken(attn, norm, k_cache, v_cache)
+            else:
+                first = _OpsAttention(attn, norm)
+            if isinstance(mlp, SparseMoE) and _MoEToken.fits(mlp):
+                second: Half = _MoEToken(mlp, next_norm)
+            elif isinstance(mlp, DenseMLP) and _DenseToken.fits(mlp):
+                second = _DenseToken(mlp, next_norm)
+            else:
+                second = _OpsMlp(mlp, next_norm)
+            fused += (type(first) is not _OpsAttention) + (type(second) is not _OpsMlp)
+            halves.append((first, second))
+        return cls(model, halves) if fused else None
+
+    def __call__(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        model = self.model
+        h = model.embed_tokens(input_ids_T)
+        x = model.layers[0].input_layernorm(h)
+        for attention, mlp in self.halves:
+            h, x = attention(positions_T, h, x, ctx)
+            h, x = mlp(positions_T, h, x, ctx)
+        return x
