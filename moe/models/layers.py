@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import cpu_kernels
 from experts import Activation, fused_swiglu, swiglu_mlp_cpu
 from kvcache import AttentionMetadata, paged_attention, write_kv
 from ops import add_rms_norm, rms_norm

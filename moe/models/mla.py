@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import cpu_kernels
 from kvcache import AttentionMetadata, paged_attention, seq_kv, write_kv
 from kvcache.attention import KERNEL_MAX_QUERY
 from ops import per_head as _per_head
