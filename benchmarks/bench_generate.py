@@ -323,9 +323,9 @@ def scenario1(ours: Ours, hf: HF, prompts: Prompts, args, active_bytes: int, pro
             rates.append((new - 1) / (lat - ttft))
             same.append(common_prefix(stoks, toks))
         drafted, accepted = e.spec_drafted - d0, e.spec_accepted - a0
-        res["ours_ngram"] = {"num_speculative_tokens": args.ngram, "decode_tok_s": max(rates), "all_decode_tok_s": rates,
-                             "drafted": drafted, "accepted": accepted, "acceptance": accepted / max(drafted, 1),
-                             "same_tokens_as_plain_prefix": same}
+        res["ours_ngram"] = {"num_speculative_tokens": args.ngram, "decode_tok_s": max(rates),
+                             "all_decode_tok_s": rates, "drafted": drafted, "accepted": accepted,
+                             "acceptance": accepted / max(drafted, 1), "same_tokens_as_plain_prefix": same}
         res["speedup_decode_ngram"] = max(rates) / res["transformers"]["decode_tok_s"]
         del spec
         # transformers' own n-gram speculation ("prompt lookup decoding") on the same prompts
@@ -442,7 +442,8 @@ def profile_ours(ours: Ours, prompts: Prompts, args, vocab: int, top: int) -> di
 
 def print_profile(name: str, prof: dict) -> None:
     for label, r in prof.items():
-        print(f"\n=== profile {name} / {label}: torch.profiler (wall {r['torch_profiler_wall_s']:.2f}s), top by self CPU")
+        print(f"\n=== profile {name} / {label}: torch.profiler (wall {r['torch_profiler_wall_s']:.2f}s), "
+              "top by self CPU")
         print(f"{'self ms':>10} {'%':>6} {'calls':>8}  op")
         for e in r["torch_top_self_cpu"]:
             print(f"{e['self_ms']:10.1f} {e['pct']:6.1f} {e['calls']:8d}  {e['name']}")
@@ -496,16 +497,19 @@ def run_model(name: str, args, probe: dict, report: dict) -> dict:
     hf.generate_one(prompts(16), 8)
     print(f"  warm-up done in {time.perf_counter() - t0:.1f}s", flush=True)
 
-    runners = {"1": lambda: scenario1(ours, hf, prompts, args, params["active_bytes_per_token_bf16"], probe),
-               "2": lambda: scenario2(ours, hf, args, kw["vocab_size"]),
-               "3": lambda: scenario3(ours, hf, prompts, args)}
     for sc in args.scenarios:
         # a snapshot of other load: the 1-minute load average and a small bandwidth probe, before and after
         before = {"loadavg_1m": os.getloadavg()[0], "probe_read_GBps": bandwidth_probe(0.25)["sum_read_GBps"]}
         print(f"  [s{sc}] start (load {before['loadavg_1m']:.2f}, probe {before['probe_read_GBps']:.1f} GB/s) ...",
               flush=True)
         t_sc = time.perf_counter()
-        res = runners[sc]()
+        # called directly, not through closures over ours/hf, so the `del hf` below really frees the model
+        if sc == "1":
+            res = scenario1(ours, hf, prompts, args, params["active_bytes_per_token_bf16"], probe)
+        elif sc == "2":
+            res = scenario2(ours, hf, args, kw["vocab_size"])
+        else:
+            res = scenario3(ours, hf, prompts, args)
         after = {"loadavg_1m": os.getloadavg()[0], "probe_read_GBps": bandwidth_probe(0.25)["sum_read_GBps"]}
         res["wall_s_total"] = time.perf_counter() - t_sc
         res["contention"] = {"before": before, "after": after}
@@ -571,8 +575,9 @@ def print_table(report: dict) -> None:
         for sc in SCENARIOS:
             c = r.get(f"scenario{sc}", {}).get("contention")
             if c:
-                print(f"  S{sc} contention: load avg {c['before']['loadavg_1m']:.2f} -> {c['after']['loadavg_1m']:.2f}, "
-                      f"bandwidth probe {c['before']['probe_read_GBps']:.1f} -> {c['after']['probe_read_GBps']:.1f} GB/s")
+                print(f"  S{sc} contention: load avg {c['before']['loadavg_1m']:.2f} -> "
+                      f"{c['after']['loadavg_1m']:.2f}, bandwidth probe {c['before']['probe_read_GBps']:.1f} -> "
+                      f"{c['after']['probe_read_GBps']:.1f} GB/s")
     print("(ours vs hf: >1x means ours is faster)")
 
 

@@ -332,7 +332,8 @@ def print_table(report: dict) -> None:
                   f"64 MiB, decode after {k['prompt_len']} tokens: {k['decode_tok_s']:.2f} tok/s")
         for lab, o in r.get("offload", {}).items():
             print(f"  offload, cache {lab:>4} of bf16 experts ({o['cache_bytes'] / 2**20:.1f} MiB): "
-                  f"{o['decode_tok_s']:.2f} tok/s, hit rate {o['hit_rate']:.3f}, stall {o['stats']['stall_seconds']:.2f}s")
+                  f"{o['decode_tok_s']:.2f} tok/s, hit rate {o['hit_rate']:.3f}, "
+                  f"stall {o['stats']['stall_seconds']:.2f}s")
         for q, o in r.get("llama_cpp", {}).items():
             print(f"  llama.cpp {q:<7} {o['file_bytes'] / 2**20:9.1f} MiB  {o['decode_tok_s']:.2f} tok/s "
                   f"(+-{o['stddev_tok_s']:.2f})")

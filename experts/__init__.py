@@ -2,4 +2,5 @@
 from .grouped import Activation, GroupedExperts, fused_swiglu, grouped_swiglu_torch, swiglu_mlp_cpu
 from .reference import moe_reference, swiglu
 
-__all__ = ["Activation", "GroupedExperts", "fused_swiglu", "grouped_swiglu_torch", "moe_reference", "swiglu", "swiglu_mlp_cpu"]
+__all__ = ["Activation", "GroupedExperts", "fused_swiglu", "grouped_swiglu_torch", "moe_reference", "swiglu",
+           "swiglu_mlp_cpu"]

@@ -299,7 +299,8 @@ class GroupedExperts(SlottedExperts):
             return loaded if r == 0 else torch.zeros_like(loaded)
         return loaded.narrow(-1, r * f, f)  # down weight [D, F]
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str, expert_id: int | None = None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str,
+                      expert_id: int | None = None) -> None:
         """Place one checkpoint tensor. ``shard_id``: ``gate``/``up`` (rows of w13 or b13),
         ``down`` (w2 or b2), or ``gate_up`` (both halves at once, already ``[gate | up]``).
         With ``expert_id=None`` the tensor holds every expert stacked on dim 0."""

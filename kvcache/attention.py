@@ -169,7 +169,8 @@ def paged_attention_torch(q_THD: torch.Tensor, k_cache: Cache, v_cache: Cache,
 
 
 def paged_attention(q_THD: torch.Tensor, k_cache: Cache, v_cache: Cache, meta: AttentionMetadata,
-                    scale: float, sliding_window: int | None = None, sinks_H: torch.Tensor | None = None) -> torch.Tensor:
+                    scale: float, sliding_window: int | None = None,
+                    sinks_H: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of the step's new rows over everything cached for their sequences."""
     if q_THD.is_cuda:
         from .triton_attention import paged_attention_triton

@@ -73,13 +73,16 @@ def _write_kv_kernel(
 
     k_mask = h_ok[:, None] & (offs_dk < Dk)[None, :]
     k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_dk[None, :] * stride_kd, mask=k_mask)
-    k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kcs + offs_h[:, None] * stride_kch + offs_dk[None, :] * stride_kcd
-    _store_row(k, k_dst, k_scale_ptr + block * stride_ksb + offset * stride_kss + offs_h * stride_ksh, k_mask, h_ok, FP8)
+    k_dst = (k_cache_ptr + block * stride_kcb + offset * stride_kcs + offs_h[:, None] * stride_kch
+             + offs_dk[None, :] * stride_kcd)
+    _store_row(k, k_dst, k_scale_ptr + block * stride_ksb + offset * stride_kss + offs_h * stride_ksh, k_mask, h_ok,
+               FP8)
 
     if WRITE_V:
         v_mask = h_ok[:, None] & (offs_dv < Dv)[None, :]
         v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_dv[None, :] * stride_vd, mask=v_mask)
-        v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + offs_h[:, None] * stride_vch + offs_dv[None, :] * stride_vcd
+        v_dst = (v_cache_ptr + block * stride_vcb + offset * stride_vcs + offs_h[:, None] * stride_vch
+                 + offs_dv[None, :] * stride_vcd)
         _store_row(v, v_dst, v_scale_ptr + block * stride_vsb + offset * stride_vss + offs_h * stride_vsh, v_mask, h_ok,
                    FP8)
 
@@ -178,7 +181,8 @@ def _paged_attention_kernel(
     dk_ok = offs_dk < Dk
     dv_ok = offs_dv < Dv
 
-    q_ptrs = q_ptr + (q_start + q_row)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_dk[None, :] * stride_qd
+    q_ptrs = (q_ptr + (q_start + q_row)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh
+              + offs_dk[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & dk_ok[None, :], other=0.0)
 
     if HAS_SINKS:
@@ -234,7 +238,8 @@ def _paged_attention_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    o_ptrs = out_ptr + (q_start + q_row)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_dv[None, :] * stride_od
+    o_ptrs = (out_ptr + (q_start + q_row)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh
+              + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
 
 

@@ -66,7 +66,8 @@ class _ShardReader:
         try:
             t = self.f.get_tensor(name)
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"cannot read tensor {name} from {self.path}: {e}; the file is truncated or corrupt") from e
+            raise ValueError(f"cannot read tensor {name} from {self.path}: {e}; "
+                             "the file is truncated or corrupt") from e
         self.read += t.numel() * t.element_size()
         return t
 

@@ -42,11 +42,13 @@ class NgramConfig:
         d = dict(spec)
         method = d.pop("method", "ngram")
         if method not in METHODS:
-            raise ValueError(f"speculative_config method {method!r} is not supported: choose one of {', '.join(METHODS)}")
+            raise ValueError(f"speculative_config method {method!r} is not supported: "
+                             f"choose one of {', '.join(METHODS)}")
         fields = set(NgramConfig.__dataclass_fields__)
         unknown = set(d) - fields
         if unknown:
-            raise ValueError(f"speculative_config: unknown keys {sorted(unknown)}; valid: method, {', '.join(sorted(fields))}")
+            raise ValueError(f"speculative_config: unknown keys {sorted(unknown)}; "
+                             f"valid: method, {', '.join(sorted(fields))}")
         cfg = NgramConfig(**d)
         for name in fields:
             v = getattr(cfg, name)

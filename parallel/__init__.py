@@ -12,7 +12,8 @@ from .state import (ParallelState, build_parallel_state, get_dp_rank, get_dp_siz
 __all__ = [
     "ParallelState", "set_parallel_state", "get_parallel_state", "init_single_process", "build_parallel_state",
     "get_tp_rank", "get_tp_size", "get_ep_rank", "get_ep_size", "get_etp_rank", "get_etp_size",
-    "get_dp_rank", "get_dp_size", "tp_all_reduce", "world_all_gather_ints", "world_all_gather_object", "world_broadcast_object",
+    "get_dp_rank", "get_dp_size", "tp_all_reduce", "world_all_gather_ints", "world_all_gather_object",
+    "world_broadcast_object",
     "ColumnParallelLinear", "QKVParallelLinear", "RowParallelLinear", "ReplicatedLinear",
     "VocabParallelEmbedding", "ParallelLMHead", "ShardedRMSNorm", "default_weight_loader",
     "LocalDispatcher", "DispatchMeta", "AllToAllDispatcher", "AllGatherDispatcher", "make_ep_dispatcher",

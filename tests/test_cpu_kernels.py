@@ -136,10 +136,12 @@ def test_mixed_step_sends_short_queries_to_kernel_and_prefill_to_sdpa(monkeypatc
     q = torch.randn(T, H, D, generator=g)
     calls = []
     real = cpu_kernels.paged_decode_attention
-    monkeypatch.setattr(cpu_kernels, "paged_decode_attention", lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))
+    monkeypatch.setattr(cpu_kernels, "paged_decode_attention",
+                        lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))
     out = paged_attention_torch(q, k_cache, v_cache, meta, D ** -0.5)
     assert calls == [10]  # 7 + 1 + 1 + 1 rows; the 30-row chunk went to SDPA
-    torch.testing.assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, D ** -0.5), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, paged_attention_reference(q, k_cache, v_cache, meta, D ** -0.5),
+                               atol=1e-5, rtol=1e-5)
 
 
 def _run(code: str, env: dict) -> str:
@@ -170,7 +172,8 @@ def test_without_compiler_falls_back_with_a_warning(tmp_path):
         assert cpu_kernels.load() is None
         meta = AttentionMetadata.build([1, 1], [3, 9], [[0], [1, 2]], 8)
         k, v, q = torch.randn(3, 8, 2, 16), torch.randn(3, 8, 2, 16), torch.randn(2, 4, 16)
-        torch.testing.assert_close(paged_attention_torch(q, k, v, meta, 0.25), paged_attention_reference(q, k, v, meta, 0.25))
+        torch.testing.assert_close(paged_attention_torch(q, k, v, meta, 0.25),
+                                   paged_attention_reference(q, k, v, meta, 0.25))
         print('FALLBACK OK')
     """, {"MOE_KERNEL_CACHE": str(tmp_path), "PATH": str(tmp_path), "CC": ""})
     assert "FALLBACK OK" in out
@@ -231,7 +234,8 @@ def test_fused_swiglu_equals_silu_times_up(layout, dtype):
     torch.testing.assert_close(fused_swiglu(big).float(), swiglu(big).float(), atol=1e-6, rtol=1e-2)
 
 
-@pytest.mark.parametrize("shape,strided", [((300, 1024), False), ((37, 40), True), ((5, 3, 24), False), ((2, 7), False)])
+@pytest.mark.parametrize("shape,strided",
+                         [((300, 1024), False), ((37, 40), True), ((5, 3, 24), False), ((2, 7), False)])
 def test_rms_norm_kernel_equals_the_torch_formula(shape, strided):
     from moe.models.layers import RMSNorm
 
@@ -414,7 +418,8 @@ def test_amx_experts_decline_what_they_do_not_take(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "amx_experts", lambda *a: pytest.fail("the AMX kernel takes no biases"))
     b13, b2 = torch.randn(E, 2 * F).bfloat16(), torch.randn(E, D).bfloat16()
     assert torch.isfinite(grouped_swiglu_torch(x, [35, 35], w13, w2, b13, b2, Activation())).all()
-    assert torch.isfinite(grouped_swiglu_torch(x, [35, 35], w13, w2, None, None, Activation(limit=7.0, alpha=1.702))).all()
+    assert torch.isfinite(grouped_swiglu_torch(x, [35, 35], w13, w2, None, None,
+                                               Activation(limit=7.0, alpha=1.702))).all()
 
 
 @pytest.mark.parametrize("m", [2, 7, 16, 17, 64])
@@ -500,8 +505,10 @@ def test_amx_heads_match_the_per_head_einsums(T, monkeypatch):
         assert a is None and b is None
         return
     monkeypatch.setattr(cpu_kernels, "amx_heads", lambda *a, **k: None)  # per_head's einsum path
-    for got, want, exact in ((a, per_head(q_nope, w_uk, "thn,hnc->thc"), torch.einsum("thn,hnc->thc", q_nope.float(), w_uk.float())),
-                             (b, per_head(o_lat, w_uv, "thc,hvc->thv"), torch.einsum("thc,hvc->thv", o_lat.float(), w_uv.float()))):
+    for got, want, exact in ((a, per_head(q_nope, w_uk, "thn,hnc->thc"),
+                              torch.einsum("thn,hnc->thc", q_nope.float(), w_uk.float())),
+                             (b, per_head(o_lat, w_uv, "thc,hvc->thv"),
+                              torch.einsum("thc,hvc->thv", o_lat.float(), w_uv.float()))):
         assert got.shape == want.shape
         tol = exact.abs().max() * 2 ** -7
         assert (got.float() - exact).abs().max() <= tol  # float32 sums rounded once

@@ -31,7 +31,8 @@ def _write_checkpoint(d: Path) -> int:
                     p + "block_sparse_moe.gate.weight": torch.randn(8, H, generator=g)}
         for e in range(8):
             q = p + f"block_sparse_moe.experts.{e}."
-            tensors |= {q + "w1.weight": torch.randn(F, H, generator=g), q + "w3.weight": torch.randn(F, H, generator=g),
+            tensors |= {q + "w1.weight": torch.randn(F, H, generator=g),
+                        q + "w3.weight": torch.randn(F, H, generator=g),
                         q + "w2.weight": torch.randn(H, F, generator=g)}
     # two shards with an index, as large checkpoints come
     names = sorted(tensors)

@@ -590,7 +590,8 @@ def test_two_torchrun_nodes_on_loopback_match_single_process(paths, reference, t
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={n}",
                                "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
                                str(SCRIPT), str(spec), str(tmp_path / "out")],
-                              env=_rank_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+                              env=_rank_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=tmp_path)
              for n in (0, 1)]
     try:
         logs = [p.communicate(timeout=240)[0] for p in nodes]

@@ -48,7 +48,8 @@ class MLAttention(nn.Module):
                                                    bias=cfg.attention_bias, dtype=dtype)
         self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, 1e-6, dtype)
         self.kv_b_proj = ColumnParallelLinear(m.kv_lora_rank, [cfg.num_heads * (self.nope + self.v_dim)], dtype=dtype)
-        self.o_proj = RowParallelLinear(cfg.num_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias, dtype=dtype)
+        self.o_proj = RowParallelLinear(cfg.num_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias,
+                                        dtype=dtype)
         self.rotary = RotaryEmbedding(self.rope_dim, cfg.max_position_embeddings, cfg.rope, cfg.rope_interleaved)
         self.scale = cfg.softmax_scale or qk_dim ** -0.5
 

@@ -197,7 +197,8 @@ def summarize(results: list[RequestResult], duration: float, slo: dict[str, floa
     s: dict = {"duration": duration, "completed": len(ok), "failed": len(results) - len(ok),
                "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
                "request_throughput": len(ok) / duration, "request_goodput": good / duration if slo else None,
-               "output_throughput": out_tokens / duration, "total_token_throughput": (in_tokens + out_tokens) / duration}
+               "output_throughput": out_tokens / duration,
+               "total_token_throughput": (in_tokens + out_tokens) / duration}
     _stats("ttft", [r.ttft for r in ok], s)
     _stats("tpot", tpots, s)
     _stats("itl", [g for r in ok for g in r.itl], s)
