@@ -3,8 +3,8 @@
 :func:`mla_token` (DeepSeek's MLA) and :func:`gqa_token` (grouped-query attention): projections,
 norms, rotary, the cache write, attention over the sequence's cached tokens and ``o_proj``, with
 the decoder's residual add and next norm (:data:`cpu_kernels.gemv.Residual`); bit-identical to the
-layers' op-by-op paths at one token, which are their references. They use ``gemv.c``'s
-AVX512-BF16 dot products and decline with it.
+layers' op-by-op paths at one token, which are their references. They use ``gemv.c``'s dot
+products.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import ctypes
 import torch
 
 from .build import declare, load
-from .gemv import Residual, _built_without_bf16, gemv_built, residual_args
+from .gemv import Residual, residual_args
 
 _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 declare({
@@ -39,7 +39,7 @@ def mla_token(x_1D: torch.Tensor, w_qa: torch.Tensor | None, qa_norm: torch.Tens
     path at one token. ``w_qa=None``: ``w_qb`` is ``q_proj``. Returns ``[1, D]`` bf16 (with
     ``residual``: ``(h + y, norm(h + y))``, see :func:`residual_args`), or None when the kernel
     does not apply (then nothing was written)."""
-    if not gemv_built() or x_1D.dtype != torch.bfloat16 or x_1D.shape[0] != 1 or not x_1D.is_contiguous():
+    if x_1D.dtype != torch.bfloat16 or x_1D.shape[0] != 1 or not x_1D.is_contiguous():
         return None
     ws = [w for w in (w_qa, qa_norm, w_qb, w_kva, kva_norm, w_kvb, w_o) if w is not None]
     if any(w.dtype != torch.bfloat16 or w.is_cuda or not w.is_contiguous() for w in ws) or load() is None:
@@ -65,15 +65,13 @@ def mla_token(x_1D: torch.Tensor, w_qa: torch.Tensor | None, qa_norm: torch.Tens
         return None
     out = torch.empty(1, D, dtype=torch.bfloat16)
     scratch = torch.empty(q_lora + heads * (nope + rope) + L + heads * L + heads * C + heads * v, dtype=torch.bfloat16)
-    if load().moe_mla_token(x_1D.data_ptr(), D, w_qa.data_ptr() if w_qa is not None else None,
-                            qa_norm.data_ptr() if qa_norm is not None else None, q_lora, q_eps, w_qb.data_ptr(),
-                            w_kva.data_ptr(), kva_norm.data_ptr(), kv_eps, w_kvb.data_ptr(), w_o.data_ptr(), heads,
-                            nope, rope, C, v, positions_1.data_ptr(), cos_PH.data_ptr(), sin_PH.data_ptr(),
-                            int(interleaved), cache.data_ptr(), cache.stride(0), cache.stride(1), cache.shape[1],
-                            block_table.data_ptr(), context_len, slot_mapping_1.data_ptr(), scale, scratch.data_ptr(),
-                            out.data_ptr(), *tail[0], torch.get_num_threads()) != 0:
-        _built_without_bf16()
-        return None
+    load().moe_mla_token(x_1D.data_ptr(), D, w_qa.data_ptr() if w_qa is not None else None,
+                         qa_norm.data_ptr() if qa_norm is not None else None, q_lora, q_eps, w_qb.data_ptr(),
+                         w_kva.data_ptr(), kva_norm.data_ptr(), kv_eps, w_kvb.data_ptr(), w_o.data_ptr(), heads,
+                         nope, rope, C, v, positions_1.data_ptr(), cos_PH.data_ptr(), sin_PH.data_ptr(),
+                         int(interleaved), cache.data_ptr(), cache.stride(0), cache.stride(1), cache.shape[1],
+                         block_table.data_ptr(), context_len, slot_mapping_1.data_ptr(), scale, scratch.data_ptr(),
+                         out.data_ptr(), *tail[0], torch.get_num_threads())
     return (tail[1], out) if residual is not None else out
 
 
@@ -92,7 +90,7 @@ def gqa_token(x_1D: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | Non
     bit-identical to :class:`moe.models.layers.Attention`'s op-by-op path at one token. Returns
     ``[1, D]`` bf16 (with ``residual``: ``(h + y, norm(h + y))``, see :func:`residual_args`), or
     None when the kernel does not apply (then nothing was written)."""
-    if not gemv_built() or x_1D.dtype != torch.bfloat16 or x_1D.shape[0] != 1 or not x_1D.is_contiguous():
+    if x_1D.dtype != torch.bfloat16 or x_1D.shape[0] != 1 or not x_1D.is_contiguous():
         return None
     ws = [w for w in (w_qkv, b_qkv, q_norm, k_norm, w_o, b_o) if w is not None]
     if any(w.dtype != torch.bfloat16 or w.is_cuda or not w.is_contiguous() for w in ws) or load() is None:
@@ -114,15 +112,13 @@ def gqa_token(x_1D: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | Non
     sinks = sinks_H.float().contiguous() if sinks_H is not None else None
     out = torch.empty(1, D, dtype=torch.bfloat16)
     scratch = torch.empty((2 * heads + 2 * kv_heads) * hd, dtype=torch.bfloat16)
-    if load().moe_gqa_token(x_1D.data_ptr(), D, w_qkv.data_ptr(), b_qkv.data_ptr() if b_qkv is not None else None,
-                            heads, kv_heads, hd, _QK_NORMS[qk_norm], q_norm.data_ptr() if q_norm is not None else None,
-                            k_norm.data_ptr() if k_norm is not None else None, eps, positions_1.data_ptr(),
-                            cos_PH.data_ptr(), sin_PH.data_ptr(), int(interleaved), k_cache.data_ptr(),
-                            *k_cache.stride()[:3], v_cache.data_ptr(), *v_cache.stride()[:3], k_cache.shape[1],
-                            block_table.data_ptr(), context_len, slot_mapping_1.data_ptr(), sliding_window or 0,
-                            sinks.data_ptr() if sinks is not None else None, scale, w_o.data_ptr(),
-                            b_o.data_ptr() if b_o is not None else None, scratch.data_ptr(), out.data_ptr(), *tail[0],
-                            torch.get_num_threads()) != 0:
-        _built_without_bf16()
-        return None
+    load().moe_gqa_token(x_1D.data_ptr(), D, w_qkv.data_ptr(), b_qkv.data_ptr() if b_qkv is not None else None,
+                         heads, kv_heads, hd, _QK_NORMS[qk_norm], q_norm.data_ptr() if q_norm is not None else None,
+                         k_norm.data_ptr() if k_norm is not None else None, eps, positions_1.data_ptr(),
+                         cos_PH.data_ptr(), sin_PH.data_ptr(), int(interleaved), k_cache.data_ptr(),
+                         *k_cache.stride()[:3], v_cache.data_ptr(), *v_cache.stride()[:3], k_cache.shape[1],
+                         block_table.data_ptr(), context_len, slot_mapping_1.data_ptr(), sliding_window or 0,
+                         sinks.data_ptr() if sinks is not None else None, scale, w_o.data_ptr(),
+                         b_o.data_ptr() if b_o is not None else None, scratch.data_ptr(), out.data_ptr(), *tail[0],
+                         torch.get_num_threads())
     return (tail[1], out) if residual is not None else out

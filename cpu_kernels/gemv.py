@@ -1,11 +1,10 @@
-"""Binding of ``gemv.c``: bf16 matrix-vector products with AVX512-BF16 dot products (batch-1 decode).
+"""Binding of ``gemv.c``: bf16 matrix-vector products (batch-1 decode): AVX512-BF16 dot products,
+AVX2 + FMA or plain C, whichever the compiler targets.
 
 :func:`gemv` (one row through a weight, streamed by both threads in contiguous halves),
 :func:`expert_token` and :func:`moe_token` (one token through its routed experts, and a shared
 expert, in one call), :func:`heads_vec` (MLA's per-head GEMMs at one row). The one-call kernels
-can end with the decoder's residual add and next norm (:data:`Residual`). Where the library was
-built without AVX512-BF16 the first call says so and these kernels (and ``fused.c``'s, which use
-them) decline from then on.
+can end with the decoder's residual add and next norm (:data:`Residual`).
 """
 from __future__ import annotations
 
@@ -24,19 +23,6 @@ declare({
                       _ptr, _ptr, _ptr, _f32, _ptr, _int],
 })
 
-_gemv_built = True  # False once the library says it was built without AVX512-BF16
-
-
-def gemv_built() -> bool:
-    """Whether the AVX512-BF16 kernels may run (not yet refused by the library)."""
-    return _gemv_built
-
-
-def _built_without_bf16() -> None:
-    global _gemv_built
-    _gemv_built = False
-
-
 def gemv_reference(w_NK: torch.Tensor, x_K: torch.Tensor, b_N: torch.Tensor | None = None) -> torch.Tensor:
     """What :func:`gemv` computes (up to the order of float32 sums): torch's ``mv`` (+ ``b``)."""
     y = torch.mv(w_NK, x_K)
@@ -46,17 +32,15 @@ def gemv_reference(w_NK: torch.Tensor, x_K: torch.Tensor, b_N: torch.Tensor | No
 def gemv(w_NK: torch.Tensor, x_K: torch.Tensor, b_N: torch.Tensor | None = None) -> torch.Tensor | None:
     """``torch.mv(w, x) (+ b)`` for bfloat16 CPU tensors (rows of ``w`` with unit stride), summed
     in float32 and rounded once, as torch's mv; None when the kernel does not apply (other dtypes,
-    no AVX512-BF16): then use ``torch.mv``."""
-    if not gemv_built() or w_NK.dtype != torch.bfloat16 or w_NK.dim() != 2 or x_K.dim() != 1:
+    shapes): then use ``torch.mv``."""
+    if w_NK.dtype != torch.bfloat16 or w_NK.dim() != 2 or x_K.dim() != 1:
         return None
     if kernel_dtype(w_NK, x_K, *([] if b_N is None else [b_N])) is None or x_K.shape[0] != w_NK.shape[1]:
         return None
     N, K = w_NK.shape  # x and b have unit stride (checked): no copies
     y = torch.empty(N, dtype=torch.bfloat16)
-    if load().moe_gemv_bf16(w_NK.data_ptr(), N, K, w_NK.stride(0), x_K.data_ptr(),
-                            b_N.data_ptr() if b_N is not None else None, y.data_ptr(), torch.get_num_threads()) != 0:
-        _built_without_bf16()
-        return None
+    load().moe_gemv_bf16(w_NK.data_ptr(), N, K, w_NK.stride(0), x_K.data_ptr(),
+                         b_N.data_ptr() if b_N is not None else None, y.data_ptr(), torch.get_num_threads())
     return y
 
 
@@ -65,7 +49,7 @@ def expert_token(x_D: torch.Tensor, w13s: list[torch.Tensor], w2s: list[torch.Te
     """``sum_i weights[i] * (w2s[i] @ (silu(g) * u))`` with ``[g | u] = w13s[i] @ x`` for one bf16
     token, rounded step by step as :meth:`experts.GroupedExperts.forward_token` does op by op
     (bit-identical to it with :func:`gemv`); None when the kernel does not apply."""
-    if not gemv_built() or x_D.dtype != torch.bfloat16 or kernel_dtype(x_D, *w13s, *w2s) is None:
+    if x_D.dtype != torch.bfloat16 or kernel_dtype(x_D, *w13s, *w2s) is None:
         return None
     if any(not w.is_contiguous() for w in (*w13s, *w2s)):
         return None
@@ -74,11 +58,9 @@ def expert_token(x_D: torch.Tensor, w13s: list[torch.Tensor], w2s: list[torch.Te
     h = torch.empty(3 * F, dtype=torch.bfloat16)
     acc = torch.empty(D, dtype=torch.float32)
     ptrs = ctypes.c_void_p * n
-    if load().moe_expert_token(x_D.data_ptr(), D, F, n, ptrs(*[w.data_ptr() for w in w13s]),
-                               ptrs(*[w.data_ptr() for w in w2s]), (ctypes.c_float * n)(*weights), out.data_ptr(),
-                               h.data_ptr(), acc.data_ptr(), torch.get_num_threads()) != 0:
-        _built_without_bf16()
-        return None
+    load().moe_expert_token(x_D.data_ptr(), D, F, n, ptrs(*[w.data_ptr() for w in w13s]),
+                            ptrs(*[w.data_ptr() for w in w2s]), (ctypes.c_float * n)(*weights), out.data_ptr(),
+                            h.data_ptr(), acc.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -90,7 +72,7 @@ def moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor, 
     the output of a ``shared`` SwiGLU expert ``(w13 [2Fs, D], w2 [D, Fs])`` added in bf16; one call
     (:func:`expert_token`'s kernel). ``[1, D]`` (with ``residual``: ``(h + y, norm(h + y))``, see
     :func:`residual_args`), or None when the kernel does not apply."""
-    if not gemv_built() or x_1D.dtype != torch.bfloat16 or x_1D.dim() != 2 or x_1D.shape[0] != 1:
+    if x_1D.dtype != torch.bfloat16 or x_1D.dim() != 2 or x_1D.shape[0] != 1:
         return None
     ws = [x_1D, w13_e2FD, w2_eDF]
     if kernel_dtype(*ws) is None or any(not w.is_contiguous() for w in ws) or w13_e2FD.dim() != 3:
@@ -107,19 +89,17 @@ def moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor, 
     rc = load().moe_moe_token(x_1D.data_ptr(), D, F, ids.shape[0], ids.data_ptr(), wts.data_ptr(), E,
                               w13_e2FD.data_ptr(), w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0), *sh, Fs,
                               out.data_ptr(), h.data_ptr(), acc.data_ptr(), *tail[0], torch.get_num_threads())
-    if rc == -1:
-        _built_without_bf16()
-    if rc != 0:
+    if rc != 0:  # an id outside [0, E)
         return None
     return (tail[1], out) if residual is not None else out
 
 
 def heads_vec(x_1HK: torch.Tensor, w_H: torch.Tensor, w_rows_n: bool) -> torch.Tensor | None:
-    """:func:`amx_heads` for one row (batch-1 decode) as a GEMV per head with AVX512-BF16: ``[1, H, N]``
+    """:func:`amx_heads` for one row (batch-1 decode) as a GEMV per head: ``[1, H, N]``
     bf16, float32 sums rounded once (their order is not ``bmm``'s: results may differ by one bf16
     ulp). ``w_H [H, K, N]`` (not ``w_rows_n``) needs ``N % 16 == 0``. None when the kernel does not
     apply (then :func:`amx_heads` or ``einsum``)."""
-    if not gemv_built() or x_1HK.dtype != torch.bfloat16 or x_1HK.dim() != 3 or x_1HK.shape[0] != 1 or w_H.dim() != 3:
+    if x_1HK.dtype != torch.bfloat16 or x_1HK.dim() != 3 or x_1HK.shape[0] != 1 or w_H.dim() != 3:
         return None
     _, H, K = x_1HK.shape
     N = w_H.shape[1] if w_rows_n else w_H.shape[2]
@@ -128,10 +108,8 @@ def heads_vec(x_1HK: torch.Tensor, w_H: torch.Tensor, w_rows_n: bool) -> torch.T
     if kernel_dtype(x_1HK, w_H) is None:
         return None
     y = torch.empty(1, H, N, dtype=torch.bfloat16)
-    if load().moe_heads_vec(x_1HK.data_ptr(), x_1HK.stride(1), w_H.data_ptr(), w_H.stride(0), w_H.stride(1),
-                            N, K, H, int(w_rows_n), y.data_ptr(), N, torch.get_num_threads()) != 0:
-        _built_without_bf16()
-        return None
+    load().moe_heads_vec(x_1HK.data_ptr(), x_1HK.stride(1), w_H.data_ptr(), w_H.stride(0), w_H.stride(1),
+                         N, K, H, int(w_rows_n), y.data_ptr(), N, torch.get_num_threads())
     return y
 
 

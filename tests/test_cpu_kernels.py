@@ -625,11 +625,10 @@ def test_heads_vec_matches_the_per_head_einsums():
     w_uk, w_uv = w_kv[:, :nope], w_kv[:, nope:]
     q_nope = torch.randn(1, H * (nope + rope), generator=g).bfloat16().view(1, H, nope + rope)[..., :nope]
     o_lat = torch.randn(1, H, C, generator=g).bfloat16()
+    if cpu_kernels.load() is None:
+        pytest.skip("the C kernels are not built here (no compiler): the callers keep einsum")
     a = cpu_kernels.heads_vec(q_nope, w_uk, w_rows_n=False)
     b = cpu_kernels.heads_vec(o_lat, w_uv, w_rows_n=True)
-    if a is None:  # built without AVX512-BF16 (or no compiler): the callers keep einsum
-        assert b is None and (cpu_kernels.load() is None or "avx512_bf16" not in _cpu_flags())
-        return
     for got, exact in ((a, torch.einsum("thn,hnc->thc", q_nope.float(), w_uk.float())),
                        (b, torch.einsum("thc,hvc->thv", o_lat.float(), w_uv.float()))):
         assert got.shape == exact.shape
@@ -662,6 +661,8 @@ def test_one_call_layers_equal_the_op_by_op_path(family, kernel, min_calls, chec
     from moe import LLM, SamplingParams
     from tiny_models import make_checkpoint
 
+    if cpu_kernels.load() is None:
+        pytest.skip("the C kernels are not built here (no compiler): both runs would take the op path")
     path = make_checkpoint("olmoe", tmp_path / "olmoe", clip_qkv=None) if family == "olmoe_unclipped" \
         else checkpoint(family)
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9, 40)]
@@ -670,8 +671,7 @@ def test_one_call_layers_equal_the_op_by_op_path(family, kernel, min_calls, chec
     monkeypatch.setattr(cpu_kernels, kernel, lambda *a, **k: calls.append(1) or real(*a, **k))
     llm = LLM(str(path), dtype="bfloat16", block_size=16)
     fast = [llm.generate([p], sp)[0].outputs[0] for p in prompts]
-    if cpu_kernels.load() is not None and "avx512_bf16" in _cpu_flags():
-        assert len(calls) >= min_calls
+    assert len(calls) >= min_calls
     monkeypatch.setattr(cpu_kernels, kernel, lambda *a, **k: None)
     llm = LLM(str(path), dtype="bfloat16", block_size=16)
     ops = [llm.generate([p], sp)[0].outputs[0] for p in prompts]
