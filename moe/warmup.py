@@ -1,7 +1,7 @@
 """Start-up warm-up of the CPU GEMM shapes.
 
 oneDNN JIT-compiles a kernel the first time it sees a GEMM shape (~1-15 ms each at these sizes),
-and the engine's steps bring many: every row bucket of :func:`parallel.layers.padded_rows` (1, 8,
+and the engine's steps bring many: every row bucket of :func:`ops.padded_rows` (1, 8,
 16, ..., 128, then multiples of 64 up to the step's token budget) for every weight shape, and the
 batched decode experts' (experts, rows) pairs. Without a warm-up the first requests of a process
 pay those builds (a 64-request burst: ~1.4 s of a 23 s run; a first 64-token prompt on the
@@ -18,8 +18,8 @@ import time
 import torch
 
 from experts.grouped import BATCHED_MAX_ROWS, GroupedExperts, grouped_swiglu_torch
-from parallel.layers import (SMALL_M, ColumnParallelLinear, ParallelLMHead, ReplicatedLinear, RowParallelLinear,
-                             linear, padded_rows)
+from ops import SMALL_M, linear, padded_rows
+from parallel.layers import ColumnParallelLinear, ParallelLMHead, ReplicatedLinear, RowParallelLinear
 
 from .models.mla import MLAttention
 

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# SMALL_M and padded_rows: moe/warmup.py still imports them from here
-from ops import SMALL_M, linear, lm_head_logits, padded_rows  # noqa: F401
+from ops import linear, lm_head_logits
 
 from .state import get_tp_rank, get_tp_size, tp_all_gather_last_dim, tp_all_reduce
 
