@@ -45,6 +45,22 @@ def ratio(ours: float | None, theirs: float | None, lower_is_better: bool) -> fl
     return theirs / ours if lower_is_better else ours / theirs
 
 
+def agreement(engines: dict) -> dict:
+    """How many leading batch-1 greedy tokens each peer shares with ours (same prompt, same weights): a
+    check that they run the same model. Random weights give near-tied logits, so bf16 rounding
+    differences part them after a while even when all are right; a first token apart means a real mismatch."""
+    def tokens(e: str) -> list[int] | None:
+        return (engines.get(e) or {}).get("workloads", {}).get("batch1", {}).get("greedy_tokens")
+
+    ours, out = tokens("ours"), {}
+    for e in ENGINES[1:]:
+        theirs = tokens(e)
+        if ours and theirs:
+            n = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            out[e] = {"common_prefix": n, "of": len(ours)}
+    return out
+
+
 def summarize(model: dict, probe_GBps: float) -> dict:
     """Per metric: each engine's value, ours/vLLM and ours/llama.cpp, and the target's verdict."""
     eng = model["engines"]
@@ -62,6 +78,7 @@ def summarize(model: dict, probe_GBps: float) -> dict:
         v = _value(eng.get(e), METRICS[0])
         if v is not None:  # weight bytes streamed per second at batch 1, as a share of the probe
             out["probe_fraction"][e] = v * active / 1e9 / probe_GBps
+    out["greedy_agreement"] = agreement(eng)
     f = out["probe_fraction"].get("ours")
     out["probe_target_met"] = None if f is None else f >= PROBE_TARGET
     verdicts = [r["met"] for r in out["metrics"].values() if r["met"] is not None]
@@ -112,6 +129,9 @@ def print_model(name: str, model: dict, probe_GBps: float) -> None:
                         for e, wd in zip(ENGINES, (10, 10, 11)))
         verdict = "" if s["probe_target_met"] is None else f">={PROBE_TARGET:.0%} {_verdict(s['probe_target_met'])}"
         print(f"  {f'batch 1 weight GB/s as % of probe {probe_GBps:.1f}':<42}{cells}{'':>11}  {verdict:<16}")
+    if s["greedy_agreement"]:
+        print("  batch 1 greedy tokens shared with ours from the start: " + ", ".join(
+            f"{e} {a['common_prefix']} of {a['of']}" for e, a in s["greedy_agreement"].items()))
     print(f"  targets against vLLM met: {s['targets_met']} of {s['targets_checked']}")
 
 

@@ -24,18 +24,18 @@ class LlamaCpp:
                                    **{k: v for k, v in self.settings.items() if k.startswith("n_")})
 
     def generate(self, prompts: list[list[int]], max_tokens: list[int]) -> Batch:
-        finish, generated = [], []
+        finish, tokens = [], []
         t0 = time.perf_counter()
         for prompt, m in zip(prompts, max_tokens):
-            n = 0
+            out: list[int] = []
             # Llama.generate never stops at EOS by itself (create_completion does): EOS is ignored
-            for _ in self.llm.generate(prompt, top_k=1, temp=0.0, reset=True):
-                n += 1
-                if n == m:
+            for tok in self.llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+                out.append(tok)
+                if len(out) == m:
                     break
             finish.append(time.perf_counter() - t0)
-            generated.append(n)
-        return Batch(time.perf_counter() - t0, finish, generated)
+            tokens.append(out)
+        return Batch(time.perf_counter() - t0, finish, [len(t) for t in tokens], tokens)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ class Ours:
         if errors:
             raise RuntimeError(f"ours: {len(errors)} request(s) failed, first: {errors[0]}")
         # the engine stamps finish times with the same perf_counter clock
-        return Batch(wall, [o.metrics.finished_time - t0 for o in outs], [len(o.outputs[0].token_ids) for o in outs])
+        toks = [list(o.outputs[0].token_ids) for o in outs]
+        return Batch(wall, [o.metrics.finished_time - t0 for o in outs], [len(t) for t in toks], toks)
 
 
 if __name__ == "__main__":

@@ -34,16 +34,16 @@ class VLLM:
         t0 = time.perf_counter()
         # LLM.generate's own loop (enqueue, then step until done), with each request's finish time kept
         self.llm.enqueue([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        done: list[tuple[int, float, int]] = []
+        done: list[tuple[int, float, list[int]]] = []
         while engine.has_unfinished_requests():
             for out in engine.step():
                 if out.finished:
-                    done.append((int(out.request_id), time.perf_counter() - t0, len(out.outputs[0].token_ids)))
+                    done.append((int(out.request_id), time.perf_counter() - t0, list(out.outputs[0].token_ids)))
         wall = time.perf_counter() - t0
         if len(done) != len(prompts):
             raise RuntimeError(f"vllm: {len(done)} of {len(prompts)} requests finished")
         done.sort()  # its request ids count up in submission order (LLM.generate sorts its outputs the same way)
-        return Batch(wall, [d[1] for d in done], [d[2] for d in done])
+        return Batch(wall, [d[1] for d in done], [len(d[2]) for d in done], [d[2] for d in done])
 
 
 if __name__ == "__main__":

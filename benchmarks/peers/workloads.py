@@ -32,6 +32,7 @@ class Batch:
     wall_s: float
     finish_s: list[float]  # per request, since the call began
     generated: list[int]  # tokens produced per request
+    tokens: list[list[int]] | None = None  # the token ids, where the engine returns them
 
 
 class Engine(Protocol):
@@ -56,10 +57,12 @@ def batch1(engine: Engine, w: dict) -> dict:
     ttfts = [_checked(engine, [p], [1]).wall_s for p in w["ttft_prompts"]]
     ttft = statistics.median(ttfts)
     new = w["new_tokens"]
-    walls = [_checked(engine, [p], [new]).wall_s for p in w["decode_prompts"]]
-    rates = [(new - 1) / (t - ttft) for t in walls]
+    runs = [_checked(engine, [p], [new]) for p in w["decode_prompts"]]
+    rates = [(new - 1) / (b.wall_s - ttft) for b in runs]
+    # the first run's greedy tokens: the parent compares engines on them (same model, same prompt)
     return {"ttft_s": ttft, "all_ttft_s": ttfts, "decode_tok_s": max(rates), "all_decode_tok_s": rates,
-            "prompt_len": len(w["decode_prompts"][0]), "new_tokens": new}
+            "prompt_len": len(w["decode_prompts"][0]), "new_tokens": new,
+            "greedy_tokens": runs[0].tokens[0] if runs[0].tokens else None}
 
 
 def batched(engine: Engine, w: dict) -> dict:
