@@ -132,7 +132,7 @@ def print_model(name: str, model: dict, probe_GBps: float) -> None:
     if s["greedy_agreement"]:
         print("  batch 1 greedy tokens shared with ours from the start: " + ", ".join(
             f"{e} {a['common_prefix']} of {a['of']}" for e, a in s["greedy_agreement"].items()))
-    print(f"  targets against vLLM met: {s['targets_met']} of {s['targets_checked']}")
+    print(f"  issue targets met: {s['targets_met']} of {s['targets_checked']}")
 
 
 def print_report(report: dict) -> None:
