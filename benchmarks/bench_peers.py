@@ -150,11 +150,15 @@ def run_engine(name: str, cmd: list[str], env: dict, plan: dict, work: Path, tim
                                 stderr=subprocess.STDOUT, timeout=timeout, check=False).returncode
     except subprocess.TimeoutExpired:
         rc = f"timed out after {timeout:.0f}s"
-    if rc != 0 or not result_path.is_file():
+    res = json.loads(result_path.read_text()) if result_path.is_file() else None
+    if rc != 0 or res is None or not res["complete"]:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
         print(f"  [{name}] FAILED ({rc}); last lines of {log_path}:\n{tail}", flush=True)
-        return {"error": f"failed ({rc}); see {log_path}"}
-    res = json.loads(result_path.read_text())
+        if res is None:
+            return {"error": f"failed ({rc}); see {log_path}"}
+        # keep the workloads it finished; the table shows them, the error says the rest is missing
+        res["error"] = f"failed ({rc}) after {', '.join(res['workloads']) or 'no workload'}; see {log_path}"
+        return res
     res["process_s"] = time.perf_counter() - t0
     print(f"  [{name}] done in {res['process_s']:.0f}s (start {res['start_s']:.0f}s, warm-up {res['warmup_s']:.0f}s)",
           flush=True)

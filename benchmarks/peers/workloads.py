@@ -83,17 +83,21 @@ def burst(engine: Engine, w: dict) -> dict:
 KINDS: dict[str, Callable[[Engine, dict], dict]] = {"batch1": batch1, "batched": batched, "burst": burst}
 
 
-def run_plan(make_engine: Callable[[dict], Engine], plan: dict, skip_kinds: tuple[str, ...] = ()) -> dict:
+def run_plan(make_engine: Callable[[dict], Engine], plan: dict, skip_kinds: tuple[str, ...] = (),
+             save: Callable[[dict], None] = lambda result: None) -> dict:
     """Build the engine (its start-up and compile time reported, not timed in any workload), warm it up
-    on the plan's warm-up requests, then run each workload once."""
+    on the plan's warm-up requests, then run each workload once; ``save`` gets the result so far after
+    each step (a run stopped by the parent's timeout keeps what it measured)."""
     t0 = time.perf_counter()
     engine = make_engine(plan)
-    out: dict = {"engine": engine.name, "start_s": time.perf_counter() - t0, "workloads": {}, "skipped": {}}
+    out: dict = {"engine": engine.name, "start_s": time.perf_counter() - t0, "workloads": {}, "skipped": {},
+                 "settings": getattr(engine, "settings", {}), "complete": False}
     t0 = time.perf_counter()
     for step in plan["warmup"]:
         _checked(engine, step["prompts"], step["max_tokens"])
     out["warmup_s"] = time.perf_counter() - t0
     log(f"{engine.name}: started in {out['start_s']:.1f}s, warmed up in {out['warmup_s']:.1f}s")
+    save(out)
     for name, w in plan["workloads"].items():
         if w["kind"] in skip_kinds:
             out["skipped"][name] = f"{engine.name} serves one sequence at a time: no {w['kind']} workload"
@@ -105,7 +109,9 @@ def run_plan(make_engine: Callable[[dict], Engine], plan: dict, skip_kinds: tupl
               "total_s": time.perf_counter() - t0}
         out["workloads"][name] = r
         log(f"{engine.name}: {name} done in {r['total_s']:.1f}s")
-    out["settings"] = getattr(engine, "settings", {})
+        save(out)
+    out["complete"] = True
+    save(out)
     return out
 
 
@@ -116,7 +122,12 @@ def main(make_engine: Callable[[dict], Engine], skip_kinds: tuple[str, ...] = ()
         return 2
     with open(sys.argv[1]) as f:
         plan = json.load(f)
-    result = run_plan(make_engine, plan, skip_kinds)
-    with open(sys.argv[2], "w") as f:
-        json.dump(result, f)
+
+    def save(result: dict) -> None:  # whole file or nothing: the parent may read it after a timeout
+        tmp = sys.argv[2] + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f)
+        os.replace(tmp, sys.argv[2])
+
+    run_plan(make_engine, plan, skip_kinds, save)
     return 0
