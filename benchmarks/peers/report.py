@@ -138,7 +138,8 @@ def print_model(name: str, model: dict, probe_GBps: float) -> None:
 def print_report(report: dict) -> None:
     m, p = report["machine"], report["bandwidth_probe"]
     print("\n" + "=" * 112)
-    print(f"machine: {m['cpu_model']} | {m['usable_cpus']} usable CPUs | {m['mem_total_gib']} GiB | torch {m['torch']} "
+    print(f"machine: {m['cpu_model']} ({' '.join(m['isa']) or 'no AVX2'}) | {m['usable_cpus']} usable CPUs | "
+          f"{m['mem_total_gib']} GiB | torch {m['torch']} "
           f"| threads per engine {report['args']['threads']} | load avg at start {m['loadavg_at_start']}")
     end = report.get("bandwidth_probe_end", {}).get("sum_read_GBps")
     print(f"read-bandwidth probe (1 GiB torch.sum, best of 3): {p['sum_read_GBps']:.1f} GB/s at start"
