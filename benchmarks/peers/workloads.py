@@ -1,0 +1,133 @@
+"""The measurement loop every engine runs, in its own process (standard library only: it is imported by
+vLLM's interpreter too, whose environment has neither our package nor ours its).
+
+An engine adapter offers one call, ``generate(prompts, max_tokens) -> Batch``: submit every request at
+once, greedy, EOS ignored, and report for each request when its last token arrived (seconds since the
+call began) and how many tokens it produced. Every number below is derived from that one call the
+same way for every engine, so the engines differ only in what they do inside it:
+
+- batch 1: TTFT is the wall time of a one-token request (median over fresh prompts); the decode rate
+  is ``(new_tokens - 1) / (wall of a new_tokens request - TTFT)`` (best run);
+- batched: generated tokens / wall of one call holding all the requests;
+- prefill burst: prompt tokens / wall of one call of one-token requests, and their mean TTFT (a request
+  with one output token finishes at its first token).
+
+The plan (prompts as token ids, output lengths) comes from the parent as JSON, the result goes back as
+JSON in a file: vLLM also logs to stdout, so stdout is never parsed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass
+class Batch:
+    wall_s: float
+    finish_s: list[float]  # per request, since the call began
+    generated: list[int]  # tokens produced per request
+    tokens: list[list[int]] | None = None  # the token ids, where the engine returns them
+
+
+class Engine(Protocol):
+    name: str
+
+    def generate(self, prompts: list[list[int]], max_tokens: list[int]) -> Batch: ...
+
+
+def log(msg: str) -> None:
+    print(f"[peers] {msg}", file=sys.stderr, flush=True)
+
+
+def _checked(engine: Engine, prompts: list[list[int]], max_tokens: list[int]) -> Batch:
+    b = engine.generate(prompts, max_tokens)
+    if b.generated != list(max_tokens):  # ignore_eos: every request must produce exactly what it asked
+        bad = next(i for i, (g, m) in enumerate(zip(b.generated, max_tokens)) if g != m)
+        raise RuntimeError(f"{engine.name}: request {bad} produced {b.generated[bad]} tokens, asked {max_tokens[bad]}")
+    return b
+
+
+def batch1(engine: Engine, w: dict) -> dict:
+    ttfts = [_checked(engine, [p], [1]).wall_s for p in w["ttft_prompts"]]
+    ttft = statistics.median(ttfts)
+    new = w["new_tokens"]
+    runs = [_checked(engine, [p], [new]) for p in w["decode_prompts"]]
+    rates = [(new - 1) / (b.wall_s - ttft) for b in runs]
+    # the first run's greedy tokens: the parent compares engines on them (same model, same prompt)
+    return {"ttft_s": ttft, "all_ttft_s": ttfts, "decode_tok_s": max(rates), "all_decode_tok_s": rates,
+            "prompt_len": len(w["decode_prompts"][0]), "new_tokens": new,
+            "greedy_tokens": runs[0].tokens[0] if runs[0].tokens else None}
+
+
+def batched(engine: Engine, w: dict) -> dict:
+    b = _checked(engine, w["prompts"], w["max_tokens"])
+    gen = sum(b.generated)
+    return {"requests": len(w["prompts"]), "wall_s": b.wall_s, "generated_tokens": gen, "gen_tok_s": gen / b.wall_s,
+            "prompt_tokens": sum(len(p) for p in w["prompts"])}
+
+
+def burst(engine: Engine, w: dict) -> dict:
+    b = _checked(engine, w["prompts"], [1] * len(w["prompts"]))
+    tokens = sum(len(p) for p in w["prompts"])
+    return {"requests": len(w["prompts"]), "prompt_len": len(w["prompts"][0]), "wall_s": b.wall_s,
+            "prefill_tok_s": tokens / b.wall_s, "mean_ttft_s": statistics.fmean(b.finish_s),
+            "max_ttft_s": max(b.finish_s)}
+
+
+KINDS: dict[str, Callable[[Engine, dict], dict]] = {"batch1": batch1, "batched": batched, "burst": burst}
+
+
+def run_plan(make_engine: Callable[[dict], Engine], plan: dict, skip_kinds: tuple[str, ...] = (),
+             save: Callable[[dict], None] = lambda result: None) -> dict:
+    """Build the engine (its start-up and compile time reported, not timed in any workload), warm it up
+    on the plan's warm-up requests, then run each workload once; ``save`` gets the result so far after
+    each step (a run stopped by the parent's timeout keeps what it measured)."""
+    t0 = time.perf_counter()
+    engine = make_engine(plan)
+    out: dict = {"engine": engine.name, "start_s": time.perf_counter() - t0, "workloads": {}, "skipped": {},
+                 "settings": getattr(engine, "settings", {}), "complete": False}
+    t0 = time.perf_counter()
+    for step in plan["warmup"]:
+        _checked(engine, step["prompts"], step["max_tokens"])
+    out["warmup_s"] = time.perf_counter() - t0
+    log(f"{engine.name}: started in {out['start_s']:.1f}s, warmed up in {out['warmup_s']:.1f}s")
+    save(out)
+    for name, w in plan["workloads"].items():
+        if w["kind"] in skip_kinds:
+            out["skipped"][name] = f"{engine.name} serves one sequence at a time: no {w['kind']} workload"
+            continue
+        load_before = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        r = KINDS[w["kind"]](engine, w)
+        r |= {"kind": w["kind"], "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0],
+              "total_s": time.perf_counter() - t0}
+        out["workloads"][name] = r
+        log(f"{engine.name}: {name} done in {r['total_s']:.1f}s")
+        save(out)
+    out["complete"] = True
+    save(out)
+    return out
+
+
+def main(make_engine: Callable[[dict], Engine], skip_kinds: tuple[str, ...] = ()) -> int:
+    """``python run_<engine>.py PLAN.json RESULT.json``"""
+    if len(sys.argv) != 3:
+        print(f"usage: {sys.argv[0]} PLAN.json RESULT.json", file=sys.stderr)
+        return 2
+    with open(sys.argv[1]) as f:
+        plan = json.load(f)
+
+    def save(result: dict) -> None:  # whole file or nothing: the parent may read it after a timeout
+        tmp = sys.argv[2] + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f)
+        os.replace(tmp, sys.argv[2])
+
+    run_plan(make_engine, plan, skip_kinds, save)
+    return 0
