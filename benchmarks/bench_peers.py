@@ -45,16 +45,9 @@ for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from peers.models import (
-    SHAPES,
-    active_bytes_per_token,
-    ensure_checkpoint,
-    ensure_gguf,
-    llama_cpp_converter,
-    llama_cpp_version,
-    shape,
-)
-from peers.report import print_report, summarize
+from peers.models import (SHAPES, active_bytes_per_token, ensure_checkpoint, ensure_gguf,  # noqa: E402
+                          llama_cpp_converter, llama_cpp_version, shape)
+from peers.report import print_report, summarize  # noqa: E402
 
 WORKLOADS = ("batch1", "batched32", "batched64", "burst")
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"

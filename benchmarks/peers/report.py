@@ -110,7 +110,8 @@ def print_model(name: str, model: dict, probe_GBps: float) -> None:
         for why in [res.get("unavailable"), res.get("error"), *sorted(set(res.get("skipped", {}).values()))]:
             if why:
                 print(f"  {e}: {why}")
-    head = f"  {'metric':<42}{'ours':>10}{'vLLM':>10}{'llama.cpp':>11}{'ours/vLLM':>11}  {'target':<16}{'ours/llama':>11}"
+    head = (f"  {'metric':<42}{'ours':>10}{'vLLM':>10}{'llama.cpp':>11}{'ours/vLLM':>11}  {'target':<16}"
+            f"{'ours/llama':>11}")
     print(head)
     print("  " + "-" * (len(head) - 2))
     for m in METRICS:
