@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import cpu_kernels
-from ops import ROW_BUCKET, linear, pad_rows, padded_rows, silu_mul
+from ops import ROW_BUCKET, bmm, linear, pad_rows, padded_rows, silu_mul
 
 from .reference import swiglu
 
@@ -112,11 +112,11 @@ def _batched_runs(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor,
         ei, ji = torch.tensor(expert_of), torch.tensor(row_of)
         x = x_RD.new_zeros(end - e, m, x_RD.shape[1])
         x[ei, ji] = x_RD[r0:r1]
-        h = torch.bmm(w13_e2FD[e:end], x.transpose(1, 2))  # [n, 2F, m]: weights stream once per piece
+        h = bmm(w13_e2FD[e:end], x.transpose(1, 2))  # [n, 2F, m]: weights stream once per piece
         if b13_e2F is not None:
             h = h + b13_e2F[e:end].unsqueeze(-1)
         a = fused_swiglu(h, act, dim=1)  # [n, F, m]
-        y = torch.bmm(w2_eDF[e:end], a)  # [n, D, m]
+        y = bmm(w2_eDF[e:end], a)  # [n, D, m]
         if b2_eD is not None:
             y = y + b2_eD[e:end].unsqueeze(-1)
         y_RD[r0:r1] = y.transpose(1, 2)[ei, ji]
