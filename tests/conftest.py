@@ -39,3 +39,11 @@ def pytest_collection_modifyitems(config, items):
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The ``openai`` client of the module's ``server`` fixture (the serving tests)."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
