@@ -63,9 +63,22 @@ def model_spec(name: str) -> tuple[str, dict]:
     raise ValueError(name)
 
 
+def save_random_checkpoint(cls_name: str, kw: dict, out: Path, seed: int) -> None:
+    """A random-init model of transformers' config class ``cls_name`` (``kw``), saved to ``out`` in bfloat16."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**kw), dtype=torch.float32)
+    model = model.to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    del model
+    gc.collect()
+
+
 def ensure_checkpoint(name: str, cache_dir: Path, seed: int) -> Path:
     """Build (once) a random-init checkpoint with ``from_config`` and save it in bfloat16."""
-    import transformers
 
     cls_name, kw = model_spec(name)
     meta = {"class": cls_name, "config": kw, "seed": seed, "dtype": "bfloat16"}
@@ -75,15 +88,7 @@ def ensure_checkpoint(name: str, cache_dir: Path, seed: int) -> Path:
         return out
     print(f"[build] {name}: random init (seed {seed}) -> {out}", flush=True)
     t0 = time.perf_counter()
-    cfg = getattr(transformers, cls_name)(**kw)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    model = model.to(torch.bfloat16)
-    model.config.dtype = torch.bfloat16
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    del model
-    gc.collect()
+    save_random_checkpoint(cls_name, kw, out, seed)
     meta_path.write_text(json.dumps(meta, indent=1))
     print(f"[build] {name}: done in {time.perf_counter() - t0:.1f}s", flush=True)
     return out

@@ -3,7 +3,6 @@ with transformers and cached; their active bytes per token (from the safetensors
 GGUF conversion for llama.cpp (llama.cpp's own converter, as bench_quant.py runs it)."""
 from __future__ import annotations
 
-import gc
 import json
 import subprocess
 import sys
@@ -49,8 +48,6 @@ def shape(name: str, quick: bool) -> tuple[str, dict]:
 
 def ensure_checkpoint(name: str, quick: bool, cache_dir: Path, seed: int) -> Path:
     """Build (once) a random-init checkpoint in bfloat16; rebuilt when its recipe changes."""
-    import torch
-    import transformers
 
     cls_name, kw = shape(name, quick)
     extra = CONFIG_EXTRA.get(name, {})
@@ -61,14 +58,9 @@ def ensure_checkpoint(name: str, quick: bool, cache_dir: Path, seed: int) -> Pat
         return out
     print(f"[build] {out.name}: random init (seed {seed}) -> {out}", flush=True)
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**kw), dtype=torch.float32)
-    model = model.to(torch.bfloat16)
-    model.config.dtype = torch.bfloat16
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    del model
-    gc.collect()
+    from bench_generate import save_random_checkpoint
+
+    save_random_checkpoint(cls_name, kw, out, seed)
     cfg_path = out / "config.json"
     # every key of the recipe stays in config.json (save_pretrained drops some at their defaults)
     cfg_path.write_text(json.dumps(json.loads(cfg_path.read_text()) | kw | extra, indent=2))
