@@ -246,3 +246,28 @@ def test_mtp_on_a_non_deepseek_checkpoint_is_refused(checkpoint, tmp_path):
 def test_kv_cache_spec_is_the_targets_layout(mtp_path, checkpoint):
     llm = LLM(str(checkpoint("deepseek_v3")), dtype="float32")
     assert _load(mtp_path).kv_cache_spec() == llm.engine.model.kv_cache_spec()[:1]
+
+
+def test_packed_experts_mtp_equals_the_reference_on_its_dequantized_weights(mtp_path, tmp_path):
+    """A `moe quantize` output keeps the MTP layer (its experts packed like the others') and it loads
+    through the target's experts plan."""
+    from dataclasses import replace
+
+    from experts.formats import Int8Weights
+    from experts.quant_layer import QuantGroupedExperts
+    from moe.models.quant_weights import plan_experts
+    from moe.quantize import quantize_checkpoint
+    from test_quant_engine import dequantized_copy
+
+    fmt = Int8Weights(32)
+    quantize_checkpoint(mtp_path, tmp_path / "q", fmt)
+    hf = read_config_json(tmp_path / "q")
+    init_single_process()
+    cfg = replace(parse_config(hf), experts=plan_experts(hf))
+    mtp = load_mtp(tmp_path / "q", cfg, torch.float32, "cpu")
+    assert isinstance(mtp.layers[0].mlp.experts, QuantGroupedExperts)
+    chunks = [5, 2, 1]
+    seqs = [_sequence(5, sum(chunks))]
+    got = paged_logits(mtp, seqs, chunks)[0]
+    want = reference_logits(dequantized_copy(tmp_path / "q", tmp_path / "dq", fmt), *seqs[0])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
