@@ -51,10 +51,15 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def reference_logits(path: Path, tokens: torch.Tensor, hidden_TD: torch.Tensor) -> torch.Tensor:
-    """Row i: the logits of t_{i+2} from t_{i+1} = ``tokens[i + 1]`` and h_i = ``hidden_TD[i]`` at position
-    i, the whole sequence in one causal pass (DeepSeek-V3 report, section 2.2, embedding first in
-    eh_proj as the published weights are laid out). The decoder layer is transformers' DeepseekV3 layer,
-    fed the checkpoint's layer-N tensors."""
+    return reference(path, tokens, hidden_TD)[1]
+
+
+def reference(path: Path, tokens: torch.Tensor, hidden_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out_TD, logits_TV)``. Row i: ``out`` (after shared_head.norm) and the logits of t_{i+2}, from
+    t_{i+1} = ``tokens[i + 1]`` and h_i = ``hidden_TD[i]`` at position i, the whole sequence in one
+    causal pass (DeepSeek-V3 report, section 2.2, embedding first in eh_proj as the published weights
+    are laid out). The decoder layer is transformers' DeepseekV3 layer, fed the checkpoint's layer-N
+    tensors; the MTP fusion, norms and head are written out here."""
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import (DeepseekV3DecoderLayer,
                                                                       DeepseekV3RotaryEmbedding)
@@ -84,7 +89,8 @@ def reference_logits(path: Path, tokens: torch.Tensor, hidden_TD: torch.Tensor) 
     with torch.no_grad():
         y = layer(x[None], attention_mask=mask, position_ids=pos,
                   position_embeddings=DeepseekV3RotaryEmbedding(hf)(x[None], pos))[0]
-    return rms(y, w[MTP + "shared_head.norm.weight"]) @ head.T
+    out = rms(y, w[MTP + "shared_head.norm.weight"])
+    return out, out @ head.T
 
 
 def paged_logits(mtp: MTPModel, seqs: list[tuple[torch.Tensor, torch.Tensor]], chunks: list[int],
@@ -271,3 +277,24 @@ def test_packed_experts_mtp_equals_the_reference_on_its_dequantized_weights(mtp_
     got = paged_logits(mtp, seqs, chunks)[0]
     want = reference_logits(dequantized_copy(tmp_path / "q", tmp_path / "dq", fmt), *seqs[0])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_second_draft_step_feeds_the_mtp_output_back(mtp_path):
+    """K = 2 drafts: after the rows of the target's hidden states, a draft row at the next position
+    takes the first draft token and the MTP's own output as its hidden state; it attends to the cached
+    rows and equals the reference over the extended sequence."""
+    mtp = _load(mtp_path)
+    tokens, hidden = _sequence(6, 7)
+    caches = [spec.allocate(4, 4, torch.float32, "cpu") for spec in mtp.kv_cache_spec()]
+    table = [[2, 0, 3]]
+    with torch.no_grad():
+        meta = AttentionMetadata.build([7], [7], table, 4)
+        out = mtp(tokens[1:8], hidden, torch.arange(7), ForwardContext(meta, caches))
+        draft = mtp.compute_logits(out[-1:]).argmax(-1)
+        meta = AttentionMetadata.build([1], [8], table, 4)
+        out2 = mtp(draft, out[-1:], torch.tensor([7]), ForwardContext(meta, caches))
+        logits2 = mtp.compute_logits(out2)
+    ref_out, _ = reference(mtp_path, tokens, hidden)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    _, ref_logits2 = reference(mtp_path, torch.cat([tokens, draft]), torch.cat([hidden, ref_out[-1:]]))
+    torch.testing.assert_close(logits2, ref_logits2[-1:], rtol=1e-4, atol=1e-4)
