@@ -71,8 +71,7 @@ class MTPLayer(DecoderLayer):
                 ctx: ForwardContext) -> torch.Tensor:
         """``shared_head.norm`` of the layer's output for embeddings of t_{i+1} and hidden states h_i."""
         h_TD = self.eh_proj(torch.cat([self.enorm(embeds_TD), self.hnorm(prev_hidden_TD)], dim=-1))
-        _, out_TD = DecoderLayer.forward(self, positions_T, h_TD, self.input_layernorm(h_TD), ctx,
-                                         self.shared_head.norm)
+        _, out_TD = super().forward(positions_T, h_TD, self.input_layernorm(h_TD), ctx, self.shared_head.norm)
         return out_TD
 
 
@@ -125,13 +124,6 @@ class MTPModel(nn.Module):
 
     def sparse_layers(self) -> list[SparseMoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
-
-    def share_target_weights(self, target: nn.Module) -> None:
-        """Use the target's embedding (and its LM head for layers without their own) instead of copies.
-        Call before loading; the loader then skips those tensors."""
-        self.embed_tokens = target.embed_tokens
-        if self.lm_head is not None:
-            self.lm_head = target.lm_head
 
 
 def published_tensor_shapes(cfg: ModelConfig, first_layer: int, layer: int,
