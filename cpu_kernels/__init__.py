@@ -6,6 +6,8 @@ One binding module per C file, each kernel's torch reference beside its binding:
 - :mod:`.elementwise`: rotary embedding, SwiGLU's ``silu(gate) * up``, RMSNorm and add+RMSNorm,
   cache row writes, transposed logits to float32, the router's selection.
 - :mod:`.gemv`: bf16 matrix-vector products for one-row decode; one token through its experts.
+- :mod:`.gemm`: bf16 GEMMs (one projection, or one per expert over expert-major rows) for CPUs
+  without a fast bf16 GEMM (AVX2 + FMA).
 - :mod:`.amx`: the GEMMs of 2-64-row steps on AMX tiles (projections, experts, a whole local MoE
   layer, MLA's per-head GEMMs).
 - :mod:`.fused`: a whole attention sub-layer (MLA, GQA) of one decode token.
@@ -19,6 +21,7 @@ from .amx import AMX_MAX_ROWS, amx_available, amx_experts, amx_heads, amx_linear
 from .build import load, set_malloc_thresholds
 from .elementwise import add_rms_norm, rms_norm, rope_, route_select, silu_mul, transpose_to_float, write_rows
 from .fused import gqa_token, mla_token
+from .gemm import grouped_gemm
 from .gemv import Residual, expert_token, gemv, heads_vec, moe_token
 from .paged_decode import paged_decode_attention, supports_decode
 from .quant import (Q8_GEMM_MAX_ROWS, Q_FP8, Q_INT8, q4_dequant, q4_gemm, q8_available, q8_dequant, q8_gemm,
@@ -27,7 +30,7 @@ from .quant import (Q8_GEMM_MAX_ROWS, Q_FP8, Q_INT8, q4_dequant, q4_gemm, q8_ava
 __all__ = [
     "load", "set_malloc_thresholds", "supports_decode", "paged_decode_attention",
     "rope_", "silu_mul", "rms_norm", "add_rms_norm", "write_rows", "transpose_to_float", "route_select",
-    "gemv", "expert_token", "moe_token", "heads_vec", "Residual",
+    "grouped_gemm", "gemv", "expert_token", "moe_token", "heads_vec", "Residual",
     "AMX_MAX_ROWS", "amx_available", "amx_experts", "amx_moe", "amx_moe_packed", "amx_linear", "amx_heads",
     "mla_token", "gqa_token",
     "Q_INT8", "Q_FP8", "Q8_GEMM_MAX_ROWS", "q8_available", "q8_gemm", "q8_dequant", "q4_gemm", "q4_dequant",

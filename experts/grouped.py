@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import cpu_kernels
-from ops import ROW_BUCKET, bmm, linear, pad_rows, padded_rows, silu_mul
+from ops import ROW_BUCKET, bmm, grouped_linear, linear, pad_rows, padded_rows, silu_mul
 
 from .reference import swiglu
 
@@ -46,6 +46,11 @@ def grouped_swiglu_torch(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.
     if (x_RD.device.type == "cpu" and b13_e2F is None and b2_eD is None and act.alpha is None and act.limit is None
             and 0 < max(counts, default=0)):
         y_RD = cpu_kernels.amx_experts(x_RD, counts, w13_e2FD, w2_eDF)  # decode-sized groups on AMX tiles
+        if y_RD is not None:
+            return y_RD
+    h = grouped_linear(x_RD, w13_e2FD, counts, b13_e2F)  # every expert in one call, where native (AVX2)
+    if h is not None:
+        y_RD = grouped_linear(fused_swiglu(h, act), w2_eDF, counts, b2_eD)
         if y_RD is not None:
             return y_RD
     y_RD = torch.empty(x_RD.shape[0], w2_eDF.shape[1], dtype=x_RD.dtype, device=x_RD.device)

@@ -5,6 +5,7 @@ oneDNN's per-shape kernel builds. The tiers of :func:`linear` on CPU, by row cou
 
 - ``m == 1``: a matrix-vector product (bf16: :func:`cpu_kernels.gemv`, else ``torch.mv``);
 - ``2 <= m <= 64``, bf16: :func:`cpu_kernels.amx_linear` where the CPU has AMX;
+- ``m >= 2``, bf16, a CPU without a fast bf16 GEMM (AVX2): :func:`cpu_kernels.grouped_gemm`;
 - ``m <= SMALL_M``: ``w @ x.T`` (returned as a transposed view), rows padded to :func:`padded_rows`;
 - more rows: ``F.linear`` on rows padded to :func:`padded_rows`.
 
@@ -42,6 +43,19 @@ def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a, b)
 
 
+def grouped_linear(x_RK: torch.Tensor, w_ENK: torch.Tensor, counts: list[int],
+                   b_EN: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``x[rows of e] @ w[e].T (+ b[e])`` over expert-major rows in one call, where the CPU has a
+    native kernel for it and no fast bf16 GEMM (:func:`cpu_kernels.grouped_gemm`: bf16 on AVX2 +
+    FMA); None elsewhere (the caller runs its per-expert GEMMs)."""
+    if not (BF16_GEMM_IN_FLOAT32 and x_RK.dtype == torch.bfloat16 and x_RK.device.type == "cpu"):
+        return None
+    y = cpu_kernels.grouped_gemm(x_RK, w_ENK, counts)
+    if y is not None and b_EN is not None:
+        y += torch.repeat_interleave(b_EN, torch.as_tensor(counts), dim=0)
+    return y
+
+
 def padded_rows(m: int) -> int:
     """The row count a CPU GEMM of ``m`` rows runs with. oneDNN builds (JIT-compiles) a kernel for
     every new shape, ~5-14 ms each at these sizes, and its cache holds 1024 of them; prefill chunks
@@ -67,6 +81,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
             y = cpu_kernels.amx_linear(x if x.stride(-1) == 1 else x.contiguous(), w, b)  # AMX tiles, row-major
             if y is not None:
                 return y
+        if m > 1 and BF16_GEMM_IN_FLOAT32 and x.dtype == torch.bfloat16:
+            y = cpu_kernels.grouped_gemm(x, w.unsqueeze(0), [m])  # weight widened in cache, read once
+            if y is not None:
+                return y + b if b is not None else y
         mp = padded_rows(m)
         if mp != m:  # padded in x's own layout (oneDNN builds a kernel per shape *and* layout)
             if x.stride(0) == 1 and m > 1:  # a transposed view (what the few-row GEMMs return)
@@ -102,6 +120,9 @@ def lm_head_logits(h_TD: torch.Tensor, w_VD: torch.Tensor) -> torch.Tensor:
     logits = None
     if cpu_rows and 1 < M <= cpu_kernels.AMX_MAX_ROWS:
         logits = cpu_kernels.amx_linear(h_TD, w_VD, out_float=True)
+    if logits is None and cpu_rows and M > 1 and BF16_GEMM_IN_FLOAT32 and h_TD.dtype == torch.bfloat16:
+        logits = cpu_kernels.grouped_gemm(h_TD, w_VD.unsqueeze(0), [M])  # rounded once, as the bf16 GEMM below
+        logits = logits.float() if logits is not None else None
     if logits is None and cpu_rows and M > 1:
         mp = padded_rows(M)
         hp = pad_rows(h_TD, mp) if mp != M else h_TD
