@@ -174,3 +174,16 @@ def test_cache_salt_and_embedded_chat_template(client, llm):
     want = llm.chat(messages, SamplingParams(max_tokens=10, temperature=0.0))[0].outputs[0].text
     got = client.chat.completions.create(model="default", messages=messages, max_tokens=10, temperature=0.0)
     assert got.choices[0].message.content == want
+
+
+def test_logprobs_without_a_tokenizer_name_token_ids():
+    """A checkpoint without tokenizer.json: logprobs name tokens ``token_id:N`` (vLLM's form), not a 500."""
+    from moe.serving.streaming import chat_logprobs, completion_logprobs
+
+    lp = completion_logprobs(None, [5, 7], [{5: -0.1, 9: -2.0}, {7: -0.5, 3: -1.0}], 2, 0)
+    assert lp["tokens"] == ["token_id:5", "token_id:7"] and lp["token_logprobs"] == [-0.1, -0.5]
+    assert lp["top_logprobs"][0] == {"token_id:5": -0.1, "token_id:9": -2.0}
+    assert lp["text_offset"] == [0, len("token_id:5")]
+    (item,) = chat_logprobs(None, [5], [{5: -0.1, 9: -2.0}], 1)["content"]
+    assert item["token"] == "token_id:5" and item["bytes"] == list(b"token_id:5")
+    assert item["top_logprobs"] == [{"token": "token_id:5", "logprob": -0.1, "bytes": list(b"token_id:5")}]

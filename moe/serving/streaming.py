@@ -54,14 +54,20 @@ def _top(entry: dict[int, float], n: int) -> list[tuple[int, float]]:
     return sorted(entry.items(), key=lambda kv: -kv[1])[:n]
 
 
+def token_text(tok, t: int) -> str:
+    """One token's text for logprobs; ``token_id:N`` (vLLM's form for token ids as tokens) when the
+    checkpoint has no tokenizer."""
+    return tok.decode([t], skip_special_tokens=False) if tok is not None else f"token_id:{t}"
+
+
 def completion_logprobs(tok, token_ids: list[int], lps: list[dict[int, float]], n: int, offset: int) -> dict:
     """OpenAI's legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
     tokens, token_lps, tops, offsets = [], [], [], []
     for t, entry in zip(token_ids, lps):
-        s = tok.decode([t], skip_special_tokens=False)
+        s = token_text(tok, t)
         tokens.append(s)
         token_lps.append(entry.get(t))
-        tops.append({tok.decode([k], skip_special_tokens=False): v for k, v in _top(entry, n)} if n else None)
+        tops.append({token_text(tok, k): v for k, v in _top(entry, n)} if n else None)
         offsets.append(offset)
         offset += len(s)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
@@ -70,7 +76,7 @@ def completion_logprobs(tok, token_ids: list[int], lps: list[dict[int, float]], 
 def chat_logprobs(tok, token_ids: list[int], lps: list[dict[int, float]], n: int) -> dict:
     """OpenAI's chat shape: ``{"content": [{token, logprob, bytes, top_logprobs: [...]}]}``."""
     def item(t: int, lp: float | None) -> dict:
-        s = tok.decode([t], skip_special_tokens=False)
+        s = token_text(tok, t)
         return {"token": s, "logprob": lp, "bytes": list(s.encode())}
 
     content = []
