@@ -1,0 +1,157 @@
+"""Draft-model speculation: a small checkpoint with the target's vocabulary drafts, the target verifies.
+
+KV cache: the drafter has its own cache tensors with the target's block size and number of
+blocks, and uses the target's block tables (as vLLM does for its KV cache groups). So the block
+manager's allocations, frees, preemptions and prefix-cache hits cover both models at once; the
+engine budgets both models' bytes per token when it sizes the cache.
+
+The drafter keeps its cache complete where the target's is: it runs over every token the target
+runs (prompt chunks, plain decode rows) in :meth:`DraftModel.catch_up`, called by the model runner
+after each target step. Drafting (:meth:`DraftModelProposer.propose`, called by the scheduler once
+a step's blocks are allocated) runs K one-row steps per sequence, batched over the speculating
+sequences: step ``j`` feeds the last token (j = 0) or draft ``j`` at position ``computed + j``
+and writes its K/V there. The target's verify rows are ``[last, d_1 .. d_K]`` at the same
+positions, so the drafter already holds the K/V of all but ``d_K``; catch-up runs that one row.
+Rejected rows' K/V lie past the computed length in both caches and are overwritten later.
+
+Greedy requests draft the drafter's argmax; sampled requests draw from the drafter's distribution
+after the request's temperature / top-k / top-p / min-p (the same filtering the target's rows
+get), and keep it (q) for rejection sampling (:meth:`moe.sampler.Sampler.verify_draft`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from kvcache import AttentionMetadata
+
+from .config import read_config_json
+from .cpu_decode import CapturedDecode
+from .loader import load_weights
+from .models import ForwardContext, MoECausalLM, parse_config, rules_for
+from .models.quant_weights import checkpoint_rules, plan_experts
+from .sampler import draw_token, filtered_probs
+from .scheduler import ScheduledBatch
+from .sequence import Sequence
+from .spec_cost import SpecCostModel
+from .spec_decode import Draft, draft_room
+
+
+class DraftModel:
+    """The drafter's weights and KV cache, and its forward over rows given by position."""
+
+    def __init__(self, path: str | Path, target_vocab_size: int, dtype: torch.dtype, device: torch.device):
+        hf = read_config_json(path)
+        plan = plan_experts(hf)  # the checkpoint's own format (packed experts load as such)
+        self.cfg = cfg = replace(parse_config(hf), experts=plan)
+        if cfg.vocab_size != target_vocab_size:
+            raise ValueError(f"the drafter {str(path)!r} has vocab_size {cfg.vocab_size} but the target has "
+                             f"{target_vocab_size}: a drafter must share the target's vocabulary (train one "
+                             "from the target with `moe distill --student draft`)")
+        self.device = device
+        with torch.device(device):
+            self.model = MoECausalLM(cfg, dtype)
+        load_weights(self.model, path, checkpoint_rules(plan, rules_for(cfg.architecture), path), cfg.num_layers,
+                     cfg.tie_word_embeddings)
+        self.model.eval()
+        self.dtype = dtype
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.block_size = 0
+        self.captured: CapturedDecode | None = None
+        self.num_tokens_run = 0
+
+    def kv_bytes_per_token(self, fp8: bool) -> int:
+        return sum(s.bytes_per_token(self.dtype, fp8) for s in self.model.kv_cache_spec())
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, fp8: bool) -> None:
+        """Cache tensors of the target's shape in blocks: the same block ids mean the same tokens."""
+        self.block_size = block_size
+        self.kv_caches = [s.allocate(num_blocks, block_size, self.dtype, self.device, fp8)
+                          for s in self.model.kv_cache_spec()]
+        self.captured = CapturedDecode.capture(self.model, self.kv_caches)
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int], positions: list[int], query_lens: list[int], context_lens: list[int],
+                block_tables: list[list[int]]) -> torch.Tensor:
+        """Hidden states of the rows (sequence by sequence, ``query_lens`` each, ending at ``context_lens``)."""
+        meta = AttentionMetadata.build(query_lens, context_lens, block_tables, self.block_size, self.device)
+        ctx = ForwardContext(meta, self.kv_caches)
+        ids_T = torch.tensor(ids, dtype=torch.long, device=self.device)
+        pos_T = torch.tensor(positions, dtype=torch.long, device=self.device)
+        self.num_tokens_run += len(ids)
+        if self.captured is not None and len(ids) == 1:
+            return self.captured(ids_T, pos_T, ctx)
+        return self.model(ids_T, pos_T, ctx)
+
+    def catch_up(self, batch: ScheduledBatch) -> None:
+        """Write the K/V of the rows the target just ran that the drafting steps did not: every row
+        of a sequence without a draft, the last draft token of one with a draft."""
+        ids: list[int] = []
+        positions: list[int] = []
+        qlens: list[int] = []
+        clens: list[int] = []
+        tables: list[list[int]] = []
+        for s in batch.seqs:
+            start, n = s.start, s.num_new_tokens
+            if s.draft:
+                ids.append(s.draft[-1])
+                positions.append(start + n - 1)
+                qlens.append(1)
+            else:
+                ids.extend(s.seq.token_ids[start:start + n])
+                positions.extend(range(start, start + n))
+                qlens.append(n)
+            clens.append(start + n)
+            tables.append(s.seq.block_table.blocks)
+        if ids:
+            self.forward(ids, positions, qlens, clens, tables)
+
+
+class DraftModelProposer:
+    """The scheduler's proposer for ``draft_model`` / ``draft``: K batched drafter steps."""
+
+    def __init__(self, drafter: DraftModel, k: int, max_model_len: int, generator: torch.Generator,
+                 cost: SpecCostModel | None = None):
+        self.drafter = drafter
+        self.k = k  # draft tokens per sequence this step (the engine's cost control may lower it)
+        self.max_model_len = max_model_len
+        self.generator = generator  # draws for requests without their own seed (the sampler's)
+        self.cost = cost
+
+    def room(self, seq: Sequence, budget: int) -> int:
+        return min(draft_room(seq, self.k, self.max_model_len), budget)
+
+    @torch.inference_mode()
+    def propose(self, seqs: list[Sequence], rooms: list[int]) -> list[Draft]:
+        tokens: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        for j in range(max(rooms, default=0)):
+            active = [b for b, r in enumerate(rooms) if r > j]
+            ids = [tokens[b][-1] if j else seqs[b].token_ids[-1] for b in active]
+            positions = [seqs[b].num_computed_tokens + j for b in active]
+            t0 = time.perf_counter()
+            hidden = self.drafter.forward(ids, positions, [1] * len(active), [p + 1 for p in positions],
+                                          [seqs[b].block_table.blocks for b in active])
+            logits = self.drafter.model.compute_logits(hidden).cpu()
+            self._pick(logits, [seqs[b] for b in active], [tokens[b] for b in active], [probs[b] for b in active])
+            if self.cost is not None:
+                self.cost.observe_draft(len(active), time.perf_counter() - t0)
+        return [Draft(tuple(t), torch.stack(q) if q else None) for t, q in zip(tokens, probs)]
+
+    def _pick(self, logits_BV: torch.Tensor, seqs: list[Sequence], tokens: list[list[int]],
+              probs: list[list[torch.Tensor]]) -> None:
+        """Append each sequence's next draft token: the argmax for greedy requests, else a draw from
+        the filtered distribution q (kept for verification)."""
+        greedy = logits_BV.max(dim=-1).indices.tolist()
+        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        q_SV = filtered_probs(logits_BV[sampled], [seqs[i].params for i in sampled]) if sampled else None
+        for i, seq in enumerate(seqs):
+            if seq.params.greedy:
+                tokens[i].append(greedy[i])
+        for r, i in enumerate(sampled):
+            q_V = q_SV[r]
+            tokens[i].append(draw_token(q_V, seqs[i].generator or self.generator))
+            probs[i].append(q_V)
