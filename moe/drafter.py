@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -38,6 +39,19 @@ from .scheduler import ScheduledBatch
 from .sequence import Sequence
 from .spec_cost import SpecCostModel
 from .spec_decode import Draft, draft_room
+
+
+class Drafter(Protocol):
+    """What the engine asks of a drafter: a draft model (:class:`DraftModel`); an MTP layer, which
+    reads the target's hidden states, fits the same four calls."""
+
+    def kv_bytes_per_token(self, fp8: bool) -> int: ...
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, fp8: bool) -> None: ...
+
+    def step(self, seqs: list[Sequence], ids: list[int], positions: list[int]) -> torch.Tensor: ...
+
+    def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, accepted: dict[int, int]) -> None: ...
 
 
 class DraftModel:
@@ -86,9 +100,18 @@ class DraftModel:
             return self.captured(ids_T, pos_T, ctx)
         return self.model(ids_T, pos_T, ctx)
 
-    def catch_up(self, batch: ScheduledBatch) -> None:
-        """Write the K/V of the rows the target just ran that the drafting steps did not: every row
-        of a sequence without a draft, the last draft token of one with a draft."""
+    def step(self, seqs: list[Sequence], ids: list[int], positions: list[int]) -> torch.Tensor:
+        """One drafting step, one row per sequence (its ``ids`` at ``positions``): ``[B, V]`` float logits."""
+        hidden = self.forward(ids, positions, [1] * len(ids), [p + 1 for p in positions],
+                              [s.block_table.blocks for s in seqs])
+        return self.model.compute_logits(hidden).cpu()
+
+    def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, accepted: dict[int, int]) -> None:
+        """After a target step: write the K/V of the rows the target just ran that the drafting
+        steps did not: every row of a sequence without a draft, the last draft token of one with a
+        draft. (``hidden_TD``, the target's hidden states of the step's rows in batch order, and
+        ``accepted``, drafts accepted per batch index, are for drafters that run on the target's
+        hidden states, such as an MTP layer; a draft model needs only the tokens.)"""
         ids: list[int] = []
         positions: list[int] = []
         qlens: list[int] = []
@@ -113,7 +136,7 @@ class DraftModel:
 class DraftModelProposer:
     """The scheduler's proposer for ``draft_model`` / ``draft``: K batched drafter steps."""
 
-    def __init__(self, drafter: DraftModel, k: int, max_model_len: int, generator: torch.Generator,
+    def __init__(self, drafter: Drafter, k: int, max_model_len: int, generator: torch.Generator,
                  cost: SpecCostModel | None = None):
         self.drafter = drafter
         self.k = k  # draft tokens per sequence this step (the engine's cost control may lower it)
@@ -133,9 +156,7 @@ class DraftModelProposer:
             ids = [tokens[b][-1] if j else seqs[b].token_ids[-1] for b in active]
             positions = [seqs[b].num_computed_tokens + j for b in active]
             t0 = time.perf_counter()
-            hidden = self.drafter.forward(ids, positions, [1] * len(active), [p + 1 for p in positions],
-                                          [seqs[b].block_table.blocks for b in active])
-            logits = self.drafter.model.compute_logits(hidden).cpu()
+            logits = self.drafter.step([seqs[b] for b in active], ids, positions)
             self._pick(logits, [seqs[b] for b in active], [tokens[b] for b in active], [probs[b] for b in active])
             if self.cost is not None:
                 self.cost.observe_draft(len(active), time.perf_counter() - t0)

@@ -18,7 +18,7 @@ import cpu_kernels
 from kvcache import BlockManager, check_kv_cache_dtype
 
 from .config import EngineConfig, ModelConfig, parse_bytes, read_config_json
-from .drafter import DraftModel, DraftModelProposer
+from .drafter import DraftModel, DraftModelProposer, Drafter
 from .loader import load_weights
 from .model_runner import ModelRunner, StepResult
 from .models import MoECausalLM, parse_config, rules_for
@@ -133,7 +133,7 @@ class LLMEngine:
             ids.append(self.tokenizer.eos_token_id)
         return tuple(dict.fromkeys(ids))
 
-    def _load_drafter(self, spec: SpeculativeConfig | None) -> DraftModel | None:
+    def _load_drafter(self, spec: SpeculativeConfig | None) -> Drafter | None:
         if spec is None or not spec.uses_draft_model:
             return None
         if self.parallel.world_size > 1:

@@ -23,7 +23,7 @@ from .sampler import Sampler, SampleResult, top_logprobs
 from .scheduler import ScheduledBatch, partition_batch
 
 if TYPE_CHECKING:
-    from .drafter import DraftModel
+    from .drafter import Drafter
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ Sampled = dict[int, list[tuple[int, dict[int, float] | None]]]  # batch index ->
 
 class ModelRunner:
     def __init__(self, model: MoECausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
-                 sampler: Sampler, device: torch.device, drafter: DraftModel | None = None):
+                 sampler: Sampler, device: torch.device, drafter: Drafter | None = None):
         self.model = model
         # draft-model speculation: runs over the rows of every step too, so its cache stays complete
         self.drafter = drafter
@@ -85,13 +85,13 @@ class ModelRunner:
         keyed by batch index."""
         inputs = self._prepare(batch)
         hidden = self._run_model(inputs)
-        if self.drafter is not None:
-            self.drafter.catch_up(batch)
         sampled: Sampled = {}
         if inputs.all_idx:
             logits = self._sampling_logits(inputs, hidden)
             sampled = self._sample(batch, inputs, logits, eos_ids)
             sampled.update(self._verify_drafts(batch, inputs, logits))
+        if self.drafter is not None:  # (after verification: a drafter may want the accepted rows' hidden states)
+            self.drafter.catch_up(batch, hidden, {b: len(rows) - 1 for b, rows in sampled.items()})
         return StepResult(sampled, self._prompt_logprobs(batch, inputs, hidden))
 
     def _prepare(self, batch: ScheduledBatch) -> StepInputs:
