@@ -4,16 +4,20 @@ Drafting pays only while verifying is cheap: on an MoE target a verify step of K
 sequence reads the experts of all those rows, and the drafter's K steps cost time too. With
 ``c_i`` the measured chance that draft position i is accepted once reached, a step with K
 drafts yields on average ``E(K) = 1 + sum_{j<=K} prod_{i<=j} c_i`` tokens per sequence and
-costs ``verify(K) + K * draft`` seconds; plain decoding (K = 0) yields 1 token for
-``verify(0)``. The engine takes the K with the most tokens per second.
+costs ``verify(K) + K * draft`` seconds; K = 0 yields 1 token for ``verify(0)`` (a target
+step plus the drafter's one catch-up row per sequence: the drafter runs over every token). The
+engine takes the K with the most tokens per second.
 
-Costs depend on the batch size, so they are kept per batch-size bucket (powers of two). A
-bucket learns ``verify(0)`` and ``verify(K_max)`` by running each once; other K are
-interpolated linearly in K until measured. While K = 0 wins, every ``probe_every``-th step
+Costs depend on the batch size, so they are kept per batch-size bucket (powers of two), each
+as the median of its recent timings (after a first, warm-up one). A bucket learns
+``verify(0)`` and ``verify(K_max)`` first; other K are interpolated linearly in K until
+measured. While K = 0 wins, every ``probe_every``-th step
 still drafts K_max, so that the acceptance estimates (and the costs) stay current.
 """
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 
@@ -23,21 +27,30 @@ def batch_bucket(batch_size: int) -> int:
 
 
 @dataclass
-class _Ema:
-    value: float | None = None
+class _Timing:
+    """Recent timings of one kind of step. The first is dropped (it pays one-time kernel builds
+    for its shapes); the median of the rest ignores steps slowed by a busy machine."""
 
-    def add(self, x: float, weight: float) -> None:
-        self.value = x if self.value is None else (1 - weight) * self.value + weight * x
+    recent: deque = field(default_factory=lambda: deque(maxlen=9))
+    seen: int = 0
+
+    def add(self, seconds: float) -> None:
+        self.seen += 1
+        if self.seen > 1:
+            self.recent.append(seconds)
+
+    @property
+    def value(self) -> float | None:
+        return statistics.median(self.recent) if self.recent else None
 
 
 @dataclass
 class SpecCostModel:
     max_k: int
-    ema_weight: float = 0.2  # weight of a new timing in its running average
     probe_every: int = 16  # at K = 0, draft K_max every this many steps
     prior_acceptance: float = 0.8  # before anything was verified at a position
-    _verify: dict[tuple[int, int], _Ema] = field(default_factory=dict)  # (bucket, K) -> seconds per step
-    _draft: dict[int, _Ema] = field(default_factory=dict)  # bucket -> seconds per batched drafter step
+    _verify: dict[tuple[int, int], _Timing] = field(default_factory=dict)  # (bucket, K) -> seconds per step
+    _draft: dict[int, _Timing] = field(default_factory=dict)  # bucket -> seconds per batched drafter step
     _reached: list[int] = field(default_factory=list)  # per draft position: drafts that got that far
     _accepted: list[int] = field(default_factory=list)
     _plain_steps: int = 0
@@ -51,11 +64,11 @@ class SpecCostModel:
     # ---- observations (cheap: a few dict updates per step) ---------------------------------
     def observe_verify(self, k: int, batch_size: int, seconds: float) -> None:
         """A target step (with the drafter's catch-up rows) where every sequence verified ``k`` drafts."""
-        self._verify.setdefault((batch_bucket(batch_size), k), _Ema()).add(seconds, self.ema_weight)
+        self._verify.setdefault((batch_bucket(batch_size), k), _Timing()).add(seconds)
 
     def observe_draft(self, batch_size: int, seconds: float) -> None:
         """One batched drafter step over ``batch_size`` sequences."""
-        self._draft.setdefault(batch_bucket(batch_size), _Ema()).add(seconds, self.ema_weight)
+        self._draft.setdefault(batch_bucket(batch_size), _Timing()).add(seconds)
 
     def observe_acceptance(self, draft_len: int, accepted: int) -> None:
         """One sequence's verified draft of ``draft_len`` tokens of which the first ``accepted`` passed."""
@@ -83,20 +96,20 @@ class SpecCostModel:
     def step_cost(self, k: int, batch_size: int) -> float | None:
         """Seconds of a step with ``k`` drafts per sequence (drafting included); None: not known yet."""
         b = batch_bucket(batch_size)
-        verify = self._verify.get((b, k))
-        if verify is None:
-            lo, hi = self._verify.get((b, 0)), self._verify.get((b, self.max_k))
+        v = self._seconds(self._verify.get((b, k)))
+        if v is None:
+            lo, hi = self._seconds(self._verify.get((b, 0))), self._seconds(self._verify.get((b, self.max_k)))
             if lo is None or hi is None:
                 return None
-            v = lo.value + (hi.value - lo.value) * k / self.max_k  # linear in rows until measured
-        else:
-            v = verify.value
+            v = lo + (hi - lo) * k / self.max_k  # linear in rows until measured
         if k == 0:
             return v
-        draft = self._draft.get(b)
-        if draft is None:
-            return None
-        return v + k * draft.value
+        draft = self._seconds(self._draft.get(b))
+        return None if draft is None else v + k * draft
+
+    @staticmethod
+    def _seconds(timing: _Timing | None) -> float | None:
+        return None if timing is None else timing.value
 
     def choose_k(self, batch_size: int) -> int:
         """The K with the most tokens per second for this batch size; unmeasured ends first."""
