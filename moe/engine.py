@@ -118,6 +118,9 @@ class LLMEngine:
             from .warmup import warm_up
 
             shapes, self.warmup_s = warm_up(self.model, config.max_num_batched_tokens, config.max_num_seqs)
+            if isinstance(self.drafter, DraftModel):  # its steps bring its own shapes
+                more, seconds = warm_up(self.drafter.model, config.max_num_batched_tokens, config.max_num_seqs)
+                shapes, self.warmup_s = shapes + more, self.warmup_s + seconds
             log.info("warm-up: %d GEMM shapes in %.1f s", shapes, self.warmup_s)
 
     # ---- set-up -------------------------------------------------------------------------

@@ -153,6 +153,25 @@ def test_drafter_cache_survives_preemption_and_prefix_hits(checkpoint):
     assert s.num_draft_tokens > 0 and s.acceptance_rate == 1.0
 
 
+def test_sampled_samples_sharing_a_prompt_accept_their_own_model(checkpoint):
+    """n = 3 sampled samples of one prompt (samples 1, 2 take sample 0's prompt blocks from the
+    prefix cache, the drafter's K/V with them): with the target as drafter, q = p up to rounding,
+    so rejection sampling accepts (nearly) every draft; outputs are reproducible."""
+    target = checkpoint("deepseek_v3")
+    prompt = {"prompt_token_ids": list(range(10, 50))}
+    sp = SamplingParams(n=3, temperature=0.9, top_p=0.95, seed=21, max_tokens=17, ignore_eos=True)
+    runs = []
+    for _ in range(2):
+        llm = LLM(str(target), dtype="float32", block_size=8, speculative_config=_spec(target, 4))
+        out = llm.generate(prompt, sp)[0]
+        runs.append([c.token_ids for c in out.outputs])
+        assert [len(t) for t in runs[-1]] == [17] * 3
+        assert llm.engine.block_manager.prefix_hit_tokens >= 2 * 32
+        s = llm.engine.spec_stats()
+        assert s.num_draft_tokens >= 3 * 3 * 4 and s.acceptance_rate > 0.97, s.summary()
+    assert runs[0] == runs[1] and runs[0][0] != runs[0][1]
+
+
 def test_kv_cache_budget_counts_the_drafter(checkpoint, drafters):
     target = checkpoint("mixtral")
     plain = LLM(str(target), dtype="float32").engine.kv_bytes_per_token()
