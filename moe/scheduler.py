@@ -7,6 +7,11 @@ needs a block and none is free, the most recently admitted sequence is preempted
 are freed and it goes back to the front of the queue, to be recomputed later (its tokens so
 far are kept, so its output is unchanged).
 
+Speculative decoding (moe.spec_decode): a decoding sequence may reserve budget and KV blocks
+for the draft its proposer will make (``proposer.room``); once every running sequence is placed,
+the proposer drafts for all the reserving ones in one call (a draft model runs its steps
+batched over them, writing its K/V into the blocks just allocated).
+
 A request with ``n`` > 1 samples is ``n`` sequences; samples 1..n-1 are admitted once sample 0
 has computed its prompt, so that they take its full prompt blocks from the prefix cache (shared,
 ref-counted) and compute only the prompt's last partial block.

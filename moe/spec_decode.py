@@ -131,6 +131,8 @@ class Proposer(Protocol):
     """What the scheduler asks of a proposer. ``room`` is called while the batch is built (it
     reserves token budget and KV blocks), ``propose`` once for all chosen sequences after it."""
 
+    k: int  # draft tokens per sequence at most, this step
+
     def room(self, seq: Sequence, budget: int) -> int: ...
 
     def propose(self, seqs: list[Sequence], rooms: list[int]) -> list[Draft]: ...
