@@ -11,8 +11,9 @@ after each target step. Drafting (:meth:`DraftModelProposer.propose`, called by 
 a step's blocks are allocated) runs K one-row steps per sequence, batched over the speculating
 sequences: step ``j`` feeds the last token (j = 0) or draft ``j`` at position ``computed + j``
 and writes its K/V there. The target's verify rows are ``[last, d_1 .. d_K]`` at the same
-positions, so the drafter already holds the K/V of all but ``d_K``; catch-up runs that one row.
-Rejected rows' K/V lie past the computed length in both caches and are overwritten later.
+positions, so the drafter already holds the K/V of all but ``d_K``, which it needs only when the
+whole draft was accepted and then writes in the sequence's next pass. Rejected rows' K/V lie past
+the computed length in both caches and are overwritten later.
 
 Greedy requests draft the drafter's argmax; sampled requests draw from the drafter's distribution
 after the request's temperature / top-k / top-p / min-p (the same filtering the target's rows
@@ -43,7 +44,7 @@ from .spec_decode import Draft, draft_room
 
 class Drafter(Protocol):
     """What the engine asks of a drafter: a draft model (:class:`DraftModel`); an MTP layer, which
-    reads the target's hidden states, fits the same four calls."""
+    reads the target's hidden states, fits the same calls."""
 
     def kv_bytes_per_token(self, fp8: bool) -> int: ...
 
@@ -52,6 +53,8 @@ class Drafter(Protocol):
     def step(self, seqs: list[Sequence], ids: list[int], positions: list[int]) -> torch.Tensor: ...
 
     def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, accepted: dict[int, int]) -> None: ...
+
+    def num_unwritten(self, seq: Sequence) -> int: ...
 
 
 class DraftModel:
@@ -76,6 +79,8 @@ class DraftModel:
         self.block_size = 0
         self.captured: CapturedDecode | None = None
         self.num_tokens_run = 0
+        # id(seq) -> (seq, token, position): a row this drafter owes the sequence (see catch_up)
+        self._unwritten: dict[int, tuple[Sequence, int, int]] = {}
 
     def kv_bytes_per_token(self, fp8: bool) -> int:
         return sum(s.bytes_per_token(self.dtype, fp8) for s in self.model.kv_cache_spec())
@@ -100,37 +105,55 @@ class DraftModel:
             return self.captured(ids_T, pos_T, ctx)
         return self.model(ids_T, pos_T, ctx)
 
+    def num_unwritten(self, seq: Sequence) -> int:
+        """Tokens at the end of ``seq``'s computed ones whose drafter K/V are not written yet (0 or 1:
+        the last draft token, when the target accepted the whole draft). The engine offers blocks
+        to the prefix cache only up to there, so a block is shared only once both caches hold it."""
+        entry = self._unwritten.get(id(seq))
+        return int(entry is not None and entry[2] == seq.num_computed_tokens - 1)
+
+    def _take_unwritten(self, seq: Sequence, start: int) -> list[tuple[int, int]]:
+        """The (token, position) row to run before ``seq``'s rows starting at ``start``, if it is owed."""
+        entry = self._unwritten.pop(id(seq), None)
+        return [(entry[1], entry[2])] if entry is not None and entry[2] == start - 1 else []
+
     def step(self, seqs: list[Sequence], ids: list[int], positions: list[int]) -> torch.Tensor:
-        """One drafting step, one row per sequence (its ``ids`` at ``positions``): ``[B, V]`` float logits."""
-        hidden = self.forward(ids, positions, [1] * len(ids), [p + 1 for p in positions],
-                              [s.block_table.blocks for s in seqs])
-        return self.model.compute_logits(hidden).cpu()
+        """One drafting step, one row per sequence (its ``ids`` at ``positions``): ``[B, V]`` float
+        logits. An owed row of a sequence (see :meth:`catch_up`) runs first, in the same pass."""
+        rows = [self._take_unwritten(seq, p) + [(t, p)] for seq, t, p in zip(seqs, ids, positions)]
+        hidden = self._run_rows(seqs, rows)
+        last = torch.tensor([len(r) for r in rows]).cumsum(0) - 1
+        return self.model.compute_logits(hidden[last.to(hidden.device)]).cpu()
 
     def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, accepted: dict[int, int]) -> None:
         """After a target step: write the K/V of the rows the target just ran that the drafting
-        steps did not: every row of a sequence without a draft, the last draft token of one with a
-        draft. (``hidden_TD``, the target's hidden states of the step's rows in batch order, and
-        ``accepted``, drafts accepted per batch index, are for drafters that run on the target's
-        hidden states, such as an MTP layer; a draft model needs only the tokens.)"""
-        ids: list[int] = []
-        positions: list[int] = []
-        qlens: list[int] = []
-        clens: list[int] = []
-        tables: list[list[int]] = []
-        for s in batch.seqs:
-            start, n = s.start, s.num_new_tokens
+        steps did not. That is every row of a sequence without a draft; of a drafted sequence
+        ``[last, d_1 .. d_K]`` the drafting steps wrote all but ``d_K``, whose row matters only
+        when the whole draft was accepted, and then is owed: it runs first in the sequence's next
+        pass (drafting step or catch-up), saving a pass per step. (``hidden_TD``, the target's
+        hidden states of the step's rows in batch order, and ``accepted``, drafts accepted per
+        batch index, are for drafters that run on the target's hidden states, such as an MTP
+        layer; a draft model needs only the tokens.)"""
+        seqs, rows = [], []
+        for b, s in enumerate(batch.seqs):
+            start, n, seq = s.start, s.num_new_tokens, s.seq
             if s.draft:
-                ids.append(s.draft[-1])
-                positions.append(start + n - 1)
-                qlens.append(1)
-            else:
-                ids.extend(s.seq.token_ids[start:start + n])
-                positions.extend(range(start, start + n))
-                qlens.append(n)
-            clens.append(start + n)
-            tables.append(s.seq.block_table.blocks)
-        if ids:
-            self.forward(ids, positions, qlens, clens, tables)
+                if accepted.get(b, 0) == len(s.draft):
+                    self._unwritten[id(seq)] = (seq, s.draft[-1], start + n - 1)
+                continue
+            seqs.append(seq)
+            rows.append(self._take_unwritten(seq, start) + list(zip(seq.token_ids[start:start + n],
+                                                                    range(start, start + n))))
+        if seqs:
+            self._run_rows(seqs, rows)
+        for key, (seq, _, _) in list(self._unwritten.items()):
+            if seq.is_finished:  # (its blocks went back unshared: nothing is owed)
+                del self._unwritten[key]
+
+    def _run_rows(self, seqs: list[Sequence], rows: list[list[tuple[int, int]]]) -> torch.Tensor:
+        """Each sequence's consecutive (token, position) rows, its last one ending its context."""
+        return self.forward([t for r in rows for t, _ in r], [p for r in rows for _, p in r], [len(r) for r in rows],
+                            [r[-1][1] + 1 for r in rows], [s.block_table.blocks for s in seqs])
 
 
 class DraftModelProposer:

@@ -369,9 +369,9 @@ class LLMEngine:
         return self.lockstep.sum_over_data_parallel(counts)  # each data-parallel group counted its own tokens
 
     def _register_blocks(self, seq: Sequence) -> None:
-        """Offer the sequence's now completely computed blocks to the prefix cache."""
-        self.scheduler.block_manager_of(seq).register_full_blocks(seq.block_table, seq.token_ids,
-                                                                  seq.num_computed_tokens)
+        """Offer the sequence's now completely computed blocks to the prefix cache (by both models)."""
+        computed = seq.num_computed_tokens - (self.drafter.num_unwritten(seq) if self.drafter is not None else 0)
+        self.scheduler.block_manager_of(seq).register_full_blocks(seq.block_table, seq.token_ids, computed)
 
     def _detokenize(self, seq: Sequence) -> str:
         if self.tokenizer is None:
