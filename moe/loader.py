@@ -10,7 +10,7 @@ import json
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -19,7 +19,11 @@ from torch import nn
 from experts.grouped import SlottedExperts
 from parallel import default_weight_loader
 
-from .models.weights import IGNORED, Rule, map_name
+from .config import ModelConfig
+from .models.families import mtp_config
+from .models.mtp import MTPModel, published_tensor_shapes
+from .models.quant_weights import checkpoint_rules
+from .models.weights import IGNORED, Rule, map_name, rules_for
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
@@ -90,8 +94,23 @@ def iter_tensor_names(files: list[Path]) -> Iterator[tuple[_ShardReader, str]]:
             yield reader, name
 
 
+def decoder_param(num_layers: int) -> Callable[[str], str | None]:
+    """The default ``rename`` of :func:`load_weights`: every parameter but those of layers from
+    ``num_layers`` on (DeepSeek-V3's multi-token-prediction layers, loaded by :func:`load_mtp`)."""
+    def keep(param: str) -> str | None:
+        m = re.match(r"layers\.(\d+)\.", param)
+        return None if m and int(m.group(1)) >= num_layers else param
+
+    return keep
+
+
 def load_weights(model: nn.Module, model_dir: str | Path, rules: list[Rule], num_layers: int,
-                 tied_embeddings: bool = False, progress: bool = False) -> None:
+                 tied_embeddings: bool = False, progress: bool = False,
+                 rename: Callable[[str], str | None] | None = None) -> None:
+    """Fill ``model``'s parameters from the checkpoint. ``rules`` name each tensor's parameter in the
+    decoder stack's naming; ``rename`` maps that name to ``model``'s, or to None for a tensor of
+    another model in the same checkpoint (default: :func:`decoder_param` of ``num_layers``)."""
+    rename = rename or decoder_param(num_layers)
     params = dict(model.named_parameters(remove_duplicate=False))
     # routed experts load through their modules' interface (owns, weight_loader, add_source, post_load)
     all_experts = [m for m in model.modules() if isinstance(m, SlottedExperts)]
@@ -115,12 +134,12 @@ def load_weights(model: nn.Module, model_dir: str | Path, rules: list[Rule], num
             if not any(p.fullmatch(name) for p in IGNORED):
                 unexpected.append(name)
             continue
-        m = re.match(r"layers\.(\d+)\.", target.param)
-        if m and int(m.group(1)) >= num_layers:
-            continue  # e.g. DeepSeek-V3's multi-token-prediction layer
-        if target.param == "lm_head.weight" and tied_embeddings:
+        pname = rename(target.param)
+        if pname is None:
+            continue  # e.g. DeepSeek-V3's multi-token-prediction layer when loading the decoder
+        if pname == "lm_head.weight" and tied_embeddings:
             continue
-        param = params.get(target.param)
+        param = params.get(pname)
         if param is None:
             unexpected.append(name)
             continue
@@ -130,7 +149,7 @@ def load_weights(model: nn.Module, model_dir: str | Path, rules: list[Rule], num
                 continue
             if experts.offloaded:  # read on demand from the file (experts/offload.py)
                 experts.add_source(param, path, name, target.shard_id, target.expert_id, target.transform)
-                loaded.add(target.param)
+                loaded.add(pname)
                 continue
         tensor = reader.get(name)
         if target.transform is not None:
@@ -146,9 +165,9 @@ def load_weights(model: nn.Module, model_dir: str | Path, rules: list[Rule], num
             raise ValueError(f"{name} in {path.name}: {e}") from e
         del tensor  # may be a view of the file map: drop it before the map is recycled
         reader.recycle_if_due()
-        loaded.add(target.param)
+        loaded.add(pname)
         if experts is not None:
-            expert_parts[target.param].add((target.expert_id, target.shard_id))
+            expert_parts[pname].add((target.expert_id, target.shard_id))
     if bar is not None:
         bar.close()
     missing = [n for n in params if n not in loaded and not (n == "lm_head.weight" and tied_embeddings)]
@@ -171,3 +190,90 @@ def load_weights(model: nn.Module, model_dir: str | Path, rules: list[Rule], num
 
         logging.getLogger("moe").warning("ignored %d checkpoint tensor(s) with no place in the model, e.g. %s",
                                          len(unexpected), ", ".join(unexpected[:3]))
+
+
+def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of a checkpoint and its shape (headers only, nothing read)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        f = _open(path)
+        shapes.update((name, tuple(f.get_slice(name).get_shape())) for name in f.keys())
+    return shapes
+
+
+def _check_mtp_layer(shapes: dict[str, tuple[int, ...]], mcfg: ModelConfig, first: int, k: int, packed: bool,
+                     model_dir: Path) -> None:
+    """A clear error, before anything is read, for an MTP layer missing from the checkpoint or a tensor of
+    it missing or misshaped (against the published layout and config.json)."""
+    prefix = f"model.layers.{first + k}."
+    if not any(name.startswith(prefix) for name in shapes):
+        raise ValueError(f"config.json of {model_dir} declares num_nextn_predict_layers={mcfg.num_layers}, but the "
+                         f"checkpoint holds no tensor of multi-token-prediction layer {k} ({prefix}*): this export "
+                         "dropped the MTP weights; use a checkpoint that keeps them, or another speculative method")
+    stacked = prefix + "mlp.experts.gate_up_proj" in shapes
+    optional = {prefix + "embed_tokens.weight", prefix + "shared_head.head.weight"}
+    for name, want in published_tensor_shapes(mcfg, first, k, per_expert=not stacked).items():
+        have = shapes.get(name)
+        if have is None:
+            if name in optional or (packed and ".experts." in name):  # packed experts have their own names
+                continue
+            raise ValueError(f"checkpoint {model_dir} lacks {name} (shape {want}) of multi-token-prediction layer "
+                             f"{k}: the export is incomplete; re-download it or use another speculative method")
+        if have != want:
+            raise ValueError(f"{name} in checkpoint {model_dir} has shape {have}, expected {want} from config.json "
+                             f"(multi-token-prediction layer {k}): the weights and config.json are from different "
+                             "models, or the export is broken")
+
+
+def load_mtp(model_path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+             target: nn.Module | None = None, progress: bool = False) -> MTPModel | None:
+    """The checkpoint's DeepSeek multi-token-prediction layer(s) as an :class:`MTPModel` in eval mode,
+    or None when config.json declares none (``num_nextn_predict_layers`` absent or 0).
+
+    ``cfg`` is the target's parsed config (with its experts plan, so packed experts load alike).
+    The embedding is the first MTP layer's own copy when the checkpoint holds one, else the target's;
+    a layer without ``shared_head.head`` uses the target's ``lm_head``. Given the loaded ``target``
+    those target tensors are shared with it instead of read again."""
+    mcfg = mtp_config(cfg)
+    if mcfg is None:
+        return None
+    model_dir = Path(model_path)
+    first, n = cfg.num_layers, mcfg.num_layers
+    shapes = tensor_shapes(checkpoint_files(model_dir))
+    packed = cfg.experts is not None and cfg.experts.fmt is not None
+    for k in range(n):
+        _check_mtp_layer(shapes, mcfg, first, k, packed, model_dir)
+    own_embed = f"model.layers.{first}.embed_tokens.weight" in shapes
+    own_heads = [f"model.layers.{first + k}.shared_head.head.weight" in shapes for k in range(n)]
+    with torch.device(device):
+        model = MTPModel(mcfg, dtype, first, own_heads)
+    # what this load fills: the MTP layers, and the embedding / fallback head unless shared with the target
+    filled = nn.Module()
+    filled.layers = model.layers
+    if own_embed or target is None:
+        filled.embed_tokens = model.embed_tokens
+    if model.lm_head is not None and target is None:
+        filled.lm_head = model.lm_head
+    if target is not None:
+        if not own_embed:
+            model.embed_tokens = target.embed_tokens
+        if model.lm_head is not None:
+            model.lm_head = target.lm_head
+
+    def rename(param: str) -> str | None:
+        m = re.match(r"layers\.(\d+)\.(.+)", param)
+        if m is None:  # the decoder's embedding, final norm, LM head
+            if param == "embed_tokens.weight":
+                return param if not own_embed and hasattr(filled, "embed_tokens") else None
+            return param if param == "lm_head.weight" and hasattr(filled, "lm_head") else None
+        k = int(m.group(1)) - first
+        if not 0 <= k < n:
+            return None  # a decoder layer
+        if m.group(2) == "embed_tokens.weight":  # the MTP layers share one embedding (the first layer's copy)
+            return "embed_tokens.weight" if k == 0 else None
+        return f"layers.{k}.{m.group(2)}"
+
+    rules = checkpoint_rules(cfg.experts, rules_for(cfg.architecture), model_dir)
+    load_weights(filled, model_dir, rules, n, tied_embeddings=cfg.tie_word_embeddings and hasattr(filled, "lm_head"),
+                 progress=progress, rename=rename)
+    return model.eval()

@@ -65,3 +65,49 @@ def make_checkpoint(family: str, out: Path, seed: int = 0, **overrides) -> Path:
                 p.copy_(1.0 + torch.randn_like(p) * 0.1)
     model.save_pretrained(out)
     return out
+
+
+def make_mtp_checkpoint(out: Path, seed: int = 0, own_head: bool = True, own_embed: bool = False) -> Path:
+    """The tiny DeepSeek-V3 checkpoint of ``make_checkpoint("deepseek_v3", out, seed)`` (the same target
+    weights) plus one multi-token-prediction layer in the published layout, in a shard of its own as
+    DeepSeek-V3 ships it: ``model.layers.{N}.`` (N = num_hidden_layers) holding ``enorm``, ``hnorm``,
+    ``eh_proj`` [D, 2D], a decoder layer under the usual names (MLA attention + MoE: a random layer N
+    of a transformers DeepseekV3 one layer deeper), ``shared_head.norm`` and, with ``own_head``,
+    ``shared_head.head`` [V, D] (else the target's lm_head serves); with ``own_embed`` also
+    ``embed_tokens`` [V, D]. Values differ from the target's head and embedding, so a test can tell
+    which one ran. transformers writes no MTP tensors, hence this."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    make_checkpoint("deepseek_v3", out, seed)
+    cfg = json.loads((out / "config.json").read_text())
+    n, d, v = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]
+    donor = make_checkpoint("deepseek_v3", out / "mtp-donor", seed + 1, num_hidden_layers=n + 1)
+    prefix = f"model.layers.{n}."
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(donor.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            tensors.update((k, f.get_tensor(k)) for k in f.keys() if k.startswith(prefix))
+    g = torch.Generator().manual_seed(seed + 2)
+    for name in ("enorm", "hnorm", "shared_head.norm"):
+        tensors[f"{prefix}{name}.weight"] = 1.0 + 0.1 * torch.randn(d, generator=g)
+    tensors[f"{prefix}eh_proj.weight"] = 0.08 * torch.randn(d, 2 * d, generator=g)
+    if own_head:
+        tensors[f"{prefix}shared_head.head.weight"] = 0.08 * torch.randn(v, d, generator=g)
+    if own_embed:
+        tensors[f"{prefix}embed_tokens.weight"] = 0.08 * torch.randn(v, d, generator=g)
+    for path in donor.iterdir():
+        path.unlink()
+    donor.rmdir()
+    shard = "model-mtp.safetensors"
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(out / shard), metadata={"format": "pt"})
+    index = out / "model.safetensors.index.json"
+    if index.is_file():  # a sharded save: list the new shard's tensors too
+        data = json.loads(index.read_text())
+        data["weight_map"].update(dict.fromkeys(tensors, shard))
+        index.write_text(json.dumps(data, indent=2))
+    cfg["num_nextn_predict_layers"] = 1
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out

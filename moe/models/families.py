@@ -1,6 +1,7 @@
 """config.json parsers, one per supported architecture, into :class:`moe.config.ModelConfig`."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable
 
 from routing import RouterConfig
@@ -125,10 +126,15 @@ def parse_gpt_oss(hf: dict) -> ModelConfig:
     ))
 
 
-def _deepseek(hf: dict, v3: bool) -> ModelConfig:
-    n = hf["num_hidden_layers"]
+def _deepseek_sparse(hf: dict, layer: int) -> bool:
+    """Whether DeepSeek layer ``layer`` (counting on past the decoder into the MTP layers) is MoE."""
     first_dense = hf.get("first_k_dense_replace", 0) or 0
     freq = hf.get("moe_layer_freq", 1) or 1
+    return layer >= first_dense and layer % freq == 0
+
+
+def _deepseek(hf: dict, v3: bool) -> ModelConfig:
+    n = hf["num_hidden_layers"]
     experts = _first(hf, "n_routed_experts", "num_local_experts", "num_experts")
     topk_method = hf.get("topk_method", "noaux_tc" if v3 else "greedy")
     groups = hf.get("n_group") or 1
@@ -164,7 +170,7 @@ def _deepseek(hf: dict, v3: bool) -> ModelConfig:
         router=router,
         moe_intermediate_size=hf["moe_intermediate_size"],
         dense_intermediate_size=hf["intermediate_size"],
-        sparse_layers=tuple(i >= first_dense and i % freq == 0 for i in range(n)),
+        sparse_layers=tuple(_deepseek_sparse(hf, i) for i in range(n)),
         shared_expert_intermediate_size=shared * hf["moe_intermediate_size"],
         mla=mla,
         softmax_scale=scale,
@@ -177,6 +183,22 @@ def parse_deepseek_v2(hf: dict) -> ModelConfig:
 
 def parse_deepseek_v3(hf: dict) -> ModelConfig:
     return _deepseek(hf, v3=True)
+
+
+def mtp_config(cfg: ModelConfig) -> ModelConfig | None:
+    """The multi-token-prediction layers of a DeepSeek checkpoint (config.json
+    ``num_nextn_predict_layers``; stored as ``model.layers.{num_hidden_layers + k}``) as a config whose
+    layers ``0 .. n-1`` are those MTP layers, each MoE or dense by its index in the whole stack;
+    None when the checkpoint declares none."""
+    n = int(cfg.raw.get("num_nextn_predict_layers") or 0)
+    if n <= 0:
+        return None
+    if not cfg.architecture.startswith("Deepseek"):
+        raise ValueError(f"config.json declares num_nextn_predict_layers={n}, but multi-token-prediction layers "
+                         f"are supported for DeepSeek checkpoints only, not {cfg.architecture}: use another "
+                         "speculative method (e.g. a draft model)")
+    first = cfg.num_layers
+    return replace(cfg, num_layers=n, sparse_layers=tuple(_deepseek_sparse(cfg.raw, first + k) for k in range(n)))
 
 
 PARSERS: dict[str, Callable[[dict], ModelConfig]] = {

@@ -90,6 +90,15 @@ MLA_ATTENTION = [
 ]
 
 
+# DeepSeek multi-token-prediction layers (``model.layers.{num_hidden_layers + k}``, moe/models/mtp.py): their
+# own tensors beside a decoder layer's. The target model skips these layers like the rest of the MTP layer.
+MTP = [
+    rule(L + r"(?P<n>enorm|hnorm|eh_proj)\.weight", "layers.{l}.{n}.weight"),
+    rule(L + r"shared_head\.(?P<n>norm|head)\.weight", "layers.{l}.shared_head.{n}.weight"),
+    rule(L + r"embed_tokens\.weight", "layers.{l}.embed_tokens.weight"),
+]
+
+
 def _deinterleave(t: torch.Tensor) -> torch.Tensor:
     """gpt-oss gate/up columns alternate (gate_0, up_0, gate_1, ...): make them [gate | up]."""
     return torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1)
@@ -112,7 +121,7 @@ IGNORED = [re.compile(p) for p in (r".*rotary_emb\.inv_freq", r"model\.layers\.\
 
 def rules_for(architecture: str) -> list[Rule]:
     if architecture.startswith("Deepseek"):
-        return MLA_ATTENTION + COMMON + STACKED_EXPERTS
+        return MLA_ATTENTION + COMMON + STACKED_EXPERTS + MTP
     if architecture == "GptOssForCausalLM":
         return GQA_ATTENTION + GPT_OSS_EXPERTS + COMMON
     return GQA_ATTENTION + COMMON + STACKED_EXPERTS
