@@ -43,8 +43,8 @@ from .spec_decode import Draft, draft_room
 
 
 class Drafter(Protocol):
-    """What the engine asks of a drafter: a draft model (:class:`DraftModel`); an MTP layer, which
-    reads the target's hidden states, fits the same calls."""
+    """What the engine asks of a drafter: a draft model (:class:`DraftModel`) or an MTP layer
+    (:class:`MTPDrafter`, which reads the target's hidden states)."""
 
     def kv_bytes_per_token(self, fp8: bool) -> int: ...
 
@@ -52,7 +52,7 @@ class Drafter(Protocol):
 
     def step(self, seqs: list[Sequence], ids: list[int], positions: list[int]) -> torch.Tensor: ...
 
-    def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, accepted: dict[int, int]) -> None: ...
+    def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, sampled: dict[int, list[int]]) -> None: ...
 
     def num_unwritten(self, seq: Sequence) -> int: ...
 
@@ -125,20 +125,19 @@ class DraftModel:
         last = torch.tensor([len(r) for r in rows]).cumsum(0) - 1
         return self.model.compute_logits(hidden[last.to(hidden.device)]).cpu()
 
-    def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, accepted: dict[int, int]) -> None:
+    def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, sampled: dict[int, list[int]]) -> None:
         """After a target step: write the K/V of the rows the target just ran that the drafting
         steps did not. That is every row of a sequence without a draft; of a drafted sequence
         ``[last, d_1 .. d_K]`` the drafting steps wrote all but ``d_K``, whose row matters only
         when the whole draft was accepted, and then is owed: it runs first in the sequence's next
         pass (drafting step or catch-up), saving a pass per step. (``hidden_TD``, the target's
-        hidden states of the step's rows in batch order, and ``accepted``, drafts accepted per
-        batch index, are for drafters that run on the target's hidden states, such as an MTP
-        layer; a draft model needs only the tokens.)"""
+        hidden states of the step's rows in batch order, is for drafters that run on them, such as
+        an MTP layer. ``sampled``: the tokens each batch index emitted, accepted drafts first.)"""
         seqs, rows = [], []
         for b, s in enumerate(batch.seqs):
             start, n, seq = s.start, s.num_new_tokens, s.seq
             if s.draft:
-                if accepted.get(b, 0) == len(s.draft):
+                if len(sampled.get(b, ())) == len(s.draft) + 1:  # the whole draft accepted
                     self._unwritten[id(seq)] = (seq, s.draft[-1], start + n - 1)
                 continue
             seqs.append(seq)
@@ -199,3 +198,97 @@ class DraftModelProposer:
             q_V = q_SV[r]
             tokens[i].append(draw_token(q_V, seqs[i].generator or self.generator))
             probs[i].append(q_V)
+
+
+class MTPDrafter:
+    """DeepSeek-V3's multi-token-prediction layer as the drafter (``method: "mtp"``): row ``i``
+    takes token ``t_{i+1}`` and the target's hidden state ``h_i`` (after its final norm) and its
+    logits predict ``t_{i+2}`` (:mod:`moe.models.mtp`). Its K/V sit at slot ``i`` of its own cache,
+    with the target's block tables, like a draft model's.
+
+    After each target step :meth:`catch_up` runs the MTP over the positions the target computed
+    (for a verified draft: the accepted rows, with the target's true hidden states, replacing the
+    drafting steps' K/V there), the last row's input being the token just sampled. That last row's
+    output gives the first draft of the next step, so drafting step 0 costs nothing; step ``j``
+    runs draft token ``d_j`` at position ``c + j - 1`` with the MTP's own previous output as the
+    hidden state (the first MTP layer reused for every K). A prefix-cache hit keeps the hit blocks'
+    MTP K/V, whose last slot was computed with the token that followed there, which may differ:
+    drafts may be a little worse there, outputs are exact regardless."""
+
+    def __init__(self, mtp: torch.nn.Module, dtype: torch.dtype, device: torch.device):
+        self.model = mtp
+        self.dtype = dtype
+        self.device = device
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.block_size = 0
+        # id(seq) -> (computed length it holds for, logits of the next draft [V], hidden state to chain [D])
+        self._next: dict[int, tuple[Sequence, int, torch.Tensor, torch.Tensor]] = {}
+
+    def kv_bytes_per_token(self, fp8: bool) -> int:
+        return sum(s.bytes_per_token(self.dtype, fp8) for s in self.model.kv_cache_spec())
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, fp8: bool) -> None:
+        self.block_size = block_size
+        self.kv_caches = [s.allocate(num_blocks, block_size, self.dtype, self.device, fp8)
+                          for s in self.model.kv_cache_spec()]
+
+    def num_unwritten(self, seq: Sequence) -> int:
+        return 0  # catch-up writes every computed position
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int], hidden_TD: torch.Tensor, positions: list[int], query_lens: list[int],
+                 seqs: list[Sequence]) -> torch.Tensor:
+        ends = torch.tensor(query_lens).cumsum(0).tolist()
+        context_lens = [positions[e - 1] + 1 for e in ends]
+        meta = AttentionMetadata.build(query_lens, context_lens, [s.block_table.blocks for s in seqs],
+                                       self.block_size, self.device)
+        return self.model(torch.tensor(ids, dtype=torch.long, device=self.device), hidden_TD.to(self.dtype),
+                          torch.tensor(positions, dtype=torch.long, device=self.device),
+                          ForwardContext(meta, self.kv_caches))
+
+    def step(self, seqs: list[Sequence], ids: list[int], positions: list[int]) -> torch.Tensor:
+        """Drafting step ``j`` for rows ``ids`` at ``positions`` = c + j: step 0's logits were made by
+        catch-up; later steps run the MTP at position c + j - 1 on its own previous output."""
+        first = [self._next.get(id(s)) for s in seqs]
+        if all(f is not None and f[1] == s.num_computed_tokens == p for f, s, p in zip(first, seqs, positions)):
+            return torch.stack([f[2] for f in first])
+        if any(f is None or f[1] != s.num_computed_tokens for f, s in zip(first, seqs)):
+            raise RuntimeError("MTP drafting without the target's hidden state of the last position: "
+                               "catch_up must run after every target step")
+        prev = torch.stack([f[3] for f in first])
+        out_TD = self._forward(ids, prev, [p - 1 for p in positions], [1] * len(seqs), seqs)
+        logits = self.model.compute_logits(out_TD).cpu()
+        for s, f, lg, h in zip(seqs, first, logits, out_TD):
+            self._next[id(s)] = (s, f[1], lg, h)  # the chain moves on; its first entry stays keyed by c
+        return logits
+
+    def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, sampled: dict[int, list[int]]) -> None:
+        ids: list[int] = []
+        positions: list[int] = []
+        rows: list[torch.Tensor] = []
+        qlens: list[int] = []
+        seqs: list[Sequence] = []
+        base = 0
+        for b, s in enumerate(batch.seqs):
+            seq, start, n = s.seq, s.start, s.num_new_tokens
+            new = sampled.get(b, [])
+            # the positions the target computed this step: a chunk, or the last token and accepted drafts
+            m = len(new) if s.draft else n
+            known = seq.token_ids + list(new)  # t_{i+1} of the last row is the token just sampled
+            if start + m < len(known):
+                ids.extend(known[start + 1:start + m + 1])
+                positions.extend(range(start, start + m))
+                rows.append(hidden_TD[base:base + m])
+                qlens.append(m)
+                seqs.append(seq)
+            base += n
+        for key, entry in list(self._next.items()):
+            if entry[0].is_finished:
+                del self._next[key]
+        if not seqs:
+            return
+        out_TD = self._forward(ids, torch.cat(rows), positions, qlens, seqs)
+        last = (torch.tensor(qlens).cumsum(0) - 1).to(out_TD.device)
+        logits = self.model.compute_logits(out_TD[last]).cpu()
+        for seq, q, lg, h, p in zip(seqs, qlens, logits, out_TD[last], [positions[i] for i in last.tolist()]):
+            self._next[id(seq)] = (seq, p + 1, lg, h)

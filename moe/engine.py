@@ -18,8 +18,8 @@ import cpu_kernels
 from kvcache import BlockManager, check_kv_cache_dtype
 
 from .config import EngineConfig, ModelConfig, parse_bytes, read_config_json
-from .drafter import DraftModel, DraftModelProposer, Drafter
-from .loader import load_weights
+from .drafter import DraftModel, DraftModelProposer, Drafter, MTPDrafter
+from .loader import load_mtp, load_weights
 from .model_runner import ModelRunner, StepResult
 from .models import MoECausalLM, parse_config, rules_for
 from .models.quant_weights import checkpoint_rules, plan_experts
@@ -137,11 +137,18 @@ class LLMEngine:
         return tuple(dict.fromkeys(ids))
 
     def _load_drafter(self, spec: SpeculativeConfig | None) -> Drafter | None:
-        if spec is None or not spec.uses_draft_model:
+        if spec is None or not spec.uses_drafter:
             return None
         if self.parallel.world_size > 1:
             raise ValueError(f"speculative_config method {spec.method!r} runs in one process only for now: "
                              "drop the sharding or use method 'ngram'")
+        if spec.method == "mtp":
+            mtp = load_mtp(self.config.model, self.model_config, self.dtype, self.device, target=self.model)
+            if mtp is None:
+                raise ValueError(f"speculative_config method 'mtp': {self.config.model} has no multi-token-prediction "
+                                 "layer (config.json num_nextn_predict_layers is absent or 0): use 'ngram' or "
+                                 "'draft_model'")
+            return MTPDrafter(mtp, self.dtype, self.device)
         return DraftModel(spec.model, self.model_config.vocab_size, self.dtype, self.device)
 
     def _proposer(self, spec: SpeculativeConfig) -> Proposer:

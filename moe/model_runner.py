@@ -90,8 +90,8 @@ class ModelRunner:
             logits = self._sampling_logits(inputs, hidden)
             sampled = self._sample(batch, inputs, logits, eos_ids)
             sampled.update(self._verify_drafts(batch, inputs, logits))
-        if self.drafter is not None:  # (after verification: a drafter may want the accepted rows' hidden states)
-            self.drafter.catch_up(batch, hidden, {b: len(rows) - 1 for b, rows in sampled.items()})
+        if self.drafter is not None:  # (after verification: an MTP drafter runs on the accepted rows)
+            self.drafter.catch_up(batch, hidden, {b: [t for t, _ in rows] for b, rows in sampled.items()})
         return StepResult(sampled, self._prompt_logprobs(batch, inputs, hidden))
 
     def _prepare(self, batch: ScheduledBatch) -> StepInputs:

@@ -19,6 +19,8 @@ Proposers (the scheduler's ``proposer``):
   the target's vocabulary runs K cheap batched steps; sampled requests draw from its filtered
   distribution q, kept for verification. ``draft`` without a model is the drafter shipped
   beside the embedded default model.
+- ``mtp`` (:class:`moe.drafter.MTPDrafter`): a DeepSeek-V3 checkpoint's multi-token-prediction
+  layer drafts from the target's hidden states.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import torch
 from .sequence import Sequence
 
 METHODS = ("ngram", "draft_model", "draft", "mtp")
-DRAFTER_METHODS = ("draft_model", "draft")
+DRAFTER_METHODS = ("draft_model", "draft", "mtp")  # a model drafts (cost control applies)
 _INT_FIELDS = ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
 
 
@@ -58,7 +60,8 @@ class SpeculativeConfig:
     cost_control: bool = True
 
     @property
-    def uses_draft_model(self) -> bool:
+    def uses_drafter(self) -> bool:
+        """Does a model draft (draft model or MTP layer), rather than a lookup?"""
         return self.method in DRAFTER_METHODS
 
     @staticmethod
@@ -74,10 +77,6 @@ class SpeculativeConfig:
         if method not in METHODS:
             raise ValueError(f"speculative_config method {method!r} is not supported: "
                              f"choose one of {', '.join(METHODS)}")
-        if method == "mtp":
-            raise ValueError("speculative_config method 'mtp' needs the DeepSeek MTP layer module "
-                             "(moe/models/mtp.py), which this build does not have yet: use 'ngram' or "
-                             "'draft_model' with a drafter checkpoint")
         names = [f.name for f in fields(SpeculativeConfig) if f.name != "method"]
         unknown = set(d) - set(names)
         if unknown:
@@ -96,10 +95,11 @@ class SpeculativeConfig:
         return cfg._with_drafter_path()
 
     def _with_drafter_path(self) -> "SpeculativeConfig":
-        if self.method == "ngram":
+        if self.method in ("ngram", "mtp"):
             if self.model is not None:
-                raise ValueError(f"speculative_config model={self.model!r} is for method 'draft_model': "
-                                 "drop it or set method 'draft_model'")
+                raise ValueError(f"speculative_config model={self.model!r} is for method 'draft_model' "
+                                 f"('{self.method}' drafts from the target itself): drop it or set method "
+                                 "'draft_model'")
             return self
         if self.model is None:
             if self.method == "draft_model":

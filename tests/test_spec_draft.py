@@ -292,7 +292,7 @@ def test_engine_chooses_k_and_stays_exact(checkpoint, drafters):
     ({"method": "draft_model"}, "needs 'model'"),
     ({"method": "draft_model", "model": "/nonexistent/drafter"}, "'/nonexistent/drafter' is not a checkpoint"),
     ({"method": "ngram", "model": "/x"}, "is for method 'draft_model'"),
-    ({"method": "mtp"}, "MTP layer module"),
+    ({"method": "mtp", "model": "/x"}, "drafts from the target itself"),
     ({"method": "draft_model", "model": "/x", "num_speculative_tokens": 0}, "must be a positive integer"),
 ])
 def test_bad_configs_are_named(spec, match):
@@ -331,3 +331,77 @@ def test_cli_flags_and_stats():
     m = re.search(r"speculative decoding: (\d+) of (\d+) draft tokens accepted \(rate 1.00\), mean acceptance "
                   r"length [\d.]+, per position \[1.00 1.00\], method draft_model", res.stderr)
     assert m and m.group(1) == m.group(2) != "0", res.stderr
+
+
+# ---- MTP (DeepSeek-V3's multi-token-prediction layer as the drafter) ----------------------------
+
+@pytest.fixture(scope="module")
+def mtp_target(tmp_path_factory):
+    from tiny_models import make_mtp_checkpoint
+
+    return make_mtp_checkpoint(tmp_path_factory.mktemp("mtp_target"))
+
+
+MTP = {"method": "mtp", "num_speculative_tokens": 2, "cost_control": False}
+
+
+def test_mtp_greedy_outputs_unchanged_under_preemption_prefix_hits_and_chunks(mtp_target):
+    """float32: greedy requests sharing prefixes, chunked prefill, a cache small enough to preempt,
+    a sampled request beside them: the greedy outputs equal plain decoding's."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randint(3, 320, (20,), generator=g).tolist()
+    prompts = [{"prompt_token_ids": base[:int(torch.randint(6, 20, (1,), generator=g))]
+                + torch.randint(3, 320, (3,), generator=g).tolist()} for _ in range(6)]
+    params = [SamplingParams(temperature=0, max_tokens=14, ignore_eos=True) for _ in prompts]
+    params[2] = SamplingParams(temperature=0.8, seed=1, max_tokens=14, ignore_eos=True)
+    want = _tokens(LLM(str(mtp_target), dtype="float32", block_size=4).generate(prompts, params))
+    per_token = LLM(str(mtp_target), dtype="float32", block_size=4,
+                    speculative_config=MTP).engine.kv_bytes_per_token()
+    busy = LLM(str(mtp_target), dtype="float32", block_size=4, kv_cache_memory=16 * 4 * per_token,
+               max_num_batched_tokens=12, speculative_config=MTP)
+    got, seqs, _ = _run_engine(busy, prompts, params)
+    greedy = [i for i in range(6) if i != 2]
+    assert [_tokens(got)[i] for i in greedy] == [want[i] for i in greedy]
+    assert len(_tokens(got)[2]) == 14
+    assert sum(s.num_preemptions for s in seqs) > 0 and busy.engine.block_manager.prefix_hit_tokens > 0
+    assert busy.engine.spec_drafted > 0
+
+
+def test_mtp_drafts_are_the_mtp_layers_predictions(mtp_target):
+    """Each step's drafts d1, d2 equal a plain torch reference (tests/test_mtp.py) run over the
+    whole sequence: d1 from the last token and the target's hidden state before it (transformers),
+    d2 from d1 and the MTP's own output."""
+    from test_mtp import reference
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(mtp_target), dtype=torch.float32).eval()
+    llm = LLM(str(mtp_target), dtype="float32", speculative_config=MTP)
+    proposer = llm.engine.proposer
+    seen = []
+    orig = proposer.propose
+
+    def spy(seqs, rooms):
+        drafts = orig(seqs, rooms)
+        seen.extend((list(s.token_ids), d.tokens) for s, d in zip(seqs, drafts))
+        return drafts
+
+    proposer.propose = spy
+    llm.generate({"prompt_token_ids": [5, 77, 12, 190, 33, 8]}, SamplingParams(temperature=0, max_tokens=9,
+                                                                                 ignore_eos=True))
+    assert len(seen) >= 3 and sum(len(d) == 2 for _, d in seen) >= 2
+    for tokens, draft in seen:
+        with torch.no_grad():
+            h = hf.model(torch.tensor([tokens])).last_hidden_state[0]
+        t = torch.tensor(tokens)
+        out, logits = reference(mtp_target, t, h[:-1])
+        assert int(logits[-1].argmax()) == draft[0]
+        if len(draft) > 1:  # (the last step's room may allow one)
+            _, logits2 = reference(mtp_target, torch.cat([t, torch.tensor(draft[:1])]), torch.cat([h[:-1], out[-1:]]))
+            assert int(logits2[-1].argmax()) == draft[1]
+
+
+def test_mtp_on_a_checkpoint_without_one_is_refused(checkpoint):
+    with pytest.raises(ValueError, match="has no multi-token-prediction layer"):
+        LLM(str(checkpoint("mixtral")), dtype="float32", speculative_config=MTP)
+    with pytest.raises(ValueError, match="holds no tensor of multi-token-prediction layer 0"):  # declared, not shipped
+        LLM(str(checkpoint("deepseek_v3")), dtype="float32", speculative_config=MTP)
