@@ -1,6 +1,8 @@
-"""Draft-model speculation: a small checkpoint with the target's vocabulary drafts, the target verifies.
+"""Drafters for speculative decoding: a small checkpoint with the target's vocabulary
+(:class:`DraftModel`) or a DeepSeek-V3 checkpoint's MTP layer (:class:`MTPDrafter`) drafts, the
+target verifies; :class:`DraftModelProposer` runs either for the scheduler.
 
-KV cache: the drafter has its own cache tensors with the target's block size and number of
+KV cache: a drafter has its own cache tensors with the target's block size and number of
 blocks, and uses the target's block tables (as vLLM does for its KV cache groups). So the block
 manager's allocations, frees, preemptions and prefix-cache hits cover both models at once; the
 engine budgets both models' bytes per token when it sizes the cache.
