@@ -38,8 +38,13 @@ ENGINE_FLAGS: dict[str, tuple[Any, Any]] = {
                                            help="Keep routed experts in the files.")),
     "expert_cache": (Optional[str], typer.Option(_default("expert_cache"),
                                                  help="With --offload-experts: resident experts, e.g. 4GiB.")),
-    "speculative_tokens": (int, typer.Option(0, help="Speculative decoding by n-gram lookup: draft tokens per step "
-                                                     "(0: off).")),
+    "speculative_tokens": (int, typer.Option(0, help="Speculative decoding: draft tokens per step at most (0 with "
+                                                     "no method or draft model: off; by n-gram lookup unless "
+                                                     "--speculative-method or --draft-model says otherwise).")),
+    "speculative_method": (Optional[str], typer.Option(None, help="ngram, draft_model (needs --draft-model), draft "
+                                                                   "(the default model's shipped drafter) or mtp.")),
+    "draft_model": (Optional[str], typer.Option(None, help="Drafter checkpoint for speculative decoding (same "
+                                                           "vocabulary as the model).")),
     "max_model_len": (Optional[int], typer.Option(_default("max_model_len"))),
     "max_num_seqs": (int, typer.Option(_default("max_num_seqs"), help="Sequences in the running batch at most.")),
     "max_num_batched_tokens": (int, typer.Option(_default("max_num_batched_tokens"),
@@ -61,11 +66,24 @@ ENGINE_FLAGS: dict[str, tuple[Any, Any]] = {
 def engine_options(flags: dict[str, Any]) -> dict[str, Any]:
     """``LLM(**engine_options(flags))``: the engine flags' values as EngineConfig's keyword arguments."""
     options = dict(flags)
-    draft_tokens = options.pop("speculative_tokens")
-    options["speculative_config"] = {"method": "ngram", "num_speculative_tokens": draft_tokens} if draft_tokens \
-        else None
+    options["speculative_config"] = speculative_config(options.pop("speculative_method"), options.pop("draft_model"),
+                                                       options.pop("speculative_tokens"))
     options["load_progress"] = sys.stderr.isatty()
     return options
+
+
+def speculative_config(method: str | None, draft_model: str | None, tokens: int) -> dict[str, Any] | None:
+    """vLLM's ``speculative_config`` from the three flags (validated by the engine's config)."""
+    if method is None:
+        method = "draft_model" if draft_model else ("ngram" if tokens else None)
+    if method is None:
+        return None
+    spec: dict[str, Any] = {"method": method}
+    if draft_model is not None:
+        spec["model"] = draft_model
+    if tokens:
+        spec["num_speculative_tokens"] = tokens
+    return spec
 
 
 def with_engine_flags(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -111,7 +129,8 @@ def generate(
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they are generated."),
     logprobs: Optional[int] = typer.Option(None, help="Print the top-N log-probs of each token (JSON)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per prompt."),
-    stats: bool = typer.Option(False, "--stats", help="Print TTFT, TPOT and throughput to stderr."),
+    stats: bool = typer.Option(False, "--stats", help="Print TTFT, TPOT, throughput and speculative decoding's "
+                                                      "acceptance to stderr."),
     *,
     engine: dict[str, Any],
 ) -> None:
@@ -181,8 +200,7 @@ def generate(
         typer.echo(f"throughput={n / wall:.1f} tok/s over {wall:.2f}s", err=True)
         e = llm.engine
         if e.proposer is not None:
-            typer.echo(f"speculative decoding: {e.spec_accepted} of {e.spec_drafted} draft tokens accepted "
-                       f"({e.spec_accepted / max(e.spec_drafted, 1):.2f})", err=True)
+            typer.echo(f"speculative decoding: {e.spec_stats().summary()}, method {e.spec.method}", err=True)
         from .models.quant_weights import expert_cache
 
         cache = expert_cache(llm.engine.model)

@@ -168,7 +168,8 @@ class EngineConfig:
     quantization: str | None = None  # None/"auto": the checkpoint's quantization_config; else it must match
     offload_experts: bool = False  # routed experts stay in the checkpoint files, behind a cache
     expert_cache: str | int | None = None  # bytes of that cache, e.g. "4GiB" (default 2GiB)
-    # speculative decoding, vLLM's dict: {"method": "ngram", "num_speculative_tokens": 4, ...}
+    # speculative decoding, vLLM's dict: {"method": "ngram" | "draft_model" | "draft", "num_speculative_tokens": 4,
+    # "model": drafter path, ...} (moe.spec_decode.SpeculativeConfig)
     speculative_config: dict | None = None
     record_expert_counts: bool = False  # count tokens per expert and layer (LLM.expert_counts)
     # CPU: run every GEMM shape a step can make once at load (moe.warmup), so that no request pays
@@ -211,8 +212,8 @@ class EngineConfig:
         from kvcache import check_kv_cache_dtype
 
         check_kv_cache_dtype(self.kv_cache_dtype)
-        from .spec_decode import NgramConfig
+        from .spec_decode import SpeculativeConfig
 
-        NgramConfig.parse(self.speculative_config)
+        SpeculativeConfig.parse(self.speculative_config)
         if self.experts_backend not in ("auto", "torch", "triton", "megablocks"):
             raise ValueError(f"experts_backend={self.experts_backend!r}: choose auto, torch, triton or megablocks")

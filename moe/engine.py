@@ -18,7 +18,8 @@ import cpu_kernels
 from kvcache import BlockManager, check_kv_cache_dtype
 
 from .config import EngineConfig, ModelConfig, parse_bytes, read_config_json
-from .loader import load_weights
+from .drafter import DraftModel, DraftModelProposer, Drafter, MTPDrafter
+from .loader import load_mtp, load_weights
 from .model_runner import ModelRunner, StepResult
 from .models import MoECausalLM, parse_config, rules_for
 from .models.quant_weights import checkpoint_rules, plan_experts
@@ -26,7 +27,8 @@ from .outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutpu
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
-from .spec_decode import NgramConfig, NgramProposer
+from .spec_cost import SpecCostModel
+from .spec_decode import NgramProposer, Proposer, SpecStats, SpeculativeConfig
 from .sequence import Sequence
 from .spmd import LockStep, init_parallel
 from .structured_output import StructuredOutputManager
@@ -88,21 +90,24 @@ class LLMEngine:
         self.tokenizer: Tokenizer | None = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
         self.eos_ids = self._eos_ids(model_dir, cfg)
 
+        self.spec = spec = SpeculativeConfig.parse(config.speculative_config)
+        if spec is not None and self.parallel.dp_size > 1:
+            raise ValueError("speculative_config with data_parallel > 1 is not supported yet: drop one of them")
+        self.drafter = self._load_drafter(spec)
         self.kv_caches, num_blocks = self._allocate_kv_cache()
         # one block manager per data-parallel group: each group's caches hold only its own sequences
         self.block_managers = [BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
                                for _ in range(self.parallel.dp_size)]
         self.block_manager = self.block_managers[0]
         self.scheduler = Scheduler(self.block_managers, config.max_num_seqs, config.max_num_batched_tokens)
-        spec = NgramConfig.parse(config.speculative_config)
-        self.proposer: NgramProposer | None = None
-        self.spec_drafted = self.spec_accepted = 0  # draft tokens run, and those the model confirmed
-        if spec is not None:
-            if self.parallel.dp_size > 1:
-                raise ValueError("speculative_config with data_parallel > 1 is not supported yet: drop one of them")
-            self.proposer = self.scheduler.proposer = NgramProposer(spec, self.max_model_len)
         self.sampler = Sampler(config.seed)
-        self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.sampler, self.device)
+        self._spec_stats = SpecStats()
+        self.spec_cost: SpecCostModel | None = None  # picks K per step (draft-model methods)
+        self.proposer: Proposer | None = None
+        if spec is not None:
+            self.proposer = self.scheduler.proposer = self._proposer(spec)
+        self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.sampler, self.device,
+                                  self.drafter)
         self.runner.record_expert_counts = config.record_expert_counts
         self.seqs: dict[str, Sequence] = {}  # request id -> its sequence (sample 0 when n > 1)
         self.samples: dict[str, list[Sequence]] = {}  # request id -> its n sequences
@@ -113,6 +118,9 @@ class LLMEngine:
             from .warmup import warm_up
 
             shapes, self.warmup_s = warm_up(self.model, config.max_num_batched_tokens, config.max_num_seqs)
+            if isinstance(self.drafter, DraftModel):  # its steps bring its own shapes
+                more, seconds = warm_up(self.drafter.model, config.max_num_batched_tokens, config.max_num_seqs)
+                shapes, self.warmup_s = shapes + more, self.warmup_s + seconds
             log.info("warm-up: %d GEMM shapes in %.1f s", shapes, self.warmup_s)
 
     # ---- set-up -------------------------------------------------------------------------
@@ -128,8 +136,33 @@ class LLMEngine:
             ids.append(self.tokenizer.eos_token_id)
         return tuple(dict.fromkeys(ids))
 
+    def _load_drafter(self, spec: SpeculativeConfig | None) -> Drafter | None:
+        if spec is None or not spec.uses_drafter:
+            return None
+        if self.parallel.world_size > 1:
+            raise ValueError(f"speculative_config method {spec.method!r} runs in one process only for now: "
+                             "drop the sharding or use method 'ngram'")
+        if spec.method == "mtp":
+            mtp = load_mtp(self.config.model, self.model_config, self.dtype, self.device, target=self.model)
+            if mtp is None:
+                raise ValueError(f"speculative_config method 'mtp': {self.config.model} has no multi-token-prediction "
+                                 "layer (config.json num_nextn_predict_layers is absent or 0): use 'ngram' or "
+                                 "'draft_model'")
+            return MTPDrafter(mtp, self.dtype, self.device)
+        return DraftModel(spec.model, self.model_config.vocab_size, self.dtype, self.device)
+
+    def _proposer(self, spec: SpeculativeConfig) -> Proposer:
+        if self.drafter is None:
+            return NgramProposer(spec, self.max_model_len)
+        if spec.cost_control:
+            self.spec_cost = SpecCostModel(spec.num_speculative_tokens)
+        return DraftModelProposer(self.drafter, spec.num_speculative_tokens, self.max_model_len,
+                                  self.sampler.generator, self.spec_cost)
+
     def kv_bytes_per_token(self) -> int:
-        return sum(s.bytes_per_token(self.dtype, self.kv_fp8) for s in self.model.kv_cache_spec())
+        """KV cache bytes per token: the target's, plus the drafter's (its cache has the same blocks)."""
+        own = sum(s.bytes_per_token(self.dtype, self.kv_fp8) for s in self.model.kv_cache_spec())
+        return own + (self.drafter.kv_bytes_per_token(self.kv_fp8) if self.drafter is not None else 0)
 
     def _allocate_kv_cache(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
         bs = self.config.block_size
@@ -146,6 +179,8 @@ class LLMEngine:
                              f"({per_block} bytes at block_size {bs}); give the cache more memory")
         caches = [spec.allocate(num_blocks, bs, self.dtype, self.device, self.kv_fp8)
                   for spec in self.model.kv_cache_spec()]
+        if self.drafter is not None:
+            self.drafter.allocate_kv_cache(num_blocks, bs, self.kv_fp8)
         self.kv_cache_tokens = num_blocks * bs
         return caches, num_blocks
 
@@ -245,10 +280,15 @@ class LLMEngine:
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.spec_cost is not None:
+            self.proposer.k = self.spec_cost.choose_k(len(self.scheduler.running))
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        t0 = time.perf_counter()
         result = self._run(batch)
+        if self.spec_cost is not None:
+            self._observe_step_cost(batch, time.perf_counter() - t0)
         updated = self._postprocess(batch, result)
         # with n > 1, only a request's last update of the step may say it finished
         last = {seq.request_id: j for j, (seq, _) in enumerate(updated)}
@@ -256,6 +296,26 @@ class LLMEngine:
 
     def _run(self, batch: ScheduledBatch) -> StepResult:
         return self.lockstep.run(batch, lambda: self.runner.run(batch, self.eos_ids))
+
+    def _observe_step_cost(self, batch: ScheduledBatch, seconds: float) -> None:
+        """Feed the cost model a decode step in which every sequence verified the same number of drafts."""
+        drafts = {len(s.draft) for s in batch.seqs}
+        if len(drafts) == 1 and all(s.num_new_tokens == 1 + len(s.draft) and s.samples for s in batch.seqs):
+            self.spec_cost.observe_verify(drafts.pop(), len(batch.seqs), seconds)
+
+    @property
+    def spec_drafted(self) -> int:
+        """Draft tokens run (speculative decoding)."""
+        return self._spec_stats.num_draft_tokens
+
+    @property
+    def spec_accepted(self) -> int:
+        """Draft tokens the model confirmed."""
+        return self._spec_stats.num_accepted_tokens
+
+    def spec_stats(self) -> SpecStats:
+        """Acceptance rate, mean acceptance length and acceptance per draft position, since start."""
+        return self._spec_stats
 
     @property
     def sampling_mismatches(self) -> int:
@@ -272,8 +332,9 @@ class LLMEngine:
             samples = result.sampled.get(b, [])
             # the real tokens' K/V, plus the draft tokens the model confirmed (rejected rows are dead)
             accepted = max(len(samples) - 1, 0) if s.draft else 0
-            self.spec_drafted += len(s.draft)
-            self.spec_accepted += accepted
+            self._spec_stats.record(len(s.draft), accepted)
+            if self.spec_cost is not None and s.draft:
+                self.spec_cost.observe_acceptance(len(s.draft), accepted)
             seq.num_computed_tokens += s.num_new_tokens - len(s.draft) + accepted
             if seq.wants_prompt_logprobs:
                 if not seq.prompt_logprobs:
@@ -315,9 +376,9 @@ class LLMEngine:
         return self.lockstep.sum_over_data_parallel(counts)  # each data-parallel group counted its own tokens
 
     def _register_blocks(self, seq: Sequence) -> None:
-        """Offer the sequence's now completely computed blocks to the prefix cache."""
-        self.scheduler.block_manager_of(seq).register_full_blocks(seq.block_table, seq.token_ids,
-                                                                  seq.num_computed_tokens)
+        """Offer the sequence's now completely computed blocks to the prefix cache (by both models)."""
+        computed = seq.num_computed_tokens - (self.drafter.num_unwritten(seq) if self.drafter is not None else 0)
+        self.scheduler.block_manager_of(seq).register_full_blocks(seq.block_table, seq.token_ids, computed)
 
     def _detokenize(self, seq: Sequence) -> str:
         if self.tokenizer is None:

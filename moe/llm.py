@@ -29,6 +29,11 @@ class LLM:
     >>> outs = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=32))
 
     The keyword arguments are :class:`~moe.config.EngineConfig`'s fields, each documented there.
+    Speculative decoding with a small drafter of the same vocabulary (greedy outputs unchanged,
+    sampled ones distributed as without it; see moe/drafter.py):
+
+    >>> llm = LLM("./ckpt", speculative_config={"method": "draft_model", "model": "./ckpt-draft",
+    ...                                         "num_speculative_tokens": 4})
     ``sharding`` (a YAML path, a dict of its keys, or a ShardingConfig) spreads the model over
     the ranks a launcher starts: run the same script under ``torchrun --nproc-per-node N``
     (or mpirun / srun); every rank takes part and returns the same outputs.

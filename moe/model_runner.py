@@ -9,6 +9,7 @@ single-process engine; the engine then gathers each group's results."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from .cpu_decode import CapturedDecode
 from .models import ForwardContext, MoECausalLM
 from .sampler import Sampler, SampleResult, top_logprobs
 from .scheduler import ScheduledBatch, partition_batch
+
+if TYPE_CHECKING:
+    from .drafter import Drafter
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,10 @@ Sampled = dict[int, list[tuple[int, dict[int, float] | None]]]  # batch index ->
 
 class ModelRunner:
     def __init__(self, model: MoECausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
-                 sampler: Sampler, device: torch.device):
+                 sampler: Sampler, device: torch.device, drafter: Drafter | None = None):
         self.model = model
+        # draft-model speculation: runs over the rows of every step too, so its cache stays complete
+        self.drafter = drafter
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.sampler = sampler
@@ -84,6 +90,8 @@ class ModelRunner:
             logits = self._sampling_logits(inputs, hidden)
             sampled = self._sample(batch, inputs, logits, eos_ids)
             sampled.update(self._verify_drafts(batch, inputs, logits))
+        if self.drafter is not None:  # (after verification: an MTP drafter runs on the accepted rows)
+            self.drafter.catch_up(batch, hidden, {b: [t for t, _ in rows] for b, rows in sampled.items()})
         return StepResult(sampled, self._prompt_logprobs(batch, inputs, hidden))
 
     def _prepare(self, batch: ScheduledBatch) -> StepInputs:
@@ -184,7 +192,7 @@ class ModelRunner:
         out: Sampled = {}
         for b, js in rows.items():
             s, seq = batch.seqs[b], batch.seqs[b].seq
-            out[b] = self.sampler.verify_draft(logits[js], seq.params, seq.generator, s.draft)
+            out[b] = self.sampler.verify_draft(logits[js], seq.params, seq.generator, s.draft, s.draft_probs)
         return out
 
     def _prompt_logprobs(self, batch: ScheduledBatch, inputs: StepInputs,

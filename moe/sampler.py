@@ -117,7 +117,7 @@ def top_logprobs(logprobs_V: torch.Tensor, chosen: int, n: int) -> dict[int, flo
     return out
 
 
-def _filtered_probs(logits_BV: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+def filtered_probs(logits_BV: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """The distributions sampling draws from: temperature, then top-k / top-p / min-p."""
     sub = logits_BV / torch.tensor([p.temperature for p in params]).unsqueeze(1)
     if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
@@ -127,10 +127,39 @@ def _filtered_probs(logits_BV: torch.Tensor, params: list[SamplingParams]) -> to
     return torch.softmax(sub, dim=-1)
 
 
-def _draw(probs_V: torch.Tensor, generator: torch.Generator) -> int:
+def draw_token(probs_V: torch.Tensor, generator: torch.Generator) -> int:
     """One draw from ``probs_V``: argmax(p / Exp(1)) (the race the batched path runs)."""
     noise = torch.empty_like(probs_V).exponential_(generator=generator)
     return int((probs_V / noise).max(dim=-1).indices)
+
+
+def rejection_sample(p_RV: torch.Tensor, draft: tuple[int, ...], q_KV: torch.Tensor | None,
+                     generator: torch.Generator) -> list[int]:
+    """The tokens a draft yields under rejection sampling (see :meth:`Sampler.verify_draft`):
+    ``p_RV`` the target's ``len(draft) + 1`` rows, ``q_KV`` the drafter's rows (None: one-hot on
+    each draft token). Accepting ``d`` when ``u * q(d) < p(d)`` (u uniform) is accepting with
+    probability min(1, p(d) / q(d)) without dividing by a q(d) of 0."""
+    out: list[int] = []
+    for j, d in enumerate(draft):
+        p_V = p_RV[j]
+        q_d = 1.0 if q_KV is None else float(q_KV[j, d])
+        if float(torch.rand((), generator=generator)) * q_d < float(p_V[d]):
+            out.append(d)
+            continue
+        if q_KV is None:
+            residual = p_V.clone()
+            residual[d] = 0.0  # max(p - onehot(d), 0)
+        else:
+            residual = (p_V - q_KV[j].to(p_V.dtype)).clamp_(min=0.0)
+        if not bool((residual > 0).any()):
+            residual = p_V  # (p == q up to rounding: nothing is left to correct)
+        out.append(draw_token(residual, generator))  # the race needs no normalization
+        return out
+    out.append(draw_token(p_RV[len(draft)], generator))  # every draft passed: the bonus token
+    return out
+
+
+_filtered_probs = filtered_probs  # (its former name)
 
 
 class Sampler:
@@ -140,31 +169,22 @@ class Sampler:
             self.generator.manual_seed(seed)
 
     def verify_draft(self, logits_RV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-                     draft: tuple[int, ...]) -> list[tuple[int, dict[int, float] | None]]:
-        """Speculative sampling for a deterministic (n-gram) draft: row ``j`` is the distribution
-        after draft token ``j``. Draft token ``d`` is kept with probability ``P_j(d)``; on rejection
-        the token is drawn from ``P_j`` with ``d`` removed (the residual ``max(P_j - onehot(d), 0)``,
-        renormalized), and the rest of the draft is dropped; if all are kept one more token is drawn
-        from the last row. Every emitted token is thus distributed exactly as plain sampling."""
+                     draft: tuple[int, ...], draft_probs: torch.Tensor | None = None
+                     ) -> list[tuple[int, dict[int, float] | None]]:
+        """Rejection sampling of a draft: row ``j`` of ``logits_RV`` is the target after draft token
+        ``j`` (row 0: after the last real token), ``draft_probs`` row ``j`` the distribution q the
+        drafter drew token ``j`` from (None: a point mass, as for n-gram drafts).
+
+        With p the target's row after the request's temperature / top-k / top-p / min-p, draft
+        token ``d`` is kept with probability ``min(1, p(d) / q(d))``; on rejection the token is
+        drawn from ``max(p - q, 0)`` (renormalized) and the rest of the draft is dropped; if all
+        are kept one more token is drawn from the last row. Every emitted token is thus distributed
+        exactly as in plain sampling (Leviathan et al. 2023; Chen et al. 2023)."""
         logits = logits_RV.float()
         raw_lp = torch.log_softmax(logits, dim=-1) if params.logprobs is not None else None
-        probs = _filtered_probs(logits, [params] * logits.shape[0])
-        g = generator or self.generator
-        out: list[int] = []
-        for j in range(len(draft) + 1):
-            if j == len(draft):
-                out.append(_draw(probs[j], g))
-                break
-            d = draft[j]
-            if float(torch.rand((), generator=g)) < float(probs[j, d]):
-                out.append(d)
-                continue
-            residual = probs[j].clone()
-            residual[d] = 0.0
-            out.append(_draw(residual, g))
-            break
+        probs = filtered_probs(logits, [params] * logits.shape[0])
         return [(t, top_logprobs(raw_lp[j], t, params.logprobs) if raw_lp is not None else None)
-                for j, t in enumerate(out)]
+                for j, t in enumerate(rejection_sample(probs, draft, draft_probs, generator or self.generator))]
 
     def __call__(self, logits_BV: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None], banned: list[list[int]],
@@ -189,7 +209,7 @@ class Sampler:
         rand = [i for i, p in enumerate(params) if not p.greedy]
         if rand:
             idx = torch.tensor(rand)
-            probs = _filtered_probs(logits_BV[idx], [params[i] for i in rand])
+            probs = filtered_probs(logits_BV[idx], [params[i] for i in rand])
             # Gumbel-style race: argmax(p / Exp(1)) draws from p; each request uses its own generator
             noise = torch.empty_like(probs)
             for row, i in enumerate(rand):

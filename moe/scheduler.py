@@ -7,6 +7,11 @@ needs a block and none is free, the most recently admitted sequence is preempted
 are freed and it goes back to the front of the queue, to be recomputed later (its tokens so
 far are kept, so its output is unchanged).
 
+Speculative decoding (moe.spec_decode): a decoding sequence may reserve budget and KV blocks
+for the draft its proposer will make (``proposer.room``); once every running sequence is placed,
+the proposer drafts for all the reserving ones in one call (a draft model runs its steps
+batched over them, writing its K/V into the blocks just allocated).
+
 A request with ``n`` > 1 samples is ``n`` sequences; samples 1..n-1 are admitted once sample 0
 has computed its prompt, so that they take its full prompt blocks from the prefix cache (shared,
 ref-counted) and compute only the prompt's last partial block.
@@ -23,12 +28,14 @@ each were its own engine: a step runs up to ``data_parallel`` times as many toke
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from kvcache import BlockManager
 
 from .sequence import Sequence, Status
+from .spec_decode import Proposer
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,8 @@ class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # rows this step runs, draft tokens included
     draft: tuple[int, ...] = ()  # speculative tokens after the sequence's last one (see moe.spec_decode)
+    # [len(draft), V] the drafter's distribution of each draft token (sampled requests); None: point masses
+    draft_probs: torch.Tensor | None = None
 
     @property
     def start(self) -> int:
@@ -83,8 +92,8 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
-        # speculative decoding: draft tokens for a decoding sequence (moe.spec_decode), or None
-        self.proposer: Callable[[Sequence], list[int]] | None = None
+        # speculative decoding: drafts for decoding sequences (moe.spec_decode.Proposer), or None
+        self.proposer: Proposer | None = None
         self.running: list[Sequence] = []
 
     @property
@@ -119,6 +128,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         budget = [self.max_num_batched_tokens] * self.dp_size  # per data-parallel group
         out: list[ScheduledSeq] = []
+        speculating: list[tuple[int, int]] = []  # (index in out, draft tokens reserved)
         preempted = 0
         for seq in list(self.running):
             if budget[seq.dp_rank] == 0:
@@ -135,18 +145,25 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING:
                 continue
-            draft: tuple[int, ...] = ()
+            room = 0
             # (a request that processes logits is not drafted: its draft rows would be verified
             # against unprocessed logits)
             if (self.proposer is not None and n == 1 and budget[seq.dp_rank] > 1
                     and seq.num_tokens - seq.num_computed_tokens == 1 and not seq.params.processes_logits):
-                draft = tuple(self.proposer(seq)[: budget[seq.dp_rank] - 1])
-                if draft and not bm.can_allocate(seq.block_table, seq.num_computed_tokens + 1 + len(draft)):
-                    draft = ()  # no room for the speculative rows: an ordinary decode step
-            n += len(draft)
+                room = self.proposer.room(seq, budget[seq.dp_rank] - 1)
+                if room and not bm.can_allocate(seq.block_table, seq.num_computed_tokens + 1 + room):
+                    room = 0  # no room for the speculative rows: an ordinary decode step
+            n += room
             bm.allocate(seq.block_table, seq.num_computed_tokens + n, seq.expected_len)
-            out.append(ScheduledSeq(seq, n, draft))
+            if room:
+                speculating.append((len(out), room))
+            out.append(ScheduledSeq(seq, n))
             budget[seq.dp_rank] -= n
+        if speculating:
+            # one call for all: a draft model drafts for every speculating sequence in batched steps
+            drafts = self.proposer.propose([out[i].seq for i, _ in speculating], [r for _, r in speculating])
+            for (i, _), d in zip(speculating, drafts):
+                out[i] = ScheduledSeq(out[i].seq, 1 + len(d.tokens), d.tokens, d.probs)
         if preempted:
             return ScheduledBatch(out, preempted)
         num_running = [0] * self.dp_size

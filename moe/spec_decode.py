@@ -1,39 +1,72 @@
-"""Speculative decoding by n-gram lookup ("prompt lookup").
+"""Speculative decoding: its configuration, the n-gram proposer and the acceptance counters.
 
-A decoding sequence whose last ``n`` tokens (``prompt_lookup_max`` down to ``prompt_lookup_min``)
-occurred earlier in its own prompt or output proposes the up to ``num_speculative_tokens`` tokens
-that followed that earlier occurrence. The step then runs the last token and the draft as one
-chunk: row ``j``'s logits give the model's greedy token after draft token ``j``, so the draft is
-accepted up to the first disagreement, plus one token of the model's own (see
-:func:`moe.model_runner.accept_greedy`). Each accepted token is the token plain greedy decoding
-would have produced, so outputs are unchanged (up to float rounding of a multi-row step), while
-one pass over the weights can yield several tokens. Rejected rows leave K/V past the sequence's
-computed length, overwritten by later steps.
+A proposer drafts up to K tokens after a decoding sequence's last one; the step then runs the
+last token and the draft as one chunk, and row ``j``'s logits verify draft token ``j``
+(:mod:`moe.model_runner`): greedy requests keep the draft up to the first disagreement plus one
+token of the model's own (:func:`moe.model_runner.accept_greedy`), so outputs are unchanged (up
+to float rounding of a multi-row step); sampled requests verify by rejection sampling
+(:meth:`moe.sampler.Sampler.verify_draft`), so each token is distributed exactly as in plain
+sampling (a seeded request draws other random numbers than without speculation). Rejected rows
+leave K/V past the sequence's computed length, overwritten by later steps. Requests speculate
+once past their ``min_tokens``; requests that process logits (penalties, bias, grammars) never.
 
-Sampled requests verify the draft by speculative sampling (:meth:`moe.sampler.Sampler.verify_draft`):
-each token is distributed exactly as in plain sampling, though a seeded request draws different
-random numbers than without speculation. Requests speculate once past their ``min_tokens``.
+Proposers (the scheduler's ``proposer``):
+
+- ``ngram`` ("prompt lookup", :class:`NgramProposer`): the tokens that followed the most recent
+  earlier occurrence of the sequence's last ``prompt_lookup_max`` .. ``prompt_lookup_min``
+  tokens. The draft is deterministic: to the sampler it is a point mass (q = one-hot).
+- ``draft_model`` / ``draft`` (:class:`moe.drafter.DraftModelProposer`): a small checkpoint with
+  the target's vocabulary runs K cheap batched steps; sampled requests draw from its filtered
+  distribution q, kept for verification. ``draft`` without a model is the drafter shipped
+  beside the embedded default model.
+- ``mtp`` (:class:`moe.drafter.MTPDrafter`): a DeepSeek-V3 checkpoint's multi-token-prediction
+  layer drafts from the target's hidden states.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import torch
 
 from .sequence import Sequence
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model", "draft", "mtp")
+DRAFTER_METHODS = ("draft_model", "draft", "mtp")  # a model drafts (cost control applies)
+_INT_FIELDS = ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+
+
+def default_drafter_path() -> Path:
+    """Where the embedded default model's drafter ships (``moe distill`` writes it)."""
+    return Path(str(resources.files("moe") / "default_model" / "drafter"))
 
 
 @dataclass(frozen=True)
-class NgramConfig:
-    num_speculative_tokens: int = 4
-    prompt_lookup_max: int = 4
-    prompt_lookup_min: int = 2
+class SpeculativeConfig:
+    """vLLM's ``speculative_config`` dict, validated: e.g. ``{"method": "ngram",
+    "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}`` or
+    ``{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}``."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4  # K: draft tokens per step at most
+    prompt_lookup_max: int = 4  # ngram only
+    prompt_lookup_min: int = 2  # ngram only
+    model: str | None = None  # draft_model: the drafter's checkpoint directory
+    # drafter methods: the engine picks K per step (0..num_speculative_tokens) from measured
+    # acceptance and step costs (moe.spec_cost); False: always num_speculative_tokens
+    cost_control: bool = True
+
+    @property
+    def uses_drafter(self) -> bool:
+        """Does a model draft (draft model or MTP layer), rather than a lookup?"""
+        return self.method in DRAFTER_METHODS
 
     @staticmethod
-    def parse(spec: Mapping | None) -> "NgramConfig | None":
-        """vLLM's ``speculative_config`` dict: ``{"method": "ngram", "num_speculative_tokens": 4,
-        "prompt_lookup_max": 4, "prompt_lookup_min": 2}``; None: no speculation."""
+    def parse(spec: Mapping | None) -> "SpeculativeConfig | None":
+        """The config of a ``speculative_config`` dict (drafter paths resolved); None: no speculation."""
         if spec is None:
             return None
         if not isinstance(spec, Mapping):
@@ -44,20 +77,65 @@ class NgramConfig:
         if method not in METHODS:
             raise ValueError(f"speculative_config method {method!r} is not supported: "
                              f"choose one of {', '.join(METHODS)}")
-        fields = set(NgramConfig.__dataclass_fields__)
-        unknown = set(d) - fields
+        names = [f.name for f in fields(SpeculativeConfig) if f.name != "method"]
+        unknown = set(d) - set(names)
         if unknown:
             raise ValueError(f"speculative_config: unknown keys {sorted(unknown)}; "
-                             f"valid: method, {', '.join(sorted(fields))}")
-        cfg = NgramConfig(**d)
-        for name in fields:
+                             f"valid: method, {', '.join(sorted(names))}")
+        cfg = SpeculativeConfig(method=method, **d)
+        for name in _INT_FIELDS:
             v = getattr(cfg, name)
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"speculative_config {name}={v!r} must be a positive integer")
         if cfg.prompt_lookup_min > cfg.prompt_lookup_max:
             raise ValueError(f"speculative_config prompt_lookup_min ({cfg.prompt_lookup_min}) exceeds "
                              f"prompt_lookup_max ({cfg.prompt_lookup_max})")
-        return cfg
+        if not isinstance(cfg.cost_control, bool):
+            raise ValueError(f"speculative_config cost_control={cfg.cost_control!r} must be true or false")
+        return cfg._with_drafter_path()
+
+    def _with_drafter_path(self) -> "SpeculativeConfig":
+        if self.method in ("ngram", "mtp"):
+            if self.model is not None:
+                raise ValueError(f"speculative_config model={self.model!r} is for method 'draft_model' "
+                                 f"('{self.method}' drafts from the target itself): drop it or set method "
+                                 "'draft_model'")
+            return self
+        if self.model is None:
+            if self.method == "draft_model":
+                raise ValueError("speculative_config method 'draft_model' needs 'model': the drafter's "
+                                 "checkpoint directory (same vocabulary as the target)")
+            path = default_drafter_path()
+            if not (path / "config.json").is_file():
+                raise ValueError(f"speculative_config method 'draft' uses the drafter shipped beside the "
+                                 f"default model, but {path} holds none: train one with `moe distill "
+                                 "--student draft`, or give method 'draft_model' and a 'model' path")
+            return SpeculativeConfig(**{**self.__dict__, "model": str(path)})
+        if not isinstance(self.model, (str, Path)) or not (Path(self.model) / "config.json").is_file():
+            raise ValueError(f"speculative_config model={str(self.model)!r} is not a checkpoint directory "
+                             "(no config.json there): give the drafter's Hugging Face checkpoint directory")
+        return SpeculativeConfig(**{**self.__dict__, "model": str(self.model)})
+
+
+NgramConfig = SpeculativeConfig  # the name this config had while n-gram lookup was the only method
+
+
+class Draft(NamedTuple):
+    tokens: tuple[int, ...]
+    # [len(tokens), V] the drafter's (filtered) distribution each token was drawn from, for
+    # sampled requests; None: a point mass on each token (greedy requests, n-gram drafts)
+    probs: torch.Tensor | None = None
+
+
+class Proposer(Protocol):
+    """What the scheduler asks of a proposer. ``room`` is called while the batch is built (it
+    reserves token budget and KV blocks), ``propose`` once for all chosen sequences after it."""
+
+    k: int  # draft tokens per sequence at most, this step
+
+    def room(self, seq: Sequence, budget: int) -> int: ...
+
+    def propose(self, seqs: list[Sequence], rooms: list[int]) -> list[Draft]: ...
 
 
 def propose_ngram(tokens: Seq[int], k: int, n_min: int, n_max: int) -> list[int]:
@@ -73,21 +151,82 @@ def propose_ngram(tokens: Seq[int], k: int, n_min: int, n_max: int) -> list[int]
     return []
 
 
-class NgramProposer:
-    """The scheduler's proposer: drafts for eligible sequences."""
+def draft_room(seq: Sequence, k: int, max_model_len: int) -> int:
+    """How many draft tokens ``seq`` may take: the draft and the model's own next token must fit
+    max_tokens and the context; none before min_tokens (EOS and stop ids are banned until then)."""
+    p = seq.params
+    if seq.num_output_tokens < p.min_tokens:
+        return 0
+    room = min(k, max_model_len - seq.num_tokens - 1)
+    if p.max_tokens is not None:
+        room = min(room, p.max_tokens - seq.num_output_tokens - 1)
+    return max(room, 0)
 
-    def __init__(self, cfg: NgramConfig, max_model_len: int):
+
+class NgramProposer:
+    """Drafts by n-gram lookup in the sequence's own tokens."""
+
+    def __init__(self, cfg: SpeculativeConfig, max_model_len: int):
         self.cfg = cfg
+        self.k = cfg.num_speculative_tokens
         self.max_model_len = max_model_len
 
-    def __call__(self, seq: Sequence) -> list[int]:
-        p = seq.params
-        if seq.num_output_tokens < p.min_tokens:  # (EOS and stop ids are banned until then)
-            return []
-        # room: the draft and the model's own next token must fit max_tokens and the context
-        room = min(self.cfg.num_speculative_tokens, self.max_model_len - seq.num_tokens - 1)
-        if p.max_tokens is not None:
-            room = min(room, p.max_tokens - seq.num_output_tokens - 1)
+    def _lookup(self, seq: Sequence, room: int) -> list[int]:
         if room < 1:
             return []
         return propose_ngram(seq.token_ids, room, self.cfg.prompt_lookup_min, self.cfg.prompt_lookup_max)
+
+    def room(self, seq: Sequence, budget: int) -> int:
+        # the lookup's own length: a sequence whose suffix never occurred reserves nothing
+        return len(self._lookup(seq, min(draft_room(seq, self.k, self.max_model_len), budget)))
+
+    def propose(self, seqs: list[Sequence], rooms: list[int]) -> list[Draft]:
+        return [Draft(tuple(self._lookup(seq, r))) for seq, r in zip(seqs, rooms)]
+
+    def __call__(self, seq: Sequence) -> list[int]:
+        return self._lookup(seq, draft_room(seq, self.k, self.max_model_len))
+
+
+@dataclass
+class SpecStats:
+    """Acceptance counters since the engine started (``LLMEngine.spec_stats()``)."""
+
+    num_verify_steps: int = 0  # sequence-steps that verified a draft
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    drafted_at: list[int] = field(default_factory=list)  # per draft position: tokens drafted there
+    accepted_at: list[int] = field(default_factory=list)  # and accepted there
+
+    def record(self, draft_len: int, accepted: int) -> None:
+        if not draft_len:
+            return
+        grow = draft_len - len(self.drafted_at)
+        if grow > 0:
+            self.drafted_at += [0] * grow
+            self.accepted_at += [0] * grow
+        self.num_verify_steps += 1
+        self.num_draft_tokens += draft_len
+        self.num_accepted_tokens += accepted
+        for j in range(draft_len):
+            self.drafted_at[j] += 1
+            self.accepted_at[j] += j < accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / max(self.num_draft_tokens, 1)
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens a verify step yields on average: the accepted drafts plus the model's own one."""
+        return 1 + self.num_accepted_tokens / max(self.num_verify_steps, 1)
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        """Of the drafts with a token at position j, the fraction whose token j was accepted."""
+        return [a / max(d, 1) for a, d in zip(self.accepted_at, self.drafted_at)]
+
+    def summary(self) -> str:
+        per = " ".join(f"{r:.2f}" for r in self.acceptance_by_position)
+        return (f"{self.num_accepted_tokens} of {self.num_draft_tokens} draft tokens accepted "
+                f"(rate {self.acceptance_rate:.2f}), mean acceptance length {self.mean_acceptance_length:.2f}, "
+                f"per position [{per}]")

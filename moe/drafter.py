@@ -1,0 +1,296 @@
+"""Drafters for speculative decoding: a small checkpoint with the target's vocabulary
+(:class:`DraftModel`) or a DeepSeek-V3 checkpoint's MTP layer (:class:`MTPDrafter`) drafts, the
+target verifies; :class:`DraftModelProposer` runs either for the scheduler.
+
+KV cache: a drafter has its own cache tensors with the target's block size and number of
+blocks, and uses the target's block tables (as vLLM does for its KV cache groups). So the block
+manager's allocations, frees, preemptions and prefix-cache hits cover both models at once; the
+engine budgets both models' bytes per token when it sizes the cache.
+
+The drafter keeps its cache complete where the target's is: it runs over every token the target
+runs (prompt chunks, plain decode rows) in :meth:`DraftModel.catch_up`, called by the model runner
+after each target step. Drafting (:meth:`DraftModelProposer.propose`, called by the scheduler once
+a step's blocks are allocated) runs K one-row steps per sequence, batched over the speculating
+sequences: step ``j`` feeds the last token (j = 0) or draft ``j`` at position ``computed + j``
+and writes its K/V there. The target's verify rows are ``[last, d_1 .. d_K]`` at the same
+positions, so the drafter already holds the K/V of all but ``d_K``, which it needs only when the
+whole draft was accepted and then writes in the sequence's next pass. Rejected rows' K/V lie past
+the computed length in both caches and are overwritten later.
+
+Greedy requests draft the drafter's argmax; sampled requests draw from the drafter's distribution
+after the request's temperature / top-k / top-p / min-p (the same filtering the target's rows
+get), and keep it (q) for rejection sampling (:meth:`moe.sampler.Sampler.verify_draft`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from kvcache import AttentionMetadata
+
+from .config import read_config_json
+from .cpu_decode import CapturedDecode
+from .loader import load_weights
+from .models import ForwardContext, MoECausalLM, parse_config, rules_for
+from .models.quant_weights import checkpoint_rules, plan_experts
+from .sampler import draw_token, filtered_probs
+from .scheduler import ScheduledBatch
+from .sequence import Sequence
+from .spec_cost import SpecCostModel
+from .spec_decode import Draft, draft_room
+
+
+class Drafter(Protocol):
+    """What the engine asks of a drafter: a draft model (:class:`DraftModel`) or an MTP layer
+    (:class:`MTPDrafter`, which reads the target's hidden states)."""
+
+    def kv_bytes_per_token(self, fp8: bool) -> int: ...
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, fp8: bool) -> None: ...
+
+    def step(self, seqs: list[Sequence], ids: list[int], positions: list[int]) -> torch.Tensor: ...
+
+    def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, sampled: dict[int, list[int]]) -> None: ...
+
+    def num_unwritten(self, seq: Sequence) -> int: ...
+
+
+class DraftModel:
+    """The drafter's weights and KV cache, and its forward over rows given by position."""
+
+    def __init__(self, path: str | Path, target_vocab_size: int, dtype: torch.dtype, device: torch.device):
+        hf = read_config_json(path)
+        plan = plan_experts(hf)  # the checkpoint's own format (packed experts load as such)
+        self.cfg = cfg = replace(parse_config(hf), experts=plan)
+        if cfg.vocab_size != target_vocab_size:
+            raise ValueError(f"the drafter {str(path)!r} has vocab_size {cfg.vocab_size} but the target has "
+                             f"{target_vocab_size}: a drafter must share the target's vocabulary (train one "
+                             "from the target with `moe distill --student draft`)")
+        self.device = device
+        with torch.device(device):
+            self.model = MoECausalLM(cfg, dtype)
+        load_weights(self.model, path, checkpoint_rules(plan, rules_for(cfg.architecture), path), cfg.num_layers,
+                     cfg.tie_word_embeddings)
+        self.model.eval()
+        self.dtype = dtype
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.block_size = 0
+        self.captured: CapturedDecode | None = None
+        self.num_tokens_run = 0
+        # id(seq) -> (seq, token, position): a row this drafter owes the sequence (see catch_up)
+        self._unwritten: dict[int, tuple[Sequence, int, int]] = {}
+
+    def kv_bytes_per_token(self, fp8: bool) -> int:
+        return sum(s.bytes_per_token(self.dtype, fp8) for s in self.model.kv_cache_spec())
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, fp8: bool) -> None:
+        """Cache tensors of the target's shape in blocks: the same block ids mean the same tokens."""
+        self.block_size = block_size
+        self.kv_caches = [s.allocate(num_blocks, block_size, self.dtype, self.device, fp8)
+                          for s in self.model.kv_cache_spec()]
+        self.captured = CapturedDecode.capture(self.model, self.kv_caches)
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int], positions: list[int], query_lens: list[int], context_lens: list[int],
+                block_tables: list[list[int]]) -> torch.Tensor:
+        """Hidden states of the rows (sequence by sequence, ``query_lens`` each, ending at ``context_lens``)."""
+        meta = AttentionMetadata.build(query_lens, context_lens, block_tables, self.block_size, self.device)
+        ctx = ForwardContext(meta, self.kv_caches)
+        ids_T = torch.tensor(ids, dtype=torch.long, device=self.device)
+        pos_T = torch.tensor(positions, dtype=torch.long, device=self.device)
+        self.num_tokens_run += len(ids)
+        if self.captured is not None and len(ids) == 1:
+            return self.captured(ids_T, pos_T, ctx)
+        return self.model(ids_T, pos_T, ctx)
+
+    def num_unwritten(self, seq: Sequence) -> int:
+        """Tokens at the end of ``seq``'s computed ones whose drafter K/V are not written yet (0 or 1:
+        the last draft token, when the target accepted the whole draft). The engine offers blocks
+        to the prefix cache only up to there, so a block is shared only once both caches hold it."""
+        entry = self._unwritten.get(id(seq))
+        return int(entry is not None and entry[2] == seq.num_computed_tokens - 1)
+
+    def _take_unwritten(self, seq: Sequence, start: int) -> list[tuple[int, int]]:
+        """The (token, position) row to run before ``seq``'s rows starting at ``start``, if it is owed."""
+        entry = self._unwritten.pop(id(seq), None)
+        return [(entry[1], entry[2])] if entry is not None and entry[2] == start - 1 else []
+
+    def step(self, seqs: list[Sequence], ids: list[int], positions: list[int]) -> torch.Tensor:
+        """One drafting step, one row per sequence (its ``ids`` at ``positions``): ``[B, V]`` float
+        logits. An owed row of a sequence (see :meth:`catch_up`) runs first, in the same pass."""
+        rows = [self._take_unwritten(seq, p) + [(t, p)] for seq, t, p in zip(seqs, ids, positions)]
+        hidden = self._run_rows(seqs, rows)
+        last = torch.tensor([len(r) for r in rows]).cumsum(0) - 1
+        return self.model.compute_logits(hidden[last.to(hidden.device)]).cpu()
+
+    def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, sampled: dict[int, list[int]]) -> None:
+        """After a target step: write the K/V of the rows the target just ran that the drafting
+        steps did not. That is every row of a sequence without a draft; of a drafted sequence
+        ``[last, d_1 .. d_K]`` the drafting steps wrote all but ``d_K``, whose row matters only
+        when the whole draft was accepted, and then is owed: it runs first in the sequence's next
+        pass (drafting step or catch-up), saving a pass per step. (``hidden_TD``, the target's
+        hidden states of the step's rows in batch order, is for drafters that run on them, such as
+        an MTP layer. ``sampled``: the tokens each batch index emitted, accepted drafts first.)"""
+        seqs, rows = [], []
+        for b, s in enumerate(batch.seqs):
+            start, n, seq = s.start, s.num_new_tokens, s.seq
+            if s.draft:
+                if len(sampled.get(b, ())) == len(s.draft) + 1:  # the whole draft accepted
+                    self._unwritten[id(seq)] = (seq, s.draft[-1], start + n - 1)
+                continue
+            seqs.append(seq)
+            rows.append(self._take_unwritten(seq, start) + list(zip(seq.token_ids[start:start + n],
+                                                                    range(start, start + n))))
+        if seqs:
+            self._run_rows(seqs, rows)
+        for key, (seq, _, _) in list(self._unwritten.items()):
+            if seq.is_finished:  # (its blocks went back unshared: nothing is owed)
+                del self._unwritten[key]
+
+    def _run_rows(self, seqs: list[Sequence], rows: list[list[tuple[int, int]]]) -> torch.Tensor:
+        """Each sequence's consecutive (token, position) rows, its last one ending its context."""
+        return self.forward([t for r in rows for t, _ in r], [p for r in rows for _, p in r], [len(r) for r in rows],
+                            [r[-1][1] + 1 for r in rows], [s.block_table.blocks for s in seqs])
+
+
+class DraftModelProposer:
+    """The scheduler's proposer for ``draft_model`` / ``draft``: K batched drafter steps."""
+
+    def __init__(self, drafter: Drafter, k: int, max_model_len: int, generator: torch.Generator,
+                 cost: SpecCostModel | None = None):
+        self.drafter = drafter
+        self.k = k  # draft tokens per sequence this step (the engine's cost control may lower it)
+        self.max_model_len = max_model_len
+        self.generator = generator  # draws for requests without their own seed (the sampler's)
+        self.cost = cost
+
+    def room(self, seq: Sequence, budget: int) -> int:
+        return min(draft_room(seq, self.k, self.max_model_len), budget)
+
+    @torch.inference_mode()
+    def propose(self, seqs: list[Sequence], rooms: list[int]) -> list[Draft]:
+        tokens: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        for j in range(max(rooms, default=0)):
+            active = [b for b, r in enumerate(rooms) if r > j]
+            ids = [tokens[b][-1] if j else seqs[b].token_ids[-1] for b in active]
+            positions = [seqs[b].num_computed_tokens + j for b in active]
+            t0 = time.perf_counter()
+            logits = self.drafter.step([seqs[b] for b in active], ids, positions)
+            self._pick(logits, [seqs[b] for b in active], [tokens[b] for b in active], [probs[b] for b in active])
+            if self.cost is not None:
+                self.cost.observe_draft(len(active), time.perf_counter() - t0)
+        return [Draft(tuple(t), torch.stack(q) if q else None) for t, q in zip(tokens, probs)]
+
+    def _pick(self, logits_BV: torch.Tensor, seqs: list[Sequence], tokens: list[list[int]],
+              probs: list[list[torch.Tensor]]) -> None:
+        """Append each sequence's next draft token: the argmax for greedy requests, else a draw from
+        the filtered distribution q (kept for verification)."""
+        greedy = logits_BV.max(dim=-1).indices.tolist()
+        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        q_SV = filtered_probs(logits_BV[sampled], [seqs[i].params for i in sampled]) if sampled else None
+        for i, seq in enumerate(seqs):
+            if seq.params.greedy:
+                tokens[i].append(greedy[i])
+        for r, i in enumerate(sampled):
+            q_V = q_SV[r]
+            tokens[i].append(draw_token(q_V, seqs[i].generator or self.generator))
+            probs[i].append(q_V)
+
+
+class MTPDrafter:
+    """DeepSeek-V3's multi-token-prediction layer as the drafter (``method: "mtp"``): row ``i``
+    takes token ``t_{i+1}`` and the target's hidden state ``h_i`` (after its final norm) and its
+    logits predict ``t_{i+2}`` (:mod:`moe.models.mtp`). Its K/V sit at slot ``i`` of its own cache,
+    with the target's block tables, like a draft model's.
+
+    After each target step :meth:`catch_up` runs the MTP over the positions the target computed
+    (for a verified draft: the accepted rows, with the target's true hidden states, replacing the
+    drafting steps' K/V there), the last row's input being the token just sampled. That last row's
+    output gives the first draft of the next step, so drafting step 0 costs nothing; step ``j``
+    runs draft token ``d_j`` at position ``c + j - 1`` with the MTP's own previous output as the
+    hidden state (the first MTP layer reused for every K). A prefix-cache hit keeps the hit blocks'
+    MTP K/V, whose last slot was computed with the token that followed there, which may differ:
+    drafts may be a little worse there, outputs are exact regardless."""
+
+    def __init__(self, mtp: torch.nn.Module, dtype: torch.dtype, device: torch.device):
+        self.model = mtp
+        self.dtype = dtype
+        self.device = device
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.block_size = 0
+        # id(seq) -> (computed length it holds for, logits of the next draft [V], hidden state to chain [D])
+        self._next: dict[int, tuple[Sequence, int, torch.Tensor, torch.Tensor]] = {}
+
+    def kv_bytes_per_token(self, fp8: bool) -> int:
+        return sum(s.bytes_per_token(self.dtype, fp8) for s in self.model.kv_cache_spec())
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, fp8: bool) -> None:
+        self.block_size = block_size
+        self.kv_caches = [s.allocate(num_blocks, block_size, self.dtype, self.device, fp8)
+                          for s in self.model.kv_cache_spec()]
+
+    def num_unwritten(self, seq: Sequence) -> int:
+        return 0  # catch-up writes every computed position
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int], hidden_TD: torch.Tensor, positions: list[int], query_lens: list[int],
+                 seqs: list[Sequence]) -> torch.Tensor:
+        ends = torch.tensor(query_lens).cumsum(0).tolist()
+        context_lens = [positions[e - 1] + 1 for e in ends]
+        meta = AttentionMetadata.build(query_lens, context_lens, [s.block_table.blocks for s in seqs],
+                                       self.block_size, self.device)
+        return self.model(torch.tensor(ids, dtype=torch.long, device=self.device), hidden_TD.to(self.dtype),
+                          torch.tensor(positions, dtype=torch.long, device=self.device),
+                          ForwardContext(meta, self.kv_caches))
+
+    def step(self, seqs: list[Sequence], ids: list[int], positions: list[int]) -> torch.Tensor:
+        """Drafting step ``j`` for rows ``ids`` at ``positions`` = c + j: step 0's logits were made by
+        catch-up; later steps run the MTP at position c + j - 1 on its own previous output."""
+        first = [self._next.get(id(s)) for s in seqs]
+        if all(f is not None and f[1] == s.num_computed_tokens == p for f, s, p in zip(first, seqs, positions)):
+            return torch.stack([f[2] for f in first])
+        if any(f is None or f[1] != s.num_computed_tokens for f, s in zip(first, seqs)):
+            raise RuntimeError("MTP drafting without the target's hidden state of the last position: "
+                               "catch_up must run after every target step")
+        prev = torch.stack([f[3] for f in first])
+        out_TD = self._forward(ids, prev, [p - 1 for p in positions], [1] * len(seqs), seqs)
+        logits = self.model.compute_logits(out_TD).cpu()
+        for s, f, lg, h in zip(seqs, first, logits, out_TD):
+            self._next[id(s)] = (s, f[1], lg, h)  # the chain moves on; its first entry stays keyed by c
+        return logits
+
+    def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, sampled: dict[int, list[int]]) -> None:
+        ids: list[int] = []
+        positions: list[int] = []
+        rows: list[torch.Tensor] = []
+        qlens: list[int] = []
+        seqs: list[Sequence] = []
+        base = 0
+        for b, s in enumerate(batch.seqs):
+            seq, start, n = s.seq, s.start, s.num_new_tokens
+            new = sampled.get(b, [])
+            # the positions the target computed this step: a chunk, or the last token and accepted drafts
+            m = len(new) if s.draft else n
+            known = seq.token_ids + list(new)  # t_{i+1} of the last row is the token just sampled
+            if start + m < len(known):
+                ids.extend(known[start + 1:start + m + 1])
+                positions.extend(range(start, start + m))
+                rows.append(hidden_TD[base:base + m])
+                qlens.append(m)
+                seqs.append(seq)
+            base += n
+        for key, entry in list(self._next.items()):
+            if entry[0].is_finished:
+                del self._next[key]
+        if not seqs:
+            return
+        out_TD = self._forward(ids, torch.cat(rows), positions, qlens, seqs)
+        last = (torch.tensor(qlens).cumsum(0) - 1).to(out_TD.device)
+        logits = self.model.compute_logits(out_TD[last]).cpu()
+        for seq, q, lg, h, p in zip(seqs, qlens, logits, out_TD[last], [positions[i] for i in last.tolist()]):
+            self._next[id(seq)] = (seq, p + 1, lg, h)

@@ -1,0 +1,407 @@
+"""Draft-model speculative decoding: exact greedy outputs over every family, mixed batches,
+preemption and prefix hits (the drafter's KV cache shares the target's block tables), rejection
+sampling that keeps the target distribution, the cost model, stats, CLI flags and bad configs."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe import LLM, SamplingParams
+from moe.sampler import Sampler, filtered_probs, rejection_sample
+from moe.spec_cost import SpecCostModel
+from moe.spec_decode import SpeculativeConfig
+
+from test_engine import _run_engine
+from tiny_models import FAMILIES, make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def drafters(tmp_path_factory):
+    """Tiny drafters with the tiny targets' vocabulary (320): a one-layer dense one (Qwen3-MoE
+    layout with every layer an MLP) and a one-layer, narrower Mixtral."""
+    root = tmp_path_factory.mktemp("drafters")
+    return {
+        "dense": make_checkpoint("qwen3_moe", root / "dense", seed=1, num_hidden_layers=1, mlp_only_layers=[0]),
+        "mixtral": make_checkpoint("mixtral", root / "mixtral", seed=2, num_hidden_layers=1, hidden_size=32),
+    }
+
+
+@pytest.fixture(scope="module")
+def noisy_self(checkpoint, tmp_path_factory):
+    """``noisy_self(family)``: the target with noise on its LM head, a drafter that agrees with
+    it often but not always (partial acceptance)."""
+    from transformers import AutoModelForCausalLM
+
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in cache:
+            model = AutoModelForCausalLM.from_pretrained(str(checkpoint(family)), dtype=torch.float32)
+            torch.manual_seed(5)
+            with torch.no_grad():
+                w = model.get_output_embeddings().weight
+                w.add_(torch.randn_like(w) * w.std() * 0.6)
+            out = tmp_path_factory.mktemp(f"noisy_{family}")
+            model.save_pretrained(out)
+            cache[family] = out
+        return cache[family]
+
+    return get
+
+
+def _spec(model, k: int = 3, **extra) -> dict:
+    return {"method": "draft_model", "model": str(model), "num_speculative_tokens": k, "cost_control": False, **extra}
+
+
+def _prompts(n: int, seed: int = 0, vocab: int = 320) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt_token_ids": torch.randint(3, vocab, (int(torch.randint(3, 20, (1,), generator=g)),),
+                                               generator=g).tolist()} for _ in range(n)]
+
+
+def _tokens(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_outputs_unchanged_over_every_family(family, checkpoint, drafters, noisy_self):
+    """float32: a batch of greedy requests gives the same tokens with a drafter of another family
+    (nearly everything rejected), with a noisy copy of the target (partly accepted) and with the
+    target itself (everything accepted: its cache is complete in every attention layout)."""
+    target = checkpoint(family)
+    prompts = _prompts(4, seed=len(family))
+    sp = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
+    want = _tokens(LLM(str(target), dtype="float32").generate(prompts, sp))
+    other = drafters["mixtral" if family == "qwen3_moe" else "dense"]
+    for drafter in (other, noisy_self(family), target):
+        llm = LLM(str(target), dtype="float32", speculative_config=_spec(drafter))
+        assert _tokens(llm.generate(prompts, sp)) == want, drafter
+        assert llm.engine.spec_drafted > 0
+        if drafter == target:
+            assert llm.engine.spec_stats().acceptance_rate == 1.0
+    assert 0 < llm.engine.spec_accepted
+
+
+def test_target_as_its_own_drafter_accepts_every_token(checkpoint):
+    """Each step yields K + 1 tokens: max_tokens = 1 + 5 (K + 1) leaves room for K drafts in every step."""
+    target = checkpoint("mixtral")
+    k = 3
+    llm = LLM(str(target), dtype="float32", speculative_config=_spec(target, k))
+    sp = SamplingParams(temperature=0, max_tokens=1 + 5 * (k + 1), ignore_eos=True)
+    llm.generate(_prompts(3), sp)
+    s = llm.engine.spec_stats()
+    assert s.num_verify_steps == 3 * 5 and s.num_draft_tokens == 3 * 5 * k
+    assert s.mean_acceptance_length == k + 1 and s.acceptance_by_position == [1.0] * k
+    st = llm.engine.stats()
+    assert (st.spec_num_draft_tokens, st.spec_num_accepted_tokens) == (s.num_draft_tokens, s.num_accepted_tokens)
+
+
+def test_mixed_batch_of_prefill_decode_sampled_and_plain_requests(checkpoint, noisy_self):
+    """Chunked prefills beside speculating decodes, greedy and seeded sampled requests, a request
+    with logit bias (never drafted) and log-probs: greedy outputs equal plain decoding's; sampled
+    ones are reproducible and complete."""
+    target = checkpoint("mixtral")
+    prompts = _prompts(6, seed=3)
+    prompts[1] = {"prompt_token_ids": list(range(5, 60))}  # long: prefilled in chunks beside decodes
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=4, max_tokens=16, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logit_bias={7: 2.0}),
+              SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=9, max_tokens=18, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=15, ignore_eos=True, min_tokens=5)]
+    opts = dict(dtype="float32", max_num_batched_tokens=16)
+    want = LLM(str(target), **opts).generate(prompts, params)
+    runs = []
+    for _ in range(2):
+        llm = LLM(str(target), **opts, speculative_config=_spec(noisy_self("mixtral"), 4))
+        got = llm.generate(prompts, params)
+        greedy = [0, 1, 3, 5]
+        assert [_tokens(got)[i] for i in greedy] == [_tokens(want)[i] for i in greedy]
+        for a, b in zip(got[0].outputs[0].logprobs, want[0].outputs[0].logprobs):
+            assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-4 for t in a)
+        assert [len(t) for t in _tokens(got)] == [p.max_tokens for p in params]
+        s = llm.engine.spec_stats()
+        assert 0 < s.num_accepted_tokens < s.num_draft_tokens
+        runs.append(_tokens(got))
+    assert runs[0] == runs[1]
+
+
+def test_drafter_cache_survives_preemption_and_prefix_hits(checkpoint):
+    """A cache small enough to preempt, prompts sharing prefixes (prefix-cache hits), chunked
+    prefill; with the target as drafter every draft is still accepted, so the drafter's K/V
+    (in the same blocks as the target's) were complete and right after every recompute and hit."""
+    target = checkpoint("qwen3_moe")
+    g = torch.Generator().manual_seed(11)
+    base = torch.randint(3, 320, (24,), generator=g).tolist()
+    prompts = [{"prompt_token_ids": base[:int(torch.randint(8, 24, (1,), generator=g))]
+                + torch.randint(3, 320, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()}
+               for _ in range(8)]
+    params = [SamplingParams(temperature=0, max_tokens=int(torch.randint(8, 20, (1,), generator=g)), ignore_eos=True)
+              for _ in prompts]
+    alone = LLM(str(target), dtype="float32", block_size=4, enable_prefix_caching=False)
+    want = [alone.generate(p, sp)[0].outputs[0].token_ids for p, sp in zip(prompts, params)]
+    spec = _spec(target, 3)
+    per_token = LLM(str(target), dtype="float32", block_size=4, speculative_config=spec).engine.kv_bytes_per_token()
+    busy = LLM(str(target), dtype="float32", block_size=4, kv_cache_memory=20 * 4 * per_token,
+               max_num_batched_tokens=20, speculative_config=spec)
+    got, seqs, _ = _run_engine(busy, prompts, params)
+    assert _tokens(got) == want
+    assert sum(s.num_preemptions for s in seqs) > 0, "no preemption happened"
+    assert busy.engine.block_manager.prefix_hit_tokens > 0
+    s = busy.engine.spec_stats()
+    assert s.num_draft_tokens > 0 and s.acceptance_rate == 1.0
+
+
+def test_sampled_samples_sharing_a_prompt_accept_their_own_model(checkpoint):
+    """n = 3 sampled samples of one prompt (samples 1, 2 take sample 0's prompt blocks from the
+    prefix cache, the drafter's K/V with them): with the target as drafter, q = p up to rounding,
+    so rejection sampling accepts (nearly) every draft; outputs are reproducible."""
+    target = checkpoint("deepseek_v3")
+    prompt = {"prompt_token_ids": list(range(10, 50))}
+    sp = SamplingParams(n=3, temperature=0.9, top_p=0.95, seed=21, max_tokens=17, ignore_eos=True)
+    runs = []
+    for _ in range(2):
+        llm = LLM(str(target), dtype="float32", block_size=8, speculative_config=_spec(target, 4))
+        out = llm.generate(prompt, sp)[0]
+        runs.append([c.token_ids for c in out.outputs])
+        assert [len(t) for t in runs[-1]] == [17] * 3
+        assert llm.engine.block_manager.prefix_hit_tokens >= 2 * 32
+        s = llm.engine.spec_stats()
+        assert s.num_draft_tokens >= 3 * 3 * 4 and s.acceptance_rate > 0.97, s.summary()
+    assert runs[0] == runs[1] and runs[0][0] != runs[0][1]
+
+
+def test_kv_cache_budget_counts_the_drafter(checkpoint, drafters):
+    target = checkpoint("mixtral")
+    plain = LLM(str(target), dtype="float32").engine.kv_bytes_per_token()
+    draft_only = LLM(str(drafters["dense"]), dtype="float32").engine.kv_bytes_per_token()
+    llm = LLM(str(target), dtype="float32", kv_cache_memory=64 * (plain + draft_only),
+              speculative_config=_spec(drafters["dense"]))
+    assert llm.engine.kv_bytes_per_token() == plain + draft_only
+    assert llm.engine.kv_cache_tokens == 64 - 64 % 16
+    k, _ = llm.engine.drafter.kv_caches[0]
+    assert k.shape[:2] == llm.engine.kv_caches[0][0].shape[:2]  # same blocks, same block size
+
+
+def _chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """P-value of Pearson's chi-square test of ``counts`` against ``probs`` (cells with p > 0)."""
+    keep = probs > 0
+    expected = probs[keep] * counts.sum()
+    stat = float(((counts[keep] - expected) ** 2 / expected).sum())
+    df = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def test_rejection_sampling_reproduces_the_target_distribution():
+    """Six-token vocabulary, temperature and top-k filtering, a drafter whose distribution differs
+    from the target's, two draft tokens drawn from it; 40000 seeds. The first emitted token follows
+    the target's row 0 (chi-square), the second (after an accepted first draft) row 1; tokens the
+    filter cut never appear."""
+    params = SamplingParams(temperature=0.9, top_k=5)
+    target = torch.tensor([[1.0, 0.2, 0.7, -1.0, 0.5, -3.0], [0.1, 1.5, -0.5, 0.3, 0.9, -2.0],
+                           [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    drafter = torch.tensor([[0.2, 1.2, -0.3, 0.4, 1.0, 0.0], [1.0, -0.5, 0.8, 0.0, 0.1, 0.3]])
+    p = filtered_probs(target, [params] * 3)
+    q = filtered_probs(drafter, [params] * 2)
+    assert (p[:2] - q).abs().max() > 0.2  # the drafter really differs
+    first, second = torch.zeros(6), torch.zeros(6)
+    n = 40000
+    for seed in range(n):
+        g = torch.Generator().manual_seed(seed)
+        draft = tuple(int(torch.multinomial(q[j], 1, generator=g)) for j in range(2))
+        out = rejection_sample(p, draft, q, g)
+        first[out[0]] += 1
+        if out[0] == draft[0] and len(out) > 1:
+            second[out[1]] += 1
+    assert _chi_square_p_value(first, p[0]) > 1e-3, (first / n, p[0])
+    assert _chi_square_p_value(second, p[1]) > 1e-3, (second / second.sum(), p[1])
+    assert first[p[0] == 0].sum() == 0 and second[p[1] == 0].sum() == 0
+    # the sampler's entry point runs the same function on the rows' filtered distributions
+    out = Sampler(0).verify_draft(target, params, torch.Generator().manual_seed(1), (1, 4), q)
+    assert rejection_sample(p, (1, 4), q, torch.Generator().manual_seed(1)) == [t for t, _ in out]
+
+
+def test_rejection_sampling_with_a_point_mass_is_the_n_gram_rule():
+    """q = one-hot on each draft token: accept d with probability p(d), else draw from p without d."""
+    p = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    one_hot = torch.eye(3)[[1]]
+    for seed in range(200):
+        a = rejection_sample(p, (1,), None, torch.Generator().manual_seed(seed))
+        b = rejection_sample(p, (1,), one_hot, torch.Generator().manual_seed(seed))
+        assert a == b
+
+
+def test_cost_model_picks_k_from_costs_and_acceptance():
+    m = SpecCostModel(max_k=4, probe_every=8)
+    assert m.choose_k(1) == 4  # unmeasured: the ends first
+    m.observe_verify(4, 1, 9.0)  # the first timing of a kind pays kernel builds: dropped
+    m.observe_draft(1, 3.0)
+    assert m.choose_k(1) == 4
+    for seconds in (1.4, 1.3, 5.0, 1.5, 1.4):  # the median ignores a step slowed by a busy machine
+        m.observe_verify(4, 1, seconds)
+    m.observe_draft(1, 0.05)
+    assert m.choose_k(1) == 0
+    m.observe_verify(0, 1, 1.0)
+    m.observe_verify(0, 1, 1.0)
+    for _ in range(50):  # 1 in 10 drafts rejected at position 0, every draft past it accepted
+        m.observe_acceptance(4, 0)
+        for _ in range(9):
+            m.observe_acceptance(4, 4)
+    assert m.acceptance(0) == pytest.approx(0.9) and m.acceptance(3) == 1.0
+    # E(4) = 1 + 4 * .9 = 4.6 tokens for 1.4 + 4 * 0.05 s: beats 1 token per second
+    assert m.expected_tokens(2) == pytest.approx(2.8) and m.expected_tokens(4) == pytest.approx(4.6)
+    assert m.step_cost(2, 1) == pytest.approx(1.2 + 2 * 0.05)  # interpolated between the measured ends
+    assert m.choose_k(1) == 4
+    # an MoE-like verify cost (2.2 plain steps for K = 3) and poor acceptance: plain decoding
+    low = SpecCostModel(max_k=3, probe_every=4)
+    for _ in range(2):
+        low.observe_verify(0, 8, 1.0)
+        low.observe_verify(3, 8, 2.2)
+        low.observe_draft(8, 0.1)
+    for _ in range(100):
+        low.observe_acceptance(3, 0)
+    ks = [low.choose_k(8) for _ in range(8)]
+    assert ks == [0, 0, 0, 3, 0, 0, 0, 3]  # K_max every probe_every-th step keeps acceptance current
+    assert low.choose_k(2) == 3  # another batch-size bucket is measured afresh
+
+
+def test_engine_chooses_k_and_stays_exact(checkpoint, drafters):
+    """With cost control on the engine measures and chooses K per step (0 included); greedy
+    output is unchanged whatever it picks."""
+    target = checkpoint("mixtral")
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    want = _tokens(LLM(str(target), dtype="float32").generate(_prompts(2), sp))
+    llm = LLM(str(target), dtype="float32", speculative_config=_spec(drafters["dense"], 3, cost_control=True))
+    chosen = []
+    orig = llm.engine.spec_cost.choose_k
+
+    def spy(batch_size):
+        chosen.append(orig(batch_size))
+        return chosen[-1]
+
+    llm.engine.spec_cost.choose_k = spy
+    assert _tokens(llm.generate(_prompts(2), sp)) == want
+    assert 3 in chosen and 0 in chosen  # a random drafter accepts ~nothing: plain steps win
+    assert chosen[-10:].count(0) >= 8
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"method": "eagle"}, "method 'eagle' is not supported: choose one of ngram, draft_model, draft, mtp"),
+    ({"method": "draft_model"}, "needs 'model'"),
+    ({"method": "draft_model", "model": "/nonexistent/drafter"}, "'/nonexistent/drafter' is not a checkpoint"),
+    ({"method": "ngram", "model": "/x"}, "is for method 'draft_model'"),
+    ({"method": "mtp", "model": "/x"}, "drafts from the target itself"),
+    ({"method": "draft_model", "model": "/x", "num_speculative_tokens": 0}, "must be a positive integer"),
+])
+def test_bad_configs_are_named(spec, match):
+    with pytest.raises(ValueError, match=match):
+        SpeculativeConfig.parse(spec)
+
+
+def test_drafter_with_another_vocabulary_is_refused(checkpoint, tmp_path):
+    small = make_checkpoint("mixtral", tmp_path / "v256", num_hidden_layers=1, vocab_size=256)
+    with pytest.raises(ValueError, match="vocab_size 256 but the target has 320"):
+        LLM(str(checkpoint("mixtral")), dtype="float32", speculative_config=_spec(small))
+
+
+def test_draft_method_without_a_shipped_drafter_says_how_to_get_one(monkeypatch, tmp_path):
+    import moe.spec_decode as sd
+
+    monkeypatch.setattr(sd, "default_drafter_path", lambda: tmp_path / "drafter")
+    with pytest.raises(ValueError, match="holds none: train one with `moe distill"):
+        SpeculativeConfig.parse({"method": "draft"})
+
+
+def test_cli_flags_and_stats():
+    """``moe generate --draft-model`` (the default model as its own drafter) prints the acceptance."""
+    from typer.testing import CliRunner
+
+    from moe.cli import app, speculative_config
+    from moe.llm import default_model_path
+
+    assert speculative_config(None, "/d", 0) == {"method": "draft_model", "model": "/d"}
+    assert speculative_config("draft", None, 2) == {"method": "draft", "num_speculative_tokens": 2}
+    assert speculative_config(None, None, 0) is None
+    res = CliRunner().invoke(app, ["generate", "--draft-model", default_model_path(), "--speculative-tokens", "2",
+                                   "--dtype", "float32", "--stats", "--temperature", "0", "--max-tokens", "7",
+                                   "--no-stream", "--speculative-method", "draft_model", "The module"])
+    assert res.exit_code == 0, res.output
+    m = re.search(r"speculative decoding: (\d+) of (\d+) draft tokens accepted \(rate 1.00\), mean acceptance "
+                  r"length [\d.]+, per position \[1.00 1.00\], method draft_model", res.stderr)
+    assert m and m.group(1) == m.group(2) != "0", res.stderr
+
+
+# ---- MTP (DeepSeek-V3's multi-token-prediction layer as the drafter) ----------------------------
+
+@pytest.fixture(scope="module")
+def mtp_target(tmp_path_factory):
+    from tiny_models import make_mtp_checkpoint
+
+    return make_mtp_checkpoint(tmp_path_factory.mktemp("mtp_target"))
+
+
+MTP = {"method": "mtp", "num_speculative_tokens": 2, "cost_control": False}
+
+
+def test_mtp_greedy_outputs_unchanged_under_preemption_prefix_hits_and_chunks(mtp_target):
+    """float32: greedy requests sharing prefixes, chunked prefill, a cache small enough to preempt,
+    a sampled request beside them: the greedy outputs equal plain decoding's."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randint(3, 320, (20,), generator=g).tolist()
+    prompts = [{"prompt_token_ids": base[:int(torch.randint(6, 20, (1,), generator=g))]
+                + torch.randint(3, 320, (3,), generator=g).tolist()} for _ in range(6)]
+    params = [SamplingParams(temperature=0, max_tokens=14, ignore_eos=True) for _ in prompts]
+    params[2] = SamplingParams(temperature=0.8, seed=1, max_tokens=14, ignore_eos=True)
+    want = _tokens(LLM(str(mtp_target), dtype="float32", block_size=4).generate(prompts, params))
+    per_token = LLM(str(mtp_target), dtype="float32", block_size=4,
+                    speculative_config=MTP).engine.kv_bytes_per_token()
+    busy = LLM(str(mtp_target), dtype="float32", block_size=4, kv_cache_memory=16 * 4 * per_token,
+               max_num_batched_tokens=12, speculative_config=MTP)
+    got, seqs, _ = _run_engine(busy, prompts, params)
+    greedy = [i for i in range(6) if i != 2]
+    assert [_tokens(got)[i] for i in greedy] == [want[i] for i in greedy]
+    assert len(_tokens(got)[2]) == 14
+    assert sum(s.num_preemptions for s in seqs) > 0 and busy.engine.block_manager.prefix_hit_tokens > 0
+    assert busy.engine.spec_drafted > 0
+
+
+def test_mtp_drafts_are_the_mtp_layers_predictions(mtp_target):
+    """Each step's drafts d1, d2 equal a plain torch reference (tests/test_mtp.py) run over the
+    whole sequence: d1 from the last token and the target's hidden state before it (transformers),
+    d2 from d1 and the MTP's own output."""
+    from test_mtp import reference
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(mtp_target), dtype=torch.float32).eval()
+    llm = LLM(str(mtp_target), dtype="float32", speculative_config=MTP)
+    proposer = llm.engine.proposer
+    seen = []
+    orig = proposer.propose
+
+    def spy(seqs, rooms):
+        drafts = orig(seqs, rooms)
+        seen.extend((list(s.token_ids), d.tokens) for s, d in zip(seqs, drafts))
+        return drafts
+
+    proposer.propose = spy
+    llm.generate({"prompt_token_ids": [5, 77, 12, 190, 33, 8]}, SamplingParams(temperature=0, max_tokens=9,
+                                                                                 ignore_eos=True))
+    assert len(seen) >= 3 and sum(len(d) == 2 for _, d in seen) >= 2
+    for tokens, draft in seen:
+        with torch.no_grad():
+            h = hf.model(torch.tensor([tokens])).last_hidden_state[0]
+        t = torch.tensor(tokens)
+        out, logits = reference(mtp_target, t, h[:-1])
+        assert int(logits[-1].argmax()) == draft[0]
+        if len(draft) > 1:  # (the last step's room may allow one)
+            _, logits2 = reference(mtp_target, torch.cat([t, torch.tensor(draft[:1])]), torch.cat([h[:-1], out[-1:]]))
+            assert int(logits2[-1].argmax()) == draft[1]
+
+
+def test_mtp_on_a_checkpoint_without_one_is_refused(checkpoint):
+    with pytest.raises(ValueError, match="has no multi-token-prediction layer"):
+        LLM(str(checkpoint("mixtral")), dtype="float32", speculative_config=MTP)
+    with pytest.raises(ValueError, match="holds no tensor of multi-token-prediction layer 0"):  # declared, not shipped
+        LLM(str(checkpoint("deepseek_v3")), dtype="float32", speculative_config=MTP)
