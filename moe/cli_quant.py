@@ -40,6 +40,14 @@ def quantize(
     max_shard_size: str = typer.Option("2GiB", "--max-shard-size", help="Size of each output safetensors file."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration",
+                                               help="int4/int8: text like your workload's, run through the model "
+                                                    "to see each expert's inputs (for --method awq/gptq)."),
+    method: Optional[str] = typer.Option(None, "--method",
+                                         help="rtn (round to nearest; the default without --calibration), "
+                                              "gptq (the default with it) or awq."),
+    calibration_window: int = typer.Option(512, "--calibration-window",
+                                           help="Tokens per calibration prompt (the text is cut into windows)."),
 ) -> None:
     """Write a copy of a checkpoint with its routed experts packed; everything else is copied unchanged.
     ``moe generate --model OUT`` then reads the format from OUT/config.json."""
@@ -50,8 +58,19 @@ def quantize(
 
     try:
         weight_format = format_from_flags(fmt, group_size, asym, scale_dtype)
+        prompts = None
+        if calibration is not None:
+            from .tokenizer import Tokenizer
+
+            ids = Tokenizer(Path(model)).encode(calibration.read_text())
+            prompts = [ids[i:i + calibration_window] for i in range(0, len(ids), calibration_window)]
+            prompts = [p for p in prompts if len(p) > 1]
+            if not prompts:
+                raise ValueError(f"--calibration {calibration} holds no text")
+        chosen = method or ("gptq" if calibration is not None else "rtn")
         report = quantize_checkpoint(model, out, weight_format, max_shard_bytes=parse_bytes(max_shard_size),
-                                     overwrite=force, progress=sys.stderr.isatty())
+                                     overwrite=force, progress=sys.stderr.isatty(), method=chosen,
+                                     calibration=prompts)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(e)
     if json_out:
