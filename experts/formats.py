@@ -436,5 +436,12 @@ def expert_nbytes(fmt: WeightFormat, hidden: int, intermediate: int) -> int:
     return expected_nbytes(fmt, (2 * intermediate, hidden)) + expected_nbytes(fmt, (hidden, intermediate))
 
 
+# ``moe quantize``'s options when none are given, measured on the default model's held-out text
+# (docs/quantization.md): int4 at 128-wide symmetric groups agreed with bf16 on 93.4% of top-1
+# tokens, at 32-wide asymmetric ones on 96.0% (97.0% with --method gptq) for 1.3x the expert bytes;
+# int8 is at 99%+ with 128-wide symmetric groups.
+DEFAULT_OPTIONS: dict[str, dict] = {"int4": dict(group_size=32, symmetric=False),
+                                    "int8": dict(group_size=128, symmetric=True)}
+
 # the packed formats reports list, as ``moe quantize`` writes them by default
 REPORT_FORMATS = ("int8", "int4", "fp8_block", "mxfp4")

@@ -170,8 +170,13 @@ def awq_clip(fmt: _IntGroupWeights, w_NK: torch.Tensor, H_KK: torch.Tensor) -> t
     return best
 
 
-def gptq(fmt: _IntGroupWeights, w_NK: torch.Tensor, H_KK: torch.Tensor, damp: float = 0.01) -> dict:
-    """GPTQ's error-compensating rounding of ``w`` under ``H`` into ``fmt``'s packed tensors."""
+def gptq(fmt: _IntGroupWeights, w_NK: torch.Tensor, H_KK: torch.Tensor, damp: float = 0.01,
+         act_order: bool = True) -> dict:
+    """GPTQ's error-compensating rounding of ``w`` under ``H`` into ``fmt``'s packed tensors.
+
+    ``act_order``: columns with the largest input energy (``diag H``) are rounded first, while the
+    most columns remain to absorb their error; each group's grid is then taken from the original
+    weights up front ("static groups"), as the codes of a group are no longer rounded together."""
     W = w_NK.float().clone()
     N, K = W.shape
     gs = fmt.group_size
@@ -179,28 +184,35 @@ def gptq(fmt: _IntGroupWeights, w_NK: torch.Tensor, H_KK: torch.Tensor, damp: fl
     dead = torch.diag(H) == 0  # channels no calibration token used: nothing to compensate with
     H[dead, dead] = 1
     W[:, dead] = 0
+    if act_order:
+        grids = [fmt.group_grid(W[:, g:g + gs][:, None, :]) for g in range(0, K, gs)]
+        perm = torch.argsort(torch.diag(H), descending=True)
+    else:
+        grids, perm = [], torch.arange(K)
+    W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.diag(H).mean() * torch.eye(K, dtype=H.dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     codes = torch.empty(N, K)
-    scales, zeros = [], []
     block = gs * max(1, 128 // gs)  # whole groups per block: a group's grid is taken from updated columns
     for b0 in range(0, K, block):
         b1 = min(b0 + block, K)
         W1, Hinv1 = W[:, b0:b1].clone(), Hinv[b0:b1, b0:b1]
         E1 = torch.zeros_like(W1)
         for i in range(b1 - b0):
-            if i % gs == 0:
+            if act_order:
+                scale, zero = grids[int(perm[b0 + i]) // gs]
+            elif i % gs == 0:
                 scale, zero = fmt.group_grid(W1[:, i:i + gs][:, None, :])  # [N, 1]
-                scales.append(scale)
-                zeros.append(zero)
+                grids.append((scale, zero))
             q = fmt.codes(W1[:, i, None, None], scale, zero)[:, 0, 0]
-            codes[:, b0 + i] = q
+            codes[:, perm[b0 + i]] = q
             value = (q if zero is None else q - zero[:, 0]) * scale[:, 0].float()
             err = (W1[:, i] - value) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             E1[:, i] = err
         W[:, b1:] -= E1 @ Hinv[b0:b1, b1:]
-    return fmt.pack(codes, torch.cat(scales, 1), None if zeros[0] is None else torch.cat(zeros, 1))
+    scales = torch.cat([s for s, _ in grids], 1)
+    return fmt.pack(codes, scales, None if grids[0][1] is None else torch.cat([z for _, z in grids], 1))
 
 
 def pack_expert_weight(fmt: WeightFormat, w_NK: torch.Tensor, method: str, H_KK: torch.Tensor | None) -> dict:

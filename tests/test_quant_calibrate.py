@@ -137,11 +137,18 @@ def test_cli_quantize_with_calibration(tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text("The module defines the following functions.\n\nEach returns a new object.\n" * 20)
     runner = CliRunner()
-    r = runner.invoke(app, ["quantize", "--model", str(src), "--format", "int4", "--group-size", "32", "--calibration",
-                            str(text), "--calibration-window", "64", "--out", str(tmp_path / "q")])
+    r = runner.invoke(app, ["quantize", "--model", str(src), "--format", "int4", "--calibration", str(text),
+                            "--calibration-window", "64", "--out", str(tmp_path / "q")])
     assert r.exit_code == 0, r.output
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc["calibration"]["method"] == "gptq" and qc["calibration"]["tokens"] > 64  # gptq: the default with text
+    assert (qc["group_size"], qc["symmetric"]) == (32, False)  # int4's defaults (experts.formats.DEFAULT_OPTIONS)
+    r = runner.invoke(app, ["quantize", "--model", str(src), "--format", "int8", "--out", str(tmp_path / "q8")])
+    qc = json.loads((tmp_path / "q8" / "config.json").read_text())["quantization_config"]
+    assert r.exit_code == 0 and (qc["group_size"], qc["symmetric"]) == (128, True) and "calibration" not in qc
     r = runner.invoke(app, ["quantize", "--model", str(src), "--format", "int4", "--method", "awq",
                             "--out", str(tmp_path / "q2")])
     assert r.exit_code == 2 and "needs a calibration text" in r.output
+    r = runner.invoke(app, ["quantize", "--model", str(src), "--format", "mxfp4", "--group-size", "32",
+                            "--out", str(tmp_path / "q3")])
+    assert r.exit_code == 2 and "--group-size applies to int8/int4 only" in r.output
