@@ -5,7 +5,8 @@ weights are brought to our layout by the family's name rules and transforms (``[
 gate then up), packed, and buffered until a shard of ``max_shard_bytes`` is written. Routers,
 norms, embeddings, attention, dense MLPs and shared experts are copied unchanged. config.json
 gains the ``quantization_config`` that :mod:`moe.models.quant_weights` reads back; the
-tokenizer and other small files are copied. Output names (see that module):
+tokenizer and other small files are copied. With a calibration text, the expert codes are chosen
+by GPTQ or AWQ (:mod:`moe.calibrate`) instead of round-to-nearest, in the same layout. Output names (see that module):
 
 - per-expert sources: ``model.layers.{l}.mlp.experts.{e}.{gate_proj|up_proj|down_proj}.{tensor}``
 - stacked sources: ``model.layers.{l}.mlp.experts.{gate_up_proj|down_proj}.{tensor}``
