@@ -15,9 +15,10 @@ expert, codes in the *same* packed format, so the loader and kernels are unchang
   clipped, per row and group, to the fraction (1.0 down to 0.5) with the least output error.
   gate/up inputs are the shared, normed hidden state: a per-expert scale there could only fold
   into the norm every expert and the router share, so gate/up get the clipping only.
-- ``gptq`` (Frantar et al. 2022): columns are rounded one at a time and each rounding error is
-  spread over the not yet rounded columns through the inverse Hessian, groups getting their
-  scale from their already-updated columns (static groups, natural order, 1% damping).
+- ``gptq`` (Frantar et al. 2022): columns are rounded one at a time, largest ``diag H`` first
+  (act-order), and each rounding error is spread over the not yet rounded columns through the
+  inverse Hessian (1% damping); each group's scale and zero point come from the original weights
+  (static groups), so the codes stay in column order in the packed tensors.
 """
 from __future__ import annotations
 
@@ -193,7 +194,9 @@ def gptq(fmt: _IntGroupWeights, w_NK: torch.Tensor, H_KK: torch.Tensor, damp: fl
     H += damp * torch.diag(H).mean() * torch.eye(K, dtype=H.dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     codes = torch.empty(N, K)
-    block = gs * max(1, 128 // gs)  # whole groups per block: a group's grid is taken from updated columns
+    # lazy batch updates (GPTQ's blocks of 128 columns); natural order keeps whole groups in a block,
+    # as each group's grid is taken there from its already-updated columns
+    block = gs * max(1, 128 // gs)
     for b0 in range(0, K, block):
         b1 = min(b0 + block, K)
         W1, Hinv1 = W[:, b0:b1].clone(), Hinv[b0:b1, b0:b1]
