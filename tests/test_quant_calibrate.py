@@ -92,11 +92,15 @@ def test_awq_scale_is_folded_exactly(expert):
     torch.testing.assert_close(expert_out(w13s, w2 * s, x), expert_out(w13, w2, x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["awq", "gptq"])
-def test_calibrated_checkpoint_loads_and_generates(tmp_path, method):
+@pytest.mark.parametrize("family, method", [
+    ("mixtral", "awq"), ("mixtral", "gptq"),
+    ("gpt_oss", "gptq"),  # stacked experts, biases, clamped SwiGLU (awq: clipping only)
+    ("deepseek_v3", "awq"),  # a dense first layer, a shared expert
+])
+def test_calibrated_checkpoint_loads_and_generates(tmp_path, family, method):
     from moe import LLM, SamplingParams
 
-    src = make_checkpoint("mixtral", tmp_path / "src")
+    src = make_checkpoint(family, tmp_path / "src")
     prompts = [torch.randint(3, 320, (64,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(4)]
     fmt = get_format("int4", group_size=32, symmetric=False)
     quantize_checkpoint(src, tmp_path / "q", fmt, method=method, calibration=prompts)
