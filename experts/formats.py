@@ -210,25 +210,45 @@ class _IntGroupWeights(WeightFormat):
         *lead, N, K = packed["qweight"].shape
         return (*lead, N, K * 8 // self.bits)
 
-    def quantize(self, w: torch.Tensor) -> Packed:
+    def quantize(self, w: torch.Tensor, clip: torch.Tensor | None = None) -> Packed:
+        """Round to nearest; ``clip [..., N, G]`` (calibrated methods) shrinks each group's range
+        to that fraction of its min/max before the scale is taken (values outside then clamp)."""
         K = w.shape[-1]
         wg = _pad_groups(w.float(), self.group_size)  # [..., N, G, gs]
+        scale, zero = self.group_grid(wg, clip)
+        return self.pack(self.codes(wg, scale, zero).flatten(-2)[..., :K], scale, zero)
+
+    def group_grid(self, wg: torch.Tensor,
+                   clip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(scale, zero)`` of each group of ``wg [..., G, gs]``: the scale in ``scale_dtype``,
+        rounded up; the zero point a float code (None when symmetric)."""
         if self.symmetric:
-            scale = wg.abs().amax(-1) / self.qmax
+            amax = wg.abs().amax(-1)
+            scale = (amax if clip is None else amax * clip) / self.qmax
         else:
             # The range always includes 0 so that the zero point is an integer code in [0, qmax].
             lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+            if clip is not None:
+                lo, hi = lo * clip, hi * clip
             scale = (hi - lo) / self.qmax
         scale = _round_up_to(torch.where(scale > 0, scale, 1.0), self.scale_dtype)
-        s = scale.float()[..., None]  # quantize against the stored scale
         if self.symmetric:
-            q = (wg / s).round().clamp(-self.qmax, self.qmax)
-            packed = {"qweight": self._store(q.flatten(-2)[..., :K]), "scales": scale}
-        else:
-            zero = (-lo / scale.float()).round().clamp(0, self.qmax)
-            q = ((wg / s).round() + zero[..., None]).clamp(0, self.qmax)
-            packed = {"qweight": self._store(q.flatten(-2)[..., :K]), "scales": scale, "zeros": zero.to(torch.uint8)}
-        return packed
+            return scale, None
+        return scale, (-lo / scale.float()).round().clamp(0, self.qmax)
+
+    def codes(self, wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        """Nearest codes of ``wg [..., G, gs]`` on the grid ``(scale, zero) [..., G]`` (float:
+        symmetric in [-qmax, qmax], asymmetric in [0, qmax] with the zero point added)."""
+        s = scale.float()[..., None]  # quantize against the stored scale
+        if zero is None:
+            return (wg / s).round().clamp(-self.qmax, self.qmax)
+        return ((wg / s).round() + zero[..., None]).clamp(0, self.qmax)
+
+    def pack(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> Packed:
+        """The packed tensors of codes ``q [..., N, K]`` (as :meth:`codes` gives) and their grid."""
+        if zero is None:
+            return {"qweight": self._store(q), "scales": scale}
+        return {"qweight": self._store(q), "scales": scale, "zeros": zero.to(torch.uint8)}
 
     def dequantize(self, packed: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         K = self.logical_shape(packed)[-1]
@@ -415,6 +435,13 @@ def expert_nbytes(fmt: WeightFormat, hidden: int, intermediate: int) -> int:
     ``[hidden, intermediate]`` (ValueError when ``fmt`` cannot pack those shapes)."""
     return expected_nbytes(fmt, (2 * intermediate, hidden)) + expected_nbytes(fmt, (hidden, intermediate))
 
+
+# ``moe quantize``'s options when none are given, measured on the default model's held-out text
+# (docs/quantization.md): int4 at 128-wide symmetric groups agreed with bf16 on 93.4% of top-1
+# tokens, at 32-wide asymmetric ones on 96.0% (97.0% with --method gptq) for 1.3x the expert bytes;
+# int8 is at 99%+ with 128-wide symmetric groups.
+DEFAULT_OPTIONS: dict[str, dict] = {"int4": dict(group_size=32, symmetric=False),
+                                    "int8": dict(group_size=128, symmetric=True)}
 
 # the packed formats reports list, as ``moe quantize`` writes them by default
 REPORT_FORMATS = ("int8", "int4", "fp8_block", "mxfp4")

@@ -17,16 +17,24 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
-def format_from_flags(name: str, group_size: int, asym: bool, scale_dtype: str):
-    """The WeightFormat the flags describe; flags a format does not take are an error, not ignored."""
-    from experts.formats import FORMATS, get_format
+def format_from_flags(name: str, group_size: int | None, asym: bool | None, scale_dtype: str):
+    """The WeightFormat the flags describe (unset ones: the format's ``DEFAULT_OPTIONS``); flags a
+    format does not take are an error, not ignored."""
+    from experts.formats import DEFAULT_OPTIONS, FORMATS, get_format
 
     if name not in FORMATS:
         raise ValueError(f"--format {name!r} is unknown: choose {', '.join(FORMATS)}")
     if name in ("int8", "int4"):
-        return get_format(name, group_size=group_size, symmetric=not asym, scale_dtype=scale_dtype)
+        options = dict(DEFAULT_OPTIONS[name], scale_dtype=scale_dtype)
+        if group_size is not None:
+            options["group_size"] = group_size
+        if asym is not None:
+            options["symmetric"] = not asym
+        return get_format(name, **options)
     if asym:
         raise ValueError(f"--asym applies to int8/int4 only; {name} is symmetric")
+    if group_size is not None:
+        raise ValueError(f"--group-size applies to int8/int4 only; {name} has a fixed block")
     return get_format(name)
 
 
@@ -34,12 +42,24 @@ def quantize(
     model: str = typer.Option(..., "--model", "-m", help="Source checkpoint directory (bf16/fp16/fp32)."),
     fmt: str = typer.Option(..., "--format", help="int4, int8, fp8_block or mxfp4."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write the quantized checkpoint to."),
-    group_size: int = typer.Option(128, "--group-size", help="int4/int8: columns per scale (32, 64 or 128)."),
-    asym: bool = typer.Option(False, "--asym", help="int4/int8: asymmetric (per-group zero points)."),
+    group_size: Optional[int] = typer.Option(None, "--group-size",
+                                             help="int4/int8: columns per scale (32, 64 or 128; "
+                                                  "default int4 32, int8 128)."),
+    asym: Optional[bool] = typer.Option(None, "--asym/--sym",
+                                        help="int4/int8: asymmetric (per-group zero points) or symmetric codes "
+                                             "(default int4 asymmetric, int8 symmetric)."),
     scale_dtype: str = typer.Option("bfloat16", "--scale-dtype", help="int4/int8 scales: bfloat16 or float32."),
     max_shard_size: str = typer.Option("2GiB", "--max-shard-size", help="Size of each output safetensors file."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration",
+                                               help="int4/int8: text like your workload's, run through the model "
+                                                    "to see each expert's inputs (for --method awq/gptq)."),
+    method: Optional[str] = typer.Option(None, "--method",
+                                         help="rtn (round to nearest; the default without --calibration), "
+                                              "gptq (the default with it) or awq."),
+    calibration_window: int = typer.Option(512, "--calibration-window",
+                                           help="Tokens per calibration prompt (the text is cut into windows)."),
 ) -> None:
     """Write a copy of a checkpoint with its routed experts packed; everything else is copied unchanged.
     ``moe generate --model OUT`` then reads the format from OUT/config.json."""
@@ -50,8 +70,19 @@ def quantize(
 
     try:
         weight_format = format_from_flags(fmt, group_size, asym, scale_dtype)
+        prompts = None
+        if calibration is not None:
+            from .tokenizer import Tokenizer
+
+            ids = Tokenizer(Path(model)).encode(calibration.read_text())
+            prompts = [ids[i:i + calibration_window] for i in range(0, len(ids), calibration_window)]
+            prompts = [p for p in prompts if len(p) > 1]
+            if not prompts:
+                raise ValueError(f"--calibration {calibration} holds no text")
+        chosen = method or ("gptq" if calibration is not None else "rtn")
         report = quantize_checkpoint(model, out, weight_format, max_shard_bytes=parse_bytes(max_shard_size),
-                                     overwrite=force, progress=sys.stderr.isatty())
+                                     overwrite=force, progress=sys.stderr.isatty(), method=chosen,
+                                     calibration=prompts)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(e)
     if json_out:

@@ -5,7 +5,8 @@ weights are brought to our layout by the family's name rules and transforms (``[
 gate then up), packed, and buffered until a shard of ``max_shard_bytes`` is written. Routers,
 norms, embeddings, attention, dense MLPs and shared experts are copied unchanged. config.json
 gains the ``quantization_config`` that :mod:`moe.models.quant_weights` reads back; the
-tokenizer and other small files are copied. Output names (see that module):
+tokenizer and other small files are copied. With a calibration text, the expert codes are chosen
+by GPTQ or AWQ (:mod:`moe.calibrate`) instead of round-to-nearest, in the same layout. Output names (see that module):
 
 - per-expert sources: ``model.layers.{l}.mlp.experts.{e}.{gate_proj|up_proj|down_proj}.{tensor}``
 - stacked sources: ``model.layers.{l}.mlp.experts.{gate_up_proj|down_proj}.{tensor}``
@@ -22,6 +23,7 @@ import torch
 
 from experts.formats import WeightFormat, expected_nbytes
 
+from .calibrate import METHODS, Calibration, calibrate, pack_expert_weight
 from .config import read_config_json
 from .loader import checkpoint_files, iter_tensor_names
 from .models import parse_config, rules_for
@@ -47,8 +49,38 @@ class QuantizeReport:
         return {**{k: v for k, v in self.__dict__.items() if k != "out"}, "out": str(self.out)}
 
 
-def quantization_config(fmt: WeightFormat) -> dict:
-    return {"quant_method": QUANT_METHOD, **fmt.to_config(), "modules": ["experts"]}
+def quantization_config(fmt: WeightFormat, calibration: Calibration | None = None, tokens: int = 0) -> dict:
+    qc = {"quant_method": QUANT_METHOD, **fmt.to_config(), "modules": ["experts"]}
+    if calibration is not None:  # provenance only: the packed layout is the format's either way
+        qc["calibration"] = {"method": calibration.method, "tokens": tokens}
+    return qc
+
+
+def _pack_one(fmt: WeightFormat, w: torch.Tensor, layer: int, expert: int, shard: str, cal: Calibration) -> dict:
+    """One expert's weight (``shard``: gate, up, gate_up [gate rows | up rows], down) packed by ``cal.method``."""
+    st, s = cal.stats.get((layer, expert)), cal.down_scales.get((layer, expert))
+    w = w.float()
+    if shard == "down":
+        H = st.h_h if st is not None else None
+        if s is not None:  # awq: down's input channels times s, up's rows divided by s (exact in float)
+            w, H = w * s, H / (s[:, None] * s[None, :])
+    else:
+        H = st.h_x if st is not None else None
+        if s is not None and shard in ("up", "gate_up"):
+            w = w.clone()
+            w[-s.numel():] /= s[:, None]  # up rows (the second half of gate_up)
+    return pack_expert_weight(fmt, w, cal.method, H)
+
+
+def pack_experts(fmt: WeightFormat, w: torch.Tensor, layer: int, expert: int | None, shard: str,
+                 cal: Calibration | None) -> dict:
+    """A source expert tensor (one expert's, or stacked ``[E, N, K]`` when ``expert`` is None) packed."""
+    if cal is None:
+        return fmt.quantize(w)
+    if expert is not None:
+        return _pack_one(fmt, w, layer, expert, shard, cal)
+    parts = [_pack_one(fmt, w[e], layer, e, shard, cal) for e in range(w.shape[0])]
+    return {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
 
 
 class _ShardWriter:
@@ -107,8 +139,12 @@ def copy_side_files(src: Path, out: Path) -> None:
 
 
 def quantize_checkpoint(src: str | Path, out: str | Path, fmt: WeightFormat, *, max_shard_bytes: int = 2 << 30,
-                        overwrite: bool = False, progress: bool = False) -> QuantizeReport:
-    """Write ``src`` with its routed experts packed in ``fmt`` to ``out`` (module docstring)."""
+                        overwrite: bool = False, progress: bool = False, method: str = "rtn",
+                        calibration: list[list[int]] | None = None) -> QuantizeReport:
+    """Write ``src`` with its routed experts packed in ``fmt`` to ``out`` (module docstring).
+
+    ``method`` rtn rounds to nearest; awq and gptq (:mod:`moe.calibrate`) need ``calibration``,
+    token-id prompts run through the float model to see what each expert's inputs look like."""
     src, out = Path(src), Path(out)
     hf = read_config_json(src)
     if hf.get("quantization_config"):
@@ -123,7 +159,14 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: WeightFormat, *, 
             fmt.packed_specs(shape)
         except ValueError as e:
             raise ValueError(f"{fmt.name} cannot hold this model's expert {what} = {list(shape)}: {e}") from e
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is unknown: choose {', '.join(METHODS)}")
+    if (method == "rtn") != (calibration is None):
+        raise ValueError(f"method {method} needs a calibration text (moe quantize --calibration FILE)"
+                         if calibration is None else
+                         "a calibration text was given with method rtn, which uses none: choose awq or gptq")
     prepare_output_dir(src, out, overwrite)
+    cal = calibrate(str(src), calibration, fmt, method) if calibration is not None else None
 
     rules = rules_for(cfg.architecture)
     report = QuantizeReport(out)
@@ -146,7 +189,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: WeightFormat, *, 
             prefix = f"model.layers.{m['l']}.mlp.experts."
             prefix += f"{_PROJ[target.shard_id]}." if target.expert_id is None else \
                 f"{target.expert_id}.{_PROJ[target.shard_id]}."
-            packed = fmt.quantize(w)
+            packed = pack_experts(fmt, w, int(m['l']), target.expert_id, target.shard_id, cal)
             for t, v in packed.items():
                 writer.add(prefix + t, v)
             report.expert_tensors += 1
@@ -160,7 +203,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: WeightFormat, *, 
     writer.close()
     report.files, report.total_bytes_out = writer.files, writer.total
 
-    hf = dict(hf, quantization_config=quantization_config(fmt))
+    tokens = sum(map(len, calibration)) if calibration is not None else 0
+    hf = dict(hf, quantization_config=quantization_config(fmt, cal, tokens))
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     copy_side_files(src, out)
     return report

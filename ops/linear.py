@@ -9,9 +9,12 @@ oneDNN's per-shape kernel builds. The tiers of :func:`linear` on CPU, by row cou
 - ``m <= SMALL_M``: ``w @ x.T`` (returned as a transposed view), rows padded to :func:`padded_rows`;
 - more rows: ``F.linear`` on rows padded to :func:`padded_rows`.
 
-Elsewhere (CUDA, other ranks of tensor) ``F.linear``.
+Elsewhere (CUDA, other ranks of tensor) ``F.linear``. A :class:`PackedLinearWeight` (int4 codes)
+in place of ``w`` takes :func:`packed_linear`.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -72,9 +75,62 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])])
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+@dataclass(frozen=True)
+class PackedLinearWeight:
+    """An int4 weight ``w [N, K]`` as the C kernels read it: the checkpoint's row-major codes (two
+    per byte, the low nibble the even column) and float32 ``w[n, k] = s[n, g] * code + b[n, g]``
+    per group ``g = k // group_size`` (``b = -zero * s``; the symmetric zero point is 8)."""
+
+    q_NK2: torch.Tensor
+    s_NG: torch.Tensor
+    b_NG: torch.Tensor
+    group_size: int
+
+    LUT = torch.arange(16, dtype=torch.float32)  # int4 codes are their own values
+    STREAM_ROWS = 8  # up to this many rows stream the codes (experts.quant_grouped.Q4RowWeights' crossover)
+
+    @classmethod
+    def from_packed(cls, fmt, packed) -> PackedLinearWeight:
+        """From ``fmt.quantize``'s (or a checkpoint's) tensors of an ``Int4Weights`` format."""
+        scales = packed["scales"].float().contiguous()
+        zero = packed["zeros"].float() if not fmt.symmetric else torch.full_like(scales, 8.0)
+        return cls(packed["qweight"].contiguous(), scales, (-zero * scales).contiguous(), fmt.group_size)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q_NK2.shape[0], self.q_NK2.shape[1] * 2
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return cpu_kernels.q4_dequant(self.q_NK2, self.LUT, self.s_NG, self.b_NG, self.group_size, dtype)
+
+
+def packed_linear_reference(x: torch.Tensor, w: PackedLinearWeight, b: torch.Tensor | None = None) -> torch.Tensor:
+    """What :func:`packed_linear` computes, in torch: the float32 weight from the codes, ``F.linear``."""
+    codes = torch.stack([w.q_NK2 & 0xF, w.q_NK2 >> 4], dim=-1).flatten(-2).float()
+    s = w.s_NG.repeat_interleave(w.group_size, dim=-1)[:, :codes.shape[1]]
+    off = w.b_NG.repeat_interleave(w.group_size, dim=-1)[:, :codes.shape[1]]
+    y = F.linear(x.float(), codes * s + off, None if b is None else b.float())
+    return y.to(x.dtype)
+
+
+def packed_linear(x: torch.Tensor, w: PackedLinearWeight, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w.T (+ b)`` for an int4 weight on CPU: up to ``STREAM_ROWS`` rows stream the codes
+    through :func:`cpu_kernels.q4_gemm` (the bytes read are the packed ones); more rows dequantize
+    the weight once, in x's dtype, for :func:`linear`'s GEMM."""
+    N, K = w.shape
+    if x.device.type != "cpu" or x.dim() != 2 or K % 32 or not cpu_kernels.q8_available():
+        return packed_linear_reference(x, w, b)  # the kernels read whole 16-byte rows of codes
+    if x.shape[0] <= w.STREAM_ROWS:
+        y = cpu_kernels.q4_gemm(x, w.q_NK2, w.LUT, w.s_NG, w.b_NG, w.group_size)
+        return y + b if b is not None else y
+    return linear(x, w.dequantize(x.dtype), b)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor | PackedLinearWeight, b: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with CPU shortcuts (see the module's tiers). All stream the weight once and, on
     the CPUs measured (oneDNN bf16), run 1.3-1.7x faster than ``F.linear`` at these shapes."""
+    if isinstance(w, PackedLinearWeight):
+        return packed_linear(x, w, b)
     if x.device.type == "cpu" and x.dim() == 2:
         m = x.shape[0]
         if 1 < m <= cpu_kernels.AMX_MAX_ROWS and x.dtype == torch.bfloat16:

@@ -1,4 +1,6 @@
 """Quantized experts stay close to the original on the trained default model (bf16 reference)."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -27,6 +29,20 @@ def teacher_forced_logprobs(llm: LLM, ids: list[int]) -> torch.Tensor:
     return lp
 
 
+# calibration text for --method gptq: prose of this repository's docs (English technical text, as
+# the default model's corpus is), not TEXT, which it is scored on
+CALIBRATION_FILES = ("README.md", "docs/architecture.md", "docs/quantization.md")
+
+
+def agreement_and_kl(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
+    """Top-1 agreement and mean KL(ref || got). The reference's top-1 token counts as kept when it is
+    a top-1 token of ``got``: bf16 logits tie often (logits of ~10 have a rounding step of 0.06), and
+    argmax breaks a tie by index, not by quality."""
+    top = ref.argmax(-1, keepdim=True)
+    agreement = float((got.gather(-1, top) == got.max(-1, keepdim=True).values).float().mean())
+    return agreement, float((ref.exp() * (ref - got)).sum(-1).mean())
+
+
 @pytest.fixture(scope="module")
 def reference():
     llm = LLM(dtype="bfloat16", kv_cache_memory=1 << 22)
@@ -48,3 +64,25 @@ def test_quantized_default_model_agrees_with_bf16(reference, fmt, min_agreement,
     print(f"{fmt.name}: top-1 agreement {agreement:.3f}, mean KL {kl:.2e} over {len(ids) - 1} positions")
     assert agreement >= min_agreement, (agreement, kl)
     assert kl < 0.05
+
+
+def test_calibrated_int4_is_closer_than_round_to_nearest(reference, tmp_path):
+    """GPTQ calibrated on the repository's docs (not the scored text) at the int4 defaults (group
+    32, asymmetric) is closer to bf16 than round-to-nearest: mean KL measured 1.71e-3 vs 2.44e-3,
+    top-1 agreement 0.971 vs 0.965 over these 173 positions (on 20k held-out tokens of the model's
+    own corpus: docs/quantization.md)."""
+    ids, ref = reference
+    fmt = get_format("int4", group_size=32, symmetric=False)
+    llm = LLM(dtype="bfloat16", kv_cache_memory=1 << 22)
+    root = Path(__file__).resolve().parent.parent
+    cal_ids = llm.get_tokenizer().encode("\n\n".join((root / f).read_text() for f in CALIBRATION_FILES))[:16384]
+    results = {}
+    for method in ("rtn", "gptq"):
+        calibration = [cal_ids[i:i + 256] for i in range(0, len(cal_ids), 256)] if method != "rtn" else None
+        quantize_checkpoint(default_model_path(), tmp_path / method, fmt, method=method, calibration=calibration)
+        got = teacher_forced_logprobs(LLM(str(tmp_path / method), dtype="bfloat16", kv_cache_memory=1 << 22), ids)
+        results[method] = agreement_and_kl(ref, got)
+    print(results)
+    (_, kl_rtn), (agree_gptq, kl_gptq) = results["rtn"], results["gptq"]
+    assert kl_gptq < 0.85 * kl_rtn, results
+    assert agree_gptq >= 0.95, results

@@ -192,7 +192,7 @@ def test_quantized_checkpoint_runs_and_matches(case, checkpoint, tmp_path):
     src = checkpoint(family)
     out = tmp_path / "q"
     args = ["quantize", "--model", str(src), "--format", fmt.name, "--group-size", str(fmt.group_size),
-            "--out", str(out), "--json"] + ([] if fmt.symmetric else ["--asym"])
+            "--out", str(out), "--json"] + (["--sym"] if fmt.symmetric else ["--asym"])
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)

@@ -63,7 +63,9 @@ def read_quantization(hf: dict) -> tuple[str | None, WeightFormat | None]:
         modules = qc.get("modules", ["experts"])
         if list(modules) != ["experts"]:
             raise ValueError(f"quantization_config.modules={modules}: only routed experts (['experts']) are supported")
-        return method, format_from_config({k: v for k, v in qc.items() if k not in ("quant_method", "modules")})
+        # "calibration" records how the codes were chosen (moe quantize --method); the layout is the format's
+        return method, format_from_config({k: v for k, v in qc.items()
+                                           if k not in ("quant_method", "modules", "calibration")})
     if method == "fp8":
         block = qc.get("weight_block_size")
         if not block or len(block) != 2:
