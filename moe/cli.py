@@ -295,6 +295,9 @@ register_quant(app)
 from .cli_serve import register as register_serve  # noqa: E402  (serve, bench serve)
 
 register_serve(app)
+from .cli_distill import register as register_distill  # noqa: E402
+
+register_distill(app)
 
 
 def main() -> None:

@@ -103,36 +103,60 @@ def prune(
                                                help="Text file: one calibration prompt per paragraph "
                                                     "(blank-line separated; default: the whole file as one)."),
     max_prompt_tokens: int = typer.Option(512, help="Longest calibration prompt, in tokens (longer ones split)."),
+    score: str = typer.Option("freq", "--score", help="freq (tokens routed to the expert) or reap (mean router "
+                                                      "weight x expert output norm over its tokens)."),
+    heldout: Optional[Path] = typer.Option(None, "--heldout", help="Text to measure the pruned model's quality on "
+                                                                   "(default: the calibration text)."),
+    eval_windows: int = typer.Option(16, "--eval-windows", help="256-token windows of that text to measure "
+                                                                "(0: skip the quality report)."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
-    """Run calibration text through the model, count the tokens routed to each expert, and write a
-    copy keeping each MoE layer's ``--keep-experts`` most-used experts (transformers loads it too)."""
-    from .prune import calibration_counts, prune_checkpoint
+    """Run calibration text through the model, score each expert (``--score``), and write a copy keeping
+    each MoE layer's ``--keep-experts`` best experts (transformers loads it too); then report the pruned
+    model's top-1 agreement with the original and its perplexity, teacher-forced on ``--heldout`` text."""
+    from .distill_data import read_documents, token_stream, windows
+    from .prune import SCORES, calibration_scores, prune_checkpoint, pruned_quality
     from .tokenizer import Tokenizer
 
     try:
+        if score not in SCORES:
+            raise ValueError(f"--score {score!r}: choose {' or '.join(SCORES)}")
         if calibration is None:
             raise ValueError("--calibration FILE is needed: expert usage is measured on text like your workload's")
+        if eval_windows < 0:
+            raise ValueError(f"--eval-windows {eval_windows} must be >= 0")
         text = calibration.read_text()
         tok = Tokenizer(Path(model))
+        # a prompt plus its one generated token must fit the model's context
+        context = json.loads((Path(model) / "config.json").read_text()).get("max_position_embeddings")
+        max_prompt_tokens = min(max_prompt_tokens, context - 1) if context else max_prompt_tokens
         prompts = []
         for para in (p for p in text.split("\n\n") if p.strip()):
             ids = tok.encode(para)
             prompts += [{"prompt_token_ids": ids[i:i + max_prompt_tokens]}
                         for i in range(0, len(ids), max_prompt_tokens)]
-        counts = calibration_counts(model, prompts)
-        report = prune_checkpoint(model, out, keep_experts, counts, overwrite=force)
+        scores, counts = calibration_scores(model, prompts, score)
+        report = prune_checkpoint(model, out, keep_experts, scores, overwrite=force)
+        quality = None
+        if eval_windows:
+            wins = windows(token_stream(read_documents(heldout or calibration), tok), 256)[:eval_windows]
+            quality = pruned_quality(model, out, wins)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(e)
-    summary = {"out": str(out), "keep": keep_experts, "calibration_prompts": len(prompts),
+    summary = {"out": str(out), "keep": keep_experts, "score": score, "calibration_prompts": len(prompts),
                "routed_per_layer": int(counts[0].sum()), "bytes_in": report.bytes_in, "bytes_out": report.bytes_out,
-               "tensors_dropped": report.tensors_dropped, "kept_experts": {str(k): v for k, v in report.kept.items()}}
+               "tensors_dropped": report.tensors_dropped, "kept_experts": {str(k): v for k, v in report.kept.items()},
+               "quality": quality and dict(quality, text=str(heldout or calibration))}
     if json_out:
         typer.echo(json.dumps(summary))
         return
-    typer.echo(f"wrote {out}: {keep_experts} experts per MoE layer, {report.bytes_in / 2**20:.1f} -> "
+    typer.echo(f"wrote {out}: {keep_experts} experts per MoE layer by {score}, {report.bytes_in / 2**20:.1f} -> "
                f"{report.bytes_out / 2**20:.1f} MiB ({report.tensors_dropped} expert tensors dropped)")
+    if quality:
+        typer.echo(f"quality on {heldout or calibration} ({quality['positions']} positions): top-1 agreement with "
+                   f"the unpruned model {quality['top1_agreement']:.3f}, perplexity {quality['perplexity']:.2f} "
+                   f"(unpruned {quality['reference_perplexity']:.2f})")
 
 
 def register(app: typer.Typer) -> None:

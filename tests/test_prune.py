@@ -86,3 +86,60 @@ def test_moe_prune_cli_on_the_default_model_and_its_quality(tmp_path):
     missing = CliRunner().invoke(app, ["prune", "--model", default_model_path(), "--keep-experts", "6",
                                        "--out", str(tmp_path / "x")])
     assert missing.exit_code == 2 and "--calibration FILE is needed" in missing.output
+
+
+def reap_reference(model_dir, ids: list[int]) -> torch.Tensor:
+    """REAP by hand on transformers' Qwen3-MoE: each MoE block's input, softmax router, top-k renormalised,
+    every expert's SwiGLU output from the stacked weights; mean of weight x ||output|| over routed tokens."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    inputs = {}
+    blocks = [(i, layer.mlp) for i, layer in enumerate(hf.model.layers) if hasattr(layer.mlp, "experts")]
+    for i, block in blocks:
+        block.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        hf(input_ids=torch.tensor([ids]))
+    K = hf.config.num_experts_per_tok
+    rows = []
+    for i, block in blocks:
+        x = inputs[i]
+        probs = torch.softmax(x @ block.gate.weight.T, dim=-1)
+        w, e = probs.topk(K, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        sums, counts = torch.zeros(probs.shape[1]), torch.zeros(probs.shape[1])
+        for t in range(x.shape[0]):
+            for k in range(K):
+                gate, up = (block.experts.gate_up_proj[e[t, k]] @ x[t]).chunk(2)
+                y = block.experts.down_proj[e[t, k]] @ (torch.nn.functional.silu(gate) * up)
+                sums[e[t, k]] += w[t, k] * y.norm()
+                counts[e[t, k]] += 1
+        rows.append(sums / counts.clamp(min=1))
+    return torch.stack(rows)
+
+
+def test_reap_scores_equal_a_plain_torch_computation(checkpoint):
+    from moe.prune import calibration_scores
+
+    src = checkpoint("qwen3_moe")  # 8 experts top-2, layers 0 and 1 MoE
+    ids = list(range(3, 70))
+    scores, counts = calibration_scores(src, [{"prompt_token_ids": ids}], "reap", dtype="float32")
+    want = reap_reference(src, ids)
+    assert scores.shape == (2, 8) and int(counts.sum()) == 2 * 2 * len(ids)
+    torch.testing.assert_close(scores, want, rtol=1e-4, atol=1e-6)
+
+
+def test_prune_cli_by_reap_reports_quality_and_bad_scores_are_named(tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The function returns a list of strings.\n\nEach module defines classes and functions. " * 40)
+    res = CliRunner().invoke(app, ["prune", "--model", default_model_path(), "--keep-experts", "6", "--score", "reap",
+                                   "--calibration", str(calib), "--eval-windows", "2", "--out", str(tmp_path / "p"),
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["score"] == "reap" and all(len(v) == 6 for v in summary["kept_experts"].values())
+    q = summary["quality"]
+    assert q["positions"] == 2 * 256 and 0.5 < q["top1_agreement"] <= 1 and q["perplexity"] > 1
+    bad = CliRunner().invoke(app, ["prune", "--model", default_model_path(), "--keep-experts", "6", "--score", "size",
+                                   "--calibration", str(calib), "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--score 'size': choose freq or reap" in bad.output
