@@ -6,8 +6,9 @@ launcher every rank runs this same engine in lock-step; that plumbing lives in m
 from __future__ import annotations
 
 import itertools
-import operator
 import logging
+import operator
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -112,6 +113,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}  # request id -> its sequence (sample 0 when n > 1)
         self.samples: dict[str, list[Sequence]] = {}  # request id -> its n sequences
         self._structured: StructuredOutputManager | None = None  # built by the first structured request
+        self._structured_lock = threading.Lock()  # (built from the engine thread or a server's worker thread)
         self._ids = itertools.count()
         self.warmup_s = 0.0
         if config.warmup and self.device.type == "cpu":
@@ -260,7 +262,18 @@ class LLMEngine:
             raise ValueError(f"cache_salt={salt!r} is invalid: give a non-empty string (or leave it out)")
         return salt
 
+    def prepare_structured_output(self, params: SamplingParams) -> None:
+        """Compile ``params``' grammar now (cached for :meth:`add_request`); safe to call from another
+        thread while the engine steps, so a server compiles off the engine thread (a first grammar
+        takes seconds: building the vocabulary's tables and compiling). ValueError if it is bad."""
+        if params.structured_outputs is not None:
+            self._structured_outputs().compile(params.structured_outputs)
+
     def _structured_outputs(self) -> StructuredOutputManager:
+        with self._structured_lock:
+            return self._structured_outputs_locked()
+
+    def _structured_outputs_locked(self) -> StructuredOutputManager:
         if self._structured is None:
             if self.tokenizer is None:
                 raise ValueError("SamplingParams.structured_outputs needs the checkpoint's tokenizer.json "

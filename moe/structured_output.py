@@ -12,6 +12,7 @@ imported only when a request asks for structured output.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -106,9 +107,16 @@ class StructuredOutputManager:
         self.vocab_size = vocab_size
         self.compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)  # cached below, by key
         self._compiled: dict[tuple[str, str], Any] = {}
+        # compiles may run off the engine thread (the server compiles a request's grammar in a worker
+        # thread before the engine sees it), so the cache has one lock
+        self._lock = threading.RLock()
 
     def compile(self, params: StructuredOutputsParams) -> Any:
         """The compiled grammar for ``params`` (cached); ValueError naming the field if it is bad."""
+        with self._lock:
+            return self._compile(params)
+
+    def _compile(self, params: StructuredOutputsParams) -> Any:
         key = params.key
         grammar = self._compiled.pop(key, None)
         if grammar is None:

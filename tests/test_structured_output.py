@@ -139,3 +139,47 @@ def test_structured_output_without_a_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="tokenizer.json"):
         bare.engine.add_request({"prompt_token_ids": [5, 6]},
                                 SamplingParams(structured_outputs=StructuredOutputsParams(regex="a")))
+
+
+def test_async_engine_compiles_grammars_off_the_engine_thread(llm, monkeypatch):
+    """AsyncLLM compiles a request's grammar in a worker thread: a plain request keeps getting tokens
+    meanwhile, the structured one then runs and validates, and a bad grammar is that request's error."""
+    import asyncio
+    import threading
+
+    from moe.serving.async_llm import AsyncLLM, RequestError
+
+    engine = llm.engine
+    started, release = threading.Event(), threading.Event()
+    compile_grammar = engine.prepare_structured_output
+
+    def slow_compile(params):  # holds the compile until the plain request has produced tokens
+        started.set()
+        assert release.wait(60)
+        compile_grammar(params)
+
+    monkeypatch.setattr(engine, "prepare_structured_output", slow_compile)
+    alloop = AsyncLLM(engine)
+    alloop.start()
+
+    async def main():
+        structured = alloop.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=200, structured_outputs=(
+            StructuredOutputsParams(json=SCHEMA))), "structured")
+        plain_tokens = 0
+        async for out in alloop.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=24), "plain"):
+            plain_tokens = len(out.outputs[0].token_ids)
+        assert started.is_set() and plain_tokens == 24  # the plain request finished while the compile waited
+        release.set()
+        async for out in structured:
+            pass
+        jsonschema.validate(json.loads(out.outputs[0].text), SCHEMA)
+        with pytest.raises(RequestError, match="structured_outputs"):
+            async for _ in alloop.generate(PROMPTS[0], SamplingParams(max_tokens=4, structured_outputs=(
+                    StructuredOutputsParams(regex="(unclosed"))), "bad"):
+                pass
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+        alloop.shutdown()

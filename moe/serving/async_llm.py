@@ -141,8 +141,27 @@ class AsyncLLM:
             if self.dead is not None:  # died since the check above: nobody would answer this stream
                 raise EngineDeadError(f"the engine is dead: {self.dead}")
             self._streams[rid] = stream
-        self._commands.put(_Add(rid, prompt, params))
+        if params.structured_outputs is not None and self.rank == 0:
+            # a grammar compiles in a worker thread first (seconds for a first one): the engine thread
+            # keeps stepping the other requests meanwhile; the request is queued once it is compiled
+            stream.loop.create_task(self._add_after_compiling(rid, prompt, params, stream))
+        else:
+            self._commands.put(_Add(rid, prompt, params))
         return self._outputs(rid, stream)
+
+    async def _add_after_compiling(self, rid: str, prompt, params: SamplingParams, stream: _Stream) -> None:
+        try:
+            await asyncio.to_thread(self.engine.prepare_structured_output, params)
+        except ValueError as e:
+            with self._lock:
+                mine = self._streams.pop(rid, None) is stream
+            if mine:
+                stream.queue.put_nowait(RequestError(str(e)))
+            return
+        with self._lock:
+            still_wanted = self._streams.get(rid) is stream  # (its consumer may have left meanwhile)
+        if still_wanted:
+            self._commands.put(_Add(rid, prompt, params))
 
     async def _outputs(self, rid: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         finished = False
