@@ -6,6 +6,18 @@
  * AVX2 + FMA (8 lanes, CPUs without AVX-512), each lane computed as the AVX-512 body computes it. */
 #include "simd.h"
 
+/* Lanes of the vector bodies this library was built with: 16 (AVX-512), 8 (AVX2 + FMA) or 1 (scalar
+ * C only), so that a test can tell a build that silently lost its vector bodies. */
+int moe_simd_lanes(void) {
+#if defined(__AVX512F__)
+    return 16;
+#elif defined(VEC8)
+    return 8;
+#else
+    return 1;
+#endif
+}
+
 static inline float loadf(const void *p, int64_t i, int dtype) {
     return dtype == BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
