@@ -57,6 +57,29 @@ int moe_rope(void *x, int dtype, int64_t T, int64_t H, int64_t D, int64_t st, in
                     store8(row + i * esz, _mm256_sub_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv)), dtype);
                     store8(row + (i + half) * esz, _mm256_add_ps(_mm256_mul_ps(x2, cv), _mm256_mul_ps(x1, sv)), dtype);
                 }
+            else if (dtype == BF16)  /* 8 pairs (2i, 2i+1) = 8 32-bit words: the even element in the low half */
+                for (; i + VEC8 <= half; i += VEC8) {
+                    const __m256i w = _mm256_loadu_si256((const __m256i *)(row + 4 * i)), hi = _mm256_set1_epi32((int)0xffff0000u);
+                    const __m256 x1 = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), x2 = _mm256_castsi256_ps(_mm256_and_si256(w, hi));
+                    const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
+                    const __m256 o1 = _mm256_sub_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv));
+                    const __m256 o2 = _mm256_add_ps(_mm256_mul_ps(x2, cv), _mm256_mul_ps(x1, sv));
+                    _mm256_storeu_si256((__m256i *)(row + 4 * i), _mm256_or_si256(_mm256_srli_epi32(bf16_bits8(o1), 16),
+                                                                                  _mm256_and_si256(bf16_bits8(o2), hi)));
+                }
+            else  /* float32: pairs 0,1,4,5 | 2,3,6,7 after the even/odd shuffles; cos/sin permuted to match */
+                for (; i + VEC8 <= half; i += VEC8) {
+                    const float *p = (const float *)row + 2 * i;
+                    const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+                    const __m256 x1 = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)), x2 = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+                    const __m256i perm = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+                    const __m256 cv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(c + i), perm);
+                    const __m256 sv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(s + i), perm);
+                    const __m256 o1 = _mm256_sub_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv));
+                    const __m256 o2 = _mm256_add_ps(_mm256_mul_ps(x2, cv), _mm256_mul_ps(x1, sv));
+                    _mm256_storeu_ps((float *)p, _mm256_unpacklo_ps(o1, o2));  /* pairs 0-1 | 2-3 */
+                    _mm256_storeu_ps((float *)p + 8, _mm256_unpackhi_ps(o1, o2));  /* pairs 4-5 | 6-7 */
+                }
 #endif
             for (; i < half; i++) {
                 const int64_t i1 = interleaved ? 2 * i : i, i2 = interleaved ? 2 * i + 1 : i + half;
