@@ -2,8 +2,21 @@
  * Each replaces a chain of torch ops (float conversion, halves, four products, concatenation,
  * conversion back) with one pass over the data, rounding as torch does: float32 math, one
  * rounding to the output dtype per torch op it stands for. Built with -ffp-contract=off so the
- * scalar paths round each product as torch's kernels do. */
+ * scalar paths round each product as torch's kernels do. Vector bodies: AVX-512 (16 lanes) or
+ * AVX2 + FMA (8 lanes, CPUs without AVX-512), each lane computed as the AVX-512 body computes it. */
 #include "simd.h"
+
+/* Lanes of the vector bodies this library was built with: 16 (AVX-512), 8 (AVX2 + FMA) or 1 (scalar
+ * C only), so that a test can tell a build that silently lost its vector bodies. */
+int moe_simd_lanes(void) {
+#if defined(__AVX512F__)
+    return 16;
+#elif defined(VEC8)
+    return 8;
+#else
+    return 1;
+#endif
+}
 
 static inline float loadf(const void *p, int64_t i, int dtype) {
     return dtype == BF16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
@@ -36,6 +49,37 @@ int moe_rope(void *x, int dtype, int64_t T, int64_t H, int64_t D, int64_t st, in
                     store16(row + i * esz, _mm512_sub_ps(_mm512_mul_ps(x1, cv), _mm512_mul_ps(x2, sv)), dtype);
                     store16(row + (i + half) * esz, _mm512_add_ps(_mm512_mul_ps(x2, cv), _mm512_mul_ps(x1, sv)), dtype);
                 }
+#elif defined(VEC8)
+            if (!interleaved)
+                for (; i + VEC8 <= half; i += VEC8) {
+                    const __m256 x1 = load8(row + i * esz, dtype), x2 = load8(row + (i + half) * esz, dtype);
+                    const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
+                    store8(row + i * esz, _mm256_sub_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv)), dtype);
+                    store8(row + (i + half) * esz, _mm256_add_ps(_mm256_mul_ps(x2, cv), _mm256_mul_ps(x1, sv)), dtype);
+                }
+            else if (dtype == BF16)  /* 8 pairs (2i, 2i+1) = 8 32-bit words: the even element in the low half */
+                for (; i + VEC8 <= half; i += VEC8) {
+                    const __m256i w = _mm256_loadu_si256((const __m256i *)(row + 4 * i)), hi = _mm256_set1_epi32((int)0xffff0000u);
+                    const __m256 x1 = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), x2 = _mm256_castsi256_ps(_mm256_and_si256(w, hi));
+                    const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
+                    const __m256 o1 = _mm256_sub_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv));
+                    const __m256 o2 = _mm256_add_ps(_mm256_mul_ps(x2, cv), _mm256_mul_ps(x1, sv));
+                    _mm256_storeu_si256((__m256i *)(row + 4 * i), _mm256_or_si256(_mm256_srli_epi32(bf16_bits8(o1), 16),
+                                                                                  _mm256_and_si256(bf16_bits8(o2), hi)));
+                }
+            else  /* float32: pairs 0,1,4,5 | 2,3,6,7 after the even/odd shuffles; cos/sin permuted to match */
+                for (; i + VEC8 <= half; i += VEC8) {
+                    const float *p = (const float *)row + 2 * i;
+                    const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+                    const __m256 x1 = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)), x2 = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+                    const __m256i perm = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+                    const __m256 cv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(c + i), perm);
+                    const __m256 sv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(s + i), perm);
+                    const __m256 o1 = _mm256_sub_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv));
+                    const __m256 o2 = _mm256_add_ps(_mm256_mul_ps(x2, cv), _mm256_mul_ps(x1, sv));
+                    _mm256_storeu_ps((float *)p, _mm256_unpacklo_ps(o1, o2));  /* pairs 0-1 | 2-3 */
+                    _mm256_storeu_ps((float *)p + 8, _mm256_unpackhi_ps(o1, o2));  /* pairs 4-5 | 6-7 */
+                }
 #endif
             for (; i < half; i++) {
                 const int64_t i1 = interleaved ? 2 * i : i, i2 = interleaved ? 2 * i + 1 : i + half;
@@ -67,6 +111,24 @@ int moe_silu_mul(const void *gate, const void *up, void *out, int dtype, int64_t
                 __m512 si = silu16(load16(g + i * esz, dtype));
                 if (dtype == BF16) si = round_bf16(si); /* F.silu's own rounding to bf16 */
                 store16(o + i * esz, _mm512_mul_ps(si, load16(u + i * esz, dtype)), dtype);
+            }
+#elif defined(VEC8)
+            for (; i < C; i += VEC8) {
+                /* the last C % 8 elements through a zero-padded copy: every element takes the same
+                 * arithmetic wherever it sits in the row */
+                const int64_t n = C - i < VEC8 ? C - i : VEC8;
+                char gt[VEC8 * 4] = {0}, ut[VEC8 * 4] = {0}, ot[VEC8 * 4];
+                const char *gp = g + i * esz, *up_ = u + i * esz;
+                char *op = o + i * esz;
+                if (n < VEC8) {
+                    memcpy(gt, gp, n * esz);
+                    memcpy(ut, up_, n * esz);
+                    gp = gt, up_ = ut, op = ot;
+                }
+                __m256 si = silu8(load8(gp, dtype));
+                if (dtype == BF16) si = round_bf16_8(si); /* F.silu's own rounding to bf16 */
+                store8(op, _mm256_mul_ps(si, load8(up_, dtype)), dtype);
+                if (n < VEC8) memcpy(o + i * esz, ot, n * esz);
             }
 #endif
             for (; i < C; i++) {
@@ -101,6 +163,16 @@ int moe_rms_norm(const void *x, const void *w, void *out, int dtype, int64_t R, 
             acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
         }
         ss = _mm512_reduce_add_ps(acc);
+#elif defined(VEC8)
+        {  /* the AVX-512 build's 16 lanes as two halves, reduced in reduce16's order */
+            __m256 lo = _mm256_setzero_ps(), hi = lo;
+            for (; i + 16 <= D; i += 16) {
+                const __m256 a = load8(xr + i * esz, dtype), b = load8(xr + (i + 8) * esz, dtype);
+                lo = _mm256_add_ps(lo, _mm256_mul_ps(a, a));
+                hi = _mm256_add_ps(hi, _mm256_mul_ps(b, b));
+            }
+            ss = reduce8(_mm256_add_ps(hi, lo));
+        }
 #else
         {  /* the AVX-512 build's sums in its order (16 lanes, then its reduction tree): the same
             * statistics, so the same results, on every CPU */
@@ -132,6 +204,15 @@ int moe_rms_norm(const void *x, const void *w, void *out, int dtype, int64_t R, 
             }
             store16(orow + i * esz, y, dtype);
         }
+#elif defined(VEC8)
+        for (; i + VEC8 <= D; i += VEC8) {
+            __m256 y = _mm256_mul_ps(load8(xr + i * esz, dtype), _mm256_set1_ps(inv));
+            if (w) {
+                if (dtype == BF16) y = round_bf16_8(y);  /* y rounded to bf16 before the weight */
+                y = _mm256_mul_ps(y, load8((const char *)w + i * esz, dtype));
+            }
+            store8(orow + i * esz, y, dtype);
+        }
 #endif
         for (; i < D; i++) {
             float y = loadf(xr, i, dtype) * inv;
@@ -159,6 +240,12 @@ int moe_add_rms_norm(const void *h, const void *d, const void *w, void *h_out, v
             const size_t off = (size_t)i * (dtype == BF16 ? 2 : 4);
             store16((char *)h_out + off, _mm512_add_ps(load16((const char *)h + off, dtype), load16((const char *)d + off, dtype)),
                     dtype);
+        }
+#elif defined(VEC8)
+        for (; i + VEC8 <= i1; i += VEC8) {
+            const size_t off = (size_t)i * (dtype == BF16 ? 2 : 4);
+            store8((char *)h_out + off, _mm256_add_ps(load8((const char *)h + off, dtype), load8((const char *)d + off, dtype)),
+                   dtype);
         }
 #endif
         for (; i < i1; i++) storef(h_out, i, loadf(h, i, dtype) + loadf(d, i, dtype), dtype);

@@ -25,7 +25,15 @@ declare({
     "moe_write_rows": [_ptr, _ptr, _int, *[_i64] * 6, _ptr, _i64, _i64, _int],
     "moe_transpose_to_f32": [_ptr, _int, _i64, _i64, _i64, _ptr, _int],
     "moe_route_select": [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _int, _int, _f32, _f32, _ptr, _ptr, _ptr],
+    "moe_simd_lanes": [],
 })
+
+
+def simd_lanes() -> int | None:
+    """Lanes of the kernels' vector bodies in this build: 16 (AVX-512), 8 (AVX2 + FMA), 1 (scalar C);
+    None when the library is not built."""
+    lib = load()
+    return None if lib is None else int(lib.moe_simd_lanes())
 
 
 def rope_(x_THD: torch.Tensor, positions_T: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor,
@@ -109,6 +117,29 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float)
     float32, the normalized row rounded to x's dtype, then scaled in x's dtype."""
     y = F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
     return y if weight is None else weight * y
+
+
+def rms_norm_lane_order_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """What :func:`rms_norm` computes, bit for bit, on every build (2-D bfloat16 ``x``): the sum of
+    squares in the AVX-512 body's order (16 lane sums over the row's 16-element chunks, reduced
+    halves, quarters, then pairs; the last ``D % 16`` squares added one by one), each float32 op
+    rounded as C rounds it. Slow (a Python loop over chunks): for tests."""
+    xf = x.float()
+    R, D = xf.shape
+    full = D - D % 16
+    lanes = torch.zeros(R, 16)
+    for c in range(0, full, 16):
+        v = xf[:, c:c + 16]
+        lanes = lanes + v * v
+    s8 = lanes[:, 8:] + lanes[:, :8]
+    s4 = s8[:, 4:] + s8[:, :4]
+    ss = (s4[:, 0] + s4[:, 2]) + (s4[:, 1] + s4[:, 3])
+    for i in range(full, D):
+        ss = ss + xf[:, i] * xf[:, i]
+    eps32 = torch.tensor(eps, dtype=torch.float32)
+    inv = 1.0 / torch.sqrt(ss / float(D) + eps32)
+    y = (xf * inv[:, None]).to(x.dtype)
+    return y if weight is None else (y.float() * weight.float()).to(x.dtype)
 
 
 def add_rms_norm(h: torch.Tensor, d: torch.Tensor, weight: torch.Tensor, eps: float

@@ -11,7 +11,11 @@
  * and reduced together (hsum16: 45 shuffles/adds instead of 16 horizontal reductions); bf16 K
  * rows are multiplied by the bf16 query with vdpbf16ps where the CPU has AVX512-BF16 (products
  * exact, float32 sums); the V sum keeps its accumulators in registers and loads each V row once
- * for the score rows of its KV head (4 rows x 64 dims or 2 x 128 at a time). */
+ * for the score rows of its KV head (4 rows x 64 dims or 2 x 128 at a time).
+ * AVX2 + FMA paths (CPUs without AVX-512; head dims a multiple of 8): the same structure on 8 lanes
+ * and 16 registers: scores of 8 tokens reduced together (hsum8x8), V sums of 4 rows x 16 dims,
+ * 2 x 32 or 1 x 64 at a time. Per score row and dim every build sums V in token order; the
+ * builds differ in the order of the q . k sums and in exp (polynomial vs expf). */
 #include "simd.h"
 
 #if defined(__AVX512F__)
@@ -99,6 +103,54 @@ static inline void vsum(float *acc, int nc, const float *p, const char *v, int64
     }
 VSUM_ROWS(vsum_rows_4x64, 4, 4)
 VSUM_ROWS(vsum_rows_2x128, 2, 8)
+#elif defined(VEC8)
+/* lane t of the result = sum of the 8 lanes of v[t] */
+static inline __m256 hsum8x8(const __m256 *v) {
+    /* hadd(a, b) per 128-bit lane: [a0+a1, a2+a3, b0+b1, b2+b3] */
+    const __m256 a0 = _mm256_hadd_ps(v[0], v[1]), a1 = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 a2 = _mm256_hadd_ps(v[4], v[5]), a3 = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 b0 = _mm256_hadd_ps(a0, a1), b1 = _mm256_hadd_ps(a2, a3);  /* [rows 0-3 low | rows 0-3 high] */
+    return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
+}
+
+/* scores of cnt <= 8 consecutive cached rows (row t at k + t * stride bytes) against one float32
+ * query row qf of length D, D % 8 == 0 */
+static inline __m256 score8(const float *qf, const char *k, int64_t stride, int cnt, int64_t D, int dtype) {
+    __m256 acc[8];
+    for (int t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
+    const size_t esz = dtype == BF16 ? 2 : 4;
+    for (int64_t i = 0; i < D; i += VEC8) {
+        const __m256 qv = _mm256_loadu_ps(qf + i);
+        for (int t = 0; t < cnt; t++) acc[t] = _mm256_fmadd_ps(qv, load8(k + t * stride + i * esz, dtype), acc[t]);
+    }
+    return hsum8x8(acc);
+}
+
+/* acc rows accs[i] (i < HG), dims c0 .. c0 + 8*DC: += ps[i][t] * v_row(t) over cnt rows (row t at
+ * v + t * stride bytes): each V vector loaded once for HG score rows; per row and dim the sums in
+ * token order, whatever HG */
+#define VSUM_ROWS8(NAME, HG, DC)                                                                             \
+    static inline void NAME(float *const *accs, int64_t c0, const float *const *ps, const char *v,              \
+                            int64_t stride, int64_t cnt, int dtype) {                                           \
+        const size_t esz = dtype == BF16 ? 2 : 4;                                                               \
+        __m256 a[HG][DC];                                                                                       \
+        for (int i = 0; i < HG; i++)                                                                            \
+            for (int c = 0; c < DC; c++) a[i][c] = _mm256_loadu_ps(accs[i] + c0 + 8 * c);                     \
+        for (int64_t t = 0; t < cnt; t++) {                                                                     \
+            __m256 x[DC];                                                                                       \
+            for (int c = 0; c < DC; c++) x[c] = load8(v + t * stride + 8 * c * esz, dtype);                   \
+            for (int i = 0; i < HG; i++) {                                                                      \
+                const __m256 pb = _mm256_set1_ps(ps[i][t]);                                                     \
+                for (int c = 0; c < DC; c++) a[i][c] = _mm256_fmadd_ps(pb, x[c], a[i][c]);                    \
+            }                                                                                                   \
+        }                                                                                                       \
+        for (int i = 0; i < HG; i++)                                                                            \
+            for (int c = 0; c < DC; c++) _mm256_storeu_ps(accs[i] + c0 + 8 * c, a[i][c]);                     \
+    }
+VSUM_ROWS8(vsum8_rows_4x16, 4, 2)
+VSUM_ROWS8(vsum8_rows_2x32, 2, 4)
+VSUM_ROWS8(vsum8_rows_1x8, 1, 1)
+VSUM_ROWS8(vsum8_rows_1x64, 1, 8)
 #endif
 
 /* ask for the next block's rows of this item's heads (rows bytes each, stride apart) while the
@@ -124,6 +176,15 @@ static inline float exp_sub_sum(float *x, int64_t n, float m) {
         acc = _mm512_add_ps(acc, e);
     }
     sum = _mm512_reduce_add_ps(acc);
+#elif defined(VEC8)
+    __m256 acc = _mm256_setzero_ps();
+    const __m256 mv = _mm256_set1_ps(m);
+    for (; i + VEC8 <= n; i += VEC8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv));
+        _mm256_storeu_ps(x + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = reduce8(acc);
 #endif
     for (; i < n; i++) {
         x[i] = expf(x[i] - m);
@@ -138,6 +199,9 @@ static inline void load_row(const void *src, int dtype, int64_t n, float *dst) {
 #if defined(__AVX512F__)
     const size_t esz = dtype == BF16 ? 2 : 4;
     for (; i + VEC <= n; i += VEC) _mm512_storeu_ps(dst + i, load16((const char *)src + i * esz, dtype));
+#elif defined(VEC8)
+    const size_t esz = dtype == BF16 ? 2 : 4;
+    for (; i + VEC8 <= n; i += VEC8) _mm256_storeu_ps(dst + i, load8((const char *)src + i * esz, dtype));
 #endif
     for (; i < n; i++) dst[i] = dtype == BF16 ? bf16_to_f32(((const uint16_t *)src)[i]) : ((const float *)src)[i];
 }
@@ -295,6 +359,27 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                     }
                     continue;
                 }
+#elif defined(VEC8)
+                if (Dk % VEC8 == 0) {
+                    for (int64_t ts = a; ts < e; ts += 8) {
+                        const int cnt = e - ts < 8 ? (int)(e - ts) : 8;
+                        for (int64_t j = 0; j < r; j++) {
+                            const int64_t hk = (j % rh) / G;
+                            const __m256 sv = _mm256_mul_ps(score8(qf + j * Dk, kb + ((ts - t0) * k_sslot + hk * k_shead) * esz,
+                                                                   k_sslot * (int64_t)esz, cnt, Dk, dtype),
+                                                            _mm256_set1_ps(scale));
+                            float *dst = s + j * n + (ts - lo);
+                            if (cnt == 8) {
+                                _mm256_storeu_ps(dst, sv);
+                            } else {
+                                float tmp[8];
+                                _mm256_storeu_ps(tmp, sv);
+                                memcpy(dst, tmp, sizeof(float) * (size_t)cnt);
+                            }
+                        }
+                    }
+                    continue;
+                }
 #endif
                 for (int64_t t = a; t < e; t++) {
                     for (int64_t qi = 0; qi < nq; qi++) {
@@ -364,6 +449,43 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                 }
                 goto store;
             }
+#elif defined(VEC8)
+            if (Dv % VEC8 == 0) {
+                /* as the AVX-512 body, on 16 registers: 4 score rows x 16 dims, 2 x 32 or 1 x 64 */
+                for (int64_t t0 = lo - lo % block_size; t0 < len; t0 += block_size) {
+                    int64_t a, e;
+                    const char *vb = walk_block(v, table, t0, lo, len, block_size, v_sblock, v_sslot, v_shead, h0,
+                                                ((h1 - h0 - 1) * v_shead + Dv) * (int64_t)esz, esz, &a, &e);
+                    const int64_t m = nq * G;
+                    const int hg = (m % 4 == 0 && Dv % 16 == 0) ? 4 : (m % 2 == 0 && Dv % 32 == 0) ? 2 : 1;
+                    for (int64_t hk = 0; hk < h1 - h0; hk++) {
+                        const char *vh = vb + ((a - t0) * v_sslot + hk * v_shead) * esz;
+                        const int64_t vs = v_sslot * (int64_t)esz;
+                        for (int64_t i0 = 0; i0 < m; i0 += hg) {
+                            float *accs[4];
+                            const float *ps[4];
+                            for (int i = 0; i < hg; i++) {
+                                const int64_t j = ((i0 + i) / G) * rh + hk * G + (i0 + i) % G;
+                                accs[i] = acc + j * Dv;
+                                ps[i] = s + j * n + (a - lo);
+                            }
+                            if (hg == 4) {
+                                for (int64_t c0 = 0; c0 < Dv; c0 += 16)
+                                    vsum8_rows_4x16(accs, c0, ps, vh + c0 * esz, vs, e - a, dtype);
+                            } else if (hg == 2) {
+                                for (int64_t c0 = 0; c0 < Dv; c0 += 32)
+                                    vsum8_rows_2x32(accs, c0, ps, vh + c0 * esz, vs, e - a, dtype);
+                            } else {
+                                int64_t c0 = 0;
+                                for (; c0 + 64 <= Dv; c0 += 64)
+                                    vsum8_rows_1x64(accs, c0, ps, vh + c0 * esz, vs, e - a, dtype);
+                                for (; c0 < Dv; c0 += 8) vsum8_rows_1x8(accs, c0, ps, vh + c0 * esz, vs, e - a, dtype);
+                            }
+                        }
+                    }
+                }
+                goto store;
+            }
 #endif
             for (int64_t t0 = lo - lo % block_size; t0 < len; t0 += block_size) {
                 int64_t a, e;
@@ -377,14 +499,18 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                                   vb + ((t - t0) * v_sslot + hk * v_shead) * esz, dtype, Dv, row);
                         }
             }
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(VEC8)
         store:;
 #endif
             for (int64_t qi = 0; qi < nq; qi++) {
                 char *o = (char *)out + (((q0 + qi) * H + h0 * G) * Dv) * esz;
                 const float *src = acc + qi * rh * Dv;
                 if (dtype == BF16) {
-                    for (int64_t i = 0; i < rh * Dv; i++) ((uint16_t *)o)[i] = f32_to_bf16(src[i]);
+                    int64_t i = 0;
+#if defined(VEC8)
+                    for (; i + VEC8 <= rh * Dv; i += VEC8) store8(o + i * 2, _mm256_loadu_ps(src + i), BF16);
+#endif
+                    for (; i < rh * Dv; i++) ((uint16_t *)o)[i] = f32_to_bf16(src[i]);
                 } else {
                     memcpy(o, src, sizeof(float) * (size_t)(rh * Dv));
                 }

@@ -1,4 +1,5 @@
-/* What the CPU kernels share: dtype codes, bf16 <-> float32, and AVX-512 loads/stores and exp. */
+/* What the CPU kernels share: dtype codes, bf16 <-> float32, and AVX-512 (16 lanes) or AVX2 + FMA
+ * (8 lanes) loads/stores, exp and silu. */
 #ifndef MOE_CPU_SIMD_H
 #define MOE_CPU_SIMD_H
 #include <math.h>
@@ -88,5 +89,80 @@ static inline void store16(void *p, __m512 x, int dtype) {
     }
 }
 
+#elif defined(__AVX2__) && defined(__FMA__)
+/* AVX2 + FMA (no AVX-512: e.g. AMD Zen 2/3): the same operations on 8 lanes, each lane computed as
+ * the AVX-512 build computes it (same polynomial, same roundings), so element-wise results agree
+ * bit for bit with that build's vector body. */
+#include <immintrin.h>
+#define VEC8 8
+/* 8 elements (float32 or bf16) -> 8 floats */
+static inline __m256 load8(const void *p, int dtype) {
+    if (dtype == BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+    return _mm256_loadu_ps(p);
+}
+
+/* the bits of 8 floats rounded to bf16 (nearest even, as torch does) in their upper halves; NaN
+ * quieted as f32_to_bf16 does */
+static inline __m256i bf16_bits8(__m256 x) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                                           _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+}
+
+/* 8 floats rounded to bf16 precision, kept as floats; NaN stays NaN */
+static inline __m256 round_bf16_8(__m256 x) {
+    const __m256 r = _mm256_castsi256_ps(_mm256_and_si256(bf16_bits8(x), _mm256_set1_epi32((int)0xffff0000u)));
+    return _mm256_blendv_ps(r, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+/* 8 floats -> 8 elements (float32, or bf16 rounded to nearest even as torch does) */
+static inline void store8(void *p, __m256 x, int dtype) {
+    if (dtype == BF16) {
+        const __m256i h = _mm256_srli_epi32(bf16_bits8(x), 16);  /* 0 .. 0xffff: packus keeps them */
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), _MM_SHUFFLE(3, 1, 2, 0));
+        _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(packed));
+    } else {
+        _mm256_storeu_ps(p, x);
+    }
+}
+
+/* exp(x) for x <= 0 as exp16 computes it: the same polynomial of the fractional part; p * 2^n as
+ * two exact power-of-two products (2^n alone leaves float32's normal range below n = -126), the
+ * second rounding once, as scalef does */
+static inline __m256 exp8(__m256 x) {
+    const __m256 y = _mm256_max_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _mm256_set1_ps(-160.f));
+    const __m256 n = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(y, n);  /* [-0.5, 0.5] */
+    __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+    const __m256i ni = _mm256_cvtps_epi32(n);
+    const __m256i n1 = _mm256_max_epi32(ni, _mm256_set1_epi32(-100)), n2 = _mm256_sub_epi32(ni, n1);  /* n2 in [-60, 0] */
+    const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, _mm256_set1_epi32(127)), 23));
+    const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, _mm256_set1_epi32(127)), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+
+/* silu(g) as silu16: the sigmoid from exp(-|g|); g >= 0: 1 / (1 + e), else (1 / (1 + e)) * e */
+static inline __m256 silu8(__m256 g) {
+    const __m256 one = _mm256_set1_ps(1.f);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_andnot_ps(_mm256_set1_ps(-0.f), g)));  /* 0 - |g| */
+    const __m256 r = _mm256_div_ps(one, _mm256_add_ps(one, e));
+    return _mm256_mul_ps(g, _mm256_blendv_ps(r, _mm256_mul_ps(r, e), _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ)));
+}
+
+/* the sum of 8 lanes: halves, quarters, then pairs (reduce16's tree after its first step) */
+static inline float reduce8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));  /* (s0 + s2), (s1 + s3) */
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
 #endif
 #endif

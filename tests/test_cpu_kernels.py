@@ -23,6 +23,16 @@ def test_kernel_builds_here():
     assert cpu_kernels.load() is not None
 
 
+def test_vector_bodies_in_use_where_the_cpu_has_them():
+    # -march=native: AVX-512 where the CPU has it, else AVX2 + FMA; a build that lost its vector
+    # bodies (flags, compiler) would still pass every equality test, only slower
+    from cpu_kernels.elementwise import simd_lanes
+
+    flags = _cpu_flags()
+    want = 16 if "avx512f" in flags else 8 if {"avx2", "fma"} <= flags else 1
+    assert simd_lanes() == want
+
+
 def _decode_batch(lens, H, Hkv, Dk, Dv, block_size, dtype, latent=False, seed=0, qlens=None):
     g = torch.Generator().manual_seed(seed)
     nblocks = [-(-n // block_size) for n in lens]
@@ -47,6 +57,9 @@ SHAPES = {
     "mha_odd_heads": dict(H=7, Hkv=7, Dk=32, Dv=32),
     "group_7": dict(H=7, Hkv=1, Dk=48, Dv=48),  # query-head tiles of 4 + 3
     "dim_not_16": dict(H=6, Hkv=2, Dk=20, Dv=20),  # scalar path
+    "dim_24_group_3": dict(H=6, Hkv=2, Dk=24, Dv=24),  # AVX2 only: 8-lane dims, V sums one score row at a time
+    "dim_48_group_4": dict(H=8, Hkv=2, Dk=48, Dv=48),  # AVX2: 4 score rows x 16 dims (AVX-512: 16-lane dims)
+    "dim_96_group_2": dict(H=4, Hkv=2, Dk=96, Dv=96),  # AVX2: 2 score rows x 32 dims
     "mla_latent": dict(H=16, Hkv=1, Dk=288, Dv=256, latent=True),  # V is a strided view of K
 }
 
@@ -234,6 +247,27 @@ def test_fused_swiglu_equals_silu_times_up(layout, dtype):
     torch.testing.assert_close(fused_swiglu(big).float(), swiglu(big).float(), atol=1e-6, rtol=1e-2)
 
 
+def test_silu_mul_float32_exp_over_its_whole_range():
+    # the vector exp (polynomial, 2^n in two exact steps) against float64: within a few float32 ulps
+    # where the result is a normal float32 (the float32 range reduction g * log2(e) adds up to
+    # ~|g| * 2^-24 relative), within |g| subnormal steps below; every element the same
+    # arithmetic wherever it sits (the row's last C % lanes included)
+    g = torch.linspace(-104.0, 30.0, 4001).unsqueeze(0)
+    got = cpu_kernels.silu_mul(g, torch.ones_like(g))
+    exact = (g.double() * torch.sigmoid(g.double())).float()
+    normal = exact.abs() >= torch.finfo(torch.float32).tiny
+    small = g.abs() <= 8
+    torch.testing.assert_close(got[small], exact[small], rtol=1e-6, atol=0)
+    rel = ((got.double() - exact.double()) / exact.double()).abs()[normal]
+    assert (rel <= 1e-6 + g.abs()[normal] * 2 ** -23).all()
+    # below: exp(g) itself subnormal, its error (under a step of 2^-149: rounding and range reduction)
+    # scaled by |g|, and the product's own rounding
+    err = (got.double() - g.double() * torch.sigmoid(g.double())).abs()[~normal]
+    assert (err <= (g.abs()[~normal] + 1) * 2 ** -149).all()
+    for n in (1, 5, 8, 13):  # the same values at other offsets and row lengths
+        torch.testing.assert_close(cpu_kernels.silu_mul(g[:, -n:], torch.ones(1, n)), got[:, -n:], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("shape,strided",
                          [((300, 1024), False), ((37, 40), True), ((5, 3, 24), False), ((2, 7), False)])
 def test_rms_norm_kernel_equals_the_torch_formula(shape, strided):
@@ -251,6 +285,21 @@ def test_rms_norm_kernel_equals_the_torch_formula(shape, strided):
     torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=8e-3)
     assert (got != want).float().mean() < 0.01
     torch.testing.assert_close(norm(x), got, atol=0, rtol=0)  # the module takes the kernel
+
+
+@pytest.mark.parametrize("D,strided,weighted", [(1024, False, True), (40, True, True), (24, False, False),
+                                                 (7, False, True), (2816, True, False)])
+def test_rms_norm_sums_in_one_order_on_every_build(D, strided, weighted):
+    # the AVX-512, AVX2 and scalar bodies all sum the squares in the AVX-512 lane order (16 lane
+    # sums, its reduction tree, the tail one by one): bit-identical results on every CPU
+    from cpu_kernels.elementwise import rms_norm_lane_order_reference
+
+    g = torch.Generator().manual_seed(D)
+    base = (torch.randn(33, D + 8, generator=g) * 3).to(torch.bfloat16)
+    x = base[:, 3:3 + D] if strided else base[:, :D].contiguous()
+    w = torch.randn(D, generator=g).to(torch.bfloat16) if weighted else None
+    got = cpu_kernels.rms_norm(x, w, 1e-5)
+    assert torch.equal(got, rms_norm_lane_order_reference(x, w, 1e-5))
 
 
 @pytest.mark.parametrize("shape", [(1, 1024), (300, 1024), (3, 40)])
