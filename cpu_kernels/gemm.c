@@ -20,17 +20,6 @@
 
 #define NB 16 /* weight rows widened per task (16 x K float32: L2-resident for K up to ~8k) */
 
-static inline __m256 widen8(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* acc[i][j] = w row i . x row j over K (K8 = K rounded down to 8; the rest scalar) for NR <= 4
  * weight rows and MR <= 3 x rows; always inlined with constant NR, MR so the tile stays in registers */
 static inline __attribute__((always_inline)) void tile(int NR, int MR, const float *wf, int64_t K,
@@ -49,7 +38,7 @@ static inline __attribute__((always_inline)) void tile(int NR, int MR, const flo
     }
     for (int i = 0; i < NR; i++)
         for (int j = 0; j < MR; j++) {
-            float s = hsum8(acc[i][j]);
+            float s = reduce8(acc[i][j]);
             for (int64_t k = K8; k < K; k++) s += wf[i * K + k] * xf[j * ldx + k];
             out[i][j] = s;
         }
@@ -79,7 +68,7 @@ int moe_grouped_gemm_bf16(const uint16_t *w, int64_t E, int64_t N, int64_t K, in
         const uint16_t *src = x + (r0 + r) * ldx;
         float *dst = xf + r * K;
         int64_t k = 0;
-        for (; k + 8 <= K; k += 8) _mm256_storeu_ps(dst + k, widen8(src + k));
+        for (; k + 8 <= K; k += 8) _mm256_storeu_ps(dst + k, load8_bf16(src + k));
         for (; k < K; k++) dst[k] = bf16_to_f32(src[k]);
     }
     const int64_t nblocks = (N + NB - 1) / NB;
@@ -101,7 +90,7 @@ int moe_grouped_gemm_bf16(const uint16_t *w, int64_t E, int64_t N, int64_t K, in
             const uint16_t *wsrc = w + e * esw + n0 * ldw;
             for (int64_t i = 0; i < nb; i++) {
                 int64_t k = 0;
-                for (; k + 8 <= K; k += 8) _mm256_storeu_ps(wf + i * K + k, widen8(wsrc + i * ldw + k));
+                for (; k + 8 <= K; k += 8) _mm256_storeu_ps(wf + i * K + k, load8_bf16(wsrc + i * ldw + k));
                 for (; k < K; k++) wf[i * K + k] = bf16_to_f32(wsrc[i * ldw + k]);
             }
             const float *xe = xf + (offsets[e] - r0) * K;

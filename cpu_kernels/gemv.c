@@ -42,17 +42,7 @@ static inline void dot_rows(const uint16_t *w, int64_t ldw, const uint16_t *x, i
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
-/* 8 bf16 -> 8 floats */
-static inline __m256 load8_bf16(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+/* (load8_bf16 and reduce8: simd.h) */
 
 /* rows r .. r+R-1 (R <= 4) of W dotted with x: 16 columns a step, two accumulators per row */
 static inline void dot_rows(const uint16_t *w, int64_t ldw, const uint16_t *x, int64_t K, int R, float *out) {
@@ -69,7 +59,7 @@ static inline void dot_rows(const uint16_t *w, int64_t ldw, const uint16_t *x, i
         }
     }
     for (int r = 0; r < R; r++) {
-        float s = hsum8(_mm256_add_ps(acc[r][0], acc[r][1]));
+        float s = reduce8(_mm256_add_ps(acc[r][0], acc[r][1]));
         for (int64_t j = k; j < K; j++) s += bf16_to_f32(w[r * ldw + j]) * bf16_to_f32(x[j]);
         out[r] = s;
     }

@@ -32,6 +32,21 @@ static inline float reduce16(const float *a) {
     return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+/* 8 bf16 -> 8 floats (a shift) */
+static inline __m256 load8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* the sum of 8 lanes: halves, quarters, then pairs (reduce16's tree after its first step) */
+static inline float reduce8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));  /* (s0 + s2), (s1 + s3) */
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define VEC 16
@@ -97,8 +112,7 @@ static inline void store16(void *p, __m512 x, int dtype) {
 #define VEC8 8
 /* 8 elements (float32 or bf16) -> 8 floats */
 static inline __m256 load8(const void *p, int dtype) {
-    if (dtype == BF16)
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+    if (dtype == BF16) return load8_bf16((const uint16_t *)p);
     return _mm256_loadu_ps(p);
 }
 
@@ -158,11 +172,5 @@ static inline __m256 silu8(__m256 g) {
     return _mm256_mul_ps(g, _mm256_blendv_ps(r, _mm256_mul_ps(r, e), _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ)));
 }
 
-/* the sum of 8 lanes: halves, quarters, then pairs (reduce16's tree after its first step) */
-static inline float reduce8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));  /* (s0 + s2), (s1 + s3) */
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
 #endif
 #endif

@@ -59,7 +59,27 @@ class Drafter(Protocol):
     def num_unwritten(self, seq: Sequence) -> int: ...
 
 
-class DraftModel:
+class _OwnKVCache:
+    """A drafter's KV cache: tensors of the target's block size and count (so the target's block
+    tables address them), from its model's ``kv_cache_spec``."""
+
+    model: torch.nn.Module
+    dtype: torch.dtype
+    device: torch.device
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    block_size: int
+
+    def kv_bytes_per_token(self, fp8: bool) -> int:
+        return sum(s.bytes_per_token(self.dtype, fp8) for s in self.model.kv_cache_spec())
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, fp8: bool) -> None:
+        """Cache tensors of the target's shape in blocks: the same block ids mean the same tokens."""
+        self.block_size = block_size
+        self.kv_caches = [s.allocate(num_blocks, block_size, self.dtype, self.device, fp8)
+                          for s in self.model.kv_cache_spec()]
+
+
+class DraftModel(_OwnKVCache):
     """The drafter's weights and KV cache, and its forward over rows given by position."""
 
     def __init__(self, path: str | Path, target_vocab_size: int, dtype: torch.dtype, device: torch.device):
@@ -84,14 +104,8 @@ class DraftModel:
         # id(seq) -> (seq, token, position): a row this drafter owes the sequence (see catch_up)
         self._unwritten: dict[int, tuple[Sequence, int, int]] = {}
 
-    def kv_bytes_per_token(self, fp8: bool) -> int:
-        return sum(s.bytes_per_token(self.dtype, fp8) for s in self.model.kv_cache_spec())
-
     def allocate_kv_cache(self, num_blocks: int, block_size: int, fp8: bool) -> None:
-        """Cache tensors of the target's shape in blocks: the same block ids mean the same tokens."""
-        self.block_size = block_size
-        self.kv_caches = [s.allocate(num_blocks, block_size, self.dtype, self.device, fp8)
-                          for s in self.model.kv_cache_spec()]
+        super().allocate_kv_cache(num_blocks, block_size, fp8)
         self.captured = CapturedDecode.capture(self.model, self.kv_caches)
 
     @torch.inference_mode()
@@ -202,7 +216,7 @@ class DraftModelProposer:
             probs[i].append(q_V)
 
 
-class MTPDrafter:
+class MTPDrafter(_OwnKVCache):
     """DeepSeek-V3's multi-token-prediction layer as the drafter (``method: "mtp"``): row ``i``
     takes token ``t_{i+1}`` and the target's hidden state ``h_i`` (after its final norm) and its
     logits predict ``t_{i+2}`` (:mod:`moe.models.mtp`). Its K/V sit at slot ``i`` of its own cache,
@@ -225,14 +239,6 @@ class MTPDrafter:
         self.block_size = 0
         # id(seq) -> (computed length it holds for, logits of the next draft [V], hidden state to chain [D])
         self._next: dict[int, tuple[Sequence, int, torch.Tensor, torch.Tensor]] = {}
-
-    def kv_bytes_per_token(self, fp8: bool) -> int:
-        return sum(s.bytes_per_token(self.dtype, fp8) for s in self.model.kv_cache_spec())
-
-    def allocate_kv_cache(self, num_blocks: int, block_size: int, fp8: bool) -> None:
-        self.block_size = block_size
-        self.kv_caches = [s.allocate(num_blocks, block_size, self.dtype, self.device, fp8)
-                          for s in self.model.kv_cache_spec()]
 
     def num_unwritten(self, seq: Sequence) -> int:
         return 0  # catch-up writes every computed position
