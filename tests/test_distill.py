@@ -18,7 +18,7 @@ from moe.tokenizer import Tokenizer
 
 from tiny_models import make_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+PROSE = Path(__file__).resolve().parent / "data" / "prose"  # frozen copies of docs (see ABOUT there)
 EOT = "<|endoftext|>"
 # --alpha 0: a random teacher's next tokens have nothing to do with the text's, so only the KL is learnt
 FAST = ["--steps", "16", "--seq-len", "32", "--batch-size", "4", "--top-k", "8", "--eval-windows", "8",
@@ -27,8 +27,8 @@ FAST = ["--steps", "16", "--seq-len", "32", "--batch-size", "4", "--top-k", "8",
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """Real prose: the project's own docs, paragraphs as documents."""
-    text = "\n\n".join((REPO / "docs" / f).read_text() for f in ("architecture.md", "quantization.md"))
+    """Real prose: frozen copies of the project's docs, paragraphs as documents."""
+    text = "\n\n".join((PROSE / f).read_text() for f in ("architecture.md", "quantization.md"))
     path = tmp_path_factory.mktemp("corpus") / "text.txt"
     path.write_text(text)
     return path
@@ -106,7 +106,7 @@ def test_recovery_raises_agreement_above_pruning_alone(teacher, corpus, tmp_path
     counts = calibration_counts(teacher, [{"prompt_token_ids": w.tolist()} for w in wins[:16]])
     prune_checkpoint(teacher, tmp_path / "p", 4, counts)
     heldout = tmp_path / "heldout.txt"
-    heldout.write_text((REPO / "docs" / "serving.md").read_text())
+    heldout.write_text((PROSE / "serving.md").read_text())
     eval_wins = windows(token_stream(read_documents(heldout), tok), 32)[:32]
     pruned = pruned_quality(teacher, tmp_path / "p", eval_wins, dtype="float32")
     report = run_distill("--teacher", str(teacher), "--student", str(tmp_path / "p"), "--data", str(corpus),

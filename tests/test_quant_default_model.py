@@ -31,7 +31,7 @@ def teacher_forced_logprobs(llm: LLM, ids: list[int]) -> torch.Tensor:
 
 # calibration text for --method gptq: prose of this repository's docs (English technical text, as
 # the default model's corpus is), not TEXT, which it is scored on
-CALIBRATION_FILES = ("README.md", "docs/architecture.md", "docs/quantization.md")
+CALIBRATION_FILES = ("README.md", "architecture.md", "quantization.md")  # frozen copies in tests/data/prose
 
 
 def agreement_and_kl(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
@@ -74,7 +74,7 @@ def test_calibrated_int4_is_closer_than_round_to_nearest(reference, tmp_path):
     ids, ref = reference
     fmt = get_format("int4", group_size=32, symmetric=False)
     llm = LLM(dtype="bfloat16", kv_cache_memory=1 << 22)
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parent / "data" / "prose"
     cal_ids = llm.get_tokenizer().encode("\n\n".join((root / f).read_text() for f in CALIBRATION_FILES))[:16384]
     results = {}
     for method in ("rtn", "gptq"):
