@@ -309,4 +309,6 @@ def test_bench_client_measures_the_server(server, tmp_path):
                     "total_token_throughput"):
             assert run[key] > 0, key
         assert run["median_ttft_ms"] <= run["p99_ttft_ms"]
+    # each rate draws its own prompts (seed + rate index): the second must not replay the first's
+    assert runs[0]["output_lens"] != runs[1]["output_lens"] or runs[0]["input_lens"] != runs[1]["input_lens"]
     assert png.stat().st_size > 10_000 and "Output token throughput" in r.output

@@ -298,18 +298,21 @@ async def _main(base_urls: list[str], model: str | None, args: dict) -> dict[str
                 r.raise_for_status()
                 mid = r.json()["data"][0]["id"]
             tok = _Tokenizer(client, base_url, mid, args["tokenizer"])
-            if args["dataset_path"]:
-                reqs = await sharegpt_dataset(tok, args["dataset_path"], args["num_prompts"], args["seed"],
-                                              args["sharegpt_output_len"])
-            else:
-                reqs = await random_dataset(tok, args["num_prompts"], args["random_input_len"],
-                                            args["random_output_len"], args["random_range_ratio"], args["seed"],
-                                            args["random_vocab_size"])
             runs[base_url] = []
-            for rate in args["rates"]:
+            for i, rate in enumerate(args["rates"]):
+                # each rate its own prompts (seed + its index): a later rate must not hit the prefix
+                # cache with an earlier rate's prompts; the same --seed gives the same sweep
+                seed = args["seed"] + i
+                if args["dataset_path"]:
+                    reqs = await sharegpt_dataset(tok, args["dataset_path"], args["num_prompts"], seed,
+                                                  args["sharegpt_output_len"])
+                else:
+                    reqs = await random_dataset(tok, args["num_prompts"], args["random_input_len"],
+                                                args["random_output_len"], args["random_range_ratio"], seed,
+                                                args["random_vocab_size"])
                 runs[base_url].append(await run_benchmark(
                     client, base_url, mid, reqs, rate, args["burstiness"], args["max_concurrency"],
-                    args["ignore_eos"], args["api_key"], args["seed"], args["num_warmups"], args["slo"],
+                    args["ignore_eos"], args["api_key"], seed, args["num_warmups"], args["slo"],
                     progress=not args["quiet"]))
     return runs
 
