@@ -420,3 +420,41 @@ def test_aborted_requests_are_answered_with_finish_reason_abort(engine):
     finishes = [c["finish_reason"] for e in events[:-1] for c in json.loads(e)["choices"] if c["finish_reason"]]
     assert finishes == ["abort"]
     assert not engine.has_unfinished_requests()
+
+
+def test_abort_while_the_grammar_compiles_ends_the_request_unrun(engine):
+    """A structured request compiles its grammar before it is queued; aborted meanwhile, its
+    iterator ends at once with the abort output and the engine never runs it."""
+    from moe import SamplingParams
+    from moe.serving.async_llm import AsyncLLM
+    from moe.structured_output import StructuredOutputsParams
+
+    llm = AsyncLLM(engine)
+    llm.start()
+    params = SamplingParams(max_tokens=20, structured_outputs=StructuredOutputsParams(regex="[a-z]{20}"))
+    added: list[str] = []
+    real_add = engine.add_request
+
+    def add_request(prompt, p, request_id):
+        added.append(request_id)
+        return real_add(prompt, p, request_id)
+
+    async def run():
+        before = asyncio.all_tasks()
+        gen = llm.generate("Hello", params, "compiling")
+        (compiling,) = asyncio.all_tasks() - before
+        llm.abort("compiling")  # (the first grammar takes seconds: xgrammar's vocabulary set-up)
+        outs = [out async for out in gen]
+        assert not compiling.done()
+        await compiling  # it ends without queueing the request
+        await asyncio.sleep(0.3)  # (the engine thread would have taken an add by now)
+        return outs
+
+    engine.add_request = add_request
+    try:
+        outs = asyncio.run(asyncio.wait_for(run(), 120))
+    finally:
+        del engine.add_request
+        llm.shutdown()
+    assert [(o.finished, o.outputs[0].finish_reason, o.outputs[0].token_ids) for o in outs] == [(True, "abort", [])]
+    assert added == [] and not engine.has_unfinished_requests()
