@@ -281,12 +281,21 @@ class LLMEngine:
             self._structured = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size, self.eos_ids)
         return self._structured
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """Stop a request and free its KV blocks. Returns its last outputs, one per sample still
+        running (``finish_reason`` "abort"; the delta holds any text held back for a possible stop
+        string), the last one ``finished``; empty if the request is unknown or already finished."""
+        samples = [s for s in self.samples.get(request_id, []) if not s.is_finished]
+        now = time.perf_counter()
+        for seq in samples:
+            seq.finish_reason = "abort"
+            seq.metrics.finished_time = now
+            self.scheduler.finish(seq)
+        outs = [self._output(seq, (seq.take_stream_text(), []), last_update=j == len(samples) - 1)
+                for j, seq in enumerate(samples)]
         self.seqs.pop(request_id, None)
-        for seq in self.samples.pop(request_id, []):
-            if not seq.is_finished:
-                seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
+        self.samples.pop(request_id, None)
+        return outs
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -356,7 +365,6 @@ class LLMEngine:
             if not samples:
                 self._register_blocks(seq)
                 continue
-            text_before = len(seq.text)
             tokens = []
             for token, lps in samples:
                 seq.token_ids.append(token)
@@ -371,12 +379,12 @@ class LLMEngine:
                     self._advance_grammar(seq, token)
                 if seq.is_finished or seq.finish_reason is not None:
                     break  # later accepted tokens are past the stop
-            delta = seq.text[text_before:]  # after the stop checks, which may cut the text
             self._register_blocks(seq)  # after the accepted draft tokens joined token_ids
             if seq.is_finished or seq.finish_reason is not None:
                 seq.metrics.finished_time = now
                 self.scheduler.finish(seq)
-            updated.append((seq, (delta, tokens)))
+            # after the stop checks, which may cut the text; a possible partial stop string waits
+            updated.append((seq, (seq.take_stream_text(), tokens)))
         return updated
 
     def expert_counts(self) -> torch.Tensor:
@@ -441,9 +449,10 @@ class LLMEngine:
         comps = [self._completion(s) for s in samples]
         delta_out = None
         if delta is not None:
-            delta_out = CompletionOutput(seq.sample_index, delta[0], delta[1], seq.output_logprobs[-1:]
-                                         if seq.params.logprobs is not None else None,
-                                         seq.finish_reason, seq.stop_reason)
+            text, tokens = delta
+            lps = seq.output_logprobs[len(seq.output_logprobs) - len(tokens):] \
+                if seq.params.logprobs is not None else None  # (speculation: several tokens a step)
+            delta_out = CompletionOutput(seq.sample_index, text, tokens, lps, seq.finish_reason, seq.stop_reason)
         if finished:
             self.seqs.pop(seq.request_id, None)
             self.samples.pop(seq.request_id, None)

@@ -115,7 +115,8 @@ class LLM:
     def generate_stream(self, prompts: Prompt | Seq[Prompt],
                         sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> Iterator[RequestOutput]:
         """Yield increments as they are produced: each ``RequestOutput.delta`` holds the new text
-        and token ids of that request since its previous increment."""
+        and token ids of that request since its previous increment (text that could still become
+        a stop string waits for the increment that decides it, so the pieces add up to the final text)."""
         for s in self._add_all(prompts, sampling_params):
             if not isinstance(s, str):
                 yield s

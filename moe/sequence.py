@@ -37,6 +37,7 @@ class Sequence:
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
     # incremental detokenization
     text: str = ""
+    text_sent: int = 0  # characters of ``text`` already handed out in streamed deltas
     prefix_offset: int = 0
     read_offset: int = 0
     num_preemptions: int = 0
@@ -83,3 +84,27 @@ class Sequence:
     @property
     def wants_prompt_logprobs(self) -> bool:
         return self.params.prompt_logprobs is not None
+
+    def take_stream_text(self) -> str:
+        """The text not yet streamed that is safe to stream: all of it once the sequence has
+        finished; before that, all but a tail that could still grow into a stop string (sent once
+        the next tokens decide it). So streamed pieces add up to exactly the final text."""
+        text = self.text
+        upto = len(text)
+        if self.finish_reason is None:
+            upto -= stop_holdback(text, self.params.stop_strings)
+        piece = text[self.text_sent:upto]
+        self.text_sent = max(self.text_sent, upto)
+        return piece
+
+
+def stop_holdback(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters of ``text`` are the start of some stop string (the longest
+    such tail): ``stop_holdback("say EN", ("END",)) == 2``."""
+    keep = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), keep, -1):
+            if text.endswith(stop[:k]):
+                keep = k
+                break
+    return keep

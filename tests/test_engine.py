@@ -379,6 +379,48 @@ def test_streaming_deltas_concatenate_to_the_final_text_with_a_stop_string(llm):
     assert "".join(pieces[rid][0]) == final.outputs[0].text, "streamed text includes the stop string"
 
 
+def test_streaming_never_sends_the_start_of_a_stop_string_across_tokens(llm):
+    """A stop string made of the end of one token and the start of the next: the first token's
+    tail is held back (never streamed) until the next token shows whether the stop completes."""
+    prompt = "a005 a017 a033 a040"
+    base = _alone(llm, prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)).outputs[0]
+    k, tok = _first_new_token(base.token_ids, start=2)
+    nxt = base.token_ids[k + 1]
+    stop = f"{tok:03d}"[1:] + " a" + f"{nxt:03d}"[:1]  # e.g. "05 a0": digits of token k, " a" of token k+1
+    want = base.text[:base.text.index(stop)]
+    pieces, finals = _stream(llm, [prompt], [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                            stop=stop)])
+    (rid, final), = finals.items()
+    assert final.outputs[0].finish_reason == "stop" and final.outputs[0].text == want
+    sent = ""
+    for piece in pieces[rid][0]:
+        sent += piece
+        assert want.startswith(sent), f"streamed {sent!r}, past the final text {want!r}"
+    assert sent == want
+
+
+def test_abort_ends_with_a_final_output_that_sends_the_held_back_text(llm):
+    """engine.abort returns the request's last output: finished, "abort", its delta the text held
+    back for a stop string that can no longer complete; the blocks are free."""
+    prompt = "a005 a017 a033 a040"
+    m = 4
+    text_m = _alone(llm, prompt, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)).outputs[0].text
+    e = llm.engine
+    rid = e.add_request(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                               stop=text_m[-2:] + "\x00"))  # never completes
+    sent, tokens = "", []
+    while len(tokens) < m:
+        for out in e.step():
+            sent += out.delta.text
+            tokens += out.delta.token_ids
+    assert sent == text_m[:-2]  # the last two characters could still start the stop string
+    (last,) = e.abort(rid)
+    assert last.finished and last.delta.finish_reason == last.outputs[0].finish_reason == "abort"
+    assert last.delta.text == text_m[-2:] and last.delta.token_ids == [] and last.outputs[0].text == text_m
+    assert e.abort(rid) == []  # already gone
+    _engine_idle(llm)
+
+
 # ---- stop conditions ----------------------------------------------------------------------------
 
 STOP_PROMPT = "a011 a222 a033 a144 a055 a266"

@@ -283,9 +283,17 @@ def test_chat_without_template_names_the_fix(llm):
     assert "chat template" in r.json()["error"]["message"] and "--chat-template" in r.json()["error"]["message"]
 
 
+def _prefix_cache_hits(server) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+               if line.startswith("moe:prefix_cache_hits_total"))
+
+
 def test_bench_client_measures_the_server(server, tmp_path):
     """``moe bench serve`` against the shared server: every request counted once, with the exact
-    requested output lengths (ignore_eos), vLLM's result keys, and the latency plot."""
+    requested output lengths (ignore_eos), vLLM's result keys, and the latency plot. Each rate of
+    the sweep and the warm-ups get prompts of their own (no prefix-cache hit from an earlier run's
+    prompts), the same again for the same ``--seed``."""
     import json as json_
 
     from typer.testing import CliRunner
@@ -293,14 +301,22 @@ def test_bench_client_measures_the_server(server, tmp_path):
     from moe.cli import app
 
     out, png = tmp_path / "result.json", tmp_path / "plot.png"
-    r = CliRunner().invoke(app, ["bench", "serve", "--base-url", server.url, "--num-prompts", "4",
-                                 "--random-input-len", "24", "--random-output-len", "6", "--random-range-ratio", "0.5",
-                                 "--ignore-eos", "--sweep-rates", "4,inf", "--max-concurrency", "4",
-                                 "--num-warmups", "1", "--slo", "ttft=60000,tpot=60000", "--quiet",
+    args = ["bench", "serve", "--base-url", server.url, "--num-prompts", "4", "--random-input-len", "24",
+            "--random-output-len", "6", "--random-range-ratio", "0.5", "--ignore-eos", "--max-concurrency", "4",
+            "--num-warmups", "1", "--quiet", "--seed", "7"]
+    hits = _prefix_cache_hits(server)
+    r = CliRunner().invoke(app, [*args, "--sweep-rates", "4,inf", "--slo", "ttft=60000,tpot=60000",
                                  "-o", str(out), "--plot", str(png)])
     assert r.exit_code == 0, r.output
+    assert _prefix_cache_hits(server) == hits  # random prompts share no block unless a prompt repeats
     runs = json_.loads(out.read_text())
     assert [run["request_rate"] for run in runs] == [4.0, float("inf")]
+    assert runs[0]["generated_texts"] != runs[1]["generated_texts"]
+    again = tmp_path / "again.json"
+    r = CliRunner().invoke(app, [*args, "--request-rate", "4", "-o", str(again)])
+    assert r.exit_code == 0, r.output
+    repeat = json_.loads(again.read_text())
+    assert (repeat["input_lens"], repeat["generated_texts"]) == (runs[0]["input_lens"], runs[0]["generated_texts"])
     for run in runs:
         assert run["completed"] == 4 and run["failed"] == 0 and run["errors"] == [""] * 4
         assert all(3 <= n <= 9 for n in run["output_lens"]) and run["total_output_tokens"] == sum(run["output_lens"])

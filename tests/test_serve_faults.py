@@ -356,3 +356,105 @@ def test_shutdown_ends_waiting_iterators(engine):
 
     assert not asyncio.run(asyncio.wait_for(run(), 60)).finished
     assert not engine.has_unfinished_requests()  # its blocks went back with the abort
+
+
+def test_abort_ends_the_iterator_with_a_final_abort_output(engine):
+    """AsyncLLM.abort(request_id) as vLLM's: the request's iterator ends (no exception) with a last
+    output, finished, finish_reason "abort"; its KV blocks are back in the free pool."""
+    from moe import SamplingParams
+    from moe.serving.async_llm import AsyncLLM
+
+    llm = AsyncLLM(engine)
+    llm.start()
+
+    async def run():
+        outs = []
+        async for out in llm.generate("Hello", SamplingParams(max_tokens=400, ignore_eos=True), "to-abort"):
+            outs.append(out)
+            if len(outs) == 2:
+                llm.abort("to-abort")
+        return outs
+
+    try:
+        outs = asyncio.run(asyncio.wait_for(run(), 60))
+    finally:
+        llm.shutdown()
+    last = outs[-1]
+    assert last.finished and not any(o.finished for o in outs[:-1])
+    assert last.outputs[0].finish_reason == last.delta.finish_reason == "abort"
+    assert 2 <= len(last.outputs[0].token_ids) < 400 and llm.num_requests == 0
+    bm = engine.block_manager
+    assert not engine.has_unfinished_requests() and bm.num_free_blocks == bm.num_blocks
+
+
+def test_aborted_requests_are_answered_with_finish_reason_abort(engine):
+    """What a client gets when the server aborts its request (``abort_all`` at the end of a
+    shutdown's drain): a 200 with the text so far and finish_reason "abort", or a stream whose last
+    chunk says "abort" before ``[DONE]``."""
+    from moe.serving.api_server import ServerConfig, build_app
+    from moe.serving.async_llm import AsyncLLM
+
+    llm = AsyncLLM(engine)
+    app = build_app(llm, ServerConfig(model_path="m", served_model_names=["default"]))
+    llm.start()
+    body = {"prompt": "hi", "max_tokens": 400, "ignore_eos": True}
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as c:
+            whole = asyncio.ensure_future(c.post("/v1/completions", json=body))
+            streamed = asyncio.ensure_future(c.post("/v1/completions", json={**body, "stream": True}))
+            while llm.num_requests < 2 or llm.num_unstarted:  # both have produced tokens
+                await asyncio.sleep(0.01)
+            llm.abort_all()
+            return await whole, await streamed
+
+    try:
+        whole, streamed = asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        llm.shutdown(2)
+    assert whole.status_code == 200, whole.text
+    choice = whole.json()["choices"][0]
+    assert choice["finish_reason"] == "abort" and 1 <= whole.json()["usage"]["completion_tokens"] < 400
+    events = [e.removeprefix("data: ") for e in streamed.text.split("\n\n") if e]
+    assert streamed.status_code == 200 and events[-1] == "[DONE]"
+    finishes = [c["finish_reason"] for e in events[:-1] for c in json.loads(e)["choices"] if c["finish_reason"]]
+    assert finishes == ["abort"]
+    assert not engine.has_unfinished_requests()
+
+
+def test_abort_while_the_grammar_compiles_ends_the_request_unrun(engine):
+    """A structured request compiles its grammar before it is queued; aborted meanwhile, its
+    iterator ends at once with the abort output and the engine never runs it."""
+    from moe import SamplingParams
+    from moe.serving.async_llm import AsyncLLM
+    from moe.structured_output import StructuredOutputsParams
+
+    llm = AsyncLLM(engine)
+    llm.start()
+    params = SamplingParams(max_tokens=20, structured_outputs=StructuredOutputsParams(regex="[a-z]{20}"))
+    added: list[str] = []
+    real_add = engine.add_request
+
+    def add_request(prompt, p, request_id):
+        added.append(request_id)
+        return real_add(prompt, p, request_id)
+
+    async def run():
+        before = asyncio.all_tasks()
+        gen = llm.generate("Hello", params, "compiling")
+        (compiling,) = asyncio.all_tasks() - before
+        llm.abort("compiling")  # (the first grammar takes seconds: xgrammar's vocabulary set-up)
+        outs = [out async for out in gen]
+        assert not compiling.done()
+        await compiling  # it ends without queueing the request
+        await asyncio.sleep(0.3)  # (the engine thread would have taken an add by now)
+        return outs
+
+    engine.add_request = add_request
+    try:
+        outs = asyncio.run(asyncio.wait_for(run(), 120))
+    finally:
+        del engine.add_request
+        llm.shutdown()
+    assert [(o.finished, o.outputs[0].finish_reason, o.outputs[0].token_ids) for o in outs] == [(True, "abort", [])]
+    assert added == [] and not engine.has_unfinished_requests()

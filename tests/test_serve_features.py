@@ -187,3 +187,35 @@ def test_logprobs_without_a_tokenizer_name_token_ids():
     (item,) = chat_logprobs(None, [5], [{5: -0.1, 9: -2.0}], 1)["content"]
     assert item["token"] == "token_id:5" and item["bytes"] == list(b"token_id:5")
     assert item["top_logprobs"] == [{"token": "token_id:5", "logprob": -0.1, "bytes": list(b"token_id:5")}]
+
+
+def test_speculative_decoding_metrics(tmp_path):
+    """``moe serve --speculative-tokens 3`` (n-gram lookup): /metrics has vLLM's four
+    speculative-decoding counters, equal to ``engine.spec_stats()`` of an in-process engine with
+    the same config after the same greedy requests (one at a time, so the same steps)."""
+    from moe import LLM, SamplingParams
+
+    prompts = ["one two three four one two three four one two three four one two",
+               "the cat sat on the mat and the cat sat on the mat and the cat"]
+    s = start_server(tmp_path, "--speculative-tokens", "3")
+    try:
+        for p in prompts:
+            r = httpx.post(f"{s.url}/v1/completions", timeout=120,
+                           json={"model": "default", "prompt": p, "max_tokens": 24, "temperature": 0.0})
+            assert r.status_code == 200, r.text
+        m = metrics(s)
+    finally:
+        assert s.stop() == 0, s.tail()
+    ref = LLM(dtype="float32", max_model_len=512, kv_cache_memory="64MiB",
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    for p in prompts:
+        ref.generate(p, SamplingParams(max_tokens=24, temperature=0.0))
+    want = ref.engine.spec_stats()
+    assert want.num_accepted_tokens > 0, "no draft was accepted: pick more repetitive prompts"
+    lab = 'model_name="default"'
+    assert m[f"moe:spec_decode_num_drafts_total{{{lab}}}"] == want.num_verify_steps
+    assert m[f"moe:spec_decode_num_draft_tokens_total{{{lab}}}"] == want.num_draft_tokens
+    assert m[f"moe:spec_decode_num_accepted_tokens_total{{{lab}}}"] == want.num_accepted_tokens
+    per_pos = [m[f'moe:spec_decode_num_accepted_tokens_per_pos_total{{{lab},position="{j}"}}'] for j in range(3)]
+    assert per_pos == want.accepted_at + [0] * (3 - len(want.accepted_at))
+    assert sum(per_pos) == want.num_accepted_tokens and per_pos[0] >= per_pos[1] >= per_pos[2]

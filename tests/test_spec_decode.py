@@ -82,6 +82,21 @@ def test_speculation_changes_no_output_and_accepts_drafts():
     assert got[2].outputs[0].text.endswith("functions") and got[2].outputs[0].finish_reason == "stop"
 
 
+def test_streamed_deltas_of_speculative_steps_carry_every_token_and_logprob():
+    """A verify step yields several tokens: its delta has all of them, with a log-prob entry each."""
+    llm = LLM(dtype="float32", speculative_config=NGRAM)
+    params = SamplingParams(temperature=0, max_tokens=40, logprobs=2)
+    text, ids, lps, sizes = "", [], [], []
+    for out in llm.generate_stream(PROMPTS[0], params):
+        d = out.delta
+        text, ids, lps = text + d.text, ids + d.token_ids, lps + d.logprobs
+        sizes.append(len(d.token_ids))
+        assert len(d.logprobs) == len(d.token_ids)
+    final = out.outputs[0]
+    assert max(sizes) > 1, "no step accepted a draft: pick a more repetitive prompt"
+    assert (text, ids, lps) == (final.text, final.token_ids, final.logprobs)
+
+
 def test_speculation_under_preemption_and_one_row_budget():
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in LLM(dtype="float32", block_size=4).generate(PROMPTS, sp)]

@@ -298,7 +298,7 @@ async def _respond(state: ServerState, request: Request, req, prompts, plist, ch
                 state.llm.abort(f"{rid}-{j}-{unique}")
             raise _exception_to_api(e) from e
         gens.append(_tracked(state, gen))
-    answer = _Answer(state, req, prompts, plist, rid, chat, logprobs_n)
+    answer = _Answer(state, req, prompts, rid, chat, logprobs_n)
     if req.stream:
         return StreamingResponse(answer.stream(merge(gens)), media_type="text/event-stream")
     return await _unless_disconnected(request, answer.full(merge(gens)), state.config.disconnect_poll_s)
@@ -350,13 +350,12 @@ def _exception_to_api(e: Exception) -> ApiError:
 class _Answer:
     """Builds the response bodies of one request (all its prompts and choices)."""
 
-    def __init__(self, state: ServerState, req, prompts, plist, rid: str, chat: bool, logprobs_n: int | None):
+    def __init__(self, state: ServerState, req, prompts, rid: str, chat: bool, logprobs_n: int | None):
         self.state, self.req, self.prompts, self.rid, self.chat = state, req, prompts, rid, chat
         self.n = req.n
         self.logprobs_n = logprobs_n
         self.created = int(time.time())
         self.model = req.model or state.config.served_model_names[0]
-        self.stops = [p.stop_strings for p in plist]
         self.echo = bool(getattr(req, "echo", False)) and not chat
 
     def _lp(self, token_ids, lps, offset: int = 0):
@@ -436,24 +435,24 @@ class _Answer:
                 yield self._chunk(first, with_usage_field=include_usage)
             async for i, out in outputs:
                 prompt_tokens[i] = len(out.prompt_token_ids)
-                for comp in out.outputs:
-                    index = i * self.n + comp.index
-                    cs = streams.setdefault(index, ChoiceStream(self.stops[i]))
-                    if cs.finished:
-                        continue
-                    text, tokens, lps = cs.advance(comp)
-                    completion_tokens[index] = len(comp.token_ids)
-                    prefix = ""
-                    if self.echo and index not in started:
-                        prefix = self.prompts[i][0] or ""
-                    finish = comp.finish_reason
-                    if not (text or tokens or prefix or finish):
-                        continue
-                    lp = self._lp(tokens, lps, cs.text_sent - len(text)) if tokens else None
-                    choice = self._stream_choice(index, prefix + text, lp, finish,
-                                                 comp.stop_reason if finish else None, index not in started)
-                    started.add(index)
-                    yield self._chunk([choice], with_usage_field=include_usage)
+                delta = out.delta  # one sample's new tokens and text (stop-string tails held back)
+                index = i * self.n + delta.index
+                cs = streams.setdefault(index, ChoiceStream())
+                if cs.finished:
+                    continue
+                text, tokens, lps = cs.advance(delta)
+                completion_tokens[index] = len(out.outputs[delta.index].token_ids)
+                prefix = ""
+                if self.echo and index not in started:
+                    prefix = self.prompts[i][0] or ""
+                finish = delta.finish_reason
+                if not (text or tokens or prefix or finish):
+                    continue
+                lp = self._lp(tokens, lps, cs.text_sent - len(text)) if tokens else None
+                choice = self._stream_choice(index, prefix + text, lp, finish,
+                                             delta.stop_reason if finish else None, index not in started)
+                started.add(index)
+                yield self._chunk([choice], with_usage_field=include_usage)
             if include_usage:
                 yield self._chunk([], self._usage(sum(prompt_tokens.values()), sum(completion_tokens.values())))
         except asyncio.CancelledError:

@@ -26,7 +26,7 @@ from typing import Any
 from parallel import world_broadcast_object
 
 from ..engine import LLMEngine
-from ..outputs import RequestOutput
+from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
 
 log = logging.getLogger("moe.serving")
@@ -41,7 +41,7 @@ class RequestError(ValueError):
 
 
 class RequestAborted(RuntimeError):
-    """The request was aborted by the server (``abort`` while its consumer still waits), e.g. at shutdown."""
+    """The engine stopped (``shutdown``) while the request's consumer still waited."""
 
 
 @dataclass
@@ -182,11 +182,12 @@ class AsyncLLM:
                 self.abort(rid)
 
     def abort(self, request_id: str) -> None:
-        """Stop a request and free its KV blocks at the next step boundary."""
+        """Stop a request and free its KV blocks at the next step boundary. Its iterator ends with a
+        last output: ``finished``, ``finish_reason`` "abort" (as vLLM's AsyncLLM does)."""
         self._commands.put(_Abort(request_id))
 
     def abort_all(self) -> None:
-        """Abort every request still being consumed (shutdown); their iterators raise RequestAborted."""
+        """Abort every request still being consumed (shutdown); their iterators end as :meth:`abort` says."""
         with self._lock:
             ids = list(self._streams)
         for rid in ids:
@@ -237,6 +238,7 @@ class AsyncLLM:
                 self.last_step_time = time.monotonic()
             cmds = self._take_commands(block=idle)
             rejected: list[tuple[str, Exception]] = []
+            aborted: list[RequestOutput] = []
             for c in cmds:
                 if isinstance(c, _Stop):
                     for rid in list(engine.seqs):
@@ -248,16 +250,15 @@ class AsyncLLM:
                         self._deliver([], left)
                     return
                 if isinstance(c, _Abort):
-                    if c.request_id in engine.seqs:  # still running: a consumer that still waits is told
-                        rejected.append((c.request_id, RequestAborted(f"request {c.request_id} was aborted")))
-                    engine.abort(c.request_id)
+                    # a consumer that still waits gets the last output
+                    aborted += engine.abort(c.request_id) or self._not_queued_yet(c.request_id)
                 elif isinstance(c, _Add):
                     try:
                         engine.add_request(c.prompt, c.params, c.request_id)
                     except ValueError as e:  # the same on every rank: add_request is deterministic
                         rejected.append((c.request_id, RequestError(str(e))))
-            if rejected and self.rank == 0:
-                self._deliver([], rejected)
+            if (rejected or aborted) and self.rank == 0:
+                self._deliver(aborted, rejected)
             if not engine.has_unfinished_requests():
                 continue
             self.busy = True
@@ -265,6 +266,15 @@ class AsyncLLM:
             self.last_step_time = time.monotonic()
             if self.rank == 0:
                 self._deliver(outs, [])
+
+    def _not_queued_yet(self, rid: str) -> list[RequestOutput]:
+        """The last output of an aborted request still compiling its grammar (not in the engine yet;
+        the compile task sees the stream gone and does not queue it)."""
+        with self._lock:
+            if self.rank != 0 or rid not in self._streams:
+                return []
+        done = CompletionOutput(0, "", [], None, "abort")
+        return [RequestOutput(rid, None, [], [done], True, RequestMetrics(time.perf_counter()), delta=done)]
 
     def _deliver(self, outs: list[RequestOutput], errors: list[tuple[str, Exception]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}

@@ -211,7 +211,7 @@ def summarize(results: list[RequestResult], duration: float, slo: dict[str, floa
 
 async def run_benchmark(client, base_url: str, model: str, reqs: list[BenchRequest], rate: float, burstiness: float,
                         max_concurrency: int | None, ignore_eos: bool, api_key: str | None, seed: int,
-                        num_warmups: int, slo: dict[str, float], progress: bool = True) -> dict:
+                        warmups: list[BenchRequest], slo: dict[str, float], progress: bool = True) -> dict:
     from tqdm.asyncio import tqdm
 
     url = f"{base_url}/v1/completions"
@@ -223,8 +223,8 @@ async def run_benchmark(client, base_url: str, model: str, reqs: list[BenchReque
         async with sem:
             return await send_request(client, url, model, req, ignore_eos, api_key, pbar)
 
-    if num_warmups:
-        warm = await asyncio.gather(*(limited(reqs[i % len(reqs)], None) for i in range(num_warmups)))
+    if warmups:
+        warm = await asyncio.gather(*(limited(req, None) for req in warmups))
         failed = [w.error for w in warm if not w.success]
         if failed:
             raise RuntimeError(f"warm-up request failed: {failed[0]}")
@@ -299,22 +299,31 @@ async def _main(base_urls: list[str], model: str | None, args: dict) -> dict[str
                 mid = r.json()["data"][0]["id"]
             tok = _Tokenizer(client, base_url, mid, args["tokenizer"])
             runs[base_url] = []
-            for i, rate in enumerate(args["rates"]):
-                # each rate its own prompts (seed + its index): a later rate must not hit the prefix
-                # cache with an earlier rate's prompts; the same --seed gives the same sweep
-                seed = args["seed"] + i
-                if args["dataset_path"]:
-                    reqs = await sharegpt_dataset(tok, args["dataset_path"], args["num_prompts"], seed,
-                                                  args["sharegpt_output_len"])
-                else:
-                    reqs = await random_dataset(tok, args["num_prompts"], args["random_input_len"],
-                                                args["random_output_len"], args["random_range_ratio"], seed,
-                                                args["random_vocab_size"])
+            for k, rate in enumerate(args["rates"]):
+                # each rate its own prompts (seed + k), or a later rate would hit the prefix cache with
+                # an earlier rate's; every server gets the same ones at the same rate
+                reqs, warmups = await _dataset(tok, args, args["seed"] + k)
                 runs[base_url].append(await run_benchmark(
                     client, base_url, mid, reqs, rate, args["burstiness"], args["max_concurrency"],
-                    args["ignore_eos"], args["api_key"], seed, args["num_warmups"], args["slo"],
+                    args["ignore_eos"], args["api_key"], args["seed"] + k, warmups, args["slo"],
                     progress=not args["quiet"]))
     return runs
+
+
+async def _dataset(tok: _Tokenizer, args: dict, seed: int) -> tuple[list[BenchRequest], list[BenchRequest]]:
+    """``num_prompts`` measured requests and ``num_warmups`` others drawn after them: a warm-up
+    request must not put a measured prompt into the server's prefix cache."""
+    n = args["num_prompts"] + args["num_warmups"]
+    if args["dataset_path"]:
+        try:
+            reqs = await sharegpt_dataset(tok, args["dataset_path"], n, seed, args["sharegpt_output_len"])
+        except ValueError as e:
+            raise ValueError(f"{e} ({args['num_prompts']} prompts + {args['num_warmups']} warm-ups): lower "
+                             "--num-prompts or --num-warmups") from e
+    else:
+        reqs = await random_dataset(tok, n, args["random_input_len"], args["random_output_len"],
+                                    args["random_range_ratio"], seed, args["random_vocab_size"])
+    return reqs[:args["num_prompts"]], reqs[args["num_prompts"]:]
 
 
 def _print_table(r: dict) -> None:

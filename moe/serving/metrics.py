@@ -1,8 +1,9 @@
 """Prometheus metrics with vLLM's names (``moe:`` in place of ``vllm:``), on a per-app registry.
 
-Engine-wide state (running / waiting requests, KV-cache usage, prefix-cache and speculative
-counters) is read from ``engine.stats()`` at scrape time; per-request counters and histograms
-are observed by the server as each request's outputs arrive (it timestamps tokens itself).
+Engine-wide state (running / waiting requests, KV-cache usage, prefix-cache counters) is read
+from ``engine.stats()`` at scrape time, speculative-decoding counters from ``engine.spec_stats()``;
+per-request counters and histograms are observed by the server as each request's outputs arrive
+(it timestamps tokens itself).
 """
 from __future__ import annotations
 
@@ -47,10 +48,21 @@ class _EngineCollector:
         yield counter("moe:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                       s.prefix_cache_queries)
         yield counter("moe:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
-        if self.llm.engine.proposer is not None:
-            yield counter("moe:spec_decode_num_draft_tokens", "Draft tokens proposed.", s.spec_num_draft_tokens)
-            yield counter("moe:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
-                          s.spec_num_accepted_tokens)
+        engine = self.llm.engine
+        if engine.spec is not None:  # vLLM's speculative-decoding counters, from engine.spec_stats()
+            spec = engine.spec_stats()
+            yield counter("moe:spec_decode_num_drafts", "Drafts verified (one per sequence and step).",
+                          spec.num_verify_steps)
+            yield counter("moe:spec_decode_num_draft_tokens", "Draft tokens proposed.", spec.num_draft_tokens)
+            yield counter("moe:spec_decode_num_accepted_tokens", "Draft tokens accepted.", spec.num_accepted_tokens)
+            per_pos = CounterMetricFamily("moe:spec_decode_num_accepted_tokens_per_pos",
+                                          "Draft tokens accepted at each draft position.",
+                                          labels=["model_name", "position"])
+            accepted_at = list(spec.accepted_at)  # (the engine thread may lengthen it meanwhile)
+            k = max(engine.spec.num_speculative_tokens, len(accepted_at))
+            for pos, n in enumerate(accepted_at + [0] * (k - len(accepted_at))):
+                per_pos.add_metric([self.model_name, str(pos)], n)
+            yield per_pos
 
 
 class ServerMetrics:

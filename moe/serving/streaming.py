@@ -1,4 +1,4 @@
-"""Pieces of the streamed answer: SSE framing, stop-string hold-back, logprobs in OpenAI's shapes,
+"""Pieces of the streamed answer: SSE framing, what each choice has sent, logprobs in OpenAI's shapes,
 and the fan-in of several requests' outputs (a completion with a list of prompts)."""
 from __future__ import annotations
 
@@ -17,37 +17,18 @@ def sse(obj: Any) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-def stop_holdback(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters of ``text`` could still be the start of a stop string: they
-    must not be sent yet, or a stop string completed by the next token would already have leaked."""
-    keep = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), keep, -1):
-            if text.endswith(stop[:k]):
-                keep = k
-                break
-    return keep
-
-
 class ChoiceStream:
-    """What one choice has sent so far; ``advance`` returns the next piece that is safe to send."""
+    """What one choice has sent so far. The engine's deltas already hold back text that could
+    still become a stop string (:meth:`moe.sequence.Sequence.take_stream_text`)."""
 
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = stops
+    def __init__(self):
         self.text_sent = 0
-        self.tokens_sent = 0
         self.finished = False
 
-    def advance(self, comp: CompletionOutput) -> tuple[str, list[int], list[dict[int, float]] | None]:
-        text = comp.text
-        upto = len(text) if comp.finish_reason is not None else len(text) - stop_holdback(text, self.stops)
-        piece = text[self.text_sent:upto] if upto > self.text_sent else ""
-        self.text_sent = max(self.text_sent, upto)
-        tokens = comp.token_ids[self.tokens_sent:]
-        lps = comp.logprobs[self.tokens_sent:len(comp.token_ids)] if comp.logprobs is not None else None
-        self.tokens_sent = len(comp.token_ids)
-        self.finished = comp.finish_reason is not None
-        return piece, tokens, lps
+    def advance(self, delta: CompletionOutput) -> tuple[str, list[int], list[dict[int, float]] | None]:
+        self.text_sent += len(delta.text)
+        self.finished = delta.finish_reason is not None
+        return delta.text, delta.token_ids, delta.logprobs
 
 
 def _top(entry: dict[int, float], n: int) -> list[tuple[int, float]]:
