@@ -6,7 +6,7 @@ model once, at load, and plans each half-layer:
 
 - attention + residual add + post-attention norm as one C call (:func:`cpu_kernels.gqa_token`,
   :func:`cpu_kernels.mla_token`) where the half is plain: CPU, bf16, one TP rank, bf16 tensor
-  KV caches (not fp8), no qkv clipping, no MLA biases;
+  KV caches (not fp8), no qkv clipping, no MLA biases, float projections (not packed);
 - router in torch, then the routed experts + shared expert + residual add + next norm as one C
   call (the experts' ``forward_token``: :func:`cpu_kernels.moe_token` / ``quant_moe_token``)
   where every expert is local and the shared expert is plain and ungated; a dense MLP as that
@@ -40,6 +40,12 @@ _ID_0, _WEIGHT_1 = torch.zeros(1, dtype=torch.int64), torch.ones(1)  # one exper
 
 def _bf16_cpu(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+
+
+def _unpacked(*layers: torch.nn.Module) -> bool:
+    """Float weights (the one-call kernels read them; packed ones, moe quantize --all-linear, take
+    the op path, where ops.linear streams their codes)."""
+    return all(layer.weight_format is None for layer in layers)
 
 
 class _OpsAttention:
@@ -76,7 +82,8 @@ class _GqaToken(_OpsAttention):
     @staticmethod
     def fits(attn: Attention, k_cache, v_cache) -> bool:
         return (isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor) and not attn.o_proj.split
-                and attn.clip_qkv is None and _bf16_cpu(attn.qkv_proj.weight, k_cache, v_cache))
+                and attn.clip_qkv is None and _unpacked(attn.qkv_proj, attn.o_proj)
+                and _bf16_cpu(attn.qkv_proj.weight, k_cache, v_cache))
 
 
 class _MlaToken(_OpsAttention):
@@ -102,8 +109,9 @@ class _MlaToken(_OpsAttention):
     @staticmethod
     def fits(attn: MLAttention, cache) -> bool:
         projs = [attn.kv_a_proj_with_mqa, attn.o_proj] + ([attn.q_a_proj] if attn.q_lora else [])
+        queries = [attn.q_b_proj] if attn.q_lora else [attn.q_proj]
         return (isinstance(cache, torch.Tensor) and not attn.o_proj.split and all(p.bias is None for p in projs)
-                and _bf16_cpu(attn.kv_a_proj_with_mqa.weight, cache))
+                and _unpacked(*projs, *queries, attn.kv_b_proj) and _bf16_cpu(attn.kv_a_proj_with_mqa.weight, cache))
 
 
 class _OpsMlp:
