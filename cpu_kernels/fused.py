@@ -22,8 +22,36 @@ declare({
                       _ptr, _ptr, _ptr, _f32, _ptr, _int],
     "moe_gqa_token": [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _int, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _int, _ptr,
                       _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr, ctypes.c_int32, _ptr, _i64, _ptr, _f32,
-                      _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _f32, _ptr, _int],
+                      _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _int],
 })
+
+# a packed projection's kernel arguments: (codes, lut or None (int8), float32 scales, offsets or None, group size)
+PackedArgs = tuple
+
+
+class _PackedProj(ctypes.Structure):
+    """fused.c's PackedProj."""
+
+    _fields_ = [("q", _ptr), ("lut", _ptr), ("s", _ptr), ("b", _ptr), ("gs", _i64)]
+
+
+def _projection(w: torch.Tensor | PackedArgs, N: int, K: int) -> tuple[int | None, _PackedProj | None] | None:
+    """``(bf16 weight pointer, None)`` for a bf16 ``[N, K]`` weight, ``(None, PackedProj)`` for a packed
+    one (int4 codes ``[N, K/2]`` uint8 with K a multiple of 32, or int8 ``[N, K]``: what
+    ``ops.packed_linear`` streams at one row); None when neither fits."""
+    if isinstance(w, torch.Tensor):
+        if w.dtype != torch.bfloat16 or w.is_cuda or not w.is_contiguous() or w.shape != (N, K):
+            return None
+        return w.data_ptr(), None
+    q, lut, s, b, gs = w
+    G = -(-K // gs)
+    codes = (torch.uint8, (N, K // 2)) if lut is not None else (torch.int8, (N, K))
+    if ((q.dtype, tuple(q.shape)) != codes or not q.is_contiguous() or (lut is not None and K % 32)
+            or s.dtype != torch.float32 or s.shape != (N, G) or not s.is_contiguous()
+            or (b is not None and (b.dtype != torch.float32 or b.shape != (N, G) or not b.is_contiguous()))):
+        return None
+    return None, _PackedProj(q.data_ptr(), lut.data_ptr() if lut is not None else None, s.data_ptr(),
+                             b.data_ptr() if b is not None else None, gs)
 
 
 def mla_token(x_1D: torch.Tensor, w_qa: torch.Tensor | None, qa_norm: torch.Tensor | None, q_eps: float,
@@ -78,25 +106,28 @@ def mla_token(x_1D: torch.Tensor, w_qa: torch.Tensor | None, qa_norm: torch.Tens
 _QK_NORMS = {None: 0, "head": 1, "full": 2}
 
 
-def gqa_token(x_1D: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None, heads: int, kv_heads: int,
-              qk_norm: str | None, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+def gqa_token(x_1D: torch.Tensor, w_qkv: torch.Tensor | PackedArgs, b_qkv: torch.Tensor | None, heads: int,
+              kv_heads: int, qk_norm: str | None, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
               positions_1: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor, interleaved: bool,
               k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, context_len: int,
               slot_mapping_1: torch.Tensor, sliding_window: int | None, sinks_H: torch.Tensor | None, scale: float,
-              w_o: torch.Tensor, b_o: torch.Tensor | None, residual: Residual | None = None):
+              w_o: torch.Tensor | PackedArgs, b_o: torch.Tensor | None, residual: Residual | None = None):
     """Grouped-query attention for one decode token in one call (``fused.c``): qkv projection, q/k
     norms (``qk_norm`` None, "head" or "full"), rotary over whole heads, K/V written at the slot,
     attention over the sequence's ``context_len`` cached tokens (window, sinks) and ``o_proj``;
     bit-identical to :class:`moe.models.layers.Attention`'s op-by-op path at one token. Returns
     ``[1, D]`` bf16 (with ``residual``: ``(h + y, norm(h + y))``, see :func:`residual_args`), or
-    None when the kernel does not apply (then nothing was written)."""
+    None when the kernel does not apply (then nothing was written). ``w_qkv`` / ``w_o`` bf16, or a
+    packed weight's :data:`PackedArgs` (``ops.PackedLinearWeight.kernel_args``), streamed as
+    ``ops.packed_linear`` streams it."""
     if x_1D.dtype != torch.bfloat16 or x_1D.shape[0] != 1 or not x_1D.is_contiguous():
         return None
-    ws = [w for w in (w_qkv, b_qkv, q_norm, k_norm, w_o, b_o) if w is not None]
+    ws = [w for w in (b_qkv, q_norm, k_norm, b_o) if w is not None]
     if any(w.dtype != torch.bfloat16 or w.is_cuda or not w.is_contiguous() for w in ws) or load() is None:
         return None
     D, hd = x_1D.shape[1], k_cache.shape[-1]
-    if w_qkv.shape != ((heads + 2 * kv_heads) * hd, D) or w_o.shape != (D, heads * hd) or hd % 2:
+    qkv, o = _projection(w_qkv, (heads + 2 * kv_heads) * hd, D), _projection(w_o, D, heads * hd)
+    if qkv is None or o is None or hd % 2:
         return None
     for c in (k_cache, v_cache):
         if (c.dtype != torch.bfloat16 or c.dim() != 4 or c.shape[2:] != (kv_heads, hd) or c.stride(-1) != 1
@@ -112,13 +143,17 @@ def gqa_token(x_1D: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | Non
     sinks = sinks_H.float().contiguous() if sinks_H is not None else None
     out = torch.empty(1, D, dtype=torch.bfloat16)
     scratch = torch.empty((2 * heads + 2 * kv_heads) * hd, dtype=torch.bfloat16)
-    load().moe_gqa_token(x_1D.data_ptr(), D, w_qkv.data_ptr(), b_qkv.data_ptr() if b_qkv is not None else None,
-                         heads, kv_heads, hd, _QK_NORMS[qk_norm], q_norm.data_ptr() if q_norm is not None else None,
-                         k_norm.data_ptr() if k_norm is not None else None, eps, positions_1.data_ptr(),
-                         cos_PH.data_ptr(), sin_PH.data_ptr(), int(interleaved), k_cache.data_ptr(),
-                         *k_cache.stride()[:3], v_cache.data_ptr(), *v_cache.stride()[:3], k_cache.shape[1],
-                         block_table.data_ptr(), context_len, slot_mapping_1.data_ptr(), sliding_window or 0,
-                         sinks.data_ptr() if sinks is not None else None, scale, w_o.data_ptr(),
-                         b_o.data_ptr() if b_o is not None else None, scratch.data_ptr(), out.data_ptr(), *tail[0],
-                         torch.get_num_threads())
+    rc = load().moe_gqa_token(x_1D.data_ptr(), D, qkv[0], b_qkv.data_ptr() if b_qkv is not None else None,
+                              heads, kv_heads, hd, _QK_NORMS[qk_norm],
+                              q_norm.data_ptr() if q_norm is not None else None,
+                              k_norm.data_ptr() if k_norm is not None else None, eps, positions_1.data_ptr(),
+                              cos_PH.data_ptr(), sin_PH.data_ptr(), int(interleaved), k_cache.data_ptr(),
+                              *k_cache.stride()[:3], v_cache.data_ptr(), *v_cache.stride()[:3], k_cache.shape[1],
+                              block_table.data_ptr(), context_len, slot_mapping_1.data_ptr(), sliding_window or 0,
+                              sinks.data_ptr() if sinks is not None else None, scale, o[0],
+                              b_o.data_ptr() if b_o is not None else None, scratch.data_ptr(), out.data_ptr(), *tail[0],
+                              *(ctypes.addressof(p[1]) if p[1] is not None else None for p in (qkv, o)),
+                              torch.get_num_threads())
+    if rc != 0:
+        return None
     return (tail[1], out) if residual is not None else out

@@ -118,6 +118,14 @@ class PackedLinearWeight:
             return cpu_kernels.q8_dequant(self.q, cpu_kernels.Q_INT8, self.s_NG, self.b_NG, self.group_size, 1, dtype)
         return cpu_kernels.q4_dequant(self.q, self.LUT, self.s_NG, self.b_NG, self.group_size, dtype)
 
+    def kernel_args(self) -> tuple | None:
+        """``(codes, lut or None (int8), scales, offsets or None, group size)``: the arguments of the C
+        kernels that :func:`packed_linear` streams one row through (``cpu_kernels.gqa_token`` takes
+        them), or None where it takes the torch reference instead."""
+        if self.q.device.type != "cpu" or (self.bits == 4 and self.shape[1] % 32) or not cpu_kernels.q8_available():
+            return None
+        return self.q, self.LUT if self.bits == 4 else None, self.s_NG, self.b_NG, self.group_size
+
     def codes(self) -> torch.Tensor:
         """The codes ``[N, K]`` as floats (the values ``s`` multiplies)."""
         if self.bits == 8:
