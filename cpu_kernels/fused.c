@@ -5,50 +5,6 @@
  * moe_paged_decode), so their results are bit-identical to the op-by-op path they replace. */
 #include "kernels.h"
 
-/* DeepSeek's multi-head latent attention for one decode token (moe.models.mla.MLAttention.forward
- * at T = 1, bf16, no biases, one tensor-parallel rank):
- *   q = q_b(rms(q_a(x)))  (w_qa NULL: q = q_proj(x), w_qb being q_proj)     [H, nope + rope]
- *   [c | k_pe] = kv_a(x); c = rms(c)                                         [C + rope]
- *   q_pe, k_pe rotated at pos[0]; the latent row [c | k_pe] written at cache slot slots[0]
- *   q_lat[h] = q_nope[h] @ W_UK[h]; attention of [q_lat | q_pe] over the sequence's cached rows
- *   (V = the first C dims); o[h] = W_UV[h] @ o_lat[h]; out = o_proj(o)      [D]
- * w_kvb: [H * (nope + v), C] (W_UK[h] its rows h*(nope+v) .. +nope, W_UV[h] the next v). The cache
- * is [blocks, block_size, 1, C + rope] with element strides (c_sblock, c_sslot), c_sblock =
- * block_size * c_sslot; table: the sequence's blocks, len: its tokens after this one is written.
- * scratch: q_lora + H*(nope+rope) + (C+rope) + H*(C+rope) + H*C + H*v bf16. Returns 0. */
-int moe_mla_token(const uint16_t *x, int64_t D, const uint16_t *w_qa, const uint16_t *qa_norm, int64_t q_lora,
-                  float q_eps, const uint16_t *w_qb, const uint16_t *w_kva, const uint16_t *kva_norm, float kv_eps,
-                  const uint16_t *w_kvb, const uint16_t *w_o, int64_t H, int64_t nope, int64_t rope, int64_t C,
-                  int64_t v, const int64_t *pos, const float *cos_tab, const float *sin_tab, int interleaved,
-                  uint16_t *cache, int64_t c_sblock, int64_t c_sslot, int64_t block_size, const int32_t *table,
-                  int32_t len, const int64_t *slots, float scale, uint16_t *scratch, uint16_t *out,
-                  const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
-    const int64_t qk = nope + rope, L = C + rope;
-    uint16_t *qa = scratch, *q = qa + q_lora, *lat = q + H * qk, *qfull = lat + L, *olat = qfull + H * L,
-             *o = olat + H * C;
-    if (w_qa) {
-        moe_gemv_bf16(w_qa, q_lora, D, D, x, NULL, qa, nt);
-        moe_rms_norm(qa, qa_norm, qa, BF16, 1, q_lora, q_lora, q_lora, q_eps, nt);
-        moe_gemv_bf16(w_qb, H * qk, q_lora, q_lora, qa, NULL, q, nt);
-    } else {
-        moe_gemv_bf16(w_qb, H * qk, D, D, x, NULL, q, nt);
-    }
-    moe_gemv_bf16(w_kva, L, D, D, x, NULL, lat, nt);
-    uint16_t *row = cache + slots[0] * c_sslot;
-    moe_rms_norm(lat, kva_norm, row, BF16, 1, C, L, L, kv_eps, nt);
-    memcpy(row + C, lat + C, sizeof(uint16_t) * (size_t)rope);
-    moe_rope(row + C, BF16, 1, 1, rope, L, rope, pos, cos_tab, sin_tab, interleaved, 1);
-    moe_heads_vec(q, qk, w_kvb, (nope + v) * C, C, C, nope, H, 0, qfull, L, nt);
-    for (int64_t h = 0; h < H; h++) memcpy(qfull + h * L + C, q + h * qk + nope, sizeof(uint16_t) * (size_t)rope);
-    moe_rope(qfull + C, BF16, 1, H, rope, H * L, L, pos, cos_tab, sin_tab, interleaved, 1);
-    moe_paged_decode(qfull, olat, cache, cache, BF16, 1, H, 1, L, C, c_sblock, c_sslot, L, c_sblock, c_sslot, L,
-                     block_size, table, 0, &len, NULL, 0, NULL, scale, nt);
-    moe_heads_vec(olat, C, w_kvb + nope * C, (nope + v) * C, C, v, C, H, 1, o, v, nt);
-    moe_gemv_bf16(w_o, D, H * v, H * v, o, NULL, out, nt);
-    then_norm(out, D, resid, nw, neps, h_out);
-    return 0;
-}
-
 /* A projection's packed weight (moe quantize --all-linear, ops.PackedLinearWeight): int4 codes
  * [N, K/2] (lut: their 16 values) or int8 codes [N, K] (lut NULL), float32 scales and offsets
  * (b NULL: none) per gs columns. */
@@ -75,6 +31,53 @@ static int project(const uint16_t *w, const PackedProj *p, int64_t N, int64_t K,
     if (rc != 0) return -1;
     if (bias)
         for (int64_t n = 0; n < N; n++) y[n] = f32_to_bf16(bf16_to_f32(y[n]) + bf16_to_f32(bias[n]));
+    return 0;
+}
+
+/* DeepSeek's multi-head latent attention for one decode token (moe.models.mla.MLAttention.forward
+ * at T = 1, bf16, no biases, one tensor-parallel rank):
+ *   q = q_b(rms(q_a(x)))  (w_qa NULL: q = q_proj(x), w_qb being q_proj)     [H, nope + rope]
+ *   [c | k_pe] = kv_a(x); c = rms(c)                                         [C + rope]
+ *   q_pe, k_pe rotated at pos[0]; the latent row [c | k_pe] written at cache slot slots[0]
+ *   q_lat[h] = q_nope[h] @ W_UK[h]; attention of [q_lat | q_pe] over the sequence's cached rows
+ *   (V = the first C dims); o[h] = W_UV[h] @ o_lat[h]; out = o_proj(o)      [D]
+ * w_kvb: [H * (nope + v), C] (W_UK[h] its rows h*(nope+v) .. +nope, W_UV[h] the next v). The cache
+ * is [blocks, block_size, 1, C + rope] with element strides (c_sblock, c_sslot), c_sblock =
+ * block_size * c_sslot; table: the sequence's blocks, len: its tokens after this one is written.
+ * p_qa, p_qb, p_kva, p_o: those projections' packed weights (NULL: the bf16 w_*; W_UK / W_UV stay
+ * bf16). scratch: q_lora + H*(nope+rope) + (C+rope) + H*(C+rope) + H*C + H*v bf16. Returns 0, -1
+ * without memory. */
+int moe_mla_token(const uint16_t *x, int64_t D, const uint16_t *w_qa, const uint16_t *qa_norm, int64_t q_lora,
+                  float q_eps, const uint16_t *w_qb, const uint16_t *w_kva, const uint16_t *kva_norm, float kv_eps,
+                  const uint16_t *w_kvb, const uint16_t *w_o, int64_t H, int64_t nope, int64_t rope, int64_t C,
+                  int64_t v, const int64_t *pos, const float *cos_tab, const float *sin_tab, int interleaved,
+                  uint16_t *cache, int64_t c_sblock, int64_t c_sslot, int64_t block_size, const int32_t *table,
+                  int32_t len, const int64_t *slots, float scale, uint16_t *scratch, uint16_t *out,
+                  const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, const PackedProj *p_qa,
+                  const PackedProj *p_qb, const PackedProj *p_kva, const PackedProj *p_o, int nt) {
+    const int64_t qk = nope + rope, L = C + rope;
+    uint16_t *qa = scratch, *q = qa + q_lora, *lat = q + H * qk, *qfull = lat + L, *olat = qfull + H * L,
+             *o = olat + H * C;
+    if (w_qa || p_qa) {
+        if (project(w_qa, p_qa, q_lora, D, x, NULL, qa, nt) != 0) return -1;
+        moe_rms_norm(qa, qa_norm, qa, BF16, 1, q_lora, q_lora, q_lora, q_eps, nt);
+        if (project(w_qb, p_qb, H * qk, q_lora, qa, NULL, q, nt) != 0) return -1;
+    } else if (project(w_qb, p_qb, H * qk, D, x, NULL, q, nt) != 0) {
+        return -1;
+    }
+    if (project(w_kva, p_kva, L, D, x, NULL, lat, nt) != 0) return -1;
+    uint16_t *row = cache + slots[0] * c_sslot;
+    moe_rms_norm(lat, kva_norm, row, BF16, 1, C, L, L, kv_eps, nt);
+    memcpy(row + C, lat + C, sizeof(uint16_t) * (size_t)rope);
+    moe_rope(row + C, BF16, 1, 1, rope, L, rope, pos, cos_tab, sin_tab, interleaved, 1);
+    moe_heads_vec(q, qk, w_kvb, (nope + v) * C, C, C, nope, H, 0, qfull, L, nt);
+    for (int64_t h = 0; h < H; h++) memcpy(qfull + h * L + C, q + h * qk + nope, sizeof(uint16_t) * (size_t)rope);
+    moe_rope(qfull + C, BF16, 1, H, rope, H * L, L, pos, cos_tab, sin_tab, interleaved, 1);
+    moe_paged_decode(qfull, olat, cache, cache, BF16, 1, H, 1, L, C, c_sblock, c_sslot, L, c_sblock, c_sslot, L,
+                     block_size, table, 0, &len, NULL, 0, NULL, scale, nt);
+    moe_heads_vec(olat, C, w_kvb + nope * C, (nope + v) * C, C, v, C, H, 1, o, v, nt);
+    if (project(w_o, p_o, D, H * v, o, NULL, out, nt) != 0) return -1;
+    then_norm(out, D, resid, nw, neps, h_out);
     return 0;
 }
 

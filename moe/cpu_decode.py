@@ -6,8 +6,8 @@ model once, at load, and plans each half-layer:
 
 - attention + residual add + post-attention norm as one C call (:func:`cpu_kernels.gqa_token`,
   :func:`cpu_kernels.mla_token`) where the half is plain: CPU, bf16, one TP rank, bf16 tensor
-  KV caches (not fp8), no qkv clipping, no MLA biases; GQA projections bf16 or packed (``moe
-  quantize --all-linear``, computed as ``ops.linear`` computes them), MLA's bf16;
+  KV caches (not fp8), no qkv clipping, no MLA biases; projections bf16 or packed (``moe
+  quantize --all-linear``, computed as ``ops.linear`` computes them; MLA's kv_b_proj bf16);
 - router in torch, then the routed experts + shared expert + residual add + next norm as one C
   call (the experts' ``forward_token``: :func:`cpu_kernels.moe_token` / ``quant_moe_token``)
   where every expert is local and the shared expert is plain and ungated; a dense MLP as that
@@ -41,12 +41,6 @@ _ID_0, _WEIGHT_1 = torch.zeros(1, dtype=torch.int64), torch.ones(1)  # one exper
 
 def _bf16_cpu(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
-
-
-def _unpacked(*layers: torch.nn.Module) -> bool:
-    """Float weights (the one-call kernels read them; packed ones, moe quantize --all-linear, take
-    the op path, where ops.linear streams their codes)."""
-    return all(layer.weight_format is None for layer in layers)
 
 
 class _OpsAttention:
@@ -103,10 +97,11 @@ class _MlaToken(_OpsAttention):
 
     def __init__(self, attn: MLAttention, norm: RMSNorm, cache: torch.Tensor):
         super().__init__(attn, norm)
-        q_a = (attn.q_a_proj.weight, attn.q_a_layernorm.weight, attn.q_a_layernorm.eps, attn.q_b_proj.weight) \
-            if attn.q_lora else (None, None, 0.0, attn.q_proj.weight)
-        self.head = (*q_a, attn.kv_a_proj_with_mqa.weight, attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps,
-                     attn.kv_b_proj.weight, attn.o_proj.weight, attn.num_heads, attn.nope, attn.rope_dim, attn.v_dim)
+        q_a = (_one_row_weight(attn.q_a_proj), attn.q_a_layernorm.weight, attn.q_a_layernorm.eps,
+               _one_row_weight(attn.q_b_proj)) if attn.q_lora else (None, None, 0.0, _one_row_weight(attn.q_proj))
+        self.head = (*q_a, _one_row_weight(attn.kv_a_proj_with_mqa), attn.kv_a_layernorm.weight,
+                     attn.kv_a_layernorm.eps, attn.kv_b_proj.weight, _one_row_weight(attn.o_proj), attn.num_heads,
+                     attn.nope, attn.rope_dim, attn.v_dim)
         self.cache, self.scale, self.rotary = cache, attn.scale, attn.rotary
 
     def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
@@ -121,9 +116,10 @@ class _MlaToken(_OpsAttention):
     @staticmethod
     def fits(attn: MLAttention, cache) -> bool:
         projs = [attn.kv_a_proj_with_mqa, attn.o_proj] + ([attn.q_a_proj] if attn.q_lora else [])
-        queries = [attn.q_b_proj] if attn.q_lora else [attn.q_proj]
+        weights = [_one_row_weight(p) for p in projs + [attn.q_b_proj if attn.q_lora else attn.q_proj]]
         return (isinstance(cache, torch.Tensor) and not attn.o_proj.split and all(p.bias is None for p in projs)
-                and _unpacked(*projs, *queries, attn.kv_b_proj) and _bf16_cpu(attn.kv_a_proj_with_mqa.weight, cache))
+                and all(w is not None for w in weights) and isinstance(attn.kv_b_proj.weight, torch.Tensor)
+                and _bf16_cpu(cache, attn.kv_b_proj.weight, *(w for w in weights if isinstance(w, torch.Tensor))))
 
 
 class _OpsMlp:

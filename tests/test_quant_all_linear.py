@@ -6,7 +6,7 @@
   stand for, for a GQA family (Qwen3-MoE: q/k norms, a dense layer) and an MLA family
   (DeepSeek-V3: q LoRA, shared experts, a dense first layer); log-probs as our engine computes
   them on that float checkpoint.
-- bf16 batch-1 decode: the one-call GQA attention streams packed projections; MLA's, the dense
+- bf16 batch-1 decode: the one-call GQA and MLA attention stream packed projections; the dense
   MLP's and the MoE-with-shared-expert one-call paths decline packed layers; the captured step
   equals the op-by-op path.
 - Bad combinations are clear errors.
@@ -126,15 +126,18 @@ def test_all_linear_matches_torch_reference(case, checkpoint, tmp_path):
             assert da.keys() == db.keys() and all(abs(da[t] - db[t]) < 1e-3 for t in da)
 
 
-@pytest.mark.parametrize("family, fmt", [("qwen3_moe", Int4Weights(32, symmetric=False)),
-                                         ("qwen3_moe", Int8Weights(64, symmetric=True)),
-                                         ("deepseek_v3", Int4Weights(32, symmetric=False))],
-                         ids=["qwen3_moe-int4", "qwen3_moe-int8", "deepseek_v3-int4"])
-def test_batch1_decode_with_packed_layers_equals_op_path(family, fmt, checkpoint, tmp_path, monkeypatch):
-    # GQA's one-call attention streams packed qkv / o_proj codes as ops.linear does; MLA's, the dense
-    # MLP's and the shared expert's one-call paths decline packed weights (the op path runs them)
+@pytest.mark.parametrize("family, fmt, one_call", [("qwen3_moe", Int4Weights(32, symmetric=False), True),
+                                                   ("qwen3_moe", Int8Weights(64, symmetric=True), True),
+                                                   ("deepseek_v3", Int8Weights(32, symmetric=False), True),
+                                                   ("deepseek_v3", Int4Weights(32, symmetric=False), False)],
+                         ids=["qwen3_moe-int4", "qwen3_moe-int8", "deepseek_v3-int8", "deepseek_v3-int4"])
+def test_batch1_decode_with_packed_layers_equals_op_path(family, fmt, one_call, checkpoint, tmp_path, monkeypatch):
+    # the one-call attention (GQA and MLA) streams packed projections as ops.linear does, except
+    # int4 with K not a multiple of 32 (the tiny MLA's q_b_proj, K = q_lora_rank 24: ops.linear
+    # takes the torch reference there, so the one-call path declines); the one-call dense MLP and
+    # MoE-with-shared-expert paths decline packed weights (op path)
     import cpu_kernels
-    from moe.cpu_decode import _GqaToken, _OpsMlp
+    from moe.cpu_decode import _GqaToken, _MlaToken, _MoEToken, _OpsMlp
 
     if cpu_kernels.load() is None:
         pytest.skip("the C kernels are not built here (no compiler): no captured step")
@@ -142,25 +145,27 @@ def test_batch1_decode_with_packed_layers_equals_op_path(family, fmt, checkpoint
     quantize_all_linear(checkpoint(family), out, fmt)
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
-    real, calls = cpu_kernels.gqa_token, []  # whether each call ran (did not decline)
+    kernel, half = ("mla_token", _MlaToken) if family == "deepseek_v3" else ("gqa_token", _GqaToken)
+    real, calls = getattr(cpu_kernels, kernel), []  # whether each call ran (did not decline)
 
     def counted(*a, **k):
         out = real(*a, **k)
         calls.append(out is not None)
         return out
 
-    monkeypatch.setattr(cpu_kernels, "gqa_token", counted)
+    monkeypatch.setattr(cpu_kernels, kernel, counted)
     llm = LLM(str(out), dtype="bfloat16", block_size=16)
     captured = llm.engine.runner.captured
-    # Qwen3-MoE: attention and the MoE halves (routed experts, no shared expert) one call each;
-    # DeepSeek-V3: every half has a packed layer the one-call path does not read: no plan
-    assert (captured is None) == (family == "deepseek_v3")
-    if captured is not None:
-        assert all(type(attn) is _GqaToken for attn, _ in captured.halves)
-        kinds = [type(mlp) is _OpsMlp for _, mlp in captured.halves]
-        assert kinds == [not hasattr(layer.mlp, "experts") for layer in llm.engine.model.layers] and any(kinds)
+    # Qwen3-MoE's MoE halves (routed experts only) one call each; DeepSeek-V3's have a packed shared expert
+    want = [_MoEToken if hasattr(layer.mlp, "experts") and layer.mlp.shared_expert is None else _OpsMlp
+            for layer in llm.engine.model.layers]
+    if not one_call and _MoEToken not in want:  # no half would run as one call: no plan at all
+        assert captured is None
+    else:
+        assert all((type(attn) is half) == one_call for attn, _ in captured.halves)
+        assert [type(mlp) for _, mlp in captured.halves] == want and _OpsMlp in want
     fast = [llm.generate([p], sp)[0].outputs[0] for p in prompts]  # one sequence a step: the captured step
-    assert (len(calls) > 0 and all(calls)) == (family == "qwen3_moe")
+    assert (bool(calls) and all(calls)) == one_call
     llm.engine.runner.captured = None  # every step through MoECausalLM.forward
     ops = [llm.generate([p], sp)[0].outputs[0] for p in prompts]
     for a, b in zip(fast, ops):
