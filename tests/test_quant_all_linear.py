@@ -199,3 +199,15 @@ def test_all_linear_bad_combinations(checkpoint, tmp_path):
         (bad / "config.json").write_text(json.dumps(dict(hf, quantization_config=qc)))
         with pytest.raises(ValueError, match=match):
             LLM(str(bad), dtype="float32")
+
+
+def test_all_linear_warm_up_and_serving_options(checkpoint, tmp_path):
+    # LLM(..., warmup=True) (what a server runs) skips the packed layers and still generates
+    out = tmp_path / "q"
+    quantize_all_linear(checkpoint("qwen3_moe"), out, Int4Weights(32, symmetric=False))
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    warm = LLM(str(out), dtype="bfloat16", warmup=True)
+    cold = LLM(str(out), dtype="bfloat16")
+    a = warm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp)
+    b = cold.generate([{"prompt_token_ids": p} for p in PROMPTS], sp)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
