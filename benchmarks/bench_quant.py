@@ -6,8 +6,9 @@ For the Mixtral-shaped benchmark model (hidden 1024, 8 layers, 8 experts top-2; 
 the configured threads:
 
 - **formats**: every routed-expert format ``moe quantize`` writes (int8 and int4 group-wise,
-  fp8 block-scaled, MXFP4) next to bf16: bytes of the loaded weights (packed tensors and their
-  scales, as held in memory) and of the routed experts alone, decode tokens/s at batch 1 (64-token
+  fp8 block-scaled, MXFP4; int4 with ``--all-linear``, every linear layer packed) next to bf16:
+  bytes of the loaded weights (packed tensors and their scales, as held in memory) and of the
+  routed experts alone, decode tokens/s at batch 1 (64-token
   prompt, 128 new tokens, greedy, best of ``--runs``), and the achieved weight-streaming GB/s
   (bytes of active weights per token x tokens/s) next to a bandwidth probe taken in the same run;
 - **fp8 KV cache**: the bf16 model with ``kv_cache_dtype="fp8"``, bytes per token and decode
@@ -54,6 +55,9 @@ FORMATS = {  # label -> moe quantize options (None: the bf16 checkpoint itself)
     "int4-g32-asym": dict(format="int4", group_size=32, symmetric=False),
     "fp8_block": dict(format="fp8_block"),
     "mxfp4": dict(format="mxfp4"),
+    # moe quantize --all-linear: attention, dense MLPs, shared experts and the LM head packed too (Q4_K_M's choice)
+    "int4-g128-all": dict(format="int4", group_size=128, all_linear=True),
+    "int4-g32-asym-all": dict(format="int4", group_size=32, symmetric=False, all_linear=True),
 }
 OFFLOAD_FRACTIONS = (1.0, 0.5, 0.25)
 
@@ -80,9 +84,10 @@ def quantized_checkpoint(base: Path, label: str, cache_dir: Path) -> Path:
     if stamp.is_file() and json.loads(stamp.read_text()) == meta:
         return out
     opts = dict(opts)
+    all_linear = opts.pop("all_linear", False)
     fmt = get_format(opts.pop("format"), **opts)
     t0 = time.perf_counter()
-    quantize_checkpoint(base, out, fmt)
+    quantize_checkpoint(base, out, fmt, all_linear=all_linear)
     stamp.write_text(json.dumps(meta))
     print(f"  [quantize] {label}: {time.perf_counter() - t0:.1f}s -> {out}", flush=True)
     return out
@@ -91,6 +96,8 @@ def quantized_checkpoint(base: Path, label: str, cache_dir: Path) -> Path:
 # ---- our engine ----------------------------------------------------------------------------------
 def weight_bytes(model: torch.nn.Module) -> dict:
     """Bytes the loaded model holds: all tensors, routed experts, and the per-token active share."""
+    from ops import PackedLinearWeight
+
     seen: set[int] = set()
     total = experts = embed = 0
     packed = {name for name, m in model.named_modules() if hasattr(m, "weight_nbytes")}
@@ -98,6 +105,9 @@ def weight_bytes(model: torch.nn.Module) -> dict:
         n = model.get_submodule(name).weight_nbytes()
         total += n
         experts += n
+    for m in model.modules():  # so do packed linear layers (--all-linear): codes, scales, offsets
+        if isinstance(getattr(m, "weight", None), PackedLinearWeight):
+            total += sum(t.nbytes for t in (m.weight.q, m.weight.s_NG, m.weight.b_NG) if t is not None)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.device.type == "meta" or t.data_ptr() in seen or name.rsplit(".", 1)[0] in packed:
             continue
@@ -306,7 +316,8 @@ def run_model(name: str, args, probe: dict) -> dict:
     if args.llama_cpp:
         res["llama_cpp"] = run_llama_cpp(base, args)
         ours = res["formats"]
-        pairs = [("bf16", "BF16"), ("int8-g128", "Q8_0"), ("int4-g128", "Q4_K_M"), ("int4-g32-asym", "Q4_K_M")]
+        pairs = [("bf16", "BF16"), ("int8-g128", "Q8_0"), ("int4-g128", "Q4_K_M"), ("int4-g32-asym", "Q4_K_M"),
+                 ("int4-g128-all", "Q4_K_M"), ("int4-g32-asym-all", "Q4_K_M")]
         res["ours_vs_llama_cpp"] = {f"{a} vs {b}": ours[a]["decode_tok_s"] / res["llama_cpp"][b]["decode_tok_s"]
                                     for a, b in pairs if a in ours}
     return res

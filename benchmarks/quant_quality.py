@@ -78,26 +78,6 @@ def score(model_dir: str | None, windows: list[list[int]]) -> tuple[torch.Tensor
     return torch.tensor(top), torch.tensor(lp, dtype=torch.float64)
 
 
-def round_dense_linears(ckpt: Path, fmt) -> int:
-    """Replace every 2-D weight of ``ckpt`` outside the routed experts -- attention, dense MLPs,
-    shared experts, LM head; not the embeddings, norms or routers, as llama.cpp's Q4_K_M keeps its
-    expert gates -- by its round trip through ``fmt`` (float32, so the values are the grid's exactly)."""
-    import re
-
-    from safetensors.torch import load_file, save_file
-
-    keep = re.compile(r".*(embed_tokens|norm|mlp\.gate|shared_expert_gate)\.weight|.*\.experts\..*")
-    n = 0
-    for f in sorted(ckpt.glob("*.safetensors")):
-        tensors = load_file(str(f))
-        for name, t in tensors.items():
-            if name.endswith(".weight") and t.dim() == 2 and not keep.fullmatch(name):
-                tensors[name] = fmt.dequantize(fmt.quantize(t))
-                n += 1
-        save_file(tensors, str(f), metadata={"format": "pt"})
-    return n
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=20000, help="held-out tokens scored")
@@ -106,8 +86,8 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", nargs="+", default=["rtn"], choices=["rtn", "awq", "gptq"])
     ap.add_argument("--calibration-tokens", type=int, default=16384, help="training-split tokens for awq/gptq")
     ap.add_argument("--all-linear", action="store_true",
-                    help="also round attention, dense MLPs, shared experts and the LM head to the same int4 grid "
-                         "(simulated: their dequantized weights written in float32; moe quantize packs experts only)")
+                    help="also pack attention, dense MLPs, shared experts and the LM head in the same int4 format "
+                         "(moe quantize --all-linear; they are rounded to nearest, calibration chooses expert codes)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the many small ops of calibration "
                     "and of this 9M-parameter model run best on one)")
     args = ap.parse_args(argv)
@@ -137,9 +117,8 @@ def main(argv=None) -> None:
                 fmt = get_format("int4", group_size=g, symmetric=sym)
                 out = Path(tmp) / f"{name}-{method}"
                 t0 = time.perf_counter()
-                quantize_checkpoint(src, out, fmt, method=method, calibration=calib if method != "rtn" else None)
-                if args.all_linear:
-                    round_dense_linears(out, fmt)
+                quantize_checkpoint(src, out, fmt, method=method, calibration=calib if method != "rtn" else None,
+                                    all_linear=args.all_linear)
                 secs = time.perf_counter() - t0
                 top, lp = score(str(out), windows)
                 row = dict(config=name, method=method, all_linear=args.all_linear,

@@ -5,6 +5,35 @@
  * moe_paged_decode), so their results are bit-identical to the op-by-op path they replace. */
 #include "kernels.h"
 
+/* A projection's packed weight (moe quantize --all-linear, ops.PackedLinearWeight): int4 codes
+ * [N, K/2] (lut: their 16 values) or int8 codes [N, K] (lut NULL), float32 scales and offsets
+ * (b NULL: none) per gs columns. */
+typedef struct {
+    const void *q;
+    const float *lut, *s, *b;
+    int64_t gs;
+} PackedProj;
+
+/* y = W x (+ bias) in bf16, as ops.linear computes it at one row: the bf16 GEMV (bias added before
+ * the one rounding), or for a packed weight ops.packed_linear: q4/q8 GEMM of x in float32 rounded
+ * to bf16, then the bf16 bias added (a second rounding, as torch's bf16 addition). Returns 0, -1
+ * without memory. */
+static int project(const uint16_t *w, const PackedProj *p, int64_t N, int64_t K, const uint16_t *x,
+                   const uint16_t *bias, uint16_t *y, int nt) {
+    if (!p) return moe_gemv_bf16(w, N, K, K, x, bias, y, nt);
+    float *xf = malloc(sizeof(float) * (size_t)K);
+    if (!xf) return -1;
+    for (int64_t k = 0; k < K; k++) xf[k] = bf16_to_f32(x[k]);
+    const int64_t G = (K + p->gs - 1) / p->gs;
+    const int rc = p->lut ? moe_q4_gemm(xf, 1, K, p->q, K / 2, p->lut, p->s, p->b, G, p->gs, N, y, BF16, nt)
+                          : moe_q8_gemm(xf, 1, K, p->q, K, 0 /* int8 */, p->s, p->b, G, p->gs, 1, N, y, BF16, nt);
+    free(xf);
+    if (rc != 0) return -1;
+    if (bias)
+        for (int64_t n = 0; n < N; n++) y[n] = f32_to_bf16(bf16_to_f32(y[n]) + bf16_to_f32(bias[n]));
+    return 0;
+}
+
 /* DeepSeek's multi-head latent attention for one decode token (moe.models.mla.MLAttention.forward
  * at T = 1, bf16, no biases, one tensor-parallel rank):
  *   q = q_b(rms(q_a(x)))  (w_qa NULL: q = q_proj(x), w_qb being q_proj)     [H, nope + rope]
@@ -15,25 +44,28 @@
  * w_kvb: [H * (nope + v), C] (W_UK[h] its rows h*(nope+v) .. +nope, W_UV[h] the next v). The cache
  * is [blocks, block_size, 1, C + rope] with element strides (c_sblock, c_sslot), c_sblock =
  * block_size * c_sslot; table: the sequence's blocks, len: its tokens after this one is written.
- * scratch: q_lora + H*(nope+rope) + (C+rope) + H*(C+rope) + H*C + H*v bf16. Returns 0. */
+ * p_qa, p_qb, p_kva, p_o: those projections' packed weights (NULL: the bf16 w_*; W_UK / W_UV stay
+ * bf16). scratch: q_lora + H*(nope+rope) + (C+rope) + H*(C+rope) + H*C + H*v bf16. Returns 0, -1
+ * without memory. */
 int moe_mla_token(const uint16_t *x, int64_t D, const uint16_t *w_qa, const uint16_t *qa_norm, int64_t q_lora,
                   float q_eps, const uint16_t *w_qb, const uint16_t *w_kva, const uint16_t *kva_norm, float kv_eps,
                   const uint16_t *w_kvb, const uint16_t *w_o, int64_t H, int64_t nope, int64_t rope, int64_t C,
                   int64_t v, const int64_t *pos, const float *cos_tab, const float *sin_tab, int interleaved,
                   uint16_t *cache, int64_t c_sblock, int64_t c_sslot, int64_t block_size, const int32_t *table,
                   int32_t len, const int64_t *slots, float scale, uint16_t *scratch, uint16_t *out,
-                  const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
+                  const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, const PackedProj *p_qa,
+                  const PackedProj *p_qb, const PackedProj *p_kva, const PackedProj *p_o, int nt) {
     const int64_t qk = nope + rope, L = C + rope;
     uint16_t *qa = scratch, *q = qa + q_lora, *lat = q + H * qk, *qfull = lat + L, *olat = qfull + H * L,
              *o = olat + H * C;
-    if (w_qa) {
-        moe_gemv_bf16(w_qa, q_lora, D, D, x, NULL, qa, nt);
+    if (w_qa || p_qa) {
+        if (project(w_qa, p_qa, q_lora, D, x, NULL, qa, nt) != 0) return -1;
         moe_rms_norm(qa, qa_norm, qa, BF16, 1, q_lora, q_lora, q_lora, q_eps, nt);
-        moe_gemv_bf16(w_qb, H * qk, q_lora, q_lora, qa, NULL, q, nt);
-    } else {
-        moe_gemv_bf16(w_qb, H * qk, D, D, x, NULL, q, nt);
+        if (project(w_qb, p_qb, H * qk, q_lora, qa, NULL, q, nt) != 0) return -1;
+    } else if (project(w_qb, p_qb, H * qk, D, x, NULL, q, nt) != 0) {
+        return -1;
     }
-    moe_gemv_bf16(w_kva, L, D, D, x, NULL, lat, nt);
+    if (project(w_kva, p_kva, L, D, x, NULL, lat, nt) != 0) return -1;
     uint16_t *row = cache + slots[0] * c_sslot;
     moe_rms_norm(lat, kva_norm, row, BF16, 1, C, L, L, kv_eps, nt);
     memcpy(row + C, lat + C, sizeof(uint16_t) * (size_t)rope);
@@ -44,7 +76,7 @@ int moe_mla_token(const uint16_t *x, int64_t D, const uint16_t *w_qa, const uint
     moe_paged_decode(qfull, olat, cache, cache, BF16, 1, H, 1, L, C, c_sblock, c_sslot, L, c_sblock, c_sslot, L,
                      block_size, table, 0, &len, NULL, 0, NULL, scale, nt);
     moe_heads_vec(olat, C, w_kvb + nope * C, (nope + v) * C, C, v, C, H, 1, o, v, nt);
-    moe_gemv_bf16(w_o, D, H * v, H * v, o, NULL, out, nt);
+    if (project(w_o, p_o, D, H * v, o, NULL, out, nt) != 0) return -1;
     then_norm(out, D, resid, nw, neps, h_out);
     return 0;
 }
@@ -57,7 +89,8 @@ int moe_mla_token(const uint16_t *x, int64_t D, const uint16_t *w_qa, const uint
  *   attention over the sequence's cached rows (window > 0: the last `window`; sinks: float32 [H]
  *   or NULL); out = o_proj(o) (+ bias)                         [D]
  * Caches [blocks, block_size, Hkv, hd] with element strides (sblock, sslot, shead), sblock =
- * block_size * sslot. scratch: (H + 2 Hkv) hd + H hd bf16. Returns 0. */
+ * block_size * sslot. p_qkv / p_o: the projections' packed weights (NULL: w_qkv / w_o in bf16).
+ * scratch: (H + 2 Hkv) hd + H hd bf16. Returns 0, -1 without memory (nothing written then). */
 int moe_gqa_token(const uint16_t *x, int64_t D, const uint16_t *w_qkv, const uint16_t *b_qkv, int64_t H, int64_t Hkv,
                   int64_t hd, int qk_norm, const uint16_t *q_norm, const uint16_t *k_norm, float eps,
                   const int64_t *pos, const float *cos_tab, const float *sin_tab, int interleaved, uint16_t *k_cache,
@@ -65,9 +98,10 @@ int moe_gqa_token(const uint16_t *x, int64_t D, const uint16_t *w_qkv, const uin
                   int64_t v_sslot, int64_t v_shead, int64_t block_size, const int32_t *table, int32_t len,
                   const int64_t *slots, int64_t window, const float *sinks, float scale, const uint16_t *w_o,
                   const uint16_t *b_o, uint16_t *scratch, uint16_t *out, const uint16_t *resid,
-                  const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
+                  const uint16_t *nw, float neps, uint16_t *h_out, const PackedProj *p_qkv, const PackedProj *p_o,
+                  int nt) {
     uint16_t *q = scratch, *k = q + H * hd, *v = k + Hkv * hd, *o = v + Hkv * hd;
-    moe_gemv_bf16(w_qkv, (H + 2 * Hkv) * hd, D, D, x, b_qkv, q, nt);
+    if (project(w_qkv, p_qkv, (H + 2 * Hkv) * hd, D, x, b_qkv, q, nt) != 0) return -1;
     if (qk_norm == 1) {
         moe_rms_norm(q, q_norm, q, BF16, H, hd, hd, hd, eps, 1);
         moe_rms_norm(k, k_norm, k, BF16, Hkv, hd, hd, hd, eps, 1);
@@ -82,7 +116,7 @@ int moe_gqa_token(const uint16_t *x, int64_t D, const uint16_t *w_qkv, const uin
     }
     moe_paged_decode(q, o, k_cache, v_cache, BF16, 1, H, Hkv, hd, hd, k_sblock, k_sslot, k_shead, v_sblock, v_sslot,
                      v_shead, block_size, table, 0, &len, NULL, window, sinks, scale, nt);
-    moe_gemv_bf16(w_o, D, H * hd, H * hd, o, b_o, out, nt);
+    if (project(w_o, p_o, D, H * hd, o, b_o, out, nt) != 0) return -1;
     then_norm(out, D, resid, nw, neps, h_out);
     return 0;
 }

@@ -19,29 +19,58 @@ _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c
 declare({
     "moe_mla_token": [_ptr, _i64, _ptr, _ptr, _i64, _f32, _ptr, _ptr, _ptr, _f32, _ptr, _ptr, _i64, _i64, _i64, _i64,
                       _i64, _ptr, _ptr, _ptr, _int, _ptr, _i64, _i64, _i64, _ptr, ctypes.c_int32, _ptr, _f32, _ptr,
-                      _ptr, _ptr, _ptr, _f32, _ptr, _int],
+                      _ptr, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
     "moe_gqa_token": [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _int, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _int, _ptr,
                       _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr, ctypes.c_int32, _ptr, _i64, _ptr, _f32,
-                      _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _f32, _ptr, _int],
+                      _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _int],
 })
 
+# a packed projection's kernel arguments: (codes, lut or None (int8), float32 scales, offsets or None, group size)
+PackedArgs = tuple
 
-def mla_token(x_1D: torch.Tensor, w_qa: torch.Tensor | None, qa_norm: torch.Tensor | None, q_eps: float,
-              w_qb: torch.Tensor, w_kva: torch.Tensor, kva_norm: torch.Tensor, kv_eps: float, w_kvb: torch.Tensor,
-              w_o: torch.Tensor, heads: int, nope: int, rope: int, v: int, positions_1: torch.Tensor,
-              cos_PH: torch.Tensor, sin_PH: torch.Tensor, interleaved: bool, cache: torch.Tensor,
-              block_table: torch.Tensor, context_len: int, slot_mapping_1: torch.Tensor,
+
+class _PackedProj(ctypes.Structure):
+    """fused.c's PackedProj."""
+
+    _fields_ = [("q", _ptr), ("lut", _ptr), ("s", _ptr), ("b", _ptr), ("gs", _i64)]
+
+
+def _projection(w: torch.Tensor | PackedArgs, N: int, K: int) -> tuple[int | None, _PackedProj | None] | None:
+    """``(bf16 weight pointer, None)`` for a bf16 ``[N, K]`` weight, ``(None, PackedProj)`` for a packed
+    one (int4 codes ``[N, K/2]`` uint8 with K a multiple of 32, or int8 ``[N, K]``: what
+    ``ops.packed_linear`` streams at one row); None when neither fits."""
+    if isinstance(w, torch.Tensor):
+        if w.dtype != torch.bfloat16 or w.is_cuda or not w.is_contiguous() or w.shape != (N, K):
+            return None
+        return w.data_ptr(), None
+    q, lut, s, b, gs = w
+    G = -(-K // gs)
+    codes = (torch.uint8, (N, K // 2)) if lut is not None else (torch.int8, (N, K))
+    if ((q.dtype, tuple(q.shape)) != codes or not q.is_contiguous() or (lut is not None and K % 32)
+            or s.dtype != torch.float32 or s.shape != (N, G) or not s.is_contiguous()
+            or (b is not None and (b.dtype != torch.float32 or b.shape != (N, G) or not b.is_contiguous()))):
+        return None
+    return None, _PackedProj(q.data_ptr(), lut.data_ptr() if lut is not None else None, s.data_ptr(),
+                             b.data_ptr() if b is not None else None, gs)
+
+
+def mla_token(x_1D: torch.Tensor, w_qa: torch.Tensor | PackedArgs | None, qa_norm: torch.Tensor | None, q_eps: float,
+              w_qb: torch.Tensor | PackedArgs, w_kva: torch.Tensor | PackedArgs, kva_norm: torch.Tensor, kv_eps: float,
+              w_kvb: torch.Tensor, w_o: torch.Tensor | PackedArgs, heads: int, nope: int, rope: int, v: int,
+              positions_1: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor, interleaved: bool,
+              cache: torch.Tensor, block_table: torch.Tensor, context_len: int, slot_mapping_1: torch.Tensor,
               scale: float, residual: Residual | None = None):
     """DeepSeek's MLA for one decode token in one call (``fused.c``): projections, norms, rotary,
     the latent row written to ``cache`` ``[blocks, block_size, 1, C + rope]`` at the slot, the
     absorbed attention over the sequence's ``context_len`` cached tokens (``block_table``: its
     blocks, int32) and ``o_proj``; bit-identical to :class:`moe.models.mla.MLAttention`'s op-by-op
-    path at one token. ``w_qa=None``: ``w_qb`` is ``q_proj``. Returns ``[1, D]`` bf16 (with
+    path at one token. ``w_qa=None``: ``w_qb`` is ``q_proj``. The projections but ``w_kvb`` (read per
+    head) may be packed (:data:`PackedArgs`, as in :func:`gqa_token`). Returns ``[1, D]`` bf16 (with
     ``residual``: ``(h + y, norm(h + y))``, see :func:`residual_args`), or None when the kernel
     does not apply (then nothing was written)."""
     if x_1D.dtype != torch.bfloat16 or x_1D.shape[0] != 1 or not x_1D.is_contiguous():
         return None
-    ws = [w for w in (w_qa, qa_norm, w_qb, w_kva, kva_norm, w_kvb, w_o) if w is not None]
+    ws = [w for w in (qa_norm, kva_norm, w_kvb) if w is not None]
     if any(w.dtype != torch.bfloat16 or w.is_cuda or not w.is_contiguous() for w in ws) or load() is None:
         return None
     C = kva_norm.shape[0]
@@ -54,49 +83,58 @@ def mla_token(x_1D: torch.Tensor, w_qa: torch.Tensor | None, qa_norm: torch.Tens
             or not sin_PH.is_contiguous()):
         return None
     D = x_1D.shape[1]
-    q_lora = w_qa.shape[0] if w_qa is not None else 0
-    if (w_qb.shape != (heads * (nope + rope), q_lora or D) or w_kva.shape != (L, D) or C % 16
-            or w_kvb.shape != (heads * (nope + v), C) or w_o.shape != (D, heads * v)):
+    if w_qa is not None and (qa_norm is None or qa_norm.dim() != 1):
         return None
-    if w_qa is not None and (w_qa.shape[1] != D or qa_norm is None or qa_norm.shape != (q_lora,)):
+    q_lora = qa_norm.shape[0] if w_qa is not None else 0
+    qa = _projection(w_qa, q_lora, D) if w_qa is not None else (None, None)
+    projs = [qa, _projection(w_qb, heads * (nope + rope), q_lora or D), _projection(w_kva, L, D),
+             _projection(w_o, D, heads * v)]
+    if any(p is None for p in projs) or C % 16 or w_kvb.shape != (heads * (nope + v), C):
         return None
     tail = residual_args(residual, D)
     if tail is None:
         return None
     out = torch.empty(1, D, dtype=torch.bfloat16)
     scratch = torch.empty(q_lora + heads * (nope + rope) + L + heads * L + heads * C + heads * v, dtype=torch.bfloat16)
-    load().moe_mla_token(x_1D.data_ptr(), D, w_qa.data_ptr() if w_qa is not None else None,
-                         qa_norm.data_ptr() if qa_norm is not None else None, q_lora, q_eps, w_qb.data_ptr(),
-                         w_kva.data_ptr(), kva_norm.data_ptr(), kv_eps, w_kvb.data_ptr(), w_o.data_ptr(), heads,
-                         nope, rope, C, v, positions_1.data_ptr(), cos_PH.data_ptr(), sin_PH.data_ptr(),
-                         int(interleaved), cache.data_ptr(), cache.stride(0), cache.stride(1), cache.shape[1],
-                         block_table.data_ptr(), context_len, slot_mapping_1.data_ptr(), scale, scratch.data_ptr(),
-                         out.data_ptr(), *tail[0], torch.get_num_threads())
+    (qa_w, _), (qb_w, _), (kva_w, _), (o_w, _) = projs
+    rc = load().moe_mla_token(x_1D.data_ptr(), D, qa_w, qa_norm.data_ptr() if qa_norm is not None else None, q_lora,
+                              q_eps, qb_w, kva_w, kva_norm.data_ptr(), kv_eps, w_kvb.data_ptr(), o_w, heads,
+                              nope, rope, C, v, positions_1.data_ptr(), cos_PH.data_ptr(), sin_PH.data_ptr(),
+                              int(interleaved), cache.data_ptr(), cache.stride(0), cache.stride(1), cache.shape[1],
+                              block_table.data_ptr(), context_len, slot_mapping_1.data_ptr(), scale,
+                              scratch.data_ptr(), out.data_ptr(), *tail[0],
+                              *(ctypes.addressof(p[1]) if p[1] is not None else None for p in projs),
+                              torch.get_num_threads())
+    if rc != 0:
+        return None
     return (tail[1], out) if residual is not None else out
 
 
 _QK_NORMS = {None: 0, "head": 1, "full": 2}
 
 
-def gqa_token(x_1D: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None, heads: int, kv_heads: int,
-              qk_norm: str | None, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+def gqa_token(x_1D: torch.Tensor, w_qkv: torch.Tensor | PackedArgs, b_qkv: torch.Tensor | None, heads: int,
+              kv_heads: int, qk_norm: str | None, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
               positions_1: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor, interleaved: bool,
               k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, context_len: int,
               slot_mapping_1: torch.Tensor, sliding_window: int | None, sinks_H: torch.Tensor | None, scale: float,
-              w_o: torch.Tensor, b_o: torch.Tensor | None, residual: Residual | None = None):
+              w_o: torch.Tensor | PackedArgs, b_o: torch.Tensor | None, residual: Residual | None = None):
     """Grouped-query attention for one decode token in one call (``fused.c``): qkv projection, q/k
     norms (``qk_norm`` None, "head" or "full"), rotary over whole heads, K/V written at the slot,
     attention over the sequence's ``context_len`` cached tokens (window, sinks) and ``o_proj``;
     bit-identical to :class:`moe.models.layers.Attention`'s op-by-op path at one token. Returns
     ``[1, D]`` bf16 (with ``residual``: ``(h + y, norm(h + y))``, see :func:`residual_args`), or
-    None when the kernel does not apply (then nothing was written)."""
+    None when the kernel does not apply (then nothing was written). ``w_qkv`` / ``w_o`` bf16, or a
+    packed weight's :data:`PackedArgs` (``ops.PackedLinearWeight.kernel_args``), streamed as
+    ``ops.packed_linear`` streams it."""
     if x_1D.dtype != torch.bfloat16 or x_1D.shape[0] != 1 or not x_1D.is_contiguous():
         return None
-    ws = [w for w in (w_qkv, b_qkv, q_norm, k_norm, w_o, b_o) if w is not None]
+    ws = [w for w in (b_qkv, q_norm, k_norm, b_o) if w is not None]
     if any(w.dtype != torch.bfloat16 or w.is_cuda or not w.is_contiguous() for w in ws) or load() is None:
         return None
     D, hd = x_1D.shape[1], k_cache.shape[-1]
-    if w_qkv.shape != ((heads + 2 * kv_heads) * hd, D) or w_o.shape != (D, heads * hd) or hd % 2:
+    qkv, o = _projection(w_qkv, (heads + 2 * kv_heads) * hd, D), _projection(w_o, D, heads * hd)
+    if qkv is None or o is None or hd % 2:
         return None
     for c in (k_cache, v_cache):
         if (c.dtype != torch.bfloat16 or c.dim() != 4 or c.shape[2:] != (kv_heads, hd) or c.stride(-1) != 1
@@ -112,13 +150,17 @@ def gqa_token(x_1D: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | Non
     sinks = sinks_H.float().contiguous() if sinks_H is not None else None
     out = torch.empty(1, D, dtype=torch.bfloat16)
     scratch = torch.empty((2 * heads + 2 * kv_heads) * hd, dtype=torch.bfloat16)
-    load().moe_gqa_token(x_1D.data_ptr(), D, w_qkv.data_ptr(), b_qkv.data_ptr() if b_qkv is not None else None,
-                         heads, kv_heads, hd, _QK_NORMS[qk_norm], q_norm.data_ptr() if q_norm is not None else None,
-                         k_norm.data_ptr() if k_norm is not None else None, eps, positions_1.data_ptr(),
-                         cos_PH.data_ptr(), sin_PH.data_ptr(), int(interleaved), k_cache.data_ptr(),
-                         *k_cache.stride()[:3], v_cache.data_ptr(), *v_cache.stride()[:3], k_cache.shape[1],
-                         block_table.data_ptr(), context_len, slot_mapping_1.data_ptr(), sliding_window or 0,
-                         sinks.data_ptr() if sinks is not None else None, scale, w_o.data_ptr(),
-                         b_o.data_ptr() if b_o is not None else None, scratch.data_ptr(), out.data_ptr(), *tail[0],
-                         torch.get_num_threads())
+    rc = load().moe_gqa_token(x_1D.data_ptr(), D, qkv[0], b_qkv.data_ptr() if b_qkv is not None else None,
+                              heads, kv_heads, hd, _QK_NORMS[qk_norm],
+                              q_norm.data_ptr() if q_norm is not None else None,
+                              k_norm.data_ptr() if k_norm is not None else None, eps, positions_1.data_ptr(),
+                              cos_PH.data_ptr(), sin_PH.data_ptr(), int(interleaved), k_cache.data_ptr(),
+                              *k_cache.stride()[:3], v_cache.data_ptr(), *v_cache.stride()[:3], k_cache.shape[1],
+                              block_table.data_ptr(), context_len, slot_mapping_1.data_ptr(), sliding_window or 0,
+                              sinks.data_ptr() if sinks is not None else None, scale, o[0],
+                              b_o.data_ptr() if b_o is not None else None, scratch.data_ptr(), out.data_ptr(), *tail[0],
+                              *(ctypes.addressof(p[1]) if p[1] is not None else None for p in (qkv, o)),
+                              torch.get_num_threads())
+    if rc != 0:
+        return None
     return (tail[1], out) if residual is not None else out

@@ -8,12 +8,30 @@
  * and summed in float32 per group, each group's sum scaled once. Longer inputs are
  * compute-bound: moe_q8_dequant writes the bf16/float32 weight once for a GEMM.
  *
+ * Vector bodies: AVX-512 (16 lanes) and AVX2 + FMA + F16C (8 lanes, the same weights in float32,
+ * sums in another order); plain C elsewhere.
+ *
  * Weight: codes q [N, K] (row stride ldq bytes), w[n, k] = s[n / bn, g] * q[n, k] + b[n / bn, g]
  * with g = k / gs (G = ceil(K / gs) groups, scale rows of stride G); b (offsets: asymmetric int8)
  * may be NULL. fp8: bn = row block, gs = K block, b NULL. */
 #include "kernels.h"
 
 enum { Q_INT8 = 0, Q_FP8 = 1 };
+
+/* up to 8 rows of x (mb of them) at a time through a row function specialized for that count:
+ * CALL(rows, unroll), unroll u1 .. u4 for one to four rows and 1 for more (more rows give the FMA
+ * units enough independent sums at unroll 1) */
+#define ROW_BLOCK(mb, CALL, u1, u2, u3, u4)                                                                        \
+    switch ((mb) < 8 ? (mb) : 8) {                                                                                 \
+    case 1: CALL(1, u1); break;                                                                                    \
+    case 2: CALL(2, u2); break;                                                                                    \
+    case 3: CALL(3, u3); break;                                                                                    \
+    case 4: CALL(4, u4); break;                                                                                    \
+    case 5: CALL(5, 1); break;                                                                                     \
+    case 6: CALL(6, 1); break;                                                                                     \
+    case 7: CALL(7, 1); break;                                                                                     \
+    default: CALL(8, 1); break;                                                                                    \
+    }
 
 #if defined(__AVX512F__)
 /* 16 codes -> 16 floats (the fp8 value times 2^-8): e4m3 sign-extended to 16 bits and shifted
@@ -24,21 +42,6 @@ static inline __m512 codes16(const int8_t *q, int fmt) {
     const __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(b), 7), _mm256_set1_epi16((short)0xbfff));
     return _mm512_cvtph_ps(h);
 }
-
-/* up to 8 rows of x (mb of them) at a time through a row function specialized for that count:
- * CALL(rows, unroll), unroll u1 for one row and u23 for two or three (more rows give the FMA units
- * enough independent sums at unroll 1) */
-#define ROW_BLOCK(mb, CALL, u1, u23)                                                                                  \
-    switch ((mb) < 8 ? (mb) : 8) {                                                                                 \
-    case 1: CALL(1, u1); break;                                                                                    \
-    case 2: CALL(2, u23); break;                                                                                   \
-    case 3: CALL(3, u23); break;                                                                                   \
-    case 4: CALL(4, 1); break;                                                                                     \
-    case 5: CALL(5, 1); break;                                                                                     \
-    case 6: CALL(6, 1); break;                                                                                     \
-    case 7: CALL(7, 1); break;                                                                                     \
-    default: CALL(8, 1); break;                                                                                    \
-    }
 
 /* one row of W against M rows of x: each code times its group's scale, then U chains of fused
  * multiply-adds per x row (enough independent sums to keep the FMA units busy at one or two rows);
@@ -84,6 +87,48 @@ static inline float dot_groups(const float *b, const float *xs, int64_t G) {
     }
     return _mm512_reduce_add_ps(a);
 }
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define Q_AVX2 1
+/* AVX2 + FMA (no AVX-512): what the AVX-512 bodies compute, on 8 lanes. Each weight is the same
+ * float32 (code times scale, one rounding); only the order of the float32 sums differs. */
+
+/* 8 codes -> 8 floats, as codes16 */
+static inline __m256 codes8(const int8_t *q, int fmt) {
+    const __m128i b = _mm_loadl_epi64((const __m128i *)q);
+    if (fmt == Q_INT8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    return _mm256_cvtph_ps(_mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(b), 7), _mm_set1_epi16((short)0xbfff)));
+}
+
+/* q8_row on 8 lanes: U chains of fused multiply-adds per x row, 8 codes a step */
+static inline __attribute__((always_inline)) void q8_row(const float *x, int64_t K, const int8_t *qn, int fmt,
+                                                         const float *sn, int64_t G, int64_t gs, const int M,
+                                                         const int U, int64_t ldq, float *out) {
+    __m256 acc[4][8];
+    for (int u = 0; u < U; u++)
+        for (int m = 0; m < M; m++) acc[u][m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        const __m256 sg = _mm256_set1_ps(sn[g]);
+        const int64_t k1 = (g + 1) * gs < K ? (g + 1) * gs : K;
+        int64_t k = g * gs;
+        for (; k + 8 * U <= k1; k += 8 * U) {
+            _mm_prefetch((const char *)(qn + k + 4 * ldq), _MM_HINT_T0);
+            for (int u = 0; u < U; u++) {
+                const __m256 w = _mm256_mul_ps(codes8(qn + k + 8 * u, fmt), sg);
+                for (int m = 0; m < M; m++)
+                    acc[u][m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * K + k + 8 * u), acc[u][m]);
+            }
+        }
+        for (; k < k1; k += 8) {
+            const __m256 w = _mm256_mul_ps(codes8(qn + k, fmt), sg);
+            for (int m = 0; m < M; m++) acc[0][m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * K + k), acc[0][m]);
+        }
+    }
+    for (int m = 0; m < M; m++) {
+        __m256 a = acc[0][m];
+        for (int u = 1; u < U; u++) a = _mm256_add_ps(a, acc[u][m]);
+        out[m] = reduce8(a);
+    }
+}
 #endif
 
 static inline float offsets(const float *b, const float *xs, int64_t G) {
@@ -128,10 +173,14 @@ int moe_q8_gemm(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t l
         const int8_t *qn = q + n * ldq;
         const float *sn = s + (n / bn) * G;
         float out[64];
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(Q_AVX2)
         if (K % 16 == 0 && gs % 16 == 0) {
 #define Q8_ROWS(MM, UU) q8_row(x + m0 * K, K, qn, fmt, sn, G, gs, MM, UU, ldq, out + m0)
-            for (int64_t m0 = 0; m0 < M; m0 += 8) ROW_BLOCK(M - m0, Q8_ROWS, 4, 2);
+#if defined(__AVX512F__)
+            for (int64_t m0 = 0; m0 < M; m0 += 8) ROW_BLOCK(M - m0, Q8_ROWS, 4, 2, 2, 1);
+#else
+            for (int64_t m0 = 0; m0 < M; m0 += 8) ROW_BLOCK(M - m0, Q8_ROWS, 4, 4, 2, 2);
+#endif
 #undef Q8_ROWS
         } else
 #endif
@@ -185,6 +234,14 @@ static inline void q8_dequant_row(const int8_t *q, int64_t ldq, int fmt, const f
                 __m512 w = _mm512_mul_ps(codes16(qn + k, fmt), _mm512_set1_ps(sn[g]));
                 if (bnr) w = _mm512_add_ps(w, _mm512_set1_ps(bnr[g]));
                 store16(o + k * (odtype == BF16 ? 2 : 4), w, odtype);
+            }
+#elif defined(Q_AVX2)
+        if (gs % 8 == 0)
+            for (; k + 8 <= K; k += 8) {
+                const int64_t g = k / gs;
+                __m256 w = _mm256_mul_ps(codes8(qn + k, fmt), _mm256_set1_ps(sn[g]));
+                if (bnr) w = _mm256_add_ps(w, _mm256_set1_ps(bnr[g]));
+                store8(o + k * (odtype == BF16 ? 2 : 4), w, odtype);
             }
 #endif
         for (; k < K; k++) {
@@ -244,6 +301,70 @@ static inline __attribute__((always_inline)) void q4_row(const float *xe, const 
         out[m] = _mm512_reduce_add_ps(a);
     }
 }
+#elif defined(Q_AVX2)
+/* AVX2 has no 16-entry float table in a register; a byte shuffle is one: the code values times a
+ * power of two c as int8 (int4: the codes themselves, c = 1; MXFP4: 2 x e2m1, c = 2), the 1/c
+ * folded into the group's scale (exact: a power of two, unless that product is subnormal). */
+typedef struct { __m128i tab; float inv_c; } Q4Table;
+
+/* The table of lut, or 0 when its values have no such form (the scalar path then runs). */
+static int q4_byte_table(const float *lut, Q4Table *t) {
+    int8_t b[16];
+    for (int e = 0; e <= 6; e++) {
+        const float c = ldexpf(1.f, e);
+        int i = 0;
+        for (; i < 16; i++) {
+            const float v = lut[i] * c;
+            if (v != rintf(v) || v < -128.f || v > 127.f) break;
+            b[i] = (int8_t)v;
+        }
+        if (i == 16) {
+            t->tab = _mm_loadu_si128((const __m128i *)b);
+            t->inv_c = 1.f / c;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* 8 int8 code values (the low 8 bytes of v) -> 8 floats times the scale */
+static inline __m256 values8(__m128i v, __m256 sg) { return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), sg); }
+
+/* q4_row on 8 lanes: 32 weights a step (16 bytes: even columns k..k+15 from the low nibbles, odd
+ * ones from the high), A chains of fused multiply-adds per x row */
+static inline __attribute__((always_inline)) void q4_row(const float *xe, const float *xo, int64_t K2,
+                                                         const uint8_t *qn, __m128i tab, float inv_c, const float *sn,
+                                                         int64_t G, int64_t gs2, const int M, const int A, int64_t ldq,
+                                                         float *out) {
+    const __m128i low = _mm_set1_epi8(0x0f);
+    __m256 acc[4][8];
+    for (int a = 0; a < A; a++)
+        for (int m = 0; m < M; m++) acc[a][m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        const __m256 sg = _mm256_set1_ps(sn[g] * inv_c);
+        const int64_t k1 = (g + 1) * gs2 < K2 ? (g + 1) * gs2 : K2;
+        for (int64_t k = g * gs2; k < k1; k += 16) {
+            if ((k & 63) == 0) _mm_prefetch((const char *)(qn + k + 4 * ldq), _MM_HINT_T0);
+            const __m128i b = _mm_loadu_si128((const __m128i *)(qn + k));
+            const __m128i vl = _mm_shuffle_epi8(tab, _mm_and_si128(b, low));
+            const __m128i vh = _mm_shuffle_epi8(tab, _mm_and_si128(_mm_srli_epi16(b, 4), low));
+            const __m256 w0 = values8(vl, sg), w1 = values8(_mm_srli_si128(vl, 8), sg);
+            const __m256 w2 = values8(vh, sg), w3 = values8(_mm_srli_si128(vh, 8), sg);
+            for (int m = 0; m < M; m++) {
+                const float *e = xe + m * K2 + k, *o = xo + m * K2 + k;
+                acc[0][m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(e), acc[0][m]);
+                acc[1 % A][m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(e + 8), acc[1 % A][m]);
+                acc[2 % A][m] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(o), acc[2 % A][m]);
+                acc[3 % A][m] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(o + 8), acc[3 % A][m]);
+            }
+        }
+    }
+    for (int m = 0; m < M; m++) {
+        __m256 a = acc[0][m];
+        for (int u = 1; u < A; u++) a = _mm256_add_ps(a, acc[u][m]);
+        out[m] = reduce8(a);
+    }
+}
 #endif
 
 /* y[m, n] = sum_k x[m, k] w[n, k] for M <= 64 float32 rows of x (row stride K), 4-bit w, eight rows
@@ -268,6 +389,10 @@ int moe_q4_gemm(const float *x, int64_t M, int64_t K, const uint8_t *q, int64_t 
             xs[m * G + g] = t;
         }
     }
+#if defined(Q_AVX2)
+    Q4Table t;
+    const int vec = K % 32 == 0 && gs % 32 == 0 && q4_byte_table(lut, &t);
+#endif
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (N * K >= 131072)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *qn = q + n * ldq;
@@ -277,7 +402,13 @@ int moe_q4_gemm(const float *x, int64_t M, int64_t K, const uint8_t *q, int64_t 
         if (K % 32 == 0 && gs % 32 == 0) {
             const __m512 lv = _mm512_loadu_ps(lut);
 #define Q4_ROWS(MM, UU) q4_row(xe + m0 * K2, xo + m0 * K2, K2, qn, lv, sn, G, gs / 2, MM, UU, ldq, out + m0)
-            for (int64_t m0 = 0; m0 < M; m0 += 8) ROW_BLOCK(M - m0, Q4_ROWS, 2, 1);
+            for (int64_t m0 = 0; m0 < M; m0 += 8) ROW_BLOCK(M - m0, Q4_ROWS, 2, 1, 1, 1);
+#undef Q4_ROWS
+        } else
+#elif defined(Q_AVX2)
+        if (vec) {
+#define Q4_ROWS(MM, AA) q4_row(xe + m0 * K2, xo + m0 * K2, K2, qn, t.tab, t.inv_c, sn, G, gs / 2, MM, AA, ldq, out + m0)
+            for (int64_t m0 = 0; m0 < M; m0 += 8) ROW_BLOCK(M - m0, Q4_ROWS, 4, 4, 2, 2);
 #undef Q4_ROWS
         } else
 #endif
@@ -307,7 +438,8 @@ int moe_q4_gemm(const float *x, int64_t M, int64_t K, const uint8_t *q, int64_t 
 /* The 4-bit weight itself: out[n, k] = w[n, k] in odtype (row stride K), rounded once (as
  * moe_q8_dequant). Returns 0. */
 static inline void q4_dequant_row(const uint8_t *q, int64_t ldq, const float *lut, const float *s, const float *b,
-                                  int64_t G, int64_t gs, int64_t n, int64_t K, void *out, int odtype) {
+                                  int64_t G, int64_t gs, int64_t n, int64_t K, void *out, int odtype,
+                                  const void *tab) {
         const uint8_t *qn = q + n * ldq;
         const float *sn = s + n * G, *bnr = b ? b + n * G : NULL;
         char *o = (char *)out + (size_t)(n * K) * (odtype == BF16 ? 2 : 4);
@@ -339,6 +471,23 @@ static inline void q4_dequant_row(const uint8_t *q, int64_t ldq, const float *lu
                 store16(o + (k + 16) * esz, _mm512_permutex2var_ps(wl, i1, wh), odtype);
             }
         }
+#elif defined(Q_AVX2)
+        if (tab) { /* gs % 32 == 0: bytes of the even and odd columns interleaved before they widen */
+            const Q4Table *t = tab;
+            const __m128i low = _mm_set1_epi8(0x0f);
+            for (; k + 32 <= K; k += 32) {
+                const int64_t g = k / gs;
+                const __m128i bb = _mm_loadu_si128((const __m128i *)(qn + k / 2));
+                const __m128i vl = _mm_shuffle_epi8(t->tab, _mm_and_si128(bb, low));
+                const __m128i vh = _mm_shuffle_epi8(t->tab, _mm_and_si128(_mm_srli_epi16(bb, 4), low));
+                const __m128i c0 = _mm_unpacklo_epi8(vl, vh), c1 = _mm_unpackhi_epi8(vl, vh);
+                const __m256 sg = _mm256_set1_ps(sn[g] * t->inv_c), bg = _mm256_set1_ps(bnr ? bnr[g] : 0.f);
+                store8(o + k * esz, _mm256_add_ps(values8(c0, sg), bg), odtype);
+                store8(o + (k + 8) * esz, _mm256_add_ps(values8(_mm_srli_si128(c0, 8), sg), bg), odtype);
+                store8(o + (k + 16) * esz, _mm256_add_ps(values8(c1, sg), bg), odtype);
+                store8(o + (k + 24) * esz, _mm256_add_ps(values8(_mm_srli_si128(c1, 8), sg), bg), odtype);
+            }
+        }
 #endif
         for (; k < K; k++) {
             const int64_t g = k / gs;
@@ -351,12 +500,17 @@ static inline void q4_dequant_row(const uint8_t *q, int64_t ldq, const float *lu
 
 int moe_q4_dequant(const uint8_t *q, int64_t ldq, const float *lut, const float *s, const float *b, int64_t G,
                    int64_t gs, int64_t N, int64_t K, void *out, int odtype, int num_threads) {
+    const void *tab = NULL; /* AVX2: the byte table of the codes' values (NULL: scalar rows) */
+#if defined(Q_AVX2)
+    Q4Table t;
+    if (gs % 32 == 0 && q4_byte_table(lut, &t)) tab = &t;
+#endif
     if (num_threads <= 1 || N * K < 65536) {
-        for (int64_t n = 0; n < N; n++) q4_dequant_row(q, ldq, lut, s, b, G, gs, n, K, out, odtype);
+        for (int64_t n = 0; n < N; n++) q4_dequant_row(q, ldq, lut, s, b, G, gs, n, K, out, odtype, tab);
         return 0;
     }
 #pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) q4_dequant_row(q, ldq, lut, s, b, G, gs, n, K, out, odtype);
+    for (int64_t n = 0; n < N; n++) q4_dequant_row(q, ldq, lut, s, b, G, gs, n, K, out, odtype, tab);
     return 0;
 }
 

@@ -1,4 +1,5 @@
-"""``moe quantize``: pack a checkpoint's routed experts (int8, int4, fp8_block, mxfp4);
+"""``moe quantize``: pack a checkpoint's routed experts (int8, int4, fp8_block, mxfp4; ``--all-linear``:
+every linear layer, int4/int8);
 ``moe prune``: keep each MoE layer's most-used experts.
 
 :func:`register` adds the commands to a typer app (moe/cli.py calls it).
@@ -60,6 +61,9 @@ def quantize(
                                               "gptq (the default with it) or awq."),
     calibration_window: int = typer.Option(512, "--calibration-window",
                                            help="Tokens per calibration prompt (the text is cut into windows)."),
+    all_linear: bool = typer.Option(False, "--all-linear",
+                                    help="int4/int8: also pack attention, dense MLPs, shared experts and the LM "
+                                         "head (embeddings, norms and routers kept), as llama.cpp's Q4_K_M does."),
 ) -> None:
     """Write a copy of a checkpoint with its routed experts packed; everything else is copied unchanged.
     ``moe generate --model OUT`` then reads the format from OUT/config.json."""
@@ -82,7 +86,7 @@ def quantize(
         chosen = method or ("gptq" if calibration is not None else "rtn")
         report = quantize_checkpoint(model, out, weight_format, max_shard_bytes=parse_bytes(max_shard_size),
                                      overwrite=force, progress=sys.stderr.isatty(), method=chosen,
-                                     calibration=prompts)
+                                     calibration=prompts, all_linear=all_linear)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         _fail(e)
     if json_out:
@@ -92,7 +96,8 @@ def quantize(
     typer.echo(f"wrote {out} ({len(report.files)} file(s), {report.total_bytes_out / 2**20:.1f} MiB): "
                f"{report.expert_tensors} expert tensors packed as {weight_format.name} "
                f"({report.expert_bytes_in / 2**20:.1f} -> {report.expert_bytes_out / 2**20:.1f} MiB, {ratio:.1f}x), "
-               f"{report.other_tensors} copied")
+               + (f"{report.linear_tensors} linear weights packed, " if all_linear else "")
+               + f"{report.other_tensors} copied")
 
 
 def prune(

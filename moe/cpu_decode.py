@@ -6,7 +6,8 @@ model once, at load, and plans each half-layer:
 
 - attention + residual add + post-attention norm as one C call (:func:`cpu_kernels.gqa_token`,
   :func:`cpu_kernels.mla_token`) where the half is plain: CPU, bf16, one TP rank, bf16 tensor
-  KV caches (not fp8), no qkv clipping, no MLA biases;
+  KV caches (not fp8), no qkv clipping, no MLA biases; projections bf16 or packed (``moe
+  quantize --all-linear``, computed as ``ops.linear`` computes them; MLA's kv_b_proj bf16);
 - router in torch, then the routed experts + shared expert + residual add + next norm as one C
   call (the experts' ``forward_token``: :func:`cpu_kernels.moe_token` / ``quant_moe_token``)
   where every expert is local and the shared expert is plain and ungated; a dense MLP as that
@@ -53,15 +54,25 @@ class _OpsAttention:
         return add_norm(h_TD, self.attn(positions_T, x_TD, ctx), self.norm)
 
 
+def _one_row_weight(layer: torch.nn.Module) -> torch.Tensor | tuple | None:
+    """What a one-call kernel reads for ``layer``'s weight: the bf16 tensor, or a packed weight's
+    kernel arguments (:meth:`ops.PackedLinearWeight.kernel_args`; None where ops.linear takes the
+    torch reference for it)."""
+    w = layer.weight
+    return w if isinstance(w, torch.Tensor) else w.kernel_args()
+
+
 class _GqaToken(_OpsAttention):
-    """:class:`Attention` + residual add + norm in one :func:`cpu_kernels.gqa_token` call."""
+    """:class:`Attention` + residual add + norm in one :func:`cpu_kernels.gqa_token` call (bf16 or
+    packed projections, each computed as ``ops.linear`` computes it)."""
 
     def __init__(self, attn: Attention, norm: RMSNorm, k_cache: torch.Tensor, v_cache: torch.Tensor):
         super().__init__(attn, norm)
         norms = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if attn.qk_norm else (None, None, 0.0)
-        self.head = (attn.qkv_proj.weight, attn.qkv_proj.bias, attn.num_heads, attn.num_kv_heads, attn.qk_norm, *norms)
+        self.head = (_one_row_weight(attn.qkv_proj), attn.qkv_proj.bias, attn.num_heads, attn.num_kv_heads,
+                     attn.qk_norm, *norms)
         self.caches = (k_cache, v_cache)
-        self.tail = (attn.sliding_window, attn.sinks, attn.scale, attn.o_proj.weight, attn.o_proj.bias)
+        self.tail = (attn.sliding_window, attn.sinks, attn.scale, _one_row_weight(attn.o_proj), attn.o_proj.bias)
         self.rotary = attn.rotary
 
     def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
@@ -75,8 +86,10 @@ class _GqaToken(_OpsAttention):
 
     @staticmethod
     def fits(attn: Attention, k_cache, v_cache) -> bool:
+        projs = [_one_row_weight(attn.qkv_proj), _one_row_weight(attn.o_proj)]
         return (isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor) and not attn.o_proj.split
-                and attn.clip_qkv is None and _bf16_cpu(attn.qkv_proj.weight, k_cache, v_cache))
+                and attn.clip_qkv is None and all(w is not None for w in projs)
+                and _bf16_cpu(k_cache, v_cache, *(w for w in projs if isinstance(w, torch.Tensor))))
 
 
 class _MlaToken(_OpsAttention):
@@ -84,10 +97,11 @@ class _MlaToken(_OpsAttention):
 
     def __init__(self, attn: MLAttention, norm: RMSNorm, cache: torch.Tensor):
         super().__init__(attn, norm)
-        q_a = (attn.q_a_proj.weight, attn.q_a_layernorm.weight, attn.q_a_layernorm.eps, attn.q_b_proj.weight) \
-            if attn.q_lora else (None, None, 0.0, attn.q_proj.weight)
-        self.head = (*q_a, attn.kv_a_proj_with_mqa.weight, attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps,
-                     attn.kv_b_proj.weight, attn.o_proj.weight, attn.num_heads, attn.nope, attn.rope_dim, attn.v_dim)
+        q_a = (_one_row_weight(attn.q_a_proj), attn.q_a_layernorm.weight, attn.q_a_layernorm.eps,
+               _one_row_weight(attn.q_b_proj)) if attn.q_lora else (None, None, 0.0, _one_row_weight(attn.q_proj))
+        self.head = (*q_a, _one_row_weight(attn.kv_a_proj_with_mqa), attn.kv_a_layernorm.weight,
+                     attn.kv_a_layernorm.eps, attn.kv_b_proj.weight, _one_row_weight(attn.o_proj), attn.num_heads,
+                     attn.nope, attn.rope_dim, attn.v_dim)
         self.cache, self.scale, self.rotary = cache, attn.scale, attn.rotary
 
     def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
@@ -102,8 +116,10 @@ class _MlaToken(_OpsAttention):
     @staticmethod
     def fits(attn: MLAttention, cache) -> bool:
         projs = [attn.kv_a_proj_with_mqa, attn.o_proj] + ([attn.q_a_proj] if attn.q_lora else [])
+        weights = [_one_row_weight(p) for p in projs + [attn.q_b_proj if attn.q_lora else attn.q_proj]]
         return (isinstance(cache, torch.Tensor) and not attn.o_proj.split and all(p.bias is None for p in projs)
-                and _bf16_cpu(attn.kv_a_proj_with_mqa.weight, cache))
+                and all(w is not None for w in weights) and isinstance(attn.kv_b_proj.weight, torch.Tensor)
+                and _bf16_cpu(cache, attn.kv_b_proj.weight, *(w for w in weights if isinstance(w, torch.Tensor))))
 
 
 class _OpsMlp:

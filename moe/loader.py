@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from experts.grouped import SlottedExperts
-from parallel import default_weight_loader
+from parallel import PackableWeight, default_weight_loader
 
 from .config import ModelConfig
 from .models.families import mtp_config
@@ -185,6 +185,9 @@ def load_weights(model: nn.Module, model_dir: str | Path, rules: list[Rule], num
                 raise ValueError(f"checkpoint {model_dir} lacks expert {e} of {pname} ({sorted(need - have)})")
     for experts in all_experts:  # e.g. packed experts build their compute layout once their weights are in
         experts.post_load()
+    for layer in model.modules():  # packed linear layers (moe quantize --all-linear) likewise
+        if isinstance(layer, PackableWeight):
+            layer.post_load()
     if unexpected:
         import logging
 

@@ -10,6 +10,9 @@ by GPTQ or AWQ (:mod:`moe.calibrate`) instead of round-to-nearest, in the same l
 
 - per-expert sources: ``model.layers.{l}.mlp.experts.{e}.{gate_proj|up_proj|down_proj}.{tensor}``
 - stacked sources: ``model.layers.{l}.mlp.experts.{gate_up_proj|down_proj}.{tensor}``
+- with ``all_linear`` (int4/int8): every linear layer ``PACKED_LINEAR`` names (attention, dense
+  MLPs, shared experts, the LM head) as ``<source name without .weight>.{tensor}``, rounded to
+  nearest (a calibration text chooses the experts' codes only)
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from .calibrate import METHODS, Calibration, calibrate, pack_expert_weight
 from .config import read_config_json
 from .loader import checkpoint_files, iter_tensor_names
 from .models import parse_config, rules_for
-from .models.quant_weights import QUANT_METHOD
+from .models.quant_weights import LINEAR_FORMATS, PACKED_LINEAR, QUANT_METHOD
 from .models.weights import map_name
 
 _EXPERT_PARAM = re.compile(r"layers\.(?P<l>\d+)\.mlp\.experts\.(?P<w>w13|w2)")
@@ -40,6 +43,7 @@ class QuantizeReport:
     out: Path
     files: list[str] = field(default_factory=list)
     expert_tensors: int = 0  # source tensors packed
+    linear_tensors: int = 0  # non-expert linear weights packed (all_linear)
     other_tensors: int = 0  # copied unchanged
     expert_bytes_in: int = 0
     expert_bytes_out: int = 0
@@ -49,8 +53,10 @@ class QuantizeReport:
         return {**{k: v for k, v in self.__dict__.items() if k != "out"}, "out": str(self.out)}
 
 
-def quantization_config(fmt: WeightFormat, calibration: Calibration | None = None, tokens: int = 0) -> dict:
-    qc = {"quant_method": QUANT_METHOD, **fmt.to_config(), "modules": ["experts"]}
+def quantization_config(fmt: WeightFormat, calibration: Calibration | None = None, tokens: int = 0,
+                        all_linear: bool = False) -> dict:
+    modules = ["experts", "linear"] if all_linear else ["experts"]
+    qc = {"quant_method": QUANT_METHOD, **fmt.to_config(), "modules": modules}
     if calibration is not None:  # provenance only: the packed layout is the format's either way
         qc["calibration"] = {"method": calibration.method, "tokens": tokens}
     return qc
@@ -138,13 +144,30 @@ def copy_side_files(src: Path, out: Path) -> None:
             shutil.copy2(p, out / p.name)
 
 
+def _packs_linear(target, num_layers: int, tied_head: bool) -> bool:
+    """Whether ``--all-linear`` packs the tensor mapped to ``target``: a PACKED_LINEAR weight of the
+    decoder (not of a multi-token-prediction layer past ``num_layers``, loaded unpacked; not a head
+    tied to the embedding)."""
+    if target is None or not target.param.endswith(".weight") or target.transform is not None:
+        return False
+    if tied_head and target.param == "lm_head.weight":
+        return False
+    layer = re.match(r"layers\.(\d+)\.", target.param)
+    return PACKED_LINEAR.fullmatch(target.param[:-7]) is not None and (layer is None or int(layer[1]) < num_layers)
+
+
 def quantize_checkpoint(src: str | Path, out: str | Path, fmt: WeightFormat, *, max_shard_bytes: int = 2 << 30,
                         overwrite: bool = False, progress: bool = False, method: str = "rtn",
-                        calibration: list[list[int]] | None = None) -> QuantizeReport:
+                        calibration: list[list[int]] | None = None, all_linear: bool = False) -> QuantizeReport:
     """Write ``src`` with its routed experts packed in ``fmt`` to ``out`` (module docstring).
 
     ``method`` rtn rounds to nearest; awq and gptq (:mod:`moe.calibrate`) need ``calibration``,
-    token-id prompts run through the float model to see what each expert's inputs look like."""
+    token-id prompts run through the float model to see what each expert's inputs look like.
+    ``all_linear`` packs the other linear layers too (llama.cpp Q4_K_M's choice; int4 / int8)."""
+    if all_linear and not isinstance(fmt, LINEAR_FORMATS):
+        raise ValueError(f"--all-linear packs attention, dense MLPs and the LM head as int4 or int8 (the formats "
+                         f"ops.linear computes with); {fmt.name} packs experts only: use --format int4 or int8, "
+                         "or drop --all-linear")
     src, out = Path(src), Path(out)
     hf = read_config_json(src)
     if hf.get("quantization_config"):
@@ -181,7 +204,15 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: WeightFormat, *, 
         target = map_name(rules, name)
         m = _EXPERT_PARAM.fullmatch(target.param) if target is not None else None
         tensor = reader.get(name)
-        if m is None:
+        if m is None and all_linear and _packs_linear(target, cfg.num_layers, cfg.tie_word_embeddings):
+            try:
+                packed = fmt.quantize(tensor)
+            except ValueError as e:
+                raise ValueError(f"{name} {list(tensor.shape)}: {e}; drop --all-linear") from e
+            for t, v in packed.items():
+                writer.add(name.removesuffix("weight") + t, v)
+            report.linear_tensors += 1
+        elif m is None:
             writer.add(name, tensor)
             report.other_tensors += 1
         else:
@@ -204,7 +235,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: WeightFormat, *, 
     report.files, report.total_bytes_out = writer.files, writer.total
 
     tokens = sum(map(len, calibration)) if calibration is not None else 0
-    hf = dict(hf, quantization_config=quantization_config(fmt, cal, tokens))
+    hf = dict(hf, quantization_config=quantization_config(fmt, cal, tokens, all_linear))
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     copy_side_files(src, out)
     return report

@@ -18,7 +18,7 @@ import time
 import torch
 
 from experts.grouped import BATCHED_MAX_ROWS, GroupedExperts, grouped_swiglu_torch
-from ops import SMALL_M, linear, padded_rows
+from ops import SMALL_M, PackedLinearWeight, linear, padded_rows
 from parallel.layers import ColumnParallelLinear, ParallelLMHead, ReplicatedLinear, RowParallelLinear
 
 from .models.mla import MLAttention
@@ -51,6 +51,8 @@ def warm_up(model: torch.nn.Module, max_tokens: int, max_seqs: int) -> tuple[int
     decompress_from = {id(m.kv_b_proj): m.mha_min_query for m in model.modules() if isinstance(m, MLAttention)}
     with torch.inference_mode():
         for mod in model.modules():
+            if isinstance(getattr(mod, "weight", None), PackedLinearWeight):
+                continue  # packed (--all-linear): not warmed (more than 8-12 rows build their GEMM on first use)
             if isinstance(mod, (ReplicatedLinear, ColumnParallelLinear, RowParallelLinear)):
                 w = mod.weight
                 # RowParallelLinear adds its bias after the all-reduce, outside the GEMM

@@ -5,7 +5,8 @@ path each falls back to is the reference its C kernel is tested against.
 - :func:`linear`, :func:`padded_rows`, :func:`pad_rows` (``SMALL_M``, ``ROW_BUCKET``): projections
   by row-count tier; :func:`mm`, :func:`bmm`: GEMMs (bf16 in float32 where the CPU has no fast
   bf16); :func:`grouped_linear`: one GEMM per expert in one call (where native);
-  :func:`lm_head_logits`: the LM head's logits (few rows: row-major float32).
+  :func:`lm_head_logits`: the LM head's logits (few rows: row-major float32);
+  :class:`PackedLinearWeight`: an int4 / int8 weight either of them takes in place of a tensor.
 - :func:`silu_mul`: SwiGLU's ``silu(gate) * up``.
 - :func:`rms_norm`, :func:`add_rms_norm`: RMSNorm, and the residual add followed by it.
 - :func:`rope_`: rotary embedding in place.
@@ -15,9 +16,10 @@ path each falls back to is the reference its C kernel is tested against.
 from .activation import silu_mul
 from .heads import per_head
 from .kv import write_rows
-from .linear import ROW_BUCKET, SMALL_M, bmm, grouped_linear, linear, lm_head_logits, mm, pad_rows, padded_rows
+from .linear import (ROW_BUCKET, SMALL_M, PackedLinearWeight, bmm, grouped_linear, linear, lm_head_logits, mm, pad_rows,
+                     padded_rows)
 from .norm import add_rms_norm, rms_norm
 from .rope import rope_
 
-__all__ = ["ROW_BUCKET", "SMALL_M", "add_rms_norm", "bmm", "grouped_linear", "linear", "lm_head_logits", "mm",
-           "pad_rows", "padded_rows", "per_head", "rms_norm", "rope_", "silu_mul", "write_rows"]
+__all__ = ["ROW_BUCKET", "SMALL_M", "PackedLinearWeight", "add_rms_norm", "bmm", "grouped_linear", "linear",
+           "lm_head_logits", "mm", "pad_rows", "padded_rows", "per_head", "rms_norm", "rope_", "silu_mul", "write_rows"]

@@ -10,7 +10,7 @@ oneDNN's per-shape kernel builds. The tiers of :func:`linear` on CPU, by row cou
 - more rows: ``F.linear`` on rows padded to :func:`padded_rows`.
 
 Elsewhere (CUDA, other ranks of tensor) ``F.linear``. A :class:`PackedLinearWeight` (int4 codes)
-in place of ``w`` takes :func:`packed_linear`.
+(int4 / int8 codes) in place of ``w`` takes :func:`packed_linear`.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import cpu_kernels
+from cpu_kernels.build import DTYPES
 from cpu_kernels.gemv import gemv_reference
 
 SMALL_M = 128  # up to this many rows a CPU GEMM runs as ``w @ x.T`` (rows padded to a multiple of 8)
@@ -77,51 +78,86 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PackedLinearWeight:
-    """An int4 weight ``w [N, K]`` as the C kernels read it: the checkpoint's row-major codes (two
-    per byte, the low nibble the even column) and float32 ``w[n, k] = s[n, g] * code + b[n, g]``
-    per group ``g = k // group_size`` (``b = -zero * s``; the symmetric zero point is 8)."""
+    """An int4 or int8 weight ``w [N, K]`` as the C kernels read it: the checkpoint's row-major codes
+    ``q`` (int4: two per byte, the low nibble the even column, ``[N, K/2]`` uint8; int8: ``[N, K]``
+    int8) and float32 ``w[n, k] = s[n, g] * code + b[n, g]`` per group ``g = k // group_size``
+    (int4: ``b = -zero * s``, the symmetric zero point 8; int8: asymmetric uint8 codes stored as
+    ``code - 128`` with ``b = (128 - zero) * s``, symmetric ones with no ``b``)."""
 
-    q_NK2: torch.Tensor
+    q: torch.Tensor
     s_NG: torch.Tensor
-    b_NG: torch.Tensor
+    b_NG: torch.Tensor | None
     group_size: int
+    bits: int = 4
 
     LUT = torch.arange(16, dtype=torch.float32)  # int4 codes are their own values
-    STREAM_ROWS = 8  # up to this many rows stream the codes (experts.quant_grouped.Q4RowWeights' crossover)
+    # up to this many rows stream the codes (experts.quant_grouped.Q4RowWeights' / Q8RowWeights' crossover)
+    STREAM_ROWS = {4: 8, 8: 12}
 
     @classmethod
     def from_packed(cls, fmt, packed) -> PackedLinearWeight:
-        """From ``fmt.quantize``'s (or a checkpoint's) tensors of an ``Int4Weights`` format."""
+        """From ``fmt.quantize``'s (or a checkpoint's) tensors of an ``Int4Weights`` / ``Int8Weights`` format."""
+        if fmt.name not in ("int4", "int8"):
+            raise ValueError(f"a packed linear weight is int4 or int8, not {fmt.name}")
         scales = packed["scales"].float().contiguous()
+        if fmt.name == "int8":
+            q = packed["qweight"]
+            if fmt.symmetric:
+                return cls(q.contiguous(), scales, None, fmt.group_size, 8)
+            offsets = ((128 - packed["zeros"].float()) * scales).contiguous()
+            return cls((q.to(torch.int16) - 128).to(torch.int8).contiguous(), scales, offsets, fmt.group_size, 8)
         zero = packed["zeros"].float() if not fmt.symmetric else torch.full_like(scales, 8.0)
         return cls(packed["qweight"].contiguous(), scales, (-zero * scales).contiguous(), fmt.group_size)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.q_NK2.shape[0], self.q_NK2.shape[1] * 2
+        return self.q.shape[0], self.q.shape[1] * 8 // self.bits
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return cpu_kernels.q4_dequant(self.q_NK2, self.LUT, self.s_NG, self.b_NG, self.group_size, dtype)
+        if self.bits == 8:
+            return cpu_kernels.q8_dequant(self.q, cpu_kernels.Q_INT8, self.s_NG, self.b_NG, self.group_size, 1, dtype)
+        return cpu_kernels.q4_dequant(self.q, self.LUT, self.s_NG, self.b_NG, self.group_size, dtype)
+
+    def kernel_args(self) -> tuple | None:
+        """``(codes, lut or None (int8), scales, offsets or None, group size)``: the arguments of the C
+        kernels that :func:`packed_linear` streams one row through (``cpu_kernels.gqa_token`` takes
+        them), or None where it takes the torch reference instead."""
+        if self.q.device.type != "cpu" or (self.bits == 4 and self.shape[1] % 32) or not cpu_kernels.q8_available():
+            return None
+        return self.q, self.LUT if self.bits == 4 else None, self.s_NG, self.b_NG, self.group_size
+
+    def codes(self) -> torch.Tensor:
+        """The codes ``[N, K]`` as floats (the values ``s`` multiplies)."""
+        if self.bits == 8:
+            return self.q.float()
+        return torch.stack([self.q & 0xF, self.q >> 4], dim=-1).flatten(-2).float()
 
 
 def packed_linear_reference(x: torch.Tensor, w: PackedLinearWeight, b: torch.Tensor | None = None) -> torch.Tensor:
     """What :func:`packed_linear` computes, in torch: the float32 weight from the codes, ``F.linear``."""
-    codes = torch.stack([w.q_NK2 & 0xF, w.q_NK2 >> 4], dim=-1).flatten(-2).float()
-    s = w.s_NG.repeat_interleave(w.group_size, dim=-1)[:, :codes.shape[1]]
-    off = w.b_NG.repeat_interleave(w.group_size, dim=-1)[:, :codes.shape[1]]
-    y = F.linear(x.float(), codes * s + off, None if b is None else b.float())
+    codes = w.codes()
+    wf = codes * w.s_NG.repeat_interleave(w.group_size, dim=-1)[:, :codes.shape[1]]
+    if w.b_NG is not None:
+        wf = wf + w.b_NG.repeat_interleave(w.group_size, dim=-1)[:, :codes.shape[1]]
+    y = F.linear(x.float(), wf, None if b is None else b.float())
     return y.to(x.dtype)
 
 
 def packed_linear(x: torch.Tensor, w: PackedLinearWeight, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ w.T (+ b)`` for an int4 weight on CPU: up to ``STREAM_ROWS`` rows stream the codes
-    through :func:`cpu_kernels.q4_gemm` (the bytes read are the packed ones); more rows dequantize
-    the weight once, in x's dtype, for :func:`linear`'s GEMM."""
+    """``x @ w.T (+ b)`` for an int4 / int8 weight on CPU: up to ``STREAM_ROWS`` rows stream the
+    codes through :func:`cpu_kernels.q4_gemm` / ``q8_gemm`` (the bytes read are the packed ones);
+    more rows dequantize the weight once, in x's dtype, for :func:`linear`'s GEMM. Elsewhere (no C
+    kernels, not CPU; int4 with K not a multiple of 32: the kernels read whole 16-byte rows of
+    codes) the torch reference."""
     N, K = w.shape
-    if x.device.type != "cpu" or x.dim() != 2 or K % 32 or not cpu_kernels.q8_available():
-        return packed_linear_reference(x, w, b)  # the kernels read whole 16-byte rows of codes
-    if x.shape[0] <= w.STREAM_ROWS:
-        y = cpu_kernels.q4_gemm(x, w.q_NK2, w.LUT, w.s_NG, w.b_NG, w.group_size)
+    if (x.device.type != "cpu" or x.dim() != 2 or (w.bits == 4 and K % 32) or x.dtype not in DTYPES
+            or not cpu_kernels.q8_available()):
+        return packed_linear_reference(x, w, b)
+    if x.shape[0] <= w.STREAM_ROWS[w.bits]:
+        if w.bits == 8:
+            y = cpu_kernels.q8_gemm(x, w.q, cpu_kernels.Q_INT8, w.s_NG, w.b_NG, w.group_size, 1)
+        else:
+            y = cpu_kernels.q4_gemm(x, w.q, w.LUT, w.s_NG, w.b_NG, w.group_size)
         return y + b if b is not None else y
     return linear(x, w.dequantize(x.dtype), b)
 
@@ -171,6 +207,8 @@ def lm_head_logits(h_TD: torch.Tensor, w_VD: torch.Tensor) -> torch.Tensor:
     32000 x 1024 bf16, cold weights: 4.0 vs 11.2 ms at 64 rows (a batched GEMM over vocab slices,
     then a transposing copy), 2.8 vs 4.5 at 16; 21 vs 22 ms at 320 rows (``F.linear``). One row,
     or where neither applies: :func:`linear` (in h's dtype)."""
+    if isinstance(w_VD, PackedLinearWeight):  # float32 rows in, float32 logits out (sums rounded once)
+        return packed_linear(h_TD.float(), w_VD)
     M = h_TD.shape[0]
     cpu_rows = h_TD.device.type == "cpu" and h_TD.dim() == 2
     logits = None

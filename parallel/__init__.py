@@ -1,7 +1,7 @@
 """Parallelism: process-group state, tensor-parallel layers and token dispatchers."""
 from .dispatch import AllGatherDispatcher, AllToAllDispatcher, DispatchMeta, LocalDispatcher, make_ep_dispatcher
-from .layers import (ColumnParallelLinear, ParallelLMHead, QKVParallelLinear, ReplicatedLinear, RowParallelLinear,
-                     ShardedRMSNorm, VocabParallelEmbedding, default_weight_loader)
+from .layers import (ColumnParallelLinear, PackableWeight, ParallelLMHead, QKVParallelLinear, ReplicatedLinear,
+                     RowParallelLinear, ShardedRMSNorm, VocabParallelEmbedding, default_weight_loader)
 from .moe_parallel import DataParallelDispatcher, SplitTokensDispatcher, local_expert_slots, make_moe_dispatcher
 from .sharding import ShardingConfig, expert_placement, load_sharding, placement_from_counts
 from .state import (ParallelState, build_parallel_state, get_dp_rank, get_dp_size, get_ep_rank, get_ep_size,
@@ -15,7 +15,7 @@ __all__ = [
     "get_dp_rank", "get_dp_size", "tp_all_reduce", "world_all_gather_ints", "world_all_gather_object",
     "world_broadcast_object",
     "ColumnParallelLinear", "QKVParallelLinear", "RowParallelLinear", "ReplicatedLinear",
-    "VocabParallelEmbedding", "ParallelLMHead", "ShardedRMSNorm", "default_weight_loader",
+    "VocabParallelEmbedding", "ParallelLMHead", "ShardedRMSNorm", "default_weight_loader", "PackableWeight",
     "LocalDispatcher", "DispatchMeta", "AllToAllDispatcher", "AllGatherDispatcher", "make_ep_dispatcher",
     "SplitTokensDispatcher", "DataParallelDispatcher", "make_moe_dispatcher", "local_expert_slots",
     "ShardingConfig", "load_sharding", "expert_placement", "placement_from_counts",

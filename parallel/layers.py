@@ -4,6 +4,13 @@ Each parameter carries a ``weight_loader(param, loaded, shard_id=None)`` so the 
 loader needs no parallel knowledge: it hands over the full tensor from the file and the layer
 keeps its slice. The only collective here is the all-reduce of :class:`RowParallelLinear`
 (and the gather of the vocab-parallel head). The GEMMs themselves are :func:`ops.linear`.
+
+A projection or the LM head may hold its weight packed (int4 / int8, ``moe quantize
+--all-linear``): :meth:`PackableWeight.pack` swaps ``weight`` for the format's tensors
+(``qweight``, ``scales``, ``zeros``) before loading, each filled by the layer's own loader (every
+packed tensor keeps the weight's rows on dim 0 and splits its columns as the weight's), and
+:meth:`PackableWeight.post_load` turns them into the :class:`ops.PackedLinearWeight` that
+``ops.linear`` / ``ops.lm_head_logits`` compute with.
 """
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ops import linear, lm_head_logits
+from ops import PackedLinearWeight, linear, lm_head_logits
 
 from .state import get_tp_rank, get_tp_size, tp_all_gather_last_dim, tp_all_reduce
 
@@ -28,13 +35,42 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=No
     param.data.copy_(loaded)
 
 
-def _param(*shape: int, dtype: torch.dtype, loader) -> nn.Parameter:
-    p = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+def _param(*shape: int, dtype: torch.dtype, loader, device=None) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
     p.weight_loader = loader
     return p
 
 
-class ReplicatedLinear(nn.Module):
+class PackableWeight:
+    """The packed-weight state of a layer whose ``weight`` is ``[N, K]`` (module docstring)."""
+
+    weight_format = None  # the packed format once :meth:`pack` ran
+    packed_names: tuple[str, ...] = ()
+
+    def pack(self, fmt) -> None:
+        """Hold ``weight`` as ``fmt``'s packed tensors (int4 / int8), loaded by the weight's loader."""
+        w = self.weight
+        try:
+            specs = fmt.packed_specs(tuple(w.shape))
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__} weight {list(w.shape)}: {e}") from e
+        loader = w.weight_loader
+        del self.weight
+        for name, spec in specs.items():
+            setattr(self, name, _param(*spec.shape, dtype=spec.dtype, loader=loader, device=w.device))
+        self.weight_format, self.packed_names = fmt, tuple(specs)
+
+    def post_load(self) -> None:
+        """After loading: the packed tensors become the layer's ``weight`` (a PackedLinearWeight)."""
+        if self.weight_format is None:
+            return
+        packed = {n: getattr(self, n).data for n in self.packed_names}
+        for n in self.packed_names:
+            delattr(self, n)
+        self.weight = PackedLinearWeight.from_packed(self.weight_format, packed)
+
+
+class ReplicatedLinear(PackableWeight, nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.float32):
         super().__init__()
         self.weight = _param(out_features, in_features, dtype=dtype, loader=default_weight_loader)
@@ -44,7 +80,7 @@ class ReplicatedLinear(nn.Module):
         return linear(x, self.weight, self.bias)
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(PackableWeight, nn.Module):
     """Output features split over TP ranks. ``output_sizes`` lists fused sub-matrices
     (e.g. gate and up) each split separately; ``shard_id`` indexes into it."""
 
@@ -99,7 +135,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         param.data.narrow(0, start, size).copy_(loaded.narrow(0, rank * size, size))
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(PackableWeight, nn.Module):
     """Input features split over TP ranks; partial outputs are summed with one all-reduce."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.float32):
@@ -109,7 +145,15 @@ class RowParallelLinear(nn.Module):
         self.bias = _param(out_features, dtype=dtype, loader=default_weight_loader) if bias else None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        param.data.copy_(loaded.narrow(1, get_tp_rank() * self.in_per_rank, self.in_per_rank))
+        n = param.shape[1]  # in_per_rank, or a packed tensor's columns for them (codes, groups)
+        param.data.copy_(loaded.narrow(1, get_tp_rank() * n, n))
+
+    def pack(self, fmt) -> None:
+        if self.split and self.in_per_rank % fmt.group_size:
+            raise ValueError(f"RowParallelLinear: {self.in_per_rank} input features per rank are not a whole "
+                             f"number of {fmt.group_size}-column groups: choose a group size dividing them, "
+                             f"or a smaller tensor_parallel")
+        super().pack(fmt)
 
     @property
     def split(self) -> bool:
@@ -147,7 +191,7 @@ class VocabParallelEmbedding(nn.Module):
         return tp_all_reduce(y)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(PackableWeight, VocabParallelEmbedding):
     """Vocab-split output projection; logits are gathered to full vocab on every rank."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

@@ -1,4 +1,4 @@
-"""ops.linear on a packed int4 weight (PackedLinearWeight): the C kernels against the torch
+"""ops.linear on a packed int4 / int8 weight (PackedLinearWeight): the C kernels against the torch
 reference, and the reference against the format's own dequantization."""
 from __future__ import annotations
 
@@ -43,3 +43,41 @@ def test_packed_linear_odd_width_uses_reference():
     pw = PackedLinearWeight.from_packed(fmt, fmt.quantize(w))
     x = torch.randn(2, 48)
     torch.testing.assert_close(linear(x, pw), x @ fmt.dequantize(fmt.quantize(w)).t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group_size, symmetric", [(32, False), (128, True)])
+@pytest.mark.parametrize("rows", [1, 5, 12, 13, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_int8_linear_matches_reference(group_size, symmetric, rows, dtype):
+    # int8 codes (asymmetric ones stored as code - 128 with their offset): q8_gemm up to 12 rows,
+    # one dequantization beyond, against the format's own dequantized weight
+    g = torch.Generator().manual_seed(100 + rows)
+    N, K = 96, 256
+    w = torch.randn(N, K, generator=g) * 0.05
+    b = torch.randn(N, generator=g).to(dtype)
+    fmt = get_format("int8", group_size=group_size, symmetric=symmetric, scale_dtype=torch.float32)
+    packed = fmt.quantize(w)
+    pw = PackedLinearWeight.from_packed(fmt, packed)
+    assert pw.shape == (N, K) and pw.bits == 8 and (pw.b_NG is None) == symmetric
+    x = torch.randn(rows, K, generator=g).to(dtype)
+    ref = packed_linear_reference(x, pw, b)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)
+    torch.testing.assert_close(ref.float(), F.linear(x.float(), fmt.dequantize(packed), b.float()).to(dtype).float(),
+                               **tol)
+    got = linear(x, pw, b)
+    assert got.shape == (rows, N) and got.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got.float(), ref.float(), **tol)
+
+
+def test_packed_lm_head_logits_are_float32():
+    from ops import lm_head_logits
+
+    fmt = get_format("int4", group_size=32, symmetric=False)
+    w = torch.randn(300, 64) * 0.1
+    pw = PackedLinearWeight.from_packed(fmt, fmt.quantize(w))
+    for rows in (1, 4, 20):
+        h = torch.randn(rows, 64).bfloat16()
+        logits = lm_head_logits(h, pw)
+        assert logits.dtype == torch.float32 and logits.shape == (rows, 300)
+        torch.testing.assert_close(logits, h.float() @ fmt.dequantize(fmt.quantize(w)).t(), rtol=1e-4, atol=1e-4)

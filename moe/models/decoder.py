@@ -12,6 +12,7 @@ from parallel import ParallelLMHead, ShardingConfig, VocabParallelEmbedding
 from ..config import ModelConfig
 from .layers import Attention, DenseMLP, ForwardContext, RMSNorm, SparseMoE, add_norm
 from .mla import MLAttention
+from .quant_weights import pack_linear_layers
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class MoECausalLM(nn.Module):
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        pack_linear_layers(self, cfg.experts, cfg.tie_word_embeddings)  # moe quantize --all-linear checkpoints
 
     def forward(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         h = self.embed_tokens(input_ids_T)

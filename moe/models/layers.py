@@ -127,8 +127,9 @@ class DenseMLP(nn.Module):
 
     @property
     def plain(self) -> bool:
-        """No biases, one TP rank: what the one-call C kernels compute."""
-        return not self.down_proj.split and self.gate_up_proj.bias is None and self.down_proj.bias is None
+        """No biases, one TP rank, float weights (not packed): what the one-call C kernels compute."""
+        return (not self.down_proj.split and self.gate_up_proj.bias is None and self.down_proj.bias is None
+                and self.gate_up_proj.weight_format is None and self.down_proj.weight_format is None)
 
     def forward(self, x_TD: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         """``ctx`` unused (an MLP keeps no per-step state): the signature of every MLP block."""

@@ -10,7 +10,11 @@ The format comes from ``quantization_config`` in config.json, never from file na
                    ``<expert weight>.<packed tensor>`` in our layout: per expert
                    ``mlp.experts.3.gate_proj.qweight`` (and ``up_proj``, ``down_proj``), or
                    stacked ``mlp.experts.gate_up_proj.scales [E, 2F, G]`` (gate rows, then up)
-                   and ``mlp.experts.down_proj.*``. Everything else is as in the source.
+                   and ``mlp.experts.down_proj.*``. With ``"modules": ["experts",
+                   "linear"]`` (``moe quantize --all-linear``, int4/int8 only) the linear
+                   layers :data:`PACKED_LINEAR` names are packed too, as
+                   ``<source name>.{qweight,scales,zeros}`` (``self_attn.q_proj.qweight``,
+                   ``lm_head.scales``, ...). Everything else is as in the source.
 ``fp8``            DeepSeek-V3: ``{"quant_method": "fp8", "weight_block_size": [128, 128]}``.
                    Every linear of the layers is ``<proj>.weight`` float8_e4m3fn plus
                    ``<proj>.weight_scale_inv`` fp32 per 128x128 block. Routed experts stay
@@ -24,6 +28,7 @@ The format comes from ``quantization_config`` in config.json, never from file na
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -32,14 +37,22 @@ import torch
 from torch import nn
 
 from experts import GroupedExperts
-from experts.formats import FORMATS, Fp8BlockWeights, Mxfp4Weights, WeightFormat, format_from_config
+from experts.formats import FORMATS, Fp8BlockWeights, Int4Weights, Int8Weights, Mxfp4Weights, WeightFormat, \
+    format_from_config
 from experts.offload import ExpertCache, OffloadedExperts
 from experts.quant_layer import QuantGroupedExperts
+from parallel import PackableWeight
 
 from .weights import L, MOE, Rule, Target, map_name, rule
 
 QUANT_METHOD = "moe_experts"  # ours (moe quantize)
 PACKED_TENSORS = ("qweight", "scales", "zeros", "weight", "weight_scale_inv", "blocks")
+# the layers ``--all-linear`` packs (module names of MoECausalLM): attention projections but MLA's
+# kv_b_proj (read per head as W_UK / W_UV, not as a linear), dense MLPs, shared experts and the LM
+# head (not when tied to the embedding); embeddings, norms, routers and shared-expert gates stay
+PACKED_LINEAR = re.compile(r"lm_head|layers\.\d+\.(?:self_attn\.(?:qkv_proj|q_proj|q_a_proj|q_b_proj|"
+                           r"kv_a_proj_with_mqa|o_proj)|mlp\.(?:shared_expert\.)?(?:gate_up_proj|down_proj))")
+LINEAR_FORMATS = (Int4Weights, Int8Weights)  # what ops.PackedLinearWeight computes with
 DEFAULT_EXPERT_CACHE = "2GiB"
 
 
@@ -51,6 +64,7 @@ class ExpertsPlan:
     fmt: WeightFormat | None = None
     method: str | None = None  # the quant_method fmt was read from
     cache: ExpertCache | None = None
+    linear: bool = False  # the PACKED_LINEAR layers are packed in fmt too (moe quantize --all-linear)
 
 
 def read_quantization(hf: dict) -> tuple[str | None, WeightFormat | None]:
@@ -60,12 +74,13 @@ def read_quantization(hf: dict) -> tuple[str | None, WeightFormat | None]:
         return None, None
     method = qc.get("quant_method")
     if method == QUANT_METHOD:
-        modules = qc.get("modules", ["experts"])
-        if list(modules) != ["experts"]:
-            raise ValueError(f"quantization_config.modules={modules}: only routed experts (['experts']) are supported")
+        modules = packed_modules(qc)
         # "calibration" records how the codes were chosen (moe quantize --method); the layout is the format's
-        return method, format_from_config({k: v for k, v in qc.items()
-                                           if k not in ("quant_method", "modules", "calibration")})
+        fmt = format_from_config({k: v for k, v in qc.items() if k not in ("quant_method", "modules", "calibration")})
+        if "linear" in modules and not isinstance(fmt, LINEAR_FORMATS):
+            raise ValueError(f"quantization_config: modules {modules} with format {fmt.name}: packed linear layers "
+                             "are int4 or int8")
+        return method, fmt
     if method == "fp8":
         block = qc.get("weight_block_size")
         if not block or len(block) != 2:
@@ -78,6 +93,15 @@ def read_quantization(hf: dict) -> tuple[str | None, WeightFormat | None]:
         return method, Mxfp4Weights()
     raise ValueError(f"quantization_config.quant_method {method!r} is not supported: this engine reads "
                      f"{QUANT_METHOD} (moe quantize), fp8 (block-scaled, DeepSeek-V3) and mxfp4 (gpt-oss)")
+
+
+def packed_modules(qc: dict) -> list[str]:
+    """What our ``quantization_config`` says is packed: ``["experts"]`` or ``["experts", "linear"]``."""
+    modules = list(qc.get("modules", ["experts"]))
+    if modules not in (["experts"], ["experts", "linear"]):
+        raise ValueError(f"quantization_config.modules={modules}: supported are ['experts'] (moe quantize) and "
+                         "['experts', 'linear'] (moe quantize --all-linear)")
+    return modules
 
 
 def check_expert_options(quantization: str | None, offload_experts: bool, expert_cache: str | int | None) -> None:
@@ -113,7 +137,8 @@ def plan_experts(hf: dict, quantization: str | None = None, offload_experts: boo
                             prefetch=prefetch)
     if fmt is None and cache is None:
         return None
-    return ExpertsPlan(fmt, method, cache)
+    linear = method == QUANT_METHOD and "linear" in packed_modules(hf["quantization_config"])
+    return ExpertsPlan(fmt, method, cache, linear)
 
 
 def make_experts(plan: ExpertsPlan | None, num_experts: int, hidden: int, intermediate: int, **kw) -> nn.Module:
@@ -123,6 +148,17 @@ def make_experts(plan: ExpertsPlan | None, num_experts: int, hidden: int, interm
     if plan.cache is not None:
         return OffloadedExperts(num_experts, hidden, intermediate, plan.cache, plan.fmt, **kw)
     return QuantGroupedExperts(num_experts, hidden, intermediate, plan.fmt, **kw)
+
+
+def pack_linear_layers(model: nn.Module, plan: ExpertsPlan | None, tied_head: bool) -> None:
+    """Before loading: the :data:`PACKED_LINEAR` layers of ``model`` (a MoECausalLM) hold their
+    weights packed in ``plan.fmt`` when the checkpoint packs them (``plan.linear``); a tied head
+    stays the embedding."""
+    if plan is None or not plan.linear:
+        return
+    for name, mod in model.named_modules():
+        if isinstance(mod, PackableWeight) and PACKED_LINEAR.fullmatch(name) and not (tied_head and name == "lm_head"):
+            mod.pack(plan.fmt)
 
 
 def expert_cache(model: nn.Module) -> ExpertCache | None:
@@ -206,11 +242,31 @@ class DequantFp8Rule:
         return self._files[path].get_tensor(name)
 
 
+class PackedLinearRule:
+    """A rule for the packed tensors of a :data:`PACKED_LINEAR` layer: ``<proj>.qweight`` (``scales``,
+    ``zeros``) maps where ``rules`` map ``<proj>.weight``, onto the layer's parameter of that name."""
+
+    def __init__(self, rules: list[Rule], tensor_names: tuple[str, ...]):
+        self.rules = rules
+        self.suffix = re.compile(r"(.*)\.(" + "|".join(tensor_names) + ")")
+
+    def apply(self, name: str) -> Target | None:
+        m = self.suffix.fullmatch(name)
+        target = map_name(self.rules, m[1] + ".weight") if m else None
+        if target is None or not target.param.endswith(".weight") or not PACKED_LINEAR.fullmatch(target.param[:-7]):
+            return None
+        if target.transform is not None:
+            raise ValueError(f"{name}: this family transforms {m[1]}.weight at load, which packed codes cannot take")
+        return replace(target, param=target.param[:-6] + m[2])
+
+
 def checkpoint_rules(plan: ExpertsPlan | None, rules: list[Rule], model_dir: str | Path) -> list[Rule]:
     """``rules`` (the family's) with the rules ``plan``'s checkpoint layout adds in front."""
     if plan is None or plan.fmt is None:
         return rules
     extra = packed_expert_rules()
+    if plan.linear:
+        extra.append(PackedLinearRule(rules, plan.fmt.tensor_names))  # type: ignore[arg-type]  # a Rule-like
     if plan.method == "mxfp4":
         extra += GPT_OSS_MXFP4
     if plan.method == "fp8":
