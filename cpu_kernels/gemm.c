@@ -7,51 +7,81 @@
  * a few rows that conversion is most of the time). Here each task widens a block of weight rows
  * once into a small float32 buffer (bf16 -> float32 is a shift) and runs every row of its expert
  * against it, so the weight is read from memory once per call and never written back.
- * x is widened to float32 once up front. Sums are float32 (8 lanes, then the lanes added), rounded
- * to bf16 once, as a bf16 GEMM with float32 accumulation does; the order of the sums differs from
- * torch's, so results agree with torch to float32 rounding, not bit for bit.
+ * x is widened to float32 once up front. Sums are float32, in k order, rounded to bf16 once, as a
+ * bf16 GEMM with float32 accumulation does; the order of the sums differs from torch's, so results
+ * agree with torch to float32 rounding, not bit for bit.
  *
- * Work is split over (expert, block of NB weight rows) tasks; inside a task a 4 x 3 register tile
- * (4 weight rows, 3 x rows, 12 accumulators) runs along k. Returns -1 where not built (no AVX2). */
+ * Work is split over (expert, block of NB = 16 weight rows) tasks. A task widens its block
+ * transposed (wt[k][16]: 8 x 8 register transposes), then runs a 6 x 16 register tile over it
+ * (BLIS-style outer products: per k, two weight vectors and six broadcast x values feed twelve
+ * FMAs, and every output sums in k order), so the weight block is read from L1/L2 once per six
+ * rows instead of the x and w rows both streaming per dot product (1.2-1.6x the 4 x 3 dot-product
+ * tile this replaced: 8 experts x 2816 x 1024 at 64-256 rows each, 83-94 -> 121-155 GFLOP/s on two
+ * AVX2 cores). Returns -1 where not built (no AVX2). */
 #include "simd.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
-#define NB 16 /* weight rows widened per task (16 x K float32: L2-resident for K up to ~8k) */
+#define NB 16 /* weight rows per task: two 8-lane vectors of outputs (16 x K float32, L2-resident) */
+#define MR 6  /* x rows per register tile: 6 x 2 accumulators + 2 weight vectors + 1 broadcast */
 
-/* acc[i][j] = w row i . x row j over K (K8 = K rounded down to 8; the rest scalar) for NR <= 4
- * weight rows and MR <= 3 x rows; always inlined with constant NR, MR so the tile stays in registers */
-static inline __attribute__((always_inline)) void tile(int NR, int MR, const float *wf, int64_t K,
-                                                       const float *xf, int64_t ldx, float out[4][3]) {
-    __m256 acc[4][3];
-    for (int i = 0; i < NR; i++)
-        for (int j = 0; j < MR; j++) acc[i][j] = _mm256_setzero_ps();
-    const int64_t K8 = K & ~(int64_t)7;
-    for (int64_t k = 0; k < K8; k += 8) {
-        __m256 xv[3];
-        for (int j = 0; j < MR; j++) xv[j] = _mm256_loadu_ps(xf + j * ldx + k);
-        for (int i = 0; i < NR; i++) {
-            const __m256 wv = _mm256_loadu_ps(wf + i * K + k);
-            for (int j = 0; j < MR; j++) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
-        }
-    }
-    for (int i = 0; i < NR; i++)
-        for (int j = 0; j < MR; j++) {
-            float s = reduce8(acc[i][j]);
-            for (int64_t k = K8; k < K; k++) s += wf[i * K + k] * xf[j * ldx + k];
-            out[i][j] = s;
-        }
+/* an 8 x 8 float transpose in registers */
+static inline void transpose8(__m256 r[8]) {
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(s0, s4, 0x20); r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+    r[2] = _mm256_permute2f128_ps(s2, s6, 0x20); r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+    r[4] = _mm256_permute2f128_ps(s0, s4, 0x31); r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+    r[6] = _mm256_permute2f128_ps(s2, s6, 0x31); r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
-#define TILE_CASE(nr, mr) case (nr) * 4 + (mr): tile(nr, mr, wf, K, xf, ldx, out); break;
+/* wt[k][i] = w row i (of nb <= NB; rows past nb zero) at column k, as float32 */
+static void widen_transposed(const uint16_t *w, int64_t ldw, int64_t nb, int64_t K, float *wt) {
+    int64_t k0 = 0;
+    if (nb == NB)
+        for (; k0 + 8 <= K; k0 += 8)
+            for (int h = 0; h < NB / 8; h++) {
+                __m256 r[8];
+                for (int i = 0; i < 8; i++) r[i] = load8_bf16(w + (h * 8 + i) * ldw + k0);
+                transpose8(r);
+                for (int k = 0; k < 8; k++) _mm256_store_ps(wt + (k0 + k) * NB + h * 8, r[k]);
+            }
+    for (; k0 < K; k0++)
+        for (int64_t i = 0; i < NB; i++) wt[k0 * NB + i] = i < nb ? bf16_to_f32(w[i * ldw + k0]) : 0.f;
+}
 
-static void tile_any(int nr, int mr, const float *wf, int64_t K, const float *xf, int64_t ldx, float out[4][3]) {
-    switch (nr * 4 + mr) {
-        TILE_CASE(4, 3) TILE_CASE(4, 2) TILE_CASE(4, 1)
-        TILE_CASE(3, 3) TILE_CASE(3, 2) TILE_CASE(3, 1)
-        TILE_CASE(2, 3) TILE_CASE(2, 2) TILE_CASE(2, 1)
-        TILE_CASE(1, 3) TILE_CASE(1, 2) TILE_CASE(1, 1)
+/* out[j][i] = sum_k wt[k][i] * x[j][k] for mr <= MR rows of x; always inlined with a constant mr
+ * so the 12 accumulators stay in registers */
+static inline __attribute__((always_inline)) void tile(int mr, const float *wt, int64_t K, const float *xf,
+                                                       int64_t ldx, float out[MR][NB]) {
+    __m256 acc[MR][2];
+    for (int j = 0; j < mr; j++) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        const __m256 w0 = _mm256_load_ps(wt + k * NB), w1 = _mm256_load_ps(wt + k * NB + 8);
+        for (int j = 0; j < mr; j++) {
+            const __m256 xb = _mm256_broadcast_ss(xf + j * ldx + k);
+            acc[j][0] = _mm256_fmadd_ps(w0, xb, acc[j][0]);
+            acc[j][1] = _mm256_fmadd_ps(w1, xb, acc[j][1]);
+        }
+    }
+    for (int j = 0; j < mr; j++) {
+        _mm256_storeu_ps(out[j], acc[j][0]);
+        _mm256_storeu_ps(out[j] + 8, acc[j][1]);
+    }
+}
+
+#define TILE_CASE(m) case m: tile(m, wt, K, xf, ldx, out); break;
+
+static void tile_any(int mr, const float *wt, int64_t K, const float *xf, int64_t ldx, float out[MR][NB]) {
+    switch (mr) {
+        TILE_CASE(6) TILE_CASE(5) TILE_CASE(4) TILE_CASE(3) TILE_CASE(2) TILE_CASE(1)
         default: break;
     }
 }
@@ -75,43 +105,34 @@ int moe_grouped_gemm_bf16(const uint16_t *w, int64_t E, int64_t N, int64_t K, in
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) if (R * N * K >= 262144)
     {
-        float *wf = (float *)malloc((size_t)NB * K * sizeof(float));
-        if (!wf) {
+        float *wt = (float *)aligned_alloc(64, (size_t)NB * K * sizeof(float));  /* NB * 4 bytes: 64-multiple */
+        if (!wt) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < E * nblocks; task++) {
-            if (!wf) continue;
+            if (!wt) continue;
             const int64_t e = task / nblocks, n0 = (task % nblocks) * NB;
             const int64_t rows = offsets[e + 1] - offsets[e];
             if (rows <= 0) continue;
             const int64_t nb = N - n0 < NB ? N - n0 : NB;
-            const uint16_t *wsrc = w + e * esw + n0 * ldw;
-            for (int64_t i = 0; i < nb; i++) {
-                int64_t k = 0;
-                for (; k + 8 <= K; k += 8) _mm256_storeu_ps(wf + i * K + k, load8_bf16(wsrc + i * ldw + k));
-                for (; k < K; k++) wf[i * K + k] = bf16_to_f32(wsrc[i * ldw + k]);
-            }
+            widen_transposed(w + e * esw + n0 * ldw, ldw, nb, K, wt);
             const float *xe = xf + (offsets[e] - r0) * K;
-            for (int64_t m = 0; m < rows; m += 3) {
-                const int mr = rows - m < 3 ? (int)(rows - m) : 3;
-                for (int64_t i = 0; i < nb; i += 4) {
-                    const int nr = nb - i < 4 ? (int)(nb - i) : 4;
-                    float out[4][3];
-                    tile_any(nr, mr, wf + i * K, K, xe + m * K, K, out);
-                    for (int j = 0; j < mr; j++) {
-                        const int64_t row = offsets[e] + m + j;
-                        for (int a = 0; a < nr; a++) {
-                            const int64_t col = n0 + i + a;
-                            if (y_f32) ((float *)y)[row * ldy + col] = out[a][j];
-                            else y[row * ldy + col] = f32_to_bf16(out[a][j]);
-                        }
+            for (int64_t m = 0; m < rows; m += MR) {
+                const int mr = rows - m < MR ? (int)(rows - m) : MR;
+                float out[MR][NB];
+                tile_any(mr, wt, K, xe + m * K, K, out);
+                for (int j = 0; j < mr; j++) {
+                    const int64_t row = offsets[e] + m + j;
+                    for (int64_t a = 0; a < nb; a++) {
+                        if (y_f32) ((float *)y)[row * ldy + n0 + a] = out[j][a];
+                        else y[row * ldy + n0 + a] = f32_to_bf16(out[j][a]);
                     }
                 }
             }
         }
-        free(wf);
+        free(wt);
     }
     free(xf);
     return failed ? -2 : 0;
