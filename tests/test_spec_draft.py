@@ -277,14 +277,48 @@ def test_engine_chooses_k_and_stays_exact(checkpoint, drafters):
     chosen = []
     orig = llm.engine.spec_cost.choose_k
 
-    def spy(batch_size):
-        chosen.append(orig(batch_size))
+    def spy(batch_size, source="model"):
+        chosen.append(orig(batch_size, source))
         return chosen[-1]
 
     llm.engine.spec_cost.choose_k = spy
     assert _tokens(llm.generate(_prompts(2), sp)) == want
     assert 3 in chosen and 0 in chosen  # a random drafter accepts ~nothing: plain steps win
     assert chosen[-10:].count(0) >= 8
+
+
+def test_zero_acceptance_drafter_falls_back_to_plain_steps_that_cost_it_nothing(checkpoint, drafters):
+    """Counters, not timings: a drafter whose drafts are never accepted (one that predicts token 0,
+    which the target never emits) ends with K = 0; in those steps the drafter runs no row at all (it
+    catches up only when it drafts again), probes are rare, and the output stays exact."""
+    target = checkpoint("mixtral")
+    sp = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    prompts = _prompts(2, seed=5)
+    want = _tokens(LLM(str(target), dtype="float32").generate(prompts, sp))
+    llm = LLM(str(target), dtype="float32", speculative_config=_spec(drafters["dense"], 3, cost_control=True))
+    e = llm.engine
+    orig_step = e.drafter.step
+
+    def wrong_step(seqs, ids, positions):  # the drafter's real forward (its cache fills), its pick never right
+        logits = orig_step(seqs, ids, positions)
+        logits[:, 0] = logits.max() + 1
+        return logits
+
+    e.drafter.step = wrong_step
+    seqs = [e.seqs[e.add_request(p, sp)] for p in prompts]
+    steps = []  # (K chosen, drafter rows run in the step)
+    while e.has_unfinished_requests():
+        rows = e.drafter.num_tokens_run
+        e.step()
+        steps.append((e.proposer.k, e.drafter.num_tokens_run - rows))
+    assert [q.output_token_ids for q in seqs] == want
+    assert e.spec_stats().num_draft_tokens > 0 and e.spec_accepted == 0
+    ks = [k for k, _ in steps]
+    assert ks[-30:].count(0) >= 28, ks  # learned, then plain (a probe at most every 16 steps)
+    assert all(rows == 0 for k, rows in steps[1:] if k == 0), steps  # a plain step runs no drafter row
+    plain_from = ks.index(0)
+    probes = [i for i, k in enumerate(ks) if k and i > plain_from]
+    assert all(b - a > 16 for a, b in zip([plain_from] + probes, probes)), ks  # K_max at most every 16 steps
 
 
 @pytest.mark.parametrize("spec, match", [
