@@ -321,6 +321,32 @@ def test_zero_acceptance_drafter_falls_back_to_plain_steps_that_cost_it_nothing(
     assert all(b - a > 16 for a, b in zip([plain_from] + probes, probes)), ks  # K_max at most every 16 steps
 
 
+def test_ngram_first_drafts_by_lookup_where_it_matches_and_by_the_drafter_elsewhere(checkpoint, noisy_self):
+    """ngram_first: a sequence whose suffix recurred takes the lookup's draft, the others the
+    drafter's (both in one run); greedy outputs unchanged, sampled ones reproducible."""
+    target = checkpoint("mixtral")
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9] * 4}, *_prompts(2, seed=8)]
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)] * 2 + [
+        SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True)]
+    want = _tokens(LLM(str(target), dtype="float32").generate(prompts[:2], params[:2]))
+    runs = []
+    for _ in range(2):
+        llm = LLM(str(target), dtype="float32", speculative_config=_spec(noisy_self("mixtral"), 3, ngram_first=True))
+        sources = []
+        orig = llm.engine.runner.run
+
+        def spy(batch, eos_ids):
+            sources.extend(s.draft_source for s in batch.seqs if s.draft)
+            return orig(batch, eos_ids)
+
+        llm.engine.runner.run = spy
+        got = _tokens(llm.generate(prompts, params))
+        assert got[:2] == want
+        assert sources.count("lookup") > 0 and sources.count("model") > 0, sources
+        runs.append(got)
+    assert runs[0] == runs[1]
+
+
 @pytest.mark.parametrize("spec, match", [
     ({"method": "eagle"}, "method 'eagle' is not supported: choose one of ngram, draft_model, draft, mtp"),
     ({"method": "draft_model"}, "needs 'model'"),
@@ -328,6 +354,7 @@ def test_zero_acceptance_drafter_falls_back_to_plain_steps_that_cost_it_nothing(
     ({"method": "ngram", "model": "/x"}, "is for method 'draft_model'"),
     ({"method": "mtp", "model": "/x"}, "drafts from the target itself"),
     ({"method": "draft_model", "model": "/x", "num_speculative_tokens": 0}, "must be a positive integer"),
+    ({"method": "ngram", "ngram_first": True}, "ngram_first is for methods 'draft_model' and 'draft'"),
 ])
 def test_bad_configs_are_named(spec, match):
     with pytest.raises(ValueError, match=match):
