@@ -108,20 +108,24 @@ class SpecCostModel:
 
     def step_cost(self, k: int, batch_size: int, source: str = "model") -> float | None:
         """Seconds of a step with ``k`` drafts per sequence (drafting included); None: not known yet."""
+        costs = self.step_costs(batch_size, source)
+        return None if costs is None else costs[k]
+
+    def step_costs(self, batch_size: int, source: str = "model") -> list[float] | None:
+        """:meth:`step_cost` of K = 0 .. K_max (None while either end of the line is unmeasured)."""
         b = batch_bucket(batch_size)
-        v = self._seconds(self._verify.get((b, k)))
-        if v is None:
-            lo, hi = self._seconds(self._verify.get((b, 0))), self._seconds(self._verify.get((b, self.max_k)))
-            if lo is None or hi is None:
-                return None
-            v = lo + (hi - lo) * k / self.max_k  # linear in rows until measured
-        if k:  # more rows never cost less than a plain step (a lower median is noise)
-            plain = self._seconds(self._verify.get((b, 0)))
-            v = v if plain is None else max(v, plain)
-        if k == 0 or source == "lookup":
-            return v
-        draft = self._seconds(self._draft.get(b))
-        return None if draft is None else v + k * draft
+        plain, top = self._seconds(self._verify.get((b, 0))), self._seconds(self._verify.get((b, self.max_k)))
+        draft = 0.0 if source == "lookup" else self._seconds(self._draft.get(b))
+        if plain is None or top is None or draft is None:
+            return None
+        costs = [plain]
+        for k in range(1, self.max_k + 1):
+            v = self._seconds(self._verify.get((b, k)))
+            if v is None:
+                v = plain + (top - plain) * k / self.max_k  # linear in rows until measured
+            # more rows never cost less than a plain step (a lower median is noise)
+            costs.append(max(v, plain) + k * draft)
+        return costs
 
     @staticmethod
     def _seconds(timing: _Timing | None) -> float | None:
@@ -129,8 +133,8 @@ class SpecCostModel:
 
     def speedup(self, k: int, batch_size: int, source: str = "model") -> float | None:
         """Predicted tokens per second with ``k`` drafts over plain decoding's; None: not known yet."""
-        plain, cost = self.step_cost(0, batch_size), self.step_cost(k, batch_size, source)
-        return None if plain is None or cost is None else self.expected_tokens(k, source) * plain / cost
+        costs = self.step_costs(batch_size, source)
+        return None if costs is None else self.expected_tokens(k, source) * costs[0] / costs[k]
 
     def probe_interval(self, batch_size: int, source: str = "model") -> int:
         """Plain steps between probes with K_max: a fixed ``probe_every``, or as many as make a
@@ -138,27 +142,37 @@ class SpecCostModel:
         ``probe_budget`` of the plain steps' time."""
         if self.probe_every is not None:
             return self.probe_every
-        plain, cost = self.step_cost(0, batch_size), self.step_cost(self.max_k, batch_size, source)
-        loss = cost - self.expected_tokens(self.max_k, source) * plain
-        return max(16, math.ceil(loss / (self.probe_budget * plain)))
+        costs = self.step_costs(batch_size, source)
+        loss = costs[-1] - self.expected_tokens(self.max_k, source) * costs[0]
+        return max(16, math.ceil(loss / (self.probe_budget * costs[0])))
 
     def choose_k(self, batch_size: int, source: str = "model") -> int:
-        """The K with the most tokens per second for this batch size; unmeasured ends first."""
+        """The K with the most tokens per second for this batch size; unmeasured ends first; a
+        probe with K_max now and then while K = 0 wins."""
         if batch_size < 1:
             return self.max_k
-        for k in (self.max_k, 0):  # learn the two ends of the line first
-            if self.step_cost(k, batch_size, source) is None:
-                return k
-        rate, reach, tokens = [], 1.0, 1.0
-        for k in range(self.max_k + 1):  # tokens per second of each K (E(K) built up position by position)
-            if k:
-                reach *= self.acceptance(k - 1, source)
-                tokens += reach
-            rate.append((tokens / self.step_cost(k, batch_size, source), -k))
-        best = max(range(self.max_k + 1), key=rate.__getitem__)
+        b = batch_bucket(batch_size)
+        # learn the two ends of the line first: K_max (with a drafter step), then plain
+        if (self._seconds(self._verify.get((b, self.max_k))) is None
+                or (source == "model" and self._seconds(self._draft.get(b)) is None)):
+            return self.max_k
+        if self._seconds(self._verify.get((b, 0))) is None:
+            return 0
+        best = self.best_k(batch_size, source)
         if best == 0:
             self._plain_steps[source] += 1
             if self._plain_steps[source] >= self.probe_interval(batch_size, source):
                 self._plain_steps[source] = 0
                 return self.max_k
         return best
+
+    def best_k(self, batch_size: int, source: str = "model") -> int:
+        """The K with the most expected tokens per second (both ends of the line measured)."""
+        costs = self.step_costs(batch_size, source)
+        rate, reach, tokens = [], 1.0, 1.0
+        for k, cost in enumerate(costs):  # tokens per second of each K (E(K) built up position by position)
+            if k:
+                reach *= self.acceptance(k - 1, source)
+                tokens += reach
+            rate.append((tokens / cost, -k))
+        return max(range(self.max_k + 1), key=rate.__getitem__)

@@ -385,6 +385,9 @@ def test_cli_flags_and_stats():
     assert speculative_config(None, "/d", 0) == {"method": "draft_model", "model": "/d"}
     assert speculative_config("draft", None, 2) == {"method": "draft", "num_speculative_tokens": 2}
     assert speculative_config(None, None, 0) is None
+    assert speculative_config("draft", None, 0, ngram_first=True) == {"method": "draft", "ngram_first": True}
+    with pytest.raises(Exception, match="--ngram-first needs a drafter"):
+        speculative_config(None, None, 0, ngram_first=True)
     res = CliRunner().invoke(app, ["generate", "--draft-model", default_model_path(), "--speculative-tokens", "2",
                                    "--dtype", "float32", "--stats", "--temperature", "0", "--max-tokens", "7",
                                    "--no-stream", "--speculative-method", "draft_model", "The module"])
