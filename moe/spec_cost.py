@@ -11,12 +11,12 @@ tokens per second. Acceptance is counted per source (``model``: a drafter, ``loo
 lookup), the step costs are shared.
 
 Costs depend on the batch size, so they are kept per batch-size bucket (powers of two), each
-as the median of its recent timings (after a first, warm-up one). A bucket learns
-``verify(0)`` and ``verify(K_max)`` first; other K are interpolated linearly in K until
-measured. While K = 0 wins, a step now and then still drafts K_max (a probe), so that the
-acceptance estimates (and the costs) stay current and drafting comes back when it pays again:
-by default as rarely as keeps a probe's expected loss within 2% of the plain decoding time
-between probes.
+as the median of its recent timings (after a first, warm-up one). A bucket learns a verify step
+with K_max drafts (n-gram lookup: the longest one it measured) and ``verify(0)`` first; other K
+are interpolated linearly in K until measured. While K = 0 wins, a step now and then still
+drafts K_max (a probe), so that the acceptance estimates (and the costs) stay current and
+drafting comes back when it pays again: by default as rarely as keeps a probe's expected loss
+within 2% of the plain decoding time between probes.
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ class SpecCostModel:
     def step_costs(self, batch_size: int, source: str = "model") -> list[float] | None:
         """:meth:`step_cost` of K = 0 .. K_max (None while either end of the line is unmeasured)."""
         b = batch_bucket(batch_size)
-        plain, top = self._seconds(self._verify.get((b, 0))), self._seconds(self._verify.get((b, self.max_k)))
+        plain, (top_k, top) = self._seconds(self._verify.get((b, 0))), self._longest_verify(b)
         draft = 0.0 if source == "lookup" else self._seconds(self._draft.get(b))
         if plain is None or top is None or draft is None:
             return None
@@ -122,10 +122,19 @@ class SpecCostModel:
         for k in range(1, self.max_k + 1):
             v = self._seconds(self._verify.get((b, k)))
             if v is None:
-                v = plain + (top - plain) * k / self.max_k  # linear in rows until measured
+                v = plain + (top - plain) * k / top_k  # linear in rows until measured
             # more rows never cost less than a plain step (a lower median is noise)
             costs.append(max(v, plain) + k * draft)
         return costs
+
+    def _longest_verify(self, bucket: int) -> tuple[int, float | None]:
+        """(K, seconds) of the longest verify step measured in ``bucket`` (n-gram drafts come in
+        any length up to K_max), or (0, None)."""
+        for k in range(self.max_k, 0, -1):
+            v = self._seconds(self._verify.get((bucket, k)))
+            if v is not None:
+                return k, v
+        return 0, None
 
     @staticmethod
     def _seconds(timing: _Timing | None) -> float | None:
@@ -152,9 +161,8 @@ class SpecCostModel:
         if batch_size < 1:
             return self.max_k
         b = batch_bucket(batch_size)
-        # learn the two ends of the line first: K_max (with a drafter step), then plain
-        if (self._seconds(self._verify.get((b, self.max_k))) is None
-                or (source == "model" and self._seconds(self._draft.get(b)) is None)):
+        # learn the two ends of the line first: a verify step (with a drafter step), then plain
+        if self._longest_verify(b)[1] is None or (source == "model" and self._seconds(self._draft.get(b)) is None):
             return self.max_k
         if self._seconds(self._verify.get((b, 0))) is None:
             return 0

@@ -267,6 +267,20 @@ def test_cost_model_picks_k_from_costs_and_acceptance():
     assert low.choose_k(2) == 3  # another batch-size bucket is measured afresh
 
 
+def test_cost_model_weighs_lookup_drafts_on_their_own_acceptance_and_any_verify_length():
+    """n-gram drafts come in any length: the verify line runs through the plain step and the longest
+    verify measured; they cost no drafter step; their acceptance is counted apart from a drafter's."""
+    m = SpecCostModel(max_k=4, probe_every=8)
+    for _ in range(3):
+        m.observe_verify(2, 1, 1.4)
+        m.observe_verify(0, 1, 1.0)
+    assert m.step_cost(4, 1, "lookup") == pytest.approx(1.8) and m.step_cost(4, 1) is None  # no drafter step yet
+    assert m.choose_k(1, "lookup") == 4  # prior acceptance 0.8: E(4) = 3.36 tokens in 1.8 s beats 1 in 1 s
+    for _ in range(20):
+        m.observe_acceptance(2, 0, "lookup")
+    assert m.choose_k(1, "lookup") == 0 and m.acceptance(0) == m.prior_acceptance
+
+
 def test_engine_chooses_k_and_stays_exact(checkpoint, drafters):
     """With cost control on the engine measures and chooses K per step (0 included); greedy
     output is unchanged whatever it picks."""
