@@ -235,8 +235,9 @@ class DraftModelProposer:
             t0, rows0 = time.perf_counter(), self.drafter.num_tokens_run
             logits = self.drafter.step([seqs[b] for b in active], ids, positions)
             self._pick(logits, [seqs[b] for b in active], [tokens[b] for b in active], [probs[b] for b in active])
-            # a step that also caught up on skipped rows is not a drafting step's cost
-            if self.cost is not None and self.drafter.num_tokens_run - rows0 <= len(active):
+            # a step that caught up on a stretch of plain steps is not a drafting step's cost (one
+            # owed row per sequence is: after a wholly accepted draft the last draft's row is owed)
+            if self.cost is not None and self.drafter.num_tokens_run - rows0 <= 2 * len(active):
                 self.cost.observe_draft(len(active), time.perf_counter() - t0)
         return [Draft(tuple(t), torch.stack(q) if q else None, "model") for t, q in zip(tokens, probs)]
 
