@@ -8,7 +8,7 @@ Targets:
    1024, 8 layers, 8 experts top-2; benchmarks/peers/models.py) with a one-layer drafter cut from
    it and distilled by ``moe distill`` on the target's own generations from random prompts
    (``--prepare``, cached under ``--cache-dir``); prompts are random token ids. The drafter before
-   distillation (the cut teacher) runs too, so acceptance before and after is measured.
+   distillation (the cut teacher, ``draft_cut``) runs too at batch 1: acceptance before and after.
 
 Methods: ``plain``; ``ngram`` (prompt lookup); ``draft`` (the drafter); ``combo`` (``ngram_first``:
 n-gram lookup where the suffix recurred, the drafter elsewhere); all with the engine's cost control
@@ -83,7 +83,7 @@ def prepare_mixtral(args) -> dict:
     if not (before / "config.json").is_file():
         from moe.distill_student import build_draft_student, save_student
 
-        save_student(build_draft_student(ckpt, 1), before, torch.bfloat16, ckpt)
+        save_student(build_draft_student(ckpt, 1)[0], before, torch.bfloat16, ckpt)
     after = out / "drafter"
     if not (after / "config.json").is_file():
         cmd = [sys.executable, "-m", "moe", "distill", "--teacher", str(ckpt), "--student", "draft",
@@ -202,12 +202,13 @@ def run_target(target: str, args, prep: dict | None) -> dict:
     configs = {"plain": None}
     for m in names:
         configs[m] = spec_config(m, drafters["draft"], args.cost_control)
-    if target == "mixtral" and "draft" in names:
-        configs["draft_cut"] = spec_config("draft", drafters["draft_cut"], args.cost_control)
     out = {}
     for c in args.concurrency:
         opts = dict(kv_cache_memory=args.kv_cache_memory, max_num_seqs=max(c, 8))
         llms = {n: (LLM(model, **opts, speculative_config=cfg)) for n, cfg in configs.items()}
+        if target == "mixtral" and "draft" in names and c == 1:  # acceptance before distillation
+            llms["draft_cut"] = LLM(model, **opts, speculative_config=spec_config("draft", drafters["draft_cut"],
+                                                                                  args.cost_control))
         sets = (prompts_default(1 + args.repeats, c, args.prompt_len) if target == "default" else
                 prompts_random(1 + args.repeats, c, args.prompt_len, 32000 if not args.quick else 4096, seed=c))
         t0 = time.perf_counter()

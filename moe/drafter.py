@@ -232,12 +232,12 @@ class DraftModelProposer:
             active = [b for b, r in enumerate(rooms) if r > j]
             ids = [tokens[b][-1] if j else seqs[b].token_ids[-1] for b in active]
             positions = [seqs[b].num_computed_tokens + j for b in active]
-            t0, rows0 = time.perf_counter(), self.drafter.num_tokens_run
+            t0 = time.perf_counter()
             logits = self.drafter.step([seqs[b] for b in active], ids, positions)
             self._pick(logits, [seqs[b] for b in active], [tokens[b] for b in active], [probs[b] for b in active])
-            # a step that caught up on a stretch of plain steps is not a drafting step's cost (one
-            # owed row per sequence is: after a wholly accepted draft the last draft's row is owed)
-            if self.cost is not None and self.drafter.num_tokens_run - rows0 <= 2 * len(active):
+            if self.cost is not None:
+                # (with the rows caught up on: drafting now and then pays for the plain steps between;
+                # the median of recent steps keeps one probe's catch-up from weighing much)
                 self.cost.observe_draft(len(active), time.perf_counter() - t0)
         return [Draft(tuple(t), torch.stack(q) if q else None, "model") for t, q in zip(tokens, probs)]
 
