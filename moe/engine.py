@@ -320,10 +320,13 @@ class LLMEngine:
         return self.lockstep.run(batch, lambda: self.runner.run(batch, self.eos_ids))
 
     def _observe_step_cost(self, batch: ScheduledBatch, seconds: float) -> None:
-        """Feed the cost model a decode step in which every sequence verified the same number of drafts."""
-        drafts = {len(s.draft) for s in batch.seqs}
-        if len(drafts) == 1 and all(s.num_new_tokens == 1 + len(s.draft) and s.samples for s in batch.seqs):
-            self.spec_cost.observe_verify(drafts.pop(), len(batch.seqs), seconds)
+        """Feed the cost model a decode step (no prompt chunk) as a verify of the drafts per sequence
+        it ran on average, rounded (at least 1 if any): n-gram lookup drafts some sequences and not
+        others, and such steps' cost is the one that matters (it grows with the rows)."""
+        if all(s.num_new_tokens == 1 + len(s.draft) and s.samples for s in batch.seqs):
+            drafts = sum(len(s.draft) for s in batch.seqs)
+            k = min(max(round(drafts / len(batch.seqs)), 1), self.spec_cost.max_k) if drafts else 0
+            self.spec_cost.observe_verify(k, len(batch.seqs), seconds)
 
     @property
     def spec_drafted(self) -> int:
