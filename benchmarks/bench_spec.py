@@ -29,6 +29,7 @@ The last line printed is one JSON object with every number.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import random
@@ -166,6 +167,10 @@ def measure(target: str, llms: dict, prompt_sets: list[list], max_tokens: int, c
             row |= _acceptance(snaps[name], _stats_snapshot(llm), tokens * repeats, concurrency * repeats)
             row["predicted"] = _prediction(llm, concurrency, name.split(":")[0])
         res[name] = row
+    return res
+
+
+def with_ratios(res: dict) -> dict:
     for row in res.values():
         row["vs_plain"] = row["tok_s"] / res["plain"]["tok_s"]
         row["vs_plain_cpu"] = row["tok_s_cpu"] / res["plain"]["tok_s_cpu"]
@@ -205,16 +210,25 @@ def run_target(target: str, args, prep: dict | None) -> dict:
     out = {}
     for c in args.concurrency:
         opts = dict(kv_cache_memory=args.kv_cache_memory, max_num_seqs=max(c, 8))
-        llms = {n: (LLM(model, **opts, speculative_config=cfg)) for n, cfg in configs.items()}
+        todo = dict(configs)
         if target == "mixtral" and "draft" in names and c == 1:  # acceptance before distillation
-            llms["draft_cut"] = LLM(model, **opts, speculative_config=spec_config("draft", drafters["draft_cut"],
-                                                                                  args.cost_control))
+            todo["draft_cut"] = spec_config("draft", drafters["draft_cut"], args.cost_control)
         sets = (prompts_default(1 + args.repeats, c, args.prompt_len) if target == "default" else
                 prompts_random(1 + args.repeats, c, args.prompt_len, 32000 if not args.quick else 4096, seed=c))
         t0 = time.perf_counter()
-        out[c] = measure(target, llms, sets, args.max_tokens, c, args.repeats)
+        if args.sequential:  # one engine in memory at a time (large targets), measured one after another
+            res = {}
+            for n, cfg in todo.items():
+                llm = LLM(model, **opts, speculative_config=cfg)
+                res |= measure(target, {n: llm}, sets, args.max_tokens, c, args.repeats)
+                del llm
+                gc.collect()
+        else:
+            res = measure(target, {n: LLM(model, **opts, speculative_config=cfg) for n, cfg in todo.items()}, sets,
+                          args.max_tokens, c, args.repeats)
+        out[c] = with_ratios(res)
         print_table(target, c, out[c], time.perf_counter() - t0)
-        del llms
+        gc.collect()
     return out
 
 
@@ -249,6 +263,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--kv-cache-memory", default="1GiB")
     ap.add_argument("--no-cost-control", dest="cost_control", action="store_false")
+    ap.add_argument("--sequential", action="store_true", help="one engine in memory at a time, measured in turn "
+                                                              "(not interleaved): for targets too large for five")
     ap.add_argument("--prepare", action="store_true", help="only build the Mixtral-shaped target's drafters")
     ap.add_argument("--cache-dir", default="~/.cache/moe-bench")
     ap.add_argument("--gen-prompts", type=int, default=96, help="--prepare: target generations to distill on")
@@ -270,6 +286,7 @@ def main() -> None:
         return
     results = {t: run_target(t, args, prep) for t in targets}
     meta = {"threads": args.threads, "max_tokens": args.max_tokens, "prompt_len": args.prompt_len,
+            "sequential": args.sequential,
             "repeats": args.repeats, "k_max": K, "cost_control": args.cost_control, "cpu": platform.processor()
             or platform.machine(), "torch": torch.__version__}
     if prep is not None:
