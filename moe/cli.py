@@ -45,6 +45,8 @@ ENGINE_FLAGS: dict[str, tuple[Any, Any]] = {
                                                                    "(the default model's shipped drafter) or mtp.")),
     "draft_model": (Optional[str], typer.Option(None, help="Drafter checkpoint for speculative decoding (same "
                                                            "vocabulary as the model).")),
+    "ngram_first": (bool, typer.Option(False, "--ngram-first", help="With a drafter: draft by n-gram lookup where "
+                                                                     "the text repeats, by the drafter elsewhere.")),
     "max_model_len": (Optional[int], typer.Option(_default("max_model_len"))),
     "max_num_seqs": (int, typer.Option(_default("max_num_seqs"), help="Sequences in the running batch at most.")),
     "max_num_batched_tokens": (int, typer.Option(_default("max_num_batched_tokens"),
@@ -67,18 +69,23 @@ def engine_options(flags: dict[str, Any]) -> dict[str, Any]:
     """``LLM(**engine_options(flags))``: the engine flags' values as EngineConfig's keyword arguments."""
     options = dict(flags)
     options["speculative_config"] = speculative_config(options.pop("speculative_method"), options.pop("draft_model"),
-                                                       options.pop("speculative_tokens"))
+                                                       options.pop("speculative_tokens"), options.pop("ngram_first"))
     options["load_progress"] = sys.stderr.isatty()
     return options
 
 
-def speculative_config(method: str | None, draft_model: str | None, tokens: int) -> dict[str, Any] | None:
-    """vLLM's ``speculative_config`` from the three flags (validated by the engine's config)."""
+def speculative_config(method: str | None, draft_model: str | None, tokens: int,
+                       ngram_first: bool = False) -> dict[str, Any] | None:
+    """vLLM's ``speculative_config`` from the speculative flags (validated by the engine's config)."""
     if method is None:
         method = "draft_model" if draft_model else ("ngram" if tokens else None)
     if method is None:
+        if ngram_first:
+            raise typer.BadParameter("--ngram-first needs a drafter: add --speculative-method draft or --draft-model")
         return None
     spec: dict[str, Any] = {"method": method}
+    if ngram_first:
+        spec["ngram_first"] = True
     if draft_model is not None:
         spec["model"] = draft_model
     if tokens:

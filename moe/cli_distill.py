@@ -16,7 +16,8 @@ def distill(
     student: str = typer.Option(..., "--student", help="'draft' (a small drafter cut from the teacher) or a "
                                                        "checkpoint directory to recover (e.g. a pruned teacher)."),
     data: Path = typer.Option(..., "--data", help="Training text: a file, or a directory of .txt/.md/.rst files "
-                                                  "(documents separated by blank lines)."),
+                                                  "(documents separated by blank lines); or a .jsonl file of "
+                                                  "token ids (one JSON list per line)."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory for the student checkpoint."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data",
                                              help="Held-out text (default: every 20th window of --data)."),

@@ -1,7 +1,7 @@
 """``moe distill``: knowledge distillation from a teacher checkpoint into a student.
 
-1. The text (``data``) becomes windows of ``seq_len + 1`` tokens (the teacher's tokenizer); every 20th is
-   held out unless ``eval_data`` is given.
+1. The text (``data``) becomes windows of ``seq_len + 1`` tokens (the teacher's tokenizer; a ``.jsonl``
+   file of token-id lists is taken as it is); every 20th is held out unless ``eval_data`` is given.
 2. Our engine runs the teacher over the windows and keeps its top-k log-probs per position
    (:mod:`moe.distill_data`; cached in ``<out>/distill_state/``).
 3. The student (:mod:`moe.distill_student`: a drafter cut from the teacher, or an existing checkpoint
@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from .distill_data import (TeacherTopK, batches, cached_engine_topk, progress_bar, read_documents, split_heldout,
-                           token_stream, windows)
+from .distill_data import TeacherTopK, batches, cached_engine_topk, data_stream, progress_bar, split_heldout, windows
 from .distill_student import build_draft_student, load_student, save_student, select_trainable
 
 STATE_DIR = "distill_state"
@@ -137,12 +136,9 @@ def lr_at(step: int, cfg: DistillConfig) -> float:
 
 def prepare_data(cfg: DistillConfig, progress: bool) -> tuple[torch.Tensor, TeacherTopK, torch.Tensor, TeacherTopK]:
     """(train windows, their teacher top-k, held-out windows, their teacher top-k)."""
-    from .tokenizer import Tokenizer
-
-    tok = Tokenizer(Path(cfg.teacher))
-    wins = windows(token_stream(read_documents(cfg.data), tok), cfg.seq_len)
+    wins = windows(data_stream(cfg.data, cfg.teacher), cfg.seq_len)
     if cfg.eval_data:
-        train, held = wins, windows(token_stream(read_documents(cfg.eval_data), tok), cfg.seq_len)
+        train, held = wins, windows(data_stream(cfg.eval_data, cfg.teacher), cfg.seq_len)
     else:
         train, held = split_heldout(wins)
     held = held[: cfg.eval_windows]

@@ -47,6 +47,31 @@ def token_stream(docs: Iterable[str], tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def data_stream(data: str | Path, teacher: str | Path) -> torch.Tensor:
+    """The token stream of ``data``: a ``.jsonl`` file holds token ids already (one JSON list of ids
+    per line, documents joined in order; e.g. a teacher's own generations, for a checkpoint without
+    a tokenizer), anything else is text encoded by the teacher's tokenizer (:func:`token_stream`)."""
+    p = Path(data)
+    if p.suffix != ".jsonl":
+        from .tokenizer import Tokenizer
+
+        return token_stream(read_documents(p), Tokenizer(Path(teacher)))
+    if not p.is_file():
+        raise FileNotFoundError(f"--data {p}: no such file")
+    ids: list[int] = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        doc = json.loads(line)
+        if not isinstance(doc, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in doc):
+            raise ValueError(f"--data {p} line {n}: a .jsonl data file holds one JSON list of token ids per line "
+                             "(e.g. [1, 523, 87]); give text in a .txt file instead")
+        ids.extend(doc)
+    if not ids:
+        raise ValueError(f"--data {p} holds no token ids")
+    return torch.tensor(ids, dtype=torch.long)
+
+
 def windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Non-overlapping windows of ``seq_len + 1`` tokens, ``[N, seq_len + 1]`` (inputs and targets)."""
     n = stream.numel() // (seq_len + 1)

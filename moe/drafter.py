@@ -7,15 +7,16 @@ blocks, and uses the target's block tables (as vLLM does for its KV cache groups
 manager's allocations, frees, preemptions and prefix-cache hits cover both models at once; the
 engine budgets both models' bytes per token when it sizes the cache.
 
-The drafter keeps its cache complete where the target's is: it runs over every token the target
-runs (prompt chunks, plain decode rows) in :meth:`DraftModel.catch_up`, called by the model runner
-after each target step. Drafting (:meth:`DraftModelProposer.propose`, called by the scheduler once
-a step's blocks are allocated) runs K one-row steps per sequence, batched over the speculating
-sequences: step ``j`` feeds the last token (j = 0) or draft ``j`` at position ``computed + j``
-and writes its K/V there. The target's verify rows are ``[last, d_1 .. d_K]`` at the same
-positions, so the drafter already holds the K/V of all but ``d_K``, which it needs only when the
-whole draft was accepted and then writes in the sequence's next pass. Rejected rows' K/V lie past
-the computed length in both caches and are overwritten later.
+A draft model keeps its cache complete up to a per-sequence mark (``written``): prompt chunks run
+through it after each target step (:meth:`DraftModel.catch_up`, called by the model runner), decode
+rows do not; it catches up on them in the sequence's next drafting step, batched with it, so a
+plain decoding step (K = 0, cost control's fallback) costs it nothing. Drafting
+(:meth:`DraftModelProposer.propose`, called by the scheduler once a step's blocks are allocated)
+runs K one-row steps per sequence, batched over the speculating sequences: step ``j`` feeds the
+last token (j = 0) or draft ``j`` at position ``computed + j`` and writes its K/V there. The
+target's verify rows are ``[last, d_1 .. d_K]`` at the same positions, so the drafter already
+holds the K/V of the accepted ones (all but ``d_K``, which it writes when it drafts next). Rejected
+rows' K/V lie past the computed length in both caches and are overwritten later.
 
 Greedy requests draft the drafter's argmax; sampled requests draw from the drafter's distribution
 after the request's temperature / top-k / top-p / min-p (the same filtering the target's rows
@@ -41,7 +42,7 @@ from .sampler import draw_token, filtered_probs
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 from .spec_cost import SpecCostModel
-from .spec_decode import Draft, draft_room
+from .spec_decode import Draft, NgramProposer, draft_room
 
 
 class Drafter(Protocol):
@@ -57,6 +58,8 @@ class Drafter(Protocol):
     def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, sampled: dict[int, list[int]]) -> None: ...
 
     def num_unwritten(self, seq: Sequence) -> int: ...
+
+    num_tokens_run: int  # rows run through the drafter so far
 
 
 class _OwnKVCache:
@@ -101,8 +104,9 @@ class DraftModel(_OwnKVCache):
         self.block_size = 0
         self.captured: CapturedDecode | None = None
         self.num_tokens_run = 0
-        # id(seq) -> (seq, token, position): a row this drafter owes the sequence (see catch_up)
-        self._unwritten: dict[int, tuple[Sequence, int, int]] = {}
+        # id(seq) -> (seq, written, its num_preemptions then): positions [0, written) of the
+        # sequence hold this drafter's K/V (see catch_up)
+        self._written: dict[int, tuple[Sequence, int, int]] = {}
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, fp8: bool) -> None:
         super().allocate_kv_cache(num_blocks, block_size, fp8)
@@ -121,49 +125,66 @@ class DraftModel(_OwnKVCache):
             return self.captured(ids_T, pos_T, ctx)
         return self.model(ids_T, pos_T, ctx)
 
-    def num_unwritten(self, seq: Sequence) -> int:
-        """Tokens at the end of ``seq``'s computed ones whose drafter K/V are not written yet (0 or 1:
-        the last draft token, when the target accepted the whole draft). The engine offers blocks
-        to the prefix cache only up to there, so a block is shared only once both caches hold it."""
-        entry = self._unwritten.get(id(seq))
-        return int(entry is not None and entry[2] == seq.num_computed_tokens - 1)
+    def written(self, seq: Sequence) -> int:
+        """Positions of ``seq`` whose drafter K/V are written (0 for a sequence not seen yet)."""
+        entry = self._written.get(id(seq))
+        return entry[1] if entry is not None and entry[2] == seq.num_preemptions else 0
 
-    def _take_unwritten(self, seq: Sequence, start: int) -> list[tuple[int, int]]:
-        """The (token, position) row to run before ``seq``'s rows starting at ``start``, if it is owed."""
-        entry = self._unwritten.pop(id(seq), None)
-        return [(entry[1], entry[2])] if entry is not None and entry[2] == start - 1 else []
+    def num_unwritten(self, seq: Sequence) -> int:
+        """Tokens at the end of ``seq``'s computed ones whose drafter K/V are not written yet (the
+        decode rows since the drafter last drafted for it). The engine offers blocks to the prefix
+        cache only up to there, so a block is shared only once both caches hold it."""
+        return max(seq.num_computed_tokens - self.written(seq), 0)
+
+    def _set_written(self, seq: Sequence, n: int) -> None:
+        self._written[id(seq)] = (seq, n, seq.num_preemptions)
+
+    def _gap_rows(self, seq: Sequence, upto: int) -> list[tuple[int, int]]:
+        """The (token, position) rows of ``seq`` this drafter owes before position ``upto``."""
+        w = self.written(seq)
+        return list(zip(seq.token_ids[w:upto], range(w, upto)))
 
     def step(self, seqs: list[Sequence], ids: list[int], positions: list[int]) -> torch.Tensor:
         """One drafting step, one row per sequence (its ``ids`` at ``positions``): ``[B, V]`` float
-        logits. An owed row of a sequence (see :meth:`catch_up`) runs first, in the same pass."""
-        rows = [self._take_unwritten(seq, p) + [(t, p)] for seq, t, p in zip(seqs, ids, positions)]
+        logits. The rows a sequence owes (see :meth:`catch_up`) run first, in the same pass."""
+        rows = [self._gap_rows(seq, p) + [(t, p)] for seq, t, p in zip(seqs, ids, positions)]
         hidden = self._run_rows(seqs, rows)
+        for seq, p in zip(seqs, positions):
+            self._set_written(seq, p + 1)
         last = torch.tensor([len(r) for r in rows]).cumsum(0) - 1
         return self.model.compute_logits(hidden[last.to(hidden.device)]).cpu()
 
     def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, sampled: dict[int, list[int]]) -> None:
-        """After a target step: write the K/V of the rows the target just ran that the drafting
-        steps did not. That is every row of a sequence without a draft; of a drafted sequence
-        ``[last, d_1 .. d_K]`` the drafting steps wrote all but ``d_K``, whose row matters only
-        when the whole draft was accepted, and then is owed: it runs first in the sequence's next
-        pass (drafting step or catch-up), saving a pass per step. (``hidden_TD``, the target's
-        hidden states of the step's rows in batch order, is for drafters that run on them, such as
-        an MTP layer. ``sampled``: the tokens each batch index emitted, accepted drafts first.)"""
+        """After a target step: account for the rows the target just ran. Prompt chunks run through
+        the drafter now (with any rows it owes before them), so prompt blocks enter the prefix cache
+        at once and the first draft needs no prefill. Decode rows do not: the drafter catches up
+        lazily, over all the rows since it last ran, in the sequence's next drafting step (batched
+        with it), so a step without drafts (K = 0) costs the drafter nothing. Of a verified draft
+        the drafting steps wrote the rows ``[last, d_1 .. d_{K-1}]``, which stay written as far as
+        the target accepted them. (``hidden_TD``, the target's hidden states of the step's rows in
+        batch order, is for drafters that run on them, such as an MTP layer. ``sampled``: the
+        tokens each batch index emitted, accepted drafts first.)"""
         seqs, rows = [], []
         for b, s in enumerate(batch.seqs):
             start, n, seq = s.start, s.num_new_tokens, s.seq
-            if s.draft:
-                if len(sampled.get(b, ())) == len(s.draft) + 1:  # the whole draft accepted
-                    self._unwritten[id(seq)] = (seq, s.draft[-1], start + n - 1)
-                continue
-            seqs.append(seq)
-            rows.append(self._take_unwritten(seq, start) + list(zip(seq.token_ids[start:start + n],
-                                                                    range(start, start + n))))
+            entry = self._written.get(id(seq))
+            if entry is None or entry[2] != seq.num_preemptions:
+                # a new or recomputed sequence (after preemption): the blocks before ``start`` are
+                # prefix-cache hits, cached only once both models' K/V were written
+                self._set_written(seq, start)
+            if s.draft:  # the rows past the accepted ones hold rejected tokens
+                kept = start + max(len(sampled.get(b, ())), 1)
+                self._set_written(seq, min(self.written(seq), kept))
+            elif start < seq.num_prompt_tokens:
+                seqs.append(seq)
+                rows.append(self._gap_rows(seq, start) + list(zip(seq.token_ids[start:start + n],
+                                                                  range(start, start + n))))
+                self._set_written(seq, start + n)
         if seqs:
             self._run_rows(seqs, rows)
-        for key, (seq, _, _) in list(self._unwritten.items()):
-            if seq.is_finished:  # (its blocks went back unshared: nothing is owed)
-                del self._unwritten[key]
+        for key, (seq, _, _) in list(self._written.items()):
+            if seq.is_finished:  # (its blocks went back; what was not shared is not owed)
+                del self._written[key]
 
     def _run_rows(self, seqs: list[Sequence], rows: list[list[tuple[int, int]]]) -> torch.Tensor:
         """Each sequence's consecutive (token, position) rows, its last one ending its context."""
@@ -172,21 +193,39 @@ class DraftModel(_OwnKVCache):
 
 
 class DraftModelProposer:
-    """The scheduler's proposer for ``draft_model`` / ``draft``: K batched drafter steps."""
+    """The scheduler's proposer for ``draft_model`` / ``draft`` / ``mtp``: K batched drafter steps,
+    and with ``lookup`` (``ngram_first``) n-gram lookup first: a sequence whose suffix recurred
+    takes the lookup's draft (free), the others the drafter's. This is the one place a step's
+    drafts are chosen."""
+
+    source = "model"
 
     def __init__(self, drafter: Drafter, k: int, max_model_len: int, generator: torch.Generator,
-                 cost: SpecCostModel | None = None):
+                 cost: SpecCostModel | None = None, lookup: NgramProposer | None = None):
         self.drafter = drafter
         self.k = k  # draft tokens per sequence this step (the engine's cost control may lower it)
+        self.k_max = k
         self.max_model_len = max_model_len
         self.generator = generator  # draws for requests without their own seed (the sampler's)
         self.cost = cost
+        self.lookup = lookup  # its own k, chosen likewise
 
     def room(self, seq: Sequence, budget: int) -> int:
-        return min(draft_room(seq, self.k, self.max_model_len), budget)
+        found = self.lookup.room(seq, budget) if self.lookup is not None else 0
+        return found or min(draft_room(seq, self.k, self.max_model_len, self.k_max), budget)
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], rooms: list[int]) -> list[Draft]:
+        drafts: list[Draft | None] = [None] * len(seqs)
+        if self.lookup is not None:
+            # (the same lookup as in room: its draft has exactly the room reserved)
+            drafts = [Draft(tuple(t)) if t else None for t in (self.lookup._lookup(q, r) for q, r in zip(seqs, rooms))]
+        run = [b for b, d in enumerate(drafts) if d is None]
+        for b, d in zip(run, self._draft([seqs[b] for b in run], [rooms[b] for b in run])):
+            drafts[b] = d
+        return drafts
+
+    def _draft(self, seqs: list[Sequence], rooms: list[int]) -> list[Draft]:
         tokens: list[list[int]] = [[] for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         for j in range(max(rooms, default=0)):
@@ -197,8 +236,10 @@ class DraftModelProposer:
             logits = self.drafter.step([seqs[b] for b in active], ids, positions)
             self._pick(logits, [seqs[b] for b in active], [tokens[b] for b in active], [probs[b] for b in active])
             if self.cost is not None:
+                # (with the rows caught up on: drafting now and then pays for the plain steps between;
+                # the median of recent steps keeps one probe's catch-up from weighing much)
                 self.cost.observe_draft(len(active), time.perf_counter() - t0)
-        return [Draft(tuple(t), torch.stack(q) if q else None) for t, q in zip(tokens, probs)]
+        return [Draft(tuple(t), torch.stack(q) if q else None, "model") for t, q in zip(tokens, probs)]
 
     def _pick(self, logits_BV: torch.Tensor, seqs: list[Sequence], tokens: list[list[int]],
               probs: list[list[torch.Tensor]]) -> None:
@@ -239,6 +280,7 @@ class MTPDrafter(_OwnKVCache):
         self.block_size = 0
         # id(seq) -> (computed length it holds for, logits of the next draft [V], hidden state to chain [D])
         self._next: dict[int, tuple[Sequence, int, torch.Tensor, torch.Tensor]] = {}
+        self.num_tokens_run = 0
 
     def num_unwritten(self, seq: Sequence) -> int:
         return 0  # catch-up writes every computed position
@@ -250,6 +292,7 @@ class MTPDrafter(_OwnKVCache):
         context_lens = [positions[e - 1] + 1 for e in ends]
         meta = AttentionMetadata.build(query_lens, context_lens, [s.block_table.blocks for s in seqs],
                                        self.block_size, self.device)
+        self.num_tokens_run += len(ids)
         return self.model(torch.tensor(ids, dtype=torch.long, device=self.device), hidden_TD.to(self.dtype),
                           torch.tensor(positions, dtype=torch.long, device=self.device),
                           ForwardContext(meta, self.kv_caches))

@@ -103,8 +103,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_managers, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(config.seed)
         self._spec_stats = SpecStats()
-        self.spec_cost: SpecCostModel | None = None  # picks K per step (draft-model methods)
+        self.spec_cost: SpecCostModel | None = None  # picks K per step (cost_control)
         self.proposer: Proposer | None = None
+        self._lookup: NgramProposer | None = None
         if spec is not None:
             self.proposer = self.scheduler.proposer = self._proposer(spec)
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.sampler, self.device,
@@ -154,12 +155,20 @@ class LLMEngine:
         return DraftModel(spec.model, self.model_config.vocab_size, self.dtype, self.device)
 
     def _proposer(self, spec: SpeculativeConfig) -> Proposer:
-        if self.drafter is None:
-            return NgramProposer(spec, self.max_model_len)
         if spec.cost_control:
             self.spec_cost = SpecCostModel(spec.num_speculative_tokens)
+        if self.drafter is None:
+            return NgramProposer(spec, self.max_model_len)
+        self._lookup = NgramProposer(spec, self.max_model_len) if spec.ngram_first else None
         return DraftModelProposer(self.drafter, spec.num_speculative_tokens, self.max_model_len,
-                                  self.sampler.generator, self.spec_cost)
+                                  self.sampler.generator, self.spec_cost, self._lookup)
+
+    def _choose_k(self) -> None:
+        """Cost control: each draft source's K for the next step, from its acceptance and the step costs."""
+        n = len(self.scheduler.running)
+        self.proposer.k = self.spec_cost.choose_k(n, self.proposer.source)
+        if self._lookup is not None:  # ngram_first: n-gram drafts beside the drafter's
+            self._lookup.k = self.spec_cost.choose_k(n, self._lookup.source)
 
     def kv_bytes_per_token(self) -> int:
         """KV cache bytes per token: the target's, plus the drafter's (its cache has the same blocks)."""
@@ -303,7 +312,7 @@ class LLMEngine:
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         if self.spec_cost is not None:
-            self.proposer.k = self.spec_cost.choose_k(len(self.scheduler.running))
+            self._choose_k()
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -320,10 +329,13 @@ class LLMEngine:
         return self.lockstep.run(batch, lambda: self.runner.run(batch, self.eos_ids))
 
     def _observe_step_cost(self, batch: ScheduledBatch, seconds: float) -> None:
-        """Feed the cost model a decode step in which every sequence verified the same number of drafts."""
-        drafts = {len(s.draft) for s in batch.seqs}
-        if len(drafts) == 1 and all(s.num_new_tokens == 1 + len(s.draft) and s.samples for s in batch.seqs):
-            self.spec_cost.observe_verify(drafts.pop(), len(batch.seqs), seconds)
+        """Feed the cost model a decode step (no prompt chunk) as a verify of the drafts per sequence
+        it ran on average, rounded (at least 1 if any): n-gram lookup drafts some sequences and not
+        others, and such steps' cost is the one that matters (it grows with the rows)."""
+        if all(s.num_new_tokens == 1 + len(s.draft) and s.samples for s in batch.seqs):
+            drafts = sum(len(s.draft) for s in batch.seqs)
+            k = min(max(round(drafts / len(batch.seqs)), 1), self.spec_cost.max_k) if drafts else 0
+            self.spec_cost.observe_verify(k, len(batch.seqs), seconds)
 
     @property
     def spec_drafted(self) -> int:
@@ -356,7 +368,7 @@ class LLMEngine:
             accepted = max(len(samples) - 1, 0) if s.draft else 0
             self._spec_stats.record(len(s.draft), accepted)
             if self.spec_cost is not None and s.draft:
-                self.spec_cost.observe_acceptance(len(s.draft), accepted)
+                self.spec_cost.observe_acceptance(len(s.draft), accepted, s.draft_source)
             seq.num_computed_tokens += s.num_new_tokens - len(s.draft) + accepted
             if seq.wants_prompt_logprobs:
                 if not seq.prompt_logprobs:

@@ -45,6 +45,7 @@ class ScheduledSeq:
     draft: tuple[int, ...] = ()  # speculative tokens after the sequence's last one (see moe.spec_decode)
     # [len(draft), V] the drafter's distribution of each draft token (sampled requests); None: point masses
     draft_probs: torch.Tensor | None = None
+    draft_source: str = ""  # "lookup" or "model" (moe.spec_decode.Draft.source)
 
     @property
     def start(self) -> int:
@@ -163,7 +164,7 @@ class Scheduler:
             # one call for all: a draft model drafts for every speculating sequence in batched steps
             drafts = self.proposer.propose([out[i].seq for i, _ in speculating], [r for _, r in speculating])
             for (i, _), d in zip(speculating, drafts):
-                out[i] = ScheduledSeq(out[i].seq, 1 + len(d.tokens), d.tokens, d.probs)
+                out[i] = ScheduledSeq(out[i].seq, 1 + len(d.tokens), d.tokens, d.probs, d.source)
         if preempted:
             return ScheduledBatch(out, preempted)
         num_running = [0] * self.dp_size

@@ -1,21 +1,26 @@
-"""Cost control for draft-model speculation: how many tokens to draft in the next step.
+"""Cost control for speculation: how many tokens to draft in the next step.
 
 Drafting pays only while verifying is cheap: on an MoE target a verify step of K + 1 rows per
-sequence reads the experts of all those rows, and the drafter's K steps cost time too. With
+sequence reads the experts of all those rows, and a drafter's K steps cost time too. With
 ``c_i`` the measured chance that draft position i is accepted once reached, a step with K
 drafts yields on average ``E(K) = 1 + sum_{j<=K} prod_{i<=j} c_i`` tokens per sequence and
-costs ``verify(K) + K * draft`` seconds; K = 0 yields 1 token for ``verify(0)`` (a target
-step plus the drafter's one catch-up row per sequence: the drafter runs over every token). The
-engine takes the K with the most tokens per second.
+costs ``verify(K) + K * draft`` seconds (n-gram lookup drafts for free); K = 0 yields 1 token
+for ``verify(0)``, a plain decoding step (a draft model catches up on the rows it skipped only
+when it drafts next, so a plain step costs it nothing). The engine takes the K with the most
+tokens per second. Acceptance is counted per source (``model``: a drafter, ``lookup``: n-gram
+lookup), the step costs are shared.
 
 Costs depend on the batch size, so they are kept per batch-size bucket (powers of two), each
-as the median of its recent timings (after a first, warm-up one). A bucket learns
-``verify(0)`` and ``verify(K_max)`` first; other K are interpolated linearly in K until
-measured. While K = 0 wins, every ``probe_every``-th step
-still drafts K_max, so that the acceptance estimates (and the costs) stay current.
+as the median of its recent timings (after a first, warm-up one). A bucket learns a verify step
+with K_max drafts (n-gram lookup: the longest one it measured) and ``verify(0)`` first; other K
+are interpolated linearly in K until measured. While K = 0 wins, a step now and then still
+drafts K_max (a probe), so that the acceptance estimates (and the costs) stay current and
+drafting comes back when it pays again: by default as rarely as keeps a probe's expected loss
+within 2% of the plain decoding time between probes.
 """
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
@@ -33,95 +38,149 @@ class _Timing:
 
     recent: deque = field(default_factory=lambda: deque(maxlen=9))
     seen: int = 0
+    value: float | None = None  # the median, updated per timing (read many times per step)
 
     def add(self, seconds: float) -> None:
         self.seen += 1
         if self.seen > 1:
             self.recent.append(seconds)
+            self.value = statistics.median(self.recent)
 
-    @property
-    def value(self) -> float | None:
-        return statistics.median(self.recent) if self.recent else None
+
+SOURCES = ("model", "lookup")  # who drafted: a drafter model (costs drafting steps) or n-gram lookup (free)
 
 
 @dataclass
 class SpecCostModel:
     max_k: int
-    probe_every: int = 16  # at K = 0, draft K_max every this many steps
+    # at K = 0, draft K_max every this many steps; None: as rarely as keeps a probe's expected
+    # loss under ``probe_budget`` of the plain decoding time between probes (at least every 16)
+    probe_every: int | None = None
+    probe_budget: float = 0.02
     prior_acceptance: float = 0.8  # before anything was verified at a position
     _verify: dict[tuple[int, int], _Timing] = field(default_factory=dict)  # (bucket, K) -> seconds per step
     _draft: dict[int, _Timing] = field(default_factory=dict)  # bucket -> seconds per batched drafter step
-    _reached: list[int] = field(default_factory=list)  # per draft position: drafts that got that far
-    _accepted: list[int] = field(default_factory=list)
-    _plain_steps: int = 0
+    # source -> per draft position: drafts that got that far, and of those the accepted ones
+    _reached: dict[str, list[int]] = field(default_factory=dict)
+    _accepted: dict[str, list[int]] = field(default_factory=dict)
+    _plain_steps: dict[str, int] = field(default_factory=dict)  # source -> K = 0 choices since its last probe
 
     def __post_init__(self) -> None:
         if self.max_k < 1:
             raise ValueError(f"SpecCostModel.max_k={self.max_k} must be at least 1")
-        self._reached = [0] * self.max_k
-        self._accepted = [0] * self.max_k
+        self._reached = {src: [0] * self.max_k for src in SOURCES}
+        self._accepted = {src: [0] * self.max_k for src in SOURCES}
+        self._plain_steps = dict.fromkeys(SOURCES, 0)
 
     # ---- observations (cheap: a few dict updates per step) ---------------------------------
     def observe_verify(self, k: int, batch_size: int, seconds: float) -> None:
-        """A target step (with the drafter's catch-up rows) where every sequence verified ``k`` drafts."""
+        """A target step where every sequence verified ``k`` drafts (k = 0: a plain decoding step,
+        which costs a draft model nothing: it catches up when it drafts next)."""
         self._verify.setdefault((batch_bucket(batch_size), k), _Timing()).add(seconds)
 
     def observe_draft(self, batch_size: int, seconds: float) -> None:
-        """One batched drafter step over ``batch_size`` sequences."""
+        """One batched drafter step over ``batch_size`` sequences, one row each."""
         self._draft.setdefault(batch_bucket(batch_size), _Timing()).add(seconds)
 
-    def observe_acceptance(self, draft_len: int, accepted: int) -> None:
+    def observe_acceptance(self, draft_len: int, accepted: int, source: str = "model") -> None:
         """One sequence's verified draft of ``draft_len`` tokens of which the first ``accepted`` passed."""
+        reached, acc = self._reached[source], self._accepted[source]
         for j in range(min(draft_len, self.max_k)):
             if j > accepted:
                 break
-            self._reached[j] += 1
-            self._accepted[j] += j < accepted
+            reached[j] += 1
+            acc[j] += j < accepted
 
     # ---- the model ------------------------------------------------------------------------
-    def acceptance(self, j: int) -> float:
+    def acceptance(self, j: int, source: str = "model") -> float:
         """Chance that draft position ``j`` (0-based) is accepted once the draft got that far."""
-        if self._reached[j] == 0:
+        if self._reached[source][j] == 0:
             return self.prior_acceptance
-        return self._accepted[j] / self._reached[j]
+        return self._accepted[source][j] / self._reached[source][j]
 
-    def expected_tokens(self, k: int) -> float:
+    def expected_tokens(self, k: int, source: str = "model") -> float:
         """Tokens per sequence a step with ``k`` drafts yields on average."""
         total, reach = 1.0, 1.0
         for j in range(k):
-            reach *= self.acceptance(j)
+            reach *= self.acceptance(j, source)
             total += reach
         return total
 
-    def step_cost(self, k: int, batch_size: int) -> float | None:
+    def step_cost(self, k: int, batch_size: int, source: str = "model") -> float | None:
         """Seconds of a step with ``k`` drafts per sequence (drafting included); None: not known yet."""
+        costs = self.step_costs(batch_size, source)
+        return None if costs is None else costs[k]
+
+    def step_costs(self, batch_size: int, source: str = "model") -> list[float] | None:
+        """:meth:`step_cost` of K = 0 .. K_max (None while either end of the line is unmeasured)."""
         b = batch_bucket(batch_size)
-        v = self._seconds(self._verify.get((b, k)))
-        if v is None:
-            lo, hi = self._seconds(self._verify.get((b, 0))), self._seconds(self._verify.get((b, self.max_k)))
-            if lo is None or hi is None:
-                return None
-            v = lo + (hi - lo) * k / self.max_k  # linear in rows until measured
-        if k == 0:
-            return v
-        draft = self._seconds(self._draft.get(b))
-        return None if draft is None else v + k * draft
+        plain, (top_k, top) = self._seconds(self._verify.get((b, 0))), self._longest_verify(b)
+        draft = 0.0 if source == "lookup" else self._seconds(self._draft.get(b))
+        if plain is None or top is None or draft is None:
+            return None
+        costs = [plain]
+        for k in range(1, self.max_k + 1):
+            v = self._seconds(self._verify.get((b, k)))
+            if v is None:
+                v = plain + (top - plain) * k / top_k  # linear in rows until measured
+            # more rows never cost less than a plain step (a lower median is noise)
+            costs.append(max(v, plain) + k * draft)
+        return costs
+
+    def _longest_verify(self, bucket: int) -> tuple[int, float | None]:
+        """(K, seconds) of the longest verify step measured in ``bucket`` (n-gram drafts come in
+        any length up to K_max), or (0, None)."""
+        for k in range(self.max_k, 0, -1):
+            v = self._seconds(self._verify.get((bucket, k)))
+            if v is not None:
+                return k, v
+        return 0, None
 
     @staticmethod
     def _seconds(timing: _Timing | None) -> float | None:
         return None if timing is None else timing.value
 
-    def choose_k(self, batch_size: int) -> int:
-        """The K with the most tokens per second for this batch size; unmeasured ends first."""
+    def speedup(self, k: int, batch_size: int, source: str = "model") -> float | None:
+        """Predicted tokens per second with ``k`` drafts over plain decoding's; None: not known yet."""
+        costs = self.step_costs(batch_size, source)
+        return None if costs is None else self.expected_tokens(k, source) * costs[0] / costs[k]
+
+    def probe_interval(self, batch_size: int, source: str = "model") -> int:
+        """Plain steps between probes with K_max: a fixed ``probe_every``, or as many as make a
+        probe's expected loss (its cost over plain decoding of the tokens it yields) at most
+        ``probe_budget`` of the plain steps' time."""
+        if self.probe_every is not None:
+            return self.probe_every
+        costs = self.step_costs(batch_size, source)
+        loss = costs[-1] - self.expected_tokens(self.max_k, source) * costs[0]
+        return max(16, math.ceil(loss / (self.probe_budget * costs[0])))
+
+    def choose_k(self, batch_size: int, source: str = "model") -> int:
+        """The K with the most tokens per second for this batch size; unmeasured ends first; a
+        probe with K_max now and then while K = 0 wins."""
         if batch_size < 1:
             return self.max_k
-        for k in (self.max_k, 0):  # learn the two ends of the line first
-            if self.step_cost(k, batch_size) is None:
-                return k
-        best = max(range(self.max_k + 1),
-                   key=lambda k: (self.expected_tokens(k) / self.step_cost(k, batch_size), -k))
+        b = batch_bucket(batch_size)
+        # learn the two ends of the line first: a verify step (with a drafter step), then plain
+        if self._longest_verify(b)[1] is None or (source == "model" and self._seconds(self._draft.get(b)) is None):
+            return self.max_k
+        if self._seconds(self._verify.get((b, 0))) is None:
+            return 0
+        best = self.best_k(batch_size, source)
         if best == 0:
-            self._plain_steps += 1
-            if self._plain_steps % self.probe_every == 0:
+            self._plain_steps[source] += 1
+            if self._plain_steps[source] >= self.probe_interval(batch_size, source):
+                self._plain_steps[source] = 0
                 return self.max_k
         return best
+
+    def best_k(self, batch_size: int, source: str = "model") -> int:
+        """The K with the most expected tokens per second (both ends of the line measured)."""
+        costs = self.step_costs(batch_size, source)
+        rate, reach, tokens = [], 1.0, 1.0
+        for k, cost in enumerate(costs):  # tokens per second of each K (E(K) built up position by position)
+            if k:
+                reach *= self.acceptance(k - 1, source)
+                tokens += reach
+            rate.append((tokens / cost, -k))
+        return max(range(self.max_k + 1), key=rate.__getitem__)

@@ -55,9 +55,12 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4  # ngram only
     prompt_lookup_min: int = 2  # ngram only
     model: str | None = None  # draft_model: the drafter's checkpoint directory
-    # drafter methods: the engine picks K per step (0..num_speculative_tokens) from measured
-    # acceptance and step costs (moe.spec_cost); False: always num_speculative_tokens
+    # the engine picks K per step (0..num_speculative_tokens) from measured acceptance and step
+    # costs (moe.spec_cost); False: always num_speculative_tokens
     cost_control: bool = True
+    # draft_model / draft: draft by n-gram lookup where the sequence's suffix recurred (free drafts),
+    # by the drafter elsewhere (each source's K chosen by cost control from its own acceptance)
+    ngram_first: bool = False
 
     @property
     def uses_drafter(self) -> bool:
@@ -90,8 +93,12 @@ class SpeculativeConfig:
         if cfg.prompt_lookup_min > cfg.prompt_lookup_max:
             raise ValueError(f"speculative_config prompt_lookup_min ({cfg.prompt_lookup_min}) exceeds "
                              f"prompt_lookup_max ({cfg.prompt_lookup_max})")
-        if not isinstance(cfg.cost_control, bool):
-            raise ValueError(f"speculative_config cost_control={cfg.cost_control!r} must be true or false")
+        for name in ("cost_control", "ngram_first"):
+            if not isinstance(getattr(cfg, name), bool):
+                raise ValueError(f"speculative_config {name}={getattr(cfg, name)!r} must be true or false")
+        if cfg.ngram_first and cfg.method not in ("draft_model", "draft"):
+            raise ValueError(f"speculative_config ngram_first is for methods 'draft_model' and 'draft' (n-gram "
+                             f"lookup first, the drafter elsewhere), not {cfg.method!r}: drop it")
         return cfg._with_drafter_path()
 
     def _with_drafter_path(self) -> "SpeculativeConfig":
@@ -125,6 +132,7 @@ class Draft(NamedTuple):
     # [len(tokens), V] the drafter's (filtered) distribution each token was drawn from, for
     # sampled requests; None: a point mass on each token (greedy requests, n-gram drafts)
     probs: torch.Tensor | None = None
+    source: str = "lookup"  # who drafted it: "lookup" (n-gram) or "model" (a drafter; see moe.spec_cost)
 
 
 class Proposer(Protocol):
@@ -132,6 +140,7 @@ class Proposer(Protocol):
     reserves token budget and KV blocks), ``propose`` once for all chosen sequences after it."""
 
     k: int  # draft tokens per sequence at most, this step
+    source: str  # "lookup" or "model": whose acceptance and costs cost control weighs for ``k``
 
     def room(self, seq: Sequence, budget: int) -> int: ...
 
@@ -151,10 +160,14 @@ def propose_ngram(tokens: Seq[int], k: int, n_min: int, n_max: int) -> list[int]
     return []
 
 
-def draft_room(seq: Sequence, k: int, max_model_len: int) -> int:
+def draft_room(seq: Sequence, k: int, max_model_len: int, k_max: int | None = None) -> int:
     """How many draft tokens ``seq`` may take: the draft and the model's own next token must fit
-    max_tokens and the context; none before min_tokens (EOS and stop ids are banned until then)."""
+    max_tokens and the context; none before min_tokens (EOS and stop ids are banned until then).
+    ``k`` is cost control's choice for this step; a request with its own seed drafts ``k_max``
+    regardless, so that its output does not depend on step timings (it is reproducible)."""
     p = seq.params
+    if seq.generator is not None and k_max is not None:
+        k = k_max
     if seq.num_output_tokens < p.min_tokens:
         return 0
     room = min(k, max_model_len - seq.num_tokens - 1)
@@ -165,6 +178,8 @@ def draft_room(seq: Sequence, k: int, max_model_len: int) -> int:
 
 class NgramProposer:
     """Drafts by n-gram lookup in the sequence's own tokens."""
+
+    source = "lookup"
 
     def __init__(self, cfg: SpeculativeConfig, max_model_len: int):
         self.cfg = cfg
@@ -178,7 +193,8 @@ class NgramProposer:
 
     def room(self, seq: Sequence, budget: int) -> int:
         # the lookup's own length: a sequence whose suffix never occurred reserves nothing
-        return len(self._lookup(seq, min(draft_room(seq, self.k, self.max_model_len), budget)))
+        k_max = self.cfg.num_speculative_tokens
+        return len(self._lookup(seq, min(draft_room(seq, self.k, self.max_model_len, k_max), budget)))
 
     def propose(self, seqs: list[Sequence], rooms: list[int]) -> list[Draft]:
         return [Draft(tuple(self._lookup(seq, r))) for seq, r in zip(seqs, rooms)]

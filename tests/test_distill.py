@@ -169,3 +169,17 @@ def test_the_default_models_drafter_ships_loads_and_agrees_more_than_before_dist
     assert (drafter / "tokenizer.json").read_bytes() == (Path(default_model_path()) / "tokenizer.json").read_bytes()
     out = llm.generate("The module defines", SamplingParams(temperature=0, max_tokens=8))
     assert not out[0].error and len(out[0].outputs[0].token_ids) == 8
+
+
+def test_token_id_data_is_read_as_it_is_and_bad_lines_are_named(tmp_path):
+    """A .jsonl --data file (a teacher's own generations, for a checkpoint without a tokenizer):
+    one list of token ids per line, joined in order; anything else in it is refused by line."""
+    from moe.distill_data import data_stream
+
+    good = tmp_path / "gen.jsonl"
+    good.write_text("[5, 6, 7]\n\n[8, 9]\n")
+    assert data_stream(good, tmp_path).tolist() == [5, 6, 7, 8, 9]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('[5, 6]\n{"text": "hi"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl line 2: a .jsonl data file holds one JSON list of token ids"):
+        data_stream(bad, tmp_path)

@@ -267,6 +267,20 @@ def test_cost_model_picks_k_from_costs_and_acceptance():
     assert low.choose_k(2) == 3  # another batch-size bucket is measured afresh
 
 
+def test_cost_model_weighs_lookup_drafts_on_their_own_acceptance_and_any_verify_length():
+    """n-gram drafts come in any length: the verify line runs through the plain step and the longest
+    verify measured; they cost no drafter step; their acceptance is counted apart from a drafter's."""
+    m = SpecCostModel(max_k=4, probe_every=8)
+    for _ in range(3):
+        m.observe_verify(2, 1, 1.4)
+        m.observe_verify(0, 1, 1.0)
+    assert m.step_cost(4, 1, "lookup") == pytest.approx(1.8) and m.step_cost(4, 1) is None  # no drafter step yet
+    assert m.choose_k(1, "lookup") == 4  # prior acceptance 0.8: E(4) = 3.36 tokens in 1.8 s beats 1 in 1 s
+    for _ in range(20):
+        m.observe_acceptance(2, 0, "lookup")
+    assert m.choose_k(1, "lookup") == 0 and m.acceptance(0) == m.prior_acceptance
+
+
 def test_engine_chooses_k_and_stays_exact(checkpoint, drafters):
     """With cost control on the engine measures and chooses K per step (0 included); greedy
     output is unchanged whatever it picks."""
@@ -277,14 +291,74 @@ def test_engine_chooses_k_and_stays_exact(checkpoint, drafters):
     chosen = []
     orig = llm.engine.spec_cost.choose_k
 
-    def spy(batch_size):
-        chosen.append(orig(batch_size))
+    def spy(batch_size, source="model"):
+        chosen.append(orig(batch_size, source))
         return chosen[-1]
 
     llm.engine.spec_cost.choose_k = spy
     assert _tokens(llm.generate(_prompts(2), sp)) == want
     assert 3 in chosen and 0 in chosen  # a random drafter accepts ~nothing: plain steps win
     assert chosen[-10:].count(0) >= 8
+
+
+def test_zero_acceptance_drafter_falls_back_to_plain_steps_that_cost_it_nothing(checkpoint, drafters):
+    """Counters, not timings: a drafter whose drafts are never accepted (one that predicts token 0,
+    which the target never emits) ends with K = 0; in those steps the drafter runs no row at all (it
+    catches up only when it drafts again), probes are rare, and the output stays exact."""
+    target = checkpoint("mixtral")
+    sp = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    prompts = _prompts(2, seed=5)
+    want = _tokens(LLM(str(target), dtype="float32").generate(prompts, sp))
+    llm = LLM(str(target), dtype="float32", speculative_config=_spec(drafters["dense"], 3, cost_control=True))
+    e = llm.engine
+    orig_step = e.drafter.step
+
+    def wrong_step(seqs, ids, positions):  # the drafter's real forward (its cache fills), its pick never right
+        logits = orig_step(seqs, ids, positions)
+        logits[:, 0] = logits.max() + 1
+        return logits
+
+    e.drafter.step = wrong_step
+    seqs = [e.seqs[e.add_request(p, sp)] for p in prompts]
+    steps = []  # (K chosen, drafter rows run in the step)
+    while e.has_unfinished_requests():
+        rows = e.drafter.num_tokens_run
+        e.step()
+        steps.append((e.proposer.k, e.drafter.num_tokens_run - rows))
+    assert [q.output_token_ids for q in seqs] == want
+    assert e.spec_stats().num_draft_tokens > 0 and e.spec_accepted == 0
+    ks = [k for k, _ in steps]
+    assert ks[-30:].count(0) >= 28, ks  # learned, then plain (a probe at most every 16 steps)
+    assert all(rows == 0 for k, rows in steps[1:] if k == 0), steps  # a plain step runs no drafter row
+    plain_from = ks.index(0)
+    probes = [i for i, k in enumerate(ks) if k and i > plain_from]
+    assert all(b - a > 16 for a, b in zip([plain_from] + probes, probes)), ks  # K_max at most every 16 steps
+
+
+def test_ngram_first_drafts_by_lookup_where_it_matches_and_by_the_drafter_elsewhere(checkpoint, noisy_self):
+    """ngram_first: a sequence whose suffix recurred takes the lookup's draft, the others the
+    drafter's (both in one run); greedy outputs unchanged, sampled ones reproducible."""
+    target = checkpoint("mixtral")
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9] * 4}, *_prompts(2, seed=8)]
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)] * 2 + [
+        SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True)]
+    want = _tokens(LLM(str(target), dtype="float32").generate(prompts[:2], params[:2]))
+    runs = []
+    for _ in range(2):
+        llm = LLM(str(target), dtype="float32", speculative_config=_spec(noisy_self("mixtral"), 3, ngram_first=True))
+        sources = []
+        orig = llm.engine.runner.run
+
+        def spy(batch, eos_ids):
+            sources.extend(s.draft_source for s in batch.seqs if s.draft)
+            return orig(batch, eos_ids)
+
+        llm.engine.runner.run = spy
+        got = _tokens(llm.generate(prompts, params))
+        assert got[:2] == want
+        assert sources.count("lookup") > 0 and sources.count("model") > 0, sources
+        runs.append(got)
+    assert runs[0] == runs[1]
 
 
 @pytest.mark.parametrize("spec, match", [
@@ -294,6 +368,7 @@ def test_engine_chooses_k_and_stays_exact(checkpoint, drafters):
     ({"method": "ngram", "model": "/x"}, "is for method 'draft_model'"),
     ({"method": "mtp", "model": "/x"}, "drafts from the target itself"),
     ({"method": "draft_model", "model": "/x", "num_speculative_tokens": 0}, "must be a positive integer"),
+    ({"method": "ngram", "ngram_first": True}, "ngram_first is for methods 'draft_model' and 'draft'"),
 ])
 def test_bad_configs_are_named(spec, match):
     with pytest.raises(ValueError, match=match):
@@ -324,6 +399,9 @@ def test_cli_flags_and_stats():
     assert speculative_config(None, "/d", 0) == {"method": "draft_model", "model": "/d"}
     assert speculative_config("draft", None, 2) == {"method": "draft", "num_speculative_tokens": 2}
     assert speculative_config(None, None, 0) is None
+    assert speculative_config("draft", None, 0, ngram_first=True) == {"method": "draft", "ngram_first": True}
+    with pytest.raises(Exception, match="--ngram-first needs a drafter"):
+        speculative_config(None, None, 0, ngram_first=True)
     res = CliRunner().invoke(app, ["generate", "--draft-model", default_model_path(), "--speculative-tokens", "2",
                                    "--dtype", "float32", "--stats", "--temperature", "0", "--max-tokens", "7",
                                    "--no-stream", "--speculative-method", "draft_model", "The module"])
