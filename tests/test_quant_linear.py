@@ -12,17 +12,20 @@ from ops.linear import PackedLinearWeight, linear, packed_linear_reference
 torch.set_num_threads(1)
 
 
-@pytest.mark.parametrize("group_size, symmetric", [(32, False), (64, True), (128, False)])
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_linear_matches_reference(group_size, symmetric, rows, dtype):
-    g = torch.Generator().manual_seed(rows)
+def check_packed_linear(name: str, group_size: int, symmetric: bool, rows: int, dtype: torch.dtype,
+                        seed: int) -> None:
+    """``ops.linear`` on a packed weight against :func:`packed_linear_reference`, and the reference
+    against a plain F.linear on the format's dequantized weight."""
+    g = torch.Generator().manual_seed(seed)
     N, K = 96, 256
     w = torch.randn(N, K, generator=g) * 0.05
     b = torch.randn(N, generator=g).to(dtype)
-    fmt = get_format("int4", group_size=group_size, symmetric=symmetric, scale_dtype=torch.float32)
+    fmt = get_format(name, group_size=group_size, symmetric=symmetric, scale_dtype=torch.float32)
     packed = fmt.quantize(w)
     pw = PackedLinearWeight.from_packed(fmt, packed)
+    assert pw.shape == (N, K) and pw.bits == (8 if name == "int8" else 4)
+    if name == "int8":  # symmetric int8 codes carry no offset
+        assert (pw.b_NG is None) == symmetric
     x = torch.randn(rows, K, generator=g).to(dtype)
     ref = packed_linear_reference(x, pw, b)
     # the reference is the format's dequantized weight in a plain F.linear (``code * s - zero * s``
@@ -34,6 +37,13 @@ def test_packed_linear_matches_reference(group_size, symmetric, rows, dtype):
     assert got.shape == (rows, N) and got.dtype == dtype
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got.float(), ref.float(), **tol)
+
+
+@pytest.mark.parametrize("group_size, symmetric", [(32, False), (64, True), (128, False)])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_matches_reference(group_size, symmetric, rows, dtype):
+    check_packed_linear("int4", group_size, symmetric, rows, dtype, seed=rows)
 
 
 def test_packed_linear_odd_width_uses_reference():
@@ -51,23 +61,7 @@ def test_packed_linear_odd_width_uses_reference():
 def test_packed_int8_linear_matches_reference(group_size, symmetric, rows, dtype):
     # int8 codes (asymmetric ones stored as code - 128 with their offset): q8_gemm up to 12 rows,
     # one dequantization beyond, against the format's own dequantized weight
-    g = torch.Generator().manual_seed(100 + rows)
-    N, K = 96, 256
-    w = torch.randn(N, K, generator=g) * 0.05
-    b = torch.randn(N, generator=g).to(dtype)
-    fmt = get_format("int8", group_size=group_size, symmetric=symmetric, scale_dtype=torch.float32)
-    packed = fmt.quantize(w)
-    pw = PackedLinearWeight.from_packed(fmt, packed)
-    assert pw.shape == (N, K) and pw.bits == 8 and (pw.b_NG is None) == symmetric
-    x = torch.randn(rows, K, generator=g).to(dtype)
-    ref = packed_linear_reference(x, pw, b)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)
-    torch.testing.assert_close(ref.float(), F.linear(x.float(), fmt.dequantize(packed), b.float()).to(dtype).float(),
-                               **tol)
-    got = linear(x, pw, b)
-    assert got.shape == (rows, N) and got.dtype == dtype
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(got.float(), ref.float(), **tol)
+    check_packed_linear("int8", group_size, symmetric, rows, dtype, seed=100 + rows)
 
 
 def test_packed_lm_head_logits_are_float32():
