@@ -263,7 +263,7 @@ def test_packed_experts_mtp_equals_the_reference_on_its_dequantized_weights(mtp_
     from experts.quant_layer import QuantGroupedExperts
     from moe.models.quant_weights import plan_experts
     from moe.quantize import quantize_checkpoint
-    from test_quant_engine import dequantized_copy
+    from tiny_models import dequantized_copy
 
     fmt = Int8Weights(32)
     quantize_checkpoint(mtp_path, tmp_path / "q", fmt)

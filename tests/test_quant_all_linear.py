@@ -14,18 +14,17 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from experts.formats import Int4Weights, Int8Weights, WeightFormat
 from moe import LLM, SamplingParams
 from moe.models.quant_weights import PACKED_LINEAR
 from ops import PackedLinearWeight
+from tiny_models import dequantized_copy
 
 torch.set_num_threads(1)
 
@@ -47,29 +46,6 @@ def quantize_all_linear(src: Path, out: Path, fmt: WeightFormat) -> dict:
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     return json.loads(res.output)
-
-
-def dequantized_copy(qdir: Path, out: Path, fmt: WeightFormat) -> Path:
-    """The float32 checkpoint the packed one stands for: every ``<prefix>.{qweight,scales,zeros}``
-    group (per-expert experts and linear layers alike) dequantized to ``<prefix>.weight``."""
-    out.mkdir()
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(qdir.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            for name in h.keys():
-                m = re.fullmatch(r"(.*)\.(qweight|scales|zeros)", name)
-                if m:
-                    groups.setdefault(m[1], {})[m[2]] = h.get_tensor(name)
-                else:
-                    tensors[name] = h.get_tensor(name)
-    for prefix, packed in groups.items():
-        tensors[prefix + ".weight"] = fmt.dequantize(packed)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
-    hf = json.loads((qdir / "config.json").read_text())
-    hf.pop("quantization_config")
-    (out / "config.json").write_text(json.dumps(hf))
-    return out
 
 
 def torch_greedy(path: Path, prompt: list[int], n: int) -> list[int]:

@@ -24,12 +24,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from experts.formats import Fp8BlockWeights, Int4Weights, Int8Weights, Mxfp4Weights, WeightFormat, get_format
+from experts.formats import Fp8BlockWeights, Int4Weights, Int8Weights, Mxfp4Weights, get_format
 from experts.grouped import Activation, grouped_swiglu_torch
 from experts.quant_layer import QuantGroupedExperts
 from moe import LLM, SamplingParams
 from moe.quantize import quantize_checkpoint
-from tiny_models import make_checkpoint
+from tiny_models import dequantized_copy, make_checkpoint
 
 torch.set_num_threads(1)
 
@@ -137,40 +137,6 @@ def _write_tokenizer(d: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens([AddedToken(t, special=True) for t in ("<pad>", "<s>", "</s>")])
     tok.save(str(d / "tokenizer.json"))
-
-
-def dequantized_copy(qdir: Path, out: Path, fmt: WeightFormat) -> Path:
-    """The float checkpoint a ``moe quantize`` output stands for: packed experts dequantized,
-    written per expert (``mlp.experts.{e}.{gate,up,down}_proj.weight``)."""
-    out.mkdir()
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(qdir.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            for name in h.keys():
-                m = re.fullmatch(r"(.*\.experts\.(?:\d+\.)?\w+_proj)\.(\w+)", name)
-                if m and m[2] in fmt.tensor_names:
-                    groups.setdefault(m[1], {})[m[2]] = h.get_tensor(name)
-                else:
-                    tensors[name] = h.get_tensor(name)
-    for prefix, packed in groups.items():
-        w = fmt.dequantize(packed)
-        stacked = re.fullmatch(r"(.*\.experts)\.(gate_up_proj|down_proj)", prefix)
-        if stacked is None:
-            tensors[prefix + ".weight"] = w
-            continue
-        for e in range(w.shape[0]):
-            base = f"{stacked[1]}.{e}."
-            if stacked[2] == "down_proj":
-                tensors[base + "down_proj.weight"] = w[e]
-            else:
-                F = w.shape[1] // 2
-                tensors[base + "gate_proj.weight"], tensors[base + "up_proj.weight"] = w[e, :F], w[e, F:]
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
-    hf = json.loads((qdir / "config.json").read_text())
-    hf.pop("quantization_config")
-    (out / "config.json").write_text(json.dumps(hf))
-    return out
 
 
 ENGINE_CASES = [  # (family, format, min top-1 agreement, max mean KL) vs the float model

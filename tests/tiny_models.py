@@ -111,3 +111,46 @@ def make_mtp_checkpoint(out: Path, seed: int = 0, own_head: bool = True, own_emb
     cfg["num_nextn_predict_layers"] = 1
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
+
+
+def dequantized_copy(qdir: Path, out: Path, fmt) -> Path:
+    """The float checkpoint a ``moe quantize`` output (``fmt``: its :class:`WeightFormat`) stands for:
+    every packed group (``<prefix>.<name>`` for the format's tensor names: experts, and with
+    ``--all-linear`` attention, dense MLPs and the LM head) dequantized to ``<prefix>.weight``;
+    stacked experts written per expert (``mlp.experts.{e}.{gate,up,down}_proj.weight``)."""
+    import json
+    import re
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    assert "weight" not in fmt.tensor_names, "moe quantize's formats (int4 / int8) only"
+    out.mkdir()
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(qdir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for name in h.keys():
+                prefix, _, leaf = name.rpartition(".")
+                if leaf in fmt.tensor_names:
+                    groups.setdefault(prefix, {})[leaf] = h.get_tensor(name)
+                else:
+                    tensors[name] = h.get_tensor(name)
+    for prefix, packed in groups.items():
+        w = fmt.dequantize(packed)
+        stacked = re.fullmatch(r"(.*\.experts)\.(gate_up_proj|down_proj)", prefix)
+        if stacked is None:
+            tensors[prefix + ".weight"] = w
+            continue
+        for e in range(w.shape[0]):
+            base = f"{stacked[1]}.{e}."
+            if stacked[2] == "down_proj":
+                tensors[base + "down_proj.weight"] = w[e]
+            else:
+                F = w.shape[1] // 2
+                tensors[base + "gate_proj.weight"], tensors[base + "up_proj.weight"] = w[e, :F], w[e, F:]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    hf = json.loads((qdir / "config.json").read_text())
+    hf.pop("quantization_config")
+    (out / "config.json").write_text(json.dumps(hf))
+    return out
