@@ -9,7 +9,7 @@ our server is measured. The checkpoint gets a word-level tokenizer of 32000 toke
 random token ids decode to text that re-encodes to exactly the same ids, so the input lengths
 both servers see are the lengths drawn.
 
-    python benchmarks/bench_serve.py --vllm-python ~/vllm-venv/bin/python --out-dir bench_serve_out
+    python benchmarks/bench_serve.py --vllm-python ~/vllm-cpu/bin/python --out-dir bench_serve_out
     python benchmarks/bench_serve.py --quick          # our server only, a few requests
 
 Writes ``results.json`` (every run, vLLM's key names) and ``latency_throughput.png`` to
