@@ -1,4 +1,5 @@
-/* The GEMMs of decode-sized steps (1-64 rows) on AMX tiles, each weight read once and in place:
+/* bf16 GEMMs on AMX tiles, weights read in place: decode-sized steps (1-64 rows), and the experts
+ * at any number of rows (each expert's rows in chunks of 256, a weight block read once per chunk):
  *   moe_amx_moe      a local MoE layer after the router: dispatch, SwiGLU experts, combine;
  *   moe_amx_experts  SwiGLU experts over rows already grouped by expert;
  *   moe_amx_linear   a projection (or the LM head, float32 out);
@@ -23,7 +24,9 @@
 
 #define KC 32            /* k elements per A-tile row: 64 bytes of bf16 */
 #define TILE (16 * KC)   /* bf16 elements of one B tile: 16 k-pairs x 16 tokens x 2 */
-#define MAX_TB 4         /* token blocks of 16 per call: <= 64 rows per expert */
+#define MAX_TB 4         /* token blocks of 16 per tile pass (four float32 sum tiles): 64 rows */
+#define CHUNK_TB 16      /* token blocks of an expert's rows per chunk (256 rows): each 16-row weight
+                          * block, read once per chunk, meets them from cache four blocks at a time */
 
 typedef struct {
     uint8_t palette_id, start_row, reserved[14];
@@ -91,6 +94,13 @@ static void dot_block(const uint16_t *w, int64_t ldw, int64_t K, const uint16_t 
     if (ntb > 3) _tile_stored(3, c + 768, 64);
 }
 
+/* dot_block over ntb <= CHUNK_TB token blocks, four at a time (the weight rows stay in cache) */
+static void dot_blocks(const uint16_t *w, int64_t ldw, int64_t K, const uint16_t *b, int64_t bstride, int ntb,
+                       float *c) {
+    for (int g = 0; g < ntb; g += MAX_TB)
+        dot_block(w, ldw, K, b + g * bstride, bstride, ntb - g < MAX_TB ? ntb - g : MAX_TB, c + g * 256);
+}
+
 /* Where an expert's weight rows come from: bf16 in place (w != NULL: expert e at w + e * s, rows of
  * K), or packed codes (quant.c's layouts: int8/fp8 codes, or 4-bit ones with a value table)
  * dequantized to bf16 sixteen rows at a time into the thread's buffer, an A tile's worth of rows,
@@ -123,8 +133,8 @@ static inline __m512i bits(__m512 v) { return _mm512_castps_si512(v); }
  * down GEMM's B tiles a_p[tb][F/32][16][16][2] (two activation rows make one row of pairs). */
 static void gate_up_block(const wsrc *w13, int64_t e, int64_t D, int64_t F, int64_t i, const uint16_t *xp, int ntb,
                           uint16_t *ap, float *cg, float *cu, uint16_t *wbuf) {
-    dot_block(rows16(w13, e, 16 * i, D, wbuf), D, D, xp, (D / KC) * TILE, ntb, cg);
-    dot_block(rows16(w13, e, F + 16 * i, D, wbuf), D, D, xp, (D / KC) * TILE, ntb, cu);
+    dot_blocks(rows16(w13, e, 16 * i, D, wbuf), D, D, xp, (D / KC) * TILE, ntb, cg);
+    dot_blocks(rows16(w13, e, F + 16 * i, D, wbuf), D, D, xp, (D / KC) * TILE, ntb, cu);
     for (int tb = 0; tb < ntb; tb++) {
         for (int r = 0; r < 16; r += 2) {
             __m512 a[2];
@@ -167,7 +177,7 @@ static void store_block(const float *c, int64_t m, int64_t j, const uint16_t *bi
 static void down_block(const wsrc *w2, int64_t e, int64_t F, int64_t j, const uint16_t *ap, int ntb, int64_t m,
                        uint16_t *y, int64_t ldy, const int64_t *tok, const float *w, float *acc, float *c,
                        uint16_t *wbuf) {
-    dot_block(rows16(w2, e, 16 * j, F, wbuf), F, F, ap, (F / KC) * TILE, ntb, c);
+    dot_blocks(rows16(w2, e, 16 * j, F, wbuf), F, F, ap, (F / KC) * TILE, ntb, c);
     if (!tok) {
         store_block(c, m, j, NULL, y, ldy, BF16);
         return;
@@ -208,7 +218,7 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
 #pragma omp parallel num_threads(num_threads)
     {
         configure_tiles();
-        float c0[MAX_TB * 256], c1[MAX_TB * 256];
+        float c0[CHUNK_TB * 256], c1[CHUNK_TB * 256];
         /* a packed weight's 16 dequantized rows (of D for gate/up, of F for down) */
         uint16_t *wbuf = (w13->w && w2->w) ? NULL : malloc(sizeof(uint16_t) * 16 * (size_t)(D > F ? D : F));
         if (tok) {  /* each thread zeroes the columns its down blocks add to (the same static split) */
@@ -227,20 +237,23 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
         }
         int buf = 0;
         for (int64_t e = 0; e < E; e++) {
-            const int64_t m = counts[e];
-            if (m == 0) continue;
-            const int ntb = (int)((m + 15) / 16);
-            uint16_t *a = ap + buf * MAX_TB * F * 16;
-            /* the barrier ending this loop also ends everyone's down GEMM of the expert before
-             * last, the one that read this activation buffer */
+            /* an expert's rows in chunks of up to CHUNK_TB * 16: gate/up then down per chunk */
+            for (int64_t r0 = 0; r0 < counts[e]; r0 += CHUNK_TB * 16) {
+                const int64_t m = counts[e] - r0 < CHUNK_TB * 16 ? counts[e] - r0 : CHUNK_TB * 16, r = starts[e] + r0;
+                const int ntb = (int)((m + 15) / 16);
+                const uint16_t *xe = xp + xoff[e] + (r0 / 16) * (D / KC) * TILE;
+                uint16_t *a = ap + buf * CHUNK_TB * F * 16;
+                /* the barrier ending this loop also ends everyone's down GEMM of the chunk before
+                 * last, the one that read this activation buffer */
 #pragma omp for schedule(static)
-            for (int64_t i = 0; i < F / 16; i++)
-                gate_up_block(w13, e, D, F, i, xp + xoff[e], ntb, a, c0, c1, wbuf);
+                for (int64_t i = 0; i < F / 16; i++)
+                    gate_up_block(w13, e, D, F, i, xe, ntb, a, c0, c1, wbuf);
 #pragma omp for schedule(static) nowait
-            for (int64_t j = 0; j < D / 16; j++)
-                down_block(w2, e, F, j, a, ntb, m, y ? y + starts[e] * ldy : NULL, tok ? D : ldy,
-                           tok ? tok + starts[e] : NULL, w ? w + starts[e] : NULL, acc, c0, wbuf);
-            buf ^= 1;
+                for (int64_t j = 0; j < D / 16; j++)
+                    down_block(w2, e, F, j, a, ntb, m, y ? y + r * ldy : NULL, tok ? D : ldy, tok ? tok + r : NULL,
+                               w ? w + r : NULL, acc, c0, wbuf);
+                buf ^= 1;
+            }
         }
         if (tok) {  /* a token's sum rounded once, by the thread that summed those columns */
 #pragma omp for schedule(static)
@@ -257,8 +270,8 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
  * ldx; s_e the sum of the counts before e) go through expert e: h = W13_e @ x (W13_e = w13 +
  * e * s13, [2F, D], gate rows first), a = silu(h[:F]) * h[F:], y = W2_e @ a (W2_e = w2 + e * s2,
  * [D, F]) into the same rows of y (row stride ldy). Weights: unit stride within rows. Needs
- * D % 32 == F % 32 == 0 and every count <= 64. Scratch: xp of sum_e ceil(counts[e]/16) * D * 16
- * bf16 and ap of 2 * 4 * F * 16 bf16. Returns 0, or -1 when built without AMX. */
+ * D % 32 == F % 32 == 0; any counts (an expert's rows run in chunks of 256). Scratch: xp of
+ * sum_e ceil(counts[e]/16) * D * 16 bf16 and ap of 2 * 256 * F bf16. Returns 0, or -1 when built without AMX. */
 int moe_amx_experts(const uint16_t *x, int64_t ldx, const int64_t *counts, int64_t E, int64_t D, int64_t F,
                     const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2, uint16_t *y, int64_t ldy,
                     uint16_t *xp, uint16_t *ap, int num_threads) {
@@ -278,7 +291,7 @@ int moe_amx_experts(const uint16_t *x, int64_t ldx, const int64_t *counts, int64
  * combine does); out [T, D] = sum over k, in ascending expert order, of bf16(expert(x_t) * w) in
  * float32, rounded once -- dispatch, experts and combine (LocalDispatcher) in one call. Scratch:
  * xp of (T*K + 16*E) * D bf16, ap as moe_amx_experts, acc of T*D float32, rows of 2*T*K int64.
- * Returns 0; -1 without AMX; -2 when an expert gets more than 64 rows, -3 for an id out of range
+ * Returns 0; -1 without AMX; -3 for an id out of range
  * (nothing written: use the dispatcher). */
 #if defined(HAVE_AMX)
 /* dispatch, experts and combine of moe_amx_moe with weights from w13 and w2 */
@@ -291,8 +304,6 @@ static int run_moe(const uint16_t *x, int64_t ldx, int64_t T, const int64_t *ids
         if (ids[i] < 0 || ids[i] >= E) return -3;
         counts[ids[i]]++;
     }
-    for (int64_t e = 0; e < E; e++)
-        if (counts[e] > MAX_TB * 16) return -2;
     for (int64_t e = 0, s = 0; e < E; e++) {
         at[e] = s;
         s += counts[e];

@@ -75,17 +75,15 @@ def grouped_swiglu_torch(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.
 
 
 def swiglu_mlp_cpu(x_TD: torch.Tensor, w13_2FD: torch.Tensor, w2_DF: torch.Tensor) -> torch.Tensor | None:
-    """``w2 @ (silu(g) * u)`` with ``[g | u] = w13 @ x`` for a decode-sized CPU batch in one C call
-    (the one-token expert kernel at one row, the AMX experts kernel at 2-64 rows), with the
-    roundings of the three-step path; None when neither applies."""
+    """``w2 @ (silu(g) * u)`` with ``[g | u] = w13 @ x`` on CPU in one C call (the one-token expert
+    kernel at one row, the AMX experts kernel at more), with the roundings of the three-step path;
+    None when neither applies."""
     if x_TD.device.type != "cpu" or x_TD.dim() != 2:
         return None
     if x_TD.shape[0] == 1:
         y = cpu_kernels.expert_token(x_TD[0], [w13_2FD], [w2_DF], [1.0])
         return None if y is None else y.unsqueeze(0)
-    if x_TD.shape[0] <= cpu_kernels.AMX_MAX_ROWS:
-        return cpu_kernels.amx_experts(x_TD, [x_TD.shape[0]], w13_2FD.unsqueeze(0), w2_DF.unsqueeze(0))
-    return None
+    return cpu_kernels.amx_experts(x_TD, [x_TD.shape[0]], w13_2FD.unsqueeze(0), w2_DF.unsqueeze(0))
 
 
 # Decode-sized groups (every expert's rows fit in this many) run as batched GEMMs over pieces of
@@ -381,8 +379,8 @@ class GroupedExperts(SlottedExperts):
     def forward_local(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor | None:
         """Dispatch, :meth:`forward` and combine of a layer whose experts are all here
         (:class:`parallel.dispatch.LocalDispatcher`): one token through :meth:`forward_token`
-        (no permutation needed); more as one C call on CPUs with AMX when every expert gets <= 64
-        rows (decode-sized steps), with the same arithmetic; None when that does not apply (then
+        (no permutation needed); more as one C call on CPUs with AMX (any number of rows), with
+        the same arithmetic; None when that does not apply (then
         dispatch)."""
         if x_TD.shape[0] == 1:
             return self.forward_token(x_TD, ids_TK[0], weights_TK[0])

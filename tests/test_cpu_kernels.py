@@ -427,6 +427,7 @@ def test_amx_kernels_in_use_where_the_cpu_has_amx():
     (64, 96, [3, 0, 17, 1, 64, 16, 33, 2]),  # ragged, empty, 1-4 token blocks, partial blocks
     (32, 32, [1, 1]),
     (256, 512, [8] * 32),  # DeepSeek-like: many experts, few rows each
+    (64, 96, [300, 0, 65, 513, 256, 1]),  # prompt-sized: chunks of 256 rows, a partial last chunk
 ])
 def test_amx_experts_match_the_op_by_op_path(D, F, counts, monkeypatch):
     from experts.grouped import Activation, grouped_swiglu_torch
@@ -459,7 +460,6 @@ def test_amx_experts_decline_what_they_do_not_take(monkeypatch):
     E, D, F = 2, 64, 96
     w13, w2 = torch.randn(E, 2 * F, D).bfloat16(), torch.randn(E, D, F).bfloat16()
     x = torch.randn(70, D).bfloat16()
-    assert cpu_kernels.amx_experts(x, [65, 5], w13, w2) is None  # more rows than four token blocks
     assert cpu_kernels.amx_experts(x.float(), [35, 35], w13.float(), w2.float()) is None  # float32
     w13_odd, w2_odd = torch.randn(E, 2 * 40, D).bfloat16(), torch.randn(E, D, 40).bfloat16()
     assert cpu_kernels.amx_experts(x, [35, 35], w13_odd, w2_odd) is None  # F not a multiple of 32
@@ -501,7 +501,8 @@ def test_amx_linear_declines_what_it_does_not_take():
     assert cpu_kernels.amx_linear(torch.randn(65, 64).bfloat16(), w) is None  # more than 64 rows
 
 
-@pytest.mark.parametrize("T,K,E,D,F", [(64, 2, 8, 64, 96), (5, 4, 16, 32, 64), (33, 8, 8, 64, 32)])
+@pytest.mark.parametrize("T,K,E,D,F", [(64, 2, 8, 64, 96), (5, 4, 16, 32, 64), (33, 8, 8, 64, 32),
+                                       (700, 2, 4, 64, 96)])  # prompt-sized: experts in chunks of 256 rows
 def test_amx_moe_equals_dispatch_experts_combine(T, K, E, D, F):
     # the local MoE step in one call: bit-identical to LocalDispatcher -> experts -> combine
     from experts.grouped import GroupedExperts
@@ -530,7 +531,6 @@ def test_amx_moe_declines_what_it_does_not_take():
     x = torch.randn(70, D).bfloat16()
     ids = torch.tensor([[0, 1]] * 65 + [[2, 3]] * 5)
     w = torch.full((70, 2), 0.5)
-    assert mod.forward_local(x, ids, w) is None  # experts 0 and 1 get 65 rows: the dispatcher's path
     assert cpu_kernels.amx_moe(x, torch.full((70, 2), E), w, mod.w13, mod.w2) is None  # ids out of range
     sub = GroupedExperts(E, D, F, dtype=torch.bfloat16, num_local_experts=2)  # a rank's slice: not local
     assert sub.forward_local(x[:5], ids[-5:] - 2, w[:5]) is None

@@ -66,6 +66,8 @@ def test_outputs_are_the_same_with_and_without_warm_up(checkpoint):
 
 @needs_onednn_bf16
 def test_without_warm_up_requests_build_kernels(checkpoint):
-    # the check above can fail: the same requests without the warm-up build kernels
+    # the check above can fail: the same requests without the warm-up build kernels (with AMX the
+    # experts run in amx.c at every row count, so only the projections' and LM head's prompt-sized
+    # GEMMs are left to oneDNN: a handful of shapes, not dozens)
     cold_misses, _ = _run(checkpoint("mixtral"), warm=False)
-    assert len(cold_misses) > 10
+    assert cold_misses

@@ -134,7 +134,7 @@ class DenseMLP(nn.Module):
     def forward(self, x_TD: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         """``ctx`` unused (an MLP keeps no per-step state): the signature of every MLP block."""
         if self.plain:
-            y = swiglu_mlp_cpu(x_TD, self.gate_up_proj.weight, self.down_proj.weight)  # decode-sized, one C call
+            y = swiglu_mlp_cpu(x_TD, self.gate_up_proj.weight, self.down_proj.weight)  # one C call
             if y is not None:
                 return y
         return self.down_proj(fused_swiglu(self.gate_up_proj(x_TD)))
