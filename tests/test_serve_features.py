@@ -83,11 +83,16 @@ def test_disconnect_mid_stream_frees_blocks(server):
 
 
 def test_disconnect_mid_prefill_frees_blocks(server):
-    """A 480-token prompt prefills 32 tokens a step; the client gives up before its first token."""
-    prompt = list(range(200, 680))
+    """A 480-token prompt prefills 32 tokens a step; the client gives up before its first token:
+    after a third of the time the same-length prompt took to its first token on this machine."""
+    t0 = time.perf_counter()
+    httpx.post(f"{server.url}/v1/completions", json={"model": "default", "prompt": list(range(100, 580)),
+                                                     "max_tokens": 1}, timeout=60).raise_for_status()
+    to_first_token = time.perf_counter() - t0
+    prompt = list(range(200, 680))  # (no block shared with the prompt above: no prefix-cache hit)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/completions", json={"model": "default", "prompt": prompt, "max_tokens": 8},
-                   timeout=httpx.Timeout(60, read=0.3))
+                   timeout=httpx.Timeout(60, read=to_first_token / 3))
     m = wait_all_blocks_free(server)
     assert metric(m, "moe:kv_cache_free_blocks") == metric(m, "moe:kv_cache_total_blocks")
     assert metric(m, "moe:num_requests_running") + metric(m, "moe:num_requests_waiting") == 0
