@@ -66,12 +66,14 @@ static void pack_chunk(const uint16_t *x, int64_t ldx, const int64_t *idx, int64
 /* c[tb][16 rows][16 tokens] = W[16 rows, 0:K] . B tiles (ntb token blocks of tile chunks,
  * `bstride` elements apart), float32. */
 static void dot_block(const uint16_t *w, int64_t ldw, int64_t K, const uint16_t *b, int64_t bstride, int ntb,
-                      float *c) {
+                      float *c, const uint16_t *pf) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
     for (int64_t k = 0; k < K; k += KC, b += TILE) {
+        if (pf)  /* the next weight block's 16 rows, one line each per step, while this one computes */
+            for (int r = 0; r < 16; r++) _mm_prefetch((const char *)(pf + r * ldw + k), _MM_HINT_T0);
         _tile_loadd(4, w + k, ldw * 2);
         _tile_loadd(5, b, 64);
         _tile_dpbf16ps(0, 4, 5);
@@ -94,11 +96,13 @@ static void dot_block(const uint16_t *w, int64_t ldw, int64_t K, const uint16_t 
     if (ntb > 3) _tile_stored(3, c + 768, 64);
 }
 
-/* dot_block over ntb <= CHUNK_TB token blocks, four at a time (the weight rows stay in cache) */
+/* dot_block over ntb <= CHUNK_TB token blocks, four at a time (the weight rows stay in cache);
+ * pf (or NULL): the next block's weight rows, fetched during the first pass */
 static void dot_blocks(const uint16_t *w, int64_t ldw, int64_t K, const uint16_t *b, int64_t bstride, int ntb,
-                       float *c) {
+                       float *c, const uint16_t *pf) {
     for (int g = 0; g < ntb; g += MAX_TB)
-        dot_block(w, ldw, K, b + g * bstride, bstride, ntb - g < MAX_TB ? ntb - g : MAX_TB, c + g * 256);
+        dot_block(w, ldw, K, b + g * bstride, bstride, ntb - g < MAX_TB ? ntb - g : MAX_TB, c + g * 256,
+                  g == 0 ? pf : NULL);
 }
 
 /* Where an expert's weight rows come from: bf16 in place (w != NULL: expert e at w + e * s, rows of
@@ -126,6 +130,11 @@ static const uint16_t *rows16(const wsrc *src, int64_t e, int64_t r0, int64_t K,
     return buf;
 }
 
+/* rows r0.. of expert e's bf16 weight in place, or NULL for packed codes (nothing to prefetch) */
+static const uint16_t *plain_rows(const wsrc *src, int64_t e, int64_t r0, int64_t K) {
+    return src->w ? src->w + e * src->s + r0 * K : NULL;
+}
+
 /* bf16 bits of 16 floats already rounded to bf16 (low halves zero) */
 static inline __m512i bits(__m512 v) { return _mm512_castps_si512(v); }
 
@@ -133,8 +142,9 @@ static inline __m512i bits(__m512 v) { return _mm512_castps_si512(v); }
  * down GEMM's B tiles a_p[tb][F/32][16][16][2] (two activation rows make one row of pairs). */
 static void gate_up_block(const wsrc *w13, int64_t e, int64_t D, int64_t F, int64_t i, const uint16_t *xp, int ntb,
                           uint16_t *ap, float *cg, float *cu, uint16_t *wbuf) {
-    dot_blocks(rows16(w13, e, 16 * i, D, wbuf), D, D, xp, (D / KC) * TILE, ntb, cg);
-    dot_blocks(rows16(w13, e, F + 16 * i, D, wbuf), D, D, xp, (D / KC) * TILE, ntb, cu);
+    dot_blocks(rows16(w13, e, 16 * i, D, wbuf), D, D, xp, (D / KC) * TILE, ntb, cg, plain_rows(w13, e, F + 16 * i, D));
+    dot_blocks(rows16(w13, e, F + 16 * i, D, wbuf), D, D, xp, (D / KC) * TILE, ntb, cu,
+               plain_rows(w13, e, 16 * (i + 1), D));
     for (int tb = 0; tb < ntb; tb++) {
         for (int r = 0; r < 16; r += 2) {
             __m512 a[2];
@@ -177,7 +187,8 @@ static void store_block(const float *c, int64_t m, int64_t j, const uint16_t *bi
 static void down_block(const wsrc *w2, int64_t e, int64_t F, int64_t j, const uint16_t *ap, int ntb, int64_t m,
                        uint16_t *y, int64_t ldy, const int64_t *tok, const float *w, float *acc, float *c,
                        uint16_t *wbuf) {
-    dot_blocks(rows16(w2, e, 16 * j, F, wbuf), F, F, ap, (F / KC) * TILE, ntb, c);
+    dot_blocks(rows16(w2, e, 16 * j, F, wbuf), F, F, ap, (F / KC) * TILE, ntb, c,
+               plain_rows(w2, e, 16 * (j + 1), F));  /* (a prefetch past the end never faults) */
     if (!tok) {
         store_block(c, m, j, NULL, y, ldy, BF16);
         return;
@@ -377,7 +388,7 @@ int moe_amx_linear(const uint16_t *x, int64_t ldx, int64_t m, const uint16_t *w,
         for (int64_t q = 0; q < ntb * nc; q++) pack_chunk(x, ldx, NULL, m, K, q / nc, q % nc, xp);
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < N / 16; j++) {
-            dot_block(w + 16 * j * ldw, ldw, K, xp, nc * TILE, ntb, c);
+            dot_block(w + 16 * j * ldw, ldw, K, xp, nc * TILE, ntb, c, j + 1 < N / 16 ? w + 16 * (j + 1) * ldw : NULL);
             store_block(c, m, j, bias, y, ldy, dtype);
         }
         _tile_release();
@@ -468,7 +479,7 @@ int moe_amx_heads(const uint16_t *x, int64_t ldx, int64_t hx, int64_t m, const u
         for (int64_t q = 0; q < H * (N / 16); q++) {
             const int64_t h = q / (N / 16), j = q % (N / 16);
             if (w_rows_n) {
-                dot_block(w + h * hw + 16 * j * ldw, ldw, K, scratch + h * per_head, nc * TILE, ntb, c);
+                dot_block(w + h * hw + 16 * j * ldw, ldw, K, scratch + h * per_head, nc * TILE, ntb, c, NULL);
                 store_block(c, m, j, NULL, y + h * hy, ldy, BF16);
             } else {
                 dot_block_xw(scratch + h * per_head, K, w + h * hw + 16 * j, ldw, ntb, c);

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+import cpu_kernels
 from experts.grouped import BATCHED_MAX_ROWS, GroupedExperts, grouped_swiglu_torch
 from ops import SMALL_M, PackedLinearWeight, linear, padded_rows
 from parallel.layers import ColumnParallelLinear, ParallelLMHead, ReplicatedLinear, RowParallelLinear
@@ -90,6 +91,8 @@ def _warm_experts(mod: GroupedExperts, buckets: list[int], once) -> int:
     if not once(("experts", tuple(w13.shape), tuple(w2.shape), w13.dtype, mod.b13 is not None, mod.activation)):
         return 0
     E, D = w13.shape[0], w13.shape[2]
+    if mod._plain_swiglu and cpu_kernels.amx_experts(w13.new_zeros(1, D), [1] + [0] * (E - 1), w13, w2) is not None:
+        return 0  # AMX: the experts kernel takes every row count, oneDNN builds nothing for them
     n = 0
 
     def run(counts: list[int]) -> None:
