@@ -194,6 +194,51 @@ def test_sigterm_lets_admitted_requests_finish_and_exits_0(server):
         assert text is not None and text.count('"finish_reason":"length"') == 1 and text.endswith("[DONE]"), text
 
 
+def test_sigterm_past_the_shutdown_timeout_aborts_what_still_runs(tmp_path):
+    """Under load (three streams and one plain request running, max_num_seqs 4), SIGTERM with a
+    0.5 s --shutdown-timeout: the drain's deadline passes with all four mid-generation, so each is
+    aborted -- every stream ends with one finish_reason "abort" chunk then [DONE], the plain request
+    gets a 200 with its text so far and finish_reason "abort" -- and the server exits 0."""
+    server = start_server(tmp_path, "--max-num-seqs", "4", "--shutdown-timeout", "0.5")
+    body = {"model": "default", "prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True}
+    streams: list = [None] * 3
+    whole: list = [None]
+    started = [threading.Event() for _ in range(3)]
+
+    def stream(i: int) -> None:
+        text = ""
+        with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+            for line in r.iter_lines():
+                text += line + "\n"
+                started[i].set()
+        streams[i] = text
+
+    def plain() -> None:
+        whole[0] = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)] + [threading.Thread(target=plain)]
+    try:
+        for t in threads:
+            t.start()
+        assert all(e.wait(120) for e in started)
+        time.sleep(0.2)  # (the plain request was sent with the streams; it runs beside them)
+        assert all(s is None for s in streams) and whole[0] is None, "a request finished first: make them longer"
+        server.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(120)
+        assert server.proc.wait(60) == 0, server.tail()
+    finally:
+        server.stop()
+    for text in streams:
+        events = [e.removeprefix("data: ") for e in text.split("\n") if e]
+        assert events[-1] == "[DONE]", text[-500:]
+        finishes = [c["finish_reason"] for e in events[:-1] for c in json.loads(e)["choices"] if c["finish_reason"]]
+        assert finishes == ["abort"], text[-500:]
+    r = whole[0]
+    assert r is not None and r.status_code == 200, r
+    assert r.json()["choices"][0]["finish_reason"] == "abort" and 1 <= r.json()["usage"]["completion_tokens"] < 480
+
+
 # ---- AsyncLLM directly: engine-side failures -------------------------------------------------
 @pytest.fixture(scope="module")
 def engine():
@@ -383,6 +428,38 @@ def test_abort_ends_the_iterator_with_a_final_abort_output(engine):
     assert last.finished and not any(o.finished for o in outs[:-1])
     assert last.outputs[0].finish_reason == last.delta.finish_reason == "abort"
     assert 2 <= len(last.outputs[0].token_ids) < 400 and llm.num_requests == 0
+    bm = engine.block_manager
+    assert not engine.has_unfinished_requests() and bm.num_free_blocks == bm.num_blocks
+
+
+def test_abort_of_a_request_with_n_samples_ends_every_sample(engine):
+    """A request with n = 3 samples (three sequences in the engine), aborted after its first
+    outputs: its iterator ends with one final output, finished, whose three samples all say
+    "abort"; no sequence is left in the engine and every KV block is free."""
+    from moe import SamplingParams
+    from moe.serving.async_llm import AsyncLLM
+
+    llm = AsyncLLM(engine)
+    llm.start()
+
+    async def run():
+        outs = []
+        params = SamplingParams(n=3, temperature=0.8, seed=3, max_tokens=400, ignore_eos=True)
+        async for out in llm.generate("Hello", params, "n3"):
+            outs.append(out)
+            if len(outs) == 2:
+                llm.abort("n3")
+        return outs
+
+    try:
+        outs = asyncio.run(asyncio.wait_for(run(), 60))
+    finally:
+        llm.shutdown()
+    last = outs[-1]
+    assert last.finished and not any(o.finished for o in outs[:-1])
+    assert len(last.outputs) == 3 and {o.index for o in last.outputs} == {0, 1, 2}
+    assert all(o.finish_reason == "abort" and len(o.token_ids) < 400 for o in last.outputs)
+    assert llm.num_requests == 0
     bm = engine.block_manager
     assert not engine.has_unfinished_requests() and bm.num_free_blocks == bm.num_blocks
 
