@@ -1,9 +1,9 @@
 """Binding of ``amx.c``: bf16 GEMMs on AMX tiles, weights read in place.
 
-Batched decode, verify rows and short prompts (2-64 rows), and the SwiGLU experts at any number of
-rows (prompt chunks too: an expert's rows in chunks of 256, each 16-row weight block read once per
-chunk and met by the chunk's packed tokens from cache): 16 weight rows are a tile; the tokens are
-packed as the other operand. :func:`amx_moe` and :func:`amx_moe_packed` run a local MoE layer's
+Batched decode, verify rows and short prompts (2-64 rows), and the SwiGLU experts (bf16 or packed)
+at any number of rows (prompt chunks too: an expert's rows in chunks of 256, each 16-row weight
+block read once per chunk and met by the chunk's packed tokens from cache): 16 weight rows are a
+tile; the tokens are packed as the other operand. :func:`amx_moe` and :func:`amx_moe_packed` run a local MoE layer's
 dispatch, experts and combine in one call (bf16 or packed experts), :func:`amx_experts` the experts
 over rows grouped by expert, :func:`amx_linear` plain projections and the LM head, :func:`amx_heads`
 MLA's per-head GEMMs. oneDNN's ``bmm``/``mm`` at decode sizes read the weights at 85-90% of the rate
@@ -38,7 +38,7 @@ declare({
 })
 
 _amx: bool | None = None  # whether the AMX kernels run here (built for AMX, tile state granted)
-AMX_MAX_ROWS = 64  # rows the linear, per-head and packed-experts kernels take (four blocks of 16 tokens)
+AMX_MAX_ROWS = 64  # rows the linear and per-head kernels take (four blocks of 16 tokens)
 AMX_CHUNK = 256  # the bf16 experts kernels take any rows, an expert's rows in chunks of this many
 
 
@@ -172,9 +172,10 @@ def amx_moe_packed(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.T
                    w2: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> torch.Tensor | None:
     """:func:`amx_moe` on packed experts (``(codes, scales, offsets)`` stacked over experts as
     :func:`quant_moe_token` takes them): every 16-row weight block dequantized to bf16 into a
-    buffer the AMX tiles read, so the packed bytes are what streams. Results equal dequantize ->
-    GEMM -> combine up to the order of float32 sums. None when the kernel does not apply (no AMX,
-    a dim not a multiple of 32, an expert given more than :data:`AMX_MAX_ROWS` rows)."""
+    buffer the AMX tiles read, so the packed bytes are what streams; any number of rows (an
+    expert's rows in chunks of :data:`AMX_CHUNK`, each weight block dequantized once per chunk).
+    Results equal dequantize -> GEMM -> combine up to the order of float32 sums. None when the
+    kernel does not apply (no AMX, a dim not a multiple of 32)."""
     if x_TD.dtype != torch.bfloat16 or x_TD.dim() != 2 or not amx_available() or x_TD.stride(-1) != 1:
         return None
     (q13, s13, b13), (q2, s2, b2) = w13, w2
@@ -183,7 +184,7 @@ def amx_moe_packed(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.T
     if dims is None:
         return None
     E, D, F = dims
-    if D % 32 or F % 32 or x_TD.shape[1] != D or weights_TK.shape != (T, K) or T * K > E * AMX_MAX_ROWS:
+    if D % 32 or F % 32 or x_TD.shape[1] != D or weights_TK.shape != (T, K):
         return None
     ids, wts, out, xp, ap, acc, rows = _amx_moe_buffers(ids_TK, weights_TK, E, D, F)
     rc = load().moe_amx_moe_packed(

@@ -364,6 +364,31 @@ def test_cli_flag_errors(checkpoint, tmp_path):
     assert get_format("int4", group_size=64).group_size == 64
 
 
+@pytest.mark.parametrize("fmt", [Int8Weights(32), Int4Weights(32, symmetric=False)], ids=["int8", "int4-asym"])
+def test_prompt_chunks_through_the_amx_packed_kernel_keep_generations(fmt, checkpoint, tmp_path, monkeypatch):
+    # a 200-token prompt (100 rows per expert, past the decode-sized steps) through one AMX call per
+    # MoE layer on packed experts, against dispatch -> experts -> combine on the same packed weights:
+    # every teacher-forced prompt log-prob within float32-sum-order noise (greedy generations of
+    # this tiny random model part at near-ties, so they are not compared past the first token)
+    import cpu_kernels
+
+    q = quantize_checkpoint(checkpoint("mixtral"), tmp_path / "q", fmt).out
+    prompt = {"prompt_token_ids": [(5 * i + 7) % 300 + 3 for i in range(200)]}
+    sp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0, ignore_eos=True)
+    real, rows = cpu_kernels.amx_moe_packed, []
+    monkeypatch.setattr(cpu_kernels, "amx_moe_packed", lambda x, *a: rows.append(x.shape[0]) or real(x, *a))
+    fast = LLM(str(q), dtype="bfloat16", enable_prefix_caching=False).generate([prompt], sp)[0]
+    if not cpu_kernels.amx_available():
+        return
+    assert 200 in rows
+    monkeypatch.setattr(cpu_kernels, "amx_moe_packed", lambda *a: None)  # dispatch -> experts -> combine
+    ops = LLM(str(q), dtype="bfloat16", enable_prefix_caching=False).generate([prompt], sp)[0]
+    ids = prompt["prompt_token_ids"]
+    diffs = [abs(a[t] - b[t]) for t, a, b in zip(ids[1:], fast.prompt_logprobs[1:], ops.prompt_logprobs[1:])]
+    assert len(diffs) == 199 and max(diffs) < 0.03 and sum(diffs) / len(diffs) < 0.005, (max(diffs), sum(diffs))
+    assert fast.outputs[0].token_ids[0] == ops.outputs[0].token_ids[0]
+
+
 @pytest.mark.parametrize("fmt", [Int8Weights(32), Int8Weights(64, symmetric=False), Fp8BlockWeights(), Int4Weights(32),
                                  Int4Weights(128, symmetric=False), Mxfp4Weights()],
                          ids=lambda f: f"{f.name}-{getattr(f, 'group_size', 128)}-{getattr(f, 'symmetric', True)}")
@@ -401,16 +426,18 @@ def test_one_token_in_one_call_equals_dispatch_experts_combine(fmt, k, monkeypat
 @pytest.mark.parametrize("fmt", [Int8Weights(32), Int8Weights(64, symmetric=False), Fp8BlockWeights(), Int4Weights(32),
                                  Int4Weights(128, symmetric=False), Mxfp4Weights()],
                          ids=lambda f: f"{f.name}-{getattr(f, 'group_size', 128)}-{getattr(f, 'symmetric', True)}")
-def test_decode_sized_step_in_one_amx_call_equals_dequantize_then_dispatch(fmt):
-    # 2-64 rows per expert on packed experts: one AMX call, each 16-row weight block dequantized to
-    # bf16 for the tiles; against the dispatcher over the dequantized bf16 weights (the same rounded
-    # weights, float32 sums in another order)
+@pytest.mark.parametrize("T", [37, 900])
+def test_step_in_one_amx_call_equals_dequantize_then_dispatch(fmt, T):
+    # packed experts through one AMX call, each 16-row weight block dequantized to bf16 for the
+    # tiles: a decode-sized step (~12 rows per expert) and a prompt chunk (~300 rows per expert:
+    # more than one chunk of 256); against the dispatcher over the dequantized bf16 weights (the
+    # same rounded weights, float32 sums in another order)
     import cpu_kernels
     from experts import GroupedExperts
     from parallel import init_single_process, make_moe_dispatcher
 
     init_single_process()
-    E, D, F, T, k = 6, 128, 256, 37, 2
+    E, D, F, k = 6, 128, 256, 2
     g = torch.Generator().manual_seed(7)
     layer = QuantGroupedExperts(E, D, F, fmt, dtype=torch.bfloat16)
     params = dict(layer.named_parameters())
