@@ -130,6 +130,21 @@ def kernel_dtype(*ts: torch.Tensor) -> int | None:
     return DTYPES[d]
 
 
+def release_openmp_threads() -> bool:
+    """Free the calling thread's OpenMP worker threads (``omp_pause_resource_all(omp_pause_soft)``
+    on the runtime torch loaded); the next parallel region on this thread starts them again. For a
+    thread that hands its compute to another one (the server's engine thread): GNU OpenMP keeps a
+    team of workers per thread that ever ran a parallel region, and once the process holds more
+    OpenMP threads than CPUs every team's workers stop spinning between regions and sleep, so each
+    region pays a futex wake-up (batch-1 decode ran ~1.5x slower on the engine thread than on the
+    thread that loaded the model). False when there is no such runtime or call."""
+    path = _openmp_runtime()
+    try:
+        return path is not None and ctypes.CDLL(path).omp_pause_resource_all(1) == 0
+    except (OSError, AttributeError):  # an OpenMP runtime without OpenMP 5.0's pause
+        return False
+
+
 def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int | None = None) -> None:
     """Set glibc's mmap threshold (and heap-top trim threshold) for this process: which freed
     blocks go back to the OS and which stay for reuse. Nothing happens off glibc."""

@@ -164,6 +164,27 @@ def _run(code: str, env: dict) -> str:
     return r.stdout + r.stderr
 
 
+def test_release_openmp_threads_frees_the_callers_workers():
+    # a thread that ran a parallel region keeps its OpenMP workers (threads - 1 of them); releasing
+    # them ends those threads (the server's loading thread does this when the engine thread takes
+    # over), and the next region starts them again
+    out = _run("""
+        import os, torch
+        from cpu_kernels.build import release_openmp_threads
+        torch.set_num_threads(2)
+        x = torch.randn(512, 512)
+        tasks = lambda: len(os.listdir('/proc/self/task'))
+        (x @ x).sum()
+        before = tasks()
+        assert release_openmp_threads()
+        after = tasks()
+        (x @ x).sum()
+        print('TASKS', before, after, tasks())
+    """, {"OMP_NUM_THREADS": "2"})
+    before, after, again = map(int, out.split("TASKS")[1].split()[:3])
+    assert after == before - 1 and again == before
+
+
 def test_fresh_build_shares_torchs_openmp_runtime(tmp_path):
     # built from nothing into a new cache dir; afterwards exactly one OpenMP runtime is mapped
     out = _run("""

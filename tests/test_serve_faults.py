@@ -432,6 +432,20 @@ def test_abort_ends_the_iterator_with_a_final_abort_output(engine):
     assert not engine.has_unfinished_requests() and bm.num_free_blocks == bm.num_blocks
 
 
+def test_start_gives_the_engine_thread_the_cores(engine, monkeypatch):
+    """AsyncLLM.start() releases the calling thread's OpenMP workers (the thread that built the
+    engine) before the engine thread runs the steps: one team of workers on the cores, not two."""
+    import moe.serving.async_llm as async_llm
+    from moe.serving.async_llm import AsyncLLM
+
+    calls = []
+    monkeypatch.setattr(async_llm, "release_openmp_threads", lambda: calls.append(threading.current_thread()))
+    llm = AsyncLLM(engine)
+    llm.start()
+    llm.shutdown()
+    assert calls == [threading.current_thread()]
+
+
 def test_abort_of_a_request_with_n_samples_ends_every_sample(engine):
     """A request with n = 3 samples (three sequences in the engine), aborted after its first
     outputs: its iterator ends with one final output, finished, whose three samples all say

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cpu_kernels.build import release_openmp_threads
 from parallel import world_broadcast_object
 
 from ..engine import LLMEngine
@@ -96,6 +97,12 @@ class AsyncLLM:
 
     # ---- public API ------------------------------------------------------------------------
     def start(self) -> None:
+        """Run the engine's step loop on its own thread from now on. The calling thread (which
+        built and warmed up the engine) gives back its OpenMP workers: the engine thread's kernels
+        get the cores without two teams of workers sharing them (see
+        :func:`cpu_kernels.build.release_openmp_threads`)."""
+        if self.engine.device.type == "cpu":
+            release_openmp_threads()
         self._thread = threading.Thread(target=self._run_guarded, name="moe-engine", daemon=True)
         self._thread.start()
 
