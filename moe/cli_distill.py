@@ -26,6 +26,8 @@ def distill(
     draft_mlp: str = typer.Option("moe", "--draft-mlp", help="Drafter layers: moe (the teacher's) or dense."),
     draft_intermediate: Optional[int] = typer.Option(None, "--draft-intermediate",
                                                      help="Dense drafter: MLP width (default: the config's)."),
+    train: str = typer.Option("router+experts", "--train", help="Recovery: what trains, router+experts (the rest "
+                                                                "frozen) or all (every weight)."),
     lora_rank: int = typer.Option(0, "--lora-rank", help="Recovery: train rank-r adapters on the experts "
                                                          "(merged at the end) instead of the experts themselves."),
     steps: int = typer.Option(200, "--steps"),
@@ -56,10 +58,11 @@ def distill(
     try:
         cfg = DistillConfig(teacher=teacher, student=student, data=str(data), out=str(out),
                             eval_data=str(eval_data) if eval_data else None, draft_layers=draft_layers,
-                            draft_mlp=draft_mlp, draft_intermediate=draft_intermediate, lora_rank=lora_rank,
-                            steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr, alpha=alpha, top_k=top_k,
-                            seed=seed, teacher_windows=teacher_windows, eval_windows=eval_windows,
-                            teacher_dtype=teacher_dtype, save_every=save_every, threads=threads)
+                            draft_mlp=draft_mlp, draft_intermediate=draft_intermediate, train=train,
+                            lora_rank=lora_rank, steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr,
+                            alpha=alpha, top_k=top_k, seed=seed, teacher_windows=teacher_windows,
+                            eval_windows=eval_windows, teacher_dtype=teacher_dtype, save_every=save_every,
+                            threads=threads)
         if stop_after is not None and stop_after < 1:
             raise ValueError(f"--stop-after {stop_after} must be at least 1")
         report = run(cfg, resume=resume, force=force, stop_after=stop_after, progress=True)

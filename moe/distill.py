@@ -5,7 +5,7 @@
 2. Our engine runs the teacher over the windows and keeps its top-k log-probs per position
    (:mod:`moe.distill_data`; cached in ``<out>/distill_state/``).
 3. The student (:mod:`moe.distill_student`: a drafter cut from the teacher, or an existing checkpoint
-   such as a pruned teacher) trains in torch on
+   such as a pruned teacher, its routers and experts or, with ``train="all"``, every weight) trains in torch on
    ``loss = KL(p || q) + alpha * CE(next token)``, where ``p`` is the teacher's top-k renormalised and
    ``q`` the student's softmax over the same k tokens (zero when the student ranks and weighs them as the
    teacher does, whatever the rest of the vocabulary; the hard-label CE keeps its mass there in check).
@@ -30,6 +30,7 @@ from .distill_data import TeacherTopK, batches, cached_engine_topk, data_stream,
 from .distill_student import build_draft_student, load_student, save_student, select_trainable
 
 STATE_DIR = "distill_state"
+TRAIN_CHOICES = ("router+experts", "all")  # what a recovered checkpoint (--student PATH) trains
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class DistillConfig:
     draft_layers: int = 1
     draft_mlp: str = "moe"  # "moe": a cut-down copy of the teacher; "dense": SwiGLU MLP layers
     draft_intermediate: int | None = None  # dense drafter MLP width (None: the teacher config's intermediate_size)
+    train: str = "router+experts"  # recovery (--student PATH): "router+experts" or "all" (every weight)
     lora_rank: int = 0
     steps: int = 200
     seq_len: int = 256
@@ -69,6 +71,11 @@ class DistillConfig:
         if self.student == "draft" and self.lora_rank:
             raise ValueError("--lora-rank applies to recovering an existing checkpoint (--student PATH), "
                              "not to a drafter, which trains all its weights")
+        if self.train not in TRAIN_CHOICES:
+            raise ValueError(f"--train {self.train!r}: choose {' or '.join(TRAIN_CHOICES)}")
+        if self.train == "all" and self.lora_rank:
+            raise ValueError("--lora-rank trains adapters on the experts with the rest frozen; "
+                             "drop it to --train all")
         context = json.loads((Path(self.teacher) / "config.json").read_text()).get("max_position_embeddings")
         if context and self.seq_len + 1 > context:
             raise ValueError(f"--seq-len {self.seq_len}: windows of {self.seq_len + 1} tokens exceed the teacher's "
@@ -192,7 +199,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, force: bool = False, st
         trainable = select_trainable(model, "all")
     else:
         model, copied = load_student(cfg.student), []
-        trainable = select_trainable(model, "router+experts", cfg.lora_rank, cfg.seed)
+        trainable = select_trainable(model, cfg.train, cfg.lora_rank, cfg.seed)
     if model.config.vocab_size != t_vocab:
         raise ValueError(f"the student's vocabulary ({model.config.vocab_size}) differs from the teacher's "
                          f"({t_vocab}): distillation needs the same tokenizer")

@@ -3,8 +3,8 @@
 * a drafter: the teacher's family cut to ``layers`` decoder layers, MoE or dense, initialised from the
   teacher's embeddings, first layers, final norm and LM head (whatever has the same name and shape);
 * an existing checkpoint (e.g. a pruned copy of the teacher): its routers and experts train, the rest is
-  frozen; with ``lora_rank`` the experts stay frozen and low-rank adapters on them train instead, merged
-  into the weights before saving.
+  frozen (or every weight trains: ``what="all"``); with ``lora_rank`` the experts stay frozen and low-rank
+  adapters on them train instead, merged into the weights before saving.
 """
 from __future__ import annotations
 
@@ -86,13 +86,14 @@ class LowRankDelta(nn.Module):
 
 
 def select_trainable(model: nn.Module, what: str, lora_rank: int = 0, seed: int = 0) -> dict[str, int]:
-    """Set ``requires_grad``: ``what="all"`` (a drafter) or ``"router+experts"`` (recovery); with ``lora_rank``
-    the experts get :class:`LowRankDelta` adapters and only those (and the routers) train.
+    """Set ``requires_grad``: ``what="all"`` (a drafter, or a recovery that trains every weight) or
+    ``"router+experts"`` (recovery); with ``lora_rank`` the experts get :class:`LowRankDelta` adapters and only
+    those (and the routers) train.
     Returns the trainable parameter count per group."""
     names = dict(model.named_parameters())
     experts = [n for n in names if ".experts." in n and names[n].dim() >= 2]
     routers = [n for n in names if _ROUTER.search(n) and ".experts." not in n and "shared_expert" not in n]
-    if what == "all":  # a drafter (DistillConfig refuses --lora-rank for it)
+    if what == "all":  # DistillConfig refuses --lora-rank with it
         for p in model.parameters():
             p.requires_grad_(True)
         return {"all": sum(p.numel() for p in model.parameters())}

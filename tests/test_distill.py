@@ -97,8 +97,10 @@ def test_dense_drafter_and_resume_continue_bit_for_bit(teacher, corpus, tmp_path
     assert other.exit_code == 2 and "written with other options (lr)" in other.output
 
 
-@pytest.mark.parametrize("lora", [0, 4])
-def test_recovery_raises_agreement_above_pruning_alone(teacher, corpus, tmp_path, lora):
+@pytest.mark.parametrize("lora,train,lr", [(0, "router+experts", "1e-3"), (4, "router+experts", "1e-3"),
+                                           (0, "all", "1e-4")])
+def test_recovery_raises_agreement_above_pruning_alone(teacher, corpus, tmp_path, lora, train, lr):
+    from safetensors.torch import load_file
     from transformers import AutoConfig
 
     tok = Tokenizer(teacher)
@@ -111,12 +113,22 @@ def test_recovery_raises_agreement_above_pruning_alone(teacher, corpus, tmp_path
     pruned = pruned_quality(teacher, tmp_path / "p", eval_wins, dtype="float32")
     report = run_distill("--teacher", str(teacher), "--student", str(tmp_path / "p"), "--data", str(corpus),
                          "--eval-data", str(heldout), "--out", str(tmp_path / "r"), "--lora-rank", str(lora),
-                         "--steps", "40", "--batch-size", "8", "--seq-len", "32", "--top-k", "8", "--alpha", "0",
-                         "--lr", "1e-3", "--eval-windows", "32")
+                         "--train", train, "--steps", "40", "--batch-size", "8", "--seq-len", "32", "--top-k", "8",
+                         "--alpha", "0", "--lr", lr, "--eval-windows", "32")
     trained = report["trainable_parameters"]
-    assert ("lora" in trained) == bool(lora) and "router" in trained and ("experts" in trained) != bool(lora)
+    before, after = ({n: t for f in sorted((tmp_path / d).glob("*.safetensors")) for n, t in load_file(f).items()}
+                     for d in ("p", "r"))
+    frozen = [n for n in before if ".experts." not in n and not n.endswith("mlp.gate.weight")]
+    assert frozen and before.keys() == after.keys()
+    if train == "all":  # every weight trains: attention, norms, embeddings, LM head too
+        assert trained == {"all": sum(t.numel() for t in before.values())}
+        assert not any(torch.equal(before[n], after[n]) for n in frozen
+                       if n.endswith(("proj.weight", "embed_tokens.weight", "lm_head.weight")))
+    else:
+        assert ("lora" in trained) == bool(lora) and "router" in trained and ("experts" in trained) != bool(lora)
+        assert all(torch.equal(before[n], after[n]) for n in frozen)
     recovered = pruned_quality(teacher, tmp_path / "r", eval_wins, dtype="float32")
-    print(f"lora {lora}: top-1 agreement pruned {pruned['top1_agreement']:.3f} -> recovered "
+    print(f"lora {lora}, train {train}: top-1 agreement pruned {pruned['top1_agreement']:.3f} -> recovered "
           f"{recovered['top1_agreement']:.3f}; held-out KL {report['heldout_before']['kl']:.4f} -> "
           f"{report['heldout_after']['kl']:.4f}")
     assert recovered["top1_agreement"] > pruned["top1_agreement"]
@@ -135,6 +147,10 @@ def test_bad_distill_options_are_named(teacher, corpus, tmp_path):
                                                            "--out", str(tmp_path / "a"))
     assert "--lora-rank applies to recovering" in fails(*base, "--student", "draft", "--lora-rank", "4",
                                                         "--out", str(tmp_path / "b"))
+    assert "--train 'everything': choose router+experts or all" in fails(*base, "--student", "draft", "--train",
+                                                                          "everything", "--out", str(tmp_path / "i"))
+    assert "drop it to --train all" in fails(*base, "--student", str(teacher), "--train", "all", "--lora-rank", "4",
+                                             "--out", str(tmp_path / "j"))
     assert "give 'draft' or a checkpoint directory" in fails(*base, "--student", "nowhere", "--out", str(tmp_path))
     assert "--resume: no checkpoint" in fails(*base, "--student", "draft", "--out", str(tmp_path / "c"), "--resume")
     assert "windows of 257 tokens exceed the teacher's context (256)" in fails(*base[:-2], "--student", "draft",
