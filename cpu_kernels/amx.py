@@ -3,16 +3,16 @@
 Batched decode, verify rows and short prompts (2-64 rows), and the SwiGLU experts (bf16 or packed)
 at any number of rows (prompt chunks too: an expert's rows in chunks of 256, each 16-row weight
 block read once per chunk and met by the chunk's packed tokens from cache): 16 weight rows are a
-tile; the tokens are packed as the other operand. :func:`amx_moe` and :func:`amx_moe_packed` run
-a local MoE layer's dispatch, experts and combine in one call (bf16 or packed experts),
-:func:`amx_experts` the experts over rows grouped by expert, :func:`amx_linear` plain projections and the LM head, :func:`amx_heads`
-MLA's per-head GEMMs. oneDNN's ``bmm``/``mm`` at decode sizes read the weights at 85-90% of the rate
-and need the permutation, SwiGLU and combine as separate ops; at prompt-sized chunks (2048 tokens,
-Mixtral shape) the experts kernel took 4x2048-token prompts from 1197-1740 to 1566-2015 tok/s in
-paired runs against per-expert oneDNN GEMMs (the plain linear kernel at such sizes did not beat
-``F.linear``: 430-530 vs 525-770 GFLOP/s, so projections keep oneDNN past 64 rows). Where the CPU
-lacks AMX (or Linux refuses its tile state) they return None. :func:`swiglu_experts_reference` is
-the experts kernels' float32 reference.
+tile; the tokens are packed as the other operand. :func:`amx_moe` and :func:`amx_moe_packed` run a
+local MoE layer's dispatch, experts and combine in one call (bf16 or packed experts),
+:func:`amx_experts` the experts over rows grouped by expert, :func:`amx_linear` plain projections
+and the LM head, :func:`amx_heads` MLA's per-head GEMMs. oneDNN's ``bmm``/``mm`` at decode sizes
+read the weights at 85-90% of the rate and need the permutation, SwiGLU and combine as separate ops;
+at prompt-sized chunks (2048 tokens, Mixtral shape) the experts kernel took 4x2048-token prompts
+from 1197-1740 to 1566-2015 tok/s in paired runs against per-expert oneDNN GEMMs (the plain linear
+kernel at such sizes did not beat ``F.linear``: 430-530 vs 525-770 GFLOP/s, so projections keep
+oneDNN past 64 rows). Where the CPU lacks AMX (or Linux refuses its tile state) they return None.
+:func:`swiglu_experts_reference` is the experts kernels' float32 reference.
 """
 from __future__ import annotations
 
