@@ -74,23 +74,32 @@ def _compiler() -> str | None:
 
 
 def _build() -> ctypes.CDLL:
+    return build_library(_DIR)
+
+
+def build_library(src_dir: str | Path) -> ctypes.CDLL:
+    """Compile (or find in the cache) the library from the kernel sources in ``src_dir`` (this
+    package's directory, or a copy of it with an edited kernel) and load it with every declared
+    signature applied. ``benchmarks/bench_kernel_ab.py`` loads two builds side by side this way."""
+    src_dir = Path(src_dir)
+    sources = [src_dir / p.name for p in _SOURCES]
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC, or install gcc)")
     omp = _openmp_runtime()
     flags = _FLAGS + (["-fopenmp"] if omp else [])
-    blob = b"".join(p.read_bytes() for p in [*_SOURCES, _DIR / "simd.h", _DIR / "kernels.h"])
+    blob = b"".join(p.read_bytes() for p in [*sources, src_dir / "simd.h", src_dir / "kernels.h"])
     key = hashlib.sha256(blob + " ".join([cc, *flags, omp or ""]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MOE_KERNEL_CACHE", Path.home() / ".cache" / "moe" / "kernels"))
     lib_path = cache / f"moe_cpu-{key}.so"
     if not lib_path.exists():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            objs = [Path(tmp) / f"{src.stem}.o" for src in _SOURCES]
+            objs = [Path(tmp) / f"{src.stem}.o" for src in sources]
             out = Path(tmp) / "k.so"
             # compile with -fopenmp, but link the runtime torch uses (not the compiler's own copy)
             cmds = [[cc, *[f for f in flags if f != "-shared"], "-c", str(src), "-o", str(obj)]
-                    for src, obj in zip(_SOURCES, objs)]
+                    for src, obj in zip(sources, objs)]
             cmds.append([cc, "-shared", *map(str, objs), "-o", str(out)]
                         + ([omp, f"-Wl,-rpath,{os.path.dirname(omp)}"] if omp else []))
             for cmd in cmds:
@@ -101,6 +110,14 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(lib_path))
     _apply(lib, _signatures)
     return lib
+
+
+def use_library(lib: ctypes.CDLL | None) -> None:
+    """Make ``lib`` (from :func:`build_library`) the library every binding calls from now on:
+    benchmarks alternating two builds of a kernel in one process."""
+    global _lib, _tried
+    with _lock:
+        _lib, _tried = lib, True
 
 
 def load() -> ctypes.CDLL | None:

@@ -23,6 +23,26 @@ def test_kernel_builds_here():
     assert cpu_kernels.load() is not None
 
 
+def test_build_library_of_this_directory_is_the_loaded_one_and_use_library_swaps_it(tmp_path):
+    # benchmarks/bench_kernel_ab.py loads two builds side by side: the same sources must hit the
+    # cache (same file, no compile), and use_library must make every binding call the given one
+    from cpu_kernels import build
+
+    loaded = cpu_kernels.load()
+    same = build.build_library(os.path.join(ROOT, "cpu_kernels"))
+    assert same._name == loaded._name
+    other = build.build_library(os.path.join(ROOT, "cpu_kernels"))
+    try:
+        build.use_library(other)
+        assert cpu_kernels.load() is other
+    finally:
+        build.use_library(loaded)
+    assert cpu_kernels.load() is loaded
+    # a directory without the sources is an error naming the file, not a silent fallback
+    with pytest.raises(OSError):
+        build.build_library(tmp_path)
+
+
 def test_vector_bodies_in_use_where_the_cpu_has_them():
     # -march=native: AVX-512 where the CPU has it, else AVX2 + FMA; a build that lost its vector
     # bodies (flags, compiler) would still pass every equality test, only slower

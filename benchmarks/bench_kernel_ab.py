@@ -1,0 +1,87 @@
+"""Two builds of the CPU kernels side by side: a kernel change measured old/new in one process.
+
+On a shared host whose speed drifts minute to minute, separate runs of "before" and "after" compare
+the host's phases more than the kernels. This loads the library built from two source directories
+(``--a``: this checkout's ``cpu_kernels/`` unless given; ``--b``: a copy with the edit, or the
+other way round), checks that both give the same result, then times them in alternating rounds
+(the order flipped every round) and prints each build's median rate and every round's ratio.
+
+    cp -r cpu_kernels /tmp/kernels_old        # before editing amx.c
+    python benchmarks/bench_kernel_ab.py --b /tmp/kernels_old --rows 2048 --rounds 12
+    python benchmarks/bench_kernel_ab.py --b /tmp/kernels_old --shape 32,1024,512,4   # Qwen3/DeepSeek experts
+
+Operation: the local MoE layer after the router (``cpu_kernels.amx_moe``: dispatch, SwiGLU experts,
+combine), bf16, random weights and routing; rate in GMAC/s of the experts' GEMMs. Needs AMX.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import cpu_kernels  # noqa: E402
+from cpu_kernels import build  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--a", default=str(REPO / "cpu_kernels"), help="kernel sources of build A (default: this checkout)")
+    ap.add_argument("--b", required=True, help="kernel sources of build B")
+    ap.add_argument("--shape", default="8,1024,2816,2", help="experts E, hidden D, intermediate F, top-k K")
+    ap.add_argument("--rows", type=int, default=2048, help="tokens in the step")
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--reps", type=int, default=3, help="calls per build per round")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    libs = {"A": build.build_library(args.a), "B": build.build_library(args.b)}
+    build.use_library(libs["A"])
+    if not cpu_kernels.amx_available():
+        sys.exit("the AMX kernels do not run on this machine (no AMX-BF16, or Linux refused the tile state)")
+    E, D, F, K = (int(v) for v in args.shape.split(","))
+    g = torch.Generator().manual_seed(args.seed)
+    w13 = (torch.randn(E, 2 * F, D, generator=g) * 0.02).to(torch.bfloat16)
+    w2 = (torch.randn(E, D, F, generator=g) * 0.02).to(torch.bfloat16)
+    x = torch.randn(args.rows, D, generator=g).to(torch.bfloat16)
+    weights, ids = torch.topk(torch.softmax(torch.randn(args.rows, E, generator=g), -1), K)
+
+    def call(name: str) -> torch.Tensor:
+        build.use_library(libs[name])
+        return cpu_kernels.amx_moe(x, ids, weights, w13, w2)
+
+    ya, yb = call("A"), call("B")
+    diff = (ya.float() - yb.float()).abs().max().item()
+    times: dict[str, list[float]] = {"A": [], "B": []}
+    for r in range(args.rounds):
+        for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
+            call(name)
+            t = time.perf_counter()
+            for _ in range(args.reps):
+                call(name)
+            times[name].append((time.perf_counter() - t) / args.reps)
+    macs = args.rows * K * 3 * D * F
+    rate = {n: macs / statistics.median(ts) / 1e9 for n, ts in times.items()}
+    ratios = [a / b for a, b in zip(times["A"], times["B"])]  # > 1: B faster
+    print(f"amx_moe, {args.rows} rows, E={E} D={D} F={F} top-{K}, {args.threads} threads; "
+          f"outputs {'bit-identical' if diff == 0 else f'differ by up to {diff:.3g}'}")
+    for n, src in (("A", args.a), ("B", args.b)):
+        print(f"  {n} {src}: median {rate[n]:.0f} GMAC/s  " + " ".join(f"{macs / t / 1e9:.0f}" for t in times[n]))
+    print(f"  B / A speed by round: {' '.join(f'{q:.2f}' for q in ratios)}; B faster in "
+          f"{sum(q > 1 for q in ratios)} of {len(ratios)}")
+    print(json.dumps({"benchmark": "bench_kernel_ab", "op": "amx_moe", "rows": args.rows, "shape": [E, D, F, K],
+                      "threads": args.threads, "a": args.a, "b": args.b, "max_abs_diff": diff,
+                      "gmac_s": rate, "b_over_a_by_round": ratios}))
+
+
+if __name__ == "__main__":
+    main()
