@@ -256,18 +256,13 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
                 uint16_t *a = ap + buf * CHUNK_TB * F * 16;
                 /* the barrier ending this loop also ends everyone's down GEMM of the chunk before
                  * last, the one that read this activation buffer. Chunks of 4+ token blocks are
-                 * compute-bound: their blocks go to threads as they free up (the two cores do not
-                 * always run at one speed; 1.2-1.3x at 2048 rows); fewer stream the weights, each
-                 * thread its own contiguous range (dynamic there: 0.96x at 64 rows). */
-                if (ntb >= 4) {
-#pragma omp for schedule(dynamic, 4)
-                    for (int64_t i = 0; i < F / 16; i++)
-                        gate_up_block(w13, e, D, F, i, xe, ntb, a, c0, c1, wbuf);
-                } else {
-#pragma omp for schedule(static)
-                    for (int64_t i = 0; i < F / 16; i++)
-                        gate_up_block(w13, e, D, F, i, xe, ntb, a, c0, c1, wbuf);
-                }
+                 * compute-bound: their blocks go to threads 4 at a time as they free up (the two
+                 * cores do not always run at one speed; 1.2-1.3x at 2048 rows); fewer stream the
+                 * weights, each thread a contiguous range of them (4 at a time there: 0.96x). */
+                const int64_t per = ntb >= 4 ? 4 : (F / 16 + num_threads - 1) / num_threads;
+#pragma omp for schedule(dynamic, per)
+                for (int64_t i = 0; i < F / 16; i++)
+                    gate_up_block(w13, e, D, F, i, xe, ntb, a, c0, c1, wbuf);
 #pragma omp for schedule(static) nowait
                 for (int64_t j = 0; j < D / 16; j++)
                     down_block(w2, e, F, j, a, ntb, m, y ? y + r * ldy : NULL, tok ? D : ldy, tok ? tok + r : NULL,

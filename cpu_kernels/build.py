@@ -73,10 +73,6 @@ def _compiler() -> str | None:
     return None
 
 
-def _build() -> ctypes.CDLL:
-    return build_library(_DIR)
-
-
 def build_library(src_dir: str | Path) -> ctypes.CDLL:
     """Compile (or find in the cache) the library from the kernel sources in ``src_dir`` (this
     package's directory, or a copy of it with an edited kernel) and load it with every declared
@@ -129,7 +125,7 @@ def load() -> ctypes.CDLL | None:
         if not _tried:
             if os.environ.get("MOE_CPU_KERNELS", "1") != "0":
                 try:
-                    _lib = _build()
+                    _lib = build_library(_DIR)
                 except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
                     log.warning("CPU kernels unavailable, using torch's ops instead (decode attention as one SDPA "
                                 "call per sequence: slower at large batches): %s. Install a C compiler (gcc) to "
