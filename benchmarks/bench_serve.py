@@ -122,6 +122,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--quick", action="store_true", help="ours only, 8 prompts at rate inf")
+    ap.add_argument("--order", default="moe,vllm",
+                    help="servers in the order measured, each started afresh; e.g. moe,vllm,moe measures ours before "
+                         "and after vLLM (with --vllm-python)")
     ap.add_argument("--checkpoint", help="serve this checkpoint instead of building the Mixtral-shaped one "
                                          "(e.g. moe/default_model, to check the set-up quickly)")
     args = ap.parse_args()
@@ -140,7 +143,14 @@ def main() -> None:
         add_word_tokenizer(ckpt, 32000)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    servers = [("moe", ours_cmd)] + ([("vllm", vllm_cmd)] if args.vllm_python else [])
+    builders = {"moe": ours_cmd, "vllm": vllm_cmd}
+    order = [n.strip() for n in args.order.split(",")] if args.vllm_python else ["moe"]
+    if not set(order) <= set(builders):
+        ap.error(f"--order {args.order!r}: name servers from {sorted(builders)}, e.g. moe,vllm,moe")
+    # a server measured twice (moe,vllm,moe) is named moe, moe-2: one run before and one after the
+    # other server, so that a slow phase of the host does not fall on one server only
+    servers = [(n if order[:i].count(n) == 0 else f"{n}-{order[:i].count(n) + 1}", builders[n])
+               for i, n in enumerate(order)]
     runs: dict[str, list[dict]] = {}
     for name, build in servers:
         port = free_port()

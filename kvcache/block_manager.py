@@ -5,6 +5,11 @@ gets a hash chained over every token before it, so another sequence whose prompt
 the same tokens can reuse it (its ref count goes up; nothing is recomputed). Freed blocks keep
 their hash until they are handed out again, so a finished request's prefix can still be hit.
 
+A second cache addressed by the same block ids (a draft model's, in speculative decoding) may
+fill its side of a block later than the target, or never: ``Block.aux_written`` says that it
+holds this block's K/V too (set by its owner, cleared whenever the block is handed out for new
+tokens), so a sequence that hits a cached prefix knows how much of it the second cache can reuse.
+
 Block keys are SHA-256 of the parent block's key and the block's token ids (int64 bytes), so a
 client cannot craft tokens whose key collides with another prompt's block (Python's ``hash`` of
 ints is unseeded and not collision-resistant). A sequence's ``cache_salt`` (one per tenant) is
@@ -29,6 +34,7 @@ class Block:
     block_id: int
     ref_count: int = 0
     hash: bytes | None = None
+    aux_written: bool = False  # a second cache on these block ids (a drafter's) holds this block's K/V
 
 
 @dataclass
@@ -98,6 +104,7 @@ class BlockManager:
         if blk.hash is not None and self.hash_to_block.get(blk.hash) == block_id:
             del self.hash_to_block[blk.hash]
         blk.hash = None
+        blk.aux_written = False
         blk.ref_count = 1
         return block_id
 
@@ -193,6 +200,22 @@ class BlockManager:
             blk.hash = h
             self.hash_to_block.setdefault(h, blk.block_id)
         table.num_hashed = max(table.num_hashed, full)
+
+    def mark_aux_written(self, table: BlockTable, num_tokens: int) -> None:
+        """The second cache now holds the K/V of the table's first ``num_tokens`` tokens (whole
+        blocks count; their tokens must be final)."""
+        for b in table.blocks[:num_tokens // self.block_size]:
+            self.blocks[b].aux_written = True
+
+    def aux_written_prefix(self, table: BlockTable, max_tokens: int) -> int:
+        """Tokens at the start of ``table`` (whole blocks, at most ``max_tokens``) whose K/V the
+        second cache holds."""
+        n = 0
+        for b in table.blocks[:max_tokens // self.block_size]:
+            if not self.blocks[b].aux_written:
+                break
+            n += 1
+        return n * self.block_size
 
     def _longest_run(self, want: int, clean_only: bool) -> tuple[int, int]:
         best_start, best_len, start, run = -1, 0, 0, 0

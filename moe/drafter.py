@@ -7,10 +7,15 @@ blocks, and uses the target's block tables (as vLLM does for its KV cache groups
 manager's allocations, frees, preemptions and prefix-cache hits cover both models at once; the
 engine budgets both models' bytes per token when it sizes the cache.
 
-A draft model keeps its cache complete up to a per-sequence mark (``written``): prompt chunks run
-through it after each target step (:meth:`DraftModel.catch_up`, called by the model runner), decode
-rows do not; it catches up on them in the sequence's next drafting step, batched with it, so a
-plain decoding step (K = 0, cost control's fallback) costs it nothing. Drafting
+A draft model keeps its cache complete up to a per-sequence mark (``written``) and runs only when
+it drafts: neither prompt chunks nor decode rows run through it after a target step
+(:meth:`DraftModel.catch_up`, called by the model runner, only moves the marks); the sequence's next
+drafting step first runs every row the drafter owes, batched with it. So a request that never
+drafts (cost control's K = 0 fallback, a request that is not speculated) costs the drafter nothing,
+not even its prompt. Prefix caching does not wait for the drafter: the block manager's
+``aux_written`` flags say which cached blocks hold the drafter's K/V too, and a sequence that hits a
+cached prefix reuses the drafter's side only of those leading blocks (the drafter recomputes the
+rest when it first drafts). Drafting
 (:meth:`DraftModelProposer.propose`, called by the scheduler once a step's blocks are allocated)
 runs K one-row steps per sequence, batched over the speculating sequences: step ``j`` feeds the
 last token (j = 0) or draft ``j`` at position ``computed + j`` and writes its K/V there. The
@@ -26,12 +31,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from kvcache import AttentionMetadata
+from kvcache.block_manager import BlockManager
 
 from .config import read_config_json
 from .cpu_decode import CapturedDecode
@@ -42,7 +49,7 @@ from .sampler import draw_token, filtered_probs
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 from .spec_cost import SpecCostModel
-from .spec_decode import Draft, NgramProposer, draft_room
+from .spec_decode import Draft, NgramProposer, draft_room, take_probe_slot
 
 
 class Drafter(Protocol):
@@ -56,8 +63,6 @@ class Drafter(Protocol):
     def step(self, seqs: list[Sequence], ids: list[int], positions: list[int]) -> torch.Tensor: ...
 
     def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, sampled: dict[int, list[int]]) -> None: ...
-
-    def num_unwritten(self, seq: Sequence) -> int: ...
 
     num_tokens_run: int  # rows run through the drafter so far
 
@@ -107,6 +112,9 @@ class DraftModel(_OwnKVCache):
         # id(seq) -> (seq, written, its num_preemptions then): positions [0, written) of the
         # sequence hold this drafter's K/V (see catch_up)
         self._written: dict[int, tuple[Sequence, int, int]] = {}
+        # the engine's scheduler.block_manager_of: where the blocks' aux_written flags live
+        # (None: no prefix cache to share, a prefix hit is recomputed by the drafter)
+        self.block_manager_of: Callable[[Sequence], BlockManager] | None = None
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, fp8: bool) -> None:
         super().allocate_kv_cache(num_blocks, block_size, fp8)
@@ -130,12 +138,6 @@ class DraftModel(_OwnKVCache):
         entry = self._written.get(id(seq))
         return entry[1] if entry is not None and entry[2] == seq.num_preemptions else 0
 
-    def num_unwritten(self, seq: Sequence) -> int:
-        """Tokens at the end of ``seq``'s computed ones whose drafter K/V are not written yet (the
-        decode rows since the drafter last drafted for it). The engine offers blocks to the prefix
-        cache only up to there, so a block is shared only once both caches hold it."""
-        return max(seq.num_computed_tokens - self.written(seq), 0)
-
     def _set_written(self, seq: Sequence, n: int) -> None:
         self._written[id(seq)] = (seq, n, seq.num_preemptions)
 
@@ -146,42 +148,59 @@ class DraftModel(_OwnKVCache):
 
     def step(self, seqs: list[Sequence], ids: list[int], positions: list[int]) -> torch.Tensor:
         """One drafting step, one row per sequence (its ``ids`` at ``positions``): ``[B, V]`` float
-        logits. The rows a sequence owes (see :meth:`catch_up`) run first, in the same pass."""
-        rows = [self._gap_rows(seq, p) + [(t, p)] for seq, t, p in zip(seqs, ids, positions)]
+        logits. The rows a sequence owes (see :meth:`catch_up`) run first: in the same pass, or
+        when they are many (a prompt), in passes of at most ``CATCH_UP_ROWS`` rows before it."""
+        gaps = [self._gap_rows(seq, p) for seq, p in zip(seqs, positions)]
+        if sum(map(len, gaps)) > self.CATCH_UP_ROWS:
+            self._run_in_passes(seqs, gaps)
+            gaps = [[] for _ in seqs]
+        rows = [g + [(t, p)] for g, t, p in zip(gaps, ids, positions)]
         hidden = self._run_rows(seqs, rows)
         for seq, p in zip(seqs, positions):
             self._set_written(seq, p + 1)
+            if self.block_manager_of is not None:  # (the rows up to the last token are final)
+                self.block_manager_of(seq).mark_aux_written(seq.block_table, min(p + 1, seq.num_tokens))
         last = torch.tensor([len(r) for r in rows]).cumsum(0) - 1
         return self.model.compute_logits(hidden[last.to(hidden.device)]).cpu()
 
+    CATCH_UP_ROWS = 2048  # rows per drafter pass when catching up on prompts
+
+    def _run_in_passes(self, seqs: list[Sequence], gaps: list[list[tuple[int, int]]]) -> None:
+        """Run each sequence's owed rows in order, packed into passes of at most ``CATCH_UP_ROWS``
+        rows (a long gap is split over passes; each piece's context ends at its last row)."""
+        batch_seqs: list[Sequence] = []
+        batch_rows: list[list[tuple[int, int]]] = []
+        room = self.CATCH_UP_ROWS
+        for seq, gap in zip(seqs, gaps):
+            while gap:
+                piece, gap = gap[:room], gap[room:]
+                batch_seqs.append(seq)
+                batch_rows.append(piece)
+                room -= len(piece)
+                if room == 0:
+                    self._run_rows(batch_seqs, batch_rows)
+                    batch_seqs, batch_rows, room = [], [], self.CATCH_UP_ROWS
+        if batch_seqs:
+            self._run_rows(batch_seqs, batch_rows)
+
     def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, sampled: dict[int, list[int]]) -> None:
-        """After a target step: account for the rows the target just ran. Prompt chunks run through
-        the drafter now (with any rows it owes before them), so prompt blocks enter the prefix cache
-        at once and the first draft needs no prefill. Decode rows do not: the drafter catches up
-        lazily, over all the rows since it last ran, in the sequence's next drafting step (batched
-        with it), so a step without drafts (K = 0) costs the drafter nothing. Of a verified draft
-        the drafting steps wrote the rows ``[last, d_1 .. d_{K-1}]``, which stay written as far as
-        the target accepted them. (``hidden_TD``, the target's hidden states of the step's rows in
-        batch order, is for drafters that run on them, such as an MTP layer. ``sampled``: the
-        tokens each batch index emitted, accepted drafts first.)"""
-        seqs, rows = [], []
+        """After a target step: account for the rows the target just ran, without running any.
+        A new or recomputed sequence (after preemption) starts with the drafter's K/V of the
+        leading prefix-cache hit blocks that hold them (``aux_written``); everything else, prompt
+        and decode rows alike, the drafter runs when the sequence next drafts (:meth:`step`). Of a
+        verified draft the drafting steps wrote the rows ``[last, d_1 .. d_{K-1}]``, which stay
+        written as far as the target accepted them. (``hidden_TD``, the target's hidden states of
+        the step's rows in batch order, is for drafters that run on them, such as an MTP layer.
+        ``sampled``: the tokens each batch index emitted, accepted drafts first.)"""
         for b, s in enumerate(batch.seqs):
-            start, n, seq = s.start, s.num_new_tokens, s.seq
+            start, seq = s.start, s.seq
             entry = self._written.get(id(seq))
             if entry is None or entry[2] != seq.num_preemptions:
-                # a new or recomputed sequence (after preemption): the blocks before ``start`` are
-                # prefix-cache hits, cached only once both models' K/V were written
-                self._set_written(seq, start)
+                bm = self.block_manager_of(seq) if self.block_manager_of is not None else None
+                self._set_written(seq, bm.aux_written_prefix(seq.block_table, start) if bm is not None else 0)
             if s.draft:  # the rows past the accepted ones hold rejected tokens
                 kept = start + max(len(sampled.get(b, ())), 1)
                 self._set_written(seq, min(self.written(seq), kept))
-            elif start < seq.num_prompt_tokens:
-                seqs.append(seq)
-                rows.append(self._gap_rows(seq, start) + list(zip(seq.token_ids[start:start + n],
-                                                                  range(start, start + n))))
-                self._set_written(seq, start + n)
-        if seqs:
-            self._run_rows(seqs, rows)
         for key, (seq, _, _) in list(self._written.items()):
             if seq.is_finished:  # (its blocks went back; what was not shared is not owed)
                 del self._written[key]
@@ -209,10 +228,11 @@ class DraftModelProposer:
         self.generator = generator  # draws for requests without their own seed (the sampler's)
         self.cost = cost
         self.lookup = lookup  # its own k, chosen likewise
+        self.probe_left: int | None = None  # set by the engine's cost control for a probe step
 
     def room(self, seq: Sequence, budget: int) -> int:
         found = self.lookup.room(seq, budget) if self.lookup is not None else 0
-        return found or min(draft_room(seq, self.k, self.max_model_len, self.k_max), budget)
+        return found or take_probe_slot(self, seq, min(draft_room(seq, self.k, self.max_model_len, self.k_max), budget))
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], rooms: list[int]) -> list[Draft]:
@@ -281,9 +301,6 @@ class MTPDrafter(_OwnKVCache):
         # id(seq) -> (computed length it holds for, logits of the next draft [V], hidden state to chain [D])
         self._next: dict[int, tuple[Sequence, int, torch.Tensor, torch.Tensor]] = {}
         self.num_tokens_run = 0
-
-    def num_unwritten(self, seq: Sequence) -> int:
-        return 0  # catch-up writes every computed position
 
     @torch.inference_mode()
     def _forward(self, ids: list[int], hidden_TD: torch.Tensor, positions: list[int], query_lens: list[int],

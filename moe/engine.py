@@ -101,6 +101,8 @@ class LLMEngine:
                                for _ in range(self.parallel.dp_size)]
         self.block_manager = self.block_managers[0]
         self.scheduler = Scheduler(self.block_managers, config.max_num_seqs, config.max_num_batched_tokens)
+        if isinstance(self.drafter, DraftModel):  # it marks the cached blocks holding its K/V too
+            self.drafter.block_manager_of = self.scheduler.block_manager_of
         self.sampler = Sampler(config.seed)
         self._spec_stats = SpecStats()
         self.spec_cost: SpecCostModel | None = None  # picks K per step (cost_control)
@@ -166,9 +168,10 @@ class LLMEngine:
     def _choose_k(self) -> None:
         """Cost control: each draft source's K for the next step, from its acceptance and the step costs."""
         n = len(self.scheduler.running)
-        self.proposer.k = self.spec_cost.choose_k(n, self.proposer.source)
-        if self._lookup is not None:  # ngram_first: n-gram drafts beside the drafter's
-            self._lookup.k = self.spec_cost.choose_k(n, self._lookup.source)
+        for p in (self.proposer, self._lookup):  # (_lookup: ngram_first's n-gram drafts beside the drafter's)
+            if p is not None:
+                p.k = self.spec_cost.choose_k(n, p.source)
+                p.probe_left = self.spec_cost.probe_size(n) if self.spec_cost.probing[p.source] else None
 
     def kv_bytes_per_token(self) -> int:
         """KV cache bytes per token: the target's, plus the drafter's (its cache has the same blocks)."""
@@ -311,15 +314,23 @@ class LLMEngine:
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        probe = False
         if self.spec_cost is not None:
             self._choose_k()
+            probe = any(p is not None and p.probe_left is not None for p in (self.proposer, self._lookup))
+        t_schedule = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             return []
         t0 = time.perf_counter()
         result = self._run(batch)
         if self.spec_cost is not None:
-            self._observe_step_cost(batch, time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            if probe:  # (drafting, the drafter's catch-up included, happened in schedule)
+                tokens = sum(len(result.sampled.get(b, ())) for b in range(len(batch.seqs)))
+                self.spec_cost.observe_probe(len(batch.seqs), t1 - t_schedule, tokens)
+            else:
+                self._observe_step_cost(batch, t1 - t0)
         updated = self._postprocess(batch, result)
         # with n > 1, only a request's last update of the step may say it finished
         last = {seq.request_id: j for j, (seq, _) in enumerate(updated)}
@@ -331,7 +342,8 @@ class LLMEngine:
     def _observe_step_cost(self, batch: ScheduledBatch, seconds: float) -> None:
         """Feed the cost model a decode step (no prompt chunk) as a verify of the drafts per sequence
         it ran on average, rounded (at least 1 if any): n-gram lookup drafts some sequences and not
-        others, and such steps' cost is the one that matters (it grows with the rows)."""
+        others, and such steps' cost is the one that matters (it grows with the rows). (Not for a
+        probe step: a few sequences' drafts in it say nothing about a step where all draft.)"""
         if all(s.num_new_tokens == 1 + len(s.draft) and s.samples for s in batch.seqs):
             drafts = sum(len(s.draft) for s in batch.seqs)
             k = min(max(round(drafts / len(batch.seqs)), 1), self.spec_cost.max_k) if drafts else 0
@@ -409,9 +421,10 @@ class LLMEngine:
         return self.lockstep.sum_over_data_parallel(counts)  # each data-parallel group counted its own tokens
 
     def _register_blocks(self, seq: Sequence) -> None:
-        """Offer the sequence's now completely computed blocks to the prefix cache (by both models)."""
-        computed = seq.num_computed_tokens - (self.drafter.num_unwritten(seq) if self.drafter is not None else 0)
-        self.scheduler.block_manager_of(seq).register_full_blocks(seq.block_table, seq.token_ids, computed)
+        """Offer the sequence's now completely computed blocks to the prefix cache (a draft model's
+        side of them may come later or never: see ``Block.aux_written``)."""
+        self.scheduler.block_manager_of(seq).register_full_blocks(seq.block_table, seq.token_ids,
+                                                                  seq.num_computed_tokens)
 
     def _detokenize(self, seq: Sequence) -> str:
         if self.tokenizer is None:

@@ -16,7 +16,11 @@ with K_max drafts (n-gram lookup: the longest one it measured) and ``verify(0)``
 are interpolated linearly in K until measured. While K = 0 wins, a step now and then still
 drafts K_max (a probe), so that the acceptance estimates (and the costs) stay current and
 drafting comes back when it pays again: by default as rarely as keeps a probe's expected loss
-within 2% of the plain decoding time between probes.
+within 2% of the plain decoding time between probes. A probe drafts for a share of the batch only
+(``probe_share``, at least one sequence; the engine sets the proposers' ``probe_left``): at batch
+32 four sequences' drafts keep the estimates current at an eighth of a full K_max step's extra
+cost, and since a draft model runs a sequence's rows only when it drafts for it (prompt included),
+the sequences not probed cost it nothing. A probe step's time is not taken as a verify cost.
 """
 from __future__ import annotations
 
@@ -57,13 +61,21 @@ class SpecCostModel:
     # loss under ``probe_budget`` of the plain decoding time between probes (at least every 16)
     probe_every: int | None = None
     probe_budget: float = 0.02
+    probe_share: float = 0.125  # of the batch's sequences that draft in a probe (at least one)
+    # drafting must beat plain decoding by this factor in prediction: step timings on a busy CPU are
+    # noisy, and a marginal predicted gain was as often a loss (bench_spec: x1.09 predicted, 0.61x got)
+    min_gain: float = 1.1
     prior_acceptance: float = 0.8  # before anything was verified at a position
     _verify: dict[tuple[int, int], _Timing] = field(default_factory=dict)  # (bucket, K) -> seconds per step
     _draft: dict[int, _Timing] = field(default_factory=dict)  # bucket -> seconds per batched drafter step
+    # bucket -> a probe step's measured loss: its seconds (drafting with the rows the drafter caught
+    # up on, and the verify) less plain decoding's time for the tokens it yielded
+    _probe_loss: dict[int, _Timing] = field(default_factory=dict)
     # source -> per draft position: drafts that got that far, and of those the accepted ones
     _reached: dict[str, list[int]] = field(default_factory=dict)
     _accepted: dict[str, list[int]] = field(default_factory=dict)
     _plain_steps: dict[str, int] = field(default_factory=dict)  # source -> K = 0 choices since its last probe
+    probing: dict[str, bool] = field(default_factory=dict)  # source -> is the last choose_k's K a probe?
 
     def __post_init__(self) -> None:
         if self.max_k < 1:
@@ -71,6 +83,7 @@ class SpecCostModel:
         self._reached = {src: [0] * self.max_k for src in SOURCES}
         self._accepted = {src: [0] * self.max_k for src in SOURCES}
         self._plain_steps = dict.fromkeys(SOURCES, 0)
+        self.probing = dict.fromkeys(SOURCES, False)
 
     # ---- observations (cheap: a few dict updates per step) ---------------------------------
     def observe_verify(self, k: int, batch_size: int, seconds: float) -> None:
@@ -81,6 +94,13 @@ class SpecCostModel:
     def observe_draft(self, batch_size: int, seconds: float) -> None:
         """One batched drafter step over ``batch_size`` sequences, one row each."""
         self._draft.setdefault(batch_bucket(batch_size), _Timing()).add(seconds)
+
+    def observe_probe(self, batch_size: int, seconds: float, tokens: int) -> None:
+        """A whole probe step (scheduling and drafting included) that yielded ``tokens`` tokens."""
+        plain = self._seconds(self._verify.get((batch_bucket(batch_size), 0)))
+        if plain is not None:
+            self._probe_loss.setdefault(batch_bucket(batch_size), _Timing()).add(
+                seconds - tokens * plain / batch_size)
 
     def observe_acceptance(self, draft_len: int, accepted: int, source: str = "model") -> None:
         """One sequence's verified draft of ``draft_len`` tokens of which the first ``accepted`` passed."""
@@ -147,17 +167,21 @@ class SpecCostModel:
 
     def probe_interval(self, batch_size: int, source: str = "model") -> int:
         """Plain steps between probes with K_max: a fixed ``probe_every``, or as many as make a
-        probe's expected loss (its cost over plain decoding of the tokens it yields) at most
-        ``probe_budget`` of the plain steps' time."""
+        probe's loss (its cost over plain decoding of the tokens it yields) at most ``probe_budget``
+        of the plain steps' time: the loss measured on earlier probes of this batch size (which
+        includes the drafter catching up on every row since it last ran), else the cost line's."""
         if self.probe_every is not None:
             return self.probe_every
         costs = self.step_costs(batch_size, source)
-        loss = costs[-1] - self.expected_tokens(self.max_k, source) * costs[0]
+        loss = self._seconds(self._probe_loss.get(batch_bucket(batch_size)))
+        if loss is None:
+            loss = costs[-1] - self.expected_tokens(self.max_k, source) * costs[0]
         return max(16, math.ceil(loss / (self.probe_budget * costs[0])))
 
     def choose_k(self, batch_size: int, source: str = "model") -> int:
         """The K with the most tokens per second for this batch size; unmeasured ends first; a
-        probe with K_max now and then while K = 0 wins."""
+        probe with K_max now and then while K = 0 wins (``probing[source]`` says which)."""
+        self.probing[source] = False
         if batch_size < 1:
             return self.max_k
         b = batch_bucket(batch_size)
@@ -171,11 +195,17 @@ class SpecCostModel:
             self._plain_steps[source] += 1
             if self._plain_steps[source] >= self.probe_interval(batch_size, source):
                 self._plain_steps[source] = 0
+                self.probing[source] = True
                 return self.max_k
         return best
 
+    def probe_size(self, batch_size: int) -> int:
+        """Sequences that draft in a probe step of ``batch_size``."""
+        return max(1, math.ceil(batch_size * self.probe_share))
+
     def best_k(self, batch_size: int, source: str = "model") -> int:
-        """The K with the most expected tokens per second (both ends of the line measured)."""
+        """The K with the most expected tokens per second (both ends of the line measured), if it
+        beats plain decoding by ``min_gain``; else 0."""
         costs = self.step_costs(batch_size, source)
         rate, reach, tokens = [], 1.0, 1.0
         for k, cost in enumerate(costs):  # tokens per second of each K (E(K) built up position by position)
@@ -183,4 +213,5 @@ class SpecCostModel:
                 reach *= self.acceptance(k - 1, source)
                 tokens += reach
             rate.append((tokens / cost, -k))
-        return max(range(self.max_k + 1), key=rate.__getitem__)
+        best = max(range(self.max_k + 1), key=rate.__getitem__)
+        return best if rate[best][0] >= self.min_gain * rate[0][0] else 0

@@ -141,6 +141,7 @@ class Proposer(Protocol):
 
     k: int  # draft tokens per sequence at most, this step
     source: str  # "lookup" or "model": whose acceptance and costs cost control weighs for ``k``
+    probe_left: int | None  # a cost-control probe step: how many more sequences may draft (None: all)
 
     def room(self, seq: Sequence, budget: int) -> int: ...
 
@@ -158,6 +159,16 @@ def propose_ngram(tokens: Seq[int], k: int, n_min: int, n_max: int) -> list[int]
             if tokens[i + n - 1] == last and list(tokens[i:i + n]) == suffix:
                 return list(tokens[i + n:i + n + k])
     return []
+
+
+def take_probe_slot(proposer: "Proposer", seq: Sequence, room: int) -> int:
+    """``room``, unless this is a probe step and its sequences are taken (then 0). A request with
+    its own seed drafts regardless (see :func:`draft_room`) and takes no slot."""
+    if room and proposer.probe_left is not None and seq.generator is None:
+        if proposer.probe_left == 0:
+            return 0
+        proposer.probe_left -= 1
+    return room
 
 
 def draft_room(seq: Sequence, k: int, max_model_len: int, k_max: int | None = None) -> int:
@@ -185,6 +196,7 @@ class NgramProposer:
         self.cfg = cfg
         self.k = cfg.num_speculative_tokens
         self.max_model_len = max_model_len
+        self.probe_left: int | None = None
 
     def _lookup(self, seq: Sequence, room: int) -> list[int]:
         if room < 1:
@@ -194,7 +206,8 @@ class NgramProposer:
     def room(self, seq: Sequence, budget: int) -> int:
         # the lookup's own length: a sequence whose suffix never occurred reserves nothing
         k_max = self.cfg.num_speculative_tokens
-        return len(self._lookup(seq, min(draft_room(seq, self.k, self.max_model_len, k_max), budget)))
+        room = len(self._lookup(seq, min(draft_room(seq, self.k, self.max_model_len, k_max), budget)))
+        return take_probe_slot(self, seq, room)
 
     def propose(self, seqs: list[Sequence], rooms: list[int]) -> list[Draft]:
         return [Draft(tuple(self._lookup(seq, r))) for seq, r in zip(seqs, rooms)]

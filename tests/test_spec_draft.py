@@ -1,6 +1,7 @@
 """Draft-model speculative decoding: exact greedy outputs over every family, mixed batches,
 preemption and prefix hits (the drafter's KV cache shares the target's block tables), rejection
 sampling that keeps the target distribution, the cost model, stats, CLI flags and bad configs."""
+import math
 import re
 from pathlib import Path
 
@@ -153,6 +154,32 @@ def test_drafter_cache_survives_preemption_and_prefix_hits(checkpoint):
     assert s.num_draft_tokens > 0 and s.acceptance_rate == 1.0
 
 
+def test_drafter_runs_prompts_only_when_it_drafts_and_reuses_cached_blocks_it_wrote(checkpoint):
+    """The drafter runs no prompt row for a request that never drafts (a logit-biased one), yet
+    that request's prompt blocks enter the prefix cache at once; a greedy request hitting them
+    has the drafter catch up on the whole prompt at its first draft (target as drafter: still
+    every draft accepted), and a third request hitting the same blocks reuses the drafter's K/V
+    of the blocks the second one wrote."""
+    target = checkpoint("mixtral")
+    prompt = {"prompt_token_ids": list(range(10, 50))}  # 40 tokens: 10 blocks of 4
+    plain = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    llm = LLM(str(target), dtype="float32", block_size=4, speculative_config=_spec(target, 3))
+    e = llm.engine
+    want = LLM(str(target), dtype="float32").generate([prompt], plain)[0].outputs[0].token_ids
+
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logit_bias={7: 1.0}))
+    assert e.drafter.num_tokens_run == 0 and e.spec_stats().num_draft_tokens == 0
+    hits = e.block_manager.prefix_hit_tokens
+    assert llm.generate([prompt], plain)[0].outputs[0].token_ids == want
+    assert e.block_manager.prefix_hit_tokens - hits == 36  # all whole blocks but the last token's
+    first = e.drafter.num_tokens_run
+    assert first >= 40  # the whole prompt, since no cached block held the drafter's K/V
+    assert llm.generate([prompt], plain)[0].outputs[0].token_ids == want
+    assert e.drafter.num_tokens_run - first <= first - 36  # the 36 hit tokens' rows were reused
+    s = e.spec_stats()
+    assert s.num_draft_tokens > 0 and s.acceptance_rate == 1.0
+
+
 def test_sampled_samples_sharing_a_prompt_accept_their_own_model(checkpoint):
     """n = 3 sampled samples of one prompt (samples 1, 2 take sample 0's prompt blocks from the
     prefix cache, the drafter's K/V with them): with the target as drafter, q = p up to rounding,
@@ -265,6 +292,24 @@ def test_cost_model_picks_k_from_costs_and_acceptance():
     ks = [low.choose_k(8) for _ in range(8)]
     assert ks == [0, 0, 0, 3, 0, 0, 0, 3]  # K_max every probe_every-th step keeps acceptance current
     assert low.choose_k(2) == 3  # another batch-size bucket is measured afresh
+    # a predicted gain under min_gain (1.1) is not taken: 1.9 tokens for 1.8 s is 1.06x plain
+    edge = SpecCostModel(max_k=1)
+    for _ in range(3):
+        edge.observe_verify(0, 1, 1.0)
+        edge.observe_verify(1, 1, 1.7)
+        edge.observe_draft(1, 0.1)
+    for _ in range(10):
+        edge.observe_acceptance(1, 1 if _ < 9 else 0)
+    assert edge.speedup(1, 1) == pytest.approx(1.9 / 1.8) and edge.best_k(1) == 0
+    edge.min_gain = 1.0
+    assert edge.best_k(1) == 1
+    # probes: the interval follows the measured probe loss (catch-up included) once there is one
+    assert low.probe_interval(8) == 4  # fixed
+    low.probe_every = None
+    assert low.probe_interval(8) == math.ceil((2.2 + 3 * 0.1 - 1.0) / 0.02)  # the cost line's loss: 75
+    for _ in range(3):  # probe steps of 4 s that yielded 9 tokens for 8 sequences: loss 4 - 9/8
+        low.observe_probe(8, 4.0, 9)
+    assert low.probe_interval(8) == math.ceil((4.0 - 9 / 8) / 0.02)
 
 
 def test_cost_model_weighs_lookup_drafts_on_their_own_acceptance_and_any_verify_length():
@@ -333,6 +378,37 @@ def test_zero_acceptance_drafter_falls_back_to_plain_steps_that_cost_it_nothing(
     plain_from = ks.index(0)
     probes = [i for i, k in enumerate(ks) if k and i > plain_from]
     assert all(b - a > 16 for a, b in zip([plain_from] + probes, probes)), ks  # K_max at most every 16 steps
+
+
+def test_probes_draft_for_a_share_of_the_batch_and_are_not_taken_as_verify_costs(checkpoint, drafters):
+    """Once plain steps win, a probe drafts for ceil(batch / 8) sequences only (the others run
+    no drafter row), and its step time does not enter the verify costs."""
+    target = checkpoint("mixtral")
+    sp = SamplingParams(temperature=0, max_tokens=70, ignore_eos=True)
+    prompts = _prompts(9, seed=6)
+    want = _tokens(LLM(str(target), dtype="float32").generate(prompts, sp))
+    llm = LLM(str(target), dtype="float32", speculative_config=_spec(drafters["dense"], 3, cost_control=True))
+    e = llm.engine
+    orig_step = e.drafter.step
+
+    def wrong_step(seqs, ids, positions):  # never accepted: K = 0 wins, probes remain
+        logits = orig_step(seqs, ids, positions)
+        logits[:, 0] = logits.max() + 1
+        return logits
+
+    e.drafter.step = wrong_step
+    e.spec_cost.probe_every = 10
+    seqs = [e.seqs[e.add_request(p, sp)] for p in prompts]
+    probes = []  # (sequences drafting, verify timings recorded) of each probe step
+    while e.has_unfinished_requests():
+        seen = sum(t.seen for t in e.spec_cost._verify.values())
+        drafted = e.spec_stats().num_verify_steps
+        e.step()
+        if e.proposer.probe_left is not None:
+            probes.append((e.spec_stats().num_verify_steps - drafted,
+                           sum(t.seen for t in e.spec_cost._verify.values()) - seen))
+    assert [q.output_token_ids for q in seqs] == want
+    assert probes and all(p == (2, 0) for p in probes), probes  # ceil(9 / 8) = 2 of 9, no cost taken
 
 
 def test_ngram_first_drafts_by_lookup_where_it_matches_and_by_the_drafter_elsewhere(checkpoint, noisy_self):
