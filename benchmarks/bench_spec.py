@@ -171,9 +171,12 @@ def measure(target: str, llms: dict, prompt_sets: list[list], max_tokens: int, c
 
 
 def with_ratios(res: dict) -> dict:
+    """Ratios to plain decoding: of the medians, and per round (each method's run against plain's run
+    of the same round, minutes apart at most): their range shows how far the host's swings move a ratio."""
     for row in res.values():
         row["vs_plain"] = row["tok_s"] / res["plain"]["tok_s"]
         row["vs_plain_cpu"] = row["tok_s_cpu"] / res["plain"]["tok_s_cpu"]
+        row["vs_plain_rounds"] = [p / t for t, p in zip(row["runs_s"], res["plain"]["runs_s"])]
     return res
 
 
@@ -242,15 +245,18 @@ def _fmt_pred(pred: dict) -> str:
 def print_table(target: str, c: int, res: dict, seconds: float) -> None:
     print(f"\n{target}, {c} concurrent ({seconds:.0f}s)")
     print(f"{'method':<10} {'tok/s':>8} {'x plain':>8} {'cpu tok/s':>9} {'x plain':>8} {'accept':>7} {'mean len':>8} "
-          f"{'per position':>16} {'drafting':>8}  predicted (source:K chosen, speed-up)")
+          f"{'per position':>16} {'drafting':>8}  predicted (source:K chosen, speed-up)   per round x plain")
     for name, r in res.items():
+        rounds = r["vs_plain_rounds"]
         head = f"{name:<10} {r['tok_s']:8.1f} {r['vs_plain']:8.2f} {r['tok_s_cpu']:9.1f} {r['vs_plain_cpu']:8.2f}"
+        spread = f"   {min(rounds):.2f}-{max(rounds):.2f}"
         if name == "plain":
             print(head)
             continue
         per = " ".join(f"{x:.2f}" for x in r["acceptance_by_position"])
         print(f"{head} {r['acceptance_rate']:7.2f} "
-              f"{r['mean_acceptance_length']:8.2f} {per:>16} {r['drafting_share']:8.2f}  {_fmt_pred(r['predicted'])}")
+              f"{r['mean_acceptance_length']:8.2f} {per:>16} {r['drafting_share']:8.2f}  {_fmt_pred(r['predicted'])}"
+              f"{spread}")
     sys.stdout.flush()
 
 

@@ -30,8 +30,8 @@ get), and keep it (q) for rejection sampling (:meth:`moe.sampler.Sampler.verify_
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 

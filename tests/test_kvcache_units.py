@@ -140,6 +140,39 @@ def test_cached_prefix_survives_an_unrelated_allocation_when_free_blocks_abound(
     assert bm.match_prefix(BlockTable(), toks, 8) == 8
 
 
+def test_free_clean_blocks_are_tracked_through_hits_evictions_and_frees():
+    """``free_clean`` (the free blocks holding no cached prefix, in free order) stays exactly that
+    through many admissions, prefix hits, growth and frees on a cache full of cached prefixes, and
+    blocks are still handed out clean ones first, then cached ones oldest first."""
+    import random
+
+    rng = random.Random(0)
+    bm = BlockManager(64, 4)
+    live: list[tuple[BlockTable, list[int]]] = []
+    prompts = [[rng.randrange(50) for _ in range(rng.randint(4, 20))] for _ in range(6)]  # shared prefixes
+    for _ in range(400):
+        if live and (rng.random() < 0.4 or not bm.can_allocate(BlockTable(), 24)):
+            table, toks = live.pop(rng.randrange(len(live)))
+            bm.register_full_blocks(table, toks, len(toks))
+            bm.free_table(table)
+        else:
+            table, toks = BlockTable(), list(rng.choice(prompts))
+            bm.match_prefix(table, toks, len(toks) - 1)
+            toks += [rng.randrange(50) for _ in range(rng.randint(0, 4))]
+            bm.allocate(table, len(toks), len(toks) + 4)
+            live.append((table, toks))
+        assert list(bm.free_clean) == [b for b in bm.free if bm.blocks[b].hash is None]
+    for table, _ in live:
+        bm.free_table(table)
+    assert bm.num_free_blocks == 64 and any(bm.blocks[b].hash is not None for b in bm.free)
+    clean = list(bm.free_clean)
+    cached = [b for b in bm.free if bm.blocks[b].hash is not None]
+    t = BlockTable()
+    bm.allocate(t, 4 * (len(clean) + 1))  # the clean ones, then a cached one
+    assert set(t.blocks[:len(clean)]) == set(clean) and t.blocks[-1] in cached
+    assert list(bm.free_clean) == [] and bm.num_free_blocks == 64 - len(clean) - 1
+
+
 # =====================================================================================
 # Paged attention: torch path vs reference
 # =====================================================================================
