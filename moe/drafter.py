@@ -90,6 +90,8 @@ class _OwnKVCache:
 class DraftModel(_OwnKVCache):
     """The drafter's weights and KV cache, and its forward over rows given by position."""
 
+    CATCH_UP_ROWS = 2048  # rows per drafter pass when catching up on prompts
+
     def __init__(self, path: str | Path, target_vocab_size: int, dtype: torch.dtype, device: torch.device):
         hf = read_config_json(path)
         plan = plan_experts(hf)  # the checkpoint's own format (packed experts load as such)
@@ -162,8 +164,6 @@ class DraftModel(_OwnKVCache):
                 self.block_manager_of(seq).mark_aux_written(seq.block_table, min(p + 1, seq.num_tokens))
         last = torch.tensor([len(r) for r in rows]).cumsum(0) - 1
         return self.model.compute_logits(hidden[last.to(hidden.device)]).cpu()
-
-    CATCH_UP_ROWS = 2048  # rows per drafter pass when catching up on prompts
 
     def _run_in_passes(self, seqs: list[Sequence], gaps: list[list[tuple[int, int]]]) -> None:
         """Run each sequence's owed rows in order, packed into passes of at most ``CATCH_UP_ROWS``

@@ -165,13 +165,17 @@ class LLMEngine:
         return DraftModelProposer(self.drafter, spec.num_speculative_tokens, self.max_model_len,
                                   self.sampler.generator, self.spec_cost, self._lookup)
 
-    def _choose_k(self) -> None:
-        """Cost control: each draft source's K for the next step, from its acceptance and the step costs."""
+    def _choose_k(self) -> bool:
+        """Cost control: each draft source's K for the next step, from its acceptance and the step
+        costs. Returns whether the step is a probe (some source drafts for a share of the batch)."""
         n = len(self.scheduler.running)
+        probe = False
         for p in (self.proposer, self._lookup):  # (_lookup: ngram_first's n-gram drafts beside the drafter's)
             if p is not None:
                 p.k = self.spec_cost.choose_k(n, p.source)
                 p.probe_left = self.spec_cost.probe_size(n) if self.spec_cost.probing[p.source] else None
+                probe |= p.probe_left is not None
+        return probe
 
     def kv_bytes_per_token(self) -> int:
         """KV cache bytes per token: the target's, plus the drafter's (its cache has the same blocks)."""
@@ -314,10 +318,7 @@ class LLMEngine:
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        probe = False
-        if self.spec_cost is not None:
-            self._choose_k()
-            probe = any(p is not None and p.probe_left is not None for p in (self.proposer, self._lookup))
+        probe = self._choose_k() if self.spec_cost is not None else False
         t_schedule = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:

@@ -346,6 +346,19 @@ def test_engine_chooses_k_and_stays_exact(checkpoint, drafters):
     assert chosen[-10:].count(0) >= 8
 
 
+def _never_accepted(drafter) -> None:
+    """Make ``drafter`` pick token 0 (which the tiny targets never emit) at every step: its real
+    forward still runs (its cache fills), its drafts are never accepted."""
+    orig_step = drafter.step
+
+    def wrong_step(seqs, ids, positions):
+        logits = orig_step(seqs, ids, positions)
+        logits[:, 0] = logits.max() + 1
+        return logits
+
+    drafter.step = wrong_step
+
+
 def test_zero_acceptance_drafter_falls_back_to_plain_steps_that_cost_it_nothing(checkpoint, drafters):
     """Counters, not timings: a drafter whose drafts are never accepted (one that predicts token 0,
     which the target never emits) ends with K = 0; in those steps the drafter runs no row at all (it
@@ -356,14 +369,7 @@ def test_zero_acceptance_drafter_falls_back_to_plain_steps_that_cost_it_nothing(
     want = _tokens(LLM(str(target), dtype="float32").generate(prompts, sp))
     llm = LLM(str(target), dtype="float32", speculative_config=_spec(drafters["dense"], 3, cost_control=True))
     e = llm.engine
-    orig_step = e.drafter.step
-
-    def wrong_step(seqs, ids, positions):  # the drafter's real forward (its cache fills), its pick never right
-        logits = orig_step(seqs, ids, positions)
-        logits[:, 0] = logits.max() + 1
-        return logits
-
-    e.drafter.step = wrong_step
+    _never_accepted(e.drafter)
     seqs = [e.seqs[e.add_request(p, sp)] for p in prompts]
     steps = []  # (K chosen, drafter rows run in the step)
     while e.has_unfinished_requests():
@@ -389,14 +395,7 @@ def test_probes_draft_for_a_share_of_the_batch_and_are_not_taken_as_verify_costs
     want = _tokens(LLM(str(target), dtype="float32").generate(prompts, sp))
     llm = LLM(str(target), dtype="float32", speculative_config=_spec(drafters["dense"], 3, cost_control=True))
     e = llm.engine
-    orig_step = e.drafter.step
-
-    def wrong_step(seqs, ids, positions):  # never accepted: K = 0 wins, probes remain
-        logits = orig_step(seqs, ids, positions)
-        logits[:, 0] = logits.max() + 1
-        return logits
-
-    e.drafter.step = wrong_step
+    _never_accepted(e.drafter)  # K = 0 wins, probes remain
     e.spec_cost.probe_every = 10
     seqs = [e.seqs[e.add_request(p, sp)] for p in prompts]
     probes = []  # (sequences drafting, verify timings recorded) of each probe step
