@@ -49,7 +49,7 @@ from .sampler import draw_token, filtered_probs
 from .scheduler import ScheduledBatch
 from .sequence import Sequence
 from .spec_cost import SpecCostModel
-from .spec_decode import Draft, NgramProposer, draft_room, take_probe_slot
+from .spec_decode import Draft, DraftCounts, NgramProposer, draft_room, take_probe_slot
 
 
 class Drafter(Protocol):
@@ -229,17 +229,19 @@ class DraftModelProposer:
         self.cost = cost
         self.lookup = lookup  # its own k, chosen likewise
         self.probe_left: int | None = None  # set by the engine's cost control for a probe step
+        self.counts = DraftCounts()
 
     def room(self, seq: Sequence, budget: int) -> int:
         found = self.lookup.room(seq, budget) if self.lookup is not None else 0
-        return found or take_probe_slot(self, seq, min(draft_room(seq, self.k, self.max_model_len, self.k_max), budget))
+        room = 0 if found else min(draft_room(seq, self.k, self.max_model_len, self.k_max), budget)
+        self.counts.ask(self.k, room)  # (asked for every sequence: those the lookup drafts for it does not)
+        return found or take_probe_slot(self, seq, room)
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], rooms: list[int]) -> list[Draft]:
         drafts: list[Draft | None] = [None] * len(seqs)
         if self.lookup is not None:
-            # (the same lookup as in room: its draft has exactly the room reserved)
-            drafts = [Draft(tuple(t)) if t else None for t in (self.lookup._lookup(q, r) for q, r in zip(seqs, rooms))]
+            drafts = [Draft(tuple(t)) if t else None for t in self.lookup.take_found(seqs)]
         run = [b for b, d in enumerate(drafts) if d is None]
         for b, d in zip(run, self._draft([seqs[b] for b in run], [rooms[b] for b in run])):
             drafts[b] = d
@@ -255,10 +257,12 @@ class DraftModelProposer:
             t0 = time.perf_counter()
             logits = self.drafter.step([seqs[b] for b in active], ids, positions)
             self._pick(logits, [seqs[b] for b in active], [tokens[b] for b in active], [probs[b] for b in active])
+            seconds = time.perf_counter() - t0
+            self.counts.seconds += seconds
             if self.cost is not None:
                 # (with the rows caught up on: drafting now and then pays for the plain steps between;
                 # the median of recent steps keeps one probe's catch-up from weighing much)
-                self.cost.observe_draft(len(active), time.perf_counter() - t0)
+                self.cost.observe_draft(len(active), seconds)
         return [Draft(tuple(t), torch.stack(q) if q else None, "model") for t, q in zip(tokens, probs)]
 
     def _pick(self, logits_BV: torch.Tensor, seqs: list[Sequence], tokens: list[list[int]],

@@ -29,7 +29,7 @@ from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .spec_cost import SpecCostModel
-from .spec_decode import NgramProposer, Proposer, SpecStats, SpeculativeConfig
+from .spec_decode import DraftCounts, NgramProposer, Proposer, SpecStats, SpeculativeConfig
 from .sequence import Sequence
 from .spmd import LockStep, init_parallel
 from .structured_output import StructuredOutputManager
@@ -318,37 +318,43 @@ class LLMEngine:
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        t_start = time.perf_counter()
         probe = self._choose_k() if self.spec_cost is not None else False
-        t_schedule = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        t0 = time.perf_counter()
         result = self._run(batch)
-        if self.spec_cost is not None:
-            t1 = time.perf_counter()
-            if probe:  # (drafting, the drafter's catch-up included, happened in schedule)
-                tokens = sum(len(result.sampled.get(b, ())) for b in range(len(batch.seqs)))
-                self.spec_cost.observe_probe(len(batch.seqs), t1 - t_schedule, tokens)
-            else:
-                self._observe_step_cost(batch, t1 - t0)
         updated = self._postprocess(batch, result)
         # with n > 1, only a request's last update of the step may say it finished
         last = {seq.request_id: j for j, (seq, _) in enumerate(updated)}
-        return [self._output(seq, delta, last[seq.request_id] == j) for j, (seq, delta) in enumerate(updated)]
+        outs = [self._output(seq, delta, last[seq.request_id] == j) for j, (seq, delta) in enumerate(updated)]
+        if self.spec_cost is not None:
+            self._observe_step(batch, result, probe, time.perf_counter() - t_start)
+        return outs
 
     def _run(self, batch: ScheduledBatch) -> StepResult:
         return self.lockstep.run(batch, lambda: self.runner.run(batch, self.eos_ids))
 
-    def _observe_step_cost(self, batch: ScheduledBatch, seconds: float) -> None:
-        """Feed the cost model a decode step (no prompt chunk) as a verify of the drafts per sequence
-        it ran on average, rounded (at least 1 if any): n-gram lookup drafts some sequences and not
-        others, and such steps' cost is the one that matters (it grows with the rows). (Not for a
-        probe step: a few sequences' drafts in it say nothing about a step where all draft.)"""
-        if all(s.num_new_tokens == 1 + len(s.draft) and s.samples for s in batch.seqs):
-            drafts = sum(len(s.draft) for s in batch.seqs)
-            k = min(max(round(drafts / len(batch.seqs)), 1), self.spec_cost.max_k) if drafts else 0
-            self.spec_cost.observe_verify(k, len(batch.seqs), seconds)
+    def _observe_step(self, batch: ScheduledBatch, result: StepResult, probe: bool, seconds: float) -> None:
+        """Feed cost control a whole step (scheduling, lookups, the model, acceptance, outputs): per
+        source asked to draft, how many sequences had a draft and how long; then a probe's time
+        and yield, or, for a decoding step (no prompt chunk), its time less the drafter's steps
+        (costed apart) against its draft rows per sequence. (A probe's few drafting sequences say
+        nothing about a step where all are asked.)"""
+        cost, drafting = self.spec_cost, 0.0
+        for p in (self.proposer, self._lookup):
+            if p is not None:
+                counts, p.counts = p.counts, DraftCounts()
+                drafting += counts.seconds
+                if p.k:
+                    cost.observe_drafting(p.source, counts.asked, counts.drafting, counts.tokens, p.k)
+        if probe:
+            tokens = sum(len(result.sampled.get(b, ())) for b in range(len(batch.seqs)))
+            cost.observe_probe(len(batch.seqs), seconds, tokens)
+            return
+        if all(s.samples and s.num_new_tokens == 1 + len(s.draft) for s in batch.seqs):
+            rows = sum(len(s.draft) for s in batch.seqs) / len(batch.seqs)
+            cost.observe_verify(rows, len(batch.seqs), seconds - drafting)
 
     @property
     def spec_drafted(self) -> int:

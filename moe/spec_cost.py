@@ -10,14 +10,28 @@ when it drafts next, so a plain step costs it nothing). The engine takes the K w
 tokens per second. Acceptance is counted per source (``model``: a drafter, ``lookup``: n-gram
 lookup), the step costs are shared.
 
+Not every sequence drafts when asked: n-gram lookup finds a recurring suffix for some of them (a
+quarter of the sequences per step on the default model's text), and requests that process logits
+never draft. So the batch's yield is counted per sequence asked: with ``s`` the share of asked
+sequences that drafted and ``r`` the drafts' length over K (recent non-probe steps of the source),
+a step yields ``1 + s * (E(K) - 1)`` tokens per sequence and runs ``x = s * r * K`` extra rows per
+sequence. The verify cost is a function of those rows: a step's time (the whole step: scheduling,
+lookups, the model, sampling, acceptance, outputs; the drafter's own steps are the ``K * draft``
+term) is filed under ``ceil(x)``, each bin holding the median of its recent rows and seconds, and
+``verify(x)`` runs piecewise-linearly through the plain step and the bins (never falling as rows
+grow; past the last bin along the line from the plain step through it). Taking only the model's
+time and only drafting sequences, the model predicted n-gram lookup at 32 concurrent 1.6-2.8x and
+it ran 0.85-0.96x plain: with a quarter of the sequences drafting, a step yields 1.4 tokens per
+sequence, and lookups, acceptance and outputs cost as much as the extra rows.
+
 Costs depend on the batch size, so they are kept per batch-size bucket (powers of two), each
 as the median of its recent timings (after a first, warm-up one). A bucket learns a verify step
-with K_max drafts (n-gram lookup: the longest one it measured) and ``verify(0)`` first; other K
-are interpolated linearly in K until measured. While K = 0 wins, a step now and then still
-drafts K_max (a probe), so that the acceptance estimates (and the costs) stay current and
-drafting comes back when it pays again: by default as rarely as keeps a probe's expected loss
-within 2% of the plain decoding time between probes. A probe drafts for a share of the batch only
-(``probe_share``, at least one sequence; the engine sets the proposers' ``probe_left``): at batch
+with K_max drafts (n-gram lookup: the most rows it measured) and ``verify(0)`` first. While K = 0
+wins, a step now and then still drafts K_max (a probe), so that the acceptance estimates, the
+shares and the costs stay current and drafting comes back when it pays again: by default as rarely
+as keeps a probe's expected loss within 2% of the plain decoding time between probes. A probe
+drafts for a share of the batch only (``probe_share``, at least one sequence; the engine sets the
+proposers' ``probe_left``), though every sequence is asked (so the shares are counted): at batch
 32 four sequences' drafts keep the estimates current at an eighth of a full K_max step's extra
 cost, and since a draft model runs a sequence's rows only when it drafts for it (prompt included),
 the sequences not probed cost it nothing. A probe step's time is not taken as a verify cost.
@@ -41,14 +55,47 @@ class _Timing:
     for its shapes); the median of the rest ignores steps slowed by a busy machine."""
 
     recent: deque = field(default_factory=lambda: deque(maxlen=9))
+    rows: deque = field(default_factory=lambda: deque(maxlen=9))  # a verify bin's extra rows per sequence
     seen: int = 0
     value: float | None = None  # the median, updated per timing (read many times per step)
+    x: float = 0.0  # the median of ``rows``
 
-    def add(self, seconds: float) -> None:
+    def add(self, seconds: float, rows: float = 0.0) -> None:
         self.seen += 1
         if self.seen > 1:
             self.recent.append(seconds)
+            self.rows.append(rows)
             self.value = statistics.median(self.recent)
+            self.x = statistics.median(self.rows)
+
+
+@dataclass
+class _Share:
+    """Of recent steps in which a source was asked to draft: sequences asked, those that had a
+    draft, and its tokens over what K allowed them (sums kept as steps come and go)."""
+
+    steps: deque = field(default_factory=deque)  # (asked, drafted, tokens, allowed), the last `window`
+    window: int = 32
+    sums: list = field(default_factory=lambda: [0, 0, 0, 0])
+
+    def add(self, asked: int, drafted: int, tokens: int, allowed: int) -> None:
+        if not asked:
+            return
+        step = (asked, drafted, tokens, allowed)
+        self.steps.append(step)
+        for i, v in enumerate(step):
+            self.sums[i] += v
+        if len(self.steps) > self.window:
+            for i, v in enumerate(self.steps.popleft()):
+                self.sums[i] -= v
+
+    def share(self) -> float:
+        """Of the sequences asked, the share that had a draft (1 before any step)."""
+        return self.sums[1] / self.sums[0] if self.sums[0] else 1.0
+
+    def fill(self) -> float:
+        """Draft tokens over the tokens K allowed the drafting sequences (1 before any draft)."""
+        return self.sums[2] / self.sums[3] if self.sums[3] else 1.0
 
 
 SOURCES = ("model", "lookup")  # who drafted: a drafter model (costs drafting steps) or n-gram lookup (free)
@@ -66,7 +113,8 @@ class SpecCostModel:
     # noisy, and a marginal predicted gain was as often a loss (bench_spec: x1.09 predicted, 0.61x got)
     min_gain: float = 1.1
     prior_acceptance: float = 0.8  # before anything was verified at a position
-    _verify: dict[tuple[int, int], _Timing] = field(default_factory=dict)  # (bucket, K) -> seconds per step
+    # (bucket, ceil(extra rows per sequence)) -> seconds per step and those rows
+    _verify: dict[tuple[int, int], _Timing] = field(default_factory=dict)
     _draft: dict[int, _Timing] = field(default_factory=dict)  # bucket -> seconds per batched drafter step
     # bucket -> a probe step's measured loss: its seconds (drafting with the rows the drafter caught
     # up on, and the verify) less plain decoding's time for the tokens it yielded
@@ -74,6 +122,7 @@ class SpecCostModel:
     # source -> per draft position: drafts that got that far, and of those the accepted ones
     _reached: dict[str, list[int]] = field(default_factory=dict)
     _accepted: dict[str, list[int]] = field(default_factory=dict)
+    _shares: dict[str, _Share] = field(default_factory=dict)  # source -> who drafts when asked, how long
     _plain_steps: dict[str, int] = field(default_factory=dict)  # source -> K = 0 choices since its last probe
     probing: dict[str, bool] = field(default_factory=dict)  # source -> is the last choose_k's K a probe?
 
@@ -82,14 +131,22 @@ class SpecCostModel:
             raise ValueError(f"SpecCostModel.max_k={self.max_k} must be at least 1")
         self._reached = {src: [0] * self.max_k for src in SOURCES}
         self._accepted = {src: [0] * self.max_k for src in SOURCES}
+        self._shares = {src: _Share() for src in SOURCES}
         self._plain_steps = dict.fromkeys(SOURCES, 0)
         self.probing = dict.fromkeys(SOURCES, False)
 
     # ---- observations (cheap: a few dict updates per step) ---------------------------------
-    def observe_verify(self, k: int, batch_size: int, seconds: float) -> None:
-        """A target step where every sequence verified ``k`` drafts (k = 0: a plain decoding step,
-        which costs a draft model nothing: it catches up when it drafts next)."""
-        self._verify.setdefault((batch_bucket(batch_size), k), _Timing()).add(seconds)
+    def observe_verify(self, rows: float, batch_size: int, seconds: float) -> None:
+        """A decoding step (drafter steps excepted) that ran ``rows`` draft rows per sequence on
+        average (0: a plain decoding step, which costs a draft model nothing: it catches up when
+        it drafts next)."""
+        k = min(math.ceil(rows), self.max_k)
+        self._verify.setdefault((batch_bucket(batch_size), k), _Timing()).add(seconds, rows)
+
+    def observe_drafting(self, source: str, asked: int, drafted: int, tokens: int, k: int) -> None:
+        """A step (not a probe) in which ``source`` was asked to draft up to ``k`` tokens for
+        ``asked`` decoding sequences: ``drafted`` of them drafted, ``tokens`` draft tokens in all."""
+        self._shares[source].add(asked, drafted, tokens, drafted * k)
 
     def observe_draft(self, batch_size: int, seconds: float) -> None:
         """One batched drafter step over ``batch_size`` sequences, one row each."""
@@ -119,12 +176,31 @@ class SpecCostModel:
         return self._accepted[source][j] / self._reached[source][j]
 
     def expected_tokens(self, k: int, source: str = "model") -> float:
-        """Tokens per sequence a step with ``k`` drafts yields on average."""
+        """Tokens a drafting sequence gets from a step with ``k`` drafts, on average."""
         total, reach = 1.0, 1.0
         for j in range(k):
             reach *= self.acceptance(j, source)
             total += reach
         return total
+
+    def step_tokens(self, k: int, source: str = "model") -> float:
+        """Tokens per sequence of the batch from a step in which ``source`` is asked for ``k``
+        drafts: a drafting sequence's :meth:`expected_tokens`, for the share that drafts."""
+        return self._step_tokens(source)[k]
+
+    def _step_tokens(self, source: str) -> list[float]:
+        """:meth:`step_tokens` of K = 0 .. K_max."""
+        share, out, reach, total = self._shares[source].share(), [1.0], 1.0, 1.0
+        for j in range(self.max_k):
+            reach *= self.acceptance(j, source)
+            total += reach
+            out.append(1.0 + share * (total - 1.0))
+        return out
+
+    def draft_rows(self, k: int, source: str = "model") -> float:
+        """Extra rows per sequence of the batch when ``source`` is asked for ``k`` drafts."""
+        sh = self._shares[source]
+        return sh.share() * sh.fill() * k
 
     def step_cost(self, k: int, batch_size: int, source: str = "model") -> float | None:
         """Seconds of a step with ``k`` drafts per sequence (drafting included); None: not known yet."""
@@ -134,22 +210,32 @@ class SpecCostModel:
     def step_costs(self, batch_size: int, source: str = "model") -> list[float] | None:
         """:meth:`step_cost` of K = 0 .. K_max (None while either end of the line is unmeasured)."""
         b = batch_bucket(batch_size)
-        plain, (top_k, top) = self._seconds(self._verify.get((b, 0))), self._longest_verify(b)
+        plain = self._seconds(self._verify.get((b, 0)))
         draft = 0.0 if source == "lookup" else self._seconds(self._draft.get(b))
-        if plain is None or top is None or draft is None:
+        if plain is None or self._longest_verify(b)[1] is None or draft is None:
             return None
-        costs = [plain]
+        # (rows, seconds) through the plain step and each bin, never falling (a lower median is noise)
+        points = [(0.0, plain)]
         for k in range(1, self.max_k + 1):
-            v = self._seconds(self._verify.get((b, k)))
-            if v is None:
-                v = plain + (top - plain) * k / top_k  # linear in rows until measured
-            # more rows never cost less than a plain step (a lower median is noise)
-            costs.append(max(v, plain) + k * draft)
-        return costs
+            t = self._verify.get((b, k))
+            if t is not None and t.value is not None and t.x > points[-1][0]:
+                points.append((t.x, max(t.value, points[-1][1])))
+        rows = self.draft_rows(1, source)
+        return [self._verify_at(points, rows * k) + k * draft for k in range(self.max_k + 1)]
+
+    @staticmethod
+    def _verify_at(points: list[tuple[float, float]], x: float) -> float:
+        """Seconds of a step with ``x`` extra rows per sequence: piecewise linear through ``points``,
+        past the last one along the line from the plain step through it."""
+        for (x0, v0), (x1, v1) in zip(points, points[1:]):
+            if x <= x1:
+                return v0 + (v1 - v0) * (x - x0) / (x1 - x0)
+        (_, plain), (xl, vl) = points[0], points[-1]
+        return plain + (vl - plain) * x / xl
 
     def _longest_verify(self, bucket: int) -> tuple[int, float | None]:
-        """(K, seconds) of the longest verify step measured in ``bucket`` (n-gram drafts come in
-        any length up to K_max), or (0, None)."""
+        """(bin, seconds) of the verify steps with the most rows measured in ``bucket`` (n-gram
+        drafts come in any length up to K_max, for some sequences), or (0, None)."""
         for k in range(self.max_k, 0, -1):
             v = self._seconds(self._verify.get((bucket, k)))
             if v is not None:
@@ -163,7 +249,7 @@ class SpecCostModel:
     def speedup(self, k: int, batch_size: int, source: str = "model") -> float | None:
         """Predicted tokens per second with ``k`` drafts over plain decoding's; None: not known yet."""
         costs = self.step_costs(batch_size, source)
-        return None if costs is None else self.expected_tokens(k, source) * costs[0] / costs[k]
+        return None if costs is None else self.step_tokens(k, source) * costs[0] / costs[k]
 
     def probe_interval(self, batch_size: int, source: str = "model") -> int:
         """Plain steps between probes with K_max: a fixed ``probe_every``, or as many as make a
@@ -175,7 +261,7 @@ class SpecCostModel:
         costs = self.step_costs(batch_size, source)
         loss = self._seconds(self._probe_loss.get(batch_bucket(batch_size)))
         if loss is None:
-            loss = costs[-1] - self.expected_tokens(self.max_k, source) * costs[0]
+            loss = costs[-1] - self.step_tokens(self.max_k, source) * costs[0]
         return max(16, math.ceil(loss / (self.probe_budget * costs[0])))
 
     def choose_k(self, batch_size: int, source: str = "model") -> int:
@@ -207,11 +293,6 @@ class SpecCostModel:
         """The K with the most expected tokens per second (both ends of the line measured), if it
         beats plain decoding by ``min_gain``; else 0."""
         costs = self.step_costs(batch_size, source)
-        rate, reach, tokens = [], 1.0, 1.0
-        for k, cost in enumerate(costs):  # tokens per second of each K (E(K) built up position by position)
-            if k:
-                reach *= self.acceptance(k - 1, source)
-                tokens += reach
-            rate.append((tokens / cost, -k))
+        rate = [(t / c, -k) for k, (t, c) in enumerate(zip(self._step_tokens(source), costs))]  # tokens per second
         best = max(range(self.max_k + 1), key=rate.__getitem__)
         return best if rate[best][0] >= self.min_gain * rate[0][0] else 0

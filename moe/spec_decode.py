@@ -135,6 +135,25 @@ class Draft(NamedTuple):
     source: str = "lookup"  # who drafted it: "lookup" (n-gram) or "model" (a drafter; see moe.spec_cost)
 
 
+@dataclass
+class DraftCounts:
+    """What one step asked of a proposer: the sequences it was asked for while its K > 0, those it
+    had a draft for (before a probe's slots limit them), the tokens of those drafts, and the
+    seconds spent in a drafter's steps (cost control weighs those apart; a lookup is part of the
+    step it drafts for)."""
+
+    asked: int = 0
+    drafting: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def ask(self, k: int, found: int) -> None:
+        if k:
+            self.asked += 1
+            self.drafting += found > 0
+            self.tokens += found
+
+
 class Proposer(Protocol):
     """What the scheduler asks of a proposer. ``room`` is called while the batch is built (it
     reserves token budget and KV blocks), ``propose`` once for all chosen sequences after it."""
@@ -146,6 +165,8 @@ class Proposer(Protocol):
     def room(self, seq: Sequence, budget: int) -> int: ...
 
     def propose(self, seqs: list[Sequence], rooms: list[int]) -> list[Draft]: ...
+
+    counts: "DraftCounts"  # this step's, for cost control (the engine takes them after the step)
 
 
 def propose_ngram(tokens: Seq[int], k: int, n_min: int, n_max: int) -> list[int]:
@@ -197,6 +218,8 @@ class NgramProposer:
         self.k = cfg.num_speculative_tokens
         self.max_model_len = max_model_len
         self.probe_left: int | None = None
+        self.counts = DraftCounts()
+        self._found: dict[int, list[int]] = {}  # id(sequence) -> this step's draft, from room to propose
 
     def _lookup(self, seq: Sequence, room: int) -> list[int]:
         if room < 1:
@@ -206,11 +229,21 @@ class NgramProposer:
     def room(self, seq: Sequence, budget: int) -> int:
         # the lookup's own length: a sequence whose suffix never occurred reserves nothing
         k_max = self.cfg.num_speculative_tokens
-        room = len(self._lookup(seq, min(draft_room(seq, self.k, self.max_model_len, k_max), budget)))
-        return take_probe_slot(self, seq, room)
+        found = self._lookup(seq, min(draft_room(seq, self.k, self.max_model_len, k_max), budget))
+        self.counts.ask(self.k, len(found))
+        room = take_probe_slot(self, seq, len(found))
+        if room:
+            self._found[id(seq)] = found  # propose's draft (the room reserved is its length)
+        return room
+
+    def take_found(self, seqs: list[Sequence]) -> list[list[int]]:
+        """The drafts :meth:`room` found for ``seqs`` this step ([] where none); forgets the step's."""
+        found = [self._found.get(id(seq), []) for seq in seqs]
+        self._found.clear()
+        return found
 
     def propose(self, seqs: list[Sequence], rooms: list[int]) -> list[Draft]:
-        return [Draft(tuple(self._lookup(seq, r))) for seq, r in zip(seqs, rooms)]
+        return [Draft(tuple(t)) for t in self.take_found(seqs)]
 
     def __call__(self, seq: Sequence) -> list[int]:
         return self._lookup(seq, draft_room(seq, self.k, self.max_model_len))

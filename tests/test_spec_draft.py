@@ -326,6 +326,31 @@ def test_cost_model_weighs_lookup_drafts_on_their_own_acceptance_and_any_verify_
     assert m.choose_k(1, "lookup") == 0 and m.acceptance(0) == m.prior_acceptance
 
 
+def test_cost_model_counts_the_share_of_sequences_that_draft_and_costs_steps_by_their_rows():
+    """At batch 32 n-gram lookup finds a draft for about a quarter of the sequences: the step yields
+    1 + share * (E(K) - 1) tokens per sequence and runs share * fill * K extra rows per sequence,
+    costed on the line through the plain step and the steps measured at such row counts."""
+    m = SpecCostModel(max_k=3, probe_every=8)
+    for _ in range(3):
+        m.observe_verify(0, 32, 1.0)
+        m.observe_verify(0.75, 32, 1.3)  # a quarter drafting 3 tokens each: 0.75 rows per sequence
+    for _ in range(4):
+        m.observe_drafting("lookup", 32, 8, 24, 3)  # 8 of 32 had a draft, each of all 3 tokens
+    for _ in range(20):
+        m.observe_acceptance(3, 3, "lookup")  # every draft accepted: E(3) = 4 for a drafting sequence
+    assert m.expected_tokens(3, "lookup") == pytest.approx(4.0)
+    assert m.step_tokens(3, "lookup") == pytest.approx(1 + 0.25 * 3)
+    assert m.draft_rows(3, "lookup") == pytest.approx(0.75)
+    assert m.step_cost(3, 32, "lookup") == pytest.approx(1.3)  # measured at those rows
+    assert m.step_cost(1, 32, "lookup") == pytest.approx(1.1)  # interpolated: 0.25 rows
+    assert m.speedup(3, 32, "lookup") == pytest.approx(1.75 / 1.3)
+    assert m.choose_k(32, "lookup") == 3  # x1.35 clears min_gain
+    # the same acceptance if every sequence drafted would predict 4 / 1.3 = x3.1 ...
+    for _ in range(40):  # ... but if only one in 32 has a draft, the batch gains too little
+        m.observe_drafting("lookup", 32, 1, 3, 3)
+    assert m.speedup(3, 32, "lookup") < 1.1 and m.choose_k(32, "lookup") == 0
+
+
 def test_engine_chooses_k_and_stays_exact(checkpoint, drafters):
     """With cost control on the engine measures and chooses K per step (0 included); greedy
     output is unchanged whatever it picks."""
@@ -434,6 +459,41 @@ def test_ngram_first_drafts_by_lookup_where_it_matches_and_by_the_drafter_elsewh
         assert sources.count("lookup") > 0 and sources.count("model") > 0, sources
         runs.append(got)
     assert runs[0] == runs[1]
+
+
+def test_engine_tells_cost_control_which_sequences_each_source_drafted_for(checkpoint, noisy_self):
+    """Per step and source asked to draft: the decoding sequences asked, those drafted for and
+    their draft tokens, as the batch ran them (ngram_first: the lookup's, then the drafter's)."""
+    target = checkpoint("mixtral")
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9] * 4}, *_prompts(3, seed=8)]
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    llm = LLM(str(target), dtype="float32",
+              speculative_config=_spec(noisy_self("mixtral"), 3, ngram_first=True, cost_control=True))
+    e = llm.engine
+    ran, told = [], []
+    orig_run, orig_told = e.runner.run, e.spec_cost.observe_drafting
+
+    def run(batch, eos_ids):
+        ran.append(batch)
+        return orig_run(batch, eos_ids)
+
+    def observe_drafting(source, asked, drafted, tokens, k):
+        told.append((len(ran), source, asked, drafted, tokens))
+        orig_told(source, asked, drafted, tokens, k)
+
+    e.runner.run, e.spec_cost.observe_drafting = run, observe_drafting
+    e.spec_cost.choose_k = lambda batch_size, source="model": 3  # both sources asked at every step
+    for p in prompts:
+        e.add_request(p, sp)
+    while e.has_unfinished_requests():
+        e.step()
+    checked = 0
+    for step, source, asked, drafted, tokens in told:
+        decoding = [s for s in ran[step - 1].seqs if s.samples and s.num_new_tokens == 1 + len(s.draft)]
+        mine = [len(s.draft) for s in decoding if s.draft and s.draft_source == source]
+        assert (asked, drafted, tokens) == (len(decoding), len(mine), sum(mine)), (step, source)
+        checked += 1
+    assert checked and {src for _, src, _, d, _ in told if d} == {"lookup", "model"}
 
 
 @pytest.mark.parametrize("spec, match", [
