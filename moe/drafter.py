@@ -232,6 +232,8 @@ class DraftModelProposer:
         self.counts = DraftCounts()
 
     def room(self, seq: Sequence, budget: int) -> int:
+        if not self.k and seq.generator is None and (self.lookup is None or not self.lookup.k):
+            return 0  # (asked of every decoding sequence at every step: the common K = 0 answer first)
         found = self.lookup.room(seq, budget) if self.lookup is not None else 0
         room = 0 if found else min(draft_room(seq, self.k, self.max_model_len, self.k_max), budget)
         self.counts.ask(self.k, room)  # (asked for every sequence: those the lookup drafts for it does not)

@@ -169,11 +169,12 @@ class LLMEngine:
         """Cost control: each draft source's K for the next step, from its acceptance and the step
         costs. Returns whether the step is a probe (some source drafts for a share of the batch)."""
         n = len(self.scheduler.running)
-        probe = False
+        probe, refresh = False, self.spec_cost.refresh_plain(n)
         for p in (self.proposer, self._lookup):  # (_lookup: ngram_first's n-gram drafts beside the drafter's)
             if p is not None:
-                p.k = self.spec_cost.choose_k(n, p.source)
-                p.probe_left = self.spec_cost.probe_size(n) if self.spec_cost.probing[p.source] else None
+                p.k = 0 if refresh else self.spec_cost.choose_k(n, p.source)
+                probing = self.spec_cost.probing[p.source] and not refresh
+                p.probe_left = self.spec_cost.probe_size(n) if probing else None
                 probe |= p.probe_left is not None
         return probe
 

@@ -39,7 +39,6 @@ the sequences not probed cost it nothing. A probe step's time is not taken as a 
 from __future__ import annotations
 
 import math
-import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -47,6 +46,20 @@ from dataclasses import dataclass, field
 def batch_bucket(batch_size: int) -> int:
     """1, 2, 4, 8, ...: the power of two at or above ``batch_size``."""
     return 1 << max(batch_size - 1, 0).bit_length()
+
+
+def _median(values) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def _timing(timings: dict, key) -> "_Timing":
+    """``timings[key]``, made on first use (a step adds one timing: no throwaway default each time)."""
+    t = timings.get(key)
+    if t is None:
+        t = timings[key] = _Timing()
+    return t
 
 
 @dataclass
@@ -65,8 +78,8 @@ class _Timing:
         if self.seen > 1:
             self.recent.append(seconds)
             self.rows.append(rows)
-            self.value = statistics.median(self.recent)
-            self.x = statistics.median(self.rows)
+            self.value = _median(self.recent)
+            self.x = _median(self.rows)
 
 
 @dataclass
@@ -113,6 +126,10 @@ class SpecCostModel:
     # noisy, and a marginal predicted gain was as often a loss (bench_spec: x1.09 predicted, 0.61x got)
     min_gain: float = 1.1
     prior_acceptance: float = 0.8  # before anything was verified at a position
+    # while drafting wins, a plain step every this many steps keeps verify(0) current: else its
+    # timings date from when K = 0 last won (often the engine's first, slow steps) and drafting is
+    # weighed against a stale plain step (bench_spec at 32: plain 9.8 ms from warm-up, 6.7 ms now)
+    refresh_every: int = 16
     # (bucket, ceil(extra rows per sequence)) -> seconds per step and those rows
     _verify: dict[tuple[int, int], _Timing] = field(default_factory=dict)
     _draft: dict[int, _Timing] = field(default_factory=dict)  # bucket -> seconds per batched drafter step
@@ -124,6 +141,7 @@ class SpecCostModel:
     _accepted: dict[str, list[int]] = field(default_factory=dict)
     _shares: dict[str, _Share] = field(default_factory=dict)  # source -> who drafts when asked, how long
     _plain_steps: dict[str, int] = field(default_factory=dict)  # source -> K = 0 choices since its last probe
+    _since_plain: dict[int, int] = field(default_factory=dict)  # bucket -> decoding steps since a plain one
     probing: dict[str, bool] = field(default_factory=dict)  # source -> is the last choose_k's K a probe?
 
     def __post_init__(self) -> None:
@@ -140,8 +158,19 @@ class SpecCostModel:
         """A decoding step (drafter steps excepted) that ran ``rows`` draft rows per sequence on
         average (0: a plain decoding step, which costs a draft model nothing: it catches up when
         it drafts next)."""
-        k = min(math.ceil(rows), self.max_k)
-        self._verify.setdefault((batch_bucket(batch_size), k), _Timing()).add(seconds, rows)
+        k, b = min(math.ceil(rows), self.max_k), batch_bucket(batch_size)
+        _timing(self._verify, (b, k)).add(seconds, rows)
+        self._since_plain[b] = 0 if k == 0 else self._since_plain.get(b, 0) + 1
+
+    def refresh_plain(self, batch_size: int) -> bool:
+        """Should the next step be a plain one (every source K = 0), because ``refresh_every``
+        decoding steps of this batch size drafted since the last plain one? (Once: the count
+        restarts, so steps that cannot be timed, with prompt chunks, do not keep drafting off.)"""
+        b = batch_bucket(batch_size)
+        if self._since_plain.get(b, 0) < self.refresh_every:
+            return False
+        self._since_plain[b] = 0
+        return True
 
     def observe_drafting(self, source: str, asked: int, drafted: int, tokens: int, k: int) -> None:
         """A step (not a probe) in which ``source`` was asked to draft up to ``k`` tokens for
@@ -150,13 +179,13 @@ class SpecCostModel:
 
     def observe_draft(self, batch_size: int, seconds: float) -> None:
         """One batched drafter step over ``batch_size`` sequences, one row each."""
-        self._draft.setdefault(batch_bucket(batch_size), _Timing()).add(seconds)
+        _timing(self._draft, batch_bucket(batch_size)).add(seconds)
 
     def observe_probe(self, batch_size: int, seconds: float, tokens: int) -> None:
         """A whole probe step (scheduling and drafting included) that yielded ``tokens`` tokens."""
         plain = self._seconds(self._verify.get((batch_bucket(batch_size), 0)))
         if plain is not None:
-            self._probe_loss.setdefault(batch_bucket(batch_size), _Timing()).add(
+            _timing(self._probe_loss, batch_bucket(batch_size)).add(
                 seconds - tokens * plain / batch_size)
 
     def observe_acceptance(self, draft_len: int, accepted: int, source: str = "model") -> None:

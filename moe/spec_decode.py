@@ -227,6 +227,8 @@ class NgramProposer:
         return propose_ngram(seq.token_ids, room, self.cfg.prompt_lookup_min, self.cfg.prompt_lookup_max)
 
     def room(self, seq: Sequence, budget: int) -> int:
+        if not self.k and seq.generator is None:
+            return 0  # (asked of every decoding sequence at every step: the common K = 0 answer first)
         # the lookup's own length: a sequence whose suffix never occurred reserves nothing
         k_max = self.cfg.num_speculative_tokens
         found = self._lookup(seq, min(draft_room(seq, self.k, self.max_model_len, k_max), budget))

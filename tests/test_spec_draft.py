@@ -351,6 +351,23 @@ def test_cost_model_counts_the_share_of_sequences_that_draft_and_costs_steps_by_
     assert m.speedup(3, 32, "lookup") < 1.1 and m.choose_k(32, "lookup") == 0
 
 
+def test_cost_model_asks_for_a_plain_step_now_and_then_while_drafting_wins():
+    """verify(0) is measured only in plain steps: while drafting wins, one plain step every
+    ``refresh_every`` drafting steps keeps it current (once per count: a step that could not be
+    timed does not keep drafting off)."""
+    m = SpecCostModel(max_k=3, refresh_every=4)
+    m.observe_verify(0, 8, 1.0)
+    for _ in range(3):
+        m.observe_verify(1.5, 8, 1.2)
+        assert not m.refresh_plain(8)
+    m.observe_verify(2.0, 8, 1.2)
+    assert m.refresh_plain(8) and not m.refresh_plain(8)  # asked once; the count starts over
+    for _ in range(4):
+        m.observe_verify(2.0, 8, 1.2)
+    m.observe_verify(0, 8, 1.0)  # a plain step came anyway: no refresh needed
+    assert not m.refresh_plain(8) and not m.refresh_plain(2)  # (another bucket drafted nothing yet)
+
+
 def test_engine_chooses_k_and_stays_exact(checkpoint, drafters):
     """With cost control on the engine measures and chooses K per step (0 included); greedy
     output is unchanged whatever it picks."""
