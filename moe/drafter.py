@@ -64,6 +64,10 @@ class Drafter(Protocol):
 
     def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, sampled: dict[int, list[int]]) -> None: ...
 
+    def owed(self, seq: Sequence) -> int:
+        """Rows of ``seq`` the drafter must run before it can draft for it."""
+        ...
+
     num_tokens_run: int  # rows run through the drafter so far
 
 
@@ -142,6 +146,9 @@ class DraftModel(_OwnKVCache):
 
     def _set_written(self, seq: Sequence, n: int) -> None:
         self._written[id(seq)] = (seq, n, seq.num_preemptions)
+
+    def owed(self, seq: Sequence) -> int:
+        return seq.num_computed_tokens - self.written(seq)
 
     def _gap_rows(self, seq: Sequence, upto: int) -> list[tuple[int, int]]:
         """The (token, position) rows of ``seq`` this drafter owes before position ``upto``."""
@@ -229,7 +236,19 @@ class DraftModelProposer:
         self.cost = cost
         self.lookup = lookup  # its own k, chosen likewise
         self.probe_left: int | None = None  # set by the engine's cost control for a probe step
+        self.probe_only: set[int] | None = None
         self.counts = DraftCounts()
+
+    def set_probe(self, size: int | None, running: list[Sequence]) -> None:
+        """A probe drafts for the ``size`` sequences that owe the drafter the fewest rows: those it
+        drafted for lately (or short prompts), rather than whichever come first, each of which
+        would have the drafter run its whole context (at 32 concurrent, hundreds of rows a probe)."""
+        self.probe_left = size
+        if size is None:
+            self.probe_only = None
+            return
+        decoding = [seq for seq in running if seq.num_tokens - seq.num_computed_tokens == 1]  # (not mid-prompt)
+        self.probe_only = {id(seq) for seq in sorted(decoding, key=self.drafter.owed)[:size]}
 
     def room(self, seq: Sequence, budget: int) -> int:
         if not self.k and seq.generator is None and (self.lookup is None or not self.lookup.k):
@@ -335,6 +354,9 @@ class MTPDrafter(_OwnKVCache):
         for s, f, lg, h in zip(seqs, first, logits, out_TD):
             self._next[id(s)] = (s, f[1], lg, h)  # the chain moves on; its first entry stays keyed by c
         return logits
+
+    def owed(self, seq: Sequence) -> int:
+        return 0  # (it runs every position the target computed, after each target step)
 
     def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, sampled: dict[int, list[int]]) -> None:
         ids: list[int] = []

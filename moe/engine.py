@@ -174,7 +174,7 @@ class LLMEngine:
             if p is not None:
                 p.k = 0 if refresh else self.spec_cost.choose_k(n, p.source)
                 probing = self.spec_cost.probing[p.source] and not refresh
-                p.probe_left = self.spec_cost.probe_size(n) if probing else None
+                p.set_probe(self.spec_cost.probe_size(n) if probing else None, self.scheduler.running)
                 probe |= p.probe_left is not None
         return probe
 

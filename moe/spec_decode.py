@@ -161,6 +161,11 @@ class Proposer(Protocol):
     k: int  # draft tokens per sequence at most, this step
     source: str  # "lookup" or "model": whose acceptance and costs cost control weighs for ``k``
     probe_left: int | None  # a cost-control probe step: how many more sequences may draft (None: all)
+    probe_only: set[int] | None  # and which may (ids of sequences; None: the first to ask)
+
+    def set_probe(self, size: int | None, running: list[Sequence]) -> None:
+        """Make the next step a probe drafting for ``size`` of the ``running`` sequences (None: not a probe)."""
+        ...
 
     def room(self, seq: Sequence, budget: int) -> int: ...
 
@@ -183,10 +188,10 @@ def propose_ngram(tokens: Seq[int], k: int, n_min: int, n_max: int) -> list[int]
 
 
 def take_probe_slot(proposer: "Proposer", seq: Sequence, room: int) -> int:
-    """``room``, unless this is a probe step and its sequences are taken (then 0). A request with
-    its own seed drafts regardless (see :func:`draft_room`) and takes no slot."""
+    """``room``, unless this is a probe step and its sequences are taken or others were chosen
+    (then 0). A request with its own seed drafts regardless (see :func:`draft_room`) and takes no slot."""
     if room and proposer.probe_left is not None and seq.generator is None:
-        if proposer.probe_left == 0:
+        if proposer.probe_left == 0 or (proposer.probe_only is not None and id(seq) not in proposer.probe_only):
             return 0
         proposer.probe_left -= 1
     return room
@@ -218,6 +223,7 @@ class NgramProposer:
         self.k = cfg.num_speculative_tokens
         self.max_model_len = max_model_len
         self.probe_left: int | None = None
+        self.probe_only: set[int] | None = None  # (a lookup costs nothing: the first sequences with a draft probe)
         self.counts = DraftCounts()
         self._found: dict[int, list[int]] = {}  # id(sequence) -> this step's draft, from room to propose
 
@@ -237,6 +243,9 @@ class NgramProposer:
         if room:
             self._found[id(seq)] = found  # propose's draft (the room reserved is its length)
         return room
+
+    def set_probe(self, size: int | None, running: list[Sequence]) -> None:
+        self.probe_left = size
 
     def take_found(self, seqs: list[Sequence]) -> list[list[int]]:
         """The drafts :meth:`room` found for ``seqs`` this step ([] where none); forgets the step's."""

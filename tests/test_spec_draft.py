@@ -430,7 +430,8 @@ def test_zero_acceptance_drafter_falls_back_to_plain_steps_that_cost_it_nothing(
 
 def test_probes_draft_for_a_share_of_the_batch_and_are_not_taken_as_verify_costs(checkpoint, drafters):
     """Once plain steps win, a probe drafts for ceil(batch / 8) sequences only (the others run
-    no drafter row), and its step time does not enter the verify costs."""
+    no drafter row): those that owe the drafter the fewest rows; its step time does not enter the
+    verify costs."""
     target = checkpoint("mixtral")
     sp = SamplingParams(temperature=0, max_tokens=70, ignore_eos=True)
     prompts = _prompts(9, seed=6)
@@ -440,16 +441,55 @@ def test_probes_draft_for_a_share_of_the_batch_and_are_not_taken_as_verify_costs
     _never_accepted(e.drafter)  # K = 0 wins, probes remain
     e.spec_cost.probe_every = 10
     seqs = [e.seqs[e.add_request(p, sp)] for p in prompts]
+    drafting = []
+    orig_run = e.runner.run
+
+    def run(batch, eos_ids):
+        drafting[:] = [s.seq for s in batch.seqs if s.draft]
+        return orig_run(batch, eos_ids)
+
+    e.runner.run = run
     probes = []  # (sequences drafting, verify timings recorded) of each probe step
+    rows_run = []  # of each probe step: drafter rows run, and the fewest any other sequence owed
     while e.has_unfinished_requests():
         seen = sum(t.seen for t in e.spec_cost._verify.values())
         drafted = e.spec_stats().num_verify_steps
+        owed = {id(q): e.drafter.owed(q) for q in seqs if not q.is_finished}
+        rows = e.drafter.num_tokens_run
         e.step()
         if e.proposer.probe_left is not None:
             probes.append((e.spec_stats().num_verify_steps - drafted,
                            sum(t.seen for t in e.spec_cost._verify.values()) - seen))
+            mine = {id(q) for q in drafting}
+            assert max(owed[i] for i in mine) <= min(v for i, v in owed.items() if i not in mine), owed
+            rows_run.append(e.drafter.num_tokens_run - rows)
     assert [q.output_token_ids for q in seqs] == want
     assert probes and all(p == (2, 0) for p in probes), probes  # ceil(9 / 8) = 2 of 9, no cost taken
+    # the same two sequences come back: after their first probe they owe only the steps since
+    assert len(rows_run) > 2 and all(r <= 2 * (10 + 3) for r in rows_run[1:]), rows_run
+
+
+def test_a_probe_drafts_for_the_decoding_sequences_that_owe_the_drafter_fewest_rows():
+    """A drafter runs a sequence's whole context the first time it drafts for it: a probe takes the
+    sequences it is closest to (drafted for lately, or short), not whichever the scheduler asks
+    first; sequences still in their prompt are not candidates; the slots are those and no others."""
+    from types import SimpleNamespace
+
+    from moe.drafter import DraftModelProposer
+    from moe.spec_decode import take_probe_slot
+
+    owed = {}
+    drafter = SimpleNamespace(owed=lambda seq: owed[id(seq)])
+    prop = DraftModelProposer(drafter, 3, 1000, torch.Generator())
+    seqs = [SimpleNamespace(num_tokens=40, num_computed_tokens=39, generator=None) for _ in range(6)]
+    mid_prompt = SimpleNamespace(num_tokens=40, num_computed_tokens=8, generator=None)
+    for seq, n in zip(seqs + [mid_prompt], (50, 7, 300, 12, 9, 40, 0)):
+        owed[id(seq)] = n
+    prop.set_probe(2, seqs + [mid_prompt])
+    assert prop.probe_only == {id(seqs[1]), id(seqs[4])} and prop.probe_left == 2
+    assert [take_probe_slot(prop, q, 3) for q in seqs] == [0, 3, 0, 0, 3, 0]
+    prop.set_probe(None, seqs)
+    assert prop.probe_left is None and take_probe_slot(prop, seqs[0], 3) == 3
 
 
 def test_ngram_first_drafts_by_lookup_where_it_matches_and_by_the_drafter_elsewhere(checkpoint, noisy_self):
