@@ -11,6 +11,7 @@ blocks [9, 3]. Its new tokens sit at offsets 5 and 6, i.e. slots 3*4+1 = 13 and 
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -52,24 +53,26 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device | str = "cpu",
     ) -> "AttentionMetadata":
-        """Build tensors from per-sequence python lists (the scheduler's view)."""
-        max_blocks = max((len(b) for b in block_tables), default=0)
-        bt = torch.zeros((len(block_tables), max(max_blocks, 1)), dtype=torch.int32)
+        """Build tensors from per-sequence python lists (the scheduler's view). (Once per step for
+        every running sequence: the block table is one tensor made from padded lists, not a row
+        assignment per sequence.)"""
+        max_blocks = max(max((len(b) for b in block_tables), default=0), 1)
+        bt = torch.tensor([b + [0] * (max_blocks - len(b)) for b in block_tables], dtype=torch.int32)
+        bt = bt.view(len(block_tables), max_blocks)  # (no sequences: [0, 1])
         slots: list[int] = []
         starts: list[int | None] = []
-        for i, (q, c, blocks) in enumerate(zip(query_lens, context_lens, block_tables)):
-            if blocks:
-                bt[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-            used = blocks[: -(-c // block_size)]
-            starts.append(used[0] if used and used == list(range(used[0], used[0] + len(used))) else None)
+        for q, c, blocks in zip(query_lens, context_lens, block_tables):
+            n = -(-c // block_size)
+            first = blocks[0] if blocks else None
+            # contiguous: the used blocks run first, first + 1, ... (checked in full only when the ends agree)
+            starts.append(first if n and blocks[n - 1] - first == n - 1 and blocks[:n] == list(range(first, first + n))
+                          else None)
             if q == 1:
                 slots.append(blocks[(c - 1) // block_size] * block_size + (c - 1) % block_size)
                 continue
             for pos in range(c - q, c):
                 slots.append(blocks[pos // block_size] * block_size + pos % block_size)
-        qsl = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
-        if query_lens:
-            qsl[1:] = torch.cumsum(torch.tensor(query_lens, dtype=torch.int32), 0)
+        qsl = torch.tensor(list(itertools.accumulate(query_lens, initial=0)), dtype=torch.int32)
         return AttentionMetadata(
             query_start_loc=qsl.to(device),
             context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),

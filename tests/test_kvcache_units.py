@@ -255,6 +255,37 @@ def test_paged_attention_torch_bfloat16_close_to_reference():
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
+def test_attention_metadata_matches_its_definition_on_random_batches():
+    """Every field of ``build`` against the definition, row by row: padded block tables, slots of
+    the new rows, cumulative query rows, and the first block of each sequence whose used blocks
+    are one contiguous run (tables may hold reserved blocks past the context)."""
+    import random
+
+    rng = random.Random(3)
+    for _ in range(200):
+        bs = rng.choice([1, 4, 16])
+        qlens, clens, tables = [], [], []
+        for _ in range(rng.randrange(0, 6)):
+            c = rng.randrange(1, 70)
+            q = rng.randrange(1, c + 1)
+            n = -(-c // bs) + rng.randrange(3)
+            first = rng.randrange(50)
+            table = list(range(first, first + n)) if rng.random() < 0.5 else rng.sample(range(300), n)
+            if rng.random() < 0.2 and n > 1:  # contiguous except past the used blocks
+                table[-1] = 999
+            qlens.append(q), clens.append(c), tables.append(table)
+        meta = AttentionMetadata.build(qlens, clens, tables, bs)
+        width = max([len(t) for t in tables] + [1])
+        assert meta.block_tables.tolist() == [t + [0] * (width - len(t)) for t in tables]
+        assert meta.block_tables.shape == (len(tables), width) and meta.block_tables.dtype == torch.int32
+        assert meta.slot_mapping.tolist() == [t[p // bs] * bs + p % bs for q, c, t in zip(qlens, clens, tables)
+                                              for p in range(c - q, c)]
+        assert meta.query_start_loc.tolist() == [sum(qlens[:i]) for i in range(len(qlens) + 1)]
+        assert meta.query_start_loc.dtype == meta.context_lens.dtype == torch.int32
+        used = [t[:-(-c // bs)] for c, t in zip(clens, tables)]
+        assert meta.contiguous_starts == tuple(u[0] if u == list(range(u[0], u[0] + len(u))) else None for u in used)
+
+
 def test_attention_metadata_worked_example_slots():
     # block_size 4: 5 cached tokens + 2 new (context 7) in blocks [9, 3] -> slots 13, 14
     meta = AttentionMetadata.build([2], [7], [[9, 3]], 4)
