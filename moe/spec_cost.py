@@ -206,11 +206,15 @@ class SpecCostModel:
 
     def expected_tokens(self, k: int, source: str = "model") -> float:
         """Tokens a drafting sequence gets from a step with ``k`` drafts, on average."""
-        total, reach = 1.0, 1.0
-        for j in range(k):
+        return self._expected(source)[k]
+
+    def _expected(self, source: str) -> list[float]:
+        """:meth:`expected_tokens` of K = 0 .. K_max (E(K) built up position by position)."""
+        out, reach = [1.0], 1.0
+        for j in range(self.max_k):
             reach *= self.acceptance(j, source)
-            total += reach
-        return total
+            out.append(out[-1] + reach)
+        return out
 
     def step_tokens(self, k: int, source: str = "model") -> float:
         """Tokens per sequence of the batch from a step in which ``source`` is asked for ``k``
@@ -219,12 +223,8 @@ class SpecCostModel:
 
     def _step_tokens(self, source: str) -> list[float]:
         """:meth:`step_tokens` of K = 0 .. K_max."""
-        share, out, reach, total = self._shares[source].share(), [1.0], 1.0, 1.0
-        for j in range(self.max_k):
-            reach *= self.acceptance(j, source)
-            total += reach
-            out.append(1.0 + share * (total - 1.0))
-        return out
+        share = self._shares[source].share()
+        return [1.0 + share * (e - 1.0) for e in self._expected(source)]
 
     def draft_rows(self, k: int, source: str = "model") -> float:
         """Extra rows per sequence of the batch when ``source`` is asked for ``k`` drafts."""
