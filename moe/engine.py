@@ -325,23 +325,27 @@ class LLMEngine:
         if not batch:
             return []
         result = self._run(batch)
+        # (asked before _postprocess moves the sequences on: ScheduledSeq.samples reads them)
+        decode_only = self.spec_cost is not None and all(s.samples and s.num_new_tokens == 1 + len(s.draft)
+                                                         for s in batch.seqs)
         updated = self._postprocess(batch, result)
         # with n > 1, only a request's last update of the step may say it finished
         last = {seq.request_id: j for j, (seq, _) in enumerate(updated)}
         outs = [self._output(seq, delta, last[seq.request_id] == j) for j, (seq, delta) in enumerate(updated)]
         if self.spec_cost is not None:
-            self._observe_step(batch, result, probe, time.perf_counter() - t_start)
+            self._observe_step(batch, result, probe, decode_only, time.perf_counter() - t_start)
         return outs
 
     def _run(self, batch: ScheduledBatch) -> StepResult:
         return self.lockstep.run(batch, lambda: self.runner.run(batch, self.eos_ids))
 
-    def _observe_step(self, batch: ScheduledBatch, result: StepResult, probe: bool, seconds: float) -> None:
+    def _observe_step(self, batch: ScheduledBatch, result: StepResult, probe: bool, decode_only: bool,
+                      seconds: float) -> None:
         """Feed cost control a whole step (scheduling, lookups, the model, acceptance, outputs): per
         source asked to draft, how many sequences had a draft and how long; then a probe's time
-        and yield, or, for a decoding step (no prompt chunk), its time less the drafter's steps
-        (costed apart) against its draft rows per sequence. (A probe's few drafting sequences say
-        nothing about a step where all are asked.)"""
+        and yield, or, for a decoding step (``decode_only``: no prompt chunk), its time less the
+        drafter's steps (costed apart) against its draft rows per sequence. (A probe's few drafting
+        sequences say nothing about a step where all are asked.)"""
         cost, drafting = self.spec_cost, 0.0
         for p in (self.proposer, self._lookup):
             if p is not None:
@@ -353,7 +357,7 @@ class LLMEngine:
             tokens = sum(len(result.sampled.get(b, ())) for b in range(len(batch.seqs)))
             cost.observe_probe(len(batch.seqs), seconds, tokens)
             return
-        if all(s.samples and s.num_new_tokens == 1 + len(s.draft) for s in batch.seqs):
+        if decode_only:
             rows = sum(len(s.draft) for s in batch.seqs) / len(batch.seqs)
             cost.observe_verify(rows, len(batch.seqs), seconds - drafting)
 

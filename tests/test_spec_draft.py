@@ -469,6 +469,38 @@ def test_probes_draft_for_a_share_of_the_batch_and_are_not_taken_as_verify_costs
     assert len(rows_run) > 2 and all(r <= 2 * (10 + 3) for r in rows_run[1:]), rows_run
 
 
+def test_only_steps_without_prompt_chunks_are_timed_as_verify_or_plain_steps(checkpoint):
+    """A step that runs a prompt chunk beside decoding rows costs what the chunk costs: cost control
+    takes step timings only from steps whose every row decodes (judged before the step moves the
+    sequences on: a one-token prompt chunk must not pass for a decode row afterwards)."""
+    target = checkpoint("mixtral")
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "cost_control": True}
+    llm = LLM(str(target), dtype="float32", max_num_batched_tokens=9, speculative_config=spec)
+    e = llm.engine
+    steps, timed = [], []
+    orig_run, orig_observe = e.runner.run, e.spec_cost.observe_verify
+
+    def run(batch, eos_ids):
+        steps.append(all(s.samples and s.num_new_tokens == 1 + len(s.draft) for s in batch.seqs))
+        return orig_run(batch, eos_ids)
+
+    def observe_verify(rows, batch_size, seconds):
+        timed.append(len(steps))
+        orig_observe(rows, batch_size, seconds)
+
+    e.runner.run, e.spec_cost.observe_verify = run, observe_verify
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for p in _prompts(8, seed=11):  # eight decoding sequences leave one token of the budget of 9 ...
+        e.add_request(p, sp)
+    for _ in range(3):
+        e.step()
+    e.add_request({"prompt_token_ids": list(range(3, 15))}, sp)  # ... for this prompt: one-token chunks
+    while e.has_unfinished_requests():
+        e.step()
+    assert timed and all(steps[i - 1] for i in timed), (steps, timed)
+    assert not all(steps)  # (there were steps with prompt chunks, and none of them was timed)
+
+
 def test_a_probe_drafts_for_the_decoding_sequences_that_owe_the_drafter_fewest_rows():
     """A drafter runs a sequence's whole context the first time it drafts for it: a probe takes the
     sequences it is closest to (drafted for lately, or short), not whichever the scheduler asks
@@ -530,8 +562,10 @@ def test_engine_tells_cost_control_which_sequences_each_source_drafted_for(check
     ran, told = [], []
     orig_run, orig_told = e.runner.run, e.spec_cost.observe_drafting
 
-    def run(batch, eos_ids):
-        ran.append(batch)
+    def run(batch, eos_ids):  # (what each sequence is, read before the step moves it on)
+        decoding = [s for s in batch.seqs if s.samples and s.num_new_tokens == 1 + len(s.draft)]
+        ran.append({src: (len(decoding), [len(s.draft) for s in decoding if s.draft and s.draft_source == src])
+                    for src in ("lookup", "model")})
         return orig_run(batch, eos_ids)
 
     def observe_drafting(source, asked, drafted, tokens, k):
@@ -546,9 +580,8 @@ def test_engine_tells_cost_control_which_sequences_each_source_drafted_for(check
         e.step()
     checked = 0
     for step, source, asked, drafted, tokens in told:
-        decoding = [s for s in ran[step - 1].seqs if s.samples and s.num_new_tokens == 1 + len(s.draft)]
-        mine = [len(s.draft) for s in decoding if s.draft and s.draft_source == source]
-        assert (asked, drafted, tokens) == (len(decoding), len(mine), sum(mine)), (step, source)
+        num_decoding, mine = ran[step - 1][source]
+        assert (asked, drafted, tokens) == (num_decoding, len(mine), sum(mine)), (step, source)
         checked += 1
     assert checked and {src for _, src, _, d, _ in told if d} == {"lookup", "model"}
 
