@@ -241,7 +241,7 @@ class SpecCostModel:
         b = batch_bucket(batch_size)
         plain = self._seconds(self._verify.get((b, 0)))
         draft = 0.0 if source == "lookup" else self._seconds(self._draft.get(b))
-        if plain is None or self._longest_verify(b)[1] is None or draft is None:
+        if plain is None or not self._verify_measured(b) or draft is None:
             return None
         # (rows, seconds) through the plain step and each bin, never falling (a lower median is noise)
         points = [(0.0, plain)]
@@ -262,14 +262,10 @@ class SpecCostModel:
         (_, plain), (xl, vl) = points[0], points[-1]
         return plain + (vl - plain) * x / xl
 
-    def _longest_verify(self, bucket: int) -> tuple[int, float | None]:
-        """(bin, seconds) of the verify steps with the most rows measured in ``bucket`` (n-gram
-        drafts come in any length up to K_max, for some sequences), or (0, None)."""
-        for k in range(self.max_k, 0, -1):
-            v = self._seconds(self._verify.get((bucket, k)))
-            if v is not None:
-                return k, v
-        return 0, None
+    def _verify_measured(self, bucket: int) -> bool:
+        """Whether any verify step (any rows: n-gram drafts come in any length, for some sequences)
+        has a timing in ``bucket``."""
+        return any(self._seconds(self._verify.get((bucket, k))) is not None for k in range(1, self.max_k + 1))
 
     @staticmethod
     def _seconds(timing: _Timing | None) -> float | None:
@@ -301,7 +297,7 @@ class SpecCostModel:
             return self.max_k
         b = batch_bucket(batch_size)
         # learn the two ends of the line first: a verify step (with a drafter step), then plain
-        if self._longest_verify(b)[1] is None or (source == "model" and self._seconds(self._draft.get(b)) is None):
+        if not self._verify_measured(b) or (source == "model" and self._seconds(self._draft.get(b)) is None):
             return self.max_k
         if self._seconds(self._verify.get((b, 0))) is None:
             return 0

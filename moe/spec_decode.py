@@ -162,6 +162,7 @@ class Proposer(Protocol):
     source: str  # "lookup" or "model": whose acceptance and costs cost control weighs for ``k``
     probe_left: int | None  # a cost-control probe step: how many more sequences may draft (None: all)
     probe_only: set[int] | None  # and which may (ids of sequences; None: the first to ask)
+    counts: "DraftCounts"  # this step's, for cost control (the engine takes them after the step)
 
     def set_probe(self, size: int | None, running: list[Sequence]) -> None:
         """Make the next step a probe drafting for ``size`` of the ``running`` sequences (None: not a probe)."""
@@ -170,8 +171,6 @@ class Proposer(Protocol):
     def room(self, seq: Sequence, budget: int) -> int: ...
 
     def propose(self, seqs: list[Sequence], rooms: list[int]) -> list[Draft]: ...
-
-    counts: "DraftCounts"  # this step's, for cost control (the engine takes them after the step)
 
 
 def propose_ngram(tokens: Seq[int], k: int, n_min: int, n_max: int) -> list[int]:
