@@ -91,12 +91,13 @@ def amx_experts(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor,
 
 def _amx_moe_buffers(ids_TK: torch.Tensor, weights_TK: torch.Tensor, E: int, D: int, F: int) -> tuple:
     """ids int64 and weights float32 (contiguous), then the output and the scratch the AMX MoE
-    calls take: packed tokens, activations, float32 sums, the sort's rows."""
+    calls take: packed tokens, activations, each row's result (bf16, in expert order), the sort's
+    rows."""
     T, K = ids_TK.shape
     return (ids_TK.to(torch.int64).contiguous(), weights_TK.to(torch.float32).contiguous(),
             torch.empty(T, D, dtype=torch.bfloat16), torch.empty((T * K + 16 * E) * D, dtype=torch.bfloat16),
-            torch.empty(2 * AMX_CHUNK * F, dtype=torch.bfloat16), torch.empty(T * D, dtype=torch.float32),
-            torch.empty(2 * T * K, dtype=torch.int64))
+            torch.empty(2 * AMX_CHUNK * F, dtype=torch.bfloat16), torch.empty(T * K * D, dtype=torch.bfloat16),
+            torch.empty(3 * T * K, dtype=torch.int64))
 
 
 def amx_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, w13_e2FD: torch.Tensor,
@@ -111,10 +112,10 @@ def amx_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, 
     if dims is None or weights_TK.shape != (T, K):
         return None
     E, D, F = dims
-    ids, wts, out, xp, ap, acc, rows = _amx_moe_buffers(ids_TK, weights_TK, E, D, F)
+    ids, wts, out, xp, ap, ys, rows = _amx_moe_buffers(ids_TK, weights_TK, E, D, F)
     rc = load().moe_amx_moe(x_TD.data_ptr(), x_TD.stride(0), T, ids.data_ptr(), wts.data_ptr(), K, E, D, F,
                             w13_e2FD.data_ptr(), w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0),
-                            out.data_ptr(), xp.data_ptr(), ap.data_ptr(), acc.data_ptr(), rows.data_ptr(),
+                            out.data_ptr(), xp.data_ptr(), ap.data_ptr(), ys.data_ptr(), rows.data_ptr(),
                             torch.get_num_threads())
     return out if rc == 0 else None
 
@@ -186,14 +187,14 @@ def amx_moe_packed(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.T
     E, D, F = dims
     if D % 32 or F % 32 or x_TD.shape[1] != D or weights_TK.shape != (T, K):
         return None
-    ids, wts, out, xp, ap, acc, rows = _amx_moe_buffers(ids_TK, weights_TK, E, D, F)
+    ids, wts, out, xp, ap, ys, rows = _amx_moe_buffers(ids_TK, weights_TK, E, D, F)
     rc = load().moe_amx_moe_packed(
           x_TD.data_ptr(), x_TD.stride(0), T, ids.data_ptr(), wts.data_ptr(), K, E, D, F, fmt,
           lut.data_ptr() if lut is not None else None, gs, bn,
           q13.data_ptr(), q13.stride(0), q13.stride(1), s13.data_ptr(), b13.data_ptr() if b13 is not None else None,
           s13.stride(0), s13.shape[-1], q2.data_ptr(), q2.stride(0), q2.stride(1), s2.data_ptr(),
           b2.data_ptr() if b2 is not None else None, s2.stride(0), s2.shape[-1],
-          out.data_ptr(), xp.data_ptr(), ap.data_ptr(), acc.data_ptr(), rows.data_ptr(), torch.get_num_threads())
+          out.data_ptr(), xp.data_ptr(), ap.data_ptr(), ys.data_ptr(), rows.data_ptr(), torch.get_num_threads())
     return out if rc == 0 else None
 
 

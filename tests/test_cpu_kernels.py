@@ -469,6 +469,7 @@ def test_amx_kernels_in_use_where_the_cpu_has_amx():
     (32, 32, [1, 1]),
     (256, 512, [8] * 32),  # DeepSeek-like: many experts, few rows each
     (64, 96, [300, 0, 65, 513, 256, 1]),  # prompt-sized: chunks of 256 rows, a partial last chunk
+    (320, 288, [77, 300, 0, 40]),  # 2 x 2 tiles over k in segments of 256 and a rest, odd token blocks
 ])
 def test_amx_experts_match_the_op_by_op_path(D, F, counts, monkeypatch):
     from experts.grouped import Activation, grouped_swiglu_torch
@@ -543,7 +544,8 @@ def test_amx_linear_declines_what_it_does_not_take():
 
 
 @pytest.mark.parametrize("T,K,E,D,F", [(64, 2, 8, 64, 96), (5, 4, 16, 32, 64), (33, 8, 8, 64, 32),
-                                       (700, 2, 4, 64, 96)])  # prompt-sized: experts in chunks of 256 rows
+                                       (700, 2, 4, 64, 96),  # prompt-sized: experts in chunks of 256 rows
+                                       (300, 2, 4, 320, 288)])  # k in segments of 256 and a rest
 def test_amx_moe_equals_dispatch_experts_combine(T, K, E, D, F):
     # the local MoE step in one call: bit-identical to LocalDispatcher -> experts -> combine
     from experts.grouped import GroupedExperts
