@@ -1,5 +1,6 @@
 /* bf16 GEMMs on AMX tiles, weights read in place: decode-sized steps (1-64 rows), and the experts
- * at any number of rows (each expert's rows in chunks of 256, a weight block read once per chunk):
+ * at any number of rows (each expert's rows in even chunks of up to 256, a weight block read once
+ * per chunk; chunks of 64+ rows as 2 x 2 tiles over k segments, see dot_pairs):
  *   moe_amx_moe      a local MoE layer after the router: dispatch, SwiGLU experts, combine;
  *   moe_amx_experts  SwiGLU experts over rows already grouped by expert;
  *   moe_amx_linear   a projection (or the LM head, float32 out);
