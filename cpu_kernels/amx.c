@@ -345,6 +345,18 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
         xoff[e + 1] = xoff[e] + (counts[e] + 15) / 16 * D * 16;
     }
     const int64_t tok_chunks = xoff[E] / TILE, nc = D / KC;  /* every expert's token blocks x D/32 chunks */
+    /* Experts of 1-63 rows (decode-sized: one chunk of 1-3 token blocks, streaming the weights) run
+     * together: all their gate/up blocks in one loop, one barrier, all their down blocks in another,
+     * rather than a barrier per expert (32 of them a layer in batched decode on Qwen3-MoE's shape,
+     * where the per-expert barriers held ~1/5 of the kernel's time). Their activations follow the
+     * two chunk buffers in ap, at aoff[e]. */
+    int64_t small[E], aoff[E], nsmall = 0;
+    for (int64_t e = 0, at = 2 * CHUNK_TB * 16 * F; e < E; e++)
+        if (counts[e] > 0 && counts[e] < 64) {
+            small[nsmall++] = e;
+            aoff[e] = at;
+            at += (counts[e] + 15) / 16 * 16 * F;
+        }
 #pragma omp parallel num_threads(num_threads)
     {
         configure_tiles();
@@ -360,8 +372,23 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
             if (idx) pack_chunk(x, ldx, idx + starts[e], counts[e], D, local / nc, local % nc, xp + xoff[e]);
             else pack_chunk(x + starts[e] * ldx, ldx, NULL, counts[e], D, local / nc, local % nc, xp + xoff[e]);
         }
+        if (nsmall) {  /* each thread a contiguous range of (expert, block): its own weight streams */
+#pragma omp for schedule(static)
+            for (int64_t q = 0; q < nsmall * (F / 16); q++) {
+                const int64_t e = small[q / (F / 16)];
+                gate_up_block(w13, e, D, F, q % (F / 16), xp + xoff[e], (int)((counts[e] + 15) / 16), ap + aoff[e],
+                              c0, c1, wbuf);
+            }
+#pragma omp for schedule(static) nowait
+            for (int64_t q = 0; q < nsmall * (D / 16); q++) {
+                const int64_t e = small[q / (D / 16)];
+                down_block(w2, e, F, q % (D / 16), 0, ap + aoff[e], (int)((counts[e] + 15) / 16), counts[e],
+                           y + starts[e] * ldy, ldy, c0, c1, wbuf);
+            }
+        }
         int buf = 0;
         for (int64_t e = 0; e < E; e++) {
+            if (counts[e] < 64) continue;  /* none, or one of the small experts above */
             /* an expert's rows in even chunks of up to CHUNK_TB * 16 (300 rows: 160 + 140, not
              * 256 + 44, whose 44 would stream the weights again): gate/up then down per chunk */
             const int64_t nch = (counts[e] + CHUNK_TB * 16 - 1) / (CHUNK_TB * 16);
@@ -405,7 +432,9 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
  * e * s13, [2F, D], gate rows first), a = silu(h[:F]) * h[F:], y = W2_e @ a (W2_e = w2 + e * s2,
  * [D, F]) into the same rows of y (row stride ldy). Weights: unit stride within rows. Needs
  * D % 32 == F % 32 == 0; any counts (an expert's rows run in chunks of 256). Scratch: xp of
- * sum_e ceil(counts[e]/16) * D * 16 bf16 and ap of 2 * 256 * F bf16. Returns 0, or -1 when built without AMX. */
+ * sum_e ceil(counts[e]/16) * D * 16 bf16 and ap of (512 + the sum over experts of 1-63 rows of their
+ * rows rounded up to 16) * F bf16: (512 + min(R + 15E, 64E)) * F for R rows in all. Returns 0, or -1
+ * when built without AMX. */
 int moe_amx_experts(const uint16_t *x, int64_t ldx, const int64_t *counts, int64_t E, int64_t D, int64_t F,
                     const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2, uint16_t *y, int64_t ldy,
                     uint16_t *xp, uint16_t *ap, int num_threads) {

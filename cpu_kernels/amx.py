@@ -80,13 +80,19 @@ def amx_experts(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor,
     R = x_RD.shape[0]
     y = torch.empty(R, D, dtype=torch.bfloat16)
     xp = torch.empty(sum((n + 15) // 16 for n in counts) * D * 16, dtype=torch.bfloat16)
-    ap = torch.empty(2 * AMX_CHUNK * F, dtype=torch.bfloat16)
+    ap = torch.empty(_ap_rows(E, R) * F, dtype=torch.bfloat16)
     n = torch.tensor(counts, dtype=torch.int64)
     if load().moe_amx_experts(x_RD.data_ptr(), x_RD.stride(0), n.data_ptr(), E, D, F, w13_e2FD.data_ptr(),
                               w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0), y.data_ptr(), D, xp.data_ptr(),
                               ap.data_ptr(), torch.get_num_threads()) != 0:
         return None
     return y
+
+
+def _ap_rows(E: int, R: int) -> int:
+    """Rows of activations the experts kernels keep: two chunks', and those of every expert of 1-63
+    rows (run together), each rounded up to 16."""
+    return 2 * AMX_CHUNK + min(R + 15 * E, 64 * E)
 
 
 def _amx_moe_buffers(ids_TK: torch.Tensor, weights_TK: torch.Tensor, E: int, D: int, F: int) -> tuple:
@@ -96,7 +102,7 @@ def _amx_moe_buffers(ids_TK: torch.Tensor, weights_TK: torch.Tensor, E: int, D: 
     T, K = ids_TK.shape
     return (ids_TK.to(torch.int64).contiguous(), weights_TK.to(torch.float32).contiguous(),
             torch.empty(T, D, dtype=torch.bfloat16), torch.empty((T * K + 16 * E) * D, dtype=torch.bfloat16),
-            torch.empty(2 * AMX_CHUNK * F, dtype=torch.bfloat16), torch.empty(T * K * D, dtype=torch.bfloat16),
+            torch.empty(_ap_rows(E, T * K) * F, dtype=torch.bfloat16), torch.empty(T * K * D, dtype=torch.bfloat16),
             torch.empty(3 * T * K, dtype=torch.int64))
 
 
