@@ -28,6 +28,8 @@
 #define MAX_TB 4         /* token blocks of 16 per tile pass (four float32 sum tiles): 64 rows */
 #define CHUNK_TB 16      /* token blocks of an expert's rows per chunk (256 rows): each 16-row weight
                           * block, read once per chunk, meets them from cache four blocks at a time */
+#define BOUND_TB 4       /* from this many token blocks a chunk is compute-bound (2 x 2 tiles, blocks
+                          * handed out as threads free up); fewer stream the weights (1 x 4 tiles) */
 
 typedef struct {
     uint8_t palette_id, start_row, reserved[14];
@@ -135,7 +137,8 @@ static void dot_blocks(const uint16_t *w, int64_t ldw, int64_t K, const uint16_t
  * dot_block's 1 x 4), and k in segments of KSEG: the two weight blocks' 32 rows x KSEG (16 KB) stay
  * in L1 while every token pair of the chunk passes, the float32 sums parked in ca/cb between
  * segments (stored and reloaded exactly, so each sum sees the same products in the same order as
- * dot_block: bit-identical results). 1.27-1.45x dot_blocks at 256-512 rows in a standalone loop. */
+ * dot_block: bit-identical results). With the token tiles prefetched, 1.15-1.24x the 1 x 4 loop
+ * in the experts kernel at 2048 tokens (docs/benchmarks.md). */
 #define KSEG 256
 #define PD 2  /* token tiles prefetched this many k steps ahead */
 static void dot_pairs(const uint16_t *wa, const uint16_t *wb, int64_t ldw, int64_t K, const uint16_t *b,
@@ -253,7 +256,7 @@ static inline __m512i bits(__m512 v) { return _mm512_castps_si512(v); }
  * down GEMM's B tiles a_p[tb][F/32][16][16][2] (two activation rows make one row of pairs). */
 static void gate_up_block(const wsrc *w13, int64_t e, int64_t D, int64_t F, int64_t i, const uint16_t *xp, int ntb,
                           uint16_t *ap, float *cg, float *cu, uint16_t *wbuf) {
-    if (ntb >= 4) {  /* compute-bound: gate and up blocks as one 2 x 2 pass (wbuf holds 32 rows) */
+    if (ntb >= BOUND_TB) {  /* compute-bound: gate and up blocks as one 2 x 2 pass (wbuf holds 32 rows) */
         dot_pairs(rows16(w13, e, 16 * i, D, wbuf), rows16(w13, e, F + 16 * i, D, wbuf + 16 * D), D, D, xp,
                   (D / KC) * TILE, ntb, cg, cu, plain_rows(w13, e, 16 * (i + 1), D),
                   plain_rows(w13, e, F + 16 * (i + 1), D));
@@ -352,7 +355,7 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
      * two chunk buffers in ap, at aoff[e]. */
     int64_t small[E], aoff[E], nsmall = 0;
     for (int64_t e = 0, at = 2 * CHUNK_TB * 16 * F; e < E; e++)
-        if (counts[e] > 0 && counts[e] < 64) {
+        if (counts[e] > 0 && counts[e] < BOUND_TB * 16) {
             small[nsmall++] = e;
             aoff[e] = at;
             at += (counts[e] + 15) / 16 * 16 * F;
@@ -388,7 +391,7 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
         }
         int buf = 0;
         for (int64_t e = 0; e < E; e++) {
-            if (counts[e] < 64) continue;  /* none, or one of the small experts above */
+            if (counts[e] < BOUND_TB * 16) continue;  /* none, or one of the small experts above */
             /* an expert's rows in even chunks of up to CHUNK_TB * 16 (300 rows: 160 + 140, not
              * 256 + 44, whose 44 would stream the weights again): gate/up then down per chunk */
             const int64_t nch = (counts[e] + CHUNK_TB * 16 - 1) / (CHUNK_TB * 16);
@@ -403,13 +406,13 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
                  * compute-bound: their blocks go to threads 4 at a time as they free up (the two
                  * cores do not always run at one speed; 1.2-1.3x at 2048 rows); fewer stream the
                  * weights, each thread a contiguous range of them (4 at a time there: 0.96x). */
-                const int64_t per = ntb >= 4 ? 4 : (F / 16 + num_threads - 1) / num_threads;
+                const int64_t per = ntb >= BOUND_TB ? 4 : (F / 16 + num_threads - 1) / num_threads;
 #pragma omp for schedule(dynamic, per)
                 for (int64_t i = 0; i < F / 16; i++)
                     gate_up_block(w13, e, D, F, i, xe, ntb, a, c0, c1, wbuf);
                 /* down: 32-row blocks (2 x 2 tiles) handed out as threads free up when compute-bound,
                  * else 16-row blocks in contiguous ranges */
-                if (ntb >= 4) {
+                if (ntb >= BOUND_TB) {
 #pragma omp for schedule(dynamic, 2) nowait
                     for (int64_t j = 0; j < D / 32; j++)
                         down_block(w2, e, F, j, 1, a, ntb, m, y + r * ldy, ldy, c0, c1, wbuf);
