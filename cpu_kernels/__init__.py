@@ -10,6 +10,7 @@ One binding module per C file, each kernel's torch reference beside its binding:
   without a fast bf16 GEMM (AVX2 + FMA).
 - :mod:`.amx`: the GEMMs of 2-64-row steps on AMX tiles (projections, experts, a whole local MoE
   layer, MLA's per-head GEMMs).
+- :mod:`.amx_attention`: prompt rows' causal attention over the paged cache on AMX tiles.
 - :mod:`.fused`: a whole attention sub-layer (MLA, GQA) of one decode token.
 - :mod:`.quant`: GEMMs and dequantization from packed 8- and 4-bit codes.
 
@@ -18,6 +19,7 @@ One binding module per C file, each kernel's torch reference beside its binding:
 runs is chosen by the callers (:mod:`ops` for the base ops), whose torch path is the reference.
 """
 from .amx import AMX_MAX_ROWS, amx_available, amx_experts, amx_heads, amx_linear, amx_moe, amx_moe_packed
+from .amx_attention import prefill_attention, supports_prefill
 from .build import load, set_malloc_thresholds
 from .elementwise import add_rms_norm, rms_norm, rope_, route_select, silu_mul, transpose_to_float, write_rows
 from .fused import gqa_token, mla_token
@@ -28,7 +30,8 @@ from .quant import (Q8_GEMM_MAX_ROWS, Q_FP8, Q_INT8, q4_dequant, q4_gemm, q8_ava
                     quant_moe_token)
 
 __all__ = [
-    "load", "set_malloc_thresholds", "supports_decode", "paged_decode_attention",
+    "load", "set_malloc_thresholds", "supports_decode", "paged_decode_attention", "supports_prefill",
+    "prefill_attention",
     "rope_", "silu_mul", "rms_norm", "add_rms_norm", "write_rows", "transpose_to_float", "route_select",
     "grouped_gemm", "gemv", "expert_token", "moe_token", "heads_vec", "Residual",
     "AMX_MAX_ROWS", "amx_available", "amx_experts", "amx_moe", "amx_moe_packed", "amx_linear", "amx_heads",

@@ -16,78 +16,14 @@
  * sums (bit-identical in the tests). Built where the compiler targets AMX-BF16 (-march=native on
  * such a CPU); moe_amx_init asks Linux for the tile state and returns -1 where it is refused or
  * not built, and every entry returns -1 when built without AMX. */
-#include "kernels.h"
+#include "amx.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define HAVE_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#define KC 32            /* k elements per A-tile row: 64 bytes of bf16 */
-#define TILE (16 * KC)   /* bf16 elements of one B tile: 16 k-pairs x 16 tokens x 2 */
+#if defined(HAVE_AMX)
 #define MAX_TB 4         /* token blocks of 16 per tile pass (four float32 sum tiles): 64 rows */
 #define CHUNK_TB 16      /* token blocks of an expert's rows per chunk (256 rows): each 16-row weight
                           * block, read once per chunk, meets them from cache four blocks at a time */
 #define BOUND_TB 4       /* from this many token blocks a chunk is compute-bound (2 x 2 tiles, blocks
                           * handed out as threads free up); fewer stream the weights (1 x 4 tiles) */
-
-typedef struct {
-    uint8_t palette_id, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
-/* tiles 0-3: float32 sums for up to four token blocks; 4: weights; 5-7: tokens */
-static void configure_tiles(void) {
-    tile_config c;
-    memset(&c, 0, sizeof c);
-    c.palette_id = 1;
-    for (int i = 0; i < 8; i++) {
-        c.colsb[i] = 64;
-        c.rows[i] = 16;
-    }
-    _tile_loadconfig(&c);
-}
-
-/* A 16 x 16 block of 32-bit lanes transposed in registers: r[i] lane j <- r[j] lane i. */
-static inline void transpose16(__m512i r[16]) {
-    __m512i t[16];
-    for (int i = 0; i < 16; i += 2) {  /* pairs of rows: 32-bit interleaves */
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {  /* 64-bit interleaves */
-        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    /* each 128-bit lane q of r[i] now holds row group i/4's 4 x 4 block at columns 4q + (0..3) */
-    for (int i = 0; i < 4; i++) {  /* 128-bit lanes across the four row groups */
-        const __m512i a = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88), b = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
-        const __m512i c = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88), d = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
-        t[i] = _mm512_shuffle_i32x4(a, c, 0x88);
-        t[i + 8] = _mm512_shuffle_i32x4(a, c, 0xdd);
-        t[i + 4] = _mm512_shuffle_i32x4(b, d, 0x88);
-        t[i + 12] = _mm512_shuffle_i32x4(b, d, 0xdd);
-    }
-    for (int i = 0; i < 16; i++) r[i] = t[i];
-}
-
-/* Token rows x[t, 0:K] (t < m, row stride ldx; row idx[t] when idx is given) -> B tiles
- * out[tb][K/32][16][16][2], zeros past m; chunk `c` of token block `tb` only (the caller splits
- * the chunks over threads). */
-static void pack_chunk(const uint16_t *x, int64_t ldx, const int64_t *idx, int64_t m, int64_t K, int64_t tb,
-                       int64_t c, uint16_t *out) {
-    __m512i r[16];  /* token t's 16 k-pairs, turned into tile row p's pair p of every token */
-    for (int t = 0; t < 16; t++) {
-        const int64_t row = tb * 16 + t;
-        r[t] = row < m ? _mm512_loadu_si512(x + (idx ? idx[row] : row) * ldx + c * KC) : _mm512_setzero_si512();
-    }
-    transpose16(r);
-    uint16_t *o = out + (tb * (K / KC) + c) * TILE;
-    for (int p = 0; p < 16; p++) _mm512_storeu_si512(o + p * 32, r[p]);
-}
 
 /* c[tb][16 rows][16 tokens] = W[16 rows, 0:K] . B tiles (ntb token blocks of tile chunks,
  * `bstride` elements apart), float32. */

@@ -27,8 +27,9 @@ import torch
 log = logging.getLogger("cpu_kernels")
 
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / "paged_decode.c", _DIR / "elementwise.c", _DIR / "gemv.c", _DIR / "amx.c", _DIR / "fused.c",
-            _DIR / "quant.c", _DIR / "gemm.c"]
+_SOURCES = [_DIR / "paged_decode.c", _DIR / "elementwise.c", _DIR / "gemv.c", _DIR / "amx.c", _DIR / "amx_attention.c",
+            _DIR / "fused.c", _DIR / "quant.c", _DIR / "gemm.c"]
+_HEADERS = ["simd.h", "kernels.h", "amx.h"]
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' dtype codes
 _lock = threading.Lock()
@@ -47,7 +48,9 @@ def declare(signatures: dict[str, list]) -> None:
 
 def _apply(lib: ctypes.CDLL, signatures: dict[str, list]) -> None:
     for name, argtypes in signatures.items():
-        f = getattr(lib, name)
+        f = getattr(lib, name, None)
+        if f is None:  # a build from an older copy of the sources (bench_kernel_ab.py)
+            continue
         f.argtypes = argtypes
         f.restype = ctypes.c_int
 
@@ -78,13 +81,16 @@ def build_library(src_dir: str | Path) -> ctypes.CDLL:
     package's directory, or a copy of it with an edited kernel) and load it with every declared
     signature applied. ``benchmarks/bench_kernel_ab.py`` loads two builds side by side this way."""
     src_dir = Path(src_dir)
-    sources = [src_dir / p.name for p in _SOURCES]
+    # an older copy may lack a later file: build what it has (its bindings then find no symbol)
+    sources = [src_dir / p.name for p in _SOURCES if (src_dir / p.name).exists()]
+    if not sources:
+        raise FileNotFoundError(f"no kernel sources in {src_dir} (looked for {', '.join(p.name for p in _SOURCES)})")
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC, or install gcc)")
     omp = _openmp_runtime()
     flags = _FLAGS + (["-fopenmp"] if omp else [])
-    blob = b"".join(p.read_bytes() for p in [*sources, src_dir / "simd.h", src_dir / "kernels.h"])
+    blob = b"".join(p.read_bytes() for p in [*sources, *(src_dir / h for h in _HEADERS if (src_dir / h).exists())])
     key = hashlib.sha256(blob + " ".join([cc, *flags, omp or ""]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MOE_KERNEL_CACHE", Path.home() / ".cache" / "moe" / "kernels"))
     lib_path = cache / f"moe_cpu-{key}.so"

@@ -2,9 +2,10 @@
 
 See :mod:`kvcache.reference` for the semantics. Sequences with few new rows (decode rows,
 speculative decoding's verify rows, prompts of up to ``KERNEL_MAX_QUERY`` tokens) go to the C
-kernel of :mod:`cpu_kernels`, all of them in one call; longer prefill chunks (and what the kernel
-does not take: fp8 caches, float16) use ``scaled_dot_product_attention`` per sequence (a loop over
-sequences, never over tokens).
+kernel of :mod:`cpu_kernels`, all of them in one call; longer prefill chunks go to its AMX prefill
+kernel where it applies (bf16 on an AMX CPU, no sinks or sliding window), else (fp8 caches,
+float16, other CPUs) to ``scaled_dot_product_attention``, per sequence (a loop over sequences,
+never over tokens).
 """
 from __future__ import annotations
 
@@ -129,6 +130,13 @@ def paged_attention_torch(q_THD: torch.Tensor, k_cache: Cache, v_cache: Cache,
             taken = set(few)
             seqs = [i for i in seqs if i not in taken]
     starts = meta.query_start_loc.tolist()
+    if seqs and sinks_H is None and sliding_window is None and cpu_kernels.supports_prefill(q_THD, k_cache, v_cache):
+        # prompt rows (whole prompts, chunks after a cached prefix) straight from the cache blocks
+        for i in seqs:
+            rows = slice(starts[i], starts[i] + meta.query_lens_list[i])
+            cpu_kernels.prefill_attention(q_THD[rows], k_cache, v_cache, meta.block_tables[i],
+                                          meta.context_lens_list[i], scale, out=out[rows])
+        return out
     # MLA: V is the leading dims of the latent K. SDPA then runs with K as V (and keeps the leading
     # output dims): equal dims let it take its flash kernel (10x the math path at prompt lengths)
     v_is_k_prefix = _v_is_prefix_of_k(k_cache, v_cache)
@@ -166,6 +174,28 @@ def paged_attention_torch(q_THD: torch.Tensor, k_cache: Cache, v_cache: Cache,
             o = o[..., :Dv]
         out[starts[i]:starts[i] + qlen] = o
     return out
+
+
+def causal_attention(q_QHD: torch.Tensor, k_LHD: torch.Tensor, v_LHD: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of ``Q`` rows over ``L >= Q`` keys held as plain tensors (not in the cache
+    blocks): row ``i`` at position ``L - Q + i`` sees keys ``0 .. L - Q + i``. ``q [Q, H, D]``, ``k [L,
+    Hkv, D]``, ``v [L, Hkv, Dv]`` (GQA when ``H`` is a multiple of ``Hkv``). Returns ``[Q, H, Dv]``.
+    MLA's decompressed prompt attention: the AMX prefill kernel where it applies (the keys as one
+    cache block), else SDPA."""
+    Q, L = q_QHD.shape[0], k_LHD.shape[0]
+    k4, v4 = k_LHD.unsqueeze(0), v_LHD.unsqueeze(0)  # one block of L slots
+    if not q_QHD.is_cuda and cpu_kernels.supports_prefill(q_QHD, k4, v4):
+        return cpu_kernels.prefill_attention(q_QHD, k4, v4, torch.zeros(1, dtype=torch.int32), L, scale)
+    D, Dv = q_QHD.shape[-1], v_LHD.shape[-1]
+    d = max(D, Dv)  # equal head dims take SDPA's flash kernel (zeros change no dot product)
+    q, k, v = (F.pad(t, (0, d - t.shape[-1])) if t.shape[-1] < d else t for t in (q_QHD, k_LHD, v_LHD))
+    mask = None
+    if Q != L:  # a later chunk (or after a prefix-cache hit): row j sees the first L - Q + j + 1 keys
+        mask = torch.arange(L, device=q.device)[None] <= torch.arange(L - Q, L, device=q.device)[:, None]
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                       attn_mask=mask, is_causal=mask is None, scale=scale,
+                                       enable_gqa=q.shape[1] != k.shape[1])
+    return o[0].transpose(0, 1)[..., :Dv]
 
 
 def paged_attention(q_THD: torch.Tensor, k_cache: Cache, v_cache: Cache, meta: AttentionMetadata,

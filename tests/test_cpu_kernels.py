@@ -615,6 +615,93 @@ def test_amx_heads_decline_what_they_do_not_take():
     assert cpu_kernels.amx_heads(torch.randn(8, 3, 64).bfloat16(), w, w_rows_n=False) is None  # heads differ
 
 
+
+PREFILL_SHAPES = {
+    "qwen3_gqa_4": dict(H=8, Hkv=2, Dk=128, Dv=128),
+    "mixtral_gqa_2": dict(H=16, Hkv=8, Dk=64, Dv=64),
+    "mha_d32": dict(H=4, Hkv=4, Dk=32, Dv=32),
+    "mla_latent": dict(H=8, Hkv=1, Dk=576, Dv=512, latent=True),  # DeepSeek-V3's 512 + 64: V is K's leading dims
+}
+
+
+@pytest.mark.parametrize("Q,L,block_size", [
+    (17, 17, 16),  # the shortest prompt past the decode kernel: one query tile, mostly padding
+    (100, 100, 5),  # query tiles of 32 + a rest, blocks smaller than a key tile
+    (531, 531, 7),  # keys in two softmax passes of 512 (the second rescales the first's sums)
+    (33, 700, 16),  # a chunk after a cached prefix (rows at positions 667..699)
+    (600, 1100, 16),  # a long chunk after a prefix: three key passes
+    (1, 45, 16),
+])
+@pytest.mark.parametrize("shape", list(PREFILL_SHAPES))
+def test_amx_prefill_attention_matches_reference(shape, Q, L, block_size):
+    from cpu_kernels.amx_attention import prefill_attention_reference
+    from kvcache.attention import seq_kv
+
+    spec = dict(PREFILL_SHAPES[shape])
+    latent = spec.pop("latent", False)
+    meta, k_cache, v_cache, q = _decode_batch([L], block_size=block_size, dtype=torch.bfloat16, latent=latent,
+                                              seed=Q + L, qlens=[Q], **spec)
+    q = (q.float() * 3).bfloat16()  # scores of spread ~3: a later key pass raises rows' maxima
+    if not cpu_kernels.supports_prefill(q, k_cache, v_cache):
+        assert not cpu_kernels.amx_available()  # (CI's CPU has AMX: test_amx_kernels_in_use...)
+        return
+    scale = spec["Dk"] ** -0.5
+    out = torch.full((Q + 3, spec["H"], spec["Dv"] + 32), 7.0, dtype=torch.bfloat16)
+    got = cpu_kernels.prefill_attention(q, k_cache, v_cache, meta.block_tables[0], L, scale,
+                                        out=out[1:Q + 1, :, 16:16 + spec["Dv"]])  # into a strided view
+    assert got.data_ptr() == out[1, 0, 16:].data_ptr()
+    k, v = seq_kv(k_cache, meta, 0, L, torch.bfloat16), seq_kv(v_cache, meta, 0, L, torch.bfloat16)
+    ref = prefill_attention_reference(q, k, v, scale)
+    # within one bf16 ulp: the output's rounding (half an ulp) moved across a midpoint at most by
+    # float32 sum order and the exp polynomial
+    assert ((got.float() - ref).abs() <= ref.abs().clamp(min=1) * 2 ** -7).all()
+    exact = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), meta, scale)  # P unrounded
+    torch.testing.assert_close(got.float(), exact, atol=2e-2, rtol=2e-2)
+    assert (out[0] == 7).all() and (out[Q + 1:] == 7).all() and (out[..., :16] == 7).all()
+
+
+def test_amx_prefill_attention_declines_what_it_does_not_take():
+    q, kc = torch.randn(40, 4, 64).bfloat16(), torch.randn(8, 16, 2, 64).bfloat16()
+    assert not cpu_kernels.supports_prefill(q.float(), kc.float(), kc.float())  # float32
+    assert not cpu_kernels.supports_prefill(q[..., :48], kc[..., :48], kc[..., :48])  # head dim % 32
+    assert not cpu_kernels.supports_prefill(q[:, :3], kc, kc)  # 3 heads over 2 KV heads
+    if cpu_kernels.supports_prefill(q, kc, kc):
+        with pytest.raises(ValueError, match="context length"):
+            cpu_kernels.prefill_attention(q, kc, kc, torch.arange(8), 39, 0.125)
+        with pytest.raises(ValueError, match="cannot hold"):
+            cpu_kernels.prefill_attention(q, kc, kc, torch.arange(2), 40, 0.125)
+
+
+def test_prompt_chunks_go_to_the_amx_prefill_kernel(monkeypatch):
+    # bf16 prompt rows (whole prompts and a chunk after a prefix) beside decode rows: the short ones
+    # to the decode kernel, the long ones to the prefill kernel, all equal to the reference; sinks or a
+    # sliding window keep SDPA
+    g = torch.Generator().manual_seed(11)
+    q_lens, c_lens, bs, H, Hkv, D = [40, 1, 64, 3], [40, 50, 300, 9], 16, 8, 2, 64
+    n = [-(-c // bs) for c in c_lens]
+    perm = torch.randperm(sum(n) + 1, generator=g).tolist()
+    tables = [perm[sum(n[:i]):sum(n[:i + 1])] for i in range(len(n))]
+    meta = AttentionMetadata.build(q_lens, c_lens, tables, bs)
+    k_cache = torch.randn(sum(n) + 1, bs, Hkv, D, generator=g).bfloat16()
+    v_cache = torch.randn(sum(n) + 1, bs, Hkv, D, generator=g).bfloat16()
+    q = torch.randn(sum(q_lens), H, D, generator=g).bfloat16()
+    calls = []
+    real = cpu_kernels.prefill_attention
+    monkeypatch.setattr(cpu_kernels, "prefill_attention",
+                        lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))
+    out = paged_attention_torch(q, k_cache, v_cache, meta, D ** -0.5)
+    ref = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), meta, D ** -0.5)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    assert calls == ([40, 64] if cpu_kernels.amx_available() else [])
+    calls.clear()
+    sinks = torch.randn(H, generator=g)
+    for window, sinks_H in ((None, sinks), (20, None)):
+        out = paged_attention_torch(q, k_cache, v_cache, meta, D ** -0.5, window, sinks_H)
+        ref = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), meta, D ** -0.5, window, sinks_H)
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    assert calls == []
+
+
 ROUTERS = {
     "softmax_top2": dict(num_experts=8, top_k=2),
     "softmax_top2_renorm": dict(num_experts=8, top_k=2, renormalize=True),

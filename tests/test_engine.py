@@ -166,6 +166,51 @@ def test_captured_batch1_step_equals_the_model_forward(family, checkpoint):
         assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
 
 
+@pytest.mark.parametrize("family,dims,calls", [
+    ("qwen3_moe", dict(head_dim=64), [180, 48, 48, 48, 36]),
+    # MLA: the whole prompt in the decompressed form (per-head K, V), its 48-row chunks over the latent cache
+    ("deepseek_v3", dict(kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32),
+     [180, 48, 48, 48, 36])])
+def test_prompts_through_the_amx_prefill_attention_keep_generations(family, dims, calls, tmp_path, monkeypatch):
+    # bf16 prompts of 180 tokens (query tiles of 32 and a rest), whole and in chunks of 48 after
+    # their cached prefix, through the AMX prefill kernel: every teacher-forced prompt log-prob as
+    # close to the float32 engine's as SDPA's are (both round the probabilities to bf16, in another
+    # order; the tiny random model's bf16 log-probs sit up to ~0.1 from float32's either way)
+    import cpu_kernels
+    from tiny_models import make_checkpoint
+
+    path = make_checkpoint(family, tmp_path / family, **dims)
+    prompt = {"prompt_token_ids": _prompt(180, 4)}
+    sp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0, ignore_eos=True)
+    real, rows = cpu_kernels.prefill_attention, []
+    monkeypatch.setattr(cpu_kernels, "prefill_attention",
+                        lambda q, *a, **k: rows.append(q.shape[0]) or real(q, *a, **k))
+
+    def run(dtype="bfloat16", budget=None):
+        kw = {} if budget is None else dict(max_num_batched_tokens=budget)
+        return LLM(str(path), dtype=dtype, enable_prefix_caching=False, **kw).generate([prompt], sp)[0]
+
+    whole, chunks = run(), run(budget=48)
+    if not cpu_kernels.amx_available():
+        return
+    assert sorted(rows) == sorted(calls * 3)  # 3 layers
+    monkeypatch.setattr(cpu_kernels, "supports_prefill", lambda *a: False)  # SDPA
+    sdpa, exact = run(), run("float32")
+    ids = prompt["prompt_token_ids"]
+
+    def dist(out):
+        d = [abs(a[t] - b[t]) for t, a, b in zip(ids[1:], out.prompt_logprobs[1:], exact.prompt_logprobs[1:])]
+        return max(d), sum(d) / len(d)
+
+    ref_max, ref_mean = dist(sdpa)
+    for out in (whole, chunks):
+        got_max, got_mean = dist(out)
+        assert got_max <= 1.5 * ref_max + 0.01 and got_mean <= 1.5 * ref_mean + 1e-3, (got_max, ref_max, got_mean,
+                                                                                      ref_mean)
+    if family == "qwen3_moe":  # each row's keys in the same passes whatever the chunk: bit-identical
+        assert whole.prompt_logprobs == chunks.prompt_logprobs
+
+
 @pytest.mark.parametrize("budget", [1, 3, 8])
 def test_chunked_prefill_gives_identical_outputs(path, ref, budget):
     chunked = LLM(str(path), dtype="float32", block_size=4, max_num_batched_tokens=budget)

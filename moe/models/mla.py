@@ -12,10 +12,9 @@ query-key pair once the chunk is long enough to pay for decompressing its contex
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kvcache import AttentionMetadata, paged_attention, seq_kv, write_kv
+from kvcache import AttentionMetadata, causal_attention, paged_attention, seq_kv, write_kv
 from kvcache.attention import KERNEL_MAX_QUERY
 from ops import per_head as _per_head
 from parallel import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, get_tp_size
@@ -108,23 +107,15 @@ class MLAttention(nn.Module):
                     i: int) -> torch.Tensor:
         """Sequence ``i``'s rows (a long prompt chunk) in the decompressed form, as the reference
         implementation computes it: per-head K and V from its cached latents through kv_b_proj,
-        then causal SDPA with nope + rope dims per head. For a long chunk this costs ~3x fewer
+        then causal attention with nope + rope dims per head. For a long chunk this costs ~3x fewer
         FLOPs than the absorbed form's C + rope dims per head (and no per-head GEMMs)."""
-        qlen, L = q_nope.shape[0], meta.context_lens_list[i]
+        L = meta.context_lens_list[i]
         H, nope, vd = self.num_heads, self.nope, self.v_dim
         kv = seq_kv(cache, meta, i, L, q_nope.dtype)[:, 0]  # [L, C + rope]
         kv_h = self.kv_b_proj(kv[:, : self.kv_lora_rank].contiguous()).view(L, H, nope + vd)
         k = torch.cat([kv_h[..., :nope], kv[:, None, self.kv_lora_rank:].expand(L, H, self.rope_dim)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        v = kv_h[..., nope:]
-        d = max(q.shape[-1], vd)  # equal head dims take SDPA's flash kernel (zeros change no dot product)
-        q, k, v = (F.pad(t, (0, d - t.shape[-1])) if t.shape[-1] < d else t for t in (q, k, v))
-        mask = None
-        if qlen != L:  # a later chunk (or after a prefix-cache hit): row j sees the first L - qlen + j + 1 keys
-            mask = torch.arange(L, device=q.device)[None] <= torch.arange(L - qlen, L, device=q.device)[:, None]
-        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                           attn_mask=mask, is_causal=mask is None, scale=self.scale)
-        return o[0].transpose(0, 1)[..., :vd]
+        return causal_attention(q, k, kv_h[..., nope:], self.scale)
 
     def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK ``[H, nope, C]`` and W_UV ``[H, v, C]``: views of kv_b_proj's weight."""

@@ -1,0 +1,252 @@
+/* Causal attention of prompt rows over a sequence's paged KV cache on AMX tiles (prefill: a whole
+ * prompt, or a chunk of it after its cached prefix).
+ *
+ * K and V of the sequence are packed once per call into B tiles (K: 16 keys x 32 dims in VNNI
+ * pairs of dims; V: 32 keys x 16 dims in pairs of keys), read from the cache blocks through the
+ * block table. A work item is 32 query rows of one head (two A tiles); it meets its keys LT at a
+ * time: all scores of the LT keys (2 x 2 tiles: two query tiles x two key tiles, float32, kept in
+ * the thread's cache), then a softmax over them in float32 (row max, exp, row sum; keys past a
+ * row's position masked), the probabilities rounded to bf16 (as torch's CPU flash attention rounds
+ * them before the product with V), then O += P . V on 2 x 2 tiles with O's float32 sums loaded
+ * into the tiles (rescaled first when a later key tile raised a row's max: the online softmax of
+ * flash attention, once per LT keys rather than per small block). The output is O / sum, rounded
+ * to bf16. Items go longest first, the heads of one KV head next to each other (its packed K/V
+ * stay in cache). Scores, sums and the product are those of the float32 reference up to the order
+ * of float32 sums, the exp polynomial and P's rounding. */
+#include "amx.h"
+
+#if defined(HAVE_AMX)
+#define QT 32      /* query rows per work item: two A tiles */
+#define LT 512     /* keys per softmax pass */
+#define SLD (LT + 16)  /* row strides of the score (float32) and probability (bf16) buffers, padded: */
+#define PLD (LT + 32)  /* rows 2 or 4 KB apart would share a few L1 sets */
+
+/* Keys kb*32 .. kb*32+31 of one head, dims n*16 .. n*16+15 -> one B tile: row p holds the pairs
+ * (v[2p][d], v[2p+1][d]) for the 16 dims; keys past L read as zeros. */
+static void pack_v(const uint16_t *v, const int64_t *off, int64_t L, int64_t kb, int64_t n, uint16_t *tile) {
+    const __m256i z = _mm256_setzero_si256();
+    for (int p = 0; p < 16; p++) {
+        const int64_t r0 = kb * 32 + 2 * p, r1 = r0 + 1;
+        const __m512i lo = _mm512_cvtepu16_epi32(r0 < L ? _mm256_loadu_si256((const __m256i *)(v + off[r0] + n * 16)) : z);
+        const __m512i hi = _mm512_cvtepu16_epi32(r1 < L ? _mm256_loadu_si256((const __m256i *)(v + off[r1] + n * 16)) : z);
+        _mm512_storeu_si512(tile + p * 32, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+}
+
+/* S[32][nk32] = qb[32][D] . keys t0 .. t0+nk32-1 (kp: B tiles [key block of 16][D/32]), float32 */
+static void scores(const uint16_t *qb, int64_t D, const uint16_t *kp, int64_t t0, int64_t nk32, float *S) {
+    const int64_t nc = D / KC;
+    for (int64_t j = 0; j < nk32; j += 32) {
+        const uint16_t *b = kp + ((t0 + j) / 16) * nc * TILE;  /* key blocks j and j+16: nc tiles each */
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t c = 0; c < nc; c++) {
+            if (j + 32 < nk32) {  /* the next two key blocks' tiles of this step, into L1 */
+                const char *pa = (const char *)(b + (2 * nc + c) * TILE), *pb = (const char *)(b + (3 * nc + c) * TILE);
+                for (int l = 0; l < 16; l++) {
+                    _mm_prefetch(pa + l * 64, _MM_HINT_T0);
+                    _mm_prefetch(pb + l * 64, _MM_HINT_T0);
+                }
+            }
+            _tile_loadd(4, qb + c * KC, D * 2);
+            _tile_loadd(6, b + c * TILE, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_loadd(7, b + (nc + c) * TILE, 64);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_loadd(5, qb + 16 * D + c * KC, D * 2);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, S + j, SLD * 4);
+        _tile_stored(1, S + j + 16, SLD * 4);
+        _tile_stored(2, S + 16 * SLD + j, SLD * 4);
+        _tile_stored(3, S + 16 * SLD + j + 16, SLD * 4);
+    }
+}
+
+/* Row r's softmax step over its `vis` visible scores s[0:vis] (of nk32): the running max mrow and
+ * sum lrow updated, bf16 probabilities into p[0:nk32] (zeros past vis); returns the factor the
+ * row's earlier sums take (exp(old max - new max)). */
+static float softmax_row(const float *s, int64_t vis, int64_t nk32, float scale, float *mrow, float *lrow, uint16_t *p) {
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 16 <= vis; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j));
+    if (vis > j) {
+        const __mmask16 tail = (__mmask16)((1u << (vis - j)) - 1);
+        mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, s + j));
+    }
+    const float mnew = fmaxf(*mrow, _mm512_reduce_max_ps(mx) * scale);  /* scale > 0 */
+    const __m512 sc = _mm512_set1_ps(scale), nm = _mm512_set1_ps(-mnew);
+    __m512 sum = _mm512_setzero_ps();
+    for (j = 0; j + 32 <= vis; j += 32) {
+        const __m512 p0 = exp16(_mm512_fmadd_ps(_mm512_loadu_ps(s + j), sc, nm));
+        const __m512 p1 = exp16(_mm512_fmadd_ps(_mm512_loadu_ps(s + j + 16), sc, nm));
+        sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+        _mm512_storeu_si512(p + j, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+    }
+    for (; j < nk32; j += 16) {
+        const int64_t left = vis - j;
+        const __mmask16 mk = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+        const __m512 p0 = _mm512_maskz_mov_ps(mk, exp16(_mm512_fmadd_ps(_mm512_loadu_ps(s + j), sc, nm)));
+        sum = _mm512_add_ps(sum, p0);
+        _mm256_storeu_si256((__m256i *)(p + j), (__m256i)_mm512_cvtneps_pbh(p0));
+    }
+    const float a = *mrow == -INFINITY ? 0.f : expf(*mrow - mnew);
+    *lrow = *lrow * a + _mm512_reduce_add_ps(sum);
+    *mrow = mnew;
+    return a;
+}
+
+/* O[32][Dv] (+)= P[32][nk32] . values t0 .. t0+nk32-1 (vp: B tiles [key block of 32][Dv/16]);
+ * `first`: O starts from zero instead of its stored sums */
+static void pv(const uint16_t *P, const uint16_t *vp, int64_t t0, int64_t nk32, int64_t Dv, int first, float *O) {
+    const int64_t nd = Dv / 16;
+    for (int64_t n = 0; n < nd; n += 2) {
+        float *o = O + n * 16;
+        if (first) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+        } else {
+            _tile_loadd(0, o, Dv * 4);
+            _tile_loadd(1, o + 16, Dv * 4);
+            _tile_loadd(2, o + 16 * Dv, Dv * 4);
+            _tile_loadd(3, o + 16 * Dv + 16, Dv * 4);
+        }
+        const uint16_t *vb = vp + ((t0 / 32) * nd + n) * TILE;
+        for (int64_t kk = 0; kk < nk32; kk += 32, vb += nd * TILE) {
+            if (kk + 32 < nk32)  /* the next step's two V tiles (contiguous), into L1 */
+                for (int l = 0; l < 32; l++) _mm_prefetch((const char *)(vb + nd * TILE) + l * 64, _MM_HINT_T0);
+            _tile_loadd(4, P + kk, PLD * 2);
+            _tile_loadd(6, vb, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_loadd(7, vb + TILE, 64);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_loadd(5, P + 16 * PLD + kk, PLD * 2);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, o, Dv * 4);
+        _tile_stored(1, o + 16, Dv * 4);
+        _tile_stored(2, o + 16 * Dv, Dv * 4);
+        _tile_stored(3, o + 16 * Dv + 16, Dv * 4);
+    }
+}
+
+/* One work item: the m <= 32 query rows in qb [32][D] (zeros past m), row r at position pos0 + r
+ * (it sees keys 0 .. pos0 + r), over the packed keys/values of its KV head; out row r at
+ * out + r * so_t (bf16). Scratch: S [32][SLD] float32, P [32][PLD] bf16, O [32][Dv] float32. */
+static void attend(const uint16_t *qb, int64_t m, int64_t pos0, int64_t D, int64_t Dv, const uint16_t *kp,
+                   const uint16_t *vp, float scale, float *S, uint16_t *P, float *O, uint16_t *out, int64_t so_t) {
+    const int64_t nkeys = pos0 + m;
+    float mrow[QT], lrow[QT], alpha[QT];
+    for (int r = 0; r < QT; r++) {
+        mrow[r] = -INFINITY;
+        lrow[r] = 0.f;
+    }
+    for (int64_t t0 = 0; t0 < nkeys; t0 += LT) {
+        const int64_t nk = nkeys - t0 < LT ? nkeys - t0 : LT, nk32 = (nk + 31) / 32 * 32;
+        scores(qb, D, kp, t0, nk32, S);
+        for (int64_t r = 0; r < m; r++) {
+            int64_t vis = pos0 + r - t0 + 1;  /* the row's keys in this tile */
+            if (vis > nk) vis = nk;
+            if (vis <= 0) {  /* all past the row's position (a later tile): no weight, no rescale */
+                memset(P + r * PLD, 0, sizeof(uint16_t) * nk32);
+                alpha[r] = 1.f;
+            } else {
+                alpha[r] = softmax_row(S + r * SLD, vis, nk32, scale, &mrow[r], &lrow[r], P + r * PLD);
+            }
+        }
+        if (t0 > 0)
+            for (int64_t r = 0; r < m; r++) {
+                if (alpha[r] == 1.f) continue;
+                const __m512 a = _mm512_set1_ps(alpha[r]);
+                for (int64_t d = 0; d < Dv; d += 16)
+                    _mm512_storeu_ps(O + r * Dv + d, _mm512_mul_ps(_mm512_loadu_ps(O + r * Dv + d), a));
+            }
+        pv(P, vp, t0, nk32, Dv, t0 == 0, O);
+    }
+    for (int64_t r = 0; r < m; r++) {
+        const __m512 inv = _mm512_set1_ps(1.f / lrow[r]);
+        for (int64_t d = 0; d < Dv; d += 16)
+            store16(out + r * so_t + d, _mm512_mul_ps(_mm512_loadu_ps(O + r * Dv + d), inv), BF16);
+    }
+}
+#endif
+
+/* out[i, h, :] = softmax(scale * q[i, h] . K[0:j+1]) . V[0:j+1] for the Q prompt rows i of one
+ * sequence, row i at position j = L - Q + i of its L >= Q cached tokens, K/V of KV head h / (H /
+ * Hkv). bf16 throughout: q[i, h, d] at q + i*sq_t + h*sq_h + d; token t of the cache at block
+ * bt[t / bs], slot t % bs: K row at k + bt[t/bs]*sk_b + (t%bs)*sk_t + hk*sk_h (D dims), V likewise
+ * (Dv dims; V may be K's leading dims, MLA's latent cache); out[i, h, :] at out + i*so_t + h*so_h.
+ * Needs D % 32 == Dv % 32 == 0. Scratch: kp of Hkv * ceil(L/32)*32 * D bf16, vp of the same with
+ * Dv. Returns 0, -1 when built without AMX, -3 when out of memory. */
+int moe_amx_prefill_attention(const uint16_t *q, int64_t sq_t, int64_t sq_h, const uint16_t *k, int64_t sk_b,
+                              int64_t sk_t, int64_t sk_h, const uint16_t *v, int64_t sv_b, int64_t sv_t, int64_t sv_h,
+                              int64_t bs, const int32_t *bt, uint16_t *out, int64_t so_t, int64_t so_h, int64_t Q,
+                              int64_t L, int64_t H, int64_t Hkv, int64_t D, int64_t Dv, float scale, uint16_t *kp,
+                              uint16_t *vp, int num_threads) {
+#if defined(HAVE_AMX)
+    const int64_t Lp = (L + 31) / 32 * 32, nc = D / KC, nkb = Lp / 16, nvb = Lp / 32, nd = Dv / 16;
+    const int64_t group = H / Hkv, nqt = (Q + QT - 1) / QT;
+    int64_t *koff = malloc(sizeof(int64_t) * 2 * (size_t)L), *voff = koff + L;  /* token -> row offset */
+    if (!koff) return -3;
+    for (int64_t t = 0; t < L; t++) {
+        koff[t] = bt[t / bs] * sk_b + (t % bs) * sk_t;
+        voff[t] = bt[t / bs] * sv_b + (t % bs) * sv_t;
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp for schedule(static) nowait
+        for (int64_t i = 0; i < Hkv * nkb * nc; i++) {  /* K: (head, block of 16 keys, 32 dims) */
+            const int64_t hk = i / (nkb * nc), loc = i % (nkb * nc);
+            pack_chunk(k + hk * sk_h, 1, koff, L, D, loc / nc, loc % nc, kp + hk * Lp * D);
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < Hkv * nvb * nd; i++) {  /* V: (head, 32 keys, 16 dims) */
+            const int64_t hk = i / (nvb * nd), kb = (i / nd) % nvb, n = i % nd;
+            pack_v(v + hk * sv_h, voff, L, kb, n, vp + hk * Lp * Dv + (kb * nd + n) * TILE);
+        }
+        uint16_t *qb = aligned_alloc(64, sizeof(uint16_t) * QT * D), *P = aligned_alloc(64, sizeof(uint16_t) * QT * PLD);
+        float *S = aligned_alloc(64, sizeof(float) * QT * SLD), *O = aligned_alloc(64, sizeof(float) * QT * Dv);
+        if (!qb || !P || !S || !O) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            configure_tiles();
+            memset(P, 0, sizeof(uint16_t) * QT * PLD);  /* rows past a short item's m stay finite */
+        }
+#pragma omp barrier
+        if (!failed) {
+            /* the longest rows (last query tiles) first; the heads of one KV head next to each other */
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t i = 0; i < H * nqt; i++) {
+                const int64_t qi = nqt - 1 - i / H, h = i % H, q0 = qi * QT, m = Q - q0 < QT ? Q - q0 : QT;
+                for (int64_t r = 0; r < QT; r++) {
+                    if (r < m) memcpy(qb + r * D, q + (q0 + r) * sq_t + h * sq_h, sizeof(uint16_t) * D);
+                    else memset(qb + r * D, 0, sizeof(uint16_t) * D);
+                }
+                const int64_t hk = h / group;
+                attend(qb, m, L - Q + q0, D, Dv, kp + hk * Lp * D, vp + hk * Lp * Dv, scale, S, P, O,
+                       out + q0 * so_t + h * so_h, so_t);
+            }
+            _tile_release();
+        }
+        free(qb);
+        free(P);
+        free(S);
+        free(O);
+    }
+    free(koff);
+    return failed ? -3 : 0;
+#else
+    (void)q; (void)sq_t; (void)sq_h; (void)k; (void)sk_b; (void)sk_t; (void)sk_h; (void)v; (void)sv_b; (void)sv_t;
+    (void)sv_h; (void)bs; (void)bt; (void)out; (void)so_t; (void)so_h; (void)Q; (void)L; (void)H; (void)Hkv; (void)D;
+    (void)Dv; (void)scale; (void)kp; (void)vp; (void)num_threads;
+    return -1;
+#endif
+}
