@@ -195,11 +195,7 @@ int moe_rms_norm(const void *x, const void *w, void *out, int dtype, int64_t R, 
         for (; i + VEC <= D; i += VEC) {
             __m512 y = _mm512_mul_ps(load16(xr + i * esz, dtype), _mm512_set1_ps(inv));
             if (w) {
-                if (dtype == BF16) {  /* y rounded to bf16 before the weight, as .to(x.dtype) does */
-                    uint16_t tmp[VEC];
-                    store16(tmp, y, BF16);
-                    y = load16(tmp, BF16);
-                }
+                if (dtype == BF16) y = round_bf16(y);  /* rounded to bf16 before the weight, as .to(x.dtype) does */
                 y = _mm512_mul_ps(y, load16((const char *)w + i * esz, dtype));
             }
             store16(orow + i * esz, y, dtype);
