@@ -143,6 +143,75 @@ int moe_silu_mul(const void *gate, const void *up, void *out, int dtype, int64_t
     return 0;
 }
 
+/* One row of moe_rms_norm: xr [D] -> orow [D] (see there). */
+static inline void rms_row(const char *xr, char *orow, const void *w, int64_t D, int dtype, float eps) {
+    const size_t esz = dtype == BF16 ? 2 : 4;
+    int64_t i = 0;
+    float ss = 0.f;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + VEC <= D; i += VEC) {
+        const __m512 v = load16(xr + i * esz, dtype);
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
+    }
+    ss = _mm512_reduce_add_ps(acc);
+#elif defined(VEC8)
+    {  /* the AVX-512 build's 16 lanes as two halves, reduced in reduce16's order */
+        __m256 lo = _mm256_setzero_ps(), hi = lo;
+        for (; i + 16 <= D; i += 16) {
+            const __m256 a = load8(xr + i * esz, dtype), b = load8(xr + (i + 8) * esz, dtype);
+            lo = _mm256_add_ps(lo, _mm256_mul_ps(a, a));
+            hi = _mm256_add_ps(hi, _mm256_mul_ps(b, b));
+        }
+        ss = reduce8(_mm256_add_ps(hi, lo));
+    }
+#else
+    {  /* the AVX-512 build's sums in its order (16 lanes, then its reduction tree): the same
+        * statistics, so the same results, on every CPU */
+        float lane[16] = {0};
+        for (; i + 16 <= D; i += 16)
+            for (int j = 0; j < 16; j++) {
+                const float v = loadf(xr, i + j, dtype);
+                lane[j] += v * v;
+            }
+        ss = reduce16(lane);
+    }
+#endif
+    for (; i < D; i++) {
+        const float v = loadf(xr, i, dtype);
+        ss += v * v;
+    }
+    const float inv = 1.f / sqrtf(ss / (float)D + eps);
+    i = 0;
+#if defined(__AVX512F__)
+    for (; i + VEC <= D; i += VEC) {
+        __m512 y = _mm512_mul_ps(load16(xr + i * esz, dtype), _mm512_set1_ps(inv));
+        if (w) {
+            if (dtype == BF16) y = round_bf16(y);  /* rounded to bf16 before the weight, as .to(x.dtype) does */
+            y = _mm512_mul_ps(y, load16((const char *)w + i * esz, dtype));
+        }
+        store16(orow + i * esz, y, dtype);
+    }
+#elif defined(VEC8)
+    for (; i + VEC8 <= D; i += VEC8) {
+        __m256 y = _mm256_mul_ps(load8(xr + i * esz, dtype), _mm256_set1_ps(inv));
+        if (w) {
+            if (dtype == BF16) y = round_bf16_8(y);  /* y rounded to bf16 before the weight */
+            y = _mm256_mul_ps(y, load8((const char *)w + i * esz, dtype));
+        }
+        store8(orow + i * esz, y, dtype);
+    }
+#endif
+    for (; i < D; i++) {
+        float y = loadf(xr, i, dtype) * inv;
+        if (w) {
+            if (dtype == BF16) y = bf16_to_f32(f32_to_bf16(y));
+            y *= loadf(w, i, dtype);
+        }
+        storef(orow, i, y, dtype);
+    }
+}
+
 /* RMSNorm of rows x [R, D] (row stride sx, unit stride within a row) into out [R, D] (row stride
  * so), as the reference implementations do for low-precision activations: statistics in float32,
  * y = x * rsqrt(mean(x^2) + eps) rounded to the input dtype, then weight * y rounded again.
@@ -151,102 +220,33 @@ int moe_rms_norm(const void *x, const void *w, void *out, int dtype, int64_t R, 
                  float eps, int num_threads) {
     const size_t esz = dtype == BF16 ? 2 : 4;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (R * D >= 32768)
-    for (int64_t r = 0; r < R; r++) {
-        const char *xr = (const char *)x + r * sx * esz;
-        char *orow = (char *)out + r * so * esz;
-        int64_t i = 0;
-        float ss = 0.f;
-#if defined(__AVX512F__)
-        __m512 acc = _mm512_setzero_ps();
-        for (; i + VEC <= D; i += VEC) {
-            const __m512 v = load16(xr + i * esz, dtype);
-            acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
-        }
-        ss = _mm512_reduce_add_ps(acc);
-#elif defined(VEC8)
-        {  /* the AVX-512 build's 16 lanes as two halves, reduced in reduce16's order */
-            __m256 lo = _mm256_setzero_ps(), hi = lo;
-            for (; i + 16 <= D; i += 16) {
-                const __m256 a = load8(xr + i * esz, dtype), b = load8(xr + (i + 8) * esz, dtype);
-                lo = _mm256_add_ps(lo, _mm256_mul_ps(a, a));
-                hi = _mm256_add_ps(hi, _mm256_mul_ps(b, b));
-            }
-            ss = reduce8(_mm256_add_ps(hi, lo));
-        }
-#else
-        {  /* the AVX-512 build's sums in its order (16 lanes, then its reduction tree): the same
-            * statistics, so the same results, on every CPU */
-            float lane[16] = {0};
-            for (; i + 16 <= D; i += 16)
-                for (int j = 0; j < 16; j++) {
-                    const float v = loadf(xr, i + j, dtype);
-                    lane[j] += v * v;
-                }
-            ss = reduce16(lane);
-        }
-#endif
-        for (; i < D; i++) {
-            const float v = loadf(xr, i, dtype);
-            ss += v * v;
-        }
-        const float inv = 1.f / sqrtf(ss / (float)D + eps);
-        i = 0;
-#if defined(__AVX512F__)
-        for (; i + VEC <= D; i += VEC) {
-            __m512 y = _mm512_mul_ps(load16(xr + i * esz, dtype), _mm512_set1_ps(inv));
-            if (w) {
-                if (dtype == BF16) y = round_bf16(y);  /* rounded to bf16 before the weight, as .to(x.dtype) does */
-                y = _mm512_mul_ps(y, load16((const char *)w + i * esz, dtype));
-            }
-            store16(orow + i * esz, y, dtype);
-        }
-#elif defined(VEC8)
-        for (; i + VEC8 <= D; i += VEC8) {
-            __m256 y = _mm256_mul_ps(load8(xr + i * esz, dtype), _mm256_set1_ps(inv));
-            if (w) {
-                if (dtype == BF16) y = round_bf16_8(y);  /* y rounded to bf16 before the weight */
-                y = _mm256_mul_ps(y, load8((const char *)w + i * esz, dtype));
-            }
-            store8(orow + i * esz, y, dtype);
-        }
-#endif
-        for (; i < D; i++) {
-            float y = loadf(xr, i, dtype) * inv;
-            if (w) {
-                if (dtype == BF16) y = bf16_to_f32(f32_to_bf16(y));
-                y *= loadf(w, i, dtype);
-            }
-            storef(orow, i, y, dtype);
-        }
-    }
+    for (int64_t r = 0; r < R; r++)
+        rms_row((const char *)x + r * sx * esz, (char *)out + r * so * esz, w, D, dtype, eps);
     return 0;
 }
 
 /* A residual add and the next RMSNorm in one call: h_out = h + d rounded to the dtype (torch's add),
- * then out = moe_rms_norm(h_out). R contiguous rows of D. Returns 0. */
+ * then out = moe_rms_norm(h_out), row by row (the row normalized while in cache; out may be d). R
+ * contiguous rows of D. Returns 0. */
 int moe_add_rms_norm(const void *h, const void *d, const void *w, void *h_out, void *out, int dtype, int64_t R,
                      int64_t D, float eps, int num_threads) {
-    const int64_t n = R * D;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (n >= 65536)
-    for (int64_t i0 = 0; i0 < n; i0 += 1024) {
-        const int64_t i1 = i0 + 1024 < n ? i0 + 1024 : n;
-        int64_t i = i0;
+    const size_t esz = dtype == BF16 ? 2 : 4;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (R * D >= 32768)
+    for (int64_t r = 0; r < R; r++) {
+        const char *hr = (const char *)h + r * D * esz, *dr = (const char *)d + r * D * esz;
+        char *hor = (char *)h_out + r * D * esz;
+        int64_t i = 0;
 #if defined(__AVX512F__)
-        for (; i + VEC <= i1; i += VEC) {
-            const size_t off = (size_t)i * (dtype == BF16 ? 2 : 4);
-            store16((char *)h_out + off, _mm512_add_ps(load16((const char *)h + off, dtype), load16((const char *)d + off, dtype)),
-                    dtype);
-        }
+        for (; i + VEC <= D; i += VEC)
+            store16(hor + i * esz, _mm512_add_ps(load16(hr + i * esz, dtype), load16(dr + i * esz, dtype)), dtype);
 #elif defined(VEC8)
-        for (; i + VEC8 <= i1; i += VEC8) {
-            const size_t off = (size_t)i * (dtype == BF16 ? 2 : 4);
-            store8((char *)h_out + off, _mm256_add_ps(load8((const char *)h + off, dtype), load8((const char *)d + off, dtype)),
-                   dtype);
-        }
+        for (; i + VEC8 <= D; i += VEC8)
+            store8(hor + i * esz, _mm256_add_ps(load8(hr + i * esz, dtype), load8(dr + i * esz, dtype)), dtype);
 #endif
-        for (; i < i1; i++) storef(h_out, i, loadf(h, i, dtype) + loadf(d, i, dtype), dtype);
+        for (; i < D; i++) storef(hor, i, loadf(hr, i, dtype) + loadf(dr, i, dtype), dtype);
+        rms_row(hor, (char *)out + r * D * esz, w, D, dtype, eps);
     }
-    return moe_rms_norm(h_out, w, out, dtype, R, D, D, D, eps, num_threads);
+    return 0;
 }
 
 /* dst[slots[t], h, :] = src[t, h, :] for t < T: new K/V rows into a paged cache [slots, H, D]
