@@ -70,17 +70,27 @@ static void dot_blocks(const uint16_t *w, int64_t ldw, int64_t K, const uint16_t
 /* The compute-bound form of dot_blocks for two weight blocks at once (chunks of 4+ token blocks):
  * ca[tb] = Wa . B[tb] and cb[tb] = Wb . B[tb] for tb < ntb, float32 [16 rows][16 tokens] each. Tiles
  * 2 x 2 (two weight blocks x two token blocks: four loads feed four products, against five for
- * dot_block's 1 x 4), and k in segments of KSEG: the two weight blocks' 32 rows x KSEG (16 KB) stay
- * in L1 while every token pair of the chunk passes, the float32 sums parked in ca/cb between
- * segments (stored and reloaded exactly, so each sum sees the same products in the same order as
- * dot_block: bit-identical results). With the token tiles prefetched, 1.15-1.24x the 1 x 4 loop
- * in the experts kernel at 2048 tokens (docs/benchmarks.md). */
+ * dot_block's 1 x 4), and k in segments of KSEG: the two weight blocks' 32 rows x KSEG (16 KB),
+ * copied once per segment into tile order, stay in L1 while every token pair of the chunk passes,
+ * the float32 sums parked in ca/cb between segments (stored and reloaded exactly, so each sum sees
+ * the same products in the same order as dot_block: bit-identical results). With the token tiles
+ * prefetched, 1.15-1.24x the 1 x 4 loop in the experts kernel at 2048 tokens, the copy another
+ * 1.04-1.12x (docs/benchmarks.md). */
 #define KSEG 256
 #define PD 2  /* token tiles prefetched this many k steps ahead */
 static void dot_pairs(const uint16_t *wa, const uint16_t *wb, int64_t ldw, int64_t K, const uint16_t *b,
                       int64_t bstride, int ntb, float *ca, float *cb, const uint16_t *pfa, const uint16_t *pfb) {
+    uint16_t seg[2 * (KSEG / KC) * TILE] __attribute__((aligned(64)));  /* the segment's weight tiles */
     for (int64_t k0 = 0; k0 < K; k0 += KSEG) {
         const int64_t k1 = K - k0 < KSEG ? K : k0 + KSEG;
+        /* the two blocks' rows x this segment copied once into tile order (tile s of wa, then of wb,
+         * each 16 rows of 64 bytes back to back): read in place, rows a row stride apart (2 KB for
+         * D = 1024) fall in a few L1 sets and evict each other before the next token pair */
+        for (int64_t k = k0, s = 0; k < k1; k += KC, s++)
+            for (int r = 0; r < 16; r++) {
+                _mm512_store_si512(seg + (2 * s) * TILE + r * 32, _mm512_loadu_si512(wa + r * ldw + k));
+                _mm512_store_si512(seg + (2 * s + 1) * TILE + r * 32, _mm512_loadu_si512(wb + r * ldw + k));
+            }
         for (int g = 0; g < ntb; g += 2) {
             const uint16_t *b0 = b + g * bstride + (k0 / KC) * TILE;
             float *a0 = ca + g * 256, *c0 = cb + g * 256;
@@ -120,12 +130,12 @@ static void dot_pairs(const uint16_t *wa, const uint16_t *wb, int64_t ldw, int64
                                 _mm_prefetch((const char *)(nb + r * ldw), _MM_HINT_T0);
                             }
                     }
-                    _tile_loadd(4, wa + k, ldw * 2);
+                    _tile_loadd(4, seg + (2 * s) * TILE, 64);
                     _tile_loadd(6, b0, 64);
                     _tile_dpbf16ps(0, 4, 6);
                     _tile_loadd(7, b1, 64);
                     _tile_dpbf16ps(1, 4, 7);
-                    _tile_loadd(5, wb + k, ldw * 2);
+                    _tile_loadd(5, seg + (2 * s + 1) * TILE, 64);
                     _tile_dpbf16ps(2, 5, 6);
                     _tile_dpbf16ps(3, 5, 7);
                 }
@@ -141,11 +151,11 @@ static void dot_pairs(const uint16_t *wa, const uint16_t *wb, int64_t ldw, int64
                     _tile_loadd(0, a0, 64);
                     _tile_loadd(2, c0, 64);
                 }
-                for (int64_t k = k0; k < k1; k += KC, b0 += TILE) {
-                    _tile_loadd(4, wa + k, ldw * 2);
+                for (int64_t k = k0, s = 0; k < k1; k += KC, s++, b0 += TILE) {
+                    _tile_loadd(4, seg + (2 * s) * TILE, 64);
                     _tile_loadd(6, b0, 64);
                     _tile_dpbf16ps(0, 4, 6);
-                    _tile_loadd(5, wb + k, ldw * 2);
+                    _tile_loadd(5, seg + (2 * s + 1) * TILE, 64);
                     _tile_dpbf16ps(2, 5, 6);
                 }
                 _tile_stored(0, a0, 64);
