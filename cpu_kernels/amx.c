@@ -529,16 +529,6 @@ int moe_amx_linear(const uint16_t *x, int64_t ldx, int64_t m, const uint16_t *w,
 }
 
 #if defined(HAVE_AMX)
-/* B tile from W rows k0..k0+31 (row stride ldw), columns n0..n0+15: tile row p holds the pairs
- * (W[k0+2p][n], W[k0+2p+1][n]) for 16 n -- two rows interleaved, done as the tile is needed. */
-static inline void pair_rows(const uint16_t *w, int64_t ldw, uint16_t *tile) {
-    for (int p = 0; p < 16; p++) {
-        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + 2 * p * ldw)));
-        const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + (2 * p + 1) * ldw)));
-        _mm512_storeu_si512(tile + p * 32, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-    }
-}
-
 /* c[tb][16 tokens][16 n] = X[tb] (A tiles: 16 token rows of K, row stride K) . W[0:K, n0:n0+16] */
 static void dot_block_xw(const uint16_t *xa, int64_t K, const uint16_t *w, int64_t ldw, int ntb, float *c) {
     uint16_t tile[TILE] __attribute__((aligned(64)));
@@ -547,7 +537,7 @@ static void dot_block_xw(const uint16_t *xa, int64_t K, const uint16_t *w, int64
     _tile_zero(2);
     _tile_zero(3);
     for (int64_t k = 0; k < K; k += KC) {
-        pair_rows(w + k * ldw, ldw, tile);
+        pair_rows(w + k * ldw, ldw, NULL, 32, tile);  /* rows k..k+31, interleaved as needed */
         _tile_loadd(5, tile, 64);
         _tile_loadd(4, xa + k, K * 2);
         _tile_dpbf16ps(0, 4, 5);

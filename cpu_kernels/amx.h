@@ -69,5 +69,20 @@ static inline void pack_chunk(const uint16_t *x, int64_t ldx, const int64_t *idx
     uint16_t *o = out + (tb * (K / KC) + c) * TILE;
     for (int p = 0; p < 16; p++) _mm512_storeu_si512(o + p * 32, r[p]);
 }
+
+/* B tile from 32 rows of a [rows, N] matrix, 16 columns from w: tile row p holds the pairs
+ * (W[2p][n], W[2p+1][n]) for the 16 n -- two rows interleaved (VNNI order along the rows). Row j
+ * at w + (idx ? idx[j] : j) * ldw; rows from `rows` on read as zeros. */
+static inline void pair_rows(const uint16_t *w, int64_t ldw, const int64_t *idx, int64_t rows, uint16_t *tile) {
+    const __m256i z = _mm256_setzero_si256();
+    for (int p = 0; p < 16; p++) {
+        const int64_t r0 = 2 * p, r1 = r0 + 1;
+        const __m512i lo = _mm512_cvtepu16_epi32(
+            r0 < rows ? _mm256_loadu_si256((const __m256i *)(w + (idx ? idx[r0] : r0) * ldw)) : z);
+        const __m512i hi = _mm512_cvtepu16_epi32(
+            r1 < rows ? _mm256_loadu_si256((const __m256i *)(w + (idx ? idx[r1] : r1) * ldw)) : z);
+        _mm512_storeu_si512(tile + p * 32, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+}
 #endif
 #endif

@@ -21,18 +21,6 @@
 #define SLD (LT + 16)  /* row strides of the score (float32) and probability (bf16) buffers, padded: */
 #define PLD (LT + 32)  /* rows 2 or 4 KB apart would share a few L1 sets */
 
-/* Keys kb*32 .. kb*32+31 of one head, dims n*16 .. n*16+15 -> one B tile: row p holds the pairs
- * (v[2p][d], v[2p+1][d]) for the 16 dims; keys past L read as zeros. */
-static void pack_v(const uint16_t *v, const int64_t *off, int64_t L, int64_t kb, int64_t n, uint16_t *tile) {
-    const __m256i z = _mm256_setzero_si256();
-    for (int p = 0; p < 16; p++) {
-        const int64_t r0 = kb * 32 + 2 * p, r1 = r0 + 1;
-        const __m512i lo = _mm512_cvtepu16_epi32(r0 < L ? _mm256_loadu_si256((const __m256i *)(v + off[r0] + n * 16)) : z);
-        const __m512i hi = _mm512_cvtepu16_epi32(r1 < L ? _mm256_loadu_si256((const __m256i *)(v + off[r1] + n * 16)) : z);
-        _mm512_storeu_si512(tile + p * 32, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-    }
-}
-
 /* S[32][nk32] = qb[32][D] . keys t0 .. t0+nk32-1 (kp: B tiles [key block of 16][D/32]), float32 */
 static void scores(const uint16_t *qb, int64_t D, const uint16_t *kp, int64_t t0, int64_t nk32, float *S) {
     const int64_t nc = D / KC;
@@ -209,7 +197,8 @@ int moe_amx_prefill_attention(const uint16_t *q, int64_t sq_t, int64_t sq_h, con
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < Hkv * nvb * nd; i++) {  /* V: (head, 32 keys, 16 dims) */
             const int64_t hk = i / (nvb * nd), kb = (i / nd) % nvb, n = i % nd;
-            pack_v(v + hk * sv_h, voff, L, kb, n, vp + hk * Lp * Dv + (kb * nd + n) * TILE);
+            pair_rows(v + hk * sv_h + n * 16, 1, voff + kb * 32, L - kb * 32,  /* keys past L: zeros */
+                      vp + hk * Lp * Dv + (kb * nd + n) * TILE);
         }
         uint16_t *qb = aligned_alloc(64, sizeof(uint16_t) * QT * D), *P = aligned_alloc(64, sizeof(uint16_t) * QT * PLD);
         float *S = aligned_alloc(64, sizeof(float) * QT * SLD), *O = aligned_alloc(64, sizeof(float) * QT * Dv);
