@@ -9,9 +9,6 @@
  * order of the float32 sums. */
 #include "kernels.h"
 
-#ifndef PF
-#define PF 4  /* AVX2: rows ahead, the next block's */
-#endif
 
 #if defined(__AVX512BF16__)
 /* rows r .. r+R-1 (R <= 4) of W dotted with x, one row after the other: each row one sequential
@@ -45,23 +42,22 @@ static inline void dot_rows(const uint16_t *w, int64_t ldw, const uint16_t *x, i
 #include <immintrin.h>
 /* (load8_bf16 and reduce8: simd.h) */
 
-/* rows r .. r+R-1 (R <= 4) of W dotted with x: 16 columns a step, two accumulators per row */
+/* rows r .. r+R-1 (R <= 4) of W dotted with x, one row after the other (as the AVX512-BF16 build:
+ * side by side with prefetch, 18-20 GB/s against 26-27 GB/s this way, AVX2 code on a Zen 4 EPYC):
+ * 32 columns a step into four sums */
 static inline void dot_rows(const uint16_t *w, int64_t ldw, const uint16_t *x, int64_t K, int R, float *out) {
-    __m256 acc[4][2];
-    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-        const __m256 x0 = load8_bf16(x + k), x1 = load8_bf16(x + k + 8);
-        for (int r = 0; r < R; r++) {
-            const uint16_t *row = w + r * ldw + k;
-            _mm_prefetch((const char *)(row + PF * ldw), _MM_HINT_T0);
-            acc[r][0] = _mm256_fmadd_ps(load8_bf16(row), x0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(load8_bf16(row + 8), x1, acc[r][1]);
-        }
-    }
     for (int r = 0; r < R; r++) {
-        float s = reduce8(_mm256_add_ps(acc[r][0], acc[r][1]));
-        for (int64_t j = k; j < K; j++) s += bf16_to_f32(w[r * ldw + j]) * bf16_to_f32(x[j]);
+        const uint16_t *row = w + r * ldw;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t k = 0;
+        for (; k + 32 <= K; k += 32) {
+            a0 = _mm256_fmadd_ps(load8_bf16(row + k), load8_bf16(x + k), a0);
+            a1 = _mm256_fmadd_ps(load8_bf16(row + k + 8), load8_bf16(x + k + 8), a1);
+            a2 = _mm256_fmadd_ps(load8_bf16(row + k + 16), load8_bf16(x + k + 16), a2);
+            a3 = _mm256_fmadd_ps(load8_bf16(row + k + 24), load8_bf16(x + k + 24), a3);
+        }
+        float s = reduce8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        for (; k < K; k++) s += bf16_to_f32(row[k]) * bf16_to_f32(x[k]);
         out[r] = s;
     }
 }
