@@ -8,8 +8,9 @@ One binding module per C file, each kernel's torch reference beside its binding:
 - :mod:`.gemv`: bf16 matrix-vector products for one-row decode; one token through its experts.
 - :mod:`.gemm`: bf16 GEMMs (one projection, or one per expert over expert-major rows) for CPUs
   without a fast bf16 GEMM (AVX2 + FMA).
-- :mod:`.amx`: the GEMMs of 2-64-row steps on AMX tiles (projections, experts, a whole local MoE
-  layer, MLA's per-head GEMMs).
+- :mod:`.amx`: the GEMMs of 2-64-row steps on AMX tiles, or on AVX512-BF16 doing the same tile
+  products where the CPU has no AMX (projections, experts, a whole local MoE layer, MLA's per-head
+  GEMMs).
 - :mod:`.amx_attention`: prompt rows' causal attention over the paged cache on AMX tiles.
 - :mod:`.fused`: a whole attention sub-layer (MLA, GQA) of one decode token.
 - :mod:`.quant`: GEMMs and dequantization from packed 8- and 4-bit codes.
@@ -18,7 +19,8 @@ One binding module per C file, each kernel's torch reference beside its binding:
 ``MOE_CPU_KERNELS=0``). Every kernel returns None (or False) where it does not apply; which path
 runs is chosen by the callers (:mod:`ops` for the base ops), whose torch path is the reference.
 """
-from .amx import AMX_MAX_ROWS, amx_available, amx_experts, amx_heads, amx_linear, amx_moe, amx_moe_packed
+from .amx import (AMX_MAX_ROWS, amx_available, amx_experts, amx_heads, amx_linear, amx_moe, amx_moe_packed,
+                  amx_tiles)
 from .amx_attention import prefill_attention, supports_prefill
 from .build import load, set_malloc_thresholds
 from .elementwise import add_rms_norm, rms_norm, rope_, route_select, silu_mul, transpose_to_float, write_rows
@@ -34,7 +36,7 @@ __all__ = [
     "prefill_attention",
     "rope_", "silu_mul", "rms_norm", "add_rms_norm", "write_rows", "transpose_to_float", "route_select",
     "grouped_gemm", "gemv", "expert_token", "moe_token", "heads_vec", "Residual",
-    "AMX_MAX_ROWS", "amx_available", "amx_experts", "amx_moe", "amx_moe_packed", "amx_linear", "amx_heads",
+    "AMX_MAX_ROWS", "amx_available", "amx_tiles", "amx_experts", "amx_moe", "amx_moe_packed", "amx_linear", "amx_heads",
     "mla_token", "gqa_token",
     "Q_INT8", "Q_FP8", "Q8_GEMM_MAX_ROWS", "q8_available", "q8_gemm", "q8_dequant", "q4_gemm", "q4_dequant",
     "quant_moe_token",

@@ -13,12 +13,15 @@
  * as each tile is needed). Tile dot products sum in float32; every result is rounded where the
  * op-by-op torch path rounds (gate and up to bf16, SwiGLU as moe_silu_mul, the weighting and the
  * float32 sum per token of the combine), so results equal that path up to the order of float32
- * sums (bit-identical in the tests). Built where the compiler targets AMX-BF16 (-march=native on
- * such a CPU); moe_amx_init asks Linux for the tile state and returns -1 where it is refused or
- * not built, and every entry returns -1 when built without AMX. */
+ * sums (bit-identical in the tests where both run on AMX). Built where the compiler targets
+ * AMX-BF16 (-march=native on such a CPU); moe_amx_init asks Linux for the tile state and returns -1
+ * where it is refused. On a CPU with AVX512-BF16 but no AMX (AMD Zen 4 and later, Cooper Lake) the
+ * same kernels run with every tile product done by vdpbf16ps (amx.h's emu_tiles: the tile layouts
+ * and everything around the products unchanged) and moe_amx_init returns 1; elsewhere every entry
+ * returns -1. */
 #include "amx.h"
 
-#if defined(HAVE_AMX)
+#if defined(HAVE_TILES)
 #define MAX_TB 4         /* token blocks of 16 per tile pass (four float32 sum tiles): 64 rows */
 #define CHUNK_TB 16      /* token blocks of an expert's rows per chunk (256 rows): each 16-row weight
                           * block, read once per chunk, meets them from cache four blocks at a time */
@@ -27,6 +30,7 @@
 
 /* c[tb][16 rows][16 tokens] = W[16 rows, 0:K] . B tiles (ntb token blocks of tile chunks,
  * `bstride` elements apart), float32. */
+#if defined(HAVE_AMX)
 static void dot_block(const uint16_t *w, int64_t ldw, int64_t K, const uint16_t *b, int64_t bstride, int ntb,
                       float *c, const uint16_t *pf) {
     _tile_zero(0);
@@ -58,6 +62,14 @@ static void dot_block(const uint16_t *w, int64_t ldw, int64_t K, const uint16_t 
     if (ntb > 3) _tile_stored(3, c + 768, 64);
 }
 
+#else
+static void dot_block(const uint16_t *w, int64_t ldw, int64_t K, const uint16_t *b, int64_t bstride, int ntb,
+                      float *c, const uint16_t *pf) {
+    (void)pf;  /* (the streams of 16 rows' pairs: the hardware prefetchers' job) */
+    emu_tiles(w, ldw, K, b, bstride, ntb, c, 0);
+}
+#endif
+
 /* dot_block over ntb <= CHUNK_TB token blocks, four at a time (the weight rows stay in cache);
  * pf (or NULL): the next block's weight rows, fetched during the first pass */
 static void dot_blocks(const uint16_t *w, int64_t ldw, int64_t K, const uint16_t *b, int64_t bstride, int ntb,
@@ -76,6 +88,7 @@ static void dot_blocks(const uint16_t *w, int64_t ldw, int64_t K, const uint16_t
  * the same products in the same order as dot_block: bit-identical results). With the token tiles
  * prefetched, 1.15-1.24x the 1 x 4 loop in the experts kernel at 2048 tokens, the copy another
  * 1.04-1.12x (docs/benchmarks.md). */
+#if defined(HAVE_AMX)
 #define KSEG 256
 #define PD 2  /* token tiles prefetched this many k steps ahead */
 static void dot_pairs(const uint16_t *wa, const uint16_t *wb, int64_t ldw, int64_t K, const uint16_t *b,
@@ -164,6 +177,18 @@ static void dot_pairs(const uint16_t *wa, const uint16_t *wb, int64_t ldw, int64
         }
     }
 }
+
+#else
+/* (without AMX: the two blocks one after the other, all of k at once, each against every token
+ * block from cache) */
+static void dot_pairs(const uint16_t *wa, const uint16_t *wb, int64_t ldw, int64_t K, const uint16_t *b,
+                      int64_t bstride, int ntb, float *ca, float *cb, const uint16_t *pfa, const uint16_t *pfb) {
+    (void)pfa;
+    (void)pfb;
+    emu_tiles(wa, ldw, K, b, bstride, ntb, ca, 0);
+    emu_tiles(wb, ldw, K, b, bstride, ntb, cb, 0);
+}
+#endif
 
 /* Where an expert's weight rows come from: bf16 in place (w != NULL: expert e at w + e * s, rows of
  * K), or packed codes (quant.c's layouts: int8/fp8 codes, or 4-bit ones with a value table)
@@ -276,12 +301,14 @@ static void down_block(const wsrc *w2, int64_t e, int64_t F, int64_t j, int pair
 int moe_amx_init(void) {
 #if defined(HAVE_AMX)
     return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 0 : -1;
+#elif defined(HAVE_TILES)
+    return 1;
 #else
     return -1;
 #endif
 }
 
-#if defined(HAVE_AMX)
+#if defined(HAVE_TILES)
 /* The experts over rows grouped by expert (counts[e] rows each, in order; row r is x row idx[r]
  * when idx is given) into the same rows of y. */
 static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, const int64_t *counts, int64_t E,
@@ -371,7 +398,7 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
             }
         }
         free(wbuf);
-        _tile_release();
+        release_tiles();
     }
 }
 #endif
@@ -387,7 +414,7 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
 int moe_amx_experts(const uint16_t *x, int64_t ldx, const int64_t *counts, int64_t E, int64_t D, int64_t F,
                     const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2, uint16_t *y, int64_t ldy,
                     uint16_t *xp, uint16_t *ap, int num_threads) {
-#if defined(HAVE_AMX)
+#if defined(HAVE_TILES)
     const wsrc a13 = {.w = w13, .s = s13}, a2 = {.w = w2, .s = s2};
     run_experts(x, ldx, NULL, counts, E, D, F, &a13, &a2, y, ldy, xp, ap, num_threads);
     return 0;
@@ -406,7 +433,7 @@ int moe_amx_experts(const uint16_t *x, int64_t ldx, const int64_t *counts, int64
  * expert order), rows of 3*T*K int64.
  * Returns 0; -1 without AMX; -3 for an id out of range
  * (nothing written: use the dispatcher). */
-#if defined(HAVE_AMX)
+#if defined(HAVE_TILES)
 /* dispatch, experts and combine of moe_amx_moe with weights from w13 and w2 */
 static int run_moe(const uint16_t *x, int64_t ldx, int64_t T, const int64_t *ids, const float *wts, int64_t K,
                    int64_t E, int64_t D, int64_t F, const wsrc *w13, const wsrc *w2, uint16_t *out, uint16_t *xp,
@@ -461,7 +488,7 @@ static int run_moe(const uint16_t *x, int64_t ldx, int64_t T, const int64_t *ids
 int moe_amx_moe(const uint16_t *x, int64_t ldx, int64_t T, const int64_t *ids, const float *wts, int64_t K,
                 int64_t E, int64_t D, int64_t F, const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2,
                 uint16_t *out, uint16_t *xp, uint16_t *ap, uint16_t *ys, int64_t *rows, int num_threads) {
-#if defined(HAVE_AMX)
+#if defined(HAVE_TILES)
     const wsrc a13 = {.w = w13, .s = s13}, a2 = {.w = w2, .s = s2};
     return run_moe(x, ldx, T, ids, wts, K, E, D, F, &a13, &a2, out, xp, ap, ys, rows, num_threads);
 #else
@@ -483,7 +510,7 @@ int moe_amx_moe_packed(const uint16_t *x, int64_t ldx, int64_t T, const int64_t 
                        int64_t G13, const char *q2, int64_t eq2, int64_t ldq2, const float *s2, const float *b2,
                        int64_t es2, int64_t G2, uint16_t *out, uint16_t *xp, uint16_t *ap, uint16_t *ys, int64_t *rows,
                        int num_threads) {
-#if defined(HAVE_AMX)
+#if defined(HAVE_TILES)
     const wsrc a13 = {.q = q13, .eq = eq13, .ldq = ldq13, .fmt = fmt, .lut = lut, .sc = s13, .off = b13, .es = es13,
                       .G = G13, .gs = gs, .bn = bn};
     const wsrc a2 = {.q = q2, .eq = eq2, .ldq = ldq2, .fmt = fmt, .lut = lut, .sc = s2, .off = b2, .es = es2,
@@ -504,7 +531,7 @@ int moe_amx_moe_packed(const uint16_t *x, int64_t ldx, int64_t T, const int64_t 
  * bf16. Returns 0, or -1 when built without AMX. */
 int moe_amx_linear(const uint16_t *x, int64_t ldx, int64_t m, const uint16_t *w, int64_t ldw, int64_t N, int64_t K,
                    const uint16_t *bias, void *y, int64_t ldy, int dtype, uint16_t *xp, int num_threads) {
-#if defined(HAVE_AMX)
+#if defined(HAVE_TILES)
     const int ntb = (int)((m + 15) / 16);
     const int64_t nc = K / KC;
 #pragma omp parallel num_threads(num_threads)
@@ -518,7 +545,7 @@ int moe_amx_linear(const uint16_t *x, int64_t ldx, int64_t m, const uint16_t *w,
             dot_block(w + 16 * j * ldw, ldw, K, xp, nc * TILE, ntb, c, j + 1 < N / 16 ? w + 16 * (j + 1) * ldw : NULL);
             store_block(c, m, j, bias, y, ldy, dtype);
         }
-        _tile_release();
+        release_tiles();
     }
     return 0;
 #else
@@ -528,8 +555,9 @@ int moe_amx_linear(const uint16_t *x, int64_t ldx, int64_t m, const uint16_t *w,
 #endif
 }
 
-#if defined(HAVE_AMX)
+#if defined(HAVE_TILES)
 /* c[tb][16 tokens][16 n] = X[tb] (A tiles: 16 token rows of K, row stride K) . W[0:K, n0:n0+16] */
+#if defined(HAVE_AMX)
 static void dot_block_xw(const uint16_t *xa, int64_t K, const uint16_t *w, int64_t ldw, int ntb, float *c) {
     uint16_t tile[TILE] __attribute__((aligned(64)));
     _tile_zero(0);
@@ -559,6 +587,17 @@ static void dot_block_xw(const uint16_t *xa, int64_t K, const uint16_t *w, int64
     if (ntb > 2) _tile_stored(2, c + 512, 64);
     if (ntb > 3) _tile_stored(3, c + 768, 64);
 }
+#else
+#define XW_SEG 16  /* B tiles interleaved at a time: 512 rows of W (16 KB) */
+static void dot_block_xw(const uint16_t *xa, int64_t K, const uint16_t *w, int64_t ldw, int ntb, float *c) {
+    uint16_t tiles[XW_SEG * TILE] __attribute__((aligned(64)));
+    for (int64_t k0 = 0; k0 < K; k0 += XW_SEG * KC) {
+        const int64_t kn = K - k0 < XW_SEG * KC ? K - k0 : XW_SEG * KC;
+        for (int64_t k = 0; k < kn; k += KC) pair_rows(w + (k0 + k) * ldw, ldw, NULL, 32, tiles + (k / KC) * TILE);
+        for (int tb = 0; tb < ntb; tb++) emu_tiles(xa + tb * 16 * K + k0, K, kn, tiles, 0, 1, c + tb * 256, k0 > 0);
+    }
+}
+#endif
 #endif
 
 /* One GEMM per head for m <= 64 rows (MLA's absorbed attention): for each head h,
@@ -570,7 +609,7 @@ static void dot_block_xw(const uint16_t *xa, int64_t K, const uint16_t *w, int64
 int moe_amx_heads(const uint16_t *x, int64_t ldx, int64_t hx, int64_t m, const uint16_t *w, int64_t ldw, int64_t hw,
                   int64_t N, int64_t K, int64_t H, int w_rows_n, uint16_t *y, int64_t ldy, int64_t hy,
                   uint16_t *scratch, int num_threads) {
-#if defined(HAVE_AMX)
+#if defined(HAVE_TILES)
     const int ntb = (int)((m + 15) / 16);
     const int64_t nc = K / KC, per_head = (int64_t)ntb * 16 * K;
 #pragma omp parallel num_threads(num_threads)
@@ -604,7 +643,7 @@ int moe_amx_heads(const uint16_t *x, int64_t ldx, int64_t hx, int64_t m, const u
                     store16(y + t * ldy + h * hy + 16 * j, _mm512_loadu_ps(c + (t / 16) * 256 + (t % 16) * 16), BF16);
             }
         }
-        _tile_release();
+        release_tiles();
     }
     return 0;
 #else

@@ -1,17 +1,25 @@
-/* What the AMX kernels (amx.c, amx_attention.c) share: whether this build has AMX-BF16, the tile
- * configuration they all use (eight tiles of 16 rows x 64 bytes), and packing rows into B tiles. */
+/* What the tile kernels (amx.c, amx_attention.c) share: whether this build has AMX-BF16 or, without
+ * it, AVX512-BF16 to do the same tile products with vdpbf16ps (amx.c only), the tile configuration,
+ * and packing rows into B tiles. */
 #ifndef MOE_CPU_AMX_H
 #define MOE_CPU_AMX_H
 #include "kernels.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define HAVE_AMX 1
+#define HAVE_TILES 1
 #include <sys/syscall.h>
 #include <unistd.h>
+#elif defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define HAVE_TILES 1     /* amx.c's tile products on vdpbf16ps (emu_tiles, below) */
+#endif
 
+#if defined(HAVE_TILES)
 #define KC 32            /* k elements per A-tile row: 64 bytes of bf16 */
 #define TILE (16 * KC)   /* bf16 elements of one B tile: 16 k-pairs x 16 tokens x 2 */
+#endif
 
+#if defined(HAVE_AMX)
 typedef struct {
     uint8_t palette_id, start_row, reserved[14];
     uint16_t colsb[16];
@@ -29,7 +37,68 @@ static inline void configure_tiles(void) {
     }
     _tile_loadconfig(&c);
 }
+static inline void release_tiles(void) { _tile_release(); }
+#elif defined(HAVE_TILES)
+static inline void configure_tiles(void) {}
+static inline void release_tiles(void) {}
 
+/* a[0], a[1] (two bf16: one k pair) in all 16 lanes */
+static inline __m512bh pair16(const uint16_t *a) {
+    int32_t v;
+    memcpy(&v, a, 4);
+    return (__m512bh)_mm512_set1_epi32(v);
+}
+
+/* What a run of AMX tile products computes, on vdpbf16ps: c[j][16 rows][16 columns] (+)= A[16 rows,
+ * 0:K] . B_j for j < nb, float32. A's rows at a + r * lda (bf16, in place); B_j's tiles at b + j *
+ * bstride + (k / KC) * TILE (tile row p: the 16 columns' pairs (k + 2p, k + 2p + 1)), as the AMX
+ * kernels pack them. Each sum lane takes A's pair broadcast times B's row of pairs, pair after pair
+ * along k. Blocks go in twos against 8 A rows (16 sums: a broadcast feeds two products), an odd
+ * last block against all 16 rows (one load of B's row feeds 16). accumulate: add to c's sums
+ * (else they start at zero). K % 32 == 0. */
+static inline void emu_tiles(const uint16_t *a, int64_t lda, int64_t K, const uint16_t *b, int64_t bstride, int nb,
+                             float *c, int accumulate) {
+    if (nb & 1) {
+        const int j = nb - 1;
+        float *cj = c + j * 256;
+        __m512 s[16];
+        for (int r = 0; r < 16; r++) s[r] = accumulate ? _mm512_loadu_ps(cj + r * 16) : _mm512_setzero_ps();
+        const uint16_t *bj = b + j * bstride;
+        for (int64_t k = 0; k < K; k += KC, bj += TILE)
+            for (int p = 0; p < 16; p++) {
+                const __m512bh v = (__m512bh)_mm512_loadu_si512(bj + 32 * p);
+                for (int r = 0; r < 16; r++) s[r] = _mm512_dpbf16_ps(s[r], pair16(a + r * lda + k + 2 * p), v);
+            }
+        for (int r = 0; r < 16; r++) _mm512_storeu_ps(cj + r * 16, s[r]);
+    }
+    for (int j = 0; j + 1 < nb; j += 2)
+        for (int r0 = 0; r0 < 16; r0 += 8) {
+            float *c0 = c + j * 256 + r0 * 16, *c1 = c0 + 256;
+            __m512 s0[8], s1[8];
+            for (int r = 0; r < 8; r++) {
+                s0[r] = accumulate ? _mm512_loadu_ps(c0 + r * 16) : _mm512_setzero_ps();
+                s1[r] = accumulate ? _mm512_loadu_ps(c1 + r * 16) : _mm512_setzero_ps();
+            }
+            const uint16_t *ar = a + r0 * lda, *b0 = b + j * bstride, *b1 = b0 + bstride;
+            for (int64_t k = 0; k < K; k += KC, b0 += TILE, b1 += TILE)
+                for (int p = 0; p < 16; p++) {
+                    const __m512bh v0 = (__m512bh)_mm512_loadu_si512(b0 + 32 * p);
+                    const __m512bh v1 = (__m512bh)_mm512_loadu_si512(b1 + 32 * p);
+                    for (int r = 0; r < 8; r++) {
+                        const __m512bh w = pair16(ar + r * lda + k + 2 * p);
+                        s0[r] = _mm512_dpbf16_ps(s0[r], w, v0);
+                        s1[r] = _mm512_dpbf16_ps(s1[r], w, v1);
+                    }
+                }
+            for (int r = 0; r < 8; r++) {
+                _mm512_storeu_ps(c0 + r * 16, s0[r]);
+                _mm512_storeu_ps(c1 + r * 16, s1[r]);
+            }
+        }
+}
+#endif
+
+#if defined(HAVE_TILES)
 /* A 16 x 16 block of 32-bit lanes transposed in registers: r[i] lane j <- r[j] lane i. */
 static inline void transpose16(__m512i r[16]) {
     __m512i t[16];

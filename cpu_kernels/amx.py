@@ -1,4 +1,5 @@
-"""Binding of ``amx.c``: bf16 GEMMs on AMX tiles, weights read in place.
+"""Binding of ``amx.c``: bf16 GEMMs on AMX tiles (or, on CPUs with AVX512-BF16 but no AMX, the
+same tile products on vdpbf16ps), weights read in place.
 
 Batched decode, verify rows and short prompts (2-64 rows), and the SwiGLU experts (bf16 or packed)
 at any number of rows (prompt chunks too: an expert's rows in chunks of 256, each 16-row weight
@@ -11,7 +12,10 @@ read the weights at 85-90% of the rate and need the permutation, SwiGLU and comb
 at prompt-sized chunks (2048 tokens, Mixtral shape) the experts kernel took 4x2048-token prompts
 from 1197-1740 to 1566-2015 tok/s in paired runs against per-expert oneDNN GEMMs (the plain linear
 kernel at such sizes did not beat ``F.linear``: 430-530 vs 525-770 GFLOP/s, so projections keep
-oneDNN past 64 rows). Where the CPU lacks AMX (or Linux refuses its tile state) they return None.
+oneDNN past 64 rows). Without AMX, on AVX512-BF16 (Zen 4): 1.1-1.4x oneDNN's bf16 GEMMs at 2-256
+rows on the Mixtral shape, and the fused dispatch/SwiGLU/combine besides (Qwen3-MoE's 64-token
+prompt 1.43x, 32 requests 1.4x in the engine). Where the CPU has neither (or Linux refuses the tile
+state) they return None.
 :func:`swiglu_experts_reference` is the experts kernels' float32 reference.
 """
 from __future__ import annotations
@@ -37,18 +41,30 @@ declare({
     "moe_amx_linear": [_ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _int, _ptr, _int],
 })
 
-_amx: bool | None = None  # whether the AMX kernels run here (built for AMX, tile state granted)
+_tiles: int | None = None  # moe_amx_init: 0 AMX tiles granted, 1 the tile products on AVX512-BF16, -1 neither
 AMX_MAX_ROWS = 64  # rows the linear and per-head kernels take (four blocks of 16 tokens)
 AMX_CHUNK = 256  # the bf16 experts kernels take any rows, an expert's rows in chunks of this many
 
 
+def _tile_kind() -> int:
+    global _tiles
+    if _tiles is None:
+        _tiles = load().moe_amx_init() if load() is not None else -1
+    return _tiles
+
+
 def amx_available() -> bool:
-    """Whether :func:`amx_experts` runs on this machine: the library built for AMX-BF16 and Linux
-    granting this process the tile state."""
-    global _amx
-    if _amx is None:
-        _amx = load() is not None and load().moe_amx_init() == 0
-    return _amx
+    """Whether the tile kernels of this module run on this machine: the library built for AMX-BF16
+    and Linux granting this process the tile state, or built for AVX512-BF16 without AMX (AMD Zen 4
+    and later, Intel Cooper Lake), where vdpbf16ps does each tile product (same layouts, same
+    kernels around them)."""
+    return _tile_kind() >= 0
+
+
+def amx_tiles() -> bool:
+    """Whether the kernels run on real AMX tiles (:func:`amx_available` on an AMX CPU): what
+    :mod:`.amx_attention` needs."""
+    return _tile_kind() == 0
 
 
 def _amx_swiglu_dims(x: torch.Tensor, w13_e2FD: torch.Tensor, w2_eDF: torch.Tensor) -> tuple[int, int, int] | None:

@@ -14,7 +14,7 @@ import ctypes
 
 import torch
 
-from .amx import amx_available
+from .amx import amx_tiles
 from .build import declare, kernel_dtype, load
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
@@ -33,7 +33,7 @@ def supports_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     D, Dv = q.shape[-1], v_cache.shape[-1]
     if k_cache.shape[-1] != D or D % 32 or Dv % 32 or q.shape[1] % k_cache.shape[2]:
         return False
-    return amx_available() and kernel_dtype(q, k_cache, v_cache) is not None
+    return amx_tiles() and kernel_dtype(q, k_cache, v_cache) is not None
 
 
 def prefill_attention(q_QHD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,

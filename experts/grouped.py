@@ -379,8 +379,8 @@ class GroupedExperts(SlottedExperts):
     def forward_local(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor | None:
         """Dispatch, :meth:`forward` and combine of a layer whose experts are all here
         (:class:`parallel.dispatch.LocalDispatcher`): one token through :meth:`forward_token`
-        (no permutation needed); more as one C call on CPUs with AMX (any number of rows), with
-        the same arithmetic; None when that does not apply (then dispatch)."""
+        (no permutation needed); more as one C call on CPUs with AMX or AVX512-BF16 (any number of
+        rows), with the same arithmetic; None when that does not apply (then dispatch)."""
         if x_TD.shape[0] == 1:
             return self.forward_token(x_TD, ids_TK[0], weights_TK[0])
         if (x_TD.device.type != "cpu" or self.resolved_backend != "torch" or not self._plain_swiglu

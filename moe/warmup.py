@@ -92,7 +92,7 @@ def _warm_experts(mod: GroupedExperts, buckets: list[int], once) -> int:
         return 0
     E, D = w13.shape[0], w13.shape[2]
     if mod._plain_swiglu and cpu_kernels.amx_experts(w13.new_zeros(1, D), [1] + [0] * (E - 1), w13, w2) is not None:
-        return 0  # AMX: the experts kernel takes every row count, oneDNN builds nothing for them
+        return 0  # the tile experts kernel takes every row count: oneDNN builds nothing for them
     n = 0
 
     def run(counts: list[int]) -> None:

@@ -14,8 +14,8 @@ _W_ROWS_N = {"thc,hvc->thv": True, "thn,hnc->thc": False}
 def per_head(x_THa: torch.Tensor, w_Hba: torch.Tensor, eq: str) -> torch.Tensor:
     """``einsum(eq, x, w)``: one GEMM per head, ``eq`` ``"thn,hnc->thc"`` (``w [H, K, N]``) or
     ``"thc,hvc->thv"`` (``w [H, N, K]``). On CPU, one bf16 row runs as a GEMV per head
-    (:func:`cpu_kernels.heads_vec`) and 1-64 bf16 rows on AMX tiles where the CPU has them
-    (:func:`cpu_kernels.amx_heads`); otherwise the rows run padded to :func:`ops.padded_rows` and
+    (:func:`cpu_kernels.heads_vec`) and 1-64 bf16 rows on AMX tiles (or AVX512-BF16) where the CPU
+    has them (:func:`cpu_kernels.amx_heads`); otherwise the rows run padded to :func:`ops.padded_rows` and
     always from a contiguous copy, so the batched GEMM comes in few shapes and one layout (oneDNN
     builds a kernel for each new one)."""
     if eq not in _W_ROWS_N:

@@ -4,7 +4,7 @@ Decode-sized steps are memory-bound: what counts is streaming the weight once, a
 oneDNN's per-shape kernel builds. The tiers of :func:`linear` on CPU, by row count ``m``:
 
 - ``m == 1``: a matrix-vector product (bf16: :func:`cpu_kernels.gemv`, else ``torch.mv``);
-- ``2 <= m <= 64``, bf16: :func:`cpu_kernels.amx_linear` where the CPU has AMX;
+- ``2 <= m <= 64``, bf16: :func:`cpu_kernels.amx_linear` where the CPU has AMX or AVX512-BF16;
 - ``m >= 2``, bf16, a CPU without a fast bf16 GEMM (AVX2): :func:`cpu_kernels.grouped_gemm`;
 - ``m <= SMALL_M``: ``w @ x.T`` (returned as a transposed view), rows padded to :func:`padded_rows`;
 - more rows: ``F.linear`` on rows padded to :func:`padded_rows`.

@@ -457,11 +457,16 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
-def test_amx_kernels_in_use_where_the_cpu_has_amx():
-    # CI's Xeon has AMX-BF16: the expert kernel must really run there, not fall back unnoticed
-    if not {"amx_bf16", "amx_tile"} <= _cpu_flags():
-        pytest.skip("this CPU has no AMX-BF16 (amx_bf16, amx_tile in /proc/cpuinfo)")
-    assert cpu_kernels.amx_available()
+def test_tile_kernels_in_use_where_the_cpu_has_amx_or_avx512_bf16():
+    # the tile kernels must really run where they can, not fall back unnoticed: on AMX tiles on an
+    # AMX-BF16 Xeon, on vdpbf16ps on an AVX512-BF16 CPU without AMX (Zen 4), nowhere else
+    flags = _cpu_flags()
+    if {"amx_bf16", "amx_tile"} <= flags:
+        assert cpu_kernels.amx_available() and cpu_kernels.amx_tiles()
+    elif {"avx512_bf16", "avx512bw"} <= flags:
+        assert cpu_kernels.amx_available() and not cpu_kernels.amx_tiles()
+    else:
+        assert not cpu_kernels.amx_available()
 
 
 @pytest.mark.parametrize("D,F,counts", [
@@ -579,14 +584,15 @@ def test_amx_moe_declines_what_it_does_not_take():
     assert sub.forward_local(x[:5], ids[-5:] - 2, w[:5]) is None
 
 
-@pytest.mark.parametrize("T", [1, 5, 16, 17, 64])
-def test_amx_heads_match_the_per_head_einsums(T, monkeypatch):
+@pytest.mark.parametrize("T,nope", [(1, 64), (5, 64), (16, 64), (17, 64), (64, 64),
+                                    (17, 544)])  # k past 512 (the AVX512-BF16 build's interleaved W in parts)
+def test_amx_heads_match_the_per_head_einsums(T, nope, monkeypatch):
     # MLA's absorbed attention: q_nope [T, H, nope] (a strided view of q) times W_UK [H, nope, C],
     # and o_lat [T, H, C] times W_UV [H, v, C] transposed, both views of kv_b_proj's weight
     from ops import per_head
 
     g = torch.Generator().manual_seed(T)
-    H, nope, rope, v, C = 4, 64, 32, 32, 96
+    H, rope, v, C = 4, 32, 32, 96
     w_kv = (torch.randn(H * (nope + v), C, generator=g) / 8).bfloat16().view(H, nope + v, C)
     w_uk, w_uv = w_kv[:, :nope], w_kv[:, nope:]
     q_nope = torch.randn(T, H * (nope + rope), generator=g).bfloat16().view(T, H, nope + rope)[..., :nope]
@@ -643,7 +649,7 @@ def test_amx_prefill_attention_matches_reference(shape, Q, L, block_size):
                                               seed=Q + L, qlens=[Q], **spec)
     q = (q.float() * 3).bfloat16()  # scores of spread ~3: a later key pass raises rows' maxima
     if not cpu_kernels.supports_prefill(q, k_cache, v_cache):
-        assert not cpu_kernels.amx_available()  # (CI's CPU has AMX: test_amx_kernels_in_use...)
+        assert not cpu_kernels.amx_tiles()  # (test_tile_kernels_in_use...)
         return
     scale = spec["Dk"] ** -0.5
     out = torch.full((Q + 3, spec["H"], spec["Dv"] + 32), 7.0, dtype=torch.bfloat16)
@@ -692,7 +698,7 @@ def test_prompt_chunks_go_to_the_amx_prefill_kernel(monkeypatch):
     out = paged_attention_torch(q, k_cache, v_cache, meta, D ** -0.5)
     ref = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), meta, D ** -0.5)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
-    assert calls == ([40, 64] if cpu_kernels.amx_available() else [])
+    assert calls == ([40, 64] if cpu_kernels.amx_tiles() else [])
     calls.clear()
     sinks = torch.randn(H, generator=g)
     for window, sinks_H in ((None, sinks), (20, None)):
