@@ -29,10 +29,11 @@
                           * handed out as threads free up); fewer stream the weights (1 x 4 tiles) */
 
 /* c[tb][16 rows][16 tokens] = W[16 rows, 0:K] . B tiles (ntb token blocks of tile chunks,
- * `bstride` elements apart), float32. */
+ * `bstride` elements apart), float32. l8: the last block holds 1-8 tokens (emu_tiles' hint). */
 #if defined(HAVE_AMX)
 static void dot_block(const uint16_t *w, int64_t ldw, int64_t K, const uint16_t *b, int64_t bstride, int ntb,
-                      float *c, const uint16_t *pf) {
+                      int l8, float *c, const uint16_t *pf) {
+    (void)l8;
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
@@ -64,19 +65,20 @@ static void dot_block(const uint16_t *w, int64_t ldw, int64_t K, const uint16_t 
 
 #else
 static void dot_block(const uint16_t *w, int64_t ldw, int64_t K, const uint16_t *b, int64_t bstride, int ntb,
-                      float *c, const uint16_t *pf) {
-    (void)pf;  /* (the streams of 16 rows' pairs: the hardware prefetchers' job) */
-    emu_tiles(w, ldw, K, b, bstride, ntb, c, 0);
+                      int l8, float *c, const uint16_t *pf) {
+    (void)pf;  /* (emu_tiles prefetches its own rows, further ahead) */
+    emu_tiles(w, ldw, K, b, bstride, ntb, l8, c, 0);
 }
 #endif
 
 /* dot_block over ntb <= CHUNK_TB token blocks, four at a time (the weight rows stay in cache);
  * pf (or NULL): the next block's weight rows, fetched during the first pass */
 static void dot_blocks(const uint16_t *w, int64_t ldw, int64_t K, const uint16_t *b, int64_t bstride, int ntb,
-                       float *c, const uint16_t *pf) {
-    for (int g = 0; g < ntb; g += MAX_TB)
-        dot_block(w, ldw, K, b + g * bstride, bstride, ntb - g < MAX_TB ? ntb - g : MAX_TB, c + g * 256,
-                  g == 0 ? pf : NULL);
+                       int l8, float *c, const uint16_t *pf) {
+    for (int g = 0; g < ntb; g += MAX_TB) {
+        const int n = ntb - g < MAX_TB ? ntb - g : MAX_TB;
+        dot_block(w, ldw, K, b + g * bstride, bstride, n, g + n == ntb && l8, c + g * 256, g == 0 ? pf : NULL);
+    }
 }
 
 /* The compute-bound form of dot_blocks for two weight blocks at once (chunks of 4+ token blocks):
@@ -185,8 +187,8 @@ static void dot_pairs(const uint16_t *wa, const uint16_t *wb, int64_t ldw, int64
                       int64_t bstride, int ntb, float *ca, float *cb, const uint16_t *pfa, const uint16_t *pfb) {
     (void)pfa;
     (void)pfb;
-    emu_tiles(wa, ldw, K, b, bstride, ntb, ca, 0);
-    emu_tiles(wb, ldw, K, b, bstride, ntb, cb, 0);
+    emu_tiles(wa, ldw, K, b, bstride, ntb, 0, ca, 0);
+    emu_tiles(wb, ldw, K, b, bstride, ntb, 0, cb, 0);
 }
 #endif
 
@@ -226,15 +228,15 @@ static inline __m512i bits(__m512 v) { return _mm512_castps_si512(v); }
 /* Gate/up rows [16i, 16i+16) and [F+16i, F+16i+16) of one expert: a = silu(g) * u, written as the
  * down GEMM's B tiles a_p[tb][F/32][16][16][2] (two activation rows make one row of pairs). */
 static void gate_up_block(const wsrc *w13, int64_t e, int64_t D, int64_t F, int64_t i, const uint16_t *xp, int ntb,
-                          uint16_t *ap, float *cg, float *cu, uint16_t *wbuf) {
+                          int l8, uint16_t *ap, float *cg, float *cu, uint16_t *wbuf) {
     if (ntb >= BOUND_TB) {  /* compute-bound: gate and up blocks as one 2 x 2 pass (wbuf holds 32 rows) */
         dot_pairs(rows16(w13, e, 16 * i, D, wbuf), rows16(w13, e, F + 16 * i, D, wbuf + 16 * D), D, D, xp,
                   (D / KC) * TILE, ntb, cg, cu, plain_rows(w13, e, 16 * (i + 1), D),
                   plain_rows(w13, e, F + 16 * (i + 1), D));
     } else {  /* streaming the weights: one block at a time, the next one prefetched */
-        dot_blocks(rows16(w13, e, 16 * i, D, wbuf), D, D, xp, (D / KC) * TILE, ntb, cg,
+        dot_blocks(rows16(w13, e, 16 * i, D, wbuf), D, D, xp, (D / KC) * TILE, ntb, l8, cg,
                    plain_rows(w13, e, F + 16 * i, D));
-        dot_blocks(rows16(w13, e, F + 16 * i, D, wbuf), D, D, xp, (D / KC) * TILE, ntb, cu,
+        dot_blocks(rows16(w13, e, F + 16 * i, D, wbuf), D, D, xp, (D / KC) * TILE, ntb, l8, cu,
                    plain_rows(w13, e, 16 * (i + 1), D));
     }
     for (int tb = 0; tb < ntb; tb++) {
@@ -290,7 +292,7 @@ static void down_block(const wsrc *w2, int64_t e, int64_t F, int64_t j, int pair
         store_block(c2, m, 2 * j + 1, NULL, y, ldy, BF16);
         return;
     }
-    dot_blocks(rows16(w2, e, 16 * j, F, wbuf), F, F, ap, (F / KC) * TILE, ntb, c,
+    dot_blocks(rows16(w2, e, 16 * j, F, wbuf), F, F, ap, (F / KC) * TILE, ntb, last8(m), c,
                plain_rows(w2, e, 16 * (j + 1), F));  /* (a prefetch past the end never faults) */
     store_block(c, m, j, NULL, y, ldy, BF16);
 }
@@ -352,7 +354,8 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
 #pragma omp for schedule(static)
             for (int64_t q = 0; q < nsmall * (F / 16); q++) {
                 const int64_t e = small[q / (F / 16)];
-                gate_up_block(w13, e, D, F, q % (F / 16), xp + xoff[e], (int)((counts[e] + 15) / 16), ap + aoff[e],
+                gate_up_block(w13, e, D, F, q % (F / 16), xp + xoff[e], (int)((counts[e] + 15) / 16),
+                              last8(counts[e]), ap + aoff[e],
                               c0, c1, wbuf);
             }
 #pragma omp for schedule(static) nowait
@@ -382,7 +385,7 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
                 const int64_t per = ntb >= BOUND_TB ? 4 : (F / 16 + num_threads - 1) / num_threads;
 #pragma omp for schedule(dynamic, per)
                 for (int64_t i = 0; i < F / 16; i++)
-                    gate_up_block(w13, e, D, F, i, xe, ntb, a, c0, c1, wbuf);
+                    gate_up_block(w13, e, D, F, i, xe, ntb, last8(m), a, c0, c1, wbuf);
                 /* down: 32-row blocks (2 x 2 tiles) handed out as threads free up when compute-bound,
                  * else 16-row blocks in contiguous ranges */
                 if (ntb >= BOUND_TB) {
@@ -542,7 +545,8 @@ int moe_amx_linear(const uint16_t *x, int64_t ldx, int64_t m, const uint16_t *w,
         for (int64_t q = 0; q < ntb * nc; q++) pack_chunk(x, ldx, NULL, m, K, q / nc, q % nc, xp);
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < N / 16; j++) {
-            dot_block(w + 16 * j * ldw, ldw, K, xp, nc * TILE, ntb, c, j + 1 < N / 16 ? w + 16 * (j + 1) * ldw : NULL);
+            dot_block(w + 16 * j * ldw, ldw, K, xp, nc * TILE, ntb, last8(m), c,
+                      j + 1 < N / 16 ? w + 16 * (j + 1) * ldw : NULL);
             store_block(c, m, j, bias, y, ldy, dtype);
         }
         release_tiles();
@@ -594,7 +598,7 @@ static void dot_block_xw(const uint16_t *xa, int64_t K, const uint16_t *w, int64
     for (int64_t k0 = 0; k0 < K; k0 += XW_SEG * KC) {
         const int64_t kn = K - k0 < XW_SEG * KC ? K - k0 : XW_SEG * KC;
         for (int64_t k = 0; k < kn; k += KC) pair_rows(w + (k0 + k) * ldw, ldw, NULL, 32, tiles + (k / KC) * TILE);
-        for (int tb = 0; tb < ntb; tb++) emu_tiles(xa + tb * 16 * K + k0, K, kn, tiles, 0, 1, c + tb * 256, k0 > 0);
+        for (int tb = 0; tb < ntb; tb++) emu_tiles(xa + tb * 16 * K + k0, K, kn, tiles, 0, 1, 0, c + tb * 256, k0 > 0);
     }
 }
 #endif
@@ -635,7 +639,8 @@ int moe_amx_heads(const uint16_t *x, int64_t ldx, int64_t hx, int64_t m, const u
         for (int64_t q = 0; q < H * (N / 16); q++) {
             const int64_t h = q / (N / 16), j = q % (N / 16);
             if (w_rows_n) {
-                dot_block(w + h * hw + 16 * j * ldw, ldw, K, scratch + h * per_head, nc * TILE, ntb, c, NULL);
+                dot_block(w + h * hw + 16 * j * ldw, ldw, K, scratch + h * per_head, nc * TILE, ntb, last8(m), c,
+                          NULL);
                 store_block(c, m, j, NULL, y + h * hy, ldy, BF16);
             } else {
                 dot_block_xw(scratch + h * per_head, K, w + h * hw + 16 * j, ldw, ntb, c);

@@ -17,6 +17,8 @@
 #if defined(HAVE_TILES)
 #define KC 32            /* k elements per A-tile row: 64 bytes of bf16 */
 #define TILE (16 * KC)   /* bf16 elements of one B tile: 16 k-pairs x 16 tokens x 2 */
+/* whether m tokens leave 1-8 in their last block of 16 (the AVX512-BF16 products then use 8 lanes) */
+static inline int last8(int64_t m) { return m % 16 != 0 && m % 16 <= 8; }
 #endif
 
 #if defined(HAVE_AMX)
@@ -57,11 +59,34 @@ static inline __m512bh pair16(const uint16_t *a) {
  * last block against all 16 rows (one load of B's row feeds 16). A's rows EMU_PF ahead (the block
  * after next, in the weights' order) are prefetched into L2 a line per row and k step: 16 rows read
  * side by side stream at 14-16 GB/s on the Zen 4 EPYC, 15-19 GB/s with it (decode-sized blocks).
- * accumulate: add to c's sums (else they start at zero). K % 32 == 0. */
+ * last8: the odd last block holds columns 0-7 only (the rest zeros: tokens past m): 8 lanes then,
+ * whose vdpbf16ps issue twice as fast (1.15x at 8 rows on the Zen 4 EPYC), lanes 8-15 stored as
+ * zeros. accumulate: add to c's sums (else they start at zero). K % 32 == 0. */
 #define EMU_PF 32
 static inline void emu_tiles(const uint16_t *a, int64_t lda, int64_t K, const uint16_t *b, int64_t bstride, int nb,
-                             float *c, int accumulate) {
-    if (nb & 1) {
+                             int last8, float *c, int accumulate) {
+    if ((nb & 1) && last8 && !accumulate) {  /* 8 lanes (ymm) for the odd block's 1-8 columns, 8-15 zero */
+        const int j = nb - 1;
+        float *cj = c + j * 256;
+        __m256 s[16];
+        for (int r = 0; r < 16; r++) s[r] = _mm256_setzero_ps();
+        const uint16_t *bj = b + j * bstride;
+        for (int64_t k = 0; k < K; k += KC, bj += TILE) {
+            for (int r = 0; r < 16; r++) _mm_prefetch((const char *)(a + (EMU_PF + r) * lda + k), _MM_HINT_T1);
+            for (int p = 0; p < 16; p++) {
+                const __m256bh v = (__m256bh)_mm256_loadu_si256((const __m256i *)(bj + 32 * p));
+                for (int r = 0; r < 16; r++) {
+                    int32_t w;
+                    memcpy(&w, a + r * lda + k + 2 * p, 4);
+                    s[r] = _mm256_dpbf16_ps(s[r], (__m256bh)_mm256_set1_epi32(w), v);
+                }
+            }
+        }
+        for (int r = 0; r < 16; r++) {
+            _mm256_storeu_ps(cj + r * 16, s[r]);
+            _mm256_storeu_ps(cj + r * 16 + 8, _mm256_setzero_ps());
+        }
+    } else if (nb & 1) {
         const int j = nb - 1;
         float *cj = c + j * 256;
         __m512 s[16];
