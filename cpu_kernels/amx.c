@@ -355,8 +355,7 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
             for (int64_t q = 0; q < nsmall * (F / 16); q++) {
                 const int64_t e = small[q / (F / 16)];
                 gate_up_block(w13, e, D, F, q % (F / 16), xp + xoff[e], (int)((counts[e] + 15) / 16),
-                              last8(counts[e]), ap + aoff[e],
-                              c0, c1, wbuf);
+                              last8(counts[e]), ap + aoff[e], c0, c1, wbuf);
             }
 #pragma omp for schedule(static) nowait
             for (int64_t q = 0; q < nsmall * (D / 16); q++) {
