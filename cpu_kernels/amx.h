@@ -59,13 +59,13 @@ static inline __m512bh pair16(const uint16_t *a) {
  * last block against all 16 rows (one load of B's row feeds 16). A's rows EMU_PF ahead (the block
  * after next, in the weights' order) are prefetched into L2 a line per row and k step: 16 rows read
  * side by side stream at 14-16 GB/s on the Zen 4 EPYC, 15-19 GB/s with it (decode-sized blocks).
- * last8: the odd last block holds columns 0-7 only (the rest zeros: tokens past m): 8 lanes then,
- * whose vdpbf16ps issue twice as fast (1.15x at 8 rows on the Zen 4 EPYC), lanes 8-15 stored as
- * zeros. accumulate: add to c's sums (else they start at zero). K % 32 == 0. */
+ * l8 (last8(m)): the odd last block holds columns 0-7 only (the rest zeros: tokens past m): 8
+ * lanes then, whose vdpbf16ps issue twice as fast (1.15x at 8 rows on the Zen 4 EPYC), lanes 8-15
+ * stored as zeros. accumulate: add to c's sums (else they start at zero). K % 32 == 0. */
 #define EMU_PF 32
 static inline void emu_tiles(const uint16_t *a, int64_t lda, int64_t K, const uint16_t *b, int64_t bstride, int nb,
-                             int last8, float *c, int accumulate) {
-    if ((nb & 1) && last8 && !accumulate) {  /* 8 lanes (ymm) for the odd block's 1-8 columns, 8-15 zero */
+                             int l8, float *c, int accumulate) {
+    if ((nb & 1) && l8 && !accumulate) {  /* 8 lanes (ymm) for the odd block's 1-8 columns, 8-15 zero */
         const int j = nb - 1;
         float *cj = c + j * 256;
         __m256 s[16];
