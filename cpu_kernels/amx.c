@@ -298,8 +298,9 @@ static void down_block(const wsrc *w2, int64_t e, int64_t F, int64_t j, int pair
 }
 #endif
 
-/* Asks Linux for the AMX tile state (once per process; torch's oneDNN asks for it too). 0, or -1
- * when refused or built without AMX. */
+/* Asks Linux for the AMX tile state (once per process; torch's oneDNN asks for it too). 0; 1 when
+ * built for AVX512-BF16 without AMX (the tile products on vdpbf16ps); -1 when refused or built with
+ * neither. */
 int moe_amx_init(void) {
 #if defined(HAVE_AMX)
     return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 0 : -1;
@@ -412,7 +413,7 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
  * D % 32 == F % 32 == 0; any counts (an expert's rows run in chunks of 256). Scratch: xp of
  * sum_e ceil(counts[e]/16) * D * 16 bf16 and ap of (512 + the sum over experts of 1-63 rows of their
  * rows rounded up to 16) * F bf16: (512 + min(R + 15E, 64E)) * F for R rows in all. Returns 0, or -1
- * when built without AMX. */
+ * when built without tiles (neither AMX nor AVX512-BF16). */
 int moe_amx_experts(const uint16_t *x, int64_t ldx, const int64_t *counts, int64_t E, int64_t D, int64_t F,
                     const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2, uint16_t *y, int64_t ldy,
                     uint16_t *xp, uint16_t *ap, int num_threads) {
@@ -433,7 +434,7 @@ int moe_amx_experts(const uint16_t *x, int64_t ldx, const int64_t *counts, int64
  * float32, rounded once -- dispatch, experts and combine (LocalDispatcher) in one call. Scratch:
  * xp of (T*K + 16*E) * D bf16, ap as moe_amx_experts, ys of T*K*D bf16 (each row's result in
  * expert order), rows of 3*T*K int64.
- * Returns 0; -1 without AMX; -3 for an id out of range
+ * Returns 0; -1 without tiles; -3 for an id out of range
  * (nothing written: use the dispatcher). */
 #if defined(HAVE_TILES)
 /* dispatch, experts and combine of moe_amx_moe with weights from w13 and w2 */
@@ -530,7 +531,7 @@ int moe_amx_moe_packed(const uint16_t *x, int64_t ldx, int64_t T, const int64_t 
 /* y[t, :] = W @ x[t, :] (+ bias) for m <= 64 rows: x [m, K] (row stride ldx), W [N, K] (row
  * stride ldw), bias [N] bf16 or NULL, y [m, N] (row stride ldy) bf16, or float32 holding the
  * bf16-rounded values (dtype F32: logits). Needs K % 32 == N % 16 == 0. Scratch xp: 4 * K * 16
- * bf16. Returns 0, or -1 when built without AMX. */
+ * bf16. Returns 0, or -1 when built without tiles. */
 int moe_amx_linear(const uint16_t *x, int64_t ldx, int64_t m, const uint16_t *w, int64_t ldw, int64_t N, int64_t K,
                    const uint16_t *bias, void *y, int64_t ldy, int dtype, uint16_t *xp, int num_threads) {
 #if defined(HAVE_TILES)
@@ -608,7 +609,7 @@ static void dot_block_xw(const uint16_t *xa, int64_t K, const uint16_t *w, int64
  * when W_h is [K, N] (rows of N). x[t, h, k] at x + t*ldx + h*hx + k; W_h at w + h*hw with row
  * stride ldw; y[t, h, n] (bf16) at y + t*ldy + h*hy + n. Float32 sums rounded once, as bmm.
  * Needs K % 32 == N % 16 == 0. Scratch: H * ceil(m/16) * 16 * K bf16. Returns 0, or -1 when built
- * without AMX. */
+ * without tiles. */
 int moe_amx_heads(const uint16_t *x, int64_t ldx, int64_t hx, int64_t m, const uint16_t *w, int64_t ldw, int64_t hw,
                   int64_t N, int64_t K, int64_t H, int w_rows_n, uint16_t *y, int64_t ldy, int64_t hy,
                   uint16_t *scratch, int num_threads) {

@@ -49,7 +49,8 @@ AMX_CHUNK = 256  # the bf16 experts kernels take any rows, an expert's rows in c
 def _tile_kind() -> int:
     global _tiles
     if _tiles is None:
-        _tiles = load().moe_amx_init() if load() is not None else -1
+        lib = load()
+        _tiles = lib.moe_amx_init() if lib is not None else -1
     return _tiles
 
 

@@ -9,7 +9,6 @@
  * order of the float32 sums. */
 #include "kernels.h"
 
-
 #if defined(__AVX512BF16__)
 /* rows r .. r+R-1 (R <= 4) of W dotted with x, one row after the other: each row one sequential
  * stream of 128 elements a step into four sums (x stays in L1). Reading the R rows side by side
