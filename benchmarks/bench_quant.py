@@ -58,6 +58,10 @@ FORMATS = {  # label -> moe quantize options (None: the bf16 checkpoint itself)
     # moe quantize --all-linear: attention, dense MLPs, shared experts and the LM head packed too (Q4_K_M's choice)
     "int4-g128-all": dict(format="int4", group_size=128, all_linear=True),
     "int4-g32-asym-all": dict(format="int4", group_size=32, symmetric=False, all_linear=True),
+    # --activations int8: decode rounds x to 8 bits per 32 columns and multiplies in integers (as llama.cpp)
+    "int4-g128-x8": dict(format="int4", group_size=128, activations="int8"),
+    "int4-g128-all-x8": dict(format="int4", group_size=128, all_linear=True, activations="int8"),
+    "int4-g32-asym-all-x8": dict(format="int4", group_size=32, symmetric=False, all_linear=True, activations="int8"),
 }
 OFFLOAD_FRACTIONS = (1.0, 0.5, 0.25)
 
@@ -159,7 +163,7 @@ def run_formats(base: Path, cfg, args, prompts: Prompts, probe_GBps: float) -> d
               "decode_GBps": r["decode_tok_s"] * active / 1e9, "checkpoint_bytes": dir_bytes(path)}
         r["fraction_of_probe"] = r["decode_GBps"] / probe_GBps
         out[label] = r
-        print(f"  {label:14s} weights {wb['total'] / 2**20:8.1f} MiB (experts {wb['routed_experts'] / 2**20:8.1f} MiB)"
+        print(f"  {label:20s} weights {wb['total'] / 2**20:8.1f} MiB (experts {wb['routed_experts'] / 2**20:8.1f} MiB)"
               f"  decode {r['decode_tok_s']:7.2f} tok/s  {r['decode_GBps']:5.1f} GB/s", flush=True)
         del llm
         gc.collect()
@@ -317,7 +321,8 @@ def run_model(name: str, args, probe: dict) -> dict:
         res["llama_cpp"] = run_llama_cpp(base, args)
         ours = res["formats"]
         pairs = [("bf16", "BF16"), ("int8-g128", "Q8_0"), ("int4-g128", "Q4_K_M"), ("int4-g32-asym", "Q4_K_M"),
-                 ("int4-g128-all", "Q4_K_M"), ("int4-g32-asym-all", "Q4_K_M")]
+                 ("int4-g128-all", "Q4_K_M"), ("int4-g32-asym-all", "Q4_K_M"), ("int4-g128-x8", "Q4_K_M"),
+                 ("int4-g128-all-x8", "Q4_K_M"), ("int4-g32-asym-all-x8", "Q4_K_M")]
         res["ours_vs_llama_cpp"] = {f"{a} vs {b}": ours[a]["decode_tok_s"] / res["llama_cpp"][b]["decode_tok_s"]
                                     for a, b in pairs if a in ours}
     return res
@@ -331,10 +336,10 @@ def print_table(report: dict) -> None:
     for name, r in report["models"].items():
         print(f"\n[{name}]  decode: batch 1, {report['args']['prompt_len']}-token prompt, "
               f"{report['args']['new_tokens']} new tokens")
-        print(f"  {'format':<16}{'weights MiB':>12}{'experts MiB':>12}{'x bf16':>8}{'tok/s':>9}{'x bf16':>8}"
+        print(f"  {'format':<22}{'weights MiB':>12}{'experts MiB':>12}{'x bf16':>8}{'tok/s':>9}{'x bf16':>8}"
               f"{'GB/s':>7}{'of probe':>9}")
         for label, f in r["formats"].items():
-            print(f"  {label:<16}{f['weight_bytes']['total'] / 2**20:12.1f}"
+            print(f"  {label:<22}{f['weight_bytes']['total'] / 2**20:12.1f}"
                   f"{f['weight_bytes']['routed_experts'] / 2**20:12.1f}{f.get('expert_bytes_vs_bf16', 1):8.3f}"
                   f"{f['decode_tok_s']:9.2f}{f.get('decode_vs_bf16', 1):8.2f}{f['decode_GBps']:7.1f}"
                   f"{f['fraction_of_probe']:9.0%}")

@@ -15,11 +15,17 @@ token gives the perplexity. One JSON line per configuration, then a markdown tab
 
     python benchmarks/quant_quality.py                       # the RTN sweep (group 32/64/128 x sym/asym)
     python benchmarks/quant_quality.py --methods rtn awq gptq --configs g128-sym g32-asym
+    python benchmarks/quant_quality.py --configs g128-sym --activations float int8 --step-tokens 8
+
+``--activations int8`` (``moe quantize --activations int8``) rounds x to 8 bits where the kernels
+stream the codes, which is at decode-sized steps only: ``--step-tokens 8`` scores every model in
+steps of 8 tokens (``max_num_batched_tokens``), the rows decode and verify steps run with.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import math
 import sys
@@ -62,11 +68,14 @@ def token_windows(tok, texts: list[str], tokens: int, window: int) -> list[list[
     return [ids[s:s + window + 1] for s in range(0, len(ids) - 1, window) if len(ids[s:s + window + 1]) > 1]
 
 
-def score(model_dir: str | None, windows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(top-1 token, log-prob of the actual next token)`` at every scored position."""
+def score(model_dir: str | None, windows: list[list[int]], step_tokens: int | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(top-1 token, log-prob of the actual next token)`` at every scored position; ``step_tokens``:
+    the engine's tokens per step (None: its default, whole windows)."""
     from moe import LLM, SamplingParams
 
-    llm = LLM(model_dir, dtype="float32", kv_cache_memory=1 << 24)
+    kw = {"max_num_batched_tokens": step_tokens} if step_tokens else {}
+    llm = LLM(model_dir, dtype="float32", kv_cache_memory=1 << 24, **kw)
     outs = llm.generate([{"prompt_token_ids": w} for w in windows],
                         SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1))
     top, lp = [], []
@@ -88,6 +97,10 @@ def main(argv=None) -> None:
     ap.add_argument("--all-linear", action="store_true",
                     help="also pack attention, dense MLPs, shared experts and the LM head in the same int4 format "
                          "(moe quantize --all-linear; they are rounded to nearest, calibration chooses expert codes)")
+    ap.add_argument("--activations", nargs="+", default=["float"], choices=["float", "int8"],
+                    help="what the int4 codes meet where the kernels stream them (moe quantize --activations)")
+    ap.add_argument("--step-tokens", type=int, default=None,
+                    help="score in engine steps of this many tokens (8: the rows decode steps stream)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the many small ops of calibration "
                     "and of this 9M-parameter model run best on one)")
     args = ap.parse_args(argv)
@@ -102,7 +115,7 @@ def main(argv=None) -> None:
     tok = Tokenizer(src)
     train, held = corpus_splits()
     windows = token_windows(tok, held, args.tokens, args.window)
-    ref_top, ref_lp = score(None, windows)
+    ref_top, ref_lp = score(None, windows, args.step_tokens)
     n = len(ref_top)
     rows = [dict(config="bf16", method="-", agreement=1.0, ppl=math.exp(-ref_lp.mean().item()), positions=n)]
     print(json.dumps(rows[0]), flush=True)
@@ -113,22 +126,23 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs:
             g, sym = CONFIGS[name]
-            for method in args.methods:
-                fmt = get_format("int4", group_size=g, symmetric=sym)
-                out = Path(tmp) / f"{name}-{method}"
+            for method, act in itertools.product(args.methods, args.activations):
+                fmt = get_format("int4", group_size=g, symmetric=sym, activations=act)
+                out = Path(tmp) / f"{name}-{method}-{act}"
                 t0 = time.perf_counter()
                 quantize_checkpoint(src, out, fmt, method=method, calibration=calib if method != "rtn" else None,
                                     all_linear=args.all_linear)
                 secs = time.perf_counter() - t0
-                top, lp = score(str(out), windows)
-                row = dict(config=name, method=method, all_linear=args.all_linear,
+                top, lp = score(str(out), windows, args.step_tokens)
+                row = dict(config=name, method=method, activations=act, all_linear=args.all_linear,
                            agreement=round(float((top == ref_top).float().mean()), 4),
                            ppl=round(math.exp(-lp.mean().item()), 3), positions=n, quantize_s=round(secs, 1))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    print("\n| int4 config | method | top-1 agreement | perplexity |\n| --- | --- | --- | --- |")
+    print("\n| int4 config | method | activations | top-1 agreement | perplexity |\n| --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['config']} | {r['method']} | {r['agreement']:.4f} | {r['ppl']:.3f} |")
+        act = r.get("activations", "-")
+        print(f"| {r['config']} | {r['method']} | {act} | {r['agreement']:.4f} | {r['ppl']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ from .fused import gqa_token, mla_token
 from .gemm import grouped_gemm
 from .gemv import Residual, expert_token, gemv, heads_vec, moe_token
 from .paged_decode import paged_decode_attention, supports_decode
-from .quant import (Q8_GEMM_MAX_ROWS, Q_FP8, Q_INT8, q4_dequant, q4_gemm, q8_available, q8_dequant, q8_gemm,
-                    quant_moe_token)
+from .quant import (Q8_GEMM_MAX_ROWS, Q_FP8, Q_INT4_X8, Q_INT8, q4_dequant, q4_gemm, q4x8_gemm, q8_available,
+                    q8_dequant, q8_gemm, quant_moe_token, round_x8)
 
 __all__ = [
     "load", "set_malloc_thresholds", "supports_decode", "paged_decode_attention", "supports_prefill",
@@ -38,6 +38,6 @@ __all__ = [
     "grouped_gemm", "gemv", "expert_token", "moe_token", "heads_vec", "Residual",
     "AMX_MAX_ROWS", "amx_available", "amx_tiles", "amx_experts", "amx_moe", "amx_moe_packed", "amx_linear", "amx_heads",
     "mla_token", "gqa_token",
-    "Q_INT8", "Q_FP8", "Q8_GEMM_MAX_ROWS", "q8_available", "q8_gemm", "q8_dequant", "q4_gemm", "q4_dequant",
-    "quant_moe_token",
+    "Q_INT8", "Q_FP8", "Q_INT4_X8", "Q8_GEMM_MAX_ROWS", "q8_available", "q8_gemm", "q8_dequant", "q4_gemm",
+    "q4_dequant", "q4x8_gemm", "round_x8", "quant_moe_token",
 ]

@@ -7,11 +7,11 @@
 
 /* A projection's packed weight (moe quantize --all-linear, ops.PackedLinearWeight): int4 codes
  * [N, K/2] (lut: their 16 values) or int8 codes [N, K] (lut NULL), float32 scales and offsets
- * (b NULL: none) per gs columns. */
+ * (b NULL: none) per gs columns; x8: int4 codes meet x rounded to 8 bits (moe_q4x8_gemm). */
 typedef struct {
     const void *q;
     const float *lut, *s, *b;
-    int64_t gs;
+    int64_t gs, x8;
 } PackedProj;
 
 /* y = W x (+ bias) in bf16, as ops.linear computes it at one row: the bf16 GEMV (bias added before
@@ -25,8 +25,9 @@ static int project(const uint16_t *w, const PackedProj *p, int64_t N, int64_t K,
     if (!xf) return -1;
     for (int64_t k = 0; k < K; k++) xf[k] = bf16_to_f32(x[k]);
     const int64_t G = (K + p->gs - 1) / p->gs;
-    const int rc = p->lut ? moe_q4_gemm(xf, 1, K, p->q, K / 2, p->lut, p->s, p->b, G, p->gs, N, y, BF16, nt)
-                          : moe_q8_gemm(xf, 1, K, p->q, K, 0 /* int8 */, p->s, p->b, G, p->gs, 1, N, y, BF16, nt);
+    const int rc = p->x8    ? moe_q4x8_gemm(xf, 1, K, p->q, K / 2, p->s, p->b, G, p->gs, N, y, BF16, nt)
+                   : p->lut ? moe_q4_gemm(xf, 1, K, p->q, K / 2, p->lut, p->s, p->b, G, p->gs, N, y, BF16, nt)
+                            : moe_q8_gemm(xf, 1, K, p->q, K, 0 /* int8 */, p->s, p->b, G, p->gs, 1, N, y, BF16, nt);
     free(xf);
     if (rc != 0) return -1;
     if (bias)

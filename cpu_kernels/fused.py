@@ -25,14 +25,15 @@ declare({
                       _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _int],
 })
 
-# a packed projection's kernel arguments: (codes, lut or None (int8), float32 scales, offsets or None, group size)
+# a packed projection's kernel arguments: (codes, lut or None (int8), float32 scales, offsets or None, group size,
+# x8: int4 codes meet x rounded to 8 bits)
 PackedArgs = tuple
 
 
 class _PackedProj(ctypes.Structure):
     """fused.c's PackedProj."""
 
-    _fields_ = [("q", _ptr), ("lut", _ptr), ("s", _ptr), ("b", _ptr), ("gs", _i64)]
+    _fields_ = [("q", _ptr), ("lut", _ptr), ("s", _ptr), ("b", _ptr), ("gs", _i64), ("x8", _i64)]
 
 
 def _projection(w: torch.Tensor | PackedArgs, N: int, K: int) -> tuple[int | None, _PackedProj | None] | None:
@@ -43,7 +44,7 @@ def _projection(w: torch.Tensor | PackedArgs, N: int, K: int) -> tuple[int | Non
         if w.dtype != torch.bfloat16 or w.is_cuda or not w.is_contiguous() or w.shape != (N, K):
             return None
         return w.data_ptr(), None
-    q, lut, s, b, gs = w
+    q, lut, s, b, gs, x8 = w
     G = -(-K // gs)
     codes = (torch.uint8, (N, K // 2)) if lut is not None else (torch.int8, (N, K))
     if ((q.dtype, tuple(q.shape)) != codes or not q.is_contiguous() or (lut is not None and K % 32)
@@ -51,7 +52,7 @@ def _projection(w: torch.Tensor | PackedArgs, N: int, K: int) -> tuple[int | Non
             or (b is not None and (b.dtype != torch.float32 or b.shape != (N, G) or not b.is_contiguous()))):
         return None
     return None, _PackedProj(q.data_ptr(), lut.data_ptr() if lut is not None else None, s.data_ptr(),
-                             b.data_ptr() if b is not None else None, gs)
+                             b.data_ptr() if b is not None else None, gs, int(bool(x8) and lut is not None))
 
 
 def mla_token(x_1D: torch.Tensor, w_qa: torch.Tensor | PackedArgs | None, qa_norm: torch.Tensor | None, q_eps: float,

@@ -26,6 +26,8 @@ int moe_q8_gemm(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t l
 int moe_q4_gemm(const float *x, int64_t M, int64_t K, const uint8_t *q, int64_t ldq, const float *lut,
                 const float *s, const float *b, int64_t G, int64_t gs, int64_t N, void *y, int ydtype,
                 int num_threads);
+int moe_q4x8_gemm(const float *x, int64_t M, int64_t K, const uint8_t *q, int64_t ldq, const float *s,
+                  const float *b, int64_t G, int64_t gs, int64_t N, void *y, int ydtype, int num_threads);
 int moe_q4_dequant(const uint8_t *q, int64_t ldq, const float *lut, const float *s, const float *b, int64_t G,
                    int64_t gs, int64_t N, int64_t K, void *out, int odtype, int num_threads);
 int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, int dtype,

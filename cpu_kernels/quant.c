@@ -16,7 +16,7 @@
  * may be NULL. fp8: bn = row block, gs = K block, b NULL. */
 #include "kernels.h"
 
-enum { Q_INT8 = 0, Q_FP8 = 1 };
+enum { Q_INT8 = 0, Q_FP8 = 1, Q_INT4_X8 = 2 /* 4-bit int codes, x rounded to 8 bits (moe_q4x8_gemm) */ };
 
 /* up to 8 rows of x (mb of them) at a time through a row function specialized for that count:
  * CALL(rows, unroll), unroll u1 .. u4 for one to four rows and 1 for more (more rows give the FMA
@@ -435,6 +435,214 @@ int moe_q4_gemm(const float *x, int64_t M, int64_t K, const uint8_t *q, int64_t 
     return 0;
 }
 
+/* int4 codes times activations rounded to 8 bits (a "W4A8" product, as llama.cpp's 4-bit x 8-bit
+ * dot products): each row of x, in blocks of 32 columns, becomes xq = round(x / d) in [-127, 127]
+ * with d = max|x| / 127 over the block, and y[m, n] = sum_k w[n, k] d xq[m, k] -- the weight times
+ * the rounded x. The codes (0..15, lut = the codes) meet xq in integer products (AVX512-VNNI
+ * vpdpbusd; AVX2 vpmaddubsw), summed per block and scaled once per block (s d); the offsets b meet
+ * the rounded x's group sums. A 4-bit weight then costs a few integer instructions per 64 columns
+ * instead of a conversion, a table lookup and a multiply per 16: batch-1 decode is compute-bound
+ * on float codes (5-6 GB/s of int4 weights on 2 cores against a 13-16 GB/s probe). */
+enum { XB = 32 }; /* columns per activation block */
+
+/* One row of x (K floats, K % 32 == 0) -> its even and odd columns as int8 (xe, xo: K/2 each), the
+ * block scales d (K/32) and the rounded row's group sums xs (G, groups of gs columns) */
+static void quant_x8(const float *x, int64_t K, int64_t gs, int8_t *xe, int8_t *xo, float *d, float *xs) {
+    for (int64_t g = 0; g < (K + gs - 1) / gs; g++) xs[g] = 0.f;
+    for (int64_t j = 0; j < K / XB; j++) {
+        const float *xb = x + j * XB;
+        float a = 0.f;
+        for (int i = 0; i < XB; i++) a = fabsf(xb[i]) > a ? fabsf(xb[i]) : a; /* (fmaxf: a libm call) */
+        const float id = a > 0.f ? 127.f / a : 0.f;
+        int sum = 0;
+        for (int i = 0; i < XB; i += 2) {
+            const int ve = (int)nearbyintf(xb[i] * id), vo = (int)nearbyintf(xb[i + 1] * id);
+            xe[j * XB / 2 + i / 2] = (int8_t)ve;
+            xo[j * XB / 2 + i / 2] = (int8_t)vo;
+            sum += ve + vo;
+        }
+        d[j] = a / 127.f;
+        xs[j * XB / gs] += d[j] * (float)sum;
+    }
+}
+
+/* the scale of each of the nb <= 4 blocks of 32 columns from block j0 on: s of its group (gs 32, 64
+ * or 128 columns) times the row's d */
+static inline void block_scales(const float *sn, const float *d, int64_t j0, int nb, int64_t gs, float *sd) {
+    for (int j = 0; j < 4; j++) sd[j] = j < nb ? sn[(j0 + j) * XB / gs] * d[j0 + j] : 0.f;
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* 64 bytes of one weight row (128 columns, 4 blocks of x) against M rows of x, into acc[m]; mk: the
+ * bytes present (a row's last step may be short: its missing blocks get scale 0). A step's 32-bit
+ * lanes 4j..4j+3 hold block j's sums (lane i: bytes 4i..4i+3, columns 2k + 8i .. 2k + 8i + 7). */
+static inline __attribute__((always_inline)) void q4x8_step(const int8_t *xe, const int8_t *xo, const float *d,
+                                                            int64_t K2, int64_t KB, const uint8_t *qn,
+                                                            const float *sn, int64_t gs, int64_t k, __mmask64 mk,
+                                                            const int M, __m512 *acc) {
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    const __m512i four = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const int64_t j0 = k / 16;
+    const int full = mk == ~(__mmask64)0;
+    const __m512i b = full ? _mm512_loadu_si512(qn + k) : _mm512_maskz_loadu_epi8(mk, qn + k);
+    const __m512i lo = _mm512_and_si512(b, low), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+    __m128 s4 = _mm_setzero_ps(); /* the 4 blocks' weight scales (a short step: block_scales per row) */
+    if (full) {
+        if (gs == 32) s4 = _mm_loadu_ps(sn + j0);
+        else if (gs == 64) {
+            const __m128 s2 = _mm_castpd_ps(_mm_load_sd((const double *)(sn + j0 / 2)));
+            s4 = _mm_unpacklo_ps(s2, s2);
+        } else s4 = _mm_set1_ps(sn[j0 / 4]);
+    }
+    for (int m = 0; m < M; m++) {
+        __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_maskz_loadu_epi8(mk, xe + m * K2 + k));
+        p = _mm512_dpbusd_epi32(p, hi, _mm512_maskz_loadu_epi8(mk, xo + m * K2 + k));
+        __m128 sd;
+        if (full) sd = _mm_mul_ps(s4, _mm_loadu_ps(d + m * KB + j0));
+        else {
+            float t[4];
+            block_scales(sn, d + m * KB, j0, (int)(_mm_popcnt_u64(mk) / 16), gs, t);
+            sd = _mm_loadu_ps(t);
+        }
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(four, _mm512_castps128_ps512(sd)),
+                                 acc[m]);
+    }
+}
+
+/* M rows of x against one weight row: steps of 64 bytes in pairs (two sums per row), a short last */
+static inline __attribute__((always_inline)) void q4x8_row(const int8_t *xe, const int8_t *xo, const float *d,
+                                                           int64_t K2, int64_t KB, const uint8_t *qn, const float *sn,
+                                                           int64_t gs, const int M, float *out) {
+    const __mmask64 all = ~(__mmask64)0;
+    __m512 a0[4], a1[4];
+    for (int m = 0; m < M; m++) a0[m] = a1[m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 128 <= K2; k += 128) {
+        q4x8_step(xe, xo, d, K2, KB, qn, sn, gs, k, all, M, a0);
+        q4x8_step(xe, xo, d, K2, KB, qn, sn, gs, k + 64, all, M, a1);
+    }
+    if (k + 64 <= K2) {
+        q4x8_step(xe, xo, d, K2, KB, qn, sn, gs, k, all, M, a0);
+        k += 64;
+    }
+    if (k < K2) q4x8_step(xe, xo, d, K2, KB, qn, sn, gs, k, ((__mmask64)1 << (K2 - k)) - 1, M, a1);
+    for (int m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m]));
+}
+
+#define Q4X8_STEP 64
+#elif defined(__AVX2__) && defined(__FMA__)
+/* q4x8_row on 8 lanes, 32 bytes (64 columns, 2 blocks) a step: pairs of u8 x s8 products in 16
+ * bits (at most 2 x 15 x 127 each, 4 x for low + high nibbles: no saturation), then pairs of those
+ * in 32 bits; lanes 4j..4j+3 hold block j's sums. */
+static inline __attribute__((always_inline)) void q4x8_step(const int8_t *xe, const int8_t *xo, const float *d,
+                                                            int64_t K2, int64_t KB, const uint8_t *qn,
+                                                            const float *sn, int64_t gs, int64_t k, const int M,
+                                                            __m256 *acc) {
+    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256i two = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    const int64_t j0 = k / 16;
+    const __m256i b = _mm256_loadu_si256((const __m256i *)(qn + k));
+    const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+    const __m128 s2 = gs == 32 ? _mm_castpd_ps(_mm_load_sd((const double *)(sn + j0))) : _mm_set1_ps(sn[j0 * XB / gs]);
+    for (int m = 0; m < M; m++) {
+        const __m256i p16 = _mm256_add_epi16(
+            _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xe + m * K2 + k))),
+            _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xo + m * K2 + k))));
+        const __m128 sd = _mm_mul_ps(s2, _mm_castpd_ps(_mm_load_sd((const double *)(d + m * KB + j0))));
+        const __m256 sv = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(sd), two);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), sv, acc[m]);
+    }
+}
+
+/* M rows of x against one weight row: steps of 32 bytes in pairs, a last half step (16 bytes, one
+ * block) on xmm */
+static inline __attribute__((always_inline)) void q4x8_row(const int8_t *xe, const int8_t *xo, const float *d,
+                                                           int64_t K2, int64_t KB, const uint8_t *qn, const float *sn,
+                                                           int64_t gs, const int M, float *out) {
+    __m256 a0[4], a1[4];
+    for (int m = 0; m < M; m++) a0[m] = a1[m] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K2; k += 64) {
+        q4x8_step(xe, xo, d, K2, KB, qn, sn, gs, k, M, a0);
+        q4x8_step(xe, xo, d, K2, KB, qn, sn, gs, k + 32, M, a1);
+    }
+    if (k + 32 <= K2) {
+        q4x8_step(xe, xo, d, K2, KB, qn, sn, gs, k, M, a0);
+        k += 32;
+    }
+    float tail[4] = {0.f, 0.f, 0.f, 0.f};
+    if (k < K2) { /* 16 bytes: one block */
+        const int64_t j = k / 16;
+        const __m128i l4 = _mm_set1_epi8(0x0f), b = _mm_loadu_si128((const __m128i *)(qn + k));
+        const __m128i lo = _mm_and_si128(b, l4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), l4);
+        for (int m = 0; m < M; m++) {
+            const __m128i p16 = _mm_add_epi16(_mm_maddubs_epi16(lo, _mm_loadu_si128((const __m128i *)(xe + m * K2 + k))),
+                                              _mm_maddubs_epi16(hi, _mm_loadu_si128((const __m128i *)(xo + m * K2 + k))));
+            const __m128i p = _mm_madd_epi16(p16, _mm_set1_epi16(1));
+            __m128i t = _mm_add_epi32(p, _mm_shuffle_epi32(p, 0x4e));
+            t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+            tail[m] = (float)_mm_cvtsi128_si32(t) * (sn[j * XB / gs] * d[m * KB + j]);
+        }
+    }
+    for (int m = 0; m < M; m++) out[m] = reduce8(_mm256_add_ps(a0[m], a1[m])) + tail[m];
+}
+#define Q4X8_STEP 32
+#endif
+
+/* M rows of x against one weight row (qn, its scales sn): out[m] */
+static void q4x8_rows(const int8_t *xe, const int8_t *xo, const float *d, int64_t K2, int64_t KB, const uint8_t *qn,
+                      const float *sn, int64_t gs, int64_t M, float *out) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+#if defined(Q4X8_STEP)
+        const int64_t o = m0 * K2;
+        switch (M - m0 < 4 ? M - m0 : 4) {
+        case 1: q4x8_row(xe + o, xo + o, d + m0 * KB, K2, KB, qn, sn, gs, 1, out + m0); break;
+        case 2: q4x8_row(xe + o, xo + o, d + m0 * KB, K2, KB, qn, sn, gs, 2, out + m0); break;
+        case 3: q4x8_row(xe + o, xo + o, d + m0 * KB, K2, KB, qn, sn, gs, 3, out + m0); break;
+        default: q4x8_row(xe + o, xo + o, d + m0 * KB, K2, KB, qn, sn, gs, 4, out + m0); break;
+        }
+#else
+        for (int64_t m = m0; m < M && m < m0 + 4; m++) {
+            float acc = 0.f;
+            for (int64_t j = 0; j < KB; j++) {
+                int sum = 0;
+                for (int64_t i = j * XB / 2; i < (j + 1) * XB / 2; i++)
+                    sum += (qn[i] & 15) * xe[m * K2 + i] + (qn[i] >> 4) * xo[m * K2 + i];
+                acc += (float)sum * (sn[j * XB / gs] * d[m * KB + j]);
+            }
+            out[m] = acc;
+        }
+#endif
+    }
+}
+
+/* y = x w^T as moe_q4_gemm for int4 codes (their values 0..15, offsets b = -zero * s) with x rounded
+ * to 8 bits per 32 columns (above); M <= 64 rows, four at a time against each weight row; gs 32, 64
+ * or 128, K % 32 == 0. Returns 0, -1 for other shapes (or no memory). */
+int moe_q4x8_gemm(const float *x, int64_t M, int64_t K, const uint8_t *q, int64_t ldq, const float *s,
+                  const float *b, int64_t G, int64_t gs, int64_t N, void *y, int ydtype, int num_threads) {
+    if (M < 1 || M > 64 || K % XB || (gs != 32 && gs != 64 && gs != 128) || G != (K + gs - 1) / gs) return -1;
+    const int64_t K2 = K / 2, KB = K / XB;
+    void *buf = malloc((size_t)(M * K) + sizeof(float) * (size_t)(M * (KB + G)));
+    if (!buf) return -1;
+    int8_t *xe = buf, *xo = xe + M * K2;
+    float *d = (float *)(xo + M * K2), *xs = d + M * KB;
+    for (int64_t m = 0; m < M; m++) quant_x8(x + m * K, K, gs, xe + m * K2, xo + m * K2, d + m * KB, xs + m * G);
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (N * K >= 131072)
+    for (int64_t n = 0; n < N; n++) {
+        float out[64];
+        q4x8_rows(xe, xo, d, K2, KB, q + n * ldq, s + n * G, gs, M, out);
+        for (int64_t m = 0; m < M; m++) {
+            float v = out[m];
+            if (b) v += offsets(b + n * G, xs + m * G, G);
+            if (ydtype == BF16) ((uint16_t *)y)[m * N + n] = f32_to_bf16(v);
+            else ((float *)y)[m * N + n] = v;
+        }
+    }
+    free(buf);
+    return 0;
+}
+
 /* The 4-bit weight itself: out[n, k] = w[n, k] in odtype (row stride K), rounded once (as
  * moe_q8_dequant). Returns 0. */
 static inline void q4_dequant_row(const uint8_t *q, int64_t ldq, const float *lut, const float *s, const float *b,
@@ -517,6 +725,7 @@ int moe_q4_dequant(const uint8_t *q, int64_t ldq, const float *lut, const float 
 /* one x row through an 8-bit (lut NULL) or 4-bit expert weight [N, K] */
 static int qgemv(const float *x, int64_t K, const void *q, int fmt, const float *lut, const float *s, const float *b,
                  int64_t G, int64_t gs, int64_t bn, int64_t N, uint16_t *y, int nt) {
+    if (lut && fmt == Q_INT4_X8) return moe_q4x8_gemm(x, 1, K, q, K / 2, s, b, G, gs, N, y, BF16, nt);
     if (lut) return moe_q4_gemm(x, 1, K, q, K / 2, lut, s, b, G, gs, N, y, BF16, nt);
     return moe_q8_gemm(x, 1, K, q, K, fmt, s, b, G, gs, bn, N, y, BF16, nt);
 }

@@ -19,6 +19,7 @@ declare({
     "moe_q8_gemm": [_ptr, _i64, _i64, _ptr, _i64, _int, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _int, _int],
     "moe_q8_dequant": [_ptr, _i64, _int, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _int, _int],
     "moe_q4_gemm": [_ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _int, _int],
+    "moe_q4x8_gemm": [_ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _int, _int],
     "moe_q4_dequant": [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _int, _int],
     "moe_qx_moe_token": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _int, _ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr,
                          _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
@@ -26,6 +27,7 @@ declare({
 })
 
 Q_INT8, Q_FP8 = 0, 1  # 8-bit weight codes: int8, or fp8 e4m3 bits (value * 2^-8; see quant.c)
+Q_INT4_X8 = 2  # 4-bit int codes with x rounded to 8 bits per 32 columns (q4x8_gemm; quant_moe_token's fmt)
 Q8_GEMM_MAX_ROWS = 64  # rows q8_gemm / q4_gemm take (eight at a time against each weight row)
 
 
@@ -85,6 +87,33 @@ def q4_gemm(x_MK: torch.Tensor, q_NK2: torch.Tensor, lut: torch.Tensor, s_NG: to
     (int4: 0..15 with offsets ``-zero * scale``; MXFP4: the FP4 e2m1 values)."""
     _check_rows("q4_gemm", x_MK, q_NK2.shape[1] * 2)
     return _gemm("moe_q4_gemm", x_MK, q_NK2.shape[0], _q4_args(q_NK2, lut, s_NG, b_NG, gs))
+
+
+def q4x8_gemm(x_MK: torch.Tensor, q_NK2: torch.Tensor, s_NG: torch.Tensor, b_NG: torch.Tensor | None,
+              gs: int) -> torch.Tensor:
+    """:func:`q4_gemm` for int4 codes (values 0..15, offsets ``-zero * scale``) with x rounded to 8
+    bits first: per row and block of 32 columns ``xq = round(x * 127 / a)``, ``a = max |x|`` over the
+    block, and ``y = (xq * a / 127) @ w.T`` -- integer products of codes and ``xq``, as llama.cpp's
+    4-bit formats compute (:func:`round_x8` is the rounding in torch). K a multiple of 32, ``gs``
+    32, 64 or 128."""
+    K = q_NK2.shape[1] * 2
+    _check_rows("q4x8_gemm", x_MK, K)
+    if K % 32 or gs not in (32, 64, 128):
+        raise ValueError(f"q4x8_gemm takes K a multiple of 32 and groups of 32, 64 or 128 columns, got K={K}, "
+                         f"group {gs}")
+    q, ldq, _, s, b, G, gs = _q4_args(q_NK2, _INT4_LUT, s_NG, b_NG, gs)
+    return _gemm("moe_q4x8_gemm", x_MK, q_NK2.shape[0], (q, ldq, s, b, G, gs))
+
+
+_INT4_LUT = torch.arange(16, dtype=torch.float32)
+
+
+def round_x8(x_MK: torch.Tensor) -> torch.Tensor:
+    """x as :func:`q4x8_gemm` rounds it (float32): per block of 32 columns ``round(x * 127 / a) * a / 127``."""
+    xb = x_MK.float().unflatten(-1, (-1, 32))
+    a = xb.abs().amax(-1, keepdim=True)
+    xq = torch.round(xb * torch.where(a > 0, 127 / a, torch.zeros_like(a)))
+    return (xq * (a / 127)).flatten(-2)
 
 
 def _check_rows(kernel: str, x_MK: torch.Tensor, K: int) -> None:

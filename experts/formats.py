@@ -277,10 +277,22 @@ class Int8Weights(_IntGroupWeights):
 
 @dataclass(frozen=True)
 class Int4Weights(_IntGroupWeights):
-    """4-bit weight-only, group-wise along K, two codes per byte (layout in the module docstring)."""
+    """4-bit weight-only, group-wise along K, two codes per byte (layout in the module docstring).
+
+    ``activations``: what the codes meet where the CPU kernels stream them (decode-sized steps):
+    ``"float"`` (x as computed) or ``"int8"`` (x rounded to 8 bits per 32 columns first and
+    multiplied in integers, as llama.cpp's 4-bit formats do: ~2x faster there, at a cost in
+    agreement measured in docs/quantization.md). Larger steps and other devices use float x."""
+
+    activations: str = "float"
 
     name: ClassVar[str] = "int4"
     bits: ClassVar[int] = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.activations not in ("float", "int8"):
+            raise ValueError(f"int4: activations={self.activations!r} is not supported; choose float or int8")
 
     def _qweight_spec(self, lead: tuple[int, ...], N: int, K: int) -> TensorSpec:
         if K % 2:

@@ -292,6 +292,7 @@ class Q4RowWeights(CpuExpertWeights):
     def __init__(self, fmt: WeightFormat, packed: Mapping[str, torch.Tensor]):
         e, N, K = fmt.logical_shape(packed)
         super().__init__(e, N, K)
+        self.x8 = isinstance(fmt, Int4Weights) and fmt.activations == "int8"  # q4x8_gemm where codes stream
         if isinstance(fmt, Int4Weights):
             self.gs, self.lut = fmt.group_size, self.lut_int4
             self.q_eNK2 = packed["qweight"].contiguous()
@@ -312,7 +313,7 @@ class Q4RowWeights(CpuExpertWeights):
     @property
     def kernel(self) -> tuple[int, torch.Tensor | None, int, int]:
         """``(fmt, lut, gs, bn)`` and :meth:`token_args`: what :func:`cpu_kernels.quant_moe_token` takes."""
-        return cpu_kernels.Q_INT8, self.lut, self.gs, 1
+        return cpu_kernels.Q_INT4_X8 if self.x8 else cpu_kernels.Q_INT8, self.lut, self.gs, 1
 
     def token_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return self.q_eNK2, self.s_eBG, self.b_eBG
@@ -320,6 +321,8 @@ class Q4RowWeights(CpuExpertWeights):
     def matmul(self, x_MK: torch.Tensor, e: int) -> torch.Tensor:
         b = None if self.b_eBG is None else self.b_eBG[e]
         if x_MK.shape[0] <= self.stream_rows and x_MK.dtype in (torch.float32, torch.bfloat16):
+            if self.x8:
+                return cpu_kernels.q4x8_gemm(x_MK, self.q_eNK2[e], self.s_eBG[e], b, self.gs)
             return cpu_kernels.q4_gemm(x_MK, self.q_eNK2[e], self.lut, self.s_eBG[e], b, self.gs)
         dtype = x_MK.dtype if x_MK.dtype in (torch.float32, torch.bfloat16) else torch.float32
         w = cpu_kernels.q4_dequant(self.q_eNK2[e], self.lut, self.s_eBG[e], b, self.gs, dtype)

@@ -18,7 +18,8 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
-def format_from_flags(name: str, group_size: int | None, asym: bool | None, scale_dtype: str):
+def format_from_flags(name: str, group_size: int | None, asym: bool | None, scale_dtype: str,
+                      activations: str | None = None):
     """The WeightFormat the flags describe (unset ones: the format's ``DEFAULT_OPTIONS``); flags a
     format does not take are an error, not ignored."""
     from experts.formats import DEFAULT_OPTIONS, FORMATS, get_format
@@ -31,9 +32,15 @@ def format_from_flags(name: str, group_size: int | None, asym: bool | None, scal
             options["group_size"] = group_size
         if asym is not None:
             options["symmetric"] = not asym
+        if activations is not None:
+            if name != "int4":
+                raise ValueError(f"--activations applies to int4 only; {name} multiplies float activations")
+            options["activations"] = activations
         return get_format(name, **options)
     if asym:
         raise ValueError(f"--asym applies to int8/int4 only; {name} is symmetric")
+    if activations is not None:
+        raise ValueError(f"--activations applies to int4 only; {name} multiplies float activations")
     if group_size is not None:
         raise ValueError(f"--group-size applies to int8/int4 only; {name} has a fixed block")
     return get_format(name)
@@ -64,6 +71,11 @@ def quantize(
     all_linear: bool = typer.Option(False, "--all-linear",
                                     help="int4/int8: also pack attention, dense MLPs, shared experts and the LM "
                                          "head (embeddings, norms and routers kept), as llama.cpp's Q4_K_M does."),
+    activations: Optional[str] = typer.Option(None, "--activations",
+                                              help="int4: float (default) or int8 -- decode steps round the "
+                                                   "activations to 8 bits per 32 columns and multiply them with "
+                                                   "the codes in integers, as llama.cpp does (faster on CPUs, "
+                                                   "a little less exact; docs/quantization.md)."),
 ) -> None:
     """Write a copy of a checkpoint with its routed experts packed; everything else is copied unchanged.
     ``moe generate --model OUT`` then reads the format from OUT/config.json."""
@@ -73,7 +85,7 @@ def quantize(
     from .quantize import quantize_checkpoint
 
     try:
-        weight_format = format_from_flags(fmt, group_size, asym, scale_dtype)
+        weight_format = format_from_flags(fmt, group_size, asym, scale_dtype, activations)
         prompts = None
         if calibration is not None:
             from .tokenizer import Tokenizer

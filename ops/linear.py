@@ -82,13 +82,16 @@ class PackedLinearWeight:
     ``q`` (int4: two per byte, the low nibble the even column, ``[N, K/2]`` uint8; int8: ``[N, K]``
     int8) and float32 ``w[n, k] = s[n, g] * code + b[n, g]`` per group ``g = k // group_size``
     (int4: ``b = -zero * s``, the symmetric zero point 8; int8: asymmetric uint8 codes stored as
-    ``code - 128`` with ``b = (128 - zero) * s``, symmetric ones with no ``b``)."""
+    ``code - 128`` with ``b = (128 - zero) * s``, symmetric ones with no ``b``). ``x8``: int4 with
+    ``activations="int8"``, whose streamed rows meet the codes rounded to 8 bits
+    (:func:`cpu_kernels.q4x8_gemm`)."""
 
     q: torch.Tensor
     s_NG: torch.Tensor
     b_NG: torch.Tensor | None
     group_size: int
     bits: int = 4
+    x8: bool = False
 
     LUT = torch.arange(16, dtype=torch.float32)  # int4 codes are their own values
     # up to this many rows stream the codes (experts.quant_grouped.Q4RowWeights' / Q8RowWeights' crossover)
@@ -107,7 +110,8 @@ class PackedLinearWeight:
             offsets = ((128 - packed["zeros"].float()) * scales).contiguous()
             return cls((q.to(torch.int16) - 128).to(torch.int8).contiguous(), scales, offsets, fmt.group_size, 8)
         zero = packed["zeros"].float() if not fmt.symmetric else torch.full_like(scales, 8.0)
-        return cls(packed["qweight"].contiguous(), scales, (-zero * scales).contiguous(), fmt.group_size)
+        return cls(packed["qweight"].contiguous(), scales, (-zero * scales).contiguous(), fmt.group_size,
+                   x8=fmt.activations == "int8")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -119,12 +123,12 @@ class PackedLinearWeight:
         return cpu_kernels.q4_dequant(self.q, self.LUT, self.s_NG, self.b_NG, self.group_size, dtype)
 
     def kernel_args(self) -> tuple | None:
-        """``(codes, lut or None (int8), scales, offsets or None, group size)``: the arguments of the C
-        kernels that :func:`packed_linear` streams one row through (``cpu_kernels.gqa_token`` takes
-        them), or None where it takes the torch reference instead."""
+        """``(codes, lut or None (int8), scales, offsets or None, group size, x8)``: the arguments of
+        the C kernels that :func:`packed_linear` streams one row through (``cpu_kernels.gqa_token``
+        takes them), or None where it takes the torch reference instead."""
         if self.q.device.type != "cpu" or (self.bits == 4 and self.shape[1] % 32) or not cpu_kernels.q8_available():
             return None
-        return self.q, self.LUT if self.bits == 4 else None, self.s_NG, self.b_NG, self.group_size
+        return self.q, self.LUT if self.bits == 4 else None, self.s_NG, self.b_NG, self.group_size, self.x8
 
     def codes(self) -> torch.Tensor:
         """The codes ``[N, K]`` as floats (the values ``s`` multiplies)."""
@@ -148,7 +152,7 @@ def packed_linear(x: torch.Tensor, w: PackedLinearWeight, b: torch.Tensor | None
     codes through :func:`cpu_kernels.q4_gemm` / ``q8_gemm`` (the bytes read are the packed ones);
     more rows dequantize the weight once, in x's dtype, for :func:`linear`'s GEMM. Elsewhere (no C
     kernels, not CPU; int4 with K not a multiple of 32: the kernels read whole 16-byte rows of
-    codes) the torch reference."""
+    codes) the torch reference. Streamed rows of an ``x8`` weight are rounded to 8 bits first."""
     N, K = w.shape
     if (x.device.type != "cpu" or x.dim() != 2 or (w.bits == 4 and K % 32) or x.dtype not in DTYPES
             or not cpu_kernels.q8_available()):
@@ -156,6 +160,8 @@ def packed_linear(x: torch.Tensor, w: PackedLinearWeight, b: torch.Tensor | None
     if x.shape[0] <= w.STREAM_ROWS[w.bits]:
         if w.bits == 8:
             y = cpu_kernels.q8_gemm(x, w.q, cpu_kernels.Q_INT8, w.s_NG, w.b_NG, w.group_size, 1)
+        elif w.x8:
+            y = cpu_kernels.q4x8_gemm(x, w.q, w.s_NG, w.b_NG, w.group_size)
         else:
             y = cpu_kernels.q4_gemm(x, w.q, w.LUT, w.s_NG, w.b_NG, w.group_size)
         return y + b if b is not None else y

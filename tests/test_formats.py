@@ -9,7 +9,8 @@ from experts.formats import (FORMATS, FP4_VALUES, Fp8BlockWeights, Int4Weights, 
 INT_FORMATS = [cls(group_size=g, symmetric=sym, scale_dtype=sd)
                for cls in (Int8Weights, Int4Weights) for g in (32, 64, 128) for sym in (True, False)
                for sd in (torch.bfloat16, torch.float32) if not (g == 64 and sd == torch.float32)]
-ALL_FORMATS = INT_FORMATS + [Fp8BlockWeights(), Fp8BlockWeights(32, 64), Mxfp4Weights()]
+ALL_FORMATS = INT_FORMATS + [Int4Weights(32, symmetric=False, activations="int8"), Fp8BlockWeights(),
+                             Fp8BlockWeights(32, 64), Mxfp4Weights()]
 
 
 def _ids(fmt: WeightFormat) -> str:
@@ -200,6 +201,12 @@ def test_registry_and_config_round_trip():
         get_format("int8", group_size=48)
     with pytest.raises(ValueError, match="bad options"):
         get_format("mxfp4", group_size=32)
+    with pytest.raises(ValueError, match="activations='fp8' is not supported; choose float or int8"):
+        get_format("int4", activations="fp8")
+    with pytest.raises(ValueError, match="bad options"):  # int8 weights meet float activations only
+        get_format("int8", activations="int8")
+    # checkpoints written before the option read as float activations
+    assert format_from_config({"format": "int4", "group_size": 32}).activations == "float"
     for fmt in ALL_FORMATS:
         config = json.loads(json.dumps(fmt.to_config()))
         assert format_from_config(config) == fmt and config["format"] == fmt.name

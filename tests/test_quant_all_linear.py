@@ -43,6 +43,8 @@ def quantize_all_linear(src: Path, out: Path, fmt: WeightFormat) -> dict:
 
     args = ["quantize", "--model", str(src), "--format", fmt.name, "--group-size", str(fmt.group_size),
             "--out", str(out), "--all-linear", "--json"] + (["--sym"] if fmt.symmetric else ["--asym"])
+    if fmt.name == "int4" and fmt.activations != "float":
+        args += ["--activations", fmt.activations]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     return json.loads(res.output)
@@ -103,10 +105,12 @@ def test_all_linear_matches_torch_reference(case, checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("family, fmt, one_call", [("qwen3_moe", Int4Weights(32, symmetric=False), True),
+                                                   ("qwen3_moe", Int4Weights(64, activations="int8"), True),
                                                    ("qwen3_moe", Int8Weights(64, symmetric=True), True),
                                                    ("deepseek_v3", Int8Weights(32, symmetric=False), True),
                                                    ("deepseek_v3", Int4Weights(32, symmetric=False), False)],
-                         ids=["qwen3_moe-int4", "qwen3_moe-int8", "deepseek_v3-int8", "deepseek_v3-int4"])
+                         ids=["qwen3_moe-int4", "qwen3_moe-int4-x8", "qwen3_moe-int8", "deepseek_v3-int8",
+                              "deepseek_v3-int4"])
 def test_batch1_decode_with_packed_layers_equals_op_path(family, fmt, one_call, checkpoint, tmp_path, monkeypatch):
     # the one-call attention (GQA and MLA) streams packed projections as ops.linear does, except
     # int4 with K not a multiple of 32 (the tiny MLA's q_b_proj, K = q_lora_rank 24: ops.linear
@@ -160,6 +164,9 @@ def test_all_linear_bad_combinations(checkpoint, tmp_path):
         res = runner.invoke(app, ["quantize", "--model", str(src), "--format", fmt, "--all-linear",
                                   "--out", str(tmp_path / fmt)])
         assert res.exit_code == 2 and "--all-linear packs attention" in res.output and "int4 or int8" in res.output
+    res = runner.invoke(app, ["quantize", "--model", str(src), "--format", "int8", "--activations", "int8",
+                              "--out", str(tmp_path / "a8")])
+    assert res.exit_code == 2 and "--activations applies to int4 only" in res.output
     # a checkpoint whose metadata claims packed linear layers in a format they cannot take, or modules we do not know
     q = tmp_path / "q"
     quantize_checkpoint(src, q, Int4Weights(32), all_linear=True)

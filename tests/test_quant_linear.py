@@ -46,6 +46,25 @@ def test_packed_linear_matches_reference(group_size, symmetric, rows, dtype):
     check_packed_linear("int4", group_size, symmetric, rows, dtype, seed=rows)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+def test_packed_linear_int8_activations(rows):
+    # int4 with activations="int8": rows that stream the codes (up to STREAM_ROWS) meet them rounded
+    # to 8 bits per 32 columns; more rows dequantize the weight and meet x as it is
+    from cpu_kernels import round_x8
+
+    g = torch.Generator().manual_seed(rows)
+    N, K = 96, 256
+    fmt = get_format("int4", group_size=64, symmetric=False, scale_dtype=torch.float32, activations="int8")
+    pw = PackedLinearWeight.from_packed(fmt, fmt.quantize(torch.randn(N, K, generator=g) * 0.05))
+    assert pw.x8 and pw.kernel_args()[-1] is True
+    x = torch.randn(rows, K, generator=g)
+    streamed = rows <= pw.STREAM_ROWS[4]
+    want = packed_linear_reference(round_x8(x) if streamed else x, pw)
+    torch.testing.assert_close(linear(x, pw), want, rtol=1e-5, atol=1e-5)
+    if streamed:  # and it is not the float product
+        assert not torch.allclose(linear(x, pw), packed_linear_reference(x, pw), rtol=1e-5, atol=1e-5)
+
+
 def test_packed_linear_odd_width_uses_reference():
     """K not a multiple of 32: the kernels' 16-byte rows do not fit; the torch path answers."""
     fmt = get_format("int4", group_size=32)

@@ -168,3 +168,43 @@ def test_packed_gemm_kernels_match_their_dequantized_weights(M):
             dense = cpu_kernels.q4_dequant(w.q_eNK2[0], w.lut, w.s_eBG[0], b, w.gs, torch.float32)
         torch.testing.assert_close(dense, fmt.dequantize({k: v[0] for k, v in packed.items()}), msg=fmt.name)
         torch.testing.assert_close(y, x @ dense.T, atol=1e-4, rtol=1e-4, msg=fmt.name)
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9])
+def test_q4x8_gemm_is_the_weight_times_x_rounded_to_8_bits(M):
+    # int4 codes times x rounded to 8 bits per 32 columns (round_x8): integer products summed per
+    # block, scaled once per block, against float64 products of the same rounded x and the weight the
+    # format dequantizes; K with a last short step of each vector body (96, 160: 48 / 80 bytes a row),
+    # groups of 32 / 64 / 128 with and without zero points, a block of zeros, one of a lone large value
+    import cpu_kernels
+    from cpu_kernels import round_x8
+
+    if not cpu_kernels.q8_available():
+        pytest.skip("the C kernels are not built here (no compiler)")
+    g = torch.Generator().manual_seed(M)
+    for K, gs, sym in ((96, 32, False), (160, 32, True), (256, 64, False), (384, 128, True), (1024, 128, False)):
+        fmt = Int4Weights(gs, symmetric=sym, activations="int8")
+        packed = fmt.quantize(torch.randn(1, 40, K, generator=g))
+        w = prepare_cpu(fmt, packed)
+        assert isinstance(w, Q4RowWeights) and w.x8 and w.kernel[0] == cpu_kernels.Q_INT4_X8
+        x = torch.randn(M, K, generator=g)
+        x[0, 32:64] = 0
+        x[-1, :32] = 0.01
+        x[-1, 5] = 30.0
+        xr = round_x8(x)
+        a = x.unflatten(-1, (-1, 32)).abs().amax(-1, keepdim=True)
+        # x * 127 / a rounded: half a step at most
+        assert ((xr - x).unflatten(-1, (-1, 32)).abs() <= a / 127 * (0.5 + 1e-4)).all()
+        assert torch.equal(round_x8(xr), xr)  # rounded x is its own rounding
+        dense = fmt.dequantize({k: v[0] for k, v in packed.items()}).double()
+        b = None if w.b_eBG is None else w.b_eBG[0]
+        y = cpu_kernels.q4x8_gemm(x, w.q_eNK2[0], w.s_eBG[0], b, w.gs)
+        ref = xr.double() @ dense.T
+        torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-5, msg=f"K={K} gs={gs}")
+        # the experts' layout streams up to stream_rows rows through it, dequantizes for more
+        if M <= w.stream_rows:
+            torch.testing.assert_close(w.matmul(x, 0).double(), ref, atol=1e-4, rtol=1e-5)
+        xl = torch.randn(w.stream_rows + 1, K, generator=g)
+        torch.testing.assert_close(w.matmul(xl, 0).double(), xl.double() @ dense.T, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="groups of 32, 64 or 128"):
+        cpu_kernels.q4x8_gemm(torch.randn(1, 64), torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4, 1), None, 256)
