@@ -529,6 +529,51 @@ static inline __attribute__((always_inline)) void q4x8_row(const int8_t *xe, con
     for (int m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m]));
 }
 
+/* One x row against one weight row as q4x8_row, its sum left in 16 lanes with the offsets (bn: the
+ * row's G of them, or NULL) times the rounded x's group sums xs folded in */
+static inline __attribute__((always_inline)) __m512 q4x8_sum1(const int8_t *xe, const int8_t *xo, const float *d,
+                                                              int64_t K2, int64_t KB, const uint8_t *qn,
+                                                              const float *sn, int64_t gs, const float *bn,
+                                                              const float *xs, int64_t G) {
+    const __mmask64 all = ~(__mmask64)0;
+    __m512 a0[1] = {_mm512_setzero_ps()}, a1[1] = {_mm512_setzero_ps()};
+    int64_t k = 0;
+    for (; k + 128 <= K2; k += 128) {
+        q4x8_step(xe, xo, d, K2, KB, qn, sn, gs, k, all, 1, a0);
+        q4x8_step(xe, xo, d, K2, KB, qn, sn, gs, k + 64, all, 1, a1);
+    }
+    if (k + 64 <= K2) {
+        q4x8_step(xe, xo, d, K2, KB, qn, sn, gs, k, all, 1, a0);
+        k += 64;
+    }
+    if (k < K2) q4x8_step(xe, xo, d, K2, KB, qn, sn, gs, k, ((__mmask64)1 << (K2 - k)) - 1, 1, a1);
+    __m512 a = _mm512_add_ps(a0[0], a1[0]);
+    for (int64_t g = 0; bn && g < G; g += 16) {
+        const __mmask16 mg = G - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (G - g)) - 1);
+        a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mg, bn + g), _mm512_maskz_loadu_ps(mg, xs + g), a);
+    }
+    return a;
+}
+
+/* One x row against four weight rows (stride ldq; scales s and offsets b: rows of G), one row after
+ * the other (rows read side by side stream slowly, as in gemv.c), and one reduction for the four
+ * sums: a 512-byte row (K = 1024) alone spends about as long in its reduction, offsets and store as
+ * in its products. out: the four results. */
+static inline void q4x8_rows4(const int8_t *xe, const int8_t *xo, const float *d, int64_t K2, int64_t KB,
+                              const uint8_t *q, int64_t ldq, const float *s, const float *b, const float *xs,
+                              int64_t G, int64_t gs, float *out) {
+    __m512 a[4];
+    for (int r = 0; r < 4; r++)
+        a[r] = q4x8_sum1(xe, xo, d, K2, KB, q + r * ldq, s + r * G, gs, b ? b + r * G : NULL, xs, G);
+    /* pairs interleaved, then quadruples: each 128-bit lane [r0 r1 r2 r3], the four lanes added */
+    const __m512 t01 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+    const __m512 t23 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+    const __m512 u = _mm512_add_ps(_mm512_shuffle_ps(t01, t23, 0x44), _mm512_shuffle_ps(t01, t23, 0xee));
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(u), _mm512_extractf32x8_ps(u, 1));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+#define Q4X8_ROWS4 1
+
 #define Q4X8_STEP 64
 #elif defined(__AVX2__) && defined(__FMA__)
 /* q4x8_row on 8 lanes, 32 bytes (64 columns, 2 blocks) a step: pairs of u8 x s8 products in 16
@@ -628,6 +673,27 @@ int moe_q4x8_gemm(const float *x, int64_t M, int64_t K, const uint8_t *q, int64_
     int8_t *xe = buf, *xo = xe + M * K2;
     float *d = (float *)(xo + M * K2), *xs = d + M * KB;
     for (int64_t m = 0; m < M; m++) quant_x8(x + m * K, K, gs, xe + m * K2, xo + m * K2, d + m * KB, xs + m * G);
+#if defined(Q4X8_ROWS4)
+    if (M == 1) { /* decode: weight rows four at a time */
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (N * K >= 131072)
+        for (int64_t n0 = 0; n0 < N; n0 += 4) {
+            float out[4];
+            const int64_t nr = N - n0 < 4 ? N - n0 : 4;
+            if (nr == 4) q4x8_rows4(xe, xo, d, K2, KB, q + n0 * ldq, ldq, s + n0 * G, b ? b + n0 * G : NULL, xs, G, gs,
+                                    out);
+            else
+                for (int64_t r = 0; r < nr; r++)
+                    out[r] = _mm512_reduce_add_ps(q4x8_sum1(xe, xo, d, K2, KB, q + (n0 + r) * ldq, s + (n0 + r) * G,
+                                                            gs, b ? b + (n0 + r) * G : NULL, xs, G));
+            for (int64_t r = 0; r < nr; r++) {
+                if (ydtype == BF16) ((uint16_t *)y)[n0 + r] = f32_to_bf16(out[r]);
+                else ((float *)y)[n0 + r] = out[r];
+            }
+        }
+        free(buf);
+        return 0;
+    }
+#endif
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (N * K >= 131072)
     for (int64_t n = 0; n < N; n++) {
         float out[64];
