@@ -114,6 +114,67 @@ def mla_token(x_1D: torch.Tensor, w_qa: torch.Tensor | PackedArgs | None, qa_nor
 _QK_NORMS = {None: 0, "head": 1, "full": 2}
 
 
+class GqaToken:
+    """:func:`gqa_token` with its weights, norms and caches checked once, as a captured batch-1 step
+    calls it every layer and token: ``plan(x_1D, positions_1, cos_PH, sin_PH, interleaved,
+    block_table, context_len, slot_mapping_1, residual)`` checks only what changes per call.
+    ``plan.ok`` is False where the kernel does not apply (then every call returns None)."""
+
+    def __init__(self, w_qkv: torch.Tensor | PackedArgs, b_qkv: torch.Tensor | None, heads: int, kv_heads: int,
+                 qk_norm: str | None, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, sliding_window: int | None,
+                 sinks_H: torch.Tensor | None, scale: float, w_o: torch.Tensor | PackedArgs, b_o: torch.Tensor | None):
+        self.ok = False
+        ws = [w for w in (b_qkv, q_norm, k_norm, b_o) if w is not None]
+        if any(w.dtype != torch.bfloat16 or w.is_cuda or not w.is_contiguous() for w in ws) or load() is None:
+            return
+        if qk_norm not in _QK_NORMS or k_cache.dim() != 4:
+            return
+        hd = k_cache.shape[-1]
+        D = w_o.shape[0] if isinstance(w_o, torch.Tensor) else w_o[0].shape[0]
+        qkv, o = _projection(w_qkv, (heads + 2 * kv_heads) * hd, D), _projection(w_o, D, heads * hd)
+        if qkv is None or o is None or hd % 2:
+            return
+        for c in (k_cache, v_cache):
+            if (c.dtype != torch.bfloat16 or c.dim() != 4 or c.shape[2:] != (kv_heads, hd) or c.stride(-1) != 1
+                    or c.stride(0) != c.shape[1] * c.stride(1)):
+                return
+        sinks = sinks_H.float().contiguous() if sinks_H is not None else None
+        self.D, self.hd, self.rows = D, hd, (2 * heads + 2 * kv_heads) * hd
+        self._keep = (w_qkv, b_qkv, q_norm, k_norm, k_cache, v_cache, sinks, w_o, b_o, qkv, o)
+        self._head = (qkv[0], b_qkv.data_ptr() if b_qkv is not None else None, heads, kv_heads, hd,
+                      _QK_NORMS[qk_norm], q_norm.data_ptr() if q_norm is not None else None,
+                      k_norm.data_ptr() if k_norm is not None else None, eps)
+        self._caches = (k_cache.data_ptr(), *k_cache.stride()[:3], v_cache.data_ptr(), *v_cache.stride()[:3],
+                        k_cache.shape[1])
+        self._tail = (sliding_window or 0, sinks.data_ptr() if sinks is not None else None, scale, o[0],
+                      b_o.data_ptr() if b_o is not None else None)
+        self._projs = tuple(ctypes.addressof(p[1]) if p[1] is not None else None for p in (qkv, o))
+        self.ok = True
+
+    def __call__(self, x_1D: torch.Tensor, positions_1: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor,
+                 interleaved: bool, block_table: torch.Tensor, context_len: int, slot_mapping_1: torch.Tensor,
+                 residual: Residual | None = None):
+        if (not self.ok or x_1D.dtype != torch.bfloat16 or x_1D.shape != (1, self.D) or not x_1D.is_contiguous()
+                or block_table.dtype != torch.int32 or not block_table.is_contiguous()
+                or slot_mapping_1.dtype != torch.int64 or positions_1.dtype != torch.int64
+                or cos_PH.dtype != torch.float32 or not cos_PH.is_contiguous() or not sin_PH.is_contiguous()
+                or cos_PH.shape[-1] * 2 != self.hd):
+            return None
+        tail = residual_args(residual, self.D)
+        if tail is None:
+            return None
+        out = torch.empty(1, self.D, dtype=torch.bfloat16)
+        scratch = torch.empty(self.rows, dtype=torch.bfloat16)
+        rc = load().moe_gqa_token(x_1D.data_ptr(), self.D, *self._head, positions_1.data_ptr(), cos_PH.data_ptr(),
+                                  sin_PH.data_ptr(), int(interleaved), *self._caches, block_table.data_ptr(),
+                                  context_len, slot_mapping_1.data_ptr(), *self._tail, scratch.data_ptr(),
+                                  out.data_ptr(), *tail[0], *self._projs, torch.get_num_threads())
+        if rc != 0:
+            return None
+        return (tail[1], out) if residual is not None else out
+
+
 def gqa_token(x_1D: torch.Tensor, w_qkv: torch.Tensor | PackedArgs, b_qkv: torch.Tensor | None, heads: int,
               kv_heads: int, qk_norm: str | None, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
               positions_1: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor, interleaved: bool,
@@ -127,41 +188,9 @@ def gqa_token(x_1D: torch.Tensor, w_qkv: torch.Tensor | PackedArgs, b_qkv: torch
     ``[1, D]`` bf16 (with ``residual``: ``(h + y, norm(h + y))``, see :func:`residual_args`), or
     None when the kernel does not apply (then nothing was written). ``w_qkv`` / ``w_o`` bf16, or a
     packed weight's :data:`PackedArgs` (``ops.PackedLinearWeight.kernel_args``), streamed as
-    ``ops.packed_linear`` streams it."""
+    ``ops.packed_linear`` streams it. (:class:`GqaToken` checks the weights once for repeated calls.)"""
     if x_1D.dtype != torch.bfloat16 or x_1D.shape[0] != 1 or not x_1D.is_contiguous():
         return None
-    ws = [w for w in (b_qkv, q_norm, k_norm, b_o) if w is not None]
-    if any(w.dtype != torch.bfloat16 or w.is_cuda or not w.is_contiguous() for w in ws) or load() is None:
-        return None
-    D, hd = x_1D.shape[1], k_cache.shape[-1]
-    qkv, o = _projection(w_qkv, (heads + 2 * kv_heads) * hd, D), _projection(w_o, D, heads * hd)
-    if qkv is None or o is None or hd % 2:
-        return None
-    for c in (k_cache, v_cache):
-        if (c.dtype != torch.bfloat16 or c.dim() != 4 or c.shape[2:] != (kv_heads, hd) or c.stride(-1) != 1
-                or c.stride(0) != c.shape[1] * c.stride(1)):
-            return None
-    if (block_table.dtype != torch.int32 or not block_table.is_contiguous() or slot_mapping_1.dtype != torch.int64
-            or positions_1.dtype != torch.int64 or cos_PH.dtype != torch.float32 or not cos_PH.is_contiguous()
-            or not sin_PH.is_contiguous() or cos_PH.shape[-1] * 2 != hd or qk_norm not in _QK_NORMS):
-        return None
-    tail = residual_args(residual, D)
-    if tail is None:
-        return None
-    sinks = sinks_H.float().contiguous() if sinks_H is not None else None
-    out = torch.empty(1, D, dtype=torch.bfloat16)
-    scratch = torch.empty((2 * heads + 2 * kv_heads) * hd, dtype=torch.bfloat16)
-    rc = load().moe_gqa_token(x_1D.data_ptr(), D, qkv[0], b_qkv.data_ptr() if b_qkv is not None else None,
-                              heads, kv_heads, hd, _QK_NORMS[qk_norm],
-                              q_norm.data_ptr() if q_norm is not None else None,
-                              k_norm.data_ptr() if k_norm is not None else None, eps, positions_1.data_ptr(),
-                              cos_PH.data_ptr(), sin_PH.data_ptr(), int(interleaved), k_cache.data_ptr(),
-                              *k_cache.stride()[:3], v_cache.data_ptr(), *v_cache.stride()[:3], k_cache.shape[1],
-                              block_table.data_ptr(), context_len, slot_mapping_1.data_ptr(), sliding_window or 0,
-                              sinks.data_ptr() if sinks is not None else None, scale, o[0],
-                              b_o.data_ptr() if b_o is not None else None, scratch.data_ptr(), out.data_ptr(), *tail[0],
-                              *(ctypes.addressof(p[1]) if p[1] is not None else None for p in (qkv, o)),
-                              torch.get_num_threads())
-    if rc != 0:
-        return None
-    return (tail[1], out) if residual is not None else out
+    plan = GqaToken(w_qkv, b_qkv, heads, kv_heads, qk_norm, q_norm, k_norm, eps, k_cache, v_cache, sliding_window,
+                    sinks_H, scale, w_o, b_o)
+    return plan(x_1D, positions_1, cos_PH, sin_PH, interleaved, block_table, context_len, slot_mapping_1, residual)

@@ -131,19 +131,28 @@ def residual_args(residual: Residual | None, D: int) -> tuple[list, torch.Tensor
     return [h.data_ptr(), w.data_ptr(), eps, h_out.data_ptr()], h_out
 
 
+def shared_args(shared: tuple[torch.Tensor, torch.Tensor] | None, D: int) -> tuple[int, list] | None:
+    """A bf16 shared expert ``(w13 [2Fs, D], w2 [D, Fs])`` as the one-token MoE calls take it:
+    ``(Fs, [w13 pointer, w2 pointer])``, ``(0, [None, None])`` without one, None when it does not fit."""
+    if shared is None:
+        return 0, [None, None]
+    Fs = shared[1].shape[1]
+    if (kernel_dtype(*shared) is None or any(not t.is_contiguous() for t in shared)
+            or shared[0].shape != (2 * Fs, D) or shared[1].shape != (D, Fs)):
+        return None
+    return Fs, [shared[0].data_ptr(), shared[1].data_ptr()]
+
+
 def moe_token_args(ids_K: torch.Tensor, weights_K: torch.Tensor, D: int,
                     shared: tuple[torch.Tensor, torch.Tensor] | None, residual: Residual | None) -> tuple | None:
     """What both one-token MoE calls take besides the experts: ``(ids int64, weights float32, the
     shared expert's width, its two pointers, the residual tail)``, or None when one does not fit."""
     if ids_K.dim() != 1 or not 0 < ids_K.shape[0] <= 64:
         return None
-    Fs, sh = 0, [None, None]
-    if shared is not None:
-        Fs = shared[1].shape[1]
-        if (kernel_dtype(*shared) is None or any(not t.is_contiguous() for t in shared)
-                or shared[0].shape != (2 * Fs, D) or shared[1].shape != (D, Fs)):
-            return None
-        sh = [shared[0].data_ptr(), shared[1].data_ptr()]
+    sa = shared_args(shared, D)
+    if sa is None:
+        return None
+    Fs, sh = sa
     tail = residual_args(residual, D)
     if tail is None:
         return None

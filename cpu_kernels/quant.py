@@ -12,7 +12,7 @@ import ctypes
 import torch
 
 from .build import DTYPES, declare, load
-from .gemv import Residual, moe_token_args
+from .gemv import Residual, residual_args, shared_args
 
 _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 declare({
@@ -162,6 +162,54 @@ def packed_dims(w13: tuple, w2: tuple, lut: torch.Tensor | None, gs: int, bn: in
     return E, D, F
 
 
+class QuantMoeToken:
+    """:func:`quant_moe_token` with its experts (and shared expert) checked once, as a captured
+    batch-1 step calls it every layer and token: ``plan(x_1D, ids_K, weights_K, residual)`` checks
+    only what changes per call. ``plan.ok`` is False where the kernel does not apply to these
+    weights (then every call returns None)."""
+
+    def __init__(self, fmt: int, lut: torch.Tensor | None, gs: int, bn: int,
+                 w13: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+                 w2: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+                 shared: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.shared, self.ok = shared, False
+        dims = packed_dims(w13, w2, lut, gs, bn) if load() is not None else None
+        if dims is None:
+            return
+        E, self.D, self.F = dims
+        sa = shared_args(shared, self.D)
+        if sa is None:
+            return
+        self.Fs, sh = sa
+        (q13, s13, b13), (q2, s2, b2) = w13, w2
+        self._keep = (w13, w2, shared, lut)  # the pointers below stay valid while the plan lives
+        self._static = (E, fmt, lut.data_ptr() if lut is not None else None, gs, bn,
+                        q13.data_ptr(), q13.stride(0), s13.data_ptr(), b13.data_ptr() if b13 is not None else None,
+                        s13.stride(0), s13.shape[-1], q2.data_ptr(), q2.stride(0), s2.data_ptr(),
+                        b2.data_ptr() if b2 is not None else None, s2.stride(0), s2.shape[-1], *sh, self.Fs)
+        self.ok = True
+
+    def __call__(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor,
+                 residual: Residual | None = None):
+        D, F = getattr(self, "D", 0), getattr(self, "F", 0)
+        if (not self.ok or x_1D.dtype != torch.bfloat16 or x_1D.shape != (1, D) or not x_1D.is_contiguous()
+                or ids_K.dim() != 1 or not 0 < ids_K.shape[0] <= 64):
+            return None
+        tail = residual_args(residual, D)
+        if tail is None:
+            return None
+        ids, wts = ids_K.to(torch.int64).contiguous(), weights_K.to(torch.float32).contiguous()
+        out = torch.empty(1, D, dtype=torch.bfloat16)
+        fs = torch.empty(2 * max(D, F) + D, dtype=torch.float32)
+        hs = torch.empty(3 * max(F, self.Fs) + 2 * D, dtype=torch.bfloat16)
+        rc = load().moe_qx_moe_token(x_1D.data_ptr(), D, F, ids.shape[0], ids.data_ptr(), wts.data_ptr(),
+                                     *self._static, out.data_ptr(), fs.data_ptr(), hs.data_ptr(), *tail[0],
+                                     torch.get_num_threads())
+        if rc != 0:
+            return None
+        return (tail[1], out) if residual is not None else out
+
+
 def quant_moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor, fmt: int,
                     lut: torch.Tensor | None, gs: int, bn: int,
                     w13: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
@@ -171,30 +219,8 @@ def quant_moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Te
     stacked over experts, as :func:`q8_gemm` (``lut`` None; codes ``[E, N, K]`` int8) or
     :func:`q4_gemm` (codes ``[E, N, K/2]`` uint8) take them per expert. One C call with the
     roundings of dispatch -> experts (the GEMV, ``silu_mul``) -> combine. ``[1, D]`` bf16 (with
-    ``residual``: ``(h + y, norm(h + y))``), or None when the kernel does not apply."""
+    ``residual``: ``(h + y, norm(h + y))``), or None when the kernel does not apply.
+    (:class:`QuantMoeToken` checks the weights once for repeated calls.)"""
     if x_1D.dtype != torch.bfloat16 or x_1D.dim() != 2 or x_1D.shape[0] != 1 or not x_1D.is_contiguous():
         return None
-    if load() is None:
-        return None
-    (q13, s13, b13), (q2, s2, b2) = w13, w2
-    dims = packed_dims(w13, w2, lut, gs, bn)
-    if dims is None or x_1D.shape[1] != dims[1]:
-        return None
-    E, D, F = dims
-    args = moe_token_args(ids_K, weights_K, D, shared, residual)
-    if args is None:
-        return None
-    ids, wts, Fs, sh, tail = args
-    out = torch.empty(1, D, dtype=torch.bfloat16)
-    fs = torch.empty(2 * max(D, F) + D, dtype=torch.float32)
-    hs = torch.empty(3 * max(F, Fs) + 2 * D, dtype=torch.bfloat16)
-    rc = load().moe_qx_moe_token(
-          x_1D.data_ptr(), D, F, ids.shape[0], ids.data_ptr(), wts.data_ptr(), E, fmt,
-          lut.data_ptr() if lut is not None else None, gs, bn,
-          q13.data_ptr(), q13.stride(0), s13.data_ptr(), b13.data_ptr() if b13 is not None else None, s13.stride(0),
-          s13.shape[-1], q2.data_ptr(), q2.stride(0), s2.data_ptr(), b2.data_ptr() if b2 is not None else None,
-          s2.stride(0), s2.shape[-1], *sh, Fs, out.data_ptr(), fs.data_ptr(), hs.data_ptr(), *tail[0],
-          torch.get_num_threads())
-    if rc != 0:
-        return None
-    return (tail[1], out) if residual is not None else out
+    return QuantMoeToken(fmt, lut, gs, bn, w13, w2, shared)(x_1D, ids_K, weights_K, residual)

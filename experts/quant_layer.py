@@ -183,6 +183,7 @@ class QuantGroupedExperts(SlottedExperts):
         self.b13 = getattr(self, "b13", None)
         self.b2 = getattr(self, "b2", None)
         self._cpu: tuple[CpuExpertWeights, CpuExpertWeights] | None = None
+        self._token_plan: tuple = (None, None)  # (the layouts it was made for, cpu_kernels.QuantMoeToken)
         self._released = False
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str,
@@ -233,9 +234,12 @@ class QuantGroupedExperts(SlottedExperts):
         w = self._one_call_layouts(x_1D)
         if w is None:
             return None
-        w13, w2 = w
-        return cpu_kernels.quant_moe_token(x_1D, ids_K, weights_K, *w13.kernel, w13.token_args(), w2.token_args(),
-                                           shared, residual)
+        layouts, plan = self._token_plan  # checked once per layout and shared expert (a captured step's are fixed)
+        if layouts is not self._cpu or plan.shared is not shared:
+            w13, w2 = w
+            plan = cpu_kernels.QuantMoeToken(*w13.kernel, w13.token_args(), w2.token_args(), shared)
+            self._token_plan = (self._cpu, plan)
+        return plan(x_1D, ids_K, weights_K, residual)
 
     def forward_local(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor | None:
         """Dispatch, experts and combine of a step (any number of rows: decode, verify and prompt

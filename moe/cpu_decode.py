@@ -69,19 +69,19 @@ class _GqaToken(_OpsAttention):
     def __init__(self, attn: Attention, norm: RMSNorm, k_cache: torch.Tensor, v_cache: torch.Tensor):
         super().__init__(attn, norm)
         norms = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if attn.qk_norm else (None, None, 0.0)
-        self.head = (_one_row_weight(attn.qkv_proj), attn.qkv_proj.bias, attn.num_heads, attn.num_kv_heads,
-                     attn.qk_norm, *norms)
-        self.caches = (k_cache, v_cache)
-        self.tail = (attn.sliding_window, attn.sinks, attn.scale, _one_row_weight(attn.o_proj), attn.o_proj.bias)
+        # the weights, norms and caches checked once; a call passes what changes per step
+        self.plan = cpu_kernels.GqaToken(_one_row_weight(attn.qkv_proj), attn.qkv_proj.bias, attn.num_heads,
+                                         attn.num_kv_heads, attn.qk_norm, *norms, k_cache, v_cache,
+                                         attn.sliding_window, attn.sinks, attn.scale, _one_row_weight(attn.o_proj),
+                                         attn.o_proj.bias)
         self.rotary = attn.rotary
 
     def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
                  ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         rot, meta = self.rotary, ctx.meta
         rot.grow_for(positions_T)  # the tables may grow (and move): read after
-        out = cpu_kernels.gqa_token(x_TD, *self.head, positions_T, rot.cos, rot.sin, rot.interleaved, *self.caches,
-                                    meta.block_tables[0], meta.context_lens_list[0], meta.slot_mapping, *self.tail,
-                                    (h_TD, self.norm.weight, self.norm.eps))
+        out = self.plan(x_TD, positions_T, rot.cos, rot.sin, rot.interleaved, meta.block_tables[0],
+                        meta.context_lens_list[0], meta.slot_mapping, (h_TD, self.norm.weight, self.norm.eps))
         return out if out is not None else super().__call__(positions_T, h_TD, x_TD, ctx)
 
     @staticmethod
