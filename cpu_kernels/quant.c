@@ -141,6 +141,18 @@ static inline float offsets(const float *b, const float *xs, int64_t G) {
 #endif
 }
 
+/* column n of y (M rows, row stride N, ydtype) from the sums out[m], plus the offsets bn (G of them;
+ * NULL: none) times x's group sums xs (rows of G), rounded once */
+static inline void put_column(void *y, int ydtype, int64_t N, int64_t n, int64_t M, const float *out,
+                              const float *bn, const float *xs, int64_t G) {
+    for (int64_t m = 0; m < M; m++) {
+        float v = out[m];
+        if (bn) v += offsets(bn, xs + m * G, G);
+        if (ydtype == BF16) ((uint16_t *)y)[m * N + n] = f32_to_bf16(v);
+        else ((float *)y)[m * N + n] = v;
+    }
+}
+
 static inline float code1(int8_t c, int fmt) {
     if (fmt == Q_INT8) return (float)c;
     const uint8_t u = (uint8_t)c;
@@ -195,12 +207,7 @@ int moe_q8_gemm(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t l
                 }
             }
         }
-        for (int64_t m = 0; m < M; m++) {
-            float v = out[m];
-            if (b) v += offsets(b + (n / bn) * G, xs + m * G, G);
-            if (ydtype == BF16) ((uint16_t *)y)[m * N + n] = f32_to_bf16(v);
-            else ((float *)y)[m * N + n] = v;
-        }
+        put_column(y, ydtype, N, n, M, out, b ? b + (n / bn) * G : NULL, xs, G);
     }
     free(xs);
     return 0;
@@ -424,12 +431,7 @@ int moe_q4_gemm(const float *x, int64_t M, int64_t K, const uint8_t *q, int64_t 
                 }
             }
         }
-        for (int64_t m = 0; m < M; m++) {
-            float v = out[m];
-            if (b) v += offsets(b + n * G, xs + m * G, G);
-            if (ydtype == BF16) ((uint16_t *)y)[m * N + n] = f32_to_bf16(v);
-            else ((float *)y)[m * N + n] = v;
-        }
+        put_column(y, ydtype, N, n, M, out, b ? b + n * G : NULL, xs, G);
     }
     free(xeo);
     return 0;
@@ -621,8 +623,9 @@ static inline __attribute__((always_inline)) void q4x8_row(const int8_t *xe, con
         const __m128i l4 = _mm_set1_epi8(0x0f), b = _mm_loadu_si128((const __m128i *)(qn + k));
         const __m128i lo = _mm_and_si128(b, l4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), l4);
         for (int m = 0; m < M; m++) {
-            const __m128i p16 = _mm_add_epi16(_mm_maddubs_epi16(lo, _mm_loadu_si128((const __m128i *)(xe + m * K2 + k))),
-                                              _mm_maddubs_epi16(hi, _mm_loadu_si128((const __m128i *)(xo + m * K2 + k))));
+            const __m128i ve = _mm_loadu_si128((const __m128i *)(xe + m * K2 + k));
+            const __m128i vo = _mm_loadu_si128((const __m128i *)(xo + m * K2 + k));
+            const __m128i p16 = _mm_add_epi16(_mm_maddubs_epi16(lo, ve), _mm_maddubs_epi16(hi, vo));
             const __m128i p = _mm_madd_epi16(p16, _mm_set1_epi16(1));
             __m128i t = _mm_add_epi32(p, _mm_shuffle_epi32(p, 0x4e));
             t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
@@ -685,10 +688,8 @@ int moe_q4x8_gemm(const float *x, int64_t M, int64_t K, const uint8_t *q, int64_
                 for (int64_t r = 0; r < nr; r++)
                     out[r] = _mm512_reduce_add_ps(q4x8_sum1(xe, xo, d, K2, KB, q + (n0 + r) * ldq, s + (n0 + r) * G,
                                                             gs, b ? b + (n0 + r) * G : NULL, xs, G));
-            for (int64_t r = 0; r < nr; r++) {
-                if (ydtype == BF16) ((uint16_t *)y)[n0 + r] = f32_to_bf16(out[r]);
-                else ((float *)y)[n0 + r] = out[r];
-            }
+            for (int64_t r = 0; r < nr; r++) /* the offsets are in */
+                put_column(y, ydtype, N, n0 + r, 1, out + r, NULL, xs, G);
         }
         free(buf);
         return 0;
@@ -698,12 +699,7 @@ int moe_q4x8_gemm(const float *x, int64_t M, int64_t K, const uint8_t *q, int64_
     for (int64_t n = 0; n < N; n++) {
         float out[64];
         q4x8_rows(xe, xo, d, K2, KB, q + n * ldq, s + n * G, gs, M, out);
-        for (int64_t m = 0; m < M; m++) {
-            float v = out[m];
-            if (b) v += offsets(b + n * G, xs + m * G, G);
-            if (ydtype == BF16) ((uint16_t *)y)[m * N + n] = f32_to_bf16(v);
-            else ((float *)y)[m * N + n] = v;
-        }
+        put_column(y, ydtype, N, n, M, out, b ? b + n * G : NULL, xs, G);
     }
     free(buf);
     return 0;

@@ -173,6 +173,7 @@ class QuantMoeToken:
                  w2: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
                  shared: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.shared, self.ok = shared, False
+        self.D = self.F = self.Fs = 0
         dims = packed_dims(w13, w2, lut, gs, bn) if load() is not None else None
         if dims is None:
             return
@@ -191,7 +192,7 @@ class QuantMoeToken:
 
     def __call__(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor,
                  residual: Residual | None = None):
-        D, F = getattr(self, "D", 0), getattr(self, "F", 0)
+        D, F = self.D, self.F
         if (not self.ok or x_1D.dtype != torch.bfloat16 or x_1D.shape != (1, D) or not x_1D.is_contiguous()
                 or ids_K.dim() != 1 or not 0 < ids_K.shape[0] <= 64):
             return None
