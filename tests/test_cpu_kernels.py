@@ -475,6 +475,7 @@ def test_tile_kernels_in_use_where_the_cpu_has_amx_or_avx512_bf16():
     (256, 512, [8] * 32),  # DeepSeek-like: many experts, few rows each
     (64, 96, [300, 0, 65, 513, 256, 1]),  # prompt-sized: chunks of 256 rows, a partial last chunk
     (320, 288, [77, 300, 0, 40]),  # 2 x 2 tiles over k in segments of 256 and a rest, odd token blocks
+    (64, 1120, [8, 7, 2, 12]),  # 1-8 rows streamed a row at a time, the down rows' k in segments (8 x 1120)
 ])
 def test_amx_experts_match_the_op_by_op_path(D, F, counts, monkeypatch):
     from experts.grouped import Activation, grouped_swiglu_torch
@@ -538,6 +539,22 @@ def test_amx_linear_matches_mm(m, bias, out_float):
     assert (y.float() == want.float()).float().mean() > 0.99
     if out_float:
         assert torch.equal(y, y.bfloat16().float())  # the bf16 values, as float32
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_amx_linear_streams_long_rows_for_few_tokens(m):
+    # up to 8 rows: each weight row read once against all of them, k in segments past 16 KB of x
+    g = torch.Generator().manual_seed(m)
+    N, K = 48, 2080
+    w = torch.randn(N, K, generator=g).bfloat16()
+    x = torch.randn(m, K + 64, generator=g).bfloat16()[:, :K]  # rows strided
+    y = cpu_kernels.amx_linear(x, w)
+    if not cpu_kernels.amx_available():
+        assert y is None
+        return
+    exact = x.float() @ w.float().T
+    assert (y.float() - exact).abs().max() <= exact.abs().max() * 2 ** -7
+    assert (y.float() == torch.mm(w, x.t()).t().float()).float().mean() > 0.97
 
 
 def test_amx_linear_declines_what_it_does_not_take():
