@@ -51,10 +51,10 @@ static inline __m512bh pair16(const uint16_t *a) {
     return (__m512bh)_mm512_set1_epi32(v);
 }
 
-/* What a run of AMX tile products computes, on vdpbf16ps: c[j][16 rows][16 columns] (+)= A[16 rows,
- * 0:K] . B_j for j < nb, float32. A's rows at a + r * lda (bf16, in place); B_j's tiles at b + j *
- * bstride + (k / KC) * TILE (tile row p: the 16 columns' pairs (k + 2p, k + 2p + 1)), as the AMX
- * kernels pack them. Each sum lane takes A's pair broadcast times B's row of pairs, pair after pair
+/* What a run of AMX tile products computes, on vdpbf16ps: C_j[16 rows][16 columns] (+)= A[16 rows,
+ * 0:K] . B_j for j < nb, float32, C_j's row r at c + j * cj + r * ldc. A's rows at a + r * lda
+ * (bf16, in place); B_j's tiles at b + j * bstride + (k / KC) * bk (tile row p: the 16 columns'
+ * pairs (k + 2p, k + 2p + 1)), as the AMX kernels pack them. Each sum lane takes A's pair broadcast times B's row of pairs, pair after pair
  * along k. Blocks go in twos against 8 A rows (16 sums: a broadcast feeds two products), an odd
  * last block against all 16 rows (one load of B's row feeds 16). A's rows EMU_PF ahead (the block
  * after next, in the weights' order) are prefetched into L2 a line per row and k step: 16 rows read
@@ -63,15 +63,15 @@ static inline __m512bh pair16(const uint16_t *a) {
  * lanes then, whose vdpbf16ps issue twice as fast (1.15x at 8 rows on the Zen 4 EPYC), lanes 8-15
  * stored as zeros. accumulate: add to c's sums (else they start at zero). K % 32 == 0. */
 #define EMU_PF 32
-static inline void emu_tiles(const uint16_t *a, int64_t lda, int64_t K, const uint16_t *b, int64_t bstride, int nb,
-                             int l8, float *c, int accumulate) {
+static inline void emu_tiles_ex(const uint16_t *a, int64_t lda, int64_t K, const uint16_t *b, int64_t bstride,
+                                int64_t bk, int nb, int l8, float *c, int64_t ldc, int64_t cj, int accumulate) {
     if ((nb & 1) && l8 && !accumulate) {  /* 8 lanes (ymm) for the odd block's 1-8 columns, 8-15 zero */
         const int j = nb - 1;
-        float *cj = c + j * 256;
+        float *cc = c + j * cj;
         __m256 s[16];
         for (int r = 0; r < 16; r++) s[r] = _mm256_setzero_ps();
         const uint16_t *bj = b + j * bstride;
-        for (int64_t k = 0; k < K; k += KC, bj += TILE) {
+        for (int64_t k = 0; k < K; k += KC, bj += bk) {
             for (int r = 0; r < 16; r++) _mm_prefetch((const char *)(a + (EMU_PF + r) * lda + k), _MM_HINT_T1);
             for (int p = 0; p < 16; p++) {
                 const __m256bh v = (__m256bh)_mm256_loadu_si256((const __m256i *)(bj + 32 * p));
@@ -83,34 +83,34 @@ static inline void emu_tiles(const uint16_t *a, int64_t lda, int64_t K, const ui
             }
         }
         for (int r = 0; r < 16; r++) {
-            _mm256_storeu_ps(cj + r * 16, s[r]);
-            _mm256_storeu_ps(cj + r * 16 + 8, _mm256_setzero_ps());
+            _mm256_storeu_ps(cc + r * ldc, s[r]);
+            _mm256_storeu_ps(cc + r * ldc + 8, _mm256_setzero_ps());
         }
     } else if (nb & 1) {
         const int j = nb - 1;
-        float *cj = c + j * 256;
+        float *cc = c + j * cj;
         __m512 s[16];
-        for (int r = 0; r < 16; r++) s[r] = accumulate ? _mm512_loadu_ps(cj + r * 16) : _mm512_setzero_ps();
+        for (int r = 0; r < 16; r++) s[r] = accumulate ? _mm512_loadu_ps(cc + r * ldc) : _mm512_setzero_ps();
         const uint16_t *bj = b + j * bstride;
-        for (int64_t k = 0; k < K; k += KC, bj += TILE) {
+        for (int64_t k = 0; k < K; k += KC, bj += bk) {
             for (int r = 0; r < 16; r++) _mm_prefetch((const char *)(a + (EMU_PF + r) * lda + k), _MM_HINT_T1);
             for (int p = 0; p < 16; p++) {
                 const __m512bh v = (__m512bh)_mm512_loadu_si512(bj + 32 * p);
                 for (int r = 0; r < 16; r++) s[r] = _mm512_dpbf16_ps(s[r], pair16(a + r * lda + k + 2 * p), v);
             }
         }
-        for (int r = 0; r < 16; r++) _mm512_storeu_ps(cj + r * 16, s[r]);
+        for (int r = 0; r < 16; r++) _mm512_storeu_ps(cc + r * ldc, s[r]);
     }
     for (int j = 0; j + 1 < nb; j += 2)
         for (int r0 = 0; r0 < 16; r0 += 8) {
-            float *c0 = c + j * 256 + r0 * 16, *c1 = c0 + 256;
+            float *c0 = c + j * cj + r0 * ldc, *c1 = c0 + cj;
             __m512 s0[8], s1[8];
             for (int r = 0; r < 8; r++) {
-                s0[r] = accumulate ? _mm512_loadu_ps(c0 + r * 16) : _mm512_setzero_ps();
-                s1[r] = accumulate ? _mm512_loadu_ps(c1 + r * 16) : _mm512_setzero_ps();
+                s0[r] = accumulate ? _mm512_loadu_ps(c0 + r * ldc) : _mm512_setzero_ps();
+                s1[r] = accumulate ? _mm512_loadu_ps(c1 + r * ldc) : _mm512_setzero_ps();
             }
             const uint16_t *ar = a + r0 * lda, *b0 = b + j * bstride, *b1 = b0 + bstride;
-            for (int64_t k = 0; k < K; k += KC, b0 += TILE, b1 += TILE) {
+            for (int64_t k = 0; k < K; k += KC, b0 += bk, b1 += bk) {
                 for (int r = 0; r < 8; r++) _mm_prefetch((const char *)(ar + (EMU_PF + r) * lda + k), _MM_HINT_T1);
                 for (int p = 0; p < 16; p++) {
                     const __m512bh v0 = (__m512bh)_mm512_loadu_si512(b0 + 32 * p);
@@ -123,10 +123,16 @@ static inline void emu_tiles(const uint16_t *a, int64_t lda, int64_t K, const ui
                 }
             }
             for (int r = 0; r < 8; r++) {
-                _mm512_storeu_ps(c0 + r * 16, s0[r]);
-                _mm512_storeu_ps(c1 + r * 16, s1[r]);
+                _mm512_storeu_ps(c0 + r * ldc, s0[r]);
+                _mm512_storeu_ps(c1 + r * ldc, s1[r]);
             }
         }
+}
+
+/* emu_tiles_ex as the matrix kernels lay things out: B's k tiles TILE apart, c as [nb][16][16] */
+static inline void emu_tiles(const uint16_t *a, int64_t lda, int64_t K, const uint16_t *b, int64_t bstride, int nb,
+                             int l8, float *c, int accumulate) {
+    emu_tiles_ex(a, lda, K, b, bstride, TILE, nb, l8, c, 16, 256, accumulate);
 }
 #endif
 

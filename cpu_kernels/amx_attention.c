@@ -12,16 +12,20 @@
  * flash attention, once per LT keys rather than per small block). The output is O / sum, rounded
  * to bf16. Items go longest first, the heads of one KV head next to each other (its packed K/V
  * stay in cache). Scores, sums and the product are those of the float32 reference up to the order
- * of float32 sums, the exp polynomial and P's rounding. */
+ * of float32 sums, the exp polynomial and P's rounding. Without AMX, on AVX512-BF16 (Zen 4), the
+ * two products run on vdpbf16ps through amx.h's emu_tiles_ex over the same packed K and V, the
+ * rest unchanged: 3.0-3.6x torch's CPU flash attention there (64-2048-token prompts; that kernel
+ * widens bf16 to float32 for MKL's sgemm on this CPU). */
 #include "amx.h"
 
-#if defined(HAVE_AMX)
+#if defined(HAVE_TILES)
 #define QT 32      /* query rows per work item: two A tiles */
 #define LT 512     /* keys per softmax pass */
 #define SLD (LT + 16)  /* row strides of the score (float32) and probability (bf16) buffers, padded: */
 #define PLD (LT + 32)  /* rows 2 or 4 KB apart would share a few L1 sets */
 
 /* S[32][nk32] = qb[32][D] . keys t0 .. t0+nk32-1 (kp: B tiles [key block of 16][D/32]), float32 */
+#if defined(HAVE_AMX)
 static void scores(const uint16_t *qb, int64_t D, const uint16_t *kp, int64_t t0, int64_t nk32, float *S) {
     const int64_t nc = D / KC;
     for (int64_t j = 0; j < nk32; j += 32) {
@@ -53,6 +57,15 @@ static void scores(const uint16_t *qb, int64_t D, const uint16_t *kp, int64_t t0
         _tile_stored(3, S + 16 * SLD + j + 16, SLD * 4);
     }
 }
+#else
+/* (without AMX: vdpbf16ps, the 16-key blocks as emu_tiles' B operand, 16 query rows at a time) */
+static void scores(const uint16_t *qb, int64_t D, const uint16_t *kp, int64_t t0, int64_t nk32, float *S) {
+    const int64_t nc = D / KC;
+    for (int h = 0; h < 2; h++)
+        emu_tiles_ex(qb + h * 16 * D, D, D, kp + (t0 / 16) * nc * TILE, nc * TILE, TILE, (int)(nk32 / 16), 0,
+                     S + h * 16 * SLD, SLD, 16, 0);
+}
+#endif
 
 /* Row r's softmax step over its `vis` visible scores s[0:vis] (of nk32): the running max mrow and
  * sum lrow updated, bf16 probabilities into p[0:nk32] (zeros past vis); returns the factor the
@@ -89,6 +102,7 @@ static float softmax_row(const float *s, int64_t vis, int64_t nk32, float scale,
 
 /* O[32][Dv] (+)= P[32][nk32] . values t0 .. t0+nk32-1 (vp: B tiles [key block of 32][Dv/16]);
  * `first`: O starts from zero instead of its stored sums */
+#if defined(HAVE_AMX)
 static void pv(const uint16_t *P, const uint16_t *vp, int64_t t0, int64_t nk32, int64_t Dv, int first, float *O) {
     const int64_t nd = Dv / 16;
     for (int64_t n = 0; n < nd; n += 2) {
@@ -123,6 +137,15 @@ static void pv(const uint16_t *P, const uint16_t *vp, int64_t t0, int64_t nk32, 
         _tile_stored(3, o + 16 * Dv + 16, Dv * 4);
     }
 }
+#else
+/* (without AMX: the 16-dim blocks of V as emu_tiles' B operand, k running over keys in pairs) */
+static void pv(const uint16_t *P, const uint16_t *vp, int64_t t0, int64_t nk32, int64_t Dv, int first, float *O) {
+    const int64_t nd = Dv / 16;
+    for (int h = 0; h < 2; h++)
+        emu_tiles_ex(P + h * 16 * PLD, PLD, nk32, vp + (t0 / 32) * nd * TILE, TILE, nd * TILE, (int)nd, 0,
+                     O + h * 16 * Dv, Dv, 16, !first);
+}
+#endif
 
 /* One work item: the m <= 32 query rows in qb [32][D] (zeros past m), row r at position pos0 + r
  * (it sees keys 0 .. pos0 + r), over the packed keys/values of its KV head; out row r at
@@ -177,7 +200,7 @@ int moe_amx_prefill_attention(const uint16_t *q, int64_t sq_t, int64_t sq_h, con
                               int64_t bs, const int32_t *bt, uint16_t *out, int64_t so_t, int64_t so_h, int64_t Q,
                               int64_t L, int64_t H, int64_t Hkv, int64_t D, int64_t Dv, float scale, uint16_t *kp,
                               uint16_t *vp, int num_threads) {
-#if defined(HAVE_AMX)
+#if defined(HAVE_TILES)
     const int64_t Lp = (L + 31) / 32 * 32, nc = D / KC, nkb = Lp / 16, nvb = Lp / 32, nd = Dv / 16;
     const int64_t group = H / Hkv, nqt = (Q + QT - 1) / QT;
     int64_t *koff = malloc(sizeof(int64_t) * 2 * (size_t)L), *voff = koff + L;  /* token -> row offset */
@@ -223,7 +246,7 @@ int moe_amx_prefill_attention(const uint16_t *q, int64_t sq_t, int64_t sq_h, con
                 attend(qb, m, L - Q + q0, D, Dv, kp + hk * Lp * D, vp + hk * Lp * Dv, scale, S, P, O,
                        out + q0 * so_t + h * so_h, so_t);
             }
-            _tile_release();
+            release_tiles();
         }
         free(qb);
         free(P);

@@ -666,7 +666,7 @@ def test_amx_prefill_attention_matches_reference(shape, Q, L, block_size):
                                               seed=Q + L, qlens=[Q], **spec)
     q = (q.float() * 3).bfloat16()  # scores of spread ~3: a later key pass raises rows' maxima
     if not cpu_kernels.supports_prefill(q, k_cache, v_cache):
-        assert not cpu_kernels.amx_tiles()  # (test_tile_kernels_in_use...)
+        assert not cpu_kernels.amx_available()  # (test_tile_kernels_in_use...)
         return
     scale = spec["Dk"] ** -0.5
     out = torch.full((Q + 3, spec["H"], spec["Dv"] + 32), 7.0, dtype=torch.bfloat16)
@@ -715,7 +715,7 @@ def test_prompt_chunks_go_to_the_amx_prefill_kernel(monkeypatch):
     out = paged_attention_torch(q, k_cache, v_cache, meta, D ** -0.5)
     ref = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), meta, D ** -0.5)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
-    assert calls == ([40, 64] if cpu_kernels.amx_tiles() else [])
+    assert calls == ([40, 64] if cpu_kernels.amx_available() else [])
     calls.clear()
     sinks = torch.randn(H, generator=g)
     for window, sinks_H in ((None, sinks), (20, None)):

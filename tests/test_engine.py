@@ -191,7 +191,7 @@ def test_prompts_through_the_amx_prefill_attention_keep_generations(family, dims
         return LLM(str(path), dtype=dtype, enable_prefix_caching=False, **kw).generate([prompt], sp)[0]
 
     whole, chunks = run(), run(budget=48)
-    if not cpu_kernels.amx_tiles():
+    if not cpu_kernels.amx_available():
         return
     assert sorted(rows) == sorted(calls * 3)  # 3 layers
     monkeypatch.setattr(cpu_kernels, "supports_prefill", lambda *a: False)  # SDPA
