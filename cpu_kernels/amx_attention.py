@@ -6,8 +6,8 @@ decode kernel takes (after gathering the sequence's K/V out of the cache blocks)
 (2 threads) this kernel runs 1.6-2.3x torch's CPU flash attention on 64-2048-token prompts, and
 ~2x on a chunk after a cached prefix, where SDPA needs a mask; on AVX512-BF16 without AMX (Zen 4,
 the products on vdpbf16ps) 3.0-3.6x, prompt throughput 1.16x (16 x 256 tokens) and 1.46x (4 x 2048)
-on the Qwen3-MoE shape. None where it does not apply (no
-tile kernels, not bf16, fp8 caches, head dims not multiples of 32): then SDPA.
+on the Qwen3-MoE shape. None where it does not apply (no tile kernels, not bf16, fp8 caches, head
+dims not multiples of 32): then SDPA.
 :func:`prefill_attention_reference` is its float32 reference.
 """
 from __future__ import annotations
