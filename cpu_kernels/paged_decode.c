@@ -36,9 +36,11 @@ static inline __m512 hsum16(const __m512 *v) {
 }
 
 /* scores of cnt <= 16 consecutive cached rows (row t at k + t * stride bytes) against one query
- * row: qf (float32, length D) or, on the vdpbf16ps path, qb (bf16). D % 16 == 0. */
-static inline __m512 score16(const float *qf, const uint16_t *qb, const char *k, int64_t stride, int cnt,
-                             int64_t D, int dtype) {
+ * row: qf (float32, length D) or, on the vdpbf16ps path, qb (bf16). D % 16 == 0. Inlined: called
+ * with cnt = 16 (a full block) its sums stay in registers (with a runtime count they went through
+ * the stack). */
+static inline __attribute__((always_inline)) __m512 score16(const float *qf, const uint16_t *qb, const char *k,
+                                                            int64_t stride, int cnt, int64_t D, int dtype) {
     __m512 acc[16];
     for (int t = 0; t < 16; t++) acc[t] = _mm512_setzero_ps();
 #if defined(__AVX512BF16__)
@@ -153,14 +155,36 @@ VSUM_ROWS8(vsum8_rows_1x8, 1, 1)
 VSUM_ROWS8(vsum8_rows_1x64, 1, 8)
 #endif
 
-/* ask for the next block's rows of this item's heads (rows bytes each, stride apart) while the
- * current block computes: one sequence streams from memory on one core, and the hardware
- * prefetcher alone leaves it latency-bound */
-static inline void prefetch_rows(const char *p, int64_t n, int64_t stride, int64_t bytes) {
+/* The next block's rows of this item's heads (rows of `bytes`, stride apart), to be fetched while
+ * the current block computes: one sequence streams from memory on one core, and the hardware
+ * prefetcher alone leaves it latency-bound. The AVX-512 bodies spread the prefetches over the
+ * block's work (pf_step: a few lines after each score or V-sum call); issued all at once (16 KB
+ * for Qwen3-MoE's 4 KV heads of 128), they filled the core's miss buffers and stalled it (a
+ * quarter of the kernel's cycles on the Zen 4 EPYC). */
+typedef struct {
+    const char *p;
+    int64_t stride, bytes, rows, t, o;  /* rows left from row t, offset o in it */
+} pf_cursor;
+
+static inline void pf_step(pf_cursor *c, int64_t lines) {
 #if defined(__GNUC__)
-    for (int64_t t = 0; t < n; t++)
-        for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + t * stride + o, 0, 3);
+    for (; lines > 0 && c->t < c->rows; lines--) {
+        __builtin_prefetch(c->p + c->t * c->stride + c->o, 0, 2);
+        if ((c->o += 64) >= c->bytes) {
+            c->o = 0;
+            c->t++;
+        }
+    }
+#else
+    (void)c;
+    (void)lines;
 #endif
+}
+
+/* lines of the cursor's rows, and their share per call over `calls` calls */
+static inline int64_t pf_share(const pf_cursor *c, int64_t calls) {
+    const int64_t lines = c->rows * ((c->bytes + 63) / 64);
+    return calls > 0 ? (lines + calls - 1) / calls : lines;
 }
 
 /* x[i] = exp(x[i] - m), returns the sum */
@@ -261,16 +285,19 @@ static inline void axpys(float *acc, int64_t G, const float *p, int64_t stride, 
 
 /* one block of an item's walk over its cached rows [lo, len): the block holding rows
  * [t0, t0 + block_size) (its rows of heads h0.. start at the returned pointer), the item's rows
- * [*a, *e) in it; the next block's rows (row_bytes each) are prefetched meanwhile */
+ * [*a, *e) in it; *pf: the next block's rows (row_bytes each), for the caller to prefetch */
 static inline const char *walk_block(const char *cache, const int32_t *table, int64_t t0, int64_t lo, int64_t len,
                                      int64_t block_size, int64_t sblock, int64_t sslot, int64_t shead, int64_t h0,
-                                     int64_t row_bytes, size_t esz, int64_t *a, int64_t *e) {
+                                     int64_t row_bytes, size_t esz, int64_t *a, int64_t *e, pf_cursor *pf) {
     *a = t0 > lo ? t0 : lo;
     *e = t0 + block_size < len ? t0 + block_size : len;
-    if (t0 + block_size < len)
-        prefetch_rows(cache + (table[t0 / block_size + 1] * sblock + h0 * shead) * esz,
-                      len - t0 - block_size < block_size ? len - t0 - block_size : block_size, sslot * (int64_t)esz,
-                      row_bytes);
+    pf->rows = pf->t = pf->o = 0;
+    if (t0 + block_size < len) {
+        pf->p = cache + (table[t0 / block_size + 1] * sblock + h0 * shead) * esz;
+        pf->rows = len - t0 - block_size < block_size ? len - t0 - block_size : block_size;
+        pf->stride = sslot * (int64_t)esz;
+        pf->bytes = row_bytes;
+    }
     return cache + (table[t0 / block_size] * sblock + h0 * shead) * esz;
 }
 
@@ -341,25 +368,31 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
             /* scores, block by block (no division per token) */
             for (int64_t t0 = lo - lo % block_size; t0 < len; t0 += block_size) {
                 int64_t a, e;
+                pf_cursor pf;
                 const char *kb = walk_block(k, table, t0, lo, len, block_size, k_sblock, k_sslot, k_shead, h0,
-                                            ((h1 - h0 - 1) * k_shead + Dk) * (int64_t)esz, esz, &a, &e);
+                                            ((h1 - h0 - 1) * k_shead + Dk) * (int64_t)esz, esz, &a, &e, &pf);
 #if defined(__AVX512F__)
                 if (Dk % VEC == 0) {
+                    const int64_t per = pf_share(&pf, r * ((e - a + 15) / 16));
                     for (int64_t ts = a; ts < e; ts += 16) {
                         const int cnt = e - ts < 16 ? (int)(e - ts) : 16;
                         for (int64_t j = 0; j < r; j++) {
                             const int64_t hk = (j % rh) / G;
                             const uint16_t *qb = (const uint16_t *)q + ((q0 + j / rh) * H + h0 * G + j % rh) * Dk;
+                            const char *kr = kb + ((ts - t0) * k_sslot + hk * k_shead) * esz;
                             const __m512 sv = _mm512_mul_ps(
-                                score16(qf + j * Dk, qb, kb + ((ts - t0) * k_sslot + hk * k_shead) * esz,
-                                        k_sslot * (int64_t)esz, cnt, Dk, dtype),
+                                cnt == 16 ? score16(qf + j * Dk, qb, kr, k_sslot * (int64_t)esz, 16, Dk, dtype)
+                                          : score16(qf + j * Dk, qb, kr, k_sslot * (int64_t)esz, cnt, Dk, dtype),
                                 _mm512_set1_ps(scale));
                             _mm512_mask_storeu_ps(s + j * n + (ts - lo), (__mmask16)((1u << cnt) - 1), sv);
+                            pf_step(&pf, per);
                         }
                     }
                     continue;
                 }
-#elif defined(VEC8)
+#endif
+                pf_step(&pf, pf_share(&pf, 1));  /* (the other bodies: the next block at once) */
+#if !defined(__AVX512F__) && defined(VEC8)
                 if (Dk % VEC8 == 0) {
                     for (int64_t ts = a; ts < e; ts += 8) {
                         const int cnt = e - ts < 8 ? (int)(e - ts) : 8;
@@ -400,7 +433,15 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                 float *sr = sj + (rlo - lo);
                 const int64_t m_n = rlen - rlo;
                 float m = -INFINITY;
-                for (int64_t i = 0; i < m_n; i++) m = sr[i] > m ? sr[i] : m;
+                int64_t i0 = 0;
+#if defined(__AVX512F__)
+                if (m_n >= 16) {
+                    __m512 mx = _mm512_loadu_ps(sr);
+                    for (i0 = 16; i0 + 16 <= m_n; i0 += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + i0));
+                    m = _mm512_reduce_max_ps(mx);
+                }
+#endif
+                for (int64_t i = i0; i < m_n; i++) m = sr[i] > m ? sr[i] : m;
                 const float sink = sinks ? sinks[h0 * G + j % rh] : -INFINITY;
                 if (sink > m) m = sink;
                 const float sum = (sinks ? expf(sink - m) : 0.f) + exp_sub_sum(sr, m_n, m);
@@ -417,8 +458,10 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                  * registers over the block's rows */
                 for (int64_t t0 = lo - lo % block_size; t0 < len; t0 += block_size) {
                     int64_t a, e;
+                    pf_cursor pf;
                     const char *vb = walk_block(v, table, t0, lo, len, block_size, v_sblock, v_sslot, v_shead, h0,
-                                                ((h1 - h0 - 1) * v_shead + Dv) * (int64_t)esz, esz, &a, &e);
+                                                ((h1 - h0 - 1) * v_shead + Dv) * (int64_t)esz, esz, &a, &e, &pf);
+                    const int64_t per = pf_share(&pf, h1 - h0);
                     /* the score rows of one KV head (its G query heads, for each query row) share
                      * each loaded V row: 4 rows x 64 dims or 2 rows x 128 dims of accumulators */
                     const int64_t m = nq * G;
@@ -445,6 +488,7 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                                          vh + c0 * esz, v_sslot * (int64_t)esz, e - a, dtype);
                             }
                         }
+                        pf_step(&pf, per);
                     }
                 }
                 goto store;
@@ -454,8 +498,10 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                 /* as the AVX-512 body, on 16 registers: 4 score rows x 16 dims, 2 x 32 or 1 x 64 */
                 for (int64_t t0 = lo - lo % block_size; t0 < len; t0 += block_size) {
                     int64_t a, e;
+                    pf_cursor pf;
                     const char *vb = walk_block(v, table, t0, lo, len, block_size, v_sblock, v_sslot, v_shead, h0,
-                                                ((h1 - h0 - 1) * v_shead + Dv) * (int64_t)esz, esz, &a, &e);
+                                                ((h1 - h0 - 1) * v_shead + Dv) * (int64_t)esz, esz, &a, &e, &pf);
+                    pf_step(&pf, pf_share(&pf, 1));
                     const int64_t m = nq * G;
                     const int hg = (m % 4 == 0 && Dv % 16 == 0) ? 4 : (m % 2 == 0 && Dv % 32 == 0) ? 2 : 1;
                     for (int64_t hk = 0; hk < h1 - h0; hk++) {
@@ -489,8 +535,10 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
 #endif
             for (int64_t t0 = lo - lo % block_size; t0 < len; t0 += block_size) {
                 int64_t a, e;
+                pf_cursor pf;
                 const char *vb = walk_block(v, table, t0, lo, len, block_size, v_sblock, v_sslot, v_shead, h0,
-                                            ((h1 - h0 - 1) * v_shead + Dv) * (int64_t)esz, esz, &a, &e);
+                                            ((h1 - h0 - 1) * v_shead + Dv) * (int64_t)esz, esz, &a, &e, &pf);
+                pf_step(&pf, pf_share(&pf, 1));
                 for (int64_t t = a; t < e; t++)
                     for (int64_t qi = 0; qi < nq; qi++)
                         for (int64_t hk = 0; hk < h1 - h0; hk++) {
