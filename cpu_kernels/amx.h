@@ -51,11 +51,24 @@ static inline __m512bh pair16(const uint16_t *a) {
     return (__m512bh)_mm512_set1_epi32(v);
 }
 
+/* A's rows r < n at columns k .. k+31 where the products read them: in place (*la = lda), or, for
+ * rows a multiple of 4 KB apart (hidden sizes of 2048, 4096: every row's line in one L1 set, so
+ * the broadcasts of 16 rows evicted each other at every pair), copied once into buf (*la = KC). */
+static inline const uint16_t *a_slice(const uint16_t *a, int64_t lda, int64_t k, int n, uint16_t *buf, int64_t *la) {
+    if (lda % 2048) {
+        *la = lda;
+        return a + k;
+    }
+    for (int r = 0; r < n; r++) _mm512_store_si512(buf + r * KC, _mm512_loadu_si512(a + r * lda + k));
+    *la = KC;
+    return buf;
+}
+
 /* What a run of AMX tile products computes, on vdpbf16ps: C_j[16 rows][16 columns] (+)= A[16 rows,
  * 0:K] . B_j for j < nb, float32, C_j's row r at c + j * cj + r * ldc. A's rows at a + r * lda
- * (bf16, in place); B_j's tiles at b + j * bstride + (k / KC) * bk (tile row p: the 16 columns'
- * pairs (k + 2p, k + 2p + 1)), as the AMX kernels pack them. Each sum lane takes A's pair broadcast times B's row of pairs, pair after pair
- * along k. Blocks go in twos against 8 A rows (16 sums: a broadcast feeds two products), an odd
+ * (bf16, in place; a_slice); B_j's tiles at b + j * bstride + (k / KC) * bk (tile row p: the 16
+ * columns' pairs (k + 2p, k + 2p + 1)), as the AMX kernels pack them. Each sum lane takes A's pair
+ * broadcast times B's row of pairs, pair after pair along k. Blocks go in twos against 8 A rows (16 sums: a broadcast feeds two products), an odd
  * last block against all 16 rows (one load of B's row feeds 16). A's rows EMU_PF ahead (the block
  * after next, in the weights' order) are prefetched into L2 a line per row and k step: 16 rows read
  * side by side stream at 14-16 GB/s on the Zen 4 EPYC, 15-19 GB/s with it (decode-sized blocks).
@@ -65,6 +78,8 @@ static inline __m512bh pair16(const uint16_t *a) {
 #define EMU_PF 32
 static inline void emu_tiles_ex(const uint16_t *a, int64_t lda, int64_t K, const uint16_t *b, int64_t bstride,
                                 int64_t bk, int nb, int l8, float *c, int64_t ldc, int64_t cj, int accumulate) {
+    uint16_t buf[16 * KC] __attribute__((aligned(64)));
+    int64_t la;
     if ((nb & 1) && l8 && !accumulate) {  /* 8 lanes (ymm) for the odd block's 1-8 columns, 8-15 zero */
         const int j = nb - 1;
         float *cc = c + j * cj;
@@ -73,11 +88,12 @@ static inline void emu_tiles_ex(const uint16_t *a, int64_t lda, int64_t K, const
         const uint16_t *bj = b + j * bstride;
         for (int64_t k = 0; k < K; k += KC, bj += bk) {
             for (int r = 0; r < 16; r++) _mm_prefetch((const char *)(a + (EMU_PF + r) * lda + k), _MM_HINT_T1);
+            const uint16_t *ak = a_slice(a, lda, k, 16, buf, &la);
             for (int p = 0; p < 16; p++) {
                 const __m256bh v = (__m256bh)_mm256_loadu_si256((const __m256i *)(bj + 32 * p));
                 for (int r = 0; r < 16; r++) {
                     int32_t w;
-                    memcpy(&w, a + r * lda + k + 2 * p, 4);
+                    memcpy(&w, ak + r * la + 2 * p, 4);
                     s[r] = _mm256_dpbf16_ps(s[r], (__m256bh)_mm256_set1_epi32(w), v);
                 }
             }
@@ -94,9 +110,10 @@ static inline void emu_tiles_ex(const uint16_t *a, int64_t lda, int64_t K, const
         const uint16_t *bj = b + j * bstride;
         for (int64_t k = 0; k < K; k += KC, bj += bk) {
             for (int r = 0; r < 16; r++) _mm_prefetch((const char *)(a + (EMU_PF + r) * lda + k), _MM_HINT_T1);
+            const uint16_t *ak = a_slice(a, lda, k, 16, buf, &la);
             for (int p = 0; p < 16; p++) {
                 const __m512bh v = (__m512bh)_mm512_loadu_si512(bj + 32 * p);
-                for (int r = 0; r < 16; r++) s[r] = _mm512_dpbf16_ps(s[r], pair16(a + r * lda + k + 2 * p), v);
+                for (int r = 0; r < 16; r++) s[r] = _mm512_dpbf16_ps(s[r], pair16(ak + r * la + 2 * p), v);
             }
         }
         for (int r = 0; r < 16; r++) _mm512_storeu_ps(cc + r * ldc, s[r]);
@@ -112,11 +129,12 @@ static inline void emu_tiles_ex(const uint16_t *a, int64_t lda, int64_t K, const
             const uint16_t *ar = a + r0 * lda, *b0 = b + j * bstride, *b1 = b0 + bstride;
             for (int64_t k = 0; k < K; k += KC, b0 += bk, b1 += bk) {
                 for (int r = 0; r < 8; r++) _mm_prefetch((const char *)(ar + (EMU_PF + r) * lda + k), _MM_HINT_T1);
+                const uint16_t *ak = a_slice(ar, lda, k, 8, buf, &la);
                 for (int p = 0; p < 16; p++) {
                     const __m512bh v0 = (__m512bh)_mm512_loadu_si512(b0 + 32 * p);
                     const __m512bh v1 = (__m512bh)_mm512_loadu_si512(b1 + 32 * p);
                     for (int r = 0; r < 8; r++) {
-                        const __m512bh w = pair16(ar + r * lda + k + 2 * p);
+                        const __m512bh w = pair16(ak + r * la + 2 * p);
                         s0[r] = _mm512_dpbf16_ps(s0[r], w, v0);
                         s1[r] = _mm512_dpbf16_ps(s1[r], w, v1);
                     }

@@ -557,6 +557,21 @@ def test_amx_linear_streams_long_rows_for_few_tokens(m):
     assert (y.float() == torch.mm(w, x.t()).t().float()).float().mean() > 0.97
 
 
+@pytest.mark.parametrize("m", [12, 24, 32])  # one token block; two + a last of 1-8 tokens; two
+def test_amx_linear_weight_rows_4kb_apart(m):
+    # rows 2048 wide (4 KB apart): the tile emulation copies each k step's rows out of their shared L1 set
+    g = torch.Generator().manual_seed(m)
+    w = torch.randn(48, 2048, generator=g).bfloat16()
+    x = torch.randn(m, 2048, generator=g).bfloat16()
+    y = cpu_kernels.amx_linear(x, w)
+    if not cpu_kernels.amx_available():
+        assert y is None
+        return
+    exact = x.float() @ w.float().T
+    assert (y.float() - exact).abs().max() <= exact.abs().max() * 2 ** -7
+    assert (y.float() == torch.mm(w, x.t()).t().float()).float().mean() > 0.97
+
+
 def test_amx_linear_declines_what_it_does_not_take():
     w, x = torch.randn(96, 64).bfloat16(), torch.randn(8, 64).bfloat16()
     assert cpu_kernels.amx_linear(x.float(), w.float()) is None  # float32
