@@ -205,22 +205,6 @@ static void dot_pairs(const uint16_t *wa, const uint16_t *wb, int64_t ldw, int64
 #define ROW_PATH 8
 #define RP_AHEAD 4096
 
-/* lane r of the result = the sum of v[r]'s 16 lanes */
-static inline __m512 sums16(const __m512 v[16]) {
-    __m512 a[8], b[4], c[2];
-    for (int i = 0; i < 8; i++)  /* per 128-bit lane: (v2i0 + v2i2, v2i+1 0 + 2, v2i1 + v2i3, ...) */
-        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 4; i++)  /* per 128-bit lane q: v4i .. v4i+3's sums over their lane q */
-    {
-        const __m512d lo = _mm512_castps_pd(a[2 * i]), hi = _mm512_castps_pd(a[2 * i + 1]);
-        b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi)), _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi)));
-    }
-    for (int i = 0; i < 2; i++)  /* 128-bit lanes summed in pairs */
-        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
-                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xdd));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xdd));
-}
-
 /* out[t] lane r = W[r, 0:K] . x_t for 16 rows r (row stride ldw) and M token rows xs[t] (M a
  * constant where inlined, so the sums stay in registers); K % 32 == 0. Where the M rows of x pass
  * RP_X elements (16 KB), k goes in segments that keep them in L1 (Mixtral's down rows: 12 rows of
@@ -243,7 +227,8 @@ static inline __attribute__((always_inline)) void rows_dot16_m(const uint16_t *w
             for (int t = 0; t < M; t++) a[t] = b[t] = _mm512_setzero_ps();
             int64_t k = k0;
             for (; k + 64 <= k1; k += 64) {
-                const __m512bh w0 = (__m512bh)_mm512_loadu_si512(row + k), w1 = (__m512bh)_mm512_loadu_si512(row + k + 32);
+                const __m512bh w0 = (__m512bh)_mm512_loadu_si512(row + k);
+                const __m512bh w1 = (__m512bh)_mm512_loadu_si512(row + k + 32);
                 _mm_prefetch((const char *)(ahead + k), _MM_HINT_T1);
                 _mm_prefetch((const char *)(ahead + k + 32), _MM_HINT_T1);
                 for (int t = 0; t < M; t++) {
@@ -259,7 +244,7 @@ static inline __attribute__((always_inline)) void rows_dot16_m(const uint16_t *w
                 part[t][r] = k0 ? _mm512_add_ps(part[t][r], _mm512_add_ps(a[t], b[t])) : _mm512_add_ps(a[t], b[t]);
         }
     }
-    for (int t = 0; t < M; t++) out[t] = sums16(part[t]);
+    for (int t = 0; t < M; t++) out[t] = hsum16(part[t]);
 }
 
 /* rows_dot16_m for 1 <= m <= ROW_PATH */

@@ -68,10 +68,11 @@ static inline const uint16_t *a_slice(const uint16_t *a, int64_t lda, int64_t k,
  * 0:K] . B_j for j < nb, float32, C_j's row r at c + j * cj + r * ldc. A's rows at a + r * lda
  * (bf16, in place; a_slice); B_j's tiles at b + j * bstride + (k / KC) * bk (tile row p: the 16
  * columns' pairs (k + 2p, k + 2p + 1)), as the AMX kernels pack them. Each sum lane takes A's pair
- * broadcast times B's row of pairs, pair after pair along k. Blocks go in twos against 8 A rows (16 sums: a broadcast feeds two products), an odd
- * last block against all 16 rows (one load of B's row feeds 16). A's rows EMU_PF ahead (the block
- * after next, in the weights' order) are prefetched into L2 a line per row and k step: 16 rows read
- * side by side stream at 14-16 GB/s on the Zen 4 EPYC, 15-19 GB/s with it (decode-sized blocks).
+ * broadcast times B's row of pairs, pair after pair along k. Blocks go in twos against 8 A rows (16
+ * sums: a broadcast feeds two products), an odd last block against all 16 rows (one load of B's row
+ * feeds 16). A's rows EMU_PF ahead (the block after next, in the weights' order) are prefetched into
+ * L2 a line per row and k step: 16 rows read side by side stream at 14-16 GB/s on the Zen 4 EPYC,
+ * 15-19 GB/s with it (decode-sized blocks).
  * l8 (last8(m)): the odd last block holds columns 0-7 only (the rest zeros: tokens past m): 8
  * lanes then, whose vdpbf16ps issue twice as fast (1.15x at 8 rows on the Zen 4 EPYC), lanes 8-15
  * stored as zeros. accumulate: add to c's sums (else they start at zero). K % 32 == 0. */

@@ -19,22 +19,6 @@
 #include "simd.h"
 
 #if defined(__AVX512F__)
-/* lane t of the result = sum of the 16 lanes of v[t] */
-static inline __m512 hsum16(const __m512 *v) {
-    __m512 a[8], b[4], c[2];
-    for (int i = 0; i < 8; i++)  /* per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3] */
-        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 4; i++)  /* per 128-bit lane: tokens 4i .. 4i+3, that lane's partial sums */
-        b[i] = _mm512_add_ps(
-            _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]))),
-            _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]))));
-    for (int i = 0; i < 2; i++)
-        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
 /* scores of cnt <= 16 consecutive cached rows (row t at k + t * stride bytes) against one query
  * row: qf (float32, length D) or, on the vdpbf16ps path, qb (bf16). D % 16 == 0. Inlined: called
  * with cnt = 16 (a full block) its sums stay in registers (with a runtime count they went through
@@ -291,7 +275,7 @@ static inline const char *walk_block(const char *cache, const int32_t *table, in
                                      int64_t row_bytes, size_t esz, int64_t *a, int64_t *e, pf_cursor *pf) {
     *a = t0 > lo ? t0 : lo;
     *e = t0 + block_size < len ? t0 + block_size : len;
-    pf->rows = pf->t = pf->o = 0;
+    *pf = (pf_cursor){0};
     if (t0 + block_size < len) {
         pf->p = cache + (table[t0 / block_size + 1] * sblock + h0 * shead) * esz;
         pf->rows = len - t0 - block_size < block_size ? len - t0 - block_size : block_size;
