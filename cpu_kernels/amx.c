@@ -198,10 +198,11 @@ static void dot_pairs(const uint16_t *wa, const uint16_t *wb, int64_t ldw, int64
 /* Experts of 1..ROW_PATH rows (batched decode: 32 sequences x top-4 over 32 experts leave ~4 rows
  * each) read each 16-row weight block one row after the other, every row one sequential stream
  * dotted with the expert's few token rows (in L1), prefetched into L2 RP_AHEAD elements (8 KB)
- * ahead, instead of emu_tiles' 16 rows side by side. On the Zen 4 EPYC, Qwen3-MoE's expert shape,
- * every expert at m rows: 1.6-1.8x emu_tiles at 2-8 rows, 1.4x at 10, 1.1x at 12; without the
- * prefetch the rows stream well only up to 4 (the core's loads and the memory's latency then
- * add up rather than overlap: 9-10 GB/s on one core at 8 rows against 16 with it). */
+ * ahead, instead of emu_tiles' 16 rows side by side. On the Zen 4 EPYC, every expert at m rows:
+ * 1.4-1.7x emu_tiles at 1-8 rows on Qwen3-MoE's expert shape, 1.2-1.6x on Mixtral's; past 8 rows
+ * the products outweigh the stream and the tiles stay. Without the prefetch the rows streamed well
+ * only up to 4 (the core's loads and the memory's latency then add up rather than overlap: 9-10
+ * GB/s on one core at 8 rows against 16 with it). */
 #define ROW_PATH 8
 #define RP_AHEAD 4096
 
@@ -334,9 +335,9 @@ static inline void token_columns(const float *c, int64_t tb, __m512 v[16]) {
     for (int t = 0; t < 16; t++) v[t] = _mm512_castsi512_ps(r[t]);
 }
 
-/* y[t, 16j:16j+16] for t < m from the float32 block c[tb][16 rows][16 tokens]: bf16 (dtype BF16),
- * or the bf16-rounded value as float32 (dtype F32: logits); + bias (bf16, after the rounding, as
- * a separate addition does). */
+/* token t's 16 sums v as y[t, 16j:16j+16]: bf16 (dtype BF16), or the bf16-rounded value as float32
+ * (dtype F32: logits); + bias (b: bias[16j:16j+16], added after the rounding, as a separate addition
+ * does) */
 static inline void store_token(__m512 v, int64_t t, int64_t j, const uint16_t *bias, __m512 b, void *y, int64_t ldy,
                                int dtype) {
     if (bias) v = _mm512_add_ps(round_bf16(v), b);
@@ -344,6 +345,7 @@ static inline void store_token(__m512 v, int64_t t, int64_t j, const uint16_t *b
     else _mm512_storeu_ps((float *)y + t * ldy + 16 * j, round_bf16(v));
 }
 
+/* y[t, 16j:16j+16] for t < m from the float32 block c[tb][16 rows][16 tokens], as store_token */
 static void store_block(const float *c, int64_t m, int64_t j, const uint16_t *bias, void *y, int64_t ldy, int dtype) {
     const __m512 b = bias ? load16(bias + 16 * j, BF16) : _mm512_setzero_ps();
     __m512 col[16];

@@ -541,28 +541,15 @@ def test_amx_linear_matches_mm(m, bias, out_float):
         assert torch.equal(y, y.bfloat16().float())  # the bf16 values, as float32
 
 
-@pytest.mark.parametrize("m", [1, 3, 8])
-def test_amx_linear_streams_long_rows_for_few_tokens(m):
-    # up to 8 rows: each weight row read once against all of them, k in segments past 16 KB of x
+@pytest.mark.parametrize("m,K,pad", [
+    (1, 2080, 64), (3, 2080, 64),  # up to 8 rows: each weight row read once against all of them (rows strided)
+    (8, 2080, 64),  # ... k in segments past 16 KB of x
+    (12, 2048, 0), (24, 2048, 0), (32, 2048, 0),  # weight rows 4 KB apart: the tile emulation copies each
+])  # k step's rows out of their shared L1 set (one token block; two + a last of 1-8 tokens; two)
+def test_amx_linear_long_weight_rows(m, K, pad):
     g = torch.Generator().manual_seed(m)
-    N, K = 48, 2080
-    w = torch.randn(N, K, generator=g).bfloat16()
-    x = torch.randn(m, K + 64, generator=g).bfloat16()[:, :K]  # rows strided
-    y = cpu_kernels.amx_linear(x, w)
-    if not cpu_kernels.amx_available():
-        assert y is None
-        return
-    exact = x.float() @ w.float().T
-    assert (y.float() - exact).abs().max() <= exact.abs().max() * 2 ** -7
-    assert (y.float() == torch.mm(w, x.t()).t().float()).float().mean() > 0.97
-
-
-@pytest.mark.parametrize("m", [12, 24, 32])  # one token block; two + a last of 1-8 tokens; two
-def test_amx_linear_weight_rows_4kb_apart(m):
-    # rows 2048 wide (4 KB apart): the tile emulation copies each k step's rows out of their shared L1 set
-    g = torch.Generator().manual_seed(m)
-    w = torch.randn(48, 2048, generator=g).bfloat16()
-    x = torch.randn(m, 2048, generator=g).bfloat16()
+    w = torch.randn(48, K, generator=g).bfloat16()
+    x = torch.randn(m, K + pad, generator=g).bfloat16()[:, :K]
     y = cpu_kernels.amx_linear(x, w)
     if not cpu_kernels.amx_available():
         assert y is None
