@@ -23,7 +23,8 @@ from .amx import (AMX_MAX_ROWS, amx_available, amx_experts, amx_heads, amx_linea
                   amx_tiles)
 from .amx_attention import prefill_attention, supports_prefill
 from .build import load, set_malloc_thresholds
-from .elementwise import add_rms_norm, rms_norm, rope_, route_select, silu_mul, transpose_to_float, write_rows
+from .elementwise import (RouteToken, add_rms_norm, rms_norm, rope_, route_select, silu_mul, transpose_to_float,
+                          write_rows)
 from .fused import GqaToken, gqa_token, mla_token
 from .gemm import grouped_gemm
 from .gemv import Residual, expert_token, gemv, heads_vec, moe_token
@@ -34,7 +35,7 @@ from .quant import (Q8_GEMM_MAX_ROWS, Q_FP8, Q_INT4_X8, Q_INT8, q4_dequant, q4_g
 __all__ = [
     "load", "set_malloc_thresholds", "supports_decode", "paged_decode_attention", "supports_prefill",
     "prefill_attention",
-    "rope_", "silu_mul", "rms_norm", "add_rms_norm", "write_rows", "transpose_to_float", "route_select",
+    "rope_", "silu_mul", "rms_norm", "add_rms_norm", "write_rows", "transpose_to_float", "route_select", "RouteToken",
     "grouped_gemm", "gemv", "expert_token", "moe_token", "heads_vec", "Residual",
     "AMX_MAX_ROWS", "amx_available", "amx_tiles", "amx_experts", "amx_moe", "amx_moe_packed", "amx_linear", "amx_heads",
     "mla_token", "gqa_token", "GqaToken",

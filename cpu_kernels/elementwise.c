@@ -4,7 +4,7 @@
  * rounding to the output dtype per torch op it stands for. Built with -ffp-contract=off so the
  * scalar paths round each product as torch's kernels do. Vector bodies: AVX-512 (16 lanes) or
  * AVX2 + FMA (8 lanes, CPUs without AVX-512), each lane computed as the AVX-512 body computes it. */
-#include "simd.h"
+#include "kernels.h"
 
 /* Lanes of the vector bodies this library was built with: 16 (AVX-512), 8 (AVX2 + FMA) or 1 (scalar
  * C only), so that a test can tell a build that silently lost its vector bodies. */
@@ -304,69 +304,107 @@ static inline int64_t argmax_free(const float *v, const unsigned char *taken, in
     return best;
 }
 
-/* Expert choice after the router's scoring, per token t of scores [T, E] (softmax or sigmoid,
- * float32): selection = scores (+ bias[E] when given); with G > 1 groups only the experts of the
- * topk_groups best groups stay (group score: sum of its two best selections, or its best); the K
- * best remaining experts, in descending order, go to ids [T, K]; their unbiased scores, divided
- * by their sum (+ eps) when renormalize, times scale, to weights [T, K] -- the order of operations
- * of routing.route. Which of two equal values torch.topk takes first is its sort's business:
- * a token whose choice depends on a tie (the K-th and (K+1)-th selections, or the last kept and
- * first dropped group, equal) or has a NaN selection gets ties[t] = 1 and is left for the caller
- * to route with torch (ties among the chosen only order them: nothing downstream depends on the
- * order). Returns the number of such tokens. */
-int moe_route_select(const float *scores, const float *bias, int64_t T, int64_t E, int64_t K, int64_t G,
-                     int64_t topk_groups, int group_top2, int renormalize, float eps, float scale, float *weights,
-                     int64_t *ids, unsigned char *ties) {
+/* The router's scores of one token from its float32 logits [E]: softmax (scoring 1; a NaN logit
+ * makes every score NaN, as torch's softmax) or sigmoid (scoring 2), in float32 with libm's expf. */
+static void route_scores(const float *l, int64_t E, int scoring, float *s) {
+    if (scoring == 2) {
+        for (int64_t e = 0; e < E; e++) s[e] = 1.f / (1.f + expf(-l[e]));
+        return;
+    }
+    float m = -INFINITY, sum = 0.f;
+    int nan = 0;
+    for (int64_t e = 0; e < E; e++) {
+        nan |= l[e] != l[e];
+        m = l[e] > m ? l[e] : m;
+    }
+    for (int64_t e = 0; e < E; e++) sum += s[e] = expf(l[e] - m);
+    for (int64_t e = 0; e < E; e++) s[e] = nan ? NAN : s[e] / sum;
+}
+
+/* routing.route for one token: scores (route_scores) written to s [E], then the expert choice:
+ * selection = scores (+ bias[E] when given); with G > 1 groups only the experts of the topk_groups
+ * best groups stay (group score: sum of its two best selections, or its best); the K best
+ * remaining experts, in descending order, go to ids [K]; their unbiased scores, divided by their
+ * sum (+ eps) when renormalize, times scale, to weights [K] -- the order of operations of
+ * routing.route. Which of two equal values torch.topk takes first is its sort's business: a token
+ * whose choice depends on a tie (the K-th and (K+1)-th selections, or the last kept and first
+ * dropped group, equal) or has a NaN selection returns 1 and is left for the caller to route with
+ * torch from s (ties among the chosen only order them: nothing downstream depends on the order). */
+static int route_token(const float *l, int scoring, const float *bias, int64_t E, int64_t K, int64_t G,
+                       int64_t topk_groups, int group_top2, int renormalize, float eps, float scale, float *s,
+                       float *weights, int64_t *ids) {
     const int64_t per = E / G;
     float sel[E], gs[G];
     unsigned char taken[E > G ? E : G];
-    int64_t flagged = 0;
-    for (int64_t t = 0; t < T; t++) {
-        const float *s = scores + t * E;
-        int tie = 0;
-        for (int64_t e = 0; e < E; e++) {
-            sel[e] = bias ? s[e] + bias[e] : s[e];
-            if (sel[e] != sel[e]) tie = 1;
-        }
-        if (G > 1 && !tie) {
-            for (int64_t g = 0; g < G; g++) {
-                const float *v = sel + g * per;
-                float a = -INFINITY, b = -INFINITY;  /* best, second best */
-                for (int64_t i = 0; i < per; i++) {
-                    if (v[i] > a) { b = a; a = v[i]; }
-                    else if (v[i] > b) b = v[i];
-                }
-                gs[g] = group_top2 ? a + b : a;
+    int tie = 0;
+    route_scores(l, E, scoring, s);
+    for (int64_t e = 0; e < E; e++) {
+        sel[e] = bias ? s[e] + bias[e] : s[e];
+        if (sel[e] != sel[e]) tie = 1;
+    }
+    if (G > 1 && !tie) {
+        for (int64_t g = 0; g < G; g++) {
+            const float *v = sel + g * per;
+            float a = -INFINITY, b = -INFINITY;  /* best, second best */
+            for (int64_t i = 0; i < per; i++) {
+                if (v[i] > a) { b = a; a = v[i]; }
+                else if (v[i] > b) b = v[i];
             }
-            memset(taken, 0, G);
-            int64_t last = 0;
-            for (int64_t j = 0; j < topk_groups; j++) taken[last = argmax_free(gs, taken, G)] = 1;
-            if (topk_groups < G && gs[argmax_free(gs, taken, G)] == gs[last]) tie = 1;
-            for (int64_t g = 0; g < G; g++)
-                if (!taken[g])
-                    for (int64_t i = 0; i < per; i++) sel[g * per + i] = -INFINITY;
+            gs[g] = group_top2 ? a + b : a;
         }
-        memset(taken, 0, E);
-        float sum = 0.f;
-        int64_t e = 0;
-        for (int64_t k = 0; k < K && !tie; k++) {
-            e = argmax_free(sel, taken, E);
-            taken[e] = 1;
-            ids[t * K + k] = e;
-            weights[t * K + k] = s[e];
-            sum += s[e];
-        }
-        if (!tie && K < E && sel[argmax_free(sel, taken, E)] == sel[e]) tie = 1;
-        ties[t] = (unsigned char)tie;
-        if (tie) {
-            flagged++;
-            continue;
-        }
-        for (int64_t k = 0; k < K; k++) {
-            float w = weights[t * K + k];
-            if (renormalize) w = w / (sum + eps);
-            weights[t * K + k] = w * scale;
-        }
+        memset(taken, 0, G);
+        int64_t last = 0;
+        for (int64_t j = 0; j < topk_groups; j++) taken[last = argmax_free(gs, taken, G)] = 1;
+        if (topk_groups < G && gs[argmax_free(gs, taken, G)] == gs[last]) tie = 1;
+        for (int64_t g = 0; g < G; g++)
+            if (!taken[g])
+                for (int64_t i = 0; i < per; i++) sel[g * per + i] = -INFINITY;
+    }
+    memset(taken, 0, E);
+    float sum = 0.f;
+    int64_t e = 0;
+    for (int64_t k = 0; k < K && !tie; k++) {
+        e = argmax_free(sel, taken, E);
+        taken[e] = 1;
+        ids[k] = e;
+        weights[k] = s[e];
+        sum += s[e];
+    }
+    if (!tie && K < E && sel[argmax_free(sel, taken, E)] == sel[e]) tie = 1;
+    if (tie) return 1;
+    for (int64_t k = 0; k < K; k++) {
+        float w = weights[k];
+        if (renormalize) w = w / (sum + eps);
+        weights[k] = w * scale;
+    }
+    return 0;
+}
+
+/* route_token for each token t of float32 logits [T, E]: scores to scores [T, E], choices to
+ * weights / ids [T, K], ties[t] = 1 for a token left to torch. Returns the number of such tokens. */
+int moe_route_select(const float *logits, int scoring, const float *bias, int64_t T, int64_t E, int64_t K,
+                     int64_t G, int64_t topk_groups, int group_top2, int renormalize, float eps, float scale,
+                     float *scores, float *weights, int64_t *ids, unsigned char *ties, int num_threads) {
+    int64_t flagged = 0;
+#pragma omp parallel for num_threads(num_threads) schedule(static) reduction(+ : flagged) if (T * E >= 16384)
+    for (int64_t t = 0; t < T; t++) {
+        ties[t] = (unsigned char)route_token(logits + t * E, scoring, bias, E, K, G, topk_groups, group_top2,
+                                             renormalize, eps, scale, scores + t * E, weights + t * K, ids + t * K);
+        flagged += ties[t];
     }
     return (int)flagged;
+}
+
+/* The router of one bf16 token x [D] in one call: logits = gate [E, D] (row stride ldw) @ x (+ gate
+ * bias), rounded to bf16 as moe_gemv_bf16 (ops.linear's path at one row), widened to float32, then
+ * route_token. Returns 1 for a tie (scores in s for the caller), else 0. */
+int moe_route_token(const uint16_t *x, const uint16_t *gate, int64_t ldw, const uint16_t *gate_bias, int64_t D,
+                    int scoring, const float *bias, int64_t E, int64_t K, int64_t G, int64_t topk_groups,
+                    int group_top2, int renormalize, float eps, float scale, float *s, float *weights, int64_t *ids,
+                    int num_threads) {
+    uint16_t y[E];
+    float l[E];
+    moe_gemv_bf16(gate, E, D, ldw, x, gate_bias, y, num_threads);
+    for (int64_t e = 0; e < E; e++) l[e] = bf16_to_f32(y[e]);
+    return route_token(l, scoring, bias, E, K, G, topk_groups, group_top2, renormalize, eps, scale, s, weights, ids);
 }

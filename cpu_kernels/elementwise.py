@@ -5,7 +5,8 @@
 activations, with the roundings of the torch code they replace (the ``*_reference`` functions
 below, which are also the callers' torch path); :func:`write_rows` (new K/V rows into a paged
 cache), :func:`transpose_to_float` (a GEMM's transposed logits to row-major float32) and
-:func:`route_select` (the router's selection after the scoring).
+:func:`route_select` (the router's scoring and selection; :class:`RouteToken` for one token from
+its gate projection on).
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ declare({
     "moe_add_rms_norm": [_ptr, _ptr, _ptr, _ptr, _ptr, _int, _i64, _i64, _f32, _int],
     "moe_write_rows": [_ptr, _ptr, _int, *[_i64] * 6, _ptr, _i64, _i64, _int],
     "moe_transpose_to_f32": [_ptr, _int, _i64, _i64, _i64, _ptr, _int],
-    "moe_route_select": [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _int, _int, _f32, _f32, _ptr, _ptr, _ptr],
+    "moe_route_select": [_ptr, _int, _ptr, *[_i64] * 5, _int, _int, _f32, _f32, _ptr, _ptr, _ptr, _ptr, _int],
+    "moe_route_token": [_ptr, _ptr, _i64, _ptr, _i64, _int, _ptr, *[_i64] * 4, _int, _int, _f32, _f32, _ptr, _ptr,
+                        _ptr, _int],
     "moe_simd_lanes": [],
 })
 
@@ -190,26 +193,83 @@ def transpose_to_float(x_NM: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
-def route_select(scores_TE: torch.Tensor, top_k: int, bias_E: torch.Tensor | None = None, num_groups: int = 1,
-                 topk_groups: int = 1, group_top2: bool = True, renormalize: bool = False, eps: float = 0.0,
-                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-    """:func:`routing.route` after the scoring, in one pass over float32 ``scores [T, E]``:
-    selection = scores (+ bias), group-limited when ``num_groups`` > 1, the ``top_k`` best in
-    descending order, their unbiased scores renormalized (``w / (sum + eps)``) and scaled.
-    Returns ``(weights [T, K] float32, ids [T, K] int64, tied)``: ``tied`` is None, or the indices
-    of the tokens whose choice hangs on equal values (or NaN), left for the caller to route with
-    torch (whose sort decides ties its own way); None when the kernel does not apply."""
-    if scores_TE.dtype != torch.float32 or scores_TE.dim() != 2 or scores_TE.is_cuda or load() is None:
+_SCORING = {"softmax": 1, "sigmoid": 2}
+RouteSelection = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]  # weights, ids, scores, tied
+
+
+def _route_args(scoring: str, top_k: int, E: int, num_groups: int, topk_groups: int) -> bool:
+    return (scoring in _SCORING and E % num_groups == 0 and 1 <= top_k <= E and 1 <= topk_groups <= num_groups
+            and load() is not None)
+
+
+def route_select(logits_TE: torch.Tensor, scoring: str, top_k: int, bias_E: torch.Tensor | None = None,
+                 num_groups: int = 1, topk_groups: int = 1, group_top2: bool = True, renormalize: bool = False,
+                 eps: float = 0.0, scale: float = 1.0) -> RouteSelection | None:
+    """:func:`routing.route` from float32 ``logits [T, E]`` in one pass: scores = softmax or sigmoid
+    (float32, libm's ``expf``; within an ulp or two of torch's), selection = scores (+ bias),
+    group-limited when ``num_groups`` > 1, the ``top_k`` best in descending order, their unbiased
+    scores renormalized (``w / (sum + eps)``) and scaled. Returns ``(weights [T, K] float32,
+    ids [T, K] int64, scores [T, E], tied)``: ``tied`` is None, or the indices of the tokens whose
+    choice hangs on equal values (or NaN), left for the caller to select with torch from ``scores``
+    (whose sort decides ties its own way); None when the kernel does not apply."""
+    if logits_TE.dtype != torch.float32 or logits_TE.dim() != 2 or logits_TE.is_cuda:
         return None
-    T, E = scores_TE.shape
-    if E % num_groups or not 1 <= top_k <= E or not 1 <= topk_groups <= num_groups:
+    T, E = logits_TE.shape
+    if not _route_args(scoring, top_k, E, num_groups, topk_groups):
         return None
-    s = scores_TE.contiguous()
+    lg = logits_TE.contiguous()
     b = bias_E.float().contiguous() if bias_E is not None else None
+    s = torch.empty(T, E, dtype=torch.float32)
     w = torch.empty(T, top_k, dtype=torch.float32)
     ids = torch.empty(T, top_k, dtype=torch.int64)
     ties = torch.empty(T, dtype=torch.uint8)
-    n = load().moe_route_select(s.data_ptr(), b.data_ptr() if b is not None else None, T, E, top_k, num_groups,
-                                topk_groups, int(group_top2), int(renormalize), eps, scale, w.data_ptr(),
-                                ids.data_ptr(), ties.data_ptr())
-    return w, ids, (ties.nonzero().flatten() if n else None)
+    n = load().moe_route_select(lg.data_ptr(), _SCORING[scoring], b.data_ptr() if b is not None else None, T, E,
+                                top_k, num_groups, topk_groups, int(group_top2), int(renormalize), eps, scale,
+                                s.data_ptr(), w.data_ptr(), ids.data_ptr(), ties.data_ptr(), torch.get_num_threads())
+    return w, ids, s, (ties.nonzero().flatten() if n else None)
+
+
+class RouteToken:
+    """A router's gate projection + :func:`route_select` for one bf16 token in one C call, its
+    weights and settings checked once (the captured batch-1 step): ``plan(x_1D)`` returns
+    ``(weights [1, K], ids [1, K])`` as ``route_select(gate(x).float(), ...)`` returns them (the
+    gate through :func:`gemv`, ops.linear's path at one row), or None for a token whose choice
+    hangs on a tie (the caller routes it the op way). The results live in the plan's own
+    buffers: read them before the plan's next call. :meth:`make` gives None where the kernel does
+    not apply (a gate that is not a bf16 CPU tensor with unit-stride rows, other scorings)."""
+
+    def __init__(self, gate_ED: torch.Tensor, gate_bias_E: torch.Tensor | None, scoring: str, top_k: int,
+                 bias_E: torch.Tensor | None, num_groups: int, topk_groups: int, group_top2: bool,
+                 renormalize: bool, eps: float, scale: float):
+        E, D = gate_ED.shape
+        self.gate, self.gate_bias = gate_ED, gate_bias_E
+        self.bias = bias_E.float().contiguous() if bias_E is not None else None
+        self.scores, self.weights = torch.empty(1, E), torch.empty(1, top_k)
+        self.ids = torch.empty(1, top_k, dtype=torch.int64)
+        self.D = D
+        self.args = (gate_ED.data_ptr(), gate_ED.stride(0), gate_bias_E.data_ptr() if gate_bias_E is not None else None,
+                     D, _SCORING[scoring], self.bias.data_ptr() if self.bias is not None else None, E, top_k,
+                     num_groups, topk_groups, int(group_top2), int(renormalize), eps, scale, self.scores.data_ptr(),
+                     self.weights.data_ptr(), self.ids.data_ptr())
+
+    @classmethod
+    def make(cls, gate_ED: torch.Tensor, gate_bias_E: torch.Tensor | None, scoring: str, top_k: int,
+             bias_E: torch.Tensor | None = None, num_groups: int = 1, topk_groups: int = 1, group_top2: bool = True,
+             renormalize: bool = False, eps: float = 0.0, scale: float = 1.0) -> RouteToken | None:
+        if not isinstance(gate_ED, torch.Tensor) or gate_ED.dtype != torch.bfloat16 or gate_ED.dim() != 2:
+            return None
+        if kernel_dtype(gate_ED, *([] if gate_bias_E is None else [gate_bias_E])) is None:
+            return None
+        if gate_bias_E is not None and (gate_bias_E.dtype != torch.bfloat16 or gate_bias_E.shape != gate_ED.shape[:1]):
+            return None
+        if not _route_args(scoring, top_k, gate_ED.shape[0], num_groups, topk_groups):
+            return None
+        return cls(gate_ED, gate_bias_E, scoring, top_k, bias_E, num_groups, topk_groups, group_top2, renormalize,
+                   eps, scale)
+
+    def __call__(self, x_1D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if x_1D.dtype != torch.bfloat16 or x_1D.shape != (1, self.D) or not x_1D.is_contiguous():
+            return None
+        if load().moe_route_token(x_1D.data_ptr(), *self.args, torch.get_num_threads()):
+            return None
+        return self.weights, self.ids

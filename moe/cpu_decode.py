@@ -8,10 +8,11 @@ model once, at load, and plans each half-layer:
   :func:`cpu_kernels.mla_token`) where the half is plain: CPU, bf16, one TP rank, bf16 tensor
   KV caches (not fp8), no qkv clipping, no MLA biases; projections bf16 or packed (``moe
   quantize --all-linear``, computed as ``ops.linear`` computes them; MLA's kv_b_proj bf16);
-- router in torch, then the routed experts + shared expert + residual add + next norm as one C
-  call (the experts' ``forward_token``: :func:`cpu_kernels.moe_token` / ``quant_moe_token``)
-  where every expert is local and the shared expert is plain and ungated; a dense MLP as that
-  call with the MLP as its one expert of weight 1;
+- router as one C call (:class:`cpu_kernels.RouteToken`: the gate's GEMV, scoring and selection,
+  as ``routing.route`` computes them on CPU) where the gate is bf16, then the routed experts +
+  shared expert + residual add + next norm as one C call (the experts' ``forward_token``:
+  :func:`cpu_kernels.moe_token` / ``quant_moe_token``) where every expert is local and the shared
+  expert is plain and ungated; a dense MLP as that call with the MLP as its one expert of weight 1;
 - any other half runs the layer's own ``forward`` with :func:`add_norm`, as the model does.
 
 Each C call computes exactly what the op path computes (the kernels' tests and
@@ -153,18 +154,36 @@ class _DenseToken(_OpsMlp):
 
 
 class _MoEToken(_OpsMlp):
-    """Router in torch, then routed experts + shared expert + residual add + norm in one call
-    (the experts' ``forward_token``); when that declines, the block's ops for the routed token."""
+    """Router in one call where it fits (else the block's ``route``), then routed experts + shared
+    expert + residual add + norm in one call (the experts' ``forward_token``); when that declines,
+    the block's ops for the routed token."""
 
     def __init__(self, moe: SparseMoE, norm: RMSNorm):
         super().__init__(moe, norm)
         se = moe.shared_expert
         self.shared = (se.gate_up_proj.weight, se.down_proj.weight) if se is not None else None
+        self.router = self._router(moe)
+
+    @staticmethod
+    def _router(moe: SparseMoE) -> cpu_kernels.RouteToken | None:
+        """``moe.route`` for one token as one C call, where the kernel computes what it computes."""
+        rc, gate, bias = moe.router_cfg, moe.gate, moe.e_score_correction_bias
+        if rc.topk_before_softmax or (rc.use_correction_bias and bias is None):
+            return None
+        return cpu_kernels.RouteToken.make(gate.weight, gate.bias, rc.scoring, rc.top_k,
+                                           bias if rc.use_correction_bias else None, rc.num_groups, rc.topk_groups,
+                                           rc.group_score == "top2_sum", rc.renormalize,
+                                           1e-20 if rc.scoring == "sigmoid" else 0.0, rc.scaling_factor)
 
     def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
                  ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         moe = self.mlp
-        weights_TK, ids_TK = moe.route(x_TD, ctx)
+        routed = self.router(x_TD) if self.router is not None else None
+        if routed is None:  # a tie (or no plan): the block's own routing
+            weights_TK, ids_TK = moe.route(x_TD, ctx)
+        else:
+            weights_TK, ids_TK = routed
+            moe.count(ids_TK, ctx)
         out = moe.experts.forward_token(x_TD, ids_TK[0], weights_TK[0], self.shared,
                                         residual=(h_TD, self.norm.weight, self.norm.eps))
         if out is None:  # routed (and counted) already: the rest op by op

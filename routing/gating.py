@@ -76,19 +76,19 @@ def route(logits_TE: torch.Tensor, cfg: RouterConfig, correction_bias_E: torch.T
         weights = torch.softmax(values, dim=-1)
         return RoutingResult(weights * cfg.scaling_factor, ids)
 
-    scores = torch.softmax(logits, dim=-1) if cfg.scoring == "softmax" else torch.sigmoid(logits)
     if cfg.use_correction_bias and correction_bias_E is None:
         raise ValueError("router uses a correction bias but none was loaded (e_score_correction_bias)")
-    if scores.device.type == "cpu":  # the selection below in one C pass (~12 torch ops per layer with groups)
+    if logits.device.type == "cpu":  # scoring and selection in one C pass (~12 torch ops per layer with groups)
         out = cpu_kernels.route_select(
-            scores, cfg.top_k, correction_bias_E if cfg.use_correction_bias else None, cfg.num_groups,
+            logits, cfg.scoring, cfg.top_k, correction_bias_E if cfg.use_correction_bias else None, cfg.num_groups,
             cfg.topk_groups, cfg.group_score == "top2_sum", cfg.renormalize,
             1e-20 if cfg.scoring == "sigmoid" else 0.0, cfg.scaling_factor)
         if out is not None:
-            weights, ids, tied = out
+            weights, ids, scores, tied = out
             if tied is not None:  # choices that hang on equal values: torch's own tie order
                 weights[tied], ids[tied] = _select(scores[tied], cfg, correction_bias_E)
             return RoutingResult(weights, ids)
+    scores = torch.softmax(logits, dim=-1) if cfg.scoring == "softmax" else torch.sigmoid(logits)
     return RoutingResult(*_select(scores, cfg, correction_bias_E))
 
 

@@ -755,23 +755,63 @@ def test_route_select_kernel_equals_the_torch_ops(name, monkeypatch):
     w_ref, ids_ref = route(logits, cfg, bias)
     assert calls and ids.dtype == ids_ref.dtype == torch.int64 and w.dtype == torch.float32
     # bf16 logits tie often (equal logits, equal scores): a choice that hangs on a tie is left to
-    # torch; ties among the chosen experts may come in another order (nothing depends on it)
+    # torch; ties among the chosen experts may come in another order (nothing depends on it).
+    # The kernel's expf and torch's vectorized exp may differ in the last bit of a score.
     order, order_ref = ids.argsort(1), ids_ref.argsort(1)
     assert torch.equal(ids.gather(1, order), ids_ref.gather(1, order_ref))
     torch.testing.assert_close(w.gather(1, order), w_ref.gather(1, order_ref), rtol=1e-6, atol=0)
     assert (ids == ids_ref).all(1).float().mean() > 0.9  # and in torch's order but for ties
 
 
-def test_route_select_leaves_ties_to_torch():
+def test_route_select_scores_as_torch_and_leaves_ties_to_it():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(300, 64, generator=g) * 4
+    for scoring, ref in (("softmax", torch.softmax(logits, -1)), ("sigmoid", torch.sigmoid(logits))):
+        w, ids, scores, tied = cpu_kernels.route_select(logits, scoring, 6)  # 300 x 64: threaded
+        torch.testing.assert_close(scores, ref, rtol=1e-6, atol=1e-9)
+        assert tied is None and torch.equal(ids, ref.topk(6).indices)
+        assert torch.equal(w, scores.gather(1, ids))  # no renormalization, scale 1
     # experts 4 and 5 tie for the second place: the kernel flags the token, not the one without a tie
     scores = torch.tensor([[0.1, 0.0, 0.0, 0.0, 0.3, 0.3, 0.5, 0.0], [0.1, 0.0, 0.0, 0.0, 0.2, 0.3, 0.5, 0.0]])
-    w, ids, tied = cpu_kernels.route_select(scores, 2)
+    w, ids, s, tied = cpu_kernels.route_select(scores.log(), "softmax", 2)
     assert tied.tolist() == [0] and ids[1].tolist() == [6, 5]
-    torch.testing.assert_close(w[1], torch.tensor([0.5, 0.3]))
+    torch.testing.assert_close(w[1], torch.tensor([0.5, 0.3]) / scores[1].sum())
     # tied groups (group-limited selection): groups 1 and 2 have the same top-2 sum
-    g = torch.tensor([[0.9, 0.1, 0.4, 0.3, 0.3, 0.4]])
-    assert cpu_kernels.route_select(g, 2, num_groups=3, topk_groups=2)[2].tolist() == [0]
-    assert cpu_kernels.route_select(torch.tensor([[0.1, float("nan"), 0.2]]), 1)[2].tolist() == [0]
+    g = torch.tensor([[0.9, 0.1, 0.4, 0.3, 0.3, 0.4]]).logit()
+    assert cpu_kernels.route_select(g, "sigmoid", 2, num_groups=3, topk_groups=2)[3].tolist() == [0]
+    w, ids, s, tied = cpu_kernels.route_select(torch.tensor([[0.1, float("nan"), 0.2]]), "softmax", 1)
+    assert tied.tolist() == [0] and s.isnan().all()  # NaN everywhere, as torch's softmax
+
+
+@pytest.mark.parametrize("name", list(ROUTERS))
+@pytest.mark.parametrize("gate_bias", [False, True])
+def test_route_token_plan_equals_the_gate_then_route(name, gate_bias):
+    # the captured step's router: the gate's GEMV and routing.route's scoring and selection in one call
+    from routing import RouterConfig, route
+    from ops import linear
+
+    cfg = RouterConfig(**ROUTERS[name])
+    g = torch.Generator().manual_seed(len(name))
+    E, D = cfg.num_experts, 96
+    gate = (torch.randn(E, D, generator=g) / 8).bfloat16()
+    b = (torch.randn(E, generator=g) / 8).bfloat16() if gate_bias else None
+    bias = torch.randn(E, generator=g) * 0.1 if cfg.use_correction_bias else None
+    plan = cpu_kernels.RouteToken.make(gate, b, cfg.scoring, cfg.top_k, bias, cfg.num_groups, cfg.topk_groups,
+                                       cfg.group_score == "top2_sum", cfg.renormalize,
+                                       1e-20 if cfg.scoring == "sigmoid" else 0.0, cfg.scaling_factor)
+    routed = 0
+    for _ in range(20):
+        x = torch.randn(1, D, generator=g).bfloat16()
+        w_ref, ids_ref = route(linear(x, gate, b), cfg, bias)
+        out = plan(x)
+        if out is None:  # a tie: the caller routes the op way
+            continue
+        routed += 1
+        assert torch.equal(out[1], ids_ref) and torch.equal(out[0], w_ref)
+    assert routed >= 15
+    assert plan(x.float()) is None and plan(torch.randn(2, D).bfloat16()) is None
+    assert cpu_kernels.RouteToken.make(gate.float(), None, "softmax", 2) is None
+    assert cpu_kernels.RouteToken.make(gate, None, "tanh", 2) is None
 
 
 @pytest.mark.parametrize("T", [1, 5, 64])

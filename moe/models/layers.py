@@ -182,10 +182,14 @@ class SparseMoE(nn.Module):
         """``(weights_TK, ids_TK)``, counted per expert when the engine records them."""
         logits_TE = self.gate(x_TD)
         weights_TK, ids_TK = route(logits_TE, self.router_cfg, self.e_score_correction_bias)
+        self.count(ids_TK, ctx)
+        return weights_TK, ids_TK
+
+    def count(self, ids_TK: torch.Tensor, ctx: ForwardContext) -> None:
+        """Tokens per expert of a routed step, kept when the engine records them."""
         if ctx.record_expert_counts:
             self.last_counts_E = expert_counts(ids_TK, self.router_cfg.num_experts).cpu()
             self.counts_E += self.last_counts_E
-        return weights_TK, ids_TK
 
     def experts_and_shared(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor,
                            ctx: ForwardContext) -> torch.Tensor:
