@@ -150,6 +150,7 @@ class GqaToken:
         self._tail = (sliding_window or 0, sinks.data_ptr() if sinks is not None else None, scale, o[0],
                       b_o.data_ptr() if b_o is not None else None)
         self._projs = tuple(ctypes.addressof(p[1]) if p[1] is not None else None for p in (qkv, o))
+        self._scratch = torch.empty(self.rows, dtype=torch.bfloat16)  # q, k, v and the heads' outputs, per call
         self.ok = True
 
     def __call__(self, x_1D: torch.Tensor, positions_1: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor,
@@ -165,10 +166,9 @@ class GqaToken:
         if tail is None:
             return None
         out = torch.empty(1, self.D, dtype=torch.bfloat16)
-        scratch = torch.empty(self.rows, dtype=torch.bfloat16)
         rc = load().moe_gqa_token(x_1D.data_ptr(), self.D, *self._head, positions_1.data_ptr(), cos_PH.data_ptr(),
                                   sin_PH.data_ptr(), int(interleaved), *self._caches, block_table.data_ptr(),
-                                  context_len, slot_mapping_1.data_ptr(), *self._tail, scratch.data_ptr(),
+                                  context_len, slot_mapping_1.data_ptr(), *self._tail, self._scratch.data_ptr(),
                                   out.data_ptr(), *tail[0], *self._projs, torch.get_num_threads())
         if rc != 0:
             return None

@@ -188,6 +188,9 @@ class QuantMoeToken:
                         q13.data_ptr(), q13.stride(0), s13.data_ptr(), b13.data_ptr() if b13 is not None else None,
                         s13.stride(0), s13.shape[-1], q2.data_ptr(), q2.stride(0), s2.data_ptr(),
                         b2.data_ptr() if b2 is not None else None, s2.stride(0), s2.shape[-1], *sh, self.Fs)
+        # the call's scratch (float sums, bf16 activations), reused by every call
+        self._fs = torch.empty(2 * max(self.D, self.F) + self.D, dtype=torch.float32)
+        self._hs = torch.empty(3 * max(self.F, self.Fs) + 2 * self.D, dtype=torch.bfloat16)
         self.ok = True
 
     def __call__(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor,
@@ -201,10 +204,8 @@ class QuantMoeToken:
             return None
         ids, wts = ids_K.to(torch.int64).contiguous(), weights_K.to(torch.float32).contiguous()
         out = torch.empty(1, D, dtype=torch.bfloat16)
-        fs = torch.empty(2 * max(D, F) + D, dtype=torch.float32)
-        hs = torch.empty(3 * max(F, self.Fs) + 2 * D, dtype=torch.bfloat16)
         rc = load().moe_qx_moe_token(x_1D.data_ptr(), D, F, ids.shape[0], ids.data_ptr(), wts.data_ptr(),
-                                     *self._static, out.data_ptr(), fs.data_ptr(), hs.data_ptr(), *tail[0],
+                                     *self._static, out.data_ptr(), self._fs.data_ptr(), self._hs.data_ptr(), *tail[0],
                                      torch.get_num_threads())
         if rc != 0:
             return None

@@ -80,7 +80,7 @@ class _GqaToken(_OpsAttention):
     def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
                  ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         rot, meta = self.rotary, ctx.meta
-        rot.grow_for(positions_T)  # the tables may grow (and move): read after
+        # (CapturedDecode grew the rotary tables for the step's position: read them here)
         out = self.plan(x_TD, positions_T, rot.cos, rot.sin, rot.interleaved, meta.block_tables[0],
                         meta.context_lens_list[0], meta.slot_mapping, (h_TD, self.norm.weight, self.norm.eps))
         return out if out is not None else super().__call__(positions_T, h_TD, x_TD, ctx)
@@ -108,7 +108,6 @@ class _MlaToken(_OpsAttention):
     def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
                  ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         rot, meta = self.rotary, ctx.meta
-        rot.grow_for(positions_T)
         out = cpu_kernels.mla_token(x_TD, *self.head, positions_T, rot.cos, rot.sin, rot.interleaved, self.cache,
                                     meta.block_tables[0], meta.context_lens_list[0], meta.slot_mapping, self.scale,
                                     (h_TD, self.norm.weight, self.norm.eps))
@@ -204,6 +203,8 @@ class CapturedDecode:
     def __init__(self, model: MoECausalLM, halves: list[tuple[Half, Half]]):
         self.model = model
         self.halves = halves
+        rotaries = [h.rotary for h, _ in halves if isinstance(h, (_GqaToken, _MlaToken))]
+        self.rotaries = list({id(r): r for r in rotaries}.values())  # grown once a step, before the layers
 
     @classmethod
     def capture(cls, model: MoECausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> CapturedDecode | None:
@@ -235,6 +236,10 @@ class CapturedDecode:
 
     def __call__(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         model = self.model
+        if self.rotaries:
+            end = int(positions_T[0]) + 1
+            for rot in self.rotaries:
+                rot.grow_to(end)  # the tables may grow (and move): the layers read them after
         h = model.embed_tokens(input_ids_T)
         x = model.layers[0].input_layernorm(h)
         for attention, mlp in self.halves:

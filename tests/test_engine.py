@@ -145,7 +145,8 @@ def test_captured_batch1_step_equals_the_model_forward(family, checkpoint):
     # a step of one sequence and one token runs as the captured decode (moe/cpu_decode.py) on a
     # bf16 CPU engine: greedy tokens and log-probs equal the model's own forward's (capture off),
     # for a one-token prompt, within a block and across blocks. olmoe's clipped qkv keeps its
-    # attention op by op inside the captured step
+    # attention op by op inside the captured step. The rotary tables start short (8 positions):
+    # the captured step grows them before its layers read them
     import cpu_kernels
 
     llm = LLM(str(checkpoint(family)), dtype="bfloat16", block_size=16, enable_prefix_caching=False)
@@ -158,8 +159,12 @@ def test_captured_batch1_step_equals_the_model_forward(family, checkpoint):
     sp = SamplingParams(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True)
     real, calls = runner.captured, []
     runner.captured = lambda *a: calls.append(1) or real(*a)
+    rotaries = [layer.self_attn.rotary for layer in runner.model.layers]
+    for rot in rotaries:
+        rot._grow(8)
     captured = [llm.generate([p], sp)[0].outputs[0] for p in prompts]
     assert len(calls) == 3 * 11 + 1  # every decode step, and the one-token prompt's prefill
+    assert all(rot.max_pos > 50 for rot in rotaries)
     runner.captured = None
     plain = [llm.generate([p], sp)[0].outputs[0] for p in prompts]
     for a, b in zip(captured, plain):

@@ -91,5 +91,10 @@ class RotaryEmbedding(nn.Module):
 
     def grow_for(self, positions_T: torch.Tensor) -> None:
         """Extend the cos/sin tables past the largest of ``positions_T`` if needed."""
-        if positions_T.numel() and int(positions_T.max()) >= self.max_pos:
-            self._grow(2 * int(positions_T.max()) + 1)
+        if positions_T.numel():
+            self.grow_to(int(positions_T.max()) + 1)
+
+    def grow_to(self, n: int) -> None:
+        """Extend the cos/sin tables to hold positions ``0 .. n - 1`` if needed (to twice that)."""
+        if n > self.max_pos:
+            self._grow(2 * n - 1)
