@@ -27,7 +27,7 @@ from .elementwise import (RouteToken, add_rms_norm, rms_norm, rope_, route_selec
                           write_rows)
 from .fused import GqaToken, gqa_token, mla_token
 from .gemm import grouped_gemm
-from .gemv import Residual, expert_token, gemv, heads_vec, moe_token
+from .gemv import Outputs, Residual, expert_token, gemv, heads_vec, moe_token
 from .paged_decode import paged_decode_attention, supports_decode
 from .quant import (Q8_GEMM_MAX_ROWS, Q_FP8, Q_INT4_X8, Q_INT8, q4_dequant, q4_gemm, q4x8_gemm, q8_available,
                     q8_dequant, q8_gemm, quant_moe_token, QuantMoeToken, round_x8)
@@ -36,7 +36,7 @@ __all__ = [
     "load", "set_malloc_thresholds", "supports_decode", "paged_decode_attention", "supports_prefill",
     "prefill_attention",
     "rope_", "silu_mul", "rms_norm", "add_rms_norm", "write_rows", "transpose_to_float", "route_select", "RouteToken",
-    "grouped_gemm", "gemv", "expert_token", "moe_token", "heads_vec", "Residual",
+    "grouped_gemm", "gemv", "expert_token", "moe_token", "heads_vec", "Residual", "Outputs",
     "AMX_MAX_ROWS", "amx_available", "amx_tiles", "amx_experts", "amx_moe", "amx_moe_packed", "amx_linear", "amx_heads",
     "mla_token", "gqa_token", "GqaToken",
     "Q_INT8", "Q_FP8", "Q_INT4_X8", "Q8_GEMM_MAX_ROWS", "q8_available", "q8_gemm", "q8_dequant", "q4_gemm",

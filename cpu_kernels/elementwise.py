@@ -235,7 +235,8 @@ class RouteToken:
     ``(weights [1, K], ids [1, K])`` as ``route_select(gate(x).float(), ...)`` returns them (the
     gate through :func:`gemv`, ops.linear's path at one row), or None for a token whose choice
     hangs on a tie (the caller routes it the op way). The results live in the plan's own
-    buffers: read them before the plan's next call. :meth:`make` gives None where the kernel does
+    tensors (``weights``, ``ids``; ``weights_K``, ``ids_K`` the same as ``[K]`` views): read them
+    before the plan's next call. :meth:`make` gives None where the kernel does
     not apply (a gate that is not a bf16 CPU tensor with unit-stride rows, other scorings)."""
 
     def __init__(self, gate_ED: torch.Tensor, gate_bias_E: torch.Tensor | None, scoring: str, top_k: int,
@@ -246,6 +247,7 @@ class RouteToken:
         self.bias = bias_E.float().contiguous() if bias_E is not None else None
         self.scores, self.weights = torch.empty(1, E), torch.empty(1, top_k)
         self.ids = torch.empty(1, top_k, dtype=torch.int64)
+        self.weights_K, self.ids_K = self.weights[0], self.ids[0]  # the same, as [K] views
         self.D = D
         self.args = (gate_ED.data_ptr(), gate_ED.stride(0), gate_bias_E.data_ptr() if gate_bias_E is not None else None,
                      D, _SCORING[scoring], self.bias.data_ptr() if self.bias is not None else None, E, top_k,

@@ -13,7 +13,7 @@ import ctypes
 import torch
 
 from .build import declare, load
-from .gemv import Residual, residual_args
+from .gemv import Outputs, Residual, output, residual_args
 
 _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 declare({
@@ -60,15 +60,15 @@ def mla_token(x_1D: torch.Tensor, w_qa: torch.Tensor | PackedArgs | None, qa_nor
               w_kvb: torch.Tensor, w_o: torch.Tensor | PackedArgs, heads: int, nope: int, rope: int, v: int,
               positions_1: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor, interleaved: bool,
               cache: torch.Tensor, block_table: torch.Tensor, context_len: int, slot_mapping_1: torch.Tensor,
-              scale: float, residual: Residual | None = None):
+              scale: float, residual: Residual | None = None, into: Outputs | None = None):
     """DeepSeek's MLA for one decode token in one call (``fused.c``): projections, norms, rotary,
     the latent row written to ``cache`` ``[blocks, block_size, 1, C + rope]`` at the slot, the
     absorbed attention over the sequence's ``context_len`` cached tokens (``block_table``: its
     blocks, int32) and ``o_proj``; bit-identical to :class:`moe.models.mla.MLAttention`'s op-by-op
     path at one token. ``w_qa=None``: ``w_qb`` is ``q_proj``. The projections but ``w_kvb`` (read per
     head) may be packed (:data:`PackedArgs`, as in :func:`gqa_token`). Returns ``[1, D]`` bf16 (with
-    ``residual``: ``(h + y, norm(h + y))``, see :func:`residual_args`), or None when the kernel
-    does not apply (then nothing was written)."""
+    ``residual``: ``(h + y, norm(h + y))``, see :func:`residual_args`; in ``into`` when given), or
+    None when the kernel does not apply (then nothing was written)."""
     if x_1D.dtype != torch.bfloat16 or x_1D.shape[0] != 1 or not x_1D.is_contiguous():
         return None
     ws = [w for w in (qa_norm, kva_norm, w_kvb) if w is not None]
@@ -92,10 +92,10 @@ def mla_token(x_1D: torch.Tensor, w_qa: torch.Tensor | PackedArgs | None, qa_nor
              _projection(w_o, D, heads * v)]
     if any(p is None for p in projs) or C % 16 or w_kvb.shape != (heads * (nope + v), C):
         return None
-    tail = residual_args(residual, D)
+    tail = residual_args(residual, D, into)
     if tail is None:
         return None
-    out = torch.empty(1, D, dtype=torch.bfloat16)
+    out = output(into, D)
     scratch = torch.empty(q_lora + heads * (nope + rope) + L + heads * L + heads * C + heads * v, dtype=torch.bfloat16)
     (qa_w, _), (qb_w, _), (kva_w, _), (o_w, _) = projs
     rc = load().moe_mla_token(x_1D.data_ptr(), D, qa_w, qa_norm.data_ptr() if qa_norm is not None else None, q_lora,
@@ -117,7 +117,8 @@ _QK_NORMS = {None: 0, "head": 1, "full": 2}
 class GqaToken:
     """:func:`gqa_token` with its weights, norms and caches checked once, as a captured batch-1 step
     calls it every layer and token: ``plan(x_1D, positions_1, cos_PH, sin_PH, interleaved,
-    block_table, context_len, slot_mapping_1, residual)`` checks only what changes per call.
+    block_table, context_len, slot_mapping_1, residual, into)`` checks only what changes per call
+    (``into``: :class:`Outputs` to write to instead of new tensors).
     ``plan.ok`` is False where the kernel does not apply (then every call returns None)."""
 
     def __init__(self, w_qkv: torch.Tensor | PackedArgs, b_qkv: torch.Tensor | None, heads: int, kv_heads: int,
@@ -155,17 +156,17 @@ class GqaToken:
 
     def __call__(self, x_1D: torch.Tensor, positions_1: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor,
                  interleaved: bool, block_table: torch.Tensor, context_len: int, slot_mapping_1: torch.Tensor,
-                 residual: Residual | None = None):
+                 residual: Residual | None = None, into: Outputs | None = None):
         if (not self.ok or x_1D.dtype != torch.bfloat16 or x_1D.shape != (1, self.D) or not x_1D.is_contiguous()
                 or block_table.dtype != torch.int32 or not block_table.is_contiguous()
                 or slot_mapping_1.dtype != torch.int64 or positions_1.dtype != torch.int64
                 or cos_PH.dtype != torch.float32 or not cos_PH.is_contiguous() or not sin_PH.is_contiguous()
                 or cos_PH.shape[-1] * 2 != self.hd):
             return None
-        tail = residual_args(residual, self.D)
+        tail = residual_args(residual, self.D, into)
         if tail is None:
             return None
-        out = torch.empty(1, self.D, dtype=torch.bfloat16)
+        out = output(into, self.D)
         rc = load().moe_gqa_token(x_1D.data_ptr(), self.D, *self._head, positions_1.data_ptr(), cos_PH.data_ptr(),
                                   sin_PH.data_ptr(), int(interleaved), *self._caches, block_table.data_ptr(),
                                   context_len, slot_mapping_1.data_ptr(), *self._tail, self._scratch.data_ptr(),

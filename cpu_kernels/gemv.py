@@ -9,6 +9,7 @@ can end with the decoder's residual add and next norm (:data:`Residual`).
 from __future__ import annotations
 
 import ctypes
+from typing import NamedTuple
 
 import torch
 
@@ -66,12 +67,12 @@ def expert_token(x_D: torch.Tensor, w13s: list[torch.Tensor], w2s: list[torch.Te
 
 def moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor, w13_e2FD: torch.Tensor,
               w2_eDF: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor] | None = None,
-              residual: Residual | None = None):
+              residual: Residual | None = None, into: Outputs | None = None):
     """One bf16 token through experts ``ids_K`` of the stacked weights, summed with ``weights_K`` as
     :meth:`experts.GroupedExperts.forward_token` does (ascending ids, weights rounded to bf16), plus
     the output of a ``shared`` SwiGLU expert ``(w13 [2Fs, D], w2 [D, Fs])`` added in bf16; one call
     (:func:`expert_token`'s kernel). ``[1, D]`` (with ``residual``: ``(h + y, norm(h + y))``, see
-    :func:`residual_args`), or None when the kernel does not apply."""
+    :func:`residual_args`; written to ``into`` when given), or None when the kernel does not apply."""
     if x_1D.dtype != torch.bfloat16 or x_1D.dim() != 2 or x_1D.shape[0] != 1:
         return None
     ws = [x_1D, w13_e2FD, w2_eDF]
@@ -79,11 +80,11 @@ def moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor, 
         return None
     E, F2, D = w13_e2FD.shape
     F = F2 // 2
-    args = moe_token_args(ids_K, weights_K, D, shared, residual)
+    args = moe_token_args(ids_K, weights_K, D, shared, residual, into)
     if w2_eDF.shape != (E, D, F) or x_1D.shape[1] != D or args is None:
         return None
     ids, wts, Fs, sh, tail = args
-    out = torch.empty(1, D, dtype=torch.bfloat16)
+    out = output(into, D)
     h = torch.empty(3 * max(F, Fs) + D, dtype=torch.bfloat16)
     acc = torch.empty(D, dtype=torch.float32)
     rc = load().moe_moe_token(x_1D.data_ptr(), D, F, ids.shape[0], ids.data_ptr(), wts.data_ptr(), E,
@@ -116,18 +117,38 @@ def heads_vec(x_1HK: torch.Tensor, w_H: torch.Tensor, w_rows_n: bool) -> torch.T
 Residual = tuple[torch.Tensor, torch.Tensor, float]  # (h [1, D], norm weight [D], eps): see residual_args
 
 
-def residual_args(residual: Residual | None, D: int) -> tuple[list, torch.Tensor | None] | None:
-    """The C calls' residual tail: with ``(h, w, eps)`` they also return ``h + out`` and write
-    ``rms_norm(h + out, w, eps)`` over ``out`` (the decoder's add and next norm, bit-identical).
-    ``([resid, nw, eps, h_out], h_out)``, ``([None] * 4, None)`` without one, or None when it does
-    not fit (then the caller takes its op-by-op path)."""
+class Outputs(NamedTuple):
+    """Where a one-call layer writes its results instead of new tensors: ``h`` (``h + y`` with a
+    residual) and ``y``, both ``[1, D]`` bf16 contiguous. The captured batch-1 step gives each
+    half-layer its own pair, made once: after a weight stream every torch op runs with cold caches
+    (~10 us for an empty tensor), so a step's allocations cost more than their arithmetic."""
+
+    h: torch.Tensor
+    y: torch.Tensor
+
+    @classmethod
+    def make(cls, D: int) -> Outputs:
+        return cls(torch.empty(1, D, dtype=torch.bfloat16), torch.empty(1, D, dtype=torch.bfloat16))
+
+
+def output(into: Outputs | None, D: int) -> torch.Tensor:
+    """The ``[1, D]`` bf16 result tensor of a one-call layer: ``into.y``, or a new one."""
+    return into.y if into is not None else torch.empty(1, D, dtype=torch.bfloat16)
+
+
+def residual_args(residual: Residual | None, D: int,
+                  into: Outputs | None = None) -> tuple[list, torch.Tensor | None] | None:
+    """The C calls' residual tail: with ``(h, w, eps)`` they also return ``h + out`` (in ``into.h``
+    when given) and write ``rms_norm(h + out, w, eps)`` over ``out`` (the decoder's add and next
+    norm, bit-identical). ``([resid, nw, eps, h_out], h_out)``, ``([None] * 4, None)`` without one,
+    or None when it does not fit (then the caller takes its op-by-op path)."""
     if residual is None:
         return [None, None, 0.0, None], None
     h, w, eps = residual
     if (h.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or h.shape != (1, D) or w.shape != (D,)
             or not h.is_contiguous() or not w.is_contiguous() or h.is_cuda or w.is_cuda):
         return None
-    h_out = torch.empty(1, D, dtype=torch.bfloat16)
+    h_out = into.h if into is not None else torch.empty(1, D, dtype=torch.bfloat16)
     return [h.data_ptr(), w.data_ptr(), eps, h_out.data_ptr()], h_out
 
 
@@ -144,7 +165,8 @@ def shared_args(shared: tuple[torch.Tensor, torch.Tensor] | None, D: int) -> tup
 
 
 def moe_token_args(ids_K: torch.Tensor, weights_K: torch.Tensor, D: int,
-                    shared: tuple[torch.Tensor, torch.Tensor] | None, residual: Residual | None) -> tuple | None:
+                    shared: tuple[torch.Tensor, torch.Tensor] | None, residual: Residual | None,
+                    into: Outputs | None = None) -> tuple | None:
     """What both one-token MoE calls take besides the experts: ``(ids int64, weights float32, the
     shared expert's width, its two pointers, the residual tail)``, or None when one does not fit."""
     if ids_K.dim() != 1 or not 0 < ids_K.shape[0] <= 64:
@@ -153,7 +175,17 @@ def moe_token_args(ids_K: torch.Tensor, weights_K: torch.Tensor, D: int,
     if sa is None:
         return None
     Fs, sh = sa
-    tail = residual_args(residual, D)
+    tail = residual_args(residual, D, into)
     if tail is None:
         return None
-    return ids_K.to(torch.int64).contiguous(), weights_K.to(torch.float32).contiguous(), Fs, sh, tail
+    return int64_vector(ids_K), float32_vector(weights_K), Fs, sh, tail
+
+
+def int64_vector(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous int64 tensor (itself when it is one: no torch op)."""
+    return t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
+
+
+def float32_vector(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous float32 tensor (itself when it is one: no torch op)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()

@@ -12,7 +12,7 @@ import ctypes
 import torch
 
 from .build import DTYPES, declare, load
-from .gemv import Residual, residual_args, shared_args
+from .gemv import Outputs, Residual, float32_vector, int64_vector, output, residual_args, shared_args
 
 _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 declare({
@@ -164,9 +164,9 @@ def packed_dims(w13: tuple, w2: tuple, lut: torch.Tensor | None, gs: int, bn: in
 
 class QuantMoeToken:
     """:func:`quant_moe_token` with its experts (and shared expert) checked once, as a captured
-    batch-1 step calls it every layer and token: ``plan(x_1D, ids_K, weights_K, residual)`` checks
-    only what changes per call. ``plan.ok`` is False where the kernel does not apply to these
-    weights (then every call returns None)."""
+    batch-1 step calls it every layer and token: ``plan(x_1D, ids_K, weights_K, residual, into)``
+    checks only what changes per call (``into``: :class:`Outputs` to write to). ``plan.ok`` is
+    False where the kernel does not apply to these weights (then every call returns None)."""
 
     def __init__(self, fmt: int, lut: torch.Tensor | None, gs: int, bn: int,
                  w13: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
@@ -194,16 +194,16 @@ class QuantMoeToken:
         self.ok = True
 
     def __call__(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor,
-                 residual: Residual | None = None):
+                 residual: Residual | None = None, into: Outputs | None = None):
         D, F = self.D, self.F
         if (not self.ok or x_1D.dtype != torch.bfloat16 or x_1D.shape != (1, D) or not x_1D.is_contiguous()
                 or ids_K.dim() != 1 or not 0 < ids_K.shape[0] <= 64):
             return None
-        tail = residual_args(residual, D)
+        tail = residual_args(residual, D, into)
         if tail is None:
             return None
-        ids, wts = ids_K.to(torch.int64).contiguous(), weights_K.to(torch.float32).contiguous()
-        out = torch.empty(1, D, dtype=torch.bfloat16)
+        ids, wts = int64_vector(ids_K), float32_vector(weights_K)
+        out = output(into, D)
         rc = load().moe_qx_moe_token(x_1D.data_ptr(), D, F, ids.shape[0], ids.data_ptr(), wts.data_ptr(),
                                      *self._static, out.data_ptr(), self._fs.data_ptr(), self._hs.data_ptr(), *tail[0],
                                      torch.get_num_threads())

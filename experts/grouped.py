@@ -170,9 +170,10 @@ class SlottedExperts(nn.Module):
       in one go for a layer whose experts are all on this process (a one-token step through
       :meth:`forward_token`); None where that does not apply (then dispatch). Only classes with
       ``has_forward_local`` offer it and :meth:`forward_token`; ``SparseMoE`` reads the flag once.
-    - ``forward_token(x_1D, ids_K, weights_K, shared=None, residual=None)``: one token (the
-      captured batch-1 decode, :mod:`moe.cpu_decode`), optionally with a shared expert and the
-      decoder's residual add and next norm in the same C call; None where that does not apply.
+    - ``forward_token(x_1D, ids_K, weights_K, shared=None, residual=None, into=None)``: one token
+      (the captured batch-1 decode, :mod:`moe.cpu_decode`), optionally with a shared expert and the
+      decoder's residual add and next norm in the same C call, written to ``into``
+      (:class:`cpu_kernels.Outputs`) when given; None where that does not apply.
     - loading: :meth:`owns` (which experts' tensors to read), :meth:`weight_loader` (place one
       checkpoint tensor), ``offloaded`` (the loader hands tensor locations to ``add_source``
       instead), :meth:`post_load` (once the weights are in).
@@ -229,7 +230,7 @@ class SlottedExperts(nn.Module):
 
     def forward_token(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor,
                       shared: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      residual: cpu_kernels.Residual | None = None):
+                      residual: cpu_kernels.Residual | None = None, into: cpu_kernels.Outputs | None = None):
         return None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str,
@@ -340,19 +341,20 @@ class GroupedExperts(SlottedExperts):
 
     def forward_token(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor,
                       shared: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      residual: cpu_kernels.Residual | None = None):
+                      residual: cpu_kernels.Residual | None = None, into: cpu_kernels.Outputs | None = None):
         """One token on the CPU torch path (decode at batch 1): ``sum_k w_k * expert_k(x)`` with the
         same arithmetic as dispatch -> :meth:`forward` -> combine (weights rounded to the activation
         dtype, summed in ascending expert order), minus the permutation ops. ``shared``: a shared
         SwiGLU expert's ``(w13, w2)`` whose output is added (bf16) in the same C call;
         ``residual``: ``(h, norm weight, eps)``, the result then ``(h + y, norm(h + y))`` (see
-        :func:`cpu_kernels.moe_token`); given either, the result is None unless that call runs.
+        :func:`cpu_kernels.moe_token`; written to ``into`` when given); given either, the result is
+        None unless that call runs.
         None: not applicable (another backend, or an expert this process does not hold)."""
         if self.resolved_backend != "torch":
             return None
         if self._plain_swiglu and x_1D.device.type == "cpu" and self.holds_all:
             # the same arithmetic in one C call (bf16): per layer ~150 us of op-by-op overhead less
-            y = cpu_kernels.moe_token(x_1D, ids_K, weights_K, self.w13, self.w2, shared, residual)
+            y = cpu_kernels.moe_token(x_1D, ids_K, weights_K, self.w13, self.w2, shared, residual, into)
             if y is not None:
                 return y
         if shared is not None or residual is not None:  # only the one-call path adds them

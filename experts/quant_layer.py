@@ -225,12 +225,12 @@ class QuantGroupedExperts(SlottedExperts):
 
     def forward_token(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor,
                       shared: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      residual: cpu_kernels.Residual | None = None):
+                      residual: cpu_kernels.Residual | None = None, into: cpu_kernels.Outputs | None = None):
         """One token (decode at batch 1) through its experts in one C call on the C kernels' layouts
         (int8, fp8_block, int4, mxfp4) with the arithmetic of dispatch -> :meth:`forward` ->
-        combine, plus a bf16 ``shared`` expert's ``(w13, w2)`` added and the ``residual`` tail (as
-        :meth:`GroupedExperts.forward_token`). None: not applicable (other formats, biases,
-        clamped SwiGLU, experts elsewhere): dispatch instead."""
+        combine, plus a bf16 ``shared`` expert's ``(w13, w2)`` added and the ``residual`` tail, into
+        ``into`` when given (as :meth:`GroupedExperts.forward_token`). None: not applicable (other
+        formats, biases, clamped SwiGLU, experts elsewhere): dispatch instead."""
         w = self._one_call_layouts(x_1D)
         if w is None:
             return None
@@ -239,7 +239,7 @@ class QuantGroupedExperts(SlottedExperts):
             w13, w2 = w
             plan = cpu_kernels.QuantMoeToken(*w13.kernel, w13.token_args(), w2.token_args(), shared)
             self._token_plan = (self._cpu, plan)
-        return plan(x_1D, ids_K, weights_K, residual)
+        return plan(x_1D, ids_K, weights_K, residual, into)
 
     def forward_local(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor | None:
         """Dispatch, experts and combine of a step (any number of rows: decode, verify and prompt

@@ -49,6 +49,7 @@ class _OpsAttention:
 
     def __init__(self, attn: torch.nn.Module, norm: RMSNorm):
         self.attn, self.norm = attn, norm
+        self.into: cpu_kernels.Outputs | None = None  # a one-call half's results (CapturedDecode.capture)
 
     def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
                  ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +83,8 @@ class _GqaToken(_OpsAttention):
         rot, meta = self.rotary, ctx.meta
         # (CapturedDecode grew the rotary tables for the step's position: read them here)
         out = self.plan(x_TD, positions_T, rot.cos, rot.sin, rot.interleaved, meta.block_tables[0],
-                        meta.context_lens_list[0], meta.slot_mapping, (h_TD, self.norm.weight, self.norm.eps))
+                        meta.context_lens_list[0], meta.slot_mapping, (h_TD, self.norm.weight, self.norm.eps),
+                        self.into)
         return out if out is not None else super().__call__(positions_T, h_TD, x_TD, ctx)
 
     @staticmethod
@@ -110,7 +112,7 @@ class _MlaToken(_OpsAttention):
         rot, meta = self.rotary, ctx.meta
         out = cpu_kernels.mla_token(x_TD, *self.head, positions_T, rot.cos, rot.sin, rot.interleaved, self.cache,
                                     meta.block_tables[0], meta.context_lens_list[0], meta.slot_mapping, self.scale,
-                                    (h_TD, self.norm.weight, self.norm.eps))
+                                    (h_TD, self.norm.weight, self.norm.eps), self.into)
         return out if out is not None else super().__call__(positions_T, h_TD, x_TD, ctx)
 
     @staticmethod
@@ -127,6 +129,7 @@ class _OpsMlp:
 
     def __init__(self, mlp: torch.nn.Module, norm: RMSNorm):
         self.mlp, self.norm = mlp, norm
+        self.into: cpu_kernels.Outputs | None = None  # a one-call half's results (CapturedDecode.capture)
 
     def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
                  ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +147,7 @@ class _DenseToken(_OpsMlp):
     def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
                  ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         out = cpu_kernels.moe_token(x_TD, _ID_0, _WEIGHT_1, self.w13, self.w2,
-                                    residual=(h_TD, self.norm.weight, self.norm.eps))
+                                    residual=(h_TD, self.norm.weight, self.norm.eps), into=self.into)
         return out if out is not None else super().__call__(positions_T, h_TD, x_TD, ctx)
 
     @staticmethod
@@ -176,15 +179,15 @@ class _MoEToken(_OpsMlp):
 
     def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
                  ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        moe = self.mlp
-        routed = self.router(x_TD) if self.router is not None else None
-        if routed is None:  # a tie (or no plan): the block's own routing
-            weights_TK, ids_TK = moe.route(x_TD, ctx)
-        else:
-            weights_TK, ids_TK = routed
+        moe, router = self.mlp, self.router
+        if router is not None and router(x_TD) is not None:  # (its results stay in the plan's tensors)
+            weights_TK, ids_TK, weights_K, ids_K = router.weights, router.ids, router.weights_K, router.ids_K
             moe.count(ids_TK, ctx)
-        out = moe.experts.forward_token(x_TD, ids_TK[0], weights_TK[0], self.shared,
-                                        residual=(h_TD, self.norm.weight, self.norm.eps))
+        else:  # a tie (or no plan): the block's own routing
+            weights_TK, ids_TK = moe.route(x_TD, ctx)
+            weights_K, ids_K = weights_TK[0], ids_TK[0]
+        out = moe.experts.forward_token(x_TD, ids_K, weights_K, self.shared,
+                                        residual=(h_TD, self.norm.weight, self.norm.eps), into=self.into)
         if out is None:  # routed (and counted) already: the rest op by op
             out = add_norm(h_TD, moe.experts_and_shared(x_TD, weights_TK, ids_TK, ctx), self.norm)
         return out
@@ -232,6 +235,12 @@ class CapturedDecode:
                 second = _OpsMlp(mlp, next_norm)
             fused += (type(first) is not _OpsAttention) + (type(second) is not _OpsMlp)
             halves.append((first, second))
+        # each one-call half writes to tensors of its own, made here: a step then allocates only its
+        # result (the last half's, handed to the caller), not two tensors per half-layer
+        D = model.cfg.hidden_size
+        for half in [h for pair in halves for h in pair][:-1]:
+            if type(half) not in (_OpsAttention, _OpsMlp):
+                half.into = cpu_kernels.Outputs.make(D)
         return cls(model, halves) if fused else None
 
     def __call__(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
