@@ -145,8 +145,10 @@ class ModelRunner:
 
     def _sampling_logits(self, inputs: StepInputs, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of every row in ``inputs.all_idx`` (zeros for other data-parallel groups' rows), on the CPU."""
-        logits = self.model.compute_logits(hidden[torch.tensor(inputs.sample_rows, dtype=torch.long,
-                                                               device=self.device)]).cpu()
+        rows = inputs.sample_rows
+        if len(rows) != hidden.shape[0] or (rows and rows[-1] != len(rows) - 1):  # (all rows in order: decode)
+            hidden = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
+        logits = self.model.compute_logits(hidden).cpu()
         if len(inputs.all_idx) == len(inputs.sample_idx):
             return logits
         full = logits.new_zeros(len(inputs.all_idx), self.model.cfg.vocab_size)
