@@ -35,6 +35,8 @@ proposers' ``probe_left``), though every sequence is asked (so the shares are co
 32 four sequences' drafts keep the estimates current at an eighth of a full K_max step's extra
 cost, and since a draft model runs a sequence's rows only when it drafts for it (prompt included),
 the sequences not probed cost it nothing. A probe step's time is not taken as a verify cost.
+While only plain steps' timings come in, a judgement (best K, probe interval) stands for
+``rejudge_every`` steps: on a fast model the bookkeeping is a visible share of a step.
 """
 from __future__ import annotations
 
@@ -130,6 +132,9 @@ class SpecCostModel:
     # timings date from when K = 0 last won (often the engine's first, slow steps) and drafting is
     # weighed against a stale plain step (bench_spec at 32: plain 9.8 ms from warm-up, 6.7 ms now)
     refresh_every: int = 16
+    # while nothing but plain steps' timings came in, a judgement (best K, probe interval) stands for
+    # this many steps: re-deriving it costs ~25 us a step, 4% of a batch-1 step of the default model
+    rejudge_every: int = 4
     # (bucket, ceil(extra rows per sequence)) -> seconds per step and those rows
     _verify: dict[tuple[int, int], _Timing] = field(default_factory=dict)
     _draft: dict[int, _Timing] = field(default_factory=dict)  # bucket -> seconds per batched drafter step
@@ -143,6 +148,9 @@ class SpecCostModel:
     _plain_steps: dict[str, int] = field(default_factory=dict)  # source -> K = 0 choices since its last probe
     _since_plain: dict[int, int] = field(default_factory=dict)  # bucket -> decoding steps since a plain one
     probing: dict[str, bool] = field(default_factory=dict)  # source -> is the last choose_k's K a probe?
+    _measured: set = field(default_factory=set)  # buckets with a verify step's timing (for good)
+    _version: int = 0  # bumped by every observation but a plain step's timing
+    _judged: dict = field(default_factory=dict)  # (bucket, source) -> [version, steps, best K, probe interval]
 
     def __post_init__(self) -> None:
         if self.max_k < 1:
@@ -159,8 +167,13 @@ class SpecCostModel:
         average (0: a plain decoding step, which costs a draft model nothing: it catches up when
         it drafts next)."""
         k, b = min(math.ceil(rows), self.max_k), batch_bucket(batch_size)
-        _timing(self._verify, (b, k)).add(seconds, rows)
+        t = _timing(self._verify, (b, k))
+        t.add(seconds, rows)
         self._since_plain[b] = 0 if k == 0 else self._since_plain.get(b, 0) + 1
+        if k:
+            self._version += 1
+            if t.value is not None:
+                self._measured.add(b)
 
     def refresh_plain(self, batch_size: int) -> bool:
         """Should the next step be a plain one (every source K = 0), because ``refresh_every``
@@ -176,10 +189,12 @@ class SpecCostModel:
         """A step (not a probe) in which ``source`` was asked to draft up to ``k`` tokens for
         ``asked`` decoding sequences: ``drafted`` of them drafted, ``tokens`` draft tokens in all."""
         self._shares[source].add(asked, drafted, tokens, drafted * k)
+        self._version += 1
 
     def observe_draft(self, batch_size: int, seconds: float) -> None:
         """One batched drafter step over ``batch_size`` sequences, one row each."""
         _timing(self._draft, batch_bucket(batch_size)).add(seconds)
+        self._version += 1
 
     def observe_probe(self, batch_size: int, seconds: float, tokens: int) -> None:
         """A whole probe step (scheduling and drafting included) that yielded ``tokens`` tokens."""
@@ -187,10 +202,12 @@ class SpecCostModel:
         if plain is not None:
             _timing(self._probe_loss, batch_bucket(batch_size)).add(
                 seconds - tokens * plain / batch_size)
+        self._version += 1
 
     def observe_acceptance(self, draft_len: int, accepted: int, source: str = "model") -> None:
         """One sequence's verified draft of ``draft_len`` tokens of which the first ``accepted`` passed."""
         reached, acc = self._reached[source], self._accepted[source]
+        self._version += 1
         for j in range(min(draft_len, self.max_k)):
             if j > accepted:
                 break
@@ -265,7 +282,7 @@ class SpecCostModel:
     def _verify_measured(self, bucket: int) -> bool:
         """Whether any verify step (any rows: n-gram drafts come in any length, for some sequences)
         has a timing in ``bucket``."""
-        return any(self._seconds(self._verify.get((bucket, k))) is not None for k in range(1, self.max_k + 1))
+        return bucket in self._measured
 
     @staticmethod
     def _seconds(timing: _Timing | None) -> float | None:
@@ -301,10 +318,16 @@ class SpecCostModel:
             return self.max_k
         if self._seconds(self._verify.get((b, 0))) is None:
             return 0
-        best = self.best_k(batch_size, source)
+        judged = self._judged.get((b, source))
+        if judged is None or judged[0] != self._version or judged[1] >= self.rejudge_every:
+            best = self.best_k(batch_size, source)
+            judged = self._judged[b, source] = [self._version, 0, best,
+                                                self.probe_interval(batch_size, source) if best == 0 else 0]
+        judged[1] += 1
+        best = judged[2]
         if best == 0:
             self._plain_steps[source] += 1
-            if self._plain_steps[source] >= self.probe_interval(batch_size, source):
+            if self._plain_steps[source] >= judged[3]:
                 self._plain_steps[source] = 0
                 self.probing[source] = True
                 return self.max_k
