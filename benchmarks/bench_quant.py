@@ -99,33 +99,6 @@ def quantized_checkpoint(base: Path, label: str, cache_dir: Path) -> Path:
 
 
 # ---- our engine ----------------------------------------------------------------------------------
-def weight_bytes(model: torch.nn.Module) -> dict:
-    """Bytes the loaded model holds: all tensors, routed experts, and the per-token active share."""
-    from ops import PackedLinearWeight
-
-    seen: set[int] = set()
-    total = experts = embed = 0
-    packed = {name for name, m in model.named_modules() if hasattr(m, "weight_nbytes")}
-    for name in packed:  # quantized experts keep their CPU layout outside the module's parameters
-        n = model.get_submodule(name).weight_nbytes()
-        total += n
-        experts += n
-    for m in model.modules():  # so do packed linear layers (--all-linear): codes, scales, offsets
-        if isinstance(getattr(m, "weight", None), PackedLinearWeight):
-            total += sum(t.nbytes for t in (m.weight.q, m.weight.s_NG, m.weight.b_NG) if t is not None)
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.device.type == "meta" or t.data_ptr() in seen or name.rsplit(".", 1)[0] in packed:
-            continue
-        seen.add(t.data_ptr())
-        n = t.numel() * t.element_size()
-        total += n
-        if ".experts." in name:
-            experts += n
-        elif "embed_tokens" in name:
-            embed += n
-    return {"total": total, "routed_experts": experts, "embedding": embed}
-
-
 def decode_rate(llm, prompts: Prompts, prompt_len: int, new_tokens: int, runs: int) -> dict:
     from moe import SamplingParams
 
@@ -150,6 +123,8 @@ def load(path: Path, **kw):
 
 
 def run_formats(base: Path, cfg, args, prompts: Prompts, probe_GBps: float) -> dict:
+    from moe.models import weight_bytes
+
     out: dict = {}
     top_k, n_exp = cfg.top_k, cfg.num_experts
     for label in args.formats:
@@ -314,7 +289,7 @@ def run_llama_cpp(base: Path, args) -> dict:
 # ---- main ----------------------------------------------------------------------------------------
 def run_model(name: str, args, probe: dict) -> dict:
     from moe.config import read_config_json
-    from moe.models import parse_config
+    from moe.models import parse_config, weight_bytes
 
     base = base_checkpoint(name, Path(args.cache_dir), args.seed)
     cfg = parse_config(read_config_json(base))

@@ -22,7 +22,7 @@ runs is chosen by the callers (:mod:`ops` for the base ops), whose torch path is
 from .amx import (AMX_MAX_ROWS, amx_available, amx_experts, amx_heads, amx_linear, amx_moe, amx_moe_packed,
                   amx_tiles)
 from .amx_attention import prefill_attention, supports_prefill
-from .build import load, set_malloc_thresholds
+from .build import last_level_cache_bytes, load, set_malloc_thresholds
 from .elementwise import (RouteToken, add_rms_norm, rms_norm, rope_, route_select, silu_mul, transpose_to_float,
                           write_rows)
 from .fused import GqaToken, gqa_token, mla_token
@@ -33,7 +33,8 @@ from .quant import (Q8_GEMM_MAX_ROWS, Q_FP8, Q_INT4_X8, Q_INT8, q4_dequant, q4_g
                     q8_dequant, q8_gemm, quant_moe_token, QuantMoeToken, round_x8)
 
 __all__ = [
-    "load", "set_malloc_thresholds", "supports_decode", "paged_decode_attention", "supports_prefill",
+    "load", "set_malloc_thresholds", "last_level_cache_bytes",
+    "supports_decode", "paged_decode_attention", "supports_prefill",
     "prefill_attention",
     "rope_", "silu_mul", "rms_norm", "add_rms_norm", "write_rows", "transpose_to_float", "route_select", "RouteToken",
     "grouped_gemm", "gemv", "expert_token", "moe_token", "heads_vec", "Residual", "Outputs",

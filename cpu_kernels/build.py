@@ -140,6 +140,18 @@ def load() -> ctypes.CDLL | None:
     return _lib
 
 
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache's size in bytes (Linux sysfs; 0 where it cannot be read)."""
+    best = 0
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = f.read_text().strip().upper()
+            best = max(best, int(text.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1))
+        except (OSError, ValueError):
+            continue
+    return best
+
+
 def kernel_dtype(*ts: torch.Tensor) -> int | None:
     """The kernels' dtype code when every tensor is a CPU float32/bfloat16 tensor of one dtype and
     the library is built, else None (the caller takes its torch path)."""

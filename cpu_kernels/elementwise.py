@@ -26,8 +26,8 @@ declare({
     "moe_write_rows": [_ptr, _ptr, _int, *[_i64] * 6, _ptr, _i64, _i64, _int],
     "moe_transpose_to_f32": [_ptr, _int, _i64, _i64, _i64, _ptr, _int],
     "moe_route_select": [_ptr, _int, _ptr, *[_i64] * 5, _int, _int, _f32, _f32, _ptr, _ptr, _ptr, _ptr, _int],
-    "moe_route_token": [_ptr, _ptr, _i64, _ptr, _i64, _int, _ptr, *[_i64] * 4, _int, _int, _f32, _f32, _ptr, _ptr,
-                        _ptr, _int],
+    "moe_route_token": [_ptr, _i64, _ptr, _i64, _ptr, _i64, _int, _ptr, *[_i64] * 4, _int, _int, _f32, _f32, _ptr,
+                        _ptr, _ptr, _int],
     "moe_simd_lanes": [],
 })
 
@@ -230,14 +230,16 @@ def route_select(logits_TE: torch.Tensor, scoring: str, top_k: int, bias_E: torc
 
 
 class RouteToken:
-    """A router's gate projection + :func:`route_select` for one bf16 token in one C call, its
-    weights and settings checked once (the captured batch-1 step): ``plan(x_1D)`` returns
-    ``(weights [1, K], ids [1, K])`` as ``route_select(gate(x).float(), ...)`` returns them (the
-    gate through :func:`gemv`, ops.linear's path at one row), or None for a token whose choice
-    hangs on a tie (the caller routes it the op way). The results live in the plan's own
-    tensors (``weights``, ``ids``; ``weights_K``, ``ids_K`` the same as ``[K]`` views): read them
-    before the plan's next call. :meth:`make` gives None where the kernel does
-    not apply (a gate that is not a bf16 CPU tensor with unit-stride rows, other scorings)."""
+    """A router's gate projection + :func:`route_select` for the rows of one sequence (a batch-1
+    step: one row, or a verify step's few) in one C call, its weights and settings checked once
+    (the captured step): ``plan(x_TD)`` returns ``(weights [T, K], ids [T, K])`` as
+    ``route_select(gate(x).float(), ...)`` returns them row by row (the gate through :func:`gemv`,
+    ops.linear's path at one row), or None when a row's choice hangs on a tie (the caller routes
+    the rows the op way) or T > :attr:`MAX_ROWS`. The results live in the plan's own tensors: read
+    them before the plan's next call. :meth:`make` gives None where the kernel does not apply (a
+    gate that is not a bf16 CPU tensor with unit-stride rows, other scorings)."""
+
+    MAX_ROWS = 8
 
     def __init__(self, gate_ED: torch.Tensor, gate_bias_E: torch.Tensor | None, scoring: str, top_k: int,
                  bias_E: torch.Tensor | None, num_groups: int, topk_groups: int, group_top2: bool,
@@ -245,9 +247,10 @@ class RouteToken:
         E, D = gate_ED.shape
         self.gate, self.gate_bias = gate_ED, gate_bias_E
         self.bias = bias_E.float().contiguous() if bias_E is not None else None
-        self.scores, self.weights = torch.empty(1, E), torch.empty(1, top_k)
-        self.ids = torch.empty(1, top_k, dtype=torch.int64)
-        self.weights_K, self.ids_K = self.weights[0], self.ids[0]  # the same, as [K] views
+        n = self.MAX_ROWS
+        self.scores, self.weights = torch.empty(n, E), torch.empty(n, top_k)
+        self.ids = torch.empty(n, top_k, dtype=torch.int64)
+        self.one = (self.weights[:1], self.ids[:1])  # a batch-1 step's results, as views made once
         self.D = D
         self.args = (gate_ED.data_ptr(), gate_ED.stride(0), gate_bias_E.data_ptr() if gate_bias_E is not None else None,
                      D, _SCORING[scoring], self.bias.data_ptr() if self.bias is not None else None, E, top_k,
@@ -269,9 +272,11 @@ class RouteToken:
         return cls(gate_ED, gate_bias_E, scoring, top_k, bias_E, num_groups, topk_groups, group_top2, renormalize,
                    eps, scale)
 
-    def __call__(self, x_1D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if x_1D.dtype != torch.bfloat16 or x_1D.shape != (1, self.D) or not x_1D.is_contiguous():
+    def __call__(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        T = x_TD.shape[0]
+        if (x_TD.dtype != torch.bfloat16 or x_TD.shape[1:] != (self.D,) or not 0 < T <= self.MAX_ROWS
+                or not x_TD.is_contiguous()):
             return None
-        if load().moe_route_token(x_1D.data_ptr(), *self.args, torch.get_num_threads()):
+        if load().moe_route_token(x_TD.data_ptr(), T, *self.args, torch.get_num_threads()):
             return None
-        return self.weights, self.ids
+        return self.one if T == 1 else (self.weights[:T], self.ids[:T])

@@ -20,9 +20,9 @@ declare({
     "moe_mla_token": [_ptr, _i64, _ptr, _ptr, _i64, _f32, _ptr, _ptr, _ptr, _f32, _ptr, _ptr, _i64, _i64, _i64, _i64,
                       _i64, _ptr, _ptr, _ptr, _int, _ptr, _i64, _i64, _i64, _ptr, ctypes.c_int32, _ptr, _f32, _ptr,
                       _ptr, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
-    "moe_gqa_token": [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _int, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _int, _ptr,
-                      _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr, ctypes.c_int32, _ptr, _i64, _ptr, _f32,
-                      _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _int],
+    "moe_gqa_token": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _int, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _int,
+                      _ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr, ctypes.c_int32, _ptr, _i64, _ptr,
+                      _f32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _int],
 })
 
 # a packed projection's kernel arguments: (codes, lut or None (int8), float32 scales, offsets or None, group size,
@@ -118,7 +118,9 @@ class GqaToken:
     """:func:`gqa_token` with its weights, norms and caches checked once, as a captured batch-1 step
     calls it every layer and token: ``plan(x_1D, positions_1, cos_PH, sin_PH, interleaved,
     block_table, context_len, slot_mapping_1, residual, into)`` checks only what changes per call
-    (``into``: :class:`Outputs` to write to instead of new tensors).
+    (``into``: :class:`Outputs` to write to instead of new tensors). ``x [T, D]`` (``positions``,
+    ``slot_mapping [T]``): T rows of the sequence (a verify step's), one after another, row t
+    attending over the first ``context_len - (T - 1 - t)`` tokens: each as a one-row call computes it.
     ``plan.ok`` is False where the kernel does not apply (then every call returns None)."""
 
     def __init__(self, w_qkv: torch.Tensor | PackedArgs, b_qkv: torch.Tensor | None, heads: int, kv_heads: int,
@@ -157,17 +159,19 @@ class GqaToken:
     def __call__(self, x_1D: torch.Tensor, positions_1: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor,
                  interleaved: bool, block_table: torch.Tensor, context_len: int, slot_mapping_1: torch.Tensor,
                  residual: Residual | None = None, into: Outputs | None = None):
-        if (not self.ok or x_1D.dtype != torch.bfloat16 or x_1D.shape != (1, self.D) or not x_1D.is_contiguous()
-                or block_table.dtype != torch.int32 or not block_table.is_contiguous()
+        T = x_1D.shape[0]
+        if (not self.ok or x_1D.dtype != torch.bfloat16 or x_1D.shape[1:] != (self.D,) or not x_1D.is_contiguous()
+                or not 0 < T <= context_len or block_table.dtype != torch.int32 or not block_table.is_contiguous()
                 or slot_mapping_1.dtype != torch.int64 or positions_1.dtype != torch.int64
-                or cos_PH.dtype != torch.float32 or not cos_PH.is_contiguous() or not sin_PH.is_contiguous()
-                or cos_PH.shape[-1] * 2 != self.hd):
+                or slot_mapping_1.shape != (T,) or positions_1.shape != (T,) or not positions_1.is_contiguous()
+                or not slot_mapping_1.is_contiguous() or cos_PH.dtype != torch.float32
+                or not cos_PH.is_contiguous() or not sin_PH.is_contiguous() or cos_PH.shape[-1] * 2 != self.hd):
             return None
-        tail = residual_args(residual, self.D, into)
+        tail = residual_args(residual, self.D, into, T)
         if tail is None:
             return None
-        out = output(into, self.D)
-        rc = load().moe_gqa_token(x_1D.data_ptr(), self.D, *self._head, positions_1.data_ptr(), cos_PH.data_ptr(),
+        out = output(into, self.D, T)
+        rc = load().moe_gqa_token(x_1D.data_ptr(), T, self.D, *self._head, positions_1.data_ptr(), cos_PH.data_ptr(),
                                   sin_PH.data_ptr(), int(interleaved), *self._caches, block_table.data_ptr(),
                                   context_len, slot_mapping_1.data_ptr(), *self._tail, self._scratch.data_ptr(),
                                   out.data_ptr(), *tail[0], *self._projs, torch.get_num_threads())

@@ -190,10 +190,10 @@ int moe_expert_token(const uint16_t *x, int64_t D, int64_t F, int n, const uint1
  * moe_expert_token; then, with sh13 [2Fs, D] / sh2 [D, Fs] given, a shared expert's output (the
  * same kernel, weight 1) added in bf16, as SparseMoE adds it. K <= 64. scratch: 3 max(F, Fs) + D
  * bf16 and D float32. Returns 0, or -2 for an id outside [0, E). */
-int moe_moe_token(const uint16_t *x, int64_t D, int64_t F, int64_t K, const int64_t *ids, const float *wts, int64_t E,
-                  const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2, const uint16_t *sh13,
-                  const uint16_t *sh2, int64_t Fs, uint16_t *out, uint16_t *h, float *acc, const uint16_t *resid,
-                  const uint16_t *nw, float neps, uint16_t *h_out, int num_threads) {
+static int moe_row(const uint16_t *x, int64_t D, int64_t F, int64_t K, const int64_t *ids, const float *wts, int64_t E,
+                   const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2, const uint16_t *sh13,
+                   const uint16_t *sh2, int64_t Fs, uint16_t *out, uint16_t *h, float *acc, const uint16_t *resid,
+                   const uint16_t *nw, float neps, uint16_t *h_out, int num_threads) {
     int64_t id[64];
     float w[64];
     if (sort_experts(ids, wts, K, E, id, w) != 0) return -2;
@@ -206,5 +206,19 @@ int moe_moe_token(const uint16_t *x, int64_t D, int64_t F, int64_t K, const int6
     moe_expert_token(x, D, F, (int)K, p13, p2, w, out, h, acc, num_threads);
     if (sh13) add_shared_expert(x, D, sh13, sh2, Fs, out, h + 3 * Fm, h, acc, num_threads);
     then_norm(out, D, resid, nw, neps, h_out);
+    return 0;
+}
+
+/* moe_row for T rows one after another (ids, wts: T rows of K; x, out, resid, h_out: T rows of D). */
+int moe_moe_token(const uint16_t *x, int64_t T, int64_t D, int64_t F, int64_t K, const int64_t *ids, const float *wts,
+                  int64_t E, const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2, const uint16_t *sh13,
+                  const uint16_t *sh2, int64_t Fs, uint16_t *out, uint16_t *h, float *acc, const uint16_t *resid,
+                  const uint16_t *nw, float neps, uint16_t *h_out, int num_threads) {
+    for (int64_t t = 0; t < T; t++) {
+        const int rc = moe_row(x + t * D, D, F, K, ids + t * K, wts + t * K, E, w13, s13, w2, s2, sh13, sh2, Fs,
+                               out + t * D, h, acc, resid ? resid + t * D : NULL, nw, neps,
+                               h_out ? h_out + t * D : NULL, num_threads);
+        if (rc != 0) return rc;
+    }
     return 0;
 }

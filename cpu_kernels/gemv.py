@@ -20,8 +20,8 @@ declare({
     "moe_gemv_bf16": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int],
     "moe_heads_vec": [_ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _int, _ptr, _i64, _int],
     "moe_expert_token": [_ptr, _i64, _i64, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
-    "moe_moe_token": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _ptr,
-                      _ptr, _ptr, _ptr, _f32, _ptr, _int],
+    "moe_moe_token": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr,
+                      _ptr, _ptr, _ptr, _ptr, _f32, _ptr, _int],
 })
 
 def gemv_reference(w_NK: torch.Tensor, x_K: torch.Tensor, b_N: torch.Tensor | None = None) -> torch.Tensor:
@@ -72,22 +72,24 @@ def moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor, 
     :meth:`experts.GroupedExperts.forward_token` does (ascending ids, weights rounded to bf16), plus
     the output of a ``shared`` SwiGLU expert ``(w13 [2Fs, D], w2 [D, Fs])`` added in bf16; one call
     (:func:`expert_token`'s kernel). ``[1, D]`` (with ``residual``: ``(h + y, norm(h + y))``, see
-    :func:`residual_args`; written to ``into`` when given), or None when the kernel does not apply."""
-    if x_1D.dtype != torch.bfloat16 or x_1D.dim() != 2 or x_1D.shape[0] != 1:
+    :func:`residual_args`; written to ``into`` when given), or None when the kernel does not apply.
+    ``x [T, D]`` with ``ids`` / ``weights [T, K]``: T rows one after another, each as one."""
+    if x_1D.dtype != torch.bfloat16 or x_1D.dim() != 2:
         return None
     ws = [x_1D, w13_e2FD, w2_eDF]
     if kernel_dtype(*ws) is None or any(not w.is_contiguous() for w in ws) or w13_e2FD.dim() != 3:
         return None
     E, F2, D = w13_e2FD.shape
     F = F2 // 2
-    args = moe_token_args(ids_K, weights_K, D, shared, residual, into)
+    T = x_1D.shape[0]
+    args = moe_token_args(ids_K, weights_K, D, shared, residual, into, T)
     if w2_eDF.shape != (E, D, F) or x_1D.shape[1] != D or args is None:
         return None
     ids, wts, Fs, sh, tail = args
-    out = output(into, D)
+    out = output(into, D, T)
     h = torch.empty(3 * max(F, Fs) + D, dtype=torch.bfloat16)
     acc = torch.empty(D, dtype=torch.float32)
-    rc = load().moe_moe_token(x_1D.data_ptr(), D, F, ids.shape[0], ids.data_ptr(), wts.data_ptr(), E,
+    rc = load().moe_moe_token(x_1D.data_ptr(), T, D, F, ids.shape[-1], ids.data_ptr(), wts.data_ptr(), E,
                               w13_e2FD.data_ptr(), w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0), *sh, Fs,
                               out.data_ptr(), h.data_ptr(), acc.data_ptr(), *tail[0], torch.get_num_threads())
     if rc != 0:  # an id outside [0, E)
@@ -131,24 +133,24 @@ class Outputs(NamedTuple):
         return cls(torch.empty(1, D, dtype=torch.bfloat16), torch.empty(1, D, dtype=torch.bfloat16))
 
 
-def output(into: Outputs | None, D: int) -> torch.Tensor:
-    """The ``[1, D]`` bf16 result tensor of a one-call layer: ``into.y``, or a new one."""
-    return into.y if into is not None else torch.empty(1, D, dtype=torch.bfloat16)
+def output(into: Outputs | None, D: int, T: int = 1) -> torch.Tensor:
+    """The ``[T, D]`` bf16 result tensor of a one-call layer: ``into.y`` (one row), or a new one."""
+    return into.y if into is not None and T == 1 else torch.empty(T, D, dtype=torch.bfloat16)
 
 
-def residual_args(residual: Residual | None, D: int,
-                  into: Outputs | None = None) -> tuple[list, torch.Tensor | None] | None:
-    """The C calls' residual tail: with ``(h, w, eps)`` they also return ``h + out`` (in ``into.h``
-    when given) and write ``rms_norm(h + out, w, eps)`` over ``out`` (the decoder's add and next
-    norm, bit-identical). ``([resid, nw, eps, h_out], h_out)``, ``([None] * 4, None)`` without one,
-    or None when it does not fit (then the caller takes its op-by-op path)."""
+def residual_args(residual: Residual | None, D: int, into: Outputs | None = None,
+                  T: int = 1) -> tuple[list, torch.Tensor | None] | None:
+    """The C calls' residual tail: with ``(h, w, eps)`` (``h`` [T, D]) they also return ``h + out``
+    (in ``into.h`` when given, at one row) and write ``rms_norm(h + out, w, eps)`` over ``out`` (the
+    decoder's add and next norm, bit-identical). ``([resid, nw, eps, h_out], h_out)``, ``([None] *
+    4, None)`` without one, or None when it does not fit (then the caller takes its op-by-op path)."""
     if residual is None:
         return [None, None, 0.0, None], None
     h, w, eps = residual
-    if (h.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or h.shape != (1, D) or w.shape != (D,)
+    if (h.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or h.shape != (T, D) or w.shape != (D,)
             or not h.is_contiguous() or not w.is_contiguous() or h.is_cuda or w.is_cuda):
         return None
-    h_out = into.h if into is not None else torch.empty(1, D, dtype=torch.bfloat16)
+    h_out = into.h if into is not None and T == 1 else torch.empty(T, D, dtype=torch.bfloat16)
     return [h.data_ptr(), w.data_ptr(), eps, h_out.data_ptr()], h_out
 
 
@@ -166,16 +168,18 @@ def shared_args(shared: tuple[torch.Tensor, torch.Tensor] | None, D: int) -> tup
 
 def moe_token_args(ids_K: torch.Tensor, weights_K: torch.Tensor, D: int,
                     shared: tuple[torch.Tensor, torch.Tensor] | None, residual: Residual | None,
-                    into: Outputs | None = None) -> tuple | None:
+                    into: Outputs | None = None, T: int = 1) -> tuple | None:
     """What both one-token MoE calls take besides the experts: ``(ids int64, weights float32, the
-    shared expert's width, its two pointers, the residual tail)``, or None when one does not fit."""
-    if ids_K.dim() != 1 or not 0 < ids_K.shape[0] <= 64:
+    shared expert's width, its two pointers, the residual tail)``, or None when one does not fit.
+    ``ids`` / ``weights``: ``[K]`` for one row, ``[T, K]`` for T."""
+    if (ids_K.shape != weights_K.shape or not 0 < ids_K.shape[-1] <= 64
+            or ids_K.shape[:-1] not in ((), (T,)) or (ids_K.dim() == 1 and T != 1)):
         return None
     sa = shared_args(shared, D)
     if sa is None:
         return None
     Fs, sh = sa
-    tail = residual_args(residual, D, into)
+    tail = residual_args(residual, D, into, T)
     if tail is None:
         return None
     return int64_vector(ids_K), float32_vector(weights_K), Fs, sh, tail

@@ -801,12 +801,12 @@ static int qgemv(const float *x, int64_t K, const void *q, int fmt, const float 
  * s13 + e * es13 ([2F / bn, G13]) and s2 + e * es2. A bf16 shared expert (sh13, sh2; NULL: none)
  * is added in bf16 after. K <= 64. scratch: 2 max(D, F) + D float32, 3 max(F, Fs) + 2 D bf16.
  * Returns 0, -2 for an id outside [0, E), -1 when a kernel fails (no memory). */
-int moe_qx_moe_token(const uint16_t *x, int64_t D, int64_t F, int64_t K, const int64_t *ids, const float *wts,
-                     int64_t E, int fmt, const float *lut, int64_t gs, int64_t bn, const char *q13, int64_t eq13,
-                     const float *s13, const float *b13, int64_t es13, int64_t G13, const char *q2, int64_t eq2,
-                     const float *s2, const float *b2, int64_t es2, int64_t G2, const uint16_t *sh13,
-                     const uint16_t *sh2, int64_t Fs, uint16_t *out, float *fscratch, uint16_t *hscratch,
-                     const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
+static int qx_moe_row(const uint16_t *x, int64_t D, int64_t F, int64_t K, const int64_t *ids, const float *wts,
+                      int64_t E, int fmt, const float *lut, int64_t gs, int64_t bn, const char *q13, int64_t eq13,
+                      const float *s13, const float *b13, int64_t es13, int64_t G13, const char *q2, int64_t eq2,
+                      const float *s2, const float *b2, int64_t es2, int64_t G2, const uint16_t *sh13,
+                      const uint16_t *sh2, int64_t Fs, uint16_t *out, float *fscratch, uint16_t *hscratch,
+                      const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
     int64_t id[64];
     float w[64];
     if (sort_experts(ids, wts, K, E, id, w) != 0) return -2;
@@ -833,5 +833,21 @@ int moe_qx_moe_token(const uint16_t *x, int64_t D, int64_t F, int64_t K, const i
     for (int64_t d = 0; d < D; d++) out[d] = f32_to_bf16(acc[d]);
     if (sh13 && add_shared_expert(x, D, sh13, sh2, Fs, out, sh, h, acc, nt) != 0) return -1;
     then_norm(out, D, resid, nw, neps, h_out);
+    return 0;
+}
+
+/* qx_moe_row for T rows one after another (ids, wts: T rows of K; x, out, resid, h_out: T rows of D). */
+int moe_qx_moe_token(const uint16_t *x, int64_t T, int64_t D, int64_t F, int64_t K, const int64_t *ids,
+                     const float *wts, int64_t E, int fmt, const float *lut, int64_t gs, int64_t bn, const char *q13,
+                     int64_t eq13, const float *s13, const float *b13, int64_t es13, int64_t G13, const char *q2,
+                     int64_t eq2, const float *s2, const float *b2, int64_t es2, int64_t G2, const uint16_t *sh13,
+                     const uint16_t *sh2, int64_t Fs, uint16_t *out, float *fscratch, uint16_t *hscratch,
+                     const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
+    for (int64_t t = 0; t < T; t++) {
+        const int rc = qx_moe_row(x + t * D, D, F, K, ids + t * K, wts + t * K, E, fmt, lut, gs, bn, q13, eq13, s13,
+                                  b13, es13, G13, q2, eq2, s2, b2, es2, G2, sh13, sh2, Fs, out + t * D, fscratch,
+                                  hscratch, resid ? resid + t * D : NULL, nw, neps, h_out ? h_out + t * D : NULL, nt);
+        if (rc != 0) return rc;
+    }
     return 0;
 }

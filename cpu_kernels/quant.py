@@ -21,7 +21,7 @@ declare({
     "moe_q4_gemm": [_ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _int, _int],
     "moe_q4x8_gemm": [_ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _int, _int],
     "moe_q4_dequant": [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _int, _int],
-    "moe_qx_moe_token": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _int, _ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr,
+    "moe_qx_moe_token": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _int, _ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr,
                          _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
                          _f32, _ptr, _int],
 })
@@ -165,8 +165,9 @@ def packed_dims(w13: tuple, w2: tuple, lut: torch.Tensor | None, gs: int, bn: in
 class QuantMoeToken:
     """:func:`quant_moe_token` with its experts (and shared expert) checked once, as a captured
     batch-1 step calls it every layer and token: ``plan(x_1D, ids_K, weights_K, residual, into)``
-    checks only what changes per call (``into``: :class:`Outputs` to write to). ``plan.ok`` is
-    False where the kernel does not apply to these weights (then every call returns None)."""
+    checks only what changes per call (``into``: :class:`Outputs` to write to; ``x [T, D]`` with
+    ``ids`` / ``weights [T, K]``: T rows, each as one). ``plan.ok`` is False where the kernel does
+    not apply to these weights (then every call returns None)."""
 
     def __init__(self, fmt: int, lut: torch.Tensor | None, gs: int, bn: int,
                  w13: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
@@ -195,16 +196,17 @@ class QuantMoeToken:
 
     def __call__(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor,
                  residual: Residual | None = None, into: Outputs | None = None):
-        D, F = self.D, self.F
-        if (not self.ok or x_1D.dtype != torch.bfloat16 or x_1D.shape != (1, D) or not x_1D.is_contiguous()
-                or ids_K.dim() != 1 or not 0 < ids_K.shape[0] <= 64):
+        D, F, T = self.D, self.F, x_1D.shape[0]
+        if (not self.ok or x_1D.dtype != torch.bfloat16 or x_1D.shape[1:] != (D,) or not x_1D.is_contiguous()
+                or ids_K.shape != weights_K.shape or ids_K.shape[:-1] not in ((), (T,))
+                or (ids_K.dim() == 1 and T != 1) or not 0 < ids_K.shape[-1] <= 64):
             return None
-        tail = residual_args(residual, D, into)
+        tail = residual_args(residual, D, into, T)
         if tail is None:
             return None
         ids, wts = int64_vector(ids_K), float32_vector(weights_K)
-        out = output(into, D)
-        rc = load().moe_qx_moe_token(x_1D.data_ptr(), D, F, ids.shape[0], ids.data_ptr(), wts.data_ptr(),
+        out = output(into, D, T)
+        rc = load().moe_qx_moe_token(x_1D.data_ptr(), T, D, F, ids.shape[-1], ids.data_ptr(), wts.data_ptr(),
                                      *self._static, out.data_ptr(), self._fs.data_ptr(), self._hs.data_ptr(), *tail[0],
                                      torch.get_num_threads())
         if rc != 0:

@@ -348,7 +348,8 @@ class GroupedExperts(SlottedExperts):
         SwiGLU expert's ``(w13, w2)`` whose output is added (bf16) in the same C call;
         ``residual``: ``(h, norm weight, eps)``, the result then ``(h + y, norm(h + y))`` (see
         :func:`cpu_kernels.moe_token`; written to ``into`` when given); given either, the result is
-        None unless that call runs.
+        None unless that call runs. ``x [T, D]`` with ``ids`` / ``weights [T, K]``: the rows of one
+        sequence (a verify step's), each as one row (the C call only).
         None: not applicable (another backend, or an expert this process does not hold)."""
         if self.resolved_backend != "torch":
             return None
@@ -357,8 +358,9 @@ class GroupedExperts(SlottedExperts):
             y = cpu_kernels.moe_token(x_1D, ids_K, weights_K, self.w13, self.w2, shared, residual, into)
             if y is not None:
                 return y
-        if shared is not None or residual is not None:  # only the one-call path adds them
+        if shared is not None or residual is not None or x_1D.shape[0] != 1:  # only the one-call path adds them
             return None
+        ids_K, weights_K = ids_K.reshape(-1), weights_K.reshape(-1)
         experts = ids_K.tolist()
         if not all(e in self._slot_of for e in experts):
             return None

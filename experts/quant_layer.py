@@ -229,8 +229,8 @@ class QuantGroupedExperts(SlottedExperts):
         """One token (decode at batch 1) through its experts in one C call on the C kernels' layouts
         (int8, fp8_block, int4, mxfp4) with the arithmetic of dispatch -> :meth:`forward` ->
         combine, plus a bf16 ``shared`` expert's ``(w13, w2)`` added and the ``residual`` tail, into
-        ``into`` when given (as :meth:`GroupedExperts.forward_token`). None: not applicable (other
-        formats, biases, clamped SwiGLU, experts elsewhere): dispatch instead."""
+        ``into`` when given, rows of one sequence each as one (as :meth:`GroupedExperts.forward_token`).
+        None: not applicable (other formats, biases, clamped SwiGLU, experts elsewhere): dispatch instead."""
         w = self._one_call_layouts(x_1D)
         if w is None:
             return None

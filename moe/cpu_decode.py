@@ -19,7 +19,11 @@ Each C call computes exactly what the op path computes (the kernels' tests and
 ``tests/test_cpu_kernels.py::test_one_call_layers_equal_the_op_by_op_path`` hold them to it), so
 a call that declines at run time (returns None, nothing written) is followed by the op path for
 that half alone. :class:`moe.model_runner.ModelRunner` runs the captured step for a step of one
-sequence and one token; every other step runs ``MoECausalLM.forward``.
+sequence and one token, and for a verify step of one sequence (its token and up to
+``max_rows - 1`` drafts) where the model's weights fit in the last-level cache: the one-call
+halves then take the rows one after another, each as a one-token step computes it (so greedy
+speculative decoding yields plain decoding's tokens in bf16 too); every other step runs
+``MoECausalLM.forward``.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import torch
 
 import cpu_kernels
 
-from .models import MoECausalLM
+from .models import MoECausalLM, weight_bytes
 from .models.decoder import DecoderLayer
 from .models.layers import Attention, DenseMLP, ForwardContext, RMSNorm, SparseMoE, add_norm
 from .models.mla import MLAttention
@@ -146,7 +150,9 @@ class _DenseToken(_OpsMlp):
 
     def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
                  ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        out = cpu_kernels.moe_token(x_TD, _ID_0, _WEIGHT_1, self.w13, self.w2,
+        T = x_TD.shape[0]
+        ids, weights = (_ID_0, _WEIGHT_1) if T == 1 else (_ID_0.expand(T, 1), _WEIGHT_1.expand(T, 1))
+        out = cpu_kernels.moe_token(x_TD, ids, weights, self.w13, self.w2,
                                     residual=(h_TD, self.norm.weight, self.norm.eps), into=self.into)
         return out if out is not None else super().__call__(positions_T, h_TD, x_TD, ctx)
 
@@ -179,14 +185,17 @@ class _MoEToken(_OpsMlp):
 
     def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
                  ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        moe, router = self.mlp, self.router
-        if router is not None and router(x_TD) is not None:  # (its results stay in the plan's tensors)
-            weights_TK, ids_TK, weights_K, ids_K = router.weights, router.ids, router.weights_K, router.ids_K
+        moe = self.mlp
+        routed = self.router(x_TD) if self.router is not None else None  # (results in the plan's tensors)
+        if routed is not None:
+            weights_TK, ids_TK = routed
             moe.count(ids_TK, ctx)
-        else:  # a tie (or no plan): the block's own routing
+        elif x_TD.shape[0] == 1:  # a tie (or no plan): the block's own routing
             weights_TK, ids_TK = moe.route(x_TD, ctx)
-            weights_K, ids_K = weights_TK[0], ids_TK[0]
-        out = moe.experts.forward_token(x_TD, ids_K, weights_K, self.shared,
+        else:  # row by row, as one-row steps route (the gate's GEMV at one row)
+            rows = [moe.route(x_TD[t:t + 1], ctx) for t in range(x_TD.shape[0])]
+            weights_TK, ids_TK = torch.cat([w for w, _ in rows]), torch.cat([i for _, i in rows])
+        out = moe.experts.forward_token(x_TD, ids_TK, weights_TK, self.shared,
                                         residual=(h_TD, self.norm.weight, self.norm.eps), into=self.into)
         if out is None:  # routed (and counted) already: the rest op by op
             out = add_norm(h_TD, moe.experts_and_shared(x_TD, weights_TK, ids_TK, ctx), self.norm)
@@ -201,11 +210,21 @@ class _MoEToken(_OpsMlp):
 
 class CapturedDecode:
     """A whole batch-1 step planned once for a model (module docstring): ``captured(ids_T, positions_T, ctx)``
-    returns what ``model(ids_T, positions_T, ctx)`` returns, for one sequence and one token."""
+    returns what ``model(ids_T, positions_T, ctx)`` returns, for one sequence and one token, or for
+    the ``T <= max_rows`` rows of one sequence's verify step (its token and drafts), each row
+    computed as a one-token step at its position computes it."""
 
     def __init__(self, model: MoECausalLM, halves: list[tuple[Half, Half]]):
         self.model = model
         self.halves = halves
+        # The one-call halves take a verify step's rows one after another, reading the layer's
+        # weights once per row: that pays where the weights stay in the last-level cache (a small
+        # model, whose op path at a few rows is bound by Python, ~4x a one-row step's time); a
+        # larger model's op path reads the rows' experts once.
+        # Only where every half is one call: an op-by-op half at T rows computes otherwise than at one.
+        one_call = all(type(h) in (_GqaToken, _MoEToken, _DenseToken) for pair in halves for h in pair)
+        fits = weight_bytes(model)["total"] <= cpu_kernels.last_level_cache_bytes()
+        self.max_rows = cpu_kernels.RouteToken.MAX_ROWS if one_call and fits else 1
         rotaries = [h.rotary for h, _ in halves if isinstance(h, (_GqaToken, _MlaToken))]
         self.rotaries = list({id(r): r for r in rotaries}.values())  # grown once a step, before the layers
 
@@ -246,7 +265,7 @@ class CapturedDecode:
     def __call__(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         model = self.model
         if self.rotaries:
-            end = int(positions_T[0]) + 1
+            end = int(positions_T[-1]) + 1  # (the last row's position is the step's largest)
             for rot in self.rotaries:
                 rot.grow_to(end)  # the tables may grow (and move): the layers read them after
         h = model.embed_tokens(input_ids_T)

@@ -59,6 +59,8 @@ class StepInputs:
     all_idx: list[int]
     lp_rows: list[int]  # rows whose logits score the next prompt token
     lp_owner: list[tuple[int, int]]  # (batch index, prompt position predicted) of each lp row
+    # one sequence's decode token and its drafts, nothing else (a batch-1 verify step)
+    one_verify: bool = False
 
 
 Sampled = dict[int, list[tuple[int, dict[int, float] | None]]]  # batch index -> [(token, logprobs)]
@@ -132,14 +134,22 @@ class ModelRunner:
             self.block_size, self.device)
         ctx = ForwardContext(meta, self.kv_caches, record_expert_counts=self.record_expert_counts, dispatch_step=step)
         all_idx = [b for b, s in enumerate(batch.seqs) if s.samples] if st.dp_size > 1 else sample_idx
+        one_verify = len(run) == 1 and bool(run[0].draft) and len(sample_rows) == len(ids) and not lp_rows
         return StepInputs(torch.tensor(ids, dtype=torch.long, device=self.device),
                           torch.tensor(positions, dtype=torch.long, device=self.device), ctx,
-                          sample_rows, sample_idx, all_idx, lp_rows, lp_owner)
+                          sample_rows, sample_idx, all_idx, lp_rows, lp_owner, one_verify)
+
+    def _captured_rows(self, inputs: StepInputs) -> bool:
+        """Whether the captured step runs this step: one sequence and one token, or one sequence's
+        verify step of at most ``captured.max_rows`` rows."""
+        T = inputs.input_ids.shape[0]
+        return self.captured is not None and inputs.ctx.meta.num_seqs == 1 and (
+            T == 1 or (inputs.one_verify and T <= self.captured.max_rows))
 
     def _run_model(self, inputs: StepInputs) -> torch.Tensor:
-        """The step's hidden states: the captured batch-1 step for one sequence and one token, else the model."""
+        """The step's hidden states: the captured step where it runs, else the model."""
         self.num_tokens_run += inputs.input_ids.shape[0]
-        if self.captured is not None and inputs.ctx.meta.num_seqs == 1 and inputs.input_ids.shape[0] == 1:
+        if self._captured_rows(inputs):
             return self.captured(inputs.input_ids, inputs.positions, inputs.ctx)
         return self.model(inputs.input_ids, inputs.positions, inputs.ctx)
 
@@ -148,7 +158,10 @@ class ModelRunner:
         rows = inputs.sample_rows
         if len(rows) != hidden.shape[0] or (rows and rows[-1] != len(rows) - 1):  # (all rows in order: decode)
             hidden = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
-        logits = self.model.compute_logits(hidden).cpu()
+        if hidden.shape[0] > 1 and self._captured_rows(inputs):  # each row as a one-token step's LM head
+            logits = torch.cat([self.model.compute_logits(hidden[t:t + 1]) for t in range(hidden.shape[0])]).cpu()
+        else:
+            logits = self.model.compute_logits(hidden).cpu()
         if len(inputs.all_idx) == len(inputs.sample_idx):
             return logits
         full = logits.new_zeros(len(inputs.all_idx), self.model.cfg.vocab_size)

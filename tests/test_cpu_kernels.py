@@ -809,7 +809,20 @@ def test_route_token_plan_equals_the_gate_then_route(name, gate_bias):
         routed += 1
         assert torch.equal(out[1], ids_ref) and torch.equal(out[0], w_ref)
     assert routed >= 15
-    assert plan(x.float()) is None and plan(torch.randn(2, D).bfloat16()) is None
+    # a verify step's rows (up to MAX_ROWS): each routed as one row is
+    routed = 0
+    for _ in range(10):
+        xs = torch.randn(4, D, generator=g).bfloat16()
+        out = plan(xs)
+        if out is None:  # a row's choice hangs on a tie
+            continue
+        routed += 1
+        refs = [route(linear(xs[t:t + 1], gate, b), cfg, bias) for t in range(4)]
+        assert torch.equal(out[1], torch.cat([ids for _, ids in refs]))
+        assert torch.equal(out[0], torch.cat([w for w, _ in refs]))
+    assert routed >= 3
+    too_many = torch.randn(cpu_kernels.RouteToken.MAX_ROWS + 1, D).bfloat16()
+    assert plan(x.float()) is None and plan(too_many) is None
     assert cpu_kernels.RouteToken.make(gate.float(), None, "softmax", 2) is None
     assert cpu_kernels.RouteToken.make(gate, None, "tanh", 2) is None
 

@@ -421,6 +421,15 @@ def test_one_token_in_one_call_equals_dispatch_experts_combine(fmt, k, monkeypat
     ops = d.combine(layer(x_RD, counts), meta)
     shared = cpu_kernels.expert_token(x[0], [sh13], [sh2], [1.0])  # the shared expert's one-call path
     assert torch.equal(fast, ops) and torch.equal(fast_shared, ops + shared)
+    # a verify step's rows in one call, with the residual add and norm: each row as a one-row call
+    xs, hs = torch.randn(3, D, generator=g).bfloat16(), torch.randn(3, D, generator=g).bfloat16()
+    ids3 = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(3)])
+    w3 = torch.softmax(torch.randn(3, k, generator=g), -1)
+    nw = (1 + torch.randn(D, generator=g) / 8).bfloat16()
+    h_rows, y_rows = layer.forward_token(xs, ids3, w3, (sh13, sh2), residual=(hs, nw, 1e-5))
+    for t in range(3):
+        h_t, y_t = layer.forward_token(xs[t:t + 1], ids3[t], w3[t], (sh13, sh2), residual=(hs[t:t + 1], nw, 1e-5))
+        assert torch.equal(h_rows[t:t + 1], h_t) and torch.equal(y_rows[t:t + 1], y_t)
 
 
 @pytest.mark.parametrize("fmt", [Int8Weights(32), Int8Weights(64, symmetric=False), Fp8BlockWeights(), Int4Weights(32),

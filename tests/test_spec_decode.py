@@ -209,3 +209,29 @@ def test_speculation_with_shared_prefixes_preemption_and_chunked_prefill():
     assert [o.outputs[0].token_ids for o in got] == want
     assert sum(s.num_preemptions for s in seqs) > 0 and busy.engine.spec_accepted > 0
     assert busy.engine.block_manager.prefix_hit_tokens > 0
+
+
+def test_verify_steps_through_the_captured_rows_keep_plain_decodings_outputs(monkeypatch):
+    """bf16, one request at a time: a verify step (the token and its n-gram drafts) runs through the
+    captured step, its one-call halves taking the rows one after another, each as a one-token step
+    computes it, the LM head too: greedy tokens and log-probs equal plain decoding's, bit for bit
+    (an op-by-op verify step rounds otherwise than one-row steps in bf16)."""
+    import cpu_kernels
+    from moe.cpu_decode import CapturedDecode
+
+    if cpu_kernels.load() is None:
+        pytest.skip("the C kernels are not built here (no compiler): no captured step")
+    sp = SamplingParams(temperature=0, max_tokens=40, logprobs=2, ignore_eos=True)
+    plain = LLM(dtype="bfloat16")
+    want = [plain.generate([p], sp)[0].outputs[0] for p in PROMPTS]
+    spec = LLM(dtype="bfloat16", speculative_config={**NGRAM, "cost_control": False})
+    assert spec.engine.runner.captured is not None
+    # the default model's weights fit the last-level caches of CPUs this runs on; the choice is speed's
+    spec.engine.runner.captured.max_rows = 8
+    real, rows = CapturedDecode.__call__, []
+    monkeypatch.setattr(CapturedDecode, "__call__", lambda self, ids, pos, ctx: rows.append(len(ids)) or real(
+        self, ids, pos, ctx))
+    got = [spec.generate([p], sp)[0].outputs[0] for p in PROMPTS]
+    assert max(rows) > 1 and spec.engine.spec_accepted > 0
+    for a, b in zip(got, want):
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from kvcache import Fp8Cache
+from ops import PackedLinearWeight
 from parallel import ParallelLMHead, ShardingConfig, VocabParallelEmbedding
 
 from ..config import ModelConfig
@@ -133,3 +134,29 @@ def check_sharding(cfg: ModelConfig, sharding: ShardingConfig) -> None:
         raise ValueError(f"moe_intermediate_size ({cfg.moe_intermediate_size}) is not divisible by "
                          f"expert_tensor_parallel ({etp} = world_size {world} / expert_parallel {ep}): raise "
                          f"expert_parallel so that world_size / expert_parallel divides it (e.g. {world})")
+
+
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes the loaded model holds: ``total`` (every tensor, packed layouts included), the routed
+    experts' and the embedding's."""
+    seen: set[int] = set()
+    total = experts = embed = 0
+    packed = {name for name, m in model.named_modules() if hasattr(m, "weight_nbytes")}
+    for name in packed:  # quantized experts keep their CPU layout outside the module's parameters
+        n = model.get_submodule(name).weight_nbytes()
+        total += n
+        experts += n
+    for m in model.modules():  # so do packed linear layers (--all-linear): codes, scales, offsets
+        if isinstance(getattr(m, "weight", None), PackedLinearWeight):
+            total += sum(t.nbytes for t in (m.weight.q, m.weight.s_NG, m.weight.b_NG) if t is not None)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "meta" or t.data_ptr() in seen or name.rsplit(".", 1)[0] in packed:
+            continue
+        seen.add(t.data_ptr())
+        n = t.numel() * t.element_size()
+        total += n
+        if ".experts." in name:
+            experts += n
+        elif "embed_tokens" in name:
+            embed += n
+    return {"total": total, "routed_experts": experts, "embedding": embed}
