@@ -25,9 +25,9 @@ from .amx_attention import prefill_attention, supports_prefill
 from .build import last_level_cache_bytes, load, set_malloc_thresholds
 from .elementwise import (RouteToken, add_rms_norm, rms_norm, rope_, route_select, silu_mul, transpose_to_float,
                           write_rows)
-from .fused import GqaToken, gqa_token, mla_token
+from .fused import GqaToken, MlaToken, gqa_token, mla_token
 from .gemm import grouped_gemm
-from .gemv import Outputs, Residual, expert_token, gemv, heads_vec, moe_token
+from .gemv import MoeToken, Outputs, Residual, expert_token, gemv, heads_vec, moe_token
 from .paged_decode import paged_decode_attention, supports_decode
 from .quant import (Q8_GEMM_MAX_ROWS, Q_FP8, Q_INT4_X8, Q_INT8, q4_dequant, q4_gemm, q4x8_gemm, q8_available,
                     q8_dequant, q8_gemm, quant_moe_token, QuantMoeToken, round_x8)
@@ -37,9 +37,9 @@ __all__ = [
     "supports_decode", "paged_decode_attention", "supports_prefill",
     "prefill_attention",
     "rope_", "silu_mul", "rms_norm", "add_rms_norm", "write_rows", "transpose_to_float", "route_select", "RouteToken",
-    "grouped_gemm", "gemv", "expert_token", "moe_token", "heads_vec", "Residual", "Outputs",
+    "grouped_gemm", "gemv", "expert_token", "moe_token", "MoeToken", "heads_vec", "Residual", "Outputs",
     "AMX_MAX_ROWS", "amx_available", "amx_tiles", "amx_experts", "amx_moe", "amx_moe_packed", "amx_linear", "amx_heads",
-    "mla_token", "gqa_token", "GqaToken",
+    "mla_token", "MlaToken", "gqa_token", "GqaToken",
     "Q_INT8", "Q_FP8", "Q_INT4_X8", "Q8_GEMM_MAX_ROWS", "q8_available", "q8_gemm", "q8_dequant", "q4_gemm",
     "q4_dequant", "q4x8_gemm", "round_x8", "quant_moe_token", "QuantMoeToken",
 ]

@@ -55,6 +55,67 @@ def _projection(w: torch.Tensor | PackedArgs, N: int, K: int) -> tuple[int | Non
                              b.data_ptr() if b is not None else None, gs, int(bool(x8) and lut is not None))
 
 
+class MlaToken:
+    """:func:`mla_token` with its weights, norms and cache checked once, as a captured batch-1 step
+    calls it every layer and token: ``plan(x_1D, positions_1, cos_PH, sin_PH, interleaved,
+    block_table, context_len, slot_mapping_1, residual, into)`` checks only what changes per call.
+    ``plan.ok`` is False where the kernel does not apply (then every call returns None)."""
+
+    def __init__(self, w_qa: torch.Tensor | PackedArgs | None, qa_norm: torch.Tensor | None, q_eps: float,
+                 w_qb: torch.Tensor | PackedArgs, w_kva: torch.Tensor | PackedArgs, kva_norm: torch.Tensor,
+                 kv_eps: float, w_kvb: torch.Tensor, w_o: torch.Tensor | PackedArgs, heads: int, nope: int, rope: int,
+                 v: int, cache: torch.Tensor, scale: float):
+        self.ok = False
+        ws = [w for w in (qa_norm, kva_norm, w_kvb) if w is not None]
+        if any(w.dtype != torch.bfloat16 or w.is_cuda or not w.is_contiguous() for w in ws) or load() is None:
+            return
+        C = kva_norm.shape[0]
+        L = C + rope
+        if (cache.dtype != torch.bfloat16 or cache.dim() != 4 or cache.shape[2:] != (1, L) or cache.stride(-1) != 1
+                or cache.stride(1) != L or cache.stride(0) != cache.shape[1] * L or rope % 2):
+            return
+        D = w_o.shape[0] if isinstance(w_o, torch.Tensor) else w_o[0].shape[0]
+        if w_qa is not None and (qa_norm is None or qa_norm.dim() != 1):
+            return
+        q_lora = qa_norm.shape[0] if w_qa is not None else 0
+        qa = _projection(w_qa, q_lora, D) if w_qa is not None else (None, None)
+        projs = [qa, _projection(w_qb, heads * (nope + rope), q_lora or D), _projection(w_kva, L, D),
+                 _projection(w_o, D, heads * v)]
+        if any(p is None for p in projs) or C % 16 or w_kvb.shape != (heads * (nope + v), C):
+            return
+        (qa_w, _), (qb_w, _), (kva_w, _), (o_w, _) = projs
+        self.D = D
+        self._keep = (w_qa, qa_norm, w_qb, w_kva, kva_norm, w_kvb, w_o, cache, projs)
+        self._head = (D, qa_w, qa_norm.data_ptr() if qa_norm is not None else None, q_lora, q_eps, qb_w, kva_w,
+                      kva_norm.data_ptr(), kv_eps, w_kvb.data_ptr(), o_w, heads, nope, rope, C, v)
+        self._cache = (cache.data_ptr(), cache.stride(0), cache.stride(1), cache.shape[1])
+        self._projs = tuple(ctypes.addressof(p[1]) if p[1] is not None else None for p in projs)
+        self.scale = scale
+        self._scratch = torch.empty(q_lora + heads * (nope + rope) + L + heads * L + heads * C + heads * v,
+                                    dtype=torch.bfloat16)
+        self.ok = True
+
+    def __call__(self, x_1D: torch.Tensor, positions_1: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor,
+                 interleaved: bool, block_table: torch.Tensor, context_len: int, slot_mapping_1: torch.Tensor,
+                 residual: Residual | None = None, into: Outputs | None = None):
+        if (not self.ok or x_1D.dtype != torch.bfloat16 or x_1D.shape != (1, self.D) or not x_1D.is_contiguous()
+                or block_table.dtype != torch.int32 or not block_table.is_contiguous()
+                or slot_mapping_1.dtype != torch.int64 or positions_1.dtype != torch.int64
+                or cos_PH.dtype != torch.float32 or not cos_PH.is_contiguous() or not sin_PH.is_contiguous()):
+            return None
+        tail = residual_args(residual, self.D, into)
+        if tail is None:
+            return None
+        out = output(into, self.D)
+        rc = load().moe_mla_token(x_1D.data_ptr(), *self._head, positions_1.data_ptr(), cos_PH.data_ptr(),
+                                  sin_PH.data_ptr(), int(interleaved), *self._cache, block_table.data_ptr(),
+                                  context_len, slot_mapping_1.data_ptr(), self.scale, self._scratch.data_ptr(),
+                                  out.data_ptr(), *tail[0], *self._projs, torch.get_num_threads())
+        if rc != 0:
+            return None
+        return (tail[1], out) if residual is not None else out
+
+
 def mla_token(x_1D: torch.Tensor, w_qa: torch.Tensor | PackedArgs | None, qa_norm: torch.Tensor | None, q_eps: float,
               w_qb: torch.Tensor | PackedArgs, w_kva: torch.Tensor | PackedArgs, kva_norm: torch.Tensor, kv_eps: float,
               w_kvb: torch.Tensor, w_o: torch.Tensor | PackedArgs, heads: int, nope: int, rope: int, v: int,
@@ -68,47 +129,13 @@ def mla_token(x_1D: torch.Tensor, w_qa: torch.Tensor | PackedArgs | None, qa_nor
     path at one token. ``w_qa=None``: ``w_qb`` is ``q_proj``. The projections but ``w_kvb`` (read per
     head) may be packed (:data:`PackedArgs`, as in :func:`gqa_token`). Returns ``[1, D]`` bf16 (with
     ``residual``: ``(h + y, norm(h + y))``, see :func:`residual_args`; in ``into`` when given), or
-    None when the kernel does not apply (then nothing was written)."""
+    None when the kernel does not apply (then nothing was written). (:class:`MlaToken` checks the
+    weights once for repeated calls.)"""
     if x_1D.dtype != torch.bfloat16 or x_1D.shape[0] != 1 or not x_1D.is_contiguous():
         return None
-    ws = [w for w in (qa_norm, kva_norm, w_kvb) if w is not None]
-    if any(w.dtype != torch.bfloat16 or w.is_cuda or not w.is_contiguous() for w in ws) or load() is None:
-        return None
-    C = kva_norm.shape[0]
-    L = C + rope
-    if (cache.dtype != torch.bfloat16 or cache.dim() != 4 or cache.shape[2:] != (1, L) or cache.stride(-1) != 1
-            or cache.stride(1) != L or cache.stride(0) != cache.shape[1] * L or rope % 2):
-        return None
-    if (block_table.dtype != torch.int32 or not block_table.is_contiguous() or slot_mapping_1.dtype != torch.int64
-            or positions_1.dtype != torch.int64 or cos_PH.dtype != torch.float32 or not cos_PH.is_contiguous()
-            or not sin_PH.is_contiguous()):
-        return None
-    D = x_1D.shape[1]
-    if w_qa is not None and (qa_norm is None or qa_norm.dim() != 1):
-        return None
-    q_lora = qa_norm.shape[0] if w_qa is not None else 0
-    qa = _projection(w_qa, q_lora, D) if w_qa is not None else (None, None)
-    projs = [qa, _projection(w_qb, heads * (nope + rope), q_lora or D), _projection(w_kva, L, D),
-             _projection(w_o, D, heads * v)]
-    if any(p is None for p in projs) or C % 16 or w_kvb.shape != (heads * (nope + v), C):
-        return None
-    tail = residual_args(residual, D, into)
-    if tail is None:
-        return None
-    out = output(into, D)
-    scratch = torch.empty(q_lora + heads * (nope + rope) + L + heads * L + heads * C + heads * v, dtype=torch.bfloat16)
-    (qa_w, _), (qb_w, _), (kva_w, _), (o_w, _) = projs
-    rc = load().moe_mla_token(x_1D.data_ptr(), D, qa_w, qa_norm.data_ptr() if qa_norm is not None else None, q_lora,
-                              q_eps, qb_w, kva_w, kva_norm.data_ptr(), kv_eps, w_kvb.data_ptr(), o_w, heads,
-                              nope, rope, C, v, positions_1.data_ptr(), cos_PH.data_ptr(), sin_PH.data_ptr(),
-                              int(interleaved), cache.data_ptr(), cache.stride(0), cache.stride(1), cache.shape[1],
-                              block_table.data_ptr(), context_len, slot_mapping_1.data_ptr(), scale,
-                              scratch.data_ptr(), out.data_ptr(), *tail[0],
-                              *(ctypes.addressof(p[1]) if p[1] is not None else None for p in projs),
-                              torch.get_num_threads())
-    if rc != 0:
-        return None
-    return (tail[1], out) if residual is not None else out
+    plan = MlaToken(w_qa, qa_norm, q_eps, w_qb, w_kva, kva_norm, kv_eps, w_kvb, w_o, heads, nope, rope, v, cache, scale)
+    return plan(x_1D, positions_1, cos_PH, sin_PH, interleaved, block_table, context_len, slot_mapping_1, residual,
+                into)
 
 
 _QK_NORMS = {None: 0, "head": 1, "full": 2}

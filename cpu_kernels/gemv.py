@@ -65,6 +65,53 @@ def expert_token(x_D: torch.Tensor, w13s: list[torch.Tensor], w2s: list[torch.Te
     return out
 
 
+class MoeToken:
+    """:func:`moe_token` with its stacked experts (and shared expert) checked once, as a captured
+    batch-1 step calls it every layer and token: ``plan(x_TD, ids, weights, residual, into)`` checks
+    only what changes per call. ``plan.ok`` is False where the kernel does not apply to these
+    weights (then every call returns None)."""
+
+    def __init__(self, w13_e2FD: torch.Tensor, w2_eDF: torch.Tensor,
+                 shared: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.shared, self.ok = shared, False
+        ws = [w13_e2FD, w2_eDF]
+        if w13_e2FD.dim() != 3 or kernel_dtype(*ws) is None or w13_e2FD.dtype != torch.bfloat16:
+            return
+        if any(not w.is_contiguous() for w in ws):
+            return
+        E, F2, D = w13_e2FD.shape
+        F = F2 // 2
+        sa = shared_args(shared, D)
+        if w2_eDF.shape != (E, D, F) or sa is None:
+            return
+        self.D, (Fs, sh) = D, sa
+        self._keep = (w13_e2FD, w2_eDF, shared)  # the pointers below stay valid while the plan lives
+        self._static = (E, w13_e2FD.data_ptr(), w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0), *sh, Fs)
+        self.F = F
+        # the call's scratch (bf16 activations, float sums), reused by every call
+        self._h = torch.empty(3 * max(F, Fs) + D, dtype=torch.bfloat16)
+        self._acc = torch.empty(D, dtype=torch.float32)
+        self.ok = True
+
+    def __call__(self, x_TD: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 residual: Residual | None = None, into: Outputs | None = None):
+        T = x_TD.shape[0]
+        if (not self.ok or x_TD.dtype != torch.bfloat16 or x_TD.shape[1:] != (self.D,) or not x_TD.is_contiguous()
+                or x_TD.is_cuda):
+            return None
+        args = moe_token_args(ids, weights, self.D, None, residual, into, T)
+        if args is None:
+            return None
+        ids, wts, _, _, tail = args
+        out = output(into, self.D, T)
+        rc = load().moe_moe_token(x_TD.data_ptr(), T, self.D, self.F, ids.shape[-1], ids.data_ptr(), wts.data_ptr(),
+                                  *self._static, out.data_ptr(), self._h.data_ptr(), self._acc.data_ptr(), *tail[0],
+                                  torch.get_num_threads())
+        if rc != 0:  # an id outside [0, E)
+            return None
+        return (tail[1], out) if residual is not None else out
+
+
 def moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor, w13_e2FD: torch.Tensor,
               w2_eDF: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor] | None = None,
               residual: Residual | None = None, into: Outputs | None = None):
@@ -73,28 +120,11 @@ def moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor, 
     the output of a ``shared`` SwiGLU expert ``(w13 [2Fs, D], w2 [D, Fs])`` added in bf16; one call
     (:func:`expert_token`'s kernel). ``[1, D]`` (with ``residual``: ``(h + y, norm(h + y))``, see
     :func:`residual_args`; written to ``into`` when given), or None when the kernel does not apply.
-    ``x [T, D]`` with ``ids`` / ``weights [T, K]``: T rows one after another, each as one."""
+    ``x [T, D]`` with ``ids`` / ``weights [T, K]``: T rows one after another, each as one.
+    (:class:`MoeToken` checks the weights once for repeated calls.)"""
     if x_1D.dtype != torch.bfloat16 or x_1D.dim() != 2:
         return None
-    ws = [x_1D, w13_e2FD, w2_eDF]
-    if kernel_dtype(*ws) is None or any(not w.is_contiguous() for w in ws) or w13_e2FD.dim() != 3:
-        return None
-    E, F2, D = w13_e2FD.shape
-    F = F2 // 2
-    T = x_1D.shape[0]
-    args = moe_token_args(ids_K, weights_K, D, shared, residual, into, T)
-    if w2_eDF.shape != (E, D, F) or x_1D.shape[1] != D or args is None:
-        return None
-    ids, wts, Fs, sh, tail = args
-    out = output(into, D, T)
-    h = torch.empty(3 * max(F, Fs) + D, dtype=torch.bfloat16)
-    acc = torch.empty(D, dtype=torch.float32)
-    rc = load().moe_moe_token(x_1D.data_ptr(), T, D, F, ids.shape[-1], ids.data_ptr(), wts.data_ptr(), E,
-                              w13_e2FD.data_ptr(), w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0), *sh, Fs,
-                              out.data_ptr(), h.data_ptr(), acc.data_ptr(), *tail[0], torch.get_num_threads())
-    if rc != 0:  # an id outside [0, E)
-        return None
-    return (tail[1], out) if residual is not None else out
+    return MoeToken(w13_e2FD, w2_eDF, shared)(x_1D, ids_K, weights_K, residual, into)
 
 
 def heads_vec(x_1HK: torch.Tensor, w_H: torch.Tensor, w_rows_n: bool) -> torch.Tensor | None:

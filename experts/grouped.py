@@ -284,6 +284,7 @@ class GroupedExperts(SlottedExperts):
         self.b13 = self._param(e, 2 * self.intermediate, dtype=dtype) if bias else None
         self.b2 = self._param(e, hidden, dtype=dtype) if bias else None
         self.backend = backend  # resolved against the weights' device
+        self._token_plan: tuple = (None, None)  # (the weights' pointers it was made for, cpu_kernels.MoeToken)
 
     def _param(self, *shape: int, dtype: torch.dtype) -> nn.Parameter:
         p = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
@@ -354,8 +355,14 @@ class GroupedExperts(SlottedExperts):
         if self.resolved_backend != "torch":
             return None
         if self._plain_swiglu and x_1D.device.type == "cpu" and self.holds_all:
-            # the same arithmetic in one C call (bf16): per layer ~150 us of op-by-op overhead less
-            y = cpu_kernels.moe_token(x_1D, ids_K, weights_K, self.w13, self.w2, shared, residual, into)
+            # the same arithmetic in one C call (bf16): per layer ~150 us of op-by-op overhead less;
+            # its plan checked once per weights and shared expert (a captured step's are fixed)
+            w13, w2 = self.w13, self.w2
+            key, plan = self._token_plan
+            if key != (w13.data_ptr(), w2.data_ptr()) or plan.shared is not shared:
+                plan = cpu_kernels.MoeToken(w13, w2, shared)
+                self._token_plan = ((w13.data_ptr(), w2.data_ptr()), plan)
+            y = plan(x_1D, ids_K, weights_K, residual, into)
             if y is not None:
                 return y
         if shared is not None or residual is not None or x_1D.shape[0] != 1:  # only the one-call path adds them

@@ -5,7 +5,7 @@ fixed costs: a few hundred small torch ops per layer. :meth:`CapturedDecode.capt
 model once, at load, and plans each half-layer:
 
 - attention + residual add + post-attention norm as one C call (:func:`cpu_kernels.gqa_token`,
-  :func:`cpu_kernels.mla_token`) where the half is plain: CPU, bf16, one TP rank, bf16 tensor
+  :class:`cpu_kernels.MlaToken`) where the half is plain: CPU, bf16, one TP rank, bf16 tensor
   KV caches (not fp8), no qkv clipping, no MLA biases; projections bf16 or packed (``moe
   quantize --all-linear``, computed as ``ops.linear`` computes them; MLA's kv_b_proj bf16);
 - router as one C call (:class:`cpu_kernels.RouteToken`: the gate's GEMV, scoring and selection,
@@ -100,23 +100,25 @@ class _GqaToken(_OpsAttention):
 
 
 class _MlaToken(_OpsAttention):
-    """:class:`MLAttention` + residual add + norm in one :func:`cpu_kernels.mla_token` call."""
+    """:class:`MLAttention` + residual add + norm in one :class:`cpu_kernels.MlaToken` call (the
+    weights checked once at capture)."""
 
     def __init__(self, attn: MLAttention, norm: RMSNorm, cache: torch.Tensor):
         super().__init__(attn, norm)
         q_a = (_one_row_weight(attn.q_a_proj), attn.q_a_layernorm.weight, attn.q_a_layernorm.eps,
                _one_row_weight(attn.q_b_proj)) if attn.q_lora else (None, None, 0.0, _one_row_weight(attn.q_proj))
-        self.head = (*q_a, _one_row_weight(attn.kv_a_proj_with_mqa), attn.kv_a_layernorm.weight,
-                     attn.kv_a_layernorm.eps, attn.kv_b_proj.weight, _one_row_weight(attn.o_proj), attn.num_heads,
-                     attn.nope, attn.rope_dim, attn.v_dim)
-        self.cache, self.scale, self.rotary = cache, attn.scale, attn.rotary
+        # the weights, norms and cache checked once; a call passes what changes per step
+        self.plan = cpu_kernels.MlaToken(*q_a, _one_row_weight(attn.kv_a_proj_with_mqa), attn.kv_a_layernorm.weight,
+                                         attn.kv_a_layernorm.eps, attn.kv_b_proj.weight, _one_row_weight(attn.o_proj),
+                                         attn.num_heads, attn.nope, attn.rope_dim, attn.v_dim, cache, attn.scale)
+        self.rotary = attn.rotary
 
     def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
                  ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         rot, meta = self.rotary, ctx.meta
-        out = cpu_kernels.mla_token(x_TD, *self.head, positions_T, rot.cos, rot.sin, rot.interleaved, self.cache,
-                                    meta.block_tables[0], meta.context_lens_list[0], meta.slot_mapping, self.scale,
-                                    (h_TD, self.norm.weight, self.norm.eps), self.into)
+        out = self.plan(x_TD, positions_T, rot.cos, rot.sin, rot.interleaved, meta.block_tables[0],
+                        meta.context_lens_list[0], meta.slot_mapping, (h_TD, self.norm.weight, self.norm.eps),
+                        self.into)
         return out if out is not None else super().__call__(positions_T, h_TD, x_TD, ctx)
 
     @staticmethod

@@ -431,16 +431,16 @@ def test_moe_token_kernel_equals_the_op_by_op_path(n, D, F, monkeypatch):
     ids = torch.randperm(6, generator=g)[:n]
     w = torch.softmax(torch.randn(n, generator=g), 0)
     calls = []
-    real = cpu_kernels.moe_token
-    monkeypatch.setattr(cpu_kernels, "moe_token", lambda *a: calls.append(1) or real(*a))
+    real = cpu_kernels.MoeToken.__call__  # (forward_token calls its plan, the weights checked once)
+    monkeypatch.setattr(cpu_kernels.MoeToken, "__call__", lambda *a: calls.append(1) or real(*a))
     fused = mod.forward_token(x, ids, w)
     fused_shared = mod.forward_token(x, ids, w, (shared.w13[0], shared.w2[0]))
-    monkeypatch.setattr(cpu_kernels, "moe_token", lambda *a: None)  # the op-by-op path
+    monkeypatch.setattr(cpu_kernels.MoeToken, "__call__", lambda *a: None)  # the op-by-op path
     ops = mod.forward_token(x, ids, w)
     assert len(calls) == 2 and torch.equal(fused, ops)
     assert torch.equal(fused_shared, ops + shared.forward_token(x, torch.tensor([0]), torch.ones(1)))
     assert mod.forward_token(x, ids, w, (shared.w13[0], shared.w2[0])) is None  # the shared expert: one call only
-    monkeypatch.setattr(cpu_kernels, "moe_token", real)
+    monkeypatch.setattr(cpu_kernels.MoeToken, "__call__", real)
     assert cpu_kernels.moe_token(x, torch.tensor([0, 6]), torch.ones(2), mod.w13, mod.w2) is None  # id out of range
     # the residual tail: h + y and the next norm of it, as add_rms_norm computes them after the call
     h, nw = torch.randn(1, D, generator=g).bfloat16(), torch.randn(D, generator=g).bfloat16()
@@ -924,8 +924,9 @@ def test_one_call_layers_equal_the_op_by_op_path(family, kernel, min_calls, chec
         else checkpoint(family)
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9, 40)]
     sp = SamplingParams(temperature=0, max_tokens=20, logprobs=3, ignore_eos=True)
-    # the captured step calls its GqaToken plans (weights checked once), the other kernels directly
-    target, name = (cpu_kernels.GqaToken, "__call__") if kernel == "gqa_token" else (cpu_kernels, kernel)
+    # the captured step calls its plans (weights checked once), the other kernels directly
+    plans = {"gqa_token": cpu_kernels.GqaToken, "mla_token": cpu_kernels.MlaToken, "moe_token": cpu_kernels.MoeToken}
+    target, name = (plans[kernel], "__call__") if kernel in plans else (cpu_kernels, kernel)
     real, calls = getattr(target, name), []
     monkeypatch.setattr(target, name, lambda *a, **k: calls.append(1) or real(*a, **k))
     llm = LLM(str(path), dtype="bfloat16", block_size=16)

@@ -125,8 +125,8 @@ def test_batch1_decode_with_packed_layers_equals_op_path(family, fmt, one_call, 
     quantize_all_linear(checkpoint(family), out, fmt)
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
-    # the captured step calls mla_token, and its GqaToken plans (weights checked once) for GQA
-    target, name, half = ((cpu_kernels, "mla_token", _MlaToken) if family == "deepseek_v3"
+    # the captured step calls its MlaToken / GqaToken plans (weights checked once)
+    target, name, half = ((cpu_kernels.MlaToken, "__call__", _MlaToken) if family == "deepseek_v3"
                           else (cpu_kernels.GqaToken, "__call__", _GqaToken))
     real, calls = getattr(target, name), []  # whether each call ran (did not decline)
 
