@@ -91,42 +91,11 @@ int moe_mla_token(const uint16_t *x, int64_t D, const uint16_t *w_qa, const uint
  *   or NULL); out = o_proj(o) (+ bias)                         [D]
  * Caches [blocks, block_size, Hkv, hd] with element strides (sblock, sslot, shead), sblock =
  * block_size * sslot. p_qkv / p_o: the projections' packed weights (NULL: w_qkv / w_o in bf16).
- * scratch: (H + 2 Hkv) hd + H hd bf16. Returns 0, -1 without memory (nothing written then). */
-static int gqa_row(const uint16_t *x, int64_t D, const uint16_t *w_qkv, const uint16_t *b_qkv, int64_t H, int64_t Hkv,
-                   int64_t hd, int qk_norm, const uint16_t *q_norm, const uint16_t *k_norm, float eps,
-                   const int64_t *pos, const float *cos_tab, const float *sin_tab, int interleaved, uint16_t *k_cache,
-                   int64_t k_sblock, int64_t k_sslot, int64_t k_shead, uint16_t *v_cache, int64_t v_sblock,
-                   int64_t v_sslot, int64_t v_shead, int64_t block_size, const int32_t *table, int32_t len,
-                   const int64_t *slots, int64_t window, const float *sinks, float scale, const uint16_t *w_o,
-                   const uint16_t *b_o, uint16_t *scratch, uint16_t *out, const uint16_t *resid,
-                   const uint16_t *nw, float neps, uint16_t *h_out, const PackedProj *p_qkv, const PackedProj *p_o,
-                   int nt) {
-    uint16_t *q = scratch, *k = q + H * hd, *v = k + Hkv * hd, *o = v + Hkv * hd;
-    if (project(w_qkv, p_qkv, (H + 2 * Hkv) * hd, D, x, b_qkv, q, nt) != 0) return -1;
-    if (qk_norm == 1) {
-        moe_rms_norm(q, q_norm, q, BF16, H, hd, hd, hd, eps, 1);
-        moe_rms_norm(k, k_norm, k, BF16, Hkv, hd, hd, hd, eps, 1);
-    } else if (qk_norm == 2) {
-        moe_rms_norm(q, q_norm, q, BF16, 1, H * hd, H * hd, H * hd, eps, 1);
-        moe_rms_norm(k, k_norm, k, BF16, 1, Hkv * hd, Hkv * hd, Hkv * hd, eps, 1);
-    }
-    moe_rope(q, BF16, 1, H + Hkv, hd, (H + Hkv) * hd, hd, pos, cos_tab, sin_tab, interleaved, 1);
-    for (int64_t h = 0; h < Hkv; h++) {
-        memcpy(k_cache + slots[0] * k_sslot + h * k_shead, k + h * hd, sizeof(uint16_t) * (size_t)hd);
-        memcpy(v_cache + slots[0] * v_sslot + h * v_shead, v + h * hd, sizeof(uint16_t) * (size_t)hd);
-    }
-    moe_paged_decode(q, o, k_cache, v_cache, BF16, 1, H, Hkv, hd, hd, k_sblock, k_sslot, k_shead, v_sblock, v_sslot,
-                     v_shead, block_size, table, 0, &len, NULL, window, sinks, scale, nt);
-    if (project(w_o, p_o, D, H * hd, o, b_o, out, nt) != 0) return -1;
-    then_norm(out, D, resid, nw, neps, h_out);
-    return 0;
-}
-
-/* gqa_row for T rows of one sequence (the decode token and its drafts: a verify step), one after
- * another: row t at position pos[t], written at slots[t], attends over the first len - (T - 1 - t)
- * cached rows, so each row computes exactly what a one-row call at its position computes. x, out,
- * resid, h_out: T rows of D. Returns 0, or -1 without memory (earlier rows' K/V may be written:
- * the caller's op path writes them again). */
+ * scratch: (H + 2 Hkv) hd + H hd bf16. T > 1: T rows of one sequence (the decode token and its
+ * drafts: a verify step) one after another, row t at pos[t], written at slots[t], attending over
+ * the first len - (T - 1 - t) cached rows, so each computes what a one-row call at its position
+ * computes; x, out, resid, h_out: T rows of D. Returns 0, -1 without memory (nothing written then
+ * at one row; at T rows earlier rows' K/V may be written: the caller's op path writes them again). */
 int moe_gqa_token(const uint16_t *x, int64_t T, int64_t D, const uint16_t *w_qkv, const uint16_t *b_qkv, int64_t H,
                   int64_t Hkv, int64_t hd, int qk_norm, const uint16_t *q_norm, const uint16_t *k_norm, float eps,
                   const int64_t *pos, const float *cos_tab, const float *sin_tab, int interleaved, uint16_t *k_cache,
@@ -136,12 +105,28 @@ int moe_gqa_token(const uint16_t *x, int64_t T, int64_t D, const uint16_t *w_qkv
                   const uint16_t *b_o, uint16_t *scratch, uint16_t *out, const uint16_t *resid,
                   const uint16_t *nw, float neps, uint16_t *h_out, const PackedProj *p_qkv, const PackedProj *p_o,
                   int nt) {
-    for (int64_t t = 0; t < T; t++)
-        if (gqa_row(x + t * D, D, w_qkv, b_qkv, H, Hkv, hd, qk_norm, q_norm, k_norm, eps, pos + t, cos_tab, sin_tab,
-                    interleaved, k_cache, k_sblock, k_sslot, k_shead, v_cache, v_sblock, v_sslot, v_shead, block_size,
-                    table, len - (int32_t)(T - 1 - t), slots + t, window, sinks, scale, w_o, b_o, scratch,
-                    out + t * D, resid ? resid + t * D : NULL, nw, neps, h_out ? h_out + t * D : NULL, p_qkv, p_o,
-                    nt) != 0)
-            return -1;
+    uint16_t *q = scratch, *k = q + H * hd, *v = k + Hkv * hd, *o = v + Hkv * hd;
+    for (int64_t t = 0; t < T; t++) {  /* row t: as a one-row call at its position */
+        const int64_t slot = slots[t];
+        int32_t len_t = len - (int32_t)(T - 1 - t);
+        uint16_t *out_t = out + t * D;
+        if (project(w_qkv, p_qkv, (H + 2 * Hkv) * hd, D, x + t * D, b_qkv, q, nt) != 0) return -1;
+        if (qk_norm == 1) {
+            moe_rms_norm(q, q_norm, q, BF16, H, hd, hd, hd, eps, 1);
+            moe_rms_norm(k, k_norm, k, BF16, Hkv, hd, hd, hd, eps, 1);
+        } else if (qk_norm == 2) {
+            moe_rms_norm(q, q_norm, q, BF16, 1, H * hd, H * hd, H * hd, eps, 1);
+            moe_rms_norm(k, k_norm, k, BF16, 1, Hkv * hd, Hkv * hd, Hkv * hd, eps, 1);
+        }
+        moe_rope(q, BF16, 1, H + Hkv, hd, (H + Hkv) * hd, hd, pos + t, cos_tab, sin_tab, interleaved, 1);
+        for (int64_t h = 0; h < Hkv; h++) {
+            memcpy(k_cache + slot * k_sslot + h * k_shead, k + h * hd, sizeof(uint16_t) * (size_t)hd);
+            memcpy(v_cache + slot * v_sslot + h * v_shead, v + h * hd, sizeof(uint16_t) * (size_t)hd);
+        }
+        moe_paged_decode(q, o, k_cache, v_cache, BF16, 1, H, Hkv, hd, hd, k_sblock, k_sslot, k_shead, v_sblock,
+                         v_sslot, v_shead, block_size, table, 0, &len_t, NULL, window, sinks, scale, nt);
+        if (project(w_o, p_o, D, H * hd, o, b_o, out_t, nt) != 0) return -1;
+        then_norm(out_t, D, resid ? resid + t * D : NULL, nw, neps, h_out ? h_out + t * D : NULL);
+    }
     return 0;
 }

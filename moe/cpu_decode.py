@@ -143,19 +143,18 @@ class _OpsMlp:
 
 
 class _DenseToken(_OpsMlp):
-    """A dense MLP + residual add + norm in one :func:`cpu_kernels.moe_token` call: the MLP as the
+    """A dense MLP + residual add + norm in one :class:`cpu_kernels.MoeToken` call: the MLP as the
     one expert of weight 1 (the one-call path's arithmetic)."""
 
     def __init__(self, mlp: DenseMLP, norm: RMSNorm):
         super().__init__(mlp, norm)
-        self.w13, self.w2 = mlp.gate_up_proj.weight.unsqueeze(0), mlp.down_proj.weight.unsqueeze(0)
+        self.plan = cpu_kernels.MoeToken(mlp.gate_up_proj.weight.unsqueeze(0), mlp.down_proj.weight.unsqueeze(0))
 
     def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
                  ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         T = x_TD.shape[0]
         ids, weights = (_ID_0, _WEIGHT_1) if T == 1 else (_ID_0.expand(T, 1), _WEIGHT_1.expand(T, 1))
-        out = cpu_kernels.moe_token(x_TD, ids, weights, self.w13, self.w2,
-                                    residual=(h_TD, self.norm.weight, self.norm.eps), into=self.into)
+        out = self.plan(x_TD, ids, weights, (h_TD, self.norm.weight, self.norm.eps), self.into)
         return out if out is not None else super().__call__(positions_T, h_TD, x_TD, ctx)
 
     @staticmethod
@@ -176,7 +175,8 @@ class _MoEToken(_OpsMlp):
 
     @staticmethod
     def _router(moe: SparseMoE) -> cpu_kernels.RouteToken | None:
-        """``moe.route`` for one token as one C call, where the kernel computes what it computes."""
+        """``moe.route`` for a step's rows (one token, or a verify step's few) as one C call, where
+        the kernel computes what it computes."""
         rc, gate, bias = moe.router_cfg, moe.gate, moe.e_score_correction_bias
         if rc.topk_before_softmax or (rc.use_correction_bias and bias is None):
             return None
