@@ -199,9 +199,13 @@ class _MoEToken(_OpsMlp):
             weights_TK, ids_TK = torch.cat([w for w, _ in rows]), torch.cat([i for _, i in rows])
         out = moe.experts.forward_token(x_TD, ids_TK, weights_TK, self.shared,
                                         residual=(h_TD, self.norm.weight, self.norm.eps), into=self.into)
-        if out is None:  # routed (and counted) already: the rest op by op
-            out = add_norm(h_TD, moe.experts_and_shared(x_TD, weights_TK, ids_TK, ctx), self.norm)
-        return out
+        if out is not None:
+            return out
+        # routed (and counted) already: the rest op by op, row by row at several rows (as one-row
+        # steps compute it: e.g. experts with biases or a clamped SwiGLU, which the C call declines)
+        rows = [add_norm(h_TD[t:t + 1], moe.experts_and_shared(x_TD[t:t + 1], weights_TK[t:t + 1], ids_TK[t:t + 1],
+                                                                ctx), self.norm) for t in range(x_TD.shape[0])]
+        return rows[0] if len(rows) == 1 else (torch.cat([h for h, _ in rows]), torch.cat([x for _, x in rows]))
 
     @staticmethod
     def fits(moe: SparseMoE) -> bool:
