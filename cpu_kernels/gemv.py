@@ -99,10 +99,10 @@ class MoeToken:
         if (not self.ok or x_TD.dtype != torch.bfloat16 or x_TD.shape[1:] != (self.D,) or not x_TD.is_contiguous()
                 or x_TD.is_cuda):
             return None
-        args = moe_token_args(ids, weights, self.D, None, residual, into, T)
+        args = moe_token_args(ids, weights, self.D, residual, into, T)
         if args is None:
             return None
-        ids, wts, _, _, tail = args
+        ids, wts, tail = args
         out = output(into, self.D, T)
         rc = load().moe_moe_token(x_TD.data_ptr(), T, self.D, self.F, ids.shape[-1], ids.data_ptr(), wts.data_ptr(),
                                   *self._static, out.data_ptr(), self._h.data_ptr(), self._acc.data_ptr(), *tail[0],
@@ -196,23 +196,18 @@ def shared_args(shared: tuple[torch.Tensor, torch.Tensor] | None, D: int) -> tup
     return Fs, [shared[0].data_ptr(), shared[1].data_ptr()]
 
 
-def moe_token_args(ids_K: torch.Tensor, weights_K: torch.Tensor, D: int,
-                    shared: tuple[torch.Tensor, torch.Tensor] | None, residual: Residual | None,
-                    into: Outputs | None = None, T: int = 1) -> tuple | None:
-    """What both one-token MoE calls take besides the experts: ``(ids int64, weights float32, the
-    shared expert's width, its two pointers, the residual tail)``, or None when one does not fit.
-    ``ids`` / ``weights``: ``[K]`` for one row, ``[T, K]`` for T."""
+def moe_token_args(ids_K: torch.Tensor, weights_K: torch.Tensor, D: int, residual: Residual | None,
+                   into: Outputs | None = None, T: int = 1) -> tuple | None:
+    """What both one-token MoE plans take per call besides x: ``(ids int64, weights float32, the
+    residual tail)``, or None when one does not fit. ``ids`` / ``weights``: ``[K]`` for one row,
+    ``[T, K]`` for T (K <= 64)."""
     if (ids_K.shape != weights_K.shape or not 0 < ids_K.shape[-1] <= 64
             or ids_K.shape[:-1] not in ((), (T,)) or (ids_K.dim() == 1 and T != 1)):
         return None
-    sa = shared_args(shared, D)
-    if sa is None:
-        return None
-    Fs, sh = sa
     tail = residual_args(residual, D, into, T)
     if tail is None:
         return None
-    return int64_vector(ids_K), float32_vector(weights_K), Fs, sh, tail
+    return int64_vector(ids_K), float32_vector(weights_K), tail
 
 
 def int64_vector(t: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import ctypes
 import torch
 
 from .build import DTYPES, declare, load
-from .gemv import Outputs, Residual, float32_vector, int64_vector, output, residual_args, shared_args
+from .gemv import Outputs, Residual, moe_token_args, output, shared_args
 
 _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 declare({
@@ -197,14 +197,12 @@ class QuantMoeToken:
     def __call__(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor,
                  residual: Residual | None = None, into: Outputs | None = None):
         D, F, T = self.D, self.F, x_1D.shape[0]
-        if (not self.ok or x_1D.dtype != torch.bfloat16 or x_1D.shape[1:] != (D,) or not x_1D.is_contiguous()
-                or ids_K.shape != weights_K.shape or ids_K.shape[:-1] not in ((), (T,))
-                or (ids_K.dim() == 1 and T != 1) or not 0 < ids_K.shape[-1] <= 64):
+        if not self.ok or x_1D.dtype != torch.bfloat16 or x_1D.shape[1:] != (D,) or not x_1D.is_contiguous():
             return None
-        tail = residual_args(residual, D, into, T)
-        if tail is None:
+        args = moe_token_args(ids_K, weights_K, D, residual, into, T)
+        if args is None:
             return None
-        ids, wts = int64_vector(ids_K), float32_vector(weights_K)
+        ids, wts, tail = args
         out = output(into, D, T)
         rc = load().moe_qx_moe_token(x_1D.data_ptr(), T, D, F, ids.shape[-1], ids.data_ptr(), wts.data_ptr(),
                                      *self._static, out.data_ptr(), self._fs.data_ptr(), self._hs.data_ptr(), *tail[0],

@@ -217,7 +217,6 @@ def test_verify_steps_through_the_captured_rows_keep_plain_decodings_outputs(mon
     computes it, the LM head too: greedy tokens and log-probs equal plain decoding's, bit for bit
     (an op-by-op verify step rounds otherwise than one-row steps in bf16)."""
     import cpu_kernels
-    from moe.cpu_decode import CapturedDecode
 
     if cpu_kernels.load() is None:
         pytest.skip("the C kernels are not built here (no compiler): no captured step")
@@ -228,13 +227,7 @@ def test_verify_steps_through_the_captured_rows_keep_plain_decodings_outputs(mon
     assert spec.engine.runner.captured is not None
     # the default model's weights fit the last-level caches of CPUs this runs on; the choice is speed's
     spec.engine.runner.captured.max_rows = 8
-    real, rows = CapturedDecode.__call__, []
-    monkeypatch.setattr(CapturedDecode, "__call__", lambda self, ids, pos, ctx: rows.append(len(ids)) or real(
-        self, ids, pos, ctx))
-    got = [spec.generate([p], sp)[0].outputs[0] for p in PROMPTS]
-    assert max(rows) > 1 and spec.engine.spec_accepted > 0
-    for a, b in zip(got, want):
-        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
+    _assert_verify_rows_equal(spec, PROMPTS, sp, want, monkeypatch)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen2_moe"])
@@ -247,7 +240,6 @@ def test_captured_verify_rows_equal_one_row_steps_on_tiny_families(family, check
     above is the one that tells the two apart); qwen2-MoE's gated shared expert runs op by op, so
     its verify steps keep the op path (no captured rows)."""
     import cpu_kernels
-    from moe.cpu_decode import CapturedDecode
 
     if cpu_kernels.load() is None:
         pytest.skip("the C kernels are not built here (no compiler): no captured step")
@@ -261,6 +253,14 @@ def test_captured_verify_rows_equal_one_row_steps_on_tiny_families(family, check
     sp = SamplingParams(temperature=0, max_tokens=24, logprobs=2, ignore_eos=True)
     plain = LLM(str(checkpoint(family)), dtype="bfloat16")
     want = [plain.generate([p], sp)[0].outputs[0] for p in prompts]
+    _assert_verify_rows_equal(spec, prompts, sp, want, monkeypatch)
+
+
+def _assert_verify_rows_equal(spec, prompts, sp, want, monkeypatch):
+    """``spec`` (greedy, one request at a time) runs verify steps of several rows through the
+    captured step and gives ``want``'s tokens and log-probs."""
+    from moe.cpu_decode import CapturedDecode
+
     real, rows = CapturedDecode.__call__, []
     monkeypatch.setattr(CapturedDecode, "__call__", lambda self, ids, pos, ctx: rows.append(len(ids)) or real(
         self, ids, pos, ctx))
