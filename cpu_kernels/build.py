@@ -46,6 +46,22 @@ def declare(signatures: dict[str, list]) -> None:
         _apply(_lib, signatures)
 
 
+def address(obj: torch.Tensor | ctypes.Structure | None) -> int | None:
+    """What a C call takes for a tensor (its data pointer) or a ctypes struct (its address); None for None."""
+    if obj is None:
+        return None
+    return obj.data_ptr() if isinstance(obj, torch.Tensor) else ctypes.addressof(obj)
+
+
+def c_struct(name: str, fields: str) -> type[ctypes.Structure]:
+    """A ctypes mirror of the C struct ``name`` of ``kernels.h``, from its fields in order:
+    ``"D H: i64; w b: ptr; eps: f32"`` (C's alignment rules are ctypes' own)."""
+    types = {"i64": ctypes.c_int64, "ptr": ctypes.c_void_p, "f32": ctypes.c_float}
+    spec = [(f, types[t.strip()]) for part in fields.split(";") for names, t in [part.split(":")]
+            for f in names.split()]
+    return type(name, (ctypes.Structure,), {"_fields_": spec, "__doc__": f"kernels.h's {name}."})
+
+
 def _apply(lib: ctypes.CDLL, signatures: dict[str, list]) -> None:
     for name, argtypes in signatures.items():
         f = getattr(lib, name, None)

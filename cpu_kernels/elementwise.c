@@ -399,17 +399,15 @@ int moe_route_select(const float *logits, int scoring, const float *bias, int64_
  * @ x (+ gate bias), rounded to bf16 as moe_gemv_bf16 (ops.linear's path at one row), widened to
  * float32, then route_token into s [T, E], weights / ids [T, K]. Returns 1 when a row's choice hangs
  * on a tie (the caller routes them all its way), else 0. */
-int moe_route_token(const uint16_t *x, int64_t T, const uint16_t *gate, int64_t ldw, const uint16_t *gate_bias,
-                    int64_t D, int scoring, const float *bias, int64_t E, int64_t K, int64_t G, int64_t topk_groups,
-                    int group_top2, int renormalize, float eps, float scale, float *s, float *weights, int64_t *ids,
-                    int num_threads) {
+int moe_route_token(const RoutePlan *a, const uint16_t *x, int64_t T, int nt) {
+    const int64_t E = a->E, K = a->K, D = a->D;
     uint16_t y[E];
     float l[E];
     for (int64_t t = 0; t < T; t++) {
-        moe_gemv_bf16(gate, E, D, ldw, x + t * D, gate_bias, y, num_threads);
+        moe_gemv_bf16(a->gate, E, D, a->ldw, x + t * D, a->gate_bias, y, nt);
         for (int64_t e = 0; e < E; e++) l[e] = bf16_to_f32(y[e]);
-        if (route_token(l, scoring, bias, E, K, G, topk_groups, group_top2, renormalize, eps, scale, s + t * E,
-                        weights + t * K, ids + t * K))
+        if (route_token(l, (int)a->scoring, a->bias, E, K, a->G, a->topk_groups, (int)a->group_top2,
+                        (int)a->renormalize, a->eps, a->scale, a->s + t * E, a->weights + t * K, a->ids + t * K))
             return 1;
     }
     return 0;

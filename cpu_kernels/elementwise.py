@@ -15,7 +15,7 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
-from .build import DTYPES, declare, kernel_dtype, load
+from .build import DTYPES, address, c_struct, declare, kernel_dtype, load
 
 _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 declare({
@@ -26,10 +26,11 @@ declare({
     "moe_write_rows": [_ptr, _ptr, _int, *[_i64] * 6, _ptr, _i64, _i64, _int],
     "moe_transpose_to_f32": [_ptr, _int, _i64, _i64, _i64, _ptr, _int],
     "moe_route_select": [_ptr, _int, _ptr, *[_i64] * 5, _int, _int, _f32, _f32, _ptr, _ptr, _ptr, _ptr, _int],
-    "moe_route_token": [_ptr, _i64, _ptr, _i64, _ptr, _i64, _int, _ptr, *[_i64] * 4, _int, _int, _f32, _f32, _ptr,
-                        _ptr, _ptr, _int],
+    "moe_route_token": [_ptr, _ptr, _i64, _int],  # (plan, x, T, threads)
     "moe_simd_lanes": [],
 })
+RoutePlanC = c_struct("RoutePlan", "D ldw scoring E K G topk_groups group_top2 renormalize: i64; "
+                                   "gate gate_bias bias: ptr; eps scale: f32; s weights ids: ptr")
 
 
 def simd_lanes() -> int | None:
@@ -252,10 +253,10 @@ class RouteToken:
         self.ids = torch.empty(n, top_k, dtype=torch.int64)
         self.one = (self.weights[:1], self.ids[:1])  # a batch-1 step's results, as views made once
         self.D = D
-        self.args = (gate_ED.data_ptr(), gate_ED.stride(0), gate_bias_E.data_ptr() if gate_bias_E is not None else None,
-                     D, _SCORING[scoring], self.bias.data_ptr() if self.bias is not None else None, E, top_k,
-                     num_groups, topk_groups, int(group_top2), int(renormalize), eps, scale, self.scores.data_ptr(),
-                     self.weights.data_ptr(), self.ids.data_ptr())
+        self.c = RoutePlanC(D, gate_ED.stride(0), _SCORING[scoring], E, top_k, num_groups, topk_groups, int(group_top2),
+                            int(renormalize), address(gate_ED), address(gate_bias_E), address(self.bias), eps, scale,
+                            address(self.scores), address(self.weights), address(self.ids))
+        self.ref = address(self.c)  # what the C calls take (moe_decode_step too)
 
     @classmethod
     def make(cls, gate_ED: torch.Tensor, gate_bias_E: torch.Tensor | None, scoring: str, top_k: int,
@@ -277,6 +278,6 @@ class RouteToken:
         if (x_TD.dtype != torch.bfloat16 or x_TD.shape[1:] != (self.D,) or not 0 < T <= self.MAX_ROWS
                 or not x_TD.is_contiguous()):
             return None
-        if load().moe_route_token(x_TD.data_ptr(), T, *self.args, torch.get_num_threads()):
+        if load().moe_route_token(self.ref, x_TD.data_ptr(), T, torch.get_num_threads()):
             return None
         return self.one if T == 1 else (self.weights[:T], self.ids[:T])

@@ -5,15 +5,6 @@
  * moe_paged_decode), so their results are bit-identical to the op-by-op path they replace. */
 #include "kernels.h"
 
-/* A projection's packed weight (moe quantize --all-linear, ops.PackedLinearWeight): int4 codes
- * [N, K/2] (lut: their 16 values) or int8 codes [N, K] (lut NULL), float32 scales and offsets
- * (b NULL: none) per gs columns; x8: int4 codes meet x rounded to 8 bits (moe_q4x8_gemm). */
-typedef struct {
-    const void *q;
-    const float *lut, *s, *b;
-    int64_t gs, x8;
-} PackedProj;
-
 /* y = W x (+ bias) in bf16, as ops.linear computes it at one row: the bf16 GEMV (bias added before
  * the one rounding), or for a packed weight ops.packed_linear: q4/q8 GEMM of x in float32 rounded
  * to bf16, then the bf16 bias added (a second rounding, as torch's bf16 addition). Returns 0, -1
@@ -48,36 +39,35 @@ static int project(const uint16_t *w, const PackedProj *p, int64_t N, int64_t K,
  * p_qa, p_qb, p_kva, p_o: those projections' packed weights (NULL: the bf16 w_*; W_UK / W_UV stay
  * bf16). scratch: q_lora + H*(nope+rope) + (C+rope) + H*(C+rope) + H*C + H*v bf16. Returns 0, -1
  * without memory. */
-int moe_mla_token(const uint16_t *x, int64_t D, const uint16_t *w_qa, const uint16_t *qa_norm, int64_t q_lora,
-                  float q_eps, const uint16_t *w_qb, const uint16_t *w_kva, const uint16_t *kva_norm, float kv_eps,
-                  const uint16_t *w_kvb, const uint16_t *w_o, int64_t H, int64_t nope, int64_t rope, int64_t C,
-                  int64_t v, const int64_t *pos, const float *cos_tab, const float *sin_tab, int interleaved,
-                  uint16_t *cache, int64_t c_sblock, int64_t c_sslot, int64_t block_size, const int32_t *table,
-                  int32_t len, const int64_t *slots, float scale, uint16_t *scratch, uint16_t *out,
-                  const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, const PackedProj *p_qa,
-                  const PackedProj *p_qb, const PackedProj *p_kva, const PackedProj *p_o, int nt) {
+int moe_mla_token(const MlaPlan *a, const uint16_t *x, const int64_t *pos, const float *cos_tab, const float *sin_tab,
+                  int interleaved, const int32_t *table, int32_t len, const int64_t *slots, uint16_t *out,
+                  const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
+    const int64_t D = a->D, q_lora = a->q_lora, H = a->H, nope = a->nope, rope = a->rope, C = a->C, v = a->v;
+    const int64_t c_sblock = a->c_sblock, c_sslot = a->c_sslot;
+    const uint16_t *w_kvb = a->w_kvb;
+    uint16_t *cache = a->cache, *scratch = a->scratch;
     const int64_t qk = nope + rope, L = C + rope;
     uint16_t *qa = scratch, *q = qa + q_lora, *lat = q + H * qk, *qfull = lat + L, *olat = qfull + H * L,
              *o = olat + H * C;
-    if (w_qa || p_qa) {
-        if (project(w_qa, p_qa, q_lora, D, x, NULL, qa, nt) != 0) return -1;
-        moe_rms_norm(qa, qa_norm, qa, BF16, 1, q_lora, q_lora, q_lora, q_eps, nt);
-        if (project(w_qb, p_qb, H * qk, q_lora, qa, NULL, q, nt) != 0) return -1;
-    } else if (project(w_qb, p_qb, H * qk, D, x, NULL, q, nt) != 0) {
+    if (a->w_qa || a->p_qa) {
+        if (project(a->w_qa, a->p_qa, q_lora, D, x, NULL, qa, nt) != 0) return -1;
+        moe_rms_norm(qa, a->qa_norm, qa, BF16, 1, q_lora, q_lora, q_lora, a->q_eps, nt);
+        if (project(a->w_qb, a->p_qb, H * qk, q_lora, qa, NULL, q, nt) != 0) return -1;
+    } else if (project(a->w_qb, a->p_qb, H * qk, D, x, NULL, q, nt) != 0) {
         return -1;
     }
-    if (project(w_kva, p_kva, L, D, x, NULL, lat, nt) != 0) return -1;
+    if (project(a->w_kva, a->p_kva, L, D, x, NULL, lat, nt) != 0) return -1;
     uint16_t *row = cache + slots[0] * c_sslot;
-    moe_rms_norm(lat, kva_norm, row, BF16, 1, C, L, L, kv_eps, nt);
+    moe_rms_norm(lat, a->kva_norm, row, BF16, 1, C, L, L, a->kv_eps, nt);
     memcpy(row + C, lat + C, sizeof(uint16_t) * (size_t)rope);
     moe_rope(row + C, BF16, 1, 1, rope, L, rope, pos, cos_tab, sin_tab, interleaved, 1);
     moe_heads_vec(q, qk, w_kvb, (nope + v) * C, C, C, nope, H, 0, qfull, L, nt);
     for (int64_t h = 0; h < H; h++) memcpy(qfull + h * L + C, q + h * qk + nope, sizeof(uint16_t) * (size_t)rope);
     moe_rope(qfull + C, BF16, 1, H, rope, H * L, L, pos, cos_tab, sin_tab, interleaved, 1);
     moe_paged_decode(qfull, olat, cache, cache, BF16, 1, H, 1, L, C, c_sblock, c_sslot, L, c_sblock, c_sslot, L,
-                     block_size, table, 0, &len, NULL, 0, NULL, scale, nt);
+                     a->block_size, table, 0, &len, NULL, 0, NULL, a->scale, nt);
     moe_heads_vec(olat, C, w_kvb + nope * C, (nope + v) * C, C, v, C, H, 1, o, v, nt);
-    if (project(w_o, p_o, D, H * v, o, NULL, out, nt) != 0) return -1;
+    if (project(a->w_o, a->p_o, D, H * v, o, NULL, out, nt) != 0) return -1;
     then_norm(out, D, resid, nw, neps, h_out);
     return 0;
 }
@@ -96,36 +86,34 @@ int moe_mla_token(const uint16_t *x, int64_t D, const uint16_t *w_qa, const uint
  * the first len - (T - 1 - t) cached rows, so each computes what a one-row call at its position
  * computes; x, out, resid, h_out: T rows of D. Returns 0, -1 without memory (nothing written then
  * at one row; at T rows earlier rows' K/V may be written: the caller's op path writes them again). */
-int moe_gqa_token(const uint16_t *x, int64_t T, int64_t D, const uint16_t *w_qkv, const uint16_t *b_qkv, int64_t H,
-                  int64_t Hkv, int64_t hd, int qk_norm, const uint16_t *q_norm, const uint16_t *k_norm, float eps,
-                  const int64_t *pos, const float *cos_tab, const float *sin_tab, int interleaved, uint16_t *k_cache,
-                  int64_t k_sblock, int64_t k_sslot, int64_t k_shead, uint16_t *v_cache, int64_t v_sblock,
-                  int64_t v_sslot, int64_t v_shead, int64_t block_size, const int32_t *table, int32_t len,
-                  const int64_t *slots, int64_t window, const float *sinks, float scale, const uint16_t *w_o,
-                  const uint16_t *b_o, uint16_t *scratch, uint16_t *out, const uint16_t *resid,
-                  const uint16_t *nw, float neps, uint16_t *h_out, const PackedProj *p_qkv, const PackedProj *p_o,
-                  int nt) {
+int moe_gqa_token(const GqaPlan *a, const uint16_t *x, int64_t T, const int64_t *pos, const float *cos_tab,
+                  const float *sin_tab, int interleaved, const int32_t *table, int32_t len, const int64_t *slots,
+                  uint16_t *out, const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
+    const int64_t D = a->D, H = a->H, Hkv = a->Hkv, hd = a->hd;
+    const float eps = a->eps;
+    uint16_t *scratch = a->scratch, *k_cache = a->k_cache, *v_cache = a->v_cache;
     uint16_t *q = scratch, *k = q + H * hd, *v = k + Hkv * hd, *o = v + Hkv * hd;
     for (int64_t t = 0; t < T; t++) {  /* row t: as a one-row call at its position */
         const int64_t slot = slots[t];
         int32_t len_t = len - (int32_t)(T - 1 - t);
         uint16_t *out_t = out + t * D;
-        if (project(w_qkv, p_qkv, (H + 2 * Hkv) * hd, D, x + t * D, b_qkv, q, nt) != 0) return -1;
-        if (qk_norm == 1) {
-            moe_rms_norm(q, q_norm, q, BF16, H, hd, hd, hd, eps, 1);
-            moe_rms_norm(k, k_norm, k, BF16, Hkv, hd, hd, hd, eps, 1);
-        } else if (qk_norm == 2) {
-            moe_rms_norm(q, q_norm, q, BF16, 1, H * hd, H * hd, H * hd, eps, 1);
-            moe_rms_norm(k, k_norm, k, BF16, 1, Hkv * hd, Hkv * hd, Hkv * hd, eps, 1);
+        if (project(a->w_qkv, a->p_qkv, (H + 2 * Hkv) * hd, D, x + t * D, a->b_qkv, q, nt) != 0) return -1;
+        if (a->qk_norm == 1) {
+            moe_rms_norm(q, a->q_norm, q, BF16, H, hd, hd, hd, eps, 1);
+            moe_rms_norm(k, a->k_norm, k, BF16, Hkv, hd, hd, hd, eps, 1);
+        } else if (a->qk_norm == 2) {
+            moe_rms_norm(q, a->q_norm, q, BF16, 1, H * hd, H * hd, H * hd, eps, 1);
+            moe_rms_norm(k, a->k_norm, k, BF16, 1, Hkv * hd, Hkv * hd, Hkv * hd, eps, 1);
         }
         moe_rope(q, BF16, 1, H + Hkv, hd, (H + Hkv) * hd, hd, pos + t, cos_tab, sin_tab, interleaved, 1);
         for (int64_t h = 0; h < Hkv; h++) {
-            memcpy(k_cache + slot * k_sslot + h * k_shead, k + h * hd, sizeof(uint16_t) * (size_t)hd);
-            memcpy(v_cache + slot * v_sslot + h * v_shead, v + h * hd, sizeof(uint16_t) * (size_t)hd);
+            memcpy(k_cache + slot * a->k_sslot + h * a->k_shead, k + h * hd, sizeof(uint16_t) * (size_t)hd);
+            memcpy(v_cache + slot * a->v_sslot + h * a->v_shead, v + h * hd, sizeof(uint16_t) * (size_t)hd);
         }
-        moe_paged_decode(q, o, k_cache, v_cache, BF16, 1, H, Hkv, hd, hd, k_sblock, k_sslot, k_shead, v_sblock,
-                         v_sslot, v_shead, block_size, table, 0, &len_t, NULL, window, sinks, scale, nt);
-        if (project(w_o, p_o, D, H * hd, o, b_o, out_t, nt) != 0) return -1;
+        moe_paged_decode(q, o, k_cache, v_cache, BF16, 1, H, Hkv, hd, hd, a->k_sblock, a->k_sslot, a->k_shead,
+                         a->v_sblock, a->v_sslot, a->v_shead, a->block_size, table, 0, &len_t, NULL, a->window,
+                         a->sinks, a->scale, nt);
+        if (project(a->w_o, a->p_o, D, H * hd, o, a->b_o, out_t, nt) != 0) return -1;
         then_norm(out_t, D, resid ? resid + t * D : NULL, nw, neps, h_out ? h_out + t * D : NULL);
     }
     return 0;

@@ -12,28 +12,33 @@ import ctypes
 
 import torch
 
-from .build import declare, load
+from .build import address, c_struct, declare, load
 from .gemv import Outputs, Residual, output, residual_args
 
 _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+# (plan, x, [T,] pos, cos, sin, interleaved, block table, context length, slots, out, resid, norm weight, eps, h_out,
+# threads)
 declare({
-    "moe_mla_token": [_ptr, _i64, _ptr, _ptr, _i64, _f32, _ptr, _ptr, _ptr, _f32, _ptr, _ptr, _i64, _i64, _i64, _i64,
-                      _i64, _ptr, _ptr, _ptr, _int, _ptr, _i64, _i64, _i64, _ptr, ctypes.c_int32, _ptr, _f32, _ptr,
-                      _ptr, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
-    "moe_gqa_token": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _int, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _int,
-                      _ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr, ctypes.c_int32, _ptr, _i64, _ptr,
-                      _f32, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _int],
+    "moe_mla_token": [_ptr, _ptr, _ptr, _ptr, _ptr, _int, _ptr, ctypes.c_int32, _ptr, _ptr, _ptr, _ptr, _f32, _ptr,
+                      _int],
+    "moe_gqa_token": [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _int, _ptr, ctypes.c_int32, _ptr, _ptr, _ptr, _ptr, _f32,
+                      _ptr, _int],
 })
+
+
+GqaPlanC = c_struct("GqaPlan",
+                    "D H Hkv hd qk_norm: i64; w_qkv b_qkv q_norm k_norm w_o b_o: ptr; eps scale: f32; "
+                    "k_cache v_cache: ptr; k_sblock k_sslot k_shead v_sblock v_sslot v_shead block_size window: i64; "
+                    "sinks scratch p_qkv p_o: ptr")
+MlaPlanC = c_struct("MlaPlan",
+                    "D q_lora H nope rope C v: i64; w_qa qa_norm w_qb w_kva kva_norm w_kvb w_o: ptr; "
+                    "q_eps kv_eps scale: f32; cache: ptr; c_sblock c_sslot block_size: i64; "
+                    "scratch p_qa p_qb p_kva p_o: ptr")
 
 # a packed projection's kernel arguments: (codes, lut or None (int8), float32 scales, offsets or None, group size,
 # x8: int4 codes meet x rounded to 8 bits)
 PackedArgs = tuple
-
-
-class _PackedProj(ctypes.Structure):
-    """fused.c's PackedProj."""
-
-    _fields_ = [("q", _ptr), ("lut", _ptr), ("s", _ptr), ("b", _ptr), ("gs", _i64), ("x8", _i64)]
+_PackedProj = c_struct("PackedProj", "q lut s b: ptr; gs x8: i64")
 
 
 def _projection(w: torch.Tensor | PackedArgs, N: int, K: int) -> tuple[int | None, _PackedProj | None] | None:
@@ -83,16 +88,15 @@ class MlaToken:
                  _projection(w_o, D, heads * v)]
         if any(p is None for p in projs) or C % 16 or w_kvb.shape != (heads * (nope + v), C):
             return
-        (qa_w, _), (qb_w, _), (kva_w, _), (o_w, _) = projs
+        (qa_w, p_qa), (qb_w, p_qb), (kva_w, p_kva), (o_w, p_o) = projs
         self.D = D
-        self._keep = (w_qa, qa_norm, w_qb, w_kva, kva_norm, w_kvb, w_o, cache, projs)
-        self._head = (D, qa_w, qa_norm.data_ptr() if qa_norm is not None else None, q_lora, q_eps, qb_w, kva_w,
-                      kva_norm.data_ptr(), kv_eps, w_kvb.data_ptr(), o_w, heads, nope, rope, C, v)
-        self._cache = (cache.data_ptr(), cache.stride(0), cache.stride(1), cache.shape[1])
-        self._projs = tuple(ctypes.addressof(p[1]) if p[1] is not None else None for p in projs)
-        self.scale = scale
-        self._scratch = torch.empty(q_lora + heads * (nope + rope) + L + heads * L + heads * C + heads * v,
-                                    dtype=torch.bfloat16)
+        scratch = torch.empty(q_lora + heads * (nope + rope) + L + heads * L + heads * C + heads * v,
+                              dtype=torch.bfloat16)
+        self._keep = (w_qa, qa_norm, w_qb, w_kva, kva_norm, w_kvb, w_o, cache, projs, scratch)
+        self.c = MlaPlanC(D, q_lora, heads, nope, rope, C, v, qa_w, address(qa_norm), qb_w, kva_w, address(kva_norm),
+                          address(w_kvb), o_w, q_eps, kv_eps, scale, address(cache), cache.stride(0), cache.stride(1),
+                          cache.shape[1], address(scratch), address(p_qa), address(p_qb), address(p_kva), address(p_o))
+        self.ref = address(self.c)  # what the C calls take (moe_decode_step too)
         self.ok = True
 
     def __call__(self, x_1D: torch.Tensor, positions_1: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor,
@@ -107,10 +111,9 @@ class MlaToken:
         if tail is None:
             return None
         out = output(into, self.D)
-        rc = load().moe_mla_token(x_1D.data_ptr(), *self._head, positions_1.data_ptr(), cos_PH.data_ptr(),
-                                  sin_PH.data_ptr(), int(interleaved), *self._cache, block_table.data_ptr(),
-                                  context_len, slot_mapping_1.data_ptr(), self.scale, self._scratch.data_ptr(),
-                                  out.data_ptr(), *tail[0], *self._projs, torch.get_num_threads())
+        rc = load().moe_mla_token(self.ref, x_1D.data_ptr(), positions_1.data_ptr(), cos_PH.data_ptr(),
+                                  sin_PH.data_ptr(), int(interleaved), block_table.data_ptr(), context_len,
+                                  slot_mapping_1.data_ptr(), out.data_ptr(), *tail[0], torch.get_num_threads())
         if rc != 0:
             return None
         return (tail[1], out) if residual is not None else out
@@ -170,17 +173,14 @@ class GqaToken:
                     or c.stride(0) != c.shape[1] * c.stride(1)):
                 return
         sinks = sinks_H.float().contiguous() if sinks_H is not None else None
-        self.D, self.hd, self.rows = D, hd, (2 * heads + 2 * kv_heads) * hd
-        self._keep = (w_qkv, b_qkv, q_norm, k_norm, k_cache, v_cache, sinks, w_o, b_o, qkv, o)
-        self._head = (qkv[0], b_qkv.data_ptr() if b_qkv is not None else None, heads, kv_heads, hd,
-                      _QK_NORMS[qk_norm], q_norm.data_ptr() if q_norm is not None else None,
-                      k_norm.data_ptr() if k_norm is not None else None, eps)
-        self._caches = (k_cache.data_ptr(), *k_cache.stride()[:3], v_cache.data_ptr(), *v_cache.stride()[:3],
-                        k_cache.shape[1])
-        self._tail = (sliding_window or 0, sinks.data_ptr() if sinks is not None else None, scale, o[0],
-                      b_o.data_ptr() if b_o is not None else None)
-        self._projs = tuple(ctypes.addressof(p[1]) if p[1] is not None else None for p in (qkv, o))
-        self._scratch = torch.empty(self.rows, dtype=torch.bfloat16)  # q, k, v and the heads' outputs, per call
+        self.D, self.hd = D, hd
+        scratch = torch.empty((2 * heads + 2 * kv_heads) * hd, dtype=torch.bfloat16)  # q, k, v, the heads' outputs
+        self._keep = (w_qkv, b_qkv, q_norm, k_norm, k_cache, v_cache, sinks, w_o, b_o, qkv, o, scratch)
+        self.c = GqaPlanC(D, heads, kv_heads, hd, _QK_NORMS[qk_norm], qkv[0], address(b_qkv), address(q_norm),
+                          address(k_norm), o[0], address(b_o), eps, scale, address(k_cache), address(v_cache),
+                          *k_cache.stride()[:3], *v_cache.stride()[:3], k_cache.shape[1], sliding_window or 0,
+                          address(sinks), address(scratch), address(qkv[1]), address(o[1]))
+        self.ref = address(self.c)  # what the C calls take (moe_decode_step too)
         self.ok = True
 
     def __call__(self, x_1D: torch.Tensor, positions_1: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor,
@@ -198,10 +198,9 @@ class GqaToken:
         if tail is None:
             return None
         out = output(into, self.D, T)
-        rc = load().moe_gqa_token(x_1D.data_ptr(), T, self.D, *self._head, positions_1.data_ptr(), cos_PH.data_ptr(),
-                                  sin_PH.data_ptr(), int(interleaved), *self._caches, block_table.data_ptr(),
-                                  context_len, slot_mapping_1.data_ptr(), *self._tail, self._scratch.data_ptr(),
-                                  out.data_ptr(), *tail[0], *self._projs, torch.get_num_threads())
+        rc = load().moe_gqa_token(self.ref, x_1D.data_ptr(), T, positions_1.data_ptr(), cos_PH.data_ptr(),
+                                  sin_PH.data_ptr(), int(interleaved), block_table.data_ptr(), context_len,
+                                  slot_mapping_1.data_ptr(), out.data_ptr(), *tail[0], torch.get_num_threads())
         if rc != 0:
             return None
         return (tail[1], out) if residual is not None else out

@@ -209,15 +209,15 @@ static int moe_row(const uint16_t *x, int64_t D, int64_t F, int64_t K, const int
     return 0;
 }
 
-/* moe_row for T rows one after another (ids, wts: T rows of K; x, out, resid, h_out: T rows of D). */
-int moe_moe_token(const uint16_t *x, int64_t T, int64_t D, int64_t F, int64_t K, const int64_t *ids, const float *wts,
-                  int64_t E, const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2, const uint16_t *sh13,
-                  const uint16_t *sh2, int64_t Fs, uint16_t *out, uint16_t *h, float *acc, const uint16_t *resid,
-                  const uint16_t *nw, float neps, uint16_t *h_out, int num_threads) {
+/* moe_row for T rows one after another (ids, wts: T rows of K; x, out, resid, h_out: T rows of D), with
+ * the plan's experts (w13, s13, w2, s2, E, F), shared expert (sh13, sh2, Fs) and scratch (h, acc). */
+int moe_moe_token(const MoePlan *a, const uint16_t *x, int64_t T, int64_t K, const int64_t *ids, const float *wts,
+                  uint16_t *out, const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
+    const int64_t D = a->D;
     for (int64_t t = 0; t < T; t++) {
-        const int rc = moe_row(x + t * D, D, F, K, ids + t * K, wts + t * K, E, w13, s13, w2, s2, sh13, sh2, Fs,
-                               out + t * D, h, acc, resid ? resid + t * D : NULL, nw, neps,
-                               h_out ? h_out + t * D : NULL, num_threads);
+        const int rc = moe_row(x + t * D, D, a->F, K, ids + t * K, wts + t * K, a->E, a->w13, a->s13, a->w2, a->s2,
+                               a->sh13, a->sh2, a->Fs, out + t * D, a->h, a->acc, resid ? resid + t * D : NULL, nw,
+                               neps, h_out ? h_out + t * D : NULL, nt);
         if (rc != 0) return rc;
     }
     return 0;

@@ -13,16 +13,17 @@ from typing import NamedTuple
 
 import torch
 
-from .build import declare, kernel_dtype, load
+from .build import address, c_struct, declare, kernel_dtype, load
 
 _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 declare({
     "moe_gemv_bf16": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int],
     "moe_heads_vec": [_ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _int, _ptr, _i64, _int],
     "moe_expert_token": [_ptr, _i64, _i64, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
-    "moe_moe_token": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr,
-                      _ptr, _ptr, _ptr, _ptr, _f32, _ptr, _int],
+    # (plan, x, T, K, ids, weights, out, resid, norm weight, eps, h_out, threads)
+    "moe_moe_token": [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _f32, _ptr, _int],
 })
+MoePlanC = c_struct("MoePlan", "D F E s13 s2 Fs: i64; w13 w2 sh13 sh2 h acc: ptr")
 
 def gemv_reference(w_NK: torch.Tensor, x_K: torch.Tensor, b_N: torch.Tensor | None = None) -> torch.Tensor:
     """What :func:`gemv` computes (up to the order of float32 sums): torch's ``mv`` (+ ``b``)."""
@@ -85,12 +86,12 @@ class MoeToken:
         if w2_eDF.shape != (E, D, F) or sa is None:
             return
         self.D, (Fs, sh) = D, sa
-        self._keep = (w13_e2FD, w2_eDF, shared)  # the pointers below stay valid while the plan lives
-        self._static = (E, w13_e2FD.data_ptr(), w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0), *sh, Fs)
-        self.F = F
         # the call's scratch (bf16 activations, float sums), reused by every call
-        self._h = torch.empty(3 * max(F, Fs) + D, dtype=torch.bfloat16)
-        self._acc = torch.empty(D, dtype=torch.float32)
+        h, acc = torch.empty(3 * max(F, Fs) + D, dtype=torch.bfloat16), torch.empty(D, dtype=torch.float32)
+        self._keep = (w13_e2FD, w2_eDF, shared, h, acc)  # the pointers below stay valid while the plan lives
+        self.c = MoePlanC(D, F, E, w13_e2FD.stride(0), w2_eDF.stride(0), Fs, address(w13_e2FD), address(w2_eDF), *sh,
+                          address(h), address(acc))
+        self.ref = address(self.c)  # what the C calls take (moe_decode_step too)
         self.ok = True
 
     def __call__(self, x_TD: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -104,9 +105,8 @@ class MoeToken:
             return None
         ids, wts, tail = args
         out = output(into, self.D, T)
-        rc = load().moe_moe_token(x_TD.data_ptr(), T, self.D, self.F, ids.shape[-1], ids.data_ptr(), wts.data_ptr(),
-                                  *self._static, out.data_ptr(), self._h.data_ptr(), self._acc.data_ptr(), *tail[0],
-                                  torch.get_num_threads())
+        rc = load().moe_moe_token(self.ref, x_TD.data_ptr(), T, ids.shape[-1], ids.data_ptr(), wts.data_ptr(),
+                                  out.data_ptr(), *tail[0], torch.get_num_threads())
         if rc != 0:  # an id outside [0, E)
             return None
         return (tail[1], out) if residual is not None else out

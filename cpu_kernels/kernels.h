@@ -38,6 +38,83 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                      const int32_t *context_lens, const int32_t *query_start, int64_t window, const float *sinks,
                      float scale, int num_threads);
 
+/* What the one-call half-layers of a batch-1 step fix once (their weights, caches, scratch): the
+ * bindings' plans (cpu_kernels.GqaToken, MlaToken, MoeToken, QuantMoeToken, RouteToken) build
+ * one each, and every call -- theirs, or moe_decode_step's over a captured step's layers -- passes
+ * only what changes per step. Field meanings: the kernels' comments (fused.c, gemv.c, quant.c,
+ * elementwise.c). */
+
+/* A projection's packed weight (moe quantize --all-linear, ops.PackedLinearWeight): int4 codes
+ * [N, K/2] (lut: their 16 values) or int8 codes [N, K] (lut NULL), float32 scales and offsets
+ * (b NULL: none) per gs columns; x8: int4 codes meet x rounded to 8 bits (moe_q4x8_gemm). */
+typedef struct {
+    const void *q;
+    const float *lut, *s, *b;
+    int64_t gs, x8;
+} PackedProj;
+
+typedef struct {
+    int64_t D, H, Hkv, hd, qk_norm;
+    const uint16_t *w_qkv, *b_qkv, *q_norm, *k_norm, *w_o, *b_o;
+    float eps, scale;
+    uint16_t *k_cache, *v_cache;
+    int64_t k_sblock, k_sslot, k_shead, v_sblock, v_sslot, v_shead, block_size, window;
+    const float *sinks;
+    uint16_t *scratch;
+    const PackedProj *p_qkv, *p_o;
+} GqaPlan;
+
+typedef struct {
+    int64_t D, q_lora, H, nope, rope, C, v;
+    const uint16_t *w_qa, *qa_norm, *w_qb, *w_kva, *kva_norm, *w_kvb, *w_o;
+    float q_eps, kv_eps, scale;
+    uint16_t *cache;
+    int64_t c_sblock, c_sslot, block_size;
+    uint16_t *scratch;
+    const PackedProj *p_qa, *p_qb, *p_kva, *p_o;
+} MlaPlan;
+
+typedef struct {
+    int64_t D, F, E, s13, s2, Fs;
+    const uint16_t *w13, *w2, *sh13, *sh2;
+    uint16_t *h;
+    float *acc;
+} MoePlan;
+
+typedef struct {
+    int64_t D, F, E, fmt, gs, bn, eq13, es13, G13, eq2, es2, G2, Fs;
+    const float *lut;
+    const char *q13;
+    const float *s13, *b13;
+    const char *q2;
+    const float *s2, *b2;
+    const uint16_t *sh13, *sh2;
+    float *fscratch;
+    uint16_t *hscratch;
+} QxMoePlan;
+
+typedef struct {
+    int64_t D, ldw, scoring, E, K, G, topk_groups, group_top2, renormalize;
+    const uint16_t *gate, *gate_bias;
+    const float *bias;
+    float eps, scale;
+    float *s, *weights;
+    int64_t *ids;
+} RoutePlan;
+
+int moe_gqa_token(const GqaPlan *a, const uint16_t *x, int64_t T, const int64_t *pos, const float *cos_tab,
+                  const float *sin_tab, int interleaved, const int32_t *table, int32_t len, const int64_t *slots,
+                  uint16_t *out, const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt);
+int moe_mla_token(const MlaPlan *a, const uint16_t *x, const int64_t *pos, const float *cos_tab, const float *sin_tab,
+                  int interleaved, const int32_t *table, int32_t len, const int64_t *slots, uint16_t *out,
+                  const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt);
+int moe_moe_token(const MoePlan *a, const uint16_t *x, int64_t T, int64_t K, const int64_t *ids, const float *wts,
+                  uint16_t *out, const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt);
+int moe_qx_moe_token(const QxMoePlan *a, const uint16_t *x, int64_t T, int64_t K, const int64_t *ids,
+                     const float *wts, uint16_t *out, const uint16_t *resid, const uint16_t *nw, float neps,
+                     uint16_t *h_out, int nt);
+int moe_route_token(const RoutePlan *a, const uint16_t *x, int64_t T, int nt);
+
 /* A token's K <= 64 routed experts in ascending id order with their routing weights rounded to
  * bf16 (the combine's order and arithmetic). Returns 0, or -2 for an id outside [0, E). */
 static inline int sort_experts(const int64_t *ids, const float *wts, int64_t K, int64_t E, int64_t *id, float *w) {

@@ -836,17 +836,17 @@ static int qx_moe_row(const uint16_t *x, int64_t D, int64_t F, int64_t K, const 
     return 0;
 }
 
-/* qx_moe_row for T rows one after another (ids, wts: T rows of K; x, out, resid, h_out: T rows of D). */
-int moe_qx_moe_token(const uint16_t *x, int64_t T, int64_t D, int64_t F, int64_t K, const int64_t *ids,
-                     const float *wts, int64_t E, int fmt, const float *lut, int64_t gs, int64_t bn, const char *q13,
-                     int64_t eq13, const float *s13, const float *b13, int64_t es13, int64_t G13, const char *q2,
-                     int64_t eq2, const float *s2, const float *b2, int64_t es2, int64_t G2, const uint16_t *sh13,
-                     const uint16_t *sh2, int64_t Fs, uint16_t *out, float *fscratch, uint16_t *hscratch,
-                     const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
+/* qx_moe_row for T rows one after another (ids, wts: T rows of K; x, out, resid, h_out: T rows of D), with
+ * the plan's packed experts, shared expert and scratch. */
+int moe_qx_moe_token(const QxMoePlan *a, const uint16_t *x, int64_t T, int64_t K, const int64_t *ids,
+                     const float *wts, uint16_t *out, const uint16_t *resid, const uint16_t *nw, float neps,
+                     uint16_t *h_out, int nt) {
+    const int64_t D = a->D;
     for (int64_t t = 0; t < T; t++) {
-        const int rc = qx_moe_row(x + t * D, D, F, K, ids + t * K, wts + t * K, E, fmt, lut, gs, bn, q13, eq13, s13,
-                                  b13, es13, G13, q2, eq2, s2, b2, es2, G2, sh13, sh2, Fs, out + t * D, fscratch,
-                                  hscratch, resid ? resid + t * D : NULL, nw, neps, h_out ? h_out + t * D : NULL, nt);
+        const int rc = qx_moe_row(x + t * D, D, a->F, K, ids + t * K, wts + t * K, a->E, (int)a->fmt, a->lut, a->gs,
+                                  a->bn, a->q13, a->eq13, a->s13, a->b13, a->es13, a->G13, a->q2, a->eq2, a->s2, a->b2,
+                                  a->es2, a->G2, a->sh13, a->sh2, a->Fs, out + t * D, a->fscratch, a->hscratch,
+                                  resid ? resid + t * D : NULL, nw, neps, h_out ? h_out + t * D : NULL, nt);
         if (rc != 0) return rc;
     }
     return 0;

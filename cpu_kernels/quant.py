@@ -11,7 +11,7 @@ import ctypes
 
 import torch
 
-from .build import DTYPES, declare, load
+from .build import DTYPES, address, c_struct, declare, load
 from .gemv import Outputs, Residual, moe_token_args, output, shared_args
 
 _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
@@ -21,10 +21,11 @@ declare({
     "moe_q4_gemm": [_ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _int, _int],
     "moe_q4x8_gemm": [_ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _int, _int],
     "moe_q4_dequant": [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _int, _int],
-    "moe_qx_moe_token": [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _int, _ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr,
-                         _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
-                         _f32, _ptr, _int],
+    # (plan, x, T, K, ids, weights, out, resid, norm weight, eps, h_out, threads)
+    "moe_qx_moe_token": [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _f32, _ptr, _int],
 })
+QxMoePlanC = c_struct("QxMoePlan", "D F E fmt gs bn eq13 es13 G13 eq2 es2 G2 Fs: i64; "
+                                   "lut q13 s13 b13 q2 s2 b2 sh13 sh2 fscratch hscratch: ptr")
 
 Q_INT8, Q_FP8 = 0, 1  # 8-bit weight codes: int8, or fp8 e4m3 bits (value * 2^-8; see quant.c)
 Q_INT4_X8 = 2  # 4-bit int codes with x rounded to 8 bits per 32 columns (q4x8_gemm; quant_moe_token's fmt)
@@ -184,19 +185,19 @@ class QuantMoeToken:
             return
         self.Fs, sh = sa
         (q13, s13, b13), (q2, s2, b2) = w13, w2
-        self._keep = (w13, w2, shared, lut)  # the pointers below stay valid while the plan lives
-        self._static = (E, fmt, lut.data_ptr() if lut is not None else None, gs, bn,
-                        q13.data_ptr(), q13.stride(0), s13.data_ptr(), b13.data_ptr() if b13 is not None else None,
-                        s13.stride(0), s13.shape[-1], q2.data_ptr(), q2.stride(0), s2.data_ptr(),
-                        b2.data_ptr() if b2 is not None else None, s2.stride(0), s2.shape[-1], *sh, self.Fs)
         # the call's scratch (float sums, bf16 activations), reused by every call
-        self._fs = torch.empty(2 * max(self.D, self.F) + self.D, dtype=torch.float32)
-        self._hs = torch.empty(3 * max(self.F, self.Fs) + 2 * self.D, dtype=torch.bfloat16)
+        fs = torch.empty(2 * max(self.D, self.F) + self.D, dtype=torch.float32)
+        hs = torch.empty(3 * max(self.F, self.Fs) + 2 * self.D, dtype=torch.bfloat16)
+        self._keep = (w13, w2, shared, lut, fs, hs)  # the pointers below stay valid while the plan lives
+        self.c = QxMoePlanC(self.D, self.F, E, fmt, gs, bn, q13.stride(0), s13.stride(0), s13.shape[-1], q2.stride(0),
+                            s2.stride(0), s2.shape[-1], self.Fs, address(lut), address(q13), address(s13), address(b13),
+                            address(q2), address(s2), address(b2), *sh, address(fs), address(hs))
+        self.ref = address(self.c)  # what the C calls take (moe_decode_step too)
         self.ok = True
 
     def __call__(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor,
                  residual: Residual | None = None, into: Outputs | None = None):
-        D, F, T = self.D, self.F, x_1D.shape[0]
+        D, T = self.D, x_1D.shape[0]
         if not self.ok or x_1D.dtype != torch.bfloat16 or x_1D.shape[1:] != (D,) or not x_1D.is_contiguous():
             return None
         args = moe_token_args(ids_K, weights_K, D, residual, into, T)
@@ -204,9 +205,8 @@ class QuantMoeToken:
             return None
         ids, wts, tail = args
         out = output(into, D, T)
-        rc = load().moe_qx_moe_token(x_1D.data_ptr(), T, D, F, ids.shape[-1], ids.data_ptr(), wts.data_ptr(),
-                                     *self._static, out.data_ptr(), self._fs.data_ptr(), self._hs.data_ptr(), *tail[0],
-                                     torch.get_num_threads())
+        rc = load().moe_qx_moe_token(self.ref, x_1D.data_ptr(), T, ids.shape[-1], ids.data_ptr(), wts.data_ptr(),
+                                     out.data_ptr(), *tail[0], torch.get_num_threads())
         if rc != 0:
             return None
         return (tail[1], out) if residual is not None else out
