@@ -233,6 +233,10 @@ class SlottedExperts(nn.Module):
                       residual: cpu_kernels.Residual | None = None, into: cpu_kernels.Outputs | None = None):
         return None
 
+    def token_plan(self, shared: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """The plan of :meth:`forward_token`'s one C call (a captured step runs it from C), or None."""
+        return None
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str,
                       expert_id: int | None = None) -> None:
         raise NotImplementedError
@@ -354,14 +358,9 @@ class GroupedExperts(SlottedExperts):
         None: not applicable (another backend, or an expert this process does not hold)."""
         if self.resolved_backend != "torch":
             return None
-        if self._plain_swiglu and x_1D.device.type == "cpu" and self.holds_all:
-            # the same arithmetic in one C call (bf16): per layer ~150 us of op-by-op overhead less;
-            # its plan checked once per weights and shared expert (a captured step's are fixed)
-            w13, w2 = self.w13, self.w2
-            key, plan = self._token_plan
-            if key != (w13.data_ptr(), w2.data_ptr()) or plan.shared is not shared:
-                plan = cpu_kernels.MoeToken(w13, w2, shared)
-                self._token_plan = ((w13.data_ptr(), w2.data_ptr()), plan)
+        # the same arithmetic in one C call (bf16): per layer ~150 us of op-by-op overhead less
+        plan = self.token_plan(shared) if x_1D.device.type == "cpu" else None
+        if plan is not None:
             y = plan(x_1D, ids_K, weights_K, residual, into)
             if y is not None:
                 return y
@@ -386,6 +385,21 @@ class GroupedExperts(SlottedExperts):
         for out in outs[1:]:
             y += out
         return y.to(x_1D.dtype)
+
+    def token_plan(self, shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> cpu_kernels.MoeToken | None:
+        """:meth:`forward_token`'s one C call for these weights and ``shared`` expert, checked once
+        per weights and shared expert (a captured step's are fixed; it calls the plan's kernel
+        too), or None where that call does not apply (another backend, biases or an activation
+        other than plain SwiGLU, experts elsewhere)."""
+        w13, w2 = self.w13, self.w2
+        if (self.resolved_backend != "torch" or not self._plain_swiglu or not self.holds_all
+                or w13.device.type != "cpu"):
+            return None
+        key, plan = self._token_plan
+        if key != (w13.data_ptr(), w2.data_ptr()) or plan.shared is not shared:
+            plan = cpu_kernels.MoeToken(w13, w2, shared)
+            self._token_plan = ((w13.data_ptr(), w2.data_ptr()), plan)
+        return plan
 
     def forward_local(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor | None:
         """Dispatch, :meth:`forward` and combine of a layer whose experts are all here

@@ -231,15 +231,22 @@ class QuantGroupedExperts(SlottedExperts):
         combine, plus a bf16 ``shared`` expert's ``(w13, w2)`` added and the ``residual`` tail, into
         ``into`` when given, rows of one sequence each as one (as :meth:`GroupedExperts.forward_token`).
         None: not applicable (other formats, biases, clamped SwiGLU, experts elsewhere): dispatch instead."""
-        w = self._one_call_layouts(x_1D)
+        plan = self.token_plan(shared) if x_1D.device.type == "cpu" else None
+        return plan(x_1D, ids_K, weights_K, residual, into) if plan is not None else None
+
+    def token_plan(self, shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> cpu_kernels.QuantMoeToken | None:
+        """:meth:`forward_token`'s one C call for these layouts and ``shared`` expert, checked once
+        per layout and shared expert (a captured step's are fixed; it calls the plan's kernel
+        too), or None where that call does not apply."""
+        w = self._one_call_layouts()
         if w is None:
             return None
-        layouts, plan = self._token_plan  # checked once per layout and shared expert (a captured step's are fixed)
+        layouts, plan = self._token_plan
         if layouts is not self._cpu or plan.shared is not shared:
             w13, w2 = w
             plan = cpu_kernels.QuantMoeToken(*w13.kernel, w13.token_args(), w2.token_args(), shared)
             self._token_plan = (self._cpu, plan)
-        return plan(x_1D, ids_K, weights_K, residual, into)
+        return plan
 
     def forward_local(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor | None:
         """Dispatch, experts and combine of a step (any number of rows: decode, verify and prompt
@@ -248,14 +255,14 @@ class QuantGroupedExperts(SlottedExperts):
         that does not apply (then dispatch)."""
         if x_TD.shape[0] == 1:
             return self.forward_token(x_TD, ids_TK[0], weights_TK[0])
-        w = self._one_call_layouts(x_TD)
+        w = self._one_call_layouts()
         if w is None:
             return None
         fmt, lut, gs, bn = w[0].kernel
         return cpu_kernels.amx_moe_packed(x_TD, ids_TK, weights_TK, fmt, lut, gs, bn, w[0].token_args(),
                                           w[1].token_args())
 
-    def _one_call_layouts(self, x: torch.Tensor) -> tuple | None:
+    def _one_call_layouts(self) -> tuple | None:
         """The CPU layouts when the one-call C paths apply (C kernels' layouts, no biases, plain
         SwiGLU, every expert here), else None."""
         if (self.resolved_backend != "torch" or self.b13 is not None or self.b2 is not None

@@ -15,7 +15,10 @@ model once, at load, and plans each half-layer:
   expert is plain and ungated; a dense MLP as that call with the MLP as its one expert of weight 1;
 - any other half runs the layer's own ``forward`` with :func:`add_norm`, as the model does.
 
-Each C call computes exactly what the op path computes (the kernels' tests and
+The one-call halves run from one C loop (:class:`cpu_kernels.DecodeStep`: a step is one call from
+Python), which hands a half back where it is an op-by-op one, a router's choice hangs on a tie or
+a kernel declines; that half then runs here and the loop resumes after it. Each C call computes
+exactly what the op path computes (the kernels' tests and
 ``tests/test_cpu_kernels.py::test_one_call_layers_equal_the_op_by_op_path`` hold them to it), so
 a call that declines at run time (returns None, nothing written) is followed by the op path for
 that half alone. :class:`moe.model_runner.ModelRunner` runs the captured step for a step of one
@@ -59,6 +62,10 @@ class _OpsAttention:
                  ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         return add_norm(h_TD, self.attn(positions_T, x_TD, ctx), self.norm)
 
+    def step_half(self, rows: int) -> cpu_kernels.StepHalf | None:
+        """This half for :class:`cpu_kernels.DecodeStep` (None: run here, op by op)."""
+        return None
+
 
 def _one_row_weight(layer: torch.nn.Module) -> torch.Tensor | tuple | None:
     """What a one-call kernel reads for ``layer``'s weight: the bf16 tensor, or a packed weight's
@@ -91,6 +98,9 @@ class _GqaToken(_OpsAttention):
                         self.into)
         return out if out is not None else super().__call__(positions_T, h_TD, x_TD, ctx)
 
+    def step_half(self, rows: int) -> cpu_kernels.StepHalf:
+        return cpu_kernels.StepHalf(self.plan, (self.norm.weight, self.norm.eps))
+
     @staticmethod
     def fits(attn: Attention, k_cache, v_cache) -> bool:
         projs = [_one_row_weight(attn.qkv_proj), _one_row_weight(attn.o_proj)]
@@ -121,6 +131,9 @@ class _MlaToken(_OpsAttention):
                         self.into)
         return out if out is not None else super().__call__(positions_T, h_TD, x_TD, ctx)
 
+    def step_half(self, rows: int) -> cpu_kernels.StepHalf:
+        return cpu_kernels.StepHalf(self.plan, (self.norm.weight, self.norm.eps))
+
     @staticmethod
     def fits(attn: MLAttention, cache) -> bool:
         projs = [attn.kv_a_proj_with_mqa, attn.o_proj] + ([attn.q_a_proj] if attn.q_lora else [])
@@ -141,6 +154,10 @@ class _OpsMlp:
                  ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         return add_norm(h_TD, self.mlp(x_TD, ctx), self.norm)
 
+    def step_half(self, rows: int) -> cpu_kernels.StepHalf | None:
+        """This half for :class:`cpu_kernels.DecodeStep` (None: run here, op by op)."""
+        return None
+
 
 class _DenseToken(_OpsMlp):
     """A dense MLP + residual add + norm in one :class:`cpu_kernels.MoeToken` call: the MLP as the
@@ -156,6 +173,10 @@ class _DenseToken(_OpsMlp):
         ids, weights = (_ID_0, _WEIGHT_1) if T == 1 else (_ID_0.expand(T, 1), _WEIGHT_1.expand(T, 1))
         out = self.plan(x_TD, ids, weights, (h_TD, self.norm.weight, self.norm.eps), self.into)
         return out if out is not None else super().__call__(positions_T, h_TD, x_TD, ctx)
+
+    def step_half(self, rows: int) -> cpu_kernels.StepHalf:
+        return cpu_kernels.StepHalf(self.plan, (self.norm.weight, self.norm.eps), ids=_ID_0.expand(rows, 1),
+                                    weights=_WEIGHT_1.expand(rows, 1))
 
     @staticmethod
     def fits(mlp: DenseMLP) -> bool:
@@ -207,6 +228,16 @@ class _MoEToken(_OpsMlp):
                                                                 ctx), self.norm) for t in range(x_TD.shape[0])]
         return rows[0] if len(rows) == 1 else (torch.cat([h for h, _ in rows]), torch.cat([x for _, x in rows]))
 
+    def step_half(self, rows: int) -> cpu_kernels.StepHalf | None:
+        plan = self.mlp.experts.token_plan(self.shared)
+        if self.router is None or plan is None:
+            return None
+        return cpu_kernels.StepHalf(plan, (self.norm.weight, self.norm.eps), route=self.router)
+
+    def count(self, T: int, ctx: ForwardContext) -> None:
+        """Count the experts the router plan chose for a step of T rows the C loop ran."""
+        self.mlp.count(self.router.ids[:T], ctx)
+
     @staticmethod
     def fits(moe: SparseMoE) -> bool:
         se = moe.shared_expert
@@ -221,18 +252,31 @@ class CapturedDecode:
     computed as a one-token step at its position computes it."""
 
     def __init__(self, model: MoECausalLM, halves: list[tuple[Half, Half]]):
-        self.model = model
-        self.halves = halves
+        self.model, self.halves = model, halves
+        self._flat = [h for pair in halves for h in pair]
         # The one-call halves take a verify step's rows one after another, reading the layer's
         # weights once per row: that pays where the weights stay in the last-level cache (a small
         # model, whose op path at a few rows is bound by Python, ~4x a one-row step's time); a
         # larger model's op path reads the rows' experts once.
         # Only where every half is one call: an op-by-op half at T rows computes otherwise than at one.
-        one_call = all(type(h) in (_GqaToken, _MoEToken, _DenseToken) for pair in halves for h in pair)
+        one_call = all(type(h) in (_GqaToken, _MoEToken, _DenseToken) for h in self._flat)
         fits = weight_bytes(model)["total"] <= cpu_kernels.last_level_cache_bytes()
         self.max_rows = cpu_kernels.RouteToken.MAX_ROWS if one_call and fits else 1
-        rotaries = [h.rotary for h, _ in halves if isinstance(h, (_GqaToken, _MlaToken))]
-        self.rotaries = list({id(r): r for r in rotaries}.values())  # grown once a step, before the layers
+        # The one-call halves run from one C loop (cpu_kernels.DecodeStep): between two of them no
+        # Python op runs, whose cost after each weight stream (cold caches) was ~0.5 ms a step on
+        # Mixtral's shape. The loop hands a half back here where it is an op-by-op one, a router's
+        # choice hangs on a tie or a kernel declines; each half writes to the loop's buffers.
+        self.step = cpu_kernels.DecodeStep([h.step_half(self.max_rows) for h in self._flat],
+                                           model.cfg.hidden_size, self.max_rows)
+        for i, half in enumerate(self._flat[:-1]):  # (the last half's result is new: the caller keeps it)
+            if type(half) not in (_OpsAttention, _OpsMlp):
+                half.into = self.step.outputs(i)
+        self._moe = [i for i, h in enumerate(self._flat) if isinstance(h, _MoEToken) and self.step.plans[i] is not None]
+        # the rotary tables each attention half reads, set on the loop again when they grow
+        self._rotary: dict[int, tuple] = {}  # id(rotary) -> (rotary, (cos, sin) set, [half indices])
+        for i, h in enumerate(self._flat):
+            if isinstance(h, (_GqaToken, _MlaToken)):
+                self._rotary.setdefault(id(h.rotary), (h.rotary, None, []))[2].append(i)
 
     @classmethod
     def capture(cls, model: MoECausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> CapturedDecode | None:
@@ -260,23 +304,38 @@ class CapturedDecode:
                 second = _OpsMlp(mlp, next_norm)
             fused += (type(first) is not _OpsAttention) + (type(second) is not _OpsMlp)
             halves.append((first, second))
-        # each one-call half writes to tensors of its own, made here: a step then allocates only its
-        # result (the last half's, handed to the caller), not two tensors per half-layer
-        D = model.cfg.hidden_size
-        for half in [h for pair in halves for h in pair][:-1]:
-            if type(half) not in (_OpsAttention, _OpsMlp):
-                half.into = cpu_kernels.Outputs.make(D)
         return cls(model, halves) if fused else None
 
+    def _grow_rotaries(self, positions_T: torch.Tensor) -> None:
+        """Grow the rotary tables for the step's last position (the layers read them after); set
+        the loop's again where they moved."""
+        end = int(positions_T[-1]) + 1  # (the last row's position is the step's largest)
+        for key, (rot, tables, halves) in self._rotary.items():
+            rot.grow_to(end)
+            if tables is None or tables[0] is not rot.cos or tables[1] is not rot.sin:
+                for i in halves:
+                    self.step.rotary(i, rot.cos, rot.sin, rot.interleaved)
+                self._rotary[key] = (rot, (rot.cos, rot.sin), halves)
+
     def __call__(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        model = self.model
-        if self.rotaries:
-            end = int(positions_T[-1]) + 1  # (the last row's position is the step's largest)
-            for rot in self.rotaries:
-                rot.grow_to(end)  # the tables may grow (and move): the layers read them after
+        model, halves, meta = self.model, self._flat, ctx.meta
+        if self._rotary:
+            self._grow_rotaries(positions_T)
         h = model.embed_tokens(input_ids_T)
         x = model.layers[0].input_layernorm(h)
-        for attention, mlp in self.halves:
-            h, x = attention(positions_T, h, x, ctx)
-            h, x = mlp(positions_T, h, x, ctx)
-        return x
+        T = x.shape[0]
+        last = torch.empty(T, x.shape[1], dtype=x.dtype)
+        i, n = 0, len(halves)
+        while True:
+            stop, h, x = self.step(i, h, x, positions_T, meta.block_tables, meta.context_lens_list[0],
+                                   meta.slot_mapping, last)
+            if ctx.record_expert_counts:
+                for j in self._moe:
+                    if i <= j < stop:
+                        halves[j].count(T, ctx)
+            if stop == n:
+                return x
+            h, x = halves[stop](positions_T, h, x, ctx)  # the half the loop handed back, its own way
+            i = stop + 1
+            if i == n:
+                return x

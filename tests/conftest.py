@@ -23,6 +23,41 @@ def checkpoint(tmp_path_factory):
 
     return get
 
+@pytest.fixture
+def one_calls(monkeypatch):
+    """``one_calls(plan_cls)`` -> a list that gets, for each one-call half-layer of that plan class
+    (``cpu_kernels.GqaToken``, ``MlaToken``, ``MoeToken``, ...) a captured step runs, whether it ran:
+    from Python (the plan's call: False where it declined) or from the C loop
+    (``cpu_kernels.DecodeStep``: True for each half it ran). ``one_calls(plan_cls, off=True)``
+    turns them off instead: every such half takes its op-by-op path."""
+    import cpu_kernels
+    from cpu_kernels import step
+
+    def hook(plan_cls, off: bool = False) -> list[bool]:
+        calls: list[bool] = []
+        if off:
+            monkeypatch.setattr(plan_cls, "__call__", lambda *a, **k: None)
+            monkeypatch.delitem(step.KINDS, plan_cls)
+            return calls
+        real_plan, real_step = plan_cls.__call__, cpu_kernels.DecodeStep.__call__
+
+        def plan_call(*a, **k):
+            out = real_plan(*a, **k)
+            calls.append(out is not None)
+            return out
+
+        def step_call(self, start, *a):
+            stop, h, x = real_step(self, start, *a)
+            calls.extend(True for p in self.plans[start:stop] if isinstance(p, plan_cls))
+            return stop, h, x
+
+        monkeypatch.setattr(plan_cls, "__call__", plan_call)
+        monkeypatch.setattr(cpu_kernels.DecodeStep, "__call__", step_call)
+        return calls
+
+    return hook
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` (pyproject.toml's markers) skip on a machine without CUDA."""
     import torch

@@ -895,6 +895,46 @@ def test_heads_vec_matches_the_per_head_einsums():
     assert cpu_kernels.heads_vec(o_lat.expand(2, H, C), w_uv, w_rows_n=True) is None  # two rows
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_decode_step_loop_equals_its_halves_run_one_by_one(family, checkpoint, monkeypatch, two_threads):
+    # the captured step runs its one-call halves from one C loop (cpu_kernels.DecodeStep): greedy
+    # tokens, log-probs and recorded expert counts equal those of the same plans called half by half
+    # from Python, and of the loop handing every MoE half back (stopping and resuming around each)
+    from cpu_kernels import step
+    from moe import LLM, SamplingParams
+    from moe.cpu_decode import _MoEToken
+
+    if cpu_kernels.load() is None:
+        pytest.skip("the C kernels are not built here (no compiler): no captured step")
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9, 40)]
+    sp = SamplingParams(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True)
+    real = cpu_kernels.DecodeStep.__call__
+
+    def run():
+        spans = []  # (start, stop, halves) of each loop call
+        monkeypatch.setattr(cpu_kernels.DecodeStep, "__call__",
+                            lambda self, start, *a: spans.append((start, (out := real(self, start, *a))[0], self.n))
+                            or out)
+        llm = LLM(str(checkpoint(family)), dtype="bfloat16", block_size=16, record_expert_counts=True)
+        outs = [llm.generate([p], sp)[0].outputs[0] for p in prompts]
+        return [(o.token_ids, o.logprobs) for o in outs], llm.expert_counts(), spans, llm
+
+    loop, counts, spans, llm = run()
+    n = spans[0][2]
+    assert sum(span == (0, n, n) for span in spans) >= 3 * 11 * 0.8  # whole steps in one call (but router ties)
+    monkeypatch.setattr(_MoEToken, "step_half", lambda self, rows: None)
+    handed, handed_counts, spans, _ = run()
+    moe_halves = {2 * i + 1 for i, layer in enumerate(llm.engine.model.layers) if hasattr(layer.mlp, "experts")}
+    assert moe_halves and {stop for _, stop, _ in spans} - {n} == moe_halves  # the loop stops at each MoE half
+    assert {start for start, _, _ in spans} == {0} | {i + 1 for i in moe_halves if i + 1 < n}  # resumes after it
+    monkeypatch.undo()
+    monkeypatch.setattr(step, "KINDS", {})  # no half runs from the loop: each plan called from Python
+    python, python_counts, spans, _ = run()
+    assert all(start == stop for start, stop, _ in spans)
+    assert loop == handed == python
+    assert torch.equal(counts, handed_counts) and torch.equal(counts, python_counts) and counts.sum() > 0
+
+
 TOKEN_CALLS = 3 * 19 * 3  # 3 prompts x 19 decode steps x 3 layers
 PREFILL_NORMS = 2 * 3 * 2  # the two prompts longer than a token: 3 layers x 2 residual adds
 
@@ -907,8 +947,8 @@ PREFILL_NORMS = 2 * 3 * 2  # the two prompts longer than a token: 3 layers x 2 r
     ("deepseek_v3", "moe_token", TOKEN_CALLS), ("mixtral", "moe_token", TOKEN_CALLS),
     ("qwen3_moe", "moe_token", TOKEN_CALLS),
     ("deepseek_v3", "add_rms_norm", PREFILL_NORMS), ("gpt_oss", "add_rms_norm", PREFILL_NORMS)])
-def test_one_call_layers_equal_the_op_by_op_path(family, kernel, min_calls, checkpoint, monkeypatch, two_threads,
-                                                 tmp_path):
+def test_one_call_layers_equal_the_op_by_op_path(family, kernel, min_calls, checkpoint, monkeypatch, one_calls,
+                                                 two_threads, tmp_path):
     # batch-1 decode runs a layer's attention as one C call (MLA; GQA with qkv biases, per-head and
     # full q/k norms, sinks and sliding windows, o_proj bias) and its MLP or MoE block as another
     # (routed experts with the shared expert; a dense MLP as one expert), each with its residual add
@@ -924,15 +964,21 @@ def test_one_call_layers_equal_the_op_by_op_path(family, kernel, min_calls, chec
         else checkpoint(family)
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9, 40)]
     sp = SamplingParams(temperature=0, max_tokens=20, logprobs=3, ignore_eos=True)
-    # the captured step calls its plans (weights checked once), the other kernels directly
+    # the captured step runs its plans (weights checked once; from its C loop), the other kernels directly
     plans = {"gqa_token": cpu_kernels.GqaToken, "mla_token": cpu_kernels.MlaToken, "moe_token": cpu_kernels.MoeToken}
-    target, name = (plans[kernel], "__call__") if kernel in plans else (cpu_kernels, kernel)
-    real, calls = getattr(target, name), []
-    monkeypatch.setattr(target, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    if kernel in plans:
+        calls = one_calls(plans[kernel])
+    else:
+        real, calls = getattr(cpu_kernels, kernel), []
+        monkeypatch.setattr(cpu_kernels, kernel, lambda *a, **k: calls.append(True) or real(*a, **k))
     llm = LLM(str(path), dtype="bfloat16", block_size=16)
     fast = [llm.generate([p], sp)[0].outputs[0] for p in prompts]
-    assert len(calls) >= min_calls
-    monkeypatch.setattr(target, name, lambda *a, **k: None)
+    assert sum(calls) >= min_calls
+    monkeypatch.undo()
+    if kernel in plans:
+        one_calls(plans[kernel], off=True)
+    else:
+        monkeypatch.setattr(cpu_kernels, kernel, lambda *a, **k: None)
     llm = LLM(str(path), dtype="bfloat16", block_size=16)
     ops = [llm.generate([p], sp)[0].outputs[0] for p in prompts]
     for a, b in zip(fast, ops):

@@ -111,7 +111,7 @@ def test_all_linear_matches_torch_reference(case, checkpoint, tmp_path):
                                                    ("deepseek_v3", Int4Weights(32, symmetric=False), False)],
                          ids=["qwen3_moe-int4", "qwen3_moe-int4-x8", "qwen3_moe-int8", "deepseek_v3-int8",
                               "deepseek_v3-int4"])
-def test_batch1_decode_with_packed_layers_equals_op_path(family, fmt, one_call, checkpoint, tmp_path, monkeypatch):
+def test_batch1_decode_with_packed_layers_equals_op_path(family, fmt, one_call, checkpoint, tmp_path, one_calls):
     # the one-call attention (GQA and MLA) streams packed projections as ops.linear does, except
     # int4 with K not a multiple of 32 (the tiny MLA's q_b_proj, K = q_lora_rank 24: ops.linear
     # takes the torch reference there, so the one-call path declines); the one-call dense MLP and
@@ -125,17 +125,9 @@ def test_batch1_decode_with_packed_layers_equals_op_path(family, fmt, one_call, 
     quantize_all_linear(checkpoint(family), out, fmt)
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
-    # the captured step calls its MlaToken / GqaToken plans (weights checked once)
-    target, name, half = ((cpu_kernels.MlaToken, "__call__", _MlaToken) if family == "deepseek_v3"
-                          else (cpu_kernels.GqaToken, "__call__", _GqaToken))
-    real, calls = getattr(target, name), []  # whether each call ran (did not decline)
-
-    def counted(*a, **k):
-        out = real(*a, **k)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(target, name, counted)
+    # the captured step runs its MlaToken / GqaToken plans (weights checked once)
+    target, half = (cpu_kernels.MlaToken, _MlaToken) if family == "deepseek_v3" else (cpu_kernels.GqaToken, _GqaToken)
+    calls = one_calls(target)  # whether each call ran (did not decline)
     llm = LLM(str(out), dtype="bfloat16", block_size=16)
     captured = llm.engine.runner.captured
     # Qwen3-MoE's MoE halves (routed experts only) one call each; DeepSeek-V3's have a packed shared expert

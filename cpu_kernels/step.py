@@ -1,0 +1,135 @@
+"""Binding of ``step.c``: a captured batch-1 step's one-call half-layers run by one C loop.
+
+:class:`DecodeStep` takes the plans a captured step made for its half-layers (:class:`GqaToken`,
+:class:`MlaToken`, :class:`RouteToken` with :class:`MoeToken` or :class:`QuantMoeToken`) and calls
+their kernels one after another in C, each half reading the previous one's outputs; it stops where
+a half is the caller's (an op-by-op half), a router's choice hangs on a tie or a kernel declines,
+and the caller runs that half its own way and resumes after it. The results are the plans' calls'
+one by one, bit for bit.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import NamedTuple
+
+import torch
+
+from .build import address, c_struct, declare, load
+from .elementwise import RouteToken
+from .fused import GqaToken, MlaToken
+from .gemv import MoeToken, Outputs
+from .quant import QuantMoeToken
+
+_i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+declare({
+    # (halves, n, start, h, x, T, positions, block table, context length, slots, h_last, y_last, threads)
+    "moe_decode_step": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, ctypes.c_int32, _ptr, _ptr, _ptr, _int],
+})
+StepHalfC = c_struct("StepHalf", "kind: i64; plan route ids wts: ptr; K: i64; cos_tab sin_tab: ptr; "
+                                 "interleaved: i64; nw: ptr; neps: f32; h_out y_out: ptr")
+KINDS = {GqaToken: 1, MlaToken: 2, MoeToken: 3, QuantMoeToken: 4}  # the plans step.c runs (its STEP_*)
+
+
+class StepHalf(NamedTuple):
+    """A one-call half-layer for :class:`DecodeStep`: its plan (attention, or experts with their
+    ``route`` plan or a fixed choice ``ids`` / ``weights [rows, K]``, a dense MLP's expert 0 of
+    weight 1), and the next norm ``(weight [D] bf16, eps)`` its residual tail applies."""
+
+    plan: GqaToken | MlaToken | MoeToken | QuantMoeToken
+    norm: tuple[torch.Tensor, float]
+    route: RouteToken | None = None
+    ids: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+
+
+class DecodeStep:
+    """The half-layers of a captured step (``halves``: a :class:`StepHalf`, or None for one the
+    caller runs) for steps of up to ``rows`` rows of one sequence. Each half writes to buffers of
+    its own, made here (:meth:`outputs`: their first rows, for the caller's half of a one-row
+    step to write into); the last half's normed result is a new tensor each step."""
+
+    def __init__(self, halves: list[StepHalf | None], D: int, rows: int):
+        self.n, self.D, self.rows = len(halves), D, rows
+        self._h = torch.empty(self.n, rows, D, dtype=torch.bfloat16)
+        self._y = torch.empty(self.n, rows, D, dtype=torch.bfloat16)
+        self._one = [Outputs(self._h[i, :1], self._y[i, :1]) for i in range(self.n)]
+        self._c = (StepHalfC * self.n)()
+        self._halves, self._keep = halves, []  # (the plans and tensors the C structs point into)
+        self.plans = [None] * self.n  # the plan of each half the loop runs (None: the caller's)
+        for i, half in enumerate(halves):
+            c = self._c[i]
+            c.h_out, c.y_out = address(self._h[i]), address(self._y[i])
+            kind = self._kind(half, D, rows)
+            if kind == 0:
+                continue
+            w, eps = half.norm
+            c.kind, c.plan, c.nw, c.neps = kind, half.plan.ref, address(w), eps
+            if half.route is not None:
+                c.route = half.route.ref
+            elif half.ids is not None:
+                ids = half.ids.to(torch.int64).contiguous()
+                wts = half.weights.to(torch.float32).contiguous()
+                c.ids, c.wts, c.K = address(ids), address(wts), ids.shape[1]
+                self._keep.append((ids, wts))
+            self.plans[i] = half.plan
+        self._ref = address(self._c)
+
+    @staticmethod
+    def _kind(half: StepHalf | None, D: int, rows: int) -> int:
+        """step.c's kind for ``half``, 0 where the loop cannot run it (the caller's)."""
+        if half is None or not half.plan.ok or type(half.plan) not in KINDS:
+            return 0
+        w, _ = half.norm
+        if w.dtype != torch.bfloat16 or w.shape != (D,) or not w.is_contiguous() or w.is_cuda or half.plan.D != D:
+            return 0
+        kind = KINDS[type(half.plan)]
+        if kind >= 3:
+            if half.route is not None:
+                if half.route.D != D or rows > RouteToken.MAX_ROWS:
+                    return 0
+            elif (half.ids is None or half.weights is None or half.ids.shape != half.weights.shape
+                  or half.ids.dim() != 2 or half.ids.shape[0] < rows or not 0 < half.ids.shape[1] <= 64):
+                return 0
+        return kind
+
+    def outputs(self, i: int) -> Outputs:
+        """Half ``i``'s buffers' first rows (``[1, D]``): where a one-row step's caller half writes."""
+        return self._one[i]
+
+    def rotary(self, i: int, cos_PH: torch.Tensor, sin_PH: torch.Tensor, interleaved: bool) -> None:
+        """Attention half ``i``'s rotary tables (float32, contiguous, ``[positions, head dim / 2]``
+        for GQA: checked), set again whenever they grow (they must live as long as they are set)."""
+        if (cos_PH.dtype != torch.float32 or sin_PH.dtype != torch.float32 or cos_PH.shape != sin_PH.shape
+                or not cos_PH.is_contiguous() or not sin_PH.is_contiguous()):
+            raise ValueError("rotary tables must be float32, contiguous and of one shape")
+        plan = self._halves[i].plan if self._halves[i] is not None else None
+        if isinstance(plan, GqaToken) and cos_PH.shape[-1] * 2 != plan.hd:
+            raise ValueError(f"rotary tables of {cos_PH.shape[-1] * 2} dims for heads of {plan.hd}")
+        c = self._c[i]
+        c.cos_tab, c.sin_tab, c.interleaved = address(cos_PH), address(sin_PH), int(interleaved)
+
+    def __call__(self, start: int, h_TD: torch.Tensor, x_TD: torch.Tensor, positions_T: torch.Tensor,
+                 block_table: torch.Tensor, context_len: int, slots_T: torch.Tensor,
+                 last: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Halves ``start ..`` of a step of ``T`` rows (``h``, ``x [T, D]``: half ``start``'s inputs;
+        ``positions``, ``slots [T]`` int64, ``block_table`` int32: its first row the sequence's blocks;
+        ``last [T, D]``: where the last half's normed result goes). Returns ``(stop, h, x)``: the
+        first half not run (``n`` when all ran) and its inputs (``x`` is ``last`` then)."""
+        T = x_TD.shape[0]
+        rows = (h_TD, x_TD, last)
+        if (not 0 < T <= min(self.rows, context_len)
+                or any(t.shape != (T, self.D) or t.dtype != torch.bfloat16 or not t.is_contiguous() for t in rows)
+                or positions_T.dtype != torch.int64 or slots_T.dtype != torch.int64 or positions_T.shape != (T,)
+                or slots_T.shape != (T,) or not positions_T.is_contiguous() or not slots_T.is_contiguous()
+                or block_table.dtype != torch.int32 or block_table.stride(-1) != 1):
+            raise ValueError("DecodeStep: inputs of another shape, dtype or layout than the step's")
+        stop = load().moe_decode_step(self._ref, self.n, start, h_TD.data_ptr(), x_TD.data_ptr(), T,
+                                      positions_T.data_ptr(), block_table.data_ptr(), context_len, slots_T.data_ptr(),
+                                      self._h[-1].data_ptr(), last.data_ptr(), torch.get_num_threads())
+        if stop == start:
+            return stop, h_TD, x_TD
+        if stop == self.n:
+            return stop, self._h[-1, :T], last
+        if T == 1:
+            return stop, *self._one[stop - 1]
+        return stop, self._h[stop - 1, :T], self._y[stop - 1, :T]
