@@ -32,7 +32,7 @@ from .gemv import MoeToken, Outputs, Residual, expert_token, gemv, heads_vec, mo
 from .paged_decode import paged_decode_attention, supports_decode
 from .quant import (Q8_GEMM_MAX_ROWS, Q_FP8, Q_INT4_X8, Q_INT8, q4_dequant, q4_gemm, q4x8_gemm, q8_available,
                     q8_dequant, q8_gemm, quant_moe_token, QuantMoeToken, round_x8)
-from .step import DecodeStep, StepHalf
+from .step import DecodeStep, LogitsRows, StepHalf
 
 __all__ = [
     "load", "set_malloc_thresholds", "last_level_cache_bytes",
@@ -43,5 +43,5 @@ __all__ = [
     "AMX_MAX_ROWS", "amx_available", "amx_tiles", "amx_experts", "amx_moe", "amx_moe_packed", "amx_linear", "amx_heads",
     "mla_token", "MlaToken", "gqa_token", "GqaToken",
     "Q_INT8", "Q_FP8", "Q_INT4_X8", "Q8_GEMM_MAX_ROWS", "q8_available", "q8_gemm", "q8_dequant", "q4_gemm",
-    "q4_dequant", "q4x8_gemm", "round_x8", "quant_moe_token", "QuantMoeToken", "DecodeStep", "StepHalf",
+    "q4_dequant", "q4x8_gemm", "round_x8", "quant_moe_token", "QuantMoeToken", "DecodeStep", "StepHalf", "LogitsRows",
 ]

@@ -23,16 +23,37 @@ typedef struct {
     uint16_t *h_out, *y_out;    /* [rows, D]: h + y and norm(h + y), the next half's inputs */
 } StepHalf;
 
+/* The step's embedding and the first layer's input norm (F.embedding, then rms_norm). */
+typedef struct {
+    const uint16_t *emb;        /* [vocab, D] */
+    int64_t vocab;
+    const uint16_t *nw;
+    float eps;
+    uint16_t *h, *x;            /* [rows, D]: the embedded rows and their norm */
+} StepEmbed;
+
 /* Halves [start, n) of a step of T rows of one sequence (its token, or a verify step's token and
  * drafts: row t at pos[t], written at slots[t], attending over len - (T - 1 - t) cached rows).
- * h, x: half start's inputs ([T, D]: the residual stream and its normed rows); each later half
+ * h, x: half start's inputs ([T, D]: the residual stream and its normed rows), or, with ids given
+ * (start 0), the token ids the loop embeds and norms first (-1: an id outside the vocabulary, nothing
+ * run; the caller embeds them its way); each later half
  * reads its predecessor's h_out / y_out; the last writes h_last / y_last instead of its own.
  * Returns the index of the first half not run: n when all ran; a caller's half, a router tie or a
  * kernel declining stops the loop before that half, which the caller then runs its own way (a
  * declined GQA call at T > 1 may have written earlier rows' K/V; the caller writes them again). */
-int moe_decode_step(const StepHalf *halves, int64_t n, int64_t start, const uint16_t *h, const uint16_t *x,
-                    int64_t T, const int64_t *pos, const int32_t *table, int32_t len, const int64_t *slots,
-                    uint16_t *h_last, uint16_t *y_last, int nt) {
+int moe_decode_step(const StepHalf *halves, int64_t n, int64_t start, const StepEmbed *embed, const int64_t *ids,
+                    const uint16_t *h, const uint16_t *x, int64_t T, int64_t D, const int64_t *pos,
+                    const int32_t *table, int32_t len, const int64_t *slots, uint16_t *h_last, uint16_t *y_last,
+                    int nt) {
+    if (ids) {
+        for (int64_t t = 0; t < T; t++)
+            if (ids[t] < 0 || ids[t] >= embed->vocab) return -1;
+        for (int64_t t = 0; t < T; t++)
+            memcpy(embed->h + t * D, embed->emb + ids[t] * D, sizeof(uint16_t) * (size_t)D);
+        moe_rms_norm(embed->h, embed->nw, embed->x, BF16, T, D, D, D, embed->eps, nt);
+        h = embed->h;
+        x = embed->x;
+    }
     for (int64_t i = start; i < n; i++) {
         const StepHalf *s = halves + i;
         uint16_t *ho = i == n - 1 ? h_last : s->h_out, *yo = i == n - 1 ? y_last : s->y_out;
@@ -61,4 +82,33 @@ int moe_decode_step(const StepHalf *halves, int64_t n, int64_t start, const uint
         x = yo;
     }
     return n;
+}
+
+/* The LM head of T rows x [T, D] into float32 logits [T, V], each row as a one-row step's head
+ * computes it (ops.lm_head_logits at one row): a bf16 weight w [V, D] through moe_gemv_bf16,
+ * rounded to bf16 (tmp: V bf16), then widened; a packed one (p) through its q4 / q8 GEMM of the
+ * row in float32, float32 out. Returns 0, -1 without memory. */
+int moe_logits_rows(const uint16_t *x, int64_t T, int64_t D, const uint16_t *w, const PackedProj *p, int64_t V,
+                    uint16_t *tmp, float *logits, int nt) {
+    float *xf = p ? malloc(sizeof(float) * (size_t)D) : NULL;
+    if (p && !xf) return -1;
+    for (int64_t t = 0; t < T; t++) {
+        float *y = logits + t * V;
+        if (!p) {
+            moe_gemv_bf16(w, V, D, D, x + t * D, NULL, tmp, nt);
+            for (int64_t v = 0; v < V; v++) y[v] = bf16_to_f32(tmp[v]);
+            continue;
+        }
+        for (int64_t k = 0; k < D; k++) xf[k] = bf16_to_f32(x[t * D + k]);
+        const int64_t G = (D + p->gs - 1) / p->gs;
+        const int rc = p->x8    ? moe_q4x8_gemm(xf, 1, D, p->q, D / 2, p->s, p->b, G, p->gs, V, y, F32, nt)
+                       : p->lut ? moe_q4_gemm(xf, 1, D, p->q, D / 2, p->lut, p->s, p->b, G, p->gs, V, y, F32, nt)
+                                : moe_q8_gemm(xf, 1, D, p->q, D, 0 /* int8 */, p->s, p->b, G, p->gs, 1, V, y, F32, nt);
+        if (rc != 0) {
+            free(xf);
+            return -1;
+        }
+    }
+    free(xf);
+    return 0;
 }

@@ -16,15 +16,20 @@ import torch
 
 from .build import address, c_struct, declare, load
 from .elementwise import RouteToken
-from .fused import GqaToken, MlaToken
+from .fused import GqaToken, MlaToken, PackedArgs, _projection
 from .gemv import MoeToken, Outputs
 from .quant import QuantMoeToken
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 declare({
-    # (halves, n, start, h, x, T, positions, block table, context length, slots, h_last, y_last, threads)
-    "moe_decode_step": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, ctypes.c_int32, _ptr, _ptr, _ptr, _int],
+    # (halves, n, start, embed, ids, h, x, T, D, positions, block table, context length, slots, h_last, y_last,
+    # threads)
+    "moe_decode_step": [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, ctypes.c_int32, _ptr, _ptr,
+                        _ptr, _int],
+    # (x, T, D, weight, packed weight, V, scratch, logits, threads)
+    "moe_logits_rows": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _int],
 })
+StepEmbedC = c_struct("StepEmbed", "emb: ptr; vocab: i64; nw: ptr; eps: f32; h x: ptr")
 StepHalfC = c_struct("StepHalf", "kind: i64; plan route ids wts: ptr; K: i64; cos_tab sin_tab: ptr; "
                                  "interleaved: i64; nw: ptr; neps: f32; h_out y_out: ptr")
 KINDS = {GqaToken: 1, MlaToken: 2, MoeToken: 3, QuantMoeToken: 4}  # the plans step.c runs (its STEP_*)
@@ -48,8 +53,12 @@ class DecodeStep:
     its own, made here (:meth:`outputs`: their first rows, for the caller's half of a one-row
     step to write into); the last half's normed result is a new tensor each step."""
 
-    def __init__(self, halves: list[StepHalf | None], D: int, rows: int):
+    def __init__(self, halves: list[StepHalf | None], D: int, rows: int,
+                 embed: tuple[torch.Tensor, torch.Tensor, float] | None = None):
         self.n, self.D, self.rows = len(halves), D, rows
+        self.embeds, self._embed_ref = self._embedding(embed, D, rows), None
+        if self.embeds:
+            self._embed_ref = address(self._embed_c)
         self._h = torch.empty(self.n, rows, D, dtype=torch.bfloat16)
         self._y = torch.empty(self.n, rows, D, dtype=torch.bfloat16)
         self._one = [Outputs(self._h[i, :1], self._y[i, :1]) for i in range(self.n)]
@@ -73,6 +82,21 @@ class DecodeStep:
                 self._keep.append((ids, wts))
             self.plans[i] = half.plan
         self._ref = address(self._c)
+
+    def _embedding(self, embed: tuple[torch.Tensor, torch.Tensor, float] | None, D: int, rows: int) -> bool:
+        """The step's embedding ``(weight [vocab, D], first input norm's weight [D], eps)`` for the
+        loop to run first (:meth:`from_ids`), where it can: bf16 CPU tensors, contiguous."""
+        if embed is None:
+            return False
+        emb, w, eps = embed
+        if (any(t.dtype != torch.bfloat16 or t.is_cuda or not t.is_contiguous() for t in (emb, w))
+                or emb.dim() != 2 or emb.shape[1] != D or w.shape != (D,)):
+            return False
+        self._eh, self._ex = torch.empty(rows, D, dtype=torch.bfloat16), torch.empty(rows, D, dtype=torch.bfloat16)
+        self._e = (self._eh[:1], self._ex[:1])
+        self._embed_c = StepEmbedC(address(emb), emb.shape[0], address(w), eps, address(self._eh), address(self._ex))
+        self._embed_keep = (emb, w)
+        return True
 
     @staticmethod
     def _kind(half: StepHalf | None, D: int, rows: int) -> int:
@@ -116,20 +140,77 @@ class DecodeStep:
         ``last [T, D]``: where the last half's normed result goes). Returns ``(stop, h, x)``: the
         first half not run (``n`` when all ran) and its inputs (``x`` is ``last`` then)."""
         T = x_TD.shape[0]
-        rows = (h_TD, x_TD, last)
-        if (not 0 < T <= min(self.rows, context_len)
-                or any(t.shape != (T, self.D) or t.dtype != torch.bfloat16 or not t.is_contiguous() for t in rows)
-                or positions_T.dtype != torch.int64 or slots_T.dtype != torch.int64 or positions_T.shape != (T,)
-                or slots_T.shape != (T,) or not positions_T.is_contiguous() or not slots_T.is_contiguous()
-                or block_table.dtype != torch.int32 or block_table.stride(-1) != 1):
+        if any(t.shape != (T, self.D) or t.dtype != torch.bfloat16 or not t.is_contiguous() for t in (h_TD, x_TD)):
+            raise ValueError("DecodeStep: h and x must be contiguous bf16 [T, D]")
+        return self._run(start, h_TD, x_TD, None, T, positions_T, block_table, context_len, slots_T, last)
+
+    def from_ids(self, ids_T: torch.Tensor, positions_T: torch.Tensor, block_table: torch.Tensor, context_len: int,
+                 slots_T: torch.Tensor, last: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+        """As ``self(0, ...)`` for the step's token ids (``ids [T]`` int64), embedded and normed
+        first by the loop (:attr:`embeds`); None where it does not (an id outside the vocabulary:
+        the caller embeds them its way)."""
+        T = ids_T.shape[0]
+        if not self.embeds or ids_T.dtype != torch.int64 or ids_T.dim() != 1 or not ids_T.is_contiguous():
+            return None
+        return self._run(0, None, None, ids_T, T, positions_T, block_table, context_len, slots_T, last)
+
+    def _run(self, start: int, h_TD: torch.Tensor | None, x_TD: torch.Tensor | None, ids_T: torch.Tensor | None,
+             T: int, positions_T: torch.Tensor, block_table: torch.Tensor, context_len: int, slots_T: torch.Tensor,
+             last: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+        if (not 0 < T <= min(self.rows, context_len) or last.shape != (T, self.D) or last.dtype != torch.bfloat16
+                or not last.is_contiguous() or positions_T.dtype != torch.int64 or slots_T.dtype != torch.int64
+                or positions_T.shape != (T,) or slots_T.shape != (T,) or not positions_T.is_contiguous()
+                or not slots_T.is_contiguous() or block_table.dtype != torch.int32 or block_table.stride(-1) != 1):
             raise ValueError("DecodeStep: inputs of another shape, dtype or layout than the step's")
-        stop = load().moe_decode_step(self._ref, self.n, start, h_TD.data_ptr(), x_TD.data_ptr(), T,
-                                      positions_T.data_ptr(), block_table.data_ptr(), context_len, slots_T.data_ptr(),
-                                      self._h[-1].data_ptr(), last.data_ptr(), torch.get_num_threads())
+        stop = load().moe_decode_step(self._ref, self.n, start, self._embed_ref, address(ids_T), address(h_TD),
+                                      address(x_TD), T, self.D, positions_T.data_ptr(), block_table.data_ptr(),
+                                      context_len, slots_T.data_ptr(), self._h[-1].data_ptr(), last.data_ptr(),
+                                      torch.get_num_threads())
+        if stop < 0:
+            return None
         if stop == start:
-            return stop, h_TD, x_TD
+            return (stop, h_TD, x_TD) if ids_T is None else (0, *self._embedded(T))
         if stop == self.n:
             return stop, self._h[-1, :T], last
         if T == 1:
             return stop, *self._one[stop - 1]
         return stop, self._h[stop - 1, :T], self._y[stop - 1, :T]
+
+    def _embedded(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loop's embedded rows and their norm, as tensors."""
+        return (self._e[0], self._e[1]) if T == 1 else (self._eh[:T], self._ex[:T])
+
+
+class LogitsRows:
+    """The LM head of a captured step's rows in one C call: ``plan(x [T, D])`` returns float32
+    logits ``[T, V]``, each row as a one-row step's head computes it (``ops.lm_head_logits`` at one
+    row: the bf16 GEMV rounded to bf16, then widened; or a packed weight's (:data:`PackedArgs`)
+    GEMM of the row in float32). ``plan.ok`` is False where it does not apply (then every call
+    returns None)."""
+
+    def __init__(self, w: torch.Tensor | PackedArgs):
+        self.ok = False
+        if isinstance(w, torch.Tensor):
+            if w.dim() != 2:
+                return
+            V, D = w.shape
+        else:
+            V, D = w[0].shape[0], w[0].shape[1] * (2 if w[1] is not None else 1)
+        proj = _projection(w, V, D) if load() is not None else None
+        if proj is None:
+            return
+        self.V, self.D = V, D
+        self._tmp = torch.empty(V, dtype=torch.bfloat16)  # the bf16 GEMV's rounded row
+        self._keep = (w, proj)
+        self._args = (proj[0], address(proj[1]), V, address(self._tmp))
+        self.ok = True
+
+    def __call__(self, x_TD: torch.Tensor) -> torch.Tensor | None:
+        if (not self.ok or x_TD.dtype != torch.bfloat16 or x_TD.dim() != 2 or x_TD.shape[1] != self.D
+                or not x_TD.is_contiguous() or x_TD.is_cuda):
+            return None
+        T = x_TD.shape[0]
+        out = torch.empty(T, self.V, dtype=torch.float32)
+        if load().moe_logits_rows(x_TD.data_ptr(), T, self.D, *self._args, out.data_ptr(), torch.get_num_threads()):
+            return None
+        return out

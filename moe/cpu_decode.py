@@ -16,7 +16,8 @@ model once, at load, and plans each half-layer:
 - any other half runs the layer's own ``forward`` with :func:`add_norm`, as the model does.
 
 The one-call halves run from one C loop (:class:`cpu_kernels.DecodeStep`: a step is one call from
-Python), which hands a half back where it is an op-by-op one, a router's choice hangs on a tie or
+Python, the embedding and first norm included; :meth:`CapturedDecode.logits` is the LM head of its
+rows in one more), which hands a half back where it is an op-by-op one, a router's choice hangs on a tie or
 a kernel declines; that half then runs here and the loop resumes after it. Each C call computes
 exactly what the op path computes (the kernels' tests and
 ``tests/test_cpu_kernels.py::test_one_call_layers_equal_the_op_by_op_path`` hold them to it), so
@@ -35,6 +36,7 @@ from collections.abc import Callable
 import torch
 
 import cpu_kernels
+from parallel import get_tp_size
 
 from .models import MoECausalLM, weight_bytes
 from .models.decoder import DecoderLayer
@@ -266,8 +268,15 @@ class CapturedDecode:
         # Python op runs, whose cost after each weight stream (cold caches) was ~0.5 ms a step on
         # Mixtral's shape. The loop hands a half back here where it is an op-by-op one, a router's
         # choice hangs on a tie or a kernel declines; each half writes to the loop's buffers.
+        plain = get_tp_size() == 1 and type(model).compute_logits is MoECausalLM.compute_logits
+        first_norm = model.layers[0].input_layernorm
+        embed = (model.embed_tokens.weight, first_norm.weight, first_norm.eps) \
+            if plain and type(first_norm) is RMSNorm else None
         self.step = cpu_kernels.DecodeStep([h.step_half(self.max_rows) for h in self._flat],
-                                           model.cfg.hidden_size, self.max_rows)
+                                           model.cfg.hidden_size, self.max_rows, embed)
+        # the LM head of the step's rows in one C call (each as a one-token step's), where it is plain
+        head = _one_row_weight(model.lm_head) if plain and model.lm_head.per_rank == model.lm_head.vocab else None
+        self.head = cpu_kernels.LogitsRows(head) if head is not None else None
         for i, half in enumerate(self._flat[:-1]):  # (the last half's result is new: the caller keeps it)
             if type(half) not in (_OpsAttention, _OpsMlp):
                 half.into = self.step.outputs(i)
@@ -306,10 +315,9 @@ class CapturedDecode:
             halves.append((first, second))
         return cls(model, halves) if fused else None
 
-    def _grow_rotaries(self, positions_T: torch.Tensor) -> None:
-        """Grow the rotary tables for the step's last position (the layers read them after); set
-        the loop's again where they moved."""
-        end = int(positions_T[-1]) + 1  # (the last row's position is the step's largest)
+    def _grow_rotaries(self, end: int) -> None:
+        """Grow the rotary tables to ``end`` positions (the layers read them after); set the loop's
+        again where they moved."""
         for key, (rot, tables, halves) in self._rotary.items():
             rot.grow_to(end)
             if tables is None or tables[0] is not rot.cos or tables[1] is not rot.sin:
@@ -318,17 +326,20 @@ class CapturedDecode:
                 self._rotary[key] = (rot, (rot.cos, rot.sin), halves)
 
     def __call__(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        model, halves, meta = self.model, self._flat, ctx.meta
+        halves, meta, step = self._flat, ctx.meta, self.step
+        context_len = meta.context_lens_list[0]  # (the step's rows end the sequence: its last position + 1)
         if self._rotary:
-            self._grow_rotaries(positions_T)
-        h = model.embed_tokens(input_ids_T)
-        x = model.layers[0].input_layernorm(h)
-        T = x.shape[0]
-        last = torch.empty(T, x.shape[1], dtype=x.dtype)
-        i, n = 0, len(halves)
+            self._grow_rotaries(context_len)
+        T, n = input_ids_T.shape[0], len(halves)
+        last = torch.empty(T, self.model.cfg.hidden_size, dtype=torch.bfloat16)
+        run = step.from_ids(input_ids_T, positions_T, meta.block_tables, context_len, meta.slot_mapping, last)
+        if run is None:  # (the loop does not embed here, or an id is outside the vocabulary)
+            h = self.model.embed_tokens(input_ids_T)
+            run = step(0, h, self.model.layers[0].input_layernorm(h), positions_T, meta.block_tables, context_len,
+                       meta.slot_mapping, last)
+        i = 0
         while True:
-            stop, h, x = self.step(i, h, x, positions_T, meta.block_tables, meta.context_lens_list[0],
-                                   meta.slot_mapping, last)
+            stop, h, x = run
             if ctx.record_expert_counts:
                 for j in self._moe:
                     if i <= j < stop:
@@ -339,3 +350,14 @@ class CapturedDecode:
             i = stop + 1
             if i == n:
                 return x
+            run = step(i, h, x, positions_T, meta.block_tables, context_len, meta.slot_mapping, last)
+
+    def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
+        """The LM head of a captured step's rows, each as a one-token step's (float32 ``[T, V]``)."""
+        logits = self.head(hidden_TD) if self.head is not None else None
+        if logits is not None:
+            return logits
+        model = self.model
+        if hidden_TD.shape[0] == 1:
+            return model.compute_logits(hidden_TD)
+        return torch.cat([model.compute_logits(hidden_TD[t:t + 1]) for t in range(hidden_TD.shape[0])])

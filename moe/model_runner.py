@@ -158,8 +158,8 @@ class ModelRunner:
         rows = inputs.sample_rows
         if len(rows) != hidden.shape[0] or (rows and rows[-1] != len(rows) - 1):  # (all rows in order: decode)
             hidden = hidden[torch.tensor(rows, dtype=torch.long, device=self.device)]
-        if hidden.shape[0] > 1 and self._captured_rows(inputs):  # each row as a one-token step's LM head
-            logits = torch.cat([self.model.compute_logits(hidden[t:t + 1]) for t in range(hidden.shape[0])]).cpu()
+        if self._captured_rows(inputs):  # each row as a one-token step's LM head
+            logits = self.captured.logits(hidden)
         else:
             logits = self.model.compute_logits(hidden).cpu()
         if len(inputs.all_idx) == len(inputs.sample_idx):

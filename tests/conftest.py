@@ -39,20 +39,21 @@ def one_calls(monkeypatch):
             monkeypatch.setattr(plan_cls, "__call__", lambda *a, **k: None)
             monkeypatch.delitem(step.KINDS, plan_cls)
             return calls
-        real_plan, real_step = plan_cls.__call__, cpu_kernels.DecodeStep.__call__
+        real_plan, real_step = plan_cls.__call__, cpu_kernels.DecodeStep._run
 
         def plan_call(*a, **k):
             out = real_plan(*a, **k)
             calls.append(out is not None)
             return out
 
-        def step_call(self, start, *a):
-            stop, h, x = real_step(self, start, *a)
-            calls.extend(True for p in self.plans[start:stop] if isinstance(p, plan_cls))
-            return stop, h, x
+        def step_run(self, start, *a):
+            out = real_step(self, start, *a)
+            if out is not None:
+                calls.extend(True for p in self.plans[start:out[0]] if isinstance(p, plan_cls))
+            return out
 
         monkeypatch.setattr(plan_cls, "__call__", plan_call)
-        monkeypatch.setattr(cpu_kernels.DecodeStep, "__call__", step_call)
+        monkeypatch.setattr(cpu_kernels.DecodeStep, "_run", step_run)
         return calls
 
     return hook

@@ -908,13 +908,17 @@ def test_decode_step_loop_equals_its_halves_run_one_by_one(family, checkpoint, m
         pytest.skip("the C kernels are not built here (no compiler): no captured step")
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9, 40)]
     sp = SamplingParams(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True)
-    real = cpu_kernels.DecodeStep.__call__
+    real = cpu_kernels.DecodeStep._run
 
     def run():
         spans = []  # (start, stop, halves) of each loop call
-        monkeypatch.setattr(cpu_kernels.DecodeStep, "__call__",
-                            lambda self, start, *a: spans.append((start, (out := real(self, start, *a))[0], self.n))
-                            or out)
+
+        def step_run(self, start, *a):
+            out = real(self, start, *a)
+            spans.append((start, out[0], self.n))
+            return out
+
+        monkeypatch.setattr(cpu_kernels.DecodeStep, "_run", step_run)
         llm = LLM(str(checkpoint(family)), dtype="bfloat16", block_size=16, record_expert_counts=True)
         outs = [llm.generate([p], sp)[0].outputs[0] for p in prompts]
         return [(o.token_ids, o.logprobs) for o in outs], llm.expert_counts(), spans, llm

@@ -141,13 +141,14 @@ def test_batched_requests_equal_each_request_alone(family, checkpoint):
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2",
                                     "deepseek_v3"])
-def test_captured_batch1_step_equals_the_model_forward(family, checkpoint):
+def test_captured_batch1_step_equals_the_model_forward(family, checkpoint, monkeypatch):
     # a step of one sequence and one token runs as the captured decode (moe/cpu_decode.py) on a
     # bf16 CPU engine: greedy tokens and log-probs equal the model's own forward's (capture off),
     # for a one-token prompt, within a block and across blocks. olmoe's clipped qkv keeps its
     # attention op by op inside the captured step. The rotary tables start short (8 positions):
     # the captured step grows them before its layers read them
     import cpu_kernels
+    from moe.cpu_decode import CapturedDecode
 
     llm = LLM(str(checkpoint(family)), dtype="bfloat16", block_size=16, enable_prefix_caching=False)
     runner = llm.engine.runner
@@ -155,10 +156,11 @@ def test_captured_batch1_step_equals_the_model_forward(family, checkpoint):
         assert runner.captured is None
         return
     assert runner.captured is not None
+    assert runner.captured.step.embeds and runner.captured.head.ok  # the embedding and the LM head in C too
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9, 40)]
     sp = SamplingParams(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True)
-    real, calls = runner.captured, []
-    runner.captured = lambda *a: calls.append(1) or real(*a)
+    real, calls = CapturedDecode.__call__, []
+    monkeypatch.setattr(CapturedDecode, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
     rotaries = [layer.self_attn.rotary for layer in runner.model.layers]
     for rot in rotaries:
         rot._grow(8)

@@ -138,6 +138,8 @@ def test_batch1_decode_with_packed_layers_equals_op_path(family, fmt, one_call, 
     else:
         assert all((type(attn) is half) == one_call for attn, _ in captured.halves)
         assert [type(mlp) for _, mlp in captured.halves] == want and _OpsMlp in want
+    if captured is not None:
+        assert captured.head.ok  # the packed LM head of the rows in C too
     fast = [llm.generate([p], sp)[0].outputs[0] for p in prompts]  # one sequence a step: the captured step
     assert (bool(calls) and all(calls)) == one_call
     llm.engine.runner.captured = None  # every step through MoECausalLM.forward
