@@ -150,25 +150,23 @@ def machine_info(threads: int) -> dict:
 
 def bandwidth_probe(gib: float = 1.0, repeats: int = 3) -> dict:
     """Best-of-N memory bandwidth with the configured threads: a read-only ``torch.sum`` over a
-    ``gib`` GiB float32 tensor, and a copy (read + write, counted as 2x bytes)."""
-    n = int(gib * 1024**3) // 4
-    x = torch.ones(n, dtype=torch.float32)
+    ``gib`` GiB float32 tensor (:func:`peers.workloads.read_probe`), and a copy (read + write,
+    counted as 2x bytes)."""
+    from peers.workloads import read_probe
+
+    read = read_probe(gib, repeats)
+    x = torch.ones(int(gib * 1024**3) // 4, dtype=torch.float32)
     y = torch.empty_like(x)
     nbytes = x.numel() * 4
-    x.sum()  # touch
     y.copy_(x)
-    t_sum, t_copy = [], []
+    t_copy = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        t_sum.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         y.copy_(x)
         t_copy.append(time.perf_counter() - t0)
     del x, y
     gc.collect()
-    return {"bytes": nbytes, "sum_read_GBps": nbytes / min(t_sum) / 1e9,
-            "copy_GBps": 2 * nbytes / min(t_copy) / 1e9}
+    return {"bytes": nbytes, "sum_read_GBps": read, "copy_GBps": 2 * nbytes / min(t_copy) / 1e9}
 
 
 # ---- prompts -------------------------------------------------------------------------------------

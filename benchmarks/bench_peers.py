@@ -5,8 +5,10 @@ For each model shape (random bf16 weights, built once with transformers under --
 engine runs in its own process, one after another (never two at once), on the same token-id prompts:
 
 - batch 1: 64-token prompt, 128 new tokens, greedy, EOS ignored: decode tok/s and TTFT, and the
-  weight bytes read per second (active bytes per token x tok/s) as a share of a read-bandwidth probe
-  taken in this run;
+  weight bytes read per second (active bytes per token x tok/s) as a share of a read-bandwidth probe:
+  the run's (before and after all engines) and one beside the decode runs, in the engine's process
+  right before and after them (the host's bandwidth moves by up to 2x within minutes; the target is
+  judged against the probe beside the runs);
 - 32 and 64 concurrent requests, prompts 16-384 tokens, outputs 16-128 (seeded): generated tok/s of
   one offline generate call;
 - a burst of 16 prompts of 2048 tokens, one output token each: prefill tok/s and mean TTFT.

@@ -53,16 +53,36 @@ def _checked(engine: Engine, prompts: list[list[int]], max_tokens: list[int]) ->
     return b
 
 
+def read_probe(gib: float = 1.0, repeats: int = 3) -> float:
+    """Read bandwidth in GB/s, best of ``repeats``: ``torch.sum`` over a ``gib`` GiB float32 tensor with
+    this process's threads (torch imported here: every engine's environment has it)."""
+    import torch
+
+    x = torch.ones(int(gib * 1024**3) // 4, dtype=torch.float32)
+    x.sum()  # touch
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
 def batch1(engine: Engine, w: dict) -> dict:
     ttfts = [_checked(engine, [p], [1]).wall_s for p in w["ttft_prompts"]]
     ttft = statistics.median(ttfts)
     new = w["new_tokens"]
+    # the host's memory bandwidth moves by up to 2x within minutes: a probe right before and after the
+    # decode runs, in this process, is the reference for their weight read rate
+    before = read_probe()
     runs = [_checked(engine, [p], [new]) for p in w["decode_prompts"]]
+    after = read_probe()
     rates = [(new - 1) / (b.wall_s - ttft) for b in runs]
     # the first run's greedy tokens: the parent compares engines on them (same model, same prompt)
     return {"ttft_s": ttft, "all_ttft_s": ttfts, "decode_tok_s": max(rates), "all_decode_tok_s": rates,
             "prompt_len": len(w["decode_prompts"][0]), "new_tokens": new,
-            "greedy_tokens": runs[0].tokens[0] if runs[0].tokens else None}
+            "greedy_tokens": runs[0].tokens[0] if runs[0].tokens else None,
+            "probe_GBps": (before + after) / 2, "probe_before_GBps": before, "probe_after_GBps": after}
 
 
 def batched(engine: Engine, w: dict) -> dict:
