@@ -45,6 +45,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 
+ASKED = "asked"  # the verify bin of decoding steps that asked for drafts and ran none
+
+
 def batch_bucket(batch_size: int) -> int:
     """1, 2, 4, 8, ...: the power of two at or above ``batch_size``."""
     return 1 << max(batch_size - 1, 0).bit_length()
@@ -81,7 +84,8 @@ class _Timing:
             self.recent.append(seconds)
             self.rows.append(rows)
             self.value = _median(self.recent)
-            self.x = _median(self.rows)
+            if rows or self.x:  # (a plain step's bin: rows are all 0)
+                self.x = _median(self.rows)
 
 
 @dataclass
@@ -162,17 +166,18 @@ class SpecCostModel:
         self.probing = dict.fromkeys(SOURCES, False)
 
     # ---- observations (cheap: a few dict updates per step) ---------------------------------
-    def observe_verify(self, rows: float, batch_size: int, seconds: float) -> None:
+    def observe_verify(self, rows: float, batch_size: int, seconds: float, asked: bool = False) -> None:
         """A decoding step (drafter steps excepted) that ran ``rows`` draft rows per sequence on
         average (0: a plain decoding step, which costs a draft model nothing: it catches up when
-        it drafts next)."""
+        it drafts next). ``asked``: sources were asked for drafts (K > 0); such a step without a
+        draft row times what asking costs (lookups, bookkeeping) apart from plain decoding."""
         k, b = min(math.ceil(rows), self.max_k), batch_bucket(batch_size)
-        t = _timing(self._verify, (b, k))
+        t = _timing(self._verify, (b, k if k or not asked else ASKED))
         t.add(seconds, rows)
-        self._since_plain[b] = 0 if k == 0 else self._since_plain.get(b, 0) + 1
-        if k:
+        self._since_plain[b] = 0 if k == 0 and not asked else self._since_plain.get(b, 0) + 1
+        if k or asked:
             self._version += 1
-            if t.value is not None:
+            if k and t.value is not None:
                 self._measured.add(b)
 
     def refresh_plain(self, batch_size: int) -> bool:
@@ -260,14 +265,16 @@ class SpecCostModel:
         draft = 0.0 if source == "lookup" else self._seconds(self._draft.get(b))
         if plain is None or not self._verify_measured(b) or draft is None:
             return None
-        # (rows, seconds) through the plain step and each bin, never falling (a lower median is noise)
-        points = [(0.0, plain)]
+        # (rows, seconds) through a step that asked for drafts and ran none (plain decoding plus what
+        # asking costs; plain where unmeasured) and each bin, never falling (a lower median is noise)
+        asking = self._seconds(self._verify.get((b, ASKED)))
+        points = [(0.0, max(plain, asking) if asking is not None else plain)]
         for k in range(1, self.max_k + 1):
             t = self._verify.get((b, k))
             if t is not None and t.value is not None and t.x > points[-1][0]:
                 points.append((t.x, max(t.value, points[-1][1])))
         rows = self.draft_rows(1, source)
-        return [self._verify_at(points, rows * k) + k * draft for k in range(self.max_k + 1)]
+        return [plain] + [self._verify_at(points, rows * k) + k * draft for k in range(1, self.max_k + 1)]
 
     @staticmethod
     def _verify_at(points: list[tuple[float, float]], x: float) -> float:
@@ -332,6 +339,22 @@ class SpecCostModel:
                 self.probing[source] = True
                 return self.max_k
         return best
+
+    def quiet_steps(self, batch_size: int, source: str = "model") -> int:
+        """After a :meth:`choose_k` that chose plain decoding (0, not a probe): how many of the next
+        calls are known to choose it again while only plain steps' timings come in (the judgement
+        stands and no probe falls due), so that the caller may skip them (:meth:`skip`)."""
+        judged = self._judged.get((batch_bucket(batch_size), source))
+        if judged is None or judged[2] != 0 or self.probing[source] or judged[0] != self._version:
+            return 0
+        return max(0, min(self.rejudge_every - judged[1], judged[3] - self._plain_steps[source] - 1))
+
+    def skip(self, batch_size: int, source: str, steps: int) -> None:
+        """Count ``steps`` calls of :meth:`choose_k` the caller skipped (:meth:`quiet_steps`) as made."""
+        judged = self._judged.get((batch_bucket(batch_size), source))
+        if judged is not None:
+            judged[1] += steps
+        self._plain_steps[source] += steps
 
     def probe_size(self, batch_size: int) -> int:
         """Sequences that draft in a probe step of ``batch_size``."""

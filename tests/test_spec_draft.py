@@ -260,6 +260,76 @@ def test_rejection_sampling_with_a_point_mass_is_the_n_gram_rule():
         assert a == b
 
 
+def test_cost_model_charges_what_asking_for_drafts_costs_and_lets_plain_decoding_stand():
+    # steps that asked a source for drafts and ran none (an n-gram lookup that found nothing) are
+    # timed apart from plain ones: K > 0 then costs plain decoding plus that (lookups, bookkeeping),
+    # which a rare, well-accepted draft does not pay back; while plain decoding stands, the calls a
+    # caller skips (quiet_steps, skip) leave the choices and probes where the calls would have
+    for asking, cost3, want in ((None, 1.06, 3), (1.2, 1.24, 0)):
+        m = SpecCostModel(max_k=3, probe_every=8)
+        for _ in range(3):
+            m.observe_verify(0, 1, 1.0)
+            m.observe_verify(3, 1, 1.6)
+            if asking is not None:
+                m.observe_verify(0, 1, asking, asked=True)
+        m.observe_drafting("lookup", 10, 1, 3, 3)  # one sequence in ten finds a 3-token draft ...
+        for _ in range(20):
+            m.observe_acceptance(3, 3, "lookup")  # ... that is always accepted: 1.3 tokens a step
+        # K = 3: 0.3 draft rows a step, on the line from (0, plain or asking) to the 3-row bin (3, 1.6)
+        assert m.step_cost(0, 1, "lookup") == pytest.approx(1.0)
+        assert m.step_cost(3, 1, "lookup") == pytest.approx(cost3)
+        assert m.best_k(1, "lookup") == want  # 1.3 tokens for 1.06 s beats plain by 1.23x; for 1.24 s, 1.05x
+    calls, skipped = SpecCostModel(max_k=3, probe_every=6), SpecCostModel(max_k=3, probe_every=6)
+    for c in (calls, skipped):
+        for _ in range(2):
+            c.observe_verify(0, 1, 1.0)
+            c.observe_verify(3, 1, 2.2)
+        for _ in range(20):
+            c.observe_acceptance(3, 0, "lookup")  # drafts rejected: plain decoding, with probes
+    ks, quiet = [calls.choose_k(1, "lookup") for _ in range(14)], []
+    while len(quiet) < 14:
+        quiet.append(skipped.choose_k(1, "lookup"))
+        n = min(skipped.quiet_steps(1, "lookup"), 14 - len(quiet)) if quiet[-1] == 0 else 0
+        skipped.skip(1, "lookup", n)
+        quiet += [0] * n
+    assert ks == quiet == [0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 3, 0, 0]  # a probe every 6th step either way
+
+
+def test_the_engine_skips_asking_only_while_plain_decoding_stands():
+    # LLMEngine._choose_k skips the cost model's calls for the steps its plain choice is known to
+    # stand; any other choice in between (here K_max for an empty batch) ends that: the next step
+    # asks again, else the proposer would keep drafting with a K nobody chose
+    from types import SimpleNamespace
+
+    from moe.engine import LLMEngine
+
+    cost = SpecCostModel(max_k=3, probe_every=64)
+    for _ in range(2):
+        cost.observe_verify(0, 1, 1.0)
+        cost.observe_verify(3, 1, 2.2)
+    for _ in range(20):
+        cost.observe_acceptance(3, 0, "lookup")
+    prop = SimpleNamespace(source="lookup", k=None, probe_left=None)
+    prop.set_probe = lambda size, running: setattr(prop, "probe_left", size)
+    eng = SimpleNamespace(spec_cost=cost, proposer=prop, _lookup=None, _quiet=[0, 0],
+                          scheduler=SimpleNamespace(running=["seq"]))
+    calls = []
+    real = cost.choose_k
+    cost.choose_k = lambda n, source: calls.append(n) or real(n, source)
+    for _ in range(4):
+        assert LLMEngine._choose_k(eng) is False and prop.k == 0
+    assert calls == [1] and eng._quiet == [1, 0]  # one call: its choice stood for the three steps after
+    for _ in range(2):
+        LLMEngine._choose_k(eng)
+    assert calls == [1, 1] and eng._quiet == [1, 2]  # asked again, then standing: two steps left
+    eng.scheduler.running = []
+    LLMEngine._choose_k(eng)
+    assert prop.k == 3  # (an empty batch: K_max)
+    eng.scheduler.running = ["seq"]
+    LLMEngine._choose_k(eng)
+    assert prop.k == 0 and calls == [1, 1, 0, 1]
+
+
 def test_cost_model_picks_k_from_costs_and_acceptance():
     m = SpecCostModel(max_k=4, probe_every=8)
     assert m.choose_k(1) == 4  # unmeasured: the ends first
@@ -484,9 +554,9 @@ def test_only_steps_without_prompt_chunks_are_timed_as_verify_or_plain_steps(che
         steps.append(all(s.samples and s.num_new_tokens == 1 + len(s.draft) for s in batch.seqs))
         return orig_run(batch, eos_ids)
 
-    def observe_verify(rows, batch_size, seconds):
+    def observe_verify(rows, batch_size, seconds, asked=False):
         timed.append(len(steps))
-        orig_observe(rows, batch_size, seconds)
+        orig_observe(rows, batch_size, seconds, asked)
 
     e.runner.run, e.spec_cost.observe_verify = run, observe_verify
     sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
