@@ -152,15 +152,12 @@ Residual = tuple[torch.Tensor, torch.Tensor, float]  # (h [1, D], norm weight [D
 class Outputs(NamedTuple):
     """Where a one-call layer writes its results instead of new tensors: ``h`` (``h + y`` with a
     residual) and ``y``, both ``[1, D]`` bf16 contiguous. The captured batch-1 step gives each
-    half-layer its own pair, made once: after a weight stream every torch op runs with cold caches
-    (~10 us for an empty tensor), so a step's allocations cost more than their arithmetic."""
+    half-layer its own pair, made once (:meth:`DecodeStep.outputs`): after a weight stream every
+    torch op runs with cold caches (~10 us for an empty tensor), so a step's allocations cost more
+    than their arithmetic."""
 
     h: torch.Tensor
     y: torch.Tensor
-
-    @classmethod
-    def make(cls, D: int) -> Outputs:
-        return cls(torch.empty(1, D, dtype=torch.bfloat16), torch.empty(1, D, dtype=torch.bfloat16))
 
 
 def output(into: Outputs | None, D: int, T: int = 1) -> torch.Tensor:
