@@ -4,7 +4,7 @@ One binding module per C file, each kernel's torch reference beside its binding:
 
 - :mod:`.paged_decode`: decode attention of every sequence of a step in one call.
 - :mod:`.elementwise`: rotary embedding, SwiGLU's ``silu(gate) * up``, RMSNorm and add+RMSNorm,
-  cache row writes, transposed logits to float32, the router's selection.
+  cache row writes, transposed logits to float32, the router's selection, rows' argmax.
 - :mod:`.gemv`: bf16 matrix-vector products for one-row decode; one token through its experts.
 - :mod:`.gemm`: bf16 GEMMs (one projection, or one per expert over expert-major rows) for CPUs
   without a fast bf16 GEMM (AVX2 + FMA).
@@ -24,8 +24,8 @@ from .amx import (AMX_MAX_ROWS, amx_available, amx_experts, amx_heads, amx_linea
                   amx_tiles)
 from .amx_attention import prefill_attention, supports_prefill
 from .build import last_level_cache_bytes, load, set_malloc_thresholds
-from .elementwise import (RouteToken, add_rms_norm, rms_norm, rope_, route_select, silu_mul, transpose_to_float,
-                          write_rows)
+from .elementwise import (RouteToken, add_rms_norm, argmax_rows, rms_norm, rope_, route_select, silu_mul,
+                          transpose_to_float, write_rows)
 from .fused import GqaToken, MlaToken, gqa_token, mla_token
 from .gemm import grouped_gemm
 from .gemv import MoeToken, Outputs, Residual, expert_token, gemv, heads_vec, moe_token
@@ -39,6 +39,7 @@ __all__ = [
     "supports_decode", "paged_decode_attention", "supports_prefill",
     "prefill_attention",
     "rope_", "silu_mul", "rms_norm", "add_rms_norm", "write_rows", "transpose_to_float", "route_select", "RouteToken",
+    "argmax_rows",
     "grouped_gemm", "gemv", "expert_token", "moe_token", "MoeToken", "heads_vec", "Residual", "Outputs",
     "AMX_MAX_ROWS", "amx_available", "amx_tiles", "amx_experts", "amx_moe", "amx_moe_packed", "amx_linear", "amx_heads",
     "mla_token", "MlaToken", "gqa_token", "GqaToken",

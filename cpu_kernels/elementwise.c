@@ -412,3 +412,49 @@ int moe_route_token(const RoutePlan *a, const uint16_t *x, int64_t T, int nt) {
     }
     return 0;
 }
+
+/* For each row of float32 x [R, V] (row stride ld): the index of its first NaN, else of its first
+ * largest value -- what torch.max(dim=-1).indices gives on CPU (a greedy sampler's choice). One
+ * pass: per lane the first index of that lane's largest value, then the smallest index among the
+ * lanes holding the row's largest; a block with a NaN ends the row at its first NaN. Returns 0. */
+int moe_argmax_rows(const float *x, int64_t R, int64_t V, int64_t ld, int64_t *out) {
+    for (int64_t r = 0; r < R; r++) {
+        const float *v = x + r * ld;
+        int64_t best = -1, i = 0;
+        float m = -INFINITY;
+#if defined(__AVX512F__)
+        if (V >= 16) {
+            __m512 mv = _mm512_set1_ps(-INFINITY);
+            __m512i iv = _mm512_setzero_si512(), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                                                       14, 15);
+            const __m512i sixteen = _mm512_set1_epi32(16);
+            int nan_at = -1;
+            for (; i + 16 <= V && V < INT32_MAX; i += 16, idx = _mm512_add_epi32(idx, sixteen)) {
+                const __m512 a = _mm512_loadu_ps(v + i);
+                if (_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q)) { nan_at = (int)i; break; }
+                const __mmask16 gt = _mm512_cmp_ps_mask(a, mv, _CMP_GT_OQ);  /* strictly larger: first stays */
+                mv = _mm512_mask_mov_ps(mv, gt, a);
+                iv = _mm512_mask_mov_epi32(iv, gt, idx);
+            }
+            if (nan_at >= 0) {
+                for (int64_t j = nan_at;; j++)
+                    if (v[j] != v[j]) { best = j; break; }
+                out[r] = best;
+                continue;
+            }
+            if (i > 0) {
+                m = _mm512_reduce_max_ps(mv);
+                const __mmask16 at = _mm512_cmp_ps_mask(mv, _mm512_set1_ps(m), _CMP_EQ_OQ);
+                const __m512i cand = _mm512_mask_mov_epi32(_mm512_set1_epi32(INT32_MAX), at, iv);
+                best = _mm512_reduce_min_epi32(cand);
+            }
+        }
+#endif
+        for (; i < V; i++) {
+            if (v[i] != v[i]) { best = i; break; }
+            if (best < 0 || v[i] > m) { m = v[i]; best = i; }
+        }
+        out[r] = best < 0 ? 0 : best;
+    }
+    return 0;
+}

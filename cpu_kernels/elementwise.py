@@ -27,6 +27,7 @@ declare({
     "moe_transpose_to_f32": [_ptr, _int, _i64, _i64, _i64, _ptr, _int],
     "moe_route_select": [_ptr, _int, _ptr, *[_i64] * 5, _int, _int, _f32, _f32, _ptr, _ptr, _ptr, _ptr, _int],
     "moe_route_token": [_ptr, _ptr, _i64, _int],  # (plan, x, T, threads)
+    "moe_argmax_rows": [_ptr, _i64, _i64, _i64, _ptr],
     "moe_simd_lanes": [],
 })
 RoutePlanC = c_struct("RoutePlan", "D ldw scoring E K G topk_groups group_top2 renormalize: i64; "
@@ -281,3 +282,17 @@ class RouteToken:
         if load().moe_route_token(self.ref, x_TD.data_ptr(), T, torch.get_num_threads()):
             return None
         return self.one if T == 1 else (self.weights[:T], self.ids[:T])
+
+
+def argmax_rows(x_RV: torch.Tensor) -> list[int] | None:
+    """Per row of a float32 CPU ``x [R, V]`` (unit stride within rows): the index of its first NaN,
+    else of its first largest value, as ``x.max(dim=-1).indices.tolist()`` gives them (the greedy
+    choice), in one C pass; None when the kernel does not apply."""
+    if x_RV.dtype != torch.float32 or x_RV.dim() != 2 or x_RV.is_cuda or x_RV.stride(-1) != 1 or load() is None:
+        return None
+    R, V = x_RV.shape
+    if not R or not V:
+        return None
+    out = (ctypes.c_int64 * R)()
+    load().moe_argmax_rows(x_RV.data_ptr(), R, V, x_RV.stride(0), out)
+    return list(out)

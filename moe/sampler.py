@@ -16,6 +16,8 @@ from typing import Protocol
 
 import torch
 
+from ops import argmax_rows
+
 from .sampling_params import SamplingParams
 from .structured_output import GrammarState, apply_grammar_masks
 
@@ -205,9 +207,11 @@ class Sampler:
                     logits_BV[i, ban] = float("-inf")
                     if kept is not None and bool(torch.isneginf(logits_BV[i]).all()):
                         logits_BV[i] = kept  # the grammar allows only banned (stop) tokens: it wins over min_tokens
-        tokens = logits_BV.max(dim=-1).indices  # (faster than argmax on CPU; same first-index ties)
         rand = [i for i, p in enumerate(params) if not p.greedy]
-        if rand:
+        if not rand:  # every row greedy: first largest (first NaN), one C pass on CPU
+            token_list = argmax_rows(logits_BV)
+        else:
+            tokens = logits_BV.max(dim=-1).indices  # (faster than argmax on CPU; same first-index ties)
             idx = torch.tensor(rand)
             probs = filtered_probs(logits_BV[idx], [params[i] for i in rand])
             # Gumbel-style race: argmax(p / Exp(1)) draws from p; each request uses its own generator
@@ -215,7 +219,7 @@ class Sampler:
             for row, i in enumerate(rand):
                 noise[row].exponential_(generator=generators[i] or self.generator)
             tokens[idx] = (probs / noise).max(dim=-1).indices
-        token_list = tokens.tolist()
+            token_list = tokens.tolist()
         lps: list[dict[int, float] | None] = [
             top_logprobs(raw_lp[i], token_list[i], params[i].logprobs) if want_lp[i] else None
             for i in range(len(params))

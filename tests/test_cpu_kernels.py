@@ -987,3 +987,26 @@ def test_one_call_layers_equal_the_op_by_op_path(family, kernel, min_calls, chec
     ops = [llm.generate([p], sp)[0].outputs[0] for p in prompts]
     for a, b in zip(fast, ops):
         assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
+
+
+@pytest.mark.parametrize("V", [1, 7, 16, 17, 48, 33, 32000])
+def test_argmax_rows_equals_torch_max_indices(V):
+    # the greedy choice in one C pass: the first largest value of each row, the first NaN where
+    # there is one (as torch.max(dim=-1).indices), ties planted in the vector blocks and the tail,
+    # rows of -inf and +inf, a strided view (the row stride another than V)
+    if cpu_kernels.load() is None:
+        pytest.skip("the C kernels are not built here (no compiler): torch's max is the path")
+    g = torch.Generator().manual_seed(V)
+    x = torch.randint(-3, 4, (12, V + 5), generator=g).float()[:, :V]  # many ties
+    x[1] = float("-inf")
+    x[2, V // 2] = float("inf")
+    x[3, V - 1] = float("nan")
+    x[4, V // 3] = float("nan")
+    x[4, V - 1] = float("nan")
+    x[5, -1] = 9.0  # the largest in the tail
+    x[6, 0] = 9.0
+    x[6, -1] = 9.0  # a tie of the first and the last
+    x[7] = torch.randn(V, generator=g)
+    got = cpu_kernels.argmax_rows(x)
+    assert got == x.max(dim=-1).indices.tolist()
+    assert cpu_kernels.argmax_rows(x.bfloat16()) is None and cpu_kernels.argmax_rows(x[0]) is None
