@@ -7,22 +7,25 @@
 
 /* y = W x (+ bias) in bf16, as ops.linear computes it at one row: the bf16 GEMV (bias added before
  * the one rounding), or for a packed weight ops.packed_linear: q4/q8 GEMM of x in float32 rounded
- * to bf16, then the bf16 bias added (a second rounding, as torch's bf16 addition). Returns 0, -1
- * without memory. */
-static int project(const uint16_t *w, const PackedProj *p, int64_t N, int64_t K, const uint16_t *x,
-                   const uint16_t *bias, uint16_t *y, int nt) {
-    if (!p) return moe_gemv_bf16(w, N, K, K, x, bias, y, nt);
+ * to bf16, then the bf16 bias added (a second rounding, as torch's bf16 addition). ydtype F32 (a
+ * packed weight, no bias: the LM head's float32 logits) leaves the GEMM's sums unrounded. Returns
+ * 0, -1 without memory (or for a bf16 weight asked for float32). */
+int moe_project(const uint16_t *w, const PackedProj *p, int64_t N, int64_t K, const uint16_t *x,
+                const uint16_t *bias, void *y, int ydtype, int nt) {
+    if (!p) return ydtype == BF16 ? moe_gemv_bf16(w, N, K, K, x, bias, y, nt) : -1;
     float *xf = malloc(sizeof(float) * (size_t)K);
     if (!xf) return -1;
     for (int64_t k = 0; k < K; k++) xf[k] = bf16_to_f32(x[k]);
     const int64_t G = (K + p->gs - 1) / p->gs;
-    const int rc = p->x8    ? moe_q4x8_gemm(xf, 1, K, p->q, K / 2, p->s, p->b, G, p->gs, N, y, BF16, nt)
-                   : p->lut ? moe_q4_gemm(xf, 1, K, p->q, K / 2, p->lut, p->s, p->b, G, p->gs, N, y, BF16, nt)
-                            : moe_q8_gemm(xf, 1, K, p->q, K, 0 /* int8 */, p->s, p->b, G, p->gs, 1, N, y, BF16, nt);
+    const int rc = p->x8    ? moe_q4x8_gemm(xf, 1, K, p->q, K / 2, p->s, p->b, G, p->gs, N, y, ydtype, nt)
+                   : p->lut ? moe_q4_gemm(xf, 1, K, p->q, K / 2, p->lut, p->s, p->b, G, p->gs, N, y, ydtype, nt)
+                            : moe_q8_gemm(xf, 1, K, p->q, K, 0 /* int8 */, p->s, p->b, G, p->gs, 1, N, y, ydtype, nt);
     free(xf);
     if (rc != 0) return -1;
-    if (bias)
-        for (int64_t n = 0; n < N; n++) y[n] = f32_to_bf16(bf16_to_f32(y[n]) + bf16_to_f32(bias[n]));
+    if (bias) {
+        uint16_t *yb = y;
+        for (int64_t n = 0; n < N; n++) yb[n] = f32_to_bf16(bf16_to_f32(yb[n]) + bf16_to_f32(bias[n]));
+    }
     return 0;
 }
 
@@ -50,13 +53,13 @@ int moe_mla_token(const MlaPlan *a, const uint16_t *x, const int64_t *pos, const
     uint16_t *qa = scratch, *q = qa + q_lora, *lat = q + H * qk, *qfull = lat + L, *olat = qfull + H * L,
              *o = olat + H * C;
     if (a->w_qa || a->p_qa) {
-        if (project(a->w_qa, a->p_qa, q_lora, D, x, NULL, qa, nt) != 0) return -1;
+        if (moe_project(a->w_qa, a->p_qa, q_lora, D, x, NULL, qa, BF16, nt) != 0) return -1;
         moe_rms_norm(qa, a->qa_norm, qa, BF16, 1, q_lora, q_lora, q_lora, a->q_eps, nt);
-        if (project(a->w_qb, a->p_qb, H * qk, q_lora, qa, NULL, q, nt) != 0) return -1;
-    } else if (project(a->w_qb, a->p_qb, H * qk, D, x, NULL, q, nt) != 0) {
+        if (moe_project(a->w_qb, a->p_qb, H * qk, q_lora, qa, NULL, q, BF16, nt) != 0) return -1;
+    } else if (moe_project(a->w_qb, a->p_qb, H * qk, D, x, NULL, q, BF16, nt) != 0) {
         return -1;
     }
-    if (project(a->w_kva, a->p_kva, L, D, x, NULL, lat, nt) != 0) return -1;
+    if (moe_project(a->w_kva, a->p_kva, L, D, x, NULL, lat, BF16, nt) != 0) return -1;
     uint16_t *row = cache + slots[0] * c_sslot;
     moe_rms_norm(lat, a->kva_norm, row, BF16, 1, C, L, L, a->kv_eps, nt);
     memcpy(row + C, lat + C, sizeof(uint16_t) * (size_t)rope);
@@ -67,7 +70,7 @@ int moe_mla_token(const MlaPlan *a, const uint16_t *x, const int64_t *pos, const
     moe_paged_decode(qfull, olat, cache, cache, BF16, 1, H, 1, L, C, c_sblock, c_sslot, L, c_sblock, c_sslot, L,
                      a->block_size, table, 0, &len, NULL, 0, NULL, a->scale, nt);
     moe_heads_vec(olat, C, w_kvb + nope * C, (nope + v) * C, C, v, C, H, 1, o, v, nt);
-    if (project(a->w_o, a->p_o, D, H * v, o, NULL, out, nt) != 0) return -1;
+    if (moe_project(a->w_o, a->p_o, D, H * v, o, NULL, out, BF16, nt) != 0) return -1;
     then_norm(out, D, resid, nw, neps, h_out);
     return 0;
 }
@@ -97,7 +100,8 @@ int moe_gqa_token(const GqaPlan *a, const uint16_t *x, int64_t T, const int64_t 
         const int64_t slot = slots[t];
         int32_t len_t = len - (int32_t)(T - 1 - t);
         uint16_t *out_t = out + t * D;
-        if (project(a->w_qkv, a->p_qkv, (H + 2 * Hkv) * hd, D, x + t * D, a->b_qkv, q, nt) != 0) return -1;
+        if (moe_project(a->w_qkv, a->p_qkv, (H + 2 * Hkv) * hd, D, x + t * D, a->b_qkv, q, BF16, nt) != 0)
+            return -1;
         if (a->qk_norm == 1) {
             moe_rms_norm(q, a->q_norm, q, BF16, H, hd, hd, hd, eps, 1);
             moe_rms_norm(k, a->k_norm, k, BF16, Hkv, hd, hd, hd, eps, 1);
@@ -113,7 +117,7 @@ int moe_gqa_token(const GqaPlan *a, const uint16_t *x, int64_t T, const int64_t 
         moe_paged_decode(q, o, k_cache, v_cache, BF16, 1, H, Hkv, hd, hd, a->k_sblock, a->k_sslot, a->k_shead,
                          a->v_sblock, a->v_sslot, a->v_shead, a->block_size, table, 0, &len_t, NULL, a->window,
                          a->sinks, a->scale, nt);
-        if (project(a->w_o, a->p_o, D, H * hd, o, a->b_o, out_t, nt) != 0) return -1;
+        if (moe_project(a->w_o, a->p_o, D, H * hd, o, a->b_o, out_t, BF16, nt) != 0) return -1;
         then_norm(out_t, D, resid ? resid + t * D : NULL, nw, neps, h_out ? h_out + t * D : NULL);
     }
     return 0;

@@ -41,7 +41,7 @@ PackedArgs = tuple
 _PackedProj = c_struct("PackedProj", "q lut s b: ptr; gs x8: i64")
 
 
-def _projection(w: torch.Tensor | PackedArgs, N: int, K: int) -> tuple[int | None, _PackedProj | None] | None:
+def projection(w: torch.Tensor | PackedArgs, N: int, K: int) -> tuple[int | None, _PackedProj | None] | None:
     """``(bf16 weight pointer, None)`` for a bf16 ``[N, K]`` weight, ``(None, PackedProj)`` for a packed
     one (int4 codes ``[N, K/2]`` uint8 with K a multiple of 32, or int8 ``[N, K]``: what
     ``ops.packed_linear`` streams at one row); None when neither fits."""
@@ -83,9 +83,9 @@ class MlaToken:
         if w_qa is not None and (qa_norm is None or qa_norm.dim() != 1):
             return
         q_lora = qa_norm.shape[0] if w_qa is not None else 0
-        qa = _projection(w_qa, q_lora, D) if w_qa is not None else (None, None)
-        projs = [qa, _projection(w_qb, heads * (nope + rope), q_lora or D), _projection(w_kva, L, D),
-                 _projection(w_o, D, heads * v)]
+        qa = projection(w_qa, q_lora, D) if w_qa is not None else (None, None)
+        projs = [qa, projection(w_qb, heads * (nope + rope), q_lora or D), projection(w_kva, L, D),
+                 projection(w_o, D, heads * v)]
         if any(p is None for p in projs) or C % 16 or w_kvb.shape != (heads * (nope + v), C):
             return
         (qa_w, p_qa), (qb_w, p_qb), (kva_w, p_kva), (o_w, p_o) = projs
@@ -165,7 +165,7 @@ class GqaToken:
             return
         hd = k_cache.shape[-1]
         D = w_o.shape[0] if isinstance(w_o, torch.Tensor) else w_o[0].shape[0]
-        qkv, o = _projection(w_qkv, (heads + 2 * kv_heads) * hd, D), _projection(w_o, D, heads * hd)
+        qkv, o = projection(w_qkv, (heads + 2 * kv_heads) * hd, D), projection(w_o, D, heads * hd)
         if qkv is None or o is None or hd % 2:
             return
         for c in (k_cache, v_cache):

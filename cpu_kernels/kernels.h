@@ -102,6 +102,8 @@ typedef struct {
     int64_t *ids;
 } RoutePlan;
 
+int moe_project(const uint16_t *w, const PackedProj *p, int64_t N, int64_t K, const uint16_t *x,
+                const uint16_t *bias, void *y, int ydtype, int nt);
 int moe_gqa_token(const GqaPlan *a, const uint16_t *x, int64_t T, const int64_t *pos, const float *cos_tab,
                   const float *sin_tab, int interleaved, const int32_t *table, int32_t len, const int64_t *slots,
                   uint16_t *out, const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt);

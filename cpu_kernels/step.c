@@ -90,25 +90,14 @@ int moe_decode_step(const StepHalf *halves, int64_t n, int64_t start, const Step
  * row in float32, float32 out. Returns 0, -1 without memory. */
 int moe_logits_rows(const uint16_t *x, int64_t T, int64_t D, const uint16_t *w, const PackedProj *p, int64_t V,
                     uint16_t *tmp, float *logits, int nt) {
-    float *xf = p ? malloc(sizeof(float) * (size_t)D) : NULL;
-    if (p && !xf) return -1;
     for (int64_t t = 0; t < T; t++) {
         float *y = logits + t * V;
-        if (!p) {
-            moe_gemv_bf16(w, V, D, D, x + t * D, NULL, tmp, nt);
-            for (int64_t v = 0; v < V; v++) y[v] = bf16_to_f32(tmp[v]);
+        if (p) {
+            if (moe_project(NULL, p, V, D, x + t * D, NULL, y, F32, nt) != 0) return -1;
             continue;
         }
-        for (int64_t k = 0; k < D; k++) xf[k] = bf16_to_f32(x[t * D + k]);
-        const int64_t G = (D + p->gs - 1) / p->gs;
-        const int rc = p->x8    ? moe_q4x8_gemm(xf, 1, D, p->q, D / 2, p->s, p->b, G, p->gs, V, y, F32, nt)
-                       : p->lut ? moe_q4_gemm(xf, 1, D, p->q, D / 2, p->lut, p->s, p->b, G, p->gs, V, y, F32, nt)
-                                : moe_q8_gemm(xf, 1, D, p->q, D, 0 /* int8 */, p->s, p->b, G, p->gs, 1, V, y, F32, nt);
-        if (rc != 0) {
-            free(xf);
-            return -1;
-        }
+        moe_gemv_bf16(w, V, D, D, x + t * D, NULL, tmp, nt);
+        for (int64_t v = 0; v < V; v++) y[v] = bf16_to_f32(tmp[v]);
     }
-    free(xf);
     return 0;
 }

@@ -16,7 +16,7 @@ import torch
 
 from .build import address, c_struct, declare, load
 from .elementwise import RouteToken
-from .fused import GqaToken, MlaToken, PackedArgs, _projection
+from .fused import GqaToken, MlaToken, PackedArgs, projection
 from .gemv import MoeToken, Outputs
 from .quant import QuantMoeToken
 
@@ -121,14 +121,15 @@ class DecodeStep:
         return self._one[i]
 
     def rotary(self, i: int, cos_PH: torch.Tensor, sin_PH: torch.Tensor, interleaved: bool) -> None:
-        """Attention half ``i``'s rotary tables (float32, contiguous, ``[positions, head dim / 2]``
-        for GQA: checked), set again whenever they grow (they must live as long as they are set)."""
-        if (cos_PH.dtype != torch.float32 or sin_PH.dtype != torch.float32 or cos_PH.shape != sin_PH.shape
-                or not cos_PH.is_contiguous() or not sin_PH.is_contiguous()):
-            raise ValueError("rotary tables must be float32, contiguous and of one shape")
+        """Attention half ``i``'s rotary tables, set again whenever they grow (they must live as long
+        as they are set). Tables the kernel does not take (not float32 and contiguous, or a GQA
+        rotary over part of the head) leave that half to the caller, whose plan declines them too."""
         plan = self._halves[i].plan if self._halves[i] is not None else None
-        if isinstance(plan, GqaToken) and cos_PH.shape[-1] * 2 != plan.hd:
-            raise ValueError(f"rotary tables of {cos_PH.shape[-1] * 2} dims for heads of {plan.hd}")
+        if (cos_PH.dtype != torch.float32 or sin_PH.dtype != torch.float32 or cos_PH.shape != sin_PH.shape
+                or not cos_PH.is_contiguous() or not sin_PH.is_contiguous()
+                or (isinstance(plan, GqaToken) and cos_PH.shape[-1] * 2 != plan.hd)):
+            self._c[i].kind, self.plans[i] = 0, None
+            return
         c = self._c[i]
         c.cos_tab, c.sin_tab, c.interleaved = address(cos_PH), address(sin_PH), int(interleaved)
 
@@ -196,7 +197,7 @@ class LogitsRows:
             V, D = w.shape
         else:
             V, D = w[0].shape[0], w[0].shape[1] * (2 if w[1] is not None else 1)
-        proj = _projection(w, V, D) if load() is not None else None
+        proj = projection(w, V, D) if load() is not None else None
         if proj is None:
             return
         self.V, self.D = V, D

@@ -1010,3 +1010,24 @@ def test_argmax_rows_equals_torch_max_indices(V):
     got = cpu_kernels.argmax_rows(x)
     assert got == x.max(dim=-1).indices.tolist()
     assert cpu_kernels.argmax_rows(x.bfloat16()) is None and cpu_kernels.argmax_rows(x[0]) is None
+
+
+def test_decode_step_hands_attention_back_for_rotary_tables_it_cannot_take(checkpoint):
+    # rotary tables the one-call GQA kernel does not take (here over half the head) leave that half
+    # to the caller, whose own path runs it: tokens as without the captured step
+    from moe import LLM, SamplingParams
+
+    if cpu_kernels.load() is None:
+        pytest.skip("the C kernels are not built here (no compiler): no captured step")
+    llm = LLM(str(checkpoint("qwen3_moe")), dtype="bfloat16", block_size=16)
+    runner = llm.engine.runner
+    step, rot = runner.captured.step, runner.model.layers[0].self_attn.rotary
+    assert step.plans[0] is not None
+    half = rot.cos[:, :rot.cos.shape[1] // 2].contiguous()
+    step.rotary(0, half, half, rot.interleaved)
+    assert step.plans[0] is None
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompt = [{"prompt_token_ids": list(range(3, 12))}]
+    captured = llm.generate(prompt, sp)[0].outputs[0].token_ids
+    runner.captured = None
+    assert captured == llm.generate(prompt, sp)[0].outputs[0].token_ids
