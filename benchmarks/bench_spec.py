@@ -2,7 +2,7 @@
 """Speculative decoding against plain decoding (issue 15's benchmark), every engine in one process.
 
 Targets:
-1. ``default``: the embedded default model (bf16) with its shipped drafter; prompts are windows of
+1. ``default``: the embedded default model (bf16) with its shipped drafter and MTP head; prompts are windows of
    real text (tests/data/prose), so n-gram lookup finds what text repeats.
 2. ``mixtral``: the Mixtral-shaped random bf16 checkpoint of the benchmarks (vocab 32000, hidden
    1024, 8 layers, 8 experts top-2; benchmarks/peers/models.py) with a one-layer drafter cut from
@@ -11,7 +11,9 @@ Targets:
    distillation (the cut teacher, ``draft_cut``) runs too at batch 1: acceptance before and after.
 
 Methods: ``plain``; ``ngram`` (prompt lookup); ``draft`` (the drafter); ``combo`` (``ngram_first``:
-n-gram lookup where the suffix recurred, the drafter elsewhere); all with the engine's cost control
+n-gram lookup where the suffix recurred, the drafter elsewhere); ``mtp`` (the default model's shipped
+MTP-style head, ``moe distill --student mtp``; default target only) and ``mtp_combo`` (with
+``ngram_first``); all with the engine's cost control
 (``--no-cost-control``: K fixed). For each target, concurrency (1, 8, 32 requests in one
 ``generate``) and method: output tokens/s (wall clock, the median of ``--repeats`` runs, methods
 interleaved so a shared host's load falls on all alike; a warm-up run first, from which cost control
@@ -46,7 +48,7 @@ for p in (REPO, REPO / "benchmarks"):
 
 import torch  # noqa: E402
 
-METHODS = ("plain", "ngram", "draft", "combo")
+METHODS = ("plain", "ngram", "draft", "combo", "mtp", "mtp_combo")
 K = 3  # draft tokens per step at most
 
 
@@ -100,13 +102,14 @@ def prepare_mixtral(args) -> dict:
 
 
 # ---- measuring ---------------------------------------------------------------------------------
-def spec_config(method: str, drafter: str | None, cost_control: bool) -> dict | None:
+def spec_config(method: str, drafters: dict, cost_control: bool) -> dict | None:
     if method == "plain":
         return None
     if method == "ngram":
         return {"method": "ngram", "num_speculative_tokens": K, "cost_control": cost_control}
-    return {"method": "draft_model", "model": drafter, "num_speculative_tokens": K, "cost_control": cost_control,
-            "ngram_first": method == "combo"}
+    mtp = method.startswith("mtp")
+    return {"method": "mtp" if mtp else "draft_model", "model": drafters["mtp" if mtp else "draft"],
+            "num_speculative_tokens": K, "cost_control": cost_control, "ngram_first": method.endswith("combo")}
 
 
 def _stats_snapshot(llm) -> tuple[int, int, int, list[int], list[int]]:
@@ -130,7 +133,8 @@ def _prediction(llm, concurrency: int, method: str) -> dict:
     if cost is None or method == "plain":
         return {}
     out = {}
-    for source in (("lookup",) if method == "ngram" else ("model", "lookup") if method == "combo" else ("model",)):
+    sources = ("lookup",) if method == "ngram" else ("model", "lookup") if method.endswith("combo") else ("model",)
+    for source in sources:
         if cost.step_costs(concurrency, source) is None:
             continue
         k = cost.best_k(concurrency, source)
@@ -201,15 +205,15 @@ def run_target(target: str, args, prep: dict | None) -> dict:
     from moe import LLM
 
     if target == "default":
-        from moe.spec_decode import default_drafter_path
+        from moe.spec_decode import default_drafter_path, default_mtp_path
 
-        model, drafters = None, {"draft": str(default_drafter_path())}
+        model, drafters = None, {"draft": str(default_drafter_path()), "mtp": str(default_mtp_path())}
     else:
         model, drafters = prep["checkpoint"], {"draft": prep["drafter"], "draft_cut": prep["drafter_cut"]}
-    names = [m for m in args.methods if m != "plain"]
+    names = [m for m in args.methods if m != "plain" and (not m.startswith("mtp") or "mtp" in drafters)]
     configs = {"plain": None}
     for m in names:
-        configs[m] = spec_config(m, drafters["draft"], args.cost_control)
+        configs[m] = spec_config(m, drafters, args.cost_control)
     out = {}
     for c in args.concurrency:
         # every engine compiles its GEMM shapes at load (as `moe serve --warmup`): a verify step brings
@@ -217,7 +221,7 @@ def run_target(target: str, args, prep: dict | None) -> dict:
         opts = dict(kv_cache_memory=args.kv_cache_memory, max_num_seqs=max(c, 8), warmup=True)
         todo = dict(configs)
         if target == "mixtral" and "draft" in names and c == 1:  # acceptance before distillation
-            todo["draft_cut"] = spec_config("draft", drafters["draft_cut"], args.cost_control)
+            todo["draft_cut"] = spec_config("draft", {"draft": drafters["draft_cut"]}, args.cost_control)
         sets = (prompts_default(1 + args.repeats, c, args.prompt_len) if target == "default" else
                 prompts_random(1 + args.repeats, c, args.prompt_len, 32000 if not args.quick else 4096, seed=c))
         t0 = time.perf_counter()

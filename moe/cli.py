@@ -42,9 +42,12 @@ ENGINE_FLAGS: dict[str, tuple[Any, Any]] = {
                                                      "no method or draft model: off; by n-gram lookup unless "
                                                      "--speculative-method or --draft-model says otherwise).")),
     "speculative_method": (Optional[str], typer.Option(None, help="ngram, draft_model (needs --draft-model), draft "
-                                                                   "(the default model's shipped drafter) or mtp.")),
+                                                                   "(the default model's shipped drafter) or mtp (the "
+                                                                   "model's MTP layer, or the head --draft-model "
+                                                                   "names; the default model ships one).")),
     "draft_model": (Optional[str], typer.Option(None, help="Drafter checkpoint for speculative decoding (same "
-                                                           "vocabulary as the model).")),
+                                                           "vocabulary as the model), or an MTP head's with "
+                                                           "--speculative-method mtp.")),
     "ngram_first": (bool, typer.Option(False, "--ngram-first", help="With a drafter: draft by n-gram lookup where "
                                                                      "the text repeats, by the drafter elsewhere.")),
     "max_model_len": (Optional[int], typer.Option(_default("max_model_len"))),

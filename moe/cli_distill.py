@@ -1,4 +1,5 @@
-"""``moe distill``: train a student (a drafter, or a pruned checkpoint to recover) on a teacher's log-probs.
+"""``moe distill``: train a student (a drafter, an MTP head, or a pruned checkpoint to recover) on a teacher's
+log-probs.
 
 :func:`register` adds the command to a typer app (moe/cli.py calls it).
 """
@@ -13,8 +14,10 @@ import typer
 
 def distill(
     teacher: str = typer.Option(..., "--teacher", help="Teacher checkpoint directory (our engine runs it)."),
-    student: str = typer.Option(..., "--student", help="'draft' (a small drafter cut from the teacher) or a "
-                                                       "checkpoint directory to recover (e.g. a pruned teacher)."),
+    student: str = typer.Option(..., "--student", help="'draft' (a small drafter cut from the teacher), 'mtp' (an "
+                                                       "MTP-style head on the teacher's hidden states, for "
+                                                       "--speculative-method mtp) or a checkpoint directory to "
+                                                       "recover (e.g. a pruned teacher)."),
     data: Path = typer.Option(..., "--data", help="Training text: a file, or a directory of .txt/.md/.rst files "
                                                   "(documents separated by blank lines); or a .jsonl file of "
                                                   "token ids (one JSON list per line)."),
@@ -23,7 +26,8 @@ def distill(
                                              help="Held-out text (default: every 20th window of --data)."),
     draft_layers: int = typer.Option(1, "--draft-layers", help="Drafter: decoder layers (copied from the "
                                                                "teacher's first layers)."),
-    draft_mlp: str = typer.Option("moe", "--draft-mlp", help="Drafter layers: moe (the teacher's) or dense."),
+    draft_mlp: str = typer.Option("moe", "--draft-mlp", help="Drafter / MTP head layers: moe (the teacher's) or "
+                                                             "dense."),
     draft_intermediate: Optional[int] = typer.Option(None, "--draft-intermediate",
                                                      help="Dense drafter: MLP width (default: the config's)."),
     train: str = typer.Option("router+experts", "--train", help="Recovery: what trains, router+experts (the rest "
@@ -35,6 +39,8 @@ def distill(
     batch_size: int = typer.Option(8, "--batch-size"),
     lr: float = typer.Option(1e-3, "--lr"),
     alpha: float = typer.Option(0.1, "--alpha", help="Weight of the hard-label cross-entropy beside the KL."),
+    hard_label: str = typer.Option("data", "--hard-label", help="The cross-entropy's label: data (the text's next "
+                                                                "token) or teacher (the teacher's first choice)."),
     top_k: int = typer.Option(32, "--top-k", help="Teacher log-probs kept per position."),
     seed: int = typer.Option(0, "--seed"),
     teacher_windows: int = typer.Option(0, "--teacher-windows", help="Windows the teacher scores for training "
@@ -51,7 +57,8 @@ def distill(
 ) -> None:
     """Distil a teacher into a student: forward KL on the teacher's top-k log-probs (computed by our engine)
     plus --alpha x the next-token cross-entropy; writes a Hugging Face checkpoint both transformers and
-    ``moe generate --model OUT`` load, with OUT/training_report.json."""
+    ``moe generate --model OUT`` load (an MTP head: the head alone, for ``--speculative-method mtp
+    --draft-model OUT``), with OUT/training_report.json."""
     from .distill import DistillConfig
     from .distill import distill as run
 
@@ -60,7 +67,8 @@ def distill(
                             eval_data=str(eval_data) if eval_data else None, draft_layers=draft_layers,
                             draft_mlp=draft_mlp, draft_intermediate=draft_intermediate, train=train,
                             lora_rank=lora_rank, steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr,
-                            alpha=alpha, top_k=top_k, seed=seed, teacher_windows=teacher_windows,
+                            alpha=alpha, hard_label=hard_label, top_k=top_k, seed=seed,
+                            teacher_windows=teacher_windows,
                             eval_windows=eval_windows, teacher_dtype=teacher_dtype, save_every=save_every,
                             threads=threads)
         if stop_after is not None and stop_after < 1:

@@ -253,7 +253,8 @@ class CapturedDecode:
     the ``T <= max_rows`` rows of one sequence's verify step (its token and drafts), each row
     computed as a one-token step at its position computes it."""
 
-    def __init__(self, model: MoECausalLM, halves: list[tuple[Half, Half]]):
+    def __init__(self, model: MoECausalLM, halves: list[tuple[Half, Half]], head: torch.nn.Module | None = None,
+                 embeds: bool = True):
         self.model, self.halves = model, halves
         self._flat = [h for pair in halves for h in pair]
         # The one-call halves take a verify step's rows one after another, reading the layer's
@@ -268,15 +269,18 @@ class CapturedDecode:
         # Python op runs, whose cost after each weight stream (cold caches) was ~0.5 ms a step on
         # Mixtral's shape. The loop hands a half back here where it is an op-by-op one, a router's
         # choice hangs on a tie or a kernel declines; each half writes to the loop's buffers.
-        plain = get_tp_size() == 1 and type(model).compute_logits is MoECausalLM.compute_logits
+        # (a given head: its logits are head(h).float(), as an MTP layer's are)
+        plain = get_tp_size() == 1 and (head is not None or type(model).compute_logits is MoECausalLM.compute_logits)
+        head = head if head is not None else model.lm_head
         first_norm = model.layers[0].input_layernorm
         embed = (model.embed_tokens.weight, first_norm.weight, first_norm.eps) \
-            if plain and type(first_norm) is RMSNorm else None
+            if embeds and plain and type(first_norm) is RMSNorm else None
         self.step = cpu_kernels.DecodeStep([h.step_half(self.max_rows) for h in self._flat],
                                            model.cfg.hidden_size, self.max_rows, embed)
         # the LM head of the step's rows in one C call (each as a one-token step's), where it is plain
-        head = _one_row_weight(model.lm_head) if plain and model.lm_head.per_rank == model.lm_head.vocab else None
-        self.head = cpu_kernels.LogitsRows(head) if head is not None else None
+        self.head_module = head
+        head_w = _one_row_weight(head) if plain and head.per_rank == head.vocab else None
+        self.head = cpu_kernels.LogitsRows(head_w) if head_w is not None else None
         for i, half in enumerate(self._flat[:-1]):  # (the last half's result is new: the caller keeps it)
             if type(half) not in (_OpsAttention, _OpsMlp):
                 half.into = self.step.outputs(i)
@@ -291,11 +295,28 @@ class CapturedDecode:
     def capture(cls, model: MoECausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> CapturedDecode | None:
         """The plan for ``model`` with its caches, or None where no half-layer would run as one call
         (not on CPU, not bf16, the C kernels not built, every half split or special)."""
-        emb = model.embed_tokens.weight
-        if not model.layers or not _bf16_cpu(emb) or cpu_kernels.load() is None:
+        return cls._capture(model, list(model.layers), model.norm, kv_caches)
+
+    @classmethod
+    def capture_mtp(cls, mtp: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+                    ) -> CapturedDecode | None:
+        """The plan for a one-layer MTP model (:class:`moe.models.MTPModel`): its decoder layer with
+        ``shared_head.norm`` as the final norm and its head; run by :meth:`from_hidden` on the fused input
+        (``mtp.fuse``), its logits by :meth:`logits`. None where :meth:`capture` would give None, or for
+        several MTP layers (each runs alone, as its own step)."""
+        if mtp.num_layers != 1:
             return None
-        layers: list[DecoderLayer] = list(model.layers)
-        next_norms = [layer.input_layernorm for layer in layers[1:]] + [model.norm]
+        layer = mtp.layers[0]
+        head = layer.shared_head.head if layer.shared_head.head is not None else mtp.lm_head
+        return cls._capture(mtp, [layer], layer.shared_head.norm, kv_caches, head=head, embeds=False)
+
+    @classmethod
+    def _capture(cls, model: torch.nn.Module, layers: list[DecoderLayer], final_norm: RMSNorm,
+                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], **kw) -> CapturedDecode | None:
+        emb = model.embed_tokens.weight
+        if not layers or not _bf16_cpu(emb) or cpu_kernels.load() is None:
+            return None
+        next_norms = [layer.input_layernorm for layer in layers[1:]] + [final_norm]
         halves, fused = [], 0
         for layer, next_norm, (k_cache, v_cache) in zip(layers, next_norms, kv_caches):
             attn, norm, mlp = layer.self_attn, layer.post_attention_layernorm, layer.mlp
@@ -313,7 +334,7 @@ class CapturedDecode:
                 second = _OpsMlp(mlp, next_norm)
             fused += (type(first) is not _OpsAttention) + (type(second) is not _OpsMlp)
             halves.append((first, second))
-        return cls(model, halves) if fused else None
+        return cls(model, halves, **kw) if fused else None
 
     def _grow_rotaries(self, end: int) -> None:
         """Grow the rotary tables to ``end`` positions (the layers read them after); set the loop's
@@ -326,17 +347,31 @@ class CapturedDecode:
                 self._rotary[key] = (rot, (rot.cos, rot.sin), halves)
 
     def __call__(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        halves, meta, step = self._flat, ctx.meta, self.step
+        meta, step = ctx.meta, self.step
         context_len = meta.context_lens_list[0]  # (the step's rows end the sequence: its last position + 1)
         if self._rotary:
             self._grow_rotaries(context_len)
-        T, n = input_ids_T.shape[0], len(halves)
-        last = torch.empty(T, self.model.cfg.hidden_size, dtype=torch.bfloat16)
+        last = torch.empty(input_ids_T.shape[0], self.model.cfg.hidden_size, dtype=torch.bfloat16)
         run = step.from_ids(input_ids_T, positions_T, meta.block_tables, context_len, meta.slot_mapping, last)
         if run is None:  # (the loop does not embed here, or an id is outside the vocabulary)
-            h = self.model.embed_tokens(input_ids_T)
-            run = step(0, h, self.model.layers[0].input_layernorm(h), positions_T, meta.block_tables, context_len,
-                       meta.slot_mapping, last)
+            return self.from_hidden(self.model.embed_tokens(input_ids_T), positions_T, ctx)
+        return self._loop(run, positions_T, ctx, last)
+
+    def from_hidden(self, h_TD: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """The step from the residual stream's first value ``h_TD`` (an embedding, or an MTP layer's fused input)."""
+        meta, step = ctx.meta, self.step
+        context_len = meta.context_lens_list[0]
+        if self._rotary:
+            self._grow_rotaries(context_len)
+        last = torch.empty(h_TD.shape[0], self.model.cfg.hidden_size, dtype=torch.bfloat16)
+        run = step(0, h_TD, self.model.layers[0].input_layernorm(h_TD), positions_T, meta.block_tables, context_len,
+                   meta.slot_mapping, last)
+        return self._loop(run, positions_T, ctx, last)
+
+    def _loop(self, run, positions_T: torch.Tensor, ctx: ForwardContext, last: torch.Tensor) -> torch.Tensor:
+        halves, meta, step = self._flat, ctx.meta, self.step
+        context_len = meta.context_lens_list[0]
+        T, n = positions_T.shape[0], len(halves)
         i = 0
         while True:
             stop, h, x = run

@@ -5,8 +5,10 @@
 2. Our engine runs the teacher over the windows and keeps its top-k log-probs per position
    (:mod:`moe.distill_data`; cached in ``<out>/distill_state/``).
 3. The student (:mod:`moe.distill_student`: a drafter cut from the teacher, or an existing checkpoint
-   such as a pruned teacher, its routers and experts or, with ``train="all"``, every weight) trains in torch on
-   ``loss = KL(p || q) + alpha * CE(next token)``, where ``p`` is the teacher's top-k renormalised and
+   such as a pruned teacher, its routers and experts or, with ``train="all"``, every weight; or
+   :mod:`moe.distill_mtp`: an MTP-style head on the teacher's hidden states) trains in torch on
+   ``loss = KL(p || q) + alpha * CE(label)`` (the label: the text's next token, or with
+   ``hard_label="teacher"`` the teacher's first choice), where ``p`` is the teacher's top-k renormalised and
    ``q`` the student's softmax over the same k tokens (zero when the student ranks and weighs them as the
    teacher does, whatever the rest of the vocabulary; the hard-label CE keeps its mass there in check).
 4. Checkpoints every ``save_every`` steps let ``resume`` continue bit-for-bit; the result is a standard
@@ -27,21 +29,24 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from .distill_data import TeacherTopK, batches, cached_engine_topk, data_stream, progress_bar, split_heldout, windows
+from .distill_mtp import MTPHead
 from .distill_student import build_draft_student, load_student, save_student, select_trainable
 
 STATE_DIR = "distill_state"
 TRAIN_CHOICES = ("router+experts", "all")  # what a recovered checkpoint (--student PATH) trains
+NEW_STUDENTS = ("draft", "mtp")  # students built from the teacher (anything else is a checkpoint directory)
+HARD_LABELS = ("data", "teacher")  # the cross-entropy's label: the text's next token, or the teacher's top-1
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     teacher: str
-    student: str  # "draft" or a checkpoint directory
+    student: str  # "draft", "mtp" or a checkpoint directory
     data: str
     out: str
     eval_data: str | None = None
     draft_layers: int = 1
-    draft_mlp: str = "moe"  # "moe": a cut-down copy of the teacher; "dense": SwiGLU MLP layers
+    draft_mlp: str = "moe"  # drafter / MTP head: "moe" (the teacher's layers) or "dense" (SwiGLU MLP layers)
     draft_intermediate: int | None = None  # dense drafter MLP width (None: the teacher config's intermediate_size)
     train: str = "router+experts"  # recovery (--student PATH): "router+experts" or "all" (every weight)
     lora_rank: int = 0
@@ -50,6 +55,7 @@ class DistillConfig:
     batch_size: int = 8
     lr: float = 1e-3
     alpha: float = 0.1  # weight of the hard-label cross-entropy
+    hard_label: str = "data"  # its label: the text's next token ("data") or the teacher's first choice ("teacher")
     top_k: int = 32
     seed: int = 0
     teacher_windows: int = 0  # windows the teacher scores for training (0: steps * batch_size, at most all)
@@ -64,13 +70,15 @@ class DistillConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
         if self.lr <= 0 or self.alpha < 0:
             raise ValueError(f"--lr {self.lr} must be > 0 and --alpha {self.alpha} >= 0")
+        if self.hard_label not in HARD_LABELS:
+            raise ValueError(f"--hard-label {self.hard_label!r}: choose {' or '.join(HARD_LABELS)}")
         if self.lora_rank < 0 or self.teacher_windows < 0 or self.threads < 0:
             raise ValueError("--lora-rank, --teacher-windows and --threads must be >= 0")
         if not (Path(self.teacher) / "config.json").is_file():
             raise FileNotFoundError(f"--teacher {self.teacher}: no config.json there; give a checkpoint directory")
-        if self.student == "draft" and self.lora_rank:
+        if self.student in NEW_STUDENTS and self.lora_rank:
             raise ValueError("--lora-rank applies to recovering an existing checkpoint (--student PATH), "
-                             "not to a drafter, which trains all its weights")
+                             f"not to --student {self.student}, which trains all its weights")
         if self.train not in TRAIN_CHOICES:
             raise ValueError(f"--train {self.train!r}: choose {' or '.join(TRAIN_CHOICES)}")
         if self.train == "all" and self.lora_rank:
@@ -80,8 +88,8 @@ class DistillConfig:
         if context and self.seq_len + 1 > context:
             raise ValueError(f"--seq-len {self.seq_len}: windows of {self.seq_len + 1} tokens exceed the teacher's "
                              f"context ({context}); choose --seq-len below {context}")
-        if self.student != "draft" and not (Path(self.student) / "config.json").is_file():
-            raise FileNotFoundError(f"--student {self.student}: give 'draft' or a checkpoint directory "
+        if self.student not in NEW_STUDENTS and not (Path(self.student) / "config.json").is_file():
+            raise FileNotFoundError(f"--student {self.student}: give 'draft', 'mtp' or a checkpoint directory "
                                     "(with config.json)")
 
     @property
@@ -111,6 +119,15 @@ def distill_loss(logits_BLV: torch.Tensor, targets_BL: torch.Tensor, teacher: Te
     return kl + alpha * ce, float(kl.detach()), float(ce.detach())
 
 
+def predict(model: torch.nn.Module, wins: torch.Tensor, teacher: TeacherTopK
+            ) -> tuple[torch.Tensor, torch.Tensor, TeacherTopK]:
+    """The student's logits over windows ``[B, L + 1]``, the tokens they predict and the teacher's view of the
+    same positions: next tokens for a causal LM, the token after for an MTP head (:class:`MTPHead`)."""
+    if isinstance(model, MTPHead):
+        return model(wins), wins[:, 1 + model.shift:], teacher.skip(model.shift)
+    return model(input_ids=wins[:, :-1]).logits, wins[:, 1:], teacher
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, wins: torch.Tensor, teacher: TeacherTopK, batch_size: int) -> dict[str, float]:
     """Held-out KL to the teacher (as in the loss), top-1 agreement with it, and the student's perplexity."""
@@ -119,13 +136,13 @@ def evaluate(model: torch.nn.Module, wins: torch.Tensor, teacher: TeacherTopK, b
     n_pos = 0
     for rows in batches(len(wins), batch_size):
         rows = torch.tensor(list(rows))
-        w, t = wins[rows], teacher.select(rows)
         with parametrize.cached():
-            logits = model(input_ids=w[:, :-1]).logits.float()
-        n = w[:, 1:].numel()
+            logits, targets, t = predict(model, wins[rows], teacher.select(rows))
+        logits = logits.float()
+        n = targets.numel()
         kl_sum += float(topk_kl(logits, t)) * n
         agree += float((logits.argmax(-1) == t.top1_NL).sum())
-        nll += float(F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum"))
+        nll += float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
         n_pos += n
     model.train()
     return {"kl": round(kl_sum / n_pos, 5), "top1_agreement": round(agree / n_pos, 5),
@@ -160,7 +177,7 @@ def prepare_data(cfg: DistillConfig, progress: bool) -> tuple[torch.Tensor, Teac
 
 def _check_out(cfg: DistillConfig, resume: bool, force: bool) -> None:
     out = Path(cfg.out)
-    if Path(cfg.teacher).resolve() == out.resolve() or (cfg.student != "draft"
+    if Path(cfg.teacher).resolve() == out.resolve() or (cfg.student not in NEW_STUDENTS
                                                         and Path(cfg.student).resolve() == out.resolve()):
         raise ValueError("--out must differ from --teacher and --student")
     if resume:
@@ -197,6 +214,10 @@ def distill(cfg: DistillConfig, *, resume: bool = False, force: bool = False, st
         model, copied = build_draft_student(cfg.teacher, cfg.draft_layers, cfg.draft_mlp, cfg.draft_intermediate,
                                             cfg.seed)
         trainable = select_trainable(model, "all")
+    elif cfg.student == "mtp":
+        model = MTPHead(cfg.teacher, cfg.draft_mlp, cfg.draft_intermediate, cfg.seed)
+        copied = model.copied
+        trainable = select_trainable(model, "all")
     else:
         model, copied = load_student(cfg.student), []
         trainable = select_trainable(model, cfg.train, cfg.lora_rank, cfg.seed)
@@ -226,12 +247,12 @@ def distill(cfg: DistillConfig, *, resume: bool = False, force: bool = False, st
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
     while step < end:
         rows = torch.randint(len(train), (cfg.batch_size,), generator=gen)
-        w = train[rows]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         with parametrize.cached():  # adapters: W + BA once per step, not once per expert access
-            logits = model(input_ids=w[:, :-1]).logits
-            loss, kl, ce = distill_loss(logits, w[:, 1:], train_top.select(rows), cfg.alpha)
+            logits, targets, teacher = predict(model, train[rows], train_top.select(rows))
+            labels = teacher.top1_NL.long() if cfg.hard_label == "teacher" else targets
+            loss, kl, ce = distill_loss(logits, labels, teacher, cfg.alpha)
             opt.zero_grad(set_to_none=True)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -248,7 +269,10 @@ def distill(cfg: DistillConfig, *, resume: bool = False, force: bool = False, st
         return report
     after = evaluate(model, held, held_top, cfg.batch_size)
     out = Path(cfg.out)
-    save_student(model, out, _checkpoint_dtype(cfg.teacher), Path(cfg.teacher))
+    if isinstance(model, MTPHead):
+        model.save(out, _checkpoint_dtype(cfg.teacher))
+    else:
+        save_student(model, out, _checkpoint_dtype(cfg.teacher), Path(cfg.teacher))
     report.update({
         "command": command_line(cfg), "options": asdict(cfg), "teacher_windows": len(train),
         "heldout_windows": len(held),

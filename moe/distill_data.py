@@ -109,6 +109,10 @@ class TeacherTopK:
     def select(self, rows: torch.Tensor) -> TeacherTopK:
         return TeacherTopK(self.ids_NLk[rows], self.logprobs_NLk[rows], self.target_logprob_NL[rows])
 
+    def skip(self, n: int) -> TeacherTopK:
+        """The view without the first ``n`` positions of each window."""
+        return TeacherTopK(self.ids_NLk[:, n:], self.logprobs_NLk[:, n:], self.target_logprob_NL[:, n:])
+
 
 def _entry_topk(entry: dict[int, float], k: int) -> tuple[list[int], list[float]]:
     best = sorted(entry.items(), key=lambda kv: (-kv[1], kv[0]))[:k]

@@ -302,20 +302,41 @@ class DraftModelProposer:
             probs[i].append(q_V)
 
 
+class _PendingRows:
+    """Rows of one sequence the target computed and its MTP layer has not run yet: positions
+    ``start .. start + len(ids) - 1``, each with ``t_{i+1}`` (``ids``) and the target's ``h_i``."""
+
+    def __init__(self, seq: Sequence, start: int):
+        self.seq = seq
+        self.preemptions = seq.num_preemptions
+        self.start = start
+        self.ids: list[int] = []
+        self.hidden: list[torch.Tensor] = []
+        self.nbytes = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.ids)
+
+
 class MTPDrafter(_OwnKVCache):
     """DeepSeek-V3's multi-token-prediction layer as the drafter (``method: "mtp"``): row ``i``
     takes token ``t_{i+1}`` and the target's hidden state ``h_i`` (after its final norm) and its
     logits predict ``t_{i+2}`` (:mod:`moe.models.mtp`). Its K/V sit at slot ``i`` of its own cache,
     with the target's block tables, like a draft model's.
 
-    After each target step :meth:`catch_up` runs the MTP over the positions the target computed
-    (for a verified draft: the accepted rows, with the target's true hidden states, replacing the
-    drafting steps' K/V there), the last row's input being the token just sampled. That last row's
-    output gives the first draft of the next step, so drafting step 0 costs nothing; step ``j``
+    After each target step :meth:`catch_up` keeps the positions the target computed (for a verified
+    draft: the accepted rows), with the target's hidden states, as the sequence's pending rows, the
+    last row's input being the token just sampled. They run when the sequence next drafts (step 0 of
+    :meth:`step`: all its pending rows in one pass, replacing the drafting steps' K/V there; the last
+    row's output gives the first draft), so steps that draft nothing (cost control's K = 0) cost no
+    MTP pass; a sequence's pending rows run at once when they pass ``PENDING_BYTES``. Step ``j > 0``
     runs draft token ``d_j`` at position ``c + j - 1`` with the MTP's own previous output as the
     hidden state (the first MTP layer reused for every K). A prefix-cache hit keeps the hit blocks'
     MTP K/V, whose last slot was computed with the token that followed there, which may differ:
     drafts may be a little worse there, outputs are exact regardless."""
+
+    PENDING_BYTES = 8 << 20  # hidden states kept per sequence before its rows run anyway
 
     def __init__(self, mtp: torch.nn.Module, dtype: torch.dtype, device: torch.device):
         self.model = mtp
@@ -323,68 +344,102 @@ class MTPDrafter(_OwnKVCache):
         self.device = device
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
-        # id(seq) -> (computed length it holds for, logits of the next draft [V], hidden state to chain [D])
+        # id(seq) -> (seq, computed length it holds for, logits of the next draft [V], hidden state to chain [D])
         self._next: dict[int, tuple[Sequence, int, torch.Tensor, torch.Tensor]] = {}
+        self._pending: dict[int, _PendingRows] = {}
         self.num_tokens_run = 0
+        self.captured: CapturedDecode | None = None
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, fp8: bool) -> None:
+        super().allocate_kv_cache(num_blocks, block_size, fp8)
+        self.captured = CapturedDecode.capture_mtp(self.model, self.kv_caches)
 
     @torch.inference_mode()
     def _forward(self, ids: list[int], hidden_TD: torch.Tensor, positions: list[int], query_lens: list[int],
                  seqs: list[Sequence]) -> torch.Tensor:
+        """The MTP layer's output for the rows; one sequence's rows (as many as the captured step takes)
+        run as the captured batch-1 step does, from the fused input."""
         ends = torch.tensor(query_lens).cumsum(0).tolist()
         context_lens = [positions[e - 1] + 1 for e in ends]
         meta = AttentionMetadata.build(query_lens, context_lens, [s.block_table.blocks for s in seqs],
                                        self.block_size, self.device)
         self.num_tokens_run += len(ids)
-        return self.model(torch.tensor(ids, dtype=torch.long, device=self.device), hidden_TD.to(self.dtype),
-                          torch.tensor(positions, dtype=torch.long, device=self.device),
-                          ForwardContext(meta, self.kv_caches))
+        ids_T = torch.tensor(ids, dtype=torch.long, device=self.device)
+        pos_T = torch.tensor(positions, dtype=torch.long, device=self.device)
+        ctx = ForwardContext(meta, self.kv_caches)
+        if self.captured is not None and len(seqs) == 1 and len(ids) <= self.captured.max_rows:
+            return self.captured.from_hidden(self.model.fuse(ids_T, hidden_TD.to(self.dtype)), pos_T, ctx)
+        return self.model(ids_T, hidden_TD.to(self.dtype), pos_T, ctx)
+
+    def _logits(self, out_TD: torch.Tensor) -> torch.Tensor:
+        if self.captured is not None and out_TD.shape[0] == 1:
+            return self.captured.logits(out_TD).cpu()
+        return self.model.compute_logits(out_TD).cpu()
+
+    def _pending_of(self, seq: Sequence) -> _PendingRows | None:
+        rows = self._pending.get(id(seq))
+        return rows if rows is not None and rows.preemptions == seq.num_preemptions and rows.ids else None
+
+    def _run_pending(self, seqs: list[Sequence]) -> None:
+        """Each sequence's pending rows in one pass; the last row's output is its next first draft."""
+        rows = [self._pending.pop(id(s)) for s in seqs]
+        out_TD = self._forward([t for r in rows for t in r.ids], torch.cat([h for r in rows for h in r.hidden]),
+                               [p for r in rows for p in range(r.start, r.end)], [len(r.ids) for r in rows], seqs)
+        last = (torch.tensor([len(r.ids) for r in rows]).cumsum(0) - 1).to(out_TD.device)
+        logits = self._logits(out_TD[last])
+        for seq, r, lg, h in zip(seqs, rows, logits, out_TD[last]):
+            self._next[id(seq)] = (seq, r.end, lg, h)
 
     def step(self, seqs: list[Sequence], ids: list[int], positions: list[int]) -> torch.Tensor:
-        """Drafting step ``j`` for rows ``ids`` at ``positions`` = c + j: step 0's logits were made by
-        catch-up; later steps run the MTP at position c + j - 1 on its own previous output."""
+        """Drafting step ``j`` for rows ``ids`` at ``positions`` = c + j: step 0 runs the pending rows
+        (their last row's output makes the logits); later steps run the MTP at position c + j - 1 on
+        its own previous output."""
+        if all(s.num_computed_tokens == p for s, p in zip(seqs, positions)):
+            owing = [s for s in seqs if self._pending_of(s) is not None]
+            if owing:
+                self._run_pending(owing)
         first = [self._next.get(id(s)) for s in seqs]
-        if all(f is not None and f[1] == s.num_computed_tokens == p for f, s, p in zip(first, seqs, positions)):
-            return torch.stack([f[2] for f in first])
         if any(f is None or f[1] != s.num_computed_tokens for f, s in zip(first, seqs)):
             raise RuntimeError("MTP drafting without the target's hidden state of the last position: "
                                "catch_up must run after every target step")
+        if all(f[1] == p for f, p in zip(first, positions)):
+            return torch.stack([f[2] for f in first])
         prev = torch.stack([f[3] for f in first])
         out_TD = self._forward(ids, prev, [p - 1 for p in positions], [1] * len(seqs), seqs)
-        logits = self.model.compute_logits(out_TD).cpu()
+        logits = self._logits(out_TD)
         for s, f, lg, h in zip(seqs, first, logits, out_TD):
             self._next[id(s)] = (s, f[1], lg, h)  # the chain moves on; its first entry stays keyed by c
         return logits
 
     def owed(self, seq: Sequence) -> int:
-        return 0  # (it runs every position the target computed, after each target step)
+        rows = self._pending_of(seq)
+        return len(rows.ids) if rows is not None else 0
 
     def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, sampled: dict[int, list[int]]) -> None:
-        ids: list[int] = []
-        positions: list[int] = []
-        rows: list[torch.Tensor] = []
-        qlens: list[int] = []
-        seqs: list[Sequence] = []
         base = 0
+        full: list[Sequence] = []
+        hidden_TD = hidden_TD.clone()  # (the step's tensor may be a reused buffer; the rows keep views of this)
+        row_bytes = hidden_TD.shape[-1] * hidden_TD.element_size()
         for b, s in enumerate(batch.seqs):
             seq, start, n = s.seq, s.start, s.num_new_tokens
-            new = sampled.get(b, [])
+            new = sampled.get(b, ())
             # the positions the target computed this step: a chunk, or the last token and accepted drafts
             m = len(new) if s.draft else n
-            known = seq.token_ids + list(new)  # t_{i+1} of the last row is the token just sampled
-            if start + m < len(known):
-                ids.extend(known[start + 1:start + m + 1])
-                positions.extend(range(start, start + m))
-                rows.append(hidden_TD[base:base + m])
-                qlens.append(m)
-                seqs.append(seq)
+            ids = seq.token_ids[start + 1:start + m + 1]  # t_{i+1} of the last row is the token just sampled
+            if len(ids) < m:
+                ids += new[:m - len(ids)]
+            if len(ids) == m:
+                rows = self._pending_of(seq)
+                if rows is None or rows.end != start:  # (a new or recomputed sequence: its rows from here)
+                    rows = self._pending[id(seq)] = _PendingRows(seq, start)
+                rows.ids += ids
+                rows.hidden.append(hidden_TD[base:base + m])
+                rows.nbytes += m * row_bytes
+                if rows.nbytes > self.PENDING_BYTES:
+                    full.append(seq)
             base += n
-        for key, entry in list(self._next.items()):
-            if entry[0].is_finished:
-                del self._next[key]
-        if not seqs:
-            return
-        out_TD = self._forward(ids, torch.cat(rows), positions, qlens, seqs)
-        last = (torch.tensor(qlens).cumsum(0) - 1).to(out_TD.device)
-        logits = self.model.compute_logits(out_TD[last]).cpu()
-        for seq, q, lg, h, p in zip(seqs, qlens, logits, out_TD[last], [positions[i] for i in last.tolist()]):
-            self._next[id(seq)] = (seq, p + 1, lg, h)
+        if len(self._next) + len(self._pending) > 2 * len(batch.seqs):  # (entries of finished sequences)
+            self._next = {k: v for k, v in self._next.items() if not v[0].is_finished}
+            self._pending = {k: v for k, v in self._pending.items() if not v.seq.is_finished}
+        if full:
+            self._run_pending(full)

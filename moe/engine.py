@@ -29,7 +29,7 @@ from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledBatch, Scheduler
 from .spec_cost import SpecCostModel
-from .spec_decode import DraftCounts, NgramProposer, Proposer, SpecStats, SpeculativeConfig
+from .spec_decode import DraftCounts, NgramProposer, Proposer, SpecStats, SpeculativeConfig, shipped_mtp_head
 from .sequence import Sequence
 from .spmd import LockStep, init_parallel
 from .structured_output import StructuredOutputManager
@@ -149,11 +149,17 @@ class LLMEngine:
             raise ValueError(f"speculative_config method {spec.method!r} runs in one process only for now: "
                              "drop the sharding or use method 'ngram'")
         if spec.method == "mtp":
-            mtp = load_mtp(self.config.model, self.model_config, self.dtype, self.device, target=self.model)
+            path, cfg = self.config.model, self.model_config
+            head = spec.model or shipped_mtp_head(self.config.model, cfg)
+            if head is not None:  # an MTP-style head in a directory of its own (moe distill --student mtp)
+                hf = read_config_json(head)
+                path, cfg = head, replace(parse_config(hf), experts=plan_experts(hf))
+            mtp = load_mtp(path, cfg, self.dtype, self.device, target=self.model)
             if mtp is None:
-                raise ValueError(f"speculative_config method 'mtp': {self.config.model} has no multi-token-prediction "
+                raise ValueError(f"speculative_config method 'mtp': {path} has no multi-token-prediction "
                                  "layer (config.json num_nextn_predict_layers is absent or 0): use 'ngram' or "
-                                 "'draft_model'")
+                                 "'draft_model', or train a head with `moe distill --student mtp` and give it as "
+                                 "'model'")
             return MTPDrafter(mtp, self.dtype, self.device)
         return DraftModel(spec.model, self.model_config.vocab_size, self.dtype, self.device)
 

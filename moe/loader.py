@@ -242,6 +242,11 @@ def load_mtp(model_path: str | Path, cfg: ModelConfig, dtype: torch.dtype, devic
         return None
     model_dir = Path(model_path)
     first, n = cfg.num_layers, mcfg.num_layers
+    if target is not None and (target.cfg.hidden_size, target.cfg.vocab_size) != (cfg.hidden_size, cfg.vocab_size):
+        raise ValueError(f"the multi-token-prediction head in {model_dir} has hidden size {cfg.hidden_size} and "
+                         f"vocabulary {cfg.vocab_size}, the target {target.cfg.hidden_size} and "
+                         f"{target.cfg.vocab_size}: it was trained for another model; give the head trained for "
+                         "this one (moe distill --student mtp --teacher TARGET)")
     shapes = tensor_shapes(checkpoint_files(model_dir))
     packed = cfg.experts is not None and cfg.experts.fmt is not None
     for k in range(n):

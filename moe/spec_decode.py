@@ -20,7 +20,8 @@ Proposers (the scheduler's ``proposer``):
   distribution q, kept for verification. ``draft`` without a model is the drafter shipped
   beside the embedded default model.
 - ``mtp`` (:class:`moe.drafter.MTPDrafter`): a DeepSeek-V3 checkpoint's multi-token-prediction
-  layer drafts from the target's hidden states.
+  layer drafts from the target's hidden states; with ``model``, an MTP-style head of its own directory
+  (``moe distill --student mtp``; the embedded default model ships one).
 """
 from __future__ import annotations
 
@@ -44,6 +45,22 @@ def default_drafter_path() -> Path:
     return Path(str(resources.files("moe") / "default_model" / "drafter"))
 
 
+def default_mtp_path() -> Path:
+    """Where the embedded default model's MTP-style head ships (``moe distill --student mtp`` writes it)."""
+    return Path(str(resources.files("moe") / "default_model" / "mtp"))
+
+
+def shipped_mtp_head(model_dir: str | Path, cfg) -> Path | None:
+    """The head method ``mtp`` uses when no ``model`` is given and the target holds no MTP layer of its own:
+    the one shipped beside the embedded default model, when the target is that model; else None."""
+    if int(cfg.raw.get("num_nextn_predict_layers") or 0) > 0:
+        return None
+    head = default_mtp_path()
+    if Path(model_dir).resolve() == head.parent.resolve() and (head / "config.json").is_file():
+        return head
+    return None
+
+
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """vLLM's ``speculative_config`` dict, validated: e.g. ``{"method": "ngram",
@@ -54,11 +71,11 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4  # K: draft tokens per step at most
     prompt_lookup_max: int = 4  # ngram only
     prompt_lookup_min: int = 2  # ngram only
-    model: str | None = None  # draft_model: the drafter's checkpoint directory
+    model: str | None = None  # draft_model: the drafter's checkpoint directory; mtp: a head's (else the target's)
     # the engine picks K per step (0..num_speculative_tokens) from measured acceptance and step
     # costs (moe.spec_cost); False: always num_speculative_tokens
     cost_control: bool = True
-    # draft_model / draft: draft by n-gram lookup where the sequence's suffix recurred (free drafts),
+    # draft_model / draft / mtp: draft by n-gram lookup where the sequence's suffix recurred (free drafts),
     # by the drafter elsewhere (each source's K chosen by cost control from its own acceptance)
     ngram_first: bool = False
 
@@ -96,19 +113,21 @@ class SpeculativeConfig:
         for name in ("cost_control", "ngram_first"):
             if not isinstance(getattr(cfg, name), bool):
                 raise ValueError(f"speculative_config {name}={getattr(cfg, name)!r} must be true or false")
-        if cfg.ngram_first and cfg.method not in ("draft_model", "draft"):
-            raise ValueError(f"speculative_config ngram_first is for methods 'draft_model' and 'draft' (n-gram "
+        if cfg.ngram_first and cfg.method not in DRAFTER_METHODS:
+            raise ValueError(f"speculative_config ngram_first is for methods {', '.join(DRAFTER_METHODS)} (n-gram "
                              f"lookup first, the drafter elsewhere), not {cfg.method!r}: drop it")
         return cfg._with_drafter_path()
 
     def _with_drafter_path(self) -> "SpeculativeConfig":
-        if self.method in ("ngram", "mtp"):
+        if self.method == "ngram":
             if self.model is not None:
-                raise ValueError(f"speculative_config model={self.model!r} is for method 'draft_model' "
-                                 f"('{self.method}' drafts from the target itself): drop it or set method "
+                raise ValueError(f"speculative_config model={self.model!r} is for methods 'draft_model' and 'mtp' "
+                                 "('ngram' drafts from the request's own tokens): drop it or set method "
                                  "'draft_model'")
             return self
         if self.model is None:
+            if self.method == "mtp":  # the target's own MTP layer(s) (or the default model's shipped head)
+                return self
             if self.method == "draft_model":
                 raise ValueError("speculative_config method 'draft_model' needs 'model': the drafter's "
                                  "checkpoint directory (same vocabulary as the target)")

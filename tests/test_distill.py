@@ -97,6 +97,95 @@ def test_dense_drafter_and_resume_continue_bit_for_bit(teacher, corpus, tmp_path
     assert other.exit_code == 2 and "written with other options (lr)" in other.output
 
 
+def test_hard_label_teacher_is_the_teachers_first_choice(teacher, corpus, tmp_path, monkeypatch):
+    import moe.distill as distill_module
+
+    for label in ("teacher", "data"):
+        seen = []
+        orig = distill_module.distill_loss
+
+        def spy(logits, labels, top, alpha, orig=orig, seen=seen):
+            seen.append(torch.equal(labels, top.top1_NL.long()))
+            return orig(logits, labels, top, alpha)
+
+        monkeypatch.setattr(distill_module, "distill_loss", spy)
+        fast = [a if a != "0" or FAST[i - 1] != "--alpha" else "1" for i, a in enumerate(FAST)]
+        run_distill("--teacher", str(teacher), "--student", "draft", "--data", str(corpus), "--hard-label", label,
+                    "--out", str(tmp_path / label), *fast)
+        monkeypatch.undo()
+        assert len(seen) == 16 and all(seen) == (label == "teacher") and not any(seen) == (label == "data")
+
+
+def _head_logits_in_torch(teacher: Path, head_dir: Path, mlp: str, wins: torch.Tensor) -> torch.Tensor:
+    """The training module (moe.distill_mtp.MTPHead) with the saved head's tensors put back by name."""
+    from safetensors.torch import load_file
+
+    from moe.distill_mtp import MTPHead
+
+    head = MTPHead(teacher, mlp).eval()
+    prefix = f"model.layers.{head.first_layer}."
+    own = {"enorm.weight", "hnorm.weight", "eh_proj.weight"}
+    state = {(n if n in own else "shared_head_norm.weight" if n == "shared_head.norm.weight" else "layer." + n): t
+             for n, t in ((k[len(prefix):], v) for k, v in load_file(head_dir / "model.safetensors").items())}
+    head.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        return head(wins)
+
+
+@pytest.mark.parametrize("mlp", ["moe", "dense"])
+def test_mtp_head_distillation_lowers_kl_and_drafts_exactly_in_our_engine(teacher, corpus, tmp_path, mlp):
+    """--student mtp: a DeepSeek-layout MTP layer on the teacher's hidden states; the engine loads it as
+    speculative method mtp with a model, its logits equal the training module's, greedy outputs stay the same."""
+    from safetensors.torch import load_file
+
+    from moe.config import read_config_json
+    from moe.loader import load_mtp
+    from moe.models import ForwardContext, parse_config
+    from kvcache import AttentionMetadata
+
+    out = tmp_path / "mtp"
+    report = run_distill("--teacher", str(teacher), "--student", "mtp", "--draft-mlp", mlp, "--data", str(corpus),
+                         "--out", str(out), *FAST)
+    before, after = report["heldout_before"], report["heldout_after"]
+    assert report["finished"] and after["kl"] < 0.9 * before["kl"], (before, after)
+    assert report["initialised_from_teacher"] > 0  # attention and norms from the teacher's last layer
+    N = json.loads((teacher / "config.json").read_text())["num_hidden_layers"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_nextn_predict_layers"] == 1 and (N in cfg["mlp_only_layers"]) == (mlp == "dense")
+    names = set(load_file(out / "model.safetensors"))
+    assert all(n.startswith(f"model.layers.{N}.") for n in names)
+    assert {f"model.layers.{N}.{n}.weight" for n in ("enorm", "hnorm", "eh_proj", "shared_head.norm")} <= names
+    assert not any("embed_tokens" in n or "shared_head.head" in n for n in names)  # the target's serve
+
+    # the engine's MTP layer over a window, through its paged cache, equals the training module
+    spec = {"method": "mtp", "model": str(out), "num_speculative_tokens": 2, "cost_control": False}
+    llm = LLM(str(teacher), dtype="float32", speculative_config=spec)
+    mtp = llm.engine.drafter.model
+    assert mtp.layers[0].shared_head.head is None and mtp.embed_tokens is llm.engine.model.embed_tokens
+    win = windows(token_stream(read_documents(corpus), Tokenizer(teacher)), 32)[:1]
+    want = _head_logits_in_torch(teacher, out, mlp, win)[0]
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32).eval()
+    with torch.no_grad():
+        hidden = hf.model(input_ids=win[:, :-1]).last_hidden_state[0, :-1]
+    T = hidden.shape[0]
+    own = load_mtp(out, parse_config(read_config_json(out)), torch.float32, "cpu", target=llm.engine.model)
+    caches = [s.allocate(T // 4 + 1, 4, torch.float32, "cpu") for s in own.kv_cache_spec()]
+    meta = AttentionMetadata.build([T], [T], [list(range(T // 4 + 1))], 4, "cpu")
+    with torch.no_grad():
+        got = own.compute_logits(own(win[0, 1:T + 1], hidden, torch.arange(T), ForwardContext(meta, caches)))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    prompts = [{"prompt_token_ids": w.tolist()} for w in windows(token_stream(read_documents(corpus),
+                                                                                  Tokenizer(teacher)), 12)[5:9]]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    plain = LLM(str(teacher), dtype="float32").generate(prompts, params)
+    spec_out = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in spec_out] == [o.outputs[0].token_ids for o in plain]
+    assert llm.engine.spec_drafted > 0
+
+
 @pytest.mark.parametrize("lora,train,lr", [(0, "router+experts", "1e-3"), (4, "router+experts", "1e-3"),
                                            (0, "all", "1e-4")])
 def test_recovery_raises_agreement_above_pruning_alone(teacher, corpus, tmp_path, lora, train, lr):
@@ -151,10 +240,13 @@ def test_bad_distill_options_are_named(teacher, corpus, tmp_path):
                                                                           "everything", "--out", str(tmp_path / "i"))
     assert "drop it to --train all" in fails(*base, "--student", str(teacher), "--train", "all", "--lora-rank", "4",
                                              "--out", str(tmp_path / "j"))
-    assert "give 'draft' or a checkpoint directory" in fails(*base, "--student", "nowhere", "--out", str(tmp_path))
+    assert "give 'draft', 'mtp' or a checkpoint directory" in fails(*base, "--student", "nowhere",
+                                                                    "--out", str(tmp_path))
     assert "--resume: no checkpoint" in fails(*base, "--student", "draft", "--out", str(tmp_path / "c"), "--resume")
     assert "windows of 257 tokens exceed the teacher's context (256)" in fails(*base[:-2], "--student", "draft",
                                                                               "--out", str(tmp_path / "h"))
+    assert "--hard-label 'gold': choose data or teacher" in fails(*base, "--student", "draft", "--hard-label", "gold",
+                                                                   "--out", str(tmp_path / "m"))
     assert "--steps 0 must be at least 1" in fails(*base, "--student", "draft", "--steps", "0", "--out", "x")
     assert "no such file" in fails("--teacher", str(teacher), "--data", str(tmp_path / "none.txt"), "--seq-len", "32",
                                    "--student", "draft", "--out", str(tmp_path / "d"))
@@ -163,6 +255,9 @@ def test_bad_distill_options_are_named(teacher, corpus, tmp_path):
     dense = ["--student", "draft", "--draft-mlp", "dense", "--out", str(tmp_path / "e")]
     assert "has no dense decoder layers" in fails("--teacher", str(mixtral), "--data", str(corpus), "--seq-len", "32",
                                                   *dense)
+    assert "heads are built for" in fails("--teacher", str(mixtral), "--data", str(corpus), "--seq-len", "32",
+                                          "--student", "mtp", "--out", str(tmp_path / "k"))
+    assert "not to --student mtp" in fails(*base, "--student", "mtp", "--lora-rank", "4", "--out", str(tmp_path / "l"))
     other_vocab = make_checkpoint("qwen3_moe", tmp_path / "v", vocab_size=400)
     assert "vocabulary (400) differs from the teacher's (320)" in fails(*base, "--student", str(other_vocab),
                                                                          "--out", str(tmp_path / "f"))
@@ -185,6 +280,61 @@ def test_the_default_models_drafter_ships_loads_and_agrees_more_than_before_dist
     assert (drafter / "tokenizer.json").read_bytes() == (Path(default_model_path()) / "tokenizer.json").read_bytes()
     out = llm.generate("The module defines", SamplingParams(temperature=0, max_tokens=8))
     assert not out[0].error and len(out[0].outputs[0].token_ids) == 8
+
+
+def test_the_default_models_mtp_head_ships_and_method_mtp_uses_it():
+    """``speculative_config={"method": "mtp"}`` on the default model (no MTP layer of its own) takes the
+    head shipped beside it; drafts are accepted and greedy outputs equal plain decoding's."""
+    from moe.llm import default_model_path
+    from moe.spec_decode import default_mtp_path
+
+    head = default_mtp_path()
+    report = json.loads((head / "training_report.json").read_text())
+    assert report["finished"] and report["command"].startswith("moe distill --teacher moe/default_model --student mtp")
+    before, after = report["heldout_before"], report["heldout_after"]
+    assert after["top1_agreement"] > before["top1_agreement"] and after["kl"] < before["kl"]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = ["The module defines", "In the standard library"]
+    plain = LLM(default_model_path(), dtype="float32").generate(prompts, params)
+    llm = LLM(default_model_path(), dtype="float32",
+              speculative_config={"method": "mtp", "num_speculative_tokens": 2, "cost_control": False})
+    assert llm.engine.drafter.model.layers[0].self_attn.num_kv_heads == 2  # the head's GQA layer
+    got = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in plain]
+    assert llm.engine.spec_accepted > 0
+
+
+def test_mtp_head_rows_run_as_the_captured_step_equal_the_op_path():
+    """bf16 on CPU: one sequence's MTP rows run from the fused input through the captured step's C loop
+    (CapturedDecode.capture_mtp) and its LM head rows in one C call; the drafts (every draft token of
+    every step) and the outputs equal those of the MTP layer run op by op."""
+    from moe.llm import default_model_path
+
+    spec = {"method": "mtp", "num_speculative_tokens": 3, "cost_control": False}
+    prompts = ["The module defines", "Python is a language that"]
+    runs = []
+    for captured in (True, False):
+        llm = LLM(default_model_path(), dtype="bfloat16", speculative_config=spec)
+        drafter = llm.engine.drafter
+        calls = []
+        if captured:
+            orig_run = drafter.captured.from_hidden
+            drafter.captured.from_hidden = lambda *a: calls.append(1) or orig_run(*a)
+        else:
+            drafter.captured = None
+        drafts = []
+        orig = llm.engine.proposer.propose
+
+        def spy(seqs, rooms, orig=orig, drafts=drafts):
+            out = orig(seqs, rooms)
+            drafts.extend(d.tokens for d in out)
+            return out
+
+        llm.engine.proposer.propose = spy
+        out = [llm.generate(p, SamplingParams(temperature=0, max_tokens=40))[0] for p in prompts]  # (batch 1)
+        assert not captured or len(calls) > 20
+        runs.append((drafts, [o.outputs[0].token_ids for o in out]))
+    assert runs[0] == runs[1] and any(runs[0][0])
 
 
 def test_token_id_data_is_read_as_it_is_and_bad_lines_are_named(tmp_path):

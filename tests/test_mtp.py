@@ -245,7 +245,7 @@ def test_mtp_on_a_non_deepseek_checkpoint_is_refused(checkpoint, tmp_path):
     cfg = json.loads((path / "config.json").read_text())
     cfg["num_nextn_predict_layers"] = 1
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="DeepSeek checkpoints only, not MixtralForCausalLM"):
+    with pytest.raises(ValueError, match="Qwen3MoeForCausalLM checkpoints, not MixtralForCausalLM"):
         _load(path)
 
 

@@ -594,6 +594,19 @@ def test_a_probe_drafts_for_the_decoding_sequences_that_owe_the_drafter_fewest_r
     assert prop.probe_left is None and take_probe_slot(prop, seqs[0], 3) == 3
 
 
+def _record_draft_sources(llm) -> list[str]:
+    """The source ("lookup" or "model") of every draft the engine's steps verify, in order."""
+    sources: list[str] = []
+    orig = llm.engine.runner.run
+
+    def spy(batch, eos_ids):
+        sources.extend(s.draft_source for s in batch.seqs if s.draft)
+        return orig(batch, eos_ids)
+
+    llm.engine.runner.run = spy
+    return sources
+
+
 def test_ngram_first_drafts_by_lookup_where_it_matches_and_by_the_drafter_elsewhere(checkpoint, noisy_self):
     """ngram_first: a sequence whose suffix recurred takes the lookup's draft, the others the
     drafter's (both in one run); greedy outputs unchanged, sampled ones reproducible."""
@@ -605,14 +618,7 @@ def test_ngram_first_drafts_by_lookup_where_it_matches_and_by_the_drafter_elsewh
     runs = []
     for _ in range(2):
         llm = LLM(str(target), dtype="float32", speculative_config=_spec(noisy_self("mixtral"), 3, ngram_first=True))
-        sources = []
-        orig = llm.engine.runner.run
-
-        def spy(batch, eos_ids):
-            sources.extend(s.draft_source for s in batch.seqs if s.draft)
-            return orig(batch, eos_ids)
-
-        llm.engine.runner.run = spy
+        sources = _record_draft_sources(llm)
         got = _tokens(llm.generate(prompts, params))
         assert got[:2] == want
         assert sources.count("lookup") > 0 and sources.count("model") > 0, sources
@@ -660,10 +666,10 @@ def test_engine_tells_cost_control_which_sequences_each_source_drafted_for(check
     ({"method": "eagle"}, "method 'eagle' is not supported: choose one of ngram, draft_model, draft, mtp"),
     ({"method": "draft_model"}, "needs 'model'"),
     ({"method": "draft_model", "model": "/nonexistent/drafter"}, "'/nonexistent/drafter' is not a checkpoint"),
-    ({"method": "ngram", "model": "/x"}, "is for method 'draft_model'"),
-    ({"method": "mtp", "model": "/x"}, "drafts from the target itself"),
+    ({"method": "ngram", "model": "/x"}, "is for methods 'draft_model' and 'mtp'"),
+    ({"method": "mtp", "model": "/x"}, "is not a checkpoint directory"),
     ({"method": "draft_model", "model": "/x", "num_speculative_tokens": 0}, "must be a positive integer"),
-    ({"method": "ngram", "ngram_first": True}, "ngram_first is for methods 'draft_model' and 'draft'"),
+    ({"method": "ngram", "ngram_first": True}, "ngram_first is for methods draft_model, draft, mtp"),
 ])
 def test_bad_configs_are_named(spec, match):
     with pytest.raises(ValueError, match=match):
@@ -771,6 +777,50 @@ def test_mtp_drafts_are_the_mtp_layers_predictions(mtp_target):
         if len(draft) > 1:  # (the last step's room may allow one)
             _, logits2 = reference(mtp_target, torch.cat([t, torch.tensor(draft[:1])]), torch.cat([h[:-1], out[-1:]]))
             assert int(logits2[-1].argmax()) == draft[1]
+
+
+def test_mtp_with_ngram_first_drafts_by_both_and_keeps_greedy_outputs(mtp_target):
+    """ngram_first with an MTP layer: the lookup drafts where the suffix recurred, the MTP layer elsewhere
+    (its catch-up runs after steps that verified the lookup's drafts too); greedy outputs unchanged."""
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9] * 4}, {"prompt_token_ids": [11, 40, 250, 3, 77, 19]}]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    want = _tokens(LLM(str(mtp_target), dtype="float32").generate(prompts, params))
+    llm = LLM(str(mtp_target), dtype="float32", speculative_config={**MTP, "ngram_first": True})
+    sources = _record_draft_sources(llm)
+    assert _tokens(llm.generate(prompts, params)) == want
+    assert sources.count("lookup") > 0 and sources.count("model") > 0, sources
+
+
+def test_mtp_rows_wait_for_a_draft_so_steps_drafting_nothing_run_no_mtp_pass(mtp_target):
+    """While cost control keeps K = 0 the MTP layer runs nothing (its rows wait with the target's hidden
+    states); past PENDING_BYTES a sequence's rows run anyway; when drafting resumes, all pending rows run
+    in one pass first. Greedy outputs equal plain decoding's throughout."""
+    prompts = [{"prompt_token_ids": [11, 40, 250, 3, 77, 19]}, {"prompt_token_ids": [5, 6, 7, 8]}]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    want = _tokens(LLM(str(mtp_target), dtype="float32").generate(prompts, params))
+    for cap in (None, 64 * 4 * 3):  # (float32 rows of hidden size 64: the cap passes every 3 positions)
+        llm = LLM(str(mtp_target), dtype="float32", speculative_config={**MTP, "cost_control": True})
+        e, drafter = llm.engine, llm.engine.drafter
+        if cap:
+            drafter.PENDING_BYTES = cap
+        steps = []
+        e.spec_cost.choose_k = lambda batch_size, source="model": 2 if len(steps) >= 12 else 0
+        orig = e.runner.run
+
+        def spy(batch, eos_ids):
+            steps.append((drafter.num_tokens_run, [len(s.draft) for s in batch.seqs]))
+            return orig(batch, eos_ids)
+
+        e.runner.run = spy
+        assert _tokens(llm.generate(prompts, params)) == want
+        quiet = [run for run, _ in steps[:12]]  # (rows the MTP ran before each of the first 12 steps)
+        if cap is None:
+            assert quiet == [0] * 12  # nothing ran while K = 0
+            # then every computed position at once, and one row each for the second draft token
+            assert steps[12][0] == sum(len(p["prompt_token_ids"]) + 11 for p in prompts) + len(prompts)
+        else:
+            assert quiet[-1] > 0  # the capped rows ran while K = 0
+        assert any(any(d) for _, d in steps[12:]) and e.spec_accepted > 0
 
 
 def test_mtp_on_a_checkpoint_without_one_is_refused(checkpoint):

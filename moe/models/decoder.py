@@ -47,6 +47,13 @@ class KVCacheSpec:
         return k, v
 
 
+def layer_kv_spec(cfg: ModelConfig, layer: "DecoderLayer") -> KVCacheSpec:
+    """The cache one decoder layer keeps: MLA's latent, or K and V of its (local) KV heads."""
+    if cfg.mla:
+        return KVCacheSpec(1, cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim, cfg.mla.kv_lora_rank, latent=True)
+    return KVCacheSpec(layer.self_attn.num_kv_heads, cfg.head_dim, cfg.head_dim)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, idx: int, dtype: torch.dtype):
         super().__init__()
@@ -94,13 +101,7 @@ class MoECausalLM(nn.Module):
         return self.lm_head(h_ND).float().contiguous()
 
     def kv_cache_spec(self) -> list[KVCacheSpec]:
-        cfg = self.cfg
-        if cfg.mla:
-            spec = KVCacheSpec(1, cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim, cfg.mla.kv_lora_rank, latent=True)
-        else:
-            attn = self.layers[0].self_attn
-            spec = KVCacheSpec(attn.num_kv_heads, cfg.head_dim, cfg.head_dim)
-        return [spec] * cfg.num_layers
+        return [layer_kv_spec(self.cfg, layer) for layer in self.layers]
 
     def sparse_layers(self) -> list[SparseMoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]

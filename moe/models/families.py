@@ -52,11 +52,15 @@ def parse_mixtral(hf: dict) -> ModelConfig:
     ))
 
 
-def _qwen_sparse_layers(hf: dict) -> tuple[bool, ...]:
+def _qwen_sparse(hf: dict, layer: int) -> bool:
+    """Whether Qwen-MoE layer ``layer`` (counting on past the decoder into MTP layers) is MoE."""
     step = hf.get("decoder_sparse_step", 1) or 1
-    dense = set(hf.get("mlp_only_layers") or [])
     experts = _first(hf, "num_experts", "num_local_experts", default=0)
-    return tuple(i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(hf["num_hidden_layers"]))
+    return layer not in set(hf.get("mlp_only_layers") or []) and experts > 0 and (layer + 1) % step == 0
+
+
+def _qwen_sparse_layers(hf: dict) -> tuple[bool, ...]:
+    return tuple(_qwen_sparse(hf, i) for i in range(hf["num_hidden_layers"]))
 
 
 def _qwen_router(hf: dict) -> RouterConfig:
@@ -185,20 +189,30 @@ def parse_deepseek_v3(hf: dict) -> ModelConfig:
     return _deepseek(hf, v3=True)
 
 
+# families whose MTP layers have a known layout: DeepSeek's own, and the MTP-style heads `moe distill --student mtp`
+# trains for Qwen3-MoE targets (DeepSeek's layout with Qwen3-MoE decoder layers); each family's rule for
+# whether layer i (counting on past the decoder) is MoE
+MTP_SPARSE: dict[str, Callable[[dict, int], bool]] = {
+    "DeepseekV2ForCausalLM": _deepseek_sparse,
+    "DeepseekV3ForCausalLM": _deepseek_sparse,
+    "Qwen3MoeForCausalLM": _qwen_sparse,
+}
+
+
 def mtp_config(cfg: ModelConfig) -> ModelConfig | None:
-    """The multi-token-prediction layers of a DeepSeek checkpoint (config.json
-    ``num_nextn_predict_layers``; stored as ``model.layers.{num_hidden_layers + k}``) as a config whose
-    layers ``0 .. n-1`` are those MTP layers, each MoE or dense by its index in the whole stack;
-    None when the checkpoint declares none."""
+    """The multi-token-prediction layers of a checkpoint (config.json ``num_nextn_predict_layers``; stored
+    as ``model.layers.{num_hidden_layers + k}``) as a config whose layers ``0 .. n-1`` are those MTP
+    layers, each MoE or dense by its index in the whole stack; None when the checkpoint declares none."""
     n = int(cfg.raw.get("num_nextn_predict_layers") or 0)
     if n <= 0:
         return None
-    if not cfg.architecture.startswith("Deepseek"):
+    sparse = MTP_SPARSE.get(cfg.architecture)
+    if sparse is None:
         raise ValueError(f"config.json declares num_nextn_predict_layers={n}, but multi-token-prediction layers "
-                         f"are supported for DeepSeek checkpoints only, not {cfg.architecture}: use another "
-                         "speculative method (e.g. a draft model)")
+                         f"are supported for {', '.join(MTP_SPARSE)} checkpoints, not {cfg.architecture}: use "
+                         "another speculative method (e.g. a draft model)")
     first = cfg.num_layers
-    return replace(cfg, num_layers=n, sparse_layers=tuple(_deepseek_sparse(cfg.raw, first + k) for k in range(n)))
+    return replace(cfg, num_layers=n, sparse_layers=tuple(sparse(cfg.raw, first + k) for k in range(n)))
 
 
 PARSERS: dict[str, Callable[[dict], ModelConfig]] = {

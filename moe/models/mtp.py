@@ -1,5 +1,9 @@
 """DeepSeek-V3 multi-token prediction (MTP): the checkpoint's extra layer(s) run as a drafter.
 
+The same layout serves the MTP-style heads ``moe distill --student mtp`` trains for a target without
+one (a Qwen3-MoE decoder layer in DeepSeek's place, in a checkpoint directory of its own, given as
+``speculative_config={"method": "mtp", "model": PATH}``; :mod:`moe.distill_mtp`).
+
 Checkpoint layout (config.json ``num_nextn_predict_layers = n``; N = ``num_hidden_layers``): after the
 N decoder layers, ``model.layers.{N + k}.`` holds MTP layer k:
 
@@ -42,7 +46,7 @@ from torch import nn
 from parallel import ParallelLMHead, ReplicatedLinear, VocabParallelEmbedding
 
 from ..config import ModelConfig
-from .decoder import DecoderLayer, KVCacheSpec
+from .decoder import DecoderLayer, KVCacheSpec, layer_kv_spec
 from .layers import ForwardContext, RMSNorm, SparseMoE
 
 
@@ -67,10 +71,14 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = ReplicatedLinear(2 * cfg.hidden_size, cfg.hidden_size, dtype=dtype)
         self.shared_head = SharedHead(cfg, dtype, with_head)
 
+    def fuse(self, embeds_TD: torch.Tensor, prev_hidden_TD: torch.Tensor) -> torch.Tensor:
+        """The layer's input (its residual stream's first value) from embeddings of t_{i+1} and hidden states h_i."""
+        return self.eh_proj(torch.cat([self.enorm(embeds_TD), self.hnorm(prev_hidden_TD)], dim=-1))
+
     def predict(self, positions_T: torch.Tensor, embeds_TD: torch.Tensor, prev_hidden_TD: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
         """``shared_head.norm`` of the layer's output for embeddings of t_{i+1} and hidden states h_i."""
-        h_TD = self.eh_proj(torch.cat([self.enorm(embeds_TD), self.hnorm(prev_hidden_TD)], dim=-1))
+        h_TD = self.fuse(embeds_TD, prev_hidden_TD)
         _, out_TD = super().forward(positions_T, h_TD, self.input_layernorm(h_TD), ctx, self.shared_head.norm)
         return out_TD
 
@@ -84,8 +92,6 @@ class MTPModel(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, first_layer: int,
                  own_heads: Sequence[bool] | None = None):
         super().__init__()
-        if cfg.mla is None:
-            raise ValueError(f"multi-token-prediction layers are DeepSeek (MLA) layers; {cfg.architecture} has none")
         heads = list(own_heads) if own_heads is not None else [True] * cfg.num_layers
         if len(heads) != cfg.num_layers:
             raise ValueError(f"own_heads lists {len(heads)} layers, the config {cfg.num_layers} MTP layers")
@@ -110,6 +116,10 @@ class MTPModel(nn.Module):
         whose logits predict t_{i+2}. ``ctx.kv_caches`` are this model's caches (:meth:`kv_cache_spec`)."""
         return self.layers[layer].predict(positions_T, self.embed_tokens(input_ids_T), prev_hidden_TD, ctx)
 
+    def fuse(self, input_ids_T: torch.Tensor, prev_hidden_TD: torch.Tensor, layer: int = 0) -> torch.Tensor:
+        """MTP layer ``layer``'s input for the rows :meth:`forward` takes (what its decoder layer runs on)."""
+        return self.layers[layer].fuse(self.embed_tokens(input_ids_T), prev_hidden_TD)
+
     def compute_logits(self, hidden_TD: torch.Tensor, layer: int = 0) -> torch.Tensor:
         head = self.layers[layer].shared_head.head
         if head is None:
@@ -118,9 +128,8 @@ class MTPModel(nn.Module):
         return head(hidden_TD).float().contiguous()
 
     def kv_cache_spec(self) -> list[KVCacheSpec]:
-        """One latent cache per MTP layer, the target's MLA layout (same block size and block tables)."""
-        m = self.cfg.mla
-        return [KVCacheSpec(1, m.kv_lora_rank + m.qk_rope_head_dim, m.kv_lora_rank, latent=True)] * self.num_layers
+        """One cache per MTP layer in its attention's layout (the target's block size and block tables)."""
+        return [layer_kv_spec(self.cfg, layer) for layer in self.layers]
 
     def sparse_layers(self) -> list[SparseMoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, SparseMoE)]
@@ -132,23 +141,13 @@ def published_tensor_shapes(cfg: ModelConfig, first_layer: int, layer: int,
     shapes, by checkpoint name: what a complete layer holds, beside the optional ``embed_tokens`` and
     ``shared_head.head`` (both [V, D], listed too). ``per_expert``: routed experts one tensor each
     (DeepSeek's own layout), else stacked ``experts.gate_up_proj`` [E, 2F, D] / ``experts.down_proj`` [E, D, F]."""
-    D, V, m = cfg.hidden_size, cfg.vocab_size, cfg.mla
-    H, qk = cfg.num_heads, m.qk_nope_head_dim + m.qk_rope_head_dim
+    D, V = cfg.hidden_size, cfg.vocab_size
     shapes: dict[str, tuple[int, ...]] = {
         "enorm.weight": (D,), "hnorm.weight": (D,), "eh_proj.weight": (D, 2 * D),
         "shared_head.norm.weight": (D,), "shared_head.head.weight": (V, D), "embed_tokens.weight": (V, D),
         "input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
-        "self_attn.kv_a_proj_with_mqa.weight": (m.kv_lora_rank + m.qk_rope_head_dim, D),
-        "self_attn.kv_a_layernorm.weight": (m.kv_lora_rank,),
-        "self_attn.kv_b_proj.weight": (H * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank),
-        "self_attn.o_proj.weight": (D, H * m.v_head_dim),
     }
-    if m.q_lora_rank is None:
-        shapes["self_attn.q_proj.weight"] = (H * qk, D)
-    else:
-        shapes.update({"self_attn.q_a_proj.weight": (m.q_lora_rank, D),
-                       "self_attn.q_a_layernorm.weight": (m.q_lora_rank,),
-                       "self_attn.q_b_proj.weight": (H * qk, m.q_lora_rank)})
+    shapes.update({f"self_attn.{name}": shape for name, shape in attention_shapes(cfg).items()})
     if cfg.sparse_layers[layer]:
         E, F = cfg.num_experts, cfg.moe_intermediate_size
         shapes["mlp.gate.weight"] = (E, D)
@@ -168,3 +167,33 @@ def published_tensor_shapes(cfg: ModelConfig, first_layer: int, layer: int,
                        f"{mlp}.down_proj.weight": (D, inter)})
     prefix = f"model.layers.{first_layer + layer}."
     return {prefix + name: shape for name, shape in shapes.items()}
+
+
+def attention_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """An attention block's tensors in the published layout, by name under ``self_attn.``: DeepSeek's MLA, or
+    Qwen3-MoE's GQA with per-head QK-norm (the families :data:`moe.models.families.MTP_SPARSE` names)."""
+    D, H = cfg.hidden_size, cfg.num_heads
+    m = cfg.mla
+    if m is None:
+        q, kv = H * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        shapes = {"q_proj.weight": (q, D), "k_proj.weight": (kv, D), "v_proj.weight": (kv, D), "o_proj.weight": (D, q)}
+        if cfg.attention_bias:
+            shapes.update({"q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,)})
+        if cfg.o_bias:
+            shapes["o_proj.bias"] = (D,)
+        if cfg.qk_norm == "head":
+            shapes.update({"q_norm.weight": (cfg.head_dim,), "k_norm.weight": (cfg.head_dim,)})
+        return shapes
+    qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+    shapes = {
+        "kv_a_proj_with_mqa.weight": (m.kv_lora_rank + m.qk_rope_head_dim, D),
+        "kv_a_layernorm.weight": (m.kv_lora_rank,),
+        "kv_b_proj.weight": (H * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank),
+        "o_proj.weight": (D, H * m.v_head_dim),
+    }
+    if m.q_lora_rank is None:
+        shapes["q_proj.weight"] = (H * qk, D)
+    else:
+        shapes.update({"q_a_proj.weight": (m.q_lora_rank, D), "q_a_layernorm.weight": (m.q_lora_rank,),
+                       "q_b_proj.weight": (H * qk, m.q_lora_rank)})
+    return shapes

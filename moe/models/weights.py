@@ -124,6 +124,8 @@ def rules_for(architecture: str) -> list[Rule]:
         return MLA_ATTENTION + COMMON + STACKED_EXPERTS + MTP
     if architecture == "GptOssForCausalLM":
         return GQA_ATTENTION + GPT_OSS_EXPERTS + COMMON
+    if architecture == "Qwen3MoeForCausalLM":  # and the MTP-style heads moe distill --student mtp trains for it
+        return GQA_ATTENTION + COMMON + STACKED_EXPERTS + MTP
     return GQA_ATTENTION + COMMON + STACKED_EXPERTS
 
 
