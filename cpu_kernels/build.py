@@ -192,6 +192,42 @@ def release_openmp_threads() -> bool:
         return False
 
 
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25
+
+
+def advise_huge_pages(tensors, collapse: bool = False) -> int:
+    """Ask Linux to back the tensors' memory (each storage's 2 MiB-aligned interior, storages of 2 MiB
+    or more) with transparent huge pages: ``MADV_HUGEPAGE`` (pages faulted in afterwards come huge, with
+    THP in ``madvise`` or ``always`` mode), and with ``collapse`` ``MADV_COLLAPSE`` too (Linux 6.1+:
+    pages already there are copied into huge ones now). A weight streamed from memory then crosses a
+    4 KiB page boundary no more often than a 2 MiB one: no TLB miss, and no hardware prefetch stopping,
+    every 4 KiB. Returns the bytes advised (0 off Linux / glibc or with THP off)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    done, seen = 0, set()
+    for t in tensors:
+        if t.device.type != "cpu":
+            continue
+        storage = t.untyped_storage()
+        start = storage.data_ptr()
+        if start in seen:
+            continue
+        seen.add(start)
+        lo = (start + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
+        hi = (start + storage.nbytes()) & ~(_HUGE_PAGE - 1)
+        if hi <= lo or madvise(lo, hi - lo, _MADV_HUGEPAGE) != 0:
+            continue
+        if collapse:
+            madvise(lo, hi - lo, _MADV_COLLAPSE)  # (refused where unsupported: the advice above still holds)
+        done += hi - lo
+    return done
+
+
 def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int | None = None) -> None:
     """Set glibc's mmap threshold (and heap-top trim threshold) for this process: which freed
     blocks go back to the OS and which stay for reuse. Nothing happens off glibc."""

@@ -62,6 +62,32 @@ def _reuse_freed_memory() -> None:
     cpu_kernels.set_malloc_thresholds(32 << 20, 1 << 30)  # glibc's largest mmap threshold; keep 1 GiB at the top
 
 
+def _held_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The model's parameters and buffers, and the tensors its modules hold otherwise (compute layouts
+    built at load, such as packed experts' CPU layouts and packed linear weights: in attributes, tuples
+    or lists of them, or objects holding them, two levels down)."""
+    out = [*model.parameters(), *model.buffers()]
+    for module in model.modules():
+        todo = [(v, 0) for k, v in vars(module).items() if k not in ("_parameters", "_buffers", "_modules")]
+        while todo:
+            v, depth = todo.pop()
+            if isinstance(v, torch.Tensor):
+                out.append(v)
+            elif depth < 3 and isinstance(v, (tuple, list)):
+                todo += [(x, depth + 1) for x in v]
+            elif depth < 3 and hasattr(v, "__dict__") and not isinstance(v, (torch.nn.Module, type)):
+                todo += [(x, depth + 1) for x in vars(v).values()]
+    return out
+
+
+def _huge_pages(model: torch.nn.Module, collapse: bool = False) -> int:
+    """Back a CPU model's weights with transparent huge pages (:func:`cpu_kernels.advise_huge_pages`):
+    batch-1 decode streams every weight once a token, and on 4 KiB pages the stream meets a TLB miss
+    and a stopped hardware prefetch every 4 KiB (batch-1 decode 1.04-1.18x on the benchmark shapes, one
+    process, engines alternating; docs/benchmarks.md). Returns the bytes advised."""
+    return cpu_kernels.advise_huge_pages(_held_tensors(model), collapse)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -84,10 +110,14 @@ class LLMEngine:
             self.model = MoECausalLM(cfg, self.dtype)
         for moe in self.model.sparse_layers():
             moe.experts.backend = config.experts_backend
+        huge = self.device.type == "cpu" and not config.offload_experts  # (offloaded: read from the file maps)
+        if huge:
+            _huge_pages(self.model)  # (before the weights are written: their pages then fault in huge)
         rules = checkpoint_rules(plan, rules_for(cfg.architecture), model_dir)  # + packed/fp8 layouts
         load_weights(self.model, model_dir, rules, cfg.num_layers, cfg.tie_word_embeddings,
                      progress=config.load_progress)
         self.model.eval()
+        self.huge_page_bytes = _huge_pages(self.model, collapse=True) if huge else 0  # (and what loading built)
         self.tokenizer: Tokenizer | None = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
         self.eos_ids = self._eos_ids(model_dir, cfg)
 

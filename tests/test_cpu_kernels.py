@@ -1031,3 +1031,51 @@ def test_decode_step_hands_attention_back_for_rotary_tables_it_cannot_take(check
     captured = llm.generate(prompt, sp)[0].outputs[0].token_ids
     runner.captured = None
     assert captured == llm.generate(prompt, sp)[0].outputs[0].token_ids
+
+
+def _huge_bytes_at(address: int) -> int:
+    """AnonHugePages of the mapping of this process holding ``address`` (/proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_weights_advised_before_they_are_written_fault_in_as_huge_pages(tmp_path):
+    """advise_huge_pages: the 2 MiB-aligned interior of each CPU storage of 2 MiB or more (once per
+    storage); written afterwards, it is backed by huge pages where THP is on (madvise or always);
+    ``collapse`` leaves the values as they were. The engine advises its model's weights (a checkpoint
+    whose embedding and LM head are 8 MiB each), and they hold the checkpoint's values."""
+    from moe import LLM, SamplingParams
+    from tiny_models import make_checkpoint
+
+    mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    thp_on = "[never]" not in mode
+    t = torch.empty(5 << 20, dtype=torch.uint8)  # 5 MiB: 2 MiB pages inside, at least one whole
+    view, small = t[: 1 << 20], torch.empty(1 << 20, dtype=torch.uint8)
+    advised = cpu_kernels.advise_huge_pages([t, view, small])
+    start = t.untyped_storage().data_ptr()
+    lo = (start + (2 << 20) - 1) & ~((2 << 20) - 1)
+    assert advised == ((start + (5 << 20)) & ~((2 << 20) - 1)) - lo >= 2 << 20
+    t.fill_(7)
+    if thp_on:
+        assert _huge_bytes_at(lo) >= 2 << 20, mode
+    before = t.clone()
+    assert cpu_kernels.advise_huge_pages([t], collapse=True) == advised
+    assert torch.equal(t, before)
+    path = make_checkpoint("qwen3_moe", tmp_path / "wide", vocab_size=32768)
+    llm = LLM(str(path), dtype="float32")
+    embed = llm.engine.model.embed_tokens.weight
+    assert llm.engine.huge_page_bytes >= 2 * (4 << 20)
+    if thp_on:
+        assert _huge_bytes_at(embed.data_ptr() + (4 << 20)) >= 2 << 20
+    from safetensors.torch import load_file
+    want = {k: v for f in path.glob("*.safetensors") for k, v in load_file(f).items()}["model.embed_tokens.weight"]
+    assert torch.equal(embed, want)
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, max_tokens=4))
+    assert not out[0].error
