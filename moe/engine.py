@@ -125,6 +125,8 @@ class LLMEngine:
         if spec is not None and self.parallel.dp_size > 1:
             raise ValueError("speculative_config with data_parallel > 1 is not supported yet: drop one of them")
         self.drafter = self._load_drafter(spec)
+        if huge and self.drafter is not None:
+            _huge_pages(self.drafter.model, collapse=True)
         self.kv_caches, num_blocks = self._allocate_kv_cache()
         # one block manager per data-parallel group: each group's caches hold only its own sequences
         self.block_managers = [BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
