@@ -330,13 +330,15 @@ class MTPDrafter(_OwnKVCache):
     last row's input being the token just sampled. They run when the sequence next drafts (step 0 of
     :meth:`step`: all its pending rows in one pass, replacing the drafting steps' K/V there; the last
     row's output gives the first draft), so steps that draft nothing (cost control's K = 0) cost no
-    MTP pass; a sequence's pending rows run at once when they pass ``PENDING_BYTES``. Step ``j > 0``
+    MTP pass; a sequence's pending rows run at once when they pass ``PENDING_BYTES``, in passes of at
+    most ``CATCH_UP_ROWS``. Step ``j > 0``
     runs draft token ``d_j`` at position ``c + j - 1`` with the MTP's own previous output as the
     hidden state (the first MTP layer reused for every K). A prefix-cache hit keeps the hit blocks'
     MTP K/V, whose last slot was computed with the token that followed there, which may differ:
     drafts may be a little worse there, outputs are exact regardless."""
 
     PENDING_BYTES = 8 << 20  # hidden states kept per sequence before its rows run anyway
+    CATCH_UP_ROWS = 2048  # rows per MTP pass when running pending rows (a prompt, a long plain stretch)
 
     def __init__(self, mtp: torch.nn.Module, dtype: torch.dtype, device: torch.device):
         self.model = mtp
@@ -381,14 +383,30 @@ class MTPDrafter(_OwnKVCache):
         return rows if rows is not None and rows.preemptions == seq.num_preemptions and rows.ids else None
 
     def _run_pending(self, seqs: list[Sequence]) -> None:
-        """Each sequence's pending rows in one pass; the last row's output is its next first draft."""
-        rows = [self._pending.pop(id(s)) for s in seqs]
-        out_TD = self._forward([t for r in rows for t in r.ids], torch.cat([h for r in rows for h in r.hidden]),
-                               [p for r in rows for p in range(r.start, r.end)], [len(r.ids) for r in rows], seqs)
-        last = (torch.tensor([len(r.ids) for r in rows]).cumsum(0) - 1).to(out_TD.device)
+        """Each sequence's pending rows, in passes of at most ``CATCH_UP_ROWS`` rows (a long run split
+        over passes, in order); the last row's output is the sequence's next first draft."""
+        pieces = []  # (seq, first position, ids, hidden rows)
+        for seq in seqs:
+            r = self._pending.pop(id(seq))
+            h = torch.cat(r.hidden)
+            for a in range(0, len(r.ids), self.CATCH_UP_ROWS):
+                pieces.append((seq, r.start + a, r.ids[a:a + self.CATCH_UP_ROWS], h[a:a + self.CATCH_UP_ROWS]))
+        batch: list = []
+        for piece in pieces + [None]:
+            if batch and (piece is None or sum(len(p[2]) for p in batch) + len(piece[2]) > self.CATCH_UP_ROWS):
+                self._run_pieces(batch)
+                batch = []
+            if piece is not None:
+                batch.append(piece)
+
+    def _run_pieces(self, pieces: list) -> None:
+        out_TD = self._forward([t for p in pieces for t in p[2]], torch.cat([p[3] for p in pieces]),
+                               [i for p in pieces for i in range(p[1], p[1] + len(p[2]))],
+                               [len(p[2]) for p in pieces], [p[0] for p in pieces])
+        last = (torch.tensor([len(p[2]) for p in pieces]).cumsum(0) - 1).to(out_TD.device)
         logits = self._logits(out_TD[last])
-        for seq, r, lg, h in zip(seqs, rows, logits, out_TD[last]):
-            self._next[id(seq)] = (seq, r.end, lg, h)
+        for (seq, start, ids, _), lg, h in zip(pieces, logits, out_TD[last]):
+            self._next[id(seq)] = (seq, start + len(ids), lg, h)  # (a later piece of the sequence overwrites)
 
     def step(self, seqs: list[Sequence], ids: list[int], positions: list[int]) -> torch.Tensor:
         """Drafting step ``j`` for rows ``ids`` at ``positions`` = c + j: step 0 runs the pending rows

@@ -1056,18 +1056,24 @@ def test_weights_advised_before_they_are_written_fault_in_as_huge_pages(tmp_path
 
     mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
     thp_on = "[never]" not in mode
-    t = torch.empty(5 << 20, dtype=torch.uint8)  # 5 MiB: 2 MiB pages inside, at least one whole
+    # 36 MiB: above the mmap threshold an engine sets (32 MiB), so fresh pages, not reused heap ones
+    t = torch.empty(36 << 20, dtype=torch.uint8)
     view, small = t[: 1 << 20], torch.empty(1 << 20, dtype=torch.uint8)
     advised = cpu_kernels.advise_huge_pages([t, view, small])
     start = t.untyped_storage().data_ptr()
     lo = (start + (2 << 20) - 1) & ~((2 << 20) - 1)
-    assert advised == ((start + (5 << 20)) & ~((2 << 20) - 1)) - lo >= 2 << 20
+    assert advised == ((start + (36 << 20)) & ~((2 << 20) - 1)) - lo >= 34 << 20
     t.fill_(7)
+    if thp_on:  # faulted in after the advice
+        assert _huge_bytes_at(lo) >= 32 << 20, mode
+    # written before the advice (4 KiB pages): collapsed into huge ones, values intact
+    u = torch.empty(36 << 20, dtype=torch.uint8).random_(0, 256, generator=torch.Generator().manual_seed(0))
+    before = u.clone()
+    lo_u = (u.data_ptr() + (2 << 20) - 1) & ~((2 << 20) - 1)
+    assert cpu_kernels.advise_huge_pages([u], collapse=True) >= 34 << 20
+    assert torch.equal(u, before)
     if thp_on:
-        assert _huge_bytes_at(lo) >= 2 << 20, mode
-    before = t.clone()
-    assert cpu_kernels.advise_huge_pages([t], collapse=True) == advised
-    assert torch.equal(t, before)
+        assert _huge_bytes_at(lo_u) >= 32 << 20, mode
     path = make_checkpoint("qwen3_moe", tmp_path / "wide", vocab_size=32768)
     llm = LLM(str(path), dtype="float32")
     embed = llm.engine.model.embed_tokens.weight

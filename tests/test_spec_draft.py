@@ -801,6 +801,7 @@ def test_mtp_rows_wait_for_a_draft_so_steps_drafting_nothing_run_no_mtp_pass(mtp
     for cap in (None, 64 * 4 * 3):  # (float32 rows of hidden size 64: the cap passes every 3 positions)
         llm = LLM(str(mtp_target), dtype="float32", speculative_config={**MTP, "cost_control": True})
         e, drafter = llm.engine, llm.engine.drafter
+        drafter.CATCH_UP_ROWS = 5  # (the pending rows of a prompt and of 12 steps run in passes of 5 rows)
         if cap:
             drafter.PENDING_BYTES = cap
         steps = []
