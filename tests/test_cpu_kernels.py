@@ -2,12 +2,14 @@
 float32 reference, rotary embedding and SwiGLU against the torch ops they replace."""
 from __future__ import annotations
 
+import mmap
 import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
 import torch
 
 import cpu_kernels
@@ -1056,8 +1058,9 @@ def test_weights_advised_before_they_are_written_fault_in_as_huge_pages(tmp_path
 
     mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
     thp_on = "[never]" not in mode
-    # 36 MiB: above the mmap threshold an engine sets (32 MiB), so fresh pages, not reused heap ones
-    t = torch.empty(36 << 20, dtype=torch.uint8)
+    # fresh pages of our own mapping (malloc may hand out heap pages written before, even for 36 MiB)
+    region = mmap.mmap(-1, 36 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    t = torch.frombuffer(region, dtype=torch.uint8)
     view, small = t[: 1 << 20], torch.empty(1 << 20, dtype=torch.uint8)
     advised = cpu_kernels.advise_huge_pages([t, view, small])
     start = t.untyped_storage().data_ptr()
