@@ -184,6 +184,10 @@ def test_mtp_head_distillation_lowers_kl_and_drafts_exactly_in_our_engine(teache
     spec_out = llm.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in spec_out] == [o.outputs[0].token_ids for o in plain]
     assert llm.engine.spec_drafted > 0
+    if mlp == "moe":  # a head given to a model it was not trained for is refused, naming both sizes
+        other = make_checkpoint("qwen3_moe", tmp_path / "other", vocab_size=400)
+        with pytest.raises(ValueError, match="vocabulary 320, the target 64 and 400: it was trained for another"):
+            LLM(str(other), dtype="float32", speculative_config=spec)
 
 
 @pytest.mark.parametrize("lora,train,lr", [(0, "router+experts", "1e-3"), (4, "router+experts", "1e-3"),
