@@ -278,7 +278,6 @@ class CapturedDecode:
         self.step = cpu_kernels.DecodeStep([h.step_half(self.max_rows) for h in self._flat],
                                            model.cfg.hidden_size, self.max_rows, embed)
         # the LM head of the step's rows in one C call (each as a one-token step's), where it is plain
-        self.head_module = head
         head_w = _one_row_weight(head) if plain and head.per_rank == head.vocab else None
         self.head = cpu_kernels.LogitsRows(head_w) if head_w is not None else None
         for i, half in enumerate(self._flat[:-1]):  # (the last half's result is new: the caller keeps it)
@@ -346,26 +345,28 @@ class CapturedDecode:
                     self.step.rotary(i, rot.cos, rot.sin, rot.interleaved)
                 self._rotary[key] = (rot, (rot.cos, rot.sin), halves)
 
-    def __call__(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        meta, step = ctx.meta, self.step
-        context_len = meta.context_lens_list[0]  # (the step's rows end the sequence: its last position + 1)
+    def _begin(self, T: int, ctx: ForwardContext) -> tuple[int, torch.Tensor]:
+        """The step's context length (its rows end the sequence: last position + 1), with the rotary tables
+        grown to it, and the buffer the loop's last half writes into."""
+        context_len = ctx.meta.context_lens_list[0]
         if self._rotary:
             self._grow_rotaries(context_len)
-        last = torch.empty(input_ids_T.shape[0], self.model.cfg.hidden_size, dtype=torch.bfloat16)
-        run = step.from_ids(input_ids_T, positions_T, meta.block_tables, context_len, meta.slot_mapping, last)
+        return context_len, torch.empty(T, self.model.cfg.hidden_size, dtype=torch.bfloat16)
+
+    def __call__(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        meta = ctx.meta
+        context_len, last = self._begin(input_ids_T.shape[0], ctx)
+        run = self.step.from_ids(input_ids_T, positions_T, meta.block_tables, context_len, meta.slot_mapping, last)
         if run is None:  # (the loop does not embed here, or an id is outside the vocabulary)
             return self.from_hidden(self.model.embed_tokens(input_ids_T), positions_T, ctx)
         return self._loop(run, positions_T, ctx, last)
 
     def from_hidden(self, h_TD: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """The step from the residual stream's first value ``h_TD`` (an embedding, or an MTP layer's fused input)."""
-        meta, step = ctx.meta, self.step
-        context_len = meta.context_lens_list[0]
-        if self._rotary:
-            self._grow_rotaries(context_len)
-        last = torch.empty(h_TD.shape[0], self.model.cfg.hidden_size, dtype=torch.bfloat16)
-        run = step(0, h_TD, self.model.layers[0].input_layernorm(h_TD), positions_T, meta.block_tables, context_len,
-                   meta.slot_mapping, last)
+        meta = ctx.meta
+        context_len, last = self._begin(h_TD.shape[0], ctx)
+        run = self.step(0, h_TD, self.model.layers[0].input_layernorm(h_TD), positions_T, meta.block_tables,
+                        context_len, meta.slot_mapping, last)
         return self._loop(run, positions_T, ctx, last)
 
     def _loop(self, run, positions_T: torch.Tensor, ctx: ForwardContext, last: torch.Tensor) -> torch.Tensor:

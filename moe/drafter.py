@@ -312,7 +312,6 @@ class _PendingRows:
         self.start = start
         self.ids: list[int] = []
         self.hidden: list[torch.Tensor] = []
-        self.nbytes = 0
 
     @property
     def end(self) -> int:
@@ -452,8 +451,7 @@ class MTPDrafter(_OwnKVCache):
                     rows = self._pending[id(seq)] = _PendingRows(seq, start)
                 rows.ids += ids
                 rows.hidden.append(hidden_TD[base:base + m])
-                rows.nbytes += m * row_bytes
-                if rows.nbytes > self.PENDING_BYTES:
+                if len(rows.ids) * row_bytes > self.PENDING_BYTES:
                     full.append(seq)
             base += n
         if len(self._next) + len(self._pending) > 2 * len(batch.seqs):  # (entries of finished sequences)
