@@ -541,6 +541,8 @@ static inline __attribute__((always_inline)) __m512 q4x8_sum1(const int8_t *xe, 
     __m512 a0[1] = {_mm512_setzero_ps()}, a1[1] = {_mm512_setzero_ps()};
     int64_t k = 0;
     for (; k + 128 <= K2; k += 128) {
+        _mm_prefetch((const char *)(qn + k) + PF_AHEAD, _MM_HINT_T1);
+        _mm_prefetch((const char *)(qn + k) + PF_AHEAD + 64, _MM_HINT_T1);
         q4x8_step(xe, xo, d, K2, KB, qn, sn, gs, k, all, 1, a0);
         q4x8_step(xe, xo, d, K2, KB, qn, sn, gs, k + 64, all, 1, a1);
     }

@@ -876,10 +876,11 @@ def test_one_sequence_one_kv_head_splits_its_heads_over_threads(shape, two_threa
     torch.testing.assert_close(two.float(), ref, atol=1e-2, rtol=1e-2)
 
 
-def test_heads_vec_matches_the_per_head_einsums():
+@pytest.mark.parametrize("C", [272, 1040])  # within one pass of 1024 sums; one full pass and a partial one
+def test_heads_vec_matches_the_per_head_einsums(C):
     # MLA's per-head GEMMs at one row (batch-1 decode), both weight orientations, strided views
     g = torch.Generator().manual_seed(3)
-    H, nope, rope, v, C = 4, 64, 32, 32, 272  # C: one full and one partial group of 256 sums
+    H, nope, rope, v = 4, 64, 32, 32
     w_kv = (torch.randn(H * (nope + v), C, generator=g) / 8).bfloat16().view(H, nope + v, C)
     w_uk, w_uv = w_kv[:, :nope], w_kv[:, nope:]
     q_nope = torch.randn(1, H * (nope + rope), generator=g).bfloat16().view(1, H, nope + rope)[..., :nope]
