@@ -326,23 +326,21 @@ static void route_scores(const float *l, int64_t E, int scoring, float *s) {
  * best groups stay (group score: sum of its two best selections, or its best); the K best
  * remaining experts, in descending order, go to ids [K]; their unbiased scores, divided by their
  * sum (+ eps) when renormalize, times scale, to weights [K] -- the order of operations of
- * routing.route. Which of two equal values torch.topk takes first is its sort's business: a token
- * whose choice depends on a tie (the K-th and (K+1)-th selections, or the last kept and first
- * dropped group, equal) or has a NaN selection returns 1 and is left for the caller to route with
- * torch from s (ties among the chosen only order them: nothing downstream depends on the order). */
+ * routing.route. Of equal values the lower index (group) comes first, as routing.top_k_ids' stable
+ * sort takes them. A token with a NaN selection returns 1 and is left for the caller to route with
+ * torch from s (where NaNs go is torch's sort's business). */
 static int route_token(const float *l, int scoring, const float *bias, int64_t E, int64_t K, int64_t G,
                        int64_t topk_groups, int group_top2, int renormalize, float eps, float scale, float *s,
                        float *weights, int64_t *ids) {
     const int64_t per = E / G;
     float sel[E], gs[G];
     unsigned char taken[E > G ? E : G];
-    int tie = 0;
     route_scores(l, E, scoring, s);
     for (int64_t e = 0; e < E; e++) {
         sel[e] = bias ? s[e] + bias[e] : s[e];
-        if (sel[e] != sel[e]) tie = 1;
+        if (sel[e] != sel[e]) return 1;
     }
-    if (G > 1 && !tie) {
+    if (G > 1) {
         for (int64_t g = 0; g < G; g++) {
             const float *v = sel + g * per;
             float a = -INFINITY, b = -INFINITY;  /* best, second best */
@@ -353,25 +351,20 @@ static int route_token(const float *l, int scoring, const float *bias, int64_t E
             gs[g] = group_top2 ? a + b : a;
         }
         memset(taken, 0, G);
-        int64_t last = 0;
-        for (int64_t j = 0; j < topk_groups; j++) taken[last = argmax_free(gs, taken, G)] = 1;
-        if (topk_groups < G && gs[argmax_free(gs, taken, G)] == gs[last]) tie = 1;
+        for (int64_t j = 0; j < topk_groups; j++) taken[argmax_free(gs, taken, G)] = 1;
         for (int64_t g = 0; g < G; g++)
             if (!taken[g])
                 for (int64_t i = 0; i < per; i++) sel[g * per + i] = -INFINITY;
     }
     memset(taken, 0, E);
     float sum = 0.f;
-    int64_t e = 0;
-    for (int64_t k = 0; k < K && !tie; k++) {
-        e = argmax_free(sel, taken, E);
+    for (int64_t k = 0; k < K; k++) {
+        const int64_t e = argmax_free(sel, taken, E);
         taken[e] = 1;
         ids[k] = e;
         weights[k] = s[e];
         sum += s[e];
     }
-    if (!tie && K < E && sel[argmax_free(sel, taken, E)] == sel[e]) tie = 1;
-    if (tie) return 1;
     for (int64_t k = 0; k < K; k++) {
         float w = weights[k];
         if (renormalize) w = w / (sum + eps);
@@ -381,7 +374,7 @@ static int route_token(const float *l, int scoring, const float *bias, int64_t E
 }
 
 /* route_token for each token t of float32 logits [T, E]: scores to scores [T, E], choices to
- * weights / ids [T, K], ties[t] = 1 for a token left to torch. Returns the number of such tokens. */
+ * weights / ids [T, K], ties[t] = 1 for a token left to torch (a NaN). Returns the number of such tokens. */
 int moe_route_select(const float *logits, int scoring, const float *bias, int64_t T, int64_t E, int64_t K,
                      int64_t G, int64_t topk_groups, int group_top2, int renormalize, float eps, float scale,
                      float *scores, float *weights, int64_t *ids, unsigned char *ties, int num_threads) {
@@ -397,8 +390,8 @@ int moe_route_select(const float *logits, int scoring, const float *bias, int64_
 
 /* The router of T bf16 rows x [T, D] in one call, row by row: logits = gate [E, D] (row stride ldw)
  * @ x (+ gate bias), rounded to bf16 as moe_gemv_bf16 (ops.linear's path at one row), widened to
- * float32, then route_token into s [T, E], weights / ids [T, K]. Returns 1 when a row's choice hangs
- * on a tie (the caller routes them all its way), else 0. */
+ * float32, then route_token into s [T, E], weights / ids [T, K]. Returns 1 when a row's selection
+ * has a NaN (the caller routes them all its way), else 0. */
 int moe_route_token(const RoutePlan *a, const uint16_t *x, int64_t T, int nt) {
     const int64_t E = a->E, K = a->K, D = a->D;
     uint16_t y[E];

@@ -210,10 +210,10 @@ def route_select(logits_TE: torch.Tensor, scoring: str, top_k: int, bias_E: torc
     """:func:`routing.route` from float32 ``logits [T, E]`` in one pass: scores = softmax or sigmoid
     (float32, libm's ``expf``; within an ulp or two of torch's), selection = scores (+ bias),
     group-limited when ``num_groups`` > 1, the ``top_k`` best in descending order, their unbiased
-    scores renormalized (``w / (sum + eps)``) and scaled. Returns ``(weights [T, K] float32,
-    ids [T, K] int64, scores [T, E], tied)``: ``tied`` is None, or the indices of the tokens whose
-    choice hangs on equal values (or NaN), left for the caller to select with torch from ``scores``
-    (whose sort decides ties its own way); None when the kernel does not apply."""
+    scores renormalized (``w / (sum + eps)``) and scaled; of equal values the lower index first
+    (:func:`routing.top_k_ids`' order). Returns ``(weights [T, K] float32, ids [T, K] int64,
+    scores [T, E], tied)``: ``tied`` is None, or the indices of the tokens with a NaN selection,
+    left for the caller to select with torch from ``scores``; None when the kernel does not apply."""
     if logits_TE.dtype != torch.float32 or logits_TE.dim() != 2 or logits_TE.is_cuda:
         return None
     T, E = logits_TE.shape
@@ -236,7 +236,7 @@ class RouteToken:
     step: one row, or a verify step's few) in one C call, its weights and settings checked once
     (the captured step): ``plan(x_TD)`` returns ``(weights [T, K], ids [T, K])`` as
     ``route_select(gate(x).float(), ...)`` returns them row by row (the gate through :func:`gemv`,
-    ops.linear's path at one row), or None when a row's choice hangs on a tie (the caller routes
+    ops.linear's path at one row), or None when a row's selection has a NaN (the caller routes
     the rows the op way) or T > :attr:`MAX_ROWS`. The results live in the plan's own tensors: read
     them before the plan's next call. :meth:`make` gives None where the kernel does not apply (a
     gate that is not a bf16 CPU tensor with unit-stride rows, other scorings)."""

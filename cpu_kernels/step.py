@@ -3,7 +3,7 @@
 :class:`DecodeStep` takes the plans a captured step made for its half-layers (:class:`GqaToken`,
 :class:`MlaToken`, :class:`RouteToken` with :class:`MoeToken` or :class:`QuantMoeToken`) and calls
 their kernels one after another in C, each half reading the previous one's outputs; it stops where
-a half is the caller's (an op-by-op half), a router's choice hangs on a tie or a kernel declines,
+a half is the caller's (an op-by-op half), a router meets a NaN or a kernel declines,
 and the caller runs that half its own way and resumes after it. The results are the plans' calls'
 one by one, bit for bit.
 """

@@ -17,7 +17,7 @@ model once, at load, and plans each half-layer:
 
 The one-call halves run from one C loop (:class:`cpu_kernels.DecodeStep`: a step is one call from
 Python, the embedding and first norm included; :meth:`CapturedDecode.logits` is the LM head of its
-rows in one more), which hands a half back where it is an op-by-op one, a router's choice hangs on a tie or
+rows in one more), which hands a half back where it is an op-by-op one, a router meets a NaN or
 a kernel declines; that half then runs here and the loop resumes after it. Each C call computes
 exactly what the op path computes (the kernels' tests and
 ``tests/test_cpu_kernels.py::test_one_call_layers_equal_the_op_by_op_path`` hold them to it), so
@@ -215,7 +215,7 @@ class _MoEToken(_OpsMlp):
         if routed is not None:
             weights_TK, ids_TK = routed
             moe.count(ids_TK, ctx)
-        elif x_TD.shape[0] == 1:  # a tie (or no plan): the block's own routing
+        elif x_TD.shape[0] == 1:  # a NaN (or no plan): the block's own routing
             weights_TK, ids_TK = moe.route(x_TD, ctx)
         else:  # row by row, as one-row steps route (the gate's GEMV at one row)
             rows = [moe.route(x_TD[t:t + 1], ctx) for t in range(x_TD.shape[0])]
@@ -267,8 +267,8 @@ class CapturedDecode:
         self.max_rows = cpu_kernels.RouteToken.MAX_ROWS if one_call and fits else 1
         # The one-call halves run from one C loop (cpu_kernels.DecodeStep): between two of them no
         # Python op runs, whose cost after each weight stream (cold caches) was ~0.5 ms a step on
-        # Mixtral's shape. The loop hands a half back here where it is an op-by-op one, a router's
-        # choice hangs on a tie or a kernel declines; each half writes to the loop's buffers.
+        # Mixtral's shape. The loop hands a half back here where it is an op-by-op one, a router
+        # meets a NaN or a kernel declines; each half writes to the loop's buffers.
         # (a given head: its logits are head(h).float(), as an MTP layer's are)
         plain = get_tp_size() == 1 and (head is not None or type(model).compute_logits is MoECausalLM.compute_logits)
         head = head if head is not None else model.lm_head

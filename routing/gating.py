@@ -55,6 +55,14 @@ class RoutingResult(NamedTuple):
     ids_TK: torch.Tensor  # int64
 
 
+def top_k_ids(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest along the last dim, largest first; of equal values the lower
+    index first (a stable descending sort: ``torch.topk`` leaves that order to its algorithm). The
+    C router (``cpu_kernels.route_select``) picks in the same order, so a choice that hangs on a tie
+    -- frequent with bf16 logits -- is the same on every path."""
+    return values.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+
+
 def _mask_to_top_groups(scores_TE: torch.Tensor, cfg: RouterConfig) -> torch.Tensor:
     """Keep only experts of the ``topk_groups`` best groups; the rest get -inf."""
     T, E = scores_TE.shape
@@ -63,7 +71,7 @@ def _mask_to_top_groups(scores_TE: torch.Tensor, cfg: RouterConfig) -> torch.Ten
         group_scores = grouped.topk(2, dim=-1).values.sum(-1)
     else:
         group_scores = grouped.max(dim=-1).values
-    keep = group_scores.topk(cfg.topk_groups, dim=-1).indices  # [T, topk_groups]
+    keep = top_k_ids(group_scores, cfg.topk_groups)  # [T, topk_groups]
     group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
     expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(T, E)
     return scores_TE.masked_fill(~expert_mask, float("-inf"))
@@ -72,8 +80,8 @@ def _mask_to_top_groups(scores_TE: torch.Tensor, cfg: RouterConfig) -> torch.Ten
 def route(logits_TE: torch.Tensor, cfg: RouterConfig, correction_bias_E: torch.Tensor | None = None) -> RoutingResult:
     logits = logits_TE.float()
     if cfg.topk_before_softmax:
-        values, ids = logits.topk(cfg.top_k, dim=-1)
-        weights = torch.softmax(values, dim=-1)
+        ids = top_k_ids(logits, cfg.top_k)
+        weights = torch.softmax(logits.gather(1, ids), dim=-1)
         return RoutingResult(weights * cfg.scaling_factor, ids)
 
     if cfg.use_correction_bias and correction_bias_E is None:
@@ -85,7 +93,7 @@ def route(logits_TE: torch.Tensor, cfg: RouterConfig, correction_bias_E: torch.T
             1e-20 if cfg.scoring == "sigmoid" else 0.0, cfg.scaling_factor)
         if out is not None:
             weights, ids, scores, tied = out
-            if tied is not None:  # choices that hang on equal values: torch's own tie order
+            if tied is not None:  # a NaN selection: torch's order of NaNs
                 weights[tied], ids[tied] = _select(scores[tied], cfg, correction_bias_E)
             return RoutingResult(weights, ids)
     scores = torch.softmax(logits, dim=-1) if cfg.scoring == "softmax" else torch.sigmoid(logits)
@@ -101,7 +109,7 @@ def _select(scores: torch.Tensor, cfg: RouterConfig, correction_bias_E: torch.Te
     if cfg.top_k == 1 and not cfg.use_correction_bias:
         weights, ids = selection.max(dim=-1, keepdim=True)
     else:
-        ids = selection.topk(cfg.top_k, dim=-1, sorted=True).indices
+        ids = top_k_ids(selection, cfg.top_k)
         weights = scores.gather(1, ids)
     if cfg.renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if cfg.scoring == "sigmoid" else 0.0))
