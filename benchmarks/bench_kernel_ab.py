@@ -12,6 +12,11 @@ other way round), checks that both give the same result, then times them in alte
 
 Operation: the local MoE layer after the router (``cpu_kernels.amx_moe``: dispatch, SwiGLU experts,
 combine), bf16, random weights and routing; rate in GMAC/s of the experts' GEMMs. Needs AMX.
+With ``--decode CKPT``: the engine's batch-1 decode of that checkpoint instead (bf16, a 64-token
+prompt, 128 new tokens, greedy; rate in tokens/s), one engine whose every kernel call goes to the
+build of the round -- a change to any kernel of the captured step measured whole:
+
+    python benchmarks/bench_kernel_ab.py --b /tmp/kernels_old --decode ~/.cache/moe-bench/mixtral --rounds 8
 """
 from __future__ import annotations
 
@@ -41,11 +46,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="calls per build per round")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--decode", metavar="CKPT", help="time the engine's batch-1 decode of this checkpoint instead")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     libs = {"A": build.build_library(args.a), "B": build.build_library(args.b)}
     build.use_library(libs["A"])
+    if args.decode:
+        return decode(args, libs)
     if not cpu_kernels.amx_available():
         sys.exit("the AMX kernels do not run on this machine (no AMX-BF16, or Linux refused the tile state)")
     E, D, F, K = (int(v) for v in args.shape.split(","))
@@ -81,6 +89,38 @@ def main() -> None:
     print(json.dumps({"benchmark": "bench_kernel_ab", "op": "amx_moe", "rows": args.rows, "shape": [E, D, F, K],
                       "threads": args.threads, "a": args.a, "b": args.b, "max_abs_diff": diff,
                       "gmac_s": rate, "b_over_a_by_round": ratios}))
+
+
+def decode(args: argparse.Namespace, libs: dict) -> None:
+    """Batch-1 decode tokens/s of one engine, the builds alternating by round (order flipped)."""
+    from moe import LLM, SamplingParams
+
+    llm = LLM(args.decode, dtype="bfloat16")
+    sp = SamplingParams(temperature=0, max_tokens=129, ignore_eos=True)
+    prompt = [{"prompt_token_ids": list(range(100, 164))}]
+
+    def run(name: str) -> tuple[float, list[int]]:
+        build.use_library(libs[name])
+        (out,) = llm.generate(prompt, sp)
+        return 128 / (out.metrics.latency - out.metrics.ttft), out.outputs[0].token_ids
+
+    run("A")  # (the first run computes the prompt; later ones find it in the prefix cache)
+    same = run("A")[1] == run("B")[1]
+    rates: dict[str, list[float]] = {"A": [], "B": []}
+    for r in range(args.rounds):
+        for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
+            rates[name].append(run(name)[0])
+    ratios = [b / a for a, b in zip(rates["A"], rates["B"])]  # > 1: B faster
+    print(f"batch-1 decode of {args.decode}, {args.threads} threads; greedy tokens "
+          f"{'identical' if same else 'DIFFER'}")
+    for n, src in (("A", args.a), ("B", args.b)):
+        print(f"  {n} {src}: median {statistics.median(rates[n]):.1f} tok/s  "
+              + " ".join(f"{v:.1f}" for v in rates[n]))
+    print(f"  B / A speed by round: {' '.join(f'{q:.2f}' for q in ratios)}; mean {statistics.mean(ratios):.3f}, "
+          f"B faster in {sum(q > 1 for q in ratios)} of {len(ratios)}")
+    print(json.dumps({"benchmark": "bench_kernel_ab", "op": "decode", "model": args.decode, "threads": args.threads,
+                      "a": args.a, "b": args.b, "same_tokens": same,
+                      "tok_s": {n: statistics.median(v) for n, v in rates.items()}, "b_over_a_by_round": ratios}))
 
 
 if __name__ == "__main__":
