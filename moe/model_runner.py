@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvcache import AttentionMetadata
+from kvcache import AttentionMetadata, OneRowMetadata
 from parallel import get_parallel_state
 from parallel.dispatch import NO_STEP, DispatchStep
 
 from .cpu_decode import CapturedDecode
 from .models import ForwardContext, MoECausalLM
 from .sampler import Sampler, SampleResult, top_logprobs
-from .scheduler import ScheduledBatch, partition_batch
+from .scheduler import ScheduledBatch, ScheduledSeq, partition_batch
 
 if TYPE_CHECKING:
     from .drafter import Drafter
@@ -80,6 +80,8 @@ class ModelRunner:
         self.record_expert_counts = False  # MoE layers add up tokens per expert (LLMEngine.expert_counts)
         # a batch-1 step planned once (CPU, bf16); None where it would not help
         self.captured = CapturedDecode.capture(model, kv_caches)
+        # a step of one sequence and one token: its inputs in tensors kept from step to step (CPU)
+        self.one_row = OneRowMetadata(block_size) if torch.device(device).type == "cpu" else None
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, eos_ids: tuple[int, ...]) -> StepResult:
@@ -98,6 +100,10 @@ class ModelRunner:
 
     def _prepare(self, batch: ScheduledBatch) -> StepInputs:
         st = get_parallel_state()
+        if self.one_row is not None and len(batch.seqs) == 1 and st.dp_size == 1:
+            s = batch.seqs[0]
+            if s.num_new_tokens == 1 and not s.draft and not s.seq.wants_prompt_logprobs:
+                return self._prepare_one(s)
         step = NO_STEP
         mine = range(len(batch.seqs))
         if st.dp_size > 1:
@@ -138,6 +144,15 @@ class ModelRunner:
         return StepInputs(torch.tensor(ids, dtype=torch.long, device=self.device),
                           torch.tensor(positions, dtype=torch.long, device=self.device), ctx,
                           sample_rows, sample_idx, all_idx, lp_rows, lp_owner, one_verify)
+
+    def _prepare_one(self, s: ScheduledSeq) -> StepInputs:
+        """:meth:`_prepare` for a step of one sequence and one new token (batch-1 decode), in
+        :attr:`one_row`'s tensors."""
+        one, seq = self.one_row, s.seq
+        meta = one.build(seq.token_ids[s.start], s.start + 1, seq.block_table.blocks)
+        ctx = ForwardContext(meta, self.kv_caches, record_expert_counts=self.record_expert_counts)
+        rows = [0] if s.samples else []
+        return StepInputs(one.ids, one.positions, ctx, rows, list(rows), list(rows), [], [])
 
     def _captured_rows(self, inputs: StepInputs) -> bool:
         """Whether the captured step runs this step: one sequence and one token, or one sequence's

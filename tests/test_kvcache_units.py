@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cpu_kernels
-from kvcache import (AttentionMetadata, BlockManager, BlockTable, paged_attention_reference,
+from kvcache import (AttentionMetadata, BlockManager, BlockTable, OneRowMetadata, paged_attention_reference,
                      paged_attention_torch, write_kv)
 
 
@@ -295,3 +295,20 @@ def test_attention_metadata_worked_example_slots():
     assert meta.slot_mapping.tolist() == [13, 28, 29, 30]
     assert meta.contiguous_starts == (2, 7)
     assert meta.query_start_loc.tolist() == [0, 1, 4]
+
+
+def test_one_row_metadata_equals_build_step_after_step():
+    # a batch-1 decode step's metadata in tensors kept from step to step: the same as build's, for a
+    # sequence growing past its blocks (and the kept table's capacity), and for another sequence
+    one = OneRowMetadata(block_size=4, capacity=2)
+    steps = [(7, [9, 3]), (8, [9, 3]), (9, [9, 3, 5]), (12, [9, 3, 5]), (13, [9, 3, 5, 6]), (3, [4]),
+             (6, [4, 5]), (10, [4, 5, 6])]
+    for context_len, blocks in steps:
+        meta = one.build(42, context_len, blocks)
+        ref = AttentionMetadata.build([1], [context_len], [blocks], 4)
+        for field in ("query_start_loc", "context_lens", "block_tables", "slot_mapping"):
+            got, want = getattr(meta, field), getattr(ref, field)
+            assert got.dtype == want.dtype and torch.equal(got, want), field
+        assert (meta.query_lens_list, meta.context_lens_list, meta.contiguous_starts, meta.block_size) == \
+            (ref.query_lens_list, ref.context_lens_list, ref.contiguous_starts, ref.block_size)
+        assert one.ids.tolist() == [42] and one.positions.tolist() == [context_len - 1]
