@@ -70,22 +70,41 @@ def _timing(timings: dict, key) -> "_Timing":
 @dataclass
 class _Timing:
     """Recent timings of one kind of step. The first is dropped (it pays one-time kernel builds
-    for its shapes); the median of the rest ignores steps slowed by a busy machine."""
+    for its shapes); the median of the rest ignores steps slowed by a busy machine. (The medians
+    are taken when read: a plain step adds a timing every step, a judgement reads them now and then.)"""
 
     recent: deque = field(default_factory=lambda: deque(maxlen=9))
     rows: deque = field(default_factory=lambda: deque(maxlen=9))  # a verify bin's extra rows per sequence
     seen: int = 0
-    value: float | None = None  # the median, updated per timing (read many times per step)
-    x: float = 0.0  # the median of ``rows``
+    _stale: bool = False
+    _value: float | None = None
+    _x: float = 0.0
 
     def add(self, seconds: float, rows: float = 0.0) -> None:
         self.seen += 1
         if self.seen > 1:
             self.recent.append(seconds)
             self.rows.append(rows)
-            self.value = _median(self.recent)
-            if rows or self.x:  # (a plain step's bin: rows are all 0)
-                self.x = _median(self.rows)
+            self._stale = True
+
+    def _update(self) -> None:
+        self._value, self._stale = _median(self.recent), False
+        if self._x or any(self.rows):  # (a plain step's bin: rows are all 0)
+            self._x = _median(self.rows)
+
+    @property
+    def value(self) -> float | None:
+        """The median of the recent timings (None before the second)."""
+        if self._stale:
+            self._update()
+        return self._value
+
+    @property
+    def x(self) -> float:
+        """The median of ``rows``."""
+        if self._stale:
+            self._update()
+        return self._x
 
 
 @dataclass
@@ -137,8 +156,8 @@ class SpecCostModel:
     # weighed against a stale plain step (bench_spec at 32: plain 9.8 ms from warm-up, 6.7 ms now)
     refresh_every: int = 16
     # while nothing but plain steps' timings came in, a judgement (best K, probe interval) stands for
-    # this many steps: re-deriving it costs ~25 us a step, 4% of a batch-1 step of the default model
-    rejudge_every: int = 4
+    # this many steps: re-deriving it costs ~25 us, 8% of a batch-1 step of the default model
+    rejudge_every: int = 16
     # (bucket, ceil(extra rows per sequence)) -> seconds per step and those rows
     _verify: dict[tuple[int, int], _Timing] = field(default_factory=dict)
     _draft: dict[int, _Timing] = field(default_factory=dict)  # bucket -> seconds per batched drafter step

@@ -303,7 +303,7 @@ def test_the_engine_skips_asking_only_while_plain_decoding_stands():
 
     from moe.engine import LLMEngine
 
-    cost = SpecCostModel(max_k=3, probe_every=64)
+    cost = SpecCostModel(max_k=3, probe_every=64, rejudge_every=4)
     for _ in range(2):
         cost.observe_verify(0, 1, 1.0)
         cost.observe_verify(3, 1, 2.2)
@@ -455,7 +455,8 @@ def test_engine_chooses_k_and_stays_exact(checkpoint, drafters):
     llm.engine.spec_cost.choose_k = spy
     assert _tokens(llm.generate(_prompts(2), sp)) == want
     assert 3 in chosen and 0 in chosen  # a random drafter accepts ~nothing: plain steps win
-    assert chosen[-10:].count(0) >= 8
+    after = chosen[chosen.index(0):]  # (calls: steps whose plain choice is known to stand skip them)
+    assert len(after) >= 4 and after.count(0) >= len(after) - 1  # plain from then on, a probe at most
 
 
 def _never_accepted(drafter) -> None:
