@@ -397,7 +397,7 @@ class LLMEngine:
         and yield, or, for a decoding step (``decode_only``: no prompt chunk), its time less the
         drafter's steps (costed apart) against its draft rows per sequence. (A probe's few drafting
         sequences say nothing about a step where all are asked.)"""
-        cost, drafting, asked = self.spec_cost, 0.0, False
+        cost, drafting, asked, drew = self.spec_cost, 0.0, False, []
         for p in (self.proposer, self._lookup):
             asked |= p is not None and p.counts.asked > 0
             if p is not None and (p.counts.asked or p.counts.seconds):  # (at K = 0 nothing was asked)
@@ -405,6 +405,8 @@ class LLMEngine:
                 drafting += counts.seconds
                 if p.k:
                     cost.observe_drafting(p.source, counts.asked, counts.drafting, counts.tokens, p.k)
+                    if counts.drafting:
+                        drew.append(p.source)
         if probe:
             tokens = sum(len(result.sampled.get(b, ())) for b in range(len(batch.seqs)))
             cost.observe_probe(len(batch.seqs), seconds, tokens)
@@ -412,6 +414,9 @@ class LLMEngine:
         if decode_only:
             rows = sum(len(s.draft) for s in batch.seqs) / len(batch.seqs)
             cost.observe_verify(rows, len(batch.seqs), seconds - drafting, asked)
+            if drew:  # the whole step's speed against plain decoding's: the check on the prediction
+                tokens = sum(len(result.sampled.get(b, ())) for b in range(len(batch.seqs)))
+                cost.observe_realized(drew, len(batch.seqs), seconds, tokens)
 
     @property
     def spec_drafted(self) -> int:

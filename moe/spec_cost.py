@@ -174,6 +174,15 @@ class SpecCostModel:
     _measured: set = field(default_factory=set)  # buckets with a verify step's timing (for good)
     _version: int = 0  # bumped by every observation but a plain step's timing
     _judged: dict = field(default_factory=dict)  # (bucket, source) -> [version, steps, best K, probe interval]
+    # The check on the prediction: of the last ``realized_window`` decoding steps in which a source
+    # drafted (not probes), each step's tokens per second over plain decoding's; when their mean is
+    # below 1 the source keeps K = 0 (probes aside) for ``veto_steps`` of its choices, then may draft
+    # again (and be checked again). The cost model's parts can each be right and their sum wrong (at 32
+    # concurrent the lookup predicted x1.1-1.5 and its drafting steps lost); this bounds the loss.
+    realized_window: int = 6
+    veto_steps: int = 256
+    _realized: dict = field(default_factory=dict)  # (bucket, source) -> deque of realized speed-ups
+    _veto: dict = field(default_factory=dict)  # (bucket, source) -> [choices left with K = 0, probe interval]
 
     def __post_init__(self) -> None:
         if self.max_k < 1:
@@ -208,6 +217,32 @@ class SpecCostModel:
             return False
         self._since_plain[b] = 0
         return True
+
+    def observe_realized(self, sources: list[str], batch_size: int, seconds: float, tokens: int) -> None:
+        """A whole decoding step (not a probe; drafting included) in which ``sources`` drafted,
+        yielding ``tokens`` tokens over the batch: its speed against plain decoding's, for the check
+        on the prediction (``realized_window``)."""
+        b = batch_bucket(batch_size)
+        plain = self._seconds(self._verify.get((b, 0)))
+        if plain is None or seconds <= 0:
+            return
+        speedup = tokens * plain / (batch_size * seconds)
+        for source in sources:
+            window = self._realized.get((b, source))
+            if window is None:
+                window = self._realized[b, source] = deque(maxlen=self.realized_window)
+            window.append(speedup)
+            if len(window) == self.realized_window and sum(window) < len(window):
+                costs = self.step_costs(batch_size, source)
+                interval = self.probe_interval(batch_size, source) if costs is not None else 16
+                self._veto[b, source] = [self.veto_steps, interval]
+                window.clear()
+                self._version += 1
+
+    def realized(self, batch_size: int, source: str) -> float | None:
+        """The mean realized speed-up of the source's recent drafting steps at this batch size."""
+        window = self._realized.get((batch_bucket(batch_size), source))
+        return sum(window) / len(window) if window else None
 
     def observe_drafting(self, source: str, asked: int, drafted: int, tokens: int, k: int) -> None:
         """A step (not a probe) in which ``source`` was asked to draft up to ``k`` tokens for
@@ -350,10 +385,16 @@ class SpecCostModel:
             judged = self._judged[b, source] = [self._version, 0, best,
                                                 self.probe_interval(batch_size, source) if best == 0 else 0]
         judged[1] += 1
-        best = judged[2]
+        best, interval = judged[2], judged[3]
+        veto = self._veto.get((b, source))
+        if veto is not None:  # its drafting steps ran slower than plain decoding: plain for a while, probes aside
+            best, interval = 0, (interval if best == 0 else veto[1])
+            veto[0] -= 1
+            if veto[0] <= 0:
+                del self._veto[b, source]
         if best == 0:
             self._plain_steps[source] += 1
-            if self._plain_steps[source] >= judged[3]:
+            if self._plain_steps[source] >= interval:
                 self._plain_steps[source] = 0
                 self.probing[source] = True
                 return self.max_k

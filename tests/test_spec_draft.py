@@ -421,6 +421,31 @@ def test_cost_model_counts_the_share_of_sequences_that_draft_and_costs_steps_by_
     assert m.speedup(3, 32, "lookup") < 1.1 and m.choose_k(32, "lookup") == 0
 
 
+def test_cost_model_keeps_plain_decoding_while_drafting_steps_run_slower_than_plain_ones():
+    """The check on the prediction: the model predicts a gain, the source's drafting steps (whole
+    steps, drafting included) run slower than plain decoding; after ``realized_window`` of them
+    the source keeps K = 0 for ``veto_steps`` choices (probes aside), then may draft again."""
+    m = SpecCostModel(max_k=3, probe_every=1000, realized_window=4, veto_steps=10)
+    for _ in range(3):
+        m.observe_verify(0, 32, 1.0)
+        m.observe_verify(3, 32, 1.3)
+    for _ in range(20):
+        m.observe_acceptance(3, 3, "lookup")
+    assert m.choose_k(32, "lookup") == 3  # predicted: 4 tokens for 1.3 s
+    for _ in range(3):
+        m.observe_realized(["lookup"], 32, 1.5, 40)  # 40 tokens in 1.5 s: 0.83x plain's 32 in 1 s
+        assert m.choose_k(32, "lookup") == 3  # (the window is not full yet)
+    assert m.realized(32, "lookup") == pytest.approx(40 / 1.5 / 32)
+    m.observe_realized(["model"], 32, 1.5, 40)  # another source's steps do not count against this one
+    assert m.choose_k(32, "lookup") == 3
+    m.observe_realized(["lookup"], 32, 1.5, 40)
+    assert [m.choose_k(32, "lookup") for _ in range(10)] == [0] * 10
+    assert m.choose_k(32, "lookup") == 3 and m.choose_k(8, "lookup") == 3  # over; (other sizes untouched)
+    for _ in range(4):  # drafting steps that pay keep it drafting
+        m.observe_realized(["lookup"], 32, 1.0, 60)
+    assert m.choose_k(32, "lookup") == 3
+
+
 def test_cost_model_asks_for_a_plain_step_now_and_then_while_drafting_wins():
     """verify(0) is measured only in plain steps: while drafting wins, one plain step every
     ``refresh_every`` drafting steps keeps it current (once per count: a step that could not be
