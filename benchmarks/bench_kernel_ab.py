@@ -17,6 +17,10 @@ prompt, 128 new tokens, greedy; rate in tokens/s), one engine whose every kernel
 build of the round -- a change to any kernel of the captured step measured whole:
 
     python benchmarks/bench_kernel_ab.py --b /tmp/kernels_old --decode ~/.cache/moe-bench/mixtral --rounds 8
+
+With ``--prefill CKPT``: a burst of ``--prompts`` random prompts of ``--prompt-len`` tokens, one
+generated token each (bench_peers' burst workload), new prompts every run (no prefix-cache hits);
+rate in prompt tokens/s.
 """
 from __future__ import annotations
 
@@ -47,6 +51,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--decode", metavar="CKPT", help="time the engine's batch-1 decode of this checkpoint instead")
+    ap.add_argument("--prefill", metavar="CKPT", help="time the engine's prompt burst of this checkpoint instead")
+    ap.add_argument("--prompts", type=int, default=16, help="--prefill: prompts in the burst")
+    ap.add_argument("--prompt-len", type=int, default=2048, help="--prefill: tokens per prompt")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -54,6 +61,8 @@ def main() -> None:
     build.use_library(libs["A"])
     if args.decode:
         return decode(args, libs)
+    if args.prefill:
+        return prefill(args, libs)
     if not cpu_kernels.amx_available():
         sys.exit("the AMX kernels do not run on this machine (no AMX-BF16, or Linux refused the tile state)")
     E, D, F, K = (int(v) for v in args.shape.split(","))
@@ -91,6 +100,22 @@ def main() -> None:
                       "gmac_s": rate, "b_over_a_by_round": ratios}))
 
 
+def alternate(args: argparse.Namespace, run, fmt: str) -> tuple[dict[str, list[float]], list[float]]:
+    """``run(build)`` (a rate) for builds A and B in turn, the order flipped every round; prints each
+    build's median and rounds and the B / A ratio by round (> 1: B faster)."""
+    rates: dict[str, list[float]] = {"A": [], "B": []}
+    for r in range(args.rounds):
+        for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
+            rates[name].append(run(name))
+    ratios = [b / a for a, b in zip(rates["A"], rates["B"])]
+    for n, src in (("A", args.a), ("B", args.b)):
+        print(f"  {n} {src}: median {fmt.format(statistics.median(rates[n]))} tok/s  "
+              + " ".join(fmt.format(v) for v in rates[n]))
+    print(f"  B / A speed by round: {' '.join(f'{q:.2f}' for q in ratios)}; mean {statistics.mean(ratios):.3f}, "
+          f"B faster in {sum(q > 1 for q in ratios)} of {len(ratios)}")
+    return rates, ratios
+
+
 def decode(args: argparse.Namespace, libs: dict) -> None:
     """Batch-1 decode tokens/s of one engine, the builds alternating by round (order flipped)."""
     from moe import LLM, SamplingParams
@@ -106,20 +131,38 @@ def decode(args: argparse.Namespace, libs: dict) -> None:
 
     run("A")  # (the first run computes the prompt; later ones find it in the prefix cache)
     same = run("A")[1] == run("B")[1]
-    rates: dict[str, list[float]] = {"A": [], "B": []}
-    for r in range(args.rounds):
-        for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
-            rates[name].append(run(name)[0])
-    ratios = [b / a for a, b in zip(rates["A"], rates["B"])]  # > 1: B faster
     print(f"batch-1 decode of {args.decode}, {args.threads} threads; greedy tokens "
           f"{'identical' if same else 'DIFFER'}")
-    for n, src in (("A", args.a), ("B", args.b)):
-        print(f"  {n} {src}: median {statistics.median(rates[n]):.1f} tok/s  "
-              + " ".join(f"{v:.1f}" for v in rates[n]))
-    print(f"  B / A speed by round: {' '.join(f'{q:.2f}' for q in ratios)}; mean {statistics.mean(ratios):.3f}, "
-          f"B faster in {sum(q > 1 for q in ratios)} of {len(ratios)}")
+    rates, ratios = alternate(args, lambda name: run(name)[0], "{:.1f}")
     print(json.dumps({"benchmark": "bench_kernel_ab", "op": "decode", "model": args.decode, "threads": args.threads,
                       "a": args.a, "b": args.b, "same_tokens": same,
+                      "tok_s": {n: statistics.median(v) for n, v in rates.items()}, "b_over_a_by_round": ratios}))
+
+
+def prefill(args: argparse.Namespace, libs: dict) -> None:
+    """Prompt tokens/s of a burst through one engine, the builds alternating by round (order flipped)."""
+    import random
+
+    from moe import LLM, SamplingParams
+
+    llm = LLM(args.prefill, dtype="bfloat16", max_num_seqs=max(args.prompts, 8), warmup=True)
+    vocab = llm.engine.model_config.vocab_size
+    rng = random.Random(args.seed)
+    sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+    def run(name: str) -> float:
+        build.use_library(libs[name])
+        prompts = [{"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(args.prompt_len)]}
+                   for _ in range(args.prompts)]  # fresh tokens: nothing from the prefix cache
+        t = time.perf_counter()
+        llm.generate(prompts, sp)
+        return args.prompts * args.prompt_len / (time.perf_counter() - t)
+
+    run("A"), run("B")  # (first calls: buffers, shapes)
+    print(f"prompt burst of {args.prefill}: {args.prompts} x {args.prompt_len} tokens, {args.threads} threads")
+    rates, ratios = alternate(args, run, "{:.0f}")
+    print(json.dumps({"benchmark": "bench_kernel_ab", "op": "prefill", "model": args.prefill, "threads": args.threads,
+                      "prompts": args.prompts, "prompt_len": args.prompt_len, "a": args.a, "b": args.b,
                       "tok_s": {n: statistics.median(v) for n, v in rates.items()}, "b_over_a_by_round": ratios}))
 
 
