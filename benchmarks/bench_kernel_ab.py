@@ -19,7 +19,7 @@ build of the round -- a change to any kernel of the captured step measured whole
     python benchmarks/bench_kernel_ab.py --b /tmp/kernels_old --decode ~/.cache/moe-bench/mixtral --rounds 8
 
 With ``--prefill CKPT``: a burst of ``--prompts`` random prompts of ``--prompt-len`` tokens, one
-generated token each (bench_peers' burst workload), new prompts every run (no prefix-cache hits);
+generated token each (bench_peers' burst workload), new prompts every run, the prefix cache off;
 rate in prompt tokens/s.
 """
 from __future__ import annotations
@@ -78,29 +78,25 @@ def main() -> None:
 
     ya, yb = call("A"), call("B")
     diff = (ya.float() - yb.float()).abs().max().item()
-    times: dict[str, list[float]] = {"A": [], "B": []}
-    for r in range(args.rounds):
-        for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
-            call(name)
-            t = time.perf_counter()
-            for _ in range(args.reps):
-                call(name)
-            times[name].append((time.perf_counter() - t) / args.reps)
     macs = args.rows * K * 3 * D * F
-    rate = {n: macs / statistics.median(ts) / 1e9 for n, ts in times.items()}
-    ratios = [a / b for a, b in zip(times["A"], times["B"])]  # > 1: B faster
+
+    def run(name: str) -> float:  # GMAC/s of the experts' GEMMs, a warm call first
+        call(name)
+        t = time.perf_counter()
+        for _ in range(args.reps):
+            call(name)
+        return macs * args.reps / (time.perf_counter() - t) / 1e9
+
     print(f"amx_moe, {args.rows} rows, E={E} D={D} F={F} top-{K}, {args.threads} threads; "
           f"outputs {'bit-identical' if diff == 0 else f'differ by up to {diff:.3g}'}")
-    for n, src in (("A", args.a), ("B", args.b)):
-        print(f"  {n} {src}: median {rate[n]:.0f} GMAC/s  " + " ".join(f"{macs / t / 1e9:.0f}" for t in times[n]))
-    print(f"  B / A speed by round: {' '.join(f'{q:.2f}' for q in ratios)}; B faster in "
-          f"{sum(q > 1 for q in ratios)} of {len(ratios)}")
+    rates, ratios = alternate(args, run, "{:.0f}", "GMAC/s")
+    rate = {n: statistics.median(v) for n, v in rates.items()}
     print(json.dumps({"benchmark": "bench_kernel_ab", "op": "amx_moe", "rows": args.rows, "shape": [E, D, F, K],
                       "threads": args.threads, "a": args.a, "b": args.b, "max_abs_diff": diff,
                       "gmac_s": rate, "b_over_a_by_round": ratios}))
 
 
-def alternate(args: argparse.Namespace, run, fmt: str) -> tuple[dict[str, list[float]], list[float]]:
+def alternate(args: argparse.Namespace, run, fmt: str, unit: str = "tok/s") -> tuple[dict, list[float]]:
     """``run(build)`` (a rate) for builds A and B in turn, the order flipped every round; prints each
     build's median and rounds and the B / A ratio by round (> 1: B faster)."""
     rates: dict[str, list[float]] = {"A": [], "B": []}
@@ -109,7 +105,7 @@ def alternate(args: argparse.Namespace, run, fmt: str) -> tuple[dict[str, list[f
             rates[name].append(run(name))
     ratios = [b / a for a, b in zip(rates["A"], rates["B"])]
     for n, src in (("A", args.a), ("B", args.b)):
-        print(f"  {n} {src}: median {fmt.format(statistics.median(rates[n]))} tok/s  "
+        print(f"  {n} {src}: median {fmt.format(statistics.median(rates[n]))} {unit}  "
               + " ".join(fmt.format(v) for v in rates[n]))
     print(f"  B / A speed by round: {' '.join(f'{q:.2f}' for q in ratios)}; mean {statistics.mean(ratios):.3f}, "
           f"B faster in {sum(q > 1 for q in ratios)} of {len(ratios)}")
@@ -145,24 +141,36 @@ def prefill(args: argparse.Namespace, libs: dict) -> None:
 
     from moe import LLM, SamplingParams
 
-    llm = LLM(args.prefill, dtype="bfloat16", max_num_seqs=max(args.prompts, 8), warmup=True)
+    # no prefix cache: every run computes its whole prompts, and both builds' tokens can be compared
+    llm = LLM(args.prefill, dtype="bfloat16", max_num_seqs=max(args.prompts, 8), warmup=True,
+              enable_prefix_caching=False)
     vocab = llm.engine.model_config.vocab_size
     rng = random.Random(args.seed)
     sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 
-    def run(name: str) -> float:
+    def tokens(name: str, prompts: list[dict]) -> list[list[int]]:
         build.use_library(libs[name])
-        prompts = [{"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(args.prompt_len)]}
-                   for _ in range(args.prompts)]  # fresh tokens: nothing from the prefix cache
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+
+    def fresh(n: int) -> list[dict]:
+        return [{"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(args.prompt_len)]} for _ in range(n)]
+
+    def run(name: str) -> float:
+        prompts = fresh(args.prompts)
         t = time.perf_counter()
-        llm.generate(prompts, sp)
+        tokens(name, prompts)
         return args.prompts * args.prompt_len / (time.perf_counter() - t)
 
-    run("A"), run("B")  # (first calls: buffers, shapes)
-    print(f"prompt burst of {args.prefill}: {args.prompts} x {args.prompt_len} tokens, {args.threads} threads")
+    run("A")  # (first calls: buffers, shapes)
+    run("B")
+    prompts = fresh(2)
+    same = tokens("A", prompts) == tokens("B", prompts)  # (no prefix cache: B computes every row again)
+    print(f"prompt burst of {args.prefill}: {args.prompts} x {args.prompt_len} tokens, {args.threads} threads; "
+          f"first tokens {'identical' if same else 'DIFFER'}")
     rates, ratios = alternate(args, run, "{:.0f}")
     print(json.dumps({"benchmark": "bench_kernel_ab", "op": "prefill", "model": args.prefill, "threads": args.threads,
                       "prompts": args.prompts, "prompt_len": args.prompt_len, "a": args.a, "b": args.b,
+                      "same_tokens": same,
                       "tok_s": {n: statistics.median(v) for n, v in rates.items()}, "b_over_a_by_round": ratios}))
 
 
