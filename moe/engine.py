@@ -196,8 +196,9 @@ class LLMEngine:
         return DraftModel(spec.model, self.model_config.vocab_size, self.dtype, self.device)
 
     def _proposer(self, spec: SpeculativeConfig) -> Proposer:
-        if spec.cost_control:
-            self.spec_cost = SpecCostModel(spec.num_speculative_tokens)
+        if spec.cost_control:  # (with ngram_first, lookup and the drafter probe apart: they share the budget)
+            self.spec_cost = SpecCostModel(spec.num_speculative_tokens,
+                                           sources=2 if spec.ngram_first and self.drafter is not None else 1)
         if self.drafter is None:
             return NgramProposer(spec, self.max_model_len)
         self._lookup = NgramProposer(spec, self.max_model_len) if spec.ngram_first else None

@@ -145,7 +145,8 @@ class SpecCostModel:
     # at K = 0, draft K_max every this many steps; None: as rarely as keeps a probe's expected
     # loss under ``probe_budget`` of the plain decoding time between probes (at least every 16)
     probe_every: int | None = None
-    probe_budget: float = 0.02
+    probe_budget: float = 0.02  # shared by the sources that probe (see ``sources``)
+    sources: int = 1  # draft sources that probe on their own: 2 for n-gram lookup first and a drafter
     probe_share: float = 0.125  # of the batch's sequences that draft in a probe (at least one)
     # drafting must beat plain decoding by this factor in prediction: step timings on a busy CPU are
     # noisy, and a marginal predicted gain was as often a loss (bench_spec: x1.09 predicted, 0.61x got)
@@ -357,7 +358,8 @@ class SpecCostModel:
     def probe_interval(self, batch_size: int, source: str = "model") -> int:
         """Plain steps between probes with K_max: a fixed ``probe_every``, or as many as make a
         probe's loss (its cost over plain decoding of the tokens it yields) at most ``probe_budget``
-        of the plain steps' time: the loss measured on earlier probes of this batch size (which
+        / ``sources`` of the plain steps' time (each source probes on its own; the budget is the
+        speculation's as a whole): the loss measured on earlier probes of this batch size (which
         includes the drafter catching up on every row since it last ran), else the cost line's."""
         if self.probe_every is not None:
             return self.probe_every
@@ -365,7 +367,7 @@ class SpecCostModel:
         loss = self._seconds(self._probe_loss.get(batch_bucket(batch_size)))
         if loss is None:
             loss = costs[-1] - self.step_tokens(self.max_k, source) * costs[0]
-        return max(16, math.ceil(loss / (self.probe_budget * costs[0])))
+        return max(16, math.ceil(loss / (self.probe_budget / self.sources * costs[0])))
 
     def choose_k(self, batch_size: int, source: str = "model") -> int:
         """The K with the most tokens per second for this batch size; unmeasured ends first; a

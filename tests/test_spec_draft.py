@@ -380,6 +380,8 @@ def test_cost_model_picks_k_from_costs_and_acceptance():
     for _ in range(3):  # probe steps of 4 s that yielded 9 tokens for 8 sequences: loss 4 - 9/8
         low.observe_probe(8, 4.0, 9)
     assert low.probe_interval(8) == math.ceil((4.0 - 9 / 8) / 0.02)
+    low.sources = 2  # n-gram lookup first and a drafter: each probes, within half the budget
+    assert low.probe_interval(8) == math.ceil((4.0 - 9 / 8) / 0.01)
 
 
 def test_cost_model_weighs_lookup_drafts_on_their_own_acceptance_and_any_verify_length():
@@ -661,6 +663,7 @@ def test_engine_tells_cost_control_which_sequences_each_source_drafted_for(check
     llm = LLM(str(target), dtype="float32",
               speculative_config=_spec(noisy_self("mixtral"), 3, ngram_first=True, cost_control=True))
     e = llm.engine
+    assert e.spec_cost.sources == 2  # the two sources probe apart, within one budget
     ran, told = [], []
     orig_run, orig_told = e.runner.run, e.spec_cost.observe_drafting
 
