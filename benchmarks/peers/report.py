@@ -79,8 +79,9 @@ def summarize(model: dict, probe_GBps: float) -> dict:
         v = _value(eng.get(e), METRICS[0])
         if v is not None:  # weight bytes streamed per second at batch 1, as a share of the run's probe
             out["probe_fraction"][e] = v * active / 1e9 / probe_GBps
-            beside = eng[e]["workloads"]["batch1"].get("probe_GBps")  # and of the probe beside the runs
-            if beside:
+            b1 = eng[e]["workloads"]["batch1"]
+            beside = b1.get("probe_GBps")  # and of the probe beside the runs (torch's, as the run's: comparable)
+            if beside and b1.get("probe_method", "torch") == "torch":
                 out["probe_fraction_beside"][e] = v * active / 1e9 / beside
     out["greedy_agreement"] = agreement(eng)
     out["probe_target_met"] = _probe_verdict(out)
