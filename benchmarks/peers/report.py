@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .workloads import probe_method
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -80,8 +82,8 @@ def summarize(model: dict, probe_GBps: float) -> dict:
         if v is not None:  # weight bytes streamed per second at batch 1, as a share of the run's probe
             out["probe_fraction"][e] = v * active / 1e9 / probe_GBps
             b1 = eng[e]["workloads"]["batch1"]
-            beside = b1.get("probe_GBps")  # and of the probe beside the runs (torch's, as the run's: comparable)
-            if beside and b1.get("probe_method", "torch") == "torch":
+            beside = b1.get("probe_GBps")  # and of the probe beside the runs (where it read as the run's did)
+            if beside and b1.get("probe_method", "torch") == probe_method():
                 out["probe_fraction_beside"][e] = v * active / 1e9 / beside
     out["greedy_agreement"] = agreement(eng)
     out["probe_target_met"] = _probe_verdict(out)

@@ -54,14 +54,15 @@ def _checked(engine: Engine, prompts: list[list[int]], max_tokens: list[int]) ->
 
 
 def read_probe(gib: float = 1.0, repeats: int = 3) -> float:
-    """Read bandwidth in GB/s, best of ``repeats``: ``torch.sum`` over a ``gib`` GiB float32 tensor with
-    this process's threads; in an environment without torch (llama-cpp-python's own venv) numpy's sum
-    over as many slices as the process has CPUs, one Python thread each (numpy's reductions release the
-    GIL)."""
+    """Read bandwidth in GB/s over a ``gib`` GiB float32 array, best of ``repeats`` and of two reads:
+    ``torch.sum`` with this process's threads, and numpy's sum over as many slices, one Python thread
+    each (numpy's reductions release the GIL). Neither is always the faster: on a 2-vCPU Xeon numpy's
+    read 31 GB/s where ``torch.sum`` read 25-26. In an environment without torch (llama-cpp-python's own
+    venv) numpy's alone, with a thread per CPU the process may use (:func:`probe_method` says which)."""
     try:
         import torch
     except ImportError:
-        return _numpy_read_probe(gib, repeats)
+        return _numpy_read_probe(gib, repeats, len(os.sched_getaffinity(0)))
     x = torch.ones(int(gib * 1024**3) // 4, dtype=torch.float32)
     x.sum()  # touch
     best = float("inf")
@@ -69,26 +70,35 @@ def read_probe(gib: float = 1.0, repeats: int = 3) -> float:
         t0 = time.perf_counter()
         x.sum()
         best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best / 1e9
+    read = x.numel() * 4 / best / 1e9
+    del x
+    try:
+        return max(read, _numpy_read_probe(gib, repeats, torch.get_num_threads()))
+    except ImportError:
+        return read
 
 
 def probe_method() -> str:
-    """Which :func:`read_probe` this environment runs (numpy's reads ran ~20% faster than torch.sum's on
-    a 2-vCPU Xeon, so shares of the two are not comparable)."""
+    """Which reads :func:`read_probe` takes the best of here: ``"torch+numpy"`` (``"torch"`` without numpy),
+    or ``"numpy"`` where torch is absent (probes of different methods are not comparable)."""
     try:
         import torch  # noqa: F401
     except ImportError:
         return "numpy"
-    return "torch"
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "torch+numpy"
 
 
-def _numpy_read_probe(gib: float, repeats: int) -> float:
+def _numpy_read_probe(gib: float, repeats: int, threads: int) -> float:
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
 
     x = np.ones(int(gib * 1024**3) // 4, dtype=np.float32)
-    parts = np.array_split(x, len(os.sched_getaffinity(0)))
+    parts = np.array_split(x, max(threads, 1))
     best = float("inf")
     with ThreadPoolExecutor(len(parts)) as pool:
         list(pool.map(np.sum, parts))  # touch
