@@ -149,9 +149,9 @@ def machine_info(threads: int) -> dict:
 
 
 def bandwidth_probe(gib: float = 1.0, repeats: int = 3) -> dict:
-    """Best-of-N memory bandwidth with the configured threads: a read-only ``torch.sum`` over a
-    ``gib`` GiB float32 tensor (:func:`peers.workloads.read_probe`), and a copy (read + write,
-    counted as 2x bytes)."""
+    """Best-of-N memory bandwidth with the configured threads: a read of a ``gib`` GiB float32 array
+    (:func:`peers.workloads.read_probe`: the better of ``torch.sum`` and numpy's sum in slices), and a
+    copy (read + write, counted as 2x bytes)."""
     from peers.workloads import read_probe
 
     read = read_probe(gib, repeats)
