@@ -203,7 +203,7 @@ def print_report(report: dict) -> None:
           f"{m['mem_total_gib']} GiB | torch {m['torch']} "
           f"| threads per engine {report['args']['threads']} | load avg at start {m['loadavg_at_start']}")
     end = report.get("bandwidth_probe_end", {}).get("sum_read_GBps")
-    print(f"read-bandwidth probe (1 GiB torch.sum, best of 3): {p['sum_read_GBps']:.1f} GB/s at start"
+    print(f"read-bandwidth probe (1 GiB, the better of torch.sum and numpy): {p['sum_read_GBps']:.1f} GB/s at start"
           + (f", {end:.1f} GB/s at end" if end else ""))
     vers = {e: r.get("settings", {}).get("version") for mod in report["models"].values()
             for e, r in mod["engines"].items() if r.get("settings", {}).get("version")}

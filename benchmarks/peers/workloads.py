@@ -54,28 +54,29 @@ def _checked(engine: Engine, prompts: list[list[int]], max_tokens: list[int]) ->
 
 
 def read_probe(gib: float = 1.0, repeats: int = 3) -> float:
-    """Read bandwidth in GB/s over a ``gib`` GiB float32 array, best of ``repeats`` and of two reads:
-    ``torch.sum`` with this process's threads, and numpy's sum over as many slices, one Python thread
-    each (numpy's reductions release the GIL). Neither is always the faster: on a 2-vCPU Xeon numpy's
-    read 31 GB/s where ``torch.sum`` read 25-26. In an environment without torch (llama-cpp-python's own
-    venv) numpy's alone, with a thread per CPU the process may use (:func:`probe_method` says which)."""
-    try:
+    """Read bandwidth in GB/s over a ``gib`` GiB float32 array, best of ``repeats`` and of the reads
+    :func:`probe_method` names: ``torch.sum`` with this process's threads, and numpy's sum over as many
+    slices, one Python thread each (numpy's reductions release the GIL). Neither is always the faster:
+    on a 2-vCPU Xeon numpy's read 31 GB/s where ``torch.sum`` read 25-26. Without torch (llama-cpp-python's
+    own venv) numpy's alone, with a thread per CPU the process may use."""
+    method = probe_method()
+    reads = []
+    if "torch" in method:
         import torch
-    except ImportError:
-        return _numpy_read_probe(gib, repeats, len(os.sched_getaffinity(0)))
-    x = torch.ones(int(gib * 1024**3) // 4, dtype=torch.float32)
-    x.sum()  # touch
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    read = x.numel() * 4 / best / 1e9
-    del x
-    try:
-        return max(read, _numpy_read_probe(gib, repeats, torch.get_num_threads()))
-    except ImportError:
-        return read
+
+        x = torch.ones(int(gib * 1024**3) // 4, dtype=torch.float32)
+        x.sum()  # touch
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            x.sum()
+            best = min(best, time.perf_counter() - t0)
+        reads.append(x.numel() * 4 / best / 1e9)
+        del x
+    if "numpy" in method:
+        threads = torch.get_num_threads() if "torch" in method else len(os.sched_getaffinity(0))
+        reads.append(_numpy_read_probe(gib, repeats, threads))
+    return max(reads)
 
 
 def probe_method() -> str:
