@@ -13,7 +13,7 @@ import ctypes
 import torch
 
 from .build import address, c_struct, declare, load
-from .gemv import Outputs, Residual, output, residual_args
+from .gemv import PLAN_ROWS, Outputs, Residual, output, residual_args
 
 _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 # (plan, x, [T,] pos, cos, sin, interleaved, block table, context length, slots, out, resid, norm weight, eps, h_out,
@@ -27,7 +27,7 @@ declare({
 
 
 GqaPlanC = c_struct("GqaPlan",
-                    "D H Hkv hd qk_norm: i64; w_qkv b_qkv q_norm k_norm w_o b_o: ptr; eps scale: f32; "
+                    "D H Hkv hd qk_norm rows: i64; w_qkv b_qkv q_norm k_norm w_o b_o: ptr; eps scale: f32; "
                     "k_cache v_cache: ptr; k_sblock k_sslot k_shead v_sblock v_sslot v_shead block_size window: i64; "
                     "sinks scratch p_qkv p_o: ptr")
 MlaPlanC = c_struct("MlaPlan",
@@ -149,8 +149,9 @@ class GqaToken:
     calls it every layer and token: ``plan(x_1D, positions_1, cos_PH, sin_PH, interleaved,
     block_table, context_len, slot_mapping_1, residual, into)`` checks only what changes per call
     (``into``: :class:`Outputs` to write to instead of new tensors). ``x [T, D]`` (``positions``,
-    ``slot_mapping [T]``): T rows of the sequence (a verify step's), one after another, row t
-    attending over the first ``context_len - (T - 1 - t)`` tokens: each as a one-row call computes it.
+    ``slot_mapping [T]``): T rows of the sequence (a verify step's), row t attending over the first
+    ``context_len - (T - 1 - t)`` tokens: each as a one-row call computes it, bf16 projections reading
+    their weights once for all rows.
     ``plan.ok`` is False where the kernel does not apply (then every call returns None)."""
 
     def __init__(self, w_qkv: torch.Tensor | PackedArgs, b_qkv: torch.Tensor | None, heads: int, kv_heads: int,
@@ -174,12 +175,13 @@ class GqaToken:
                 return
         sinks = sinks_H.float().contiguous() if sinks_H is not None else None
         self.D, self.hd = D, hd
-        scratch = torch.empty((2 * heads + 2 * kv_heads) * hd, dtype=torch.bfloat16)  # q, k, v, the heads' outputs
+        # q, k, v, the heads' outputs for PLAN_ROWS rows (a verify step's: each weight read once for them)
+        scratch = torch.empty(PLAN_ROWS * (2 * heads + 2 * kv_heads) * hd, dtype=torch.bfloat16)
         self._keep = (w_qkv, b_qkv, q_norm, k_norm, k_cache, v_cache, sinks, w_o, b_o, qkv, o, scratch)
-        self.c = GqaPlanC(D, heads, kv_heads, hd, _QK_NORMS[qk_norm], qkv[0], address(b_qkv), address(q_norm),
-                          address(k_norm), o[0], address(b_o), eps, scale, address(k_cache), address(v_cache),
-                          *k_cache.stride()[:3], *v_cache.stride()[:3], k_cache.shape[1], sliding_window or 0,
-                          address(sinks), address(scratch), address(qkv[1]), address(o[1]))
+        self.c = GqaPlanC(D, heads, kv_heads, hd, _QK_NORMS[qk_norm], PLAN_ROWS, qkv[0], address(b_qkv),
+                          address(q_norm), address(k_norm), o[0], address(b_o), eps, scale, address(k_cache),
+                          address(v_cache), *k_cache.stride()[:3], *v_cache.stride()[:3], k_cache.shape[1],
+                          sliding_window or 0, address(sinks), address(scratch), address(qkv[1]), address(o[1]))
         self.ref = address(self.c)  # what the C calls take (moe_decode_step too)
         self.ok = True
 

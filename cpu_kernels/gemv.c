@@ -11,21 +11,56 @@
 #include "kernels.h"
 
 #if defined(__AVX512BF16__)
+/* The 256 bytes of a weight stream PF_AHEAD bytes past p, asked into L2. */
+static inline void prefetch_ahead(const uint16_t *p) {
+    const char *ahead = (const char *)p + PF_AHEAD;
+    _mm_prefetch(ahead, _MM_HINT_T1);
+    _mm_prefetch(ahead + 64, _MM_HINT_T1);
+    _mm_prefetch(ahead + 128, _MM_HINT_T1);
+    _mm_prefetch(ahead + 192, _MM_HINT_T1);
+}
+
+/* One row of W dotted with each of T <= 4 rows xs[t], the row read once: for every x row exactly
+ * dot_rows's steps (a sequential stream of 128 elements a step into four sums, the masked tail, the
+ * same reduction), so each result is dot_rows's bit for bit. T is a constant wherever this inlines
+ * (16 sums stay in registers). */
+static inline __attribute__((always_inline)) void dot_x_row(const uint16_t *row, const uint16_t *const *xs,
+                                                             const int T, int64_t K, float *out) {
+    __m512 a[4][4];
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < 4; j++) a[t][j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 128 <= K; k += 128) {
+        prefetch_ahead(row + k);
+        __m512bh w[4];
+        for (int j = 0; j < 4; j++) w[j] = (__m512bh)_mm512_loadu_si512(row + k + 32 * j);
+        for (int t = 0; t < T; t++)
+            for (int j = 0; j < 4; j++)
+                a[t][j] = _mm512_dpbf16_ps(a[t][j], w[j], (__m512bh)_mm512_loadu_si512(xs[t] + k + 32 * j));
+    }
+    for (; k < K; k += 32) {
+        const int64_t left = K - k;
+        const __mmask32 m = left >= 32 ? 0xffffffffu : (__mmask32)((1u << left) - 1);
+        const __m512bh w = (__m512bh)_mm512_maskz_loadu_epi16(m, row + k);
+        for (int t = 0; t < T; t++)
+            a[t][0] = _mm512_dpbf16_ps(a[t][0], w, (__m512bh)_mm512_maskz_loadu_epi16(m, xs[t] + k));
+    }
+    for (int t = 0; t < T; t++)
+        out[t] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[t][0], a[t][1]), _mm512_add_ps(a[t][2], a[t][3])));
+}
+
 /* rows r .. r+R-1 (R <= 4) of W dotted with x, one row after the other: each row one sequential
- * stream of 128 elements a step into four sums (x stays in L1). Reading the R rows side by side
- * (four streams a row stride apart, software-prefetched a block ahead) streamed at 58-75% of a
- * 2-thread read on a Zen 4 EPYC against 90-100% this way (docs/benchmarks.md). */
+ * stream of 128 elements a step into four sums (x stays in L1), dot_x_row's steps at T = 1 written
+ * out (through dot_x_row the one-row GEMV ran ~4% slower on a 5632 x 1024 weight). Reading the R
+ * rows side by side (four streams a row stride apart, software-prefetched a block ahead) streamed at
+ * 58-75% of a 2-thread read on a Zen 4 EPYC against 90-100% this way (docs/benchmarks.md). */
 static inline void dot_rows(const uint16_t *w, int64_t ldw, const uint16_t *x, int64_t K, int R, float *out) {
     for (int r = 0; r < R; r++) {
         const uint16_t *row = w + r * ldw;
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         int64_t k = 0;
         for (; k + 128 <= K; k += 128) {
-            const char *ahead = (const char *)(row + k) + PF_AHEAD;
-            _mm_prefetch(ahead, _MM_HINT_T1);
-            _mm_prefetch(ahead + 64, _MM_HINT_T1);
-            _mm_prefetch(ahead + 128, _MM_HINT_T1);
-            _mm_prefetch(ahead + 192, _MM_HINT_T1);
+            prefetch_ahead(row + k);
             a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(row + k), (__m512bh)_mm512_loadu_si512(x + k));
             a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(row + k + 32),
                                   (__m512bh)_mm512_loadu_si512(x + k + 32));
@@ -82,6 +117,58 @@ static inline void dot_rows(const uint16_t *w, int64_t ldw, const uint16_t *x, i
     }
 }
 #endif
+
+
+/* Rows r .. r+R-1 (R <= 4) of W dotted with each of T rows xs[t] (T <= DOT_X_MAX): out[r * T + t] is
+ * dot_rows's result for row r and x = xs[t], bit for bit, each weight row read from memory once (at
+ * most four x rows a pass over it; a later pass finds it in L1). Other builds: dot_rows per x row
+ * (the R rows then come from L1 / L2 after the first). */
+#define DOT_X_MAX 64
+static inline void dot_x(const uint16_t *w, int64_t ldw, const uint16_t *const *xs, int T, int64_t K, int R,
+                         float *out) {
+#if defined(__AVX512BF16__)
+    for (int r = 0; r < R; r++) {
+        const uint16_t *row = w + r * ldw;
+        for (int t0 = 0; t0 < T; t0 += 4) {
+            float *o = out + r * T + t0;
+            switch (T - t0 >= 4 ? 4 : T - t0) {
+            case 1: dot_x_row(row, xs + t0, 1, K, o); break;
+            case 2: dot_x_row(row, xs + t0, 2, K, o); break;
+            case 3: dot_x_row(row, xs + t0, 3, K, o); break;
+            default: dot_x_row(row, xs + t0, 4, K, o); break;
+            }
+        }
+    }
+#else
+    float s[4];
+    for (int t = 0; t < T; t++) {
+        dot_rows(w, ldw, xs[t], K, R, s);
+        for (int r = 0; r < R; r++) out[r * T + t] = s[r];
+    }
+#endif
+}
+
+/* moe_gemv_bf16 for T <= DOT_X_MAX rows at once: ys[t] = W xs[t] (+ bias), each row bit for bit what
+ * moe_gemv_bf16 computes for it, W read once (dot_x). Returns 0, -1 for T outside [1, DOT_X_MAX]. */
+int moe_gemv_bf16_rows(const uint16_t *w, int64_t N, int64_t K, int64_t ldw, const uint16_t *const *xs, int64_t T,
+                       const uint16_t *bias, uint16_t *const *ys, int num_threads) {
+    if (T < 1 || T > DOT_X_MAX) return -1;
+    const int64_t blocks = (N + 3) / 4;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (N * K >= 65536)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t r0 = b * 4;
+        const int R = N - r0 < 4 ? (int)(N - r0) : 4;
+        float out[4 * DOT_X_MAX];
+        dot_x(w + r0 * ldw, ldw, xs, (int)T, K, R, out);
+        for (int r = 0; r < R; r++)
+            for (int64_t t = 0; t < T; t++) {
+                float v = out[r * T + t];
+                if (bias) v = bf16_to_f32(f32_to_bf16(v)) + bf16_to_f32(bias[r0 + r]);
+                ys[t][r0 + r] = f32_to_bf16(v);
+            }
+    }
+    return 0;
+}
 
 /* W: N rows of K bf16 (row stride ldw elements, unit within a row); x: K bf16; bias: N bf16 or NULL;
  * y: N bf16. Returns 0. */
@@ -222,15 +309,128 @@ static int moe_row(const uint16_t *x, int64_t D, int64_t F, int64_t K, const int
     return 0;
 }
 
-/* moe_row for T rows one after another (ids, wts: T rows of K; x, out, resid, h_out: T rows of D), with
- * the plan's experts (w13, s13, w2, s2, E, F), shared expert (sh13, sh2, Fs) and scratch (h, acc). */
+/* T <= 8 rows (a verify step's) through their experts at once, each expert read once for the rows
+ * that chose it: task i (experts in ascending id order; w13s[i] [2F, D], w2s[i] [D, F]) takes cnt[i]
+ * rows, row[i * T + j] (an index into x / out, rows of D) at routing weight wt[i * T + j] (rounded to
+ * bf16) and place at[i * T + j] among that row's K experts. Each row's result is moe_expert_token's
+ * for its K experts in ascending order, bit for bit (dot_x sums as dot_rows, the same roundings and
+ * combine). scratch: h T x 3F bf16, acc T x D float32. One parallel region, as moe_expert_token. */
+static void expert_rows(const uint16_t *x, int64_t T, int64_t D, int64_t F, int n, const uint16_t *const *w13s,
+                        const uint16_t *const *w2s, const int64_t *cnt, const int64_t *row, const float *wt,
+                        const int64_t *at, int64_t K, uint16_t *out, uint16_t *h, float *acc, int num_threads) {
+    const int64_t blocks13 = (2 * F + 3) / 4, blocks2 = (D + 3) / 4;
+#pragma omp parallel num_threads(num_threads)
+    for (int e = 0; e < n; e++) {
+        const int64_t c = cnt[e], *rows = row + e * T;
+        const uint16_t *xs[8], *as[8];
+        uint16_t *hs[8];
+        for (int64_t j = 0; j < c; j++) {
+            xs[j] = x + rows[j] * D;
+            hs[j] = h + rows[j] * 3 * F;
+            as[j] = hs[j] + 2 * F;
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks13; b++) {
+            const int64_t r0 = b * 4;
+            const int R = 2 * F - r0 < 4 ? (int)(2 * F - r0) : 4;
+            float s[4 * 8];
+            dot_x(w13s[e] + r0 * D, D, xs, (int)c, D, R, s);
+            for (int r = 0; r < R; r++)
+                for (int64_t j = 0; j < c; j++) hs[j][r0 + r] = f32_to_bf16(s[r * c + j]);
+        }
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < c; j++) moe_silu_mul(hs[j], hs[j] + F, hs[j] + 2 * F, BF16, 1, 1, F, 0, 0, 0, 0, 0, 0, 1);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks2; b++) {
+            const int64_t r0 = b * 4;
+            const int R = D - r0 < 4 ? (int)(D - r0) : 4;
+            float s[4 * 8];
+            dot_x(w2s[e] + r0 * F, F, as, (int)c, F, R, s);
+            for (int r = 0; r < R; r++)
+                for (int64_t j = 0; j < c; j++) {
+                    const int64_t i = r0 + r, t = rows[j], place = at[e * T + j];
+                    const float y = bf16_to_f32(f32_to_bf16(bf16_to_f32(f32_to_bf16(s[r * c + j])) * wt[e * T + j]));
+                    float *a = acc + t * D + i;
+                    if (place == 0) *a = y;
+                    else if (K == 2) *a = bf16_to_f32(f32_to_bf16(*a + y));
+                    else *a += y;
+                    if (place == K - 1) out[t * D + i] = f32_to_bf16(*a);
+                }
+        }
+    }
+}
+
+/* moe_row for T <= 8 rows at once (T > 1: a verify step's rows): the union of the rows' experts,
+ * each read once (expert_rows), then the shared expert once for all rows, added in bf16, and each
+ * row's residual tail; every row bit for bit moe_row's. scratch: h T x (3 max(F, Fs) + D) bf16 (the
+ * shared expert's output after the activations), acc T x D float32. Returns 0, -2 for an id outside
+ * [0, E), -1 without memory. */
+static int moe_rows(const MoePlan *a, const uint16_t *x, int64_t T, int64_t K, const int64_t *ids, const float *wts,
+                    uint16_t *out, const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
+    const int64_t D = a->D, F = a->F, Fs = a->Fs;
+    const int64_t Fm = a->sh13 && Fs > F ? Fs : F;
+    if (T == 1)
+        return moe_row(x, D, F, K, ids, wts, a->E, a->w13, a->s13, a->w2, a->s2, a->sh13, a->sh2, Fs, out, a->h,
+                       a->acc, resid, nw, neps, h_out, nt);
+    int64_t id[8][64], cur[8] = {0};
+    float w[8][64];
+    for (int64_t t = 0; t < T; t++)
+        if (sort_experts(ids + t * K, wts + t * K, K, a->E, id[t], w[t]) != 0) return -2;
+    const int64_t most = T * K; /* tasks: at most one per (row, expert) */
+    const uint16_t **w13s = malloc(sizeof(void *) * 2 * (size_t)most);
+    int64_t *cnt = malloc(sizeof(int64_t) * (size_t)(most + 2 * most * T));
+    float *wt = malloc(sizeof(float) * (size_t)(most * T));
+    if (!w13s || !cnt || !wt) {
+        free(w13s), free(cnt), free(wt);
+        return -1;
+    }
+    const uint16_t **w2s = w13s + most;
+    int64_t *row = cnt + most, *at = row + most * T;
+    int n = 0;
+    for (;;) { /* the rows' sorted lists merged: the next smallest id, with every row at it */
+        int64_t e = -1;
+        for (int64_t t = 0; t < T; t++)
+            if (cur[t] < K && (e < 0 || id[t][cur[t]] < e)) e = id[t][cur[t]];
+        if (e < 0) break;
+        w13s[n] = a->w13 + e * a->s13;
+        w2s[n] = a->w2 + e * a->s2;
+        cnt[n] = 0;
+        for (int64_t t = 0; t < T; t++)
+            if (cur[t] < K && id[t][cur[t]] == e) {
+                const int64_t j = n * T + cnt[n]++;
+                row[j] = t;
+                wt[j] = w[t][cur[t]];
+                at[j] = cur[t]++;
+            }
+        n++;
+    }
+    expert_rows(x, T, D, F, n, w13s, w2s, cnt, row, wt, at, K, out, a->h, a->acc, nt);
+    if (a->sh13) { /* weight 1, the one expert of each row */
+        uint16_t *tmp = a->h + T * 3 * Fm;
+        cnt[0] = T;
+        for (int64_t t = 0; t < T; t++) {
+            row[t] = t;
+            wt[t] = 1.f;
+            at[t] = 0;
+        }
+        expert_rows(x, T, D, Fs, 1, &a->sh13, &a->sh2, cnt, row, wt, at, 1, tmp, a->h, a->acc, nt);
+        for (int64_t i = 0; i < T * D; i++) out[i] = f32_to_bf16(bf16_to_f32(out[i]) + bf16_to_f32(tmp[i]));
+    }
+    free(w13s), free(cnt), free(wt);
+    for (int64_t t = 0; t < T; t++)
+        then_norm(out + t * D, D, resid ? resid + t * D : NULL, nw, neps, h_out ? h_out + t * D : NULL);
+    return 0;
+}
+
+/* moe_row for T rows (ids, wts: T rows of K; x, out, resid, h_out: T rows of D), a->rows (<= 8) at a
+ * time through moe_rows, with the plan's experts (w13, s13, w2, s2, E, F), shared expert (sh13, sh2,
+ * Fs) and scratch (h, acc: for a->rows rows). */
 int moe_moe_token(const MoePlan *a, const uint16_t *x, int64_t T, int64_t K, const int64_t *ids, const float *wts,
                   uint16_t *out, const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
-    const int64_t D = a->D;
-    for (int64_t t = 0; t < T; t++) {
-        const int rc = moe_row(x + t * D, D, a->F, K, ids + t * K, wts + t * K, a->E, a->w13, a->s13, a->w2, a->s2,
-                               a->sh13, a->sh2, a->Fs, out + t * D, a->h, a->acc, resid ? resid + t * D : NULL, nw,
-                               neps, h_out ? h_out + t * D : NULL, nt);
+    const int64_t D = a->D, R = a->rows;
+    for (int64_t t = 0; t < T; t += R) {
+        const int rc = moe_rows(a, x + t * D, T - t < R ? T - t : R, K, ids + t * K, wts + t * K, out + t * D,
+                                resid ? resid + t * D : NULL, nw, neps, h_out ? h_out + t * D : NULL, nt);
         if (rc != 0) return rc;
     }
     return 0;

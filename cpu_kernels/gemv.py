@@ -23,7 +23,8 @@ declare({
     # (plan, x, T, K, ids, weights, out, resid, norm weight, eps, h_out, threads)
     "moe_moe_token": [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _f32, _ptr, _int],
 })
-MoePlanC = c_struct("MoePlan", "D F E s13 s2 Fs: i64; w13 w2 sh13 sh2 h acc: ptr")
+MoePlanC = c_struct("MoePlan", "D F E s13 s2 Fs rows: i64; w13 w2 sh13 sh2 h acc: ptr")
+PLAN_ROWS = 8  # the rows a one-call MoE plan's kernel takes at once (a verify step's: each expert read once)
 
 def gemv_reference(w_NK: torch.Tensor, x_K: torch.Tensor, b_N: torch.Tensor | None = None) -> torch.Tensor:
     """What :func:`gemv` computes (up to the order of float32 sums): torch's ``mv`` (+ ``b``)."""
@@ -86,11 +87,12 @@ class MoeToken:
         if w2_eDF.shape != (E, D, F) or sa is None:
             return
         self.D, (Fs, sh) = D, sa
-        # the call's scratch (bf16 activations, float sums), reused by every call
-        h, acc = torch.empty(3 * max(F, Fs) + D, dtype=torch.bfloat16), torch.empty(D, dtype=torch.float32)
+        # the call's scratch (bf16 activations, float sums) for PLAN_ROWS rows, reused by every call
+        R = PLAN_ROWS
+        h, acc = torch.empty(R * (3 * max(F, Fs) + D), dtype=torch.bfloat16), torch.empty(R * D, dtype=torch.float32)
         self._keep = (w13_e2FD, w2_eDF, shared, h, acc)  # the pointers below stay valid while the plan lives
-        self.c = MoePlanC(D, F, E, w13_e2FD.stride(0), w2_eDF.stride(0), Fs, address(w13_e2FD), address(w2_eDF), *sh,
-                          address(h), address(acc))
+        self.c = MoePlanC(D, F, E, w13_e2FD.stride(0), w2_eDF.stride(0), Fs, R, address(w13_e2FD), address(w2_eDF),
+                          *sh, address(h), address(acc))
         self.ref = address(self.c)  # what the C calls take (moe_decode_step too)
         self.ok = True
 
@@ -120,7 +122,8 @@ def moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor, 
     the output of a ``shared`` SwiGLU expert ``(w13 [2Fs, D], w2 [D, Fs])`` added in bf16; one call
     (:func:`expert_token`'s kernel). ``[1, D]`` (with ``residual``: ``(h + y, norm(h + y))``, see
     :func:`residual_args`; written to ``into`` when given), or None when the kernel does not apply.
-    ``x [T, D]`` with ``ids`` / ``weights [T, K]``: T rows one after another, each as one.
+    ``x [T, D]`` with ``ids`` / ``weights [T, K]``: T rows (a verify step's), each as its one-row call
+    computes it, each expert read once for the rows that chose it.
     (:class:`MoeToken` checks the weights once for repeated calls.)"""
     if x_1D.dtype != torch.bfloat16 or x_1D.dim() != 2:
         return None

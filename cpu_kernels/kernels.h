@@ -12,6 +12,8 @@
 
 int moe_gemv_bf16(const uint16_t *w, int64_t N, int64_t K, int64_t ldw, const uint16_t *x, const uint16_t *bias,
                   uint16_t *y, int num_threads);
+int moe_gemv_bf16_rows(const uint16_t *w, int64_t N, int64_t K, int64_t ldw, const uint16_t *const *xs, int64_t T,
+                       const uint16_t *bias, uint16_t *const *ys, int num_threads);
 int moe_heads_vec(const uint16_t *x, int64_t sxh, const uint16_t *w, int64_t swh, int64_t swr, int64_t N, int64_t K,
                   int64_t H, int rows_n, uint16_t *y, int64_t syh, int num_threads);
 int moe_expert_token(const uint16_t *x, int64_t D, int64_t F, int n, const uint16_t *const *w13s,
@@ -61,7 +63,7 @@ typedef struct {
 } PackedProj;
 
 typedef struct {
-    int64_t D, H, Hkv, hd, qk_norm;
+    int64_t D, H, Hkv, hd, qk_norm, rows; /* rows: what the scratch holds (<= 8), a call's rows at a time */
     const uint16_t *w_qkv, *b_qkv, *q_norm, *k_norm, *w_o, *b_o;
     float eps, scale;
     uint16_t *k_cache, *v_cache;
@@ -82,7 +84,7 @@ typedef struct {
 } MlaPlan;
 
 typedef struct {
-    int64_t D, F, E, s13, s2, Fs;
+    int64_t D, F, E, s13, s2, Fs, rows; /* rows: what the scratch holds (<= 8), a call's rows at a time */
     const uint16_t *w13, *w2, *sh13, *sh2;
     uint16_t *h;
     float *acc;

@@ -85,19 +85,27 @@ int moe_decode_step(const StepHalf *halves, int64_t n, int64_t start, const Step
 }
 
 /* The LM head of T rows x [T, D] into float32 logits [T, V], each row as a one-row step's head
- * computes it (ops.lm_head_logits at one row): a bf16 weight w [V, D] through moe_gemv_bf16,
- * rounded to bf16 (tmp: V bf16), then widened; a packed one (p) through its q4 / q8 GEMM of the
- * row in float32, float32 out. Returns 0, -1 without memory. */
+ * computes it (ops.lm_head_logits at one row): a bf16 weight w [V, D] through moe_gemv_bf16_rows
+ * (rows rows at a time, the weight read once for them; each row moe_gemv_bf16's), rounded to bf16
+ * (tmp: rows x V bf16), then widened; a packed one (p) through its q4 / q8 GEMM of each row in
+ * float32, float32 out. Returns 0, -1 without memory. */
 int moe_logits_rows(const uint16_t *x, int64_t T, int64_t D, const uint16_t *w, const PackedProj *p, int64_t V,
-                    uint16_t *tmp, float *logits, int nt) {
-    for (int64_t t = 0; t < T; t++) {
-        float *y = logits + t * V;
-        if (p) {
-            if (moe_project(NULL, p, V, D, x + t * D, NULL, y, F32, nt) != 0) return -1;
-            continue;
+                    uint16_t *tmp, int64_t rows, float *logits, int nt) {
+    if (p) {
+        for (int64_t t = 0; t < T; t++)
+            if (moe_project(NULL, p, V, D, x + t * D, NULL, logits + t * V, F32, nt) != 0) return -1;
+        return 0;
+    }
+    for (int64_t t0 = 0; t0 < T; t0 += rows) {
+        const int64_t n = T - t0 < rows ? T - t0 : rows;
+        const uint16_t *xs[8];
+        uint16_t *ys[8];
+        for (int64_t t = 0; t < n; t++) {
+            xs[t] = x + (t0 + t) * D;
+            ys[t] = tmp + t * V;
         }
-        moe_gemv_bf16(w, V, D, D, x + t * D, NULL, tmp, nt);
-        for (int64_t v = 0; v < V; v++) y[v] = bf16_to_f32(tmp[v]);
+        if (moe_gemv_bf16_rows(w, V, D, D, xs, n, NULL, ys, nt) != 0) return -1;
+        for (int64_t i = 0; i < n * V; i++) logits[t0 * V + i] = bf16_to_f32(tmp[i]);
     }
     return 0;
 }

@@ -17,7 +17,7 @@ import torch
 from .build import address, c_struct, declare, load
 from .elementwise import RouteToken
 from .fused import GqaToken, MlaToken, PackedArgs, projection
-from .gemv import MoeToken, Outputs
+from .gemv import PLAN_ROWS, MoeToken, Outputs
 from .quant import QuantMoeToken
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
@@ -26,8 +26,8 @@ declare({
     # threads)
     "moe_decode_step": [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, ctypes.c_int32, _ptr, _ptr,
                         _ptr, _int],
-    # (x, T, D, weight, packed weight, V, scratch, logits, threads)
-    "moe_logits_rows": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _int],
+    # (x, T, D, weight, packed weight, V, scratch, its rows, logits, threads)
+    "moe_logits_rows": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _int],
 })
 StepEmbedC = c_struct("StepEmbed", "emb: ptr; vocab: i64; nw: ptr; eps: f32; h x: ptr")
 StepHalfC = c_struct("StepHalf", "kind: i64; plan route ids wts: ptr; K: i64; cos_tab sin_tab: ptr; "
@@ -185,9 +185,9 @@ class DecodeStep:
 class LogitsRows:
     """The LM head of a captured step's rows in one C call: ``plan(x [T, D])`` returns float32
     logits ``[T, V]``, each row as a one-row step's head computes it (``ops.lm_head_logits`` at one
-    row: the bf16 GEMV rounded to bf16, then widened; or a packed weight's (:data:`PackedArgs`)
-    GEMM of the row in float32). ``plan.ok`` is False where it does not apply (then every call
-    returns None)."""
+    row: the bf16 GEMV rounded to bf16, then widened, the weight read once for all rows; or a packed
+    weight's (:data:`PackedArgs`) GEMM of each row in float32). ``plan.ok`` is False where it does
+    not apply (then every call returns None)."""
 
     def __init__(self, w: torch.Tensor | PackedArgs):
         self.ok = False
@@ -201,9 +201,9 @@ class LogitsRows:
         if proj is None:
             return
         self.V, self.D = V, D
-        self._tmp = torch.empty(V, dtype=torch.bfloat16)  # the bf16 GEMV's rounded row
+        self._tmp = torch.empty(PLAN_ROWS, V, dtype=torch.bfloat16)  # the bf16 GEMV's rounded rows
         self._keep = (w, proj)
-        self._args = (proj[0], address(proj[1]), V, address(self._tmp))
+        self._args = (proj[0], address(proj[1]), V, address(self._tmp), PLAN_ROWS)
         self.ok = True
 
     def __call__(self, x_TD: torch.Tensor) -> torch.Tensor | None:

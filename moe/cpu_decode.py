@@ -24,9 +24,10 @@ exactly what the op path computes (the kernels' tests and
 a call that declines at run time (returns None, nothing written) is followed by the op path for
 that half alone. :class:`moe.model_runner.ModelRunner` runs the captured step for a step of one
 sequence and one token, and for a verify step of one sequence (its token and up to
-``max_rows - 1`` drafts) where the model's weights fit in the last-level cache: the one-call
-halves then take the rows one after another, each as a one-token step computes it (so greedy
-speculative decoding yields plain decoding's tokens in bf16 too); every other step runs
+``max_rows - 1`` drafts) where every half is one call and the weights are bf16 (or fit in the
+last-level cache): each row is computed as a one-token step computes it (so greedy speculative
+decoding yields plain decoding's tokens in bf16 too), with each bf16 weight read once for all rows
+(the kernels' multi-row GEMVs, each expert once for the rows that chose it); every other step runs
 ``MoECausalLM.forward``.
 """
 from __future__ import annotations
@@ -68,6 +69,11 @@ class _OpsAttention:
         """This half for :class:`cpu_kernels.DecodeStep` (None: run here, op by op)."""
         return None
 
+    def reads_weights_once(self) -> bool:
+        """Whether its one call at a verify step's rows reads its weights once for all of them (bf16
+        weights: the kernels' multi-row GEMVs), not once per row."""
+        return False
+
 
 def _one_row_weight(layer: torch.nn.Module) -> torch.Tensor | tuple | None:
     """What a one-call kernel reads for ``layer``'s weight: the bf16 tensor, or a packed weight's
@@ -90,6 +96,10 @@ class _GqaToken(_OpsAttention):
                                          attn.sliding_window, attn.sinks, attn.scale, _one_row_weight(attn.o_proj),
                                          attn.o_proj.bias)
         self.rotary = attn.rotary
+        self.bf16 = all(isinstance(_one_row_weight(p), torch.Tensor) for p in (attn.qkv_proj, attn.o_proj))
+
+    def reads_weights_once(self) -> bool:
+        return self.bf16
 
     def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
                  ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,6 +170,11 @@ class _OpsMlp:
         """This half for :class:`cpu_kernels.DecodeStep` (None: run here, op by op)."""
         return None
 
+    def reads_weights_once(self) -> bool:
+        """Whether its one call at a verify step's rows reads its weights once for all of them (bf16
+        weights: the kernels' multi-row GEMVs), not once per row."""
+        return False
+
 
 class _DenseToken(_OpsMlp):
     """A dense MLP + residual add + norm in one :class:`cpu_kernels.MoeToken` call: the MLP as the
@@ -179,6 +194,9 @@ class _DenseToken(_OpsMlp):
     def step_half(self, rows: int) -> cpu_kernels.StepHalf:
         return cpu_kernels.StepHalf(self.plan, (self.norm.weight, self.norm.eps), ids=_ID_0.expand(rows, 1),
                                     weights=_WEIGHT_1.expand(rows, 1))
+
+    def reads_weights_once(self) -> bool:
+        return True
 
     @staticmethod
     def fits(mlp: DenseMLP) -> bool:
@@ -236,6 +254,9 @@ class _MoEToken(_OpsMlp):
             return None
         return cpu_kernels.StepHalf(plan, (self.norm.weight, self.norm.eps), route=self.router)
 
+    def reads_weights_once(self) -> bool:
+        return isinstance(self.mlp.experts.token_plan(self.shared), cpu_kernels.MoeToken)
+
     def count(self, T: int, ctx: ForwardContext) -> None:
         """Count the experts the router plan chose for a step of T rows the C loop ran."""
         self.mlp.count(self.router.ids[:T], ctx)
@@ -257,28 +278,31 @@ class CapturedDecode:
                  embeds: bool = True):
         self.model, self.halves = model, halves
         self._flat = [h for pair in halves for h in pair]
-        # The one-call halves take a verify step's rows one after another, reading the layer's
-        # weights once per row: that pays where the weights stay in the last-level cache (a small
-        # model, whose op path at a few rows is bound by Python, ~4x a one-row step's time); a
-        # larger model's op path reads the rows' experts once.
-        # Only where every half is one call: an op-by-op half at T rows computes otherwise than at one.
+        # (a given head: its logits are head(h).float(), as an MTP layer's are)
+        plain = get_tp_size() == 1 and (head is not None or type(model).compute_logits is MoECausalLM.compute_logits)
+        head = head if head is not None else model.lm_head
+        head_w = _one_row_weight(head) if plain and head.per_rank == head.vocab else None
+        # A verify step's rows (its token and drafts) run here where every half is one call (an op-by-op
+        # half at T rows computes otherwise than at one), each row as a one-token step computes it.
+        # With bf16 weights every call reads its weights once for all rows (the kernels' multi-row
+        # GEMVs; each expert once for the rows that chose it); packed weights are read once a row,
+        # which pays only where they stay in the last-level cache (a small model, whose op path at a
+        # few rows is bound by Python, ~4x a one-row step's time); a larger packed model's op path
+        # reads the rows' experts once.
         one_call = all(type(h) in (_GqaToken, _MoEToken, _DenseToken) for h in self._flat)
+        once = all(h.reads_weights_once() for h in self._flat) and isinstance(head_w, torch.Tensor)
         fits = weight_bytes(model)["total"] <= cpu_kernels.last_level_cache_bytes()
-        self.max_rows = cpu_kernels.RouteToken.MAX_ROWS if one_call and fits else 1
+        self.max_rows = cpu_kernels.RouteToken.MAX_ROWS if one_call and (once or fits) else 1
         # The one-call halves run from one C loop (cpu_kernels.DecodeStep): between two of them no
         # Python op runs, whose cost after each weight stream (cold caches) was ~0.5 ms a step on
         # Mixtral's shape. The loop hands a half back here where it is an op-by-op one, a router
         # meets a NaN or a kernel declines; each half writes to the loop's buffers.
-        # (a given head: its logits are head(h).float(), as an MTP layer's are)
-        plain = get_tp_size() == 1 and (head is not None or type(model).compute_logits is MoECausalLM.compute_logits)
-        head = head if head is not None else model.lm_head
         first_norm = model.layers[0].input_layernorm
         embed = (model.embed_tokens.weight, first_norm.weight, first_norm.eps) \
             if embeds and plain and type(first_norm) is RMSNorm else None
         self.step = cpu_kernels.DecodeStep([h.step_half(self.max_rows) for h in self._flat],
                                            model.cfg.hidden_size, self.max_rows, embed)
         # the LM head of the step's rows in one C call (each as a one-token step's), where it is plain
-        head_w = _one_row_weight(head) if plain and head.per_rank == head.vocab else None
         self.head = cpu_kernels.LogitsRows(head_w) if head_w is not None else None
         for i, half in enumerate(self._flat[:-1]):  # (the last half's result is new: the caller keeps it)
             if type(half) not in (_OpsAttention, _OpsMlp):

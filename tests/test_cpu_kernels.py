@@ -451,6 +451,83 @@ def test_moe_token_kernel_equals_the_op_by_op_path(n, D, F, monkeypatch):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("D,F,Fs", [(64, 96, 160), (70, 37, 45)])  # row blocks and K with and without tails
+def test_moe_token_rows_read_once_equal_one_row_calls(D, F, Fs):
+    # a verify step's T rows in one call read each expert once for the rows that chose it (and the
+    # shared expert once for all): each row's result and residual tail equal its own one-row call,
+    # bit for bit, for any T (more than the plan's rows: taken a plan's rows at a time), K, overlap
+    g = torch.Generator().manual_seed(D)
+    E = 6
+    w13, w2 = torch.randn(E, 2 * F, D, generator=g).bfloat16() / 4, torch.randn(E, D, F, generator=g).bfloat16() / 4
+    shared = (torch.randn(2 * Fs, D, generator=g).bfloat16() / 4, torch.randn(D, Fs, generator=g).bfloat16() / 4)
+    nw = torch.randn(D, generator=g).bfloat16()
+    for sh in (None, shared):
+        plan = cpu_kernels.MoeToken(w13, w2, sh)
+        for T in (2, 3, 5, 8, 11):
+            for K in (1, 2, 3):
+                x, h = torch.randn(T, D, generator=g).bfloat16(), torch.randn(T, D, generator=g).bfloat16()
+                ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+                ids[1] = ids[0]  # rows sharing all their experts, and others some or none
+                w = torch.softmax(torch.randn(T, K, generator=g), -1)
+                got = plan(x, ids, w, (h, nw, 1e-5))
+                rows = [plan(x[t:t + 1].contiguous(), ids[t:t + 1], w[t:t + 1], (h[t:t + 1].contiguous(), nw, 1e-5))
+                        for t in range(T)]
+                assert torch.equal(got[0], torch.cat([r[0] for r in rows]))
+                assert torch.equal(got[1], torch.cat([r[1] for r in rows]))
+    bad = torch.tensor([[0, 1], [2, E]])  # an id out of range in a later row: declined, nothing claimed
+    assert cpu_kernels.MoeToken(w13, w2)(torch.randn(2, D).bfloat16(), bad, torch.ones(2, 2)) is None
+
+
+@pytest.mark.parametrize("qk_norm,bias", [(None, False), ("head", True)])
+def test_gqa_token_rows_equal_one_row_calls(qk_norm, bias):
+    # a verify step's T rows of one sequence in one call (more than the plan's rows: a plan's rows at
+    # a time), projections reading their weights once for all rows: outputs, residual tails and the
+    # K/V written equal those of T one-row calls made in turn, bit for bit
+    g = torch.Generator().manual_seed(7)
+    D, H, Hkv, hd, bs, T, past = 64, 4, 2, 16, 4, 11, 6
+    w_qkv = torch.randn((H + 2 * Hkv) * hd, D, generator=g).bfloat16() / 8
+    w_o = torch.randn(D, H * hd, generator=g).bfloat16() / 8
+    b_qkv = torch.randn((H + 2 * Hkv) * hd, generator=g).bfloat16() if bias else None
+    norms = (torch.rand(hd, generator=g).bfloat16() + 0.5, torch.rand(hd, generator=g).bfloat16() + 0.5) \
+        if qk_norm else (None, None)
+    caches = [torch.randn(8, bs, Hkv, hd, generator=g).bfloat16() for _ in range(2)]
+    table = torch.tensor([5, 2, 7, 0, 3], dtype=torch.int32)
+    pos = torch.arange(past, past + T)
+    slots = torch.stack([table[p // bs].long() * bs + p % bs for p in pos])
+    inv = 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd)
+    ang = torch.outer(torch.arange(64).float(), inv)
+    cos, sin = ang.cos().contiguous(), ang.sin().contiguous()
+    x, h = torch.randn(T, D, generator=g).bfloat16(), torch.randn(T, D, generator=g).bfloat16()
+    nw = torch.rand(D, generator=g).bfloat16() + 0.5
+
+    def run(kv):
+        plan = cpu_kernels.GqaToken(w_qkv, b_qkv, H, Hkv, qk_norm, *norms, 1e-5, *kv, None, None, hd ** -0.5, w_o, None)
+        assert plan.ok
+        return plan
+
+    kv_rows = [c.clone() for c in caches]
+    got = run(kv_rows)(x, pos, cos, sin, False, table, past + T, slots, (h, nw, 1e-5))
+    kv_one = [c.clone() for c in caches]
+    plan = run(kv_one)
+    one = [plan(x[t:t + 1].contiguous(), pos[t:t + 1], cos, sin, False, table, past + t + 1,
+                slots[t:t + 1].contiguous(), (h[t:t + 1].contiguous(), nw, 1e-5)) for t in range(T)]
+    assert torch.equal(got[0], torch.cat([o[0] for o in one])) and torch.equal(got[1], torch.cat([o[1] for o in one]))
+    assert all(torch.equal(a, b) for a, b in zip(kv_rows, kv_one))
+
+
+@pytest.mark.parametrize("V,D", [(1000, 64), (333, 70)])
+def test_logits_rows_read_the_head_once_and_equal_one_row_calls(V, D):
+    # the LM head of a verify step's rows (more than the plan's rows: a plan's rows at a time): each
+    # row's logits equal its one-row call's and the bf16 GEMV's rounding of torch's product
+    g = torch.Generator().manual_seed(V)
+    w, x = torch.randn(V, D, generator=g).bfloat16(), torch.randn(11, D, generator=g).bfloat16()
+    plan = cpu_kernels.LogitsRows(w)
+    got = plan(x)
+    assert torch.equal(got, torch.cat([plan(x[t:t + 1]) for t in range(11)]))
+    exact = (x.double() @ w.double().T)
+    assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -7 + 1e-2).all()
+
+
 def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:

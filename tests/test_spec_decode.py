@@ -213,8 +213,8 @@ def test_speculation_with_shared_prefixes_preemption_and_chunked_prefill():
 
 def test_verify_steps_through_the_captured_rows_keep_plain_decodings_outputs(monkeypatch):
     """bf16, one request at a time: a verify step (the token and its n-gram drafts) runs through the
-    captured step, its one-call halves taking the rows one after another, each as a one-token step
-    computes it, the LM head too: greedy tokens and log-probs equal plain decoding's, bit for bit
+    captured step, its one-call halves computing each row as a one-token step computes it, the LM
+    head too: greedy tokens and log-probs equal plain decoding's, bit for bit
     (an op-by-op verify step rounds otherwise than one-row steps in bf16)."""
     import cpu_kernels
 
@@ -254,6 +254,31 @@ def test_captured_verify_rows_equal_one_row_steps_on_tiny_families(family, check
     plain = LLM(str(checkpoint(family)), dtype="bfloat16")
     want = [plain.generate([p], sp)[0].outputs[0] for p in prompts]
     _assert_verify_rows_equal(spec, prompts, sp, want, monkeypatch)
+
+
+def test_bf16_verify_rows_run_captured_whatever_the_cache(checkpoint, monkeypatch, tmp_path):
+    """bf16 weights: the captured verify rows read each weight once for all rows (multi-row GEMVs,
+    each expert once for the rows that chose it), so they run wherever every half is one call, the
+    model in the last-level cache or not, and keep plain decoding's outputs; packed weights are read
+    once a row, so a packed model that does not fit keeps the op path (it reads the rows' experts once)."""
+    import cpu_kernels
+    from experts.formats import Int4Weights
+    from test_quant_all_linear import quantize_all_linear
+
+    if cpu_kernels.load() is None:
+        pytest.skip("the C kernels are not built here (no compiler): no captured step")
+    monkeypatch.setattr(cpu_kernels, "last_level_cache_bytes", lambda: 0)  # nothing fits
+    spec = LLM(str(checkpoint("mixtral")), dtype="bfloat16", speculative_config={**NGRAM, "cost_control": False})
+    assert spec.engine.runner.captured.max_rows == 8
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8] * 4 + list(range(20, 20 + n))} for n in (1, 6)]
+    sp = SamplingParams(temperature=0, max_tokens=24, logprobs=2, ignore_eos=True)
+    plain = LLM(str(checkpoint("mixtral")), dtype="bfloat16")
+    want = [plain.generate([p], sp)[0].outputs[0] for p in prompts]
+    _assert_verify_rows_equal(spec, prompts, sp, want, monkeypatch)
+    packed = tmp_path / "int4"
+    quantize_all_linear(checkpoint("qwen3_moe"), packed, Int4Weights(32, symmetric=False))
+    captured = LLM(str(packed), dtype="bfloat16").engine.runner.captured
+    assert captured is not None and captured.max_rows == 1
 
 
 def _assert_verify_rows_equal(spec, prompts, sp, want, monkeypatch):
