@@ -26,7 +26,7 @@ from .amx_attention import prefill_attention, supports_prefill
 from .build import advise_huge_pages, last_level_cache_bytes, load, set_malloc_thresholds
 from .elementwise import (RouteToken, add_rms_norm, argmax_rows, rms_norm, rope_, route_select, silu_mul,
                           transpose_to_float, write_rows)
-from .fused import GqaToken, MlaToken, gqa_token, mla_token
+from .fused import GqaToken, MlaToken, SeqRows, gqa_token, mla_token
 from .gemm import grouped_gemm
 from .gemv import MoeToken, Outputs, Residual, expert_token, gemv, heads_vec, moe_token
 from .paged_decode import paged_decode_attention, supports_decode
@@ -42,7 +42,7 @@ __all__ = [
     "argmax_rows",
     "grouped_gemm", "gemv", "expert_token", "moe_token", "MoeToken", "heads_vec", "Residual", "Outputs",
     "AMX_MAX_ROWS", "amx_available", "amx_tiles", "amx_experts", "amx_moe", "amx_moe_packed", "amx_linear", "amx_heads",
-    "mla_token", "MlaToken", "gqa_token", "GqaToken",
+    "mla_token", "MlaToken", "gqa_token", "GqaToken", "SeqRows",
     "Q_INT8", "Q_FP8", "Q_INT4_X8", "Q8_GEMM_MAX_ROWS", "q8_available", "q8_gemm", "q8_dequant", "q4_gemm",
     "q4_dequant", "q4x8_gemm", "round_x8", "quant_moe_token", "QuantMoeToken", "DecodeStep", "StepHalf", "LogitsRows",
 ]

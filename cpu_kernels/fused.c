@@ -84,11 +84,13 @@ int moe_mla_token(const MlaPlan *a, const uint16_t *x, const int64_t *pos, const
  *   or NULL); out = o_proj(o) (+ bias)                         [D]
  * Caches [blocks, block_size, Hkv, hd] with element strides (sblock, sslot, shead), sblock =
  * block_size * sslot. p_qkv / p_o: the projections' packed weights (NULL: w_qkv / w_o in bf16).
- * scratch: rows x ((H + 2 Hkv) hd + H hd) bf16. T > 1: T rows of one sequence (the decode token and
- * its drafts: a verify step), row t at pos[t], written at slots[t], attending over the first
- * len - (T - 1 - t) cached rows, so each computes what a one-row call at its position computes; up
- * to a->rows rows at a time, whose bf16 projections read their weights once for all of them
- * (moe_gemv_bf16_rows: each row's sums as moe_gemv_bf16's); x, out, resid, h_out: T rows of D.
+ * scratch: rows x ((H + 2 Hkv) hd + H hd) bf16. T > 1: T rows, row t at pos[t], written at slots[t],
+ * so each computes what a one-row call at its position computes: without toff, rows of one sequence
+ * (the decode token and its drafts: a verify step), row t attending over the first len - (T - 1 - t)
+ * cached rows of table; with toff, rows of several sequences, row t's blocks at table + toff[t],
+ * attending over its first lens[t]. Up to a->rows rows at a time, whose bf16 projections read their
+ * weights once for all of them (moe_gemv_bf16_rows: each row's sums as moe_gemv_bf16's); x, out,
+ * resid, h_out: T rows of D.
  * Returns 0, -1 without memory (nothing written then at one row; at T rows earlier rows' K/V may be
  * written: the caller's op path writes them again). */
 static int project_rows(const uint16_t *w, const PackedProj *p, int64_t N, int64_t K, const uint16_t *x, int64_t ldx,
@@ -108,15 +110,17 @@ static int project_rows(const uint16_t *w, const PackedProj *p, int64_t N, int64
 }
 
 static int gqa_rows(const GqaPlan *a, const uint16_t *x, int64_t T, const int64_t *pos, const float *cos_tab,
-                    const float *sin_tab, int interleaved, const int32_t *table, int32_t len, const int64_t *slots,
-                    uint16_t *out, const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
+                    const float *sin_tab, int interleaved, const int32_t *table, int32_t len, const int64_t *toff,
+                    const int32_t *lens, const int64_t *slots, uint16_t *out, const uint16_t *resid,
+                    const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
     const int64_t D = a->D, H = a->H, Hkv = a->Hkv, hd = a->hd, S = (2 * H + 2 * Hkv) * hd;
     const float eps = a->eps;
     uint16_t *k_cache = a->k_cache, *v_cache = a->v_cache;
     if (project_rows(a->w_qkv, a->p_qkv, (H + 2 * Hkv) * hd, D, x, D, T, a->b_qkv, a->scratch, S, nt) != 0) return -1;
     for (int64_t t = 0; t < T; t++) {  /* row t: as a one-row call at its position */
         const int64_t slot = slots[t];
-        int32_t len_t = len - (int32_t)(T - 1 - t);
+        int32_t len_t = toff ? lens[t] : len - (int32_t)(T - 1 - t);
+        const int32_t *table_t = toff ? table + toff[t] : table;
         uint16_t *q = a->scratch + t * S, *k = q + H * hd, *v = k + Hkv * hd, *o = v + Hkv * hd;
         if (a->qk_norm == 1) {
             moe_rms_norm(q, a->q_norm, q, BF16, H, hd, hd, hd, eps, 1);
@@ -131,7 +135,7 @@ static int gqa_rows(const GqaPlan *a, const uint16_t *x, int64_t T, const int64_
             memcpy(v_cache + slot * a->v_sslot + h * a->v_shead, v + h * hd, sizeof(uint16_t) * (size_t)hd);
         }
         moe_paged_decode(q, o, k_cache, v_cache, BF16, 1, H, Hkv, hd, hd, a->k_sblock, a->k_sslot, a->k_shead,
-                         a->v_sblock, a->v_sslot, a->v_shead, a->block_size, table, 0, &len_t, NULL, a->window,
+                         a->v_sblock, a->v_sslot, a->v_shead, a->block_size, table_t, 0, &len_t, NULL, a->window,
                          a->sinks, a->scale, nt);
     }
     const int64_t o_at = (H + 2 * Hkv) * hd;
@@ -142,14 +146,15 @@ static int gqa_rows(const GqaPlan *a, const uint16_t *x, int64_t T, const int64_
 }
 
 int moe_gqa_token(const GqaPlan *a, const uint16_t *x, int64_t T, const int64_t *pos, const float *cos_tab,
-                  const float *sin_tab, int interleaved, const int32_t *table, int32_t len, const int64_t *slots,
-                  uint16_t *out, const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
+                  const float *sin_tab, int interleaved, const int32_t *table, int32_t len, const int64_t *toff,
+                  const int32_t *lens, const int64_t *slots, uint16_t *out, const uint16_t *resid, const uint16_t *nw,
+                  float neps, uint16_t *h_out, int nt) {
     const int64_t D = a->D, R = a->rows;
-    for (int64_t t = 0; t < T; t += R) { /* rows t .. t + R - 1 end the sequence's first len - (T - t - R) */
+    for (int64_t t = 0; t < T; t += R) { /* one sequence: rows t .. t + n - 1 end its first len - (T - t - n) */
         const int64_t n = T - t < R ? T - t : R;
         if (gqa_rows(a, x + t * D, n, pos + t, cos_tab, sin_tab, interleaved, table, len - (int32_t)(T - t - n),
-                     slots + t, out + t * D, resid ? resid + t * D : NULL, nw, neps, h_out ? h_out + t * D : NULL,
-                     nt) != 0)
+                     toff ? toff + t : NULL, lens ? lens + t : NULL, slots + t, out + t * D,
+                     resid ? resid + t * D : NULL, nw, neps, h_out ? h_out + t * D : NULL, nt) != 0)
             return -1;
     }
     return 0;

@@ -9,6 +9,7 @@ products.
 from __future__ import annotations
 
 import ctypes
+from typing import NamedTuple
 
 import torch
 
@@ -16,14 +17,39 @@ from .build import address, c_struct, declare, load
 from .gemv import PLAN_ROWS, Outputs, Residual, output, residual_args
 
 _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-# (plan, x, [T,] pos, cos, sin, interleaved, block table, context length, slots, out, resid, norm weight, eps, h_out,
-# threads)
+# (plan, x, [T,] pos, cos, sin, interleaved, block table, context length, [row offsets, row lengths,] slots, out,
+# resid, norm weight, eps, h_out, threads)
 declare({
     "moe_mla_token": [_ptr, _ptr, _ptr, _ptr, _ptr, _int, _ptr, ctypes.c_int32, _ptr, _ptr, _ptr, _ptr, _f32, _ptr,
                       _int],
-    "moe_gqa_token": [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _int, _ptr, ctypes.c_int32, _ptr, _ptr, _ptr, _ptr, _f32,
-                      _ptr, _int],
+    "moe_gqa_token": [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _int, _ptr, ctypes.c_int32, _ptr, _ptr, _ptr, _ptr, _ptr,
+                      _ptr, _f32, _ptr, _int],
 })
+
+
+class SeqRows(NamedTuple):
+    """The rows of several sequences in one step (their decode tokens, and drafts): row t's blocks at
+    ``block_table.view(-1)[offsets[t]:]`` (int64 ``[T]``: its sequence's row of the step's block
+    table), attending over the first ``lens[t]`` cached tokens (int32 ``[T]``)."""
+
+    offsets: torch.Tensor
+    lens: torch.Tensor
+
+    @classmethod
+    def of(cls, query_lens: tuple[int, ...], context_lens: tuple[int, ...], table_stride: int) -> SeqRows:
+        """Sequence b's ``query_lens[b]`` rows end its ``context_lens[b]`` tokens (block table rows
+        ``table_stride`` apart)."""
+        offsets, lens = [], []
+        for b, (q, c) in enumerate(zip(query_lens, context_lens)):
+            offsets.extend([b * table_stride] * q)
+            lens.extend(range(c - q + 1, c + 1))
+        return cls(torch.tensor(offsets, dtype=torch.int64), torch.tensor(lens, dtype=torch.int32))
+
+    def fits(self, T: int, block_table: torch.Tensor) -> bool:
+        """Whether these are T rows' of ``block_table`` (int32, contiguous), as the kernels take them."""
+        return (self.offsets.dtype == torch.int64 and self.lens.dtype == torch.int32 and self.offsets.shape == (T,)
+                and self.lens.shape == (T,) and self.offsets.is_contiguous() and self.lens.is_contiguous()
+                and block_table.dtype == torch.int32 and block_table.is_contiguous())
 
 
 GqaPlanC = c_struct("GqaPlan",
@@ -150,8 +176,8 @@ class GqaToken:
     block_table, context_len, slot_mapping_1, residual, into)`` checks only what changes per call
     (``into``: :class:`Outputs` to write to instead of new tensors). ``x [T, D]`` (``positions``,
     ``slot_mapping [T]``): T rows of the sequence (a verify step's), row t attending over the first
-    ``context_len - (T - 1 - t)`` tokens: each as a one-row call computes it, bf16 projections reading
-    their weights once for all rows.
+    ``context_len - (T - 1 - t)`` tokens, or (``rows``: :class:`SeqRows`) rows of several sequences:
+    each as a one-row call computes it, bf16 projections reading their weights once for all rows.
     ``plan.ok`` is False where the kernel does not apply (then every call returns None)."""
 
     def __init__(self, w_qkv: torch.Tensor | PackedArgs, b_qkv: torch.Tensor | None, heads: int, kv_heads: int,
@@ -187,10 +213,11 @@ class GqaToken:
 
     def __call__(self, x_1D: torch.Tensor, positions_1: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor,
                  interleaved: bool, block_table: torch.Tensor, context_len: int, slot_mapping_1: torch.Tensor,
-                 residual: Residual | None = None, into: Outputs | None = None):
+                 residual: Residual | None = None, into: Outputs | None = None, rows: SeqRows | None = None):
         T = x_1D.shape[0]
         if (not self.ok or x_1D.dtype != torch.bfloat16 or x_1D.shape[1:] != (self.D,) or not x_1D.is_contiguous()
-                or not 0 < T <= context_len or block_table.dtype != torch.int32 or not block_table.is_contiguous()
+                or T < 1 or (T > context_len if rows is None else not rows.fits(T, block_table))
+                or block_table.dtype != torch.int32 or not block_table.is_contiguous()
                 or slot_mapping_1.dtype != torch.int64 or positions_1.dtype != torch.int64
                 or slot_mapping_1.shape != (T,) or positions_1.shape != (T,) or not positions_1.is_contiguous()
                 or not slot_mapping_1.is_contiguous() or cos_PH.dtype != torch.float32
@@ -202,6 +229,7 @@ class GqaToken:
         out = output(into, self.D, T)
         rc = load().moe_gqa_token(self.ref, x_1D.data_ptr(), T, positions_1.data_ptr(), cos_PH.data_ptr(),
                                   sin_PH.data_ptr(), int(interleaved), block_table.data_ptr(), context_len,
+                                  *((None, None) if rows is None else (rows.offsets.data_ptr(), rows.lens.data_ptr())),
                                   slot_mapping_1.data_ptr(), out.data_ptr(), *tail[0], torch.get_num_threads())
         if rc != 0:
             return None

@@ -11,13 +11,23 @@
 #include "kernels.h"
 
 #if defined(__AVX512BF16__)
-/* The 256 bytes of a weight stream PF_AHEAD bytes past p, asked into L2. */
+/* The 256 bytes of a weight stream PF_AHEAD bytes past p, asked into L2 (dot_rows). */
 static inline void prefetch_ahead(const uint16_t *p) {
     const char *ahead = (const char *)p + PF_AHEAD;
     _mm_prefetch(ahead, _MM_HINT_T1);
     _mm_prefetch(ahead + 64, _MM_HINT_T1);
     _mm_prefetch(ahead + 128, _MM_HINT_T1);
     _mm_prefetch(ahead + 192, _MM_HINT_T1);
+}
+
+/* The same PF_AHEAD_ROWS bytes past p (dot_x_row: its 128 elements of W take up to four rows' sums,
+ * so the stream needs asking further ahead), as asm: GCC dropped the intrinsics' prefetches from
+ * dot_x_row's bodies at T = 2..4 (none in the object code; 17-20 against 26-27 GB/s at two rows on
+ * 5632 x 1024 with them back, machine D). 2 KB ahead: 18-21 GB/s at 2-4 rows, 4 KB 21-27, 8 KB 19-26. */
+static inline void prefetch_rows_ahead(const uint16_t *p) {
+    const char *ahead = (const char *)p + PF_AHEAD_ROWS;
+    __asm__ volatile("prefetcht1 %0\n\tprefetcht1 %1\n\tprefetcht1 %2\n\tprefetcht1 %3"
+                     :: "m"(ahead[0]), "m"(ahead[64]), "m"(ahead[128]), "m"(ahead[192]));
 }
 
 /* One row of W dotted with each of T <= 4 rows xs[t], the row read once: for every x row exactly
@@ -31,7 +41,7 @@ static inline __attribute__((always_inline)) void dot_x_row(const uint16_t *row,
         for (int j = 0; j < 4; j++) a[t][j] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 128 <= K; k += 128) {
-        prefetch_ahead(row + k);
+        prefetch_rows_ahead(row + k);
         __m512bh w[4];
         for (int j = 0; j < 4; j++) w[j] = (__m512bh)_mm512_loadu_si512(row + k + 32 * j);
         for (int t = 0; t < T; t++)

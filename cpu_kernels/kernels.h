@@ -9,6 +9,7 @@
  * 1-4 KiB ahead alike, 8 KiB and more no better than none, prefetcht0 (into L1) worse than none.
  * A prefetch never faults, past the end of the weights too. */
 #define PF_AHEAD 2048
+#define PF_AHEAD_ROWS 4096 /* a stream of weights read for several rows at once (gemv.c dot_x_row) */
 
 int moe_gemv_bf16(const uint16_t *w, int64_t N, int64_t K, int64_t ldw, const uint16_t *x, const uint16_t *bias,
                   uint16_t *y, int num_threads);
@@ -114,8 +115,9 @@ typedef struct {
 int moe_project(const uint16_t *w, const PackedProj *p, int64_t N, int64_t K, const uint16_t *x,
                 const uint16_t *bias, void *y, int ydtype, int nt);
 int moe_gqa_token(const GqaPlan *a, const uint16_t *x, int64_t T, const int64_t *pos, const float *cos_tab,
-                  const float *sin_tab, int interleaved, const int32_t *table, int32_t len, const int64_t *slots,
-                  uint16_t *out, const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt);
+                  const float *sin_tab, int interleaved, const int32_t *table, int32_t len, const int64_t *toff,
+                  const int32_t *lens, const int64_t *slots, uint16_t *out, const uint16_t *resid, const uint16_t *nw,
+                  float neps, uint16_t *h_out, int nt);
 int moe_mla_token(const MlaPlan *a, const uint16_t *x, const int64_t *pos, const float *cos_tab, const float *sin_tab,
                   int interleaved, const int32_t *table, int32_t len, const int64_t *slots, uint16_t *out,
                   const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt);

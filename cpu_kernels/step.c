@@ -32,8 +32,11 @@ typedef struct {
     uint16_t *h, *x;            /* [rows, D]: the embedded rows and their norm */
 } StepEmbed;
 
-/* Halves [start, n) of a step of T rows of one sequence (its token, or a verify step's token and
- * drafts: row t at pos[t], written at slots[t], attending over len - (T - 1 - t) cached rows).
+/* Halves [start, n) of a step of T rows, row t at pos[t], written at slots[t]: without toff, rows of
+ * one sequence (its token, or a verify step's token and drafts: row t attending over len - (T - 1 - t)
+ * cached rows of table); with toff, rows of several sequences (their tokens, and drafts), row t's
+ * blocks at table + toff[t], attending over lens[t] cached rows (moe_gqa_token; an MLA half only at
+ * one row).
  * h, x: half start's inputs ([T, D]: the residual stream and its normed rows), or, with ids given
  * (start 0), the token ids the loop embeds and norms first (-1: an id outside the vocabulary, nothing
  * run; the caller embeds them its way); each later half
@@ -43,8 +46,8 @@ typedef struct {
  * declined GQA call at T > 1 may have written earlier rows' K/V; the caller writes them again). */
 int moe_decode_step(const StepHalf *halves, int64_t n, int64_t start, const StepEmbed *embed, const int64_t *ids,
                     const uint16_t *h, const uint16_t *x, int64_t T, int64_t D, const int64_t *pos,
-                    const int32_t *table, int32_t len, const int64_t *slots, uint16_t *h_last, uint16_t *y_last,
-                    int nt) {
+                    const int32_t *table, int32_t len, const int64_t *toff, const int32_t *lens,
+                    const int64_t *slots, uint16_t *h_last, uint16_t *y_last, int nt) {
     if (ids) {
         for (int64_t t = 0; t < T; t++)
             if (ids[t] < 0 || ids[t] >= embed->vocab) return -1;
@@ -59,11 +62,12 @@ int moe_decode_step(const StepHalf *halves, int64_t n, int64_t start, const Step
         uint16_t *ho = i == n - 1 ? h_last : s->h_out, *yo = i == n - 1 ? y_last : s->y_out;
         int rc = 1;
         if (s->kind == STEP_GQA) {
-            rc = moe_gqa_token(s->plan, x, T, pos, s->cos_tab, s->sin_tab, (int)s->interleaved, table, len, slots, yo,
-                               h, s->nw, s->neps, ho, nt);
+            rc = moe_gqa_token(s->plan, x, T, pos, s->cos_tab, s->sin_tab, (int)s->interleaved, table, len, toff,
+                               lens, slots, yo, h, s->nw, s->neps, ho, nt);
         } else if (s->kind == STEP_MLA && T == 1) {
-            rc = moe_mla_token(s->plan, x, pos, s->cos_tab, s->sin_tab, (int)s->interleaved, table, len, slots, yo, h,
-                               s->nw, s->neps, ho, nt);
+            rc = moe_mla_token(s->plan, x, pos, s->cos_tab, s->sin_tab, (int)s->interleaved,
+                               toff ? table + toff[0] : table, toff ? lens[0] : len, slots, yo, h, s->nw, s->neps, ho,
+                               nt);
         } else if (s->kind == STEP_MOE || s->kind == STEP_QX_MOE) {
             const int64_t *ids = s->ids;
             const float *wts = s->wts;

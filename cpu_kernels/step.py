@@ -16,16 +16,16 @@ import torch
 
 from .build import address, c_struct, declare, load
 from .elementwise import RouteToken
-from .fused import GqaToken, MlaToken, PackedArgs, projection
+from .fused import GqaToken, MlaToken, PackedArgs, SeqRows, projection
 from .gemv import PLAN_ROWS, MoeToken, Outputs
 from .quant import QuantMoeToken
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 declare({
-    # (halves, n, start, embed, ids, h, x, T, D, positions, block table, context length, slots, h_last, y_last,
-    # threads)
+    # (halves, n, start, embed, ids, h, x, T, D, positions, block table, context length, row offsets, row lengths,
+    # slots, h_last, y_last, threads)
     "moe_decode_step": [_ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, ctypes.c_int32, _ptr, _ptr,
-                        _ptr, _int],
+                        _ptr, _ptr, _ptr, _int],
     # (x, T, D, weight, packed weight, V, scratch, its rows, logits, threads)
     "moe_logits_rows": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _int],
 })
@@ -134,38 +134,43 @@ class DecodeStep:
         c.cos_tab, c.sin_tab, c.interleaved = address(cos_PH), address(sin_PH), int(interleaved)
 
     def __call__(self, start: int, h_TD: torch.Tensor, x_TD: torch.Tensor, positions_T: torch.Tensor,
-                 block_table: torch.Tensor, context_len: int, slots_T: torch.Tensor,
-                 last: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+                 block_table: torch.Tensor, context_len: int, slots_T: torch.Tensor, last: torch.Tensor,
+                 rows: SeqRows | None = None) -> tuple[int, torch.Tensor, torch.Tensor]:
         """Halves ``start ..`` of a step of ``T`` rows (``h``, ``x [T, D]``: half ``start``'s inputs;
-        ``positions``, ``slots [T]`` int64, ``block_table`` int32: its first row the sequence's blocks;
-        ``last [T, D]``: where the last half's normed result goes). Returns ``(stop, h, x)``: the
-        first half not run (``n`` when all ran) and its inputs (``x`` is ``last`` then)."""
+        ``positions``, ``slots [T]`` int64, ``block_table`` int32: one sequence's blocks (its rows end
+        its ``context_len`` tokens), or with ``rows`` (:class:`SeqRows`) the step's table of several
+        sequences; ``last [T, D]``: where the last half's normed result goes). Returns ``(stop, h, x)``:
+        the first half not run (``n`` when all ran) and its inputs (``x`` is ``last`` then)."""
         T = x_TD.shape[0]
         if any(t.shape != (T, self.D) or t.dtype != torch.bfloat16 or not t.is_contiguous() for t in (h_TD, x_TD)):
             raise ValueError("DecodeStep: h and x must be contiguous bf16 [T, D]")
-        return self._run(start, h_TD, x_TD, None, T, positions_T, block_table, context_len, slots_T, last)
+        return self._run(start, h_TD, x_TD, None, T, positions_T, block_table, context_len, slots_T, last, rows)
 
     def from_ids(self, ids_T: torch.Tensor, positions_T: torch.Tensor, block_table: torch.Tensor, context_len: int,
-                 slots_T: torch.Tensor, last: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+                 slots_T: torch.Tensor, last: torch.Tensor,
+                 rows: SeqRows | None = None) -> tuple[int, torch.Tensor, torch.Tensor] | None:
         """As ``self(0, ...)`` for the step's token ids (``ids [T]`` int64), embedded and normed
         first by the loop (:attr:`embeds`); None where it does not (an id outside the vocabulary:
         the caller embeds them its way)."""
         T = ids_T.shape[0]
         if not self.embeds or ids_T.dtype != torch.int64 or ids_T.dim() != 1 or not ids_T.is_contiguous():
             return None
-        return self._run(0, None, None, ids_T, T, positions_T, block_table, context_len, slots_T, last)
+        return self._run(0, None, None, ids_T, T, positions_T, block_table, context_len, slots_T, last, rows)
 
     def _run(self, start: int, h_TD: torch.Tensor | None, x_TD: torch.Tensor | None, ids_T: torch.Tensor | None,
              T: int, positions_T: torch.Tensor, block_table: torch.Tensor, context_len: int, slots_T: torch.Tensor,
-             last: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor] | None:
-        if (not 0 < T <= min(self.rows, context_len) or last.shape != (T, self.D) or last.dtype != torch.bfloat16
+             last: torch.Tensor, rows: SeqRows | None) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+        if (not 0 < T <= self.rows or (T > context_len if rows is None else not rows.fits(T, block_table))
+                or last.shape != (T, self.D) or last.dtype != torch.bfloat16
                 or not last.is_contiguous() or positions_T.dtype != torch.int64 or slots_T.dtype != torch.int64
                 or positions_T.shape != (T,) or slots_T.shape != (T,) or not positions_T.is_contiguous()
                 or not slots_T.is_contiguous() or block_table.dtype != torch.int32 or block_table.stride(-1) != 1):
             raise ValueError("DecodeStep: inputs of another shape, dtype or layout than the step's")
         stop = load().moe_decode_step(self._ref, self.n, start, self._embed_ref, address(ids_T), address(h_TD),
                                       address(x_TD), T, self.D, positions_T.data_ptr(), block_table.data_ptr(),
-                                      context_len, slots_T.data_ptr(), self._h[-1].data_ptr(), last.data_ptr(),
+                                      context_len, *((None, None) if rows is None else (address(rows.offsets),
+                                                                                        address(rows.lens))),
+                                      slots_T.data_ptr(), self._h[-1].data_ptr(), last.data_ptr(),
                                       torch.get_num_threads())
         if stop < 0:
             return None

@@ -23,12 +23,13 @@ exactly what the op path computes (the kernels' tests and
 ``tests/test_cpu_kernels.py::test_one_call_layers_equal_the_op_by_op_path`` hold them to it), so
 a call that declines at run time (returns None, nothing written) is followed by the op path for
 that half alone. :class:`moe.model_runner.ModelRunner` runs the captured step for a step of one
-sequence and one token, and for a verify step of one sequence (its token and up to
-``max_rows - 1`` drafts) where every half is one call and the weights are bf16 (or fit in the
-last-level cache): each row is computed as a one-token step computes it (so greedy speculative
-decoding yields plain decoding's tokens in bf16 too), with each bf16 weight read once for all rows
-(the kernels' multi-row GEMVs, each expert once for the rows that chose it); every other step runs
-``MoECausalLM.forward``.
+sequence and one token, and for a step of up to ``max_rows`` rows that are all sampled (decode
+tokens of several sequences, verify steps' tokens and drafts: :func:`step_rows` says where each row
+attends) where every half is one call and the weights are bf16 (or fit in the last-level cache):
+each row is computed as a one-token step of its sequence computes it (so greedy speculative decoding
+yields plain decoding's tokens in bf16 too, and a sequence's tokens do not depend on the batch it
+decodes in), with each bf16 weight read once for all rows (the kernels' multi-row GEMVs, each
+expert once for the rows that chose it); every other step runs ``MoECausalLM.forward``.
 """
 from __future__ import annotations
 
@@ -52,6 +53,17 @@ _ID_0, _WEIGHT_1 = torch.zeros(1, dtype=torch.int64), torch.ones(1)  # one exper
 
 def _bf16_cpu(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+
+
+def step_rows(meta) -> tuple[torch.Tensor, int, cpu_kernels.SeqRows | None]:
+    """Where a captured step's rows attend: one sequence's ``(its block table row, its context length,
+    None)`` (its rows end it), or several sequences' ``(the step's block table, its longest context,
+    their rows)`` (:class:`cpu_kernels.SeqRows`)."""
+    if meta.num_seqs == 1:
+        return meta.block_tables[0], meta.context_lens_list[0], None
+    table = meta.block_tables
+    return table, meta.max_context_len, cpu_kernels.SeqRows.of(meta.query_lens_list, meta.context_lens_list,
+                                                                table.stride(0))
 
 
 class _OpsAttention:
@@ -105,9 +117,9 @@ class _GqaToken(_OpsAttention):
                  ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         rot, meta = self.rotary, ctx.meta
         # (CapturedDecode grew the rotary tables for the step's position: read them here)
-        out = self.plan(x_TD, positions_T, rot.cos, rot.sin, rot.interleaved, meta.block_tables[0],
-                        meta.context_lens_list[0], meta.slot_mapping, (h_TD, self.norm.weight, self.norm.eps),
-                        self.into)
+        table, context_len, rows = step_rows(meta)
+        out = self.plan(x_TD, positions_T, rot.cos, rot.sin, rot.interleaved, table, context_len, meta.slot_mapping,
+                        (h_TD, self.norm.weight, self.norm.eps), self.into, rows)
         return out if out is not None else super().__call__(positions_T, h_TD, x_TD, ctx)
 
     def step_half(self, rows: int) -> cpu_kernels.StepHalf:
@@ -271,8 +283,8 @@ class _MoEToken(_OpsMlp):
 class CapturedDecode:
     """A whole batch-1 step planned once for a model (module docstring): ``captured(ids_T, positions_T, ctx)``
     returns what ``model(ids_T, positions_T, ctx)`` returns, for one sequence and one token, or for
-    the ``T <= max_rows`` rows of one sequence's verify step (its token and drafts), each row
-    computed as a one-token step at its position computes it."""
+    ``T <= max_rows`` rows ending their sequences (decode tokens of several sequences, verify steps'
+    tokens and drafts), each row computed as a one-token step at its position computes it."""
 
     def __init__(self, model: MoECausalLM, halves: list[tuple[Half, Half]], head: torch.nn.Module | None = None,
                  embeds: bool = True):
@@ -369,33 +381,33 @@ class CapturedDecode:
                     self.step.rotary(i, rot.cos, rot.sin, rot.interleaved)
                 self._rotary[key] = (rot, (rot.cos, rot.sin), halves)
 
-    def _begin(self, T: int, ctx: ForwardContext) -> tuple[int, torch.Tensor]:
-        """The step's context length (its rows end the sequence: last position + 1), with the rotary tables
-        grown to it, and the buffer the loop's last half writes into."""
-        context_len = ctx.meta.context_lens_list[0]
+    def _begin(self, T: int, ctx: ForwardContext) -> tuple[tuple, torch.Tensor]:
+        """Where the step's rows attend (:func:`step_rows`), with the rotary tables grown to its
+        longest sequence, and the buffer the loop's last half writes into."""
+        where = step_rows(ctx.meta)
         if self._rotary:
-            self._grow_rotaries(context_len)
-        return context_len, torch.empty(T, self.model.cfg.hidden_size, dtype=torch.bfloat16)
+            self._grow_rotaries(ctx.meta.max_context_len)
+        return where, torch.empty(T, self.model.cfg.hidden_size, dtype=torch.bfloat16)
 
     def __call__(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        meta = ctx.meta
-        context_len, last = self._begin(input_ids_T.shape[0], ctx)
-        run = self.step.from_ids(input_ids_T, positions_T, meta.block_tables, context_len, meta.slot_mapping, last)
+        (table, context_len, rows), last = self._begin(input_ids_T.shape[0], ctx)
+        run = self.step.from_ids(input_ids_T, positions_T, table, context_len, ctx.meta.slot_mapping, last, rows)
         if run is None:  # (the loop does not embed here, or an id is outside the vocabulary)
             return self.from_hidden(self.model.embed_tokens(input_ids_T), positions_T, ctx)
-        return self._loop(run, positions_T, ctx, last)
+        return self._loop(run, positions_T, ctx, last, (table, context_len, rows))
 
     def from_hidden(self, h_TD: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """The step from the residual stream's first value ``h_TD`` (an embedding, or an MTP layer's fused input)."""
-        meta = ctx.meta
-        context_len, last = self._begin(h_TD.shape[0], ctx)
-        run = self.step(0, h_TD, self.model.layers[0].input_layernorm(h_TD), positions_T, meta.block_tables,
-                        context_len, meta.slot_mapping, last)
-        return self._loop(run, positions_T, ctx, last)
+        where, last = self._begin(h_TD.shape[0], ctx)
+        table, context_len, rows = where
+        run = self.step(0, h_TD, self.model.layers[0].input_layernorm(h_TD), positions_T, table, context_len,
+                        ctx.meta.slot_mapping, last, rows)
+        return self._loop(run, positions_T, ctx, last, where)
 
-    def _loop(self, run, positions_T: torch.Tensor, ctx: ForwardContext, last: torch.Tensor) -> torch.Tensor:
+    def _loop(self, run, positions_T: torch.Tensor, ctx: ForwardContext, last: torch.Tensor,
+              where: tuple) -> torch.Tensor:
         halves, meta, step = self._flat, ctx.meta, self.step
-        context_len = meta.context_lens_list[0]
+        table, context_len, rows = where
         T, n = positions_T.shape[0], len(halves)
         i = 0
         while True:
@@ -410,7 +422,7 @@ class CapturedDecode:
             i = stop + 1
             if i == n:
                 return x
-            run = step(i, h, x, positions_T, meta.block_tables, context_len, meta.slot_mapping, last)
+            run = step(i, h, x, positions_T, table, context_len, meta.slot_mapping, last, rows)
 
     def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
         """The LM head of a captured step's rows, each as a one-token step's (float32 ``[T, V]``)."""

@@ -59,8 +59,8 @@ class StepInputs:
     all_idx: list[int]
     lp_rows: list[int]  # rows whose logits score the next prompt token
     lp_owner: list[tuple[int, int]]  # (batch index, prompt position predicted) of each lp row
-    # one sequence's decode token and its drafts, nothing else (a batch-1 verify step)
-    one_verify: bool = False
+    # every row is sampled: decode tokens (and their drafts) of this rank's sequences, no prompt rows
+    all_sampled: bool = False
 
 
 Sampled = dict[int, list[tuple[int, dict[int, float] | None]]]  # batch index -> [(token, logprobs)]
@@ -140,10 +140,10 @@ class ModelRunner:
             self.block_size, self.device)
         ctx = ForwardContext(meta, self.kv_caches, record_expert_counts=self.record_expert_counts, dispatch_step=step)
         all_idx = [b for b, s in enumerate(batch.seqs) if s.samples] if st.dp_size > 1 else sample_idx
-        one_verify = len(run) == 1 and bool(run[0].draft) and len(sample_rows) == len(ids) and not lp_rows
+        all_sampled = len(sample_rows) == len(ids) and not lp_rows and step is NO_STEP
         return StepInputs(torch.tensor(ids, dtype=torch.long, device=self.device),
                           torch.tensor(positions, dtype=torch.long, device=self.device), ctx,
-                          sample_rows, sample_idx, all_idx, lp_rows, lp_owner, one_verify)
+                          sample_rows, sample_idx, all_idx, lp_rows, lp_owner, all_sampled)
 
     def _prepare_one(self, s: ScheduledSeq) -> StepInputs:
         """:meth:`_prepare` for a step of one sequence and one new token (batch-1 decode), in
@@ -155,11 +155,12 @@ class ModelRunner:
         return StepInputs(one.ids, one.positions, ctx, rows, list(rows), list(rows), [], [])
 
     def _captured_rows(self, inputs: StepInputs) -> bool:
-        """Whether the captured step runs this step: one sequence and one token, or one sequence's
-        verify step of at most ``captured.max_rows`` rows."""
+        """Whether the captured step runs this step: one sequence and one token, or at most
+        ``captured.max_rows`` rows that are all sampled (decode tokens of several sequences, a
+        verify step's tokens and drafts), each computed as a one-token step computes it."""
         T = inputs.input_ids.shape[0]
-        return self.captured is not None and inputs.ctx.meta.num_seqs == 1 and (
-            T == 1 or (inputs.one_verify and T <= self.captured.max_rows))
+        return self.captured is not None and (
+            (T == 1 and inputs.ctx.meta.num_seqs == 1) or (inputs.all_sampled and T <= self.captured.max_rows))
 
     def _run_model(self, inputs: StepInputs) -> torch.Tensor:
         """The step's hidden states: the captured step where it runs, else the model."""

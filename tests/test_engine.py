@@ -173,6 +173,49 @@ def test_captured_batch1_step_equals_the_model_forward(family, checkpoint, monke
         assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
 
 
+@pytest.mark.parametrize("family", ["default", "mixtral", "gpt_oss"])
+def test_captured_rows_of_several_sequences_equal_one_row_steps(family, checkpoint, monkeypatch):
+    # bf16, several sequences decoding together (up to the captured step's 8 rows, all sampled) run
+    # as the captured step, weights read once for all rows: each row's hidden state equals that
+    # sequence's one-row captured step at the same position over the same cache, bit for bit, with
+    # contexts of different lengths across block boundaries and sequences joining (those steps run
+    # op by op) and leaving; the weights need not fit the last-level cache (bf16: each read once a
+    # step). gpt-oss's experts' biases run op by op: its steps of several rows keep the op path.
+    import cpu_kernels
+    from kvcache.metadata import AttentionMetadata
+    from moe.cpu_decode import CapturedDecode
+    from moe.models.layers import ForwardContext
+
+    if cpu_kernels.load() is None:
+        pytest.skip("the C kernels are not built here (no compiler): no captured step")
+    monkeypatch.setattr(cpu_kernels, "last_level_cache_bytes", lambda: 0)
+    path = None if family == "default" else str(checkpoint(family))
+    llm = LLM(path, dtype="bfloat16", block_size=4, enable_prefix_caching=False, max_num_seqs=8)
+    runner = llm.engine.runner
+    assert (runner.captured.max_rows == 1) == (family == "gpt_oss")
+    real, checked = CapturedDecode.__call__, []
+
+    def call(self, ids, pos, ctx):
+        out = real(self, ids, pos, ctx).clone()
+        meta = ctx.meta
+        if meta.num_seqs > 1:
+            for t, b in enumerate(b for b, q in enumerate(meta.query_lens_list) for _ in range(q)):
+                n = meta.context_lens_list[b]
+                blocks = meta.block_tables[b, :-(-n // meta.block_size)].tolist()
+                one = AttentionMetadata.build([1], [n], [blocks], meta.block_size)
+                alone = real(self, ids[t:t + 1], pos[t:t + 1], ForwardContext(one, runner.kv_caches))
+                assert torch.equal(out[t:t + 1], alone), (t, b)
+                checked.append(t)
+        return out
+
+    monkeypatch.setattr(CapturedDecode, "__call__", call)
+    g = torch.Generator().manual_seed(3)
+    prompts = [{"prompt_token_ids": torch.randint(3, 200, (n,), generator=g).tolist()} for n in (1, 5, 9, 3, 17, 2, 7)]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (9, 14, 6, 11, 8, 13, 10)]
+    _run_engine(llm, prompts, params)
+    assert (len(checked) > 50) == (family != "gpt_oss")
+
+
 @pytest.mark.parametrize("family,dims,calls", [
     ("qwen3_moe", dict(head_dim=64), [180, 48, 48, 48, 36]),
     # MLA: the whole prompt in the decompressed form (per-head K, V), its 48-row chunks over the latent cache
