@@ -135,7 +135,7 @@ class DraftModel(_OwnKVCache):
         ids_T = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos_T = torch.tensor(positions, dtype=torch.long, device=self.device)
         self.num_tokens_run += len(ids)
-        if self.captured is not None and len(ids) == 1:
+        if self.captured is not None and len(ids) <= self.captured.max_rows:  # (each row ends its sequence's rows)
             return self.captured(ids_T, pos_T, ctx)
         return self.model(ids_T, pos_T, ctx)
 
@@ -170,7 +170,10 @@ class DraftModel(_OwnKVCache):
             if self.block_manager_of is not None:  # (the rows up to the last token are final)
                 self.block_manager_of(seq).mark_aux_written(seq.block_table, min(p + 1, seq.num_tokens))
         last = torch.tensor([len(r) for r in rows]).cumsum(0) - 1
-        return self.model.compute_logits(hidden[last.to(hidden.device)]).cpu()
+        hidden = hidden[last.to(hidden.device)]
+        if self.captured is not None and len(seqs) <= self.captured.max_rows:
+            return self.captured.logits(hidden).cpu()
+        return self.model.compute_logits(hidden).cpu()
 
     def _run_in_passes(self, seqs: list[Sequence], gaps: list[list[tuple[int, int]]]) -> None:
         """Run each sequence's owed rows in order, packed into passes of at most ``CATCH_UP_ROWS``
@@ -358,8 +361,8 @@ class MTPDrafter(_OwnKVCache):
     @torch.inference_mode()
     def _forward(self, ids: list[int], hidden_TD: torch.Tensor, positions: list[int], query_lens: list[int],
                  seqs: list[Sequence]) -> torch.Tensor:
-        """The MTP layer's output for the rows; one sequence's rows (as many as the captured step takes)
-        run as the captured batch-1 step does, from the fused input."""
+        """The MTP layer's output for the rows; as many rows as the captured step takes run as it
+        does, from the fused input."""
         ends = torch.tensor(query_lens).cumsum(0).tolist()
         context_lens = [positions[e - 1] + 1 for e in ends]
         meta = AttentionMetadata.build(query_lens, context_lens, [s.block_table.blocks for s in seqs],
@@ -368,12 +371,12 @@ class MTPDrafter(_OwnKVCache):
         ids_T = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos_T = torch.tensor(positions, dtype=torch.long, device=self.device)
         ctx = ForwardContext(meta, self.kv_caches)
-        if self.captured is not None and len(seqs) == 1 and len(ids) <= self.captured.max_rows:
+        if self.captured is not None and len(ids) <= self.captured.max_rows:
             return self.captured.from_hidden(self.model.fuse(ids_T, hidden_TD.to(self.dtype)), pos_T, ctx)
         return self.model(ids_T, hidden_TD.to(self.dtype), pos_T, ctx)
 
     def _logits(self, out_TD: torch.Tensor) -> torch.Tensor:
-        if self.captured is not None and out_TD.shape[0] == 1:
+        if self.captured is not None and out_TD.shape[0] <= self.captured.max_rows:
             return self.captured.logits(out_TD).cpu()
         return self.model.compute_logits(out_TD).cpu()
 
