@@ -286,6 +286,8 @@ class CapturedDecode:
     ``T <= max_rows`` rows ending their sequences (decode tokens of several sequences, verify steps'
     tokens and drafts), each row computed as a one-token step at its position computes it."""
 
+    STREAMED_ROWS = 8  # rows a step takes where the weights stream from memory (see __init__)
+
     def __init__(self, model: MoECausalLM, halves: list[tuple[Half, Half]], head: torch.nn.Module | None = None,
                  embeds: bool = True):
         self.model, self.halves = model, halves
@@ -294,17 +296,22 @@ class CapturedDecode:
         plain = get_tp_size() == 1 and (head is not None or type(model).compute_logits is MoECausalLM.compute_logits)
         head = head if head is not None else model.lm_head
         head_w = _one_row_weight(head) if plain and head.per_rank == head.vocab else None
-        # A verify step's rows (its token and drafts) run here where every half is one call (an op-by-op
-        # half at T rows computes otherwise than at one), each row as a one-token step computes it.
-        # With bf16 weights every call reads its weights once for all rows (the kernels' multi-row
-        # GEMVs; each expert once for the rows that chose it); packed weights are read once a row,
-        # which pays only where they stay in the last-level cache (a small model, whose op path at a
-        # few rows is bound by Python, ~4x a one-row step's time); a larger packed model's op path
-        # reads the rows' experts once.
+        # Steps of several rows (verify rows, several sequences' tokens) run here where every half is
+        # one call (an op-by-op half at T rows computes otherwise than at one), each row as a one-token
+        # step computes it. With bf16 weights every call reads its weights once for all rows (the
+        # kernels' multi-row GEMVs; each expert once for the rows that chose it); packed weights are
+        # read once a row, which pays only where they stay in the last-level cache (a small model,
+        # whose op path at a few rows is bound by Python, ~4x a one-row step's time); a larger packed
+        # model's op path reads the rows' experts once. How many rows: the multi-row GEMV's products
+        # are vdpbf16ps dot products (no tiles), so past a few rows the op path's tile GEMMs win: plain
+        # decoding against the op path, machine D, in one process: the default model (cached) 3.5x /
+        # 2.0x / 1.5x / 1.25x at 2 / 8 / 12 / 16 concurrent sequences (the op path ahead at 32);
+        # Mixtral's shape (streamed from memory) 1.23x / 1.19x / 1.04x at 2 / 4 / 8.
         one_call = all(type(h) in (_GqaToken, _MoEToken, _DenseToken) for h in self._flat)
         once = all(h.reads_weights_once() for h in self._flat) and isinstance(head_w, torch.Tensor)
         fits = weight_bytes(model)["total"] <= cpu_kernels.last_level_cache_bytes()
-        self.max_rows = cpu_kernels.RouteToken.MAX_ROWS if one_call and (once or fits) else 1
+        self.max_rows = (cpu_kernels.RouteToken.MAX_ROWS if fits else self.STREAMED_ROWS) if one_call and (
+            once or fits) else 1
         # The one-call halves run from one C loop (cpu_kernels.DecodeStep): between two of them no
         # Python op runs, whose cost after each weight stream (cold caches) was ~0.5 ms a step on
         # Mixtral's shape. The loop hands a half back here where it is an op-by-op one, a router

@@ -173,10 +173,12 @@ def test_captured_batch1_step_equals_the_model_forward(family, checkpoint, monke
         assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
 
 
-@pytest.mark.parametrize("family", ["default", "mixtral", "gpt_oss"])
-def test_captured_rows_of_several_sequences_equal_one_row_steps(family, checkpoint, monkeypatch):
-    # bf16, several sequences decoding together (up to the captured step's 8 rows, all sampled) run
-    # as the captured step, weights read once for all rows: each row's hidden state equals that
+@pytest.mark.parametrize("family,cached", [("default", True), ("default", False), ("mixtral", False),
+                                           ("gpt_oss", False)])
+def test_captured_rows_of_several_sequences_equal_one_row_steps(family, cached, checkpoint, monkeypatch):
+    # bf16, several sequences decoding together (up to the captured step's rows, all sampled: 16 where
+    # the weights stay in the last-level cache, taken 8 at a time by the kernels, else 8) run as the
+    # captured step, weights read once for all rows: each row's hidden state equals that
     # sequence's one-row captured step at the same position over the same cache, bit for bit, with
     # contexts of different lengths across block boundaries and sequences joining (those steps run
     # op by op) and leaving; the weights need not fit the last-level cache (bf16: each read once a
@@ -188,16 +190,17 @@ def test_captured_rows_of_several_sequences_equal_one_row_steps(family, checkpoi
 
     if cpu_kernels.load() is None:
         pytest.skip("the C kernels are not built here (no compiler): no captured step")
-    monkeypatch.setattr(cpu_kernels, "last_level_cache_bytes", lambda: 0)
+    monkeypatch.setattr(cpu_kernels, "last_level_cache_bytes", lambda: 1 << 40 if cached else 0)
     path = None if family == "default" else str(checkpoint(family))
-    llm = LLM(path, dtype="bfloat16", block_size=4, enable_prefix_caching=False, max_num_seqs=8)
+    llm = LLM(path, dtype="bfloat16", block_size=4, enable_prefix_caching=False, max_num_seqs=16)
     runner = llm.engine.runner
-    assert (runner.captured.max_rows == 1) == (family == "gpt_oss")
-    real, checked = CapturedDecode.__call__, []
+    assert runner.captured.max_rows == (1 if family == "gpt_oss" else 16 if cached else 8)
+    real, checked, seqs = CapturedDecode.__call__, [], [0]
 
     def call(self, ids, pos, ctx):
         out = real(self, ids, pos, ctx).clone()
         meta = ctx.meta
+        seqs.append(meta.num_seqs)
         if meta.num_seqs > 1:
             for t, b in enumerate(b for b, q in enumerate(meta.query_lens_list) for _ in range(q)):
                 n = meta.context_lens_list[b]
@@ -210,10 +213,12 @@ def test_captured_rows_of_several_sequences_equal_one_row_steps(family, checkpoi
 
     monkeypatch.setattr(CapturedDecode, "__call__", call)
     g = torch.Generator().manual_seed(3)
-    prompts = [{"prompt_token_ids": torch.randint(3, 200, (n,), generator=g).tolist()} for n in (1, 5, 9, 3, 17, 2, 7)]
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (9, 14, 6, 11, 8, 13, 10)]
+    lens = (1, 5, 9, 3, 17, 2, 7, 4, 11, 6, 1, 8)
+    prompts = [{"prompt_token_ids": torch.randint(3, 200, (n,), generator=g).tolist()} for n in lens]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (9, 14, 6, 11, 8, 13, 10) * 2]
     _run_engine(llm, prompts, params)
-    assert (len(checked) > 50) == (family != "gpt_oss")
+    assert (len(checked) > 20) == (family != "gpt_oss")
+    assert (max(seqs) > 8) == cached
 
 
 @pytest.mark.parametrize("family,dims,calls", [
