@@ -29,6 +29,25 @@ int moe_project(const uint16_t *w, const PackedProj *p, int64_t N, int64_t K, co
     return 0;
 }
 
+/* y rows = W x rows (+ bias) in bf16 for T <= 8 rows (x row stride ldx, y row stride ldy), each row as
+ * moe_project computes it at one row: a bf16 weight through moe_gemv_bf16_rows (read once for all
+ * rows, each row's sums moe_gemv_bf16's), a packed one row by row. Returns 0, -1 without memory. */
+static int project_rows(const uint16_t *w, const PackedProj *p, int64_t N, int64_t K, const uint16_t *x, int64_t ldx,
+                        int64_t T, const uint16_t *bias, uint16_t *y, int64_t ldy, int nt) {
+    if (p || T == 1) {
+        for (int64_t t = 0; t < T; t++)
+            if (moe_project(w, p, N, K, x + t * ldx, bias, y + t * ldy, BF16, nt) != 0) return -1;
+        return 0;
+    }
+    const uint16_t *xs[8];
+    uint16_t *ys[8];
+    for (int64_t t = 0; t < T; t++) {
+        xs[t] = x + t * ldx;
+        ys[t] = y + t * ldy;
+    }
+    return moe_gemv_bf16_rows(w, N, K, K, xs, T, bias, ys, nt);
+}
+
 /* DeepSeek's multi-head latent attention for one decode token (moe.models.mla.MLAttention.forward
  * at T = 1, bf16, no biases, one tensor-parallel rank):
  *   q = q_b(rms(q_a(x)))  (w_qa NULL: q = q_proj(x), w_qb being q_proj)     [H, nope + rope]
@@ -40,38 +59,66 @@ int moe_project(const uint16_t *w, const PackedProj *p, int64_t N, int64_t K, co
  * is [blocks, block_size, 1, C + rope] with element strides (c_sblock, c_sslot), c_sblock =
  * block_size * c_sslot; table: the sequence's blocks, len: its tokens after this one is written.
  * p_qa, p_qb, p_kva, p_o: those projections' packed weights (NULL: the bf16 w_*; W_UK / W_UV stay
- * bf16). scratch: q_lora + H*(nope+rope) + (C+rope) + H*(C+rope) + H*C + H*v bf16. Returns 0, -1
- * without memory. */
-int moe_mla_token(const MlaPlan *a, const uint16_t *x, const int64_t *pos, const float *cos_tab, const float *sin_tab,
-                  int interleaved, const int32_t *table, int32_t len, const int64_t *slots, uint16_t *out,
-                  const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
+ * bf16). scratch: rows x (q_lora + H*(nope+rope) + (C+rope) + H*(C+rope) + H*C + H*v) bf16. Returns 0,
+ * -1 without memory. */
+static int mla_rows(const MlaPlan *a, const uint16_t *x, int64_t T, const int64_t *pos, const float *cos_tab,
+                    const float *sin_tab, int interleaved, const int32_t *table, int32_t len, const int64_t *toff,
+                    const int32_t *lens, const int64_t *slots, uint16_t *out, const uint16_t *resid,
+                    const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
     const int64_t D = a->D, q_lora = a->q_lora, H = a->H, nope = a->nope, rope = a->rope, C = a->C, v = a->v;
     const int64_t c_sblock = a->c_sblock, c_sslot = a->c_sslot;
     const uint16_t *w_kvb = a->w_kvb;
-    uint16_t *cache = a->cache, *scratch = a->scratch;
+    uint16_t *cache = a->cache;
     const int64_t qk = nope + rope, L = C + rope;
-    uint16_t *qa = scratch, *q = qa + q_lora, *lat = q + H * qk, *qfull = lat + L, *olat = qfull + H * L,
-             *o = olat + H * C;
+    const int64_t S = q_lora + H * qk + L + H * L + H * C + H * v; /* a row's scratch */
+    uint16_t *qa = a->scratch, *q = qa + q_lora, *lat = q + H * qk, *qfull = lat + L, *olat = qfull + H * L,
+             *o = olat + H * C; /* row 0's; row t's t * S further */
     if (a->w_qa || a->p_qa) {
-        if (moe_project(a->w_qa, a->p_qa, q_lora, D, x, NULL, qa, BF16, nt) != 0) return -1;
-        moe_rms_norm(qa, a->qa_norm, qa, BF16, 1, q_lora, q_lora, q_lora, a->q_eps, nt);
-        if (moe_project(a->w_qb, a->p_qb, H * qk, q_lora, qa, NULL, q, BF16, nt) != 0) return -1;
-    } else if (moe_project(a->w_qb, a->p_qb, H * qk, D, x, NULL, q, BF16, nt) != 0) {
+        if (project_rows(a->w_qa, a->p_qa, q_lora, D, x, D, T, NULL, qa, S, nt) != 0) return -1;
+        for (int64_t t = 0; t < T; t++)
+            moe_rms_norm(qa + t * S, a->qa_norm, qa + t * S, BF16, 1, q_lora, q_lora, q_lora, a->q_eps, nt);
+        if (project_rows(a->w_qb, a->p_qb, H * qk, q_lora, qa, S, T, NULL, q, S, nt) != 0) return -1;
+    } else if (project_rows(a->w_qb, a->p_qb, H * qk, D, x, D, T, NULL, q, S, nt) != 0) {
         return -1;
     }
-    if (moe_project(a->w_kva, a->p_kva, L, D, x, NULL, lat, BF16, nt) != 0) return -1;
-    uint16_t *row = cache + slots[0] * c_sslot;
-    moe_rms_norm(lat, a->kva_norm, row, BF16, 1, C, L, L, a->kv_eps, nt);
-    memcpy(row + C, lat + C, sizeof(uint16_t) * (size_t)rope);
-    moe_rope(row + C, BF16, 1, 1, rope, L, rope, pos, cos_tab, sin_tab, interleaved, 1);
-    moe_heads_vec(q, qk, w_kvb, (nope + v) * C, C, C, nope, H, 0, qfull, L, nt);
-    for (int64_t h = 0; h < H; h++) memcpy(qfull + h * L + C, q + h * qk + nope, sizeof(uint16_t) * (size_t)rope);
-    moe_rope(qfull + C, BF16, 1, H, rope, H * L, L, pos, cos_tab, sin_tab, interleaved, 1);
-    moe_paged_decode(qfull, olat, cache, cache, BF16, 1, H, 1, L, C, c_sblock, c_sslot, L, c_sblock, c_sslot, L,
-                     a->block_size, table, 0, &len, NULL, 0, NULL, a->scale, nt);
-    moe_heads_vec(olat, C, w_kvb + nope * C, (nope + v) * C, C, v, C, H, 1, o, v, nt);
-    if (moe_project(a->w_o, a->p_o, D, H * v, o, NULL, out, BF16, nt) != 0) return -1;
-    then_norm(out, D, resid, nw, neps, h_out);
+    if (project_rows(a->w_kva, a->p_kva, L, D, x, D, T, NULL, lat, S, nt) != 0) return -1;
+    for (int64_t t = 0; t < T; t++) { /* row t: as a one-row call at its position (its latent written first) */
+        uint16_t *q_t = q + t * S, *lat_t = lat + t * S, *qfull_t = qfull + t * S, *olat_t = olat + t * S;
+        int32_t len_t = toff ? lens[t] : len - (int32_t)(T - 1 - t);
+        const int32_t *table_t = toff ? table + toff[t] : table;
+        uint16_t *row = cache + slots[t] * c_sslot;
+        moe_rms_norm(lat_t, a->kva_norm, row, BF16, 1, C, L, L, a->kv_eps, nt);
+        memcpy(row + C, lat_t + C, sizeof(uint16_t) * (size_t)rope);
+        moe_rope(row + C, BF16, 1, 1, rope, L, rope, pos + t, cos_tab, sin_tab, interleaved, 1);
+        moe_heads_vec(q_t, qk, w_kvb, (nope + v) * C, C, C, nope, H, 0, qfull_t, L, nt);
+        for (int64_t h = 0; h < H; h++)
+            memcpy(qfull_t + h * L + C, q_t + h * qk + nope, sizeof(uint16_t) * (size_t)rope);
+        moe_rope(qfull_t + C, BF16, 1, H, rope, H * L, L, pos + t, cos_tab, sin_tab, interleaved, 1);
+        moe_paged_decode(qfull_t, olat_t, cache, cache, BF16, 1, H, 1, L, C, c_sblock, c_sslot, L, c_sblock, c_sslot,
+                         L, a->block_size, table_t, 0, &len_t, NULL, 0, NULL, a->scale, nt);
+        moe_heads_vec(olat_t, C, w_kvb + nope * C, (nope + v) * C, C, v, C, H, 1, o + t * S, v, nt);
+    }
+    if (project_rows(a->w_o, a->p_o, D, H * v, o, S, T, NULL, out, D, nt) != 0) return -1;
+    for (int64_t t = 0; t < T; t++)
+        then_norm(out + t * D, D, resid ? resid + t * D : NULL, nw, neps, h_out ? h_out + t * D : NULL);
+    return 0;
+}
+
+/* T rows as gqa_rows takes them (below: one sequence's, or with toff several sequences'), a->rows at
+ * a time, each computing what a one-row call at its position computes; projections (not the
+ * absorbed W_UK / W_UV, read per row) read once for the rows. */
+int moe_mla_token(const MlaPlan *a, const uint16_t *x, int64_t T, const int64_t *pos, const float *cos_tab,
+                  const float *sin_tab, int interleaved, const int32_t *table, int32_t len, const int64_t *toff,
+                  const int32_t *lens, const int64_t *slots, uint16_t *out, const uint16_t *resid, const uint16_t *nw,
+                  float neps, uint16_t *h_out, int nt) {
+    const int64_t D = a->D, R = a->rows;
+    for (int64_t t = 0; t < T; t += R) {
+        const int64_t n = T - t < R ? T - t : R;
+        if (mla_rows(a, x + t * D, n, pos + t, cos_tab, sin_tab, interleaved, table, len - (int32_t)(T - t - n),
+                     toff ? toff + t : NULL, lens ? lens + t : NULL, slots + t, out + t * D,
+                     resid ? resid + t * D : NULL, nw, neps, h_out ? h_out + t * D : NULL, nt) != 0)
+            return -1;
+    }
     return 0;
 }
 
@@ -93,22 +140,6 @@ int moe_mla_token(const MlaPlan *a, const uint16_t *x, const int64_t *pos, const
  * resid, h_out: T rows of D.
  * Returns 0, -1 without memory (nothing written then at one row; at T rows earlier rows' K/V may be
  * written: the caller's op path writes them again). */
-static int project_rows(const uint16_t *w, const PackedProj *p, int64_t N, int64_t K, const uint16_t *x, int64_t ldx,
-                        int64_t T, const uint16_t *bias, uint16_t *y, int64_t ldy, int nt) {
-    if (p || T == 1) {
-        for (int64_t t = 0; t < T; t++)
-            if (moe_project(w, p, N, K, x + t * ldx, bias, y + t * ldy, BF16, nt) != 0) return -1;
-        return 0;
-    }
-    const uint16_t *xs[8];
-    uint16_t *ys[8];
-    for (int64_t t = 0; t < T; t++) {
-        xs[t] = x + t * ldx;
-        ys[t] = y + t * ldy;
-    }
-    return moe_gemv_bf16_rows(w, N, K, K, xs, T, bias, ys, nt);
-}
-
 static int gqa_rows(const GqaPlan *a, const uint16_t *x, int64_t T, const int64_t *pos, const float *cos_tab,
                     const float *sin_tab, int interleaved, const int32_t *table, int32_t len, const int64_t *toff,
                     const int32_t *lens, const int64_t *slots, uint16_t *out, const uint16_t *resid,

@@ -17,11 +17,11 @@ from .build import address, c_struct, declare, load
 from .gemv import PLAN_ROWS, Outputs, Residual, output, residual_args
 
 _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-# (plan, x, [T,] pos, cos, sin, interleaved, block table, context length, [row offsets, row lengths,] slots, out,
+# (plan, x, T, pos, cos, sin, interleaved, block table, context length, row offsets, row lengths, slots, out,
 # resid, norm weight, eps, h_out, threads)
 declare({
-    "moe_mla_token": [_ptr, _ptr, _ptr, _ptr, _ptr, _int, _ptr, ctypes.c_int32, _ptr, _ptr, _ptr, _ptr, _f32, _ptr,
-                      _int],
+    "moe_mla_token": [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _int, _ptr, ctypes.c_int32, _ptr, _ptr, _ptr, _ptr, _ptr,
+                      _ptr, _f32, _ptr, _int],
     "moe_gqa_token": [_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _int, _ptr, ctypes.c_int32, _ptr, _ptr, _ptr, _ptr, _ptr,
                       _ptr, _f32, _ptr, _int],
 })
@@ -57,7 +57,7 @@ GqaPlanC = c_struct("GqaPlan",
                     "k_cache v_cache: ptr; k_sblock k_sslot k_shead v_sblock v_sslot v_shead block_size window: i64; "
                     "sinks scratch p_qkv p_o: ptr")
 MlaPlanC = c_struct("MlaPlan",
-                    "D q_lora H nope rope C v: i64; w_qa qa_norm w_qb w_kva kva_norm w_kvb w_o: ptr; "
+                    "D q_lora H nope rope C v rows: i64; w_qa qa_norm w_qb w_kva kva_norm w_kvb w_o: ptr; "
                     "q_eps kv_eps scale: f32; cache: ptr; c_sblock c_sslot block_size: i64; "
                     "scratch p_qa p_qb p_kva p_o: ptr")
 
@@ -89,8 +89,11 @@ def projection(w: torch.Tensor | PackedArgs, N: int, K: int) -> tuple[int | None
 class MlaToken:
     """:func:`mla_token` with its weights, norms and cache checked once, as a captured batch-1 step
     calls it every layer and token: ``plan(x_1D, positions_1, cos_PH, sin_PH, interleaved,
-    block_table, context_len, slot_mapping_1, residual, into)`` checks only what changes per call.
-    ``plan.ok`` is False where the kernel does not apply (then every call returns None)."""
+    block_table, context_len, slot_mapping_1, residual, into, rows)`` checks only what changes per
+    call; T rows as :class:`GqaToken` takes them (one sequence's, or with ``rows`` several
+    sequences'), each as a one-row call computes it, the projections (not the absorbed kv_b_proj)
+    read once for all rows. ``plan.ok`` is False where the kernel does not apply (then every call
+    returns None)."""
 
     def __init__(self, w_qa: torch.Tensor | PackedArgs | None, qa_norm: torch.Tensor | None, q_eps: float,
                  w_qb: torch.Tensor | PackedArgs, w_kva: torch.Tensor | PackedArgs, kva_norm: torch.Tensor,
@@ -116,29 +119,36 @@ class MlaToken:
             return
         (qa_w, p_qa), (qb_w, p_qb), (kva_w, p_kva), (o_w, p_o) = projs
         self.D = D
-        scratch = torch.empty(q_lora + heads * (nope + rope) + L + heads * L + heads * C + heads * v,
+        # (for PLAN_ROWS rows: a verify step's or several sequences', projections read once for them)
+        scratch = torch.empty(PLAN_ROWS * (q_lora + heads * (nope + rope) + L + heads * L + heads * C + heads * v),
                               dtype=torch.bfloat16)
         self._keep = (w_qa, qa_norm, w_qb, w_kva, kva_norm, w_kvb, w_o, cache, projs, scratch)
-        self.c = MlaPlanC(D, q_lora, heads, nope, rope, C, v, qa_w, address(qa_norm), qb_w, kva_w, address(kva_norm),
-                          address(w_kvb), o_w, q_eps, kv_eps, scale, address(cache), cache.stride(0), cache.stride(1),
-                          cache.shape[1], address(scratch), address(p_qa), address(p_qb), address(p_kva), address(p_o))
+        self.c = MlaPlanC(D, q_lora, heads, nope, rope, C, v, PLAN_ROWS, qa_w, address(qa_norm), qb_w, kva_w,
+                          address(kva_norm), address(w_kvb), o_w, q_eps, kv_eps, scale, address(cache),
+                          cache.stride(0), cache.stride(1), cache.shape[1], address(scratch), address(p_qa),
+                          address(p_qb), address(p_kva), address(p_o))
         self.ref = address(self.c)  # what the C calls take (moe_decode_step too)
         self.ok = True
 
     def __call__(self, x_1D: torch.Tensor, positions_1: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor,
                  interleaved: bool, block_table: torch.Tensor, context_len: int, slot_mapping_1: torch.Tensor,
-                 residual: Residual | None = None, into: Outputs | None = None):
-        if (not self.ok or x_1D.dtype != torch.bfloat16 or x_1D.shape != (1, self.D) or not x_1D.is_contiguous()
+                 residual: Residual | None = None, into: Outputs | None = None, rows: SeqRows | None = None):
+        T = x_1D.shape[0]
+        if (not self.ok or x_1D.dtype != torch.bfloat16 or x_1D.shape[1:] != (self.D,) or not x_1D.is_contiguous()
+                or T < 1 or (T > context_len if rows is None else not rows.fits(T, block_table))
                 or block_table.dtype != torch.int32 or not block_table.is_contiguous()
                 or slot_mapping_1.dtype != torch.int64 or positions_1.dtype != torch.int64
+                or slot_mapping_1.shape != (T,) or positions_1.shape != (T,) or not positions_1.is_contiguous()
+                or not slot_mapping_1.is_contiguous()
                 or cos_PH.dtype != torch.float32 or not cos_PH.is_contiguous() or not sin_PH.is_contiguous()):
             return None
-        tail = residual_args(residual, self.D, into)
+        tail = residual_args(residual, self.D, into, T)
         if tail is None:
             return None
-        out = output(into, self.D)
-        rc = load().moe_mla_token(self.ref, x_1D.data_ptr(), positions_1.data_ptr(), cos_PH.data_ptr(),
+        out = output(into, self.D, T)
+        rc = load().moe_mla_token(self.ref, x_1D.data_ptr(), T, positions_1.data_ptr(), cos_PH.data_ptr(),
                                   sin_PH.data_ptr(), int(interleaved), block_table.data_ptr(), context_len,
+                                  *((None, None) if rows is None else (rows.offsets.data_ptr(), rows.lens.data_ptr())),
                                   slot_mapping_1.data_ptr(), out.data_ptr(), *tail[0], torch.get_num_threads())
         if rc != 0:
             return None

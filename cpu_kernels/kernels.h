@@ -75,7 +75,7 @@ typedef struct {
 } GqaPlan;
 
 typedef struct {
-    int64_t D, q_lora, H, nope, rope, C, v;
+    int64_t D, q_lora, H, nope, rope, C, v, rows; /* rows: what the scratch holds (<= 8), a call's rows at a time */
     const uint16_t *w_qa, *qa_norm, *w_qb, *w_kva, *kva_norm, *w_kvb, *w_o;
     float q_eps, kv_eps, scale;
     uint16_t *cache;
@@ -118,9 +118,10 @@ int moe_gqa_token(const GqaPlan *a, const uint16_t *x, int64_t T, const int64_t 
                   const float *sin_tab, int interleaved, const int32_t *table, int32_t len, const int64_t *toff,
                   const int32_t *lens, const int64_t *slots, uint16_t *out, const uint16_t *resid, const uint16_t *nw,
                   float neps, uint16_t *h_out, int nt);
-int moe_mla_token(const MlaPlan *a, const uint16_t *x, const int64_t *pos, const float *cos_tab, const float *sin_tab,
-                  int interleaved, const int32_t *table, int32_t len, const int64_t *slots, uint16_t *out,
-                  const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt);
+int moe_mla_token(const MlaPlan *a, const uint16_t *x, int64_t T, const int64_t *pos, const float *cos_tab,
+                  const float *sin_tab, int interleaved, const int32_t *table, int32_t len, const int64_t *toff,
+                  const int32_t *lens, const int64_t *slots, uint16_t *out, const uint16_t *resid, const uint16_t *nw,
+                  float neps, uint16_t *h_out, int nt);
 int moe_moe_token(const MoePlan *a, const uint16_t *x, int64_t T, int64_t K, const int64_t *ids, const float *wts,
                   uint16_t *out, const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt);
 int moe_qx_moe_token(const QxMoePlan *a, const uint16_t *x, int64_t T, int64_t K, const int64_t *ids,

@@ -35,8 +35,7 @@ typedef struct {
 /* Halves [start, n) of a step of T rows, row t at pos[t], written at slots[t]: without toff, rows of
  * one sequence (its token, or a verify step's token and drafts: row t attending over len - (T - 1 - t)
  * cached rows of table); with toff, rows of several sequences (their tokens, and drafts), row t's
- * blocks at table + toff[t], attending over lens[t] cached rows (moe_gqa_token; an MLA half only at
- * one row).
+ * blocks at table + toff[t], attending over lens[t] cached rows (moe_gqa_token, moe_mla_token).
  * h, x: half start's inputs ([T, D]: the residual stream and its normed rows), or, with ids given
  * (start 0), the token ids the loop embeds and norms first (-1: an id outside the vocabulary, nothing
  * run; the caller embeds them its way); each later half
@@ -64,10 +63,9 @@ int moe_decode_step(const StepHalf *halves, int64_t n, int64_t start, const Step
         if (s->kind == STEP_GQA) {
             rc = moe_gqa_token(s->plan, x, T, pos, s->cos_tab, s->sin_tab, (int)s->interleaved, table, len, toff,
                                lens, slots, yo, h, s->nw, s->neps, ho, nt);
-        } else if (s->kind == STEP_MLA && T == 1) {
-            rc = moe_mla_token(s->plan, x, pos, s->cos_tab, s->sin_tab, (int)s->interleaved,
-                               toff ? table + toff[0] : table, toff ? lens[0] : len, slots, yo, h, s->nw, s->neps, ho,
-                               nt);
+        } else if (s->kind == STEP_MLA) {
+            rc = moe_mla_token(s->plan, x, T, pos, s->cos_tab, s->sin_tab, (int)s->interleaved, table, len, toff,
+                               lens, slots, yo, h, s->nw, s->neps, ho, nt);
         } else if (s->kind == STEP_MOE || s->kind == STEP_QX_MOE) {
             const int64_t *ids = s->ids;
             const float *wts = s->wts;

@@ -142,6 +142,10 @@ class _MlaToken(_OpsAttention):
         q_a = (_one_row_weight(attn.q_a_proj), attn.q_a_layernorm.weight, attn.q_a_layernorm.eps,
                _one_row_weight(attn.q_b_proj)) if attn.q_lora else (None, None, 0.0, _one_row_weight(attn.q_proj))
         # the weights, norms and cache checked once; a call passes what changes per step
+        projs = [attn.q_a_proj, attn.q_b_proj] if attn.q_lora else [attn.q_proj]
+        # (its projections read once for a step's rows; the absorbed kv_b_proj, a few MB, once a row)
+        self.bf16 = all(isinstance(_one_row_weight(p), torch.Tensor)
+                        for p in projs + [attn.kv_a_proj_with_mqa, attn.o_proj])
         self.plan = cpu_kernels.MlaToken(*q_a, _one_row_weight(attn.kv_a_proj_with_mqa), attn.kv_a_layernorm.weight,
                                          attn.kv_a_layernorm.eps, attn.kv_b_proj.weight, _one_row_weight(attn.o_proj),
                                          attn.num_heads, attn.nope, attn.rope_dim, attn.v_dim, cache, attn.scale)
@@ -150,13 +154,16 @@ class _MlaToken(_OpsAttention):
     def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
                  ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         rot, meta = self.rotary, ctx.meta
-        out = self.plan(x_TD, positions_T, rot.cos, rot.sin, rot.interleaved, meta.block_tables[0],
-                        meta.context_lens_list[0], meta.slot_mapping, (h_TD, self.norm.weight, self.norm.eps),
-                        self.into)
+        table, context_len, rows = step_rows(meta)
+        out = self.plan(x_TD, positions_T, rot.cos, rot.sin, rot.interleaved, table, context_len, meta.slot_mapping,
+                        (h_TD, self.norm.weight, self.norm.eps), self.into, rows)
         return out if out is not None else super().__call__(positions_T, h_TD, x_TD, ctx)
 
     def step_half(self, rows: int) -> cpu_kernels.StepHalf:
         return cpu_kernels.StepHalf(self.plan, (self.norm.weight, self.norm.eps))
+
+    def reads_weights_once(self) -> bool:
+        return self.bf16
 
     @staticmethod
     def fits(attn: MLAttention, cache) -> bool:
@@ -307,7 +314,7 @@ class CapturedDecode:
         # decoding against the op path, machine D, in one process: the default model (cached) 3.5x /
         # 2.0x / 1.5x / 1.25x at 2 / 8 / 12 / 16 concurrent sequences (the op path ahead at 32);
         # Mixtral's shape (streamed from memory) 1.23x / 1.19x / 1.04x at 2 / 4 / 8.
-        one_call = all(type(h) in (_GqaToken, _MoEToken, _DenseToken) for h in self._flat)
+        one_call = all(type(h) in (_GqaToken, _MlaToken, _MoEToken, _DenseToken) for h in self._flat)
         once = all(h.reads_weights_once() for h in self._flat) and isinstance(head_w, torch.Tensor)
         fits = weight_bytes(model)["total"] <= cpu_kernels.last_level_cache_bytes()
         self.max_rows = (cpu_kernels.RouteToken.MAX_ROWS if fits else self.STREAMED_ROWS) if one_call and (

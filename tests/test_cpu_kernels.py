@@ -515,6 +515,45 @@ def test_gqa_token_rows_equal_one_row_calls(qk_norm, bias):
     assert all(torch.equal(a, b) for a, b in zip(kv_rows, kv_one))
 
 
+@pytest.mark.parametrize("q_lora", [0, 32])
+def test_mla_token_rows_equal_one_row_calls(q_lora):
+    # MLA's T rows of one sequence in one call (more than the plan's rows), projections reading their
+    # weights once for all rows: outputs, residual tails and the latent rows written equal those of
+    # T one-row calls made in turn, bit for bit
+    g = torch.Generator().manual_seed(11)
+    D, H, nope, rope, C, v, bs, T, past = 64, 4, 16, 8, 32, 16, 4, 11, 6
+
+    def w(*shape):
+        return torch.randn(*shape, generator=g).bfloat16() / 8
+
+    w_qa, qa_norm = (w(q_lora, D), torch.rand(q_lora, generator=g).bfloat16() + 0.5) if q_lora else (None, None)
+    w_qb, w_kva, w_kvb, w_o = w(H * (nope + rope), q_lora or D), w(C + rope, D), w(H * (nope + v), C), w(D, H * v)
+    kva_norm = torch.rand(C, generator=g).bfloat16() + 0.5
+    cache = torch.randn(8, bs, 1, C + rope, generator=g).bfloat16()
+    table = torch.tensor([5, 2, 7, 0, 3], dtype=torch.int32)
+    pos = torch.arange(past, past + T)
+    slots = torch.stack([table[p // bs].long() * bs + p % bs for p in pos])
+    inv = 1.0 / 10000 ** (torch.arange(0, rope, 2).float() / rope)
+    ang = torch.outer(torch.arange(64).float(), inv)
+    cos, sin = ang.cos().contiguous(), ang.sin().contiguous()
+    x, h = torch.randn(T, D, generator=g).bfloat16(), torch.randn(T, D, generator=g).bfloat16()
+    nw = torch.rand(D, generator=g).bfloat16() + 0.5
+
+    def plan(c):
+        p = cpu_kernels.MlaToken(w_qa, qa_norm, 1e-6, w_qb, w_kva, kva_norm, 1e-6, w_kvb, w_o, H, nope, rope, v, c,
+                                 (nope + rope) ** -0.5)
+        assert p.ok
+        return p
+
+    rows_cache, one_cache = cache.clone(), cache.clone()
+    got = plan(rows_cache)(x, pos, cos, sin, False, table, past + T, slots, (h, nw, 1e-5))
+    p1 = plan(one_cache)
+    one = [p1(x[t:t + 1].contiguous(), pos[t:t + 1], cos, sin, False, table, past + t + 1, slots[t:t + 1].contiguous(),
+              (h[t:t + 1].contiguous(), nw, 1e-5)) for t in range(T)]
+    assert torch.equal(got[0], torch.cat([o[0] for o in one])) and torch.equal(got[1], torch.cat([o[1] for o in one]))
+    assert torch.equal(rows_cache, one_cache)
+
+
 @pytest.mark.parametrize("V,D", [(1000, 64), (333, 70)])
 def test_logits_rows_read_the_head_once_and_equal_one_row_calls(V, D):
     # the LM head of a verify step's rows (more than the plan's rows: a plan's rows at a time): each

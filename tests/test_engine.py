@@ -174,7 +174,7 @@ def test_captured_batch1_step_equals_the_model_forward(family, checkpoint, monke
 
 
 @pytest.mark.parametrize("family,cached", [("default", True), ("default", False), ("mixtral", False),
-                                           ("gpt_oss", False)])
+                                           ("deepseek_v3", False), ("deepseek_v2", True), ("gpt_oss", False)])
 def test_captured_rows_of_several_sequences_equal_one_row_steps(family, cached, checkpoint, monkeypatch):
     # bf16, several sequences decoding together (up to the captured step's rows, all sampled: 16 where
     # the weights stay in the last-level cache, taken 8 at a time by the kernels, else 8) run as the
@@ -182,7 +182,8 @@ def test_captured_rows_of_several_sequences_equal_one_row_steps(family, cached, 
     # sequence's one-row captured step at the same position over the same cache, bit for bit, with
     # contexts of different lengths across block boundaries and sequences joining (those steps run
     # op by op) and leaving; the weights need not fit the last-level cache (bf16: each read once a
-    # step). gpt-oss's experts' biases run op by op: its steps of several rows keep the op path.
+    # step); MLA too (DeepSeek-V2 / V3). gpt-oss's experts' biases run op by op: its steps of
+    # several rows keep the op path.
     import cpu_kernels
     from kvcache.metadata import AttentionMetadata
     from moe.cpu_decode import CapturedDecode

@@ -230,9 +230,9 @@ def test_verify_steps_through_the_captured_rows_keep_plain_decodings_outputs(mon
     _assert_verify_rows_equal(spec, PROMPTS, sp, want, monkeypatch)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss", "qwen2_moe"])
 def test_captured_verify_rows_equal_one_row_steps_on_tiny_families(family, checkpoint, monkeypatch):
-    """The captured verify rows on tiny checkpoints: gpt-oss (sinks, sliding window, a router that
+    """The captured verify rows on tiny checkpoints: DeepSeek-V3 (MLA), gpt-oss (sinks, sliding window, a router that
     softmaxes the top k and so routes row by row, experts with biases and a clamped SwiGLU: the C
     call declines and each row runs op by op, as a one-row step does) and Mixtral give plain
     decoding's outputs (a wrong row position, slot or context length would not; on these tiny
