@@ -48,6 +48,39 @@ static int project_rows(const uint16_t *w, const PackedProj *p, int64_t N, int64
     return moe_gemv_bf16_rows(w, N, K, K, xs, T, bias, ys, nt);
 }
 
+/* An attention half's end for T rows: out = o_proj(o) (o: rows ldo apart, K wide), then each row's
+ * residual tail. Returns 0, -1 without memory. */
+static int out_rows(const uint16_t *w, const PackedProj *p, const uint16_t *bias, int64_t D, int64_t K,
+                    const uint16_t *o, int64_t ldo, int64_t T, uint16_t *out, const uint16_t *resid,
+                    const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
+    if (project_rows(w, p, D, K, o, ldo, T, bias, out, D, nt) != 0) return -1;
+    for (int64_t t = 0; t < T; t++)
+        then_norm(out + t * D, D, resid ? resid + t * D : NULL, nw, neps, h_out ? h_out + t * D : NULL);
+    return 0;
+}
+
+/* An attention half's kernel for up to its plan's rows (gqa_rows, mla_rows), and its calls for T
+ * rows, R at a time: one sequence's rows t .. t + n - 1 end its first len - (T - t - n) tokens. */
+typedef int (*AttnRows)(const void *plan, const uint16_t *x, int64_t T, const int64_t *pos, const float *cos_tab,
+                        const float *sin_tab, int interleaved, const int32_t *table, int32_t len, const int64_t *toff,
+                        const int32_t *lens, const int64_t *slots, uint16_t *out, const uint16_t *resid,
+                        const uint16_t *nw, float neps, uint16_t *h_out, int nt);
+
+static int attn_in_chunks(AttnRows f, const void *plan, int64_t D, int64_t R, const uint16_t *x, int64_t T,
+                          const int64_t *pos, const float *cos_tab, const float *sin_tab, int interleaved,
+                          const int32_t *table, int32_t len, const int64_t *toff, const int32_t *lens,
+                          const int64_t *slots, uint16_t *out, const uint16_t *resid, const uint16_t *nw, float neps,
+                          uint16_t *h_out, int nt) {
+    for (int64_t t = 0; t < T; t += R) {
+        const int64_t n = T - t < R ? T - t : R;
+        if (f(plan, x + t * D, n, pos + t, cos_tab, sin_tab, interleaved, table, len - (int32_t)(T - t - n),
+              toff ? toff + t : NULL, lens ? lens + t : NULL, slots + t, out + t * D, resid ? resid + t * D : NULL,
+              nw, neps, h_out ? h_out + t * D : NULL, nt) != 0)
+            return -1;
+    }
+    return 0;
+}
+
 /* DeepSeek's multi-head latent attention for one decode token (moe.models.mla.MLAttention.forward
  * at T = 1, bf16, no biases, one tensor-parallel rank):
  *   q = q_b(rms(q_a(x)))  (w_qa NULL: q = q_proj(x), w_qb being q_proj)     [H, nope + rope]
@@ -61,10 +94,11 @@ static int project_rows(const uint16_t *w, const PackedProj *p, int64_t N, int64
  * p_qa, p_qb, p_kva, p_o: those projections' packed weights (NULL: the bf16 w_*; W_UK / W_UV stay
  * bf16). scratch: rows x (q_lora + H*(nope+rope) + (C+rope) + H*(C+rope) + H*C + H*v) bf16. Returns 0,
  * -1 without memory. */
-static int mla_rows(const MlaPlan *a, const uint16_t *x, int64_t T, const int64_t *pos, const float *cos_tab,
+static int mla_rows(const void *plan, const uint16_t *x, int64_t T, const int64_t *pos, const float *cos_tab,
                     const float *sin_tab, int interleaved, const int32_t *table, int32_t len, const int64_t *toff,
                     const int32_t *lens, const int64_t *slots, uint16_t *out, const uint16_t *resid,
                     const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
+    const MlaPlan *a = plan;
     const int64_t D = a->D, q_lora = a->q_lora, H = a->H, nope = a->nope, rope = a->rope, C = a->C, v = a->v;
     const int64_t c_sblock = a->c_sblock, c_sslot = a->c_sslot;
     const uint16_t *w_kvb = a->w_kvb;
@@ -98,10 +132,7 @@ static int mla_rows(const MlaPlan *a, const uint16_t *x, int64_t T, const int64_
                          L, a->block_size, table_t, 0, &len_t, NULL, 0, NULL, a->scale, nt);
         moe_heads_vec(olat_t, C, w_kvb + nope * C, (nope + v) * C, C, v, C, H, 1, o + t * S, v, nt);
     }
-    if (project_rows(a->w_o, a->p_o, D, H * v, o, S, T, NULL, out, D, nt) != 0) return -1;
-    for (int64_t t = 0; t < T; t++)
-        then_norm(out + t * D, D, resid ? resid + t * D : NULL, nw, neps, h_out ? h_out + t * D : NULL);
-    return 0;
+    return out_rows(a->w_o, a->p_o, NULL, D, H * v, o, S, T, out, resid, nw, neps, h_out, nt);
 }
 
 /* T rows as gqa_rows takes them (below: one sequence's, or with toff several sequences'), a->rows at
@@ -111,15 +142,8 @@ int moe_mla_token(const MlaPlan *a, const uint16_t *x, int64_t T, const int64_t 
                   const float *sin_tab, int interleaved, const int32_t *table, int32_t len, const int64_t *toff,
                   const int32_t *lens, const int64_t *slots, uint16_t *out, const uint16_t *resid, const uint16_t *nw,
                   float neps, uint16_t *h_out, int nt) {
-    const int64_t D = a->D, R = a->rows;
-    for (int64_t t = 0; t < T; t += R) {
-        const int64_t n = T - t < R ? T - t : R;
-        if (mla_rows(a, x + t * D, n, pos + t, cos_tab, sin_tab, interleaved, table, len - (int32_t)(T - t - n),
-                     toff ? toff + t : NULL, lens ? lens + t : NULL, slots + t, out + t * D,
-                     resid ? resid + t * D : NULL, nw, neps, h_out ? h_out + t * D : NULL, nt) != 0)
-            return -1;
-    }
-    return 0;
+    return attn_in_chunks(mla_rows, a, a->D, a->rows, x, T, pos, cos_tab, sin_tab, interleaved, table, len, toff, lens,
+                          slots, out, resid, nw, neps, h_out, nt);
 }
 
 /* Grouped-query attention for one decode token (moe.models.layers.Attention.forward at T = 1,
@@ -140,10 +164,11 @@ int moe_mla_token(const MlaPlan *a, const uint16_t *x, int64_t T, const int64_t 
  * resid, h_out: T rows of D.
  * Returns 0, -1 without memory (nothing written then at one row; at T rows earlier rows' K/V may be
  * written: the caller's op path writes them again). */
-static int gqa_rows(const GqaPlan *a, const uint16_t *x, int64_t T, const int64_t *pos, const float *cos_tab,
+static int gqa_rows(const void *plan, const uint16_t *x, int64_t T, const int64_t *pos, const float *cos_tab,
                     const float *sin_tab, int interleaved, const int32_t *table, int32_t len, const int64_t *toff,
                     const int32_t *lens, const int64_t *slots, uint16_t *out, const uint16_t *resid,
                     const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
+    const GqaPlan *a = plan;
     const int64_t D = a->D, H = a->H, Hkv = a->Hkv, hd = a->hd, S = (2 * H + 2 * Hkv) * hd;
     const float eps = a->eps;
     uint16_t *k_cache = a->k_cache, *v_cache = a->v_cache;
@@ -170,23 +195,13 @@ static int gqa_rows(const GqaPlan *a, const uint16_t *x, int64_t T, const int64_
                          a->sinks, a->scale, nt);
     }
     const int64_t o_at = (H + 2 * Hkv) * hd;
-    if (project_rows(a->w_o, a->p_o, D, H * hd, a->scratch + o_at, S, T, a->b_o, out, D, nt) != 0) return -1;
-    for (int64_t t = 0; t < T; t++)
-        then_norm(out + t * D, D, resid ? resid + t * D : NULL, nw, neps, h_out ? h_out + t * D : NULL);
-    return 0;
+    return out_rows(a->w_o, a->p_o, a->b_o, D, H * hd, a->scratch + o_at, S, T, out, resid, nw, neps, h_out, nt);
 }
 
 int moe_gqa_token(const GqaPlan *a, const uint16_t *x, int64_t T, const int64_t *pos, const float *cos_tab,
                   const float *sin_tab, int interleaved, const int32_t *table, int32_t len, const int64_t *toff,
                   const int32_t *lens, const int64_t *slots, uint16_t *out, const uint16_t *resid, const uint16_t *nw,
                   float neps, uint16_t *h_out, int nt) {
-    const int64_t D = a->D, R = a->rows;
-    for (int64_t t = 0; t < T; t += R) { /* one sequence: rows t .. t + n - 1 end its first len - (T - t - n) */
-        const int64_t n = T - t < R ? T - t : R;
-        if (gqa_rows(a, x + t * D, n, pos + t, cos_tab, sin_tab, interleaved, table, len - (int32_t)(T - t - n),
-                     toff ? toff + t : NULL, lens ? lens + t : NULL, slots + t, out + t * D,
-                     resid ? resid + t * D : NULL, nw, neps, h_out ? h_out + t * D : NULL, nt) != 0)
-            return -1;
-    }
-    return 0;
+    return attn_in_chunks(gqa_rows, a, a->D, a->rows, x, T, pos, cos_tab, sin_tab, interleaved, table, len, toff, lens,
+                          slots, out, resid, nw, neps, h_out, nt);
 }

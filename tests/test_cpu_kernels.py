@@ -478,6 +478,16 @@ def test_moe_token_rows_read_once_equal_one_row_calls(D, F, Fs):
     assert cpu_kernels.MoeToken(w13, w2)(torch.randn(2, D).bfloat16(), bad, torch.ones(2, 2)) is None
 
 
+def _rows_of_one_sequence(past: int, T: int, bs: int, rot_dim: int):
+    """A sequence's blocks, the positions and slots of its T rows after ``past`` cached tokens, and
+    rotary tables (float32, 64 positions) for ``rot_dim`` rotated dims."""
+    table = torch.tensor([5, 2, 7, 0, 3], dtype=torch.int32)
+    pos = torch.arange(past, past + T)
+    slots = torch.stack([table[p // bs].long() * bs + p % bs for p in pos])
+    ang = torch.outer(torch.arange(64).float(), 1.0 / 10000 ** (torch.arange(0, rot_dim, 2).float() / rot_dim))
+    return table, pos, slots, ang.cos().contiguous(), ang.sin().contiguous()
+
+
 @pytest.mark.parametrize("qk_norm,bias", [(None, False), ("head", True)])
 def test_gqa_token_rows_equal_one_row_calls(qk_norm, bias):
     # a verify step's T rows of one sequence in one call (more than the plan's rows: a plan's rows at
@@ -491,12 +501,7 @@ def test_gqa_token_rows_equal_one_row_calls(qk_norm, bias):
     norms = (torch.rand(hd, generator=g).bfloat16() + 0.5, torch.rand(hd, generator=g).bfloat16() + 0.5) \
         if qk_norm else (None, None)
     caches = [torch.randn(8, bs, Hkv, hd, generator=g).bfloat16() for _ in range(2)]
-    table = torch.tensor([5, 2, 7, 0, 3], dtype=torch.int32)
-    pos = torch.arange(past, past + T)
-    slots = torch.stack([table[p // bs].long() * bs + p % bs for p in pos])
-    inv = 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd)
-    ang = torch.outer(torch.arange(64).float(), inv)
-    cos, sin = ang.cos().contiguous(), ang.sin().contiguous()
+    table, pos, slots, cos, sin = _rows_of_one_sequence(past, T, bs, hd)
     x, h = torch.randn(T, D, generator=g).bfloat16(), torch.randn(T, D, generator=g).bfloat16()
     nw = torch.rand(D, generator=g).bfloat16() + 0.5
 
@@ -530,12 +535,7 @@ def test_mla_token_rows_equal_one_row_calls(q_lora):
     w_qb, w_kva, w_kvb, w_o = w(H * (nope + rope), q_lora or D), w(C + rope, D), w(H * (nope + v), C), w(D, H * v)
     kva_norm = torch.rand(C, generator=g).bfloat16() + 0.5
     cache = torch.randn(8, bs, 1, C + rope, generator=g).bfloat16()
-    table = torch.tensor([5, 2, 7, 0, 3], dtype=torch.int32)
-    pos = torch.arange(past, past + T)
-    slots = torch.stack([table[p // bs].long() * bs + p % bs for p in pos])
-    inv = 1.0 / 10000 ** (torch.arange(0, rope, 2).float() / rope)
-    ang = torch.outer(torch.arange(64).float(), inv)
-    cos, sin = ang.cos().contiguous(), ang.sin().contiguous()
+    table, pos, slots, cos, sin = _rows_of_one_sequence(past, T, bs, rope)
     x, h = torch.randn(T, D, generator=g).bfloat16(), torch.randn(T, D, generator=g).bfloat16()
     nw = torch.rand(D, generator=g).bfloat16() + 0.5
 
