@@ -230,6 +230,13 @@ class LLMEngine:
         self._quiet = [n, quiet]  # (none after any other choice: the next step asks again)
         return probe
 
+    def _asked_k(self, source: str) -> int | None:
+        """The K the step asked ``source`` (a proposer's ``source``) for."""
+        for p in (self.proposer, self._lookup):
+            if p is not None and p.source == source:
+                return p.k
+        return None
+
     def kv_bytes_per_token(self) -> int:
         """KV cache bytes per token: the target's, plus the drafter's (its cache has the same blocks)."""
         own = sum(s.bytes_per_token(self.dtype, self.kv_fp8) for s in self.model.kv_cache_spec())
@@ -450,7 +457,7 @@ class LLMEngine:
             accepted = max(len(samples) - 1, 0) if s.draft else 0
             self._spec_stats.record(len(s.draft), accepted)
             if self.spec_cost is not None and s.draft:
-                self.spec_cost.observe_acceptance(len(s.draft), accepted, s.draft_source)
+                self.spec_cost.observe_acceptance(len(s.draft), accepted, s.draft_source, self._asked_k(s.draft_source))
             seq.num_computed_tokens += s.num_new_tokens - len(s.draft) + accepted
             if seq.wants_prompt_logprobs:
                 if not seq.prompt_logprobs:

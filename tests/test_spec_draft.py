@@ -330,6 +330,23 @@ def test_the_engine_skips_asking_only_while_plain_decoding_stands():
     assert prop.k == 0 and calls == [1, 1, 0, 1]
 
 
+def test_cost_model_counts_a_lookups_short_drafts():
+    # a lookup asked for 3 tokens that finds 1 (its continuation ends) half the time and all 3 the
+    # other half, every drafted token accepted: its drafts yield 1 + (1 + .5 + .5) = 3 tokens, not
+    # the 4 of three-token drafts; a drafter's full drafts (asked = length) keep E(K) = 1 + K
+    m = SpecCostModel(max_k=3)
+    for _ in range(10):
+        m.observe_acceptance(1, 1, "lookup", asked=3)
+        m.observe_acceptance(3, 3, "lookup", asked=3)
+        m.observe_acceptance(3, 3, "model")
+    assert [m.length_share(j, "lookup") for j in range(3)] == [1.0, 0.5, 0.5]
+    assert m.expected_tokens(3, "lookup") == pytest.approx(3.0) and m.expected_tokens(1, "lookup") == 2.0
+    assert m.expected_tokens(3, "model") == 4.0
+    # drafts asked for 1 token say nothing about positions past it
+    m.observe_acceptance(1, 1, "model", asked=1)
+    assert m.length_share(1, "model") == 1.0
+
+
 def test_cost_model_picks_k_from_costs_and_acceptance():
     m = SpecCostModel(max_k=4, probe_every=8)
     assert m.choose_k(1) == 4  # unmeasured: the ends first
@@ -677,7 +694,14 @@ def test_engine_tells_cost_control_which_sequences_each_source_drafted_for(check
         told.append((len(ran), source, asked, drafted, tokens))
         orig_told(source, asked, drafted, tokens, k)
 
+    verified, orig_acc = [], e.spec_cost.observe_acceptance
+
+    def observe_acceptance(draft_len, accepted, source, asked=None):  # each draft against the K it was asked for
+        verified.append((source, draft_len, asked))
+        orig_acc(draft_len, accepted, source, asked)
+
     e.runner.run, e.spec_cost.observe_drafting = run, observe_drafting
+    e.spec_cost.observe_acceptance = observe_acceptance
     e.spec_cost.choose_k = lambda batch_size, source="model": 3  # both sources asked at every step
     for p in prompts:
         e.add_request(p, sp)
@@ -689,6 +713,11 @@ def test_engine_tells_cost_control_which_sequences_each_source_drafted_for(check
         assert (asked, drafted, tokens) == (num_decoding, len(mine), sum(mine)), (step, source)
         checked += 1
     assert checked and {src for _, src, _, d, _ in told if d} == {"lookup", "model"}
+    assert verified and all(asked == 3 and 0 < n <= 3 for _, n, asked in verified)
+    for src in ("lookup", "model"):
+        mine = [n for s, n, _ in verified if s == src]
+        assert e.spec_cost._asked_at[src] == [len(mine)] * 3
+        assert e.spec_cost._long_at[src] == [sum(n > j for n in mine) for j in range(3)]
 
 
 @pytest.mark.parametrize("spec, match", [
