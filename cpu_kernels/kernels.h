@@ -92,7 +92,7 @@ typedef struct {
 } MoePlan;
 
 typedef struct {
-    int64_t D, F, E, fmt, gs, bn, eq13, es13, G13, eq2, es2, G2, Fs;
+    int64_t D, F, E, fmt, gs, bn, eq13, es13, G13, eq2, es2, G2, Fs, rows; /* rows: a call's rows at a time (<= 8) */
     const float *lut;
     const char *q13;
     const float *s13, *b13;

@@ -838,17 +838,72 @@ static int qx_moe_row(const uint16_t *x, int64_t D, int64_t F, int64_t K, const 
     return 0;
 }
 
-/* qx_moe_row for T rows one after another (ids, wts: T rows of K; x, out, resid, h_out: T rows of D), with
- * the plan's packed experts, shared expert and scratch. */
+/* qx_moe_row for T <= 8 rows at once (T > 1: a verify step's rows or several sequences'): the rows'
+ * experts in ascending id order, each expert's rows back to back, so its codes come from memory once
+ * and from the caches for the rows after the first (a packed expert is a few MB); every product,
+ * rounding and combine step of a row is qx_moe_row's, so each row's result is its, bit for bit.
+ * scratch: fscratch 2 max(D, F) + T D float32 (the rows' sums), hscratch as qx_moe_row's. */
+static int qx_moe_rows(const QxMoePlan *a, const uint16_t *x, int64_t T, int64_t K, const int64_t *ids,
+                       const float *wts, uint16_t *out, const uint16_t *resid, const uint16_t *nw, float neps,
+                       uint16_t *h_out, int nt) {
+    const int64_t D = a->D, F = a->F, Fs = a->Fs, E = a->E;
+    const int fmt = (int)a->fmt;
+    if (T == 1)
+        return qx_moe_row(x, D, F, K, ids, wts, E, fmt, a->lut, a->gs, a->bn, a->q13, a->eq13, a->s13, a->b13, a->es13,
+                          a->G13, a->q2, a->eq2, a->s2, a->b2, a->es2, a->G2, a->sh13, a->sh2, Fs, out, a->fscratch,
+                          a->hscratch, resid, nw, neps, h_out, nt);
+    int64_t id[8][64], cur[8] = {0};
+    float w[8][64];
+    for (int64_t t = 0; t < T; t++)
+        if (sort_experts(ids + t * K, wts + t * K, K, E, id[t], w[t]) != 0) return -2;
+    const int64_t DF = D > F ? D : F, Fm = Fs > F ? Fs : F;
+    float *xf = a->fscratch, *af = xf + DF, *acc = af + DF; /* acc: T rows of D */
+    uint16_t *h = a->hscratch, *act = h + 2 * F, *y = h + 3 * Fm, *sh = y + D;
+    for (;;) { /* the rows' sorted lists merged: the next smallest id, then each row at it */
+        int64_t e = -1;
+        for (int64_t t = 0; t < T; t++)
+            if (cur[t] < K && (e < 0 || id[t][cur[t]] < e)) e = id[t][cur[t]];
+        if (e < 0) break;
+        for (int64_t t = 0; t < T; t++) {
+            if (cur[t] >= K || id[t][cur[t]] != e) continue;
+            const int64_t place = cur[t]++;
+            const float wt = w[t][place];
+            for (int64_t i = 0; i < D; i++) xf[i] = bf16_to_f32(x[t * D + i]);
+            if (qgemv(xf, D, a->q13 + e * a->eq13, fmt, a->lut, a->s13 + e * a->es13,
+                      a->b13 ? a->b13 + e * a->es13 : NULL, a->G13, a->gs, a->bn, 2 * F, h, nt) != 0)
+                return -1;
+            moe_silu_mul(h, h + F, act, BF16, 1, 1, F, 0, 0, 0, 0, 0, 0, 1);
+            for (int64_t k = 0; k < F; k++) af[k] = bf16_to_f32(act[k]);
+            if (qgemv(af, F, a->q2 + e * a->eq2, fmt, a->lut, a->s2 + e * a->es2, a->b2 ? a->b2 + e * a->es2 : NULL,
+                      a->G2, a->gs, a->bn, D, y, nt) != 0)
+                return -1;
+            float *acc_t = acc + t * D;
+            for (int64_t d = 0; d < D; d++) {
+                const float v = bf16_to_f32(f32_to_bf16(bf16_to_f32(y[d]) * wt));
+                if (place == 0) acc_t[d] = v;
+                else if (K == 2) acc_t[d] = bf16_to_f32(f32_to_bf16(acc_t[d] + v));
+                else acc_t[d] += v;
+            }
+        }
+    }
+    for (int64_t t = 0; t < T; t++) {
+        uint16_t *out_t = out + t * D;
+        for (int64_t d = 0; d < D; d++) out_t[d] = f32_to_bf16(acc[t * D + d]);
+        if (a->sh13 && add_shared_expert(x + t * D, D, a->sh13, a->sh2, Fs, out_t, sh, h, xf, nt) != 0) return -1;
+        then_norm(out_t, D, resid ? resid + t * D : NULL, nw, neps, h_out ? h_out + t * D : NULL);
+    }
+    return 0;
+}
+
+/* qx_moe_row for T rows (ids, wts: T rows of K; x, out, resid, h_out: T rows of D), a->rows (<= 8)
+ * at a time through qx_moe_rows, with the plan's packed experts, shared expert and scratch. */
 int moe_qx_moe_token(const QxMoePlan *a, const uint16_t *x, int64_t T, int64_t K, const int64_t *ids,
                      const float *wts, uint16_t *out, const uint16_t *resid, const uint16_t *nw, float neps,
                      uint16_t *h_out, int nt) {
-    const int64_t D = a->D;
-    for (int64_t t = 0; t < T; t++) {
-        const int rc = qx_moe_row(x + t * D, D, a->F, K, ids + t * K, wts + t * K, a->E, (int)a->fmt, a->lut, a->gs,
-                                  a->bn, a->q13, a->eq13, a->s13, a->b13, a->es13, a->G13, a->q2, a->eq2, a->s2, a->b2,
-                                  a->es2, a->G2, a->sh13, a->sh2, a->Fs, out + t * D, a->fscratch, a->hscratch,
-                                  resid ? resid + t * D : NULL, nw, neps, h_out ? h_out + t * D : NULL, nt);
+    const int64_t D = a->D, R = a->rows;
+    for (int64_t t = 0; t < T; t += R) {
+        const int rc = qx_moe_rows(a, x + t * D, T - t < R ? T - t : R, K, ids + t * K, wts + t * K, out + t * D,
+                                   resid ? resid + t * D : NULL, nw, neps, h_out ? h_out + t * D : NULL, nt);
         if (rc != 0) return rc;
     }
     return 0;

@@ -12,7 +12,7 @@ import ctypes
 import torch
 
 from .build import DTYPES, address, c_struct, declare, load
-from .gemv import Outputs, Residual, moe_token_args, output, shared_args
+from .gemv import PLAN_ROWS, Outputs, Residual, moe_token_args, output, shared_args
 
 _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 declare({
@@ -24,7 +24,7 @@ declare({
     # (plan, x, T, K, ids, weights, out, resid, norm weight, eps, h_out, threads)
     "moe_qx_moe_token": [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _f32, _ptr, _int],
 })
-QxMoePlanC = c_struct("QxMoePlan", "D F E fmt gs bn eq13 es13 G13 eq2 es2 G2 Fs: i64; "
+QxMoePlanC = c_struct("QxMoePlan", "D F E fmt gs bn eq13 es13 G13 eq2 es2 G2 Fs rows: i64; "
                                    "lut q13 s13 b13 q2 s2 b2 sh13 sh2 fscratch hscratch: ptr")
 
 Q_INT8, Q_FP8 = 0, 1  # 8-bit weight codes: int8, or fp8 e4m3 bits (value * 2^-8; see quant.c)
@@ -167,8 +167,9 @@ class QuantMoeToken:
     """:func:`quant_moe_token` with its experts (and shared expert) checked once, as a captured
     batch-1 step calls it every layer and token: ``plan(x_1D, ids_K, weights_K, residual, into)``
     checks only what changes per call (``into``: :class:`Outputs` to write to; ``x [T, D]`` with
-    ``ids`` / ``weights [T, K]``: T rows, each as one). ``plan.ok`` is False where the kernel does
-    not apply to these weights (then every call returns None)."""
+    ``ids`` / ``weights [T, K]``: T rows, each as one, each expert's rows back to back so that its
+    codes come from memory once). ``plan.ok`` is False where the kernel does not apply to these
+    weights (then every call returns None)."""
 
     def __init__(self, fmt: int, lut: torch.Tensor | None, gs: int, bn: int,
                  w13: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
@@ -185,13 +186,13 @@ class QuantMoeToken:
             return
         self.Fs, sh = sa
         (q13, s13, b13), (q2, s2, b2) = w13, w2
-        # the call's scratch (float sums, bf16 activations), reused by every call
-        fs = torch.empty(2 * max(self.D, self.F) + self.D, dtype=torch.float32)
+        # the call's scratch (float sums of PLAN_ROWS rows, bf16 activations), reused by every call
+        fs = torch.empty(2 * max(self.D, self.F) + PLAN_ROWS * self.D, dtype=torch.float32)
         hs = torch.empty(3 * max(self.F, self.Fs) + 2 * self.D, dtype=torch.bfloat16)
         self._keep = (w13, w2, shared, lut, fs, hs)  # the pointers below stay valid while the plan lives
         self.c = QxMoePlanC(self.D, self.F, E, fmt, gs, bn, q13.stride(0), s13.stride(0), s13.shape[-1], q2.stride(0),
-                            s2.stride(0), s2.shape[-1], self.Fs, address(lut), address(q13), address(s13), address(b13),
-                            address(q2), address(s2), address(b2), *sh, address(fs), address(hs))
+                            s2.stride(0), s2.shape[-1], self.Fs, PLAN_ROWS, address(lut), address(q13), address(s13),
+                            address(b13), address(q2), address(s2), address(b2), *sh, address(fs), address(hs))
         self.ref = address(self.c)  # what the C calls take (moe_decode_step too)
         self.ok = True
 

@@ -25,11 +25,12 @@ a call that declines at run time (returns None, nothing written) is followed by 
 that half alone. :class:`moe.model_runner.ModelRunner` runs the captured step for a step of one
 sequence and one token, and for a step of up to ``max_rows`` rows that are all sampled (decode
 tokens of several sequences, verify steps' tokens and drafts: :func:`step_rows` says where each row
-attends) where every half is one call and the weights are bf16 (or fit in the last-level cache):
-each row is computed as a one-token step of its sequence computes it (so greedy speculative decoding
-yields plain decoding's tokens in bf16 too, and a sequence's tokens do not depend on the batch it
-decodes in), with each bf16 weight read once for all rows (the kernels' multi-row GEMVs, each
-expert once for the rows that chose it); every other step runs ``MoECausalLM.forward``.
+attends) where every half is one call: each row is computed as a one-token step of its sequence
+computes it (so greedy speculative decoding yields plain decoding's tokens in bf16 too, and a
+sequence's tokens do not depend on the batch it decodes in), with each weight read from memory once
+for all rows (bf16 weights through the kernels' multi-row GEMVs, each expert once for the rows that
+chose it; packed weights a row after another, back to back); every other step runs
+``MoECausalLM.forward``.
 """
 from __future__ import annotations
 
@@ -81,11 +82,6 @@ class _OpsAttention:
         """This half for :class:`cpu_kernels.DecodeStep` (None: run here, op by op)."""
         return None
 
-    def reads_weights_once(self) -> bool:
-        """Whether its one call at a verify step's rows reads its weights once for all of them (bf16
-        weights: the kernels' multi-row GEMVs), not once per row."""
-        return False
-
 
 def _one_row_weight(layer: torch.nn.Module) -> torch.Tensor | tuple | None:
     """What a one-call kernel reads for ``layer``'s weight: the bf16 tensor, or a packed weight's
@@ -108,10 +104,6 @@ class _GqaToken(_OpsAttention):
                                          attn.sliding_window, attn.sinks, attn.scale, _one_row_weight(attn.o_proj),
                                          attn.o_proj.bias)
         self.rotary = attn.rotary
-        self.bf16 = all(isinstance(_one_row_weight(p), torch.Tensor) for p in (attn.qkv_proj, attn.o_proj))
-
-    def reads_weights_once(self) -> bool:
-        return self.bf16
 
     def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
                  ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,10 +134,6 @@ class _MlaToken(_OpsAttention):
         q_a = (_one_row_weight(attn.q_a_proj), attn.q_a_layernorm.weight, attn.q_a_layernorm.eps,
                _one_row_weight(attn.q_b_proj)) if attn.q_lora else (None, None, 0.0, _one_row_weight(attn.q_proj))
         # the weights, norms and cache checked once; a call passes what changes per step
-        projs = [attn.q_a_proj, attn.q_b_proj] if attn.q_lora else [attn.q_proj]
-        # (its projections read once for a step's rows; the absorbed kv_b_proj, a few MB, once a row)
-        self.bf16 = all(isinstance(_one_row_weight(p), torch.Tensor)
-                        for p in projs + [attn.kv_a_proj_with_mqa, attn.o_proj])
         self.plan = cpu_kernels.MlaToken(*q_a, _one_row_weight(attn.kv_a_proj_with_mqa), attn.kv_a_layernorm.weight,
                                          attn.kv_a_layernorm.eps, attn.kv_b_proj.weight, _one_row_weight(attn.o_proj),
                                          attn.num_heads, attn.nope, attn.rope_dim, attn.v_dim, cache, attn.scale)
@@ -161,9 +149,6 @@ class _MlaToken(_OpsAttention):
 
     def step_half(self, rows: int) -> cpu_kernels.StepHalf:
         return cpu_kernels.StepHalf(self.plan, (self.norm.weight, self.norm.eps))
-
-    def reads_weights_once(self) -> bool:
-        return self.bf16
 
     @staticmethod
     def fits(attn: MLAttention, cache) -> bool:
@@ -189,11 +174,6 @@ class _OpsMlp:
         """This half for :class:`cpu_kernels.DecodeStep` (None: run here, op by op)."""
         return None
 
-    def reads_weights_once(self) -> bool:
-        """Whether its one call at a verify step's rows reads its weights once for all of them (bf16
-        weights: the kernels' multi-row GEMVs), not once per row."""
-        return False
-
 
 class _DenseToken(_OpsMlp):
     """A dense MLP + residual add + norm in one :class:`cpu_kernels.MoeToken` call: the MLP as the
@@ -213,9 +193,6 @@ class _DenseToken(_OpsMlp):
     def step_half(self, rows: int) -> cpu_kernels.StepHalf:
         return cpu_kernels.StepHalf(self.plan, (self.norm.weight, self.norm.eps), ids=_ID_0.expand(rows, 1),
                                     weights=_WEIGHT_1.expand(rows, 1))
-
-    def reads_weights_once(self) -> bool:
-        return True
 
     @staticmethod
     def fits(mlp: DenseMLP) -> bool:
@@ -273,8 +250,10 @@ class _MoEToken(_OpsMlp):
             return None
         return cpu_kernels.StepHalf(plan, (self.norm.weight, self.norm.eps), route=self.router)
 
-    def reads_weights_once(self) -> bool:
-        return isinstance(self.mlp.experts.token_plan(self.shared), cpu_kernels.MoeToken)
+    def experts_plan(self) -> cpu_kernels.MoeToken | cpu_kernels.QuantMoeToken | None:
+        """Its experts' one call (bf16 or packed), or None (experts with biases or another activation:
+        op by op, a row at a time)."""
+        return self.mlp.experts.token_plan(self.shared)
 
     def count(self, T: int, ctx: ForwardContext) -> None:
         """Count the experts the router plan chose for a step of T rows the C loop ran."""
@@ -293,7 +272,7 @@ class CapturedDecode:
     ``T <= max_rows`` rows ending their sequences (decode tokens of several sequences, verify steps'
     tokens and drafts), each row computed as a one-token step at its position computes it."""
 
-    STREAMED_ROWS = 8  # rows a step takes where the weights stream from memory (see __init__)
+    STREAMED_ROWS = 8  # rows a step takes where bf16 experts stream from memory (see __init__)
 
     def __init__(self, model: MoECausalLM, halves: list[tuple[Half, Half]], head: torch.nn.Module | None = None,
                  embeds: bool = True):
@@ -305,20 +284,25 @@ class CapturedDecode:
         head_w = _one_row_weight(head) if plain and head.per_rank == head.vocab else None
         # Steps of several rows (verify rows, several sequences' tokens) run here where every half is
         # one call (an op-by-op half at T rows computes otherwise than at one), each row as a one-token
-        # step computes it. With bf16 weights every call reads its weights once for all rows (the
-        # kernels' multi-row GEMVs; each expert once for the rows that chose it); packed weights are
-        # read once a row, which pays only where they stay in the last-level cache (a small model,
-        # whose op path at a few rows is bound by Python, ~4x a one-row step's time); a larger packed
-        # model's op path reads the rows' experts once. How many rows: the multi-row GEMV's products
-        # are vdpbf16ps dot products (no tiles), so past a few rows the op path's tile GEMMs win: plain
-        # decoding against the op path, machine D, in one process: the default model (cached) 3.5x /
-        # 2.0x / 1.5x / 1.25x at 2 / 8 / 12 / 16 concurrent sequences (the op path ahead at 32);
-        # Mixtral's shape (streamed from memory) 1.23x / 1.19x / 1.04x at 2 / 4 / 8.
+        # step computes it, each weight read from memory once for all rows: bf16 weights through the
+        # kernels' multi-row GEMVs (each expert once for the rows that chose it), packed ones a row
+        # after another, back to back, so the rows after the first find them in the caches (the LM head
+        # too), where the experts and LM head have their one call; otherwise only where the model fits
+        # the last-level cache (those halves then take the rows one at a time). How many
+        # rows: the multi-row GEMV's products are vdpbf16ps dot products (no tiles), so past a few rows
+        # the op path's tile GEMMs win where bf16 weights stream from memory. Plain decoding against the
+        # op path, machine D, in one process: the default model (bf16, cached) 3.5x / 2.0x / 1.5x /
+        # 1.25x at 2 / 8 / 12 / 16 concurrent sequences (the op path ahead at 32); Mixtral's shape in
+        # bf16 (streamed) 1.23x / 1.19x / 1.04x at 2 / 4 / 8; in int4 (`--all-linear --activations
+        # int8`, packed experts streamed) 2.7x / 2.1x / 1.7x / 1.9x at 2 / 4 / 8 / 16.
         one_call = all(type(h) in (_GqaToken, _MlaToken, _MoEToken, _DenseToken) for h in self._flat)
-        once = all(h.reads_weights_once() for h in self._flat) and isinstance(head_w, torch.Tensor)
         fits = weight_bytes(model)["total"] <= cpu_kernels.last_level_cache_bytes()
-        self.max_rows = (cpu_kernels.RouteToken.MAX_ROWS if fits else self.STREAMED_ROWS) if one_call and (
-            once or fits) else 1
+        experts = [h.experts_plan() for h in self._flat if isinstance(h, _MoEToken)]
+        packed = any(isinstance(p, cpu_kernels.QuantMoeToken) for p in experts)
+        if not one_call or not (fits or (head_w is not None and all(p is not None for p in experts))):
+            self.max_rows = 1
+        else:
+            self.max_rows = cpu_kernels.RouteToken.MAX_ROWS if fits or packed else self.STREAMED_ROWS
         # The one-call halves run from one C loop (cpu_kernels.DecodeStep): between two of them no
         # Python op runs, whose cost after each weight stream (cold caches) was ~0.5 ms a step on
         # Mixtral's shape. The loop hands a half back here where it is an op-by-op one, a router

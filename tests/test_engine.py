@@ -174,8 +174,9 @@ def test_captured_batch1_step_equals_the_model_forward(family, checkpoint, monke
 
 
 @pytest.mark.parametrize("family,cached", [("default", True), ("default", False), ("mixtral", False),
-                                           ("deepseek_v3", False), ("deepseek_v2", True), ("gpt_oss", False)])
-def test_captured_rows_of_several_sequences_equal_one_row_steps(family, cached, checkpoint, monkeypatch):
+                                           ("deepseek_v3", False), ("deepseek_v2", True), ("gpt_oss", False),
+                                           ("mixtral-int4", False), ("mixtral-int8", False)])
+def test_captured_rows_of_several_sequences_equal_one_row_steps(family, cached, checkpoint, monkeypatch, tmp_path):
     # bf16, several sequences decoding together (up to the captured step's rows, all sampled: 16 where
     # the weights stay in the last-level cache, taken 8 at a time by the kernels, else 8) run as the
     # captured step, weights read once for all rows: each row's hidden state equals that
@@ -192,10 +193,20 @@ def test_captured_rows_of_several_sequences_equal_one_row_steps(family, cached, 
     if cpu_kernels.load() is None:
         pytest.skip("the C kernels are not built here (no compiler): no captured step")
     monkeypatch.setattr(cpu_kernels, "last_level_cache_bytes", lambda: 1 << 40 if cached else 0)
-    path = None if family == "default" else str(checkpoint(family))
+    packed = "-" in family  # experts and projections packed (`moe quantize --all-linear`): their rows back to back
+    if packed:
+        from experts.formats import Int4Weights, Int8Weights
+        from test_quant_all_linear import quantize_all_linear
+
+        name, fmt = family.split("-")
+        path = str(tmp_path / family)
+        quantize_all_linear(checkpoint(name), tmp_path / family,
+                            Int4Weights(32, symmetric=False) if fmt == "int4" else Int8Weights(32, symmetric=False))
+    else:
+        path = None if family == "default" else str(checkpoint(family))
     llm = LLM(path, dtype="bfloat16", block_size=4, enable_prefix_caching=False, max_num_seqs=16)
     runner = llm.engine.runner
-    assert runner.captured.max_rows == (1 if family == "gpt_oss" else 16 if cached else 8)
+    assert runner.captured.max_rows == (1 if family == "gpt_oss" else 16 if cached or packed else 8)
     real, checked, seqs = CapturedDecode.__call__, [], [0]
 
     def call(self, ids, pos, ctx):
@@ -219,7 +230,7 @@ def test_captured_rows_of_several_sequences_equal_one_row_steps(family, cached, 
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (9, 14, 6, 11, 8, 13, 10) * 2]
     _run_engine(llm, prompts, params)
     assert (len(checked) > 20) == (family != "gpt_oss")
-    assert (max(seqs) > 8) == cached
+    assert (max(seqs) > 8) == (cached or packed)
 
 
 @pytest.mark.parametrize("family,dims,calls", [

@@ -421,13 +421,16 @@ def test_one_token_in_one_call_equals_dispatch_experts_combine(fmt, k, monkeypat
     ops = d.combine(layer(x_RD, counts), meta)
     shared = cpu_kernels.expert_token(x[0], [sh13], [sh2], [1.0])  # the shared expert's one-call path
     assert torch.equal(fast, ops) and torch.equal(fast_shared, ops + shared)
-    # a verify step's rows in one call, with the residual add and norm: each row as a one-row call
-    xs, hs = torch.randn(3, D, generator=g).bfloat16(), torch.randn(3, D, generator=g).bfloat16()
-    ids3 = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(3)])
-    w3 = torch.softmax(torch.randn(3, k, generator=g), -1)
+    # a step's rows in one call (more than a plan takes at once: 8 at a time, each expert's rows back
+    # to back), with the residual add and norm: each row as a one-row call, bit for bit
+    T = 11
+    xs, hs = torch.randn(T, D, generator=g).bfloat16(), torch.randn(T, D, generator=g).bfloat16()
+    ids3 = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    ids3[1] = ids3[0]  # rows sharing all their experts, and others some or none
+    w3 = torch.softmax(torch.randn(T, k, generator=g), -1)
     nw = (1 + torch.randn(D, generator=g) / 8).bfloat16()
     h_rows, y_rows = layer.forward_token(xs, ids3, w3, (sh13, sh2), residual=(hs, nw, 1e-5))
-    for t in range(3):
+    for t in range(T):
         h_t, y_t = layer.forward_token(xs[t:t + 1], ids3[t], w3[t], (sh13, sh2), residual=(hs[t:t + 1], nw, 1e-5))
         assert torch.equal(h_rows[t:t + 1], h_t) and torch.equal(y_rows[t:t + 1], y_t)
 

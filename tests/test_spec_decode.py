@@ -257,10 +257,10 @@ def test_captured_verify_rows_equal_one_row_steps_on_tiny_families(family, check
 
 
 def test_bf16_verify_rows_run_captured_whatever_the_cache(checkpoint, monkeypatch, tmp_path):
-    """bf16 weights: the captured verify rows read each weight once for all rows (multi-row GEMVs,
-    each expert once for the rows that chose it), so they run wherever every half is one call, the
-    model in the last-level cache or not, and keep plain decoding's outputs; packed weights are read
-    once a row, so a packed model that does not fit keeps the op path (it reads the rows' experts once)."""
+    """The captured verify rows read each weight from memory once for all rows (bf16: multi-row GEMVs,
+    each expert once for the rows that chose it; packed: each weight's rows back to back), so they run
+    wherever every half is one call, the model in the last-level cache or not, and keep plain
+    decoding's outputs: 8 rows where bf16 experts stream from memory, 16 with packed experts."""
     import cpu_kernels
     from experts.formats import Int4Weights
     from test_quant_all_linear import quantize_all_linear
@@ -276,9 +276,9 @@ def test_bf16_verify_rows_run_captured_whatever_the_cache(checkpoint, monkeypatc
     want = [plain.generate([p], sp)[0].outputs[0] for p in prompts]
     _assert_verify_rows_equal(spec, prompts, sp, want, monkeypatch)
     packed = tmp_path / "int4"
-    quantize_all_linear(checkpoint("qwen3_moe"), packed, Int4Weights(32, symmetric=False))
+    quantize_all_linear(checkpoint("mixtral"), packed, Int4Weights(32, symmetric=False))
     captured = LLM(str(packed), dtype="bfloat16").engine.runner.captured
-    assert captured is not None and captured.max_rows == 1
+    assert captured is not None and captured.max_rows == 16
 
 
 def _assert_verify_rows_equal(spec, prompts, sp, want, monkeypatch):
