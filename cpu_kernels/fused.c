@@ -2,7 +2,9 @@
  * ~0.1-0.5 ms, and the dozen Python-level ops around them (each a wrapper, a tensor allocation
  * and a ctypes call) add ~150 us per layer. These functions call the same kernels in the same
  * order with the same roundings (moe_gemv_bf16, moe_rms_norm, moe_rope, moe_heads_vec,
- * moe_paged_decode), so their results are bit-identical to the op-by-op path they replace. */
+ * moe_paged_decode), so their results are bit-identical to the op-by-op path they replace. They
+ * take several rows too (a captured step's verify rows or a few sequences' tokens), each row as a
+ * one-row call computes it, the projections' weights read once for the rows (project_rows). */
 #include "kernels.h"
 
 /* y = W x (+ bias) in bf16, as ops.linear computes it at one row: the bf16 GEMV (bias added before

@@ -7,7 +7,12 @@
  * dot_rows has three builds: AVX512-BF16 (vdpbf16ps multiplies bf16 pairs and sums them in
  * float32), AVX2 + FMA (bf16 widened to float32 by a shift), and plain C; they differ only in the
  * order of the float32 sums. The SIMD builds prefetch the stream PF_AHEAD bytes ahead into L2
- * (kernels.h; into L1, prefetcht0, it ran slower than without any). */
+ * (kernels.h; into L1, prefetcht0, it ran slower than without any).
+ *
+ * A captured step of several rows (verify rows, a few sequences' tokens: moe.cpu_decode) reads
+ * each weight once for all of them: dot_x streams a weight row against up to four x rows at a time,
+ * every row's sums taking dot_rows' steps, so each row's result is its one-row result bit for bit
+ * (moe_gemv_bf16_rows; the experts of several rows in moe_rows / expert_rows below). */
 #include "kernels.h"
 
 #if defined(__AVX512BF16__)

@@ -3,8 +3,9 @@ AVX2 + FMA or plain C, whichever the compiler targets.
 
 :func:`gemv` (one row through a weight, streamed by both threads in contiguous halves),
 :func:`expert_token` and :func:`moe_token` (one token through its routed experts, and a shared
-expert, in one call), :func:`heads_vec` (MLA's per-head GEMMs at one row). The one-call kernels
-can end with the decoder's residual add and next norm (:data:`Residual`).
+expert, in one call; :class:`MoeToken` also several rows at once, each expert read once for the
+rows that chose it, each row as its one-row call), :func:`heads_vec` (MLA's per-head GEMMs at one
+row). The one-call kernels can end with the decoder's residual add and next norm (:data:`Residual`).
 """
 from __future__ import annotations
 
