@@ -241,7 +241,7 @@ class RouteToken:
     them before the plan's next call. :meth:`make` gives None where the kernel does not apply (a
     gate that is not a bf16 CPU tensor with unit-stride rows, other scorings)."""
 
-    MAX_ROWS = 16  # (a captured step's rows: moe.cpu_decode.CapturedDecode)
+    MAX_ROWS = 24  # (a captured step's rows: moe.cpu_decode.CapturedDecode)
 
     def __init__(self, gate_ED: torch.Tensor, gate_bias_E: torch.Tensor | None, scoring: str, top_k: int,
                  bias_E: torch.Tensor | None, num_groups: int, topk_groups: int, group_top2: bool,

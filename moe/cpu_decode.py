@@ -272,7 +272,9 @@ class CapturedDecode:
     ``T <= max_rows`` rows ending their sequences (decode tokens of several sequences, verify steps'
     tokens and drafts), each row computed as a one-token step at its position computes it."""
 
-    STREAMED_ROWS = 8  # rows a step takes where bf16 experts stream from memory (see __init__)
+    # rows a step takes (see __init__): where bf16 experts stream from memory, where the weights stay
+    # in the last-level cache, where the experts are packed (at most cpu_kernels.RouteToken.MAX_ROWS)
+    STREAMED_ROWS, CACHED_ROWS, PACKED_ROWS = 8, 16, 24
 
     def __init__(self, model: MoECausalLM, halves: list[tuple[Half, Half]], head: torch.nn.Module | None = None,
                  embeds: bool = True):
@@ -294,7 +296,8 @@ class CapturedDecode:
         # op path, machine D, in one process: the default model (bf16, cached) 3.5x / 2.0x / 1.5x /
         # 1.25x at 2 / 8 / 12 / 16 concurrent sequences (the op path ahead at 32); Mixtral's shape in
         # bf16 (streamed) 1.23x / 1.19x / 1.04x at 2 / 4 / 8; in int4 (`--all-linear --activations
-        # int8`, packed experts streamed) 2.7x / 2.1x / 1.7x / 1.9x at 2 / 4 / 8 / 16.
+        # int8`, packed experts streamed) 2.7x / 2.1x / 1.7x / 1.9x / 1.24x at 2 / 4 / 8 / 16 / 24
+        # (0.98x at 32).
         one_call = all(type(h) in (_GqaToken, _MlaToken, _MoEToken, _DenseToken) for h in self._flat)
         fits = weight_bytes(model)["total"] <= cpu_kernels.last_level_cache_bytes()
         experts = [h.experts_plan() for h in self._flat if isinstance(h, _MoEToken)]
@@ -302,7 +305,7 @@ class CapturedDecode:
         if not one_call or not (fits or (head_w is not None and all(p is not None for p in experts))):
             self.max_rows = 1
         else:
-            self.max_rows = cpu_kernels.RouteToken.MAX_ROWS if fits or packed else self.STREAMED_ROWS
+            self.max_rows = self.PACKED_ROWS if packed else self.CACHED_ROWS if fits else self.STREAMED_ROWS
         # The one-call halves run from one C loop (cpu_kernels.DecodeStep): between two of them no
         # Python op runs, whose cost after each weight stream (cold caches) was ~0.5 ms a step on
         # Mixtral's shape. The loop hands a half back here where it is an op-by-op one, a router

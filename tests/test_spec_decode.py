@@ -260,7 +260,7 @@ def test_bf16_verify_rows_run_captured_whatever_the_cache(checkpoint, monkeypatc
     """The captured verify rows read each weight from memory once for all rows (bf16: multi-row GEMVs,
     each expert once for the rows that chose it; packed: each weight's rows back to back), so they run
     wherever every half is one call, the model in the last-level cache or not, and keep plain
-    decoding's outputs: 8 rows where bf16 experts stream from memory, 16 with packed experts."""
+    decoding's outputs: 8 rows where bf16 experts stream from memory, 24 with packed experts."""
     import cpu_kernels
     from experts.formats import Int4Weights
     from test_quant_all_linear import quantize_all_linear
@@ -278,7 +278,7 @@ def test_bf16_verify_rows_run_captured_whatever_the_cache(checkpoint, monkeypatc
     packed = tmp_path / "int4"
     quantize_all_linear(checkpoint("mixtral"), packed, Int4Weights(32, symmetric=False))
     captured = LLM(str(packed), dtype="bfloat16").engine.runner.captured
-    assert captured is not None and captured.max_rows == 16
+    assert captured is not None and captured.max_rows == 24
 
 
 def _assert_verify_rows_equal(spec, prompts, sp, want, monkeypatch):
