@@ -294,7 +294,7 @@ class CapturedDecode:
         # rows: the multi-row GEMV's products are vdpbf16ps dot products (no tiles), so past a few rows
         # the op path's tile GEMMs win where bf16 weights stream from memory. Plain decoding against the
         # op path, machine D, in one process: the default model (bf16, cached) 3.5x / 2.0x / 1.5x /
-        # 1.25x at 2 / 8 / 12 / 16 concurrent sequences (the op path ahead at 32); Mixtral's shape in
+        # 1.25x at 2 / 8 / 12 / 16 concurrent sequences (1.11x at 20, 0.97x at 24); Mixtral's shape in
         # bf16 (streamed) 1.23x / 1.19x / 1.04x at 2 / 4 / 8; in int4 (`--all-linear --activations
         # int8`, packed experts streamed) 2.7x / 2.1x / 1.7x / 1.9x / 1.24x at 2 / 4 / 8 / 16 / 24
         # (0.98x at 32).
