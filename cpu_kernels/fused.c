@@ -61,6 +61,14 @@ static int out_rows(const uint16_t *w, const PackedProj *p, const uint16_t *bias
     return 0;
 }
 
+/* Row t's of T rows: its blocks, and in *len_t the cached tokens it attends over (without toff the
+ * rows of one sequence ending its len tokens, with toff row t's table row and lens[t]). */
+static inline const int32_t *row_blocks(const int32_t *table, int32_t len, const int64_t *toff, const int32_t *lens,
+                                        int64_t T, int64_t t, int32_t *len_t) {
+    *len_t = toff ? lens[t] : len - (int32_t)(T - 1 - t);
+    return toff ? table + toff[t] : table;
+}
+
 /* An attention half's kernel for up to its plan's rows (gqa_rows, mla_rows), and its calls for T
  * rows, R at a time: one sequence's rows t .. t + n - 1 end its first len - (T - t - n) tokens. */
 typedef int (*AttnRows)(const void *plan, const uint16_t *x, int64_t T, const int64_t *pos, const float *cos_tab,
@@ -120,8 +128,8 @@ static int mla_rows(const void *plan, const uint16_t *x, int64_t T, const int64_
     if (project_rows(a->w_kva, a->p_kva, L, D, x, D, T, NULL, lat, S, nt) != 0) return -1;
     for (int64_t t = 0; t < T; t++) { /* row t: as a one-row call at its position (its latent written first) */
         uint16_t *q_t = q + t * S, *lat_t = lat + t * S, *qfull_t = qfull + t * S, *olat_t = olat + t * S;
-        int32_t len_t = toff ? lens[t] : len - (int32_t)(T - 1 - t);
-        const int32_t *table_t = toff ? table + toff[t] : table;
+        int32_t len_t;
+        const int32_t *table_t = row_blocks(table, len, toff, lens, T, t, &len_t);
         uint16_t *row = cache + slots[t] * c_sslot;
         moe_rms_norm(lat_t, a->kva_norm, row, BF16, 1, C, L, L, a->kv_eps, nt);
         memcpy(row + C, lat_t + C, sizeof(uint16_t) * (size_t)rope);
@@ -177,8 +185,8 @@ static int gqa_rows(const void *plan, const uint16_t *x, int64_t T, const int64_
     if (project_rows(a->w_qkv, a->p_qkv, (H + 2 * Hkv) * hd, D, x, D, T, a->b_qkv, a->scratch, S, nt) != 0) return -1;
     for (int64_t t = 0; t < T; t++) {  /* row t: as a one-row call at its position */
         const int64_t slot = slots[t];
-        int32_t len_t = toff ? lens[t] : len - (int32_t)(T - 1 - t);
-        const int32_t *table_t = toff ? table + toff[t] : table;
+        int32_t len_t;
+        const int32_t *table_t = row_blocks(table, len, toff, lens, T, t, &len_t);
         uint16_t *q = a->scratch + t * S, *k = q + H * hd, *v = k + Hkv * hd, *o = v + Hkv * hd;
         if (a->qk_norm == 1) {
             moe_rms_norm(q, a->q_norm, q, BF16, H, hd, hd, hd, eps, 1);

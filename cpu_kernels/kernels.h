@@ -146,6 +146,57 @@ static inline int sort_experts(const int64_t *ids, const float *wts, int64_t K, 
     return 0;
 }
 
+/* The experts of T <= 8 rows (ids, wts: T rows of K <= 64), each row's in ascending id order with its
+ * weights rounded as sort_experts gives them, merged into n tasks in ascending id order: task i is
+ * expert eid[i] for cnt[i] rows, its j-th row[i * T + j] (ascending) at weight wt[i * T + j] and place
+ * at[i * T + j] among that row's K experts. A several-row MoE call runs the tasks in turn, so each
+ * expert is read once for the rows that chose it and each row meets its experts in its own order.
+ * Returns 0, -2 for an id outside [0, E), -1 without memory; free with expert_tasks_free. */
+typedef struct {
+    int64_t n, T;
+    int64_t *eid, *cnt, *row, *at;
+    float *wt;
+} ExpertTasks;
+
+static inline int expert_tasks(const int64_t *ids, const float *wts, int64_t T, int64_t K, int64_t E,
+                               ExpertTasks *tk) {
+    int64_t id[8][64], cur[8] = {0};
+    float w[8][64];
+    if (T < 1 || T > 8) return -1;
+    for (int64_t t = 0; t < T; t++)
+        if (sort_experts(ids + t * K, wts + t * K, K, E, id[t], w[t]) != 0) return -2;
+    const int64_t most = T * K; /* at most one task per (row, expert) */
+    int64_t *buf = malloc(sizeof(int64_t) * (size_t)(2 * most + 2 * most * T) + sizeof(float) * (size_t)(most * T));
+    if (!buf) return -1;
+    tk->T = T;
+    tk->eid = buf;
+    tk->cnt = buf + most;
+    tk->row = tk->cnt + most;
+    tk->at = tk->row + most * T;
+    tk->wt = (float *)(tk->at + most * T);
+    int64_t n = 0;
+    for (;;) { /* the next smallest id, then every row at it */
+        int64_t e = -1;
+        for (int64_t t = 0; t < T; t++)
+            if (cur[t] < K && (e < 0 || id[t][cur[t]] < e)) e = id[t][cur[t]];
+        if (e < 0) break;
+        tk->eid[n] = e;
+        tk->cnt[n] = 0;
+        for (int64_t t = 0; t < T; t++)
+            if (cur[t] < K && id[t][cur[t]] == e) {
+                const int64_t j = n * T + tk->cnt[n]++;
+                tk->row[j] = t;
+                tk->wt[j] = w[t][cur[t]];
+                tk->at[j] = cur[t]++;
+            }
+        n++;
+    }
+    tk->n = n;
+    return 0;
+}
+
+static inline void expert_tasks_free(ExpertTasks *tk) { free(tk->eid); }
+
 /* out += a bf16 shared expert's output (sh13 [2 Fs, D], sh2 [D, Fs]), one bf16 addition, as the MoE
  * block adds it; tmp: D bf16, h: 3 Fs bf16, acc: D float32. Returns 0 or the kernel's error. */
 static inline int add_shared_expert(const uint16_t *x, int64_t D, const uint16_t *sh13, const uint16_t *sh2,

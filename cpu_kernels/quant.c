@@ -794,98 +794,57 @@ static int qgemv(const float *x, int64_t K, const void *q, int fmt, const float 
     return moe_q8_gemm(x, 1, K, q, K, fmt, s, b, G, gs, bn, N, y, BF16, nt);
 }
 
-/* A token's MoE layer at batch 1 on packed experts (experts.quant_layer.QuantGroupedExperts): as
- * moe_moe_token in gemv.c, each expert through moe_q8_gemm (lut NULL) or moe_q4_gemm (h = W13 x
- * rounded to bf16, silu(gate) * up as moe_silu_mul, y = W2 a rounded to bf16), with the roundings
- * of dispatch -> experts -> combine: routing weights rounded to bf16, products rounded, one bf16
- * addition for two experts and a float32 sum rounded once for more, ascending expert ids. Codes of
- * expert e at q13 + e * eq13 bytes ([2F, D] rows) and q2 + e * eq2 ([D, F]); scales (offsets) at
- * s13 + e * es13 ([2F / bn, G13]) and s2 + e * es2. A bf16 shared expert (sh13, sh2; NULL: none)
- * is added in bf16 after. K <= 64. scratch: 2 max(D, F) + D float32, 3 max(F, Fs) + 2 D bf16.
- * Returns 0, -2 for an id outside [0, E), -1 when a kernel fails (no memory). */
-static int qx_moe_row(const uint16_t *x, int64_t D, int64_t F, int64_t K, const int64_t *ids, const float *wts,
-                      int64_t E, int fmt, const float *lut, int64_t gs, int64_t bn, const char *q13, int64_t eq13,
-                      const float *s13, const float *b13, int64_t es13, int64_t G13, const char *q2, int64_t eq2,
-                      const float *s2, const float *b2, int64_t es2, int64_t G2, const uint16_t *sh13,
-                      const uint16_t *sh2, int64_t Fs, uint16_t *out, float *fscratch, uint16_t *hscratch,
-                      const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out, int nt) {
-    int64_t id[64];
-    float w[64];
-    if (sort_experts(ids, wts, K, E, id, w) != 0) return -2;
-    const int64_t DF = D > F ? D : F, Fm = Fs > F ? Fs : F;
-    float *xf = fscratch, *af = xf + DF, *acc = af + DF;
-    uint16_t *h = hscratch, *a = h + 2 * F, *y = h + 3 * Fm, *sh = y + D;
-    for (int64_t i = 0; i < D; i++) xf[i] = bf16_to_f32(x[i]);
-    for (int64_t i = 0; i < K; i++) {
-        const int64_t e = id[i];
-        if (qgemv(xf, D, q13 + e * eq13, fmt, lut, s13 + e * es13, b13 ? b13 + e * es13 : NULL, G13, gs, bn, 2 * F,
-                  h, nt) != 0)
-            return -1;
-        moe_silu_mul(h, h + F, a, BF16, 1, 1, F, 0, 0, 0, 0, 0, 0, 1);
-        for (int64_t k = 0; k < F; k++) af[k] = bf16_to_f32(a[k]);
-        if (qgemv(af, F, q2 + e * eq2, fmt, lut, s2 + e * es2, b2 ? b2 + e * es2 : NULL, G2, gs, bn, D, y, nt) != 0)
-            return -1;
-        for (int64_t d = 0; d < D; d++) {
-            const float v = bf16_to_f32(f32_to_bf16(bf16_to_f32(y[d]) * w[i]));
-            if (i == 0) acc[d] = v;
-            else if (K == 2) acc[d] = bf16_to_f32(f32_to_bf16(acc[d] + v));
-            else acc[d] += v;
-        }
-    }
-    for (int64_t d = 0; d < D; d++) out[d] = f32_to_bf16(acc[d]);
-    if (sh13 && add_shared_expert(x, D, sh13, sh2, Fs, out, sh, h, acc, nt) != 0) return -1;
-    then_norm(out, D, resid, nw, neps, h_out);
-    return 0;
-}
-
-/* qx_moe_row for T <= 8 rows at once (T > 1: a verify step's rows or several sequences'): the rows'
- * experts in ascending id order, each expert's rows back to back, so its codes come from memory once
- * and from the caches for the rows after the first (a packed expert is a few MB); every product,
- * rounding and combine step of a row is qx_moe_row's, so each row's result is its, bit for bit.
- * scratch: fscratch 2 max(D, F) + T D float32 (the rows' sums), hscratch as qx_moe_row's. */
+/* T <= 8 tokens' MoE layer on packed experts (experts.quant_layer.QuantGroupedExperts; one token at
+ * batch 1, or a verify step's / several sequences' rows): as moe_moe_token in gemv.c, each expert
+ * through moe_q8_gemm (lut NULL) or moe_q4_gemm / moe_q4x8_gemm (h = W13 x rounded to bf16,
+ * silu(gate) * up as moe_silu_mul, y = W2 a rounded to bf16), with the roundings of dispatch ->
+ * experts -> combine: routing weights rounded to bf16, products rounded, one bf16 addition for two
+ * experts and a float32 sum rounded once for more, each row's experts in ascending id order. The
+ * rows' experts run in ascending order (expert_tasks), each expert's rows back to back, so its codes
+ * come from memory once and from the caches for the rows after the first; each row's result is its
+ * one-row result, bit for bit. Codes of expert e at q13 + e * eq13 bytes ([2F, D] rows) and
+ * q2 + e * eq2 ([D, F]); scales (offsets) at s13 + e * es13 ([2F / bn, G13]) and s2 + e * es2. A bf16
+ * shared expert (sh13, sh2; NULL: none) is added in bf16 after. K <= 64. scratch: fscratch
+ * 2 max(D, F) + T D float32 (the rows' sums), hscratch 3 max(F, Fs) + 2 D bf16. Returns 0, -2 for an
+ * id outside [0, E), -1 when a kernel fails (no memory). */
 static int qx_moe_rows(const QxMoePlan *a, const uint16_t *x, int64_t T, int64_t K, const int64_t *ids,
                        const float *wts, uint16_t *out, const uint16_t *resid, const uint16_t *nw, float neps,
                        uint16_t *h_out, int nt) {
-    const int64_t D = a->D, F = a->F, Fs = a->Fs, E = a->E;
+    const int64_t D = a->D, F = a->F, Fs = a->Fs;
     const int fmt = (int)a->fmt;
-    if (T == 1)
-        return qx_moe_row(x, D, F, K, ids, wts, E, fmt, a->lut, a->gs, a->bn, a->q13, a->eq13, a->s13, a->b13, a->es13,
-                          a->G13, a->q2, a->eq2, a->s2, a->b2, a->es2, a->G2, a->sh13, a->sh2, Fs, out, a->fscratch,
-                          a->hscratch, resid, nw, neps, h_out, nt);
-    int64_t id[8][64], cur[8] = {0};
-    float w[8][64];
-    for (int64_t t = 0; t < T; t++)
-        if (sort_experts(ids + t * K, wts + t * K, K, E, id[t], w[t]) != 0) return -2;
+    ExpertTasks tk;
+    int rc = expert_tasks(ids, wts, T, K, a->E, &tk);
+    if (rc != 0) return rc;
     const int64_t DF = D > F ? D : F, Fm = Fs > F ? Fs : F;
     float *xf = a->fscratch, *af = xf + DF, *acc = af + DF; /* acc: T rows of D */
     uint16_t *h = a->hscratch, *act = h + 2 * F, *y = h + 3 * Fm, *sh = y + D;
-    for (;;) { /* the rows' sorted lists merged: the next smallest id, then each row at it */
-        int64_t e = -1;
-        for (int64_t t = 0; t < T; t++)
-            if (cur[t] < K && (e < 0 || id[t][cur[t]] < e)) e = id[t][cur[t]];
-        if (e < 0) break;
-        for (int64_t t = 0; t < T; t++) {
-            if (cur[t] >= K || id[t][cur[t]] != e) continue;
-            const int64_t place = cur[t]++;
-            const float wt = w[t][place];
-            for (int64_t i = 0; i < D; i++) xf[i] = bf16_to_f32(x[t * D + i]);
-            if (qgemv(xf, D, a->q13 + e * a->eq13, fmt, a->lut, a->s13 + e * a->es13,
-                      a->b13 ? a->b13 + e * a->es13 : NULL, a->G13, a->gs, a->bn, 2 * F, h, nt) != 0)
-                return -1;
+    int64_t in_xf = -1; /* the row xf holds */
+    for (int64_t i = 0; i < tk.n && rc == 0; i++) {
+        const int64_t e = tk.eid[i];
+        for (int64_t j = i * T; j < i * T + tk.cnt[i]; j++) {
+            const int64_t t = tk.row[j], place = tk.at[j];
+            if (t != in_xf)
+                for (int64_t k = 0; k < D; k++) xf[k] = bf16_to_f32(x[t * D + k]);
+            in_xf = t;
+            rc = qgemv(xf, D, a->q13 + e * a->eq13, fmt, a->lut, a->s13 + e * a->es13,
+                       a->b13 ? a->b13 + e * a->es13 : NULL, a->G13, a->gs, a->bn, 2 * F, h, nt);
+            if (rc != 0) break;
             moe_silu_mul(h, h + F, act, BF16, 1, 1, F, 0, 0, 0, 0, 0, 0, 1);
             for (int64_t k = 0; k < F; k++) af[k] = bf16_to_f32(act[k]);
-            if (qgemv(af, F, a->q2 + e * a->eq2, fmt, a->lut, a->s2 + e * a->es2, a->b2 ? a->b2 + e * a->es2 : NULL,
-                      a->G2, a->gs, a->bn, D, y, nt) != 0)
-                return -1;
+            rc = qgemv(af, F, a->q2 + e * a->eq2, fmt, a->lut, a->s2 + e * a->es2,
+                       a->b2 ? a->b2 + e * a->es2 : NULL, a->G2, a->gs, a->bn, D, y, nt);
+            if (rc != 0) break;
             float *acc_t = acc + t * D;
             for (int64_t d = 0; d < D; d++) {
-                const float v = bf16_to_f32(f32_to_bf16(bf16_to_f32(y[d]) * wt));
+                const float v = bf16_to_f32(f32_to_bf16(bf16_to_f32(y[d]) * tk.wt[j]));
                 if (place == 0) acc_t[d] = v;
                 else if (K == 2) acc_t[d] = bf16_to_f32(f32_to_bf16(acc_t[d] + v));
                 else acc_t[d] += v;
             }
         }
     }
+    expert_tasks_free(&tk);
+    if (rc != 0) return -1;
     for (int64_t t = 0; t < T; t++) {
         uint16_t *out_t = out + t * D;
         for (int64_t d = 0; d < D; d++) out_t[d] = f32_to_bf16(acc[t * D + d]);
@@ -895,8 +854,8 @@ static int qx_moe_rows(const QxMoePlan *a, const uint16_t *x, int64_t T, int64_t
     return 0;
 }
 
-/* qx_moe_row for T rows (ids, wts: T rows of K; x, out, resid, h_out: T rows of D), a->rows (<= 8)
- * at a time through qx_moe_rows, with the plan's packed experts, shared expert and scratch. */
+/* The packed MoE layer for T rows (ids, wts: T rows of K; x, out, resid, h_out: T rows of D), a->rows
+ * (<= 8) at a time through qx_moe_rows, with the plan's packed experts, shared expert and scratch. */
 int moe_qx_moe_token(const QxMoePlan *a, const uint16_t *x, int64_t T, int64_t K, const int64_t *ids,
                      const float *wts, uint16_t *out, const uint16_t *resid, const uint16_t *nw, float neps,
                      uint16_t *h_out, int nt) {
