@@ -352,7 +352,7 @@ class MTPDrafter(_OwnKVCache):
         # id(seq) -> (seq, computed length it holds for, logits of the next draft [V], hidden state to chain [D])
         self._next: dict[int, tuple[Sequence, int, torch.Tensor, torch.Tensor]] = {}
         self._pending: dict[int, _PendingRows] = {}
-        self._row_bytes = 0  # bytes of one row of the target's hidden states (known at the first catch_up)
+        self._row_bytes = mtp.cfg.hidden_size * dtype.itemsize  # one row of the target's hidden states
         self.num_tokens_run = 0
         self.captured: CapturedDecode | None = None
 
@@ -442,8 +442,6 @@ class MTPDrafter(_OwnKVCache):
         full: list[Sequence] = []
         # the rows keep views of the step's tensor (each step's is its own: no copy; a clone here was
         # ~10 us, 2.5% of a batch-1 step of the default model)
-        row_bytes = self._row_bytes or hidden_TD.shape[-1] * hidden_TD.element_size()
-        self._row_bytes = row_bytes
         for b, s in enumerate(batch.seqs):
             seq, start, n = s.seq, s.start, s.num_new_tokens
             new = sampled.get(b, ())
@@ -458,7 +456,7 @@ class MTPDrafter(_OwnKVCache):
                     rows = self._pending[id(seq)] = _PendingRows(seq, start)
                 rows.ids += ids
                 rows.hidden.append(hidden_TD[base:base + m])
-                if len(rows.ids) * row_bytes > self.PENDING_BYTES:
+                if len(rows.ids) * self._row_bytes > self.PENDING_BYTES:
                     full.append(seq)
             base += n
         if len(self._next) + len(self._pending) > 2 * len(batch.seqs):  # (entries of finished sequences)

@@ -179,9 +179,9 @@ def test_captured_batch1_step_equals_the_model_forward(family, checkpoint, monke
 def test_captured_rows_of_several_sequences_equal_one_row_steps(family, cached, checkpoint, monkeypatch, tmp_path):
     # bf16, several sequences decoding together (up to the captured step's rows, all sampled: 16 where
     # the weights stay in the last-level cache, 24 with packed experts, taken 8 at a time by the
-    # kernels, else 8) run as the
-    # captured step, weights read once for all rows: each row's hidden state equals that
-    # sequence's one-row captured step at the same position over the same cache, bit for bit, with
+    # kernels, else 8) run as the captured step, weights read once for all rows: each row's hidden
+    # state equals that sequence's one-row captured step at the same position over the same cache,
+    # bit for bit, with
     # contexts of different lengths across block boundaries and sequences joining (those steps run
     # op by op) and leaving; the weights need not fit the last-level cache (bf16: each read once a
     # step); MLA too (DeepSeek-V2 / V3). gpt-oss's experts' biases run op by op: its steps of
