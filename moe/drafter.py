@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -51,6 +51,9 @@ from .sequence import Sequence
 from .spec_cost import SpecCostModel
 from .spec_decode import Draft, DraftCounts, NgramProposer, draft_room, take_probe_slot
 
+if TYPE_CHECKING:
+    from .model_runner import Sampled
+
 
 class Drafter(Protocol):
     """What the engine asks of a drafter: a draft model (:class:`DraftModel`) or an MTP layer
@@ -62,7 +65,7 @@ class Drafter(Protocol):
 
     def step(self, seqs: list[Sequence], ids: list[int], positions: list[int]) -> torch.Tensor: ...
 
-    def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, sampled: dict[int, list[int]]) -> None: ...
+    def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, sampled: Sampled) -> None: ...
 
     def owed(self, seq: Sequence) -> int:
         """Rows of ``seq`` the drafter must run before it can draft for it."""
@@ -193,7 +196,7 @@ class DraftModel(_OwnKVCache):
         if batch_seqs:
             self._run_rows(batch_seqs, batch_rows)
 
-    def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, sampled: dict[int, list[int]]) -> None:
+    def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, sampled: Sampled) -> None:
         """After a target step: account for the rows the target just ran, without running any.
         A new or recomputed sequence (after preemption) starts with the drafter's K/V of the
         leading prefix-cache hit blocks that hold them (``aux_written``); everything else, prompt
@@ -202,7 +205,7 @@ class DraftModel(_OwnKVCache):
         written as far as the target accepted them. (``hidden_TD``, the target's hidden states of
         the step's rows in batch order, is for drafters that run on them, such as an MTP layer: the
         step's own tensor, which they may keep.
-        ``sampled``: the tokens each batch index emitted, accepted drafts first.)"""
+        ``sampled``: the (token, logprobs) each batch index emitted, accepted drafts first.)"""
         for b, s in enumerate(batch.seqs):
             start, seq = s.start, s.seq
             entry = self._written.get(id(seq))
@@ -212,9 +215,8 @@ class DraftModel(_OwnKVCache):
             if s.draft:  # the rows past the accepted ones hold rejected tokens
                 kept = start + max(len(sampled.get(b, ())), 1)
                 self._set_written(seq, min(self.written(seq), kept))
-        for key, (seq, _, _) in list(self._written.items()):
-            if seq.is_finished:  # (its blocks went back; what was not shared is not owed)
-                del self._written[key]
+        if len(self._written) > 2 * len(batch.seqs):  # finished sequences' entries (their blocks went back)
+            self._written = {k: v for k, v in self._written.items() if not v[0].is_finished}
 
     def _run_rows(self, seqs: list[Sequence], rows: list[list[tuple[int, int]]]) -> torch.Tensor:
         """Each sequence's consecutive (token, position) rows, its last one ending its context."""
@@ -316,10 +318,6 @@ class _PendingRows:
         self.start = start
         self.ids: list[int] = []
         self.hidden: list[torch.Tensor] = []
-
-    @property
-    def end(self) -> int:
-        return self.start + len(self.ids)
 
 
 class MTPDrafter(_OwnKVCache):
@@ -437,25 +435,30 @@ class MTPDrafter(_OwnKVCache):
         rows = self._pending_of(seq)
         return len(rows.ids) if rows is not None else 0
 
-    def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, sampled: dict[int, list[int]]) -> None:
+    def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, sampled: Sampled) -> None:
+        # (per target step: ~1% of a batch-1 step of the default model, so kept lean) the rows keep
+        # views of the step's tensor, each step's its own (no copy: a clone was ~10 us), and one
+        # sequence's step keeps the tensor itself (a view op was ~2 us)
+        one = len(batch.seqs) == 1
         base = 0
         full: list[Sequence] = []
-        # the rows keep views of the step's tensor (each step's is its own: no copy; a clone here was
-        # ~10 us, 2.5% of a batch-1 step of the default model)
         for b, s in enumerate(batch.seqs):
-            seq, start, n = s.seq, s.start, s.num_new_tokens
+            seq, n = s.seq, s.num_new_tokens
+            start = seq.num_computed_tokens
+            # the positions the target computed this step: a chunk, or the last token and accepted
+            # drafts; t_{i+1} of the last row is the token just sampled
             new = sampled.get(b, ())
-            # the positions the target computed this step: a chunk, or the last token and accepted drafts
             m = len(new) if s.draft else n
-            ids = seq.token_ids[start + 1:start + m + 1]  # t_{i+1} of the last row is the token just sampled
+            ids = seq.token_ids[start + 1:start + m + 1]
             if len(ids) < m:
-                ids += new[:m - len(ids)]
+                ids += [t for t, _ in new[:m - len(ids)]]
             if len(ids) == m:
-                rows = self._pending_of(seq)
-                if rows is None or rows.end != start:  # (a new or recomputed sequence: its rows from here)
+                rows = self._pending.get(id(seq))
+                if (rows is None or rows.preemptions != seq.num_preemptions or not rows.ids
+                        or rows.start + len(rows.ids) != start):  # (a new or recomputed sequence: its rows from here)
                     rows = self._pending[id(seq)] = _PendingRows(seq, start)
                 rows.ids += ids
-                rows.hidden.append(hidden_TD[base:base + m])
+                rows.hidden.append(hidden_TD if one and m == n else hidden_TD[base:base + m])
                 if len(rows.ids) * self._row_bytes > self.PENDING_BYTES:
                     full.append(seq)
             base += n

@@ -95,7 +95,7 @@ class ModelRunner:
             sampled = self._sample(batch, inputs, logits, eos_ids)
             sampled.update(self._verify_drafts(batch, inputs, logits))
         if self.drafter is not None:  # (after verification: an MTP drafter runs on the accepted rows)
-            self.drafter.catch_up(batch, hidden, {b: [t for t, _ in rows] for b, rows in sampled.items()})
+            self.drafter.catch_up(batch, hidden, sampled)
         return StepResult(sampled, self._prompt_logprobs(batch, inputs, hidden))
 
     def _prepare(self, batch: ScheduledBatch) -> StepInputs:

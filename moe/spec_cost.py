@@ -157,8 +157,9 @@ class SpecCostModel:
     # weighed against a stale plain step (bench_spec at 32: plain 9.8 ms from warm-up, 6.7 ms now)
     refresh_every: int = 16
     # while nothing but plain steps' timings came in, a judgement (best K, probe interval) stands for
-    # this many steps: re-deriving it costs ~25 us, 8% of a batch-1 step of the default model
-    rejudge_every: int = 16
+    # this many steps: re-deriving it and the step's full bookkeeping cost ~50 us, 15% of a batch-1
+    # step of the default model (at 16: ~1% of its plain decoding time)
+    rejudge_every: int = 64
     # (bucket, ceil(extra rows per sequence)) -> seconds per step and those rows
     _verify: dict[tuple[int, int], _Timing] = field(default_factory=dict)
     _draft: dict[int, _Timing] = field(default_factory=dict)  # bucket -> seconds per batched drafter step

@@ -14,7 +14,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     reference implementations, in one C pass on CPU (bf16) where the kernel takes ``x``."""
     if x.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    y = cpu_kernels.rms_norm(x, weight, eps) if x.device.type == "cpu" else None
+    if x.device.type == "cpu":  # (a few-row GEMM's transposed view: copied to rows, still far cheaper than torch)
+        y = cpu_kernels.rms_norm(x if x.stride(-1) == 1 else x.contiguous(), weight, eps)
+    else:
+        y = None
     if y is not None:
         return y
     return rms_norm_reference(x, weight, eps)
@@ -24,8 +27,8 @@ def add_rms_norm(h_TD: torch.Tensor, d_TD: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual ``h + d`` and :func:`rms_norm` of it: ``(h + d, norm(h + d))``, in one C pass
     for bf16 on CPU (the same roundings)."""
-    if h_TD.device.type == "cpu":
-        out = cpu_kernels.add_rms_norm(h_TD, d_TD, weight, eps)
+    if h_TD.device.type == "cpu":  # (``d`` is often a few-row GEMM's transposed view: copied to rows)
+        out = cpu_kernels.add_rms_norm(h_TD.contiguous(), d_TD.contiguous(), weight, eps)
         if out is not None:
             return out
     h_TD = h_TD + d_TD

@@ -316,8 +316,8 @@ def test_the_engine_skips_asking_only_while_plain_decoding_stands():
     calls = []
     real = cost.choose_k
     cost.choose_k = lambda n, source: calls.append(n) or real(n, source)
-    for _ in range(4):
-        assert LLMEngine._choose_k(eng) is False and prop.k == 0
+    # the first step chose (no probe: False), the three after it were quiet (None: nothing asked)
+    assert [LLMEngine._choose_k(eng) for _ in range(4)] == [False, None, None, None] and prop.k == 0
     assert calls == [1] and eng._quiet == [1, 0]  # one call: its choice stood for the three steps after
     for _ in range(2):
         LLMEngine._choose_k(eng)
@@ -497,6 +497,7 @@ def test_engine_chooses_k_and_stays_exact(checkpoint, drafters):
         return chosen[-1]
 
     llm.engine.spec_cost.choose_k = spy
+    llm.engine.spec_cost.rejudge_every = 16  # (a standing plain choice asked again every 16 steps: enough calls to see)
     assert _tokens(llm.generate(_prompts(2), sp)) == want
     assert 3 in chosen and 0 in chosen  # a random drafter accepts ~nothing: plain steps win
     after = chosen[chosen.index(0):]  # (calls: steps whose plain choice is known to stand skip them)
