@@ -317,7 +317,8 @@ class _PendingRows:
         self.preemptions = seq.num_preemptions
         self.start = start
         self.ids: list[int] = []
-        self.hidden: list[torch.Tensor] = []
+        # the target's hidden states of those rows: a step's tensor (all its rows), or (step tensor, first row, rows)
+        self.hidden: list[torch.Tensor | tuple[torch.Tensor, int, int]] = []
 
 
 class MTPDrafter(_OwnKVCache):
@@ -390,7 +391,7 @@ class MTPDrafter(_OwnKVCache):
         pieces = []  # (seq, first position, ids, hidden rows)
         for seq in seqs:
             r = self._pending.pop(id(seq))
-            h = torch.cat(r.hidden)
+            h = torch.cat([x if isinstance(x, torch.Tensor) else x[0][x[1]:x[1] + x[2]] for x in r.hidden])
             for a in range(0, len(r.ids), self.CATCH_UP_ROWS):
                 pieces.append((seq, r.start + a, r.ids[a:a + self.CATCH_UP_ROWS], h[a:a + self.CATCH_UP_ROWS]))
         batch: list = []
@@ -437,8 +438,8 @@ class MTPDrafter(_OwnKVCache):
 
     def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, sampled: Sampled) -> None:
         # (per target step: ~1% of a batch-1 step of the default model, so kept lean) the rows keep
-        # views of the step's tensor, each step's its own (no copy: a clone was ~10 us), and one
-        # sequence's step keeps the tensor itself (a view op was ~2 us)
+        # the step's tensor, each step's its own (no copy: a clone was ~10 us), with their place in
+        # it where the step has other rows too (no view op per sequence: ~1-2 us each)
         one = len(batch.seqs) == 1
         base = 0
         full: list[Sequence] = []
@@ -458,7 +459,7 @@ class MTPDrafter(_OwnKVCache):
                         or rows.start + len(rows.ids) != start):  # (a new or recomputed sequence: its rows from here)
                     rows = self._pending[id(seq)] = _PendingRows(seq, start)
                 rows.ids += ids
-                rows.hidden.append(hidden_TD if one and m == n else hidden_TD[base:base + m])
+                rows.hidden.append(hidden_TD if one and m == n else (hidden_TD, base, m))
                 if len(rows.ids) * self._row_bytes > self.PENDING_BYTES:
                     full.append(seq)
             base += n
