@@ -71,6 +71,12 @@ class Drafter(Protocol):
         """Rows of ``seq`` the drafter must run before it can draft for it."""
         ...
 
+    def whole(self, seq: Sequence) -> bool:
+        """Does the drafter hold all of ``seq``'s context (so its drafts measure its acceptance)? A
+        drafter that reads only tokens always does; an MTP layer misses the rows of steps whose
+        catch-up the engine skipped (``ModelRunner.skip_drafter``)."""
+        ...
+
     num_tokens_run: int  # rows run through the drafter so far
 
 
@@ -152,6 +158,9 @@ class DraftModel(_OwnKVCache):
 
     def owed(self, seq: Sequence) -> int:
         return seq.num_computed_tokens - self.written(seq)
+
+    def whole(self, seq: Sequence) -> bool:
+        return True  # (rows it missed are owed: it runs them from the tokens when it drafts next)
 
     def _gap_rows(self, seq: Sequence, upto: int) -> list[tuple[int, int]]:
         """The (token, position) rows of ``seq`` this drafter owes before position ``upto``."""
@@ -351,6 +360,7 @@ class MTPDrafter(_OwnKVCache):
         # id(seq) -> (seq, computed length it holds for, logits of the next draft [V], hidden state to chain [D])
         self._next: dict[int, tuple[Sequence, int, torch.Tensor, torch.Tensor]] = {}
         self._pending: dict[int, _PendingRows] = {}
+        self._gapped: dict[int, Sequence] = {}  # sequences with rows it never ran (see whole)
         self._row_bytes = mtp.cfg.hidden_size * dtype.itemsize  # one row of the target's hidden states
         self.num_tokens_run = 0
         self.captured: CapturedDecode | None = None
@@ -436,6 +446,24 @@ class MTPDrafter(_OwnKVCache):
         rows = self._pending_of(seq)
         return len(rows.ids) if rows is not None else 0
 
+    def whole(self, seq: Sequence) -> bool:
+        return self._gapped.get(id(seq)) is not seq
+
+    def _restart(self, seq: Sequence, start: int, rows: _PendingRows | None) -> _PendingRows:
+        """``seq``'s pending rows from ``start`` on: a new or recomputed sequence, or one whose rows
+        stopped short of ``start`` (steps whose catch-up the engine skipped, or rows dropped by a
+        preemption past which a prefix hit resumed it): the MTP's K/V there stay unwritten, so its drafts
+        for the sequence are worse from then on (outputs stay exact) and it is no longer whole."""
+        if rows is not None and rows.preemptions == seq.num_preemptions and rows.ids:
+            end = rows.start + len(rows.ids)
+        else:
+            ran = self._next.get(id(seq))
+            end = ran[1] if ran is not None and ran[0] is seq else None
+        if end is not None and start > end:
+            self._gapped[id(seq)] = seq
+        rows = self._pending[id(seq)] = _PendingRows(seq, start)
+        return rows
+
     def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, sampled: Sampled) -> None:
         # (per target step: ~1% of a batch-1 step of the default model, so kept lean) the rows keep
         # the step's tensor, each step's its own (no copy: a clone was ~10 us), with their place in
@@ -456,15 +484,16 @@ class MTPDrafter(_OwnKVCache):
             if len(ids) == m:
                 rows = self._pending.get(id(seq))
                 if (rows is None or rows.preemptions != seq.num_preemptions or not rows.ids
-                        or rows.start + len(rows.ids) != start):  # (a new or recomputed sequence: its rows from here)
-                    rows = self._pending[id(seq)] = _PendingRows(seq, start)
+                        or rows.start + len(rows.ids) != start):
+                    rows = self._restart(seq, start, rows)
                 rows.ids += ids
                 rows.hidden.append(hidden_TD if one and m == n else (hidden_TD, base, m))
                 if len(rows.ids) * self._row_bytes > self.PENDING_BYTES:
                     full.append(seq)
             base += n
-        if len(self._next) + len(self._pending) > 2 * len(batch.seqs):  # (entries of finished sequences)
+        if len(self._next) + len(self._pending) + len(self._gapped) > 2 * len(batch.seqs):  # (finished sequences')
             self._next = {k: v for k, v in self._next.items() if not v[0].is_finished}
             self._pending = {k: v for k, v in self._pending.items() if not v.seq.is_finished}
+            self._gapped = {k: v for k, v in self._gapped.items() if not v.is_finished}
         if full:
             self._run_pending(full)

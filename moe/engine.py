@@ -141,6 +141,11 @@ class LLMEngine:
         self._spec_stats = SpecStats()
         self.spec_cost: SpecCostModel | None = None  # picks K per step (cost_control)
         self._quiet = [0, 0]  # (batch size, steps left) for which plain decoding stands (_choose_k)
+        # while the quiet steps stand and drafting could not pay even with every draft accepted
+        # (SpecCostModel.hopeless), the drafter is not kept up to date ("dormant"): a step then skips
+        # its catch-up (``_skipped``), and the first step that asks again is a plain one it sees
+        self._dormant = False
+        self._skipped = False
         self.proposer: Proposer | None = None
         self._lookup: NgramProposer | None = None
         if spec is not None:
@@ -216,8 +221,14 @@ class LLMEngine:
             self._quiet[1] -= 1
             return None
         cost = self.spec_cost
-        probe, refresh = False, cost.refresh_plain(n)
         proposers = [p for p in (self.proposer, self._lookup) if p is not None]  # (_lookup: ngram_first's)
+        if self._skipped:  # the drafter missed the last step's rows: first a plain step whose rows it keeps
+            for p in proposers:
+                p.k = 0
+                p.set_probe(None, self.scheduler.running)
+            self._quiet = [n, 0]
+            return False
+        probe, refresh = False, cost.refresh_plain(n)
         for p in proposers:
             p.k = 0 if refresh else cost.choose_k(n, p.source)
             probing = cost.probing[p.source] and not refresh
@@ -231,6 +242,7 @@ class LLMEngine:
             for p in proposers:
                 cost.skip(n, p.source, quiet)
         self._quiet = [n, quiet]  # (none after any other choice: the next step asks again)
+        self._dormant = quiet > 0 and self.drafter is not None and cost.hopeless(n, "model")
         return probe
 
     def _asked_k(self, source: str) -> int | None:
@@ -386,6 +398,11 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        # a dormant drafter skips a quiet step's rows when more quiet steps follow and no sequence can
+        # draft next step regardless (its own seed) or brings a prompt chunk (those rows always reach it)
+        self._skipped = self.runner.skip_drafter = (
+            probe is None and self._dormant and self._quiet[1] > 0
+            and all(s.num_new_tokens == 1 and s.seq.generator is None for s in batch.seqs))
         result = self._run(batch)
         # cost control times one in QUIET_SAMPLE of the quiet steps that drafted nothing (alike: their
         # bookkeeping, ~5 us, was 1.5% of a batch-1 step of the default model), every other step
@@ -462,7 +479,8 @@ class LLMEngine:
             # the real tokens' K/V, plus the draft tokens the model confirmed (rejected rows are dead)
             accepted = max(len(samples) - 1, 0) if s.draft else 0
             self._spec_stats.record(len(s.draft), accepted)
-            if self.spec_cost is not None and s.draft:
+            # (not a drafter's for a sequence whose rows it missed while dormant: those drafts are worse)
+            if self.spec_cost is not None and s.draft and (s.draft_source != "model" or self.drafter.whole(s.seq)):
                 self.spec_cost.observe_acceptance(len(s.draft), accepted, s.draft_source, self._asked_k(s.draft_source))
             seq.num_computed_tokens += s.num_new_tokens - len(s.draft) + accepted
             if seq.wants_prompt_logprobs:

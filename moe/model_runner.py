@@ -78,6 +78,7 @@ class ModelRunner:
         self.device = device
         self.num_tokens_run = 0  # tokens this rank has run through the model (its DP group's)
         self.record_expert_counts = False  # MoE layers add up tokens per expert (LLMEngine.expert_counts)
+        self.skip_drafter = False  # this step's rows bypass the drafter (the engine's dormant drafter)
         # a batch-1 step planned once (CPU, bf16); None where it would not help
         self.captured = CapturedDecode.capture(model, kv_caches)
         # a step of one sequence and one token: its inputs in tensors kept from step to step (CPU)
@@ -94,7 +95,7 @@ class ModelRunner:
             logits = self._sampling_logits(inputs, hidden)
             sampled = self._sample(batch, inputs, logits, eos_ids)
             sampled.update(self._verify_drafts(batch, inputs, logits))
-        if self.drafter is not None:  # (after verification: an MTP drafter runs on the accepted rows)
+        if self.drafter is not None and not self.skip_drafter:  # (after verification: an MTP runs on the accepted rows)
             self.drafter.catch_up(batch, hidden, sampled)
         return StepResult(sampled, self._prompt_logprobs(batch, inputs, hidden))
 

@@ -146,6 +146,7 @@ class SpecCostModel:
     # loss under ``probe_budget`` of the plain decoding time between probes (at least every 16)
     probe_every: int | None = None
     probe_budget: float = 0.02  # shared by the sources that probe (see ``sources``)
+    hopeless_probe_rarity: int = 4  # probes this many times rarer where drafting is hopeless (see hopeless)
     sources: int = 1  # draft sources that probe on their own: 2 for n-gram lookup first and a drafter
     probe_share: float = 0.125  # of the batch's sequences that draft in a probe (at least one)
     # drafting must beat plain decoding by this factor in prediction: step timings on a busy CPU are
@@ -336,6 +337,19 @@ class SpecCostModel:
 
     def step_costs(self, batch_size: int, source: str = "model") -> list[float] | None:
         """:meth:`step_cost` of K = 0 .. K_max (None while either end of the line is unmeasured)."""
+        return self._cost_line(batch_size, source, self.draft_rows(1, source))
+
+    def hopeless(self, batch_size: int, source: str = "model") -> bool:
+        """Would drafting lose at this batch size even with every sequence drafting K and every draft
+        accepted (no K's K + 1 tokens in the time of ``min_gain`` x K + 1 plain steps)? Then its
+        acceptance cannot change the choice, only the step costs can (False while unmeasured)."""
+        costs = self._cost_line(batch_size, source, 1.0)
+        return costs is not None and all((k + 1) * costs[0] < self.min_gain * costs[k]
+                                         for k in range(1, self.max_k + 1))
+
+    def _cost_line(self, batch_size: int, source: str, rows: float) -> list[float] | None:
+        """Seconds of a step with K = 0 .. K_max drafts asked of each sequence, ``rows`` draft rows per
+        sequence per unit of K."""
         b = batch_bucket(batch_size)
         plain = self._seconds(self._verify.get((b, 0)))
         draft = 0.0 if source == "lookup" else self._seconds(self._draft.get(b))
@@ -349,7 +363,6 @@ class SpecCostModel:
             t = self._verify.get((b, k))
             if t is not None and t.value is not None and t.x > points[-1][0]:
                 points.append((t.x, max(t.value, points[-1][1])))
-        rows = self.draft_rows(1, source)
         return [plain] + [self._verify_at(points, rows * k) + k * draft for k in range(1, self.max_k + 1)]
 
     @staticmethod
@@ -388,7 +401,10 @@ class SpecCostModel:
         loss = self._seconds(self._probe_loss.get(batch_bucket(batch_size)))
         if loss is None:
             loss = costs[-1] - self.step_tokens(self.max_k, source) * costs[0]
-        return max(16, math.ceil(loss / (self.probe_budget / self.sources * costs[0])))
+        budget = self.probe_budget / self.sources
+        if self.hopeless(batch_size, source):  # no acceptance could make drafting pay: probes only follow the costs
+            budget /= self.hopeless_probe_rarity
+        return max(16, math.ceil(loss / (budget * costs[0])))
 
     def choose_k(self, batch_size: int, source: str = "model") -> int:
         """The K with the most tokens per second for this batch size; unmeasured ends first; a

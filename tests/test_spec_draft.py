@@ -311,8 +311,8 @@ def test_the_engine_skips_asking_only_while_plain_decoding_stands():
         cost.observe_acceptance(3, 0, "lookup")
     prop = SimpleNamespace(source="lookup", k=None, probe_left=None)
     prop.set_probe = lambda size, running: setattr(prop, "probe_left", size)
-    eng = SimpleNamespace(spec_cost=cost, proposer=prop, _lookup=None, _quiet=[0, 0],
-                          scheduler=SimpleNamespace(running=["seq"]))
+    eng = SimpleNamespace(spec_cost=cost, proposer=prop, _lookup=None, _quiet=[0, 0], _skipped=False,
+                          drafter=None, scheduler=SimpleNamespace(running=["seq"]))
     calls = []
     real = cost.choose_k
     cost.choose_k = lambda n, source: calls.append(n) or real(n, source)
@@ -328,6 +328,32 @@ def test_the_engine_skips_asking_only_while_plain_decoding_stands():
     eng.scheduler.running = ["seq"]
     LLMEngine._choose_k(eng)
     assert prop.k == 0 and calls == [1, 1, 0, 1]
+
+
+def test_cost_model_calls_drafting_hopeless_only_when_no_acceptance_could_pay():
+    # hopeless: even with every draft accepted, K + 1 tokens take more than K + 1 plain steps / min_gain
+    cost = SpecCostModel(max_k=3)
+    assert not cost.hopeless(1)  # (unmeasured)
+    for _ in range(3):  # (a timing's first is dropped)
+        cost.observe_verify(0, 1, 1.0)
+        cost.observe_verify(3, 1, 3.0)  # 4 rows: 3 plain steps
+        cost.observe_draft(1, 0.3)
+    for _ in range(50):
+        cost.observe_acceptance(3, 3)  # every draft accepted: still K = 3 in 3.9 plain steps for 4 tokens
+    assert cost.hopeless(1) and cost.choose_k(1) == 0
+    for _ in range(2):
+        cost.observe_probe(1, 5.0, 2)  # a probe's loss: 5 s for 2 tokens, 3 plain steps over
+    assert cost.probe_interval(1) == 600  # its probes follow the costs only: within 0.5% (2% / 4) of plain time
+    cost.hopeless_probe_rarity = 1
+    assert cost.probe_interval(1) == 150
+    cheap = SpecCostModel(max_k=3)
+    for _ in range(3):
+        cheap.observe_verify(0, 1, 1.0)
+        cheap.observe_verify(3, 1, 1.5)  # a memory-bound verify: 4 rows at 1.5 plain steps
+        cheap.observe_draft(1, 0.1)
+    for _ in range(50):
+        cheap.observe_acceptance(3, 0)  # nothing accepted yet: plain wins, but acceptance could change that
+    assert cheap.choose_k(1) == 0 and not cheap.hopeless(1)
 
 
 def test_cost_model_counts_a_lookups_short_drafts():
@@ -881,6 +907,62 @@ def test_mtp_rows_wait_for_a_draft_so_steps_drafting_nothing_run_no_mtp_pass(mtp
         else:
             assert quiet[-1] > 0  # the capped rows ran while K = 0
         assert any(any(d) for _, d in steps[12:]) and e.spec_accepted > 0
+
+
+def _dormant_run(llm, prompts, params):
+    """Generate with cost control made to choose K = 0 in quiet stretches of 6 steps while two sequences
+    run (drafting hopeless), then K = 2 once one has finished; returns the outputs and per step (rows
+    skipped by the drafter, draft lengths, whole flags of the drafting sequences), and the acceptances
+    cost control was given."""
+    e = llm.engine
+    cost, steps = e.spec_cost, []
+    cost.choose_k = lambda n, source="model": 2 if n == 1 else 0
+    cost.quiet_steps = lambda n, source="model": 5 if n == 2 else 0
+    cost.hopeless = lambda n, source="model": n == 2
+    recorded = []
+    orig_obs = cost.observe_acceptance
+    cost.observe_acceptance = lambda *a, **k: recorded.append(a) or orig_obs(*a, **k)
+    orig = e.runner.run
+
+    def spy(batch, eos_ids):
+        steps.append((e.runner.skip_drafter, [len(s.draft) for s in batch.seqs],
+                      [e.drafter.whole(s.seq) for s in batch.seqs if s.draft]))
+        return orig(batch, eos_ids)
+
+    e.runner.run = spy
+    return llm.generate(prompts, params), steps, recorded
+
+
+@pytest.mark.parametrize("drafter", ["mtp", "draft_model"])
+def test_a_dormant_drafter_skips_quiet_steps_and_drafts_exactly_after(drafter, mtp_target, checkpoint, drafters):
+    """While cost control keeps plain decoding and drafting is hopeless (no acceptance could pay), the
+    drafter is not kept up to date: quiet steps followed by more quiet steps skip its catch-up, and the
+    first step that asks again (here: a sequence finished inside a stretch) is a plain one it sees. When
+    drafting resumes, greedy outputs still equal plain decoding's; an MTP layer, which missed those rows,
+    drafts for its gapped sequence without its acceptance feeding cost control; a draft model runs the
+    rows it missed from the tokens."""
+    if drafter == "mtp":
+        target, spec = mtp_target, {**MTP, "cost_control": True}
+    else:
+        target, spec = checkpoint("mixtral"), _spec(drafters["dense"], 2, cost_control=True)
+    prompts = [{"prompt_token_ids": [11, 40, 250, 3, 77, 19]}, {"prompt_token_ids": [5, 6, 7, 8]}]
+    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=11, ignore_eos=True)]
+    want = _tokens(LLM(str(target), dtype="float32").generate(prompts, params))
+    llm = LLM(str(target), dtype="float32", speculative_config=spec)
+    got, steps, recorded = _dormant_run(llm, prompts, params)
+    assert _tokens(got) == want
+    skipped = [i for i, (skip, _, _) in enumerate(steps) if skip]
+    assert len(skipped) >= 6 and not steps[0][0]  # (the prompts' step always reaches the drafter)
+    assert any(not steps[i][0] for i in range(1, skipped[-1]))  # (each stretch's last step too)
+    one = next(i for i, (_, d, _) in enumerate(steps) if len(d) == 1)  # the first step after the short one
+    assert steps[one - 1][0] and not any(steps[one][1])  # its stretch was cut: a plain step first
+    drafting = [w for _, d, whole in steps[one:] for w in whole]
+    assert drafting and llm.engine.spec_drafted > 0
+    if drafter == "mtp":
+        assert not any(drafting) and not any(a[2] == "model" for a in recorded)
+    else:
+        assert all(drafting) and recorded
 
 
 def test_mtp_on_a_checkpoint_without_one_is_refused(checkpoint):
