@@ -37,11 +37,15 @@ def distill(
     steps: int = typer.Option(200, "--steps"),
     seq_len: int = typer.Option(256, "--seq-len"),
     batch_size: int = typer.Option(8, "--batch-size"),
-    lr: float = typer.Option(1e-3, "--lr"),
-    alpha: float = typer.Option(0.1, "--alpha", help="Weight of the hard-label cross-entropy beside the KL."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: 1e-3 for a drafter or MTP "
+                                                        "head, 3e-4 to recover a checkpoint)."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Weight of the hard-label cross-entropy beside the "
+                                                                "KL (default: 0.1 for a drafter or MTP head, 0 to "
+                                                                "recover a checkpoint)."),
     hard_label: str = typer.Option("data", "--hard-label", help="The cross-entropy's label: data (the text's next "
                                                                 "token) or teacher (the teacher's first choice)."),
-    top_k: int = typer.Option(32, "--top-k", help="Teacher log-probs kept per position."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Teacher log-probs kept per position (default: 32 for "
+                                                              "a drafter or MTP head, 64 to recover a checkpoint)."),
     seed: int = typer.Option(0, "--seed"),
     teacher_windows: int = typer.Option(0, "--teacher-windows", help="Windows the teacher scores for training "
                                                                      "(0: steps x batch size, at most all)."),

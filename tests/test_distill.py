@@ -93,8 +93,22 @@ def test_dense_drafter_and_resume_continue_bit_for_bit(teacher, corpus, tmp_path
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     cfg = json.loads((tmp_path / "b" / "config.json").read_text())
     assert cfg["mlp_only_layers"] == [0] and cfg["intermediate_size"] == 48
-    other = CliRunner().invoke(app, ["distill", *common, "--lr", "1e-3", "--out", str(tmp_path / "b"), "--resume"])
+    other = CliRunner().invoke(app, ["distill", *common, "--lr", "2e-3", "--out", str(tmp_path / "b"), "--resume"])
     assert other.exit_code == 2 and "written with other options (lr)" in other.output
+
+
+def test_defaults_follow_the_student_kind(teacher, corpus, tmp_path):
+    """A drafter or MTP head learns from scratch (lr 1e-3, alpha 0.1, top-32); recovering a checkpoint
+    starts at the teacher's own weights (lr 3e-4, alpha 0, top-64); given values are kept."""
+    from moe.distill import DistillConfig
+
+    def cfg(student, **kw):
+        return DistillConfig(teacher=str(teacher), student=student, data=str(corpus), out=str(tmp_path),
+                             seq_len=32, **kw)
+
+    assert [(c.lr, c.alpha, c.top_k) for c in (cfg("draft"), cfg("mtp"), cfg(str(teacher)))] == [
+        (1e-3, 0.1, 32), (1e-3, 0.1, 32), (3e-4, 0.0, 64)]
+    assert (lambda c: (c.lr, c.alpha, c.top_k))(cfg(str(teacher), lr=1e-3, alpha=0.2, top_k=8)) == (1e-3, 0.2, 8)
 
 
 def test_hard_label_teacher_is_the_teachers_first_choice(teacher, corpus, tmp_path, monkeypatch):
