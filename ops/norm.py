@@ -14,10 +14,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     reference implementations, in one C pass on CPU (bf16) where the kernel takes ``x``."""
     if x.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    y = None
     if x.device.type == "cpu":  # (a few-row GEMM's transposed view: copied to rows, still far cheaper than torch)
-        y = cpu_kernels.rms_norm(x if x.stride(-1) == 1 else x.contiguous(), weight, eps)
-    else:
-        y = None
+        y = cpu_kernels.rms_norm(x if x.stride(-1) == 1 or x.dtype != torch.bfloat16 else x.contiguous(), weight, eps)
     if y is not None:
         return y
     return rms_norm_reference(x, weight, eps)
@@ -27,7 +26,7 @@ def add_rms_norm(h_TD: torch.Tensor, d_TD: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual ``h + d`` and :func:`rms_norm` of it: ``(h + d, norm(h + d))``, in one C pass
     for bf16 on CPU (the same roundings)."""
-    if h_TD.device.type == "cpu":  # (``d`` is often a few-row GEMM's transposed view: copied to rows)
+    if h_TD.device.type == "cpu" and h_TD.dtype == torch.bfloat16:  # (``d`` often a few-row GEMM's transposed view)
         out = cpu_kernels.add_rms_norm(h_TD.contiguous(), d_TD.contiguous(), weight, eps)
         if out is not None:
             return out

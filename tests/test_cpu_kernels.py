@@ -358,6 +358,23 @@ def test_add_rms_norm_kernel_equals_add_then_norm(shape):
     assert cpu_kernels.add_rms_norm(h.float(), d.float(), w.float(), 1e-6) is None  # float32: torch's rms_norm
 
 
+def test_ops_norms_take_the_kernel_for_a_few_row_gemms_transposed_view(monkeypatch):
+    # ops.linear returns 65-128 rows as a transposed view (w @ x.T); the norms after it copy it to rows
+    # for the C kernel (bit for bit the kernel's results) instead of torch's float32 path
+    import ops
+    from cpu_kernels.elementwise import rms_norm_lane_order_reference
+
+    g = torch.Generator().manual_seed(5)
+    h = (torch.randn(100, 256, generator=g) * 3).bfloat16()
+    d = (torch.randn(256, 100, generator=g) * 3).bfloat16().t()  # rows with stride 1 between them
+    w = torch.randn(256, generator=g).bfloat16()
+    assert d.stride(-1) != 1
+    monkeypatch.setattr("ops.norm.rms_norm_reference", lambda *a: pytest.fail("took torch's path"))
+    assert torch.equal(ops.rms_norm(d, w, 1e-6), rms_norm_lane_order_reference(d.contiguous(), w, 1e-6))
+    s_, x = ops.add_rms_norm(h, d, w, 1e-6)
+    assert torch.equal(s_, h + d) and torch.equal(x, rms_norm_lane_order_reference(h + d, w, 1e-6))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("src", ["contiguous", "head_view", "transposed"])
 def test_write_rows_equals_index_copy(src, dtype):
