@@ -146,6 +146,7 @@ class LLMEngine:
         # its catch-up (``_skipped``), and the first step that asks again is a plain one it sees
         self._dormant = False
         self._skipped = False
+        self._probing: list[str] = []  # the sources probing this step
         self.proposer: Proposer | None = None
         self._lookup: NgramProposer | None = None
         if spec is not None:
@@ -228,12 +229,13 @@ class LLMEngine:
                 p.set_probe(None, self.scheduler.running)
             self._quiet = [n, 0]
             return False
-        probe, refresh = False, cost.refresh_plain(n)
+        refresh = cost.refresh_plain(n)
         for p in proposers:
             p.k = 0 if refresh else cost.choose_k(n, p.source)
             probing = cost.probing[p.source] and not refresh
             p.set_probe(cost.probe_size(n) if probing else None, self.scheduler.running)
-            probe |= p.probe_left is not None
+        self._probing = [p.source for p in proposers if p.probe_left is not None]  # (their losses: _observe_step)
+        probe = bool(self._probing)
         quiet = 0
         if not refresh and not probe and not any(p.k for p in proposers):
             # the steps for which every source's choice is known to stay plain are skipped (a batch-1
@@ -440,7 +442,7 @@ class LLMEngine:
                         drew.append(p.source)
         if probe:
             tokens = sum(len(result.sampled.get(b, ())) for b in range(len(batch.seqs)))
-            cost.observe_probe(len(batch.seqs), seconds, tokens)
+            cost.observe_probe(len(batch.seqs), seconds, tokens, self._probing)
             return
         if decode_only:
             rows = sum(len(s.draft) for s in batch.seqs) / len(batch.seqs)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -164,9 +165,11 @@ class SpecCostModel:
     # (bucket, ceil(extra rows per sequence)) -> seconds per step and those rows
     _verify: dict[tuple[int, int], _Timing] = field(default_factory=dict)
     _draft: dict[int, _Timing] = field(default_factory=dict)  # bucket -> seconds per batched drafter step
-    # bucket -> a probe step's measured loss: its seconds (drafting with the rows the drafter caught
-    # up on, and the verify) less plain decoding's time for the tokens it yielded
-    _probe_loss: dict[int, _Timing] = field(default_factory=dict)
+    # (bucket, source) -> a probe step's measured loss: its seconds (drafting with the rows the drafter
+    # caught up on, and the verify) less plain decoding's time for the tokens it yielded; per source,
+    # since a lookup's probes cost next to nothing and a drafter's do (one bucket for both had the
+    # lookup's set a drafter's probes 16 steps apart at 32 concurrent)
+    _probe_loss: dict[tuple[int, str], _Timing] = field(default_factory=dict)
     # source -> per draft position: drafts that got that far, and of those the accepted ones
     _reached: dict[str, list[int]] = field(default_factory=dict)
     _accepted: dict[str, list[int]] = field(default_factory=dict)
@@ -264,12 +267,14 @@ class SpecCostModel:
         _timing(self._draft, batch_bucket(batch_size)).add(seconds)
         self._version += 1
 
-    def observe_probe(self, batch_size: int, seconds: float, tokens: int) -> None:
-        """A whole probe step (scheduling and drafting included) that yielded ``tokens`` tokens."""
-        plain = self._seconds(self._verify.get((batch_bucket(batch_size), 0)))
+    def observe_probe(self, batch_size: int, seconds: float, tokens: int, sources: Sequence[str] = ("model",)) -> None:
+        """A whole probe step (scheduling and drafting included) of the probing ``sources`` that
+        yielded ``tokens`` tokens."""
+        b = batch_bucket(batch_size)
+        plain = self._seconds(self._verify.get((b, 0)))
         if plain is not None:
-            _timing(self._probe_loss, batch_bucket(batch_size)).add(
-                seconds - tokens * plain / batch_size)
+            for source in sources:
+                _timing(self._probe_loss, (b, source)).add(seconds - tokens * plain / batch_size)
         self._version += 1
 
     def observe_acceptance(self, draft_len: int, accepted: int, source: str = "model",
@@ -398,7 +403,7 @@ class SpecCostModel:
         if self.probe_every is not None:
             return self.probe_every
         costs = self.step_costs(batch_size, source)
-        loss = self._seconds(self._probe_loss.get(batch_bucket(batch_size)))
+        loss = self._seconds(self._probe_loss.get((batch_bucket(batch_size), source)))
         if loss is None:
             loss = costs[-1] - self.step_tokens(self.max_k, source) * costs[0]
         budget = self.probe_budget / self.sources

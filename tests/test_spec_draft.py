@@ -422,7 +422,9 @@ def test_cost_model_picks_k_from_costs_and_acceptance():
     assert low.probe_interval(8) == math.ceil((2.2 + 3 * 0.1 - 1.0) / 0.02)  # the cost line's loss: 75
     for _ in range(3):  # probe steps of 4 s that yielded 9 tokens for 8 sequences: loss 4 - 9/8
         low.observe_probe(8, 4.0, 9)
+        low.observe_probe(8, 1.0, 9, ["lookup"])  # a lookup's probes (nearly free) are its own
     assert low.probe_interval(8) == math.ceil((4.0 - 9 / 8) / 0.02)
+    assert low.probe_interval(8, "lookup") == 16  # (no loss: as often as allowed)
     low.sources = 2  # n-gram lookup first and a drafter: each probes, within half the budget
     assert low.probe_interval(8) == math.ceil((4.0 - 9 / 8) / 0.01)
 
