@@ -346,7 +346,9 @@ class MTPDrafter(_OwnKVCache):
     runs draft token ``d_j`` at position ``c + j - 1`` with the MTP's own previous output as the
     hidden state (the first MTP layer reused for every K). A prefix-cache hit keeps the hit blocks'
     MTP K/V, whose last slot was computed with the token that followed there, which may differ:
-    drafts may be a little worse there, outputs are exact regardless."""
+    drafts may be a little worse there, outputs are exact regardless. Steps the engine keeps from it
+    (a dormant drafter: ``ModelRunner.skip_drafter``) leave their positions' MTP K/V unwritten: the
+    sequence is then no longer :meth:`whole` (see :meth:`_restart`)."""
 
     PENDING_BYTES = 8 << 20  # hidden states kept per sequence before its rows run anyway
     CATCH_UP_ROWS = 2048  # rows per MTP pass when running pending rows (a prompt, a long plain stretch)
