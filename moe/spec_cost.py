@@ -36,7 +36,11 @@ proposers' ``probe_left``), though every sequence is asked (so the shares are co
 cost, and since a draft model runs a sequence's rows only when it drafts for it (prompt included),
 the sequences not probed cost it nothing. A probe step's time is not taken as a verify cost.
 While only plain steps' timings come in, a judgement (best K, probe interval) stands for
-``rejudge_every`` steps: on a fast model the bookkeeping is a visible share of a step.
+``rejudge_every`` steps: on a fast model the bookkeeping is a visible share of a step. Each source's
+probes are judged by their own measured loss (a lookup's cost next to nothing). Where drafting is
+:meth:`SpecCostModel.hopeless` (no K pays even with every sequence drafting and every draft accepted)
+acceptance cannot change the choice: probes then run ``hopeless_probe_rarity`` times rarer, and the
+engine lets the drafter go without its per-step catch-up (a dormant drafter, ``moe.engine``).
 """
 from __future__ import annotations
 
@@ -346,8 +350,9 @@ class SpecCostModel:
 
     def hopeless(self, batch_size: int, source: str = "model") -> bool:
         """Would drafting lose at this batch size even with every sequence drafting K and every draft
-        accepted (no K's K + 1 tokens in the time of ``min_gain`` x K + 1 plain steps)? Then its
-        acceptance cannot change the choice, only the step costs can (False while unmeasured)."""
+        accepted (for every K, a step of K + 1 tokens taking longer than K + 1 plain steps over
+        ``min_gain``)? Then its acceptance cannot change the choice, only the step costs can (False
+        while unmeasured)."""
         costs = self._cost_line(batch_size, source, 1.0)
         return costs is not None and all((k + 1) * costs[0] < self.min_gain * costs[k]
                                          for k in range(1, self.max_k + 1))
