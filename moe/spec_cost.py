@@ -151,7 +151,8 @@ class SpecCostModel:
     # loss under ``probe_budget`` of the plain decoding time between probes (at least every 16)
     probe_every: int | None = None
     probe_budget: float = 0.02  # shared by the sources that probe (see ``sources``)
-    hopeless_probe_rarity: int = 4  # probes this many times rarer where drafting is hopeless (see hopeless)
+    hopeless_probe_rarity: int = 4  # probes this many times rarer where drafting is hopeless or unpromising
+    unpromising_after: int = 32  # drafts reaching the first position before a drafter can count as unpromising
     sources: int = 1  # draft sources that probe on their own: 2 for n-gram lookup first and a drafter
     probe_share: float = 0.125  # of the batch's sequences that draft in a probe (at least one)
     # drafting must beat plain decoding by this factor in prediction: step timings on a busy CPU are
@@ -357,6 +358,24 @@ class SpecCostModel:
         return costs is not None and all((k + 1) * costs[0] < self.min_gain * costs[k]
                                          for k in range(1, self.max_k + 1))
 
+    def unpromising(self, batch_size: int, source: str = "model") -> bool:
+        """Would a drafter still lose at this batch size if every draft position were accepted as
+        often as an optimistic bound of its measured first position (two standard errors above, after
+        at least ``unpromising_after`` drafts)? Then acceptance would have to change far beyond its
+        noise for drafting to pay, and a probe mostly re-measures what is known. (Not for a lookup:
+        its probes cost next to nothing, and its drafting share, low at batch 1, would count against it.)"""
+        n = self._reached[source][0]
+        costs = self.step_costs(batch_size, source)
+        if source != "model" or n < self.unpromising_after or costs is None:
+            return False
+        a = self._accepted[source][0] / n
+        hi = min(1.0, a + 2 * math.sqrt(a * (1 - a) / n) + 2 / n)
+        share, out, reach = self._shares[source].share(), [1.0], 1.0
+        for j in range(self.max_k):
+            reach *= hi
+            out.append(out[-1] + reach * self.length_share(j, source))
+        return all((1 + share * (out[k] - 1)) * costs[0] < self.min_gain * costs[k] for k in range(1, self.max_k + 1))
+
     def _cost_line(self, batch_size: int, source: str, rows: float) -> list[float] | None:
         """Seconds of a step with K = 0 .. K_max drafts asked of each sequence, ``rows`` draft rows per
         sequence per unit of K."""
@@ -412,8 +431,8 @@ class SpecCostModel:
         if loss is None:
             loss = costs[-1] - self.step_tokens(self.max_k, source) * costs[0]
         budget = self.probe_budget / self.sources
-        if self.hopeless(batch_size, source):  # no acceptance could make drafting pay: probes only follow the costs
-            budget /= self.hopeless_probe_rarity
+        if self.hopeless(batch_size, source) or self.unpromising(batch_size, source):
+            budget /= self.hopeless_probe_rarity  # acceptance cannot, or could only far beyond its noise, pay
         return max(16, math.ceil(loss / (budget * costs[0])))
 
     def choose_k(self, batch_size: int, source: str = "model") -> int:

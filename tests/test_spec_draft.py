@@ -356,6 +356,26 @@ def test_cost_model_calls_drafting_hopeless_only_when_no_acceptance_could_pay():
     assert cheap.choose_k(1) == 0 and not cheap.hopeless(1)
 
 
+def test_a_drafter_is_unpromising_only_when_well_measured_acceptance_is_far_from_paying():
+    def model(accepted: int, drafts: int, source: str = "model") -> SpecCostModel:
+        m = SpecCostModel(max_k=3)
+        for _ in range(3):
+            m.observe_verify(0, 1, 1.0)
+            m.observe_verify(3, 1, 1.5)  # 4 rows at 1.5 plain steps: drafting pays if accepted
+            m.observe_draft(1, 0.1)
+        for i in range(drafts):
+            m.observe_acceptance(3, 3 if i < accepted else 0, source)
+        return m
+
+    assert not model(0, 100).hopeless(1)  # (every draft accepted would pay)
+    assert model(0, 100).unpromising(1) and model(10, 100).unpromising(1)  # 0.1: far below what pays
+    assert not model(0, 20).unpromising(1)  # too few drafts to tell
+    assert not model(90, 100).unpromising(1)  # 0.9 accepted: drafting pays
+    low = model(30, 100)  # 0.3: does not pay as measured, but a K = 1 step would within two standard errors
+    assert low.choose_k(1) == 0 and not low.unpromising(1)
+    assert not model(0, 100, "lookup").unpromising(1, "lookup")  # a lookup's probes are nearly free
+
+
 def test_cost_model_counts_a_lookups_short_drafts():
     # a lookup asked for 3 tokens that finds 1 (its continuation ends) half the time and all 3 the
     # other half, every drafted token accepted: its drafts yield 1 + (1 + .5 + .5) = 3 tokens, not
@@ -419,6 +439,9 @@ def test_cost_model_picks_k_from_costs_and_acceptance():
     # probes: the interval follows the measured probe loss (catch-up included) once there is one
     assert low.probe_interval(8) == 4  # fixed
     low.probe_every = None
+    # 100 drafts, none accepted: even two standard errors up no K pays, so probes run 4x rarer
+    assert low.unpromising(8) and low.probe_interval(8) == 4 * 75
+    low.hopeless_probe_rarity = 1  # (below: the budget as it stands for a drafter that might pay)
     assert low.probe_interval(8) == math.ceil((2.2 + 3 * 0.1 - 1.0) / 0.02)  # the cost line's loss: 75
     for _ in range(3):  # probe steps of 4 s that yielded 9 tokens for 8 sequences: loss 4 - 9/8
         low.observe_probe(8, 4.0, 9)
