@@ -40,7 +40,9 @@ While only plain steps' timings come in, a judgement (best K, probe interval) st
 probes are judged by their own measured loss (a lookup's cost next to nothing). Where drafting is
 :meth:`SpecCostModel.hopeless` (no K pays even with every sequence drafting and every draft accepted)
 acceptance cannot change the choice: probes then run ``hopeless_probe_rarity`` times rarer, and the
-engine lets the drafter go without its per-step catch-up (a dormant drafter, ``moe.engine``).
+engine lets the drafter go without its per-step catch-up (a dormant drafter, ``moe.engine``). A
+drafter whose well-measured acceptance is far below paying (:meth:`SpecCostModel.unpromising`)
+probes as rarely.
 """
 from __future__ import annotations
 
