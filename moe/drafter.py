@@ -452,11 +452,12 @@ class MTPDrafter(_OwnKVCache):
         return self._gapped.get(id(seq)) is not seq
 
     def _restart(self, seq: Sequence, start: int, rows: _PendingRows | None) -> _PendingRows:
-        """``seq``'s pending rows from ``start`` on: a new or recomputed sequence, or one whose rows
-        stopped short of ``start`` (steps whose catch-up the engine skipped, or rows dropped by a
-        preemption past which a prefix hit resumed it): the MTP's K/V there stay unwritten, so its drafts
-        for the sequence are worse from then on (outputs stay exact) and it is no longer whole."""
-        if rows is not None and rows.preemptions == seq.num_preemptions and rows.ids:
+        """``seq``'s pending rows from ``start`` on (``rows``: its current ones, :meth:`_pending_of`): a
+        new or recomputed sequence, or one whose rows stopped short of ``start`` (steps whose catch-up
+        the engine skipped, or rows dropped by a preemption past which a prefix hit resumed it): the
+        MTP's K/V there stay unwritten, so its drafts for the sequence are worse from then on (outputs
+        stay exact) and it is no longer whole."""
+        if rows is not None:
             end = rows.start + len(rows.ids)
         else:
             ran = self._next.get(id(seq))
@@ -484,9 +485,8 @@ class MTPDrafter(_OwnKVCache):
             if len(ids) < m:
                 ids += [t for t, _ in new[:m - len(ids)]]
             if len(ids) == m:
-                rows = self._pending.get(id(seq))
-                if (rows is None or rows.preemptions != seq.num_preemptions or not rows.ids
-                        or rows.start + len(rows.ids) != start):
+                rows = self._pending_of(seq)
+                if rows is None or rows.start + len(rows.ids) != start:
                     rows = self._restart(seq, start, rows)
                 rows.ids += ids
                 rows.hidden.append(hidden_TD if one and m == n else (hidden_TD, base, m))

@@ -316,14 +316,15 @@ class SpecCostModel:
         asked = self._asked_at[source][j]
         return self._long_at[source][j] / asked if asked else 1.0
 
-    def _expected(self, source: str) -> list[float]:
+    def _expected(self, source: str, acceptance: float | None = None) -> list[float]:
         """:meth:`expected_tokens` of K = 0 .. K_max (E(K) built up position by position: position j
         adds the chance that the draft has it times that it and every one before it pass). Counting
         every asked position as drafted had a lookup whose drafts mostly end early predicted to pay
-        (Mixtral shape at batch 1: K = 3 at 1.21x, run at 1.03x)."""
+        (Mixtral shape at batch 1: K = 3 at 1.21x, run at 1.03x). ``acceptance``: that chance at every
+        position instead of the measured ones."""
         out, reach = [1.0], 1.0
         for j in range(self.max_k):
-            reach *= self.acceptance(j, source)
+            reach *= self.acceptance(j, source) if acceptance is None else acceptance
             out.append(out[-1] + reach * self.length_share(j, source))
         return out
 
@@ -332,10 +333,10 @@ class SpecCostModel:
         drafts: a drafting sequence's :meth:`expected_tokens`, for the share that drafts."""
         return self._step_tokens(source)[k]
 
-    def _step_tokens(self, source: str) -> list[float]:
-        """:meth:`step_tokens` of K = 0 .. K_max."""
+    def _step_tokens(self, source: str, acceptance: float | None = None) -> list[float]:
+        """:meth:`step_tokens` of K = 0 .. K_max (``acceptance``: as :meth:`_expected`)."""
         share = self._shares[source].share()
-        return [1.0 + share * (e - 1.0) for e in self._expected(source)]
+        return [1.0 + share * (e - 1.0) for e in self._expected(source, acceptance)]
 
     def draft_rows(self, k: int, source: str = "model") -> float:
         """Extra rows per sequence of the batch when ``source`` is asked for ``k`` drafts."""
@@ -357,8 +358,7 @@ class SpecCostModel:
         ``min_gain``)? Then its acceptance cannot change the choice, only the step costs can (False
         while unmeasured)."""
         costs = self._cost_line(batch_size, source, 1.0)
-        return costs is not None and all((k + 1) * costs[0] < self.min_gain * costs[k]
-                                         for k in range(1, self.max_k + 1))
+        return costs is not None and self._loses_everywhere([k + 1.0 for k in range(self.max_k + 1)], costs)
 
     def unpromising(self, batch_size: int, source: str = "model") -> bool:
         """Would a drafter still lose at this batch size if every draft position were accepted as
@@ -372,11 +372,11 @@ class SpecCostModel:
             return False
         a = self._accepted[source][0] / n
         hi = min(1.0, a + 2 * math.sqrt(a * (1 - a) / n) + 2 / n)
-        share, out, reach = self._shares[source].share(), [1.0], 1.0
-        for j in range(self.max_k):
-            reach *= hi
-            out.append(out[-1] + reach * self.length_share(j, source))
-        return all((1 + share * (out[k] - 1)) * costs[0] < self.min_gain * costs[k] for k in range(1, self.max_k + 1))
+        return self._loses_everywhere(self._step_tokens(source, hi), costs)
+
+    def _loses_everywhere(self, tokens: list[float], costs: list[float]) -> bool:
+        """Does no K > 0 yield its ``tokens[K]`` per sequence at ``min_gain`` x plain decoding's rate?"""
+        return all(tokens[k] * costs[0] < self.min_gain * costs[k] for k in range(1, self.max_k + 1))
 
     def _cost_line(self, batch_size: int, source: str, rows: float) -> list[float] | None:
         """Seconds of a step with K = 0 .. K_max drafts asked of each sequence, ``rows`` draft rows per
