@@ -23,7 +23,7 @@ runs is chosen by the callers (:mod:`ops` for the base ops), whose torch path is
 from .amx import (AMX_MAX_ROWS, amx_available, amx_experts, amx_heads, amx_linear, amx_moe, amx_moe_packed,
                   amx_tiles)
 from .amx_attention import prefill_attention, supports_prefill
-from .build import advise_huge_pages, last_level_cache_bytes, load, set_malloc_thresholds
+from .build import advise_huge_pages, gather_small_storages, last_level_cache_bytes, load, set_malloc_thresholds
 from .elementwise import (RouteToken, add_rms_norm, argmax_rows, rms_norm, rope_, route_select, silu_mul,
                           transpose_to_float, write_rows)
 from .fused import GqaToken, MlaToken, SeqRows, gqa_token, mla_token
@@ -36,6 +36,7 @@ from .step import DecodeStep, LogitsRows, StepHalf
 
 __all__ = [
     "load", "set_malloc_thresholds", "last_level_cache_bytes", "advise_huge_pages",
+    "gather_small_storages",
     "supports_decode", "paged_decode_attention", "supports_prefill",
     "prefill_attention",
     "rope_", "silu_mul", "rms_norm", "add_rms_norm", "write_rows", "transpose_to_float", "route_select", "RouteToken",

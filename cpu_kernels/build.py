@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import mmap
 import os
 import shutil
 import subprocess
@@ -226,6 +227,60 @@ def advise_huge_pages(tensors, collapse: bool = False) -> int:
             madvise(lo, hi - lo, _MADV_COLLAPSE)  # (refused where unsupported: the advice above still holds)
         done += hi - lo
     return done
+
+
+def gather_small_storages(tensors, max_bytes: int = 32 << 20) -> int:
+    """Copy the storages of ``max_bytes`` or less that the tensors use (CPU) into one 2 MiB-aligned
+    arena and point every given tensor on them at its copy in place (``Tensor.set_``: same offset,
+    sizes and strides; tensors not given keep the old memory). :func:`advise_huge_pages` covers only a
+    storage's 2 MiB-aligned interior, so a weight of a few MB (attention projections, a shared expert:
+    a third of the bytes a DeepSeek-V3-shaped decode step reads) stays on 4 KiB pages unless it is
+    gathered with others (a 2-thread bf16 GEMV streamed 9% faster from huge pages than from 4 KiB ones,
+    a plain sum 15%, on a Zen 4 EPYC). Storages up to 32 MiB miss up to an eighth of their bytes that way.
+    Call it before :func:`advise_huge_pages` and before anything keeps a tensor's address. Returns the
+    bytes gathered."""
+    groups: dict[int, tuple[torch.UntypedStorage, list[torch.Tensor]]] = {}
+    seen: set[int] = set()
+    for t in tensors:
+        if t.device.type != "cpu" or t.is_sparse or id(t) in seen:
+            continue
+        seen.add(id(t))
+        st = t.untyped_storage()
+        if 0 < st.nbytes() <= max_bytes:
+            groups.setdefault(st.data_ptr(), (st, []))[1].append(t)
+    if not groups:
+        return 0
+    align = 256  # (a cache line, and a multiple of every element size)
+    sizes = [(st.nbytes() + align - 1) // align * align for st, _ in groups.values()]
+    # fresh pages of its own mapping (the heap may hand out pages already faulted in, small), advised
+    # before the copies write them: they fault in huge
+    region = mmap.mmap(-1, sum(sizes) + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    arena = torch.frombuffer(region, dtype=torch.uint8)
+    base = (-arena.data_ptr()) % _HUGE_PAGE  # the arena's first 2 MiB boundary
+    advise_huge_pages([arena[base:]])
+    storage, at, freed = arena.untyped_storage(), base, 0
+    with torch.no_grad():
+        while groups:
+            st, ts = groups.pop(next(iter(groups)))
+            n = st.nbytes()
+            arena[at:at + n].copy_(torch.empty(0, dtype=torch.uint8).set_(st, 0, (n,), (1,)))
+            for t in ts:
+                t.set_(storage, at // t.element_size() + t.storage_offset(), t.size(), t.stride())
+            at += sizes.pop(0)
+            del st, ts  # (the old storage freed, unless something not given holds it)
+            freed += n
+            if freed >= 64 << 20 or not groups:  # the freed memory back to the OS as the copies go: the
+                _trim_heap()                     # process never holds the gathered bytes twice over
+                freed = 0
+    return at - base
+
+
+def _trim_heap() -> None:
+    """Hand the heap's free memory back to the OS (glibc's malloc_trim; nothing elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int | None = None) -> None:

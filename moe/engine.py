@@ -84,8 +84,13 @@ def _huge_pages(model: torch.nn.Module, collapse: bool = False) -> int:
     """Back a CPU model's weights with transparent huge pages (:func:`cpu_kernels.advise_huge_pages`):
     batch-1 decode streams every weight once a token, and on 4 KiB pages the stream meets a TLB miss
     and a stopped hardware prefetch every 4 KiB (batch-1 decode 1.04-1.18x on the benchmark shapes, one
-    process, engines alternating; docs/benchmarks.md). Returns the bytes advised."""
-    return cpu_kernels.advise_huge_pages(_held_tensors(model), collapse)
+    process, engines alternating; docs/benchmarks.md). With ``collapse`` (the weights loaded), the
+    storages too small for a huge page of their own are first gathered into one arena
+    (:func:`cpu_kernels.gather_small_storages`). Returns the bytes advised."""
+    held = _held_tensors(model)
+    if collapse:
+        cpu_kernels.gather_small_storages(held)
+    return cpu_kernels.advise_huge_pages(held, collapse)
 
 
 class LLMEngine:

@@ -1231,3 +1231,40 @@ def test_weights_advised_before_they_are_written_fault_in_as_huge_pages(tmp_path
     assert torch.equal(embed, want)
     out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, max_tokens=4))
     assert not out[0].error
+
+
+def test_small_storages_gathered_into_one_arena_keep_values_views_and_huge_pages(tmp_path):
+    """gather_small_storages: every storage of max_bytes or less moves into one arena (2 MiB-aligned,
+    advised huge before it is written), each tensor given keeps its values, dtype, sizes, strides and
+    offset, and tensors that shared a storage still do; larger storages stay where they were. The
+    engine's weights go through it at load, so its small projections share one storage."""
+    from moe import LLM
+    from tiny_models import make_checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.randn(512, 1024, generator=g).to(torch.bfloat16) for _ in range(6)]  # 1 MiB each
+    wt = mats[0].t()  # a view of the first: transposed strides on the same storage
+    rows = mats[1][100:200]  # and one at an offset
+    f32, i64 = torch.randn(1000, generator=g), torch.arange(7)
+    big = torch.empty(40 << 20, dtype=torch.uint8)
+    given = [*mats, wt, rows, f32, i64, big, mats[2]]  # (a tensor twice: moved once)
+    before = [t.clone() for t in given]
+    big_at = big.data_ptr()
+    gathered = cpu_kernels.gather_small_storages(given)
+    assert gathered >= 6 * (1 << 20) + 4000 + 56
+    assert big.data_ptr() == big_at
+    arena = mats[0].untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == arena for t in (*mats, wt, rows, f32, i64))
+    for t, b in zip(given, before):
+        assert t.dtype == b.dtype and t.shape == b.shape and torch.equal(t, b)
+    assert wt.stride() == (1, 1024) and wt.data_ptr() == mats[0].data_ptr()
+    assert rows.data_ptr() == mats[1].data_ptr() + 100 * 1024 * 2
+    mats[0][3, 5] = 1.5  # still views of each other
+    assert wt[5, 3].item() == 1.5
+    assert mats[0].data_ptr() % (2 << 20) == 0  # the first storage given starts the arena, on a 2 MiB boundary
+    if "[never]" not in open("/sys/kernel/mm/transparent_hugepage/enabled").read():
+        assert _huge_bytes_at(mats[0].data_ptr()) >= 2 << 20
+
+    llm = LLM(str(make_checkpoint("qwen3_moe", tmp_path / "m")), dtype="bfloat16")
+    weights = list(llm.engine.model.layers[0].self_attn.parameters())
+    assert len(weights) > 2 and len({p.untyped_storage().data_ptr() for p in weights}) == 1
