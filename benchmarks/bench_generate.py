@@ -150,7 +150,7 @@ def machine_info(threads: int) -> dict:
 
 def bandwidth_probe(gib: float = 1.0, repeats: int = 3) -> dict:
     """Best-of-N memory bandwidth with the configured threads: a read of a ``gib`` GiB float32 array
-    (:func:`peers.workloads.read_probe`: the better of ``torch.sum`` and numpy's sum in slices), and a
+    (:func:`peers.workloads.read_probe`: on huge pages, the better of ``torch.sum`` and numpy's sum in slices), and a
     copy (read + write, counted as 2x bytes)."""
     from peers.workloads import read_probe
 
