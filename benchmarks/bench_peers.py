@@ -83,7 +83,7 @@ def build_plan(args, ckpt: Path, vocab: int) -> dict:
 
     workloads = {
         "batch1": {"kind": "batch1", "ttft_prompts": [ids(plen) for _ in range(2 if q else 5)],
-                   "decode_prompts": [ids(plen) for _ in range(1 if q else 3)], "new_tokens": new},
+                   "decode_prompts": [ids(plen) for _ in range(1 if q else 5)], "new_tokens": new},
         "batched32": mixed(8 if q else 32),
         "batched64": mixed(16 if q else 64),
         "burst": {"kind": "burst", "prompts": [ids(burst_len) for _ in range(burst_n)]},

@@ -82,9 +82,13 @@ def summarize(model: dict, probe_GBps: float) -> dict:
         if v is not None:  # weight bytes streamed per second at batch 1, as a share of the run's probe
             out["probe_fraction"][e] = v * active / 1e9 / probe_GBps
             b1 = eng[e]["workloads"]["batch1"]
-            beside = b1.get("probe_GBps")  # and of the probe beside the runs (where it read as the run's did)
-            if beside and b1.get("probe_method", "torch") == probe_method():
-                out["probe_fraction_beside"][e] = v * active / 1e9 / beside
+            if b1.get("probe_method", "torch") != probe_method():  # (only beside probes read as the run's did)
+                continue
+            if b1.get("run_probes_GBps"):  # and of the probes beside each decode run: the median run's share
+                out["probe_fraction_beside"][e] = _median([r * active / 1e9 / p for r, p in
+                                                           zip(b1["all_decode_tok_s"], b1["run_probes_GBps"])])
+            elif b1.get("probe_GBps"):  # (results of before: one probe before and one after all the runs)
+                out["probe_fraction_beside"][e] = v * active / 1e9 / b1["probe_GBps"]
     out["greedy_agreement"] = agreement(eng)
     out["probe_target_met"] = _probe_verdict(out)
     verdicts = [r["met"] for r in out["metrics"].values() if r["met"] is not None]
@@ -185,7 +189,7 @@ def print_model(name: str, model: dict, probe_GBps: float) -> None:
     beside = s.get("probe_fraction_beside", {})
     for pf, label, judged in ((s["probe_fraction"], f"batch 1 weight GB/s as % of probe {probe_GBps:.1f}",
                                not beside),
-                              (beside, "  ... % of a probe beside the runs", bool(beside))):
+                              (beside, "  ... % of the probes beside each run", bool(beside))):
         if pf:
             cells = "".join(f"{pf[e]:>{wd}.0%}" if e in pf else f"{'-':>{wd}}"
                             for e, wd in zip(ENGINES, (10, 10, 11)))

@@ -130,18 +130,20 @@ def batch1(engine: Engine, w: dict) -> dict:
     ttfts = [_checked(engine, [p], [1]).wall_s for p in w["ttft_prompts"]]
     ttft = statistics.median(ttfts)
     new = w["new_tokens"]
-    # the host's memory bandwidth moves by up to 2x within minutes: a probe right before and after the
-    # decode runs, in this process, is the reference for their weight read rate
-    before = read_probe()
-    runs = [_checked(engine, [p], [new]) for p in w["decode_prompts"]]
-    after = read_probe()
+    # the host's memory bandwidth moves by up to 2x within seconds: a probe before and after each decode
+    # run, in this process, is the reference for that run's weight read rate (the mean of the two)
+    probes = [read_probe()]
+    runs = []
+    for p in w["decode_prompts"]:
+        runs.append(_checked(engine, [p], [new]))
+        probes.append(read_probe())
     rates = [(new - 1) / (b.wall_s - ttft) for b in runs]
     # the first run's greedy tokens: the parent compares engines on them (same model, same prompt)
     return {"ttft_s": ttft, "all_ttft_s": ttfts, "decode_tok_s": max(rates), "all_decode_tok_s": rates,
             "prompt_len": len(w["decode_prompts"][0]), "new_tokens": new,
             "greedy_tokens": runs[0].tokens[0] if runs[0].tokens else None,
-            "probe_GBps": (before + after) / 2, "probe_before_GBps": before, "probe_after_GBps": after,
-            "probe_method": probe_method()}
+            "probe_GBps": statistics.fmean(probes), "probe_before_GBps": probes[0], "probe_after_GBps": probes[-1],
+            "run_probes_GBps": [(a + b) / 2 for a, b in zip(probes, probes[1:])], "probe_method": probe_method()}
 
 
 def batched(engine: Engine, w: dict) -> dict:
