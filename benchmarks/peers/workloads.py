@@ -56,7 +56,7 @@ def _checked(engine: Engine, prompts: list[list[int]], max_tokens: list[int]) ->
 
 def read_probe(gib: float = 1.0, repeats: int = 3) -> float:
     """Read bandwidth in GB/s over a ``gib`` GiB float32 array on huge pages where Linux gives them
-    (as the engines' weights are: a 4 KiB-paged read ran 13% slower on a Zen 4 EPYC), best of
+    (as the engines' weights are: 4 KiB pages read 6-35% slower in six pairs on a Zen 4 EPYC), best of
     ``repeats`` and of the reads :func:`probe_method` names: ``torch.sum`` with this process's threads,
     and numpy's sum over as many slices, one Python thread each (numpy's reductions release the GIL).
     Neither is always the faster: on a 2-vCPU Xeon numpy's read 31 GB/s where ``torch.sum`` read 25-26.
