@@ -250,14 +250,16 @@ def gather_small_storages(tensors, max_bytes: int = 32 << 20) -> int:
             groups.setdefault(st.data_ptr(), (st, []))[1].append(t)
     if not groups:
         return 0
-    align = 256  # (a cache line, and a multiple of every element size)
-    sizes = [(st.nbytes() + align - 1) // align * align for st, _ in groups.values()]
+    def placed(nbytes: int) -> int:  # a storage's room in the arena: whole 256-byte units (a cache line,
+        return -(-nbytes // 256) * 256  # and a multiple of every element size)
+
     # fresh pages of its own mapping (the heap may hand out pages already faulted in, small), advised
     # before the copies write them: they fault in huge
-    region = mmap.mmap(-1, sum(sizes) + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    arena = torch.frombuffer(region, dtype=torch.uint8)
+    total = sum(placed(st.nbytes()) for st, _ in groups.values())
+    arena = torch.frombuffer(mmap.mmap(-1, total + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS),
+                             dtype=torch.uint8)
+    advise_huge_pages([arena])
     base = (-arena.data_ptr()) % _HUGE_PAGE  # the arena's first 2 MiB boundary
-    advise_huge_pages([arena[base:]])
     storage, at, freed = arena.untyped_storage(), base, 0
     with torch.no_grad():
         while groups:
@@ -266,7 +268,7 @@ def gather_small_storages(tensors, max_bytes: int = 32 << 20) -> int:
             arena[at:at + n].copy_(torch.empty(0, dtype=torch.uint8).set_(st, 0, (n,), (1,)))
             for t in ts:
                 t.set_(storage, at // t.element_size() + t.storage_offset(), t.size(), t.stride())
-            at += sizes.pop(0)
+            at += placed(n)
             del st, ts  # (the old storage freed, unless something not given holds it)
             freed += n
             if freed >= 64 << 20 or not groups:  # the freed memory back to the OS as the copies go: the

@@ -86,17 +86,19 @@ def probe_method() -> str:
     """Which reads :func:`read_probe` takes the best of here: ``"torch+numpy"`` (``"torch"`` without numpy),
     or ``"numpy"`` where torch is absent, with ``" huge"`` where its memory is advised onto huge pages
     (probes of different methods are not comparable)."""
+    return _reads() + (" huge" if hasattr(mmap, "MADV_HUGEPAGE") else "")
+
+
+def _reads() -> str:
     try:
         import torch  # noqa: F401
-        method = "torch+numpy"
     except ImportError:
-        method = "numpy"
-    if "torch" in method:
-        try:
-            import numpy  # noqa: F401
-        except ImportError:
-            method = "torch"
-    return method + (" huge" if hasattr(mmap, "MADV_HUGEPAGE") else "")
+        return "numpy"
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "torch+numpy"
 
 
 def _huge_page_region(nbytes: int) -> mmap.mmap:
