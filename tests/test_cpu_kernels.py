@@ -1018,7 +1018,7 @@ def test_one_sequence_one_kv_head_splits_its_heads_over_threads(shape, two_threa
     torch.testing.assert_close(two.float(), ref, atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("C", [272, 1040])  # within one pass of 1024 sums; one full pass and a partial one
+@pytest.mark.parametrize("C", [272, 512, 1040])  # 32-column chunks + a 16-column tail; MLA's latent; float32 rows
 def test_heads_vec_matches_the_per_head_einsums(C):
     # MLA's per-head GEMMs at one row (batch-1 decode), both weight orientations, strided views
     g = torch.Generator().manual_seed(3)
