@@ -322,10 +322,11 @@ class CapturedDecode:
                 half.into = self.step.outputs(i)
         self._moe = [i for i, h in enumerate(self._flat) if isinstance(h, _MoEToken) and self.step.plans[i] is not None]
         # the rotary tables each attention half reads, set on the loop again when they grow
-        self._rotary: dict[int, tuple] = {}  # id(rotary) -> (rotary, (cos, sin) set, [half indices])
+        # id(rotary) -> (rotary, its max_pos when its tables were set (-1: not yet), (cos, sin) set, [half indices])
+        self._rotary: dict[int, tuple] = {}
         for i, h in enumerate(self._flat):
             if isinstance(h, (_GqaToken, _MlaToken)):
-                self._rotary.setdefault(id(h.rotary), (h.rotary, None, []))[2].append(i)
+                self._rotary.setdefault(id(h.rotary), (h.rotary, -1, None, []))[3].append(i)
 
     @classmethod
     def capture(cls, model: MoECausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> CapturedDecode | None:
@@ -374,13 +375,16 @@ class CapturedDecode:
 
     def _grow_rotaries(self, end: int) -> None:
         """Grow the rotary tables to ``end`` positions (the layers read them after); set the loop's
-        again where they moved."""
-        for key, (rot, tables, halves) in self._rotary.items():
-            rot.grow_to(end)
-            if tables is None or tables[0] is not rot.cos or tables[1] is not rot.sin:
+        again where they moved (new tables come only with a new ``max_pos``, a plain attribute: the
+        tables themselves are buffers, whose every read goes through ``Module.__getattr__``)."""
+        for key, (rot, seen, _, halves) in self._rotary.items():
+            if end > rot.max_pos:
+                rot.grow_to(end)
+            if rot.max_pos != seen:
+                tables = (rot.cos, rot.sin)
                 for i in halves:
-                    self.step.rotary(i, rot.cos, rot.sin, rot.interleaved)
-                self._rotary[key] = (rot, (rot.cos, rot.sin), halves)
+                    self.step.rotary(i, *tables, rot.interleaved)
+                self._rotary[key] = (rot, rot.max_pos, tables, halves)
 
     def _begin(self, T: int, ctx: ForwardContext) -> tuple[tuple, torch.Tensor]:
         """Where the step's rows attend (:func:`step_rows`), with the rotary tables grown to its
@@ -388,7 +392,7 @@ class CapturedDecode:
         where = step_rows(ctx.meta)
         if self._rotary:
             self._grow_rotaries(ctx.meta.max_context_len)
-        return where, torch.empty(T, self.model.cfg.hidden_size, dtype=torch.bfloat16)
+        return where, torch.empty(T, self.step.D, dtype=torch.bfloat16)
 
     def __call__(self, input_ids_T: torch.Tensor, positions_T: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         (table, context_len, rows), last = self._begin(input_ids_T.shape[0], ctx)

@@ -595,7 +595,7 @@ class LLMEngine:
 
     @staticmethod
     def _completion(seq: Sequence) -> CompletionOutput:
-        return CompletionOutput(seq.sample_index, seq.text, list(seq.output_token_ids),
+        return CompletionOutput(seq.sample_index, seq.text, seq.output_token_ids,  # (a new list: a slice)
                                 list(seq.output_logprobs) if seq.params.logprobs is not None else None,
                                 seq.finish_reason, seq.stop_reason)
 
