@@ -13,10 +13,12 @@ other way round), checks that both give the same result, then times them in alte
 Operation: the local MoE layer after the router (``cpu_kernels.amx_moe``: dispatch, SwiGLU experts,
 combine), bf16, random weights and routing; rate in GMAC/s of the experts' GEMMs. Needs AMX.
 With ``--decode CKPT``: the engine's batch-1 decode of that checkpoint instead (bf16, a 64-token
-prompt, 128 new tokens, greedy; rate in tokens/s), one engine whose every kernel call goes to the
+prompt (``--decode-prompt``), 128 new tokens, greedy; rate in tokens/s), one engine whose every kernel call goes to the
 build of the round -- a change to any kernel of the captured step measured whole:
 
     python benchmarks/bench_kernel_ab.py --b /tmp/kernels_old --decode ~/.cache/moe-bench/mixtral --rounds 8
+    python benchmarks/bench_kernel_ab.py --b /tmp/kernels_old --decode ~/.cache/moe-bench/deepseek_v3 \
+        --decode-prompt 2048        # attention over 2048-2176 cached tokens
 
 With ``--prefill CKPT``: a burst of ``--prompts`` random prompts of ``--prompt-len`` tokens, one
 generated token each (bench_peers' burst workload), new prompts every run, the prefix cache off;
@@ -54,6 +56,8 @@ def main() -> None:
     ap.add_argument("--prefill", metavar="CKPT", help="time the engine's prompt burst of this checkpoint instead")
     ap.add_argument("--prompts", type=int, default=16, help="--prefill: prompts in the burst")
     ap.add_argument("--prompt-len", type=int, default=2048, help="--prefill: tokens per prompt")
+    ap.add_argument("--decode-prompt", type=int, default=64,
+                    help="--decode: prompt tokens before the 128 decoded (the context attention reads)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -118,7 +122,7 @@ def decode(args: argparse.Namespace, libs: dict) -> None:
 
     llm = LLM(args.decode, dtype="bfloat16")
     sp = SamplingParams(temperature=0, max_tokens=129, ignore_eos=True)
-    prompt = [{"prompt_token_ids": list(range(100, 164))}]
+    prompt = [{"prompt_token_ids": [100 + i % 30000 for i in range(args.decode_prompt)]}]
 
     def run(name: str) -> tuple[float, list[int]]:
         build.use_library(libs[name])
@@ -127,10 +131,11 @@ def decode(args: argparse.Namespace, libs: dict) -> None:
 
     run("A")  # (the first run computes the prompt; later ones find it in the prefix cache)
     same = run("A")[1] == run("B")[1]
-    print(f"batch-1 decode of {args.decode}, {args.threads} threads; greedy tokens "
-          f"{'identical' if same else 'DIFFER'}")
+    print(f"batch-1 decode of {args.decode} after {args.decode_prompt} prompt tokens, {args.threads} threads; "
+          f"greedy tokens {'identical' if same else 'DIFFER'}")
     rates, ratios = alternate(args, lambda name: run(name)[0], "{:.1f}")
-    print(json.dumps({"benchmark": "bench_kernel_ab", "op": "decode", "model": args.decode, "threads": args.threads,
+    print(json.dumps({"benchmark": "bench_kernel_ab", "op": "decode", "model": args.decode,
+                      "prompt": args.decode_prompt, "threads": args.threads,
                       "a": args.a, "b": args.b, "same_tokens": same,
                       "tok_s": {n: statistics.median(v) for n, v in rates.items()}, "b_over_a_by_round": ratios}))
 
