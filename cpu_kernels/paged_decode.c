@@ -46,21 +46,22 @@ static inline __attribute__((always_inline)) __m512 score16(const float *qf, con
 }
 
 #if defined(__AVX512BF16__)
-/* Scores of cnt <= 4 consecutive cached rows (row t at k + t * stride bytes) against 4 bf16 query rows
- * (qb + h * qstride elements) of one KV head: lane 4 h + t. Each 32-dim chunk of a row is loaded once
- * for the 4 queries (score16 loads it once per query); every (query, row) sum is score16's, chunk by
- * chunk into its own accumulator and reduced by the same hsum16 tree (whose result for one vector does
- * not depend on its slot), so the scores are bit-identical. D % 32 == 0. */
-static inline __m512 score4x4(const uint16_t *qb, int64_t qstride, const char *k, int64_t stride, int cnt,
-                              int64_t D) {
+/* Scores of cnt <= 16 / HB consecutive cached rows (row t at k + t * stride bytes) against HB = 2 or 4
+ * bf16 query rows (qb + h * qstride elements) of one KV head: lane (16 / HB) h + t. Each 32-dim chunk of
+ * a row is loaded once for the HB queries (score16 loads it once per query); every (query, row) sum is
+ * score16's, chunk by chunk into its own accumulator and reduced by the same hsum16 tree (whose result
+ * for one vector does not depend on its slot), so the scores are bit-identical. D % 32 == 0. */
+static inline __attribute__((always_inline)) __m512 score_heads(const uint16_t *qb, int64_t qstride, const char *k,
+                                                                int64_t stride, int cnt, int64_t D, int HB) {
+    const int TB = 16 / HB;
     __m512 acc[16];
     for (int t = 0; t < 16; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t i = 0; i < D; i += 32) {
         __m512bh q[4];
-        for (int h = 0; h < 4; h++) q[h] = (__m512bh)_mm512_loadu_si512(qb + h * qstride + i);
+        for (int h = 0; h < HB; h++) q[h] = (__m512bh)_mm512_loadu_si512(qb + h * qstride + i);
         for (int t = 0; t < cnt; t++) {
             const __m512bh kv = (__m512bh)_mm512_loadu_si512(k + t * stride + i * 2);
-            for (int h = 0; h < 4; h++) acc[4 * h + t] = _mm512_dpbf16_ps(acc[4 * h + t], q[h], kv);
+            for (int h = 0; h < HB; h++) acc[TB * h + t] = _mm512_dpbf16_ps(acc[TB * h + t], q[h], kv);
         }
     }
     return hsum16(acc);
@@ -378,22 +379,27 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                 const char *kb = walk_block(k, table, t0, lo, len, block_size, k_sblock, k_sslot, k_shead, h0,
                                             ((h1 - h0 - 1) * k_shead + Dk) * (int64_t)esz, esz, &a, &e, &pf);
 #if defined(__AVX512BF16__)
-                if (dtype == BF16 && Dk % 32 == 0 && G % 4 == 0) {
-                    /* query heads 4 at a time (rows j .. j+3 share query row and KV head), 4 cached
-                     * rows a pass: MLA's one latent row serves all of a thread's heads */
-                    const int64_t per = pf_share(&pf, (r / 4) * ((e - a + 3) / 4));
-                    for (int64_t ts = a; ts < e; ts += 4) {
-                        const int cnt = e - ts < 4 ? (int)(e - ts) : 4;
-                        for (int64_t j = 0; j < r; j += 4) {
+                if (dtype == BF16 && Dk % 32 == 0 && G % 2 == 0) {
+                    /* query heads HB at a time (rows j .. j+HB-1 share query row and KV head), 16 / HB
+                     * cached rows a pass: MLA's one latent row serves all of a thread's heads */
+                    const int HB = G % 4 == 0 ? 4 : 2, TB = 16 / HB;
+                    const int64_t per = pf_share(&pf, (r / HB) * ((e - a + TB - 1) / TB));
+                    const int64_t ks = k_sslot * (int64_t)esz;
+                    for (int64_t ts = a; ts < e; ts += TB) {
+                        const int cnt = e - ts < TB ? (int)(e - ts) : TB;
+                        for (int64_t j = 0; j < r; j += HB) {
                             const int64_t hk = (j % rh) / G;
                             const uint16_t *qb = (const uint16_t *)q + ((q0 + j / rh) * H + h0 * G + j % rh) * Dk;
                             const char *kr = kb + ((ts - t0) * k_sslot + hk * k_shead) * esz;
+                            __m512 sc;
+                            if (HB == 4)
+                                sc = cnt == 4 ? score_heads(qb, Dk, kr, ks, 4, Dk, 4) : score_heads(qb, Dk, kr, ks, cnt, Dk, 4);
+                            else
+                                sc = cnt == 8 ? score_heads(qb, Dk, kr, ks, 8, Dk, 2) : score_heads(qb, Dk, kr, ks, cnt, Dk, 2);
                             float sv[16];
-                            _mm512_storeu_ps(sv, _mm512_mul_ps(cnt == 4 ? score4x4(qb, Dk, kr, k_sslot * (int64_t)esz, 4, Dk)
-                                                                        : score4x4(qb, Dk, kr, k_sslot * (int64_t)esz, cnt, Dk),
-                                                               _mm512_set1_ps(scale)));
-                            for (int h = 0; h < 4; h++)
-                                for (int t = 0; t < cnt; t++) s[(j + h) * n + (ts - lo) + t] = sv[4 * h + t];
+                            _mm512_storeu_ps(sv, _mm512_mul_ps(sc, _mm512_set1_ps(scale)));
+                            for (int h = 0; h < HB; h++)
+                                for (int t = 0; t < cnt; t++) s[(j + h) * n + (ts - lo) + t] = sv[TB * h + t];
                             pf_step(&pf, per);
                         }
                     }

@@ -84,6 +84,7 @@ SHAPES = {
     "dim_96_group_2": dict(H=4, Hkv=2, Dk=96, Dv=96),  # AVX2: 2 score rows x 32 dims
     "mla_latent": dict(H=16, Hkv=1, Dk=288, Dv=256, latent=True),  # V is a strided view of K
     "group_4_d64": dict(H=8, Hkv=2, Dk=64, Dv=64),  # AVX512-BF16: 4 query heads x 4 cached rows a pass
+    "group_2_d64": dict(H=8, Hkv=4, Dk=64, Dv=64),  # AVX512-BF16: 2 query heads x 8 cached rows a pass
 }
 
 
@@ -136,19 +137,21 @@ def test_decode_kernel_several_rows_per_sequence(shape, dtype):
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("group", [4, 2])
 @pytest.mark.parametrize("window,sinks", [(None, False), (40, True)])
 @pytest.mark.parametrize("block_size", [16, 5])
-def test_decode_kernel_query_heads_four_at_a_time_as_one_by_one(window, sinks, block_size):
-    # bf16, query heads in groups of 4 per KV head, dims a multiple of 32: AVX512-BF16 builds score
-    # 4 heads x 4 cached rows a pass (each row's chunks loaded once for the 4 heads); every head's
-    # result is bit-identical to that head run alone (one query head per KV head), verify rows too
+def test_decode_kernel_query_heads_scored_together_as_one_by_one(window, sinks, block_size, group):
+    # bf16, 4 (or 2) query heads per KV head, dims a multiple of 32: AVX512-BF16 builds score 4 heads x
+    # 4 cached rows (2 x 8) a pass, each row's chunks loaded once for the heads; every head's result is
+    # bit-identical to that head run alone (one query head per KV head), verify rows too
     lens, qlens = [1, 5, 40, 133], [1, 1, 3, 1]
-    meta, k_cache, v_cache, q = _decode_batch(lens, 8, 2, 64, 64, block_size, torch.bfloat16, seed=5, qlens=qlens)
+    meta, k_cache, v_cache, q = _decode_batch(lens, 8, 8 // group, 64, 64, block_size, torch.bfloat16, seed=5,
+                                              qlens=qlens)
     sinks_H = torch.randn(8, generator=torch.Generator().manual_seed(6)) * 3 if sinks else None
     args = (meta.block_tables, meta.context_lens, 0.125, window)
     out = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, *args, sinks_H, meta.query_start_loc)
     for h in range(8):
-        kv = slice(h // 4, h // 4 + 1)
+        kv = slice(h // group, h // group + 1)
         alone = cpu_kernels.paged_decode_attention(q[:, h:h + 1].contiguous(), k_cache[:, :, kv], v_cache[:, :, kv],
                                                    *args, sinks_H[h:h + 1] if sinks else None, meta.query_start_loc)
         assert torch.equal(out[:, h:h + 1], alone)
