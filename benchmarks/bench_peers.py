@@ -11,7 +11,9 @@ engine runs in its own process, one after another (never two at once), on the sa
   judged against the probe beside the runs);
 - 32 and 64 concurrent requests, prompts 16-384 tokens, outputs 16-128 (seeded): generated tok/s of
   one offline generate call;
-- a burst of 16 prompts of 2048 tokens, one output token each: prefill tok/s and mean TTFT.
+- a burst of 16 prompts of 2048 tokens, one output token each: prefill tok/s and mean TTFT;
+- named only (``--workload long``): batch 1 after a 2048-token prompt, 128 new tokens (decode whose
+  attention reads 2048-2176 cached tokens a step, and the TTFT of such a prompt): reported, no target.
 
 Each engine starts (vLLM compiles its graph then; not timed), warms up on requests of the same
 shapes, then runs the workloads (benchmarks/peers/workloads.py: the one measuring loop they share).
@@ -56,6 +58,7 @@ from peers.models import (SHAPES, active_bytes_per_token, ensure_checkpoint, ens
 from peers.report import combine_rounds, print_report, summarize  # noqa: E402
 
 WORKLOADS = ("batch1", "batched32", "batched64", "burst")
+EXTRA_WORKLOADS = ("long",)  # run when named (--workload long): not among the targets
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 KV_CACHE_GIB = 4  # vLLM's VLLM_CPU_KVCACHE_SPACE; ours gets the same
 MAX_MODEL_LEN = 4096
@@ -75,6 +78,7 @@ def build_plan(args, ckpt: Path, vocab: int) -> dict:
     plen, new = (32, 16) if q else (64, 128)
     lo_p, hi_p, lo_o, hi_o = (16, 128, 8, 32) if q else (16, 384, 16, 128)
     burst_n, burst_len = (4, 256) if q else (16, 2048)
+    long_len = 256 if q else 2048
 
     def mixed(n: int) -> dict:
         plens = [rng.randint(lo_p, hi_p) for _ in range(n)]
@@ -87,6 +91,9 @@ def build_plan(args, ckpt: Path, vocab: int) -> dict:
         "batched32": mixed(8 if q else 32),
         "batched64": mixed(16 if q else 64),
         "burst": {"kind": "burst", "prompts": [ids(burst_len) for _ in range(burst_n)]},
+        # batch 1 after a long prompt: decode whose attention reads 2048-2176 cached tokens each step
+        "long": {"kind": "batch1", "ttft_prompts": [ids(long_len) for _ in range(2 if q else 3)],
+                 "decode_prompts": [ids(long_len) for _ in range(1 if q else 3)], "new_tokens": new},
     }
     # warm-up on the same shapes: one short stream, a mixed batch, one long prompt
     warm_lens = [lo_p + (hi_p - lo_p) * i // 7 for i in range(8)]
@@ -200,7 +207,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="all", choices=[*SHAPES, "all"])
     ap.add_argument("--workload", default="all",
-                    help=f"comma-separated, from {', '.join(WORKLOADS)} (default all)")
+                    help=f"comma-separated, from {', '.join(WORKLOADS + EXTRA_WORKLOADS)} (default all: "
+                         f"{', '.join(WORKLOADS)})")
     ap.add_argument("--engines", default="ours,vllm,llama.cpp", help="comma-separated, from ours, vllm, llama.cpp")
     ap.add_argument("--quick", action="store_true", help="toy shapes and few requests: a smoke run")
     ap.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON")
@@ -223,7 +231,8 @@ def main(argv=None) -> int:
     args.engines = tuple(e for e in args.engines.split(",") if e)
     if args.rounds < 1:
         ap.error(f"--rounds {args.rounds}: give at least 1")
-    for bad, known, what in ((set(args.workloads) - set(WORKLOADS), WORKLOADS, "workloads"),
+    for bad, known, what in ((set(args.workloads) - set(WORKLOADS + EXTRA_WORKLOADS), WORKLOADS + EXTRA_WORKLOADS,
+                              "workloads"),
                              (set(args.engines) - {"ours", "vllm", "llama.cpp"}, ("ours", "vllm", "llama.cpp"),
                               "engines")):
         if bad:

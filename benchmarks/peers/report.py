@@ -31,6 +31,9 @@ METRICS = (
            fmt="{:.0f}", vllm_target=1.0),
     Metric("burst_ttft_ms", "burst", "mean_ttft_s", "{requests}x{prompt_len} burst: mean TTFT ms",
            lower_is_better=True, scale=1e3, fmt="{:.0f}", vllm_target=1.0),
+    Metric("long_decode_tok_s", "long", "decode_tok_s", "batch 1 after {prompt_len}: decode tok/s (+{new_tokens})"),
+    Metric("long_ttft_ms", "long", "ttft_s", "batch 1 after {prompt_len}: TTFT ms", lower_is_better=True, scale=1e3,
+           fmt="{:.0f}"),
 )
 PROBE_TARGET = 0.90  # batch-1 decode reads weights at >= 90% of the probe's bandwidth
 ENGINES = ("ours", "vllm", "llama.cpp")
