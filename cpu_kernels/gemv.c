@@ -222,7 +222,8 @@ static inline __attribute__((always_inline)) void xw_chunks(const uint16_t *xh, 
     __m512 ev[16], od[16];
     for (int i = 0; i < nc; i++) ev[i] = od[i] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k++) {
-        const __m512bh xe = (__m512bh)_mm512_set1_epi32(xh[k]), xo = (__m512bh)_mm512_set1_epi32((int)((uint32_t)xh[k] << 16));
+        const __m512bh xe = (__m512bh)_mm512_set1_epi32(xh[k]);                         /* (x[k], 0) */
+        const __m512bh xo = (__m512bh)_mm512_set1_epi32((int)((uint32_t)xh[k] << 16)); /* (0, x[k]) */
         const uint16_t *row = wh + k * swr;
         for (int i = 0; i < nc; i++) {
             _mm_prefetch((const char *)(row + 32 * i) + PF_AHEAD, _MM_HINT_T1);
@@ -233,7 +234,8 @@ static inline __attribute__((always_inline)) void xw_chunks(const uint16_t *xh, 
     }
     for (int i = 0; i < nc; i++) { /* interleave even and odd columns back: per 128-bit lane, 4 + 4 columns */
         const __m512 lo = _mm512_unpacklo_ps(ev[i], od[i]), hi = _mm512_unpackhi_ps(ev[i], od[i]);
-        const __m512 a = _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(1, 0, 1, 0)), b = _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m512 a = _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m512 b = _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(3, 2, 3, 2));
         store16(yh + 32 * i, _mm512_shuffle_f32x4(a, a, _MM_SHUFFLE(3, 1, 2, 0)), BF16);
         store16(yh + 32 * i + 16, _mm512_shuffle_f32x4(b, b, _MM_SHUFFLE(3, 1, 2, 0)), BF16);
     }

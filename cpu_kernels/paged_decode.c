@@ -391,11 +391,13 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                             const int64_t hk = (j % rh) / G;
                             const uint16_t *qb = (const uint16_t *)q + ((q0 + j / rh) * H + h0 * G + j % rh) * Dk;
                             const char *kr = kb + ((ts - t0) * k_sslot + hk * k_shead) * esz;
-                            __m512 sc;
+                            __m512 sc; /* (full passes with a constant row count: their sums stay in registers) */
                             if (HB == 4)
-                                sc = cnt == 4 ? score_heads(qb, Dk, kr, ks, 4, Dk, 4) : score_heads(qb, Dk, kr, ks, cnt, Dk, 4);
+                                sc = cnt == 4 ? score_heads(qb, Dk, kr, ks, 4, Dk, 4)
+                                              : score_heads(qb, Dk, kr, ks, cnt, Dk, 4);
                             else
-                                sc = cnt == 8 ? score_heads(qb, Dk, kr, ks, 8, Dk, 2) : score_heads(qb, Dk, kr, ks, cnt, Dk, 2);
+                                sc = cnt == 8 ? score_heads(qb, Dk, kr, ks, 8, Dk, 2)
+                                              : score_heads(qb, Dk, kr, ks, cnt, Dk, 2);
                             float sv[16];
                             _mm512_storeu_ps(sv, _mm512_mul_ps(sc, _mm512_set1_ps(scale)));
                             for (int h = 0; h < HB; h++)
