@@ -59,6 +59,7 @@ from peers.report import combine_rounds, print_report, summarize  # noqa: E402
 
 WORKLOADS = ("batch1", "batched32", "batched64", "burst")
 EXTRA_WORKLOADS = ("long",)  # run when named (--workload long): not among the targets
+KNOWN_WORKLOADS = WORKLOADS + EXTRA_WORKLOADS
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 KV_CACHE_GIB = 4  # vLLM's VLLM_CPU_KVCACHE_SPACE; ours gets the same
 MAX_MODEL_LEN = 4096
@@ -80,20 +81,22 @@ def build_plan(args, ckpt: Path, vocab: int) -> dict:
     burst_n, burst_len = (4, 256) if q else (16, 2048)
     long_len = 256 if q else 2048
 
+    def single(length: int, ttft_runs: int, decode_runs: int) -> dict:  # one sequence at a time
+        return {"kind": "batch1", "ttft_prompts": [ids(length) for _ in range(ttft_runs)],
+                "decode_prompts": [ids(length) for _ in range(decode_runs)], "new_tokens": new}
+
     def mixed(n: int) -> dict:
         plens = [rng.randint(lo_p, hi_p) for _ in range(n)]
         return {"kind": "batched", "prompts": [ids(k) for k in plens], "max_tokens": [rng.randint(lo_o, hi_o)
                                                                                       for _ in range(n)]}
 
     workloads = {
-        "batch1": {"kind": "batch1", "ttft_prompts": [ids(plen) for _ in range(2 if q else 5)],
-                   "decode_prompts": [ids(plen) for _ in range(1 if q else 5)], "new_tokens": new},
+        "batch1": single(plen, 2 if q else 5, 1 if q else 5),
         "batched32": mixed(8 if q else 32),
         "batched64": mixed(16 if q else 64),
         "burst": {"kind": "burst", "prompts": [ids(burst_len) for _ in range(burst_n)]},
         # batch 1 after a long prompt: decode whose attention reads 2048-2176 cached tokens each step
-        "long": {"kind": "batch1", "ttft_prompts": [ids(long_len) for _ in range(2 if q else 3)],
-                 "decode_prompts": [ids(long_len) for _ in range(1 if q else 3)], "new_tokens": new},
+        "long": single(long_len, 2 if q else 3, 1 if q else 3),
     }
     # warm-up on the same shapes: one short stream, a mixed batch, one long prompt
     warm_lens = [lo_p + (hi_p - lo_p) * i // 7 for i in range(8)]
@@ -207,7 +210,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="all", choices=[*SHAPES, "all"])
     ap.add_argument("--workload", default="all",
-                    help=f"comma-separated, from {', '.join(WORKLOADS + EXTRA_WORKLOADS)} (default all: "
+                    help=f"comma-separated, from {', '.join(KNOWN_WORKLOADS)} (default all: "
                          f"{', '.join(WORKLOADS)})")
     ap.add_argument("--engines", default="ours,vllm,llama.cpp", help="comma-separated, from ours, vllm, llama.cpp")
     ap.add_argument("--quick", action="store_true", help="toy shapes and few requests: a smoke run")
@@ -231,8 +234,7 @@ def main(argv=None) -> int:
     args.engines = tuple(e for e in args.engines.split(",") if e)
     if args.rounds < 1:
         ap.error(f"--rounds {args.rounds}: give at least 1")
-    for bad, known, what in ((set(args.workloads) - set(WORKLOADS + EXTRA_WORKLOADS), WORKLOADS + EXTRA_WORKLOADS,
-                              "workloads"),
+    for bad, known, what in ((set(args.workloads) - set(KNOWN_WORKLOADS), KNOWN_WORKLOADS, "workloads"),
                              (set(args.engines) - {"ours", "vllm", "llama.cpp"}, ("ours", "vllm", "llama.cpp"),
                               "engines")):
         if bad:
