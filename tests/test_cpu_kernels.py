@@ -1025,20 +1025,25 @@ def two_threads():
     torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("shape", ["gqa_8", "mla_latent", "group_7"])
-def test_one_sequence_one_kv_head_splits_its_heads_over_threads(shape, two_threads):
-    # batch 1 with a single KV head (MLA's latent cache): the query heads are split over the threads;
-    # each head's arithmetic is unchanged (bit-identical to one thread)
-    spec = dict(SHAPES[shape])
+@pytest.mark.parametrize("shape", ["gqa_8", "mla_latent", "mla_v3", "group_7"])
+@pytest.mark.parametrize("ctx,window,block_size", [(133, None, 16), (1, None, 16), (40, None, 5), (133, 50, 16),
+                                                    (1900, None, 16), (2001, None, 5), (2300, 1900, 16),
+                                                    (3700, None, 16)])
+def test_one_sequence_one_kv_head_splits_its_work_over_threads(shape, ctx, window, block_size, two_threads):
+    # batch 1 with a single KV head (MLA's latent cache): the threads split the query heads, or (bf16,
+    # AVX512-BF16, from 2 MB of K rows: mla_v3 from 1821 rows, mla_latent from 3641) the cached rows for
+    # the scores and runs of 4 heads for the V sums; each head's arithmetic is unchanged (bit-identical
+    # to one thread)
+    spec = dict(SHAPES[shape]) if shape != "mla_v3" else dict(H=8, Hkv=1, Dk=576, Dv=512, latent=True)
     latent = spec.pop("latent", False)
-    meta, k_cache, v_cache, q = _decode_batch([133], block_size=16, dtype=torch.bfloat16, latent=latent, seed=11,
-                                              **spec)
-    scale = spec["Dk"] ** -0.5
-    two = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+    meta, k_cache, v_cache, q = _decode_batch([ctx], block_size=block_size, dtype=torch.bfloat16, latent=latent,
+                                              seed=11, **spec)
+    args = (meta.block_tables, meta.context_lens, spec["Dk"] ** -0.5, window)
+    two = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, *args)
     torch.set_num_threads(1)
-    one = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+    one = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, *args)
     assert torch.equal(one, two)
-    ref = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), meta, scale)
+    ref = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), meta, *args[2:])
     torch.testing.assert_close(two.float(), ref, atol=1e-2, rtol=1e-2)
 
 
