@@ -1025,16 +1025,17 @@ def two_threads():
     torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("shape", ["gqa_8", "mla_latent", "mla_v3", "group_7"])
+@pytest.mark.parametrize("shape", ["gqa_8", "mqa_d128", "mla_latent", "mla_v3", "group_7"])
 @pytest.mark.parametrize("ctx,window,block_size", [(133, None, 16), (1, None, 16), (40, None, 5), (133, 50, 16),
                                                     (1900, None, 16), (2001, None, 5), (2300, 1900, 16),
-                                                    (3700, None, 16)])
+                                                    (3700, None, 16), (8200, None, 16)])
 def test_one_sequence_one_kv_head_splits_its_work_over_threads(shape, ctx, window, block_size, two_threads):
     # batch 1 with a single KV head (MLA's latent cache): the threads split the query heads, or (bf16,
-    # AVX512-BF16, from 2 MB of K rows: mla_v3 from 1821 rows, mla_latent from 3641) the cached rows for
-    # the scores and runs of 4 heads for the V sums; each head's arithmetic is unchanged (bit-identical
-    # to one thread)
-    spec = dict(SHAPES[shape]) if shape != "mla_v3" else dict(H=8, Hkv=1, Dk=576, Dv=512, latent=True)
+    # AVX512-BF16, from 2 MB of K rows: mla_v3 from 1821 rows, mla_latent from 3641, mqa_d128 (V apart
+    # from K) from 8192) the cached rows for the scores and runs of 4 heads for the V sums; each head's
+    # arithmetic is unchanged (bit-identical to one thread)
+    spec = dict(SHAPES[shape]) if shape in SHAPES else {"mla_v3": dict(H=8, Hkv=1, Dk=576, Dv=512, latent=True),
+                                                         "mqa_d128": dict(H=8, Hkv=1, Dk=128, Dv=128)}[shape]
     latent = spec.pop("latent", False)
     meta, k_cache, v_cache, q = _decode_batch([ctx], block_size=block_size, dtype=torch.bfloat16, latent=latent,
                                               seed=11, **spec)
