@@ -322,7 +322,8 @@ class CapturedDecode:
                 half.into = self.step.outputs(i)
         self._moe = [i for i, h in enumerate(self._flat) if isinstance(h, _MoEToken) and self.step.plans[i] is not None]
         # the rotary tables each attention half reads, set on the loop again when they grow
-        # id(rotary) -> (rotary, its max_pos when its tables were set (-1: not yet), (cos, sin) set, [half indices])
+        # id(rotary) -> (rotary, its max_pos when its tables were set (-1: not yet), the (cos, sin) set --
+        # held so they live while the loop points at them --, [half indices])
         self._rotary: dict[int, tuple] = {}
         for i, h in enumerate(self._flat):
             if isinstance(h, (_GqaToken, _MlaToken)):

@@ -85,6 +85,8 @@ SHAPES = {
     "mla_latent": dict(H=16, Hkv=1, Dk=288, Dv=256, latent=True),  # V is a strided view of K
     "group_4_d64": dict(H=8, Hkv=2, Dk=64, Dv=64),  # AVX512-BF16: 4 query heads x 4 cached rows a pass
     "group_2_d64": dict(H=8, Hkv=4, Dk=64, Dv=64),  # AVX512-BF16: 2 query heads x 8 cached rows a pass
+    "mla_v3": dict(H=8, Hkv=1, Dk=576, Dv=512, latent=True),  # DeepSeek-V3's latent (512) + rope (64) dims
+    "mqa_d128": dict(H=8, Hkv=1, Dk=128, Dv=128),  # one KV head, V apart from K
 }
 
 
@@ -1034,8 +1036,7 @@ def test_one_sequence_one_kv_head_splits_its_work_over_threads(shape, ctx, windo
     # AVX512-BF16, from 2 MB of K rows: mla_v3 from 1821 rows, mla_latent from 3641, mqa_d128 (V apart
     # from K) from 8192) the cached rows for the scores and runs of 4 heads for the V sums; each head's
     # arithmetic is unchanged (bit-identical to one thread)
-    spec = dict(SHAPES[shape]) if shape in SHAPES else {"mla_v3": dict(H=8, Hkv=1, Dk=576, Dv=512, latent=True),
-                                                         "mqa_d128": dict(H=8, Hkv=1, Dk=128, Dv=128)}[shape]
+    spec = dict(SHAPES[shape])
     latent = spec.pop("latent", False)
     meta, k_cache, v_cache, q = _decode_batch([ctx], block_size=block_size, dtype=torch.bfloat16, latent=latent,
                                               seed=11, **spec)
