@@ -126,12 +126,20 @@ def prune(
                                                                    "(default: the calibration text)."),
     eval_windows: int = typer.Option(16, "--eval-windows", help="256-token windows of that text to measure "
                                                                 "(0: skip the quality report)."),
+    refit: bool = typer.Option(False, "--refit", help="Then refit the kept experts' down projections so each "
+                                                     "pruned layer reproduces the unpruned one on the calibration "
+                                                     "text (least squares, layer after layer; needs transformers)."),
+    refit_windows: int = typer.Option(256, "--refit-windows", help="256-token windows of the calibration text "
+                                                                   "the refit solves over (at most)."),
+    refit_ridge: float = typer.Option(1.0, "--refit-ridge", help="How strongly the refit keeps the original "
+                                                                 "weights (x the normal matrix's mean diagonal)."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """Run calibration text through the model, score each expert (``--score``), and write a copy keeping
-    each MoE layer's ``--keep-experts`` best experts (transformers loads it too); then report the pruned
-    model's top-1 agreement with the original and its perplexity, teacher-forced on ``--heldout`` text."""
+    each MoE layer's ``--keep-experts`` best experts (transformers loads it too), optionally refit to the
+    unpruned layers (``--refit``); then report the pruned model's top-1 agreement with the original and
+    its perplexity, teacher-forced on ``--heldout`` text."""
     from .distill_data import read_documents, token_stream, windows
     from .prune import SCORES, calibration_scores, prune_checkpoint, pruned_quality
     from .tokenizer import Tokenizer
@@ -143,6 +151,8 @@ def prune(
             raise ValueError("--calibration FILE is needed: expert usage is measured on text like your workload's")
         if eval_windows < 0:
             raise ValueError(f"--eval-windows {eval_windows} must be >= 0")
+        if refit and refit_windows < 1:
+            raise ValueError(f"--refit-windows {refit_windows} must be >= 1")
         text = calibration.read_text()
         tok = Tokenizer(Path(model))
         # a prompt plus its one generated token must fit the model's context
@@ -155,6 +165,17 @@ def prune(
                         for i in range(0, len(ids), max_prompt_tokens)]
         scores, counts = calibration_scores(model, prompts, score)
         report = prune_checkpoint(model, out, keep_experts, scores, overwrite=force)
+        refit_report = None
+        if refit:
+            from .refit import refit_checkpoint
+
+            stream = token_stream(read_documents(calibration), tok)
+            if stream.numel() < 257:
+                raise ValueError(f"--refit: {calibration} holds {stream.numel()} tokens, fewer than one 256-token "
+                                 "window; give more calibration text")
+            wins = windows(stream, 256)
+            refit_report = refit_checkpoint(model, out, wins[:refit_windows], ridge=refit_ridge,
+                                            log=None if json_out else typer.echo)
         quality = None
         if eval_windows:
             wins = windows(token_stream(read_documents(heldout or calibration), tok), 256)[:eval_windows]
@@ -164,6 +185,7 @@ def prune(
     summary = {"out": str(out), "keep": keep_experts, "score": score, "calibration_prompts": len(prompts),
                "routed_per_layer": int(counts[0].sum()), "bytes_in": report.bytes_in, "bytes_out": report.bytes_out,
                "tensors_dropped": report.tensors_dropped, "kept_experts": {str(k): v for k, v in report.kept.items()},
+               "refit": refit_report and [vars(r) for r in refit_report],
                "quality": quality and dict(quality, text=str(heldout or calibration))}
     if json_out:
         typer.echo(json.dumps(summary))

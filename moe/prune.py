@@ -15,7 +15,8 @@ config's expert count becomes ``keep``. transformers loads the result as it load
 
 The router still normalizes over what is left (softmax over ``keep`` logits, or top-k weights
 renormalized as before), as in the expert-pruning literature's simplest form; how much quality
-that costs is measured by the caller (docs/quantization.md reports it for the default model).
+that costs is measured by the caller (docs/speculative.md reports it for the default model); ``--refit``
+(:mod:`moe.refit`) then solves the kept experts' down projections to make up part of it, without training.
 """
 from __future__ import annotations
 
