@@ -153,6 +153,8 @@ def prune(
             raise ValueError(f"--eval-windows {eval_windows} must be >= 0")
         if refit and refit_windows < 1:
             raise ValueError(f"--refit-windows {refit_windows} must be >= 1")
+        if refit and refit_ridge <= 0:
+            raise ValueError(f"--refit-ridge {refit_ridge}: must be > 0")
         text = calibration.read_text()
         tok = Tokenizer(Path(model))
         # a prompt plus its one generated token must fit the model's context
@@ -174,8 +176,11 @@ def prune(
                 raise ValueError(f"--refit: {calibration} holds {stream.numel()} tokens, fewer than one 256-token "
                                  "window; give more calibration text")
             wins = windows(stream, 256)
-            refit_report = refit_checkpoint(model, out, wins[:refit_windows], ridge=refit_ridge,
-                                            log=None if json_out else typer.echo)
+            try:
+                refit_report = refit_checkpoint(model, out, wins[:refit_windows], ridge=refit_ridge,
+                                                log=None if json_out else typer.echo)
+            except ValueError as e:
+                raise ValueError(f"{e} ({out} holds the pruned checkpoint, not refit)") from None
         quality = None
         if eval_windows:
             wins = windows(token_stream(read_documents(heldout or calibration), tok), 256)[:eval_windows]

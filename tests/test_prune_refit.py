@@ -117,7 +117,7 @@ def test_refit_refuses_what_it_cannot_model(checkpoint, tmp_path, monkeypatch):
     assert {f: f.read_bytes() for f in out.glob("*.safetensors")} == files
 
 
-def test_moe_prune_refit_on_the_default_model_raises_agreement(tmp_path):
+def test_moe_prune_refit_on_the_default_model_raises_agreement(tmp_path, monkeypatch):
     """Calibrate (and refit) on prose, measure on the test text: the refit keeps more of the unpruned model."""
     calib = tmp_path / "calib.txt"
     calib.write_text("\n\n".join((PROSE / f).read_text() for f in ("README.md", "architecture.md")))
@@ -142,3 +142,16 @@ def test_moe_prune_refit_on_the_default_model_raises_agreement(tmp_path):
     bad = CliRunner().invoke(app, ["prune", "--model", default_model_path(), "--keep-experts", "6", "--calibration",
                                    str(PROSE / "ABOUT"), "--refit", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "fewer than one 256-token window" in bad.output
+    ridge = CliRunner().invoke(app, ["prune", "--model", default_model_path(), "--keep-experts", "6", "--calibration",
+                                     str(calib), "--refit", "--refit-ridge", "0", "--out", str(tmp_path / "y")])
+    assert ridge.exit_code == 2 and "--refit-ridge 0.0: must be > 0" in ridge.output
+    assert not (tmp_path / "y").exists()  # refused before anything was written
+    import moe.refit
+
+    real = moe.refit.route
+    monkeypatch.setattr(moe.refit, "route", lambda logits, cfg, bias=None: (lambda r: (r[0] * 1.5, r[1]))(
+        real(logits, cfg, bias)))  # a refit that declines after pruning: the user is told what the output holds
+    declined = CliRunner().invoke(app, ["prune", "--model", default_model_path(), "--keep-experts", "6",
+                                        "--calibration", str(calib), "--refit", "--out", str(tmp_path / "z")])
+    assert declined.exit_code == 2 and "does not compute what refit models" in declined.output
+    assert f"{tmp_path / 'z'} holds the pruned checkpoint, not refit" in declined.output
