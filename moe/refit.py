@@ -124,22 +124,22 @@ def refit_layer(t_block, s_block, t_router, s_router, x_TD: torch.Tensor, ridge:
                              "(routing or experts differ); not refit")
     AtA = torch.zeros(E * F_, E * F_, dtype=torch.float64)
     AtY = torch.zeros(E * F_, D, dtype=torch.float64)
+    YtY = 0.0
     for x, y in zip(chunks, want):
         g_TE = _route(s_block, s_router, x)
         feats = torch.cat([g_TE[:, e:e + 1] * _activations(s_block, e, x) for e in range(E)], 1).double()
         AtA += feats.T @ feats
         AtY += feats.T @ y.double()
+        YtY += float(y.double().pow(2).sum())
     W0 = s_block.experts.down_proj.transpose(1, 2).reshape(E * F_, D).double()
     lam = ridge * float(AtA.diagonal().mean())
-    norm = max(sum(float(y.pow(2).sum()) for y in want), 1e-30)
-
-    def error() -> float:
-        return sum(float((routed_output(s_block, s_router, x) - y).pow(2).sum()) for x, y in zip(chunks, want)) / norm
-
-    before = error()
     W = torch.linalg.solve(AtA + lam * torch.eye(E * F_, dtype=torch.float64), AtY + lam * W0)
     s_block.experts.down_proj.copy_(W.float().reshape(E, F_, D).transpose(1, 2))
-    return before, error()
+
+    def error(W: torch.Tensor) -> float:  # |feats W - y|^2 / |y|^2 from the sums above
+        return (float((W * (AtA @ W)).sum()) - 2 * float((W * AtY).sum()) + YtY) / max(YtY, 1e-30)
+
+    return error(W0), error(W)
 
 
 def refit_checkpoint(reference: str | Path, pruned: str | Path, wins: torch.Tensor, *, ridge: float = 1.0,
@@ -154,7 +154,11 @@ def refit_checkpoint(reference: str | Path, pruned: str | Path, wins: torch.Tens
     if ridge <= 0:
         raise ValueError(f"--refit-ridge {ridge}: must be > 0")
     pruned = Path(pruned)
-    t_router, s_router = parse_config(read_config_json(reference)).router, parse_config(read_config_json(pruned)).router
+    t_router, s_cfg = parse_config(read_config_json(reference)).router, parse_config(read_config_json(pruned))
+    s_router, rows = s_cfg.router, s_cfg.router.num_experts * s_cfg.moe_intermediate_size
+    if rows > MAX_ROWS:
+        raise ValueError(f"--refit: {rows} rows (experts x moe_intermediate) per layer, more than {MAX_ROWS}: "
+                         "its normal matrix would not fit; prune without --refit")
     teacher = AutoModelForCausalLM.from_pretrained(str(reference), dtype=torch.float32).eval()
     student = AutoModelForCausalLM.from_pretrained(str(pruned), dtype=torch.float32).eval()
     t_blocks, s_blocks = moe_blocks(teacher), moe_blocks(student)
@@ -163,10 +167,6 @@ def refit_checkpoint(reference: str | Path, pruned: str | Path, wins: torch.Tens
     for i in s_blocks:
         _check_experts(t_blocks[i], str(reference))
         _check_experts(s_blocks[i], str(pruned))
-    rows = s_router.num_experts * s_blocks[next(iter(s_blocks))].experts.down_proj.shape[2]
-    if rows > MAX_ROWS:
-        raise ValueError(f"--refit: {rows} rows (experts x moe_intermediate) per layer, more than {MAX_ROWS}: "
-                         "its normal matrix would not fit; prune without --refit")
     report = []
     with torch.no_grad():
         for n, i in enumerate(s_blocks):
