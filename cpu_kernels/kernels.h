@@ -128,6 +128,7 @@ int moe_qx_moe_token(const QxMoePlan *a, const uint16_t *x, int64_t T, int64_t K
                      const float *wts, uint16_t *out, const uint16_t *resid, const uint16_t *nw, float neps,
                      uint16_t *h_out, int nt);
 int moe_route_token(const RoutePlan *a, const uint16_t *x, int64_t T, int nt);
+int moe_argmax_rows(const float *x, int64_t R, int64_t V, int64_t ld, int64_t *out);
 
 /* A token's K <= 64 routed experts in ascending id order with their routing weights rounded to
  * bf16 (the combine's order and arithmetic). Returns 0, or -2 for an id outside [0, E). */

@@ -157,6 +157,8 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences running at once
     max_model_len: int | None = None  # prompt + output tokens per sequence; None: the model's context
     max_num_batched_tokens: int = 2048  # tokens per step (longer prompts are prefilled in chunks)
+    # greedy decode steps of a lone sequence run back to back in one call at most (CPU, captured step; 1: off)
+    num_scheduler_steps: int = 16
     seed: int | None = 0  # the sampler's generator (draws of requests without a SamplingParams.seed); None: unseeded
     enable_prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix seen before
     experts_backend: str = "auto"  # grouped expert GEMMs: auto, torch, triton or megablocks
@@ -205,6 +207,8 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs={self.max_num_seqs} must be at least 1")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len={self.max_model_len} must be at least 2")
+        if self.num_scheduler_steps < 1:
+            raise ValueError(f"num_scheduler_steps={self.num_scheduler_steps} must be at least 1 (1: one step a call)")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be at least 1")
         if self.kv_cache_memory is not None:

@@ -159,6 +159,9 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.sampler, self.device,
                                   self.drafter)
         self.runner.record_expert_counts = config.record_expert_counts
+        # multi-step decoding: greedy steps of a lone sequence back to back in C, where the runner can
+        if self.runner.runs_greedy and spec is None and not config.record_expert_counts:
+            self.scheduler.max_steps = config.num_scheduler_steps
         self.seqs: dict[str, Sequence] = {}  # request id -> its sequence (sample 0 when n > 1)
         self.samples: dict[str, list[Sequence]] = {}  # request id -> its n sequences
         self._structured: StructuredOutputManager | None = None  # built by the first structured request
@@ -395,6 +398,10 @@ class LLMEngine:
         self.samples.pop(request_id, None)
         return outs
 
+    def wake(self) -> None:
+        """Work has arrived (from another thread): a multi-step call running ends after its current step."""
+        self.runner.wake.value += 1
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -483,8 +490,9 @@ class LLMEngine:
             if seq.metrics.first_scheduled_time is None:
                 seq.metrics.first_scheduled_time = now
             samples = result.sampled.get(b, [])
-            # the real tokens' K/V, plus the draft tokens the model confirmed (rejected rows are dead)
-            accepted = max(len(samples) - 1, 0) if s.draft else 0
+            # the real tokens' K/V, plus the draft tokens the model confirmed (rejected rows are dead), or
+            # those of a multi-step call's tokens but its last
+            accepted = max(len(samples) - 1, 0) if s.draft or s.steps > 1 else 0
             self._spec_stats.record(len(s.draft), accepted)
             # (not a drafter's for a sequence whose rows it missed while dormant: those drafts are worse)
             if self.spec_cost is not None and s.draft and (s.draft_source != "model" or self.drafter.whole(s.seq)):

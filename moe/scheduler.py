@@ -46,6 +46,9 @@ class ScheduledSeq:
     # [len(draft), V] the drafter's distribution of each draft token (sampled requests); None: point masses
     draft_probs: torch.Tensor | None = None
     draft_source: str = ""  # "lookup" or "model" (moe.spec_decode.Draft.source)
+    # greedy decode steps run back to back (Scheduler.max_steps): its rows are the first step's; the
+    # KV blocks of all of them are allocated
+    steps: int = 1
 
     @property
     def start(self) -> int:
@@ -96,6 +99,9 @@ class Scheduler:
         # speculative decoding: drafts for decoding sequences (moe.spec_decode.Proposer), or None
         self.proposer: Proposer | None = None
         self.running: list[Sequence] = []
+        # multi-step decoding: up to this many greedy decode steps in one engine step for a lone decoding
+        # sequence when nothing waits (the engine sets it where its runner can: ModelRunner.runs_greedy)
+        self.max_steps = 1
 
     @property
     def dp_size(self) -> int:
@@ -167,6 +173,8 @@ class Scheduler:
                 out[i] = ScheduledSeq(out[i].seq, 1 + len(d.tokens), d.tokens, d.probs, d.source)
         if preempted:
             return ScheduledBatch(out, preempted)
+        if self.max_steps > 1 and len(out) == 1 and not self.waiting and not speculating:
+            out[0] = self._multi_step(out[0])
         num_running = [0] * self.dp_size
         for seq in self.running:
             num_running[seq.dp_rank] += 1
@@ -204,6 +212,25 @@ class Scheduler:
             out.append(ScheduledSeq(seq, n))
             budget[d] -= n
         return ScheduledBatch(out)
+
+    def _multi_step(self, s: ScheduledSeq) -> ScheduledSeq:
+        """``s`` as up to :attr:`max_steps` greedy decode steps where its request allows them: one
+        decode token, greedy, no logit processing, logprobs or pending ``min_tokens``, and KV blocks
+        free for the steps after (none is preempted for them). Each step's token is the greedy
+        sampler's, so the output is plain decoding's; the steps stop at the request's stop tokens,
+        its ``max_tokens`` and the model's length (``expected_len``), and stop strings cut the text after."""
+        seq, p = s.seq, s.seq.params
+        if (s.num_new_tokens != 1 or not s.samples or not p.greedy or p.processes_logits or p.logprobs is not None
+                or seq.wants_prompt_logprobs or seq.num_output_tokens < p.min_tokens or seq.grammar is not None):
+            return s
+        steps = min(self.max_steps, seq.expected_len - seq.num_tokens)
+        bm = self.block_manager_of(seq)
+        while steps > 1 and not bm.can_allocate(seq.block_table, seq.num_computed_tokens + steps):
+            steps //= 2
+        if steps <= 1:
+            return s
+        bm.allocate(seq.block_table, seq.num_computed_tokens + steps, seq.expected_len)
+        return ScheduledSeq(seq, 1, steps=steps)
 
     def finish(self, seq: Sequence) -> None:
         seq.status = Status.FINISHED

@@ -113,7 +113,7 @@ class AsyncLLM:
             raise self.dead
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        self._commands.put(_Stop())
+        self._command(_Stop())
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -153,7 +153,7 @@ class AsyncLLM:
             # keeps stepping the other requests meanwhile; the request is queued once it is compiled
             stream.loop.create_task(self._add_after_compiling(rid, prompt, params, stream))
         else:
-            self._commands.put(_Add(rid, prompt, params))
+            self._command(_Add(rid, prompt, params))
         return self._outputs(rid, stream)
 
     async def _add_after_compiling(self, rid: str, prompt, params: SamplingParams, stream: _Stream) -> None:
@@ -168,7 +168,7 @@ class AsyncLLM:
         with self._lock:
             still_wanted = self._streams.get(rid) is stream  # (its consumer may have left meanwhile)
         if still_wanted:
-            self._commands.put(_Add(rid, prompt, params))
+            self._command(_Add(rid, prompt, params))
 
     async def _outputs(self, rid: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         finished = False
@@ -191,7 +191,7 @@ class AsyncLLM:
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks at the next step boundary. Its iterator ends with a
         last output: ``finished``, ``finish_reason`` "abort" (as vLLM's AsyncLLM does)."""
-        self._commands.put(_Abort(request_id))
+        self._command(_Abort(request_id))
 
     def abort_all(self) -> None:
         """Abort every request still being consumed (shutdown); their iterators end as :meth:`abort` says."""
@@ -199,6 +199,11 @@ class AsyncLLM:
             ids = list(self._streams)
         for rid in ids:
             self.abort(rid)
+
+    def _command(self, c) -> None:
+        """Queue ``c`` for the engine thread and end a multi-step call it may be in (LLMEngine.wake)."""
+        self._commands.put(c)
+        self.engine.wake()
 
     # ---- the engine thread -----------------------------------------------------------------
     def _run_guarded(self) -> None:

@@ -1,0 +1,194 @@
+"""Multi-step decoding (``EngineConfig.num_scheduler_steps``): greedy decode steps of a lone
+sequence run back to back in one C call (``moe_decode_greedy``) give plain decoding's outputs,
+stop where plain decoding stops, run only for requests whose sampling they leave unchanged, and
+end early for work that arrives."""
+import threading
+import time
+
+import pytest
+import torch
+
+from moe import LLM, SamplingParams
+from moe.model_runner import ModelRunner
+
+cpu_kernels = pytest.importorskip("cpu_kernels")
+if cpu_kernels.load() is None:
+    pytest.skip("the C kernels are not built here (no compiler): no captured step", allow_module_level=True)
+
+
+def _llm(path, **kw) -> LLM:
+    # prefix caching off: a second run of a prompt computes it as the first did
+    return LLM(path, dtype="bfloat16", block_size=4, enable_prefix_caching=False, **kw)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Tokens each multi-step call returned (one entry per call that ran)."""
+    got: list[int] = []
+    real = ModelRunner._run_steps
+
+    def run_steps(self, s, eos_ids):
+        out = real(self, s, eos_ids)
+        if out is not None:
+            got.append(len(out.sampled[0]))
+        return out
+
+    monkeypatch.setattr(ModelRunner, "_run_steps", run_steps)
+    return got
+
+
+def _both(llm: LLM, prompts, params):
+    """Outputs with multi-step decoding (16 steps a call) and with one step a call, same engine."""
+    sched = llm.engine.scheduler
+    sched.max_steps = 16
+    multi = llm.generate(prompts, params)
+    sched.max_steps = 1
+    single = llm.generate(prompts, params)
+    sched.max_steps = 16
+    return multi, single
+
+
+def _idle(llm: LLM) -> None:
+    e = llm.engine
+    assert not e.has_unfinished_requests() and e.seqs == {}
+    bm = e.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and all(r == -1 for r in bm.reserved_by)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v3"])
+def test_multi_step_tokens_equal_one_step_a_call(family, checkpoint, calls):
+    # bf16 greedy decoding across block boundaries (blocks of 4), from prompts of 1, 6 and 13 tokens:
+    # the same tokens with 16 steps a call as with one (each step the captured step, its LM head and
+    # the greedy argmax), and the multi-step calls did run several steps each
+    llm = _llm(str(checkpoint(family)))
+    assert llm.engine.runner.runs_greedy and llm.engine.scheduler.max_steps == 16
+    g = torch.Generator().manual_seed(1)
+    prompts = [{"prompt_token_ids": torch.randint(3, 200, (n,), generator=g).tolist()} for n in (1, 6, 13)]
+    sp = SamplingParams(temperature=0, max_tokens=37, ignore_eos=True)
+    multi, single = [], []
+    for p in prompts:  # (one at a time: a lone sequence)
+        m, s = _both(llm, [p], sp)
+        multi.append(m[0].outputs[0].token_ids)
+        single.append(s[0].outputs[0].token_ids)
+    assert multi == single and all(len(t) == 37 for t in multi)
+    assert len(calls) >= 3 * 3 and max(calls) == 16  # 36 decode steps each: 16 + 16 + 4
+    _idle(llm)
+
+
+def test_multi_step_stops_where_plain_decoding_stops(calls):
+    # the default model (with its tokenizer): stop tokens, EOS (as the C loop sees it: a stop id),
+    # stop strings (cut from the text after the call), min_tokens (no multi-step until reached) and
+    # max_tokens end the output exactly where one step a call ends it, text and reasons included
+    llm = _llm(None)
+    prompt = "def parse(line):\n"
+    ref = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))[0].outputs[0]
+    toks = ref.token_ids
+    t = next(x for i, x in enumerate(toks) if 20 <= i and toks.index(x) < i)  # a token seen before, late
+    early = toks.index(t)
+    stop_text = ref.text[len(ref.text) // 2:][:3]
+    cases = [SamplingParams(temperature=0, max_tokens=60, stop_token_ids=[t], ignore_eos=True),
+             SamplingParams(temperature=0, max_tokens=60, stop_token_ids=[t], min_tokens=early + 2, ignore_eos=True),
+             SamplingParams(temperature=0, max_tokens=60, stop=[stop_text], ignore_eos=True),
+             SamplingParams(temperature=0, max_tokens=60, stop=[stop_text], include_stop_str_in_output=True,
+                            ignore_eos=True),
+             SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+             SamplingParams(temperature=0, max_tokens=60)]
+    for sp in cases:
+        calls.clear()
+        (m,), (s,) = _both(llm, [prompt], sp)
+        a, b = m.outputs[0], s.outputs[0]
+        assert (a.token_ids, a.text, a.finish_reason, a.stop_reason) == (b.token_ids, b.text, b.finish_reason,
+                                                                         b.stop_reason), sp
+        assert calls or len(a.token_ids) == 1, sp
+    eos_llm = llm.engine
+    saved = eos_llm.eos_ids
+    eos_llm.eos_ids = (t,)  # as the model's EOS: the C loop ends the call on it
+    try:
+        calls.clear()
+        (m,), (s,) = _both(llm, [prompt], SamplingParams(temperature=0, max_tokens=60))
+        assert m.outputs[0].token_ids == s.outputs[0].token_ids == toks[:early + 1]
+        # the prompt's step gave token 0; the calls gave the rest and the last ended on the EOS
+        assert m.outputs[0].finish_reason == "stop" and sum(calls) == early
+    finally:
+        eos_llm.eos_ids = saved
+    _idle(llm)
+
+
+def test_multi_step_only_for_plain_greedy_lone_sequences(monkeypatch):
+    # requests whose sampling reads the logits (sampled, logprobs, penalties) and batches of several
+    # sequences take one step a call; a greedy one goes multi-step once it decodes alone. Outputs
+    # equal one step a call throughout
+    llm = _llm(None)
+    steps: list[tuple[int, int]] = []  # (sequences in the batch, steps asked)
+    real = ModelRunner.run
+
+    def run(self, batch, eos_ids):
+        steps.append((len(batch.seqs), batch.seqs[0].steps))
+        return real(self, batch, eos_ids)
+
+    monkeypatch.setattr(ModelRunner, "run", run)
+    one = ["The tutorial", "import sys\n"]
+    for sp in (SamplingParams(temperature=0.8, seed=3, max_tokens=20),
+               SamplingParams(temperature=0, max_tokens=20, logprobs=2),
+               SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3),
+               SamplingParams(temperature=0, max_tokens=20, min_tokens=20, ignore_eos=True)):
+        steps.clear()
+        m, s = _both(llm, one[:1], sp)
+        assert m[0].outputs[0].token_ids == s[0].outputs[0].token_ids and m[0].outputs[0].logprobs == \
+            s[0].outputs[0].logprobs
+        assert all(k == 1 for _, k in steps), sp
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)]
+    steps.clear()
+    m = llm.generate(one, params)
+    multi = [(n, k) for n, k in steps if k > 1]
+    assert multi and all(n == 1 for n, _ in multi)  # only after the short request finished
+    llm.engine.scheduler.max_steps = 1
+    s = llm.generate(one, params)
+    assert [o.outputs[0].token_ids for o in m] == [o.outputs[0].token_ids for o in s]
+    _idle(llm)
+
+
+def test_multi_step_call_ends_at_its_time_budget_and_when_work_arrives(monkeypatch, calls):
+    # a call ends after MULTI_STEP_SECONDS (0: one step a call), and when the engine is woken (a request
+    # arrived, from another thread) after the step it is in; the output is plain decoding's either way
+    llm = _llm(None, num_scheduler_steps=400)
+    e = llm.engine
+    prompt = "class Stack:\n"
+    sp = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
+    e.scheduler.max_steps = 1
+    want = llm.generate([prompt], sp)[0].outputs[0].token_ids
+    e.scheduler.max_steps = 400
+    monkeypatch.setattr(ModelRunner, "MULTI_STEP_SECONDS", 0.0)
+    assert llm.generate([prompt], sp)[0].outputs[0].token_ids == want
+    assert calls == [1] * 298  # (the prompt's step and the last, a lone step left, are ordinary steps)
+    calls.clear()
+    monkeypatch.setattr(ModelRunner, "MULTI_STEP_SECONDS", 60.0)
+    e.add_request(prompt, sp, "r")
+    e.step()  # the prompt: one token
+    woke = threading.Timer(0.02, e.wake)
+    woke.start()
+    t0 = time.perf_counter()
+    outs = e.step()
+    took = time.perf_counter() - t0
+    woke.join()
+    assert len(calls) == 1 and 0 < calls[0] < 299 and took < 30, (calls, took)  # woken, not done
+    tokens = list(outs[0].outputs[0].token_ids)
+    while e.has_unfinished_requests():
+        tokens = list(e.step()[0].outputs[0].token_ids)
+    assert tokens == want
+    _idle(llm)
+
+
+def test_num_scheduler_steps_is_checked_and_off_where_a_step_is_not_whole_in_c(checkpoint):
+    # off at 1; off where a half of the step runs op by op (Qwen2-MoE's gated shared expert, gpt-oss's
+    # experts with biases), with a drafter, or while expert counts are recorded
+    with pytest.raises(ValueError, match="num_scheduler_steps=0 must be at least 1"):
+        LLM(None, num_scheduler_steps=0)
+    assert _llm(None, num_scheduler_steps=1).engine.scheduler.max_steps == 1
+    assert _llm(None, record_expert_counts=True).engine.scheduler.max_steps == 1
+    assert _llm(None, speculative_config={"method": "ngram", "num_speculative_tokens": 2}).engine.scheduler.max_steps \
+        == 1
+    for family in ("qwen2_moe", "gpt_oss"):
+        e = _llm(str(checkpoint(family))).engine
+        assert not e.runner.runs_greedy and e.scheduler.max_steps == 1
