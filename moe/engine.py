@@ -160,8 +160,10 @@ class LLMEngine:
                                   self.drafter)
         self.runner.record_expert_counts = config.record_expert_counts
         # multi-step decoding: greedy steps of a lone sequence back to back in C, where the runner can
-        if self.runner.runs_greedy and spec is None and not config.record_expert_counts:
-            self.scheduler.max_steps = config.num_scheduler_steps
+        # (with speculation, on the steps cost control keeps plain: _steps_allowed)
+        self._max_steps = config.num_scheduler_steps \
+            if self.runner.runs_greedy and not config.record_expert_counts else 1
+        self.scheduler.max_steps = self._max_steps if spec is None else 1
         self.seqs: dict[str, Sequence] = {}  # request id -> its sequence (sample 0 when n > 1)
         self.samples: dict[str, list[Sequence]] = {}  # request id -> its n sequences
         self._structured: StructuredOutputManager | None = None  # built by the first structured request
@@ -409,15 +411,23 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         t_start = time.perf_counter()
         probe = self._choose_k() if self.spec_cost is not None else False
+        if self.spec is not None and self._max_steps > 1:
+            self.scheduler.max_steps = self._steps_allowed(probe)
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        multi = batch.seqs[0].steps > 1
         # a dormant drafter skips a quiet step's rows when more quiet steps follow and no sequence can
-        # draft next step regardless (its own seed) or brings a prompt chunk (those rows always reach it)
+        # draft next step regardless (its own seed) or brings a prompt chunk (those rows always reach it);
+        # a multi-step call's rows never reach the drafter (an MTP layer's only while dormant: it then
+        # misses them, as it misses a skipped step's; a draft model runs the tokens it owes when it drafts)
         self._skipped = self.runner.skip_drafter = (
             probe is None and self._dormant and self._quiet[1] > 0
-            and all(s.num_new_tokens == 1 and s.seq.generator is None for s in batch.seqs))
+            and all(s.num_new_tokens == 1 and s.seq.generator is None for s in batch.seqs)) or (
+            multi and isinstance(self.drafter, MTPDrafter))
         result = self._run(batch)
+        if multi and self.spec_cost is not None:
+            self._count_plain_steps(len(batch.seqs), len(result.sampled.get(0, ())) - 1)
         # cost control times one in QUIET_SAMPLE of the quiet steps that drafted nothing (alike: their
         # bookkeeping, ~5 us, was 1.5% of a batch-1 step of the default model), every other step
         observe = self.spec_cost is not None and (probe is not None or self._quiet[1] % self.QUIET_SAMPLE == 0
@@ -431,6 +441,26 @@ class LLMEngine:
         if observe:
             self._observe_step(batch, result, bool(probe), decode_only, time.perf_counter() - t_start)
         return outs
+
+    def _steps_allowed(self, probe: bool | None) -> int:
+        """Multi-step decoding's steps at most under speculation: on a step where no source drafts (no
+        probe, every K 0), with an MTP drafter (which reads every row's hidden state) only while it is
+        dormant. Plain decoding's cost is then the multi-step calls' per token (_observe_step)."""
+        if probe or any(p.k for p in (self.proposer, self._lookup) if p is not None):
+            return 1
+        if isinstance(self.drafter, MTPDrafter) and not (self._dormant and self._quiet[1] > 0):
+            return 1
+        return self._max_steps
+
+    def _count_plain_steps(self, batch_size: int, extra: int) -> None:
+        """A multi-step call's ``extra`` steps past its first, as plain steps: the quiet steps left first,
+        then counted with cost control as its choices of plain decoding (so probes fall due per token)."""
+        q = self._quiet[1]
+        self._quiet[1] = max(0, q - extra)
+        if extra > q:
+            for p in (self.proposer, self._lookup):
+                if p is not None:
+                    self.spec_cost.skip(batch_size, p.source, extra - q)
 
     def _run(self, batch: ScheduledBatch) -> StepResult:
         return self.lockstep.run(batch, lambda: self.runner.run(batch, self.eos_ids))
@@ -457,6 +487,8 @@ class LLMEngine:
             cost.observe_probe(len(batch.seqs), seconds, tokens, self._probing)
             return
         if decode_only:
+            if batch.seqs[0].steps > 1:  # a multi-step call: the plain steps' cost is per token
+                seconds /= max(len(result.sampled.get(0, ())), 1)
             rows = sum(len(s.draft) for s in batch.seqs) / len(batch.seqs)
             cost.observe_verify(rows, len(batch.seqs), seconds - drafting, asked)
             if drew:  # the whole step's speed against plain decoding's: the check on the prediction

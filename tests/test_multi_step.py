@@ -182,13 +182,81 @@ def test_multi_step_call_ends_at_its_time_budget_and_when_work_arrives(monkeypat
 
 def test_num_scheduler_steps_is_checked_and_off_where_a_step_is_not_whole_in_c(checkpoint):
     # off at 1; off where a half of the step runs op by op (Qwen2-MoE's gated shared expert, gpt-oss's
-    # experts with biases), with a drafter, or while expert counts are recorded
+    # experts with biases), or while expert counts are recorded
     with pytest.raises(ValueError, match="num_scheduler_steps=0 must be at least 1"):
         LLM(None, num_scheduler_steps=0)
     assert _llm(None, num_scheduler_steps=1).engine.scheduler.max_steps == 1
     assert _llm(None, record_expert_counts=True).engine.scheduler.max_steps == 1
-    assert _llm(None, speculative_config={"method": "ngram", "num_speculative_tokens": 2}).engine.scheduler.max_steps \
-        == 1
     for family in ("qwen2_moe", "gpt_oss"):
         e = _llm(str(checkpoint(family))).engine
         assert not e.runner.runs_greedy and e.scheduler.max_steps == 1
+
+
+@pytest.mark.parametrize("spec,dormant,runs", [
+    ({"method": "ngram", "num_speculative_tokens": 3}, False, True),
+    ({"method": "draft", "num_speculative_tokens": 3}, False, True),  # (a draft model runs the tokens it owes)
+    ({"method": "draft", "num_speculative_tokens": 3, "ngram_first": True}, False, True),
+    ({"method": "mtp", "num_speculative_tokens": 1}, False, False),  # (an MTP head reads every row)
+    ({"method": "mtp", "num_speculative_tokens": 1}, True, True)])
+def test_multi_step_runs_where_speculation_drafts_nothing(spec, dormant, runs, monkeypatch, calls):
+    # with speculation, a step on which cost control asks no source for drafts (every K 0, no probe)
+    # runs multi-step; an MTP head only while dormant, its rows then skipped as a dormant drafter's
+    # are. The call's steps past the first use up the quiet steps left, the rest counted with cost
+    # control as plain choices (so its probes fall due per token). Cost control is made to choose
+    # here: quiet runs of 5 steps, every third choice a probe (its own choices follow timings).
+    # Outputs equal plain decoding's
+    from moe.engine import LLMEngine
+    from moe.spec_cost import SpecCostModel
+
+    prompt, sp = "def main():\n", SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
+    want = _llm(None).generate([prompt], sp)[0].outputs[0].token_ids
+    calls.clear()
+    llm = _llm(None, speculative_config=spec)
+    choices = [0]
+    runs_of: list[tuple[int, bool, int, bool]] = []  # per step: (steps asked, a probe, quiet left, drafter skipped)
+    skipped: list[int] = []
+    real_run, real_skip = ModelRunner.run, SpecCostModel.skip
+
+    def choose_k(self):
+        if self._quiet[1]:
+            self._quiet[1] -= 1
+            choices[-1] = None
+            return None
+        proposers = [p for p in (self.proposer, self._lookup) if p is not None]
+        if self._skipped:  # (as cost control does: the drafter missed rows, so a plain step it sees first)
+            for p in proposers:
+                p.k = 0
+                p.set_probe(None, self.scheduler.running)
+            self._quiet = [len(self.scheduler.running), 0]
+            choices.append(False)
+            return False
+        probe = len(choices) % 3 == 0
+        for p in proposers:
+            p.k = spec["num_speculative_tokens"] if probe else 0
+            p.set_probe(1 if probe else None, self.scheduler.running)
+        self._probing = [p.source for p in proposers] if probe else []
+        self._quiet, self._dormant = [len(self.scheduler.running), 0 if probe else 5], dormant
+        choices.append(probe)
+        return probe
+
+    def run(self, batch, eos_ids):
+        runs_of.append((batch.seqs[0].steps, bool(choices[-1]), llm.engine._quiet[1], self.skip_drafter))
+        return real_run(self, batch, eos_ids)
+
+    def skip(self, batch_size, source, steps):
+        skipped.append(steps)
+        return real_skip(self, batch_size, source, steps)
+
+    monkeypatch.setattr(LLMEngine, "_choose_k", choose_k)
+    monkeypatch.setattr(ModelRunner, "run", run)
+    monkeypatch.setattr(SpecCostModel, "skip", skip)
+    assert llm.generate([prompt], sp)[0].outputs[0].token_ids == want
+    multi = [r for r in runs_of if r[0] > 1]
+    assert bool(multi) == runs and not any(probe for _, probe, _, _ in multi)
+    assert any(probe for _, probe, _, _ in runs_of)  # (probes ran, one step each)
+    assert all(s == (spec["method"] == "mtp") for _, _, _, s in multi)
+    # each call past the quiet steps left counted with cost control, per source asked
+    sources = 2 if spec.get("ngram_first") else 1
+    assert sum(skipped) == sources * sum(max(0, n - 1 - q) for n, (_, _, q, _) in zip(calls, multi)) > 0 \
+        if runs else not skipped
+    assert sum(calls) > 40 if runs else not calls
