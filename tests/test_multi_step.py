@@ -260,3 +260,17 @@ def test_multi_step_runs_where_speculation_drafts_nothing(spec, dormant, runs, m
     assert sum(skipped) == sources * sum(max(0, n - 1 - q) for n, (_, _, q, _) in zip(calls, multi)) > 0 \
         if runs else not skipped
     assert sum(calls) > 40 if runs else not calls
+
+
+def test_the_server_loop_wakes_the_engine_for_each_command(monkeypatch):
+    # AsyncLLM's adds and aborts reach the engine thread at a step boundary: each also wakes the engine,
+    # so a multi-step call in progress ends after its current step instead of at its end
+    from moe.serving.async_llm import AsyncLLM
+
+    llm = _llm(None)
+    woken = []
+    monkeypatch.setattr(llm.engine, "wake", lambda: woken.append(1))
+    loop = AsyncLLM(llm.engine)
+    loop.abort("nobody")
+    loop.shutdown(timeout=0)
+    assert len(woken) == 2
