@@ -120,32 +120,45 @@ static int64_t now_ns(void) {
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-/* Greedy decode steps of one sequence back to back, each what a batch-1 engine step computes: step
- * i embeds ids[i] at position pos0 + i (its K/V at slot table[p / bs] * bs + p % bs; it attends over
- * pos0 + i + 1 cached rows), runs every half (moe_decode_step: none may be the caller's), the LM head
- * (moe_logits_rows at one row) and the greedy choice (moe_argmax_rows: the first NaN, else the first
- * largest logit), written to ids[i + 1] as step i + 1's token. Stops after max_steps steps, after a
- * token in stop[0, n_stop), once budget_ns have passed since the call began, or once *wake differs
- * from wake0 (the engine has work waiting). Returns the steps completed (their tokens in
- * ids[1 ..]); a step the loop does not complete (a router's NaN, a kernel declining, a token outside
- * the embedding) ends the call before it is counted, for the caller to run its own way (the K/V it
- * may have written are the ones that step writes again). */
-int moe_decode_greedy(const StepHalf *halves, int64_t n, const StepEmbed *embed, int64_t D, int64_t *ids,
-                      int64_t pos0, const int32_t *table, int64_t bs, uint16_t *h_last, uint16_t *y_last,
-                      const uint16_t *w, const PackedProj *p, int64_t V, uint16_t *tmp, int64_t rows,
-                      float *logits, const int64_t *stop, int64_t n_stop, int64_t max_steps, int64_t budget_ns,
-                      const volatile int64_t *wake, int64_t wake0, int nt) {
+/* Greedy decode steps of T <= 32 sequences back to back (T = 1: a batch-1 step), each what an engine
+ * step computes for them: step i embeds row t's token ids[i T + t] at position pos0[t] + i (its K/V
+ * at slot blocks[p / bs] * bs + p % bs of its blocks: table, or with toff given table + toff[t]; it
+ * attends over p + 1 cached rows), runs every half (moe_decode_step,
+ * one sequence's row, or T sequences' rows at lens[t]: none may be the caller's), the LM head of the
+ * T rows (moe_logits_rows) and each row's greedy choice (moe_argmax_rows: the first NaN, else the
+ * first largest logit), written to ids[(i + 1) T + t] as the next step's tokens. Stops after
+ * max_steps steps, after a step in which some row chose a token in stop[0, n_stop), once budget_ns
+ * have passed since the call began, or once *wake differs from wake0 (the engine has work waiting).
+ * Returns the steps completed; a step the loop does not complete (a router's NaN, a kernel declining,
+ * a token outside the embedding) ends the call before it is counted, for the caller to run its own
+ * way (the K/V it may have written are the ones that step writes again). lens: T int32 of scratch
+ * (T > 1). */
+int moe_decode_greedy(const StepHalf *halves, int64_t n, const StepEmbed *embed, int64_t D, int64_t T, int64_t *ids,
+                      const int64_t *pos0, const int32_t *table, const int64_t *toff, int32_t *lens, int64_t bs,
+                      uint16_t *h_last, uint16_t *y_last, const uint16_t *w, const PackedProj *p, int64_t V,
+                      uint16_t *tmp, int64_t rows, float *logits, const int64_t *stop, int64_t n_stop,
+                      int64_t max_steps, int64_t budget_ns, const volatile int64_t *wake, int64_t wake0, int nt) {
     const int64_t t0 = now_ns();
+    int64_t pos[32], slots[32];
+    if (T < 1 || T > 32 || (T > 1 && !toff)) return 0;
     for (int64_t i = 0; i < max_steps; i++) {
-        const int64_t pos = pos0 + i, slot = (int64_t)table[pos / bs] * bs + pos % bs;
-        if (moe_decode_step(halves, n, 0, embed, ids + i, NULL, NULL, 1, D, &pos, table, (int32_t)(pos + 1), NULL,
-                            NULL, &slot, h_last, y_last, nt) != n)
+        for (int64_t t = 0; t < T; t++) {
+            const int32_t *blocks = toff ? table + toff[t] : table;
+            pos[t] = pos0[t] + i;
+            slots[t] = (int64_t)blocks[pos[t] / bs] * bs + pos[t] % bs;
+            if (toff) lens[t] = (int32_t)(pos[t] + 1);
+        }
+        if (moe_decode_step(halves, n, 0, embed, ids + i * T, NULL, NULL, T, D, pos, table,
+                            toff ? 0 : (int32_t)(pos[0] + 1), toff, toff ? lens : NULL, slots, h_last, y_last,
+                            nt) != n)
             return (int)i;
-        if (moe_logits_rows(y_last, 1, D, w, p, V, tmp, rows, logits, nt) != 0) return (int)i;
-        moe_argmax_rows(logits, 1, V, V, ids + i + 1);
-        for (int64_t j = 0; j < n_stop; j++)
-            if (ids[i + 1] == stop[j]) return (int)i + 1;
-        if (*wake != wake0 || now_ns() - t0 >= budget_ns) return (int)i + 1;
+        if (moe_logits_rows(y_last, T, D, w, p, V, tmp, rows, logits, nt) != 0) return (int)i;
+        int64_t *next = ids + (i + 1) * T;
+        moe_argmax_rows(logits, T, V, V, next);
+        int stopped = 0;
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t j = 0; j < n_stop; j++) stopped |= next[t] == stop[j];
+        if (stopped || *wake != wake0 || now_ns() - t0 >= budget_ns) return (int)i + 1;
     }
     return (int)max_steps;
 }

@@ -28,10 +28,11 @@ declare({
                         _ptr, _ptr, _ptr, _int],
     # (x, T, D, weight, packed weight, V, scratch, its rows, logits, threads)
     "moe_logits_rows": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _int],
-    # (halves, n, embed, D, ids, pos0, block table, block size, h_last, y_last, head weight, packed head, V,
-    # head scratch, its rows, logits, stop ids, their count, max steps, budget ns, wake, wake0, threads)
-    "moe_decode_greedy": [_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64,
-                          _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _int],
+    # (halves, n, embed, D, T, ids, pos0, block table, row offsets, lens scratch, block size, h_last, y_last,
+    # head weight, packed head, V, head scratch, its rows, logits, stop ids, their count, max steps, budget ns,
+    # wake, wake0, threads)
+    "moe_decode_greedy": [_ptr, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr,
+                          _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _int],
 })
 StepEmbedC = c_struct("StepEmbed", "emb: ptr; vocab: i64; nw: ptr; eps: f32; h x: ptr")
 StepHalfC = c_struct("StepHalf", "kind: i64; plan route ids wts: ptr; K: i64; cos_tab sin_tab: ptr; "
@@ -65,7 +66,7 @@ class DecodeStep:
             self._embed_ref = address(self._embed_c)
         self._h = torch.empty(self.n, rows, D, dtype=torch.bfloat16)
         self._y = torch.empty(self.n, rows, D, dtype=torch.bfloat16)
-        self._greedy_y = torch.empty(1, D, dtype=torch.bfloat16)  # (greedy: the last half's normed row, its logits)
+        self._greedy_y = torch.empty(rows, D, dtype=torch.bfloat16)  # (greedy: the last half's normed rows, logits)
         self._greedy_logits: torch.Tensor | None = None
         self._one = [Outputs(self._h[i, :1], self._y[i, :1]) for i in range(self.n)]
         self._c = (StepHalfC * self.n)()
@@ -193,34 +194,42 @@ class DecodeStep:
         """Whether the loop runs a whole one-row step from its token: the embedding and every half."""
         return self.embeds and all(p is not None for p in self.plans)
 
-    def greedy(self, head: LogitsRows, token: int, pos: int, block_table: torch.Tensor, block_size: int,
-               steps: int, stop: tuple[int, ...] = (), budget_s: float = float("inf"),
-               wake: ctypes.c_int64 | None = None) -> list[int]:
-        """Up to ``steps`` greedy decode steps of one sequence in one C call (``moe_decode_greedy``):
-        the first embeds ``token`` at position ``pos``, each later one the token the one before chose;
-        each step is a one-row :meth:`from_ids` step over the sequence's ``block_table`` (int32, its
-        blocks through position ``pos + steps - 1``), ``head``'s logits of it and their argmax (the
-        first NaN, else the first largest: ``argmax_rows``), bit for bit. Stops early after a token
-        in ``stop``, once ``budget_s`` seconds have passed, or once ``wake`` (read at each step's end)
-        has changed. Returns the tokens chosen, one per step completed ([] where the loop does not
-        run whole steps (:attr:`runs_whole`) or its first step declines: the caller runs it its way)."""
-        if not (self.runs_whole and head.ok and head.D == self.D and steps > 0):
-            return []
-        if (block_table.dtype != torch.int32 or block_table.dim() != 1 or not block_table.is_contiguous()
-                or block_table.shape[0] * block_size < pos + steps):
-            raise ValueError("DecodeStep.greedy: the block table must be contiguous int32 blocks through the last step")
-        ids = (ctypes.c_int64 * (steps + 1))(token)
+    def greedy(self, head: LogitsRows, tokens: list[int], positions: list[int], block_table: torch.Tensor,
+               block_size: int, steps: int, stop: tuple[int, ...] = (), budget_s: float = float("inf"),
+               wake: ctypes.c_int64 | None = None) -> list[list[int]]:
+        """Up to ``steps`` greedy decode steps of ``T = len(tokens)`` sequences in one C call
+        (``moe_decode_greedy``): sequence t's first step embeds ``tokens[t]`` at ``positions[t]``, each
+        later one the token its step before chose; each step is a :meth:`from_ids` step of the T rows
+        over ``block_table`` (int32, contiguous: ``[T, blocks]``, row t sequence t's blocks through
+        position ``positions[t] + steps - 1``; ``[blocks]`` for one), ``head``'s logits of it and their
+        argmax (the first NaN, else the first largest: ``argmax_rows``), bit for bit. Stops early after a
+        step in which some row chose a token in ``stop``, once ``budget_s`` seconds have passed, or once
+        ``wake`` (read at each step's end) has changed. Returns each sequence's tokens, one per step
+        completed ([] each where the loop does not run whole steps (:attr:`runs_whole`) or its first
+        step declines: the caller runs it its own way)."""
+        T = len(tokens)
+        if not (self.runs_whole and head.ok and head.D == self.D and steps > 0 and 0 < T <= min(self.rows, 32)):
+            return [[] for _ in tokens]
+        table = block_table.view(1, -1) if block_table.dim() == 1 else block_table
+        if (table.dtype != torch.int32 or table.dim() != 2 or table.shape[0] != T or not table.is_contiguous()
+                or len(positions) != T or table.shape[1] * block_size < max(positions) + steps):
+            raise ValueError("DecodeStep.greedy: the block table must be contiguous int32 [T, blocks], each row "
+                             "its sequence's blocks through the last step")
+        ids = (ctypes.c_int64 * ((steps + 1) * T))(*tokens)
+        pos0 = (ctypes.c_int64 * T)(*positions)
+        toff = (ctypes.c_int64 * T)(*range(0, T * table.shape[1], table.shape[1])) if T > 1 else None
+        lens = (ctypes.c_int32 * T)()
         stops = (ctypes.c_int64 * max(len(stop), 1))(*stop)
         if wake is None:
             wake = ctypes.c_int64(0)
-        if self._greedy_logits is None or self._greedy_logits.shape[1] != head.V:
-            self._greedy_logits = torch.empty(1, head.V, dtype=torch.float32)
-        logits, budget_ns = self._greedy_logits, int(min(budget_s, 1e9) * 1e9)
-        done = load().moe_decode_greedy(self._ref, self.n, self._embed_ref, self.D, ids, pos, block_table.data_ptr(),
-                                        block_size, self._h[-1].data_ptr(), self._greedy_y.data_ptr(),
-                                        *head.args, logits.data_ptr(), stops, len(stop), steps, budget_ns,
-                                        ctypes.addressof(wake), wake.value, torch.get_num_threads())
-        return list(ids[1:done + 1])
+        if self._greedy_logits is None or self._greedy_logits.shape != (self.rows, head.V):
+            self._greedy_logits = torch.empty(self.rows, head.V, dtype=torch.float32)
+        budget_ns = int(min(budget_s, 1e9) * 1e9)
+        done = load().moe_decode_greedy(self._ref, self.n, self._embed_ref, self.D, T, ids, pos0, table.data_ptr(),
+                                        toff, lens, block_size, self._h[-1].data_ptr(), self._greedy_y.data_ptr(),
+                                        *head.args, self._greedy_logits.data_ptr(), stops, len(stop), steps,
+                                        budget_ns, ctypes.addressof(wake), wake.value, torch.get_num_threads())
+        return [list(ids[T + t:(done + 1) * T:T]) for t in range(T)]
 
     def _embedded(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The loop's embedded rows and their norm, as tensors."""

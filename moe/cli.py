@@ -55,8 +55,8 @@ ENGINE_FLAGS: dict[str, tuple[Any, Any]] = {
     "max_num_batched_tokens": (int, typer.Option(_default("max_num_batched_tokens"),
                                                  help="Tokens per step at most (chunked prefill).")),
     "num_scheduler_steps": (int, typer.Option(_default("num_scheduler_steps"),
-                                              help="Greedy decode steps of a lone request run back to back "
-                                                   "in one call at most (1: off).")),
+                                              help="Greedy decode steps run back to back in one call at "
+                                                   "most (1: off).")),
     "block_size": (int, typer.Option(_default("block_size"), help="KV cache block size in tokens.")),
     "enable_prefix_caching": (bool, typer.Option(_default("enable_prefix_caching"),
                                                  "--enable-prefix-caching/--no-enable-prefix-caching")),

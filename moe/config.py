@@ -157,7 +157,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences running at once
     max_model_len: int | None = None  # prompt + output tokens per sequence; None: the model's context
     max_num_batched_tokens: int = 2048  # tokens per step (longer prompts are prefilled in chunks)
-    # greedy decode steps of a lone sequence run back to back in one call at most (CPU, captured step; 1: off)
+    # greedy decode steps run back to back in one call at most (CPU, the captured step's sequences; 1: off)
     num_scheduler_steps: int = 16
     seed: int | None = 0  # the sampler's generator (draws of requests without a SamplingParams.seed); None: unseeded
     enable_prefix_caching: bool = True  # reuse the KV blocks of a prompt prefix seen before

@@ -435,18 +435,20 @@ class CapturedDecode:
         """Whether :meth:`greedy` runs whole steps in C: the loop embeds and runs every half, the head is one call."""
         return self.head is not None and self.step.runs_whole
 
-    def greedy(self, token: int, start: int, block_table: torch.Tensor, block_size: int, steps: int,
-               stop: tuple[int, ...] = (), budget_s: float = float("inf"), wake=None) -> list[int]:
-        """Up to ``steps`` greedy decode steps of one sequence in one C call, its next token ``token`` at
-        position ``start`` (:meth:`cpu_kernels.DecodeStep.greedy`): the tokens that many captured steps,
-        their :meth:`logits` and the greedy sampler's argmax give one after another, bit for bit, ending
-        after a token in ``stop``, after ``budget_s`` seconds or when ``wake`` changes; [] where the loop
-        does not run the first step (the caller takes it its own way)."""
-        if not self.runs_greedy:
-            return []
+    def greedy(self, tokens: list[int], starts: list[int], block_table: torch.Tensor, block_size: int, steps: int,
+               stop: tuple[int, ...] = (), budget_s: float = float("inf"), wake=None) -> list[list[int]]:
+        """Up to ``steps`` greedy decode steps of ``len(tokens)`` sequences (at most :attr:`max_rows`) in
+        one C call, sequence t's next token ``tokens[t]`` at position ``starts[t]``, its blocks row t of
+        ``block_table`` (:meth:`cpu_kernels.DecodeStep.greedy`): each sequence's tokens that many captured
+        steps, their :meth:`logits` and the greedy sampler's argmax give one after another, bit for bit,
+        ending after a step in which some sequence chose a token in ``stop``, after ``budget_s`` seconds
+        or when ``wake`` changes; [] each where the loop does not run the first step (the caller takes it
+        its own way)."""
+        if not self.runs_greedy or len(tokens) > self.max_rows:
+            return [[] for _ in tokens]
         if self._rotary:
-            self._grow_rotaries(start + steps)
-        return self.step.greedy(self.head, token, start, block_table, block_size, steps, stop, budget_s, wake)
+            self._grow_rotaries(max(starts) + steps)
+        return self.step.greedy(self.head, tokens, starts, block_table, block_size, steps, stop, budget_s, wake)
 
     def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
         """The LM head of a captured step's rows, each as a one-token step's (float32 ``[T, V]``)."""

@@ -159,11 +159,12 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.sampler, self.device,
                                   self.drafter)
         self.runner.record_expert_counts = config.record_expert_counts
-        # multi-step decoding: greedy steps of a lone sequence back to back in C, where the runner can
+        # multi-step decoding: greedy decode steps back to back in C, where the runner can
         # (with speculation, on the steps cost control keeps plain: _steps_allowed)
         self._max_steps = config.num_scheduler_steps \
             if self.runner.runs_greedy and not config.record_expert_counts else 1
         self.scheduler.max_steps = self._max_steps if spec is None else 1
+        self.scheduler.max_step_rows = self.runner.captured.max_rows if self._max_steps > 1 else 1
         self.seqs: dict[str, Sequence] = {}  # request id -> its sequence (sample 0 when n > 1)
         self.samples: dict[str, list[Sequence]] = {}  # request id -> its n sequences
         self._structured: StructuredOutputManager | None = None  # built by the first structured request

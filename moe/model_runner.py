@@ -107,7 +107,7 @@ class ModelRunner:
         """Results for the batch's sequences this rank runs (all of them unless data_parallel > 1),
         keyed by batch index."""
         if batch.seqs[0].steps > 1:
-            result = self._run_steps(batch.seqs[0], eos_ids)
+            result = self._run_steps(batch, eos_ids)
             if result is not None:
                 return result
         inputs = self._prepare(batch)
@@ -121,22 +121,30 @@ class ModelRunner:
             self.drafter.catch_up(batch, hidden, sampled)
         return StepResult(sampled, self._prompt_logprobs(batch, inputs, hidden))
 
-    def _run_steps(self, s: ScheduledSeq, eos_ids: tuple[int, ...]) -> StepResult | None:
-        """Up to ``s.steps`` greedy decode steps of a lone sequence in one C call
+    def _run_steps(self, batch: ScheduledBatch, eos_ids: tuple[int, ...]) -> StepResult | None:
+        """Up to ``steps`` greedy decode steps of the batch's sequences in one C call
         (:meth:`CapturedDecode.greedy`): the tokens the greedy sampler would pick step after step,
-        ending at a stop token, after :attr:`MULTI_STEP_SECONDS` or when :attr:`wake` moves. None
-        where its first step does not run there (the step then runs as any other)."""
+        ending after a step in which one chose a stop token, after :attr:`MULTI_STEP_SECONDS` or when
+        :attr:`wake` moves. None where its first step does not run there (the step then runs as any
+        other)."""
         if not self.runs_greedy:  # (the captured step taken away since: tests comparing paths)
             return None
-        seq, p = s.seq, s.seq.params
-        stop = (() if p.ignore_eos else eos_ids) + tuple(p.stop_token_ids or ())
-        table = self.one_row.build(seq.token_ids[s.start], s.start + 1, seq.block_table.blocks).block_tables[0]
-        tokens = self.captured.greedy(seq.token_ids[s.start], s.start, table, self.block_size, s.steps, stop,
-                                      self.MULTI_STEP_SECONDS, self.wake)
-        if not tokens:
+        ss = batch.seqs
+        stop = tuple(dict.fromkeys(t for s in ss for t in (() if s.seq.params.ignore_eos else eos_ids)
+                                   + tuple(s.seq.params.stop_token_ids or ())))
+        s0 = ss[0]
+        if len(ss) == 1:
+            table = self.one_row.build(s0.seq.token_ids[s0.start], s0.start + 1, s0.seq.block_table.blocks).block_tables
+        else:
+            width = max(len(s.seq.block_table.blocks) for s in ss)
+            table = torch.tensor([s.seq.block_table.blocks + [0] * (width - len(s.seq.block_table.blocks)) for s in ss],
+                                 dtype=torch.int32)
+        tokens = self.captured.greedy([s.seq.token_ids[s.start] for s in ss], [s.start for s in ss], table,
+                                      self.block_size, s0.steps, stop, self.MULTI_STEP_SECONDS, self.wake)
+        if not tokens[0]:
             return None
-        self.num_tokens_run += len(tokens)
-        return StepResult({0: [(t, None) for t in tokens]}, {})
+        self.num_tokens_run += len(ss) * len(tokens[0])
+        return StepResult({b: [(t, None) for t in row] for b, row in enumerate(tokens)}, {})
 
     def _prepare(self, batch: ScheduledBatch) -> StepInputs:
         st = get_parallel_state()

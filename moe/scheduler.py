@@ -99,9 +99,11 @@ class Scheduler:
         # speculative decoding: drafts for decoding sequences (moe.spec_decode.Proposer), or None
         self.proposer: Proposer | None = None
         self.running: list[Sequence] = []
-        # multi-step decoding: up to this many greedy decode steps in one engine step for a lone decoding
-        # sequence when nothing waits (the engine sets it where its runner can: ModelRunner.runs_greedy)
+        # multi-step decoding: up to this many greedy decode steps in one engine step for up to
+        # max_step_rows decoding sequences when nothing waits (the engine sets both where its runner
+        # can: ModelRunner.runs_greedy)
         self.max_steps = 1
+        self.max_step_rows = 1
 
     @property
     def dp_size(self) -> int:
@@ -173,8 +175,8 @@ class Scheduler:
                 out[i] = ScheduledSeq(out[i].seq, 1 + len(d.tokens), d.tokens, d.probs, d.source)
         if preempted:
             return ScheduledBatch(out, preempted)
-        if self.max_steps > 1 and len(out) == 1 and not self.waiting and not speculating:
-            out[0] = self._multi_step(out[0])
+        if self.max_steps > 1 and len(out) <= self.max_step_rows and not self.waiting and not speculating:
+            out = self._multi_step(out)
         num_running = [0] * self.dp_size
         for seq in self.running:
             num_running[seq.dp_rank] += 1
@@ -213,24 +215,28 @@ class Scheduler:
             budget[d] -= n
         return ScheduledBatch(out)
 
-    def _multi_step(self, s: ScheduledSeq) -> ScheduledSeq:
-        """``s`` as up to :attr:`max_steps` greedy decode steps where its request allows them: one
-        decode token, greedy, no logit processing, logprobs or pending ``min_tokens``, and KV blocks
-        free for the steps after (none is preempted for them). Each step's token is the greedy
-        sampler's, so the output is plain decoding's; the steps stop at the request's stop tokens,
-        its ``max_tokens`` and the model's length (``expected_len``), and stop strings cut the text after."""
-        seq, p = s.seq, s.seq.params
-        if (s.num_new_tokens != 1 or not s.samples or not p.greedy or p.processes_logits or p.logprobs is not None
-                or seq.wants_prompt_logprobs or seq.num_output_tokens < p.min_tokens or seq.grammar is not None):
-            return s
-        steps = min(self.max_steps, seq.expected_len - seq.num_tokens)
-        bm = self.block_manager_of(seq)
-        while steps > 1 and not bm.can_allocate(seq.block_table, seq.num_computed_tokens + steps):
+    def _multi_step(self, out: list[ScheduledSeq]) -> list[ScheduledSeq]:
+        """The step's sequences as up to :attr:`max_steps` greedy decode steps where every one's request
+        allows them: one decode token each, greedy, no logit processing, logprobs or pending
+        ``min_tokens``, and KV blocks free for the steps after (none is preempted for them). Each
+        step's tokens are the greedy sampler's, so the outputs are plain decoding's; the steps stop at
+        the requests' stop tokens, the shortest ``max_tokens`` and the model's length (``expected_len``),
+        and stop strings cut the text after."""
+        for s in out:
+            seq, p = s.seq, s.seq.params
+            if (s.num_new_tokens != 1 or not s.samples or not p.greedy or p.processes_logits
+                    or p.logprobs is not None or seq.wants_prompt_logprobs or seq.num_output_tokens < p.min_tokens
+                    or seq.grammar is not None):
+                return out
+        steps = min(self.max_steps, *(s.seq.expected_len - s.seq.num_tokens for s in out))
+        bm = self.bm  # (one data-parallel group: the runner's multi-step runs in one process)
+        while steps > 1 and sum(bm.blocks_needed(s.seq.block_table, s.start + steps) for s in out) > bm.num_free_blocks:
             steps //= 2
         if steps <= 1:
-            return s
-        bm.allocate(seq.block_table, seq.num_computed_tokens + steps, seq.expected_len)
-        return ScheduledSeq(seq, 1, steps=steps)
+            return out
+        for s in out:
+            bm.allocate(s.seq.block_table, s.start + steps, s.seq.expected_len)
+        return [ScheduledSeq(s.seq, 1, steps=steps) for s in out]
 
     def finish(self, seq: Sequence) -> None:
         seq.status = Status.FINISHED

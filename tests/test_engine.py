@@ -205,7 +205,9 @@ def test_captured_rows_of_several_sequences_equal_one_row_steps(family, cached, 
                             Int4Weights(32, symmetric=False) if fmt == "int4" else Int8Weights(32, symmetric=False))
     else:
         path = None if family == "default" else str(checkpoint(family))
-    llm = LLM(path, dtype="bfloat16", block_size=4, enable_prefix_caching=False, max_num_seqs=16)
+    # (one step a call: multi-step calls run these rows in C without this hook; tests/test_multi_step.py)
+    llm = LLM(path, dtype="bfloat16", block_size=4, enable_prefix_caching=False, max_num_seqs=16,
+              num_scheduler_steps=1)
     runner = llm.engine.runner
     assert runner.captured.max_rows == (1 if family == "gpt_oss" else 24 if packed else 16 if cached else 8)
     real, checked, seqs = CapturedDecode.__call__, [], [0]

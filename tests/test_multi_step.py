@@ -114,10 +114,10 @@ def test_multi_step_stops_where_plain_decoding_stops(calls):
     _idle(llm)
 
 
-def test_multi_step_only_for_plain_greedy_lone_sequences(monkeypatch):
-    # requests whose sampling reads the logits (sampled, logprobs, penalties) and batches of several
-    # sequences take one step a call; a greedy one goes multi-step once it decodes alone. Outputs
-    # equal one step a call throughout
+def test_multi_step_only_for_plain_greedy_requests(monkeypatch):
+    # requests whose sampling reads the logits (sampled, logprobs, penalties, pending min_tokens) take
+    # one step a call, and so does a batch with one of them; a greedy one goes multi-step once it
+    # decodes without them. Outputs equal one step a call throughout
     llm = _llm(None)
     steps: list[tuple[int, int]] = []  # (sequences in the batch, steps asked)
     real = ModelRunner.run
@@ -137,12 +137,13 @@ def test_multi_step_only_for_plain_greedy_lone_sequences(monkeypatch):
         assert m[0].outputs[0].token_ids == s[0].outputs[0].token_ids and m[0].outputs[0].logprobs == \
             s[0].outputs[0].logprobs
         assert all(k == 1 for _, k in steps), sp
-    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+    # a sampled request beside a greedy one: one step a call while both run, multi-step after
+    params = [SamplingParams(temperature=0.8, seed=5, max_tokens=8),
               SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)]
     steps.clear()
     m = llm.generate(one, params)
     multi = [(n, k) for n, k in steps if k > 1]
-    assert multi and all(n == 1 for n, _ in multi)  # only after the short request finished
+    assert multi and all(n == 1 for n, _ in multi)  # only after the sampled request finished
     llm.engine.scheduler.max_steps = 1
     s = llm.generate(one, params)
     assert [o.outputs[0].token_ids for o in m] == [o.outputs[0].token_ids for o in s]
@@ -274,3 +275,45 @@ def test_the_server_loop_wakes_the_engine_for_each_command(monkeypatch):
     loop.abort("nobody")
     loop.shutdown(timeout=0)
     assert len(woken) == 2
+
+
+@pytest.mark.parametrize("family,cached", [("default", True), ("mixtral", False), ("deepseek_v3", False)])
+def test_several_sequences_multi_step_together(family, cached, checkpoint, monkeypatch):
+    # greedy sequences decoding together (up to the captured step's rows: 16 where the weights stay in
+    # the last-level cache, 8 where they stream) run their steps back to back as one C call over all
+    # their rows, each row as a one-token step computes it: the same tokens as one step a call, with
+    # prompts of different lengths across blocks, sequences of different max_tokens (a call stops at
+    # the shortest), a stop token of one ending the call for all, and more sequences than rows waiting
+    import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "last_level_cache_bytes", lambda: 1 << 40 if cached else 0)
+    llm = _llm(None if family == "default" else str(checkpoint(family)), max_num_seqs=16)
+    rows = llm.engine.runner.captured.max_rows
+    assert llm.engine.scheduler.max_step_rows == rows == (16 if cached else 8)
+    seen: list[tuple[int, int]] = []  # (sequences, steps) of each multi-step call
+    real = ModelRunner._run_steps
+
+    def run_steps(self, batch, eos_ids):
+        out = real(self, batch, eos_ids)
+        if out is not None:
+            seen.append((len(batch.seqs), len(out.sampled[0])))
+            assert all(len(v) == len(out.sampled[0]) for v in out.sampled.values())
+        return out
+
+    monkeypatch.setattr(ModelRunner, "_run_steps", run_steps)
+    g = torch.Generator().manual_seed(2)
+    lens = (1, 5, 9, 3, 17, 2, 7, 4, 11, 6)
+    prompts = [{"prompt_token_ids": torch.randint(3, 200, (n,), generator=g).tolist()} for n in lens]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (30, 45, 12, 38, 25, 41, 19, 33,
+                                                                                    27, 40)]
+    sched = llm.engine.scheduler
+    sched.max_steps = 1
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    stop_at = want[3][20]
+    params[3] = SamplingParams(temperature=0, max_tokens=38, stop_token_ids=[stop_at], ignore_eos=True)
+    want3 = llm.generate([prompts[3]], params[3])[0].outputs[0].token_ids
+    sched.max_steps = 16
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert got[:3] + got[4:] == want[:3] + want[4:] and got[3] == want3
+    assert max(n for n, _ in seen) == min(rows, len(lens)) and max(k for _, k in seen) > 4
+    _idle(llm)
