@@ -96,9 +96,10 @@ class ModelRunner:
 
     @property
     def runs_greedy(self) -> bool:
-        """Whether several greedy decode steps of one sequence run as one C call here (multi-step
-        decoding, :meth:`_run_steps`): the captured step runs whole steps, in one process. (Their rows
-        do not reach a drafter: the engine asks for them only where that is right.)"""
+        """Whether several greedy decode steps of a step's sequences (up to ``captured.max_rows``) run as
+        one C call here (multi-step decoding, :meth:`_run_steps`): the captured step runs whole steps,
+        in one process. (Their rows do not reach a drafter: the engine asks for them only where that is
+        right.)"""
         return (self.captured is not None and self.captured.runs_greedy and self.one_row is not None
                 and get_parallel_state().world_size == 1)
 

@@ -175,7 +175,7 @@ class Scheduler:
                 out[i] = ScheduledSeq(out[i].seq, 1 + len(d.tokens), d.tokens, d.probs, d.source)
         if preempted:
             return ScheduledBatch(out, preempted)
-        if self.max_steps > 1 and len(out) <= self.max_step_rows and not self.waiting and not speculating:
+        if self.max_steps > 1 and 0 < len(out) <= self.max_step_rows and not self.waiting and not speculating:
             out = self._multi_step(out)
         num_running = [0] * self.dp_size
         for seq in self.running:
