@@ -317,3 +317,30 @@ def test_several_sequences_multi_step_together(family, cached, checkpoint, monke
     assert got[:3] + got[4:] == want[:3] + want[4:] and got[3] == want3
     assert max(n for n, _ in seen) == min(rows, len(lens)) and max(k for _, k in seen) > 4
     _idle(llm)
+
+
+def test_multi_step_under_a_tiny_kv_cache(calls):
+    # with 12 blocks of 4 tokens for five requests of up to 30 tokens, sequences are preempted and
+    # recomputed; multi-step calls take only blocks that are free (never preempting for their steps),
+    # every request ends with all its tokens, and every block comes back. (bf16 recomputation runs
+    # other kernels than decoding, so tokens are compared within a run, not against another.)
+    ref = _llm(None)
+    per_token = ref.engine.kv_bytes_per_token()
+    llm = _llm(None, kv_cache_memory=per_token * 4 * 12)
+    assert llm.engine.block_manager.num_blocks == 12
+    prompts = [{"prompt_token_ids": list(range(40 + 9 * i, 40 + 9 * i + n))} for i, n in enumerate((10, 12, 9, 11, 7))]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (20, 18, 20, 16, 22)]
+    e = llm.engine
+    rids = [e.add_request(q, sp) for q, sp in zip(prompts, params)]
+    seqs = [e.seqs[r] for r in rids]
+    done = {}
+    for _ in range(2000):
+        if not e.has_unfinished_requests():
+            break
+        for out in e.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert len(done) == 5 and sum(s.num_preemptions for s in seqs) > 0 and calls
+    for r, sp in zip(rids, params):
+        assert len(done[r].outputs[0].token_ids) == sp.max_tokens
+    _idle(llm)
