@@ -1,7 +1,7 @@
-"""Multi-step decoding (``EngineConfig.num_scheduler_steps``): greedy decode steps of a lone
-sequence run back to back in one C call (``moe_decode_greedy``) give plain decoding's outputs,
-stop where plain decoding stops, run only for requests whose sampling they leave unchanged, and
-end early for work that arrives."""
+"""Multi-step decoding (``EngineConfig.num_scheduler_steps``): greedy decode steps of the decoding
+sequences (alone or up to the captured step's rows together) run back to back in one C call
+(``moe_decode_greedy``) give plain decoding's outputs, stop where plain decoding stops, run only for
+requests whose sampling they leave unchanged, and end early for work that arrives."""
 import threading
 import time
 
@@ -27,8 +27,8 @@ def calls(monkeypatch):
     got: list[int] = []
     real = ModelRunner._run_steps
 
-    def run_steps(self, s, eos_ids):
-        out = real(self, s, eos_ids)
+    def run_steps(self, batch, eos_ids):
+        out = real(self, batch, eos_ids)
         if out is not None:
             got.append(len(out.sampled[0]))
         return out
