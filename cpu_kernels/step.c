@@ -131,15 +131,15 @@ static int64_t now_ns(void) {
  * have passed since the call began, or once *wake differs from wake0 (the engine has work waiting).
  * Returns the steps completed; a step the loop does not complete (a router's NaN, a kernel declining,
  * a token outside the embedding) ends the call before it is counted, for the caller to run its own
- * way (the K/V it may have written are the ones that step writes again). lens: T int32 of scratch
- * (T > 1). */
+ * way (the K/V it may have written are the ones that step writes again). */
 int moe_decode_greedy(const StepHalf *halves, int64_t n, const StepEmbed *embed, int64_t D, int64_t T, int64_t *ids,
-                      const int64_t *pos0, const int32_t *table, const int64_t *toff, int32_t *lens, int64_t bs,
+                      const int64_t *pos0, const int32_t *table, const int64_t *toff, int64_t bs,
                       uint16_t *h_last, uint16_t *y_last, const uint16_t *w, const PackedProj *p, int64_t V,
                       uint16_t *tmp, int64_t rows, float *logits, const int64_t *stop, int64_t n_stop,
                       int64_t max_steps, int64_t budget_ns, const volatile int64_t *wake, int64_t wake0, int nt) {
     const int64_t t0 = now_ns();
     int64_t pos[32], slots[32];
+    int32_t lens[32];
     if (T < 1 || T > 32 || (T > 1 && !toff)) return 0;
     for (int64_t i = 0; i < max_steps; i++) {
         for (int64_t t = 0; t < T; t++) {

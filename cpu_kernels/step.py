@@ -28,10 +28,10 @@ declare({
                         _ptr, _ptr, _ptr, _int],
     # (x, T, D, weight, packed weight, V, scratch, its rows, logits, threads)
     "moe_logits_rows": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _int],
-    # (halves, n, embed, D, T, ids, pos0, block table, row offsets, lens scratch, block size, h_last, y_last,
+    # (halves, n, embed, D, T, ids, pos0, block table, row offsets, block size, h_last, y_last,
     # head weight, packed head, V, head scratch, its rows, logits, stop ids, their count, max steps, budget ns,
     # wake, wake0, threads)
-    "moe_decode_greedy": [_ptr, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr,
+    "moe_decode_greedy": [_ptr, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr,
                           _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _int],
 })
 StepEmbedC = c_struct("StepEmbed", "emb: ptr; vocab: i64; nw: ptr; eps: f32; h x: ptr")
@@ -218,7 +218,6 @@ class DecodeStep:
         ids = (ctypes.c_int64 * ((steps + 1) * T))(*tokens)
         pos0 = (ctypes.c_int64 * T)(*positions)
         toff = (ctypes.c_int64 * T)(*range(0, T * table.shape[1], table.shape[1])) if T > 1 else None
-        lens = (ctypes.c_int32 * T)()
         stops = (ctypes.c_int64 * max(len(stop), 1))(*stop)
         if wake is None:
             wake = ctypes.c_int64(0)
@@ -226,7 +225,7 @@ class DecodeStep:
             self._greedy_logits = torch.empty(self.rows, head.V, dtype=torch.float32)
         budget_ns = int(min(budget_s, 1e9) * 1e9)
         done = load().moe_decode_greedy(self._ref, self.n, self._embed_ref, self.D, T, ids, pos0, table.data_ptr(),
-                                        toff, lens, block_size, self._h[-1].data_ptr(), self._greedy_y.data_ptr(),
+                                        toff, block_size, self._h[-1].data_ptr(), self._greedy_y.data_ptr(),
                                         *head.args, self._greedy_logits.data_ptr(), stops, len(stop), steps,
                                         budget_ns, ctypes.addressof(wake), wake.value, torch.get_num_threads())
         return [list(ids[T + t:(done + 1) * T:T]) for t in range(T)]

@@ -444,7 +444,7 @@ class CapturedDecode:
         ending after a step in which some sequence chose a token in ``stop``, after ``budget_s`` seconds
         or when ``wake`` changes; [] each where the loop does not run the first step (the caller takes it
         its own way)."""
-        if not self.runs_greedy or len(tokens) > self.max_rows:
+        if not self.runs_greedy:
             return [[] for _ in tokens]
         if self._rotary:
             self._grow_rotaries(max(starts) + steps)

@@ -217,7 +217,7 @@ class Scheduler:
 
     def _multi_step(self, out: list[ScheduledSeq]) -> list[ScheduledSeq]:
         """The step's sequences as up to :attr:`max_steps` greedy decode steps where every one's request
-        allows them: one decode token each, greedy, no logit processing, logprobs or pending
+        allows them: one decode token each, greedy, no logit processing (a grammar among it), logprobs or pending
         ``min_tokens``, and KV blocks free for the steps after (none is preempted for them). Each
         step's tokens are the greedy sampler's, so the outputs are plain decoding's; the steps stop at
         the requests' stop tokens, the shortest ``max_tokens`` and the model's length (``expected_len``),
@@ -225,8 +225,7 @@ class Scheduler:
         for s in out:
             seq, p = s.seq, s.seq.params
             if (s.num_new_tokens != 1 or not s.samples or not p.greedy or p.processes_logits
-                    or p.logprobs is not None or seq.wants_prompt_logprobs or seq.num_output_tokens < p.min_tokens
-                    or seq.grammar is not None):
+                    or p.logprobs is not None or seq.wants_prompt_logprobs or seq.num_output_tokens < p.min_tokens):
                 return out
         steps = min(self.max_steps, *(s.seq.expected_len - s.seq.num_tokens for s in out))
         bm = self.bm  # (one data-parallel group: the runner's multi-step runs in one process)
