@@ -129,14 +129,16 @@ static int64_t now_ns(void) {
  * first largest logit), written to ids[(i + 1) T + t] as the next step's tokens. Stops after
  * max_steps steps, after a step in which some row chose a token in stop[0, n_stop), once budget_ns
  * have passed since the call began, or once *wake differs from wake0 (the engine has work waiting).
- * Returns the steps completed; a step the loop does not complete (a router's NaN, a kernel declining,
+ * With y_rows given, step i's normed last rows (the LM head's input, T x D bf16) are copied to
+ * y_rows + i T D (an MTP drafter's hidden states). Returns the steps completed; a step the loop does not complete (a router's NaN, a kernel declining,
  * a token outside the embedding) ends the call before it is counted, for the caller to run its own
  * way (the K/V it may have written are the ones that step writes again). */
 int moe_decode_greedy(const StepHalf *halves, int64_t n, const StepEmbed *embed, int64_t D, int64_t T, int64_t *ids,
                       const int64_t *pos0, const int32_t *table, const int64_t *toff, int64_t bs,
                       uint16_t *h_last, uint16_t *y_last, const uint16_t *w, const PackedProj *p, int64_t V,
                       uint16_t *tmp, int64_t rows, float *logits, const int64_t *stop, int64_t n_stop,
-                      int64_t max_steps, int64_t budget_ns, const volatile int64_t *wake, int64_t wake0, int nt) {
+                      int64_t max_steps, int64_t budget_ns, const volatile int64_t *wake, int64_t wake0,
+                      uint16_t *y_rows, int nt) {
     const int64_t t0 = now_ns();
     int64_t pos[32], slots[32];
     int32_t lens[32];
@@ -152,6 +154,7 @@ int moe_decode_greedy(const StepHalf *halves, int64_t n, const StepEmbed *embed,
                             toff ? 0 : (int32_t)(pos[0] + 1), toff, toff ? lens : NULL, slots, h_last, y_last,
                             nt) != n)
             return (int)i;
+        if (y_rows) memcpy(y_rows + i * T * D, y_last, (size_t)(T * D) * sizeof(uint16_t));
         if (moe_logits_rows(y_last, T, D, w, p, V, tmp, rows, logits, nt) != 0) return (int)i;
         int64_t *next = ids + (i + 1) * T;
         moe_argmax_rows(logits, T, V, V, next);

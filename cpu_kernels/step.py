@@ -30,9 +30,9 @@ declare({
     "moe_logits_rows": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _int],
     # (halves, n, embed, D, T, ids, pos0, block table, row offsets, block size, h_last, y_last,
     # head weight, packed head, V, head scratch, its rows, logits, stop ids, their count, max steps, budget ns,
-    # wake, wake0, threads)
+    # wake, wake0, each step's normed rows (or NULL), threads)
     "moe_decode_greedy": [_ptr, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr,
-                          _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _int],
+                          _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _int],
 })
 StepEmbedC = c_struct("StepEmbed", "emb: ptr; vocab: i64; nw: ptr; eps: f32; h x: ptr")
 StepHalfC = c_struct("StepHalf", "kind: i64; plan route ids wts: ptr; K: i64; cos_tab sin_tab: ptr; "
@@ -196,7 +196,7 @@ class DecodeStep:
 
     def greedy(self, head: LogitsRows, tokens: list[int], positions: list[int], block_table: torch.Tensor,
                block_size: int, steps: int, stop: tuple[int, ...] = (), budget_s: float = float("inf"),
-               wake: ctypes.c_int64 | None = None) -> list[list[int]]:
+               wake: ctypes.c_int64 | None = None, rows_out: torch.Tensor | None = None) -> list[list[int]]:
         """Up to ``steps`` greedy decode steps of ``T = len(tokens)`` sequences in one C call
         (``moe_decode_greedy``): sequence t's first step embeds ``tokens[t]`` at ``positions[t]``, each
         later one the token its step before chose; each step is a :meth:`from_ids` step of the T rows
@@ -204,9 +204,10 @@ class DecodeStep:
         position ``positions[t] + steps - 1``; ``[blocks]`` for one), ``head``'s logits of it and their
         argmax (the first NaN, else the first largest: ``argmax_rows``), bit for bit. Stops early after a
         step in which some row chose a token in ``stop``, once ``budget_s`` seconds have passed, or once
-        ``wake`` (read at each step's end) has changed. Returns each sequence's tokens, one per step
-        completed ([] each where the loop does not run whole steps (:attr:`runs_whole`) or its first
-        step declines: the caller runs it its own way)."""
+        ``wake`` (read at each step's end) has changed. With ``rows_out`` (bf16 ``[steps, T, D]``,
+        contiguous) each completed step's normed last rows, the LM head's input, are written there.
+        Returns each sequence's tokens, one per step completed ([] each where the loop does not run whole
+        steps (:attr:`runs_whole`) or its first step declines: the caller runs it its own way)."""
         T = len(tokens)
         if not (self.runs_whole and head.ok and head.D == self.D and steps > 0 and 0 < T <= min(self.rows, 32)):
             return [[] for _ in tokens]
@@ -215,6 +216,9 @@ class DecodeStep:
                 or len(positions) != T or table.shape[1] * block_size < max(positions) + steps):
             raise ValueError("DecodeStep.greedy: the block table must be contiguous int32 [T, blocks], each row "
                              "its sequence's blocks through the last step")
+        if rows_out is not None and (rows_out.dtype != torch.bfloat16 or rows_out.shape != (steps, T, self.D)
+                                     or not rows_out.is_contiguous()):
+            raise ValueError("DecodeStep.greedy: rows_out must be contiguous bf16 [steps, T, D]")
         ids = (ctypes.c_int64 * ((steps + 1) * T))(*tokens)
         pos0 = (ctypes.c_int64 * T)(*positions)
         toff = (ctypes.c_int64 * T)(*range(0, T * table.shape[1], table.shape[1])) if T > 1 else None
@@ -227,7 +231,8 @@ class DecodeStep:
         done = load().moe_decode_greedy(self._ref, self.n, self._embed_ref, self.D, T, ids, pos0, table.data_ptr(),
                                         toff, block_size, self._h[-1].data_ptr(), self._greedy_y.data_ptr(),
                                         *head.args, self._greedy_logits.data_ptr(), stops, len(stop), steps,
-                                        budget_ns, ctypes.addressof(wake), wake.value, torch.get_num_threads())
+                                        budget_ns, ctypes.addressof(wake), wake.value,
+                                        None if rows_out is None else rows_out.data_ptr(), torch.get_num_threads())
         return [list(ids[T + t:(done + 1) * T:T]) for t in range(T)]
 
     def _embedded(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -436,19 +436,21 @@ class CapturedDecode:
         return self.head is not None and self.step.runs_whole
 
     def greedy(self, tokens: list[int], starts: list[int], block_table: torch.Tensor, block_size: int, steps: int,
-               stop: tuple[int, ...] = (), budget_s: float = float("inf"), wake=None) -> list[list[int]]:
+               stop: tuple[int, ...] = (), budget_s: float = float("inf"), wake=None,
+               rows_out: torch.Tensor | None = None) -> list[list[int]]:
         """Up to ``steps`` greedy decode steps of ``len(tokens)`` sequences (at most :attr:`max_rows`) in
         one C call, sequence t's next token ``tokens[t]`` at position ``starts[t]``, its blocks row t of
         ``block_table`` (:meth:`cpu_kernels.DecodeStep.greedy`): each sequence's tokens that many captured
         steps, their :meth:`logits` and the greedy sampler's argmax give one after another, bit for bit,
         ending after a step in which some sequence chose a token in ``stop``, after ``budget_s`` seconds
         or when ``wake`` changes; [] each where the loop does not run the first step (the caller takes it
-        its own way)."""
+        its own way). ``rows_out`` (bf16 ``[steps, T, D]``) receives each step's rows :meth:`logits` read."""
         if not self.runs_greedy:
             return [[] for _ in tokens]
         if self._rotary:
             self._grow_rotaries(max(starts) + steps)
-        return self.step.greedy(self.head, tokens, starts, block_table, block_size, steps, stop, budget_s, wake)
+        return self.step.greedy(self.head, tokens, starts, block_table, block_size, steps, stop, budget_s, wake,
+                                rows_out)
 
     def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
         """The LM head of a captured step's rows, each as a one-token step's (float32 ``[T, V]``)."""

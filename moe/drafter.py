@@ -46,7 +46,7 @@ from .loader import load_weights
 from .models import ForwardContext, MoECausalLM, parse_config, rules_for
 from .models.quant_weights import checkpoint_rules, plan_experts
 from .sampler import draw_token, filtered_probs
-from .scheduler import ScheduledBatch
+from .scheduler import ScheduledBatch, ScheduledSeq
 from .sequence import Sequence
 from .spec_cost import SpecCostModel
 from .spec_decode import Draft, DraftCounts, NgramProposer, draft_room, take_probe_slot
@@ -66,6 +66,18 @@ class Drafter(Protocol):
     def step(self, seqs: list[Sequence], ids: list[int], positions: list[int]) -> torch.Tensor: ...
 
     def catch_up(self, batch: ScheduledBatch, hidden_TD: torch.Tensor, sampled: Sampled) -> None: ...
+
+    # whether it runs on the target's hidden states, so that a multi-step call keeps each step's rows
+    # for it (:meth:`catch_up_steps`); a drafter that reads only tokens owes those rows instead
+    reads_hidden: bool
+
+    def catch_up_steps(self, seqs: list[ScheduledSeq], tokens: list[list[int]], hidden_SBD: torch.Tensor,
+                       last_only: bool) -> None:
+        """After a multi-step call (``ModelRunner._run_steps``; asked only where :attr:`reads_hidden`):
+        sequence ``b`` ran ``len(tokens[b])`` decode steps from ``seqs[b].start``, step ``i`` choosing
+        ``tokens[b][i]``, its row's hidden state ``hidden_SBD[i, b]``. ``last_only``: keep only each
+        sequence's last row (a dormant drafter, which then misses the others)."""
+        ...
 
     def owed(self, seq: Sequence) -> int:
         """Rows of ``seq`` the drafter must run before it can draft for it."""
@@ -147,6 +159,8 @@ class DraftModel(_OwnKVCache):
         if self.captured is not None and len(ids) <= self.captured.max_rows:  # (each row ends its sequence's rows)
             return self.captured(ids_T, pos_T, ctx)
         return self.model(ids_T, pos_T, ctx)
+
+    reads_hidden = False  # (a multi-step call's rows are owed: it runs them from the tokens when it drafts)
 
     def written(self, seq: Sequence) -> int:
         """Positions of ``seq`` whose drafter K/V are written (0 for a sequence not seen yet)."""
@@ -351,6 +365,7 @@ class MTPDrafter(_OwnKVCache):
     sequence is then no longer :meth:`whole` (see :meth:`_restart`)."""
 
     PENDING_BYTES = 8 << 20  # hidden states kept per sequence before its rows run anyway
+    reads_hidden = True
     CATCH_UP_ROWS = 2048  # rows per MTP pass when running pending rows (a prompt, a long plain stretch)
 
     def __init__(self, mtp: torch.nn.Module, dtype: torch.dtype, device: torch.device):
@@ -485,15 +500,34 @@ class MTPDrafter(_OwnKVCache):
             if len(ids) < m:
                 ids += [t for t, _ in new[:m - len(ids)]]
             if len(ids) == m:
-                rows = self._pending_of(seq)
-                if rows is None or rows.start + len(rows.ids) != start:
-                    rows = self._restart(seq, start, rows)
-                rows.ids += ids
-                rows.hidden.append(hidden_TD if one and m == n else (hidden_TD, base, m))
-                if len(rows.ids) * self._row_bytes > self.PENDING_BYTES:
-                    full.append(seq)
+                self._keep(seq, start, ids, hidden_TD if one and m == n else (hidden_TD, base, m), full)
             base += n
-        if len(self._next) + len(self._pending) + len(self._gapped) > 2 * len(batch.seqs):  # (finished sequences')
+        self._settle(len(batch.seqs), full)
+
+    def catch_up_steps(self, seqs: list[ScheduledSeq], tokens: list[list[int]], hidden_SBD: torch.Tensor,
+                       last_only: bool) -> None:
+        """A multi-step call's rows: step ``i`` of sequence ``b`` ran position ``start + i`` and chose
+        ``t_{start+i+1} = tokens[b][i]``; its hidden state is ``hidden_SBD[i, b]`` (kept as a view)."""
+        full: list[Sequence] = []
+        for b, (s, ids) in enumerate(zip(seqs, tokens)):
+            first = len(ids) - 1 if last_only else 0
+            if ids:
+                self._keep(s.seq, s.start + first, ids[first:], hidden_SBD[first:len(ids), b], full)
+        self._settle(len(seqs), full)
+
+    def _keep(self, seq: Sequence, start: int, ids: list[int], hidden, full: list[Sequence]) -> None:
+        """Positions ``start ..`` of ``seq`` as pending rows (``hidden``: their rows, see _PendingRows)."""
+        rows = self._pending_of(seq)
+        if rows is None or rows.start + len(rows.ids) != start:
+            rows = self._restart(seq, start, rows)
+        rows.ids += ids
+        rows.hidden.append(hidden)
+        if len(rows.ids) * self._row_bytes > self.PENDING_BYTES:
+            full.append(seq)
+
+    def _settle(self, batch_size: int, full: list[Sequence]) -> None:
+        """Drop finished sequences' entries; run the rows of sequences whose pending rows are full."""
+        if len(self._next) + len(self._pending) + len(self._gapped) > 2 * batch_size:  # (finished sequences')
             self._next = {k: v for k, v in self._next.items() if not v[0].is_finished}
             self._pending = {k: v for k, v in self._pending.items() if not v.seq.is_finished}
             self._gapped = {k: v for k, v in self._gapped.items() if not v.is_finished}

@@ -420,12 +420,12 @@ class LLMEngine:
         multi = batch.seqs[0].steps > 1
         # a dormant drafter skips a quiet step's rows when more quiet steps follow and no sequence can
         # draft next step regardless (its own seed) or brings a prompt chunk (those rows always reach it);
-        # a multi-step call's rows never reach the drafter (an MTP layer's only while dormant: it then
-        # misses them, as it misses a skipped step's; a draft model runs the tokens it owes when it drafts)
-        self._skipped = self.runner.skip_drafter = (
+        # of a multi-step call an MTP layer keeps the last row, so no plain step must follow before it
+        # drafts again (a draft model runs the tokens it owes when it drafts)
+        self.runner.skip_drafter = skip = (
             probe is None and self._dormant and self._quiet[1] > 0
-            and all(s.num_new_tokens == 1 and s.seq.generator is None for s in batch.seqs)) or (
-            multi and isinstance(self.drafter, MTPDrafter))
+            and all(s.num_new_tokens == 1 and s.seq.generator is None for s in batch.seqs))
+        self._skipped = skip and not (multi and self.drafter.reads_hidden)
         result = self._run(batch)
         if multi and self.spec_cost is not None:
             self._count_plain_steps(len(batch.seqs), len(result.sampled.get(0, ())) - 1)
@@ -445,11 +445,9 @@ class LLMEngine:
 
     def _steps_allowed(self, probe: bool | None) -> int:
         """Multi-step decoding's steps at most under speculation: on a step where no source drafts (no
-        probe, every K 0), with an MTP drafter (which reads every row's hidden state) only while it is
-        dormant. Plain decoding's cost is then the multi-step calls' per token (_observe_step)."""
+        probe, every K 0; an MTP drafter gets the call's hidden states, ``Drafter.catch_up_steps``).
+        Plain decoding's cost is then the multi-step calls' per token (_observe_step)."""
         if probe or any(p.k for p in (self.proposer, self._lookup) if p is not None):
-            return 1
-        if isinstance(self.drafter, MTPDrafter) and not (self._dormant and self._quiet[1] > 0):
             return 1
         return self._max_steps
 

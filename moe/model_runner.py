@@ -86,7 +86,8 @@ class ModelRunner:
         self.device = device
         self.num_tokens_run = 0  # tokens this rank has run through the model (its DP group's)
         self.record_expert_counts = False  # MoE layers add up tokens per expert (LLMEngine.expert_counts)
-        self.skip_drafter = False  # this step's rows bypass the drafter (the engine's dormant drafter)
+        # this step's rows bypass the drafter (the engine's dormant drafter; a multi-step call's but the last)
+        self.skip_drafter = False
         # a batch-1 step planned once (CPU, bf16); None where it would not help
         self.captured = CapturedDecode.capture(model, kv_caches)
         # a step of one sequence and one token: its inputs in tensors kept from step to step (CPU)
@@ -98,8 +99,8 @@ class ModelRunner:
     def runs_greedy(self) -> bool:
         """Whether several greedy decode steps of a step's sequences (up to ``captured.max_rows``) run as
         one C call here (multi-step decoding, :meth:`_run_steps`): the captured step runs whole steps,
-        in one process. (Their rows do not reach a drafter: the engine asks for them only where that is
-        right.)"""
+        in one process. (A drafter reading hidden states gets their rows (``Drafter.catch_up_steps``);
+        a draft model runs their tokens when it drafts next.)"""
         return (self.captured is not None and self.captured.runs_greedy and self.one_row is not None
                 and get_parallel_state().world_size == 1)
 
@@ -140,11 +141,16 @@ class ModelRunner:
             width = max(len(s.seq.block_table.blocks) for s in ss)
             table = torch.tensor([s.seq.block_table.blocks + [0] * (width - len(s.seq.block_table.blocks)) for s in ss],
                                  dtype=torch.int32)
+        # a drafter reading the target's hidden states (an MTP layer) gets each step's rows
+        reads = self.drafter is not None and self.drafter.reads_hidden
+        rows = torch.empty(s0.steps, len(ss), self.model.cfg.hidden_size, dtype=torch.bfloat16) if reads else None
         tokens = self.captured.greedy([s.seq.token_ids[s.start] for s in ss], [s.start for s in ss], table,
-                                      self.block_size, s0.steps, stop, self.MULTI_STEP_SECONDS, self.wake)
+                                      self.block_size, s0.steps, stop, self.MULTI_STEP_SECONDS, self.wake, rows)
         if not tokens[0]:
             return None
         self.num_tokens_run += len(ss) * len(tokens[0])
+        if reads:
+            self.drafter.catch_up_steps(ss, tokens, rows, last_only=self.skip_drafter)
         return StepResult({b: [(t, None) for t in row] for b, row in enumerate(tokens)}, {})
 
     def _prepare(self, batch: ScheduledBatch) -> StepInputs:

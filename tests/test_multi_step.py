@@ -197,15 +197,15 @@ def test_num_scheduler_steps_is_checked_and_off_where_a_step_is_not_whole_in_c(c
     ({"method": "ngram", "num_speculative_tokens": 3}, False, True),
     ({"method": "draft", "num_speculative_tokens": 3}, False, True),  # (a draft model runs the tokens it owes)
     ({"method": "draft", "num_speculative_tokens": 3, "ngram_first": True}, False, True),
-    ({"method": "mtp", "num_speculative_tokens": 1}, False, False),  # (an MTP head reads every row)
+    ({"method": "mtp", "num_speculative_tokens": 1}, False, True),  # (an MTP head gets the call's rows)
     ({"method": "mtp", "num_speculative_tokens": 1}, True, True)])
 def test_multi_step_runs_where_speculation_drafts_nothing(spec, dormant, runs, monkeypatch, calls):
     # with speculation, a step on which cost control asks no source for drafts (every K 0, no probe)
-    # runs multi-step; an MTP head only while dormant, its rows then skipped as a dormant drafter's
-    # are. The call's steps past the first use up the quiet steps left, the rest counted with cost
-    # control as plain choices (so its probes fall due per token). Cost control is made to choose
-    # here: quiet runs of 5 steps, every third choice a probe (its own choices follow timings).
-    # Outputs equal plain decoding's
+    # runs multi-step; a dormant drafter then skips the call's rows (an MTP head keeps the last one, so
+    # no plain step must follow before it drafts). The call's steps past the first use up the quiet
+    # steps left, the rest counted with cost control as plain choices (so its probes fall due per
+    # token). Cost control is made to choose here: quiet runs of 5 steps, every third choice a probe
+    # (its own choices follow timings). Outputs equal plain decoding's
     from moe.engine import LLMEngine
     from moe.spec_cost import SpecCostModel
 
@@ -214,8 +214,10 @@ def test_multi_step_runs_where_speculation_drafts_nothing(spec, dormant, runs, m
     calls.clear()
     llm = _llm(None, speculative_config=spec)
     choices = [0]
-    runs_of: list[tuple[int, bool, int, bool]] = []  # per step: (steps asked, a probe, quiet left, drafter skipped)
+    runs_of: list[tuple[int, bool, int, bool, bool]] = []  # per step: (steps asked, a probe, quiet left,
+    # drafter skipped, a quiet step)
     skipped: list[int] = []
+    forced: list[bool] = []
     real_run, real_skip = ModelRunner.run, SpecCostModel.skip
 
     def choose_k(self):
@@ -241,7 +243,10 @@ def test_multi_step_runs_where_speculation_drafts_nothing(spec, dormant, runs, m
         return probe
 
     def run(self, batch, eos_ids):
-        runs_of.append((batch.seqs[0].steps, bool(choices[-1]), llm.engine._quiet[1], self.skip_drafter))
+        runs_of.append((batch.seqs[0].steps, bool(choices[-1]), llm.engine._quiet[1], self.skip_drafter,
+                        choices[-1] is None))
+        if batch.seqs[0].steps > 1:
+            forced.append(llm.engine._skipped)
         return real_run(self, batch, eos_ids)
 
     def skip(self, batch_size, source, steps):
@@ -253,14 +258,68 @@ def test_multi_step_runs_where_speculation_drafts_nothing(spec, dormant, runs, m
     monkeypatch.setattr(SpecCostModel, "skip", skip)
     assert llm.generate([prompt], sp)[0].outputs[0].token_ids == want
     multi = [r for r in runs_of if r[0] > 1]
-    assert bool(multi) == runs and not any(probe for _, probe, _, _ in multi)
-    assert any(probe for _, probe, _, _ in runs_of)  # (probes ran, one step each)
-    assert all(s == (spec["method"] == "mtp") for _, _, _, s in multi)
+    assert bool(multi) == runs and not any(r[1] for r in multi)
+    assert any(r[1] for r in runs_of)  # (probes ran, one step each)
+    # (skipped on a quiet step of a dormant drafter: not on the step of the choice itself)
+    assert all(s == (dormant and quiet and q > 0) for _, _, q, s, quiet in multi)
+    assert not any(forced)  # (a multi-step call never makes the step after it a plain one for the drafter)
     # each call past the quiet steps left counted with cost control, per source asked
     sources = 2 if spec.get("ngram_first") else 1
-    assert sum(skipped) == sources * sum(max(0, n - 1 - q) for n, (_, _, q, _) in zip(calls, multi)) > 0 \
+    assert sum(skipped) == sources * sum(max(0, n - 1 - r[2]) for n, r in zip(calls, multi)) > 0 \
         if runs else not skipped
     assert sum(calls) > 40 if runs else not calls
+
+
+def test_an_mtp_head_drafts_alike_after_multi_step_calls(monkeypatch, calls):
+    # an MTP head reads the target's hidden state of every row: a multi-step call hands it each step's
+    # rows (the LM head's input, copied in C), so its drafts equal those it makes after one step a call.
+    # Drafting (K = 1 for both sequences) falls at the steps whose sequence length is a multiple of 7,
+    # the calls in between end there; the drafts each drafting step verified, the acceptance and the
+    # outputs are compared with one step a call and with plain decoding
+    from moe.engine import LLMEngine
+
+    prompts = ["def main():\n", "import os\nimport sys\n"]
+    sp = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in _llm(None).generate(prompts, sp)]
+
+    def choose_k(self):
+        n = min((s.num_tokens for s in self.scheduler.running), default=1)  # (none running: the prompts' step)
+        self.proposer.k = 1 if n % 7 == 0 else 0
+        self.proposer.set_probe(None, self.scheduler.running)
+        self._quiet, self._dormant, self._probing = [0, 0], False, []
+        return False
+
+    def steps_allowed(self, probe):
+        n = min((s.num_tokens for s in self.scheduler.running), default=1)
+        return 1 if self.proposer.k else min(self._max_steps, 7 - n % 7)
+
+    def drafts(steps):
+        llm = _llm(None, speculative_config={"method": "mtp", "num_speculative_tokens": 1},
+                   num_scheduler_steps=steps)
+        seen = []
+        real = ModelRunner.run
+
+        def run(self, batch, eos_ids):
+            if any(s.draft for s in batch.seqs):
+                seen.append([(s.seq.num_tokens, s.draft) for s in batch.seqs])
+            return real(self, batch, eos_ids)
+
+        monkeypatch.setattr(ModelRunner, "run", run)
+        out = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+        monkeypatch.setattr(ModelRunner, "run", real)
+        stats = llm.engine.spec_stats()
+        return out, seen, (stats.num_draft_tokens, stats.num_accepted_tokens)
+
+    monkeypatch.setattr(LLMEngine, "_choose_k", choose_k)
+    monkeypatch.setattr(LLMEngine, "_steps_allowed", steps_allowed)
+    multi = drafts(16)
+    assert len(calls) > 6 and max(calls) > 3
+    calls.clear()
+    single = drafts(1)
+    assert not calls
+    assert multi[0] == single[0] == want
+    assert multi[1] == single[1] and len(multi[1]) > 6
+    assert multi[2] == single[2] and multi[2][1] > 0
 
 
 def test_the_server_loop_wakes_the_engine_for_each_command(monkeypatch):
