@@ -116,6 +116,7 @@ class DraftModel(_OwnKVCache):
     """The drafter's weights and KV cache, and its forward over rows given by position."""
 
     CATCH_UP_ROWS = 2048  # rows per drafter pass when catching up on prompts
+    reads_hidden = False  # (a multi-step call's rows are owed: it runs them from the tokens when it drafts)
 
     def __init__(self, path: str | Path, target_vocab_size: int, dtype: torch.dtype, device: torch.device):
         hf = read_config_json(path)
@@ -159,8 +160,6 @@ class DraftModel(_OwnKVCache):
         if self.captured is not None and len(ids) <= self.captured.max_rows:  # (each row ends its sequence's rows)
             return self.captured(ids_T, pos_T, ctx)
         return self.model(ids_T, pos_T, ctx)
-
-    reads_hidden = False  # (a multi-step call's rows are owed: it runs them from the tokens when it drafts)
 
     def written(self, seq: Sequence) -> int:
         """Positions of ``seq`` whose drafter K/V are written (0 for a sequence not seen yet)."""
@@ -355,7 +354,7 @@ class MTPDrafter(_OwnKVCache):
     last row's input being the token just sampled. They run when the sequence next drafts (step 0 of
     :meth:`step`: all its pending rows in one pass, replacing the drafting steps' K/V there; the last
     row's output gives the first draft), so steps that draft nothing (cost control's K = 0) cost no
-    MTP pass; a sequence's pending rows run at once when they pass ``PENDING_BYTES``, in passes of at
+    MTP pass (a multi-step call's rows come through :meth:`catch_up_steps`); a sequence's pending rows run at once when they pass ``PENDING_BYTES``, in passes of at
     most ``CATCH_UP_ROWS``. Step ``j > 0``
     runs draft token ``d_j`` at position ``c + j - 1`` with the MTP's own previous output as the
     hidden state (the first MTP layer reused for every K). A prefix-cache hit keeps the hit blocks'
@@ -365,8 +364,8 @@ class MTPDrafter(_OwnKVCache):
     sequence is then no longer :meth:`whole` (see :meth:`_restart`)."""
 
     PENDING_BYTES = 8 << 20  # hidden states kept per sequence before its rows run anyway
-    reads_hidden = True
     CATCH_UP_ROWS = 2048  # rows per MTP pass when running pending rows (a prompt, a long plain stretch)
+    reads_hidden = True
 
     def __init__(self, mtp: torch.nn.Module, dtype: torch.dtype, device: torch.device):
         self.model = mtp
