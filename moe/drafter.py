@@ -354,9 +354,9 @@ class MTPDrafter(_OwnKVCache):
     last row's input being the token just sampled. They run when the sequence next drafts (step 0 of
     :meth:`step`: all its pending rows in one pass, replacing the drafting steps' K/V there; the last
     row's output gives the first draft), so steps that draft nothing (cost control's K = 0) cost no
-    MTP pass (a multi-step call's rows come through :meth:`catch_up_steps`); a sequence's pending rows run at once when they pass ``PENDING_BYTES``, in passes of at
-    most ``CATCH_UP_ROWS``. Step ``j > 0``
-    runs draft token ``d_j`` at position ``c + j - 1`` with the MTP's own previous output as the
+    MTP pass (a multi-step call's rows come through :meth:`catch_up_steps`); a sequence's pending
+    rows run at once when they pass ``PENDING_BYTES``, in passes of at most ``CATCH_UP_ROWS``. Step
+    ``j > 0`` runs draft token ``d_j`` at position ``c + j - 1`` with the MTP's own previous output as the
     hidden state (the first MTP layer reused for every K). A prefix-cache hit keeps the hit blocks'
     MTP K/V, whose last slot was computed with the token that followed there, which may differ:
     drafts may be a little worse there, outputs are exact regardless. Steps the engine keeps from it
