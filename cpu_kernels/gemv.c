@@ -349,11 +349,12 @@ int moe_expert_token(const uint16_t *x, int64_t D, int64_t F, int n, const uint1
  * of the stacked weights w13 [E, 2F, D] and w2 [E, D, F] (expert strides s13, s2 elements), in
  * ascending id order, each routing weight rounded to bf16 (the combine's arithmetic), through
  * moe_expert_token; then, with sh13 [2Fs, D] / sh2 [D, Fs] given, a shared expert's output (the
- * same kernel, weight 1) added in bf16, as SparseMoE adds it. K <= 64. scratch: 3 max(F, Fs) + D
+ * same kernel, weight 1; with shg given, gated: gate_shared_expert) added in bf16, as SparseMoE adds it. K <= 64. scratch: 3 max(F, Fs) + D
  * bf16 and D float32. Returns 0, or -2 for an id outside [0, E). */
 static int moe_row(const uint16_t *x, int64_t D, int64_t F, int64_t K, const int64_t *ids, const float *wts, int64_t E,
                    const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2, const uint16_t *sh13,
-                   const uint16_t *sh2, int64_t Fs, uint16_t *out, uint16_t *h, float *acc, const uint16_t *resid,
+                   const uint16_t *sh2, const uint16_t *shg, const uint16_t *sig, int64_t Fs, uint16_t *out,
+                   uint16_t *h, float *acc, const uint16_t *resid,
                    const uint16_t *nw, float neps, uint16_t *h_out, int num_threads) {
     int64_t id[64];
     float w[64];
@@ -365,7 +366,7 @@ static int moe_row(const uint16_t *x, int64_t D, int64_t F, int64_t K, const int
     }
     const int64_t Fm = sh13 && Fs > F ? Fs : F;
     moe_expert_token(x, D, F, (int)K, p13, p2, w, out, h, acc, num_threads);
-    if (sh13) add_shared_expert(x, D, sh13, sh2, Fs, out, h + 3 * Fm, h, acc, num_threads);
+    if (sh13) add_shared_expert(x, D, sh13, sh2, shg, sig, Fs, out, h + 3 * Fm, h, acc, num_threads);
     then_norm(out, D, resid, nw, neps, h_out);
     return 0;
 }
@@ -431,8 +432,8 @@ static int moe_rows(const MoePlan *a, const uint16_t *x, int64_t T, int64_t K, c
     const int64_t D = a->D, F = a->F, Fs = a->Fs;
     const int64_t Fm = a->sh13 && Fs > F ? Fs : F;
     if (T == 1) /* (the one-row kernel: dot_rows, not dot_x at one row, which ran ~4% slower) */
-        return moe_row(x, D, F, K, ids, wts, a->E, a->w13, a->s13, a->w2, a->s2, a->sh13, a->sh2, Fs, out, a->h,
-                       a->acc, resid, nw, neps, h_out, nt);
+        return moe_row(x, D, F, K, ids, wts, a->E, a->w13, a->s13, a->w2, a->s2, a->sh13, a->sh2, a->shg, a->sig,
+                       Fs, out, a->h, a->acc, resid, nw, neps, h_out, nt);
     ExpertTasks tk;
     const int rc = expert_tasks(ids, wts, T, K, a->E, &tk);
     if (rc != 0) return rc;
@@ -454,6 +455,8 @@ static int moe_rows(const MoePlan *a, const uint16_t *x, int64_t T, int64_t K, c
             at[t] = 0;
         }
         expert_rows(x, T, D, Fs, 1, &a->sh13, &a->sh2, cnt, row, wt, at, 1, tmp, a->h, a->acc, nt);
+        if (a->shg)
+            for (int64_t t = 0; t < T; t++) gate_shared_expert(x + t * D, D, a->shg, a->sig, tmp + t * D, nt);
         for (int64_t i = 0; i < T * D; i++) out[i] = f32_to_bf16(bf16_to_f32(out[i]) + bf16_to_f32(tmp[i]));
     }
     expert_tasks_free(&tk);

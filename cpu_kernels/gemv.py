@@ -24,7 +24,7 @@ declare({
     # (plan, x, T, K, ids, weights, out, resid, norm weight, eps, h_out, threads)
     "moe_moe_token": [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _f32, _ptr, _int],
 })
-MoePlanC = c_struct("MoePlan", "D F E s13 s2 Fs rows: i64; w13 w2 sh13 sh2 h acc: ptr")
+MoePlanC = c_struct("MoePlan", "D F E s13 s2 Fs rows: i64; w13 w2 sh13 sh2 shg sig h acc: ptr")
 PLAN_ROWS = 8  # the rows a one-call MoE plan's kernel takes at once (a verify step's: each expert read once)
 
 def gemv_reference(w_NK: torch.Tensor, x_K: torch.Tensor, b_N: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,7 +75,7 @@ class MoeToken:
     weights (then every call returns None)."""
 
     def __init__(self, w13_e2FD: torch.Tensor, w2_eDF: torch.Tensor,
-                 shared: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 shared: tuple[torch.Tensor, ...] | None = None):
         self.shared, self.ok = shared, False
         ws = [w13_e2FD, w2_eDF]
         if w13_e2FD.dim() != 3 or kernel_dtype(*ws) is None or w13_e2FD.dtype != torch.bfloat16:
@@ -116,7 +116,7 @@ class MoeToken:
 
 
 def moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor, w13_e2FD: torch.Tensor,
-              w2_eDF: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+              w2_eDF: torch.Tensor, shared: tuple[torch.Tensor, ...] | None = None,
               residual: Residual | None = None, into: Outputs | None = None):
     """One bf16 token through experts ``ids_K`` of the stacked weights, summed with ``weights_K`` as
     :meth:`experts.GroupedExperts.forward_token` does (ascending ids, weights rounded to bf16), plus
@@ -185,16 +185,33 @@ def residual_args(residual: Residual | None, D: int, into: Outputs | None = None
     return [h.data_ptr(), w.data_ptr(), eps, h_out.data_ptr()], h_out
 
 
-def shared_args(shared: tuple[torch.Tensor, torch.Tensor] | None, D: int) -> tuple[int, list] | None:
-    """A bf16 shared expert ``(w13 [2Fs, D], w2 [D, Fs])`` as the one-token MoE calls take it:
-    ``(Fs, [w13 pointer, w2 pointer])``, ``(0, [None, None])`` without one, None when it does not fit."""
+_SIGMOID: list[torch.Tensor] = []
+
+
+def sigmoid_table() -> torch.Tensor:
+    """``torch.sigmoid`` of every bf16 bit pattern (65536 bf16, indexed by the input's bits): the
+    gated shared expert's sigmoid as the op path rounds it. (torch computes a lone element as it
+    computes a vector's: the same for every finite input, checked in tests/test_cpu_kernels.py.)"""
+    if not _SIGMOID:
+        bits = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16)
+        _SIGMOID.append(torch.sigmoid(bits.view(torch.bfloat16)).contiguous())
+    return _SIGMOID[0]
+
+
+def shared_args(shared: tuple[torch.Tensor, ...] | None, D: int) -> tuple[int, list] | None:
+    """A bf16 shared expert ``(w13 [2Fs, D], w2 [D, Fs])``, or a gated one ``(w13, w2, gate [1, D])``
+    (its output times ``sigmoid(gate . x)``, Qwen2-MoE's), as the one-token MoE calls take it:
+    ``(Fs, [w13, w2, gate, sigmoid table pointers])``, ``(0, [None] * 4)`` without one, None when it
+    does not fit."""
     if shared is None:
-        return 0, [None, None]
+        return 0, [None] * 4
     Fs = shared[1].shape[1]
     if (kernel_dtype(*shared) is None or any(not t.is_contiguous() for t in shared)
-            or shared[0].shape != (2 * Fs, D) or shared[1].shape != (D, Fs)):
+            or shared[0].shape != (2 * Fs, D) or shared[1].shape != (D, Fs)
+            or (len(shared) > 2 and shared[2].shape != (1, D))):
         return None
-    return Fs, [shared[0].data_ptr(), shared[1].data_ptr()]
+    gate = [shared[2].data_ptr(), sigmoid_table().data_ptr()] if len(shared) > 2 else [None, None]
+    return Fs, [shared[0].data_ptr(), shared[1].data_ptr(), *gate]
 
 
 def moe_token_args(ids_K: torch.Tensor, weights_K: torch.Tensor, D: int, residual: Residual | None,

@@ -86,7 +86,7 @@ typedef struct {
 
 typedef struct {
     int64_t D, F, E, s13, s2, Fs, rows; /* rows: what the scratch holds (<= 8), a call's rows at a time */
-    const uint16_t *w13, *w2, *sh13, *sh2;
+    const uint16_t *w13, *w2, *sh13, *sh2, *shg, *sig; /* shg, sig: a gated shared expert's (else NULL) */
     uint16_t *h;
     float *acc;
 } MoePlan;
@@ -98,7 +98,7 @@ typedef struct {
     const float *s13, *b13;
     const char *q2;
     const float *s2, *b2;
-    const uint16_t *sh13, *sh2;
+    const uint16_t *sh13, *sh2, *shg, *sig; /* shg, sig: a gated shared expert's (else NULL) */
     float *fscratch;
     uint16_t *hscratch;
 } QxMoePlan;
@@ -198,13 +198,28 @@ static inline int expert_tasks(const int64_t *ids, const float *wts, int64_t T, 
 
 static inline void expert_tasks_free(ExpertTasks *tk) { free(tk->eid); }
 
-/* out += a bf16 shared expert's output (sh13 [2 Fs, D], sh2 [D, Fs]), one bf16 addition, as the MoE
- * block adds it; tmp: D bf16, h: 3 Fs bf16, acc: D float32. Returns 0 or the kernel's error. */
+/* A gated shared expert's output y (D bf16) times sigmoid(g), g = shg . x (Qwen2-MoE's
+ * shared_expert_gate, shg: D bf16), each rounding the op path's: g as moe_gemv_bf16 computes it (what
+ * ops.linear runs at one row), its sigmoid looked up in sig (torch.sigmoid of every bf16 bit pattern),
+ * the product rounded to bf16. */
+static inline void gate_shared_expert(const uint16_t *x, int64_t D, const uint16_t *shg, const uint16_t *sig,
+                                      uint16_t *y, int nt) {
+    uint16_t g;
+    moe_gemv_bf16(shg, 1, D, D, x, NULL, &g, nt);
+    const float s = bf16_to_f32(sig[g]);
+    for (int64_t d = 0; d < D; d++) y[d] = f32_to_bf16(s * bf16_to_f32(y[d]));
+}
+
+/* out += a bf16 shared expert's output (sh13 [2 Fs, D], sh2 [D, Fs]; with shg given, gated:
+ * gate_shared_expert), one bf16 addition, as the MoE block adds it; tmp: D bf16, h: 3 Fs bf16, acc:
+ * D float32. Returns 0 or the kernel's error. */
 static inline int add_shared_expert(const uint16_t *x, int64_t D, const uint16_t *sh13, const uint16_t *sh2,
-                                    int64_t Fs, uint16_t *out, uint16_t *tmp, uint16_t *h, float *acc, int nt) {
+                                    const uint16_t *shg, const uint16_t *sig, int64_t Fs, uint16_t *out,
+                                    uint16_t *tmp, uint16_t *h, float *acc, int nt) {
     const float one = 1.f;
     const int rc = moe_expert_token(x, D, Fs, 1, &sh13, &sh2, &one, tmp, h, acc, nt);
     if (rc != 0) return rc;
+    if (shg) gate_shared_expert(x, D, shg, sig, tmp, nt);
     for (int64_t d = 0; d < D; d++) out[d] = f32_to_bf16(bf16_to_f32(out[d]) + bf16_to_f32(tmp[d]));
     return 0;
 }

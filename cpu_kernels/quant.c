@@ -804,7 +804,7 @@ static int qgemv(const float *x, int64_t K, const void *q, int fmt, const float 
  * come from memory once and from the caches for the rows after the first; each row's result is its
  * one-row result, bit for bit. Codes of expert e at q13 + e * eq13 bytes ([2F, D] rows) and
  * q2 + e * eq2 ([D, F]); scales (offsets) at s13 + e * es13 ([2F / bn, G13]) and s2 + e * es2. A bf16
- * shared expert (sh13, sh2; NULL: none) is added in bf16 after. K <= 64. scratch: fscratch
+ * shared expert (sh13, sh2; NULL: none; gated with shg) is added in bf16 after. K <= 64. scratch: fscratch
  * 2 max(D, F) + T D float32 (the rows' sums), hscratch 3 max(F, Fs) + 2 D bf16. Returns 0, -2 for an
  * id outside [0, E), -1 when a kernel fails (no memory). */
 static int qx_moe_rows(const QxMoePlan *a, const uint16_t *x, int64_t T, int64_t K, const int64_t *ids,
@@ -848,7 +848,8 @@ static int qx_moe_rows(const QxMoePlan *a, const uint16_t *x, int64_t T, int64_t
     for (int64_t t = 0; t < T; t++) {
         uint16_t *out_t = out + t * D;
         for (int64_t d = 0; d < D; d++) out_t[d] = f32_to_bf16(acc[t * D + d]);
-        if (a->sh13 && add_shared_expert(x + t * D, D, a->sh13, a->sh2, Fs, out_t, sh, h, xf, nt) != 0) return -1;
+        if (a->sh13 && add_shared_expert(x + t * D, D, a->sh13, a->sh2, a->shg, a->sig, Fs, out_t, sh, h, xf, nt) != 0)
+            return -1;
         then_norm(out_t, D, resid ? resid + t * D : NULL, nw, neps, h_out ? h_out + t * D : NULL);
     }
     return 0;

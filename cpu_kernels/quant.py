@@ -25,7 +25,7 @@ declare({
     "moe_qx_moe_token": [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _f32, _ptr, _int],
 })
 QxMoePlanC = c_struct("QxMoePlan", "D F E fmt gs bn eq13 es13 G13 eq2 es2 G2 Fs rows: i64; "
-                                   "lut q13 s13 b13 q2 s2 b2 sh13 sh2 fscratch hscratch: ptr")
+                                   "lut q13 s13 b13 q2 s2 b2 sh13 sh2 shg sig fscratch hscratch: ptr")
 
 Q_INT8, Q_FP8 = 0, 1  # 8-bit weight codes: int8, or fp8 e4m3 bits (value * 2^-8; see quant.c)
 Q_INT4_X8 = 2  # 4-bit int codes with x rounded to 8 bits per 32 columns (q4x8_gemm; quant_moe_token's fmt)
@@ -174,7 +174,7 @@ class QuantMoeToken:
     def __init__(self, fmt: int, lut: torch.Tensor | None, gs: int, bn: int,
                  w13: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
                  w2: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-                 shared: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 shared: tuple[torch.Tensor, ...] | None = None):
         self.shared, self.ok = shared, False
         self.D = self.F = self.Fs = 0
         dims = packed_dims(w13, w2, lut, gs, bn) if load() is not None else None
@@ -217,7 +217,7 @@ def quant_moe_token(x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Te
                     lut: torch.Tensor | None, gs: int, bn: int,
                     w13: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
                     w2: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-                    shared: tuple[torch.Tensor, torch.Tensor] | None = None, residual: Residual | None = None):
+                    shared: tuple[torch.Tensor, ...] | None = None, residual: Residual | None = None):
     """:func:`moe_token` on packed experts: ``w13``/``w2`` are ``(codes, scales, offsets or None)``
     stacked over experts, as :func:`q8_gemm` (``lut`` None; codes ``[E, N, K]`` int8) or
     :func:`q4_gemm` (codes ``[E, N, K/2]`` uint8) take them per expert. One C call with the

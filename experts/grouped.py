@@ -229,11 +229,11 @@ class SlottedExperts(nn.Module):
         return None
 
     def forward_token(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor,
-                      shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      shared: tuple[torch.Tensor, ...] | None = None,
                       residual: cpu_kernels.Residual | None = None, into: cpu_kernels.Outputs | None = None):
         return None
 
-    def token_plan(self, shared: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def token_plan(self, shared: tuple[torch.Tensor, ...] | None = None):
         """The plan of :meth:`forward_token`'s one C call (a captured step runs it from C), or None."""
         return None
 
@@ -345,7 +345,7 @@ class GroupedExperts(SlottedExperts):
         return self.b13 is None and self.b2 is None and self.activation == Activation()
 
     def forward_token(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor,
-                      shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      shared: tuple[torch.Tensor, ...] | None = None,
                       residual: cpu_kernels.Residual | None = None, into: cpu_kernels.Outputs | None = None):
         """One token on the CPU torch path (decode at batch 1): ``sum_k w_k * expert_k(x)`` with the
         same arithmetic as dispatch -> :meth:`forward` -> combine (weights rounded to the activation
@@ -386,7 +386,7 @@ class GroupedExperts(SlottedExperts):
             y += out
         return y.to(x_1D.dtype)
 
-    def token_plan(self, shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> cpu_kernels.MoeToken | None:
+    def token_plan(self, shared: tuple[torch.Tensor, ...] | None = None) -> cpu_kernels.MoeToken | None:
         """:meth:`forward_token`'s one C call for these weights and ``shared`` expert, checked once
         per weights and shared expert (a captured step's are fixed; it calls the plan's kernel
         too), or None where that call does not apply (another backend, biases or an activation

@@ -224,7 +224,7 @@ class QuantGroupedExperts(SlottedExperts):
         self._released = True
 
     def forward_token(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor,
-                      shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      shared: tuple[torch.Tensor, ...] | None = None,
                       residual: cpu_kernels.Residual | None = None, into: cpu_kernels.Outputs | None = None):
         """One token (decode at batch 1) through its experts in one C call on the C kernels' layouts
         (int8, fp8_block, int4, mxfp4) with the arithmetic of dispatch -> :meth:`forward` ->
@@ -234,7 +234,7 @@ class QuantGroupedExperts(SlottedExperts):
         plan = self.token_plan(shared) if x_1D.device.type == "cpu" else None
         return plan(x_1D, ids_K, weights_K, residual, into) if plan is not None else None
 
-    def token_plan(self, shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> cpu_kernels.QuantMoeToken | None:
+    def token_plan(self, shared: tuple[torch.Tensor, ...] | None = None) -> cpu_kernels.QuantMoeToken | None:
         """:meth:`forward_token`'s one C call for these layouts and ``shared`` expert, checked once
         per layout and shared expert (a captured step's are fixed; it calls the plan's kernel
         too), or None where that call does not apply."""

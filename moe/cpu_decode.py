@@ -206,8 +206,10 @@ class _MoEToken(_OpsMlp):
 
     def __init__(self, moe: SparseMoE, norm: RMSNorm):
         super().__init__(moe, norm)
-        se = moe.shared_expert
-        self.shared = (se.gate_up_proj.weight, se.down_proj.weight) if se is not None else None
+        se, gate = moe.shared_expert, moe.shared_expert_gate
+        # (w13, w2), and a gated one's gate row (Qwen2-MoE: the output times sigmoid(gate . x))
+        self.shared = None if se is None else (se.gate_up_proj.weight, se.down_proj.weight) + (
+            (gate.weight,) if gate is not None else ())
         self.router = self._router(moe)
 
     @staticmethod
@@ -262,8 +264,9 @@ class _MoEToken(_OpsMlp):
     @staticmethod
     def fits(moe: SparseMoE) -> bool:
         se = moe.shared_expert
+        gate = moe.shared_expert_gate
         return (moe.fused_local and moe.gate.weight.device.type == "cpu"
-                and (se is None or (se.plain and moe.shared_expert_gate is None)))
+                and (se is None or (se.plain and (gate is None or (gate.bias is None and gate.weight_format is None)))))
 
 
 class CapturedDecode:

@@ -486,6 +486,16 @@ def test_moe_token_kernel_equals_the_op_by_op_path(n, D, F, monkeypatch):
     assert torch.equal(fused_shared, ops + shared.forward_token(x, torch.tensor([0]), torch.ones(1)))
     assert mod.forward_token(x, ids, w, (shared.w13[0], shared.w2[0])) is None  # the shared expert: one call only
     monkeypatch.setattr(cpu_kernels.MoeToken, "__call__", real)
+    # a gated shared expert (Qwen2-MoE's): its output times sigmoid(gate . x), as SparseMoE computes
+    # it op by op (the gate's one-row linear, torch's bf16 sigmoid and product), for gates of either
+    # sign and saturating ones
+    from ops.linear import linear
+
+    sh_out = shared.forward_token(x, torch.tensor([0]), torch.ones(1))
+    for scale in (0.05, 1.0, 40.0):
+        gate = (torch.randn(1, D, generator=g) * scale).bfloat16()
+        gated = mod.forward_token(x, ids, w, (shared.w13[0], shared.w2[0], gate))
+        assert torch.equal(gated, ops + torch.sigmoid(linear(x, gate)) * sh_out)
     assert cpu_kernels.moe_token(x, torch.tensor([0, 6]), torch.ones(2), mod.w13, mod.w2) is None  # id out of range
     # the residual tail: h + y and the next norm of it, as add_rms_norm computes them after the call
     h, nw = torch.randn(1, D, generator=g).bfloat16(), torch.randn(D, generator=g).bfloat16()
@@ -497,14 +507,15 @@ def test_moe_token_kernel_equals_the_op_by_op_path(n, D, F, monkeypatch):
 @pytest.mark.parametrize("D,F,Fs", [(64, 96, 160), (70, 37, 45)])  # row blocks and K with and without tails
 def test_moe_token_rows_read_once_equal_one_row_calls(D, F, Fs):
     # a verify step's T rows in one call read each expert once for the rows that chose it (and the
-    # shared expert once for all): each row's result and residual tail equal its own one-row call,
+    # shared expert, plain or gated, once for all): each row's result and residual tail equal its own one-row call,
     # bit for bit, for any T (more than the plan's rows: taken a plan's rows at a time), K, overlap
     g = torch.Generator().manual_seed(D)
     E = 6
     w13, w2 = torch.randn(E, 2 * F, D, generator=g).bfloat16() / 4, torch.randn(E, D, F, generator=g).bfloat16() / 4
     shared = (torch.randn(2 * Fs, D, generator=g).bfloat16() / 4, torch.randn(D, Fs, generator=g).bfloat16() / 4)
     nw = torch.randn(D, generator=g).bfloat16()
-    for sh in (None, shared):
+    gated = (*shared, torch.randn(1, D, generator=g).bfloat16())  # (its gate: sigmoid(gate . x) per row)
+    for sh in (None, shared, gated):
         plan = cpu_kernels.MoeToken(w13, w2, sh)
         for T in (2, 3, 5, 8, 11):
             for K in (1, 2, 3):
@@ -519,6 +530,27 @@ def test_moe_token_rows_read_once_equal_one_row_calls(D, F, Fs):
                 assert torch.equal(got[1], torch.cat([r[1] for r in rows]))
     bad = torch.tensor([[0, 1], [2, E]])  # an id out of range in a later row: declined, nothing claimed
     assert cpu_kernels.MoeToken(w13, w2)(torch.randn(2, D).bfloat16(), bad, torch.ones(2, 2)) is None
+
+
+def test_sigmoid_table_equals_torch_sigmoid_of_one_element():
+    # the gated shared expert's sigmoid, looked up by the gate's bf16 bits, is torch.sigmoid of a
+    # lone element (the op path's [1, 1] gate): every finite bf16 value, one element at a time over a
+    # sample and the extremes, and the whole table against a fresh vector call
+    from cpu_kernels.gemv import sigmoid_table
+
+    table = sigmoid_table()
+    bits = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16)
+    values = bits.view(torch.bfloat16)
+    assert table.dtype == torch.bfloat16 and table.shape == (1 << 16,)
+    fresh = torch.sigmoid(values.clone())
+    assert ((table.view(torch.int16) == fresh.view(torch.int16)) | (table.isnan() & fresh.isnan())).all()
+    g = torch.Generator().manual_seed(0)
+    sample = torch.cat([torch.randint(0, 1 << 16, (3000,), generator=g),
+                        torch.tensor([0, 0x8000, 0x3F80, 0xBF80, 0x42C8, 0xC2C8, 0x7F7F, 0xFF7F])])
+    for i in sample.tolist():
+        v = values[i:i + 1].view(1, 1).clone()
+        if torch.isfinite(v.float()).all():
+            assert table[i].view(torch.int16) == torch.sigmoid(v).view(torch.int16)[0, 0], hex(i)
 
 
 def _rows_of_one_sequence(past: int, T: int, bs: int, rot_dim: int):
@@ -1125,7 +1157,7 @@ PREFILL_NORMS = 2 * 3 * 2  # the two prompts longer than a token: 3 layers x 2 r
     ("qwen3_moe", "gqa_token", TOKEN_CALLS), ("gpt_oss", "gqa_token", TOKEN_CALLS),
     ("olmoe_unclipped", "gqa_token", TOKEN_CALLS),
     ("deepseek_v3", "moe_token", TOKEN_CALLS), ("mixtral", "moe_token", TOKEN_CALLS),
-    ("qwen3_moe", "moe_token", TOKEN_CALLS),
+    ("qwen3_moe", "moe_token", TOKEN_CALLS), ("qwen2_moe", "moe_token", TOKEN_CALLS),
     ("deepseek_v3", "add_rms_norm", PREFILL_NORMS), ("gpt_oss", "add_rms_norm", PREFILL_NORMS)])
 def test_one_call_layers_equal_the_op_by_op_path(family, kernel, min_calls, checkpoint, monkeypatch, one_calls,
                                                  two_threads, tmp_path):

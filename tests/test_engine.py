@@ -175,7 +175,7 @@ def test_captured_batch1_step_equals_the_model_forward(family, checkpoint, monke
 
 @pytest.mark.parametrize("family,cached", [("default", True), ("default", False), ("mixtral", False),
                                            ("deepseek_v3", False), ("deepseek_v2", True), ("gpt_oss", False),
-                                           ("mixtral-int4", False), ("mixtral-int8", False)])
+                                           ("qwen2_moe", False), ("mixtral-int4", False), ("mixtral-int8", False)])
 def test_captured_rows_of_several_sequences_equal_one_row_steps(family, cached, checkpoint, monkeypatch, tmp_path):
     # bf16, several sequences decoding together (up to the captured step's rows, all sampled: 16 where
     # the weights stay in the last-level cache, 24 with packed experts, taken 8 at a time by the
@@ -184,8 +184,8 @@ def test_captured_rows_of_several_sequences_equal_one_row_steps(family, cached, 
     # bit for bit, with
     # contexts of different lengths across block boundaries and sequences joining (those steps run
     # op by op) and leaving; the weights need not fit the last-level cache (bf16: each read once a
-    # step); MLA too (DeepSeek-V2 / V3). gpt-oss's experts' biases run op by op: its steps of
-    # several rows keep the op path.
+    # step); MLA too (DeepSeek-V2 / V3), and Qwen2-MoE's gated shared expert. gpt-oss's experts' biases
+    # run op by op: its steps of several rows keep the op path.
     import cpu_kernels
     from kvcache.metadata import AttentionMetadata
     from moe.cpu_decode import CapturedDecode

@@ -421,6 +421,11 @@ def test_one_token_in_one_call_equals_dispatch_experts_combine(fmt, k, monkeypat
     ops = d.combine(layer(x_RD, counts), meta)
     shared = cpu_kernels.expert_token(x[0], [sh13], [sh2], [1.0])  # the shared expert's one-call path
     assert torch.equal(fast, ops) and torch.equal(fast_shared, ops + shared)
+    gate = (torch.randn(1, D, generator=g) / 4).bfloat16()  # a gated shared expert (Qwen2-MoE's), op by op
+    from ops.linear import linear
+
+    gated = layer.forward_token(x, ids[0], w[0], (sh13, sh2, gate))
+    assert torch.equal(gated, ops + torch.sigmoid(linear(x, gate)) * shared)
     # a step's rows in one call (more than a plan takes at once: 8 at a time, each expert's rows back
     # to back), with the residual add and norm: each row as a one-row call, bit for bit
     T = 11
