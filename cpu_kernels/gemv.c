@@ -312,20 +312,28 @@ int moe_heads_vec(const uint16_t *x, int64_t sxh, const uint16_t *w, int64_t swh
 int moe_expert_token(const uint16_t *x, int64_t D, int64_t F, int n, const uint16_t *const *w13s,
                      const uint16_t *const *w2s, const float *weights, uint16_t *out, uint16_t *h, float *acc,
                      int num_threads) {
+    return moe_expert_token_ex(x, D, F, n, w13s, w2s, NULL, weights, out, h, acc, num_threads);
+}
+
+/* moe_expert_token with ex's biases and activation (NULL: plain SwiGLU, no biases). */
+int moe_expert_token_ex(const uint16_t *x, int64_t D, int64_t F, int n, const uint16_t *const *w13s,
+                        const uint16_t *const *w2s, const ExpertExtras *ex, const float *weights, uint16_t *out,
+                        uint16_t *h, float *acc, int num_threads) {
     uint16_t *a = h + 2 * F;
     const int64_t blocks13 = (2 * F + 3) / 4, blocks2 = (D + 3) / 4;
 #pragma omp parallel num_threads(num_threads)
     for (int e = 0; e < n; e++) {
+        const uint16_t *b13 = ex && ex->b13s ? ex->b13s[e] : NULL, *b2 = ex && ex->b2s ? ex->b2s[e] : NULL;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks13; b++) {
             const int64_t r0 = b * 4;
             const int R = 2 * F - r0 < 4 ? (int)(2 * F - r0) : 4;
             float s[4];
             dot_rows(w13s[e] + r0 * D, D, x, D, R, s);
-            for (int r = 0; r < R; r++) h[r0 + r] = f32_to_bf16(s[r]);
+            for (int r = 0; r < R; r++) h[r0 + r] = with_bias(s[r], b13, r0 + r);
         }
 #pragma omp single
-        moe_silu_mul(h, h + F, a, BF16, 1, 1, F, 0, 0, 0, 0, 0, 0, 1);
+        expert_act(h, F, ex, a);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks2; b++) {
             const int64_t r0 = b * 4;
@@ -333,7 +341,7 @@ int moe_expert_token(const uint16_t *x, int64_t D, int64_t F, int n, const uint1
             float s[4];
             dot_rows(w2s[e] + r0 * F, F, a, F, R, s);
             for (int r = 0; r < R; r++) {
-                const float y = bf16_to_f32(f32_to_bf16(bf16_to_f32(f32_to_bf16(s[r])) * weights[e]));
+                const float y = bf16_to_f32(f32_to_bf16(bf16_to_f32(with_bias(s[r], b2, r0 + r)) * weights[e]));
                 const int64_t i = r0 + r;
                 if (e == 0) acc[i] = y;
                 else if (n == 2) acc[i] = bf16_to_f32(f32_to_bf16(acc[i] + y));
@@ -345,28 +353,46 @@ int moe_expert_token(const uint16_t *x, int64_t D, int64_t F, int n, const uint1
     return 0;
 }
 
+/* The plan's experts' extras (ExpertExtras) for n experts of ids id (b13s, b2s: n pointers each, filled
+ * where the plan has biases). */
+static ExpertExtras plan_extras(const MoePlan *a, const int64_t *id, int64_t n, const uint16_t **b13s,
+                                const uint16_t **b2s) {
+    ExpertExtras ex = {NULL, NULL, a->sig, a->alpha, a->limit, (int)a->act, (int)a->clamp};
+    if (a->b13) {
+        for (int64_t i = 0; i < n; i++) b13s[i] = a->b13 + id[i] * a->sb13;
+        ex.b13s = b13s;
+    }
+    if (a->b2) {
+        for (int64_t i = 0; i < n; i++) b2s[i] = a->b2 + id[i] * a->sb2;
+        ex.b2s = b2s;
+    }
+    return ex;
+}
+
 /* A token's MoE layer at batch 1 (experts.grouped.GroupedExperts.forward_token): experts ids[0..K)
- * of the stacked weights w13 [E, 2F, D] and w2 [E, D, F] (expert strides s13, s2 elements), in
- * ascending id order, each routing weight rounded to bf16 (the combine's arithmetic), through
- * moe_expert_token; then, with sh13 [2Fs, D] / sh2 [D, Fs] given, a shared expert's output (the
- * same kernel, weight 1; with shg given, gated: gate_shared_expert) added in bf16, as SparseMoE adds it. K <= 64. scratch: 3 max(F, Fs) + D
- * bf16 and D float32. Returns 0, or -2 for an id outside [0, E). */
-static int moe_row(const uint16_t *x, int64_t D, int64_t F, int64_t K, const int64_t *ids, const float *wts, int64_t E,
-                   const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2, const uint16_t *sh13,
-                   const uint16_t *sh2, const uint16_t *shg, const uint16_t *sig, int64_t Fs, uint16_t *out,
-                   uint16_t *h, float *acc, const uint16_t *resid,
-                   const uint16_t *nw, float neps, uint16_t *h_out, int num_threads) {
+ * of the plan's stacked weights w13 [E, 2F, D] and w2 [E, D, F] (expert strides s13, s2 elements),
+ * in ascending id order, each routing weight rounded to bf16 (the combine's arithmetic), through
+ * moe_expert_token_ex (the plan's biases and activation); then, with a shared expert sh13 [2Fs, D] /
+ * sh2 [D, Fs], its output (the same kernel, weight 1; with shg, gated: gate_shared_expert) added in
+ * bf16, as SparseMoE adds it. K <= 64. scratch (a->h, a->acc): 3 max(F, Fs) + D bf16 and D float32.
+ * Returns 0, or -2 for an id outside [0, E). */
+static int moe_row(const MoePlan *a, const uint16_t *x, int64_t K, const int64_t *ids, const float *wts,
+                   uint16_t *out, const uint16_t *resid, const uint16_t *nw, float neps, uint16_t *h_out,
+                   int num_threads) {
+    const int64_t D = a->D, F = a->F, Fs = a->Fs;
     int64_t id[64];
     float w[64];
-    if (sort_experts(ids, wts, K, E, id, w) != 0) return -2;
-    const uint16_t *p13[64], *p2[64];
+    if (sort_experts(ids, wts, K, a->E, id, w) != 0) return -2;
+    const uint16_t *p13[64], *p2[64], *b13s[64], *b2s[64];
     for (int64_t i = 0; i < K; i++) {
-        p13[i] = w13 + id[i] * s13;
-        p2[i] = w2 + id[i] * s2;
+        p13[i] = a->w13 + id[i] * a->s13;
+        p2[i] = a->w2 + id[i] * a->s2;
     }
-    const int64_t Fm = sh13 && Fs > F ? Fs : F;
-    moe_expert_token(x, D, F, (int)K, p13, p2, w, out, h, acc, num_threads);
-    if (sh13) add_shared_expert(x, D, sh13, sh2, shg, sig, Fs, out, h + 3 * Fm, h, acc, num_threads);
+    const ExpertExtras ex = plan_extras(a, id, K, b13s, b2s);
+    const int64_t Fm = a->sh13 && Fs > F ? Fs : F;
+    moe_expert_token_ex(x, D, F, (int)K, p13, p2, &ex, w, out, a->h, a->acc, num_threads);
+    if (a->sh13)
+        add_shared_expert(x, D, a->sh13, a->sh2, a->shg, a->sig, Fs, out, a->h + 3 * Fm, a->h, a->acc, num_threads);
     then_norm(out, D, resid, nw, neps, h_out);
     return 0;
 }
@@ -378,12 +404,14 @@ static int moe_row(const uint16_t *x, int64_t D, int64_t F, int64_t K, const int
  * for its K experts in ascending order, bit for bit (dot_x sums as dot_rows, the same roundings and
  * combine). scratch: h T x 3F bf16, acc T x D float32. One parallel region, as moe_expert_token. */
 static void expert_rows(const uint16_t *x, int64_t T, int64_t D, int64_t F, int n, const uint16_t *const *w13s,
-                        const uint16_t *const *w2s, const int64_t *cnt, const int64_t *row, const float *wt,
-                        const int64_t *at, int64_t K, uint16_t *out, uint16_t *h, float *acc, int num_threads) {
+                        const uint16_t *const *w2s, const ExpertExtras *ex, const int64_t *cnt, const int64_t *row,
+                        const float *wt, const int64_t *at, int64_t K, uint16_t *out, uint16_t *h, float *acc,
+                        int num_threads) {
     const int64_t blocks13 = (2 * F + 3) / 4, blocks2 = (D + 3) / 4;
 #pragma omp parallel num_threads(num_threads)
     for (int e = 0; e < n; e++) {
         const int64_t c = cnt[e], *rows = row + e * T;
+        const uint16_t *b13 = ex && ex->b13s ? ex->b13s[e] : NULL, *b2 = ex && ex->b2s ? ex->b2s[e] : NULL;
         const uint16_t *xs[8], *as[8];
         uint16_t *hs[8];
         for (int64_t j = 0; j < c; j++) {
@@ -398,10 +426,10 @@ static void expert_rows(const uint16_t *x, int64_t T, int64_t D, int64_t F, int 
             float s[4 * 8];
             dot_x(w13s[e] + r0 * D, D, xs, (int)c, D, R, s);
             for (int r = 0; r < R; r++)
-                for (int64_t j = 0; j < c; j++) hs[j][r0 + r] = f32_to_bf16(s[r * c + j]);
+                for (int64_t j = 0; j < c; j++) hs[j][r0 + r] = with_bias(s[r * c + j], b13, r0 + r);
         }
 #pragma omp for schedule(static)
-        for (int64_t j = 0; j < c; j++) moe_silu_mul(hs[j], hs[j] + F, hs[j] + 2 * F, BF16, 1, 1, F, 0, 0, 0, 0, 0, 0, 1);
+        for (int64_t j = 0; j < c; j++) expert_act(hs[j], F, ex, hs[j] + 2 * F);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks2; b++) {
             const int64_t r0 = b * 4;
@@ -411,7 +439,7 @@ static void expert_rows(const uint16_t *x, int64_t T, int64_t D, int64_t F, int 
             for (int r = 0; r < R; r++)
                 for (int64_t j = 0; j < c; j++) {
                     const int64_t i = r0 + r, t = rows[j], place = at[e * T + j];
-                    const float y = bf16_to_f32(f32_to_bf16(bf16_to_f32(f32_to_bf16(s[r * c + j])) * wt[e * T + j]));
+                    const float y = bf16_to_f32(f32_to_bf16(bf16_to_f32(with_bias(s[r * c + j], b2, i)) * wt[e * T + j]));
                     float *a = acc + t * D + i;
                     if (place == 0) *a = y;
                     else if (K == 2) *a = bf16_to_f32(f32_to_bf16(*a + y));
@@ -432,8 +460,7 @@ static int moe_rows(const MoePlan *a, const uint16_t *x, int64_t T, int64_t K, c
     const int64_t D = a->D, F = a->F, Fs = a->Fs;
     const int64_t Fm = a->sh13 && Fs > F ? Fs : F;
     if (T == 1) /* (the one-row kernel: dot_rows, not dot_x at one row, which ran ~4% slower) */
-        return moe_row(x, D, F, K, ids, wts, a->E, a->w13, a->s13, a->w2, a->s2, a->sh13, a->sh2, a->shg, a->sig,
-                       Fs, out, a->h, a->acc, resid, nw, neps, h_out, nt);
+        return moe_row(a, x, K, ids, wts, out, resid, nw, neps, h_out, nt);
     ExpertTasks tk;
     const int rc = expert_tasks(ids, wts, T, K, a->E, &tk);
     if (rc != 0) return rc;
@@ -445,7 +472,9 @@ static int moe_rows(const MoePlan *a, const uint16_t *x, int64_t T, int64_t K, c
     }
     int64_t *cnt = tk.cnt, *row = tk.row, *at = tk.at;
     float *wt = tk.wt;
-    expert_rows(x, T, D, F, n, w13s, w2s, cnt, row, wt, at, K, out, a->h, a->acc, nt);
+    const uint16_t *b13s[512], *b2s[512];
+    const ExpertExtras ex = plan_extras(a, tk.eid, n, b13s, b2s);
+    expert_rows(x, T, D, F, n, w13s, w2s, &ex, cnt, row, wt, at, K, out, a->h, a->acc, nt);
     if (a->sh13) { /* weight 1, the one expert of each row */
         uint16_t *tmp = a->h + T * 3 * Fm;
         cnt[0] = T;
@@ -454,7 +483,7 @@ static int moe_rows(const MoePlan *a, const uint16_t *x, int64_t T, int64_t K, c
             wt[t] = 1.f;
             at[t] = 0;
         }
-        expert_rows(x, T, D, Fs, 1, &a->sh13, &a->sh2, cnt, row, wt, at, 1, tmp, a->h, a->acc, nt);
+        expert_rows(x, T, D, Fs, 1, &a->sh13, &a->sh2, NULL, cnt, row, wt, at, 1, tmp, a->h, a->acc, nt);
         if (a->shg)
             for (int64_t t = 0; t < T; t++) gate_shared_expert(x + t * D, D, a->shg, a->sig, tmp + t * D, nt);
         for (int64_t i = 0; i < T * D; i++) out[i] = f32_to_bf16(bf16_to_f32(out[i]) + bf16_to_f32(tmp[i]));

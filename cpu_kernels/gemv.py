@@ -24,7 +24,8 @@ declare({
     # (plan, x, T, K, ids, weights, out, resid, norm weight, eps, h_out, threads)
     "moe_moe_token": [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _f32, _ptr, _int],
 })
-MoePlanC = c_struct("MoePlan", "D F E s13 s2 Fs rows: i64; w13 w2 sh13 sh2 shg sig h acc: ptr")
+MoePlanC = c_struct("MoePlan", "D F E s13 s2 Fs rows: i64; w13 w2 sh13 sh2 shg sig h acc b13 b2: ptr; "
+                               "sb13 sb2 act clamp: i64; alpha limit: f32")
 PLAN_ROWS = 8  # the rows a one-call MoE plan's kernel takes at once (a verify step's: each expert read once)
 
 def gemv_reference(w_NK: torch.Tensor, x_K: torch.Tensor, b_N: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,25 +76,33 @@ class MoeToken:
     weights (then every call returns None)."""
 
     def __init__(self, w13_e2FD: torch.Tensor, w2_eDF: torch.Tensor,
-                 shared: tuple[torch.Tensor, ...] | None = None):
+                 shared: tuple[torch.Tensor, ...] | None = None, b13_e2F: torch.Tensor | None = None,
+                 b2_eD: torch.Tensor | None = None, alpha: float | None = None, limit: float | None = None):
         self.shared, self.ok = shared, False
-        ws = [w13_e2FD, w2_eDF]
+        biases = [b for b in (b13_e2F, b2_eD) if b is not None]
+        ws = [w13_e2FD, w2_eDF, *biases]
         if w13_e2FD.dim() != 3 or kernel_dtype(*ws) is None or w13_e2FD.dtype != torch.bfloat16:
             return
-        if any(not w.is_contiguous() for w in ws):
+        if any(not w.is_contiguous() for w in ws) or (limit is not None and alpha is None):
             return
         E, F2, D = w13_e2FD.shape
         F = F2 // 2
         sa = shared_args(shared, D)
-        if w2_eDF.shape != (E, D, F) or sa is None:
+        if (w2_eDF.shape != (E, D, F) or sa is None or (b13_e2F is not None and b13_e2F.shape != (E, F2))
+                or (b2_eD is not None and b2_eD.shape != (E, D))):
             return
         self.D, (Fs, sh) = D, sa
         # the call's scratch (bf16 activations, float sums) for PLAN_ROWS rows, reused by every call
         R = PLAN_ROWS
         h, acc = torch.empty(R * (3 * max(F, Fs) + D), dtype=torch.bfloat16), torch.empty(R * D, dtype=torch.float32)
-        self._keep = (w13_e2FD, w2_eDF, shared, h, acc)  # the pointers below stay valid while the plan lives
+        if alpha is not None:  # gpt-oss's clamped SwiGLU: its sigmoid as torch rounds it (the shared gate's table)
+            sh[3] = sigmoid_table().data_ptr()
+        # the pointers below stay valid while the plan lives
+        self._keep = (w13_e2FD, w2_eDF, shared, h, acc, b13_e2F, b2_eD)
         self.c = MoePlanC(D, F, E, w13_e2FD.stride(0), w2_eDF.stride(0), Fs, R, address(w13_e2FD), address(w2_eDF),
-                          *sh, address(h), address(acc))
+                          *sh, address(h), address(acc), address(b13_e2F), address(b2_eD),
+                          0 if b13_e2F is None else b13_e2F.stride(0), 0 if b2_eD is None else b2_eD.stride(0),
+                          int(alpha is not None), int(limit is not None), float(alpha or 0.0), float(limit or 0.0))
         self.ref = address(self.c)  # what the C calls take (moe_decode_step too)
         self.ok = True
 

@@ -20,6 +20,20 @@ int moe_heads_vec(const uint16_t *x, int64_t sxh, const uint16_t *w, int64_t swh
 int moe_expert_token(const uint16_t *x, int64_t D, int64_t F, int n, const uint16_t *const *w13s,
                      const uint16_t *const *w2s, const float *weights, uint16_t *out, uint16_t *h, float *acc,
                      int num_threads);
+/* What experts compute beyond plain SwiGLU (gpt-oss's): biases b13s[i] (2F bf16) / b2s[i] (D) on
+ * expert i's projections, as linear adds them (bf16(bf16(W x) + b); NULL arrays: none), and with
+ * act the clamped activation (up + 1) * g * sigmoid(alpha g), g the gate clamped above at limit and
+ * up clamped to [-limit, limit] (with clamp), each op rounded to bf16 as torch's bf16 ops round it,
+ * the sigmoid looked up in sig (torch.sigmoid of every bf16 bit pattern). */
+typedef struct {
+    const uint16_t *const *b13s, *const *b2s;
+    const uint16_t *sig;
+    float alpha, limit;
+    int act, clamp;
+} ExpertExtras;
+int moe_expert_token_ex(const uint16_t *x, int64_t D, int64_t F, int n, const uint16_t *const *w13s,
+                        const uint16_t *const *w2s, const ExpertExtras *ex, const float *weights, uint16_t *out,
+                        uint16_t *h, float *acc, int num_threads);
 int moe_rms_norm(const void *x, const void *w, void *out, int dtype, int64_t R, int64_t D, int64_t sx, int64_t so,
                  float eps, int num_threads);
 int moe_rope(void *x, int dtype, int64_t T, int64_t H, int64_t D, int64_t st, int64_t sh, const int64_t *pos,
@@ -86,9 +100,12 @@ typedef struct {
 
 typedef struct {
     int64_t D, F, E, s13, s2, Fs, rows; /* rows: what the scratch holds (<= 8), a call's rows at a time */
-    const uint16_t *w13, *w2, *sh13, *sh2, *shg, *sig; /* shg, sig: a gated shared expert's (else NULL) */
+    const uint16_t *w13, *w2, *sh13, *sh2, *shg, *sig; /* shg: a gated shared expert's (else NULL) */
     uint16_t *h;
     float *acc;
+    const uint16_t *b13, *b2; /* the experts' stacked biases [E, 2F] / [E, D] (strides sb13, sb2), or NULL */
+    int64_t sb13, sb2, act, clamp; /* act, clamp, alpha, limit: ExpertExtras' (sig its table) */
+    float alpha, limit;
 } MoePlan;
 
 typedef struct {
@@ -197,6 +214,33 @@ static inline int expert_tasks(const int64_t *ids, const float *wts, int64_t T, 
 }
 
 static inline void expert_tasks_free(ExpertTasks *tk) { free(tk->eid); }
+
+/* h = W x for row i of a projection, rounded to bf16, plus a bias as linear adds it (b: NULL, none). */
+static inline uint16_t with_bias(float s, const uint16_t *b, int64_t i) {
+    return b ? f32_to_bf16(bf16_to_f32(f32_to_bf16(s)) + bf16_to_f32(b[i])) : f32_to_bf16(s);
+}
+
+/* An expert's activation a [F] from h = [gate | up] [2F]: SwiGLU (moe_silu_mul), or ex's clamped form. */
+static inline void expert_act(const uint16_t *h, int64_t F, const ExpertExtras *ex, uint16_t *a) {
+    if (!ex || !ex->act) {
+        moe_silu_mul(h, h + F, a, BF16, 1, 1, F, 0, 0, 0, 0, 0, 0, 1);
+        return;
+    }
+    const float lim = ex->limit;
+    const uint16_t hi = f32_to_bf16(lim), lo = f32_to_bf16(-lim);
+    for (int64_t f = 0; f < F; f++) {
+        uint16_t g = h[f], u = h[F + f];
+        if (ex->clamp) { /* (a NaN compares false: kept, as torch's clamp keeps it) */
+            if (bf16_to_f32(g) > lim) g = hi;
+            if (bf16_to_f32(u) < -lim) u = lo;
+            else if (bf16_to_f32(u) > lim) u = hi;
+        }
+        const float gf = bf16_to_f32(g);
+        const float sg = bf16_to_f32(ex->sig[f32_to_bf16(gf * ex->alpha)]);
+        const float u1 = bf16_to_f32(f32_to_bf16(bf16_to_f32(u) + 1.f));
+        a[f] = f32_to_bf16(bf16_to_f32(f32_to_bf16(u1 * gf)) * sg);
+    }
+}
 
 /* A gated shared expert's output y (D bf16) times sigmoid(g), g = shg . x (Qwen2-MoE's
  * shared_expert_gate, shg: D bf16), each rounding the op path's: g as moe_gemv_bf16 computes it (what

@@ -341,7 +341,7 @@ class GroupedExperts(SlottedExperts):
 
     @property
     def _plain_swiglu(self) -> bool:
-        """No biases and SwiGLU unclamped: what the one-call C kernels compute."""
+        """No biases and SwiGLU unclamped: what the AMX experts kernel (forward_local) computes."""
         return self.b13 is None and self.b2 is None and self.activation == Activation()
 
     def forward_token(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor,
@@ -387,17 +387,17 @@ class GroupedExperts(SlottedExperts):
         return y.to(x_1D.dtype)
 
     def token_plan(self, shared: tuple[torch.Tensor, ...] | None = None) -> cpu_kernels.MoeToken | None:
-        """:meth:`forward_token`'s one C call for these weights and ``shared`` expert, checked once
-        per weights and shared expert (a captured step's are fixed; it calls the plan's kernel
-        too), or None where that call does not apply (another backend, biases or an activation
-        other than plain SwiGLU, experts elsewhere)."""
+        """:meth:`forward_token`'s one C call for these weights (with their biases and gpt-oss's clamped
+        SwiGLU, each rounding the ops' own) and ``shared`` expert, checked once per weights and shared
+        expert (a captured step's are fixed; it calls the plan's kernel too), or None where that call
+        does not apply (another backend, experts elsewhere)."""
         w13, w2 = self.w13, self.w2
-        if (self.resolved_backend != "torch" or not self._plain_swiglu or not self.holds_all
-                or w13.device.type != "cpu"):
+        if self.resolved_backend != "torch" or not self.holds_all or w13.device.type != "cpu":
             return None
         key, plan = self._token_plan
         if key != (w13.data_ptr(), w2.data_ptr()) or plan.shared is not shared:
-            plan = cpu_kernels.MoeToken(w13, w2, shared)
+            act = self.activation
+            plan = cpu_kernels.MoeToken(w13, w2, shared, self.b13, self.b2, act.alpha, act.limit)
             self._token_plan = ((w13.data_ptr(), w2.data_ptr()), plan)
         return plan
 

@@ -241,7 +241,7 @@ class _MoEToken(_OpsMlp):
         if out is not None:
             return out
         # routed (and counted) already: the rest op by op, row by row at several rows (as one-row
-        # steps compute it: e.g. experts with biases or a clamped SwiGLU, which the C call declines)
+        # steps compute it: e.g. packed experts with biases, which the C call declines)
         rows = [add_norm(h_TD[t:t + 1], moe.experts_and_shared(x_TD[t:t + 1], weights_TK[t:t + 1], ids_TK[t:t + 1],
                                                                 ctx), self.norm) for t in range(x_TD.shape[0])]
         return rows[0] if len(rows) == 1 else (torch.cat([h for h, _ in rows]), torch.cat([x for _, x in rows]))
@@ -253,8 +253,8 @@ class _MoEToken(_OpsMlp):
         return cpu_kernels.StepHalf(plan, (self.norm.weight, self.norm.eps), route=self.router)
 
     def experts_plan(self) -> cpu_kernels.MoeToken | cpu_kernels.QuantMoeToken | None:
-        """Its experts' one call (bf16 or packed), or None (experts with biases or another activation:
-        op by op, a row at a time)."""
+        """Its experts' one call (bf16, with biases and gpt-oss's clamped SwiGLU; or packed), or None
+        (packed experts with those: op by op, a row at a time)."""
         return self.mlp.experts.token_plan(self.shared)
 
     def count(self, T: int, ctx: ForwardContext) -> None:

@@ -504,6 +504,41 @@ def test_moe_token_kernel_equals_the_op_by_op_path(n, D, F, monkeypatch):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("D,F", [(64, 96), (70, 37)])
+def test_moe_token_kernel_with_biases_and_clamped_swiglu_equals_the_op_by_op_path(n, D, F, monkeypatch):
+    # gpt-oss's experts in the one call: biases on both projections (added as linear adds them) and
+    # the clamped SwiGLU (each torch bf16 op's rounding, the sigmoid from the table); gate/up values
+    # past the clamp on both sides; bit-identical to forward_token's ops, at one row and, each row as
+    # its one-row call, at several
+    from experts.grouped import Activation, GroupedExperts
+
+    g = torch.Generator().manual_seed(n * 10 + D)
+    for act in (Activation(limit=7.0, alpha=1.702), Activation(alpha=1.702), Activation()):
+        mod = GroupedExperts(6, D, F, bias=True, activation=act, dtype=torch.bfloat16)
+        mod.w13.data.copy_(torch.randn(6, 2 * F, D, generator=g))  # (wide: |gate|, |up| pass the limit of 7)
+        mod.w2.data.copy_(torch.randn(6, D, F, generator=g) / 4)
+        mod.b13.data.copy_(torch.randn(6, 2 * F, generator=g))
+        mod.b2.data.copy_(torch.randn(6, D, generator=g))
+        x = torch.randn(1, D, generator=g).to(torch.bfloat16)
+        ids = torch.randperm(6, generator=g)[:n]
+        w = torch.softmax(torch.randn(n, generator=g), 0)
+        plan = mod.token_plan()
+        assert plan is not None and plan.ok
+        fused = mod.forward_token(x, ids, w)
+        with monkeypatch.context() as m:
+            m.setattr(cpu_kernels.MoeToken, "__call__", lambda *a: None)  # the op-by-op path
+            ops = mod.forward_token(x, ids, w)
+        assert torch.equal(fused, ops), act
+        T = 5
+        xs = torch.randn(T, D, generator=g).bfloat16()
+        ids_T = torch.stack([torch.randperm(6, generator=g)[:n] for _ in range(T)])
+        w_T = torch.softmax(torch.randn(T, n, generator=g), -1)
+        rows = plan(xs, ids_T, w_T)
+        assert torch.equal(rows, torch.cat([plan(xs[t:t + 1].contiguous(), ids_T[t:t + 1], w_T[t:t + 1])
+                                            for t in range(T)]))
+
+
 @pytest.mark.parametrize("D,F,Fs", [(64, 96, 160), (70, 37, 45)])  # row blocks and K with and without tails
 def test_moe_token_rows_read_once_equal_one_row_calls(D, F, Fs):
     # a verify step's T rows in one call read each expert once for the rows that chose it (and the
@@ -1158,6 +1193,7 @@ PREFILL_NORMS = 2 * 3 * 2  # the two prompts longer than a token: 3 layers x 2 r
     ("olmoe_unclipped", "gqa_token", TOKEN_CALLS),
     ("deepseek_v3", "moe_token", TOKEN_CALLS), ("mixtral", "moe_token", TOKEN_CALLS),
     ("qwen3_moe", "moe_token", TOKEN_CALLS), ("qwen2_moe", "moe_token", TOKEN_CALLS),
+    ("gpt_oss", "moe_token", TOKEN_CALLS),
     ("deepseek_v3", "add_rms_norm", PREFILL_NORMS), ("gpt_oss", "add_rms_norm", PREFILL_NORMS)])
 def test_one_call_layers_equal_the_op_by_op_path(family, kernel, min_calls, checkpoint, monkeypatch, one_calls,
                                                  two_threads, tmp_path):
