@@ -195,7 +195,7 @@ def transpose_to_float(x_NM: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
-_SCORING = {"softmax": 1, "sigmoid": 2}
+_SCORING = {"softmax": 1, "sigmoid": 2, "topk_softmax": 3}  # (3: the top k of the logits, softmax over them)
 RouteSelection = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]  # weights, ids, scores, tied
 
 
@@ -207,8 +207,9 @@ def _route_args(scoring: str, top_k: int, E: int, num_groups: int, topk_groups: 
 def route_select(logits_TE: torch.Tensor, scoring: str, top_k: int, bias_E: torch.Tensor | None = None,
                  num_groups: int = 1, topk_groups: int = 1, group_top2: bool = True, renormalize: bool = False,
                  eps: float = 0.0, scale: float = 1.0) -> RouteSelection | None:
-    """:func:`routing.route` from float32 ``logits [T, E]`` in one pass: scores = softmax or sigmoid
-    (float32, libm's ``expf``; within an ulp or two of torch's), selection = scores (+ bias),
+    """:func:`routing.route` from float32 ``logits [T, E]`` in one pass (``scoring`` "topk_softmax":
+    the ``top_k`` best logits, then a softmax over them, scaled; ``scores`` the logits): scores =
+    softmax or sigmoid (float32, libm's ``expf``; within an ulp or two of torch's), selection = scores (+ bias),
     group-limited when ``num_groups`` > 1, the ``top_k`` best in descending order, their unbiased
     scores renormalized (``w / (sum + eps)``) and scaled; of equal values the lower index first
     (:func:`routing.top_k_ids`' order). Returns ``(weights [T, K] float32, ids [T, K] int64,

@@ -217,9 +217,10 @@ class _MoEToken(_OpsMlp):
         """``moe.route`` for a step's rows (one token, or a verify step's few) as one C call, where
         the kernel computes what it computes."""
         rc, gate, bias = moe.router_cfg, moe.gate, moe.e_score_correction_bias
-        if rc.topk_before_softmax or (rc.use_correction_bias and bias is None):
+        if rc.use_correction_bias and bias is None:
             return None
-        return cpu_kernels.RouteToken.make(gate.weight, gate.bias, rc.scoring, rc.top_k,
+        scoring = "topk_softmax" if rc.topk_before_softmax else rc.scoring  # (gpt-oss: softmax over the top k)
+        return cpu_kernels.RouteToken.make(gate.weight, gate.bias, scoring, rc.top_k,
                                            bias if rc.use_correction_bias else None, rc.num_groups, rc.topk_groups,
                                            rc.group_score == "top2_sum", rc.renormalize,
                                            1e-20 if rc.scoring == "sigmoid" else 0.0, rc.scaling_factor)

@@ -80,7 +80,12 @@ def _mask_to_top_groups(scores_TE: torch.Tensor, cfg: RouterConfig) -> torch.Ten
 def route(logits_TE: torch.Tensor, cfg: RouterConfig, correction_bias_E: torch.Tensor | None = None) -> RoutingResult:
     logits = logits_TE.float()
     if cfg.topk_before_softmax:
-        ids = top_k_ids(logits, cfg.top_k)
+        out = cpu_kernels.route_select(logits, "topk_softmax", cfg.top_k, None, 1, 1, True, False, 0.0,
+                                       cfg.scaling_factor) \
+            if logits.device.type == "cpu" else None  # (one C pass: the captured step's router computes the same)
+        if out is not None and out[3] is None:
+            return RoutingResult(out[0], out[1])
+        ids = top_k_ids(logits, cfg.top_k)  # (or a NaN logit: torch's order of NaNs)
         weights = torch.softmax(logits.gather(1, ids), dim=-1)
         return RoutingResult(weights * cfg.scaling_factor, ids)
 

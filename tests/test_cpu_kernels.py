@@ -964,6 +964,7 @@ ROUTERS = {
     "softmax_group_limited_greedy": dict(num_experts=24, top_k=6, num_groups=8, topk_groups=3, group_score="max",
                                          scaling_factor=16.0),
     "sigmoid_no_groups": dict(num_experts=10, top_k=3, scoring="sigmoid", renormalize=True),
+    "topk_then_softmax": dict(num_experts=32, top_k=4, topk_before_softmax=True),  # gpt-oss
 }
 
 
@@ -1016,6 +1017,12 @@ def test_route_select_scores_as_torch_and_leaves_nan_to_it():
         torch.testing.assert_close(scores, ref, rtol=1e-6, atol=1e-9)
         assert tied is None and torch.equal(ids, ref.topk(6).indices)
         assert torch.equal(w, scores.gather(1, ids))  # no renormalization, scale 1
+    # gpt-oss's router: the top k of the logits, a softmax over those k (scaled)
+    w, ids, scores, tied = cpu_kernels.route_select(logits, "topk_softmax", 4, scale=2.0)
+    assert tied is None and torch.equal(scores, logits) and torch.equal(ids, logits.topk(4).indices)
+    torch.testing.assert_close(w, 2.0 * torch.softmax(logits.gather(1, ids), -1), rtol=1e-6, atol=1e-9)
+    logits[7, 3] = float("nan")
+    assert cpu_kernels.route_select(logits, "topk_softmax", 4)[3].tolist() == [7]  # left to torch
     # experts 4 and 5 tie for the second place: the lower index is taken, no token is left to torch
     scores = torch.tensor([[0.1, 0.0, 0.0, 0.0, 0.3, 0.3, 0.5, 0.0], [0.1, 0.0, 0.0, 0.0, 0.2, 0.3, 0.5, 0.0]])
     w, ids, s, tied = cpu_kernels.route_select(scores.log(), "softmax", 2)
@@ -1042,7 +1049,8 @@ def test_route_token_plan_equals_the_gate_then_route(name, gate_bias):
     gate = (torch.randn(E, D, generator=g) / 8).bfloat16()
     b = (torch.randn(E, generator=g) / 8).bfloat16() if gate_bias else None
     bias = torch.randn(E, generator=g) * 0.1 if cfg.use_correction_bias else None
-    plan = cpu_kernels.RouteToken.make(gate, b, cfg.scoring, cfg.top_k, bias, cfg.num_groups, cfg.topk_groups,
+    scoring = "topk_softmax" if cfg.topk_before_softmax else cfg.scoring
+    plan = cpu_kernels.RouteToken.make(gate, b, scoring, cfg.top_k, bias, cfg.num_groups, cfg.topk_groups,
                                        cfg.group_score == "top2_sum", cfg.renormalize,
                                        1e-20 if cfg.scoring == "sigmoid" else 0.0, cfg.scaling_factor)
     for _ in range(20):
