@@ -321,8 +321,8 @@ static void route_scores(const float *l, int64_t E, int scoring, float *s) {
     for (int64_t e = 0; e < E; e++) s[e] = nan ? NAN : s[e] / sum;
 }
 
-/* routing.route for one token (scoring 3, top-k before softmax: above): scores (route_scores) written to
- * s [E], then the expert choice:
+/* routing.route for one token: scores (route_scores; scoring 3, gpt-oss's top k before the softmax:
+ * the logits, the softmax over the K chosen as their weights, eps 0) written to s [E], then the expert choice:
  * selection = scores (+ bias[E] when given); with G > 1 groups only the experts of the topk_groups
  * best groups stay (group score: sum of its two best selections, or its best); the K best
  * remaining experts, in descending order, go to ids [K]; their unbiased scores, divided by their
@@ -336,21 +336,10 @@ static int route_token(const float *l, int scoring, const float *bias, int64_t E
     const int64_t per = E / G;
     float sel[E], gs[G];
     unsigned char taken[E > G ? E : G];
-    if (scoring == 3) { /* gpt-oss: the K best logits (s: the logits), then a softmax over those K, scaled */
-        for (int64_t e = 0; e < E; e++)
-            if ((s[e] = l[e]) != l[e]) return 1;
-        memset(taken, 0, E);
-        float sum = 0.f;
-        for (int64_t k = 0; k < K; k++) {
-            const int64_t e = argmax_free(l, taken, E);
-            taken[e] = 1;
-            ids[k] = e;
-            sum += weights[k] = expf(l[e] - l[ids[0]]);
-        }
-        for (int64_t k = 0; k < K; k++) weights[k] = weights[k] / sum * scale;
-        return 0;
-    }
-    route_scores(l, E, scoring, s);
+    if (scoring == 3) /* gpt-oss: the K best logits (s: the logits), then a softmax over those K */
+        memcpy(s, l, (size_t)E * sizeof(float));
+    else
+        route_scores(l, E, scoring, s);
     for (int64_t e = 0; e < E; e++) {
         sel[e] = bias ? s[e] + bias[e] : s[e];
         if (sel[e] != sel[e]) return 1;
@@ -377,12 +366,11 @@ static int route_token(const float *l, int scoring, const float *bias, int64_t E
         const int64_t e = argmax_free(sel, taken, E);
         taken[e] = 1;
         ids[k] = e;
-        weights[k] = s[e];
-        sum += s[e];
+        sum += weights[k] = scoring == 3 ? expf(s[e] - s[ids[0]]) : s[e];
     }
     for (int64_t k = 0; k < K; k++) {
         float w = weights[k];
-        if (renormalize) w = w / (sum + eps);
+        if (renormalize || scoring == 3) w = w / (sum + eps);
         weights[k] = w * scale;
     }
     return 0;
