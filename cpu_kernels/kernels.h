@@ -118,6 +118,9 @@ typedef struct {
     const uint16_t *sh13, *sh2, *shg, *sig; /* shg, sig: a gated shared expert's (else NULL) */
     float *fscratch;
     uint16_t *hscratch;
+    const uint16_t *eb13, *eb2; /* the experts' bf16 biases [E, 2F] / [E, D] (strides sb13, sb2), or NULL */
+    int64_t sb13, sb2, act, clamp; /* act, clamp, alpha, limit: ExpertExtras' (sig its table) */
+    float alpha, limit;
 } QxMoePlan;
 
 typedef struct {

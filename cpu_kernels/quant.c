@@ -804,7 +804,8 @@ static int qgemv(const float *x, int64_t K, const void *q, int fmt, const float 
  * come from memory once and from the caches for the rows after the first; each row's result is its
  * one-row result, bit for bit. Codes of expert e at q13 + e * eq13 bytes ([2F, D] rows) and
  * q2 + e * eq2 ([D, F]); scales (offsets) at s13 + e * es13 ([2F / bn, G13]) and s2 + e * es2. A bf16
- * shared expert (sh13, sh2; NULL: none; gated with shg) is added in bf16 after. K <= 64. scratch: fscratch
+ * shared expert (sh13, sh2; NULL: none; gated with shg) is added in bf16 after. With the plan's biases
+ * and activation (gpt-oss's: ExpertExtras), each added to the GEMV's bf16 result as the op path adds it. K <= 64. scratch: fscratch
  * 2 max(D, F) + T D float32 (the rows' sums), hscratch 3 max(F, Fs) + 2 D bf16. Returns 0, -2 for an
  * id outside [0, E), -1 when a kernel fails (no memory). */
 static int qx_moe_rows(const QxMoePlan *a, const uint16_t *x, int64_t T, int64_t K, const int64_t *ids,
@@ -819,8 +820,10 @@ static int qx_moe_rows(const QxMoePlan *a, const uint16_t *x, int64_t T, int64_t
     float *xf = a->fscratch, *af = xf + DF, *acc = af + DF; /* acc: T rows of D */
     uint16_t *h = a->hscratch, *act = h + 2 * F, *y = h + 3 * Fm, *sh = y + D;
     int64_t in_xf = -1; /* the row xf holds */
+    const ExpertExtras ex = {NULL, NULL, a->sig, a->alpha, a->limit, (int)a->act, (int)a->clamp};
     for (int64_t i = 0; i < tk.n && rc == 0; i++) {
         const int64_t e = tk.eid[i];
+        const uint16_t *eb13 = a->eb13 ? a->eb13 + e * a->sb13 : NULL, *eb2 = a->eb2 ? a->eb2 + e * a->sb2 : NULL;
         for (int64_t j = i * T; j < i * T + tk.cnt[i]; j++) {
             const int64_t t = tk.row[j], place = tk.at[j];
             if (t != in_xf)
@@ -829,11 +832,15 @@ static int qx_moe_rows(const QxMoePlan *a, const uint16_t *x, int64_t T, int64_t
             rc = qgemv(xf, D, a->q13 + e * a->eq13, fmt, a->lut, a->s13 + e * a->es13,
                        a->b13 ? a->b13 + e * a->es13 : NULL, a->G13, a->gs, a->bn, 2 * F, h, nt);
             if (rc != 0) break;
-            moe_silu_mul(h, h + F, act, BF16, 1, 1, F, 0, 0, 0, 0, 0, 0, 1);
+            if (eb13) /* (h + b, as the op path adds the bias to the GEMM's bf16 result) */
+                for (int64_t k = 0; k < 2 * F; k++) h[k] = f32_to_bf16(bf16_to_f32(h[k]) + bf16_to_f32(eb13[k]));
+            expert_act(h, F, &ex, act);
             for (int64_t k = 0; k < F; k++) af[k] = bf16_to_f32(act[k]);
             rc = qgemv(af, F, a->q2 + e * a->eq2, fmt, a->lut, a->s2 + e * a->es2,
                        a->b2 ? a->b2 + e * a->es2 : NULL, a->G2, a->gs, a->bn, D, y, nt);
             if (rc != 0) break;
+            if (eb2)
+                for (int64_t d = 0; d < D; d++) y[d] = f32_to_bf16(bf16_to_f32(y[d]) + bf16_to_f32(eb2[d]));
             float *acc_t = acc + t * D;
             for (int64_t d = 0; d < D; d++) {
                 const float v = bf16_to_f32(f32_to_bf16(bf16_to_f32(y[d]) * tk.wt[j]));

@@ -12,7 +12,7 @@ import ctypes
 import torch
 
 from .build import DTYPES, address, c_struct, declare, load
-from .gemv import PLAN_ROWS, Outputs, Residual, moe_token_args, output, shared_args
+from .gemv import PLAN_ROWS, Outputs, Residual, moe_token_args, output, shared_args, sigmoid_table
 
 _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 declare({
@@ -25,7 +25,8 @@ declare({
     "moe_qx_moe_token": [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _f32, _ptr, _int],
 })
 QxMoePlanC = c_struct("QxMoePlan", "D F E fmt gs bn eq13 es13 G13 eq2 es2 G2 Fs rows: i64; "
-                                   "lut q13 s13 b13 q2 s2 b2 sh13 sh2 shg sig fscratch hscratch: ptr")
+                                   "lut q13 s13 b13 q2 s2 b2 sh13 sh2 shg sig fscratch hscratch eb13 eb2: ptr; "
+                                   "sb13 sb2 act clamp: i64; alpha limit: f32")
 
 Q_INT8, Q_FP8 = 0, 1  # 8-bit weight codes: int8, or fp8 e4m3 bits (value * 2^-8; see quant.c)
 Q_INT4_X8 = 2  # 4-bit int codes with x rounded to 8 bits per 32 columns (q4x8_gemm; quant_moe_token's fmt)
@@ -174,7 +175,8 @@ class QuantMoeToken:
     def __init__(self, fmt: int, lut: torch.Tensor | None, gs: int, bn: int,
                  w13: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
                  w2: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-                 shared: tuple[torch.Tensor, ...] | None = None):
+                 shared: tuple[torch.Tensor, ...] | None = None, b13_e2F: torch.Tensor | None = None,
+                 b2_eD: torch.Tensor | None = None, alpha: float | None = None, limit: float | None = None):
         self.shared, self.ok = shared, False
         self.D = self.F = self.Fs = 0
         dims = packed_dims(w13, w2, lut, gs, bn) if load() is not None else None
@@ -182,17 +184,26 @@ class QuantMoeToken:
             return
         E, self.D, self.F = dims
         sa = shared_args(shared, self.D)
-        if sa is None:
+        if sa is None or (limit is not None and alpha is None):
             return
+        for b, shape in ((b13_e2F, (E, 2 * self.F)), (b2_eD, (E, self.D))):  # (gpt-oss's expert biases)
+            if b is not None and (b.dtype != torch.bfloat16 or b.shape != shape or not b.is_contiguous() or b.is_cuda):
+                return
         self.Fs, sh = sa
+        if alpha is not None:  # gpt-oss's clamped SwiGLU: its sigmoid as torch rounds it
+            sh[3] = sigmoid_table().data_ptr()
         (q13, s13, b13), (q2, s2, b2) = w13, w2
         # the call's scratch (float sums of PLAN_ROWS rows, bf16 activations), reused by every call
         fs = torch.empty(2 * max(self.D, self.F) + PLAN_ROWS * self.D, dtype=torch.float32)
         hs = torch.empty(3 * max(self.F, self.Fs) + 2 * self.D, dtype=torch.bfloat16)
-        self._keep = (w13, w2, shared, lut, fs, hs)  # the pointers below stay valid while the plan lives
+        # the pointers below stay valid while the plan lives
+        self._keep = (w13, w2, shared, lut, fs, hs, b13_e2F, b2_eD)
         self.c = QxMoePlanC(self.D, self.F, E, fmt, gs, bn, q13.stride(0), s13.stride(0), s13.shape[-1], q2.stride(0),
                             s2.stride(0), s2.shape[-1], self.Fs, PLAN_ROWS, address(lut), address(q13), address(s13),
-                            address(b13), address(q2), address(s2), address(b2), *sh, address(fs), address(hs))
+                            address(b13), address(q2), address(s2), address(b2), *sh, address(fs), address(hs),
+                            address(b13_e2F), address(b2_eD), 0 if b13_e2F is None else b13_e2F.stride(0),
+                            0 if b2_eD is None else b2_eD.stride(0), int(alpha is not None), int(limit is not None),
+                            float(alpha or 0.0), float(limit or 0.0))
         self.ref = address(self.c)  # what the C calls take (moe_decode_step too)
         self.ok = True
 

@@ -229,8 +229,9 @@ class QuantGroupedExperts(SlottedExperts):
         """One token (decode at batch 1) through its experts in one C call on the C kernels' layouts
         (int8, fp8_block, int4, mxfp4) with the arithmetic of dispatch -> :meth:`forward` ->
         combine, plus a bf16 ``shared`` expert's ``(w13, w2)`` added and the ``residual`` tail, into
-        ``into`` when given, rows of one sequence each as one (as :meth:`GroupedExperts.forward_token`).
-        None: not applicable (other formats, biases, clamped SwiGLU, experts elsewhere): dispatch instead."""
+        ``into`` when given, rows of one sequence each as one (as :meth:`GroupedExperts.forward_token`);
+        with biases and gpt-oss's clamped SwiGLU too. None: not applicable (other formats, experts
+        elsewhere): dispatch instead."""
         plan = self.token_plan(shared) if x_1D.device.type == "cpu" else None
         return plan(x_1D, ids_K, weights_K, residual, into) if plan is not None else None
 
@@ -238,13 +239,15 @@ class QuantGroupedExperts(SlottedExperts):
         """:meth:`forward_token`'s one C call for these layouts and ``shared`` expert, checked once
         per layout and shared expert (a captured step's are fixed; it calls the plan's kernel
         too), or None where that call does not apply."""
-        w = self._one_call_layouts()
+        w = self._one_call_layouts(plain=False)
         if w is None:
             return None
         layouts, plan = self._token_plan
         if layouts is not self._cpu or plan.shared is not shared:
             w13, w2 = w
-            plan = cpu_kernels.QuantMoeToken(*w13.kernel, w13.token_args(), w2.token_args(), shared)
+            act = self.activation
+            plan = cpu_kernels.QuantMoeToken(*w13.kernel, w13.token_args(), w2.token_args(), shared, self.b13, self.b2,
+                                             act.alpha, act.limit)
             self._token_plan = (self._cpu, plan)
         return plan
 
@@ -262,11 +265,12 @@ class QuantGroupedExperts(SlottedExperts):
         return cpu_kernels.amx_moe_packed(x_TD, ids_TK, weights_TK, fmt, lut, gs, bn, w[0].token_args(),
                                           w[1].token_args())
 
-    def _one_call_layouts(self) -> tuple | None:
-        """The CPU layouts when the one-call C paths apply (C kernels' layouts, no biases, plain
-        SwiGLU, every expert here), else None."""
-        if (self.resolved_backend != "torch" or self.b13 is not None or self.b2 is not None
-                or self.activation != Activation() or not self.holds_all):
+    def _one_call_layouts(self, plain: bool = True) -> tuple | None:
+        """The CPU layouts when the one-call C paths apply (C kernels' layouts, every expert here; with
+        ``plain``, the AMX kernel's: no biases, plain SwiGLU), else None."""
+        if self.resolved_backend != "torch" or not self.holds_all:
+            return None
+        if plain and (self.b13 is not None or self.b2 is not None or self.activation != Activation()):
             return None
         if self._cpu is None:
             self.post_load()

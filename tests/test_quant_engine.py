@@ -294,6 +294,29 @@ def test_mxfp4_gpt_oss_matches_dequantized(mxfp4_pair):
     assert all(isinstance(m, QuantGroupedExperts) and m.fmt == Mxfp4Weights() for m in experts_modules(llm))
 
 
+def test_mxfp4_gpt_oss_decodes_whole_in_c_as_the_op_path(mxfp4_pair):
+    # bf16 batch-1 decode of the MXFP4 gpt-oss checkpoint runs the captured step whole in C (its
+    # router, its packed experts with biases and clamped SwiGLU, several steps a call): greedy
+    # tokens and log-probs equal the model's own forward's (capture off)
+    import cpu_kernels
+
+    llm = LLM(str(mxfp4_pair[0]), dtype="bfloat16", block_size=16, enable_prefix_caching=False)
+    runner = llm.engine.runner
+    if cpu_kernels.load() is None or not cpu_kernels.q8_available():
+        pytest.skip("the C kernels are not built here: no captured step")
+    assert runner.runs_greedy and llm.engine.scheduler.max_steps == 16
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9, 40)]
+    sp = SamplingParams(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True)
+    captured = [llm.generate([p], sp)[0].outputs[0] for p in prompts]
+    greedy = SamplingParams(temperature=0, max_tokens=37, ignore_eos=True)  # (no log-probs: 16 steps a call)
+    multi = [llm.generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
+    runner.captured = None
+    plain = [llm.generate([p], sp)[0].outputs[0] for p in prompts]
+    for a, b in zip(captured, plain):
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
+    assert multi == [llm.generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input
 
@@ -438,6 +461,45 @@ def test_one_token_in_one_call_equals_dispatch_experts_combine(fmt, k, monkeypat
     for t in range(T):
         h_t, y_t = layer.forward_token(xs[t:t + 1], ids3[t], w3[t], (sh13, sh2), residual=(hs[t:t + 1], nw, 1e-5))
         assert torch.equal(h_rows[t:t + 1], h_t) and torch.equal(y_rows[t:t + 1], y_t)
+
+
+@pytest.mark.parametrize("fmt", [Mxfp4Weights(), Int4Weights(32), Int8Weights(32)], ids=lambda f: f.name)
+@pytest.mark.parametrize("k", [1, 4])
+def test_one_token_with_biases_and_clamped_swiglu_in_one_call_equals_dispatch(fmt, k):
+    # gpt-oss's packed experts (MXFP4 in its checkpoints) in the one C call: biases added to each
+    # GEMV's bf16 result and the clamped SwiGLU with each torch op's rounding, bit-identical to
+    # dispatch -> experts -> combine; several rows each as its one-row call
+    import cpu_kernels
+    from experts.grouped import Activation
+    from parallel import init_single_process, make_moe_dispatcher
+
+    init_single_process()
+    E, D, F = 6, 128, 256
+    g = torch.Generator().manual_seed(k)
+    layer = QuantGroupedExperts(E, D, F, fmt, bias=True, activation=Activation(limit=7.0, alpha=1.702),
+                                dtype=torch.bfloat16)
+    params = dict(layer.named_parameters())
+    for shard, shape in (("gate", (E, F, D)), ("up", (E, F, D)), ("down", (E, D, F))):
+        for t, v in fmt.quantize(torch.randn(*shape, generator=g) / 2).items():  # (wide: past the clamp)
+            layer.weight_loader(params[f"{t}_{'w2' if shard == 'down' else 'w13'}"], v, shard, None)
+    for shard, shape in (("gate", (E, F)), ("up", (E, F)), ("down", (E, D))):
+        layer.weight_loader(params["b2" if shard == "down" else "b13"], torch.randn(*shape, generator=g), shard, None)
+    layer.post_load()
+    x = torch.randn(1, D, generator=g).bfloat16()
+    ids = torch.randperm(E, generator=g)[:k].view(1, k)
+    w = torch.softmax(torch.randn(1, k, generator=g), -1)
+    fast = layer.forward_token(x, ids[0], w[0])
+    if not cpu_kernels.q8_available():
+        assert fast is None
+        return
+    d = make_moe_dispatcher(E)
+    x_RD, counts, meta = d.dispatch(x, ids, w)
+    assert torch.equal(fast, d.combine(layer(x_RD, counts), meta))
+    xs = torch.randn(5, D, generator=g).bfloat16()
+    ids5 = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(5)])
+    w5 = torch.softmax(torch.randn(5, k, generator=g), -1)
+    rows = layer.forward_token(xs, ids5, w5)
+    assert torch.equal(rows, torch.cat([layer.forward_token(xs[t:t + 1], ids5[t], w5[t]) for t in range(5)]))
 
 
 @pytest.mark.parametrize("fmt", [Int8Weights(32), Int8Weights(64, symmetric=False), Fp8BlockWeights(), Int4Weights(32),
