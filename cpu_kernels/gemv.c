@@ -439,7 +439,8 @@ static void expert_rows(const uint16_t *x, int64_t T, int64_t D, int64_t F, int 
             for (int r = 0; r < R; r++)
                 for (int64_t j = 0; j < c; j++) {
                     const int64_t i = r0 + r, t = rows[j], place = at[e * T + j];
-                    const float y = bf16_to_f32(f32_to_bf16(bf16_to_f32(with_bias(s[r * c + j], b2, i)) * wt[e * T + j]));
+                    const float yb = bf16_to_f32(with_bias(s[r * c + j], b2, i));
+                    const float y = bf16_to_f32(f32_to_bf16(yb * wt[e * T + j]));
                     float *a = acc + t * D + i;
                     if (place == 0) *a = y;
                     else if (K == 2) *a = bf16_to_f32(f32_to_bf16(*a + y));

@@ -804,10 +804,11 @@ static int qgemv(const float *x, int64_t K, const void *q, int fmt, const float 
  * come from memory once and from the caches for the rows after the first; each row's result is its
  * one-row result, bit for bit. Codes of expert e at q13 + e * eq13 bytes ([2F, D] rows) and
  * q2 + e * eq2 ([D, F]); scales (offsets) at s13 + e * es13 ([2F / bn, G13]) and s2 + e * es2. A bf16
- * shared expert (sh13, sh2; NULL: none; gated with shg) is added in bf16 after. With the plan's biases
- * and activation (gpt-oss's: ExpertExtras), each added to the GEMV's bf16 result as the op path adds it. K <= 64. scratch: fscratch
- * 2 max(D, F) + T D float32 (the rows' sums), hscratch 3 max(F, Fs) + 2 D bf16. Returns 0, -2 for an
- * id outside [0, E), -1 when a kernel fails (no memory). */
+ * shared expert (sh13, sh2; NULL: none; gated with shg) is added in bf16 after. With the plan's
+ * biases (eb13, eb2: each added to its GEMV's bf16 result, as the op path adds it) and activation
+ * (gpt-oss's: ExpertExtras). K <= 64. scratch: fscratch 2 max(D, F) + T D float32 (the rows' sums),
+ * hscratch 3 max(F, Fs) + 2 D bf16. Returns 0, -2 for an id outside [0, E), -1 when a kernel fails (no
+ * memory). */
 static int qx_moe_rows(const QxMoePlan *a, const uint16_t *x, int64_t T, int64_t K, const int64_t *ids,
                        const float *wts, uint16_t *out, const uint16_t *resid, const uint16_t *nw, float neps,
                        uint16_t *h_out, int nt) {
@@ -832,15 +833,15 @@ static int qx_moe_rows(const QxMoePlan *a, const uint16_t *x, int64_t T, int64_t
             rc = qgemv(xf, D, a->q13 + e * a->eq13, fmt, a->lut, a->s13 + e * a->es13,
                        a->b13 ? a->b13 + e * a->es13 : NULL, a->G13, a->gs, a->bn, 2 * F, h, nt);
             if (rc != 0) break;
-            if (eb13) /* (h + b, as the op path adds the bias to the GEMM's bf16 result) */
-                for (int64_t k = 0; k < 2 * F; k++) h[k] = f32_to_bf16(bf16_to_f32(h[k]) + bf16_to_f32(eb13[k]));
+            if (eb13)
+                for (int64_t k = 0; k < 2 * F; k++) h[k] = with_bias(bf16_to_f32(h[k]), eb13, k);
             expert_act(h, F, &ex, act);
             for (int64_t k = 0; k < F; k++) af[k] = bf16_to_f32(act[k]);
             rc = qgemv(af, F, a->q2 + e * a->eq2, fmt, a->lut, a->s2 + e * a->es2,
                        a->b2 ? a->b2 + e * a->es2 : NULL, a->G2, a->gs, a->bn, D, y, nt);
             if (rc != 0) break;
             if (eb2)
-                for (int64_t d = 0; d < D; d++) y[d] = f32_to_bf16(bf16_to_f32(y[d]) + bf16_to_f32(eb2[d]));
+                for (int64_t d = 0; d < D; d++) y[d] = with_bias(bf16_to_f32(y[d]), eb2, d);
             float *acc_t = acc + t * D;
             for (int64_t d = 0; d < D; d++) {
                 const float v = bf16_to_f32(f32_to_bf16(bf16_to_f32(y[d]) * tk.wt[j]));

@@ -130,9 +130,10 @@ static int64_t now_ns(void) {
  * max_steps steps, after a step in which some row chose a token in stop[0, n_stop), once budget_ns
  * have passed since the call began, or once *wake differs from wake0 (the engine has work waiting).
  * With y_rows given, step i's normed last rows (the LM head's input, T x D bf16) are copied to
- * y_rows + i T D (an MTP drafter's hidden states). Returns the steps completed; a step the loop does not complete (a router's NaN, a kernel declining,
- * a token outside the embedding) ends the call before it is counted, for the caller to run its own
- * way (the K/V it may have written are the ones that step writes again). */
+ * y_rows + i T D (an MTP drafter's hidden states). Returns the steps completed; a step the loop does
+ * not complete (a router's NaN, a kernel declining, a token outside the embedding) ends the call
+ * before it is counted, for the caller to run its own way (the K/V it may have written are the ones
+ * that step writes again). */
 int moe_decode_greedy(const StepHalf *halves, int64_t n, const StepEmbed *embed, int64_t D, int64_t T, int64_t *ids,
                       const int64_t *pos0, const int32_t *table, const int64_t *toff, int64_t bs,
                       uint16_t *h_last, uint16_t *y_last, const uint16_t *w, const PackedProj *p, int64_t V,
