@@ -53,7 +53,7 @@ for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from peers.models import (SHAPES, active_bytes_per_token, ensure_checkpoint, ensure_gguf,  # noqa: E402
+from peers.models import (MORE_SHAPES, SHAPES, active_bytes_per_token, ensure_checkpoint, ensure_gguf,  # noqa: E402
                           llama_cpp_converter, llama_cpp_version, shape)
 from peers.report import combine_rounds, print_report, summarize  # noqa: E402
 
@@ -208,7 +208,8 @@ def run_model(name: str, args) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="all", choices=[*SHAPES, "all"])
+    ap.add_argument("--model", default="all", choices=[*SHAPES, *MORE_SHAPES, "all"],
+                    help="all: the issue's three shapes; gpt_oss and qwen2_moe run when named")
     ap.add_argument("--workload", default="all",
                     help=f"comma-separated, from {', '.join(KNOWN_WORKLOADS)} (default all: "
                          f"{', '.join(WORKLOADS)})")

@@ -29,20 +29,37 @@ SHAPES: dict[str, tuple[str, dict]] = {
         moe_intermediate_size=512, n_shared_experts=1, first_k_dense_replace=1, intermediate_size=2816, n_group=4,
         topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5)),
 }
+# Families beyond the issue's three, run when named (`--model gpt_oss`), not by `--model all`
+MORE_SHAPES: dict[str, tuple[str, dict]] = {
+    # gpt-oss: experts with biases and a clamped SwiGLU, a top-k-then-softmax router, sinks, sliding windows
+    "gpt_oss": ("GptOssConfig", dict(COMMON, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+                                     intermediate_size=512, num_local_experts=32, num_experts_per_tok=4,
+                                     sliding_window=128, layer_types=["sliding_attention", "full_attention"] * 4)),
+    # Qwen2-MoE: a gated shared expert beside 32 routed ones
+    "qwen2_moe": ("Qwen2MoeConfig", dict(COMMON, num_attention_heads=16, num_key_value_heads=16,
+                                         intermediate_size=2816, moe_intermediate_size=512, num_experts=32,
+                                         num_experts_per_tok=4, norm_topk_prob=False, decoder_sparse_step=1,
+                                         mlp_only_layers=[], shared_expert_intermediate_size=2048)),
+}
 # --quick: the same families at toy size (attention and MLA dims kept where vLLM's CPU kernels need them)
 QUICK = dict(vocab_size=4096, hidden_size=512, num_hidden_layers=2, intermediate_size=1024)
 QUICK_BY_SHAPE = {"mixtral": dict(num_attention_heads=8, num_key_value_heads=4, intermediate_size=1024),
                   "qwen3": dict(num_attention_heads=8, num_key_value_heads=4, moe_intermediate_size=256,
                                 num_experts=8, num_experts_per_tok=2),
                   "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, n_group=2,
-                                      topk_group=1)}
+                                      topk_group=1),
+                  "gpt_oss": dict(num_attention_heads=8, num_key_value_heads=4, intermediate_size=256,
+                                  num_local_experts=8, num_experts_per_tok=2, layer_types=["sliding_attention",
+                                                                                           "full_attention"]),
+                  "qwen2_moe": dict(num_attention_heads=8, num_key_value_heads=8, moe_intermediate_size=256,
+                                    num_experts=8, num_experts_per_tok=2, shared_expert_intermediate_size=512)}
 # keys written into config.json that transformers' save_pretrained leaves out but other readers need:
 # vLLM's DeepSeek-V3 loader wants the routing method named (else it fails on e_score_correction_bias)
 CONFIG_EXTRA = {"deepseek_v3": {"topk_method": "noaux_tc", "scoring_func": "sigmoid"}}
 
 
 def shape(name: str, quick: bool) -> tuple[str, dict]:
-    cls, kw = SHAPES[name]
+    cls, kw = {**SHAPES, **MORE_SHAPES}[name]
     return cls, (kw | QUICK | QUICK_BY_SHAPE[name] if quick else dict(kw))
 
 
