@@ -79,30 +79,25 @@ class MoeToken:
                  shared: tuple[torch.Tensor, ...] | None = None, b13_e2F: torch.Tensor | None = None,
                  b2_eD: torch.Tensor | None = None, alpha: float | None = None, limit: float | None = None):
         self.shared, self.ok = shared, False
-        biases = [b for b in (b13_e2F, b2_eD) if b is not None]
-        ws = [w13_e2FD, w2_eDF, *biases]
+        ws = [w13_e2FD, w2_eDF]
         if w13_e2FD.dim() != 3 or kernel_dtype(*ws) is None or w13_e2FD.dtype != torch.bfloat16:
             return
-        if any(not w.is_contiguous() for w in ws) or (limit is not None and alpha is None):
+        if any(not w.is_contiguous() for w in ws):
             return
         E, F2, D = w13_e2FD.shape
         F = F2 // 2
-        sa = shared_args(shared, D)
-        if (w2_eDF.shape != (E, D, F) or sa is None or (b13_e2F is not None and b13_e2F.shape != (E, F2))
-                or (b2_eD is not None and b2_eD.shape != (E, D))):
+        sa = shared_args(shared, D, alpha is not None)
+        extras = expert_extras(b13_e2F, b2_eD, alpha, limit, E, F, D)
+        if w2_eDF.shape != (E, D, F) or sa is None or extras is None:
             return
         self.D, (Fs, sh) = D, sa
         # the call's scratch (bf16 activations, float sums) for PLAN_ROWS rows, reused by every call
         R = PLAN_ROWS
         h, acc = torch.empty(R * (3 * max(F, Fs) + D), dtype=torch.bfloat16), torch.empty(R * D, dtype=torch.float32)
-        if alpha is not None:  # gpt-oss's clamped SwiGLU: its sigmoid as torch rounds it (the shared gate's table)
-            sh[3] = sigmoid_table().data_ptr()
         # the pointers below stay valid while the plan lives
         self._keep = (w13_e2FD, w2_eDF, shared, h, acc, b13_e2F, b2_eD)
         self.c = MoePlanC(D, F, E, w13_e2FD.stride(0), w2_eDF.stride(0), Fs, R, address(w13_e2FD), address(w2_eDF),
-                          *sh, address(h), address(acc), address(b13_e2F), address(b2_eD),
-                          0 if b13_e2F is None else b13_e2F.stride(0), 0 if b2_eD is None else b2_eD.stride(0),
-                          int(alpha is not None), int(limit is not None), float(alpha or 0.0), float(limit or 0.0))
+                          *sh, address(h), address(acc), *extras)
         self.ref = address(self.c)  # what the C calls take (moe_decode_step too)
         self.ok = True
 
@@ -207,20 +202,36 @@ def sigmoid_table() -> torch.Tensor:
     return _SIGMOID[0]
 
 
-def shared_args(shared: tuple[torch.Tensor, ...] | None, D: int) -> tuple[int, list] | None:
+def shared_args(shared: tuple[torch.Tensor, ...] | None, D: int, sigmoid: bool = False) -> tuple[int, list] | None:
     """A bf16 shared expert ``(w13 [2Fs, D], w2 [D, Fs])``, or a gated one ``(w13, w2, gate [1, D])``
     (its output times ``sigmoid(gate . x)``, Qwen2-MoE's), as the one-token MoE calls take it:
     ``(Fs, [w13, w2, gate, sigmoid table pointers])``, ``(0, [None] * 4)`` without one, None when it
-    does not fit."""
+    does not fit. The table (:func:`sigmoid_table`) is there for a gated one, or with ``sigmoid``
+    (the routed experts' clamped SwiGLU reads it too)."""
+    table = sigmoid_table().data_ptr() if sigmoid or (shared is not None and len(shared) > 2) else None
     if shared is None:
-        return 0, [None] * 4
+        return 0, [None, None, None, table]
     Fs = shared[1].shape[1]
     if (kernel_dtype(*shared) is None or any(not t.is_contiguous() for t in shared)
             or shared[0].shape != (2 * Fs, D) or shared[1].shape != (D, Fs)
             or (len(shared) > 2 and shared[2].shape != (1, D))):
         return None
-    gate = [shared[2].data_ptr(), sigmoid_table().data_ptr()] if len(shared) > 2 else [None, None]
-    return Fs, [shared[0].data_ptr(), shared[1].data_ptr(), *gate]
+    return Fs, [shared[0].data_ptr(), shared[1].data_ptr(), shared[2].data_ptr() if len(shared) > 2 else None, table]
+
+
+def expert_extras(b13_e2F: torch.Tensor | None, b2_eD: torch.Tensor | None, alpha: float | None, limit: float | None,
+                  E: int, F: int, D: int) -> list | None:
+    """The one-call MoE plans' fields for experts with biases (bf16 ``[E, 2F]`` / ``[E, D]``) and
+    gpt-oss's clamped SwiGLU (``alpha``, ``limit``): ``[b13, b2, their row strides, act, clamp,
+    alpha, limit]`` (the C structs' ``ExpertExtras`` fields); None where they do not fit."""
+    if limit is not None and alpha is None:
+        return None
+    for b, shape in ((b13_e2F, (E, 2 * F)), (b2_eD, (E, D))):
+        if b is not None and (b.dtype != torch.bfloat16 or b.shape != shape or not b.is_contiguous() or b.is_cuda):
+            return None
+    return [address(b13_e2F), address(b2_eD), 0 if b13_e2F is None else b13_e2F.stride(0),
+            0 if b2_eD is None else b2_eD.stride(0), int(alpha is not None), int(limit is not None),
+            float(alpha or 0.0), float(limit or 0.0)]
 
 
 def moe_token_args(ids_K: torch.Tensor, weights_K: torch.Tensor, D: int, residual: Residual | None,

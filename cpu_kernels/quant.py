@@ -12,7 +12,7 @@ import ctypes
 import torch
 
 from .build import DTYPES, address, c_struct, declare, load
-from .gemv import PLAN_ROWS, Outputs, Residual, moe_token_args, output, shared_args, sigmoid_table
+from .gemv import PLAN_ROWS, Outputs, Residual, expert_extras, moe_token_args, output, shared_args
 
 _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 declare({
@@ -183,15 +183,11 @@ class QuantMoeToken:
         if dims is None:
             return
         E, self.D, self.F = dims
-        sa = shared_args(shared, self.D)
-        if sa is None or (limit is not None and alpha is None):
+        sa = shared_args(shared, self.D, alpha is not None)
+        extras = expert_extras(b13_e2F, b2_eD, alpha, limit, E, self.F, self.D)  # (gpt-oss's biases, activation)
+        if sa is None or extras is None:
             return
-        for b, shape in ((b13_e2F, (E, 2 * self.F)), (b2_eD, (E, self.D))):  # (gpt-oss's expert biases)
-            if b is not None and (b.dtype != torch.bfloat16 or b.shape != shape or not b.is_contiguous() or b.is_cuda):
-                return
         self.Fs, sh = sa
-        if alpha is not None:  # gpt-oss's clamped SwiGLU: its sigmoid as torch rounds it
-            sh[3] = sigmoid_table().data_ptr()
         (q13, s13, b13), (q2, s2, b2) = w13, w2
         # the call's scratch (float sums of PLAN_ROWS rows, bf16 activations), reused by every call
         fs = torch.empty(2 * max(self.D, self.F) + PLAN_ROWS * self.D, dtype=torch.float32)
@@ -201,9 +197,7 @@ class QuantMoeToken:
         self.c = QxMoePlanC(self.D, self.F, E, fmt, gs, bn, q13.stride(0), s13.stride(0), s13.shape[-1], q2.stride(0),
                             s2.stride(0), s2.shape[-1], self.Fs, PLAN_ROWS, address(lut), address(q13), address(s13),
                             address(b13), address(q2), address(s2), address(b2), *sh, address(fs), address(hs),
-                            address(b13_e2F), address(b2_eD), 0 if b13_e2F is None else b13_e2F.stride(0),
-                            0 if b2_eD is None else b2_eD.stride(0), int(alpha is not None), int(limit is not None),
-                            float(alpha or 0.0), float(limit or 0.0))
+                            *extras)
         self.ref = address(self.c)  # what the C calls take (moe_decode_step too)
         self.ok = True
 
