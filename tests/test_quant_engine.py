@@ -412,6 +412,15 @@ def test_prompt_chunks_through_the_amx_packed_kernel_keep_generations(fmt, check
     assert fast.outputs[0].token_ids[0] == ops.outputs[0].token_ids[0]
 
 
+def _dispatched(experts, E: int, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The op path of a MoE layer's experts: dispatch -> experts -> combine (one process)."""
+    from parallel import make_moe_dispatcher
+
+    d = make_moe_dispatcher(E)
+    x_RD, counts, meta = d.dispatch(x, ids, w)
+    return d.combine(experts(x_RD, counts), meta)
+
+
 @pytest.mark.parametrize("fmt", [Int8Weights(32), Int8Weights(64, symmetric=False), Fp8BlockWeights(), Int4Weights(32),
                                  Int4Weights(128, symmetric=False), Mxfp4Weights()],
                          ids=lambda f: f"{f.name}-{getattr(f, 'group_size', 128)}-{getattr(f, 'symmetric', True)}")
@@ -420,7 +429,7 @@ def test_one_token_in_one_call_equals_dispatch_experts_combine(fmt, k, monkeypat
     # batch-1 decode on packed experts: one C call, bit-identical (bf16) to the dispatcher's path, also
     # with a bf16 shared expert added as SparseMoE adds it
     import cpu_kernels
-    from parallel import init_single_process, make_moe_dispatcher
+    from parallel import init_single_process
 
     init_single_process()
     E, D, F = 6, 128, 256
@@ -439,9 +448,7 @@ def test_one_token_in_one_call_equals_dispatch_experts_combine(fmt, k, monkeypat
     if not cpu_kernels.q8_available():
         assert fast is None and fast_shared is None
         return
-    d = make_moe_dispatcher(E)
-    x_RD, counts, meta = d.dispatch(x, ids, w)
-    ops = d.combine(layer(x_RD, counts), meta)
+    ops = _dispatched(layer, E, x, ids, w)
     shared = cpu_kernels.expert_token(x[0], [sh13], [sh2], [1.0])  # the shared expert's one-call path
     assert torch.equal(fast, ops) and torch.equal(fast_shared, ops + shared)
     gate = (torch.randn(1, D, generator=g) / 4).bfloat16()  # a gated shared expert (Qwen2-MoE's), op by op
@@ -471,7 +478,7 @@ def test_one_token_with_biases_and_clamped_swiglu_in_one_call_equals_dispatch(fm
     # dispatch -> experts -> combine; several rows each as its one-row call
     import cpu_kernels
     from experts.grouped import Activation
-    from parallel import init_single_process, make_moe_dispatcher
+    from parallel import init_single_process
 
     init_single_process()
     E, D, F = 6, 128, 256
@@ -492,9 +499,7 @@ def test_one_token_with_biases_and_clamped_swiglu_in_one_call_equals_dispatch(fm
     if not cpu_kernels.q8_available():
         assert fast is None
         return
-    d = make_moe_dispatcher(E)
-    x_RD, counts, meta = d.dispatch(x, ids, w)
-    assert torch.equal(fast, d.combine(layer(x_RD, counts), meta))
+    assert torch.equal(fast, _dispatched(layer, E, x, ids, w))
     xs = torch.randn(5, D, generator=g).bfloat16()
     ids5 = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(5)])
     w5 = torch.softmax(torch.randn(5, k, generator=g), -1)
@@ -513,7 +518,7 @@ def test_step_in_one_amx_call_equals_dequantize_then_dispatch(fmt, T):
     # same rounded weights, float32 sums in another order)
     import cpu_kernels
     from experts import GroupedExperts
-    from parallel import init_single_process, make_moe_dispatcher
+    from parallel import init_single_process
 
     init_single_process()
     E, D, F, k = 6, 128, 256, 2
@@ -538,9 +543,7 @@ def test_step_in_one_amx_call_equals_dequantize_then_dispatch(fmt, T):
     if not cpu_kernels.amx_available():
         assert got is None
         return
-    d = make_moe_dispatcher(E)
-    x_RD, counts, meta = d.dispatch(x, ids, w)
-    want = d.combine(dense(x_RD, counts), meta)
+    want = _dispatched(dense, E, x, ids, w)
     assert got.shape == want.shape
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
     assert (got == want).float().mean() > 0.9  # the same bf16 weights and roundings but for the sums' order
