@@ -67,32 +67,35 @@ static void scores(const uint16_t *qb, int64_t D, const uint16_t *kp, int64_t t0
 }
 #endif
 
-/* Row r's softmax step over its `vis` visible scores s[0:vis] (of nk32): the running max mrow and
- * sum lrow updated, bf16 probabilities into p[0:nk32] (zeros past vis); returns the factor the
- * row's earlier sums take (exp(old max - new max)). */
-static float softmax_row(const float *s, int64_t vis, int64_t nk32, float scale, float *mrow, float *lrow, uint16_t *p) {
+/* The bits of the 16 keys j .. j+15 that fall in [lo, hi) */
+static inline __mmask16 span16(int64_t j, int64_t lo, int64_t hi) {
+    const int64_t a = lo - j < 0 ? 0 : lo - j > 16 ? 16 : lo - j, b = hi - j < 0 ? 0 : hi - j > 16 ? 16 : hi - j;
+    return (__mmask16)(((1u << b) - 1) & ~((1u << a) - 1));
+}
+
+/* Row r's softmax step over its visible scores s[lo:hi) (of nk32; lo > 0 under a sliding window):
+ * the running max mrow and sum lrow updated, bf16 probabilities into p[0:nk32] (zeros outside);
+ * returns the factor the row's earlier sums take (exp(old max - new max)). */
+static float softmax_row(const float *s, int64_t lo, int64_t hi, int64_t nk32, float scale, float *mrow, float *lrow,
+                         uint16_t *p) {
     __m512 mx = _mm512_set1_ps(-INFINITY);
-    int64_t j = 0;
-    for (; j + 16 <= vis; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j));
-    if (vis > j) {
-        const __mmask16 tail = (__mmask16)((1u << (vis - j)) - 1);
-        mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, s + j));
+    for (int64_t j = lo / 16 * 16; j < hi; j += 16) {
+        const __mmask16 mk = span16(j, lo, hi);
+        mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_maskz_loadu_ps(mk, s + j));
     }
     const float mnew = fmaxf(*mrow, _mm512_reduce_max_ps(mx) * scale);  /* scale > 0 */
     const __m512 sc = _mm512_set1_ps(scale), nm = _mm512_set1_ps(-mnew);
     __m512 sum = _mm512_setzero_ps();
-    for (j = 0; j + 32 <= vis; j += 32) {
-        const __m512 p0 = exp16(_mm512_fmadd_ps(_mm512_loadu_ps(s + j), sc, nm));
-        const __m512 p1 = exp16(_mm512_fmadd_ps(_mm512_loadu_ps(s + j + 16), sc, nm));
+    for (int64_t j = 0; j < nk32; j += 32) {
+        const __mmask16 m0 = span16(j, lo, hi), m1 = span16(j + 16, lo, hi);
+        if (!(m0 | m1)) {
+            _mm512_storeu_si512(p + j, _mm512_setzero_si512());
+            continue;
+        }
+        const __m512 p0 = _mm512_maskz_mov_ps(m0, exp16(_mm512_fmadd_ps(_mm512_loadu_ps(s + j), sc, nm)));
+        const __m512 p1 = _mm512_maskz_mov_ps(m1, exp16(_mm512_fmadd_ps(_mm512_loadu_ps(s + j + 16), sc, nm)));
         sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
         _mm512_storeu_si512(p + j, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
-    }
-    for (; j < nk32; j += 16) {
-        const int64_t left = vis - j;
-        const __mmask16 mk = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-        const __m512 p0 = _mm512_maskz_mov_ps(mk, exp16(_mm512_fmadd_ps(_mm512_loadu_ps(s + j), sc, nm)));
-        sum = _mm512_add_ps(sum, p0);
-        _mm256_storeu_si256((__m256i *)(p + j), (__m256i)_mm512_cvtneps_pbh(p0));
     }
     const float a = *mrow == -INFINITY ? 0.f : expf(*mrow - mnew);
     *lrow = *lrow * a + _mm512_reduce_add_ps(sum);
@@ -148,49 +151,57 @@ static void pv(const uint16_t *P, const uint16_t *vp, int64_t t0, int64_t nk32, 
 #endif
 
 /* One work item: the m <= 32 query rows in qb [32][D] (zeros past m), row r at position pos0 + r
- * (it sees keys 0 .. pos0 + r), over the packed keys/values of its KV head; out row r at
- * out + r * so_t (bf16). Scratch: S [32][SLD] float32, P [32][PLD] bf16, O [32][Dv] float32. */
-static void attend(const uint16_t *qb, int64_t m, int64_t pos0, int64_t D, int64_t Dv, const uint16_t *kp,
-                   const uint16_t *vp, float scale, float *S, uint16_t *P, float *O, uint16_t *out, int64_t so_t) {
+ * (it sees keys pos0 + r - window + 1 .. pos0 + r; window 0: from key 0), over the packed keys/values
+ * of its KV head; the head's sink (NULL: none) is one more logit in each row's softmax, with no
+ * value. Out row r at out + r * so_t (bf16). Scratch: S [32][SLD] float32, P [32][PLD] bf16, O [32][Dv]
+ * float32. */
+static void attend(const uint16_t *qb, int64_t m, int64_t pos0, int64_t window, const float *sink, int64_t D,
+                   int64_t Dv, const uint16_t *kp, const uint16_t *vp, float scale, float *S, uint16_t *P, float *O,
+                   uint16_t *out, int64_t so_t) {
     const int64_t nkeys = pos0 + m;
+    /* the first key any row sees, down to a 32-key boundary (V's packed blocks) */
+    const int64_t tbeg = window > 0 && pos0 - window + 1 > 0 ? (pos0 - window + 1) / 32 * 32 : 0;
     float mrow[QT], lrow[QT], alpha[QT];
     for (int r = 0; r < QT; r++) {
         mrow[r] = -INFINITY;
         lrow[r] = 0.f;
     }
-    for (int64_t t0 = 0; t0 < nkeys; t0 += LT) {
+    for (int64_t t0 = tbeg; t0 < nkeys; t0 += LT) {
         const int64_t nk = nkeys - t0 < LT ? nkeys - t0 : LT, nk32 = (nk + 31) / 32 * 32;
         scores(qb, D, kp, t0, nk32, S);
         for (int64_t r = 0; r < m; r++) {
-            int64_t vis = pos0 + r - t0 + 1;  /* the row's keys in this tile */
-            if (vis > nk) vis = nk;
-            if (vis <= 0) {  /* all past the row's position (a later tile): no weight, no rescale */
+            int64_t hi = pos0 + r - t0 + 1, lo = window > 0 ? pos0 + r - window + 1 - t0 : 0;  /* in this tile */
+            if (hi > nk) hi = nk;
+            if (lo < 0) lo = 0;
+            if (hi <= lo) {  /* none of the row's keys in this tile: no weight, no rescale */
                 memset(P + r * PLD, 0, sizeof(uint16_t) * nk32);
                 alpha[r] = 1.f;
             } else {
-                alpha[r] = softmax_row(S + r * SLD, vis, nk32, scale, &mrow[r], &lrow[r], P + r * PLD);
+                alpha[r] = softmax_row(S + r * SLD, lo, hi, nk32, scale, &mrow[r], &lrow[r], P + r * PLD);
             }
         }
-        if (t0 > 0)
+        if (t0 > tbeg)
             for (int64_t r = 0; r < m; r++) {
                 if (alpha[r] == 1.f) continue;
                 const __m512 a = _mm512_set1_ps(alpha[r]);
                 for (int64_t d = 0; d < Dv; d += 16)
                     _mm512_storeu_ps(O + r * Dv + d, _mm512_mul_ps(_mm512_loadu_ps(O + r * Dv + d), a));
             }
-        pv(P, vp, t0, nk32, Dv, t0 == 0, O);
+        pv(P, vp, t0, nk32, Dv, t0 == tbeg, O);
     }
     for (int64_t r = 0; r < m; r++) {
-        const __m512 inv = _mm512_set1_ps(1.f / lrow[r]);
+        const float l = lrow[r] + (sink ? expf(*sink - mrow[r]) : 0.f);
+        const __m512 inv = _mm512_set1_ps(1.f / l);
         for (int64_t d = 0; d < Dv; d += 16)
             store16(out + r * so_t + d, _mm512_mul_ps(_mm512_loadu_ps(O + r * Dv + d), inv), BF16);
     }
 }
 #endif
 
-/* out[i, h, :] = softmax(scale * q[i, h] . K[0:j+1]) . V[0:j+1] for the Q prompt rows i of one
+/* out[i, h, :] = softmax(scale * q[i, h] . K[lo:j+1]) . V[lo:j+1] for the Q prompt rows i of one
  * sequence, row i at position j = L - Q + i of its L >= Q cached tokens, K/V of KV head h / (H /
- * Hkv). bf16 throughout: q[i, h, d] at q + i*sq_t + h*sq_h + d; token t of the cache at block
+ * Hkv), lo = j - window + 1 under a sliding window (window > 0), else 0; with sinks (float32 [H], or
+ * NULL) head h's softmax has sinks[h] as one more logit (unscaled), with no value. bf16 throughout: q[i, h, d] at q + i*sq_t + h*sq_h + d; token t of the cache at block
  * bt[t / bs], slot t % bs: K row at k + bt[t/bs]*sk_b + (t%bs)*sk_t + hk*sk_h (D dims), V likewise
  * (Dv dims; V may be K's leading dims, MLA's latent cache); out[i, h, :] at out + i*so_t + h*so_h.
  * Needs D % 32 == Dv % 32 == 0. Scratch: kp of Hkv * ceil(L/32)*32 * D bf16, vp of the same with
@@ -198,11 +209,13 @@ static void attend(const uint16_t *qb, int64_t m, int64_t pos0, int64_t D, int64
 int moe_amx_prefill_attention(const uint16_t *q, int64_t sq_t, int64_t sq_h, const uint16_t *k, int64_t sk_b,
                               int64_t sk_t, int64_t sk_h, const uint16_t *v, int64_t sv_b, int64_t sv_t, int64_t sv_h,
                               int64_t bs, const int32_t *bt, uint16_t *out, int64_t so_t, int64_t so_h, int64_t Q,
-                              int64_t L, int64_t H, int64_t Hkv, int64_t D, int64_t Dv, float scale, uint16_t *kp,
-                              uint16_t *vp, int num_threads) {
+                              int64_t L, int64_t H, int64_t Hkv, int64_t D, int64_t Dv, int64_t window, const float *sinks,
+                              float scale, uint16_t *kp, uint16_t *vp, int num_threads) {
 #if defined(HAVE_TILES)
     const int64_t Lp = (L + 31) / 32 * 32, nc = D / KC, nkb = Lp / 16, nvb = Lp / 32, nd = Dv / 16;
     const int64_t group = H / Hkv, nqt = (Q + QT - 1) / QT;
+    /* keys before the first row's window are never read: not packed (from a 32-key boundary) */
+    const int64_t kb0 = window > 0 && L - Q - window + 1 > 0 ? (L - Q - window + 1) / 32 : 0;
     int64_t *koff = malloc(sizeof(int64_t) * 2 * (size_t)L), *voff = koff + L;  /* token -> row offset */
     if (!koff) return -3;
     for (int64_t t = 0; t < L; t++) {
@@ -213,13 +226,13 @@ int moe_amx_prefill_attention(const uint16_t *q, int64_t sq_t, int64_t sq_h, con
 #pragma omp parallel num_threads(num_threads)
     {
 #pragma omp for schedule(static) nowait
-        for (int64_t i = 0; i < Hkv * nkb * nc; i++) {  /* K: (head, block of 16 keys, 32 dims) */
-            const int64_t hk = i / (nkb * nc), loc = i % (nkb * nc);
+        for (int64_t i = 0; i < Hkv * (nkb - 2 * kb0) * nc; i++) {  /* K: (head, block of 16 keys, 32 dims) */
+            const int64_t hk = i / ((nkb - 2 * kb0) * nc), loc = i % ((nkb - 2 * kb0) * nc) + 2 * kb0 * nc;
             pack_chunk(k + hk * sk_h, 1, koff, L, D, loc / nc, loc % nc, kp + hk * Lp * D);
         }
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < Hkv * nvb * nd; i++) {  /* V: (head, 32 keys, 16 dims) */
-            const int64_t hk = i / (nvb * nd), kb = (i / nd) % nvb, n = i % nd;
+        for (int64_t i = 0; i < Hkv * (nvb - kb0) * nd; i++) {  /* V: (head, 32 keys, 16 dims) */
+            const int64_t hk = i / ((nvb - kb0) * nd), kb = (i / nd) % (nvb - kb0) + kb0, n = i % nd;
             pair_rows(v + hk * sv_h + n * 16, 1, voff + kb * 32, L - kb * 32,  /* keys past L: zeros */
                       vp + hk * Lp * Dv + (kb * nd + n) * TILE);
         }
@@ -243,7 +256,7 @@ int moe_amx_prefill_attention(const uint16_t *q, int64_t sq_t, int64_t sq_h, con
                     else memset(qb + r * D, 0, sizeof(uint16_t) * D);
                 }
                 const int64_t hk = h / group;
-                attend(qb, m, L - Q + q0, D, Dv, kp + hk * Lp * D, vp + hk * Lp * Dv, scale, S, P, O,
+                attend(qb, m, L - Q + q0, window, sinks ? sinks + h : NULL, D, Dv, kp + hk * Lp * D, vp + hk * Lp * Dv, scale, S, P, O,
                        out + q0 * so_t + h * so_h, so_t);
             }
             release_tiles();
@@ -258,7 +271,7 @@ int moe_amx_prefill_attention(const uint16_t *q, int64_t sq_t, int64_t sq_h, con
 #else
     (void)q; (void)sq_t; (void)sq_h; (void)k; (void)sk_b; (void)sk_t; (void)sk_h; (void)v; (void)sv_b; (void)sv_t;
     (void)sv_h; (void)bs; (void)bt; (void)out; (void)so_t; (void)so_h; (void)Q; (void)L; (void)H; (void)Hkv; (void)D;
-    (void)Dv; (void)scale; (void)kp; (void)vp; (void)num_threads;
+    (void)Dv; (void)window; (void)sinks; (void)scale; (void)kp; (void)vp; (void)num_threads;
     return -1;
 #endif
 }

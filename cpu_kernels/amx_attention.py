@@ -21,8 +21,8 @@ from .build import declare, kernel_dtype, load
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 declare({"moe_amx_prefill_attention": [_ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr,
-                                       _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, ctypes.c_float, _ptr,
-                                       _ptr, ctypes.c_int]})
+                                       _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr,
+                                       ctypes.c_float, _ptr, _ptr, ctypes.c_int]})
 
 
 def supports_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
@@ -40,11 +40,14 @@ def supports_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 def prefill_attention(q_QHD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                      context_len: int, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                      context_len: int, scale: float, out: torch.Tensor | None = None,
+                      sliding_window: int | None = None, sinks_H: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of one sequence's ``Q`` newest rows ``q [Q, H, D]`` (row ``i`` at position
     ``context_len - Q + i``: a whole prompt, or a chunk after its cached prefix) over the
     ``context_len`` tokens cached in the blocks ``block_table`` lists (its rows' own included).
-    ``v_cache`` may be a view of ``k_cache``'s leading dims (MLA's latent). Writes into ``out``
+    ``v_cache`` may be a view of ``k_cache``'s leading dims (MLA's latent). A ``sliding_window`` keeps
+    the last that many keys of each row; ``sinks_H`` (``[H]``) adds one logit per head to each row's
+    softmax, with no value (gpt-oss). Writes into ``out``
     (``[Q, H, Dv]``, any row/head strides, unit last stride) or a new tensor, and returns it.
     Check :func:`supports_prefill` first."""
     Q, H, D = q_QHD.shape
@@ -61,26 +64,38 @@ def prefill_attention(q_QHD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     Lp = -(-L // 32) * 32
     kp = torch.empty(Hkv * Lp * D, dtype=torch.bfloat16)
     vp = torch.empty(Hkv * Lp * Dv, dtype=torch.bfloat16)
+    sinks = sinks_H.float().contiguous() if sinks_H is not None else None
+    if sinks is not None and sinks.shape != (H,):
+        raise ValueError(f"sinks must hold one logit per query head ({H}), got shape {tuple(sinks_H.shape)}")
     rc = load().moe_amx_prefill_attention(
         q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), *k_cache.stride()[:3], v_cache.data_ptr(),
         *v_cache.stride()[:3], bs, bt.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1), Q, L, H, Hkv, D, Dv,
-        scale, kp.data_ptr(), vp.data_ptr(), torch.get_num_threads())
+        sliding_window or 0, sinks.data_ptr() if sinks is not None else None, scale, kp.data_ptr(), vp.data_ptr(),
+        torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"moe_amx_prefill_attention failed ({rc}: -1 built without AMX, -3 out of memory)")
     return out
 
 
-def prefill_attention_reference(q_QHD: torch.Tensor, k_LHD: torch.Tensor, v_LHD: torch.Tensor,
-                                scale: float) -> torch.Tensor:
+def prefill_attention_reference(q_QHD: torch.Tensor, k_LHD: torch.Tensor, v_LHD: torch.Tensor, scale: float,
+                                sliding_window: int | None = None, sinks_H: torch.Tensor | None = None
+                                ) -> torch.Tensor:
     """What :func:`prefill_attention` computes, in float32 over the sequence's gathered ``k [L, Hkv,
     D]`` and ``v [L, Hkv, Dv]``, with the probabilities rounded to bf16 before the product with V
-    (the kernel's and torch's CPU flash attention's rounding). Returns ``[Q, H, Dv]`` float32."""
+    (the kernel's and torch's CPU flash attention's rounding); the sinks as one more column of scores
+    whose probability is dropped. Returns ``[Q, H, Dv]`` float32."""
     Q, H, _ = q_QHD.shape
     L, Hkv, _ = k_LHD.shape
     k = k_LHD.float().repeat_interleave(H // Hkv, 1).transpose(0, 1)  # [H, L, D]
     v = v_LHD.float().repeat_interleave(H // Hkv, 1).transpose(0, 1)
     s = (q_QHD.float().transpose(0, 1) @ k.transpose(1, 2)) * scale  # [H, Q, L]
-    visible = torch.arange(L).unsqueeze(0) <= torch.arange(L - Q, L).unsqueeze(1)
+    kpos, qpos = torch.arange(L).unsqueeze(0), torch.arange(L - Q, L).unsqueeze(1)
+    visible = kpos <= qpos
+    if sliding_window:
+        visible &= kpos > qpos - sliding_window
     s = s.masked_fill(~visible, float("-inf"))
+    if sinks_H is not None:
+        s = torch.cat([s, sinks_H.float().view(H, 1, 1).expand(H, Q, 1)], -1)
     p = (s - s.amax(-1, keepdim=True)).exp()
-    return ((p.bfloat16().float() @ v) / p.sum(-1, keepdim=True)).transpose(0, 1)
+    o = p[..., :L].bfloat16().float() @ v
+    return (o / p.sum(-1, keepdim=True)).transpose(0, 1)

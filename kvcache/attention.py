@@ -3,7 +3,7 @@
 See :mod:`kvcache.reference` for the semantics. Sequences with few new rows (decode rows,
 speculative decoding's verify rows, prompts of up to ``KERNEL_MAX_QUERY`` tokens) go to the C
 kernel of :mod:`cpu_kernels`, all of them in one call; longer prefill chunks go to its AMX prefill
-kernel where it applies (bf16 on an AMX CPU, no sinks or sliding window), else (fp8 caches,
+kernel where it applies (bf16 on a CPU with AMX or AVX512-BF16), else (fp8 caches,
 float16, other CPUs) to ``scaled_dot_product_attention``, per sequence (a loop over sequences,
 never over tokens).
 """
@@ -140,12 +140,13 @@ def paged_attention_torch(q_THD: torch.Tensor, k_cache: Cache, v_cache: Cache,
             taken = set(few)
             seqs = [i for i in seqs if i not in taken]
     starts = meta.query_start_loc.tolist()
-    if seqs and sinks_H is None and sliding_window is None and cpu_kernels.supports_prefill(q_THD, k_cache, v_cache):
+    if seqs and cpu_kernels.supports_prefill(q_THD, k_cache, v_cache):
         # prompt rows (whole prompts, chunks after a cached prefix) straight from the cache blocks
         for i in seqs:
             rows = slice(starts[i], starts[i] + meta.query_lens_list[i])
             cpu_kernels.prefill_attention(q_THD[rows], k_cache, v_cache, meta.block_tables[i],
-                                          meta.context_lens_list[i], scale, out=out[rows])
+                                          meta.context_lens_list[i], scale, out=out[rows],
+                                          sliding_window=sliding_window, sinks_H=sinks_H)
         return out
     # MLA: V is the leading dims of the latent K. SDPA then runs with K as V (and keeps the leading
     # output dims): equal dims let it take its flash kernel (10x the math path at prompt lengths)

@@ -913,6 +913,41 @@ def test_amx_prefill_attention_matches_reference(shape, Q, L, block_size):
     assert (out[0] == 7).all() and (out[Q + 1:] == 7).all() and (out[..., :16] == 7).all()
 
 
+@pytest.mark.parametrize("Q,L,block_size,window", [
+    (100, 100, 5, 40),  # windows moving inside the query tiles, not a multiple of 32
+    (531, 531, 7, 128),  # gpt-oss's window over two key passes
+    (33, 700, 16, 128),  # a chunk after a prefix: keys before the first row's window never packed
+    (600, 1100, 16, 700),  # a window across key passes
+    (64, 64, 16, 1),  # each row its own key only
+    (40, 40, 16, 4096),  # a window past the context: plain causal
+    (200, 200, 16, None),  # sinks alone
+])
+@pytest.mark.parametrize("sink_scale", [0.0, 1.0, 8.0])  # none; logits' size; dominating some rows
+@pytest.mark.parametrize("shape", ["gpt_oss", "qwen3_gqa_4"])
+def test_amx_prefill_attention_takes_sliding_windows_and_sinks(shape, Q, L, block_size, window, sink_scale):
+    from cpu_kernels.amx_attention import prefill_attention_reference
+    from kvcache.attention import seq_kv
+
+    spec = dict(H=16, Hkv=4, Dk=64, Dv=64) if shape == "gpt_oss" else PREFILL_SHAPES[shape]
+    meta, k_cache, v_cache, q = _decode_batch([L], block_size=block_size, dtype=torch.bfloat16, seed=Q + L,
+                                              qlens=[Q], **spec)
+    q = (q.float() * 3).bfloat16()
+    if not cpu_kernels.supports_prefill(q, k_cache, v_cache):
+        assert not cpu_kernels.amx_available()
+        return
+    if window is None and sink_scale == 0:
+        return  # (test_amx_prefill_attention_matches_reference)
+    sinks = torch.randn(spec["H"], generator=torch.Generator().manual_seed(L)) * sink_scale if sink_scale else None
+    scale = spec["Dk"] ** -0.5
+    got = cpu_kernels.prefill_attention(q, k_cache, v_cache, meta.block_tables[0], L, scale, sliding_window=window,
+                                        sinks_H=sinks)
+    k, v = seq_kv(k_cache, meta, 0, L, torch.bfloat16), seq_kv(v_cache, meta, 0, L, torch.bfloat16)
+    ref = prefill_attention_reference(q, k, v, scale, window, sinks)
+    assert ((got.float() - ref).abs() <= ref.abs().clamp(min=1) * 2 ** -7).all()
+    exact = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), meta, scale, window, sinks)
+    torch.testing.assert_close(got.float(), exact, atol=2e-2, rtol=2e-2)
+
+
 def test_amx_prefill_attention_declines_what_it_does_not_take():
     q, kc = torch.randn(40, 4, 64).bfloat16(), torch.randn(8, 16, 2, 64).bfloat16()
     assert not cpu_kernels.supports_prefill(q.float(), kc.float(), kc.float())  # float32
@@ -923,12 +958,14 @@ def test_amx_prefill_attention_declines_what_it_does_not_take():
             cpu_kernels.prefill_attention(q, kc, kc, torch.arange(8), 39, 0.125)
         with pytest.raises(ValueError, match="cannot hold"):
             cpu_kernels.prefill_attention(q, kc, kc, torch.arange(2), 40, 0.125)
+        with pytest.raises(ValueError, match="one logit per query head"):
+            cpu_kernels.prefill_attention(q, kc, kc, torch.arange(8), 40, 0.125, sinks_H=torch.zeros(2))
 
 
 def test_prompt_chunks_go_to_the_amx_prefill_kernel(monkeypatch):
     # bf16 prompt rows (whole prompts and a chunk after a prefix) beside decode rows: the short ones
-    # to the decode kernel, the long ones to the prefill kernel, all equal to the reference; sinks or a
-    # sliding window keep SDPA
+    # to the decode kernel, the long ones to the prefill kernel, all equal to the reference, with sinks
+    # and a sliding window too
     g = torch.Generator().manual_seed(11)
     q_lens, c_lens, bs, H, Hkv, D = [40, 1, 64, 3], [40, 50, 300, 9], 16, 8, 2, 64
     n = [-(-c // bs) for c in c_lens]
@@ -946,13 +983,13 @@ def test_prompt_chunks_go_to_the_amx_prefill_kernel(monkeypatch):
     ref = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), meta, D ** -0.5)
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
     assert calls == ([40, 64] if cpu_kernels.amx_available() else [])
-    calls.clear()
     sinks = torch.randn(H, generator=g)
-    for window, sinks_H in ((None, sinks), (20, None)):
+    for window, sinks_H in ((None, sinks), (20, None), (20, sinks)):
+        calls.clear()
         out = paged_attention_torch(q, k_cache, v_cache, meta, D ** -0.5, window, sinks_H)
         ref = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), meta, D ** -0.5, window, sinks_H)
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
-    assert calls == []
+        assert calls == ([40, 64] if cpu_kernels.amx_available() else [])
 
 
 ROUTERS = {
