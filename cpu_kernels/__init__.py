@@ -20,8 +20,8 @@ One binding module per C file, each kernel's torch reference beside its binding:
 ``MOE_CPU_KERNELS=0``). Every kernel returns None (or False) where it does not apply; which path
 runs is chosen by the callers (:mod:`ops` for the base ops), whose torch path is the reference.
 """
-from .amx import (AMX_MAX_ROWS, amx_available, amx_experts, amx_heads, amx_linear, amx_moe, amx_moe_packed,
-                  amx_tiles)
+from .amx import (AMX_MAX_ROWS, StackedExtras, amx_available, amx_experts, amx_heads, amx_linear, amx_moe,
+                  amx_moe_packed, amx_tiles)
 from .amx_attention import prefill_attention, supports_prefill
 from .build import advise_huge_pages, gather_small_storages, last_level_cache_bytes, load, set_malloc_thresholds
 from .elementwise import (RouteToken, add_rms_norm, argmax_rows, rms_norm, rope_, route_select, silu_mul,
@@ -43,6 +43,7 @@ __all__ = [
     "argmax_rows",
     "grouped_gemm", "gemv", "expert_token", "moe_token", "MoeToken", "heads_vec", "Residual", "Outputs",
     "AMX_MAX_ROWS", "amx_available", "amx_tiles", "amx_experts", "amx_moe", "amx_moe_packed", "amx_linear", "amx_heads",
+    "StackedExtras",
     "mla_token", "MlaToken", "gqa_token", "GqaToken", "SeqRows",
     "Q_INT8", "Q_FP8", "Q_INT4_X8", "Q8_GEMM_MAX_ROWS", "q8_available", "q8_gemm", "q8_dequant", "q4_gemm",
     "q4_dequant", "q4x8_gemm", "round_x8", "quant_moe_token", "QuantMoeToken", "DecodeStep", "StepHalf", "LogitsRows",

@@ -13,7 +13,9 @@
  * as each tile is needed). Tile dot products sum in float32; every result is rounded where the
  * op-by-op torch path rounds (gate and up to bf16, SwiGLU as moe_silu_mul, the weighting and the
  * float32 sum per token of the combine), so results equal that path up to the order of float32
- * sums (bit-identical in the tests where both run on AMX). Built where the compiler targets
+ * sums (bit-identical in the tests where both run on AMX). Experts with biases add them to the
+ * rounded gate/up and down results (transformers' gpt-oss: bmm, then + bias), its clamped SwiGLU
+ * with each op's rounding (kernels.h's StackedExtras). Built where the compiler targets
  * AMX-BF16 (-march=native on such a CPU); moe_amx_init asks Linux for the tile state and returns -1
  * where it is refused. On a CPU with AVX512-BF16 but no AMX (AMD Zen 4 and later, Cooper Lake) the
  * same kernels run with every tile product done by vdpbf16ps (amx.h's emu_tiles: the tile layouts
@@ -296,10 +298,39 @@ static const uint16_t *plain_rows(const wsrc *src, int64_t e, int64_t r0, int64_
 /* bf16 bits of 16 floats already rounded to bf16 (low halves zero) */
 static inline __m512i bits(__m512 v) { return _mm512_castps_si512(v); }
 
-/* Gate/up rows [16i, 16i+16) and [F+16i, F+16i+16) of one expert: a = silu(g) * u, written as the
- * down GEMM's B tiles a_p[tb][F/32][16][16][2] (two activation rows make one row of pairs). */
-static void gate_up_block(const wsrc *w13, int64_t e, int64_t D, int64_t F, int64_t i, const uint16_t *xp, int ntb,
-                          int l8, uint16_t *ap, float *cg, float *cu, uint16_t *wbuf) {
+/* The activation of 16 lanes of gate g and up u (bf16 values, biases added): silu(g) * u rounded
+ * as moe_silu_mul rounds it, or ex's clamped SwiGLU (kernels.h's expert_act, lane by lane: the same
+ * comparisons, roundings and sigmoid table). */
+static inline __m512 act16(__m512 g, __m512 u, const StackedExtras *ex) {
+    if (!ex || !ex->act) return round_bf16(_mm512_mul_ps(round_bf16(silu16(g)), u));
+    if (ex->clamp) {  /* (NaN compares false: kept) */
+        const __m512 lim = _mm512_set1_ps(ex->limit), hi = _mm512_set1_ps(bf16_to_f32(f32_to_bf16(ex->limit)));
+        const __m512 nlim = _mm512_set1_ps(-ex->limit), lo = _mm512_set1_ps(bf16_to_f32(f32_to_bf16(-ex->limit)));
+        g = _mm512_mask_mov_ps(g, _mm512_cmp_ps_mask(g, lim, _CMP_GT_OQ), hi);
+        u = _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(u, nlim, _CMP_LT_OQ), lo);
+        u = _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(u, lim, _CMP_GT_OQ), hi);
+    }
+    const __m512i at = _mm512_srli_epi32(bits(round_bf16(_mm512_mul_ps(g, _mm512_set1_ps(ex->alpha)))), 16);
+    const __m512i sg = _mm512_slli_epi32(_mm512_i32gather_epi32(at, (const void *)ex->sig, 2), 16);
+    const __m512 u1 = round_bf16(_mm512_add_ps(u, _mm512_set1_ps(1.f)));
+    return round_bf16(_mm512_mul_ps(round_bf16(_mm512_mul_ps(u1, g)), _mm512_castsi512_ps(sg)));
+}
+
+/* expert e's bias at row f of its [2F] gate/up (NULL ex or no biases: none) */
+static inline const uint16_t *bias13(const StackedExtras *ex, int64_t e, int64_t f) {
+    return ex && ex->b13 ? ex->b13 + e * ex->sb13 + f : NULL;
+}
+
+/* expert e's down bias (NULL: none) */
+static inline const uint16_t *bias2(const StackedExtras *ex, int64_t e) {
+    return ex && ex->b2 ? ex->b2 + e * ex->sb2 : NULL;
+}
+
+/* Gate/up rows [16i, 16i+16) and [F+16i, F+16i+16) of one expert: a = silu(g) * u (with ex: biases
+ * added, ex's activation), written as the down GEMM's B tiles a_p[tb][F/32][16][16][2] (two
+ * activation rows make one row of pairs). */
+static void gate_up_block(const wsrc *w13, const StackedExtras *ex, int64_t e, int64_t D, int64_t F, int64_t i,
+                          const uint16_t *xp, int ntb, int l8, uint16_t *ap, float *cg, float *cu, uint16_t *wbuf) {
     if (ntb >= BOUND_TB) {  /* compute-bound: gate and up blocks as one 2 x 2 pass (wbuf holds 32 rows) */
         dot_pairs(rows16(w13, e, 16 * i, D, wbuf), rows16(w13, e, F + 16 * i, D, wbuf + 16 * D), D, D, xp,
                   (D / KC) * TILE, ntb, cg, cu, plain_rows(w13, e, 16 * (i + 1), D),
@@ -310,13 +341,18 @@ static void gate_up_block(const wsrc *w13, int64_t e, int64_t D, int64_t F, int6
         dot_blocks(rows16(w13, e, F + 16 * i, D, wbuf), D, D, xp, (D / KC) * TILE, ntb, l8, cu,
                    plain_rows(w13, e, 16 * (i + 1), D));
     }
+    const uint16_t *bg = bias13(ex, e, 16 * i), *bu = bias13(ex, e, F + 16 * i);
     for (int tb = 0; tb < ntb; tb++) {
         for (int r = 0; r < 16; r += 2) {
             __m512 a[2];
             for (int j = 0; j < 2; j++) {
-                const __m512 g = round_bf16(_mm512_loadu_ps(cg + tb * 256 + (r + j) * 16));
-                const __m512 u = round_bf16(_mm512_loadu_ps(cu + tb * 256 + (r + j) * 16));
-                a[j] = round_bf16(_mm512_mul_ps(round_bf16(silu16(g)), u));
+                __m512 g = round_bf16(_mm512_loadu_ps(cg + tb * 256 + (r + j) * 16));
+                __m512 u = round_bf16(_mm512_loadu_ps(cu + tb * 256 + (r + j) * 16));
+                if (bg) {  /* row r + j's biases, one per row: every token's lane */
+                    g = round_bf16(_mm512_add_ps(g, _mm512_set1_ps(bf16_to_f32(bg[r + j]))));
+                    u = round_bf16(_mm512_add_ps(u, _mm512_set1_ps(bf16_to_f32(bu[r + j]))));
+                }
+                a[j] = act16(g, u, ex);
             }
             const int64_t f = 16 * i + r;  /* even: the pair (f, f + 1) */
             uint16_t *row = ap + (tb * (F / KC) + f / KC) * TILE + ((f % KC) / 2) * 32;
@@ -359,45 +395,54 @@ static void store_block(const float *c, int64_t m, int64_t j, const uint16_t *bi
 /* Down rows [16j, 16j+16) for the expert's m tokens, y[t, 16j:16j+16] (bf16; streaming the weights,
  * the next block prefetched), or with `pair` rows [32j, 32j+32) in one 2 x 2 pass (chunks of 4+
  * token blocks; wbuf holds 32 rows). */
-static void down_block(const wsrc *w2, int64_t e, int64_t F, int64_t j, int pair, const uint16_t *ap, int ntb,
-                       int64_t m, uint16_t *y, int64_t ldy, float *c, float *c2, uint16_t *wbuf) {
+static void down_block(const wsrc *w2, const StackedExtras *ex, int64_t e, int64_t F, int64_t j, int pair,
+                       const uint16_t *ap, int ntb, int64_t m, uint16_t *y, int64_t ldy, float *c, float *c2,
+                       uint16_t *wbuf) {
     if (pair) {
         dot_pairs(rows16(w2, e, 32 * j, F, wbuf), rows16(w2, e, 32 * j + 16, F, wbuf + 16 * F), F, F, ap,
                   (F / KC) * TILE, ntb, c, c2, plain_rows(w2, e, 32 * (j + 1), F), plain_rows(w2, e, 32 * j + 48, F));
-        store_block(c, m, 2 * j, NULL, y, ldy, BF16);
-        store_block(c2, m, 2 * j + 1, NULL, y, ldy, BF16);
+        store_block(c, m, 2 * j, bias2(ex, e), y, ldy, BF16);
+        store_block(c2, m, 2 * j + 1, bias2(ex, e), y, ldy, BF16);
         return;
     }
     dot_blocks(rows16(w2, e, 16 * j, F, wbuf), F, F, ap, (F / KC) * TILE, ntb, last8(m), c,
                plain_rows(w2, e, 16 * (j + 1), F));  /* (a prefetch past the end never faults) */
-    store_block(c, m, j, NULL, y, ldy, BF16);
+    store_block(c, m, j, bias2(ex, e), y, ldy, BF16);
 }
 
 #if ROW_PATH
 /* An expert of m <= ROW_PATH rows (x rows xr[t] = x + row(t) * ldx), gate/up rows [16i, 16i+16) and
  * [F+16i, F+16i+16) through rows_dot16: a = silu(g) * u (rounded as gate_up_block) into the rows
  * of a [m, F] (row-major: the down rows' token rows). */
-static void gate_up_rows(const wsrc *w13, int64_t e, int64_t D, int64_t F, int64_t i, const uint16_t *x, int64_t ldx,
-                         const int64_t *rows, int m, uint16_t *a, uint16_t *wbuf) {
+static void gate_up_rows(const wsrc *w13, const StackedExtras *ex, int64_t e, int64_t D, int64_t F, int64_t i,
+                         const uint16_t *x, int64_t ldx, const int64_t *rows, int m, uint16_t *a, uint16_t *wbuf) {
     const uint16_t *xs[ROW_PATH];
     for (int t = 0; t < m; t++) xs[t] = x + rows[t] * ldx;
     __m512 g[ROW_PATH], u[ROW_PATH];
     rows_dot16(rows16(w13, e, 16 * i, D, wbuf), D, D, xs, m, g);
     rows_dot16(rows16(w13, e, F + 16 * i, D, wbuf), D, D, xs, m, u);
+    const uint16_t *bg = bias13(ex, e, 16 * i), *bu = bias13(ex, e, F + 16 * i);
+    const __m512 vg = bg ? load16(bg, BF16) : _mm512_setzero_ps(), vu = bg ? load16(bu, BF16) : vg;
     for (int t = 0; t < m; t++) {
-        const __m512 gt = round_bf16(g[t]), ut = round_bf16(u[t]);
-        store16(a + t * F + 16 * i, round_bf16(_mm512_mul_ps(round_bf16(silu16(gt)), ut)), BF16);
+        __m512 gt = round_bf16(g[t]), ut = round_bf16(u[t]);
+        if (bg) {
+            gt = round_bf16(_mm512_add_ps(gt, vg));
+            ut = round_bf16(_mm512_add_ps(ut, vu));
+        }
+        store16(a + t * F + 16 * i, act16(gt, ut, ex), BF16);
     }
 }
 
 /* down rows [16j, 16j+16) of that expert: y[t, 16j:16j+16] from a's rows */
-static void down_rows(const wsrc *w2, int64_t e, int64_t F, int64_t j, const uint16_t *a, int m, uint16_t *y,
-                      int64_t ldy, uint16_t *wbuf) {
+static void down_rows(const wsrc *w2, const StackedExtras *ex, int64_t e, int64_t F, int64_t j, const uint16_t *a,
+                      int m, uint16_t *y, int64_t ldy, uint16_t *wbuf) {
     const uint16_t *as[ROW_PATH];
     for (int t = 0; t < m; t++) as[t] = a + t * F;
     __m512 o[ROW_PATH];
     rows_dot16(rows16(w2, e, 16 * j, F, wbuf), F, F, as, m, o);
-    for (int t = 0; t < m; t++) store16(y + t * ldy + 16 * j, o[t], BF16);
+    const uint16_t *b = bias2(ex, e);
+    const __m512 vb = b ? load16(b + 16 * j, BF16) : _mm512_setzero_ps();
+    for (int t = 0; t < m; t++) store16(y + t * ldy + 16 * j, b ? _mm512_add_ps(round_bf16(o[t]), vb) : o[t], BF16);
 }
 #endif
 #endif
@@ -417,10 +462,10 @@ int moe_amx_init(void) {
 
 #if defined(HAVE_TILES)
 /* The experts over rows grouped by expert (counts[e] rows each, in order; row r is x row idx[r]
- * when idx is given) into the same rows of y. */
+ * when idx is given) into the same rows of y; ex: their biases and activation (NULL: plain SwiGLU). */
 static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, const int64_t *counts, int64_t E,
-                        int64_t D, int64_t F, const wsrc *w13, const wsrc *w2, uint16_t *y, int64_t ldy,
-                        uint16_t *xp, uint16_t *ap, int num_threads) {
+                        int64_t D, int64_t F, const wsrc *w13, const wsrc *w2, const StackedExtras *ex, uint16_t *y,
+                        int64_t ldy, uint16_t *xp, uint16_t *ap, int num_threads) {
     int64_t starts[E + 1], xoff[E + 1];
     starts[0] = xoff[0] = 0;
     for (int64_t e = 0; e < E; e++) {
@@ -464,11 +509,11 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
                 if (counts[e] <= ROW_PATH) {
                     int64_t rows[ROW_PATH];
                     for (int64_t t = 0; t < counts[e]; t++) rows[t] = idx ? idx[starts[e] + t] : starts[e] + t;
-                    gate_up_rows(w13, e, D, F, q % (F / 16), x, ldx, rows, (int)counts[e], ap + aoff[e], wbuf);
+                    gate_up_rows(w13, ex, e, D, F, q % (F / 16), x, ldx, rows, (int)counts[e], ap + aoff[e], wbuf);
                     continue;
                 }
 #endif
-                gate_up_block(w13, e, D, F, q % (F / 16), xp + xoff[e], (int)((counts[e] + 15) / 16),
+                gate_up_block(w13, ex, e, D, F, q % (F / 16), xp + xoff[e], (int)((counts[e] + 15) / 16),
                               last8(counts[e]), ap + aoff[e], c0, c1, wbuf);
             }
 #pragma omp for schedule(static) nowait
@@ -476,11 +521,12 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
                 const int64_t e = small[q / (D / 16)];
 #if ROW_PATH
                 if (counts[e] <= ROW_PATH) {
-                    down_rows(w2, e, F, q % (D / 16), ap + aoff[e], (int)counts[e], y + starts[e] * ldy, ldy, wbuf);
+                    down_rows(w2, ex, e, F, q % (D / 16), ap + aoff[e], (int)counts[e], y + starts[e] * ldy, ldy,
+                              wbuf);
                     continue;
                 }
 #endif
-                down_block(w2, e, F, q % (D / 16), 0, ap + aoff[e], (int)((counts[e] + 15) / 16), counts[e],
+                down_block(w2, ex, e, F, q % (D / 16), 0, ap + aoff[e], (int)((counts[e] + 15) / 16), counts[e],
                            y + starts[e] * ldy, ldy, c0, c1, wbuf);
             }
         }
@@ -504,17 +550,17 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
                 const int64_t per = ntb >= BOUND_TB ? 4 : (F / 16 + num_threads - 1) / num_threads;
 #pragma omp for schedule(dynamic, per)
                 for (int64_t i = 0; i < F / 16; i++)
-                    gate_up_block(w13, e, D, F, i, xe, ntb, last8(m), a, c0, c1, wbuf);
+                    gate_up_block(w13, ex, e, D, F, i, xe, ntb, last8(m), a, c0, c1, wbuf);
                 /* down: 32-row blocks (2 x 2 tiles) handed out as threads free up when compute-bound,
                  * else 16-row blocks in contiguous ranges */
                 if (ntb >= BOUND_TB) {
 #pragma omp for schedule(dynamic, 2) nowait
                     for (int64_t j = 0; j < D / 32; j++)
-                        down_block(w2, e, F, j, 1, a, ntb, m, y + r * ldy, ldy, c0, c1, wbuf);
+                        down_block(w2, ex, e, F, j, 1, a, ntb, m, y + r * ldy, ldy, c0, c1, wbuf);
                 } else {
 #pragma omp for schedule(static) nowait
                     for (int64_t j = 0; j < D / 16; j++)
-                        down_block(w2, e, F, j, 0, a, ntb, m, y + r * ldy, ldy, c0, c1, wbuf);
+                        down_block(w2, ex, e, F, j, 0, a, ntb, m, y + r * ldy, ldy, c0, c1, wbuf);
                 }
                 buf ^= 1;
             }
@@ -528,21 +574,22 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
 /* SwiGLU experts over rows grouped by expert: rows [s_e, s_e + counts[e]) of x [R, D] (row stride
  * ldx; s_e the sum of the counts before e) go through expert e: h = W13_e @ x (W13_e = w13 +
  * e * s13, [2F, D], gate rows first), a = silu(h[:F]) * h[F:], y = W2_e @ a (W2_e = w2 + e * s2,
- * [D, F]) into the same rows of y (row stride ldy). Weights: unit stride within rows. Needs
+ * [D, F]) into the same rows of y (row stride ldy). With ex (else NULL): the biases added to h and y
+ * as linear adds them, and ex's activation (gpt-oss's clamped SwiGLU). Weights: unit stride within rows. Needs
  * D % 32 == F % 32 == 0; any counts (an expert's rows run in chunks of 256). Scratch: xp of
  * sum_e ceil(counts[e]/16) * D * 16 bf16 and ap of (512 + the sum over experts of 1-63 rows of their
  * rows rounded up to 16) * F bf16: (512 + min(R + 15E, 64E)) * F for R rows in all. Returns 0, or -1
  * when built without tiles (neither AMX nor AVX512-BF16). */
 int moe_amx_experts(const uint16_t *x, int64_t ldx, const int64_t *counts, int64_t E, int64_t D, int64_t F,
-                    const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2, uint16_t *y, int64_t ldy,
-                    uint16_t *xp, uint16_t *ap, int num_threads) {
+                    const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2, const StackedExtras *ex,
+                    uint16_t *y, int64_t ldy, uint16_t *xp, uint16_t *ap, int num_threads) {
 #if defined(HAVE_TILES)
     const wsrc a13 = {.w = w13, .s = s13}, a2 = {.w = w2, .s = s2};
-    run_experts(x, ldx, NULL, counts, E, D, F, &a13, &a2, y, ldy, xp, ap, num_threads);
+    run_experts(x, ldx, NULL, counts, E, D, F, &a13, &a2, ex, y, ldy, xp, ap, num_threads);
     return 0;
 #else
     (void)x; (void)ldx; (void)counts; (void)E; (void)D; (void)F; (void)w13; (void)s13; (void)w2; (void)s2;
-    (void)y; (void)ldy; (void)xp; (void)ap; (void)num_threads;
+    (void)ex; (void)y; (void)ldy; (void)xp; (void)ap; (void)num_threads;
     return -1;
 #endif
 }
@@ -558,8 +605,8 @@ int moe_amx_experts(const uint16_t *x, int64_t ldx, const int64_t *counts, int64
 #if defined(HAVE_TILES)
 /* dispatch, experts and combine of moe_amx_moe with weights from w13 and w2 */
 static int run_moe(const uint16_t *x, int64_t ldx, int64_t T, const int64_t *ids, const float *wts, int64_t K,
-                   int64_t E, int64_t D, int64_t F, const wsrc *w13, const wsrc *w2, uint16_t *out, uint16_t *xp,
-                   uint16_t *ap, uint16_t *ys, int64_t *rows, int num_threads) {
+                   int64_t E, int64_t D, int64_t F, const wsrc *w13, const wsrc *w2, const StackedExtras *ex,
+                   uint16_t *out, uint16_t *xp, uint16_t *ap, uint16_t *ys, int64_t *rows, int num_threads) {
     int64_t counts[E], at[E];
     memset(counts, 0, sizeof counts);
     for (int64_t i = 0; i < T * K; i++) {
@@ -587,7 +634,7 @@ static int run_moe(const uint16_t *x, int64_t ldx, int64_t T, const int64_t *ids
                 p[q - 1] = v;
             }
     }
-    run_experts(x, ldx, tok, counts, E, D, F, w13, w2, ys, D, xp, ap, num_threads);
+    run_experts(x, ldx, tok, counts, E, D, F, w13, w2, ex, ys, D, xp, ap, num_threads);
     /* the combine, a token at a time: its K rows read in turn (each contiguous) rather than every
      * row added into a float32 [T, D] sum in expert order (scattered read-modify-writes: 1.4x the
      * kernel's non-GEMM time on Qwen3-MoE's shape); the same float32 operations in the same order */
@@ -609,13 +656,14 @@ static int run_moe(const uint16_t *x, int64_t ldx, int64_t T, const int64_t *ids
 
 int moe_amx_moe(const uint16_t *x, int64_t ldx, int64_t T, const int64_t *ids, const float *wts, int64_t K,
                 int64_t E, int64_t D, int64_t F, const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2,
-                uint16_t *out, uint16_t *xp, uint16_t *ap, uint16_t *ys, int64_t *rows, int num_threads) {
+                const StackedExtras *ex, uint16_t *out, uint16_t *xp, uint16_t *ap, uint16_t *ys, int64_t *rows,
+                int num_threads) {
 #if defined(HAVE_TILES)
     const wsrc a13 = {.w = w13, .s = s13}, a2 = {.w = w2, .s = s2};
-    return run_moe(x, ldx, T, ids, wts, K, E, D, F, &a13, &a2, out, xp, ap, ys, rows, num_threads);
+    return run_moe(x, ldx, T, ids, wts, K, E, D, F, &a13, &a2, ex, out, xp, ap, ys, rows, num_threads);
 #else
     (void)x; (void)ldx; (void)T; (void)ids; (void)wts; (void)K; (void)E; (void)D; (void)F; (void)w13; (void)s13;
-    (void)w2; (void)s2; (void)out; (void)xp; (void)ap; (void)ys; (void)rows; (void)num_threads;
+    (void)w2; (void)s2; (void)ex; (void)out; (void)xp; (void)ap; (void)ys; (void)rows; (void)num_threads;
     return -1;
 #endif
 }
@@ -630,16 +678,17 @@ int moe_amx_moe_packed(const uint16_t *x, int64_t ldx, int64_t T, const int64_t 
                        int64_t E, int64_t D, int64_t F, int fmt, const float *lut, int64_t gs, int64_t bn,
                        const char *q13, int64_t eq13, int64_t ldq13, const float *s13, const float *b13, int64_t es13,
                        int64_t G13, const char *q2, int64_t eq2, int64_t ldq2, const float *s2, const float *b2,
-                       int64_t es2, int64_t G2, uint16_t *out, uint16_t *xp, uint16_t *ap, uint16_t *ys, int64_t *rows,
-                       int num_threads) {
+                       int64_t es2, int64_t G2, const StackedExtras *ex, uint16_t *out, uint16_t *xp, uint16_t *ap,
+                       uint16_t *ys, int64_t *rows, int num_threads) {
 #if defined(HAVE_TILES)
     const wsrc a13 = {.q = q13, .eq = eq13, .ldq = ldq13, .fmt = fmt, .lut = lut, .sc = s13, .off = b13, .es = es13,
                       .G = G13, .gs = gs, .bn = bn};
     const wsrc a2 = {.q = q2, .eq = eq2, .ldq = ldq2, .fmt = fmt, .lut = lut, .sc = s2, .off = b2, .es = es2,
                      .G = G2, .gs = gs, .bn = bn};
-    return run_moe(x, ldx, T, ids, wts, K, E, D, F, &a13, &a2, out, xp, ap, ys, rows, num_threads);
+    return run_moe(x, ldx, T, ids, wts, K, E, D, F, &a13, &a2, ex, out, xp, ap, ys, rows, num_threads);
 #else
     (void)x; (void)ldx; (void)T; (void)ids; (void)wts; (void)K; (void)E; (void)D; (void)F; (void)fmt; (void)lut;
+    (void)ex;
     (void)gs; (void)bn; (void)q13; (void)eq13; (void)ldq13; (void)s13; (void)b13; (void)es13; (void)G13; (void)q2;
     (void)eq2; (void)ldq2; (void)s2; (void)b2; (void)es2; (void)G2; (void)out; (void)xp; (void)ap; (void)ys;
     (void)rows; (void)num_threads;

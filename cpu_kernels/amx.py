@@ -1,21 +1,21 @@
 """Binding of ``amx.c``: bf16 GEMMs on AMX tiles (or, on CPUs with AVX512-BF16 but no AMX, the
 same tile products on vdpbf16ps), weights read in place.
 
-Batched decode, verify rows and short prompts (2-64 rows), and the SwiGLU experts (bf16 or packed)
-at any number of rows (prompt chunks too: an expert's rows in chunks of 256, each 16-row weight
-block read once per chunk and met by the chunk's packed tokens from cache): 16 weight rows are a
-tile; the tokens are packed as the other operand. :func:`amx_moe` and :func:`amx_moe_packed` run a
-local MoE layer's dispatch, experts and combine in one call (bf16 or packed experts),
-:func:`amx_experts` the experts over rows grouped by expert, :func:`amx_linear` plain projections
-and the LM head, :func:`amx_heads` MLA's per-head GEMMs. oneDNN's ``bmm``/``mm`` at decode sizes
-read the weights at 85-90% of the rate and need the permutation, SwiGLU and combine as separate ops;
-at prompt-sized chunks (2048 tokens, Mixtral shape) the experts kernel took 4x2048-token prompts
-from 1197-1740 to 1566-2015 tok/s in paired runs against per-expert oneDNN GEMMs (the plain linear
-kernel at such sizes did not beat ``F.linear``: 430-530 vs 525-770 GFLOP/s, so projections keep
-oneDNN past 64 rows). Without AMX, on AVX512-BF16 (Zen 4): 1.1-1.4x oneDNN's bf16 GEMMs at 2-256
-rows on the Mixtral shape, and the fused dispatch/SwiGLU/combine besides (Qwen3-MoE's 64-token
-prompt 1.43x, 32 requests 1.4x in the engine). Where the CPU has neither (or Linux refuses the tile
-state) they return None.
+Batched decode, verify rows and short prompts (2-64 rows), and the SwiGLU experts (bf16 or packed;
+with biases and gpt-oss's clamped SwiGLU through :class:`StackedExtras`) at any number of rows
+(prompt chunks too: an expert's rows in chunks of 256, each 16-row weight block read once per chunk
+and met by the chunk's packed tokens from cache): 16 weight rows are a tile; the tokens are packed
+as the other operand. :func:`amx_moe` and :func:`amx_moe_packed` run a local MoE layer's dispatch,
+experts and combine in one call (bf16 or packed experts), :func:`amx_experts` the experts over rows
+grouped by expert, :func:`amx_linear` plain projections and the LM head, :func:`amx_heads` MLA's
+per-head GEMMs. oneDNN's ``bmm``/``mm`` at decode sizes read the weights at 85-90% of the rate and
+need the permutation, SwiGLU and combine as separate ops; at prompt-sized chunks (2048 tokens,
+Mixtral shape) the experts kernel took 4x2048-token prompts from 1197-1740 to 1566-2015 tok/s in
+paired runs against per-expert oneDNN GEMMs (the plain linear kernel at such sizes did not beat
+``F.linear``: 430-530 vs 525-770 GFLOP/s, so projections keep oneDNN past 64 rows). Without AMX, on
+AVX512-BF16 (Zen 4): 1.1-1.4x oneDNN's bf16 GEMMs at 2-256 rows on the Mixtral shape, and the fused
+dispatch/SwiGLU/combine besides (Qwen3-MoE's 64-token prompt 1.43x, 32 requests 1.4x in the engine).
+Where the CPU has neither (or Linux refuses the tile state) they return None.
 :func:`swiglu_experts_reference` is the experts kernels' float32 reference.
 """
 from __future__ import annotations
@@ -25,22 +25,43 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
-from .build import DTYPES, declare, kernel_dtype, load
+from .build import DTYPES, address, c_struct, declare, kernel_dtype, load
+from .gemv import expert_extras, sigmoid_table
 from .quant import packed_dims
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 declare({
     "moe_amx_init": [],
-    "moe_amx_experts": [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _int],
+    "moe_amx_experts": [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _ptr,
+                        _int],
     "moe_amx_moe": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr,
-                    _ptr, _ptr, _int],
+                    _ptr, _ptr, _ptr, _int],
     "moe_amx_moe_packed": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _ptr, _i64, _i64,
                            _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64,
-                           _ptr, _ptr, _ptr, _ptr, _ptr, _int],
+                           _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
     "moe_amx_heads": [_ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _int, _ptr, _i64, _i64, _ptr, _int],
     "moe_amx_linear": [_ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _int, _ptr, _int],
 })
 
+StackedExtrasC = c_struct("StackedExtras", "b13 b2: ptr; sb13 sb2 act clamp: i64; alpha limit: f32; sig: ptr")
+
+
+class StackedExtras:
+    """What the experts kernels take for experts with biases (bf16 ``[E, 2F]`` / ``[E, D]``) and
+    gpt-oss's clamped SwiGLU (``alpha``, ``limit``), checked once: ``ref`` the C struct's address (None
+    for plain SwiGLU experts); ``ok`` False where they do not fit (then the kernels do not apply)."""
+
+    def __init__(self, b13_e2F: torch.Tensor | None = None, b2_eD: torch.Tensor | None = None,
+                 alpha: float | None = None, limit: float | None = None, E: int = 0, F: int = 0, D: int = 0):
+        fields = expert_extras(b13_e2F, b2_eD, alpha, limit, E, F, D)
+        self.ok, self.ref, self.c = fields is not None, None, None
+        if fields is not None and (b13_e2F is not None or b2_eD is not None or alpha is not None):
+            self.c = StackedExtrasC(*fields, address(sigmoid_table()) if alpha is not None else None)
+            self.ref = address(self.c)
+        self._keep = (b13_e2F, b2_eD)  # the pointers above stay valid while this lives
+
+
+PLAIN = StackedExtras()  # plain SwiGLU experts
 _tiles: int | None = None  # moe_amx_init: 0 AMX tiles granted, 1 the tile products on AVX512-BF16, -1 neither
 AMX_MAX_ROWS = 64  # rows the linear and per-head kernels take (four blocks of 16 tokens)
 AMX_CHUNK = 256  # the bf16 experts kernels take any rows, an expert's rows in chunks of this many
@@ -84,14 +105,15 @@ def _amx_swiglu_dims(x: torch.Tensor, w13_e2FD: torch.Tensor, w2_eDF: torch.Tens
     return E, D, F
 
 
-def amx_experts(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor,
-                w2_eDF: torch.Tensor) -> torch.Tensor | None:
+def amx_experts(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor, w2_eDF: torch.Tensor,
+                extras: StackedExtras = PLAIN) -> torch.Tensor | None:
     """SwiGLU experts over rows grouped by expert (``counts[e]`` rows for expert ``e``, in order):
     ``W2_e @ (silu(g) * u)`` with ``[g | u] = W13_e @ x``, bf16, rounded as the op-by-op path
-    (``bmm``, :func:`silu_mul`, ``bmm``) rounds, on AMX tiles. None when the kernel does not apply
-    (no AMX, other dtypes, a dim not a multiple of 32): then use the torch path."""
+    (``bmm``, :func:`silu_mul`, ``bmm``) rounds, on AMX tiles; with ``extras``, the biases added as
+    ``linear`` adds them and gpt-oss's clamped SwiGLU. None when the kernel does not apply (no AMX,
+    other dtypes, a dim not a multiple of 32): then use the torch path."""
     dims = _amx_swiglu_dims(x_RD, w13_e2FD, w2_eDF)
-    if dims is None or len(counts) != dims[0]:
+    if dims is None or len(counts) != dims[0] or not extras.ok:
         return None
     E, D, F = dims
     R = x_RD.shape[0]
@@ -100,8 +122,8 @@ def amx_experts(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor,
     ap = torch.empty(_ap_rows(E, R) * F, dtype=torch.bfloat16)
     n = torch.tensor(counts, dtype=torch.int64)
     if load().moe_amx_experts(x_RD.data_ptr(), x_RD.stride(0), n.data_ptr(), E, D, F, w13_e2FD.data_ptr(),
-                              w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0), y.data_ptr(), D, xp.data_ptr(),
-                              ap.data_ptr(), torch.get_num_threads()) != 0:
+                              w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0), extras.ref, y.data_ptr(), D,
+                              xp.data_ptr(), ap.data_ptr(), torch.get_num_threads()) != 0:
         return None
     return y
 
@@ -124,20 +146,20 @@ def _amx_moe_buffers(ids_TK: torch.Tensor, weights_TK: torch.Tensor, E: int, D: 
 
 
 def amx_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, w13_e2FD: torch.Tensor,
-            w2_eDF: torch.Tensor) -> torch.Tensor | None:
+            w2_eDF: torch.Tensor, extras: StackedExtras = PLAIN) -> torch.Tensor | None:
     """Dispatch, SwiGLU experts and combine of a local MoE layer in one call (bf16, AMX): token t
     through experts ``ids_TK[t]`` (ids index the stacked weights), summed with ``weights_TK[t]``
     as :class:`parallel.dispatch.LocalDispatcher` does (weights rounded to bf16, products rounded,
-    float32 sum in ascending expert order rounded once). None when the kernel does not apply (as
-    :func:`amx_experts`): then dispatch."""
+    float32 sum in ascending expert order rounded once); ``extras`` as :func:`amx_experts`. None when
+    the kernel does not apply (as :func:`amx_experts`): then dispatch."""
     dims = _amx_swiglu_dims(x_TD, w13_e2FD, w2_eDF)
     T, K = ids_TK.shape
-    if dims is None or weights_TK.shape != (T, K):
+    if dims is None or weights_TK.shape != (T, K) or not extras.ok:
         return None
     E, D, F = dims
     ids, wts, out, xp, ap, ys, rows = _amx_moe_buffers(ids_TK, weights_TK, E, D, F)
     rc = load().moe_amx_moe(x_TD.data_ptr(), x_TD.stride(0), T, ids.data_ptr(), wts.data_ptr(), K, E, D, F,
-                            w13_e2FD.data_ptr(), w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0),
+                            w13_e2FD.data_ptr(), w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0), extras.ref,
                             out.data_ptr(), xp.data_ptr(), ap.data_ptr(), ys.data_ptr(), rows.data_ptr(),
                             torch.get_num_threads())
     return out if rc == 0 else None
@@ -193,14 +215,16 @@ def amx_heads(x_THK: torch.Tensor, w_H: torch.Tensor, w_rows_n: bool) -> torch.T
 def amx_moe_packed(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, fmt: int,
                    lut: torch.Tensor | None, gs: int, bn: int,
                    w13: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-                   w2: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> torch.Tensor | None:
+                   w2: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+                   extras: StackedExtras = PLAIN) -> torch.Tensor | None:
     """:func:`amx_moe` on packed experts (``(codes, scales, offsets)`` stacked over experts as
     :func:`quant_moe_token` takes them): every 16-row weight block dequantized to bf16 into a
     buffer the AMX tiles read, so the packed bytes are what streams; any number of rows (an
     expert's rows in chunks of :data:`AMX_CHUNK`, each weight block dequantized once per chunk).
-    Results equal dequantize -> GEMM -> combine up to the order of float32 sums. None when the
-    kernel does not apply (no AMX, a dim not a multiple of 32)."""
-    if x_TD.dtype != torch.bfloat16 or x_TD.dim() != 2 or not amx_available() or x_TD.stride(-1) != 1:
+    Results equal dequantize -> GEMM -> combine up to the order of float32 sums; ``extras`` as
+    :func:`amx_experts`. None when the kernel does not apply (no AMX, a dim not a multiple of 32)."""
+    if (x_TD.dtype != torch.bfloat16 or x_TD.dim() != 2 or not amx_available() or x_TD.stride(-1) != 1
+            or not extras.ok):
         return None
     (q13, s13, b13), (q2, s2, b2) = w13, w2
     dims = packed_dims(w13, w2, lut, gs, bn)
@@ -216,7 +240,7 @@ def amx_moe_packed(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.T
           lut.data_ptr() if lut is not None else None, gs, bn,
           q13.data_ptr(), q13.stride(0), q13.stride(1), s13.data_ptr(), b13.data_ptr() if b13 is not None else None,
           s13.stride(0), s13.shape[-1], q2.data_ptr(), q2.stride(0), q2.stride(1), s2.data_ptr(),
-          b2.data_ptr() if b2 is not None else None, s2.stride(0), s2.shape[-1],
+          b2.data_ptr() if b2 is not None else None, s2.stride(0), s2.shape[-1], extras.ref,
           out.data_ptr(), xp.data_ptr(), ap.data_ptr(), ys.data_ptr(), rows.data_ptr(), torch.get_num_threads())
     return out if rc == 0 else None
 

@@ -195,10 +195,13 @@ _SIGMOID: list[torch.Tensor] = []
 def sigmoid_table() -> torch.Tensor:
     """``torch.sigmoid`` of every bf16 bit pattern (65536 bf16, indexed by the input's bits): the
     gated shared expert's sigmoid as the op path rounds it. (torch computes a lone element as it
-    computes a vector's: the same for every finite input, checked in tests/test_cpu_kernels.py.)"""
+    computes a vector's: the same for every finite input, checked in tests/test_cpu_kernels.py.) One
+    zero follows the table in memory (the tile kernels' gathers load two bf16 at a time)."""
     if not _SIGMOID:
         bits = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16)
-        _SIGMOID.append(torch.sigmoid(bits.view(torch.bfloat16)).contiguous())
+        table = torch.zeros((1 << 16) + 1, dtype=torch.bfloat16)
+        table[:1 << 16] = torch.sigmoid(bits.view(torch.bfloat16))
+        _SIGMOID.append(table[:1 << 16])
     return _SIGMOID[0]
 
 

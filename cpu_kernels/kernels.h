@@ -31,6 +31,15 @@ typedef struct {
     float alpha, limit;
     int act, clamp;
 } ExpertExtras;
+/* ExpertExtras for experts stacked in one tensor (amx.c's tile kernels): expert e's gate/up biases at
+ * b13 + e * sb13 (2F bf16), its down bias at b2 + e * sb2 (D), NULL: none; the activation as there.
+ * sig needs one bf16 past its 65536 values (vector loads of two). */
+typedef struct {
+    const uint16_t *b13, *b2;
+    int64_t sb13, sb2, act, clamp;
+    float alpha, limit;
+    const uint16_t *sig;
+} StackedExtras;
 int moe_expert_token_ex(const uint16_t *x, int64_t D, int64_t F, int n, const uint16_t *const *w13s,
                         const uint16_t *const *w2s, const ExpertExtras *ex, const float *weights, uint16_t *out,
                         uint16_t *h, float *acc, int num_threads);

@@ -43,9 +43,10 @@ def fused_swiglu(h: torch.Tensor, act: Activation = Activation(), dim: int = -1)
 
 def grouped_swiglu_torch(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor, w2_eDF: torch.Tensor,
                          b13_e2F: torch.Tensor | None, b2_eD: torch.Tensor | None, act: Activation) -> torch.Tensor:
-    if (x_RD.device.type == "cpu" and b13_e2F is None and b2_eD is None and act.alpha is None and act.limit is None
-            and 0 < max(counts, default=0)):
-        y_RD = cpu_kernels.amx_experts(x_RD, counts, w13_e2FD, w2_eDF)  # decode-sized groups on AMX tiles
+    if x_RD.device.type == "cpu" and 0 < max(counts, default=0):
+        E, F2, D = w13_e2FD.shape
+        extras = cpu_kernels.StackedExtras(b13_e2F, b2_eD, act.alpha, act.limit, E, F2 // 2, D)
+        y_RD = cpu_kernels.amx_experts(x_RD, counts, w13_e2FD, w2_eDF, extras)  # on AMX tiles (or vdpbf16ps)
         if y_RD is not None:
             return y_RD
     h = grouped_linear(x_RD, w13_e2FD, counts, b13_e2F)  # every expert in one call, where native (AVX2)
@@ -237,6 +238,19 @@ class SlottedExperts(nn.Module):
         """The plan of :meth:`forward_token`'s one C call (a captured step runs it from C), or None."""
         return None
 
+    def tile_extras(self) -> cpu_kernels.StackedExtras:
+        """What the experts kernels (:func:`cpu_kernels.amx_moe` and kin) take for these experts'
+        biases and activation (none for plain SwiGLU), checked once per bias tensors."""
+        b13, b2 = getattr(self, "b13", None), getattr(self, "b2", None)
+        key = tuple(None if b is None else b.data_ptr() for b in (b13, b2))
+        cached = getattr(self, "_tile_extras", None)
+        if cached is None or cached[0] != key:
+            act = self.activation
+            cached = (key, cpu_kernels.StackedExtras(b13, b2, act.alpha, act.limit, self.num_local,
+                                                     self.intermediate, self.hidden))
+            self._tile_extras = cached
+        return cached[1]
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str,
                       expert_id: int | None = None) -> None:
         raise NotImplementedError
@@ -339,11 +353,6 @@ class GroupedExperts(SlottedExperts):
                              f"{tuple(loaded.shape)}")
         dst.copy_(self._my_slice(loaded, shard_id, param is self.b2))
 
-    @property
-    def _plain_swiglu(self) -> bool:
-        """No biases and SwiGLU unclamped: what the AMX experts kernel (forward_local) computes."""
-        return self.b13 is None and self.b2 is None and self.activation == Activation()
-
     def forward_token(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor,
                       shared: tuple[torch.Tensor, ...] | None = None,
                       residual: cpu_kernels.Residual | None = None, into: cpu_kernels.Outputs | None = None):
@@ -408,10 +417,9 @@ class GroupedExperts(SlottedExperts):
         rows), with the same arithmetic; None when that does not apply (then dispatch)."""
         if x_TD.shape[0] == 1:
             return self.forward_token(x_TD, ids_TK[0], weights_TK[0])
-        if (x_TD.device.type != "cpu" or self.resolved_backend != "torch" or not self._plain_swiglu
-                or not self.holds_all):
+        if x_TD.device.type != "cpu" or self.resolved_backend != "torch" or not self.holds_all:
             return None
-        return cpu_kernels.amx_moe(x_TD, ids_TK, weights_TK, self.w13, self.w2)
+        return cpu_kernels.amx_moe(x_TD, ids_TK, weights_TK, self.w13, self.w2, self.tile_extras())
 
     def forward(self, x_RD: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
         backend = self.resolved_backend

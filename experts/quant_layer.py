@@ -239,7 +239,7 @@ class QuantGroupedExperts(SlottedExperts):
         """:meth:`forward_token`'s one C call for these layouts and ``shared`` expert, checked once
         per layout and shared expert (a captured step's are fixed; it calls the plan's kernel
         too), or None where that call does not apply."""
-        w = self._one_call_layouts(plain=False)
+        w = self._one_call_layouts()
         if w is None:
             return None
         layouts, plan = self._token_plan
@@ -263,14 +263,12 @@ class QuantGroupedExperts(SlottedExperts):
             return None
         fmt, lut, gs, bn = w[0].kernel
         return cpu_kernels.amx_moe_packed(x_TD, ids_TK, weights_TK, fmt, lut, gs, bn, w[0].token_args(),
-                                          w[1].token_args())
+                                          w[1].token_args(), self.tile_extras())
 
-    def _one_call_layouts(self, plain: bool = True) -> tuple | None:
-        """The CPU layouts when the one-call C paths apply (C kernels' layouts, every expert here; with
-        ``plain``, the AMX kernel's: no biases, plain SwiGLU), else None."""
+    def _one_call_layouts(self) -> tuple | None:
+        """The CPU layouts when the one-call C paths apply (C kernels' layouts, every expert here), else
+        None."""
         if self.resolved_backend != "torch" or not self.holds_all:
-            return None
-        if plain and (self.b13 is not None or self.b2 is not None or self.activation != Activation()):
             return None
         if self._cpu is None:
             self.post_load()

@@ -91,7 +91,7 @@ def _warm_experts(mod: GroupedExperts, buckets: list[int], once) -> int:
     if not once(("experts", tuple(w13.shape), tuple(w2.shape), w13.dtype, mod.b13 is not None, mod.activation)):
         return 0
     E, D = w13.shape[0], w13.shape[2]
-    if mod._plain_swiglu and cpu_kernels.amx_experts(w13.new_zeros(1, D), [1] + [0] * (E - 1), w13, w2) is not None:
+    if cpu_kernels.amx_experts(w13.new_zeros(1, D), [1] + [0] * (E - 1), w13, w2, mod.tile_extras()) is not None:
         return 0  # the tile experts kernel takes every row count: oneDNN builds nothing for them
     n = 0
 

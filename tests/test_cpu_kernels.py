@@ -730,21 +730,72 @@ def test_amx_experts_match_the_op_by_op_path(D, F, counts, monkeypatch):
     assert (y == ops).float().mean() > 0.99 and (y.float() - ops.float()).abs().max() <= tol
 
 
-def test_amx_experts_decline_what_they_do_not_take(monkeypatch):
-    from experts.grouped import Activation, grouped_swiglu_torch
+@pytest.mark.parametrize("D,F,counts", [
+    (64, 96, [3, 0, 17, 1, 64, 16, 33, 2]),  # the row path (1-8 rows), 1-4 token blocks, partial blocks
+    (64, 96, [300, 0, 65, 513, 256, 1]),  # prompt-sized: chunks of 256 rows, the down blocks in pairs
+])
+@pytest.mark.parametrize("act", ["clamped", "alpha_only", "plain"])
+def test_amx_experts_with_biases_and_clamped_swiglu_equal_the_op_by_op_path(D, F, counts, act, monkeypatch):
+    # gpt-oss's experts in the tile kernels: the biases added to the gate/up and down results after
+    # their rounding (bf16(bf16(W x) + b), as transformers' gpt-oss adds them to its bmm) and the
+    # clamped SwiGLU with each torch bf16 op's rounding (the sigmoid from the table); gate/up values
+    # past the clamp on both sides; against those torch ops up to the order of float32 sums, and
+    # the op-by-op path within an ulp (its per-expert F.linear past 64 rows adds the bias before
+    # rounding: the rows of the first case, 1-64 per expert, match it as the reference)
+    from experts.grouped import Activation, fused_swiglu, grouped_swiglu_torch
 
+    activation = {"clamped": Activation(limit=7.0, alpha=1.702), "alpha_only": Activation(alpha=1.702),
+                  "plain": Activation()}[act]
+    g = torch.Generator().manual_seed(D + F + len(act))
+    E = len(counts)
+    w13 = (torch.randn(E, 2 * F, D, generator=g) * 2 / D ** 0.5).bfloat16()  # (wide: |gate|, |up| pass 7)
+    w2 = (torch.randn(E, D, F, generator=g) / F ** 0.5).bfloat16()
+    b13, b2 = torch.randn(E, 2 * F, generator=g).bfloat16(), torch.randn(E, D, generator=g).bfloat16()
+    x = torch.randn(sum(counts), D, generator=g).bfloat16()
+    extras = cpu_kernels.StackedExtras(b13, b2, activation.alpha, activation.limit, E, F, D)
+    assert extras.ok and extras.ref is not None
+    y = cpu_kernels.amx_experts(x, counts, w13, w2, extras)
+    if not cpu_kernels.amx_available():
+        assert y is None
+        return
+    calls = []
+    real = cpu_kernels.amx_experts
+    monkeypatch.setattr(cpu_kernels, "amx_experts", lambda *a: calls.append(1) or real(*a))
+    assert torch.equal(grouped_swiglu_torch(x, counts, w13, w2, b13, b2, activation), y) and calls
+    monkeypatch.setattr(cpu_kernels, "amx_experts", lambda *a: None)
+    ops = grouped_swiglu_torch(x, counts, w13, w2, b13, b2, activation)
+    h = torch.cat([x[sum(counts[:e]):sum(counts[:e + 1])].float() @ w13[e].float().T for e in range(E)])
+    if act == "clamped":
+        assert (h[:, :F].abs() > 7).any() and (h[:, F:] < -7).any() and (h[:, F:] > 7).any()  # the clamp bites
+    ref, at = [], 0
+    for e, n in enumerate(counts):
+        he = (x[at:at + n].float() @ w13[e].float().T).bfloat16() + b13[e]
+        ref.append((fused_swiglu(he, activation).float() @ w2[e].float().T).bfloat16() + b2[e])
+        at += n
+    ref = torch.cat(ref)
+    tol = ref.float().abs().max() * 2 ** -7
+    assert (y == ref).float().mean() > 0.99 and (y.float() - ref.float()).abs().max() <= tol
+    if max(counts) <= 64:
+        assert (y == ops).float().mean() > 0.99 and (y.float() - ops.float()).abs().max() <= tol
+    else:  # (one rounding fewer in h moves later roundings: a few ulps of the output)
+        assert (y.float() - ops.float()).abs().max() <= 4 * tol
+    nobias = real(x, counts, w13, w2, cpu_kernels.StackedExtras(
+        None, None, activation.alpha, activation.limit, E, F, D))
+    assert (nobias.float() - ops.float()).abs().max() > 0.5  # (the biases count)
+
+
+def test_amx_experts_decline_what_they_do_not_take():
     E, D, F = 2, 64, 96
     w13, w2 = torch.randn(E, 2 * F, D).bfloat16(), torch.randn(E, D, F).bfloat16()
     x = torch.randn(70, D).bfloat16()
     assert cpu_kernels.amx_experts(x.float(), [35, 35], w13.float(), w2.float()) is None  # float32
     w13_odd, w2_odd = torch.randn(E, 2 * 40, D).bfloat16(), torch.randn(E, D, 40).bfloat16()
     assert cpu_kernels.amx_experts(x, [35, 35], w13_odd, w2_odd) is None  # F not a multiple of 32
-    # biases or a clamped SwiGLU (gpt-oss) keep the torch path: the kernel is not even asked
-    monkeypatch.setattr(cpu_kernels, "amx_experts", lambda *a: pytest.fail("the AMX kernel takes no biases"))
-    b13, b2 = torch.randn(E, 2 * F).bfloat16(), torch.randn(E, D).bfloat16()
-    assert torch.isfinite(grouped_swiglu_torch(x, [35, 35], w13, w2, b13, b2, Activation())).all()
-    assert torch.isfinite(grouped_swiglu_torch(x, [35, 35], w13, w2, None, None,
-                                               Activation(limit=7.0, alpha=1.702))).all()
+    # extras that do not fit: float32 biases beside bf16 weights, biases of other shapes, a limit without alpha
+    for extras in (cpu_kernels.StackedExtras(torch.randn(E, 2 * F), None, None, None, E, F, D),
+                   cpu_kernels.StackedExtras(None, torch.randn(E, D + 1).bfloat16(), None, None, E, F, D),
+                   cpu_kernels.StackedExtras(None, None, None, 7.0, E, F, D)):
+        assert not extras.ok and cpu_kernels.amx_experts(x, [35, 35], w13, w2, extras) is None
 
 
 @pytest.mark.parametrize("m", [2, 7, 16, 17, 64])
@@ -795,18 +846,28 @@ def test_amx_linear_declines_what_it_does_not_take():
     assert cpu_kernels.amx_linear(torch.randn(65, 64).bfloat16(), w) is None  # more than 64 rows
 
 
-@pytest.mark.parametrize("T,K,E,D,F", [(64, 2, 8, 64, 96), (5, 4, 16, 32, 64), (33, 8, 8, 64, 32),
-                                       (700, 2, 4, 64, 96),  # prompt-sized: experts in chunks of 256 rows
-                                       (300, 2, 4, 320, 288)])  # k in segments of 256 and a rest
-def test_amx_moe_equals_dispatch_experts_combine(T, K, E, D, F):
-    # the local MoE step in one call: bit-identical to LocalDispatcher -> experts -> combine
-    from experts.grouped import GroupedExperts
+@pytest.mark.parametrize("T,K,E,D,F,gpt_oss", [(64, 2, 8, 64, 96, False), (5, 4, 16, 32, 64, False),
+                                               (33, 8, 8, 64, 32, False),
+                                               (700, 2, 4, 64, 96, False),  # prompt-sized: chunks of 256 rows
+                                               (300, 2, 4, 320, 288, False),  # k in segments of 256 and a rest
+                                               (5, 4, 8, 64, 96, True), (37, 4, 8, 64, 96, True),
+                                               (700, 4, 8, 64, 96, True)])
+def test_amx_moe_equals_dispatch_experts_combine(T, K, E, D, F, gpt_oss, monkeypatch):
+    # the local MoE step in one call: bit-identical to LocalDispatcher -> experts -> combine; with
+    # gpt-oss's experts (biases, clamped SwiGLU) too, and, where each expert has at most 64 rows,
+    # equal to their op-by-op path up to float32 sum order (past 64 its F.linear adds the bias
+    # before rounding: test_amx_experts_with_biases_and_clamped_swiglu_equal_the_op_by_op_path)
+    from experts.grouped import Activation, GroupedExperts
     from parallel.dispatch import LocalDispatcher
 
     g = torch.Generator().manual_seed(T * K)
-    mod = GroupedExperts(E, D, F, dtype=torch.bfloat16)
-    mod.w13.data.copy_(torch.randn(E, 2 * F, D, generator=g) / D ** 0.5)
+    extra = dict(bias=True, activation=Activation(limit=7.0, alpha=1.702)) if gpt_oss else {}
+    mod = GroupedExperts(E, D, F, dtype=torch.bfloat16, **extra)
+    mod.w13.data.copy_(torch.randn(E, 2 * F, D, generator=g) * (2 if gpt_oss else 1) / D ** 0.5)
     mod.w2.data.copy_(torch.randn(E, D, F, generator=g) / F ** 0.5)
+    if gpt_oss:
+        mod.b13.data.copy_(torch.randn(E, 2 * F, generator=g))
+        mod.b2.data.copy_(torch.randn(E, D, generator=g))
     x = torch.randn(T, D, generator=g).bfloat16()
     w, ids = torch.softmax(torch.randn(T, E, generator=g), -1).topk(K, dim=-1)
     y = mod.forward_local(x, ids, w)
@@ -816,6 +877,11 @@ def test_amx_moe_equals_dispatch_experts_combine(T, K, E, D, F):
     disp = LocalDispatcher(E)
     x_RD, counts, meta = disp.dispatch(x, ids, w)
     assert torch.equal(y, disp.combine(mod(x_RD, counts), meta))
+    if gpt_oss and max(counts.tolist()) <= 64:
+        monkeypatch.setattr(cpu_kernels, "amx_experts", lambda *a: None)
+        want = disp.combine(mod(x_RD, counts), meta)
+        tol = want.float().abs().max() * 2 ** -7
+        assert (y == want).float().mean() > 0.99 and (y.float() - want.float()).abs().max() <= tol
 
 
 def test_amx_moe_declines_what_it_does_not_take():

@@ -511,23 +511,32 @@ def test_one_token_with_biases_and_clamped_swiglu_in_one_call_equals_dispatch(fm
                                  Int4Weights(128, symmetric=False), Mxfp4Weights()],
                          ids=lambda f: f"{f.name}-{getattr(f, 'group_size', 128)}-{getattr(f, 'symmetric', True)}")
 @pytest.mark.parametrize("T", [37, 900])
-def test_step_in_one_amx_call_equals_dequantize_then_dispatch(fmt, T):
+@pytest.mark.parametrize("gpt_oss", [False, True], ids=["swiglu", "gpt_oss"])
+def test_step_in_one_amx_call_equals_dequantize_then_dispatch(fmt, T, gpt_oss):
     # packed experts through one AMX call, each 16-row weight block dequantized to bf16 for the
     # tiles: a decode-sized step (~12 rows per expert) and a prompt chunk (~300 rows per expert:
     # more than one chunk of 256); against the dispatcher over the dequantized bf16 weights (the
-    # same rounded weights, float32 sums in another order)
+    # same rounded weights, float32 sums in another order); gpt-oss's experts (biases, clamped
+    # SwiGLU) too
     import cpu_kernels
     from experts import GroupedExperts
+    from experts.grouped import Activation
     from parallel import init_single_process
 
     init_single_process()
     E, D, F, k = 6, 128, 256, 2
     g = torch.Generator().manual_seed(7)
-    layer = QuantGroupedExperts(E, D, F, fmt, dtype=torch.bfloat16)
+    extra = dict(bias=True, activation=Activation(limit=7.0, alpha=1.702)) if gpt_oss else {}
+    layer = QuantGroupedExperts(E, D, F, fmt, dtype=torch.bfloat16, **extra)
     params = dict(layer.named_parameters())
-    dense = GroupedExperts(E, D, F, dtype=torch.bfloat16)
+    dense = GroupedExperts(E, D, F, dtype=torch.bfloat16, **extra)
+    if gpt_oss:
+        for shard, shape in (("gate", (E, F)), ("up", (E, F)), ("down", (E, D))):
+            b = torch.randn(*shape, generator=g)
+            layer.weight_loader(params["b2" if shard == "down" else "b13"], b, shard, None)
+            dense.weight_loader(dense.b2 if shard == "down" else dense.b13, b, shard, None)
     for shard, shape in (("gate", (E, F, D)), ("up", (E, F, D)), ("down", (E, D, F))):
-        packed = fmt.quantize(torch.randn(*shape, generator=g) / 8)
+        packed = fmt.quantize(torch.randn(*shape, generator=g) / (2 if gpt_oss else 8))  # (gpt-oss: past the clamp)
         for t, v in packed.items():
             layer.weight_loader(params[f"{t}_{'w2' if shard == 'down' else 'w13'}"], v, shard, None)
         w = fmt.dequantize(packed).bfloat16()
