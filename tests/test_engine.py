@@ -238,14 +238,18 @@ def test_captured_rows_of_several_sequences_equal_one_row_steps(family, cached, 
 
 @pytest.mark.parametrize("family,dims,calls", [
     ("qwen3_moe", dict(head_dim=64), [180, 48, 48, 48, 36]),
+    # gpt-oss: sinks on every layer, a 40-token sliding window on two of three; its experts (biases,
+    # clamped SwiGLU) in the tile experts kernel
+    ("gpt_oss", dict(head_dim=32, intermediate_size=64, sliding_window=40), [180, 48, 48, 48, 36]),
     # MLA: the whole prompt in the decompressed form (per-head K, V), its 48-row chunks over the latent cache
     ("deepseek_v3", dict(kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32),
      [180, 48, 48, 48, 36])])
 def test_prompts_through_the_amx_prefill_attention_keep_generations(family, dims, calls, tmp_path, monkeypatch):
     # bf16 prompts of 180 tokens (query tiles of 32 and a rest), whole and in chunks of 48 after
     # their cached prefix, through the AMX prefill kernel: every teacher-forced prompt log-prob as
-    # close to the float32 engine's as SDPA's are (both round the probabilities to bf16, in another
-    # order; the tiny random model's bf16 log-probs sit up to ~0.1 from float32's either way)
+    # close to the float32 engine's as SDPA's are (gpt-oss: as SDPA and the op-by-op experts'; both
+    # round the probabilities to bf16, in another order; the tiny random model's bf16 log-probs sit
+    # up to ~0.1 from float32's either way)
     import cpu_kernels
     from tiny_models import make_checkpoint
 
@@ -265,6 +269,9 @@ def test_prompts_through_the_amx_prefill_attention_keep_generations(family, dims
         return
     assert sorted(rows) == sorted(calls * 3)  # 3 layers
     monkeypatch.setattr(cpu_kernels, "supports_prefill", lambda *a: False)  # SDPA
+    if family == "gpt_oss":  # and the experts op by op (the tile kernel's biases and clamped SwiGLU)
+        monkeypatch.setattr(cpu_kernels, "amx_moe", lambda *a, **k: None)
+        monkeypatch.setattr(cpu_kernels, "amx_experts", lambda *a, **k: None)
     sdpa, exact = run(), run("float32")
     ids = prompt["prompt_token_ids"]
 
