@@ -138,8 +138,8 @@ static int mla_rows(const void *plan, const uint16_t *x, int64_t T, const int64_
         for (int64_t h = 0; h < H; h++)
             memcpy(qfull_t + h * L + C, q_t + h * qk + nope, sizeof(uint16_t) * (size_t)rope);
         moe_rope(qfull_t + C, BF16, 1, H, rope, H * L, L, pos + t, cos_tab, sin_tab, interleaved, 1);
-        moe_paged_decode(qfull_t, olat_t, cache, cache, BF16, 1, H, 1, L, C, c_sblock, c_sslot, L, c_sblock, c_sslot,
-                         L, a->block_size, table_t, 0, &len_t, NULL, 0, NULL, a->scale, nt);
+        moe_paged_decode(qfull_t, olat_t, cache, cache, BF16, NULL, 1, H, 1, L, C, c_sblock, c_sslot, L, c_sblock,
+                         c_sslot, L, a->block_size, table_t, 0, &len_t, NULL, 0, NULL, a->scale, nt);
         moe_heads_vec(olat_t, C, w_kvb + nope * C, (nope + v) * C, C, v, C, H, 1, o + t * S, v, nt);
     }
     return out_rows(a->w_o, a->p_o, NULL, D, H * v, o, S, T, out, resid, nw, neps, h_out, nt);
@@ -200,7 +200,7 @@ static int gqa_rows(const void *plan, const uint16_t *x, int64_t T, const int64_
             memcpy(k_cache + slot * a->k_sslot + h * a->k_shead, k + h * hd, sizeof(uint16_t) * (size_t)hd);
             memcpy(v_cache + slot * a->v_sslot + h * a->v_shead, v + h * hd, sizeof(uint16_t) * (size_t)hd);
         }
-        moe_paged_decode(q, o, k_cache, v_cache, BF16, 1, H, Hkv, hd, hd, a->k_sblock, a->k_sslot, a->k_shead,
+        moe_paged_decode(q, o, k_cache, v_cache, BF16, NULL, 1, H, Hkv, hd, hd, a->k_sblock, a->k_sslot, a->k_shead,
                          a->v_sblock, a->v_sslot, a->v_shead, a->block_size, table_t, 0, &len_t, NULL, a->window,
                          a->sinks, a->scale, nt);
     }

@@ -63,7 +63,13 @@ int moe_q4x8_gemm(const float *x, int64_t M, int64_t K, const uint8_t *q, int64_
                   const float *b, int64_t G, int64_t gs, int64_t N, void *y, int ydtype, int num_threads);
 int moe_q4_dequant(const uint8_t *q, int64_t ldq, const float *lut, const float *s, const float *b, int64_t G,
                    int64_t gs, int64_t N, int64_t K, void *out, int odtype, int num_threads);
-int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, int dtype,
+/* fp8 KV caches' scales (moe_paged_decode): row (block b, slot t, head h) of K worth k[b * sblock + t * sslot +
+ * h * shead] times its e4m3 values, of V v[...] likewise (V may share K's rows and scales: MLA's latent) */
+typedef struct {
+    const float *k, *v;
+    int64_t sblock, sslot, shead;
+} Fp8Scales;
+int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, int dtype, const Fp8Scales *fp8,
                      int64_t B, int64_t H, int64_t Hkv, int64_t Dk, int64_t Dv,
                      int64_t k_sblock, int64_t k_sslot, int64_t k_shead,
                      int64_t v_sblock, int64_t v_sslot, int64_t v_shead,

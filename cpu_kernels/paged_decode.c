@@ -5,7 +5,10 @@
  * Work item = (sequence, run of KV heads), spread over OpenMP threads (the process's own runtime:
  * torch has already loaded libgomp.so.1, so this library binds to the same thread pool).
  * Per item: scores = (q . k) * scale for every cached token (float32), softmax with an optional
- * sink logit, then the weighted sum of V rows. Caches are float32 or bfloat16; so are q and out.
+ * sink logit, then the weighted sum of V rows. Caches are float32 or bfloat16, as q and out are, or
+ * fp8 (e4m3 rows with a float32 scale per row, beside float32 / bf16 q: each row read as its e4m3
+ * values, its scale applied to its score and to its weight in the sum of V; on AVX512-BF16 the rows
+ * widened to bf16, exactly, for vdpbf16ps).
  *
  * AVX-512 paths (head dims a multiple of 16): scores of 16 tokens are accumulated as 16 vectors
  * and reduced together (hsum16: 45 shuffles/adds instead of 16 horizontal reductions); bf16 K
@@ -16,7 +19,7 @@
  * and 16 registers: scores of 8 tokens reduced together (hsum8x8), V sums of 4 rows x 16 dims,
  * 2 x 32 or 1 x 64 at a time. Per score row and dim every build sums V in token order; the
  * builds differ in the order of the q . k sums and in exp (polynomial vs expf). */
-#include "simd.h"
+#include "kernels.h"
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -40,7 +43,7 @@ static inline __attribute__((always_inline)) __m512 score16(const float *qf, con
         return hsum16(acc);
     }
 #endif
-    const size_t esz = dtype == BF16 ? 2 : 4;
+    const size_t esz = dtype_size(dtype);
     for (int64_t i = 0; i < D; i += VEC) {
         const __m512 qv = _mm512_loadu_ps(qf + i);
         for (int t = 0; t < cnt; t++) acc[t] = _mm512_fmadd_ps(qv, load16(k + t * stride + i * esz, dtype), acc[t]);
@@ -49,13 +52,25 @@ static inline __attribute__((always_inline)) __m512 score16(const float *qf, con
 }
 
 #if defined(__AVX512BF16__)
-/* Scores of cnt <= 16 / HB consecutive cached rows (row t at k + t * stride bytes) against HB = 2 or 4
- * bf16 query rows (qb + h * qstride elements) of one KV head: lane (16 / HB) h + t. Each 32-dim chunk of
+/* 32 e4m3 values -> their bf16 bits (exact: e4m3_to_f32's values, all normal in bf16; the subnormal
+ * magnitudes 1-7 from a table) */
+static inline __m512i e4m3x32_bf16(const void *p) {
+    const __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+    const __m512i mag = _mm512_and_si512(x, _mm512_set1_epi16(0x7f));
+    const __m512i sub = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x3c603c40, 0x3c203c00, 0x3bc03b80,
+                                         0x3b000000);  /* 16-bit lane m: the bf16 bits of m * 2^-9 */
+    __m512i b = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(120 << 7));
+    b = _mm512_mask_permutexvar_epi16(b, _mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8)), mag, sub);
+    return _mm512_or_si512(b, _mm512_slli_epi16(_mm512_and_si512(x, _mm512_set1_epi16(0x80)), 8));
+}
+
+/* Scores of cnt <= 16 / HB consecutive cached rows (row t at k + t * stride bytes; bf16, or e4m3 with
+ * fp8) against HB = 2 or 4 bf16 query rows (qb + h * qstride elements) of one KV head: lane (16 / HB) h + t. Each 32-dim chunk of
  * a row is loaded once for the HB queries (score16 loads it once per query); every (query, row) sum is
  * score16's, chunk by chunk into its own accumulator and reduced by the same hsum16 tree (whose result
  * for one vector does not depend on its slot), so the scores are bit-identical. D % 32 == 0. */
 static inline __attribute__((always_inline)) __m512 score_heads(const uint16_t *qb, int64_t qstride, const char *k,
-                                                                int64_t stride, int cnt, int64_t D, int HB) {
+                                                                int64_t stride, int cnt, int64_t D, int HB, int fp8) {
     const int TB = 16 / HB;
     __m512 acc[16];
     for (int t = 0; t < 16; t++) acc[t] = _mm512_setzero_ps();
@@ -63,7 +78,8 @@ static inline __attribute__((always_inline)) __m512 score_heads(const uint16_t *
         __m512bh q[4];
         for (int h = 0; h < HB; h++) q[h] = (__m512bh)_mm512_loadu_si512(qb + h * qstride + i);
         for (int t = 0; t < cnt; t++) {
-            const __m512bh kv = (__m512bh)_mm512_loadu_si512(k + t * stride + i * 2);
+            const __m512bh kv = (__m512bh)(fp8 ? e4m3x32_bf16(k + t * stride + i)
+                                               : _mm512_loadu_si512(k + t * stride + i * 2));
             for (int h = 0; h < HB; h++) acc[TB * h + t] = _mm512_dpbf16_ps(acc[TB * h + t], q[h], kv);
         }
     }
@@ -73,7 +89,7 @@ static inline __attribute__((always_inline)) __m512 score_heads(const uint16_t *
 
 /* acc[0 .. 16*nc) += p[t] * v_row(t)[0 .. 16*nc) over cnt rows (row t at v + t * stride bytes) */
 static inline void vsum(float *acc, int nc, const float *p, const char *v, int64_t stride, int64_t cnt, int dtype) {
-    const size_t esz = dtype == BF16 ? 2 : 4;
+    const size_t esz = dtype_size(dtype);
     __m512 a0 = _mm512_loadu_ps(acc), a1 = a0, a2 = a0, a3 = a0;
     if (nc > 1) a1 = _mm512_loadu_ps(acc + 16);
     if (nc > 2) a2 = _mm512_loadu_ps(acc + 32);
@@ -98,7 +114,7 @@ static inline void vsum(float *acc, int nc, const float *p, const char *v, int64
 #define VSUM_ROWS(NAME, HG, DC)                                                                              \
     static inline void NAME(float *const *accs, int64_t c0, const float *const *ps, const char *v,              \
                             int64_t stride, int64_t cnt, int dtype) {                                           \
-        const size_t esz = dtype == BF16 ? 2 : 4;                                                               \
+        const size_t esz = dtype_size(dtype);                                                               \
         __m512 a[HG][DC];                                                                                       \
         for (int i = 0; i < HG; i++)                                                                            \
             for (int c = 0; c < DC; c++) a[i][c] = _mm512_loadu_ps(accs[i] + c0 + 16 * c);                    \
@@ -130,7 +146,7 @@ static inline __m256 hsum8x8(const __m256 *v) {
 static inline __m256 score8(const float *qf, const char *k, int64_t stride, int cnt, int64_t D, int dtype) {
     __m256 acc[8];
     for (int t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
-    const size_t esz = dtype == BF16 ? 2 : 4;
+    const size_t esz = dtype_size(dtype);
     for (int64_t i = 0; i < D; i += VEC8) {
         const __m256 qv = _mm256_loadu_ps(qf + i);
         for (int t = 0; t < cnt; t++) acc[t] = _mm256_fmadd_ps(qv, load8(k + t * stride + i * esz, dtype), acc[t]);
@@ -144,7 +160,7 @@ static inline __m256 score8(const float *qf, const char *k, int64_t stride, int 
 #define VSUM_ROWS8(NAME, HG, DC)                                                                             \
     static inline void NAME(float *const *accs, int64_t c0, const float *const *ps, const char *v,              \
                             int64_t stride, int64_t cnt, int dtype) {                                           \
-        const size_t esz = dtype == BF16 ? 2 : 4;                                                               \
+        const size_t esz = dtype_size(dtype);                                                               \
         __m256 a[HG][DC];                                                                                       \
         for (int i = 0; i < HG; i++)                                                                            \
             for (int c = 0; c < DC; c++) a[i][c] = _mm256_loadu_ps(accs[i] + c0 + 8 * c);                     \
@@ -255,20 +271,23 @@ static inline void softmax_row(float *sj, int64_t n, int64_t lo, int64_t rlo, in
 static inline void load_row(const void *src, int dtype, int64_t n, float *dst) {
     int64_t i = 0;
 #if defined(__AVX512F__)
-    const size_t esz = dtype == BF16 ? 2 : 4;
+    const size_t esz = dtype_size(dtype);
     for (; i + VEC <= n; i += VEC) _mm512_storeu_ps(dst + i, load16((const char *)src + i * esz, dtype));
 #elif defined(VEC8)
-    const size_t esz = dtype == BF16 ? 2 : 4;
+    const size_t esz = dtype_size(dtype);
     for (; i + VEC8 <= n; i += VEC8) _mm256_storeu_ps(dst + i, load8((const char *)src + i * esz, dtype));
 #endif
-    for (; i < n; i++) dst[i] = dtype == BF16 ? bf16_to_f32(((const uint16_t *)src)[i]) : ((const float *)src)[i];
+    for (; i < n; i++)
+        dst[i] = dtype == BF16  ? bf16_to_f32(((const uint16_t *)src)[i])
+                 : dtype == FP8 ? e4m3_to_f32(((const uint8_t *)src)[i])
+                                : ((const float *)src)[i];
 }
 
 /* s[g] = q[g] . row for g < G (q rows of length n, float32; row float32 or bf16) */
 static inline void dots(const float *q, int64_t G, const void *row, int dtype, int64_t n, float *s, float *tmp) {
 #if defined(__AVX512F__)
     if (n % VEC == 0) {
-        const size_t esz = dtype == BF16 ? 2 : 4;
+        const size_t esz = dtype_size(dtype);
         for (int64_t g0 = 0; g0 < G; g0 += 4) {
             const int64_t m = G - g0 < 4 ? G - g0 : 4;
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -301,7 +320,7 @@ static inline void axpys(float *acc, int64_t G, const float *p, int64_t stride, 
                          int64_t n, float *tmp) {
 #if defined(__AVX512F__)
     if (n % VEC == 0) {
-        const size_t esz = dtype == BF16 ? 2 : 4;
+        const size_t esz = dtype_size(dtype);
         for (int64_t i = 0; i < n; i += VEC) {
             const __m512 r = load16((const char *)row + i * esz, dtype);
             for (int64_t g = 0; g < G; g++) {
@@ -376,8 +395,8 @@ static int one_kv_head(const uint16_t *q, uint16_t *out, const char *k, const ch
                 const int cnt = e - ts < 4 ? (int)(e - ts) : 4;
                 const char *kr = kb + (ts - t0) * ks;
                 for (int64_t j = 0; j < H; j += 4) {
-                    const __m512 sc = cnt == 4 ? score_heads(q + j * Dk, Dk, kr, ks, 4, Dk, 4)
-                                               : score_heads(q + j * Dk, Dk, kr, ks, cnt, Dk, 4);
+                    const __m512 sc = cnt == 4 ? score_heads(q + j * Dk, Dk, kr, ks, 4, Dk, 4, 0)
+                                               : score_heads(q + j * Dk, Dk, kr, ks, cnt, Dk, 4, 0);
                     float sv[16];
                     _mm512_storeu_ps(sv, _mm512_mul_ps(sc, _mm512_set1_ps(scale)));
                     for (int h = 0; h < 4; h++)
@@ -418,13 +437,30 @@ static int one_kv_head(const uint16_t *q, uint16_t *out, const char *k, const ch
 }
 #endif
 
+/* x[j * n + (t - lo)] *= the scale of row t of head h0 + (j % rh) / G, for the r score rows j and
+ * rows t in [lo, len) */
+static void scale_rows(float *x, int64_t r, int64_t n, int64_t lo, int64_t len, int64_t rh, int64_t G, int64_t h0,
+                       const float *sc, const Fp8Scales *ks, const int32_t *table, int64_t block_size) {
+    for (int64_t t0 = lo - lo % block_size; t0 < len; t0 += block_size) {
+        const float *sb = sc + table[t0 / block_size] * ks->sblock + h0 * ks->shead;
+        const int64_t a = t0 > lo ? t0 : lo, e = t0 + block_size < len ? t0 + block_size : len;
+        for (int64_t j = 0; j < r; j++) {
+            const float *sh = sb + ((j % rh) / G) * ks->shead;
+            float *xj = x + j * n - lo;
+            for (int64_t t = a; t < e; t++) xj[t] *= sh[(t - t0) * ks->sslot];
+        }
+    }
+}
+
 /* Strides are in elements. k/v: [blocks, block_size, kv_heads, dim] with unit last stride (V may
  * be a strided view of K, as MLA's latent cache is). q/out: [T, H, dim] contiguous. Sequence b owns
  * query rows query_start[b] .. query_start[b+1]-1 (query_start NULL: row b alone), the newest last:
  * with Q rows and context_lens[b] = L cached tokens (its own rows' included), row i attends to the
  * first L - (Q - 1 - i) tokens (causal). Each cached row is read once for all of a sequence's query
- * rows. window > 0 keeps the last `window` keys of each row; sinks (float32 [H]) or NULL. Returns 0. */
-int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, int dtype,
+ * rows. window > 0 keeps the last `window` keys of each row; sinks (float32 [H]) or NULL. The caches
+ * hold dtype's elements, or with ks (else NULL) fp8 (kvcache/fp8.py): e4m3 rows (strides in bytes),
+ * each score and each row's weight in the sum of V times that row's scale. Returns 0. */
+int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, int dtype, const Fp8Scales *ks,
                      int64_t B, int64_t H, int64_t Hkv, int64_t Dk, int64_t Dv,
                      int64_t k_sblock, int64_t k_sslot, int64_t k_shead,
                      int64_t v_sblock, int64_t v_sslot, int64_t v_shead,
@@ -432,12 +468,13 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                      const int32_t *context_lens, const int32_t *query_start, int64_t window, const float *sinks,
                      float scale, int num_threads) {
     const char *k = k_, *v = v_;
+    const int cdt = ks ? FP8 : dtype;  /* the caches' elements */
     const int64_t G = H / Hkv;
 #if defined(__AVX512BF16__)
     /* (from 2 MB of K rows, more than a core's L2 holds. Below, the item path keeps each thread's rows
      * in its L2 for the V sums and was 5-10% faster on the Zen 4 EPYC; the split was 1.12x faster at
      * 2048 rows of MLA's 576 dims, 1.03-1.17x at 4096) */
-    if (B == 1 && Hkv == 1 && !query_start && !sinks && num_threads > 1 && dtype == BF16 &&
+    if (B == 1 && Hkv == 1 && !query_start && !sinks && num_threads > 1 && dtype == BF16 && cdt == BF16 &&
         Dk % 32 == 0 && Dv % 64 == 0 && H % (4 * num_threads) == 0 &&
         (window > 0 && context_lens[0] > window ? window : context_lens[0]) * Dk * 2 >= (2 << 20) &&
         one_kv_head(q, out, k_, v_, H, Dk, Dv, k_sblock, k_sslot, v_sblock, v_sslot, block_size, block_tables,
@@ -450,11 +487,11 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
          * every head's arithmetic is as before */
         int32_t lens[64];
         for (int i = 0; i < num_threads; i++) lens[i] = context_lens[0];
-        return moe_paged_decode(q, out, k_, v_, dtype, num_threads, H / num_threads, 1, Dk, Dv, k_sblock, k_sslot,
-                                k_shead, v_sblock, v_sslot, v_shead, block_size, block_tables, 0, lens, NULL, window,
-                                NULL, scale, num_threads);
+        return moe_paged_decode(q, out, k_, v_, dtype, ks, num_threads, H / num_threads, 1, Dk, Dv, k_sblock,
+                                k_sslot, k_shead, v_sblock, v_sslot, v_shead, block_size, block_tables, 0, lens, NULL,
+                                window, NULL, scale, num_threads);
     }
-    const size_t esz = dtype == BF16 ? 2 : 4;
+    const size_t qsz = dtype_size(dtype), esz = dtype_size(cdt);  /* q and out; the caches */
     int64_t max_len = 0, max_q = 1;
     for (int64_t b = 0; b < B; b++) {
         max_len = context_lens[b] > max_len ? context_lens[b] : max_len;
@@ -492,7 +529,7 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
             const int64_t n = len - lo;
             const int32_t *table = block_tables + b * max_blocks;
             for (int64_t j = 0; j < r; j++)
-                load_row((const char *)q + (((q0 + j / rh) * H + h0 * G + j % rh) * Dk) * esz, dtype, Dk, qf + j * Dk);
+                load_row((const char *)q + (((q0 + j / rh) * H + h0 * G + j % rh) * Dk) * qsz, dtype, Dk, qf + j * Dk);
             /* scores, block by block (no division per token), the last block first: the V sums then
              * begin with the rows read last, still in this core's L2 when V is a view of K (MLA's
              * latent cache; 2-5% faster at 130-4096 cached rows on the Zen 4 EPYC) */
@@ -502,12 +539,12 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                 const char *kb = walk_block(k, table, t0, lo, len, block_size, k_sblock, k_sslot, k_shead, h0,
                                             ((h1 - h0 - 1) * k_shead + Dk) * (int64_t)esz, esz, &a, &e, &pf, 1);
 #if defined(__AVX512BF16__)
-                if (dtype == BF16 && Dk % 32 == 0 && G % 2 == 0) {
+                if (dtype == BF16 && (cdt == BF16 || cdt == FP8) && Dk % 32 == 0 && G % 2 == 0) {
                     /* query heads HB at a time (rows j .. j+HB-1 share query row and KV head), 16 / HB
                      * cached rows a pass: MLA's one latent row serves all of a thread's heads */
                     const int HB = G % 4 == 0 ? 4 : 2, TB = 16 / HB;
                     const int64_t per = pf_share(&pf, (r / HB) * ((e - a + TB - 1) / TB));
-                    const int64_t ks = k_sslot * (int64_t)esz;
+                    const int64_t kst = k_sslot * (int64_t)esz;
                     for (int64_t ts = a; ts < e; ts += TB) {
                         const int cnt = e - ts < TB ? (int)(e - ts) : TB;
                         for (int64_t j = 0; j < r; j += HB) {
@@ -516,11 +553,11 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                             const char *kr = kb + ((ts - t0) * k_sslot + hk * k_shead) * esz;
                             __m512 sc; /* (full passes with a constant row count: their sums stay in registers) */
                             if (HB == 4)
-                                sc = cnt == 4 ? score_heads(qb, Dk, kr, ks, 4, Dk, 4)
-                                              : score_heads(qb, Dk, kr, ks, cnt, Dk, 4);
+                                sc = cnt == 4 ? score_heads(qb, Dk, kr, kst, 4, Dk, 4, cdt == FP8)
+                                              : score_heads(qb, Dk, kr, kst, cnt, Dk, 4, cdt == FP8);
                             else
-                                sc = cnt == 8 ? score_heads(qb, Dk, kr, ks, 8, Dk, 2)
-                                              : score_heads(qb, Dk, kr, ks, cnt, Dk, 2);
+                                sc = cnt == 8 ? score_heads(qb, Dk, kr, kst, 8, Dk, 2, cdt == FP8)
+                                              : score_heads(qb, Dk, kr, kst, cnt, Dk, 2, cdt == FP8);
                             float sv[16];
                             _mm512_storeu_ps(sv, _mm512_mul_ps(sc, _mm512_set1_ps(scale)));
                             for (int h = 0; h < HB; h++)
@@ -541,8 +578,8 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                             const uint16_t *qb = (const uint16_t *)q + ((q0 + j / rh) * H + h0 * G + j % rh) * Dk;
                             const char *kr = kb + ((ts - t0) * k_sslot + hk * k_shead) * esz;
                             const __m512 sv = _mm512_mul_ps(
-                                cnt == 16 ? score16(qf + j * Dk, qb, kr, k_sslot * (int64_t)esz, 16, Dk, dtype)
-                                          : score16(qf + j * Dk, qb, kr, k_sslot * (int64_t)esz, cnt, Dk, dtype),
+                                cnt == 16 ? score16(qf + j * Dk, qb, kr, k_sslot * (int64_t)esz, 16, Dk, cdt)
+                                          : score16(qf + j * Dk, qb, kr, k_sslot * (int64_t)esz, cnt, Dk, cdt),
                                 _mm512_set1_ps(scale));
                             _mm512_mask_storeu_ps(s + j * n + (ts - lo), (__mmask16)((1u << cnt) - 1), sv);
                             pf_step(&pf, per);
@@ -559,7 +596,7 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                         for (int64_t j = 0; j < r; j++) {
                             const int64_t hk = (j % rh) / G;
                             const __m256 sv = _mm256_mul_ps(score8(qf + j * Dk, kb + ((ts - t0) * k_sslot + hk * k_shead) * esz,
-                                                                   k_sslot * (int64_t)esz, cnt, Dk, dtype),
+                                                                   k_sslot * (int64_t)esz, cnt, Dk, cdt),
                                                             _mm256_set1_ps(scale));
                             float *dst = s + j * n + (ts - lo);
                             if (cnt == 8) {
@@ -578,12 +615,13 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                     for (int64_t qi = 0; qi < nq; qi++) {
                         for (int64_t hk = 0; hk < h1 - h0; hk++) {
                             const int64_t j0 = qi * rh + hk * G;
-                            dots(qf + j0 * Dk, G, kb + ((t - t0) * k_sslot + hk * k_shead) * esz, dtype, Dk, sc, row);
+                            dots(qf + j0 * Dk, G, kb + ((t - t0) * k_sslot + hk * k_shead) * esz, cdt, Dk, sc, row);
                             for (int64_t g = 0; g < G; g++) s[(j0 + g) * n + (t - lo)] = sc[g] * scale;
                         }
                     }
                 }
             }
+            if (cdt == FP8) scale_rows(s, r, n, lo, len, rh, G, h0, ks->k, ks, table, block_size);  /* K's scales */
             /* softmax per score row over its own keys [rlo, rlen) (the sink is one more logit with no
              * value); keys outside get weight 0 */
             for (int64_t j = 0; j < r; j++) {
@@ -591,6 +629,7 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                 softmax_row(s + j * n, n, lo, (window > 0 && rlen > window) ? rlen - window : 0, rlen,
                             sinks ? sinks + h0 * G + j % rh : NULL);
             }
+            if (cdt == FP8) scale_rows(s, r, n, lo, len, rh, G, h0, ks->v, ks, table, block_size);  /* V's, into p */
             memset(acc, 0, sizeof(float) * (size_t)(r * Dv));
             /* weighted sum of V */
 #if defined(__AVX512F__)
@@ -619,14 +658,14 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                             }
                             if (hg == 4) {
                                 for (int64_t c0 = 0; c0 < Dv; c0 += 64)
-                                    vsum_rows_4x64(accs, c0, ps, vh + c0 * esz, v_sslot * (int64_t)esz, e - a, dtype);
+                                    vsum_rows_4x64(accs, c0, ps, vh + c0 * esz, v_sslot * (int64_t)esz, e - a, cdt);
                             } else if (hg == 2) {
                                 for (int64_t c0 = 0; c0 < Dv; c0 += 128)
-                                    vsum_rows_2x128(accs, c0, ps, vh + c0 * esz, v_sslot * (int64_t)esz, e - a, dtype);
+                                    vsum_rows_2x128(accs, c0, ps, vh + c0 * esz, v_sslot * (int64_t)esz, e - a, cdt);
                             } else {
                                 for (int64_t c0 = 0; c0 < Dv; c0 += 64)
                                     vsum(accs[0] + c0, Dv - c0 >= 64 ? 4 : (int)((Dv - c0) / VEC), ps[0],
-                                         vh + c0 * esz, v_sslot * (int64_t)esz, e - a, dtype);
+                                         vh + c0 * esz, v_sslot * (int64_t)esz, e - a, cdt);
                             }
                         }
                         pf_step(&pf, per);
@@ -658,15 +697,15 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                             }
                             if (hg == 4) {
                                 for (int64_t c0 = 0; c0 < Dv; c0 += 16)
-                                    vsum8_rows_4x16(accs, c0, ps, vh + c0 * esz, vs, e - a, dtype);
+                                    vsum8_rows_4x16(accs, c0, ps, vh + c0 * esz, vs, e - a, cdt);
                             } else if (hg == 2) {
                                 for (int64_t c0 = 0; c0 < Dv; c0 += 32)
-                                    vsum8_rows_2x32(accs, c0, ps, vh + c0 * esz, vs, e - a, dtype);
+                                    vsum8_rows_2x32(accs, c0, ps, vh + c0 * esz, vs, e - a, cdt);
                             } else {
                                 int64_t c0 = 0;
                                 for (; c0 + 64 <= Dv; c0 += 64)
-                                    vsum8_rows_1x64(accs, c0, ps, vh + c0 * esz, vs, e - a, dtype);
-                                for (; c0 < Dv; c0 += 8) vsum8_rows_1x8(accs, c0, ps, vh + c0 * esz, vs, e - a, dtype);
+                                    vsum8_rows_1x64(accs, c0, ps, vh + c0 * esz, vs, e - a, cdt);
+                                for (; c0 < Dv; c0 += 8) vsum8_rows_1x8(accs, c0, ps, vh + c0 * esz, vs, e - a, cdt);
                             }
                         }
                     }
@@ -685,14 +724,14 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                         for (int64_t hk = 0; hk < h1 - h0; hk++) {
                             const int64_t j0 = qi * rh + hk * G;
                             axpys(acc + j0 * Dv, G, s + j0 * n + (t - lo), n,
-                                  vb + ((t - t0) * v_sslot + hk * v_shead) * esz, dtype, Dv, row);
+                                  vb + ((t - t0) * v_sslot + hk * v_shead) * esz, cdt, Dv, row);
                         }
             }
 #if defined(__AVX512F__) || defined(VEC8)
         store:;
 #endif
             for (int64_t qi = 0; qi < nq; qi++) {
-                char *o = (char *)out + (((q0 + qi) * H + h0 * G) * Dv) * esz;
+                char *o = (char *)out + (((q0 + qi) * H + h0 * G) * Dv) * qsz;
                 const float *src = acc + qi * rh * Dv;
                 if (dtype == BF16) {
                     int64_t i = 0;

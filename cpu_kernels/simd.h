@@ -7,7 +7,21 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { F32 = 0, BF16 = 1 };
+enum { F32 = 0, BF16 = 1, FP8 = 2 };  /* FP8: float8 e4m3fn (fp8 KV caches' rows) */
+
+/* bytes per element of a dtype code */
+static inline size_t dtype_size(int dtype) { return dtype == FP8 ? 1 : dtype == BF16 ? 2 : 4; }
+
+/* e4m3fn -> float32, exact: magnitudes 8-126 are normal (exponent rebiased from 7 to 127), 1-7 subnormal
+ * (m * 2^-9); the NaN pattern 0x7f reads as 480 (the cache never holds it: rows are scaled to +-448) */
+static inline float e4m3_to_f32(uint8_t x) {
+    union { uint32_t u; float f; } c;
+    const uint32_t mag = x & 0x7fu;
+    if (mag < 8) c.f = (float)mag * 0x1p-9f;
+    else c.u = (mag << 20) + (120u << 23);
+    c.u |= (uint32_t)(x & 0x80u) << 24;
+    return c.f;
+}
 
 static inline float bf16_to_f32(uint16_t x) {
     union { uint32_t u; float f; } c;
@@ -50,10 +64,20 @@ static inline float reduce8(__m256 v) {
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define VEC 16
-/* 16 elements (float32 or bf16) -> 16 floats */
+/* 16 elements (float32, bf16 or e4m3 as e4m3_to_f32 reads them) -> 16 floats */
 static inline __m512 load16(const void *p, int dtype) {
     if (dtype == BF16)
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+    if (dtype == FP8) {
+        const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+        const __m512i mag = _mm512_and_si512(x, _mm512_set1_epi32(0x7f));
+        __m512i v = _mm512_add_epi32(_mm512_slli_epi32(mag, 20), _mm512_set1_epi32(120 << 23));
+        const __mmask16 sub = _mm512_cmplt_epu32_mask(mag, _mm512_set1_epi32(8));
+        const __m512 small = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(0x1p-9f));
+        v = _mm512_mask_mov_epi32(v, sub, _mm512_castps_si512(small));
+        const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(x, _mm512_set1_epi32(0x80)), 24);
+        return _mm512_castsi512_ps(_mm512_or_si512(v, sign));
+    }
     return _mm512_loadu_ps(p);
 }
 
@@ -126,9 +150,20 @@ static inline void store16(void *p, __m512 x, int dtype) {
  * bit for bit with that build's vector body. */
 #include <immintrin.h>
 #define VEC8 8
-/* 8 elements (float32 or bf16) -> 8 floats */
+/* 8 elements (float32, bf16 or e4m3 as e4m3_to_f32 reads them) -> 8 floats */
 static inline __m256 load8(const void *p, int dtype) {
     if (dtype == BF16) return load8_bf16((const uint16_t *)p);
+    if (dtype == FP8) {
+        const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+        const __m256i mag = _mm256_and_si256(x, _mm256_set1_epi32(0x7f));
+        const __m256 normal =
+            _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(mag, 20), _mm256_set1_epi32(120 << 23)));
+        const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(0x1p-9f));
+        const __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag);
+        const __m256 v = _mm256_blendv_ps(normal, sub, _mm256_castsi256_ps(small));
+        const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x80)), 24);
+        return _mm256_or_ps(v, _mm256_castsi256_ps(sign));
+    }
     return _mm256_loadu_ps(p);
 }
 

@@ -174,6 +174,100 @@ def test_decode_kernel_several_rows_window_and_sinks(window, sinks, block_size):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def _fp8_cache_of(cache: torch.Tensor, g: torch.Generator, latent_of=None):
+    """An fp8 cache (kvcache.Fp8Cache) of ``cache``'s shape holding every finite e4m3 code (random bytes,
+    NaN codes dropped) and a scale of 2^-2 .. 2^2 / 448 per (slot, head) row; with ``latent_of``, a view of that
+    cache's leading dims (MLA's V)."""
+    from kvcache import Fp8Cache
+
+    if latent_of is not None:
+        return latent_of.narrow(cache.shape[-1])
+    codes = torch.randint(0, 256, cache.shape, generator=g, dtype=torch.int32)
+    codes[(codes & 0x7F) == 0x7F] = 0x11  # (0x7f / 0xff: e4m3fn's NaN)
+    data = codes.to(torch.uint8).view(torch.float8_e4m3fn)
+    scale = 2.0 ** (torch.rand(cache.shape[:3], generator=g) * 4 - 2) / 448  # (rows' largest ~0.25-4, as quantized)
+    return Fp8Cache(data, scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", ["gqa_2", "gqa_2_d128", "gqa_8", "group_7", "dim_not_16", "mla_latent",
+                                   "group_4_d64", "group_2_d64"])
+def test_decode_kernel_reads_fp8_caches(shape, dtype):
+    # fp8 (e4m3) K/V rows with a scale per (slot, head), read in place: every code (subnormals too) through the
+    # score paths (vdpbf16ps on bf16 queries of head groups of 2 / 4, float32 otherwise) and the V sums, with
+    # decode rows and several rows per sequence, windows and sinks; against the reference over the same cache
+    spec = dict(SHAPES[shape])
+    latent = spec.pop("latent", False)
+    lens, qlens = [1, 9, 40, 16, 150, 77], [1, 5, 1, 16, 1, 3]
+    meta, k_bf, v_bf, q = _decode_batch(lens, block_size=16, dtype=dtype, latent=latent, seed=11, qlens=qlens, **spec)
+    g = torch.Generator().manual_seed(3)
+    k_cache = _fp8_cache_of(k_bf, g)
+    v_cache = _fp8_cache_of(v_bf, g, k_cache if latent else None)
+    if not cpu_kernels.supports_decode(q, k_cache, v_cache):
+        assert cpu_kernels.load() is None
+        return
+    scale = spec["Dk"] ** -0.5
+    sinks_H = torch.randn(spec["H"], generator=g)
+    for window, sinks in ((None, None), (20, sinks_H)):
+        out = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
+                                                window, sinks, query_start=meta.query_start_loc)
+        ref = paged_attention_reference(q.float(), k_cache, v_cache, meta, scale, window, sinks)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("codes", ["all", "small"])  # small: magnitudes under 2^-3, a third of them subnormal
+@pytest.mark.parametrize("shape", ["gqa_2", "gqa_8", "group_7", "dim_not_16", "mla_latent", "group_4_d64"])
+def test_decode_kernel_fp8_rows_of_scale_one_equal_their_values_cached_plain(shape, codes, dtype):
+    # with every scale 1 an fp8 cache holds values the plain cache of q's dtype holds exactly: the kernel's
+    # outputs over the two are bit-identical (each e4m3 code read as its value, on every score and V path)
+    from kvcache import Fp8Cache
+
+    spec = dict(SHAPES[shape])
+    latent = spec.pop("latent", False)
+    lens, qlens = [1, 9, 40, 150], [1, 5, 1, 2]
+    meta, k_plain, v_plain, q = _decode_batch(lens, block_size=16, dtype=dtype, latent=latent, seed=5, qlens=qlens,
+                                              **spec)
+    g = torch.Generator().manual_seed(9)
+    caches = []
+    for plain in (k_plain,) if latent else (k_plain, v_plain):
+        c = torch.randint(0, 256 if codes == "all" else 0x28, plain.shape, generator=g, dtype=torch.int32)
+        if codes == "small":
+            c |= torch.randint(0, 2, plain.shape, generator=g, dtype=torch.int32) << 7  # signs
+        c[(c & 0x7F) == 0x7F] = 0
+        caches.append(Fp8Cache(c.to(torch.uint8).view(torch.float8_e4m3fn), torch.ones(plain.shape[:3])))
+    k8 = caches[0]
+    v8 = k8.narrow(spec["Dv"]) if latent else caches[1]
+    k_vals = k8.data.float().to(dtype)
+    v_vals = k_vals[..., :spec["Dv"]] if latent else v8.data.float().to(dtype)
+    if not cpu_kernels.supports_decode(q, k8, v8):
+        return
+    for window, sinks in ((None, None), (20, torch.randn(spec["H"], generator=g))):
+        args = (meta.block_tables, meta.context_lens, 0.3, window, sinks)
+        got = cpu_kernels.paged_decode_attention(q, k8, v8, *args, query_start=meta.query_start_loc)
+        want = cpu_kernels.paged_decode_attention(q, k_vals, v_vals, *args, query_start=meta.query_start_loc)
+        assert torch.equal(got, want)
+
+
+def test_decode_kernel_reads_every_fp8_code_exactly():
+    # one cached token: the output is its V row (weight 1) times its scale, exactly, for every e4m3 code
+    from kvcache import Fp8Cache
+
+    codes = torch.arange(256, dtype=torch.int32)
+    codes[(codes & 0x7F) == 0x7F] = 0
+    data = codes.to(torch.uint8).view(torch.float8_e4m3fn).view(1, 1, 1, 256)
+    v = Fp8Cache(data.clone(), torch.full((1, 1, 1), 0.5))
+    k = Fp8Cache(data[..., :32].clone(), torch.ones(1, 1, 1))
+    q = torch.randn(1, 2, 32)
+    if not cpu_kernels.supports_decode(q, k, v):
+        return
+    out = cpu_kernels.paged_decode_attention(q, k, v, torch.zeros(1, 1, dtype=torch.int32),
+                                            torch.ones(1, dtype=torch.int32), 0.1)
+    want = data.view(256).float() * 0.5
+    assert torch.equal(out[0, 0], want) and torch.equal(out[0, 1], want)
+
+
 def test_decode_kernel_rejects_rows_without_offsets():
     meta, k_cache, v_cache, q = _decode_batch([9, 4], 4, 2, 16, 16, 16, torch.float32, qlens=[3, 1])
     with pytest.raises(ValueError, match="query_start"):
