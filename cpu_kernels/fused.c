@@ -164,7 +164,8 @@ int moe_mla_token(const MlaPlan *a, const uint16_t *x, int64_t T, const int64_t 
  *   attention over the sequence's cached rows (window > 0: the last `window`; sinks: float32 [H]
  *   or NULL); out = o_proj(o) (+ bias)                         [D]
  * Caches [blocks, block_size, Hkv, hd] with element strides (sblock, sslot, shead), sblock =
- * block_size * sslot. p_qkv / p_o: the projections' packed weights (NULL: w_qkv / w_o in bf16).
+ * block_size * sslot: bf16, or with fp8 e4m3 rows and their scales (k, v written as the op path's
+ * kvcache.fp8.write_fp8 writes them). p_qkv / p_o: the projections' packed weights (NULL: w_qkv / w_o in bf16).
  * scratch: rows x ((H + 2 Hkv) hd + H hd) bf16. T > 1: T rows, row t at pos[t], written at slots[t],
  * so each computes what a one-row call at its position computes: without toff, rows of one sequence
  * (the decode token and its drafts: a verify step), row t attending over the first len - (T - 1 - t)
@@ -197,10 +198,19 @@ static int gqa_rows(const void *plan, const uint16_t *x, int64_t T, const int64_
         }
         moe_rope(q, BF16, 1, H + Hkv, hd, (H + Hkv) * hd, hd, pos + t, cos_tab, sin_tab, interleaved, 1);
         for (int64_t h = 0; h < Hkv; h++) {
+            if (a->fp8) {  /* e4m3 rows (strides in bytes) and their scales, as the op path's write_kv */
+                const Fp8Scales *f = a->fp8;
+                const int64_t at = (slot / a->block_size) * f->sblock + (slot % a->block_size) * f->sslot + h * f->shead;
+                moe_quantize_e4m3(k + h * hd, 1, hd, (uint8_t *)k_cache + slot * a->k_sslot + h * a->k_shead, hd,
+                                  f->k + at, 1);
+                moe_quantize_e4m3(v + h * hd, 1, hd, (uint8_t *)v_cache + slot * a->v_sslot + h * a->v_shead, hd,
+                                  f->v + at, 1);
+                continue;
+            }
             memcpy(k_cache + slot * a->k_sslot + h * a->k_shead, k + h * hd, sizeof(uint16_t) * (size_t)hd);
             memcpy(v_cache + slot * a->v_sslot + h * a->v_shead, v + h * hd, sizeof(uint16_t) * (size_t)hd);
         }
-        moe_paged_decode(q, o, k_cache, v_cache, BF16, NULL, 1, H, Hkv, hd, hd, a->k_sblock, a->k_sslot, a->k_shead,
+        moe_paged_decode(q, o, k_cache, v_cache, BF16, a->fp8, 1, H, Hkv, hd, hd, a->k_sblock, a->k_sslot, a->k_shead,
                          a->v_sblock, a->v_sslot, a->v_shead, a->block_size, table_t, 0, &len_t, NULL, a->window,
                          a->sinks, a->scale, nt);
     }

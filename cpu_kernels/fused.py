@@ -15,6 +15,7 @@ import torch
 
 from .build import address, c_struct, declare, load
 from .gemv import PLAN_ROWS, Outputs, Residual, output, residual_args
+from .paged_decode import fp8_rows, fp8_scales
 
 _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 # (plan, x, T, pos, cos, sin, interleaved, block table, context length, row offsets, row lengths, slots, out,
@@ -55,7 +56,7 @@ class SeqRows(NamedTuple):
 GqaPlanC = c_struct("GqaPlan",
                     "D H Hkv hd qk_norm rows: i64; w_qkv b_qkv q_norm k_norm w_o b_o: ptr; eps scale: f32; "
                     "k_cache v_cache: ptr; k_sblock k_sslot k_shead v_sblock v_sslot v_shead block_size window: i64; "
-                    "sinks scratch p_qkv p_o: ptr")
+                    "sinks scratch p_qkv p_o fp8: ptr")
 MlaPlanC = c_struct("MlaPlan",
                     "D q_lora H nope rope C v rows: i64; w_qa qa_norm w_qb w_kva kva_norm w_kvb w_o: ptr; "
                     "q_eps kv_eps scale: f32; cache: ptr; c_sblock c_sslot block_size: i64; "
@@ -198,7 +199,10 @@ class GqaToken:
         ws = [w for w in (b_qkv, q_norm, k_norm, b_o) if w is not None]
         if any(w.dtype != torch.bfloat16 or w.is_cuda or not w.is_contiguous() for w in ws) or load() is None:
             return
-        if qk_norm not in _QK_NORMS or k_cache.dim() != 4:
+        fp8 = fp8_rows(k_cache, v_cache)  # fp8 caches: their e4m3 rows (and scales)
+        if fp8 is not None:
+            k_cache, v_cache = fp8[:2]
+        if qk_norm not in _QK_NORMS or not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
             return
         hd = k_cache.shape[-1]
         D = w_o.shape[0] if isinstance(w_o, torch.Tensor) else w_o[0].shape[0]
@@ -206,18 +210,20 @@ class GqaToken:
         if qkv is None or o is None or hd % 2:
             return
         for c in (k_cache, v_cache):
-            if (c.dtype != torch.bfloat16 or c.dim() != 4 or c.shape[2:] != (kv_heads, hd) or c.stride(-1) != 1
-                    or c.stride(0) != c.shape[1] * c.stride(1)):
+            if (c.dtype != (torch.float8_e4m3fn if fp8 else torch.bfloat16) or c.dim() != 4 or c.is_cuda
+                    or c.shape[2:] != (kv_heads, hd) or c.stride(-1) != 1 or c.stride(0) != c.shape[1] * c.stride(1)):
                 return
+        scales = fp8_scales(*fp8[2:]) if fp8 else None
         sinks = sinks_H.float().contiguous() if sinks_H is not None else None
         self.D, self.hd = D, hd
         # q, k, v, the heads' outputs for PLAN_ROWS rows (a verify step's: each weight read once for them)
         scratch = torch.empty(PLAN_ROWS * (2 * heads + 2 * kv_heads) * hd, dtype=torch.bfloat16)
-        self._keep = (w_qkv, b_qkv, q_norm, k_norm, k_cache, v_cache, sinks, w_o, b_o, qkv, o, scratch)
+        self._keep = (w_qkv, b_qkv, q_norm, k_norm, k_cache, v_cache, sinks, w_o, b_o, qkv, o, scratch, fp8, scales)
         self.c = GqaPlanC(D, heads, kv_heads, hd, _QK_NORMS[qk_norm], PLAN_ROWS, qkv[0], address(b_qkv),
                           address(q_norm), address(k_norm), o[0], address(b_o), eps, scale, address(k_cache),
                           address(v_cache), *k_cache.stride()[:3], *v_cache.stride()[:3], k_cache.shape[1],
-                          sliding_window or 0, address(sinks), address(scratch), address(qkv[1]), address(o[1]))
+                          sliding_window or 0, address(sinks), address(scratch), address(qkv[1]), address(o[1]),
+                          address(scales))
         self.ref = address(self.c)  # what the C calls take (moe_decode_step too)
         self.ok = True
 

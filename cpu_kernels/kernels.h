@@ -66,9 +66,10 @@ int moe_q4_dequant(const uint8_t *q, int64_t ldq, const float *lut, const float 
 /* fp8 KV caches' scales (moe_paged_decode): row (block b, slot t, head h) of K worth k[b * sblock + t * sslot +
  * h * shead] times its e4m3 values, of V v[...] likewise (V may share K's rows and scales: MLA's latent) */
 typedef struct {
-    const float *k, *v;
+    float *k, *v;
     int64_t sblock, sslot, shead;
 } Fp8Scales;
+int moe_quantize_e4m3(const uint16_t *x, int64_t R, int64_t D, uint8_t *q, int64_t ldq, float *scale, int64_t lds);
 int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, int dtype, const Fp8Scales *fp8,
                      int64_t B, int64_t H, int64_t Hkv, int64_t Dk, int64_t Dv,
                      int64_t k_sblock, int64_t k_sslot, int64_t k_shead,
@@ -101,6 +102,7 @@ typedef struct {
     const float *sinks;
     uint16_t *scratch;
     const PackedProj *p_qkv, *p_o;
+    const Fp8Scales *fp8; /* fp8 caches' scales (k_cache / v_cache then hold e4m3 rows), or NULL: bf16 caches */
 } GqaPlan;
 
 typedef struct {

@@ -748,3 +748,25 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
     }
     return 0;
 }
+
+/* The fp8 cache's rows of R bf16 rows x [R, D] (kvcache/fp8.py's quantize_fp8, bit for bit): row r's
+ * scale = max(amax |x_r|, FLT_MIN) / 448 into scale[r * lds], its values x / scale (each a float32
+ * division, clamped to +-448) rounded to e4m3 into q + r * ldq. Returns 0. */
+int moe_quantize_e4m3(const uint16_t *x, int64_t R, int64_t D, uint8_t *q, int64_t ldq, float *scale, int64_t lds) {
+    for (int64_t r = 0; r < R; r++) {
+        const uint16_t *xr = x + r * D;
+        float amax = 0.f;
+        for (int64_t i = 0; i < D; i++) {
+            const float a = fabsf(bf16_to_f32(xr[i]));
+            amax = a > amax || a != a ? a : amax;  /* (NaN propagates, as torch's amax) */
+        }
+        const float s = (amax < 0x1p-126f ? 0x1p-126f : amax) / 448.f;
+        for (int64_t i = 0; i < D; i++) {
+            float v = bf16_to_f32(xr[i]) / s;
+            v = v < -448.f ? -448.f : v > 448.f ? 448.f : v;
+            q[r * ldq + i] = f32_to_e4m3(v);
+        }
+        scale[r * lds] = s;
+    }
+    return 0;
+}

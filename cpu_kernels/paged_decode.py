@@ -20,11 +20,12 @@ from .build import DTYPES, c_struct, declare, kernel_dtype, load
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 declare({"moe_paged_decode": [_ptr, _ptr, _ptr, _ptr, ctypes.c_int, _ptr, *[_i64] * 12, _ptr, _i64, _ptr, _ptr, _i64,
-                              _ptr, ctypes.c_float, ctypes.c_int]})
+                              _ptr, ctypes.c_float, ctypes.c_int],
+         "moe_quantize_e4m3": [_ptr, _i64, _i64, _ptr, _i64, _ptr, _i64]})
 Fp8ScalesC = c_struct("Fp8Scales", "k v: ptr; sblock sslot shead: i64")
 
 
-def _fp8_rows(k_cache: object, v_cache: object) -> tuple | None:
+def fp8_rows(k_cache: object, v_cache: object) -> tuple | None:
     """``(k data, v data, k scale, v scale)`` of fp8 caches (:class:`kvcache.Fp8Cache`: e4m3 rows, a
     float32 scale per (slot, head) row) the kernel reads: CPU, rows of unit stride, the two scales
     laid out alike; else None."""
@@ -47,7 +48,7 @@ def supports_decode(q: torch.Tensor, k_cache: object, v_cache: object) -> bool:
     (:class:`kvcache.Fp8Cache`) beside float32 / bfloat16 queries; rows with unit stride."""
     if isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor):
         return kernel_dtype(q, k_cache, v_cache) is not None
-    return kernel_dtype(q) is not None and _fp8_rows(k_cache, v_cache) is not None
+    return kernel_dtype(q) is not None and fp8_rows(k_cache, v_cache) is not None
 
 
 def paged_decode_attention(q_THD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -83,10 +84,28 @@ def paged_decode_attention(q_THD: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         return out
     kd, vd, fp8 = k_cache, v_cache, None
     if not isinstance(k_cache, torch.Tensor):  # fp8: e4m3 rows, their scales
-        kd, vd, ks, vs = _fp8_rows(k_cache, v_cache)
-        fp8 = ctypes.byref(Fp8ScalesC(ks.data_ptr(), vs.data_ptr(), *ks.stride()))
+        kd, vd, ks, vs = fp8_rows(k_cache, v_cache)
+        fp8 = ctypes.byref(fp8_scales(ks, vs))
     lib.moe_paged_decode(q.data_ptr(), out.data_ptr(), kd.data_ptr(), vd.data_ptr(), DTYPES[q.dtype], fp8, B, H, Hkv,
                          Dk, Dv, *kd.stride()[:3], *vd.stride()[:3], kd.shape[1], bt.data_ptr(), bt.shape[1],
                          cl.data_ptr(), qs.data_ptr() if qs is not None else None, sliding_window or 0,
                          sinks.data_ptr() if sinks is not None else None, scale, torch.get_num_threads())
     return out
+
+
+def fp8_scales(k_scale: torch.Tensor, v_scale: torch.Tensor) -> ctypes.Structure:
+    """The C struct of an fp8 cache's scales (``[blocks, block_size, H_kv]`` float32 each, laid out alike)."""
+    return Fp8ScalesC(k_scale.data_ptr(), v_scale.data_ptr(), *k_scale.stride())
+
+
+def quantize_e4m3(x_RD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`kvcache.fp8.quantize_fp8` of bf16 CPU rows in one C pass, bit for bit: ``(float8_e4m3fn
+    [R, D], float32 scale [R])``; None where it does not apply (other dtypes, no kernels)."""
+    if kernel_dtype(x_RD) != DTYPES[torch.bfloat16] or x_RD.dim() != 2:
+        return None
+    x = x_RD.contiguous()
+    R, D = x.shape
+    q = torch.empty(R, D, dtype=torch.uint8)
+    scale = torch.empty(R, dtype=torch.float32)
+    load().moe_quantize_e4m3(x.data_ptr(), R, D, q.data_ptr(), D, scale.data_ptr(), 1)
+    return q.view(torch.float8_e4m3fn), scale

@@ -23,6 +23,19 @@ static inline float e4m3_to_f32(uint8_t x) {
     return c.f;
 }
 
+/* float32 -> e4m3fn as torch's .to(torch.float8_e4m3fn) rounds it (nearest even) for |f| <= 448 (the
+ * cache's rows are scaled into it); NaN -> 0x7f */
+static inline uint8_t f32_to_e4m3(float f) {
+    union { uint32_t u; float f; } c;
+    c.f = f;
+    const uint8_t sign = (uint8_t)((c.u >> 24) & 0x80u);
+    c.u &= 0x7fffffffu;
+    if (c.u > 0x7f800000u) return sign | 0x7f;
+    if (c.f < 0x1p-6f) return sign | (uint8_t)lrintf(c.f * 512.f);  /* subnormal: units of 2^-9 (8: 2^-6) */
+    const uint32_t r = c.u + 0x7ffffu + ((c.u >> 20) & 1u);  /* 3 mantissa bits, nearest even */
+    return sign | (uint8_t)((r >> 20) - (120u << 3));
+}
+
 static inline float bf16_to_f32(uint16_t x) {
     union { uint32_t u; float f; } c;
     c.u = (uint32_t)x << 16;

@@ -139,24 +139,30 @@ def test_batched_requests_equal_each_request_alone(family, checkpoint):
     _engine_idle(batch_llm)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2",
-                                    "deepseek_v3"])
-def test_captured_batch1_step_equals_the_model_forward(family, checkpoint, monkeypatch):
+@pytest.mark.parametrize("family,kv", [("mixtral", "auto"), ("qwen2_moe", "auto"), ("qwen3_moe", "auto"),
+                                       ("olmoe", "auto"), ("gpt_oss", "auto"), ("deepseek_v2", "auto"),
+                                       ("deepseek_v3", "auto"), ("mixtral", "fp8"), ("gpt_oss", "fp8"),
+                                       ("qwen3_moe", "fp8")])
+def test_captured_batch1_step_equals_the_model_forward(family, kv, checkpoint, monkeypatch):
     # a step of one sequence and one token runs as the captured decode (moe/cpu_decode.py) on a
     # bf16 CPU engine: greedy tokens and log-probs equal the model's own forward's (capture off),
     # for a one-token prompt, within a block and across blocks. olmoe's clipped qkv keeps its
     # attention op by op inside the captured step. The rotary tables start short (8 positions):
-    # the captured step grows them before its layers read them
+    # the captured step grows them before its layers read them. An fp8 KV cache: its rows quantized
+    # in the captured step's C call as the op path's write_kv quantizes them, read in place by both
     import cpu_kernels
     from moe.cpu_decode import CapturedDecode
 
-    llm = LLM(str(checkpoint(family)), dtype="bfloat16", block_size=16, enable_prefix_caching=False)
+    llm = LLM(str(checkpoint(family)), dtype="bfloat16", block_size=16, enable_prefix_caching=False,
+              kv_cache_dtype=kv)
     runner = llm.engine.runner
     if cpu_kernels.load() is None:
         assert runner.captured is None
         return
     assert runner.captured is not None
     assert runner.captured.step.embeds and runner.captured.head.ok  # the embedding and the LM head in C too
+    if kv == "fp8":
+        assert runner.captured.runs_greedy  # whole steps in C: the attention halves quantize and read fp8
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9, 40)]
     sp = SamplingParams(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True)
     real, calls = CapturedDecode.__call__, []

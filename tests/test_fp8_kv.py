@@ -31,6 +31,27 @@ def test_quantize_fp8_error_is_within_e4m3_rounding():
     assert bool((dequantize_fp8(q, scale, torch.float32)[3, 1] == 0).all())
 
 
+def test_cpu_quantize_writes_the_bytes_torch_writes():
+    # the C pass write_fp8 takes for bf16 rows on CPU (and the captured decode step, in C): the codes and
+    # scales of quantize_fp8, bit for bit, for rows across 12 decades, zero rows, and every finite bf16
+    # value (consecutive bit patterns: each row's codes meet rounding ties)
+    import cpu_kernels
+
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(3000, 128, generator=g) * torch.logspace(-6, 6, 3000).view(-1, 1)).bfloat16()
+    x[5] = 0
+    x[7, 3] = 1e-30
+    bits = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    every = bits[torch.isfinite(bits)]
+    for rows in (x, every[:every.numel() // 128 * 128].view(-1, 128)):
+        got = cpu_kernels.quantize_e4m3(rows)
+        if got is None:
+            assert cpu_kernels.load() is None
+            return
+        want = quantize_fp8(rows)
+        assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("magnitude", [1.0, 1e6])  # 1e6: scales too large for the bit trick, the plain cast
 def test_dequantize_fp8_fast_path_equals_the_plain_cast(magnitude: float):
     g = torch.Generator().manual_seed(2)

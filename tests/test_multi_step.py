@@ -55,12 +55,14 @@ def _idle(llm: LLM) -> None:
     assert bm.num_free_blocks == bm.num_blocks and all(r == -1 for r in bm.reserved_by)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v2", "deepseek_v3",
+                                    "mixtral-fp8"])
 def test_multi_step_tokens_equal_one_step_a_call(family, checkpoint, calls):
     # bf16 greedy decoding across block boundaries (blocks of 4), from prompts of 1, 6 and 13 tokens:
     # the same tokens with 16 steps a call as with one (each step the captured step, its LM head and
-    # the greedy argmax), and the multi-step calls did run several steps each
-    llm = _llm(str(checkpoint(family)))
+    # the greedy argmax), and the multi-step calls did run several steps each; an fp8 KV cache too
+    name, _, kv = family.partition("-")
+    llm = _llm(str(checkpoint(name)), **({"kv_cache_dtype": kv} if kv else {}))
     assert llm.engine.runner.runs_greedy and llm.engine.scheduler.max_steps == 16
     g = torch.Generator().manual_seed(1)
     prompts = [{"prompt_token_ids": torch.randint(3, 200, (n,), generator=g).tolist()} for n in (1, 6, 13)]
