@@ -100,7 +100,7 @@ static int attn_in_chunks(AttnRows f, const void *plan, int64_t D, int64_t R, co
  *   (V = the first C dims); o[h] = W_UV[h] @ o_lat[h]; out = o_proj(o)      [D]
  * w_kvb: [H * (nope + v), C] (W_UK[h] its rows h*(nope+v) .. +nope, W_UV[h] the next v). The cache
  * is [blocks, block_size, 1, C + rope] with element strides (c_sblock, c_sslot), c_sblock =
- * block_size * c_sslot; table: the sequence's blocks, len: its tokens after this one is written.
+ * block_size * c_sslot (bf16, or with fp8 e4m3 rows and their scales, written as write_fp8 writes them); table: the sequence's blocks, len: its tokens after this one is written.
  * p_qa, p_qb, p_kva, p_o: those projections' packed weights (NULL: the bf16 w_*; W_UK / W_UV stay
  * bf16). scratch: rows x (q_lora + H*(nope+rope) + (C+rope) + H*(C+rope) + H*C + H*v) bf16. Returns 0,
  * -1 without memory. */
@@ -130,15 +130,20 @@ static int mla_rows(const void *plan, const uint16_t *x, int64_t T, const int64_
         uint16_t *q_t = q + t * S, *lat_t = lat + t * S, *qfull_t = qfull + t * S, *olat_t = olat + t * S;
         int32_t len_t;
         const int32_t *table_t = row_blocks(table, len, toff, lens, T, t, &len_t);
-        uint16_t *row = cache + slots[t] * c_sslot;
+        /* the latent row: into the cache (bf16), or (fp8) built in olat_t's room and quantized into it */
+        uint16_t *row = a->fp8 ? olat_t : cache + slots[t] * c_sslot;
         moe_rms_norm(lat_t, a->kva_norm, row, BF16, 1, C, L, L, a->kv_eps, nt);
         memcpy(row + C, lat_t + C, sizeof(uint16_t) * (size_t)rope);
         moe_rope(row + C, BF16, 1, 1, rope, L, rope, pos + t, cos_tab, sin_tab, interleaved, 1);
+        if (a->fp8) {
+            const int64_t s = slots[t], at = (s / a->block_size) * a->fp8->sblock + (s % a->block_size) * a->fp8->sslot;
+            moe_quantize_e4m3(row, 1, L, (uint8_t *)cache + s * c_sslot, L, a->fp8->k + at, 1);
+        }
         moe_heads_vec(q_t, qk, w_kvb, (nope + v) * C, C, C, nope, H, 0, qfull_t, L, nt);
         for (int64_t h = 0; h < H; h++)
             memcpy(qfull_t + h * L + C, q_t + h * qk + nope, sizeof(uint16_t) * (size_t)rope);
         moe_rope(qfull_t + C, BF16, 1, H, rope, H * L, L, pos + t, cos_tab, sin_tab, interleaved, 1);
-        moe_paged_decode(qfull_t, olat_t, cache, cache, BF16, NULL, 1, H, 1, L, C, c_sblock, c_sslot, L, c_sblock,
+        moe_paged_decode(qfull_t, olat_t, cache, cache, BF16, a->fp8, 1, H, 1, L, C, c_sblock, c_sslot, L, c_sblock,
                          c_sslot, L, a->block_size, table_t, 0, &len_t, NULL, 0, NULL, a->scale, nt);
         moe_heads_vec(olat_t, C, w_kvb + nope * C, (nope + v) * C, C, v, C, H, 1, o + t * S, v, nt);
     }

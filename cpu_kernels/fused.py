@@ -60,7 +60,7 @@ GqaPlanC = c_struct("GqaPlan",
 MlaPlanC = c_struct("MlaPlan",
                     "D q_lora H nope rope C v rows: i64; w_qa qa_norm w_qb w_kva kva_norm w_kvb w_o: ptr; "
                     "q_eps kv_eps scale: f32; cache: ptr; c_sblock c_sslot block_size: i64; "
-                    "scratch p_qa p_qb p_kva p_o: ptr")
+                    "scratch p_qa p_qb p_kva p_o fp8: ptr")
 
 # a packed projection's kernel arguments: (codes, lut or None (int8), float32 scales, offsets or None, group size,
 # x8: int4 codes meet x rounded to 8 bits)
@@ -106,9 +106,14 @@ class MlaToken:
             return
         C = kva_norm.shape[0]
         L = C + rope
-        if (cache.dtype != torch.bfloat16 or cache.dim() != 4 or cache.shape[2:] != (1, L) or cache.stride(-1) != 1
-                or cache.stride(1) != L or cache.stride(0) != cache.shape[1] * L or rope % 2):
+        fp8 = fp8_rows(cache, cache)  # an fp8 cache: its e4m3 rows (and scales); the row built in C x heads room
+        if fp8 is not None:
+            cache = fp8[0]
+        if (not isinstance(cache, torch.Tensor) or cache.dtype != (torch.float8_e4m3fn if fp8 else torch.bfloat16)
+                or cache.dim() != 4 or cache.shape[2:] != (1, L) or cache.stride(-1) != 1 or cache.stride(1) != L
+                or cache.stride(0) != cache.shape[1] * L or rope % 2 or (fp8 and heads * C < L)):
             return
+        scales = fp8_scales(*fp8[2:]) if fp8 else None
         D = w_o.shape[0] if isinstance(w_o, torch.Tensor) else w_o[0].shape[0]
         if w_qa is not None and (qa_norm is None or qa_norm.dim() != 1):
             return
@@ -123,11 +128,11 @@ class MlaToken:
         # (for PLAN_ROWS rows: a verify step's or several sequences', projections read once for them)
         scratch = torch.empty(PLAN_ROWS * (q_lora + heads * (nope + rope) + L + heads * L + heads * C + heads * v),
                               dtype=torch.bfloat16)
-        self._keep = (w_qa, qa_norm, w_qb, w_kva, kva_norm, w_kvb, w_o, cache, projs, scratch)
+        self._keep = (w_qa, qa_norm, w_qb, w_kva, kva_norm, w_kvb, w_o, cache, projs, scratch, fp8, scales)
         self.c = MlaPlanC(D, q_lora, heads, nope, rope, C, v, PLAN_ROWS, qa_w, address(qa_norm), qb_w, kva_w,
                           address(kva_norm), address(w_kvb), o_w, q_eps, kv_eps, scale, address(cache),
                           cache.stride(0), cache.stride(1), cache.shape[1], address(scratch), address(p_qa),
-                          address(p_qb), address(p_kva), address(p_o))
+                          address(p_qb), address(p_kva), address(p_o), address(scales))
         self.ref = address(self.c)  # what the C calls take (moe_decode_step too)
         self.ok = True
 

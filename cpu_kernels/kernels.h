@@ -113,6 +113,7 @@ typedef struct {
     int64_t c_sblock, c_sslot, block_size;
     uint16_t *scratch;
     const PackedProj *p_qa, *p_qb, *p_kva, *p_o;
+    const Fp8Scales *fp8; /* an fp8 cache's scales (cache then holds e4m3 rows, H * C >= C + rope), or NULL */
 } MlaPlan;
 
 typedef struct {

@@ -6,7 +6,7 @@ model once, at load, and plans each half-layer:
 
 - attention + residual add + post-attention norm as one C call (:func:`cpu_kernels.gqa_token`,
   :class:`cpu_kernels.MlaToken`) where the half is plain: CPU, bf16, one TP rank, bf16 KV caches
-  (GQA: or fp8, its rows quantized as the op path's ``write_kv`` does), no qkv clipping, no MLA
+  (or fp8, its rows quantized as the op path's ``write_kv`` does), no qkv clipping, no MLA
   biases; projections bf16 or packed (``moe quantize --all-linear``, computed as ``ops.linear``
   computes them; MLA's kv_b_proj bf16);
 - router as one C call (:class:`cpu_kernels.RouteToken`: the gate's GEMV, scoring and selection,
@@ -157,9 +157,12 @@ class _MlaToken(_OpsAttention):
     def fits(attn: MLAttention, cache) -> bool:
         projs = [attn.kv_a_proj_with_mqa, attn.o_proj] + ([attn.q_a_proj] if attn.q_lora else [])
         weights = [_one_row_weight(p) for p in projs + [attn.q_b_proj if attn.q_lora else attn.q_proj]]
-        return (isinstance(cache, torch.Tensor) and not attn.o_proj.split and all(p.bias is None for p in projs)
-                and all(w is not None for w in weights) and isinstance(attn.kv_b_proj.weight, torch.Tensor)
-                and _bf16_cpu(cache, attn.kv_b_proj.weight, *(w for w in weights if isinstance(w, torch.Tensor))))
+        plain = isinstance(cache, torch.Tensor)
+        return ((plain or cpu_kernels.fp8_rows(cache, cache) is not None) and not attn.o_proj.split
+                and all(p.bias is None for p in projs) and all(w is not None for w in weights)
+                and isinstance(attn.kv_b_proj.weight, torch.Tensor)
+                and _bf16_cpu(*((cache,) if plain else ()), attn.kv_b_proj.weight,
+                              *(w for w in weights if isinstance(w, torch.Tensor))))
 
 
 class _OpsMlp:

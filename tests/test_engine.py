@@ -142,7 +142,7 @@ def test_batched_requests_equal_each_request_alone(family, checkpoint):
 @pytest.mark.parametrize("family,kv", [("mixtral", "auto"), ("qwen2_moe", "auto"), ("qwen3_moe", "auto"),
                                        ("olmoe", "auto"), ("gpt_oss", "auto"), ("deepseek_v2", "auto"),
                                        ("deepseek_v3", "auto"), ("mixtral", "fp8"), ("gpt_oss", "fp8"),
-                                       ("qwen3_moe", "fp8")])
+                                       ("qwen3_moe", "fp8"), ("deepseek_v2", "fp8"), ("deepseek_v3", "fp8")])
 def test_captured_batch1_step_equals_the_model_forward(family, kv, checkpoint, monkeypatch):
     # a step of one sequence and one token runs as the captured decode (moe/cpu_decode.py) on a
     # bf16 CPU engine: greedy tokens and log-probs equal the model's own forward's (capture off),

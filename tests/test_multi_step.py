@@ -56,7 +56,7 @@ def _idle(llm: LLM) -> None:
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v2", "deepseek_v3",
-                                    "mixtral-fp8"])
+                                    "mixtral-fp8", "deepseek_v3-fp8"])
 def test_multi_step_tokens_equal_one_step_a_call(family, checkpoint, calls):
     # bf16 greedy decoding across block boundaries (blocks of 4), from prompts of 1, 6 and 13 tokens:
     # the same tokens with 16 steps a call as with one (each step the captured step, its LM head and
