@@ -199,18 +199,21 @@ static void attend(const uint16_t *qb, int64_t m, int64_t pos0, int64_t window, 
 #endif
 
 /* out[i, h, :] = softmax(scale * q[i, h] . K[lo:j+1]) . V[lo:j+1] for the Q prompt rows i of one
- * sequence, row i at position j = L - Q + i of its L >= Q cached tokens, K/V of KV head h / (H /
- * Hkv), lo = j - window + 1 under a sliding window (window > 0), else 0; with sinks (float32 [H], or
- * NULL) head h's softmax has sinks[h] as one more logit (unscaled), with no value. bf16 throughout: q[i, h, d] at q + i*sq_t + h*sq_h + d; token t of the cache at block
- * bt[t / bs], slot t % bs: K row at k + bt[t/bs]*sk_b + (t%bs)*sk_t + hk*sk_h (D dims), V likewise
- * (Dv dims; V may be K's leading dims, MLA's latent cache); out[i, h, :] at out + i*so_t + h*so_h.
- * Needs D % 32 == Dv % 32 == 0. Scratch: kp of Hkv * ceil(L/32)*32 * D bf16, vp of the same with
- * Dv. Returns 0, -1 when built without AMX, -3 when out of memory. */
+ * sequence, row i at position j = L - Q + i of its L >= Q cached tokens, K/V of KV head h / (H / Hkv),
+ * lo = j - window + 1 under a sliding window (window > 0), else 0; with sinks (float32 [H], or NULL)
+ * head h's softmax has sinks[h] as one more logit (unscaled), with no value. bf16 throughout: q[i, h,
+ * d] at q + i*sq_t + h*sq_h + d; token t of the cache at block bt[t / bs], slot t % bs: K row at k +
+ * bt[t/bs]*sk_b + (t%bs)*sk_t + hk*sk_h (D dims), V likewise (Dv dims; V may be K's leading dims,
+ * MLA's latent cache); out[i, h, :] at out + i*so_t + h*so_h. Needs D % 32 == Dv % 32 == 0. Scratch:
+ * kp of Hkv * ceil(L/32)*32 * D bf16, vp of the same with Dv. With fp8 (else NULL) the caches hold fp8
+ * rows (kvcache/fp8.py: e4m3, strides in bytes, a scale per row in *fp8), widened to bf16 first as
+ * dequantize_fp8 widens them. Returns 0, -1 when built without AMX, -3 when out of memory. */
 int moe_amx_prefill_attention(const uint16_t *q, int64_t sq_t, int64_t sq_h, const uint16_t *k, int64_t sk_b,
                               int64_t sk_t, int64_t sk_h, const uint16_t *v, int64_t sv_b, int64_t sv_t, int64_t sv_h,
                               int64_t bs, const int32_t *bt, uint16_t *out, int64_t so_t, int64_t so_h, int64_t Q,
-                              int64_t L, int64_t H, int64_t Hkv, int64_t D, int64_t Dv, int64_t window, const float *sinks,
-                              float scale, uint16_t *kp, uint16_t *vp, int num_threads) {
+                              int64_t L, int64_t H, int64_t Hkv, int64_t D, int64_t Dv, int64_t window,
+                              const float *sinks, const Fp8Scales *fp8, float scale, uint16_t *kp, uint16_t *vp,
+                              int num_threads) {
 #if defined(HAVE_TILES)
     const int64_t Lp = (L + 31) / 32 * 32, nc = D / KC, nkb = Lp / 16, nvb = Lp / 32, nd = Dv / 16;
     const int64_t group = H / Hkv, nqt = (Q + QT - 1) / QT;
@@ -221,6 +224,36 @@ int moe_amx_prefill_attention(const uint16_t *q, int64_t sq_t, int64_t sq_h, con
     for (int64_t t = 0; t < L; t++) {
         koff[t] = bt[t / bs] * sk_b + (t % bs) * sk_t;
         voff[t] = bt[t / bs] * sv_b + (t % bs) * sv_t;
+    }
+    uint16_t *deq = NULL;
+    if (fp8) {
+        /* fp8 rows (strides in bytes): the ones packed below widened to bf16 rows [L][Hkv][D] (and V's
+         * [L][Hkv][Dv] unless V is K's leading dims, MLA's latent) as kvcache/fp8.py's dequantize_fp8
+         * widens them for SDPA: bf16(value * bf16(the row's scale)) */
+        const int v_in_k = v == k && sv_b == sk_b && sv_t == sk_t && sv_h == sk_h;
+        deq = malloc(sizeof(uint16_t) * (size_t)(L * Hkv * (D + (v_in_k ? 0 : Dv))));
+        if (!deq) {
+            free(koff);
+            return -3;
+        }
+        uint16_t *vdeq = v_in_k ? deq : deq + L * Hkv * D;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+        for (int64_t t = 32 * kb0; t < L; t++)
+            for (int64_t h = 0; h < Hkv; h++) {
+                const int64_t at = bt[t / bs] * fp8->sblock + (t % bs) * fp8->sslot + h * fp8->shead;
+                const float ks = bf16_to_f32(f32_to_bf16(fp8->k[at])), vs = bf16_to_f32(f32_to_bf16(fp8->v[at]));
+                const uint8_t *kr = (const uint8_t *)k + koff[t] + h * sk_h;
+                const uint8_t *vr = (const uint8_t *)v + voff[t] + h * sv_h;
+                uint16_t *kd = deq + (t * Hkv + h) * D, *vd = vdeq + (t * Hkv + h) * Dv;
+                for (int64_t i = 0; i < D; i++) kd[i] = f32_to_bf16(e4m3_to_f32(kr[i]) * ks);
+                if (!v_in_k)
+                    for (int64_t i = 0; i < Dv; i++) vd[i] = f32_to_bf16(e4m3_to_f32(vr[i]) * vs);
+            }
+        for (int64_t t = 0; t < L; t++) {
+            koff[t] = t * Hkv * D;
+            voff[t] = t * Hkv * (v_in_k ? D : Dv);
+        }
+        k = deq, sk_h = D, v = vdeq, sv_h = v_in_k ? D : Dv;
     }
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
@@ -267,11 +300,12 @@ int moe_amx_prefill_attention(const uint16_t *q, int64_t sq_t, int64_t sq_h, con
         free(O);
     }
     free(koff);
+    free(deq);
     return failed ? -3 : 0;
 #else
     (void)q; (void)sq_t; (void)sq_h; (void)k; (void)sk_b; (void)sk_t; (void)sk_h; (void)v; (void)sv_b; (void)sv_t;
     (void)sv_h; (void)bs; (void)bt; (void)out; (void)so_t; (void)so_h; (void)Q; (void)L; (void)H; (void)Hkv; (void)D;
-    (void)Dv; (void)window; (void)sinks; (void)scale; (void)kp; (void)vp; (void)num_threads;
+    (void)Dv; (void)window; (void)sinks; (void)fp8; (void)scale; (void)kp; (void)vp; (void)num_threads;
     return -1;
 #endif
 }

@@ -6,8 +6,9 @@ decode kernel takes (after gathering the sequence's K/V out of the cache blocks)
 (2 threads) this kernel runs 1.6-2.3x torch's CPU flash attention on 64-2048-token prompts, and
 ~2x on a chunk after a cached prefix, where SDPA needs a mask; on AVX512-BF16 without AMX (Zen 4,
 the products on vdpbf16ps) 3.0-3.6x, prompt throughput 1.16x (16 x 256 tokens) and 1.46x (4 x 2048)
-on the Qwen3-MoE shape. None where it does not apply (no tile kernels, not bf16, fp8 caches, head
-dims not multiples of 32): then SDPA.
+on the Qwen3-MoE shape. fp8 caches (e4m3 rows) are widened to bf16 rows first, as the SDPA
+path widens them. None where it does not apply (no tile kernels, not bf16, head dims not multiples
+of 32): then SDPA.
 :func:`prefill_attention_reference` is its float32 reference.
 """
 from __future__ import annotations
@@ -18,25 +19,29 @@ import torch
 
 from .amx import amx_available
 from .build import declare, kernel_dtype, load
+from .paged_decode import fp8_rows, fp8_scales
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 declare({"moe_amx_prefill_attention": [_ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr,
                                        _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr,
-                                       ctypes.c_float, _ptr, _ptr, ctypes.c_int]})
+                                       _ptr, ctypes.c_float, _ptr, _ptr, ctypes.c_int]})
 
 
 def supports_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether :func:`prefill_attention` takes these queries ``[Q, H, D]`` and caches ``[blocks,
-    block_size, Hkv, D]`` / ``[..., Dv]``: bf16 where the tile kernels run (AMX, or AVX512-BF16),
-    D and Dv multiples of 32."""
-    if not isinstance(k_cache, torch.Tensor) or not isinstance(v_cache, torch.Tensor):
-        return False  # fp8 caches
-    if q.dtype != torch.bfloat16 or q.dim() != 3 or k_cache.dim() != 4 or v_cache.dim() != 4:
+    block_size, Hkv, D]`` / ``[..., Dv]``: bf16 (or fp8 caches, :class:`kvcache.Fp8Cache`) where the
+    tile kernels run (AMX, or AVX512-BF16), D and Dv multiples of 32."""
+    plain = isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)
+    fp8 = None if plain else fp8_rows(k_cache, v_cache)
+    if not plain and fp8 is None:
         return False
-    D, Dv = q.shape[-1], v_cache.shape[-1]
-    if k_cache.shape[-1] != D or D % 32 or Dv % 32 or q.shape[1] % k_cache.shape[2]:
+    k, v = (k_cache, v_cache) if plain else fp8[:2]
+    if q.dtype != torch.bfloat16 or q.dim() != 3 or k.dim() != 4 or v.dim() != 4:
         return False
-    return amx_available() and kernel_dtype(q, k_cache, v_cache) is not None
+    D, Dv = q.shape[-1], v.shape[-1]
+    if k.shape[-1] != D or D % 32 or Dv % 32 or q.shape[1] % k.shape[2]:
+        return False
+    return amx_available() and kernel_dtype(*((q, k, v) if plain else (q,))) is not None
 
 
 def prefill_attention(q_QHD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -47,7 +52,8 @@ def prefill_attention(q_QHD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     ``context_len`` tokens cached in the blocks ``block_table`` lists (its rows' own included).
     ``v_cache`` may be a view of ``k_cache``'s leading dims (MLA's latent). A ``sliding_window`` keeps
     the last that many keys of each row; ``sinks_H`` (``[H]``) adds one logit per head to each row's
-    softmax, with no value (gpt-oss). Writes into ``out``
+    softmax, with no value (gpt-oss). fp8 caches (:class:`kvcache.Fp8Cache`): their rows widened to
+    bf16 as :func:`kvcache.fp8.dequantize_fp8` widens them. Writes into ``out``
     (``[Q, H, Dv]``, any row/head strides, unit last stride) or a new tensor, and returns it.
     Check :func:`supports_prefill` first."""
     Q, H, D = q_QHD.shape
@@ -67,10 +73,14 @@ def prefill_attention(q_QHD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     sinks = sinks_H.float().contiguous() if sinks_H is not None else None
     if sinks is not None and sinks.shape != (H,):
         raise ValueError(f"sinks must hold one logit per query head ({H}), got shape {tuple(sinks_H.shape)}")
+    k, v, fp8 = k_cache, v_cache, None
+    if not isinstance(k_cache, torch.Tensor):  # fp8: e4m3 rows, their scales
+        k, v, ks, vs = fp8_rows(k_cache, v_cache)
+        fp8 = ctypes.byref(fp8_scales(ks, vs))
     rc = load().moe_amx_prefill_attention(
-        q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), *k_cache.stride()[:3], v_cache.data_ptr(),
-        *v_cache.stride()[:3], bs, bt.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1), Q, L, H, Hkv, D, Dv,
-        sliding_window or 0, sinks.data_ptr() if sinks is not None else None, scale, kp.data_ptr(), vp.data_ptr(),
+        q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3], bs,
+        bt.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1), Q, L, H, Hkv, D, Dv, sliding_window or 0,
+        sinks.data_ptr() if sinks is not None else None, fp8, scale, kp.data_ptr(), vp.data_ptr(),
         torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"moe_amx_prefill_attention failed ({rc}: -1 built without AMX, -3 out of memory)")

@@ -1108,6 +1108,31 @@ def test_amx_prefill_attention_takes_sliding_windows_and_sinks(shape, Q, L, bloc
     torch.testing.assert_close(got.float(), exact, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("Q,L,window", [(100, 100, None), (33, 700, 128), (531, 531, None)])
+@pytest.mark.parametrize("shape", ["qwen3_gqa_4", "mla_latent"])
+def test_amx_prefill_attention_reads_fp8_caches_as_sdpa_sees_them(shape, Q, L, window):
+    # fp8 caches: every row widened to bf16 as dequantize_fp8 widens it for SDPA, then the bf16 kernel:
+    # bit-identical to the kernel over a bf16 cache holding those widened rows (MLA: V K's leading dims)
+    from kvcache.fp8 import dequantize_fp8
+
+    spec = dict(PREFILL_SHAPES[shape])
+    latent = spec.pop("latent", False)
+    meta, k_bf, v_bf, q = _decode_batch([L], block_size=16, dtype=torch.bfloat16, latent=latent, seed=L, qlens=[Q],
+                                        **spec)
+    g = torch.Generator().manual_seed(Q)
+    k8 = _fp8_cache_of(k_bf, g)
+    v8 = _fp8_cache_of(v_bf, g, k8 if latent else None)
+    if not cpu_kernels.supports_prefill(q, k8, v8):
+        assert not cpu_kernels.amx_available()
+        return
+    k_w = dequantize_fp8(k8.data, k8.scale, torch.bfloat16)
+    v_w = k_w[..., :spec["Dv"]] if latent else dequantize_fp8(v8.data, v8.scale, torch.bfloat16)
+    scale = spec["Dk"] ** -0.5
+    got = cpu_kernels.prefill_attention(q, k8, v8, meta.block_tables[0], L, scale, sliding_window=window)
+    want = cpu_kernels.prefill_attention(q, k_w, v_w, meta.block_tables[0], L, scale, sliding_window=window)
+    assert torch.equal(got, want)
+
+
 def test_amx_prefill_attention_declines_what_it_does_not_take():
     q, kc = torch.randn(40, 4, 64).bfloat16(), torch.randn(8, 16, 2, 64).bfloat16()
     assert not cpu_kernels.supports_prefill(q.float(), kc.float(), kc.float())  # float32
