@@ -162,9 +162,10 @@ int moe_mla_token(const MlaPlan *a, const uint16_t *x, int64_t T, const int64_t 
 }
 
 /* Grouped-query attention for one decode token (moe.models.layers.Attention.forward at T = 1,
- * bf16, one tensor-parallel rank, no q/k/v clipping):
+ * bf16, one tensor-parallel rank):
  *   [q | k | v] = qkv_proj(x) (+ bias)                       [(H + 2 Hkv) hd]
- *   qk_norm 1: RMSNorm per head (weights [hd]); 2: over all q dims and all k dims
+ *   qk_norm 2: RMSNorm over all q dims and all k dims; then with clip > 0 q, k, v clamped to
+ *   [-clip, clip]; qk_norm 1: RMSNorm per head (weights [hd])
  *   q, k rotated at pos[0] (the whole head); k, v written at cache slot slots[0]
  *   attention over the sequence's cached rows (window > 0: the last `window`; sinks: float32 [H]
  *   or NULL); out = o_proj(o) (+ bias)                         [D]
@@ -194,12 +195,21 @@ static int gqa_rows(const void *plan, const uint16_t *x, int64_t T, const int64_
         int32_t len_t;
         const int32_t *table_t = row_blocks(table, len, toff, lens, T, t, &len_t);
         uint16_t *q = a->scratch + t * S, *k = q + H * hd, *v = k + Hkv * hd, *o = v + Hkv * hd;
+        if (a->qk_norm == 2) {
+            moe_rms_norm(q, a->q_norm, q, BF16, 1, H * hd, H * hd, H * hd, eps, 1);
+            moe_rms_norm(k, a->k_norm, k, BF16, 1, Hkv * hd, Hkv * hd, Hkv * hd, eps, 1);
+        }
+        if (a->clip > 0) {  /* after a norm over all dims, before a per-head one (Attention.forward's order) */
+            const float c = a->clip;
+            const uint16_t hi = f32_to_bf16(c), lo = f32_to_bf16(-c);
+            for (int64_t i = 0; i < (H + 2 * Hkv) * hd; i++) { /* q | k | v; NaN compares false: kept, as clamp */
+                const float f = bf16_to_f32(q[i]);
+                q[i] = f > c ? hi : f < -c ? lo : q[i];
+            }
+        }
         if (a->qk_norm == 1) {
             moe_rms_norm(q, a->q_norm, q, BF16, H, hd, hd, hd, eps, 1);
             moe_rms_norm(k, a->k_norm, k, BF16, Hkv, hd, hd, hd, eps, 1);
-        } else if (a->qk_norm == 2) {
-            moe_rms_norm(q, a->q_norm, q, BF16, 1, H * hd, H * hd, H * hd, eps, 1);
-            moe_rms_norm(k, a->k_norm, k, BF16, 1, Hkv * hd, Hkv * hd, Hkv * hd, eps, 1);
         }
         moe_rope(q, BF16, 1, H + Hkv, hd, (H + Hkv) * hd, hd, pos + t, cos_tab, sin_tab, interleaved, 1);
         for (int64_t h = 0; h < Hkv; h++) {

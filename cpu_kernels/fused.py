@@ -56,7 +56,7 @@ class SeqRows(NamedTuple):
 GqaPlanC = c_struct("GqaPlan",
                     "D H Hkv hd qk_norm rows: i64; w_qkv b_qkv q_norm k_norm w_o b_o: ptr; eps scale: f32; "
                     "k_cache v_cache: ptr; k_sblock k_sslot k_shead v_sblock v_sslot v_shead block_size window: i64; "
-                    "sinks scratch p_qkv p_o fp8: ptr")
+                    "sinks scratch p_qkv p_o fp8: ptr; clip: f32")
 MlaPlanC = c_struct("MlaPlan",
                     "D q_lora H nope rope C v rows: i64; w_qa qa_norm w_qb w_kva kva_norm w_kvb w_o: ptr; "
                     "q_eps kv_eps scale: f32; cache: ptr; c_sblock c_sslot block_size: i64; "
@@ -194,12 +194,14 @@ class GqaToken:
     ``slot_mapping [T]``): T rows of the sequence (a verify step's), row t attending over the first
     ``context_len - (T - 1 - t)`` tokens, or (``rows``: :class:`SeqRows`) rows of several sequences:
     each as a one-row call computes it, bf16 projections reading their weights once for all rows.
+    ``clip_qkv``: q, k and v clamped to it (OLMoE's, after a norm over all dims, before a per-head one).
     ``plan.ok`` is False where the kernel does not apply (then every call returns None)."""
 
     def __init__(self, w_qkv: torch.Tensor | PackedArgs, b_qkv: torch.Tensor | None, heads: int, kv_heads: int,
                  qk_norm: str | None, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
                  k_cache: torch.Tensor, v_cache: torch.Tensor, sliding_window: int | None,
-                 sinks_H: torch.Tensor | None, scale: float, w_o: torch.Tensor | PackedArgs, b_o: torch.Tensor | None):
+                 sinks_H: torch.Tensor | None, scale: float, w_o: torch.Tensor | PackedArgs, b_o: torch.Tensor | None,
+                 clip_qkv: float | None = None):
         self.ok = False
         ws = [w for w in (b_qkv, q_norm, k_norm, b_o) if w is not None]
         if any(w.dtype != torch.bfloat16 or w.is_cuda or not w.is_contiguous() for w in ws) or load() is None:
@@ -228,7 +230,7 @@ class GqaToken:
                           address(q_norm), address(k_norm), o[0], address(b_o), eps, scale, address(k_cache),
                           address(v_cache), *k_cache.stride()[:3], *v_cache.stride()[:3], k_cache.shape[1],
                           sliding_window or 0, address(sinks), address(scratch), address(qkv[1]), address(o[1]),
-                          address(scales))
+                          address(scales), float(clip_qkv or 0.0))
         self.ref = address(self.c)  # what the C calls take (moe_decode_step too)
         self.ok = True
 

@@ -103,6 +103,7 @@ typedef struct {
     uint16_t *scratch;
     const PackedProj *p_qkv, *p_o;
     const Fp8Scales *fp8; /* fp8 caches' scales (k_cache / v_cache then hold e4m3 rows), or NULL: bf16 caches */
+    float clip;           /* > 0: q, k, v clamped to [-clip, clip] (OLMoE's clip_qkv) */
 } GqaPlan;
 
 typedef struct {

@@ -5,10 +5,10 @@ fixed costs: a few hundred small torch ops per layer. :meth:`CapturedDecode.capt
 model once, at load, and plans each half-layer:
 
 - attention + residual add + post-attention norm as one C call (:func:`cpu_kernels.gqa_token`,
-  :class:`cpu_kernels.MlaToken`) where the half is plain: CPU, bf16, one TP rank, bf16 KV caches
-  (or fp8, its rows quantized as the op path's ``write_kv`` does), no qkv clipping, no MLA
-  biases; projections bf16 or packed (``moe quantize --all-linear``, computed as ``ops.linear``
-  computes them; MLA's kv_b_proj bf16);
+  :class:`cpu_kernels.MlaToken`) where the half is plain: CPU, bf16, one TP rank, bf16 KV caches (or
+  fp8, its rows quantized as the op path's ``write_kv`` does), no MLA biases; projections bf16 or
+  packed (``moe quantize --all-linear``, computed as ``ops.linear`` computes them; MLA's kv_b_proj
+  bf16);
 - router as one C call (:class:`cpu_kernels.RouteToken`: the gate's GEMV, scoring and selection,
   as ``routing.route`` computes them on CPU) where the gate is bf16, then the routed experts +
   shared expert + residual add + next norm as one C call (the experts' ``forward_token``:
@@ -103,7 +103,7 @@ class _GqaToken(_OpsAttention):
         self.plan = cpu_kernels.GqaToken(_one_row_weight(attn.qkv_proj), attn.qkv_proj.bias, attn.num_heads,
                                          attn.num_kv_heads, attn.qk_norm, *norms, k_cache, v_cache,
                                          attn.sliding_window, attn.sinks, attn.scale, _one_row_weight(attn.o_proj),
-                                         attn.o_proj.bias)
+                                         attn.o_proj.bias, attn.clip_qkv)
         self.rotary = attn.rotary
 
     def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
@@ -124,7 +124,7 @@ class _GqaToken(_OpsAttention):
         plain = isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)
         caches = (k_cache, v_cache) if plain else ()
         return ((plain or cpu_kernels.fp8_rows(k_cache, v_cache) is not None) and not attn.o_proj.split
-                and attn.clip_qkv is None and all(w is not None for w in projs)
+                and all(w is not None for w in projs)
                 and _bf16_cpu(*caches, *(w for w in projs if isinstance(w, torch.Tensor))))
 
 

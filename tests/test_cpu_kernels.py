@@ -1420,7 +1420,7 @@ PREFILL_NORMS = 2 * 3 * 2  # the two prompts longer than a token: 3 layers x 2 r
     ("deepseek_v2", "mla_token", TOKEN_CALLS), ("deepseek_v3", "mla_token", TOKEN_CALLS),
     ("mixtral", "gqa_token", TOKEN_CALLS), ("qwen2_moe", "gqa_token", TOKEN_CALLS),
     ("qwen3_moe", "gqa_token", TOKEN_CALLS), ("gpt_oss", "gqa_token", TOKEN_CALLS),
-    ("olmoe_unclipped", "gqa_token", TOKEN_CALLS),
+    ("olmoe_unclipped", "gqa_token", TOKEN_CALLS), ("olmoe", "gqa_token", TOKEN_CALLS),  # (clip_qkv 3: q/k/v clamped)
     ("deepseek_v3", "moe_token", TOKEN_CALLS), ("mixtral", "moe_token", TOKEN_CALLS),
     ("qwen3_moe", "moe_token", TOKEN_CALLS), ("qwen2_moe", "moe_token", TOKEN_CALLS),
     ("gpt_oss", "moe_token", TOKEN_CALLS),
@@ -1428,7 +1428,7 @@ PREFILL_NORMS = 2 * 3 * 2  # the two prompts longer than a token: 3 layers x 2 r
 def test_one_call_layers_equal_the_op_by_op_path(family, kernel, min_calls, checkpoint, monkeypatch, one_calls,
                                                  two_threads, tmp_path):
     # batch-1 decode runs a layer's attention as one C call (MLA; GQA with qkv biases, per-head and
-    # full q/k norms, sinks and sliding windows, o_proj bias) and its MLP or MoE block as another
+    # full q/k norms, OLMoE's clamped q/k/v, sinks and sliding windows, o_proj bias) and its MLP or MoE block as another
     # (routed experts with the shared expert; a dense MLP as one expert), each with its residual add
     # and the next norm; elsewhere (prefill) each residual add and next norm are one pass. Greedy
     # tokens and log-probs (bf16, two threads) equal the op-by-op path's in a fresh engine, for

@@ -146,8 +146,8 @@ def test_batched_requests_equal_each_request_alone(family, checkpoint):
 def test_captured_batch1_step_equals_the_model_forward(family, kv, checkpoint, monkeypatch):
     # a step of one sequence and one token runs as the captured decode (moe/cpu_decode.py) on a
     # bf16 CPU engine: greedy tokens and log-probs equal the model's own forward's (capture off),
-    # for a one-token prompt, within a block and across blocks. olmoe's clipped qkv keeps its
-    # attention op by op inside the captured step. The rotary tables start short (8 positions):
+    # for a one-token prompt, within a block and across blocks (olmoe's clipped q/k/v clamped inside
+    # the one-call attention). The rotary tables start short (8 positions):
     # the captured step grows them before its layers read them. An fp8 KV cache: its rows quantized
     # in the captured step's C call as the op path's write_kv quantizes them, read in place by both
     import cpu_kernels

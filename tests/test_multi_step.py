@@ -56,7 +56,7 @@ def _idle(llm: LLM) -> None:
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v2", "deepseek_v3",
-                                    "mixtral-fp8", "deepseek_v3-fp8"])
+                                    "olmoe", "mixtral-fp8", "deepseek_v3-fp8"])
 def test_multi_step_tokens_equal_one_step_a_call(family, checkpoint, calls):
     # bf16 greedy decoding across block boundaries (blocks of 4), from prompts of 1, 6 and 13 tokens:
     # the same tokens with 16 steps a call as with one (each step the captured step, its LM head and
@@ -184,14 +184,16 @@ def test_multi_step_call_ends_at_its_time_budget_and_when_work_arrives(monkeypat
 
 
 def test_num_scheduler_steps_is_checked_and_off_where_a_step_is_not_whole_in_c(checkpoint):
-    # off at 1; off where a half of the step runs op by op (OLMoE's clipped qkv keeps its attention
-    # op by op), or while expert counts are recorded
+    # off at 1; off where a half of the step runs op by op (offloaded experts: their MoE half), or
+    # while expert counts are recorded; OLMoE's clipped qkv is in the one-call attention
     with pytest.raises(ValueError, match="num_scheduler_steps=0 must be at least 1"):
         LLM(None, num_scheduler_steps=0)
     assert _llm(None, num_scheduler_steps=1).engine.scheduler.max_steps == 1
     assert _llm(None, record_expert_counts=True).engine.scheduler.max_steps == 1
+    e = _llm(str(checkpoint("mixtral")), offload_experts=True).engine
+    assert e.runner.captured is not None and not e.runner.runs_greedy and e.scheduler.max_steps == 1
     e = _llm(str(checkpoint("olmoe"))).engine
-    assert not e.runner.runs_greedy and e.scheduler.max_steps == 1
+    assert e.runner.runs_greedy and e.scheduler.max_steps == 16
 
 
 @pytest.mark.parametrize("spec,dormant,runs", [
