@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=2048, help="--prefill: tokens per prompt")
     ap.add_argument("--decode-prompt", type=int, default=64,
                     help="--decode: prompt tokens before the 128 decoded (the context attention reads)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="--decode / --prefill: the KV cache's (auto, fp8)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -120,7 +121,7 @@ def decode(args: argparse.Namespace, libs: dict) -> None:
     """Batch-1 decode tokens/s of one engine, the builds alternating by round (order flipped)."""
     from moe import LLM, SamplingParams
 
-    llm = LLM(args.decode, dtype="bfloat16")
+    llm = LLM(args.decode, dtype="bfloat16", kv_cache_dtype=args.kv_cache_dtype)
     sp = SamplingParams(temperature=0, max_tokens=129, ignore_eos=True)
     prompt = [{"prompt_token_ids": [100 + i % 30000 for i in range(args.decode_prompt)]}]
 
@@ -147,8 +148,8 @@ def prefill(args: argparse.Namespace, libs: dict) -> None:
     from moe import LLM, SamplingParams
 
     # no prefix cache: every run computes its whole prompts, and both builds' tokens can be compared
-    llm = LLM(args.prefill, dtype="bfloat16", max_num_seqs=max(args.prompts, 8), warmup=True,
-              enable_prefix_caching=False)
+    llm = LLM(args.prefill, dtype="bfloat16", kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=max(args.prompts, 8),
+              warmup=True, enable_prefix_caching=False)
     vocab = llm.engine.model_config.vocab_size
     rng = random.Random(args.seed)
     sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)

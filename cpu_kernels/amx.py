@@ -109,8 +109,9 @@ def amx_experts(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor, w
                 extras: StackedExtras = PLAIN) -> torch.Tensor | None:
     """SwiGLU experts over rows grouped by expert (``counts[e]`` rows for expert ``e``, in order):
     ``W2_e @ (silu(g) * u)`` with ``[g | u] = W13_e @ x``, bf16, rounded as the op-by-op path
-    (``bmm``, :func:`silu_mul`, ``bmm``) rounds, on AMX tiles; with ``extras``, the biases added as
-    ``linear`` adds them and gpt-oss's clamped SwiGLU. None when the kernel does not apply (no AMX,
+    (``bmm``, :func:`silu_mul`, ``bmm``) rounds, on AMX tiles; with ``extras``, the biases added to
+    the rounded products (``bmm``, then ``+ b``, as transformers' gpt-oss adds them) and gpt-oss's
+    clamped SwiGLU. None when the kernel does not apply (no AMX,
     other dtypes, a dim not a multiple of 32): then use the torch path."""
     dims = _amx_swiglu_dims(x_RD, w13_e2FD, w2_eDF)
     if dims is None or len(counts) != dims[0] or not extras.ok:

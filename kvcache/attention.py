@@ -3,10 +3,9 @@
 See :mod:`kvcache.reference` for the semantics. Sequences with few new rows (decode rows,
 speculative decoding's verify rows, prompts of up to ``KERNEL_MAX_QUERY`` tokens) go to the C
 kernel of :mod:`cpu_kernels` (fp8 caches too, read in place), all of them in one call; longer prefill
-chunks go to its AMX prefill
-kernel where it applies (bf16 on a CPU with AMX or AVX512-BF16), else (fp8 caches,
-float16, other CPUs) to ``scaled_dot_product_attention``, per sequence (a loop over sequences,
-never over tokens).
+chunks go to its AMX prefill kernel where it applies (bf16 queries on a CPU with AMX or AVX512-BF16;
+fp8 caches widened to bf16 rows first), else (float16, other CPUs) to
+``scaled_dot_product_attention``, per sequence (a loop over sequences, never over tokens).
 """
 from __future__ import annotations
 
