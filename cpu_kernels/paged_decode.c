@@ -24,6 +24,29 @@
 #include <omp.h>
 #endif
 
+/* 16 / 8 cached elements (float32, bf16, or e4m3 with FP8) -> floats */
+#if defined(__AVX512F__)
+static inline __m512 loadc16(const void *p, int dtype) { return dtype == FP8 ? load16_e4m3(p) : load16(p, dtype); }
+#elif defined(VEC8)
+static inline __m256 loadc8(const void *p, int dtype) { return dtype == FP8 ? load8_e4m3(p) : load8(p, dtype); }
+#endif
+
+/* CALL with dt_ a constant for the caches' dtype d: the always-inline V sums it calls then test no
+ * dtype per loaded vector (the fp8 widening beside the others cost ~1% of bf16 decode) */
+#define WITH_DTYPE(d, CALL)                  \
+    do {                                     \
+        if ((d) == BF16) {                   \
+            const int dt_ = BF16;            \
+            CALL;                            \
+        } else if ((d) == FP8) {             \
+            const int dt_ = FP8;             \
+            CALL;                            \
+        } else {                             \
+            const int dt_ = F32;             \
+            CALL;                            \
+        }                                    \
+    } while (0)
+
 #if defined(__AVX512F__)
 /* scores of cnt <= 16 consecutive cached rows (row t at k + t * stride bytes) against one query
  * row: qf (float32, length D) or, on the vdpbf16ps path, qb (bf16). D % 16 == 0. Inlined: called
@@ -46,7 +69,7 @@ static inline __attribute__((always_inline)) __m512 score16(const float *qf, con
     const size_t esz = dtype_size(dtype);
     for (int64_t i = 0; i < D; i += VEC) {
         const __m512 qv = _mm512_loadu_ps(qf + i);
-        for (int t = 0; t < cnt; t++) acc[t] = _mm512_fmadd_ps(qv, load16(k + t * stride + i * esz, dtype), acc[t]);
+        for (int t = 0; t < cnt; t++) acc[t] = _mm512_fmadd_ps(qv, loadc16(k + t * stride + i * esz, dtype), acc[t]);
     }
     return hsum16(acc);
 }
@@ -88,7 +111,8 @@ static inline __attribute__((always_inline)) __m512 score_heads(const uint16_t *
 #endif
 
 /* acc[0 .. 16*nc) += p[t] * v_row(t)[0 .. 16*nc) over cnt rows (row t at v + t * stride bytes) */
-static inline void vsum(float *acc, int nc, const float *p, const char *v, int64_t stride, int64_t cnt, int dtype) {
+static inline __attribute__((always_inline)) void vsum(float *acc, int nc, const float *p, const char *v,
+                                                       int64_t stride, int64_t cnt, int dtype) {
     const size_t esz = dtype_size(dtype);
     __m512 a0 = _mm512_loadu_ps(acc), a1 = a0, a2 = a0, a3 = a0;
     if (nc > 1) a1 = _mm512_loadu_ps(acc + 16);
@@ -97,10 +121,10 @@ static inline void vsum(float *acc, int nc, const float *p, const char *v, int64
     for (int64_t t = 0; t < cnt; t++) {
         const __m512 pb = _mm512_set1_ps(p[t]);
         const char *r = v + t * stride;
-        a0 = _mm512_fmadd_ps(pb, load16(r, dtype), a0);
-        if (nc > 1) a1 = _mm512_fmadd_ps(pb, load16(r + 16 * esz, dtype), a1);
-        if (nc > 2) a2 = _mm512_fmadd_ps(pb, load16(r + 32 * esz, dtype), a2);
-        if (nc > 3) a3 = _mm512_fmadd_ps(pb, load16(r + 48 * esz, dtype), a3);
+        a0 = _mm512_fmadd_ps(pb, loadc16(r, dtype), a0);
+        if (nc > 1) a1 = _mm512_fmadd_ps(pb, loadc16(r + 16 * esz, dtype), a1);
+        if (nc > 2) a2 = _mm512_fmadd_ps(pb, loadc16(r + 32 * esz, dtype), a2);
+        if (nc > 3) a3 = _mm512_fmadd_ps(pb, loadc16(r + 48 * esz, dtype), a3);
     }
     _mm512_storeu_ps(acc, a0);
     if (nc > 1) _mm512_storeu_ps(acc + 16, a1);
@@ -112,15 +136,16 @@ static inline void vsum(float *acc, int nc, const float *p, const char *v, int64
  * v + t * stride bytes): each V vector loaded once for HG score rows, HG*DC accumulators in
  * registers; per row and dim the same sums in the same order as vsum */
 #define VSUM_ROWS(NAME, HG, DC)                                                                              \
-    static inline void NAME(float *const *accs, int64_t c0, const float *const *ps, const char *v,              \
-                            int64_t stride, int64_t cnt, int dtype) {                                           \
+    static inline __attribute__((always_inline)) void NAME(float *const *accs, int64_t c0,                     \
+                                                           const float *const *ps, const char *v, int64_t stride, \
+                                                           int64_t cnt, int dtype) {                             \
         const size_t esz = dtype_size(dtype);                                                               \
         __m512 a[HG][DC];                                                                                       \
         for (int i = 0; i < HG; i++)                                                                            \
             for (int c = 0; c < DC; c++) a[i][c] = _mm512_loadu_ps(accs[i] + c0 + 16 * c);                    \
         for (int64_t t = 0; t < cnt; t++) {                                                                     \
             __m512 x[DC];                                                                                       \
-            for (int c = 0; c < DC; c++) x[c] = load16(v + t * stride + 16 * c * esz, dtype);                 \
+            for (int c = 0; c < DC; c++) x[c] = loadc16(v + t * stride + 16 * c * esz, dtype);                 \
             for (int i = 0; i < HG; i++) {                                                                      \
                 const __m512 pb = _mm512_set1_ps(ps[i][t]);                                                     \
                 for (int c = 0; c < DC; c++) a[i][c] = _mm512_fmadd_ps(pb, x[c], a[i][c]);                    \
@@ -149,7 +174,7 @@ static inline __m256 score8(const float *qf, const char *k, int64_t stride, int 
     const size_t esz = dtype_size(dtype);
     for (int64_t i = 0; i < D; i += VEC8) {
         const __m256 qv = _mm256_loadu_ps(qf + i);
-        for (int t = 0; t < cnt; t++) acc[t] = _mm256_fmadd_ps(qv, load8(k + t * stride + i * esz, dtype), acc[t]);
+        for (int t = 0; t < cnt; t++) acc[t] = _mm256_fmadd_ps(qv, loadc8(k + t * stride + i * esz, dtype), acc[t]);
     }
     return hsum8x8(acc);
 }
@@ -158,15 +183,16 @@ static inline __m256 score8(const float *qf, const char *k, int64_t stride, int 
  * v + t * stride bytes): each V vector loaded once for HG score rows; per row and dim the sums in
  * token order, whatever HG */
 #define VSUM_ROWS8(NAME, HG, DC)                                                                             \
-    static inline void NAME(float *const *accs, int64_t c0, const float *const *ps, const char *v,              \
-                            int64_t stride, int64_t cnt, int dtype) {                                           \
+    static inline __attribute__((always_inline)) void NAME(float *const *accs, int64_t c0,                     \
+                                                           const float *const *ps, const char *v, int64_t stride, \
+                                                           int64_t cnt, int dtype) {                             \
         const size_t esz = dtype_size(dtype);                                                               \
         __m256 a[HG][DC];                                                                                       \
         for (int i = 0; i < HG; i++)                                                                            \
             for (int c = 0; c < DC; c++) a[i][c] = _mm256_loadu_ps(accs[i] + c0 + 8 * c);                     \
         for (int64_t t = 0; t < cnt; t++) {                                                                     \
             __m256 x[DC];                                                                                       \
-            for (int c = 0; c < DC; c++) x[c] = load8(v + t * stride + 8 * c * esz, dtype);                   \
+            for (int c = 0; c < DC; c++) x[c] = loadc8(v + t * stride + 8 * c * esz, dtype);                   \
             for (int i = 0; i < HG; i++) {                                                                      \
                 const __m256 pb = _mm256_set1_ps(ps[i][t]);                                                     \
                 for (int c = 0; c < DC; c++) a[i][c] = _mm256_fmadd_ps(pb, x[c], a[i][c]);                    \
@@ -272,10 +298,10 @@ static inline void load_row(const void *src, int dtype, int64_t n, float *dst) {
     int64_t i = 0;
 #if defined(__AVX512F__)
     const size_t esz = dtype_size(dtype);
-    for (; i + VEC <= n; i += VEC) _mm512_storeu_ps(dst + i, load16((const char *)src + i * esz, dtype));
+    for (; i + VEC <= n; i += VEC) _mm512_storeu_ps(dst + i, loadc16((const char *)src + i * esz, dtype));
 #elif defined(VEC8)
     const size_t esz = dtype_size(dtype);
-    for (; i + VEC8 <= n; i += VEC8) _mm256_storeu_ps(dst + i, load8((const char *)src + i * esz, dtype));
+    for (; i + VEC8 <= n; i += VEC8) _mm256_storeu_ps(dst + i, loadc8((const char *)src + i * esz, dtype));
 #endif
     for (; i < n; i++)
         dst[i] = dtype == BF16  ? bf16_to_f32(((const uint16_t *)src)[i])
@@ -292,7 +318,7 @@ static inline void dots(const float *q, int64_t G, const void *row, int dtype, i
             const int64_t m = G - g0 < 4 ? G - g0 : 4;
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
             for (int64_t i = 0; i < n; i += VEC) {
-                const __m512 r = load16((const char *)row + i * esz, dtype);
+                const __m512 r = loadc16((const char *)row + i * esz, dtype);
                 const float *qi = q + g0 * n + i;
                 a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qi), r, a0);
                 if (m > 1) a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qi + n), r, a1);
@@ -322,7 +348,7 @@ static inline void axpys(float *acc, int64_t G, const float *p, int64_t stride, 
     if (n % VEC == 0) {
         const size_t esz = dtype_size(dtype);
         for (int64_t i = 0; i < n; i += VEC) {
-            const __m512 r = load16((const char *)row + i * esz, dtype);
+            const __m512 r = loadc16((const char *)row + i * esz, dtype);
             for (int64_t g = 0; g < G; g++) {
                 float *a = acc + g * n + i;
                 _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(p[g * stride]), r, _mm512_loadu_ps(a)));
@@ -656,16 +682,17 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                                 accs[i] = acc + j * Dv;
                                 ps[i] = s + j * n + (a - lo);
                             }
+                            const int64_t vs = v_sslot * (int64_t)esz;
                             if (hg == 4) {
-                                for (int64_t c0 = 0; c0 < Dv; c0 += 64)
-                                    vsum_rows_4x64(accs, c0, ps, vh + c0 * esz, v_sslot * (int64_t)esz, e - a, cdt);
+                                WITH_DTYPE(cdt, for (int64_t c0 = 0; c0 < Dv; c0 += 64)
+                                                    vsum_rows_4x64(accs, c0, ps, vh + c0 * esz, vs, e - a, dt_));
                             } else if (hg == 2) {
-                                for (int64_t c0 = 0; c0 < Dv; c0 += 128)
-                                    vsum_rows_2x128(accs, c0, ps, vh + c0 * esz, v_sslot * (int64_t)esz, e - a, cdt);
+                                WITH_DTYPE(cdt, for (int64_t c0 = 0; c0 < Dv; c0 += 128)
+                                                    vsum_rows_2x128(accs, c0, ps, vh + c0 * esz, vs, e - a, dt_));
                             } else {
-                                for (int64_t c0 = 0; c0 < Dv; c0 += 64)
-                                    vsum(accs[0] + c0, Dv - c0 >= 64 ? 4 : (int)((Dv - c0) / VEC), ps[0],
-                                         vh + c0 * esz, v_sslot * (int64_t)esz, e - a, cdt);
+                                WITH_DTYPE(cdt, for (int64_t c0 = 0; c0 < Dv; c0 += 64)
+                                                    vsum(accs[0] + c0, Dv - c0 >= 64 ? 4 : (int)((Dv - c0) / VEC),
+                                                         ps[0], vh + c0 * esz, vs, e - a, dt_));
                             }
                         }
                         pf_step(&pf, per);
@@ -696,15 +723,15 @@ int moe_paged_decode(const void *q, void *out, const void *k_, const void *v_, i
                                 ps[i] = s + j * n + (a - lo);
                             }
                             if (hg == 4) {
-                                for (int64_t c0 = 0; c0 < Dv; c0 += 16)
-                                    vsum8_rows_4x16(accs, c0, ps, vh + c0 * esz, vs, e - a, cdt);
+                                WITH_DTYPE(cdt, for (int64_t c0 = 0; c0 < Dv; c0 += 16)
+                                                    vsum8_rows_4x16(accs, c0, ps, vh + c0 * esz, vs, e - a, dt_));
                             } else if (hg == 2) {
-                                for (int64_t c0 = 0; c0 < Dv; c0 += 32)
-                                    vsum8_rows_2x32(accs, c0, ps, vh + c0 * esz, vs, e - a, cdt);
+                                WITH_DTYPE(cdt, for (int64_t c0 = 0; c0 < Dv; c0 += 32)
+                                                    vsum8_rows_2x32(accs, c0, ps, vh + c0 * esz, vs, e - a, dt_));
                             } else {
                                 int64_t c0 = 0;
-                                for (; c0 + 64 <= Dv; c0 += 64)
-                                    vsum8_rows_1x64(accs, c0, ps, vh + c0 * esz, vs, e - a, cdt);
+                                WITH_DTYPE(cdt, for (; c0 + 64 <= Dv; c0 += 64)
+                                                    vsum8_rows_1x64(accs, c0, ps, vh + c0 * esz, vs, e - a, dt_));
                                 for (; c0 < Dv; c0 += 8) vsum8_rows_1x8(accs, c0, ps, vh + c0 * esz, vs, e - a, cdt);
                             }
                         }

@@ -77,21 +77,23 @@ static inline float reduce8(__m256 v) {
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define VEC 16
-/* 16 elements (float32, bf16 or e4m3 as e4m3_to_f32 reads them) -> 16 floats */
+/* 16 elements (float32 or bf16) -> 16 floats */
 static inline __m512 load16(const void *p, int dtype) {
     if (dtype == BF16)
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-    if (dtype == FP8) {
-        const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-        const __m512i mag = _mm512_and_si512(x, _mm512_set1_epi32(0x7f));
-        __m512i v = _mm512_add_epi32(_mm512_slli_epi32(mag, 20), _mm512_set1_epi32(120 << 23));
-        const __mmask16 sub = _mm512_cmplt_epu32_mask(mag, _mm512_set1_epi32(8));
-        const __m512 small = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(0x1p-9f));
-        v = _mm512_mask_mov_epi32(v, sub, _mm512_castps_si512(small));
-        const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(x, _mm512_set1_epi32(0x80)), 24);
-        return _mm512_castsi512_ps(_mm512_or_si512(v, sign));
-    }
     return _mm512_loadu_ps(p);
+}
+
+/* 16 e4m3 values -> 16 floats, as e4m3_to_f32 reads them */
+static inline __m512 load16_e4m3(const void *p) {
+    const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    const __m512i mag = _mm512_and_si512(x, _mm512_set1_epi32(0x7f));
+    __m512i v = _mm512_add_epi32(_mm512_slli_epi32(mag, 20), _mm512_set1_epi32(120 << 23));
+    const __mmask16 sub = _mm512_cmplt_epu32_mask(mag, _mm512_set1_epi32(8));
+    const __m512 small = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(0x1p-9f));
+    v = _mm512_mask_mov_epi32(v, sub, _mm512_castps_si512(small));
+    const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(x, _mm512_set1_epi32(0x80)), 24);
+    return _mm512_castsi512_ps(_mm512_or_si512(v, sign));
 }
 
 /* exp(x) for x <= 0 (softmax of max-subtracted logits); 2^(x log2 e) by a degree-6 polynomial of
@@ -163,21 +165,23 @@ static inline void store16(void *p, __m512 x, int dtype) {
  * bit for bit with that build's vector body. */
 #include <immintrin.h>
 #define VEC8 8
-/* 8 elements (float32, bf16 or e4m3 as e4m3_to_f32 reads them) -> 8 floats */
+/* 8 elements (float32 or bf16) -> 8 floats */
 static inline __m256 load8(const void *p, int dtype) {
     if (dtype == BF16) return load8_bf16((const uint16_t *)p);
-    if (dtype == FP8) {
-        const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-        const __m256i mag = _mm256_and_si256(x, _mm256_set1_epi32(0x7f));
-        const __m256 normal =
-            _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(mag, 20), _mm256_set1_epi32(120 << 23)));
-        const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(0x1p-9f));
-        const __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag);
-        const __m256 v = _mm256_blendv_ps(normal, sub, _mm256_castsi256_ps(small));
-        const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x80)), 24);
-        return _mm256_or_ps(v, _mm256_castsi256_ps(sign));
-    }
     return _mm256_loadu_ps(p);
+}
+
+/* 8 e4m3 values -> 8 floats, as e4m3_to_f32 reads them */
+static inline __m256 load8_e4m3(const void *p) {
+    const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    const __m256i mag = _mm256_and_si256(x, _mm256_set1_epi32(0x7f));
+    const __m256 normal =
+        _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(mag, 20), _mm256_set1_epi32(120 << 23)));
+    const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(0x1p-9f));
+    const __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag);
+    const __m256 v = _mm256_blendv_ps(normal, sub, _mm256_castsi256_ps(small));
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x80)), 24);
+    return _mm256_or_ps(v, _mm256_castsi256_ps(sign));
 }
 
 /* the bits of 8 floats rounded to bf16 (nearest even, as torch does) in their upper halves; NaN
