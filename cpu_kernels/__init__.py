@@ -29,7 +29,7 @@ from .elementwise import (RouteToken, add_rms_norm, argmax_rows, rms_norm, rope_
 from .fused import GqaToken, MlaToken, SeqRows, gqa_token, mla_token
 from .gemm import grouped_gemm
 from .gemv import MoeToken, Outputs, Residual, expert_token, gemv, heads_vec, moe_token
-from .paged_decode import fp8_rows, fp8_scales, paged_decode_attention, quantize_e4m3, supports_decode
+from .paged_decode import cache_rows, paged_decode_attention, quantize_e4m3, supports_decode
 from .quant import (Q8_GEMM_MAX_ROWS, Q_FP8, Q_INT4_X8, Q_INT8, q4_dequant, q4_gemm, q4x8_gemm, q8_available,
                     q8_dequant, q8_gemm, quant_moe_token, QuantMoeToken, round_x8)
 from .step import DecodeStep, LogitsRows, StepHalf
@@ -37,7 +37,7 @@ from .step import DecodeStep, LogitsRows, StepHalf
 __all__ = [
     "load", "set_malloc_thresholds", "last_level_cache_bytes", "advise_huge_pages",
     "gather_small_storages",
-    "supports_decode", "paged_decode_attention", "fp8_rows", "fp8_scales", "quantize_e4m3", "supports_prefill",
+    "supports_decode", "paged_decode_attention", "cache_rows", "quantize_e4m3", "supports_prefill",
     "prefill_attention",
     "rope_", "silu_mul", "rms_norm", "add_rms_norm", "write_rows", "transpose_to_float", "route_select", "RouteToken",
     "argmax_rows",

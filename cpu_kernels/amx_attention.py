@@ -18,8 +18,8 @@ import ctypes
 import torch
 
 from .amx import amx_available
-from .build import declare, kernel_dtype, load
-from .paged_decode import fp8_rows, fp8_scales
+from .build import address, declare, kernel_dtype, load
+from .paged_decode import cache_rows
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 declare({"moe_amx_prefill_attention": [_ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr,
@@ -31,17 +31,16 @@ def supports_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """Whether :func:`prefill_attention` takes these queries ``[Q, H, D]`` and caches ``[blocks,
     block_size, Hkv, D]`` / ``[..., Dv]``: bf16 (or fp8 caches, :class:`kvcache.Fp8Cache`) where the
     tile kernels run (AMX, or AVX512-BF16), D and Dv multiples of 32."""
-    plain = isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)
-    fp8 = None if plain else fp8_rows(k_cache, v_cache)
-    if not plain and fp8 is None:
+    rows = cache_rows(k_cache, v_cache)
+    if rows is None:
         return False
-    k, v = (k_cache, v_cache) if plain else fp8[:2]
+    k, v, fp8 = rows
     if q.dtype != torch.bfloat16 or q.dim() != 3 or k.dim() != 4 or v.dim() != 4:
         return False
     D, Dv = q.shape[-1], v.shape[-1]
     if k.shape[-1] != D or D % 32 or Dv % 32 or q.shape[1] % k.shape[2]:
         return False
-    return amx_available() and kernel_dtype(*((q, k, v) if plain else (q,))) is not None
+    return amx_available() and kernel_dtype(*((q, k, v) if fp8 is None else (q,))) is not None
 
 
 def prefill_attention(q_QHD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -73,14 +72,11 @@ def prefill_attention(q_QHD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     sinks = sinks_H.float().contiguous() if sinks_H is not None else None
     if sinks is not None and sinks.shape != (H,):
         raise ValueError(f"sinks must hold one logit per query head ({H}), got shape {tuple(sinks_H.shape)}")
-    k, v, fp8 = k_cache, v_cache, None
-    if not isinstance(k_cache, torch.Tensor):  # fp8: e4m3 rows, their scales
-        k, v, ks, vs = fp8_rows(k_cache, v_cache)
-        fp8 = ctypes.byref(fp8_scales(ks, vs))
+    k, v, fp8 = cache_rows(k_cache, v_cache)
     rc = load().moe_amx_prefill_attention(
         q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3], bs,
         bt.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1), Q, L, H, Hkv, D, Dv, sliding_window or 0,
-        sinks.data_ptr() if sinks is not None else None, fp8, scale, kp.data_ptr(), vp.data_ptr(),
+        sinks.data_ptr() if sinks is not None else None, address(fp8), scale, kp.data_ptr(), vp.data_ptr(),
         torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"moe_amx_prefill_attention failed ({rc}: -1 built without AMX, -3 out of memory)")

@@ -15,7 +15,7 @@ import torch
 
 from .build import address, c_struct, declare, load
 from .gemv import PLAN_ROWS, Outputs, Residual, output, residual_args
-from .paged_decode import fp8_rows, fp8_scales
+from .paged_decode import cache_rows
 
 _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 # (plan, x, T, pos, cos, sin, interleaved, block table, context length, row offsets, row lengths, slots, out,
@@ -106,14 +106,15 @@ class MlaToken:
             return
         C = kva_norm.shape[0]
         L = C + rope
-        fp8 = fp8_rows(cache, cache)  # an fp8 cache: its e4m3 rows (and scales); the row built in C x heads room
-        if fp8 is not None:
-            cache = fp8[0]
-        if (not isinstance(cache, torch.Tensor) or cache.dtype != (torch.float8_e4m3fn if fp8 else torch.bfloat16)
-                or cache.dim() != 4 or cache.shape[2:] != (1, L) or cache.stride(-1) != 1 or cache.stride(1) != L
+        rows = cache_rows(cache, cache)  # (fp8: its e4m3 rows and scales; the row built in C x heads room)
+        if rows is None:
+            return
+        cache, _, scales = rows
+        fp8 = scales is not None
+        if (cache.dtype != (torch.float8_e4m3fn if fp8 else torch.bfloat16) or cache.dim() != 4
+                or cache.shape[2:] != (1, L) or cache.stride(-1) != 1 or cache.stride(1) != L
                 or cache.stride(0) != cache.shape[1] * L or rope % 2 or (fp8 and heads * C < L)):
             return
-        scales = fp8_scales(*fp8[2:]) if fp8 else None
         D = w_o.shape[0] if isinstance(w_o, torch.Tensor) else w_o[0].shape[0]
         if w_qa is not None and (qa_norm is None or qa_norm.dim() != 1):
             return
@@ -128,7 +129,7 @@ class MlaToken:
         # (for PLAN_ROWS rows: a verify step's or several sequences', projections read once for them)
         scratch = torch.empty(PLAN_ROWS * (q_lora + heads * (nope + rope) + L + heads * L + heads * C + heads * v),
                               dtype=torch.bfloat16)
-        self._keep = (w_qa, qa_norm, w_qb, w_kva, kva_norm, w_kvb, w_o, cache, projs, scratch, fp8, scales)
+        self._keep = (w_qa, qa_norm, w_qb, w_kva, kva_norm, w_kvb, w_o, cache, projs, scratch, rows)
         self.c = MlaPlanC(D, q_lora, heads, nope, rope, C, v, PLAN_ROWS, qa_w, address(qa_norm), qb_w, kva_w,
                           address(kva_norm), address(w_kvb), o_w, q_eps, kv_eps, scale, address(cache),
                           cache.stride(0), cache.stride(1), cache.shape[1], address(scratch), address(p_qa),
@@ -206,10 +207,11 @@ class GqaToken:
         ws = [w for w in (b_qkv, q_norm, k_norm, b_o) if w is not None]
         if any(w.dtype != torch.bfloat16 or w.is_cuda or not w.is_contiguous() for w in ws) or load() is None:
             return
-        fp8 = fp8_rows(k_cache, v_cache)  # fp8 caches: their e4m3 rows (and scales)
-        if fp8 is not None:
-            k_cache, v_cache = fp8[:2]
-        if qk_norm not in _QK_NORMS or not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
+        rows = cache_rows(k_cache, v_cache)  # (fp8: their e4m3 rows and scales)
+        if qk_norm not in _QK_NORMS or rows is None:
+            return
+        k_cache, v_cache, scales = rows
+        if k_cache.dim() != 4:
             return
         hd = k_cache.shape[-1]
         D = w_o.shape[0] if isinstance(w_o, torch.Tensor) else w_o[0].shape[0]
@@ -217,15 +219,14 @@ class GqaToken:
         if qkv is None or o is None or hd % 2:
             return
         for c in (k_cache, v_cache):
-            if (c.dtype != (torch.float8_e4m3fn if fp8 else torch.bfloat16) or c.dim() != 4 or c.is_cuda
+            if (c.dtype != (torch.bfloat16 if scales is None else torch.float8_e4m3fn) or c.dim() != 4 or c.is_cuda
                     or c.shape[2:] != (kv_heads, hd) or c.stride(-1) != 1 or c.stride(0) != c.shape[1] * c.stride(1)):
                 return
-        scales = fp8_scales(*fp8[2:]) if fp8 else None
         sinks = sinks_H.float().contiguous() if sinks_H is not None else None
         self.D, self.hd = D, hd
         # q, k, v, the heads' outputs for PLAN_ROWS rows (a verify step's: each weight read once for them)
         scratch = torch.empty(PLAN_ROWS * (2 * heads + 2 * kv_heads) * hd, dtype=torch.bfloat16)
-        self._keep = (w_qkv, b_qkv, q_norm, k_norm, k_cache, v_cache, sinks, w_o, b_o, qkv, o, scratch, fp8, scales)
+        self._keep = (w_qkv, b_qkv, q_norm, k_norm, k_cache, v_cache, sinks, w_o, b_o, qkv, o, scratch, rows)
         self.c = GqaPlanC(D, heads, kv_heads, hd, _QK_NORMS[qk_norm], PLAN_ROWS, qkv[0], address(b_qkv),
                           address(q_norm), address(k_norm), o[0], address(b_o), eps, scale, address(k_cache),
                           address(v_cache), *k_cache.stride()[:3], *v_cache.stride()[:3], k_cache.shape[1],

@@ -16,7 +16,7 @@ import ctypes
 
 import torch
 
-from .build import DTYPES, c_struct, declare, kernel_dtype, load
+from .build import DTYPES, address, c_struct, declare, kernel_dtype, load
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 declare({"moe_paged_decode": [_ptr, _ptr, _ptr, _ptr, ctypes.c_int, _ptr, *[_i64] * 12, _ptr, _i64, _ptr, _ptr, _i64,
@@ -25,10 +25,13 @@ declare({"moe_paged_decode": [_ptr, _ptr, _ptr, _ptr, ctypes.c_int, _ptr, *[_i64
 Fp8ScalesC = c_struct("Fp8Scales", "k v: ptr; sblock sslot shead: i64")
 
 
-def fp8_rows(k_cache: object, v_cache: object) -> tuple | None:
-    """``(k data, v data, k scale, v scale)`` of fp8 caches (:class:`kvcache.Fp8Cache`: e4m3 rows, a
-    float32 scale per (slot, head) row) the kernel reads: CPU, rows of unit stride, the two scales
-    laid out alike; else None."""
+def cache_rows(k_cache: object, v_cache: object) -> tuple | None:
+    """What the kernels read of a layer's K and V caches: ``(k, v, None)`` for plain tensors, ``(k rows,
+    v rows, their scales' C struct)`` for fp8 caches (:class:`kvcache.Fp8Cache`: e4m3 rows, a float32
+    scale per (slot, head) row; CPU, rows of unit stride, the two scales laid out alike; the struct
+    points into the caches' scales); None for anything else."""
+    if isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor):
+        return k_cache, v_cache, None
     parts = []
     for c in (k_cache, v_cache):
         data, scale = getattr(c, "data", None), getattr(c, "scale", None)
@@ -40,15 +43,14 @@ def fp8_rows(k_cache: object, v_cache: object) -> tuple | None:
     (kd, ks), (vd, vs) = parts
     if ks.stride() != vs.stride() or kd.shape[:3] != vd.shape[:3]:
         return None
-    return kd, vd, ks, vs
+    return kd, vd, Fp8ScalesC(ks.data_ptr(), vs.data_ptr(), *ks.stride())
 
 
 def supports_decode(q: torch.Tensor, k_cache: object, v_cache: object) -> bool:
     """Whether the kernel handles these tensors: CPU, float32 or bfloat16 throughout, or fp8 caches
     (:class:`kvcache.Fp8Cache`) beside float32 / bfloat16 queries; rows with unit stride."""
-    if isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor):
-        return kernel_dtype(q, k_cache, v_cache) is not None
-    return kernel_dtype(q) is not None and fp8_rows(k_cache, v_cache) is not None
+    rows = cache_rows(k_cache, v_cache)
+    return rows is not None and kernel_dtype(q, *(rows[:2] if rows[2] is None else ())) is not None
 
 
 def paged_decode_attention(q_THD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -82,20 +84,14 @@ def paged_decode_attention(q_THD: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     out = torch.empty(T, H, Dv, dtype=q.dtype)
     if B == 0:
         return out
-    kd, vd, fp8 = k_cache, v_cache, None
-    if not isinstance(k_cache, torch.Tensor):  # fp8: e4m3 rows, their scales
-        kd, vd, ks, vs = fp8_rows(k_cache, v_cache)
-        fp8 = ctypes.byref(fp8_scales(ks, vs))
-    lib.moe_paged_decode(q.data_ptr(), out.data_ptr(), kd.data_ptr(), vd.data_ptr(), DTYPES[q.dtype], fp8, B, H, Hkv,
+    kd, vd, fp8 = cache_rows(k_cache, v_cache)
+    lib.moe_paged_decode(q.data_ptr(), out.data_ptr(), kd.data_ptr(), vd.data_ptr(), DTYPES[q.dtype], address(fp8), B,
+                         H, Hkv,
                          Dk, Dv, *kd.stride()[:3], *vd.stride()[:3], kd.shape[1], bt.data_ptr(), bt.shape[1],
                          cl.data_ptr(), qs.data_ptr() if qs is not None else None, sliding_window or 0,
                          sinks.data_ptr() if sinks is not None else None, scale, torch.get_num_threads())
     return out
 
-
-def fp8_scales(k_scale: torch.Tensor, v_scale: torch.Tensor) -> ctypes.Structure:
-    """The C struct of an fp8 cache's scales (``[blocks, block_size, H_kv]`` float32 each, laid out alike)."""
-    return Fp8ScalesC(k_scale.data_ptr(), v_scale.data_ptr(), *k_scale.stride())
 
 
 def quantize_e4m3(x_RD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -121,11 +121,10 @@ class _GqaToken(_OpsAttention):
     @staticmethod
     def fits(attn: Attention, k_cache, v_cache) -> bool:
         projs = [_one_row_weight(attn.qkv_proj), _one_row_weight(attn.o_proj)]
-        plain = isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)
-        caches = (k_cache, v_cache) if plain else ()
-        return ((plain or cpu_kernels.fp8_rows(k_cache, v_cache) is not None) and not attn.o_proj.split
-                and all(w is not None for w in projs)
-                and _bf16_cpu(*caches, *(w for w in projs if isinstance(w, torch.Tensor))))
+        rows = cpu_kernels.cache_rows(k_cache, v_cache)
+        plain = rows[:2] if rows is not None and rows[2] is None else ()  # (fp8 rows: no dtype to check)
+        return (rows is not None and not attn.o_proj.split and all(w is not None for w in projs)
+                and _bf16_cpu(*plain, *(w for w in projs if isinstance(w, torch.Tensor))))
 
 
 class _MlaToken(_OpsAttention):
@@ -157,12 +156,11 @@ class _MlaToken(_OpsAttention):
     def fits(attn: MLAttention, cache) -> bool:
         projs = [attn.kv_a_proj_with_mqa, attn.o_proj] + ([attn.q_a_proj] if attn.q_lora else [])
         weights = [_one_row_weight(p) for p in projs + [attn.q_b_proj if attn.q_lora else attn.q_proj]]
-        plain = isinstance(cache, torch.Tensor)
-        return ((plain or cpu_kernels.fp8_rows(cache, cache) is not None) and not attn.o_proj.split
-                and all(p.bias is None for p in projs) and all(w is not None for w in weights)
-                and isinstance(attn.kv_b_proj.weight, torch.Tensor)
-                and _bf16_cpu(*((cache,) if plain else ()), attn.kv_b_proj.weight,
-                              *(w for w in weights if isinstance(w, torch.Tensor))))
+        rows = cpu_kernels.cache_rows(cache, cache)
+        plain = rows[:1] if rows is not None and rows[2] is None else ()  # (fp8 rows: no dtype to check)
+        return (rows is not None and not attn.o_proj.split and all(p.bias is None for p in projs)
+                and all(w is not None for w in weights) and isinstance(attn.kv_b_proj.weight, torch.Tensor)
+                and _bf16_cpu(*plain, attn.kv_b_proj.weight, *(w for w in weights if isinstance(w, torch.Tensor))))
 
 
 class _OpsMlp:
