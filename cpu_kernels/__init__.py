@@ -15,6 +15,7 @@ One binding module per C file, each kernel's torch reference beside its binding:
 - :mod:`.fused`: a whole attention sub-layer (MLA, GQA) of one decode token.
 - :mod:`.quant`: GEMMs and dequantization from packed 8- and 4-bit codes.
 - :mod:`.step`: a captured batch-1 step's one-call half-layers in one C loop.
+- :mod:`.sample`: a token drawn from each row of logits (temperature, top-k, top-p, min-p) at a keyed uniform.
 
 :mod:`.build` compiles and loads the library (:func:`load`; None without a compiler or with
 ``MOE_CPU_KERNELS=0``). Every kernel returns None (or False) where it does not apply; which path
@@ -32,6 +33,7 @@ from .gemv import MoeToken, Outputs, Residual, expert_token, gemv, heads_vec, mo
 from .paged_decode import cache_rows, paged_decode_attention, quantize_e4m3, supports_decode
 from .quant import (Q8_GEMM_MAX_ROWS, Q_FP8, Q_INT4_X8, Q_INT8, q4_dequant, q4_gemm, q4x8_gemm, q8_available,
                     q8_dequant, q8_gemm, quant_moe_token, QuantMoeToken, round_x8)
+from .sample import keyed_uniforms, sample_rows
 from .step import DecodeStep, LogitsRows, StepHalf
 
 __all__ = [
@@ -40,7 +42,7 @@ __all__ = [
     "supports_decode", "paged_decode_attention", "cache_rows", "quantize_e4m3", "supports_prefill",
     "prefill_attention",
     "rope_", "silu_mul", "rms_norm", "add_rms_norm", "write_rows", "transpose_to_float", "route_select", "RouteToken",
-    "argmax_rows",
+    "argmax_rows", "sample_rows", "keyed_uniforms",
     "grouped_gemm", "gemv", "expert_token", "moe_token", "MoeToken", "heads_vec", "Residual", "Outputs",
     "AMX_MAX_ROWS", "amx_available", "amx_tiles", "amx_experts", "amx_moe", "amx_moe_packed", "amx_linear", "amx_heads",
     "StackedExtras",

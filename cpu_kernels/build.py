@@ -29,7 +29,8 @@ log = logging.getLogger("cpu_kernels")
 
 _DIR = Path(__file__).parent
 _SOURCES = [_DIR / "paged_decode.c", _DIR / "elementwise.c", _DIR / "gemv.c", _DIR / "amx.c", _DIR / "amx_attention.c",
-            _DIR / "fused.c", _DIR / "quant.c", _DIR / "gemm.c", _DIR / "step.c"]
+            _DIR / "fused.c", _DIR / "quant.c", _DIR / "gemm.c", _DIR / "step.c",
+            _DIR / "sample.c"]
 _HEADERS = ["simd.h", "kernels.h", "amx.h"]
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' dtype codes

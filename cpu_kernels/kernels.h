@@ -168,6 +168,14 @@ int moe_qx_moe_token(const QxMoePlan *a, const uint16_t *x, int64_t T, int64_t K
                      uint16_t *h_out, int nt);
 int moe_route_token(const RoutePlan *a, const uint16_t *x, int64_t T, int nt);
 int moe_argmax_rows(const float *x, int64_t R, int64_t V, int64_t ld, int64_t *out);
+/* How one row of logits is sampled (sample.c): temperature 0 is greedy; top_k 0 and top_p 1 are off;
+ * key names the sequence's stream of uniform draws */
+typedef struct {
+    float temperature, top_p, min_p;
+    int64_t top_k, key;
+} SampleRow;
+int moe_sample_rows(const float *x, int64_t R, int64_t V, int64_t ld, const SampleRow *rows, const int64_t *pos,
+                    float *scratch, int32_t *iscratch, int64_t *out, int nt);
 
 /* A token's K <= 64 routed experts in ascending id order with their routing weights rounded to
  * bf16 (the combine's order and arithmetic). Returns 0, or -2 for an id outside [0, E). */

@@ -120,13 +120,15 @@ static int64_t now_ns(void) {
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-/* Greedy decode steps of T <= 32 sequences back to back (T = 1: a batch-1 step), each what an engine
+/* Decode steps of T <= 32 sequences back to back (T = 1: a batch-1 step), each what an engine
  * step computes for them: step i embeds row t's token ids[i T + t] at position pos0[t] + i (its K/V
  * at slot blocks[p / bs] * bs + p % bs of its blocks: table, or with toff given table + toff[t]; it
  * attends over p + 1 cached rows), runs every half (moe_decode_step,
  * one sequence's row, or T sequences' rows at lens[t]: none may be the caller's), the LM head of the
- * T rows (moe_logits_rows) and each row's greedy choice (moe_argmax_rows: the first NaN, else the
- * first largest logit), written to ids[(i + 1) T + t] as the next step's tokens. Stops after
+ * T rows (moe_logits_rows) and each row's token, written to ids[(i + 1) T + t] as the next step's: the
+ * greedy choice (moe_argmax_rows: the first NaN, else the first largest logit), or with sample given
+ * row t's draw as sample[t] says at the token's position pos0[t] + i + 1 (moe_sample_rows, scratch
+ * sval / sidx of T (2 V + 64) floats and T (V + 64) int32). Stops after
  * max_steps steps, after a step in which some row chose a token in stop[0, n_stop), once budget_ns
  * have passed since the call began, or once *wake differs from wake0 (the engine has work waiting).
  * With y_rows given, step i's normed last rows (the LM head's input, T x D bf16) are copied to
@@ -134,12 +136,12 @@ static int64_t now_ns(void) {
  * not complete (a router's NaN, a kernel declining, a token outside the embedding) ends the call
  * before it is counted, for the caller to run its own way (the K/V it may have written are the ones
  * that step writes again). */
-int moe_decode_greedy(const StepHalf *halves, int64_t n, const StepEmbed *embed, int64_t D, int64_t T, int64_t *ids,
+int moe_decode_steps(const StepHalf *halves, int64_t n, const StepEmbed *embed, int64_t D, int64_t T, int64_t *ids,
                       const int64_t *pos0, const int32_t *table, const int64_t *toff, int64_t bs,
                       uint16_t *h_last, uint16_t *y_last, const uint16_t *w, const PackedProj *p, int64_t V,
                       uint16_t *tmp, int64_t rows, float *logits, const int64_t *stop, int64_t n_stop,
                       int64_t max_steps, int64_t budget_ns, const volatile int64_t *wake, int64_t wake0,
-                      uint16_t *y_rows, int nt) {
+                      uint16_t *y_rows, const SampleRow *sample, float *sval, int32_t *sidx, int nt) {
     const int64_t t0 = now_ns();
     int64_t pos[32], slots[32];
     int32_t lens[32];
@@ -158,7 +160,13 @@ int moe_decode_greedy(const StepHalf *halves, int64_t n, const StepEmbed *embed,
         if (y_rows) memcpy(y_rows + i * T * D, y_last, (size_t)(T * D) * sizeof(uint16_t));
         if (moe_logits_rows(y_last, T, D, w, p, V, tmp, rows, logits, nt) != 0) return (int)i;
         int64_t *next = ids + (i + 1) * T;
-        moe_argmax_rows(logits, T, V, V, next);
+        if (sample) {
+            int64_t at[32];
+            for (int64_t t = 0; t < T; t++) at[t] = pos[t] + 1;
+            if (moe_sample_rows(logits, T, V, V, sample, at, sval, sidx, next, nt) != 0) return (int)i;
+        } else {
+            moe_argmax_rows(logits, T, V, V, next);
+        }
         int stopped = 0;
         for (int64_t t = 0; t < T; t++)
             for (int64_t j = 0; j < n_stop; j++) stopped |= next[t] == stop[j];

@@ -10,6 +10,7 @@ one by one, bit for bit.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -19,6 +20,7 @@ from .elementwise import RouteToken
 from .fused import GqaToken, MlaToken, PackedArgs, SeqRows, projection
 from .gemv import PLAN_ROWS, MoeToken, Outputs
 from .quant import QuantMoeToken
+from .sample import SampleScratch, sample_row_params
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 declare({
@@ -30,9 +32,10 @@ declare({
     "moe_logits_rows": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _int],
     # (halves, n, embed, D, T, ids, pos0, block table, row offsets, block size, h_last, y_last,
     # head weight, packed head, V, head scratch, its rows, logits, stop ids, their count, max steps, budget ns,
-    # wake, wake0, each step's normed rows (or NULL), threads)
-    "moe_decode_greedy": [_ptr, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr,
-                          _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _int],
+    # wake, wake0, each step's normed rows (or NULL), SampleRow per row (or NULL: greedy), sampling scratch
+    # (float, int32), threads)
+    "moe_decode_steps": [_ptr, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr,
+                         _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _int],
 })
 StepEmbedC = c_struct("StepEmbed", "emb: ptr; vocab: i64; nw: ptr; eps: f32; h x: ptr")
 StepHalfC = c_struct("StepHalf", "kind: i64; plan route ids wts: ptr; K: i64; cos_tab sin_tab: ptr; "
@@ -66,8 +69,9 @@ class DecodeStep:
             self._embed_ref = address(self._embed_c)
         self._h = torch.empty(self.n, rows, D, dtype=torch.bfloat16)
         self._y = torch.empty(self.n, rows, D, dtype=torch.bfloat16)
-        self._greedy_y = torch.empty(rows, D, dtype=torch.bfloat16)  # (greedy: the last half's normed rows, logits)
-        self._greedy_logits: torch.Tensor | None = None
+        self._steps_y = torch.empty(rows, D, dtype=torch.bfloat16)  # (steps: the last half's normed rows, logits)
+        self._steps_logits: torch.Tensor | None = None
+        self._sampling = SampleScratch()
         self._one = [Outputs(self._h[i, :1], self._y[i, :1]) for i in range(self.n)]
         self._c = (StepHalfC * self.n)()
         self._halves, self._keep = halves, []  # (the plans and tensors the C structs point into)
@@ -194,45 +198,55 @@ class DecodeStep:
         """Whether the loop runs a whole one-row step from its token: the embedding and every half."""
         return self.embeds and all(p is not None for p in self.plans)
 
-    def greedy(self, head: LogitsRows, tokens: list[int], positions: list[int], block_table: torch.Tensor,
-               block_size: int, steps: int, stop: tuple[int, ...] = (), budget_s: float = float("inf"),
-               wake: ctypes.c_int64 | None = None, rows_out: torch.Tensor | None = None) -> list[list[int]]:
-        """Up to ``steps`` greedy decode steps of ``T = len(tokens)`` sequences in one C call
-        (``moe_decode_greedy``): sequence t's first step embeds ``tokens[t]`` at ``positions[t]``, each
+    def decode_steps(self, head: LogitsRows, tokens: list[int], positions: list[int], block_table: torch.Tensor,
+                     block_size: int, steps: int, stop: tuple[int, ...] = (), budget_s: float = float("inf"),
+                     wake: ctypes.c_int64 | None = None, rows_out: torch.Tensor | None = None,
+                     sample: Sequence[tuple[float, int, float, float, int]] | None = None) -> list[list[int]]:
+        """Up to ``steps`` decode steps of ``T = len(tokens)`` sequences in one C call
+        (``moe_decode_steps``): sequence t's first step embeds ``tokens[t]`` at ``positions[t]``, each
         later one the token its step before chose; each step is a :meth:`from_ids` step of the T rows
         over ``block_table`` (int32, contiguous: ``[T, blocks]``, row t sequence t's blocks through
-        position ``positions[t] + steps - 1``; ``[blocks]`` for one), ``head``'s logits of it and their
-        argmax (the first NaN, else the first largest: ``argmax_rows``), bit for bit. Stops early after a
-        step in which some row chose a token in ``stop``, once ``budget_s`` seconds have passed, or once
-        ``wake`` (read at each step's end) has changed. With ``rows_out`` (bf16 ``[steps, T, D]``,
-        contiguous) each completed step's normed last rows, the LM head's input, are written there.
-        Returns each sequence's tokens, one per step completed ([] each where the loop does not run whole
-        steps (:attr:`runs_whole`) or its first step declines: the caller runs it its own way)."""
+        position ``positions[t] + steps - 1``; ``[blocks]`` for one), ``head``'s logits of it and each
+        row's token: the greedy choice (the first NaN, else the first largest: ``argmax_rows``), or with
+        ``sample`` row t's draw as ``sample[t] = (temperature, top_k, top_p, min_p, key)`` says at the
+        token's position (``sample_rows``), bit for bit. Stops early after a step in which some row
+        chose a token in ``stop``, once ``budget_s`` seconds have passed, or once ``wake`` (read at
+        each step's end) has changed. With ``rows_out`` (bf16 ``[steps, T, D]``, contiguous) each
+        completed step's normed last rows, the LM head's input, are written there. Returns each
+        sequence's tokens, one per step completed ([] each where the loop does not run whole steps
+        (:attr:`runs_whole`) or its first step declines: the caller runs it its own way)."""
         T = len(tokens)
         if not (self.runs_whole and head.ok and head.D == self.D and steps > 0 and 0 < T <= min(self.rows, 32)):
             return [[] for _ in tokens]
         table = block_table.view(1, -1) if block_table.dim() == 1 else block_table
         if (table.dtype != torch.int32 or table.dim() != 2 or table.shape[0] != T or not table.is_contiguous()
                 or len(positions) != T or table.shape[1] * block_size < max(positions) + steps):
-            raise ValueError("DecodeStep.greedy: the block table must be contiguous int32 [T, blocks], each row "
-                             "its sequence's blocks through the last step")
+            raise ValueError("DecodeStep.decode_steps: the block table must be contiguous int32 [T, blocks], each "
+                             "row its sequence's blocks through the last step")
         if rows_out is not None and (rows_out.dtype != torch.bfloat16 or rows_out.shape != (steps, T, self.D)
                                      or not rows_out.is_contiguous()):
-            raise ValueError("DecodeStep.greedy: rows_out must be contiguous bf16 [steps, T, D]")
+            raise ValueError("DecodeStep.decode_steps: rows_out must be contiguous bf16 [steps, T, D]")
+        if sample is not None and len(sample) != T:
+            raise ValueError(f"DecodeStep.decode_steps: sample has {len(sample)} rows for {T} sequences")
         ids = (ctypes.c_int64 * ((steps + 1) * T))(*tokens)
         pos0 = (ctypes.c_int64 * T)(*positions)
         toff = (ctypes.c_int64 * T)(*range(0, T * table.shape[1], table.shape[1])) if T > 1 else None
         stops = (ctypes.c_int64 * max(len(stop), 1))(*stop)
         if wake is None:
             wake = ctypes.c_int64(0)
-        if self._greedy_logits is None or self._greedy_logits.shape != (self.rows, head.V):
-            self._greedy_logits = torch.empty(self.rows, head.V, dtype=torch.float32)
+        if self._steps_logits is None or self._steps_logits.shape != (self.rows, head.V):
+            self._steps_logits = torch.empty(self.rows, head.V, dtype=torch.float32)
+        rows_c, sval, sidx = None, None, None
+        if sample is not None:
+            rows_c = sample_row_params(sample)
+            sval, sidx = self._sampling.take(T, head.V)
         budget_ns = int(min(budget_s, 1e9) * 1e9)
-        done = load().moe_decode_greedy(self._ref, self.n, self._embed_ref, self.D, T, ids, pos0, table.data_ptr(),
-                                        toff, block_size, self._h[-1].data_ptr(), self._greedy_y.data_ptr(),
-                                        *head.args, self._greedy_logits.data_ptr(), stops, len(stop), steps,
-                                        budget_ns, ctypes.addressof(wake), wake.value,
-                                        None if rows_out is None else rows_out.data_ptr(), torch.get_num_threads())
+        done = load().moe_decode_steps(self._ref, self.n, self._embed_ref, self.D, T, ids, pos0, table.data_ptr(),
+                                       toff, block_size, self._h[-1].data_ptr(), self._steps_y.data_ptr(),
+                                       *head.args, self._steps_logits.data_ptr(), stops, len(stop), steps,
+                                       budget_ns, ctypes.addressof(wake), wake.value,
+                                       None if rows_out is None else rows_out.data_ptr(), rows_c, sval, sidx,
+                                       torch.get_num_threads())
         return [list(ids[T + t:(done + 1) * T:T]) for t in range(T)]
 
     def _embedded(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,7 +281,7 @@ class LogitsRows:
     @property
     def args(self) -> tuple:
         """The head's arguments of ``moe_logits_rows`` after ``x, T, D`` and before ``logits`` (weight,
-        packed weight, V, scratch, its rows), for a C caller of it (:meth:`DecodeStep.greedy`)."""
+        packed weight, V, scratch, its rows), for a C caller of it (:meth:`DecodeStep.decode_steps`)."""
         return self._args
 
     def __call__(self, x_TD: torch.Tensor) -> torch.Tensor | None:

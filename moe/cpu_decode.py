@@ -439,26 +439,29 @@ class CapturedDecode:
             run = step(i, h, x, positions_T, table, context_len, meta.slot_mapping, last, rows)
 
     @property
-    def runs_greedy(self) -> bool:
-        """Whether :meth:`greedy` runs whole steps in C: the loop embeds and runs every half, the head is one call."""
+    def runs_steps(self) -> bool:
+        """Whether :meth:`decode_steps` runs whole steps in C: the loop embeds and runs every half, the
+        head is one call."""
         return self.head is not None and self.step.runs_whole
 
-    def greedy(self, tokens: list[int], starts: list[int], block_table: torch.Tensor, block_size: int, steps: int,
-               stop: tuple[int, ...] = (), budget_s: float = float("inf"), wake=None,
-               rows_out: torch.Tensor | None = None) -> list[list[int]]:
-        """Up to ``steps`` greedy decode steps of ``len(tokens)`` sequences (at most :attr:`max_rows`) in
-        one C call, sequence t's next token ``tokens[t]`` at position ``starts[t]``, its blocks row t of
-        ``block_table`` (:meth:`cpu_kernels.DecodeStep.greedy`): each sequence's tokens that many captured
-        steps, their :meth:`logits` and the greedy sampler's argmax give one after another, bit for bit,
-        ending after a step in which some sequence chose a token in ``stop``, after ``budget_s`` seconds
-        or when ``wake`` changes; [] each where the loop does not run the first step (the caller takes it
-        its own way). ``rows_out`` (bf16 ``[steps, T, D]``) receives each step's rows :meth:`logits` read."""
-        if not self.runs_greedy:
+    def decode_steps(self, tokens: list[int], starts: list[int], block_table: torch.Tensor, block_size: int,
+                     steps: int, stop: tuple[int, ...] = (), budget_s: float = float("inf"), wake=None,
+                     rows_out: torch.Tensor | None = None, sample=None) -> list[list[int]]:
+        """Up to ``steps`` decode steps of ``len(tokens)`` sequences (at most :attr:`max_rows`) in one C
+        call, sequence t's next token ``tokens[t]`` at position ``starts[t]``, its blocks row t of
+        ``block_table`` (:meth:`cpu_kernels.DecodeStep.decode_steps`): each sequence's tokens that many
+        captured steps, their :meth:`logits` and the sampler's choice (greedy, or with ``sample`` row t's
+        keyed draw ``sample[t] = (temperature, top_k, top_p, min_p, key)``: ``ops.sample.draw_rows``)
+        give one after another, bit for bit, ending after a step in which some sequence chose a token
+        in ``stop``, after ``budget_s`` seconds or when ``wake`` changes; [] each where the loop does not
+        run the first step (the caller takes it its own way). ``rows_out`` (bf16 ``[steps, T, D]``)
+        receives each step's rows :meth:`logits` read."""
+        if not self.runs_steps:
             return [[] for _ in tokens]
         if self._rotary:
             self._grow_rotaries(max(starts) + steps)
-        return self.step.greedy(self.head, tokens, starts, block_table, block_size, steps, stop, budget_s, wake,
-                                rows_out)
+        return self.step.decode_steps(self.head, tokens, starts, block_table, block_size, steps, stop, budget_s,
+                                      wake, rows_out, sample)
 
     def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
         """The LM head of a captured step's rows, each as a one-token step's (float32 ``[T, V]``)."""

@@ -159,10 +159,10 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.sampler, self.device,
                                   self.drafter)
         self.runner.record_expert_counts = config.record_expert_counts
-        # multi-step decoding: greedy decode steps back to back in C, where the runner can
+        # multi-step decoding: decode steps back to back in C, where the runner can
         # (with speculation, on the steps cost control keeps plain: _steps_allowed)
         self._max_steps = config.num_scheduler_steps \
-            if self.runner.runs_greedy and not config.record_expert_counts else 1
+            if self.runner.runs_steps and not config.record_expert_counts else 1
         self.scheduler.max_steps = self._max_steps if spec is None else 1
         self.scheduler.max_step_rows = self.runner.captured.max_rows if self._max_steps > 1 else 1
         self.seqs: dict[str, Sequence] = {}  # request id -> its sequence (sample 0 when n > 1)
@@ -347,7 +347,8 @@ class LLMEngine:
                 gen = torch.Generator()
                 gen.manual_seed(p.seed)
             seq = Sequence(rid, text, ids, p, RequestMetrics(time.perf_counter(), num_prompt_tokens=len(ids)), gen,
-                           expected_len=need, sample_index=i, leader=seqs[0] if seqs else None)
+                           self.sampler.new_key(p.seed), expected_len=need, sample_index=i,
+                           leader=seqs[0] if seqs else None)
             seq.block_table.cache_salt = salt
             if p.structured_outputs is not None:
                 seq.grammar = self._structured_outputs().new_state(p.structured_outputs)

@@ -4,8 +4,8 @@ metadata, computes logits only for the rows that need them, samples.
 With ``data_parallel`` > 1 a rank runs only its DP group's sequences of the batch (their
 K/V live in this group's caches); the MoE layers exchange tokens with the other groups. The
 sampler still draws for every sampling sequence of the batch (other groups' rows with dummy
-logits, their tokens discarded), so every rank's random generators advance exactly as in the
-single-process engine; the engine then gathers each group's results."""
+logits, their tokens discarded), so every rank's random generators (rejection sampling's) advance
+exactly as in the single-process engine; the engine then gathers each group's results."""
 from __future__ import annotations
 
 import ctypes
@@ -20,7 +20,7 @@ from parallel.dispatch import NO_STEP, DispatchStep
 
 from .cpu_decode import CapturedDecode
 from .models import ForwardContext, MoECausalLM
-from .sampler import Sampler, SampleResult, top_logprobs
+from .sampler import Sampler, SampleResult, sample_row, top_logprobs
 from .scheduler import ScheduledBatch, ScheduledSeq, partition_batch
 
 if TYPE_CHECKING:
@@ -96,12 +96,12 @@ class ModelRunner:
         self.wake = ctypes.c_int64(0)
 
     @property
-    def runs_greedy(self) -> bool:
-        """Whether several greedy decode steps of a step's sequences (up to ``captured.max_rows``) run as
+    def runs_steps(self) -> bool:
+        """Whether several decode steps of a step's sequences (up to ``captured.max_rows``) run as
         one C call here (multi-step decoding, :meth:`_run_steps`): the captured step runs whole steps,
         in one process. (A drafter reading hidden states gets their rows (``Drafter.catch_up_steps``);
         a draft model runs their tokens when it drafts next.)"""
-        return (self.captured is not None and self.captured.runs_greedy and self.one_row is not None
+        return (self.captured is not None and self.captured.runs_steps and self.one_row is not None
                 and get_parallel_state().world_size == 1)
 
     @torch.inference_mode()
@@ -124,12 +124,12 @@ class ModelRunner:
         return StepResult(sampled, self._prompt_logprobs(batch, inputs, hidden))
 
     def _run_steps(self, batch: ScheduledBatch, eos_ids: tuple[int, ...]) -> StepResult | None:
-        """Up to ``steps`` greedy decode steps of the batch's sequences in one C call
-        (:meth:`CapturedDecode.greedy`): the tokens the greedy sampler would pick step after step,
-        ending after a step in which one chose a stop token, after :attr:`MULTI_STEP_SECONDS` or when
-        :attr:`wake` moves. None where its first step does not run there (the step then runs as any
-        other)."""
-        if not self.runs_greedy:  # (the captured step taken away since: tests comparing paths)
+        """Up to ``steps`` decode steps of the batch's sequences in one C call
+        (:meth:`CapturedDecode.decode_steps`): the tokens the sampler would pick step after step (greedy,
+        or drawn at each sequence's key and position), ending after a step in which one chose a stop
+        token, after :attr:`MULTI_STEP_SECONDS` or when :attr:`wake` moves. None where its first step
+        does not run there (the step then runs as any other)."""
+        if not self.runs_steps:  # (the captured step taken away since: tests comparing paths)
             return None
         ss = batch.seqs
         stop = tuple(dict.fromkeys(t for s in ss for t in (() if s.seq.params.ignore_eos else eos_ids)
@@ -144,8 +144,14 @@ class ModelRunner:
         # a drafter reading the target's hidden states (an MTP layer) gets each step's rows
         reads = self.drafter is not None and self.drafter.reads_hidden
         rows = torch.empty(s0.steps, len(ss), self.model.cfg.hidden_size, dtype=torch.bfloat16) if reads else None
-        tokens = self.captured.greedy([s.seq.token_ids[s.start] for s in ss], [s.start for s in ss], table,
-                                      self.block_size, s0.steps, stop, self.MULTI_STEP_SECONDS, self.wake, rows)
+        sample = None
+        if not all(s.seq.params.greedy for s in ss):
+            if any(s.seq.sample_key is None for s in ss):
+                return None  # (a sequence made outside the engine: its draws take a new key each)
+            sample = [sample_row(s.seq.params, s.seq.sample_key) for s in ss]
+        tokens = self.captured.decode_steps([s.seq.token_ids[s.start] for s in ss], [s.start for s in ss], table,
+                                            self.block_size, s0.steps, stop, self.MULTI_STEP_SECONDS, self.wake, rows,
+                                            sample)
         if not tokens[0]:
             return None
         self.num_tokens_run += len(ss) * len(tokens[0])
@@ -248,8 +254,9 @@ class ModelRunner:
 
     def _sample(self, batch: ScheduledBatch, inputs: StepInputs, logits: torch.Tensor,
                 eos_ids: tuple[int, ...]) -> Sampled:
-        """One draw per row of every sequence not verified by sampling (all rows of the batch, so
-        every rank's generators advance alike); greedy drafts kept while the model confirms them."""
+        """One draw per row of every sequence not verified by sampling (all rows of the batch; a sampled
+        row draws at its sequence's key and the token's position); greedy drafts kept while the model
+        confirms them."""
         all_idx = inputs.all_idx
         plain = [j for j, b in enumerate(all_idx) if not self._verified_by_sampling(batch, b)]
         sampled: Sampled = {}
@@ -257,8 +264,16 @@ class ModelRunner:
             return sampled
         seqs = [batch.seqs[all_idx[j]].seq for j in plain]
         banned = [self._banned(seq, eos_ids) for seq in seqs]
+        # the position of the token each row samples: a sequence's rows sample its next positions in order
+        positions, seen = [], {}
+        for j in plain:
+            b = all_idx[j]
+            s = batch.seqs[b]
+            seen[b] = seen.get(b, -1) + 1
+            positions.append(s.start + s.num_new_tokens - len(s.draft) + seen[b])
         res: SampleResult = self.sampler(logits[plain] if len(plain) < len(all_idx) else logits,
-                                         [q.params for q in seqs], [q.generator for q in seqs], banned, seqs)
+                                         [q.params for q in seqs], [q.sample_key for q in seqs], positions, banned,
+                                         seqs)
         mine = set(inputs.sample_idx)
         for r, j in enumerate(plain):
             b = all_idx[j]

@@ -16,7 +16,8 @@ from typing import Protocol
 
 import torch
 
-from ops import argmax_rows
+from ops.sample import argmax_rows, draw_rows, seed_key
+from ops.sample import filtered_probs as _filtered
 
 from .sampling_params import SamplingParams
 from .structured_output import GrammarState, apply_grammar_masks
@@ -36,24 +37,6 @@ class TokenHistory(Protocol):
 class SampleResult:
     token_ids: list[int]
     logprobs: list[dict[int, float] | None]  # chosen token + top-n, per row, when requested
-
-
-def apply_filters(logits_BV: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  min_p: torch.Tensor) -> torch.Tensor:
-    """Mask (to -inf) what top-k / top-p / min-p exclude. ``top_k`` 0 = off, ``top_p`` 1 = off."""
-    V = logits_BV.shape[-1]
-    sorted_logits, order = logits_BV.sort(dim=-1, descending=True)
-    ranks = torch.arange(V, device=logits_BV.device).unsqueeze(0)
-    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, V)).unsqueeze(1)
-    drop = ranks >= k
-    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-    # top-p: drop a token when the mass before it already reaches top_p (the first token always stays)
-    mass_before = probs.cumsum(-1) - probs
-    drop |= (mass_before >= top_p.unsqueeze(1)) & (top_p.unsqueeze(1) < 1)  # top_p = 1 is off, even at fp32 rounding
-    drop |= probs < (min_p.unsqueeze(1) * probs[:, :1])
-    drop[:, 0] = False
-    mask = torch.zeros_like(drop).scatter_(1, order, drop)
-    return logits_BV.masked_fill(mask, float("-inf"))
 
 
 def token_counts(rows: Seq[Seq[int]], vocab_size: int) -> torch.Tensor:
@@ -121,12 +104,13 @@ def top_logprobs(logprobs_V: torch.Tensor, chosen: int, n: int) -> dict[int, flo
 
 def filtered_probs(logits_BV: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """The distributions sampling draws from: temperature, then top-k / top-p / min-p."""
-    sub = logits_BV / torch.tensor([p.temperature for p in params]).unsqueeze(1)
-    if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
-        sub = apply_filters(sub, torch.tensor([max(p.top_k, 0) for p in params]),
-                            torch.tensor([p.top_p for p in params], dtype=torch.float32),
-                            torch.tensor([p.min_p for p in params], dtype=torch.float32))
-    return torch.softmax(sub, dim=-1)
+    return _filtered(logits_BV, [p.temperature for p in params], [p.top_k for p in params],
+                     [p.top_p for p in params], [p.min_p for p in params])
+
+
+def sample_row(params: SamplingParams, key: int) -> tuple[float, int, float, float, int]:
+    """What a draw of ``ops.sample.draw_rows`` (and the captured step's loop) takes for one row."""
+    return params.temperature, max(params.top_k, 0), params.top_p, params.min_p, key
 
 
 def draw_token(probs_V: torch.Tensor, generator: torch.Generator) -> int:
@@ -165,10 +149,20 @@ _filtered_probs = filtered_probs  # (its former name)
 
 
 class Sampler:
+    """Tokens from a step's logits. A sampled row draws at its sequence's key and the token's position
+    (``ops.sample.draw_rows``); rejection sampling of drafts (:meth:`verify_draft`) and a drafter's own
+    draws take a ``torch.Generator`` (the request's, or this sampler's for requests without a seed)."""
+
     def __init__(self, seed: int | None = None):
         self.generator = torch.Generator()
         if seed is not None:
             self.generator.manual_seed(seed)
+
+    def new_key(self, seed: int | None = None) -> int:
+        """A sequence's key: from its request's seed, else drawn from this sampler's generator."""
+        if seed is None:
+            seed = int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), generator=self.generator))
+        return seed_key(seed)
 
     def verify_draft(self, logits_RV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
                      draft: tuple[int, ...], draft_probs: torch.Tensor | None = None
@@ -188,10 +182,11 @@ class Sampler:
         return [(t, top_logprobs(raw_lp[j], t, params.logprobs) if raw_lp is not None else None)
                 for j, t in enumerate(rejection_sample(probs, draft, draft_probs, generator or self.generator))]
 
-    def __call__(self, logits_BV: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None], banned: list[list[int]],
-                 seqs: Seq[TokenHistory] | None = None) -> SampleResult:
-        """``seqs``: each row's sequence (its tokens and grammar), needed when a request processes logits."""
+    def __call__(self, logits_BV: torch.Tensor, params: list[SamplingParams], keys: list[int | None],
+                 positions: list[int], banned: list[list[int]], seqs: Seq[TokenHistory] | None = None) -> SampleResult:
+        """Row i's token, for the token at ``positions[i]`` of the sequence keyed ``keys[i]`` (None: a key
+        drawn now, :meth:`new_key`). ``seqs``: each row's sequence (its tokens and grammar), needed when
+        a request processes logits."""
         logits_BV = logits_BV.float()
         want_lp = [p.logprobs is not None for p in params]
         raw_lp = torch.log_softmax(logits_BV, dim=-1) if any(want_lp) else None  # before any ban or filter
@@ -208,18 +203,19 @@ class Sampler:
                     if kept is not None and bool(torch.isneginf(logits_BV[i]).all()):
                         logits_BV[i] = kept  # the grammar allows only banned (stop) tokens: it wins over min_tokens
         rand = [i for i, p in enumerate(params) if not p.greedy]
-        if not rand:  # every row greedy: first largest (first NaN), one C pass on CPU
-            token_list = argmax_rows(logits_BV)
-        else:
-            tokens = logits_BV.max(dim=-1).indices  # (faster than argmax on CPU; same first-index ties)
-            idx = torch.tensor(rand)
-            probs = filtered_probs(logits_BV[idx], [params[i] for i in rand])
-            # Gumbel-style race: argmax(p / Exp(1)) draws from p; each request uses its own generator
-            noise = torch.empty_like(probs)
-            for row, i in enumerate(rand):
-                noise[row].exponential_(generator=generators[i] or self.generator)
-            tokens[idx] = (probs / noise).max(dim=-1).indices
-            token_list = tokens.tolist()
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        token_list = [0] * len(params)
+        for idx, tokens in ((greedy, None), (rand, True)):
+            if not idx:
+                continue
+            sub = logits_BV if len(idx) == len(params) else logits_BV[idx]
+            if tokens is None:  # greedy: the first largest (first NaN), one C pass on CPU
+                tokens = argmax_rows(sub)
+            else:
+                rows = [sample_row(params[i], self.new_key() if keys[i] is None else keys[i]) for i in idx]
+                tokens = draw_rows(sub, rows, [positions[i] for i in idx])
+            for i, t in zip(idx, tokens):
+                token_list[i] = t
         lps: list[dict[int, float] | None] = [
             top_logprobs(raw_lp[i], token_list[i], params[i].logprobs) if want_lp[i] else None
             for i in range(len(params))

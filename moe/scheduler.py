@@ -46,7 +46,7 @@ class ScheduledSeq:
     # [len(draft), V] the drafter's distribution of each draft token (sampled requests); None: point masses
     draft_probs: torch.Tensor | None = None
     draft_source: str = ""  # "lookup" or "model" (moe.spec_decode.Draft.source)
-    # greedy decode steps run back to back (Scheduler.max_steps): its rows are the first step's; the
+    # decode steps run back to back (Scheduler.max_steps): its rows are the first step's; the
     # KV blocks of all of them are allocated
     steps: int = 1
 
@@ -99,9 +99,9 @@ class Scheduler:
         # speculative decoding: drafts for decoding sequences (moe.spec_decode.Proposer), or None
         self.proposer: Proposer | None = None
         self.running: list[Sequence] = []
-        # multi-step decoding: up to this many greedy decode steps in one engine step for up to
+        # multi-step decoding: up to this many decode steps in one engine step for up to
         # max_step_rows decoding sequences when nothing waits (the engine sets both where its runner
-        # can: ModelRunner.runs_greedy)
+        # can: ModelRunner.runs_steps)
         self.max_steps = 1
         self.max_step_rows = 1
 
@@ -216,15 +216,16 @@ class Scheduler:
         return ScheduledBatch(out)
 
     def _multi_step(self, out: list[ScheduledSeq]) -> list[ScheduledSeq]:
-        """The step's sequences as up to :attr:`max_steps` greedy decode steps where every one's request
-        allows them: one decode token each, greedy, no logit processing (a grammar among it), logprobs or pending
+        """The step's sequences as up to :attr:`max_steps` decode steps where every one's request
+        allows them: one decode token each, no logit processing (a grammar among it), logprobs or pending
         ``min_tokens``, and KV blocks free for the steps after (none is preempted for them). Each
-        step's tokens are the greedy sampler's, so the outputs are plain decoding's; the steps stop at
-        the requests' stop tokens, the shortest ``max_tokens`` and the model's length (``expected_len``),
-        and stop strings cut the text after."""
+        step's tokens are the sampler's (greedy, or drawn at the sequence's key and the token's
+        position), so the outputs are one-step decoding's; the steps stop at the requests' stop tokens,
+        the shortest ``max_tokens`` and the model's length (``expected_len``), and stop strings cut
+        the text after."""
         for s in out:
             seq, p = s.seq, s.seq.params
-            if (s.num_new_tokens != 1 or not s.samples or not p.greedy or p.processes_logits
+            if (s.num_new_tokens != 1 or not s.samples or p.processes_logits
                     or p.logprobs is not None or seq.wants_prompt_logprobs or seq.num_output_tokens < p.min_tokens):
                 return out
         steps = min(self.max_steps, *(s.seq.expected_len - s.seq.num_tokens for s in out))

@@ -162,7 +162,7 @@ def test_captured_batch1_step_equals_the_model_forward(family, kv, checkpoint, m
     assert runner.captured is not None
     assert runner.captured.step.embeds and runner.captured.head.ok  # the embedding and the LM head in C too
     if kv == "fp8":
-        assert runner.captured.runs_greedy  # whole steps in C: the attention halves quantize and read fp8
+        assert runner.captured.runs_steps  # whole steps in C: the attention halves quantize and read fp8
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9, 40)]
     sp = SamplingParams(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True)
     real, calls = CapturedDecode.__call__, []

@@ -1,7 +1,7 @@
-"""Multi-step decoding (``EngineConfig.num_scheduler_steps``): greedy decode steps of the decoding
-sequences (alone or up to the captured step's rows together) run back to back in one C call
-(``moe_decode_greedy``) give plain decoding's outputs, stop where plain decoding stops, run only for
-requests whose sampling they leave unchanged, and end early for work that arrives."""
+"""Multi-step decoding (``EngineConfig.num_scheduler_steps``): decode steps of the decoding sequences
+(alone or up to the captured step's rows together, greedy or sampled at keyed draws) run back to
+back in one C call (``moe_decode_steps``) give one-step decoding's outputs, stop where it stops, run
+only for requests whose sampling they leave unchanged, and end early for work that arrives."""
 import threading
 import time
 
@@ -63,7 +63,7 @@ def test_multi_step_tokens_equal_one_step_a_call(family, checkpoint, calls):
     # the greedy argmax), and the multi-step calls did run several steps each; an fp8 KV cache too
     name, _, kv = family.partition("-")
     llm = _llm(str(checkpoint(name)), **({"kv_cache_dtype": kv} if kv else {}))
-    assert llm.engine.runner.runs_greedy and llm.engine.scheduler.max_steps == 16
+    assert llm.engine.runner.runs_steps and llm.engine.scheduler.max_steps == 16
     g = torch.Generator().manual_seed(1)
     prompts = [{"prompt_token_ids": torch.randint(3, 200, (n,), generator=g).tolist()} for n in (1, 6, 13)]
     sp = SamplingParams(temperature=0, max_tokens=37, ignore_eos=True)
@@ -74,6 +74,33 @@ def test_multi_step_tokens_equal_one_step_a_call(family, checkpoint, calls):
         single.append(s[0].outputs[0].token_ids)
     assert multi == single and all(len(t) == 37 for t in multi)
     assert len(calls) >= 3 * 3 and max(calls) == 16  # 36 decode steps each: 16 + 16 + 4
+    _idle(llm)
+
+
+SAMPLED = [SamplingParams(temperature=0.8, seed=11, max_tokens=37, ignore_eos=True),
+           SamplingParams(temperature=1.3, top_k=7, seed=12, max_tokens=37, ignore_eos=True),
+           SamplingParams(temperature=0.7, top_p=0.6, min_p=0.1, seed=13, max_tokens=37, ignore_eos=True)]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "mixtral-fp8"])
+def test_sampled_multi_step_tokens_equal_one_step_a_call(family, checkpoint, calls):
+    # sampled decoding (temperature; top-k; top-p with min-p), each request seeded: the C loop draws each
+    # step's token at the sequence's key and the token's position as the one-step sampler does, so the
+    # tokens are the same with 16 steps a call as with one; they are draws (not the greedy tokens)
+    name, _, kv = family.partition("-")
+    llm = _llm(str(checkpoint(name)), **({"kv_cache_dtype": kv} if kv else {}))
+    g = torch.Generator().manual_seed(3)
+    prompt = {"prompt_token_ids": torch.randint(3, 200, (6,), generator=g).tolist()}
+    greedy = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=37, ignore_eos=True))[0]
+    for sp in SAMPLED:
+        calls.clear()
+        (m,), (s,) = _both(llm, [prompt], sp)
+        assert m.outputs[0].token_ids == s.outputs[0].token_ids and len(m.outputs[0].token_ids) == 37
+        assert m.outputs[0].token_ids != greedy.outputs[0].token_ids
+        assert max(calls) == 16
+    # another seed, other draws
+    other = llm.generate([prompt], SamplingParams(temperature=0.8, seed=99, max_tokens=37, ignore_eos=True))[0]
+    assert llm.generate([prompt], SAMPLED[0])[0].outputs[0].token_ids != other.outputs[0].token_ids
     _idle(llm)
 
 
@@ -116,10 +143,10 @@ def test_multi_step_stops_where_plain_decoding_stops(calls):
     _idle(llm)
 
 
-def test_multi_step_only_for_plain_greedy_requests(monkeypatch):
-    # requests whose sampling reads the logits (sampled, logprobs, penalties, pending min_tokens) take
-    # one step a call, and so does a batch with one of them; a greedy one goes multi-step once it
-    # decodes without them. Outputs equal one step a call throughout
+def test_multi_step_only_for_requests_whose_sampling_it_keeps(monkeypatch):
+    # requests whose sampling reads more than the logits (logprobs, penalties, pending min_tokens) take
+    # one step a call, and so does a batch with one of them; greedy and sampled ones go multi-step once
+    # they decode without them. Outputs equal one step a call throughout
     llm = _llm(None)
     steps: list[tuple[int, int]] = []  # (sequences in the batch, steps asked)
     real = ModelRunner.run
@@ -130,22 +157,23 @@ def test_multi_step_only_for_plain_greedy_requests(monkeypatch):
 
     monkeypatch.setattr(ModelRunner, "run", run)
     one = ["The tutorial", "import sys\n"]
-    for sp in (SamplingParams(temperature=0.8, seed=3, max_tokens=20),
-               SamplingParams(temperature=0, max_tokens=20, logprobs=2),
-               SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3),
-               SamplingParams(temperature=0, max_tokens=20, min_tokens=20, ignore_eos=True)):
+    for sp, multi in ((SamplingParams(temperature=0, max_tokens=20, logprobs=2), False),
+                      (SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3), False),
+                      (SamplingParams(temperature=0, max_tokens=20, min_tokens=20, ignore_eos=True), False),
+                      (SamplingParams(temperature=0.8, seed=3, max_tokens=20), True),
+                      (SamplingParams(temperature=0.9, top_k=20, top_p=0.8, min_p=0.05, seed=4, max_tokens=20), True)):
         steps.clear()
         m, s = _both(llm, one[:1], sp)
         assert m[0].outputs[0].token_ids == s[0].outputs[0].token_ids and m[0].outputs[0].logprobs == \
             s[0].outputs[0].logprobs
-        assert all(k == 1 for _, k in steps), sp
-    # a sampled request beside a greedy one: one step a call while both run, multi-step after
-    params = [SamplingParams(temperature=0.8, seed=5, max_tokens=8),
+        assert any(k > 1 for _, k in steps) == multi, sp
+    # a logprobs request beside a greedy one: one step a call while both run, multi-step after
+    params = [SamplingParams(temperature=0.8, seed=5, max_tokens=8, logprobs=1),
               SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)]
     steps.clear()
     m = llm.generate(one, params)
     multi = [(n, k) for n, k in steps if k > 1]
-    assert multi and all(n == 1 for n, _ in multi)  # only after the sampled request finished
+    assert multi and all(n == 1 for n, _ in multi)  # only after the logprobs request finished
     llm.engine.scheduler.max_steps = 1
     s = llm.generate(one, params)
     assert [o.outputs[0].token_ids for o in m] == [o.outputs[0].token_ids for o in s]
@@ -191,9 +219,9 @@ def test_num_scheduler_steps_is_checked_and_off_where_a_step_is_not_whole_in_c(c
     assert _llm(None, num_scheduler_steps=1).engine.scheduler.max_steps == 1
     assert _llm(None, record_expert_counts=True).engine.scheduler.max_steps == 1
     e = _llm(str(checkpoint("mixtral")), offload_experts=True).engine
-    assert e.runner.captured is not None and not e.runner.runs_greedy and e.scheduler.max_steps == 1
+    assert e.runner.captured is not None and not e.runner.runs_steps and e.scheduler.max_steps == 1
     e = _llm(str(checkpoint("olmoe"))).engine
-    assert e.runner.runs_greedy and e.scheduler.max_steps == 16
+    assert e.runner.runs_steps and e.scheduler.max_steps == 16
 
 
 @pytest.mark.parametrize("spec,dormant,runs", [
@@ -341,7 +369,7 @@ def test_the_server_loop_wakes_the_engine_for_each_command(monkeypatch):
 
 @pytest.mark.parametrize("family,cached", [("default", True), ("mixtral", False), ("deepseek_v3", False)])
 def test_several_sequences_multi_step_together(family, cached, checkpoint, monkeypatch):
-    # greedy sequences decoding together (up to the captured step's rows: 16 where the weights stay in
+    # greedy and sampled sequences decoding together (up to the captured step's rows: 16 where the weights stay in
     # the last-level cache, 8 where they stream) run their steps back to back as one C call over all
     # their rows, each row as a one-token step computes it: the same tokens as one step a call, with
     # prompts of different lengths across blocks, sequences of different max_tokens (a call stops at
@@ -368,6 +396,9 @@ def test_several_sequences_multi_step_together(family, cached, checkpoint, monke
     prompts = [{"prompt_token_ids": torch.randint(3, 200, (n,), generator=g).tolist()} for n in lens]
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (30, 45, 12, 38, 25, 41, 19, 33,
                                                                                     27, 40)]
+    for i in (1, 4, 8):  # sampled rows beside greedy ones: each draws as it would alone
+        params[i] = SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=i, max_tokens=params[i].max_tokens,
+                                   ignore_eos=True)
     sched = llm.engine.scheduler
     sched.max_steps = 1
     want = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
@@ -392,6 +423,7 @@ def test_multi_step_under_a_tiny_kv_cache(calls):
     assert llm.engine.block_manager.num_blocks == 12
     prompts = [{"prompt_token_ids": list(range(40 + 9 * i, 40 + 9 * i + n))} for i, n in enumerate((10, 12, 9, 11, 7))]
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (20, 18, 20, 16, 22)]
+    params[1] = SamplingParams(temperature=0.8, seed=5, max_tokens=18, ignore_eos=True)
     e = llm.engine
     rids = [e.add_request(q, sp) for q, sp in zip(prompts, params)]
     seqs = [e.seqs[r] for r in rids]

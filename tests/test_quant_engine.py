@@ -304,7 +304,7 @@ def test_mxfp4_gpt_oss_decodes_whole_in_c_as_the_op_path(mxfp4_pair):
     runner = llm.engine.runner
     if cpu_kernels.load() is None or not cpu_kernels.q8_available():
         pytest.skip("the C kernels are not built here: no captured step")
-    assert runner.runs_greedy and llm.engine.scheduler.max_steps == 16
+    assert runner.runs_steps and llm.engine.scheduler.max_steps == 16
     prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9, 40)]
     sp = SamplingParams(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True)
     captured = [llm.generate([p], sp)[0].outputs[0] for p in prompts]

@@ -4,13 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe.sampler import Sampler, apply_filters, top_logprobs
+from moe.sampler import Sampler, top_logprobs
 from moe.sampling_params import SamplingParams
+from ops.sample import apply_filters, seed_key
 
 
-def _sample(logits, params, gens=None, banned=None, seed=0):
+def _sample(logits, params, keys=None, banned=None, seed=0):
     B = logits.shape[0]
-    return Sampler(seed)(logits.clone(), params, gens or [None] * B, banned or [[] for _ in range(B)])
+    return Sampler(seed)(logits.clone(), params, keys or [None] * B, [0] * B, banned or [[] for _ in range(B)])
 
 
 def test_greedy_is_argmax_and_logprobs_are_the_raw_log_softmax():
@@ -29,7 +30,7 @@ def test_greedy_is_argmax_and_logprobs_are_the_raw_log_softmax():
 def test_logprobs_ignore_temperature_and_include_the_chosen_token():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])
     p = SamplingParams(temperature=2.0, logprobs=1, seed=3)
-    res = _sample(logits, [p], gens=[torch.Generator().manual_seed(3)])
+    res = _sample(logits, [p], keys=[seed_key(3)])
     lp = torch.log_softmax(logits[0], -1)
     d = res.logprobs[0]
     assert res.token_ids[0] in d and 0 in d and len(d) <= 2
@@ -95,24 +96,25 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent():
     p = SamplingParams(temperature=1.0, seed=7)
 
     def draws(seed: int) -> list[int]:
-        gen = torch.Generator().manual_seed(seed)
         s = Sampler(0)
-        return [s(logits.clone(), [p], [gen], [[]]).token_ids[0] for _ in range(40)]
+        return [s(logits.clone(), [p], [seed_key(seed)], [pos], [[]]).token_ids[0] for pos in range(40)]
 
     assert draws(7) == draws(7)
     assert draws(7) != draws(8)
-    # the engine-wide generator is used for unseeded rows: seeded by Sampler(seed)
-    a = [Sampler(5)(logits.repeat(8, 1), [SamplingParams()] * 8, [None] * 8, [[]] * 8).token_ids for _ in range(2)]
-    assert a[0] == a[1]
+    assert len(set(draws(7))) > 5  # each position its own draw
+    # unseeded rows take keys from the engine-wide generator: seeded by Sampler(seed)
+    a = [Sampler(5)(logits.repeat(8, 1), [SamplingParams()] * 8, [None] * 8, [0] * 8, [[]] * 8).token_ids
+         for _ in range(2)]
+    assert a[0] == a[1] and len(set(a[0])) > 1
 
 
 def test_seeded_row_does_not_depend_on_its_batch_neighbours():
     logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
     p = SamplingParams(temperature=0.8, seed=11)
-    alone = Sampler(0)(logits[:1].clone(), [p], [torch.Generator().manual_seed(11)], [[]]).token_ids[0]
+    alone = Sampler(0)(logits[:1].clone(), [p], [seed_key(11)], [9], [[]]).token_ids[0]
     for _ in range(3):
         others = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.5, top_k=5, top_p=0.9)]
-        res = Sampler(123)(logits.clone(), [p] + others, [torch.Generator().manual_seed(11), None, None], [[]] * 3)
+        res = Sampler(123)(logits.clone(), [p] + others, [seed_key(11), None, None], [9, 3, 4], [[]] * 3)
         assert res.token_ids[0] == alone
 
 
@@ -120,7 +122,8 @@ def test_seeded_row_does_not_depend_on_its_batch_neighbours():
 def test_temperature_sampling_frequencies_follow_the_softmax(temperature):
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
     N = 20000
-    res = Sampler(1234)(logits.repeat(N, 1), [SamplingParams(temperature=temperature)] * N, [None] * N, [[]] * N)
+    res = Sampler(1234)(logits.repeat(N, 1), [SamplingParams(temperature=temperature)] * N, [None] * N, [0] * N,
+                        [[]] * N)
     freq = torch.bincount(torch.tensor(res.token_ids), minlength=5).float() / N
     expect = torch.softmax(logits / temperature, -1)
     # 5 sigma of a binomial proportion at N=20000 is < 0.018
@@ -130,6 +133,7 @@ def test_temperature_sampling_frequencies_follow_the_softmax(temperature):
 def test_top_k_sampling_draws_only_from_the_top_k():
     logits = torch.tensor([3.0, 2.9, 2.8, 2.7, 2.6, 2.5])
     N = 3000
-    res = Sampler(9)(logits.repeat(N, 1), [SamplingParams(temperature=1.0, top_k=3)] * N, [None] * N, [[]] * N)
+    res = Sampler(9)(logits.repeat(N, 1), [SamplingParams(temperature=1.0, top_k=3)] * N, [None] * N, [0] * N,
+                     [[]] * N)
     counts = torch.bincount(torch.tensor(res.token_ids), minlength=6)
     assert counts[3:].sum() == 0 and (counts[:3] > 700).all()

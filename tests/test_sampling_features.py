@@ -8,6 +8,7 @@ import torch
 
 from moe import LLM, SamplingParams
 from moe.sampler import Sampler, apply_logit_bias, apply_penalties, process_logits
+from ops.sample import seed_key
 
 PROMPT = "The history of the city begins with a small village by the river, where farmers and"
 
@@ -71,11 +72,11 @@ def test_apply_penalties_is_batched_over_rows_with_different_settings():
 def test_greedy_sees_penalties_and_bias():
     logits = torch.tensor([[5.0, 4.0, 1.0, 0.0]])
     s = Sampler(0)
-    assert s(logits, [SamplingParams(temperature=0)], [None], [[]]).token_ids == [0]
+    assert s(logits, [SamplingParams(temperature=0)], [None], [0], [[]]).token_ids == [0]
     hist = [_hist([3], [0, 0])]
-    assert s(logits, [SamplingParams(temperature=0, frequency_penalty=1.0)], [None], [[]], hist).token_ids == [1]
-    assert s(logits, [SamplingParams(temperature=0, logit_bias={3: 6.0})], [None], [[]], hist).token_ids == [3]
-    assert s(logits, [SamplingParams(temperature=0, repetition_penalty=2.0)], [None], [[]], hist).token_ids == [1]
+    assert s(logits, [SamplingParams(temperature=0, frequency_penalty=1.0)], [None], [0], [[]], hist).token_ids == [1]
+    assert s(logits, [SamplingParams(temperature=0, logit_bias={3: 6.0})], [None], [0], [[]], hist).token_ids == [3]
+    assert s(logits, [SamplingParams(temperature=0, repetition_penalty=2.0)], [None], [0], [[]], hist).token_ids == [1]
 
 
 def test_rows_without_the_new_fields_sample_exactly_as_before():
@@ -86,11 +87,9 @@ def test_rows_without_the_new_fields_sample_exactly_as_before():
     plain = SamplingParams(temperature=0.9, top_k=20, seed=3)
     hist = [_hist([1], [2, 2]), _hist([1], [4]), _hist([3], [])]
 
-    def gens():
-        return [torch.Generator().manual_seed(i) for i in range(3)]
-
-    alone = Sampler(0)(logits[[0, 2]], [plain, plain], [gens()[0], gens()[2]], [[], []]).token_ids
-    mixed = Sampler(0)(logits, [plain, SamplingParams(temperature=0.9, presence_penalty=2.0), plain], gens(),
+    keys = [seed_key(i) for i in range(3)]
+    alone = Sampler(0)(logits[[0, 2]], [plain, plain], [keys[0], keys[2]], [5, 7], [[], []]).token_ids
+    mixed = Sampler(0)(logits, [plain, SamplingParams(temperature=0.9, presence_penalty=2.0), plain], keys, [5, 6, 7],
                        [[], [], []], hist).token_ids
     assert [mixed[0], mixed[2]] == alone
 

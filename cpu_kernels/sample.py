@@ -1,0 +1,84 @@
+"""Binding of ``sample.c``: a token drawn from each row of logits (temperature, top-k, top-p, min-p) at
+one keyed uniform, the draw the captured step's decode loop makes too. The reference is
+``ops.sample.draw_rows_torch`` (the same kept tokens and the same uniform, in torch ops)."""
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from .build import c_struct, declare, load
+
+_i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+declare({
+    # (logits, R, V, row stride, SampleRow per row, positions, float scratch, int32 scratch, tokens, threads)
+    "moe_sample_rows": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
+    "moe_keyed_uniform": [_ptr, _ptr, _i64, _ptr],  # (keys, positions, n, uniforms)
+})
+SampleRowC = c_struct("SampleRow", "temperature top_p min_p: f32; top_k key: i64")
+
+
+def signed64(key: int) -> int:
+    """A 64-bit key (0 <= key < 2**64) as the int64 whose bits it is."""
+    return key - (1 << 64) if key >= 1 << 63 else key
+
+
+def sample_row_params(rows: Sequence[tuple[float, int, float, float, int]]):
+    """ctypes ``SampleRow[len(rows)]`` from ``(temperature, top_k, top_p, min_p, key)`` tuples
+    (temperature 0: greedy; top_k 0 and top_p 1: off; key in [0, 2**64))."""
+    out = (SampleRowC * len(rows))()
+    for r, (temperature, top_k, top_p, min_p, key) in zip(out, rows):
+        r.temperature, r.top_k, r.top_p, r.min_p, r.key = temperature, top_k, top_p, min_p, signed64(key)
+    return out
+
+
+class SampleScratch:
+    """What ``moe_sample_rows`` draws in: ``rows (2 V + 64)`` floats and ``rows (V + 64)`` int32, grown on demand."""
+
+    def __init__(self):
+        self.f = torch.empty(0, dtype=torch.float32)
+        self.i = torch.empty(0, dtype=torch.int32)
+
+    def take(self, rows: int, V: int) -> tuple[int, int]:
+        if self.i.numel() < rows * (V + 64):
+            self.f = torch.empty(rows * (2 * V + 64), dtype=torch.float32)
+            self.i = torch.empty(rows * (V + 64), dtype=torch.int32)
+        return self.f.data_ptr(), self.i.data_ptr()
+
+
+_local = threading.local()  # (each thread's own scratch)
+
+
+def _scratch() -> SampleScratch:
+    if not hasattr(_local, "scratch"):
+        _local.scratch = SampleScratch()
+    return _local.scratch
+
+
+def sample_rows(x_RV: torch.Tensor, rows: Sequence[tuple[float, int, float, float, int]],
+                positions: Sequence[int]) -> list[int] | None:
+    """Row r's token of float32 CPU logits ``x [R, V]`` (unit stride within rows), drawn as ``rows[r]``
+    = ``(temperature, top_k, top_p, min_p, key)`` says at its sequence's position ``positions[r]``
+    (``moe_sample_rows``); None when the kernel does not apply."""
+    if (x_RV.dtype != torch.float32 or x_RV.dim() != 2 or x_RV.device.type != "cpu" or x_RV.stride(-1) != 1
+            or load() is None or not x_RV.shape[0] or not x_RV.shape[1]):
+        return None
+    R, V = x_RV.shape
+    out = (ctypes.c_int64 * R)()
+    pos = (ctypes.c_int64 * R)(*positions)
+    f, i = _scratch().take(R, V)
+    load().moe_sample_rows(x_RV.data_ptr(), R, V, x_RV.stride(0), sample_row_params(rows), pos, f, i, out,
+                           torch.get_num_threads())
+    return list(out)
+
+
+def keyed_uniforms(keys: Sequence[int], positions: Sequence[int]) -> list[float] | None:
+    """The uniforms ``moe_sample_rows`` draws at ``(keys[i], positions[i])``; None without the library."""
+    if load() is None:
+        return None
+    n = len(keys)
+    out = (ctypes.c_double * n)()
+    load().moe_keyed_uniform((ctypes.c_int64 * n)(*map(signed64, keys)), (ctypes.c_int64 * n)(*positions), n, out)
+    return list(out)
