@@ -34,6 +34,8 @@ METRICS = (
     Metric("long_decode_tok_s", "long", "decode_tok_s", "batch 1 after {prompt_len}: decode tok/s (+{new_tokens})"),
     Metric("long_ttft_ms", "long", "ttft_s", "batch 1 after {prompt_len}: TTFT ms", lower_is_better=True, scale=1e3,
            fmt="{:.0f}"),
+    Metric("sampled_decode_tok_s", "sampled", "decode_tok_s", "batch 1 sampled: decode tok/s"),
+    Metric("sampled_gen_tok_s_32", "sampled32", "gen_tok_s", "{requests} requests sampled: generated tok/s"),
 )
 PROBE_TARGET = 0.90  # batch-1 decode reads weights at >= 90% of the probe's bandwidth
 ENGINES = ("ours", "vllm", "llama.cpp")

@@ -23,13 +23,15 @@ class LlamaCpp:
         self.llm = llama_cpp.Llama(model_path=plan["gguf"], seed=plan["seed"], verbose=False,
                                    **{k: v for k, v in self.settings.items() if k.startswith("n_")})
 
-    def generate(self, prompts: list[list[int]], max_tokens: list[int]) -> Batch:
+    def generate(self, prompts: list[list[int]], max_tokens: list[int], sampling: dict | None = None) -> Batch:
+        s = sampling or {"temperature": 0.0, "top_k": 1}
+        kw = {"temp": s["temperature"], "top_k": s.get("top_k", 0), "top_p": s.get("top_p", 1.0), "min_p": 0.0}
         finish, tokens = [], []
         t0 = time.perf_counter()
         for prompt, m in zip(prompts, max_tokens):
             out: list[int] = []
             # Llama.generate never stops at EOS by itself (create_completion does): EOS is ignored
-            for tok in self.llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            for tok in self.llm.generate(prompt, reset=True, **kw):
                 out.append(tok)
                 if len(out) == m:
                     break

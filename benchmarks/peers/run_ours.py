@@ -26,8 +26,9 @@ class Ours:
         self.settings |= {"max_num_batched_tokens": eng.config.max_num_batched_tokens, "warmup_s": eng.warmup_s,
                           "torch_threads": torch.get_num_threads()}
 
-    def generate(self, prompts: list[list[int]], max_tokens: list[int]) -> Batch:
-        params = [self.SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    def generate(self, prompts: list[list[int]], max_tokens: list[int], sampling: dict | None = None) -> Batch:
+        s = sampling or {"temperature": 0.0}
+        params = [self.SamplingParams(max_tokens=m, ignore_eos=True, **s) for m in max_tokens]
         t0 = time.perf_counter()
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params)
         wall = time.perf_counter() - t0

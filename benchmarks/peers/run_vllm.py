@@ -27,9 +27,11 @@ class VLLM:
         self.settings |= {"max_num_batched_tokens": sched.max_num_batched_tokens,
                           "chunked_prefill": getattr(sched, "enable_chunked_prefill", None)}
 
-    def generate(self, prompts: list[list[int]], max_tokens: list[int]) -> Batch:
-        params = [self.SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, detokenize=False)
-                  for m in max_tokens]
+    def generate(self, prompts: list[list[int]], max_tokens: list[int], sampling: dict | None = None) -> Batch:
+        s = dict(sampling or {"temperature": 0.0})
+        if s.get("top_k") == 0:
+            s["top_k"] = -1  # (its "off" before 0.7; 0 since: either way off)
+        params = [self.SamplingParams(max_tokens=m, ignore_eos=True, detokenize=False, **s) for m in max_tokens]
         engine = self.llm.llm_engine
         t0 = time.perf_counter()
         # LLM.generate's own loop (enqueue, then step until done), with each request's finish time kept

@@ -39,15 +39,17 @@ class Batch:
 class Engine(Protocol):
     name: str
 
-    def generate(self, prompts: list[list[int]], max_tokens: list[int]) -> Batch: ...
+    def generate(self, prompts: list[list[int]], max_tokens: list[int], sampling: dict | None = None) -> Batch:
+        """``sampling``: None for greedy, else ``{"temperature", "top_p", "top_k"}`` (top_k 0: off)."""
+        ...
 
 
 def log(msg: str) -> None:
     print(f"[peers] {msg}", file=sys.stderr, flush=True)
 
 
-def _checked(engine: Engine, prompts: list[list[int]], max_tokens: list[int]) -> Batch:
-    b = engine.generate(prompts, max_tokens)
+def _checked(engine: Engine, prompts: list[list[int]], max_tokens: list[int], sampling: dict | None = None) -> Batch:
+    b = engine.generate(prompts, max_tokens, sampling)
     if b.generated != list(max_tokens):  # ignore_eos: every request must produce exactly what it asked
         bad = next(i for i, (g, m) in enumerate(zip(b.generated, max_tokens)) if g != m)
         raise RuntimeError(f"{engine.name}: request {bad} produced {b.generated[bad]} tokens, asked {max_tokens[bad]}")
@@ -129,7 +131,8 @@ def _numpy_read_probe(region: mmap.mmap, repeats: int, threads: int, fill: bool)
 
 
 def batch1(engine: Engine, w: dict) -> dict:
-    ttfts = [_checked(engine, [p], [1]).wall_s for p in w["ttft_prompts"]]
+    sampling = w.get("sampling")
+    ttfts = [_checked(engine, [p], [1], sampling).wall_s for p in w["ttft_prompts"]]
     ttft = statistics.median(ttfts)
     new = w["new_tokens"]
     # the host's memory bandwidth moves by up to 2x within seconds: a probe before and after each decode
@@ -137,19 +140,19 @@ def batch1(engine: Engine, w: dict) -> dict:
     probes = [read_probe()]
     runs = []
     for p in w["decode_prompts"]:
-        runs.append(_checked(engine, [p], [new]))
+        runs.append(_checked(engine, [p], [new], sampling))
         probes.append(read_probe())
     rates = [(new - 1) / (b.wall_s - ttft) for b in runs]
     # the first run's greedy tokens: the parent compares engines on them (same model, same prompt)
     return {"ttft_s": ttft, "all_ttft_s": ttfts, "decode_tok_s": max(rates), "all_decode_tok_s": rates,
             "prompt_len": len(w["decode_prompts"][0]), "new_tokens": new,
-            "greedy_tokens": runs[0].tokens[0] if runs[0].tokens else None,
+            "greedy_tokens": runs[0].tokens[0] if runs[0].tokens and sampling is None else None,
             "probe_GBps": statistics.fmean(probes), "probe_before_GBps": probes[0], "probe_after_GBps": probes[-1],
             "run_probes_GBps": [(a + b) / 2 for a, b in zip(probes, probes[1:])], "probe_method": probe_method()}
 
 
 def batched(engine: Engine, w: dict) -> dict:
-    b = _checked(engine, w["prompts"], w["max_tokens"])
+    b = _checked(engine, w["prompts"], w["max_tokens"], w.get("sampling"))
     gen = sum(b.generated)
     return {"requests": len(w["prompts"]), "wall_s": b.wall_s, "generated_tokens": gen, "gen_tok_s": gen / b.wall_s,
             "prompt_tokens": sum(len(p) for p in w["prompts"])}
