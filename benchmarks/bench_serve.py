@@ -87,7 +87,8 @@ def ours_cmd(ckpt: Path, port: int, args) -> tuple[list[str], dict]:
     cmd = [sys.executable, "-m", "moe", "serve", "--model", str(ckpt), "--port", str(port), "--served-model-name",
            "mixtral", "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.max_model_len),
            "--kv-cache-memory", "4GiB", "--warmup", "--log-level", "warning"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
+    # this script's tree, wherever it runs from (``-m`` would look in the working directory first)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO), "PYTHONSAFEPATH": "1"}
     return cmd, env
 
 

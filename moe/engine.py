@@ -306,8 +306,10 @@ class LLMEngine:
         return prompt, self.tokenizer.encode(prompt)
 
     def add_request(self, prompt: str | dict, params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Validate and queue one request; raises ValueError (and changes nothing) if it is bad."""
+                    request_id: str | None = None, stream: bool = False) -> str:
+        """Validate and queue one request; raises ValueError (and changes nothing) if it is bad. ``stream``:
+        a client reads its tokens as they come (a server's streamed answer): multi-step calls running it
+        end after ``ModelRunner.STREAM_STEP_SECONDS``, so its tokens arrive at least that often."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, not {type(params).__name__}")
@@ -350,6 +352,7 @@ class LLMEngine:
                            self.sampler.new_key(p.seed), expected_len=need, sample_index=i,
                            leader=seqs[0] if seqs else None)
             seq.block_table.cache_salt = salt
+            seq.streams = stream
             if p.structured_outputs is not None:
                 seq.grammar = self._structured_outputs().new_state(p.structured_outputs)
             seqs.append(seq)

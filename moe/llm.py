@@ -59,8 +59,8 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
-    def _add_all(self, prompts: Prompt | Seq[Prompt],
-                 sampling_params: SamplingParams | Seq[SamplingParams] | None) -> list[str | RequestOutput]:
+    def _add_all(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None,
+                 stream: bool = False) -> list[str | RequestOutput]:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -74,7 +74,7 @@ class LLM:
         slots: list[str | RequestOutput] = []
         for prompt, p in zip(prompts, params):
             try:
-                slots.append(self.engine.add_request(prompt, p))
+                slots.append(self.engine.add_request(prompt, p, stream=stream))
             except ValueError as e:
                 # a bad request gets an error output; the others still run
                 log.warning("request rejected: %s", e)
@@ -116,8 +116,9 @@ class LLM:
                         sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> Iterator[RequestOutput]:
         """Yield increments as they are produced: each ``RequestOutput.delta`` holds the new text
         and token ids of that request since its previous increment (text that could still become
-        a stop string waits for the increment that decides it, so the pieces add up to the final text)."""
-        for s in self._add_all(prompts, sampling_params):
+        a stop string waits for the increment that decides it, so the pieces add up to the final text).
+        Multi-step decoding hands out tokens at least every ``ModelRunner.STREAM_STEP_SECONDS`` here."""
+        for s in self._add_all(prompts, sampling_params, stream=True):
             if not isinstance(s, str):
                 yield s
         while self.engine.has_unfinished_requests():

@@ -74,6 +74,10 @@ class ModelRunner:
     # DeepSeek-V3 benchmark shapes (9-12, 6-8, 6-9 ms a step) 1.02x / 1.04x / 1.12x, 100 ms 1.07x /
     # 1.12x / 1.11x, 200 ms 1.08x / 1.12x; the default model (0.25 ms a step) 1.65x at 16 steps a call
     MULTI_STEP_SECONDS = 0.1
+    # ... and for this long where a sequence of the call streams (a client reads its tokens as they come):
+    # one chunk every 20 ms at most, below a step of vLLM's CPU build on the benchmark shapes (its
+    # inter-token latency), at a few percent of the multi-step gain (a return to Python costs ~0.5 ms)
+    STREAM_STEP_SECONDS = 0.02
 
     def __init__(self, model: MoECausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
                  sampler: Sampler, device: torch.device, drafter: Drafter | None = None):
@@ -127,8 +131,8 @@ class ModelRunner:
         """Up to ``steps`` decode steps of the batch's sequences in one C call
         (:meth:`CapturedDecode.decode_steps`): the tokens the sampler would pick step after step (greedy,
         or drawn at each sequence's key and position), ending after a step in which one chose a stop
-        token, after :attr:`MULTI_STEP_SECONDS` or when :attr:`wake` moves. None where its first step
-        does not run there (the step then runs as any other)."""
+        token, after :attr:`MULTI_STEP_SECONDS` (:attr:`STREAM_STEP_SECONDS` where one streams) or when
+        :attr:`wake` moves. None where its first step does not run there (the step then runs as any other)."""
         if not self.runs_steps:  # (the captured step taken away since: tests comparing paths)
             return None
         ss = batch.seqs
@@ -150,14 +154,17 @@ class ModelRunner:
                 return None  # (a sequence made outside the engine: its draws take a new key each)
             sample = [sample_row(s.seq.params, s.seq.sample_key) for s in ss]
         tokens = self.captured.decode_steps([s.seq.token_ids[s.start] for s in ss], [s.start for s in ss], table,
-                                            self.block_size, s0.steps, stop, self.MULTI_STEP_SECONDS, self.wake, rows,
-                                            sample)
+                                            self.block_size, s0.steps, stop, self._budget(ss), self.wake, rows, sample)
         if not tokens[0]:
             return None
         self.num_tokens_run += len(ss) * len(tokens[0])
         if reads:
             self.drafter.catch_up_steps(ss, tokens, rows, last_only=self.skip_drafter)
         return StepResult({b: [(t, None) for t in row] for b, row in enumerate(tokens)}, {})
+
+    def _budget(self, seqs: list[ScheduledSeq]) -> float:
+        """How long a multi-step call of these sequences may run: shorter where one streams."""
+        return self.STREAM_STEP_SECONDS if any(s.seq.streams for s in seqs) else self.MULTI_STEP_SECONDS
 
     def _prepare(self, batch: ScheduledBatch) -> StepInputs:
         st = get_parallel_state()

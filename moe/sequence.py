@@ -28,6 +28,7 @@ class Sequence:
     metrics: RequestMetrics
     generator: torch.Generator | None = None  # rejection sampling's and a drafter's draws (the request's seed)
     sample_key: int | None = None  # its tokens' draws (ops.sample.keyed_uniform); None: a key drawn at each draw
+    streams: bool = False  # a client reads its tokens as they come (multi-step calls keep to a shorter budget)
     token_ids: list[int] = field(default_factory=list)  # prompt then output
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: BlockTable = field(default_factory=BlockTable)

@@ -367,6 +367,47 @@ def test_the_server_loop_wakes_the_engine_for_each_command(monkeypatch):
     assert len(woken) == 2
 
 
+def test_a_streamed_request_gets_its_tokens_at_the_stream_budget(monkeypatch, calls):
+    # a request whose client reads its tokens as they come (LLM.generate_stream, a server's streamed
+    # answer) keeps its multi-step calls to STREAM_STEP_SECONDS (here 0: one step a call); one read
+    # whole keeps MULTI_STEP_SECONDS (here a minute: 16 steps a call); the tokens are the same
+    import asyncio
+
+    from moe.serving.async_llm import AsyncLLM
+
+    llm = _llm(None)
+    monkeypatch.setattr(ModelRunner, "MULTI_STEP_SECONDS", 60.0)
+    monkeypatch.setattr(ModelRunner, "STREAM_STEP_SECONDS", 0.0)
+    prompt, sp = "def parse(text):\n", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    whole = llm.generate([prompt], sp)[0].outputs[0].token_ids
+    assert calls and max(calls) == 16
+    calls.clear()
+    streamed = [t for out in llm.generate_stream([prompt], sp) for t in out.delta.token_ids]
+    assert streamed == whole and calls == [1] * len(calls) and len(calls) > 30
+    # through the server loop: its stream flag reaches the engine
+    seen: list[bool] = []
+    real = ModelRunner._run_steps
+
+    def run_steps(self, batch, eos_ids):
+        seen.append(batch.seqs[0].seq.streams)
+        return real(self, batch, eos_ids)
+
+    monkeypatch.setattr(ModelRunner, "_run_steps", run_steps)
+    server = AsyncLLM(llm.engine)
+    server.start()
+
+    async def one(stream: bool) -> list[int]:
+        return [t async for out in server.generate(prompt, sp, stream=stream) for t in out.delta.token_ids]
+
+    try:
+        for stream in (False, True):
+            seen.clear()
+            assert asyncio.run(one(stream)) == whole and seen and set(seen) == {stream}
+    finally:
+        server.shutdown()
+    _idle(llm)
+
+
 @pytest.mark.parametrize("family,cached", [("default", True), ("mixtral", False), ("deepseek_v3", False)])
 def test_several_sequences_multi_step_together(family, cached, checkpoint, monkeypatch):
     # greedy and sampled sequences decoding together (up to the captured step's rows: 16 where the weights stay in

@@ -359,7 +359,7 @@ def test_an_error_after_the_stream_started_is_an_sse_error_event(engine, monkeyp
     from moe.serving.api_server import ServerConfig, build_app
     from moe.serving.async_llm import AsyncLLM
 
-    def reject(prompt, params, request_id):
+    def reject(prompt, params, request_id, stream=False):
         raise ValueError("the engine refused this request")
 
     monkeypatch.setattr(engine, "add_request", reject)

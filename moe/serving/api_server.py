@@ -292,7 +292,7 @@ async def _respond(state: ServerState, request: Request, req, prompts, plist, ch
         if req.cache_salt is not None:
             prompt["cache_salt"] = req.cache_salt
         try:
-            gen = state.llm.generate(prompt, params, f"{rid}-{i}-{unique}")
+            gen = state.llm.generate(prompt, params, f"{rid}-{i}-{unique}", stream=bool(req.stream))
         except Exception as e:
             for j in range(i):  # the prompts queued before this one: nobody will read them
                 state.llm.abort(f"{rid}-{j}-{unique}")

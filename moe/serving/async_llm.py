@@ -50,6 +50,7 @@ class _Add:
     request_id: str
     prompt: Any
     params: SamplingParams
+    stream: bool = True
 
 
 @dataclass
@@ -131,32 +132,35 @@ class AsyncLLM:
     def new_request_id(self, prefix: str = "req") -> str:
         return f"{prefix}-{next(self._ids)}-{time.monotonic_ns() & 0xFFFFFF:06x}"
 
-    def generate(self, prompt: str | dict, params: SamplingParams,
-                 request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    def generate(self, prompt: str | dict, params: SamplingParams, request_id: str | None = None,
+                 stream: bool = True) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as the engine produces them (each with ``.delta``); the last has
-        ``finished``. Leaving the iteration early (or cancellation) aborts the request.
+        ``finished``. Leaving the iteration early (or cancellation) aborts the request. ``stream``: its
+        consumer hands tokens on as they come (``LLMEngine.add_request``'s; False for an answer sent
+        whole).
 
         The request is queued at once (not at the first ``__anext__``), so it counts against the
         queue bound from the moment it is admitted. Call from a running event loop."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine is dead: {self.dead}")
         rid = request_id or self.new_request_id()
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        out = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if rid in self._streams:
                 raise RequestError(f"request id {rid!r} is already in use")
             if self.dead is not None:  # died since the check above: nobody would answer this stream
                 raise EngineDeadError(f"the engine is dead: {self.dead}")
-            self._streams[rid] = stream
+            self._streams[rid] = out
         if params.structured_outputs is not None and self.rank == 0:
             # a grammar compiles in a worker thread first (seconds for a first one): the engine thread
             # keeps stepping the other requests meanwhile; the request is queued once it is compiled
-            stream.loop.create_task(self._add_after_compiling(rid, prompt, params, stream))
+            out.loop.create_task(self._add_after_compiling(rid, prompt, params, out, stream))
         else:
-            self._command(_Add(rid, prompt, params))
-        return self._outputs(rid, stream)
+            self._command(_Add(rid, prompt, params, stream))
+        return self._outputs(rid, out)
 
-    async def _add_after_compiling(self, rid: str, prompt, params: SamplingParams, stream: _Stream) -> None:
+    async def _add_after_compiling(self, rid: str, prompt, params: SamplingParams, stream: _Stream,
+                                   streams: bool) -> None:
         try:
             await asyncio.to_thread(self.engine.prepare_structured_output, params)
         except ValueError as e:
@@ -168,7 +172,7 @@ class AsyncLLM:
         with self._lock:
             still_wanted = self._streams.get(rid) is stream  # (its consumer may have left meanwhile)
         if still_wanted:
-            self._command(_Add(rid, prompt, params))
+            self._command(_Add(rid, prompt, params, streams))
 
     async def _outputs(self, rid: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         finished = False
@@ -266,7 +270,7 @@ class AsyncLLM:
                     aborted += engine.abort(c.request_id) or self._not_queued_yet(c.request_id)
                 elif isinstance(c, _Add):
                     try:
-                        engine.add_request(c.prompt, c.params, c.request_id)
+                        engine.add_request(c.prompt, c.params, c.request_id, stream=c.stream)
                     except ValueError as e:  # the same on every rank: add_request is deterministic
                         rejected.append((c.request_id, RequestError(str(e))))
             if (rejected or aborted) and self.rank == 0:
