@@ -12,7 +12,8 @@ path each falls back to is the reference its C kernel is tested against.
 - :func:`rope_`: rotary embedding in place.
 - :func:`per_head`: one GEMM per head (MLA).
 - :func:`write_rows`: new K/V rows into a paged cache.
-- :func:`argmax_rows`: the greedy choice per row of logits.
+- :func:`argmax_rows`: the greedy choice per row of logits; :func:`draw_rows`: a keyed draw per row
+  (temperature, top-k, top-p, min-p).
 """
 from .activation import silu_mul
 from .heads import per_head
@@ -21,8 +22,9 @@ from .linear import (ROW_BUCKET, SMALL_M, PackedLinearWeight, bmm, grouped_linea
                      padded_rows)
 from .norm import add_rms_norm, rms_norm
 from .rope import rope_
-from .sample import argmax_rows
+from .sample import argmax_rows, draw_rows
 
-__all__ = ["ROW_BUCKET", "SMALL_M", "PackedLinearWeight", "add_rms_norm", "argmax_rows", "bmm", "grouped_linear",
+__all__ = ["ROW_BUCKET", "SMALL_M", "PackedLinearWeight", "add_rms_norm", "argmax_rows", "bmm", "draw_rows",
+           "grouped_linear",
            "linear", "lm_head_logits", "mm", "pad_rows", "padded_rows", "per_head", "rms_norm", "rope_", "silu_mul",
            "write_rows"]

@@ -78,19 +78,25 @@ def draw_rows_torch(logits_RV: torch.Tensor, rows: Sequence[tuple[float, int, fl
                     positions: Sequence[int]) -> list[int]:
     """:func:`draw_rows` in torch ops (the reference of the C kernel, and the path off CPU)."""
     t, k, p, m, keys = zip(*rows)
-    probs = filtered_probs(logits_RV.float(), t, k, p, m)
+    logits_RV = logits_RV.float()
+    probs = filtered_probs(logits_RV, t, k, p, m)
     cum = probs.double().cumsum(-1)
     u = torch.tensor([keyed_uniform(key, pos) for key, pos in zip(keys, positions)], dtype=torch.float64,
                      device=cum.device)
     tokens = torch.searchsorted(cum, (u * cum[:, -1]).unsqueeze(1), right=True).squeeze(1)
-    return tokens.clamp_(max=logits_RV.shape[-1] - 1).tolist()
+    tokens = tokens.clamp_(max=logits_RV.shape[-1] - 1)
+    # a row with a NaN, or no finite largest: the greedy choice (the first NaN, else the first largest)
+    top = logits_RV.max(dim=-1)
+    odd = ~torch.isfinite(top.values) | torch.tensor([temp <= 0 for temp in t], device=cum.device)
+    return torch.where(odd, top.indices, tokens).tolist()
 
 
 def draw_rows(logits_RV: torch.Tensor, rows: Sequence[tuple[float, int, float, float, int]],
               positions: Sequence[int]) -> list[int]:
     """Row r's token, drawn from ``softmax(logits / temperature)`` filtered by top-k (0: off), top-p (1:
-    off) and min-p, at the uniform of ``rows[r] = (temperature > 0, top_k, top_p, min_p, key)`` and the
-    token's position ``positions[r]`` in its sequence; in one C call for float32 rows on CPU (the
-    captured step's loop draws alike), else in torch ops."""
+    off) and min-p, at the uniform of ``rows[r] = (temperature, top_k, top_p, min_p, key)`` and the
+    token's position ``positions[r]`` in its sequence (temperature 0, a NaN or an infinite largest
+    logit: the greedy choice); in one C call for float32 rows on CPU (the captured step's loop draws
+    alike), else in torch ops."""
     out = cpu_kernels.sample_rows(logits_RV, rows, positions) if logits_RV.device.type == "cpu" else None
     return out if out is not None else draw_rows_torch(logits_RV, rows, positions)
