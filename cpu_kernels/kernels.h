@@ -169,13 +169,24 @@ int moe_qx_moe_token(const QxMoePlan *a, const uint16_t *x, int64_t T, int64_t K
 int moe_route_token(const RoutePlan *a, const uint16_t *x, int64_t T, int nt);
 int moe_argmax_rows(const float *x, int64_t R, int64_t V, int64_t ld, int64_t *out);
 /* How one row of logits is sampled (sample.c): temperature 0 is greedy; top_k 0 and top_p 1 are off;
- * key names the sequence's stream of uniform draws */
+ * key names the sequence's stream of uniform draws. What moe_penalize_rows applies before (a decode
+ * loop's; NULL / 0 / 1: none): n_bias logit biases (bias_ids, bias_vals), OpenAI's presence and
+ * frequency penalties over counts (each token's occurrences in the output) and the repetition penalty
+ * over seen (1: the token is in the prompt or the output); moe_note_tokens counts each chosen token. */
 typedef struct {
     float temperature, top_p, min_p;
     int64_t top_k, key;
+    float presence, frequency, repetition;
+    int64_t n_bias;
+    const int32_t *bias_ids;
+    const float *bias_vals;
+    int32_t *counts;
+    uint8_t *seen;
 } SampleRow;
 int moe_sample_rows(const float *x, int64_t R, int64_t V, int64_t ld, const SampleRow *rows, const int64_t *pos,
                     float *scratch, int32_t *iscratch, int64_t *out, int nt);
+void moe_penalize_rows(float *x, int64_t R, int64_t V, int64_t ld, const SampleRow *rows);
+void moe_note_tokens(const SampleRow *rows, int64_t R, const int64_t *tokens);
 
 /* A token's K <= 64 routed experts in ascending id order with their routing weights rounded to
  * bf16 (the combine's order and arithmetic). Returns 0, or -2 for an id outside [0, E). */

@@ -324,6 +324,34 @@ int moe_sample_rows(const float *x, int64_t R, int64_t V, int64_t ld, const Samp
     return 0;
 }
 
+/* Row r of float32 logits x [R, V] (row stride ld) changed in place as the sampler's logit processing
+ * changes it (moe/sampler.py process_logits: float32, each op rounded): its biases added, then where
+ * repetition != 1 every seen token's logit divided by it (positive) or multiplied (otherwise), then
+ * where presence or frequency is set (logit - count * frequency) - (count > 0 ? presence : 0). */
+void moe_penalize_rows(float *x, int64_t R, int64_t V, int64_t ld, const SampleRow *rows) {
+    for (int64_t r = 0; r < R; r++) {
+        const SampleRow *s = rows + r;
+        float *l = x + r * ld;
+        for (int64_t j = 0; j < s->n_bias; j++) l[s->bias_ids[j]] += s->bias_vals[j];
+        if (s->repetition != 1 && s->seen)
+            for (int64_t v = 0; v < V; v++)
+                if (s->seen[v]) l[v] = l[v] > 0 ? l[v] / s->repetition : l[v] * s->repetition;
+        if ((s->frequency != 0 || s->presence != 0) && s->counts)
+            for (int64_t v = 0; v < V; v++) {
+                const float c = (float)s->counts[v];
+                l[v] = (l[v] - c * s->frequency) - (s->counts[v] > 0 ? s->presence : 0.f);
+            }
+    }
+}
+
+/* Each row's chosen token counted in its output (counts, seen), where the row keeps them. */
+void moe_note_tokens(const SampleRow *rows, int64_t R, const int64_t *tokens) {
+    for (int64_t r = 0; r < R; r++) {
+        if (rows[r].counts) rows[r].counts[tokens[r]]++;
+        if (rows[r].seen) rows[r].seen[tokens[r]] = 1;
+    }
+}
+
 /* keyed_uniform of (keys[i], pos[i]) for i < n (a check on ops/sample.py's keyed_uniform) */
 int moe_keyed_uniform(const int64_t *keys, const int64_t *pos, int64_t n, double *out) {
     for (int64_t i = 0; i < n; i++) out[i] = keyed_uniform((uint64_t)keys[i], pos[i]);

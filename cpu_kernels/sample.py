@@ -6,10 +6,11 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
-from .build import c_struct, declare, load
+from .build import address, c_struct, declare, load
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 declare({
@@ -17,7 +18,24 @@ declare({
     "moe_sample_rows": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
     "moe_keyed_uniform": [_ptr, _ptr, _i64, _ptr],  # (keys, positions, n, uniforms)
 })
-SampleRowC = c_struct("SampleRow", "temperature top_p min_p: f32; top_k key: i64")
+SampleRowC = c_struct("SampleRow", "temperature top_p min_p: f32; top_k key: i64; presence frequency repetition: f32; "
+                                   "n_bias: i64; bias_ids bias_vals counts seen: ptr")
+
+
+class LogitProcessing(NamedTuple):
+    """What a decode loop applies to a row's logits before drawing (``moe_penalize_rows``), as the
+    sampler's ``process_logits`` does: logit biases (``bias_ids`` int32, ``bias_vals`` float32), presence
+    and frequency penalties over ``counts`` (int32 ``[V]``, each token's occurrences in the output), the
+    repetition penalty over ``seen`` (uint8 ``[V]``: in the prompt or the output). The loop adds each
+    chosen token to ``counts`` and ``seen`` (they must stay alive and contiguous through the call)."""
+
+    presence: float = 0.0
+    frequency: float = 0.0
+    repetition: float = 1.0
+    bias_ids: torch.Tensor | None = None
+    bias_vals: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+    seen: torch.Tensor | None = None
 
 
 def signed64(key: int) -> int:
@@ -25,12 +43,22 @@ def signed64(key: int) -> int:
     return key - (1 << 64) if key >= 1 << 63 else key
 
 
-def sample_row_params(rows: Sequence[tuple[float, int, float, float, int]]):
+def sample_row_params(rows: Sequence[tuple[float, int, float, float, int]],
+                      processing: Sequence[LogitProcessing | None] | None = None):
     """ctypes ``SampleRow[len(rows)]`` from ``(temperature, top_k, top_p, min_p, key)`` tuples
-    (temperature 0: greedy; top_k 0 and top_p 1: off; key in [0, 2**64))."""
+    (temperature 0: greedy; top_k 0 and top_p 1: off; key in [0, 2**64)) and each row's logit
+    processing (None: none)."""
     out = (SampleRowC * len(rows))()
-    for r, (temperature, top_k, top_p, min_p, key) in zip(out, rows):
+    for i, (r, (temperature, top_k, top_p, min_p, key)) in enumerate(zip(out, rows)):
         r.temperature, r.top_k, r.top_p, r.min_p, r.key = temperature, top_k, top_p, min_p, signed64(key)
+        r.repetition = 1.0
+        proc = processing[i] if processing is not None else None
+        if proc is not None:
+            r.presence, r.frequency, r.repetition = proc.presence, proc.frequency, proc.repetition
+            if proc.bias_ids is not None:
+                r.n_bias = proc.bias_ids.numel()
+                r.bias_ids, r.bias_vals = address(proc.bias_ids), address(proc.bias_vals)
+            r.counts, r.seen = address(proc.counts), address(proc.seen)
     return out
 
 

@@ -127,7 +127,8 @@ static int64_t now_ns(void) {
  * one sequence's row, or T sequences' rows at lens[t]: none may be the caller's), the LM head of the
  * T rows (moe_logits_rows) and each row's token, written to ids[(i + 1) T + t] as the next step's: the
  * greedy choice (moe_argmax_rows: the first NaN, else the first largest logit), or with sample given
- * row t's draw as sample[t] says at the token's position pos0[t] + i + 1 (moe_sample_rows, scratch
+ * row t's draw as sample[t] says at the token's position pos0[t] + i + 1 (after its logit processing,
+ * moe_penalize_rows, whose counts then take the token: moe_note_tokens; moe_sample_rows, scratch
  * sval / sidx of T (2 V + 64) floats and T (V + 64) int32). Stops after
  * max_steps steps, after a step in which some row chose a token in stop[0, n_stop), once budget_ns
  * have passed since the call began, or once *wake differs from wake0 (the engine has work waiting).
@@ -163,7 +164,9 @@ int moe_decode_steps(const StepHalf *halves, int64_t n, const StepEmbed *embed, 
         if (sample) {
             int64_t at[32];
             for (int64_t t = 0; t < T; t++) at[t] = pos[t] + 1;
+            moe_penalize_rows(logits, T, V, V, sample);
             if (moe_sample_rows(logits, T, V, V, sample, at, sval, sidx, next, nt) != 0) return (int)i;
+            moe_note_tokens(sample, T, next);
         } else {
             moe_argmax_rows(logits, T, V, V, next);
         }

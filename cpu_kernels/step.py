@@ -20,7 +20,7 @@ from .elementwise import RouteToken
 from .fused import GqaToken, MlaToken, PackedArgs, SeqRows, projection
 from .gemv import PLAN_ROWS, MoeToken, Outputs
 from .quant import QuantMoeToken
-from .sample import SampleScratch, sample_row_params
+from .sample import LogitProcessing, SampleScratch, sample_row_params
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 declare({
@@ -201,7 +201,8 @@ class DecodeStep:
     def decode_steps(self, head: LogitsRows, tokens: list[int], positions: list[int], block_table: torch.Tensor,
                      block_size: int, steps: int, stop: tuple[int, ...] = (), budget_s: float = float("inf"),
                      wake: ctypes.c_int64 | None = None, rows_out: torch.Tensor | None = None,
-                     sample: Sequence[tuple[float, int, float, float, int]] | None = None) -> list[list[int]]:
+                     sample: Sequence[tuple[float, int, float, float, int]] | None = None,
+                     processing: Sequence[LogitProcessing | None] | None = None) -> list[list[int]]:
         """Up to ``steps`` decode steps of ``T = len(tokens)`` sequences in one C call
         (``moe_decode_steps``): sequence t's first step embeds ``tokens[t]`` at ``positions[t]``, each
         later one the token its step before chose; each step is a :meth:`from_ids` step of the T rows
@@ -209,7 +210,9 @@ class DecodeStep:
         position ``positions[t] + steps - 1``; ``[blocks]`` for one), ``head``'s logits of it and each
         row's token: the greedy choice (the first NaN, else the first largest: ``argmax_rows``), or with
         ``sample`` row t's draw as ``sample[t] = (temperature, top_k, top_p, min_p, key)`` says at the
-        token's position (``sample_rows``), bit for bit. Stops early after a step in which some row
+        token's position (``sample_rows``), bit for bit; with ``processing``, row t's logits processed
+        first as ``processing[t]`` says (biases, penalties: ``moe_penalize_rows``), its counts then
+        taking each chosen token. Stops early after a step in which some row
         chose a token in ``stop``, once ``budget_s`` seconds have passed, or once ``wake`` (read at
         each step's end) has changed. With ``rows_out`` (bf16 ``[steps, T, D]``, contiguous) each
         completed step's normed last rows, the LM head's input, are written there. Returns each
@@ -238,7 +241,7 @@ class DecodeStep:
             self._steps_logits = torch.empty(self.rows, head.V, dtype=torch.float32)
         rows_c, sval, sidx = None, None, None
         if sample is not None:
-            rows_c = sample_row_params(sample)
+            rows_c = sample_row_params(sample, processing)
             sval, sidx = self._sampling.take(T, head.V)
         budget_ns = int(min(budget_s, 1e9) * 1e9)
         done = load().moe_decode_steps(self._ref, self.n, self._embed_ref, self.D, T, ids, pos0, table.data_ptr(),

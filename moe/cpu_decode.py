@@ -446,12 +446,13 @@ class CapturedDecode:
 
     def decode_steps(self, tokens: list[int], starts: list[int], block_table: torch.Tensor, block_size: int,
                      steps: int, stop: tuple[int, ...] = (), budget_s: float = float("inf"), wake=None,
-                     rows_out: torch.Tensor | None = None, sample=None) -> list[list[int]]:
+                     rows_out: torch.Tensor | None = None, sample=None, processing=None) -> list[list[int]]:
         """Up to ``steps`` decode steps of ``len(tokens)`` sequences (at most :attr:`max_rows`) in one C
         call, sequence t's next token ``tokens[t]`` at position ``starts[t]``, its blocks row t of
         ``block_table`` (:meth:`cpu_kernels.DecodeStep.decode_steps`): each sequence's tokens that many
         captured steps, their :meth:`logits` and the sampler's choice (greedy, or with ``sample`` row t's
-        keyed draw ``sample[t] = (temperature, top_k, top_p, min_p, key)``: ``ops.sample.draw_rows``)
+        keyed draw ``sample[t] = (temperature, top_k, top_p, min_p, key)``: ``ops.sample.draw_rows``; its
+        logits processed first as ``processing[t]`` says: ``cpu_kernels.sample.LogitProcessing``)
         give one after another, bit for bit, ending after a step in which some sequence chose a token
         in ``stop``, after ``budget_s`` seconds or when ``wake`` changes; [] each where the loop does not
         run the first step (the caller takes it its own way). ``rows_out`` (bf16 ``[steps, T, D]``)
@@ -461,7 +462,7 @@ class CapturedDecode:
         if self._rotary:
             self._grow_rotaries(max(starts) + steps)
         return self.step.decode_steps(self.head, tokens, starts, block_table, block_size, steps, stop, budget_s,
-                                      wake, rows_out, sample)
+                                      wake, rows_out, sample, processing)
 
     def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
         """The LM head of a captured step's rows, each as a one-token step's (float32 ``[T, V]``)."""

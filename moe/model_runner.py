@@ -20,7 +20,7 @@ from parallel.dispatch import NO_STEP, DispatchStep
 
 from .cpu_decode import CapturedDecode
 from .models import ForwardContext, MoECausalLM
-from .sampler import Sampler, SampleResult, sample_row, top_logprobs
+from .sampler import Sampler, SampleResult, logit_processing, sample_row, top_logprobs
 from .scheduler import ScheduledBatch, ScheduledSeq, partition_batch
 
 if TYPE_CHECKING:
@@ -148,13 +148,17 @@ class ModelRunner:
         # a drafter reading the target's hidden states (an MTP layer) gets each step's rows
         reads = self.drafter is not None and self.drafter.reads_hidden
         rows = torch.empty(s0.steps, len(ss), self.model.cfg.hidden_size, dtype=torch.bfloat16) if reads else None
-        sample = None
-        if not all(s.seq.params.greedy for s in ss):
+        sample = processing = None
+        if not all(s.seq.params.greedy and not s.seq.params.processes_logits for s in ss):
             if any(s.seq.sample_key is None for s in ss):
                 return None  # (a sequence made outside the engine: its draws take a new key each)
             sample = [sample_row(s.seq.params, s.seq.sample_key) for s in ss]
+            V = self.model.cfg.vocab_size
+            processing = [logit_processing(s.seq.params, s.seq, V) if s.seq.params.processes_logits else None
+                          for s in ss]
         tokens = self.captured.decode_steps([s.seq.token_ids[s.start] for s in ss], [s.start for s in ss], table,
-                                            self.block_size, s0.steps, stop, self._budget(ss), self.wake, rows, sample)
+                                            self.block_size, s0.steps, stop, self._budget(ss), self.wake, rows, sample,
+                                            processing)
         if not tokens[0]:
             return None
         self.num_tokens_run += len(ss) * len(tokens[0])

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from cpu_kernels.sample import LogitProcessing
 from ops.sample import argmax_rows, draw_rows, seed_key
 from ops.sample import filtered_probs as _filtered
 
@@ -73,6 +74,21 @@ def apply_penalties(logits_RV: torch.Tensor, prompt_ids: Seq[Seq[int]], output_i
         pres = torch.tensor(presence, dtype=logits_RV.dtype).unsqueeze(1)
         logits_RV = logits_RV - out_counts * freq - (out_counts > 0) * pres
     return logits_RV
+
+
+def logit_processing(p: SamplingParams, seq: TokenHistory, vocab_size: int) -> LogitProcessing:
+    """What a decode loop needs to process ``seq``'s logits as :func:`process_logits` does for ``p``, step
+    after step (its biases; its output's token counts and the tokens seen, which the loop keeps up to
+    date). Not a grammar's mask."""
+    bias = p.logit_bias or {}
+    out = token_counts([seq.output_token_ids], vocab_size)[0]
+    seen = None
+    if p.repetition_penalty != 1:
+        seen = ((token_counts([seq.prompt_token_ids], vocab_size)[0] > 0) | (out > 0)).to(torch.uint8)
+    counts = out.to(torch.int32) if p.presence_penalty or p.frequency_penalty else None
+    return LogitProcessing(p.presence_penalty, p.frequency_penalty, p.repetition_penalty,
+                           torch.tensor(list(bias), dtype=torch.int32) if bias else None,
+                           torch.tensor(list(bias.values()), dtype=torch.float32) if bias else None, counts, seen)
 
 
 def process_logits(logits_BV: torch.Tensor, params: list[SamplingParams], seqs: Seq[TokenHistory]) -> torch.Tensor:

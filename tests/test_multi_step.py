@@ -79,14 +79,17 @@ def test_multi_step_tokens_equal_one_step_a_call(family, checkpoint, calls):
 
 SAMPLED = [SamplingParams(temperature=0.8, seed=11, max_tokens=37, ignore_eos=True),
            SamplingParams(temperature=1.3, top_k=7, seed=12, max_tokens=37, ignore_eos=True),
-           SamplingParams(temperature=0.7, top_p=0.6, min_p=0.1, seed=13, max_tokens=37, ignore_eos=True)]
+           SamplingParams(temperature=0.7, top_p=0.6, min_p=0.1, seed=13, max_tokens=37, ignore_eos=True),
+           SamplingParams(temperature=0.9, seed=14, max_tokens=37, repetition_penalty=1.2, frequency_penalty=0.5,
+                          presence_penalty=0.3, logit_bias={7: 2.0}, ignore_eos=True)]
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "mixtral-fp8"])
 def test_sampled_multi_step_tokens_equal_one_step_a_call(family, checkpoint, calls):
-    # sampled decoding (temperature; top-k; top-p with min-p), each request seeded: the C loop draws each
-    # step's token at the sequence's key and the token's position as the one-step sampler does, so the
-    # tokens are the same with 16 steps a call as with one; they are draws (not the greedy tokens)
+    # sampled decoding (temperature; top-k; top-p with min-p; penalties and a bias), each request seeded:
+    # the C loop processes each step's logits and draws its token at the sequence's key and the token's
+    # position as the one-step sampler does, so the tokens are the same with 16 steps a call as with
+    # one; they are draws (not the greedy tokens)
     name, _, kv = family.partition("-")
     llm = _llm(str(checkpoint(name)), **({"kv_cache_dtype": kv} if kv else {}))
     g = torch.Generator().manual_seed(3)
@@ -144,9 +147,9 @@ def test_multi_step_stops_where_plain_decoding_stops(calls):
 
 
 def test_multi_step_only_for_requests_whose_sampling_it_keeps(monkeypatch):
-    # requests whose sampling reads more than the logits (logprobs, penalties, pending min_tokens) take
-    # one step a call, and so does a batch with one of them; greedy and sampled ones go multi-step once
-    # they decode without them. Outputs equal one step a call throughout
+    # requests that ask for log-probs or have min_tokens pending take one step a call, and so does a
+    # batch with one of them; greedy and sampled ones go multi-step, with biases and penalties too (once
+    # they decode without the others). Outputs equal one step a call throughout
     llm = _llm(None)
     steps: list[tuple[int, int]] = []  # (sequences in the batch, steps asked)
     real = ModelRunner.run
@@ -158,10 +161,15 @@ def test_multi_step_only_for_requests_whose_sampling_it_keeps(monkeypatch):
     monkeypatch.setattr(ModelRunner, "run", run)
     one = ["The tutorial", "import sys\n"]
     for sp, multi in ((SamplingParams(temperature=0, max_tokens=20, logprobs=2), False),
-                      (SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3), False),
                       (SamplingParams(temperature=0, max_tokens=20, min_tokens=20, ignore_eos=True), False),
                       (SamplingParams(temperature=0.8, seed=3, max_tokens=20), True),
-                      (SamplingParams(temperature=0.9, top_k=20, top_p=0.8, min_p=0.05, seed=4, max_tokens=20), True)):
+                      (SamplingParams(temperature=0.9, top_k=20, top_p=0.8, min_p=0.05, seed=4, max_tokens=20), True),
+                      # biases and penalties: applied in the loop as the sampler applies them, counts kept there
+                      (SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3), True),
+                      (SamplingParams(temperature=0, max_tokens=30, frequency_penalty=1.5, presence_penalty=0.7,
+                                      logit_bias={5: 3.0, 17: -2.5}, ignore_eos=True), True),
+                      (SamplingParams(temperature=0.8, seed=6, max_tokens=30, presence_penalty=-1.0,
+                                      frequency_penalty=0.4, repetition_penalty=0.8, ignore_eos=True), True)):
         steps.clear()
         m, s = _both(llm, one[:1], sp)
         assert m[0].outputs[0].token_ids == s[0].outputs[0].token_ids and m[0].outputs[0].logprobs == \
