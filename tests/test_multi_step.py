@@ -413,6 +413,34 @@ def test_a_streamed_request_gets_its_tokens_at_the_stream_budget(monkeypatch, ca
             assert asyncio.run(one(stream)) == whole and seen and set(seen) == {stream}
     finally:
         server.shutdown()
+    # and through the HTTP app: "stream": true marks the request, an answer sent whole does not
+    import httpx
+
+    from moe.serving.api_server import ServerConfig, build_app
+
+    asked: list[bool] = []
+    add = llm.engine.add_request
+
+    def recording(prompt, params, request_id=None, stream=False):
+        asked.append(stream)
+        return add(prompt, params, request_id, stream=stream)
+
+    monkeypatch.setattr(llm.engine, "add_request", recording)
+    server = AsyncLLM(llm.engine)
+    app = build_app(server, ServerConfig(model_path="m", served_model_names=["default"]))
+    server.start()
+
+    async def post(body: dict):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as c:
+            return await c.post("/v1/completions", json=body)
+
+    try:
+        for stream in (False, True):
+            r = asyncio.run(post({"prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": stream}))
+            assert r.status_code == 200
+    finally:
+        server.shutdown()
+    assert asked == [False, True]
     _idle(llm)
 
 
