@@ -172,7 +172,8 @@ int moe_argmax_rows(const float *x, int64_t R, int64_t V, int64_t ld, int64_t *o
  * key names the sequence's stream of uniform draws. What moe_penalize_rows applies before (a decode
  * loop's; NULL / 0 / 1: none): n_bias logit biases (bias_ids, bias_vals), OpenAI's presence and
  * frequency penalties over counts (each token's occurrences in the output) and the repetition penalty
- * over seen (1: the token is in the prompt or the output); moe_note_tokens counts each chosen token. */
+ * over seen (1: the token is in the prompt or the output), and while ban_left > 0 (min_tokens pending)
+ * its n_ban ban_ids (EOS and stop ids) at -inf; moe_note_tokens counts each chosen token. */
 typedef struct {
     float temperature, top_p, min_p;
     int64_t top_k, key;
@@ -182,11 +183,14 @@ typedef struct {
     const float *bias_vals;
     int32_t *counts;
     uint8_t *seen;
+    int64_t n_ban;
+    const int64_t *ban_ids;
+    int64_t ban_left;
 } SampleRow;
 int moe_sample_rows(const float *x, int64_t R, int64_t V, int64_t ld, const SampleRow *rows, const int64_t *pos,
                     float *scratch, int32_t *iscratch, int64_t *out, int nt);
 void moe_penalize_rows(float *x, int64_t R, int64_t V, int64_t ld, const SampleRow *rows);
-void moe_note_tokens(const SampleRow *rows, int64_t R, const int64_t *tokens);
+void moe_note_tokens(SampleRow *rows, int64_t R, const int64_t *tokens);
 
 /* A token's K <= 64 routed experts in ascending id order with their routing weights rounded to
  * bf16 (the combine's order and arithmetic). Returns 0, or -2 for an id outside [0, E). */

@@ -327,7 +327,8 @@ int moe_sample_rows(const float *x, int64_t R, int64_t V, int64_t ld, const Samp
 /* Row r of float32 logits x [R, V] (row stride ld) changed in place as the sampler's logit processing
  * changes it (moe/sampler.py process_logits: float32, each op rounded): its biases added, then where
  * repetition != 1 every seen token's logit divided by it (positive) or multiplied (otherwise), then
- * where presence or frequency is set (logit - count * frequency) - (count > 0 ? presence : 0). */
+ * where presence or frequency is set (logit - count * frequency) - (count > 0 ? presence : 0); then while
+ * ban_left > 0 its banned tokens' logits -inf (the sampler's min_tokens ban). */
 void moe_penalize_rows(float *x, int64_t R, int64_t V, int64_t ld, const SampleRow *rows) {
     for (int64_t r = 0; r < R; r++) {
         const SampleRow *s = rows + r;
@@ -341,12 +342,16 @@ void moe_penalize_rows(float *x, int64_t R, int64_t V, int64_t ld, const SampleR
                 const float c = (float)s->counts[v];
                 l[v] = (l[v] - c * s->frequency) - (s->counts[v] > 0 ? s->presence : 0.f);
             }
+        if (s->ban_left > 0)
+            for (int64_t j = 0; j < s->n_ban; j++) l[s->ban_ids[j]] = -INFINITY;
     }
 }
 
-/* Each row's chosen token counted in its output (counts, seen), where the row keeps them. */
-void moe_note_tokens(const SampleRow *rows, int64_t R, const int64_t *tokens) {
+/* Each row's chosen token counted in its output (counts, seen), where the row keeps them; one token
+ * fewer before its ban lifts. */
+void moe_note_tokens(SampleRow *rows, int64_t R, const int64_t *tokens) {
     for (int64_t r = 0; r < R; r++) {
+        if (rows[r].ban_left > 0) rows[r].ban_left--;
         if (rows[r].counts) rows[r].counts[tokens[r]]++;
         if (rows[r].seen) rows[r].seen[tokens[r]] = 1;
     }

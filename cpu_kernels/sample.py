@@ -19,15 +19,18 @@ declare({
     "moe_keyed_uniform": [_ptr, _ptr, _i64, _ptr],  # (keys, positions, n, uniforms)
 })
 SampleRowC = c_struct("SampleRow", "temperature top_p min_p: f32; top_k key: i64; presence frequency repetition: f32; "
-                                   "n_bias: i64; bias_ids bias_vals counts seen: ptr")
+                                   "n_bias: i64; bias_ids bias_vals counts seen: ptr; n_ban: i64; ban_ids: ptr; "
+                                   "ban_left: i64")
 
 
 class LogitProcessing(NamedTuple):
     """What a decode loop applies to a row's logits before drawing (``moe_penalize_rows``), as the
     sampler's ``process_logits`` does: logit biases (``bias_ids`` int32, ``bias_vals`` float32), presence
     and frequency penalties over ``counts`` (int32 ``[V]``, each token's occurrences in the output), the
-    repetition penalty over ``seen`` (uint8 ``[V]``: in the prompt or the output). The loop adds each
-    chosen token to ``counts`` and ``seen`` (they must stay alive and contiguous through the call)."""
+    repetition penalty over ``seen`` (uint8 ``[V]``: in the prompt or the output), and for the next
+    ``ban_left`` tokens ``banned`` (int64: EOS and stop ids while min_tokens is pending) at -inf. The loop
+    adds each chosen token to ``counts`` and ``seen`` (they must stay alive and contiguous through the
+    call)."""
 
     presence: float = 0.0
     frequency: float = 0.0
@@ -36,6 +39,8 @@ class LogitProcessing(NamedTuple):
     bias_vals: torch.Tensor | None = None
     counts: torch.Tensor | None = None
     seen: torch.Tensor | None = None
+    banned: torch.Tensor | None = None
+    ban_left: int = 0
 
 
 def signed64(key: int) -> int:
@@ -59,6 +64,8 @@ def sample_row_params(rows: Sequence[tuple[float, int, float, float, int]],
                 r.n_bias = proc.bias_ids.numel()
                 r.bias_ids, r.bias_vals = address(proc.bias_ids), address(proc.bias_vals)
             r.counts, r.seen = address(proc.counts), address(proc.seen)
+            if proc.banned is not None and proc.ban_left > 0:
+                r.n_ban, r.ban_ids, r.ban_left = proc.banned.numel(), address(proc.banned), proc.ban_left
     return out
 
 

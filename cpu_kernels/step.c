@@ -142,7 +142,7 @@ int moe_decode_steps(const StepHalf *halves, int64_t n, const StepEmbed *embed, 
                       uint16_t *h_last, uint16_t *y_last, const uint16_t *w, const PackedProj *p, int64_t V,
                       uint16_t *tmp, int64_t rows, float *logits, const int64_t *stop, int64_t n_stop,
                       int64_t max_steps, int64_t budget_ns, const volatile int64_t *wake, int64_t wake0,
-                      uint16_t *y_rows, const SampleRow *sample, float *sval, int32_t *sidx, int nt) {
+                      uint16_t *y_rows, SampleRow *sample, float *sval, int32_t *sidx, int nt) {
     const int64_t t0 = now_ns();
     int64_t pos[32], slots[32];
     int32_t lens[32];

@@ -149,13 +149,14 @@ class ModelRunner:
         reads = self.drafter is not None and self.drafter.reads_hidden
         rows = torch.empty(s0.steps, len(ss), self.model.cfg.hidden_size, dtype=torch.bfloat16) if reads else None
         sample = processing = None
-        if not all(s.seq.params.greedy and not s.seq.params.processes_logits for s in ss):
+        banned = [self._banned(s.seq, eos_ids) for s in ss]  # (min_tokens pending)
+        if not all(s.seq.params.greedy and not s.seq.params.processes_logits and not b for s, b in zip(ss, banned)):
             if any(s.seq.sample_key is None for s in ss):
                 return None  # (a sequence made outside the engine: its draws take a new key each)
             sample = [sample_row(s.seq.params, s.seq.sample_key) for s in ss]
             V = self.model.cfg.vocab_size
-            processing = [logit_processing(s.seq.params, s.seq, V) if s.seq.params.processes_logits else None
-                          for s in ss]
+            processing = [logit_processing(s.seq.params, s.seq, V, b) if s.seq.params.processes_logits or b else None
+                          for s, b in zip(ss, banned)]
         tokens = self.captured.decode_steps([s.seq.token_ids[s.start] for s in ss], [s.start for s in ss], table,
                                             self.block_size, s0.steps, stop, self._budget(ss), self.wake, rows, sample,
                                             processing)

@@ -76,10 +76,11 @@ def apply_penalties(logits_RV: torch.Tensor, prompt_ids: Seq[Seq[int]], output_i
     return logits_RV
 
 
-def logit_processing(p: SamplingParams, seq: TokenHistory, vocab_size: int) -> LogitProcessing:
+def logit_processing(p: SamplingParams, seq: TokenHistory, vocab_size: int,
+                     banned: Seq[int] = ()) -> LogitProcessing:
     """What a decode loop needs to process ``seq``'s logits as :func:`process_logits` does for ``p``, step
     after step (its biases; its output's token counts and the tokens seen, which the loop keeps up to
-    date). Not a grammar's mask."""
+    date), then ban ``banned`` as the sampler does until ``p.min_tokens`` are out. Not a grammar's mask."""
     bias = p.logit_bias or {}
     out = token_counts([seq.output_token_ids], vocab_size)[0]
     seen = None
@@ -88,7 +89,9 @@ def logit_processing(p: SamplingParams, seq: TokenHistory, vocab_size: int) -> L
     counts = out.to(torch.int32) if p.presence_penalty or p.frequency_penalty else None
     return LogitProcessing(p.presence_penalty, p.frequency_penalty, p.repetition_penalty,
                            torch.tensor(list(bias), dtype=torch.int32) if bias else None,
-                           torch.tensor(list(bias.values()), dtype=torch.float32) if bias else None, counts, seen)
+                           torch.tensor(list(bias.values()), dtype=torch.float32) if bias else None, counts, seen,
+                           torch.tensor(list(banned), dtype=torch.int64) if banned else None,
+                           max(p.min_tokens - len(seq.output_token_ids), 0) if banned else 0)
 
 
 def process_logits(logits_BV: torch.Tensor, params: list[SamplingParams], seqs: Seq[TokenHistory]) -> torch.Tensor:

@@ -109,7 +109,7 @@ def test_sampled_multi_step_tokens_equal_one_step_a_call(family, checkpoint, cal
 
 def test_multi_step_stops_where_plain_decoding_stops(calls):
     # the default model (with its tokenizer): stop tokens, EOS (as the C loop sees it: a stop id),
-    # stop strings (cut from the text after the call), min_tokens (no multi-step until reached) and
+    # stop strings (cut from the text after the call), min_tokens (stop ids banned in the loop until then) and
     # max_tokens end the output exactly where one step a call ends it, text and reasons included
     llm = _llm(None)
     prompt = "def parse(line):\n"
@@ -147,9 +147,9 @@ def test_multi_step_stops_where_plain_decoding_stops(calls):
 
 
 def test_multi_step_only_for_requests_whose_sampling_it_keeps(monkeypatch):
-    # requests that ask for log-probs or have min_tokens pending take one step a call, and so does a
-    # batch with one of them; greedy and sampled ones go multi-step, with biases and penalties too (once
-    # they decode without the others). Outputs equal one step a call throughout
+    # requests that ask for log-probs take one step a call, and so does a batch with one of them; greedy
+    # and sampled ones go multi-step, with biases, penalties and a pending min_tokens too. Outputs equal
+    # one step a call throughout
     llm = _llm(None)
     steps: list[tuple[int, int]] = []  # (sequences in the batch, steps asked)
     real = ModelRunner.run
@@ -161,7 +161,11 @@ def test_multi_step_only_for_requests_whose_sampling_it_keeps(monkeypatch):
     monkeypatch.setattr(ModelRunner, "run", run)
     one = ["The tutorial", "import sys\n"]
     for sp, multi in ((SamplingParams(temperature=0, max_tokens=20, logprobs=2), False),
-                      (SamplingParams(temperature=0, max_tokens=20, min_tokens=20, ignore_eos=True), False),
+                      # min_tokens pending: EOS and stop ids banned in the loop until they are out
+                      (SamplingParams(temperature=0, max_tokens=20, min_tokens=20, ignore_eos=True), True),
+                      (SamplingParams(temperature=0, max_tokens=40, min_tokens=25), True),
+                      (SamplingParams(temperature=0.9, seed=8, max_tokens=40, min_tokens=30, stop_token_ids=[11, 13]),
+                       True),
                       (SamplingParams(temperature=0.8, seed=3, max_tokens=20), True),
                       (SamplingParams(temperature=0.9, top_k=20, top_p=0.8, min_p=0.05, seed=4, max_tokens=20), True),
                       # biases and penalties: applied in the loop as the sampler applies them, counts kept there
