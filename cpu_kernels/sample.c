@@ -44,8 +44,8 @@ static void partition3(float *v, int32_t *ix, int64_t lo, int64_t hi, int64_t *a
     *b = gt;
 }
 
-/* the k largest of [0, n) moved to [0, k) (quickselect); returns k */
-static int64_t keep_top_k(float *v, int32_t *ix, int64_t n, int64_t k) {
+/* the k largest of [0, n) moved to [0, k) (quickselect) */
+static void keep_top_k(float *v, int32_t *ix, int64_t n, int64_t k) {
     int64_t lo = 0, hi = n;
     while (hi - lo > 1) {
         int64_t a, b;
@@ -54,7 +54,6 @@ static int64_t keep_top_k(float *v, int32_t *ix, int64_t n, int64_t k) {
         else if (k <= b) break;
         else lo = b;
     }
-    return k;
 }
 
 /* The fewest largest of [0, n) whose mass reaches target, moved to [0, K): largest first, the tokens

@@ -277,12 +277,12 @@ class ModelRunner:
         seqs = [batch.seqs[all_idx[j]].seq for j in plain]
         banned = [self._banned(seq, eos_ids) for seq in seqs]
         # the position of the token each row samples: a sequence's rows sample its next positions in order
-        positions, seen = [], {}
+        positions, nth = [], {}
         for j in plain:
             b = all_idx[j]
             s = batch.seqs[b]
-            seen[b] = seen.get(b, -1) + 1
-            positions.append(s.start + s.num_new_tokens - len(s.draft) + seen[b])
+            nth[b] = nth.get(b, -1) + 1
+            positions.append(s.start + s.num_new_tokens - len(s.draft) + nth[b])
         res: SampleResult = self.sampler(logits[plain] if len(plain) < len(all_idx) else logits,
                                          [q.params for q in seqs], [q.sample_key for q in seqs], positions, banned,
                                          seqs)
