@@ -33,7 +33,7 @@ from .gemv import MoeToken, Outputs, Residual, expert_token, gemv, heads_vec, mo
 from .paged_decode import cache_rows, paged_decode_attention, quantize_e4m3, supports_decode
 from .quant import (Q8_GEMM_MAX_ROWS, Q_FP8, Q_INT4_X8, Q_INT8, q4_dequant, q4_gemm, q4x8_gemm, q8_available,
                     q8_dequant, q8_gemm, quant_moe_token, QuantMoeToken, round_x8)
-from .sample import keyed_uniforms, sample_rows
+from .sample import keyed_uniforms, logprob_rows, sample_rows
 from .step import DecodeStep, LogitsRows, StepHalf
 
 __all__ = [
@@ -42,7 +42,7 @@ __all__ = [
     "supports_decode", "paged_decode_attention", "cache_rows", "quantize_e4m3", "supports_prefill",
     "prefill_attention",
     "rope_", "silu_mul", "rms_norm", "add_rms_norm", "write_rows", "transpose_to_float", "route_select", "RouteToken",
-    "argmax_rows", "sample_rows", "keyed_uniforms",
+    "argmax_rows", "sample_rows", "keyed_uniforms", "logprob_rows",
     "grouped_gemm", "gemv", "expert_token", "moe_token", "MoeToken", "heads_vec", "Residual", "Outputs",
     "AMX_MAX_ROWS", "amx_available", "amx_tiles", "amx_experts", "amx_moe", "amx_moe_packed", "amx_linear", "amx_heads",
     "StackedExtras",

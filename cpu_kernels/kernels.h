@@ -173,7 +173,9 @@ int moe_argmax_rows(const float *x, int64_t R, int64_t V, int64_t ld, int64_t *o
  * loop's; NULL / 0 / 1: none): n_bias logit biases (bias_ids, bias_vals), OpenAI's presence and
  * frequency penalties over counts (each token's occurrences in the output) and the repetition penalty
  * over seen (1: the token is in the prompt or the output), and while ban_left > 0 (min_tokens pending)
- * its n_ban ban_ids (EOS and stop ids) at -inf; moe_note_tokens counts each chosen token. */
+ * its n_ban ban_ids (EOS and stop ids) at -inf; moe_note_tokens counts each chosen token. With raw
+ * given, a decode loop copies step i's logits before any processing to raw + i V (the row's
+ * log-probs are computed from them after the call). */
 typedef struct {
     float temperature, top_p, min_p;
     int64_t top_k, key;
@@ -186,11 +188,14 @@ typedef struct {
     int64_t n_ban;
     const int64_t *ban_ids;
     int64_t ban_left;
+    float *raw;
 } SampleRow;
 int moe_sample_rows(const float *x, int64_t R, int64_t V, int64_t ld, const SampleRow *rows, const int64_t *pos,
                     float *scratch, int32_t *iscratch, int64_t *out, int nt);
 void moe_penalize_rows(float *x, int64_t R, int64_t V, int64_t ld, const SampleRow *rows);
 void moe_note_tokens(SampleRow *rows, int64_t R, const int64_t *tokens);
+int moe_logprob_rows(const float *x, int64_t R, int64_t V, int64_t ld, const int64_t *chosen, int64_t n,
+                     int64_t *ids, float *vals, int nt);
 
 /* A token's K <= 64 routed experts in ascending id order with their routing weights rounded to
  * bf16 (the combine's order and arithmetic). Returns 0, or -2 for an id outside [0, E). */

@@ -361,3 +361,77 @@ int moe_keyed_uniform(const int64_t *keys, const int64_t *pos, int64_t n, double
     for (int64_t i = 0; i < n; i++) out[i] = keyed_uniform((uint64_t)keys[i], pos[i]);
     return 0;
 }
+
+/* y (token idx) entered into the sorted top list tv / ti of *k <= n entries if it is above the last of
+ * a full list (so earlier ties stay first) */
+static inline void enter_top(float *tv, int64_t *ti, int64_t *k, int64_t n, float y, int64_t idx) {
+    if (*k == n && !(y > tv[n - 1])) return;
+    int64_t p = *k < n ? (*k)++ : n - 1;
+    for (; p > 0 && tv[p - 1] < y; p--) {
+        tv[p] = tv[p - 1];
+        ti[p] = ti[p - 1];
+    }
+    tv[p] = y;
+    ti[p] = idx;
+}
+
+/* Row r's log-softmax over float32 logits x [R, V] (row stride ld) at chosen[r] and at its n <= 64
+ * largest logits (largest first, ties in token order), written to ids / vals [r (n + 1), (r + 1) (n + 1)):
+ * chosen first. Each value is (x - m) - log(s) as torch's log_softmax forms it, m the row's largest and
+ * s the sum of exp(x - m) (float32 lanes, then double). Returns 0, 1 where some row's largest is NaN or
+ * infinite (its log-softmax is NaN: the caller takes torch's), -1 for n outside [0, 64]. */
+int moe_logprob_rows(const float *x, int64_t R, int64_t V, int64_t ld, const int64_t *chosen, int64_t n,
+                     int64_t *ids, float *vals, int nt) {
+    if (V < 1 || n < 0 || n > 64) return -1;
+    int bad = 0;
+#pragma omp parallel for num_threads(nt) schedule(static, 1) if (R > 1 && nt > 1) reduction(| : bad)
+    for (int64_t r = 0; r < R; r++) {
+        const float *l = x + r * ld;
+        int64_t best;
+        moe_argmax_rows(l, 1, V, V, &best);
+        const float m = l[best];
+        if (m != m || m == INFINITY || m == -INFINITY) {
+            bad = 1;
+            continue;
+        }
+        float tv[64];
+        int64_t ti[64], k = 0, i = 0;
+        double s = 0;
+#if defined(__AVX512F__)
+        /* one pass: the sum, and the list entered only by lanes above its last once it is full */
+        const __m512 mv = _mm512_set1_ps(m);
+        __m512 acc = _mm512_setzero_ps();
+        for (; i + 16 <= V; i += 16) {
+            const __m512 v = _mm512_loadu_ps(l + i);
+            acc = _mm512_add_ps(acc, exp16(_mm512_sub_ps(v, mv)));
+            if (!n) continue;
+            __mmask16 up = k < n ? (__mmask16)0xffff : _mm512_cmp_ps_mask(v, _mm512_set1_ps(tv[n - 1]), _CMP_GT_OQ);
+            for (; up; up &= (__mmask16)(up - 1)) enter_top(tv, ti, &k, n, l[i + __builtin_ctz(up)], i + __builtin_ctz(up));
+        }
+        s = (double)_mm512_reduce_add_ps(acc);
+        for (int64_t j = i; j < V; j++) s += (double)expf(l[j] - m);
+#else
+        int64_t e = 0;
+#if defined(VEC8)
+        const __m256 mv = _mm256_set1_ps(m);
+        __m256 acc = _mm256_setzero_ps();
+        for (; e + 8 <= V; e += 8) acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(l + e), mv)));
+        float lanes[8];
+        _mm256_storeu_ps(lanes, acc);
+        for (int q = 0; q < 8; q++) s += (double)lanes[q];
+#endif
+        for (; e < V; e++) s += (double)expf(l[e] - m);
+#endif
+        for (; n && i < V; i++) enter_top(tv, ti, &k, n, l[i], i);
+        const float ls = (float)log(s);
+        int64_t *oi = ids + r * (n + 1);
+        float *ov = vals + r * (n + 1);
+        oi[0] = chosen[r];
+        ov[0] = (l[chosen[r]] - m) - ls;
+        for (int64_t j = 0; j < n; j++) {
+            oi[j + 1] = j < k ? ti[j] : -1;
+            ov[j + 1] = j < k ? (tv[j] - m) - ls : -INFINITY;
+        }
+    }
+    return bad;
+}

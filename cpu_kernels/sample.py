@@ -17,10 +17,12 @@ declare({
     # (logits, R, V, row stride, SampleRow per row, positions, float scratch, int32 scratch, tokens, threads)
     "moe_sample_rows": [_ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
     "moe_keyed_uniform": [_ptr, _ptr, _i64, _ptr],  # (keys, positions, n, uniforms)
+    # (logits, R, V, row stride, chosen tokens, n, ids [R, n + 1], values [R, n + 1], threads)
+    "moe_logprob_rows": [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _int],
 })
 SampleRowC = c_struct("SampleRow", "temperature top_p min_p: f32; top_k key: i64; presence frequency repetition: f32; "
                                    "n_bias: i64; bias_ids bias_vals counts seen: ptr; n_ban: i64; ban_ids: ptr; "
-                                   "ban_left: i64")
+                                   "ban_left: i64; raw: ptr")
 
 
 class LogitProcessing(NamedTuple):
@@ -49,10 +51,12 @@ def signed64(key: int) -> int:
 
 
 def sample_row_params(rows: Sequence[tuple[float, int, float, float, int]],
-                      processing: Sequence[LogitProcessing | None] | None = None):
+                      processing: Sequence[LogitProcessing | None] | None = None,
+                      raw: Sequence[torch.Tensor | None] | None = None):
     """ctypes ``SampleRow[len(rows)]`` from ``(temperature, top_k, top_p, min_p, key)`` tuples
-    (temperature 0: greedy; top_k 0 and top_p 1: off; key in [0, 2**64)) and each row's logit
-    processing (None: none)."""
+    (temperature 0: greedy; top_k 0 and top_p 1: off; key in [0, 2**64)), each row's logit
+    processing (None: none) and where a decode loop copies its raw logits (float32 ``[steps, V]``,
+    contiguous, alive through the call; None: nowhere)."""
     out = (SampleRowC * len(rows))()
     for i, (r, (temperature, top_k, top_p, min_p, key)) in enumerate(zip(out, rows)):
         r.temperature, r.top_k, r.top_p, r.min_p, r.key = temperature, top_k, top_p, min_p, signed64(key)
@@ -66,6 +70,8 @@ def sample_row_params(rows: Sequence[tuple[float, int, float, float, int]],
             r.counts, r.seen = address(proc.counts), address(proc.seen)
             if proc.banned is not None and proc.ban_left > 0:
                 r.n_ban, r.ban_ids, r.ban_left = proc.banned.numel(), address(proc.banned), proc.ban_left
+        if raw is not None and raw[i] is not None:
+            r.raw = address(raw[i])
     return out
 
 
@@ -107,6 +113,24 @@ def sample_rows(x_RV: torch.Tensor, rows: Sequence[tuple[float, int, float, floa
     load().moe_sample_rows(x_RV.data_ptr(), R, V, x_RV.stride(0), sample_row_params(rows), pos, f, i, out,
                            torch.get_num_threads())
     return list(out)
+
+
+def logprob_rows(x_RV: torch.Tensor, chosen: Sequence[int], n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Row r's log-softmax over float32 CPU logits ``x [R, V]`` at ``chosen[r]`` and at its ``n`` largest
+    logits (largest first, ties in token order): ids int64 and values float32, ``[R, n + 1]`` each, the
+    chosen token first (``moe_logprob_rows``); None where the kernel does not apply (n > 64, a row whose
+    largest logit is NaN or infinite)."""
+    if (x_RV.dtype != torch.float32 or x_RV.dim() != 2 or x_RV.device.type != "cpu" or x_RV.stride(-1) != 1
+            or load() is None or not x_RV.shape[0] or not x_RV.shape[1] or not 0 <= n <= 64):
+        return None
+    R, V = x_RV.shape
+    ids = torch.empty(R, n + 1, dtype=torch.int64)
+    vals = torch.empty(R, n + 1, dtype=torch.float32)
+    tokens = (ctypes.c_int64 * R)(*chosen)
+    if load().moe_logprob_rows(x_RV.data_ptr(), R, V, x_RV.stride(0), tokens, n, ids.data_ptr(), vals.data_ptr(),
+                               torch.get_num_threads()) != 0:
+        return None
+    return ids, vals
 
 
 def keyed_uniforms(keys: Sequence[int], positions: Sequence[int]) -> list[float] | None:

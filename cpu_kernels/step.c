@@ -164,6 +164,8 @@ int moe_decode_steps(const StepHalf *halves, int64_t n, const StepEmbed *embed, 
         if (sample) {
             int64_t at[32];
             for (int64_t t = 0; t < T; t++) at[t] = pos[t] + 1;
+            for (int64_t t = 0; t < T; t++)
+                if (sample[t].raw) memcpy(sample[t].raw + i * V, logits + t * V, (size_t)V * sizeof(float));
             moe_penalize_rows(logits, T, V, V, sample);
             if (moe_sample_rows(logits, T, V, V, sample, at, sval, sidx, next, nt) != 0) return (int)i;
             moe_note_tokens(sample, T, next);

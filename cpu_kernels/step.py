@@ -202,7 +202,8 @@ class DecodeStep:
                      block_size: int, steps: int, stop: tuple[int, ...] = (), budget_s: float = float("inf"),
                      wake: ctypes.c_int64 | None = None, rows_out: torch.Tensor | None = None,
                      sample: Sequence[tuple[float, int, float, float, int]] | None = None,
-                     processing: Sequence[LogitProcessing | None] | None = None) -> list[list[int]]:
+                     processing: Sequence[LogitProcessing | None] | None = None,
+                     raw: Sequence[torch.Tensor | None] | None = None) -> list[list[int]]:
         """Up to ``steps`` decode steps of ``T = len(tokens)`` sequences in one C call
         (``moe_decode_steps``): sequence t's first step embeds ``tokens[t]`` at ``positions[t]``, each
         later one the token its step before chose; each step is a :meth:`from_ids` step of the T rows
@@ -212,9 +213,10 @@ class DecodeStep:
         ``sample`` row t's draw as ``sample[t] = (temperature, top_k, top_p, min_p, key)`` says at the
         token's position (``sample_rows``), bit for bit; with ``processing``, row t's logits processed
         first as ``processing[t]`` says (biases, penalties: ``moe_penalize_rows``), its counts then
-        taking each chosen token. Stops early after a step in which some row
-        chose a token in ``stop``, once ``budget_s`` seconds have passed, or once ``wake`` (read at
-        each step's end) has changed. With ``rows_out`` (bf16 ``[steps, T, D]``, contiguous) each
+        taking each chosen token; with ``raw``, row t's logits of step i before any processing copied
+        to ``raw[t][i]`` (float32 ``[steps, V]``, contiguous; None: not kept). Stops early after a step
+        in which some row chose a token in ``stop``, once ``budget_s`` seconds have passed, or once
+        ``wake`` (read at each step's end) has changed. With ``rows_out`` (bf16 ``[steps, T, D]``, contiguous) each
         completed step's normed last rows, the LM head's input, are written there. Returns each
         sequence's tokens, one per step completed ([] each where the loop does not run whole steps
         (:attr:`runs_whole`) or its first step declines: the caller runs it its own way)."""
@@ -231,6 +233,11 @@ class DecodeStep:
             raise ValueError("DecodeStep.decode_steps: rows_out must be contiguous bf16 [steps, T, D]")
         if sample is not None and len(sample) != T:
             raise ValueError(f"DecodeStep.decode_steps: sample has {len(sample)} rows for {T} sequences")
+        if raw is not None and (sample is None or len(raw) != T or any(
+                r is not None and (r.dtype != torch.float32 or r.shape != (steps, head.V) or not r.is_contiguous())
+                for r in raw)):
+            raise ValueError("DecodeStep.decode_steps: raw needs sample and, per row, None or contiguous float32 "
+                             "[steps, V]")
         ids = (ctypes.c_int64 * ((steps + 1) * T))(*tokens)
         pos0 = (ctypes.c_int64 * T)(*positions)
         toff = (ctypes.c_int64 * T)(*range(0, T * table.shape[1], table.shape[1])) if T > 1 else None
@@ -241,7 +248,7 @@ class DecodeStep:
             self._steps_logits = torch.empty(self.rows, head.V, dtype=torch.float32)
         rows_c, sval, sidx = None, None, None
         if sample is not None:
-            rows_c = sample_row_params(sample, processing)
+            rows_c = sample_row_params(sample, processing, raw)
             sval, sidx = self._sampling.take(T, head.V)
         budget_ns = int(min(budget_s, 1e9) * 1e9)
         done = load().moe_decode_steps(self._ref, self.n, self._embed_ref, self.D, T, ids, pos0, table.data_ptr(),

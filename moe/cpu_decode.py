@@ -446,7 +446,8 @@ class CapturedDecode:
 
     def decode_steps(self, tokens: list[int], starts: list[int], block_table: torch.Tensor, block_size: int,
                      steps: int, stop: tuple[int, ...] = (), budget_s: float = float("inf"), wake=None,
-                     rows_out: torch.Tensor | None = None, sample=None, processing=None) -> list[list[int]]:
+                     rows_out: torch.Tensor | None = None, sample=None, processing=None,
+                     raw=None) -> list[list[int]]:
         """Up to ``steps`` decode steps of ``len(tokens)`` sequences (at most :attr:`max_rows`) in one C
         call, sequence t's next token ``tokens[t]`` at position ``starts[t]``, its blocks row t of
         ``block_table`` (:meth:`cpu_kernels.DecodeStep.decode_steps`): each sequence's tokens that many
@@ -456,13 +457,14 @@ class CapturedDecode:
         give one after another, bit for bit, ending after a step in which some sequence chose a token
         in ``stop``, after ``budget_s`` seconds or when ``wake`` changes; [] each where the loop does not
         run the first step (the caller takes it its own way). ``rows_out`` (bf16 ``[steps, T, D]``)
-        receives each step's rows :meth:`logits` read."""
+        receives each step's rows :meth:`logits` read; with ``sample``, ``raw[t]`` (float32 ``[steps, V]``
+        or None) each step's logits of row t before any processing (its log-probs' source)."""
         if not self.runs_steps:
             return [[] for _ in tokens]
         if self._rotary:
             self._grow_rotaries(max(starts) + steps)
         return self.step.decode_steps(self.head, tokens, starts, block_table, block_size, steps, stop, budget_s,
-                                      wake, rows_out, sample, processing)
+                                      wake, rows_out, sample, processing, raw)
 
     def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
         """The LM head of a captured step's rows, each as a one-token step's (float32 ``[T, V]``)."""

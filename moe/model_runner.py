@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvcache import AttentionMetadata, OneRowMetadata
+from ops import top_logprobs
 from parallel import get_parallel_state
 from parallel.dispatch import NO_STEP, DispatchStep
 
 from .cpu_decode import CapturedDecode
 from .models import ForwardContext, MoECausalLM
-from .sampler import Sampler, SampleResult, logit_processing, sample_row, top_logprobs
+from .sampler import Sampler, SampleResult, logit_processing, sample_row
 from .scheduler import ScheduledBatch, ScheduledSeq, partition_batch
 
 if TYPE_CHECKING:
@@ -78,6 +79,9 @@ class ModelRunner:
     # one chunk every 20 ms at most, below a step of vLLM's CPU build on the benchmark shapes (its
     # inter-token latency), at a few percent of the multi-step gain (a return to Python costs ~0.5 ms)
     STREAM_STEP_SECONDS = 0.02
+    # ... and with no more steps than keep the raw logits of its rows returning log-probs in this many
+    # bytes (float32 [steps, V] each: 16 steps of a 152k vocabulary are ~10 MB a row)
+    LOGPROB_BYTES = 64 << 20
 
     def __init__(self, model: MoECausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
                  sampler: Sampler, device: torch.device, drafter: Drafter | None = None):
@@ -145,27 +149,39 @@ class ModelRunner:
             width = max(len(s.seq.block_table.blocks) for s in ss)
             table = torch.tensor([s.seq.block_table.blocks + [0] * (width - len(s.seq.block_table.blocks)) for s in ss],
                                  dtype=torch.int32)
+        V, steps = self.model.cfg.vocab_size, s0.steps
+        # rows returning log-probs keep each step's raw logits through the call (at most LOGPROB_BYTES)
+        want_lp = [s.seq.params.logprobs is not None for s in ss]
+        if any(want_lp):
+            steps = max(1, min(steps, self.LOGPROB_BYTES // (sum(want_lp) * V * 4)))
+        raw = [torch.empty(steps, V) if w else None for w in want_lp] if any(want_lp) else None
         # a drafter reading the target's hidden states (an MTP layer) gets each step's rows
         reads = self.drafter is not None and self.drafter.reads_hidden
-        rows = torch.empty(s0.steps, len(ss), self.model.cfg.hidden_size, dtype=torch.bfloat16) if reads else None
+        rows = torch.empty(steps, len(ss), self.model.cfg.hidden_size, dtype=torch.bfloat16) if reads else None
         sample = processing = None
         banned = [self._banned(s.seq, eos_ids) for s in ss]  # (min_tokens pending)
-        if not all(s.seq.params.greedy and not s.seq.params.processes_logits and not b for s, b in zip(ss, banned)):
+        if raw is not None or not all(s.seq.params.greedy and not s.seq.params.processes_logits and not b
+                                      for s, b in zip(ss, banned)):
             if any(s.seq.sample_key is None for s in ss):
                 return None  # (a sequence made outside the engine: its draws take a new key each)
             sample = [sample_row(s.seq.params, s.seq.sample_key) for s in ss]
-            V = self.model.cfg.vocab_size
             processing = [logit_processing(s.seq.params, s.seq, V, b) if s.seq.params.processes_logits or b else None
                           for s, b in zip(ss, banned)]
         tokens = self.captured.decode_steps([s.seq.token_ids[s.start] for s in ss], [s.start for s in ss], table,
-                                            self.block_size, s0.steps, stop, self._budget(ss), self.wake, rows, sample,
-                                            processing)
+                                            self.block_size, steps, stop, self._budget(ss), self.wake, rows, sample,
+                                            processing, raw)
         if not tokens[0]:
             return None
         self.num_tokens_run += len(ss) * len(tokens[0])
         if reads:
             self.drafter.catch_up_steps(ss, tokens, rows, last_only=self.skip_drafter)
-        return StepResult({b: [(t, None) for t in row] for b, row in enumerate(tokens)}, {})
+        sampled: Sampled = {}
+        for b, row in enumerate(tokens):
+            lps: list[dict[int, float] | None] = [None] * len(row)
+            if want_lp[b]:  # as the sampler makes them, from the raw logits
+                lps = top_logprobs(raw[b][:len(row)], row, [ss[b].seq.params.logprobs] * len(row))
+            sampled[b] = list(zip(row, lps))
+        return StepResult(sampled, {})
 
     def _budget(self, seqs: list[ScheduledSeq]) -> float:
         """How long a multi-step call of these sequences may run: shorter where one streams."""
@@ -314,10 +330,10 @@ class ModelRunner:
         if not inputs.lp_rows:
             return prompt_lps
         logits = self.model.compute_logits(hidden[torch.tensor(inputs.lp_rows, device=self.device)]).cpu()
-        lps = torch.log_softmax(logits, dim=-1)
-        for j, (b, pos) in enumerate(inputs.lp_owner):
-            seq = batch.seqs[b].seq
-            entry = top_logprobs(lps[j], seq.token_ids[pos], seq.params.prompt_logprobs)
+        seqs = [batch.seqs[b].seq for b, _ in inputs.lp_owner]
+        entries = top_logprobs(logits.float(), [seq.token_ids[pos] for seq, (_, pos) in zip(seqs, inputs.lp_owner)],
+                               [seq.params.prompt_logprobs for seq in seqs])
+        for (b, _), entry in zip(inputs.lp_owner, entries):
             prompt_lps.setdefault(b, []).append(entry)
         return prompt_lps
 

@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 
 from cpu_kernels.sample import LogitProcessing
-from ops.sample import argmax_rows, draw_rows, seed_key
+from ops.sample import argmax_rows, draw_rows, seed_key, top_logprobs
 from ops.sample import filtered_probs as _filtered
 
 from .sampling_params import SamplingParams
@@ -112,15 +112,6 @@ def process_logits(logits_BV: torch.Tensor, params: list[SamplingParams], seqs: 
     return logits_BV
 
 
-def top_logprobs(logprobs_V: torch.Tensor, chosen: int, n: int) -> dict[int, float]:
-    out = {chosen: float(logprobs_V[chosen])}
-    if n > 0:
-        values, ids = logprobs_V.topk(n)
-        for v, i in zip(values.tolist(), ids.tolist()):
-            out.setdefault(i, v)
-    return out
-
-
 def filtered_probs(logits_BV: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """The distributions sampling draws from: temperature, then top-k / top-p / min-p."""
     return _filtered(logits_BV, [p.temperature for p in params], [p.top_k for p in params],
@@ -196,10 +187,11 @@ class Sampler:
         are kept one more token is drawn from the last row. Every emitted token is thus distributed
         exactly as in plain sampling (Leviathan et al. 2023; Chen et al. 2023)."""
         logits = logits_RV.float()
-        raw_lp = torch.log_softmax(logits, dim=-1) if params.logprobs is not None else None
         probs = filtered_probs(logits, [params] * logits.shape[0])
-        return [(t, top_logprobs(raw_lp[j], t, params.logprobs) if raw_lp is not None else None)
-                for j, t in enumerate(rejection_sample(probs, draft, draft_probs, generator or self.generator))]
+        tokens = rejection_sample(probs, draft, draft_probs, generator or self.generator)
+        if params.logprobs is None:
+            return [(t, None) for t in tokens]
+        return list(zip(tokens, top_logprobs(logits[:len(tokens)], tokens, [params.logprobs] * len(tokens))))
 
     def __call__(self, logits_BV: torch.Tensor, params: list[SamplingParams], keys: list[int | None],
                  positions: list[int], banned: list[list[int]], seqs: Seq[TokenHistory] | None = None) -> SampleResult:
@@ -207,8 +199,8 @@ class Sampler:
         drawn now, :meth:`new_key`). ``seqs``: each row's sequence (its tokens and grammar), needed when
         a request processes logits."""
         logits_BV = logits_BV.float()
-        want_lp = [p.logprobs is not None for p in params]
-        raw_lp = torch.log_softmax(logits_BV, dim=-1) if any(want_lp) else None  # before any ban or filter
+        want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
+        raw = logits_BV[want_lp] if want_lp else None  # (a copy) log-probs are the raw logits', before any processing
         if any(p.processes_logits for p in params):
             if seqs is None:
                 raise ValueError("penalties, logit_bias and structured output need each row's sequence: pass seqs")
@@ -235,8 +227,9 @@ class Sampler:
                 tokens = draw_rows(sub, rows, [positions[i] for i in idx])
             for i, t in zip(idx, tokens):
                 token_list[i] = t
-        lps: list[dict[int, float] | None] = [
-            top_logprobs(raw_lp[i], token_list[i], params[i].logprobs) if want_lp[i] else None
-            for i in range(len(params))
-        ]
+        lps: list[dict[int, float] | None] = [None] * len(params)
+        if want_lp:
+            entries = top_logprobs(raw, [token_list[i] for i in want_lp], [params[i].logprobs for i in want_lp])
+            for i, entry in zip(want_lp, entries):
+                lps[i] = entry
         return SampleResult(token_list, lps)

@@ -217,16 +217,15 @@ class Scheduler:
 
     def _multi_step(self, out: list[ScheduledSeq]) -> list[ScheduledSeq]:
         """The step's sequences as up to :attr:`max_steps` decode steps where every one's request
-        allows them: one decode token each, no grammar or logprobs (biases, penalties and a pending
-        ``min_tokens``' ban are applied in the loop), and KV blocks free for the steps after (none is
-        preempted for them). Each step's tokens are the sampler's (greedy, or drawn at the sequence's key and
-        the token's position), so the outputs are one-step decoding's; the steps stop at the requests' stop tokens,
-        the shortest ``max_tokens`` and the model's length (``expected_len``), and stop strings cut
-        the text after."""
+        allows them: one decode token each, no grammar or prompt log-probs (biases, penalties and a
+        pending ``min_tokens``' ban are applied in the loop, log-probs made from its raw logits), and
+        KV blocks free for the steps after (none is preempted for them). Each step's tokens are the
+        sampler's (greedy, or drawn at the sequence's key and the token's position), so the outputs are
+        one-step decoding's; the steps stop at the requests' stop tokens, the shortest ``max_tokens``
+        and the model's length (``expected_len``), and stop strings cut the text after."""
         for s in out:
             seq, p = s.seq, s.seq.params
-            if (s.num_new_tokens != 1 or not s.samples or p.structured_outputs is not None
-                    or p.logprobs is not None or seq.wants_prompt_logprobs):
+            if s.num_new_tokens != 1 or not s.samples or p.structured_outputs is not None or seq.wants_prompt_logprobs:
                 return out
         steps = min(self.max_steps, *(s.seq.expected_len - s.seq.num_tokens for s in out))
         bm = self.bm  # (one data-parallel group: the runner's multi-step runs in one process)

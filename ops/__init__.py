@@ -22,9 +22,9 @@ from .linear import (ROW_BUCKET, SMALL_M, PackedLinearWeight, bmm, grouped_linea
                      padded_rows)
 from .norm import add_rms_norm, rms_norm
 from .rope import rope_
-from .sample import argmax_rows, draw_rows
+from .sample import argmax_rows, draw_rows, top_logprobs
 
 __all__ = ["ROW_BUCKET", "SMALL_M", "PackedLinearWeight", "add_rms_norm", "argmax_rows", "bmm", "draw_rows",
            "grouped_linear",
            "linear", "lm_head_logits", "mm", "pad_rows", "padded_rows", "per_head", "rms_norm", "rope_", "silu_mul",
-           "write_rows"]
+           "top_logprobs", "write_rows"]

@@ -100,3 +100,37 @@ def draw_rows(logits_RV: torch.Tensor, rows: Sequence[tuple[float, int, float, f
     alike), else in torch ops."""
     out = cpu_kernels.sample_rows(logits_RV, rows, positions) if logits_RV.device.type == "cpu" else None
     return out if out is not None else draw_rows_torch(logits_RV, rows, positions)
+
+
+def logprob_rows_torch(logits_RV: torch.Tensor, chosen: Sequence[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch reference of :func:`logprob_rows`: ``log_softmax`` of each row at ``chosen[r]`` and at
+    its ``n`` largest logits (a stable sort: largest first, ties in token order, NaN as the largest)."""
+    lp = torch.log_softmax(logits_RV.float(), dim=-1)
+    top = torch.sort(logits_RV.float(), dim=-1, descending=True, stable=True).indices[:, :n]
+    ids = torch.cat([torch.tensor(list(chosen), dtype=torch.int64, device=lp.device)[:, None], top], dim=1)
+    return ids.cpu(), lp.gather(1, ids).cpu()
+
+
+def logprob_rows(logits_RV: torch.Tensor, chosen: Sequence[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's log-softmax at its chosen token and at its ``n`` largest logits: ids and values
+    ``[R, n + 1]`` (CPU), the chosen token first, then the largest first (ties in token order); in
+    one C call for float32 rows on CPU (``n`` <= 64, finite rows), else in torch ops."""
+    out = cpu_kernels.logprob_rows(logits_RV, chosen, n) if logits_RV.device.type == "cpu" else None
+    return out if out is not None else logprob_rows_torch(logits_RV, chosen, n)
+
+
+def top_logprobs(logits_RV: torch.Tensor, chosen: Sequence[int], counts: Sequence[int]) -> list[dict[int, float]]:
+    """What a request's ``logprobs`` (or ``prompt_logprobs``) returns for each row of raw logits: the
+    chosen token's log-probability, then those of the row's ``counts[r]`` most likely tokens
+    (``{token: logprob}``, the chosen one first, largest next)."""
+    if not len(chosen):
+        return []
+    ids, vals = logprob_rows(logits_RV, chosen, max(counts))
+    out = []
+    for i_row, v_row, n in zip(ids.tolist(), vals.tolist(), counts):
+        entry = {i_row[0]: v_row[0]}
+        for i, v in zip(i_row[1:n + 1], v_row[1:n + 1]):
+            if i >= 0:  # (a vocabulary smaller than n)
+                entry.setdefault(i, v)
+        out.append(entry)
+    return out

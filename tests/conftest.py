@@ -28,7 +28,8 @@ def one_calls(monkeypatch):
     """``one_calls(plan_cls)`` -> a list that gets, for each one-call half-layer of that plan class
     (``cpu_kernels.GqaToken``, ``MlaToken``, ``MoeToken``, ...) a captured step runs, whether it ran:
     from Python (the plan's call: False where it declined) or from the C loop
-    (``cpu_kernels.DecodeStep``: True for each half it ran). ``one_calls(plan_cls, off=True)``
+    (``cpu_kernels.DecodeStep``: True for each half it ran, one step or each of a multi-step call's).
+    ``one_calls(plan_cls, off=True)``
     turns them off instead: every such half takes its op-by-op path."""
     import cpu_kernels
     from cpu_kernels import step
@@ -40,6 +41,7 @@ def one_calls(monkeypatch):
             monkeypatch.delitem(step.KINDS, plan_cls)
             return calls
         real_plan, real_step = plan_cls.__call__, cpu_kernels.DecodeStep._run
+        real_steps = cpu_kernels.DecodeStep.decode_steps
 
         def plan_call(*a, **k):
             out = real_plan(*a, **k)
@@ -52,8 +54,14 @@ def one_calls(monkeypatch):
                 calls.extend(True for p in self.plans[start:out[0]] if isinstance(p, plan_cls))
             return out
 
+        def decode_steps(self, *a, **k):
+            out = real_steps(self, *a, **k)
+            calls.extend(True for _ in out[0] for p in self.plans if isinstance(p, plan_cls))
+            return out
+
         monkeypatch.setattr(plan_cls, "__call__", plan_call)
         monkeypatch.setattr(cpu_kernels.DecodeStep, "_run", step_run)
+        monkeypatch.setattr(cpu_kernels.DecodeStep, "decode_steps", decode_steps)
         return calls
 
     return hook

@@ -154,7 +154,7 @@ def test_captured_batch1_step_equals_the_model_forward(family, kv, checkpoint, m
     from moe.cpu_decode import CapturedDecode
 
     llm = LLM(str(checkpoint(family)), dtype="bfloat16", block_size=16, enable_prefix_caching=False,
-              kv_cache_dtype=kv)
+              kv_cache_dtype=kv, num_scheduler_steps=1)  # (one step a call: each through CapturedDecode)
     runner = llm.engine.runner
     if cpu_kernels.load() is None:
         assert runner.captured is None

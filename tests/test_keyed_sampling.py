@@ -119,3 +119,52 @@ def test_draw_edge_cases(impl):
     flat = torch.zeros(1, 8)
     got = {_c(flat, [(1.0, 0, 0.3, 0.0, seed_key(i))], [0])[0] for i in range(400)}
     assert got == {0, 1, 2}  # 3 / 8 >= 0.3 > 2 / 8
+
+
+# ---- log-probs (ops.sample.logprob_rows / top_logprobs: what a request's logprobs returns) ----------
+@needs_c
+@pytest.mark.parametrize("V", [7, 100, 1000, 32000])
+@pytest.mark.parametrize("n", [0, 1, 5, 20, 64])
+def test_the_c_logprobs_are_the_reference_ones(V, n):
+    from ops.sample import logprob_rows_torch
+
+    g = torch.Generator().manual_seed(V + n)
+    x = torch.randn(6, V, generator=g) * torch.tensor([[0.1], [1.0], [3.0], [8.0], [30.0], [1.0]])
+    x[5, : V // 2] = -torch.inf  # a row with most tokens banned
+    chosen = torch.randint(0, V, (6,), generator=g).tolist()
+    got = cpu_kernels.logprob_rows(x, chosen, n)
+    assert got is not None
+    ids, vals = got
+    ref_ids, ref_vals = logprob_rows_torch(x, chosen, n)
+    k = min(n, V) + 1
+    assert torch.equal(ids[:, :k], ref_ids) and (ids[:, k:] == -1).all()
+    finite = torch.isfinite(ref_vals)
+    assert torch.equal(finite, torch.isfinite(vals[:, :k]))
+    torch.testing.assert_close(vals[:, :k][finite], ref_vals[finite], rtol=1e-6, atol=2e-6)
+    # a strided view (rows of a wider tensor) reads the same
+    wide = torch.cat([x, torch.zeros(6, 3)], dim=1)[:, :V]
+    assert torch.equal(cpu_kernels.logprob_rows(wide, chosen, n)[0], ids)
+
+
+@needs_c
+def test_logprob_ties_edges_and_fallbacks():
+    from ops.sample import logprob_rows_torch, top_logprobs
+
+    x = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, -1.0]])
+    ids, _ = cpu_kernels.logprob_rows(x, [5], 2)
+    assert ids.tolist() == [[5, 1, 2]] == logprob_rows_torch(x, [5], 2)[0].tolist()  # ties: token order
+    assert cpu_kernels.logprob_rows(x, [5], 65) is None  # more than the kernel keeps: torch's
+    # the dict a request gets: chosen first, then the top n without repeating it; n past the vocabulary
+    lp = torch.log_softmax(x[0], -1)
+    (entry,) = top_logprobs(x, [1], [3])
+    assert list(entry) == [1, 2, 4] and entry[1] == pytest.approx(lp[1].item(), abs=1e-6)
+    (entry,) = top_logprobs(x, [0], [10])
+    assert sorted(entry) == list(range(6))
+    # a NaN or an infinite largest logit: torch's log_softmax (all NaN there)
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[0, 3] = bad
+        assert cpu_kernels.logprob_rows(y, [0], 2) is None
+        (entry,) = top_logprobs(y, [0], [2])
+        assert 3 in entry and all(v != v for v in entry.values())
+    assert top_logprobs(x[:0], [], []) == []

@@ -81,15 +81,16 @@ SAMPLED = [SamplingParams(temperature=0.8, seed=11, max_tokens=37, ignore_eos=Tr
            SamplingParams(temperature=1.3, top_k=7, seed=12, max_tokens=37, ignore_eos=True),
            SamplingParams(temperature=0.7, top_p=0.6, min_p=0.1, seed=13, max_tokens=37, ignore_eos=True),
            SamplingParams(temperature=0.9, seed=14, max_tokens=37, repetition_penalty=1.2, frequency_penalty=0.5,
-                          presence_penalty=0.3, logit_bias={7: 2.0}, ignore_eos=True)]
+                          presence_penalty=0.3, logit_bias={7: 2.0}, ignore_eos=True, logprobs=3)]
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3", "mixtral-fp8"])
 def test_sampled_multi_step_tokens_equal_one_step_a_call(family, checkpoint, calls):
-    # sampled decoding (temperature; top-k; top-p with min-p; penalties and a bias), each request seeded:
-    # the C loop processes each step's logits and draws its token at the sequence's key and the token's
-    # position as the one-step sampler does, so the tokens are the same with 16 steps a call as with
-    # one; they are draws (not the greedy tokens)
+    # sampled decoding (temperature; top-k; top-p with min-p; penalties and a bias, with log-probs), each
+    # request seeded: the C loop processes each step's logits and draws its token at the sequence's key
+    # and the token's position as the one-step sampler does, so the tokens (and log-probs, made from the
+    # raw logits the loop keeps) are the same with 16 steps a call as with one; they are draws (not the
+    # greedy tokens)
     name, _, kv = family.partition("-")
     llm = _llm(str(checkpoint(name)), **({"kv_cache_dtype": kv} if kv else {}))
     g = torch.Generator().manual_seed(3)
@@ -99,6 +100,7 @@ def test_sampled_multi_step_tokens_equal_one_step_a_call(family, checkpoint, cal
         calls.clear()
         (m,), (s,) = _both(llm, [prompt], sp)
         assert m.outputs[0].token_ids == s.outputs[0].token_ids and len(m.outputs[0].token_ids) == 37
+        assert m.outputs[0].logprobs == s.outputs[0].logprobs and (sp.logprobs is None) == (not m.outputs[0].logprobs)
         assert m.outputs[0].token_ids != greedy.outputs[0].token_ids
         assert max(calls) == 16
     # another seed, other draws
@@ -146,10 +148,10 @@ def test_multi_step_stops_where_plain_decoding_stops(calls):
     _idle(llm)
 
 
-def test_multi_step_only_for_requests_whose_sampling_it_keeps(monkeypatch):
-    # requests that ask for log-probs take one step a call, and so does a batch with one of them; greedy
-    # and sampled ones go multi-step, with biases, penalties and a pending min_tokens too. Outputs equal
-    # one step a call throughout
+def test_multi_step_for_requests_whose_sampling_it_keeps(monkeypatch):
+    # greedy and sampled requests go multi-step, with biases, penalties, a pending min_tokens and
+    # log-probs too (made from each step's raw logits, kept by the loop). Outputs, log-probs included,
+    # equal one step a call throughout
     llm = _llm(None)
     steps: list[tuple[int, int]] = []  # (sequences in the batch, steps asked)
     real = ModelRunner.run
@@ -160,7 +162,10 @@ def test_multi_step_only_for_requests_whose_sampling_it_keeps(monkeypatch):
 
     monkeypatch.setattr(ModelRunner, "run", run)
     one = ["The tutorial", "import sys\n"]
-    for sp, multi in ((SamplingParams(temperature=0, max_tokens=20, logprobs=2), False),
+    for sp, multi in ((SamplingParams(temperature=0, max_tokens=20, logprobs=2), True),
+                      (SamplingParams(temperature=0, max_tokens=20, logprobs=0), True),
+                      (SamplingParams(temperature=0.8, seed=9, max_tokens=30, logprobs=5, repetition_penalty=1.2,
+                                      logit_bias={7: 2.0}, min_tokens=10), True),
                       # min_tokens pending: EOS and stop ids banned in the loop until they are out
                       (SamplingParams(temperature=0, max_tokens=20, min_tokens=20, ignore_eos=True), True),
                       (SamplingParams(temperature=0, max_tokens=40, min_tokens=25), True),
@@ -179,16 +184,31 @@ def test_multi_step_only_for_requests_whose_sampling_it_keeps(monkeypatch):
         assert m[0].outputs[0].token_ids == s[0].outputs[0].token_ids and m[0].outputs[0].logprobs == \
             s[0].outputs[0].logprobs
         assert any(k > 1 for _, k in steps) == multi, sp
-    # a logprobs request beside a greedy one: one step a call while both run, multi-step after
+        assert sp.logprobs is None or all(len(d) >= 1 + (sp.logprobs > 0) for d in m[0].outputs[0].logprobs)
+    # a logprobs request beside a greedy one: multi-step together
     params = [SamplingParams(temperature=0.8, seed=5, max_tokens=8, logprobs=1),
               SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)]
     steps.clear()
     m = llm.generate(one, params)
-    multi = [(n, k) for n, k in steps if k > 1]
-    assert multi and all(n == 1 for n, _ in multi)  # only after the logprobs request finished
-    llm.engine.scheduler.max_steps = 1
+    assert any(n == 2 and k > 1 for n, k in steps)
+    max_steps, llm.engine.scheduler.max_steps = llm.engine.scheduler.max_steps, 1
     s = llm.generate(one, params)
-    assert [o.outputs[0].token_ids for o in m] == [o.outputs[0].token_ids for o in s]
+    assert [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in m] == \
+        [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in s]
+    # a call keeps at most LOGPROB_BYTES of raw logits: here 3 steps of one row
+    llm.engine.scheduler.max_steps = max_steps
+    monkeypatch.setattr(ModelRunner, "LOGPROB_BYTES", 3 * 4 * llm.engine.model_config.vocab_size)
+    calls: list[int] = []
+    real_steps = ModelRunner._run_steps
+
+    def run_steps(self, batch, eos_ids):
+        out = real_steps(self, batch, eos_ids)
+        calls.append(len(out.sampled[0]) if out is not None else 0)
+        return out
+
+    monkeypatch.setattr(ModelRunner, "_run_steps", run_steps)
+    m = llm.generate(one[:1], params[0])
+    assert max(calls) == 3 and m[0].outputs[0].logprobs == s[0].outputs[0].logprobs
     _idle(llm)
 
 

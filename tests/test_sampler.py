@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe.sampler import Sampler, top_logprobs
+from moe.sampler import Sampler
+from ops import top_logprobs
 from moe.sampling_params import SamplingParams
 from ops.sample import apply_filters, seed_key
 
@@ -36,7 +37,7 @@ def test_logprobs_ignore_temperature_and_include_the_chosen_token():
     assert res.token_ids[0] in d and 0 in d and len(d) <= 2
     for t, v in d.items():
         assert v == pytest.approx(lp[t].item(), abs=1e-6)
-    assert top_logprobs(lp, 5, 0) == {5: pytest.approx(lp[5].item())}
+    assert top_logprobs(logits, [5], [0]) == [{5: pytest.approx(lp[5].item(), abs=1e-6)}]
 
 
 def test_banned_tokens_are_never_drawn():
