@@ -65,6 +65,14 @@ ENGINE_FLAGS: dict[str, tuple[Any, Any]] = {
     "warmup": (bool, typer.Option(_default("warmup"), "--warmup", help="Build every GEMM kernel shape at load (CPU; "
                                                                        "seconds on large models), so no request pays "
                                                                        "for it.")),
+    "generation_config": (str, typer.Option(_default("generation_config"),
+                                            help="Default sampling parameters: auto (the checkpoint's "
+                                                 "generation_config.json), vllm (none of the model's) or a "
+                                                 "directory holding a generation_config.json.")),
+    "override_generation_config": (Optional[str], typer.Option(None, help="JSON laid over those defaults, e.g. "
+                                                                          "'{\"temperature\": 0.6}'.")),
+    "max_logprobs": (int, typer.Option(_default("max_logprobs"), help="Log-probs a request may ask for per token "
+                                                                      "at most (-1: any).")),
     "sharding": (Optional[str], typer.Option(_default("sharding"), "--sharding", envvar="MOE_SHARDING",
                                              help="Sharding YAML for a multi-rank run (moe launch sets "
                                                   "MOE_SHARDING).")),
@@ -77,6 +85,12 @@ def engine_options(flags: dict[str, Any]) -> dict[str, Any]:
     options["speculative_config"] = speculative_config(options.pop("speculative_method"), options.pop("draft_model"),
                                                        options.pop("speculative_tokens"), options.pop("ngram_first"))
     options["load_progress"] = sys.stderr.isatty()
+    if options.get("override_generation_config") is not None:
+        try:
+            options["override_generation_config"] = json.loads(options["override_generation_config"])
+        except ValueError as e:
+            raise typer.BadParameter(f"--override-generation-config is not JSON ({e}): give an object such as "
+                                     "'{\"temperature\": 0.6}'") from None
     return options
 
 
@@ -129,11 +143,12 @@ def _read_chat_template(path: str) -> str:
 @with_engine_flags
 def generate(
     prompts: list[str] = typer.Argument(None, help="Prompt text(s); read from stdin when omitted."),
-    max_tokens: int = typer.Option(64, help="Maximum new tokens per prompt."),
-    temperature: float = typer.Option(0.8, help="0 for greedy."),
-    top_p: float = typer.Option(0.95),
-    top_k: int = typer.Option(0, help="0 disables top-k."),
-    min_p: float = typer.Option(0.0),
+    max_tokens: Optional[int] = typer.Option(None, help="Maximum new tokens per prompt (default: the model's "
+                                                        "max_new_tokens, else 64)."),
+    temperature: Optional[float] = typer.Option(None, help="0 for greedy (default: the model's, else 0.8)."),
+    top_p: Optional[float] = typer.Option(None, help="Default: the model's, else 0.95."),
+    top_k: Optional[int] = typer.Option(None, help="0 disables top-k (default: the model's, else 0)."),
+    min_p: Optional[float] = typer.Option(None, help="Default: the model's, else 0."),
     seed: Optional[int] = typer.Option(None, help="Per-request seed for reproducible sampling."),
     stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
     chat: bool = typer.Option(False, "--chat", help="Apply the checkpoint's chat template."),
@@ -156,9 +171,12 @@ def generate(
     if not prompts:
         prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     try:
-        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
-                                max_tokens=max_tokens, stop=stop or None, logprobs=logprobs)
         llm = LLM(**engine)
+        # a flag given > the checkpoint's generation_config.json > this command's own defaults
+        given = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, max_tokens=max_tokens)
+        kw = {"temperature": 0.8, "top_p": 0.95, "max_tokens": 64, **llm.engine.default_sampling_params,
+              **{k: v for k, v in given.items() if v is not None}}
+        params = SamplingParams(**kw, seed=seed, stop=stop or None, logprobs=logprobs)
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

@@ -177,6 +177,12 @@ class EngineConfig:
     # CPU: run every GEMM shape a step can make once at load (moe.warmup), so that no request pays
     # oneDNN's kernel builds
     warmup: bool = False
+    # default sampling parameters (what a request leaves unset): "auto" takes the checkpoint's
+    # generation_config.json (temperature, top_p, top_k, min_p, penalties, max_new_tokens), as
+    # vLLM does; "vllm": none of the model's; or a directory holding a generation_config.json
+    generation_config: str = "auto"
+    override_generation_config: dict | None = None  # laid over those, e.g. {"temperature": 0.6}
+    max_logprobs: int = 20  # log-probs a request may ask for per token (logprobs, prompt_logprobs); -1: any
 
     @classmethod
     def from_options(cls, model: str, **options: Any) -> EngineConfig:
@@ -207,6 +213,8 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs={self.max_num_seqs} must be at least 1")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len={self.max_model_len} must be at least 2")
+        if self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs={self.max_logprobs} must be >= 0, or -1 for no limit")
         if self.num_scheduler_steps < 1:
             raise ValueError(f"num_scheduler_steps={self.num_scheduler_steps} must be at least 1 (1: one step a call)")
         if self.max_num_batched_tokens < 1:

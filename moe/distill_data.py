@@ -162,7 +162,7 @@ def cached_engine_topk(model: str | Path, wins: torch.Tensor, k: int, cache_dir:
         return TeacherTopK(d["ids"], d["logprobs"].float(), d["target"])
     from . import LLM
 
-    top = engine_topk(LLM(str(model), dtype=dtype), wins, k, progress)
+    top = engine_topk(LLM(str(model), dtype=dtype, max_logprobs=-1), wins, k, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"ids": top.ids_NLk, "logprobs": top.logprobs_NLk.half(), "target": top.target_logprob_NL}, tmp)

@@ -26,7 +26,7 @@ from .models import MoECausalLM, parse_config, rules_for
 from .models.quant_weights import checkpoint_rules, plan_experts
 from .outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from .sampler import Sampler
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, generation_defaults
 from .scheduler import ScheduledBatch, Scheduler
 from .spec_cost import SpecCostModel
 from .spec_decode import DraftCounts, NgramProposer, Proposer, SpecStats, SpeculativeConfig, shipped_mtp_head
@@ -110,6 +110,13 @@ class LLMEngine:
             _reuse_freed_memory()
         self.kv_fp8 = check_kv_cache_dtype(config.kv_cache_dtype)
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        # what a request leaves unset, from the checkpoint's generation_config.json (vLLM's "auto")
+        self.default_sampling_params = generation_defaults(model_dir, config.generation_config,
+                                                           config.override_generation_config)
+        if self.default_sampling_params:
+            log.info("default sampling parameters from %s: %s (generation_config='vllm' turns them off)",
+                     "the model's generation_config.json" if config.generation_config == "auto"
+                     else config.generation_config, self.default_sampling_params)
         if self.max_model_len > cfg.max_position_embeddings:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings "
                              f"({cfg.max_position_embeddings}); lower it")
@@ -310,7 +317,7 @@ class LLMEngine:
         """Validate and queue one request; raises ValueError (and changes nothing) if it is bad. ``stream``:
         a client reads its tokens as they come (a server's streamed answer): multi-step calls running it
         end after ``ModelRunner.STREAM_STEP_SECONDS``, so its tokens arrive at least that often."""
-        params = params or SamplingParams()
+        params = params or SamplingParams(**self.default_sampling_params)
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, not {type(params).__name__}")
         text, ids = self.tokenize(prompt)
@@ -338,6 +345,12 @@ class LLMEngine:
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise ValueError(f"SamplingParams.logit_bias={params.logit_bias!r} is invalid: token id "
                              f"{max(params.logit_bias)} is outside the vocabulary [0, {vocab})")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(params, name)
+            if n is not None and 0 <= self.config.max_logprobs < n:
+                raise ValueError(f"SamplingParams.{name}={n} is more than this engine returns "
+                                 f"(max_logprobs={self.config.max_logprobs}): ask for fewer, or start the engine "
+                                 "with a larger max_logprobs (-1: no limit)")
         if params.structured_outputs is not None:
             self._structured_outputs().compile(params.structured_outputs)  # a bad grammar fails here
         seqs: list[Sequence] = []

@@ -111,3 +111,58 @@ def _checked_logit_bias(bias, bad) -> dict[int, float]:
             raise bad("logit_bias", bias, f"the bias of token {k} ({v!r}) must be a number in [-100, 100]")
         out[k] = float(v)
     return out
+
+
+# generation_config.json keys that become default sampling parameters (vLLM's list); HF's
+# max_new_tokens is our max_tokens. Other keys (do_sample, eos_token_id, ...) are not sampling
+# defaults (the engine reads eos_token_id for its stop ids); do_sample is ignored as vLLM does.
+GENERATION_DEFAULT_KEYS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "temperature", "top_k",
+                           "top_p", "min_p", "max_new_tokens")
+
+
+def generation_defaults(model_dir, source: str = "auto", override: dict | None = None) -> dict:
+    """The default sampling parameters a model's authors wrote into its ``generation_config.json``,
+    as ``SamplingParams`` keyword arguments: what a request or ``LLM.generate`` call leaves unset.
+
+    ``source`` is ``"auto"`` (the checkpoint's file), ``"vllm"`` (none: the neutral defaults of
+    :class:`SamplingParams`) or a directory holding a ``generation_config.json``; ``override``
+    (a dict of the same keys) is laid over it. Values are checked here, with the file named."""
+    import json
+    from pathlib import Path
+
+    names: list[str] = []  # where the values came from, for an error
+    config: dict = {}
+    if source != "vllm":
+        path = Path(model_dir if source == "auto" else source)
+        if path.is_dir():
+            path = path / "generation_config.json"
+        if source != "auto" and not path.is_file():
+            raise ValueError(f"generation_config={source!r}: no generation_config.json there; give the directory "
+                             "that holds one, 'auto' (the model's own) or 'vllm' (no model defaults)")
+        if path.is_file():
+            try:
+                config = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{path} is not readable JSON ({e}): fix it, or pass generation_config='vllm' "
+                                 "to ignore it") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"{path} must hold a JSON object: fix it, or pass generation_config='vllm'")
+            names.append(str(path))
+    if override:
+        if not isinstance(override, dict):
+            raise ValueError(f"override_generation_config={override!r} must be a dict such as {{\"temperature\": 0.6}}")
+        unknown = sorted(set(override) - set(GENERATION_DEFAULT_KEYS))
+        if unknown:
+            raise ValueError(f"override_generation_config: {', '.join(unknown)}: not a sampling default; the keys are "
+                             f"{', '.join(GENERATION_DEFAULT_KEYS)}")
+        config = {**config, **override}
+        names.append("override_generation_config")
+    out = {k: config[k] for k in GENERATION_DEFAULT_KEYS if config.get(k) is not None}
+    if "max_new_tokens" in out:
+        out["max_tokens"] = out.pop("max_new_tokens")
+    try:
+        SamplingParams(**out)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the default sampling parameters from {' + '.join(names)} are invalid: {e}; fix them, or "
+                         "pass generation_config='vllm' to ignore the model's") from None
+    return out

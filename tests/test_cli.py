@@ -44,6 +44,19 @@ def test_generate_json_greedy_is_reproducible_and_matches_the_api():
     assert api.token_ids == rec["token_ids"] and api.text == rec["text"]
 
 
+def test_generate_flags_over_the_models_defaults():
+    # no flag: the model's defaults (here laid over by --override-generation-config), then the command's
+    base = ["generate", "In the", "--json", "--override-generation-config", '{"temperature": 0, "max_new_tokens": 7}']
+    res = runner.invoke(app, base)
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.stdout.strip().splitlines()[-1])
+    greedy = json.loads(runner.invoke(app, ["generate", "In the", "--json", "--temperature", "0", "--max-tokens",
+                                            "7"]).stdout.strip().splitlines()[-1])
+    assert rec["token_ids"] == greedy["token_ids"] and len(rec["token_ids"]) == 7
+    res = runner.invoke(app, [*base, "--max-tokens", "3"])
+    assert len(json.loads(res.stdout.strip().splitlines()[-1])["token_ids"]) == 3
+
+
 def test_generate_streams_and_reports_stats():
     res = runner.invoke(app, ["generate", "import", "--max-tokens", "8", "--seed", "1", "--stats"])
     assert res.exit_code == 0, res.output
@@ -77,6 +90,9 @@ def test_generate_stats_report_the_expert_cache_when_offloading():
     (["generate", "x", "--temperature", "-1"], "temperature"),
     (["generate", "x", "--max-tokens", "0"], "max_tokens"),
     (["info", "/nonexistent/ckpt"], "does not exist"),
+    (["generate", "x", "--override-generation-config", "{temperature"], "--override-generation-config is not JSON"),
+    (["generate", "x", "--override-generation-config", '{"temperature": -1}'], "SamplingParams.temperature"),
+    (["generate", "x", "--generation-config", "/nonexistent"], "no generation_config.json there"),
 ])
 def test_bad_arguments_exit_with_a_clear_message(args, message):
     res = runner.invoke(app, args)

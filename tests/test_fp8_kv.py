@@ -134,14 +134,15 @@ def test_fp8_cache_holds_twice_the_tokens_in_the_same_budget():
 
 @pytest.fixture(scope="module")
 def reference():
-    llm = LLM(dtype="bfloat16", kv_cache_memory=1 << 22)
+    llm = LLM(dtype="bfloat16", kv_cache_memory=1 << 22, max_logprobs=-1)
     ids = llm.get_tokenizer().encode(TEXT)
     return ids, teacher_forced_logprobs(llm, ids)
 
 
 def test_fp8_kv_default_model_stays_close_to_bf16(reference):
     ids, ref = reference
-    got = teacher_forced_logprobs(LLM(dtype="bfloat16", kv_cache_memory=1 << 22, kv_cache_dtype="fp8"), ids)
+    got = teacher_forced_logprobs(LLM(dtype="bfloat16", kv_cache_memory=1 << 22, kv_cache_dtype="fp8",
+                                      max_logprobs=-1), ids)
     agreement = float((ref.argmax(-1) == got.argmax(-1)).float().mean())
     kl = float((ref.exp() * (ref - got)).sum(-1).mean())
     print(f"fp8 KV cache: top-1 agreement {agreement:.3f}, mean KL {kl:.2e} over {len(ids) - 1} positions")

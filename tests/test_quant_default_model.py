@@ -21,6 +21,7 @@ TEXT = ("The module defines the following functions. Each function returns a new
 
 
 def teacher_forced_logprobs(llm: LLM, ids: list[int]) -> torch.Tensor:
+    """Every next token's log-probs over the whole vocabulary (``llm`` made with max_logprobs=-1)."""
     vocab = llm.engine.model_config.vocab_size
     out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=vocab))
     lp = torch.full((len(ids) - 1, vocab), float("-inf"))
@@ -45,7 +46,7 @@ def agreement_and_kl(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float
 
 @pytest.fixture(scope="module")
 def reference():
-    llm = LLM(dtype="bfloat16", kv_cache_memory=1 << 22)
+    llm = LLM(dtype="bfloat16", kv_cache_memory=1 << 22, max_logprobs=-1)
     ids = llm.get_tokenizer().encode(TEXT)
     return ids, teacher_forced_logprobs(llm, ids)
 
@@ -55,7 +56,8 @@ def reference():
 def test_quantized_default_model_agrees_with_bf16(reference, fmt, min_agreement, tmp_path):
     ids, ref = reference
     quantize_checkpoint(default_model_path(), tmp_path / "q", fmt)
-    got = teacher_forced_logprobs(LLM(str(tmp_path / "q"), dtype="bfloat16", kv_cache_memory=1 << 22), ids)
+    got = teacher_forced_logprobs(LLM(str(tmp_path / "q"), dtype="bfloat16", kv_cache_memory=1 << 22,
+                                      max_logprobs=-1), ids)
     # the reference's top-1 token is a top-1 token of the quantized model: its bf16 logits tie often
     # (logits of ~10 have a rounding step of 0.06), and argmax breaks a tie by index, not by quality
     top = ref.argmax(-1, keepdim=True)
@@ -73,14 +75,15 @@ def test_calibrated_int4_is_closer_than_round_to_nearest(reference, tmp_path):
     own corpus: docs/quantization.md)."""
     ids, ref = reference
     fmt = get_format("int4", group_size=32, symmetric=False)
-    llm = LLM(dtype="bfloat16", kv_cache_memory=1 << 22)
+    llm = LLM(dtype="bfloat16", kv_cache_memory=1 << 22, max_logprobs=-1)
     root = Path(__file__).resolve().parent / "data" / "prose"
     cal_ids = llm.get_tokenizer().encode("\n\n".join((root / f).read_text() for f in CALIBRATION_FILES))[:16384]
     results = {}
     for method in ("rtn", "gptq"):
         calibration = [cal_ids[i:i + 256] for i in range(0, len(cal_ids), 256)] if method != "rtn" else None
         quantize_checkpoint(default_model_path(), tmp_path / method, fmt, method=method, calibration=calibration)
-        got = teacher_forced_logprobs(LLM(str(tmp_path / method), dtype="bfloat16", kv_cache_memory=1 << 22), ids)
+        got = teacher_forced_logprobs(LLM(str(tmp_path / method), dtype="bfloat16", kv_cache_memory=1 << 22,
+                                          max_logprobs=-1), ids)
         results[method] = agreement_and_kl(ref, got)
     print(results)
     (_, kl_rtn), (agree_gptq, kl_gptq) = results["rtn"], results["gptq"]

@@ -39,7 +39,7 @@ SEQ = torch.randint(3, V, (48,), generator=torch.Generator().manual_seed(7)).tol
 
 def prompt_logprobs(path: Path, **kw) -> tuple[torch.Tensor, LLM]:
     """Log-probs ``[len(SEQ) - 1, V]`` of every next token of SEQ (teacher-forced), and the LLM."""
-    llm = LLM(str(path), dtype="float32", kv_cache_memory=1 << 20, max_num_seqs=2, **kw)
+    llm = LLM(str(path), dtype="float32", kv_cache_memory=1 << 20, max_num_seqs=2, max_logprobs=-1, **kw)
     out = llm.generate([{"prompt_token_ids": SEQ}], SamplingParams(max_tokens=1, temperature=0.0,
                                                                     prompt_logprobs=V))[0]
     lp = torch.full((len(SEQ) - 1, V), float("-inf"))

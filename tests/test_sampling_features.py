@@ -123,6 +123,18 @@ def test_logit_bias_outside_the_vocabulary_is_rejected(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_more_logprobs_than_max_logprobs_are_rejected(llm):
+    assert llm.config.max_logprobs == 20  # vLLM's default
+    for field in ("logprobs", "prompt_logprobs"):
+        with pytest.raises(ValueError, match=rf"SamplingParams\.{field}=21 is more than .*max_logprobs=20"):
+            llm.engine.add_request("hi", SamplingParams(**{field: 21}))
+    assert not llm.engine.has_unfinished_requests()
+    out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=2, logprobs=20))[0].outputs[0]
+    assert all(len(d) >= 20 for d in out.logprobs)
+    with pytest.raises(ValueError, match="max_logprobs=-2"):
+        LLM(max_logprobs=-2)
+
+
 def test_logit_bias_forces_a_token_and_penalties_change_greedy_output(llm):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     base = llm.generate(PROMPT, params)[0].outputs[0].token_ids

@@ -129,7 +129,8 @@ def test_penalties_and_logit_bias_equal_generate(client, llm):
 
 
 @pytest.mark.parametrize("field,value", [("presence_penalty", 3.0), ("frequency_penalty", -2.5),
-                                         ("repetition_penalty", 0.0), ("logit_bias", {"5": 500})])
+                                         ("repetition_penalty", 0.0), ("logit_bias", {"5": 500}),
+                                         ("logprobs", 21), ("prompt_logprobs", 50)])
 def test_invalid_new_fields_400(server, field, value):
     r = httpx.post(f"{server.url}/v1/completions", json={"model": "default", "prompt": "hi", field: value},
                    timeout=30)

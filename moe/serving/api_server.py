@@ -28,6 +28,7 @@ from .protocol import (
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    sampling_param_of,
     to_sampling_params,
 )
 from .streaming import (
@@ -258,6 +259,7 @@ def _prepare(state: ServerState, req, prompts: list[tuple[str | None, list[int]]
              logprobs: int | None) -> list[SamplingParams]:
     """One SamplingParams per prompt (max_tokens defaults to what fits), after the length checks."""
     limit = state.max_model_len
+    defaults = state.engine.default_sampling_params
     plist = []
     for _, ids in prompts:
         if not ids:
@@ -265,8 +267,10 @@ def _prepare(state: ServerState, req, prompts: list[tuple[str | None, list[int]]
         if len(ids) >= limit:
             raise ApiError(f"the prompt has {len(ids)} tokens but this model's maximum context length "
                            f"(max_model_len) is {limit}: shorten the prompt", param="prompt")
-        # unset: what fits in the context and in the whole KV cache
-        want = max_tokens if max_tokens is not None else min(limit, state.engine.kv_cache_tokens) - len(ids)
+        # unset: the model's default (generation_config.json's max_new_tokens) if it fits, else what
+        # fits in the context and in the whole KV cache
+        room = min(limit, state.engine.kv_cache_tokens) - len(ids)
+        want = max_tokens if max_tokens is not None else min(defaults.get("max_tokens", room), room)
         if want < 1:
             raise ApiError(f"the prompt has {len(ids)} tokens and the KV cache holds {state.engine.kv_cache_tokens}: "
                            "no room for an output token; shorten the prompt", param="prompt")
@@ -277,7 +281,7 @@ def _prepare(state: ServerState, req, prompts: list[tuple[str | None, list[int]]
         if len(ids) + want > state.engine.kv_cache_tokens:
             raise ApiError(f"the request needs {len(ids) + want} tokens of KV cache but the cache holds "
                            f"{state.engine.kv_cache_tokens}: lower max_tokens", param="max_tokens")
-        plist.append(to_sampling_params(req, want, logprobs))
+        plist.append(to_sampling_params(req, want, logprobs, defaults))
     return plist
 
 
@@ -338,8 +342,8 @@ async def _unless_disconnected(request: Request, work, poll_s: float):
 def _exception_to_api(e: Exception) -> ApiError:
     if isinstance(e, ApiError):
         return e
-    if isinstance(e, RequestError):
-        return ApiError(str(e), 400)
+    if isinstance(e, RequestError):  # (the engine's checks: a field it names is the param)
+        return ApiError(str(e), 400, param=sampling_param_of(str(e)))
     if isinstance(e, RequestAborted):
         return ApiError(f"{e} (the server is shutting down or the request was cancelled)", 503)
     if isinstance(e, EngineDeadError):

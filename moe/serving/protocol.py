@@ -51,14 +51,14 @@ class _SamplingFields(_Body):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM's extras
     top_k: int | None = None
     min_p: float | None = None
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
@@ -146,20 +146,23 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
         raise ApiError(f"logit_bias keys must be token ids (integers as strings): {e}", param="logit_bias") from e
 
 
-def to_sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    """SamplingParams for a request. Fields the request leaves at their defaults are not passed, so
-    the engine's own defaults hold; the rest pass by their vLLM names."""
+def to_sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: int | None,
+                       defaults: dict[str, Any] | None = None) -> SamplingParams:
+    """SamplingParams for a request. A sampling field the request leaves unset takes the model's
+    default (``defaults``: its generation_config.json's, see moe.sampling_params.generation_defaults),
+    else SamplingParams'; the rest pass by their vLLM names."""
+    defaults = defaults or {}
     kw: dict[str, Any] = dict(max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
                               stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
                               prompt_logprobs=req.prompt_logprobs, skip_special_tokens=req.skip_special_tokens,
-                              include_stop_str_in_output=req.include_stop_str_in_output, seed=req.seed)
-    for name in ("temperature", "top_p", "top_k", "min_p"):
-        if getattr(req, name) is not None:
-            kw[name] = getattr(req, name)
-    defaults = {"n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
-    for name, default in defaults.items():
-        if getattr(req, name) != default:
-            kw[name] = getattr(req, name)
+                              include_stop_str_in_output=req.include_stop_str_in_output, seed=req.seed, n=req.n)
+    for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty"):
+        value = getattr(req, name)
+        if value is None:
+            value = defaults.get(name)
+        if value is not None:
+            kw[name] = value
     bias = _logit_bias(req.logit_bias)
     if bias is not None:
         kw["logit_bias"] = bias
@@ -169,5 +172,10 @@ def to_sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: i
     try:
         return SamplingParams(**kw)
     except ValueError as e:
-        m = re.match(r"SamplingParams\.(\w+)=", str(e))
-        raise ApiError(str(e), param=m.group(1) if m else None) from e
+        raise ApiError(str(e), param=sampling_param_of(str(e))) from e
+
+
+def sampling_param_of(message: str) -> str | None:
+    """The request field a validation message names (``SamplingParams.<field>=...``), for ``param``."""
+    m = re.match(r"SamplingParams\.(\w+)=", message)
+    return m.group(1) if m else None
