@@ -94,10 +94,12 @@ def _compiler() -> str | None:
     return None
 
 
-def build_library(src_dir: str | Path) -> ctypes.CDLL:
+def build_library(src_dir: str | Path, march: str = "native") -> ctypes.CDLL:
     """Compile (or find in the cache) the library from the kernel sources in ``src_dir`` (this
     package's directory, or a copy of it with an edited kernel) and load it with every declared
-    signature applied. ``benchmarks/bench_kernel_ab.py`` loads two builds side by side this way."""
+    signature applied. ``benchmarks/bench_kernel_ab.py`` loads two builds side by side this way;
+    ``march`` (gcc's ``-march``) builds another instruction set's paths, e.g. ``x86-64-v3`` (AVX2)
+    or ``x86-64`` (scalar), for tests on a CPU that has more."""
     src_dir = Path(src_dir)
     # an older copy may lack a later file: build what it has (its bindings then find no symbol)
     sources = [src_dir / p.name for p in _SOURCES if (src_dir / p.name).exists()]
@@ -107,7 +109,7 @@ def build_library(src_dir: str | Path) -> ctypes.CDLL:
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC, or install gcc)")
     omp = _openmp_runtime()
-    flags = _FLAGS + (["-fopenmp"] if omp else [])
+    flags = [f if f != "-march=native" else f"-march={march}" for f in _FLAGS] + (["-fopenmp"] if omp else [])
     blob = b"".join(p.read_bytes() for p in [*sources, *(src_dir / h for h in _HEADERS if (src_dir / h).exists())])
     key = hashlib.sha256(blob + " ".join([cc, *flags, omp or ""]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("MOE_KERNEL_CACHE", Path.home() / ".cache" / "moe" / "kernels"))

@@ -378,7 +378,7 @@ static inline void enter_top(float *tv, int64_t *ti, int64_t *k, int64_t n, floa
 /* Row r's log-softmax over float32 logits x [R, V] (row stride ld) at chosen[r] and at its n <= 64
  * largest logits (largest first, ties in token order), written to ids / vals [r (n + 1), (r + 1) (n + 1)):
  * chosen first. Each value is (x - m) - log(s) as torch's log_softmax forms it, m the row's largest and
- * s the sum of exp(x - m) (float32 lanes, then double). Returns 0, 1 where some row's largest is NaN or
+ * s the sum of exp(x - m) (float32 lanes over 512 tokens at a time, then double). Returns 0, 1 where some row's largest is NaN or
  * infinite (its log-softmax is NaN: the caller takes torch's), -1 for n outside [0, 64]. */
 int moe_logprob_rows(const float *x, int64_t R, int64_t V, int64_t ld, const int64_t *chosen, int64_t n,
                      int64_t *ids, float *vals, int nt) {
@@ -404,21 +404,30 @@ int moe_logprob_rows(const float *x, int64_t R, int64_t V, int64_t ld, const int
         for (; i + 16 <= V; i += 16) {
             const __m512 v = _mm512_loadu_ps(l + i);
             acc = _mm512_add_ps(acc, exp16(_mm512_sub_ps(v, mv)));
+            if ((i & 511) == 496) {  /* every 512 tokens the lanes' sums go into s (rounding stays small) */
+                s += (double)_mm512_reduce_add_ps(acc);
+                acc = _mm512_setzero_ps();
+            }
             if (!n) continue;
             __mmask16 up = k < n ? (__mmask16)0xffff : _mm512_cmp_ps_mask(v, _mm512_set1_ps(tv[n - 1]), _CMP_GT_OQ);
             for (; up; up &= (__mmask16)(up - 1)) enter_top(tv, ti, &k, n, l[i + __builtin_ctz(up)], i + __builtin_ctz(up));
         }
-        s = (double)_mm512_reduce_add_ps(acc);
+        s += (double)_mm512_reduce_add_ps(acc);
         for (int64_t j = i; j < V; j++) s += (double)expf(l[j] - m);
 #else
         int64_t e = 0;
 #if defined(VEC8)
         const __m256 mv = _mm256_set1_ps(m);
         __m256 acc = _mm256_setzero_ps();
-        for (; e + 8 <= V; e += 8) acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(l + e), mv)));
         float lanes[8];
-        _mm256_storeu_ps(lanes, acc);
-        for (int q = 0; q < 8; q++) s += (double)lanes[q];
+        for (; e + 8 <= V; e += 8) {
+            acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(l + e), mv)));
+            if ((e & 511) == 504 || e + 16 > V) {  /* (as above: into s every 512 tokens, and at the end) */
+                _mm256_storeu_ps(lanes, acc);
+                for (int q = 0; q < 8; q++) s += (double)lanes[q];
+                acc = _mm256_setzero_ps();
+            }
+        }
 #endif
         for (; e < V; e++) s += (double)expf(l[e] - m);
 #endif
