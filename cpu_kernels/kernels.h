@@ -173,9 +173,10 @@ int moe_argmax_rows(const float *x, int64_t R, int64_t V, int64_t ld, int64_t *o
  * loop's; NULL / 0 / 1: none): n_bias logit biases (bias_ids, bias_vals), OpenAI's presence and
  * frequency penalties over counts (each token's occurrences in the output) and the repetition penalty
  * over seen (1: the token is in the prompt or the output), and while ban_left > 0 (min_tokens pending)
- * its n_ban ban_ids (EOS and stop ids) at -inf; moe_note_tokens counts each chosen token. With raw
- * given, a decode loop copies step i's logits before any processing to raw + i V (the row's
- * log-probs are computed from them after the call). */
+ * its n_ban ban_ids (EOS and stop ids) at -inf; moe_note_tokens counts each chosen token. With mask
+ * given (a grammar's bitmask: token v allowed where bit v % 32 of mask[v / 32] is set), the tokens it
+ * disallows go to -inf after the penalties. With raw given, a decode loop copies step i's logits before
+ * any processing to raw + i V (the row's log-probs are computed from them after the call). */
 typedef struct {
     float temperature, top_p, min_p;
     int64_t top_k, key;
@@ -189,6 +190,7 @@ typedef struct {
     const int64_t *ban_ids;
     int64_t ban_left;
     float *raw;
+    const int32_t *mask;
 } SampleRow;
 int moe_sample_rows(const float *x, int64_t R, int64_t V, int64_t ld, const SampleRow *rows, const int64_t *pos,
                     float *scratch, int32_t *iscratch, int64_t *out, int nt);

@@ -326,8 +326,9 @@ int moe_sample_rows(const float *x, int64_t R, int64_t V, int64_t ld, const Samp
 /* Row r of float32 logits x [R, V] (row stride ld) changed in place as the sampler's logit processing
  * changes it (moe/sampler.py process_logits: float32, each op rounded): its biases added, then where
  * repetition != 1 every seen token's logit divided by it (positive) or multiplied (otherwise), then
- * where presence or frequency is set (logit - count * frequency) - (count > 0 ? presence : 0); then while
- * ban_left > 0 its banned tokens' logits -inf (the sampler's min_tokens ban). */
+ * where presence or frequency is set (logit - count * frequency) - (count > 0 ? presence : 0); then the
+ * tokens its grammar's mask disallows -inf; then while ban_left > 0 its banned tokens' logits -inf (the
+ * sampler's min_tokens ban). */
 void moe_penalize_rows(float *x, int64_t R, int64_t V, int64_t ld, const SampleRow *rows) {
     for (int64_t r = 0; r < R; r++) {
         const SampleRow *s = rows + r;
@@ -341,6 +342,9 @@ void moe_penalize_rows(float *x, int64_t R, int64_t V, int64_t ld, const SampleR
                 const float c = (float)s->counts[v];
                 l[v] = (l[v] - c * s->frequency) - (s->counts[v] > 0 ? s->presence : 0.f);
             }
+        if (s->mask)
+            for (int64_t v = 0; v < V; v++)
+                if (!((uint32_t)s->mask[v >> 5] >> (v & 31) & 1u)) l[v] = -INFINITY;
         if (s->ban_left > 0)
             for (int64_t j = 0; j < s->n_ban; j++) l[s->ban_ids[j]] = -INFINITY;
     }

@@ -22,7 +22,7 @@ declare({
 })
 SampleRowC = c_struct("SampleRow", "temperature top_p min_p: f32; top_k key: i64; presence frequency repetition: f32; "
                                    "n_bias: i64; bias_ids bias_vals counts seen: ptr; n_ban: i64; ban_ids: ptr; "
-                                   "ban_left: i64; raw: ptr")
+                                   "ban_left: i64; raw mask: ptr")
 
 
 class LogitProcessing(NamedTuple):
@@ -30,9 +30,10 @@ class LogitProcessing(NamedTuple):
     sampler's ``process_logits`` does: logit biases (``bias_ids`` int32, ``bias_vals`` float32), presence
     and frequency penalties over ``counts`` (int32 ``[V]``, each token's occurrences in the output), the
     repetition penalty over ``seen`` (uint8 ``[V]``: in the prompt or the output), and for the next
-    ``ban_left`` tokens ``banned`` (int64: EOS and stop ids while min_tokens is pending) at -inf. The loop
-    adds each chosen token to ``counts`` and ``seen`` (they must stay alive and contiguous through the
-    call)."""
+    ``ban_left`` tokens ``banned`` (int64: EOS and stop ids while min_tokens is pending) at -inf; with
+    ``mask`` (int32 ``[ceil(V / 32)]``, a grammar's bitmask, written before each step's draw by the loop's
+    ``on_step``) the tokens it disallows at -inf after the penalties. The loop adds each chosen token to
+    ``counts`` and ``seen`` (they must stay alive and contiguous through the call)."""
 
     presence: float = 0.0
     frequency: float = 0.0
@@ -43,6 +44,7 @@ class LogitProcessing(NamedTuple):
     seen: torch.Tensor | None = None
     banned: torch.Tensor | None = None
     ban_left: int = 0
+    mask: torch.Tensor | None = None
 
 
 def signed64(key: int) -> int:
@@ -70,6 +72,8 @@ def sample_row_params(rows: Sequence[tuple[float, int, float, float, int]],
             r.counts, r.seen = address(proc.counts), address(proc.seen)
             if proc.banned is not None and proc.ban_left > 0:
                 r.n_ban, r.ban_ids, r.ban_left = proc.banned.numel(), address(proc.banned), proc.ban_left
+            if proc.mask is not None:
+                r.mask = address(proc.mask)
         if raw is not None and raw[i] is not None:
             r.raw = address(raw[i])
     return out

@@ -132,6 +132,10 @@ static int64_t now_ns(void) {
  * sval / sidx of T (2 V + 64) floats and T (V + 64) int32). Stops after
  * max_steps steps, after a step in which some row chose a token in stop[0, n_stop), once budget_ns
  * have passed since the call began, or once *wake differs from wake0 (the engine has work waiting).
+ * With on_step given, it is called in each step after the LM head, before the tokens are drawn, with
+ * the step's index and its input tokens (ids + i T: the tokens the step before chose): a caller's
+ * grammars take those tokens and write the rows' masks (SampleRow.mask); nonzero ends the call
+ * before the step is counted.
  * With y_rows given, step i's normed last rows (the LM head's input, T x D bf16) are copied to
  * y_rows + i T D (an MTP drafter's hidden states). Returns the steps completed; a step the loop does
  * not complete (a router's NaN, a kernel declining, a token outside the embedding) ends the call
@@ -142,7 +146,8 @@ int moe_decode_steps(const StepHalf *halves, int64_t n, const StepEmbed *embed, 
                       uint16_t *h_last, uint16_t *y_last, const uint16_t *w, const PackedProj *p, int64_t V,
                       uint16_t *tmp, int64_t rows, float *logits, const int64_t *stop, int64_t n_stop,
                       int64_t max_steps, int64_t budget_ns, const volatile int64_t *wake, int64_t wake0,
-                      uint16_t *y_rows, SampleRow *sample, float *sval, int32_t *sidx, int nt) {
+                      uint16_t *y_rows, SampleRow *sample, float *sval, int32_t *sidx,
+                      int (*on_step)(int64_t, const int64_t *), int nt) {
     const int64_t t0 = now_ns();
     int64_t pos[32], slots[32];
     int32_t lens[32];
@@ -166,6 +171,7 @@ int moe_decode_steps(const StepHalf *halves, int64_t n, const StepEmbed *embed, 
             for (int64_t t = 0; t < T; t++) at[t] = pos[t] + 1;
             for (int64_t t = 0; t < T; t++)
                 if (sample[t].raw) memcpy(sample[t].raw + i * V, logits + t * V, (size_t)V * sizeof(float));
+            if (on_step && on_step(i, ids + i * T) != 0) return (int)i;
             moe_penalize_rows(logits, T, V, V, sample);
             if (moe_sample_rows(logits, T, V, V, sample, at, sval, sidx, next, nt) != 0) return (int)i;
             moe_note_tokens(sample, T, next);

@@ -10,7 +10,7 @@ one by one, bit for bit.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -23,6 +23,8 @@ from .quant import QuantMoeToken
 from .sample import LogitProcessing, SampleScratch, sample_row_params
 
 _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+# moe_decode_steps' per-step callback: (step index, the step's input tokens [T]) -> 0, or nonzero to stop
+OnStep = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64))
 declare({
     # (halves, n, start, embed, ids, h, x, T, D, positions, block table, context length, row offsets, row lengths,
     # slots, h_last, y_last, threads)
@@ -33,9 +35,10 @@ declare({
     # (halves, n, embed, D, T, ids, pos0, block table, row offsets, block size, h_last, y_last,
     # head weight, packed head, V, head scratch, its rows, logits, stop ids, their count, max steps, budget ns,
     # wake, wake0, each step's normed rows (or NULL), SampleRow per row (or NULL: greedy), sampling scratch
-    # (float, int32), threads)
+    # (float, int32), on_step callback (or NULL), threads)
     "moe_decode_steps": [_ptr, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr,
-                         _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _int],
+                         _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr,
+                         OnStep, _int],
 })
 StepEmbedC = c_struct("StepEmbed", "emb: ptr; vocab: i64; nw: ptr; eps: f32; h x: ptr")
 StepHalfC = c_struct("StepHalf", "kind: i64; plan route ids wts: ptr; K: i64; cos_tab sin_tab: ptr; "
@@ -203,7 +206,8 @@ class DecodeStep:
                      wake: ctypes.c_int64 | None = None, rows_out: torch.Tensor | None = None,
                      sample: Sequence[tuple[float, int, float, float, int]] | None = None,
                      processing: Sequence[LogitProcessing | None] | None = None,
-                     raw: Sequence[torch.Tensor | None] | None = None) -> list[list[int]]:
+                     raw: Sequence[torch.Tensor | None] | None = None,
+                     on_step: Callable[[int, Sequence[int]], bool] | None = None) -> list[list[int]]:
         """Up to ``steps`` decode steps of ``T = len(tokens)`` sequences in one C call
         (``moe_decode_steps``): sequence t's first step embeds ``tokens[t]`` at ``positions[t]``, each
         later one the token its step before chose; each step is a :meth:`from_ids` step of the T rows
@@ -214,10 +218,14 @@ class DecodeStep:
         token's position (``sample_rows``), bit for bit; with ``processing``, row t's logits processed
         first as ``processing[t]`` says (biases, penalties: ``moe_penalize_rows``), its counts then
         taking each chosen token; with ``raw``, row t's logits of step i before any processing copied
-        to ``raw[t][i]`` (float32 ``[steps, V]``, contiguous; None: not kept). Stops early after a step
-        in which some row chose a token in ``stop``, once ``budget_s`` seconds have passed, or once
-        ``wake`` (read at each step's end) has changed. With ``rows_out`` (bf16 ``[steps, T, D]``, contiguous) each
-        completed step's normed last rows, the LM head's input, are written there. Returns each
+        to ``raw[t][i]`` (float32 ``[steps, V]``, contiguous; None: not kept); with ``on_step``, called
+        in each step after its logits and before its draws as ``on_step(i, tokens)`` (``tokens[t]``: row
+        t's input token of step i, the one step i - 1 chose): a grammar takes the token and writes the
+        row's mask (``LogitProcessing.mask``); False ends the call there, before step i is counted.
+        Stops early after a step in which some row chose a token in ``stop``, once ``budget_s`` seconds
+        have passed, or once ``wake`` (read at each step's end) has changed. With ``rows_out`` (bf16
+        ``[steps, T, D]``, contiguous) each completed step's normed last rows, the LM head's input, are
+        written there. Returns each
         sequence's tokens, one per step completed ([] each where the loop does not run whole steps
         (:attr:`runs_whole`) or its first step declines: the caller runs it its own way)."""
         T = len(tokens)
@@ -251,12 +259,27 @@ class DecodeStep:
             rows_c = sample_row_params(sample, processing, raw)
             sval, sidx = self._sampling.take(T, head.V)
         budget_ns = int(min(budget_s, 1e9) * 1e9)
+        callback, failed = OnStep(), []  # (NULL)
+        if on_step is not None:
+            if sample is None:
+                raise ValueError("DecodeStep.decode_steps: on_step needs sample (the masks it writes are rows')")
+
+            def call(i: int, tokens) -> int:
+                try:
+                    return 0 if on_step(i, tokens[:T]) else 1
+                except BaseException as e:  # (ctypes would print it and go on): end the call, raise it after
+                    failed.append(e)
+                    return 1
+
+            callback = OnStep(call)
         done = load().moe_decode_steps(self._ref, self.n, self._embed_ref, self.D, T, ids, pos0, table.data_ptr(),
                                        toff, block_size, self._h[-1].data_ptr(), self._steps_y.data_ptr(),
                                        *head.args, self._steps_logits.data_ptr(), stops, len(stop), steps,
                                        budget_ns, ctypes.addressof(wake), wake.value,
                                        None if rows_out is None else rows_out.data_ptr(), rows_c, sval, sidx,
-                                       torch.get_num_threads())
+                                       callback, torch.get_num_threads())
+        if failed:
+            raise failed[0]
         return [list(ids[T + t:(done + 1) * T:T]) for t in range(T)]
 
     def _embedded(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -447,7 +447,7 @@ class CapturedDecode:
     def decode_steps(self, tokens: list[int], starts: list[int], block_table: torch.Tensor, block_size: int,
                      steps: int, stop: tuple[int, ...] = (), budget_s: float = float("inf"), wake=None,
                      rows_out: torch.Tensor | None = None, sample=None, processing=None,
-                     raw=None) -> list[list[int]]:
+                     raw=None, on_step=None) -> list[list[int]]:
         """Up to ``steps`` decode steps of ``len(tokens)`` sequences (at most :attr:`max_rows`) in one C
         call, sequence t's next token ``tokens[t]`` at position ``starts[t]``, its blocks row t of
         ``block_table`` (:meth:`cpu_kernels.DecodeStep.decode_steps`): each sequence's tokens that many
@@ -458,13 +458,14 @@ class CapturedDecode:
         in ``stop``, after ``budget_s`` seconds or when ``wake`` changes; [] each where the loop does not
         run the first step (the caller takes it its own way). ``rows_out`` (bf16 ``[steps, T, D]``)
         receives each step's rows :meth:`logits` read; with ``sample``, ``raw[t]`` (float32 ``[steps, V]``
-        or None) each step's logits of row t before any processing (its log-probs' source)."""
+        or None) each step's logits of row t before any processing (its log-probs' source), and
+        ``on_step(i, tokens)`` runs before each step's draws (grammars: their masks)."""
         if not self.runs_steps:
             return [[] for _ in tokens]
         if self._rotary:
             self._grow_rotaries(max(starts) + steps)
         return self.step.decode_steps(self.head, tokens, starts, block_table, block_size, steps, stop, budget_s,
-                                      wake, rows_out, sample, processing, raw)
+                                      wake, rows_out, sample, processing, raw, on_step)
 
     def logits(self, hidden_TD: torch.Tensor) -> torch.Tensor:
         """The LM head of a captured step's rows, each as a one-token step's (float32 ``[T, V]``)."""

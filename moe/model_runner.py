@@ -167,9 +167,13 @@ class ModelRunner:
             sample = [sample_row(s.seq.params, s.seq.sample_key) for s in ss]
             processing = [logit_processing(s.seq.params, s.seq, V, b) if s.seq.params.processes_logits or b else None
                           for s, b in zip(ss, banned)]
-        tokens = self.captured.decode_steps([s.seq.token_ids[s.start] for s in ss], [s.start for s in ss], table,
-                                            self.block_size, steps, stop, self._budget(ss), self.wake, rows, sample,
-                                            processing, raw)
+        on_step, undo = self._grammar_steps(ss, processing, V)
+        try:
+            tokens = self.captured.decode_steps([s.seq.token_ids[s.start] for s in ss], [s.start for s in ss], table,
+                                                self.block_size, steps, stop, self._budget(ss), self.wake, rows,
+                                                sample, processing, raw, on_step)
+        finally:
+            undo()
         if not tokens[0]:
             return None
         self.num_tokens_run += len(ss) * len(tokens[0])
@@ -182,6 +186,39 @@ class ModelRunner:
                 lps = top_logprobs(raw[b][:len(row)], row, [ss[b].seq.params.logprobs] * len(row))
             sampled[b] = list(zip(row, lps))
         return StepResult(sampled, {})
+
+    @staticmethod
+    def _grammar_steps(ss: list[ScheduledSeq], processing: list | None, vocab_size: int):
+        """For a multi-step call's rows with a grammar: each row's mask in its ``processing`` entry and
+        the loop's ``on_step``, which gives the grammars each step's input tokens (the tokens the step
+        before chose) and writes their masks before the step's draws, as the sampler masks a step's
+        logits; and ``undo()``, which takes those tokens back after the call (the engine advances the
+        grammars by the call's tokens as after any step). ``(None, no-op)`` without grammars."""
+        rows = [t for t, s in enumerate(ss) if s.seq.grammar is not None]
+        if not rows:
+            return None, lambda: None
+        from .structured_output import allocate_masks
+
+        masks = allocate_masks(len(ss), vocab_size)
+        for t in rows:
+            processing[t] = processing[t]._replace(mask=masks[t])
+        grammars = [ss[t].seq.grammar for t in rows]
+        accepted = [0] * len(rows)
+
+        def on_step(i: int, tokens) -> bool:
+            for j, (t, grammar) in enumerate(zip(rows, grammars)):
+                if i > 0:
+                    if not grammar.accept(tokens[t]):
+                        return False  # (drawn under its mask: not expected)
+                    accepted[j] += 1
+                grammar.fill_mask(masks, t)
+            return True
+
+        def undo() -> None:
+            for grammar, n in zip(grammars, accepted):
+                grammar.rollback(n)
+
+        return on_step, undo
 
     def _budget(self, seqs: list[ScheduledSeq]) -> float:
         """How long a multi-step call of these sequences may run: shorter where one streams."""

@@ -217,15 +217,18 @@ class Scheduler:
 
     def _multi_step(self, out: list[ScheduledSeq]) -> list[ScheduledSeq]:
         """The step's sequences as up to :attr:`max_steps` decode steps where every one's request
-        allows them: one decode token each, no grammar or prompt log-probs (biases, penalties and a
-        pending ``min_tokens``' ban are applied in the loop, log-probs made from its raw logits), and
-        KV blocks free for the steps after (none is preempted for them). Each step's tokens are the
+        allows them: one decode token each, no prompt log-probs (biases, penalties and a pending
+        ``min_tokens``' ban are applied in the loop, log-probs made from its raw logits, grammars fed
+        and masked by it: not with ``ignore_eos`` or a pending ``min_tokens``, where the grammar may
+        end before a stop token or meet the ban), and KV blocks free for the steps after (none is
+        preempted for them). Each step's tokens are the
         sampler's (greedy, or drawn at the sequence's key and the token's position), so the outputs are
         one-step decoding's; the steps stop at the requests' stop tokens, the shortest ``max_tokens``
         and the model's length (``expected_len``), and stop strings cut the text after."""
         for s in out:
             seq, p = s.seq, s.seq.params
-            if s.num_new_tokens != 1 or not s.samples or p.structured_outputs is not None or seq.wants_prompt_logprobs:
+            grammar_alone = p.structured_outputs is not None and (p.ignore_eos or seq.num_output_tokens < p.min_tokens)
+            if s.num_new_tokens != 1 or not s.samples or grammar_alone or seq.wants_prompt_logprobs:
                 return out
         steps = min(self.max_steps, *(s.seq.expected_len - s.seq.num_tokens for s in out))
         bm = self.bm  # (one data-parallel group: the runner's multi-step runs in one process)

@@ -86,6 +86,23 @@ class GrammarState:
         """Has the grammar ended (a stop token was accepted where it could end)?"""
         return bool(self.matcher.is_terminated())
 
+    def fill_mask(self, masks: torch.Tensor, row: int) -> None:
+        """Write row ``row`` of ``masks`` (:func:`allocate_masks`): the tokens allowed next."""
+        self.matcher.fill_next_token_bitmask(masks, row)
+
+    def rollback(self, n: int) -> None:
+        """Undo the last ``n`` accepted tokens."""
+        if n:
+            self.matcher.rollback(n)
+
+
+def allocate_masks(rows: int, vocab_size: int) -> torch.Tensor:
+    """Grammar bitmasks for ``rows`` rows: int32 ``[rows, ceil(vocab / 32)]``, token v allowed where bit
+    v % 32 of word v // 32 is set (what ``moe_penalize_rows`` reads as ``SampleRow.mask``)."""
+    import xgrammar as xgr
+
+    return xgr.allocate_token_bitmask(rows, vocab_size)
+
 
 class StructuredOutputManager:
     """Compiles requests' grammars against one model's vocabulary and masks logits rows."""

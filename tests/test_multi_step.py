@@ -539,3 +539,83 @@ def test_multi_step_under_a_tiny_kv_cache(calls):
     for r, sp in zip(rids, params):
         assert len(done[r].outputs[0].token_ids) == sp.max_tokens
     _idle(llm)
+
+
+def test_grammar_requests_multi_step_equal_one_step_a_call(monkeypatch, calls):
+    # structured output in the loop: before each step's draws the loop hands the grammars the tokens the
+    # step before chose and applies the masks they write (SampleRow.mask, after the penalties), then the
+    # runner takes those tokens back for the engine to advance the grammars as after any step. JSON
+    # schema, json_object, regex and choice, greedy and sampled (with a penalty), beside a plain request:
+    # the same text as one step a call, several steps per call. With ignore_eos or a pending min_tokens
+    # (the grammar may end before a stop token, or meet the ban) a grammar request takes one step a call
+    pytest.importorskip("xgrammar")
+    import json
+
+    import jsonschema
+
+    from moe.structured_output import StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "tags": {"type": "array", "items": {"enum": ["a", "bb", "ccc"]},
+                                                        "maxItems": 4}},
+              "required": ["name", "tags"], "additionalProperties": False}
+    llm = _llm(None, max_num_seqs=8)
+    prompts = ["Once upon a time", "import os\n", "The module defines", "class A:\n"]
+    so = StructuredOutputsParams
+    params = [SamplingParams(temperature=0, max_tokens=80, structured_outputs=so(json=schema)),
+              SamplingParams(temperature=0.9, seed=3, max_tokens=80, presence_penalty=0.4,
+                             structured_outputs=so(json_object=True)),
+              SamplingParams(temperature=0, max_tokens=30, structured_outputs=so(regex=r"[A-Z][a-z]{2,6} [0-9]{2,4}")),
+              SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)]
+    for batch in ([0], [1], [2], [0, 1, 2, 3]):
+        calls.clear()
+        m, s = _both(llm, [prompts[i] for i in batch], [params[i] for i in batch])
+        assert [o.outputs[0].token_ids for o in m] == [o.outputs[0].token_ids for o in s], batch
+        assert max(calls) > 1, batch
+        for i, o in zip(batch, m):
+            c = o.outputs[0]
+            if i == 0:
+                jsonschema.validate(json.loads(c.text), schema)
+            if i in (0, 2):  # (the sampled json_object one may run to max_tokens)
+                assert c.finish_reason == "stop", (i, c.text)
+    choice = SamplingParams(temperature=1.0, seed=8, max_tokens=20, n=3,
+                            structured_outputs=so(choice=["yes", "no", "maybe later"]))
+    m, s = _both(llm, [prompts[0]], choice)
+    assert [c.text for c in m[0].outputs] == [c.text for c in s[0].outputs]
+    assert all(c.text in ("yes", "no", "maybe later") for c in m[0].outputs)
+    for alone, most in ((SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                                        structured_outputs=so(json=schema)), 0),
+                        # multi-step once min_tokens are out: at most the 10 tokens after them
+                        (SamplingParams(temperature=0, max_tokens=40, min_tokens=30,
+                                        structured_outputs=so(json=schema)), 10)):
+        calls.clear()
+        m, s = _both(llm, [prompts[0]], alone)
+        assert m[0].outputs[0].token_ids == s[0].outputs[0].token_ids and sum(calls) <= most
+    _idle(llm)
+
+
+def test_an_error_in_the_loops_step_callback_ends_the_call_and_is_raised(monkeypatch):
+    # an exception inside on_step (a grammar's) is not swallowed by ctypes: the call ends there and
+    # decode_steps raises it; the grammars' accepted tokens are taken back
+    pytest.importorskip("xgrammar")
+    from moe.structured_output import GrammarState, StructuredOutputsParams
+
+    llm = _llm(None)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "minLength": 20}}, "required": ["name"]}
+    sp = SamplingParams(temperature=0, max_tokens=30, structured_outputs=StructuredOutputsParams(json=schema))
+    fills = []
+    real = GrammarState.fill_mask
+
+    def failing(self, masks, row):
+        fills.append(row)
+        if len(fills) == 3:
+            raise RuntimeError("grammar broke")
+        return real(self, masks, row)
+
+    monkeypatch.setattr(GrammarState, "fill_mask", failing)
+    rollbacks = []
+    real_rollback = GrammarState.rollback
+    monkeypatch.setattr(GrammarState, "rollback", lambda self, n: rollbacks.append(n) or real_rollback(self, n))
+    with pytest.raises(RuntimeError, match="grammar broke"):
+        llm.generate("Once upon a time", sp)
+    assert len(fills) == 3 and rollbacks == [2]  # steps 1 and 2 took a token each before the third fill failed
