@@ -15,7 +15,9 @@ engine runs in its own process, one after another (never two at once), on the sa
 - named only (``--workload long``): batch 1 after a 2048-token prompt, 128 new tokens (decode whose
   attention reads 2048-2176 cached tokens a step, and the TTFT of such a prompt): reported, no target;
 - named only (``--workload sampled,sampled32``): batch 1 and the 32 requests again, sampled as chat
-  clients ask (temperature 0.8, top-p 0.95): reported, no target.
+  clients ask (temperature 0.8, top-p 0.95): reported, no target;
+- named only (``--workload logprobs,logprobs32``): the same, greedy, each token returned with its 5
+  most likely alternatives' log-probs (as an evaluation harness asks; vLLM and ours only).
 
 Each engine starts (vLLM compiles its graph then; not timed), warms up on requests of the same
 shapes, then runs the workloads (benchmarks/peers/workloads.py: the one measuring loop they share).
@@ -60,8 +62,9 @@ from peers.models import (MORE_SHAPES, SHAPES, active_bytes_per_token, ensure_ch
 from peers.report import combine_rounds, print_report, summarize  # noqa: E402
 
 WORKLOADS = ("batch1", "batched32", "batched64", "burst")
-EXTRA_WORKLOADS = ("long", "sampled", "sampled32")  # run when named (--workload long): not among the issue's targets
+EXTRA_WORKLOADS = ("long", "sampled", "sampled32", "logprobs", "logprobs32")  # run when named: no targets
 SAMPLING = {"temperature": 0.8, "top_p": 0.95, "top_k": 0}  # the sampled workloads' (a chat client's)
+LOGPROBS = {"temperature": 0.0, "logprobs": 5}  # greedy, each token's 5 most likely (an eval harness's)
 KNOWN_WORKLOADS = WORKLOADS + EXTRA_WORKLOADS
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 KV_CACHE_GIB = 4  # vLLM's VLLM_CPU_KVCACHE_SPACE; ours gets the same
@@ -102,6 +105,8 @@ def build_plan(args, ckpt: Path, vocab: int) -> dict:
         "long": single(long_len, 2 if q else 3, 1 if q else 3),
         "sampled": single(plen, 2 if q else 5, 1 if q else 5) | {"sampling": SAMPLING},
         "sampled32": mixed(8 if q else 32) | {"sampling": SAMPLING},
+        "logprobs": single(plen, 2 if q else 5, 1 if q else 5) | {"sampling": LOGPROBS},
+        "logprobs32": mixed(8 if q else 32) | {"sampling": LOGPROBS},
     }
     # warm-up on the same shapes: one short stream, a mixed batch, one long prompt
     warm_lens = [lo_p + (hi_p - lo_p) * i // 7 for i in range(8)]

@@ -36,6 +36,8 @@ METRICS = (
            fmt="{:.0f}"),
     Metric("sampled_decode_tok_s", "sampled", "decode_tok_s", "batch 1 sampled: decode tok/s"),
     Metric("sampled_gen_tok_s_32", "sampled32", "gen_tok_s", "{requests} requests sampled: generated tok/s"),
+    Metric("logprobs_decode_tok_s", "logprobs", "decode_tok_s", "batch 1 greedy + 5 log-probs: decode tok/s"),
+    Metric("logprobs_gen_tok_s_32", "logprobs32", "gen_tok_s", "{requests} requests + 5 log-probs: generated tok/s"),
 )
 PROBE_TARGET = 0.90  # batch-1 decode reads weights at >= 90% of the probe's bandwidth
 ENGINES = ("ours", "vllm", "llama.cpp")

@@ -11,6 +11,7 @@ from workloads import Batch, main
 
 class Ours:
     name = "ours"
+    returns_logprobs = True
 
     def __init__(self, plan: dict):
         import torch

@@ -13,6 +13,7 @@ from workloads import Batch, main
 
 class VLLM:
     name = "vllm"
+    returns_logprobs = True
 
     def __init__(self, plan: dict):
         import vllm

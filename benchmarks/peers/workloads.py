@@ -40,7 +40,8 @@ class Engine(Protocol):
     name: str
 
     def generate(self, prompts: list[list[int]], max_tokens: list[int], sampling: dict | None = None) -> Batch:
-        """``sampling``: None for greedy, else ``{"temperature", "top_p", "top_k"}`` (top_k 0: off)."""
+        """``sampling``: None for greedy, else ``{"temperature", "top_p", "top_k"}`` (top_k 0: off), or
+        ``{"temperature", "logprobs"}`` for an engine that sets ``returns_logprobs``."""
         ...
 
 
@@ -130,8 +131,16 @@ def _numpy_read_probe(region: mmap.mmap, repeats: int, threads: int, fill: bool)
     return x.nbytes / best / 1e9
 
 
+def _warm_sampling(engine: Engine, prompt: list[int], sampling: dict | None) -> None:
+    """One untimed request with the workload's sampling (an engine may build its path for it on first
+    use, as vLLM does for log-probs; the plan's warm-up is greedy)."""
+    if sampling:
+        _checked(engine, [prompt], [2], sampling)
+
+
 def batch1(engine: Engine, w: dict) -> dict:
     sampling = w.get("sampling")
+    _warm_sampling(engine, w["ttft_prompts"][0], sampling)
     ttfts = [_checked(engine, [p], [1], sampling).wall_s for p in w["ttft_prompts"]]
     ttft = statistics.median(ttfts)
     new = w["new_tokens"]
@@ -152,6 +161,7 @@ def batch1(engine: Engine, w: dict) -> dict:
 
 
 def batched(engine: Engine, w: dict) -> dict:
+    _warm_sampling(engine, w["prompts"][0], w.get("sampling"))
     b = _checked(engine, w["prompts"], w["max_tokens"], w.get("sampling"))
     gen = sum(b.generated)
     return {"requests": len(w["prompts"]), "wall_s": b.wall_s, "generated_tokens": gen, "gen_tok_s": gen / b.wall_s,
@@ -187,6 +197,9 @@ def run_plan(make_engine: Callable[[dict], Engine], plan: dict, skip_kinds: tupl
     for name, w in plan["workloads"].items():
         if w["kind"] in skip_kinds:
             out["skipped"][name] = f"{engine.name} serves one sequence at a time: no {w['kind']} workload"
+            continue
+        if "logprobs" in w.get("sampling", {}) and not getattr(engine, "returns_logprobs", False):
+            out["skipped"][name] = f"{engine.name}'s runner does not ask for log-probs"
             continue
         load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
