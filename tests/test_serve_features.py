@@ -225,3 +225,35 @@ def test_speculative_decoding_metrics(tmp_path):
     per_pos = [m[f'moe:spec_decode_num_accepted_tokens_per_pos_total{{{lab},position="{j}"}}'] for j in range(3)]
     assert per_pos == want.accepted_at + [0] * (3 - len(want.accepted_at))
     assert sum(per_pos) == want.num_accepted_tokens and per_pos[0] >= per_pos[1] >= per_pos[2]
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(server, llm):
+    # lm-evaluation-harness's loglikelihood over /v1/completions: prompt = context + continuation,
+    # echo, logprobs 1, max_tokens 1, temperature 0; it sums token_logprobs[ctxlen:-1] and checks each
+    # against max(top_logprobs). The echoed prompt's tokens lead the log-probs (the first null), each
+    # the engine's prompt log-prob; streamed, the first chunk carries them
+    from moe import SamplingParams
+
+    text = "The module defines the following functions"
+    want = llm.generate(text, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1))[0]
+    ids = want.prompt_token_ids
+    body = {"model": "default", "prompt": text, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}
+    for stream in (False, True):
+        r = httpx.post(f"{server.url}/v1/completions", json=body | {"stream": stream}, timeout=60)
+        assert r.status_code == 200, r.text
+        if stream:
+            chunks = [json.loads(line[6:]) for line in r.text.splitlines()
+                      if line.startswith("data: {") and json.loads(line[6:])["choices"]]
+            parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+            lp = {k: sum((p[k] for p in parts), []) for k in ("tokens", "token_logprobs", "top_logprobs",
+                                                               "text_offset")}
+            full_text = "".join(c["choices"][0]["text"] for c in chunks)
+        else:
+            choice = r.json()["choices"][0]
+            lp, full_text = choice["logprobs"], choice["text"]
+        assert full_text.startswith(text)
+        assert len(lp["tokens"]) == len(ids) + 1 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        for j in range(1, len(ids)):
+            assert lp["token_logprobs"][j] == pytest.approx(want.prompt_logprobs[j][ids[j]], abs=1e-4), j
+            assert max(lp["top_logprobs"][j].values()) >= lp["token_logprobs"][j] - 1e-6
+        assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])

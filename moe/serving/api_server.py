@@ -362,9 +362,15 @@ class _Answer:
         self.model = req.model or state.config.served_model_names[0]
         self.echo = bool(getattr(req, "echo", False)) and not chat
 
-    def _lp(self, token_ids, lps, offset: int = 0):
+    def _lp(self, token_ids, lps, offset: int = 0, echoed: RequestOutput | None = None):
+        """The choice's log-probs object; with ``echoed`` (the first piece of an echoed completion) the
+        prompt's tokens and log-probs lead (its first token's null), offsets counted from the prompt."""
         if self.logprobs_n is None or lps is None:
             return None
+        if echoed is not None and echoed.prompt_logprobs is not None:
+            token_ids = list(echoed.prompt_token_ids) + list(token_ids)
+            lps = list(echoed.prompt_logprobs) + list(lps)
+            offset = 0
         tok = self.state.tokenizer
         if self.chat:
             return chat_logprobs(tok, token_ids, lps, self.logprobs_n)
@@ -398,7 +404,8 @@ class _Answer:
                 else:
                     prefix = (self.prompts[i][0] or "") if self.echo else ""
                     choices.append({"index": index, "text": prefix + comp.text,
-                                    "logprobs": self._lp(comp.token_ids, comp.logprobs, len(prefix)),
+                                    "logprobs": self._lp(comp.token_ids, comp.logprobs, len(prefix),
+                                                         out if self.echo else None),
                                     "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason,
                                     "prompt_logprobs": _prompt_logprobs(out)})
         choices.sort(key=lambda c: c["index"])
@@ -447,12 +454,15 @@ class _Answer:
                 text, tokens, lps = cs.advance(delta)
                 completion_tokens[index] = len(out.outputs[delta.index].token_ids)
                 prefix = ""
-                if self.echo and index not in started:
+                echoed = self.echo and index not in started
+                if echoed:
                     prefix = self.prompts[i][0] or ""
                 finish = delta.finish_reason
                 if not (text or tokens or prefix or finish):
                     continue
-                lp = self._lp(tokens, lps, cs.text_sent - len(text)) if tokens else None
+                shift = len(self.prompts[i][0] or "") if self.echo else 0  # (offsets count the echoed prompt)
+                lp = self._lp(tokens, lps, shift + cs.text_sent - len(text), out if echoed else None) \
+                    if tokens or echoed else None
                 choice = self._stream_choice(index, prefix + text, lp, finish,
                                              delta.stop_reason if finish else None, index not in started)
                 started.add(index)

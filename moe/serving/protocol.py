@@ -163,6 +163,8 @@ def to_sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: i
             value = defaults.get(name)
         if value is not None:
             kw[name] = value
+    if getattr(req, "echo", False) and logprobs is not None and req.prompt_logprobs is None:
+        kw["prompt_logprobs"] = logprobs  # the echoed prompt's tokens come with their log-probs (vLLM, OpenAI)
     bias = _logit_bias(req.logit_bias)
     if bias is not None:
         kw["logit_bias"] = bias

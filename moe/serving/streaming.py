@@ -41,14 +41,15 @@ def token_text(tok, t: int) -> str:
     return tok.decode([t], skip_special_tokens=False) if tok is not None else f"token_id:{t}"
 
 
-def completion_logprobs(tok, token_ids: list[int], lps: list[dict[int, float]], n: int, offset: int) -> dict:
-    """OpenAI's legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
+def completion_logprobs(tok, token_ids: list[int], lps: list[dict[int, float] | None], n: int, offset: int) -> dict:
+    """OpenAI's legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset (an entry
+    of None, an echoed prompt's first token: null log-prob and top)."""
     tokens, token_lps, tops, offsets = [], [], [], []
     for t, entry in zip(token_ids, lps):
         s = token_text(tok, t)
         tokens.append(s)
-        token_lps.append(entry.get(t))
-        tops.append({token_text(tok, k): v for k, v in _top(entry, n)} if n else None)
+        token_lps.append(entry.get(t) if entry is not None else None)
+        tops.append({token_text(tok, k): v for k, v in _top(entry, n)} if n and entry is not None else None)
         offsets.append(offset)
         offset += len(s)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
