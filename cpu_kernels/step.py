@@ -225,9 +225,9 @@ class DecodeStep:
         Stops early after a step in which some row chose a token in ``stop``, once ``budget_s`` seconds
         have passed, or once ``wake`` (read at each step's end) has changed. With ``rows_out`` (bf16
         ``[steps, T, D]``, contiguous) each completed step's normed last rows, the LM head's input, are
-        written there. Returns each
-        sequence's tokens, one per step completed ([] each where the loop does not run whole steps
-        (:attr:`runs_whole`) or its first step declines: the caller runs it its own way)."""
+        written there. Returns each sequence's tokens, one per step completed ([] each where the loop
+        does not run whole steps (:attr:`runs_whole`) or its first step declines: the caller runs it
+        its own way)."""
         T = len(tokens)
         if not (self.runs_whole and head.ok and head.D == self.D and steps > 0 and 0 < T <= min(self.rows, 32)):
             return [[] for _ in tokens]
