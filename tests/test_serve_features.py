@@ -257,3 +257,21 @@ def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(server, llm):
             assert lp["token_logprobs"][j] == pytest.approx(want.prompt_logprobs[j][ids[j]], abs=1e-4), j
             assert max(lp["top_logprobs"][j].values()) >= lp["token_logprobs"][j] - 1e-6
         assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    # max_tokens 0 with echo: the prompt and its log-probs alone (vLLM's echo without generation)
+    for stream in (False, True):
+        r = httpx.post(f"{server.url}/v1/completions", json=body | {"max_tokens": 0, "stream": stream,
+                                                                    "stream_options": {"include_usage": True}}
+                       if stream else body | {"max_tokens": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        if stream:
+            chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+            text_ = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+            tokens = sum((c["choices"][0]["logprobs"]["tokens"] for c in chunks
+                          if c["choices"] and c["choices"][0]["logprobs"]), [])
+            usage = chunks[-1]["usage"]
+        else:
+            choice = r.json()["choices"][0]
+            text_, tokens, usage = choice["text"], choice["logprobs"]["tokens"], r.json()["usage"]
+        assert text_ == text and len(tokens) == len(ids) and usage["completion_tokens"] == 0, (stream, text_)
+    r = httpx.post(f"{server.url}/v1/completions", json=body | {"max_tokens": 0, "echo": False}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text

@@ -165,8 +165,12 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     async def completions(req: CompletionRequest, request: Request):
         _admit(state)
         _check_model(state, req.model)
+        if req.max_tokens == 0 and not req.echo:
+            raise ApiError("max_tokens=0 generates nothing: it needs echo (the prompt back, with logprobs its "
+                           "log-probs); else ask for at least 1", param="max_tokens")
         prompts = _completion_prompts(state, req.prompt)
-        plist = _prepare(state, req, prompts, req.max_tokens, req.logprobs)
+        # echo with max_tokens 0 (vLLM's echo without generation): one token is run and left out of the answer
+        plist = _prepare(state, req, prompts, 1 if req.max_tokens == 0 else req.max_tokens, req.logprobs)
         return await _respond(state, request, req, prompts, plist, chat=False, logprobs_n=req.logprobs)
 
     @app.post("/v1/chat/completions")
@@ -361,6 +365,7 @@ class _Answer:
         self.created = int(time.time())
         self.model = req.model or state.config.served_model_names[0]
         self.echo = bool(getattr(req, "echo", False)) and not chat
+        self.echo_only = self.echo and req.max_tokens == 0  # the prompt back, the generated token left out
 
     def _lp(self, token_ids, lps, offset: int = 0, echoed: RequestOutput | None = None):
         """The choice's log-probs object; with ``echoed`` (the first piece of an echoed completion) the
@@ -395,7 +400,8 @@ class _Answer:
             out = finals[i]
             prompt_tokens += len(out.prompt_token_ids)
             for comp in out.outputs:
-                completion_tokens += len(comp.token_ids)
+                ids, lps, text = ([], [], "") if self.echo_only else (comp.token_ids, comp.logprobs, comp.text)
+                completion_tokens += len(ids)
                 index = i * self.n + comp.index
                 if self.chat:
                     choices.append({"index": index, "message": {"role": "assistant", "content": comp.text},
@@ -403,9 +409,8 @@ class _Answer:
                                     "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason})
                 else:
                     prefix = (self.prompts[i][0] or "") if self.echo else ""
-                    choices.append({"index": index, "text": prefix + comp.text,
-                                    "logprobs": self._lp(comp.token_ids, comp.logprobs, len(prefix),
-                                                         out if self.echo else None),
+                    choices.append({"index": index, "text": prefix + text,
+                                    "logprobs": self._lp(ids, lps, len(prefix), out if self.echo else None),
                                     "finish_reason": comp.finish_reason, "stop_reason": comp.stop_reason,
                                     "prompt_logprobs": _prompt_logprobs(out)})
         choices.sort(key=lambda c: c["index"])
@@ -453,6 +458,8 @@ class _Answer:
                     continue
                 text, tokens, lps = cs.advance(delta)
                 completion_tokens[index] = len(out.outputs[delta.index].token_ids)
+                if self.echo_only:
+                    text, tokens, lps, completion_tokens[index] = "", [], [], 0
                 prefix = ""
                 echoed = self.echo and index not in started
                 if echoed:
@@ -461,8 +468,8 @@ class _Answer:
                 if not (text or tokens or prefix or finish):
                     continue
                 shift = len(self.prompts[i][0] or "") if self.echo else 0  # (offsets count the echoed prompt)
-                lp = self._lp(tokens, lps, shift + cs.text_sent - len(text), out if echoed else None) \
-                    if tokens or echoed else None
+                lp = self._lp(tokens, lps if lps is not None or not echoed else [], shift + cs.text_sent - len(text),
+                              out if echoed else None) if tokens or echoed else None
                 choice = self._stream_choice(index, prefix + text, lp, finish,
                                              delta.stop_reason if finish else None, index not in started)
                 started.add(index)

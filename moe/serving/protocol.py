@@ -76,7 +76,7 @@ class _SamplingFields(_Body):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0 only with echo: the prompt back (and its log-probs), nothing new
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
     suffix: str | None = None
