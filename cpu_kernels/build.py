@@ -5,7 +5,9 @@ this CPU (``-march=native``, AVX-512 and AMX paths where present) into ``$MOE_KE
 (default ``~/.cache/moe/kernels``), keyed by the sources, flags and OpenMP runtime, and linked
 against the OpenMP runtime torch has loaded so both share one thread pool (two runtimes would
 fight over the cores). Without a compiler the torch paths are used (one warning says so);
-``MOE_CPU_KERNELS=0`` turns the kernels off.
+``MOE_CPU_KERNELS=0`` turns the kernels off; ``MOE_KERNEL_MARCH`` (gcc's ``-march``, e.g.
+``x86-64-v3``) builds for another instruction set than this CPU's (one library for a mixed cluster,
+or the AVX2 paths tested on an AVX-512 machine).
 
 Each binding module declares the C signatures of its own file with :func:`declare`; they are set
 on the library when it loads (or at once, when it is loaded already).
@@ -151,7 +153,7 @@ def load() -> ctypes.CDLL | None:
         if not _tried:
             if os.environ.get("MOE_CPU_KERNELS", "1") != "0":
                 try:
-                    _lib = build_library(_DIR)
+                    _lib = build_library(_DIR, os.environ.get("MOE_KERNEL_MARCH", "native"))
                 except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
                     log.warning("CPU kernels unavailable, using torch's ops instead (decode attention as one SDPA "
                                 "call per sequence: slower at large batches): %s. Install a C compiler (gcc) to "
