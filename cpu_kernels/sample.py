@@ -102,13 +102,18 @@ def _scratch() -> SampleScratch:
     return _local.scratch
 
 
+def _logit_rows(x_RV: torch.Tensor) -> bool:
+    """Whether the kernels here take ``x``: float32 CPU rows ``[R, V]`` of unit stride, none empty."""
+    return (x_RV.dtype == torch.float32 and x_RV.dim() == 2 and x_RV.device.type == "cpu" and x_RV.stride(-1) == 1
+            and load() is not None and x_RV.shape[0] > 0 and x_RV.shape[1] > 0)
+
+
 def sample_rows(x_RV: torch.Tensor, rows: Sequence[tuple[float, int, float, float, int]],
                 positions: Sequence[int]) -> list[int] | None:
     """Row r's token of float32 CPU logits ``x [R, V]`` (unit stride within rows), drawn as ``rows[r]``
     = ``(temperature, top_k, top_p, min_p, key)`` says at its sequence's position ``positions[r]``
     (``moe_sample_rows``); None when the kernel does not apply."""
-    if (x_RV.dtype != torch.float32 or x_RV.dim() != 2 or x_RV.device.type != "cpu" or x_RV.stride(-1) != 1
-            or load() is None or not x_RV.shape[0] or not x_RV.shape[1]):
+    if not _logit_rows(x_RV):
         return None
     R, V = x_RV.shape
     out = (ctypes.c_int64 * R)()
@@ -124,8 +129,7 @@ def logprob_rows(x_RV: torch.Tensor, chosen: Sequence[int], n: int) -> tuple[tor
     logits (largest first, ties in token order): ids int64 and values float32, ``[R, n + 1]`` each, the
     chosen token first (``moe_logprob_rows``); None where the kernel does not apply (n > 64, a row whose
     largest logit is NaN or infinite)."""
-    if (x_RV.dtype != torch.float32 or x_RV.dim() != 2 or x_RV.device.type != "cpu" or x_RV.stride(-1) != 1
-            or load() is None or not x_RV.shape[0] or not x_RV.shape[1] or not 0 <= n <= 64):
+    if not (_logit_rows(x_RV) and 0 <= n <= 64):
         return None
     R, V = x_RV.shape
     ids = torch.empty(R, n + 1, dtype=torch.int64)

@@ -70,7 +70,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or self.get_default_sampling_params()] * len(prompts)
+            params = [sampling_params] * len(prompts)  # (None: the engine's defaults, get_default_sampling_params)
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):

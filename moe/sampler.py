@@ -213,19 +213,19 @@ class Sampler:
                     logits_BV[i, ban] = float("-inf")
                     if kept is not None and bool(torch.isneginf(logits_BV[i]).all()):
                         logits_BV[i] = kept  # the grammar allows only banned (stop) tokens: it wins over min_tokens
-        rand = [i for i, p in enumerate(params) if not p.greedy]
         greedy = [i for i, p in enumerate(params) if p.greedy]
+        rand = [i for i, p in enumerate(params) if not p.greedy]
+
+        def rows_of(idx: list[int]) -> torch.Tensor:
+            return logits_BV if len(idx) == len(params) else logits_BV[idx]
+
         token_list = [0] * len(params)
-        for idx, tokens in ((greedy, None), (rand, True)):
-            if not idx:
-                continue
-            sub = logits_BV if len(idx) == len(params) else logits_BV[idx]
-            if tokens is None:  # greedy: the first largest (first NaN), one C pass on CPU
-                tokens = argmax_rows(sub)
-            else:
-                rows = [sample_row(params[i], self.new_key() if keys[i] is None else keys[i]) for i in idx]
-                tokens = draw_rows(sub, rows, [positions[i] for i in idx])
-            for i, t in zip(idx, tokens):
+        if greedy:  # the first largest (first NaN), one C pass on CPU
+            for i, t in zip(greedy, argmax_rows(rows_of(greedy))):
+                token_list[i] = t
+        if rand:
+            draws = [sample_row(params[i], self.new_key() if keys[i] is None else keys[i]) for i in rand]
+            for i, t in zip(rand, draw_rows(rows_of(rand), draws, [positions[i] for i in rand])):
                 token_list[i] = t
         lps: list[dict[int, float] | None] = [None] * len(params)
         if want_lp:

@@ -221,10 +221,10 @@ class Scheduler:
         ``min_tokens``' ban are applied in the loop, log-probs made from its raw logits, grammars fed
         and masked by it: not with ``ignore_eos`` or a pending ``min_tokens``, where the grammar may
         end before a stop token or meet the ban), and KV blocks free for the steps after (none is
-        preempted for them). Each step's tokens are the
-        sampler's (greedy, or drawn at the sequence's key and the token's position), so the outputs are
-        one-step decoding's; the steps stop at the requests' stop tokens, the shortest ``max_tokens``
-        and the model's length (``expected_len``), and stop strings cut the text after."""
+        preempted for them). Each step's tokens are the sampler's (greedy, or drawn at the sequence's
+        key and the token's position), so the outputs are one-step decoding's; the steps stop at the
+        requests' stop tokens, the shortest ``max_tokens`` and the model's length (``expected_len``),
+        and stop strings cut the text after."""
         for s in out:
             seq, p = s.seq, s.seq.params
             grammar_alone = p.structured_outputs is not None and (p.ignore_eos or seq.num_output_tokens < p.min_tokens)
