@@ -14,11 +14,13 @@ Operation: the local MoE layer after the router (``cpu_kernels.amx_moe``: dispat
 combine), bf16, random weights and routing; rate in GMAC/s of the experts' GEMMs. Needs AMX.
 With ``--decode CKPT``: the engine's batch-1 decode of that checkpoint instead (bf16, a 64-token
 prompt (``--decode-prompt``), 128 new tokens, greedy; rate in tokens/s), one engine whose every kernel call goes to the
-build of the round -- a change to any kernel of the captured step measured whole:
+build of the round -- a change to any kernel of the captured step measured whole; ``--seqs N``: N
+sequences decoding together (steps of N rows: batched decode), tokens/s of all of them:
 
     python benchmarks/bench_kernel_ab.py --b /tmp/kernels_old --decode ~/.cache/moe-bench/mixtral --rounds 8
     python benchmarks/bench_kernel_ab.py --b /tmp/kernels_old --decode ~/.cache/moe-bench/deepseek_v3 \
         --decode-prompt 2048        # attention over 2048-2176 cached tokens
+    python benchmarks/bench_kernel_ab.py --b /tmp/kernels_old --decode ~/.cache/moe-bench/qwen3 --seqs 16
 
 With ``--prefill CKPT``: a burst of ``--prompts`` random prompts of ``--prompt-len`` tokens, one
 generated token each (bench_peers' burst workload), new prompts every run, the prefix cache off;
@@ -56,6 +58,8 @@ def main() -> None:
     ap.add_argument("--prefill", metavar="CKPT", help="time the engine's prompt burst of this checkpoint instead")
     ap.add_argument("--prompts", type=int, default=16, help="--prefill: prompts in the burst")
     ap.add_argument("--prompt-len", type=int, default=2048, help="--prefill: tokens per prompt")
+    ap.add_argument("--seqs", type=int, default=1,
+                    help="--decode: sequences decoding together (each step's rows; tokens/s of all of them)")
     ap.add_argument("--decode-prompt", type=int, default=64,
                     help="--decode: prompt tokens before the 128 decoded (the context attention reads)")
     ap.add_argument("--kv-cache-dtype", default="auto", help="--decode / --prefill: the KV cache's (auto, fp8)")
@@ -121,22 +125,25 @@ def decode(args: argparse.Namespace, libs: dict) -> None:
     """Batch-1 decode tokens/s of one engine, the builds alternating by round (order flipped)."""
     from moe import LLM, SamplingParams
 
-    llm = LLM(args.decode, dtype="bfloat16", kv_cache_dtype=args.kv_cache_dtype)
+    llm = LLM(args.decode, dtype="bfloat16", kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=max(args.seqs, 8))
     sp = SamplingParams(temperature=0, max_tokens=129, ignore_eos=True)
-    prompt = [{"prompt_token_ids": [100 + i % 30000 for i in range(args.decode_prompt)]}]
+    prompts = [{"prompt_token_ids": [100 + (i + 7919 * s) % 30000 for i in range(args.decode_prompt)]}
+               for s in range(args.seqs)]
 
-    def run(name: str) -> tuple[float, list[int]]:
+    def run(name: str) -> tuple[float, list[list[int]]]:
         build.use_library(libs[name])
-        (out,) = llm.generate(prompt, sp)
-        return 128 / (out.metrics.latency - out.metrics.ttft), out.outputs[0].token_ids
+        outs = llm.generate(prompts, sp)
+        # the decode phase: from the last first token to the last token (all start in one step)
+        seconds = max(o.metrics.latency for o in outs) - max(o.metrics.ttft for o in outs)
+        return 128 * len(outs) / seconds, [o.outputs[0].token_ids for o in outs]
 
-    run("A")  # (the first run computes the prompt; later ones find it in the prefix cache)
+    run("A")  # (the first run computes the prompts; later ones find them in the prefix cache)
     same = run("A")[1] == run("B")[1]
-    print(f"batch-1 decode of {args.decode} after {args.decode_prompt} prompt tokens, {args.threads} threads; "
-          f"greedy tokens {'identical' if same else 'DIFFER'}")
+    print(f"decode of {args.seqs} sequence(s) of {args.decode} after {args.decode_prompt} prompt tokens, "
+          f"{args.threads} threads; greedy tokens {'identical' if same else 'DIFFER'}")
     rates, ratios = alternate(args, lambda name: run(name)[0], "{:.1f}")
     print(json.dumps({"benchmark": "bench_kernel_ab", "op": "decode", "model": args.decode,
-                      "prompt": args.decode_prompt, "threads": args.threads,
+                      "prompt": args.decode_prompt, "seqs": args.seqs, "threads": args.threads,
                       "a": args.a, "b": args.b, "same_tokens": same,
                       "tok_s": {n: statistics.median(v) for n, v in rates.items()}, "b_over_a_by_round": ratios}))
 

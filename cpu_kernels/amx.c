@@ -194,18 +194,24 @@ static void dot_pairs(const uint16_t *wa, const uint16_t *wb, int64_t ldw, int64
 }
 #endif
 
-#if defined(HAVE_AMX)
-#define ROW_PATH 0       /* (AMX: every expert through the tiles) */
-#else
-/* Experts of 1..ROW_PATH rows (batched decode: 32 sequences x top-4 over 32 experts leave ~4 rows
+/* Experts of 1..ROW_MAX rows (batched decode: 32 sequences x top-4 over 32 experts leave ~4 rows
  * each) read each 16-row weight block one row after the other, every row one sequential stream
  * dotted with the expert's few token rows (in L1), prefetched into L2 RP_AHEAD elements (8 KB)
- * ahead, instead of emu_tiles' 16 rows side by side. On the Zen 4 EPYC, every expert at m rows:
- * 1.4-1.7x emu_tiles at 1-8 rows on Qwen3-MoE's expert shape, 1.2-1.6x on Mixtral's; past 8 rows
- * the products outweigh the stream and the tiles stay. Without the prefetch the rows streamed well
- * only up to 4 (the core's loads and the memory's latency then add up rather than overlap: 9-10
- * GB/s on one core at 8 rows against 16 with it). */
+ * ahead, instead of the tiles' 16 rows side by side. On the Zen 4 EPYC (tile products on vdpbf16ps,
+ * emu_tiles), every expert at m rows: 1.4-1.7x emu_tiles at 1-8 rows on Qwen3-MoE's expert shape,
+ * 1.2-1.6x on Mixtral's; past 8 rows the products outweigh the stream and the tiles stay. Without the
+ * prefetch the rows streamed well only up to 4 (the core's loads and the memory's latency then add
+ * up rather than overlap: 9-10 GB/s on one core at 8 rows against 16 with it). With AMX the tiles'
+ * products cost next to nothing and they win from 4 rows (Mixtral's shape at 16 tokens, ~4 rows an
+ * expert: 0.80x this way), but an expert of 1-3 rows streams better a row at a time (Qwen3-MoE's
+ * shape: the experts kernel 1.2-1.4x at 8 tokens; the engine's decode of 16 sequences 1.07x, of 32
+ * 1.035x, machine D, docs/benchmarks.md). ROW_PATH: the most rows the row kernel takes. */
 #define ROW_PATH 8
+#if defined(HAVE_AMX)
+#define ROW_MAX 3
+#else
+#define ROW_MAX ROW_PATH
+#endif
 #define RP_AHEAD 4096
 
 /* out[t] lane r = W[r, 0:K] . x_t for 16 rows r (row stride ldw) and M token rows xs[t] (M a
@@ -263,7 +269,6 @@ static void rows_dot16(const uint16_t *w, int64_t ldw, int64_t K, const uint16_t
     default: rows_dot16_m(w, ldw, K, xs, 8, out); break;
     }
 }
-#endif
 
 /* Where an expert's weight rows come from: bf16 in place (w != NULL: expert e at w + e * s, rows of
  * K), or packed codes (quant.c's layouts: int8/fp8 codes, or 4-bit ones with a value table)
@@ -410,7 +415,6 @@ static void down_block(const wsrc *w2, const StackedExtras *ex, int64_t e, int64
     store_block(c, m, j, bias2(ex, e), y, ldy, BF16);
 }
 
-#if ROW_PATH
 /* An expert of m <= ROW_PATH rows (x rows xr[t] = x + row(t) * ldx), gate/up rows [16i, 16i+16) and
  * [F+16i, F+16i+16) through rows_dot16: a = silu(g) * u (rounded as gate_up_block) into the rows
  * of a [m, F] (row-major: the down rows' token rows). */
@@ -444,7 +448,6 @@ static void down_rows(const wsrc *w2, const StackedExtras *ex, int64_t e, int64_
     const __m512 vb = b ? load16(b + 16 * j, BF16) : _mm512_setzero_ps();
     for (int t = 0; t < m; t++) store16(y + t * ldy + 16 * j, b ? _mm512_add_ps(round_bf16(o[t]), vb) : o[t], BF16);
 }
-#endif
 #endif
 
 /* Asks Linux for the AMX tile state (once per process; torch's oneDNN asks for it too). 0; 1 when
@@ -496,7 +499,7 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
         for (int64_t q = 0; q < tok_chunks; q++) {
             int64_t e = 0;
             while (xoff[e + 1] <= q * TILE) e++;
-            if (counts[e] <= ROW_PATH) continue;  /* (read in place by the row path) */
+            if (counts[e] <= ROW_MAX) continue;  /* (read in place by the row path) */
             const int64_t local = q - xoff[e] / TILE;
             if (idx) pack_chunk(x, ldx, idx + starts[e], counts[e], D, local / nc, local % nc, xp + xoff[e]);
             else pack_chunk(x + starts[e] * ldx, ldx, NULL, counts[e], D, local / nc, local % nc, xp + xoff[e]);
@@ -505,27 +508,23 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
 #pragma omp for schedule(static)
             for (int64_t q = 0; q < nsmall * (F / 16); q++) {
                 const int64_t e = small[q / (F / 16)];
-#if ROW_PATH
-                if (counts[e] <= ROW_PATH) {
+                if (counts[e] <= ROW_MAX) {
                     int64_t rows[ROW_PATH];
                     for (int64_t t = 0; t < counts[e]; t++) rows[t] = idx ? idx[starts[e] + t] : starts[e] + t;
                     gate_up_rows(w13, ex, e, D, F, q % (F / 16), x, ldx, rows, (int)counts[e], ap + aoff[e], wbuf);
                     continue;
                 }
-#endif
                 gate_up_block(w13, ex, e, D, F, q % (F / 16), xp + xoff[e], (int)((counts[e] + 15) / 16),
                               last8(counts[e]), ap + aoff[e], c0, c1, wbuf);
             }
 #pragma omp for schedule(static) nowait
             for (int64_t q = 0; q < nsmall * (D / 16); q++) {
                 const int64_t e = small[q / (D / 16)];
-#if ROW_PATH
-                if (counts[e] <= ROW_PATH) {
+                if (counts[e] <= ROW_MAX) {
                     down_rows(w2, ex, e, F, q % (D / 16), ap + aoff[e], (int)counts[e], y + starts[e] * ldy, ldy,
                               wbuf);
                     continue;
                 }
-#endif
                 down_block(w2, ex, e, F, q % (D / 16), 0, ap + aoff[e], (int)((counts[e] + 15) / 16), counts[e],
                            y + starts[e] * ldy, ldy, c0, c1, wbuf);
             }
@@ -703,8 +702,7 @@ int moe_amx_moe_packed(const uint16_t *x, int64_t ldx, int64_t T, const int64_t 
 int moe_amx_linear(const uint16_t *x, int64_t ldx, int64_t m, const uint16_t *w, int64_t ldw, int64_t N, int64_t K,
                    const uint16_t *bias, void *y, int64_t ldy, int dtype, uint16_t *xp, int num_threads) {
 #if defined(HAVE_TILES)
-#if ROW_PATH
-    if (m <= ROW_PATH) {  /* a few rows: each weight row streamed once against all of them, as the experts */
+    if (m <= ROW_MAX) {  /* a few rows: each weight row streamed once against all of them, as the experts */
         const uint16_t *xs[ROW_PATH];
         for (int64_t t = 0; t < m; t++) xs[t] = x + t * ldx;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
@@ -716,7 +714,6 @@ int moe_amx_linear(const uint16_t *x, int64_t ldx, int64_t m, const uint16_t *w,
         }
         return 0;
     }
-#endif
     const int ntb = (int)((m + 15) / 16);
     const int64_t nc = K / KC;
 #pragma omp parallel num_threads(num_threads)

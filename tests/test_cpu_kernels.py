@@ -797,7 +797,7 @@ def test_tile_kernels_in_use_where_the_cpu_has_amx_or_avx512_bf16():
     (256, 512, [8] * 32),  # DeepSeek-like: many experts, few rows each
     (64, 96, [300, 0, 65, 513, 256, 1]),  # prompt-sized: chunks of 256 rows, a partial last chunk
     (320, 288, [77, 300, 0, 40]),  # 2 x 2 tiles over k in segments of 256 and a rest, odd token blocks
-    (64, 1120, [8, 7, 2, 12]),  # 1-8 rows streamed a row at a time, the down rows' k in segments (8 x 1120)
+    (64, 1120, [8, 7, 2, 12]),  # rows streamed a row at a time (1-8 without AMX, 1-3 with), k in segments (8 x 1120)
 ])
 def test_amx_experts_match_the_op_by_op_path(D, F, counts, monkeypatch):
     from experts.grouped import Activation, grouped_swiglu_torch
@@ -825,7 +825,7 @@ def test_amx_experts_match_the_op_by_op_path(D, F, counts, monkeypatch):
 
 
 @pytest.mark.parametrize("D,F,counts", [
-    (64, 96, [3, 0, 17, 1, 64, 16, 33, 2]),  # the row path (1-8 rows), 1-4 token blocks, partial blocks
+    (64, 96, [3, 0, 17, 1, 64, 16, 33, 2]),  # the row path (1-8 rows; 1-3 with AMX), 1-4 token blocks, partial blocks
     (64, 96, [300, 0, 65, 513, 256, 1]),  # prompt-sized: chunks of 256 rows, the down blocks in pairs
 ])
 @pytest.mark.parametrize("act", ["clamped", "alpha_only", "plain"])
