@@ -798,6 +798,7 @@ def test_tile_kernels_in_use_where_the_cpu_has_amx_or_avx512_bf16():
     (64, 96, [300, 0, 65, 513, 256, 1]),  # prompt-sized: chunks of 256 rows, a partial last chunk
     (320, 288, [77, 300, 0, 40]),  # 2 x 2 tiles over k in segments of 256 and a rest, odd token blocks
     (64, 1120, [8, 7, 2, 12]),  # rows streamed a row at a time (1-8 without AMX, 1-3 with), k in segments (8 x 1120)
+    (64, 2816, [3, 1, 0, 2]),  # 1-3 rows, the down rows' k in segments where AMX takes them too (3 x 2816)
 ])
 def test_amx_experts_match_the_op_by_op_path(D, F, counts, monkeypatch):
     from experts.grouped import Activation, grouped_swiglu_torch
