@@ -122,7 +122,8 @@ def alternate(args: argparse.Namespace, run, fmt: str, unit: str = "tok/s") -> t
 
 
 def decode(args: argparse.Namespace, libs: dict) -> None:
-    """Batch-1 decode tokens/s of one engine, the builds alternating by round (order flipped)."""
+    """Decode tokens/s of one engine (``--seqs`` sequences together, batch 1 by default), the builds
+    alternating by round (order flipped)."""
     from moe import LLM, SamplingParams
 
     llm = LLM(args.decode, dtype="bfloat16", kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=max(args.seqs, 8))
