@@ -130,9 +130,9 @@ def amx_experts(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor, w
 
 
 def _ap_rows(E: int, R: int) -> int:
-    """Rows of activations the experts kernels keep: two chunks', and those of every expert of 1-63
-    rows (run together), each rounded up to 16."""
-    return 2 * AMX_CHUNK + min(R + 15 * E, 64 * E)
+    """Rows of activations the experts kernels keep: a chunk's for each thread (at least two), and
+    those of every expert of 1-63 rows (run together), each rounded up to 16."""
+    return max(2, torch.get_num_threads()) * AMX_CHUNK + min(R + 15 * E, 64 * E)
 
 
 def _amx_moe_buffers(ids_TK: torch.Tensor, weights_TK: torch.Tensor, E: int, D: int, F: int) -> tuple:

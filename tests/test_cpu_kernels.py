@@ -825,6 +825,43 @@ def test_amx_experts_match_the_op_by_op_path(D, F, counts, monkeypatch):
     assert (y == ops).float().mean() > 0.99 and (y.float() - ops.float()).abs().max() <= tol
 
 
+@pytest.mark.parametrize("counts", [
+    [700, 0, 65, 130, 256, 1, 90, 70, 33],  # 2 threads: 700 split, the rest whole; 3: all split
+    [700, 0, 96, 96, 96, 1, 96, 96, 96, 33, 96, 96, 96],  # 2 threads: all whole; 3: 700 split, the rest whole
+])
+def test_amx_experts_are_the_same_at_any_thread_count(counts, monkeypatch):
+    # experts of 64+ rows: the largest split over the threads block by block where handing them out
+    # whole would leave the threads uneven, the others whole on one thread each, in its own activation
+    # buffer (one per thread); every block computes alike wherever it runs, so the result is
+    # bit-identical at 1, 2 and 3 threads (1-63-row experts beside them), and the op-by-op path's up
+    # to the order of float32 sums
+    from experts.grouped import Activation, grouped_swiglu_torch
+
+    g = torch.Generator().manual_seed(len(counts))
+    D, F = 64, 96
+    E = len(counts)
+    w13 = (torch.randn(E, 2 * F, D, generator=g) / D ** 0.5).bfloat16()
+    w2 = (torch.randn(E, D, F, generator=g) / F ** 0.5).bfloat16()
+    x = torch.randn(sum(counts), D, generator=g).bfloat16()
+    if not cpu_kernels.amx_available():  # (see test_tile_kernels_in_use_where_the_cpu_has_amx_or_avx512_bf16)
+        assert cpu_kernels.amx_experts(x, counts, w13, w2) is None
+        return
+    threads = torch.get_num_threads()
+    try:
+        ys = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            ys.append(cpu_kernels.amx_experts(x, counts, w13, w2))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
+    exact = swiglu_experts_reference(x, counts, w13, w2)
+    assert (ys[0].float() - exact).abs().max() <= exact.abs().max() * 2 ** -7
+    monkeypatch.setattr(cpu_kernels, "amx_experts", lambda *a: None)
+    ops = grouped_swiglu_torch(x, counts, w13, w2, None, None, Activation())  # bmm, silu_mul, bmm
+    assert (ys[0] == ops).float().mean() > 0.99
+
+
 @pytest.mark.parametrize("D,F,counts", [
     (64, 96, [3, 0, 17, 1, 64, 16, 33, 2]),  # the row path (1-8 rows; 1-3 with AMX), 1-4 token blocks, partial blocks
     (64, 96, [300, 0, 65, 513, 256, 1]),  # prompt-sized: chunks of 256 rows, the down blocks in pairs
