@@ -73,27 +73,55 @@ static inline __mmask16 span16(int64_t j, int64_t lo, int64_t hi) {
     return (__mmask16)(((1u << b) - 1) & ~((1u << a) - 1));
 }
 
+/* 2^y for 16 lanes: exp16 (simd.h) from its base-2 step on, so that a score's scale and log2(e)
+ * meet in one multiply-add before it (one rounding fewer than exp16(s * scale - m)) */
+static inline __m512 exp2_16(__m512 y) {
+    y = _mm512_max_ps(y, _mm512_set1_ps(-160.f));
+    const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(y, n);  /* [-0.5, 0.5] */
+    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
 /* Row r's softmax step over its visible scores s[lo:hi) (of nk32; lo > 0 under a sliding window):
  * the running max mrow and sum lrow updated, bf16 probabilities into p[0:nk32] (zeros outside);
- * returns the factor the row's earlier sums take (exp(old max - new max)). */
+ * returns the factor the row's earlier sums take (exp(old max - new max)). A row that sees every
+ * score of the pass (all but the diagonal's and a window's edge) takes them without masks. */
 static float softmax_row(const float *s, int64_t lo, int64_t hi, int64_t nk32, float scale, float *mrow, float *lrow,
                          uint16_t *p) {
+    const int whole = lo == 0 && hi == nk32;
     __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = lo / 16 * 16; j < hi; j += 16) {
-        const __mmask16 mk = span16(j, lo, hi);
-        mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_maskz_loadu_ps(mk, s + j));
+    if (whole) {
+        __m512 m1 = mx;
+        for (int64_t j = 0; j < nk32; j += 32) {
+            mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j));
+            m1 = _mm512_max_ps(m1, _mm512_loadu_ps(s + j + 16));
+        }
+        mx = _mm512_max_ps(mx, m1);
+    } else {
+        for (int64_t j = lo / 16 * 16; j < hi; j += 16) {
+            const __mmask16 mk = span16(j, lo, hi);
+            mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_maskz_loadu_ps(mk, s + j));
+        }
     }
     const float mnew = fmaxf(*mrow, _mm512_reduce_max_ps(mx) * scale);  /* scale > 0 */
-    const __m512 sc = _mm512_set1_ps(scale), nm = _mm512_set1_ps(-mnew);
+    /* exp(s * scale - mnew) = 2^(s * scale * log2(e) - mnew * log2(e)) */
+    const __m512 sc = _mm512_set1_ps(scale * 1.44269504088896341f), nm = _mm512_set1_ps(-mnew * 1.44269504088896341f);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < nk32; j += 32) {
-        const __mmask16 m0 = span16(j, lo, hi), m1 = span16(j + 16, lo, hi);
+        const __mmask16 m0 = whole ? 0xffff : span16(j, lo, hi), m1 = whole ? 0xffff : span16(j + 16, lo, hi);
         if (!(m0 | m1)) {
             _mm512_storeu_si512(p + j, _mm512_setzero_si512());
             continue;
         }
-        const __m512 p0 = _mm512_maskz_mov_ps(m0, exp16(_mm512_fmadd_ps(_mm512_loadu_ps(s + j), sc, nm)));
-        const __m512 p1 = _mm512_maskz_mov_ps(m1, exp16(_mm512_fmadd_ps(_mm512_loadu_ps(s + j + 16), sc, nm)));
+        const __m512 p0 = _mm512_maskz_mov_ps(m0, exp2_16(_mm512_fmadd_ps(_mm512_loadu_ps(s + j), sc, nm)));
+        const __m512 p1 = _mm512_maskz_mov_ps(m1, exp2_16(_mm512_fmadd_ps(_mm512_loadu_ps(s + j + 16), sc, nm)));
         sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
         _mm512_storeu_si512(p + j, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
     }
