@@ -166,7 +166,7 @@ def apply_grammar_masks(logits_BV: torch.Tensor, rows: list[int], states: list[G
     """Mask (in place, to -inf) the tokens each row's grammar does not allow next; only ``rows``."""
     import xgrammar as xgr
 
-    bitmask = xgr.allocate_token_bitmask(logits_BV.shape[0], logits_BV.shape[1])
+    bitmask = allocate_masks(logits_BV.shape[0], logits_BV.shape[1])
     for row, state in zip(rows, states):
-        state.matcher.fill_next_token_bitmask(bitmask, row)
+        state.fill_mask(bitmask, row)
     xgr.apply_token_bitmask_inplace(logits_BV, bitmask, indices=rows)

@@ -606,9 +606,9 @@ def test_an_error_in_the_loops_step_callback_ends_the_call_and_is_raised(monkeyp
     fills = []
     real = GrammarState.fill_mask
 
-    def failing(self, masks, row):
+    def failing(self, masks, row):  # (the first fill is the prompt step's, the sampler's; then the loop's)
         fills.append(row)
-        if len(fills) == 3:
+        if len(fills) == 4:
             raise RuntimeError("grammar broke")
         return real(self, masks, row)
 
@@ -618,4 +618,4 @@ def test_an_error_in_the_loops_step_callback_ends_the_call_and_is_raised(monkeyp
     monkeypatch.setattr(GrammarState, "rollback", lambda self, n: rollbacks.append(n) or real_rollback(self, n))
     with pytest.raises(RuntimeError, match="grammar broke"):
         llm.generate("Once upon a time", sp)
-    assert len(fills) == 3 and rollbacks == [2]  # steps 1 and 2 took a token each before the third fill failed
+    assert len(fills) == 4 and rollbacks == [2]  # loop steps 1, 2 took a token each; its third fill failed
