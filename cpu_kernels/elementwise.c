@@ -218,10 +218,21 @@ static inline void rms_row(const char *xr, char *orow, const void *w, int64_t D,
  * w (dtype, [D]) may be NULL (no scale). Returns 0. */
 int moe_rms_norm(const void *x, const void *w, void *out, int dtype, int64_t R, int64_t D, int64_t sx, int64_t so,
                  float eps, int num_threads) {
+    return moe_rms_norm_heads(x, w, out, dtype, R, 1, D, sx, 0, so, 0, eps, num_threads);
+}
+
+/* moe_rms_norm of the T x H rows of x [T, H, D] (row (t, h) at x + t sx_t + h sx_h elements, unit
+ * stride within it: e.g. the heads of q inside a wider qkv row) into out [T, H, D] (strides so_t,
+ * so_h); out may be x (in place: a row is read whole before it is written). Returns 0. */
+int moe_rms_norm_heads(const void *x, const void *w, void *out, int dtype, int64_t T, int64_t H, int64_t D,
+                       int64_t sx_t, int64_t sx_h, int64_t so_t, int64_t so_h, float eps, int num_threads) {
     const size_t esz = dtype == BF16 ? 2 : 4;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (R * D >= 32768)
-    for (int64_t r = 0; r < R; r++)
-        rms_row((const char *)x + r * sx * esz, (char *)out + r * so * esz, w, D, dtype, eps);
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (T * H * D >= 32768)
+    for (int64_t r = 0; r < T * H; r++) {
+        const int64_t t = r / H, h = r % H;
+        rms_row((const char *)x + (t * sx_t + h * sx_h) * esz, (char *)out + (t * so_t + h * so_h) * esz, w, D,
+                dtype, eps);
+    }
     return 0;
 }
 

@@ -21,7 +21,7 @@ _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c
 declare({
     "moe_rope": [_ptr, _int, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int, _int],
     "moe_silu_mul": [_ptr, _ptr, _ptr, _int, *[_i64] * 9, _int],
-    "moe_rms_norm": [_ptr, _ptr, _ptr, _int, _i64, _i64, _i64, _i64, _f32, _int],
+    "moe_rms_norm_heads": [_ptr, _ptr, _ptr, _int, *[_i64] * 7, _f32, _int],
     "moe_add_rms_norm": [_ptr, _ptr, _ptr, _ptr, _ptr, _int, _i64, _i64, _f32, _int],
     "moe_write_rows": [_ptr, _ptr, _int, *[_i64] * 6, _ptr, _i64, _i64, _int],
     "moe_transpose_to_f32": [_ptr, _int, _i64, _i64, _i64, _ptr, _int],
@@ -97,24 +97,47 @@ def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor | None:
-    """RMSNorm over the last dim of a bfloat16 ``x`` (rows of any stride, unit stride within a
-    row) the way the reference implementations treat low-precision activations:
-    ``weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)``. None when the kernel does not
-    apply (float32 keeps torch's fused ``rms_norm``)."""
-    if x.dtype != torch.bfloat16:
+def _norm_rows(t: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """``t [..., D]`` (unit stride within a row) as T x H rows: (T, H, stride over T, stride over
+    H); None where its rows are not so laid out (more than three dims that do not merge)."""
+    if t.stride(-1) != 1:
+        return None
+    if t.dim() == 3:
+        return t.shape[0], t.shape[1], t.stride(0), t.stride(1)
+    if t.dim() > 3:
+        try:
+            t = t.view(-1, t.shape[-1])
+        except RuntimeError:
+            return None
+    return t.shape[0], 1, t.stride(0), 0
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+             out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """RMSNorm over the last dim of a bfloat16 ``x`` (rows of any stride, e.g. the heads of q in a
+    wider qkv row as ``[T, H, D]``; unit stride within a row) the way the reference implementations
+    treat low-precision activations: ``weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)``,
+    into ``out`` (x's shape, rows laid out likewise; ``x`` itself: in place) or a new tensor. None
+    when the kernel does not apply (float32 keeps torch's fused ``rms_norm``)."""
+    if x.dtype != torch.bfloat16 or x.dim() < 2:
         return None
     dtype = kernel_dtype(x, *([] if weight is None else [weight]))
-    if dtype is None or x.dim() < 2:
+    rows = _norm_rows(x)
+    if dtype is None or rows is None:
         return None
-    x2 = x.reshape(-1, x.shape[-1]) if x.dim() > 2 else x  # a view when rows are evenly strided
-    if x2.dim() != 2 or x2.stride(-1) != 1:
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype)
+    elif out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(f"rms_norm: out {tuple(out.shape)} {out.dtype} must be x's shape and dtype "
+                         f"({tuple(x.shape)} {x.dtype})")
+    orows = _norm_rows(out)
+    if orows is None or orows[:2] != rows[:2]:
         return None
-    out = torch.empty(x2.shape, dtype=x.dtype)
+    T, H, sx_t, sx_h = rows
     w = weight.contiguous() if weight is not None else None
-    load().moe_rms_norm(x2.data_ptr(), w.data_ptr() if w is not None else None, out.data_ptr(), dtype, x2.shape[0],
-                        x2.shape[1], x2.stride(0), out.stride(0), eps, torch.get_num_threads())
-    return out.view(x.shape)
+    load().moe_rms_norm_heads(x.data_ptr(), w.data_ptr() if w is not None else None, out.data_ptr(), dtype, T, H,
+                              x.shape[-1], sx_t, sx_h, orows[2], orows[3], eps, torch.get_num_threads())
+    return out
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:

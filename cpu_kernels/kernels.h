@@ -45,6 +45,8 @@ int moe_expert_token_ex(const uint16_t *x, int64_t D, int64_t F, int n, const ui
                         uint16_t *h, float *acc, int num_threads);
 int moe_rms_norm(const void *x, const void *w, void *out, int dtype, int64_t R, int64_t D, int64_t sx, int64_t so,
                  float eps, int num_threads);
+int moe_rms_norm_heads(const void *x, const void *w, void *out, int dtype, int64_t T, int64_t H, int64_t D,
+                       int64_t sx_t, int64_t sx_h, int64_t so_t, int64_t so_h, float eps, int num_threads);
 int moe_rope(void *x, int dtype, int64_t T, int64_t H, int64_t D, int64_t st, int64_t sh, const int64_t *pos,
              const float *cos_tab, const float *sin_tab, int interleaved, int num_threads);
 int moe_add_rms_norm(const void *h, const void *d, const void *w, void *h_out, void *out, int dtype, int64_t R,

@@ -9,17 +9,21 @@ import cpu_kernels
 from cpu_kernels.elementwise import rms_norm_reference
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim. float32: torch's fused ``rms_norm``; other dtypes upcast like the
-    reference implementations, in one C pass on CPU (bf16) where the kernel takes ``x``."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm over the last dim, into ``out`` (x's shape; ``x`` itself: in place) or a new tensor.
+    float32: torch's fused ``rms_norm``; other dtypes upcast like the reference implementations, in
+    one C pass on CPU (bf16) where the kernel takes ``x`` (rows of any stride: no copy first)."""
     if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    y = None
-    if x.device.type == "cpu":  # (a few-row GEMM's transposed view: copied to rows, still far cheaper than torch)
-        y = cpu_kernels.rms_norm(x if x.stride(-1) == 1 or x.dtype != torch.bfloat16 else x.contiguous(), weight, eps)
-    if y is not None:
-        return y
-    return rms_norm_reference(x, weight, eps)
+        y = F.rms_norm(x, (x.shape[-1],), weight, eps)
+    else:
+        y = None
+        if x.device.type == "cpu":  # (a few-row GEMM's transposed view: copied to rows, still far cheaper than torch)
+            y = cpu_kernels.rms_norm(x if x.stride(-1) == 1 or x.dtype != torch.bfloat16 else x.contiguous(), weight,
+                                     eps, out)
+            if y is not None:
+                return y
+        y = rms_norm_reference(x, weight, eps)
+    return y if out is None else out.copy_(y)
 
 
 def add_rms_norm(h_TD: torch.Tensor, d_TD: torch.Tensor, weight: torch.Tensor,

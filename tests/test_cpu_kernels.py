@@ -465,6 +465,37 @@ def test_rms_norm_sums_in_one_order_on_every_build(D, strided, weighted):
     assert torch.equal(got, rms_norm_lane_order_reference(x, w, 1e-5))
 
 
+def test_rms_norm_of_heads_in_a_wider_row_in_place_equals_it_on_a_copy():
+    # Qwen3-style per-head q/k norms: the heads of q and k as [T, H, D] views of one qkv row (rows two
+    # strides deep, no copy first), normed into a new tensor or in place, then rotated in place as one
+    # [T, Hq + Hk, D] view: bit for bit what the contiguous copies, torch.cat and one rotation give
+    from moe.models.layers import RMSNorm
+    from moe.models.rope import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(3)
+    T, Hq, Hk, D = 37, 4, 2, 64
+    qkv = (torch.randn(T, (Hq + 2 * Hk) * D, generator=g) * 3).to(torch.bfloat16)
+    norm = RMSNorm(D, 1e-6, torch.bfloat16)
+    norm.weight.data.copy_(torch.randn(D, generator=g))
+    q = qkv[:, :Hq * D].view(T, Hq, D)
+    k = qkv[:, Hq * D:(Hq + Hk) * D].view(T, Hk, D)
+    v_before = qkv[:, (Hq + Hk) * D:].clone()
+    want_q, want_k = norm(q.contiguous()), norm(k.contiguous())
+    assert torch.equal(norm(q), want_q)  # strided in, new out
+    assert norm(q, out=q) is q and norm(k, out=k) is k  # in place
+    assert torch.equal(q, want_q) and torch.equal(k, want_k) and torch.equal(qkv[:, (Hq + Hk) * D:], v_before)
+    rope = RotaryEmbedding(D, 128, {"rope_theta": 10000.0})
+    pos = torch.arange(5, 5 + T)
+    want = rope.rotate_(pos, torch.cat([want_q, want_k], dim=1))
+    rq, rk = rope.rotate_pair_(pos, q, k)
+    assert rq is q and rk is k and torch.equal(torch.cat([q, k], dim=1), want)
+    # q and k apart in memory (two tensors): each rotated on its own, the same values
+    a, b = rope.rotate_pair_(pos, want_q.clone(), want_k.clone())
+    assert torch.equal(torch.cat([a, b], dim=1), want)
+    with pytest.raises(ValueError, match="must be x's shape"):
+        norm(q, out=k)
+
+
 @pytest.mark.parametrize("shape", [(1, 1024), (300, 1024), (3, 40)])
 def test_add_rms_norm_kernel_equals_add_then_norm(shape):
     # the residual add and the next norm in one pass: the sum as torch's bf16 add, the norm as the kernel's

@@ -40,8 +40,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, out)
 
 
 def add_norm(h_TD: torch.Tensor, d_TD: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,11 +106,9 @@ class Attention(nn.Module):
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
-        if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        # one rotation over q and k together (each op here is a fixed cost per decode step)
-        qk = self.rotary.rotate_(positions_T, torch.cat([q, k], dim=1))
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        if self.qk_norm == "head":  # (in place: q and k stay the qkv row's heads, no copies)
+            q, k = self.q_norm(q, out=q), self.k_norm(k, out=k)
+        q, k = self.rotary.rotate_pair_(positions_T, q, k)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         write_kv(k_cache, v_cache, k, v, ctx.meta.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, ctx.meta, self.scale, self.sliding_window, self.sinks)

@@ -89,6 +89,20 @@ class RotaryEmbedding(nn.Module):
         self.grow_for(positions_T)
         return rope_(x, positions_T, self.cos, self.sin, self.interleaved)
 
+    def rotate_pair_(self, positions_T: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``q [T, Hq, dim]`` and ``k [T, Hk, dim]`` in place and return them: in one pass
+        where k's heads follow q's in memory (both views of one qkv row: each op is a fixed cost per
+        decode step), else one each (never a concatenated copy)."""
+        T, Hq, D = q.shape
+        if (k.dtype == q.dtype and k.shape[0] == T and k.shape[2] == D and k.stride() == q.stride()
+                and q.stride(1) == D and k.data_ptr() == q.data_ptr() + Hq * D * q.element_size()):
+            self.rotate_(positions_T, q.as_strided((T, Hq + k.shape[1], D), q.stride()))
+        else:
+            self.rotate_(positions_T, q)
+            self.rotate_(positions_T, k)
+        return q, k
+
     def grow_for(self, positions_T: torch.Tensor) -> None:
         """Extend the cos/sin tables past the largest of ``positions_T`` if needed."""
         if positions_T.numel():
