@@ -96,7 +96,8 @@ class RotaryEmbedding(nn.Module):
         decode step), else one each (never a concatenated copy)."""
         T, Hq, D = q.shape
         if (k.dtype == q.dtype and k.shape[0] == T and k.shape[2] == D and k.stride() == q.stride()
-                and q.stride(1) == D and k.data_ptr() == q.data_ptr() + Hq * D * q.element_size()):
+                and q.stride(1) == D and q.stride(0) >= (Hq + k.shape[1]) * D
+                and k.data_ptr() == q.data_ptr() + Hq * D * q.element_size()):
             self.rotate_(positions_T, q.as_strided((T, Hq + k.shape[1], D), q.stride()))
         else:
             self.rotate_(positions_T, q)
