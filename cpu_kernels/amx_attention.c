@@ -73,22 +73,6 @@ static inline __mmask16 span16(int64_t j, int64_t lo, int64_t hi) {
     return (__mmask16)(((1u << b) - 1) & ~((1u << a) - 1));
 }
 
-/* 2^y for 16 lanes: exp16 (simd.h) from its base-2 step on, so that a score's scale and log2(e)
- * meet in one multiply-add before it (one rounding fewer than exp16(s * scale - m)) */
-static inline __m512 exp2_16(__m512 y) {
-    y = _mm512_max_ps(y, _mm512_set1_ps(-160.f));
-    const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(y, n);  /* [-0.5, 0.5] */
-    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* Row r's softmax step over its visible scores s[lo:hi) (of nk32; lo > 0 under a sliding window):
  * the running max mrow and sum lrow updated, bf16 probabilities into p[0:nk32] (zeros outside);
  * returns the factor the row's earlier sums take (exp(old max - new max)). A row that sees every

@@ -96,10 +96,10 @@ static inline __m512 load16_e4m3(const void *p) {
     return _mm512_castsi512_ps(_mm512_or_si512(v, sign));
 }
 
-/* exp(x) for x <= 0 (softmax of max-subtracted logits); 2^(x log2 e) by a degree-6 polynomial of
- * the fractional part and scalef for the integer part (relative error ~2e-7) */
-static inline __m512 exp16(__m512 x) {
-    const __m512 y = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _mm512_set1_ps(-160.f));
+/* 2^y for y <= 0: a degree-6 polynomial of the fractional part and scalef for the integer part
+ * (relative error ~2e-7); y below -160 taken as -160 (0 in float32, -inf included) */
+static inline __m512 exp2_16(__m512 y) {
+    y = _mm512_max_ps(y, _mm512_set1_ps(-160.f));
     const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(y, n);  /* [-0.5, 0.5] */
     __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
@@ -111,6 +111,9 @@ static inline __m512 exp16(__m512 x) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
     return _mm512_scalef_ps(p, n);
 }
+
+/* exp(x) for x <= 0 (softmax of max-subtracted logits): 2^(x log2 e) */
+static inline __m512 exp16(__m512 x) { return exp2_16(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f))); }
 
 /* silu(g) = g * sigmoid(g), the sigmoid from exp(-|g|) (never overflows): g >= 0: 1 / (1 + e),
  * else e / (1 + e) */
