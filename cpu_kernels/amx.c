@@ -472,11 +472,15 @@ static int64_t chunk_rows(int64_t n) {
     return ((n + nch - 1) / nch + 15) / 16 * 16;
 }
 
-/* How many of the experts big[0..n) (their rows counts[big[i]], largest first) to split over nt
- * threads so that the rest, handed out whole largest first, leave no thread more than 1/16 over its
- * even share of their rows (the threads wait on the last at the loop's end: with skewed routing a
- * few experts hold most rows, and those are better split). */
-static int64_t whole_from(const int64_t *counts, const int64_t *big, int64_t n, int nt) {
+/* One chunk of an expert of 64+ rows: rows [r0, r0 + m) of expert e (chunk_rows: even chunks). */
+typedef struct {
+    int64_t e, r0, m;
+} chunk_item;
+
+/* How many of the chunks it[0..n) (largest first) to split over nt threads so that the rest, handed
+ * out whole largest first, leave no thread more than 1/16 over its even share of their rows (the
+ * threads wait on the last at the loop's end; splitting the first ones evens it out). */
+static int64_t whole_from(const chunk_item *it, int64_t n, int nt) {
     if (nt < 2) return 0;
     for (int64_t s = 0; s < n; s++) {
         int64_t load[nt], sum = 0, most = 0;
@@ -484,8 +488,8 @@ static int64_t whole_from(const int64_t *counts, const int64_t *big, int64_t n, 
         for (int64_t b = s; b < n; b++) {
             int j = 0;
             for (int t = 1; t < nt; t++) j = load[t] < load[j] ? t : j;
-            load[j] += counts[big[b]];
-            sum += counts[big[b]];
+            load[j] += it[b].m;
+            sum += it[b].m;
         }
         for (int t = 0; t < nt; t++) most = load[t] > most ? load[t] : most;
         if (most * nt * 16 <= sum * 17) return s;
@@ -495,7 +499,7 @@ static int64_t whole_from(const int64_t *counts, const int64_t *big, int64_t n, 
 
 /* The experts over rows grouped by expert (counts[e] rows each, in order; row r is x row idx[r]
  * when idx is given) into the same rows of y; ex: their biases and activation (NULL: plain SwiGLU). */
-static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, const int64_t *counts, int64_t E,
+static int run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, const int64_t *counts, int64_t E,
                         int64_t D, int64_t F, const wsrc *w13, const wsrc *w2, const StackedExtras *ex, uint16_t *y,
                         int64_t ldy, uint16_t *xp, uint16_t *ap, int num_threads) {
     int64_t starts[E + 1], xoff[E + 1];
@@ -518,19 +522,31 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
             aoff[e] = at;
             at += (counts[e] + 15) / 16 * 16 * F;
         }
-    /* Experts of 64+ rows, largest first: the first nsplit split over the threads block by block
-     * (below), the others whole, each on one thread, handed out largest first as threads free up: no
-     * barrier inside an expert, and its activations stay in the cache of the core that computed them
-     * (the Qwen3-MoE shape at 2048 tokens, 32 experts of ~256 rows: 1.17-1.21x the kernel splitting
-     * every expert; Mixtral's, 8 of ~512: 1.05-1.07x). */
-    int64_t big[E], nbig = 0;
+    /* Experts of 64+ rows as chunks of up to CHUNK_TB * 16 rows (chunk_rows), largest first: the first
+     * nsplit split over the threads block by block (below), the others whole, each on one thread,
+     * handed out largest first as threads free up: no barrier inside a chunk, and its activations
+     * stay in the cache of the core that computed them (the Qwen3-MoE shape at 2048 tokens, 32
+     * experts of ~256 rows: 1.17-1.21x the kernel splitting every expert; Mixtral's, 8 of ~512:
+     * 1.05-1.07x). An expert of many chunks (skewed routing) has its chunks on several threads at
+     * once, each streaming the expert's weights, rather than split block by block (whose down GEMMs
+     * read every thread's activations: Mixtral's shape with skewed routing, 1.0x-1.1x). */
+    int64_t nbig = 0;
     for (int64_t e = 0; e < E; e++)
-        if (counts[e] >= BOUND_TB * 16) {
-            int64_t q = nbig++;
-            for (; q > 0 && counts[big[q - 1]] < counts[e]; q--) big[q] = big[q - 1];
-            big[q] = e;
+        if (counts[e] >= BOUND_TB * 16) nbig += (counts[e] + CHUNK_TB * 16 - 1) / (CHUNK_TB * 16);
+    chunk_item *big = malloc(sizeof(chunk_item) * (size_t)(nbig ? nbig : 1));
+    if (!big) return -4;
+    nbig = 0;
+    for (int64_t e = 0; e < E; e++) {
+        if (counts[e] < BOUND_TB * 16) continue;
+        const int64_t csz = chunk_rows(counts[e]);
+        for (int64_t r0 = 0; r0 < counts[e]; r0 += csz) {
+            const chunk_item c = {e, r0, counts[e] - r0 < csz ? counts[e] - r0 : csz};
+            int64_t q = nbig++;  /* (stable: equal chunks keep expert and row order) */
+            for (; q > 0 && big[q - 1].m < c.m; q--) big[q] = big[q - 1];
+            big[q] = c;
         }
-    const int64_t nsplit = whole_from(counts, big, nbig, num_threads);
+    }
+    const int64_t nsplit = whole_from(big, nbig, num_threads);
 #pragma omp parallel num_threads(num_threads)
     {
         configure_tiles();
@@ -574,63 +590,56 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
         }
         int buf = 0;
         for (int64_t b = 0; b < nsplit; b++) {
-            const int64_t e = big[b];
-            /* an expert's rows in even chunks of up to CHUNK_TB * 16 (300 rows: 160 + 140, not
-             * 256 + 44, whose 44 would stream the weights again): gate/up then down per chunk */
-            const int64_t csz = chunk_rows(counts[e]);
-            for (int64_t r0 = 0; r0 < counts[e]; r0 += csz) {
-                const int64_t m = counts[e] - r0 < csz ? counts[e] - r0 : csz, r = starts[e] + r0;
-                const int ntb = (int)((m + 15) / 16);
-                const uint16_t *xe = xp + xoff[e] + (r0 / 16) * (D / KC) * TILE;
-                uint16_t *a = ap + buf * CHUNK_TB * F * 16;
-                /* the barrier ending this loop also ends everyone's down GEMM of the chunk before
-                 * last, the one that read this activation buffer. Chunks of 4+ token blocks are
-                 * compute-bound: their blocks go to threads 4 at a time as they free up (the two
-                 * cores do not always run at one speed; 1.2-1.3x at 2048 rows); fewer stream the
-                 * weights, each thread a contiguous range of them (4 at a time there: 0.96x). */
-                const int64_t per = ntb >= BOUND_TB ? 4 : (F / 16 + num_threads - 1) / num_threads;
+            const int64_t e = big[b].e, m = big[b].m, r = starts[e] + big[b].r0;
+            const int ntb = (int)((m + 15) / 16);
+            const uint16_t *xe = xp + xoff[e] + (big[b].r0 / 16) * (D / KC) * TILE;
+            uint16_t *a = ap + buf * CHUNK_TB * F * 16;
+            /* the barrier ending this loop also ends everyone's down GEMM of the chunk before
+             * last, the one that read this activation buffer. Chunks of 4+ token blocks are
+             * compute-bound: their blocks go to threads 4 at a time as they free up (the two
+             * cores do not always run at one speed; 1.2-1.3x at 2048 rows); fewer stream the
+             * weights, each thread a contiguous range of them (4 at a time there: 0.96x). */
+            const int64_t per = ntb >= BOUND_TB ? 4 : (F / 16 + num_threads - 1) / num_threads;
 #pragma omp for schedule(dynamic, per)
-                for (int64_t i = 0; i < F / 16; i++)
-                    gate_up_block(w13, ex, e, D, F, i, xe, ntb, last8(m), a, c0, c1, wbuf);
-                /* down: 32-row blocks (2 x 2 tiles) handed out as threads free up when compute-bound,
-                 * else 16-row blocks in contiguous ranges */
-                if (ntb >= BOUND_TB) {
+            for (int64_t i = 0; i < F / 16; i++)
+                gate_up_block(w13, ex, e, D, F, i, xe, ntb, last8(m), a, c0, c1, wbuf);
+            /* down: 32-row blocks (2 x 2 tiles) handed out as threads free up when compute-bound,
+             * else 16-row blocks in contiguous ranges */
+            if (ntb >= BOUND_TB) {
 #pragma omp for schedule(dynamic, 2) nowait
-                    for (int64_t j = 0; j < D / 32; j++)
-                        down_block(w2, ex, e, F, j, 1, a, ntb, m, y + r * ldy, ldy, c0, c1, wbuf);
-                } else {
+                for (int64_t j = 0; j < D / 32; j++)
+                    down_block(w2, ex, e, F, j, 1, a, ntb, m, y + r * ldy, ldy, c0, c1, wbuf);
+            } else {
 #pragma omp for schedule(static) nowait
-                    for (int64_t j = 0; j < D / 16; j++)
-                        down_block(w2, ex, e, F, j, 0, a, ntb, m, y + r * ldy, ldy, c0, c1, wbuf);
-                }
-                buf ^= 1;
+                for (int64_t j = 0; j < D / 16; j++)
+                    down_block(w2, ex, e, F, j, 0, a, ntb, m, y + r * ldy, ldy, c0, c1, wbuf);
             }
+            buf ^= 1;
         }
         if (nsplit < nbig) {
-            /* (the split experts' last down blocks read a buffer some thread's first whole expert
-             * is about to write) */
+            /* (the split chunks' last down blocks read a buffer some thread's first whole chunk is
+             * about to write) */
             if (nsplit) {
 #pragma omp barrier
             }
             uint16_t *a = ap + omp_get_thread_num() * CHUNK_TB * F * 16;
 #pragma omp for schedule(dynamic, 1) nowait
             for (int64_t b = nsplit; b < nbig; b++) {
-                const int64_t e = big[b], csz = chunk_rows(counts[e]);
-                for (int64_t r0 = 0; r0 < counts[e]; r0 += csz) {
-                    const int64_t m = counts[e] - r0 < csz ? counts[e] - r0 : csz, r = starts[e] + r0;
-                    const int ntb = (int)((m + 15) / 16);
-                    const uint16_t *xe = xp + xoff[e] + (r0 / 16) * (D / KC) * TILE;
-                    for (int64_t i = 0; i < F / 16; i++)
-                        gate_up_block(w13, ex, e, D, F, i, xe, ntb, last8(m), a, c0, c1, wbuf);
-                    const int pair = ntb >= BOUND_TB;
-                    for (int64_t j = 0; j < D / (pair ? 32 : 16); j++)
-                        down_block(w2, ex, e, F, j, pair, a, ntb, m, y + r * ldy, ldy, c0, c1, wbuf);
-                }
+                const int64_t e = big[b].e, m = big[b].m, r = starts[e] + big[b].r0;
+                const int ntb = (int)((m + 15) / 16);
+                const uint16_t *xe = xp + xoff[e] + (big[b].r0 / 16) * (D / KC) * TILE;
+                for (int64_t i = 0; i < F / 16; i++)
+                    gate_up_block(w13, ex, e, D, F, i, xe, ntb, last8(m), a, c0, c1, wbuf);
+                const int pair = ntb >= BOUND_TB;
+                for (int64_t j = 0; j < D / (pair ? 32 : 16); j++)
+                    down_block(w2, ex, e, F, j, pair, a, ntb, m, y + r * ldy, ldy, c0, c1, wbuf);
             }
         }
         free(wbuf);
         release_tiles();
     }
+    free(big);
+    return 0;
 }
 #endif
 
@@ -642,15 +651,14 @@ static void run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, cons
  * D % 32 == F % 32 == 0; any counts (an expert's rows run in chunks of 256). Scratch: xp of
  * sum_e ceil(counts[e]/16) * D * 16 bf16 and ap of (256 max(2, num_threads) + the sum over experts of
  * 1-63 rows of their rows rounded up to 16) * F bf16: (256 max(2, num_threads) + min(R + 15E, 64E)) * F
- * for R rows in all. Returns 0, or -1
- * when built without tiles (neither AMX nor AVX512-BF16). */
+ * for R rows in all. Returns 0; -1 when built without tiles (neither AMX nor AVX512-BF16); -4 when out
+ * of memory (nothing written). */
 int moe_amx_experts(const uint16_t *x, int64_t ldx, const int64_t *counts, int64_t E, int64_t D, int64_t F,
                     const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2, const StackedExtras *ex,
                     uint16_t *y, int64_t ldy, uint16_t *xp, uint16_t *ap, int num_threads) {
 #if defined(HAVE_TILES)
     const wsrc a13 = {.w = w13, .s = s13}, a2 = {.w = w2, .s = s2};
-    run_experts(x, ldx, NULL, counts, E, D, F, &a13, &a2, ex, y, ldy, xp, ap, num_threads);
-    return 0;
+    return run_experts(x, ldx, NULL, counts, E, D, F, &a13, &a2, ex, y, ldy, xp, ap, num_threads);
 #else
     (void)x; (void)ldx; (void)counts; (void)E; (void)D; (void)F; (void)w13; (void)s13; (void)w2; (void)s2;
     (void)ex; (void)y; (void)ldy; (void)xp; (void)ap; (void)num_threads;
@@ -664,8 +672,8 @@ int moe_amx_experts(const uint16_t *x, int64_t ldx, const int64_t *counts, int64
  * float32, rounded once -- dispatch, experts and combine (LocalDispatcher) in one call. Scratch:
  * xp of (T*K + 16*E) * D bf16, ap as moe_amx_experts, ys of T*K*D bf16 (each row's result in
  * expert order), rows of 3*T*K int64.
- * Returns 0; -1 without tiles; -3 for an id out of range
- * (nothing written: use the dispatcher). */
+ * Returns 0; -1 without tiles; -3 for an id out of range; -4 when out of memory (nothing written: use
+ * the dispatcher). */
 #if defined(HAVE_TILES)
 /* dispatch, experts and combine of moe_amx_moe with weights from w13 and w2 */
 static int run_moe(const uint16_t *x, int64_t ldx, int64_t T, const int64_t *ids, const float *wts, int64_t K,
@@ -698,7 +706,7 @@ static int run_moe(const uint16_t *x, int64_t ldx, int64_t T, const int64_t *ids
                 p[q - 1] = v;
             }
     }
-    run_experts(x, ldx, tok, counts, E, D, F, w13, w2, ex, ys, D, xp, ap, num_threads);
+    if (run_experts(x, ldx, tok, counts, E, D, F, w13, w2, ex, ys, D, xp, ap, num_threads) != 0) return -4;
     /* the combine, a token at a time: its K rows read in turn (each contiguous) rather than every
      * row added into a float32 [T, D] sum in expert order (scattered read-modify-writes: 1.4x the
      * kernel's non-GEMM time on Qwen3-MoE's shape); the same float32 operations in the same order */

@@ -857,15 +857,16 @@ def test_amx_experts_match_the_op_by_op_path(D, F, counts, monkeypatch):
 
 
 @pytest.mark.parametrize("counts", [
-    [700, 0, 65, 130, 256, 1, 90, 70, 33],  # 2 threads: 700 split, the rest whole; 3: all split
-    [700, 0, 96, 96, 96, 1, 96, 96, 96, 33, 96, 96, 96],  # 2 threads: all whole; 3: 700 split, the rest whole
+    [520, 256, 0, 1, 33],  # chunks 256, 176, 176, 168: 2 threads split two, the rest whole; 3 split one
+    [700, 0, 65, 1, 33],  # chunks 240, 240, 220, 65: split at 2 and at 3 threads
+    [700, 0, 96, 96, 96, 1, 96, 96, 96, 33, 96, 96, 96],  # all whole, 700's three chunks on several threads
 ])
 def test_amx_experts_are_the_same_at_any_thread_count(counts, monkeypatch):
-    # experts of 64+ rows: the largest split over the threads block by block where handing them out
-    # whole would leave the threads uneven, the others whole on one thread each, in its own activation
-    # buffer (one per thread); every block computes alike wherever it runs, so the result is
-    # bit-identical at 1, 2 and 3 threads (1-63-row experts beside them), and the op-by-op path's up
-    # to the order of float32 sums
+    # experts of 64+ rows as chunks of up to 256 rows: the largest split over the threads block by
+    # block where handing them out whole would leave the threads uneven, the others whole on one
+    # thread each, in its own activation buffer (one per thread); every block computes alike wherever
+    # it runs, so the result is bit-identical at 1, 2 and 3 threads (1-63-row experts beside them),
+    # and the op-by-op path's up to the order of float32 sums
     from experts.grouped import Activation, grouped_swiglu_torch
 
     g = torch.Generator().manual_seed(len(counts))
