@@ -28,7 +28,10 @@ llama-cpp-python (when installed in --llama-python's interpreter) on a GGUF bf16
 checkpoint, batch 1 and the burst only. A missing engine is skipped with the reason. With
 ``--rounds N`` every engine runs N times, in turn, the order reversed every other round; the table
 shows medians and each round's ours/vLLM (on a shared host whose speed swings, the spread is part of
-the result).
+the result). With ``--interleave`` each engine starts once and stays alive beside the others; within a
+round every workload runs on each engine in turn (the others idle), so a round's ratio compares the
+engines minutes apart rather than a whole engine run apart: on the 2-vCPU hosts of docs/benchmarks.md
+the prompt burst's rate moved 10-15% between separate runs of one engine, 2-5% between turns.
 
 Examples::
 
@@ -36,6 +39,7 @@ Examples::
     python benchmarks/bench_peers.py --model mixtral                  # the issue's Mixtral-shaped table
     python benchmarks/bench_peers.py --model all --json-out peers.json
     python benchmarks/bench_peers.py --model qwen3 --engines ours,vllm --rounds 3    # ratios with spread
+    python benchmarks/bench_peers.py --model mixtral --engines ours,vllm --workload burst --interleave --rounds 5
 
 Prints a table of ratios (ours/vLLM against the issue's targets, ours/llama.cpp) and, last, one JSON
 line with every number.
@@ -70,13 +74,15 @@ TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 KV_CACHE_GIB = 4  # vLLM's VLLM_CPU_KVCACHE_SPACE; ours gets the same
 MAX_MODEL_LEN = 4096
 MAX_NUM_SEQS = 64
+SETTLE_S = 1.0  # --interleave: seconds between one engine's turn and the next's
 
 
 # ---- the requests ------------------------------------------------------------------------------------
-def build_plan(args, ckpt: Path, vocab: int) -> dict:
+def build_plan(args, ckpt: Path, vocab: int, salt: int = 0) -> dict:
     """Token-id prompts (ids 3.. to avoid the special ones; every prompt fresh, so no engine gets a
-    prefix-cache hit) and output lengths, seeded: identical for every engine."""
-    rng = random.Random(args.seed)
+    prefix-cache hit) and output lengths, seeded: identical for every engine. ``salt``: another set of
+    the same shapes (each round of ``--interleave`` gets its own: its engines stay alive, caches and all)."""
+    rng = random.Random(args.seed + 1_000_003 * salt)
 
     def ids(n: int) -> list[int]:
         return [rng.randrange(3, vocab) for _ in range(n)]
@@ -184,10 +190,103 @@ def run_engine(name: str, cmd: list[str], env: dict, plan: dict, work: Path, tim
     return res
 
 
+def run_interleaved(hows: dict, plan: dict, work: Path, args) -> list[dict]:
+    """``--interleave``: every available engine started once (one after another, each start and warm-up
+    alone), then kept alive side by side while they take turns: per round, each workload runs on every
+    engine in turn (the order reversed every other round), the others idle meanwhile. One round's
+    ratios then compare the engines within minutes of each other rather than a whole engine run apart
+    (this host's speed moves by 10-15% between such runs). Returns the rounds as :func:`run_model`
+    keeps them: per round, each engine's result of that round's workloads."""
+    plan_path = work / "plan.json"
+    plan_path.write_text(json.dumps(plan))
+    live: dict[str, tuple] = {}
+    failed: dict[str, str] = {}
+    t_end = time.monotonic() + args.timeout
+
+    def wait(engine: str, token: str, limit: float) -> bool:
+        proc, turns, _ = live[engine]
+        deadline = min(time.monotonic() + limit, t_end)
+        while time.monotonic() < deadline:
+            done = turns / "done"
+            if done.is_file() and done.read_text() == token:
+                return True
+            if proc.poll() is not None:
+                failed[engine] = f"exited ({proc.returncode}); see {work / f'log-{engine}.txt'}"
+                return False
+            time.sleep(0.02)
+        failed[engine] = f"timed out waiting for {token!r}; see {work / f'log-{engine}.txt'}"
+        proc.kill()
+        return False
+
+    def turn(engine: str, text: str) -> None:
+        # a pause first: the engine that just ran must be idle (vLLM's OpenMP threads spin on their cores
+        # for 200 ms after each parallel region: a request starting inside that window took ~100 ms
+        # longer than one after it)
+        time.sleep(SETTLE_S)
+        path = live[engine][1] / "turn"
+        path.with_suffix(".tmp").write_text(text)
+        os.replace(path.with_suffix(".tmp"), path)
+
+    for engine, how in hows.items():
+        if isinstance(how, str):
+            continue
+        cmd, env = how
+        turns, result = work / f"turns-{engine}", work / f"result-{engine}.json"
+        turns.mkdir(exist_ok=True)
+        for f in (turns / "turn", turns / "done", result):
+            f.unlink(missing_ok=True)
+        log = open(work / f"log-{engine}.txt", "w")
+        print(f"  [{engine}] starting, kept alive for the turns (log {log.name}) ...", flush=True)
+        proc = subprocess.Popen(cmd + [str(plan_path), str(result), str(turns)], env=env, cwd=work, stdout=log,
+                                stderr=subprocess.STDOUT)
+        live[engine] = (proc, turns, log)
+        wait(engine, "ready", args.timeout)
+    seq = 0
+    for r in range(args.rounds):
+        order = [e for e in (args.engines if r % 2 == 0 else args.engines[::-1]) if e in live]
+        print(f"  round {r + 1} of {args.rounds}, each workload in turn: {', '.join(order)}", flush=True)
+        for name in plan["workloads"]:
+            for engine in order:
+                if engine in failed:
+                    continue
+                seq += 1
+                turn(engine, f"{seq} {r} {name}")
+                wait(engine, str(seq), args.timeout)
+    for engine, (proc, _, log) in live.items():
+        if engine not in failed:
+            seq += 1
+            turn(engine, f"{seq} 0 exit")
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+    rounds = []
+    for r in range(args.rounds):
+        engines = {}
+        for engine in args.engines:
+            if isinstance(hows[engine], str):
+                engines[engine] = {"unavailable": f"skipped: {hows[engine]}"}
+                continue
+            path = work / f"result-{engine}.json"
+            res = json.loads(path.read_text()) if path.is_file() else {"workloads": {}}
+            mine = (res.get("rounds") or [])[r] if r < len(res.get("rounds") or []) else {}
+            engines[engine] = {k: v for k, v in res.items() if k != "rounds"} | {
+                "workloads": mine.get("workloads", {}), "skipped": mine.get("skipped", {})}
+            if engine in failed:
+                engines[engine]["error"] = f"failed: {failed[engine]}"
+        rounds.append(engines)
+    return rounds
+
+
 def run_model(name: str, args) -> dict:
     ckpt = ensure_checkpoint(name, args.quick, Path(args.cache_dir), args.seed)
     _, kw = shape(name, args.quick)
     plan = build_plan(args, ckpt, kw["vocab_size"])
+    if args.interleave:  # every round its own prompts (the warm-up stays round 0's)
+        plan["workloads_by_round"] = [plan["workloads"]] + [build_plan(args, ckpt, kw["vocab_size"], r)["workloads"]
+                                                             for r in range(1, args.rounds)]
     work = Path(args.work_dir) / ckpt.name
     work.mkdir(parents=True, exist_ok=True)
     print(f"\n## {ckpt.name}: {ckpt}", flush=True)
@@ -202,7 +301,10 @@ def run_model(name: str, args) -> dict:
             hows[engine] = llama_command(args, ckpt, plan)
         if isinstance(hows[engine], str):
             print(f"  [{engine}] skipped: {hows[engine]}", flush=True)
-    for r in range(args.rounds):
+    if args.interleave:
+        model["rounds"] = run_interleaved(hows, plan, work, args)
+        model["interleaved"] = True
+    for r in range(0 if args.interleave else args.rounds):
         # every engine once per round; the order reversed every other round, so a host that speeds up
         # or slows down through the run favours no engine
         order = args.engines if r % 2 == 0 else args.engines[::-1]
@@ -239,6 +341,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every engine this many times, in turn (order reversed every other round); report "
                          "medians and each round's ratio (on a noisy host: 3)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="start every engine once and keep them alive side by side, taking turns per workload "
+                         "within each round (memory for all engines at once; with --rounds 3+ the ratios' spread "
+                         "is the host's minute-to-minute noise, not a whole run's)")
     ap.add_argument("--json-out", default=None, help="also write the report JSON here")
     args = ap.parse_args(argv)
     args.workloads = WORKLOADS if args.workload == "all" else tuple(w for w in args.workload.split(",") if w)

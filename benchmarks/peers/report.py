@@ -175,8 +175,9 @@ def print_model(name: str, model: dict, probe_GBps: float) -> None:
                 print(f"  {e}: {why}")
     rounds = s.get("rounds", 1)
     if rounds > 1:
-        print(f"  {rounds} rounds (every engine once per round, in turn): values and ratios are medians; "
-              "ours/vLLM of each round in the last column")
+        how = ("the engines alive side by side, each workload on each in turn" if model.get("interleaved")
+               else "every engine once per round, in turn")
+        print(f"  {rounds} rounds ({how}): values and ratios are medians; ours/vLLM of each round in the last column")
     head = (f"  {'metric':<42}{'ours':>10}{'vLLM':>10}{'llama.cpp':>11}{'ours/vLLM':>11}  {'target':<16}"
             f"{'ours/llama':>11}" + ("  ours/vLLM by round" if rounds > 1 else ""))
     print(head)

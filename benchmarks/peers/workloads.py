@@ -179,11 +179,9 @@ def burst(engine: Engine, w: dict) -> dict:
 KINDS: dict[str, Callable[[Engine, dict], dict]] = {"batch1": batch1, "batched": batched, "burst": burst}
 
 
-def run_plan(make_engine: Callable[[dict], Engine], plan: dict, skip_kinds: tuple[str, ...] = (),
-             save: Callable[[dict], None] = lambda result: None) -> dict:
-    """Build the engine (its start-up and compile time reported, not timed in any workload), warm it up
-    on the plan's warm-up requests, then run each workload once; ``save`` gets the result so far after
-    each step (a run stopped by the parent's timeout keeps what it measured)."""
+def _start(make_engine: Callable[[dict], Engine], plan: dict, save: Callable[[dict], None]) -> tuple[Engine, dict]:
+    """Build the engine (its start-up and compile time reported, not timed in any workload) and warm it
+    up on the plan's warm-up requests."""
     t0 = time.perf_counter()
     engine = make_engine(plan)
     out: dict = {"engine": engine.name, "start_s": time.perf_counter() - t0, "workloads": {}, "skipped": {},
@@ -194,18 +192,32 @@ def run_plan(make_engine: Callable[[dict], Engine], plan: dict, skip_kinds: tupl
     out["warmup_s"] = time.perf_counter() - t0
     log(f"{engine.name}: started in {out['start_s']:.1f}s, warmed up in {out['warmup_s']:.1f}s")
     save(out)
+    return engine, out
+
+
+def _run_workload(engine: Engine, w: dict, skip_kinds: tuple[str, ...]) -> dict | str:
+    """One workload's result, or why this engine skips it."""
+    if w["kind"] in skip_kinds:
+        return f"{engine.name} serves one sequence at a time: no {w['kind']} workload"
+    if "logprobs" in w.get("sampling", {}) and not getattr(engine, "returns_logprobs", False):
+        return f"{engine.name}'s runner does not ask for log-probs"
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    r = KINDS[w["kind"]](engine, w)
+    return r | {"kind": w["kind"], "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0],
+                "total_s": time.perf_counter() - t0}
+
+
+def run_plan(make_engine: Callable[[dict], Engine], plan: dict, skip_kinds: tuple[str, ...] = (),
+             save: Callable[[dict], None] = lambda result: None) -> dict:
+    """Start and warm up the engine, then run each workload once; ``save`` gets the result so far after
+    each step (a run stopped by the parent's timeout keeps what it measured)."""
+    engine, out = _start(make_engine, plan, save)
     for name, w in plan["workloads"].items():
-        if w["kind"] in skip_kinds:
-            out["skipped"][name] = f"{engine.name} serves one sequence at a time: no {w['kind']} workload"
+        r = _run_workload(engine, w, skip_kinds)
+        if isinstance(r, str):
+            out["skipped"][name] = r
             continue
-        if "logprobs" in w.get("sampling", {}) and not getattr(engine, "returns_logprobs", False):
-            out["skipped"][name] = f"{engine.name}'s runner does not ask for log-probs"
-            continue
-        load_before = os.getloadavg()[0]
-        t0 = time.perf_counter()
-        r = KINDS[w["kind"]](engine, w)
-        r |= {"kind": w["kind"], "loadavg_1m_before": load_before, "loadavg_1m_after": os.getloadavg()[0],
-              "total_s": time.perf_counter() - t0}
         out["workloads"][name] = r
         log(f"{engine.name}: {name} done in {r['total_s']:.1f}s")
         save(out)
@@ -214,19 +226,68 @@ def run_plan(make_engine: Callable[[dict], Engine], plan: dict, skip_kinds: tupl
     return out
 
 
+def run_turns(make_engine: Callable[[dict], Engine], plan: dict, turns: str, skip_kinds: tuple[str, ...] = (),
+              save: Callable[[dict], None] = lambda result: None) -> dict:
+    """The engine kept alive between workloads, taking turns with the others (bench_peers --interleave):
+    start and warm up as :func:`run_plan` does, write ``ready``, then run what the parent asks, one turn
+    at a time. A turn is the file ``TURNS/turn`` holding ``SEQ ROUND WORKLOAD`` (``SEQ 0 exit`` ends);
+    the engine answers in ``TURNS/done`` with the SEQ it finished, after saving the workload under
+    ``rounds[ROUND]``; each round's requests are the plan's ``workloads_by_round[ROUND]`` (fresh
+    prompts: the engine's prefix cache still holds the last round's). Every engine waits idle
+    (sleeping, not spinning: a poll every 20 ms) while another runs, so each round compares the
+    engines at one phase of the host."""
+    engine, out = _start(make_engine, plan, save)
+    out["rounds"] = []
+    _write(os.path.join(turns, "done"), "ready")
+    seen = None
+    while True:
+        try:
+            with open(os.path.join(turns, "turn")) as f:
+                turn = f.read().split()
+        except FileNotFoundError:
+            turn = []
+        if len(turn) != 3 or turn[0] == seen:
+            time.sleep(0.02)
+            continue
+        seen, rnd, name = turn[0], int(turn[1]), turn[2]
+        if name == "exit":
+            break
+        while len(out["rounds"]) <= rnd:
+            out["rounds"].append({"workloads": {}, "skipped": {}})
+        w = plan["workloads_by_round"][rnd][name] if "workloads_by_round" in plan else plan["workloads"][name]
+        r = _run_workload(engine, w, skip_kinds)
+        if isinstance(r, str):
+            out["rounds"][rnd]["skipped"][name] = r
+        else:
+            out["rounds"][rnd]["workloads"][name] = r
+            log(f"{engine.name}: {name} (round {rnd + 1}) done in {r['total_s']:.1f}s")
+        save(out)
+        _write(os.path.join(turns, "done"), seen)
+    out["complete"] = True
+    save(out)
+    return out
+
+
+def _write(path: str, text: str) -> None:
+    """The whole file or nothing (the other side polls it)."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def main(make_engine: Callable[[dict], Engine], skip_kinds: tuple[str, ...] = ()) -> int:
-    """``python run_<engine>.py PLAN.json RESULT.json``"""
-    if len(sys.argv) != 3:
-        print(f"usage: {sys.argv[0]} PLAN.json RESULT.json", file=sys.stderr)
+    """``python run_<engine>.py PLAN.json RESULT.json [TURNS_DIR]`` (with a turns directory: :func:`run_turns`)"""
+    if len(sys.argv) not in (3, 4):
+        print(f"usage: {sys.argv[0]} PLAN.json RESULT.json [TURNS_DIR]", file=sys.stderr)
         return 2
     with open(sys.argv[1]) as f:
         plan = json.load(f)
 
     def save(result: dict) -> None:  # whole file or nothing: the parent may read it after a timeout
-        tmp = sys.argv[2] + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f)
-        os.replace(tmp, sys.argv[2])
+        _write(sys.argv[2], json.dumps(result))
 
-    run_plan(make_engine, plan, skip_kinds, save)
+    if len(sys.argv) == 4:
+        run_turns(make_engine, plan, sys.argv[3], skip_kinds, save)
+    else:
+        run_plan(make_engine, plan, skip_kinds, save)
     return 0
