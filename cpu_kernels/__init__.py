@@ -25,8 +25,8 @@ from .amx import (AMX_MAX_ROWS, StackedExtras, amx_available, amx_experts, amx_h
                   amx_moe_packed, amx_tiles)
 from .amx_attention import prefill_attention, supports_prefill
 from .build import advise_huge_pages, gather_small_storages, last_level_cache_bytes, load, set_malloc_thresholds
-from .elementwise import (RouteToken, add_rms_norm, argmax_rows, rms_norm, rope_, route_select, silu_mul,
-                          transpose_to_float, write_rows)
+from .elementwise import (RouteToken, add_rms_norm, argmax_rows, rms_norm, rms_norm_rope_, rope_, route_select,
+                          silu_mul, transpose_to_float, write_rows)
 from .fused import GqaToken, MlaToken, SeqRows, gqa_token, mla_token
 from .gemm import grouped_gemm
 from .gemv import MoeToken, Outputs, Residual, expert_token, gemv, heads_vec, moe_token
@@ -41,7 +41,8 @@ __all__ = [
     "gather_small_storages",
     "supports_decode", "paged_decode_attention", "cache_rows", "quantize_e4m3", "supports_prefill",
     "prefill_attention",
-    "rope_", "silu_mul", "rms_norm", "add_rms_norm", "write_rows", "transpose_to_float", "route_select", "RouteToken",
+    "rope_", "silu_mul", "rms_norm", "rms_norm_rope_", "add_rms_norm", "write_rows", "transpose_to_float",
+    "route_select", "RouteToken",
     "argmax_rows", "sample_rows", "keyed_uniforms", "logprob_rows",
     "grouped_gemm", "gemv", "expert_token", "moe_token", "MoeToken", "heads_vec", "Residual", "Outputs",
     "AMX_MAX_ROWS", "amx_available", "amx_tiles", "amx_experts", "amx_moe", "amx_moe_packed", "amx_linear", "amx_heads",

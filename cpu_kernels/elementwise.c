@@ -27,6 +27,60 @@ static inline void storef(void *p, int64_t i, float x, int dtype) {
     else ((float *)p)[i] = x;
 }
 
+/* One row of moe_rope: row [D] (dtype) rotated in place by cos/sin [D/2] (see there). */
+static inline void rope_row(char *row, const float *c, const float *s, int64_t D, int dtype, int interleaved) {
+    const int64_t half = D / 2;
+    const size_t esz = dtype == BF16 ? 2 : 4;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    if (!interleaved)
+        for (; i + VEC <= half; i += VEC) {
+            const __m512 x1 = load16(row + i * esz, dtype), x2 = load16(row + (i + half) * esz, dtype);
+            const __m512 cv = _mm512_loadu_ps(c + i), sv = _mm512_loadu_ps(s + i);
+            /* products rounded before the sum, as x1 * cos - x2 * sin in torch */
+            store16(row + i * esz, _mm512_sub_ps(_mm512_mul_ps(x1, cv), _mm512_mul_ps(x2, sv)), dtype);
+            store16(row + (i + half) * esz, _mm512_add_ps(_mm512_mul_ps(x2, cv), _mm512_mul_ps(x1, sv)), dtype);
+        }
+#elif defined(VEC8)
+    if (!interleaved)
+        for (; i + VEC8 <= half; i += VEC8) {
+            const __m256 x1 = load8(row + i * esz, dtype), x2 = load8(row + (i + half) * esz, dtype);
+            const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
+            store8(row + i * esz, _mm256_sub_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv)), dtype);
+            store8(row + (i + half) * esz, _mm256_add_ps(_mm256_mul_ps(x2, cv), _mm256_mul_ps(x1, sv)), dtype);
+        }
+    else if (dtype == BF16)  /* 8 pairs (2i, 2i+1) = 8 32-bit words: the even element in the low half */
+        for (; i + VEC8 <= half; i += VEC8) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(row + 4 * i)), hi = _mm256_set1_epi32((int)0xffff0000u);
+            const __m256 x1 = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), x2 = _mm256_castsi256_ps(_mm256_and_si256(w, hi));
+            const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
+            const __m256 o1 = _mm256_sub_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv));
+            const __m256 o2 = _mm256_add_ps(_mm256_mul_ps(x2, cv), _mm256_mul_ps(x1, sv));
+            _mm256_storeu_si256((__m256i *)(row + 4 * i), _mm256_or_si256(_mm256_srli_epi32(bf16_bits8(o1), 16),
+                                                                          _mm256_and_si256(bf16_bits8(o2), hi)));
+        }
+    else  /* float32: pairs 0,1,4,5 | 2,3,6,7 after the even/odd shuffles; cos/sin permuted to match */
+        for (; i + VEC8 <= half; i += VEC8) {
+            const float *p = (const float *)row + 2 * i;
+            const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+            const __m256 x1 = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)), x2 = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+            const __m256i perm = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+            const __m256 cv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(c + i), perm);
+            const __m256 sv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(s + i), perm);
+            const __m256 o1 = _mm256_sub_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv));
+            const __m256 o2 = _mm256_add_ps(_mm256_mul_ps(x2, cv), _mm256_mul_ps(x1, sv));
+            _mm256_storeu_ps((float *)p, _mm256_unpacklo_ps(o1, o2));  /* pairs 0-1 | 2-3 */
+            _mm256_storeu_ps((float *)p + 8, _mm256_unpackhi_ps(o1, o2));  /* pairs 4-5 | 6-7 */
+        }
+#endif
+    for (; i < half; i++) {
+        const int64_t i1 = interleaved ? 2 * i : i, i2 = interleaved ? 2 * i + 1 : i + half;
+        const float x1 = loadf(row, i1, dtype), x2 = loadf(row, i2, dtype);
+        storef(row, i1, x1 * c[i] - x2 * s[i], dtype);
+        storef(row, i2, x2 * c[i] + x1 * s[i], dtype);
+    }
+}
+
 /* x [T, H, D] (element strides st, sh; unit stride within a head) rotated in place by the angles
  * of positions pos[T]: cos/sin are float32 [max_pos, D/2]. Pairs (i, i + D/2), or (2i, 2i+1) when
  * interleaved. Returns 0. */
@@ -37,57 +91,8 @@ int moe_rope(void *x, int dtype, int64_t T, int64_t H, int64_t D, int64_t st, in
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (T * H * D >= 16384)
     for (int64_t t = 0; t < T; t++) {
         const float *c = cos_tab + pos[t] * half, *s = sin_tab + pos[t] * half;
-        for (int64_t h = 0; h < H; h++) {
-            char *row = (char *)x + (t * st + h * sh) * esz;
-            int64_t i = 0;
-#if defined(__AVX512F__)
-            if (!interleaved)
-                for (; i + VEC <= half; i += VEC) {
-                    const __m512 x1 = load16(row + i * esz, dtype), x2 = load16(row + (i + half) * esz, dtype);
-                    const __m512 cv = _mm512_loadu_ps(c + i), sv = _mm512_loadu_ps(s + i);
-                    /* products rounded before the sum, as x1 * cos - x2 * sin in torch */
-                    store16(row + i * esz, _mm512_sub_ps(_mm512_mul_ps(x1, cv), _mm512_mul_ps(x2, sv)), dtype);
-                    store16(row + (i + half) * esz, _mm512_add_ps(_mm512_mul_ps(x2, cv), _mm512_mul_ps(x1, sv)), dtype);
-                }
-#elif defined(VEC8)
-            if (!interleaved)
-                for (; i + VEC8 <= half; i += VEC8) {
-                    const __m256 x1 = load8(row + i * esz, dtype), x2 = load8(row + (i + half) * esz, dtype);
-                    const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
-                    store8(row + i * esz, _mm256_sub_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv)), dtype);
-                    store8(row + (i + half) * esz, _mm256_add_ps(_mm256_mul_ps(x2, cv), _mm256_mul_ps(x1, sv)), dtype);
-                }
-            else if (dtype == BF16)  /* 8 pairs (2i, 2i+1) = 8 32-bit words: the even element in the low half */
-                for (; i + VEC8 <= half; i += VEC8) {
-                    const __m256i w = _mm256_loadu_si256((const __m256i *)(row + 4 * i)), hi = _mm256_set1_epi32((int)0xffff0000u);
-                    const __m256 x1 = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), x2 = _mm256_castsi256_ps(_mm256_and_si256(w, hi));
-                    const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
-                    const __m256 o1 = _mm256_sub_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv));
-                    const __m256 o2 = _mm256_add_ps(_mm256_mul_ps(x2, cv), _mm256_mul_ps(x1, sv));
-                    _mm256_storeu_si256((__m256i *)(row + 4 * i), _mm256_or_si256(_mm256_srli_epi32(bf16_bits8(o1), 16),
-                                                                                  _mm256_and_si256(bf16_bits8(o2), hi)));
-                }
-            else  /* float32: pairs 0,1,4,5 | 2,3,6,7 after the even/odd shuffles; cos/sin permuted to match */
-                for (; i + VEC8 <= half; i += VEC8) {
-                    const float *p = (const float *)row + 2 * i;
-                    const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
-                    const __m256 x1 = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)), x2 = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
-                    const __m256i perm = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
-                    const __m256 cv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(c + i), perm);
-                    const __m256 sv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(s + i), perm);
-                    const __m256 o1 = _mm256_sub_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv));
-                    const __m256 o2 = _mm256_add_ps(_mm256_mul_ps(x2, cv), _mm256_mul_ps(x1, sv));
-                    _mm256_storeu_ps((float *)p, _mm256_unpacklo_ps(o1, o2));  /* pairs 0-1 | 2-3 */
-                    _mm256_storeu_ps((float *)p + 8, _mm256_unpackhi_ps(o1, o2));  /* pairs 4-5 | 6-7 */
-                }
-#endif
-            for (; i < half; i++) {
-                const int64_t i1 = interleaved ? 2 * i : i, i2 = interleaved ? 2 * i + 1 : i + half;
-                const float x1 = loadf(row, i1, dtype), x2 = loadf(row, i2, dtype);
-                storef(row, i1, x1 * c[i] - x2 * s[i], dtype);
-                storef(row, i2, x2 * c[i] + x1 * s[i], dtype);
-            }
-        }
+        for (int64_t h = 0; h < H; h++)
+            rope_row((char *)x + (t * st + h * sh) * esz, c, s, D, dtype, interleaved);
     }
     return 0;
 }
@@ -232,6 +237,28 @@ int moe_rms_norm_heads(const void *x, const void *w, void *out, int dtype, int64
         const int64_t t = r / H, h = r % H;
         rms_row((const char *)x + (t * sx_t + h * sx_h) * esz, (char *)out + (t * so_t + h * so_h) * esz, w, D,
                 dtype, eps);
+    }
+    return 0;
+}
+
+/* moe_rms_norm_heads then moe_rope on the same rows in place, each row normalized then rotated while
+ * in cache (one pass over them where the two calls make two): heads h < hq of x [T, H, D] (element
+ * strides st, sh; unit stride within a head) take the norm weight wq, the others wk (a qkv row's q
+ * heads then its k heads); positions, tables and pairs as moe_rope. Bit-identical to the two calls.
+ * Returns 0. */
+int moe_rms_norm_rope(void *x, const void *wq, const void *wk, int dtype, int64_t T, int64_t H, int64_t hq,
+                      int64_t D, int64_t st, int64_t sh, float eps, const int64_t *pos, const float *cos_tab,
+                      const float *sin_tab, int interleaved, int num_threads) {
+    const int64_t half = D / 2;
+    const size_t esz = dtype == BF16 ? 2 : 4;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (T * H * D >= 16384)
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos_tab + pos[t] * half, *s = sin_tab + pos[t] * half;
+        for (int64_t h = 0; h < H; h++) {
+            char *row = (char *)x + (t * st + h * sh) * esz;
+            rms_row(row, row, h < hq ? wq : wk, D, dtype, eps);
+            rope_row(row, c, s, D, dtype, interleaved);
+        }
     }
     return 0;
 }

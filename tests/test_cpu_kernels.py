@@ -496,6 +496,52 @@ def test_rms_norm_of_heads_in_a_wider_row_in_place_equals_it_on_a_copy():
         norm(q, out=k)
 
 
+@pytest.mark.parametrize("D,interleaved", [(128, False), (64, True), (40, False), (24, True)])
+@pytest.mark.parametrize("joint", [True, False])
+def test_qk_norms_in_the_rotations_pass_equal_norms_then_rotation(D, interleaved, joint):
+    # the per-head q/k norms (each its own weight) and the rotation in one C pass over the heads of a qkv
+    # row (or over q and k apart): bit for bit the norms into the rows, then the rotation; dims past the
+    # vector width (40, 24) and GPT-J pairs included. Different eps: the norms first, the same values.
+    from moe.models.layers import RMSNorm
+    from moe.models.rope import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(D)
+    T, Hq, Hk = 37, 4, 2
+    qkv = (torch.randn(T, (Hq + 2 * Hk) * D, generator=g) * 3).to(torch.bfloat16)
+    qn, kn = RMSNorm(D, 1e-6, torch.bfloat16), RMSNorm(D, 1e-6, torch.bfloat16)
+    qn.weight.data.copy_(torch.randn(D, generator=g))
+    kn.weight.data.copy_(torch.randn(D, generator=g))
+    rope = RotaryEmbedding(D, 128, {"rope_theta": 10000.0}, interleaved)
+    pos = torch.randint(0, 100, (T,), generator=g)
+
+    def views(t):
+        q, k = t[:, :Hq * D].view(T, Hq, D), t[:, Hq * D:(Hq + Hk) * D].view(T, Hk, D)
+        return (q, k) if joint else (q.clone(), k.clone())
+
+    want_q, want_k = views(qkv.clone())
+    rope.rotate_pair_(pos, qn(want_q, out=want_q), kn(want_k, out=want_k))
+    before = qkv.clone()
+    if cpu_kernels.load() is not None:  # the kernel itself takes it (rotate_pair_ below may not fall back)
+        q, k = views(before.clone())
+        for x, hq in ([(q.as_strided((T, Hq + Hk, D), q.stride()), Hq)] if joint else [(q, Hq), (k, 0)]):
+            assert cpu_kernels.rms_norm_rope_(x, qn.weight, kn.weight, hq, 1e-6, pos, rope.cos, rope.sin, interleaved)
+        assert torch.equal(q, want_q) and torch.equal(k, want_k)
+    q, k = views(qkv)
+    rq, rk = rope.rotate_pair_(pos, q, k, (qn, kn))
+    assert rq is q and rk is k and torch.equal(q, want_q) and torch.equal(k, want_k)
+    if joint:  # (v untouched)
+        assert torch.equal(qkv[:, (Hq + Hk) * D:], before[:, (Hq + Hk) * D:])
+    kn.eps = 1e-5
+    q, k = views(before.clone())
+    rope.rotate_pair_(pos, q, k, (qn, kn))
+    want_q, want_k = views(before.clone())
+    rope.rotate_pair_(pos, qn(want_q, out=want_q), kn(want_k, out=want_k))
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+    # float32: the kernel declines it (torch's rms_norm, then the rotation)
+    assert not cpu_kernels.rms_norm_rope_(q.float(), qn.weight.float(), kn.weight.float(), Hq, 1e-6, pos, rope.cos,
+                                          rope.sin, interleaved)
+
+
 @pytest.mark.parametrize("shape", [(1, 1024), (300, 1024), (3, 40)])
 def test_add_rms_norm_kernel_equals_add_then_norm(shape):
     # the residual add and the next norm in one pass: the sum as torch's bf16 add, the norm as the kernel's

@@ -106,9 +106,9 @@ class Attention(nn.Module):
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
-        if self.qk_norm == "head":  # (in place: q and k stay the qkv row's heads, no copies)
-            q, k = self.q_norm(q, out=q), self.k_norm(k, out=k)
-        q, k = self.rotary.rotate_pair_(positions_T, q, k)
+        # per-head q/k norms (in place: q and k stay the qkv row's heads) in the rotation's pass
+        norms = (self.q_norm, self.k_norm) if self.qk_norm == "head" else None
+        q, k = self.rotary.rotate_pair_(positions_T, q, k, norms)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         write_kv(k_cache, v_cache, k, v, ctx.meta.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, ctx.meta, self.scale, self.sliding_window, self.sinks)

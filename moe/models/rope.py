@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from ops import rope_
+from ops import rms_norm_rope_, rope_
 
 
 def _yarn_inv_freq(dim: int, base: float, p: dict, max_pos: int) -> tuple[torch.Tensor, float]:
@@ -89,19 +89,26 @@ class RotaryEmbedding(nn.Module):
         self.grow_for(positions_T)
         return rope_(x, positions_T, self.cos, self.sin, self.interleaved)
 
-    def rotate_pair_(self, positions_T: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotate_pair_(self, positions_T: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     norms: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``q [T, Hq, dim]`` and ``k [T, Hk, dim]`` in place and return them: in one pass
         where k's heads follow q's in memory (both views of one qkv row: each op is a fixed cost per
-        decode step), else one each (never a concatenated copy)."""
+        decode step), else one each (never a concatenated copy). ``norms``: the per-head RMSNorms of
+        q and k (``.weight``, ``.eps``), applied first, in the same pass (:func:`ops.rms_norm_rope_`)."""
         T, Hq, D = q.shape
-        if (k.dtype == q.dtype and k.shape[0] == T and k.shape[2] == D and k.stride() == q.stride()
-                and q.stride(1) == D and q.stride(0) >= (Hq + k.shape[1]) * D
-                and k.data_ptr() == q.data_ptr() + Hq * D * q.element_size()):
-            self.rotate_(positions_T, q.as_strided((T, Hq + k.shape[1], D), q.stride()))
-        else:
-            self.rotate_(positions_T, q)
-            self.rotate_(positions_T, k)
+        self.grow_for(positions_T)
+        if norms is not None and norms[0].eps != norms[1].eps:  # (one eps per pass)
+            q, k, norms = norms[0](q, out=q), norms[1](k, out=k), None
+        joint = (k.dtype == q.dtype and k.shape[0] == T and k.shape[2] == D and k.stride() == q.stride()
+                 and q.stride(1) == D and q.stride(0) >= (Hq + k.shape[1]) * D
+                 and k.data_ptr() == q.data_ptr() + Hq * D * q.element_size())
+        parts = [(q.as_strided((T, Hq + k.shape[1], D), q.stride()), Hq)] if joint else [(q, Hq), (k, 0)]
+        for x, hq in parts:
+            if norms is None:
+                rope_(x, positions_T, self.cos, self.sin, self.interleaved)
+            else:
+                qn, kn = norms
+                rms_norm_rope_(x, qn.weight, kn.weight, hq, qn.eps, positions_T, self.cos, self.sin, self.interleaved)
         return q, k
 
     def grow_for(self, positions_T: torch.Tensor) -> None:
