@@ -221,6 +221,8 @@ def print_report(report: dict) -> None:
             for e, r in mod["engines"].items() if r.get("settings", {}).get("version")}
     if vers:
         print("peers: " + ", ".join(f"{e} {v}" for e, v in vers.items()))
-    print("ratios: >1 means ours is better (rates ours/theirs, times theirs/ours); each engine ran alone, in turn")
+    alone = ("each workload ran on one engine at a time, the others alive and idle" if report["args"].get("interleave")
+             else "each engine ran alone, in turn")
+    print(f"ratios: >1 means ours is better (rates ours/theirs, times theirs/ours); {alone}")
     for name, model in report["models"].items():
         print_model(name, model, p["sum_read_GBps"])
