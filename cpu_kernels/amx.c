@@ -466,7 +466,8 @@ int moe_amx_init(void) {
 }
 
 #if defined(HAVE_TILES)
-/* rows per chunk of an expert of n >= 64 rows: even chunks of up to CHUNK_TB * 16, a multiple of 16 */
+/* rows per chunk of an expert of n >= 64 rows: even chunks of up to CHUNK_TB * 16, a multiple of 16
+ * (300 rows: 160 + 140, not 256 + 44, whose 44 would stream the weights again for few products) */
 static int64_t chunk_rows(int64_t n) {
     const int64_t nch = (n + CHUNK_TB * 16 - 1) / (CHUNK_TB * 16);
     return ((n + nch - 1) / nch + 15) / 16 * 16;
@@ -527,9 +528,10 @@ static int run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, const
      * handed out largest first as threads free up: no barrier inside a chunk, and its activations
      * stay in the cache of the core that computed them (the Qwen3-MoE shape at 2048 tokens, 32
      * experts of ~256 rows: 1.17-1.21x the kernel splitting every expert; Mixtral's, 8 of ~512:
-     * 1.05-1.07x). An expert of many chunks (skewed routing) has its chunks on several threads at
-     * once, each streaming the expert's weights, rather than split block by block (whose down GEMMs
-     * read every thread's activations: Mixtral's shape with skewed routing, 1.0x-1.1x). */
+     * 1.05-1.07x). An expert of several chunks has them on several threads at once rather than split
+     * block by block (whose down GEMMs read every thread's activations): Mixtral's shape 1.05-1.07x
+     * at uniform routing (two threads on one expert's chunks read its weights from memory once),
+     * 0.99-1.04x with the bench checkpoints' skewed routing. */
     int64_t nbig = 0;
     for (int64_t e = 0; e < E; e++)
         if (counts[e] >= BOUND_TB * 16) nbig += (counts[e] + CHUNK_TB * 16 - 1) / (CHUNK_TB * 16);
