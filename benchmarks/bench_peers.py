@@ -227,41 +227,47 @@ def run_interleaved(hows: dict, plan: dict, work: Path, args) -> list[dict]:
         path.with_suffix(".tmp").write_text(text)
         os.replace(path.with_suffix(".tmp"), path)
 
-    for engine, how in hows.items():
-        if isinstance(how, str):
-            continue
-        cmd, env = how
-        turns, result = work / f"turns-{engine}", work / f"result-{engine}.json"
-        turns.mkdir(exist_ok=True)
-        for f in (turns / "turn", turns / "done", result):
-            f.unlink(missing_ok=True)
-        log = open(work / f"log-{engine}.txt", "w")
-        print(f"  [{engine}] starting, kept alive for the turns (log {log.name}) ...", flush=True)
-        proc = subprocess.Popen(cmd + [str(plan_path), str(result), str(turns)], env=env, cwd=work, stdout=log,
-                                stderr=subprocess.STDOUT)
-        live[engine] = (proc, turns, log)
-        wait(engine, "ready", args.timeout)
-    seq = 0
-    for r in range(args.rounds):
-        order = [e for e in (args.engines if r % 2 == 0 else args.engines[::-1]) if e in live]
-        print(f"  round {r + 1} of {args.rounds}, each workload in turn: {', '.join(order)}", flush=True)
-        for name in plan["workloads"]:
-            for engine in order:
-                if engine in failed:
-                    continue
+    try:
+        for engine, how in hows.items():
+            if isinstance(how, str):
+                continue
+            cmd, env = how
+            turns, result = work / f"turns-{engine}", work / f"result-{engine}.json"
+            turns.mkdir(exist_ok=True)
+            for f in (turns / "turn", turns / "done", result):
+                f.unlink(missing_ok=True)
+            log = open(work / f"log-{engine}.txt", "w")
+            print(f"  [{engine}] starting, kept alive for the turns (log {log.name}) ...", flush=True)
+            proc = subprocess.Popen(cmd + [str(plan_path), str(result), str(turns)], env=env, cwd=work, stdout=log,
+                                    stderr=subprocess.STDOUT)
+            live[engine] = (proc, turns, log)
+            wait(engine, "ready", args.timeout)
+        seq = 0
+        for r in range(args.rounds):
+            order = [e for e in (args.engines if r % 2 == 0 else args.engines[::-1]) if e in live]
+            print(f"  round {r + 1} of {args.rounds}, each workload in turn: {', '.join(order)}", flush=True)
+            for name in plan["workloads"]:
+                for engine in order:
+                    if engine in failed:
+                        continue
+                    seq += 1
+                    turn(engine, f"{seq} {r} {name}")
+                    wait(engine, str(seq), args.timeout)
+        for engine, (proc, _, log) in live.items():
+            if engine not in failed:
                 seq += 1
-                turn(engine, f"{seq} {r} {name}")
-                wait(engine, str(seq), args.timeout)
-    for engine, (proc, _, log) in live.items():
-        if engine not in failed:
-            seq += 1
-            turn(engine, f"{seq} 0 exit")
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+                turn(engine, f"{seq} 0 exit")
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    finally:  # (an interrupted run leaves no engine behind)
+        for proc, _, log in live.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
     rounds = []
     for r in range(args.rounds):
         engines = {}

@@ -255,6 +255,12 @@ def run_turns(make_engine: Callable[[dict], Engine], plan: dict, turns: str, ski
         while len(out["rounds"]) <= rnd:
             out["rounds"].append({"workloads": {}, "skipped": {}})
         w = plan["workloads_by_round"][rnd][name] if "workloads_by_round" in plan else plan["workloads"][name]
+        # one untimed request first (the warm-up's short stream, rotated so no prefix is cached): the other
+        # engine's turn left this one's threads asleep and its weights out of cache, and the first timed
+        # request after it ran up to 2x slower than the next
+        warm = plan["warmup"][0]
+        k = int(seen) % len(warm["prompts"][0])
+        _checked(engine, [warm["prompts"][0][k:] + warm["prompts"][0][:k]], warm["max_tokens"][:1])
         r = _run_workload(engine, w, skip_kinds)
         if isinstance(r, str):
             out["rounds"][rnd]["skipped"][name] = r
