@@ -243,12 +243,12 @@ int moe_rms_norm_heads(const void *x, const void *w, void *out, int dtype, int64
 
 /* moe_rms_norm_heads then moe_rope on the same rows in place, each row normalized then rotated while
  * in cache (one pass over them where the two calls make two): heads h < hq of x [T, H, D] (element
- * strides st, sh; unit stride within a head) take the norm weight wq, the others wk (a qkv row's q
- * heads then its k heads); positions, tables and pairs as moe_rope. Bit-identical to the two calls.
- * Returns 0. */
-int moe_rms_norm_rope(void *x, const void *wq, const void *wk, int dtype, int64_t T, int64_t H, int64_t hq,
-                      int64_t D, int64_t st, int64_t sh, float eps, const int64_t *pos, const float *cos_tab,
-                      const float *sin_tab, int interleaved, int num_threads) {
+ * strides st, sh; unit stride within a head) take the norm weight wq and eps_q (a qkv row's q heads),
+ * the others wk and eps_k (its k heads); positions, tables and pairs as moe_rope. Bit-identical to
+ * the two calls. Returns 0. */
+int moe_rms_norm_rope(void *x, const void *wq, float eps_q, const void *wk, float eps_k, int dtype, int64_t T,
+                      int64_t H, int64_t hq, int64_t D, int64_t st, int64_t sh, const int64_t *pos,
+                      const float *cos_tab, const float *sin_tab, int interleaved, int num_threads) {
     const int64_t half = D / 2;
     const size_t esz = dtype == BF16 ? 2 : 4;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (T * H * D >= 16384)
@@ -256,7 +256,7 @@ int moe_rms_norm_rope(void *x, const void *wq, const void *wk, int dtype, int64_
         const float *c = cos_tab + pos[t] * half, *s = sin_tab + pos[t] * half;
         for (int64_t h = 0; h < H; h++) {
             char *row = (char *)x + (t * st + h * sh) * esz;
-            rms_row(row, row, h < hq ? wq : wk, D, dtype, eps);
+            rms_row(row, row, h < hq ? wq : wk, D, dtype, h < hq ? eps_q : eps_k);
             rope_row(row, c, s, D, dtype, interleaved);
         }
     }

@@ -20,7 +20,7 @@ from .build import DTYPES, address, c_struct, declare, kernel_dtype, load
 _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 declare({
     "moe_rope": [_ptr, _int, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int, _int],
-    "moe_rms_norm_rope": [_ptr, _ptr, _ptr, _int, *[_i64] * 6, _f32, _ptr, _ptr, _ptr, _int, _int],
+    "moe_rms_norm_rope": [_ptr, _ptr, _f32, _ptr, _f32, _int, *[_i64] * 6, _ptr, _ptr, _ptr, _int, _int],
     "moe_silu_mul": [_ptr, _ptr, _ptr, _int, *[_i64] * 9, _int],
     "moe_rms_norm_heads": [_ptr, _ptr, _ptr, _int, *[_i64] * 7, _f32, _int],
     "moe_add_rms_norm": [_ptr, _ptr, _ptr, _ptr, _ptr, _int, _i64, _i64, _f32, _int],
@@ -58,12 +58,12 @@ def rope_(x_THD: torch.Tensor, positions_T: torch.Tensor, cos_PH: torch.Tensor, 
     return True
 
 
-def rms_norm_rope_(x_THD: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, hq: int, eps: float,
+def rms_norm_rope_(x_THD: torch.Tensor, w_q: torch.Tensor, eps_q: float, w_k: torch.Tensor, eps_k: float, hq: int,
                    positions_T: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor, interleaved: bool) -> bool:
-    """:func:`rms_norm` of each head of ``x_THD`` in place (heads ``h < hq`` by ``w_q``, the others by
-    ``w_k``: a qkv row's q heads then its k heads), then :func:`rope_` of it, each row normalized and
-    rotated while in cache; bit-identical to those two calls. bf16 ``x`` only (the norm's kernel
-    dtype). Returns False, leaving ``x`` untouched, when the kernel does not apply."""
+    """:func:`rms_norm` of each head of ``x_THD`` in place (heads ``h < hq`` by ``w_q`` and ``eps_q``, the
+    others by ``w_k`` and ``eps_k``: a qkv row's q heads then its k heads), then :func:`rope_` of it,
+    each row normalized and rotated while in cache; bit-identical to those two calls. bf16 ``x`` only
+    (the norm's kernel dtype). Returns False, leaving ``x`` untouched, when the kernel does not apply."""
     if (x_THD.dtype != torch.bfloat16 or x_THD.dim() != 3 or x_THD.stride(-1) != 1 or x_THD.shape[-1] % 2
             or cos_PH.dtype != torch.float32 or not 0 <= hq <= x_THD.shape[1]):
         return False
@@ -73,8 +73,8 @@ def rms_norm_rope_(x_THD: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, hq
     T, H, D = x_THD.shape
     pos = positions_T.to(torch.int64).contiguous()
     w_q, w_k, cos_PH, sin_PH = (t.contiguous() for t in (w_q, w_k, cos_PH, sin_PH))
-    load().moe_rms_norm_rope(x_THD.data_ptr(), w_q.data_ptr(), w_k.data_ptr(), dtype, T, H, hq, D, x_THD.stride(0),
-                             x_THD.stride(1), eps, pos.data_ptr(), cos_PH.data_ptr(), sin_PH.data_ptr(),
+    load().moe_rms_norm_rope(x_THD.data_ptr(), w_q.data_ptr(), eps_q, w_k.data_ptr(), eps_k, dtype, T, H, hq, D,
+                             x_THD.stride(0), x_THD.stride(1), pos.data_ptr(), cos_PH.data_ptr(), sin_PH.data_ptr(),
                              int(interleaved), torch.get_num_threads())
     return True
 

@@ -19,17 +19,17 @@ def rope_(x_THD: torch.Tensor, positions_T: torch.Tensor, cos_PH: torch.Tensor, 
     return x_THD.copy_(rope_reference(x_THD, positions_T, cos_PH, sin_PH, interleaved))
 
 
-def rms_norm_rope_(x_THD: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, hq: int, eps: float,
+def rms_norm_rope_(x_THD: torch.Tensor, w_q: torch.Tensor, eps_q: float, w_k: torch.Tensor, eps_k: float, hq: int,
                    positions_T: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor,
                    interleaved: bool) -> torch.Tensor:
-    """Per-head RMSNorm of ``x [T, H, D]`` in place (heads ``h < hq`` weighted by ``w_q``, the rest by
-    ``w_k``: the q then k heads of a qkv row), then the rotation of :func:`rope_`; returns ``x``.
+    """Per-head RMSNorm of ``x [T, H, D]`` in place (heads ``h < hq`` by ``w_q`` and ``eps_q``, the rest
+    by ``w_k`` and ``eps_k``: the q then k heads of a qkv row), then the rotation of :func:`rope_`; returns ``x``.
     One C pass on CPU (bf16: each row normalized and rotated while in cache), else :func:`rms_norm`
     of each part and :func:`rope_` (the same roundings)."""
-    if x_THD.device.type == "cpu" and cpu_kernels.rms_norm_rope_(x_THD, w_q, w_k, hq, eps, positions_T, cos_PH,
-                                                                 sin_PH, interleaved):
+    if x_THD.device.type == "cpu" and cpu_kernels.rms_norm_rope_(x_THD, w_q, eps_q, w_k, eps_k, hq, positions_T,
+                                                                 cos_PH, sin_PH, interleaved):
         return x_THD
-    for part, w in ((x_THD[:, :hq], w_q), (x_THD[:, hq:], w_k)):
+    for part, w, eps in ((x_THD[:, :hq], w_q, eps_q), (x_THD[:, hq:], w_k, eps_k)):
         if part.shape[1]:
             rms_norm(part, w, eps, out=part)
     return rope_(x_THD, positions_T, cos_PH, sin_PH, interleaved)

@@ -501,7 +501,7 @@ def test_rms_norm_of_heads_in_a_wider_row_in_place_equals_it_on_a_copy():
 def test_qk_norms_in_the_rotations_pass_equal_norms_then_rotation(D, interleaved, joint):
     # the per-head q/k norms (each its own weight) and the rotation in one C pass over the heads of a qkv
     # row (or over q and k apart): bit for bit the norms into the rows, then the rotation; dims past the
-    # vector width (40, 24) and GPT-J pairs included. Different eps: the norms first, the same values.
+    # vector width (40, 24) and GPT-J pairs included; q's and k's eps apart too
     from moe.models.layers import RMSNorm
     from moe.models.rope import RotaryEmbedding
 
@@ -524,7 +524,8 @@ def test_qk_norms_in_the_rotations_pass_equal_norms_then_rotation(D, interleaved
     if cpu_kernels.load() is not None:  # the kernel itself takes it (rotate_pair_ below may not fall back)
         q, k = views(before.clone())
         for x, hq in ([(q.as_strided((T, Hq + Hk, D), q.stride()), Hq)] if joint else [(q, Hq), (k, 0)]):
-            assert cpu_kernels.rms_norm_rope_(x, qn.weight, kn.weight, hq, 1e-6, pos, rope.cos, rope.sin, interleaved)
+            assert cpu_kernels.rms_norm_rope_(x, qn.weight, 1e-6, kn.weight, 1e-6, hq, pos, rope.cos, rope.sin,
+                                              interleaved)
         assert torch.equal(q, want_q) and torch.equal(k, want_k)
     q, k = views(qkv)
     rq, rk = rope.rotate_pair_(pos, q, k, (qn, kn))
@@ -538,8 +539,8 @@ def test_qk_norms_in_the_rotations_pass_equal_norms_then_rotation(D, interleaved
     rope.rotate_pair_(pos, qn(want_q, out=want_q), kn(want_k, out=want_k))
     assert torch.equal(q, want_q) and torch.equal(k, want_k)
     # float32: the kernel declines it (torch's rms_norm, then the rotation)
-    assert not cpu_kernels.rms_norm_rope_(q.float(), qn.weight.float(), kn.weight.float(), Hq, 1e-6, pos, rope.cos,
-                                          rope.sin, interleaved)
+    assert not cpu_kernels.rms_norm_rope_(q.float(), qn.weight.float(), 1e-6, kn.weight.float(), 1e-6, Hq, pos,
+                                          rope.cos, rope.sin, interleaved)
 
 
 @pytest.mark.parametrize("shape", [(1, 1024), (300, 1024), (3, 40)])

@@ -97,8 +97,6 @@ class RotaryEmbedding(nn.Module):
         q and k (``.weight``, ``.eps``), applied first, in the same pass (:func:`ops.rms_norm_rope_`)."""
         T, Hq, D = q.shape
         self.grow_for(positions_T)
-        if norms is not None and norms[0].eps != norms[1].eps:  # (one eps per pass)
-            q, k, norms = norms[0](q, out=q), norms[1](k, out=k), None
         joint = (k.dtype == q.dtype and k.shape[0] == T and k.shape[2] == D and k.stride() == q.stride()
                  and q.stride(1) == D and q.stride(0) >= (Hq + k.shape[1]) * D
                  and k.data_ptr() == q.data_ptr() + Hq * D * q.element_size())
@@ -108,7 +106,8 @@ class RotaryEmbedding(nn.Module):
                 rope_(x, positions_T, self.cos, self.sin, self.interleaved)
             else:
                 qn, kn = norms
-                rms_norm_rope_(x, qn.weight, kn.weight, hq, qn.eps, positions_T, self.cos, self.sin, self.interleaved)
+                rms_norm_rope_(x, qn.weight, qn.eps, kn.weight, kn.eps, hq, positions_T, self.cos, self.sin,
+                               self.interleaved)
         return q, k
 
     def grow_for(self, positions_T: torch.Tensor) -> None:
