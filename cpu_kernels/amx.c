@@ -1,6 +1,6 @@
 /* bf16 GEMMs on AMX tiles, weights read in place: decode-sized steps (1-64 rows), and the experts
  * at any number of rows (each expert's rows in even chunks of up to 256, a weight block read once
- * per chunk; chunks of 64+ rows as 2 x 2 tiles over k segments, see dot_pairs):
+ * per chunk; chunks of 208+ rows as 2 x 2 tiles over k segments, see dot_pairs and PAIRS_TB):
  *   moe_amx_moe      a local MoE layer after the router: dispatch, SwiGLU experts, combine;
  *   moe_amx_experts  SwiGLU experts over rows already grouped by expert;
  *   moe_amx_linear   a projection (or the LM head, float32 out);
@@ -29,8 +29,21 @@
 #define MAX_TB 4         /* token blocks of 16 per tile pass (four float32 sum tiles): 64 rows */
 #define CHUNK_TB 16      /* token blocks of an expert's rows per chunk (256 rows): each 16-row weight
                           * block, read once per chunk, meets them from cache four blocks at a time */
-#define BOUND_TB 4       /* from this many token blocks a chunk is compute-bound (2 x 2 tiles, blocks
-                          * handed out as threads free up); fewer stream the weights (1 x 4 tiles) */
+#define BOUND_TB 4       /* from this many token blocks an expert runs as chunks of its own (blocks
+                          * handed out as threads free up); fewer run with the other small experts,
+                          * each thread a contiguous range of their weight blocks */
+
+/* From this many token blocks a chunk's products run as dot_pairs' 2 x 2 tiles over k segments,
+ * fewer as dot_blocks' 1 x 4 (the weight block read once per four token blocks, from cache after the
+ * first). On AMX (machine D, one expert at m rows, old/new alternating): dot_blocks 1.4x at 64 rows
+ * (F = 2816 and 1408; 1.0x at F = 512), 1.15-1.25x at 96-128, 1.04-1.12x at 160-192; level at 208-224,
+ * dot_pairs ahead from there on F = 2816 (1.15x at 240, 1.04x in Mixtral's 256-row chunks). Without
+ * AMX (emu_tiles) the crossover was not measured: BOUND_TB as before. */
+#if defined(HAVE_AMX)
+#define PAIRS_TB 13
+#else
+#define PAIRS_TB BOUND_TB
+#endif
 
 /* c[tb][16 rows][16 tokens] = W[16 rows, 0:K] . B tiles (ntb token blocks of tile chunks,
  * `bstride` elements apart), float32. l8: the last block holds 1-8 tokens (emu_tiles' hint). */
@@ -85,7 +98,7 @@ static void dot_blocks(const uint16_t *w, int64_t ldw, int64_t K, const uint16_t
     }
 }
 
-/* The compute-bound form of dot_blocks for two weight blocks at once (chunks of 4+ token blocks):
+/* The compute-bound form of dot_blocks for two weight blocks at once (chunks of PAIRS_TB+ token blocks):
  * ca[tb] = Wa . B[tb] and cb[tb] = Wb . B[tb] for tb < ntb, float32 [16 rows][16 tokens] each. Tiles
  * 2 x 2 (two weight blocks x two token blocks: four loads feed four products, against five for
  * dot_block's 1 x 4), and k in segments of KSEG: the two weight blocks' 32 rows x KSEG (16 KB),
@@ -338,7 +351,7 @@ static inline const uint16_t *bias2(const StackedExtras *ex, int64_t e) {
  * activation rows make one row of pairs). */
 static void gate_up_block(const wsrc *w13, const StackedExtras *ex, int64_t e, int64_t D, int64_t F, int64_t i,
                           const uint16_t *xp, int ntb, int l8, uint16_t *ap, float *cg, float *cu, uint16_t *wbuf) {
-    if (ntb >= BOUND_TB) {  /* compute-bound: gate and up blocks as one 2 x 2 pass (wbuf holds 32 rows) */
+    if (ntb >= PAIRS_TB) {  /* compute-bound: gate and up blocks as one 2 x 2 pass (wbuf holds 32 rows) */
         dot_pairs(rows16(w13, e, 16 * i, D, wbuf), rows16(w13, e, F + 16 * i, D, wbuf + 16 * D), D, D, xp,
                   (D / KC) * TILE, ntb, cg, cu, plain_rows(w13, e, 16 * (i + 1), D),
                   plain_rows(w13, e, F + 16 * (i + 1), D));
@@ -400,7 +413,7 @@ static void store_block(const float *c, int64_t m, int64_t j, const uint16_t *bi
 
 
 /* Down rows [16j, 16j+16) for the expert's m tokens, y[t, 16j:16j+16] (bf16; streaming the weights,
- * the next block prefetched), or with `pair` rows [32j, 32j+32) in one 2 x 2 pass (chunks of 4+
+ * the next block prefetched), or with `pair` rows [32j, 32j+32) in one 2 x 2 pass (chunks of PAIRS_TB+
  * token blocks; wbuf holds 32 rows). */
 static void down_block(const wsrc *w2, const StackedExtras *ex, int64_t e, int64_t F, int64_t j, int pair,
                        const uint16_t *ap, int ntb, int64_t m, uint16_t *y, int64_t ldy, float *c, float *c2,
@@ -607,7 +620,7 @@ static int run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, const
                 gate_up_block(w13, ex, e, D, F, i, xe, ntb, last8(m), a, c0, c1, wbuf);
             /* down: 32-row blocks (2 x 2 tiles) handed out as threads free up when compute-bound,
              * else 16-row blocks in contiguous ranges */
-            if (ntb >= BOUND_TB) {
+            if (ntb >= PAIRS_TB) {
 #pragma omp for schedule(dynamic, 2) nowait
                 for (int64_t j = 0; j < D / 32; j++)
                     down_block(w2, ex, e, F, j, 1, a, ntb, m, y + r * ldy, ldy, c0, c1, wbuf);
@@ -632,7 +645,7 @@ static int run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, const
                 const uint16_t *xe = xp + xoff[e] + (big[b].r0 / 16) * (D / KC) * TILE;
                 for (int64_t i = 0; i < F / 16; i++)
                     gate_up_block(w13, ex, e, D, F, i, xe, ntb, last8(m), a, c0, c1, wbuf);
-                const int pair = ntb >= BOUND_TB;
+                const int pair = ntb >= PAIRS_TB;
                 for (int64_t j = 0; j < D / (pair ? 32 : 16); j++)
                     down_block(w2, ex, e, F, j, pair, a, ntb, m, y + r * ldy, ldy, c0, c1, wbuf);
             }
