@@ -48,7 +48,7 @@ def warm_up(model: torch.nn.Module, max_tokens: int, max_seqs: int) -> tuple[int
         return True
 
     # MLA reads kv_b_proj's weight through its per-head GEMMs (warmed below), and as a linear only
-    # to decompress the latents of long prompt chunks (mha_min_query rows or more)
+    # to decompress the latents of prompt chunks (mha_min_query rows or more, see MLAttention.decompresses)
     decompress_from = {id(m.kv_b_proj): m.mha_min_query for m in model.modules() if isinstance(m, MLAttention)}
     with torch.inference_mode():
         for mod in model.modules():

@@ -129,7 +129,7 @@ def test_mtp_logits_equal_the_reference(mtp_path, long_first_chunk):
     attn = mtp.layers[0].self_attn
     # a first chunk long enough for MLA's decompressed form (or not), then short chunks and decodes
     first = attn.mha_min_query + 1 if long_first_chunk else 6
-    assert (first >= attn.mha_min_query) == long_first_chunk
+    assert attn.decompresses(first, first) == long_first_chunk
     chunks = [first, 3, 1, 1, 1]
     seqs = [_sequence(s, sum(chunks)) for s in (1, 2)]
     for (tokens, hidden), got in zip(seqs, paged_logits(mtp, seqs, chunks)):

@@ -35,7 +35,7 @@ EP4_TP2 = Path(__file__).resolve().parents[1] / "examples" / "sharding" / "ep4-t
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss")
 
 # mixed lengths, greedy with logprobs, one seeded sampled request; the 50-token prompt is long
-# enough for MLA's decompressed form (the tiny models' mha_min_query is 43)
+# enough for MLA's decompressed form (a fresh prompt of mha_min_query = 17 rows or more)
 REQUESTS = [
     {"prompt_token_ids": [5, 9, 33], "params": dict(temperature=0, max_tokens=8, logprobs=2, ignore_eos=True)},
     {"prompt_token_ids": [7, 100, 3, 200, 17, 18, 19, 20, 21, 22, 23, 11, 12],

@@ -155,17 +155,36 @@ def test_prompt_logprobs_of_a_batch_with_chunked_prefill(family, llm_chunked, hf
             _check_top_logprobs(out.prompt_logprobs[j], prompt[j], ref[j - 1], 2, f"{family} len {len(prompt)} pos {j}")
 
 
+def test_mla_form_follows_the_flop_count():
+    # DeepSeek-V3's dims (latent 512, nope 128, rope 64, v 128): per head, the absorbed form costs
+    # T*C*(nope+v) + pairs*(2C+rope), the decompressed one L*C*(nope+v) + pairs*2*192
+    import types
+
+    import moe.models.mla as mla
+
+    dims = types.SimpleNamespace(kv_lora_rank=512, nope=128, rope_dim=64, v_dim=128, mha_min_query=17)
+
+    def decompresses(t, prefix=0):
+        return mla.MLAttention.decompresses(dims, t, prefix + t)
+
+    assert not decompresses(16)  # the decode kernel's rows stay absorbed
+    assert all(decompresses(t) for t in (17, 32, 64, 128, 2048))  # a fresh prompt: no prefix to decompress
+    assert not decompresses(64, 64) and not decompresses(64, 512)  # the prefix costs more than the pairs save
+    assert decompresses(128, 128) and not decompresses(128, 256)  # 16.8M < 17.3M; 33.6M > 28.9M
+    assert decompresses(187, 10 ** 6) and not decompresses(186, 10 ** 6)  # long prefix: T > C(nope+v)/704
+
+
 @pytest.mark.parametrize("mla_family", ["deepseek_v2", "deepseek_v3"])
 def test_mla_long_prompts_in_the_decompressed_form_match_transformers(mla_family, checkpoint, monkeypatch):
-    # prompt chunks of mha_min_query tokens or more attend with per-head K/V decompressed from the
-    # latent cache: lowered here so that the tiny prompts take that path — whole prompts, chunks after
+    # prompt chunks MLAttention.decompresses picks attend with per-head K/V decompressed from the
+    # latent cache: every chunk of 2+ rows here, so that the tiny prompts take that path — whole prompts, chunks after
     # earlier chunks (budget 8: causal with an offset) and the rest of a prompt after a prefix-cache
     # hit, next to absorbed decode rows
     import moe.models.mla as mla
     from transformers import AutoModelForCausalLM
 
     path = checkpoint(mla_family)
-    monkeypatch.setattr(mla.MLAttention, "mha_min_query", 2)
+    monkeypatch.setattr(mla.MLAttention, "decompresses", lambda self, query_len, context_len: query_len >= 2)
     calls = []
     real = mla.MLAttention._attend_mha
     monkeypatch.setattr(mla.MLAttention, "_attend_mha", lambda *a: calls.append(1) or real(*a))

@@ -65,10 +65,11 @@ class MLAttention(nn.Module):
         cache, v_cache = ctx.kv_caches[self.layer_idx]
         meta = ctx.meta
         write_kv(cache, None, torch.cat([c_TC.unsqueeze(1), k_pe], dim=-1), None, meta.slot_mapping)
-        long = [i for i, n in enumerate(meta.query_lens_list) if n >= self.mha_min_query]
+        long = [i for i, (n, L) in enumerate(zip(meta.query_lens_list, meta.context_lens_list))
+                if self.decompresses(n, L)]
         if not long:
             o = self._attend_absorbed(q_nope, q_pe, cache, v_cache, meta)
-        else:  # long prompt chunks in the decompressed form, the other sequences absorbed
+        else:  # the chunks decompresses() picks in the decompressed form, the other sequences absorbed
             o = q.new_empty(T, H, self.v_dim)
             starts = meta.query_start_loc.tolist()
             for i in long:
@@ -82,16 +83,31 @@ class MLAttention(nn.Module):
 
     @property
     def mha_min_query(self) -> int:
-        """Prompt chunks of at least this many rows attend in the decompressed form: from there its
-        FLOPs (decompressing the context's latents, C x H(nope + v) per key, then nope + rope dims
-        per head for scores and values) fall below the absorbed form's (C + rope dims for scores
-        and C for values per head, for every query-key pair). 93 rows on the DeepSeek-V3-shaped
-        benchmark model, 186 for DeepSeek-V3's own dims; rows the decode kernel takes stay absorbed."""
-        d = max(self.nope + self.rope_dim, self.v_dim)  # head dims padded to one size (SDPA's flash kernel)
-        saving = 2 * self.kv_lora_rank + self.rope_dim - 2 * d  # per query-key pair and head
-        if saving <= 0:
-            return 1 << 62
-        return max(KERNEL_MAX_QUERY + 1, -(-self.kv_lora_rank * (self.nope + self.v_dim) // saving))
+        """Prompt chunks of fewer rows always attend absorbed (the decode kernel takes them)."""
+        return KERNEL_MAX_QUERY + 1
+
+    def decompresses(self, query_len: int, context_len: int) -> bool:
+        """Whether a prompt chunk of ``query_len`` rows over ``context_len`` keys (its own rows
+        included) attends in the decompressed form: the form of fewer FLOPs. Per head, with C latent
+        dims and ``pairs`` the chunk's causal query-key pairs: the absorbed form runs W_UK and W_UV
+        on every row, T C (nope + v), and reads C + rope dims for each pair's score and C for its
+        value; the decompressed form runs kv_b_proj on every key, L C (nope + v), and reads
+        nope + rope and v dims a pair (padded to one size, SDPA's flash kernel). So a fresh prompt
+        (L = T) is always cheaper decompressed, and after a prefix P = L - T the decompressed form
+        pays P C (nope + v) for the prefix's keys against what the pairs save. Measured on the
+        DeepSeek-V3-shaped benchmark model (TTFT, both forms alternating, machine D): fresh prompts
+        of 32 / 64 / 128 rows 1.05x / 1.06x / 1.10x decompressed, as the model says; 64 rows after 64
+        or 512 cached tokens 0.93x / 0.90x (the model: absorbed). With a long prefix the rule tends
+        to T > C (nope + v) / saving, 187 rows at DeepSeek-V3's dims, the only rule before."""
+        if query_len < self.mha_min_query:
+            return False
+        T, L = query_len, context_len
+        pairs = T * (L - T) + T * (T + 1) // 2
+        d = max(self.nope + self.rope_dim, self.v_dim)  # head dims padded to one size
+        proj = self.kv_lora_rank * (self.nope + self.v_dim)
+        absorbed = T * proj + pairs * (2 * self.kv_lora_rank + self.rope_dim)
+        decompressed = L * proj + pairs * 2 * d
+        return decompressed < absorbed
 
     def _attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache, v_cache,
                          meta: AttentionMetadata) -> torch.Tensor:
@@ -105,7 +121,7 @@ class MLAttention(nn.Module):
 
     def _attend_mha(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cache, meta: AttentionMetadata,
                     i: int) -> torch.Tensor:
-        """Sequence ``i``'s rows (a long prompt chunk) in the decompressed form, as the reference
+        """Sequence ``i``'s rows (a prompt chunk) in the decompressed form, as the reference
         implementation computes it: per-head K and V from its cached latents through kv_b_proj,
         then causal attention with nope + rope dims per head. For a long chunk this costs ~3x fewer
         FLOPs than the absorbed form's C + rope dims per head (and no per-head GEMMs)."""
