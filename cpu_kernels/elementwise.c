@@ -148,8 +148,8 @@ int moe_silu_mul(const void *gate, const void *up, void *out, int dtype, int64_t
     return 0;
 }
 
-/* One row of moe_rms_norm: xr [D] -> orow [D] (see there). */
-static inline void rms_row(const char *xr, char *orow, const void *w, int64_t D, int dtype, float eps) {
+/* One row of moe_rms_norm's statistics: 1 / sqrt(mean(x^2) + eps) of xr [D]. */
+static inline float rms_inv(const char *xr, int64_t D, int dtype, float eps) {
     const size_t esz = dtype == BF16 ? 2 : 4;
     int64_t i = 0;
     float ss = 0.f;
@@ -186,8 +186,13 @@ static inline void rms_row(const char *xr, char *orow, const void *w, int64_t D,
         const float v = loadf(xr, i, dtype);
         ss += v * v;
     }
-    const float inv = 1.f / sqrtf(ss / (float)D + eps);
-    i = 0;
+    return 1.f / sqrtf(ss / (float)D + eps);
+}
+
+/* One row of moe_rms_norm scaled: orow [D] = xr * inv (rounded), times w (see there). */
+static inline void rms_apply(const char *xr, char *orow, const void *w, int64_t D, int dtype, float inv) {
+    const size_t esz = dtype == BF16 ? 2 : 4;
+    int64_t i = 0;
 #if defined(__AVX512F__)
     for (; i + VEC <= D; i += VEC) {
         __m512 y = _mm512_mul_ps(load16(xr + i * esz, dtype), _mm512_set1_ps(inv));
@@ -215,6 +220,11 @@ static inline void rms_row(const char *xr, char *orow, const void *w, int64_t D,
         }
         storef(orow, i, y, dtype);
     }
+}
+
+/* One row of moe_rms_norm: xr [D] -> orow [D] (see there). */
+static inline void rms_row(const char *xr, char *orow, const void *w, int64_t D, int dtype, float eps) {
+    rms_apply(xr, orow, w, D, dtype, rms_inv(xr, D, dtype, eps));
 }
 
 /* RMSNorm of rows x [R, D] (row stride sx, unit stride within a row) into out [R, D] (row stride
@@ -254,9 +264,14 @@ int moe_rms_norm_rope(void *x, const void *wq, float eps_q, const void *wk, floa
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (T * H * D >= 16384)
     for (int64_t t = 0; t < T; t++) {
         const float *c = cos_tab + pos[t] * half, *s = sin_tab + pos[t] * half;
+        /* every head's statistics first, then each head scaled and rotated: the heads' sums, each a
+         * chain of dependent adds, run side by side rather than between the other passes */
+        float inv[H];
+        for (int64_t h = 0; h < H; h++)
+            inv[h] = rms_inv((const char *)x + (t * st + h * sh) * esz, D, dtype, h < hq ? eps_q : eps_k);
         for (int64_t h = 0; h < H; h++) {
             char *row = (char *)x + (t * st + h * sh) * esz;
-            rms_row(row, row, h < hq ? wq : wk, D, dtype, h < hq ? eps_q : eps_k);
+            rms_apply(row, row, h < hq ? wq : wk, D, dtype, inv[h]);
             rope_row(row, c, s, D, dtype, interleaved);
         }
     }
