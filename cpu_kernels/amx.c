@@ -159,14 +159,16 @@ static void dot_pairs(const uint16_t *wa, const uint16_t *wb, int64_t ldw, int64
                             _mm_prefetch((const char *)(p0 + 32 * l), _MM_HINT_T0);
                             _mm_prefetch((const char *)(p0 + bstride + 32 * l), _MM_HINT_T0);
                         }
-                    if (g == 0) {  /* the weights' next segment (or the next blocks' first), a line per row */
+                    if (g == 0) {  /* the weights' next segment (or the next blocks' first), a line per row,
+                                    * into L2 as dot_block's (the segment copy reads them once; into L1
+                                    * they met the token tiles' traffic: 1.02-1.04x into L2) */
                         const int64_t q = k + KSEG;
                         const uint16_t *na = q < K ? wa + q : pfa ? pfa + (q - K) : NULL;
                         const uint16_t *nb = q < K ? wb + q : pfb ? pfb + (q - K) : NULL;
                         if (na)
                             for (int r = 0; r < 16; r++) {
-                                _mm_prefetch((const char *)(na + r * ldw), _MM_HINT_T0);
-                                _mm_prefetch((const char *)(nb + r * ldw), _MM_HINT_T0);
+                                _mm_prefetch((const char *)(na + r * ldw), _MM_HINT_T1);
+                                _mm_prefetch((const char *)(nb + r * ldw), _MM_HINT_T1);
                             }
                     }
                     _tile_loadd(4, seg + (2 * s) * TILE, 64);
