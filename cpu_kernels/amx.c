@@ -37,8 +37,10 @@
  * fewer as dot_blocks' 1 x 4 (the weight block read once per four token blocks, from cache after the
  * first). On AMX (machine D, one expert at m rows, old/new alternating): dot_blocks 1.4x at 64 rows
  * (F = 2816 and 1408; 1.0x at F = 512), 1.15-1.25x at 96-128, 1.04-1.12x at 160-192; level at 208-224,
- * dot_pairs ahead from there on F = 2816 (1.15x at 240, 1.04x in Mixtral's 256-row chunks). Without
- * AMX (emu_tiles) the crossover was not measured: BOUND_TB as before. */
+ * dot_pairs ahead from there on F = 2816 (1.15x at 240, 1.04x in Mixtral's 256-row chunks). With both
+ * loops' weight prefetches into L2 (below), again: 0.97-1.06x either way at 208 rows, dot_pairs 3-6%
+ * ahead at 240-256 on F = 1408 / 2816, 2-5% behind on F = 512. Without AMX (emu_tiles) the crossover
+ * was not measured: BOUND_TB as before. */
 #if defined(HAVE_AMX)
 #define PAIRS_TB 13
 #else
