@@ -621,12 +621,11 @@ static int run_experts(const uint16_t *x, int64_t ldx, const int64_t *idx, const
             const uint16_t *xe = xp + xoff[e] + (big[b].r0 / 16) * (D / KC) * TILE;
             uint16_t *a = ap + buf * CHUNK_TB * F * 16;
             /* the barrier ending this loop also ends everyone's down GEMM of the chunk before
-             * last, the one that read this activation buffer. Chunks of 4+ token blocks are
-             * compute-bound: their blocks go to threads 4 at a time as they free up (the two
-             * cores do not always run at one speed; 1.2-1.3x at 2048 rows); fewer stream the
-             * weights, each thread a contiguous range of them (4 at a time there: 0.96x). */
-            const int64_t per = ntb >= BOUND_TB ? 4 : (F / 16 + num_threads - 1) / num_threads;
-#pragma omp for schedule(dynamic, per)
+             * last, the one that read this activation buffer. Every chunk here has 4+ token blocks
+             * (chunk_rows' even chunks of an expert of 64+ rows): its blocks go to threads 4 at a
+             * time as they free up (the two cores do not always run at one speed; 1.2-1.3x at 2048
+             * rows) */
+#pragma omp for schedule(dynamic, 4)
             for (int64_t i = 0; i < F / 16; i++)
                 gate_up_block(w13, ex, e, D, F, i, xe, ntb, last8(m), a, c0, c1, wbuf);
             /* down: 32-row blocks (2 x 2 tiles) handed out as threads free up when compute-bound,
