@@ -2,12 +2,13 @@
 
 The cache holds, per token, the normalized latent ``c`` (kv_lora_rank) and the shared rotary
 key ``k_pe`` (qk_rope_head_dim): one "head" of ``kv_lora_rank + rope`` dims instead of full
-K and V for every head. Decode rows and short prompts attend in the absorbed form: the per-head
-key up-projection W_UK is folded into the query and the value up-projection W_UV is applied
-after attention, so keys and values are read straight from the latent cache (V is a view of its
-first kv_lora_rank dims). Long prompt chunks attend in the decompressed form instead (per-head K
-and V from the latents, as the reference implementation computes them): fewer FLOPs per
-query-key pair once the chunk is long enough to pay for decompressing its context.
+K and V for every head. Decode rows and chunks of up to 16 rows attend in the absorbed form: the
+per-head key up-projection W_UK is folded into the query and the value up-projection W_UV is
+applied after attention, so keys and values are read straight from the latent cache (V is a view
+of its first kv_lora_rank dims). Longer prompt chunks attend in whichever form costs fewer FLOPs
+(:meth:`MLAttention.decompresses`): the decompressed form (per-head K and V from the latents, as
+the reference implementation computes them) reads fewer dims per query-key pair and pays for
+decompressing the chunk's cached prefix, so a fresh prompt always takes it.
 """
 from __future__ import annotations
 
@@ -65,17 +66,17 @@ class MLAttention(nn.Module):
         cache, v_cache = ctx.kv_caches[self.layer_idx]
         meta = ctx.meta
         write_kv(cache, None, torch.cat([c_TC.unsqueeze(1), k_pe], dim=-1), None, meta.slot_mapping)
-        long = [i for i, (n, L) in enumerate(zip(meta.query_lens_list, meta.context_lens_list))
-                if self.decompresses(n, L)]
-        if not long:
+        chunks = [i for i, (n, L) in enumerate(zip(meta.query_lens_list, meta.context_lens_list))
+                  if self.decompresses(n, L)]
+        if not chunks:
             o = self._attend_absorbed(q_nope, q_pe, cache, v_cache, meta)
         else:  # the chunks decompresses() picks in the decompressed form, the other sequences absorbed
             o = q.new_empty(T, H, self.v_dim)
             starts = meta.query_start_loc.tolist()
-            for i in long:
+            for i in chunks:
                 o[starts[i]:starts[i + 1]] = self._attend_mha(q_nope[starts[i]:starts[i + 1]],
                                                               q_pe[starts[i]:starts[i + 1]], cache, meta, i)
-            short = sorted(set(range(meta.num_seqs)) - set(long))
+            short = sorted(set(range(meta.num_seqs)) - set(chunks))
             if short:
                 sub, rows = meta.select(short)
                 o[rows] = self._attend_absorbed(q_nope[rows], q_pe[rows], cache, v_cache, sub)
