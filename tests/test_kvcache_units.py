@@ -173,6 +173,57 @@ def test_free_clean_blocks_are_tracked_through_hits_evictions_and_frees():
     assert list(bm.free_clean) == [] and bm.num_free_blocks == 64 - len(clean) - 1
 
 
+def _walked_run(bm: BlockManager, want: int, clean_only: bool) -> tuple[int, int]:
+    """What ``_longest_run`` returns, by walking every block's state."""
+    best_start, best_len, start, run = -1, 0, 0, 0
+    for b in range(bm.num_blocks):
+        if b in bm.free and bm.reserved_by[b] == -1 and not (clean_only and bm.blocks[b].hash is not None):
+            start = b if run == 0 else start
+            run += 1
+            if run > best_len:
+                best_start, best_len = start, run
+            if run >= want:
+                break
+        else:
+            run = 0
+    return best_start, best_len
+
+
+def test_reservation_runs_are_found_as_a_walk_of_every_block_finds_them():
+    """The open-block masks a reservation's run is searched in follow every block's free,
+    reserved and cached state through admissions with reservations, prefix hits, growth and frees,
+    and the run found is the first long enough one (else the first longest) a walk finds."""
+    import random
+
+    rng = random.Random(1)
+    bm = BlockManager(96, 4)
+    live: list[tuple[BlockTable, list[int]]] = []
+    prompts = [[rng.randrange(50) for _ in range(rng.randint(4, 24))] for _ in range(6)]
+    for _ in range(500):
+        if live and (rng.random() < 0.45 or not bm.can_allocate(BlockTable(), 40)):
+            table, toks = live.pop(rng.randrange(len(live)))
+            bm.register_full_blocks(table, toks, len(toks))
+            bm.free_table(table)
+        elif live and rng.random() < 0.3:  # grow a live table (into its reservation or past it)
+            table, toks = rng.choice(live)
+            toks += [rng.randrange(50) for _ in range(rng.randint(1, 8))]
+            bm.allocate(table, len(toks), len(toks))
+            bm.register_full_blocks(table, toks, len(toks) - 1)
+        else:
+            table, toks = BlockTable(), list(rng.choice(prompts))
+            bm.match_prefix(table, toks, len(toks) - 1)
+            toks += [rng.randrange(50) for _ in range(rng.randint(0, 6))]
+            bm.allocate(table, len(toks), len(toks) + rng.randint(0, 24))
+            live.append((table, toks))
+        for b in range(bm.num_blocks):
+            is_open = b in bm.free and bm.reserved_by[b] == -1
+            assert bm._open_any[b] == is_open
+            assert bm._open_clean[b] == (is_open and bm.blocks[b].hash is None)
+        for want in (1, 3, 7, 40):
+            for clean_only in (True, False):
+                assert bm._longest_run(want, clean_only) == _walked_run(bm, want, clean_only)
+
+
 # =====================================================================================
 # Paged attention: torch path vs reference
 # =====================================================================================
