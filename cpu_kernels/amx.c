@@ -303,6 +303,8 @@ static void rows_dot16(const uint16_t *w, int64_t ldw, int64_t K, const uint16_t
 typedef struct {
     const uint16_t *w;
     int64_t s;
+    const uint16_t *xw;  /* bf16: expert xe's weight here instead of at w + xe * s (a shared expert), */
+    int64_t xe;          /* xe -1 without one */
     const char *q;       /* codes: expert e at q + e * eq bytes, rows ldq bytes apart */
     int64_t eq, ldq;
     int fmt;             /* Q_INT8 / Q_FP8 codes (lut NULL), or 4-bit through lut */
@@ -312,7 +314,7 @@ typedef struct {
 
 /* rows r0 .. r0+15 of expert e's [N, K] weight, bf16 with row stride K */
 static const uint16_t *rows16(const wsrc *src, int64_t e, int64_t r0, int64_t K, uint16_t *buf) {
-    if (src->w) return src->w + e * src->s + r0 * K;
+    if (src->w) return (e == src->xe ? src->xw : src->w + e * src->s) + r0 * K;
     const char *q = src->q + e * src->eq + r0 * src->ldq;
     const float *sc = src->sc + e * src->es + (r0 / src->bn) * src->G;
     const float *off = src->off ? src->off + e * src->es + (r0 / src->bn) * src->G : NULL;
@@ -323,7 +325,7 @@ static const uint16_t *rows16(const wsrc *src, int64_t e, int64_t r0, int64_t K,
 
 /* rows r0.. of expert e's bf16 weight in place, or NULL for packed codes (nothing to prefetch) */
 static const uint16_t *plain_rows(const wsrc *src, int64_t e, int64_t r0, int64_t K) {
-    return src->w ? src->w + e * src->s + r0 * K : NULL;
+    return src->w ? (e == src->xe ? src->xw : src->w + e * src->s) + r0 * K : NULL;
 }
 
 /* bf16 bits of 16 floats already rounded to bf16 (low halves zero) */
@@ -682,7 +684,7 @@ int moe_amx_experts(const uint16_t *x, int64_t ldx, const int64_t *counts, int64
                     const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2, const StackedExtras *ex,
                     uint16_t *y, int64_t ldy, uint16_t *xp, uint16_t *ap, int num_threads) {
 #if defined(HAVE_TILES)
-    const wsrc a13 = {.w = w13, .s = s13}, a2 = {.w = w2, .s = s2};
+    const wsrc a13 = {.w = w13, .s = s13, .xe = -1}, a2 = {.w = w2, .s = s2, .xe = -1};
     return run_experts(x, ldx, NULL, counts, E, D, F, &a13, &a2, ex, y, ldy, xp, ap, num_threads);
 #else
     (void)x; (void)ldx; (void)counts; (void)E; (void)D; (void)F; (void)w13; (void)s13; (void)w2; (void)s2;
@@ -694,36 +696,51 @@ int moe_amx_experts(const uint16_t *x, int64_t ldx, const int64_t *counts, int64
 /* The whole local MoE step after the router: token t of x [T, D] (row stride ldx) goes to experts
  * ids[t, 0:K] (0 <= id < E) with weights wts[t, 0:K] (float32, rounded to bf16 here, as the
  * combine does); out [T, D] = sum over k, in ascending expert order, of bf16(expert(x_t) * w) in
- * float32, rounded once -- dispatch, experts and combine (LocalDispatcher) in one call. Scratch:
- * xp of (T*K + 16*E) * D bf16, ap as moe_amx_experts, ys of T*K*D bf16 (each row's result in
- * expert order), rows of 3*T*K int64.
+ * float32, rounded once -- dispatch, experts and combine (LocalDispatcher) in one call. With sw13
+ * and sw2 (else NULL): a shared expert of the same dims ([2F, D], [D, F], unit row strides, bf16 and
+ * plain SwiGLU like the others) through which every token goes too, its row added to the rounded
+ * sum and rounded again (routed experts, then + shared expert, each a bf16 tensor): the shared
+ * expert's weights stream in the same parallel loops as the routed ones'. Scratch, with K' = K + 1
+ * and E' = E + 1 where there is a shared expert (else K and E): xp of (T*K' + 16*E') * D bf16, ap as
+ * moe_amx_experts for E' experts and T*K' rows, ys of T*K'*D bf16 (each row's result in expert
+ * order), rows of 3*T*K' int64.
  * Returns 0; -1 without tiles; -3 for an id out of range; -4 when out of memory (nothing written: use
  * the dispatcher). */
 #if defined(HAVE_TILES)
 /* dispatch, experts and combine of moe_amx_moe with weights from w13 and w2 */
 static int run_moe(const uint16_t *x, int64_t ldx, int64_t T, const int64_t *ids, const float *wts, int64_t K,
                    int64_t E, int64_t D, int64_t F, const wsrc *w13, const wsrc *w2, const StackedExtras *ex,
-                   uint16_t *out, uint16_t *xp, uint16_t *ap, uint16_t *ys, int64_t *rows, int num_threads) {
-    int64_t counts[E], at[E];
+                   int shared, uint16_t *out, uint16_t *xp, uint16_t *ap, uint16_t *ys, int64_t *rows,
+                   int num_threads) {
+    /* shared: expert E (its weights w13->xw, w2->xw) takes every token too, a token's last row */
+    const int64_t Ex = E + (shared != 0), Kx = K + (shared != 0);
+    int64_t counts[Ex], at[Ex];
     memset(counts, 0, sizeof counts);
     for (int64_t i = 0; i < T * K; i++) {
         if (ids[i] < 0 || ids[i] >= E) return -3;
         counts[ids[i]]++;
     }
-    for (int64_t e = 0, s = 0; e < E; e++) {
+    if (shared) counts[E] = T;
+    for (int64_t e = 0, s = 0; e < Ex; e++) {
         at[e] = s;
         s += counts[e];
     }
-    int64_t *tok = rows, *pos = rows + T * K;
-    float *w = (float *)(rows + 2 * T * K);
+    int64_t *tok = rows, *pos = rows + T * Kx;
+    float *w = (float *)(rows + 2 * T * Kx);
     for (int64_t i = 0; i < T * K; i++) {  /* a stable counting sort: tokens ascending per expert */
         const int64_t r = at[ids[i]]++;
         tok[r] = i / K;
-        pos[i] = r;
+        pos[i / K * Kx + i % K] = r;
         w[r] = bf16_to_f32(f32_to_bf16(wts[i]));
     }
+    for (int64_t t = 0; shared && t < T; t++) {  /* (after every routed row: last in each token's order) */
+        const int64_t r = at[E]++;
+        tok[r] = t;
+        pos[t * Kx + K] = r;
+        w[r] = 1.0f;
+    }
     for (int64_t t = 0; t < T; t++) {  /* a token's rows in ascending position: ascending expert order */
-        int64_t *p = pos + t * K;
+        int64_t *p = pos + t * Kx;
         for (int64_t k = 1; k < K; k++)
             for (int64_t q = k; q > 0 && p[q - 1] > p[q]; q--) {
                 const int64_t v = p[q];
@@ -731,19 +748,22 @@ static int run_moe(const uint16_t *x, int64_t ldx, int64_t T, const int64_t *ids
                 p[q - 1] = v;
             }
     }
-    if (run_experts(x, ldx, tok, counts, E, D, F, w13, w2, ex, ys, D, xp, ap, num_threads) != 0) return -4;
+    if (run_experts(x, ldx, tok, counts, Ex, D, F, w13, w2, ex, ys, D, xp, ap, num_threads) != 0) return -4;
     /* the combine, a token at a time: its K rows read in turn (each contiguous) rather than every
      * row added into a float32 [T, D] sum in expert order (scattered read-modify-writes: 1.4x the
-     * kernel's non-GEMM time on Qwen3-MoE's shape); the same float32 operations in the same order */
+     * kernel's non-GEMM time on Qwen3-MoE's shape); the same float32 operations in the same order.
+     * A shared expert's row is added to the routed sum rounded to bf16, rounded again (the routed
+     * experts' result, then + shared, as two bf16 tensors add) */
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t t = 0; t < T; t++) {
-        const int64_t *p = pos + t * K;
+        const int64_t *p = pos + t * Kx;
         for (int64_t j = 0; j < D / 16; j++) {
             __m512 acc = _mm512_setzero_ps();
             for (int64_t k = 0; k < K; k++) {
                 const __m512 v = load16(ys + p[k] * D + 16 * j, BF16);
                 acc = _mm512_add_ps(acc, round_bf16(_mm512_mul_ps(v, _mm512_set1_ps(w[p[k]]))));
             }
+            if (shared) acc = _mm512_add_ps(round_bf16(acc), load16(ys + p[K] * D + 16 * j, BF16));
             store16(out + t * D + 16 * j, acc, BF16);
         }
     }
@@ -753,14 +773,17 @@ static int run_moe(const uint16_t *x, int64_t ldx, int64_t T, const int64_t *ids
 
 int moe_amx_moe(const uint16_t *x, int64_t ldx, int64_t T, const int64_t *ids, const float *wts, int64_t K,
                 int64_t E, int64_t D, int64_t F, const uint16_t *w13, int64_t s13, const uint16_t *w2, int64_t s2,
-                const StackedExtras *ex, uint16_t *out, uint16_t *xp, uint16_t *ap, uint16_t *ys, int64_t *rows,
-                int num_threads) {
+                const uint16_t *sw13, const uint16_t *sw2, const StackedExtras *ex, uint16_t *out, uint16_t *xp,
+                uint16_t *ap, uint16_t *ys, int64_t *rows, int num_threads) {
 #if defined(HAVE_TILES)
-    const wsrc a13 = {.w = w13, .s = s13}, a2 = {.w = w2, .s = s2};
-    return run_moe(x, ldx, T, ids, wts, K, E, D, F, &a13, &a2, ex, out, xp, ap, ys, rows, num_threads);
+    const int shared = sw13 != NULL && sw2 != NULL;
+    const wsrc a13 = {.w = w13, .s = s13, .xw = sw13, .xe = shared ? E : -1},
+               a2 = {.w = w2, .s = s2, .xw = sw2, .xe = shared ? E : -1};
+    return run_moe(x, ldx, T, ids, wts, K, E, D, F, &a13, &a2, ex, shared, out, xp, ap, ys, rows, num_threads);
 #else
     (void)x; (void)ldx; (void)T; (void)ids; (void)wts; (void)K; (void)E; (void)D; (void)F; (void)w13; (void)s13;
-    (void)w2; (void)s2; (void)ex; (void)out; (void)xp; (void)ap; (void)ys; (void)rows; (void)num_threads;
+    (void)w2; (void)s2; (void)sw13; (void)sw2; (void)ex; (void)out; (void)xp; (void)ap; (void)ys; (void)rows;
+    (void)num_threads;
     return -1;
 #endif
 }
@@ -779,10 +802,10 @@ int moe_amx_moe_packed(const uint16_t *x, int64_t ldx, int64_t T, const int64_t 
                        uint16_t *ys, int64_t *rows, int num_threads) {
 #if defined(HAVE_TILES)
     const wsrc a13 = {.q = q13, .eq = eq13, .ldq = ldq13, .fmt = fmt, .lut = lut, .sc = s13, .off = b13, .es = es13,
-                      .G = G13, .gs = gs, .bn = bn};
+                      .G = G13, .gs = gs, .bn = bn, .xe = -1};
     const wsrc a2 = {.q = q2, .eq = eq2, .ldq = ldq2, .fmt = fmt, .lut = lut, .sc = s2, .off = b2, .es = es2,
-                     .G = G2, .gs = gs, .bn = bn};
-    return run_moe(x, ldx, T, ids, wts, K, E, D, F, &a13, &a2, ex, out, xp, ap, ys, rows, num_threads);
+                     .G = G2, .gs = gs, .bn = bn, .xe = -1};
+    return run_moe(x, ldx, T, ids, wts, K, E, D, F, &a13, &a2, ex, 0, out, xp, ap, ys, rows, num_threads);
 #else
     (void)x; (void)ldx; (void)T; (void)ids; (void)wts; (void)K; (void)E; (void)D; (void)F; (void)fmt; (void)lut;
     (void)ex;

@@ -35,7 +35,7 @@ declare({
     "moe_amx_experts": [_ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _ptr,
                         _int],
     "moe_amx_moe": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr,
-                    _ptr, _ptr, _ptr, _int],
+                    _ptr, _ptr, _ptr, _ptr, _ptr, _int],
     "moe_amx_moe_packed": [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _ptr, _i64, _i64,
                            _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64,
                            _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
@@ -135,11 +135,14 @@ def _ap_rows(E: int, R: int) -> int:
     return max(2, torch.get_num_threads()) * AMX_CHUNK + min(R + 15 * E, 64 * E)
 
 
-def _amx_moe_buffers(ids_TK: torch.Tensor, weights_TK: torch.Tensor, E: int, D: int, F: int) -> tuple:
+def _amx_moe_buffers(ids_TK: torch.Tensor, weights_TK: torch.Tensor, E: int, D: int, F: int,
+                     K: int | None = None) -> tuple:
     """ids int64 and weights float32 (contiguous), then the output and the scratch the AMX MoE
-    calls take: packed tokens, activations, each row's result (bf16, in expert order), the sort's
-    rows."""
-    T, K = ids_TK.shape
+    calls take for ``E`` experts and ``K`` rows a token (``ids_TK``'s columns unless given: a shared
+    expert adds one of each): packed tokens, activations, each row's result (bf16, in expert
+    order), the sort's rows."""
+    T = ids_TK.shape[0]
+    K = ids_TK.shape[1] if K is None else K
     return (ids_TK.to(torch.int64).contiguous(), weights_TK.to(torch.float32).contiguous(),
             torch.empty(T, D, dtype=torch.bfloat16), torch.empty((T * K + 16 * E) * D, dtype=torch.bfloat16),
             torch.empty(_ap_rows(E, T * K) * F, dtype=torch.bfloat16), torch.empty(T * K * D, dtype=torch.bfloat16),
@@ -147,21 +150,34 @@ def _amx_moe_buffers(ids_TK: torch.Tensor, weights_TK: torch.Tensor, E: int, D: 
 
 
 def amx_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, w13_e2FD: torch.Tensor,
-            w2_eDF: torch.Tensor, extras: StackedExtras = PLAIN) -> torch.Tensor | None:
+            w2_eDF: torch.Tensor, extras: StackedExtras = PLAIN,
+            shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
     """Dispatch, SwiGLU experts and combine of a local MoE layer in one call (bf16, AMX): token t
     through experts ``ids_TK[t]`` (ids index the stacked weights), summed with ``weights_TK[t]``
     as :class:`parallel.dispatch.LocalDispatcher` does (weights rounded to bf16, products rounded,
-    float32 sum in ascending expert order rounded once); ``extras`` as :func:`amx_experts`. None when
-    the kernel does not apply (as :func:`amx_experts`): then dispatch."""
+    float32 sum in ascending expert order rounded once); ``extras`` as :func:`amx_experts`. With
+    ``shared`` (``(w13 [2F, D], w2 [D, F])`` of a plain SwiGLU shared expert, the routed experts' F,
+    bf16 rows of unit stride): every token through it too, added to that sum as a bf16 tensor
+    adds (:class:`moe.models.layers.SparseMoE` adds its shared expert so), its weights read in the
+    same loops as the routed experts'. None when the kernel does not apply (as :func:`amx_experts`;
+    or a shared expert of other dims, or with biases or another activation): then dispatch."""
     dims = _amx_swiglu_dims(x_TD, w13_e2FD, w2_eDF)
     T, K = ids_TK.shape
     if dims is None or weights_TK.shape != (T, K) or not extras.ok:
         return None
     E, D, F = dims
-    ids, wts, out, xp, ap, ys, rows = _amx_moe_buffers(ids_TK, weights_TK, E, D, F)
+    sw13 = sw2 = None
+    if shared is not None:
+        sw13, sw2 = shared
+        if (extras.ref is not None or sw13.shape != (2 * F, D) or sw2.shape != (D, F) or sw13.stride() != (D, 1)
+                or sw2.stride() != (F, 1) or kernel_dtype(x_TD, sw13, sw2) is None):
+            return None
+    n = int(shared is not None)  # the shared expert: one more expert, one more row a token
+    ids, wts, out, xp, ap, ys, rows = _amx_moe_buffers(ids_TK, weights_TK, E + n, D, F, K + n)
     rc = load().moe_amx_moe(x_TD.data_ptr(), x_TD.stride(0), T, ids.data_ptr(), wts.data_ptr(), K, E, D, F,
-                            w13_e2FD.data_ptr(), w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0), extras.ref,
-                            out.data_ptr(), xp.data_ptr(), ap.data_ptr(), ys.data_ptr(), rows.data_ptr(),
+                            w13_e2FD.data_ptr(), w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0),
+                            None if sw13 is None else sw13.data_ptr(), None if sw2 is None else sw2.data_ptr(),
+                            extras.ref, out.data_ptr(), xp.data_ptr(), ap.data_ptr(), ys.data_ptr(), rows.data_ptr(),
                             torch.get_num_threads())
     return out if rc == 0 else None
 

@@ -167,10 +167,12 @@ class SlottedExperts(nn.Module):
     """The experts interface every experts module implements (plain, packed, offloaded).
 
     - ``forward(x_RD, counts_e) -> y_RD``: rows grouped by slot, as a dispatcher hands them over.
-    - ``forward_local(x_TD, ids_TK, weights_TK) -> y_TD | None``: dispatch, experts and combine
-      in one go for a layer whose experts are all on this process (a one-token step through
-      :meth:`forward_token`); None where that does not apply (then dispatch). Only classes with
-      ``has_forward_local`` offer it and :meth:`forward_token`; ``SparseMoE`` reads the flag once.
+    - ``forward_local(x_TD, ids_TK, weights_TK, shared=None) -> y_TD | None``: dispatch, experts
+      and combine in one go for a layer whose experts are all on this process (a one-token step
+      through :meth:`forward_token`); None where that does not apply (then dispatch). Only classes
+      with ``has_forward_local`` offer it and :meth:`forward_token`; ``SparseMoE`` reads the flag
+      once. Classes with ``fuses_shared`` also take a shared expert's ``(w13, w2)`` there, added as
+      :meth:`forward_token` adds it (None where that call does not apply).
     - ``forward_token(x_1D, ids_K, weights_K, shared=None, residual=None, into=None)``: one token
       (the captured batch-1 decode, :mod:`moe.cpu_decode`), optionally with a shared expert and the
       decoder's residual add and next norm in the same C call, written to ``into``
@@ -186,6 +188,7 @@ class SlottedExperts(nn.Module):
 
     offloaded: bool = False  # the tensors stay in the checkpoint files (experts/offload.py)
     has_forward_local: bool = False  # forward_local and forward_token exist
+    fuses_shared: bool = False  # forward_local takes a shared expert
 
     def _set_slots(self, num_experts: int, expert_start: int, num_local_experts: int | None,
                    slot_experts: Sequence[int] | None) -> None:
@@ -226,7 +229,8 @@ class SlottedExperts(nn.Module):
     def forward(self, x_RD: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward_local(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor | None:
+    def forward_local(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                      shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
         return None
 
     def forward_token(self, x_1D: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor,
@@ -281,6 +285,7 @@ class GroupedExperts(SlottedExperts):
     """
 
     has_forward_local = True
+    fuses_shared = True
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, *, bias: bool = False,
                  activation: Activation = Activation(), dtype: torch.dtype = torch.float32,
@@ -410,16 +415,19 @@ class GroupedExperts(SlottedExperts):
             self._token_plan = ((w13.data_ptr(), w2.data_ptr()), plan)
         return plan
 
-    def forward_local(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor | None:
+    def forward_local(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                      shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
         """Dispatch, :meth:`forward` and combine of a layer whose experts are all here
         (:class:`parallel.dispatch.LocalDispatcher`): one token through :meth:`forward_token`
         (no permutation needed); more as one C call on CPUs with AMX or AVX512-BF16 (any number of
-        rows), with the same arithmetic; None when that does not apply (then dispatch)."""
+        rows), with the same arithmetic; None when that does not apply (then dispatch). ``shared``:
+        a plain shared expert's ``(w13, w2)``, added (bf16) in the same call, or None returned where
+        that call does not take it."""
         if x_TD.shape[0] == 1:
-            return self.forward_token(x_TD, ids_TK[0], weights_TK[0])
+            return self.forward_token(x_TD, ids_TK[0], weights_TK[0], shared)
         if x_TD.device.type != "cpu" or self.resolved_backend != "torch" or not self.holds_all:
             return None
-        return cpu_kernels.amx_moe(x_TD, ids_TK, weights_TK, self.w13, self.w2, self.tile_extras())
+        return cpu_kernels.amx_moe(x_TD, ids_TK, weights_TK, self.w13, self.w2, self.tile_extras(), shared)
 
     def forward(self, x_RD: torch.Tensor, counts_e: torch.Tensor) -> torch.Tensor:
         backend = self.resolved_backend

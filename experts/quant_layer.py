@@ -251,11 +251,14 @@ class QuantGroupedExperts(SlottedExperts):
             self._token_plan = (self._cpu, plan)
         return plan
 
-    def forward_local(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor | None:
+    def forward_local(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                      shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
         """Dispatch, experts and combine of a step (any number of rows: decode, verify and prompt
         chunks) in one C call on CPUs with AMX (:func:`cpu_kernels.amx_moe_packed`: 16 weight rows
         dequantized at a time for the tiles); one token through :meth:`forward_token`; None where
-        that does not apply (then dispatch)."""
+        that does not apply (then dispatch), and given a ``shared`` expert (not ``fuses_shared``)."""
+        if shared is not None:
+            return None
         if x_TD.shape[0] == 1:
             return self.forward_token(x_TD, ids_TK[0], weights_TK[0])
         w = self._one_call_layouts()

@@ -1095,6 +1095,33 @@ def test_amx_moe_equals_dispatch_experts_combine(T, K, E, D, F, gpt_oss, monkeyp
         assert (y == want).float().mean() > 0.99 and (y.float() - want.float()).abs().max() <= tol
 
 
+@pytest.mark.parametrize("T,K,E,D,F", [(2, 2, 8, 64, 96), (64, 4, 16, 64, 64), (70, 2, 4, 64, 96),
+                                       (300, 4, 8, 320, 288)])  # a shared expert of 2-63, 64+ and 256+ rows
+def test_amx_moe_with_a_shared_expert_equals_the_routed_sum_plus_the_shared_mlp(T, K, E, D, F):
+    # the shared expert in the routed experts' call: bit-identical to the routed experts' call, the
+    # shared expert's own call, and their bf16 sum (SparseMoE's path without it)
+    from experts.grouped import GroupedExperts, swiglu_mlp_cpu
+
+    g = torch.Generator().manual_seed(T * K + E)
+    mod = GroupedExperts(E, D, F, dtype=torch.bfloat16)
+    mod.w13.data.copy_(torch.randn(E, 2 * F, D, generator=g) / D ** 0.5)
+    mod.w2.data.copy_(torch.randn(E, D, F, generator=g) / F ** 0.5)
+    sw13 = (torch.randn(2 * F, D, generator=g) / D ** 0.5).bfloat16()
+    sw2 = (torch.randn(D, F, generator=g) / F ** 0.5).bfloat16()
+    x = torch.randn(T, D, generator=g).bfloat16()
+    w, ids = torch.softmax(torch.randn(T, E, generator=g), -1).topk(K, dim=-1)
+    y = mod.forward_local(x, ids, w, (sw13, sw2))
+    if not cpu_kernels.amx_available():
+        assert y is None
+        return
+    assert torch.equal(y, mod.forward_local(x, ids, w) + swiglu_mlp_cpu(x, sw13, sw2))
+    # what it does not take: another F, strided rows, float32
+    assert cpu_kernels.amx_moe(x, ids, w, mod.w13, mod.w2, shared=(sw13[:, :D - 32], sw2)) is None
+    wide = torch.randn(2 * F, D + 32).bfloat16()[:, :D]
+    assert cpu_kernels.amx_moe(x, ids, w, mod.w13, mod.w2, shared=(wide, sw2)) is None
+    assert cpu_kernels.amx_moe(x, ids, w, mod.w13, mod.w2, shared=(sw13.float(), sw2.float())) is None
+
+
 def test_amx_moe_declines_what_it_does_not_take():
     from experts.grouped import GroupedExperts
 
@@ -1577,6 +1604,33 @@ def test_one_call_layers_equal_the_op_by_op_path(family, kernel, min_calls, chec
     llm = LLM(str(path), dtype="bfloat16", block_size=16)
     ops = [llm.generate([p], sp)[0].outputs[0] for p in prompts]
     for a, b in zip(fast, ops):
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
+
+
+def test_the_shared_expert_in_the_routed_experts_call_equals_its_own_call(checkpoint, monkeypatch, two_threads):
+    # DeepSeek-V3's shared expert (the routed experts' F, ungated) runs in the routed experts' call
+    # for prompt rows (cpu_kernels.amx_moe's shared expert): greedy tokens and log-probs (bf16, two
+    # threads) equal a fresh engine's that calls it on its own and adds it, for prompts of 1-70 tokens
+    from experts.grouped import GroupedExperts
+    from moe import LLM, SamplingParams
+
+    if not cpu_kernels.amx_available():
+        pytest.skip("no AMX / AVX512-BF16 tiles here: neither run takes the experts' one call")
+    path = checkpoint("deepseek_v3")
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (1, 9, 40, 70)]
+    sp = SamplingParams(temperature=0, max_tokens=8, logprobs=3, ignore_eos=True)
+    real, fused = cpu_kernels.amx_moe, []
+    monkeypatch.setattr(cpu_kernels, "amx_moe", lambda *a, **k: fused.append(
+        k.get("shared", a[6] if len(a) > 6 else None) is not None) or real(*a, **k))
+    llm = LLM(str(path), dtype="bfloat16", block_size=16)
+    one = [llm.generate([p], sp)[0].outputs[0] for p in prompts]
+    assert sum(fused) >= 3 * 2  # three prompts of 2+ rows, two MoE layers each
+    monkeypatch.setattr(GroupedExperts, "fuses_shared", False)
+    fused.clear()
+    llm = LLM(str(path), dtype="bfloat16", block_size=16)
+    own = [llm.generate([p], sp)[0].outputs[0] for p in prompts]
+    assert not any(fused)
+    for a, b in zip(one, own):
         assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
 
 

@@ -171,6 +171,12 @@ class SparseMoE(nn.Module):
         # one-call local form, try it first (it declines steps it does not take); else always
         # dispatch -> experts -> combine
         self.fused_local = self.dispatcher.is_local and self.experts.has_forward_local
+        # and the shared expert in the same call where the experts take it: one of the routed
+        # experts' dims, ungated (its weights then stream in the routed experts' loops rather than
+        # in a call of their own, with the add: DeepSeek-V3's shape on machine D, alternating in one
+        # process, 64-token prompts 1.03x, 16 sequences decoding 1.05x, 2048-token prompts 1.02x)
+        self.fused_shared = (self.fused_local and self.experts.fuses_shared and self.shared_expert_gate is None
+                             and cfg.shared_expert_intermediate_size == cfg.moe_intermediate_size)
 
     def forward(self, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         weights_TK, ids_TK = self.route(x_TD, ctx)
@@ -192,6 +198,11 @@ class SparseMoE(nn.Module):
     def experts_and_shared(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor,
                            ctx: ForwardContext) -> torch.Tensor:
         """The routed experts' weighted sum for tokens already routed, plus the shared expert."""
+        se = self.shared_expert
+        if self.fused_shared and se.plain:
+            y_TD = self.experts.forward_local(x_TD, ids_TK, weights_TK, (se.gate_up_proj.weight, se.down_proj.weight))
+            if y_TD is not None:
+                return y_TD
         y_TD = self.experts.forward_local(x_TD, ids_TK, weights_TK) if self.fused_local else None
         if y_TD is None:
             x_RD, counts_e, meta = self.dispatcher.dispatch(x_TD, ids_TK, weights_TK, ctx.dispatch_step)
