@@ -81,11 +81,20 @@ static inline void rope_row(char *row, const float *c, const float *s, int64_t D
     }
 }
 
+/* Whether every position of pos[T] is a row of a table of npos rows. */
+static int positions_in(const int64_t *pos, int64_t T, int64_t npos) {
+    for (int64_t t = 0; t < T; t++)
+        if (pos[t] < 0 || pos[t] >= npos) return 0;
+    return 1;
+}
+
 /* x [T, H, D] (element strides st, sh; unit stride within a head) rotated in place by the angles
- * of positions pos[T]: cos/sin are float32 [max_pos, D/2]. Pairs (i, i + D/2), or (2i, 2i+1) when
- * interleaved. Returns 0. */
+ * of positions pos[T]: cos/sin are float32 [npos, D/2]. Pairs (i, i + D/2), or (2i, 2i+1) when
+ * interleaved. Returns 0; -2, with nothing written, when a position is not a row of the tables
+ * (the caller grows them and calls again: the check costs the caller nothing). */
 int moe_rope(void *x, int dtype, int64_t T, int64_t H, int64_t D, int64_t st, int64_t sh, const int64_t *pos,
-             const float *cos_tab, const float *sin_tab, int interleaved, int num_threads) {
+             int64_t npos, const float *cos_tab, const float *sin_tab, int interleaved, int num_threads) {
+    if (!positions_in(pos, T, npos)) return -2;
     const int64_t half = D / 2;
     const size_t esz = dtype == BF16 ? 2 : 4;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (T * H * D >= 16384)
@@ -255,10 +264,11 @@ int moe_rms_norm_heads(const void *x, const void *w, void *out, int dtype, int64
  * in cache (one pass over them where the two calls make two): heads h < hq of x [T, H, D] (element
  * strides st, sh; unit stride within a head) take the norm weight wq and eps_q (a qkv row's q heads),
  * the others wk and eps_k (its k heads); positions, tables and pairs as moe_rope. Bit-identical to
- * the two calls. Returns 0. */
+ * the two calls. Returns 0, or -2 as moe_rope. */
 int moe_rms_norm_rope(void *x, const void *wq, float eps_q, const void *wk, float eps_k, int dtype, int64_t T,
-                      int64_t H, int64_t hq, int64_t D, int64_t st, int64_t sh, const int64_t *pos,
+                      int64_t H, int64_t hq, int64_t D, int64_t st, int64_t sh, const int64_t *pos, int64_t npos,
                       const float *cos_tab, const float *sin_tab, int interleaved, int num_threads) {
+    if (!positions_in(pos, T, npos)) return -2;
     const int64_t half = D / 2;
     const size_t esz = dtype == BF16 ? 2 : 4;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (T * H * D >= 16384)

@@ -19,8 +19,8 @@ from .build import DTYPES, address, c_struct, declare, kernel_dtype, load
 
 _i64, _ptr, _int, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 declare({
-    "moe_rope": [_ptr, _int, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int, _int],
-    "moe_rms_norm_rope": [_ptr, _ptr, _f32, _ptr, _f32, _int, *[_i64] * 6, _ptr, _ptr, _ptr, _int, _int],
+    "moe_rope": [_ptr, _int, _i64, _i64, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr, _int, _int],
+    "moe_rms_norm_rope": [_ptr, _ptr, _f32, _ptr, _f32, _int, *[_i64] * 6, _ptr, _i64, _ptr, _ptr, _int, _int],
     "moe_silu_mul": [_ptr, _ptr, _ptr, _int, *[_i64] * 9, _int],
     "moe_rms_norm_heads": [_ptr, _ptr, _ptr, _int, *[_i64] * 7, _f32, _int],
     "moe_add_rms_norm": [_ptr, _ptr, _ptr, _ptr, _ptr, _int, _i64, _i64, _f32, _int],
@@ -42,20 +42,32 @@ def simd_lanes() -> int | None:
     return None if lib is None else int(lib.moe_simd_lanes())
 
 
+class PositionPastTable(IndexError):
+    """A rotary position that is not a row of the cos/sin tables (nothing was written: grow them and
+    call again)."""
+
+
+def _rotated(rc: int) -> bool:
+    if rc == -2:
+        raise PositionPastTable("a position is past the rotary tables' rows")
+    return True
+
+
 def rope_(x_THD: torch.Tensor, positions_T: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor,
           interleaved: bool) -> bool:
     """Rotate ``x_THD`` in place (any strides over T and H, unit stride within a head) by the
     float32 tables ``cos/sin [max_pos, D/2]`` at ``positions_T``. Returns False, leaving ``x``
-    untouched, when the kernel does not apply (then use the torch path)."""
+    untouched, when the kernel does not apply (then use the torch path); raises
+    :class:`PositionPastTable`, leaving it untouched, for a position past the tables' rows."""
     dtype = kernel_dtype(x_THD)
     if dtype is None or x_THD.dim() != 3 or x_THD.shape[-1] % 2 or cos_PH.dtype != torch.float32:
         return False
     T, H, D = x_THD.shape
     pos = positions_T.to(torch.int64).contiguous()
     cos_PH, sin_PH = cos_PH.contiguous(), sin_PH.contiguous()
-    load().moe_rope(x_THD.data_ptr(), dtype, T, H, D, x_THD.stride(0), x_THD.stride(1), pos.data_ptr(),
-                    cos_PH.data_ptr(), sin_PH.data_ptr(), int(interleaved), torch.get_num_threads())
-    return True
+    return _rotated(load().moe_rope(x_THD.data_ptr(), dtype, T, H, D, x_THD.stride(0), x_THD.stride(1),
+                                    pos.data_ptr(), cos_PH.shape[0], cos_PH.data_ptr(), sin_PH.data_ptr(),
+                                    int(interleaved), torch.get_num_threads()))
 
 
 def rms_norm_rope_(x_THD: torch.Tensor, w_q: torch.Tensor, eps_q: float, w_k: torch.Tensor, eps_k: float, hq: int,
@@ -63,7 +75,8 @@ def rms_norm_rope_(x_THD: torch.Tensor, w_q: torch.Tensor, eps_q: float, w_k: to
     """:func:`rms_norm` of each head of ``x_THD`` in place (heads ``h < hq`` by ``w_q`` and ``eps_q``, the
     others by ``w_k`` and ``eps_k``: a qkv row's q heads then its k heads), then :func:`rope_` of it,
     each row normalized and rotated while in cache; bit-identical to those two calls. bf16 ``x`` only
-    (the norm's kernel dtype). Returns False, leaving ``x`` untouched, when the kernel does not apply."""
+    (the norm's kernel dtype). Returns False, leaving ``x`` untouched, when the kernel does not apply;
+    raises :class:`PositionPastTable` as :func:`rope_`."""
     if (x_THD.dtype != torch.bfloat16 or x_THD.dim() != 3 or x_THD.stride(-1) != 1 or x_THD.shape[-1] % 2
             or cos_PH.dtype != torch.float32 or not 0 <= hq <= x_THD.shape[1]):
         return False
@@ -73,10 +86,10 @@ def rms_norm_rope_(x_THD: torch.Tensor, w_q: torch.Tensor, eps_q: float, w_k: to
     T, H, D = x_THD.shape
     pos = positions_T.to(torch.int64).contiguous()
     w_q, w_k, cos_PH, sin_PH = (t.contiguous() for t in (w_q, w_k, cos_PH, sin_PH))
-    load().moe_rms_norm_rope(x_THD.data_ptr(), w_q.data_ptr(), eps_q, w_k.data_ptr(), eps_k, dtype, T, H, hq, D,
-                             x_THD.stride(0), x_THD.stride(1), pos.data_ptr(), cos_PH.data_ptr(), sin_PH.data_ptr(),
-                             int(interleaved), torch.get_num_threads())
-    return True
+    return _rotated(load().moe_rms_norm_rope(x_THD.data_ptr(), w_q.data_ptr(), eps_q, w_k.data_ptr(), eps_k, dtype,
+                                             T, H, hq, D, x_THD.stride(0), x_THD.stride(1), pos.data_ptr(),
+                                             cos_PH.shape[0], cos_PH.data_ptr(), sin_PH.data_ptr(), int(interleaved),
+                                             torch.get_num_threads()))
 
 
 def rope_reference(x_THD: torch.Tensor, positions_T: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor,

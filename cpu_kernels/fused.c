@@ -134,7 +134,8 @@ static int mla_rows(const void *plan, const uint16_t *x, int64_t T, const int64_
         uint16_t *row = a->fp8 ? olat_t : cache + slots[t] * c_sslot;
         moe_rms_norm(lat_t, a->kva_norm, row, BF16, 1, C, L, L, a->kv_eps, nt);
         memcpy(row + C, lat_t + C, sizeof(uint16_t) * (size_t)rope);
-        moe_rope(row + C, BF16, 1, 1, rope, L, rope, pos + t, cos_tab, sin_tab, interleaved, 1);
+        /* (the captured step grows the tables to its positions before its loop: no check here) */
+        moe_rope(row + C, BF16, 1, 1, rope, L, rope, pos + t, INT64_MAX, cos_tab, sin_tab, interleaved, 1);
         if (a->fp8) {
             const int64_t s = slots[t], at = (s / a->block_size) * a->fp8->sblock + (s % a->block_size) * a->fp8->sslot;
             moe_quantize_e4m3(row, 1, L, (uint8_t *)cache + s * c_sslot, L, a->fp8->k + at, 1);
@@ -142,7 +143,7 @@ static int mla_rows(const void *plan, const uint16_t *x, int64_t T, const int64_
         moe_heads_vec(q_t, qk, w_kvb, (nope + v) * C, C, C, nope, H, 0, qfull_t, L, nt);
         for (int64_t h = 0; h < H; h++)
             memcpy(qfull_t + h * L + C, q_t + h * qk + nope, sizeof(uint16_t) * (size_t)rope);
-        moe_rope(qfull_t + C, BF16, 1, H, rope, H * L, L, pos + t, cos_tab, sin_tab, interleaved, 1);
+        moe_rope(qfull_t + C, BF16, 1, H, rope, H * L, L, pos + t, INT64_MAX, cos_tab, sin_tab, interleaved, 1);
         moe_paged_decode(qfull_t, olat_t, cache, cache, BF16, a->fp8, 1, H, 1, L, C, c_sblock, c_sslot, L, c_sblock,
                          c_sslot, L, a->block_size, table_t, 0, &len_t, NULL, 0, NULL, a->scale, nt);
         moe_heads_vec(olat_t, C, w_kvb + nope * C, (nope + v) * C, C, v, C, H, 1, o + t * S, v, nt);
@@ -211,7 +212,7 @@ static int gqa_rows(const void *plan, const uint16_t *x, int64_t T, const int64_
             moe_rms_norm(q, a->q_norm, q, BF16, H, hd, hd, hd, eps, 1);
             moe_rms_norm(k, a->k_norm, k, BF16, Hkv, hd, hd, hd, eps, 1);
         }
-        moe_rope(q, BF16, 1, H + Hkv, hd, (H + Hkv) * hd, hd, pos + t, cos_tab, sin_tab, interleaved, 1);
+        moe_rope(q, BF16, 1, H + Hkv, hd, (H + Hkv) * hd, hd, pos + t, INT64_MAX, cos_tab, sin_tab, interleaved, 1);
         for (int64_t h = 0; h < Hkv; h++) {
             if (a->fp8) {  /* e4m3 rows (strides in bytes) and their scales, as the op path's write_kv */
                 const Fp8Scales *f = a->fp8;

@@ -48,9 +48,9 @@ int moe_rms_norm(const void *x, const void *w, void *out, int dtype, int64_t R, 
 int moe_rms_norm_heads(const void *x, const void *w, void *out, int dtype, int64_t T, int64_t H, int64_t D,
                        int64_t sx_t, int64_t sx_h, int64_t so_t, int64_t so_h, float eps, int num_threads);
 int moe_rope(void *x, int dtype, int64_t T, int64_t H, int64_t D, int64_t st, int64_t sh, const int64_t *pos,
-             const float *cos_tab, const float *sin_tab, int interleaved, int num_threads);
+             int64_t npos, const float *cos_tab, const float *sin_tab, int interleaved, int num_threads);
 int moe_rms_norm_rope(void *x, const void *wq, float eps_q, const void *wk, float eps_k, int dtype, int64_t T,
-                      int64_t H, int64_t hq, int64_t D, int64_t st, int64_t sh, const int64_t *pos,
+                      int64_t H, int64_t hq, int64_t D, int64_t st, int64_t sh, const int64_t *pos, int64_t npos,
                       const float *cos_tab, const float *sin_tab, int interleaved, int num_threads);
 int moe_add_rms_norm(const void *h, const void *d, const void *w, void *h_out, void *out, int dtype, int64_t R,
                      int64_t D, float eps, int num_threads);

@@ -9,7 +9,8 @@ path each falls back to is the reference its C kernel is tested against.
   :class:`PackedLinearWeight`: an int4 / int8 weight either of them takes in place of a tensor.
 - :func:`silu_mul`: SwiGLU's ``silu(gate) * up``.
 - :func:`rms_norm`, :func:`add_rms_norm`: RMSNorm, and the residual add followed by it.
-- :func:`rope_`: rotary embedding in place; :func:`rms_norm_rope_`: per-head RMSNorm then it, in one pass.
+- :func:`rope_`: rotary embedding in place; :func:`rms_norm_rope_`: per-head RMSNorm then it, in one pass
+  (both raise :class:`PositionPastTable`, nothing written, for a position past the tables).
 - :func:`per_head`: one GEMM per head (MLA).
 - :func:`write_rows`: new K/V rows into a paged cache.
 - :func:`argmax_rows`: the greedy choice per row of logits; :func:`draw_rows`: a keyed draw per row
@@ -21,10 +22,9 @@ from .kv import write_rows
 from .linear import (ROW_BUCKET, SMALL_M, PackedLinearWeight, bmm, grouped_linear, linear, lm_head_logits, mm, pad_rows,
                      padded_rows)
 from .norm import add_rms_norm, rms_norm
-from .rope import rms_norm_rope_, rope_
+from .rope import PositionPastTable, rms_norm_rope_, rope_
 from .sample import argmax_rows, draw_rows, top_logprobs
 
-__all__ = ["ROW_BUCKET", "SMALL_M", "PackedLinearWeight", "add_rms_norm", "argmax_rows", "bmm", "draw_rows",
-           "grouped_linear",
-           "linear", "lm_head_logits", "mm", "pad_rows", "padded_rows", "per_head", "rms_norm", "rms_norm_rope_",
-           "rope_", "silu_mul", "top_logprobs", "write_rows"]
+__all__ = ["ROW_BUCKET", "SMALL_M", "PackedLinearWeight", "PositionPastTable", "add_rms_norm", "argmax_rows", "bmm",
+           "draw_rows", "grouped_linear", "linear", "lm_head_logits", "mm", "pad_rows", "padded_rows", "per_head",
+           "rms_norm", "rms_norm_rope_", "rope_", "silu_mul", "top_logprobs", "write_rows"]

@@ -58,3 +58,40 @@ def test_default_and_linear_rope_and_unknown_type():
     torch.testing.assert_close(inv2, inv / 4)
     with pytest.raises(ValueError, match="rope_type 'dynamic' is not supported"):
         rope_inv_freq(8, {"rope_type": "dynamic", "factor": 2.0}, 128)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("norms", [False, True])
+def test_positions_past_the_tables_grow_them_and_rotate_as_positions_within(dtype, norms):
+    # the C rotations check every position against the tables' rows (nothing written past them) and
+    # the rotary grows its tables then: rows at positions past the first tables rotate as the
+    # reference rotates them at those positions, q and k of one qkv row alike
+    import cpu_kernels
+    from cpu_kernels.elementwise import PositionPastTable, rope_reference
+    from moe.models.layers import RMSNorm
+    from moe.models.rope import RotaryEmbedding
+
+    rot = RotaryEmbedding(16, 64, {"rope_theta": 10000.0})
+    first = rot.max_pos
+    g = torch.Generator().manual_seed(0)
+    positions = torch.tensor([3, first - 1, first, 3 * first + 5])
+    qkv = torch.randn(4, 6, 16, generator=g).to(dtype)  # 4 q heads, 2 k heads
+    x = qkv.clone()
+    if cpu_kernels.load() is not None:  # the kernel leaves x untouched past the tables
+        with pytest.raises(PositionPastTable):
+            cpu_kernels.rope_(x, positions, rot.cos, rot.sin, False)
+        assert torch.equal(x, qkv)
+    qn, kn = RMSNorm(16, 1e-6, dtype), RMSNorm(16, 1e-6, dtype)
+    qn.weight.data.uniform_(0.5, 1.5, generator=g)
+    kn.weight.data.uniform_(0.5, 1.5, generator=g)
+    q, k = rot.rotate_pair_(positions, x[:, :4], x[:, 4:], (qn, kn) if norms else None)
+    assert rot.max_pos > 3 * first + 5
+    want = qkv.clone()
+    if norms:
+        want = torch.cat([qn(want[:, :4].contiguous()), kn(want[:, 4:].contiguous())], dim=1)
+    want = rope_reference(want, positions, rot.cos, rot.sin, False)
+    torch.testing.assert_close(torch.cat([q, k], dim=1), want, atol=0, rtol=0)
+    fresh = RotaryEmbedding(16, 64, {"rope_theta": 10000.0})  # one-tensor rotation grows the same way
+    torch.testing.assert_close(fresh.rotate_(positions, qkv.clone()), rope_reference(qkv, positions, rot.cos,
+                                                                                      rot.sin, False),
+                               atol=0, rtol=0)

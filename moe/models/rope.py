@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from ops import rms_norm_rope_, rope_
+from ops import PositionPastTable, rms_norm_rope_, rope_
 
 
 def _yarn_inv_freq(dim: int, base: float, p: dict, max_pos: int) -> tuple[torch.Tensor, float]:
@@ -86,8 +86,11 @@ class RotaryEmbedding(nn.Module):
 
     def rotate_(self, positions_T: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Rotate ``x [T, H, dim]`` in place (:func:`ops.rope_`) and return it."""
-        self.grow_for(positions_T)
-        return rope_(x, positions_T, self.cos, self.sin, self.interleaved)
+        try:
+            return rope_(x, positions_T, self.cos, self.sin, self.interleaved)
+        except PositionPastTable:  # (raised before anything is written: the tables grow only here)
+            self.grow_for(positions_T)
+            return rope_(x, positions_T, self.cos, self.sin, self.interleaved)
 
     def rotate_pair_(self, positions_T: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                      norms: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,19 +99,25 @@ class RotaryEmbedding(nn.Module):
         decode step), else one each (never a concatenated copy). ``norms``: the per-head RMSNorms of
         q and k (``.weight``, ``.eps``), applied first, in the same pass (:func:`ops.rms_norm_rope_`)."""
         T, Hq, D = q.shape
-        self.grow_for(positions_T)
         joint = (k.dtype == q.dtype and k.shape[0] == T and k.shape[2] == D and k.stride() == q.stride()
                  and q.stride(1) == D and q.stride(0) >= (Hq + k.shape[1]) * D
                  and k.data_ptr() == q.data_ptr() + Hq * D * q.element_size())
         parts = [(q.as_strided((T, Hq + k.shape[1], D), q.stride()), Hq)] if joint else [(q, Hq), (k, 0)]
         for x, hq in parts:
-            if norms is None:
-                rope_(x, positions_T, self.cos, self.sin, self.interleaved)
-            else:
-                qn, kn = norms
-                rms_norm_rope_(x, qn.weight, qn.eps, kn.weight, kn.eps, hq, positions_T, self.cos, self.sin,
-                               self.interleaved)
+            try:
+                self._rotate_part(positions_T, x, hq, norms)
+            except PositionPastTable:  # (raised before anything is written; the parts share the positions)
+                self.grow_for(positions_T)
+                self._rotate_part(positions_T, x, hq, norms)
         return q, k
+
+    def _rotate_part(self, positions_T: torch.Tensor, x: torch.Tensor, hq: int, norms: tuple | None) -> None:
+        if norms is None:
+            rope_(x, positions_T, self.cos, self.sin, self.interleaved)
+        else:
+            qn, kn = norms
+            rms_norm_rope_(x, qn.weight, qn.eps, kn.weight, kn.eps, hq, positions_T, self.cos, self.sin,
+                           self.interleaved)
 
     def grow_for(self, positions_T: torch.Tensor) -> None:
         """Extend the cos/sin tables past the largest of ``positions_T`` if needed."""
