@@ -179,7 +179,7 @@ class SparseMoE(nn.Module):
                              and cfg.shared_expert_intermediate_size == cfg.moe_intermediate_size)
         self._shared_pair: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _shared_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def shared_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The shared expert's ``(w13, w2)``, one tuple while they stay (a one-token call's plan is
         kept for the tuple it was built with)."""
         w = (self.shared_expert.gate_up_proj.weight, self.shared_expert.down_proj.weight)
@@ -210,7 +210,7 @@ class SparseMoE(nn.Module):
         """The routed experts' weighted sum for tokens already routed, plus the shared expert."""
         se = self.shared_expert
         if self.fused_shared and se.plain:
-            y_TD = self.experts.forward_local(x_TD, ids_TK, weights_TK, self._shared_weights())
+            y_TD = self.experts.forward_local(x_TD, ids_TK, weights_TK, self.shared_weights())
             if y_TD is not None:
                 return y_TD
         y_TD = self.experts.forward_local(x_TD, ids_TK, weights_TK) if self.fused_local else None
