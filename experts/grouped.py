@@ -242,6 +242,14 @@ class SlottedExperts(nn.Module):
         """The plan of :meth:`forward_token`'s one C call (a captured step runs it from C), or None."""
         return None
 
+    @staticmethod
+    def _same_shared(kept: tuple[torch.Tensor, ...] | None, shared: tuple[torch.Tensor, ...] | None) -> bool:
+        """Whether a plan built for shared expert ``kept`` serves ``shared``: the same tensors (callers
+        build their tuples afresh; a plan is kept per weights, not per tuple)."""
+        if kept is None or shared is None:
+            return kept is shared
+        return len(kept) == len(shared) and all(a is b for a, b in zip(kept, shared))
+
     def tile_extras(self) -> cpu_kernels.StackedExtras:
         """What the experts kernels (:func:`cpu_kernels.amx_moe` and kin) take for these experts'
         biases and activation (none for plain SwiGLU), checked once per bias tensors."""
@@ -409,7 +417,7 @@ class GroupedExperts(SlottedExperts):
         if self.resolved_backend != "torch" or not self.holds_all or w13.device.type != "cpu":
             return None
         key, plan = self._token_plan
-        if key != (w13.data_ptr(), w2.data_ptr()) or plan.shared is not shared:
+        if key != (w13.data_ptr(), w2.data_ptr()) or not self._same_shared(plan.shared, shared):
             act = self.activation
             plan = cpu_kernels.MoeToken(w13, w2, shared, self.b13, self.b2, act.alpha, act.limit)
             self._token_plan = ((w13.data_ptr(), w2.data_ptr()), plan)

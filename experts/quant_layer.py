@@ -243,7 +243,7 @@ class QuantGroupedExperts(SlottedExperts):
         if w is None:
             return None
         layouts, plan = self._token_plan
-        if layouts is not self._cpu or plan.shared is not shared:
+        if layouts is not self._cpu or not self._same_shared(plan.shared, shared):
             w13, w2 = w
             act = self.activation
             plan = cpu_kernels.QuantMoeToken(*w13.kernel, w13.token_args(), w2.token_args(), shared, self.b13, self.b2,

@@ -211,11 +211,9 @@ class _MoEToken(_OpsMlp):
     def __init__(self, moe: SparseMoE, norm: RMSNorm):
         super().__init__(moe, norm)
         se, gate = moe.shared_expert, moe.shared_expert_gate
-        # (w13, w2) (the tuple the block hands its own one-token calls: the experts keep one plan per
-        # tuple), and a gated one's gate row (Qwen2-MoE: the output times sigmoid(gate . x))
-        self.shared = None
-        if se is not None:
-            self.shared = moe.shared_weights() if gate is None else (*moe.shared_weights(), gate.weight)
+        # (w13, w2), and a gated one's gate row (Qwen2-MoE: the output times sigmoid(gate . x))
+        self.shared = None if se is None else (se.gate_up_proj.weight, se.down_proj.weight) + (
+            (gate.weight,) if gate is not None else ())
         self.router = self._router(moe)
 
     @staticmethod

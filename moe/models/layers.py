@@ -177,16 +177,6 @@ class SparseMoE(nn.Module):
         # process, 64-token prompts 1.03x, 16 sequences decoding 1.05x, 2048-token prompts 1.02x)
         self.fused_shared = (self.fused_local and self.experts.fuses_shared and self.shared_expert_gate is None
                              and cfg.shared_expert_intermediate_size == cfg.moe_intermediate_size)
-        self._shared_pair: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def shared_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The shared expert's ``(w13, w2)``, one tuple while they stay (a one-token call's plan is
-        kept for the tuple it was built with)."""
-        w = (self.shared_expert.gate_up_proj.weight, self.shared_expert.down_proj.weight)
-        kept = self._shared_pair
-        if kept is None or kept[0] is not w[0] or kept[1] is not w[1]:
-            self._shared_pair = kept = w
-        return kept
 
     def forward(self, x_TD: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         weights_TK, ids_TK = self.route(x_TD, ctx)
@@ -210,7 +200,7 @@ class SparseMoE(nn.Module):
         """The routed experts' weighted sum for tokens already routed, plus the shared expert."""
         se = self.shared_expert
         if self.fused_shared and se.plain:
-            y_TD = self.experts.forward_local(x_TD, ids_TK, weights_TK, self.shared_weights())
+            y_TD = self.experts.forward_local(x_TD, ids_TK, weights_TK, (se.gate_up_proj.weight, se.down_proj.weight))
             if y_TD is not None:
                 return y_TD
         y_TD = self.experts.forward_local(x_TD, ids_TK, weights_TK) if self.fused_local else None
