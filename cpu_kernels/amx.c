@@ -710,9 +710,9 @@ int moe_amx_experts(const uint16_t *x, int64_t ldx, const int64_t *counts, int64
 /* dispatch, experts and combine of moe_amx_moe with weights from w13 and w2 */
 static int run_moe(const uint16_t *x, int64_t ldx, int64_t T, const int64_t *ids, const float *wts, int64_t K,
                    int64_t E, int64_t D, int64_t F, const wsrc *w13, const wsrc *w2, const StackedExtras *ex,
-                   int shared, uint16_t *out, uint16_t *xp, uint16_t *ap, uint16_t *ys, int64_t *rows,
-                   int num_threads) {
-    /* shared: expert E (its weights w13->xw, w2->xw) takes every token too, a token's last row */
+                   uint16_t *out, uint16_t *xp, uint16_t *ap, uint16_t *ys, int64_t *rows, int num_threads) {
+    /* a shared expert (w13->xe == E, its weights at w13->xw, w2->xw) takes every token too, a token's last row */
+    const int shared = w13->xe == E;
     const int64_t Ex = E + (shared != 0), Kx = K + (shared != 0);
     int64_t counts[Ex], at[Ex];
     memset(counts, 0, sizeof counts);
@@ -776,10 +776,9 @@ int moe_amx_moe(const uint16_t *x, int64_t ldx, int64_t T, const int64_t *ids, c
                 const uint16_t *sw13, const uint16_t *sw2, const StackedExtras *ex, uint16_t *out, uint16_t *xp,
                 uint16_t *ap, uint16_t *ys, int64_t *rows, int num_threads) {
 #if defined(HAVE_TILES)
-    const int shared = sw13 != NULL && sw2 != NULL;
-    const wsrc a13 = {.w = w13, .s = s13, .xw = sw13, .xe = shared ? E : -1},
-               a2 = {.w = w2, .s = s2, .xw = sw2, .xe = shared ? E : -1};
-    return run_moe(x, ldx, T, ids, wts, K, E, D, F, &a13, &a2, ex, shared, out, xp, ap, ys, rows, num_threads);
+    const int64_t xe = sw13 != NULL && sw2 != NULL ? E : -1;
+    const wsrc a13 = {.w = w13, .s = s13, .xw = sw13, .xe = xe}, a2 = {.w = w2, .s = s2, .xw = sw2, .xe = xe};
+    return run_moe(x, ldx, T, ids, wts, K, E, D, F, &a13, &a2, ex, out, xp, ap, ys, rows, num_threads);
 #else
     (void)x; (void)ldx; (void)T; (void)ids; (void)wts; (void)K; (void)E; (void)D; (void)F; (void)w13; (void)s13;
     (void)w2; (void)s2; (void)sw13; (void)sw2; (void)ex; (void)out; (void)xp; (void)ap; (void)ys; (void)rows;
@@ -805,7 +804,7 @@ int moe_amx_moe_packed(const uint16_t *x, int64_t ldx, int64_t T, const int64_t 
                       .G = G13, .gs = gs, .bn = bn, .xe = -1};
     const wsrc a2 = {.q = q2, .eq = eq2, .ldq = ldq2, .fmt = fmt, .lut = lut, .sc = s2, .off = b2, .es = es2,
                      .G = G2, .gs = gs, .bn = bn, .xe = -1};
-    return run_moe(x, ldx, T, ids, wts, K, E, D, F, &a13, &a2, ex, 0, out, xp, ap, ys, rows, num_threads);
+    return run_moe(x, ldx, T, ids, wts, K, E, D, F, &a13, &a2, ex, out, xp, ap, ys, rows, num_threads);
 #else
     (void)x; (void)ldx; (void)T; (void)ids; (void)wts; (void)K; (void)E; (void)D; (void)F; (void)fmt; (void)lut;
     (void)ex;
