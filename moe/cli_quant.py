@@ -120,8 +120,10 @@ def prune(
                                                help="Text file: one calibration prompt per paragraph "
                                                     "(blank-line separated; default: the whole file as one)."),
     max_prompt_tokens: int = typer.Option(512, help="Longest calibration prompt, in tokens (longer ones split)."),
-    score: str = typer.Option("freq", "--score", help="freq (tokens routed to the expert) or reap (mean router "
-                                                      "weight x expert output norm over its tokens)."),
+    score: str = typer.Option("freq", "--score", help="freq (tokens routed to the expert), reap (mean router "
+                                                      "weight x expert output norm over its tokens) or recon (the "
+                                                      "experts whose removal least changes each layer's output, "
+                                                      "dropped one at a time)."),
     heldout: Optional[Path] = typer.Option(None, "--heldout", help="Text to measure the pruned model's quality on "
                                                                    "(default: the calibration text)."),
     eval_windows: int = typer.Option(16, "--eval-windows", help="256-token windows of that text to measure "
@@ -141,12 +143,12 @@ def prune(
     unpruned layers (``--refit``); then report the pruned model's top-1 agreement with the original and
     its perplexity, teacher-forced on ``--heldout`` text."""
     from .distill_data import read_documents, token_stream, windows
-    from .prune import SCORES, calibration_scores, prune_checkpoint, pruned_quality
+    from .prune import SCORES, calibration_scores, prune_checkpoint, pruned_quality, score_names
     from .tokenizer import Tokenizer
 
     try:
         if score not in SCORES:
-            raise ValueError(f"--score {score!r}: choose {' or '.join(SCORES)}")
+            raise ValueError(f"--score {score!r}: choose {score_names()}")
         if calibration is None:
             raise ValueError("--calibration FILE is needed: expert usage is measured on text like your workload's")
         if eval_windows < 0:

@@ -1,13 +1,25 @@
 """``moe prune``: drop each MoE layer's least useful routed experts and write a smaller checkpoint.
 
 Usefulness is measured, not guessed: calibration prompts run through the engine and every MoE layer
-keeps the ``keep`` experts with the highest score. Two scores:
+keeps the ``keep`` experts with the highest score. Three scores:
 
 * ``freq``: tokens routed to the expert (``record_expert_counts=True``, :meth:`moe.LLM.expert_counts`);
 * ``reap`` (REAP, router-weighted expert activation pruning): the mean, over the calibration tokens
   routed to the expert, of its router weight times the norm of its output, ``mean_t g_e(x_t) ||E_e(x_t)||``
-  -- an expert that is picked often but contributes little to the layer's output ranks low.
- The output is the same Hugging Face layout with fewer experts:
+  -- an expert that is picked often but contributes little to the layer's output ranks low;
+* ``recon`` (layer-wise reconstruction, the criterion of Lu et al. 2024, "Not All Experts are Equal",
+  which searches every subset): starting from all experts, each layer drops, one at a time, the expert
+  whose removal changes the layer's routed output least over the calibration tokens (squared error of
+  the weighted sum of expert outputs, the router restricted to the experts left as the pruned router
+  is); an expert scores by how late it goes, so the ``keep`` best are the set left at ``keep``. It
+  judges experts together (two experts that do the same job: one of them goes), where ``freq`` and
+  ``reap`` score each alone. On the default model the greedy order kept the sets an exhaustive
+  search over every subset keeps, at 6 and at 4 of 8 (docs/speculative.md). Cost: every expert runs
+  on every kept calibration token (up to ``RECON_TOKENS`` a layer, within ``RECON_BYTES``), and about
+  ``E^2 / 2`` subsets are tried a layer: for models with tens of experts, not hundreds
+  (``RECON_MAX_EXPERTS``).
+
+The output is the same Hugging Face layout with fewer experts:
 per-expert tensors (``...experts.{e}...``) of dropped experts are left out and the kept ones
 renumbered ``0..keep-1`` in their original order; stacked expert tensors (gpt-oss) and the
 router's rows (weight, bias, DeepSeek's correction bias) are sliced to the kept experts; the
@@ -49,7 +61,10 @@ class PruneReport:
     bytes_out: int = 0
 
 
-SCORES = ("freq", "reap")
+SCORES = ("freq", "reap", "recon")
+RECON_TOKENS = 32768  # calibration rows a layer the recon score keeps at most (the first ones) ...
+RECON_BYTES = 1 << 30  # ... and as many as keep all layers' inputs, and one layer's expert outputs, in this
+RECON_MAX_EXPERTS = 64
 
 
 def choose_experts(counts: torch.Tensor, keep: int) -> list[list[int]]:
@@ -131,39 +146,62 @@ def calibration_scores(model: str | Path, prompts: Sequence[str | dict], score: 
     from . import LLM, SamplingParams
 
     if score not in SCORES:
-        raise ValueError(f"--score {score!r}: choose {' or '.join(SCORES)}")
+        raise ValueError(f"--score {score!r}: choose {score_names()}")
     llm = LLM(str(model), dtype=dtype, record_expert_counts=True)
-    reap = ReapRecorder(llm.engine.runner.model.sparse_layers()) if score == "reap" else None
+    layers = llm.engine.runner.model.sparse_layers()
+    recorder = ReapRecorder(layers) if score == "reap" else ReconRecorder(layers) if score == "recon" else None
     try:
         outs = llm.generate(list(prompts), SamplingParams(max_tokens=1, temperature=0))
     finally:
-        if reap is not None:
-            reap.remove()
+        if recorder is not None:
+            recorder.remove()
     bad = [o.error for o in outs if o.error]
     if bad:
         raise ValueError(f"calibration prompt rejected: {bad[0]}")
     counts = llm.expert_counts()
-    if reap is None:
+    if recorder is None:
         return counts, counts
-    if not torch.equal(reap.counts_LE, counts.to(torch.int64)):  # a step bypassed the MoE modules' forward
-        raise RuntimeError("REAP saw other tokens than the engine routed; calibrate on prompts of 2+ tokens")
-    return reap.scores(), counts
+    if not torch.equal(recorder.counts_LE, counts.to(torch.int64)):  # a step bypassed the MoE modules' forward
+        raise RuntimeError(f"--score {score} saw other tokens than the engine routed; calibrate on prompts of 2+ "
+                           "tokens")
+    return recorder.scores(), counts
 
 
-class ReapRecorder:
-    """Accumulates REAP sums on the engine's MoE layers through forward pre-hooks: each layer's input is
-    routed again (:func:`routing.route`, as the layer does) and every routed row run through that
-    expert alone, unweighted, to read ``||E_e(x)||``."""
+def score_names() -> str:
+    """The scores, for messages: ``freq, reap or recon``."""
+    return f"{', '.join(SCORES[:-1])} or {SCORES[-1]}"
+
+
+class _LayerHooks:
+    """Forward pre-hooks on the engine's MoE layers (one process: every expert local), removed by :meth:`remove`:
+    a subclass's ``_hook(i)`` for layer ``i``."""
+
+    score = ""
 
     def __init__(self, layers: Sequence[torch.nn.Module]):
         if not layers:
             raise ValueError("the model has no MoE layers to score")
         if not all(layer.dispatcher.is_local for layer in layers):
-            raise ValueError("--score reap runs on one process (every expert local); drop --sharding")
-        E = layers[0].router_cfg.num_experts
+            raise ValueError(f"--score {self.score} runs on one process (every expert local); drop --sharding")
+        self.handles = [layer.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(layers)]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class ReapRecorder(_LayerHooks):
+    """Accumulates REAP sums on the engine's MoE layers through forward pre-hooks: each layer's input is
+    routed again (:func:`routing.route`, as the layer does) and every routed row run through that
+    expert alone, unweighted, to read ``||E_e(x)||``."""
+
+    score = "reap"
+
+    def __init__(self, layers: Sequence[torch.nn.Module]):
+        E = layers[0].router_cfg.num_experts if layers else 0
         self.sums_LE = torch.zeros(len(layers), E, dtype=torch.float64)
         self.counts_LE = torch.zeros(len(layers), E, dtype=torch.int64)
-        self.handles = [layer.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(layers)]
+        super().__init__(layers)
 
     def _hook(self, i: int):
         from routing import route
@@ -186,9 +224,75 @@ class ReapRecorder:
         """Mean router weight x output norm per expert (0 for an expert no calibration token reached)."""
         return (self.sums_LE / self.counts_LE.clamp(min=1)).float()
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+
+class ReconRecorder(_LayerHooks):
+    """Keeps each MoE layer's calibration inputs through forward pre-hooks (the first
+    :data:`RECON_TOKENS` rows a layer, fewer where :data:`RECON_BYTES` would not hold them; every routed
+    row counted), then ranks the layer's experts by greedy elimination (:func:`elimination_ranks`)."""
+
+    score = "recon"
+
+    def __init__(self, layers: Sequence[torch.nn.Module], max_tokens: int = RECON_TOKENS):
+        if not layers:
+            raise ValueError("the model has no MoE layers to score")
+        E = layers[0].router_cfg.num_experts
+        if E > RECON_MAX_EXPERTS:
+            raise ValueError(f"--score recon tries ~E^2/2 expert subsets a layer: {E} experts are too many "
+                             f"(at most {RECON_MAX_EXPERTS}); use --score reap")
+        D = layers[0].gate.weight.shape[1]
+        # (inputs kept in the model's dtype for every layer; every expert's float32 output for one layer)
+        elem = layers[0].gate.weight.element_size()
+        max_tokens = min(max_tokens, RECON_BYTES // (len(layers) * D * elem), RECON_BYTES // (E * D * 4))
+        self.layers, self.max_tokens = list(layers), max_tokens
+        self.inputs: list[list[torch.Tensor]] = [[] for _ in layers]
+        self.counts_LE = torch.zeros(len(layers), E, dtype=torch.int64)
+        super().__init__(layers)
+
+    def _hook(self, i: int):
+        from routing import route
+
+        def hook(layer: torch.nn.Module, args: tuple) -> None:
+            x_TD = args[0]
+            ids_TK = route(layer.gate(x_TD), layer.router_cfg, layer.e_score_correction_bias)[1]
+            self.counts_LE[i] += torch.bincount(ids_TK.flatten(), minlength=self.counts_LE.shape[1]).cpu()
+            room = self.max_tokens - sum(len(x) for x in self.inputs[i])
+            if room > 0:
+                self.inputs[i].append(x_TD[:room].detach().clone())
+        return hook
+
+    def scores(self) -> torch.Tensor:
+        """Each expert's elimination rank per layer (higher: kept longer)."""
+        return torch.stack([elimination_ranks(layer, torch.cat(xs)) for layer, xs in zip(self.layers, self.inputs)])
+
+
+def elimination_ranks(layer: torch.nn.Module, x_TD: torch.Tensor) -> torch.Tensor:
+    """Greedy backward elimination of one MoE layer's routed experts over the rows ``x_TD``: while more
+    than ``top_k`` are left, drop the one whose removal moves the layer's routed output (float32 weighted
+    sum of the experts' outputs, routed by :func:`routing.route` over the logits of the experts left, as
+    the pruned model routes) least in squared error from the full layer's; ``[E]`` ranks: the step an
+    expert went at (0 first), ``E`` for the ``top_k`` never dropped."""
+    from routing import route
+
+    cfg, bias = layer.router_cfg, layer.e_score_correction_bias
+    E, K, T = cfg.num_experts, cfg.top_k, x_TD.shape[0]
+    with torch.no_grad():
+        logits_TE = layer.gate(x_TD).float()
+        # every expert's output for every row: the rows repeated, grouped by expert as the experts take them
+        y_ETD = layer.experts(x_TD.repeat(E, 1), torch.full((E,), T, dtype=torch.int64)).float().view(E, T, -1)
+
+        def routed(left: list[int]) -> torch.Tensor:
+            idx = torch.tensor(left)
+            w_TK, ids_TK = route(logits_TE[:, idx], cfg, None if bias is None else bias[idx])
+            return torch.einsum("tk,tkd->td", w_TK.float(), y_ETD[idx[ids_TK], torch.arange(T).unsqueeze(1)])
+
+        full_TD = routed(list(range(E)))
+        left, ranks = list(range(E)), torch.full((E,), float(E))
+        for step in range(E - K):
+            errs = [float((routed([e for e in left if e != c]) - full_TD).square().sum()) for c in left]
+            gone = left[errs.index(min(errs))]
+            left.remove(gone)
+            ranks[gone] = step
+    return ranks
 
 
 def pruned_quality(reference: str | Path, pruned: str | Path, wins: torch.Tensor, dtype: str = "auto") -> dict:

@@ -88,9 +88,8 @@ def test_moe_prune_cli_on_the_default_model_and_its_quality(tmp_path):
     assert missing.exit_code == 2 and "--calibration FILE is needed" in missing.output
 
 
-def reap_reference(model_dir, ids: list[int]) -> torch.Tensor:
-    """REAP by hand on transformers' Qwen3-MoE: each MoE block's input, softmax router, top-k renormalised,
-    every expert's SwiGLU output from the stacked weights; mean of weight x ||output|| over routed tokens."""
+def hf_moe_inputs(model_dir, ids: list[int]) -> tuple[list, int]:
+    """transformers' float32 Qwen3-MoE over ``ids``: each MoE block with the rows it was given, and top-k."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
@@ -100,10 +99,15 @@ def reap_reference(model_dir, ids: list[int]) -> torch.Tensor:
         block.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
     with torch.no_grad():
         hf(input_ids=torch.tensor([ids]))
-    K = hf.config.num_experts_per_tok
+    return [(block, inputs[i]) for i, block in blocks], hf.config.num_experts_per_tok
+
+
+def reap_reference(model_dir, ids: list[int]) -> torch.Tensor:
+    """REAP by hand on transformers' Qwen3-MoE: each MoE block's input, softmax router, top-k renormalised,
+    every expert's SwiGLU output from the stacked weights; mean of weight x ||output|| over routed tokens."""
+    blocks, K = hf_moe_inputs(model_dir, ids)
     rows = []
-    for i, block in blocks:
-        x = inputs[i]
+    for block, x in blocks:
         probs = torch.softmax(x @ block.gate.weight.T, dim=-1)
         w, e = probs.topk(K, dim=-1)
         w = w / w.sum(-1, keepdim=True)
@@ -129,6 +133,51 @@ def test_reap_scores_equal_a_plain_torch_computation(checkpoint):
     torch.testing.assert_close(scores, want, rtol=1e-4, atol=1e-6)
 
 
+def recon_reference(model_dir, ids: list[int]) -> torch.Tensor:
+    """The recon ranks by hand on transformers' Qwen3-MoE: each MoE block's input; for a set of experts,
+    the softmax over their router logits, top-k renormalised, the weighted sum of their SwiGLU outputs
+    (from the stacked weights); drop, one at a time, the expert whose absence moves that sum least from
+    the full block's; rank = the step it went at, E for the top-k left."""
+    blocks, K = hf_moe_inputs(model_dir, ids)
+    rows = []
+    for block, x in blocks:
+        E = block.gate.weight.shape[0]
+        gate, up = torch.einsum("efd,td->etf", block.experts.gate_up_proj, x).chunk(2, dim=-1)
+        y = torch.einsum("edf,etf->etd", block.experts.down_proj, torch.nn.functional.silu(gate) * up)
+        logits = x @ block.gate.weight.T
+
+        def out(left):
+            w, j = torch.softmax(logits[:, left], dim=-1).topk(K, dim=-1)
+            w = w / w.sum(-1, keepdim=True)
+            e = torch.tensor(left)[j]
+            return sum(w[:, k:k + 1] * y[e[:, k], torch.arange(len(x))] for k in range(K))
+
+        full, left, ranks = out(list(range(E))), list(range(E)), torch.full((E,), float(E))
+        for step in range(E - K):
+            with torch.no_grad():
+                errs = [float((out([e for e in left if e != c]) - full).square().sum()) for c in left]
+            gone = left[errs.index(min(errs))]
+            left.remove(gone)
+            ranks[gone] = step
+        rows.append(ranks)
+    return torch.stack(rows)
+
+
+def test_recon_ranks_equal_a_plain_torch_computation(checkpoint, tmp_path):
+    from moe.prune import calibration_scores
+
+    src = checkpoint("qwen3_moe")  # 8 experts top-2, layers 0 and 1 MoE
+    ids = list(range(3, 70))
+    ranks, counts = calibration_scores(src, [{"prompt_token_ids": ids}], "recon", dtype="float32")
+    want = recon_reference(src, ids)
+    assert ranks.shape == (2, 8) and int(counts.sum()) == 2 * 2 * len(ids)
+    assert torch.equal(ranks, want), (ranks, want)
+    assert sorted(ranks[0].tolist()) == [0, 1, 2, 3, 4, 5, 8, 8]  # six dropped in turn, the top-2 left
+    # the kept set at any --keep-experts is the set the elimination left at that size
+    report = prune_checkpoint(src, tmp_path / "p", 5, ranks)
+    assert all(kept == sorted(e for e in range(8) if ranks[j, e] >= 3) for j, kept in enumerate(report.kept.values()))
+
+
 def test_prune_cli_by_reap_reports_quality_and_bad_scores_are_named(tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text("The function returns a list of strings.\n\nEach module defines classes and functions. " * 40)
@@ -142,4 +191,4 @@ def test_prune_cli_by_reap_reports_quality_and_bad_scores_are_named(tmp_path):
     assert q["positions"] == 2 * 256 and 0.5 < q["top1_agreement"] <= 1 and q["perplexity"] > 1
     bad = CliRunner().invoke(app, ["prune", "--model", default_model_path(), "--keep-experts", "6", "--score", "size",
                                    "--calibration", str(calib), "--out", str(tmp_path / "x")])
-    assert bad.exit_code == 2 and "--score 'size': choose freq or reap" in bad.output
+    assert bad.exit_code == 2 and "--score 'size': choose freq, reap or recon" in bad.output
