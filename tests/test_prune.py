@@ -178,6 +178,16 @@ def test_recon_ranks_equal_a_plain_torch_computation(checkpoint, tmp_path):
     assert all(kept == sorted(e for e in range(8) if ranks[j, e] >= 3) for j, kept in enumerate(report.kept.values()))
 
 
+def test_recon_refuses_hundreds_of_experts():
+    from types import SimpleNamespace
+
+    from moe.prune import RECON_MAX_EXPERTS, ReconRecorder
+
+    layer = SimpleNamespace(router_cfg=SimpleNamespace(num_experts=RECON_MAX_EXPERTS + 1))
+    with pytest.raises(ValueError, match=r"65 experts are too many \(at most 64\); use --score reap"):
+        ReconRecorder([layer])
+
+
 def test_prune_cli_by_reap_reports_quality_and_bad_scores_are_named(tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text("The function returns a list of strings.\n\nEach module defines classes and functions. " * 40)
