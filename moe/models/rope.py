@@ -86,11 +86,8 @@ class RotaryEmbedding(nn.Module):
 
     def rotate_(self, positions_T: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Rotate ``x [T, H, dim]`` in place (:func:`ops.rope_`) and return it."""
-        try:
-            return rope_(x, positions_T, self.cos, self.sin, self.interleaved)
-        except PositionPastTable:  # (raised before anything is written: the tables grow only here)
-            self.grow_for(positions_T)
-            return rope_(x, positions_T, self.cos, self.sin, self.interleaved)
+        self._rotate_part(positions_T, x, 0, None)
+        return x
 
     def rotate_pair_(self, positions_T: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                      norms: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,14 +101,19 @@ class RotaryEmbedding(nn.Module):
                  and k.data_ptr() == q.data_ptr() + Hq * D * q.element_size())
         parts = [(q.as_strided((T, Hq + k.shape[1], D), q.stride()), Hq)] if joint else [(q, Hq), (k, 0)]
         for x, hq in parts:
-            try:
-                self._rotate_part(positions_T, x, hq, norms)
-            except PositionPastTable:  # (raised before anything is written; the parts share the positions)
-                self.grow_for(positions_T)
-                self._rotate_part(positions_T, x, hq, norms)
+            self._rotate_part(positions_T, x, hq, norms)
         return q, k
 
     def _rotate_part(self, positions_T: torch.Tensor, x: torch.Tensor, hq: int, norms: tuple | None) -> None:
+        """``x`` rotated in place (after the per-head ``norms``, heads ``< hq`` by q's); the tables grow
+        only when a rotation meets a position past them (raised before anything is written)."""
+        try:
+            self._rotate_once(positions_T, x, hq, norms)
+        except PositionPastTable:
+            self.grow_for(positions_T)
+            self._rotate_once(positions_T, x, hq, norms)
+
+    def _rotate_once(self, positions_T: torch.Tensor, x: torch.Tensor, hq: int, norms: tuple | None) -> None:
         if norms is None:
             rope_(x, positions_T, self.cos, self.sin, self.interleaved)
         else:
