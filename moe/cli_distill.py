@@ -44,6 +44,9 @@ def distill(
                                                                 "recover a checkpoint)."),
     hard_label: str = typer.Option("data", "--hard-label", help="The cross-entropy's label: data (the text's next "
                                                                 "token) or teacher (the teacher's first choice)."),
+    hidden_weight: float = typer.Option(0.0, "--hidden-weight", help="Recovery: weight of a loss matching every "
+                                        "layer's output to the teacher's (its squared error over the teacher's "
+                                        "mean square; the teacher runs beside the student in torch)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Teacher log-probs kept per position (default: 32 for "
                                                               "a drafter or MTP head, 64 to recover a checkpoint)."),
     seed: int = typer.Option(0, "--seed"),
@@ -71,7 +74,7 @@ def distill(
                             eval_data=str(eval_data) if eval_data else None, draft_layers=draft_layers,
                             draft_mlp=draft_mlp, draft_intermediate=draft_intermediate, train=train,
                             lora_rank=lora_rank, steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr,
-                            alpha=alpha, hard_label=hard_label, top_k=top_k, seed=seed,
+                            alpha=alpha, hard_label=hard_label, hidden_weight=hidden_weight, top_k=top_k, seed=seed,
                             teacher_windows=teacher_windows,
                             eval_windows=eval_windows, teacher_dtype=teacher_dtype, save_every=save_every,
                             threads=threads)

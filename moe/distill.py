@@ -11,6 +11,9 @@
    ``hard_label="teacher"`` the teacher's first choice), where ``p`` is the teacher's top-k renormalised and
    ``q`` the student's softmax over the same k tokens (zero when the student ranks and weighs them as the
    teacher does, whatever the rest of the vocabulary; the hard-label CE keeps its mass there in check).
+   A recovery may add ``hidden_weight * H``: each decoder layer's output matched to the teacher's (run in
+   torch beside the student, float32), ``H`` the mean over layers of the squared error over the teacher's
+   mean squared norm there.
 4. Checkpoints every ``save_every`` steps let ``resume`` continue bit-for-bit; the result is a standard
    Hugging Face checkpoint (+ the teacher's tokenizer) with a ``training_report.json``.
 
@@ -62,6 +65,7 @@ class DistillConfig:
     lr: float | None = None  # None: the student kind's (STUDENT_DEFAULTS), as alpha and top_k
     alpha: float | None = None  # weight of the hard-label cross-entropy
     hard_label: str = "data"  # its label: the text's next token ("data") or the teacher's first choice ("teacher")
+    hidden_weight: float = 0.0  # recovery: weight of every layer's output matched to the teacher's (hidden_match)
     top_k: int | None = None
     seed: int = 0
     teacher_windows: int = 0  # windows the teacher scores for training (0: steps * batch_size, at most all)
@@ -78,8 +82,12 @@ class DistillConfig:
         for name in ("steps", "seq_len", "batch_size", "top_k", "eval_windows", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
-        if self.lr <= 0 or self.alpha < 0:
-            raise ValueError(f"--lr {self.lr} must be > 0 and --alpha {self.alpha} >= 0")
+        if self.lr <= 0 or self.alpha < 0 or self.hidden_weight < 0:
+            raise ValueError(f"--lr {self.lr} must be > 0, --alpha {self.alpha} and --hidden-weight "
+                             f"{self.hidden_weight} >= 0")
+        if self.hidden_weight and self.student in NEW_STUDENTS:
+            raise ValueError(f"--hidden-weight matches a recovered checkpoint's layers to the teacher's, one to one; "
+                             f"--student {self.student} has no such layers (drop --hidden-weight)")
         if self.hard_label not in HARD_LABELS:
             raise ValueError(f"--hard-label {self.hard_label!r}: choose {' or '.join(HARD_LABELS)}")
         if self.lora_rank < 0 or self.teacher_windows < 0 or self.threads < 0:
@@ -129,12 +137,23 @@ def distill_loss(logits_BLV: torch.Tensor, targets_BL: torch.Tensor, teacher: Te
     return kl + alpha * ce, float(kl.detach()), float(ce.detach())
 
 
-def predict(model: torch.nn.Module, wins: torch.Tensor, teacher: TeacherTopK
-            ) -> tuple[torch.Tensor, torch.Tensor, TeacherTopK]:
+def hidden_match(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean over decoder layers of ``|h_s - h_t|^2 / |h_t|^2`` (means over batch, positions and dims): the
+    ``hidden_states`` of a transformers forward, the embeddings (entry 0) left out."""
+    return torch.stack([(s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean()
+                        for s, t in zip(student[1:], teacher[1:], strict=True)]).mean()
+
+
+def predict(model: torch.nn.Module, wins: torch.Tensor, teacher: TeacherTopK, hidden: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor, TeacherTopK] | tuple[torch.Tensor, torch.Tensor, TeacherTopK, tuple]:
     """The student's logits over windows ``[B, L + 1]``, the tokens they predict and the teacher's view of the
-    same positions: next tokens for a causal LM, the token after for an MTP head (:class:`MTPHead`)."""
+    same positions: next tokens for a causal LM, the token after for an MTP head (:class:`MTPHead`); with
+    ``hidden`` (a causal LM) also its hidden states."""
     if isinstance(model, MTPHead):
         return model(wins), wins[:, 1 + model.shift:], teacher.skip(model.shift)
+    if hidden:
+        out = model(input_ids=wins[:, :-1], output_hidden_states=True)
+        return out.logits, wins[:, 1:], teacher, out.hidden_states
     return model(input_ids=wins[:, :-1]).logits, wins[:, 1:], teacher
 
 
@@ -234,6 +253,13 @@ def distill(cfg: DistillConfig, *, resume: bool = False, force: bool = False, st
     if model.config.vocab_size != t_vocab:
         raise ValueError(f"the student's vocabulary ({model.config.vocab_size}) differs from the teacher's "
                          f"({t_vocab}): distillation needs the same tokenizer")
+    torch_teacher = None
+    if cfg.hidden_weight:  # the teacher's layer outputs, computed beside the student's each step
+        torch_teacher = load_student(cfg.teacher).eval().requires_grad_(False)
+        if torch_teacher.config.num_hidden_layers != model.config.num_hidden_layers:
+            raise ValueError(f"--hidden-weight matches layers one to one, and the student has "
+                             f"{model.config.num_hidden_layers} against the teacher's "
+                             f"{torch_teacher.config.num_hidden_layers} (drop --hidden-weight)")
     train, train_top, held, held_top = prepare_data(cfg, progress)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -260,16 +286,23 @@ def distill(cfg: DistillConfig, *, resume: bool = False, force: bool = False, st
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         with parametrize.cached():  # adapters: W + BA once per step, not once per expert access
-            logits, targets, teacher = predict(model, train[rows], train_top.select(rows))
+            logits, targets, teacher, *hs = predict(model, train[rows], train_top.select(rows),
+                                                    hidden=torch_teacher is not None)
             labels = teacher.top1_NL.long() if cfg.hard_label == "teacher" else targets
             loss, kl, ce = distill_loss(logits, labels, teacher, cfg.alpha)
+            if torch_teacher is not None:
+                with torch.no_grad():
+                    t_hs = torch_teacher(input_ids=train[rows][:, :-1], output_hidden_states=True).hidden_states
+                hidden = hidden_match(hs[0], t_hs)
+                loss = loss + cfg.hidden_weight * hidden
+                hidden = float(hidden.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        history.append([step, round(kl, 4), round(ce, 4)])
-        bar.set_postfix_str(f"kl {kl:.3f} ce {ce:.3f}")
+        history.append([step, round(kl, 4), round(ce, 4)] + ([round(hidden, 4)] if torch_teacher else []))
+        bar.set_postfix_str(f"kl {kl:.3f} ce {ce:.3f}" + (f" hidden {hidden:.3f}" if torch_teacher else ""))
         bar.update(1)
         if step % cfg.save_every == 0 or step == end:
             _save_state(ckpt_path, model, opt, gen, step, history, before, cfg)

@@ -243,6 +243,40 @@ def test_recovery_raises_agreement_above_pruning_alone(teacher, corpus, tmp_path
     assert AutoConfig.from_pretrained(str(tmp_path / "r")).num_experts == 4
 
 
+def test_hidden_weight_matches_each_layers_output_to_the_teachers(teacher, corpus, tmp_path):
+    """--hidden-weight adds each layer's output error (over the teacher's mean square) to the loss: the logged
+    term is that by hand from transformers' hidden states, and the recovered layers end nearer the teacher's
+    than a recovery on the KL alone from the same pruned start."""
+    from transformers import AutoModelForCausalLM
+
+    from moe.distill import hidden_match
+
+    tok = Tokenizer(teacher)
+    wins = windows(token_stream(read_documents(corpus), tok), 32)
+    counts = calibration_counts(teacher, [{"prompt_token_ids": w.tolist()} for w in wins[:16]])
+    prune_checkpoint(teacher, tmp_path / "p", 4, counts)
+    x = wins[:8, :-1]
+
+    def layer_error(student: Path) -> float:
+        s, t = (AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32) for d in (student, teacher))
+        with torch.no_grad():
+            hs, ht = (m(input_ids=x, output_hidden_states=True).hidden_states for m in (s, t))
+        by_hand = sum(((a - b) ** 2).sum() / (b ** 2).sum() for a, b in zip(hs[1:], ht[1:])) / (len(ht) - 1)
+        assert float(hidden_match(hs, ht)) == pytest.approx(float(by_hand), rel=1e-5)
+        return float(by_hand)
+
+    fast = ["--teacher", str(teacher), "--student", str(tmp_path / "p"), "--data", str(corpus), "--steps", "30",
+            "--batch-size", "8", "--seq-len", "32", "--top-k", "8", "--eval-windows", "8", "--lr", "1e-3"]
+    kl_only = run_distill(*fast, "--out", str(tmp_path / "kl"))
+    matched = run_distill(*fast, "--out", str(tmp_path / "h"), "--hidden-weight", "1")
+    assert [len(h) for h in kl_only["loss_history_every_10"]] == [3] * 3
+    assert [len(h) for h in matched["loss_history_every_10"]] == [4] * 3  # step, kl, ce, hidden
+    start, plain, with_hidden = (layer_error(tmp_path / d) for d in ("p", "kl", "h"))
+    print(f"layer-output error: pruned {start:.4f}, KL only {plain:.4f}, with --hidden-weight 1 {with_hidden:.4f}")
+    assert with_hidden < plain and with_hidden < start
+    assert matched["options"]["hidden_weight"] == 1.0 and "--hidden-weight 1.0" in matched["command"]
+
+
 def test_bad_distill_options_are_named(teacher, corpus, tmp_path):
     def fails(*args: str) -> str:
         res = CliRunner().invoke(app, ["distill", *args])
@@ -276,6 +310,13 @@ def test_bad_distill_options_are_named(teacher, corpus, tmp_path):
     assert "heads are built for" in fails("--teacher", str(mixtral), "--data", str(corpus), "--seq-len", "32",
                                           "--student", "mtp", "--out", str(tmp_path / "k"))
     assert "not to --student mtp" in fails(*base, "--student", "mtp", "--lora-rank", "4", "--out", str(tmp_path / "l"))
+    assert "has no such layers (drop --hidden-weight)" in fails(*base, "--student", "draft", "--hidden-weight", "1",
+                                                                "--out", str(tmp_path / "n"))
+    assert "--hidden-weight -1.0 >= 0" in fails(*base, "--student", str(teacher), "--hidden-weight", "-1",
+                                                "--out", str(tmp_path / "o"))
+    shallow = make_checkpoint("qwen3_moe", tmp_path / "s", vocab_size=320, num_hidden_layers=1)
+    assert "matches layers one to one, and the student has 1 against the teacher's 3" in fails(
+        *base, "--student", str(shallow), "--hidden-weight", "1", "--out", str(tmp_path / "q"))
     other_vocab = make_checkpoint("qwen3_moe", tmp_path / "v", vocab_size=400)
     assert "vocabulary (400) differs from the teacher's (320)" in fails(*base, "--student", str(other_vocab),
                                                                          "--out", str(tmp_path / "f"))
