@@ -21,6 +21,7 @@ Where the CPU has neither (or Linux refuses the tile state) they return None.
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -119,14 +120,30 @@ def amx_experts(x_RD: torch.Tensor, counts: list[int], w13_e2FD: torch.Tensor, w
     E, D, F = dims
     R = x_RD.shape[0]
     y = torch.empty(R, D, dtype=torch.bfloat16)
-    xp = torch.empty(sum((n + 15) // 16 for n in counts) * D * 16, dtype=torch.bfloat16)
-    ap = torch.empty(_ap_rows(E, R) * F, dtype=torch.bfloat16)
+    xp = _scratch("xp", sum((n + 15) // 16 for n in counts) * D * 16)
+    ap = _scratch("ap", _ap_rows(E, R) * F)
     n = torch.tensor(counts, dtype=torch.int64)
     if load().moe_amx_experts(x_RD.data_ptr(), x_RD.stride(0), n.data_ptr(), E, D, F, w13_e2FD.data_ptr(),
                               w13_e2FD.stride(0), w2_eDF.data_ptr(), w2_eDF.stride(0), extras.ref, y.data_ptr(), D,
                               xp.data_ptr(), ap.data_ptr(), torch.get_num_threads()) != 0:
         return None
     return y
+
+
+_local = threading.local()  # each thread's scratch of the experts kernels, kept between calls
+
+
+def _scratch(name: str, numel: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``numel`` elements of this thread's scratch buffer ``name``, grown when a call needs more and kept
+    between calls. A fresh buffer past glibc's 32 MiB mmap threshold (``moe.engine._reuse_freed_memory``)
+    is fresh pages, faulted in at every layer: a 4096-token prompt step's packed tokens and per-row
+    results on the Qwen3-MoE shape (16384 rows x 1024) are 34 MB each, ~2 GB of page faults a 16 x
+    2048-token burst."""
+    bufs = _local.__dict__.setdefault("bufs", {})
+    buf = bufs.get(name)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype:
+        buf = bufs[name] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
 
 
 def _ap_rows(E: int, R: int) -> int:
@@ -140,13 +157,13 @@ def _amx_moe_buffers(ids_TK: torch.Tensor, weights_TK: torch.Tensor, E: int, D: 
     """ids int64 and weights float32 (contiguous), then the output and the scratch the AMX MoE
     calls take for ``E`` experts and ``K`` rows a token (``ids_TK``'s columns unless given: a shared
     expert adds one of each): packed tokens, activations, each row's result (bf16, in expert
-    order), the sort's rows."""
+    order), the sort's rows; the scratch is this thread's (:func:`_scratch`), the output fresh."""
     T = ids_TK.shape[0]
     K = ids_TK.shape[1] if K is None else K
     return (ids_TK.to(torch.int64).contiguous(), weights_TK.to(torch.float32).contiguous(),
-            torch.empty(T, D, dtype=torch.bfloat16), torch.empty((T * K + 16 * E) * D, dtype=torch.bfloat16),
-            torch.empty(_ap_rows(E, T * K) * F, dtype=torch.bfloat16), torch.empty(T * K * D, dtype=torch.bfloat16),
-            torch.empty(3 * T * K, dtype=torch.int64))
+            torch.empty(T, D, dtype=torch.bfloat16), _scratch("xp", (T * K + 16 * E) * D),
+            _scratch("ap", _ap_rows(E, T * K) * F), _scratch("ys", T * K * D),
+            _scratch("rows", 3 * T * K, torch.int64))
 
 
 def amx_moe(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, w13_e2FD: torch.Tensor,

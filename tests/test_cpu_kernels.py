@@ -1095,6 +1095,34 @@ def test_amx_moe_equals_dispatch_experts_combine(T, K, E, D, F, gpt_oss, monkeyp
         assert (y == want).float().mean() > 0.99 and (y.float() - want.float()).abs().max() <= tol
 
 
+def test_amx_moe_keeps_its_scratch_between_calls():
+    # the packed tokens / per-row results live in a per-thread buffer grown once (fresh buffers past
+    # glibc's 32 MiB mmap threshold were fresh pages every layer): a smaller call after a larger one,
+    # then the larger again, each equal to dispatch -> experts -> combine, with no new buffer
+    from experts.grouped import GroupedExperts
+    from parallel.dispatch import LocalDispatcher
+
+    import cpu_kernels.amx as amx
+
+    E, D, F, K = 8, 64, 96, 2
+    g = torch.Generator().manual_seed(3)
+    mod = GroupedExperts(E, D, F, dtype=torch.bfloat16)
+    mod.w13.data.copy_(torch.randn(E, 2 * F, D, generator=g) / D ** 0.5)
+    mod.w2.data.copy_(torch.randn(E, D, F, generator=g) / F ** 0.5)
+    disp, ptrs = LocalDispatcher(E), []
+    for T in (700, 5, 700):
+        x = torch.randn(T, D, generator=g).bfloat16()
+        w, ids = torch.softmax(torch.randn(T, E, generator=g), -1).topk(K, dim=-1)
+        y = cpu_kernels.amx_moe(x, ids, w, mod.w13, mod.w2)
+        if not cpu_kernels.amx_available():
+            assert y is None
+            return
+        x_RD, counts, meta = disp.dispatch(x, ids, w)
+        assert torch.equal(y, disp.combine(mod(x_RD, counts), meta))
+        ptrs.append({k: b.data_ptr() for k, b in amx._local.bufs.items()})
+    assert ptrs[0] == ptrs[1] == ptrs[2] and {"xp", "ys", "rows"} <= ptrs[0].keys()
+
+
 @pytest.mark.parametrize("T,K,E,D,F", [(2, 2, 8, 64, 96), (64, 4, 16, 64, 64), (70, 2, 4, 64, 96),
                                        (300, 4, 8, 320, 288)])  # a shared expert of 2-63, 64+ and 256+ rows
 def test_amx_moe_with_a_shared_expert_equals_the_routed_sum_plus_the_shared_mlp(T, K, E, D, F):
