@@ -6,6 +6,7 @@ The engine flags are listed once, in ``ENGINE_FLAGS``, and mapped onto
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import sys
@@ -113,11 +114,18 @@ def speculative_config(method: str | None, draft_model: str | None, tokens: int,
     return spec
 
 
-def with_engine_flags(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Give a typer command every engine flag; it receives them as ``engine``, ready for ``LLM(**engine)``."""
+def with_engine_flags(command: Callable[..., Any] | None = None, /, **defaults: Any) -> Any:
+    """Give a typer command every engine flag; it receives them as ``engine``, ready for ``LLM(**engine)``.
+    ``@with_engine_flags(name=value)`` starts those flags at the command's own defaults instead of the API's."""
+    if command is None:
+        return lambda c: with_engine_flags(c, **defaults)
+    unknown = set(defaults) - set(ENGINE_FLAGS)
+    if unknown:
+        raise TypeError(f"not engine flags: {sorted(unknown)}")
     sig = inspect.signature(command, eval_str=True)
     own = [p for p in sig.parameters.values() if p.name != "engine"]
-    flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+    flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                               default=_with_default(option, defaults[name]) if name in defaults else option)
              for name, (annotation, option) in ENGINE_FLAGS.items()]
 
     def run(**kwargs: Any) -> Any:
@@ -128,6 +136,13 @@ def with_engine_flags(command: Callable[..., Any]) -> Callable[..., Any]:
     run.__signature__ = sig.replace(parameters=own + flags)  # what typer reads the options from
     run.__annotations__ = {p.name: p.annotation for p in own + flags}
     return run
+
+
+def _with_default(option: Any, value: Any) -> Any:
+    """A copy of a typer option with another default."""
+    option = copy.copy(option)
+    option.default = value
+    return option
 
 
 def _read_chat_template(path: str) -> str:

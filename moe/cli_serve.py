@@ -9,7 +9,7 @@ import typer
 from .cli import with_engine_flags
 
 
-@with_engine_flags
+@with_engine_flags(max_num_batched_tokens=2048)  # vLLM's server default on CPU (its LLM's: 4096, ours too)
 def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default; 0.0.0.0 opens it)."),
     port: int = typer.Option(8000),

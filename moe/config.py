@@ -156,7 +156,9 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV cache block (a power of two)
     max_num_seqs: int = 64  # sequences running at once
     max_model_len: int | None = None  # prompt + output tokens per sequence; None: the model's context
-    max_num_batched_tokens: int = 2048  # tokens per step (longer prompts are prefilled in chunks)
+    # tokens per step (longer prompts are prefilled in chunks): vLLM's CPU defaults, 4096 for the offline API
+    # (more rows per expert in a prompt step), 2048 for `moe serve` (shorter steps beside decoding requests)
+    max_num_batched_tokens: int = 4096
     # greedy decode steps run back to back in one call at most (CPU, the captured step's sequences; 1: off)
     num_scheduler_steps: int = 16
     seed: int | None = 0  # the sampler's generator (draws of requests without a SamplingParams.seed); None: unseeded

@@ -114,6 +114,23 @@ def test_engine_flags_map_onto_engine_config_fields():
     assert spec == {"method": "ngram", "num_speculative_tokens": 3}
 
 
+def test_serve_starts_with_the_servers_token_budget(monkeypatch):
+    """vLLM's CPU defaults: 4096 tokens a step for the offline API (and moe generate), 2048 for the server;
+    a flag given on the command line still wins."""
+    import moe.serving.launcher as launcher
+    from moe.cli import with_engine_flags
+    from moe.config import EngineConfig
+
+    seen = []
+    monkeypatch.setattr(launcher, "serve", lambda engine, opts: seen.append(engine["max_num_batched_tokens"]) or 0)
+    for args in ([], ["--max-num-batched-tokens", "512"]):
+        res = runner.invoke(app, ["serve", "--model", "ckpt", *args])
+        assert res.exit_code == 0, res.output
+    assert seen == [2048, 512] and EngineConfig("ckpt").max_num_batched_tokens == 4096
+    with pytest.raises(TypeError, match="not engine flags: \\['max_batch'\\]"):
+        with_engine_flags(max_batch=3)(lambda engine: None)
+
+
 def test_info_reports_params_and_experts():
     res = runner.invoke(app, ["info", "--json"])
     assert res.exit_code == 0, res.output
