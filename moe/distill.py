@@ -293,9 +293,9 @@ def distill(cfg: DistillConfig, *, resume: bool = False, force: bool = False, st
             if torch_teacher is not None:
                 with torch.no_grad():
                     t_hs = torch_teacher(input_ids=train[rows][:, :-1], output_hidden_states=True).hidden_states
-                hidden = hidden_match(hs[0], t_hs)
-                loss = loss + cfg.hidden_weight * hidden
-                hidden = float(hidden.detach())
+                match = hidden_match(hs[0], t_hs)
+                loss = loss + cfg.hidden_weight * match
+                hidden = float(match.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
