@@ -92,19 +92,12 @@ def _one_row_weight(layer: torch.nn.Module) -> torch.Tensor | tuple | None:
     return w if isinstance(w, torch.Tensor) else w.kernel_args()
 
 
-class _GqaToken(_OpsAttention):
-    """:class:`Attention` + residual add + norm in one :func:`cpu_kernels.gqa_token` call (bf16 or
-    packed projections, each computed as ``ops.linear`` computes it)."""
+class _TokenAttention(_OpsAttention):
+    """An attention half whose ``plan`` (:class:`cpu_kernels.GqaToken` or :class:`cpu_kernels.MlaToken`)
+    runs the attention, the residual add and the norm in one call; op by op where the plan declines."""
 
-    def __init__(self, attn: Attention, norm: RMSNorm, k_cache: torch.Tensor, v_cache: torch.Tensor):
-        super().__init__(attn, norm)
-        norms = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if attn.qk_norm else (None, None, 0.0)
-        # the weights, norms and caches checked once; a call passes what changes per step
-        self.plan = cpu_kernels.GqaToken(_one_row_weight(attn.qkv_proj), attn.qkv_proj.bias, attn.num_heads,
-                                         attn.num_kv_heads, attn.qk_norm, *norms, k_cache, v_cache,
-                                         attn.sliding_window, attn.sinks, attn.scale, _one_row_weight(attn.o_proj),
-                                         attn.o_proj.bias, attn.clip_qkv)
-        self.rotary = attn.rotary
+    plan: cpu_kernels.GqaToken | cpu_kernels.MlaToken
+    rotary: torch.nn.Module
 
     def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
                  ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +111,21 @@ class _GqaToken(_OpsAttention):
     def step_half(self, rows: int) -> cpu_kernels.StepHalf:
         return cpu_kernels.StepHalf(self.plan, (self.norm.weight, self.norm.eps))
 
+
+class _GqaToken(_TokenAttention):
+    """:class:`Attention` + residual add + norm in one :func:`cpu_kernels.gqa_token` call (bf16 or
+    packed projections, each computed as ``ops.linear`` computes it)."""
+
+    def __init__(self, attn: Attention, norm: RMSNorm, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        super().__init__(attn, norm)
+        norms = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if attn.qk_norm else (None, None, 0.0)
+        # the weights, norms and caches checked once; a call passes what changes per step
+        self.plan = cpu_kernels.GqaToken(_one_row_weight(attn.qkv_proj), attn.qkv_proj.bias, attn.num_heads,
+                                         attn.num_kv_heads, attn.qk_norm, *norms, k_cache, v_cache,
+                                         attn.sliding_window, attn.sinks, attn.scale, _one_row_weight(attn.o_proj),
+                                         attn.o_proj.bias, attn.clip_qkv)
+        self.rotary = attn.rotary
+
     @staticmethod
     def fits(attn: Attention, k_cache, v_cache) -> bool:
         projs = [_one_row_weight(attn.qkv_proj), _one_row_weight(attn.o_proj)]
@@ -127,7 +135,7 @@ class _GqaToken(_OpsAttention):
                 and _bf16_cpu(*plain, *(w for w in projs if isinstance(w, torch.Tensor))))
 
 
-class _MlaToken(_OpsAttention):
+class _MlaToken(_TokenAttention):
     """:class:`MLAttention` + residual add + norm in one :class:`cpu_kernels.MlaToken` call (the
     weights checked once at capture)."""
 
@@ -140,17 +148,6 @@ class _MlaToken(_OpsAttention):
                                          attn.kv_a_layernorm.eps, attn.kv_b_proj.weight, _one_row_weight(attn.o_proj),
                                          attn.num_heads, attn.nope, attn.rope_dim, attn.v_dim, cache, attn.scale)
         self.rotary = attn.rotary
-
-    def __call__(self, positions_T: torch.Tensor, h_TD: torch.Tensor, x_TD: torch.Tensor,
-                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
-        rot, meta = self.rotary, ctx.meta
-        table, context_len, rows = step_rows(meta)
-        out = self.plan(x_TD, positions_T, rot.cos, rot.sin, rot.interleaved, table, context_len, meta.slot_mapping,
-                        (h_TD, self.norm.weight, self.norm.eps), self.into, rows)
-        return out if out is not None else super().__call__(positions_T, h_TD, x_TD, ctx)
-
-    def step_half(self, rows: int) -> cpu_kernels.StepHalf:
-        return cpu_kernels.StepHalf(self.plan, (self.norm.weight, self.norm.eps))
 
     @staticmethod
     def fits(attn: MLAttention, cache) -> bool:
