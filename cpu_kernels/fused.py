@@ -87,7 +87,44 @@ def projection(w: torch.Tensor | PackedArgs, N: int, K: int) -> tuple[int | None
                              b.data_ptr() if b is not None else None, gs, int(bool(x8) and lut is not None))
 
 
-class MlaToken:
+class _TokenPlan:
+    """What :class:`MlaToken` and :class:`GqaToken` share: the per-call checks and the C call
+    (``KERNEL``) on the plan built at capture."""
+
+    KERNEL: str
+    D: int
+    ok: bool = False
+
+    def _rotary_fits(self, cos_PH: torch.Tensor) -> bool:
+        return True
+
+    def __call__(self, x_1D: torch.Tensor, positions_1: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor,
+                 interleaved: bool, block_table: torch.Tensor, context_len: int, slot_mapping_1: torch.Tensor,
+                 residual: Residual | None = None, into: Outputs | None = None, rows: SeqRows | None = None):
+        T = x_1D.shape[0]
+        if (not self.ok or x_1D.dtype != torch.bfloat16 or x_1D.shape[1:] != (self.D,) or not x_1D.is_contiguous()
+                or T < 1 or (T > context_len if rows is None else not rows.fits(T, block_table))
+                or block_table.dtype != torch.int32 or not block_table.is_contiguous()
+                or slot_mapping_1.dtype != torch.int64 or positions_1.dtype != torch.int64
+                or slot_mapping_1.shape != (T,) or positions_1.shape != (T,) or not positions_1.is_contiguous()
+                or not slot_mapping_1.is_contiguous() or cos_PH.dtype != torch.float32
+                or not cos_PH.is_contiguous() or not sin_PH.is_contiguous() or not self._rotary_fits(cos_PH)):
+            return None
+        tail = residual_args(residual, self.D, into, T)
+        if tail is None:
+            return None
+        out = output(into, self.D, T)
+        seqs = (None, None) if rows is None else (rows.offsets.data_ptr(), rows.lens.data_ptr())
+        rc = getattr(load(), self.KERNEL)(self.ref, x_1D.data_ptr(), T, positions_1.data_ptr(), cos_PH.data_ptr(),
+                                          sin_PH.data_ptr(), int(interleaved), block_table.data_ptr(), context_len,
+                                          *seqs, slot_mapping_1.data_ptr(), out.data_ptr(), *tail[0],
+                                          torch.get_num_threads())
+        if rc != 0:
+            return None
+        return (tail[1], out) if residual is not None else out
+
+
+class MlaToken(_TokenPlan):
     """:func:`mla_token` with its weights, norms and cache checked once, as a captured batch-1 step
     calls it every layer and token: ``plan(x_1D, positions_1, cos_PH, sin_PH, interleaved,
     block_table, context_len, slot_mapping_1, residual, into, rows)`` checks only what changes per
@@ -95,6 +132,8 @@ class MlaToken:
     sequences'), each as a one-row call computes it, the projections (not the absorbed kv_b_proj)
     read once for all rows. ``plan.ok`` is False where the kernel does not apply (then every call
     returns None)."""
+
+    KERNEL = "moe_mla_token"
 
     def __init__(self, w_qa: torch.Tensor | PackedArgs | None, qa_norm: torch.Tensor | None, q_eps: float,
                  w_qb: torch.Tensor | PackedArgs, w_kva: torch.Tensor | PackedArgs, kva_norm: torch.Tensor,
@@ -137,29 +176,6 @@ class MlaToken:
         self.ref = address(self.c)  # what the C calls take (moe_decode_step too)
         self.ok = True
 
-    def __call__(self, x_1D: torch.Tensor, positions_1: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor,
-                 interleaved: bool, block_table: torch.Tensor, context_len: int, slot_mapping_1: torch.Tensor,
-                 residual: Residual | None = None, into: Outputs | None = None, rows: SeqRows | None = None):
-        T = x_1D.shape[0]
-        if (not self.ok or x_1D.dtype != torch.bfloat16 or x_1D.shape[1:] != (self.D,) or not x_1D.is_contiguous()
-                or T < 1 or (T > context_len if rows is None else not rows.fits(T, block_table))
-                or block_table.dtype != torch.int32 or not block_table.is_contiguous()
-                or slot_mapping_1.dtype != torch.int64 or positions_1.dtype != torch.int64
-                or slot_mapping_1.shape != (T,) or positions_1.shape != (T,) or not positions_1.is_contiguous()
-                or not slot_mapping_1.is_contiguous()
-                or cos_PH.dtype != torch.float32 or not cos_PH.is_contiguous() or not sin_PH.is_contiguous()):
-            return None
-        tail = residual_args(residual, self.D, into, T)
-        if tail is None:
-            return None
-        out = output(into, self.D, T)
-        rc = load().moe_mla_token(self.ref, x_1D.data_ptr(), T, positions_1.data_ptr(), cos_PH.data_ptr(),
-                                  sin_PH.data_ptr(), int(interleaved), block_table.data_ptr(), context_len,
-                                  *((None, None) if rows is None else (rows.offsets.data_ptr(), rows.lens.data_ptr())),
-                                  slot_mapping_1.data_ptr(), out.data_ptr(), *tail[0], torch.get_num_threads())
-        if rc != 0:
-            return None
-        return (tail[1], out) if residual is not None else out
 
 
 def mla_token(x_1D: torch.Tensor, w_qa: torch.Tensor | PackedArgs | None, qa_norm: torch.Tensor | None, q_eps: float,
@@ -187,7 +203,7 @@ def mla_token(x_1D: torch.Tensor, w_qa: torch.Tensor | PackedArgs | None, qa_nor
 _QK_NORMS = {None: 0, "head": 1, "full": 2}
 
 
-class GqaToken:
+class GqaToken(_TokenPlan):
     """:func:`gqa_token` with its weights, norms and caches checked once, as a captured batch-1 step
     calls it every layer and token: ``plan(x_1D, positions_1, cos_PH, sin_PH, interleaved,
     block_table, context_len, slot_mapping_1, residual, into)`` checks only what changes per call
@@ -197,6 +213,11 @@ class GqaToken:
     each as a one-row call computes it, bf16 projections reading their weights once for all rows.
     ``clip_qkv``: q, k and v clamped to it (OLMoE's, after a norm over all dims, before a per-head one).
     ``plan.ok`` is False where the kernel does not apply (then every call returns None)."""
+
+    KERNEL = "moe_gqa_token"
+
+    def _rotary_fits(self, cos_PH: torch.Tensor) -> bool:  # the rotary covers whole heads
+        return cos_PH.shape[-1] * 2 == self.hd
 
     def __init__(self, w_qkv: torch.Tensor | PackedArgs, b_qkv: torch.Tensor | None, heads: int, kv_heads: int,
                  qk_norm: str | None, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
@@ -235,29 +256,6 @@ class GqaToken:
         self.ref = address(self.c)  # what the C calls take (moe_decode_step too)
         self.ok = True
 
-    def __call__(self, x_1D: torch.Tensor, positions_1: torch.Tensor, cos_PH: torch.Tensor, sin_PH: torch.Tensor,
-                 interleaved: bool, block_table: torch.Tensor, context_len: int, slot_mapping_1: torch.Tensor,
-                 residual: Residual | None = None, into: Outputs | None = None, rows: SeqRows | None = None):
-        T = x_1D.shape[0]
-        if (not self.ok or x_1D.dtype != torch.bfloat16 or x_1D.shape[1:] != (self.D,) or not x_1D.is_contiguous()
-                or T < 1 or (T > context_len if rows is None else not rows.fits(T, block_table))
-                or block_table.dtype != torch.int32 or not block_table.is_contiguous()
-                or slot_mapping_1.dtype != torch.int64 or positions_1.dtype != torch.int64
-                or slot_mapping_1.shape != (T,) or positions_1.shape != (T,) or not positions_1.is_contiguous()
-                or not slot_mapping_1.is_contiguous() or cos_PH.dtype != torch.float32
-                or not cos_PH.is_contiguous() or not sin_PH.is_contiguous() or cos_PH.shape[-1] * 2 != self.hd):
-            return None
-        tail = residual_args(residual, self.D, into, T)
-        if tail is None:
-            return None
-        out = output(into, self.D, T)
-        rc = load().moe_gqa_token(self.ref, x_1D.data_ptr(), T, positions_1.data_ptr(), cos_PH.data_ptr(),
-                                  sin_PH.data_ptr(), int(interleaved), block_table.data_ptr(), context_len,
-                                  *((None, None) if rows is None else (rows.offsets.data_ptr(), rows.lens.data_ptr())),
-                                  slot_mapping_1.data_ptr(), out.data_ptr(), *tail[0], torch.get_num_threads())
-        if rc != 0:
-            return None
-        return (tail[1], out) if residual is not None else out
 
 
 def gqa_token(x_1D: torch.Tensor, w_qkv: torch.Tensor | PackedArgs, b_qkv: torch.Tensor | None, heads: int,
