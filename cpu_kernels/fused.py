@@ -93,7 +93,7 @@ class _TokenPlan:
 
     KERNEL: str
     D: int
-    ok: bool = False
+    ok: bool
 
     def _rotary_fits(self, cos_PH: torch.Tensor) -> bool:
         return True
@@ -177,7 +177,6 @@ class MlaToken(_TokenPlan):
         self.ok = True
 
 
-
 def mla_token(x_1D: torch.Tensor, w_qa: torch.Tensor | PackedArgs | None, qa_norm: torch.Tensor | None, q_eps: float,
               w_qb: torch.Tensor | PackedArgs, w_kva: torch.Tensor | PackedArgs, kva_norm: torch.Tensor, kv_eps: float,
               w_kvb: torch.Tensor, w_o: torch.Tensor | PackedArgs, heads: int, nope: int, rope: int, v: int,
@@ -255,7 +254,6 @@ class GqaToken(_TokenPlan):
                           address(scales), float(clip_qkv or 0.0))
         self.ref = address(self.c)  # what the C calls take (moe_decode_step too)
         self.ok = True
-
 
 
 def gqa_token(x_1D: torch.Tensor, w_qkv: torch.Tensor | PackedArgs, b_qkv: torch.Tensor | None, heads: int,
