@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import re
 import socket
 import sys
@@ -168,9 +169,23 @@ def _expand_host(pattern: str) -> list[str]:
 
 
 def free_port(host: str = "") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range (Linux), else any free one. Processes started
+    after the choice (torchrun's rendezvous, gloo's listeners) bind port 0 and get theirs from that
+    range, so none of them can take this port before its user binds it, as a port 0 choice could."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    rng = random.SystemRandom()
+    for _ in range(200):
+        with socket.socket() as s:
+            try:
+                s.bind((host, rng.randrange(max(1024, low - 12000), low) if low > 2048 else 0))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def _mpi_master(rank: int, world: int, addr: str | None, port: int | None) -> tuple[str, int]:

@@ -5,7 +5,6 @@ single-process LocalDispatcher on the same rank's tokens.
 """
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 
 import pytest
@@ -16,6 +15,7 @@ import torch.multiprocessing as mp
 from parallel.dispatch import (AllGatherDispatcher, AllToAllDispatcher, LocalDispatcher, _ReplicaTable,
                               make_ep_dispatcher)
 from parallel.sharding import PhysicalPlacement, ShardingConfig, expert_placement, placement_from_counts
+from launch.env import free_port as _free_port
 
 DISPATCHERS = (AllToAllDispatcher, AllGatherDispatcher)
 D = 8
@@ -124,12 +124,6 @@ def test_zero_tokens_and_one_expert(cls):
 
 
 # ---- real process groups ---------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _scenarios(P: int) -> list[tuple[str, list[list[int]], int, list[int]]]:
     """(name, slots per rank, top-k, tokens per rank)."""

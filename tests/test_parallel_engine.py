@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from moe.scheduler import ScheduledBatch, ScheduledSeq, Scheduler, least_loaded_
 from moe.sequence import Sequence, Status
 from kvcache import BlockManager
 from parallel import load_sharding
+from launch.env import free_port as _free_port
 
 torch.set_num_threads(1)
 
@@ -286,12 +286,6 @@ def test_layouts_hold_their_shards(two_rank_results, four_rank_results):
     ds = four_rank_results["deepseek_tp4_ep4_all_gather"]
     assert slots(ds) == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert {tuple(r["kv_cache_shape"][2:]) for r in ds} == {(1, 40)}  # MLA latent cache, replicated
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawn(env_of_rank: list[dict[str, str]], spec: Path, tmp: Path) -> list[subprocess.Popen]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from launch.env import free_port
 
 CHAT_TEMPLATE = ('{% for m in messages %}{{ m["role"] }}: {{ m["content"] }}\n{% endfor %}'
                  '{% if add_generation_prompt %}assistant:{% endif %}')
 ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--kv-cache-memory", "64MiB"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_env() -> dict[str, str]:

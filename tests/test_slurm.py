@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from test_parallel_engine import SCRIPT, TWO_RANKS, _check_same_as_single_process, _rank_env, _write_spec
+from launch.env import free_port as _free_port
 
 SBIN = ("/usr/sbin", "/usr/bin")
 
@@ -25,12 +26,6 @@ def _tool(name: str) -> str:
     path = shutil.which(name, path=os.pathsep.join([*SBIN, os.environ.get("PATH", "")]))
     assert path, f"{name} not found: apt-get install slurm-wlm munge (as .ci/run does)"
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
