@@ -36,11 +36,13 @@ CALIBRATION_FILES = ("README.md", "architecture.md", "quantization.md")  # froze
 
 
 def agreement_and_kl(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
-    """Top-1 agreement and mean KL(ref || got). The reference's top-1 token counts as kept when it is
-    a top-1 token of ``got``: bf16 logits tie often (logits of ~10 have a rounding step of 0.06), and
-    argmax breaks a tie by index, not by quality."""
-    top = ref.argmax(-1, keepdim=True)
-    agreement = float((got.gather(-1, top) == got.max(-1, keepdim=True).values).float().mean())
+    """Top-1 agreement and mean KL(ref || got). A position agrees when a top-1 token of ``ref`` is a
+    top-1 token of ``got``: bf16 logits tie often (logits of ~10 have a rounding step of 0.06) in
+    either model, and argmax breaks a tie by index, not by quality (with the reference's ties broken
+    by index, 3-4 of these 173 positions counted as misses on an AVX512-BF16 host)."""
+    top_ref = ref == ref.max(-1, keepdim=True).values
+    top_got = got == got.max(-1, keepdim=True).values
+    agreement = float((top_ref & top_got).any(-1).float().mean())
     return agreement, float((ref.exp() * (ref - got)).sum(-1).mean())
 
 
@@ -58,11 +60,7 @@ def test_quantized_default_model_agrees_with_bf16(reference, fmt, min_agreement,
     quantize_checkpoint(default_model_path(), tmp_path / "q", fmt)
     got = teacher_forced_logprobs(LLM(str(tmp_path / "q"), dtype="bfloat16", kv_cache_memory=1 << 22,
                                       max_logprobs=-1), ids)
-    # the reference's top-1 token is a top-1 token of the quantized model: its bf16 logits tie often
-    # (logits of ~10 have a rounding step of 0.06), and argmax breaks a tie by index, not by quality
-    top = ref.argmax(-1, keepdim=True)
-    agreement = float((got.gather(-1, top) == got.max(-1, keepdim=True).values).float().mean())
-    kl = float((ref.exp() * (ref - got)).sum(-1).mean())
+    agreement, kl = agreement_and_kl(ref, got)
     print(f"{fmt.name}: top-1 agreement {agreement:.3f}, mean KL {kl:.2e} over {len(ids) - 1} positions")
     assert agreement >= min_agreement, (agreement, kl)
     assert kl < 0.05
@@ -70,9 +68,10 @@ def test_quantized_default_model_agrees_with_bf16(reference, fmt, min_agreement,
 
 def test_calibrated_int4_is_closer_than_round_to_nearest(reference, tmp_path):
     """GPTQ calibrated on the repository's docs (not the scored text) at the int4 defaults (group
-    32, asymmetric) is closer to bf16 than round-to-nearest: mean KL measured 1.71e-3 vs 2.44e-3,
-    top-1 agreement 0.971 vs 0.965 over these 173 positions (on 20k held-out tokens of the model's
-    own corpus: docs/quantization.md)."""
+    32, asymmetric) is closer to bf16 than round-to-nearest: mean KL measured 1.71e-3 vs 2.44e-3 on
+    an AMX host, 1.86e-3 vs 2.42e-3 on an AVX512-BF16 one (whose top-1 agreement over these 173
+    positions: 0.960 vs 0.971, a two-position difference; on 20k held-out tokens of the model's own
+    corpus: docs/quantization.md)."""
     ids, ref = reference
     fmt = get_format("int4", group_size=32, symmetric=False)
     llm = LLM(dtype="bfloat16", kv_cache_memory=1 << 22, max_logprobs=-1)
