@@ -66,24 +66,28 @@ def test_quantized_default_model_agrees_with_bf16(reference, fmt, min_agreement,
     assert kl < 0.05
 
 
-def test_calibrated_int4_is_closer_than_round_to_nearest(reference, tmp_path):
+def test_calibrated_int4_is_closer_than_round_to_nearest(tmp_path):
     """GPTQ calibrated on the repository's docs (not the scored text) at the int4 defaults (group
-    32, asymmetric) is closer to bf16 than round-to-nearest: mean KL measured 1.71e-3 vs 2.44e-3 on
-    an AMX host, 1.86e-3 vs 2.42e-3 on an AVX512-BF16 one (whose top-1 agreement over these 173
-    positions: 0.960 vs 0.971, a two-position difference; on 20k held-out tokens of the model's own
-    corpus: docs/quantization.md)."""
-    ids, ref = reference
+    32, asymmetric) is closer to the unquantized model than round-to-nearest. Every model runs with
+    float32 activations, as benchmarks/quant_quality.py measures: no logit ties to break, so top-1
+    agreement is a plain argmax match and the same on every CPU (in bf16 the reference's own ties,
+    broken by token id, moved it by two of these 173 positions between an AMX and an AVX512-BF16
+    host). Measured: mean KL 1.75e-3 vs 2.32e-3, agreement 0.960 vs 0.965 (on 20k held-out tokens of
+    the model's own corpus: docs/quantization.md)."""
     fmt = get_format("int4", group_size=32, symmetric=False)
-    llm = LLM(dtype="bfloat16", kv_cache_memory=1 << 22, max_logprobs=-1)
+    llm = LLM(dtype="float32", kv_cache_memory=1 << 22, max_logprobs=-1)
+    ids = llm.get_tokenizer().encode(TEXT)
+    ref = teacher_forced_logprobs(llm, ids)
     root = Path(__file__).resolve().parent / "data" / "prose"
     cal_ids = llm.get_tokenizer().encode("\n\n".join((root / f).read_text() for f in CALIBRATION_FILES))[:16384]
     results = {}
     for method in ("rtn", "gptq"):
         calibration = [cal_ids[i:i + 256] for i in range(0, len(cal_ids), 256)] if method != "rtn" else None
         quantize_checkpoint(default_model_path(), tmp_path / method, fmt, method=method, calibration=calibration)
-        got = teacher_forced_logprobs(LLM(str(tmp_path / method), dtype="bfloat16", kv_cache_memory=1 << 22,
+        got = teacher_forced_logprobs(LLM(str(tmp_path / method), dtype="float32", kv_cache_memory=1 << 22,
                                           max_logprobs=-1), ids)
-        results[method] = agreement_and_kl(ref, got)
+        results[method] = (float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
+                           float((ref.exp() * (ref - got)).sum(-1).mean()))
     print(results)
     (_, kl_rtn), (agree_gptq, kl_gptq) = results["rtn"], results["gptq"]
     assert kl_gptq < 0.85 * kl_rtn, results
