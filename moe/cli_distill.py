@@ -56,6 +56,10 @@ def distill(
     teacher_dtype: str = typer.Option("auto", "--teacher-dtype", help="dtype the engine runs the teacher in."),
     save_every: int = typer.Option(50, "--save-every", help="Steps between checkpoints."),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
+    device: str = typer.Option("auto", "--device", help="Where the student trains: auto (a CUDA GPU when torch "
+                                                        "sees one, else the CPU), cpu, cuda or cuda:N."),
+    bf16: bool = typer.Option(False, "--bf16", help="Forward passes under bf16 autocast (mixed precision: weights, "
+                                                    "optimizer state and losses stay float32)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in OUT/distill_state."),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", help="Stop after this many steps of this run "
                                                                         "(checkpointed; continue with --resume)."),
@@ -77,7 +81,7 @@ def distill(
                             alpha=alpha, hard_label=hard_label, hidden_weight=hidden_weight, top_k=top_k, seed=seed,
                             teacher_windows=teacher_windows,
                             eval_windows=eval_windows, teacher_dtype=teacher_dtype, save_every=save_every,
-                            threads=threads)
+                            threads=threads, device=device, bf16=bf16)
         if stop_after is not None and stop_after < 1:
             raise ValueError(f"--stop-after {stop_after} must be at least 1")
         report = run(cfg, resume=resume, force=force, stop_after=stop_after, progress=True)

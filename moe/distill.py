@@ -17,6 +17,10 @@
 4. Checkpoints every ``save_every`` steps let ``resume`` continue bit-for-bit; the result is a standard
    Hugging Face checkpoint (+ the teacher's tokenizer) with a ``training_report.json``.
 
+The student (and the torch teacher of ``hidden_weight``) train on ``device``: a CUDA GPU when torch sees
+one, else the CPU. ``bf16`` runs their forward passes under bf16 autocast (mixed precision: weights,
+gradients, optimizer state and the losses stay float32), as a GPU run usually wants.
+
 Shapes: B windows in a batch, L positions, V vocabulary, k teacher log-probs kept.
 """
 from __future__ import annotations
@@ -73,6 +77,8 @@ class DistillConfig:
     teacher_dtype: str = "auto"
     save_every: int = 50
     threads: int = 0  # torch threads (0: torch's default)
+    device: str = "auto"  # where the student trains: "auto" (cuda when torch sees a GPU, else cpu), cpu, cuda[:N]
+    bf16: bool = False  # forward passes under bf16 autocast (float32 weights, optimizer state and losses)
 
     def __post_init__(self) -> None:
         defaults = STUDENT_DEFAULTS["new" if self.student in NEW_STUDENTS else "recovery"]
@@ -92,6 +98,7 @@ class DistillConfig:
             raise ValueError(f"--hard-label {self.hard_label!r}: choose {' or '.join(HARD_LABELS)}")
         if self.lora_rank < 0 or self.teacher_windows < 0 or self.threads < 0:
             raise ValueError("--lora-rank, --teacher-windows and --threads must be >= 0")
+        resolve_device(self.device)  # a bad or absent device fails here, before the teacher is scored
         if not (Path(self.teacher) / "config.json").is_file():
             raise FileNotFoundError(f"--teacher {self.teacher}: no config.json there; give a checkpoint directory")
         if self.student in NEW_STUDENTS and self.lora_rank:
@@ -117,9 +124,33 @@ class DistillConfig:
     def fingerprint(self) -> dict:
         """What a resumed run must share with the run that wrote the checkpoint."""
         d = asdict(self)
-        for name in ("out", "save_every", "threads"):
+        for name in ("out", "save_every", "threads", "device"):  # a run may resume on another device
             d.pop(name)
         return d
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: ``auto`` is the first CUDA GPU when torch sees one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r}: not a device torch knows ({e}); choose auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU here (torch {torch.__version__}, "
+                         f"torch.cuda.is_available() is False); use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s); "
+                         f"choose cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: distillation runs on cpu or cuda[:N]")
+    return device
+
+
+def autocast(device: torch.device, bf16: bool):
+    """The forward passes' precision: bf16 autocast with ``bf16``, else float32 (autocast off)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def topk_kl(logits_BLV: torch.Tensor, teacher: TeacherTopK) -> torch.Tensor:
@@ -158,15 +189,17 @@ def predict(model: torch.nn.Module, wins: torch.Tensor, teacher: TeacherTopK, hi
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, wins: torch.Tensor, teacher: TeacherTopK, batch_size: int) -> dict[str, float]:
-    """Held-out KL to the teacher (as in the loss), top-1 agreement with it, and the student's perplexity."""
+def evaluate(model: torch.nn.Module, wins: torch.Tensor, teacher: TeacherTopK, batch_size: int,
+             device: torch.device = torch.device("cpu"), bf16: bool = False) -> dict[str, float]:
+    """Held-out KL to the teacher (as in the loss), top-1 agreement with it, and the student's perplexity
+    (``model`` on ``device``; the windows and ``teacher`` anywhere)."""
     model.eval()
     kl_sum = agree = nll = 0.0
     n_pos = 0
     for rows in batches(len(wins), batch_size):
         rows = torch.tensor(list(rows))
-        with parametrize.cached():
-            logits, targets, t = predict(model, wins[rows], teacher.select(rows))
+        with parametrize.cached(), autocast(device, bf16):
+            logits, targets, t = predict(model, wins[rows].to(device), teacher.select(rows).to(device))
         logits = logits.float()
         n = targets.numel()
         kl_sum += float(topk_kl(logits, t)) * n
@@ -223,8 +256,9 @@ def _check_out(cfg: DistillConfig, resume: bool, force: bool) -> None:
 def command_line(cfg: DistillConfig) -> str:
     """The ``moe distill`` command that runs ``cfg`` (options left at their defaults are omitted)."""
     default = {f.name: f.default for f in fields(DistillConfig) if f.default is not MISSING}
-    return "moe distill " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
-                                     if k not in default or (v != default[k] and k != "threads"))
+    return "moe distill " + " ".join(f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
+                                     for k, v in asdict(cfg).items()
+                                     if k not in default or (v != default[k] and k not in ("threads", "device")))
 
 
 def distill(cfg: DistillConfig, *, resume: bool = False, force: bool = False, stop_after: int | None = None,
@@ -261,13 +295,17 @@ def distill(cfg: DistillConfig, *, resume: bool = False, force: bool = False, st
                              f"{model.config.num_hidden_layers} against the teacher's "
                              f"{torch_teacher.config.num_hidden_layers} (drop --hidden-weight)")
     train, train_top, held, held_top = prepare_data(cfg, progress)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    if torch_teacher is not None:
+        torch_teacher.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, history, before = 0, [], None
     ckpt_path = cfg.state_dir / "checkpoint.pt"
     if resume:
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=False, map_location="cpu")  # copied onto the model's device
         if state["fingerprint"] != cfg.fingerprint():
             diff = [k for k, v in cfg.fingerprint().items() if state["fingerprint"].get(k) != v]
             raise ValueError(f"--resume: the checkpoint in {cfg.state_dir} was written with other options "
@@ -277,7 +315,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, force: bool = False, st
         gen.set_state(state["generator"])
         step, history, before = state["step"], state["history"], state["before"]
     if before is None:
-        before = evaluate(model, held, held_top, cfg.batch_size)
+        before = evaluate(model, held, held_top, cfg.batch_size, device, cfg.bf16)
     model.train()
     bar = progress_bar(cfg.steps, "distill", enabled=progress, initial=step)
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
@@ -285,14 +323,16 @@ def distill(cfg: DistillConfig, *, resume: bool = False, force: bool = False, st
         rows = torch.randint(len(train), (cfg.batch_size,), generator=gen)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
+        wins = train[rows].to(device)
         with parametrize.cached():  # adapters: W + BA once per step, not once per expert access
-            logits, targets, teacher, *hs = predict(model, train[rows], train_top.select(rows),
-                                                    hidden=torch_teacher is not None)
+            with autocast(device, cfg.bf16):
+                logits, targets, teacher, *hs = predict(model, wins, train_top.select(rows).to(device),
+                                                        hidden=torch_teacher is not None)
             labels = teacher.top1_NL.long() if cfg.hard_label == "teacher" else targets
             loss, kl, ce = distill_loss(logits, labels, teacher, cfg.alpha)
             if torch_teacher is not None:
-                with torch.no_grad():
-                    t_hs = torch_teacher(input_ids=train[rows][:, :-1], output_hidden_states=True).hidden_states
+                with torch.no_grad(), autocast(device, cfg.bf16):
+                    t_hs = torch_teacher(input_ids=wins[:, :-1], output_hidden_states=True).hidden_states
                 match = hidden_match(hs[0], t_hs)
                 loss = loss + cfg.hidden_weight * match
                 hidden = float(match.detach())
@@ -310,7 +350,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, force: bool = False, st
     report = {"finished": step >= cfg.steps, "steps": step}
     if step < cfg.steps:
         return report
-    after = evaluate(model, held, held_top, cfg.batch_size)
+    after = evaluate(model, held, held_top, cfg.batch_size, device, cfg.bf16)
+    model.cpu()
     out = Path(cfg.out)
     if isinstance(model, MTPHead):
         model.save(out, _checkpoint_dtype(cfg.teacher))
@@ -321,7 +362,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, force: bool = False, st
         "heldout_windows": len(held),
         "tokens_per_step": cfg.batch_size * cfg.seq_len, "trainable_parameters": trainable,
         "initialised_from_teacher": len(copied), "heldout_before": before, "heldout_after": after,
-        "teacher_heldout_perplexity": round(held_top.perplexity(), 4),
+        "teacher_heldout_perplexity": round(held_top.perplexity(), 4), "device": str(device),
         "loss_history_every_10": history[9::10], "seconds": round(time.time() - t0, 1),
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
     })

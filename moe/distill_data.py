@@ -109,6 +109,9 @@ class TeacherTopK:
     def select(self, rows: torch.Tensor) -> TeacherTopK:
         return TeacherTopK(self.ids_NLk[rows], self.logprobs_NLk[rows], self.target_logprob_NL[rows])
 
+    def to(self, device: torch.device) -> TeacherTopK:
+        return TeacherTopK(self.ids_NLk.to(device), self.logprobs_NLk.to(device), self.target_logprob_NL.to(device))
+
     def skip(self, n: int) -> TeacherTopK:
         """The view without the first ``n`` positions of each window."""
         return TeacherTopK(self.ids_NLk[:, n:], self.logprobs_NLk[:, n:], self.target_logprob_NL[:, n:])
