@@ -83,6 +83,29 @@ def moe_align_block_size(
 
 
 @triton.jit
+def _tile_rows(sorted_token_ids_ptr, num_valid_tokens, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile, shared by the float and packed kernels: its ``BLOCK_M`` sorted assignment
+    rows (padding rows masked off by ``row_ok``) and its ``BLOCK_N`` output columns of ``N``."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.load(sorted_token_ids_ptr + offs_m).to(tl.int64)  # assignment n
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, rows < num_valid_tokens, offs_n, offs_n < N
+
+
+@triton.jit
+def _down_tile(y_ptr, sorted_token_ids_ptr, expert, num_valid_tokens, D, stride_yn, stride_yd,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The down kernels' tile and its output pointers. A foreign expert's tile (``expert == -1``) is
+    stored as zeros here, so every assignment row of ``y`` is written exactly once; the caller returns."""
+    rows, row_ok, offs_d, d_ok = _tile_rows(sorted_token_ids_ptr, num_valid_tokens, D, BLOCK_M, BLOCK_N)
+    y_ptrs = y_ptr + rows[:, None] * stride_yn + offs_d[None, :] * stride_yd
+    y_mask = row_ok[:, None] & d_ok[None, :]
+    if expert == -1:
+        tl.store(y_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty), mask=y_mask)
+    return rows, row_ok, offs_d, d_ok, y_ptrs, y_mask
+
+
+@triton.jit
 def _store_swiglu(acc_gate, acc_up, b13_ptr, h_ptr, expert, rows, row_ok, offs_f, f_ok, F, stride_be, stride_bf,
                   stride_hn, stride_hf, swiglu_limit, swiglu_alpha, HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr):
     """Gate/up epilogue shared by the float and packed kernels: bias, SwiGLU (or gpt-oss's clamped
@@ -137,18 +160,12 @@ def _gate_up_kernel(
       otherwise ``silu(gate) * up``.
     """
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
         return
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     if expert == -1:
         return
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tl.load(sorted_token_ids_ptr + offs_m).to(tl.int64)  # assignment n
-    row_ok = rows < num_valid_tokens
-    offs_f = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    f_ok = offs_f < F
+    rows, row_ok, offs_f, f_ok = _tile_rows(sorted_token_ids_ptr, num_valid_tokens, F, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
 
     x_ptrs = x_ptr + (rows // top_k)[:, None] * stride_xt + offs_k[None, :] * stride_xd
@@ -195,20 +212,12 @@ def _down_kernel(
     - Strides as in ``_gate_up_kernel``; the reduction dim here is F (stepped by BLOCK_K).
     """
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
         return
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tl.load(sorted_token_ids_ptr + offs_m).to(tl.int64)
-    row_ok = rows < num_valid_tokens
-    offs_d = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    d_ok = offs_d < D
-    y_ptrs = y_ptr + rows[:, None] * stride_yn + offs_d[None, :] * stride_yd
-    y_mask = row_ok[:, None] & d_ok[None, :]
+    rows, row_ok, offs_d, d_ok, y_ptrs, y_mask = _down_tile(y_ptr, sorted_token_ids_ptr, expert, num_valid_tokens, D,
+                                                            stride_yn, stride_yd, BLOCK_M, BLOCK_N)
     if expert == -1:
-        tl.store(y_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty), mask=y_mask)
         return
 
     offs_k = tl.arange(0, BLOCK_K)
@@ -225,6 +234,24 @@ def _down_kernel(
 
     _store_down(acc, b2_ptr, topk_weights_ptr, y_ptrs, y_mask, expert, rows, row_ok, offs_d, d_ok, stride_be,
                 stride_bd, HAS_BIAS)
+
+
+def _local_blocks(topk_ids_TK: torch.Tensor, expert_start: int, num_local: int, block_m: int):
+    """:func:`moe_align_block_size` over this rank's experts ``[expert_start, expert_start + num_local)``.
+
+    Global ids become local ones; every foreign expert shares the extra bucket ``num_local``, which
+    ``moe_align_block_size`` tags ``-1`` (one run of padding instead of one per foreign expert).
+    """
+    local_ids_TK = topk_ids_TK.long() - expert_start
+    local_ids_TK = torch.where((local_ids_TK >= 0) & (local_ids_TK < num_local), local_ids_TK, num_local)
+    return moe_align_block_size(local_ids_TK, block_m, num_local + 1, num_local_experts=num_local)
+
+
+def _swiglu_args(swiglu_limit: float | None, swiglu_alpha: float | None) -> tuple[float, float, bool]:
+    """The gate/up kernels' ``swiglu_limit``, ``swiglu_alpha`` and ``CLAMPED`` (gpt-oss's form when alpha is set)."""
+    limit = float("inf") if swiglu_limit is None else float(swiglu_limit)
+    alpha = 1.0 if swiglu_alpha is None else float(swiglu_alpha)
+    return limit, alpha, swiglu_alpha is not None
 
 
 def default_block_m(num_assignments: int, num_experts: int) -> int:
@@ -264,20 +291,14 @@ def fused_moe_triton(
         return torch.zeros_like(x_TD)
     block_m = block_m or default_block_m(N, E)
 
-    # Map global ids to local ones; every foreign expert shares the extra bucket E, which
-    # moe_align_block_size tags -1 (one run of padding instead of one per foreign expert).
-    local_ids_TK = topk_ids_TK.long() - expert_start
-    local_ids_TK = torch.where((local_ids_TK >= 0) & (local_ids_TK < E), local_ids_TK, E)
-    sorted_ids, expert_ids, num_post_padded = moe_align_block_size(local_ids_TK, block_m, E + 1, num_local_experts=E)
+    sorted_ids, expert_ids, num_post_padded = _local_blocks(topk_ids_TK, expert_start, E, block_m)
 
     h_NF = torch.empty(N, F, dtype=w2_EDF.dtype, device=x_TD.device)  # feeds tl.dot against w2
     y_ND = torch.empty(N, D, dtype=x_TD.dtype, device=x_TD.device)
     weights_N = topk_weights_TK.reshape(-1).contiguous()
     # fp32 weights: ask for true fp32 products (tl.dot would use TF32 on Ampere+ otherwise).
     precision = "ieee" if w13_E2FD.dtype == torch.float32 else "tf32"
-    clamped = swiglu_alpha is not None
-    limit = float("inf") if swiglu_limit is None else float(swiglu_limit)
-    alpha = 1.0 if swiglu_alpha is None else float(swiglu_alpha)
+    limit, alpha, clamped = _swiglu_args(swiglu_limit, swiglu_alpha)
     b13 = b13_E2F if b13_E2F is not None else w13_E2FD  # dummy pointer when HAS_BIAS is False
     b2 = b2_ED if b2_ED is not None else w2_EDF
     num_m_blocks = expert_ids.numel()

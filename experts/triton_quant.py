@@ -31,7 +31,9 @@ import triton
 import triton.language as tl
 
 from .formats import Fp8BlockWeights, Int4Weights, Int8Weights, Mxfp4Weights, WeightFormat
-from .triton_moe import _store_down, _store_swiglu, default_block_m, moe_align_block_size
+from .triton_moe import (
+    _down_tile, _local_blocks, _store_down, _store_swiglu, _swiglu_args, _tile_rows, default_block_m,
+)
 
 FMT_INT8, FMT_INT4, FMT_FP8, FMT_MXFP4 = 0, 1, 2, 3
 
@@ -106,18 +108,12 @@ def _quant_gate_up_kernel(
     gate rows are ``f`` and up rows ``F + f`` of the packed weight, dequantized per tile.
     """
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
         return
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     if expert == -1:
         return
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tl.load(sorted_token_ids_ptr + offs_m).to(tl.int64)
-    row_ok = rows < num_valid_tokens
-    offs_f = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    f_ok = offs_f < F
+    rows, row_ok, offs_f, f_ok = _tile_rows(sorted_token_ids_ptr, num_valid_tokens, F, BLOCK_M, BLOCK_N)
     x_ptrs = x_ptr + (rows // top_k)[:, None] * stride_xt
 
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -161,20 +157,12 @@ def _quant_down_kernel(
     assignment row of ``y`` is written exactly once.
     """
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_tokens_post_padded_ptr):
         return
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tl.load(sorted_token_ids_ptr + offs_m).to(tl.int64)
-    row_ok = rows < num_valid_tokens
-    offs_d = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    d_ok = offs_d < D
-    y_ptrs = y_ptr + rows[:, None] * stride_yn + offs_d[None, :] * stride_yd
-    y_mask = row_ok[:, None] & d_ok[None, :]
+    rows, row_ok, offs_d, d_ok, y_ptrs, y_mask = _down_tile(y_ptr, sorted_token_ids_ptr, expert, num_valid_tokens, D,
+                                                            stride_yn, stride_yd, BLOCK_M, BLOCK_N)
     if expert == -1:
-        tl.store(y_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty), mask=y_mask)
         return
 
     h_ptrs = h_ptr + rows[:, None] * stride_hn
@@ -266,17 +254,13 @@ def fused_moe_quant_triton(
         return torch.zeros_like(x_TD)
     block_m = block_m or default_block_m(N, E)
 
-    local_ids_TK = topk_ids_TK.long() - expert_start
-    local_ids_TK = torch.where((local_ids_TK >= 0) & (local_ids_TK < E), local_ids_TK, E)
-    sorted_ids, expert_ids, num_post_padded = moe_align_block_size(local_ids_TK, block_m, E + 1, num_local_experts=E)
+    sorted_ids, expert_ids, num_post_padded = _local_blocks(topk_ids_TK, expert_start, E, block_m)
 
     h_NF = torch.empty(N, F, dtype=x_TD.dtype, device=x_TD.device)  # tiles are cast to the activation dtype
     y_ND = torch.empty(N, D, dtype=x_TD.dtype, device=x_TD.device)
     weights_N = topk_weights_TK.reshape(-1).contiguous()
     precision = "ieee" if x_TD.dtype == torch.float32 else "tf32"
-    clamped = swiglu_alpha is not None
-    limit = float("inf") if swiglu_limit is None else float(swiglu_limit)
-    alpha = 1.0 if swiglu_alpha is None else float(swiglu_alpha)
+    limit, alpha, clamped = _swiglu_args(swiglu_limit, swiglu_alpha)
     b13 = b13_E2F if b13_E2F is not None else h_NF  # dummy pointer when HAS_BIAS is False
     b2 = b2_ED if b2_ED is not None else y_ND
     num_m_blocks = expert_ids.numel()
