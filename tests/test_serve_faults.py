@@ -403,6 +403,25 @@ def test_shutdown_ends_waiting_iterators(engine):
     assert not engine.has_unfinished_requests()  # its blocks went back with the abort
 
 
+def _outputs_aborted_after_two(llm, params):
+    """Start ``llm`` (an AsyncLLM), stream one request with ``params`` and abort it by its id after its
+    second output; the outputs its iterator gave, the engine thread stopped."""
+    llm.start()
+
+    async def run():
+        outs = []
+        async for out in llm.generate("Hello", params, "to-abort"):
+            outs.append(out)
+            if len(outs) == 2:
+                llm.abort("to-abort")
+        return outs
+
+    try:
+        return asyncio.run(asyncio.wait_for(run(), 60))
+    finally:
+        llm.shutdown()
+
+
 def test_abort_ends_the_iterator_with_a_final_abort_output(engine):
     """AsyncLLM.abort(request_id) as vLLM's: the request's iterator ends (no exception) with a last
     output, finished, finish_reason "abort"; its KV blocks are back in the free pool."""
@@ -410,20 +429,7 @@ def test_abort_ends_the_iterator_with_a_final_abort_output(engine):
     from moe.serving.async_llm import AsyncLLM
 
     llm = AsyncLLM(engine)
-    llm.start()
-
-    async def run():
-        outs = []
-        async for out in llm.generate("Hello", SamplingParams(max_tokens=400, ignore_eos=True), "to-abort"):
-            outs.append(out)
-            if len(outs) == 2:
-                llm.abort("to-abort")
-        return outs
-
-    try:
-        outs = asyncio.run(asyncio.wait_for(run(), 60))
-    finally:
-        llm.shutdown()
+    outs = _outputs_aborted_after_two(llm, SamplingParams(max_tokens=400, ignore_eos=True))
     last = outs[-1]
     assert last.finished and not any(o.finished for o in outs[:-1])
     assert last.outputs[0].finish_reason == last.delta.finish_reason == "abort"
@@ -454,21 +460,8 @@ def test_abort_of_a_request_with_n_samples_ends_every_sample(engine):
     from moe.serving.async_llm import AsyncLLM
 
     llm = AsyncLLM(engine)
-    llm.start()
-
-    async def run():
-        outs = []
-        params = SamplingParams(n=3, temperature=0.8, seed=3, max_tokens=400, ignore_eos=True)
-        async for out in llm.generate("Hello", params, "n3"):
-            outs.append(out)
-            if len(outs) == 2:
-                llm.abort("n3")
-        return outs
-
-    try:
-        outs = asyncio.run(asyncio.wait_for(run(), 60))
-    finally:
-        llm.shutdown()
+    params = SamplingParams(n=3, temperature=0.8, seed=3, max_tokens=400, ignore_eos=True)
+    outs = _outputs_aborted_after_two(llm, params)
     last = outs[-1]
     assert last.finished and not any(o.finished for o in outs[:-1])
     assert len(last.outputs) == 3 and {o.index for o in last.outputs} == {0, 1, 2}
