@@ -111,6 +111,34 @@ def test_models_version_tokenize(server, client):
     assert httpx.post(f"{server.url}/detokenize", json={"tokens": ids["tokens"]}).json()["prompt"] == PROMPT
 
 
+def test_openapi_document_says_what_the_server_answers(server):
+    """/openapi.json (what schema-driven clients and fuzzers read) documents the answers as they come:
+    /health's empty 200, /metrics as text, generation as JSON or server-sent events, and errors in
+    OpenAI's shape under 4XX / 5XX (no FastAPI 422: a malformed body is a 400 here), the error body
+    valid against the documented schema."""
+    import jsonschema
+
+    spec = httpx.get(f"{server.url}/openapi.json", timeout=30).json()
+    paths = spec["paths"]
+    health = httpx.get(f"{server.url}/health", timeout=30)
+    assert health.status_code == 200 and health.content == b""
+    assert "content" not in paths["/health"]["get"]["responses"]["200"]
+    metrics = httpx.get(f"{server.url}/metrics", timeout=30)
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    for route in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
+        responses = paths[route]["post"]["responses"]
+        assert "422" not in responses and {"4XX", "5XX"} <= responses.keys(), (route, list(responses))
+    with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
+                      json={"prompt": "Hello", "max_tokens": 2, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert "text/event-stream" in paths["/v1/completions"]["post"]["responses"]["200"]["content"]
+    bad = httpx.post(f"{server.url}/v1/completions", json={"max_tokens": 2}, timeout=30)  # no prompt
+    error_schema = paths["/v1/completions"]["post"]["responses"]["4XX"]["content"]["application/json"]["schema"]
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+    jsonschema.validate(bad.json(), {**error_schema, "components": spec["components"]})
+
+
 @pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.9, top_p=0.9, seed=7)])
 def test_completion_streamed_equals_unstreamed_equals_generate(client, llm, sampling):
     from moe import SamplingParams

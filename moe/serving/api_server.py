@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from .. import __version__
 from ..outputs import RequestOutput
@@ -27,6 +27,7 @@ from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ErrorResponse,
     TokenizeRequest,
     sampling_param_of,
     to_sampling_params,
@@ -101,6 +102,18 @@ class _ApiKeyMiddleware:
 
 
 # ---- the app ---------------------------------------------------------------------------------
+# What the OpenAPI document (/openapi.json) says each route answers, as it answers: errors in OpenAI's
+# shape with 4xx / 5xx statuses (a malformed body is a 400 here, not FastAPI's 422), generation as
+# JSON or, with "stream": true, as server-sent events.
+_ERRORS: dict = {"4XX": {"model": ErrorResponse, "description": "the request cannot be served as sent"},
+                 "5XX": {"model": ErrorResponse, "description": "the engine failed, is dead or is shutting down"}}
+_GENERATION = {**_ERRORS, 200: {"description": "the completion; with stream: server-sent events",
+                                "content": {"application/json": {}, "text/event-stream": {}}}}
+_HEALTH = {200: {"description": "ready (empty body)"},
+           503: {"description": "dead, stalled or draining: a JSON body says which",
+                 "content": {"application/json": {"schema": {"type": "object"}}}}}
+
+
 def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="moe OpenAI-compatible server", version=__version__)
     state = ServerState(llm, config)
@@ -117,7 +130,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     if config.api_key is not None:
         app.add_middleware(_ApiKeyMiddleware, api_key=config.api_key)
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses=_HEALTH)
     async def health():
         if llm.dead is not None:
             return JSONResponse({"status": "dead", "error": str(llm.dead)}, status_code=503)
@@ -132,18 +145,18 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     async def version():
         return {"version": __version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_ERRORS)
     async def models():
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": state.created, "owned_by": "moe", "root": config.model_path,
              "parent": None, "max_model_len": state.max_model_len, "permission": []}
             for name in config.served_model_names]}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=_ERRORS)
     async def tokenize(req: TokenizeRequest):
         _check_model(state, req.model)
         if req.messages is not None:
@@ -155,13 +168,13 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         ids = _tokenizer(state).encode(text, add_special_tokens=req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=_ERRORS)
     async def detokenize(req: DetokenizeRequest):
         _check_model(state, req.model)
         _check_ids(state, req.tokens, "tokens")
         return {"prompt": _tokenizer(state).decode(req.tokens, skip_special_tokens=False)}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_GENERATION)
     async def completions(req: CompletionRequest, request: Request):
         _admit(state)
         _check_model(state, req.model)
@@ -173,7 +186,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         plist = _prepare(state, req, prompts, 1 if req.max_tokens == 0 else req.max_tokens, req.logprobs)
         return await _respond(state, request, req, prompts, plist, chat=False, logprobs_n=req.logprobs)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_GENERATION)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         _admit(state)
         _check_model(state, req.model)

@@ -27,6 +27,18 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
 
 
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (:meth:`ApiError.body`), as the OpenAPI document gives it."""
+    error: ErrorInfo
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
