@@ -14,6 +14,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..sampling_params import SamplingParams
 
 
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (:meth:`ApiError.body`); the OpenAPI document gives its schema."""
+    error: ErrorInfo
+
+
 class ApiError(Exception):
     """An error answered in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``."""
 
@@ -24,19 +36,8 @@ class ApiError(Exception):
                               429: "RateLimitError", 503: "ServiceUnavailableError"}.get(status, "InternalServerError")
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: int
-
-
-class ErrorResponse(BaseModel):
-    """The body of every error answer (:meth:`ApiError.body`), as the OpenAPI document gives it."""
-    error: ErrorInfo
+        info = ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.status)
+        return ErrorResponse(error=info).model_dump()
 
 
 class _Body(BaseModel):
